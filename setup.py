@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="titok-fast",
+    version="0.1.0",
+    description="Fast, exact runtime for the TiTok-Video V1 tokenizer: Triton kernels, packed batches, video CLI",
+    packages=["titok_fast", "kernels"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "einops",
+        "safetensors",
+        "av",
+        "numpy",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
+)

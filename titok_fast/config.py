@@ -1,0 +1,174 @@
+"""Model configuration: the size table, named presets and a tolerant reader of upstream configs."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# name -> (layers, q heads, kv heads, mlp_ratio); head_dim is always 64 and width = 64 * q heads.
+SIZES: dict[str, tuple[int, int, int, float]] = {
+    "tiny": (4, 4, 2, 4.0),
+    "small": (8, 8, 2, 4.0),
+    "base": (12, 12, 4, 4.0),
+    "large": (24, 16, 4, 4.0),
+    "tiny_thin": (2, 8, 2, 2.0),
+    "small_thin": (5, 12, 4, 2.0),
+    "base_thin": (7, 16, 4, 2.0),
+    "large_thin": (8, 32, 8, 2.0),
+}
+HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class StackSize:
+    """Dimensions of one transformer stack (encoder or decoder)."""
+
+    name: str
+    layers: int
+    q_heads: int
+    kv_heads: int
+    mlp_ratio: float
+
+    @property
+    def width(self) -> int:
+        return HEAD_DIM * self.q_heads
+
+    @property
+    def ffn_inner(self) -> int:
+        """FFN inner width I = 32 * ceil(int(mlp_ratio * 2/3 * W) / 32)."""
+        return 32 * math.ceil(int(self.mlp_ratio * 2 / 3 * self.width) / 32)
+
+    @classmethod
+    def named(cls, name: str) -> StackSize:
+        if name not in SIZES:
+            raise ValueError(f"unknown model size {name!r}; expected one of {sorted(SIZES)}")
+        return cls(name, *SIZES[name])
+
+
+@dataclass(frozen=True)
+class TiTokConfig:
+    """What the model reads of an upstream config.
+
+    Upstream paths: ``tokenizer.model.{patch_size, fsq_levels, encoder_size, decoder_size}`` and
+    ``training.sampling.{max_grid, num_token_range}``.
+    """
+
+    patch_size: tuple[int, int, int] = (4, 8, 8)
+    fsq_levels: tuple[int, ...] = (7, 7, 7, 5, 5)
+    encoder_size: str = "base_thin"
+    decoder_size: str = "large_thin"
+    max_grid: tuple[int, int, int] = (20, 192, 192)
+    num_token_range: tuple[int, int] = (128, 1024)
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        _check_int_seq("patch_size", self.patch_size, 3)
+        _check_int_seq("max_grid", self.max_grid, 3)
+        _check_int_seq("num_token_range", self.num_token_range, 2)
+        _check_int_seq("fsq_levels", self.fsq_levels, None)
+        if any(level < 2 for level in self.fsq_levels):
+            raise ValueError(f"fsq_levels: every level must be >= 2, got {list(self.fsq_levels)}")
+        for key in ("encoder_size", "decoder_size"):
+            StackSize.named(getattr(self, key))
+
+    @property
+    def encoder(self) -> StackSize:
+        return StackSize.named(self.encoder_size)
+
+    @property
+    def decoder(self) -> StackSize:
+        return StackSize.named(self.decoder_size)
+
+    @property
+    def patch_dim(self) -> int:
+        pt, ph, pw = self.patch_size
+        return 3 * pt * ph * pw
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.fsq_levels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The upstream nested layout, readable back by :meth:`from_any`."""
+        d = asdict(self)
+        return {
+            "tokenizer": {"model": {k: _plain(d[k]) for k in ("patch_size", "fsq_levels", "encoder_size", "decoder_size")}},
+            "training": {"sampling": {k: _plain(d[k]) for k in ("max_grid", "num_token_range")}},
+        }
+
+    @classmethod
+    def from_any(cls, config: Any) -> TiTokConfig:
+        """Accept a preset name, a path to an upstream YAML file, an OmegaConf config or a plain dict."""
+        if isinstance(config, TiTokConfig):
+            return config
+        if isinstance(config, (str, os.PathLike)):
+            if str(config) in PRESETS:
+                return PRESETS[str(config)]
+            if not os.path.isfile(config):
+                raise ValueError(f"config {str(config)!r} is neither a preset {sorted(PRESETS)} nor an existing YAML file")
+            return cls.from_any(_read_yaml(config))
+        if type(config).__module__.startswith("omegaconf"):
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.to_container(config, resolve=True)
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a preset name, a YAML path, an OmegaConf config or a dict, got {type(config).__name__}")
+        model = _get(config, "tokenizer.model")
+        sampling = _get(config, "training.sampling")
+        values = {k: _get(model, k, "tokenizer.model.") for k in ("patch_size", "fsq_levels", "encoder_size", "decoder_size")}
+        values.update({k: _get(sampling, k, "training.sampling.") for k in ("max_grid", "num_token_range")})
+        for key in ("encoder_size", "decoder_size"):
+            if not isinstance(values[key], str):
+                raise ValueError(f"config field tokenizer.model.{key} must be a size name, got {values[key]!r}")
+        for key in ("patch_size", "fsq_levels", "max_grid", "num_token_range"):
+            if not isinstance(values[key], (list, tuple)):
+                raise ValueError(f"config field {key} must be a list of integers, got {values[key]!r}")
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_int_seq(name: str, value: Any, length: int | None) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ValueError(f"config field {name} must be a list of positive integers, got {value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"config field {name} must have {length} entries, got {len(value)}: {list(value)}")
+    if length is None and not value:
+        raise ValueError(f"config field {name} must not be empty")
+
+
+def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:
+    node = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"config is missing field {prefix}{dotted}")
+        node = node[part]
+    return node
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} does not hold a mapping")
+    return data
+
+
+PRESETS: dict[str, TiTokConfig] = {
+    "v1": TiTokConfig(name="v1"),
+    "tiny": TiTokConfig(
+        fsq_levels=(7, 5, 5, 5, 5),
+        encoder_size="tiny_thin",
+        decoder_size="tiny_thin",
+        max_grid=(12, 160, 160),
+        num_token_range=(64, 384),
+        name="tiny",
+    ),
+}

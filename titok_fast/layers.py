@@ -1,0 +1,83 @@
+"""Parameter layout shared by the oracle and the lean model: module names match upstream exactly.
+
+Only structure lives here; the forward passes are in ``reference.py`` (plain, per video) and ``model.py``
+(packed). Keys produced for V1: ``encoder.model_layers.attn_layer.{i}.to_qkv.weight`` and so on (SPEC 2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import HEAD_DIM, StackSize, TiTokConfig
+
+
+class GatedGelu(nn.Module):
+    """``a * gelu(g)`` where ``a, g`` are the first and second halves of the last dimension (exact erf GELU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = x.chunk(2, dim=-1)
+        return a * nn.functional.gelu(g)
+
+
+class Attention(nn.Module):
+    def __init__(self, size: StackSize):
+        super().__init__()
+        width = size.width
+        self.q_heads, self.kv_heads = size.q_heads, size.kv_heads
+        self.pre_ln = nn.LayerNorm(width)
+        self.to_qkv = nn.Linear(width, (size.q_heads + 2 * size.kv_heads) * HEAD_DIM, bias=False)
+        self.q_norm = nn.LayerNorm(HEAD_DIM)
+        self.k_norm = nn.LayerNorm(HEAD_DIM)
+        self.out_proj = nn.Linear(width, width, bias=False)
+
+
+def feed_forward(size: StackSize) -> nn.Sequential:
+    inner = size.ffn_inner
+    return nn.Sequential(
+        nn.LayerNorm(size.width),
+        nn.Linear(size.width, 2 * inner, bias=False),
+        GatedGelu(),
+        nn.Dropout(0.0),
+        nn.Linear(inner, size.width, bias=False),
+    )
+
+
+class Layers(nn.Module):
+    def __init__(self, size: StackSize):
+        super().__init__()
+        self.attn_layer = nn.ModuleList(Attention(size) for _ in range(size.layers))
+        self.ffd_layer = nn.ModuleList(feed_forward(size) for _ in range(size.layers))
+
+
+class EncoderParams(nn.Module):
+    def __init__(self, config: TiTokConfig):
+        super().__init__()
+        size = config.encoder
+        self.size = size
+        self.mask_token = nn.Parameter(torch.randn(1, size.width) * size.width**-0.5)
+        self.proj_in = nn.Linear(config.patch_dim, size.width)
+        self.model_layers = Layers(size)
+        self.ln_post = nn.LayerNorm(size.width)
+        self.proj_out = nn.Linear(size.width, len(config.fsq_levels))
+
+
+class DecoderParams(nn.Module):
+    def __init__(self, config: TiTokConfig):
+        super().__init__()
+        size = config.decoder
+        self.size = size
+        self.mask_token = nn.Parameter(torch.randn(1, size.width) * size.width**-0.5)
+        self.proj_in = nn.Linear(len(config.fsq_levels), size.width)
+        self.ln_pre = nn.LayerNorm(size.width)
+        self.model_layers = Layers(size)
+        self.proj_out = nn.Linear(size.width, config.patch_dim)
+
+
+def perturb_norms(module: nn.Module, scale: float = 0.3, generator: torch.Generator | None = None) -> None:
+    """Give every LayerNorm a random, non-trivial affine so tests and demos exercise it."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + scale * torch.randn(m.weight.shape, generator=generator))
+                m.bias.copy_(scale * torch.randn(m.bias.shape, generator=generator))
