@@ -19,6 +19,8 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
     "large_thin": (8, 32, 8, 2.0),
 }
 HEAD_DIM = 64
+MODEL_FIELDS = ("patch_size", "fsq_levels", "encoder_size", "decoder_size")  # under tokenizer.model
+SAMPLING_FIELDS = ("max_grid", "num_token_range")  # under training.sampling
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,8 @@ class TiTokConfig:
         """The upstream nested layout, readable back by :meth:`from_any`."""
         d = asdict(self)
         return {
-            "tokenizer": {"model": {k: _plain(d[k]) for k in ("patch_size", "fsq_levels", "encoder_size", "decoder_size")}},
-            "training": {"sampling": {k: _plain(d[k]) for k in ("max_grid", "num_token_range")}},
+            "tokenizer": {"model": {k: _plain(d[k]) for k in MODEL_FIELDS}},
+            "training": {"sampling": {k: _plain(d[k]) for k in SAMPLING_FIELDS}},
         }
 
     @classmethod
@@ -107,18 +109,22 @@ class TiTokConfig:
             if str(config) in PRESETS:
                 return PRESETS[str(config)]
             if not os.path.isfile(config):
-                raise ValueError(f"config {str(config)!r} is neither a preset {sorted(PRESETS)} nor an existing YAML file")
+                raise ValueError(
+                    f"config {str(config)!r} is neither a preset {sorted(PRESETS)} nor an existing YAML file"
+                )
             return cls.from_any(_read_yaml(config))
         if type(config).__module__.startswith("omegaconf"):
             from omegaconf import OmegaConf
 
             config = OmegaConf.to_container(config, resolve=True)
         if not isinstance(config, dict):
-            raise TypeError(f"config must be a preset name, a YAML path, an OmegaConf config or a dict, got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a preset name, a YAML path, an OmegaConf config or a dict, got {type(config).__name__}"
+            )
         model = _get(config, "tokenizer.model")
         sampling = _get(config, "training.sampling")
-        values = {k: _get(model, k, "tokenizer.model.") for k in ("patch_size", "fsq_levels", "encoder_size", "decoder_size")}
-        values.update({k: _get(sampling, k, "training.sampling.") for k in ("max_grid", "num_token_range")})
+        values = {k: _get(model, k, "tokenizer.model.") for k in MODEL_FIELDS}
+        values.update({k: _get(sampling, k, "training.sampling.") for k in SAMPLING_FIELDS})
         for key in ("encoder_size", "decoder_size"):
             if not isinstance(values[key], str):
                 raise ValueError(f"config field tokenizer.model.{key} must be a size name, got {values[key]!r}")

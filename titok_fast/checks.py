@@ -1,0 +1,123 @@
+"""Input validation for every user-facing entry point: clear errors naming the offending item."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+
+def _is_int(x: object) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_videos(videos: object, patch: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Validate a batch of videos [3, T, H, W]; return their pixel shapes (T, H, W)."""
+    if isinstance(videos, torch.Tensor):
+        raise TypeError(
+            f"videos must be a list of [3, T, H, W] tensors, got one tensor of shape {list(videos.shape)}; "
+            "wrap a single video in a list"
+        )
+    if not isinstance(videos, Sequence):
+        raise TypeError(f"videos must be a list of [3, T, H, W] tensors, got {type(videos).__name__}")
+    if len(videos) == 0:
+        raise ValueError("empty batch: videos must hold at least one [3, T, H, W] tensor")
+    shapes = []
+    for i, v in enumerate(videos):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"video {i} is a {type(v).__name__}; expected a torch.Tensor [3, T, H, W]")
+        if v.dim() != 4 or v.shape[0] != 3:
+            raise ValueError(f"video {i} has shape {list(v.shape)}; expected [3, T, H, W] (3 channels, rank 4)")
+        if not v.is_floating_point():
+            raise TypeError(f"video {i} has dtype {v.dtype}; expected a floating dtype with values in [-1, 1]")
+        for axis, size, p in zip("THW", v.shape[1:], patch, strict=True):
+            if size == 0 or size % p:
+                raise ValueError(
+                    f"video {i} has shape {list(v.shape)}; {axis} must be a positive multiple of {p} "
+                    f"(patch {list(patch)})"
+                )
+        if v.device != videos[0].device:
+            raise ValueError(f"video {i} is on {v.device} but video 0 is on {videos[0].device}; mixed devices")
+        if v.dtype != videos[0].dtype:
+            raise ValueError(f"video {i} has dtype {v.dtype} but video 0 has {videos[0].dtype}; mixed dtypes")
+        shapes.append(tuple(int(s) for s in v.shape[1:]))
+    finite = torch.stack([torch.isfinite(v).all() for v in videos]).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            raise ValueError(f"video {i} contains NaN or infinite values")
+    return shapes
+
+
+def check_token_counts(token_counts: object, expected: int | None, what: str = "videos") -> list[int]:
+    """Validate per-video latent token counts (integers >= 1), one per video when ``expected`` is given."""
+    if isinstance(token_counts, torch.Tensor):
+        token_counts = token_counts.tolist() if token_counts.dim() else [token_counts.item()]
+    if _is_int(token_counts):
+        raise TypeError(f"token_counts must be a list with one integer per video, got the single value {token_counts}")
+    if not isinstance(token_counts, Sequence):
+        raise TypeError(f"token_counts must be a list of integers, got {type(token_counts).__name__}")
+    if expected is not None and len(token_counts) != expected:
+        raise ValueError(f"got {len(token_counts)} token counts for {expected} {what}; expected one per video")
+    if len(token_counts) == 0:
+        raise ValueError("empty batch: token_counts is empty")
+    out = []
+    for i, n in enumerate(token_counts):
+        if not _is_int(n):
+            raise TypeError(f"token count of video {i} is {n!r}; expected an integer >= 1")
+        if int(n) < 1:
+            raise ValueError(f"token count of video {i} is {int(n)}; expected an integer >= 1")
+        out.append(int(n))
+    return out
+
+
+def check_grids(grids: object, expected: int, patch: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Validate per-video pixel shapes (T, H, W), multiples of the patch."""
+    if not isinstance(grids, Sequence) or isinstance(grids, str):
+        raise TypeError(f"grids must be a list of (T, H, W) pixel shapes, got {type(grids).__name__}")
+    if len(grids) != expected:
+        raise ValueError(f"got {len(grids)} grids for {expected} videos; expected one (T, H, W) per video")
+    out = []
+    for i, g in enumerate(grids):
+        if isinstance(g, torch.Tensor):
+            g = g.tolist()
+        if not isinstance(g, Sequence) or len(g) != 3 or not all(_is_int(s) for s in g):
+            raise ValueError(f"grid of video {i} is {g!r}; expected three integers (T, H, W)")
+        g = tuple(int(s) for s in g)
+        for axis, size, p in zip("THW", g, patch, strict=True):
+            if size <= 0 or size % p:
+                raise ValueError(
+                    f"grid of video {i} is {list(g)}; {axis} must be a positive multiple of {p} (patch {list(patch)})"
+                )
+        out.append(g)
+    return out
+
+
+def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{what} is a {type(indices).__name__}; expected an integer torch.Tensor")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{what} has dtype {indices.dtype}; expected an integer dtype")
+    if indices.dim() != 1:
+        raise ValueError(f"{what} has shape {list(indices.shape)}; expected a 1-D tensor of indices")
+    if indices.numel():
+        lo, hi = torch.aminmax(indices)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= codebook_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what} holds index {bad}; expected indices in [0, {codebook_size})")
+
+
+def check_codes(codes: object, width: int, total: int) -> None:
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes is a {type(codes).__name__}; expected a torch.Tensor [sum(token_counts), {width}]")
+    if not codes.is_floating_point():
+        raise TypeError(f"codes has dtype {codes.dtype}; expected a floating dtype")
+    if codes.dim() != 2 or codes.shape[1] != width:
+        raise ValueError(f"codes has shape {list(codes.shape)}; expected [sum(token_counts), {width}]")
+    if codes.shape[0] != total:
+        raise ValueError(f"codes has {codes.shape[0]} rows but token_counts sum to {total}")
+    if not bool(torch.isfinite(codes).all()):
+        raise ValueError("codes contains NaN or infinite values")

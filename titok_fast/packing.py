@@ -1,0 +1,120 @@
+"""Packed variable-length batches: where each video's rows sit, their M-RoPE positions, cached per shape."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+from kernels.mrope_attention import mrope_tables, packed_positions, pair_axis
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Layout of a packed batch: sequence i = [n_i latent rows ; G_i patch rows], sequences concatenated.
+
+    ``grids`` are patch grids (gt, gh, gw). Index tensors live on ``device``; ``*_bounds`` are host ints for
+    per-sequence loops.
+    """
+
+    token_counts: tuple[int, ...]
+    grids: tuple[tuple[int, int, int], ...]
+    rows: int
+    cu_seqlens: torch.Tensor  # int32 [B+1]
+    cu_tokens: torch.Tensor  # int32 [B+1]
+    cu_patches: torch.Tensor  # int32 [B+1]
+    latent_starts: torch.Tensor  # int32 [B]: 0, queries of the latent rows start each sequence
+    patch_starts: torch.Tensor  # int32 [B]: n_i, the patch rows follow the latents
+    latent_rows: torch.Tensor  # int64 [sum n]
+    patch_rows: torch.Tensor  # int64 [sum G]
+    positions: torch.Tensor  # int32 [rows, 3]
+    seq_bounds: tuple[tuple[int, int], ...]
+    token_bounds: tuple[tuple[int, int], ...]
+    patch_bounds: tuple[tuple[int, int], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_bounds[-1][1]
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_bounds[-1][1]
+
+    @property
+    def max_position(self) -> int:
+        return max(n + max(g) for n, g in zip(self.token_counts, self.grids, strict=True))
+
+
+def _bounds(sizes: list[int]) -> tuple[tuple[int, int], ...]:
+    """(start, end) of consecutive blocks of the given sizes."""
+    ends = list(accumulate(sizes))
+    return tuple((end - size, end) for size, end in zip(sizes, ends, strict=True))
+
+
+def make_packing(token_counts: tuple[int, ...], grids: tuple[tuple[int, int, int], ...], device) -> Packing:
+    patches = [math.prod(g) for g in grids]
+    seqlens = [n + g for n, g in zip(token_counts, patches, strict=True)]
+    seq_bounds = _bounds(seqlens)
+
+    def cumulative(sizes: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *accumulate(sizes)], dtype=torch.int32, device=device)
+
+    latent_rows = torch.cat([torch.arange(s, s + n) for (s, _), n in zip(seq_bounds, token_counts, strict=True)])
+    patch_rows = torch.cat([torch.arange(s + n, e) for (s, e), n in zip(seq_bounds, token_counts, strict=True)])
+    return Packing(
+        token_counts=tuple(token_counts),
+        grids=tuple(grids),
+        rows=sum(seqlens),
+        cu_seqlens=cumulative(seqlens),
+        cu_tokens=cumulative(list(token_counts)),
+        cu_patches=cumulative(patches),
+        latent_starts=torch.zeros(len(seqlens), dtype=torch.int32, device=device),
+        patch_starts=torch.tensor(token_counts, dtype=torch.int32, device=device),
+        latent_rows=latent_rows.to(device),
+        patch_rows=patch_rows.to(device),
+        positions=packed_positions(token_counts, grids, device),
+        seq_bounds=seq_bounds,
+        token_bounds=_bounds(list(token_counts)),
+        patch_bounds=_bounds(patches),
+    )
+
+
+class PackingCache:
+    """Packings, per-row RoPE cos/sin and the float32 tables, cached per (shapes, device)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._packings: OrderedDict = OrderedDict()
+        self._tables: dict = {}
+
+    def packing(self, token_counts, grids, device) -> Packing:
+        key = (tuple(token_counts), tuple(grids), str(device))
+        if key in self._packings:
+            self._packings.move_to_end(key)
+            return self._packings[key]
+        pack = make_packing(tuple(token_counts), tuple(grids), device)
+        self._packings[key] = pack
+        if len(self._packings) > self.capacity:
+            self._packings.popitem(last=False)
+        return pack
+
+    def tables(self, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin float32 [P, 32] with P >= num_positions (grown by powers of two, computed in float64)."""
+        key = str(device)
+        if key not in self._tables or self._tables[key][0].shape[0] < num_positions:
+            self._tables[key] = mrope_tables(max(256, 1 << (num_positions - 1).bit_length()), device)
+        return self._tables[key]
+
+    def row_rotations(self, pack: Packing, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin float32 [rows, 32] of every packed row, cached with the packing."""
+        key = ("rows", pack.token_counts, pack.grids, str(device))
+        if key not in self._packings:
+            cos, sin = self.tables(pack.max_position, device)
+            index = pack.positions[:, pair_axis().to(device)].long()
+            self._packings[key] = (cos.gather(0, index), sin.gather(0, index))
+            if len(self._packings) > self.capacity:
+                self._packings.popitem(last=False)
+        return self._packings[key]

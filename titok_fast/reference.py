@@ -1,0 +1,167 @@
+"""The reference oracle: SPEC sections 3-7 written for clarity, not speed.
+
+Per-video loops, float64 complex M-RoPE (as upstream), explicit softmax attention per sequence, FSQ in float32
+computed the way upstream computes it. Every fast path is tested against this. It runs on the CPU and takes the
+same parameters as the lean model (``layers.py``), so weights move between them with ``load_state_dict``.
+
+In bfloat16 it follows upstream's bf16 inference: LayerNorms and Linears in bf16, q/k norms in bf16, the
+rotation in float64 rounded back to bf16, attention with float32 softmax, FSQ in float32 on the bf16 ``z``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import HEAD_DIM, TiTokConfig
+from .layers import Attention, DecoderParams, EncoderParams, Layers
+
+
+def patchify(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """[3, T, H, W] -> [gt*gh*gw, 3*pt*ph*pw]: rows t-major then h then w; features c, pt, ph, pw."""
+    c, t, h, w = video.shape
+    pt, ph, pw = patch
+    x = video.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw)
+    return x.permute(1, 3, 5, 0, 2, 4, 6).reshape((t // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+
+
+def unpatchify(rows: torch.Tensor, shape: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`: [G, 3*pt*ph*pw] -> [3, T, H, W] for pixel shape (T, H, W)."""
+    t, h, w = shape
+    pt, ph, pw = patch
+    x = rows.reshape(t // pt, h // ph, w // pw, 3, pt, ph, pw)
+    return x.permute(3, 0, 4, 1, 5, 2, 6).reshape(3, t, h, w)
+
+
+def patch_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Pixel shape (T, H, W) -> patch grid (gt, gh, gw)."""
+    return tuple(s // p for s, p in zip(shape, patch, strict=True))
+
+
+def mrope_angles(n_tokens: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """float64 [n + G, 32]: rotation angle of every (row, pair) of one sequence (SPEC 6)."""
+    gt, gh, gw = grid
+    pos = [(j, j, j) for j in range(n_tokens)]
+    pos += [(a + n_tokens, b + n_tokens, c + n_tokens) for a in range(gt) for b in range(gh) for c in range(gw)]
+    pos = torch.tensor(pos, dtype=torch.float64)
+    columns = []
+    for axis, pairs in enumerate((12, 10, 10)):
+        freqs = torch.tensor([(math.pi / 2) * 10000.0 ** (p / (pairs - 1)) for p in range(pairs)], dtype=torch.float64)
+        columns.append(pos[:, axis : axis + 1] * freqs)
+    return torch.cat(columns, dim=1)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x: [S, heads, 64]; adjacent pairs rotated as complex128 numbers; returns x.dtype."""
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], HEAD_DIM // 2, 2).contiguous())
+    rotated = pairs * torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    return torch.view_as_real(rotated).reshape(x.shape).to(x.dtype)
+
+
+def attention(attn: Attention, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """One sequence: x [S, W] -> [S, W]."""
+    s = x.shape[0]
+    hq, hkv = attn.q_heads, attn.kv_heads
+    qkv = attn.to_qkv(attn.pre_ln(x))
+    q = qkv[:, : hq * HEAD_DIM].reshape(s, hq, HEAD_DIM)
+    k = qkv[:, hq * HEAD_DIM : (hq + hkv) * HEAD_DIM].reshape(s, hkv, HEAD_DIM)
+    v = qkv[:, (hq + hkv) * HEAD_DIM :].reshape(s, hkv, HEAD_DIM)
+    q = rotate(attn.q_norm(q), angles)
+    k = rotate(attn.k_norm(k), angles)
+    group = hq // hkv
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) / math.sqrt(HEAD_DIM)
+    out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v.float())
+    return attn.out_proj(out.reshape(s, hq * HEAD_DIM).to(x.dtype))
+
+
+def run_layers(layers: Layers, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    for attn, ffn in zip(layers.attn_layer, layers.ffd_layer, strict=True):
+        x = x + attention(attn, x, angles)
+        x = x + ffn(x)
+    return x
+
+
+def fsq_quantize(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [N, D] -> (codes float32 [N, D], indices int32 [N]) exactly as upstream FSQ (float32)."""
+    lv = torch.tensor(levels, dtype=torch.int32, device=z.device)
+    half_l = (lv - 1) * (1 + 1e-3) / 2
+    offset = torch.where(lv % 2 == 0, 0.5, 0.0).to(z.device)
+    shift = (offset / half_l).atanh()
+    bounded = (z.float() + shift).tanh() * half_l - offset
+    half_width = lv // 2
+    codes = torch.round(bounded) / half_width
+    basis = torch.cumprod(torch.tensor([1, *levels[:-1]], device=z.device), dim=0).to(torch.int32)
+    indices = ((codes * half_width + half_width) * basis).sum(dim=-1).to(torch.int32)
+    return codes, indices
+
+
+def fsq_indices_to_codes(indices: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """indices [N] -> codes float32 [N, D]."""
+    lv = torch.tensor(levels, dtype=torch.int64, device=indices.device)
+    basis = torch.cumprod(torch.tensor([1, *levels[:-1]], device=indices.device), dim=0)
+    half_width = lv // 2
+    level = (indices.long()[:, None] // basis) % lv
+    return (level - half_width).float() / half_width
+
+
+def encode(
+    config: TiTokConfig, enc: EncoderParams, videos: list[torch.Tensor], token_counts: list[int]
+) -> tuple[torch.Tensor, dict]:
+    """Per video: patchify, proj_in, [mask tokens ; patches], layers, first n rows, ln_post, proj_out, FSQ."""
+    all_codes, all_indices = [], []
+    for video, n in zip(videos, token_counts, strict=True):
+        grid = patch_grid(tuple(video.shape[1:]), config.patch_size)
+        patches = enc.proj_in(patchify(video, config.patch_size))
+        x = torch.cat([enc.mask_token.expand(n, -1), patches])
+        x = run_layers(enc.model_layers, x, mrope_angles(n, grid))
+        z = enc.proj_out(enc.ln_post(x[:n]))
+        codes, indices = fsq_quantize(z, config.fsq_levels)
+        all_codes.append(codes.to(z.dtype))
+        all_indices.append(indices)
+    return torch.cat(all_codes), {"indices": tuple(all_indices)}
+
+
+def decode(
+    config: TiTokConfig, dec: DecoderParams, codes: torch.Tensor, token_counts: list[int], grids: list
+) -> list[torch.Tensor]:
+    """Per video: proj_in(codes), [codes ; mask tokens], ln_pre, layers, last G rows, proj_out, un-patchify."""
+    videos, start = [], 0
+    for n, shape in zip(token_counts, grids, strict=True):
+        grid = patch_grid(tuple(shape), config.patch_size)
+        g = math.prod(grid)
+        x = torch.cat([dec.proj_in(codes[start : start + n]), dec.mask_token.expand(g, -1)])
+        x = run_layers(dec.model_layers, dec.ln_pre(x), mrope_angles(n, grid))
+        videos.append(unpatchify(dec.proj_out(x[n:]), tuple(shape), config.patch_size))
+        start += n
+    return videos
+
+
+class ReferenceTiTok(torch.nn.Module):
+    """The oracle as a module with upstream's parameter names and API (inputs are trusted, not checked)."""
+
+    def __init__(self, config: object = "v1"):
+        super().__init__()
+        self.config = TiTokConfig.from_any(config)
+        self.encoder = EncoderParams(self.config)
+        self.decoder = DecoderParams(self.config)
+
+    @torch.no_grad()
+    def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
+        return encode(self.config, self.encoder, videos, token_counts)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
+        return decode(self.config, self.decoder, codes, token_counts, grids)
+
+    def decode_indices(self, indices, grids, token_counts=None) -> list[torch.Tensor]:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.split(list(token_counts))
+        codes = fsq_indices_to_codes(torch.cat(list(indices)), self.config.fsq_levels)
+        return self.decode(codes.to(self.decoder.proj_in.weight.dtype), [len(i) for i in indices], grids)
+
+    def forward(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[list, dict]:
+        codes, result = self.encode(videos, token_counts)
+        return self.decode(codes, token_counts, [tuple(v.shape[1:]) for v in videos]), result
