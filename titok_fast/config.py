@@ -132,7 +132,8 @@ class TiTokConfig:
             if not isinstance(values[key], (list, tuple)):
                 raise ValueError(f"config field {key} must be a list of integers, got {values[key]!r}")
             values[key] = tuple(values[key])
-        return cls(**values)
+        config = cls(**values)
+        return next((preset for preset in PRESETS.values() if preset == config), config)
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,47 @@
+"""Shared builders for tests: random-weight models with non-trivial LayerNorm affines, random clips."""
+
+from __future__ import annotations
+
+import torch
+
+from titok_fast import TiTok
+from titok_fast.layers import perturb_norms
+from titok_fast.reference import ReferenceTiTok
+
+
+def make_model(config: str = "tiny", backend: str = "torch", seed: int = 0, sharpen: float = 3.0) -> TiTok:
+    """Random weights, perturbed LayerNorm affines, and q/k norm gains scaled by ``sharpen``: sharper attention
+    makes the latent tokens differ from each other (with flat attention random models emit a handful of codes)."""
+    torch.manual_seed(seed)
+    model = TiTok(config, backend=backend).eval()
+    perturb_norms(model)
+    with torch.no_grad():
+        for layers in (model.encoder.model_layers, model.decoder.model_layers):
+            for attn in layers.attn_layer:
+                attn.q_norm.weight.mul_(sharpen)
+                attn.k_norm.weight.mul_(sharpen)
+    return model
+
+
+def make_reference(model: TiTok) -> ReferenceTiTok:
+    ref = ReferenceTiTok(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref.to(model.dtype)
+
+
+def random_videos(shapes: list[tuple[int, int, int]], seed: int = 1, dtype=torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand((3, *s), generator=g) * 2 - 1).to(dtype) for s in shapes]
+
+
+def distinct(indices: tuple | list) -> int:
+    return len(set(torch.cat(list(indices)).tolist()))
+
+
+def agreement(a: tuple | list, b: tuple | list) -> float:
+    """Fraction of tokens whose indices agree."""
+    return (torch.cat(list(a)).long() == torch.cat(list(b)).long()).float().mean().item()
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()

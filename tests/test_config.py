@@ -1,0 +1,74 @@
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from titok_fast import PRESETS, TiTokConfig
+from titok_fast.config import SIZES, StackSize
+
+TINY_YAML = {
+    "tokenizer": {
+        "model": {"patch_size": [4, 8, 8], "fsq_levels": [7, 5, 5, 5, 5], "encoder_size": "tiny_thin",
+                  "decoder_size": "tiny_thin", "unrelated": 3},
+    },
+    "training": {"sampling": {"max_grid": [12, 160, 160], "num_token_range": [64, 384]}, "lr": 1e-4},
+}  # fmt: skip
+
+
+def test_v1_numbers_match_spec():
+    v1 = PRESETS["v1"]
+    assert v1.codebook_size == 8575
+    assert (v1.encoder.width, v1.decoder.width) == (1024, 2048)
+    assert (v1.encoder.ffn_inner, v1.decoder.ffn_inner) == (1376, 2752)
+    assert v1.patch_dim == 768
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_size_table_width_is_64_per_q_head(name):
+    size = StackSize.named(name)
+    assert size.width == 64 * size.q_heads
+    assert size.q_heads % size.kv_heads == 0
+    assert size.ffn_inner % 32 == 0
+
+
+@pytest.mark.parametrize("source", ["preset", "dict", "omegaconf", "yaml"])
+def test_from_any_reads_every_form(source, tmp_path):
+    if source == "preset":
+        cfg = TiTokConfig.from_any("tiny")
+    elif source == "dict":
+        cfg = TiTokConfig.from_any(TINY_YAML)
+    elif source == "omegaconf":
+        cfg = TiTokConfig.from_any(OmegaConf.create(TINY_YAML))
+    else:
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump(TINY_YAML))
+        cfg = TiTokConfig.from_any(str(path))
+    assert cfg == PRESETS["tiny"]
+    assert cfg.name == "tiny"
+    assert TiTokConfig.from_any(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["tokenizer"]["model"].pop("fsq_levels"), "tokenizer.model.fsq_levels"),
+        (lambda d: d["training"].pop("sampling"), "training.sampling"),
+        (lambda d: d["tokenizer"]["model"].update(encoder_size="huge"), "huge"),
+        (lambda d: d["tokenizer"]["model"].update(patch_size=[4, 8]), "patch_size"),
+        (lambda d: d["tokenizer"]["model"].update(fsq_levels=[7, 1]), "fsq_levels"),
+        (lambda d: d["training"]["sampling"].update(max_grid="big"), "max_grid"),
+    ],
+)
+def test_from_any_names_the_bad_field(mutate, message):
+    import copy
+
+    d = copy.deepcopy(TINY_YAML)
+    mutate(d)
+    with pytest.raises(ValueError, match=message):
+        TiTokConfig.from_any(d)
+
+
+def test_from_any_rejects_unknown_preset_and_types():
+    with pytest.raises(ValueError, match="neither a preset"):
+        TiTokConfig.from_any("v9")
+    with pytest.raises(TypeError, match="config must be"):
+        TiTokConfig.from_any(42)

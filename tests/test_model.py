@@ -1,0 +1,213 @@
+"""The lean model against the oracle, its API and its input checks."""
+
+import pytest
+import torch
+from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
+
+from titok_fast import TiTok
+
+MIXED = [(8, 32, 48), (4, 8, 8), (12, 24, 16), (4, 16, 40)]
+MIXED_TOKENS = [16, 1, 64, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = make_model("tiny", "torch")
+    return model, make_reference(model)
+
+
+def test_torch_backend_matches_oracle_tiny(tiny):
+    model, ref = tiny
+    videos = random_videos(MIXED)
+    codes, out = model.encode(videos, MIXED_TOKENS)
+    ref_codes, ref_out = ref.encode(videos, MIXED_TOKENS)
+    assert [len(i) for i in out["indices"]] == MIXED_TOKENS
+    assert all(i.dtype == torch.int32 for i in out["indices"])
+    assert isinstance(out["indices"], tuple)
+    assert agreement(out["indices"], ref_out["indices"]) >= 0.999
+    assert distinct(out["indices"]) >= 20  # the weights make tokens differ, so agreement means something
+    assert codes.shape == (sum(MIXED_TOKENS), 5) and codes.dtype == torch.float32
+    recon = model.decode_indices(out["indices"], MIXED)
+    ref_recon = ref.decode_indices(out["indices"], MIXED)
+    for r, rr, shape in zip(recon, ref_recon, MIXED, strict=True):
+        assert r.shape == (3, *shape)
+        assert rel_l2(r, rr) <= 1e-4
+
+
+@pytest.mark.slow
+def test_torch_backend_matches_oracle_v1_full_depth():
+    model = make_model("v1", "torch")
+    ref = make_reference(model)
+    shapes, counts = [(8, 64, 64), (4, 32, 48), (8, 16, 16)], [128, 33, 1]
+    videos = random_videos(shapes)
+    _, out = model.encode(videos, counts)
+    _, ref_out = ref.encode(videos, counts)
+    assert agreement(out["indices"], ref_out["indices"]) >= 0.999
+    for r, rr in zip(
+        model.decode_indices(out["indices"], shapes), ref.decode_indices(out["indices"], shapes), strict=True
+    ):
+        assert rel_l2(r, rr) <= 1e-4
+
+
+def test_clip_alone_equals_clip_in_mixed_batch(tiny):
+    model, _ = tiny
+    videos = random_videos(MIXED)
+    _, batch = model.encode(videos, MIXED_TOKENS)
+    for i, (video, n) in enumerate(zip(videos, MIXED_TOKENS, strict=True)):
+        _, alone = model.encode([video], [n])
+        assert torch.equal(alone["indices"][0], batch["indices"][i])
+
+
+def test_decode_codes_equals_decode_indices_and_forward(tiny):
+    model, _ = tiny
+    videos = random_videos(MIXED[:2])
+    codes, out = model.encode(videos, MIXED_TOKENS[:2])
+    from_codes = model.decode(codes, MIXED_TOKENS[:2], MIXED[:2])
+    from_indices = model.decode_indices(out["indices"], MIXED[:2])
+    packed = model.decode_indices(torch.cat(out["indices"]), MIXED[:2], token_counts=MIXED_TOKENS[:2])
+    recon, fwd = model(videos, MIXED_TOKENS[:2])
+    for a, b, c, d in zip(from_codes, from_indices, packed, recon, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, d)
+    assert all(torch.equal(a, b) for a, b in zip(fwd["indices"], out["indices"], strict=True))
+
+
+def test_decode_off_grid_codes_projects_them(tiny):
+    model, ref = tiny
+    codes = torch.rand(10, 5) * 2 - 1
+    out = model.decode(codes, [10], [(4, 16, 8)])
+    assert rel_l2(out[0], ref.decode(codes, [10], [(4, 16, 8)])[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bfloat16_runs_and_stays_near_float32(tiny, backend):
+    model, _ = tiny
+    model16 = make_model("tiny", backend).to(torch.bfloat16)
+    videos = random_videos(MIXED[:2])
+    codes, out16 = model16.encode(videos, MIXED_TOKENS[:2])
+    assert codes.dtype == torch.bfloat16
+    _, out32 = model.encode(videos, MIXED_TOKENS[:2])
+    assert agreement(out16["indices"], out32["indices"]) >= 0.5
+    recon = model16.decode_indices(out16["indices"], MIXED[:2])
+    assert recon[0].dtype == torch.bfloat16 and recon[0].shape == (3, *MIXED[0])
+
+
+def test_bf16_torch_backend_not_below_oracle_noise_floor():
+    """The bf16 oracle's agreement with the fp32 oracle is the floor; the torch backend stays within 1 point."""
+    model32 = make_model("tiny", "reference")
+    shapes, counts = [(8, 32, 32), (4, 24, 40), (8, 16, 16)], [128, 64, 96]
+    videos = random_videos(shapes)
+    _, truth = model32.encode(videos, counts)
+    floors = {}
+    for backend in ("reference", "torch"):
+        model16 = make_model("tiny", backend).to(torch.bfloat16)
+        _, out = model16.encode([v.bfloat16() for v in videos], counts)
+        floors[backend] = agreement(out["indices"], truth["indices"])
+    assert floors["reference"] < 1.0  # bf16 does move some tokens: the floor is real
+    assert floors["torch"] >= floors["reference"] - 0.01
+
+
+def test_auto_backend_and_backend_validation():
+    model = TiTok("tiny")
+    assert model.backend == "auto" and model._active_backend() == "torch"
+    with pytest.raises(ValueError, match="backend 'cuda' is not one of"):
+        TiTok("tiny", backend="cuda")
+
+
+def test_inputs_move_to_model_dtype_and_are_not_modified(tiny):
+    model, _ = tiny
+    videos = [v.double() for v in random_videos(MIXED[:2])]
+    before = [v.clone() for v in videos]
+    codes, _ = model.encode(videos, MIXED_TOKENS[:2])
+    assert codes.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(videos, before, strict=True))
+
+
+def _v(*shape):
+    return torch.zeros(shape)
+
+
+@pytest.mark.parametrize(
+    "videos, counts, error, message",
+    [
+        ([], [], ValueError, "empty batch"),
+        (_v(3, 4, 8, 8), [1], TypeError, "wrap a single video in a list"),
+        ([_v(3, 4, 8, 8), _v(4, 8, 8)], [1, 1], ValueError, r"video 1 has shape \[4, 8, 8\]"),
+        ([_v(1, 4, 8, 8)], [1], ValueError, "video 0 has shape .*3 channels"),
+        ([_v(3, 4, 8, 8), _v(3, 10, 64, 64)], [1, 1], ValueError, "video 1 .* T must be a positive multiple of 4"),
+        ([_v(3, 4, 12, 8)], [1], ValueError, "H must be a positive multiple of 8"),
+        ([_v(3, 4, 8, 8), _v(3, 4, 8, 8)], [1], ValueError, "got 1 token counts for 2 videos"),
+        ([_v(3, 4, 8, 8)], [0], ValueError, "token count of video 0 is 0"),
+        ([_v(3, 4, 8, 8)], [2.5], TypeError, "token count of video 0 is 2.5"),
+        ([_v(3, 4, 8, 8)], 4, TypeError, "one integer per video"),
+        ([_v(3, 4, 8, 8), _v(3, 4, 8, 8).double()], [1, 1], ValueError, "video 1 has dtype .* mixed dtypes"),
+        ([torch.zeros(3, 4, 8, 8, dtype=torch.uint8)], [1], TypeError, "video 0 has dtype torch.uint8"),
+        ([_v(3, 4, 8, 8), torch.full((3, 4, 8, 8), float("nan"))], [1, 1], ValueError, "video 1 contains NaN"),
+        (["clip.mp4"], [1], TypeError, "video 0 is a str"),
+    ],
+)
+def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
+    model, _ = tiny
+    with pytest.raises(error, match=message):
+        model.encode(videos, counts)
+
+
+@pytest.mark.parametrize(
+    "indices, grids, counts, error, message",
+    [
+        ((torch.tensor([0, 1]),), [(4, 8, 8)], None, None, None),
+        (
+            (torch.tensor([0, 4375]),),
+            [(4, 8, 8)],
+            None,
+            ValueError,
+            r"video 0 holds index 4375; .*\[0, 4375\)",
+        ),
+        ((torch.tensor([-1]),), [(4, 8, 8)], None, ValueError, "holds index -1"),
+        ((torch.tensor([0.0]),), [(4, 8, 8)], None, TypeError, "indices of video 0 has dtype torch.float32"),
+        (torch.tensor([0, 1]), [(4, 8, 8)], None, ValueError, "no token_counts"),
+        (torch.tensor([0, 1]), [(4, 8, 8)], [3], ValueError, "2 entries but token_counts sum to 3"),
+        ((torch.tensor([0]), torch.tensor([1])), [(4, 8, 8)], None, ValueError, "got 1 grids for 2 videos"),
+        (
+            (torch.tensor([0]),),
+            [(4, 8, 9)],
+            None,
+            ValueError,
+            "grid of video 0 .* W must be a positive multiple",
+        ),
+        ((torch.tensor([0]),), [(4, 8)], None, ValueError, "grid of video 0 is .* three integers"),
+        ((torch.tensor([], dtype=torch.long),), [(4, 8, 8)], None, ValueError, "indices of video 0 is empty"),
+        ((torch.tensor([0, 1]),), [(4, 8, 8)], [3], ValueError, "do not match the index lengths"),
+        ([], [], None, ValueError, "empty batch"),
+    ],
+)
+def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, message):
+    model, _ = tiny
+    if error is None:
+        assert model.decode_indices(indices, grids, counts)[0].shape == (3, 4, 8, 8)
+        return
+    with pytest.raises(error, match=message):
+        model.decode_indices(indices, grids, counts)
+
+
+@pytest.mark.parametrize(
+    "codes, counts, error, message",
+    [
+        (torch.zeros(3, 4), [3], ValueError, r"codes has shape \[3, 4\]; expected \[sum\(token_counts\), 5\]"),
+        (torch.zeros(3, 5), [2], ValueError, "codes has 3 rows but token_counts sum to 2"),
+        (torch.zeros(3, 5, dtype=torch.long), [3], TypeError, "codes has dtype torch.int64"),
+        (torch.full((3, 5), float("inf")), [3], ValueError, "codes contains NaN or infinite"),
+    ],
+)
+def test_decode_rejects_bad_codes(tiny, codes, counts, error, message):
+    model, _ = tiny
+    with pytest.raises(error, match=message):
+        model.decode(codes, counts, [(4, 8, 8)])
+
+
+def test_decoder_table_follows_weight_changes(tiny):
+    model = make_model("tiny", "torch", seed=3)
+    table, _ = model.decoder_table()
+    with torch.no_grad():
+        model.decoder.ln_pre.bias.add_(1.0)
+    table2, _ = model.decoder_table()
+    assert torch.allclose(table2, table + 1.0, atol=1e-5)
