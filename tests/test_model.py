@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
 
 from titok_fast import TiTok
+
+from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
 
 MIXED = [(8, 32, 48), (4, 8, 8), (12, 24, 16), (4, 16, 40)]
 MIXED_TOKENS = [16, 1, 64, 7]

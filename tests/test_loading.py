@@ -1,0 +1,124 @@
+"""Loading weights: Lightning checkpoints without running their code, safetensors with the config inside."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from titok_fast.loading import CheckpointError, convert, load_tokenizer, read_safetensors_metadata, save_safetensors
+
+from helpers import make_model
+
+
+class RunsACommand:
+    """Unpickling this with a normal unpickler would run a shell command that creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def lightning_checkpoint(path, model, marker=None, ema=True, extra=None):
+    state = {}
+    for k, v in model.state_dict().items():
+        state[f"model.{k}"] = v
+        if ema:
+            state[f"ema_model.{k}"] = v + 1.0
+    state["loss_module.disc.weight"] = torch.randn(4, 4)
+    state.update(extra or {})
+    ckpt = {
+        "state_dict": state,
+        "hyper_parameters": OmegaConf.create({"config": {"tokenizer": {"model": {"encoder_size": "tiny_thin"}}}}),
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(8)}}, "param_groups": [{"lr": 1e-4}]}],
+        "pytorch-lightning_version": "2.4.0",
+    }
+    if marker is not None:
+        ckpt["payload"] = RunsACommand(marker)
+    torch.save(ckpt, path)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_model("tiny")
+
+
+def test_checkpoint_code_never_runs(tiny, tmp_path):
+    marker = tmp_path / "code-ran"
+    lightning_checkpoint(tmp_path / "model.ckpt", tiny, marker=marker)
+    torch.load(tmp_path / "model.ckpt", weights_only=False)  # proof the payload is live: a plain load runs it
+    assert marker.exists()
+    marker.unlink()
+    model = load_tokenizer(tmp_path / "model.ckpt", config="tiny")
+    assert not marker.exists()
+    assert torch.equal(model.encoder.proj_in.weight, tiny.encoder.proj_in.weight + 1.0)
+
+
+@pytest.mark.parametrize("use_ema, ema_present, offset", [(True, True, 1.0), (False, True, 0.0), (True, False, 0.0)])
+def test_ema_is_preferred_when_present(tiny, tmp_path, use_ema, ema_present, offset):
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny, ema=ema_present)
+    model = load_tokenizer(tmp_path / "m.ckpt", config="tiny", use_ema=use_ema)
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v + offset), k
+
+
+def test_bare_state_dict_and_dtype_device(tiny, tmp_path):
+    torch.save(tiny.state_dict(), tmp_path / "bare.pt")
+    model = load_tokenizer(tmp_path / "bare.pt", config="tiny", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert torch.equal(model.decoder.proj_out.bias, tiny.decoder.proj_out.bias.bfloat16())
+
+
+def test_missing_and_misshaped_tensors_are_named(tiny, tmp_path):
+    state = dict(tiny.state_dict())
+    del state["decoder.ln_pre.bias"]
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="missing tensor decoder.ln_pre.bias"):
+        load_tokenizer(tmp_path / "missing.ckpt", config="tiny")
+    state = dict(tiny.state_dict())
+    state["encoder.proj_out.weight"] = torch.zeros(4, 512)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "shape.ckpt")
+    with pytest.raises(CheckpointError, match=r"encoder.proj_out.weight has shape \[4, 512\], expected \[5, 512\]"):
+        load_tokenizer(tmp_path / "shape.ckpt", config="tiny")
+    with pytest.raises(CheckpointError, match="unexpected tensor|missing tensor"):
+        load_tokenizer(tmp_path / "shape.ckpt", config="v1")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a torch zip checkpoint"):
+        load_tokenizer(tmp_path / "junk.ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_tokenizer(tmp_path / "absent.ckpt")
+
+
+def test_convert_writes_config_and_loads_without_one(tiny, tmp_path):
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny)
+    digest = convert(tmp_path / "m.ckpt", tmp_path / "m.safetensors", config="tiny")
+    meta = read_safetensors_metadata(tmp_path / "m.safetensors")
+    assert meta["config"]["tokenizer"]["model"]["encoder_size"] == "tiny_thin"
+    assert meta["weights_digest"] == digest
+    model = load_tokenizer(tmp_path / "m.safetensors")
+    assert model.config.name == "tiny" and model.weights_digest == digest
+    assert torch.equal(model.encoder.mask_token, tiny.encoder.mask_token + 1.0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_convert_cli(tiny, tmp_path):
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny)
+    out = tmp_path / "m.safetensors"
+    cmd = [sys.executable, "-m", "titok_fast.cli", "convert", str(tmp_path / "m.ckpt"), str(out), "--config", "tiny"]
+    subprocess.run([*cmd, "--no-ema"], check=True, capture_output=True)
+    assert torch.equal(load_tokenizer(out).encoder.mask_token, tiny.encoder.mask_token)
+    bad = subprocess.run([*cmd[:4], str(tmp_path / "nope.ckpt"), str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_save_safetensors_round_trip(tiny, tmp_path):
+    save_safetensors(tiny, tmp_path / "w.safetensors")
+    model = load_tokenizer(tmp_path / "w.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny.state_dict().items())
