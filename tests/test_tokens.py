@@ -1,0 +1,238 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from titok_fast.tokens import (
+    METADATA_KEY,
+    TokenFile,
+    TokenFileError,
+    is_complete,
+    load_tokens,
+    save_tokens,
+)
+
+CODEBOOK = 8575
+
+
+def make_token_file(counts=(7, 1, 12)) -> TokenFile:
+    chunks = [torch.randint(0, CODEBOOK, (n,), dtype=torch.int32) for n in counts]
+    chunks[0][0], chunks[-1][-1] = 0, CODEBOOK - 1  # both ends of the range
+    return TokenFile.from_chunks(
+        chunks,
+        grids=[(16, 128, 128)] * len(counts),
+        start_times=[2.0 * i + 0.125 for i in range(len(counts))],
+        model_config={"patch_size": [4, 8, 8], "fsq_levels": [8, 8, 8, 5, 5, 5], "encoder_size": "small"},
+        weights_digest="sha256:0123abcd",
+        fps=8.0,
+        source="/videos/clip.mp4",
+        frames_per_chunk=16,
+        tail="pad",
+        last_chunk_frames=5,
+        codebook_size=CODEBOOK,
+    )
+
+
+def read_raw(path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), framework="pt") as file:
+        return {name: file.get_tensor(name) for name in file.keys()}, json.loads(file.metadata()[METADATA_KEY])
+
+
+def write_raw(path, tensors: dict[str, torch.Tensor], metadata: dict | str) -> None:
+    text = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    save_file(tensors, str(path), metadata={METADATA_KEY: text})
+
+
+def test_round_trip_is_exact(tmp_path):
+    original = make_token_file()
+    save_tokens(tmp_path / "a.safetensors", original)
+    loaded = load_tokens(tmp_path / "a.safetensors")
+    for name in ("indices", "token_counts", "grids", "start_times", "offsets"):
+        assert getattr(loaded, name).dtype == getattr(original, name).dtype, name
+        assert torch.equal(getattr(loaded, name), getattr(original, name)), name
+    for name in ("model_config", "weights_digest", "fps", "source", "frames_per_chunk", "tail", "last_chunk_frames"):
+        assert getattr(loaded, name) == getattr(original, name), name
+    assert loaded.codebook_size == CODEBOOK
+    assert loaded.offsets.tolist() == [0, 7, 8, 20]
+    for i, chunk in enumerate(loaded.all_indices()):
+        assert chunk.dtype == torch.int64
+        assert torch.equal(chunk, loaded.clip_indices(i))
+        assert torch.equal(chunk, original.clip_indices(i))
+    raw, metadata = read_raw(tmp_path / "a.safetensors")
+    assert {name: t.dtype for name, t in raw.items()} == {
+        "indices": torch.int16,
+        "token_counts": torch.int32,
+        "grids": torch.int32,
+        "offsets": torch.int64,
+        "start_times": torch.float64,
+    }
+    assert metadata["version"] == 1
+    assert metadata["chunking"] == {"frames_per_chunk": 16, "tail": "pad", "last_chunk_frames": 5}
+
+
+def test_from_chunks_keeps_each_chunk():
+    chunks = [torch.tensor([5, 0, 8574]), torch.tensor([[1, 2], [3, 4]])]
+    token_file = TokenFile.from_chunks(
+        chunks,
+        [(4, 16, 16), (8, 32, 32)],
+        [0.0, 0.5],
+        model_config={},
+        weights_digest="",
+        fps=8,
+        source="x",
+        frames_per_chunk=4,
+        tail="drop",
+        last_chunk_frames=4,
+        codebook_size=CODEBOOK,
+    )
+    assert token_file.token_counts.tolist() == [3, 4]
+    assert token_file.clip_indices(1).tolist() == [1, 2, 3, 4]
+    assert token_file.grids.tolist() == [[4, 16, 16], [8, 32, 32]]
+    with pytest.raises(IndexError, match="chunk 2 out of range for 2 chunks"):
+        token_file.clip_indices(2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"codebook_size": 40000}, "to fit int16"),
+        ({"chunk": torch.tensor([CODEBOOK])}, r"indices must lie in \[0, 8575\)"),
+        ({"chunk": torch.tensor([-1])}, r"indices must lie in \[0, 8575\)"),
+        ({"tail": "wrap"}, "tail must be one of"),
+        ({"last_chunk_frames": 17}, "last_chunk_frames must be in"),
+        ({"fps": "8"}, "field 'fps' must be int or float"),
+        ({"grid": (0, 16, 16)}, "grids must be positive"),
+    ],
+    ids=["codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid"],
+)
+def test_invalid_token_file_is_refused(change, message):
+    chunk, grid = change.pop("chunk", torch.tensor([1, 2])), change.pop("grid", (4, 16, 16))
+    settings = dict(model_config={}, weights_digest="", fps=8.0, source="x", frames_per_chunk=16, tail="pad")
+    settings.update(last_chunk_frames=3, codebook_size=CODEBOOK)
+    with pytest.raises(TokenFileError, match=message):
+        TokenFile.from_chunks([chunk], [grid], [0.0], **{**settings, **change})
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "a.safetensors"
+    save_tokens(path, make_token_file())
+    save_tokens(path, make_token_file(counts=(3,)))  # overwrites in place
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+    assert load_tokens(path).token_counts.tolist() == [3]
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_tokens(path, make_token_file())
+    assert os.listdir(tmp_path) == ["a.safetensors"]  # no temporary left behind, old file intact
+    assert load_tokens(path).token_counts.tolist() == [3]
+
+
+def truncate(keep):
+    def tamper(path):
+        data = path.read_bytes()
+        path.write_bytes(data[: keep(len(data))])
+
+    return tamper
+
+
+def rewrite(change_tensors=None, change_metadata=None):
+    """A tampering that loads the raw file, changes tensors and/or metadata, and writes it back."""
+
+    def tamper(path):
+        tensors, metadata = read_raw(path)
+        if change_tensors:
+            change_tensors(tensors)
+        write_raw(path, tensors, change_metadata(metadata) if change_metadata else metadata)
+
+    return tamper
+
+
+def set_item(name, index, value):
+    def change(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][index] = value
+
+    return change
+
+
+def without(key, section=None):
+    def change(metadata):
+        del (metadata[section] if section else metadata)[key]
+        return metadata
+
+    return change
+
+
+TAMPERINGS = {
+    "truncated-header": (truncate(lambda n: 20), "not a readable safetensors file"),
+    "truncated-data": (truncate(lambda n: n - 4), "not a readable safetensors file"),
+    "garbage": (lambda p: p.write_bytes(b"\x00\x01garbage" * 10), "not a readable safetensors file"),
+    "missing-tensor": (rewrite(lambda t: t.pop("offsets")), r"missing tensors \['offsets'\]"),
+    "wrong-dtype": (
+        rewrite(lambda t: t.update(indices=t["indices"].int())),
+        "tensor 'indices' must be 1-d torch.int16; got torch.int32",
+    ),
+    "wrong-rank": (
+        rewrite(lambda t: t.update(grids=t["grids"].flatten())),
+        "tensor 'grids' must be 2-d torch.int32",
+    ),
+    "offsets-not-from-0": (rewrite(set_item("offsets", 0, 1)), "offsets must start at 0"),
+    "offsets-decreasing": (rewrite(set_item("offsets", 1, 9)), "offsets must be non-decreasing"),
+    "offsets-wrong-end": (rewrite(set_item("offsets", -1, 19)), r"offsets must end at len\(indices\) = 20"),
+    "offsets-vs-counts": (rewrite(set_item("token_counts", 0, 6)), "disagree with token_counts"),
+    "offsets-length": (
+        rewrite(lambda t: t.update(offsets=t["offsets"][:-1])),
+        "offsets has 3 entries; expected chunks . 1 = 4",
+    ),
+    "index-out-of-range": (rewrite(set_item("indices", 3, CODEBOOK)), r"indices must lie in \[0, 8575\)"),
+    "grid-zero": (rewrite(set_item("grids", (1, 2), 0)), "grids must be positive"),
+    "no-metadata": (
+        lambda p: save_file(read_raw(p)[0], str(p), metadata={"other": "1"}),
+        "metadata has no 'titok_fast' key",
+    ),
+    "bad-json": (lambda p: write_raw(p, read_raw(p)[0], "{not json"), "is not valid JSON"),
+    "json-not-object": (lambda p: write_raw(p, read_raw(p)[0], "[1, 2]"), "must be a JSON object"),
+    "missing-field": (rewrite(change_metadata=without("weights_digest")), "missing field 'weights_digest'"),
+    "missing-chunking-field": (
+        rewrite(change_metadata=without("tail", "chunking")),
+        "metadata chunking is missing field 'tail'",
+    ),
+    "wrong-field-type": (
+        rewrite(change_metadata=lambda m: {**m, "codebook_size": "8575"}),
+        "field 'codebook_size' must be int",
+    ),
+    "wrong-version": (
+        rewrite(change_metadata=lambda m: {"version": 2}),
+        r"unsupported format version 2 \(supported: 1\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("tampering", TAMPERINGS, ids=list(TAMPERINGS))
+def test_tampered_file_is_refused(tmp_path, tampering):
+    tamper, message = TAMPERINGS[tampering]
+    path = tmp_path / "a.safetensors"
+    save_tokens(path, make_token_file())
+    tamper(path)
+    with pytest.raises(TokenFileError, match=message) as info:
+        load_tokens(path)
+    assert str(path) in str(info.value)
+    assert not is_complete(path)
+
+
+def test_is_complete(tmp_path):
+    path = tmp_path / "a.safetensors"
+    assert not is_complete(path)
+    assert not is_complete(tmp_path)
+    save_tokens(path, make_token_file())
+    assert is_complete(path)
+    assert is_complete(path, weights_digest="sha256:0123abcd")
+    assert not is_complete(path, weights_digest="sha256:ffff")
+    with pytest.raises(TokenFileError, match="a.safetensors.*not a readable"):
+        load_tokens(tmp_path / "missing" / "a.safetensors")

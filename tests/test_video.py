@@ -1,0 +1,251 @@
+import math
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from titok_fast import video
+from titok_fast.video import VideoError, iter_videos, psnr, read_clips, side_by_side, ssim, write_video
+
+import videos
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Name -> path of every synthetic video the tests read, made once."""
+    folder = tmp_path_factory.mktemp("videos")
+    made = {
+        "index24": videos.make_video(folder / "index24.mp4", 48, 32, 32, fps=24, pattern="index"),
+        "index30": videos.make_video(folder / "index30.mp4", 30, 32, 32, fps=30, pattern="index"),
+        "index5": videos.make_video(folder / "index5.mp4", 5, 32, 32, fps=5, pattern="index"),
+        "vfr": videos.make_video(folder / "vfr.mp4", 16, 32, 32, pattern="index", vfr=True),
+        "one": videos.make_video(folder / "one.mp4", 1, 32, 32, pattern="moving"),
+        "odd": videos.make_video(folder / "odd.mkv", 6, 97, 130, pattern="moving"),
+        "gradient": videos.make_video(folder / "gradient.mkv", 2, 64, 160, pattern="gradient"),
+        "square": videos.make_video(folder / "square.mkv", 2, 64, 64, pattern="gradient"),
+        "moving": videos.make_video(folder / "moving.mp4", 24, 48, 64, pattern="moving"),
+        "audio": videos.make_audio_only(folder / "audio.mkv"),
+        "empty": videos.make_empty(folder / "empty.mp4"),
+        "garbage": videos.make_garbage(folder / "garbage.mp4"),
+        "missing": folder / "missing.mp4",
+        "folder": folder,
+    }
+    made["truncated"] = videos.make_truncated(folder / "truncated.mp4", made["moving"])
+    made["scrambled"] = videos.make_scrambled(folder / "scrambled.mp4", made["moving"])
+    return {name: str(path) for name, path in made.items()}
+
+
+def sampled_indices(clips: video.ClipSet) -> list[int]:
+    """Source frame index of every sampled frame of an "index" pattern video, from its mean brightness."""
+    frames = torch.cat(clips.clips, dim=1)  # [3, frames, H, W]
+    return [videos.level_to_index((frame.mean().item() + 1) * 127.5) for frame in frames.unbind(1)]
+
+
+@pytest.mark.parametrize(
+    ("frames", "tail", "clips", "last_clip_frames"),
+    [(4, "drop", 4, 4), (5, "drop", 3, 5), (5, "pad", 4, 1), (16, "drop", 1, 16), (17, "pad", 1, 16)],
+    ids=["T4-drop", "T5-drop", "T5-pad", "T16-exact", "T17-pad-short"],
+)
+def test_clip_count_and_shapes(files, frames, tail, clips, last_clip_frames):
+    result = read_clips(files["index24"], frames=frames, height=16, width=24, tail=tail)  # 2 s -> 16 frames at 8 fps
+    assert len(result.clips) == clips
+    assert result.last_clip_frames == last_clip_frames
+    assert result.start_times == pytest.approx([i * frames / 8 for i in range(clips)])
+    assert (result.fps, result.source_fps, result.frames_per_clip, result.tail) == (8.0, 24.0, frames, tail)
+    assert result.path == files["index24"]
+    for clip in result.clips:
+        assert clip.shape == (3, frames, 16, 24) and clip.dtype == torch.float32
+        assert clip.min() >= -1 and clip.max() <= 1
+    padded = result.clips[-1][:, last_clip_frames - 1 :]
+    assert torch.equal(padded, padded[:, :1].expand_as(padded))
+
+
+@pytest.mark.parametrize(
+    ("name", "source_fps", "fps"),
+    [("index24", 24, 8), ("index24", 24, 6), ("index30", 30, 8), ("index5", 5, 8), ("index24", 24, 24)],
+    ids=["24-to-8", "24-to-6", "30-to-8", "5-to-8-upsample", "24-to-24"],
+)
+def test_sampling_picks_last_frame_at_or_before(files, name, source_fps, fps):
+    result = read_clips(files[name], frames=1, height=16, width=16, fps=fps)
+    source_frames = {"index24": 48, "index30": 30, "index5": 5}[name]
+    samples = math.ceil(Fraction(source_frames * fps, source_fps))  # every k / fps before the end of the video
+    assert sampled_indices(result) == [k * source_fps // fps for k in range(samples)]
+
+
+def test_variable_frame_rate_uses_timestamps(files):
+    times = videos.vfr_times(16)
+    result = read_clips(files["vfr"], frames=1, height=16, width=16, fps=8)
+    expected = [max(i for i, t in enumerate(times) if t <= Fraction(k, 8)) for k in range(int(times[-1] * 8) + 1)]
+    found = sampled_indices(result)
+    assert found[: len(expected)] == expected
+    assert found[len(expected) :] == [15] * (len(found) - len(expected))  # the last frame, until it ends
+    assert len(found) - len(expected) <= 1
+
+
+def test_one_frame_video(files):
+    result = read_clips(files["one"], frames=4, height=16, width=16, tail="pad")
+    assert len(result.clips) == 1 and result.last_clip_frames == 1
+    clip = result.clips[0]
+    assert torch.equal(clip, clip[:, :1].expand_as(clip))
+    with pytest.raises(VideoError, match=r"one\.mp4 has 1 frames at 8 fps, needs at least 4"):
+        read_clips(files["one"], frames=4, height=16, width=16)
+
+
+def test_too_short_for_one_chunk(files):
+    with pytest.raises(VideoError, match=r"index24\.mp4 has 16 frames at 8 fps, needs at least 17"):
+        read_clips(files["index24"], frames=17, height=16, width=16)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40), (40, 24), (97, 130)], ids=str)
+def test_odd_source_size(files, height, width):
+    result = read_clips(files["odd"], frames=2, height=height, width=width)  # source 97 x 130, FFV1
+    assert [c.shape for c in result.clips] == [(3, 2, height, width)]
+
+
+def test_resize_and_crop_keep_the_center(files):
+    # 64 x 160 left-to-right ramp: short side 64 -> 32, width 160 -> 80, center crop keeps source columns 48..111
+    clip = read_clips(files["gradient"], frames=1, height=32, width=32, fps=24).clips[0]
+    columns = clip.mean(dim=(0, 1, 2))
+    assert (columns.diff() > 0).all()
+    assert float(columns[0] + columns[-1]) / 2 == pytest.approx(0, abs=0.02)  # centered
+    ramp = torch.linspace(0, 255, 160) / 127.5 - 1
+    assert float(columns[0]) == pytest.approx(float(ramp[48:50].mean()), abs=0.03)
+    assert float(columns[-1]) == pytest.approx(float(ramp[110:112].mean()), abs=0.03)
+
+
+def test_same_size_is_decoded_frame_scaled(files):
+    clip = read_clips(files["square"], frames=2, height=64, width=64, fps=24).clips[0]
+    decoded, _ = videos.read_frames(files["square"])
+    expected = torch.from_numpy(decoded).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert torch.equal(clip, expected)
+
+
+def test_decoder_threads_do_not_change_frames(files):
+    one = read_clips(files["moving"], frames=4, height=32, width=32, threads=1)
+    three = read_clips(files["moving"], frames=4, height=32, width=32, threads=3)
+    assert all(torch.equal(a, b) for a, b in zip(one.clips, three.clips, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("missing", "no such file"),
+        ("folder", "is a directory"),
+        ("empty", "file is empty"),
+        ("garbage", "cannot open as a media file"),
+        ("truncated", "cannot open as a media file"),
+        ("scrambled", "decoding failed"),
+        ("audio", "has no video stream"),
+    ],
+)
+def test_bad_file_gives_video_error(files, name, problem):
+    with pytest.raises(VideoError, match=problem) as info:
+        read_clips(files[name], frames=4, height=16, width=16)
+    assert str(info.value).startswith(files[name])
+    if name in ("garbage", "truncated", "scrambled"):
+        assert isinstance(info.value.__cause__, av.FFmpegError)  # chained, not hidden
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"tail": "loop"}, "tail must be one of"), ({"fps": 0}, "fps must be positive"), ({"frames": 0}, ">= 1")],
+    ids=["tail", "fps", "frames"],
+)
+def test_bad_arguments(files, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        read_clips(files["moving"], **{"frames": 4, "height": 16, "width": 16, **kwargs})
+
+
+def test_iter_videos_keeps_order_and_reports_errors(files):
+    paths = [files["moving"], files["empty"], files["index24"], files["missing"], files["one"]]
+    results = list(iter_videos(paths, workers=3, prefetch=2, frames=4, height=16, width=16))
+    assert [path for path, _ in results] == paths
+    assert [type(r).__name__ for _, r in results] == ["ClipSet", "VideoError", "ClipSet", "VideoError", "VideoError"]
+    assert "empty.mp4: file is empty" in str(results[1][1])
+    assert "one.mp4 has 1 frames" in str(results[4][1])
+    direct = read_clips(files["index24"], frames=4, height=16, width=16)
+    assert all(torch.equal(a, b) for a, b in zip(results[2][1].clips, direct.clips, strict=True))
+
+
+def test_iter_videos_prefetch_is_bounded(monkeypatch):
+    started = []
+
+    def fake_read_clips(path, **kwargs):
+        started.append(path)
+        return path
+
+    monkeypatch.setattr(video, "read_clips", fake_read_clips)
+    stream = iter_videos(range(20), workers=4, prefetch=3)
+    for consumed, (path, result) in enumerate(stream, start=1):
+        assert path == result == consumed - 1
+        assert len(started) <= consumed + 3
+        if consumed == 5:
+            break
+    stream.close()
+    assert len(started) <= 8
+
+
+def test_write_video_round_trip(tmp_path):
+    images = [videos.pattern_frame("moving", i, 32, 48) for i in range(8)]
+    frames = torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, 8, 32, 48]
+    path = tmp_path / "out.mp4"
+    write_video(path, frames * 1.5, fps=8)  # values out of [-1, 1] are clamped
+    decoded, times = videos.read_frames(path)
+    assert decoded.shape == (8, 32, 48, 3)
+    assert times == pytest.approx([i / 8 for i in range(8)])
+    back = torch.from_numpy(decoded).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert psnr(back, (frames * 1.5).clamp(-1, 1)) > 30
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_write_video_pads_odd_sizes(tmp_path):
+    frames = torch.rand(3, 3, 31, 45) * 2 - 1
+    frames[..., -1, :] = 0.5
+    frames[..., :, -1] = -0.5
+    write_video(tmp_path / "odd.mp4", frames, fps=24)
+    decoded, _ = videos.read_frames(tmp_path / "odd.mp4")
+    assert decoded.shape == (3, 32, 46, 3)
+    assert abs(decoded[:, -1, 8:40].astype(float).mean() - 191) < 8  # copied bottom row (0.5 -> 191)
+    assert abs(decoded[:, 8:24, -1].astype(float).mean() - 64) < 8  # copied right column (-0.5 -> 64)
+
+
+def test_side_by_side():
+    a, b = torch.zeros(3, 2, 8, 5), torch.ones(3, 2, 8, 7)
+    both = side_by_side(a, b)
+    assert both.shape == (3, 2, 8, 12)
+    assert torch.equal(both[..., :5], a) and torch.equal(both[..., 5:], b)
+    with pytest.raises(ValueError, match="equal C, T, H"):
+        side_by_side(a, torch.ones(3, 2, 9, 5))
+
+
+def test_psnr_known_values():
+    a = torch.rand(3, 4, 16, 16) - 0.5
+    assert psnr(a, a) == math.inf
+    assert psnr(a, a + 0.1) == pytest.approx(10 * math.log10(4 / 0.01))  # 0.1 on [-1, 1] is 0.05 on [0, 1]
+    noise = torch.randn(3, 8, 64, 64) * 0.2
+    assert psnr(a.repeat(1, 2, 4, 4), a.repeat(1, 2, 4, 4) + noise) == pytest.approx(10 * math.log10(100), abs=0.05)
+
+
+def test_ssim_properties():
+    a = torch.rand(3, 2, 32, 32) * 2 - 1
+    assert ssim(a, a) == pytest.approx(1, abs=1e-12)
+    scores = [ssim(a, (a + torch.randn_like(a) * s).clamp(-1, 1)) for s in (0.05, 0.1, 0.2, 0.4)]
+    assert scores == sorted(scores, reverse=True) and scores[0] < 1
+    b = a + torch.randn_like(a) * 0.1
+    assert ssim(a, b) == pytest.approx(ssim(b, a))
+
+
+def test_ssim_of_flat_frames_is_the_luminance_term():
+    x, y = 0.25, 0.75  # [0, 1] scale; no variance, so SSIM = (2 x y + C1) / (x^2 + y^2 + C1)
+    a, b = torch.full((3, 2, 16, 16), 2 * x - 1), torch.full((3, 2, 16, 16), 2 * y - 1)
+    assert ssim(a, b) == pytest.approx((2 * x * y + 1e-4) / (x * x + y * y + 1e-4), rel=1e-9)
+
+
+def test_metric_shape_checks():
+    with pytest.raises(ValueError, match="of one shape"):
+        psnr(torch.zeros(3, 1, 16, 16), torch.zeros(3, 2, 16, 16))
+    with pytest.raises(ValueError, match="at least 11 x 11"):
+        ssim(torch.zeros(3, 1, 8, 16), torch.zeros(3, 1, 8, 16))

@@ -1,0 +1,138 @@
+"""Synthetic video files for tests, made with PyAV.
+
+Patterns (frame i of n, [H, W, 3] uint8):
+  "index"     uniform gray at level index_level(i): the frame's mean brightness encodes its index
+  "moving"    gray diagonal waves shifting by 3 pixels per frame, under a slow left-to-right tint
+  "gradient"  left-to-right ramp from 0 to 255, the same in every frame
+
+H.264 in yuv420p needs even sizes, so odd sizes go to FFV1 (lossless, any size) in Matroska.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+INDEX_STEP = 4  # gray levels between consecutive frames of the "index" pattern: robust to H.264 rounding
+VFR_TIME_BASE = Fraction(1, 1000)
+
+
+def index_level(i: int) -> int:
+    """Gray level of frame i in the "index" pattern (up to 60 frames)."""
+    return 8 + INDEX_STEP * i
+
+
+def level_to_index(mean_level: float) -> int:
+    """Inverse of index_level for a measured mean gray level in [0, 255]."""
+    return round((mean_level - 8) / INDEX_STEP)
+
+
+def pattern_frame(pattern: str, i: int, height: int, width: int) -> np.ndarray:
+    """Frame i of a pattern: [height, width, 3] uint8."""
+    if pattern == "index":
+        assert index_level(i) <= 255, f"the index pattern holds at most 62 frames, asked for frame {i}"
+        return np.full((height, width, 3), index_level(i), np.uint8)
+    if pattern == "gradient":
+        ramp = np.linspace(0, 255, width).round().astype(np.uint8)
+        return np.broadcast_to(ramp[None, :, None], (height, width, 3)).copy()
+    if pattern == "moving":
+        y, x = np.mgrid[:height, :width]
+        luma = 128 + 80 * np.sin(2 * np.pi * (x + y + 3 * i) / 16)
+        tints = [30 * np.cos(2 * np.pi * x / width + shift) for shift in (0, 2, 4)]  # slow: 4:2:0 keeps them
+        return np.stack([luma + tint for tint in tints], axis=-1).round().astype(np.uint8)
+    raise ValueError(f"unknown pattern {pattern!r}; expected 'index', 'gradient' or 'moving'")
+
+
+def vfr_times(frames: int) -> list[Fraction]:
+    """Presentation times (seconds) of a variable-frame-rate video: gaps cycle through 40, 250, 90, 125 ms."""
+    gaps = [Fraction(40, 1000), Fraction(250, 1000), Fraction(90, 1000), Fraction(125, 1000)]
+    times = [Fraction(0)]
+    for i in range(frames - 1):
+        times.append(times[-1] + gaps[i % len(gaps)])
+    return times
+
+
+def make_video(
+    path: str | Path,
+    frames: int,
+    height: int,
+    width: int,
+    fps: float = 24.0,
+    pattern: str = "moving",
+    vfr: bool = False,
+) -> Path:
+    """Write a video of `frames` pattern frames; even sizes as H.264 (mp4), odd sizes as FFV1 (use .mkv).
+
+    vfr: frame i is shown at vfr_times(frames)[i] instead of i / fps.
+    """
+    path = Path(path)
+    odd = height % 2 or width % 2
+    with av.open(str(path), "w") as container:
+        rate = Fraction(fps).limit_denominator(1001)
+        stream = container.add_stream("ffv1" if odd else "libx264", rate=rate)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv444p" if odd else "yuv420p"
+        if not odd:
+            stream.options = {"crf": "10"}
+        time_base = VFR_TIME_BASE if vfr else 1 / rate
+        stream.codec_context.time_base = time_base
+        times = vfr_times(frames) if vfr else [i / rate for i in range(frames)]
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(pattern, i, height, width), format="rgb24")
+            frame.pts, frame.time_base = int(t / time_base), time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def make_audio_only(path: str | Path, seconds: float = 0.5) -> Path:
+    """An .mkv holding only an MP2 audio stream (a 440 Hz tone)."""
+    path = Path(path)
+    rate = 44100
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mp2", rate=rate)
+        stream.layout = "mono"
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate) * 32767).astype(np.int16)
+        for start in range(0, len(tone), 1152):
+            frame = av.AudioFrame.from_ndarray(tone[None, start : start + 1152], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def make_truncated(path: str | Path, source: str | Path, keep: float = 0.4) -> Path:
+    """The first `keep` fraction of the bytes of `source` (an mp4 loses its index at the end)."""
+    data = Path(source).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+    return Path(path)
+
+
+def make_scrambled(path: str | Path, source: str | Path, start: int = 200) -> Path:
+    """`source` with random bytes from offset `start` to its middle: the container opens, decoding fails."""
+    data = bytearray(Path(source).read_bytes())
+    data[start : len(data) // 2] = np.random.default_rng(0).bytes(len(data) // 2 - start)
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
+def make_garbage(path: str | Path, size: int = 4096) -> Path:
+    """Random bytes under a video file name."""
+    Path(path).write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return Path(path)
+
+
+def make_empty(path: str | Path) -> Path:
+    """A zero-byte file."""
+    Path(path).write_bytes(b"")
+    return Path(path)
+
+
+def read_frames(path: str | Path) -> tuple[np.ndarray, list[float]]:
+    """Every frame of a video as [N, H, W, 3] uint8 RGB and each frame's time in seconds."""
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(video=0))
+    return np.stack([f.to_ndarray(format="rgb24") for f in decoded]), [float(f.time) for f in decoded]

@@ -1,0 +1,291 @@
+"""Token files: one safetensors file per video holding the codebook indices of its chunks.
+
+Tensors:
+  indices       int16   [total]       all chunks' indices concatenated (codebooks of up to 32768 entries)
+  token_counts  int32   [chunks]      tokens of each chunk
+  grids         int32   [chunks, 3]   pixel (T, H, W) of each chunk
+  offsets       int64   [chunks + 1]  start of each chunk's indices in `indices`; the last is `total`
+  start_times   float64 [chunks]      start of each chunk, seconds
+Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
+"fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int},
+"codebook_size": int}.
+
+Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
+name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+FORMAT_VERSION = 1
+METADATA_KEY = "titok_fast"
+MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
+TAIL_POLICIES = ("drop", "pad")
+TENSORS = {  # name -> (dtype, dimensions)
+    "indices": (torch.int16, 1),
+    "token_counts": (torch.int32, 1),
+    "grids": (torch.int32, 2),
+    "offsets": (torch.int64, 1),
+    "start_times": (torch.float64, 1),
+}
+FIELDS = {  # metadata field -> accepted types, as stored in JSON and held by TokenFile
+    "model_config": (dict,),
+    "weights_digest": (str,),
+    "fps": (int, float),
+    "source": (str,),
+    "codebook_size": (int,),
+}
+CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frames": (int,)}
+
+
+class TokenFileError(ValueError):
+    """A token file (or the TokenFile for one) that is unreadable or inconsistent; the message says what."""
+
+
+@dataclass(frozen=True, eq=False)
+class TokenFile:
+    """The tokens of one video; construction checks that every field is consistent.
+
+    indices: [total] int16, all chunks' indices concatenated, each in [0, codebook_size)
+    token_counts: [chunks] int32, tokens of each chunk (>= 1)
+    grids: [chunks, 3] int32, pixel (T, H, W) of each chunk (> 0)
+    start_times: [chunks] float64, start of each chunk in seconds
+    model_config: JSON-serialisable dict describing the model (tuples come back from a file as lists)
+    weights_digest: identifies the weights that produced the indices
+    fps: frame rate the video was sampled at
+    source: the source video's path
+    frames_per_chunk, tail, last_chunk_frames: the chunking policy and the real frames of the last chunk
+    codebook_size: number of codes, at most 32768
+    """
+
+    indices: torch.Tensor
+    token_counts: torch.Tensor
+    grids: torch.Tensor
+    start_times: torch.Tensor
+    model_config: dict[str, Any]
+    weights_digest: str
+    fps: float
+    source: str
+    frames_per_chunk: int
+    tail: str
+    last_chunk_frames: int
+    codebook_size: int
+
+    def __post_init__(self) -> None:
+        _check_token_file(self)
+
+    @classmethod
+    def from_chunks(
+        cls,
+        chunk_indices: Sequence[torch.Tensor],
+        grids: Sequence[Sequence[int]],
+        start_times: Sequence[float],
+        *,
+        model_config: dict[str, Any],
+        weights_digest: str,
+        fps: float,
+        source: str,
+        frames_per_chunk: int,
+        tail: str,
+        last_chunk_frames: int,
+        codebook_size: int,
+    ) -> TokenFile:
+        """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times."""
+        flat = torch.cat([i.reshape(-1).long() for i in chunk_indices] or [torch.zeros(0, dtype=torch.int64)])
+        _check_indices(flat, codebook_size)  # before narrowing to int16, which would wrap large values
+        return cls(
+            indices=flat.to(torch.int16),
+            token_counts=torch.tensor([i.numel() for i in chunk_indices], dtype=torch.int32),
+            grids=torch.tensor(list(grids), dtype=torch.int32).reshape(-1, 3),
+            start_times=torch.tensor(list(start_times), dtype=torch.float64),
+            model_config=model_config,
+            weights_digest=weights_digest,
+            fps=fps,
+            source=source,
+            frames_per_chunk=frames_per_chunk,
+            tail=tail,
+            last_chunk_frames=last_chunk_frames,
+            codebook_size=codebook_size,
+        )
+
+    @cached_property
+    def offsets(self) -> torch.Tensor:
+        """[chunks + 1] int64: chunk i's indices are indices[offsets[i]:offsets[i + 1]]."""
+        return torch.cat([torch.zeros(1, dtype=torch.int64), self.token_counts.long().cumsum(0)])
+
+    def clip_indices(self, i: int) -> torch.Tensor:
+        """Indices of chunk i: [token_counts[i]] int64."""
+        if not 0 <= i < self.token_counts.numel():
+            raise IndexError(f"chunk {i} out of range for {self.token_counts.numel()} chunks")
+        return self.indices[self.offsets[i] : self.offsets[i + 1]].long()
+
+    def all_indices(self) -> list[torch.Tensor]:
+        """Indices of every chunk: list of [token_counts[i]] int64."""
+        return list(self.indices.long().split(self.token_counts.tolist()))
+
+
+def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
+    """Write a token file atomically: a temporary file in the same folder, fsync, then rename over `path`."""
+    metadata = {
+        "version": FORMAT_VERSION,
+        **{name: getattr(token_file, name) for name in FIELDS},
+        "chunking": {name: getattr(token_file, name) for name in CHUNKING_FIELDS},
+    }
+    tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
+    """Read and validate a token file; raises TokenFileError naming the file and the first problem found."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as file:
+            header = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in TENSORS if name in file.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TokenFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        metadata = _parse_metadata(header)
+        _check_tensors(tensors)
+        return TokenFile(
+            indices=tensors["indices"],
+            token_counts=tensors["token_counts"],
+            grids=tensors["grids"],
+            start_times=tensors["start_times"],
+            **{name: metadata[name] for name in FIELDS},
+            **{name: metadata["chunking"][name] for name in CHUNKING_FIELDS},
+        )
+    except TokenFileError as exc:
+        raise TokenFileError(f"{path}: {exc}") from None
+
+
+def is_complete(path: str | os.PathLike[str], *, weights_digest: str | None = None) -> bool:
+    """Whether `path` holds a valid token file (made with `weights_digest`, if given): resumable runs skip it."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        token_file = load_tokens(path)
+    except TokenFileError:
+        return False
+    return weights_digest is None or token_file.weights_digest == weights_digest
+
+
+def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:
+    if METADATA_KEY not in header:
+        raise TokenFileError(f"metadata has no {METADATA_KEY!r} key")
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise TokenFileError(f"metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise TokenFileError(f"metadata {METADATA_KEY!r} must be a JSON object; got {type(metadata).__name__}")
+    _check_fields("metadata", metadata, {"version": (int,)})  # first: other versions may have other fields
+    if metadata["version"] != FORMAT_VERSION:
+        raise TokenFileError(f"unsupported format version {metadata['version']} (supported: {FORMAT_VERSION})")
+    _check_fields("metadata", metadata, {**FIELDS, "chunking": (dict,)})
+    _check_fields("metadata chunking", metadata["chunking"], CHUNKING_FIELDS)
+    return metadata
+
+
+def _check_fields(where: str, values: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> None:
+    for name, types in fields.items():
+        if name not in values:
+            raise TokenFileError(f"{where} is missing field {name!r}")
+        _check_type(name, values[name], types)
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in types)
+        raise TokenFileError(f"field {name!r} must be {expected}; got {type(value).__name__} {value!r}")
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """Presence, dtype and rank of every tensor, and the stored offsets against token_counts."""
+    missing = [name for name in TENSORS if name not in tensors]
+    if missing:
+        raise TokenFileError(f"missing tensors {missing}")
+    for name, tensor in tensors.items():
+        _check_tensor(name, tensor)
+    offsets, counts, indices = tensors["offsets"], tensors["token_counts"], tensors["indices"]
+    if offsets.numel() != counts.numel() + 1:
+        raise TokenFileError(f"offsets has {offsets.numel()} entries; expected chunks + 1 = {counts.numel() + 1}")
+    if offsets[0] != 0:
+        raise TokenFileError(f"offsets must start at 0; got {offsets[0].item()}")
+    if (offsets.diff() < 0).any():
+        raise TokenFileError(f"offsets must be non-decreasing; got {offsets.tolist()}")
+    if offsets[-1] != indices.numel():
+        raise TokenFileError(f"offsets must end at len(indices) = {indices.numel()}; got {offsets[-1].item()}")
+    if not torch.equal(offsets.diff(), counts.long()):
+        raise TokenFileError(f"offsets {offsets.tolist()} disagree with token_counts {counts.tolist()}")
+
+
+def _check_tensor(name: str, tensor: torch.Tensor) -> None:
+    dtype, dims = TENSORS[name]
+    if tensor.dtype != dtype or tensor.ndim != dims:
+        raise TokenFileError(f"tensor {name!r} must be {dims}-d {dtype}; got {tensor.dtype} {list(tensor.shape)}")
+
+
+def _check_indices(indices: torch.Tensor, codebook_size: int) -> None:
+    if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
+        raise TokenFileError(f"codebook_size must be in [1, {MAX_CODEBOOK_SIZE}] to fit int16; got {codebook_size}")
+    if indices.numel() and (indices.min() < 0 or indices.max() >= codebook_size):
+        found = f"[{indices.min().item()}, {indices.max().item()}]"
+        raise TokenFileError(f"indices must lie in [0, {codebook_size}); found values in {found}")
+
+
+def _check_token_file(tf: TokenFile) -> None:
+    """Every field of a TokenFile: types, dtypes, shapes, ranges and the chunking policy."""
+    for name, types in {**FIELDS, **CHUNKING_FIELDS}.items():
+        _check_type(name, getattr(tf, name), types)
+    for name in ("indices", "token_counts", "grids", "start_times"):
+        _check_tensor(name, getattr(tf, name))
+    chunks = tf.token_counts.numel()
+    if tf.grids.shape != (chunks, 3) or tf.start_times.shape != (chunks,):
+        shapes = f"grids {list(tf.grids.shape)}, start_times {list(tf.start_times.shape)}"
+        raise TokenFileError(
+            f"expected grids [{chunks}, 3] and start_times [{chunks}] for {chunks} chunks; got {shapes}"
+        )
+    if (tf.token_counts < 1).any():
+        raise TokenFileError(f"token_counts must be >= 1; got {tf.token_counts.tolist()}")
+    if tf.token_counts.long().sum() != tf.indices.numel():
+        raise TokenFileError(f"token_counts sum to {tf.token_counts.long().sum()}, indices has {tf.indices.numel()}")
+    if (tf.grids < 1).any():
+        raise TokenFileError(f"grids must be positive; got {tf.grids.tolist()}")
+    _check_indices(tf.indices, tf.codebook_size)
+    if not tf.fps > 0:
+        raise TokenFileError(f"fps must be positive; got {tf.fps}")
+    if tf.tail not in TAIL_POLICIES:
+        raise TokenFileError(f"tail must be one of {TAIL_POLICIES}; got {tf.tail!r}")
+    if not 1 <= tf.last_chunk_frames <= tf.frames_per_chunk:
+        raise TokenFileError(
+            f"last_chunk_frames must be in [1, frames_per_chunk = {tf.frames_per_chunk}]; got {tf.last_chunk_frames}"
+        )

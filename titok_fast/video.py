@@ -1,0 +1,292 @@
+"""Video files in and out: clips for the tokenizer, reconstructions to mp4, and PSNR / SSIM.
+
+Reading follows the upstream notebook (SPEC section 8). The decoded stream is resampled to a target fps by
+presentation time: output frame k is the last source frame shown at or before k / fps seconds after the first
+frame, for every k / fps before the end of the last frame (its time plus its duration), so variable frame rate
+works. Each sampled frame is resized as uint8 (like torchvision's Resize on a uint8 tensor) with antialiased
+bicubic so its short side is max(H, W), center-cropped to (H, W), and scaled to [-1, 1]. The resampled stream
+is cut into consecutive clips of T frames; a shorter tail is dropped or padded by repeating its last frame.
+
+Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import torch
+import torch.nn.functional as F
+
+TAIL_POLICIES = ("drop", "pad")
+
+
+class VideoError(ValueError):
+    """A file that cannot be read as clips; the message names the file and what was wrong."""
+
+
+@dataclass(frozen=True)
+class ClipSet:
+    """The clips of one video.
+
+    clips: consecutive chunks of the resampled stream, each [3, T, H, W] float32 in [-1, 1]
+    start_times: start of each clip, seconds after the first video frame
+    source_fps: the source's average frame rate as the container reports it (0.0 if unknown)
+    fps: the frame rate the stream was resampled to
+    frames_per_clip: T
+    last_clip_frames: real frames in the last clip; fewer than T only when tail == "pad"
+    tail: "drop" or "pad", what was done with a tail shorter than T
+    path: the source file
+    """
+
+    path: str
+    clips: list[torch.Tensor]
+    start_times: list[float]
+    source_fps: float
+    fps: float
+    frames_per_clip: int
+    last_clip_frames: int
+    tail: str
+
+
+def read_clips(
+    path: str | os.PathLike[str],
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    fps: float = 8.0,
+    tail: str = "drop",
+    threads: int = 1,
+) -> ClipSet:
+    """Decode a video into clips of `frames` frames at `fps`, each [3, frames, height, width] float32 in [-1, 1].
+
+    tail="drop" drops a last chunk shorter than `frames` (a video shorter than one chunk is a VideoError);
+    tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame threading.
+    Raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file.
+    """
+    if min(frames, height, width, threads) < 1:
+        raise ValueError(f"frames, height, width and threads must be >= 1; got {frames}, {height}, {width}, {threads}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive; got {fps}")
+    if tail not in TAIL_POLICIES:
+        raise ValueError(f"tail must be one of {TAIL_POLICIES}; got {tail!r}")
+    path = os.fspath(path)
+    clips: list[torch.Tensor] = []
+    chunk: list[torch.Tensor] = []
+    with _open(path) as container:
+        if not container.streams.video:
+            raise VideoError(f"{path}: has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "FRAME"
+        stream.thread_count = threads
+        source_fps = float(stream.average_rate or 0)
+        try:
+            for image in _resample(path, container.decode(stream), fps, height, width):
+                chunk.append(image)
+                if len(chunk) == frames:
+                    clips.append(torch.stack(chunk, dim=1))
+                    chunk = []
+        except av.FFmpegError as exc:
+            raise VideoError(f"{path}: decoding failed ({exc})") from exc
+    sampled = len(clips) * frames + len(chunk)
+    if sampled == 0:
+        raise VideoError(f"{path}: no decodable video frames")
+    if sampled < frames and tail == "drop":
+        raise VideoError(f"{path} has {sampled} frames at {fps:g} fps, needs at least {frames} (or tail='pad')")
+    last_clip_frames = frames
+    if chunk and tail == "pad":
+        last_clip_frames = len(chunk)
+        clips.append(torch.stack(chunk + chunk[-1:] * (frames - len(chunk)), dim=1))
+    return ClipSet(
+        path=path,
+        clips=clips,
+        start_times=[i * frames / fps for i in range(len(clips))],
+        source_fps=source_fps,
+        fps=fps,
+        frames_per_clip=frames,
+        last_clip_frames=last_clip_frames,
+        tail=tail,
+    )
+
+
+def iter_videos(
+    paths: Iterable[str | os.PathLike[str]], *, workers: int, prefetch: int, **read_kwargs
+) -> Iterator[tuple[str | os.PathLike[str], ClipSet | VideoError]]:
+    """Read many videos with `workers` threads, ahead of the consumer; yield (path, ClipSet or VideoError) in order.
+
+    At most `prefetch` videos are decoding or decoded but not yet yielded. A VideoError is yielded as that file's
+    result and the others go on. `read_kwargs` go to read_clips.
+    """
+    if workers < 1 or prefetch < 1:
+        raise ValueError(f"workers and prefetch must be >= 1; got {workers} and {prefetch}")
+    remaining = iter(paths)
+    pending: deque[tuple[str | os.PathLike[str], Future]] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="titok-video")
+    try:
+        while True:
+            for path in remaining:
+                pending.append((path, pool.submit(_read_or_error, path, read_kwargs)))
+                if len(pending) >= prefetch:
+                    break
+            if not pending:
+                return
+            path, future = pending.popleft()
+            yield path, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_video(path: str | os.PathLike[str], frames: torch.Tensor, fps: float, *, crf: int = 18) -> None:
+    """Write frames [3, T, H, W] in [-1, 1] (clamped) as an H.264 mp4 (libx264, yuv420p, quality `crf`), atomically.
+
+    yuv420p needs even sizes, so an odd H or W gains one row or column copied from the last one: the file is
+    (H + H % 2) x (W + W % 2). The video goes to a temporary file in the same folder, renamed over `path` when done.
+    """
+    if frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] == 0:
+        raise ValueError(f"frames must be [3, T, H, W] with T >= 1; got shape {list(frames.shape)}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive; got {fps}")
+    height, width = frames.shape[-2:]
+    levels = (frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+    levels = F.pad(levels, (0, width % 2, 0, height % 2), mode="replicate")
+    images = levels.round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # [T, H', W', 3]
+    path = os.fspath(path)
+    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex}")
+    try:
+        with av.open(temporary, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = images.shape[2], images.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for image in images:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode())
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def side_by_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two videos [3, T, H, Wa] and [3, T, H, Wb] next to each other: [3, T, H, Wa + Wb]."""
+    if a.ndim != 4 or a.shape[:3] != b.shape[:3]:
+        raise ValueError(f"videos must be [3, T, H, W] with equal C, T, H; got {list(a.shape)} and {list(b.shape)}")
+    return torch.cat([a, b], dim=-1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos [3, T, H, W] in [-1, 1], measured on the [0, 1] scale (data range 1).
+
+    Computed from the mean squared error over all pixels, channels and frames; inf for identical videos.
+    """
+    _check_pair(a, b)
+    mse = ((a.double() - b.double()) / 2).square().mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM of two videos [3, T, H, W] in [-1, 1] (Wang et al. 2004), frames at least 11 x 11.
+
+    Per frame and per RGB channel on the [0, 1] scale: 11 x 11 Gaussian window with sigma 1.5, K1 = 0.01,
+    K2 = 0.03, only windows that fit inside the frame; averaged over positions, channels and then frames.
+    """
+    _check_pair(a, b)
+    if min(a.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs frames of at least 11 x 11; got {list(a.shape[-2:])}")
+    x, y = ((v.double().transpose(0, 1) + 1) / 2 for v in (a, b))  # [T, 3, H, W]
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+
+    def blur(v: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(v, window, groups=3)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.mean().item()
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 4 or a.shape[0] != 3:
+        raise ValueError(f"videos must both be [3, T, H, W] of one shape; got {list(a.shape)} and {list(b.shape)}")
+
+
+def _open(path: str) -> av.container.InputContainer:
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise VideoError(f"{path}: is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: file is empty")
+    try:
+        return av.open(path)
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoError(f"{path}: cannot open as a media file ({exc})") from exc
+
+
+def _read_or_error(path: str | os.PathLike[str], read_kwargs: dict) -> ClipSet | VideoError:
+    try:
+        return read_clips(path, **read_kwargs)
+    except VideoError as exc:
+        return exc
+
+
+def _resample(
+    path: str, decoded: Iterable[av.VideoFrame], fps: float, height: int, width: int
+) -> Iterator[torch.Tensor]:
+    """Frame k of the output, [3, height, width], is the last decoded frame at or before k / fps (see the header).
+
+    Times are exact fractions of seconds after the first frame; a frame whose time does not advance is skipped.
+    """
+    rate = Fraction(fps)
+    emitted = 0  # output frames so far; output frame k is due at k / rate
+    first = held = held_time = None
+    for frame in decoded:
+        if frame.pts is None:
+            raise VideoError(f"{path}: a video frame has no presentation timestamp")
+        first = frame.pts * frame.time_base if first is None else first
+        time = frame.pts * frame.time_base - first
+        if held is not None:
+            if time <= held_time:
+                continue
+            stop = math.ceil(time * rate)  # output frames due before `time` show the held frame
+            yield from _repeat(held, stop - emitted, height, width)
+            emitted = stop
+        held, held_time = frame, time
+    if held is not None:
+        # the last frame shows until its end, or only at its own time when its duration is unknown
+        end = held_time + (held.duration or 0) * held.time_base
+        stop = max(math.ceil(end * rate), math.floor(held_time * rate) + 1)
+        yield from _repeat(held, stop - emitted, height, width)
+
+
+def _repeat(frame: av.VideoFrame, count: int, height: int, width: int) -> Iterator[torch.Tensor]:
+    if count > 0:
+        image = _clip_frame(frame, height, width)
+        for _ in range(count):
+            yield image
+
+
+def _clip_frame(frame: av.VideoFrame, height: int, width: int) -> torch.Tensor:
+    """A decoded frame resized (short side to max(height, width)), center-cropped, in [-1, 1]: [3, height, width]."""
+    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # [3, h, w] uint8, channels last
+    h, w = rgb.shape[-2:]
+    side = max(height, width)
+    size = (side, max(side, round(w * side / h))) if h <= w else (max(side, round(h * side / w)), side)
+    if size != (h, w):
+        # on uint8 the result is rounded and clamped to [0, 255], and this CPU kernel is ~15x the float32 one
+        rgb = F.interpolate(rgb[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return rgb[:, top : top + height, left : left + width].float() / 127.5 - 1
