@@ -9,17 +9,11 @@ from titok_fast.layers import perturb_norms
 from titok_fast.reference import ReferenceTiTok
 
 
-def make_model(config: str = "tiny", backend: str = "torch", seed: int = 0, sharpen: float = 3.0) -> TiTok:
-    """Random weights, perturbed LayerNorm affines, and q/k norm gains scaled by ``sharpen``: sharper attention
-    makes the latent tokens differ from each other (with flat attention random models emit a handful of codes)."""
+def make_model(config: str = "tiny", backend: str = "torch", seed: int = 0) -> TiTok:
+    """Random weights with perturbed LayerNorm affines and sharpened attention (see ``perturb_norms``)."""
     torch.manual_seed(seed)
     model = TiTok(config, backend=backend).eval()
     perturb_norms(model)
-    with torch.no_grad():
-        for layers in (model.encoder.model_layers, model.decoder.model_layers):
-            for attn in layers.attn_layer:
-                attn.q_norm.weight.mul_(sharpen)
-                attn.k_norm.weight.mul_(sharpen)
     return model
 
 

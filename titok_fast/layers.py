@@ -74,10 +74,17 @@ class DecoderParams(nn.Module):
         self.proj_out = nn.Linear(size.width, config.patch_dim)
 
 
-def perturb_norms(module: nn.Module, scale: float = 0.3, generator: torch.Generator | None = None) -> None:
-    """Give every LayerNorm a random, non-trivial affine so tests and demos exercise it."""
+def perturb_norms(module: nn.Module, scale: float = 0.3, sharpen: float = 3.0) -> None:
+    """Make random weights exercise everything, for tests, benchmarks and demos.
+
+    Every LayerNorm gets a random, non-trivial affine, and the q/k norm gains are multiplied by ``sharpen``:
+    with the flat attention of random weights every latent token would emit one of a handful of codes.
+    """
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(1 + scale * torch.randn(m.weight.shape, generator=generator))
-                m.bias.copy_(scale * torch.randn(m.bias.shape, generator=generator))
+                m.weight.copy_(1 + scale * torch.randn(m.weight.shape))
+                m.bias.copy_(scale * torch.randn(m.bias.shape))
+            if isinstance(m, Attention):
+                m.q_norm.weight.mul_(sharpen)
+                m.k_norm.weight.mul_(sharpen)
