@@ -1,0 +1,55 @@
+"""bf16 parity: how many tokens keep the float32 oracle's index when run in bfloat16.
+
+The oracle's own bf16 run (upstream's bf16 behaviour) is the noise floor; a backend should match it.
+Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from titok_fast import TiTok
+from titok_fast.layers import perturb_norms
+
+CLIPS = {
+    "tiny": ([(12, 160, 160), (8, 128, 96), (12, 64, 64), (4, 160, 128)], [256, 128, 384, 64]),
+    "v1": ([(8, 64, 64), (12, 64, 96), (4, 128, 64)], [128, 256, 96]),
+}
+
+
+def agreement(model: TiTok, videos: list, counts: list, truth: torch.Tensor) -> float:
+    _, out = model.encode(videos, counts)
+    return (torch.cat(out["indices"]).cpu() == truth).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny", choices=sorted(CLIPS))
+    parser.add_argument("--backends", nargs="+", default=["torch"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    shapes, counts = CLIPS[args.config]
+    totals: dict[str, list[float]] = {}
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        model = TiTok(args.config, backend="reference").eval()
+        perturb_norms(model)
+        g = torch.Generator().manual_seed(100 + seed)
+        videos = [torch.rand((3, *s), generator=g) * 2 - 1 for s in shapes]
+        _, out = model.encode(videos, counts)
+        truth = torch.cat(out["indices"])
+        model = model.to(args.device, torch.bfloat16)
+        for backend in ["reference", *args.backends]:
+            model.backend = backend
+            totals.setdefault(backend, []).append(agreement(model, videos, counts, truth))
+    tokens = sum(counts) * args.seeds
+    for backend, values in totals.items():
+        mean = sum(values) / len(values)
+        print(f"| {args.config} | {backend} | bf16 | {100 * mean:.2f}% of {tokens} tokens equal the fp32 oracle |")
+
+
+if __name__ == "__main__":
+    main()
