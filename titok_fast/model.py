@@ -18,15 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fsq import FsqConstants, fsq_indices_to_codes_ref, fsq_quantize_ref
+from kernels.mrope_attention import pair_axis
 
 from . import reference
 from .checks import check_codes, check_grids, check_indices, check_token_counts, check_videos
 from .config import HEAD_DIM, TiTokConfig
 from .layers import Attention, DecoderParams, EncoderParams, Layers
-from .packing import Packing, PackingCache
+from .packing import Packing, PackingCache, StaticBatch
 from .reference import patch_grid, patchify, unpatchify
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+PAIR_AXIS = pair_axis().tolist()  # position axis of each rotary pair, a constant index for compiled graphs
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -35,6 +37,12 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x0, x1 = pairs[..., 0], pairs[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+def attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """Half precision on the CPU attends in float32, like the oracle: the CPU kernel's bf16 path cost 0.2 points
+    of bf16 index parity in our runs (benchmarks/bf16_parity.py)."""
+    return torch.float32 if q.device.type == "cpu" else q.dtype
 
 
 class TiTok(nn.Module):
@@ -153,6 +161,11 @@ class TiTok(nn.Module):
         x[pack.latent_rows] = enc.mask_token.expand(pack.num_tokens, -1)
         x[pack.patch_rows] = enc.proj_in(patches)
         x = self._run_layers(enc.model_layers, x, pack, queries="latent")
+        return self._encoder_head(x)
+
+    def _encoder_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent rows [N, W] -> ln_post, proj_out, FSQ -> (codes [N, D] model dtype, indices int32 [N])."""
+        enc = self.encoder
         if self._active_backend() == "triton":
             from kernels.fsq import fsq_encoder_head
 
@@ -189,6 +202,24 @@ class TiTok(nn.Module):
                 mask_row = dec.ln_pre(dec.mask_token)[0]
             self._decoder_table = (key, table, mask_row)
         return self._decoder_table[1], self._decoder_table[2]
+
+    def encode_static(self, patch_rows: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed-shape encode for the engine: patch_rows [rows, 768] (zeros on latent and padding rows) ->
+        (codes [rows, D], indices int32 [rows]); only latent rows are meaningful. Every layer runs on every row,
+        so shapes never depend on the batch contents (torch.compile, CUDA graphs)."""
+        enc = self.encoder
+        x = torch.where(batch.is_latent[:, None], enc.mask_token, enc.proj_in(patch_rows))
+        x = self._run_layers(enc.model_layers, x, batch, queries="all")
+        return self._encoder_head(x)
+
+    def decode_static(
+        self, indices: torch.Tensor, batch: StaticBatch, table: torch.Tensor, mask_row: torch.Tensor
+    ) -> torch.Tensor:
+        """Fixed-shape decode for the engine: indices [rows] (any valid index on non-latent rows) and
+        ``decoder_table()`` -> output rows [rows, 768]; only patch rows are meaningful."""
+        x = torch.where(batch.is_latent[:, None], table[indices.long()], mask_row)
+        x = self._run_layers(self.decoder.model_layers, x, batch, queries="all")
+        return self.decoder.proj_out(x)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _decode_indices_packed(self, indices: torch.Tensor, pack: Packing, shapes: list) -> list[torch.Tensor]:
@@ -252,21 +283,23 @@ class TiTok(nn.Module):
             raise ValueError(f"token_counts {list(token_counts)} do not match the index lengths {counts}")
         return torch.cat([i.long() for i in indices]), counts
 
-    def _run_layers(self, layers: Layers, x: torch.Tensor, pack: Packing, queries: str) -> torch.Tensor:
+    def _run_layers(self, layers: Layers, x: torch.Tensor, pack: Packing | StaticBatch, queries: str) -> torch.Tensor:
         """All layers; the last one only for the ``queries`` rows (``"latent"`` or ``"patch"``), returned compact."""
         n = len(layers.attn_layer)
         for i, (attn, ffn) in enumerate(zip(layers.attn_layer, layers.ffd_layer, strict=True)):
             last = i == n - 1
             out = self._attention(attn, x, pack, queries if last else "all")
-            if last:
+            if last and queries != "all":
                 x = x[pack.latent_rows if queries == "latent" else pack.patch_rows]
             x = x + out
             x = x + ffn(x)
         return x
 
-    def _attention(self, attn: Attention, x: torch.Tensor, pack: Packing, queries: str) -> torch.Tensor:
+    def _attention(self, attn: Attention, x: torch.Tensor, pack: Packing | StaticBatch, queries: str) -> torch.Tensor:
         qkv = attn.to_qkv(attn.pre_ln(x))
-        if self._active_backend() == "triton":
+        if isinstance(pack, StaticBatch):
+            out = self._attention_static(attn, qkv, pack)
+        elif self._active_backend() == "triton":
             out = self._attention_triton(attn, qkv, pack, queries)
         else:
             out = self._attention_torch(attn, qkv, pack, queries)
@@ -289,13 +322,37 @@ class TiTok(nn.Module):
             pack.cu_seqlens, pack.positions, cos, sin, attn.q_heads, attn.kv_heads, inplace=True, **subset,
         )  # fmt: skip
 
-    def _attention_torch(self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str) -> torch.Tensor:
+    def _attention_static(self, attn: Attention, qkv: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
+        """Every row a query; sequences from the device-side ``cu_seqlens`` (no host reads)."""
+        if self._active_backend() == "triton":
+            from kernels.mrope_attention import mrope_attention
+
+            return mrope_attention(
+                qkv, attn.q_norm.weight, attn.q_norm.bias, attn.k_norm.weight, attn.k_norm.bias,
+                batch.cu_seqlens, batch.positions, batch.cos, batch.sin, attn.q_heads, attn.kv_heads, inplace=True,
+            )  # fmt: skip
+        index = batch.positions[:, PAIR_AXIS].long()
+        cos, sin = batch.cos.gather(0, index), batch.sin.gather(0, index)
+        q, k, v = self._split_heads(attn, qkv)
+        q, k = rotate_pairs(attn.q_norm(q), cos, sin), rotate_pairs(attn.k_norm(k), cos, sin)
+        seg = batch.segment_ids()
+        work = attention_dtype(q)
+        q, k, v = (t[None].transpose(1, 2).to(work) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg[:, None] == seg[None, :], enable_gqa=True)
+        return out[0].transpose(0, 1).flatten(1).to(qkv.dtype)
+
+    @staticmethod
+    def _split_heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [rows, (Hq + 2 Hkv) * 64] -> views q [rows, Hq, 64], k and v [rows, Hkv, 64]."""
         hq, hkv = attn.q_heads, attn.kv_heads
-        rows = qkv.shape[0]
+        q = qkv[:, : hq * HEAD_DIM].unflatten(1, (hq, HEAD_DIM))
+        k = qkv[:, hq * HEAD_DIM : (hq + hkv) * HEAD_DIM].unflatten(1, (hkv, HEAD_DIM))
+        v = qkv[:, (hq + hkv) * HEAD_DIM :].unflatten(1, (hkv, HEAD_DIM))
+        return q, k, v
+
+    def _attention_torch(self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str) -> torch.Tensor:
         cos, sin = self._packings.row_rotations(pack, self.device)
-        q = qkv[:, : hq * HEAD_DIM].view(rows, hq, HEAD_DIM)
-        k = qkv[:, hq * HEAD_DIM : (hq + hkv) * HEAD_DIM].view(rows, hkv, HEAD_DIM)
-        v = qkv[:, (hq + hkv) * HEAD_DIM :].view(rows, hkv, HEAD_DIM)
+        q, k, v = self._split_heads(attn, qkv)
         q_bounds = pack.seq_bounds
         if queries != "all":
             q_rows = pack.latent_rows if queries == "latent" else pack.patch_rows
@@ -303,14 +360,9 @@ class TiTok(nn.Module):
             q_bounds = pack.token_bounds if queries == "latent" else pack.patch_bounds
         else:
             cos_q, sin_q = cos, sin
-        q = rotate_pairs(
-            F.layer_norm(q, (HEAD_DIM,), attn.q_norm.weight, attn.q_norm.bias, attn.q_norm.eps), cos_q, sin_q
-        )
-        k = rotate_pairs(F.layer_norm(k, (HEAD_DIM,), attn.k_norm.weight, attn.k_norm.bias, attn.k_norm.eps), cos, sin)
+        q, k = rotate_pairs(attn.q_norm(q), cos_q, sin_q), rotate_pairs(attn.k_norm(k), cos, sin)
         out = q.new_empty(q.shape)
-        # half precision on the CPU attends in float32, like the oracle: bf16 SDPA there cost 0.2 points of bf16
-        # index parity in our runs (benchmarks/bf16_parity.py)
-        work = torch.float32 if q.device.type == "cpu" else q.dtype
+        work = attention_dtype(q)
         for (qs, qe), (ks, ke) in zip(q_bounds, pack.seq_bounds, strict=True):
             # 4-D inputs: the CPU flash kernel takes them; 3-D ones fall back to the math path (3x slower)
             q_i, k_i, v_i = (

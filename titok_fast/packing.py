@@ -113,8 +113,32 @@ class PackingCache:
         key = ("rows", pack.token_counts, pack.grids, str(device))
         if key not in self._packings:
             cos, sin = self.tables(pack.max_position, device)
-            index = pack.positions[:, pair_axis().to(device)].long()
+            index = pack.positions[:, pair_axis().to(device)].long()  # [rows, 32]: each pair's own axis position
             self._packings[key] = (cos.gather(0, index), sin.gather(0, index))
             if len(self._packings) > self.capacity:
                 self._packings.popitem(last=False)
         return self._packings[key]
+
+
+@dataclass(frozen=True)
+class StaticBatch:
+    """A packed batch in fixed-size buffers (one shape per token budget, refilled per batch).
+
+    Rows past ``cu_seqlens[-1]`` are padding; unused sequence slots repeat the last boundary (length 0). Every
+    tensor lives on the model's device, so a compiled graph or a CUDA graph can be replayed with new contents.
+    """
+
+    cu_seqlens: torch.Tensor  # int32 [max_seqs + 1]
+    positions: torch.Tensor  # int32 [rows, 3]
+    is_latent: torch.Tensor  # bool [rows]
+    cos: torch.Tensor  # float32 [P >= rows, 32]
+    sin: torch.Tensor  # float32 [P >= rows, 32]
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[0]
+
+    def segment_ids(self) -> torch.Tensor:
+        """int64 [rows]: the sequence of every row; padding rows form one extra segment after the last."""
+        rows = torch.arange(self.rows, device=self.cu_seqlens.device, dtype=torch.int32)
+        return torch.searchsorted(self.cu_seqlens[1:], rows, right=True)

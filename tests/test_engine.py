@@ -1,0 +1,135 @@
+"""The engine against the model, clip by clip, in every mode the machine can run."""
+
+import random
+
+import pytest
+import torch
+
+from titok_fast.engine import Engine, pick_budget, plan_batches
+
+from helpers import make_model, random_videos, rel_l2
+
+SHAPES = [(4, 16, 16), (8, 32, 24), (4, 8, 8), (12, 16, 32), (4, 24, 24), (8, 16, 16), (4, 8, 16)]
+COUNTS = [5, 16, 1, 30, 9, 12, 3]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    videos = random_videos(SHAPES)
+    codes, out = model.encode(videos, COUNTS)
+    return videos, codes, out["indices"], model.decode_indices(out["indices"], SHAPES)
+
+
+def shuffled(seed: int = 0) -> list[int]:
+    order = list(range(len(SHAPES)))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def test_plan_keeps_every_clip_once_in_order_within_budget():
+    rng = random.Random(1)
+    rows = [rng.randint(2, 900) for _ in range(200)]
+    batches = plan_batches(rows, budgets=(512, 1024), max_clips=7)
+    assert [i for b in batches for i in b] == list(range(200))
+    assert all(sum(rows[i] for i in b) <= 1024 and len(b) <= 7 for b in batches)
+    for a, b in zip(batches, batches[1:], strict=False):  # greedy: the next clip did not fit (or the batch was full)
+        assert sum(rows[i] for i in a) + rows[b[0]] > 1024 or len(a) == 7
+    assert pick_budget(600, (512, 1024, 2048)) == 1024
+    with pytest.raises(ValueError, match=r"clip 1 needs 2000 packed rows \(tokens \+ patches\); the largest budget is 1024"):  # noqa: E501
+        plan_batches([10, 2000], budgets=(1024,), max_clips=4)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_engine_equals_model_clip_by_clip(model, expected, mode):
+    videos, codes, indices, recon = expected
+    engine = Engine(model, mode=mode, budgets=(256, 512), max_clips=3)
+    order = shuffled()
+    got_codes, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
+    for pos, i in enumerate(order):
+        assert torch.equal(got["indices"][pos], indices[i]), f"clip {i}"
+    starts = [sum(COUNTS[:i]) for i in range(len(COUNTS))]
+    assert torch.equal(got_codes, torch.cat([codes[starts[i] : starts[i] + COUNTS[i]] for i in order]))
+    got_recon = engine.decode_indices([indices[i] for i in order], [SHAPES[i] for i in order])
+    for pos, i in enumerate(order):
+        assert got_recon[pos].shape == recon[i].shape
+        assert rel_l2(got_recon[pos], recon[i]) <= 1e-5, f"clip {i}"
+    if mode == "compile":  # one graph per (stage, budget) seen, whatever the batch contents
+        compiled = engine.compiles
+        engine.encode([videos[i] for i in order[::-1]], [COUNTS[i] for i in order[::-1]])
+        engine.decode_indices([indices[i] for i in order[::-1]], [SHAPES[i] for i in order[::-1]])
+        assert engine.compiles == compiled <= 4
+
+
+def test_padding_never_changes_a_clip(model, expected):
+    videos, _, indices, recon = expected
+    engine = Engine(model, mode="compile", budgets=(512,), max_clips=8)
+    for i in (2, 3):  # alone in a 512-row buffer, mostly padding
+        _, out = engine.encode([videos[i]], [COUNTS[i]])
+        assert torch.equal(out["indices"][0], indices[i])
+        assert rel_l2(engine.decode_indices([indices[i]], [SHAPES[i]])[0], recon[i]) <= 1e-5
+
+
+def test_stream_yields_keys_in_input_order(model, expected):
+    videos, _, indices, _ = expected
+    engine = Engine(model, budgets=(128, 256), max_clips=2)
+    items = [(f"clip-{i}", videos[i], COUNTS[i]) for i in range(len(SHAPES))]
+    results = list(engine.encode_stream(iter(items)))
+    assert [k for k, _ in results] == [k for k, _, _ in items]
+    assert all(torch.equal(idx, indices[i]) for i, (_, (_, idx)) in enumerate(results))
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(model, expected, monkeypatch):
+    videos, _, indices, _ = expected
+    engine = Engine(model, budgets=(1024,), max_clips=8)
+    real_encode, calls = model.encode, []
+
+    def encode_with_small_memory(vs, counts):
+        calls.append(len(vs))
+        if len(vs) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real_encode(vs, counts)
+
+    monkeypatch.setattr(model, "encode", encode_with_small_memory)
+    _, out = engine.encode(videos, COUNTS)
+    assert all(torch.equal(a, b) for a, b in zip(out["indices"], indices, strict=True))
+    assert max(calls) > 2 and calls.count(1) + calls.count(2) >= 4
+
+    monkeypatch.setattr(model, "encode", lambda vs, counts: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(RuntimeError, match="out of memory on clip 0 alone"):
+        engine.encode(videos[:1], COUNTS[:1])
+
+
+def test_engine_rejects_bad_settings_and_clips(model):
+    with pytest.raises(ValueError, match="mode 'fast' is not one of"):
+        Engine(model, mode="fast")
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        Engine(model, mode="cudagraph")
+    with pytest.raises(ValueError, match="budgets must be integers"):
+        Engine(model, budgets=())
+    engine = Engine(model, budgets=(64,))
+    with pytest.raises(ValueError, match=r"clip 0 needs 72 packed rows .*; the largest budget is 64"):
+        engine.encode(random_videos([(4, 32, 16)]), [64])
+    with pytest.raises(ValueError, match="video 0 has shape"):
+        engine.encode([torch.zeros(3, 5, 8, 8)], [1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "cudagraph"])
+def test_cuda_engine_equals_model(mode):
+    model = make_model("tiny").cuda()
+    videos = [v.cuda() for v in random_videos(SHAPES)]
+    _, out = model.encode(videos, COUNTS)
+    recon = model.decode_indices(out["indices"], SHAPES)
+    engine = Engine(model, mode=mode, budgets=(256, 512), max_clips=3)
+    for order in (shuffled(0), shuffled(1)):  # the second pass replays graphs with new contents
+        _, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
+        assert all(torch.equal(got["indices"][p], out["indices"][i]) for p, i in enumerate(order))
+        got_recon = engine.decode_indices([out["indices"][i] for i in order], [SHAPES[i] for i in order])
+        assert all(rel_l2(got_recon[p], recon[i]) <= 1e-4 for p, i in enumerate(order))
+    if mode == "cudagraph":
+        assert engine.compiles <= 4
