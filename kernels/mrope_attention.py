@@ -1,4 +1,16 @@
-"""Fused q/k LayerNorm + M-RoPE + variable-length grouped-query attention.
+"""Fused q/k LayerNorm + M-RoPE + variable-length grouped-query attention (SPEC 5-6).
+
+Fused: per-head LayerNorm of q and k, their M-RoPE rotation, and non-causal softmax attention within each
+packed sequence (scale 1/8, grouped-query heads), written head-major as ``[rows, Hq * 64]`` for ``out_proj``.
+Two launches: ``_qk_norm_rope_kernel`` normalises and rotates every q and k head once, then
+``_attention_kernel`` (FlashAttention-2 style, fp32 online softmax in base 2) runs one program per block of
+query rows and KV head, with the ``G = Hq / Hkv`` query heads of that KV head stacked along the M dimension of
+one ``tl.dot`` so that each K/V tile load serves the whole group.
+
+Limits: head_dim 64; bf16/fp16 (fp32 works too: exact-fp32 dots, slow) on CUDA, fp32/fp16 under
+TRITON_INTERPRET=1; ``Hq % Hkv == 0`` with ``Hq / Hkv <= 64``; any number of sequences of any length (the
+grid comes from host ints only, never from reading ``cu_seqlens``); ``qkv`` may have more rows than
+``cu_seqlens[-1]`` (a fixed token budget): those rows are never read as queries or keys.
 
 Host-side helpers (importable without a GPU):
 - ``mrope_tables``: cos/sin of every (position, rotary pair), computed in float64, stored float32.
@@ -11,6 +23,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import triton
+import triton.language as tl
+
+from kernels._common import _find_segment
 
 HEAD_DIM = 64
 AXIS_PAIRS = (12, 10, 10)  # rotary pairs driven by the t, h and w position (axis dims 24, 20, 20)
@@ -57,3 +73,381 @@ def packed_positions(
         ).reshape(-1, 3)
         parts += [latent, grid + n]
     return torch.cat(parts).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _norm_rotate_head(
+    p_in, p_out, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS: tl.constexpr
+):
+    """LayerNorm one head's 64 values of ROWS rows (fp32, rounded to the storage dtype as upstream does), then
+    rotate the adjacent pairs (x[2p] + i x[2p+1]) * (cos + i sin) in fp32 and store in the storage dtype.
+
+    p_in/p_out: pointers to column 0 of the head in row 0; b_w/b_b: fp32 [64]; b_cos/b_sin: fp32 [ROWS, 32].
+    """
+    o_d = tl.arange(0, 64)
+    b_x = tl.load(p_in + o_r[:, None] * stride_in + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    mean = tl.sum(b_x, 1) / 64
+    b_xc = b_x - mean[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc, 1) / 64 + eps)
+    b_y = b_xc * rstd[:, None] * b_w[None, :] + b_b[None, :]
+    b_y = b_y.to(p_out.dtype.element_ty).to(tl.float32)
+    b_even, b_odd = tl.split(tl.reshape(b_y, (ROWS, 32, 2)))
+    b_rot = tl.join(b_even * b_cos - b_odd * b_sin, b_even * b_sin + b_odd * b_cos)
+    b_rot = tl.reshape(b_rot, (ROWS, 64))
+    tl.store(p_out + o_r[:, None] * stride_out + o_d[None, :], b_rot.to(p_out.dtype.element_ty), mask=m_r[:, None])
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr,  # [R, (Hq + 2 Hkv) * 64], row stride stride_in, last dim contiguous
+    qk_ptr,  # [R, (Hq + Hkv) * 64] output (may be qkv_ptr itself), row stride stride_out
+    q_w_ptr, q_b_ptr, k_w_ptr, k_b_ptr,  # [64] each
+    pos_ptr,  # int32 [R, 3], row stride stride_pos
+    cos_ptr, sin_ptr,  # fp32 [P, 32] contiguous
+    cu_seqlens_ptr,  # int32 [B + 1]
+    num_rows, num_seqs, num_q_heads, num_kv_heads, stride_in, stride_out, stride_pos, eps,
+    ROWS: tl.constexpr,
+):
+    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    m_r = (o_r < num_rows) & (o_r < tl.load(cu_seqlens_ptr + num_seqs))
+    o_r = o_r.to(tl.int64)
+    # pair p is driven by axis 0 (t) for p < 12, 1 (h) for p < 22, else 2 (w)
+    o_p = tl.arange(0, 32)
+    o_axis = (o_p >= 12).to(tl.int32) + (o_p >= 22).to(tl.int32)
+    b_pos = tl.load(pos_ptr + o_r[:, None] * stride_pos + o_axis[None, :], mask=m_r[:, None], other=0)
+    b_cos = tl.load(cos_ptr + b_pos * 32 + o_p[None, :], mask=m_r[:, None], other=0.0)
+    b_sin = tl.load(sin_ptr + b_pos * 32 + o_p[None, :], mask=m_r[:, None], other=0.0)
+
+    o_d = tl.arange(0, 64)
+    b_w = tl.load(q_w_ptr + o_d).to(tl.float32)
+    b_b = tl.load(q_b_ptr + o_d).to(tl.float32)
+    for h in range(num_q_heads):
+        _norm_rotate_head(
+            qkv_ptr + h * 64, qk_ptr + h * 64, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS
+        )
+    b_w = tl.load(k_w_ptr + o_d).to(tl.float32)
+    b_b = tl.load(k_b_ptr + o_d).to(tl.float32)
+    for h in range(num_q_heads, num_q_heads + num_kv_heads):
+        _norm_rotate_head(
+            qkv_ptr + h * 64, qk_ptr + h * 64, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS
+        )
+
+
+@triton.jit
+def _attend_kv_block(
+    b_q, acc, m_i, l_i, p_k, p_v, stride_k, stride_v, start, kv_len, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [start, start + BLOCK_N) of the sequence (MASKED: the ragged tail).
+
+    b_q: [BLOCK_M, 64]; acc: fp32 [BLOCK_M, 64]; m_i, l_i: fp32 [BLOCK_M] running max (base 2) and sum;
+    p_k/p_v: pointers to column 0 of the head in the sequence's first row.
+    """
+    o_n = start + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, 64)
+    m_n = o_n < kv_len
+    o_n = o_n.to(tl.int64)
+    if MASKED:
+        b_k = tl.load(p_k + o_n[:, None] * stride_k + o_d[None, :], mask=m_n[:, None], other=0.0)
+    else:
+        b_k = tl.load(p_k + o_n[:, None] * stride_k + o_d[None, :])
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    b_p = tl.exp2(b_s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        b_v = tl.load(p_v + o_n[:, None] * stride_v + o_d[None, :], mask=m_n[:, None], other=0.0)
+    else:
+        b_v = tl.load(p_v + o_n[:, None] * stride_v + o_d[None, :])
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr,  # [R, >= Hq * 64] rotated q, head h at column h * 64, row stride stride_q
+    k_ptr,  # [R, >= Hkv * 64] rotated k, head g at column g * 64, row stride stride_k
+    v_ptr,  # [R, >= Hkv * 64] v, row stride stride_v
+    o_ptr,  # [num_q_rows, Hq * 64] output, row stride stride_o
+    cu_seqlens_ptr,  # int32 [B + 1] packed rows of each sequence
+    q_cu_ptr,  # int32 [B + 1] cumulative query rows (cu_seqlens itself when every row is a query)
+    q_starts_ptr,  # int32 [B] first query row inside each sequence (unused unless HAS_Q_STARTS)
+    num_seqs, search_iters, stride_q, stride_k, stride_v, stride_o, qk_scale,
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_M: tl.constexpr,  # (row, head) pairs per program: BLOCK_M // GROUP rows x GROUP heads
+    BLOCK_N: tl.constexpr,  # keys per step
+    HAS_Q_STARTS: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 operands)
+):
+    ROWS: tl.constexpr = BLOCK_M // GROUP
+    # Program p of KV head kvh handles query block j of sequence i, where sequence i owns the program ids
+    # [q_cu[i] // ROWS + i, ... + cdiv(n_i, ROWS)) (the +i slack makes these ranges disjoint); ids left over
+    # (at most one per sequence, plus the tail of the grid) exit at once.
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = _find_segment(q_cu_ptr, num_seqs, pid, search_iters, ROWS, 1)
+    q_begin = tl.load(q_cu_ptr + seq)
+    num_q = tl.load(q_cu_ptr + seq + 1) - q_begin
+    first = (pid - q_begin // ROWS - seq) * ROWS
+    if first >= num_q:
+        return
+    kv_begin = tl.load(cu_seqlens_ptr + seq)
+    kv_len = tl.load(cu_seqlens_ptr + seq + 1) - kv_begin
+    q_row0 = kv_begin + first
+    if HAS_Q_STARTS:
+        q_row0 += tl.load(q_starts_ptr + seq)
+
+    # M index m -> (row m // GROUP, head kvh * GROUP + m % GROUP): a row's GROUP heads are adjacent columns
+    o_m = tl.arange(0, BLOCK_M)
+    o_row = o_m // GROUP
+    o_head = kvh * GROUP + o_m % GROUP
+    m_m = (o_m < ROWS * GROUP) & (first + o_row < num_q)
+    o_d = tl.arange(0, 64)
+    p_q = q_ptr + (q_row0 + o_row).to(tl.int64)[:, None] * stride_q + o_head[:, None] * 64 + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+
+    p_k = k_ptr + kv_begin.to(tl.int64) * stride_k + kvh * 64
+    p_v = v_ptr + kv_begin.to(tl.int64) * stride_v + kvh * 64
+    acc = tl.zeros([BLOCK_M, 64], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kv_full = (kv_len // BLOCK_N) * BLOCK_N
+    for start in range(0, kv_full, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_block(
+            b_q, acc, m_i, l_i, p_k, p_v, stride_k, stride_v, start, kv_len, qk_scale, BLOCK_N, False, PRECISION
+        )
+    if kv_full < kv_len:
+        acc, m_i, l_i = _attend_kv_block(
+            b_q, acc, m_i, l_i, p_k, p_v, stride_k, stride_v, kv_full, kv_len, qk_scale, BLOCK_N, True, PRECISION
+        )
+    acc = acc / l_i[:, None]
+
+    o_out = (q_begin + first + o_row).to(tl.int64)
+    p_o = o_ptr + o_out[:, None] * stride_o + o_head[:, None] * 64 + o_d[None, :]
+    tl.store(p_o, acc.to(o_ptr.dtype.element_ty), mask=m_m[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# prologue: 16 rows x 64 values per head step (8 per thread), heads looped inside the program so that each
+# program gathers its rows' cos/sin once; memory bound, small tiles keep many programs in flight.
+NORM_CONFIG = dict(ROWS=16, num_warps=4)
+
+
+def attention_config(dtype: torch.dtype) -> dict:
+    """Block sizes and launch options of ``_attention_kernel`` for a dtype (also used by the compile tests).
+
+    16-bit: 128 (row, head) pairs x 64 keys, 8 warps (two warpgroups, one m64 wgmma each), 3 stages:
+    107 registers/thread and 64 KiB shared memory (sm_90 compile), so two CTAs fit on an SM and one CTA's
+    softmax can overlap the other's wgmma (Triton does no intra-CTA ping-pong). 128 keys needs 171
+    registers -> one CTA per SM. Chosen by this reasoning, not yet timed on an H100.
+    fp32 (a parity path): 64 x 32 tiles, 4 warps, "tf32x3" dots (~fp32 accuracy on tensor cores; "ieee"
+    FMA dots spilled to local memory at the tile sizes tried). The interpreter computes every dot exactly.
+    """
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PRECISION="tf32x3")
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PRECISION="tf32")
+
+
+def _check_vector(name: str, t: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != (length,) or t.dtype != dtype or t.device != device:
+        raise ValueError(
+            f"{name} is {t.dtype} {list(t.shape)} on {t.device}; expected {dtype} [{length}] on {device}"
+        )
+
+
+def _check_attention_args(
+    qkv, norm_params, cu_seqlens, positions, cos, sin, num_q_heads, num_kv_heads, q_cu_seqlens, q_starts, num_q_rows
+) -> None:
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"qkv dtype is {qkv.dtype}; expected one of {ATTENTION_DTYPES}")
+    if num_q_heads < 1 or num_kv_heads < 1 or num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > 64:
+        raise ValueError(
+            f"num_q_heads={num_q_heads}, num_kv_heads={num_kv_heads}: need a multiple of the KV heads, "
+            "at most 64 query heads per KV head"
+        )
+    width = (num_q_heads + 2 * num_kv_heads) * HEAD_DIM
+    if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
+        raise ValueError(
+            f"qkv has shape {list(qkv.shape)}, strides {qkv.stride()}; expected [R, {width}], last dim contiguous"
+        )
+    device = qkv.device
+    for name, t in norm_params.items():
+        if not isinstance(t, torch.Tensor) or t.shape != (HEAD_DIM,) or t.device != device:
+            raise ValueError(f"{name} must be a [{HEAD_DIM}] tensor on {device}")
+    num_seqs = cu_seqlens.numel() - 1 if isinstance(cu_seqlens, torch.Tensor) else -1
+    if num_seqs < 0 or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor [B + 1]")
+    _check_vector("cu_seqlens", cu_seqlens, num_seqs + 1, torch.int32, device)
+    if positions.shape != (qkv.shape[0], 3) or positions.dtype != torch.int32 or positions.device != device:
+        raise ValueError(f"positions is {positions.dtype} {list(positions.shape)}; expected int32 [{qkv.shape[0]}, 3]")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[1] != 32 or t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
+            raise ValueError(f"{name} is {t.dtype} {list(t.shape)}; expected contiguous float32 [P, 32] on {device}")
+    subset = (q_cu_seqlens is not None, q_starts is not None, num_q_rows is not None)
+    if any(subset) and not all(subset):
+        raise ValueError("q_cu_seqlens, q_starts and num_q_rows go together: give all three or none")
+    if all(subset):
+        _check_vector("q_cu_seqlens", q_cu_seqlens, num_seqs + 1, torch.int32, device)
+        _check_vector("q_starts", q_starts, num_seqs, torch.int32, device)
+        if not isinstance(num_q_rows, int) or num_q_rows < 0:
+            raise TypeError(f"num_q_rows must be a host int >= 0, got {num_q_rows!r}")
+
+
+def mrope_attention(
+    qkv: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    q_norm_bias: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    k_norm_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    *,
+    q_cu_seqlens: torch.Tensor | None = None,
+    q_starts: torch.Tensor | None = None,
+    num_q_rows: int | None = None,
+    eps: float = 1e-5,
+    inplace: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q/k LayerNorm + M-RoPE + varlen GQA attention of packed sequences.
+
+    qkv: [R, (Hq + 2 Hkv) * 64] bf16/fp16/fp32 (``h @ to_qkv.weight.T``: q heads, k heads, v heads; last dim
+    contiguous, any row stride); q/k norm weight, bias: [64]; cu_seqlens: int32 [B + 1] on the device
+    (``cu_seqlens[-1] <= R``; rows past it are padding and never read); positions: int32 [R, 3] (t, h, w);
+    cos, sin: float32 [P, 32] from ``mrope_tables`` with P > every position.
+
+    Query subset (all three or none): q_cu_seqlens int32 [B + 1] cumulative query counts, q_starts int32 [B]
+    offset of each sequence's first query row, num_q_rows host int >= q_cu_seqlens[-1]. Query j of sequence i is
+    packed row ``cu_seqlens[i] + q_starts[i] + j`` and lands in output row ``q_cu_seqlens[i] + j``.
+
+    inplace: write the normalised, rotated q and k back into qkv's q/k columns instead of a scratch buffer.
+    out: optional [num_q_rows or R, Hq * 64] in qkv's dtype, last dim contiguous (any row stride; it may alias
+    qkv's q columns, which only the program that owns a query row reads). Output rows past the real queries
+    are left untouched.
+
+    Returns out: [num_q_rows or R, Hq * 64], heads flattened head-major, ready for ``out_proj``.
+    """
+    norm_params = {
+        "q_norm_weight": q_norm_weight, "q_norm_bias": q_norm_bias,
+        "k_norm_weight": k_norm_weight, "k_norm_bias": k_norm_bias,
+    }
+    _check_attention_args(
+        qkv, norm_params, cu_seqlens, positions, cos, sin, num_q_heads, num_kv_heads, q_cu_seqlens, q_starts,
+        num_q_rows,
+    )
+    num_rows = qkv.shape[0]
+    num_seqs = cu_seqlens.numel() - 1
+    has_q_starts = q_cu_seqlens is not None
+    if not has_q_starts:
+        q_cu_seqlens, num_q_rows = cu_seqlens, num_rows
+    out_shape = (num_q_rows, num_q_heads * HEAD_DIM)
+    if out is None:
+        out = torch.empty(out_shape, dtype=qkv.dtype, device=qkv.device)
+    elif out.shape != out_shape or out.dtype != qkv.dtype or out.device != qkv.device or out.stride(1) != 1:
+        raise ValueError(
+            f"out is {out.dtype} {list(out.shape)} on {out.device}; expected {qkv.dtype} {list(out_shape)} "
+            f"on {qkv.device}, last dim contiguous"
+        )
+    if num_rows == 0 or num_seqs == 0 or num_q_rows == 0:
+        return out
+
+    qk_cols = (num_q_heads + num_kv_heads) * HEAD_DIM
+    qk = qkv if inplace else torch.empty((num_rows, qk_cols), dtype=qkv.dtype, device=qkv.device)
+    _qk_norm_rope_kernel[(triton.cdiv(num_rows, NORM_CONFIG["ROWS"]),)](
+        qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, positions, cos, sin, cu_seqlens,
+        num_rows, num_seqs, num_q_heads, num_kv_heads, qkv.stride(0), qk.stride(0), positions.stride(0), eps,
+        **NORM_CONFIG,
+    )
+
+    cfg = attention_config(qkv.dtype)
+    group = num_q_heads // num_kv_heads
+    rows_per_block = cfg["BLOCK_M"] // group
+    grid = (num_q_rows // rows_per_block + num_seqs, num_kv_heads)
+    _attention_kernel[grid](
+        qk, qk[:, num_q_heads * HEAD_DIM :], qkv[:, qk_cols:], out, cu_seqlens, q_cu_seqlens,
+        q_starts if has_q_starts else cu_seqlens, num_seqs, num_seqs.bit_length(),
+        qk.stride(0), qk.stride(0), qkv.stride(0), out.stride(0), LOG2E / math.sqrt(HEAD_DIM),
+        GROUP=group, HAS_Q_STARTS=has_q_starts, **cfg,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------
+def mrope_attention_ref(
+    qkv: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    q_norm_bias: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    k_norm_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    *,
+    q_cu_seqlens: torch.Tensor | None = None,
+    q_starts: torch.Tensor | None = None,
+    num_q_rows: int | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Plain-PyTorch ``mrope_attention`` (same arguments and layout), one sequence at a time.
+
+    LayerNorm in fp32 rounded to qkv's dtype (as upstream's q/k norms), rotation in float64 rounded to qkv's
+    dtype (as upstream), attention in float64. Returns [num_q_rows or R, Hq * 64] in qkv's dtype; rows past
+    the real queries are zero.
+    """
+    num_rows, dtype = qkv.shape[0], qkv.dtype
+    hq, hkv = num_q_heads, num_kv_heads
+    x = qkv.float().view(num_rows, hq + 2 * hkv, HEAD_DIM)
+    q, k, v = x[:, :hq], x[:, hq : hq + hkv], x[:, hq + hkv :]
+
+    axis = pair_axis().to(positions.device)
+    pair = torch.arange(32, device=positions.device)
+    pos = positions.long()[:, axis]  # [R, 32]
+    c, s = cos.double()[pos, pair][:, None], sin.double()[pos, pair][:, None]  # [R, 1, 32]
+
+    def norm_rotate(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        t = torch.nn.functional.layer_norm(t, (HEAD_DIM,), w.float(), b.float(), eps).to(dtype).double()
+        even, odd = t[..., 0::2], t[..., 1::2]
+        return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(dtype).double()
+
+    q = norm_rotate(q, q_norm_weight, q_norm_bias)
+    k = norm_rotate(k, k_norm_weight, k_norm_bias).repeat_interleave(hq // hkv, dim=1)
+    v = v.to(dtype).double().repeat_interleave(hq // hkv, dim=1)
+
+    cu = cu_seqlens.tolist()
+    if q_cu_seqlens is None:
+        q_cu, starts, num_q_rows = cu, [0] * (len(cu) - 1), num_rows
+    else:
+        q_cu, starts = q_cu_seqlens.tolist(), q_starts.tolist()
+    out = torch.zeros(num_q_rows, hq, HEAD_DIM, dtype=torch.float64, device=qkv.device)
+    for i in range(len(cu) - 1):
+        rows = slice(cu[i] + starts[i], cu[i] + starts[i] + q_cu[i + 1] - q_cu[i])
+        keys = slice(cu[i], cu[i + 1])
+        scores = torch.einsum("qhd,khd->hqk", q[rows], k[keys]) / math.sqrt(HEAD_DIM)
+        out[q_cu[i] : q_cu[i + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[keys])
+    return out.flatten(1).to(dtype)

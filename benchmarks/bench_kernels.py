@@ -1,0 +1,156 @@
+"""Kernel benchmarks (pytest-benchmark; CUDA only, skipped cleanly without it).
+
+    python -m pytest benchmarks/bench_kernels.py --benchmark-columns=mean,stddev,rounds
+
+Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (encoder 16/4 heads, decoder
+32/8 heads, mixed sequence lengths 1152..3904), providers
+- ``titok``: the fused Triton kernels (q/k norm + M-RoPE prologue, GQA flash attention);
+- ``torch_flash``: q/k LayerNorm + M-RoPE in PyTorch (fp32 math), then PyTorch's varlen flash attention (GQA);
+- ``upstream``: as upstream: norms in bf16, rotation in complex128, then the same flash attention.
+FSQ: GB/s of the fused encoder head and decoder-input gather against unfused PyTorch (``torch``).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import pytest
+import torch
+import triton
+
+from kernels.fsq import FsqConstants, fsq_decoder_input, fsq_decoder_input_ref, fsq_encoder_head, fsq_encoder_head_ref
+from kernels.mrope_attention import mrope_attention, mrope_tables, packed_positions, pair_axis
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA device")
+
+# (latent tokens, patch grid): sequence lengths 3904, 3136, 1792, 1152
+VIDEOS = [(1024, (5, 24, 24)), (256, (5, 24, 24)), (512, (5, 16, 16)), (128, (4, 16, 16))]
+SIDES = {"encoder": (16, 4), "decoder": (32, 8)}
+
+
+def _extra_info(benchmark) -> None:
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+    )
+
+
+def _timed(benchmark, fn, rounds: int = 20):
+    """Warm up (compilation) outside the timed region; synchronise inside it. Returns the mean seconds."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=rounds, iterations=1)
+    return benchmark.stats.stats.mean
+
+
+def _attention_inputs(num_q_heads: int, num_kv_heads: int):
+    device, dtype = "cuda", torch.bfloat16
+    lengths = [n + gt * gh * gw for n, (gt, gh, gw) in VIDEOS]
+    positions = packed_positions([n for n, _ in VIDEOS], [g for _, g in VIDEOS], device)
+    cos, sin = mrope_tables(int(positions.max()) + 1, device)
+    qkv = torch.randn(sum(lengths), (num_q_heads + 2 * num_kv_heads) * 64, device=device, dtype=dtype)
+    norms = [torch.ones(64, device=device, dtype=dtype), torch.zeros(64, device=device, dtype=dtype)] * 2
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    flops = sum(4 * n * n * num_q_heads * 64 for n in lengths)
+    return dict(qkv=qkv, norms=norms, cu=cu, positions=positions, cos=cos, sin=sin, max_len=max(lengths)), flops
+
+
+def _flash_varlen(q, k, v, cu, max_len):
+    """[rows, H, 64] q and [rows, Hkv, 64] k/v -> [rows, H * 64], non-causal, GQA, scale 1/8."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=0.125, enable_gqa=True)
+    except (ImportError, TypeError):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        flash = torch.ops.aten._flash_attention_forward
+        out = flash(q, k, v, cu, cu, max_len, max_len, 0.0, False, False, scale=0.125)[0]
+    return out.flatten(1)
+
+
+def _torch_norm_rope(x, cos, sin, positions, upstream: bool):
+    """x: [rows, H, 64] bf16 -> LayerNorm (no affine: weights are 1/0 here) + M-RoPE, bf16."""
+    pos, pair = positions.long()[:, pair_axis().to(x.device)], torch.arange(32, device=x.device)
+    c, s = cos[pos, pair][:, None], sin[pos, pair][:, None]  # [rows, 1, 32]
+    if upstream:
+        x = torch.nn.functional.layer_norm(x, (64,))  # bf16 module
+        rot = torch.view_as_complex(x.double().unflatten(-1, (32, 2)).contiguous())
+        rot = rot * torch.complex(c.double(), s.double())
+        return torch.view_as_real(rot).flatten(-2).to(x.dtype)
+    x = torch.nn.functional.layer_norm(x.float(), (64,))
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), -1).flatten(-2).bfloat16()
+
+
+@pytest.mark.parametrize("provider", ["titok", "torch_flash", "upstream"])
+@pytest.mark.parametrize("side", list(SIDES))
+def test_attention(benchmark, side, provider):
+    hq, hkv = SIDES[side]
+    inputs, flops = _attention_inputs(hq, hkv)
+    qkv, cu, max_len = inputs["qkv"], inputs["cu"], inputs["max_len"]
+    if provider == "titok":
+
+        def fn():
+            return mrope_attention(
+                qkv, *inputs["norms"], cu, inputs["positions"], inputs["cos"], inputs["sin"], hq, hkv
+            )
+    else:
+
+        def fn():
+            heads = qkv.unflatten(1, (hq + 2 * hkv, 64))
+            args = (inputs["cos"], inputs["sin"], inputs["positions"], provider == "upstream")
+            q = _torch_norm_rope(heads[:, :hq], *args)
+            k = _torch_norm_rope(heads[:, hq : hq + hkv], *args)
+            return _flash_varlen(q, k, heads[:, hq + hkv :], cu, max_len)
+
+    mean = _timed(benchmark, fn)
+    _extra_info(benchmark)
+    benchmark.extra_info.update(tflops=flops / mean / 1e12, heads=f"{hq}/{hkv}", rows=int(cu[-1]))
+
+
+@pytest.mark.parametrize("provider", ["titok", "torch"])
+def test_fsq_encoder_head(benchmark, provider):
+    width, num_rows, levels = 1024, 8 * 1024, [7, 7, 7, 5, 5]
+    consts = FsqConstants.of(levels, "cuda")
+    x = torch.randn(num_rows, width, device="cuda", dtype=torch.bfloat16)
+    params = [
+        torch.ones(width, device="cuda", dtype=torch.bfloat16),
+        torch.zeros(width, device="cuda", dtype=torch.bfloat16),
+        torch.randn(len(levels), width, device="cuda", dtype=torch.bfloat16) / math.sqrt(width),
+        torch.zeros(len(levels), device="cuda", dtype=torch.bfloat16),
+    ]
+    op = fsq_encoder_head if provider == "titok" else fsq_encoder_head_ref
+    mean = _timed(benchmark, lambda: op(x, *params, consts))
+    _extra_info(benchmark)
+    benchmark.extra_info.update(gbps=(x.numel() * 2 + num_rows * (len(levels) * 2 + 4)) / mean / 1e9)
+
+
+@pytest.mark.parametrize("provider", ["titok", "torch"])
+def test_fsq_decoder_input(benchmark, provider):
+    width, num_codes = 2048, 8575
+    counts = [n for n, _ in VIDEOS]
+    lengths = [n + gt * gh * gw for n, (gt, gh, gw) in VIDEOS]
+    table = torch.randn(num_codes, width, device="cuda", dtype=torch.bfloat16)
+    mask_row = torch.randn(width, device="cuda", dtype=torch.bfloat16)
+    indices = torch.randint(0, num_codes, (sum(counts),), device="cuda", dtype=torch.int32)
+
+    def cumulative(values):
+        return torch.tensor([0, *torch.tensor(values).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+    out = torch.empty(sum(lengths), width, device="cuda", dtype=torch.bfloat16)
+    args = (indices, table, mask_row, cumulative(lengths), cumulative(counts))
+    op = fsq_decoder_input if provider == "titok" else fsq_decoder_input_ref
+    mean = _timed(benchmark, lambda: op(*args, out=out))
+    _extra_info(benchmark)
+    benchmark.extra_info.update(gbps=(out.numel() + sum(counts) * width) * 2 / mean / 1e9)

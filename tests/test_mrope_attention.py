@@ -1,0 +1,169 @@
+"""mrope_attention vs mrope_attention_ref: Triton interpreter on CPU (fp32, fp16), compiled on CUDA (+ bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.mrope_attention import (
+    mrope_attention,
+    mrope_attention_ref,
+    mrope_tables,
+    packed_positions,
+)
+
+from triton_mode import triton_mode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_DTYPES = [
+    pytest.param(torch.float32, 2e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 4e-3, 4e-3, id="fp16"),
+]
+HEADS = [pytest.param(8, 2, id="8q2kv"), pytest.param(12, 4, id="12q4kv")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_backend():
+    """Interpreter without CUDA, whatever TRITON_INTERPRET was when triton was first imported."""
+    with triton_mode(interpret=not torch.cuda.is_available()):
+        yield
+
+
+def _batch(lengths=None, num_q_heads=8, num_kv_heads=2, dtype=torch.float32, *, pad_rows=0, videos=None):
+    """Packed qkv [R, ...] of sequences with the given lengths (random positions), or of videos
+    ``[(n, (gt, gh, gw)), ...]`` (real M-RoPE positions); ``pad_rows`` NaN rows past the real ones."""
+    if videos is not None:
+        positions = packed_positions([n for n, _ in videos], [g for _, g in videos])
+        lengths = [n + gt * gh * gw for n, (gt, gh, gw) in videos]
+    else:
+        positions = torch.randint(0, 300, (sum(lengths), 3), dtype=torch.int32)
+    positions = torch.cat([positions, torch.zeros(pad_rows, 3, dtype=torch.int32)])
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    qkv = torch.randn(positions.shape[0], (num_q_heads + 2 * num_kv_heads) * 64) * 2 + 0.5
+    qkv[cu_seqlens[-1] :] = float("nan")
+    cos, sin = mrope_tables(int(positions.max()) + 1)
+    norm = [torch.randn(64) * 0.3 + 1, torch.randn(64) * 0.2, torch.randn(64) * 0.3 + 1, torch.randn(64) * 0.2]
+    to = {"device": DEVICE}
+    return dict(
+        qkv=qkv.to(dtype=dtype, **to),
+        q_norm_weight=norm[0].to(dtype=dtype, **to),
+        q_norm_bias=norm[1].to(dtype=dtype, **to),
+        k_norm_weight=norm[2].to(dtype=dtype, **to),
+        k_norm_bias=norm[3].to(dtype=dtype, **to),
+        cu_seqlens=cu_seqlens.to(**to),
+        positions=positions.to(**to),
+        cos=cos.to(**to),
+        sin=sin.to(**to),
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+    )
+
+
+def _nan_like(shape, like):
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+
+def _assert_close(actual, expected, atol, rtol):
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+CASES = {
+    "lengths_1_17_217": dict(lengths=[1, 17, 217]),
+    "many_short": dict(lengths=[3, 1, 2, 9, 1, 5, 33, 2, 1, 7, 4, 6]),
+    "videos": dict(videos=[(1, (1, 1, 1)), (4, (1, 2, 3)), (9, (2, 3, 5))]),  # token count 1, single patch
+}
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", HEADS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_ref(case, num_q_heads, num_kv_heads, dtype, atol, rtol):
+    args = _batch(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, dtype=dtype, **CASES[case])
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    out = _nan_like((args["qkv"].shape[0], num_q_heads * 64), args["qkv"])
+    result = mrope_attention(**args, out=out)
+    assert result is out and out.dtype == dtype
+    _assert_close(out, mrope_attention_ref(**args), atol, rtol)
+    for name, tensor in before.items():
+        torch.testing.assert_close(args[name], tensor, equal_nan=True, atol=0, rtol=0, msg=f"{name} was modified")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
+def test_padded_buffer(dtype, atol, rtol):
+    """R larger than cu_seqlens[-1] (token-budget buffer): NaN padding rows are never read, their output rows
+    stay untouched."""
+    args = _batch([17, 40, 1], 8, 2, dtype, pad_rows=23)
+    real = int(args["cu_seqlens"][-1])
+    out = mrope_attention(**args, out=_nan_like((args["qkv"].shape[0], 8 * 64), args["qkv"]))
+    _assert_close(out[:real], mrope_attention_ref(**args)[:real], atol, rtol)
+    assert out[real:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", HEADS)
+@pytest.mark.parametrize("subset", ["latents", "patches"])
+def test_query_subset(subset, num_q_heads, num_kv_heads, dtype, atol, rtol):
+    videos = [(1, (1, 1, 1)), (20, (1, 3, 4)), (5, (2, 4, 5))]
+    args = _batch(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, dtype=dtype, videos=videos, pad_rows=7)
+    counts = [n if subset == "latents" else gt * gh * gw for n, (gt, gh, gw) in videos]
+    starts = [0 if subset == "latents" else n for n, _ in videos]
+    query = dict(
+        q_cu_seqlens=torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE),
+        q_starts=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        num_q_rows=sum(counts) + 5,  # a larger output buffer: its last 5 rows stay untouched
+    )
+    out = mrope_attention(**args, **query, out=_nan_like((sum(counts) + 5, num_q_heads * 64), args["qkv"]))
+    expected = mrope_attention_ref(**args, **query)
+    _assert_close(out[: sum(counts)], expected[: sum(counts)], atol, rtol)
+    assert out[sum(counts) :].isnan().all()
+    full = mrope_attention_ref(**args)
+    begins = args["cu_seqlens"][:-1].tolist()
+    rows = torch.cat([torch.arange(c) + s + b for c, s, b in zip(counts, starts, begins, strict=True)]).to(DEVICE)
+    _assert_close(expected[: sum(counts)], full[rows], 0, 0)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
+@pytest.mark.parametrize("alias_out", [False, True], ids=["new_out", "out_in_q_columns"])
+def test_inplace(alias_out, dtype, atol, rtol):
+    """inplace=True rotates q/k inside qkv (v untouched); the output may then even overwrite qkv's q columns."""
+    args = _batch([5, 217, 30], 12, 4, dtype, pad_rows=3)
+    expected = mrope_attention_ref(**args)
+    qkv = args["qkv"]
+    v_before, pad_before = qkv[:, 16 * 64 :].clone(), qkv[252:].clone()
+    out = qkv[:, : 12 * 64] if alias_out else None
+    result = mrope_attention(**args, inplace=True, out=out)
+    _assert_close(result[:252], expected[:252], atol, rtol)
+    torch.testing.assert_close(qkv[:, 16 * 64 :], v_before, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(qkv[252:], pad_before, equal_nan=True, atol=0, rtol=0)
+
+
+def test_bad_arguments():
+    args = _batch([4, 3], 8, 2, torch.float32)
+    with pytest.raises(ValueError, match="num_q_heads"):
+        mrope_attention(**{**args, "num_q_heads": 7})
+    with pytest.raises(ValueError, match="qkv has shape"):
+        mrope_attention(**{**args, "qkv": args["qkv"][:, :-64]})
+    with pytest.raises(TypeError, match="qkv dtype"):
+        mrope_attention(**{**args, "qkv": args["qkv"].double()})
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        mrope_attention(**{**args, "cu_seqlens": args["cu_seqlens"].long()})
+    with pytest.raises(ValueError, match="positions"):
+        mrope_attention(**{**args, "positions": args["positions"][:-1]})
+    with pytest.raises(ValueError, match="go together"):
+        mrope_attention(**args, q_starts=args["cu_seqlens"][:-1])
+    with pytest.raises(ValueError, match="out is"):
+        mrope_attention(**args, out=torch.empty(7, 8 * 64, dtype=torch.float16, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", [(16, 4), (32, 8), (12, 4)])
+def test_bf16_gpu_matches_ref(num_q_heads, num_kv_heads):
+    """bf16 on the GPU: error vs the float64 reference within 2x the error of the same math done in fp32 and
+    rounded to bf16 at the end (plus one bf16 ulp), on V1-like sequence lengths."""
+    args = _batch([1024 + 2880, 5, 1100, 2048], num_q_heads, num_kv_heads, torch.bfloat16, pad_rows=64)
+    real = int(args["cu_seqlens"][-1])
+    out = mrope_attention(**args)
+    expected = mrope_attention_ref(**args)
+    ref32 = mrope_attention_ref(**{**args, "qkv": args["qkv"].float()})
+    own_error = (ref32[:real] - expected[:real].float()).abs().max()
+    assert (out[:real].float() - ref32[:real]).abs().max() <= 2 * own_error + 2**-7

@@ -1,0 +1,150 @@
+"""Every kernel configuration the launchers pick compiles for an H100 (sm_90) on this machine, without a GPU:
+the attention kernel's dots lower to wgmma, and nothing spills to local memory (PTX, ptxas stack, SASS).
+
+The compiles run in a child process with TRITON_INTERPRET unset: the interpreter used by the other kernel tests
+patches triton.language while it runs, and a compile in the same process can see those patches."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import kernels.fsq as fsq
+import kernels.mrope_attention as mrope
+import kernels.nearest_code as nearest
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+LAUNCH_OPTIONS = {"num_warps", "num_stages", "enable_fp_fusion"}
+TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _attention(dtype, group, has_q_starts):
+    ptrs = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "o_ptr"], TYPE[dtype])
+    ptrs.update(dict.fromkeys(["cu_seqlens_ptr", "q_cu_ptr", "q_starts_ptr"], "i32"))
+    config = dict(mrope.attention_config(dtype), GROUP=group, HAS_Q_STARTS=has_q_starts)
+    return "_attention_kernel", mrope, config, ptrs
+
+
+def _norm_rope(dtype):
+    ptrs = dict.fromkeys(["qkv_ptr", "qk_ptr", "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr"], TYPE[dtype])
+    ptrs.update(pos_ptr="i32", cos_ptr="fp32", sin_ptr="fp32", cu_seqlens_ptr="i32")
+    return "_qk_norm_rope_kernel", mrope, mrope.NORM_CONFIG, ptrs
+
+
+def _encoder_head(dtype, width, dim):
+    ptrs = dict.fromkeys(["x_ptr", "ln_w_ptr", "ln_b_ptr", "proj_w_ptr", "proj_b_ptr", "codes_ptr"], TYPE[dtype])
+    ptrs.update(dict.fromkeys(["half_l_ptr", "offset_ptr", "shift_ptr"], "fp32"))
+    ptrs.update(dict.fromkeys(["half_width_ptr", "basis_ptr", "indices_ptr"], "i32"))
+    return "_fsq_encoder_head_kernel", fsq, dict(fsq.encoder_head_config(width), DIM=dim), ptrs
+
+
+def _decoder_input(dtype, index_type):
+    ptrs = dict.fromkeys(["table_ptr", "mask_row_ptr", "out_ptr"], TYPE[dtype])
+    ptrs.update(indices_ptr=index_type, cu_seqlens_ptr="i32", cu_tokens_ptr="i32")
+    return "_fsq_decoder_input_kernel", fsq, fsq.DECODER_INPUT_CONFIG, ptrs
+
+
+def _nearest(dtype, dim, cosine):
+    ptrs = dict(x_ptr=TYPE[dtype], c_ptr=TYPE[dtype], indices_ptr="i64", dist_ptr="fp32")
+    return "_nearest_code_kernel", nearest, dict(nearest.nearest_code_config(dtype, dim), COSINE=cosine), ptrs
+
+
+CASES = {
+    "attention-bf16-group4": _attention(torch.bfloat16, 4, False),
+    "attention-bf16-group3-subset": _attention(torch.bfloat16, 3, True),
+    "attention-fp16-group2-subset": _attention(torch.float16, 2, True),
+    "attention-fp32-group4": _attention(torch.float32, 4, False),
+    "norm_rope-bf16": _norm_rope(torch.bfloat16),
+    "norm_rope-fp16": _norm_rope(torch.float16),
+    "norm_rope-fp32": _norm_rope(torch.float32),
+    "encoder_head-bf16-W1024": _encoder_head(torch.bfloat16, 1024, 5),
+    "encoder_head-bf16-W2048": _encoder_head(torch.bfloat16, 2048, 5),
+    "encoder_head-fp16-W512-D4": _encoder_head(torch.float16, 512, 4),
+    "decoder_input-bf16-i32": _decoder_input(torch.bfloat16, "i32"),
+    "decoder_input-fp16-i64": _decoder_input(torch.float16, "i64"),
+    "nearest-bf16-D256-l2": _nearest(torch.bfloat16, 256, False),
+    "nearest-fp16-D64-cosine": _nearest(torch.float16, 64, True),
+    "nearest-fp32-D256-l2": _nearest(torch.float32, 256, False),
+}
+
+
+def _compile(kernel_name, module, config, ptrs):
+    """triton.compile as the launcher's first call would: pointers and strides specialised as 16-divisible."""
+    fn = getattr(module, kernel_name)
+    constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+    options = {k: v for k, v in config.items() if k in LAUNCH_OPTIONS}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + ptrs[name]
+        else:
+            signature[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name.endswith("_ptr") or name.startswith("stride")
+    }
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=TARGET, options=options)
+
+
+def compile_all(outdir: Path) -> None:
+    """Compile every case into ``outdir/<case>/`` (ptx, cubin, meta.json); a failure is written as error.txt."""
+    for case, spec in CASES.items():
+        folder = outdir / case
+        folder.mkdir(parents=True)
+        try:
+            kernel = _compile(*spec)
+        except Exception as e:  # reported by the test of that case
+            (folder / "error.txt").write_text(f"{type(e).__name__}: {e}")
+            continue
+        (folder / "kernel.ptx").write_text(kernel.asm["ptx"])
+        (folder / "kernel.cubin").write_bytes(kernel.asm["cubin"])
+        meta = {"shared": kernel.metadata.shared, "n_spills": getattr(kernel.metadata, "n_spills", 0)}
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    outdir = tmp_path_factory.mktemp("sm90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, __file__, str(outdir)], env=env, check=True, timeout=900)
+    return outdir
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiles_for_sm90_without_spills(case, compiled):
+    folder = compiled / case
+    assert not (folder / "error.txt").exists(), (folder / "error.txt").read_text()
+    ptx = (folder / "kernel.ptx").read_text()
+    meta = json.loads((folder / "meta.json").read_text())
+    assert ".target sm_90" in ptx
+    assert ".local" not in ptx
+    if case.startswith("attention"):
+        assert "wgmma.mma_async" in ptx
+    assert meta["shared"] <= 227 * 1024
+    assert meta["n_spills"] == 0  # only set once loaded on a GPU
+    cubin = folder / "kernel.cubin"
+    usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"STACK:0 ", usage) and re.search(r"LOCAL:0 ", usage), usage
+    sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    assert not re.search(r"\b(LDL|STL)\b", sass)
+
+
+if __name__ == "__main__":
+    compile_all(Path(sys.argv[1]))
