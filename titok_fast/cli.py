@@ -1,13 +1,140 @@
-"""The ``titok-fast`` command line."""
+"""The ``titok-fast`` command line: encode, decode, eval, convert, bench, demo.
+
+Errors are one readable line on stderr (``--debug`` shows the traceback); a batch command exits 1 when any file
+failed, after finishing all the others.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
+def _grid(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"grid {text!r} must look like 20x192x192 (frames x height x width)")
+    return tuple(int(g) for g in m.groups())
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token counts {text!r} must be integers like 128,256,1024") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"token counts {text!r} must be integers >= 1")
+    return counts
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def _device_dtype(args: argparse.Namespace):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    return device, getattr(torch, DTYPES[dtype])
+
+
+def _model(args: argparse.Namespace, token_meta=None):
+    """The model named by --checkpoint / --random-weights, or by a token file's metadata."""
+    from .loading import load_tokenizer, random_tokenizer
+
+    device, dtype = _device_dtype(args)
+    if args.checkpoint:
+        return load_tokenizer(args.checkpoint, config=args.config, device=device, dtype=dtype)
+    seed = getattr(args, "random_weights", None)
+    if seed is None and token_meta is not None:
+        m = re.match(r"random-seed(\d+)-", token_meta.weights_digest)
+        if not m:
+            raise ValueError(f"token files were made by weights {token_meta.weights_digest}: pass --checkpoint")
+        seed, args.config = int(m.group(1)), token_meta.model_config
+    if seed is None:
+        raise ValueError(
+            "no weights: pass --checkpoint (an upstream model.ckpt or a converted .safetensors), "
+            "or --random-weights SEED to try the pipeline with random weights"
+        )
+    print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
+    return random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
+
+
+def _engine(args: argparse.Namespace, model):
+    from .engine import Engine
+
+    return Engine(model, mode=args.mode, max_clips=args.batch_size)
+
+
+def _settings(args: argparse.Namespace, model):
+    from .pipeline import ClipSettings
+
+    return ClipSettings(grid=args.grid or model.config.max_grid, tokens=args.tokens, fps=args.fps, tail=args.tail)
+
+
+def _finish(summary, verb: str) -> int:
+    print(summary.report(verb))
+    return 1 if summary.failed else 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .pipeline import collect_inputs, encode_files
+
+    files = collect_inputs(args.inputs)
+    if not files:
+        raise ValueError(f"no video files found in {args.inputs}")
+    model = _model(args)
+    summary = encode_files(
+        model, _engine(args, model), files, args.output, _settings(args, model),
+        workers=args.workers, group_clips=args.batch_size, overwrite=args.overwrite,
+    )  # fmt: skip
+    return _finish(summary, "encoded")
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .pipeline import decode_files
+    from .tokens import load_tokens
+
+    if not args.tokens:
+        raise ValueError("no token files given")
+    first = load_tokens(args.tokens[0]) if not args.checkpoint else None
+    model = _model(args, token_meta=first)
+    summary = decode_files(
+        _engine(args, model), args.tokens, args.output,
+        with_source=args.side_by_side, force=args.force, overwrite=args.overwrite,
+    )  # fmt: skip
+    return _finish(summary, "decoded")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .pipeline import collect_inputs, evaluate
+
+    model = _model(args)
+    args.tokens = 1
+    table, summary = evaluate(_engine(args, model), collect_inputs(args.inputs), _settings(args, model), args.counts)
+    print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
+    for n, row in table.items():
+        print(f"{n:>8} {row['psnr']:>9.2f} {row['ssim']:>7.4f} {row['clips']:>6}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"weights": model.weights_digest, "results": table}, indent=2))
+        print(f"wrote {args.json}")
+    return _finish(summary, "evaluated")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
     from .loading import convert
 
     digest = convert(args.checkpoint, args.output, config=args.config, use_ema=not args.no_ema)
@@ -15,42 +142,126 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
+    suite = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not suite.is_dir():
+        raise ValueError(f"the benchmark suite is not installed here (expected {suite}); run from a source checkout")
+    cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only", "-q", *args.pytest_args]
+    print("+", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .model import TiTok
+    from .pipeline import collect_inputs, decode_files, encode_files
+    from .video import write_video
 
-    torch.manual_seed(0)
-    model = TiTok("tiny").eval()
-    print("titok-fast demo: tiny config with RANDOM weights (tokens and reconstructions are not meaningful)")
-    clip = torch.linspace(-1, 1, 3 * 12 * 160 * 160).reshape(3, 12, 160, 160)
+    out = Path(args.output)
+    sample = out / "sample.mp4"
+    out.mkdir(parents=True, exist_ok=True)
+    if not sample.exists():
+        write_video(sample, _moving_pattern(frames=24, height=120, width=160), fps=8)
+    args.random_weights = None if args.checkpoint else 0
+    model = _model(args)
+    engine = _engine(args, model)
+    settings = _settings(args, model)
     start = time.perf_counter()
-    _, out = model.encode([clip], [256])
-    recon = model.decode_indices(out["indices"], [tuple(clip.shape[1:])])
+    enc = encode_files(model, engine, collect_inputs([sample]), out / "tokens", settings, overwrite=True)
+    if enc.failed:
+        return _finish(enc, "encoded")
+    dec = decode_files(engine, [out / "tokens" / "sample.safetensors"], out / "recon", with_source=True, overwrite=True)
     seconds = time.perf_counter() - start
-    print(
-        f"encoded 1 clip {list(clip.shape)} to {out['indices'][0].numel()} tokens and decoded it back to "
-        f"{list(recon[0].shape)} in {seconds:.2f} s ({1 / seconds:.2f} clips/s)"
-    )
-    return 0
+    print(enc.report("encoded"))
+    print(dec.report("decoded"))
+    print(f"sample video:    {sample}\ntoken file:      {out / 'tokens' / 'sample.safetensors'}")
+    print(f"side by side:    {out / 'recon' / 'sample.mp4'} (source | reconstruction)")
+    print(f"encode + decode: {enc.clips} clip(s) of {'x'.join(map(str, settings.grid))}, {settings.tokens} tokens, "
+          f"{seconds:.2f} s on {model.device} ({torch.get_num_threads()} threads)")  # fmt: skip
+    return 1 if dec.failed else 0
+
+
+def _moving_pattern(frames: int, height: int, width: int):
+    """A colourful pattern drifting to the right: [3, frames, height, width] in [-1, 1]."""
+    import torch
+
+    t = torch.arange(frames, dtype=torch.float32)[:, None, None]
+    y = torch.linspace(0, 1, height)[None, :, None]
+    x = torch.linspace(0, 1, width)[None, None, :]
+    phase = 6.283 * (x * 2 - t / frames)
+    channels = [torch.sin(phase + 4 * y), torch.cos(phase * 1.5 + 0 * y), torch.sin(2 * phase - 3 * y)]
+    return torch.stack([c.expand(frames, height, width) for c in channels]) * 0.8
+
+
+def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) -> None:
+    p.add_argument("--checkpoint", help="upstream model.ckpt or converted .safetensors")
+    p.add_argument("--config", default=None, help="preset (v1, tiny) or upstream YAML; default: from the weights")
+    if not random_default:
+        p.add_argument("--random-weights", type=int, metavar="SEED", help="use random weights (to try the pipeline)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--mode", choices=("eager", "compile", "cudagraph"), default="eager", help="engine mode")
+    p.add_argument("--batch-size", type=_positive, default=32, help="most clips per batch (default 32)")
+
+
+def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
+    p.add_argument("--grid", type=_grid, default=None, help="clip size TxHxW, e.g. 20x192x192 (default: config)")
+    if tokens:
+        p.add_argument("--tokens", type=_positive, default=256, help="latent tokens per clip (default 256)")
+    p.add_argument("--fps", type=float, default=8.0, help="frames per second sampled from the video (default 8)")
+    p.add_argument("--tail", choices=("drop", "pad"), default="drop", help="a last chunk shorter than T (drop)")
+    p.add_argument("--workers", type=_positive, default=2, help="video decoding threads (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="titok-fast", description="Fast, exact runtime for the TiTok-Video tokenizer."
+        prog="titok-fast",
+        description="Fast, exact runtime for the TiTok-Video tokenizer. With no command, runs the demo.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("encode", help="video files -> token files (.safetensors), resumable")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders (recursive) or .txt path lists")
+    p.add_argument("-o", "--output", required=True, help="output folder for token files")
+    p.add_argument("--overwrite", action="store_true", help="re-encode files whose token file is already complete")
+    _add_model_args(p)
+    _add_clip_args(p)
+    p.set_defaults(run=cmd_encode)
+
+    p = sub.add_parser("decode", help="token files -> mp4 reconstructions")
+    p.add_argument("tokens", nargs="+", metavar="TOKENS", help="token files written by encode")
+    p.add_argument("-o", "--output", required=True, help="output folder for mp4 files")
+    p.add_argument("--side-by-side", action="store_true", help="put the source video left of the reconstruction")
+    p.add_argument("--force", action="store_true", help="decode even if the token file came from other weights")
+    p.add_argument("--overwrite", action="store_true", help="rewrite mp4 files that already exist")
+    _add_model_args(p)
+    p.set_defaults(run=cmd_decode)
+
+    p = sub.add_parser("eval", help="encode + decode, PSNR and SSIM per token count")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders or .txt path lists")
+    p.add_argument("--tokens", dest="counts", type=_counts, default=[128, 256, 1024], help="e.g. 128,256,1024")
+    p.add_argument("--json", help="also write the table as JSON here")
+    _add_model_args(p)
+    _add_clip_args(p, tokens=False)
+    p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("convert", help="upstream Lightning .ckpt -> .safetensors with the config inside")
     p.add_argument("checkpoint", help="upstream model.ckpt")
     p.add_argument("output", help="output .safetensors path")
     p.add_argument("--config", default="v1", help="preset name (v1, tiny) or upstream YAML path (default: v1)")
     p.add_argument("--no-ema", action="store_true", help="take the raw model weights, not the EMA weights")
-    p.set_defaults(run=_cmd_convert)
+    p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("demo", help="encode and decode a synthetic clip with the tiny config and random weights")
-    p.set_defaults(run=_cmd_demo)
+    p = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark); extra args go to pytest")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="e.g. -k encode --benchmark-json out.json")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("demo", help="sample video -> tokens -> side-by-side mp4, tiny config (random weights)")
+    p.add_argument("-o", "--output", default="titok-fast-demo", help="output folder (default titok-fast-demo)")
+    _add_model_args(p, random_default=True)
+    _add_clip_args(p)
+    p.set_defaults(run=cmd_demo, grid=(8, 64, 96), tokens=128, workers=1)
     return parser
 
 
@@ -58,17 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["demo"])
+        args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        if args.debug:
-            raise
-        print(f"titok-fast: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("titok-fast: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # one readable line; --debug shows the traceback
+        if args.debug:
+            raise
+        expected = isinstance(e, (ValueError, TypeError, OSError))
+        print(
+            f"titok-fast: error: {e if expected else f'{type(e).__name__}: {e} (--debug shows where)'}", file=sys.stderr
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import TiTokConfig
+from .layers import perturb_norms
 from .model import TiTok
 
 METADATA_KEY = "titok_fast"
@@ -272,6 +273,22 @@ def load_tokenizer(
     model.load_state_dict(tensors, strict=True, assign=True)
     model.weights_digest = digest
     return model.to(device=device, dtype=dtype).eval()
+
+
+def random_tokenizer(
+    config: object = "tiny",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> TiTok:
+    """A model with reproducible random weights (``perturb_norms`` applied), for demos and tests. Its digest
+    starts with ``random-seed<seed>-`` so token files made with it can be decoded by rebuilding it."""
+    torch.manual_seed(seed)
+    model = TiTok(config, backend=backend).eval()
+    perturb_norms(model)
+    model.weights_digest = f"random-seed{seed}-{weights_digest(model.state_dict())}"
+    return model.to(device=device, dtype=dtype)
 
 
 def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> None:

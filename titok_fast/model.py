@@ -62,6 +62,7 @@ class TiTok(nn.Module):
         self._packings = PackingCache()
         self._fsq: dict[str, FsqConstants] = {}
         self._decoder_table: tuple | None = None
+        self.weights_digest: str | None = None  # set by the loaders; names the weights in token files
 
     @property
     def backend(self) -> str:
