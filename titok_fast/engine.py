@@ -7,6 +7,8 @@ in input order, exactly as ``model.encode`` / ``model.decode_indices`` would giv
 Modes:
 - ``eager``: each batch runs through the model's packed path at its exact size (no padding: dynamic shapes
   cost nothing in eager mode, padding would).
+- ``static``: the fixed-shape path below, run as plain PyTorch (what ``compile`` and ``cudagraph`` capture; for
+  checking them, and for backends that cannot be captured, such as the Triton interpreter).
 - ``compile``: ``torch.compile`` of the fixed-shape path, one graph per (stage, budget); the batch is padded to
   the budget and its layout lives in persistent buffers refilled per batch, so batches never recompile.
 - ``cudagraph``: one CUDA graph per (stage, budget), captured after a warm-up and replayed with refilled buffers.
@@ -30,7 +32,7 @@ from .packing import Packing, StaticBatch
 from .reference import patch_grid, patchify, unpatchify
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768, 65536)
-MODES = ("eager", "compile", "cudagraph")
+MODES = ("eager", "static", "compile", "cudagraph")
 
 
 def pack_greedily(items: Iterable, rows_of: Callable[[object], int], largest: int, max_clips: int) -> Iterator[list]:
@@ -77,7 +79,7 @@ class Engine:
 
     Args:
         model: the model (its device, dtype and backend are used as they are).
-        mode: ``"eager"``, ``"compile"`` or ``"cudagraph"`` (CUDA only).
+        mode: ``"eager"``, ``"static"``, ``"compile"`` or ``"cudagraph"`` (CUDA only).
         budgets: packed-row budgets, e.g. 4k..64k rows.
         max_clips: most clips in one batch (sizes the sequence buffers of the fixed-shape modes).
     """
@@ -268,6 +270,8 @@ class Engine:
         else:  # the decoder table is an input, so the graph holds no Python-side cache lookups
             fn, extra = model.decode_static, model.decoder_table()
         args = (buffers.inputs, buffers.batch, *extra)
+        if self.mode == "static":
+            return lambda: fn(*args)
         if self.mode == "compile":
             compiled = torch.compile(fn, backend=self._counting_inductor, dynamic=False)
             return lambda: compiled(*args)

@@ -1,0 +1,67 @@
+"""The whole model with backend="triton" against the oracle; on a CPU the kernels run in the Triton interpreter."""
+
+import pytest
+import torch
+
+from titok_fast.engine import Engine
+
+from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
+from triton_mode import triton_mode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(8, 32, 24), (4, 8, 8), (4, 16, 32)]
+COUNTS = [16, 1, 9]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter():
+    with triton_mode(interpret=DEVICE == "cpu"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models():
+    model = make_model("tiny", "triton")
+    return model.to(DEVICE), make_reference(model).cpu()
+
+
+def test_triton_backend_matches_oracle_fp32(models):
+    model, ref = models
+    videos = random_videos(SHAPES)
+    codes, out = model.encode([v.to(DEVICE) for v in videos], COUNTS)
+    ref_codes, ref_out = ref.encode(videos, COUNTS)
+    assert agreement([i.cpu() for i in out["indices"]], ref_out["indices"]) >= 0.999
+    assert distinct(ref_out["indices"]) >= 5
+    assert codes.dtype == torch.float32 and codes.shape == ref_codes.shape
+    recon = model.decode_indices(out["indices"], SHAPES)
+    for r, rr in zip(recon, ref.decode_indices(ref_out["indices"], SHAPES), strict=True):
+        assert rel_l2(r.cpu(), rr) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["static", "cudagraph"] if DEVICE == "cuda" else ["static"])
+def test_fixed_shape_path_matches_packed_path(models, mode):
+    """Token budget, device-side cu_seqlens, padding rows: the same tokens and the same videos."""
+    model, _ = models
+    videos = [v.to(DEVICE) for v in random_videos(SHAPES)]
+    _, out = model.encode(videos, COUNTS)
+    recon = model.decode_indices(out["indices"], SHAPES)
+    engine = Engine(model, mode=mode, budgets=(512,))
+    _, got = engine.encode(videos, COUNTS)
+    assert all(torch.equal(a, b) for a, b in zip(got["indices"], out["indices"], strict=True))
+    for r, rr in zip(engine.decode_indices(out["indices"], SHAPES), recon, strict=True):
+        assert rel_l2(r, rr) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_not_below_oracle_noise_floor():
+    """bf16 on the GPU: within one point of the bf16 oracle's own agreement with the fp32 oracle."""
+    model32 = make_model("tiny", "reference")
+    shapes, counts = [(12, 160, 160), (8, 128, 96), (4, 64, 64)], [256, 384, 128]
+    videos = random_videos(shapes)
+    _, truth = model32.encode(videos, counts)
+    floor_model = make_model("tiny", "reference").to(torch.bfloat16)
+    _, floor_out = floor_model.encode([v.bfloat16() for v in videos], counts)
+    fast = make_model("tiny", "triton").to("cuda", torch.bfloat16)
+    _, out = fast.encode([v.cuda().bfloat16() for v in videos], counts)
+    floor = agreement(floor_out["indices"], truth["indices"])
+    assert agreement([i.cpu() for i in out["indices"]], truth["indices"]) >= floor - 0.01
