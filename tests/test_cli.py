@@ -1,0 +1,155 @@
+"""The titok-fast command line end to end, on videos made here, with random weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import av
+import pytest
+import torch
+
+from titok_fast.cli import build_parser, main
+from titok_fast.tokens import load_tokens
+
+from videos import make_scrambled, make_video
+
+GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
+RANDOM = ["--random-weights", "0", "--config", "tiny", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Good videos of several kinds, in nested folders, plus one corrupted file."""
+    root = tmp_path_factory.mktemp("videos")
+    (root / "sub").mkdir()
+    make_video(root / "moving.mp4", frames=30, height=48, width=64, fps=24)  # 1.25 s -> 10 frames -> 2 clips
+    make_video(root / "sub" / "odd.mkv", frames=12, height=37, width=53, fps=12)  # odd size, 1 s -> 2 clips
+    make_video(root / "sub" / "vfr.mp4", frames=20, height=32, width=32, vfr=True)
+    make_video(root / "single.mp4", frames=1, height=32, width=48, fps=8)  # one frame: padded clip
+    make_scrambled(root / "broken.mp4", root / "moving.mp4")
+    return root
+
+
+def run(*args, capsys=None) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+def test_encode_folder_reports_the_broken_file_and_encodes_the_rest(folder, tmp_path, capsys):
+    out = tmp_path / "tokens"
+    code, stdout, stderr = run("encode", folder, "-o", out, *GRID, "--tail", "pad", *RANDOM, capsys=capsys)
+    assert code == 1  # one file failed
+    assert "FAILED" in stdout and "broken.mp4" in stdout and "encoded 4 file(s)" in stdout
+    assert "RANDOM weights" in stderr
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors"))
+    assert names == ["moving.safetensors", "single.safetensors", "sub/odd.safetensors", "sub/vfr.safetensors"]
+    moving = load_tokens(out / "moving.safetensors")
+    assert moving.token_counts.tolist() == [8, 8, 8]  # 10 frames at 8 fps in chunks of 4, the tail padded
+    assert moving.grids.tolist() == [[4, 32, 32]] * 3
+    assert moving.start_times.tolist() == [0.0, 0.5, 1.0]
+    assert (moving.tail, moving.last_chunk_frames, moving.fps) == ("pad", 2, 8.0)
+    assert moving.model_config["tokenizer"]["model"]["encoder_size"] == "tiny_thin"
+    assert moving.weights_digest.startswith("random-seed0-")
+    assert load_tokens(out / "single.safetensors").last_chunk_frames == 1
+
+    code, stdout, _ = run("encode", folder, "-o", out, *GRID, "--tail", "pad", *RANDOM, capsys=capsys)
+    assert "encoded 0 file(s)" in stdout and "skipped 4 already complete" in stdout and code == 1
+
+    decoded = tmp_path / "videos"
+    code, stdout, _ = run("decode", *sorted(out.rglob("*.safetensors")), "-o", decoded, "--side-by-side", capsys=capsys)
+    assert code == 0, stdout
+    with av.open(str(decoded / "moving.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 10 and frames[0].shape == (32, 64, 3)  # real frames only; source | reconstruction
+    with av.open(str(decoded / "single.mp4")) as c:
+        assert len(list(c.decode(video=0))) == 1
+
+
+def test_tokens_match_the_model_directly(folder, tmp_path, capsys):
+    """What the CLI writes is what model.encode gives for the same clips."""
+    from titok_fast.loading import random_tokenizer
+    from titok_fast.video import read_clips
+
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    clips = read_clips(folder / "moving.mp4", frames=4, height=32, width=32, fps=8).clips
+    _, out = random_tokenizer("tiny", seed=0).encode(clips, [8] * len(clips))
+    stored = load_tokens(tmp_path / "moving.safetensors").all_indices()
+    assert all(torch.equal(a.long(), b) for a, b in zip(out["indices"], stored, strict=True))
+
+
+def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    tokens = tmp_path / "moving.safetensors"
+    other = ["--random-weights", "1", "--config", "tiny"]
+    code, stdout, _ = run("decode", tokens, "-o", tmp_path / "v", *other, capsys=capsys)
+    assert code == 1 and "made by weights random-seed0-" in stdout and "--force" in stdout
+    code, _, _ = run("decode", tokens, "-o", tmp_path / "v", *other, "--force", capsys=capsys)
+    assert code == 0 and (tmp_path / "v" / "moving.mp4").exists()
+
+
+def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    code, stdout, _ = run(
+        "eval", folder / "moving.mp4", "--tokens", "4,16", "--grid", "4x32x32", *RANDOM, "--json", report,
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0
+    assert "PSNR" in stdout and "SSIM" in stdout
+    results = json.loads(report.read_text())["results"]
+    assert set(results) == {"4", "16"} and all(r["clips"] == 2 for r in results.values())
+    assert all(0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1 for r in results.values())
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, capsys):
+    code, _, err = run("encode", tmp_path / "missing.mp4", "-o", tmp_path, *RANDOM, capsys=capsys)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "no video files found" in err
+    (tmp_path / "a.mp4").write_bytes(b"")
+    code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", "--config", "tiny", capsys=capsys)
+    assert code == 2 and "--checkpoint" in err and "--random-weights" in err
+    with pytest.raises(SystemExit) as e:
+        main(["encode", str(tmp_path), "-o", "x", "--grid", "20x192"])
+    assert e.value.code == 2 and "must look like 20x192x192" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["encode", "decode", "eval", "convert", "bench", "demo"])
+def test_every_command_has_complete_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.help != "==SUPPRESS==" and action.dest != "help":
+            assert action.help, f"{command}: option {action.dest} has no help"
+            assert (action.option_strings[0] if action.option_strings else action.metavar or action.dest) in text
+
+
+def test_killed_run_resumes(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        make_video(src / f"clip{i}.mp4", frames=48, height=64, width=64, fps=24)
+    out = tmp_path / "tokens"
+    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), "-o", str(out), "--grid", "4x64x64",
+           "--tokens", "64", "--batch-size", "1", "--workers", "1", *RANDOM]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.safetensors")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(p.name for p in out.glob("*.safetensors"))
+    assert 1 <= len(first) < 6, "the run was not interrupted midway; make the clips longer"
+    for name in first:  # whatever was written under its final name is complete
+        load_tokens(out / name)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"skipped {len(first)} already complete" in done.stdout
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"clip{i}.safetensors" for i in range(6)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
