@@ -114,3 +114,20 @@ def test_rotation_is_adjacent_pair_complex_multiplication():
         z = complex(x[r, h, 2 * p], x[r, h, 2 * p + 1]) * complex(math.cos(angles[r, p]), math.sin(angles[r, p]))
         assert out[r, h, 2 * p].item() == pytest.approx(z.real, abs=1e-5)
         assert out[r, h, 2 * p + 1].item() == pytest.approx(z.imag, abs=1e-5)
+
+
+def test_fused_attention_reference_matches_explicit():
+    from titok_fast.reference import ReferenceTiTok
+
+    from helpers import make_model, random_videos, rel_l2
+
+    model = make_model("tiny")
+    explicit, fused = ReferenceTiTok("tiny"), ReferenceTiTok("tiny", fused_attention=True)
+    explicit.load_state_dict(model.state_dict())
+    fused.load_state_dict(model.state_dict())
+    videos = random_videos([(4, 16, 24), (8, 8, 8)])
+    (_, a), (_, b) = explicit.encode(videos, [7, 3]), fused.encode(videos, [7, 3])
+    assert all(torch.equal(x, y) for x, y in zip(a["indices"], b["indices"], strict=True))
+    for x, y in zip(explicit.decode_indices(a["indices"], [(4, 16, 24), (8, 8, 8)]),
+                    fused.decode_indices(a["indices"], [(4, 16, 24), (8, 8, 8)]), strict=True):  # fmt: skip
+        assert rel_l2(x, y) <= 1e-5

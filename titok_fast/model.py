@@ -168,11 +168,9 @@ class TiTok(nn.Module):
         """Latent rows [N, W] -> ln_post, proj_out, FSQ -> (codes [N, D] model dtype, indices int32 [N])."""
         enc = self.encoder
         if self._active_backend() == "triton":
-            from kernels.fsq import fsq_encoder_head
+            from .ops import encoder_head
 
-            return fsq_encoder_head(
-                x, enc.ln_post.weight, enc.ln_post.bias, enc.proj_out.weight, enc.proj_out.bias, self._fsq_constants()
-            )
+            return encoder_head(x, enc.ln_post, enc.proj_out, self._fsq_constants())
         z = enc.proj_out(enc.ln_post(x))
         codes, indices = fsq_quantize_ref(z, self._fsq_constants())
         return codes.to(z.dtype), indices
@@ -181,9 +179,9 @@ class TiTok(nn.Module):
         """indices [sum n] -> patch rows [sum G, 768] (model dtype)."""
         table, mask_row = self.decoder_table()
         if self._active_backend() == "triton":
-            from kernels.fsq import fsq_decoder_input
+            from .ops import fsq_decoder_input_op
 
-            x = fsq_decoder_input(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, num_rows=pack.rows)
+            x = fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
         else:
             x = self._scatter_decoder_input(pack, table[indices.long()], mask_row)
         x = self._run_layers(self.decoder.model_layers, x, pack, queries="patch")
@@ -307,31 +305,25 @@ class TiTok(nn.Module):
         return attn.out_proj(out)
 
     def _attention_triton(self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str) -> torch.Tensor:
-        from kernels.mrope_attention import mrope_attention
+        from .ops import attention
 
         cos, sin = self._packings.tables(pack.max_position, self.device)
-        subset = {}
-        if queries != "all":
-            latent = queries == "latent"
-            subset = {
-                "q_cu_seqlens": pack.cu_tokens if latent else pack.cu_patches,
-                "q_starts": pack.latent_starts if latent else pack.patch_starts,
-                "num_q_rows": pack.num_tokens if latent else pack.num_patches,
-            }
-        return mrope_attention(
-            qkv, attn.q_norm.weight, attn.q_norm.bias, attn.k_norm.weight, attn.k_norm.bias,
-            pack.cu_seqlens, pack.positions, cos, sin, attn.q_heads, attn.kv_heads, inplace=True, **subset,
+        if queries == "all":
+            return attention(attn, qkv, pack.cu_seqlens, pack.positions, cos, sin)
+        latent = queries == "latent"
+        return attention(
+            attn, qkv, pack.cu_seqlens, pack.positions, cos, sin,
+            q_cu_seqlens=pack.cu_tokens if latent else pack.cu_patches,
+            q_starts=pack.latent_starts if latent else pack.patch_starts,
+            num_q_rows=pack.num_tokens if latent else pack.num_patches,
         )  # fmt: skip
 
     def _attention_static(self, attn: Attention, qkv: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
         """Every row a query; sequences from the device-side ``cu_seqlens`` (no host reads)."""
         if self._active_backend() == "triton":
-            from kernels.mrope_attention import mrope_attention
+            from .ops import attention
 
-            return mrope_attention(
-                qkv, attn.q_norm.weight, attn.q_norm.bias, attn.k_norm.weight, attn.k_norm.bias,
-                batch.cu_seqlens, batch.positions, batch.cos, batch.sin, attn.q_heads, attn.kv_heads, inplace=True,
-            )  # fmt: skip
+            return attention(attn, qkv, batch.cu_seqlens, batch.positions, batch.cos, batch.sin)
         index = batch.positions[:, PAIR_AXIS].long()
         cos, sin = batch.cos.gather(0, index), batch.sin.gather(0, index)
         q, k, v = self._split_heads(attn, qkv)

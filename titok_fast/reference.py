@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .config import HEAD_DIM, TiTokConfig
 from .layers import Attention, DecoderParams, EncoderParams, Layers
@@ -59,8 +60,9 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).reshape(x.shape).to(x.dtype)
 
 
-def attention(attn: Attention, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """One sequence: x [S, W] -> [S, W]."""
+def attention(attn: Attention, x: torch.Tensor, angles: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """One sequence: x [S, W] -> [S, W]. ``fused``: the softmax attention through SDPA (FlashAttention-2 on a
+    GPU in half precision, as upstream's flash-attn) instead of the explicit float32 softmax."""
     s = x.shape[0]
     hq, hkv = attn.q_heads, attn.kv_heads
     qkv = attn.to_qkv(attn.pre_ln(x))
@@ -72,14 +74,17 @@ def attention(attn: Attention, x: torch.Tensor, angles: torch.Tensor) -> torch.T
     group = hq // hkv
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
+    if fused:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        return attn.out_proj(out[0].transpose(0, 1).reshape(s, hq * HEAD_DIM))
     scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) / math.sqrt(HEAD_DIM)
     out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v.float())
     return attn.out_proj(out.reshape(s, hq * HEAD_DIM).to(x.dtype))
 
 
-def run_layers(layers: Layers, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+def run_layers(layers: Layers, x: torch.Tensor, angles: torch.Tensor, fused: bool = False) -> torch.Tensor:
     for attn, ffn in zip(layers.attn_layer, layers.ffd_layer, strict=True):
-        x = x + attention(attn, x, angles)
+        x = x + attention(attn, x, angles, fused)
         x = x + ffn(x)
     return x
 
@@ -108,7 +113,7 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: tuple[int, ...]) -> torc
 
 
 def encode(
-    config: TiTokConfig, enc: EncoderParams, videos: list[torch.Tensor], token_counts: list[int]
+    config: TiTokConfig, enc: EncoderParams, videos: list[torch.Tensor], token_counts: list[int], fused: bool = False
 ) -> tuple[torch.Tensor, dict]:
     """Per video: patchify, proj_in, [mask tokens ; patches], layers, first n rows, ln_post, proj_out, FSQ."""
     all_codes, all_indices = [], []
@@ -116,7 +121,7 @@ def encode(
         grid = patch_grid(tuple(video.shape[1:]), config.patch_size)
         patches = enc.proj_in(patchify(video, config.patch_size))
         x = torch.cat([enc.mask_token.expand(n, -1), patches])
-        x = run_layers(enc.model_layers, x, mrope_angles(n, grid))
+        x = run_layers(enc.model_layers, x, mrope_angles(n, grid).to(x.device), fused)
         z = enc.proj_out(enc.ln_post(x[:n]))
         codes, indices = fsq_quantize(z, config.fsq_levels)
         all_codes.append(codes.to(z.dtype))
@@ -125,7 +130,12 @@ def encode(
 
 
 def decode(
-    config: TiTokConfig, dec: DecoderParams, codes: torch.Tensor, token_counts: list[int], grids: list
+    config: TiTokConfig,
+    dec: DecoderParams,
+    codes: torch.Tensor,
+    token_counts: list[int],
+    grids: list,
+    fused: bool = False,
 ) -> list[torch.Tensor]:
     """Per video: proj_in(codes), [codes ; mask tokens], ln_pre, layers, last G rows, proj_out, un-patchify."""
     videos, start = [], 0
@@ -133,28 +143,32 @@ def decode(
         grid = patch_grid(tuple(shape), config.patch_size)
         g = math.prod(grid)
         x = torch.cat([dec.proj_in(codes[start : start + n]), dec.mask_token.expand(g, -1)])
-        x = run_layers(dec.model_layers, dec.ln_pre(x), mrope_angles(n, grid))
+        x = run_layers(dec.model_layers, dec.ln_pre(x), mrope_angles(n, grid).to(x.device), fused)
         videos.append(unpatchify(dec.proj_out(x[n:]), tuple(shape), config.patch_size))
         start += n
     return videos
 
 
 class ReferenceTiTok(torch.nn.Module):
-    """The oracle as a module with upstream's parameter names and API (inputs are trusted, not checked)."""
+    """The oracle as a module with upstream's parameter names and API (inputs are trusted, not checked).
 
-    def __init__(self, config: object = "v1"):
+    ``fused_attention=True`` runs the softmax attention through SDPA: on a GPU in half precision that is
+    FlashAttention-2, which makes this upstream's own inference path (the benchmarks' reference)."""
+
+    def __init__(self, config: object = "v1", fused_attention: bool = False):
         super().__init__()
+        self.fused_attention = fused_attention
         self.config = TiTokConfig.from_any(config)
         self.encoder = EncoderParams(self.config)
         self.decoder = DecoderParams(self.config)
 
     @torch.no_grad()
     def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
-        return encode(self.config, self.encoder, videos, token_counts)
+        return encode(self.config, self.encoder, videos, token_counts, self.fused_attention)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
-        return decode(self.config, self.decoder, codes, token_counts, grids)
+        return decode(self.config, self.decoder, codes, token_counts, grids, self.fused_attention)
 
     def decode_indices(self, indices, grids, token_counts=None) -> list[torch.Tensor]:
         if isinstance(indices, torch.Tensor):
