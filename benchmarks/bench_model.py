@@ -1,66 +1,136 @@
-"""End-to-end encode/decode throughput: the oracle vs titok-fast, clips/s and tokens/s.
+"""End-to-end encode/decode throughput: the reference vs titok-fast, clips/s, tokens/s, peak memory, MFU.
 
-CPU cases (the tiny config, 12x160x160 clips, 256 tokens, batch 4; V1 with one 8x64x64 clip and 128 tokens)
-run anywhere. Run: ``python -m pytest benchmarks/bench_model.py --benchmark-only``.
+- CPU (any machine): the tiny config (12x160x160 clips, 256 tokens, batch 4) and V1 (one 8x64x64 clip, 128
+  tokens); providers ``reference`` (the oracle), ``torch`` (the lean model) and ``engine`` (eager engine).
+- GPU (skipped without CUDA): V1 in bf16 at 20x192x192 with 256 and 1024 tokens, batches 1, 8, 32, and a mixed
+  batch (144-192p, 8-20 frames, 128-1024 tokens); providers ``reference`` (the oracle with FlashAttention-2
+  through SDPA: upstream's inference path), ``eager``, ``compile``, ``cudagraph`` (the engine, triton backend).
+
+``titok-fast bench`` runs this file and prints the table; ``python benchmarks/report.py out.json`` does too.
 """
 
 from __future__ import annotations
 
+import math
 import platform
+import random
 
 import pytest
 import torch
 
-from titok_fast import TiTok
-from titok_fast.layers import perturb_norms
-from titok_fast.reference import ReferenceTiTok
+from titok_fast.config import TiTokConfig
+from titok_fast.engine import Engine
+from titok_fast.loading import random_tokenizer
+from titok_fast.reference import ReferenceTiTok, patch_grid
 
-CPU_CASES = {
-    "tiny-12x160x160-n256-b4": ("tiny", (12, 160, 160), 256, 4),
-    "v1-8x64x64-n128-b1": ("v1", (8, 64, 64), 128, 1),
-}
+CUDA = torch.cuda.is_available()
+H100_DENSE_BF16 = 989e12  # FLOP/s, the card's dense bf16 peak, for model FLOP utilisation
 _MODELS: dict = {}
 
 
-def cpu_model(config: str, provider: str):
-    """One set of random weights per config, shared by every provider."""
-    if config not in _MODELS:
-        torch.manual_seed(0)
-        model = TiTok(config, backend="torch").eval()
-        perturb_norms(model)
-        _MODELS[config] = model
-    model = _MODELS[config]
+def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list) -> float:
+    rows = [n + math.prod(patch_grid(s, config.patch_size)) for s, n in zip(shapes, counts, strict=True)]
+    return (config.encoder if stage == "encode" else config.decoder).flops(rows)
+
+
+def model_for(config: str, provider: str, device: str, dtype: torch.dtype):
+    """One set of random weights per (config, device, dtype), shared by every provider."""
+    key = (config, device, dtype)
+    if key not in _MODELS:
+        _MODELS[key] = random_tokenizer(config, seed=0, device=device, dtype=dtype)
+    model = _MODELS[key]
     if provider == "reference":
-        ref = ReferenceTiTok(model.config).eval()
+        ref = ReferenceTiTok(model.config, fused_attention=device == "cuda")
         ref.load_state_dict(model.state_dict())
-        return ref
-    return model
+        return ref.to(device=device, dtype=dtype).eval()
+    model.backend = "torch" if device == "cpu" else "triton"
+    if provider in ("torch",):
+        return model
+    mode = "eager" if provider == "engine" else provider
+    return Engine(model, mode=mode, max_clips=32)
 
 
-def _record(benchmark, clips: int, tokens: int) -> None:
+def clips(shapes: list, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand((3, *s), generator=g) * 2 - 1).to(device=device, dtype=dtype) for s in shapes]
+
+
+def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds):
+    runner = model_for(config, provider, device, dtype)
+    videos = clips(shapes, device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if stage == "encode":
+
+        def step():
+            out = runner.encode(videos, counts)
+            sync()
+            return out
+    else:
+        _, out = runner.encode(videos, counts)
+        indices = out["indices"]
+
+        def step():
+            recon = runner.decode_indices(indices, shapes)
+            sync()
+            return recon
+
+    for _ in range(2):  # warm-up outside the timed rounds: compilation, autotuning, graph capture
+        step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=0)
     mean = benchmark.stats.stats.mean
+    cfg = TiTokConfig.from_any(config)
+    flops = clip_flops(cfg, stage, shapes, counts)
     benchmark.extra_info.update(
-        clips_per_s=clips / mean,
-        tokens_per_s=tokens / mean,
-        device=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(),
+        stage=stage,
+        provider=provider,
+        clips_per_s=len(shapes) / mean,
+        tokens_per_s=sum(counts) / mean,
+        tflops_per_s=flops / mean / 1e12,
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         torch=torch.__version__,
+        threads=torch.get_num_threads(),
     )
+    if device == "cuda":
+        benchmark.extra_info.update(
+            peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, mfu=flops / mean / H100_DENSE_BF16
+        )
 
 
-@pytest.mark.parametrize("provider", ["reference", "torch"])
+CPU_CASES = {
+    "tiny-12x160x160-n256-b4": ("tiny", [(12, 160, 160)] * 4, [256] * 4),
+    "v1-8x64x64-n128-b1": ("v1", [(8, 64, 64)], [128]),
+}
+
+
+@pytest.mark.parametrize("provider", ["reference", "torch", "engine"])
 @pytest.mark.parametrize("case", list(CPU_CASES))
 @pytest.mark.parametrize("stage", ["encode", "decode"])
-def test_cpu_throughput(benchmark, stage, case, provider):
-    config, shape, tokens, batch = CPU_CASES[case]
-    model = cpu_model(config, provider)
-    g = torch.Generator().manual_seed(0)
-    videos = [torch.rand((3, *shape), generator=g) * 2 - 1 for _ in range(batch)]
-    counts = [tokens] * batch
+def test_cpu(benchmark, stage, case, provider):
+    config, shapes, counts = CPU_CASES[case]
     benchmark.group = f"cpu-{stage}-{case}"
-    if stage == "encode":
-        benchmark.pedantic(model.encode, args=(videos, counts), rounds=3, warmup_rounds=1)
-    else:
-        _, out = model.encode(videos, counts)
-        benchmark.pedantic(model.decode_indices, args=(out["indices"], [shape] * batch), rounds=3, warmup_rounds=1)
-    _record(benchmark, batch, tokens * batch)
+    run_case(benchmark, stage, config, provider, shapes, counts, "cpu", torch.float32, rounds=3)
+
+
+def mixed_batch(size: int = 32, seed: int = 0) -> tuple[list, list]:
+    rng = random.Random(seed)
+    shapes = [(rng.choice([8, 12, 16, 20]), rng.choice([144, 160, 176, 192]), rng.choice([144, 160, 176, 192]))
+              for _ in range(size)]  # fmt: skip
+    return shapes, [rng.randint(128, 1024) for _ in range(size)]
+
+
+GPU_CASES = {
+    **{f"v1-20x192x192-n{n}-b{b}": ([(20, 192, 192)] * b, [n] * b) for n in (256, 1024) for b in (1, 8, 32)},
+    "v1-mixed-b32": mixed_batch(),
+}
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", ["reference", "eager", "compile", "cudagraph"])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("stage", ["encode", "decode"])
+def test_gpu(benchmark, stage, case, provider):
+    shapes, counts = GPU_CASES[case]
+    benchmark.group = f"gpu-{stage}-{case}"
+    run_case(benchmark, stage, "v1", provider, shapes, counts, "cuda", torch.bfloat16, rounds=5)

@@ -72,3 +72,10 @@ def test_from_any_rejects_unknown_preset_and_types():
         TiTokConfig.from_any("v9")
     with pytest.raises(TypeError, match="config must be"):
         TiTokConfig.from_any(42)
+
+
+def test_flop_counts_match_spec():
+    v1 = PRESETS["v1"]
+    assert v1.encoder.flops([3904]) == pytest.approx(0.82e12, rel=0.02)  # 20x192x192, 1024 tokens
+    assert v1.encoder.flops([2880 + 256]) == pytest.approx(0.58e12, rel=0.02)
+    assert v1.decoder.flops([3904]) == pytest.approx(2.72e12, rel=0.02)

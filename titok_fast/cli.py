@@ -146,9 +146,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     suite = Path(__file__).resolve().parent.parent / "benchmarks"
     if not suite.is_dir():
         raise ValueError(f"the benchmark suite is not installed here (expected {suite}); run from a source checkout")
-    cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only", "-q", *args.pytest_args]
-    print("+", " ".join(cmd))
-    return subprocess.call(cmd)
+    results = Path(args.json)
+    files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py")]
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={results}"]
+    cmd += ["-k", args.select] if args.select else []
+    print("+", " ".join(cmd), file=sys.stderr)
+    code = subprocess.call(cmd)
+    if results.exists():
+        sys.path.insert(0, str(suite))
+        from report import table
+
+        print(table(str(results)))
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -253,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="take the raw model weights, not the EMA weights")
     p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark); extra args go to pytest")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="e.g. -k encode --benchmark-json out.json")
+    p = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) and print the results table")
+    p.add_argument("--json", default="benchmark-results.json", help="where to keep the raw results")
+    p.add_argument("-k", dest="select", help="only benchmarks matching this pytest expression, e.g. gpu or cpu")
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("demo", help="sample video -> tokens -> side-by-side mp4, tiny config (random weights)")

@@ -42,6 +42,13 @@ class StackSize:
         """FFN inner width I = 32 * ceil(int(mlp_ratio * 2/3 * W) / 32)."""
         return 32 * math.ceil(int(self.mlp_ratio * 2 / 3 * self.width) / 32)
 
+    def flops(self, sequence_lengths: list[int]) -> float:
+        """Model FLOPs of this stack over packed sequences: every row through every layer (SPEC 9 counts)."""
+        w, inner = self.width, self.ffn_inner
+        per_row = 2 * w * ((self.q_heads + 2 * self.kv_heads) * HEAD_DIM + w + 3 * inner)
+        attention = sum(4 * s * s * self.q_heads * HEAD_DIM for s in sequence_lengths)
+        return self.layers * (per_row * sum(sequence_lengths) + attention)
+
     @classmethod
     def named(cls, name: str) -> StackSize:
         if name not in SIZES:

@@ -1,0 +1,42 @@
+"""Print a pytest-benchmark JSON file as markdown tables, with the speed-up over the reference per case.
+
+Usage: ``python benchmarks/report.py results.json``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+COLUMNS = [
+    ("clips/s", "clips_per_s", "{:.2f}"),
+    ("tokens/s", "tokens_per_s", "{:.0f}"),
+    ("TFLOP/s", "tflops_per_s", "{:.1f}"),
+    ("MFU", "mfu", "{:.1%}"),
+    ("peak GiB", "peak_mem_gib", "{:.1f}"),
+]
+
+
+def table(path: str) -> str:
+    data = json.load(open(path))
+    groups = defaultdict(list)
+    for bench in data["benchmarks"]:
+        groups[bench["group"]].append(bench)
+    lines = []
+    for group, benches in groups.items():
+        info = [b["extra_info"] for b in benches]
+        used = [c for c in COLUMNS if any(c[1] in i for i in info)]
+        base = next((i["clips_per_s"] for i in info if i.get("provider") == "reference"), None)
+        lines += [f"\n**{group}** ({info[0].get('device', '?')}, torch {info[0].get('torch', '?')})", ""]
+        lines.append("| provider | " + " | ".join(c[0] for c in used) + " | vs reference |")
+        lines.append("|---" * (len(used) + 2) + "|")
+        for i in info:
+            cells = [fmt.format(i[key]) if key in i else "" for _, key, fmt in used]
+            ratio = f"{i['clips_per_s'] / base:.2f}x" if base else ""
+            lines.append(f"| {i.get('provider', '?')} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1]))
