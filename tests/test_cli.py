@@ -153,3 +153,19 @@ def test_killed_run_resumes(tmp_path):
     assert f"skipped {len(first)} already complete" in done.stdout
     assert sorted(p.name for p in out.glob("*.safetensors")) == [f"clip{i}.safetensors" for i in range(6)]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+
+
+def test_decode_finds_the_checkpoint_named_in_the_token_file(folder, tmp_path, capsys):
+    from titok_fast.loading import random_tokenizer, save_safetensors
+
+    weights = tmp_path / "w.safetensors"
+    save_safetensors(random_tokenizer("tiny", seed=5), weights)
+    code, _, _ = run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, "--checkpoint", weights, capsys=capsys)
+    assert code == 0
+    token_file = load_tokens(tmp_path / "moving.safetensors")
+    assert token_file.weights_source == str(weights.resolve()) and not token_file.weights_digest.startswith("random")
+    code, stdout, _ = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v", capsys=capsys)
+    assert code == 0 and "decoded 1 file(s)" in stdout
+    weights.rename(tmp_path / "moved.safetensors")
+    code, _, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v2", capsys=capsys)
+    assert code == 2 and "which is not here: pass --checkpoint" in err

@@ -52,18 +52,24 @@ def _device_dtype(args: argparse.Namespace):
 
 
 def _model(args: argparse.Namespace, token_meta=None):
-    """The model named by --checkpoint / --random-weights, or by a token file's metadata."""
+    """The model named by --checkpoint / --random-weights, or else by a token file's metadata."""
     from .loading import load_tokenizer, random_tokenizer
 
     device, dtype = _device_dtype(args)
-    if args.checkpoint:
-        return load_tokenizer(args.checkpoint, config=args.config, device=device, dtype=dtype)
-    seed = getattr(args, "random_weights", None)
-    if seed is None and token_meta is not None:
-        m = re.match(r"random-seed(\d+)-", token_meta.weights_digest)
-        if not m:
-            raise ValueError(f"token files were made by weights {token_meta.weights_digest}: pass --checkpoint")
-        seed, args.config = int(m.group(1)), token_meta.model_config
+    checkpoint, seed = args.checkpoint, getattr(args, "random_weights", None)
+    if checkpoint is None and seed is None and token_meta is not None:
+        random = re.match(r"random-seed(\d+)-", token_meta.weights_digest)
+        if random:
+            seed, args.config = int(random.group(1)), token_meta.model_config
+        elif token_meta.weights_source and Path(token_meta.weights_source).is_file():
+            checkpoint = token_meta.weights_source
+        else:
+            raise ValueError(
+                f"the token files name weights {token_meta.weights_digest} from "
+                f"{token_meta.weights_source or 'an unknown file'!r}, which is not here: pass --checkpoint"
+            )
+    if checkpoint:
+        return load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype)
     if seed is None:
         raise ValueError(
             "no weights: pass --checkpoint (an upstream model.ckpt or a converted .safetensors), "
@@ -110,7 +116,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     if not args.tokens:
         raise ValueError("no token files given")
-    first = load_tokens(args.tokens[0]) if not args.checkpoint else None
+    first = load_tokens(args.tokens[0]) if not (args.checkpoint or args.random_weights is not None) else None
     model = _model(args, token_meta=first)
     summary = decode_files(
         _engine(args, model), args.tokens, args.output,

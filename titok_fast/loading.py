@@ -272,6 +272,7 @@ def load_tokenizer(
         model = TiTok(cfg, backend=backend)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.weights_digest = digest
+    model.weights_source = str(Path(path).resolve())
     return model.to(device=device, dtype=dtype).eval()
 
 

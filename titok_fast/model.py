@@ -63,6 +63,7 @@ class TiTok(nn.Module):
         self._fsq: dict[str, FsqConstants] = {}
         self._decoder_table: tuple | None = None
         self.weights_digest: str | None = None  # set by the loaders; names the weights in token files
+        self.weights_source = ""  # the checkpoint path the weights came from, set by load_tokenizer
 
     @property
     def backend(self) -> str:

@@ -191,6 +191,7 @@ def _token_file(model: TiTok, clip_set: ClipSet, indices: list, settings: ClipSe
         tail=clip_set.tail,
         last_chunk_frames=clip_set.last_clip_frames,
         codebook_size=model.config.codebook_size,
+        weights_source=model.weights_source,
     )
 
 

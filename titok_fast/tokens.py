@@ -8,7 +8,7 @@ Tensors:
   start_times   float64 [chunks]      start of each chunk, seconds
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
 "fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int},
-"codebook_size": int}.
+"codebook_size": int, "weights_source": str}.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
 name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
@@ -45,6 +45,7 @@ FIELDS = {  # metadata field -> accepted types, as stored in JSON and held by To
     "fps": (int, float),
     "source": (str,),
     "codebook_size": (int,),
+    "weights_source": (str,),
 }
 CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frames": (int,)}
 
@@ -67,6 +68,7 @@ class TokenFile:
     source: the source video's path
     frames_per_chunk, tail, last_chunk_frames: the chunking policy and the real frames of the last chunk
     codebook_size: number of codes, at most 32768
+    weights_source: where the weights were loaded from (a checkpoint path), "" if unknown or random
     """
 
     indices: torch.Tensor
@@ -81,6 +83,7 @@ class TokenFile:
     tail: str
     last_chunk_frames: int
     codebook_size: int
+    weights_source: str = ""
 
     def __post_init__(self) -> None:
         _check_token_file(self)
@@ -100,6 +103,7 @@ class TokenFile:
         tail: str,
         last_chunk_frames: int,
         codebook_size: int,
+        weights_source: str = "",
     ) -> TokenFile:
         """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times."""
         flat = torch.cat([i.reshape(-1).long() for i in chunk_indices] or [torch.zeros(0, dtype=torch.int64)])
@@ -117,6 +121,7 @@ class TokenFile:
             tail=tail,
             last_chunk_frames=last_chunk_frames,
             codebook_size=codebook_size,
+            weights_source=weights_source,
         )
 
     @cached_property
