@@ -85,10 +85,11 @@ def _engine(args: argparse.Namespace, model):
     return Engine(model, mode=args.mode, max_clips=args.batch_size)
 
 
-def _settings(args: argparse.Namespace, model):
+def _settings(args: argparse.Namespace, model, tokens: int | None = None):
     from .pipeline import ClipSettings
 
-    return ClipSettings(grid=args.grid or model.config.max_grid, tokens=args.tokens, fps=args.fps, tail=args.tail)
+    tokens = args.tokens if tokens is None else tokens
+    return ClipSettings(grid=args.grid or model.config.max_grid, tokens=tokens, fps=args.fps, tail=args.tail)
 
 
 def _finish(summary, verb: str) -> int:
@@ -129,8 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, evaluate
 
     model = _model(args)
-    args.tokens = 1
-    table, summary = evaluate(_engine(args, model), collect_inputs(args.inputs), _settings(args, model), args.counts)
+    settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
+    table, summary = evaluate(_engine(args, model), collect_inputs(args.inputs), settings, args.counts)
     print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
     for n, row in table.items():
         print(f"{n:>8} {row['psnr']:>9.2f} {row['ssim']:>7.4f} {row['clips']:>6}")

@@ -156,6 +156,7 @@ class TiTok(nn.Module):
         """The (cached) packed layout for token counts and *patch* grids, on the model's device."""
         return self._packings.packing(token_counts, grids, self.device)
 
+    @torch.no_grad()
     def encode_packed(self, patches: torch.Tensor, pack: Packing) -> tuple[torch.Tensor, torch.Tensor]:
         """patches [sum G, 768] (model dtype) -> (codes [sum n, D], indices int32 [sum n])."""
         enc = self.encoder
@@ -176,6 +177,7 @@ class TiTok(nn.Module):
         codes, indices = fsq_quantize_ref(z, self._fsq_constants())
         return codes.to(z.dtype), indices
 
+    @torch.no_grad()
     def decode_packed(self, indices: torch.Tensor, pack: Packing) -> torch.Tensor:
         """indices [sum n] -> patch rows [sum G, 768] (model dtype)."""
         table, mask_row = self.decoder_table()
@@ -203,6 +205,7 @@ class TiTok(nn.Module):
             self._decoder_table = (key, table, mask_row)
         return self._decoder_table[1], self._decoder_table[2]
 
+    @torch.no_grad()
     def encode_static(self, patch_rows: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed-shape encode for the engine: patch_rows [rows, 768] (zeros on latent and padding rows) ->
         (codes [rows, D], indices int32 [rows]); only latent rows are meaningful. Every layer runs on every row,
@@ -212,6 +215,7 @@ class TiTok(nn.Module):
         x = self._run_layers(enc.model_layers, x, batch, queries="all")
         return self._encoder_head(x)
 
+    @torch.no_grad()
     def decode_static(
         self, indices: torch.Tensor, batch: StaticBatch, table: torch.Tensor, mask_row: torch.Tensor
     ) -> torch.Tensor:
