@@ -38,9 +38,10 @@ def test_triton_backend_matches_oracle_fp32(models):
         assert rel_l2(r.cpu(), rr) <= 1e-4
 
 
-@pytest.mark.parametrize("mode", ["static", "cudagraph"] if DEVICE == "cuda" else ["static"])
+@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"] if DEVICE == "cuda" else ["static", "compile"])
 def test_fixed_shape_path_matches_packed_path(models, mode):
-    """Token budget, device-side cu_seqlens, padding rows: the same tokens and the same videos."""
+    """Token budget, device-side cu_seqlens, padding rows: the same tokens and the same videos. ``compile``
+    checks the kernels' custom ops under torch.compile (fake shapes, declared mutation): one graph per stage."""
     model, _ = models
     videos = [v.to(DEVICE) for v in random_videos(SHAPES)]
     _, out = model.encode(videos, COUNTS)
@@ -50,6 +51,10 @@ def test_fixed_shape_path_matches_packed_path(models, mode):
     assert all(torch.equal(a, b) for a, b in zip(got["indices"], out["indices"], strict=True))
     for r, rr in zip(engine.decode_indices(out["indices"], SHAPES), recon, strict=True):
         assert rel_l2(r, rr) <= 1e-5
+    if mode in ("compile", "cudagraph"):
+        _, again = engine.encode(videos[::-1], COUNTS[::-1])  # new contents, same budget: no new graph
+        assert all(torch.equal(a, b) for a, b in zip(again["indices"], out["indices"][::-1], strict=True))
+        assert engine.compiles == 2
 
 
 @pytest.mark.gpu
