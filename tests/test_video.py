@@ -249,3 +249,21 @@ def test_metric_shape_checks():
         psnr(torch.zeros(3, 1, 16, 16), torch.zeros(3, 2, 16, 16))
     with pytest.raises(ValueError, match="at least 11 x 11"):
         ssim(torch.zeros(3, 1, 8, 16), torch.zeros(3, 1, 8, 16))
+
+
+def test_iter_videos_turns_any_failure_into_that_files_error(tmp_path, monkeypatch):
+    import titok_fast.video as video
+
+    good = videos.make_video(tmp_path / "good.mp4", frames=16, height=32, width=32, fps=8)
+    real = video.read_clips
+
+    def flaky(path, **kwargs):
+        if "bad" in str(path):
+            raise MemoryError("decoder ran out of memory")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(video, "read_clips", flaky)
+    results = list(iter_videos([tmp_path / "bad.mp4", good], workers=2, prefetch=2, frames=8, height=16, width=16))
+    assert isinstance(results[0][1], VideoError) and "MemoryError" in str(results[0][1])
+    assert "bad.mp4" in str(results[0][1])
+    assert not isinstance(results[1][1], VideoError) and len(results[1][1].clips) == 2

@@ -129,7 +129,7 @@ def encode_files(
                 continue
             summary.done.append(str(clip_set.path))
             summary.clips += len(indices)
-        bar.update(len(group))
+        bar.update(len(summary.done) + len(summary.failed) - bar.n)
         bar.set_postfix(clips_per_s=f"{summary.clips / (time.perf_counter() - start):.2f}")
     bar.close()
     summary.failed += [(str(p), "not read") for p, _ in todo if _unaccounted(p, summary)]

@@ -122,8 +122,8 @@ def iter_videos(
 ) -> Iterator[tuple[str | os.PathLike[str], ClipSet | VideoError]]:
     """Read many videos with `workers` threads, ahead of the consumer; yield (path, ClipSet or VideoError) in order.
 
-    At most `prefetch` videos are decoding or decoded but not yet yielded. A VideoError is yielded as that file's
-    result and the others go on. `read_kwargs` go to read_clips.
+    At most `prefetch` videos are decoding or decoded but not yet yielded. Any failure on a file is yielded as that
+    file's VideoError and the others go on. `read_kwargs` go to read_clips.
     """
     if workers < 1 or prefetch < 1:
         raise ValueError(f"workers and prefetch must be >= 1; got {workers} and {prefetch}")
@@ -237,10 +237,15 @@ def _open(path: str) -> av.container.InputContainer:
 
 
 def _read_or_error(path: str | os.PathLike[str], read_kwargs: dict) -> ClipSet | VideoError:
+    """One file's result; whatever goes wrong with this file becomes its VideoError, so the batch goes on."""
     try:
         return read_clips(path, **read_kwargs)
     except VideoError as exc:
         return exc
+    except Exception as exc:  # an unforeseen failure on one file must not stop the others
+        error = VideoError(f"{os.fspath(path)}: cannot be read ({type(exc).__name__}: {exc})")
+        error.__cause__ = exc
+        return error
 
 
 def _resample(
