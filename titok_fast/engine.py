@@ -101,7 +101,7 @@ class Engine:
         self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured (mode "cudagraph")
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
-        self._outputs: dict[tuple[str, int], object] = {}
+        self._copy_stream = None  # CUDA side stream for host-to-device copies of the next batch
 
     # --------------------------------------------------------------------------------------------- public API
     def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
@@ -162,7 +162,13 @@ class Engine:
 
     def _finish(self, pending, run) -> Iterator:
         batch, staged = pending
-        results = self._run_splitting(run, batch, staged.result())
+        tensors, copied = staged.result()
+        if copied is not None:  # the compute stream waits for the side-stream copies, and owns their memory
+            stream = torch.cuda.current_stream(self.model.device)
+            stream.wait_event(copied)
+            for t in tensors:
+                t.record_stream(stream)
+        results = self._run_splitting(run, batch, tensors)
         yield from zip((item[0] for item in batch), results, strict=True)
 
     def _run_splitting(self, run, batch: list, staged: list) -> list:
@@ -179,16 +185,29 @@ class Engine:
                 run, batch[half:], staged[half:]
             )
 
-    def _to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if self.model.device.type == "cuda" and t.device.type == "cpu":
-            t = t.pin_memory()
-        return t.to(device=self.model.device, dtype=dtype or t.dtype, non_blocking=True)
+    def _stage(self, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[torch.Tensor], object]:
+        """Copy a batch's inputs to the model's device. On CUDA: from pinned memory on a side stream, so the copy
+        overlaps the batch running now; returns the tensors and the event that marks the copies done."""
+        device = self.model.device
+        if device.type != "cuda":
+            return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._copy_stream):
+            out = [
+                t.pin_memory().to(device=device, dtype=dtype or t.dtype, non_blocking=True) if t.device.type == "cpu"
+                else t.to(dtype=dtype or t.dtype)
+                for t in tensors
+            ]  # fmt: skip
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        return out, copied
 
-    def _stage_videos(self, batch: list) -> list[torch.Tensor]:
-        return [self._to_device(video, self.model.dtype) for _, video, _ in batch]
+    def _stage_videos(self, batch: list) -> tuple[list[torch.Tensor], object]:
+        return self._stage([video for _, video, _ in batch], self.model.dtype)
 
-    def _stage_indices(self, batch: list) -> list[torch.Tensor]:
-        return [self._to_device(idx) for _, idx, _ in batch]
+    def _stage_indices(self, batch: list) -> tuple[list[torch.Tensor], object]:
+        return self._stage([idx for _, idx, _ in batch], None)
 
     # ----------------------------------------------------------------------------------------------- encode
     def _run_encode(self, batch: list, videos: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
