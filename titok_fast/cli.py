@@ -211,12 +211,23 @@ def _moving_pattern(frames: int, height: int, width: int):
 
 def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) -> None:
     p.add_argument("--checkpoint", help="upstream model.ckpt or converted .safetensors")
-    p.add_argument("--config", default=None, help="preset (v1, tiny) or upstream YAML; default: from the weights")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="preset (v1, tiny) or upstream YAML; default: the config stored in a .safetensors, v1 for a .ckpt, "
+        "tiny for random weights",
+    )
     if not random_default:
         p.add_argument("--random-weights", type=int, metavar="SEED", help="use random weights (to try the pipeline)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--mode", choices=("eager", "compile", "cudagraph"), default="eager", help="engine mode")
+    p.add_argument(
+        "--mode",
+        choices=("eager", "compile", "cudagraph"),
+        default="eager",
+        help="eager: batches at their exact size; compile: torch.compile per token budget; cudagraph: a CUDA graph per "
+        "token budget (default eager)",
+    )
     p.add_argument("--batch-size", type=_positive, default=32, help="most clips per batch (default 32)")
 
 
@@ -225,7 +236,12 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
     if tokens:
         p.add_argument("--tokens", type=_positive, default=256, help="latent tokens per clip (default 256)")
     p.add_argument("--fps", type=float, default=8.0, help="frames per second sampled from the video (default 8)")
-    p.add_argument("--tail", choices=("drop", "pad"), default="drop", help="a last chunk shorter than T (drop)")
+    p.add_argument(
+        "--tail",
+        choices=("drop", "pad"),
+        default="drop",
+        help="a last chunk shorter than T frames: drop it, or pad it by repeating its last frame (default drop)",
+    )
     p.add_argument("--workers", type=_positive, default=2, help="video decoding threads (default 2)")
 
 
