@@ -122,3 +122,15 @@ def test_save_safetensors_round_trip(tiny, tmp_path):
     save_safetensors(tiny, tmp_path / "w.safetensors")
     model = load_tokenizer(tmp_path / "w.safetensors")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny.state_dict().items())
+
+
+def test_tampered_archive_is_a_clear_error(tiny, tmp_path):
+    import zipfile
+
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny, ema=False)
+    with zipfile.ZipFile(tmp_path / "m.ckpt") as src, zipfile.ZipFile(tmp_path / "cut.ckpt", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data[: len(data) // 2] if item.filename.endswith("/data/0") else data)
+    with pytest.raises(CheckpointError, match="cannot be read from the archive"):
+        load_tokenizer(tmp_path / "cut.ckpt", config="tiny")

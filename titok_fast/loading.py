@@ -250,7 +250,12 @@ def load_state(
     with torch.device("meta"):
         shell = TiTok(cfg, backend="torch")
     _check_and_fill(shell, refs, path)
-    tensors = {k: archive.tensor(r) if isinstance(r, _TensorRef) else r for k, r in refs.items()}
+    tensors = {}
+    for key, ref in refs.items():
+        try:
+            tensors[key] = archive.tensor(ref) if isinstance(ref, _TensorRef) else ref
+        except (KeyError, RuntimeError, ValueError) as e:  # missing storage record, sizes past its end, ...
+            raise CheckpointError(f"{path}: tensor {key} cannot be read from the archive ({e})") from e
     return cfg, tensors, weights_digest(tensors)
 
 
