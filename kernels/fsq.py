@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from kernels._common import _find_segment
 
@@ -83,8 +84,11 @@ MAX_HEAD_WIDTH = 8192
 
 
 @triton.jit
-def _tanh(x):
-    """tanh from exp (libdevice.tanh is unavailable under the interpreter); absolute error ~1e-7."""
+def _tanh(x, PRECISE: tl.constexpr):
+    """tanh: libdevice's (as torch's tanhf, within 2 ulp) when compiled; from exp under the interpreter, which
+    has no libdevice (absolute error ~1e-7)."""
+    if PRECISE:
+        return libdevice.tanh(x)
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
@@ -111,6 +115,7 @@ def _fsq_encoder_head_kernel(
     indices_ptr,  # int32 [N]
     num_rows, width, stride_x, stride_w, eps,
     DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISE: tl.constexpr,  # compiled for a GPU: libdevice tanh (the interpreter has none)
 ):
     o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     m_r = o_r < num_rows
@@ -118,9 +123,10 @@ def _fsq_encoder_head_kernel(
     m_w = o_w < width
     m_x = m_r[:, None] & m_w[None, :]
     b_x = tl.load(x_ptr + o_r.to(tl.int64)[:, None] * stride_x + o_w[None, :], mask=m_x, other=0.0).to(tl.float32)
-    mean = tl.sum(b_x, 1) / width
+    # correctly rounded division and square root: the GPU's default approximate ones differ from torch's
+    mean = tl.div_rn(tl.sum(b_x, 1), width.to(tl.float32))
     b_xc = tl.where(m_w[None, :], b_x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc, 1) / width + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(b_xc * b_xc, 1), width.to(tl.float32)) + eps))
     b_lw = tl.load(ln_w_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
     b_lb = tl.load(ln_b_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
     b_xn = (b_xc * rstd[:, None] * b_lw[None, :] + b_lb[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -130,10 +136,10 @@ def _fsq_encoder_head_kernel(
         b_pw = tl.load(proj_w_ptr + d * stride_w + o_w, mask=m_w, other=0.0).to(tl.float32)
         z = tl.sum(b_xn * b_pw[None, :], 1) + tl.load(proj_b_ptr + d).to(tl.float32)
         z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
-        bounded = _tanh(z + tl.load(shift_ptr + d)) * tl.load(half_l_ptr + d) - tl.load(offset_ptr + d)
+        bounded = _tanh(z + tl.load(shift_ptr + d), PRECISE) * tl.load(half_l_ptr + d) - tl.load(offset_ptr + d)
         level = _round_half_even(bounded)
         half_width = tl.load(half_width_ptr + d)
-        code = level / half_width.to(tl.float32)
+        code = tl.div_rn(level, half_width.to(tl.float32))  # exactly torch's q / half_width
         tl.store(codes_ptr + o_r * DIM + d, code.to(codes_ptr.dtype.element_ty), mask=m_r)
         index += (level.to(tl.int32) + half_width) * tl.load(basis_ptr + d)
     tl.store(indices_ptr + o_r, index, mask=m_r)
@@ -229,7 +235,7 @@ def fsq_encoder_head(
     _fsq_encoder_head_kernel[(triton.cdiv(num_rows, cfg["ROWS"]),)](
         x, ln_weight, ln_bias, proj_weight, proj_bias, consts.half_l, consts.offset, consts.shift,
         consts.half_width, consts.basis, codes, indices, num_rows, width, x.stride(0), proj_weight.stride(0), eps,
-        DIM=dim, **cfg,
+        DIM=dim, PRECISE=x.is_cuda, **cfg,
     )
     return codes, indices
 

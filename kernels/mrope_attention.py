@@ -94,7 +94,7 @@ def _norm_rotate_head(
     b_x = tl.load(p_in + o_r[:, None] * stride_in + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
     mean = tl.sum(b_x, 1) / 64
     b_xc = b_x - mean[:, None]
-    rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc, 1) / 64 + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(b_xc * b_xc, 1) / 64 + eps))  # correctly rounded, as torch
     b_y = b_xc * rstd[:, None] * b_w[None, :] + b_b[None, :]
     b_y = b_y.to(p_out.dtype.element_ty).to(tl.float32)
     b_even, b_odd = tl.split(tl.reshape(b_y, (ROWS, 32, 2)))

@@ -46,7 +46,7 @@ def _encoder_head(dtype, width, dim):
     ptrs = dict.fromkeys(["x_ptr", "ln_w_ptr", "ln_b_ptr", "proj_w_ptr", "proj_b_ptr", "codes_ptr"], TYPE[dtype])
     ptrs.update(dict.fromkeys(["half_l_ptr", "offset_ptr", "shift_ptr"], "fp32"))
     ptrs.update(dict.fromkeys(["half_width_ptr", "basis_ptr", "indices_ptr"], "i32"))
-    return "_fsq_encoder_head_kernel", fsq, dict(fsq.encoder_head_config(width), DIM=dim), ptrs
+    return "_fsq_encoder_head_kernel", fsq, dict(fsq.encoder_head_config(width), DIM=dim, PRECISE=True), ptrs
 
 
 def _decoder_input(dtype, index_type):
@@ -113,7 +113,7 @@ def compile_all(outdir: Path) -> None:
             continue
         (folder / "kernel.ptx").write_text(kernel.asm["ptx"])
         (folder / "kernel.cubin").write_bytes(kernel.asm["cubin"])
-        meta = {"shared": kernel.metadata.shared, "n_spills": getattr(kernel.metadata, "n_spills", 0)}
+        meta = {"shared": kernel.metadata.shared}
         (folder / "meta.json").write_text(json.dumps(meta))
 
 
@@ -138,7 +138,6 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     if case.startswith("attention"):
         assert "wgmma.mma_async" in ptx
     assert meta["shared"] <= 227 * 1024
-    assert meta["n_spills"] == 0  # only set once loaded on a GPU
     cubin = folder / "kernel.cubin"
     usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     assert re.search(r"STACK:0 ", usage) and re.search(r"LOCAL:0 ", usage), usage
