@@ -88,20 +88,20 @@ def test_stream_yields_keys_in_input_order(model, expected):
 def test_out_of_memory_splits_the_batch_and_loses_nothing(model, expected, monkeypatch):
     videos, _, indices, _ = expected
     engine = Engine(model, budgets=(1024,), max_clips=8)
-    real_encode, calls = model.encode, []
+    real_encode, calls = model.encode_packed, []
 
-    def encode_with_small_memory(vs, counts):
-        calls.append(len(vs))
-        if len(vs) > 2:
+    def encode_with_small_memory(patches, pack):
+        calls.append(len(pack.token_counts))
+        if len(pack.token_counts) > 2:
             raise torch.OutOfMemoryError("simulated")
-        return real_encode(vs, counts)
+        return real_encode(patches, pack)
 
-    monkeypatch.setattr(model, "encode", encode_with_small_memory)
+    monkeypatch.setattr(model, "encode_packed", encode_with_small_memory)
     _, out = engine.encode(videos, COUNTS)
     assert all(torch.equal(a, b) for a, b in zip(out["indices"], indices, strict=True))
     assert max(calls) > 2 and calls.count(1) + calls.count(2) >= 4
 
-    monkeypatch.setattr(model, "encode", lambda vs, counts: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    monkeypatch.setattr(model, "encode_packed", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(RuntimeError, match="out of memory on clip 0 alone"):
         engine.encode(videos[:1], COUNTS[:1])
 
@@ -118,6 +118,14 @@ def test_engine_rejects_bad_settings_and_clips(model):
         engine.encode(random_videos([(4, 32, 16)]), [64])
     with pytest.raises(ValueError, match="video 0 has shape"):
         engine.encode([torch.zeros(3, 5, 8, 8)], [1])
+    with pytest.raises(ValueError, match="clip 'b': video 0 has shape"):
+        list(engine.encode_stream([("a", torch.zeros(3, 4, 8, 8), 1), ("b", torch.zeros(3, 5, 8, 8), 1)]))
+    with pytest.raises(ValueError, match="indices of clip 'x' holds index 4375"):
+        list(engine.decode_stream([("x", torch.tensor([4375]), (4, 8, 8))]))
+    with pytest.warns(UserWarning, match="budgets above 16384 rows are dropped"):
+        assert Engine(model, mode="static").budgets == (4096, 8192, 16384)
+    with pytest.raises(ValueError, match="reference backend"):
+        Engine(make_model("tiny", "reference"))
 
 
 @pytest.mark.gpu

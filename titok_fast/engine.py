@@ -20,19 +20,22 @@ naming it. Nothing is lost.
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .checks import check_grids, check_token_counts, check_videos
+from .checks import check_grids, check_indices, check_token_counts, check_videos
 from .model import TiTok
 from .packing import Packing, StaticBatch
 from .reference import patch_grid, patchify, unpatchify
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768, 65536)
 MODES = ("eager", "static", "compile", "cudagraph")
+TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
 
 def pack_greedily(items: Iterable, rows_of: Callable[[object], int], largest: int, max_clips: int) -> Iterator[list]:
@@ -95,20 +98,36 @@ class Engine:
             raise ValueError(f"budgets must be integers >= 2 (packed rows), got {list(budgets)}")
         if max_clips < 1:
             raise ValueError(f"max_clips must be >= 1, got {max_clips}")
+        if model.backend == "reference":
+            raise ValueError("the engine runs the packed path, which the reference backend does not have: use 'torch' "
+                             "or 'triton' (or 'auto')")  # fmt: skip
         self.model, self.mode = model, mode
         self.budgets = tuple(sorted(set(budgets)))
+        if mode in ("static", "compile") and model._active_backend() == "torch":
+            kept = tuple(b for b in self.budgets if b <= TORCH_FIXED_SHAPE_MAX_BUDGET)
+            if kept != self.budgets:
+                warnings.warn(
+                    f"the torch backend's fixed-shape path attends with a dense [budget, budget] mask; budgets above "
+                    f"{TORCH_FIXED_SHAPE_MAX_BUDGET} rows are dropped (the triton backend on a GPU takes larger ones)",
+                    stacklevel=2,
+                )
+            self.budgets = kept or (TORCH_FIXED_SHAPE_MAX_BUDGET,)
         self.max_clips = max_clips
         self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured (mode "cudagraph")
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
         self._copy_stream = None  # CUDA side stream for host-to-device copies of the next batch
+        # staging (pinned allocations, copies) on the worker thread must not run while a CUDA graph is captured
+        self._capture_lock = threading.Lock()
+        self._graph_pool = None  # one memory pool for every captured graph: they never run at the same time
 
     # --------------------------------------------------------------------------------------------- public API
     def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
         """Like ``model.encode``: ``(codes [sum n, D], {"indices": tuple of int32 [n_i]})`` in input order."""
         check_videos(videos, self.model.config.patch_size)
         counts = check_token_counts(token_counts, len(videos))
-        results = [r for _, r in self.encode_stream(zip(range(len(videos)), videos, counts, strict=True))]
+        items = zip(range(len(videos)), videos, counts, strict=True)  # checked above: straight to the batching
+        results = [r for _, r in self._stream(items, self._encode_rows, self._stage_videos, self._run_encode)]
         codes = torch.cat([c for c, _ in results])
         return codes, {"indices": tuple(i for _, i in results)}
 
@@ -116,9 +135,8 @@ class Engine:
         """Like ``model.decode_indices``: one [3, T, H, W] per clip, in input order."""
         packed, counts = self.model._pack_indices(indices, token_counts)
         shapes = check_grids(grids, len(counts), self.model.config.patch_size)
-        per_clip = packed.split(counts)
-        items = zip(range(len(counts)), per_clip, shapes, strict=True)
-        return [video for _, video in self.decode_stream(items)]
+        items = zip(range(len(counts)), packed.split(counts), shapes, strict=True)
+        return [video for _, video in self._stream(items, self._decode_rows, self._stage_indices, self._run_decode)]
 
     def encode_stream(
         self, items: Iterable[tuple[object, torch.Tensor, int]]
@@ -126,26 +144,46 @@ class Engine:
         """``(key, video [3, T, H, W], n)`` items -> ``(key, (codes [n, D], indices int32 [n]))`` in input order.
 
         Batches are formed as items arrive; the next batch is staged (copied to the device) on a worker thread
-        while the current one runs."""
-        cfg = self.model.config
+        while the current one runs. Each clip is checked as it arrives."""
+        patch = self.model.config.patch_size
 
-        def rows_of(item) -> int:
-            _, video, n = item
-            return n + math.prod(patch_grid(tuple(video.shape[1:]), cfg.patch_size))
+        def checked(items):
+            for key, video, n in items:
+                try:
+                    check_videos([video], patch)
+                    check_token_counts([n], 1)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"clip {key!r}: {e}") from None
+                yield key, video, n
 
-        yield from self._stream(items, rows_of, self._stage_videos, self._run_encode)
+        yield from self._stream(checked(items), self._encode_rows, self._stage_videos, self._run_encode)
+
+    def _encode_rows(self, item) -> int:
+        _, video, n = item
+        return n + math.prod(patch_grid(tuple(video.shape[1:]), self.model.config.patch_size))
 
     def decode_stream(
         self, items: Iterable[tuple[object, torch.Tensor, tuple[int, int, int]]]
     ) -> Iterator[tuple[object, torch.Tensor]]:
-        """``(key, indices [n], pixel shape (T, H, W))`` items -> ``(key, video [3, T, H, W])`` in input order."""
-        cfg = self.model.config
+        """``(key, indices [n], pixel shape (T, H, W))`` items -> ``(key, video [3, T, H, W])`` in input order.
 
-        def rows_of(item) -> int:
-            _, idx, shape = item
-            return idx.numel() + math.prod(patch_grid(tuple(shape), cfg.patch_size))
+        Each clip's indices are checked (an index outside the codebook would be a device-side fault)."""
+        codebook, patch = self.model.config.codebook_size, self.model.config.patch_size
 
-        yield from self._stream(items, rows_of, self._stage_indices, self._run_decode)
+        def checked(items):
+            for key, idx, shape in items:
+                check_indices(idx, codebook, f"indices of clip {key!r}")
+                try:
+                    check_grids([shape], 1, patch)
+                except ValueError as e:
+                    raise ValueError(f"clip {key!r}: {e}") from None
+                yield key, idx, shape
+
+        yield from self._stream(checked(items), self._decode_rows, self._stage_indices, self._run_decode)
+
+    def _decode_rows(self, item) -> int:
+        _, idx, shape = item
+        return idx.numel() + math.prod(patch_grid(tuple(shape), self.model.config.patch_size))
 
     # ------------------------------------------------------------------------------------------- batching
     def _stream(self, items, rows_of, stage, run) -> Iterator:
@@ -193,7 +231,8 @@ class Engine:
             return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(self._copy_stream):
+        with self._capture_lock, torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_stream(torch.cuda.current_stream(device))  # inputs made on the GPU are ready
             out = [
                 t.pin_memory().to(device=device, dtype=dtype or t.dtype, non_blocking=True) if t.device.type == "cpu"
                 else t.to(dtype=dtype or t.dtype)
@@ -212,9 +251,11 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- encode
     def _run_encode(self, batch: list, videos: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         counts = [n for _, _, n in batch]
-        if self.mode == "eager":
-            codes, out = self.model.encode(videos, counts)
-            return list(zip(codes.split(counts), out["indices"], strict=True))
+        if self.mode == "eager":  # inputs were checked on entry: straight to the packed path, no re-validation
+            model, cfg = self.model, self.model.config
+            pack = model.packing(counts, [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos])
+            codes, indices = model.encode_packed(torch.cat([patchify(v, cfg.patch_size) for v in videos]), pack)
+            return [(c.clone(), i.clone()) for c, i in zip(codes.split(counts), indices.split(counts), strict=True)]
         cfg = self.model.config
         grids = [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos]
         rows = [n + math.prod(g) for n, g in zip(counts, grids, strict=True)]
@@ -231,8 +272,9 @@ class Engine:
     def _run_decode(self, batch: list, indices: list[torch.Tensor]) -> list[torch.Tensor]:
         shapes = [tuple(shape) for _, _, shape in batch]
         counts = [idx.numel() for idx in indices]
-        if self.mode == "eager":
-            return self.model.decode_indices(list(indices), shapes)
+        if self.mode == "eager":  # inputs were checked on entry
+            grids = [patch_grid(s, self.model.config.patch_size) for s in shapes]
+            return self.model._decode_indices_packed(torch.cat(indices), self.model.packing(counts, grids), shapes)
         cfg = self.model.config
         grids = [patch_grid(s, cfg.patch_size) for s in shapes]
         budget = pick_budget(sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True)), self.budgets)
@@ -295,18 +337,22 @@ class Engine:
             compiled = torch.compile(fn, backend=self._counting_inductor, dynamic=False)
             return lambda: compiled(*args)
         # cudagraph: warm up on a side stream (Triton autotuning, allocator), then capture once
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn(*args)
+        device = model.device
+        with self._capture_lock, torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn(*args)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = fn(*args)
         self.compiles += 1
 
-        def replay():
+        def replay():  # outputs live in the shared pool: callers copy what they keep before the next replay
             graph.replay()
             return out
 
