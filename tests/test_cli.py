@@ -169,3 +169,30 @@ def test_decode_finds_the_checkpoint_named_in_the_token_file(folder, tmp_path, c
     weights.rename(tmp_path / "moved.safetensors")
     code, _, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v2", capsys=capsys)
     assert code == 2 and "which is not here: pass --checkpoint" in err
+
+
+def test_changed_clip_settings_re_encode_instead_of_skipping(folder, tmp_path, capsys):
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    code, stdout, _ = run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    assert "skipped 1 already complete" in stdout
+    more = ["--grid", "4x32x32", "--tokens", "16", "--fps", "8"]
+    code, stdout, _ = run("encode", folder / "moving.mp4", "-o", tmp_path, *more, *RANDOM, capsys=capsys)
+    assert code == 0 and "encoded 1 file(s)" in stdout and "skipped 0" in stdout
+    assert load_tokens(tmp_path / "moving.safetensors").token_counts.tolist() == [16, 16]
+
+
+def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys):
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    (tmp_path / "0broken.safetensors").write_bytes(b"garbage")
+    files = [tmp_path / "0broken.safetensors", tmp_path / "moving.safetensors"]
+    code, stdout, _ = run("decode", *files, "-o", tmp_path / "v", capsys=capsys)
+    assert code == 1 and "decoded 1 file(s)" in stdout and "FAILED" in stdout and "0broken" in stdout
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "moving.safetensors").write_bytes((tmp_path / "moving.safetensors").read_bytes())
+    code, _, err = run("decode", files[1], tmp_path / "x" / "moving.safetensors", "-o", tmp_path / "w", capsys=capsys)
+    assert code == 2 and "would both write moving.mp4" in err
+
+
+def test_debug_flag_after_the_command_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["encode", str(tmp_path / "missing.mp4"), "-o", str(tmp_path), "--debug"])

@@ -79,3 +79,7 @@ def test_flop_counts_match_spec():
     assert v1.encoder.flops([3904]) == pytest.approx(0.82e12, rel=0.02)  # 20x192x192, 1024 tokens
     assert v1.encoder.flops([2880 + 256]) == pytest.approx(0.58e12, rel=0.02)
     assert v1.decoder.flops([3904]) == pytest.approx(2.72e12, rel=0.02)
+
+
+def test_direct_construction_takes_lists():
+    assert TiTokConfig(fsq_levels=[7, 7, 7, 5, 5], max_grid=[20, 192, 192]) == PRESETS["v1"]

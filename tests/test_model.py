@@ -87,7 +87,7 @@ def test_bfloat16_runs_and_stays_near_float32(tiny, backend):
     codes, out16 = model16.encode(videos, MIXED_TOKENS[:2])
     assert codes.dtype == torch.bfloat16
     _, out32 = model.encode(videos, MIXED_TOKENS[:2])
-    assert agreement(out16["indices"], out32["indices"]) >= 0.5
+    assert agreement(out16["indices"], out32["indices"]) >= 0.9  # measured: about 0.97 (RESULTS.md)
     recon = model16.decode_indices(out16["indices"], MIXED[:2])
     assert recon[0].dtype == torch.bfloat16 and recon[0].shape == (3, *MIXED[0])
 

@@ -7,6 +7,7 @@ failed, after finishing all the others.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import subprocess
@@ -62,7 +63,7 @@ def _model(args: argparse.Namespace, token_meta=None):
         if random:
             seed, args.config = int(random.group(1)), token_meta.model_config
         elif token_meta.weights_source and Path(token_meta.weights_source).is_file():
-            checkpoint = token_meta.weights_source
+            checkpoint, args.config = token_meta.weights_source, args.config or token_meta.model_config
         else:
             raise ValueError(
                 f"the token files name weights {token_meta.weights_digest} from "
@@ -113,17 +114,29 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from .pipeline import decode_files
-    from .tokens import load_tokens
 
     if not args.tokens:
         raise ValueError("no token files given")
-    first = load_tokens(args.tokens[0]) if not (args.checkpoint or args.random_weights is not None) else None
+    first = None
+    if not (args.checkpoint or args.random_weights is not None):  # the first readable token file names the model
+        first = next((t for t in map(_try_load_tokens, args.tokens) if t is not None), None)
+        if first is None:
+            raise ValueError("none of the token files can be read, so none names the model: pass --checkpoint")
     model = _model(args, token_meta=first)
     summary = decode_files(
         _engine(args, model), args.tokens, args.output,
         with_source=args.side_by_side, force=args.force, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "decoded")
+
+
+def _try_load_tokens(path):
+    from .tokens import TokenFileError, load_tokens
+
+    try:
+        return load_tokens(path)
+    except TokenFileError:
+        return None  # decode_files reports it, with the others
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -251,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast, exact runtime for the TiTok-Video tokenizer. With no command, runs the demo.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the command too; absent: keep the top level's
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[debug])
 
     p = sub.add_parser("encode", help="video files -> token files (.safetensors), resumable")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders (recursive) or .txt path lists")

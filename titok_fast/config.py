@@ -73,6 +73,9 @@ class TiTokConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        for key in ("patch_size", "fsq_levels", "max_grid", "num_token_range"):  # lists are fine too
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         _check_int_seq("patch_size", self.patch_size, 3)
         _check_int_seq("max_grid", self.max_grid, 3)
         _check_int_seq("num_token_range", self.num_token_range, 2)

@@ -174,7 +174,8 @@ def _select_state(root: object, path: Path, use_ema: bool) -> tuple[dict, str]:
             if not isinstance(key, str) or not key.startswith(prefix):
                 continue
             name = key[len(prefix) :]
-            name = name[len("module.") :] if name.startswith("module.") else name
+            for wrapper in ("module.", "_orig_mod."):  # DataParallel/EMA wrappers, torch.compile
+                name = name[len(wrapper) :] if name.startswith(wrapper) else name
             if name.startswith(("encoder.", "decoder.")):
                 picked[name] = value
         if picked:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .engine import Engine
+from .loading import weights_digest
 from .model import TiTok
 from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_tokens
 from .video import ClipSet, VideoError, iter_videos, psnr, read_clips, side_by_side, ssim, write_video
@@ -104,10 +105,12 @@ def encode_files(
     outdir = Path(outdir)
     summary = Summary()
     start = time.perf_counter()
+    if model.weights_digest is None:  # token files must name their weights
+        model.weights_digest = weights_digest(model.state_dict())
     todo = []
     for path, name in files:
         out = outdir / f"{name}.safetensors"
-        if not overwrite and is_complete(out, weights_digest=model.weights_digest):
+        if not overwrite and _already_encoded(out, model, settings):
             summary.skipped.append(str(path))
         else:
             todo.append((path, out))
@@ -135,6 +138,19 @@ def encode_files(
     summary.failed += [(str(p), "not read") for p, _ in todo if _unaccounted(p, summary)]
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _already_encoded(out: Path, model: TiTok, settings: ClipSettings) -> bool:
+    """A complete token file made by the same weights with the same clip settings (else it is redone)."""
+    if not is_complete(out, weights_digest=model.weights_digest):
+        return False
+    done = load_tokens(out)
+    return (
+        done.fps == settings.fps
+        and done.tail == settings.tail
+        and bool((done.token_counts == settings.tokens).all())
+        and bool((done.grids == torch.tensor(settings.grid, dtype=torch.int32)).all())
+    )
 
 
 def _unaccounted(path: Path, summary: Summary) -> bool:
@@ -235,6 +251,11 @@ def decode_files(
 ) -> Summary:
     """Token files -> ``outdir/<stem>.mp4`` (optionally the source beside the reconstruction)."""
     outdir = Path(outdir)
+    stems: dict[str, str] = {}
+    for path in paths:
+        other = stems.setdefault(Path(path).stem, str(path))
+        if other != str(path):
+            raise InputError(f"token files {other} and {path} would both write {Path(path).stem}.mp4; rename one")
     summary = Summary()
     start = time.perf_counter()
     for path in tqdm(paths, unit="file", file=sys.stderr, disable=None):
@@ -291,4 +312,3 @@ def evaluate(
     summary.clips = len(clips) * len(token_counts)
     summary.seconds = time.perf_counter() - start
     return table, summary
-
