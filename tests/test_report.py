@@ -1,0 +1,28 @@
+"""benchmarks/report.py turns pytest-benchmark JSON into the tables of RESULTS.md."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from report import table  # noqa: E402
+
+
+def test_table_has_a_row_per_provider_and_the_ratio_to_the_baseline(tmp_path):
+    def bench(group, provider, **info):
+        return {"group": group, "extra_info": {"provider": provider, "device": "card", "torch": "x", **info}}
+
+    data = {
+        "benchmarks": [
+            bench("gpu-encode", "reference", clips_per_s=2.0, tokens_per_s=512.0),
+            bench("gpu-encode", "cudagraph", clips_per_s=7.0, tokens_per_s=1792.0, mfu=0.61, peak_mem_gib=3.5),
+            bench("attention", "titok", tflops_per_s=410.0),
+            bench("attention", "torch_flash", tflops_per_s=300.0),
+        ]
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    text = table(str(path))
+    assert "| cudagraph | 7.00 | 1792 | 61.0% | 3.5 | 3.50x |" in text
+    assert "| reference | 2.00 | 512 |  |  | 1.00x |" in text
+    assert "| titok | 410.0 | 1.37x |" in text
