@@ -33,9 +33,11 @@ AXIS_PAIRS = (12, 10, 10)  # rotary pairs driven by the t, h and w position (axi
 
 
 def pair_frequencies() -> torch.Tensor:
-    """float64 [32]: f_p = (pi/2) * 10000 ** (p / (P-1)) for each axis' P pairs, t pairs first."""
-    parts = [(math.pi / 2) * 10000.0 ** (torch.arange(p, dtype=torch.float64) / (p - 1)) for p in AXIS_PAIRS]
-    return torch.cat(parts)
+    """float64 [32]: f_p = (pi/2) * 10000 ** (p / (P-1)) for each axis' P pairs, t pairs first.
+
+    Computed exactly as upstream does (``10000 ** linspace(0, 1, P) * pi / 2`` in float64), so the tables match
+    upstream's to the last bit (``p / (P-1)`` differs from linspace by one ulp for a few pairs)."""
+    return torch.cat([10000.0 ** torch.linspace(0.0, 1.0, p, dtype=torch.float64) * math.pi / 2.0 for p in AXIS_PAIRS])
 
 
 def pair_axis() -> torch.Tensor:

@@ -47,8 +47,8 @@ def mrope_angles(n_tokens: int, grid: tuple[int, int, int]) -> torch.Tensor:
     pos += [(a + n_tokens, b + n_tokens, c + n_tokens) for a in range(gt) for b in range(gh) for c in range(gw)]
     pos = torch.tensor(pos, dtype=torch.float64)
     columns = []
-    for axis, pairs in enumerate((12, 10, 10)):
-        freqs = torch.tensor([(math.pi / 2) * 10000.0 ** (p / (pairs - 1)) for p in range(pairs)], dtype=torch.float64)
+    for axis, pairs in enumerate((12, 10, 10)):  # frequencies as upstream computes them, bit for bit
+        freqs = 10000.0 ** torch.linspace(0.0, 1.0, pairs, dtype=torch.float64) * math.pi / 2.0
         columns.append(pos[:, axis : axis + 1] * freqs)
     return torch.cat(columns, dim=1)
 
