@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 
-def _is_int(x: object) -> bool:
+def is_integer(x: object) -> bool:
     if isinstance(x, torch.Tensor):
         return x.numel() == 1 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -56,7 +56,7 @@ def check_token_counts(token_counts: object, expected: int | None, what: str = "
     """Validate per-video latent token counts (integers >= 1), one per video when ``expected`` is given."""
     if isinstance(token_counts, torch.Tensor):
         token_counts = token_counts.tolist() if token_counts.dim() else [token_counts.item()]
-    if _is_int(token_counts):
+    if is_integer(token_counts):
         raise TypeError(f"token_counts must be a list with one integer per video, got the single value {token_counts}")
     if not isinstance(token_counts, Sequence):
         raise TypeError(f"token_counts must be a list of integers, got {type(token_counts).__name__}")
@@ -66,7 +66,7 @@ def check_token_counts(token_counts: object, expected: int | None, what: str = "
         raise ValueError("empty batch: token_counts is empty")
     out = []
     for i, n in enumerate(token_counts):
-        if not _is_int(n):
+        if not is_integer(n):
             raise TypeError(f"token count of video {i} is {n!r}; expected an integer >= 1")
         if int(n) < 1:
             raise ValueError(f"token count of video {i} is {int(n)}; expected an integer >= 1")
@@ -84,7 +84,7 @@ def check_grids(grids: object, expected: int, patch: tuple[int, int, int]) -> li
     for i, g in enumerate(grids):
         if isinstance(g, torch.Tensor):
             g = g.tolist()
-        if not isinstance(g, Sequence) or len(g) != 3 or not all(_is_int(s) for s in g):
+        if not isinstance(g, Sequence) or len(g) != 3 or not all(is_integer(s) for s in g):
             raise ValueError(f"grid of video {i} is {g!r}; expected three integers (T, H, W)")
         g = tuple(int(s) for s in g)
         for axis, size, p in zip("THW", g, patch, strict=True):

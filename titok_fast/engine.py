@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_grids, check_indices, check_token_counts, check_videos
-from .model import TiTok
+from .model import TiTok, upstream_argument_order
 from .packing import Packing, StaticBatch
 from .reference import patch_grid, patchify, unpatchify
 
@@ -132,7 +132,8 @@ class Engine:
         return codes, {"indices": tuple(i for _, i in results)}
 
     def decode_indices(self, indices, grids: list, token_counts: list[int] | None = None) -> list[torch.Tensor]:
-        """Like ``model.decode_indices``: one [3, T, H, W] per clip, in input order."""
+        """Like ``model.decode_indices`` (either argument order): one [3, T, H, W] per clip, in input order."""
+        grids, token_counts = upstream_argument_order(grids, token_counts)
         packed, counts = self.model._pack_indices(indices, token_counts)
         shapes = check_grids(grids, len(counts), self.model.config.patch_size)
         items = zip(range(len(counts)), packed.split(counts), shapes, strict=True)

@@ -21,7 +21,7 @@ from kernels.fsq import FsqConstants, fsq_indices_to_codes_ref, fsq_quantize_ref
 from kernels.mrope_attention import pair_axis
 
 from . import reference
-from .checks import check_codes, check_grids, check_indices, check_token_counts, check_videos
+from .checks import check_codes, check_grids, check_indices, check_token_counts, check_videos, is_integer
 from .config import HEAD_DIM, TiTokConfig
 from .layers import Attention, DecoderParams, EncoderParams, Layers
 from .packing import Packing, PackingCache, StaticBatch
@@ -43,6 +43,18 @@ def attention_dtype(q: torch.Tensor) -> torch.dtype:
     """Half precision on the CPU attends in float32, like the oracle: the CPU kernel's bf16 path cost 0.2 points
     of bf16 index parity in our runs (benchmarks/bf16_parity.py)."""
     return torch.float32 if q.device.type == "cpu" else q.dtype
+
+
+def upstream_argument_order(grids, token_counts):
+    """``(grids, token_counts)`` whichever order they came in: upstream's ``decode_indices(indices, token_counts,
+    grids)`` passes counts (integers) where we take grids (triples), and grids last."""
+    if (
+        isinstance(grids, (list, tuple)) and grids and all(is_integer(n) for n in grids)
+        and isinstance(token_counts, (list, tuple)) and token_counts
+        and all(isinstance(g, (list, tuple)) and len(g) == 3 for g in token_counts)
+    ):  # fmt: skip
+        return token_counts, grids
+    return grids, token_counts
 
 
 class TiTok(nn.Module):
@@ -135,7 +147,10 @@ class TiTok(nn.Module):
     @torch.no_grad()
     def decode_indices(self, indices, grids: list, token_counts: list[int] | None = None) -> list[torch.Tensor]:
         """indices: the tuple/list that ``encode`` returns (one int tensor [n_i] per video), or one packed
-        tensor [sum n] together with ``token_counts``. grids: pixel shapes (T, H, W) per video."""
+        tensor [sum n] together with ``token_counts``. grids: pixel shapes (T, H, W) per video.
+
+        Upstream's own order, ``decode_indices(packed, token_counts, grids)``, is recognised and accepted too."""
+        grids, token_counts = upstream_argument_order(grids, token_counts)
         packed, counts = self._pack_indices(indices, token_counts)
         shapes = check_grids(grids, len(counts), self.config.patch_size)
         packed = packed.to(self.device)
