@@ -196,3 +196,13 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
 def test_debug_flag_after_the_command_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         main(["encode", str(tmp_path / "missing.mp4"), "-o", str(tmp_path), "--debug"])
+
+
+def test_time_sampling_is_recorded_and_reused(folder, tmp_path, capsys):
+    code, _, _ = run("encode", folder / "sub" / "vfr.mp4", "-o", tmp_path, *GRID, "--sampling", "time", *RANDOM,
+                     capsys=capsys)  # fmt: skip
+    assert code == 0
+    assert load_tokens(tmp_path / "vfr.safetensors").sampling == "time"
+    code, stdout, _ = run("decode", tmp_path / "vfr.safetensors", "-o", tmp_path / "v", "--side-by-side",
+                          capsys=capsys)  # fmt: skip
+    assert code == 0 and "decoded 1 file(s)" in stdout  # the source was re-read with the same sampling

@@ -53,7 +53,17 @@ def test_round_trip_is_exact(tmp_path):
     for name in ("indices", "token_counts", "grids", "start_times", "offsets"):
         assert getattr(loaded, name).dtype == getattr(original, name).dtype, name
         assert torch.equal(getattr(loaded, name), getattr(original, name)), name
-    for name in ("model_config", "weights_digest", "fps", "source", "frames_per_chunk", "tail", "last_chunk_frames"):
+    for name in (
+        "model_config",
+        "weights_digest",
+        "fps",
+        "source",
+        "frames_per_chunk",
+        "tail",
+        "last_chunk_frames",
+        "sampling",
+        "weights_source",
+    ):
         assert getattr(loaded, name) == getattr(original, name), name
     assert loaded.codebook_size == CODEBOOK
     assert loaded.offsets.tolist() == [0, 7, 8, 20]
@@ -70,7 +80,12 @@ def test_round_trip_is_exact(tmp_path):
         "start_times": torch.float64,
     }
     assert metadata["version"] == 1
-    assert metadata["chunking"] == {"frames_per_chunk": 16, "tail": "pad", "last_chunk_frames": 5}
+    assert metadata["chunking"] == {
+        "frames_per_chunk": 16,
+        "tail": "pad",
+        "last_chunk_frames": 5,
+        "sampling": "upstream",
+    }
 
 
 def test_from_chunks_keeps_each_chunk():

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from titok_fast import video
-from titok_fast.video import VideoError, iter_videos, psnr, read_clips, side_by_side, ssim, write_video
+from titok_fast.video import (
+    VideoError,
+    iter_videos,
+    normalize_pixels,
+    psnr,
+    read_clips,
+    side_by_side,
+    ssim,
+    write_video,
+)
 
 import videos
 
@@ -69,15 +78,41 @@ def test_clip_count_and_shapes(files, frames, tail, clips, last_clip_frames):
     ids=["24-to-8", "24-to-6", "30-to-8", "5-to-8-upsample", "24-to-24"],
 )
 def test_sampling_picks_last_frame_at_or_before(files, name, source_fps, fps):
-    result = read_clips(files[name], frames=1, height=16, width=16, fps=fps)
+    result = read_clips(files[name], frames=1, height=16, width=16, fps=fps, sampling="time")
     source_frames = {"index24": 48, "index30": 30, "index5": 5}[name]
     samples = math.ceil(Fraction(source_frames * fps, source_fps))  # every k / fps before the end of the video
     assert sampled_indices(result) == [k * source_fps // fps for k in range(samples)]
 
 
+@pytest.mark.parametrize(
+    ("name", "source_fps", "fps", "frames"),
+    [("index30", 30, 8, 4), ("index24", 24, 6, 3), ("index24", 24, 8, 5), ("index5", 5, 8, 2)],
+    ids=["30-to-8-T4", "24-to-6-T3", "24-to-8-T5", "5-to-8-T2-repeats"],
+)
+def test_upstream_sampling_picks_the_notebooks_frames(files, name, source_fps, fps, frames):
+    """As the upstream notebook: chunks of int(T * source_fps / fps) source frames, linspace picks inside."""
+    result = read_clips(files[name], frames=frames, height=16, width=16, fps=fps)
+    source_frames = {"index24": 48, "index30": 30, "index5": 5}[name]
+    length = int(frames * (source_fps / fps))
+    expected = [
+        int(i)
+        for c in range(source_frames // length)
+        for i in np.linspace(c * length, c * length + length - 1, frames, dtype=int)
+    ]
+    assert sampled_indices(result) == expected
+    assert result.start_times == pytest.approx([c * length / source_fps for c in range(len(result.clips))])
+
+
+def test_raw_clips_scale_as_upstream(files):
+    raw = read_clips(files["moving"], frames=4, height=32, width=32, raw=True).clips[0]
+    scaled = read_clips(files["moving"], frames=4, height=32, width=32).clips[0]
+    assert torch.equal(scaled, (raw / 255) * 2 - 1)
+    assert torch.equal(normalize_pixels(raw, torch.bfloat16), (raw.bfloat16() / 255) * 2 - 1)
+
+
 def test_variable_frame_rate_uses_timestamps(files):
     times = videos.vfr_times(16)
-    result = read_clips(files["vfr"], frames=1, height=16, width=16, fps=8)
+    result = read_clips(files["vfr"], frames=1, height=16, width=16, fps=8, sampling="time")
     expected = [max(i for i, t in enumerate(times) if t <= Fraction(k, 8)) for k in range(int(times[-1] * 8) + 1)]
     found = sampled_indices(result)
     assert found[: len(expected)] == expected
@@ -90,12 +125,12 @@ def test_one_frame_video(files):
     assert len(result.clips) == 1 and result.last_clip_frames == 1
     clip = result.clips[0]
     assert torch.equal(clip, clip[:, :1].expand_as(clip))
-    with pytest.raises(VideoError, match=r"one\.mp4 has 1 frames at 8 fps, needs at least 4"):
+    with pytest.raises(VideoError, match=r"one\.mp4 is shorter than one chunk of 4 frames at 8 fps"):
         read_clips(files["one"], frames=4, height=16, width=16)
 
 
 def test_too_short_for_one_chunk(files):
-    with pytest.raises(VideoError, match=r"index24\.mp4 has 16 frames at 8 fps, needs at least 17"):
+    with pytest.raises(VideoError, match=r"index24\.mp4 is shorter than one chunk of 17 frames at 8 fps"):
         read_clips(files["index24"], frames=17, height=16, width=16)
 
 
@@ -165,7 +200,7 @@ def test_iter_videos_keeps_order_and_reports_errors(files):
     assert [path for path, _ in results] == paths
     assert [type(r).__name__ for _, r in results] == ["ClipSet", "VideoError", "ClipSet", "VideoError", "VideoError"]
     assert "empty.mp4: file is empty" in str(results[1][1])
-    assert "one.mp4 has 1 frames" in str(results[4][1])
+    assert "one.mp4 is shorter than one chunk" in str(results[4][1])
     direct = read_clips(files["index24"], frames=4, height=16, width=16)
     assert all(torch.equal(a, b) for a, b in zip(results[2][1].clips, direct.clips, strict=True))
 

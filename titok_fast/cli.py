@@ -90,7 +90,8 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None):
     from .pipeline import ClipSettings
 
     tokens = args.tokens if tokens is None else tokens
-    return ClipSettings(grid=args.grid or model.config.max_grid, tokens=tokens, fps=args.fps, tail=args.tail)
+    grid = args.grid or model.config.max_grid
+    return ClipSettings(grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling)
 
 
 def _finish(summary, verb: str) -> int:
@@ -254,6 +255,13 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         choices=("drop", "pad"),
         default="drop",
         help="a last chunk shorter than T frames: drop it, or pad it by repeating its last frame (default drop)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=("upstream", "time"),
+        default="upstream",
+        help="upstream: the frames upstream's notebook picks (same tokens); time: by presentation time, for "
+        "variable frame rate videos (default upstream)",
     )
     p.add_argument("--workers", type=_positive, default=2, help="video decoding threads (default 2)")
 

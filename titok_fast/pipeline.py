@@ -20,7 +20,17 @@ from .engine import Engine
 from .loading import weights_digest
 from .model import TiTok
 from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_tokens
-from .video import ClipSet, VideoError, iter_videos, psnr, read_clips, side_by_side, ssim, write_video
+from .video import (
+    ClipSet,
+    VideoError,
+    iter_videos,
+    normalize_pixels,
+    psnr,
+    read_clips,
+    side_by_side,
+    ssim,
+    write_video,
+)
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
@@ -52,12 +62,19 @@ class Summary:
 
 @dataclass(frozen=True)
 class ClipSettings:
-    """How videos become clips: pixel grid (T, H, W), latent tokens per clip, sampling fps, tail policy."""
+    """How videos become clips: pixel grid (T, H, W), latent tokens per clip, sampling fps, tail policy and
+    frame sampling ("upstream" frame indices, or "time" for variable frame rate)."""
 
     grid: tuple[int, int, int]
     tokens: int
     fps: float = 8.0
     tail: str = "drop"
+    sampling: str = "upstream"
+
+    def read_kwargs(self) -> dict:
+        """Arguments of ``read_clips`` / ``iter_videos`` for these settings (raw pixels: scaled in model dtype)."""
+        t, h, w = self.grid
+        return dict(frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True)
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors") -> list[tuple[Path, str]]:
@@ -115,11 +132,7 @@ def encode_files(
         else:
             todo.append((path, out))
     outputs = {str(p): out for p, out in todo}
-    t, h, w = settings.grid
-    reads = iter_videos(
-        [p for p, _ in todo], workers=workers, prefetch=2 * workers, frames=t, height=h, width=w,
-        fps=settings.fps, tail=settings.tail,
-    )  # fmt: skip
+    reads = iter_videos([p for p, _ in todo], workers=workers, prefetch=2 * workers, **settings.read_kwargs())
     bar = _progress(len(todo), "file")
     for group in _groups(reads, group_clips, summary):
         for clip_set, indices in _encode_group(engine, group, settings.tokens, summary):
@@ -148,6 +161,7 @@ def _already_encoded(out: Path, model: TiTok, settings: ClipSettings) -> bool:
     return (
         done.fps == settings.fps
         and done.tail == settings.tail
+        and done.sampling == settings.sampling
         and bool((done.token_counts == settings.tokens).all())
         and bool((done.grids == torch.tensor(settings.grid, dtype=torch.int32)).all())
     )
@@ -188,7 +202,7 @@ def _encode_group(engine: Engine, group: list[ClipSet], tokens: int, summary: Su
 
 
 def _encode_clip_sets(engine: Engine, group: list[ClipSet], tokens: int) -> list:
-    clips = [clip for c in group for clip in c.clips]
+    clips = [normalize_pixels(clip, engine.model.dtype) for c in group for clip in c.clips]
     _, out = engine.encode(clips, [tokens] * len(clips))
     indices = iter(out["indices"])
     return [(c, [next(indices).cpu() for _ in c.clips]) for c in group]
@@ -208,6 +222,7 @@ def _token_file(model: TiTok, clip_set: ClipSet, indices: list, settings: ClipSe
         last_chunk_frames=clip_set.last_clip_frames,
         codebook_size=model.config.codebook_size,
         weights_source=model.weights_source,
+        sampling=settings.sampling,
     )
 
 
@@ -227,7 +242,10 @@ def real_frames(token_file: TokenFile) -> int:
 def source_video(token_file: TokenFile) -> torch.Tensor:
     """The source re-read exactly as it was for encoding: [3, frames, H, W] in [-1, 1]."""
     t, h, w = token_file.grids[0].tolist()
-    clips = read_clips(token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail)
+    clips = read_clips(
+        token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
+        sampling=token_file.sampling,
+    )  # fmt: skip
     return torch.cat(clips.clips, dim=1)[:, : real_frames(token_file)]
 
 
@@ -287,11 +305,8 @@ def evaluate(
     """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM per token count."""
     summary = Summary()
     start = time.perf_counter()
-    t, h, w = settings.grid
     clips = []
-    for path, result in iter_videos(
-        [p for p, _ in files], workers=2, prefetch=4, frames=t, height=h, width=w, fps=settings.fps, tail=settings.tail
-    ):
+    for path, result in iter_videos([p for p, _ in files], workers=2, prefetch=4, **settings.read_kwargs()):
         if isinstance(result, VideoError):
             summary.failed.append((str(path), str(result)))
         else:
@@ -300,10 +315,12 @@ def evaluate(
     if not clips:
         raise InputError("no clips to evaluate: every input failed")
     table = {}
+    inputs = [normalize_pixels(c, engine.model.dtype) for c in clips]
+    targets = [normalize_pixels(c, torch.float32) for c in clips]
     for n in token_counts:
-        _, out = engine.encode(clips, [n] * len(clips))
+        _, out = engine.encode(inputs, [n] * len(clips))
         recon = engine.decode_indices(out["indices"], [settings.grid] * len(clips))
-        pairs = [(r.float().clamp(-1, 1).cpu(), c) for r, c in zip(recon, clips, strict=True)]
+        pairs = [(r.float().clamp(-1, 1).cpu(), c) for r, c in zip(recon, targets, strict=True)]
         table[n] = {
             "psnr": sum(psnr(r, c) for r, c in pairs) / len(pairs),
             "ssim": sum(ssim(r, c) for r, c in pairs) / len(pairs),

@@ -7,7 +7,8 @@ Tensors:
   offsets       int64   [chunks + 1]  start of each chunk's indices in `indices`; the last is `total`
   start_times   float64 [chunks]      start of each chunk, seconds
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
-"fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int},
+"fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int,
+"sampling": str},
 "codebook_size": int, "weights_source": str}.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
@@ -47,7 +48,7 @@ FIELDS = {  # metadata field -> accepted types, as stored in JSON and held by To
     "codebook_size": (int,),
     "weights_source": (str,),
 }
-CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frames": (int,)}
+CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frames": (int,), "sampling": (str,)}
 
 
 class TokenFileError(ValueError):
@@ -67,6 +68,7 @@ class TokenFile:
     fps: frame rate the video was sampled at
     source: the source video's path
     frames_per_chunk, tail, last_chunk_frames: the chunking policy and the real frames of the last chunk
+    sampling: how frames were picked ("upstream": the notebook's frame indices, "time": presentation times)
     codebook_size: number of codes, at most 32768
     weights_source: where the weights were loaded from (a checkpoint path), "" if unknown or random
     """
@@ -84,6 +86,7 @@ class TokenFile:
     last_chunk_frames: int
     codebook_size: int
     weights_source: str = ""
+    sampling: str = "upstream"
 
     def __post_init__(self) -> None:
         _check_token_file(self)
@@ -104,6 +107,7 @@ class TokenFile:
         last_chunk_frames: int,
         codebook_size: int,
         weights_source: str = "",
+        sampling: str = "upstream",
     ) -> TokenFile:
         """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times."""
         flat = torch.cat([i.reshape(-1).long() for i in chunk_indices] or [torch.zeros(0, dtype=torch.int64)])
@@ -122,6 +126,7 @@ class TokenFile:
             last_chunk_frames=last_chunk_frames,
             codebook_size=codebook_size,
             weights_source=weights_source,
+            sampling=sampling,
         )
 
     @cached_property

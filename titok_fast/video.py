@@ -1,11 +1,15 @@
 """Video files in and out: clips for the tokenizer, reconstructions to mp4, and PSNR / SSIM.
 
-Reading follows the upstream notebook (SPEC section 8). The decoded stream is resampled to a target fps by
-presentation time: output frame k is the last source frame shown at or before k / fps seconds after the first
-frame, for every k / fps before the end of the last frame (its time plus its duration), so variable frame rate
-works. Each sampled frame is resized as uint8 (like torchvision's Resize on a uint8 tensor) with antialiased
-bicubic so its short side is max(H, W), center-cropped to (H, W), and scaled to [-1, 1]. The resampled stream
-is cut into consecutive clips of T frames; a shorter tail is dropped or padded by repeating its last frame.
+Reading reproduces the upstream notebook (SPEC section 8) exactly, so the same tokens come out:
+- sampling="upstream" (default): a chunk is int(T * source_fps / fps) consecutive source frames (source_fps:
+  the container's average rate), and its T frames are the source frames numpy.linspace(first, last, T, int)
+  picks; whole chunks only, like upstream (tail="pad" keeps the last partial chunk, padded).
+- sampling="time": the stream is resampled by presentation time instead (output frame k is the last source
+  frame shown at or before k / fps), which is right for variable frame rate, then cut into chunks of T frames.
+Each sampled frame is resized in float32, as torchvision's Resize(max(H, W), bicubic, antialias) does on the
+float tensor upstream builds (short side to max(H, W), long side truncated, no clamping), center-cropped as
+torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in the model's dtype when
+``normalize_pixels`` is given raw clips (``raw=True``), which is what the encoder pipeline does.
 
 Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W).
 """
@@ -22,10 +26,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import av
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 TAIL_POLICIES = ("drop", "pad")
+SAMPLINGS = ("upstream", "time")
 
 
 class VideoError(ValueError):
@@ -65,9 +71,14 @@ def read_clips(
     fps: float = 8.0,
     tail: str = "drop",
     threads: int = 1,
+    sampling: str = "upstream",
+    raw: bool = False,
 ) -> ClipSet:
-    """Decode a video into clips of `frames` frames at `fps`, each [3, frames, height, width] float32 in [-1, 1].
+    """Decode a video into clips of `frames` frames at `fps`, each [3, frames, height, width] float32.
 
+    Values are in [-1, 1], or with ``raw=True`` the resized pixel values (0..255 scale, unclamped) for
+    ``normalize_pixels`` to scale in the model's dtype exactly as upstream does. ``sampling``: "upstream" (the
+    notebook's frame indices) or "time" (presentation times; for variable frame rate), see the module header.
     tail="drop" drops a last chunk shorter than `frames` (a video shorter than one chunk is a VideoError);
     tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame threading.
     Raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file.
@@ -78,6 +89,8 @@ def read_clips(
         raise ValueError(f"fps must be positive; got {fps}")
     if tail not in TAIL_POLICIES:
         raise ValueError(f"tail must be one of {TAIL_POLICIES}; got {tail!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
     path = os.fspath(path)
     clips: list[torch.Tensor] = []
     chunk: list[torch.Tensor] = []
@@ -88,8 +101,17 @@ def read_clips(
         stream.thread_type = "FRAME"
         stream.thread_count = threads
         source_fps = float(stream.average_rate or 0)
+        if sampling == "upstream":
+            if source_fps <= 0:
+                raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
+            chunk_length = int(frames * (source_fps / fps))  # source frames per chunk, as upstream
+            if chunk_length < 1:
+                raise VideoError(f"{path}: {source_fps:g} fps is too low to sample {frames} frames at {fps:g} fps")
+            images = _sample_indices(container.decode(stream), frames, chunk_length, height, width)
+        else:
+            images = _resample(path, container.decode(stream), fps, height, width)
         try:
-            for image in _resample(path, container.decode(stream), fps, height, width):
+            for image in images:
                 chunk.append(image)
                 if len(chunk) == frames:
                     clips.append(torch.stack(chunk, dim=1))
@@ -99,22 +121,34 @@ def read_clips(
     sampled = len(clips) * frames + len(chunk)
     if sampled == 0:
         raise VideoError(f"{path}: no decodable video frames")
-    if sampled < frames and tail == "drop":
-        raise VideoError(f"{path} has {sampled} frames at {fps:g} fps, needs at least {frames} (or tail='pad')")
+    if not clips and tail == "drop":
+        raise VideoError(f"{path} is shorter than one chunk of {frames} frames at {fps:g} fps (or use tail='pad')")
     last_clip_frames = frames
     if chunk and tail == "pad":
         last_clip_frames = len(chunk)
         clips.append(torch.stack(chunk + chunk[-1:] * (frames - len(chunk)), dim=1))
+    if not raw:
+        clips = [normalize_pixels(c, torch.float32) for c in clips]
+    if sampling == "upstream":
+        starts = [i * chunk_length / source_fps for i in range(len(clips))]
+    else:
+        starts = [i * frames / fps for i in range(len(clips))]
     return ClipSet(
         path=path,
         clips=clips,
-        start_times=[i * frames / fps for i in range(len(clips))],
+        start_times=starts,
         source_fps=source_fps,
         fps=fps,
         frames_per_clip=frames,
         last_clip_frames=last_clip_frames,
         tail=tail,
     )
+
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Raw resized pixels (0..255 scale) -> model input in [-1, 1], computed in ``dtype`` as upstream does:
+    cast first, then ``/ 255``, ``* 2``, ``- 1``."""
+    return (pixels.to(dtype) / 255) * 2 - 1
 
 
 def iter_videos(
@@ -284,14 +318,33 @@ def _repeat(frame: av.VideoFrame, count: int, height: int, width: int) -> Iterat
             yield image
 
 
+def _sample_indices(
+    decoded: Iterable[av.VideoFrame], frames: int, chunk_length: int, height: int, width: int
+) -> Iterator[torch.Tensor]:
+    """Upstream's sampling: chunk c is source frames [c * L, (c + 1) * L), and its frames are those that
+    numpy.linspace(c * L, c * L + L - 1, frames, dtype=int) picks (repeats when L < frames). A last partial chunk
+    yields the picks that exist."""
+    picks = np.linspace(0, chunk_length - 1, frames, dtype=int)  # offsets inside a chunk, nondecreasing
+    counts = np.bincount(picks, minlength=chunk_length)
+    for index, frame in enumerate(decoded):
+        repeat = int(counts[index % chunk_length])
+        if repeat:
+            image = _clip_frame(frame, height, width)
+            for _ in range(repeat):
+                yield image
+
+
 def _clip_frame(frame: av.VideoFrame, height: int, width: int) -> torch.Tensor:
-    """A decoded frame resized (short side to max(height, width)), center-cropped, in [-1, 1]: [3, height, width]."""
-    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # [3, h, w] uint8, channels last
+    """A decoded frame as upstream prepares it: float32 RGB, short side resized to max(height, width) (long side
+    truncated, as torchvision's Resize), bicubic with antialiasing, no clamping, then torchvision's CenterCrop.
+    Returns raw pixel values [3, height, width] float32 (0..255 scale)."""
+    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float()  # [3, h, w]
     h, w = rgb.shape[-2:]
     side = max(height, width)
-    size = (side, max(side, round(w * side / h))) if h <= w else (max(side, round(h * side / w)), side)
+    size = (int(side * h / w), side) if w <= h else (side, int(side * w / h))
     if size != (h, w):
-        # on uint8 the result is rounded and clamped to [0, 255], and this CPU kernel is ~15x the float32 one
         rgb = F.interpolate(rgb[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return rgb[:, top : top + height, left : left + width].float() / 127.5 - 1
+    if size[0] < height or size[1] < width:
+        raise VideoError(f"frame of {w}x{h} resized to {size[1]}x{size[0]} cannot be cropped to {width}x{height}")
+    top, left = int(round((size[0] - height) / 2.0)), int(round((size[1] - width) / 2.0))
+    return rgb[:, top : top + height, left : left + width]
