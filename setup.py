@@ -17,7 +17,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml"],
+        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
