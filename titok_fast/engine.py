@@ -251,33 +251,32 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------- encode
     def _run_encode(self, batch: list, videos: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Inputs were checked on entry: eager batches go straight to the packed path, no re-validation."""
+        model, cfg = self.model, self.model.config
         counts = [n for _, _, n in batch]
-        if self.mode == "eager":  # inputs were checked on entry: straight to the packed path, no re-validation
-            model, cfg = self.model, self.model.config
-            pack = model.packing(counts, [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos])
-            codes, indices = model.encode_packed(torch.cat([patchify(v, cfg.patch_size) for v in videos]), pack)
-            return [(c.clone(), i.clone()) for c, i in zip(codes.split(counts), indices.split(counts), strict=True)]
-        cfg = self.model.config
         grids = [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos]
-        rows = [n + math.prod(g) for n, g in zip(counts, grids, strict=True)]
-        budget = pick_budget(sum(rows), self.budgets)
-        buffers = self._static_buffers("encode", budget)
-        pack = self._fill_layout(buffers.batch, counts, grids)
-        buffers.inputs.zero_()
-        buffers.inputs[pack.patch_rows] = torch.cat([patchify(v, cfg.patch_size) for v in videos])
-        codes, indices = self._replay("encode", budget)
-        codes, indices = codes[pack.latent_rows], indices[pack.latent_rows]
+        patches = torch.cat([patchify(v, cfg.patch_size) for v in videos])
+        if self.mode == "eager":
+            codes, indices = model.encode_packed(patches, model.packing(counts, grids))
+        else:
+            budget = pick_budget(sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True)), self.budgets)
+            buffers = self._static_buffers("encode", budget)
+            pack = self._fill_layout(buffers.batch, counts, grids)
+            buffers.inputs.zero_()
+            buffers.inputs[pack.patch_rows] = patches
+            codes, indices = self._replay("encode", budget)
+            codes, indices = codes[pack.latent_rows], indices[pack.latent_rows]
         return [(c.clone(), i.clone()) for c, i in zip(codes.split(counts), indices.split(counts), strict=True)]
 
     # ----------------------------------------------------------------------------------------------- decode
     def _run_decode(self, batch: list, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs were checked on entry (decode_indices / decode_stream)."""
+        model, cfg = self.model, self.model.config
         shapes = [tuple(shape) for _, _, shape in batch]
         counts = [idx.numel() for idx in indices]
-        if self.mode == "eager":  # inputs were checked on entry
-            grids = [patch_grid(s, self.model.config.patch_size) for s in shapes]
-            return self.model._decode_indices_packed(torch.cat(indices), self.model.packing(counts, grids), shapes)
-        cfg = self.model.config
         grids = [patch_grid(s, cfg.patch_size) for s in shapes]
+        if self.mode == "eager":
+            return model._decode_indices_packed(torch.cat(indices), model.packing(counts, grids), shapes)
         budget = pick_budget(sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True)), self.budgets)
         buffers = self._static_buffers("decode", budget)
         pack = self._fill_layout(buffers.batch, counts, grids)

@@ -140,8 +140,8 @@ class TiTok(nn.Module):
         if indices is None:  # off the FSQ grid: no table row exists, project the codes themselves
             dec = self.decoder
             rows = dec.ln_pre(dec.proj_in(codes.to(self.dtype)))
-            x = self._scatter_decoder_input(pack, rows, dec.ln_pre(dec.mask_token)[0])
-            return self._decode_rows(x, pack, shapes)
+            x = self._scatter_decoder_input(pack, rows, self.decoder_table()[1])
+            return self._unpatchify_all(self._decoder_stack(x, pack), pack, shapes)
         return self._decode_indices_packed(indices, pack, shapes)
 
     @torch.no_grad()
@@ -202,8 +202,11 @@ class TiTok(nn.Module):
             x = fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
         else:
             x = self._scatter_decoder_input(pack, table[indices.long()], mask_row)
-        x = self._run_layers(self.decoder.model_layers, x, pack, queries="patch")
-        return self.decoder.proj_out(x)
+        return self._decoder_stack(x, pack)
+
+    def _decoder_stack(self, x: torch.Tensor, pack: Packing) -> torch.Tensor:
+        """Packed decoder input [rows, W] -> layers (the last for patch rows only) -> proj_out: [sum G, 768]."""
+        return self.decoder.proj_out(self._run_layers(self.decoder.model_layers, x, pack, queries="patch"))
 
     def decoder_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ln_pre(proj_in(code)) for every code [K, W], ln_pre(mask_token) [W])``, rebuilt when weights change."""
@@ -244,10 +247,6 @@ class TiTok(nn.Module):
     def _decode_indices_packed(self, indices: torch.Tensor, pack: Packing, shapes: list) -> list[torch.Tensor]:
         rows = self.decode_packed(indices, pack)
         return self._unpatchify_all(rows, pack, shapes)
-
-    def _decode_rows(self, x: torch.Tensor, pack: Packing, shapes: list) -> list[torch.Tensor]:
-        x = self._run_layers(self.decoder.model_layers, x, pack, queries="patch")
-        return self._unpatchify_all(self.decoder.proj_out(x), pack, shapes)
 
     def _unpatchify_all(self, rows: torch.Tensor, pack: Packing, shapes: list) -> list[torch.Tensor]:
         return [
