@@ -84,12 +84,14 @@ def _nearest_code_kernel(
 def nearest_code_config(dtype: torch.dtype, dim: int) -> dict:
     """16-bit: 64 rows x 64 codes per step, 4 warps (one wgmma warpgroup), x kept in registers; 3 stages while a
     code row is <= 256 bytes, else 2. fp32 runs "tf32x3" dots (each operand split into two tf32 halves), which
-    need far more registers and shared memory: 32 codes per step and D in chunks of 64 (a whole 256-wide fp32
-    row spills registers and overflows shared memory)."""
+    need far more registers and shared memory: 32 codes per step (16 once D > 128) and D in chunks of 64 (a whole
+    256-wide fp32 row spills registers and overflows shared memory; with 32 codes per step, D = 256 spills under
+    Triton 3.6: 255 registers and 80 bytes of stack; 216 registers under 3.9)."""
     block_d = max(16, triton.next_power_of_2(dim))
     fp32 = dtype == torch.float32
+    block_k = (16 if block_d > 128 else 32) if fp32 else 64
     return dict(
-        BLOCK_N=64, BLOCK_K=32 if fp32 else 64, BLOCK_D=block_d, BLOCK_DC=min(block_d, 64) if fp32 else block_d,
+        BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DC=min(block_d, 64) if fp32 else block_d,
         num_warps=4, num_stages=3 if block_d * dtype.itemsize <= 256 else 2, PRECISION="tf32x3" if fp32 else "tf32",
     )
 

@@ -1,10 +1,15 @@
 """``triton_mode``: run the kernels through the Triton interpreter or the compiler in one test process."""
 
 import contextlib
+import functools
 import sys
 import types
 from collections.abc import Iterator
 
+import numpy as np
+import pytest
+import torch
+import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
@@ -19,6 +24,8 @@ def triton_mode(interpret: bool, *extra_modules: types.ModuleType) -> Iterator[N
     includes triton.language's own jit functions (tl.sum, tl.max, ...). Tests use this so that interpreter
     runs on a CPU and sm_90 compiles work in one process, in any test order. Not thread-safe.
     """
+    if interpret:
+        _check_interpreter()
     with contextlib.suppress(ImportError):  # imported lazily by the launcher; it wraps tl's jit functions
         import triton.experimental.gluon  # noqa: F401
     wanted, other = (InterpretedFunction, JITFunction) if interpret else (JITFunction, InterpretedFunction)
@@ -38,3 +45,33 @@ def triton_mode(interpret: bool, *extra_modules: types.ModuleType) -> Iterator[N
         for module, name, obj in reversed(saved):
             setattr(module, name, obj)
         triton.knobs.runtime.interpret = knob
+
+
+@triton.jit
+def _count_kernel(out_ptr, n):
+    total = 0
+    for _ in range(n):  # a loop over a runtime int, as the kernels' binary searches and tile loops do
+        total += 1
+    tl.store(out_ptr, total)
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        InterpretedFunction(_count_kernel.fn)[(1,)](out, 3)
+    except Exception as e:  # noqa: BLE001 - any failure means the interpreter cannot check the kernels
+        return f"{type(e).__name__}: {e}"
+    return None if out.item() == 3 else f"a 3-iteration loop counted {out.item()}"
+
+
+def _check_interpreter() -> None:
+    """Fail with the cause, not with the kernels' first loop: Triton 3.6's interpreter passes scalars as 1-element
+    arrays and NumPy 2.4 no longer turns those into ints, so no kernel runs in it."""
+    problem = _interpreter_problem()
+    if problem:
+        pytest.fail(
+            f"the Triton {triton.__version__} interpreter cannot run a loop over a runtime int with NumPy "
+            f"{np.__version__} ({problem}); install numpy<2.4 or a newer triton to run the kernel tests on a CPU",
+            pytrace=False,
+        )
