@@ -1,5 +1,7 @@
+import contextlib
 import math
 import os
+import time
 from fractions import Fraction
 
 import av
@@ -205,22 +207,90 @@ def test_iter_videos_keeps_order_and_reports_errors(files):
     assert all(torch.equal(a, b) for a, b in zip(results[2][1].clips, direct.clips, strict=True))
 
 
-def test_iter_videos_prefetch_is_bounded(monkeypatch):
-    started = []
+def _fake_clips(monkeypatch, clips_per_file: int, fail=lambda path: None) -> dict[str, int]:
+    """Replace decoding: file ``p`` yields ``clips_per_file`` clips whose single value is p; counts clips made."""
+    made: dict[str, int] = {}
 
-    def fake_read_clips(path, **kwargs):
-        started.append(path)
-        return path
+    def fake_iter(self):
+        made[self.path] = 0
+        for _ in range(clips_per_file):
+            fail(self.path)
+            made[self.path] += 1
+            self.clips_read += 1
+            yield torch.full((1, 1, 1, 1), float(self.path))
 
-    monkeypatch.setattr(video, "read_clips", fake_read_clips)
-    stream = iter_videos(range(20), workers=4, prefetch=3)
-    for consumed, (path, result) in enumerate(stream, start=1):
-        assert path == result == consumed - 1
-        assert len(started) <= consumed + 3
-        if consumed == 5:
+    monkeypatch.setattr(video.ClipReader, "__iter__", fake_iter)
+    return made
+
+
+def test_stream_videos_bounds_files_and_clips_ahead(monkeypatch):
+    made = _fake_clips(monkeypatch, clips_per_file=12)
+    stream = video.stream_videos([str(i) for i in range(20)], workers=3, prefetch=3, capacity=2, frames=1,
+                                 height=1, width=1)  # fmt: skip
+    taken = 0
+    for path, feed in stream:
+        for clip in feed:
+            assert clip.item() == float(path)
+            taken += 1
+            time.sleep(0.002)  # a slow consumer: the readers run ahead as far as they may
+            assert len(made) <= int(path) + 3  # files opened: the one consumed and two ahead
+            # each file holds at most `capacity` clips in its queue plus the one its worker is putting
+            assert sum(made.values()) - taken <= 3 * 3
+        if path == "5":
             break
     stream.close()
-    assert len(started) <= 8
+    assert taken == 6 * 12 and len(made) <= 8
+
+
+def test_stream_videos_gives_a_files_error_after_its_good_clips(monkeypatch):
+    def fail(path):
+        if path == "1" and made[path] == 2:
+            raise MemoryError("decoder ran out of memory")
+
+    made = _fake_clips(monkeypatch, clips_per_file=4, fail=fail)
+    results = []
+    for path, feed in video.stream_videos(["0", "1", "2"], workers=2, prefetch=2, frames=1, height=1, width=1):
+        clips = []
+        with contextlib.suppress(VideoError):
+            for clip in feed:
+                clips.append(clip.item())
+        results.append((path, clips, feed.reader.clips_read))
+    assert results == [("0", [0.0] * 4, 4), ("1", [1.0] * 2, 2), ("2", [2.0] * 4, 4)]
+
+
+def test_stream_videos_moves_past_a_feed_left_unread(monkeypatch):
+    made = _fake_clips(monkeypatch, clips_per_file=50)
+    seen = []
+    for path, feed in video.stream_videos(["0", "1", "2"], workers=1, prefetch=1, capacity=1, frames=1, height=1,
+                                          width=1):  # fmt: skip
+        if path != "1":  # file 1 is skipped: its worker must give up, or file 2 never gets the only thread
+            seen.append(sum(1 for _ in feed))
+    assert seen == [50, 50] and made.get("1", 0) < 50
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        next(video.stream_videos(["0"], workers=1, prefetch=1, capacity=0, frames=1, height=1, width=1))
+
+
+def test_clip_reader_streams_the_same_clips_as_read_clips(files):
+    reader = video.ClipReader(files["index24"], frames=4, height=16, width=16, tail="pad")
+    streamed = list(reader)
+    whole = read_clips(files["index24"], frames=4, height=16, width=16, tail="pad")
+    assert all(torch.equal(a, b) for a, b in zip(streamed, whole.clips, strict=True))
+    assert reader.start_times() == whole.start_times and reader.last_clip_frames == whole.last_clip_frames
+    with pytest.raises(ValueError, match="tail must be one of"):
+        video.ClipReader(files["index24"], frames=4, height=16, width=16, tail="loop")
+
+
+def test_damage_midway_fails_after_the_clips_before_it(tmp_path):
+    source = videos.make_video(tmp_path / "long.mp4", frames=72, height=40, width=48, fps=24)
+    damaged = videos.make_scrambled(tmp_path / "damaged.mp4", source, start=source.stat().st_size * 3 // 10)
+    reader = video.ClipReader(damaged, frames=4, height=32, width=32)
+    clips = []
+    with pytest.raises(VideoError, match="damaged.mp4: decoding failed"):
+        for clip in reader:
+            clips.append(clip)
+    assert reader.clips_read == len(clips) >= 1
+    whole = read_clips(source, frames=4, height=32, width=32).clips
+    assert torch.equal(clips[0], whole[0])
 
 
 def test_write_video_round_trip(tmp_path):
@@ -287,17 +357,15 @@ def test_metric_shape_checks():
 
 
 def test_iter_videos_turns_any_failure_into_that_files_error(tmp_path, monkeypatch):
-    import titok_fast.video as video
-
     good = videos.make_video(tmp_path / "good.mp4", frames=16, height=32, width=32, fps=8)
-    real = video.read_clips
+    real = video.ClipReader.__iter__
 
-    def flaky(path, **kwargs):
-        if "bad" in str(path):
+    def flaky(self):
+        if "bad" in self.path:
             raise MemoryError("decoder ran out of memory")
-        return real(path, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(video, "read_clips", flaky)
+    monkeypatch.setattr(video.ClipReader, "__iter__", flaky)
     results = list(iter_videos([tmp_path / "bad.mp4", good], workers=2, prefetch=2, frames=8, height=16, width=16))
     assert isinstance(results[0][1], VideoError) and "MemoryError" in str(results[0][1])
     assert "bad.mp4" in str(results[0][1])

@@ -108,7 +108,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model = _model(args)
     summary = encode_files(
         model, _engine(args, model), files, args.output, _settings(args, model),
-        workers=args.workers, group_clips=args.batch_size, overwrite=args.overwrite,
+        workers=args.workers, read_ahead=args.batch_size, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "encoded")
 

@@ -6,10 +6,11 @@ so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .loading import weights_digest
 from .model import TiTok
 from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_tokens
 from .video import (
-    ClipSet,
+    ClipReader,
     VideoError,
     iter_videos,
     normalize_pixels,
@@ -29,6 +30,7 @@ from .video import (
     read_clips,
     side_by_side,
     ssim,
+    stream_videos,
     write_video,
 )
 
@@ -115,10 +117,16 @@ def encode_files(
     settings: ClipSettings,
     *,
     workers: int = 2,
-    group_clips: int = 64,
+    read_ahead: int = 8,
     overwrite: bool = False,
 ) -> Summary:
-    """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``."""
+    """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``.
+
+    Clips stream from the video decoders (``workers`` threads, up to ``2 * workers`` files open, each at most
+    ``read_ahead`` decoded clips ahead) through ``engine.encode_stream``, so memory does not grow with a video's
+    length and the GPU never waits for a whole file. A file's token file is written as soon as all its clips are
+    back; a file that fails (reading, or encoding after retrying its clips one by one) is reported, the rest go on.
+    """
     outdir = Path(outdir)
     summary = Summary()
     start = time.perf_counter()
@@ -131,26 +139,117 @@ def encode_files(
             summary.skipped.append(str(path))
         else:
             todo.append((path, out))
-    outputs = {str(p): out for p, out in todo}
-    reads = iter_videos([p for p, _ in todo], workers=workers, prefetch=2 * workers, **settings.read_kwargs())
-    bar = _progress(len(todo), "file")
-    for group in _groups(reads, group_clips, summary):
-        for clip_set, indices in _encode_group(engine, group, settings.tokens, summary):
-            out = outputs[str(clip_set.path)]
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                save_tokens(out, _token_file(model, clip_set, indices, settings))
-            except (OSError, TokenFileError) as e:
-                summary.failed.append((str(clip_set.path), f"cannot write {out}: {e}"))
-                continue
-            summary.done.append(str(clip_set.path))
-            summary.clips += len(indices)
-        bar.update(len(summary.done) + len(summary.failed) - bar.n)
-        bar.set_postfix(clips_per_s=f"{summary.clips / (time.perf_counter() - start):.2f}")
-    bar.close()
-    summary.failed += [(str(p), "not read") for p, _ in todo if _unaccounted(p, summary)]
+    job = _EncodeJob(model, settings, summary, _progress(len(todo), "file"), start)
+    feeds = stream_videos(
+        [p for p, _ in todo], workers=workers, prefetch=2 * workers, capacity=read_ahead, **settings.read_kwargs()
+    )
+    with contextlib.closing(feeds), job.bar:
+        items = job.clips(feeds, dict(todo))
+        for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed):
+            job.add(key, indices)
+    summary.failed += [(str(p), "not encoded") for p, _ in todo if _unaccounted(p, summary)]
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def encode_resiliently(
+    engine: Engine, items: Iterator[tuple], on_error: Callable[[object, Exception], None]
+) -> Iterator[tuple[object, tuple[torch.Tensor, torch.Tensor]]]:
+    """``engine.encode_stream(items)``, but a failing batch does not end the stream: every clip taken and not yet
+    returned is retried alone, a clip that fails alone goes to ``on_error(key, error)``, and the stream goes on."""
+    taken: dict[object, tuple[torch.Tensor, int]] = {}
+
+    def tracked():
+        for key, video, n in items:
+            taken[key] = (video, n)
+            yield key, video, n
+
+    source = tracked()
+    while True:
+        try:
+            for key, result in engine.encode_stream(source):
+                del taken[key]
+                yield key, result
+            return
+        except (ValueError, TypeError, RuntimeError):
+            retry = list(taken.items())
+            taken.clear()
+            for key, (video, n) in retry:
+                try:
+                    codes, out = engine.encode([video], [n])
+                except (ValueError, TypeError, RuntimeError) as e:
+                    on_error(key, e)
+                else:
+                    yield key, (codes, out["indices"][0])
+
+
+@dataclass
+class _FileState:
+    path: Path
+    out: Path
+    reader: ClipReader
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    clips: int | None = None  # known once the whole file has been read
+    ended: bool = False  # written or failed
+
+
+class _EncodeJob:
+    """The files of one ``encode_files`` run: their clips go out as one stream, their indices come back in any
+    grouping, and a file's token file is written when its last clip is back."""
+
+    def __init__(self, model: TiTok, settings: ClipSettings, summary: Summary, bar: tqdm, start: float):
+        self.model, self.settings, self.summary, self.bar, self.start = model, settings, summary, bar, start
+        self.files: dict[int, _FileState] = {}
+
+    def clips(self, feeds: Iterator, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
+        """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file."""
+        dtype, tokens = self.model.dtype, self.settings.tokens
+        for number, (path, feed) in enumerate(feeds):
+            state = self.files[number] = _FileState(path, outputs[path], feed.reader)
+            count = 0
+            try:
+                for clip in feed:
+                    yield (number, count), normalize_pixels(clip, dtype), tokens
+                    count += 1
+            except VideoError as e:
+                self._fail(state, str(e))
+                continue
+            state.clips = count
+            self._write_if_complete(state)
+
+    def add(self, key: tuple[int, int], indices: torch.Tensor) -> None:
+        state = self.files[key[0]]
+        if not state.ended:
+            state.indices[key[1]] = indices.cpu()
+            self._write_if_complete(state)
+
+    def clip_failed(self, key: tuple[int, int], error: Exception) -> None:
+        self._fail(self.files[key[0]], f"encoding failed on clip {key[1]}: {error}")
+
+    def _fail(self, state: _FileState, reason: str) -> None:
+        if not state.ended:
+            self.summary.failed.append((str(state.path), reason))
+            self._end(state)
+
+    def _write_if_complete(self, state: _FileState) -> None:
+        if state.ended or state.clips is None or len(state.indices) < state.clips:
+            return
+        try:
+            state.out.parent.mkdir(parents=True, exist_ok=True)
+            indices = [state.indices[i] for i in range(state.clips)]
+            save_tokens(state.out, _token_file(self.model, state.reader, indices, self.settings))
+        except (OSError, TokenFileError) as e:
+            self._fail(state, f"cannot write {state.out}: {e}")
+            return
+        self.summary.done.append(str(state.path))
+        self.summary.clips += state.clips
+        self._end(state)
+
+    def _end(self, state: _FileState) -> None:
+        state.ended = True
+        state.indices = {}
+        self.bar.update(1)
+        self.bar.set_postfix(clips_per_s=f"{self.summary.clips / (time.perf_counter() - self.start):.2f}")
 
 
 def _already_encoded(out: Path, model: TiTok, settings: ClipSettings) -> bool:
@@ -171,55 +270,18 @@ def _unaccounted(path: Path, summary: Summary) -> bool:
     return str(path) not in summary.done and all(str(path) != f for f, _ in summary.failed)
 
 
-def _groups(reads: Iterator, group_clips: int, summary: Summary) -> Iterator[list[ClipSet]]:
-    """Whole files grouped until they hold ``group_clips`` clips; read failures go to the summary."""
-    group: list[ClipSet] = []
-    for path, result in reads:
-        if isinstance(result, VideoError):
-            summary.failed.append((str(path), str(result)))
-            continue
-        group.append(result)
-        if sum(len(c.clips) for c in group) >= group_clips:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def _encode_group(engine: Engine, group: list[ClipSet], tokens: int, summary: Summary) -> Iterable:
-    """(clip set, per-clip indices) for every file of the group; if the batch fails, files are retried one by
-    one so that only the file at fault is lost."""
-    try:
-        return _encode_clip_sets(engine, group, tokens)
-    except (ValueError, TypeError, RuntimeError) as e:
-        if len(group) == 1:
-            summary.failed.append((str(group[0].path), f"encoding failed: {e}"))
-            return []
-    results = []
-    for clip_set in group:
-        results += _encode_group(engine, [clip_set], tokens, summary)
-    return results
-
-
-def _encode_clip_sets(engine: Engine, group: list[ClipSet], tokens: int) -> list:
-    clips = [normalize_pixels(clip, engine.model.dtype) for c in group for clip in c.clips]
-    _, out = engine.encode(clips, [tokens] * len(clips))
-    indices = iter(out["indices"])
-    return [(c, [next(indices).cpu() for _ in c.clips]) for c in group]
-
-
-def _token_file(model: TiTok, clip_set: ClipSet, indices: list, settings: ClipSettings) -> TokenFile:
+def _token_file(model: TiTok, reader: ClipReader, indices: list, settings: ClipSettings) -> TokenFile:
     return TokenFile.from_chunks(
         indices,
         [settings.grid] * len(indices),
-        clip_set.start_times,
+        reader.start_times(),
         model_config=model.config.to_dict(),
         weights_digest=model.weights_digest,
-        fps=clip_set.fps,
-        source=os.path.abspath(clip_set.path),
-        frames_per_chunk=clip_set.frames_per_clip,
-        tail=clip_set.tail,
-        last_chunk_frames=clip_set.last_clip_frames,
+        fps=reader.fps,
+        source=os.path.abspath(reader.path),
+        frames_per_chunk=reader.frames,
+        tail=reader.tail,
+        last_chunk_frames=reader.last_clip_frames,
         codebook_size=model.config.codebook_size,
         weights_source=model.weights_source,
         sampling=settings.sampling,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import sys
+import threading
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -62,6 +64,112 @@ class ClipSet:
     tail: str
 
 
+class ClipReader:
+    """One video's clips, decoded lazily: iterating yields each clip [3, frames, height, width] float32 as soon as its
+    frames are decoded, so a long video never has to fit in memory.
+
+    The arguments are those of :func:`read_clips` and are checked here; the file is opened when iteration starts.
+    Iteration raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file (possibly
+    after some clips). Once it has ended, ``source_fps``, ``clips_read``, ``last_clip_frames`` and ``start_times()``
+    describe what was read.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        frames: int,
+        height: int,
+        width: int,
+        fps: float = 8.0,
+        tail: str = "drop",
+        threads: int = 1,
+        sampling: str = "upstream",
+        raw: bool = False,
+    ):
+        if min(frames, height, width, threads) < 1:
+            raise ValueError(
+                f"frames, height, width and threads must be >= 1; got {frames}, {height}, {width}, {threads}"
+            )
+        if not fps > 0:
+            raise ValueError(f"fps must be positive; got {fps}")
+        if tail not in TAIL_POLICIES:
+            raise ValueError(f"tail must be one of {TAIL_POLICIES}; got {tail!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
+        self.path = os.fspath(path)
+        self.frames, self.height, self.width, self.fps = frames, height, width, fps
+        self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
+        self.source_fps = 0.0  # the container's average frame rate (0.0 if unknown), set when the file is opened
+        self.clips_read = 0
+        self.last_clip_frames = frames  # real frames in the last clip; fewer only when tail == "pad"
+        self._chunk_length = 0  # source frames per chunk (sampling "upstream")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        path, frames = self.path, self.frames
+        chunk: list[torch.Tensor] = []
+        with _open(path) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "FRAME"
+            stream.thread_count = self.threads
+            self.source_fps = float(stream.average_rate or 0)
+            if self.sampling == "upstream":
+                if self.source_fps <= 0:
+                    raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
+                self._chunk_length = int(frames * (self.source_fps / self.fps))  # source frames per chunk
+                if self._chunk_length < 1:
+                    raise VideoError(
+                        f"{path}: {self.source_fps:g} fps is too low to sample {frames} frames at {self.fps:g} fps"
+                    )
+                images = _sample_indices(container.decode(stream), frames, self._chunk_length, self.height, self.width)
+            else:
+                images = _resample(path, container.decode(stream), self.fps, self.height, self.width)
+            try:
+                for image in images:
+                    chunk.append(image)
+                    if len(chunk) == frames:
+                        yield self._clip(chunk)
+                        chunk = []
+            except av.FFmpegError as exc:
+                raise VideoError(f"{path}: decoding failed ({exc})") from exc
+        if self.clips_read == 0 and not chunk:
+            raise VideoError(f"{path}: no decodable video frames")
+        if self.clips_read == 0 and self.tail == "drop":
+            raise VideoError(
+                f"{path} is shorter than one chunk of {frames} frames at {self.fps:g} fps (or use tail='pad')"
+            )
+        if chunk and self.tail == "pad":
+            last_clip_frames = len(chunk)
+            yield self._clip(chunk + chunk[-1:] * (frames - len(chunk)))
+            self.last_clip_frames = last_clip_frames
+
+    def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
+        clip = torch.stack(images, dim=1)
+        self.clips_read += 1
+        return clip if self.raw else normalize_pixels(clip, torch.float32)
+
+    def start_times(self) -> list[float]:
+        """Start of each clip read so far, seconds after the first video frame."""
+        if self.sampling == "upstream":
+            return [i * self._chunk_length / self.source_fps for i in range(self.clips_read)]
+        return [i * self.frames / self.fps for i in range(self.clips_read)]
+
+    def clip_set(self, clips: list[torch.Tensor]) -> ClipSet:
+        """The ClipSet of these clips (all this reader's clips, read to the end)."""
+        return ClipSet(
+            path=self.path,
+            clips=clips,
+            start_times=self.start_times(),
+            source_fps=self.source_fps,
+            fps=self.fps,
+            frames_per_clip=self.frames,
+            last_clip_frames=self.last_clip_frames,
+            tail=self.tail,
+        )
+
+
 def read_clips(
     path: str | os.PathLike[str],
     *,
@@ -74,75 +182,20 @@ def read_clips(
     sampling: str = "upstream",
     raw: bool = False,
 ) -> ClipSet:
-    """Decode a video into clips of `frames` frames at `fps`, each [3, frames, height, width] float32.
+    """Decode a whole video into clips of `frames` frames at `fps`, each [3, frames, height, width] float32.
 
     Values are in [-1, 1], or with ``raw=True`` the resized pixel values (0..255 scale, unclamped) for
     ``normalize_pixels`` to scale in the model's dtype exactly as upstream does. ``sampling``: "upstream" (the
     notebook's frame indices) or "time" (presentation times; for variable frame rate), see the module header.
     tail="drop" drops a last chunk shorter than `frames` (a video shorter than one chunk is a VideoError);
     tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame threading.
-    Raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file.
+    Raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file. All clips are held
+    in memory: :class:`ClipReader` (or :func:`stream_videos`) yields them one at a time.
     """
-    if min(frames, height, width, threads) < 1:
-        raise ValueError(f"frames, height, width and threads must be >= 1; got {frames}, {height}, {width}, {threads}")
-    if not fps > 0:
-        raise ValueError(f"fps must be positive; got {fps}")
-    if tail not in TAIL_POLICIES:
-        raise ValueError(f"tail must be one of {TAIL_POLICIES}; got {tail!r}")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
-    path = os.fspath(path)
-    clips: list[torch.Tensor] = []
-    chunk: list[torch.Tensor] = []
-    with _open(path) as container:
-        if not container.streams.video:
-            raise VideoError(f"{path}: has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "FRAME"
-        stream.thread_count = threads
-        source_fps = float(stream.average_rate or 0)
-        if sampling == "upstream":
-            if source_fps <= 0:
-                raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
-            chunk_length = int(frames * (source_fps / fps))  # source frames per chunk, as upstream
-            if chunk_length < 1:
-                raise VideoError(f"{path}: {source_fps:g} fps is too low to sample {frames} frames at {fps:g} fps")
-            images = _sample_indices(container.decode(stream), frames, chunk_length, height, width)
-        else:
-            images = _resample(path, container.decode(stream), fps, height, width)
-        try:
-            for image in images:
-                chunk.append(image)
-                if len(chunk) == frames:
-                    clips.append(torch.stack(chunk, dim=1))
-                    chunk = []
-        except av.FFmpegError as exc:
-            raise VideoError(f"{path}: decoding failed ({exc})") from exc
-    sampled = len(clips) * frames + len(chunk)
-    if sampled == 0:
-        raise VideoError(f"{path}: no decodable video frames")
-    if not clips and tail == "drop":
-        raise VideoError(f"{path} is shorter than one chunk of {frames} frames at {fps:g} fps (or use tail='pad')")
-    last_clip_frames = frames
-    if chunk and tail == "pad":
-        last_clip_frames = len(chunk)
-        clips.append(torch.stack(chunk + chunk[-1:] * (frames - len(chunk)), dim=1))
-    if not raw:
-        clips = [normalize_pixels(c, torch.float32) for c in clips]
-    if sampling == "upstream":
-        starts = [i * chunk_length / source_fps for i in range(len(clips))]
-    else:
-        starts = [i * frames / fps for i in range(len(clips))]
-    return ClipSet(
-        path=path,
-        clips=clips,
-        start_times=starts,
-        source_fps=source_fps,
-        fps=fps,
-        frames_per_clip=frames,
-        last_clip_frames=last_clip_frames,
-        tail=tail,
+    reader = ClipReader(
+        path, frames=frames, height=height, width=width, fps=fps, tail=tail, threads=threads, sampling=sampling, raw=raw
     )
+    return reader.clip_set(list(reader))
 
 
 def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -151,31 +204,128 @@ def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (pixels.to(dtype) / 255) * 2 - 1
 
 
-def iter_videos(
-    paths: Iterable[str | os.PathLike[str]], *, workers: int, prefetch: int, **read_kwargs
-) -> Iterator[tuple[str | os.PathLike[str], ClipSet | VideoError]]:
-    """Read many videos with `workers` threads, ahead of the consumer; yield (path, ClipSet or VideoError) in order.
+class ClipFeed:
+    """The clips of one video as a worker thread decodes them, through a queue of at most ``capacity`` clips.
 
-    At most `prefetch` videos are decoding or decoded but not yet yielded. Any failure on a file is yielded as that
-    file's VideoError and the others go on. `read_kwargs` go to read_clips.
+    Iterate it (once) for the clips in order; a failure on the file is raised as its VideoError, after the clips
+    that came before it. ``reader`` (a :class:`ClipReader`) holds the file's metadata once iteration has ended.
     """
-    if workers < 1 or prefetch < 1:
-        raise ValueError(f"workers and prefetch must be >= 1; got {workers} and {prefetch}")
+
+    def __init__(self, reader: ClipReader, capacity: int):
+        self.reader = reader
+        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Stop decoding: the worker gives up at its next clip (the consumer has moved on or gone)."""
+        self._closed.set()
+
+    @property
+    def path(self) -> str:
+        return self.reader.path
+
+    def _produce(self) -> None:
+        """Worker side: decode the file into the queue; any failure becomes this file's VideoError."""
+        if self._closed.is_set():
+            return
+        try:
+            for clip in self.reader:
+                if not self._put(("clip", clip)):
+                    return
+            self._put(("end", None))
+        except VideoError as exc:
+            self._put(("error", exc))
+        except Exception as exc:  # an unforeseen failure on one file must not stop the others
+            error = VideoError(f"{self.path}: cannot be read ({type(exc).__name__}: {exc})")
+            error.__cause__ = exc
+            self._put(("error", error))
+
+    def _put(self, item: tuple) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._closed.is_set():
+                    raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)") from None
+                continue
+            if kind == "clip":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+
+
+def stream_videos(
+    paths: Iterable[str | os.PathLike[str]], *, workers: int, prefetch: int, capacity: int = 8, **read_kwargs
+) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
+    """Read many videos with `workers` threads, ahead of the consumer; yield (path, ClipFeed) in order.
+
+    At most `prefetch` files are open at a time (the one being consumed and those read ahead), each holding at most
+    `capacity` decoded clips that the consumer has not taken, so memory stays bounded whatever the videos' lengths.
+    Asking for the next feed closes the previous one (what was not taken of it is dropped). `read_kwargs` go to
+    :class:`ClipReader`; bad ones raise here.
+    """
+    if workers < 1 or prefetch < 1 or capacity < 1:
+        raise ValueError(f"workers, prefetch and capacity must be >= 1; got {workers}, {prefetch} and {capacity}")
     remaining = iter(paths)
-    pending: deque[tuple[str | os.PathLike[str], Future]] = deque()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="titok-video")
+    pending: deque[tuple[str | os.PathLike[str], ClipFeed]] = deque()
+    current: ClipFeed | None = None
+    # daemon threads: a stream abandoned without being closed must not keep the process from exiting
+    tasks: queue.SimpleQueue[ClipFeed | None] = queue.SimpleQueue()
+    threads = [threading.Thread(target=_decode_feeds, args=(tasks,), daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
     try:
         while True:
+            if current is not None:
+                current.close()  # its worker, if still decoding, frees its thread for the files ahead
             for path in remaining:
-                pending.append((path, pool.submit(_read_or_error, path, read_kwargs)))
+                feed = ClipFeed(ClipReader(path, **read_kwargs), capacity)
+                tasks.put(feed)  # taken in order, so the feed consumed now always has a worker
+                pending.append((path, feed))
                 if len(pending) >= prefetch:
                     break
             if not pending:
                 return
-            path, future = pending.popleft()
-            yield path, future.result()
+            path, current = pending.popleft()
+            yield path, current
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for feed in [current, *(f for _, f in pending)]:
+            if feed is not None:
+                feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
+        for _ in threads:
+            tasks.put(None)
+        if not sys.is_finalizing():  # a stream dropped at exit: its daemon threads die with the process
+            for thread in threads:
+                thread.join()
+
+
+def _decode_feeds(tasks: queue.SimpleQueue) -> None:
+    while (feed := tasks.get()) is not None:
+        feed._produce()
+
+
+def iter_videos(
+    paths: Iterable[str | os.PathLike[str]], *, workers: int, prefetch: int, **read_kwargs
+) -> Iterator[tuple[str | os.PathLike[str], ClipSet | VideoError]]:
+    """Whole videos: like :func:`stream_videos`, but yields (path, ClipSet or VideoError), every clip in memory."""
+    for path, feed in stream_videos(paths, workers=workers, prefetch=prefetch, **read_kwargs):
+        try:
+            clips = list(feed)
+        except VideoError as exc:
+            yield path, exc
+        else:
+            yield path, feed.reader.clip_set(clips)
 
 
 def write_video(path: str | os.PathLike[str], frames: torch.Tensor, fps: float, *, crf: int = 18) -> None:
@@ -268,18 +418,6 @@ def _open(path: str) -> av.container.InputContainer:
         return av.open(path)
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(f"{path}: cannot open as a media file ({exc})") from exc
-
-
-def _read_or_error(path: str | os.PathLike[str], read_kwargs: dict) -> ClipSet | VideoError:
-    """One file's result; whatever goes wrong with this file becomes its VideoError, so the batch goes on."""
-    try:
-        return read_clips(path, **read_kwargs)
-    except VideoError as exc:
-        return exc
-    except Exception as exc:  # an unforeseen failure on one file must not stop the others
-        error = VideoError(f"{os.fspath(path)}: cannot be read ({type(exc).__name__}: {exc})")
-        error.__cause__ = exc
-        return error
 
 
 def _resample(

@@ -1,0 +1,132 @@
+"""encode_files streams clips from many files through one engine stream: per-file results, failures, memory."""
+
+import weakref
+
+import pytest
+import torch
+
+from titok_fast import Engine, pipeline
+from titok_fast.loading import random_tokenizer
+from titok_fast.pipeline import ClipSettings, encode_files, encode_resiliently
+from titok_fast.tokens import load_tokens
+from titok_fast.video import read_clips, write_video
+
+from videos import make_scrambled, make_video
+
+SETTINGS = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_tokenizer("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    made = {
+        "long": make_video(root / "long.mp4", frames=72, height=40, width=48, fps=24),  # 24 frames -> 6 clips
+        "short": make_video(root / "short.mp4", frames=12, height=32, width=32, fps=24),  # 4 frames -> 1 clip
+        "odd": make_video(root / "odd.mkv", frames=30, height=37, width=53, fps=12),  # 20 frames -> 5 clips
+    }
+    size = made["long"].stat().st_size
+    made["broken"] = make_scrambled(root / "broken.mp4", made["long"], start=size * 3 // 10)  # fails after clip 0
+    black = root / "black.mp4"
+    write_video(black, torch.full((3, 16, 32, 32), -1.0), fps=8)
+    made["black"] = black
+    return made
+
+
+def direct_indices(model, path) -> list[torch.Tensor]:
+    t, h, w = SETTINGS.grid
+    clips = read_clips(path, frames=t, height=h, width=w, fps=SETTINGS.fps, tail=SETTINGS.tail).clips
+    _, out = model.encode(clips, [SETTINGS.tokens] * len(clips))
+    return [i.long() for i in out["indices"]]
+
+
+def encode(model, files, outdir, **kwargs):
+    engine = Engine(model, budgets=(128, 256), max_clips=kwargs.pop("max_clips", 3))
+    return encode_files(model, engine, [(p, p.stem) for p in files], outdir, SETTINGS, **kwargs)
+
+
+def test_files_spanning_batches_get_the_tokens_of_their_own_clips(model, sources, tmp_path):
+    files = [sources["long"], sources["short"], sources["odd"]]
+    summary = encode(model, files, tmp_path, workers=2, read_ahead=1, max_clips=4)  # batches mix files
+    assert summary.done == [str(p) for p in files] and not summary.failed and summary.clips == 12
+    for path in files:
+        stored = load_tokens(tmp_path / f"{path.stem}.safetensors")
+        expected = direct_indices(model, path)
+        assert all(torch.equal(a.long(), b) for a, b in zip(stored.all_indices(), expected, strict=True))
+    odd = load_tokens(tmp_path / "odd.safetensors")
+    assert odd.start_times.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0] and odd.last_chunk_frames == 4
+
+
+def test_a_file_failing_midway_loses_nothing_else(model, sources, tmp_path):
+    files = [sources["short"], sources["broken"], sources["odd"]]
+    summary = encode(model, files, tmp_path, workers=1, read_ahead=2)
+    assert [p for p, _ in summary.failed] == [str(sources["broken"])]
+    assert "broken.mp4: decoding failed" in summary.failed[0][1]
+    assert summary.done == [str(sources["short"]), str(sources["odd"])]
+    assert not (tmp_path / "broken.safetensors").exists()
+    stored = load_tokens(tmp_path / "odd.safetensors").all_indices()
+    assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, sources["odd"]), strict=True))
+
+
+def poison_black_clips(monkeypatch):
+    """Batches holding an all-black clip fail, as a clip the device cannot take would."""
+    real = Engine._run_encode
+
+    def run_encode(self, batch, videos):
+        if any(bool((video <= -0.99).all()) for _, video, _ in batch):
+            raise RuntimeError("device fault")
+        return real(self, batch, videos)
+
+    monkeypatch.setattr(Engine, "_run_encode", run_encode)
+
+
+def test_a_batch_failure_costs_only_the_file_at_fault(model, sources, tmp_path, monkeypatch):
+    poison_black_clips(monkeypatch)
+    files = [sources["long"], sources["black"], sources["odd"]]
+    summary = encode(model, files, tmp_path, max_clips=4)  # the black clips share batches with the others
+    assert [p for p, _ in summary.failed] == [str(sources["black"])]
+    assert "encoding failed on clip 0: device fault" in summary.failed[0][1]
+    assert summary.done == [str(sources["long"]), str(sources["odd"])]
+    for path in (sources["long"], sources["odd"]):
+        stored = load_tokens(tmp_path / f"{path.stem}.safetensors").all_indices()
+        assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, path), strict=True))
+
+
+def test_encode_resiliently_retries_alone_and_goes_on(model, monkeypatch):
+    poison_black_clips(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.rand(3, 4, 32, 32, generator=g) * 2 - 1 for _ in range(7)]
+    videos[2] = torch.full((3, 4, 32, 32), -1.0)
+    errors = []
+    engine = Engine(model, budgets=(128,), max_clips=2)
+    items = ((f"clip{i}", v, 8) for i, v in enumerate(videos))
+    results = dict(encode_resiliently(engine, items, lambda key, e: errors.append((key, str(e)))))
+    assert errors == [("clip2", "device fault")]
+    assert sorted(results) == [f"clip{i}" for i in range(7) if i != 2]
+    good = [v for i, v in enumerate(videos) if i != 2]
+    _, out = model.encode(good, [8] * len(good))
+    assert all(torch.equal(results[k][1], i) for k, i in zip(sorted(results), out["indices"], strict=True))
+
+
+def test_a_long_video_is_never_held_whole(model, tmp_path, monkeypatch):
+    """Clips prepared for the model and not yet encoded never exceed the engine's two batches (the reader holds at
+    most ``read_ahead`` more, decoded): 5 of the video's 20 clips here."""
+    path = make_video(tmp_path / "ten_seconds.mp4", frames=240, height=32, width=32, fps=24)  # 20 clips
+    alive, peak = [0], [0]
+    real_normalize = pipeline.normalize_pixels
+
+    def tracking(clip, dtype):
+        out = real_normalize(clip, dtype)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(out, lambda: alive.__setitem__(0, alive[0] - 1))
+        return out
+
+    monkeypatch.setattr(pipeline, "normalize_pixels", tracking)
+    summary = encode(model, [path], tmp_path / "out", workers=1, read_ahead=1, max_clips=2)
+    assert summary.done == [str(path)] and summary.clips == 20
+    assert peak[0] <= 2 * 2 + 1  # a batch running, the next staged, and the clip that closed it
