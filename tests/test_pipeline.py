@@ -2,14 +2,15 @@
 
 import weakref
 
+import av
 import pytest
 import torch
 
 from titok_fast import Engine, pipeline
 from titok_fast.loading import random_tokenizer
-from titok_fast.pipeline import ClipSettings, encode_files, encode_resiliently
+from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode_resiliently, evaluate
 from titok_fast.tokens import load_tokens
-from titok_fast.video import read_clips, write_video
+from titok_fast.video import VideoWriter, psnr, read_clips, ssim, write_video
 
 from videos import make_scrambled, make_video
 
@@ -130,3 +131,54 @@ def test_a_long_video_is_never_held_whole(model, tmp_path, monkeypatch):
     summary = encode(model, [path], tmp_path / "out", workers=1, read_ahead=1, max_clips=2)
     assert summary.done == [str(path)] and summary.clips == 20
     assert peak[0] <= 2 * 2 + 1  # a batch running, the next staged, and the clip that closed it
+
+
+def test_eval_streams_in_groups_and_skips_a_file_failing_midway(model, sources):
+    files = [(sources["long"], "long"), (sources["broken"], "broken"), (sources["odd"], "odd")]
+    engine = Engine(model, budgets=(256,), max_clips=4)
+    table, summary = evaluate(engine, files, SETTINGS, [4, 8], workers=1, group=3)
+    assert [p for p, _ in summary.failed] == [str(sources["broken"])] and len(summary.done) == 2
+    t, h, w = SETTINGS.grid
+    read = {"frames": t, "height": h, "width": w, "fps": SETTINGS.fps, "tail": SETTINGS.tail}
+    clips = [c for p in (sources["long"], sources["odd"]) for c in read_clips(p, **read).clips]
+    for n in (4, 8):
+        _, out = model.encode(clips, [n] * len(clips))
+        recon = [r.clamp(-1, 1) for r in model.decode_indices(out["indices"], [SETTINGS.grid] * len(clips))]
+        assert table[n]["clips"] == len(clips) == 11
+        assert table[n]["psnr"] == pytest.approx(sum(map(psnr, recon, clips)) / 11, rel=1e-9)
+        assert table[n]["ssim"] == pytest.approx(sum(map(ssim, recon, clips)) / 11, rel=1e-9)
+    same, _ = evaluate(engine, files, SETTINGS, [4, 8], workers=2, group=32)
+    assert all(same[n] == pytest.approx(table[n], rel=1e-12) for n in (4, 8))
+
+
+def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tmp_path, monkeypatch):
+    tokens = tmp_path / "tokens"
+    encode(model, [sources["long"], sources["odd"]], tokens)
+    writes = []
+    real_write = VideoWriter.write
+
+    def write(self, frames):
+        writes.append(tuple(frames.shape))
+        real_write(self, frames)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    engine = Engine(model, budgets=(256,), max_clips=2)
+    paths = [tokens / "long.safetensors", tokens / "odd.safetensors"]
+    summary = decode_files(engine, paths, tmp_path / "mp4", with_source=True)
+    assert summary.done == [str(p) for p in paths] and not summary.failed
+    assert writes == [(3, 4, 32, 64)] * (6 + 5)  # one chunk per write, source | reconstruction
+    with av.open(str(tmp_path / "mp4" / "long.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 24
+
+    real_stream = Engine.decode_stream
+
+    def failing(self, items):
+        for k, result in enumerate(real_stream(self, items)):
+            if k == 3:
+                raise RuntimeError("device fault")
+            yield result
+
+    monkeypatch.setattr(Engine, "decode_stream", failing)
+    summary = decode_files(engine, paths[:1], tmp_path / "failed")
+    assert summary.failed == [(str(paths[0]), "device fault")]
+    assert list((tmp_path / "failed").iterdir()) == []  # neither a partial mp4 nor a temporary file

@@ -24,14 +24,12 @@ from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_to
 from .video import (
     ClipReader,
     VideoError,
-    iter_videos,
+    VideoWriter,
     normalize_pixels,
     psnr,
-    read_clips,
     side_by_side,
     ssim,
     stream_videos,
-    write_video,
 )
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif"}
@@ -288,27 +286,34 @@ def _token_file(model: TiTok, reader: ClipReader, indices: list, settings: ClipS
     )
 
 
-def decode_token_file(engine: Engine, token_file: TokenFile) -> torch.Tensor:
-    """All chunks decoded, clamped to [-1, 1], joined in time, padded tail frames removed: [3, frames, H, W]."""
+def decoded_chunks(engine: Engine, token_file: TokenFile) -> Iterator[torch.Tensor]:
+    """The token file's chunks decoded one by one, in order, as ``engine.decode_stream`` returns them: each
+    [3, T, H, W] clamped to [-1, 1] on the CPU, the padded tail frames of the last chunk removed."""
     grids = [tuple(g) for g in token_file.grids.tolist()]
-    chunks = engine.decode_indices(token_file.all_indices(), grids)
-    video = torch.cat([c.float().clamp(-1, 1).cpu() for c in chunks], dim=1)
-    return video[:, : real_frames(token_file)]
+    last = len(grids) - 1
+    for i, chunk in engine.decode_stream(zip(range(len(grids)), token_file.all_indices(), grids, strict=True)):
+        chunk = chunk.float().clamp(-1, 1).cpu()
+        yield chunk[:, : token_file.last_chunk_frames] if i == last else chunk
 
 
-def real_frames(token_file: TokenFile) -> int:
-    chunks = token_file.token_counts.numel()
-    return (chunks - 1) * token_file.frames_per_chunk + token_file.last_chunk_frames
-
-
-def source_video(token_file: TokenFile) -> torch.Tensor:
-    """The source re-read exactly as it was for encoding: [3, frames, H, W] in [-1, 1]."""
+def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
+    """The source re-read exactly as it was for encoding, chunk by chunk like :func:`decoded_chunks` ([-1, 1]);
+    a source that now gives fewer chunks than the token file holds is a ValueError."""
     t, h, w = token_file.grids[0].tolist()
-    clips = read_clips(
+    wanted = token_file.token_counts.numel()
+    reader = ClipReader(
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
         sampling=token_file.sampling,
     )  # fmt: skip
-    return torch.cat(clips.clips, dim=1)[:, : real_frames(token_file)]
+    clips = iter(reader)
+    try:
+        for got, clip in enumerate(clips, start=1):
+            yield clip[:, : token_file.last_chunk_frames] if got == wanted else clip
+            if got == wanted:
+                return
+    finally:
+        clips.close()
+    raise ValueError(f"source {token_file.source} now gives {reader.clips_read} chunks; the token file has {wanted}")
 
 
 def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLike) -> None:
@@ -329,7 +334,8 @@ def decode_files(
     force: bool = False,
     overwrite: bool = False,
 ) -> Summary:
-    """Token files -> ``outdir/<stem>.mp4`` (optionally the source beside the reconstruction)."""
+    """Token files -> ``outdir/<stem>.mp4`` (optionally the source beside the reconstruction), written chunk by
+    chunk; an mp4 appears under its name only when complete."""
     outdir = Path(outdir)
     stems: dict[str, str] = {}
     for path in paths:
@@ -347,11 +353,13 @@ def decode_files(
             token_file = load_tokens(path)
             if not force:
                 check_same_model(engine.model, token_file, path)
-            video = decode_token_file(engine, token_file)
-            if with_source:
-                video = side_by_side(source_video(token_file), video)
             outdir.mkdir(parents=True, exist_ok=True)
-            write_video(out, video, token_file.fps)
+            chunks = decoded_chunks(engine, token_file)  # one chunk at a time: any length fits in memory
+            if with_source:
+                chunks = (side_by_side(s, r) for s, r in zip(source_chunks(token_file), chunks, strict=True))
+            with VideoWriter(out, token_file.fps) as writer:
+                for chunk in chunks:
+                    writer.write(chunk)
         except (ValueError, TypeError, RuntimeError, OSError) as e:
             summary.failed.append((str(path), str(e)))
             continue
@@ -362,32 +370,79 @@ def decode_files(
 
 
 def evaluate(
-    engine: Engine, files: Sequence[tuple[Path, str]], settings: ClipSettings, token_counts: Sequence[int]
+    engine: Engine,
+    files: Sequence[tuple[Path, str]],
+    settings: ClipSettings,
+    token_counts: Sequence[int],
+    *,
+    workers: int = 2,
+    group: int = 32,
 ) -> tuple[dict, Summary]:
-    """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM per token count."""
+    """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM over clips per token count.
+
+    Clips stream from the files in groups of ``group`` (memory does not grow with the inputs); a file that fails
+    to read, even midway, is reported and none of its clips count."""
     summary = Summary()
     start = time.perf_counter()
-    clips = []
-    for path, result in iter_videos([p for p, _ in files], workers=2, prefetch=4, **settings.read_kwargs()):
-        if isinstance(result, VideoError):
-            summary.failed.append((str(path), str(result)))
-        else:
-            clips += result.clips
+    totals = {n: [0.0, 0.0] for n in token_counts}  # sums of PSNR and SSIM over the clips of complete files
+    scores: dict[int, dict] = {}  # file number -> {n: [psnr sum, ssim sum]} while the file is not complete
+    state: dict[int, list] = {}  # file number -> [clips read, clips scored, read to the end]
+    batch: list[tuple[int, torch.Tensor]] = []
+    clips = 0
+
+    def settle(number: int) -> None:
+        nonlocal clips
+        read, scored, ended = state[number]
+        if ended and scored == read:
+            for n in token_counts:
+                totals[n][0] += scores[number][n][0]
+                totals[n][1] += scores[number][n][1]
+            clips += read
+            del scores[number], state[number]
+
+    def score_batch() -> None:
+        inputs = [normalize_pixels(c, engine.model.dtype) for _, c in batch]
+        targets = [normalize_pixels(c, torch.float32) for _, c in batch]
+        for n in token_counts:
+            _, out = engine.encode(inputs, [n] * len(batch))
+            recon = engine.decode_indices(out["indices"], [settings.grid] * len(batch))
+            for (number, _), r, target in zip(batch, recon, targets, strict=True):
+                r = r.float().clamp(-1, 1).cpu()
+                scores[number][n][0] += psnr(r, target)
+                scores[number][n][1] += ssim(r, target)
+        for number, _ in batch:
+            state[number][1] += 1
+        numbers = dict.fromkeys(number for number, _ in batch)
+        batch.clear()
+        for number in numbers:
+            settle(number)
+
+    feeds = stream_videos(
+        [p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, **settings.read_kwargs()
+    )
+    with contextlib.closing(feeds):
+        for number, (path, feed) in enumerate(feeds):
+            scores[number] = {n: [0.0, 0.0] for n in token_counts}
+            state[number] = [0, 0, False]
+            try:
+                for clip in feed:
+                    batch.append((number, clip))
+                    state[number][0] += 1
+                    if len(batch) == group:
+                        score_batch()
+            except VideoError as e:
+                summary.failed.append((str(path), str(e)))
+                batch[:] = [(f, c) for f, c in batch if f != number]
+                del scores[number], state[number]
+                continue
             summary.done.append(str(path))
+            state[number][2] = True
+            settle(number)
+        if batch:
+            score_batch()
     if not clips:
         raise InputError("no clips to evaluate: every input failed")
-    table = {}
-    inputs = [normalize_pixels(c, engine.model.dtype) for c in clips]
-    targets = [normalize_pixels(c, torch.float32) for c in clips]
-    for n in token_counts:
-        _, out = engine.encode(inputs, [n] * len(clips))
-        recon = engine.decode_indices(out["indices"], [settings.grid] * len(clips))
-        pairs = [(r.float().clamp(-1, 1).cpu(), c) for r, c in zip(recon, targets, strict=True)]
-        table[n] = {
-            "psnr": sum(psnr(r, c) for r, c in pairs) / len(pairs),
-            "ssim": sum(ssim(r, c) for r, c in pairs) / len(pairs),
-            "clips": len(pairs),
-        }
-    summary.clips = len(clips) * len(token_counts)
+    table = {n: {"psnr": p / clips, "ssim": q / clips, "clips": clips} for n, (p, q) in totals.items()}
+    summary.clips = clips * len(token_counts)
     summary.seconds = time.perf_counter() - start
     return table, summary

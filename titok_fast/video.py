@@ -16,6 +16,7 @@ Decoding streams: only the latest decoded frame is held at source resolution, sa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -328,37 +329,84 @@ def iter_videos(
             yield path, feed.reader.clip_set(clips)
 
 
-def write_video(path: str | os.PathLike[str], frames: torch.Tensor, fps: float, *, crf: int = 18) -> None:
-    """Write frames [3, T, H, W] in [-1, 1] (clamped) as an H.264 mp4 (libx264, yuv420p, quality `crf`), atomically.
+class VideoWriter:
+    """An H.264 mp4 (libx264, yuv420p, quality `crf`) written chunk by chunk and atomically.
 
-    yuv420p needs even sizes, so an odd H or W gains one row or column copied from the last one: the file is
-    (H + H % 2) x (W + W % 2). The video goes to a temporary file in the same folder, renamed over `path` when done.
+    ``write(frames)`` takes [3, T, H, W] in [-1, 1] (clamped), every chunk of one size; yuv420p needs even sizes,
+    so an odd H or W gains one row or column copied from the last one: the file is (H + H % 2) x (W + W % 2).
+    Frames go to a temporary file in the same folder, synced and renamed over `path` by ``close()``; leaving the
+    ``with`` block by an exception (or ``abort()``) removes it, so `path` is only ever a complete video.
     """
-    if frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] == 0:
-        raise ValueError(f"frames must be [3, T, H, W] with T >= 1; got shape {list(frames.shape)}")
-    if not fps > 0:
-        raise ValueError(f"fps must be positive; got {fps}")
-    height, width = frames.shape[-2:]
-    levels = (frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
-    levels = F.pad(levels, (0, width % 2, 0, height % 2), mode="replicate")
-    images = levels.round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # [T, H', W', 3]
-    path = os.fspath(path)
-    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex}")
-    try:
-        with av.open(temporary, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height = images.shape[2], images.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for image in images:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            container.mux(stream.encode())
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+
+    def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18):
+        if not fps > 0:
+            raise ValueError(f"fps must be positive; got {fps}")
+        self.path, self.fps, self.crf = os.fspath(path), fps, crf
+        folder, name = os.path.split(os.path.abspath(self.path))
+        self._temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}")
+        self._container = self._stream = None
+        self._size: tuple[int, int] | None = None
+        self.frames = 0
+
+    def write(self, frames: torch.Tensor) -> None:
+        if frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] == 0:
+            raise ValueError(f"frames must be [3, T, H, W] with T >= 1; got shape {list(frames.shape)}")
+        height, width = frames.shape[-2:]
+        if self._size is None:
+            self._open(height + height % 2, width + width % 2)
+            self._size = (height, width)
+        elif self._size != (height, width):
+            raise ValueError(f"frames are {height}x{width}; this video's are {self._size[0]}x{self._size[1]}")
+        levels = (frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+        levels = F.pad(levels, (0, width % 2, 0, height % 2), mode="replicate")
+        for image in levels.round().to(torch.uint8).permute(1, 2, 3, 0).numpy():  # [H', W', 3] each
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        self.frames += frames.shape[1]
+
+    def _open(self, height: int, width: int) -> None:
+        self._container = av.open(self._temporary, mode="w", format="mp4")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": str(self.crf)}
+
+    def close(self) -> None:
+        """Finish the file and move it to `path`."""
+        if self._container is None:
+            raise ValueError(f"{self.path}: no frames were written")
+        try:
+            self._container.mux(self._stream.encode())
+            self._container.close()
+            self._container = None
+            with open(self._temporary, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(self._temporary, self.path)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop what was written; `path` is left as it was."""
+        if self._container is not None:
+            with contextlib.suppress(Exception):
+                self._container.close()
+            self._container = None
+        if os.path.exists(self._temporary):
+            os.remove(self._temporary)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_video(path: str | os.PathLike[str], frames: torch.Tensor, fps: float, *, crf: int = 18) -> None:
+    """Write frames [3, T, H, W] in [-1, 1] (clamped) as an H.264 mp4, atomically (see :class:`VideoWriter`)."""
+    with VideoWriter(path, fps, crf=crf) as writer:
+        writer.write(frames)
 
 
 def side_by_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
