@@ -182,3 +182,14 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     summary = decode_files(engine, paths[:1], tmp_path / "failed")
     assert summary.failed == [(str(paths[0]), "device fault")]
     assert list((tmp_path / "failed").iterdir()) == []  # neither a partial mp4 nor a temporary file
+
+
+def test_encode_resiliently_raises_a_failure_that_no_clip_caused(model, monkeypatch):
+    def broken(self, items):
+        raise RuntimeError("no device")
+        yield
+
+    monkeypatch.setattr(Engine, "encode_stream", broken)
+    items = iter([("a", torch.zeros(3, 4, 32, 32), 8)])
+    with pytest.raises(RuntimeError, match="no device"):
+        list(encode_resiliently(Engine(model), items, lambda key, e: None))

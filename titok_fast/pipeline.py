@@ -171,6 +171,8 @@ def encode_resiliently(
             return
         except (ValueError, TypeError, RuntimeError):
             retry = list(taken.items())
+            if not retry:  # the stream failed before taking a clip: going on would fail the same way
+                raise
             taken.clear()
             for key, (video, n) in retry:
                 try:

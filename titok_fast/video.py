@@ -69,7 +69,13 @@ class ClipReader:
     """One video's clips, decoded lazily: iterating yields each clip [3, frames, height, width] float32 as soon as its
     frames are decoded, so a long video never has to fit in memory.
 
-    The arguments are those of :func:`read_clips` and are checked here; the file is opened when iteration starts.
+    Clips hold `frames` frames sampled at `fps`, with values in [-1, 1], or with ``raw=True`` the resized pixel
+    values (0..255 scale, unclamped) for ``normalize_pixels`` to scale in the model's dtype exactly as upstream
+    does. ``sampling``: "upstream" (the notebook's frame indices) or "time" (presentation times; for variable frame
+    rate), see the module header. tail="drop" drops a last chunk shorter than `frames` (a video shorter than one
+    chunk is a VideoError); tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame
+    threading. The arguments are checked here; the file is opened when iteration starts.
+
     Iteration raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file (possibly
     after some clips). Once it has ended, ``source_fps``, ``clips_read``, ``last_clip_frames`` and ``start_times()``
     describe what was read.
@@ -142,9 +148,9 @@ class ClipReader:
                 f"{path} is shorter than one chunk of {frames} frames at {self.fps:g} fps (or use tail='pad')"
             )
         if chunk and self.tail == "pad":
-            last_clip_frames = len(chunk)
-            yield self._clip(chunk + chunk[-1:] * (frames - len(chunk)))
-            self.last_clip_frames = last_clip_frames
+            clip = self._clip(chunk + chunk[-1:] * (frames - len(chunk)))
+            self.last_clip_frames = len(chunk)
+            yield clip
 
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
         clip = torch.stack(images, dim=1)
@@ -171,31 +177,10 @@ class ClipReader:
         )
 
 
-def read_clips(
-    path: str | os.PathLike[str],
-    *,
-    frames: int,
-    height: int,
-    width: int,
-    fps: float = 8.0,
-    tail: str = "drop",
-    threads: int = 1,
-    sampling: str = "upstream",
-    raw: bool = False,
-) -> ClipSet:
-    """Decode a whole video into clips of `frames` frames at `fps`, each [3, frames, height, width] float32.
-
-    Values are in [-1, 1], or with ``raw=True`` the resized pixel values (0..255 scale, unclamped) for
-    ``normalize_pixels`` to scale in the model's dtype exactly as upstream does. ``sampling``: "upstream" (the
-    notebook's frame indices) or "time" (presentation times; for variable frame rate), see the module header.
-    tail="drop" drops a last chunk shorter than `frames` (a video shorter than one chunk is a VideoError);
-    tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame threading.
-    Raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file. All clips are held
-    in memory: :class:`ClipReader` (or :func:`stream_videos`) yields them one at a time.
-    """
-    reader = ClipReader(
-        path, frames=frames, height=height, width=width, fps=fps, tail=tail, threads=threads, sampling=sampling, raw=raw
-    )
+def read_clips(path: str | os.PathLike[str], **kwargs) -> ClipSet:
+    """A whole video's clips at once: :class:`ClipReader` ``(path, **kwargs)`` read to the end (every clip is held
+    in memory; iterate a ClipReader, or use :func:`stream_videos`, for one clip at a time)."""
+    reader = ClipReader(path, **kwargs)
     return reader.clip_set(list(reader))
 
 
