@@ -1,5 +1,5 @@
 # Shortcuts; the README's two commands are what CI runs.
-.PHONY: install test lint bench bench-gpu demo
+.PHONY: install test lint bench bench-gpu gpu-session wheels demo
 
 install:
 	pip install torch==2.13.0 -e ".[test]"
@@ -14,7 +14,16 @@ bench:
 	titok-fast bench -k cpu
 
 bench-gpu:
-	titok-fast bench -k gpu
+	titok-fast bench -k "test_gpu or bench_kernels"
+
+# On a GPU machine without network: the gpu tests and every GPU benchmark, results under $OUT or gpu-results/.
+gpu-session:
+	bash benchmarks/gpu_session.sh all
+
+# Wheels for a GPU machine without network (Python 3.12, x86_64) of what it lacks; carry .wheels there.
+wheels:
+	pip download av omegaconf ruff==0.17.6 --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
 
 demo:
 	titok-fast demo
