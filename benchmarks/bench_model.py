@@ -7,11 +7,14 @@
   through SDPA: upstream's inference path), ``eager``, ``compile``, ``cudagraph`` (the engine, triton backend).
 
 ``titok-fast bench`` runs this file and prints the table; ``python benchmarks/report.py out.json`` does too.
+With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import platform
 import random
 
@@ -96,6 +99,10 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
         benchmark.extra_info.update(
             peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, mfu=flops / mean / H100_DENSE_BF16
         )
+    log = os.environ.get("TITOK_BENCH_LOG")
+    if log:  # one line per case as soon as it is measured: a run cut short keeps what it measured
+        with open(log, "a") as f:
+            f.write(json.dumps({"case": benchmark.group, "mean_s": mean, **benchmark.extra_info}) + "\n")
 
 
 CPU_CASES = {

@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_session.sh all       # all six in a row
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
+# <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
 # environment.txt (card, driver, versions, commit: $COMMIT where the copy has no .git). The machine may have no network: Python packages it lacks
 # (PyAV, omegaconf, ruff) are installed from ./.wheels, which `make wheels` fills on a machine that has one.
 set -u -o pipefail
@@ -37,7 +38,8 @@ torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)
 }
 
 bench() {  # bench NAME PYTEST-K-EXPRESSION
-    "$python" -m titok_fast.cli bench -k "$2" --json "$out/$1.json" 2>&1 | tee "$out/$1.txt"
+    TITOK_BENCH_LOG="$out/$1.jsonl" "$python" -m titok_fast.cli bench -k "$2" --json "$out/$1.json" 2>&1 \
+        | tee "$out/$1.txt"
 }
 
 part() {
