@@ -12,8 +12,9 @@
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
-# environment.txt (card, driver, versions, commit: $COMMIT where the copy has no .git). The machine may have no network: Python packages it lacks
-# (PyAV, omegaconf, ruff) are installed from ./.wheels, which `make wheels` fills on a machine that has one.
+# environment.txt (card, driver, versions, commit: $COMMIT where the copy has no .git). The machine may have no
+# network: Python packages it lacks (PyAV, omegaconf, ruff) are installed from ./.wheels, which `make wheels`
+# fills on a machine that has one.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
@@ -30,7 +31,8 @@ prepare() {
 torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
     } > "$out/environment.txt" 2>&1
     local missing
-    missing=$("$python" -c "import importlib.util as u; print(*[m for m in ('av', 'omegaconf', 'ruff') if not u.find_spec(m)])")
+    missing=$("$python" -c "import importlib.util as u
+print(*[m for m in ('av', 'omegaconf', 'ruff') if not u.find_spec(m)])")
     if [ -n "$missing" ]; then
         "$python" -m pip install --quiet --no-index --find-links .wheels $missing \
             || { echo "cannot install $missing: run 'make wheels' where there is a network, carry .wheels" >&2; exit 2; }
