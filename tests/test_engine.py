@@ -118,6 +118,8 @@ def test_engine_rejects_bad_settings_and_clips(model):
         engine.encode(random_videos([(4, 32, 16)]), [64])
     with pytest.raises(ValueError, match="video 0 has shape"):
         engine.encode([torch.zeros(3, 5, 8, 8)], [1])
+    with pytest.raises(ValueError, match=r"clip 'big' needs 72 packed rows"):
+        list(engine.encode_stream([("small", torch.zeros(3, 4, 8, 8), 1), ("big", torch.zeros(3, 4, 32, 16), 64)]))
     with pytest.raises(ValueError, match="clip 'b': video 0 has shape"):
         list(engine.encode_stream([("a", torch.zeros(3, 4, 8, 8), 1), ("b", torch.zeros(3, 5, 8, 8), 1)]))
     with pytest.raises(ValueError, match="indices of clip 'x' holds index 4375"):
@@ -143,3 +145,27 @@ def test_cuda_engine_equals_model(mode):
         assert all(rel_l2(got_recon[p], recon[i]) <= 1e-4 for p, i in enumerate(order))
     if mode == "cudagraph":
         assert engine.compiles <= 4
+
+
+@pytest.mark.parametrize("mode", ["static", "compile"])
+def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode):
+    """Runners take the decoder table as an input (CUDA graphs read it by address): new weights must reach them."""
+    model = make_model("tiny")
+    engine = Engine(model, mode=mode, budgets=(512,), max_clips=4)
+    _, _, indices, _ = expected
+    engine.decode_indices(list(indices[:2]), SHAPES[:2])  # builds the runner with the first table
+    with torch.no_grad():
+        model.decoder.proj_in.weight.mul_(1.5)
+        model.decoder.ln_pre.bias.add_(0.1)
+    now = model.decode_indices(indices[:2], SHAPES[:2])
+    got = engine.decode_indices(list(indices[:2]), SHAPES[:2])
+    assert all(rel_l2(g, n) <= 1e-4 for g, n in zip(got, now, strict=True))
+    assert rel_l2(now[0], expected[3][0]) > 1e-2  # the change is visible
+
+
+def test_pair_positions_match_the_pair_axis_index():
+    from kernels.mrope_attention import pair_axis
+    from titok_fast.packing import pair_positions
+
+    positions = torch.randint(0, 1000, (37, 3), dtype=torch.int32)
+    assert torch.equal(pair_positions(positions), positions[:, pair_axis()].long())

@@ -38,17 +38,25 @@ MODES = ("eager", "static", "compile", "cudagraph")
 TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
 
-def pack_greedily(items: Iterable, rows_of: Callable[[object], int], largest: int, max_clips: int) -> Iterator[list]:
+def pack_greedily(
+    items: Iterable,
+    rows_of: Callable[[object], int],
+    largest: int,
+    max_clips: int,
+    name_of: Callable[[int, object], object] = lambda position, item: position,
+) -> Iterator[list]:
     """Group items, in order, so each group's rows fit ``largest`` and it holds at most ``max_clips`` items.
 
-    Streams: a group is yielded as soon as the next item does not fit it."""
+    Streams: a group is yielded as soon as the next item does not fit it. An item too large for ``largest`` is a
+    ValueError naming it by ``name_of(position, item)``."""
     current: list = []
     used = 0
     for position, item in enumerate(items):
         r = rows_of(item)
         if r > largest:
             raise ValueError(
-                f"clip {position} needs {r} packed rows (tokens + patches); the largest budget is {largest}"
+                f"clip {name_of(position, item)!r} needs {r} packed rows (tokens + patches); the largest budget is "
+                f"{largest}"
             )
         if current and (used + r > largest or len(current) == max_clips):
             yield current
@@ -103,7 +111,7 @@ class Engine:
                              "or 'triton' (or 'auto')")  # fmt: skip
         self.model, self.mode = model, mode
         self.budgets = tuple(sorted(set(budgets)))
-        if mode in ("static", "compile") and model._active_backend() == "torch":
+        if mode != "eager" and model._active_backend() == "torch":
             kept = tuple(b for b in self.budgets if b <= TORCH_FIXED_SHAPE_MAX_BUDGET)
             if kept != self.budgets:
                 warnings.warn(
@@ -120,6 +128,8 @@ class Engine:
         # staging (pinned allocations, copies) on the worker thread must not run while a CUDA graph is captured
         self._capture_lock = threading.Lock()
         self._graph_pool = None  # one memory pool for every captured graph: they never run at the same time
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # see _decoder_table
+        self._table_source: torch.Tensor | None = None
 
     # --------------------------------------------------------------------------------------------- public API
     def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
@@ -191,8 +201,8 @@ class Engine:
         """Batch items greedily; stage batch k+1 on a worker thread while batch k runs."""
         with ThreadPoolExecutor(max_workers=1) as stager:
             pending = None  # (batch, future of its staged inputs)
-            for batch in pack_greedily(items, rows_of, self.budgets[-1], self.max_clips):
-                staged = (batch, stager.submit(stage, batch))
+            for batch in pack_greedily(items, rows_of, self.budgets[-1], self.max_clips, lambda _, item: item[0]):
+                staged = (batch, stager.submit(stage, batch, self._inputs_ready()))
                 if pending is not None:
                     yield from self._finish(pending, run)
                 pending = staged
@@ -224,16 +234,28 @@ class Engine:
                 run, batch[half:], staged[half:]
             )
 
-    def _stage(self, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[torch.Tensor], object]:
+    def _inputs_ready(self):
+        """On CUDA, an event on the caller's current stream: inputs it made on the GPU are complete there. Recorded
+        on the caller's thread (the staging thread has its own current stream)."""
+        if self.model.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.model.device))
+        return event
+
+    def _stage(
+        self, tensors: list[torch.Tensor], dtype: torch.dtype | None, ready
+    ) -> tuple[list[torch.Tensor], object]:
         """Copy a batch's inputs to the model's device. On CUDA: from pinned memory on a side stream, so the copy
-        overlaps the batch running now; returns the tensors and the event that marks the copies done."""
+        overlaps the batch running now, after ``ready`` (see _inputs_ready); returns the tensors and the event
+        that marks the copies done."""
         device = self.model.device
         if device.type != "cuda":
             return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)
         with self._capture_lock, torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_stream(torch.cuda.current_stream(device))  # inputs made on the GPU are ready
+            self._copy_stream.wait_event(ready)  # inputs made on the GPU by the caller are complete
             out = [
                 t.pin_memory().to(device=device, dtype=dtype or t.dtype, non_blocking=True) if t.device.type == "cpu"
                 else t.to(dtype=dtype or t.dtype)
@@ -243,11 +265,11 @@ class Engine:
             copied.record(self._copy_stream)
         return out, copied
 
-    def _stage_videos(self, batch: list) -> tuple[list[torch.Tensor], object]:
-        return self._stage([video for _, video, _ in batch], self.model.dtype)
+    def _stage_videos(self, batch: list, ready) -> tuple[list[torch.Tensor], object]:
+        return self._stage([video for _, video, _ in batch], self.model.dtype, ready)
 
-    def _stage_indices(self, batch: list) -> tuple[list[torch.Tensor], object]:
-        return self._stage([idx for _, idx, _ in batch], None)
+    def _stage_indices(self, batch: list, ready) -> tuple[list[torch.Tensor], object]:
+        return self._stage([idx for _, idx, _ in batch], None, ready)
 
     # ----------------------------------------------------------------------------------------------- encode
     def _run_encode(self, batch: list, videos: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -282,6 +304,7 @@ class Engine:
         pack = self._fill_layout(buffers.batch, counts, grids)
         buffers.inputs.zero_()
         buffers.inputs[pack.latent_rows] = torch.cat(indices).to(buffers.inputs.dtype)
+        self._decoder_table()  # refreshed in place if the weights changed since the runner was built
         patches = self._replay("decode", budget)[pack.patch_rows].split([math.prod(g) for g in grids])
         return [unpatchify(p, s, cfg.patch_size).clone() for p, s in zip(patches, shapes, strict=True)]
 
@@ -304,6 +327,18 @@ class Engine:
                 inputs = torch.zeros(budget, dtype=torch.int32, device=device)
             self._buffers[key] = _Buffers(inputs, batch)
         return self._buffers[key]
+
+    def _decoder_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's decoder table in buffers owned by the engine, which fixed-shape runners take as inputs and
+        CUDA graphs read by address: when the model rebuilds its table (new weights), the buffers are refilled."""
+        table, mask_row = self.model.decoder_table()
+        if self._table is None:
+            self._table = (table.clone(), mask_row.clone())
+        elif self._table_source is not table:
+            self._table[0].copy_(table)
+            self._table[1].copy_(mask_row)
+        self._table_source = table
+        return self._table
 
     def _fill_layout(self, batch: StaticBatch, counts: list[int], grids: list) -> Packing:
         """Refill the layout buffers in place for these clips; returns their (unpadded) packing."""
@@ -329,7 +364,7 @@ class Engine:
         if stage == "encode":
             fn, extra = model.encode_static, ()
         else:  # the decoder table is an input, so the graph holds no Python-side cache lookups
-            fn, extra = model.decode_static, model.decoder_table()
+            fn, extra = model.decode_static, self._decoder_table()
         args = (buffers.inputs, buffers.batch, *extra)
         if self.mode == "static":
             return lambda: fn(*args)

@@ -18,17 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fsq import FsqConstants, fsq_indices_to_codes_ref, fsq_quantize_ref
-from kernels.mrope_attention import pair_axis
 
 from . import reference
 from .checks import check_codes, check_grids, check_indices, check_token_counts, check_videos, is_integer
 from .config import HEAD_DIM, TiTokConfig
 from .layers import Attention, DecoderParams, EncoderParams, Layers
-from .packing import Packing, PackingCache, StaticBatch
+from .packing import Packing, PackingCache, StaticBatch, pair_positions
 from .reference import patch_grid, patchify, unpatchify
 
 BACKENDS = ("auto", "reference", "torch", "triton")
-PAIR_AXIS = pair_axis().tolist()  # position axis of each rotary pair, a constant index for compiled graphs
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -343,7 +341,7 @@ class TiTok(nn.Module):
             from .ops import attention
 
             return attention(attn, qkv, batch.cu_seqlens, batch.positions, batch.cos, batch.sin)
-        index = batch.positions[:, PAIR_AXIS].long()
+        index = pair_positions(batch.positions)
         cos, sin = batch.cos.gather(0, index), batch.sin.gather(0, index)
         q, k, v = self._split_heads(attn, qkv)
         q, k = rotate_pairs(attn.q_norm(q), cos, sin), rotate_pairs(attn.k_norm(k), cos, sin)

@@ -9,7 +9,7 @@ from itertools import accumulate
 
 import torch
 
-from kernels.mrope_attention import mrope_tables, packed_positions, pair_axis
+from kernels.mrope_attention import AXIS_PAIRS, mrope_tables, packed_positions
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class PackingCache:
         key = ("rows", pack.token_counts, pack.grids, str(device))
         if key not in self._packings:
             cos, sin = self.tables(pack.max_position, device)
-            index = pack.positions[:, pair_axis().to(device)].long()  # [rows, 32]: each pair's own axis position
+            index = pair_positions(pack.positions)
             self._packings[key] = (cos.gather(0, index), sin.gather(0, index))
             if len(self._packings) > self.capacity:
                 self._packings.popitem(last=False)
@@ -142,3 +142,9 @@ class StaticBatch:
         """int64 [rows]: the sequence of every row; padding rows form one extra segment after the last."""
         rows = torch.arange(self.rows, device=self.cu_seqlens.device, dtype=torch.int32)
         return torch.searchsorted(self.cu_seqlens[1:], rows, right=True)
+
+
+def pair_positions(positions: torch.Tensor) -> torch.Tensor:
+    """[rows, 3] (t, h, w) positions -> int64 [rows, 32], the position that drives each rotary pair. Built from
+    slices and expands only: no index tensor is copied from the host, so it can run inside a CUDA graph capture."""
+    return torch.cat([positions[:, a : a + 1].expand(-1, n) for a, n in enumerate(AXIS_PAIRS)], dim=1).long()
