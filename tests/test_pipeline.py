@@ -193,3 +193,50 @@ def test_encode_resiliently_raises_a_failure_that_no_clip_caused(model, monkeypa
     items = iter([("a", torch.zeros(3, 4, 32, 32), 8)])
     with pytest.raises(RuntimeError, match="no device"):
         list(encode_resiliently(Engine(model), items, lambda key, e: None))
+
+
+def test_encode_resiliently_does_not_mistake_an_items_error_for_a_batch_failure(model):
+    def items():
+        yield "a", torch.zeros(3, 4, 32, 32), 8
+        raise RuntimeError("cannot allocate memory")  # from the clip source, not the engine
+
+    with pytest.raises(RuntimeError, match="cannot allocate memory"):
+        list(encode_resiliently(Engine(model, max_clips=1), items(), lambda key, e: None))
+
+
+@pytest.mark.parametrize(
+    ("fault", "give_up_after", "raised", "blamed"),
+    [
+        ("device fault", 3, "giving up after 3 clip.s. in a row failed alone: device fault", [0, 1]),
+        ("CUDA error: an illegal memory access", 32, "CUDA error: an illegal memory access", []),  # not retried
+    ],
+    ids=["every-clip-fails", "device-error"],
+)
+def test_encode_resiliently_gives_up_on_a_fault_no_clip_explains(model, monkeypatch, fault, give_up_after, raised,
+                                                                 blamed):  # fmt: skip
+    def run_encode(self, batch, videos):
+        raise RuntimeError(fault)
+
+    monkeypatch.setattr(Engine, "_run_encode", run_encode)
+    errors = []
+    items = ((i, torch.zeros(3, 4, 32, 32), 8) for i in range(20))
+    with pytest.raises(RuntimeError, match=f"^{raised}$"):
+        list(encode_resiliently(Engine(model, max_clips=4), items, lambda key, e: errors.append(key),
+                                give_up_after=give_up_after))  # fmt: skip
+    assert errors == blamed
+
+
+def test_encode_files_stops_loudly_when_the_clip_source_breaks(model, sources, tmp_path, monkeypatch):
+    real = pipeline.normalize_pixels
+    calls = []
+
+    def flaky(clip, dtype):
+        calls.append(1)
+        if len(calls) == 6:  # the first file's clip is back by then
+            raise RuntimeError("cannot allocate memory")
+        return real(clip, dtype)
+
+    monkeypatch.setattr(pipeline, "normalize_pixels", flaky)
+    with pytest.raises(RuntimeError, match="cannot allocate memory"):
+        encode(model, [sources["short"], sources["odd"], sources["long"]], tmp_path, max_clips=1)
+    assert (tmp_path / "short.safetensors").exists()  # what was finished before stays

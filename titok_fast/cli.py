@@ -145,7 +145,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = _model(args)
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
-    table, summary = evaluate(_engine(args, model), collect_inputs(args.inputs), settings, args.counts)
+    table, summary = evaluate(
+        _engine(args, model), collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
+        group=args.batch_size,
+    )  # fmt: skip
     print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
     for n, row in table.items():
         print(f"{n:>8} {row['psnr']:>9.2f} {row['ssim']:>7.4f} {row['clips']:>6}")

@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,36 +151,71 @@ def encode_files(
 
 
 def encode_resiliently(
-    engine: Engine, items: Iterator[tuple], on_error: Callable[[object, Exception], None]
+    engine: Engine,
+    items: Iterable[tuple],
+    on_error: Callable[[object, Exception], None],
+    *,
+    give_up_after: int = 32,
 ) -> Iterator[tuple[object, tuple[torch.Tensor, torch.Tensor]]]:
     """``engine.encode_stream(items)``, but a failing batch does not end the stream: every clip taken and not yet
-    returned is retried alone, a clip that fails alone goes to ``on_error(key, error)``, and the stream goes on."""
+    returned is retried alone, a clip that fails alone goes to ``on_error(key, error)``, and the stream goes on.
+
+    What no clip can be blamed for is raised instead: an error from ``items`` itself, a fault the device reports
+    (its errors cannot be retried away), a failure before any clip was taken, and ``give_up_after`` clips in a row
+    that each fail alone."""
     taken: dict[object, tuple[torch.Tensor, int]] = {}
 
     def tracked():
-        for key, video, n in items:
+        source = iter(items)
+        while True:
+            try:
+                key, video, n = next(source)
+            except StopIteration:
+                return
+            except Exception as e:  # not the engine's: must not be mistaken for a batch failure
+                raise _ItemsError(e) from e
             taken[key] = (video, n)
             yield key, video, n
 
-    source = tracked()
+    stream, failed_in_a_row = tracked(), 0
     while True:
         try:
-            for key, result in engine.encode_stream(source):
+            for key, result in engine.encode_stream(stream):
                 del taken[key]
+                failed_in_a_row = 0
                 yield key, result
             return
-        except (ValueError, TypeError, RuntimeError):
-            retry = list(taken.items())
-            if not retry:  # the stream failed before taking a clip: going on would fail the same way
+        except _ItemsError as e:
+            raise e.error from None
+        except (ValueError, TypeError, RuntimeError) as e:
+            if not taken or _device_fault(e):
                 raise
-            taken.clear()
-            for key, (video, n) in retry:
-                try:
-                    codes, out = engine.encode([video], [n])
-                except (ValueError, TypeError, RuntimeError) as e:
-                    on_error(key, e)
-                else:
-                    yield key, (codes, out["indices"][0])
+        retry = list(taken.items())
+        taken.clear()
+        for key, (video, n) in retry:
+            try:
+                codes, out = engine.encode([video], [n])
+            except (ValueError, TypeError, RuntimeError) as e:
+                failed_in_a_row += 1
+                if _device_fault(e) or failed_in_a_row >= give_up_after:
+                    raise RuntimeError(f"giving up after {failed_in_a_row} clip(s) in a row failed alone: {e}") from e
+                on_error(key, e)
+            else:
+                failed_in_a_row = 0
+                yield key, (codes, out["indices"][0])
+
+
+class _ItemsError(Exception):
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _device_fault(error: BaseException) -> bool:
+    """A fault of the device rather than of a clip (a CUDA error leaves the context unusable)."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    text = str(error)
+    return isinstance(error, accelerator_error) or text.startswith("CUDA error") or "Triton Error [CUDA]" in text
 
 
 @dataclass
