@@ -169,3 +169,21 @@ def test_pair_positions_match_the_pair_axis_index():
 
     positions = torch.randint(0, 1000, (37, 3), dtype=torch.int32)
     assert torch.equal(pair_positions(positions), positions[:, pair_axis()].long())
+
+
+def test_compile_mode_compiles_every_runner_of_many_engines(expected, monkeypatch):
+    """torch.compile keys its cache and recompile limit (8) by code object: runners of many engines and budgets
+    must each compile once and then stay compiled, not fall back to running uncompiled past the limit."""
+    import torch._inductor.compile_fx as compile_fx
+
+    monkeypatch.setattr(compile_fx, "compile_fx", lambda gm, example_inputs: gm.forward)  # trace only: fast
+    model = make_model("tiny")
+    videos, _, indices, recon = expected
+    for _ in range(4):  # 4 engines x 2 budgets x 2 stages = 16 graphs, twice the limit
+        engine = Engine(model, mode="compile", budgets=(128, 512), max_clips=7)
+        for clips in ([0], list(range(7)), [2], list(range(7))):  # 9 rows: budget 128; 148 rows: 512; again
+            _, got = engine.encode([videos[i] for i in clips], [COUNTS[i] for i in clips])
+            assert all(torch.equal(got["indices"][p], indices[i]) for p, i in enumerate(clips))
+            out = engine.decode_indices([indices[i] for i in clips], [SHAPES[i] for i in clips])
+            assert all(rel_l2(out[p], recon[i]) <= 1e-5 for p, i in enumerate(clips))
+        assert engine.compiles == 4  # (encode, decode) x (128, 512): once each, none again

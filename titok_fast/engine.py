@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -369,8 +370,20 @@ class Engine:
         if self.mode == "static":
             return lambda: fn(*args)
         if self.mode == "compile":
-            compiled = torch.compile(fn, backend=self._counting_inductor, dynamic=False)
-            return lambda: compiled(*args)
+            if stage == "encode":
+                model._fsq_constants()  # filled now, not while tracing (a cache filled by the trace fails its guard)
+            # each runner gets a code object of its own: torch.compile keys its cache, and its recompile limit, by
+            # code object, and every no_grad-decorated method shares one (past 8 graphs it would run uncompiled)
+            own = _with_own_code(fn, f"titok_fast_{stage}_{budget}")
+            compiled = torch.compile(own, backend=_counting_inductor, dynamic=False, fullgraph=True)
+
+            def run():
+                before = _GRAPHS_COMPILED[0]
+                out = compiled(*args)
+                self.compiles += _GRAPHS_COMPILED[0] - before
+                return out
+
+            return run
         # cudagraph: warm up on a side stream (Triton autotuning, allocator), then capture once
         device = model.device
         with self._capture_lock, torch.cuda.device(device):
@@ -393,8 +406,24 @@ class Engine:
 
         return replay
 
-    def _counting_inductor(self, gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
 
-        self.compiles += 1
-        return compile_fx(gm, example_inputs)
+_GRAPHS_COMPILED = [0]  # graphs compiled by _counting_inductor in this process
+
+
+def _counting_inductor(gm, example_inputs):
+    """Inductor, counting compilations; one function for every engine (a backend that differs per engine would
+    itself force recompiles)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    _GRAPHS_COMPILED[0] += 1
+    return compile_fx(gm, example_inputs)
+
+
+def _with_own_code(fn: Callable, name: str) -> Callable:
+    """A function that calls ``fn``, with a new code object named ``name``."""
+
+    def call(*args):
+        return fn(*args)
+
+    code = call.__code__.replace(co_name=name)
+    return types.FunctionType(code, call.__globals__, name, None, call.__closure__)
