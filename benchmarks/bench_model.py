@@ -12,6 +12,7 @@ With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -59,6 +60,9 @@ def clips(shapes: list, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds):
+    if device == "cuda":  # drop what earlier cases left behind, so peak memory is this case's
+        gc.collect()
+        torch.cuda.empty_cache()
     runner = model_for(config, provider, device, dtype)
     videos = clips(shapes, device, dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -68,8 +72,8 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
             out = runner.encode(videos, counts)
             sync()
             return out
-    else:
-        _, out = runner.encode(videos, counts)
+    else:  # the indices to decode come from the plain model: a compile runner would compile the encoder too
+        _, out = _MODELS[(config, device, dtype)].encode(videos, counts)
         indices = out["indices"]
 
         def step():
@@ -95,6 +99,8 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
         torch=torch.__version__,
         threads=torch.get_num_threads(),
     )
+    if isinstance(runner, Engine):
+        benchmark.extra_info.update(mode=runner.mode, graphs=runner.compiles)  # graphs: compiled or captured
     if device == "cuda":
         benchmark.extra_info.update(
             peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, mfu=flops / mean / H100_DENSE_BF16
