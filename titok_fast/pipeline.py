@@ -72,7 +72,7 @@ class ClipSettings:
     sampling: str = "upstream"
 
     def read_kwargs(self) -> dict:
-        """Arguments of ``read_clips`` / ``iter_videos`` for these settings (raw pixels: scaled in model dtype)."""
+        """Arguments of ``ClipReader`` / ``stream_videos`` for these settings (raw pixels: scaled in model dtype)."""
         t, h, w = self.grid
         return dict(frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True)
 
@@ -421,21 +421,10 @@ def evaluate(
     to read, even midway, is reported and none of its clips count."""
     summary = Summary()
     start = time.perf_counter()
-    totals = {n: [0.0, 0.0] for n in token_counts}  # sums of PSNR and SSIM over the clips of complete files
-    scores: dict[int, dict] = {}  # file number -> {n: [psnr sum, ssim sum]} while the file is not complete
-    state: dict[int, list] = {}  # file number -> [clips read, clips scored, read to the end]
+    sums: dict[int, dict[int, list[float]]] = {}  # file number -> {n: [PSNR sum, SSIM sum]} over its scored clips
+    scored: dict[int, int] = {}  # file number -> clips scored
+    complete: list[int] = []  # files read to the end; only their clips count
     batch: list[tuple[int, torch.Tensor]] = []
-    clips = 0
-
-    def settle(number: int) -> None:
-        nonlocal clips
-        read, scored, ended = state[number]
-        if ended and scored == read:
-            for n in token_counts:
-                totals[n][0] += scores[number][n][0]
-                totals[n][1] += scores[number][n][1]
-            clips += read
-            del scores[number], state[number]
 
     def score_batch() -> None:
         inputs = [normalize_pixels(c, engine.model.dtype) for _, c in batch]
@@ -445,41 +434,42 @@ def evaluate(
             recon = engine.decode_indices(out["indices"], [settings.grid] * len(batch))
             for (number, _), r, target in zip(batch, recon, targets, strict=True):
                 r = r.float().clamp(-1, 1).cpu()
-                scores[number][n][0] += psnr(r, target)
-                scores[number][n][1] += ssim(r, target)
+                sums[number][n][0] += psnr(r, target)
+                sums[number][n][1] += ssim(r, target)
         for number, _ in batch:
-            state[number][1] += 1
-        numbers = dict.fromkeys(number for number, _ in batch)
+            scored[number] += 1
         batch.clear()
-        for number in numbers:
-            settle(number)
 
     feeds = stream_videos(
         [p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, **settings.read_kwargs()
     )
     with contextlib.closing(feeds):
         for number, (path, feed) in enumerate(feeds):
-            scores[number] = {n: [0.0, 0.0] for n in token_counts}
-            state[number] = [0, 0, False]
+            sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0
             try:
                 for clip in feed:
                     batch.append((number, clip))
-                    state[number][0] += 1
                     if len(batch) == group:
                         score_batch()
             except VideoError as e:
                 summary.failed.append((str(path), str(e)))
                 batch[:] = [(f, c) for f, c in batch if f != number]
-                del scores[number], state[number]
                 continue
             summary.done.append(str(path))
-            state[number][2] = True
-            settle(number)
+            complete.append(number)
         if batch:
             score_batch()
+    clips = sum(scored[f] for f in complete)
     if not clips:
         raise InputError("no clips to evaluate: every input failed")
-    table = {n: {"psnr": p / clips, "ssim": q / clips, "clips": clips} for n, (p, q) in totals.items()}
+    table = {
+        n: {
+            "psnr": sum(sums[f][n][0] for f in complete) / clips,
+            "ssim": sum(sums[f][n][1] for f in complete) / clips,
+            "clips": clips,
+        }
+        for n in token_counts
+    }
     summary.clips = clips * len(token_counts)
     summary.seconds = time.perf_counter() - start
     return table, summary
