@@ -7,6 +7,7 @@ import torch
 
 from titok_fast.engine import Engine, pick_budget, plan_batches
 
+from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, emulated_cudagraph_engine
 from helpers import make_model, random_videos, rel_l2
 
 SHAPES = [(4, 16, 16), (8, 32, 24), (4, 8, 8), (12, 16, 32), (4, 24, 24), (8, 16, 16), (4, 8, 16)]
@@ -130,6 +131,37 @@ def test_engine_rejects_bad_settings_and_clips(model):
         Engine(make_model("tiny", "reference"))
 
 
+def test_graph_emulation_freezes_python_values_and_refuses_syncs(monkeypatch):
+    """The CPU stand-in for CUDA graphs behaves as capture does: replay re-runs the recorded device work on new
+    buffer contents, Python-side values stay as they were at capture, and a host sync cannot be captured."""
+    emulated_cuda_graphs(monkeypatch)
+    x, settings = torch.zeros(4), {"scale": 2.0}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = x * settings["scale"] + 1
+        first_half = y[: x.shape[0] // 2].sum()
+    x.copy_(torch.arange(4.0))
+    settings["scale"] = 5.0  # read at capture: the replay keeps 2.0
+    graph.replay()
+    assert torch.equal(y, torch.tensor([1.0, 3.0, 5.0, 7.0])) and first_half.item() == 4.0
+    for sync in (lambda: x.sum().item(), lambda: x[x > 1], lambda: x.nonzero(), lambda: bool(x.any())):
+        with pytest.raises(CaptureError, match="capturing"), torch.cuda.graph(FakeCUDAGraph()):
+            sync()
+
+
+def test_cudagraph_mode_on_emulated_graphs_equals_model(model, expected, monkeypatch):
+    """The engine's cudagraph path itself (warm-up, capture in a shared pool, replay, copying outputs out before
+    the next replay), on the CPU stand-in: one graph per (stage, budget), replayed with new contents."""
+    videos, _, indices, recon = expected
+    engine = emulated_cudagraph_engine(model, monkeypatch, budgets=(32, 512), max_clips=3)
+    for order in (shuffled(0), shuffled(1), [2]):  # [2] alone: 2 rows, the 32 budget
+        _, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
+        assert all(torch.equal(got["indices"][p], indices[i]) for p, i in enumerate(order))
+        out = engine.decode_indices([indices[i] for i in order], [SHAPES[i] for i in order])
+        assert all(rel_l2(out[p], recon[i]) <= 1e-5 for p, i in enumerate(order))
+    assert engine.compiles == 4 and len(engine._runners) == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["eager", "cudagraph"])
 def test_cuda_engine_equals_model(mode):
@@ -147,11 +179,14 @@ def test_cuda_engine_equals_model(mode):
         assert engine.compiles <= 4
 
 
-@pytest.mark.parametrize("mode", ["static", "compile"])
-def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode):
+@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"])
+def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypatch):
     """Runners take the decoder table as an input (CUDA graphs read it by address): new weights must reach them."""
     model = make_model("tiny")
-    engine = Engine(model, mode=mode, budgets=(512,), max_clips=4)
+    if mode == "cudagraph":
+        engine = emulated_cudagraph_engine(model, monkeypatch, budgets=(512,), max_clips=4)
+    else:
+        engine = Engine(model, mode=mode, budgets=(512,), max_clips=4)
     _, _, indices, _ = expected
     engine.decode_indices(list(indices[:2]), SHAPES[:2])  # builds the runner with the first table
     with torch.no_grad():

@@ -1,0 +1,111 @@
+"""A CPU stand-in for CUDA graph capture and replay, so the engine's ``cudagraph`` path runs without a GPU.
+
+It keeps what makes CUDA graphs differ from eager execution:
+- capture records the device work of one call (every aten op and custom op, with the very tensors it read and
+  wrote); replay re-runs exactly that work on the same tensors, writing into the outputs captured, so whatever
+  the Python code computed at capture (sizes, cache lookups, which tensor it read) is frozen;
+- an operation a capturing CUDA stream refuses (a device-to-host sync: ``.item()``, ``nonzero``, boolean-mask
+  indexing) raises, as capture does on a GPU.
+
+``emulated_cuda_graphs(monkeypatch)`` swaps the ``torch.cuda`` calls the engine makes around capture
+(device, streams, memory pool, ``CUDAGraph``, ``graph``) for these stand-ins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+SYNCING = (aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal)
+BOOLEAN_INDEXING = (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_)
+
+
+class CaptureError(RuntimeError):
+    """What a capturing CUDA stream reports: the operation is not permitted while capturing."""
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, tape: list):
+        super().__init__()
+        self.tape = tape
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in SYNCING:
+            raise CaptureError(f"{func} syncs with the host: operation not permitted when stream is capturing")
+        if packet in BOOLEAN_INDEXING:
+            flat, _ = tree_flatten((args, kwargs))
+            if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in flat[1:]):
+                raise CaptureError(f"{func} with a boolean mask syncs with the host (nonzero) while capturing")
+        out = func(*args, **kwargs)
+        self.tape.append((func, args, kwargs, out))
+        return out
+
+
+class FakeCUDAGraph:
+    """``torch.cuda.CUDAGraph`` on the CPU: ``replay()`` re-runs the captured ops into the captured outputs."""
+
+    def __init__(self):
+        self.tape: list = []
+        self.captured = False
+
+    def replay(self):
+        if not self.captured:
+            raise RuntimeError("replay of a graph that was never captured")
+        with torch.no_grad():  # a graph replays device work only: no autograd
+            self._rerun()
+
+    def _rerun(self):
+        for func, args, kwargs, out in self.tape:
+            fresh = func(*args, **kwargs)
+            for new, old in zip(tree_flatten(fresh)[0], tree_flatten(out)[0], strict=True):
+                if not isinstance(old, torch.Tensor) or new is old:
+                    continue
+                if new.shape != old.shape:
+                    raise RuntimeError(f"{func} gave shape {tuple(new.shape)} on replay, {tuple(old.shape)} at capture")
+                if (new.data_ptr(), new.stride()) != (old.data_ptr(), old.stride()):  # not a view of the same memory
+                    old.copy_(new)
+
+
+@contextlib.contextmanager
+def fake_graph(graph: FakeCUDAGraph, pool=None, **_):
+    if graph.captured:
+        raise RuntimeError("a graph is captured once")
+    with _Recorder(graph.tape):
+        yield
+    graph.captured = True
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+def emulated_cuda_graphs(monkeypatch) -> None:
+    """Patch the ``torch.cuda`` calls made around graph capture with CPU stand-ins."""
+    stream = _FakeStream()
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+
+
+def emulated_cudagraph_engine(model, monkeypatch, **settings):
+    """An Engine in mode ``cudagraph`` on a CPU model, capturing and replaying through the stand-ins above."""
+    from titok_fast.engine import Engine
+
+    emulated_cuda_graphs(monkeypatch)
+    engine = Engine(model, mode="static", **settings)  # the constructor refuses cudagraph off CUDA
+    engine.mode = "cudagraph"
+    return engine
