@@ -50,6 +50,8 @@ class _Recorder(TorchDispatchMode):
 class FakeCUDAGraph:
     """``torch.cuda.CUDAGraph`` on the CPU: ``replay()`` re-runs the captured ops into the captured outputs."""
 
+    replays = 0  # by every instance, for tests that check graphs were used
+
     def __init__(self):
         self.tape: list = []
         self.captured = False
@@ -59,6 +61,7 @@ class FakeCUDAGraph:
             raise RuntimeError("replay of a graph that was never captured")
         with torch.no_grad():  # a graph replays device work only: no autograd
             self._rerun()
+        FakeCUDAGraph.replays += 1
 
     def _rerun(self):
         for func, args, kwargs, out in self.tape:
