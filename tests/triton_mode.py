@@ -11,6 +11,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton._C.libtriton import ir
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -22,7 +24,8 @@ def triton_mode(interpret: bool, *extra_modules: types.ModuleType) -> Iterator[N
 
     Triton fixes the mode when a function is decorated, i.e. at import, from TRITON_INTERPRET, and that
     includes triton.language's own jit functions (tl.sum, tl.max, ...). Tests use this so that interpreter
-    runs on a CPU and sm_90 compiles work in one process, in any test order. Not thread-safe.
+    runs on a CPU and sm_90 compiles work in one process, in any test order. Not thread-safe. The interpreter's
+    bfloat16 is made faithful to the GPU's while it is on (see _faithful_bf16).
     """
     if interpret:
         _check_interpreter()
@@ -40,11 +43,60 @@ def triton_mode(interpret: bool, *extra_modules: types.ModuleType) -> Iterator[N
                 if isinstance(obj, other):
                     saved.append((module, name, obj))
                     setattr(module, name, wanted(obj.fn))
-        yield
+        with _faithful_bf16() if interpret else contextlib.nullcontext():
+            yield
     finally:
         for module, name, obj in reversed(saved):
             setattr(module, name, obj)
         triton.knobs.runtime.interpret = knob
+
+
+@contextlib.contextmanager
+def _faithful_bf16() -> Iterator[None]:
+    """Make the interpreter's bfloat16 arithmetic what the GPU does, so bf16 kernels can be checked on a CPU.
+
+    The interpreter keeps bf16 values as raw uint16 bits and (Triton 3.6 to 3.9) gets two things wrong: ``tl.dot``
+    multiplies those bits as integers (triton issue 11584), and float32 -> bf16 casts truncate, where the GPU
+    rounds to nearest even. Here bf16 dot operands are widened to float32 exactly (products of bf16 values are
+    exact in float32 and accumulate in float32, as on tensor cores), and float32 <-> bf16 casts go through torch,
+    which rounds to nearest even. Every other op in the kernels works on bf16 only by loading, storing, selecting
+    or casting it."""
+    builder = interpreter.InterpreterBuilder
+    real_dot, real_cast, real_fp_to_fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
+
+    def widened(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def rounded(handle):
+        values = torch.from_numpy(np.ascontiguousarray(handle.data, dtype=np.float32))
+        bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return interpreter.TensorHandle(bits, tl.bfloat16)
+
+    def cast_impl(self, src, dst_type):
+        pair = (src.dtype.scalar, dst_type.scalar)
+        if pair == (tl.bfloat16, tl.float32):
+            return widened(src)
+        if pair == (tl.float32, tl.bfloat16):
+            return rounded(src)
+        return real_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if {src.dtype.scalar, dst_type.scalar} == {tl.bfloat16, tl.float32} and rounding_mode in (
+            None, ir.ROUNDING_MODE.RTNE,
+        ):  # fmt: skip
+            return cast_impl(self, src, dst_type)
+        return real_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return real_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot, builder.cast_impl, builder.create_fp_to_fp = create_dot, cast_impl, create_fp_to_fp
+    try:
+        yield
+    finally:
+        builder.create_dot, builder.cast_impl, builder.create_fp_to_fp = real_dot, real_cast, real_fp_to_fp
 
 
 @triton.jit

@@ -1,0 +1,73 @@
+"""bfloat16 in the kernels' test harness behaves as on the GPU: casts round to nearest even, dots are exact products
+accumulated in float32. On a CPU this checks the interpreter as ``triton_mode`` sets it up; on a GPU, the compiled
+code (the behaviour the CPU runs must reproduce)."""
+
+import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from triton_mode import triton_mode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_backend():
+    with triton_mode(not torch.cuda.is_available(), sys.modules[__name__]):
+        yield
+
+
+@triton.jit
+def _round_trip_kernel(x_ptr, rounded_ptr, widened_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    b_bf16 = tl.load(x_ptr + o).to(tl.bfloat16)
+    tl.store(rounded_ptr + o, b_bf16)
+    tl.store(widened_ptr + o, b_bf16.to(tl.float32) * 2.0)  # arithmetic on the widened value
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, p_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    o_m, o_k, o_n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    b_a = tl.load(a_ptr + o_m[:, None] * K + o_k[None, :])
+    b_b = tl.load(b_ptr + o_k[:, None] * N + o_n[None, :])
+    b_c = tl.dot(b_a, b_b)  # float32 accumulator
+    tl.store(c_ptr + o_m[:, None] * N + o_n[None, :], b_c)
+    b_p = tl.dot(b_c.to(tl.bfloat16), tl.trans(b_c.to(tl.bfloat16)))  # rounded, then multiplied again
+    tl.store(p_ptr + o_m[:, None] * M + o_m[None, :], b_p)
+
+
+def test_bf16_casts_round_to_nearest_even():
+    one = 1.0
+    ties_and_carries = [
+        one + 2**-8,  # halfway between 1 and 1 + 2**-7: to even, 1
+        one + 3 * 2**-8,  # halfway: to even, 1 + 2**-6
+        one + 2**-8 + 2**-20,  # just above halfway: up
+        1.9999999,  # rounds up into the next binade: 2
+        -(one + 3 * 2**-8),
+        3.4e38,  # above the midpoint between bf16's largest finite value and 2**128: inf
+        1e-40,  # float32 subnormal
+        0.0,
+    ]
+    x = torch.cat([torch.tensor(ties_and_carries), torch.randn(120) * 100]).to(DEVICE)
+    rounded = torch.empty(128, dtype=torch.bfloat16, device=DEVICE)
+    widened = torch.empty(128, dtype=torch.float32, device=DEVICE)
+    _round_trip_kernel[(1,)](x, rounded, widened, N=128)
+    expected = x.to(torch.bfloat16)
+    assert torch.equal(rounded.view(torch.int16), expected.view(torch.int16))
+    assert torch.equal(widened, expected.float() * 2)
+    assert rounded[0].item() == 1.0 and rounded[1].item() == 1 + 2**-6 and rounded[3].item() == 2.0
+
+
+def test_bf16_dot_multiplies_values_in_float32():
+    a = torch.randn(16, 32, device=DEVICE).bfloat16()
+    b = torch.randn(32, 16, device=DEVICE).bfloat16()
+    c = torch.empty(16, 16, device=DEVICE)
+    p = torch.empty(16, 16, device=DEVICE)
+    _dot_kernel[(1,)](a, b, c, p, M=16, K=32, N=16)
+    expected = a.double() @ b.double()
+    torch.testing.assert_close(c.double(), expected, rtol=1e-5, atol=1e-5)
+    again = c.bfloat16().double()
+    torch.testing.assert_close(p.double(), again @ again.T, rtol=1e-5, atol=1e-4)
