@@ -27,7 +27,11 @@ LEVELS = [
     pytest.param([7, 5, 5, 5, 5], id="7-5-5-5-5"),
     pytest.param([2, 3], id="2-3"),
 ]
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
 
 
 @pytest.fixture(autouse=True, scope="module")

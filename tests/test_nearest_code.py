@@ -14,6 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [
     pytest.param(torch.float32, 1e-4, id="fp32"),
     pytest.param(torch.float16, 1e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 2e-2, id="bf16"),
 ]
 
 
