@@ -1,12 +1,17 @@
 """bf16 parity: how many tokens keep the float32 oracle's index when run in bfloat16.
 
 The oracle's own bf16 run (upstream's bf16 behaviour) is the noise floor; a backend should match it.
-Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu]``
+Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu] [--interpret]``
+(``--interpret``: the triton backend on a CPU, its kernels in the Triton interpreter with the test harness's GPU
+rounding of bf16, ``tests/triton_mode.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from pathlib import Path
 
 import torch
 
@@ -30,7 +35,23 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["torch"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--interpret", action="store_true", help="kernels in the Triton interpreter (a CPU run)")
     args = parser.parse_args()
+    with interpreter() if args.interpret else contextlib.nullcontext():
+        run(args)
+
+
+def interpreter():
+    """The kernels in the Triton interpreter, bf16 rounded as on the GPU (the test harness's ``triton_mode``)."""
+    import titok_fast.ops  # noqa: F401 - the kernels must be loaded before they are rebound
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from triton_mode import triton_mode
+
+    return triton_mode(interpret=True)
+
+
+def run(args: argparse.Namespace) -> None:
     shapes, counts = CLIPS[args.config]
     totals: dict[str, list[float]] = {}
     for seed in range(args.seeds):
