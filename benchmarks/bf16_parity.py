@@ -1,6 +1,9 @@
 """bf16 parity: how many tokens keep the float32 oracle's index when run in bfloat16.
 
-The oracle's own bf16 run (upstream's bf16 behaviour) is the noise floor; a backend should match it.
+The oracle's own bf16 run (upstream's bf16 behaviour) is the noise floor; a backend should match it. Two floors:
+``reference`` attends with an explicit float32 softmax; ``reference-sdpa`` through SDPA, whose fused kernels
+(FlashAttention-2 on a GPU, and the CPU's flash kernel) round the softmax weights to bf16 before the product with
+V, as upstream's flash-attn does.
 Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu] [--interpret]``
 (``--interpret``: the triton backend on a CPU, its kernels in the Triton interpreter with the test harness's GPU
 rounding of bf16, ``tests/triton_mode.py``).
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from titok_fast import TiTok
+from titok_fast import TiTok, reference
 from titok_fast.layers import perturb_norms
 
 CLIPS = {
@@ -53,7 +56,7 @@ def interpreter():
 
 def run(args: argparse.Namespace) -> None:
     shapes, counts = CLIPS[args.config]
-    totals: dict[str, list[float]] = {}
+    totals: dict[str, list[float]] = {name: [] for name in ["reference", "reference-sdpa", *args.backends]}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         model = TiTok(args.config, backend="reference").eval()
@@ -65,7 +68,10 @@ def run(args: argparse.Namespace) -> None:
         model = model.to(args.device, torch.bfloat16)
         for backend in ["reference", *args.backends]:
             model.backend = backend
-            totals.setdefault(backend, []).append(agreement(model, videos, counts, truth))
+            totals[backend].append(agreement(model, videos, counts, truth))
+        half = [v.to(args.device, torch.bfloat16) for v in videos]
+        _, out = reference.encode(model.config, model.encoder, half, counts, fused=True)
+        totals["reference-sdpa"].append((torch.cat(out["indices"]).cpu() == truth).float().mean().item())
     tokens = sum(counts) * args.seeds
     for backend, values in totals.items():
         mean = sum(values) / len(values)
