@@ -3,9 +3,11 @@
 It keeps what makes CUDA graphs differ from eager execution:
 - capture records the device work of one call (every aten op and custom op, with the very tensors it read and
   wrote); replay re-runs exactly that work on the same tensors, writing into the outputs captured, so whatever
-  the Python code computed at capture (sizes, cache lookups, which tensor it read) is frozen;
-- an operation a capturing CUDA stream refuses (a device-to-host sync: ``.item()``, ``nonzero``, boolean-mask
-  indexing) raises, as capture does on a GPU.
+  the Python code around those ops computed at capture (sizes, cache lookups, which tensor it read) is frozen.
+  A custom op is recorded as one op: the Python inside it runs again at every replay;
+- the device-to-host syncs listed in SYNCING, and boolean-mask indexing, raise, as capture does on a GPU. Not
+  everything a capturing stream refuses can be seen on a CPU: copies between host and device, for one.
+The tests on a GPU (``gpu``-marked, and the cudagraph cases of the kernel and engine tests) capture real graphs.
 
 ``emulated_cuda_graphs(monkeypatch)`` swaps the ``torch.cuda`` calls the engine makes around capture
 (device, streams, memory pool, ``CUDAGraph``, ``graph``) for these stand-ins.
@@ -38,10 +40,8 @@ class _Recorder(TorchDispatchMode):
         packet = func.overloadpacket
         if packet in SYNCING:
             raise CaptureError(f"{func} syncs with the host: operation not permitted when stream is capturing")
-        if packet in BOOLEAN_INDEXING:
-            flat, _ = tree_flatten((args, kwargs))
-            if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in flat[1:]):
-                raise CaptureError(f"{func} with a boolean mask syncs with the host (nonzero) while capturing")
+        if packet in BOOLEAN_INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1]):
+            raise CaptureError(f"{func} with a boolean mask syncs with the host (nonzero) while capturing")
         out = func(*args, **kwargs)
         self.tape.append((func, args, kwargs, out))
         return out

@@ -147,6 +147,10 @@ def test_graph_emulation_freezes_python_values_and_refuses_syncs(monkeypatch):
     for sync in (lambda: x.sum().item(), lambda: x[x > 1], lambda: x.nonzero(), lambda: bool(x.any())):
         with pytest.raises(CaptureError, match="capturing"), torch.cuda.graph(FakeCUDAGraph()):
             sync()
+    flags, rows, values = torch.zeros(4, dtype=torch.bool), torch.tensor([1, 3]), torch.tensor([True, True])
+    with torch.cuda.graph(FakeCUDAGraph()):  # boolean values at integer positions: no sync, capturable
+        flags.index_put_((rows,), values)
+    assert flags.tolist() == [False, True, False, True]
 
 
 def test_cudagraph_mode_on_emulated_graphs_equals_model(model, expected, monkeypatch):

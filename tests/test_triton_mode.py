@@ -8,6 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import InterpreterError
 
 from triton_mode import triton_mode
 
@@ -71,3 +72,22 @@ def test_bf16_dot_multiplies_values_in_float32():
     torch.testing.assert_close(c.double(), expected, rtol=1e-5, atol=1e-5)
     again = c.bfloat16().double()
     torch.testing.assert_close(p.double(), again @ again.T, rtol=1e-5, atol=1e-4)
+
+
+@triton.jit
+def _bf16_add_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    b_x = tl.load(x_ptr + o)
+    tl.store(y_ptr + o, b_x + b_x)  # arithmetic in bf16 itself
+
+
+def test_bf16_arithmetic_works_on_the_gpu_and_is_refused_by_the_interpreter():
+    """bf16 arithmetic that the harness cannot make faithful must not give wrong numbers silently on a CPU."""
+    x = torch.tensor([-3.0, 1.5, -0.5, 2.0] * 4, device=DEVICE).bfloat16()
+    y = torch.empty_like(x)
+    if DEVICE == "cuda":
+        _bf16_add_kernel[(1,)](x, y, N=16)
+        assert torch.equal(y, x + x)
+    else:
+        with pytest.raises((NotImplementedError, InterpreterError), match="raw bits"):  # wrapped by the interpreter
+            _bf16_add_kernel[(1,)](x, y, N=16)

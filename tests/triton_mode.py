@@ -60,9 +60,10 @@ def _faithful_bf16() -> Iterator[None]:
     rounds to nearest even. Here bf16 dot operands are widened to float32 exactly (products of bf16 values are
     exact in float32 and accumulate in float32, as on tensor cores), and float32 <-> bf16 casts go through torch,
     which rounds to nearest even. Every other op in the kernels works on bf16 only by loading, storing, selecting
-    or casting it."""
+    or casting it; arithmetic or comparisons on bf16 values would use the raw bits, so they raise here instead of
+    giving wrong numbers silently."""
     builder = interpreter.InterpreterBuilder
-    real_dot, real_cast, real_fp_to_fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
+    real = {name: getattr(builder, name) for name in ("create_dot", "cast_impl", "create_fp_to_fp", "binary_op")}
 
     def widened(handle):
         if handle.dtype.scalar != tl.bfloat16:
@@ -80,23 +81,34 @@ def _faithful_bf16() -> Iterator[None]:
             return widened(src)
         if pair == (tl.float32, tl.bfloat16):
             return rounded(src)
-        return real_cast(self, src, dst_type)
+        return real["cast_impl"](self, src, dst_type)
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
         if {src.dtype.scalar, dst_type.scalar} == {tl.bfloat16, tl.float32} and rounding_mode in (
             None, ir.ROUNDING_MODE.RTNE,
         ):  # fmt: skip
             return cast_impl(self, src, dst_type)
-        return real_fp_to_fp(self, src, dst_type, rounding_mode)
+        return real["create_fp_to_fp"](self, src, dst_type, rounding_mode)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return real_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+        return real["create_dot"](self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
 
-    builder.create_dot, builder.cast_impl, builder.create_fp_to_fp = create_dot, cast_impl, create_fp_to_fp
+    def binary_op(self, lhs, rhs, op):
+        if tl.bfloat16 in (lhs.dtype.scalar, rhs.dtype.scalar):
+            raise NotImplementedError(
+                f"{op.__name__} on bfloat16 values in the Triton interpreter works on their raw bits: convert to "
+                "float32 first (tests/triton_mode.py)"
+            )
+        return real["binary_op"](self, lhs, rhs, op)
+
+    patched = dict(create_dot=create_dot, cast_impl=cast_impl, create_fp_to_fp=create_fp_to_fp, binary_op=binary_op)
+    for name, fn in patched.items():
+        setattr(builder, name, fn)
     try:
         yield
     finally:
-        builder.create_dot, builder.cast_impl, builder.create_fp_to_fp = real_dot, real_cast, real_fp_to_fp
+        for name, fn in real.items():
+            setattr(builder, name, fn)
 
 
 @triton.jit
