@@ -88,9 +88,6 @@ class _FakeStream:
     def wait_stream(self, other):
         pass
 
-    def wait_event(self, event):
-        pass
-
 
 def emulated_cuda_graphs(monkeypatch) -> None:
     """Patch the ``torch.cuda`` calls made around graph capture with CPU stand-ins."""
@@ -104,10 +101,13 @@ def emulated_cuda_graphs(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "graph", fake_graph)
 
 
-def emulated_cudagraph_engine(model, monkeypatch, **settings):
-    """An Engine in mode ``cudagraph`` on a CPU model, capturing and replaying through the stand-ins above."""
+def engine_for(model, mode: str, monkeypatch, **settings):
+    """``Engine(model, mode, **settings)``; mode ``cudagraph`` with the model off CUDA captures and replays through
+    the stand-ins above (on a GPU it captures real graphs)."""
     from titok_fast.engine import Engine
 
+    if mode != "cudagraph" or model.device.type == "cuda":
+        return Engine(model, mode=mode, **settings)
     emulated_cuda_graphs(monkeypatch)
     engine = Engine(model, mode="static", **settings)  # the constructor refuses cudagraph off CUDA
     engine.mode = "cudagraph"

@@ -7,7 +7,7 @@ import torch
 
 from titok_fast.engine import Engine, pick_budget, plan_batches
 
-from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, emulated_cudagraph_engine
+from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, engine_for
 from helpers import make_model, random_videos, rel_l2
 
 SHAPES = [(4, 16, 16), (8, 32, 24), (4, 8, 8), (12, 16, 32), (4, 24, 24), (8, 16, 16), (4, 8, 16)]
@@ -157,7 +157,7 @@ def test_cudagraph_mode_on_emulated_graphs_equals_model(model, expected, monkeyp
     """The engine's cudagraph path itself (warm-up, capture in a shared pool, replay, copying outputs out before
     the next replay), on the CPU stand-in: one graph per (stage, budget), replayed with new contents."""
     videos, _, indices, recon = expected
-    engine = emulated_cudagraph_engine(model, monkeypatch, budgets=(32, 512), max_clips=3)
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(32, 512), max_clips=3)
     for order in (shuffled(0), shuffled(1), [2]):  # [2] alone: 2 rows, the 32 budget
         _, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
         assert all(torch.equal(got["indices"][p], indices[i]) for p, i in enumerate(order))
@@ -187,10 +187,7 @@ def test_cuda_engine_equals_model(mode):
 def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypatch):
     """Runners take the decoder table as an input (CUDA graphs read it by address): new weights must reach them."""
     model = make_model("tiny")
-    if mode == "cudagraph":
-        engine = emulated_cudagraph_engine(model, monkeypatch, budgets=(512,), max_clips=4)
-    else:
-        engine = Engine(model, mode=mode, budgets=(512,), max_clips=4)
+    engine = engine_for(model, mode, monkeypatch, budgets=(512,), max_clips=4)
     _, _, indices, _ = expected
     engine.decode_indices(list(indices[:2]), SHAPES[:2])  # builds the runner with the first table
     with torch.no_grad():

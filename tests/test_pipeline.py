@@ -12,7 +12,7 @@ from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode
 from titok_fast.tokens import load_tokens
 from titok_fast.video import VideoWriter, psnr, read_clips, ssim, write_video
 
-from graph_capture import FakeCUDAGraph, emulated_cudagraph_engine
+from graph_capture import FakeCUDAGraph, engine_for
 from videos import make_scrambled, make_video
 
 SETTINGS = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad")
@@ -46,13 +46,9 @@ def direct_indices(model, path) -> list[torch.Tensor]:
     return [i.long() for i in out["indices"]]
 
 
-def encode(model, files, outdir, graphs_patched_by=None, **kwargs):
-    """encode_files through an eager engine, or a cudagraph one on the CPU stand-in when given a monkeypatch."""
-    settings = dict(budgets=(128, 256), max_clips=kwargs.pop("max_clips", 3))
-    if graphs_patched_by is None:
-        engine = Engine(model, **settings)
-    else:
-        engine = emulated_cudagraph_engine(model, graphs_patched_by, **settings)
+def encode(model, files, outdir, mode="eager", monkeypatch=None, **kwargs):
+    """encode_files through an engine of that mode (cudagraph: on the CPU stand-in, patched with monkeypatch)."""
+    engine = engine_for(model, mode, monkeypatch, budgets=(128, 256), max_clips=kwargs.pop("max_clips", 3))
     return encode_files(model, engine, [(p, p.stem) for p in files], outdir, SETTINGS, **kwargs)
 
 
@@ -95,8 +91,8 @@ def poison_black_clips(monkeypatch):
 def test_a_batch_failure_costs_only_the_file_at_fault(model, sources, tmp_path, monkeypatch, mode):
     poison_black_clips(monkeypatch)
     files = [sources["long"], sources["black"], sources["odd"]]
-    graphs, replays = (monkeypatch if mode == "cudagraph" else None), FakeCUDAGraph.replays
-    summary = encode(model, files, tmp_path, graphs, max_clips=4)  # the black clips share batches with the others
+    replays = FakeCUDAGraph.replays
+    summary = encode(model, files, tmp_path, mode, monkeypatch, max_clips=4)  # the black clips share batches
     assert (FakeCUDAGraph.replays > replays) == (mode == "cudagraph")  # batches and retries alone replayed graphs
     assert [p for p, _ in summary.failed] == [str(sources["black"])]
     assert "encoding failed on clip 0: device fault" in summary.failed[0][1]

@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from titok_fast.engine import Engine
-
-from graph_capture import emulated_cudagraph_engine
+from graph_capture import engine_for
 from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
 from triton_mode import triton_mode
 
@@ -48,10 +46,7 @@ def test_fixed_shape_path_matches_packed_path(models, mode, monkeypatch):
     videos = [v.to(DEVICE) for v in random_videos(SHAPES)]
     _, out = model.encode(videos, COUNTS)
     recon = model.decode_indices(out["indices"], SHAPES)
-    if mode == "cudagraph" and DEVICE == "cpu":
-        engine = emulated_cudagraph_engine(model, monkeypatch, budgets=(512,))
-    else:
-        engine = Engine(model, mode=mode, budgets=(512,))
+    engine = engine_for(model, mode, monkeypatch, budgets=(512,))
     _, got = engine.encode(videos, COUNTS)
     assert all(torch.equal(a, b) for a, b in zip(got["indices"], out["indices"], strict=True))
     for r, rr in zip(engine.decode_indices(out["indices"], SHAPES), recon, strict=True):
@@ -92,10 +87,7 @@ def test_bf16_cudagraph_engine_gives_the_models_tokens(monkeypatch):
     videos = [v.to(DEVICE, torch.bfloat16) for v in random_videos(SHAPES)]
     _, out = model.encode(videos, COUNTS)
     recon = model.decode_indices(out["indices"], SHAPES)
-    if DEVICE == "cpu":
-        engine = emulated_cudagraph_engine(model, monkeypatch, budgets=(512,))
-    else:
-        engine = Engine(model, mode="cudagraph", budgets=(512,))
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,))
     _, got = engine.encode(videos, COUNTS)
     flipped = sum(int((a.cpu() != b.cpu()).sum()) for a, b in zip(got["indices"], out["indices"], strict=True))
     assert flipped <= (0 if DEVICE == "cpu" else 1)
