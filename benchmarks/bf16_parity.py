@@ -27,9 +27,8 @@ CLIPS = {
 }
 
 
-def agreement(model: TiTok, videos: list, counts: list, truth: torch.Tensor) -> float:
-    _, out = model.encode(videos, counts)
-    return (torch.cat(out["indices"]).cpu() == truth).float().mean().item()
+def agreement(indices: tuple, truth: torch.Tensor) -> float:
+    return (torch.cat(indices).cpu() == truth).float().mean().item()
 
 
 def main() -> None:
@@ -68,10 +67,10 @@ def run(args: argparse.Namespace) -> None:
         model = model.to(args.device, torch.bfloat16)
         for backend in ["reference", *args.backends]:
             model.backend = backend
-            totals[backend].append(agreement(model, videos, counts, truth))
+            totals[backend].append(agreement(model.encode(videos, counts)[1]["indices"], truth))
         half = [v.to(args.device, torch.bfloat16) for v in videos]
         _, out = reference.encode(model.config, model.encoder, half, counts, fused=True)
-        totals["reference-sdpa"].append((torch.cat(out["indices"]).cpu() == truth).float().mean().item())
+        totals["reference-sdpa"].append(agreement(out["indices"], truth))
     tokens = sum(counts) * args.seeds
     for backend, values in totals.items():
         mean = sum(values) / len(values)
