@@ -80,16 +80,24 @@ def test_bf16_not_below_oracle_noise_floor():
 
 def test_bf16_cudagraph_engine_gives_the_models_tokens(monkeypatch):
     """The production configuration (bf16, triton kernels, CUDA graphs) against ``model.encode`` / ``decode``.
-    On the CPU (interpreter, graph stand-in) every row is computed as in the unpadded batch: identical results.
-    On a GPU, cuBLAS may pick other kernels for the budget-sized matmuls than for the exact-sized ones, so bf16
-    rounding may differ there: at most one of the 26 tokens may flip."""
+
+    What holds in bf16: the padded fixed-shape path does the same arithmetic per row as the exact-sized one, but
+    its matmuls have other row counts, and a bf16 matmul may round differently with the shape (cuBLAS on a GPU
+    picks other kernels; CPUs with bf16 matrix units, such as AMX, block differently). So tokens may flip where
+    two codes are within bf16 rounding of each other (at most one of the 26 here), and the decoded videos differ
+    by less than bf16's own rounding noise: the distance between this model's bf16 and fp32 reconstructions of
+    the same tokens. Exact equality is an fp32 guarantee (``test_fixed_shape_path_matches_packed_path``)."""
     model = make_model("tiny", "triton").to(DEVICE, torch.bfloat16)
     videos = [v.to(DEVICE, torch.bfloat16) for v in random_videos(SHAPES)]
     _, out = model.encode(videos, COUNTS)
     recon = model.decode_indices(out["indices"], SHAPES)
+    recon32 = make_model("tiny", "triton").to(DEVICE).decode_indices(out["indices"], SHAPES)
     engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,))
     _, got = engine.encode(videos, COUNTS)
     flipped = sum(int((a.cpu() != b.cpu()).sum()) for a, b in zip(got["indices"], out["indices"], strict=True))
-    assert flipped <= (0 if DEVICE == "cpu" else 1)
-    for r, rr in zip(engine.decode_indices(out["indices"], SHAPES), recon, strict=True):
-        assert r.dtype == torch.bfloat16 and rel_l2(r.float(), rr.float()) <= (0.0 if DEVICE == "cpu" else 1e-2)
+    assert flipped <= 1
+    decoded = engine.decode_indices(out["indices"], SHAPES)
+    for r, rr, r32 in zip(decoded, recon, recon32, strict=True):
+        noise = rel_l2(rr.float(), r32)
+        assert 0 < noise < 2e-2  # the floor is real and of bf16's size
+        assert r.dtype == torch.bfloat16 and rel_l2(r.float(), rr.float()) <= noise
