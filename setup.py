@@ -4,7 +4,10 @@ setup(
     name="titok-fast",
     version="0.1.0",
     description="Fast, exact runtime for the TiTok-Video V1 tokenizer: Triton kernels, packed batches, video CLI",
-    packages=["titok_fast", "kernels"],
+    packages=["titok_fast", "titok_fast.kernels"],
+    # the kernels live in the top-level folder kernels/ and install inside the package: a top-level `kernels`
+    # module would clash with the PyPI package of that name
+    package_dir={"titok_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -19,8 +19,8 @@ import pytest
 import torch
 import triton
 
-from kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head, fsq_quantize_ref
-from kernels.mrope_attention import mrope_attention, mrope_tables, packed_positions, pair_axis
+from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head, fsq_quantize_ref
+from titok_fast.kernels.mrope_attention import mrope_attention, mrope_tables, packed_positions, pair_axis
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA device")
 

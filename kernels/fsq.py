@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels._common import _find_segment
+from ._common import _find_segment
 
 
 @dataclass(frozen=True)

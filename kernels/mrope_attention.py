@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import _find_segment
+from ._common import _find_segment
 
 HEAD_DIM = 64
 AXIS_PAIRS = (12, 10, 10)  # rotary pairs driven by the t, h and w position (axis dims 24, 20, 20)

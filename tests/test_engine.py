@@ -200,7 +200,7 @@ def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypa
 
 
 def test_pair_positions_match_the_pair_axis_index():
-    from kernels.mrope_attention import pair_axis
+    from titok_fast.kernels.mrope_attention import pair_axis
     from titok_fast.packing import pair_positions
 
     positions = torch.randint(0, 1000, (37, 3), dtype=torch.int32)

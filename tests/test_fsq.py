@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.fsq as fsq
-from kernels.fsq import (
+import titok_fast.kernels.fsq as fsq
+from titok_fast.kernels.fsq import (
     FsqConstants,
     fsq_decoder_input,
     fsq_decoder_input_ref,

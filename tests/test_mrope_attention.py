@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.mrope_attention import (
+from titok_fast.kernels.mrope_attention import (
     mrope_attention,
     mrope_attention_ref,
     mrope_tables,

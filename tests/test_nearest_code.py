@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fsq import FsqConstants, fsq_encoder_head, fsq_indices_to_codes_ref, fsq_quantize_ref
-from kernels.nearest_code import nearest_code, nearest_code_ref
+from titok_fast.kernels.fsq import FsqConstants, fsq_encoder_head, fsq_indices_to_codes_ref, fsq_quantize_ref
+from titok_fast.kernels.nearest_code import nearest_code, nearest_code_ref
 
 from triton_mode import triton_mode
 

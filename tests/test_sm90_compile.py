@@ -19,9 +19,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.fsq as fsq
-import kernels.mrope_attention as mrope
-import kernels.nearest_code as nearest
+import titok_fast.kernels.fsq as fsq
+import titok_fast.kernels.mrope_attention as mrope
+import titok_fast.kernels.nearest_code as nearest
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

@@ -19,7 +19,7 @@ from triton.runtime.jit import JITFunction
 
 @contextlib.contextmanager
 def triton_mode(interpret: bool, *extra_modules: types.ModuleType) -> Iterator[None]:
-    """Rebind every @triton.jit function of triton.language, of the loaded ``kernels.*`` modules and of
+    """Rebind every @triton.jit function of triton.language, of the loaded ``titok_fast.kernels.*`` modules and of
     ``extra_modules`` to the interpreter (``interpret=True``) or the compiler, restoring them on exit.
 
     Triton fixes the mode when a function is decorated, i.e. at import, from TRITON_INTERPRET, and that
@@ -35,7 +35,7 @@ def triton_mode(interpret: bool, *extra_modules: types.ModuleType) -> Iterator[N
     knob = triton.knobs.runtime.interpret
     triton.knobs.runtime.interpret = interpret
     modules = [tl, sys.modules["triton.language.standard"], *extra_modules]
-    modules += [m for name, m in list(sys.modules.items()) if name == "kernels" or name.startswith("kernels.")]
+    modules += [m for name, m in list(sys.modules.items()) if name.startswith("titok_fast.kernels")]
     saved = []
     try:
         for module in modules:

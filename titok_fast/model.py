@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fsq import FsqConstants, fsq_indices_to_codes_ref, fsq_quantize_ref
+from titok_fast.kernels.fsq import FsqConstants, fsq_indices_to_codes_ref, fsq_quantize_ref
 
 from . import reference
 from .checks import check_codes, check_grids, check_indices, check_token_counts, check_videos, is_integer

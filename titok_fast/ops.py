@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
-from kernels.mrope_attention import HEAD_DIM, mrope_attention
+from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
+from titok_fast.kernels.mrope_attention import HEAD_DIM, mrope_attention
 
 
 @torch.library.custom_op("titok_fast::mrope_attention", mutates_args=("qkv",))

@@ -9,7 +9,7 @@ from itertools import accumulate
 
 import torch
 
-from kernels.mrope_attention import AXIS_PAIRS, mrope_tables, packed_positions
+from titok_fast.kernels.mrope_attention import AXIS_PAIRS, mrope_tables, packed_positions
 
 
 @dataclass(frozen=True)
