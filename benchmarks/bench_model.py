@@ -1,10 +1,14 @@
-"""End-to-end encode/decode throughput: the reference vs titok-fast, clips/s, tokens/s, peak memory, MFU.
+"""End-to-end encode/decode throughput: upstream's path vs titok-fast, clips/s, tokens/s, peak memory, MFU.
 
+Baselines (``baselines.py``): ``upstream-packed`` (upstream's inference path, the whole batch in one packed
+varlen pass, FlashAttention-2 varlen on a GPU: what every ratio divides by), ``upstream`` (upstream's own code,
+only with ``--upstream PATH`` or ``TITOK_UPSTREAM``), and ``reference`` (the per-video oracle: no user's path,
+kept as a label for the older tables).
 - CPU (any machine): the tiny config (12x160x160 clips, 256 tokens, batch 4) and V1 (one 8x64x64 clip, 128
-  tokens); providers ``reference`` (the oracle), ``torch`` (the lean model) and ``engine`` (eager engine).
+  tokens); titok-fast providers ``torch`` (the lean model) and ``engine`` (eager engine).
 - GPU (skipped without CUDA): V1 in bf16 at 20x192x192 with 256 and 1024 tokens, batches 1, 8, 32, and a mixed
-  batch (144-192p, 8-20 frames, 128-1024 tokens); providers ``reference`` (the oracle with FlashAttention-2
-  through SDPA: upstream's inference path), ``eager``, ``compile``, ``cudagraph`` (the engine, triton backend).
+  batch (144-192p, 8-20 frames, 128-1024 tokens); titok-fast providers ``eager``, ``compile``, ``cudagraph`` (the
+  engine, triton backend).
 
 ``titok-fast bench`` runs this file and prints the table; ``python benchmarks/report.py out.json`` does too.
 With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured.
@@ -27,6 +31,8 @@ from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
 from titok_fast.reference import ReferenceTiTok, patch_grid
 
+from baselines import UpstreamPacked, load_upstream, upstream_checkout
+
 CUDA = torch.cuda.is_available()
 H100_DENSE_BF16 = 989e12  # FLOP/s, the card's dense bf16 peak, for model FLOP utilisation
 _MODELS: dict = {}
@@ -43,8 +49,15 @@ def model_for(config: str, provider: str, device: str, dtype: torch.dtype):
     if key not in _MODELS:
         _MODELS[key] = random_tokenizer(config, seed=0, device=device, dtype=dtype)
     model = _MODELS[key]
-    if provider == "reference":
-        ref = ReferenceTiTok(model.config, fused_attention=device == "cuda")
+    if provider == "upstream":
+        if upstream_checkout() is None:
+            pytest.skip("provider upstream needs --upstream PATH (or TITOK_UPSTREAM): a checkout of old-variableComp")
+        return load_upstream(model.state_dict(), model.config, device=device, dtype=dtype)
+    if provider in ("upstream-packed", "reference"):
+        if provider == "upstream-packed":
+            ref = UpstreamPacked(model.config)
+        else:
+            ref = ReferenceTiTok(model.config, fused_attention=device == "cuda")
         ref.load_state_dict(model.state_dict())
         return ref.to(device=device, dtype=dtype).eval()
     model.backend = "torch" if device == "cpu" else "triton"
@@ -117,7 +130,7 @@ CPU_CASES = {
 }
 
 
-@pytest.mark.parametrize("provider", ["reference", "torch", "engine"])
+@pytest.mark.parametrize("provider", ["upstream-packed", "upstream", "reference", "torch", "engine"])
 @pytest.mark.parametrize("case", list(CPU_CASES))
 @pytest.mark.parametrize("stage", ["encode", "decode"])
 def test_cpu(benchmark, stage, case, provider):
@@ -140,7 +153,7 @@ GPU_CASES = {
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("provider", ["reference", "eager", "compile", "cudagraph"])
+@pytest.mark.parametrize("provider", ["upstream-packed", "upstream", "eager", "compile", "cudagraph"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
 @pytest.mark.parametrize("stage", ["encode", "decode"])
 def test_gpu(benchmark, stage, case, provider):
