@@ -10,8 +10,11 @@ import sys
 from collections import defaultdict
 
 # what "vs baseline" divides by, the first one present: upstream's packed path, else older tables' baselines
-BASELINES = ("upstream-packed", "reference", "torch_flash", "torch")
+BASELINES = ("upstream-packed", "reference", "fa2_alone", "torch_flash", "torch")
 COLUMNS = [
+    ("ms", "ms", "{:.3f}"),
+    ("ms p20", "ms_p20", "{:.3f}"),
+    ("ms p80", "ms_p80", "{:.3f}"),
     ("clips/s", "clips_per_s", "{:.2f}"),
     ("tokens/s", "tokens_per_s", "{:.0f}"),
     ("TFLOP/s", "tflops_per_s", "{:.1f}"),
@@ -30,7 +33,7 @@ def table(path: str) -> str:
     for group, benches in groups.items():
         info = [b["extra_info"] for b in benches]
         used = [c for c in COLUMNS if any(c[1] in i for i in info)]
-        speed = "clips_per_s" if "clips_per_s" in info[0] else next((c[1] for c in used), None)
+        speed = next((k for k in ("clips_per_s", "tflops_per_s", "gb_per_s") if k in info[0]), None)  # higher: faster
         by_provider = {i.get("provider"): i for i in info}
         baseline = next((by_provider[p] for p in BASELINES if p in by_provider), {})
         base = baseline.get(speed)

@@ -26,3 +26,26 @@ def test_table_has_a_row_per_provider_and_the_ratio_to_the_baseline(tmp_path):
     assert "| cudagraph | 7.00 | 1792 | 61.0% | 3.5 | 3.50x |" in text
     assert "| reference | 2.00 | 512 |  |  | 1.00x |" in text
     assert "| titok | 410.0 | 1.37x |" in text
+
+
+def test_ratios_divide_rates_by_upstream_packed_never_times(tmp_path):
+    """upstream-packed is the baseline wherever it ran; kernel rows carry per-call times (lower is better) beside
+    the rate, and the ratio is the rate's."""
+
+    def bench(group, provider, **info):
+        return {"group": group, "extra_info": {"provider": provider, **info}}
+
+    data = {
+        "benchmarks": [
+            bench("cpu-encode", "reference", clips_per_s=1.0),
+            bench("cpu-encode", "upstream-packed", clips_per_s=2.0),
+            bench("cpu-encode", "torch", clips_per_s=3.0),
+            bench("attention", "fa2_alone", ms=0.2, ms_p20=0.19, ms_p80=0.21, tflops_per_s=300.0),
+            bench("attention", "titok", ms=0.1, ms_p20=0.09, ms_p80=0.11, tflops_per_s=600.0),
+        ]
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    text = table(str(path))
+    assert "| torch | 3.00 | 1.50x |" in text and "| reference | 1.00 | 0.50x |" in text
+    assert "| titok | 0.100 | 0.090 | 0.110 | 600.0 | 2.00x |" in text
