@@ -3,8 +3,10 @@
 #
 #   bash benchmarks/gpu_session.sh tests     # the whole test suite: on a GPU the kernel tests run compiled
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
-#   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2, FSQ)
-#   bash benchmarks/gpu_session.sh encode    # end-to-end encode: reference / eager / cudagraph
+#   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
+#                                            # FlexAttention; FSQ), per-call times from do_bench with quantiles
+#   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph,
+#                                            # and upstream itself with TITOK_UPSTREAM=<checkout of old-variableComp>
 #   bash benchmarks/gpu_session.sh decode    # end-to-end decode, the same providers
 #   bash benchmarks/gpu_session.sh encode-compile   # compile (torch.compile takes a while), eager beside it
 #   bash benchmarks/gpu_session.sh decode-compile
@@ -20,7 +22,6 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 prepare() {
     {
@@ -30,6 +31,12 @@ prepare() {
         "$python" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], '| torch', \
 torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
     } > "$out/environment.txt" 2>&1
+    # the kernels/ folder installs as titok_fast.kernels: install the checkout itself (editable, offline)
+    if ! "$python" -c "import titok_fast.kernels" 2>/dev/null \
+        && ! "$python" -m pip install --quiet --no-deps --no-index --no-build-isolation -e .; then
+        echo "cannot install this checkout (pip install --no-deps --no-build-isolation -e .)" >&2
+        exit 2
+    fi
     local missing
     missing=$("$python" -c "import importlib.util as u
 print(*[m for m in ('av', 'omegaconf', 'ruff') if not u.find_spec(m)])")
