@@ -1,0 +1,101 @@
+"""FP8 linear layers, opt in (``precision="fp8"``): the transformer layers' GEMMs in float8 e4m3, bf16 elsewhere.
+
+What runs in FP8: the four bias-free Linears of every layer (``to_qkv``, ``out_proj`` and the FFN's two), which
+hold nearly all of the model's matrix FLOPs. ``proj_in`` / ``proj_out`` of both sides, the norms, attention and
+FSQ stay in the model's dtype.
+
+Scales are fine-grained: one float32 scale per activation row (token) computed at each call, and one per output
+channel of the weight, so an outlier costs precision only in its own row or channel. A product is
+``(x_q @ w_q.T) * s_x * s_w.T``: fp8 x fp8 products accumulated in float32, the scales applied to the
+accumulator (on CUDA: ``torch._scaled_mm`` with row-wise scales and exact accumulation; elsewhere the same
+arithmetic emulated in float32, which is how CPUs check the numerics).
+
+The fp8 weights are a cache beside the parameters (never in ``state_dict``), rebuilt when a weight changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+PRECISIONS = ("default", "fp8")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x_q float8 e4m3 [M, K], scale float32 [M, 1]) with x ~= x_q * scale; each row's largest
+    magnitude maps to 448. An all-zero row gets scale 1 (its codes are zeros)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_matmul(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [N, 1].T -> [M, N] in ``out_dtype``."""
+    if x_q.is_cuda:
+        return torch._scaled_mm(
+            x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=out_dtype, use_fast_accum=False
+        )
+    acc = x_q.float() @ w_q.float().t()  # each fp8 x fp8 product is exact in float32; sums round as on the GPU
+    return (acc * x_scale * w_scale.t()).to(out_dtype)
+
+
+def _sharing_parameters(cls: type[nn.Linear], linear: nn.Linear) -> nn.Linear:
+    """A ``cls`` holding ``linear``'s parameters themselves (shared, not copied)."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = linear.in_features, linear.out_features
+    new.weight, new.bias = linear.weight, linear.bias
+    return new
+
+
+class Fp8Linear(nn.Linear):
+    """An ``nn.Linear`` computing in FP8 (module header); same parameters and ``state_dict`` as the Linear."""
+
+    _fp8_weight: tuple | None = None  # (weight key, w_q, scale)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Fp8Linear:
+        """An FP8 view of ``linear``: its parameters themselves, shared."""
+        return _sharing_parameters(cls, linear)
+
+    def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_q float8 [N, K], scale float32 [N, 1]), requantised when the weight changed."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._fp8_weight is None or self._fp8_weight[0] != key:
+            with torch.no_grad():
+                self._fp8_weight = (key, *quantize_rows(w))
+        return self._fp8_weight[1], self._fp8_weight[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_q, w_scale = self.fp8_weight()
+        x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        out = fp8_matmul(x_q, x_scale, w_q, w_scale, x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def layer_linears(layers: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, name) of the four bias-free Linears of every layer of a ``model_layers`` stack."""
+    found = []
+    for attn, ffn in zip(layers.attn_layer, layers.ffd_layer, strict=True):
+        found += [(attn, "to_qkv"), (attn, "out_proj"), (ffn, "1"), (ffn, "4")]
+    return found
+
+
+def set_precision(model: nn.Module, precision: str) -> None:
+    """Switch the layers' Linears of ``model.encoder`` and ``model.decoder`` to FP8 (``"fp8"``) or back
+    (``"default"``), in place; parameters and ``state_dict`` are unchanged."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    for stack in (model.encoder.model_layers, model.decoder.model_layers):
+        for parent, name in layer_linears(stack):
+            linear = getattr(parent, name)
+            wanted = Fp8Linear if precision == "fp8" else nn.Linear
+            if type(linear) is not wanted:
+                setattr(parent, name, _sharing_parameters(wanted, linear))
