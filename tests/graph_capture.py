@@ -4,9 +4,16 @@ It keeps what makes CUDA graphs differ from eager execution:
 - capture records the device work of one call (every aten op and custom op, with the very tensors it read and
   wrote); replay re-runs exactly that work on the same tensors, writing into the outputs captured, so whatever
   the Python code around those ops computed at capture (sizes, cache lookups, which tensor it read) is frozen.
-  A custom op is recorded as one op: the Python inside it runs again at every replay;
-- the device-to-host syncs listed in SYNCING, and boolean-mask indexing, raise, as capture does on a GPU. Not
-  everything a capturing stream refuses can be seen on a CPU: copies between host and device, for one.
+  A custom op is recorded as one op: the Python inside it runs again at every replay; so is a Triton kernel
+  launched through the interpreter outside a custom op;
+- host syncs raise, as capture does on a GPU, also inside custom ops (whose implementations run with the checks
+  still on): the ops in SYNCING (reading a value, ops whose output size depends on values), boolean-mask
+  indexing, and the tensor methods in HOST_READS, which read values without passing through the dispatcher.
+Not everything a capturing stream refuses can be seen on a CPU, where every tensor is on the host: copies between
+host and device (``.to(device)``, ``torch.tensor(..., device=...)``), and values read inside an aten kernel's own
+C++ code other than those listed. The work of a Triton launch is not checked: on a GPU it is one kernel, and the
+interpreter's copies to and from the host stand in for device memory. The checks apply in the capturing thread,
+as a stream captures only its own work.
 The tests on a GPU (``gpu``-marked, and the cudagraph cases of the kernel and engine tests) capture real graphs.
 
 ``emulated_cuda_graphs(monkeypatch)`` swaps the ``torch.cuda`` calls the engine makes around capture
@@ -16,35 +23,118 @@ The tests on a GPU (``gpu``-marked, and the cudagraph cases of the kernel and en
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
+from triton.runtime.interpreter import InterpretedFunction
 
 aten = torch.ops.aten
-SYNCING = (aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal)
+SYNCING = (
+    aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal, aten.allclose,  # a value to the host
+    aten.nonzero, aten.masked_select, aten.bincount,  # output sizes that depend on values
+    aten._unique, aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.unique_dim_consecutive,
+)  # fmt: skip
+REPEAT_BY_TENSOR = (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor)  # sync unless output_size
 BOOLEAN_INDEXING = (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_)
+HOST_READS = ("tolist", "numpy", "__array__", "cpu")  # tensor methods that bypass the dispatcher
+BUILTIN_NAMESPACES = ("aten", "prims")
+_capturing = threading.local()  # .on: the host-read checks apply in this thread now
 
 
 class CaptureError(RuntimeError):
     """What a capturing CUDA stream reports: the operation is not permitted while capturing."""
 
 
+def _refuse_syncs(func, args, kwargs) -> None:
+    """Raise CaptureError if the dispatched op ``func`` would sync with the host on a GPU."""
+    packet = func.overloadpacket
+    if packet in SYNCING or (func in REPEAT_BY_TENSOR and kwargs.get("output_size") is None):
+        raise CaptureError(f"{func} syncs with the host: operation not permitted when stream is capturing")
+    if packet in BOOLEAN_INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1]):
+        raise CaptureError(f"{func} with a boolean mask syncs with the host (nonzero) while capturing")
+
+
+def _refusing(method):
+    @functools.wraps(method)
+    def refused(self, *args, **kwargs):
+        if getattr(_capturing, "on", False):
+            raise CaptureError(f"Tensor.{method.__name__} reads a tensor on the host: not permitted while capturing")
+        return method(self, *args, **kwargs)
+
+    return refused
+
+
+@contextlib.contextmanager
+def _host_reads_refused():
+    """The HOST_READS methods raise CaptureError in this thread, wherever they are called from."""
+    saved = {name: vars(torch.Tensor).get(name) for name in HOST_READS}
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, _refusing(getattr(torch.Tensor, name)))
+    _capturing.on = True
+    try:
+        yield
+    finally:
+        _capturing.on = False
+        for name, method in saved.items():
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+
+
+@contextlib.contextmanager
+def _unchecked():
+    """Neither recorded nor checked (the host work of the Triton interpreter)."""
+    was, _capturing.on = getattr(_capturing, "on", False), False
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        _capturing.on = was
+
+
 class _Recorder(TorchDispatchMode):
+    """Checks every op for host syncs and records the outermost ones (those not run inside a custom op)."""
+
     def __init__(self, tape: list):
         super().__init__()
         self.tape = tape
+        self.depth = 0  # > 0 while a custom op's implementation runs: checked, not recorded
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        packet = func.overloadpacket
-        if packet in SYNCING:
-            raise CaptureError(f"{func} syncs with the host: operation not permitted when stream is capturing")
-        if packet in BOOLEAN_INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1]):
-            raise CaptureError(f"{func} with a boolean mask syncs with the host (nonzero) while capturing")
-        out = func(*args, **kwargs)
-        self.tape.append((func, args, kwargs, out))
+        _refuse_syncs(func, args, kwargs)
+        if func.namespace not in BUILTIN_NAMESPACES:
+            out = self._run_inside(func, args, kwargs)
+        elif torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            with self:  # below autograd (in a custom op, in inference mode) composite ops come whole: run their parts
+                return func.decompose(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        self.record(func, args, kwargs, out)
         return out
+
+    def _run_inside(self, func, args, kwargs):
+        """Run a custom op's implementation with this mode on: ``func(...)`` here would run it with this mode popped,
+        so it is redispatched past the Python key instead."""
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                keys = keys | torch._C._dispatch_keys(t)
+        keys = keys & torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+        self.depth += 1
+        try:
+            with self:
+                return func.redispatch(keys, *args, **kwargs)
+        finally:
+            self.depth -= 1
+
+    def record(self, func, args, kwargs, out) -> None:
+        if not self.depth:
+            self.tape.append((func, args, kwargs, out))
 
 
 class FakeCUDAGraph:
@@ -79,8 +169,22 @@ class FakeCUDAGraph:
 def fake_graph(graph: FakeCUDAGraph, pool=None, **_):
     if graph.captured:
         raise RuntimeError("a graph is captured once")
-    with _Recorder(graph.tape):
-        yield
+    recorder, capturing = _Recorder(graph.tape), threading.get_ident()
+    launch = InterpretedFunction.run
+
+    def one_device_op(kernel, *args, **kwargs):
+        if threading.get_ident() != capturing:
+            return launch(kernel, *args, **kwargs)
+        with _unchecked():
+            launch(kernel, *args, **kwargs)
+        recorder.record(functools.partial(launch, kernel), args, kwargs, None)
+
+    InterpretedFunction.run = one_device_op
+    try:
+        with _host_reads_refused(), recorder:
+            yield
+    finally:
+        InterpretedFunction.run = launch
     graph.captured = True
 
 

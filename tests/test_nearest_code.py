@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from titok_fast.kernels.fsq import FsqConstants, fsq_encoder_head, fsq_indices_to_codes_ref, fsq_quantize_ref
-from titok_fast.kernels.nearest_code import nearest_code, nearest_code_ref
+from titok_fast.kernels.nearest_code import NORM_EPS, nearest_code, nearest_code_ref
 
 from triton_mode import triton_mode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [
-    pytest.param(torch.float32, 1e-4, id="fp32"),
-    pytest.param(torch.float16, 1e-3, id="fp16"),
-    pytest.param(torch.bfloat16, 2e-2, id="bf16"),
-]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]  # fmt: skip
+EPS32 = torch.finfo(torch.float32).eps
+NOISE_MULTIPLE = 4  # the kernel may round up to this many times worse than the float32 reference does
+MIN_NOISE_ULPS = 2  # the noise taken is never below 2 ulps (see _tolerances)
+MIN_RESOLVED = 0.9  # rows whose nearest code the tolerances leave no doubt about, at the least
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,44 +26,64 @@ def _triton_backend():
         yield
 
 
-def _assert_nearest(x, codebook, metric, tol):
-    """Same index as brute force, except where the brute-force distances of both picks are within tol (a
-    near tie, decided by rounding); distances within tol of the exact ones (relative to the distance scale).
+def _distances(x: torch.Tensor, codebook: torch.Tensor, metric: str, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] distances by the kernel's own formula, computed in dtype: float32 rounds where the kernel rounds (its
+    16-bit inputs are exact in float32, their products too), float64 is the truth for the same inputs."""
+    x, c = x.to(dtype), codebook.to(dtype)
+    x_sq, c_sq, xc = (x * x).sum(1), (c * c).sum(1), x @ c.T
+    if metric == "cosine":
+        return 1 + (-xc / c_sq.sqrt().clamp_min(NORM_EPS)) / x_sq.sqrt().clamp_min(NORM_EPS)[:, None]
+    return (x_sq[:, None] + (c_sq - 2 * xc)).clamp_min(0)
 
-    L2 distances come from |x|^2 - 2 x.c + |c|^2 in float32, which cancels: near an exact hit the error is a few
-    float32 ulps of |x|^2 + |c|^2, not of the distance (on an H200, 1.5e-4 at |x|^2 ~ 200). The interpreter
-    computes dots exactly and hides this; the allowance below is 2**-20 (8 ulps) of those terms."""
+
+def _tolerances(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """float64 distances [N, K], the error allowed on each, and the float32 reference's noise in ulps.
+
+    The noise is the float32 reference's largest error in ulps (float32 eps) of the terms its formula adds:
+    |x|^2 + |c|^2 for L2, 1 for cosine. L2's |x|^2 - 2 x.c + |c|^2 cancels: near an exact hit the error is a few
+    ulps of those terms, not of the distance (an H200 run found 1.5e-4 at |x|^2 ~ 200, 3 such ulps; the
+    interpreter's exact dots hide this). The kernel may err NOISE_MULTIPLE times that noise (its sums run in
+    another order; on a GPU, fp32 dots run as tf32x3 and its division and sqrt are the fast, approximate ones),
+    and the noise taken is at least MIN_NOISE_ULPS, so at least 8 ulps are allowed."""
+    truth = _distances(x, codebook, metric, torch.float64)
+    terms = torch.ones_like(truth)
+    if metric == "l2":
+        x64, c64 = x.double(), codebook.double()
+        terms = (x64 * x64).sum(1)[:, None] + (c64 * c64).sum(1)
+    noise_ulps = ((_distances(x, codebook, metric, torch.float32).double() - truth).abs() / terms).max().item() / EPS32
+    return truth, NOISE_MULTIPLE * max(noise_ulps, MIN_NOISE_ULPS) * EPS32 * terms, noise_ulps
+
+
+def _assert_nearest(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+    """The kernel's distance is within the tolerance of the exact distance of the code it picked; it picks the
+    reference's code wherever the reference's margin exceeds the tolerances (every other code's exact distance,
+    less its tolerance, above the best code's plus its tolerance), which holds on at least MIN_RESOLVED of the
+    rows; elsewhere (near ties) the code it picked could have been the best within the tolerances."""
     indices, distances = nearest_code(x, codebook, metric)
-    ref_indices, ref_distances = nearest_code_ref(x, codebook, metric)
+    ref_indices, _ = nearest_code_ref(x, codebook, metric)
     assert indices.dtype == torch.int64 and distances.dtype == torch.float32
-    scale = tol * (1 + ref_distances.abs())
-    if metric == "l2":
-        norms = x.double().pow(2).sum(1) + codebook[ref_indices].double().pow(2).sum(1)
-        scale = scale + 2**-20 * norms
-    picked = _distance(x, codebook[indices], metric)
-    differ = indices != ref_indices
-    assert ((picked - ref_distances.double()).abs()[differ] <= scale[differ]).all()
-    assert differ.float().mean() <= 0.02
-    assert ((distances - ref_distances).abs() <= scale).all()
+    truth, tol, noise_ulps = _tolerances(x, codebook, metric)
+    rows = torch.arange(len(x), device=x.device)
+    best_high = truth[rows, ref_indices] + tol[rows, ref_indices]
+    others_low = (truth - tol).index_put((rows, ref_indices), truth.new_tensor(float("inf")))
+    resolved = others_low.min(1).values > best_high
+    error = (distances.double() - truth[rows, indices]).abs()
+    detail = f"noise {noise_ulps:.2f} ulps, kernel error {(error / tol[rows, indices]).max():.3f} of the tolerance"
+    assert (error <= tol[rows, indices]).all(), detail
+    assert torch.equal(indices[resolved], ref_indices[resolved]), detail
+    assert (truth[rows, indices] - tol[rows, indices] <= best_high).all(), detail
+    assert resolved.float().mean() >= MIN_RESOLVED, f"only {resolved.float().mean():.2f} of the rows resolved"
 
 
-def _distance(x, codes, metric):
-    """float64 distance of each row of x to the matching row of codes."""
-    x, codes = x.double(), codes.double()
-    if metric == "l2":
-        return ((x - codes) ** 2).sum(1)
-    return 1 - torch.nn.functional.cosine_similarity(x, codes, dim=1, eps=1e-12)
-
-
-@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("dim, num_codes", [(5, 300), (64, 200), (200, 130)], ids=["D5K300", "D64K200", "D200K130"])
-def test_matches_brute_force(dim, num_codes, metric, dtype, tol):
+def test_matches_brute_force(dim, num_codes, metric, dtype):
     x = torch.randn(70, dim).to(device=DEVICE, dtype=dtype)
     codebook = torch.randn(num_codes, dim).to(device=DEVICE, dtype=dtype)
     x[:3] = codebook[[0, num_codes - 1, 65]]  # exact hits in the first, last and a middle tile
     before = x.clone(), codebook.clone()
-    _assert_nearest(x, codebook, metric, tol)
+    _assert_nearest(x, codebook, metric)
     assert torch.equal(x, before[0]) and torch.equal(codebook, before[1])
 
 
@@ -120,4 +141,4 @@ def test_large_codebook_bf16_gpu(metric):
     x = torch.randn(300, 256, device=DEVICE, dtype=torch.bfloat16)
     codebook = torch.randn(2**18, 256, device=DEVICE, dtype=torch.bfloat16)
     x[:2] = codebook[[2**18 - 1, 70000]]
-    _assert_nearest(x, codebook, metric, 2e-2)
+    _assert_nearest(x, codebook, metric)
