@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,10 +28,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-FORMAT_VERSION = 1
-METADATA_KEY = "titok_fast"
+from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
+from .video import TAIL_POLICIES
+
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
-TAIL_POLICIES = ("drop", "pad")
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -153,24 +152,7 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
         "chunking": {name: getattr(token_file, name) for name in CHUNKING_FIELDS},
     }
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
-    data = save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    write_atomically(path, save(tensors, metadata={METADATA_KEY: json.dumps(metadata)}))
 
 
 def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
