@@ -167,3 +167,13 @@ def test_the_demo_falls_back_to_random_weights_without_waiting(tmp_path):
     assert "hf download" in done.stderr and "falls back to RANDOM weights" in done.stderr
     assert "PSNR:" in done.stdout and "8x64x96, 128 tokens" in done.stdout
     assert (tmp_path / "titok-fast-demo" / "recon" / "sample.mp4").is_file()
+
+
+def test_the_demo_uses_the_default_weights_when_they_are_there(hub, tmp_path):
+    """$TITOK_FAST_CHECKPOINT names the default weights; cached, the demo uses them instead of falling back."""
+    env = environment(tmp_path, HF_HOME=str(hub / "hf"), TITOK_FAST_CHECKPOINT=REPO)
+    done = cli(env, "demo", "-o", tmp_path / "demo", "--config", "tiny", "--grid", "4x32x32", "--tokens", "8")
+    assert done.returncode == 0, done.stderr
+    assert f"weights: {REPO}" in done.stderr and "RANDOM" not in done.stderr
+    assert "PSNR:" in done.stdout and "4x32x32, 8 tokens" in done.stdout
+    assert load_tokens(tmp_path / "demo" / "tokens" / "sample.safetensors").weights_source.startswith(f"hf://{REPO}@")

@@ -9,7 +9,9 @@ Tensors:
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
 "fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int,
 "sampling": str},
-"codebook_size": int, "weights_source": str}.
+"codebook_size": int, "weights_source": str}. weights_source is a local path (recorded, never opened on behalf of
+the file) or "hf://owner/name@<commit>:<file>" for Hub weights. Readers ignore fields they do not know, so new
+optional fields keep the format version and older files keep loading.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
 name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
@@ -69,7 +71,8 @@ class TokenFile:
     frames_per_chunk, tail, last_chunk_frames: the chunking policy and the real frames of the last chunk
     sampling: how frames were picked ("upstream": the notebook's frame indices, "time": presentation times)
     codebook_size: number of codes, at most 32768
-    weights_source: where the weights were loaded from (a checkpoint path), "" if unknown or random
+    weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
+        weights, "" if unknown or random
     """
 
     indices: torch.Tensor
