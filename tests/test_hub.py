@@ -177,3 +177,17 @@ def test_the_demo_uses_the_default_weights_when_they_are_there(hub, tmp_path):
     assert f"weights: {REPO}" in done.stderr and "RANDOM" not in done.stderr
     assert "PSNR:" in done.stdout and "4x32x32, 8 tokens" in done.stdout
     assert load_tokens(tmp_path / "demo" / "tokens" / "sample.safetensors").weights_source.startswith(f"hf://{REPO}@")
+
+
+def test_a_hub_safetensors_brings_its_own_config(tmp_path, monkeypatch):
+    """Our .safetensors on the Hub needs no --config and no conversion; the pinned reference is recorded."""
+    from titok_fast import hub as hub_module
+    from titok_fast.loading import save_safetensors
+
+    save_safetensors(make_model("tiny"), tmp_path / "w.safetensors")
+    pinned = HubRef("someone/converted", COMMIT, "w.safetensors")
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (tmp_path / "w.safetensors", pinned))
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    model = load_tokenizer("someone/converted:w.safetensors")
+    assert model.config.name == "tiny" and model.weights_source == f"hf://someone/converted@{COMMIT}:w.safetensors"
+    assert not (tmp_path / "converted").exists()

@@ -384,17 +384,18 @@ def load_tokenizer(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _from_hub(ref: hub.HubRef, config: object | None, use_ema: bool, quick: bool) -> tuple[Path, TiTokConfig, str]:
-    """(converted .safetensors in the cache, its config, the pinned hf:// reference) for a Hub checkpoint."""
-    if config is None and ref.repo_id not in hub.KNOWN_CONFIGS:
+def _from_hub(ref: hub.HubRef, config: object | None, use_ema: bool, quick: bool) -> tuple[Path, object | None, str]:
+    """(a local .safetensors, its config or None for the one it stores, the pinned hf:// reference) for a Hub file;
+    an upstream checkpoint is converted into the cache first."""
+    config = config if config is not None else hub.KNOWN_CONFIGS.get(ref.repo_id)
+    if config is None and not ref.filename.endswith(".safetensors"):  # an upstream .ckpt carries no config
         raise ValueError(
             f"{ref.repo_id} is not a known release {sorted(hub.KNOWN_CONFIGS)}: say which config it uses with --config"
         )
-    cfg = TiTokConfig.from_any(config if config is not None else hub.KNOWN_CONFIGS[ref.repo_id])
     local, pinned = hub.download(ref, quick=quick)
     if local.suffix == ".safetensors":
-        return local, cfg, str(pinned)
-    return converted(local, cfg, use_ema), cfg, str(pinned)
+        return local, config, str(pinned)
+    return converted(local, TiTokConfig.from_any(config), use_ema), config, str(pinned)
 
 
 def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True) -> Path:
