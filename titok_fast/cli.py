@@ -203,6 +203,7 @@ def _by_resolution(per_file: dict) -> dict[str, dict[int, dict[str, float]]]:
     return {
         label: {n: {m: row[m] / row["clips"] for m in ("psnr", "ssim")} for n, row in rows.items()}
         for label, rows in sorted(groups.items(), key=lambda item: [int(v) for v in item[0].split("x")])
+        if all(row["clips"] for row in rows.values())  # files that gave no clip draw nothing
     }
 
 
