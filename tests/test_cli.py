@@ -228,6 +228,7 @@ def test_time_sampling_is_recorded_and_reused(folder, tmp_path, capsys):
 
 
 def test_eval_plot_draws_a_line_per_input_resolution(folder, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the optional plot extra")
     import titok_fast.plots
 
     figures, save = [], titok_fast.plots.save_figure
