@@ -191,3 +191,16 @@ def test_a_hub_safetensors_brings_its_own_config(tmp_path, monkeypatch):
     model = load_tokenizer("someone/converted:w.safetensors")
     assert model.config.name == "tiny" and model.weights_source == f"hf://someone/converted@{COMMIT}:w.safetensors"
     assert not (tmp_path / "converted").exists()
+
+
+def test_a_cached_hub_file_is_keyed_by_its_blob_name_other_files_by_their_bytes(hub, tmp_path):
+    from titok_fast.hub import file_sha256
+
+    expected = hashlib.sha256((hub / "model.ckpt").read_bytes()).hexdigest()
+    snapshot = hub / "hf" / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / DEFAULT_FILE
+    assert file_sha256(hub / "model.ckpt") == expected == file_sha256(snapshot)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / ("0" * 64)).write_bytes(b"x")  # a blob is trusted to be named by its sha256
+    assert file_sha256(tmp_path / "blobs" / ("0" * 64)) == "0" * 64
+    (tmp_path / ("0" * 64)).write_bytes(b"x")  # outside a blobs folder the bytes are read
+    assert file_sha256(tmp_path / ("0" * 64)) == hashlib.sha256(b"x").hexdigest()

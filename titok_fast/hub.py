@@ -29,6 +29,7 @@ HUB_SCHEME = "hf://"
 _REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 _REVISION = re.compile(r"[\w./-]{1,255}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _LOCAL_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 
 
@@ -135,7 +136,12 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes, read in chunks of `chunk` bytes (hex)."""
+    """sha256 of a file's bytes (hex). A file in the Hugging Face cache resolves to a blob named by that very sha256
+    (the LFS object id), so for those the name is used instead of reading gigabytes on every run; anything else is
+    read in chunks of `chunk` bytes."""
+    blob = os.path.basename(os.path.realpath(path))
+    if _SHA256.fullmatch(blob) and os.path.basename(os.path.dirname(os.path.realpath(path))) == "blobs":
+        return blob
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
