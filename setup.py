@@ -18,9 +18,11 @@ setup(
         "numpy",
         "tqdm",
         "pyyaml",
+        "huggingface_hub>=0.23",  # the default weights come from the Hub (download, cache, offline mode)
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6"],
+        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", "matplotlib"],
+        "plot": ["matplotlib"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},

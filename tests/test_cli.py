@@ -1,5 +1,6 @@
 """The titok-fast command line end to end, on videos made here, with random weights."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -110,8 +111,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", capsys=capsys)
     assert code == 2 and "no video files found" in err
     (tmp_path / "a.mp4").write_bytes(b"")
-    code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", "--config", "tiny", capsys=capsys)
-    assert code == 2 and "--checkpoint" in err and "--random-weights" in err
+    absent = tmp_path / "absent.ckpt"
+    code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", "--checkpoint", absent, capsys=capsys)
+    assert code == 2 and "absent.ckpt does not exist" in err and not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as e:
         main(["encode", str(tmp_path), "-o", "x", "--grid", "20x192"])
     assert e.value.code == 2 and "must look like 20x192x192" in capsys.readouterr().err
@@ -155,7 +157,8 @@ def test_killed_run_resumes(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
 
 
-def test_decode_finds_the_checkpoint_named_in_the_token_file(folder, tmp_path, capsys):
+def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys):
+    """A token file is a stranger's: the local weights path it records is not opened; --checkpoint is asked for."""
     from titok_fast.loading import random_tokenizer, save_safetensors
 
     weights = tmp_path / "w.safetensors"
@@ -164,11 +167,27 @@ def test_decode_finds_the_checkpoint_named_in_the_token_file(folder, tmp_path, c
     assert code == 0
     token_file = load_tokens(tmp_path / "moving.safetensors")
     assert token_file.weights_source == str(weights.resolve()) and not token_file.weights_digest.startswith("random")
+    code, _, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v", capsys=capsys)
+    assert code == 2 and "not trusted to name local files: pass --checkpoint" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "v").exists()
+    code, stdout, _ = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v", "--checkpoint", weights,
+                          capsys=capsys)  # fmt: skip
+    assert code == 0 and "decoded 1 file(s)" in stdout
+
+
+def test_decode_rebuilds_random_weights_only_within_limits(folder, tmp_path, capsys):
+    """A token file claiming random weights rebuilds them from its config, which must respect the size limits."""
+    from titok_fast.tokens import save_tokens
+
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
     code, stdout, _ = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v", capsys=capsys)
     assert code == 0 and "decoded 1 file(s)" in stdout
-    weights.rename(tmp_path / "moved.safetensors")
-    code, _, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v2", capsys=capsys)
-    assert code == 2 and "which is not here: pass --checkpoint" in err
+    token_file = load_tokens(tmp_path / "moving.safetensors")
+    config = json.loads(json.dumps(token_file.model_config))
+    config["tokenizer"]["model"]["fsq_levels"] = [1000] * 5  # same weight shapes, a 1e15-entry decoder table
+    save_tokens(tmp_path / "big.safetensors", dataclasses.replace(token_file, model_config=config))
+    code, _, err = run("decode", tmp_path / "big.safetensors", "-o", tmp_path / "w", capsys=capsys)
+    assert code == 2 and "fsq_levels [1000, 1000, 1000, 1000, 1000] exceed 256" in err
 
 
 def test_changed_clip_settings_re_encode_instead_of_skipping(folder, tmp_path, capsys):
@@ -206,3 +225,34 @@ def test_time_sampling_is_recorded_and_reused(folder, tmp_path, capsys):
     code, stdout, _ = run("decode", tmp_path / "vfr.safetensors", "-o", tmp_path / "v", "--side-by-side",
                           capsys=capsys)  # fmt: skip
     assert code == 0 and "decoded 1 file(s)" in stdout  # the source was re-read with the same sampling
+
+
+def test_eval_plot_draws_a_line_per_input_resolution(folder, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the optional plot extra")
+    import titok_fast.plots
+
+    figures, save = [], titok_fast.plots.save_figure
+
+    def keep(figure, path):
+        figures.append(figure)
+        save(figure, path)
+
+    monkeypatch.setattr(titok_fast.plots, "save_figure", keep)
+    inputs = [folder / "moving.mp4", folder / "sub" / "odd.mkv", folder / "single.mp4"]  # 64x48, 53x37, 48x32
+    plot = tmp_path / "rd.png"
+    code, stdout, _ = run("eval", *inputs, "--tokens", "4,16", "--grid", "4x32x32", "--tail", "pad", *RANDOM,
+                          "--plot", plot, capsys=capsys)  # fmt: skip
+    assert code == 0 and f"wrote {plot}" in stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    psnr_axis, ssim_axis = figures[0].axes
+    for axis in (psnr_axis, ssim_axis):
+        assert sorted(line.get_label() for line in axis.get_lines()) == ["48x32", "53x37", "64x48"]
+        assert all(list(line.get_xdata()) == [4, 16] for line in axis.get_lines())
+    assert all(-1 <= y <= 1 for line in ssim_axis.get_lines() for y in line.get_ydata())
+
+
+def test_eval_plot_without_matplotlib_names_the_extra(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, _, err = run("eval", folder / "moving.mp4", "--grid", "4x32x32", *RANDOM, "--plot", tmp_path / "rd.png",
+                       capsys=capsys)  # fmt: skip
+    assert code == 2 and "pip install 'titok-fast[plot]'" in err and "RANDOM" not in err  # refused before any work

@@ -132,7 +132,7 @@ def test_tampered_archive_is_a_clear_error(tiny, tmp_path):
         for item in src.infolist():
             data = src.read(item)
             dst.writestr(item, data[: len(data) // 2] if item.filename.endswith("/data/0") else data)
-    with pytest.raises(CheckpointError, match="cannot be read from the archive"):
+    with pytest.raises(CheckpointError, match=r"storage record .*data/0 holds 1024 bytes; needs 2048"):
         load_tokenizer(tmp_path / "cut.ckpt", config="tiny")
 
 
@@ -141,3 +141,99 @@ def test_compiled_model_prefix_is_stripped(tiny, tmp_path):
     torch.save({"state_dict": state}, tmp_path / "compiled.ckpt")
     model = load_tokenizer(tmp_path / "compiled.ckpt", config="tiny")
     assert torch.equal(model.encoder.proj_in.weight, tiny.encoder.proj_in.weight)
+
+
+# Files from strangers: each test below holds a crafted file that the loader once accepted.
+
+
+def test_a_storage_record_that_inflates_past_its_tensors_is_refused_unread(tiny, tmp_path):
+    """A deflated record declaring 64 MiB behind a 2 KiB tensor: refused from its declared size, never inflated."""
+    import zipfile
+
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny, ema=False)
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(tmp_path / "m.ckpt") as src, zipfile.ZipFile(bomb, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("/data/0"):  # encoder.mask_token's storage: [1, 512] float32
+                dst.writestr(item.filename, data + bytes(64 << 20), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(item, data)
+    assert bomb.stat().st_size < (tmp_path / "m.ckpt").stat().st_size + (1 << 20)  # 64 MiB in under 1 MiB
+    with pytest.raises(CheckpointError, match=r"compressed storage record .*data/0 inflates to 67110912 bytes"):
+        load_tokenizer(bomb, config="tiny")
+
+
+def _weights_with_metadata(model, path, meta):
+    """A .safetensors holding `model`'s tensors and the JSON `meta` as its titok-fast metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"titok_fast": json.dumps(meta)})
+
+
+def test_a_config_string_in_metadata_is_never_opened(tiny, tmp_path):
+    """A metadata config naming a file must not make the loader read that file (here a valid tiny config)."""
+    import yaml
+
+    local = tmp_path / "elsewhere.yaml"
+    local.write_text(yaml.safe_dump(tiny.config.to_dict()))
+    _weights_with_metadata(tiny, tmp_path / "w.safetensors", {"config": str(local)})
+    with pytest.raises(CheckpointError, match="metadata config must be a JSON object; got str"):
+        load_tokenizer(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("tokenizer.model.fsq_levels", [1000] * 5, r"fsq_levels \[1000, 1000, 1000, 1000, 1000\] exceed 256"),
+        ("tokenizer.model.fsq_levels", [200, 200, 2, 2, 2], "make 320000 codes; at most 32768"),
+        ("training.sampling.max_grid", [20, 100000, 192], r"max_grid \[20, 100000, 192\] exceeds"),
+        ("training.sampling.num_token_range", [128, 1 << 30], "must be increasing and at most 65536"),
+        ("training.sampling.num_token_range", [1024, 128], "must be increasing"),
+    ],
+)
+def test_config_sizes_in_a_file_are_bounded_before_anything_is_built(tiny, tmp_path, field, value, message):
+    """Five levels match the weights' shapes whatever their values: only a limit stops a 1e15-entry table; grids
+    and token ranges size what the CLI allocates by default."""
+    config = tiny.config.to_dict()
+    *path, name = field.split(".")
+    config[path[0]][path[1]][name] = value
+    _weights_with_metadata(tiny, tmp_path / "w.safetensors", {"config": config})
+    with pytest.raises(CheckpointError, match=message):
+        load_tokenizer(tmp_path / "w.safetensors")
+
+
+def test_a_huge_patch_size_is_refused_before_a_layer_of_that_size_exists(tiny, tmp_path):
+    """patch (64, 256, 256) would make a 12.6e6 x 512 input projection: refused from the config, not allocated."""
+    config = tiny.config.to_dict()
+    config["tokenizer"]["model"]["patch_size"] = [64, 256, 256]
+    _weights_with_metadata(tiny, tmp_path / "w.safetensors", {"config": config})
+    with pytest.raises(CheckpointError, match=r"patch_size \[64, 256, 256\] exceeds 64"):
+        load_tokenizer(tmp_path / "w.safetensors")
+
+
+def test_a_digest_in_metadata_must_match_the_tensors(tiny, tmp_path):
+    _weights_with_metadata(tiny, tmp_path / "w.safetensors", {"config": tiny.config.to_dict(), "weights_digest": "x"})
+    with pytest.raises(CheckpointError, match="metadata digest 'x' disagrees with its tensors"):
+        load_tokenizer(tmp_path / "w.safetensors")
+
+
+def test_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
+    """A failed write leaves the old file and no temporary one."""
+    import safetensors.torch
+
+    save_safetensors(tiny, tmp_path / "w.safetensors")
+    before = (tmp_path / "w.safetensors").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("titok_fast.loading.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_safetensors(tiny, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    assert safetensors.torch.load_file(tmp_path / "w.safetensors")

@@ -251,3 +251,30 @@ def test_is_complete(tmp_path):
     assert not is_complete(path, weights_digest="sha256:ffff")
     with pytest.raises(TokenFileError, match="a.safetensors.*not a readable"):
         load_tokens(tmp_path / "missing" / "a.safetensors")
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "tokens_format1.safetensors")
+
+
+def test_a_committed_file_of_format_version_1_still_loads():
+    """tests/data/tokens_format1.safetensors was written by save_tokens before the Hub metadata existed."""
+    token_file = load_tokens(FIXTURE)
+    assert token_file.token_counts.tolist() == [8, 8] and token_file.grids.tolist() == [[4, 32, 32]] * 2
+    assert token_file.indices.tolist()[:4] == [236, 423, 2362, 3042]
+    assert token_file.weights_digest == "random-seed0-e7b49227e2251f36" and token_file.weights_source == ""
+    assert (token_file.tail, token_file.last_chunk_frames, token_file.sampling) == ("pad", 2, "upstream")
+    assert token_file.model_config["tokenizer"]["model"]["encoder_size"] == "tiny_thin"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    save_tokens(tmp_path / "t.safetensors", make_token_file())
+    before = (tmp_path / "t.safetensors").read_bytes()
+
+    def refuse(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("titok_fast.files.os.replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        save_tokens(tmp_path / "t.safetensors", make_token_file((3,)))
+    assert (tmp_path / "t.safetensors").read_bytes() == before
+    assert os.listdir(tmp_path) == ["t.safetensors"]

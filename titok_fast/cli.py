@@ -52,32 +52,49 @@ def _device_dtype(args: argparse.Namespace):
     return device, getattr(torch, DTYPES[dtype])
 
 
-def _model(args: argparse.Namespace, token_meta=None):
-    """The model named by --checkpoint / --random-weights, or else by a token file's metadata."""
+def _model(args: argparse.Namespace, token_meta=None, quick: bool = False):
+    """The model named by --checkpoint / --random-weights, else by a token file's metadata, else the default
+    weights (``$TITOK_FAST_CHECKPOINT`` or the V1 release from the Hub). A token file never makes us open a local
+    path: only random weights (rebuilt from the recorded seed) or Hub weights (checked against the digest)."""
+    from .hub import default_checkpoint, parse_hub_ref
     from .loading import load_tokenizer, random_tokenizer
 
     device, dtype = _device_dtype(args)
     checkpoint, seed = args.checkpoint, getattr(args, "random_weights", None)
     if checkpoint is None and seed is None and token_meta is not None:
-        random = re.match(r"random-seed(\d+)-", token_meta.weights_digest)
-        if random:
-            seed, args.config = int(random.group(1)), token_meta.model_config
-        elif token_meta.weights_source and Path(token_meta.weights_source).is_file():
-            checkpoint, args.config = token_meta.weights_source, args.config or token_meta.model_config
-        else:
+        return _model_of_tokens(args, token_meta, device, dtype)
+    if seed is not None:
+        print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
+        return random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
+    checkpoint = checkpoint or default_checkpoint()
+    if parse_hub_ref(checkpoint) is not None:
+        print(f"weights: {checkpoint} (Hugging Face Hub)", file=sys.stderr)
+    return load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype, quick=quick)
+
+
+def _model_of_tokens(args: argparse.Namespace, token_meta, device, dtype):
+    """The weights a token file records: random ones from their seed, or Hub ones pinned to a commit."""
+    from .hub import HUB_SCHEME
+    from .loading import load_tokenizer, random_tokenizer
+
+    random = re.fullmatch(r"random-seed(\d{1,18})-[0-9a-f]{16}", token_meta.weights_digest)
+    if random:
+        seed = int(random.group(1))
+        print(f"using RANDOM weights (seed {seed}), as the token files record", file=sys.stderr)
+        return random_tokenizer(token_meta.model_config, seed=seed, device=device, dtype=dtype)
+    source = token_meta.weights_source
+    if source.startswith(HUB_SCHEME):
+        model = load_tokenizer(source, config=token_meta.model_config, device=device, dtype=dtype)
+        if model.weights_digest != token_meta.weights_digest:
             raise ValueError(
-                f"the token files name weights {token_meta.weights_digest} from "
-                f"{token_meta.weights_source or 'an unknown file'!r}, which is not here: pass --checkpoint"
+                f"{source} now has weights {model.weights_digest}, the token files were made by "
+                f"{token_meta.weights_digest}: pass --checkpoint with the weights that made them"
             )
-    if checkpoint:
-        return load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype)
-    if seed is None:
-        raise ValueError(
-            "no weights: pass --checkpoint (an upstream model.ckpt or a converted .safetensors), "
-            "or --random-weights SEED to try the pipeline with random weights"
-        )
-    print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
-    return random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
+        return model
+    raise ValueError(
+        f"the token files name weights {token_meta.weights_digest} from {source or 'an unknown file'!r}; "
+        "token files are not trusted to name local files: pass --checkpoint"
+    )
 
 
 def _engine(args: argparse.Namespace, model):
@@ -143,11 +160,16 @@ def _try_load_tokens(path):
 def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, evaluate
 
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # before any work
     model = _model(args)
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
+    per_file: dict = {}
     table, summary = evaluate(
         _engine(args, model), collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
-        group=args.batch_size,
+        group=args.batch_size, per_file=per_file,
     )  # fmt: skip
     print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
     for n, row in table.items():
@@ -155,7 +177,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"weights": model.weights_digest, "results": table}, indent=2))
         print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import rate_distortion_figure, save_figure
+
+        title = f"clips of {'x'.join(map(str, settings.grid))}, weights {model.weights_digest}"
+        figure = rate_distortion_figure(_by_resolution(per_file), title=title)
+        save_figure(figure, args.plot)
+        print(f"wrote {args.plot}")
     return _finish(summary, "evaluated")
+
+
+def _by_resolution(per_file: dict) -> dict[str, dict[int, dict[str, float]]]:
+    """Per-file sums from ``evaluate`` averaged over the files of each source resolution ("WxH")."""
+    import av
+
+    groups: dict[str, dict[int, dict[str, float]]] = {}
+    for path, rows in per_file.items():
+        with av.open(path) as container:  # evaluate read it to the end: it opens
+            stream = container.streams.video[0]
+            label = f"{stream.width}x{stream.height}"
+        group = groups.setdefault(label, {n: {"psnr": 0.0, "ssim": 0.0, "clips": 0} for n in rows})
+        for n, row in rows.items():
+            for key in ("psnr", "ssim", "clips"):
+                group[n][key] += row[key]
+    return {
+        label: {n: {m: row[m] / row["clips"] for m in ("psnr", "ssim")} for n, row in rows.items()}
+        for label, rows in sorted(groups.items(), key=lambda item: [int(v) for v in item[0].split("x")])
+        if all(row["clips"] for row in rows.values())  # files that gave no clip draw nothing
+    }
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -184,31 +233,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return code
 
 
+DEMO_REAL = ((16, 192, 192), 256)  # grid and tokens inside what V1 was trained on (144-192 px, 8-20 frames)
+DEMO_RANDOM = ((8, 64, 96), 128)  # the tiny config's
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import collect_inputs, decode_files, encode_files
-    from .video import write_video
+    from .hub import WeightsUnavailable, default_checkpoint
+    from .pipeline import collect_inputs, decode_files, decoded_chunks, encode_files, source_chunks
+    from .tokens import load_tokens
+    from .video import psnr, write_video
 
     out = Path(args.output)
-    sample = out / "sample.mp4"
+    sample, token_path = out / "sample.mp4", out / "tokens" / "sample.safetensors"
     out.mkdir(parents=True, exist_ok=True)
-    if not sample.exists():
-        write_video(sample, _moving_pattern(frames=24, height=120, width=160), fps=8)
-    args.random_weights = None if args.checkpoint else 0
-    model = _model(args)
+    write_video(sample, _moving_pattern(frames=24, height=192, width=256), fps=8)
+    try:  # only the default weights fall back; named ones that fail are an error
+        args.random_weights, model = None, _model(args, quick=args.checkpoint is None)
+    except WeightsUnavailable as e:
+        print(f"{e}\nthe demo falls back to RANDOM weights ({default_checkpoint()} not available)", file=sys.stderr)
+        args.random_weights = 0
+        model = _model(args)
+    grid, tokens = DEMO_RANDOM if args.random_weights is not None else DEMO_REAL
+    args.grid, args.tokens = args.grid or grid, args.tokens or tokens
     engine = _engine(args, model)
     settings = _settings(args, model)
     start = time.perf_counter()
     enc = encode_files(model, engine, collect_inputs([sample]), out / "tokens", settings, overwrite=True)
     if enc.failed:
         return _finish(enc, "encoded")
-    dec = decode_files(engine, [out / "tokens" / "sample.safetensors"], out / "recon", with_source=True, overwrite=True)
+    dec = decode_files(engine, [token_path], out / "recon", with_source=True, overwrite=True)
     seconds = time.perf_counter() - start
+    token_file = load_tokens(token_path)
+    scores = [psnr(r, s) for r, s in zip(decoded_chunks(engine, token_file), source_chunks(token_file), strict=True)]
     print(enc.report("encoded"))
     print(dec.report("decoded"))
-    print(f"sample video:    {sample}\ntoken file:      {out / 'tokens' / 'sample.safetensors'}")
+    print(f"sample video:    {sample}\ntoken file:      {token_path}")
     print(f"side by side:    {out / 'recon' / 'sample.mp4'} (source | reconstruction)")
+    mean_psnr = sum(scores) / len(scores)
+    print(f"PSNR:            {mean_psnr:.2f} dB over {len(scores)} clip(s) (weights {model.weights_digest})")
     print(f"encode + decode: {enc.clips} clip(s) of {'x'.join(map(str, settings.grid))}, {settings.tokens} tokens, "
           f"{seconds:.2f} s on {model.device} ({torch.get_num_threads()} threads)")  # fmt: skip
     return 1 if dec.failed else 0
@@ -227,12 +291,16 @@ def _moving_pattern(frames: int, height: int, width: int):
 
 
 def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) -> None:
-    p.add_argument("--checkpoint", help="upstream model.ckpt or converted .safetensors")
+    p.add_argument(
+        "--checkpoint",
+        help="upstream model.ckpt, converted .safetensors, or a Hub id owner/name[@revision][:file] "
+        "(default: $TITOK_FAST_CHECKPOINT, else NilanE/TiTok-Video-VariableComp-V1)",
+    )
     p.add_argument(
         "--config",
         default=None,
-        help="preset (v1, tiny) or upstream YAML; default: the config stored in a .safetensors, v1 for a .ckpt, "
-        "tiny for random weights",
+        help="preset (v1, tiny) or upstream YAML; default: the config stored in a .safetensors, the preset of a known "
+        "Hub id, v1 for a .ckpt, tiny for random weights",
     )
     if not random_default:
         p.add_argument("--random-weights", type=int, metavar="SEED", help="use random weights (to try the pipeline)")
@@ -301,12 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders or .txt path lists")
     p.add_argument("--tokens", dest="counts", type=_counts, default=[128, 256, 1024], help="e.g. 128,256,1024")
     p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw PSNR and SSIM against tokens, a line per input resolution "
+        "(needs the plot extra: pip install 'titok-fast[plot]')",
+    )
     _add_model_args(p)
     _add_clip_args(p, tokens=False)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("convert", help="upstream Lightning .ckpt -> .safetensors with the config inside")
-    p.add_argument("checkpoint", help="upstream model.ckpt")
+    p.add_argument("checkpoint", help="upstream model.ckpt, or a Hub id owner/name[@revision][:file]")
     p.add_argument("output", help="output .safetensors path")
     p.add_argument("--config", default="v1", help="preset name (v1, tiny) or upstream YAML path (default: v1)")
     p.add_argument("--no-ema", action="store_true", help="take the raw model weights, not the EMA weights")
@@ -317,11 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", dest="select", help="only benchmarks matching this pytest expression, e.g. gpu or cpu")
     p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("demo", help="sample video -> tokens -> side-by-side mp4, tiny config (random weights)")
+    p = sub.add_parser(
+        "demo",
+        help="sample video -> tokens -> side-by-side mp4 and PSNR; V1 weights (16x192x192, 256 tokens), or random "
+        "weights on the tiny config (8x64x96, 128 tokens) when V1 is not cached and the Hub cannot be reached",
+    )
     p.add_argument("-o", "--output", default="titok-fast-demo", help="output folder (default titok-fast-demo)")
     _add_model_args(p, random_default=True)
     _add_clip_args(p)
-    p.set_defaults(run=cmd_demo, grid=(8, 64, 96), tokens=128, workers=1)
+    p.set_defaults(run=cmd_demo, tokens=None, workers=1)
     return parser
 
 

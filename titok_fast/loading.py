@@ -5,15 +5,25 @@
   state objects, anything at all) becomes an inert placeholder, so no constructor or ``__reduce__`` callable
   from the file ever runs. Only the tensors we need are read from disk.
 - Our ``.safetensors``: weights plus the model config as metadata, so later loads need no config argument.
+- A Hub repository id (see :mod:`titok_fast.hub`): fetched through ``huggingface_hub``, converted once into
+  titok-fast's cache (keyed by the sha256 of the downloaded file), and loaded from there without unpickling.
+
+Files from strangers are read within bounds: every size a file declares (storage records, tensor shapes, the
+config's levels, patch size, grids and token range) is checked against the model's weight shapes and the limits
+below before anything of that size is allocated, and a config in a file's metadata is only ever a JSON object,
+never a path to open.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
+import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +32,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import hub
 from .config import TiTokConfig
+from .files import FORMAT_VERSION, METADATA_KEY, AtomicFile
 from .layers import perturb_norms
 from .model import TiTok
+from .tokens import MAX_CODEBOOK_SIZE
 
-METADATA_KEY = "titok_fast"
-FORMAT_VERSION = 1
+# Sane limits on what a config may ask for (V1 uses patch (4, 8, 8), levels (7, 7, 7, 5, 5), grid (20, 192, 192)
+# and 128-1024 tokens): beyond them a file is refused before any table or buffer of that size exists.
+MAX_PATCH = 64  # per axis
+MAX_LEVEL = 256  # per FSQ level; the product is bounded by MAX_CODEBOOK_SIZE (token files store int16)
+MAX_GRID = (4096, 8192, 8192)  # frames, height, width
+MAX_TOKENS = 1 << 16
+MAX_PICKLE_BYTES = 1 << 28  # a checkpoint's data.pkl (tensors are stored beside it, not in it)
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -136,13 +154,16 @@ class _Archive:
                 f"{path} is not a torch zip checkpoint (legacy torch.save format or not a checkpoint at all)"
             )
         self.zip = zipfile.ZipFile(path)
-        pickles = [n for n in self.zip.namelist() if n.endswith("/data.pkl")]
+        self.names = set(self.zip.namelist())
+        pickles = [n for n in self.names if n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
         self.prefix = pickles[0][: -len("data.pkl")]
         byteorder = self.prefix + "byteorder"
-        if byteorder in self.zip.namelist() and self.zip.read(byteorder).decode() != "little":
+        if byteorder in self.names and self.zip.read(byteorder).decode() != "little":
             raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        if self.zip.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path}: its data.pkl declares more than {MAX_PICKLE_BYTES} bytes")
         with self.zip.open(pickles[0]) as f:
             try:
                 self.root = _RestrictedUnpickler(f, self.zip, self.prefix).load()
@@ -151,15 +172,44 @@ class _Archive:
             except Exception as e:
                 raise CheckpointError(f"{path}: cannot read the checkpoint's pickle ({e})") from e
         self.path = path
-        self._storages: dict[str, torch.Tensor] = {}
 
-    def tensor(self, ref: _TensorRef) -> torch.Tensor:
-        key = ref.storage.key
-        if key not in self._storages:
-            data = bytearray(self.zip.read(f"{self.prefix}data/{key}"))
-            self._storages[key] = torch.frombuffer(data, dtype=ref.storage.dtype) if data else torch.empty(0)
-        flat = self._storages[key]
-        return flat.as_strided(ref.size, ref.stride, ref.offset).clone()
+    def read(self, refs: dict[str, _TensorRef], budget: int) -> dict[str, torch.Tensor]:
+        """The tensors `refs` name. Each storage record is checked against the bytes its tensors need, and all of
+        them against `budget` bytes, before any is read; a record is read only as far as its tensors need."""
+        needed: dict[_StorageRef, int] = {}
+        for key, ref in refs.items():
+            if any(s < 0 for s in ref.stride) or ref.offset < 0:
+                raise CheckpointError(f"{self.path}: tensor {key} has a negative stride or offset")
+            last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+            elements = last + 1 if all(ref.size) else 0
+            needed[ref.storage] = max(needed.get(ref.storage, 0), elements * ref.storage.dtype.itemsize)
+        if sum(needed.values()) > budget:
+            raise CheckpointError(
+                f"{self.path}: its tensors span {sum(needed.values())} bytes of storage; at most {budget} are allowed"
+            )
+        storages = {}
+        for storage, size in needed.items():
+            name = f"{self.prefix}data/{storage.key}"
+            if name not in self.names:
+                raise CheckpointError(f"{self.path}: storage record {name} is missing")
+            info = self.zip.getinfo(name)
+            if info.file_size < size:
+                raise CheckpointError(f"{self.path}: storage record {name} holds {info.file_size} bytes; needs {size}")
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > size:  # torch stores records raw
+                raise CheckpointError(
+                    f"{self.path}: compressed storage record {name} inflates to {info.file_size} bytes; "
+                    f"its tensors need {size}"
+                )
+            try:
+                with self.zip.open(name) as f:
+                    data = bytearray(f.read(size))  # never more than the tensors need, whatever the record inflates to
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                raise CheckpointError(f"{self.path}: storage record {name} is corrupt ({e})") from None
+            if len(data) != size:
+                raise CheckpointError(f"{self.path}: storage record {name} ends after {len(data)} of {size} bytes")
+            flat = torch.frombuffer(data, dtype=storage.dtype) if data else torch.empty(0, dtype=storage.dtype)
+            storages[storage] = flat
+        return {k: storages[r.storage].as_strided(r.size, r.stride, r.offset).clone() for k, r in refs.items()}
 
 
 def _select_state(root: object, path: Path, use_ema: bool) -> tuple[dict, str]:
@@ -183,30 +233,47 @@ def _select_state(root: object, path: Path, use_ema: bool) -> tuple[dict, str]:
     raise CheckpointError(f"{path}: no encoder./decoder. tensors under the prefixes {prefixes} or at top level")
 
 
-def _check_and_fill(model: TiTok, tensors: dict, path: Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
+def _check_shapes(config: TiTokConfig, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Names and shapes of a file's tensors against the model `config` describes (built on ``meta``: no memory)."""
+    with torch.device("meta"):
+        expected = TiTok(config, backend="torch").state_dict()
+    missing = [k for k in expected if k not in shapes]
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-    unexpected = [k for k in tensors if k not in expected]
+    unexpected = [k for k in shapes if k not in expected]
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]}; does the config match the checkpoint?")
-    for key, ref in tensors.items():
-        size = (
-            tuple(ref.size)
-            if isinstance(ref, _TensorRef)
-            else tuple(ref.shape)
-            if isinstance(ref, torch.Tensor)
-            else None
-        )
-        if size is None:
-            raise CheckpointError(f"{path}: entry {key} is a {type(ref).__name__}, not a tensor")
-        size = tuple(ref.size) if isinstance(ref, _TensorRef) else tuple(ref.shape)
+    for key, size in shapes.items():
         if size != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{path}: tensor {key} has shape {list(size)}, expected {list(expected[key].shape)} "
-                f"for config {model.config.name!r}"
+                f"for config {config.name!r}"
             )
+
+
+def check_config(config: TiTokConfig, where: str = "config") -> None:
+    """Refuse a config whose sizes exceed the module's limits (MAX_PATCH, MAX_LEVEL, MAX_CODEBOOK_SIZE, MAX_GRID,
+    MAX_TOKENS) before any model, table or buffer is built from it; `where` names it in the error."""
+    problems = [
+        (any(p > MAX_PATCH for p in config.patch_size), f"patch_size {list(config.patch_size)} exceeds {MAX_PATCH}"),
+        (any(v > MAX_LEVEL for v in config.fsq_levels), f"fsq_levels {list(config.fsq_levels)} exceed {MAX_LEVEL}"),
+        (
+            math.prod(config.fsq_levels) > MAX_CODEBOOK_SIZE,
+            f"fsq_levels {list(config.fsq_levels)} make {math.prod(config.fsq_levels)} codes; at most "
+            f"{MAX_CODEBOOK_SIZE}",
+        ),
+        (
+            any(g > m for g, m in zip(config.max_grid, MAX_GRID, strict=True)),
+            f"max_grid {list(config.max_grid)} exceeds {list(MAX_GRID)}",
+        ),
+        (
+            not config.num_token_range[0] <= config.num_token_range[1] <= MAX_TOKENS,
+            f"num_token_range {list(config.num_token_range)} must be increasing and at most {MAX_TOKENS}",
+        ),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise CheckpointError(f"{where}: {message}")
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -220,43 +287,69 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict:
+    """The JSON object a titok-fast ``.safetensors`` stores under METADATA_KEY ({} when absent)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if METADATA_KEY not in meta:
         return {}
     try:
-        return json.loads(meta[METADATA_KEY])
+        value = json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: metadata is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} must be a JSON object; got {type(value).__name__}")
+    return value
+
+
+def _file_config(meta: dict, path: Path) -> TiTokConfig:
+    """The config a file's metadata holds: a JSON object only (a string would be taken as a path to open)."""
+    if "config" not in meta:
+        return TiTokConfig.from_any("v1")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(
+            f"{path}: metadata config must be a JSON object; got {type(meta['config']).__name__} {meta['config']!r:.80}"
+        )
+    try:
+        return TiTokConfig.from_any(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: metadata config is invalid ({e})") from None
 
 
 def load_state(
     path: str | os.PathLike, config: object | None = None, use_ema: bool = True
 ) -> tuple[TiTokConfig, dict[str, torch.Tensor], str]:
-    """Read (config, state_dict, weights digest) from a Lightning ``.ckpt`` or our ``.safetensors``."""
+    """Read (config, state_dict, weights digest) from a Lightning ``.ckpt`` or our ``.safetensors``.
+
+    Every size is checked (config limits, tensor shapes, storage records) before tensors are read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         meta = read_safetensors_metadata(path)
-        cfg = TiTokConfig.from_any(config if config is not None else meta.get("config", "v1"))
-        shell = TiTok(cfg, backend="torch")
+        cfg = TiTokConfig.from_any(config) if config is not None else _file_config(meta, path)
+        check_config(cfg, str(path))
         with safe_open(str(path), framework="pt") as f:
+            _check_shapes(cfg, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, path)  # noqa: SIM118
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        _check_and_fill(shell, tensors, path)
-        return cfg, tensors, meta.get("weights_digest") or weights_digest(tensors)
+        digest = weights_digest(tensors)
+        if meta.get("weights_digest", digest) != digest:
+            raise CheckpointError(f"{path}: metadata digest {meta['weights_digest']!r} disagrees with its tensors")
+        return cfg, tensors, digest
+    cfg = TiTokConfig.from_any(config if config is not None else "v1")
+    check_config(cfg, str(path))
     archive = _Archive(path)
     refs, _prefix = _select_state(archive.root, path, use_ema)
-    cfg = TiTokConfig.from_any(config if config is not None else "v1")
-    with torch.device("meta"):
-        shell = TiTok(cfg, backend="torch")
-    _check_and_fill(shell, refs, path)
-    tensors = {}
-    for key, ref in refs.items():
-        try:
-            tensors[key] = archive.tensor(ref) if isinstance(ref, _TensorRef) else ref
-        except (KeyError, RuntimeError, ValueError) as e:  # missing storage record, sizes past its end, ...
-            raise CheckpointError(f"{path}: tensor {key} cannot be read from the archive ({e})") from e
+    wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
+    if wrong is not None:
+        raise CheckpointError(f"{path}: entry {wrong} is a {type(refs[wrong]).__name__}, not a tensor")
+    _check_shapes(cfg, {k: r.size for k, r in refs.items()}, path)
+    budget = 2 * sum(math.prod(r.size) * r.storage.dtype.itemsize for r in refs.values()) + (1 << 20)
+    try:
+        tensors = archive.read(refs, budget)
+    except (RuntimeError, ValueError) as e:  # strides past the storage's end, ...
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: tensors cannot be read from the archive ({e})") from e
     return cfg, tensors, weights_digest(tensors)
 
 
@@ -267,19 +360,57 @@ def load_tokenizer(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    quick: bool = False,
 ) -> TiTok:
-    """Load a TiTok model from an upstream Lightning ``.ckpt`` or a titok-fast ``.safetensors``.
+    """Load a TiTok model from an upstream Lightning ``.ckpt``, a titok-fast ``.safetensors`` or a Hub id.
 
-    ``config`` defaults to the one stored in a ``.safetensors`` file, else ``"v1"``. EMA weights are preferred
-    when present and ``use_ema``. Strict: a missing, unexpected or misshaped tensor is an error naming it.
+    path: a local file, or a Hub reference ``owner/name[@revision][:file]`` / ``hf://...`` (see
+    :mod:`titok_fast.hub`; a Hub checkpoint is converted once into :func:`titok_fast.hub.cache_dir`).
+    ``config`` defaults to the one stored in a ``.safetensors`` file, the preset of a known Hub id, else ``"v1"``.
+    EMA weights are preferred when present and ``use_ema``. Strict: a missing, unexpected or misshaped tensor is
+    an error naming it. ``quick``: wait only briefly for the Hub (the demo's fallback).
     """
+    ref = hub.parse_hub_ref(path)
+    if ref is not None:
+        path, config, source = _from_hub(ref, config, use_ema, quick)
+    else:
+        source = str(Path(path).resolve())
     cfg, tensors, digest = load_state(path, config, use_ema)
     with torch.device("meta"):
         model = TiTok(cfg, backend=backend)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.weights_digest = digest
-    model.weights_source = str(Path(path).resolve())
+    model.weights_source = source
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _from_hub(ref: hub.HubRef, config: object | None, use_ema: bool, quick: bool) -> tuple[Path, object | None, str]:
+    """(a local .safetensors, its config or None for the one it stores, the pinned hf:// reference) for a Hub file;
+    an upstream checkpoint is converted into the cache first."""
+    config = config if config is not None else hub.KNOWN_CONFIGS.get(ref.repo_id)
+    if config is None and not ref.filename.endswith(".safetensors"):  # an upstream .ckpt carries no config
+        raise ValueError(
+            f"{ref.repo_id} is not a known release {sorted(hub.KNOWN_CONFIGS)}: say which config it uses with --config"
+        )
+    local, pinned = hub.download(ref, quick=quick)
+    if local.suffix == ".safetensors":
+        return local, config, str(pinned)
+    return converted(local, TiTokConfig.from_any(config), use_ema), config, str(pinned)
+
+
+def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True) -> Path:
+    """The ``.safetensors`` conversion of the upstream checkpoint `src` in titok-fast's cache, made on first use.
+
+    Keyed by the sha256 of `src`'s bytes, the config and the EMA choice; written atomically, so processes converting
+    at once each rename a complete file and later runs read it without unpickling anything."""
+    key = json.dumps([config.to_dict(), use_ema], sort_keys=True)
+    name = f"{hub.file_sha256(src)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    target = hub.cache_dir() / "converted" / name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"converting {src} into {target} (once)", file=sys.stderr)
+        convert(src, target, config=config, use_ema=use_ema)
+    return target
 
 
 def random_tokenizer(
@@ -291,6 +422,8 @@ def random_tokenizer(
 ) -> TiTok:
     """A model with reproducible random weights (``perturb_norms`` applied), for demos and tests. Its digest
     starts with ``random-seed<seed>-`` so token files made with it can be decoded by rebuilding it."""
+    config = TiTokConfig.from_any(config)
+    check_config(config)
     torch.manual_seed(seed)
     model = TiTok(config, backend=backend).eval()
     perturb_norms(model)
@@ -303,10 +436,8 @@ def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "weights_digest": weights_digest(state)}
     meta.update(extra)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    with AtomicFile(path) as target:
+        save_file(state, target.temporary, metadata={METADATA_KEY: json.dumps(meta)})
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, config: object | None = None, use_ema: bool = True) -> str:

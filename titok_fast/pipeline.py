@@ -414,16 +414,19 @@ def evaluate(
     *,
     workers: int = 2,
     group: int = 32,
+    per_file: dict | None = None,
 ) -> tuple[dict, Summary]:
     """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM over clips per token count.
 
     Clips stream from the files in groups of ``group`` (memory does not grow with the inputs); a file that fails
-    to read, even midway, is reported and none of its clips count."""
+    to read, even midway, is reported and none of its clips count. ``per_file``, if given, receives each complete
+    file's own sums: {path: {n: {"psnr": sum, "ssim": sum, "clips": clips}}}."""
     summary = Summary()
     start = time.perf_counter()
     sums: dict[int, dict[int, list[float]]] = {}  # file number -> {n: [PSNR sum, SSIM sum]} over its scored clips
     scored: dict[int, int] = {}  # file number -> clips scored
     complete: list[int] = []  # files read to the end; only their clips count
+    paths: dict[int, str] = {}
     batch: list[tuple[int, torch.Tensor]] = []
 
     def score_batch() -> None:
@@ -457,8 +460,12 @@ def evaluate(
                 continue
             summary.done.append(str(path))
             complete.append(number)
+            paths[number] = str(path)
         if batch:
             score_batch()
+    if per_file is not None:
+        for f in complete:
+            per_file[paths[f]] = {n: {"psnr": p, "ssim": q, "clips": scored[f]} for n, (p, q) in sums[f].items()}
     clips = sum(scored[f] for f in complete)
     if not clips:
         raise InputError("no clips to evaluate: every input failed")

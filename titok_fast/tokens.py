@@ -9,7 +9,9 @@ Tensors:
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
 "fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int,
 "sampling": str},
-"codebook_size": int, "weights_source": str}.
+"codebook_size": int, "weights_source": str}. weights_source is a local path (recorded, never opened on behalf of
+the file) or "hf://owner/name@<commit>:<file>" for Hub weights. Readers ignore fields they do not know, so new
+optional fields keep the format version and older files keep loading.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
 name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,10 +30,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-FORMAT_VERSION = 1
-METADATA_KEY = "titok_fast"
+from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
+from .video import TAIL_POLICIES
+
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
-TAIL_POLICIES = ("drop", "pad")
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -70,7 +71,8 @@ class TokenFile:
     frames_per_chunk, tail, last_chunk_frames: the chunking policy and the real frames of the last chunk
     sampling: how frames were picked ("upstream": the notebook's frame indices, "time": presentation times)
     codebook_size: number of codes, at most 32768
-    weights_source: where the weights were loaded from (a checkpoint path), "" if unknown or random
+    weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
+        weights, "" if unknown or random
     """
 
     indices: torch.Tensor
@@ -153,24 +155,7 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
         "chunking": {name: getattr(token_file, name) for name in CHUNKING_FIELDS},
     }
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
-    data = save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    write_atomically(path, save(tensors, metadata={METADATA_KEY: json.dumps(metadata)}))
 
 
 def load_tokens(path: str | os.PathLike[str]) -> TokenFile:

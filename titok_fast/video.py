@@ -22,7 +22,6 @@ import os
 import queue
 import sys
 import threading
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .files import AtomicFile
 
 TAIL_POLICIES = ("drop", "pad")
 SAMPLINGS = ("upstream", "time")
@@ -327,8 +328,7 @@ class VideoWriter:
         if not fps > 0:
             raise ValueError(f"fps must be positive; got {fps}")
         self.path, self.fps, self.crf = os.fspath(path), fps, crf
-        folder, name = os.path.split(os.path.abspath(self.path))
-        self._temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}")
+        self._file = AtomicFile(self.path)
         self._container = self._stream = None
         self._size: tuple[int, int] | None = None
         self.frames = 0
@@ -349,7 +349,7 @@ class VideoWriter:
         self.frames += frames.shape[1]
 
     def _open(self, height: int, width: int) -> None:
-        self._container = av.open(self._temporary, mode="w", format="mp4")
+        self._container = av.open(self._file.temporary, mode="w", format="mp4")
         self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
@@ -363,9 +363,7 @@ class VideoWriter:
             self._container.mux(self._stream.encode())
             self._container.close()
             self._container = None
-            with open(self._temporary, "rb") as written:
-                os.fsync(written.fileno())
-            os.replace(self._temporary, self.path)
+            self._file.commit()
         finally:
             self.abort()
 
@@ -375,8 +373,7 @@ class VideoWriter:
             with contextlib.suppress(Exception):
                 self._container.close()
             self._container = None
-        if os.path.exists(self._temporary):
-            os.remove(self._temporary)
+        self._file.discard()
 
     def __enter__(self) -> VideoWriter:
         return self

@@ -1,0 +1,206 @@
+"""Weights by name through a Hugging Face cache built here (no network): resolution, conversion cache, offline.
+
+Commands run as subprocesses: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when it is imported."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_loading import lightning_checkpoint
+
+from titok_fast.cli import main
+from titok_fast.hub import DEFAULT_FILE, V1_REPO, HubRef, parse_hub_ref
+from titok_fast.loading import load_tokenizer
+from titok_fast.tokens import load_tokens
+
+from helpers import make_model
+from videos import make_video
+
+REPO = "someone/tiny-titok"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8", "--device", "cpu"]
+
+
+def hub_cache(home, repo_id: str, files: dict) -> None:
+    """The standard cache layout under `home`: hub/models--owner--name/{refs/main, blobs/<sha256>,
+    snapshots/<commit>/<file> -> ../../blobs/<sha256>}, as `hf download` leaves it."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    for name, source in files.items():
+        data = source.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, repo / "snapshots" / COMMIT), repo / "snapshots" / COMMIT / name)
+
+
+def environment(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TITOK_FAST_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TITOK_FAST_CACHE=str(tmp_path / "converted"))
+    env.update(extra)
+    return env
+
+
+def cli(env, *args, cwd=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "titok_fast.cli", *map(str, args)]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A cache holding REPO with a tiny upstream-style Lightning checkpoint (EMA weights), and a short video."""
+    root = tmp_path_factory.mktemp("hub")
+    lightning_checkpoint(root / "model.ckpt", make_model("tiny"))
+    hub_cache(root / "hf", REPO, {DEFAULT_FILE: root / "model.ckpt"})
+    make_video(root / "clip.mp4", frames=16, height=32, width=48, fps=8)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("owner/name", HubRef("owner/name")),
+        ("owner/name@v1.0", HubRef("owner/name", "v1.0")),
+        ("owner/name:weights/ema.ckpt", HubRef("owner/name", None, "weights/ema.ckpt")),
+        ("hf://owner/name@refs/pr/3:x.safetensors", HubRef("owner/name", "refs/pr/3", "x.safetensors")),
+        (V1_REPO, HubRef(V1_REPO)),
+        ("checkpoints/model.ckpt", None),  # looks like owner/name but ends like a weights file: a local path
+        ("model.ckpt", None),
+        ("/abs/owner/name", None),
+        ("owner/name:../../etc/passwd", None),
+    ],
+)
+def test_hub_references_are_told_apart_from_paths(text, expected):
+    assert parse_hub_ref(text) == expected
+
+
+def test_an_existing_local_path_wins_and_hf_scheme_is_strict(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").write_bytes(b"")
+    assert parse_hub_ref("owner/name") is None
+    assert parse_hub_ref("hf://owner/name") == HubRef("owner/name")
+    with pytest.raises(ValueError, match="not a Hub reference"):
+        parse_hub_ref("hf://owner/name:../x")
+
+
+def test_an_unknown_repository_needs_a_config():
+    with pytest.raises(ValueError, match="someone/unknown is not a known release .* --config"):
+        load_tokenizer("someone/unknown")
+
+
+def test_encode_by_id_converts_once_and_gives_the_tokens_of_the_local_file(hub, tmp_path, capsys):
+    env = environment(tmp_path, HF_HOME=str(hub / "hf"))
+    by_id = ["--checkpoint", REPO, "--config", "tiny", *GRID]
+    first = cli(env, "encode", hub / "clip.mp4", "-o", tmp_path / "by-id", *by_id)
+    assert first.returncode == 0, first.stderr
+    assert "converting" in first.stderr
+    converted = sorted((tmp_path / "converted").rglob("*"))
+    again = cli(env, "encode", hub / "clip.mp4", "-o", tmp_path / "again", *by_id)
+    assert again.returncode == 0 and "converting" not in again.stderr  # the cached conversion is loaded
+    assert sorted((tmp_path / "converted").rglob("*")) == converted and len(converted) == 2  # folder + one file
+    assert main(["encode", str(hub / "clip.mp4"), "-o", str(tmp_path / "by-path"), "--checkpoint",
+                 str(hub / "model.ckpt"), "--config", "tiny", *GRID]) == 0  # fmt: skip
+    token_file = load_tokens(tmp_path / "by-id" / "clip.safetensors")
+    by_path = load_tokens(tmp_path / "by-path" / "clip.safetensors")
+    assert torch.equal(token_file.indices, by_path.indices) and token_file.weights_digest == by_path.weights_digest
+    assert token_file.weights_source == f"hf://{REPO}@{COMMIT}:{DEFAULT_FILE}"
+
+    decoded = cli(env, "decode", tmp_path / "by-id" / "clip.safetensors", "-o", tmp_path / "videos")
+    assert decoded.returncode == 0 and "decoded 1 file(s)" in decoded.stdout, decoded.stderr
+
+
+def test_decode_checks_the_recorded_digest_of_hub_weights(hub, tmp_path, monkeypatch, capsys):
+    """The Hub reference a token file records is fetched (here: handed the cached file) and its digest compared."""
+    import dataclasses
+
+    from titok_fast import hub as hub_module
+    from titok_fast.tokens import save_tokens
+
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (hub / "model.ckpt", HubRef(REPO, COMMIT)))
+    assert main(["encode", str(hub / "clip.mp4"), "-o", str(tmp_path), "--checkpoint", REPO, "--config", "tiny",
+                 *GRID]) == 0  # fmt: skip
+    token_file = load_tokens(tmp_path / "clip.safetensors")
+    save_tokens(tmp_path / "other.safetensors", dataclasses.replace(token_file, weights_digest="0" * 16))
+    capsys.readouterr()
+    assert main(["decode", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "videos")]) == 2
+    assert "the token files were made by 0000000000000000" in capsys.readouterr().err
+    assert not (tmp_path / "videos").exists()
+
+
+def test_two_processes_converting_at_once_leave_one_good_file(hub, tmp_path):
+    env = environment(tmp_path, HF_HOME=str(hub / "hf"))
+    load = (
+        f"from titok_fast.loading import load_tokenizer; print(load_tokenizer({REPO!r}, config='tiny').weights_digest)"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", load], env=env, stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    digests = {run.communicate(timeout=300)[0].strip() for run in runs}
+    assert [run.returncode for run in runs] == [0, 0] and len(digests) == 1
+    files = list((tmp_path / "converted").rglob("*.safetensors"))
+    assert len(files) == 1 and not [p for p in files[0].parent.iterdir() if p.name.startswith(".")]
+    assert load_tokenizer(files[0]).weights_digest == digests.pop()
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "unreachable Hub"])
+def test_no_cached_weights_offline_is_one_line_exit_2_and_nothing_written(hub, tmp_path, offline):
+    extra = {} if offline.startswith("HF_HUB") else {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    done = cli(environment(tmp_path, **extra), "encode", hub / "clip.mp4", "-o", tmp_path / "tokens", *GRID)
+    assert done.returncode == 2
+    assert (
+        f"`hf download {V1_REPO} model.ckpt` on a connected machine" in done.stderr
+        and "--checkpoint PATH" in done.stderr
+    )
+    assert len(done.stderr.strip().splitlines()) == 2  # which weights are being fetched, then the error
+    assert not (tmp_path / "tokens").exists() and not (tmp_path / "converted").exists()
+
+
+def test_the_demo_falls_back_to_random_weights_without_waiting(tmp_path):
+    """Offline with no cache, the no-argument demo (what CI runs) completes with the random-weights notice."""
+    done = cli(environment(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "hf download" in done.stderr and "falls back to RANDOM weights" in done.stderr
+    assert "PSNR:" in done.stdout and "8x64x96, 128 tokens" in done.stdout
+    assert (tmp_path / "titok-fast-demo" / "recon" / "sample.mp4").is_file()
+
+
+def test_the_demo_uses_the_default_weights_when_they_are_there(hub, tmp_path):
+    """$TITOK_FAST_CHECKPOINT names the default weights; cached, the demo uses them instead of falling back."""
+    env = environment(tmp_path, HF_HOME=str(hub / "hf"), TITOK_FAST_CHECKPOINT=REPO)
+    done = cli(env, "demo", "-o", tmp_path / "demo", "--config", "tiny", "--grid", "4x32x32", "--tokens", "8")
+    assert done.returncode == 0, done.stderr
+    assert f"weights: {REPO}" in done.stderr and "RANDOM" not in done.stderr
+    assert "PSNR:" in done.stdout and "4x32x32, 8 tokens" in done.stdout
+    assert load_tokens(tmp_path / "demo" / "tokens" / "sample.safetensors").weights_source.startswith(f"hf://{REPO}@")
+
+
+def test_a_hub_safetensors_brings_its_own_config(tmp_path, monkeypatch):
+    """Our .safetensors on the Hub needs no --config and no conversion; the pinned reference is recorded."""
+    from titok_fast import hub as hub_module
+    from titok_fast.loading import save_safetensors
+
+    save_safetensors(make_model("tiny"), tmp_path / "w.safetensors")
+    pinned = HubRef("someone/converted", COMMIT, "w.safetensors")
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (tmp_path / "w.safetensors", pinned))
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    model = load_tokenizer("someone/converted:w.safetensors")
+    assert model.config.name == "tiny" and model.weights_source == f"hf://someone/converted@{COMMIT}:w.safetensors"
+    assert not (tmp_path / "converted").exists()
+
+
+def test_a_cached_hub_file_is_keyed_by_its_blob_name_other_files_by_their_bytes(hub, tmp_path):
+    from titok_fast.hub import file_sha256
+
+    expected = hashlib.sha256((hub / "model.ckpt").read_bytes()).hexdigest()
+    snapshot = hub / "hf" / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / DEFAULT_FILE
+    assert file_sha256(hub / "model.ckpt") == expected == file_sha256(snapshot)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / ("0" * 64)).write_bytes(b"x")  # a blob is trusted to be named by its sha256
+    assert file_sha256(tmp_path / "blobs" / ("0" * 64)) == "0" * 64
+    (tmp_path / ("0" * 64)).write_bytes(b"x")  # outside a blobs folder the bytes are read
+    assert file_sha256(tmp_path / ("0" * 64)) == hashlib.sha256(b"x").hexdigest()

@@ -1,0 +1,58 @@
+"""What every file titok-fast writes shares: the metadata key, the format version, and atomic writing.
+
+A file appears under its final name only complete: it is written to a unique temporary name in the same folder,
+flushed to disk (fsync), renamed over the target, and the folder is synced so the rename itself survives a crash.
+Several processes writing the same target at once each rename a complete file; the last rename wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+
+METADATA_KEY = "titok_fast"  # the safetensors metadata key holding our JSON, in token files and weights files
+FORMAT_VERSION = 1  # of that JSON; readers accept files of this version, whatever extra fields they carry
+
+
+class AtomicFile:
+    """A temporary path (`temporary`) next to `path`: ``commit()`` moves what was written there onto `path` durably,
+    ``discard()`` removes it and leaves `path` as it was. As a context manager: commit on a normal exit, else
+    discard."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.path.abspath(os.fspath(path))
+        folder, name = os.path.split(self.path)
+        self.temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+
+    def commit(self) -> None:
+        try:
+            with open(self.temporary, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(self.temporary, self.path)
+        finally:
+            self.discard()
+        descriptor = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # make the rename itself durable
+        finally:
+            os.close(descriptor)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.temporary)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` through an :class:`AtomicFile`."""
+    with AtomicFile(path) as target, open(target.temporary, "xb") as file:
+        file.write(data)

@@ -1,0 +1,149 @@
+"""Weights by name: Hugging Face Hub repository ids, fetched through ``huggingface_hub`` (its cache, offline mode,
+token handling), and titok-fast's own cache of converted weights.
+
+How a ``--checkpoint`` string is read (:func:`parse_hub_ref`):
+- ``hf://owner/name[@revision][:file]`` is always a Hub reference;
+- otherwise an existing local path wins;
+- otherwise ``owner/name[@revision][:file]`` is a Hub reference, unless the name ends like a weights file
+  (``.ckpt``, ``.safetensors``, ``.pt``, ``.pth``: ``checkpoints/model.ckpt`` is a local path, absent).
+The file defaults to ``model.ckpt`` and the revision to the repository's default branch; what was loaded is
+recorded as ``hf://owner/name@<commit>:<file>``, the commit being the exact snapshot the file came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+V1_REPO = "NilanE/TiTok-Video-VariableComp-V1"
+DEFAULT_FILE = "model.ckpt"
+KNOWN_CONFIGS = {V1_REPO: "v1"}  # the released checkpoints carry no config: known ids map to their preset
+CHECKPOINT_ENV = "TITOK_FAST_CHECKPOINT"  # overrides the default weights
+CACHE_ENV = "TITOK_FAST_CACHE"  # where converted weights are kept
+QUICK_TIMEOUT_S = 3.0  # how long the demo waits for the Hub before falling back to random weights
+HUB_SCHEME = "hf://"
+
+_REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_REVISION = re.compile(r"[\w./-]{1,255}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_LOCAL_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+
+
+class WeightsUnavailable(ValueError):
+    """The Hub cannot be reached (offline, no network) and the file is not in the cache."""
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A file in a Hub model repository: `repo_id` ("owner/name"), `revision` (branch, tag or commit; None: the
+    default branch) and `filename` inside the repository."""
+
+    repo_id: str
+    revision: str | None = None
+    filename: str = DEFAULT_FILE
+
+    def __str__(self) -> str:
+        return f"{HUB_SCHEME}{self.repo_id}{f'@{self.revision}' if self.revision else ''}:{self.filename}"
+
+
+def default_checkpoint() -> str:
+    """The weights used when none are named: ``$TITOK_FAST_CHECKPOINT``, else the V1 release."""
+    return os.environ.get(CHECKPOINT_ENV) or V1_REPO
+
+
+def parse_hub_ref(text: str | os.PathLike[str]) -> HubRef | None:
+    """The Hub reference `text` names, or None for a local path (see the module docstring for the rules)."""
+    if not isinstance(text, str):
+        return None
+    explicit = text.startswith(HUB_SCHEME)
+    head, _, filename = text.removeprefix(HUB_SCHEME).partition(":")
+    repo_id, _, revision = head.partition("@")
+    if not explicit and (os.path.exists(text) or repo_id.endswith(_LOCAL_SUFFIXES)):
+        return None
+    valid = (
+        _REPO.fullmatch(repo_id)
+        and (not revision or _REVISION.fullmatch(revision))
+        and (not filename or _valid_filename(filename))
+    )
+    if not valid:
+        if explicit:
+            raise ValueError(f"{text!r} is not a Hub reference; expected hf://owner/name[@revision][:file]")
+        return None
+    return HubRef(repo_id, revision or None, filename or DEFAULT_FILE)
+
+
+def _valid_filename(filename: str) -> bool:
+    parts = PurePosixPath(filename).parts
+    return bool(_REVISION.fullmatch(filename)) and not filename.startswith("/") and ".." not in parts
+
+
+def download(ref: HubRef, *, quick: bool = False) -> tuple[Path, HubRef]:
+    """The local copy of `ref` (downloaded into the Hugging Face cache if needed) and `ref` pinned to the commit
+    it came from. `quick`: wait at most ``QUICK_TIMEOUT_S`` for the Hub before using the cache.
+
+    Raises WeightsUnavailable (offline or unreachable, not cached) or ValueError (no such repository, revision or
+    file), each one line."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    timeout = QUICK_TIMEOUT_S if quick else constants.DEFAULT_ETAG_TIMEOUT
+    # huggingface_hub retries an unreachable Hub for half a minute before using its cache: ask once, briefly
+    cached_only = not constants.HF_HUB_OFFLINE and not _reachable(constants.ENDPOINT, timeout)
+    try:
+        local = hf_hub_download(
+            ref.repo_id, ref.filename, revision=ref.revision, library_name="titok-fast", etag_timeout=timeout,
+            local_files_only=cached_only,
+        )  # fmt: skip
+    except LocalEntryNotFoundError:
+        raise WeightsUnavailable(
+            f"weights {ref} are not in the Hugging Face cache and the Hub cannot be reached: run "
+            f"`hf download {ref.repo_id} {ref.filename}{f' --revision {ref.revision}' if ref.revision else ''}` "
+            "on a connected machine (then copy its cache here, or set HF_HOME), or pass --checkpoint PATH"
+        ) from None
+    except (EntryNotFoundError, HfHubHTTPError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"weights {ref} cannot be fetched from the Hub: {reason}") from None
+    local = Path(local)
+    snapshot = local.parents[len(PurePosixPath(ref.filename).parts) - 1].name  # snapshots/<commit>/<filename>
+    commit = snapshot if _COMMIT.fullmatch(snapshot) else ref.revision
+    return local, HubRef(ref.repo_id, commit, ref.filename)
+
+
+def _reachable(endpoint: str, timeout: float) -> bool:
+    """Whether `endpoint` answers an HTTP request within `timeout` seconds (any status; proxies as configured)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    """titok-fast's cache of converted weights: ``$TITOK_FAST_CACHE``, else ``$XDG_CACHE_HOME/titok-fast``
+    (``~/.cache/titok-fast``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "titok-fast"
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (hex). A file in the Hugging Face cache resolves to a blob named by that very sha256
+    (the LFS object id), so for those the name is used instead of reading gigabytes on every run; anything else is
+    read in chunks of `chunk` bytes."""
+    blob = os.path.basename(os.path.realpath(path))
+    if _SHA256.fullmatch(blob) and os.path.basename(os.path.dirname(os.path.realpath(path))) == "blobs":
+        return blob
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
