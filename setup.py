@@ -20,8 +20,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6"],
+        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", "ray[data]>=2.60"],
         "flash": ["flash-attn"],
+        "ray": ["ray[data]>=2.60"],
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
 )

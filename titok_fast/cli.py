@@ -54,9 +54,14 @@ def _device_dtype(args: argparse.Namespace):
 
 def _model(args: argparse.Namespace, token_meta=None):
     """The model named by --checkpoint / --random-weights, or else by a token file's metadata."""
+    device, dtype = _device_dtype(args)
+    return _model_loader(args, dtype, token_meta)(device=device)
+
+
+def _model_loader(args: argparse.Namespace, dtype, token_meta=None):
+    """A picklable ``load(device=...)`` building that model in ``dtype`` (Ray workers build their own)."""
     from .loading import load_tokenizer, random_tokenizer
 
-    device, dtype = _device_dtype(args)
     checkpoint, seed = args.checkpoint, getattr(args, "random_weights", None)
     if checkpoint is None and seed is None and token_meta is not None:
         random = re.match(r"random-seed(\d+)-", token_meta.weights_digest)
@@ -70,14 +75,14 @@ def _model(args: argparse.Namespace, token_meta=None):
                 f"{token_meta.weights_source or 'an unknown file'!r}, which is not here: pass --checkpoint"
             )
     if checkpoint:
-        return load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype)
+        return functools.partial(load_tokenizer, checkpoint, config=args.config, dtype=dtype)
     if seed is None:
         raise ValueError(
             "no weights: pass --checkpoint (an upstream model.ckpt or a converted .safetensors), "
             "or --random-weights SEED to try the pipeline with random weights"
         )
     print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
-    return random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
+    return functools.partial(random_tokenizer, args.config or "tiny", seed=seed, dtype=dtype)
 
 
 def _engine(args: argparse.Namespace, model):
@@ -105,12 +110,32 @@ def cmd_encode(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
+    if args.ray:
+        return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
     summary = encode_files(
         model, _engine(args, model), files, args.output, _settings(args, model),
         workers=args.workers, read_ahead=args.batch_size, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "encoded")
+
+
+def _encode_on_ray(args: argparse.Namespace, files):
+    import torch
+
+    from .distributed import encode_dataset
+
+    device = args.device or "cuda"  # the encode actors' device, not the driver's
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
+    load = _model_loader(args, dtype)
+    model = load(device="cpu")  # the driver's copy: names the weights in the token files
+    return encode_dataset(
+        load, files, args.output, _settings(args, model), model=model, ray_address=args.ray, device=device,
+        mode=args.mode, batch_size=args.batch_size, actors=args.ray_actors,
+        gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor,
+        cpus_per_decode=args.ray_cpus_per_decode, decode_retries=args.ray_retries,
+        actor_restarts=args.ray_actor_restarts, overwrite=args.overwrite,
+    )  # fmt: skip
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -269,6 +294,26 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
     p.add_argument("--workers", type=_positive, default=2, help="video decoding threads (default 2)")
 
 
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("Ray cluster (pip install 'titok-fast[ray]'; inputs and outputs on a shared filesystem)")
+    ray.add_argument(
+        "--ray", metavar="CLUSTER", help="encode on a Ray cluster: local (start one here), auto (join the running "
+        "one) or its ADDRESS; decoding runs on CPU workers, the model on --ray-actors actors (on GPUs unless --device "
+        "cpu)",
+    )  # fmt: skip
+    ray.add_argument("--ray-actors", type=_positive, help="encode actors (default: one per --ray-gpus-per-actor GPUs)")
+    ray.add_argument("--ray-gpus-per-actor", type=float, default=1.0, help="GPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-decode", type=float, default=1.0, help="CPUs per decode task (default 1)")
+    ray.add_argument(
+        "--ray-retries", type=int, default=2, help="times a decode task whose worker died is retried (default 2)"
+    )
+    ray.add_argument(
+        "--ray-actor-restarts", type=int, default=8,
+        help="times an encode actor is restarted after its process died, e.g. on a device fault (default 8)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="titok-fast",
@@ -286,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-encode files whose token file is already complete")
     _add_model_args(p)
     _add_clip_args(p)
+    _add_ray_args(p)
     p.set_defaults(run=cmd_encode)
 
     p = sub.add_parser("decode", help="token files -> mp4 reconstructions")
