@@ -20,9 +20,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", "ray[data]>=2.60"],
+        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", "ray[data]>=2.60,<2.64"],
         "flash": ["flash-attn"],
-        "ray": ["ray[data]>=2.60"],
+        "ray": ["ray[data]>=2.60,<2.64"],
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
 )
