@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -386,8 +387,11 @@ def _collect(rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_re
         with job.bar:
             for row in rows:
                 job.take(row)
-    except BaseException as e:
-        stopped = f"not encoded: the job stopped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    except Exception as e:
+        stopped = f"not encoded: the job stopped ({_one_line(e)})"
+        raise RuntimeError(f"the Ray job stopped: {_one_line(e)}") from e
+    except BaseException:
+        stopped = "not encoded: the job was interrupted"
         raise
     finally:
         for state in job.unsettled():
@@ -400,6 +404,21 @@ def _collect(rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_re
                     f"{decode_retries + 1} times, encode actors restarted up to {actor_restarts} times); "
                     "see the Ray worker logs"
                 ))  # fmt: skip
+
+
+def _one_line(error: BaseException) -> str:
+    """The line that says what went wrong: Ray errors wrap the worker's traceback, whose last ``...Error: ...``
+    line names the exception the worker raised."""
+    chain, found = [], ""
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__
+    for link in chain:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(link).splitlines()]
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Fault): \S", line)]
+        found = raised[-1] if raised else found
+    first = next((t for t in str(chain[0]).splitlines() if t.strip()), "")
+    return found or f"{type(chain[0]).__name__}: {first}"
 
 
 def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, device: str, mode: str, batch_size: int,
