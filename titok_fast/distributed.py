@@ -351,10 +351,12 @@ def encode_dataset(
     decode tasks take ``cpus_per_decode`` CPUs each and are tried ``decode_retries + 1`` times when their
     process dies; an actor is restarted at most ``actor_restarts`` times and a batch retried as often.
     """
-    for name, value in (("batch_size", batch_size), ("decode_retries", decode_retries + 1),
-                        ("actor_restarts", actor_restarts + 1), ("actors", actors or 1)):  # fmt: skip
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer (retries and restarts >= 0); got {value}")
+    least = {"batch_size": 1, "actors": 1, "decode_retries": 0, "actor_restarts": 0}
+    given = {"batch_size": batch_size, "actors": 1 if actors is None else actors,
+             "decode_retries": decode_retries, "actor_restarts": actor_restarts}  # fmt: skip
+    for name, value in given.items():
+        if not isinstance(value, int) or value < least[name]:
+            raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
     hooks = _test_hooks or {}
     outdir = Path(outdir)
     start = time.perf_counter()
