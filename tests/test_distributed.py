@@ -144,7 +144,7 @@ def faulty_run(runs, videos, tmp_path_factory):
     hooks = {"actor_exit_once": str(out / "died"), "decode_exit_on": "odd.mkv", "decode_exit_log": str(out)}
     files = collect_inputs([videos["good"]])
     summary = encode_dataset(
-        LOAD, files, out / "tokens", SETTINGS, device="cpu", batch_size=2, decode_retries=1, _test_hooks=hooks
+        LOAD(), files, out / "tokens", SETTINGS, device="cpu", batch_size=2, decode_retries=1, _test_hooks=hooks
     )
     return {"out": out, "summary": summary, "files": files}
 
@@ -212,7 +212,7 @@ def test_resume_redoes_exactly_what_is_missing_damaged_or_made_otherwise(runs, v
     }
     assert logged <= done and 1 <= len(done) < 4, f"the driver was not killed midway: {done} {err.decode()[-2000:]}"
 
-    summary = encode_dataset(LOAD, files, out, SETTINGS, device="cpu")
+    summary = encode_dataset(LOAD(), files, out, SETTINGS, device="cpu")
     assert sorted(os.path.basename(p) for p in summary.skipped) == sorted({"two.mp4", *done})
     assert sorted(os.path.basename(p) for p in summary.done) == sorted(
         {"long.mp4", "odd.mkv", "one.mp4", "short.mp4"} - done

@@ -54,14 +54,9 @@ def _device_dtype(args: argparse.Namespace):
 
 def _model(args: argparse.Namespace, token_meta=None):
     """The model named by --checkpoint / --random-weights, or else by a token file's metadata."""
-    device, dtype = _device_dtype(args)
-    return _model_loader(args, dtype, token_meta)(device=device)
-
-
-def _model_loader(args: argparse.Namespace, dtype, token_meta=None):
-    """A picklable ``load(device=...)`` building that model in ``dtype`` (Ray workers build their own)."""
     from .loading import load_tokenizer, random_tokenizer
 
+    device, dtype = _device_dtype(args)
     checkpoint, seed = args.checkpoint, getattr(args, "random_weights", None)
     if checkpoint is None and seed is None and token_meta is not None:
         random = re.match(r"random-seed(\d+)-", token_meta.weights_digest)
@@ -75,14 +70,14 @@ def _model_loader(args: argparse.Namespace, dtype, token_meta=None):
                 f"{token_meta.weights_source or 'an unknown file'!r}, which is not here: pass --checkpoint"
             )
     if checkpoint:
-        return functools.partial(load_tokenizer, checkpoint, config=args.config, dtype=dtype)
+        return load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype)
     if seed is None:
         raise ValueError(
             "no weights: pass --checkpoint (an upstream model.ckpt or a converted .safetensors), "
             "or --random-weights SEED to try the pipeline with random weights"
         )
     print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
-    return functools.partial(random_tokenizer, args.config or "tiny", seed=seed, dtype=dtype)
+    return random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
 
 
 def _engine(args: argparse.Namespace, model):
@@ -121,20 +116,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _encode_on_ray(args: argparse.Namespace, files):
-    import torch
-
     from .distributed import encode_dataset
 
-    device = args.device or "cuda"  # the encode actors' device, not the driver's
-    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
-    load = _model_loader(args, dtype)
-    model = load(device="cpu")  # the driver's copy: names the weights in the token files
+    device = args.device or "cuda"  # the encode actors' device; the driver's copy of the model stays on its CPU
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    model = _model(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": dtype}))
     return encode_dataset(
-        load, files, args.output, _settings(args, model), model=model, ray_address=args.ray, device=device,
-        mode=args.mode, batch_size=args.batch_size, actors=args.ray_actors,
-        gpus_per_actor=args.ray_gpus_per_actor, cpus_per_actor=args.ray_cpus_per_actor,
-        cpus_per_decode=args.ray_cpus_per_decode, decode_retries=args.ray_retries,
-        actor_restarts=args.ray_actor_restarts, overwrite=args.overwrite,
+        model, files, args.output, _settings(args, model), ray_address=args.ray, device=device, mode=args.mode,
+        batch_size=args.batch_size, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
+        cpus_per_actor=args.ray_cpus_per_actor, cpus_per_decode=args.ray_cpus_per_decode,
+        decode_retries=args.ray_retries, actor_restarts=args.ray_actor_restarts, overwrite=args.overwrite,
     )  # fmt: skip
 
 

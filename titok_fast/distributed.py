@@ -320,12 +320,12 @@ class _Assembly:
 
 
 def encode_dataset(
-    load_model: Callable[..., TiTok],
+    model: TiTok,
     files: Sequence[tuple[Path, str]],
     outdir: str | os.PathLike,
     settings: ClipSettings,
     *,
-    model: TiTok | None = None,
+    load_model: Callable[..., TiTok] | None = None,
     ray_address: str = "local",
     device: str = "cuda",
     mode: str = "eager",
@@ -342,9 +342,9 @@ def encode_dataset(
     """Encode every ``(video, output name)`` of ``files`` into ``outdir/<name>.safetensors`` on a Ray cluster, like
     :func:`titok_fast.pipeline.encode_files` (same token files, manifest and summary, resumable).
 
-    ``load_model(device=...)`` builds the model (a picklable callable, e.g. ``functools.partial(load_tokenizer,
-    path, dtype=torch.bfloat16)``); each actor builds it on ``device``. ``model`` is the driver's copy, whose
-    config and weights digest the token files record (default: ``load_model(device="cpu")``).
+    ``model`` is the driver's copy (the CPU will do): its config and weights digest go into the token files, its
+    dtype is the actors'. Each actor builds its own with ``load_model(device=device)``, a picklable callable
+    (default: :func:`model_loader`, from the model's weights file or random seed), and checks the digest.
     ``ray_address``: "local" (start a local cluster: no dashboard, no usage stats), "auto" (join the running one)
     or an address; when Ray is already initialized in this process, that cluster is used. ``actors`` encode
     actors (default: one per ``gpus_per_actor`` GPUs, or 1 on the CPU), each with ``cpus_per_actor`` CPUs;
@@ -361,7 +361,7 @@ def encode_dataset(
     outdir = Path(outdir)
     start = time.perf_counter()
     summary = Summary()
-    model = load_model(device="cpu") if model is None else model
+    load_model = model_loader(model) if load_model is None else load_model
     with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
         todo = plan_outputs(model, files, outdir, settings, manifest, overwrite=overwrite)
         if todo:
@@ -380,6 +380,20 @@ def encode_dataset(
                          decode_retries, actor_restarts)  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def model_loader(model: TiTok) -> Callable[..., TiTok]:
+    """A picklable ``load(device=...)`` rebuilding ``model`` (its config and dtype) on a worker: random weights from
+    the seed their digest records, else the file (or reference) ``model.weights_source`` names, which every node
+    must be able to read."""
+    from .loading import load_tokenizer, random_tokenizer
+
+    config, random = model.config.to_dict(), re.match(r"random-seed(\d+)-", model.weights_digest or "")
+    if random:
+        return functools.partial(random_tokenizer, config, seed=int(random.group(1)), dtype=model.dtype)
+    if not model.weights_source:
+        raise ValueError("the model names no weights file (weights_source) for the Ray workers: pass load_model")
+    return functools.partial(load_tokenizer, model.weights_source, config=config, dtype=model.dtype)
 
 
 def _collect(rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_restarts: int) -> None:

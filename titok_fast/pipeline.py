@@ -7,6 +7,7 @@ so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import sys
 import time
@@ -165,7 +166,8 @@ def plan_outputs(
     overwrite: bool = False,
 ) -> list[tuple[Path, Path]]:
     """``(file, token file)`` for every input still to encode; those already complete for these weights and
-    settings go to the manifest as skipped (unless ``overwrite``). Gives the model its weights digest if unset."""
+    settings go to the manifest as skipped (unless ``overwrite``). Temporary files that a killed run left beside a
+    token file to redo are removed. Gives the model its weights digest if unset."""
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo = []
@@ -175,6 +177,8 @@ def plan_outputs(
             manifest.skipped(path, out)
         else:
             todo.append((path, out))
+            for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):  # save_tokens' temporary names
+                stale.unlink(missing_ok=True)
     return todo
 
 
