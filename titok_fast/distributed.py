@@ -361,10 +361,10 @@ def encode_dataset(
     outdir = Path(outdir)
     start = time.perf_counter()
     summary = Summary()
-    load_model = model_loader(model) if load_model is None else load_model
     with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
         todo = plan_outputs(model, files, outdir, settings, manifest, overwrite=overwrite)
         if todo:
+            load_model = model_loader(model) if load_model is None else load_model
             with _ray_session(ray_address) as ray:
                 gpus = ray.cluster_resources().get("GPU", 0)
                 if device != "cpu" and gpus == 0:
