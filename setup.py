@@ -21,9 +21,10 @@ setup(
         "huggingface_hub>=0.23",  # the default weights come from the Hub (download, cache, offline mode)
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", "matplotlib", "ray[data]>=2.60,<2.64"],
         "plot": ["matplotlib"],
         "flash": ["flash-attn"],
+        "ray": ["ray[data]>=2.60,<2.64"],
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
 )

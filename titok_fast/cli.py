@@ -122,12 +122,28 @@ def cmd_encode(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
+    if args.ray:
+        return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
     summary = encode_files(
         model, _engine(args, model), files, args.output, _settings(args, model),
         workers=args.workers, read_ahead=args.batch_size, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "encoded")
+
+
+def _encode_on_ray(args: argparse.Namespace, files):
+    from .distributed import encode_dataset
+
+    device = args.device or "cuda"  # the encode actors' device; the driver's copy of the model stays on its CPU
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    model = _model(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": dtype}))
+    return encode_dataset(
+        model, files, args.output, _settings(args, model), ray_address=args.ray, device=device, mode=args.mode,
+        batch_size=args.batch_size, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
+        cpus_per_actor=args.ray_cpus_per_actor, cpus_per_decode=args.ray_cpus_per_decode,
+        decode_retries=args.ray_retries, actor_restarts=args.ray_actor_restarts, overwrite=args.overwrite,
+    )  # fmt: skip
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -337,6 +353,26 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
     p.add_argument("--workers", type=_positive, default=2, help="video decoding threads (default 2)")
 
 
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("Ray cluster (pip install 'titok-fast[ray]'; inputs and outputs on a shared filesystem)")
+    ray.add_argument(
+        "--ray", metavar="CLUSTER", help="encode on a Ray cluster: local (start one here), auto (join the running "
+        "one) or its ADDRESS; decoding runs on CPU workers, the model on --ray-actors actors (on GPUs unless --device "
+        "cpu)",
+    )  # fmt: skip
+    ray.add_argument("--ray-actors", type=_positive, help="encode actors (default: one per --ray-gpus-per-actor GPUs)")
+    ray.add_argument("--ray-gpus-per-actor", type=float, default=1.0, help="GPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-decode", type=float, default=1.0, help="CPUs per decode task (default 1)")
+    ray.add_argument(
+        "--ray-retries", type=int, default=2, help="times a decode task whose worker died is retried (default 2)"
+    )
+    ray.add_argument(
+        "--ray-actor-restarts", type=int, default=8,
+        help="times an encode actor is restarted after its process died, e.g. on a device fault (default 8)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="titok-fast",
@@ -354,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-encode files whose token file is already complete")
     _add_model_args(p)
     _add_clip_args(p)
+    _add_ray_args(p)
     p.set_defaults(run=cmd_encode)
 
     p = sub.add_parser("decode", help="token files -> mp4 reconstructions")

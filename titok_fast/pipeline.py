@@ -7,6 +7,7 @@ so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from .engine import Engine
 from .loading import weights_digest
+from .manifest import MANIFEST_NAME, Manifest
 from .model import TiTok
 from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_tokens
 from .video import (
@@ -49,12 +51,14 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     clips: int = 0
     seconds: float = 0.0
+    duplicates: int = 0  # results that came back more than once (retried work) and were dropped
 
     def report(self, verb: str) -> str:
         lines = [
             f"{verb} {len(self.done)} file(s), {self.clips} clip(s) in {self.seconds:.1f} s "
             f"({self.clips / max(self.seconds, 1e-9):.2f} clips/s); skipped {len(self.skipped)} already complete; "
             f"{len(self.failed)} failed"
+            + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
         return "\n".join(lines)
@@ -124,30 +128,58 @@ def encode_files(
     ``read_ahead`` decoded clips ahead) through ``engine.encode_stream``, so memory does not grow with a video's
     length and the GPU never waits for a whole file. A file's token file is written as soon as all its clips are
     back; a file that fails (reading, or encoding after retrying its clips one by one) is reported, the rest go on.
+    Each file's outcome goes to the job's manifest, ``outdir/manifest.jsonl`` (see :mod:`titok_fast.manifest`).
     """
     outdir = Path(outdir)
     summary = Summary()
     start = time.perf_counter()
+    with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
+        todo = plan_outputs(model, files, outdir, settings, manifest, overwrite=overwrite)
+        job = _EncodeJob(model, settings, manifest, _progress(len(todo), "file"), start)
+        feeds = stream_videos(
+            [p for p, _ in todo], workers=workers, prefetch=2 * workers, capacity=read_ahead, **settings.read_kwargs()
+        )
+        stopped = "not encoded"
+        try:
+            with contextlib.closing(feeds), job.bar:
+                items = job.clips(feeds, dict(todo))
+                for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed):
+                    job.add(key, indices)
+        except BaseException as e:
+            stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
+            raise
+        finally:
+            for path, out in todo:
+                if _unaccounted(path, summary):
+                    manifest.not_encoded(path, out, stopped)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def plan_outputs(
+    model: TiTok,
+    files: Sequence[tuple[Path, str]],
+    outdir: Path,
+    settings: ClipSettings,
+    manifest: Manifest,
+    *,
+    overwrite: bool = False,
+) -> list[tuple[Path, Path]]:
+    """``(file, token file)`` for every input still to encode; those already complete for these weights and
+    settings go to the manifest as skipped (unless ``overwrite``). Temporary files that a killed run left beside a
+    token file to redo are removed. Gives the model its weights digest if unset."""
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo = []
     for path, name in files:
         out = outdir / f"{name}.safetensors"
         if not overwrite and _already_encoded(out, model, settings):
-            summary.skipped.append(str(path))
+            manifest.skipped(path, out)
         else:
             todo.append((path, out))
-    job = _EncodeJob(model, settings, summary, _progress(len(todo), "file"), start)
-    feeds = stream_videos(
-        [p for p, _ in todo], workers=workers, prefetch=2 * workers, capacity=read_ahead, **settings.read_kwargs()
-    )
-    with contextlib.closing(feeds), job.bar:
-        items = job.clips(feeds, dict(todo))
-        for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed):
-            job.add(key, indices)
-    summary.failed += [(str(p), "not encoded") for p, _ in todo if _unaccounted(p, summary)]
-    summary.seconds = time.perf_counter() - start
-    return summary
+            for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):  # save_tokens' temporary names
+                stale.unlink(missing_ok=True)
+    return todo
 
 
 def encode_resiliently(
@@ -232,8 +264,9 @@ class _EncodeJob:
     """The files of one ``encode_files`` run: their clips go out as one stream, their indices come back in any
     grouping, and a file's token file is written when its last clip is back."""
 
-    def __init__(self, model: TiTok, settings: ClipSettings, summary: Summary, bar: tqdm, start: float):
-        self.model, self.settings, self.summary, self.bar, self.start = model, settings, summary, bar, start
+    def __init__(self, model: TiTok, settings: ClipSettings, manifest: Manifest, bar: tqdm, start: float):
+        self.model, self.settings, self.manifest, self.bar, self.start = model, settings, manifest, bar, start
+        self.summary = manifest.summary
         self.files: dict[int, _FileState] = {}
 
     def clips(self, feeds: Iterator, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
@@ -263,21 +296,21 @@ class _EncodeJob:
 
     def _fail(self, state: _FileState, reason: str) -> None:
         if not state.ended:
-            self.summary.failed.append((str(state.path), reason))
+            self.manifest.failed(state.path, state.out, reason)
             self._end(state)
 
     def _write_if_complete(self, state: _FileState) -> None:
         if state.ended or state.clips is None or len(state.indices) < state.clips:
             return
-        try:
-            state.out.parent.mkdir(parents=True, exist_ok=True)
-            indices = [state.indices[i] for i in range(state.clips)]
-            save_tokens(state.out, _token_file(self.model, state.reader, indices, self.settings))
-        except (OSError, TokenFileError) as e:
-            self._fail(state, f"cannot write {state.out}: {e}")
+        reader = state.reader
+        indices = [state.indices[i] for i in range(state.clips)]
+        error = write_token_file(
+            self.model, self.settings, state.out, reader.path, indices, reader.start_times(), reader.last_clip_frames
+        )
+        if error:
+            self._fail(state, error)
             return
-        self.summary.done.append(str(state.path))
-        self.summary.clips += state.clips
+        self.manifest.done(state.path, state.out, state.clips)
         self._end(state)
 
     def _end(self, state: _FileState) -> None:
@@ -305,18 +338,39 @@ def _unaccounted(path: Path, summary: Summary) -> bool:
     return str(path) not in summary.done and all(str(path) != f for f, _ in summary.failed)
 
 
-def _token_file(model: TiTok, reader: ClipReader, indices: list, settings: ClipSettings) -> TokenFile:
+def write_token_file(
+    model: TiTok,
+    settings: ClipSettings,
+    out: Path,
+    source: str | os.PathLike,
+    indices: list[torch.Tensor],
+    start_times: list[float],
+    last_chunk_frames: int,
+) -> str | None:
+    """Write one video's token file atomically (``save_tokens``) from its clips' indices (each [tokens]);
+    returns None, or the one-line reason it could not be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames))
+    except (OSError, TokenFileError) as e:
+        return f"cannot write {out}: {e}"
+    return None
+
+
+def _token_file(
+    model: TiTok, settings: ClipSettings, source, indices: list, start_times: list[float], last_chunk_frames: int
+) -> TokenFile:
     return TokenFile.from_chunks(
         indices,
         [settings.grid] * len(indices),
-        reader.start_times(),
+        start_times,
         model_config=model.config.to_dict(),
         weights_digest=model.weights_digest,
-        fps=reader.fps,
-        source=os.path.abspath(reader.path),
-        frames_per_chunk=reader.frames,
-        tail=reader.tail,
-        last_chunk_frames=reader.last_clip_frames,
+        fps=settings.fps,
+        source=os.path.abspath(source),
+        frames_per_chunk=settings.grid[0],
+        tail=settings.tail,
+        last_chunk_frames=last_chunk_frames,
         codebook_size=model.config.codebook_size,
         weights_source=model.weights_source,
         sampling=settings.sampling,

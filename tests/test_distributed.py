@@ -1,0 +1,299 @@
+"""Encoding on Ray Data (titok_fast.distributed) on a local cluster of 2 CPUs: the same token files and manifest as
+the single-machine command, failures as rows, bounded restarts and retries, resumable; the encode actor's body
+without Ray (and on a GPU where there is one)."""
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from titok_fast.cli import main
+from titok_fast.distributed import ClipEncoder, DeviceFault, FaultLedger, decode_rows, encode_dataset
+from titok_fast.engine import Engine
+from titok_fast.loading import random_tokenizer
+from titok_fast.manifest import MANIFEST_NAME, read_manifest
+from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
+from titok_fast.video import normalize_pixels, write_video
+
+from videos import make_empty, make_scrambled, make_video
+
+ray = pytest.importorskip("ray")
+
+SETTINGS = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0)
+GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
+RANDOM = ["--random-weights", "0", "--config", "tiny", "--device", "cpu"]
+LOAD = functools.partial(random_tokenizer, "tiny", seed=0)
+GOOD = ["long", "odd", "short", "one", "two"]
+BAD = {"corrupt": "decoding failed", "empty": "file is empty", "tooshort": "shorter than one chunk"}
+WORKERS = ("decoded_by", "encoded_by")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local cluster for the module: 2 CPUs, no dashboard, no usage stats, a 100 MB object store whose
+    spilling goes to a folder of its own (the tests check that it stays empty)."""
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialized in this process")
+    root = tmp_path_factory.mktemp("ray")
+    spill = root / "spill"
+    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    spilling = {"type": "filesystem", "params": {"directory_path": str(spill)}}
+    ray.init(
+        num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, _temp_dir=str(root / "t"),
+        log_to_driver=False, _system_config={"object_spilling_config": json.dumps(spilling)},
+    )  # fmt: skip
+    yield {"address": ray.get_runtime_context().gcs_address, "spill": spill}
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_USAGE_STATS_ENABLED")
+    else:
+        os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+
+
+def assert_nothing_spilled(cluster):
+    assert not cluster["spill"].exists() or not any(cluster["spill"].rglob("*")), "objects were spilled"
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    good, bad = root / "good", root / "all"
+    good.mkdir()
+    make_video(good / "long.mp4", frames=72, height=40, width=48, fps=24)  # 24 frames at 8 fps: 6 clips
+    make_video(good / "odd.mkv", frames=30, height=37, width=53, fps=12)  # 20 frames: 5 clips
+    for name in ("short", "one", "two"):
+        make_video(good / f"{name}.mp4", frames=12, height=32, width=32, fps=24)  # 1 clip
+    shutil.copytree(good, bad)
+    size = (good / "long.mp4").stat().st_size
+    make_scrambled(bad / "corrupt.mp4", good / "long.mp4", start=size * 3 // 10)  # fails after its first clip
+    make_empty(bad / "empty.mp4")
+    make_video(bad / "tooshort.mp4", frames=6, height=32, width=32, fps=24)  # 2 frames: less than a clip
+    return {"good": good, "all": bad}
+
+
+@pytest.fixture(scope="module")
+def runs(cluster, videos, tmp_path_factory):
+    """The same folder (good and bad files) through the single-machine command and the Ray command; and the good
+    files alone on one machine, the reference of the other tests."""
+    out = tmp_path_factory.mktemp("runs")
+    model = LOAD()
+    encode_files(model, Engine(model), collect_inputs([videos["good"]]), out / "good", SETTINGS)
+    single = main(["encode", str(videos["all"]), "-o", str(out / "single"), *GRID, *RANDOM])
+    ray_code = main(["encode", str(videos["all"]), "-o", str(out / "ray"), *GRID, *RANDOM, "--batch-size", "3",
+                     "--ray", cluster["address"]])  # fmt: skip
+    return {"single": out / "single", "ray": out / "ray", "good": out / "good", "codes": (single, ray_code)}
+
+
+def token_bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def manifest(folder, drop=WORKERS) -> dict[str, dict]:
+    rows = read_manifest(folder / MANIFEST_NAME)
+    rows = [{**r, "tokens": os.path.basename(r["tokens"])} for r in rows]  # the output folders differ
+    by_source = {os.path.basename(r["source"]): {k: v for k, v in r.items() if k not in drop} for r in rows}
+    assert len(by_source) == len(rows), "an input has more than one manifest line"
+    return by_source
+
+
+def test_one_identical_token_file_per_input_and_a_complete_manifest(runs, cluster):
+    ray_files, single_files = token_bytes(runs["ray"]), token_bytes(runs["single"])
+    assert sorted(ray_files) == [f"{n}.safetensors" for n in sorted(GOOD)]
+    assert ray_files == single_files  # byte for byte, fp32 on the CPU
+    assert not [p for p in runs["ray"].iterdir() if p.name.startswith(".")]  # no temporary files left
+    rows = manifest(runs["ray"])
+    assert rows == manifest(runs["single"])  # the same manifest, worker names aside
+    assert sorted(rows) == sorted([*(f"{n}.mp4" for n in GOOD if n != "odd"), "odd.mkv", *(f"{b}.mp4" for b in BAD)])
+    assert {r["status"] for n, r in rows.items() if n.split(".")[0] in GOOD} == {"done"}
+    assert rows["long.mp4"]["clips"] == 6 and rows["odd.mkv"]["clips"] == 5
+    assert_nothing_spilled(cluster)
+
+
+def test_unreadable_files_are_reported_as_on_one_machine_and_exit_1(runs):
+    assert runs["codes"] == (1, 1)
+    rows, single = manifest(runs["ray"]), manifest(runs["single"])
+    for name, message in BAD.items():
+        row = rows[f"{name}.mp4"]
+        assert row["status"] == "failed" and message in row["reason"] and "\n" not in row["reason"]
+        assert row["reason"] == single[f"{name}.mp4"]["reason"]
+        assert not (runs["ray"] / f"{name}.safetensors").exists()
+
+
+def test_decode_and_encode_ran_in_different_processes(runs):
+    rows = manifest(runs["ray"], drop=())
+    me = f":{os.getpid()}"
+    for name in ("long.mp4", "odd.mkv", "short.mp4"):
+        decoder, encoders = rows[name]["decoded_by"], rows[name]["encoded_by"]
+        assert decoder and encoders and decoder not in encoders
+        assert not decoder.endswith(me) and not any(e.endswith(me) for e in encoders)
+
+
+@pytest.fixture(scope="module")
+def faulty_run(runs, videos, tmp_path_factory):
+    """The good files through a job whose encode actor exits once (a test hook, on its second batch) and whose
+    decode worker dies every time it is given odd.mkv (tried twice)."""
+    out = tmp_path_factory.mktemp("faulty")
+    hooks = {"actor_exit_once": str(out / "died"), "decode_exit_on": "odd.mkv", "decode_exit_log": str(out)}
+    files = collect_inputs([videos["good"]])
+    summary = encode_dataset(
+        LOAD(), files, out / "tokens", SETTINGS, device="cpu", batch_size=2, decode_retries=1, _test_hooks=hooks
+    )
+    return {"out": out, "summary": summary, "files": files}
+
+
+def test_an_actor_that_dies_once_is_restarted_and_nothing_is_duplicated(faulty_run, runs, cluster):
+    out, summary = faulty_run["out"], faulty_run["summary"]
+    others = sorted(str(p) for p, _ in faulty_run["files"] if p.name != "odd.mkv")
+    assert sorted(summary.done) == others
+    good = token_bytes(runs["good"])
+    assert token_bytes(out / "tokens") == {k: v for k, v in good.items() if k != "odd.safetensors"}
+    rows = manifest(out / "tokens", drop=())
+    assert len(rows) == len(GOOD)  # one line per input: none settled twice
+    died = (out / "died").read_text()  # the actor that exited
+    encoders = {e for row in rows.values() for e in row.get("encoded_by", [])}
+    assert died.rsplit(":", 1)[1].isdigit() and encoders and died not in encoders  # its restart did the work
+    assert_nothing_spilled(cluster)
+
+
+def test_a_decode_worker_that_keeps_dying_is_retried_then_reported(faulty_run):
+    out, summary = faulty_run["out"], faulty_run["summary"]
+    assert len(list(out.glob("decode-exit-*"))) == 2  # tried once and retried once, then given up
+    assert [os.path.basename(p) for p, _ in summary.failed] == ["odd.mkv"]
+    reason = summary.failed[0][1]
+    assert "decoding did not finish" in reason and "tried 2 times" in reason and "\n" not in reason
+    assert manifest(out / "tokens")["odd.mkv"] == {
+        "source": str(faulty_run["files"][1][0]), "tokens": "odd.safetensors", "clips": 0, "status": "failed",
+        "reason": reason,
+    }  # fmt: skip
+
+
+def test_resume_redoes_exactly_what_is_missing_damaged_or_made_otherwise(runs, videos, cluster, tmp_path):
+    """A folder with one complete output, one missing, one corrupt, one made by other weights and one with other
+    settings; a driver (joining the cluster by its address) killed midway; then the job again."""
+    files = collect_inputs([videos["good"]])  # long, odd, one, short, two
+    expected = token_bytes(runs["good"])
+    out = tmp_path / "out"
+    shutil.copytree(runs["good"], out)
+    (out / MANIFEST_NAME).unlink()
+    (out / "long.safetensors").unlink()
+    (out / "odd.safetensors").write_bytes(expected["odd.safetensors"][:100])
+    other = tmp_path / "other"
+    for model, settings, todo in [
+        (random_tokenizer("tiny", seed=1), SETTINGS, files[2:3]),
+        (LOAD(), ClipSettings(grid=(4, 32, 32), tokens=16, fps=8.0), files[3:4]),
+    ]:
+        encode_files(model, Engine(model), todo, other, settings)
+    for _, name in files[2:4]:
+        shutil.copy(other / f"{name}.safetensors", out)
+
+    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(videos["good"]), "-o", str(out), *GRID, *RANDOM,
+           "--batch-size", "1", "--ray", cluster["address"]]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    log, deadline = out / MANIFEST_NAME, time.time() + 120
+    while time.time() < deadline and proc.poll() is None and '"done"' not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.01)  # kill the driver as soon as it has written one token file
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    written = read_manifest(log)  # the killed job's manifest, as far as it got
+    assert [os.path.basename(r["source"]) for r in written if r["status"] == "skipped"] == ["two.mp4"]
+    logged = {os.path.basename(r["source"]) for r in written if r["status"] == "done"}
+    done = {
+        p.name
+        for p, name in files[:4]
+        if token_bytes(out).get(f"{name}.safetensors") == expected[f"{name}.safetensors"]
+    }
+    assert logged <= done and 1 <= len(done) < 4, f"the driver was not killed midway: {done} {err.decode()[-2000:]}"
+
+    summary = encode_dataset(LOAD(), files, out, SETTINGS, device="cpu")
+    assert sorted(os.path.basename(p) for p in summary.skipped) == sorted({"two.mp4", *done})
+    assert sorted(os.path.basename(p) for p in summary.done) == sorted(
+        {"long.mp4", "odd.mkv", "one.mp4", "short.mp4"} - done
+    )
+    assert token_bytes(out) == expected and not summary.failed
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert_nothing_spilled(cluster)
+
+
+class FaultyDevice:
+    """An engine whose device faults (as CUDA reports an illegal access) on any batch holding an all-black clip."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @staticmethod
+    def check(videos):
+        if any(bool((v <= -0.99).all()) for v in videos):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def encode_stream(self, items):
+        items = list(items)
+        self.check([v for _, v, _ in items])
+        yield from self.engine.encode_stream(iter(items))
+
+    def encode(self, videos, counts):
+        self.check(videos)
+        return self.engine.encode(videos, counts)
+
+
+def clip_batch(paths, settings, dtype) -> dict[str, list]:
+    rows = [r for n, p in enumerate(paths) for r in decode_rows({"file": n, "path": str(p)}, settings=settings,
+                                                                 dtype=dtype)]  # fmt: skip
+    return {c: [r[c] for r in rows] for c in rows[0]}
+
+
+def clips_of(batch, dtype) -> list[torch.Tensor]:
+    rows = zip(batch["data"], batch["kind"], strict=True)
+    return [torch.frombuffer(bytearray(d), dtype=dtype).view(3, *SETTINGS.grid) for d, k in rows if k == "clip"]
+
+
+def tokens_of(out) -> list[torch.Tensor]:
+    rows = zip(out["data"], out["kind"], strict=True)
+    return [torch.frombuffer(bytearray(d), dtype=torch.int32) for d, k in rows if k == "tokens"]
+
+
+def test_encoder_without_ray_fails_a_clip_that_faulted_the_device_twice(videos, tmp_path):
+    black = tmp_path / "black.mp4"
+    write_video(black, torch.full((3, 8, 32, 32), -1.0), fps=8)  # 2 clips
+    batch = clip_batch([videos["good"] / "long.mp4", black], SETTINGS, torch.float32)
+    assert clips_of(batch, torch.float32)[6].abs().max() < 1  # the black clips: raw pixels about 0
+    ledger = FaultLedger()
+    encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4, ledger=ledger)
+    encoder.engine = FaultyDevice(encoder.engine)
+    with pytest.raises(DeviceFault):  # the whole batch faulted once
+        encoder(batch)
+    assert {k: n for k, (n, _) in ledger.faults([(0, i) for i in range(6)] + [(1, 0), (1, 1)]).items()} == {
+        **{(0, i): 1 for i in range(6)}, (1, 0): 1, (1, 1): 1}  # fmt: skip
+    with pytest.raises(DeviceFault):  # its clips alone: the first black clip faults again
+        encoder(batch)
+    with pytest.raises(DeviceFault):  # the second black one
+        encoder(batch)
+    out = encoder(batch)
+    kinds = dict(zip(zip(out["file"], out["clip"], strict=True), out["kind"], strict=True))
+    assert kinds == {**{(0, i): "tokens" for i in range(6)}, (1, 0): "failed", (1, 1): "failed", (0, 6): "end",
+                     (1, 2): "end"}  # fmt: skip
+    reasons = [i for i, k in zip(out["info"], out["kind"], strict=True) if k == "failed"]
+    assert all("the device faulted 2 times on it (CUDA error" in r for r in reasons)
+    long = clips_of(batch, torch.float32)[:6]
+    _, direct = LOAD().encode([normalize_pixels(c, torch.float32) for c in long], [8] * 6)
+    assert all(torch.equal(a, b.int()) for a, b in zip(tokens_of(out), direct["indices"], strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_on_the_gpu_gives_the_engine_tokens(videos, dtype):
+    load = functools.partial(random_tokenizer, "tiny", seed=0, dtype=dtype)
+    batch = clip_batch([videos["good"] / "long.mp4", videos["good"] / "odd.mkv"], SETTINGS, dtype)
+    out = ClipEncoder(load, SETTINGS, device="cuda", batch_size=16)(batch)
+    engine = Engine(load(device="cuda"), max_clips=16)  # the same batches: the same tokens, in bf16 too
+    items = ((k, normalize_pixels(c, dtype), 8) for k, c in enumerate(clips_of(batch, dtype)))
+    expected = [indices for _, (_, indices) in engine.encode_stream(items)]
+    tokens = tokens_of(out)
+    assert len(tokens) == 11 and all(torch.equal(a, b.cpu().int()) for a, b in zip(tokens, expected, strict=True))

@@ -1,0 +1,504 @@
+"""Encode a dataset on a Ray cluster with Ray Data: video decoding spread over CPU workers, the model in a pool of
+(GPU) actors, token files written by the driver. Ray is imported only when a job runs.
+
+    driver: resume check  ->  decode tasks (flat_map, CPU)  ->  encode actors (map_batches)  ->  driver: token files
+                              one file -> its clip rows         each loads the weights once       small index rows
+
+- A decode task reads one file clip by clip (``ClipReader(raw=True)``: resized, cropped float32 pixels, as
+  upstream) and emits each clip as the raw pixels cast to the model's dtype, which ``normalize_pixels`` leaves
+  exact (it casts first, then scales), so the scaling runs on the actor and a bf16 clip costs half the bytes of
+  float32. A file that cannot be read becomes an ``error`` row with the one-line reason; its clips then an
+  ``end`` row with what the token file needs (start times, real frames of the last clip).
+- An encode actor (:class:`ClipEncoder`, a plain class that also runs without Ray) turns clip rows into index
+  rows through ``encode_resiliently``: a clip failing alone becomes a ``failed`` row. A device fault ends the actor
+  process so Ray restarts it (finite ``max_restarts`` / ``max_task_retries``) and retries the batch; a
+  :class:`FaultLedger` shared by the actors remembers the clips of a batch that faulted, the retry runs them alone,
+  and a clip that faults the device twice fails its file instead of killing actor after actor.
+- The driver iterates the small index rows (never a shuffle of pixels), writes each file's token file with the
+  atomic ``save_tokens`` once all its clips are back, and ignores (counts) results of retried work that come back
+  twice, so every input ends with exactly one complete token file or a reason. Each outcome is a manifest line.
+
+Inputs and outputs must be on a filesystem every node sees (the same POSIX paths).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .engine import Engine
+from .manifest import MANIFEST_NAME, Manifest
+from .model import TiTok
+from .pipeline import (
+    ClipSettings,
+    Summary,
+    _device_fault,
+    _progress,
+    encode_resiliently,
+    plan_outputs,
+    write_token_file,
+)
+from .video import ClipReader, VideoError, normalize_pixels
+
+# kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
+COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
+FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its file
+MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
+
+
+class DeviceFault(RuntimeError):
+    """The device faulted while encoding a batch; its process must end (the device context is unusable)."""
+
+
+def worker_name() -> str:
+    """This process as ``host:pid``, as the manifest names the workers that handled a file."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _row(file: int, clip: int, kind: str, data: bytes = b"", info: str = "", decoded_by: str = "", encoded_by=""):
+    return dict(file=file, clip=clip, kind=kind, data=data, info=info, decoded_by=decoded_by, encoded_by=encoded_by)
+
+
+def clip_bytes(settings: ClipSettings, dtype: torch.dtype) -> int:
+    """Bytes of one clip as it crosses the network: 3 x T x H x W values of the model's dtype."""
+    return 3 * math.prod(settings.grid) * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_rows(
+    row: dict[str, Any],
+    *,
+    settings: ClipSettings,
+    dtype: torch.dtype,
+    threads: int = 1,
+    exit_on: str = "",
+    exit_log: str = "",
+) -> Iterator[dict[str, Any]]:
+    """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}`` ->
+    a ``clip`` row per clip as it is decoded (``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an
+    ``end`` row (``info``: JSON of clips, start_times, last_clip_frames) or, when the file cannot be read, an
+    ``error`` row with the one-line reason. ``exit_on`` (tests only): the worker process dies on paths containing
+    it, leaving a file in the folder ``exit_log`` each time."""
+    number, path, me = int(row["file"]), str(row["path"]), worker_name()
+    if exit_on and exit_on in path:
+        if exit_log:
+            Path(exit_log, f"decode-exit-{uuid.uuid4().hex}").touch()
+        os._exit(1)
+    reader = ClipReader(path, threads=threads, **settings.read_kwargs())
+    count = 0
+    try:
+        for clip in reader:
+            yield _row(number, count, "clip", clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(),
+                       decoded_by=me)  # fmt: skip
+            count += 1
+    except VideoError as e:
+        yield _row(number, count, "error", info=str(e), decoded_by=me)
+        return
+    except Exception as e:  # an unforeseen failure on one file must not stop the others
+        yield _row(number, count, "error", info=f"{path}: cannot be read ({type(e).__name__}: {e})", decoded_by=me)
+        return
+    end = {"clips": count, "start_times": reader.start_times(), "last_clip_frames": reader.last_clip_frames}
+    yield _row(number, count, "end", info=json.dumps(end), decoded_by=me)
+
+
+class FaultLedger:
+    """Device faults per clip key, shared by the encode actors (a Ray actor in a job; a plain object without Ray)."""
+
+    def __init__(self) -> None:
+        self._faults: dict[tuple[int, int], tuple[int, str]] = {}
+
+    def faults(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, str]]:
+        """``{key: (faults, last error)}`` for the keys that faulted the device before."""
+        return {k: self._faults[k] for k in keys if k in self._faults}
+
+    def add(self, keys: Sequence[tuple[int, int]], error: str) -> None:
+        for key in keys:
+            self._faults[key] = (self._faults.get(key, (0, ""))[0] + 1, error)
+
+
+class ClipEncoder:
+    """The encode stage's body: loads the weights once (``load_model(device=device)``) and turns a batch of rows
+    (columns :data:`COLUMNS`, as Ray Data's numpy batches) into rows: each ``clip`` row becomes a ``tokens`` row
+    (``data``: its int32 indices [tokens] as bytes) or a ``failed`` row (``info``: the reason); other rows pass
+    through without their data. Runs without Ray.
+
+    A device fault records the batch's clips in ``ledger`` and raises :class:`DeviceFault`; when the batch comes
+    back (Ray retries it on the restarted actor), its clips that faulted once run alone, and a clip that faulted
+    twice becomes a ``failed`` row without running."""
+
+    def __init__(
+        self,
+        load_model: Callable[..., TiTok],
+        settings: ClipSettings,
+        *,
+        device: str = "cpu",
+        mode: str = "eager",
+        batch_size: int = 32,
+        weights_digest: str | None = None,
+        ledger: FaultLedger | None = None,
+    ):
+        self.model = load_model(device=device)
+        if weights_digest is not None and self.model.weights_digest != weights_digest:
+            raise ValueError(
+                f"the encode worker loaded weights {self.model.weights_digest}, the job expects {weights_digest}: "
+                "the checkpoint must be the same file on every node"
+            )
+        self.engine = Engine(self.model, mode=mode, max_clips=batch_size)
+        self.shape, self.tokens = (3, *settings.grid), settings.tokens
+        self.ledger = FaultLedger() if ledger is None else ledger
+        self.name = worker_name()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [dict(zip(COLUMNS, values, strict=True)) for values in zip(*(batch[c] for c in COLUMNS), strict=True)]
+        clips = {(int(r["file"]), int(r["clip"])): r for r in rows if r["kind"] == "clip"}
+        out = [{**r, "data": b""} for r in rows if r["kind"] != "clip"]
+        faults = self.ledger.faults(list(clips))
+        for key, (count, error) in faults.items():
+            if count >= FAULTS_TO_FAIL:
+                out.append(self._failed(clips.pop(key), f"the device faulted {count} times on it ({error})"))
+        for key in [k for k in clips if k in faults]:  # faulted once, in some batch: alone now
+            out += self._encode({key: clips.pop(key)})
+        out += self._encode(clips)
+        return {c: [r[c] for r in out] for c in COLUMNS}
+
+    def _encode(self, clips: dict[tuple[int, int], dict]) -> list[dict]:
+        if not clips:
+            return []
+        dtype, failed = self.model.dtype, {}
+        items = ((key, normalize_pixels(self._pixels(row), dtype), self.tokens) for key, row in clips.items())
+        try:
+            results = dict(encode_resiliently(self.engine, items, failed.__setitem__))
+        except (ValueError, TypeError, RuntimeError) as e:
+            if not (_device_fault(e) or (e.__cause__ is not None and _device_fault(e.__cause__))):
+                reason = f"encoding failed: {e}"  # no clip could be blamed: every clip of the call fails
+                return [self._failed(row, reason) for row in clips.values()]
+            self.ledger.add(list(clips), str(e))
+            raise DeviceFault(f"{self.name}: {e}") from e
+        out = []
+        for key, row in clips.items():
+            if key in failed:
+                out.append(self._failed(row, f"encoding failed on clip {key[1]}: {failed[key]}"))
+            else:
+                indices = results[key][1].to("cpu", torch.int32).contiguous()
+                out.append({**row, "kind": "tokens", "data": indices.numpy().tobytes(), "encoded_by": self.name})
+        return out
+
+    def _pixels(self, row: dict) -> torch.Tensor:
+        return torch.frombuffer(bytearray(row["data"]), dtype=self.model.dtype).view(self.shape)
+
+    def _failed(self, row: dict, reason: str) -> dict:
+        return {**row, "kind": "failed", "data": b"", "info": reason, "encoded_by": self.name}
+
+
+class _RemoteLedger:
+    """A :class:`FaultLedger` Ray actor behind the plain ledger's methods."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def faults(self, keys):
+        import ray
+
+        return ray.get(self.handle.faults.remote(keys))
+
+    def add(self, keys, error: str) -> None:
+        import ray
+
+        ray.get(self.handle.add.remote(keys, error))
+
+
+class _RayClipEncoder(ClipEncoder):
+    """:class:`ClipEncoder` as a Ray actor: a device fault ends the process, so Ray restarts the actor with a fresh
+    device context. ``exit_once`` (tests only): a marker path; the first actor to claim it (writing its name there)
+    dies on its 2nd batch."""
+
+    def __init__(self, *args, ledger_handle, exit_once: str = "", **kwargs):
+        super().__init__(*args, ledger=_RemoteLedger(ledger_handle), **kwargs)
+        self.exit_once, self.batches = exit_once, 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        self.batches += 1
+        if self.exit_once and self.batches == 2 and _claim(self.exit_once):
+            os._exit(1)
+        try:
+            return super().__call__(batch)
+        except DeviceFault as e:
+            logging.getLogger(__name__).error("%s; ending this actor so that Ray restarts it", e)
+            os._exit(1)
+
+
+def _claim(marker: str) -> bool:
+    try:
+        with open(marker, "x") as claimed:
+            claimed.write(worker_name())
+            return True
+    except FileExistsError:
+        return False
+
+
+@dataclass
+class _Pending:
+    """A file on its way: the indices back so far, and what its ``end`` row said."""
+
+    path: Path
+    out: Path
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    end: dict | None = None
+    decoded_by: str = ""
+    encoded_by: set[str] = field(default_factory=set)
+    ended: bool = False  # written or failed
+
+
+class _Assembly:
+    """The driver's side: rows in any order -> one token file per input, manifest lines, duplicates counted."""
+
+    def __init__(self, model: TiTok, settings: ClipSettings, todo, manifest: Manifest, bar):
+        self.model, self.settings, self.manifest, self.bar = model, settings, manifest, bar
+        self.files = {number: _Pending(path, out) for number, (path, out) in enumerate(todo)}
+
+    def take(self, row: dict) -> None:
+        state, kind, clip = self.files[int(row["file"])], row["kind"], int(row["clip"])
+        if state.ended:
+            if state.end is not None and kind in ("tokens", "end"):
+                self.manifest.summary.duplicates += 1  # a written file's results came back again
+            return
+        if kind == "tokens":
+            if clip in state.indices:
+                self.manifest.summary.duplicates += 1
+                return
+            state.indices[clip] = torch.frombuffer(bytearray(row["data"]), dtype=torch.int32)
+            state.encoded_by.add(row["encoded_by"])
+        elif kind == "end":
+            if state.end is not None:
+                self.manifest.summary.duplicates += 1
+                return
+            state.end, state.decoded_by = json.loads(row["info"]), row["decoded_by"]
+        else:  # "error" (decoding) or "failed" (encoding)
+            state.decoded_by = state.decoded_by or row["decoded_by"]
+            self._fail(state, row["info"])
+            return
+        if state.end is not None and len(state.indices) == state.end["clips"]:
+            self._write(state)
+
+    def _write(self, state: _Pending) -> None:
+        indices = [state.indices[i] for i in range(state.end["clips"])]
+        error = write_token_file(
+            self.model, self.settings, state.out, state.path, indices, state.end["start_times"],
+            state.end["last_clip_frames"],
+        )  # fmt: skip
+        if error:
+            self._fail(state, error)
+            return
+        workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
+        self.manifest.done(state.path, state.out, len(indices), **workers)
+        self._close(state)
+
+    def _fail(self, state: _Pending, reason: str) -> None:
+        self.manifest.failed(state.path, state.out, reason, decoded_by=state.decoded_by)
+        self._close(state)
+
+    def _close(self, state: _Pending) -> None:
+        state.ended, state.indices = True, {}
+        self.bar.update(1)
+
+    def unsettled(self) -> list[_Pending]:
+        return [s for s in self.files.values() if not s.ended]
+
+
+def encode_dataset(
+    model: TiTok,
+    files: Sequence[tuple[Path, str]],
+    outdir: str | os.PathLike,
+    settings: ClipSettings,
+    *,
+    load_model: Callable[..., TiTok] | None = None,
+    ray_address: str = "local",
+    device: str = "cuda",
+    mode: str = "eager",
+    batch_size: int = 32,
+    actors: int | None = None,
+    gpus_per_actor: float = 1.0,
+    cpus_per_actor: float = 1.0,
+    cpus_per_decode: float = 1.0,
+    decode_retries: int = 2,
+    actor_restarts: int = 8,
+    overwrite: bool = False,
+    _test_hooks: dict[str, str] | None = None,
+) -> Summary:
+    """Encode every ``(video, output name)`` of ``files`` into ``outdir/<name>.safetensors`` on a Ray cluster, like
+    :func:`titok_fast.pipeline.encode_files` (same token files, manifest and summary, resumable).
+
+    ``model`` is the driver's copy (the CPU will do): its config and weights digest go into the token files, its
+    dtype is the actors'. Each actor builds its own with ``load_model(device=device)``, a picklable callable
+    (default: :func:`model_loader`, from the model's weights file or random seed), and checks the digest.
+    ``ray_address``: "local" (start a local cluster: no dashboard, no usage stats), "auto" (join the running one)
+    or an address; when Ray is already initialized in this process, that cluster is used. ``actors`` encode
+    actors (default: one per ``gpus_per_actor`` GPUs, or 1 on the CPU), each with ``cpus_per_actor`` CPUs;
+    decode tasks take ``cpus_per_decode`` CPUs each and are tried ``decode_retries + 1`` times when their
+    process dies; an actor is restarted at most ``actor_restarts`` times and a batch retried as often.
+    """
+    least = {"batch_size": 1, "actors": 1, "decode_retries": 0, "actor_restarts": 0}
+    given = {"batch_size": batch_size, "actors": 1 if actors is None else actors,
+             "decode_retries": decode_retries, "actor_restarts": actor_restarts}  # fmt: skip
+    for name, value in given.items():
+        if not isinstance(value, int) or value < least[name]:
+            raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
+    hooks = _test_hooks or {}
+    outdir = Path(outdir)
+    start = time.perf_counter()
+    summary = Summary()
+    with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
+        todo = plan_outputs(model, files, outdir, settings, manifest, overwrite=overwrite)
+        if todo:
+            load_model = model_loader(model) if load_model is None else load_model
+            with _ray_session(ray_address) as ray:
+                gpus = ray.cluster_resources().get("GPU", 0)
+                if device != "cpu" and gpus == 0:
+                    raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
+                actors = actors or (1 if device == "cpu" else max(1, int(gpus // gpus_per_actor)))
+                rows = _dataset(
+                    ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
+                    actors=actors, gpus_per_actor=gpus_per_actor if device != "cpu" else 0,
+                    cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode, decode_retries=decode_retries,
+                    actor_restarts=actor_restarts, hooks=hooks,
+                )  # fmt: skip
+                _collect(rows, _Assembly(model, settings, todo, manifest, _progress(len(todo), "file")),
+                         decode_retries, actor_restarts)  # fmt: skip
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def model_loader(model: TiTok) -> Callable[..., TiTok]:
+    """A picklable ``load(device=...)`` rebuilding ``model`` (its config and dtype) on a worker: random weights from
+    the seed their digest records, else the file (or reference) ``model.weights_source`` names, which every node
+    must be able to read."""
+    from .loading import load_tokenizer, random_tokenizer
+
+    config, random = model.config.to_dict(), re.match(r"random-seed(\d+)-", model.weights_digest or "")
+    if random:
+        return functools.partial(random_tokenizer, config, seed=int(random.group(1)), dtype=model.dtype)
+    if not model.weights_source:
+        raise ValueError("the model names no weights file (weights_source) for the Ray workers: pass load_model")
+    return functools.partial(load_tokenizer, model.weights_source, config=config, dtype=model.dtype)
+
+
+def _collect(rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_restarts: int) -> None:
+    """Take every row; then settle the files whose rows never all came back (their tasks failed for good)."""
+    stopped = None
+    try:
+        with job.bar:
+            for row in rows:
+                job.take(row)
+    except Exception as e:
+        stopped = f"not encoded: the job stopped ({_one_line(e)})"
+        raise RuntimeError(f"the Ray job stopped: {_one_line(e)}") from e
+    except BaseException:
+        stopped = "not encoded: the job was interrupted"
+        raise
+    finally:
+        for state in job.unsettled():
+            if stopped:
+                job.manifest.not_encoded(state.path, state.out, stopped)
+            else:
+                side = "encoding" if state.end is not None else "decoding"
+                job._fail(state, (
+                    f"{side} did not finish: its Ray task failed for good (decode tasks are tried "
+                    f"{decode_retries + 1} times, encode actors restarted up to {actor_restarts} times); "
+                    "see the Ray worker logs"
+                ))  # fmt: skip
+
+
+def _one_line(error: BaseException) -> str:
+    """The line that says what went wrong: Ray errors wrap the worker's traceback, whose last ``...Error: ...``
+    line names the exception the worker raised."""
+    chain, found = [], ""
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__
+    for link in chain:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(link).splitlines()]
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Fault): \S", line)]
+        found = raised[-1] if raised else found
+    first = next((t for t in str(chain[0]).splitlines() if t.strip()), "")
+    return found or f"{type(chain[0]).__name__}: {first}"
+
+
+def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, device: str, mode: str, batch_size: int,
+             actors: int, gpus_per_actor: float, cpus_per_actor: float, cpus_per_decode: float, decode_retries: int,
+             actor_restarts: int, hooks: dict[str, str]) -> Iterator[dict]:  # fmt: skip
+    """The Ray Data pipeline: file rows -> decode tasks -> encode actors -> an iterator of small result rows."""
+    from ray.data import ActorPoolStrategy, DataContext
+    from ray.util.annotations import RayDeprecationWarning
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # the driver shows one bar, for files
+    context.print_on_execution_start = False
+    context.max_errored_blocks = -1  # a task that fails for good loses its files only; they are reported
+    context.target_max_block_size = max(2 * clip_bytes(settings, model.dtype), 1 << 20)  # clips stream in small blocks
+    items = [{"file": number, "path": str(path)} for number, (path, _) in enumerate(todo)]
+    decode = functools.partial(
+        decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
+        exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
+    )  # fmt: skip
+    ledger = ray.remote(num_cpus=0)(FaultLedger).remote()
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these retry limits yet
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        clips = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_DECODE_TASKS)).flat_map(
+            decode, num_cpus=cpus_per_decode, max_retries=decode_retries, retry_exceptions=False
+        )
+        results = clips.map_batches(
+            _RayClipEncoder,
+            fn_constructor_args=(load_model, settings),
+            fn_constructor_kwargs=dict(
+                device=device, mode=mode, batch_size=batch_size, weights_digest=model.weights_digest,
+                ledger_handle=ledger, exit_once=hooks.get("actor_exit_once", ""),
+            ),
+            batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=actor_restarts,
+            max_task_retries=actor_restarts,
+        )  # fmt: skip
+    return results.iter_rows()
+
+
+class _ray_session:
+    """Connect to (or start) the cluster for one job, and leave it as it was: a cluster this job started is shut
+    down, one it joined is disconnected from, one the caller had connected to stays connected."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.connected = False
+
+    def __enter__(self):
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--ray needs Ray Data: pip install 'titok-fast[ray]'") from None
+        import ray.data  # noqa: F401 (configures its loggers, quieted below)
+
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reporting
+            local = dict(include_dashboard=False) if self.address == "local" else {}
+            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
+            self.connected = True
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures are reported as rows, once
+        return ray
+
+    def __exit__(self, *exc) -> None:
+        if self.connected:
+            import ray
+
+            ray.shutdown()
