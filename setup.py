@@ -1,5 +1,8 @@
 from setuptools import setup
 
+PLOT = ["matplotlib"]
+RAY = ["ray[data]>=2.60,<2.64"]  # 2.64 drops the retry arguments the Ray path passes
+
 setup(
     name="titok-fast",
     version="0.1.0",
@@ -21,10 +24,10 @@ setup(
         "huggingface_hub>=0.23",  # the default weights come from the Hub (download, cache, offline mode)
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", "matplotlib", "ray[data]>=2.60,<2.64"],
-        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", *PLOT, *RAY],
+        "plot": PLOT,
         "flash": ["flash-attn"],
-        "ray": ["ray[data]>=2.60,<2.64"],
+        "ray": RAY,
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
 )
