@@ -25,7 +25,8 @@ import torch
 from titok_fast.config import TiTokConfig
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
-from titok_fast.reference import ReferenceTiTok, patch_grid
+from titok_fast.patches import patch_grid
+from titok_fast.reference import ReferenceTiTok
 
 CUDA = torch.cuda.is_available()
 H100_DENSE_BF16 = 989e12  # FLOP/s, the card's dense bf16 peak, for model FLOP utilisation
