@@ -12,7 +12,6 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
-        "einops",
         "safetensors",
         "av",
         "numpy",
@@ -21,7 +20,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6"],
-        "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
 )
