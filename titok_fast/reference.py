@@ -1,4 +1,4 @@
-"""The reference oracle: SPEC sections 3-7 written for clarity, not speed.
+"""The reference oracle: DESIGN.md sections 3-7 written for clarity, not speed.
 
 Per-video loops, float64 complex M-RoPE (as upstream), explicit softmax attention per sequence, FSQ in float32
 computed the way upstream computes it. Every fast path is tested against this. It runs on the CPU and takes the
@@ -25,7 +25,7 @@ from .patches import patch_grid, patchify, unpatchify
 
 
 def mrope_angles(n_tokens: int, grid: tuple[int, int, int]) -> torch.Tensor:
-    """float64 [n + G, 32]: rotation angle of every (row, pair) of one sequence (SPEC 6)."""
+    """float64 [n + G, 32]: rotation angle of every (row, pair) of one sequence (DESIGN.md section 6)."""
     gt, gh, gw = grid
     pos = [(j, j, j) for j in range(n_tokens)]
     pos += [(a + n_tokens, b + n_tokens, c + n_tokens) for a in range(gt) for b in range(gh) for c in range(gw)]
