@@ -206,3 +206,18 @@ def test_time_sampling_is_recorded_and_reused(folder, tmp_path, capsys):
     code, stdout, _ = run("decode", tmp_path / "vfr.safetensors", "-o", tmp_path / "v", "--side-by-side",
                           capsys=capsys)  # fmt: skip
     assert code == 0 and "decoded 1 file(s)" in stdout  # the source was re-read with the same sampling
+
+
+def test_bench_prints_the_table_of_its_results(tmp_path, monkeypatch, capsys):
+    """``bench`` runs the suite, then prints the results file as a table (the report module, imported)."""
+    results = tmp_path / "r.json"
+    record = {"group": "cpu-encode", "extra_info": {"provider": "torch", "device": "cpu", "clips_per_s": 3.0}}
+
+    def fake_pytest(cmd):
+        assert f"--benchmark-json={results}" in cmd and cmd[-2:] == ["-k", "cpu"]
+        results.write_text(json.dumps({"benchmarks": [record]}))
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_pytest)
+    code, out, _ = run("bench", "--json", results, "-k", "cpu", capsys=capsys)
+    assert code == 0 and "| torch | 3.00 | 1.00x |" in out

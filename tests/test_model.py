@@ -66,8 +66,8 @@ def test_decode_codes_equals_decode_indices_and_forward(tiny):
     from_codes = model.decode(codes, MIXED_TOKENS[:2], MIXED[:2])
     from_indices = model.decode_indices(out["indices"], MIXED[:2])
     packed = model.decode_indices(torch.cat(out["indices"]), MIXED[:2], token_counts=MIXED_TOKENS[:2])
-    upstream_order = model.decode_indices(torch.cat(out["indices"]), MIXED_TOKENS[:2], MIXED[:2])  # as upstream
-    assert all(torch.equal(a, b) for a, b in zip(upstream_order, from_indices, strict=True))
+    decode_order = model.decode_indices(torch.cat(out["indices"]), MIXED_TOKENS[:2], MIXED[:2])  # a convenience
+    assert all(torch.equal(a, b) for a, b in zip(decode_order, from_indices, strict=True))
     recon, fwd = model(videos, MIXED_TOKENS[:2])
     for a, b, c, d in zip(from_codes, from_indices, packed, recon, strict=True):
         assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, d)
