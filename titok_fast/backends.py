@@ -93,7 +93,9 @@ def scatter_rows(pack: Packing, code_rows: torch.Tensor, mask_row: torch.Tensor)
 class TorchBackend(Backend):
     name = "torch"
 
-    def attention(self, attn, qkv, pack, queries, cache):
+    def attention(
+        self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str, cache: PackingCache
+    ) -> torch.Tensor:
         cos, sin = cache.row_rotations(pack, qkv.device)
         q, k, v = split_heads(attn, qkv)
         q_bounds, cos_q, sin_q = pack.seq_bounds, cos, sin
@@ -112,7 +114,7 @@ class TorchBackend(Backend):
             out[qs:qe] = F.scaled_dot_product_attention(q_i, k_i, v_i, enable_gqa=True)[0].transpose(0, 1)
         return out.flatten(1)
 
-    def attention_static(self, attn, qkv, batch):
+    def attention_static(self, attn: Attention, qkv: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
         index = pair_positions(batch.positions)
         cos, sin = batch.cos.gather(0, index), batch.sin.gather(0, index)
         q, k, v = split_heads(attn, qkv)
@@ -123,19 +125,25 @@ class TorchBackend(Backend):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg[:, None] == seg[None, :], enable_gqa=True)
         return out[0].transpose(0, 1).flatten(1).to(qkv.dtype)
 
-    def encoder_head(self, x, ln, proj, consts):
+    def encoder_head(
+        self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         z = proj(ln(x))
         codes, indices = fsq_quantize(z, consts)
         return codes.to(z.dtype), indices
 
-    def decoder_input(self, indices, table, mask_row, pack):
+    def decoder_input(
+        self, indices: torch.Tensor, table: torch.Tensor, mask_row: torch.Tensor, pack: Packing
+    ) -> torch.Tensor:
         return scatter_rows(pack, table[indices.long()], mask_row)
 
 
 class TritonBackend(Backend):
     name = "triton"
 
-    def attention(self, attn, qkv, pack, queries, cache):
+    def attention(
+        self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str, cache: PackingCache
+    ) -> torch.Tensor:
         from .ops import attention
 
         cos, sin = cache.tables(pack.max_position, qkv.device)
@@ -149,17 +157,21 @@ class TritonBackend(Backend):
             num_q_rows=pack.num_tokens if latent else pack.num_patches,
         )  # fmt: skip
 
-    def attention_static(self, attn, qkv, batch):
+    def attention_static(self, attn: Attention, qkv: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
         from .ops import attention
 
         return attention(attn, qkv, batch.cu_seqlens, batch.positions, batch.cos, batch.sin)
 
-    def encoder_head(self, x, ln, proj, consts):
+    def encoder_head(
+        self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from .ops import encoder_head
 
         return encoder_head(x, ln, proj, consts)
 
-    def decoder_input(self, indices, table, mask_row, pack):
+    def decoder_input(
+        self, indices: torch.Tensor, table: torch.Tensor, mask_row: torch.Tensor, pack: Packing
+    ) -> torch.Tensor:
         from .ops import fsq_decoder_input_op
 
         return fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
