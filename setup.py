@@ -2,6 +2,7 @@ from setuptools import setup
 
 PLOT = ["matplotlib"]
 RAY = ["ray[data]>=2.60,<2.64"]  # 2.64 drops the retry arguments the Ray path passes
+BENCH = ["einops", "omegaconf"]  # what upstream's own code needs, for the benchmarks' `upstream` provider
 
 setup(
     name="titok-fast",
@@ -15,7 +16,6 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
-        "einops",
         "safetensors",
         "av",
         "numpy",
@@ -24,10 +24,10 @@ setup(
         "huggingface_hub>=0.23",  # the default weights come from the Hub (download, cache, offline mode)
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "omegaconf", "pyyaml", "ruff==0.17.6", *PLOT, *RAY],
+        "test": ["pytest", "pytest-benchmark", "pyyaml", "ruff==0.17.6", *PLOT, *RAY, *BENCH],
         "plot": PLOT,
-        "flash": ["flash-attn"],
         "ray": RAY,
+        "bench": BENCH,
     },
     entry_points={"console_scripts": ["titok-fast = titok_fast.cli:main"]},
 )

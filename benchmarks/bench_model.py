@@ -29,7 +29,8 @@ import torch
 from titok_fast.config import TiTokConfig
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
-from titok_fast.reference import ReferenceTiTok, patch_grid
+from titok_fast.patches import patch_grid
+from titok_fast.reference import ReferenceTiTok
 
 from baselines import UpstreamPacked, load_upstream, upstream_checkout
 

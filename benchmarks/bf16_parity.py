@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from titok_fast import TiTok, reference
+from titok_fast import TiTok
 from titok_fast.layers import perturb_norms
+from titok_fast.reference import ReferenceTiTok
 
 CLIPS = {
     "tiny": ([(12, 160, 160), (8, 128, 96), (12, 64, 64), (4, 160, 128)], [256, 128, 384, 64]),
@@ -58,18 +59,22 @@ def run(args: argparse.Namespace) -> None:
     totals: dict[str, list[float]] = {name: [] for name in ["reference", "reference-sdpa", *args.backends]}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
-        model = TiTok(args.config, backend="reference").eval()
+        model = TiTok(args.config).eval()
         perturb_norms(model)
+        oracle = ReferenceTiTok(model.config).eval()
+        oracle.load_state_dict(model.state_dict())
         g = torch.Generator().manual_seed(100 + seed)
         videos = [torch.rand((3, *s), generator=g) * 2 - 1 for s in shapes]
-        _, out = model.encode(videos, counts)
+        _, out = oracle.encode(videos, counts)
         truth = torch.cat(out["indices"])
-        model = model.to(args.device, torch.bfloat16)
-        for backend in ["reference", *args.backends]:
+        model, oracle = model.to(args.device, torch.bfloat16), oracle.to(args.device, torch.bfloat16)
+        half = [v.to(args.device, torch.bfloat16) for v in videos]
+        totals["reference"].append(agreement(oracle.encode(half, counts)[1]["indices"], truth))
+        for backend in args.backends:
             model.backend = backend
             totals[backend].append(agreement(model.encode(videos, counts)[1]["indices"], truth))
-        half = [v.to(args.device, torch.bfloat16) for v in videos]
-        _, out = reference.encode(model.config, model.encoder, half, counts, fused=True)
+        oracle.fused_attention = True
+        _, out = oracle.encode(half, counts)
         totals["reference-sdpa"].append(agreement(out["indices"], truth))
     tokens = sum(counts) * args.seeds
     for backend, values in totals.items():

@@ -1,51 +1,11 @@
-"""Print a pytest-benchmark JSON file as markdown tables, with the speed-up over the reference per case.
+"""Print a pytest-benchmark JSON file as markdown tables (``titok_fast.benchreport``).
 
 Usage: ``python benchmarks/report.py results.json``
 """
 
-from __future__ import annotations
-
-import json
 import sys
-from collections import defaultdict
 
-# what "vs baseline" divides by, the first one present: upstream's packed path, else older tables' baselines
-BASELINES = ("upstream-packed", "reference", "fa2_alone", "torch_flash", "torch")
-COLUMNS = [
-    ("ms", "ms", "{:.3f}"),
-    ("ms p20", "ms_p20", "{:.3f}"),
-    ("ms p80", "ms_p80", "{:.3f}"),
-    ("clips/s", "clips_per_s", "{:.2f}"),
-    ("tokens/s", "tokens_per_s", "{:.0f}"),
-    ("TFLOP/s", "tflops_per_s", "{:.1f}"),
-    ("GB/s", "gb_per_s", "{:.0f}"),
-    ("MFU", "mfu", "{:.1%}"),
-    ("peak GiB", "peak_mem_gib", "{:.1f}"),
-]
-
-
-def table(path: str) -> str:
-    data = json.load(open(path))
-    groups = defaultdict(list)
-    for bench in data["benchmarks"]:
-        groups[bench["group"]].append(bench)
-    lines = []
-    for group, benches in groups.items():
-        info = [b["extra_info"] for b in benches]
-        used = [c for c in COLUMNS if any(c[1] in i for i in info)]
-        speed = next((k for k in ("clips_per_s", "tflops_per_s", "gb_per_s") if k in info[0]), None)  # higher: faster
-        by_provider = {i.get("provider"): i for i in info}
-        baseline = next((by_provider[p] for p in BASELINES if p in by_provider), {})
-        base = baseline.get(speed)
-        lines += [f"\n**{group}** ({info[0].get('device', '?')}, torch {info[0].get('torch', '?')})", ""]
-        lines.append("| provider | " + " | ".join(c[0] for c in used) + " | vs baseline |")
-        lines.append("|---" * (len(used) + 2) + "|")
-        for i in info:
-            cells = [fmt.format(i[key]) if key in i else "" for _, key, fmt in used]
-            ratio = f"{i[speed] / base:.2f}x" if base and speed in i else ""
-            lines.append(f"| {i.get('provider', '?')} | " + " | ".join(cells) + f" | {ratio} |")
-    return "\n".join(lines)
-
+from titok_fast.benchreport import table
 
 if __name__ == "__main__":
     print(table(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""FSQ (finite scalar quantisation) on the implicit codebook of a levels list (SPEC 7).
+"""FSQ (finite scalar quantisation) on the implicit codebook of a levels list (DESIGN.md section 7).
 
 Two fused kernels:
 - ``fsq_encoder_head``: encoder ``ln_post`` (LayerNorm, fp32 statistics) -> ``proj_out`` (W -> D, fp32

@@ -1,4 +1,4 @@
-"""Fused q/k LayerNorm + M-RoPE + variable-length grouped-query attention (SPEC 5-6).
+"""Fused q/k LayerNorm + M-RoPE + variable-length grouped-query attention (DESIGN.md sections 5-6).
 
 Fused: per-head LayerNorm of q and k, their M-RoPE rotation, and non-causal softmax attention within each
 packed sequence (scale 1/8, grouped-query heads), written head-major as ``[rows, Hq * 64]`` for ``out_proj``.
@@ -14,7 +14,7 @@ grid comes from host ints only, never from reading ``cu_seqlens``); ``qkv`` may 
 
 Host-side helpers (importable without a GPU):
 - ``mrope_tables``: cos/sin of every (position, rotary pair), computed in float64, stored float32.
-- ``packed_positions``: the (t, h, w) position of every row of a packed batch (SPEC 6).
+- ``packed_positions``: the (t, h, w) position of every row of a packed batch (DESIGN.md section 6).
 """
 
 from __future__ import annotations

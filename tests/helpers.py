@@ -18,6 +18,7 @@ def make_model(config: str = "tiny", backend: str = "torch", seed: int = 0) -> T
 
 
 def make_reference(model: TiTok) -> ReferenceTiTok:
+    """The oracle with ``model``'s weights, dtype and config (on the CPU)."""
     ref = ReferenceTiTok(model.config).eval()
     ref.load_state_dict(model.state_dict())
     return ref.to(model.dtype)

@@ -256,3 +256,18 @@ def test_eval_plot_without_matplotlib_names_the_extra(folder, tmp_path, capsys, 
     code, _, err = run("eval", folder / "moving.mp4", "--grid", "4x32x32", *RANDOM, "--plot", tmp_path / "rd.png",
                        capsys=capsys)  # fmt: skip
     assert code == 2 and "pip install 'titok-fast[plot]'" in err and "RANDOM" not in err  # refused before any work
+
+
+def test_bench_prints_the_table_of_its_results(tmp_path, monkeypatch, capsys):
+    """``bench`` runs the suite, then prints the results file as a table (the report module, imported)."""
+    results = tmp_path / "r.json"
+    record = {"group": "cpu-encode", "extra_info": {"provider": "torch", "device": "cpu", "clips_per_s": 3.0}}
+
+    def fake_pytest(cmd):
+        assert f"--benchmark-json={results}" in cmd and cmd[-2:] == ["-k", "cpu"]
+        results.write_text(json.dumps({"benchmarks": [record]}))
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_pytest)
+    code, out, _ = run("bench", "--json", results, "-k", "cpu", capsys=capsys)
+    assert code == 0 and "| torch | 3.00 | 1.00x |" in out

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from titok_fast import TiTok
+from titok_fast import TiTok, reference
 
 from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
 
@@ -66,8 +66,8 @@ def test_decode_codes_equals_decode_indices_and_forward(tiny):
     from_codes = model.decode(codes, MIXED_TOKENS[:2], MIXED[:2])
     from_indices = model.decode_indices(out["indices"], MIXED[:2])
     packed = model.decode_indices(torch.cat(out["indices"]), MIXED[:2], token_counts=MIXED_TOKENS[:2])
-    upstream_order = model.decode_indices(torch.cat(out["indices"]), MIXED_TOKENS[:2], MIXED[:2])  # as upstream
-    assert all(torch.equal(a, b) for a, b in zip(upstream_order, from_indices, strict=True))
+    decode_order = model.decode_indices(torch.cat(out["indices"]), MIXED_TOKENS[:2], MIXED[:2])  # a convenience
+    assert all(torch.equal(a, b) for a, b in zip(decode_order, from_indices, strict=True))
     recon, fwd = model(videos, MIXED_TOKENS[:2])
     for a, b, c, d in zip(from_codes, from_indices, packed, recon, strict=True):
         assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, d)
@@ -81,12 +81,13 @@ def test_decode_off_grid_codes_projects_them(tiny):
     assert rel_l2(out[0], ref.decode(codes, [10], [(4, 16, 8)])[0]) <= 1e-4
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_bfloat16_runs_and_stays_near_float32(tiny, backend):
+@pytest.mark.parametrize("oracle", [True, False])
+def test_bfloat16_runs_and_stays_near_float32(tiny, oracle):
     model, _ = tiny
-    model16 = make_model("tiny", backend).to(torch.bfloat16)
+    model16 = make_model("tiny", "torch").to(torch.bfloat16)
+    model16 = make_reference(model16) if oracle else model16
     videos = random_videos(MIXED[:2])
-    codes, out16 = model16.encode(videos, MIXED_TOKENS[:2])
+    codes, out16 = model16.encode([v.bfloat16() for v in videos], MIXED_TOKENS[:2])  # the oracle takes them as given
     assert codes.dtype == torch.bfloat16
     _, out32 = model.encode(videos, MIXED_TOKENS[:2])
     assert agreement(out16["indices"], out32["indices"]) >= 0.9  # measured: about 0.97 (RESULTS.md)
@@ -96,14 +97,14 @@ def test_bfloat16_runs_and_stays_near_float32(tiny, backend):
 
 def test_bf16_torch_backend_not_below_oracle_noise_floor():
     """The bf16 oracle's agreement with the fp32 oracle is the floor; the torch backend stays within 1 point."""
-    model32 = make_model("tiny", "reference")
+    model32 = make_reference(make_model("tiny"))
     shapes, counts = [(12, 160, 160), (8, 128, 96), (4, 64, 64)], [256, 384, 128]  # 768 tokens: 1 point = 8
     videos = random_videos(shapes)
     _, truth = model32.encode(videos, counts)
     floors = {}
-    for backend in ("reference", "torch"):
-        model16 = make_model("tiny", backend).to(torch.bfloat16)
-        _, out = model16.encode([v.bfloat16() for v in videos], counts)
+    model16 = make_model("tiny", "torch").to(torch.bfloat16)
+    for backend, runner in (("reference", make_reference(model16)), ("torch", model16)):
+        _, out = runner.encode([v.bfloat16() for v in videos], counts)
         floors[backend] = agreement(out["indices"], truth["indices"])
     assert floors["reference"] < 1.0  # bf16 does move some tokens: the floor is real
     assert floors["torch"] >= floors["reference"] - 0.01
@@ -111,7 +112,7 @@ def test_bf16_torch_backend_not_below_oracle_noise_floor():
 
 def test_auto_backend_and_backend_validation():
     model = TiTok("tiny")
-    assert model.backend == "auto" and model._active_backend() == "torch"
+    assert model.backend == "auto" and model.active_backend.name == "torch"
     with pytest.raises(ValueError, match="backend 'cuda' is not one of"):
         TiTok("tiny", backend="cuda")
 
@@ -214,3 +215,44 @@ def test_decoder_table_follows_weight_changes(tiny):
         model.decoder.ln_pre.bias.add_(1.0)
     table2, _ = model.decoder_table()
     assert torch.allclose(table2, table + 1.0, atol=1e-5)
+
+
+def test_encoder_submodule_as_upstream(tiny):
+    """``model.encoder(videos, token_counts)``: the packed latents before FSQ, as the oracle computes them."""
+    model, ref = tiny
+    videos = random_videos(MIXED)
+    z = model.encoder(videos, MIXED_TOKENS)
+    ref_z = reference.encoder_latents(ref.config, ref.encoder, videos, MIXED_TOKENS)
+    assert z.shape == (sum(MIXED_TOKENS), 5) and z.dtype == torch.float32
+    assert rel_l2(z, ref_z) <= 1e-5
+    codes, out = model.quantize(z)  # upstream's encode, spelled out: encoder, then quantize
+    enc_codes, enc_out = model.encode(videos, MIXED_TOKENS)
+    assert agreement(out["indices"].split(MIXED_TOKENS), enc_out["indices"]) >= 0.999
+    assert torch.equal(out["indices"], model.quantize.codes_to_indices(codes))
+
+
+def test_decoder_submodule_as_upstream(tiny):
+    """``model.decoder(codes, token_counts, grids)`` with pixel shapes: the oracle's videos, on and off the grid."""
+    model, ref = tiny
+    codes = model.quantize.indices_to_codes(torch.randint(0, model.quantize.codebook_size, (sum(MIXED_TOKENS),)))
+    for x in (codes, torch.rand(codes.shape) * 2 - 1):
+        out = model.decoder(x, MIXED_TOKENS, MIXED)
+        assert isinstance(out, list) and [tuple(v.shape) for v in out] == [(3, *s) for s in MIXED]
+        for a, b in zip(out, ref.decode(x, MIXED_TOKENS, MIXED), strict=True):
+            assert rel_l2(a, b) <= 1e-5
+
+
+def test_inputs_that_require_grad_are_refused(tiny):
+    model, _ = tiny
+    video = random_videos(MIXED[:1])[0].requires_grad_()
+    with pytest.raises(ValueError, match="video 0 requires grad; titok-fast is inference-only"):
+        model.encode([video], [4])
+    with pytest.raises(ValueError, match="video 0 requires grad"):
+        model.encoder([video], [4])
+    codes = torch.zeros(4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="codes requires grad; titok-fast is inference-only"):
+        model.decode(codes, [4], [MIXED[0]])
+    with pytest.raises(ValueError, match="codes requires grad"):
+        model.decoder(codes, [4], [MIXED[0]])
+    codes, _ = model.encode([video.detach()], [4])
+    assert not codes.requires_grad  # detached inputs run, and nothing is recorded for autograd

@@ -26,3 +26,22 @@ def test_no_top_level_kernels_module(tmp_path):
     assert found["top_level"] == ["titok_fast"]
     assert found["kernels"] is None or not Path(found["kernels"]).resolve().is_relative_to(ROOT)
     assert Path(found["fsq"]).resolve() == ROOT / "kernels" / "fsq.py"
+
+
+IMPORT_NAMES = {"av": "av", "numpy": "numpy", "pyyaml": "yaml", "safetensors": "safetensors", "torch": "torch",
+                "tqdm": "tqdm", "triton": "triton", "huggingface_hub": "huggingface_hub"}  # fmt: skip
+
+
+def test_every_dependency_is_used():
+    """Each requirement is imported by the package (no dependency that nothing uses), and the extras are the
+    known ones (an extra nothing uses, such as the old ``flash``, fails)."""
+    import importlib.metadata
+    import re
+
+    dist = importlib.metadata.distribution("titok-fast")
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in dist.requires or [] if "extra ==" not in r]
+    assert set(dist.metadata.get_all("Provides-Extra") or []) == {"test", "plot", "ray", "bench"}
+    sources = "\n".join(p.read_text() for d in ("titok_fast", "kernels") for p in (ROOT / d).glob("*.py"))
+    for name in names:
+        module = IMPORT_NAMES[name]  # a new requirement needs its import name here
+        assert re.search(rf"^\s*(import|from) {module}\b", sources, re.M), f"{name} is required but never imported"

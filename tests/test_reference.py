@@ -1,4 +1,4 @@
-"""The oracle itself: parameter layout against SPEC 2, FSQ against brute force, geometry round trips."""
+"""The oracle itself: parameter layout against DESIGN.md section 2, FSQ against brute force, geometry round trips."""
 
 import itertools
 import math
@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from titok_fast import TiTok
-from titok_fast.reference import (
-    fsq_indices_to_codes,
-    fsq_quantize,
-    mrope_angles,
-    patchify,
-    rotate,
-    unpatchify,
-)
+from titok_fast.patches import patchify, unpatchify
+from titok_fast.reference import fsq_indices_to_codes, fsq_quantize, mrope_angles, rotate
 
 
 def spec_keys(prefix: str, layers: int, w: int, hq: int, hkv: int, inner: int, d: int) -> dict:

@@ -1,11 +1,8 @@
-"""benchmarks/report.py turns pytest-benchmark JSON into the tables of RESULTS.md."""
+"""titok_fast.benchreport turns pytest-benchmark JSON into the tables of RESULTS.md."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from report import table  # noqa: E402
+from titok_fast.benchreport import table
 
 
 def test_table_has_a_row_per_provider_and_the_ratio_to_the_baseline(tmp_path):

@@ -61,11 +61,11 @@ def test_bf16_not_below_oracle_noise_floor():
     """bf16, compiled on a GPU or in the interpreter with GPU rounding (triton_mode): tokens within one point of
     the bf16 oracle's own agreement with the fp32 oracle, and reconstructions no further from the fp32 oracle's
     than the bf16 oracle's are (within 20%)."""
-    model32 = make_model("tiny", "reference")
+    model32 = make_reference(make_model("tiny"))
     shapes, counts = [(12, 160, 160), (8, 128, 96), (4, 64, 64)], [256, 384, 128]
     videos = random_videos(shapes)
     _, truth = model32.encode(videos, counts)
-    floor_model = make_model("tiny", "reference").to(torch.bfloat16)
+    floor_model = make_reference(make_model("tiny").to(torch.bfloat16))
     _, floor_out = floor_model.encode([v.bfloat16() for v in videos], counts)
     fast = make_model("tiny", "triton").to(DEVICE, torch.bfloat16)
     _, out = fast.encode([v.to(DEVICE, torch.bfloat16) for v in videos], counts)

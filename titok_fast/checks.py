@@ -14,6 +14,15 @@ def is_integer(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_no_grad(t: torch.Tensor, what: str) -> None:
+    """Inference only: an input that requires grad would come back silently detached, so it is refused."""
+    if t.requires_grad:
+        raise ValueError(
+            f"{what} requires grad; titok-fast is inference-only (encode/decode run without autograd): pass "
+            f"{what}.detach(), or use upstream's modules to train"
+        )
+
+
 def check_videos(videos: object, patch: tuple[int, int, int]) -> list[tuple[int, int, int]]:
     """Validate a batch of videos [3, T, H, W]; return their pixel shapes (T, H, W)."""
     if isinstance(videos, torch.Tensor):
@@ -33,6 +42,7 @@ def check_videos(videos: object, patch: tuple[int, int, int]) -> list[tuple[int,
             raise ValueError(f"video {i} has shape {list(v.shape)}; expected [3, T, H, W] (3 channels, rank 4)")
         if not v.is_floating_point():
             raise TypeError(f"video {i} has dtype {v.dtype}; expected a floating dtype with values in [-1, 1]")
+        check_no_grad(v, f"video {i}")
         for axis, size, p in zip("THW", v.shape[1:], patch, strict=True):
             if size == 0 or size % p:
                 raise ValueError(
@@ -116,6 +126,7 @@ def check_codes(codes: object, width: int, total: int) -> None:
         raise TypeError(f"codes is a {type(codes).__name__}; expected a torch.Tensor [sum(token_counts), {width}]")
     if not codes.is_floating_point():
         raise TypeError(f"codes has dtype {codes.dtype}; expected a floating dtype")
+    check_no_grad(codes, "codes")
     if codes.dim() != 2 or codes.shape[1] != width:
         raise ValueError(f"codes has shape {list(codes.shape)}; expected [sum(token_counts), {width}]")
     if codes.shape[0] != total:

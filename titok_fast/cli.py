@@ -242,8 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("+", " ".join(cmd), file=sys.stderr)
     code = subprocess.call(cmd)
     if results.exists():
-        sys.path.insert(0, str(suite))
-        from report import table
+        from .benchreport import table
 
         print(table(str(results)))
     return code

@@ -43,7 +43,7 @@ class StackSize:
         return 32 * math.ceil(int(self.mlp_ratio * 2 / 3 * self.width) / 32)
 
     def flops(self, sequence_lengths: list[int]) -> float:
-        """Model FLOPs of this stack over packed sequences: every row through every layer (SPEC 9 counts)."""
+        """Model FLOPs of this stack over packed sequences: every row through every layer (DESIGN.md section 9)."""
         w, inner = self.width, self.ffn_inner
         per_row = 2 * w * ((self.q_heads + 2 * self.kv_heads) * HEAD_DIM + w + 3 * inner)
         attention = sum(4 * s * s * self.q_heads * HEAD_DIM for s in sequence_lengths)

@@ -32,7 +32,7 @@ import torch
 from .checks import check_grids, check_indices, check_token_counts, check_videos
 from .model import TiTok, upstream_argument_order
 from .packing import Packing, StaticBatch
-from .reference import patch_grid, patchify, unpatchify
+from .patches import patch_grid, patchify, unpatchify
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768, 65536)
 MODES = ("eager", "static", "compile", "cudagraph")
@@ -107,12 +107,9 @@ class Engine:
             raise ValueError(f"budgets must be integers >= 2 (packed rows), got {list(budgets)}")
         if max_clips < 1:
             raise ValueError(f"max_clips must be >= 1, got {max_clips}")
-        if model.backend == "reference":
-            raise ValueError("the engine runs the packed path, which the reference backend does not have: use 'torch' "
-                             "or 'triton' (or 'auto')")  # fmt: skip
         self.model, self.mode = model, mode
         self.budgets = tuple(sorted(set(budgets)))
-        if mode != "eager" and model._active_backend() == "torch":
+        if mode != "eager" and model.active_backend.name == "torch":
             kept = tuple(b for b in self.budgets if b <= TORCH_FIXED_SHAPE_MAX_BUDGET)
             if kept != self.budgets:
                 warnings.warn(
@@ -145,7 +142,7 @@ class Engine:
     def decode_indices(self, indices, grids: list, token_counts: list[int] | None = None) -> list[torch.Tensor]:
         """Like ``model.decode_indices`` (either argument order): one [3, T, H, W] per clip, in input order."""
         grids, token_counts = upstream_argument_order(grids, token_counts)
-        packed, counts = self.model._pack_indices(indices, token_counts)
+        packed, counts = self.model.pack_indices(indices, token_counts)
         shapes = check_grids(grids, len(counts), self.model.config.patch_size)
         items = zip(range(len(counts)), packed.split(counts), shapes, strict=True)
         return [video for _, video in self._stream(items, self._decode_rows, self._stage_indices, self._run_decode)]
@@ -299,7 +296,8 @@ class Engine:
         counts = [idx.numel() for idx in indices]
         grids = [patch_grid(s, cfg.patch_size) for s in shapes]
         if self.mode == "eager":
-            return model._decode_indices_packed(torch.cat(indices), model.packing(counts, grids), shapes)
+            pack = model.packing(counts, grids)
+            return model.videos_from_rows(model.decode_packed(torch.cat(indices), pack), pack, shapes)
         budget = pick_budget(sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True)), self.budgets)
         buffers = self._static_buffers("decode", budget)
         pack = self._fill_layout(buffers.batch, counts, grids)
@@ -314,7 +312,7 @@ class Engine:
         key = (stage, budget)
         if key not in self._buffers:
             device, model = self.model.device, self.model
-            cos, sin = model._packings.tables(budget, device)
+            cos, sin = model.rope_tables(budget)
             batch = StaticBatch(
                 cu_seqlens=torch.zeros(self.max_clips + 1, dtype=torch.int32, device=device),
                 positions=torch.zeros(budget, 3, dtype=torch.int32, device=device),
@@ -371,7 +369,7 @@ class Engine:
             return lambda: fn(*args)
         if self.mode == "compile":
             if stage == "encode":
-                model._fsq_constants()  # filled now, not while tracing (a cache filled by the trace fails its guard)
+                model.fsq_constants()  # filled now, not while tracing (a cache filled by the trace fails its guard)
             # each runner gets a code object of its own: torch.compile keys its cache, and its recompile limit, by
             # code object, and every no_grad-decorated method shares one (past 8 graphs it would run uncompiled)
             own = _with_own_code(fn, f"titok_fast_{stage}_{budget}")

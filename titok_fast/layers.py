@@ -1,7 +1,7 @@
 """Parameter layout shared by the oracle and the lean model: module names match upstream exactly.
 
 Only structure lives here; the forward passes are in ``reference.py`` (plain, per video) and ``model.py``
-(packed). Keys produced for V1: ``encoder.model_layers.attn_layer.{i}.to_qkv.weight`` and so on (SPEC 2).
+(packed). Keys produced for V1: ``encoder.model_layers.attn_layer.{i}.to_qkv.weight`` and so on (DESIGN.md section 2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reference oracle: SPEC sections 3-7 written for clarity, not speed.
+"""The reference oracle: DESIGN.md sections 3-7 written for clarity, not speed.
 
 Per-video loops, float64 complex M-RoPE (as upstream), explicit softmax attention per sequence, FSQ in float32
 computed the way upstream computes it. Every fast path is tested against this. It runs on the CPU and takes the
@@ -17,39 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from titok_fast.kernels.mrope_attention import AXIS_PAIRS
+
 from .config import HEAD_DIM, TiTokConfig
 from .layers import Attention, DecoderParams, EncoderParams, Layers
-
-
-def patchify(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    """[3, T, H, W] -> [gt*gh*gw, 3*pt*ph*pw]: rows t-major then h then w; features c, pt, ph, pw."""
-    c, t, h, w = video.shape
-    pt, ph, pw = patch
-    x = video.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw)
-    return x.permute(1, 3, 5, 0, 2, 4, 6).reshape((t // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
-
-
-def unpatchify(rows: torch.Tensor, shape: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
-    """Inverse of :func:`patchify`: [G, 3*pt*ph*pw] -> [3, T, H, W] for pixel shape (T, H, W)."""
-    t, h, w = shape
-    pt, ph, pw = patch
-    x = rows.reshape(t // pt, h // ph, w // pw, 3, pt, ph, pw)
-    return x.permute(3, 0, 4, 1, 5, 2, 6).reshape(3, t, h, w)
-
-
-def patch_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Pixel shape (T, H, W) -> patch grid (gt, gh, gw)."""
-    return tuple(s // p for s, p in zip(shape, patch, strict=True))
+from .patches import patch_grid, patchify, unpatchify
 
 
 def mrope_angles(n_tokens: int, grid: tuple[int, int, int]) -> torch.Tensor:
-    """float64 [n + G, 32]: rotation angle of every (row, pair) of one sequence (SPEC 6)."""
+    """float64 [n + G, 32]: rotation angle of every (row, pair) of one sequence (DESIGN.md section 6)."""
     gt, gh, gw = grid
     pos = [(j, j, j) for j in range(n_tokens)]
     pos += [(a + n_tokens, b + n_tokens, c + n_tokens) for a in range(gt) for b in range(gh) for c in range(gw)]
     pos = torch.tensor(pos, dtype=torch.float64)
     columns = []
-    for axis, pairs in enumerate((12, 10, 10)):  # frequencies as upstream computes them, bit for bit
+    for axis, pairs in enumerate(AXIS_PAIRS):  # frequencies as upstream computes them, bit for bit
         freqs = 10000.0 ** torch.linspace(0.0, 1.0, pairs, dtype=torch.float64) * math.pi / 2.0
         columns.append(pos[:, axis : axis + 1] * freqs)
     return torch.cat(columns, dim=1)
@@ -131,21 +113,28 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: tuple[int, ...]) -> torc
     return (level - half_width).float() / half_width
 
 
-def encode(
+def encoder_latents(
     config: TiTokConfig, enc: EncoderParams, videos: list[torch.Tensor], token_counts: list[int], fused: bool = False
-) -> tuple[torch.Tensor, dict]:
-    """Per video: patchify, proj_in, [mask tokens ; patches], layers, first n rows, ln_post, proj_out, FSQ."""
-    all_codes, all_indices = [], []
+) -> torch.Tensor:
+    """Per video: patchify, proj_in, [mask tokens ; patches], layers, first n rows, ln_post, proj_out -> the
+    packed latents z [sum n, D] before FSQ (upstream's ``encoder(videos, token_counts)``)."""
+    latents = []
     for video, n in zip(videos, token_counts, strict=True):
         grid = patch_grid(tuple(video.shape[1:]), config.patch_size)
         patches = enc.proj_in(patchify(video, config.patch_size))
         x = torch.cat([enc.mask_token.expand(n, -1), patches])
         x = run_layers(enc.model_layers, x, _angles_on(n, grid, str(x.device)), fused)
-        z = enc.proj_out(enc.ln_post(x[:n]))
-        codes, indices = fsq_quantize(z, config.fsq_levels)
-        all_codes.append(codes.to(z.dtype))
-        all_indices.append(indices)
-    return torch.cat(all_codes), {"indices": tuple(all_indices)}
+        latents.append(enc.proj_out(enc.ln_post(x[:n])))
+    return torch.cat(latents)
+
+
+def encode(
+    config: TiTokConfig, enc: EncoderParams, videos: list[torch.Tensor], token_counts: list[int], fused: bool = False
+) -> tuple[torch.Tensor, dict]:
+    """:func:`encoder_latents`, then FSQ (row by row, so on the packed latents at once)."""
+    z = encoder_latents(config, enc, videos, token_counts, fused)
+    codes, indices = fsq_quantize(z, config.fsq_levels)
+    return codes.to(z.dtype), {"indices": tuple(indices.split(list(token_counts)))}
 
 
 def decode(

@@ -1,0 +1,76 @@
+"""``model.quantize``: upstream's FSQ interface, against the oracle's FSQ and the FSQ definition."""
+
+import itertools
+
+import pytest
+import torch
+
+from titok_fast import TiTok
+from titok_fast.quantizer import FSQ, grid_indices
+from titok_fast.reference import fsq_indices_to_codes, fsq_quantize
+
+LEVELS = (7, 5, 5, 5, 5)
+
+
+@pytest.fixture(scope="module")
+def fsq():
+    return FSQ(LEVELS)
+
+
+def test_call_matches_oracle_and_keeps_dtype(fsq):
+    z = torch.randn(4000, 5, generator=torch.Generator().manual_seed(0)) * 3
+    codes, out = fsq(z)
+    ref_codes, ref_indices = fsq_quantize(z, LEVELS)
+    assert set(out) == {"indices"} and out["indices"].dtype == torch.int32 and out["indices"].shape == (4000,)
+    assert torch.equal(out["indices"], ref_indices) and torch.equal(codes, ref_codes)
+    codes16, out16 = fsq(z.bfloat16())
+    assert codes16.dtype == torch.bfloat16
+    assert torch.equal(out16["indices"], fsq_quantize(z.bfloat16(), LEVELS)[1])
+
+
+def test_bound_is_the_value_before_rounding(fsq):
+    z = torch.randn(500, 5, generator=torch.Generator().manual_seed(1)) * 4
+    bounded = fsq.bound(z)
+    lv = torch.tensor(LEVELS)
+    half_l = (lv - 1) * (1 + 1e-3) / 2
+    offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+    assert torch.equal(bounded, torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset)
+    assert torch.equal(fsq.quantize(z), torch.round(bounded) / (lv // 2))
+    assert torch.equal(fsq.quantize(z), fsq(z)[0])
+    assert not torch.equal(fsq.bound(z, eps=1e-2), bounded)
+
+
+def test_codebook_and_index_conversions(fsq):
+    size = 7 * 5**4
+    assert fsq.codebook_size == size and fsq.codebook_dim == 5
+    book = fsq.implicit_codebook
+    assert book.shape == (size, 5) and book.dtype == torch.float32
+    assert torch.equal(book, fsq_indices_to_codes(torch.arange(size), LEVELS))
+    assert len({tuple(r) for r in book.tolist()}) == size  # every code distinct
+    everything = torch.arange(size)
+    assert torch.equal(fsq.codes_to_indices(book), everything.int())
+    assert torch.equal(fsq.indices_to_codes(everything), book)
+    levels = fsq.indices_to_level_indices(everything)
+    assert levels.shape == (size, 5)
+    expected = torch.tensor(list(itertools.product(*(range(n) for n in reversed(LEVELS)))))  # first dim fastest
+    assert torch.equal(levels, expected.flip(1))
+    assert torch.equal(fsq.indices_to_codes(torch.tensor([[0, 1], [2, 3]])), book[torch.tensor([[0, 1], [2, 3]])])
+
+
+def test_grid_indices_only_for_codes_on_the_grid(fsq):
+    book = fsq.implicit_codebook
+    consts = fsq.constants("cpu")
+    assert torch.equal(grid_indices(book, consts), torch.arange(len(book), dtype=torch.int32))
+    assert grid_indices(book + 1e-3, consts) is None
+
+
+def test_model_quantize_adds_no_state_and_follows_the_model(fsq):
+    model = TiTok("tiny")
+    assert isinstance(model.quantize, FSQ) and model.quantize.levels == model.config.fsq_levels
+    assert not any(k.startswith("quantize") for k in model.state_dict())
+    assert model.quantize.implicit_codebook.device.type == "cpu"
+    with torch.device("meta"):
+        shell = TiTok("tiny")
+    assert shell.quantize.implicit_codebook.device.type == "cpu"  # never left on meta
+    moved = TiTok("tiny").to("meta")
+    assert moved.quantize.implicit_codebook.device.type == "meta"

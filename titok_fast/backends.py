@@ -1,0 +1,201 @@
+"""The model's compute backends: one small interface, a PyTorch implementation and a Triton one.
+
+The forward code (``model.py``) calls a :class:`Backend` for the four operations that differ between them; it has
+no backend branches of its own. Which one runs is resolved per call from the device of the weights
+(:func:`resolve_backend`), so a model built on the CPU or ``meta`` and moved to CUDA takes the Triton path.
+
+- :class:`TorchBackend`: q/k norm + M-RoPE on all rows at once, SDPA per sequence; FSQ in PyTorch. The CPU path.
+- :class:`TritonBackend`: the fused kernels of ``titok_fast.kernels`` as custom ops (``ops.py``). CUDA, or the
+  Triton interpreter on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from titok_fast.kernels.fsq import FsqConstants
+
+from .config import HEAD_DIM
+from .layers import Attention
+from .packing import Packing, PackingCache, StaticBatch, pair_positions
+from .quantizer import fsq_quantize
+
+BACKENDS = ("auto", "torch", "triton")
+QUERIES = ("all", "latent", "patch")  # which rows of a packed batch attend: every row, or one kind only
+
+
+class Backend:
+    """What a backend implements. Shapes: W model width, D code dimensions, rows packed rows."""
+
+    name = ""
+
+    def attention(
+        self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str, cache: PackingCache
+    ) -> torch.Tensor:
+        """Packed variable-length attention of one layer before ``out_proj``: qkv [rows, (Hq + 2 Hkv) * 64] (may be
+        used as scratch) -> [q rows, Hq * 64], where the query rows are ``queries`` (see ``QUERIES``) in packed
+        order. ``cache`` supplies the float32 rotation tables."""
+        raise NotImplementedError
+
+    def attention_static(self, attn: Attention, qkv: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
+        """Fixed-shape attention, every row a query: qkv [rows, ...] -> [rows, Hq * 64]; the sequences come from
+        the device-side ``batch.cu_seqlens`` (no host reads), padding rows attend among themselves."""
+        raise NotImplementedError
+
+    def encoder_head(
+        self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent rows [N, W] -> ``proj(ln(x))`` -> FSQ -> (codes [N, D] in x's dtype, indices int32 [N])."""
+        raise NotImplementedError
+
+    def decoder_input(
+        self, indices: torch.Tensor, table: torch.Tensor, mask_row: torch.Tensor, pack: Packing
+    ) -> torch.Tensor:
+        """The decoder's packed input [rows, W]: ``table[index]`` on latent rows, ``mask_row`` on patch rows."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{self.name} backend>"
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [rows, heads, 64]; rotate adjacent pairs by per-row cos/sin [rows, 32] (float32 math, x.dtype out)."""
+    pairs = x.float().unflatten(-1, (HEAD_DIM // 2, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+def attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """Half precision on the CPU attends in float32, like the oracle: the CPU kernel's bf16 path cost 0.2 points
+    of bf16 index parity in our runs (benchmarks/bf16_parity.py)."""
+    return torch.float32 if q.device.type == "cpu" else q.dtype
+
+
+def split_heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [rows, (Hq + 2 Hkv) * 64] -> views q [rows, Hq, 64], k and v [rows, Hkv, 64]."""
+    hq, hkv = attn.q_heads, attn.kv_heads
+    q = qkv[:, : hq * HEAD_DIM].unflatten(1, (hq, HEAD_DIM))
+    k = qkv[:, hq * HEAD_DIM : (hq + hkv) * HEAD_DIM].unflatten(1, (hkv, HEAD_DIM))
+    v = qkv[:, (hq + hkv) * HEAD_DIM :].unflatten(1, (hkv, HEAD_DIM))
+    return q, k, v
+
+
+def scatter_rows(pack: Packing, code_rows: torch.Tensor, mask_row: torch.Tensor) -> torch.Tensor:
+    """[rows, W]: ``code_rows`` [sum n, W] on the latent rows, ``mask_row`` [W] on every patch row."""
+    x = code_rows.new_empty(pack.rows, code_rows.shape[1])
+    x[pack.latent_rows] = code_rows
+    x[pack.patch_rows] = mask_row.to(code_rows.dtype).expand(pack.num_patches, -1)
+    return x
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def attention(
+        self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str, cache: PackingCache
+    ) -> torch.Tensor:
+        cos, sin = cache.row_rotations(pack, qkv.device)
+        q, k, v = split_heads(attn, qkv)
+        q_bounds, cos_q, sin_q = pack.seq_bounds, cos, sin
+        if queries != "all":
+            q_rows = pack.latent_rows if queries == "latent" else pack.patch_rows
+            q, cos_q, sin_q = q[q_rows], cos[q_rows], sin[q_rows]
+            q_bounds = pack.token_bounds if queries == "latent" else pack.patch_bounds
+        q, k = rotate_pairs(attn.q_norm(q), cos_q, sin_q), rotate_pairs(attn.k_norm(k), cos, sin)
+        out = q.new_empty(q.shape)
+        work = attention_dtype(q)
+        for (qs, qe), (ks, ke) in zip(q_bounds, pack.seq_bounds, strict=True):
+            # 4-D inputs: the CPU flash kernel takes them; 3-D ones fall back to the math path (3x slower)
+            q_i, k_i, v_i = (
+                t[None, a:b].transpose(1, 2).to(work) for t, a, b in ((q, qs, qe), (k, ks, ke), (v, ks, ke))
+            )
+            out[qs:qe] = F.scaled_dot_product_attention(q_i, k_i, v_i, enable_gqa=True)[0].transpose(0, 1)
+        return out.flatten(1)
+
+    def attention_static(self, attn: Attention, qkv: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
+        index = pair_positions(batch.positions)
+        cos, sin = batch.cos.gather(0, index), batch.sin.gather(0, index)
+        q, k, v = split_heads(attn, qkv)
+        q, k = rotate_pairs(attn.q_norm(q), cos, sin), rotate_pairs(attn.k_norm(k), cos, sin)
+        seg = batch.segment_ids()
+        work = attention_dtype(q)
+        q, k, v = (t[None].transpose(1, 2).to(work) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg[:, None] == seg[None, :], enable_gqa=True)
+        return out[0].transpose(0, 1).flatten(1).to(qkv.dtype)
+
+    def encoder_head(
+        self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        z = proj(ln(x))
+        codes, indices = fsq_quantize(z, consts)
+        return codes.to(z.dtype), indices
+
+    def decoder_input(
+        self, indices: torch.Tensor, table: torch.Tensor, mask_row: torch.Tensor, pack: Packing
+    ) -> torch.Tensor:
+        return scatter_rows(pack, table[indices.long()], mask_row)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def attention(
+        self, attn: Attention, qkv: torch.Tensor, pack: Packing, queries: str, cache: PackingCache
+    ) -> torch.Tensor:
+        from .ops import attention
+
+        cos, sin = cache.tables(pack.max_position, qkv.device)
+        if queries == "all":
+            return attention(attn, qkv, pack.cu_seqlens, pack.positions, cos, sin)
+        latent = queries == "latent"
+        return attention(
+            attn, qkv, pack.cu_seqlens, pack.positions, cos, sin,
+            q_cu_seqlens=pack.cu_tokens if latent else pack.cu_patches,
+            q_starts=pack.latent_starts if latent else pack.patch_starts,
+            num_q_rows=pack.num_tokens if latent else pack.num_patches,
+        )  # fmt: skip
+
+    def attention_static(self, attn: Attention, qkv: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
+        from .ops import attention
+
+        return attention(attn, qkv, batch.cu_seqlens, batch.positions, batch.cos, batch.sin)
+
+    def encoder_head(
+        self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .ops import encoder_head
+
+        return encoder_head(x, ln, proj, consts)
+
+    def decoder_input(
+        self, indices: torch.Tensor, table: torch.Tensor, mask_row: torch.Tensor, pack: Packing
+    ) -> torch.Tensor:
+        from .ops import fsq_decoder_input_op
+
+        return fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
+
+
+TORCH = TorchBackend()
+TRITON = TritonBackend()
+
+
+def check_backend(choice: object) -> str:
+    """``choice`` if it names a backend; ``"reference"`` and anything else is a one-line ValueError."""
+    if choice == "reference":
+        raise ValueError(
+            "backend 'reference' is gone from TiTok: the oracle is titok_fast.reference.ReferenceTiTok (same "
+            f"weights, load_state_dict moves them); TiTok's backend is one of {BACKENDS}"
+        )
+    if choice not in BACKENDS:
+        raise ValueError(f"backend {choice!r} is not one of {BACKENDS}")
+    return choice
+
+
+def resolve_backend(choice: str, device: torch.device | str) -> Backend:
+    """The backend that runs for ``choice`` with weights on ``device``: ``"auto"`` is Triton on CUDA, PyTorch
+    anywhere else; ``"torch"`` and ``"triton"`` are taken as they are."""
+    if choice == "auto":
+        choice = "triton" if torch.device(device).type == "cuda" else "torch"
+    return TRITON if check_backend(choice) == "triton" else TORCH
