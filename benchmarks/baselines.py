@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from titok_fast.config import HEAD_DIM, TiTokConfig
 from titok_fast.kernels.mrope_attention import AXIS_PAIRS
-from titok_fast.reference import ReferenceTiTok, fsq_quantize, patch_grid, patchify, unpatchify
+from titok_fast.patches import patch_grid, patchify, unpatchify
+from titok_fast.reference import ReferenceTiTok, fsq_quantize
 
 STANDIN = Path(__file__).resolve().parent / "flash_attn_standin"
 
