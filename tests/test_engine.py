@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from titok_fast.engine import Engine, pick_budget, plan_batches
+from titok_fast.engine import AUTO_GRAPH_MAX_ROWS, Engine, auto_mode, pick_budget, plan_batches
 
 from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, engine_for
 from helpers import make_model, random_videos, rel_l2
@@ -233,3 +233,49 @@ def test_engine_uses_the_models_public_api_only():
     source = Path(titok_fast.engine.__file__).read_text()
     assert re.findall(r"model\._\w+", source) == []
     assert "model.pack_indices(" in source  # the pattern sees what the engine calls
+
+
+def test_auto_mode_rule_is_shape_and_device_only():
+    """auto: a CUDA graph for a small batch on CUDA (one V1 clip of 20x192x192: 2880 patches + 256 tokens),
+    eager for a large one and on any other device."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert auto_mode(3136, cuda) == "cudagraph" and auto_mode(AUTO_GRAPH_MAX_ROWS, cuda) == "cudagraph"
+    assert auto_mode(AUTO_GRAPH_MAX_ROWS + 1, cuda) == "eager" and auto_mode(8 * 3136, cuda) == "eager"
+    assert auto_mode(10, cpu) == "eager"
+
+
+def test_auto_mode_mixes_graphs_and_eager_batches_and_equals_model(model, expected, monkeypatch):
+    """On the CUDA-graph stand-in, with the rule's threshold lowered so that some batches of this stream are small
+    and some large: each runs in its own mode, every clip equals the model's."""
+    import titok_fast.engine as engine_module
+
+    videos, _, indices, recon = expected
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(64, 256), max_clips=2)
+    engine.mode = "auto"
+    modes = []
+
+    def rule(rows, device):
+        modes.append("cudagraph" if rows <= 40 else "eager")
+        return modes[-1]
+
+    monkeypatch.setattr(engine_module, "auto_mode", rule)
+    _, got = engine.encode(videos, COUNTS)
+    assert all(torch.equal(got["indices"][i], indices[i]) for i in range(len(SHAPES)))
+    out = engine.decode_indices(list(indices), SHAPES)
+    assert all(rel_l2(out[i], recon[i]) <= 1e-5 for i in range(len(SHAPES)))
+    assert {"cudagraph", "eager"} <= set(modes) and engine.compiles == 2  # one graph per stage, budget 64
+
+
+def test_padding_rows_hold_nan_and_never_reach_a_clip(model, expected, monkeypatch):
+    """The fixed-shape path with its empty input rows filled with NaN instead of zeros gives the same clips: no
+    padding row (nor a latent row's unused input) is ever read into a real one."""
+    import titok_fast.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PADDING", float("nan"))
+    videos, _, indices, recon = expected
+    engine = Engine(model, mode="static", budgets=(512,), max_clips=8)
+    _, got = engine.encode(videos[:3], COUNTS[:3])
+    assert all(torch.equal(got["indices"][i], indices[i]) for i in range(3))
+    inputs = engine._buffers[("encode", 512)].inputs
+    rows = sum(n + s[0] // 4 * s[1] // 8 * s[2] // 8 for n, s in zip(COUNTS[:3], SHAPES[:3], strict=True))
+    assert bool(inputs[rows:].isnan().all())  # the NaN really was there

@@ -323,10 +323,11 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) ->
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument(
         "--mode",
-        choices=("eager", "compile", "cudagraph"),
-        default="eager",
-        help="eager: batches at their exact size; compile: torch.compile per token budget; cudagraph: a CUDA graph per "
-        "token budget (default eager)",
+        choices=("auto", "eager", "compile", "cudagraph"),
+        default="auto",
+        help="auto: per batch, a CUDA graph for small batches on CUDA and eager otherwise (a fixed rule on shape and "
+        "device); eager: batches at their exact size; compile: torch.compile per token budget; cudagraph: a CUDA "
+        "graph per token budget (default auto)",
     )
     p.add_argument("--batch-size", type=_positive, default=32, help="most clips per batch (default 32)")
 

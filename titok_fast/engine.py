@@ -12,6 +12,9 @@ Modes:
 - ``compile``: ``torch.compile`` of the fixed-shape path, one graph per (stage, budget); the batch is padded to
   the budget and its layout lives in persistent buffers refilled per batch, so batches never recompile.
 - ``cudagraph``: one CUDA graph per (stage, budget), captured after a warm-up and replayed with refilled buffers.
+- ``auto``: per batch, by a fixed rule on its shape and the device (never by timing, see :func:`auto_mode`):
+  ``cudagraph`` for a small batch on CUDA, where launch overhead dominates and a graph removes it, else ``eager``,
+  which never pays for padding.
 
 An out-of-memory error during a batch splits it in two and retries; a single clip that does not fit is an error
 naming it. Nothing is lost.
@@ -35,7 +38,12 @@ from .packing import Packing, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768, 65536)
-MODES = ("eager", "static", "compile", "cudagraph")
+MODES = ("auto", "eager", "static", "compile", "cudagraph")
+# auto: the largest batch (packed rows) that runs as a CUDA graph. Measured on an H200 (benchmarks/RESULTS.md):
+# graphs won at batch 1 (3136-3904 rows: encode 1.34-1.63x, decode ~1.0x) and lost at batch 8 and up (25k+ rows:
+# 0.78-0.96x, the padding to the budget costing more than the launches saved).
+AUTO_GRAPH_MAX_ROWS = 8192
+PADDING = 0.0  # what the fixed-shape path's input rows hold where no patch is
 TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
 
@@ -73,6 +81,12 @@ def plan_batches(rows: Sequence[int], budgets: Sequence[int], max_clips: int) ->
     return list(pack_greedily(range(len(rows)), rows.__getitem__, max(budgets), max_clips))
 
 
+def auto_mode(rows: int, device: torch.device) -> str:
+    """The mode ``auto`` runs a batch of ``rows`` packed rows in on ``device``: ``"cudagraph"`` on CUDA for at
+    most ``AUTO_GRAPH_MAX_ROWS`` rows, else ``"eager"``."""
+    return "cudagraph" if device.type == "cuda" and rows <= AUTO_GRAPH_MAX_ROWS else "eager"
+
+
 def pick_budget(rows: int, budgets: Sequence[int]) -> int:
     """The smallest budget that holds ``rows``."""
     return min(b for b in budgets if b >= rows)
@@ -91,7 +105,7 @@ class Engine:
 
     Args:
         model: the model (its device, dtype and backend are used as they are).
-        mode: ``"eager"``, ``"static"``, ``"compile"`` or ``"cudagraph"`` (CUDA only).
+        mode: ``"auto"``, ``"eager"``, ``"static"``, ``"compile"`` or ``"cudagraph"`` (CUDA only).
         budgets: packed-row budgets, e.g. 4k..64k rows.
         max_clips: most clips in one batch (sizes the sequence buffers of the fixed-shape modes).
     """
@@ -109,7 +123,7 @@ class Engine:
             raise ValueError(f"max_clips must be >= 1, got {max_clips}")
         self.model, self.mode = model, mode
         self.budgets = tuple(sorted(set(budgets)))
-        if mode != "eager" and model.active_backend.name == "torch":
+        if mode not in ("eager", "auto") and model.active_backend.name == "torch":
             kept = tuple(b for b in self.budgets if b <= TORCH_FIXED_SHAPE_MAX_BUDGET)
             if kept != self.budgets:
                 warnings.warn(
@@ -276,15 +290,15 @@ class Engine:
         counts = [n for _, _, n in batch]
         grids = [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos]
         patches = torch.cat([patchify(v, cfg.patch_size) for v in videos])
-        if self.mode == "eager":
+        mode, budget = self._plan(counts, grids)
+        if mode == "eager":
             codes, indices = model.encode_packed(patches, model.packing(counts, grids))
         else:
-            budget = pick_budget(sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True)), self.budgets)
             buffers = self._static_buffers("encode", budget)
             pack = self._fill_layout(buffers.batch, counts, grids)
-            buffers.inputs.zero_()
+            buffers.inputs.fill_(PADDING)  # latent and padding rows: never read into a clip (tested with NaN)
             buffers.inputs[pack.patch_rows] = patches
-            codes, indices = self._replay("encode", budget)
+            codes, indices = self._replay("encode", budget, mode)
             codes, indices = codes[pack.latent_rows], indices[pack.latent_rows]
         return [(c.clone(), i.clone()) for c, i in zip(codes.split(counts), indices.split(counts), strict=True)]
 
@@ -295,19 +309,25 @@ class Engine:
         shapes = [tuple(shape) for _, _, shape in batch]
         counts = [idx.numel() for idx in indices]
         grids = [patch_grid(s, cfg.patch_size) for s in shapes]
-        if self.mode == "eager":
+        mode, budget = self._plan(counts, grids)
+        if mode == "eager":
             pack = model.packing(counts, grids)
             return model.videos_from_rows(model.decode_packed(torch.cat(indices), pack), pack, shapes)
-        budget = pick_budget(sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True)), self.budgets)
         buffers = self._static_buffers("decode", budget)
         pack = self._fill_layout(buffers.batch, counts, grids)
         buffers.inputs.zero_()
         buffers.inputs[pack.latent_rows] = torch.cat(indices).to(buffers.inputs.dtype)
         self._decoder_table()  # refreshed in place if the weights changed since the runner was built
-        patches = self._replay("decode", budget)[pack.patch_rows].split([math.prod(g) for g in grids])
+        patches = self._replay("decode", budget, mode)[pack.patch_rows].split([math.prod(g) for g in grids])
         return [unpatchify(p, s, cfg.patch_size).clone() for p, s in zip(patches, shapes, strict=True)]
 
     # ------------------------------------------------------------------------------------ fixed-shape path
+    def _plan(self, counts: list[int], grids: list) -> tuple[str, int]:
+        """(mode, token budget) of a batch: ``auto`` picks per batch (:func:`auto_mode`), the others are fixed."""
+        rows = sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True))
+        mode = auto_mode(rows, self.model.device) if self.mode == "auto" else self.mode
+        return mode, (0 if mode == "eager" else pick_budget(rows, self.budgets))
+
     def _static_buffers(self, stage: str, budget: int) -> _Buffers:
         key = (stage, budget)
         if key not in self._buffers:
@@ -352,22 +372,22 @@ class Engine:
         batch.is_latent[pack.latent_rows] = True
         return pack
 
-    def _replay(self, stage: str, budget: int):
+    def _replay(self, stage: str, budget: int, mode: str):
         key = (stage, budget)
         if key not in self._runners:
-            self._runners[key] = self._build_runner(stage, budget)
+            self._runners[key] = self._build_runner(stage, budget, mode)
         return self._runners[key]()
 
-    def _build_runner(self, stage: str, budget: int) -> Callable:
+    def _build_runner(self, stage: str, budget: int, mode: str) -> Callable:
         model, buffers = self.model, self._buffers[(stage, budget)]
         if stage == "encode":
             fn, extra = model.encode_static, ()
         else:  # the decoder table is an input, so the graph holds no Python-side cache lookups
             fn, extra = model.decode_static, self._decoder_table()
         args = (buffers.inputs, buffers.batch, *extra)
-        if self.mode == "static":
+        if mode == "static":
             return lambda: fn(*args)
-        if self.mode == "compile":
+        if mode == "compile":
             if stage == "encode":
                 model.fsq_constants()  # filled now, not while tracing (a cache filled by the trace fails its guard)
             # each runner gets a code object of its own: torch.compile keys its cache, and its recompile limit, by

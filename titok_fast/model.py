@@ -131,10 +131,12 @@ class Encoder(EncoderParams):
 
     @torch.no_grad()
     def encode_static(self, patch_rows: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """patch_rows [rows, 768] (zeros on latent and padding rows) -> (codes [rows, D], indices int32 [rows]);
-        only latent rows are meaningful."""
+        """patch_rows [rows, 768] (any values on latent and padding rows: never read into a clip) ->
+        (codes [rows, D], indices int32 [rows]); only latent rows are meaningful. Padding rows start as zeros, so
+        whatever the buffer held there (even NaN) stays out of the attention of real rows."""
         backend = self.runtime.backend(self.device)
-        x = torch.where(batch.is_latent[:, None], self.mask_token, self.proj_in(patch_rows))
+        patches = torch.where(batch.real_rows()[:, None], self.proj_in(patch_rows), 0)
+        x = torch.where(batch.is_latent[:, None], self.mask_token, patches)
         return self.quantized(run_layers_static(self.model_layers, x, batch, backend), backend)
 
 
@@ -350,7 +352,7 @@ class TiTok(nn.Module):
         return self.decoder.table()
 
     def encode_static(self, patch_rows: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed-shape encode for the engine: patch_rows [rows, 768] (zeros on latent and padding rows) ->
+        """Fixed-shape encode for the engine: patch_rows [rows, 768] (anything on latent and padding rows) ->
         (codes [rows, D], indices int32 [rows]); only latent rows are meaningful. Every layer runs on every row,
         so shapes never depend on the batch contents (torch.compile, CUDA graphs)."""
         return self.encoder.encode_static(patch_rows, batch)

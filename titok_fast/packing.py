@@ -138,6 +138,11 @@ class StaticBatch:
     def rows(self) -> int:
         return self.positions.shape[0]
 
+    def real_rows(self) -> torch.Tensor:
+        """bool [rows]: the rows of real sequences (before ``cu_seqlens[-1]``); the rest are padding."""
+        rows = torch.arange(self.rows, device=self.cu_seqlens.device, dtype=torch.int32)
+        return rows < self.cu_seqlens[-1]
+
     def segment_ids(self) -> torch.Tensor:
         """int64 [rows]: the sequence of every row; padding rows form one extra segment after the last."""
         rows = torch.arange(self.rows, device=self.cu_seqlens.device, dtype=torch.int32)
