@@ -20,11 +20,14 @@ from tqdm import tqdm
 from .engine import Engine
 from .loading import weights_digest
 from .model import TiTok
+from .preprocess import DevicePreprocessor
+from .stages import CLOCK
 from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_tokens
 from .video import (
     ClipReader,
     VideoError,
     VideoWriter,
+    default_workers,
     normalize_pixels,
     psnr,
     side_by_side,
@@ -34,6 +37,7 @@ from .video import (
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
+SOURCE_SIZE_READ_AHEAD = 2  # clips a file may hold decoded ahead when they are kept at source size (uint8 RGB)
 
 
 class InputError(ValueError):
@@ -70,11 +74,17 @@ class ClipSettings:
     fps: float = 8.0
     tail: str = "drop"
     sampling: str = "upstream"
+    decoder: str = "cpu"
+    preprocess: str = "auto"
 
-    def read_kwargs(self) -> dict:
-        """Arguments of ``ClipReader`` / ``stream_videos`` for these settings (raw pixels: scaled in model dtype)."""
+    def read_kwargs(self, device: str = "cpu") -> dict:
+        """Arguments of ``ClipReader`` / ``stream_videos`` for these settings and a model on ``device`` ("cpu",
+        "cuda"): raw pixels, scaled in the model's dtype; frames preprocessed where ``preprocess`` places them."""
         t, h, w = self.grid
-        return dict(frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True)
+        return dict(
+            frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True,
+            decoder=self.decoder, preprocess=self.preprocess, device=device,
+        )  # fmt: skip
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors") -> list[tuple[Path, str]]:
@@ -114,17 +124,22 @@ def encode_files(
     outdir: str | os.PathLike,
     settings: ClipSettings,
     *,
-    workers: int = 2,
+    workers: int | None = None,
+    worker_kind: str = "thread",
     read_ahead: int = 8,
     overwrite: bool = False,
 ) -> Summary:
     """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``.
 
-    Clips stream from the video decoders (``workers`` threads, up to ``2 * workers`` files open, each at most
-    ``read_ahead`` decoded clips ahead) through ``engine.encode_stream``, so memory does not grow with a video's
-    length and the GPU never waits for a whole file. A file's token file is written as soon as all its clips are
-    back; a file that fails (reading, or encoding after retrying its clips one by one) is reported, the rest go on.
+    Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``; default one per
+    core; up to ``2 * workers`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept
+    at source size) through ``engine.encode_stream``, so memory does not grow with a video's length and the GPU
+    never waits for a whole file. Frames are preprocessed where ``settings.preprocess`` places them (on the
+    model's device: batched per clip, overlapped with the model). A file's token file is written as soon as all
+    its clips are back; a file that fails (reading, or encoding after retrying its clips one by one) is reported,
+    the rest go on. The progress bar shows clips/s and whether decoding or the model limits the run.
     """
+    workers = workers or default_workers()
     outdir = Path(outdir)
     summary = Summary()
     start = time.perf_counter()
@@ -133,14 +148,18 @@ def encode_files(
     todo = []
     for path, name in files:
         out = outdir / f"{name}.safetensors"
-        if not overwrite and _already_encoded(out, model, settings):
+        if not overwrite and _already_encoded(out, model, engine.mode, settings):
             summary.skipped.append(str(path))
         else:
             todo.append((path, out))
-    job = _EncodeJob(model, settings, summary, _progress(len(todo), "file"), start)
+    job = _EncodeJob(model, engine.mode, settings, summary, _progress(len(todo), "file"), start)
+    job.limits.workers = workers
+    source_size = settings.preprocess == "device" or settings.decoder == "nvdec"  # clips of source-size frames
     feeds = stream_videos(
-        [p for p, _ in todo], workers=workers, prefetch=2 * workers, capacity=read_ahead, **settings.read_kwargs()
-    )
+        [p for p, _ in todo], workers=workers, prefetch=2 * workers, worker_kind=worker_kind,
+        capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
+        **settings.read_kwargs(model.device.type),
+    )  # fmt: skip
     with contextlib.closing(feeds), job.bar:
         items = job.clips(feeds, dict(todo))
         for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed):
@@ -218,6 +237,50 @@ def _device_fault(error: BaseException) -> bool:
     return isinstance(error, accelerator_error) or text.startswith("CUDA error") or "Triton Error [CUDA]" in text
 
 
+class Limits:
+    """What limits an encode run, for its progress bar: clips/s, and the share of the wall time the model's feeder
+    spent waiting for decoded clips (over half: decoding is the bottleneck, and the hint says what to try)."""
+
+    def __init__(self, start: float, decoder: str, device_type: str, every: float = 1.0):
+        self.start, self.decoder, self.device_type, self.every = start, decoder, device_type, every
+        self.workers = 1
+        self.clips = 0
+        self.waited = 0.0  # seconds spent waiting for the next clip (or file) from the decoders
+        self._shown = start
+
+    def waiting(self, items: Iterable) -> Iterator:
+        """``items``, with the wall time spent waiting for each counted."""
+        items = iter(items)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - started
+            yield item
+
+    def due(self) -> bool:
+        """Whether ``every`` seconds have passed since the description was last shown."""
+        now = time.perf_counter()
+        if now - self._shown < self.every:
+            return False
+        self._shown = now
+        return True
+
+    def describe(self) -> str:
+        """E.g. "12.3 clips/s, decode-bound (waits 71%): try --workers 16 or --decoder nvdec"."""
+        wall = max(time.perf_counter() - self.start, 1e-9)
+        share = min(self.waited / wall, 1.0)
+        text = f"{self.clips / wall:.2f} clips/s, "
+        if share <= 0.5:
+            return text + f"model-bound (waits {share:.0%})"
+        hints = [f"--workers {default_workers()}"] if self.workers < default_workers() else []
+        hints += ["--decoder nvdec"] if self.decoder == "cpu" and self.device_type == "cuda" else []
+        return text + f"decode-bound (waits {share:.0%})" + (f": try {' or '.join(hints)}" if hints else "")
+
+
 @dataclass
 class _FileState:
     path: Path
@@ -232,19 +295,24 @@ class _EncodeJob:
     """The files of one ``encode_files`` run: their clips go out as one stream, their indices come back in any
     grouping, and a file's token file is written when its last clip is back."""
 
-    def __init__(self, model: TiTok, settings: ClipSettings, summary: Summary, bar: tqdm, start: float):
-        self.model, self.settings, self.summary, self.bar, self.start = model, settings, summary, bar, start
+    def __init__(self, model: TiTok, mode: str, settings: ClipSettings, summary: Summary, bar: tqdm, start: float):
+        self.model, self.mode, self.settings, self.summary, self.bar = model, mode, settings, summary, bar
         self.files: dict[int, _FileState] = {}
+        _, height, width = settings.grid
+        self.on_device = DevicePreprocessor(model.device, height, width, model.dtype)
+        self.limits = Limits(start, settings.decoder, model.device.type)
 
     def clips(self, feeds: Iterator, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file."""
         dtype, tokens = self.model.dtype, self.settings.tokens
-        for number, (path, feed) in enumerate(feeds):
+        for number, (path, feed) in enumerate(self.limits.waiting(feeds)):
             state = self.files[number] = _FileState(path, outputs[path], feed.reader)
             count = 0
             try:
-                for clip in feed:
-                    yield (number, count), normalize_pixels(clip, dtype), tokens
+                for clip in self.limits.waiting(feed):
+                    # uint8 frames at source size: preprocessed here, on the model's device; else resized already
+                    clip = self.on_device(clip) if clip.dtype == torch.uint8 else normalize_pixels(clip, dtype)
+                    yield (number, count), clip, tokens
                     count += 1
             except VideoError as e:
                 self._fail(state, str(e))
@@ -254,6 +322,9 @@ class _EncodeJob:
 
     def add(self, key: tuple[int, int], indices: torch.Tensor) -> None:
         state = self.files[key[0]]
+        self.limits.clips += 1
+        if self.limits.due():
+            self.bar.set_postfix_str(self.limits.describe())
         if not state.ended:
             state.indices[key[1]] = indices.cpu()
             self._write_if_complete(state)
@@ -272,7 +343,9 @@ class _EncodeJob:
         try:
             state.out.parent.mkdir(parents=True, exist_ok=True)
             indices = [state.indices[i] for i in range(state.clips)]
-            save_tokens(state.out, _token_file(self.model, state.reader, indices, self.settings))
+            started = CLOCK.start()
+            save_tokens(state.out, _token_file(self.model, self.mode, state.reader, indices, self.settings))
+            CLOCK.stop("write", started)
         except (OSError, TokenFileError) as e:
             self._fail(state, f"cannot write {state.out}: {e}")
             return
@@ -284,16 +357,19 @@ class _EncodeJob:
         state.ended = True
         state.indices = {}
         self.bar.update(1)
-        self.bar.set_postfix(clips_per_s=f"{self.summary.clips / (time.perf_counter() - self.start):.2f}")
+        self.bar.set_postfix_str(self.limits.describe(), refresh=False)
 
 
-def _already_encoded(out: Path, model: TiTok, settings: ClipSettings) -> bool:
-    """A complete token file made by the same weights with the same clip settings (else it is redone)."""
+def _already_encoded(out: Path, model: TiTok, mode: str, settings: ClipSettings) -> bool:
+    """A complete token file made by the same weights with the same clip settings, decoder, preprocessing,
+    device, dtype, backend and mode (else it is redone; files made before these were recorded are redone too)."""
     if not is_complete(out, weights_digest=model.weights_digest):
         return False
     done = load_tokens(out)
+    recorded = {k: done.made_with.get(k) for k in RESUME_KEYS}
     return (
-        done.fps == settings.fps
+        recorded == made_with(model, mode, settings)
+        and done.fps == settings.fps
         and done.tail == settings.tail
         and done.sampling == settings.sampling
         and bool((done.token_counts == settings.tokens).all())
@@ -305,7 +381,7 @@ def _unaccounted(path: Path, summary: Summary) -> bool:
     return str(path) not in summary.done and all(str(path) != f for f, _ in summary.failed)
 
 
-def _token_file(model: TiTok, reader: ClipReader, indices: list, settings: ClipSettings) -> TokenFile:
+def _token_file(model: TiTok, mode: str, reader: ClipReader, indices: list, settings: ClipSettings) -> TokenFile:
     return TokenFile.from_chunks(
         indices,
         [settings.grid] * len(indices),
@@ -320,7 +396,27 @@ def _token_file(model: TiTok, reader: ClipReader, indices: list, settings: ClipS
         codebook_size=model.config.codebook_size,
         weights_source=model.weights_source,
         sampling=settings.sampling,
+        made_with=made_with(model, mode, settings, reader),
     )
+
+
+RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode")
+
+
+def made_with(model: TiTok, mode: str, settings: ClipSettings, reader: ClipReader | None = None) -> dict[str, str]:
+    """How tokens are made (the token file's ``made_with``): what was asked for (RESUME_KEYS), and with a
+    ``reader`` that has read its file, what its file got (``decoded_by``, ``preprocessed_on``)."""
+    made = {
+        "decoder": settings.decoder,
+        "preprocess": settings.preprocess,
+        "device": model.device.type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "backend": model._active_backend(),
+        "mode": mode,
+    }
+    if reader is not None:
+        made.update(decoded_by=reader.decoded_by, preprocessed_on=reader.placement)
+    return made
 
 
 def decoded_chunks(engine: Engine, token_file: TokenFile) -> Iterator[torch.Tensor]:
