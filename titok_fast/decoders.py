@@ -5,8 +5,8 @@ A decoder opens a file as a :class:`FrameSource`: its average frame rate, frame 
 uint8 RGB [h, w, 3] where it was decoded (host memory for PyAV, GPU memory for NVDEC).
 
 NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
-conversion runs there (:func:`yuv420_to_rgb`: BT.601 or BT.709 as the stream says, limited range, chroma
-upsampled as libswscale does by default), within rounding of PyAV's RGB (see tests/test_preprocess.py).
+conversion runs there (:func:`yuv420_to_rgb`: BT.601 or BT.709 as the stream says, limited range, as
+libswscale does it by default), within 2 levels of PyAV's RGB (see tests/test_preprocess.py).
 What NVDEC cannot take (the package or a GPU missing, a codec it lacks, a file it rejects) is decoded on the CPU
 instead, with a one-line notice; :func:`open_frames` does that choosing.
 """
@@ -23,7 +23,6 @@ from typing import Any
 
 import av
 import torch
-import torch.nn.functional as F
 
 from .stages import CLOCK
 
@@ -120,11 +119,12 @@ def nvdec_rgb(frame: NvdecFrame) -> torch.Tensor:
 
 
 def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str = "bt601") -> torch.Tensor:
-    """Limited-range YUV 4:2:0 -> RGB, as libswscale's default conversion does it (within rounding).
+    """Limited-range YUV 4:2:0 -> RGB as libswscale's default (unscaled) conversion does it, within rounding.
 
-    y: [h, w] uint8; u, v: [ceil(h / 2), ceil(w / 2)] uint8; matrix: "bt601" or "bt709".
-    Chroma is upsampled bilinearly with centred samples (MPEG-2 / H.264 siting is left-aligned horizontally, but
-    libswscale's default path centres it too). Returns [h, w, 3] uint8 on y's device.
+    y: [h, w] uint8; u, v: [ceil(h / 2), ceil(w / 2)] uint8; matrix: "bt601" or "bt709". Each chroma sample
+    covers its 2 x 2 luma block (libswscale's unscaled path does not interpolate chroma) and values are truncated
+    as its fixed-point arithmetic does: on H.264 frames the result is within 2 levels of PyAV's ``rgb24`` (0.6 on
+    average, tests/test_preprocess.py). Returns [h, w, 3] uint8 on y's device.
     """
     if matrix not in MATRICES:
         raise ValueError(f"matrix must be one of {sorted(MATRICES)}; got {matrix!r}")
@@ -132,15 +132,13 @@ def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str
         raise ValueError(f"planes must be y [h, w] and u, v [h/2, w/2]; got {list(y.shape)}, {list(u.shape)}")
     kr, kb = MATRICES[matrix]
     h, w = y.shape
-    chroma = torch.stack([u, v]).float()[None]  # [1, 2, h/2, w/2]
-    chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)[0, :, :h, :w] - 128
+    chroma = torch.stack([u, v]).float().repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w] - 128
     luma = (y.float() - 16) * (255 / 219)
     cb, cr = chroma[0] * (255 / 224), chroma[1] * (255 / 224)
-    kg = 1 - kr - kb
     r = luma + 2 * (1 - kr) * cr
     b = luma + 2 * (1 - kb) * cb
-    g = luma - (2 * kb * (1 - kb) * cb + 2 * kr * (1 - kr) * cr) / kg
-    return torch.stack([r, g, b], dim=-1).round().clamp(0, 255).to(torch.uint8)
+    g = luma - (2 * kb * (1 - kb) * cb + 2 * kr * (1 - kr) * cr) / (1 - kr - kb)
+    return torch.stack([r, g, b], dim=-1).floor().clamp(0, 255).to(torch.uint8)
 
 
 def _notice(message: str) -> None:
@@ -154,17 +152,19 @@ def open_frames(
     decoder: str = "cpu",
     *,
     threads: int = 1,
-    nvdec: Callable[[str, Any], Iterator[Any]] = nvdec_frames,
-    nvdec_convert: Callable[[Any], torch.Tensor] = nvdec_rgb,
+    nvdec: Callable[[str, Any], Iterator[Any]] | None = None,
+    nvdec_convert: Callable[[Any], torch.Tensor] | None = None,
     notice: Callable[[str], None] = _notice,
 ) -> Iterator[FrameSource]:
     """The file's frames from ``decoder`` ("cpu" or "nvdec"); NVDEC that cannot take this file (its first frame
-    fails) falls back to the CPU with a one-line ``notice``. ``nvdec`` / ``nvdec_convert`` are injectable (tests)."""
+    fails) falls back to the CPU with a one-line ``notice``. ``nvdec`` / ``nvdec_convert`` replace
+    :func:`nvdec_frames` / :func:`nvdec_rgb` (default: those of this module, looked up at the call)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
     stream = container.streams.video[0]
     if decoder == "nvdec":
-        frames = nvdec(path, stream)
+        nvdec_convert = nvdec_convert or nvdec_rgb
+        frames = (nvdec or nvdec_frames)(path, stream)
         try:
             first = next(frames, None)
         except Exception as exc:  # DecoderUnavailable, or the file rejected on its first frame

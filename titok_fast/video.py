@@ -173,8 +173,9 @@ class ClipReader:
             with open_frames(path, container, decoder, threads=self.threads) as source:
                 self.decoded_by = self.decoded_by or source.decoder
                 self.source_fps = source.source_fps
-                on = placement(self.preprocess, self.device, context.height, context.width)
-                self.placement = "device" if source.decoder == "nvdec" else on
+                if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
+                    on = placement(self.preprocess, self.device, context.height, context.width)
+                    self.placement = "device" if source.decoder == "nvdec" else on
                 image = source.rgb if self.placement == "device" else functools.partial(self._resized, source)
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
