@@ -508,13 +508,15 @@ def evaluate(
     settings: ClipSettings,
     token_counts: Sequence[int],
     *,
-    workers: int = 2,
+    workers: int | None = None,
     group: int = 32,
 ) -> tuple[dict, Summary]:
     """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM over clips per token count.
 
-    Clips stream from the files in groups of ``group`` (memory does not grow with the inputs); a file that fails
+    Clips stream from the files (``workers`` threads, default one per core) in groups of ``group`` (memory does
+    not grow with the inputs); a file that fails
     to read, even midway, is reported and none of its clips count."""
+    workers = workers or default_workers()
     summary = Summary()
     start = time.perf_counter()
     sums: dict[int, dict[int, list[float]]] = {}  # file number -> {n: [PSNR sum, SSIM sum]} over its scored clips
