@@ -154,7 +154,8 @@ def encode_files(
             todo.append((path, out))
     job = _EncodeJob(model, engine.mode, settings, summary, _progress(len(todo), "file"), start)
     job.limits.workers = workers
-    source_size = settings.preprocess == "device" or settings.decoder == "nvdec"  # clips of source-size frames
+    on_cuda = model.device.type == "cuda"  # clips that may hold source-size frames are held fewer at a time
+    source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
     feeds = stream_videos(
         [p for p, _ in todo], workers=workers, prefetch=2 * workers, worker_kind=worker_kind,
         capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,

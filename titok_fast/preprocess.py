@@ -93,6 +93,8 @@ class DevicePreprocessor:
             if frames.device.type == "cpu":
                 frames = frames if frames.is_pinned() else frames.pin_memory()
                 frames = frames.to(self.device, non_blocking=True)
+            else:  # decoded on the GPU (NVDEC) by work queued on the caller's stream before this call
+                self._stream.wait_stream(caller)
             CLOCK.stop("upload", started)
             clip = normalize_pixels(clip_pixels(frames, self.height, self.width), self.dtype)
         caller.wait_stream(self._stream)

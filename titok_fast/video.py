@@ -328,7 +328,8 @@ def stream_videos(
         raise ValueError(f"workers, prefetch and capacity must be >= 1; got {workers}, {prefetch} and {capacity}")
     if worker_kind not in WORKER_KINDS:
         raise ValueError(f"worker_kind must be one of {WORKER_KINDS}; got {worker_kind!r}")
-    ClipReader("", **read_kwargs)  # bad arguments raise here, not in a worker
+    if ClipReader("", **read_kwargs).decoder == "nvdec" and worker_kind == "process":  # bad arguments raise here
+        raise ValueError("decoder 'nvdec' leaves frames on the GPU: decode with worker_kind='thread'")
     remaining = iter(paths)
     pending: deque[tuple[str | os.PathLike[str], ClipFeed]] = deque()
     current: ClipFeed | None = None
