@@ -1,5 +1,6 @@
 import contextlib
 import math
+import multiprocessing
 import os
 import time
 from fractions import Fraction
@@ -408,3 +409,18 @@ def test_default_workers_is_the_cores_this_process_may_use():
     assert video.default_workers() == len(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="worker_kind must be one of"):
         next(video.stream_videos(["0"], workers=1, prefetch=1, worker_kind="fiber", frames=1, height=1, width=1))
+
+
+def test_a_worker_process_that_dies_fails_its_file_only(files):
+    stream = video.stream_videos([files["index24"], files["index30"]], workers=1, prefetch=1, capacity=1,
+                                 worker_kind="process", frames=1, height=8, width=8, fps=24)  # fmt: skip
+    _, feed = next(stream)
+    clips = iter(feed)
+    next(clips)
+    (child,) = multiprocessing.active_children()
+    child.kill()
+    with pytest.raises(VideoError, match=r"index24.mp4: the decoding process (died|failed)"):
+        sum(1 for _ in clips)
+    _, feed = next(stream)
+    assert sum(1 for _ in feed) == 30  # a new process reads the next file
+    stream.close()

@@ -415,23 +415,27 @@ class _DecoderProcess:
             try:
                 kind, value, spent = self.results.get(timeout=0.05)
             except queue.Empty:
-                if not self.process.is_alive():
-                    code = self.process.exitcode
-                    feed._put(("error", VideoError(f"{feed.path}: the decoding process died (exit code {code})")))
-                    self._start()
-                    return
-                continue
-            CLOCK.add_all(spent)
-            if kind == "clip":
-                feed._put(("clip", value))  # gives up at once when the feed is closed
-                continue
-            if kind == "end":
-                for name, state in value.items():
-                    setattr(feed.reader, name, state)
-                feed._put(("end", None))
-            elif kind == "error":
-                feed._put(("error", VideoError(value)))
-            self.cancel.clear()  # "cancelled" too: the process is ready for the next file
+                if self.process.is_alive():
+                    continue
+                failure = f"the decoding process died (exit code {self.process.exitcode})"
+            except Exception as exc:  # a message cut off by a dying process
+                failure = f"the decoding process failed ({type(exc).__name__}: {exc})"
+            else:
+                CLOCK.add_all(spent)
+                if kind == "clip":
+                    feed._put(("clip", value))  # gives up at once when the feed is closed
+                    continue
+                if kind == "end":
+                    for name, state in value.items():
+                        setattr(feed.reader, name, state)
+                    feed._put(("end", None))
+                elif kind == "error":
+                    feed._put(("error", VideoError(value)))
+                self.cancel.clear()  # "cancelled" too: the process is ready for the next file
+                return
+            feed._put(("error", VideoError(f"{feed.path}: {failure}")))
+            self.process.kill()
+            self._start()
             return
 
 
