@@ -539,9 +539,8 @@ def evaluate(
             scored[number] += 1
         batch.clear()
 
-    feeds = stream_videos(
-        [p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, **settings.read_kwargs()
-    )
+    reading = {**settings.read_kwargs(), "decoder": "cpu", "preprocess": "cpu"}  # eval's clips: the exact path
+    feeds = stream_videos([p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, **reading)
     with contextlib.closing(feeds):
         for number, (path, feed) in enumerate(feeds):
             sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0
