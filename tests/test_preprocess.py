@@ -193,3 +193,14 @@ def test_gpu_device_preprocessing_gives_the_tokens_of_the_cpu_path(files, tmp_pa
         tokens[where] = torch.cat([load_tokens(tmp_path / where / f"{n}.safetensors").indices for _, n in inputs])
         assert load_tokens(tmp_path / where / "wide.safetensors").made_with["preprocessed_on"] == where
     assert (tokens["cpu"] == tokens["device"]).float().mean() >= 0.999
+
+
+def test_nvdec_says_why_it_cannot_take_a_file(files):
+    with av.open(files["odd"]) as container, pytest.raises(DecoderUnavailable, match="NVDEC does not decode ffv1"):
+        next(decoders.nvdec_frames(files["odd"], container.streams.video[0]))
+
+
+@pytest.mark.skipif(CUDA, reason="checks the machine without CUDA")
+def test_nvdec_without_cuda_is_unavailable(files):
+    with av.open(files["wide"]) as container, pytest.raises(DecoderUnavailable, match="no CUDA device"):
+        next(decoders.nvdec_frames(files["wide"], container.streams.video[0]))

@@ -71,7 +71,7 @@ def _pyav_rgb(frame: av.VideoFrame) -> torch.Tensor:
 class NvdecFrame:
     """A frame NVDEC decoded: NV12 planes on the GPU and its timing in the container's time base."""
 
-    nv12: torch.Tensor  # [h * 3 / 2, w] uint8: Y rows, then interleaved U, V rows
+    nv12: torch.Tensor  # [rows * 3 / 2, w] uint8: Y rows (the picture's h first), then interleaved U, V rows
     height: int
     pts: int | None
     time_base: Fraction
@@ -85,6 +85,8 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
     codec = stream.codec_context.name
     if codec not in NVDEC_CODECS:
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
+    if stream.codec_context.color_range == 2:  # AVCOL_RANGE_JPEG
+        raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")
     if not torch.cuda.is_available():
         raise DecoderUnavailable("no CUDA device")
     try:
@@ -100,8 +102,11 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable(f"NVDEC cannot open it ({type(exc).__name__}: {exc})") from None
     height, time_base = stream.codec_context.height, stream.time_base
     matrix = _matrix(stream)
-    for packet in CLOCK.timed(demuxer, "decode"):
-        for decoded in decoder.Decode(packet):
+    for packet in CLOCK.timed(demuxer, "decode"):  # the last packet is empty: it flushes the decoder
+        started = CLOCK.start()
+        frames = decoder.Decode(packet)
+        CLOCK.stop("decode", started)
+        for decoded in frames:
             nv12 = torch.from_dlpack(decoded)
             yield NvdecFrame(nv12.reshape(-1, nv12.shape[-1]), height, decoded.getPTS(), time_base, None, matrix)
 
@@ -113,8 +118,8 @@ def _matrix(stream: av.video.stream.VideoStream) -> str:
 
 def nvdec_rgb(frame: NvdecFrame) -> torch.Tensor:
     """An NVDEC frame as [h, w, 3] uint8 RGB on its GPU."""
-    h = frame.height
-    y, uv = frame.nv12[:h], frame.nv12[h : h + (h + 1) // 2]
+    h, luma_rows = frame.height, frame.nv12.shape[0] * 2 // 3  # the surface may hold padding rows below the picture
+    y, uv = frame.nv12[:h], frame.nv12[luma_rows : luma_rows + (h + 1) // 2]
     return yuv420_to_rgb(y, uv[:, 0::2], uv[:, 1::2], frame.matrix)
 
 
