@@ -289,6 +289,7 @@ def short_sources(tmp_path_factory) -> dict:
     return sources(tmp_path_factory.mktemp("pipeline"), ["720p30", "256p8"], seconds=3.0)
 
 
+@pytest.mark.benchmark(group="pipeline: files in, token files out (tiny, cpu, fp32)")
 @pytest.mark.parametrize("source", ["720p30", "256p8"])
 @pytest.mark.parametrize("input_only", [False, True], ids=["encode", "input_only"])
 def test_cpu_pipeline(benchmark, short_sources, source, input_only):
@@ -298,7 +299,6 @@ def test_cpu_pipeline(benchmark, short_sources, source, input_only):
     path, mbit = short_sources[source]
     row = benchmark.pedantic(run_case, args=(path, args, model, engine), rounds=1, iterations=1)
     assert row["clips"] > 0
-    benchmark.group = "pipeline: files in, token files out (tiny, cpu, fp32)"
     provider = f"{source} {'input only' if input_only else 'encode'}"
     benchmark.extra_info.update({"provider": provider, "device": "cpu", "mbit_s": mbit, **row, **environment(args)})
     _log({"source": source, **row}, args.log)
