@@ -59,6 +59,8 @@ def test_files_spanning_batches_get_the_tokens_of_their_own_clips(model, sources
     files = [sources["long"], sources["short"], sources["odd"]]
     summary = encode(model, files, tmp_path, workers=2, read_ahead=1, max_clips=4)  # batches mix files
     assert summary.done == [str(p) for p in files] and not summary.failed and summary.clips == 12
+    assert summary.limited_by.split(" (")[0] in ("decode-bound", "model-bound")
+    assert f"\n  {summary.limited_by}" in summary.report("encoded")
     for path in files:
         stored = load_tokens(tmp_path / f"{path.stem}.safetensors")
         expected = direct_indices(model, path)
@@ -310,6 +312,8 @@ def test_progress_says_what_limits_the_run(monkeypatch):
     assert limits.describe() == "5.00 clips/s, decode-bound (waits 70%): try --workers 16 or --decoder nvdec"
     limits.waited = 2.0
     assert limits.describe() == "5.00 clips/s, model-bound (waits 20%)"
-    limits.waited, limits.workers, limits.decoder = 9.0, 16, "nvdec"
+    limits.waited, limits.workers = 9.0, 16
+    assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%): try --worker-kind process or --decoder nvdec"
+    limits.worker_kind, limits.decoder = "process", "nvdec"
     assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%)"
     assert list(limits.waiting(iter([1, 2]))) == [1, 2]

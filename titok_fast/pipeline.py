@@ -53,6 +53,7 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     clips: int = 0
     seconds: float = 0.0
+    limited_by: str = ""  # encode: what limited the run (see Limits.describe), "" if nothing was encoded
 
     def report(self, verb: str) -> str:
         lines = [
@@ -60,6 +61,7 @@ class Summary:
             f"({self.clips / max(self.seconds, 1e-9):.2f} clips/s); skipped {len(self.skipped)} already complete; "
             f"{len(self.failed)} failed"
         ]
+        lines += [f"  {self.limited_by}"] if self.limited_by else []
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
         return "\n".join(lines)
 
@@ -153,7 +155,7 @@ def encode_files(
         else:
             todo.append((path, out))
     job = _EncodeJob(model, engine.mode, settings, summary, _progress(len(todo), "file"), start)
-    job.limits.workers = workers
+    job.limits.workers, job.limits.worker_kind = workers, worker_kind
     on_cuda = model.device.type == "cuda"  # clips that may hold source-size frames are held fewer at a time
     source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
     feeds = stream_videos(
@@ -167,6 +169,7 @@ def encode_files(
             job.add(key, indices)
     summary.failed += [(str(p), "not encoded") for p, _ in todo if _unaccounted(p, summary)]
     summary.seconds = time.perf_counter() - start
+    summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
     return summary
 
 
@@ -244,7 +247,7 @@ class Limits:
 
     def __init__(self, start: float, decoder: str, device_type: str, every: float = 1.0):
         self.start, self.decoder, self.device_type, self.every = start, decoder, device_type, every
-        self.workers = 1
+        self.workers, self.worker_kind = 1, "thread"
         self.clips = 0
         self.waited = 0.0  # seconds spent waiting for the next clip (or file) from the decoders
         self._shown = start
@@ -277,7 +280,10 @@ class Limits:
         text = f"{self.clips / wall:.2f} clips/s, "
         if share <= 0.5:
             return text + f"model-bound (waits {share:.0%})"
-        hints = [f"--workers {default_workers()}"] if self.workers < default_workers() else []
+        if self.workers < default_workers():
+            hints = [f"--workers {default_workers()}"]
+        else:
+            hints = ["--worker-kind process"] if self.worker_kind == "thread" else []
         hints += ["--decoder nvdec"] if self.decoder == "cpu" and self.device_type == "cuda" else []
         return text + f"decode-bound (waits {share:.0%})" + (f": try {' or '.join(hints)}" if hints else "")
 
