@@ -86,6 +86,12 @@ class ClipReader:
     chunk is a VideoError); tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame
     threading. The arguments are checked here; the file is opened when iteration starts.
 
+    ``decoder``: "cpu" (PyAV) or "nvdec" (see :mod:`titok_fast.decoders`; falls back to the CPU). ``preprocess``
+    ("auto", "cpu", "device") and ``device`` (the model's device type) decide per file, by
+    :func:`titok_fast.preprocess.placement`, where frames are resized: with placement "device" (always so for
+    NVDEC's frames) the clips are the sampled frames at source size, [frames, h, w, 3] uint8 RGB, for
+    :class:`titok_fast.preprocess.DevicePreprocessor`; ``placement`` and ``decoded_by`` say what this file got.
+
     Iteration raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file (possibly
     after some clips). Once it has ended, ``source_fps``, ``clips_read``, ``last_clip_frames`` and ``start_times()``
     describe what was read.
