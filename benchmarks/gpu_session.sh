@@ -69,26 +69,32 @@ pipeline() {  # at most 8 minutes (the timeouts below add up to 480 s); every ro
     {
         echo "## NVDEC probe"
         "$python" - <<'PROBE' 2>&1
-import sys, torch
+import sys
 sys.path.insert(0, "benchmarks")
-try:
-    import PyNvVideoCodec as nvc
-    print("PyNvVideoCodec", nvc.__version__, "| GPU", torch.cuda.get_device_name())
-    from titok_fast.video import read_clips
-    import bench_pipeline as b
-    from pathlib import Path
-    b.make_source(Path("/tmp/probe.mp4"), 640, 360, 30, 2)
-    clips = read_clips("/tmp/probe.mp4", frames=4, height=64, width=64, decoder="nvdec", device="cuda")
-    print("NVDEC decoded", len(clips.clips), "clips")
+from pathlib import Path
+import av, torch
+import bench_pipeline
+from titok_fast import decoders
+bench_pipeline.make_source(Path("/tmp/probe.mp4"), 640, 360, 30, 2)
+try:  # NVDEC itself, without the CPU fallback: the exact error if it cannot be reached
+    with av.open("/tmp/probe.mp4") as container:
+        frames = decoders.nvdec_frames("/tmp/probe.mp4", container.streams.video[0])
+        first = next(frames)
+        rgb = decoders.nvdec_rgb(first)
+        count = 1 + sum(1 for _ in frames)
+        print("NVDEC reachable:", count, "frames, first", tuple(rgb.shape), rgb.device, "| GPU", torch.cuda.get_device_name())
+        cpu = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        print("max |NVDEC RGB - PyAV RGB| on frame 0:", (rgb.cpu().int() - torch.from_numpy(cpu).int()).abs().max().item())
 except Exception as exc:
     print("NVDEC unreachable:", type(exc).__name__, exc)
 PROBE
         # before: today's path (per-frame float32 resize on the CPU, 2 decoding threads), same commit and command
         timeout 120 "${run[@]}" --sources 720p30,256p8 --files 12 --label before --preprocess cpu --workers 2
         # after: the defaults (a decoding thread per core, preprocessing on the GPU by the placement rule)
-        timeout 90 "${run[@]}" --sources 720p30,256p8 --files 12 --label after
-        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label after-processes --worker-kind process
-        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec
+        timeout 90 "${run[@]}" --sources 720p30,256p8 --files 12 --label after --workers "$(nproc)"
+        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label after-processes --worker-kind process \
+            --workers "$(nproc)"
+        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec --workers "$(nproc)"
         for kind in thread process; do
             for w in 1 2 4 8 16; do
                 timeout 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind --workers $w \
