@@ -132,6 +132,7 @@ class ClipReader:
         self.decoder, self.preprocess, self.device = decoder, preprocess, device
         self.placement = ""  # where this file's frames are preprocessed, "cpu" or "device", set when it is opened
         self.decoded_by = ""  # "cpu" or "nvdec", or "nvdec,cpu" when NVDEC failed midway, set as it is read
+        self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
         self.source_fps = 0.0  # the container's average frame rate (0.0 if unknown), set when the file is opened
         self.clips_read = 0
         self.last_clip_frames = frames  # real frames in the last clip; fewer only when tail == "pad"
@@ -210,8 +211,11 @@ class ClipReader:
 
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
         self.clips_read += 1
-        if self.placement == "device":
-            return torch.stack(images)  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
+        if self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
+            if self.pin_memory and images[0].device.type == "cpu":
+                pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
+                return torch.stack(images, out=pinned)
+            return torch.stack(images)
         clip = torch.stack(images, dim=1)
         return clip if self.raw else normalize_pixels(clip, torch.float32)
 
@@ -354,6 +358,8 @@ def stream_videos(
                 current.close()  # its worker, if still decoding, frees its thread for the files ahead
             for path in remaining:
                 feed = ClipFeed(ClipReader(path, **read_kwargs), capacity)
+                # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
+                feed.reader.pin_memory = worker_kind == "thread" and read_kwargs.get("device") == "cuda"
                 tasks.put(feed)  # taken in order, so the feed consumed now always has a worker
                 pending.append((path, feed))
                 if len(pending) >= prefetch:
