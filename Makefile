@@ -21,8 +21,9 @@ gpu-session:
 	bash benchmarks/gpu_session.sh all
 
 # Wheels for a GPU machine without network (Python 3.12, x86_64) of what it lacks; carry .wheels there.
+# (pynvvideocodec: the NVDEC decoder of `encode --decoder nvdec`, optional.)
 wheels:
-	pip download av omegaconf ruff==0.17.6 --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+	pip download av omegaconf ruff==0.17.6 pynvvideocodec --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
 
 demo:

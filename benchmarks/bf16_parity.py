@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from titok_fast import TiTok
+from titok_fast.fp8 import set_precision
 from titok_fast.layers import perturb_norms
 from titok_fast.reference import ReferenceTiTok
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--interpret", action="store_true", help="kernels in the Triton interpreter (a CPU run)")
+    parser.add_argument("--fp8", action="store_true", help="also each backend with FP8 linear layers (titok_fast.fp8)")
     args = parser.parse_args()
     with interpreter() if args.interpret else contextlib.nullcontext():
         run(args)
@@ -56,7 +58,8 @@ def interpreter():
 
 def run(args: argparse.Namespace) -> None:
     shapes, counts = CLIPS[args.config]
-    totals: dict[str, list[float]] = {name: [] for name in ["reference", "reference-sdpa", *args.backends]}
+    fp8 = [f"{b}+fp8" for b in args.backends] if args.fp8 else []
+    totals: dict[str, list[float]] = {name: [] for name in ["reference", "reference-sdpa", *args.backends, *fp8]}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         model = TiTok(args.config).eval()
@@ -73,6 +76,10 @@ def run(args: argparse.Namespace) -> None:
         for backend in args.backends:
             model.backend = backend
             totals[backend].append(agreement(model.encode(videos, counts)[1]["indices"], truth))
+            if args.fp8:  # the layers' Linears in FP8, bf16 elsewhere
+                set_precision(model, "fp8")
+                totals[f"{backend}+fp8"].append(agreement(model.encode(videos, counts)[1]["indices"], truth))
+                set_precision(model, "default")
         oracle.fused_attention = True
         _, out = oracle.encode(half, counts)
         totals["reference-sdpa"].append(agreement(out["indices"], truth))

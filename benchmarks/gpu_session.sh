@@ -10,7 +10,9 @@
 #   bash benchmarks/gpu_session.sh decode    # end-to-end decode, the same providers
 #   bash benchmarks/gpu_session.sh encode-compile   # compile (torch.compile takes a while), eager beside it
 #   bash benchmarks/gpu_session.sh decode-compile
-#   bash benchmarks/gpu_session.sh all       # all six in a row
+#   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
+#                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
+#   bash benchmarks/gpu_session.sh all       # all six in a row (pipeline is run on its own)
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
@@ -40,6 +42,9 @@ torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)
     local missing
     missing=$("$python" -c "import importlib.util as u
 print(*[m for m in ('av', 'omegaconf', 'ruff') if not u.find_spec(m)])")
+    if [ "$1" = pipeline ] && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null; then
+        missing="$missing pynvvideocodec"  # optional: without it the NVDEC rows say why
+    fi
     if [ -n "$missing" ] && ! "$python" -m pip install --quiet --no-index --find-links .wheels $missing; then
         echo "cannot install $missing: run 'make wheels' where there is a network and carry .wheels" >&2
         [ "$1" = tests ] || [ "$1" = all ] && exit 2  # the benchmarks need none of them
@@ -57,9 +62,53 @@ part() {
         kernels) bench kernels "bench_kernels" ;;
         encode | decode) bench "$1" "test_gpu and $1 and not compile" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
+        pipeline) pipeline ;;
         all) for p in tests kernels encode decode encode-compile decode-compile; do part "$p"; done ;;
-        *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, all" >&2; exit 2 ;;
+        *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, pipeline, all" >&2
+           exit 2 ;;
     esac
+}
+
+pipeline() {  # at most 8 minutes (the timeouts below add up to 480 s); every row is appended to pipeline.jsonl as soon as it is measured
+    local log="$out/pipeline.jsonl" videos="$out/pipeline-videos"
+    local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
+               --videos "$videos" --log "$log")
+    {
+        echo "## NVDEC probe"
+        "$python" - <<'PROBE' 2>&1
+import sys
+sys.path.insert(0, "benchmarks")
+from pathlib import Path
+import av, torch
+import bench_pipeline
+from titok_fast import decoders
+bench_pipeline.make_source(Path("/tmp/probe.mp4"), 640, 360, 30, 2)
+try:  # NVDEC itself, without the CPU fallback: the exact error if it cannot be reached
+    with av.open("/tmp/probe.mp4") as container:
+        frames = decoders.nvdec_frames("/tmp/probe.mp4", container.streams.video[0])
+        first = next(frames)
+        rgb = decoders.nvdec_rgb(first)
+        count = 1 + sum(1 for _ in frames)
+        print("NVDEC reachable:", count, "frames, first", tuple(rgb.shape), rgb.device, "| GPU", torch.cuda.get_device_name())
+        cpu = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        print("max |NVDEC RGB - PyAV RGB| on frame 0:", (rgb.cpu().int() - torch.from_numpy(cpu).int()).abs().max().item())
+except Exception as exc:
+    print("NVDEC unreachable:", type(exc).__name__, exc)
+PROBE
+        # before: today's path (per-frame float32 resize on the CPU, 2 decoding threads), same commit and command
+        timeout 120 "${run[@]}" --sources 720p30,256p8 --files 12 --label before --preprocess cpu --workers 2
+        # after: the defaults (a decoding thread per core, preprocessing on the GPU by the placement rule)
+        timeout 90 "${run[@]}" --sources 720p30,256p8 --files 12 --label after --workers "$(nproc)"
+        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label after-processes --worker-kind process \
+            --workers "$(nproc)"
+        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec --workers "$(nproc)"
+        for kind in thread process; do
+            for w in 1 2 4 8 16; do
+                timeout 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind --workers $w \
+                    --label "input $kind x$w"
+            done
+        done
+    } 2>&1 | tee "$out/pipeline.txt"
 }
 
 export PYTHONUNBUFFERED=1  # a part cut off by its time limit still leaves what it printed

@@ -271,3 +271,27 @@ def test_bench_prints_the_table_of_its_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(subprocess, "call", fake_pytest)
     code, out, _ = run("bench", "--json", results, "-k", "cpu", capsys=capsys)
     assert code == 0 and "| torch | 3.00 | 1.00x |" in out
+
+
+def test_encode_input_options_give_the_same_tokens_and_are_recorded(folder, tmp_path, capsys):
+    """--worker-kind process, --preprocess device and --decoder nvdec (no GPU here: a one-line notice per file,
+    then the CPU decoder) all give the default run's tokens; each token file says how it was made."""
+    inputs = [folder / "moving.mp4", folder / "sub" / "odd.mkv"]
+    runs = {
+        "default": [],
+        "process": ["--worker-kind", "process", "--workers", "2", "--preprocess", "device"],
+        "nvdec": ["--decoder", "nvdec", "--workers", "1"],
+    }
+    for name, options in runs.items():
+        code, stdout, stderr = run("encode", *inputs, "-o", tmp_path / name, *GRID, *RANDOM, *options, capsys=capsys)
+        assert code == 0 and "encoded 2 file(s)" in stdout
+        notices = [line for line in stderr.splitlines() if "decoding on the CPU" in line]
+        assert len(notices) == (2 if name == "nvdec" else 0)
+    for stem in ("moving", "odd"):
+        made = {name: load_tokens(tmp_path / name / f"{stem}.safetensors") for name in runs}
+        assert all(torch.equal(made["default"].indices, t.indices) for t in made.values())
+        assert made["default"].made_with["preprocessed_on"] == "cpu"  # auto, on a CPU model
+        assert made["process"].made_with["preprocessed_on"] == "device"
+        assert (made["nvdec"].made_with["decoder"], made["nvdec"].made_with["decoded_by"]) == ("nvdec", "cpu")
+    args = build_parser().parse_args(["encode", "x.mp4", "-o", "out"])
+    assert (args.workers, args.worker_kind, args.decoder, args.preprocess) == (None, "thread", "cpu", "auto")

@@ -1,10 +1,13 @@
 """encode_files streams clips from many files through one engine stream: per-file results, failures, memory."""
 
+import dataclasses
+import json
 import weakref
 
 import av
 import pytest
 import torch
+from safetensors import safe_open
 
 from titok_fast import Engine, pipeline
 from titok_fast.loading import random_tokenizer
@@ -56,6 +59,8 @@ def test_files_spanning_batches_get_the_tokens_of_their_own_clips(model, sources
     files = [sources["long"], sources["short"], sources["odd"]]
     summary = encode(model, files, tmp_path, workers=2, read_ahead=1, max_clips=4)  # batches mix files
     assert summary.done == [str(p) for p in files] and not summary.failed and summary.clips == 12
+    assert summary.limited_by.split(" (")[0] in ("decode-bound", "model-bound")
+    assert f"\n  {summary.limited_by}" in summary.report("encoded")
     for path in files:
         stored = load_tokens(tmp_path / f"{path.stem}.safetensors")
         expected = direct_indices(model, path)
@@ -245,3 +250,70 @@ def test_encode_files_stops_loudly_when_the_clip_source_breaks(model, sources, t
     with pytest.raises(RuntimeError, match="cannot allocate memory"):
         encode(model, [sources["short"], sources["odd"], sources["long"]], tmp_path, max_clips=1)
     assert (tmp_path / "short.safetensors").exists()  # what was finished before stays
+
+
+def test_worker_processes_give_the_tokens_of_threads(model, sources, tmp_path):
+    files = [sources["long"], sources["broken"], sources["odd"]]
+    threads = encode(model, files, tmp_path / "threads", workers=2)
+    processes = encode(model, files, tmp_path / "processes", workers=2, worker_kind="process")
+    assert processes.done == threads.done == [str(sources["long"]), str(sources["odd"])]
+    assert processes.failed == threads.failed and [p for p, _ in processes.failed] == [str(sources["broken"])]
+    for path in (sources["long"], sources["odd"]):
+        a, b = (load_tokens(tmp_path / run / f"{path.stem}.safetensors") for run in ("threads", "processes"))
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.start_times, b.start_times)
+
+
+def test_preprocessing_on_the_device_gives_the_same_tokens_and_says_so(model, sources, tmp_path):
+    files = [(sources["long"], "long"), (sources["odd"], "odd")]
+    engine = Engine(model, max_clips=3)
+    for where in ("cpu", "device"):
+        settings = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad", preprocess=where)
+        assert not encode_files(model, engine, files, tmp_path / where, settings, workers=1).failed
+    for _, name in files:
+        a, b = (load_tokens(tmp_path / where / f"{name}.safetensors") for where in ("cpu", "device"))
+        assert torch.equal(a.indices, b.indices)
+        assert (a.made_with["preprocessed_on"], b.made_with["preprocessed_on"]) == ("cpu", "device")
+        assert b.made_with == {
+            "decoder": "cpu", "decoded_by": "cpu", "preprocess": "device", "preprocessed_on": "device",
+            "device": "cpu", "dtype": "float32", "backend": "torch", "mode": "eager",
+        }  # fmt: skip
+
+
+def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance(model, sources, tmp_path):
+    files = [(sources["short"], "short")]
+    engine = Engine(model, max_clips=3)
+    out = tmp_path / "short.safetensors"
+
+    def run(**changes):
+        settings = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad", **changes)
+        return encode_files(model, engine, files, tmp_path, settings, workers=1)
+
+    assert run().done and run().skipped  # made the same way: kept
+    assert run(preprocess="device").done  # another placement asked for: redone, and says so
+    assert load_tokens(out).made_with["preprocess"] == "device"
+    assert run(preprocess="device").skipped
+    engine.mode = "cudagraph"  # another mode (only the key is read: nothing is encoded in it)
+    assert not pipeline._already_encoded(out, model, engine.mode, SETTINGS)
+    engine.mode = "eager"
+    # a file of the current format written without the new fields, as the code before them wrote it
+    old = load_tokens(out)
+    pipeline.save_tokens(out, dataclasses.replace(old, made_with={}))
+    header = json.loads(safe_open(str(out), framework="pt").metadata()["titok_fast"])
+    assert "made_with" not in header and header["version"] == 1
+    assert load_tokens(out).made_with == {} and torch.equal(load_tokens(out).indices, old.indices)
+    assert run(preprocess="device").done  # loads, but cannot say how it was made: redone, never mixed
+
+
+def test_progress_says_what_limits_the_run(monkeypatch):
+    monkeypatch.setattr(pipeline, "default_workers", lambda: 16)
+    limits = pipeline.Limits(start=0.0, decoder="cpu", device_type="cuda")
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: 10.0)
+    limits.clips, limits.workers, limits.waited = 50, 2, 7.0
+    assert limits.describe() == "5.00 clips/s, decode-bound (waits 70%): try --workers 16 or --decoder nvdec"
+    limits.waited = 2.0
+    assert limits.describe() == "5.00 clips/s, model-bound (waits 20%)"
+    limits.waited, limits.workers = 9.0, 16
+    assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%): try --worker-kind process or --decoder nvdec"
+    limits.worker_kind, limits.decoder = "process", "nvdec"
+    assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%)"
+    assert list(limits.waiting(iter([1, 2]))) == [1, 2]

@@ -1,5 +1,6 @@
 import contextlib
 import math
+import multiprocessing
 import os
 import time
 from fractions import Fraction
@@ -370,3 +371,56 @@ def test_iter_videos_turns_any_failure_into_that_files_error(tmp_path, monkeypat
     assert isinstance(results[0][1], VideoError) and "MemoryError" in str(results[0][1])
     assert "bad.mp4" in str(results[0][1])
     assert not isinstance(results[1][1], VideoError) and len(results[1][1].clips) == 2
+
+
+def test_worker_processes_lose_no_clip_keep_order_and_fail_only_the_failing_file(files):
+    """Decoding in worker processes gives what threads give, file by file: the same clips in order, the same
+    metadata, and each bad file's own error (the files after it still read)."""
+    paths = [files["moving"], files["garbage"], files["index24"], files["scrambled"], files["odd"], files["missing"]]
+    kwargs = dict(frames=4, height=16, width=16, tail="pad", prefetch=4)
+    threads = list(iter_videos(paths, workers=2, **kwargs))
+    processes = list(iter_videos(paths, workers=2, worker_kind="process", **kwargs))
+    assert [p for p, _ in processes] == paths
+    assert [type(r).__name__ for _, r in processes] == [type(r).__name__ for _, r in threads]
+    assert [type(r).__name__ for _, r in processes][:3] == ["ClipSet", "VideoError", "ClipSet"]
+    for (_, a), (_, b) in zip(threads, processes, strict=True):
+        if isinstance(a, VideoError):
+            assert str(a) == str(b)
+            continue
+        assert len(a.clips) == len(b.clips) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a.clips, b.clips, strict=True))
+        assert (a.start_times, a.source_fps, a.last_clip_frames) == (b.start_times, b.source_fps, b.last_clip_frames)
+
+
+def test_worker_process_moves_past_a_feed_left_unread(files):
+    paths = [files["index24"], files["index24"], files["index30"]]
+    seen = []
+    stream = video.stream_videos(paths, workers=1, prefetch=1, capacity=1, worker_kind="process", frames=1,
+                                 height=8, width=8, fps=24)  # fmt: skip
+    for number, (_, feed) in enumerate(stream):
+        if number == 1:
+            next(iter(feed))  # one clip taken, the rest abandoned: the process must drop the file, not block
+            continue
+        seen.append(sum(1 for _ in feed))
+    assert seen == [48, 30]
+
+
+def test_default_workers_is_the_cores_this_process_may_use():
+    assert video.default_workers() == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="worker_kind must be one of"):
+        next(video.stream_videos(["0"], workers=1, prefetch=1, worker_kind="fiber", frames=1, height=1, width=1))
+
+
+def test_a_worker_process_that_dies_fails_its_file_only(files):
+    stream = video.stream_videos([files["index24"], files["index30"]], workers=1, prefetch=1, capacity=1,
+                                 worker_kind="process", frames=1, height=8, width=8, fps=24)  # fmt: skip
+    _, feed = next(stream)
+    clips = iter(feed)
+    next(clips)
+    (child,) = multiprocessing.active_children()
+    child.kill()
+    with pytest.raises(VideoError, match=r"index24.mp4: the decoding process (died|failed)"):
+        sum(1 for _ in clips)
+    _, feed = next(stream)
+    assert sum(1 for _ in feed) == 30  # a new process reads the next file
+    stream.close()

@@ -108,7 +108,10 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None):
 
     tokens = args.tokens if tokens is None else tokens
     grid = args.grid or model.config.max_grid
-    return ClipSettings(grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling)
+    return ClipSettings(
+        grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling,
+        decoder=getattr(args, "decoder", "cpu"), preprocess=getattr(args, "preprocess", "auto"),
+    )  # fmt: skip
 
 
 def _finish(summary, verb: str) -> int:
@@ -127,7 +130,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model = _model(args)
     summary = encode_files(
         model, _engine(args, model), files, args.output, _settings(args, model),
-        workers=args.workers, read_ahead=args.batch_size, overwrite=args.overwrite,
+        workers=args.workers, worker_kind=args.worker_kind, read_ahead=args.batch_size, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "encoded")
 
@@ -236,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not suite.is_dir():
         raise ValueError(f"the benchmark suite is not installed here (expected {suite}); run from a source checkout")
     results = Path(args.json)
-    files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py")]
+    files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py", "bench_pipeline.py")]
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={results}"]
     cmd += ["-k", args.select] if args.select else []
     print("+", " ".join(cmd), file=sys.stderr)
@@ -350,7 +353,31 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         help="upstream: the frames upstream's notebook picks (same tokens); time: by presentation time, for "
         "variable frame rate videos (default upstream)",
     )
-    p.add_argument("--workers", type=_positive, default=2, help="video decoding threads (default 2)")
+    p.add_argument("--workers", type=_positive, default=None, help="video decoding workers (default: one per CPU core)")
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--worker-kind",
+        choices=("thread", "process"),
+        default="thread",
+        help="decode in threads, or in worker processes (frames come back through shared memory) where threads "
+        "stop scaling with cores (default thread)",
+    )
+    p.add_argument(
+        "--decoder",
+        choices=("cpu", "nvdec"),
+        default="cpu",
+        help="cpu: PyAV/FFmpeg, the exact path; nvdec: the GPU's hardware decoder (PyNvVideoCodec), frames stay on "
+        "the GPU; what NVDEC cannot decode falls back to the CPU with a notice (default cpu)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=("auto", "cpu", "device"),
+        default="auto",
+        help="where frames are resized, cropped and scaled: in the decoding workers (cpu), or per clip on the "
+        "model's device (device); auto: device on CUDA for sources up to 4K, else cpu (default auto)",
+    )
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -390,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-encode files whose token file is already complete")
     _add_model_args(p)
     _add_clip_args(p)
+    _add_input_args(p)
     _add_ray_args(p)
     p.set_defaults(run=cmd_encode)
 

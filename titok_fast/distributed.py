@@ -50,6 +50,7 @@ from .pipeline import (
     _device_fault,
     _progress,
     encode_resiliently,
+    made_with,
     plan_outputs,
     write_token_file,
 )
@@ -111,7 +112,8 @@ def decode_rows(
     except Exception as e:  # an unforeseen failure on one file must not stop the others
         yield _row(number, count, "error", info=f"{path}: cannot be read ({type(e).__name__}: {e})", decoded_by=me)
         return
-    end = {"clips": count, "start_times": reader.start_times(), "last_clip_frames": reader.last_clip_frames}
+    end = {"clips": count, "start_times": reader.start_times(), "last_clip_frames": reader.last_clip_frames,
+           "decoder": reader.decoded_by, "placement": reader.placement}  # fmt: skip
     yield _row(number, count, "end", info=json.dumps(end), decoded_by=me)
 
 
@@ -146,7 +148,7 @@ class ClipEncoder:
         settings: ClipSettings,
         *,
         device: str = "cpu",
-        mode: str = "eager",
+        mode: str = "auto",
         batch_size: int = 32,
         weights_digest: str | None = None,
         ledger: FaultLedger | None = None,
@@ -266,8 +268,9 @@ class _Pending:
 class _Assembly:
     """The driver's side: rows in any order -> one token file per input, manifest lines, duplicates counted."""
 
-    def __init__(self, model: TiTok, settings: ClipSettings, todo, manifest: Manifest, bar):
+    def __init__(self, model: TiTok, mode: str, device: str, settings: ClipSettings, todo, manifest: Manifest, bar):
         self.model, self.settings, self.manifest, self.bar = model, settings, manifest, bar
+        self.mode, self.device = mode, device
         self.files = {number: _Pending(path, out) for number, (path, out) in enumerate(todo)}
 
     def take(self, row: dict) -> None:
@@ -295,10 +298,12 @@ class _Assembly:
             self._write(state)
 
     def _write(self, state: _Pending) -> None:
-        indices = [state.indices[i] for i in range(state.end["clips"])]
+        indices, end = [state.indices[i] for i in range(state.end["clips"])], state.end
+        made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
+                         preprocessed_on=end["placement"])  # fmt: skip
         error = write_token_file(
-            self.model, self.settings, state.out, state.path, indices, state.end["start_times"],
-            state.end["last_clip_frames"],
+            self.model, self.settings, state.out, state.path, indices, end["start_times"], end["last_clip_frames"],
+            made,
         )  # fmt: skip
         if error:
             self._fail(state, error)
@@ -328,7 +333,7 @@ def encode_dataset(
     load_model: Callable[..., TiTok] | None = None,
     ray_address: str = "local",
     device: str = "cuda",
-    mode: str = "eager",
+    mode: str = "auto",
     batch_size: int = 32,
     actors: int | None = None,
     gpus_per_actor: float = 1.0,
@@ -357,12 +362,17 @@ def encode_dataset(
     for name, value in given.items():
         if not isinstance(value, int) or value < least[name]:
             raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
+    if settings.decoder != "cpu" or settings.preprocess == "device":
+        raise ValueError(
+            "with Ray, frames are decoded and resized by the CPU decode tasks: --decoder nvdec and --preprocess device "
+            "do not apply"
+        )
     hooks = _test_hooks or {}
     outdir = Path(outdir)
     start = time.perf_counter()
     summary = Summary()
     with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
-        todo = plan_outputs(model, files, outdir, settings, manifest, overwrite=overwrite)
+        todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)
         if todo:
             load_model = model_loader(model) if load_model is None else load_model
             with _ray_session(ray_address) as ray:
@@ -376,7 +386,8 @@ def encode_dataset(
                     cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode, decode_retries=decode_retries,
                     actor_restarts=actor_restarts, hooks=hooks,
                 )  # fmt: skip
-                _collect(rows, _Assembly(model, settings, todo, manifest, _progress(len(todo), "file")),
+                assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
+                _collect(rows, assembly,
                          decode_retries, actor_restarts)  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary

@@ -18,15 +18,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .backends import resolve_backend
 from .engine import Engine
 from .loading import weights_digest
 from .manifest import MANIFEST_NAME, Manifest
 from .model import TiTok
+from .preprocess import DevicePreprocessor
+from .stages import CLOCK
 from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_tokens
 from .video import (
     ClipReader,
     VideoError,
     VideoWriter,
+    default_workers,
     normalize_pixels,
     psnr,
     side_by_side,
@@ -36,6 +40,7 @@ from .video import (
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
+SOURCE_SIZE_READ_AHEAD = 2  # clips a file may hold decoded ahead when they are kept at source size (uint8 RGB)
 
 
 class InputError(ValueError):
@@ -51,6 +56,7 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     clips: int = 0
     seconds: float = 0.0
+    limited_by: str = ""  # encode: what limited the run (see Limits.describe), "" if nothing was encoded
     duplicates: int = 0  # results that came back more than once (retried work) and were dropped
 
     def report(self, verb: str) -> str:
@@ -60,6 +66,7 @@ class Summary:
             f"{len(self.failed)} failed"
             + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
+        lines += [f"  {self.limited_by}"] if self.limited_by else []
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
         return "\n".join(lines)
 
@@ -74,11 +81,17 @@ class ClipSettings:
     fps: float = 8.0
     tail: str = "drop"
     sampling: str = "upstream"
+    decoder: str = "cpu"
+    preprocess: str = "auto"
 
-    def read_kwargs(self) -> dict:
-        """Arguments of ``ClipReader`` / ``stream_videos`` for these settings (raw pixels: scaled in model dtype)."""
+    def read_kwargs(self, device: str = "cpu") -> dict:
+        """Arguments of ``ClipReader`` / ``stream_videos`` for these settings and a model on ``device`` ("cpu",
+        "cuda"): raw pixels, scaled in the model's dtype; frames preprocessed where ``preprocess`` places them."""
         t, h, w = self.grid
-        return dict(frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True)
+        return dict(
+            frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True,
+            decoder=self.decoder, preprocess=self.preprocess, device=device,
+        )  # fmt: skip
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors") -> list[tuple[Path, str]]:
@@ -118,27 +131,36 @@ def encode_files(
     outdir: str | os.PathLike,
     settings: ClipSettings,
     *,
-    workers: int = 2,
+    workers: int | None = None,
+    worker_kind: str = "thread",
     read_ahead: int = 8,
     overwrite: bool = False,
 ) -> Summary:
     """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``.
 
-    Clips stream from the video decoders (``workers`` threads, up to ``2 * workers`` files open, each at most
-    ``read_ahead`` decoded clips ahead) through ``engine.encode_stream``, so memory does not grow with a video's
-    length and the GPU never waits for a whole file. A file's token file is written as soon as all its clips are
-    back; a file that fails (reading, or encoding after retrying its clips one by one) is reported, the rest go on.
-    Each file's outcome goes to the job's manifest, ``outdir/manifest.jsonl`` (see :mod:`titok_fast.manifest`).
+    Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``; default one per
+    core; up to ``2 * workers`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept
+    at source size) through ``engine.encode_stream``, so memory does not grow with a video's length and the GPU
+    never waits for a whole file. Frames are preprocessed where ``settings.preprocess`` places them (on the
+    model's device: batched per clip, overlapped with the model). A file's token file is written as soon as all
+    its clips are back; a file that fails (reading, or encoding after retrying its clips one by one) is reported,
+    the rest go on. The progress bar shows clips/s and whether decoding or the model limits the run.
     """
+    workers = workers or default_workers()
     outdir = Path(outdir)
     summary = Summary()
     start = time.perf_counter()
     with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
-        todo = plan_outputs(model, files, outdir, settings, manifest, overwrite=overwrite)
-        job = _EncodeJob(model, settings, manifest, _progress(len(todo), "file"), start)
+        todo = plan_outputs(model, engine.mode, files, outdir, settings, manifest, overwrite=overwrite)
+        job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), start)
+        job.limits.workers, job.limits.worker_kind = workers, worker_kind
+        on_cuda = model.device.type == "cuda"  # clips that may hold source-size frames are held fewer at a time
+        source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
         feeds = stream_videos(
-            [p for p, _ in todo], workers=workers, prefetch=2 * workers, capacity=read_ahead, **settings.read_kwargs()
-        )
+            [p for p, _ in todo], workers=workers, prefetch=2 * workers, worker_kind=worker_kind,
+            capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
+            **settings.read_kwargs(model.device.type),
+        )  # fmt: skip
         stopped = "not encoded"
         try:
             with contextlib.closing(feeds), job.bar:
@@ -153,27 +175,31 @@ def encode_files(
                 if _unaccounted(path, summary):
                     manifest.not_encoded(path, out, stopped)
     summary.seconds = time.perf_counter() - start
+    summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
     return summary
 
 
 def plan_outputs(
     model: TiTok,
+    mode: str,
     files: Sequence[tuple[Path, str]],
     outdir: Path,
     settings: ClipSettings,
     manifest: Manifest,
     *,
     overwrite: bool = False,
+    device: str | None = None,
 ) -> list[tuple[Path, Path]]:
-    """``(file, token file)`` for every input still to encode; those already complete for these weights and
-    settings go to the manifest as skipped (unless ``overwrite``). Temporary files that a killed run left beside a
-    token file to redo are removed. Gives the model its weights digest if unset."""
+    """``(file, token file)`` for every input still to encode; those already complete for these weights, settings
+    and way of making them (engine ``mode``, the model's device or ``device``) go to the manifest as skipped
+    (unless ``overwrite``). Temporary files that a killed run left beside a token file to redo are removed. Gives
+    the model its weights digest if unset."""
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo = []
     for path, name in files:
         out = outdir / f"{name}.safetensors"
-        if not overwrite and _already_encoded(out, model, settings):
+        if not overwrite and _already_encoded(out, model, mode, settings, device):
             manifest.skipped(path, out)
         else:
             todo.append((path, out))
@@ -250,6 +276,53 @@ def _device_fault(error: BaseException) -> bool:
     return isinstance(error, accelerator_error) or text.startswith("CUDA error") or "Triton Error [CUDA]" in text
 
 
+class Limits:
+    """What limits an encode run, for its progress bar: clips/s, and the share of the wall time the model's feeder
+    spent waiting for decoded clips (over half: decoding is the bottleneck, and the hint says what to try)."""
+
+    def __init__(self, start: float, decoder: str, device_type: str, every: float = 1.0):
+        self.start, self.decoder, self.device_type, self.every = start, decoder, device_type, every
+        self.workers, self.worker_kind = 1, "thread"
+        self.clips = 0
+        self.waited = 0.0  # seconds spent waiting for the next clip (or file) from the decoders
+        self._shown = start
+
+    def waiting(self, items: Iterable) -> Iterator:
+        """``items``, with the wall time spent waiting for each counted."""
+        items = iter(items)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - started
+            yield item
+
+    def due(self) -> bool:
+        """Whether ``every`` seconds have passed since the description was last shown."""
+        now = time.perf_counter()
+        if now - self._shown < self.every:
+            return False
+        self._shown = now
+        return True
+
+    def describe(self) -> str:
+        """E.g. "12.3 clips/s, decode-bound (waits 71%): try --workers 16 or --decoder nvdec"."""
+        wall = max(time.perf_counter() - self.start, 1e-9)
+        share = min(self.waited / wall, 1.0)
+        text = f"{self.clips / wall:.2f} clips/s, "
+        if share <= 0.5:
+            return text + f"model-bound (waits {share:.0%})"
+        if self.workers < default_workers():
+            hints = [f"--workers {default_workers()}"]
+        else:
+            hints = ["--worker-kind process"] if self.worker_kind == "thread" else []
+        hints += ["--decoder nvdec"] if self.decoder == "cpu" and self.device_type == "cuda" else []
+        return text + f"decode-bound (waits {share:.0%})" + (f": try {' or '.join(hints)}" if hints else "")
+
+
 @dataclass
 class _FileState:
     path: Path
@@ -264,20 +337,25 @@ class _EncodeJob:
     """The files of one ``encode_files`` run: their clips go out as one stream, their indices come back in any
     grouping, and a file's token file is written when its last clip is back."""
 
-    def __init__(self, model: TiTok, settings: ClipSettings, manifest: Manifest, bar: tqdm, start: float):
-        self.model, self.settings, self.manifest, self.bar, self.start = model, settings, manifest, bar, start
+    def __init__(self, model: TiTok, mode: str, settings: ClipSettings, manifest: Manifest, bar: tqdm, start: float):
+        self.model, self.mode, self.settings, self.manifest, self.bar = model, mode, settings, manifest, bar
         self.summary = manifest.summary
         self.files: dict[int, _FileState] = {}
+        _, height, width = settings.grid
+        self.on_device = DevicePreprocessor(model.device, height, width, model.dtype)
+        self.limits = Limits(start, settings.decoder, model.device.type)
 
     def clips(self, feeds: Iterator, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file."""
         dtype, tokens = self.model.dtype, self.settings.tokens
-        for number, (path, feed) in enumerate(feeds):
+        for number, (path, feed) in enumerate(self.limits.waiting(feeds)):
             state = self.files[number] = _FileState(path, outputs[path], feed.reader)
             count = 0
             try:
-                for clip in feed:
-                    yield (number, count), normalize_pixels(clip, dtype), tokens
+                for clip in self.limits.waiting(feed):
+                    # uint8 frames at source size: preprocessed here, on the model's device; else resized already
+                    clip = self.on_device(clip) if clip.dtype == torch.uint8 else normalize_pixels(clip, dtype)
+                    yield (number, count), clip, tokens
                     count += 1
             except VideoError as e:
                 self._fail(state, str(e))
@@ -287,6 +365,9 @@ class _EncodeJob:
 
     def add(self, key: tuple[int, int], indices: torch.Tensor) -> None:
         state = self.files[key[0]]
+        self.limits.clips += 1
+        if self.limits.due():
+            self.bar.set_postfix_str(self.limits.describe())
         if not state.ended:
             state.indices[key[1]] = indices.cpu()
             self._write_if_complete(state)
@@ -304,9 +385,14 @@ class _EncodeJob:
             return
         reader = state.reader
         indices = [state.indices[i] for i in range(state.clips)]
+        made = made_with(self.model, self.mode, self.settings, decoded_by=reader.decoded_by,
+                         preprocessed_on=reader.placement)  # fmt: skip
+        started = CLOCK.start()
         error = write_token_file(
-            self.model, self.settings, state.out, reader.path, indices, reader.start_times(), reader.last_clip_frames
-        )
+            self.model, self.settings, state.out, reader.path, indices, reader.start_times(), reader.last_clip_frames,
+            made,
+        )  # fmt: skip
+        CLOCK.stop("write", started)
         if error:
             self._fail(state, error)
             return
@@ -317,16 +403,19 @@ class _EncodeJob:
         state.ended = True
         state.indices = {}
         self.bar.update(1)
-        self.bar.set_postfix(clips_per_s=f"{self.summary.clips / (time.perf_counter() - self.start):.2f}")
+        self.bar.set_postfix_str(self.limits.describe(), refresh=False)
 
 
-def _already_encoded(out: Path, model: TiTok, settings: ClipSettings) -> bool:
-    """A complete token file made by the same weights with the same clip settings (else it is redone)."""
+def _already_encoded(out: Path, model: TiTok, mode: str, settings: ClipSettings, device: str | None = None) -> bool:
+    """A complete token file made by the same weights with the same clip settings, decoder, preprocessing,
+    device, dtype, backend and mode (else it is redone; files made before these were recorded are redone too)."""
     if not is_complete(out, weights_digest=model.weights_digest):
         return False
     done = load_tokens(out)
+    recorded = {k: done.made_with.get(k) for k in RESUME_KEYS}
     return (
-        done.fps == settings.fps
+        recorded == made_with(model, mode, settings, device=device)
+        and done.fps == settings.fps
         and done.tail == settings.tail
         and done.sampling == settings.sampling
         and bool((done.token_counts == settings.tokens).all())
@@ -346,19 +435,26 @@ def write_token_file(
     indices: list[torch.Tensor],
     start_times: list[float],
     last_chunk_frames: int,
+    made: dict[str, str],
 ) -> str | None:
-    """Write one video's token file atomically (``save_tokens``) from its clips' indices (each [tokens]);
-    returns None, or the one-line reason it could not be written."""
+    """Write one video's token file atomically (``save_tokens``) from its clips' indices (each [tokens]) and how
+    they were made (:func:`made_with`); returns None, or the one-line reason it could not be written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames))
+        save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames, made))
     except (OSError, TokenFileError) as e:
         return f"cannot write {out}: {e}"
     return None
 
 
 def _token_file(
-    model: TiTok, settings: ClipSettings, source, indices: list, start_times: list[float], last_chunk_frames: int
+    model: TiTok,
+    settings: ClipSettings,
+    source,
+    indices: list,
+    start_times: list[float],
+    last_chunk_frames: int,
+    made: dict[str, str],
 ) -> TokenFile:
     return TokenFile.from_chunks(
         indices,
@@ -374,7 +470,37 @@ def _token_file(
         codebook_size=model.config.codebook_size,
         weights_source=model.weights_source,
         sampling=settings.sampling,
+        made_with=made,
     )
+
+
+RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode")
+
+
+def made_with(
+    model: TiTok,
+    mode: str,
+    settings: ClipSettings,
+    *,
+    device: str | None = None,
+    decoded_by: str | None = None,
+    preprocessed_on: str | None = None,
+) -> dict[str, str]:
+    """How tokens are made (the token file's ``made_with``): what was asked for (RESUME_KEYS) by a model on
+    ``device`` (default: where ``model`` is; the Ray path's actors run elsewhere than its driver's copy), and once
+    a file has been read, what it got (``decoded_by``, ``preprocessed_on``)."""
+    device = device or model.device.type
+    made = {
+        "decoder": settings.decoder,
+        "preprocess": settings.preprocess,
+        "device": torch.device(device).type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "backend": resolve_backend(model.backend, device).name,
+        "mode": mode,
+    }
+    if decoded_by is not None:
+        made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
+    return made
 
 
 def decoded_chunks(engine: Engine, token_file: TokenFile) -> Iterator[torch.Tensor]:
@@ -466,15 +592,17 @@ def evaluate(
     settings: ClipSettings,
     token_counts: Sequence[int],
     *,
-    workers: int = 2,
+    workers: int | None = None,
     group: int = 32,
     per_file: dict | None = None,
 ) -> tuple[dict, Summary]:
     """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM over clips per token count.
 
-    Clips stream from the files in groups of ``group`` (memory does not grow with the inputs); a file that fails
-    to read, even midway, is reported and none of its clips count. ``per_file``, if given, receives each complete
-    file's own sums: {path: {n: {"psnr": sum, "ssim": sum, "clips": clips}}}."""
+    Clips stream from the files (``workers`` threads, default one per core) in groups of ``group`` (memory does
+    not grow with the inputs); a file that fails to read, even midway, is reported and none of its clips count.
+    ``per_file``, if given, receives each complete file's own sums: {path: {n: {"psnr": sum, "ssim": sum,
+    "clips": clips}}}."""
+    workers = workers or default_workers()
     summary = Summary()
     start = time.perf_counter()
     sums: dict[int, dict[int, list[float]]] = {}  # file number -> {n: [PSNR sum, SSIM sum]} over its scored clips
@@ -497,9 +625,8 @@ def evaluate(
             scored[number] += 1
         batch.clear()
 
-    feeds = stream_videos(
-        [p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, **settings.read_kwargs()
-    )
+    reading = {**settings.read_kwargs(), "decoder": "cpu", "preprocess": "cpu"}  # eval's clips: the exact path
+    feeds = stream_videos([p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, **reading)
     with contextlib.closing(feeds):
         for number, (path, feed) in enumerate(feeds):
             sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0

@@ -9,9 +9,10 @@ Tensors:
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
 "fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int,
 "sampling": str},
-"codebook_size": int, "weights_source": str}. weights_source is a local path (recorded, never opened on behalf of
-the file) or "hf://owner/name@<commit>:<file>" for Hub weights. Readers ignore fields they do not know, so new
-optional fields keep the format version and older files keep loading.
+"codebook_size": int, "weights_source": str}, and optionally "made_with": {str: str} (see MADE_WITH_KEY).
+weights_source is a local path (recorded, never opened on behalf of the file) or "hf://owner/name@<commit>:<file>"
+for Hub weights. Readers ignore fields they do not know, so new optional fields keep the format version and older
+files keep loading.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
 name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -51,6 +52,11 @@ FIELDS = {  # metadata field -> accepted types, as stored in JSON and held by To
 }
 CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frames": (int,), "sampling": (str,)}
 
+# How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
+# Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
+# used), device, dtype, backend, mode. Resumed runs compare them, so files made different ways never mix.
+MADE_WITH_KEY = "made_with"
+
 
 class TokenFileError(ValueError):
     """A token file (or the TokenFile for one) that is unreadable or inconsistent; the message says what."""
@@ -73,6 +79,7 @@ class TokenFile:
     codebook_size: number of codes, at most 32768
     weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
         weights, "" if unknown or random
+    made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode); {} if unknown
     """
 
     indices: torch.Tensor
@@ -89,6 +96,7 @@ class TokenFile:
     codebook_size: int
     weights_source: str = ""
     sampling: str = "upstream"
+    made_with: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_token_file(self)
@@ -110,6 +118,7 @@ class TokenFile:
         codebook_size: int,
         weights_source: str = "",
         sampling: str = "upstream",
+        made_with: dict[str, str] | None = None,
     ) -> TokenFile:
         """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times."""
         flat = torch.cat([i.reshape(-1).long() for i in chunk_indices] or [torch.zeros(0, dtype=torch.int64)])
@@ -129,6 +138,7 @@ class TokenFile:
             codebook_size=codebook_size,
             weights_source=weights_source,
             sampling=sampling,
+            made_with=dict(made_with or {}),
         )
 
     @cached_property
@@ -154,6 +164,8 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
         **{name: getattr(token_file, name) for name in FIELDS},
         "chunking": {name: getattr(token_file, name) for name in CHUNKING_FIELDS},
     }
+    if token_file.made_with:
+        metadata[MADE_WITH_KEY] = token_file.made_with
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
     write_atomically(path, save(tensors, metadata={METADATA_KEY: json.dumps(metadata)}))
 
@@ -177,6 +189,7 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
             start_times=tensors["start_times"],
             **{name: metadata[name] for name in FIELDS},
             **{name: metadata["chunking"][name] for name in CHUNKING_FIELDS},
+            made_with=metadata.get(MADE_WITH_KEY, {}),
         )
     except TokenFileError as exc:
         raise TokenFileError(f"{path}: {exc}") from None
@@ -223,6 +236,13 @@ def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
         raise TokenFileError(f"field {name!r} must be {expected}; got {type(value).__name__} {value!r}")
 
 
+def _check_made_with(made_with: Any) -> None:
+    _check_type(MADE_WITH_KEY, made_with, (dict,))
+    for name, value in made_with.items():
+        if not isinstance(value, str):
+            raise TokenFileError(f"{MADE_WITH_KEY} field {name!r} must be str; got {type(value).__name__} {value!r}")
+
+
 def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
     """Presence, dtype and rank of every tensor, and the stored offsets against token_counts."""
     missing = [name for name in TENSORS if name not in tensors]
@@ -263,6 +283,7 @@ def _check_token_file(tf: TokenFile) -> None:
         _check_type(name, getattr(tf, name), types)
     for name in ("indices", "token_counts", "grids", "start_times"):
         _check_tensor(name, getattr(tf, name))
+    _check_made_with(tf.made_with)
     chunks = tf.token_counts.numel()
     if tf.grids.shape != (chunks, 3) or tf.start_times.shape != (chunks,):
         shapes = f"grids {list(tf.grids.shape)}, start_times {list(tf.start_times.shape)}"

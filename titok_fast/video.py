@@ -1,6 +1,6 @@
 """Video files in and out: clips for the tokenizer, reconstructions to mp4, and PSNR / SSIM.
 
-Reading reproduces the upstream notebook (SPEC section 8) exactly, so the same tokens come out:
+Reading reproduces the upstream notebook (DESIGN.md section 8) exactly, so the same tokens come out:
 - sampling="upstream" (default): a chunk is int(T * source_fps / fps) consecutive source frames (source_fps:
   the container's average rate), and its T frames are the source frames numpy.linspace(first, last, T, int)
   picks; whole chunks only, like upstream (tail="pad" keeps the last partial chunk, padded).
@@ -17,13 +17,15 @@ Decoding streams: only the latest decoded frame is held at source resolution, sa
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 import os
 import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -32,7 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .decoders import DECODERS, open_frames
 from .files import AtomicFile
+from .preprocess import clip_pixels, normalize_pixels, placement
+from .stages import CLOCK
 
 TAIL_POLICIES = ("drop", "pad")
 SAMPLINGS = ("upstream", "time")
@@ -40,6 +45,10 @@ SAMPLINGS = ("upstream", "time")
 
 class VideoError(ValueError):
     """A file that cannot be read as clips; the message names the file and what was wrong."""
+
+
+class _NvdecFailed(Exception):
+    """NVDEC failed on a file midway (its cause says how): the reader goes on with the CPU decoder."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,12 @@ class ClipReader:
     chunk is a VideoError); tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame
     threading. The arguments are checked here; the file is opened when iteration starts.
 
+    ``decoder``: "cpu" (PyAV) or "nvdec" (see :mod:`titok_fast.decoders`; falls back to the CPU). ``preprocess``
+    ("auto", "cpu", "device") and ``device`` (the model's device type) decide per file, by
+    :func:`titok_fast.preprocess.placement`, where frames are resized: with placement "device" (always so for
+    NVDEC's frames) the clips are the sampled frames at source size, [frames, h, w, 3] uint8 RGB, for
+    :class:`titok_fast.preprocess.DevicePreprocessor`; ``placement`` and ``decoded_by`` say what this file got.
+
     Iteration raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file (possibly
     after some clips). Once it has ended, ``source_fps``, ``clips_read``, ``last_clip_frames`` and ``start_times()``
     describe what was read.
@@ -94,6 +109,9 @@ class ClipReader:
         threads: int = 1,
         sampling: str = "upstream",
         raw: bool = False,
+        decoder: str = "cpu",
+        preprocess: str = "cpu",
+        device: str = "cpu",
     ):
         if min(frames, height, width, threads) < 1:
             raise ValueError(
@@ -107,7 +125,14 @@ class ClipReader:
             raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
         self.path = os.fspath(path)
         self.frames, self.height, self.width, self.fps = frames, height, width, fps
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
+        placement(preprocess, device, 1, 1)  # checks the name
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
+        self.decoder, self.preprocess, self.device = decoder, preprocess, device
+        self.placement = ""  # where this file's frames are preprocessed, "cpu" or "device", set when it is opened
+        self.decoded_by = ""  # "cpu" or "nvdec", or "nvdec,cpu" when NVDEC failed midway, set as it is read
+        self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
         self.source_fps = 0.0  # the container's average frame rate (0.0 if unknown), set when the file is opened
         self.clips_read = 0
         self.last_clip_frames = frames  # real frames in the last clip; fewer only when tail == "pad"
@@ -116,32 +141,11 @@ class ClipReader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         path, frames = self.path, self.frames
         chunk: list[torch.Tensor] = []
-        with _open(path) as container:
-            if not container.streams.video:
-                raise VideoError(f"{path}: has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "FRAME"
-            stream.thread_count = self.threads
-            self.source_fps = float(stream.average_rate or 0)
-            if self.sampling == "upstream":
-                if self.source_fps <= 0:
-                    raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
-                self._chunk_length = int(frames * (self.source_fps / self.fps))  # source frames per chunk
-                if self._chunk_length < 1:
-                    raise VideoError(
-                        f"{path}: {self.source_fps:g} fps is too low to sample {frames} frames at {self.fps:g} fps"
-                    )
-                images = _sample_indices(container.decode(stream), frames, self._chunk_length, self.height, self.width)
-            else:
-                images = _resample(path, container.decode(stream), self.fps, self.height, self.width)
-            try:
-                for image in images:
-                    chunk.append(image)
-                    if len(chunk) == frames:
-                        yield self._clip(chunk)
-                        chunk = []
-            except av.FFmpegError as exc:
-                raise VideoError(f"{path}: decoding failed ({exc})") from exc
+        for image in self._all_images():
+            chunk.append(image)
+            if len(chunk) == frames:
+                yield self._clip(chunk)
+                chunk = []
         if self.clips_read == 0 and not chunk:
             raise VideoError(f"{path}: no decodable video frames")
         if self.clips_read == 0 and self.tail == "drop":
@@ -153,9 +157,66 @@ class ClipReader:
             self.last_clip_frames = len(chunk)
             yield clip
 
+    def _all_images(self) -> Iterator[torch.Tensor]:
+        """The sampled frames, from the CPU decoder after the last one given out if NVDEC fails midway."""
+        given = 0
+        try:
+            for image in self._images(self.decoder, skip=0):
+                given += 1
+                yield image
+        except _NvdecFailed as failed:
+            self.decoded_by += ",cpu"
+            print(f"titok-fast: {self.path}: NVDEC failed ({failed.__cause__}); the rest on the CPU", file=sys.stderr)
+            yield from self._images("cpu", skip=given)
+
+    def _images(self, decoder: str, skip: int) -> Iterator[torch.Tensor]:
+        """The sampled frames after the first ``skip``: [3, height, width] raw pixels (placement "cpu") or
+        [h, w, 3] uint8 RGB at source size (placement "device")."""
+        path = self.path
+        with _open(path) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: has no video stream")
+            context = container.streams.video[0].codec_context
+            with open_frames(path, container, decoder, threads=self.threads) as source:
+                self.decoded_by = self.decoded_by or source.decoder
+                self.source_fps = source.source_fps
+                if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
+                    on = placement(self.preprocess, self.device, context.height, context.width)
+                    self.placement = "device" if source.decoder == "nvdec" else on
+                image = source.rgb if self.placement == "device" else functools.partial(self._resized, source)
+                if self.sampling == "upstream":
+                    if self.source_fps <= 0:
+                        raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
+                    self._chunk_length = int(self.frames * (self.source_fps / self.fps))  # source frames per chunk
+                    if self._chunk_length < 1:
+                        raise VideoError(
+                            f"{path}: {self.source_fps:g} fps is too low to sample {self.frames} frames at "
+                            f"{self.fps:g} fps"
+                        )
+                    images = _sample_indices(source.frames, self.frames, self._chunk_length, image)
+                else:
+                    images = _resample(path, source.frames, self.fps, image)
+                try:
+                    yield from itertools.islice(images, skip, None)
+                except av.FFmpegError as exc:
+                    raise VideoError(f"{path}: decoding failed ({exc})") from exc
+                except Exception as exc:
+                    if source.decoder != "nvdec":
+                        raise
+                    raise _NvdecFailed() from exc
+
+    def _resized(self, source, frame) -> torch.Tensor:
+        """One frame as upstream prepares it (the per-frame path): raw pixels [3, height, width] float32."""
+        return clip_pixels(source.rgb(frame)[None], self.height, self.width)[:, 0]
+
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
-        clip = torch.stack(images, dim=1)
         self.clips_read += 1
+        if self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
+            if self.pin_memory and images[0].device.type == "cpu":
+                pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
+                return torch.stack(images, out=pinned)
+            return torch.stack(images)
+        clip = torch.stack(images, dim=1)
         return clip if self.raw else normalize_pixels(clip, torch.float32)
 
     def start_times(self) -> list[float]:
@@ -183,12 +244,6 @@ def read_clips(path: str | os.PathLike[str], **kwargs) -> ClipSet:
     in memory; iterate a ClipReader, or use :func:`stream_videos`, for one clip at a time)."""
     reader = ClipReader(path, **kwargs)
     return reader.clip_set(list(reader))
-
-
-def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Raw resized pixels (0..255 scale) -> model input in [-1, 1], computed in ``dtype`` as upstream does:
-    cast first, then ``/ 255``, ``* 2``, ``- 1``."""
-    return (pixels.to(dtype) / 255) * 2 - 1
 
 
 class ClipFeed:
@@ -252,24 +307,49 @@ class ClipFeed:
                 raise value
 
 
+def default_workers() -> int:
+    """Decoding workers by default: one per CPU core this process may run on."""
+    count = getattr(os, "process_cpu_count", None)  # Python 3.13+
+    if count is not None:
+        return count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def stream_videos(
-    paths: Iterable[str | os.PathLike[str]], *, workers: int, prefetch: int, capacity: int = 8, **read_kwargs
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    workers: int,
+    prefetch: int,
+    capacity: int = 8,
+    worker_kind: str = "thread",
+    **read_kwargs,
 ) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
-    """Read many videos with `workers` threads, ahead of the consumer; yield (path, ClipFeed) in order.
+    """Read many videos with `workers` threads or processes (``worker_kind``), ahead of the consumer; yield
+    (path, ClipFeed) in order.
 
     At most `prefetch` files are open at a time (the one being consumed and those read ahead), each holding at most
     `capacity` decoded clips that the consumer has not taken, so memory stays bounded whatever the videos' lengths.
     Asking for the next feed closes the previous one (what was not taken of it is dropped). `read_kwargs` go to
-    :class:`ClipReader`; bad ones raise here.
+    :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode where the GIL or
+    per-frame Python work would stop threads from scaling; their clips come back through shared memory, their
+    failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
     """
     if workers < 1 or prefetch < 1 or capacity < 1:
         raise ValueError(f"workers, prefetch and capacity must be >= 1; got {workers}, {prefetch} and {capacity}")
+    if worker_kind not in WORKER_KINDS:
+        raise ValueError(f"worker_kind must be one of {WORKER_KINDS}; got {worker_kind!r}")
+    if ClipReader("", **read_kwargs).decoder == "nvdec" and worker_kind == "process":  # bad arguments raise here
+        raise ValueError("decoder 'nvdec' leaves frames on the GPU: decode with worker_kind='thread'")
     remaining = iter(paths)
     pending: deque[tuple[str | os.PathLike[str], ClipFeed]] = deque()
     current: ClipFeed | None = None
     # daemon threads: a stream abandoned without being closed must not keep the process from exiting
     tasks: queue.SimpleQueue[ClipFeed | None] = queue.SimpleQueue()
-    threads = [threading.Thread(target=_decode_feeds, args=(tasks,), daemon=True) for _ in range(workers)]
+    if worker_kind == "thread":
+        threads = [threading.Thread(target=_decode_feeds, args=(tasks,), daemon=True) for _ in range(workers)]
+    else:
+        decoders = [_DecoderProcess(read_kwargs) for _ in range(workers)]
+        threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
         thread.start()
     try:
@@ -278,6 +358,8 @@ def stream_videos(
                 current.close()  # its worker, if still decoding, frees its thread for the files ahead
             for path in remaining:
                 feed = ClipFeed(ClipReader(path, **read_kwargs), capacity)
+                # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
+                feed.reader.pin_memory = worker_kind == "thread" and read_kwargs.get("device") == "cuda"
                 tasks.put(feed)  # taken in order, so the feed consumed now always has a worker
                 pending.append((path, feed))
                 if len(pending) >= prefetch:
@@ -300,6 +382,94 @@ def stream_videos(
 def _decode_feeds(tasks: queue.SimpleQueue) -> None:
     while (feed := tasks.get()) is not None:
         feed._produce()
+
+
+WORKER_KINDS = ("thread", "process")
+_READER_STATE = ("source_fps", "clips_read", "last_clip_frames", "_chunk_length", "placement", "decoded_by")
+
+
+class _DecoderProcess:
+    """One decoding worker process and the thread that serves it: the thread takes feeds from the stream's task
+    queue, has the process read each file, and puts the clips (shared-memory tensors) into the feed's queue.
+
+    Each file ends with one message from the process: "end" (with the reader's state), "error" (a VideoError's
+    text) or "cancelled" (the feed was closed). A process that dies fails its file and is started again."""
+
+    def __init__(self, read_kwargs: dict):
+        import torch.multiprocessing as mp
+
+        self.read_kwargs, self._mp = read_kwargs, mp.get_context("spawn")
+        self._start()
+
+    def _start(self) -> None:
+        self.tasks, self.results = self._mp.SimpleQueue(), self._mp.Queue(maxsize=2)
+        self.cancel = self._mp.Event()
+        self.process = self._mp.Process(
+            target=_serve_files, args=(self.tasks, self.results, self.cancel, self.read_kwargs), daemon=True
+        )
+        self.process.start()
+
+    def serve(self, tasks: queue.SimpleQueue) -> None:
+        try:
+            while (feed := tasks.get()) is not None:
+                if not feed._closed.is_set():
+                    self._read(feed)
+        finally:
+            self.tasks.put(None)
+            if not sys.is_finalizing():
+                self.process.join(timeout=5)
+
+    def _read(self, feed: ClipFeed) -> None:
+        self.tasks.put((feed.path, CLOCK.enabled))
+        while True:
+            if feed._closed.is_set():
+                self.cancel.set()
+            try:
+                kind, value, spent = self.results.get(timeout=0.05)
+            except queue.Empty:
+                if self.process.is_alive():
+                    continue
+                failure = f"the decoding process died (exit code {self.process.exitcode})"
+            except Exception as exc:  # a message cut off by a dying process
+                failure = f"the decoding process failed ({type(exc).__name__}: {exc})"
+            else:
+                CLOCK.add_all(spent)
+                if kind == "clip":
+                    feed._put(("clip", value))  # gives up at once when the feed is closed
+                    continue
+                if kind == "end":
+                    for name, state in value.items():
+                        setattr(feed.reader, name, state)
+                    feed._put(("end", None))
+                elif kind == "error":
+                    feed._put(("error", VideoError(value)))
+                self.cancel.clear()  # "cancelled" too: the process is ready for the next file
+                return
+            feed._put(("error", VideoError(f"{feed.path}: {failure}")))
+            self.process.kill()
+            self._start()
+            return
+
+
+def _serve_files(tasks, results, cancel, read_kwargs: dict) -> None:
+    """A worker process: read each file it is given, sending its clips, then one final message (see above)."""
+    torch.set_num_threads(1)
+    while (task := tasks.get()) is not None:
+        path, timed = task
+        CLOCK.enable(timed)
+        reader = ClipReader(path, **read_kwargs)
+        try:
+            for clip in reader:
+                if cancel.is_set():
+                    results.put(("cancelled", None, CLOCK.take()))
+                    break
+                results.put(("clip", clip, CLOCK.take()))
+            else:
+                results.put(("end", {name: getattr(reader, name) for name in _READER_STATE}, CLOCK.take()))
+        except VideoError as exc:
+            results.put(("error", str(exc), CLOCK.take()))
+        except Exception as exc:  # an unforeseen failure on one file must not stop the others
+            results.put(("error", f"{path}: cannot be read ({type(exc).__name__}: {exc})", CLOCK.take()))
 
 
 def iter_videos(
@@ -450,10 +620,8 @@ def _open(path: str) -> av.container.InputContainer:
         raise VideoError(f"{path}: cannot open as a media file ({exc})") from exc
 
 
-def _resample(
-    path: str, decoded: Iterable[av.VideoFrame], fps: float, height: int, width: int
-) -> Iterator[torch.Tensor]:
-    """Frame k of the output, [3, height, width], is the last decoded frame at or before k / fps (see the header).
+def _resample(path: str, decoded: Iterable, fps: float, image: Callable) -> Iterator[torch.Tensor]:
+    """Frame k of the output, ``image(frame)``, is the last decoded frame at or before k / fps (see the header).
 
     Times are exact fractions of seconds after the first frame; a frame whose time does not advance is skipped.
     """
@@ -469,50 +637,30 @@ def _resample(
             if time <= held_time:
                 continue
             stop = math.ceil(time * rate)  # output frames due before `time` show the held frame
-            yield from _repeat(held, stop - emitted, height, width)
+            yield from _repeat(held, stop - emitted, image)
             emitted = stop
         held, held_time = frame, time
     if held is not None:
         # the last frame shows until its end, or only at its own time when its duration is unknown
         end = held_time + (held.duration or 0) * held.time_base
         stop = max(math.ceil(end * rate), math.floor(held_time * rate) + 1)
-        yield from _repeat(held, stop - emitted, height, width)
+        yield from _repeat(held, stop - emitted, image)
 
 
-def _repeat(frame: av.VideoFrame, count: int, height: int, width: int) -> Iterator[torch.Tensor]:
+def _repeat(frame, count: int, image: Callable) -> Iterator[torch.Tensor]:
     if count > 0:
-        image = _clip_frame(frame, height, width)
+        converted = image(frame)
         for _ in range(count):
-            yield image
+            yield converted
 
 
-def _sample_indices(
-    decoded: Iterable[av.VideoFrame], frames: int, chunk_length: int, height: int, width: int
-) -> Iterator[torch.Tensor]:
+def _sample_indices(decoded: Iterable, frames: int, chunk_length: int, image: Callable) -> Iterator[torch.Tensor]:
     """Upstream's sampling: chunk c is source frames [c * L, (c + 1) * L), and its frames are those that
-    numpy.linspace(c * L, c * L + L - 1, frames, dtype=int) picks (repeats when L < frames). A last partial chunk
-    yields the picks that exist."""
+    numpy.linspace(c * L, c * L + L - 1, frames, dtype=int) picks (repeats when L < frames), each ``image(frame)``.
+    A last partial chunk yields the picks that exist."""
     picks = np.linspace(0, chunk_length - 1, frames, dtype=int)  # offsets inside a chunk, nondecreasing
     counts = np.bincount(picks, minlength=chunk_length)
     for index, frame in enumerate(decoded):
         repeat = int(counts[index % chunk_length])
         if repeat:
-            image = _clip_frame(frame, height, width)
-            for _ in range(repeat):
-                yield image
-
-
-def _clip_frame(frame: av.VideoFrame, height: int, width: int) -> torch.Tensor:
-    """A decoded frame as upstream prepares it: float32 RGB, short side resized to max(height, width) (long side
-    truncated, as torchvision's Resize), bicubic with antialiasing, no clamping, then torchvision's CenterCrop.
-    Returns raw pixel values [3, height, width] float32 (0..255 scale)."""
-    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float()  # [3, h, w]
-    h, w = rgb.shape[-2:]
-    side = max(height, width)
-    size = (int(side * h / w), side) if w <= h else (side, int(side * w / h))
-    if size != (h, w):
-        rgb = F.interpolate(rgb[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-    if size[0] < height or size[1] < width:
-        raise VideoError(f"frame of {w}x{h} resized to {size[1]}x{size[0]} cannot be cropped to {width}x{height}")
-    top, left = int(round((size[0] - height) / 2.0)), int(round((size[1] - width) / 2.0))
-    return rgb[:, top : top + height, left : left + width]
+            yield from _repeat(frame, repeat, image)

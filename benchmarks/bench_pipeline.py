@@ -1,0 +1,308 @@
+"""Files in, token files out: the whole ``encode`` path, measured on realistic H.264 sources.
+
+The sources are written here with PyAV (libx264, preset medium, crf 23, default GOP and B-frames) from a moving,
+textured pattern, so a 720p30 source carries a few Mbit/s like real footage: 1280x720 and 1920x1080 at 30 fps and
+456x256 at 8 fps (the layout of upstream's training set); each file's bitrate is measured and printed. Each source
+is encoded by ``encode_files`` (video files in, token files out) and the run reports:
+
+- clips/s and source frames/s (frames decoded per second of wall time), end to end;
+- CPU-seconds per clip by stage: decode, RGB conversion, resize/crop/scale, host-to-device, token-file write
+  (each from the stage clock, ``titok_fast.stages``, which threads and worker processes report into), and "model +
+  rest": the process's whole CPU time (worker processes included) less the stages above;
+- model busy: the fraction of the wall time the model needs for these clips at its own pace (clips / model-only
+  clips/s / wall time), and model-only clips/s measured in the same run (same commit, mode and batch size, on the
+  clips of the first file, already preprocessed and on the device).
+
+``--input-only`` measures the reading side alone (decoding, sampling and preprocessing, no model).
+As a script it prints a table (``python benchmarks/bench_pipeline.py --help``); ``titok-fast bench`` runs the
+small pytest cases below. With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from titok_fast.engine import Engine
+from titok_fast.loading import random_tokenizer
+from titok_fast.pipeline import ClipSettings, encode_files, stream_videos
+from titok_fast.video import normalize_pixels, read_clips
+
+try:  # the stage clock; absent at commits before it existed (their rows have totals only)
+    from titok_fast import stages
+except ImportError:
+    stages = None
+
+SOURCES = {  # name -> (width, height, fps)
+    "720p30": (1280, 720, 30),
+    "1080p30": (1920, 1080, 30),
+    "256p8": (456, 256, 8),
+}
+STAGE_NAMES = ("decode", "rgb", "resize", "upload", "write")
+
+
+def make_source(path: Path, width: int, height: int, fps: int, seconds: float) -> float:
+    """Write an H.264 mp4 (x264 preset medium, crf 23) of a textured pattern in motion; returns its Mbit/s."""
+    rng = np.random.default_rng(0)
+    # texture at several scales, larger than the frame so it can pan; plus fine noise that changes every frame
+    big = (height + 256, width + 256)
+    texture = (
+        sum(
+            np.kron(rng.integers(0, 256, (big[0] // s + 1, big[1] // s + 1, 3)), np.ones((s, s, 1)))[: big[0], : big[1]]
+            for s in (3, 12, 48)
+        )
+        / 3
+    )
+    frames = int(seconds * fps)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "medium", "crf": "23"}
+        for i in range(frames):
+            dy, dx = int(64 + 60 * np.sin(i / 40)), (3 * i) % 256
+            image = texture[dy : dy + height, dx : dx + width]
+            shade = 40 * np.sin(2 * np.pi * (np.arange(width) / width + i / 90))[None, :, None]
+            noise = rng.integers(-6, 7, (height, width, 1))
+            image = np.clip(image + shade + noise, 0, 255).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path.stat().st_size * 8 / (frames / fps) / 1e6
+
+
+def sources(folder: Path, names: list[str], seconds: float) -> dict[str, tuple[Path, float]]:
+    """The named sources in `folder` (made once per name and length): name -> (path, Mbit/s)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name in names:
+        width, height, fps = SOURCES[name]
+        path = folder / f"{name}-{seconds:g}s.mp4"
+        if not path.exists():
+            partial = path.with_suffix(".partial.mp4")
+            make_source(partial, width, height, fps, seconds)
+            partial.rename(path)
+        made[name] = (path, path.stat().st_size * 8 / seconds / 1e6)
+    return made
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (worker processes), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _supported(function, options: dict) -> dict:
+    """The options `function` takes (older commits lack the newer ones)."""
+    names = inspect.signature(function).parameters
+    return {k: v for k, v in options.items() if k in names}
+
+
+def _settings(grid, tokens: int, options: dict) -> ClipSettings:
+    fields = {f.name for f in dataclasses.fields(ClipSettings)}
+    return ClipSettings(grid=grid, tokens=tokens, **{k: v for k, v in options.items() if k in fields})
+
+
+def _source_frames(path: Path, clips: int, grid, fps: float) -> int:
+    """Source frames decoded for `clips` clips (upstream sampling: int(T * source_fps / fps) per clip)."""
+    with av.open(str(path)) as container:
+        rate = float(container.streams.video[0].average_rate)
+    return clips * int(grid[0] * rate / fps)
+
+
+def model_only(engine: Engine, model, path: Path, settings: ClipSettings, batch: int, rounds: int = 3) -> float:
+    """Clips/s of ``engine.encode`` alone on one batch of this file's clips (preprocessed, on the device)."""
+    t, h, w = settings.grid
+    clips = read_clips(path, frames=t, height=h, width=w, fps=settings.fps, raw=True).clips[:batch]
+    videos = [normalize_pixels(c, model.dtype).to(model.device) for c in clips]
+    counts = [settings.tokens] * len(videos)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    engine.encode(videos, counts)  # warm-up: compilation, graphs, allocator
+    sync()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        engine.encode(videos, counts)
+    sync()
+    return rounds * len(videos) / (time.perf_counter() - start)
+
+
+def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
+    """One source through the encode path (or the reading side alone): the row of the table."""
+    grid = tuple(args.grid)
+    options = {"preprocess": args.preprocess, "decoder": args.decoder}
+    settings = _settings(grid, args.tokens, options)
+    with tempfile.TemporaryDirectory() as scratch:
+        copies = []  # the source under `files` names: a dataset of that many videos
+        for i in range(args.files):
+            copies.append(Path(scratch) / f"{path.stem}-{i}{path.suffix}")
+            copies[-1].symlink_to(path.resolve())
+        if stages is not None:
+            stages.CLOCK.enable()
+        cpu, start = _cpu_seconds(), time.perf_counter()
+        if args.input_only:
+            device = _supported(settings.read_kwargs, {"device": model.device.type})
+            workers = {"worker_kind": args.worker_kind} if args.worker_kind != "thread" else {}
+            feeds = stream_videos(copies, workers=args.workers, prefetch=2 * args.workers, **workers,
+                                  **settings.read_kwargs(**device))  # fmt: skip
+            clips = sum(1 for _, feed in feeds for _ in feed)
+        else:
+            run_options = _supported(encode_files, {"worker_kind": args.worker_kind})
+            summary = encode_files(
+                model, engine, [(p, p.stem) for p in copies], Path(scratch) / "tokens", settings,
+                workers=args.workers, read_ahead=args.batch_size, overwrite=True, **run_options,
+            )  # fmt: skip
+            if summary.failed:
+                raise RuntimeError(f"{path}: {summary.failed}")
+            clips = summary.clips
+        wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    spent = stages.CLOCK.take() if stages is not None else {}
+    row = {
+        "clips": clips,
+        "wall_s": wall,
+        "clips_per_s": clips / wall,
+        "source_frames_per_s": _source_frames(path, clips, grid, args.fps) / wall,
+        "cpu_s_per_clip": cpu / clips,
+        **{f"{name}_cpu_s": spent[name] / clips for name in STAGE_NAMES if name in spent},
+    }
+    if spent:
+        row["model_rest_cpu_s"] = (cpu - sum(spent.get(n, 0.0) for n in STAGE_NAMES)) / clips
+    if not args.input_only:
+        row["model_only_clips_per_s"] = model_only(engine, model, path, settings, args.batch_size)
+        row["model_busy"] = clips / row["model_only_clips_per_s"] / wall
+    return row
+
+
+def environment(args: argparse.Namespace) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in _lscpu() if line.startswith("Model name")), "")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+        "torch": torch.__version__,
+        "av": av.__version__,
+        "python": platform.python_version(),
+        "commit": os.environ.get("COMMIT", commit),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _lscpu() -> list[str]:
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        return []
+
+
+def _log(record: dict, path: str | None) -> None:
+    if path:
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+COLUMNS = [  # key, header, format
+    ("source", "source", "{}"),
+    ("mbit_s", "Mbit/s", "{:.1f}"),
+    ("clips", "clips", "{}"),
+    ("clips_per_s", "clips/s", "{:.2f}"),
+    ("source_frames_per_s", "src fr/s", "{:.0f}"),
+    ("cpu_s_per_clip", "CPU-s/clip", "{:.3f}"),
+    *[(f"{n}_cpu_s", n, "{:.3f}") for n in STAGE_NAMES],
+    ("model_rest_cpu_s", "model+rest", "{:.3f}"),
+    ("model_busy", "model busy", "{:.0%}"),
+    ("model_only_clips_per_s", "model-only clips/s", "{:.2f}"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sources", default="720p30,1080p30,256p8", help=f"comma-separated, of {', '.join(SOURCES)}")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each source (default 20)")
+    p.add_argument("--videos", default="bench-videos", help="folder for the sources (made once, then reused)")
+    p.add_argument("--config", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--grid", type=int, nargs=3, default=(20, 192, 192), metavar=("T", "H", "W"))
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--fps", type=float, default=8.0, help="sampling rate, as encode --fps (default 8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on cuda, else fp32")
+    p.add_argument("--mode", default="eager", choices=("eager", "compile", "cudagraph"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--files", type=int, default=1, help="encode each source as this many files (default 1)")
+    p.add_argument("--workers", type=int, default=2, help="decoding workers (default 2)")
+    p.add_argument("--worker-kind", default="thread", choices=("thread", "process"))
+    p.add_argument("--preprocess", default="auto", choices=("auto", "cpu", "device"))
+    p.add_argument("--decoder", default="cpu", choices=("cpu", "nvdec"))
+    p.add_argument("--input-only", action="store_true", help="the reading side alone: no model")
+    p.add_argument("--label", default="", help="a name for this configuration in the table and the log")
+    p.add_argument("--log", default=os.environ.get("TITOK_BENCH_LOG"), help="append each row here as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    names = [s.strip() for s in args.sources.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise SystemExit(f"unknown sources {unknown}; expected some of {list(SOURCES)}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    ]
+    env = environment(args)
+    print(json.dumps(env), file=sys.stderr)
+    model = random_tokenizer(args.config, seed=0, device=args.device, dtype=dtype)
+    engine = Engine(model, mode=args.mode, max_clips=args.batch_size)
+    rows = []
+    for name, (path, mbit) in sources(Path(args.videos), names, args.seconds).items():
+        print(f"{name}: {path} ({mbit:.1f} Mbit/s)", file=sys.stderr)
+        row = {"source": f"{args.label} {name}".strip(), "mbit_s": mbit, **run_case(path, args, model, engine)}
+        _log({**row, "args": vars(args), **env}, args.log)
+        rows.append(row)
+        print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+    print(format_table(rows))
+
+
+# ------------------------------------------------------------------------------ pytest (titok-fast bench)
+@pytest.fixture(scope="module")
+def short_sources(tmp_path_factory) -> dict:
+    return sources(tmp_path_factory.mktemp("pipeline"), ["720p30", "256p8"], seconds=3.0)
+
+
+@pytest.mark.benchmark(group="pipeline: files in, token files out (tiny, cpu, fp32)")
+@pytest.mark.parametrize("source", ["720p30", "256p8"])
+@pytest.mark.parametrize("input_only", [False, True], ids=["encode", "input_only"])
+def test_cpu_pipeline(benchmark, short_sources, source, input_only):
+    args = parse_args(["--device", "cpu", "--batch-size", "4", *(["--input-only"] if input_only else [])])
+    model = random_tokenizer("tiny", seed=0)
+    engine = Engine(model, max_clips=args.batch_size)
+    path, mbit = short_sources[source]
+    row = benchmark.pedantic(run_case, args=(path, args, model, engine), rounds=1, iterations=1)
+    assert row["clips"] > 0
+    provider = f"{source} {'input only' if input_only else 'encode'}"
+    benchmark.extra_info.update({"provider": provider, "device": "cpu", "mbit_s": mbit, **row, **environment(args)})
+    _log({"source": source, **row}, args.log)
+
+
+if __name__ == "__main__":
+    main()

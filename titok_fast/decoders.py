@@ -1,0 +1,182 @@
+"""Video decoders behind one interface: PyAV on the CPU (the default, exact path) and NVDEC on the GPU (opt in).
+
+A decoder opens a file as a :class:`FrameSource`: its average frame rate, frame size, the decoded frames in order
+(each with ``pts``, ``time_base`` and ``duration`` in the container's terms) and ``rgb(frame)``, the frame as
+uint8 RGB [h, w, 3] where it was decoded (host memory for PyAV, GPU memory for NVDEC).
+
+NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
+conversion runs there (:func:`yuv420_to_rgb`: BT.601 or BT.709 as the stream says, limited range, as
+libswscale does it by default), within 2 levels of PyAV's RGB (see tests/test_preprocess.py).
+What NVDEC cannot take (the package or a GPU missing, a codec it lacks, a file it rejects) is decoded on the CPU
+instead, with a one-line notice; :func:`open_frames` does that choosing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import av
+import torch
+
+from .stages import CLOCK
+
+DECODERS = ("cpu", "nvdec")
+NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjpeg")
+# (Kr, Kb) of Y = Kr R + (1 - Kr - Kb) G + Kb B, by the stream's colour matrix
+MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+
+
+class DecoderUnavailable(RuntimeError):
+    """A decoder that cannot be used for this file or on this machine; the message says why."""
+
+
+@dataclass
+class FrameSource:
+    """An opened video. ``frames`` iterates decoded frames in presentation order (their decoding counts as the
+    "decode" stage); ``rgb(frame)`` is one frame as [h, w, 3] uint8 on the decoder's device ("rgb" stage)."""
+
+    source_fps: float  # the container's average frame rate, 0.0 if unknown
+    frames: Iterator[Any]
+    convert: Callable[[Any], torch.Tensor]
+    decoder: str  # "cpu" or "nvdec"
+
+    def rgb(self, frame: Any) -> torch.Tensor:
+        started = CLOCK.start()
+        image = self.convert(frame)
+        CLOCK.stop("rgb", started)
+        return image
+
+
+@contextlib.contextmanager
+def cpu_frames(container: av.container.InputContainer, threads: int) -> Iterator[FrameSource]:
+    """PyAV's decoding of the container's first video stream (frame threading with ``threads`` threads)."""
+    stream = container.streams.video[0]
+    stream.thread_type = "FRAME"
+    stream.thread_count = threads
+    frames = CLOCK.timed(container.decode(stream), "decode")
+    yield FrameSource(float(stream.average_rate or 0), frames, _pyav_rgb, "cpu")
+
+
+def _pyav_rgb(frame: av.VideoFrame) -> torch.Tensor:
+    return torch.from_numpy(frame.to_ndarray(format="rgb24"))
+
+
+@dataclass
+class NvdecFrame:
+    """A frame NVDEC decoded: NV12 planes on the GPU and its timing in the container's time base."""
+
+    nv12: torch.Tensor  # [rows * 3 / 2, w] uint8: Y rows (the picture's h first), then interleaved U, V rows
+    height: int
+    pts: int | None
+    time_base: Fraction
+    duration: int | None
+    matrix: str
+
+
+def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -> Iterator[NvdecFrame]:
+    """Decode ``path`` with PyNvVideoCodec on GPU ``gpu``, in presentation order; raises DecoderUnavailable when
+    the package, the GPU or the codec is missing (before any frame)."""
+    codec = stream.codec_context.name
+    if codec not in NVDEC_CODECS:
+        raise DecoderUnavailable(f"NVDEC does not decode {codec}")
+    if stream.codec_context.color_range == 2:  # AVCOL_RANGE_JPEG
+        raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")
+    if not torch.cuda.is_available():
+        raise DecoderUnavailable("no CUDA device")
+    try:
+        import PyNvVideoCodec as nvc
+    except ImportError as exc:
+        raise DecoderUnavailable(f"PyNvVideoCodec is not installed ({exc})") from None
+    try:
+        demuxer = nvc.CreateDemuxer(filename=path)
+        decoder = nvc.CreateDecoder(
+            gpuid=gpu, codec=demuxer.GetNvCodecId(), cudacontext=0, cudastream=0, usedevicememory=True
+        )
+    except Exception as exc:  # the package's own error types vary by version
+        raise DecoderUnavailable(f"NVDEC cannot open it ({type(exc).__name__}: {exc})") from None
+    height, time_base = stream.codec_context.height, stream.time_base
+    matrix = _matrix(stream)
+    for packet in CLOCK.timed(demuxer, "decode"):  # the last packet is empty: it flushes the decoder
+        started = CLOCK.start()
+        frames = decoder.Decode(packet)
+        CLOCK.stop("decode", started)
+        for decoded in frames:
+            nv12 = torch.from_dlpack(decoded)
+            yield NvdecFrame(nv12.reshape(-1, nv12.shape[-1]), height, decoded.getPTS(), time_base, None, matrix)
+
+
+def _matrix(stream: av.video.stream.VideoStream) -> str:
+    """The stream's YUV matrix: BT.709 when it says so, else BT.601 (what libswscale assumes when unsaid)."""
+    return "bt709" if stream.codec_context.colorspace == 1 else "bt601"
+
+
+def nvdec_rgb(frame: NvdecFrame) -> torch.Tensor:
+    """An NVDEC frame as [h, w, 3] uint8 RGB on its GPU."""
+    h, luma_rows = frame.height, frame.nv12.shape[0] * 2 // 3  # the surface may hold padding rows below the picture
+    y, uv = frame.nv12[:h], frame.nv12[luma_rows : luma_rows + (h + 1) // 2]
+    return yuv420_to_rgb(y, uv[:, 0::2], uv[:, 1::2], frame.matrix)
+
+
+def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str = "bt601") -> torch.Tensor:
+    """Limited-range YUV 4:2:0 -> RGB as libswscale's default (unscaled) conversion does it, within rounding.
+
+    y: [h, w] uint8; u, v: [ceil(h / 2), ceil(w / 2)] uint8; matrix: "bt601" or "bt709". Each chroma sample
+    covers its 2 x 2 luma block (libswscale's unscaled path does not interpolate chroma) and values are truncated
+    as its fixed-point arithmetic does: on H.264 frames the result is within 2 levels of PyAV's ``rgb24`` (0.6 on
+    average, tests/test_preprocess.py). Returns [h, w, 3] uint8 on y's device.
+    """
+    if matrix not in MATRICES:
+        raise ValueError(f"matrix must be one of {sorted(MATRICES)}; got {matrix!r}")
+    if y.ndim != 2 or u.shape != v.shape or u.shape != ((y.shape[0] + 1) // 2, (y.shape[1] + 1) // 2):
+        raise ValueError(f"planes must be y [h, w] and u, v [h/2, w/2]; got {list(y.shape)}, {list(u.shape)}")
+    kr, kb = MATRICES[matrix]
+    h, w = y.shape
+    chroma = torch.stack([u, v]).float().repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w] - 128
+    luma = (y.float() - 16) * (255 / 219)
+    cb, cr = chroma[0] * (255 / 224), chroma[1] * (255 / 224)
+    r = luma + 2 * (1 - kr) * cr
+    b = luma + 2 * (1 - kb) * cb
+    g = luma - (2 * kb * (1 - kb) * cb + 2 * kr * (1 - kr) * cr) / (1 - kr - kb)
+    return torch.stack([r, g, b], dim=-1).floor().clamp(0, 255).to(torch.uint8)
+
+
+def _notice(message: str) -> None:
+    print(f"titok-fast: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def open_frames(
+    path: str,
+    container: av.container.InputContainer,
+    decoder: str = "cpu",
+    *,
+    threads: int = 1,
+    nvdec: Callable[[str, Any], Iterator[Any]] | None = None,
+    nvdec_convert: Callable[[Any], torch.Tensor] | None = None,
+    notice: Callable[[str], None] = _notice,
+) -> Iterator[FrameSource]:
+    """The file's frames from ``decoder`` ("cpu" or "nvdec"); NVDEC that cannot take this file (its first frame
+    fails) falls back to the CPU with a one-line ``notice``. ``nvdec`` / ``nvdec_convert`` replace
+    :func:`nvdec_frames` / :func:`nvdec_rgb` (default: those of this module, looked up at the call)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
+    stream = container.streams.video[0]
+    if decoder == "nvdec":
+        nvdec_convert = nvdec_convert or nvdec_rgb
+        frames = (nvdec or nvdec_frames)(path, stream)
+        try:
+            first = next(frames, None)
+        except Exception as exc:  # DecoderUnavailable, or the file rejected on its first frame
+            notice(f"{path}: decoding on the CPU: {exc}")
+        else:
+            frames = itertools.chain([] if first is None else [first], frames)
+            yield FrameSource(float(stream.average_rate or 0), frames, nvdec_convert, "nvdec")
+            return
+    with cpu_frames(container, threads) as source:
+        yield source

@@ -1,0 +1,105 @@
+"""Decoded frames -> model input: upstream's resize, center crop and scaling, per frame or per clip, on any device.
+
+The math is upstream's (DESIGN.md section 8): float32 pixels, short side resized to max(H, W) with the long side
+truncated, bicubic with antialiasing and no clamping (torchvision's Resize), torchvision's CenterCrop rounding,
+then ``(pixels / 255) * 2 - 1`` in the model's dtype. Resizing a clip's T frames in one call gives the same
+values as resizing them one by one (the kernel treats each image alone), so the batched path is exact.
+
+Where it runs is decided per file by :func:`placement`, a fixed rule on the source size and the model's device
+(never on timings): ``"cpu"`` resizes in the decoding workers, ``"device"`` uploads the clip's uint8 RGB frames
+(pinned memory, a side stream on CUDA) and resizes them where the model runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .stages import CLOCK
+
+PLACEMENTS = ("auto", "cpu", "device")
+MAX_DEVICE_PIXELS = 3840 * 2160  # larger sources are resized on the CPU: a clip of them would be GBs on the device
+
+
+def placement(requested: str, device_type: str, source_height: int, source_width: int) -> str:
+    """Where a file's frames are preprocessed: ``"cpu"`` or ``"device"``.
+
+    ``requested`` "cpu" or "device" is obeyed. "auto": "device" when the model runs on CUDA and a source frame
+    has at most MAX_DEVICE_PIXELS pixels (uploading uint8 RGB costs the bus far less than the CPU resize costs
+    the host, see benchmarks/RESULTS.md), else "cpu" (on a CPU model, resizing in the decoding workers keeps it
+    parallel to the model instead of on the thread that drives the model).
+    """
+    if requested not in PLACEMENTS:
+        raise ValueError(f"preprocess must be one of {PLACEMENTS}; got {requested!r}")
+    if requested != "auto":
+        return requested
+    small = source_height * source_width <= MAX_DEVICE_PIXELS
+    return "device" if device_type == "cuda" and small else "cpu"
+
+
+def resized_size(source: tuple[int, int], height: int, width: int) -> tuple[int, int]:
+    """torchvision's Resize(max(height, width)) of a (h, w) source: short side to that size, long side truncated."""
+    h, w = source
+    side = max(height, width)
+    return (int(side * h / w), side) if w <= h else (side, int(side * w / h))
+
+
+def resize_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """pixels [N, 3, h, w] float32 (0..255) -> [N, 3, height, width] float32: resized as upstream, center-cropped."""
+    size = resized_size(tuple(pixels.shape[-2:]), height, width)
+    if size != tuple(pixels.shape[-2:]):
+        pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
+    top, left = int(round((size[0] - height) / 2.0)), int(round((size[1] - width) / 2.0))
+    return pixels[..., top : top + height, left : left + width]
+
+
+def clip_pixels(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A clip's frames [T, h, w, 3] uint8 RGB (any device) -> raw pixels [3, T, height, width] float32, 0..255
+    scale, computed where ``frames`` are, all T frames in one call."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be [T, h, w, 3] uint8; got {frames.dtype} {list(frames.shape)}")
+    started = CLOCK.start()
+    # planar float32 in one pass: the interpolation's planar kernel, as the per-frame path always had (the
+    # channels-last one gives the same values but was slower on the CPU, and so was stacking its outputs)
+    pixels = frames.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    pixels = resize_crop(pixels, height, width).transpose(0, 1)
+    CLOCK.stop("resize", started)
+    return pixels
+
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Raw resized pixels (0..255 scale) -> model input in [-1, 1], computed in ``dtype`` as upstream does:
+    cast first, then ``/ 255``, ``* 2``, ``- 1``."""
+    return (pixels.to(dtype) / 255) * 2 - 1
+
+
+class DevicePreprocessor:
+    """Clips of uint8 frames -> model input on ``device``, batched per clip.
+
+    On CUDA the frames go up from pinned memory on a side stream, are resized there, and the caller's stream waits
+    for that work on the device (not on the host), so the upload and resize of one clip overlap the model running
+    the clips before it. Returns [3, T, height, width] in ``dtype`` on ``device``.
+    """
+
+    def __init__(self, device: torch.device | str, height: int, width: int, dtype: torch.dtype):
+        self.device, self.height, self.width, self.dtype = torch.device(device), height, width, dtype
+        self._stream = None
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return normalize_pixels(clip_pixels(frames.to(self.device), self.height, self.width), self.dtype)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            started = CLOCK.start()
+            if frames.device.type == "cpu":
+                frames = frames if frames.is_pinned() else frames.pin_memory()
+                frames = frames.to(self.device, non_blocking=True)
+            else:  # decoded on the GPU (NVDEC) by work queued on the caller's stream before this call
+                self._stream.wait_stream(caller)
+            CLOCK.stop("upload", started)
+            clip = normalize_pixels(clip_pixels(frames, self.height, self.width), self.dtype)
+        caller.wait_stream(self._stream)
+        clip.record_stream(caller)
+        return clip

@@ -1,0 +1,71 @@
+"""CPU time by stage of the encode pipeline, for benchmarks and the progress display.
+
+``CLOCK`` sums the CPU time (``time.thread_time``, the calling thread's own) that each stage spends, from every
+thread that reports into it; worker processes send their sums back with their clips (``add_all``). It is off by
+default: then ``start()`` returns 0 and ``stop()`` returns at once, so the instrumented code pays two calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+STAGES = ("decode", "rgb", "resize", "upload", "write")
+
+
+class StageClock:
+    """Sums of CPU-seconds per stage name (see the module header)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._lock = threading.Lock()
+        self._spent: dict[str, float] = {}
+
+    def enable(self, on: bool = True) -> None:
+        """Start (or stop) counting, from zero."""
+        with self._lock:
+            self.enabled, self._spent = on, {}
+
+    def start(self) -> float:
+        """The calling thread's CPU time now (0.0 when off): pass it to ``stop``."""
+        return time.thread_time() if self.enabled else 0.0
+
+    def stop(self, stage: str, started: float) -> None:
+        """Count the calling thread's CPU time since ``started`` (from ``start``) for ``stage``."""
+        if self.enabled:
+            spent = time.thread_time() - started
+            with self._lock:
+                self._spent[stage] = self._spent.get(stage, 0.0) + spent
+
+    def add_all(self, spent: dict[str, float]) -> None:
+        """Count sums measured elsewhere (a worker process)."""
+        if self.enabled and spent:
+            with self._lock:
+                for stage, seconds in spent.items():
+                    self._spent[stage] = self._spent.get(stage, 0.0) + seconds
+
+    def take(self) -> dict[str, float]:
+        """The sums so far, reset to zero."""
+        with self._lock:
+            spent, self._spent = self._spent, {}
+        return spent
+
+    def timed(self, items: Iterable, stage: str) -> Iterator:
+        """``items``, with the time spent producing each one counted for ``stage``."""
+        if not self.enabled:
+            yield from items
+            return
+        items = iter(items)
+        while True:
+            started = time.thread_time()
+            try:
+                item = next(items)
+            except StopIteration:
+                self.stop(stage, started)
+                return
+            self.stop(stage, started)
+            yield item
+
+
+CLOCK = StageClock()
