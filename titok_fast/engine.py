@@ -105,13 +105,13 @@ class Engine:
 
     Args:
         model: the model (its device, dtype and backend are used as they are).
-        mode: ``"auto"``, ``"eager"``, ``"static"``, ``"compile"`` or ``"cudagraph"`` (CUDA only).
+        mode: ``"auto"`` (default), ``"eager"``, ``"static"``, ``"compile"`` or ``"cudagraph"`` (CUDA only).
         budgets: packed-row budgets, e.g. 4k..64k rows.
         max_clips: most clips in one batch (sizes the sequence buffers of the fixed-shape modes).
     """
 
     def __init__(
-        self, model: TiTok, mode: str = "eager", budgets: Sequence[int] = DEFAULT_BUDGETS, max_clips: int = 64
+        self, model: TiTok, mode: str = "auto", budgets: Sequence[int] = DEFAULT_BUDGETS, max_clips: int = 64
     ):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
