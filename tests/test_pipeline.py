@@ -275,7 +275,7 @@ def test_preprocessing_on_the_device_gives_the_same_tokens_and_says_so(model, so
         assert (a.made_with["preprocessed_on"], b.made_with["preprocessed_on"]) == ("cpu", "device")
         assert b.made_with == {
             "decoder": "cpu", "decoded_by": "cpu", "preprocess": "device", "preprocessed_on": "device",
-            "device": "cpu", "dtype": "float32", "backend": "torch", "mode": "eager",
+            "device": "cpu", "dtype": "float32", "backend": "torch", "mode": "auto",
         }  # fmt: skip
 
 
