@@ -317,3 +317,21 @@ def test_progress_says_what_limits_the_run(monkeypatch):
     limits.worker_kind, limits.decoder = "process", "nvdec"
     assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%)"
     assert list(limits.waiting(iter([1, 2]))) == [1, 2]
+
+
+def test_side_by_side_opens_only_a_regular_file_a_token_file_names(model, sources, tmp_path):
+    """A token file from a stranger may name any path as its source: --side-by-side reads it only if it is a
+    regular file (never a device or a FIFO, which could block or never end); that file fails alone."""
+    import os
+
+    from titok_fast.tokens import save_tokens
+
+    encode(model, [sources["short"], sources["long"]], tmp_path / "tok")
+    good = load_tokens(tmp_path / "tok" / "short.safetensors")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    save_tokens(tmp_path / "tok" / "short.safetensors", dataclasses.replace(good, source=str(fifo)))
+    paths = [tmp_path / "tok" / f"{n}.safetensors" for n in ("short", "long")]
+    summary = decode_files(Engine(model), paths, tmp_path / "out", with_source=True)
+    assert [p for p, _ in summary.failed] == [str(paths[0])] and "not a regular file" in summary.failed[0][1]
+    assert summary.done == [str(paths[1])] and not (tmp_path / "out" / "short.mp4").exists()

@@ -515,9 +515,11 @@ def decoded_chunks(engine: Engine, token_file: TokenFile) -> Iterator[torch.Tens
 
 def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     """The source re-read exactly as it was for encoding, chunk by chunk like :func:`decoded_chunks` ([-1, 1]);
-    a source that now gives fewer chunks than the token file holds is a ValueError."""
+    a source that now gives fewer chunks than the token file holds, or is not a regular file, is a ValueError."""
     t, h, w = token_file.grids[0].tolist()
     wanted = token_file.token_counts.numel()
+    if not os.path.isfile(token_file.source):  # a path from the file: never a device, FIFO or folder
+        raise ValueError(f"the source {token_file.source!r} the token file names is not a regular file here")
     reader = ClipReader(
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
         sampling=token_file.sampling,
