@@ -397,11 +397,11 @@ def model_loader(model: TiTok) -> Callable[..., TiTok]:
     """A picklable ``load(device=...)`` rebuilding ``model`` (its config and dtype) on a worker: random weights from
     the seed their digest records, else the file (or reference) ``model.weights_source`` names, which every node
     must be able to read."""
-    from .loading import load_tokenizer, random_tokenizer
+    from .loading import load_tokenizer, random_seed, random_tokenizer
 
-    config, random = model.config.to_dict(), re.match(r"random-seed(\d+)-", model.weights_digest or "")
-    if random:
-        return functools.partial(random_tokenizer, config, seed=int(random.group(1)), dtype=model.dtype)
+    config, seed = model.config.to_dict(), random_seed(model.weights_digest)
+    if seed is not None:
+        return functools.partial(random_tokenizer, config, seed=seed, dtype=model.dtype)
     if not model.weights_source:
         raise ValueError("the model names no weights file (weights_source) for the Ray workers: pass load_model")
     return functools.partial(load_tokenizer, model.weights_source, config=config, dtype=model.dtype)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import zipfile
 import zlib
@@ -429,6 +430,13 @@ def random_tokenizer(
     perturb_norms(model)
     model.weights_digest = f"random-seed{seed}-{weights_digest(model.state_dict())}"
     return model.to(device=device, dtype=dtype)
+
+
+def random_seed(digest: str | None) -> int | None:
+    """The seed a :func:`random_tokenizer` digest records (``random-seed<seed>-<16 hex>``), else None. The digest
+    may come from a stranger's token file: only that exact form, with a bounded seed, is accepted."""
+    found = re.fullmatch(r"random-seed(\d{1,18})-[0-9a-f]{16}", digest or "")
+    return int(found.group(1)) if found else None
 
 
 def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> None:

@@ -25,7 +25,7 @@ from .manifest import MANIFEST_NAME, Manifest
 from .model import TiTok
 from .preprocess import DevicePreprocessor
 from .stages import CLOCK
-from .tokens import TokenFile, TokenFileError, is_complete, load_tokens, save_tokens
+from .tokens import TokenFile, TokenFileError, load_tokens, save_tokens, try_load_tokens
 from .video import (
     ClipReader,
     VideoError,
@@ -409,9 +409,9 @@ class _EncodeJob:
 def _already_encoded(out: Path, model: TiTok, mode: str, settings: ClipSettings, device: str | None = None) -> bool:
     """A complete token file made by the same weights with the same clip settings, decoder, preprocessing,
     device, dtype, backend and mode (else it is redone; files made before these were recorded are redone too)."""
-    if not is_complete(out, weights_digest=model.weights_digest):
+    done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
+    if done is None or done.weights_digest != model.weights_digest:
         return False
-    done = load_tokens(out)
     recorded = {k: done.made_with.get(k) for k in RESUME_KEYS}
     return (
         recorded == made_with(model, mode, settings, device=device)
@@ -535,6 +535,14 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     raise ValueError(f"source {token_file.source} now gives {reader.clips_read} chunks; the token file has {wanted}")
 
 
+def _beside_source(token_file: TokenFile, chunks: Iterator[torch.Tensor], scores: list[float] | None):
+    """Each decoded chunk with its source chunk on the left; its PSNR appended to ``scores`` if given."""
+    for source, recon in zip(source_chunks(token_file), chunks, strict=True):
+        if scores is not None:
+            scores.append(psnr(recon, source))
+        yield side_by_side(source, recon)
+
+
 def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLike) -> None:
     """A token file decodes only with the weights that made it."""
     if token_file.weights_digest != model.weights_digest:
@@ -552,9 +560,11 @@ def decode_files(
     with_source: bool = False,
     force: bool = False,
     overwrite: bool = False,
+    scores: list[float] | None = None,
 ) -> Summary:
     """Token files -> ``outdir/<stem>.mp4`` (optionally the source beside the reconstruction), written chunk by
-    chunk; an mp4 appears under its name only when complete."""
+    chunk; an mp4 appears under its name only when complete. With the source, ``scores`` (if given) receives each
+    chunk's PSNR (dB) against it."""
     outdir = Path(outdir)
     stems: dict[str, str] = {}
     for path in paths:
@@ -575,7 +585,7 @@ def decode_files(
             outdir.mkdir(parents=True, exist_ok=True)
             chunks = decoded_chunks(engine, token_file)  # one chunk at a time: any length fits in memory
             if with_source:
-                chunks = (side_by_side(s, r) for s, r in zip(source_chunks(token_file), chunks, strict=True))
+                chunks = _beside_source(token_file, chunks, scores)
             with VideoWriter(out, token_file.fps) as writer:
                 for chunk in chunks:
                     writer.write(chunk)

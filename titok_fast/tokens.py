@@ -195,15 +195,20 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
         raise TokenFileError(f"{path}: {exc}") from None
 
 
+def try_load_tokens(path: str | os.PathLike[str]) -> TokenFile | None:
+    """The token file at `path`, or None when there is no regular file there or it is not a valid token file."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return load_tokens(path)
+    except TokenFileError:
+        return None
+
+
 def is_complete(path: str | os.PathLike[str], *, weights_digest: str | None = None) -> bool:
     """Whether `path` holds a valid token file (made with `weights_digest`, if given): resumable runs skip it."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        token_file = load_tokens(path)
-    except TokenFileError:
-        return False
-    return weights_digest is None or token_file.weights_digest == weights_digest
+    token_file = try_load_tokens(path)
+    return token_file is not None and (weights_digest is None or token_file.weights_digest == weights_digest)
 
 
 def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:
