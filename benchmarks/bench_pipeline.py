@@ -143,7 +143,7 @@ def model_only(engine: Engine, model, path: Path, settings: ClipSettings, batch:
 def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
     """One source through the encode path (or the reading side alone): the row of the table."""
     grid = tuple(args.grid)
-    options = {"preprocess": args.preprocess, "decoder": args.decoder}
+    options = {"preprocess": args.preprocess, "decoder": args.decoder, "prune": not args.no_prune}
     settings = _settings(grid, args.tokens, options)
     with tempfile.TemporaryDirectory() as scratch:
         copies = []  # the source under `files` names: a dataset of that many videos
@@ -254,6 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-kind", default="thread", choices=("thread", "process"))
     p.add_argument("--preprocess", default="auto", choices=("auto", "cpu", "device"))
     p.add_argument("--decoder", default="cpu", choices=("cpu", "nvdec"))
+    p.add_argument("--no-prune", action="store_true", help="decode every frame, also those no clip uses")
     p.add_argument("--input-only", action="store_true", help="the reading side alone: no model")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the log")
     p.add_argument("--log", default=os.environ.get("TITOK_BENCH_LOG"), help="append each row here as JSON")

@@ -95,8 +95,9 @@ try:  # NVDEC itself, without the CPU fallback: the exact error if it cannot be 
 except Exception as exc:
     print("NVDEC unreachable:", type(exc).__name__, exc)
 PROBE
-        # before: today's path (per-frame float32 resize on the CPU, 2 decoding threads), same commit and command
-        timeout 120 "${run[@]}" --sources 720p30,256p8 --files 12 --label before --preprocess cpu --workers 2
+        # before: the old path (every frame decoded, per-frame float32 resize on the CPU, 2 decoding threads), same
+        # commit and command
+        timeout 120 "${run[@]}" --sources 720p30,256p8 --files 12 --label before --preprocess cpu --no-prune --workers 2
         # after: the defaults (a decoding thread per core, preprocessing on the GPU by the placement rule)
         timeout 90 "${run[@]}" --sources 720p30,256p8 --files 12 --label after --workers "$(nproc)"
         timeout 45 "${run[@]}" --sources 720p30 --files 12 --label after-processes --worker-kind process \

@@ -167,6 +167,97 @@ def test_decoder_threads_do_not_change_frames(files):
     assert all(torch.equal(a, b) for a, b in zip(one.clips, three.clips, strict=True))
 
 
+# ------------------------------------------------------------------ pruned decoding: skipping unneeded frames
+@pytest.fixture(scope="module")
+def long_moving(tmp_path_factory) -> str:
+    """Four seconds of H.264 with motion at 24 fps: x264's default B-frames, some of them non-reference."""
+    return str(videos.make_video(tmp_path_factory.mktemp("prune") / "long.mp4", 98, 48, 64, fps=24))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("sampling", "tail", "fps"), [
+    ("upstream", "drop", 8), ("upstream", "pad", 8), ("upstream", "drop", 5), ("time", "drop", 8), ("time", "pad", 7),
+])  # fmt: skip
+def test_pruned_decoding_gives_the_clips_of_decoding_every_frame(long_moving, threads, sampling, tail, fps):
+    kwargs = dict(frames=6, height=32, width=32, fps=fps, sampling=sampling, tail=tail, threads=threads)
+    every = video.ClipReader(long_moving, prune=False, **kwargs)
+    pruned = video.ClipReader(long_moving, **kwargs)
+    a, b = list(every), list(pruned)
+    assert pruned.pruned and not every.pruned
+    assert len(a) == len(b) >= 2 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert (pruned.clips_read, pruned.last_clip_frames, pruned.start_times()) == (
+        every.clips_read, every.last_clip_frames, every.start_times()
+    )  # fmt: skip
+
+
+def test_pruned_decoding_of_variable_frame_rate(files):
+    kwargs = dict(frames=4, height=16, width=16, fps=6, sampling="time", tail="pad")
+    every, pruned = (read_clips(files["vfr"], prune=prune, **kwargs).clips for prune in (False, True))
+    assert len(every) == len(pruned) and all(torch.equal(x, y) for x, y in zip(every, pruned, strict=True))
+
+
+def decode_all(path: str) -> list[np.ndarray]:
+    with av.open(path) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_pruned_frames_skip_non_reference_frames_and_stop_after_the_last_needed(long_moving):
+    from titok_fast import decoders
+
+    order = decoders.presentation_order(long_moving)
+    assert order is not None and len(order) == 98 and (np.diff(order) > 0).all()
+    needed = np.zeros(len(order), dtype=bool)
+    needed[1:80:3] = True
+    with av.open(long_moving) as container:
+        out = list(decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed))
+    indices = [i for i, _ in out]
+    assert set(np.flatnonzero(needed)) <= set(indices) and indices == sorted(indices) and indices[-1] == 79
+    assert len(out) < 79  # non-reference frames were skipped, not only the ones after frame 79
+    every = decode_all(long_moving)
+    assert all(np.array_equal(frame.to_ndarray(format="rgb24"), every[i]) for i, frame in out)
+
+
+def test_pruned_frames_notice_a_needed_frame_that_does_not_come_out(long_moving):
+    from titok_fast import decoders
+
+    real = decoders.presentation_order(long_moving)
+    order = np.insert(real, 10, real[9] + 1)  # a frame between frames 9 and 10 that the stream does not have
+    needed = np.zeros(len(order), dtype=bool)
+    needed[[4, 10, 20]] = True
+    with av.open(long_moving) as container, pytest.raises(decoders.PruneMismatch, match="came out after frame"):
+        list(decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed))
+
+
+def test_streams_that_are_not_pruned(files, tmp_path):
+    from titok_fast import decoders
+
+    assert decoders.presentation_order(files["odd"]) is None  # FFV1: not in PRUNED_CODECS
+    reader = video.ClipReader(files["odd"], frames=2, height=16, width=16, fps=24)
+    assert len(list(reader)) == 3 and not reader.pruned
+    assert decoders.presentation_order(files["moving"]) is not None
+
+
+def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypatch):
+    """Whatever pruned decoding gave out before it went wrong, the clips are those of decoding every frame."""
+    from titok_fast import decoders
+
+    real = decoders.pruned_frames
+
+    def losing(container, stream, order, needs):  # loses the 30th frame that comes out, as a broken stream might
+        for count, item in enumerate(real(container, stream, order, needs)):
+            if count == 30:
+                raise decoders.PruneMismatch("lost")
+            yield item
+
+    kwargs = dict(frames=6, height=32, width=32, fps=8)
+    every = read_clips(long_moving, prune=False, **kwargs).clips
+    monkeypatch.setattr(decoders, "pruned_frames", losing)
+    reader = video.ClipReader(long_moving, **kwargs)
+    clips = list(reader)
+    assert not reader.pruned and len(clips) == len(every) >= 2
+    assert all(torch.equal(x, y) for x, y in zip(clips, every, strict=True))
+
+
 @pytest.mark.parametrize(
     ("name", "problem"),
     [

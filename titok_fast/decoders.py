@@ -1,8 +1,15 @@
 """Video decoders behind one interface: PyAV on the CPU (the default, exact path) and NVDEC on the GPU (opt in).
 
-A decoder opens a file as a :class:`FrameSource`: its average frame rate, frame size, the decoded frames in order
-(each with ``pts``, ``time_base`` and ``duration`` in the container's terms) and ``rgb(frame)``, the frame as
-uint8 RGB [h, w, 3] where it was decoded (host memory for PyAV, GPU memory for NVDEC).
+A decoder opens a file as a :class:`FrameSource`: its average frame rate, the decoded frames in order with their
+indices (each frame with ``pts``, ``time_base`` and ``duration`` in the container's terms) and ``rgb(frame)``,
+the frame as uint8 RGB [h, w, 3] where it was decoded (host memory for PyAV, GPU memory for NVDEC).
+
+Pruning (the CPU decoder, H.264): a reader that says which frames it needs (by index in presentation order) gets
+those, and the decoder skips the non-reference frames it does not need. Such a frame is, by the standard
+(nal_ref_idc 0), never a reference for another, so skipping it changes no other frame: the frames given out are
+bit for bit those of decoding everything. Indices come from a first pass over the packets (their timestamps,
+no decoding). Each frame that comes out is checked against them; if a needed frame is missing or out of order
+:class:`PruneMismatch` is raised, and the reader decodes that file again in full.
 
 NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
 conversion runs there (:func:`yuv420_to_rgb`: BT.601 or BT.709 as the stream says, limited range, as
@@ -22,6 +29,7 @@ from fractions import Fraction
 from typing import Any
 
 import av
+import numpy as np
 import torch
 
 from .stages import CLOCK
@@ -30,21 +38,32 @@ DECODERS = ("cpu", "nvdec")
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjpeg")
 # (Kr, Kb) of Y = Kr R + (1 - Kr - Kb) G + Kb B, by the stream's colour matrix
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+# codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
+# reference. (Not HEVC: FFmpeg skips its sub-layer non-reference pictures, which higher sub-layers may use.)
+PRUNED_CODECS = ("h264",)
+# what a reader needs: (timestamps of all frames in presentation order, time base) -> needed[index] (bool)
+Needs = Callable[[np.ndarray, Fraction], np.ndarray]
 
 
 class DecoderUnavailable(RuntimeError):
     """A decoder that cannot be used for this file or on this machine; the message says why."""
 
 
+class PruneMismatch(Exception):
+    """Pruned decoding gave out frames that decoding everything would not (one missing, or out of order)."""
+
+
 @dataclass
 class FrameSource:
-    """An opened video. ``frames`` iterates decoded frames in presentation order (their decoding counts as the
-    "decode" stage); ``rgb(frame)`` is one frame as [h, w, 3] uint8 on the decoder's device ("rgb" stage)."""
+    """An opened video. ``frames`` iterates (index, frame) in presentation order, the index counting every frame
+    of the video (with pruning, frames the reader does not need may be missing); their decoding counts as the
+    "decode" stage. ``rgb(frame)`` is one frame as [h, w, 3] uint8 on the decoder's device ("rgb" stage)."""
 
     source_fps: float  # the container's average frame rate, 0.0 if unknown
-    frames: Iterator[Any]
+    frames: Iterator[tuple[int, Any]]
     convert: Callable[[Any], torch.Tensor]
     decoder: str  # "cpu" or "nvdec"
+    pruned: bool = False  # frames not needed may be skipped
 
     def rgb(self, frame: Any) -> torch.Tensor:
         started = CLOCK.start()
@@ -54,13 +73,77 @@ class FrameSource:
 
 
 @contextlib.contextmanager
-def cpu_frames(container: av.container.InputContainer, threads: int) -> Iterator[FrameSource]:
-    """PyAV's decoding of the container's first video stream (frame threading with ``threads`` threads)."""
+def cpu_frames(
+    container: av.container.InputContainer, threads: int, path: str | None = None, needs: Needs | None = None
+) -> Iterator[FrameSource]:
+    """PyAV's decoding of the container's first video stream (frame threading with ``threads`` threads). With
+    ``needs`` (and ``path``, read once more for the timestamps), pruned where the stream allows it (see the module
+    header)."""
     stream = container.streams.video[0]
     stream.thread_type = "FRAME"
     stream.thread_count = threads
-    frames = CLOCK.timed(container.decode(stream), "decode")
-    yield FrameSource(float(stream.average_rate or 0), frames, _pyav_rgb, "cpu")
+    started = CLOCK.start()
+    order = presentation_order(path) if needs is not None and path is not None else None
+    CLOCK.stop("decode", started)
+    if order is None:
+        frames = enumerate(container.decode(stream))
+    else:
+        frames = pruned_frames(container, stream, order, lambda: needs(order, stream.time_base))
+    rate = float(stream.average_rate or 0)
+    yield FrameSource(rate, CLOCK.timed(frames, "decode"), _pyav_rgb, "cpu", pruned=order is not None)
+
+
+def presentation_order(path: str) -> np.ndarray | None:
+    """The timestamps of the first video stream's frames in presentation order, from its packets (read, not
+    decoded), or None where pruning cannot be trusted to keep every frame's index: a codec not in PRUNED_CODECS,
+    a packet without a timestamp, two packets with one, or a first packet that is not a keyframe shown first."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if stream.codec_context.name not in PRUNED_CODECS:
+            return None
+        stamps = []
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the empty packet at the end
+                continue
+            if packet.pts is None or not (stamps or packet.is_keyframe):
+                return None
+            stamps.append(packet.pts)
+    order = np.sort(np.asarray(stamps, dtype=np.int64))
+    if not stamps or order[0] != stamps[0] or (np.diff(order) == 0).any():
+        return None
+    return order
+
+
+def pruned_frames(
+    container: av.container.InputContainer, stream, order: np.ndarray, needs: Callable[[], np.ndarray]
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(index, frame) in presentation order: every frame ``needs()`` marks, and the reference frames decoded on
+    the way; non-reference frames not needed are skipped, and decoding stops after the last needed frame. Raises
+    PruneMismatch when a frame comes out that decoding everything would not give at that index."""
+    needed = np.asarray(needs(), dtype=bool)
+    marked = np.flatnonzero(needed)
+    last = int(marked[-1]) if len(marked) else -1
+    context, previous = stream.codec_context, -1
+
+    def index_of(pts: int | None) -> int:
+        at = int(np.searchsorted(order, pts)) if pts is not None else len(order)
+        if at == len(order) or order[at] != pts:
+            raise PruneMismatch(f"a frame with timestamp {pts}, not among the packets'")
+        return at
+
+    for packet in container.demux(stream):
+        if packet.size:  # (the empty packet at the end flushes the decoder)
+            context.skip_frame = "DEFAULT" if needed[index_of(packet.pts)] else "NONREF"
+        for frame in packet.decode():
+            index = index_of(frame.pts)
+            if index <= previous or needed[previous + 1 : index].any():
+                raise PruneMismatch(f"frame {index} came out after frame {previous}")
+            previous = index
+            yield index, frame
+            if index == last:
+                return
+    if previous < last:
+        raise PruneMismatch(f"the stream ended at frame {previous}, before needed frame {last}")
 
 
 def _pyav_rgb(frame: av.VideoFrame) -> torch.Tensor:
@@ -157,12 +240,14 @@ def open_frames(
     decoder: str = "cpu",
     *,
     threads: int = 1,
+    needs: Needs | None = None,
     nvdec: Callable[[str, Any], Iterator[Any]] | None = None,
     nvdec_convert: Callable[[Any], torch.Tensor] | None = None,
     notice: Callable[[str], None] = _notice,
 ) -> Iterator[FrameSource]:
     """The file's frames from ``decoder`` ("cpu" or "nvdec"); NVDEC that cannot take this file (its first frame
-    fails) falls back to the CPU with a one-line ``notice``. ``nvdec`` / ``nvdec_convert`` replace
+    fails) falls back to the CPU with a one-line ``notice``. ``needs``: the frames the reader needs, for the CPU
+    decoder to prune (see the module header; None decodes every frame). ``nvdec`` / ``nvdec_convert`` replace
     :func:`nvdec_frames` / :func:`nvdec_rgb` (default: those of this module, looked up at the call)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
@@ -175,8 +260,8 @@ def open_frames(
         except Exception as exc:  # DecoderUnavailable, or the file rejected on its first frame
             notice(f"{path}: decoding on the CPU: {exc}")
         else:
-            frames = itertools.chain([] if first is None else [first], frames)
+            frames = enumerate(itertools.chain([] if first is None else [first], frames))
             yield FrameSource(float(stream.average_rate or 0), frames, nvdec_convert, "nvdec")
             return
-    with cpu_frames(container, threads) as source:
+    with cpu_frames(container, threads, path, needs) as source:
         yield source

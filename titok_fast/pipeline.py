@@ -74,7 +74,8 @@ class Summary:
 @dataclass(frozen=True)
 class ClipSettings:
     """How videos become clips: pixel grid (T, H, W), latent tokens per clip, sampling fps, tail policy and
-    frame sampling ("upstream" frame indices, or "time" for variable frame rate)."""
+    frame sampling ("upstream" frame indices, or "time" for variable frame rate). ``prune``: the CPU decoder skips
+    frames no clip uses where that is exact (``ClipReader``); False decodes every frame, to measure the gain."""
 
     grid: tuple[int, int, int]
     tokens: int
@@ -83,6 +84,7 @@ class ClipSettings:
     sampling: str = "upstream"
     decoder: str = "cpu"
     preprocess: str = "auto"
+    prune: bool = True
 
     def read_kwargs(self, device: str = "cpu") -> dict:
         """Arguments of ``ClipReader`` / ``stream_videos`` for these settings and a model on ``device`` ("cpu",
@@ -90,7 +92,7 @@ class ClipSettings:
         t, h, w = self.grid
         return dict(
             frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True,
-            decoder=self.decoder, preprocess=self.preprocess, device=device,
+            decoder=self.decoder, preprocess=self.preprocess, device=device, prune=self.prune,
         )  # fmt: skip
 
 

@@ -11,7 +11,9 @@ float tensor upstream builds (short side to max(H, W), long side truncated, no c
 torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in the model's dtype when
 ``normalize_pixels`` is given raw clips (``raw=True``), which is what the encoder pipeline does.
 
-Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W).
+Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W). The CPU
+decoder skips the H.264 frames the sampling does not need and no other frame refers to (``prune``; exact, see
+:mod:`titok_fast.decoders`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoders import DECODERS, open_frames
+from .decoders import DECODERS, PruneMismatch, open_frames
 from .files import AtomicFile
 from .preprocess import clip_pixels, normalize_pixels, placement
 from .stages import CLOCK
@@ -86,7 +88,9 @@ class ClipReader:
     chunk is a VideoError); tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame
     threading. The arguments are checked here; the file is opened when iteration starts.
 
-    ``decoder``: "cpu" (PyAV) or "nvdec" (see :mod:`titok_fast.decoders`; falls back to the CPU). ``preprocess``
+    ``decoder``: "cpu" (PyAV) or "nvdec" (see :mod:`titok_fast.decoders`; falls back to the CPU). ``prune``: the
+    CPU decoder skips the H.264 frames that are not sampled and that no other frame refers to; the clips are the
+    same bit for bit (``pruned`` says whether this file was; False decodes every frame). ``preprocess``
     ("auto", "cpu", "device") and ``device`` (the model's device type) decide per file, by
     :func:`titok_fast.preprocess.placement`, where frames are resized: with placement "device" (always so for
     NVDEC's frames) the clips are the sampled frames at source size, [frames, h, w, 3] uint8 RGB, for
@@ -112,6 +116,7 @@ class ClipReader:
         decoder: str = "cpu",
         preprocess: str = "cpu",
         device: str = "cpu",
+        prune: bool = True,
     ):
         if min(frames, height, width, threads) < 1:
             raise ValueError(
@@ -129,7 +134,8 @@ class ClipReader:
             raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
         placement(preprocess, device, 1, 1)  # checks the name
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
-        self.decoder, self.preprocess, self.device = decoder, preprocess, device
+        self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
+        self.pruned = False  # whether the CPU decoder skipped frames this file does not need, set as it is read
         self.placement = ""  # where this file's frames are preprocessed, "cpu" or "device", set when it is opened
         self.decoded_by = ""  # "cpu" or "nvdec", or "nvdec,cpu" when NVDEC failed midway, set as it is read
         self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
@@ -158,27 +164,34 @@ class ClipReader:
             yield clip
 
     def _all_images(self) -> Iterator[torch.Tensor]:
-        """The sampled frames, from the CPU decoder after the last one given out if NVDEC fails midway."""
-        given = 0
-        try:
-            for image in self._images(self.decoder, skip=0):
-                given += 1
-                yield image
-        except _NvdecFailed as failed:
-            self.decoded_by += ",cpu"
-            print(f"titok-fast: {self.path}: NVDEC failed ({failed.__cause__}); the rest on the CPU", file=sys.stderr)
-            yield from self._images("cpu", skip=given)
+        """The sampled frames; after the last one given out, from the CPU decoder if NVDEC fails midway, and from
+        every frame decoded if pruned decoding goes wrong."""
+        given, decoder, prune = 0, self.decoder, self.prune
+        while True:
+            try:
+                for image in self._images(decoder, prune, skip=given):
+                    given += 1
+                    yield image
+                return
+            except _NvdecFailed as failed:
+                self.decoded_by += ",cpu"
+                message = f"{self.path}: NVDEC failed ({failed.__cause__}); the rest on the CPU"
+                print(f"titok-fast: {message}", file=sys.stderr)
+                decoder = "cpu"
+            except PruneMismatch:
+                self.pruned, prune = False, False
 
-    def _images(self, decoder: str, skip: int) -> Iterator[torch.Tensor]:
+    def _images(self, decoder: str, prune: bool, skip: int) -> Iterator[torch.Tensor]:
         """The sampled frames after the first ``skip``: [3, height, width] raw pixels (placement "cpu") or
-        [h, w, 3] uint8 RGB at source size (placement "device")."""
+        [h, w, 3] uint8 RGB at source size (placement "device"); ``prune``: let the CPU decoder skip frames."""
         path = self.path
         with _open(path) as container:
             if not container.streams.video:
                 raise VideoError(f"{path}: has no video stream")
             context = container.streams.video[0].codec_context
-            with open_frames(path, container, decoder, threads=self.threads) as source:
-                self.decoded_by = self.decoded_by or source.decoder
+            needs = self._needs if prune else None
+            with open_frames(path, container, decoder, threads=self.threads, needs=needs) as source:
+                self.decoded_by, self.pruned = self.decoded_by or source.decoder, source.pruned
                 self.source_fps = source.source_fps
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
                     on = placement(self.preprocess, self.device, context.height, context.width)
@@ -204,6 +217,22 @@ class ClipReader:
                     if source.decoder != "nvdec":
                         raise
                     raise _NvdecFailed() from exc
+
+    def _needs(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
+        """needed[i]: whether the sampling uses frame i of a video whose frames have timestamps ``order``."""
+        count = len(order)
+        if self.sampling == "upstream":
+            length = self._chunk_length
+            picked = np.bincount(np.linspace(0, length - 1, self.frames, dtype=int), minlength=length) > 0
+            needed = picked[np.arange(count) % length]
+            if self.tail == "drop" and count >= length:  # a last partial chunk is dropped: none of its frames
+                needed[count // length * length :] = False
+            return needed
+        # _resample: frame i shows output frames ceil(t_i * fps) .. ceil(t_(i+1) * fps) - 1; the last always shows
+        rate = Fraction(self.fps) * time_base
+        first = int(order[0])
+        due = [math.ceil((int(pts) - first) * rate) for pts in order]
+        return np.array([a < b for a, b in itertools.pairwise(due)] + [True])
 
     def _resized(self, source, frame) -> torch.Tensor:
         """One frame as upstream prepares it (the per-frame path): raw pixels [3, height, width] float32."""
@@ -385,7 +414,7 @@ def _decode_feeds(tasks: queue.SimpleQueue) -> None:
 
 
 WORKER_KINDS = ("thread", "process")
-_READER_STATE = ("source_fps", "clips_read", "last_clip_frames", "_chunk_length", "placement", "decoded_by")
+_READER_STATE = ("source_fps", "clips_read", "last_clip_frames", "_chunk_length", "placement", "decoded_by", "pruned")
 
 
 class _DecoderProcess:
@@ -622,13 +651,14 @@ def _open(path: str) -> av.container.InputContainer:
 
 def _resample(path: str, decoded: Iterable, fps: float, image: Callable) -> Iterator[torch.Tensor]:
     """Frame k of the output, ``image(frame)``, is the last decoded frame at or before k / fps (see the header).
+    ``decoded``: (index, frame) pairs; frames a pruned decoder left out show no output frame, so they change nothing.
 
     Times are exact fractions of seconds after the first frame; a frame whose time does not advance is skipped.
     """
     rate = Fraction(fps)
     emitted = 0  # output frames so far; output frame k is due at k / rate
     first = held = held_time = None
-    for frame in decoded:
+    for _, frame in decoded:
         if frame.pts is None:
             raise VideoError(f"{path}: a video frame has no presentation timestamp")
         first = frame.pts * frame.time_base if first is None else first
@@ -657,10 +687,10 @@ def _repeat(frame, count: int, image: Callable) -> Iterator[torch.Tensor]:
 def _sample_indices(decoded: Iterable, frames: int, chunk_length: int, image: Callable) -> Iterator[torch.Tensor]:
     """Upstream's sampling: chunk c is source frames [c * L, (c + 1) * L), and its frames are those that
     numpy.linspace(c * L, c * L + L - 1, frames, dtype=int) picks (repeats when L < frames), each ``image(frame)``.
-    A last partial chunk yields the picks that exist."""
+    A last partial chunk yields the picks that exist. ``decoded``: (index, frame) pairs in order."""
     picks = np.linspace(0, chunk_length - 1, frames, dtype=int)  # offsets inside a chunk, nondecreasing
     counts = np.bincount(picks, minlength=chunk_length)
-    for index, frame in enumerate(decoded):
+    for index, frame in decoded:
         repeat = int(counts[index % chunk_length])
         if repeat:
             yield from _repeat(frame, repeat, image)
