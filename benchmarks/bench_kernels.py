@@ -28,7 +28,13 @@ import torch
 import triton
 
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head, fsq_quantize_ref
-from titok_fast.kernels.mrope_attention import mrope_attention, mrope_tables, packed_positions, pair_axis
+from titok_fast.kernels.mrope_attention import (
+    ATTENTION_BLOCKS,
+    mrope_attention,
+    mrope_tables,
+    packed_positions,
+    pair_axis,
+)
 
 from anchors import ANCHORS
 
@@ -133,6 +139,20 @@ def test_attention(benchmark, side, provider):
     mean = _timed(benchmark, fn)
     _extra_info(benchmark, provider)
     benchmark.extra_info.update(tflops_per_s=flops / mean / 1e12, heads=f"{hq}/{hkv}", rows=int(cu[-1]))
+
+
+@pytest.mark.parametrize("blocks", list(ATTENTION_BLOCKS))
+@pytest.mark.parametrize("side", list(SIDES))
+def test_attention_blocks(benchmark, side, blocks):
+    """The fused attention with each candidate block shape (``ATTENTION_BLOCKS``; the first is the default), on
+    the same inputs as ``test_attention``: the measurement that picks the default."""
+    benchmark.group = f"kernel-attention-blocks-{side}-{SIDES[side][0]}q{SIDES[side][1]}kv"
+    hq, hkv = SIDES[side]
+    inputs, flops = _attention_inputs(hq, hkv)
+    args = (inputs["qkv"], *inputs["norms"], inputs["cu"], inputs["positions"], inputs["cos"], inputs["sin"])
+    mean = _timed(benchmark, lambda: mrope_attention(*args, hq, hkv, blocks=blocks))
+    _extra_info(benchmark, f"titok[{blocks}]")
+    benchmark.extra_info.update(tflops_per_s=flops / mean / 1e12, heads=f"{hq}/{hkv}", rows=int(inputs["cu"][-1]))
 
 
 @pytest.mark.parametrize("provider", ["titok", "torch"])

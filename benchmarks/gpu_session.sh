@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh tests     # the whole test suite: on a GPU the kernel tests run compiled
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
-#                                            # FlexAttention; FSQ), per-call times from do_bench with quantiles
+#                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
+#                                            # from do_bench with quantiles
 #   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph,
 #                                            # and upstream itself with TITOK_UPSTREAM=<checkout of old-variableComp>
 #   bash benchmarks/gpu_session.sh decode    # end-to-end decode, the same providers

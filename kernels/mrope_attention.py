@@ -249,8 +249,24 @@ ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NORM_CONFIG = dict(ROWS=16, num_warps=4)
 
 
-def attention_config(dtype: torch.dtype) -> dict:
-    """Block sizes and launch options of ``_attention_kernel`` for a dtype (also used by the compile tests).
+# 16-bit block shapes for a GPU run to compare (``benchmarks/bench_kernels.py::test_attention_blocks``); each one
+# compiles for sm_90 without spills and runs exactly in the interpreter (tests). The first is the default.
+# name -> (BLOCK_M, BLOCK_N, num_warps, num_stages); sm_90 registers/thread under Triton 3.9 in the comment.
+ATTENTION_BLOCKS = {
+    "m128n64w8s3": (128, 64, 8, 3),  # 122: two CTAs per SM
+    "m128n64w8s2": (128, 64, 8, 2),  # 127
+    "m128n64w8s4": (128, 64, 8, 4),  # 122
+    "m128n128w8s2": (128, 128, 8, 2),  # 189: one CTA per SM, half the softmax steps
+    "m128n128w8s3": (128, 128, 8, 3),  # 173
+    "m256n64w8s3": (256, 64, 8, 3),  # 222: each K/V tile serves 64 rows x 4 heads
+    "m64n64w4s3": (64, 64, 4, 3),  # 120: small tiles, many CTAs (short sequences)
+    "m128n64w4s3": (128, 64, 4, 3),  # 215: one warpgroup per CTA
+}
+
+
+def attention_config(dtype: torch.dtype, blocks: str | None = None) -> dict:
+    """Block sizes and launch options of ``_attention_kernel`` for a dtype (also used by the compile tests);
+    ``blocks``: an ATTENTION_BLOCKS name for 16-bit dtypes (default its first entry).
 
     16-bit: 128 (row, head) pairs x 64 keys, 8 warps (two warpgroups, one m64 wgmma each), 3 stages:
     122 registers/thread and 64 KiB shared memory (sm_90 compile, Triton 3.6 and 3.9), so two CTAs fit on an SM
@@ -262,8 +278,15 @@ def attention_config(dtype: torch.dtype) -> dict:
     FMA dots spilled to local memory at the tile sizes tried). The interpreter computes every dot exactly.
     """
     if dtype == torch.float32:
+        if blocks is not None:
+            raise ValueError("ATTENTION_BLOCKS are 16-bit block shapes; fp32 has one configuration")
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PRECISION="tf32x3", enable_fp_fusion=True)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PRECISION="tf32", enable_fp_fusion=True)
+    if blocks is not None and blocks not in ATTENTION_BLOCKS:
+        raise ValueError(f"blocks must be one of {list(ATTENTION_BLOCKS)}; got {blocks!r}")
+    block_m, block_n, warps, stages = ATTENTION_BLOCKS[blocks or next(iter(ATTENTION_BLOCKS))]
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, PRECISION="tf32", enable_fp_fusion=True
+    )
 
 
 def _check_vector(name: str, t: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -334,6 +357,7 @@ def mrope_attention(
     eps: float = 1e-5,
     inplace: bool = False,
     out: torch.Tensor | None = None,
+    blocks: str | None = None,
 ) -> torch.Tensor:
     """q/k LayerNorm + M-RoPE + varlen GQA attention of packed sequences.
 
@@ -350,6 +374,7 @@ def mrope_attention(
     out: optional [num_q_rows or R, Hq * 64] in qkv's dtype, last dim contiguous (any row stride; it may alias
     qkv's q columns, which only the program that owns a query row reads). Output rows past the real queries
     are left untouched.
+    blocks: the attention kernel's block shape, an ATTENTION_BLOCKS name (16-bit only; for benchmarks).
 
     Returns out: [num_q_rows or R, Hq * 64], heads flattened head-major, ready for ``out_proj``.
     """
@@ -361,6 +386,7 @@ def mrope_attention(
         qkv, norm_params, cu_seqlens, positions, cos, sin, num_q_heads, num_kv_heads, q_cu_seqlens, q_starts,
         num_q_rows,
     )
+    cfg = attention_config(qkv.dtype, blocks)
     num_rows = qkv.shape[0]
     num_seqs = cu_seqlens.numel() - 1
     has_q_starts = q_cu_seqlens is not None
@@ -385,7 +411,6 @@ def mrope_attention(
         **NORM_CONFIG,
     )
 
-    cfg = attention_config(qkv.dtype)
     group = num_q_heads // num_kv_heads
     rows_per_block = cfg["BLOCK_M"] // group
     grid = (num_q_rows // rows_per_block + num_seqs, num_kv_heads)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from titok_fast.kernels.mrope_attention import (
+    ATTENTION_BLOCKS,
     mrope_attention,
     mrope_attention_ref,
     mrope_tables,
@@ -87,6 +88,31 @@ def test_matches_ref(case, num_q_heads, num_kv_heads, dtype, atol, rtol):
     _assert_close(out, mrope_attention_ref(**args), atol, rtol)
     for name, tensor in before.items():
         torch.testing.assert_close(args[name], tensor, equal_nan=True, atol=0, rtol=0, msg=f"{name} was modified")
+
+
+@pytest.mark.parametrize("blocks", list(ATTENTION_BLOCKS)[1:])
+def test_every_block_shape_matches_ref(blocks):
+    """The block shapes a GPU benchmark compares (the default is tested above) compute the same attention:
+    sequences shorter and longer than their tiles, a group of 3 that does not divide BLOCK_M, a query subset."""
+    args = _batch([1, 70, 300], 12, 4, torch.float16, pad_rows=5)
+    _assert_close(mrope_attention(**args, blocks=blocks)[:371], mrope_attention_ref(**args)[:371], 4e-3, 4e-3)
+    args = _batch([5, 130], 6, 2, torch.float16)
+    query = dict(
+        q_cu_seqlens=torch.tensor([0, 3, 103], dtype=torch.int32, device=DEVICE),
+        q_starts=torch.tensor([2, 30], dtype=torch.int32, device=DEVICE),
+        num_q_rows=103,
+    )
+    _assert_close(
+        mrope_attention(**args, **query, blocks=blocks), mrope_attention_ref(**args, **query), 4e-3, 4e-3
+    )
+
+
+def test_block_shapes_are_checked():
+    args = _batch([3, 4], 8, 2, torch.float16)
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        mrope_attention(**args, blocks="m512n512")
+    with pytest.raises(ValueError, match="fp32 has one configuration"):
+        mrope_attention(**_batch([3, 4], 8, 2, torch.float32), blocks="m128n64w8s3")
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)

@@ -46,3 +46,14 @@ def test_ratios_divide_rates_by_upstream_packed_never_times(tmp_path):
     text = table(str(path))
     assert "| torch | 3.00 | 1.50x |" in text and "| reference | 1.00 | 0.50x |" in text
     assert "| titok | 0.100 | 0.090 | 0.110 | 600.0 | 2.00x |" in text
+
+
+def test_a_group_without_a_named_baseline_divides_by_its_first_row(tmp_path):
+    """A sweep of block shapes (bench_kernels.py::test_attention_blocks) lists the default first."""
+    rows = [("titok[m128n64w8s3]", 300.0), ("titok[m128n128w8s2]", 330.0), ("titok[m64n64w4s3]", 240.0)]
+    data = {"benchmarks": [{"group": "blocks", "extra_info": {"provider": p, "tflops_per_s": t}} for p, t in rows]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    text = table(str(path))
+    assert "| titok[m128n64w8s3] | 300.0 | 1.00x |" in text and "| titok[m128n128w8s2] | 330.0 | 1.10x |" in text
+    assert "| titok[m64n64w4s3] | 240.0 | 0.80x |" in text

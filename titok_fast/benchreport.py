@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-# what "vs baseline" divides by, the first one present: upstream's packed path, else older tables' baselines
+# what "vs baseline" divides by, the first one present: upstream's packed path, else older tables' baselines, else
+# the group's first row (a sweep of one kernel's block shapes: its first row is the default)
 BASELINES = ("upstream-packed", "reference", "fa2_alone", "torch_flash", "torch")
 COLUMNS = [
     ("ms", "ms", "{:.3f}"),
@@ -33,7 +34,7 @@ def table(path: str) -> str:
         used = [c for c in COLUMNS if any(c[1] in i for i in info)]
         speed = next((k for k in ("clips_per_s", "tflops_per_s", "gb_per_s") if k in info[0]), None)  # higher: faster
         by_provider = {i.get("provider"): i for i in info}
-        baseline = next((by_provider[p] for p in BASELINES if p in by_provider), {})
+        baseline = next((by_provider[p] for p in BASELINES if p in by_provider), info[0])
         base = baseline.get(speed)
         lines += [f"\n**{group}** ({info[0].get('device', '?')}, torch {info[0].get('torch', '?')})", ""]
         lines.append("| provider | " + " | ".join(c[0] for c in used) + " | vs baseline |")
