@@ -228,13 +228,17 @@ def test_pruned_frames_notice_a_needed_frame_that_does_not_come_out(long_moving)
         list(decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed))
 
 
-def test_streams_that_are_not_pruned(files, tmp_path):
+def test_streams_that_are_not_pruned(files, long_moving, monkeypatch):
     from titok_fast import decoders
 
     assert decoders.presentation_order(files["odd"]) is None  # FFV1: not in PRUNED_CODECS
     reader = video.ClipReader(files["odd"], frames=2, height=16, width=16, fps=24)
     assert len(list(reader)) == 3 and not reader.pruned
     assert decoders.presentation_order(files["moving"]) is not None
+    monkeypatch.setattr(decoders, "MAX_PRUNED_FRAMES", 97)  # a video longer than that keeps no index
+    assert decoders.presentation_order(long_moving) is None
+    reader = video.ClipReader(long_moving, frames=6, height=32, width=32, fps=8)
+    assert len(list(reader)) == 5 and not reader.pruned  # 98 // 18 whole chunks
 
 
 def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypatch):

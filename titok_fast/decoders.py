@@ -20,6 +20,7 @@ instead, with a one-line notice; :func:`open_frames` does that choosing.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import itertools
 import sys
@@ -41,6 +42,7 @@ MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 # codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
 # reference. (Not HEVC: FFmpeg skips its sub-layer non-reference pictures, which higher sub-layers may use.)
 PRUNED_CODECS = ("h264",)
+MAX_PRUNED_FRAMES = 2_000_000  # longer videos (18 hours at 30 fps) decode every frame: their index stays small
 # what a reader needs: (timestamps of all frames in presentation order, time base) -> needed[index] (bool)
 Needs = Callable[[np.ndarray, Fraction], np.ndarray]
 
@@ -96,19 +98,20 @@ def cpu_frames(
 def presentation_order(path: str) -> np.ndarray | None:
     """The timestamps of the first video stream's frames in presentation order, from its packets (read, not
     decoded), or None where pruning cannot be trusted to keep every frame's index: a codec not in PRUNED_CODECS,
-    a packet without a timestamp, two packets with one, or a first packet that is not a keyframe shown first."""
+    a packet without a timestamp, two packets with one, or a first packet that is not a keyframe shown first
+    (and None for more than MAX_PRUNED_FRAMES frames)."""
     with av.open(path) as container:
         stream = container.streams.video[0]
         if stream.codec_context.name not in PRUNED_CODECS:
             return None
-        stamps = []
+        stamps = array.array("q")
         for packet in container.demux(stream):
             if packet.size == 0:  # the empty packet at the end
                 continue
-            if packet.pts is None or not (stamps or packet.is_keyframe):
+            if packet.pts is None or not (stamps or packet.is_keyframe) or len(stamps) == MAX_PRUNED_FRAMES:
                 return None
             stamps.append(packet.pts)
-    order = np.sort(np.asarray(stamps, dtype=np.int64))
+    order = np.sort(np.frombuffer(stamps, dtype=np.int64))
     if not stamps or order[0] != stamps[0] or (np.diff(order) == 0).any():
         return None
     return order
