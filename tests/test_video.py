@@ -235,6 +235,8 @@ def test_streams_that_are_not_pruned(files, long_moving, monkeypatch):
     reader = video.ClipReader(files["odd"], frames=2, height=16, width=16, fps=24)
     assert len(list(reader)) == 3 and not reader.pruned
     assert decoders.presentation_order(files["moving"]) is not None
+    assert decoders.presentation_order(files["truncated"]) is None  # full decoding says what is wrong
+    assert decoders.presentation_order(files["folder"]) is None
     monkeypatch.setattr(decoders, "MAX_PRUNED_FRAMES", 97)  # a video longer than that keeps no index
     assert decoders.presentation_order(long_moving) is None
     reader = video.ClipReader(long_moving, frames=6, height=32, width=32, fps=8)

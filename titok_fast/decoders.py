@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import contextlib
 import itertools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,18 +100,24 @@ def presentation_order(path: str) -> np.ndarray | None:
     """The timestamps of the first video stream's frames in presentation order, from its packets (read, not
     decoded), or None where pruning cannot be trusted to keep every frame's index: a codec not in PRUNED_CODECS,
     a packet without a timestamp, two packets with one, or a first packet that is not a keyframe shown first
-    (and None for more than MAX_PRUNED_FRAMES frames)."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        if stream.codec_context.name not in PRUNED_CODECS:
-            return None
-        stamps = array.array("q")
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the empty packet at the end
-                continue
-            if packet.pts is None or not (stamps or packet.is_keyframe) or len(stamps) == MAX_PRUNED_FRAMES:
+    (and None for more than MAX_PRUNED_FRAMES frames, a file that is not a regular file, or one that cannot be
+    read to the end: decoding every frame then reports what is wrong with it)."""
+    if not os.path.isfile(path):  # a FIFO or device could not be read twice
+        return None
+    stamps = array.array("q")
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if stream.codec_context.name not in PRUNED_CODECS:
                 return None
-            stamps.append(packet.pts)
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the empty packet at the end
+                    continue
+                if packet.pts is None or not (stamps or packet.is_keyframe) or len(stamps) == MAX_PRUNED_FRAMES:
+                    return None
+                stamps.append(packet.pts)
+    except (av.FFmpegError, OSError, IndexError):
+        return None
     order = np.sort(np.frombuffer(stamps, dtype=np.int64))
     if not stamps or order[0] != stamps[0] or (np.diff(order) == 0).any():
         return None
