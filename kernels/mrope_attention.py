@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import _find_segment
 
@@ -143,22 +145,26 @@ def _qk_norm_rope_kernel(
 
 @triton.jit
 def _attend_kv_block(
-    b_q, acc, m_i, l_i, p_k, p_v, stride_k, stride_v, start, kv_len, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, row0, col, start, kv_len, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """One online-softmax step over keys [start, start + BLOCK_N) of the sequence (MASKED: the ragged tail).
 
     b_q: [BLOCK_M, 64]; acc: fp32 [BLOCK_M, 64]; m_i, l_i: fp32 [BLOCK_M] running max (base 2) and sum;
-    p_k/p_v: pointers to column 0 of the head in the sequence's first row.
+    k_src/v_src: pointers to column 0 of the head in the sequence's first row, or (TMA) tensor descriptors of
+    all rows and KV heads, the head's tile at [row0 + key, col]. A TMA tile past the sequence holds other rows
+    (another sequence's, or padding that may be NaN): their scores are masked and their V rows zeroed.
     """
     o_n = start + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 64)
     m_n = o_n < kv_len
     o_n = o_n.to(tl.int64)
-    if MASKED:
-        b_k = tl.load(p_k + o_n[:, None] * stride_k + o_d[None, :], mask=m_n[:, None], other=0.0)
+    if TMA:
+        b_k = k_src.load([row0 + start, col])
+    elif MASKED:
+        b_k = tl.load(k_src + o_n[:, None] * stride_k + o_d[None, :], mask=m_n[:, None], other=0.0)
     else:
-        b_k = tl.load(p_k + o_n[:, None] * stride_k + o_d[None, :])
+        b_k = tl.load(k_src + o_n[:, None] * stride_k + o_d[None, :])
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
     if MASKED:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -168,10 +174,14 @@ def _attend_kv_block(
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = acc * alpha[:, None]
-    if MASKED:
-        b_v = tl.load(p_v + o_n[:, None] * stride_v + o_d[None, :], mask=m_n[:, None], other=0.0)
+    if TMA:
+        b_v = v_src.load([row0 + start, col])
+        if MASKED:
+            b_v = tl.where(m_n[:, None], b_v, 0.0)
+    elif MASKED:
+        b_v = tl.load(v_src + o_n[:, None] * stride_v + o_d[None, :], mask=m_n[:, None], other=0.0)
     else:
-        b_v = tl.load(p_v + o_n[:, None] * stride_v + o_d[None, :])
+        b_v = tl.load(v_src + o_n[:, None] * stride_v + o_d[None, :])
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -185,12 +195,14 @@ def _attention_kernel(
     cu_seqlens_ptr,  # int32 [B + 1] packed rows of each sequence
     q_cu_ptr,  # int32 [B + 1] cumulative query rows (cu_seqlens itself when every row is a query)
     q_starts_ptr,  # int32 [B] first query row inside each sequence (unused unless HAS_Q_STARTS)
+    k_desc, v_desc,  # TMA: tensor descriptors of k_ptr's and v_ptr's [R, Hkv * 64] columns, [BLOCK_N, 64] tiles
     num_seqs, search_iters, stride_q, stride_k, stride_v, stride_o, qk_scale,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_M: tl.constexpr,  # (row, head) pairs per program: BLOCK_M // GROUP rows x GROUP heads
     BLOCK_N: tl.constexpr,  # keys per step
     HAS_Q_STARTS: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 operands)
+    TMA: tl.constexpr,  # K/V tiles through tensor descriptors (the Hopper TMA unit) instead of pointers
 ):
     ROWS: tl.constexpr = BLOCK_M // GROUP
     # Program p of KV head kvh handles query block j of sequence i, where sequence i owns the program ids
@@ -219,19 +231,24 @@ def _attention_kernel(
     p_q = q_ptr + (q_row0 + o_row).to(tl.int64)[:, None] * stride_q + o_head[:, None] * 64 + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
 
-    p_k = k_ptr + kv_begin.to(tl.int64) * stride_k + kvh * 64
-    p_v = v_ptr + kv_begin.to(tl.int64) * stride_v + kvh * 64
+    if TMA:
+        k_src, v_src = k_desc, v_desc
+    else:
+        k_src = k_ptr + kv_begin.to(tl.int64) * stride_k + kvh * 64
+        v_src = v_ptr + kv_begin.to(tl.int64) * stride_v + kvh * 64
     acc = tl.zeros([BLOCK_M, 64], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     kv_full = (kv_len // BLOCK_N) * BLOCK_N
     for start in range(0, kv_full, BLOCK_N):
         acc, m_i, l_i = _attend_kv_block(
-            b_q, acc, m_i, l_i, p_k, p_v, stride_k, stride_v, start, kv_len, qk_scale, BLOCK_N, False, PRECISION
+            b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, kv_begin, kvh * 64, start, kv_len, qk_scale,
+            BLOCK_N, False, PRECISION, TMA,
         )
     if kv_full < kv_len:
         acc, m_i, l_i = _attend_kv_block(
-            b_q, acc, m_i, l_i, p_k, p_v, stride_k, stride_v, kv_full, kv_len, qk_scale, BLOCK_N, True, PRECISION
+            b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, kv_begin, kvh * 64, kv_full, kv_len, qk_scale,
+            BLOCK_N, True, PRECISION, TMA,
         )
     acc = acc / l_i[:, None]
 
@@ -249,19 +266,33 @@ ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NORM_CONFIG = dict(ROWS=16, num_warps=4)
 
 
-# 16-bit block shapes for a GPU run to compare (``benchmarks/bench_kernels.py::test_attention_blocks``); each one
-# compiles for sm_90 without spills and runs exactly in the interpreter (tests). The first is the default.
-# name -> (BLOCK_M, BLOCK_N, num_warps, num_stages); sm_90 registers/thread under Triton 3.9 in the comment.
+class Blocks(NamedTuple):
+    """A 16-bit configuration of ``_attention_kernel``: tile sizes, launch options, and how K/V tiles arrive."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False  # K/V through tensor descriptors (TMA), host-side; needs 16-byte aligned rows
+
+
+# 16-bit configurations for a GPU run to compare (``benchmarks/bench_kernels.py::test_attention_blocks``); each
+# one compiles for sm_90 without spills and runs exactly in the interpreter (tests). The first is the default.
+# sm_90 registers/thread under Triton 3.9 in the comments.
 ATTENTION_BLOCKS = {
-    "m128n64w8s3": (128, 64, 8, 3),  # 122: two CTAs per SM
-    "m128n64w8s2": (128, 64, 8, 2),  # 127
-    "m128n64w8s4": (128, 64, 8, 4),  # 122
-    "m128n128w8s2": (128, 128, 8, 2),  # 189: one CTA per SM, half the softmax steps
-    "m128n128w8s3": (128, 128, 8, 3),  # 173
-    "m256n64w8s3": (256, 64, 8, 3),  # 222: each K/V tile serves 64 rows x 4 heads
-    "m64n64w4s3": (64, 64, 4, 3),  # 120: small tiles, many CTAs (short sequences)
-    "m128n64w4s3": (128, 64, 4, 3),  # 215: one warpgroup per CTA
+    "m128n64w8s3": Blocks(128, 64, 8, 3),  # 122: two CTAs per SM
+    "m128n64w8s2": Blocks(128, 64, 8, 2),  # 127
+    "m128n64w8s4": Blocks(128, 64, 8, 4),  # 122
+    "m128n128w8s2": Blocks(128, 128, 8, 2),  # 189: one CTA per SM, half the softmax steps
+    "m128n128w8s3": Blocks(128, 128, 8, 3),  # 173
+    "m256n64w8s3": Blocks(256, 64, 8, 3),  # 222: each K/V tile serves 64 rows x 4 heads
+    "m64n64w4s3": Blocks(64, 64, 4, 3),  # 120: small tiles, many CTAs (short sequences)
+    "m128n64w4s3": Blocks(128, 64, 4, 3),  # 215: one warpgroup per CTA
+    "m128n64w8s3-tma": Blocks(128, 64, 8, 3, tma=True),  # 114: K/V tiles by the TMA unit, no address math
+    "m128n128w8s2-tma": Blocks(128, 128, 8, 2, tma=True),  # 159
 }
+# Not offered: tl.range(warp_specialize=True) on the key loop compiles to the same SASS for sm_90 under
+# Triton 3.6 and 3.9 (no producer/consumer split, no setmaxnreg), with or without TMA.
 
 
 def attention_config(dtype: torch.dtype, blocks: str | None = None) -> dict:
@@ -280,13 +311,16 @@ def attention_config(dtype: torch.dtype, blocks: str | None = None) -> dict:
     if dtype == torch.float32:
         if blocks is not None:
             raise ValueError("ATTENTION_BLOCKS are 16-bit block shapes; fp32 has one configuration")
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PRECISION="tf32x3", enable_fp_fusion=True)
+        return dict(
+            BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PRECISION="tf32x3", enable_fp_fusion=True, TMA=False
+        )
     if blocks is not None and blocks not in ATTENTION_BLOCKS:
         raise ValueError(f"blocks must be one of {list(ATTENTION_BLOCKS)}; got {blocks!r}")
-    block_m, block_n, warps, stages = ATTENTION_BLOCKS[blocks or next(iter(ATTENTION_BLOCKS))]
+    b = ATTENTION_BLOCKS[blocks or next(iter(ATTENTION_BLOCKS))]
     return dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, PRECISION="tf32", enable_fp_fusion=True
-    )
+        BLOCK_M=b.block_m, BLOCK_N=b.block_n, num_warps=b.num_warps, num_stages=b.num_stages, PRECISION="tf32",
+        enable_fp_fusion=True, TMA=b.tma,
+    )  # fmt: skip
 
 
 def _check_vector(name: str, t: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -414,9 +448,15 @@ def mrope_attention(
     group = num_q_heads // num_kv_heads
     rows_per_block = cfg["BLOCK_M"] // group
     grid = (num_q_rows // rows_per_block + num_seqs, num_kv_heads)
+    k, v = qk[:, num_q_heads * HEAD_DIM :], qkv[:, qk_cols:]
+    descriptors = (None, None)
+    if cfg.get("TMA"):
+        if any((t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 for t in (k, v)):
+            raise ValueError("TMA blocks need 16-byte aligned qkv rows; use the default blocks")
+        descriptors = tuple(TensorDescriptor.from_tensor(t, [cfg["BLOCK_N"], HEAD_DIM]) for t in (k, v))
     _attention_kernel[grid](
-        qk, qk[:, num_q_heads * HEAD_DIM :], qkv[:, qk_cols:], out, cu_seqlens, q_cu_seqlens,
-        q_starts if has_q_starts else cu_seqlens, num_seqs, num_seqs.bit_length(),
+        qk, k, v, out, cu_seqlens, q_cu_seqlens, q_starts if has_q_starts else cu_seqlens, *descriptors,
+        num_seqs, num_seqs.bit_length(),
         qk.stride(0), qk.stride(0), qkv.stride(0), out.stride(0), LOG2E / math.sqrt(HEAD_DIM),
         GROUP=group, HAS_Q_STARTS=has_q_starts, **cfg,
     )

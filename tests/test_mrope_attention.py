@@ -113,6 +113,10 @@ def test_block_shapes_are_checked():
         mrope_attention(**args, blocks="m512n512")
     with pytest.raises(ValueError, match="fp32 has one configuration"):
         mrope_attention(**_batch([3, 4], 8, 2, torch.float32), blocks="m128n64w8s3")
+    wide = torch.zeros(7, 12 * 64 + 1, dtype=torch.float16, device=DEVICE)  # rows of 1537 values: 3074 bytes
+    args["qkv"] = wide[:, : 12 * 64]
+    with pytest.raises(ValueError, match="TMA blocks need 16-byte aligned qkv rows"):
+        mrope_attention(**args, blocks="m128n64w8s3-tma")
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)

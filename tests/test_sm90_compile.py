@@ -93,6 +93,10 @@ def _compile(kernel_name, module, config, ptrs):
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = "*" + ptrs[name]
+        elif name.endswith("_desc") and config.get("TMA"):  # a host-side TensorDescriptor of [BLOCK_N, 64] tiles
+            signature[name] = f"tensordesc<{ptrs['k_ptr']}[{config['BLOCK_N']},64]>"
+        elif name.endswith("_desc"):  # None without TMA: the launcher passes None
+            signature[name], constexprs[name] = "constexpr", None
         else:
             signature[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
     attrs = {
@@ -140,6 +144,7 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     assert ".local" not in ptx
     if case.startswith("attention"):
         assert "wgmma.mma_async" in ptx
+        assert ("cp.async.bulk.tensor" in ptx) == case.endswith("-tma")  # K/V tiles by the TMA unit, or not
     assert meta["shared"] <= 227 * 1024
     cubin = folder / "kernel.cubin"
     usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
