@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from titok_fast import decoders
-from titok_fast.video import ClipReader, _open
+from titok_fast.video import ClipReader, _open, chunk_length
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     reader = ClipReader(args.source, frames=args.frames, height=1, width=1, fps=args.fps)
     with _open(args.source) as container:
         rate = float(container.streams.video[0].average_rate or 0)
-        reader._chunk_length = int(args.frames * rate / args.fps)  # as the reader sets it for "upstream" sampling
+        reader._chunk_length = chunk_length(args.frames, rate, args.fps)  # as the reader sets it
         needs = None if args.no_prune else reader._needs
         with decoders.open_frames(args.source, container, "cpu", needs=needs) as source:
             count = sum(1 for _ in source.frames)

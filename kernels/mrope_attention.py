@@ -450,7 +450,7 @@ def mrope_attention(
     grid = (num_q_rows // rows_per_block + num_seqs, num_kv_heads)
     k, v = qk[:, num_q_heads * HEAD_DIM :], qkv[:, qk_cols:]
     descriptors = (None, None)
-    if cfg.get("TMA"):
+    if cfg["TMA"]:
         if any((t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 for t in (k, v)):
             raise ValueError("TMA blocks need 16-byte aligned qkv rows; use the default blocks")
         descriptors = tuple(TensorDescriptor.from_tensor(t, [cfg["BLOCK_N"], HEAD_DIM]) for t in (k, v))

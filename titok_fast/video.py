@@ -200,7 +200,7 @@ class ClipReader:
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
                         raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
-                    self._chunk_length = int(self.frames * (self.source_fps / self.fps))  # source frames per chunk
+                    self._chunk_length = chunk_length(self.frames, self.source_fps, self.fps)
                     if self._chunk_length < 1:
                         raise VideoError(
                             f"{path}: {self.source_fps:g} fps is too low to sample {self.frames} frames at "
@@ -223,8 +223,7 @@ class ClipReader:
         count = len(order)
         if self.sampling == "upstream":
             length = self._chunk_length
-            picked = np.bincount(np.linspace(0, length - 1, self.frames, dtype=int), minlength=length) > 0
-            needed = picked[np.arange(count) % length]
+            needed = _chunk_picks(self.frames, length)[np.arange(count) % length] > 0
             if self.tail == "drop" and count >= length:  # a last partial chunk is dropped: none of its frames
                 needed[count // length * length :] = False
             return needed
@@ -684,12 +683,21 @@ def _repeat(frame, count: int, image: Callable) -> Iterator[torch.Tensor]:
             yield converted
 
 
+def chunk_length(frames: int, source_fps: float, fps: float) -> int:
+    """Source frames per chunk in upstream's sampling: ``frames`` sampled at ``fps`` from ``source_fps``."""
+    return int(frames * (source_fps / fps))
+
+
+def _chunk_picks(frames: int, chunk_length: int) -> np.ndarray:
+    """How often each offset inside a chunk is sampled: the bincount of numpy.linspace(0, L - 1, frames, int)."""
+    return np.bincount(np.linspace(0, chunk_length - 1, frames, dtype=int), minlength=chunk_length)
+
+
 def _sample_indices(decoded: Iterable, frames: int, chunk_length: int, image: Callable) -> Iterator[torch.Tensor]:
     """Upstream's sampling: chunk c is source frames [c * L, (c + 1) * L), and its frames are those that
     numpy.linspace(c * L, c * L + L - 1, frames, dtype=int) picks (repeats when L < frames), each ``image(frame)``.
     A last partial chunk yields the picks that exist. ``decoded``: (index, frame) pairs in order."""
-    picks = np.linspace(0, chunk_length - 1, frames, dtype=int)  # offsets inside a chunk, nondecreasing
-    counts = np.bincount(picks, minlength=chunk_length)
+    counts = _chunk_picks(frames, chunk_length)
     for index, frame in decoded:
         repeat = int(counts[index % chunk_length])
         if repeat:
