@@ -319,6 +319,21 @@ def test_progress_says_what_limits_the_run(monkeypatch):
     assert list(limits.waiting(iter([1, 2]))) == [1, 2]
 
 
+def test_each_item_is_timed_with_its_clock_the_final_call_too():
+    """stages.each_timed, behind the progress's waits (wall time) and the stage clock (thread CPU time)."""
+    from titok_fast.stages import StageClock, each_timed
+
+    ticks, spans = iter(range(0, 100, 5)), []  # each clock reading is 5 after the one before
+    assert list(each_timed(["a", "b"], lambda: next(ticks), spans.append)) == ["a", "b"]
+    assert spans == [5, 5, 5]  # a, b and the call that ends the iteration
+    clock = StageClock()
+    assert list(clock.timed(iter([1, 2]), "decode")) == [1, 2] and clock.take() == {}  # off: nothing counted
+    clock.enable()
+    assert list(clock.timed(iter([1, 2]), "decode")) == [1, 2]
+    clock.stop("rgb", clock.start())
+    assert set(clock.take()) == {"decode", "rgb"} and clock.take() == {}
+
+
 def test_side_by_side_opens_only_a_regular_file_a_token_file_names(model, sources, tmp_path):
     """A token file from a stranger may name any path as its source: --side-by-side reads it only if it is a
     regular file (never a device or a FIFO, which could block or never end); that file fails alone."""

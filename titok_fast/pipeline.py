@@ -24,7 +24,7 @@ from .loading import weights_digest
 from .manifest import MANIFEST_NAME, Manifest
 from .model import TiTok
 from .preprocess import DevicePreprocessor
-from .stages import CLOCK
+from .stages import CLOCK, each_timed
 from .tokens import TokenFile, TokenFileError, load_tokens, save_tokens, try_load_tokens
 from .video import (
     ClipReader,
@@ -291,16 +291,11 @@ class Limits:
 
     def waiting(self, items: Iterable) -> Iterator:
         """``items``, with the wall time spent waiting for each counted."""
-        items = iter(items)
-        while True:
-            started = time.perf_counter()
-            try:
-                item = next(items)
-            except StopIteration:
-                return
-            finally:
-                self.waited += time.perf_counter() - started
-            yield item
+
+        def count(spent: float) -> None:
+            self.waited += spent
+
+        return each_timed(items, time.perf_counter, count)
 
     def due(self) -> bool:
         """Whether ``every`` seconds have passed since the description was last shown."""

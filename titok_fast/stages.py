@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 STAGES = ("decode", "rgb", "resize", "upload", "write")
 
@@ -34,12 +34,10 @@ class StageClock:
     def stop(self, stage: str, started: float) -> None:
         """Count the calling thread's CPU time since ``started`` (from ``start``) for ``stage``."""
         if self.enabled:
-            spent = time.thread_time() - started
-            with self._lock:
-                self._spent[stage] = self._spent.get(stage, 0.0) + spent
+            self.add_all({stage: time.thread_time() - started})
 
     def add_all(self, spent: dict[str, float]) -> None:
-        """Count sums measured elsewhere (a worker process)."""
+        """Count sums measured elsewhere (a worker process) or by ``stop`` and ``timed``."""
         if self.enabled and spent:
             with self._lock:
                 for stage, seconds in spent.items():
@@ -56,16 +54,21 @@ class StageClock:
         if not self.enabled:
             yield from items
             return
-        items = iter(items)
-        while True:
-            started = time.thread_time()
-            try:
-                item = next(items)
-            except StopIteration:
-                self.stop(stage, started)
-                return
-            self.stop(stage, started)
-            yield item
+        yield from each_timed(items, time.thread_time, lambda spent: self.add_all({stage: spent}))
+
+
+def each_timed(items: Iterable, clock: Callable[[], float], count: Callable[[float], None]) -> Iterator:
+    """``items``, passing ``count`` the ``clock`` time spent producing each one (the final, empty call too)."""
+    items = iter(items)
+    while True:
+        started = clock()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            count(clock() - started)
+        yield item
 
 
 CLOCK = StageClock()
