@@ -105,8 +105,8 @@ def _distinct_tiles() -> list[str]:
 def test_every_block_shape_matches_ref(blocks):
     """The tile shapes a GPU benchmark compares (the default is tested above) compute the same attention:
     sequences shorter and longer than their tiles, a group of 3 that does not divide BLOCK_M, a query subset."""
-    args = _batch([1, 70, 300], 12, 4, torch.float16, pad_rows=5)
-    _assert_close(mrope_attention(**args, blocks=blocks)[:371], mrope_attention_ref(**args)[:371], 4e-3, 4e-3)
+    args = _batch([1, 70, 200], 12, 4, torch.float16, pad_rows=5)  # every tail tile reaches the NaN padding
+    _assert_close(mrope_attention(**args, blocks=blocks)[:271], mrope_attention_ref(**args)[:271], 4e-3, 4e-3)
     args = _batch([5, 130], 6, 2, torch.float16)
     query = dict(
         q_cu_seqlens=torch.tensor([0, 3, 103], dtype=torch.int32, device=DEVICE),
