@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import inspect
 import sys
 import types
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ def triton_mode(interpret: bool, *extra_modules: types.ModuleType) -> Iterator[N
                 if isinstance(obj, other):
                     saved.append((module, name, obj))
                     setattr(module, name, wanted(obj.fn))
-        with _faithful_bf16() if interpret else contextlib.nullcontext():
+        with _faithful_bf16() if interpret else contextlib.nullcontext(), _quick_patching(interpret):
             yield
     finally:
         for module, name, obj in reversed(saved):
@@ -109,6 +110,33 @@ def _faithful_bf16() -> Iterator[None]:
     finally:
         for name, fn in real.items():
             setattr(builder, name, fn)
+
+
+@contextlib.contextmanager
+def _quick_patching(interpret: bool) -> Iterator[None]:
+    """The interpreter re-patches triton.language at every call of a jit helper inside a kernel (a tile loop calls
+    them thousands of times), each time listing every member of each module with ``inspect.getmembers``; that
+    listing is a third of the interpreter's time. Here each module's builtin names are listed once and only those
+    still unpatched are patched: the same patches, as the set of builtins of a module never changes."""
+    if not interpret:
+        yield
+        return
+    real = interpreter._patch_builtin
+    names: dict[int, list[str]] = {}
+
+    def patch_builtin(pkg, builder, scope):
+        if id(pkg) not in names:
+            names[id(pkg)] = [n for n, m in inspect.getmembers(pkg) if tl.core.is_builtin(m)]
+        for name in names[id(pkg)]:
+            member = getattr(pkg, name)
+            if tl.core.is_builtin(member):
+                interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    interpreter._patch_builtin = patch_builtin
+    try:
+        yield
+    finally:
+        interpreter._patch_builtin = real
 
 
 @triton.jit
