@@ -46,7 +46,7 @@ def test_fixed_shape_path_matches_packed_path(models, mode, monkeypatch):
     videos = [v.to(DEVICE) for v in random_videos(SHAPES)]
     _, out = model.encode(videos, COUNTS)
     recon = model.decode_indices(out["indices"], SHAPES)
-    engine = engine_for(model, mode, monkeypatch, budgets=(512,))
+    engine = engine_for(model, mode, monkeypatch, budgets=(64,))
     _, got = engine.encode(videos, COUNTS)
     assert all(torch.equal(a, b) for a, b in zip(got["indices"], out["indices"], strict=True))
     for r, rr in zip(engine.decode_indices(out["indices"], SHAPES), recon, strict=True):
@@ -92,7 +92,7 @@ def test_bf16_cudagraph_engine_gives_the_models_tokens(monkeypatch):
     _, out = model.encode(videos, COUNTS)
     recon = model.decode_indices(out["indices"], SHAPES)
     recon32 = make_model("tiny", "triton").to(DEVICE).decode_indices(out["indices"], SHAPES)
-    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,))
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(64,))
     _, got = engine.encode(videos, COUNTS)
     flipped = sum(int((a.cpu() != b.cpu()).sum()) for a, b in zip(got["indices"], out["indices"], strict=True))
     assert flipped <= 1
