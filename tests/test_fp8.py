@@ -1,14 +1,15 @@
 """FP8 linear layers: e4m3 codes with per-row / per-channel scales, checked against exact arithmetic; the model's
 parameters and state_dict stay as they are; tokens stay near the float32 oracle."""
 
+import pytest
 import torch
 from torch import nn
 
-from titok_fast.fp8 import FP8_MAX, Fp8Linear, fp8_matmul, quantize_rows, set_precision
+from titok_fast.fp8 import FP8_MAX, Fp8Linear, check_fp8_runs, fp8_matmul, quantize_rows, set_precision
+from titok_fast.model import TiTok
 
-from helpers import make_model, rel_l2
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from graph_capture import engine_for
+from helpers import make_model, random_videos, rel_l2
 
 
 def test_quantize_rows_maps_each_rows_peak_to_the_fp8_maximum():
@@ -25,12 +26,28 @@ def test_quantize_rows_maps_each_rows_peak_to_the_fp8_maximum():
 
 
 def test_fp8_matmul_is_the_exact_product_of_the_codes():
-    """float32 accumulation of exact fp8 x fp8 products, scales applied to the accumulator: against float64."""
-    x, w = torch.randn(64, 512, device=DEVICE), torch.randn(96, 512, device=DEVICE)
+    """float32 accumulation of exact fp8 x fp8 products, scales applied to the accumulator: against float64 (the
+    CPU's emulation; the GPU's torch._scaled_mm is held to it below)."""
+    x, w = torch.randn(64, 512), torch.randn(96, 512)
     (x_q, sx), (w_q, sw) = quantize_rows(x), quantize_rows(w)
     exact = (x_q.double() @ w_q.double().t()) * sx.double() * sw.double().t()
     got = fp8_matmul(x_q, sx, w_q, sw, torch.float32)
-    assert rel_l2(got.cpu(), exact.cpu()) <= 1e-6
+    assert rel_l2(got, exact) <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scaled_mm_on_the_gpu_is_the_emulated_product():
+    """The GPU's row-wise scaled FP8 GEMM (bf16 out) against the CPU's emulation of it, on the same codes: equal up
+    to bf16 rounding of the float32 result (one ulp, 2^-8 relative) and float32 summation order."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9+")
+    x, w = torch.randn(300, 1024) * torch.logspace(-2, 2, 300)[:, None], torch.randn(1376, 1024)
+    (x_q, sx), (w_q, sw) = quantize_rows(x), quantize_rows(w)
+    want = fp8_matmul(x_q, sx, w_q, sw, torch.float32)
+    got = fp8_matmul(x_q.cuda(), sx.cuda(), w_q.cuda(), sw.cuda(), torch.bfloat16).float().cpu()
+    assert bool(((got - want).abs() <= 2**-8 * want.abs() + 1e-6 * want.abs().amax(dim=1, keepdim=True)).all())
+    assert fp8_matmul(x_q.cuda(), sx.cuda(), w_q.cuda(), sw.cuda(), torch.float32).dtype == torch.float32
 
 
 def test_fp8_linear_shares_parameters_and_follows_weight_changes():
@@ -57,3 +74,85 @@ def test_fp8_linear_error_is_fp8_quantisation_noise():
     x = torch.randn(300, 1024)
     error = rel_l2(Fp8Linear.of(linear)(x), linear(x))
     assert 1e-3 < error < 0.05, error  # quantised (not a float32 product), and at e4m3's precision
+
+
+def test_precision_is_a_model_setting_that_keeps_the_parameters():
+    model = make_model("tiny")
+    state = model.state_dict(keep_vars=True)
+    model.precision = "fp8"
+    assert model.precision == "fp8" and isinstance(model.decoder.model_layers.ffd_layer[1][4], Fp8Linear)
+    assert list(model.state_dict(keep_vars=True).items()) == list(state.items())  # the very same parameters
+    assert TiTok("tiny", precision="fp8").precision == "fp8"
+    model.precision = "default"
+    assert model.precision == "default" and type(model.encoder.model_layers.attn_layer[1].out_proj) is nn.Linear
+    with pytest.raises(ValueError, match="precision 'fp4' is not one of"):
+        model.precision = "fp4"
+
+
+def test_fp8_runs_natively_only_on_a_cuda_gpu_with_fp8_and_bf16():
+    with pytest.raises(ValueError, match="precision fp8 needs a CUDA GPU .* the model is on cpu$"):
+        check_fp8_runs("cpu", torch.bfloat16)
+
+
+SHAPES = [(4, 16, 16), (8, 32, 24), (4, 8, 8)]
+COUNTS = [5, 16, 3]
+
+
+@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"])
+def test_fixed_shape_runners_use_the_fp8_weights_and_follow_new_ones(mode, monkeypatch):
+    """Graphs read the FP8 weight cache: the engine requantises it in place before each run, so weights changed
+    after a graph was built reach it. Each round, the runners built in the first give exactly what a new plain
+    fixed-shape engine gives (same shapes, same arithmetic; compile: traced with fullgraph, run as traced).
+    Against the model's own packed path, a token may flip: the padded path's matmuls have other row counts, float32
+    sums may differ by an ulp, and requantising to fp8 turns that into an fp8 step (0-1 of these 24 in 6 seeds)."""
+    if mode == "compile":
+        import torch._inductor.compile_fx as compile_fx
+
+        monkeypatch.setattr(compile_fx, "compile_fx", lambda gm, example_inputs: gm.forward)  # trace only: fast
+    model = make_model("tiny")
+    model.precision = "fp8"
+    videos = random_videos(SHAPES)
+    engine = engine_for(model, mode, monkeypatch, budgets=(256,), max_clips=4)
+    rounds = []
+    for _ in range(2):
+        fresh = engine_for(model, "static", monkeypatch, budgets=(256,), max_clips=4)
+        _, want = fresh.encode(videos, COUNTS)
+        _, got = engine.encode(videos, COUNTS)
+        assert all(torch.equal(a, b) for a, b in zip(got["indices"], want["indices"], strict=True))
+        recon = engine.decode_indices(want["indices"], SHAPES)
+        want_recon = fresh.decode_indices(want["indices"], SHAPES)
+        assert all(torch.equal(r, w) for r, w in zip(recon, want_recon, strict=True))
+        rounds.append(torch.cat(want["indices"]))
+        _, packed = model.encode(videos, COUNTS)
+        assert int((torch.cat(packed["indices"]) != rounds[-1]).sum()) <= 2
+        with torch.no_grad():  # the second round runs the graphs built in the first on new weights
+            for layers in (model.encoder.model_layers, model.decoder.model_layers):
+                layers.attn_layer[0].to_qkv.weight.mul_(-1.5)
+                layers.ffd_layer[1][4].weight.add_(0.05)
+    assert (rounds[0] != rounds[1]).float().mean() > 0.2  # the new weights change the tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["cudagraph", "compile"])
+def test_fp8_on_the_gpu_in_graphs_is_the_plain_fixed_shape_path(mode, monkeypatch):
+    """bf16 + FP8 linears with the triton kernels. A CUDA graph replays the plain fixed-shape path's kernels on the
+    same shapes: the same tokens and videos. torch.compile may fuse the activation quantisation's arithmetic
+    differently, which moves a value by an fp8 step now and then: its tokens must stay closer to the plain path's
+    than bf16's are (FP8's own effect, measured in the same run, and not nil)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9+")
+    model = make_model("tiny", "triton").to("cuda", torch.bfloat16)
+    videos = [v.to("cuda", torch.bfloat16) for v in random_videos(SHAPES)]
+    _, bf16 = model.encode(videos, COUNTS)
+    model.precision = "fp8"
+    check_fp8_runs(model.device, model.dtype)
+    _, want = engine_for(model, "static", monkeypatch, budgets=(256,), max_clips=4).encode(videos, COUNTS)
+    engine = engine_for(model, mode, monkeypatch, budgets=(256,), max_clips=4)
+    _, got = engine.encode(videos, COUNTS)
+    want, got, bf16 = (torch.cat(out["indices"]).cpu() for out in (want, got, bf16))
+    fp8_effect = int((bf16 != want).sum())
+    assert fp8_effect > 0
+    assert torch.equal(got, want) if mode == "cudagraph" else int((got != want).sum()) < fp8_effect
+    recon = engine.decode_indices(list(want.split(COUNTS)), SHAPES)
+    assert all(r.dtype == torch.bfloat16 and bool(r.isfinite().all()) for r in recon)

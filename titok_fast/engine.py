@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fp8
 from .checks import check_grids, check_indices, check_token_counts, check_videos
 from .model import TiTok, upstream_argument_order
 from .packing import Packing, StaticBatch
@@ -373,6 +374,7 @@ class Engine:
         return pack
 
     def _replay(self, stage: str, budget: int, mode: str):
+        fp8.refresh(self.model)  # graphs read the FP8 weights by address: requantised in place if weights changed
         key = (stage, budget)
         if key not in self._runners:
             self._runners[key] = self._build_runner(stage, budget, mode)

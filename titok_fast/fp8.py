@@ -10,7 +10,13 @@ channel of the weight, so an outlier costs precision only in its own row or chan
 accumulator (on CUDA: ``torch._scaled_mm`` with row-wise scales and exact accumulation; elsewhere the same
 arithmetic emulated in float32, which is how CPUs check the numerics).
 
-The fp8 weights are a cache beside the parameters (never in ``state_dict``), rebuilt when a weight changes.
+The fp8 weights are a cache beside the parameters (never in ``state_dict``), requantised when a weight changes,
+in place where the shape allows: CUDA graphs and compiled graphs read the cache, and the engine calls
+:func:`refresh` before each replay so new weights reach them. Inside a ``torch.compile`` trace the cache is read
+as it is (it must be filled first: :func:`refresh`).
+
+Where FP8 runs natively (:func:`check_fp8_runs`): CUDA GPUs of compute capability 8.9 or newer (Ada, Hopper),
+with bf16 activations, the combination ``torch._scaled_mm`` supports with row-wise scales.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ def fp8_matmul(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [N, 1].T -> [M, N] in ``out_dtype``."""
-    if x_q.is_cuda:
-        return torch._scaled_mm(
-            x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=out_dtype, use_fast_accum=False
+    if x_q.is_cuda:  # row-wise scales: bf16 output only (other dtypes are cast from it)
+        out = torch._scaled_mm(
+            x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16, use_fast_accum=False
         )
+        return out.to(out_dtype)
     acc = x_q.float() @ w_q.float().t()  # each fp8 x fp8 product is exact in float32; sums round as on the GPU
     return (acc * x_scale * w_scale.t()).to(out_dtype)
 
@@ -63,12 +70,21 @@ class Fp8Linear(nn.Linear):
         return _sharing_parameters(cls, linear)
 
     def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_q float8 [N, K], scale float32 [N, 1]), requantised when the weight changed."""
+        """(w_q float8 [N, K], scale float32 [N, 1]), requantised when the weight changed: into the same tensors
+        when their shape and device still fit, so graphs that read them by address see the new weights."""
+        cache = self._fp8_weight
+        if torch.compiler.is_compiling():  # a trace reads the cache; the engine refreshes it before every run
+            if cache is None:
+                raise RuntimeError("FP8 weights are quantised before tracing: call titok_fast.fp8.refresh(model)")
+            return cache[1], cache[2]
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._fp8_weight is None or self._fp8_weight[0] != key:
+        if cache is None or cache[0] != key:
             with torch.no_grad():
-                self._fp8_weight = (key, *quantize_rows(w))
+                w_q, scale = quantize_rows(w)
+                if cache is not None and cache[1].shape == w_q.shape and cache[1].device == w_q.device:
+                    w_q, scale = cache[1].copy_(w_q), cache[2].copy_(scale)
+            self._fp8_weight = (key, w_q, scale)
         return self._fp8_weight[1], self._fp8_weight[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,14 +104,53 @@ def layer_linears(layers: nn.Module) -> list[tuple[nn.Module, str]]:
     return found
 
 
+def model_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, name) of the four bias-free Linears of every layer of ``model.encoder`` and ``model.decoder``."""
+    return [found for side in (model.encoder, model.decoder) for found in layer_linears(side.model_layers)]
+
+
+def check_precision(precision: object) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    return precision
+
+
 def set_precision(model: nn.Module, precision: str) -> None:
     """Switch the layers' Linears of ``model.encoder`` and ``model.decoder`` to FP8 (``"fp8"``) or back
     (``"default"``), in place; parameters and ``state_dict`` are unchanged."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    for stack in (model.encoder.model_layers, model.decoder.model_layers):
-        for parent, name in layer_linears(stack):
-            linear = getattr(parent, name)
-            wanted = Fp8Linear if precision == "fp8" else nn.Linear
-            if type(linear) is not wanted:
-                setattr(parent, name, _sharing_parameters(wanted, linear))
+    wanted = Fp8Linear if check_precision(precision) == "fp8" else nn.Linear
+    for parent, name in model_linears(model):
+        linear = getattr(parent, name)
+        if type(linear) is not wanted:
+            setattr(parent, name, _sharing_parameters(wanted, linear))
+
+
+def precision_of(model: nn.Module) -> str:
+    """``"fp8"`` when the layers' Linears run in FP8 (:func:`set_precision`), else ``"default"``."""
+    fp8 = [isinstance(getattr(parent, name), Fp8Linear) for parent, name in model_linears(model)]
+    return "fp8" if fp8 and all(fp8) else "default"
+
+
+def refresh(model: nn.Module) -> None:
+    """Requantise the FP8 weights whose parameters changed (in place, see the module header); cheap otherwise.
+    Call before tracing or replaying a graph of the model."""
+    for parent, name in model_linears(model):
+        linear = getattr(parent, name)
+        if isinstance(linear, Fp8Linear):
+            linear.fp8_weight()
+
+
+def check_fp8_runs(device: torch.device | str, dtype: torch.dtype) -> None:
+    """A one-line ValueError unless FP8 GEMMs run natively on ``device`` for a model in ``dtype``: a CUDA GPU of
+    compute capability 8.9+ and bfloat16 (elsewhere FP8 is only emulated, slower than the default precision)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"precision fp8 needs a CUDA GPU of compute capability 8.9 or newer; the model is on {device}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ValueError(
+            f"precision fp8 needs a CUDA GPU of compute capability 8.9 or newer; {device} has "
+            f"{capability[0]}.{capability[1]}"
+        )
+    if dtype != torch.bfloat16:
+        raise ValueError(f"precision fp8 runs with bf16 activations (dtype bf16); the model is {dtype}")

@@ -362,6 +362,7 @@ def load_tokenizer(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     quick: bool = False,
+    precision: str = "default",
 ) -> TiTok:
     """Load a TiTok model from an upstream Lightning ``.ckpt``, a titok-fast ``.safetensors`` or a Hub id.
 
@@ -378,7 +379,7 @@ def load_tokenizer(
         source = str(Path(path).resolve())
     cfg, tensors, digest = load_state(path, config, use_ema)
     with torch.device("meta"):
-        model = TiTok(cfg, backend=backend)
+        model = TiTok(cfg, backend=backend, precision=precision)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.weights_digest = digest
     model.weights_source = source
@@ -420,13 +421,14 @@ def random_tokenizer(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    precision: str = "default",
 ) -> TiTok:
     """A model with reproducible random weights (``perturb_norms`` applied), for demos and tests. Its digest
     starts with ``random-seed<seed>-`` so token files made with it can be decoded by rebuilding it."""
     config = TiTokConfig.from_any(config)
     check_config(config)
     torch.manual_seed(seed)
-    model = TiTok(config, backend=backend).eval()
+    model = TiTok(config, backend=backend, precision=precision).eval()
     perturb_norms(model)
     model.weights_digest = f"random-seed{seed}-{weights_digest(model.state_dict())}"
     return model.to(device=device, dtype=dtype)

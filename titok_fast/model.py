@@ -21,6 +21,7 @@ from torch import nn
 
 from titok_fast.kernels.fsq import FsqConstants
 
+from . import fp8
 from .backends import Backend, check_backend, resolve_backend, scatter_rows
 from .checks import check_codes, check_grids, check_indices, check_token_counts, check_videos, is_integer
 from .config import TiTokConfig
@@ -221,9 +222,11 @@ class TiTok(nn.Module):
         config: a preset name (``"v1"``, ``"tiny"``), an upstream YAML path, an OmegaConf config or a dict.
         backend: ``"auto"`` (Triton when the weights are on CUDA, PyTorch otherwise, decided at every call),
             ``"torch"`` or ``"triton"``. The oracle is :class:`titok_fast.reference.ReferenceTiTok`.
+        precision: ``"default"`` (every matmul in the model's dtype) or ``"fp8"``: the transformer layers'
+            Linears in float8 with fine-grained scales (:mod:`titok_fast.fp8`; settable, opt in).
     """
 
-    def __init__(self, config: object = "v1", backend: str = "auto"):
+    def __init__(self, config: object = "v1", backend: str = "auto", precision: str = "default"):
         super().__init__()
         self.config = TiTokConfig.from_any(config)
         self.quantize = FSQ(self.config.fsq_levels)
@@ -232,6 +235,16 @@ class TiTok(nn.Module):
         self.decoder = Decoder(self.config, self._runtime)
         self.weights_digest: str | None = None  # set by the loaders; names the weights in token files
         self.weights_source = ""  # the checkpoint path the weights came from, set by load_tokenizer
+        self.precision = precision
+
+    @property
+    def precision(self) -> str:
+        """``"default"`` or ``"fp8"`` (settable; parameters and ``state_dict`` stay as they are)."""
+        return fp8.precision_of(self)
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        fp8.set_precision(self, value)
 
     @property
     def backend(self) -> str:
