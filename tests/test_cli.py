@@ -117,6 +117,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["encode", str(tmp_path), "-o", "x", "--grid", "20x192"])
     assert e.value.code == 2 and "must look like 20x192x192" in capsys.readouterr().err
+    for ray in ([], ["--ray", "local"]):  # refused before any work: no model loaded, no cluster started
+        code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", *RANDOM, "--precision", "fp8", *ray, capsys=capsys)
+        assert code == 2 and "precision fp8 needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("command", ["encode", "decode", "eval", "convert", "bench", "demo"])

@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from titok_fast.cli import main
-from titok_fast.distributed import ClipEncoder, DeviceFault, FaultLedger, decode_rows, encode_dataset
+from titok_fast.distributed import (
+    ClipEncoder,
+    DeviceFault,
+    FaultLedger,
+    decode_rows,
+    encode_dataset,
+    model_loader,
+)
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
 from titok_fast.manifest import MANIFEST_NAME, read_manifest
@@ -284,6 +291,15 @@ def test_encoder_without_ray_fails_a_clip_that_faulted_the_device_twice(videos, 
     long = clips_of(batch, torch.float32)[:6]
     _, direct = LOAD().encode([normalize_pixels(c, torch.float32) for c in long], [8] * 6)
     assert all(torch.equal(a, b.int()) for a, b in zip(tokens_of(out), direct["indices"], strict=True))
+
+
+def test_workers_rebuild_the_model_in_its_precision_and_check_their_device():
+    model = LOAD()
+    model.precision = "fp8"
+    rebuilt = model_loader(model)(device="cpu")
+    assert rebuilt.precision == "fp8" and rebuilt.weights_digest == model.weights_digest
+    with pytest.raises(ValueError, match="precision fp8 needs a CUDA GPU .* on cpu"):  # FP8 is emulated off CUDA
+        ClipEncoder(model_loader(model), SETTINGS)
 
 
 @pytest.mark.gpu

@@ -304,6 +304,21 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
     assert run(preprocess="device").done  # loads, but cannot say how it was made: redone, never mixed
 
 
+def test_fp8_tokens_say_so_and_never_mix_with_default_ones(sources, tmp_path):
+    model = random_tokenizer("tiny", seed=0)
+    engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
+
+    def run():
+        return encode_files(model, engine, [(sources["short"], "short")], tmp_path, SETTINGS, workers=1)
+
+    assert run().done and "precision" not in load_tokens(out).made_with  # the default: files as before
+    model.precision = "fp8"
+    assert run().done and load_tokens(out).made_with["precision"] == "fp8"  # redone, and says so
+    assert run().skipped
+    model.precision = "default"
+    assert run().done and run().skipped
+
+
 def test_progress_says_what_limits_the_run(monkeypatch):
     monkeypatch.setattr(pipeline, "default_workers", lambda: 16)
     limits = pipeline.Limits(start=0.0, decoder="cpu", device_type="cuda")

@@ -60,16 +60,24 @@ def _model(args: argparse.Namespace, token_meta=None, quick: bool = False):
     from .loading import load_tokenizer, random_tokenizer
 
     device, dtype = _device_dtype(args)
+    precision = getattr(args, "precision", "default")
+    if precision == "fp8" and not getattr(args, "ray", None):  # on Ray, each encode actor checks its own GPU
+        from .fp8 import check_fp8_runs
+
+        check_fp8_runs(device, dtype)
     checkpoint, seed = args.checkpoint, getattr(args, "random_weights", None)
     if checkpoint is None and seed is None and token_meta is not None:
-        return _model_of_tokens(args, token_meta, device, dtype)
-    if seed is not None:
+        model = _model_of_tokens(args, token_meta, device, dtype)
+    elif seed is not None:
         print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
-        return random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
-    checkpoint = checkpoint or default_checkpoint()
-    if parse_hub_ref(checkpoint) is not None:
-        print(f"weights: {checkpoint} (Hugging Face Hub)", file=sys.stderr)
-    return load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype, quick=quick)
+        model = random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
+    else:
+        checkpoint = checkpoint or default_checkpoint()
+        if parse_hub_ref(checkpoint) is not None:
+            print(f"weights: {checkpoint} (Hugging Face Hub)", file=sys.stderr)
+        model = load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype, quick=quick)
+    model.precision = precision
+    return model
 
 
 def _model_of_tokens(args: argparse.Namespace, token_meta, device, dtype):
@@ -139,6 +147,12 @@ def _encode_on_ray(args: argparse.Namespace, files):
 
     device = args.device or "cuda"  # the encode actors' device; the driver's copy of the model stays on its CPU
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    if args.precision == "fp8" and not device.startswith("cuda"):  # a GPU's own capability: checked by its actor
+        import torch
+
+        from .fp8 import check_fp8_runs
+
+        check_fp8_runs(device, getattr(torch, DTYPES[dtype]))
     model = _model(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": dtype}))
     return encode_dataset(
         model, files, args.output, _settings(args, model), ray_address=args.ray, device=device, mode=args.mode,
@@ -322,6 +336,14 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) ->
         help="auto: per batch, a CUDA graph for small batches on CUDA and eager otherwise (a fixed rule on shape and "
         "device); eager: batches at their exact size; compile: torch.compile per token budget; cudagraph: a CUDA "
         "graph per token budget (default auto)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("default", "fp8"),
+        default="default",
+        help="fp8: the transformer layers' matmuls in float8 with row-wise scales (CUDA GPUs of compute capability "
+        "8.9+, bf16); faster, and fewer tokens equal those of the default precision (benchmarks/RESULTS.md); "
+        "recorded in token files (default: default)",
     )
     p.add_argument("--batch-size", type=_positive, default=32, help="most clips per batch (default 32)")
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
+from .fp8 import check_fp8_runs
 from .manifest import MANIFEST_NAME, Manifest
 from .model import TiTok
 from .pipeline import (
@@ -159,6 +160,8 @@ class ClipEncoder:
                 f"the encode worker loaded weights {self.model.weights_digest}, the job expects {weights_digest}: "
                 "the checkpoint must be the same file on every node"
             )
+        if self.model.precision == "fp8":  # where the GPU is: the driver's copy of the model is on its CPU
+            check_fp8_runs(self.model.device, self.model.dtype)
         self.engine = Engine(self.model, mode=mode, max_clips=batch_size)
         self.shape, self.tokens = (3, *settings.grid), settings.tokens
         self.ledger = FaultLedger() if ledger is None else ledger
@@ -394,17 +397,19 @@ def encode_dataset(
 
 
 def model_loader(model: TiTok) -> Callable[..., TiTok]:
-    """A picklable ``load(device=...)`` rebuilding ``model`` (its config and dtype) on a worker: random weights from
-    the seed their digest records, else the file (or reference) ``model.weights_source`` names, which every node
-    must be able to read."""
+    """A picklable ``load(device=...)`` rebuilding ``model`` (its config, dtype and precision) on a worker: random
+    weights from the seed their digest records, else the file (or reference) ``model.weights_source`` names, which
+    every node must be able to read."""
     from .loading import load_tokenizer, random_seed, random_tokenizer
 
     config, seed = model.config.to_dict(), random_seed(model.weights_digest)
     if seed is not None:
-        return functools.partial(random_tokenizer, config, seed=seed, dtype=model.dtype)
+        return functools.partial(random_tokenizer, config, seed=seed, dtype=model.dtype, precision=model.precision)
     if not model.weights_source:
         raise ValueError("the model names no weights file (weights_source) for the Ray workers: pass load_model")
-    return functools.partial(load_tokenizer, model.weights_source, config=config, dtype=model.dtype)
+    return functools.partial(
+        load_tokenizer, model.weights_source, config=config, dtype=model.dtype, precision=model.precision
+    )
 
 
 def _collect(rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_restarts: int) -> None:

@@ -409,9 +409,9 @@ def _already_encoded(out: Path, model: TiTok, mode: str, settings: ClipSettings,
     done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
     if done is None or done.weights_digest != model.weights_digest:
         return False
-    recorded = {k: done.made_with.get(k) for k in RESUME_KEYS}
+    recorded, now = done.made_with, made_with(model, mode, settings, device=device)
     return (
-        recorded == made_with(model, mode, settings, device=device)
+        all(recorded.get(k) == now.get(k) for k in RESUME_KEYS)
         and done.fps == settings.fps
         and done.tail == settings.tail
         and done.sampling == settings.sampling
@@ -471,7 +471,7 @@ def _token_file(
     )
 
 
-RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode")
+RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision")
 
 
 def made_with(
@@ -485,7 +485,8 @@ def made_with(
 ) -> dict[str, str]:
     """How tokens are made (the token file's ``made_with``): what was asked for (RESUME_KEYS) by a model on
     ``device`` (default: where ``model`` is; the Ray path's actors run elsewhere than its driver's copy), and once
-    a file has been read, what it got (``decoded_by``, ``preprocessed_on``)."""
+    a file has been read, what it got (``decoded_by``, ``preprocessed_on``). ``precision`` is there only when it is
+    not the default, so files made before it was recorded still resume."""
     device = device or model.device.type
     made = {
         "decoder": settings.decoder,
@@ -495,6 +496,8 @@ def made_with(
         "backend": resolve_backend(model.backend, device).name,
         "mode": mode,
     }
+    if model.precision != "default":
+        made["precision"] = model.precision
     if decoded_by is not None:
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
     return made
