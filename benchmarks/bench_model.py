@@ -7,8 +7,8 @@ kept as a label for the older tables).
 - CPU (any machine): the tiny config (12x160x160 clips, 256 tokens, batch 4) and V1 (one 8x64x64 clip, 128
   tokens); titok-fast providers ``torch`` (the lean model) and ``engine`` (eager engine).
 - GPU (skipped without CUDA): V1 in bf16 at 20x192x192 with 256 and 1024 tokens, batches 1, 8, 32, and a mixed
-  batch (144-192p, 8-20 frames, 128-1024 tokens); titok-fast providers ``eager``, ``compile``, ``cudagraph`` (the
-  engine, triton backend).
+  batch (144-192p, 8-20 frames, 128-1024 tokens); titok-fast providers ``eager``, ``compile``, ``cudagraph``,
+  ``auto`` (the engine's modes, triton backend) and ``fp8`` (``auto`` with the layers' Linears in FP8).
 
 ``titok-fast bench`` runs this file and prints the table; ``python benchmarks/report.py out.json`` does too.
 With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured.
@@ -45,11 +45,16 @@ def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list) -> f
 
 
 def model_for(config: str, provider: str, device: str, dtype: torch.dtype):
-    """One set of random weights per (config, device, dtype), shared by every provider."""
+    """One set of random weights per (config, device, dtype), shared by every provider (``fp8``: a copy of its own
+    in that precision, the same weights)."""
     key = (config, device, dtype)
     if key not in _MODELS:
         _MODELS[key] = random_tokenizer(config, seed=0, device=device, dtype=dtype)
     model = _MODELS[key]
+    if provider == "fp8":
+        if (*key, "fp8") not in _MODELS:
+            _MODELS[(*key, "fp8")] = random_tokenizer(config, seed=0, device=device, dtype=dtype, precision="fp8")
+        model, provider = _MODELS[(*key, "fp8")], "auto"
     if provider == "upstream":
         if upstream_checkout() is None:
             pytest.skip("provider upstream needs --upstream PATH (or TITOK_UPSTREAM): a checkout of old-variableComp")
@@ -154,7 +159,7 @@ GPU_CASES = {
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("provider", ["upstream-packed", "upstream", "eager", "compile", "cudagraph"])
+@pytest.mark.parametrize("provider", ["upstream-packed", "upstream", "eager", "compile", "cudagraph", "auto", "fp8"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
 @pytest.mark.parametrize("stage", ["encode", "decode"])
 def test_gpu(benchmark, stage, case, provider):

@@ -6,14 +6,17 @@
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
-#   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph,
-#                                            # and upstream itself with TITOK_UPSTREAM=<checkout of old-variableComp>
+#   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph /
+#                                            # auto / fp8 (auto with FP8 linears), and upstream itself with
+#                                            # TITOK_UPSTREAM=<checkout of old-variableComp>
 #   bash benchmarks/gpu_session.sh decode    # end-to-end decode, the same providers
 #   bash benchmarks/gpu_session.sh encode-compile   # compile (torch.compile takes a while), eager beside it
 #   bash benchmarks/gpu_session.sh decode-compile
+#   bash benchmarks/gpu_session.sh parity    # tokens equal to the float32 oracle's (V1, 8 seeds): the bf16 floor,
+#                                            # the triton backend in bf16, and with FP8 linears
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
 #                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
-#   bash benchmarks/gpu_session.sh all       # all six in a row (pipeline is run on its own)
+#   bash benchmarks/gpu_session.sh all       # all seven in a row (pipeline is run on its own)
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
@@ -63,9 +66,12 @@ part() {
         kernels) bench kernels "bench_kernels" ;;
         encode | decode) bench "$1" "test_gpu and $1 and not compile" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
+        parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 2>&1 \
+                    | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
-        all) for p in tests kernels encode decode encode-compile decode-compile; do part "$p"; done ;;
-        *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, pipeline, all" >&2
+        all) for p in tests kernels encode decode encode-compile decode-compile parity; do part "$p"; done ;;
+        *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, parity, pipeline," \
+                "all" >&2
            exit 2 ;;
     esac
 }
