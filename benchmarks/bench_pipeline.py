@@ -247,7 +247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=8.0, help="sampling rate, as encode --fps (default 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on cuda, else fp32")
-    p.add_argument("--mode", default="eager", choices=("eager", "compile", "cudagraph"))
+    p.add_argument(
+        "--mode", default="auto", choices=("auto", "eager", "compile", "cudagraph"), help="as encode (default auto)"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--files", type=int, default=1, help="encode each source as this many files (default 1)")
     p.add_argument("--workers", type=int, default=2, help="decoding workers (default 2)")
