@@ -59,8 +59,8 @@ def test_fixed_shape_path_matches_packed_path(models, mode, monkeypatch):
 
 def test_bf16_not_below_oracle_noise_floor():
     """bf16, compiled on a GPU or in the interpreter with GPU rounding (triton_mode): tokens within one point of
-    the bf16 oracle's own agreement with the fp32 oracle, and reconstructions no further from the fp32 oracle's
-    than the bf16 oracle's are (within 20%)."""
+    the bf16 oracle's own agreement with the fp32 oracle, and reconstructions (of the two smaller clips) no further
+    from the fp32 oracle's than the bf16 oracle's are (within 20%)."""
     model32 = make_reference(make_model("tiny"))
     shapes, counts = [(12, 160, 160), (8, 128, 96), (4, 64, 64)], [256, 384, 128]
     videos = random_videos(shapes)
@@ -71,9 +71,10 @@ def test_bf16_not_below_oracle_noise_floor():
     _, out = fast.encode([v.to(DEVICE, torch.bfloat16) for v in videos], counts)
     floor = agreement(floor_out["indices"], truth["indices"])
     assert agreement([i.cpu() for i in out["indices"]], truth["indices"]) >= floor - 0.01
-    recon32 = model32.decode_indices(truth["indices"], shapes)
-    floor_recon = floor_model.decode_indices(truth["indices"], shapes)
-    recon = fast.decode_indices([i.to(DEVICE) for i in truth["indices"]], shapes)
+    indices, shapes = truth["indices"][1:], shapes[1:]  # decoding the largest clip too would double the time
+    recon32 = model32.decode_indices(indices, shapes)
+    floor_recon = floor_model.decode_indices(indices, shapes)
+    recon = fast.decode_indices([i.to(DEVICE) for i in indices], shapes)
     for r, f, t in zip(recon, floor_recon, recon32, strict=True):
         assert r.dtype == torch.bfloat16 and rel_l2(r.float().cpu(), t) <= 1.2 * rel_l2(f.float(), t)
 
