@@ -161,6 +161,21 @@ def test_same_size_is_decoded_frame_scaled(files):
     assert torch.equal(clip, expected)
 
 
+def test_one_converter_per_video_gives_each_frame_its_own_conversion(files):
+    """The reader's RGB conversion reuses one swscale context; fed frames of other sizes and formats in turn
+    (yuv420p H.264 at two sizes, yuv444p FFV1 at an odd size), it gives what each frame's own conversion gives."""
+    from titok_fast.decoders import pyav_rgb
+
+    convert, frames = pyav_rgb(), []
+    for name in ("moving", "odd", "square", "moving"):
+        with av.open(files[name]) as container:
+            frames += list(container.decode(video=0))[:3]
+    assert {(f.format.name, f.width) for f in frames} == {("yuv420p", 64), ("yuv444p", 130)}
+    for frame in frames:
+        got = convert(frame)
+        assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), frame.to_ndarray(format="rgb24"))
+
+
 def test_decoder_threads_do_not_change_frames(files):
     one = read_clips(files["moving"], frames=4, height=32, width=32, threads=1)
     three = read_clips(files["moving"], frames=4, height=32, width=32, threads=3)
