@@ -77,7 +77,7 @@ class Fp8Linear(nn.Linear):
             if cache is None:
                 raise RuntimeError("FP8 weights are quantised before tracing: call titok_fast.fp8.refresh(model)")
             return cache[1], cache[2]
-        w = self.weight
+        w = self._parameters["weight"]  # not self.weight: nn.Module's attribute fallback costs more than the check
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -110,6 +110,7 @@ def model_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def check_precision(precision: object) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a one-line ValueError."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     return precision
@@ -119,10 +120,14 @@ def set_precision(model: nn.Module, precision: str) -> None:
     """Switch the layers' Linears of ``model.encoder`` and ``model.decoder`` to FP8 (``"fp8"``) or back
     (``"default"``), in place; parameters and ``state_dict`` are unchanged."""
     wanted = Fp8Linear if check_precision(precision) == "fp8" else nn.Linear
+    switched = []
     for parent, name in model_linears(model):
         linear = getattr(parent, name)
         if type(linear) is not wanted:
-            setattr(parent, name, _sharing_parameters(wanted, linear))
+            linear = _sharing_parameters(wanted, linear)
+            setattr(parent, name, linear)
+        switched.append(linear)
+    model._fp8_linears = switched if precision == "fp8" else []  # for refresh, which runs before every batch
 
 
 def precision_of(model: nn.Module) -> str:
@@ -132,12 +137,11 @@ def precision_of(model: nn.Module) -> str:
 
 
 def refresh(model: nn.Module) -> None:
-    """Requantise the FP8 weights whose parameters changed (in place, see the module header); cheap otherwise.
-    Call before tracing or replaying a graph of the model."""
-    for parent, name in model_linears(model):
-        linear = getattr(parent, name)
-        if isinstance(linear, Fp8Linear):
-            linear.fp8_weight()
+    """Requantise the FP8 weights whose parameters changed (in place, see the module header), of the Linears that
+    :func:`set_precision` switched; nothing to do in the default precision. Call before tracing or replaying a
+    graph of the model."""
+    for linear in getattr(model, "_fp8_linears", ()):
+        linear.fp8_weight()
 
 
 def check_fp8_runs(device: torch.device | str, dtype: torch.dtype) -> None:
