@@ -118,10 +118,10 @@ def _quick_patching(interpret: bool) -> Iterator[None]:
     them thousands of times), each time listing every member of each module with ``inspect.getmembers``; that
     listing is a third of the interpreter's time. Here each module's builtin names are listed once and only those
     still unpatched are patched: the same patches, as the set of builtins of a module never changes."""
-    if not interpret:
+    real = getattr(interpreter, "_patch_builtin", None)
+    if not interpret or real is None or not hasattr(interpreter, "_patch_attr"):  # other Triton versions: as they are
         yield
         return
-    real = interpreter._patch_builtin
     names: dict[int, list[str]] = {}
 
     def patch_builtin(pkg, builder, scope):
