@@ -5,6 +5,8 @@
 Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (encoder 16/4 heads, decoder
 32/8 heads, mixed sequence lengths 1152..3904), providers
 - ``titok``: the fused Triton kernels (q/k norm + M-RoPE prologue, GQA flash attention);
+- ``titok_prologue``: that prologue alone (its share of ``titok``'s time; GB/s of the q/k columns read and
+  written, no TFLOP/s);
 - ``torch_flash``: q/k LayerNorm + M-RoPE in PyTorch (fp32 math), then PyTorch's varlen flash attention (GQA);
 - ``upstream``: as upstream: norms in bf16, rotation in complex128, then the same flash attention;
 - anchors, attention alone on already normalised and rotated q/k (``anchors.py``): ``fa2_alone``
@@ -34,6 +36,7 @@ from titok_fast.kernels.mrope_attention import (
     mrope_tables,
     packed_positions,
     pair_axis,
+    qk_norm_rope,
 )
 
 from anchors import ANCHORS
@@ -107,13 +110,24 @@ def _torch_norm_rope(x, cos, sin, positions, upstream: bool):
     return torch.stack((even * c - odd * s, even * s + odd * c), -1).flatten(-2).bfloat16()
 
 
-@pytest.mark.parametrize("provider", ["titok", "torch_flash", "upstream", *(f"{a}_alone" for a in ANCHORS)])
+PROVIDERS = ["titok", "titok_prologue", "torch_flash", "upstream", *(f"{a}_alone" for a in ANCHORS)]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("side", list(SIDES))
 def test_attention(benchmark, side, provider):
     benchmark.group = f"kernel-attention-{side}-{SIDES[side][0]}q{SIDES[side][1]}kv"
     hq, hkv = SIDES[side]
     inputs, flops = _attention_inputs(hq, hkv)
     qkv, cu, max_len = inputs["qkv"], inputs["cu"], inputs["max_len"]
+    if provider == "titok_prologue":
+        qk = torch.empty(qkv.shape[0], (hq + hkv) * 64, dtype=qkv.dtype, device=qkv.device)
+        args = (qkv, qk, *inputs["norms"], cu, inputs["positions"], inputs["cos"], inputs["sin"], hq, hkv)
+        mean = _timed(benchmark, lambda: qk_norm_rope(*args))
+        _extra_info(benchmark, provider)
+        moved = 2 * qk.numel() * qk.element_size()  # the q/k columns read, then written
+        benchmark.extra_info.update(gb_per_s=moved / mean / 1e9, heads=f"{hq}/{hkv}", rows=int(cu[-1]))
+        return
     if provider == "titok":
 
         def fn():

@@ -372,6 +372,32 @@ def _check_attention_args(
             raise TypeError(f"num_q_rows must be a host int >= 0, got {num_q_rows!r}")
 
 
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    qk: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    q_norm_bias: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    k_norm_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    eps: float = 1e-5,
+) -> None:
+    """``mrope_attention``'s prologue alone: the q and k heads of qkv's rows before ``cu_seqlens[-1]``,
+    LayerNormed and rotated, into qk [R, (Hq + Hkv) * 64] of qkv's dtype (last dim contiguous; qk may be qkv
+    itself). Arguments as ``mrope_attention``'s, which checks them; this does not (it is what the benchmarks time
+    on its own)."""
+    _qk_norm_rope_kernel[(triton.cdiv(qkv.shape[0], NORM_CONFIG["ROWS"]),)](
+        qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, positions, cos, sin, cu_seqlens,
+        qkv.shape[0], cu_seqlens.numel() - 1, num_q_heads, num_kv_heads, qkv.stride(0), qk.stride(0),
+        positions.stride(0), eps, **NORM_CONFIG,
+    )  # fmt: skip
+
+
 def mrope_attention(
     qkv: torch.Tensor,
     q_norm_weight: torch.Tensor,
@@ -439,11 +465,10 @@ def mrope_attention(
 
     qk_cols = (num_q_heads + num_kv_heads) * HEAD_DIM
     qk = qkv if inplace else torch.empty((num_rows, qk_cols), dtype=qkv.dtype, device=qkv.device)
-    _qk_norm_rope_kernel[(triton.cdiv(num_rows, NORM_CONFIG["ROWS"]),)](
-        qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, positions, cos, sin, cu_seqlens,
-        num_rows, num_seqs, num_q_heads, num_kv_heads, qkv.stride(0), qk.stride(0), positions.stride(0), eps,
-        **NORM_CONFIG,
-    )
+    qk_norm_rope(
+        qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, cu_seqlens, positions, cos, sin,
+        num_q_heads, num_kv_heads, eps,
+    )  # fmt: skip
 
     group = num_q_heads // num_kv_heads
     rows_per_block = cfg["BLOCK_M"] // group
