@@ -5,11 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from titok_fast.fp8 import FP8_MAX, Fp8Linear, check_fp8_runs, fp8_matmul, quantize_rows, set_precision
+from titok_fast.fp8 import Fp8Linear, check_fp8_runs, fp8_matmul, quantize_rows, set_precision
+from titok_fast.kernels.fp8_quant import FP8_MAX, quantize_rows_config, quantize_rows_fp8, quantize_rows_fp8_ref
 from titok_fast.model import TiTok
 
 from graph_capture import engine_for
 from helpers import make_model, random_videos, rel_l2
+from triton_mode import triton_mode
 
 
 def test_quantize_rows_maps_each_rows_peak_to_the_fp8_maximum():
@@ -23,6 +25,29 @@ def test_quantize_rows_maps_each_rows_peak_to_the_fp8_maximum():
     assert torch.equal(back[5], torch.zeros(200))
     # e4m3 keeps 3 mantissa bits: every value within half an ulp (2^-4 relative) of its row's scale grid
     assert bool(((back - x).abs() <= 2**-4 * x.abs() + scale * 2**-9).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [64, 1376, 2752])
+def test_quantize_kernel_gives_the_bits_of_the_reference(dtype, k):
+    """The fused quantisation kernel (compiled on a GPU, else in the Triton interpreter with the GPU's rounding,
+    tests/triton_mode.py) against its PyTorch reference: the same codes and scales, bit for bit. Rows of widely
+    different ranges, a zero row, values on e4m3 rounding ties, and a row count that does not fill the last
+    program."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = 2 * quantize_rows_config(k)["ROWS"] + 1
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-4, 4, rows)[:, None]
+    x[1] = 0
+    x[2] *= 400 / x[2].abs().max()
+    x[2, :6] = torch.tensor([448.0, 1.0625, 1.1875, 9.5, 424.0, -11.0])  # scale 1: ties round to even codes
+    x = x.to(device, dtype)
+    with triton_mode(interpret=device == "cpu"):
+        q, scale = quantize_rows_fp8(x)
+    want_q, want_scale = quantize_rows_fp8_ref(x.cpu())
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1)
+    assert torch.equal(scale.cpu(), want_scale)
+    assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
 
 
 def test_fp8_matmul_is_the_exact_product_of_the_codes():
@@ -137,9 +162,9 @@ def test_fixed_shape_runners_use_the_fp8_weights_and_follow_new_ones(mode, monke
 @pytest.mark.parametrize("mode", ["cudagraph", "compile"])
 def test_fp8_on_the_gpu_in_graphs_is_the_plain_fixed_shape_path(mode, monkeypatch):
     """bf16 + FP8 linears with the triton kernels. A CUDA graph replays the plain fixed-shape path's kernels on the
-    same shapes: the same tokens and videos. torch.compile may fuse the activation quantisation's arithmetic
-    differently, which moves a value by an fp8 step now and then: its tokens must stay closer to the plain path's
-    than bf16's are (FP8's own effect, measured in the same run, and not nil)."""
+    same shapes: the same tokens and videos. torch.compile may fuse the ops between the GEMMs (norms, GELU)
+    differently; a bf16 rounding moved there can move a requantised value by an fp8 step now and then: its tokens
+    must stay closer to the plain path's than bf16's are (FP8's own effect, measured in the same run, not nil)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9+")
     model = make_model("tiny", "triton").to("cuda", torch.bfloat16)

@@ -19,6 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import titok_fast.kernels.fp8_quant as fp8_quant
 import titok_fast.kernels.fsq as fsq
 import titok_fast.kernels.mrope_attention as mrope
 import titok_fast.kernels.nearest_code as nearest
@@ -60,6 +61,11 @@ def _nearest(dtype, dim, cosine):
     return "_nearest_code_kernel", nearest, dict(nearest.nearest_code_config(dtype, dim), COSINE=cosine), ptrs
 
 
+def _quantize(dtype, k):
+    ptrs = dict(x_ptr=TYPE[dtype], q_ptr="fp8e4nv", scale_ptr="fp32")
+    return "_quantize_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs
+
+
 CASES = {
     "attention-bf16-group4": _attention(torch.bfloat16, 4, False),
     "attention-bf16-group3-subset": _attention(torch.bfloat16, 3, True),
@@ -76,6 +82,9 @@ CASES = {
     "nearest-bf16-D256-l2": _nearest(torch.bfloat16, 256, False),
     "nearest-fp16-D64-cosine": _nearest(torch.float16, 64, True),
     "nearest-fp32-D256-l2": _nearest(torch.float32, 256, False),
+    "quantize-bf16-K1024": _quantize(torch.bfloat16, 1024),
+    "quantize-bf16-K2752": _quantize(torch.bfloat16, 2752),
+    "quantize-fp32-K1376": _quantize(torch.float32, 1376),
     # the other block shapes a GPU benchmark compares (the first, the default, is compiled above)
     **{f"attention-bf16-group4-{name}": _attention(torch.bfloat16, 4, False, name) for name in
        list(mrope.ATTENTION_BLOCKS)[1:]},
@@ -151,6 +160,9 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     assert re.search(r"STACK:0 ", usage) and re.search(r"LOCAL:0 ", usage), usage
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     assert not re.search(r"\b(LDL|STL)\b", sass)
+    if case.startswith("quantize"):  # exactly the reference's arithmetic: IEEE divisions, casts to nearest even
+        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     if case.startswith("attention"):  # the softmax scale is folded into the exponent: an FMA feeds every exp2
         assert len(re.findall(r"\bFFMA\b", sass)) >= len(re.findall(r"\bMUFU\.EX2\b", sass)) > 0
 

@@ -60,9 +60,10 @@ def _faithful_bf16() -> Iterator[None]:
     multiplies those bits as integers (triton issue 11584), and float32 -> bf16 casts truncate, where the GPU
     rounds to nearest even. Here bf16 dot operands are widened to float32 exactly (products of bf16 values are
     exact in float32 and accumulate in float32, as on tensor cores), and float32 <-> bf16 casts go through torch,
-    which rounds to nearest even. Every other op in the kernels works on bf16 only by loading, storing, selecting
-    or casting it; arithmetic or comparisons on bf16 values would use the raw bits, so they raise here instead of
-    giving wrong numbers silently."""
+    which rounds to nearest even. float32 -> float8 e4m3 casts truncate too (1.1875 -> 1.125, 440 -> 416); they
+    also go through torch, saturating at +-448 as the GPU's cvt.rn.satfinite does. Every other op in the kernels
+    works on bf16 only by loading, storing, selecting or casting it; arithmetic or comparisons on bf16 values
+    would use the raw bits, so they raise here instead of giving wrong numbers silently."""
     builder = interpreter.InterpreterBuilder
     real = {name: getattr(builder, name) for name in ("create_dot", "cast_impl", "create_fp_to_fp", "binary_op")}
 
@@ -70,6 +71,11 @@ def _faithful_bf16() -> Iterator[None]:
         if handle.dtype.scalar != tl.bfloat16:
             return handle
         return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def to_e4m3(handle):  # what sm_89+ does (cvt.rn.satfinite): nearest even; the kernels clamp to +-448 first
+        values = torch.from_numpy(np.ascontiguousarray(handle.data, dtype=np.float32))
+        bits = values.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return interpreter.TensorHandle(bits, tl.float8e4nv)
 
     def rounded(handle):
         values = torch.from_numpy(np.ascontiguousarray(handle.data, dtype=np.float32))
@@ -85,10 +91,11 @@ def _faithful_bf16() -> Iterator[None]:
         return real["cast_impl"](self, src, dst_type)
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        if {src.dtype.scalar, dst_type.scalar} == {tl.bfloat16, tl.float32} and rounding_mode in (
-            None, ir.ROUNDING_MODE.RTNE,
-        ):  # fmt: skip
+        nearest = rounding_mode in (None, ir.ROUNDING_MODE.RTNE)
+        if {src.dtype.scalar, dst_type.scalar} == {tl.bfloat16, tl.float32} and nearest:
             return cast_impl(self, src, dst_type)
+        if (src.dtype.scalar, dst_type.scalar) == (tl.float32, tl.float8e4nv) and nearest:
+            return to_e4m3(src)
         return real["create_fp_to_fp"](self, src, dst_type, rounding_mode)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):

@@ -8,7 +8,8 @@ Scales are fine-grained: one float32 scale per activation row (token) computed a
 channel of the weight, so an outlier costs precision only in its own row or channel. A product is
 ``(x_q @ w_q.T) * s_x * s_w.T``: fp8 x fp8 products accumulated in float32, the scales applied to the
 accumulator (on CUDA: ``torch._scaled_mm`` with row-wise scales and exact accumulation; elsewhere the same
-arithmetic emulated in float32, which is how CPUs check the numerics).
+arithmetic emulated in float32, which is how CPUs check the numerics). Activations are quantised by one fused
+Triton pass on CUDA (``kernels/fp8_quant.py``), by its PyTorch reference elsewhere: the same bits.
 
 The fp8 weights are a cache beside the parameters (never in ``state_dict``), requantised when a weight changes,
 in place where the shape allows: CUDA graphs and compiled graphs read the cache, and the engine calls
@@ -24,17 +25,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
+from titok_fast.kernels.fp8_quant import quantize_rows_fp8_ref
+
 PRECISIONS = ("default", "fp8")
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x_q float8 e4m3 [M, K], scale float32 [M, 1]) with x ~= x_q * scale; each row's largest
-    magnitude maps to 448. An all-zero row gets scale 1 (its codes are zeros)."""
-    amax = x.abs().amax(dim=1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    magnitude maps to 448. An all-zero row gets scale 1 (its codes are zeros). On CUDA one fused Triton pass
+    (``kernels/fp8_quant.py``, a custom op), elsewhere its PyTorch reference: the same bits."""
+    if x.is_cuda:
+        from .ops import quantize_rows_fp8_op
+
+        return quantize_rows_fp8_op(x.contiguous())
+    return quantize_rows_fp8_ref(x)
 
 
 def fp8_matmul(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from titok_fast.kernels.fp8_quant import quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
 from titok_fast.kernels.mrope_attention import HEAD_DIM, mrope_attention
 
@@ -81,6 +82,16 @@ def fsq_decoder_input_op(
 @fsq_decoder_input_op.register_fake
 def _(indices, table, mask_row, cu_seqlens, cu_tokens, num_rows):
     return table.new_empty(num_rows, table.shape[1])
+
+
+@torch.library.custom_op("titok_fast::quantize_rows_fp8", mutates_args=())
+def quantize_rows_fp8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows_fp8(x)
+
+
+@quantize_rows_fp8_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 
 def attention(
