@@ -86,25 +86,43 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _norm_rotate_head(
-    p_in, p_out, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS: tl.constexpr
-):
-    """LayerNorm one head's 64 values of ROWS rows (fp32, rounded to the storage dtype as upstream does), then
-    rotate the adjacent pairs (x[2p] + i x[2p+1]) * (cos + i sin) in fp32 and store in the storage dtype.
-
-    p_in/p_out: pointers to column 0 of the head in row 0; b_w/b_b: fp32 [64]; b_cos/b_sin: fp32 [ROWS, 32].
-    """
-    o_d = tl.arange(0, 64)
-    b_x = tl.load(p_in + o_r[:, None] * stride_in + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+def _norm_rotate(b_x, b_w, b_b, b_cos, b_sin, eps, DTYPE: tl.constexpr, ROWS: tl.constexpr):
+    """b_x [ROWS, 64] (any float dtype) -> LayerNorm per row (fp32, rounded to DTYPE as upstream does), then the
+    adjacent pairs rotated, (x[2p] + i x[2p+1]) * (cos + i sin), in fp32: [ROWS, 64] in DTYPE.
+    b_w/b_b: fp32 [64]; b_cos/b_sin: fp32 [ROWS, 32]."""
+    b_x = b_x.to(tl.float32)
     mean = tl.sum(b_x, 1) / 64
     b_xc = b_x - mean[:, None]
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(b_xc * b_xc, 1) / 64 + eps))  # correctly rounded, as torch
     b_y = b_xc * rstd[:, None] * b_w[None, :] + b_b[None, :]
-    b_y = b_y.to(p_out.dtype.element_ty).to(tl.float32)
+    b_y = b_y.to(DTYPE).to(tl.float32)
     b_even, b_odd = tl.split(tl.reshape(b_y, (ROWS, 32, 2)))
     b_rot = tl.join(b_even * b_cos - b_odd * b_sin, b_even * b_sin + b_odd * b_cos)
-    b_rot = tl.reshape(b_rot, (ROWS, 64))
-    tl.store(p_out + o_r[:, None] * stride_out + o_d[None, :], b_rot.to(p_out.dtype.element_ty), mask=m_r[:, None])
+    return tl.reshape(b_rot, (ROWS, 64)).to(DTYPE)
+
+
+@triton.jit
+def _rotations(pos_ptr, stride_pos, cos_ptr, sin_ptr, o_r, m_r):
+    """cos/sin fp32 [len(o_r), 32] of packed rows o_r (int64; masked rows get 0): pair p is driven by axis 0 (t)
+    for p < 12, 1 (h) for p < 22, else 2 (w)."""
+    o_p = tl.arange(0, 32)
+    o_axis = (o_p >= 12).to(tl.int32) + (o_p >= 22).to(tl.int32)
+    b_pos = tl.load(pos_ptr + o_r[:, None] * stride_pos + o_axis[None, :], mask=m_r[:, None], other=0)
+    b_cos = tl.load(cos_ptr + b_pos * 32 + o_p[None, :], mask=m_r[:, None], other=0.0)
+    b_sin = tl.load(sin_ptr + b_pos * 32 + o_p[None, :], mask=m_r[:, None], other=0.0)
+    return b_cos, b_sin
+
+
+@triton.jit
+def _norm_rotate_head(
+    p_in, p_out, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS: tl.constexpr
+):
+    """``_norm_rotate`` of one head's 64 values of ROWS rows, loaded from p_in and stored at p_out (pointers to
+    column 0 of the head in row 0)."""
+    o_d = tl.arange(0, 64)
+    b_x = tl.load(p_in + o_r[:, None] * stride_in + o_d[None, :], mask=m_r[:, None], other=0.0)
+    b_rot = _norm_rotate(b_x, b_w, b_b, b_cos, b_sin, eps, p_out.dtype.element_ty, ROWS)
+    tl.store(p_out + o_r[:, None] * stride_out + o_d[None, :], b_rot, mask=m_r[:, None])
 
 
 @triton.jit
@@ -117,24 +135,22 @@ def _qk_norm_rope_kernel(
     cu_seqlens_ptr,  # int32 [B + 1]
     num_rows, num_seqs, num_q_heads, num_kv_heads, stride_in, stride_out, stride_pos, eps,
     ROWS: tl.constexpr,
+    Q_HEADS: tl.constexpr,  # False: the k heads only (the attention kernel normalises q as it loads it)
 ):
     o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     m_r = (o_r < num_rows) & (o_r < tl.load(cu_seqlens_ptr + num_seqs))
     o_r = o_r.to(tl.int64)
-    # pair p is driven by axis 0 (t) for p < 12, 1 (h) for p < 22, else 2 (w)
-    o_p = tl.arange(0, 32)
-    o_axis = (o_p >= 12).to(tl.int32) + (o_p >= 22).to(tl.int32)
-    b_pos = tl.load(pos_ptr + o_r[:, None] * stride_pos + o_axis[None, :], mask=m_r[:, None], other=0)
-    b_cos = tl.load(cos_ptr + b_pos * 32 + o_p[None, :], mask=m_r[:, None], other=0.0)
-    b_sin = tl.load(sin_ptr + b_pos * 32 + o_p[None, :], mask=m_r[:, None], other=0.0)
+    b_cos, b_sin = _rotations(pos_ptr, stride_pos, cos_ptr, sin_ptr, o_r, m_r)
 
     o_d = tl.arange(0, 64)
-    b_w = tl.load(q_w_ptr + o_d).to(tl.float32)
-    b_b = tl.load(q_b_ptr + o_d).to(tl.float32)
-    for h in range(num_q_heads):
-        _norm_rotate_head(
-            qkv_ptr + h * 64, qk_ptr + h * 64, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS
-        )
+    if Q_HEADS:
+        b_w = tl.load(q_w_ptr + o_d).to(tl.float32)
+        b_b = tl.load(q_b_ptr + o_d).to(tl.float32)
+        for h in range(num_q_heads):
+            _norm_rotate_head(
+                qkv_ptr + h * 64, qk_ptr + h * 64, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps,
+                ROWS,
+            )  # fmt: skip
     b_w = tl.load(k_w_ptr + o_d).to(tl.float32)
     b_b = tl.load(k_b_ptr + o_d).to(tl.float32)
     for h in range(num_q_heads, num_q_heads + num_kv_heads):
@@ -196,13 +212,16 @@ def _attention_kernel(
     q_cu_ptr,  # int32 [B + 1] cumulative query rows (cu_seqlens itself when every row is a query)
     q_starts_ptr,  # int32 [B] first query row inside each sequence (unused unless HAS_Q_STARTS)
     k_desc, v_desc,  # TMA: tensor descriptors of k_ptr's and v_ptr's [R, Hkv * 64] columns, [BLOCK_N, 64] tiles
-    num_seqs, search_iters, stride_q, stride_k, stride_v, stride_o, qk_scale,
+    q_w_ptr, q_b_ptr, pos_ptr, cos_ptr, sin_ptr,  # NORM_Q: q's norm [64] each, positions [R, 3], tables [P, 32]
+    num_seqs, search_iters, stride_q, stride_k, stride_v, stride_o, qk_scale, stride_pos, eps,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_M: tl.constexpr,  # (row, head) pairs per program: BLOCK_M // GROUP rows x GROUP heads
     BLOCK_N: tl.constexpr,  # keys per step
     HAS_Q_STARTS: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 operands)
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (the Hopper TMA unit) instead of pointers
+    NORM_Q: tl.constexpr,  # q_ptr holds raw q: LayerNorm + M-RoPE it here, as the prologue would (the prologue
+    # then does the k heads only, and q is read once instead of read, written and read again)
 ):
     ROWS: tl.constexpr = BLOCK_M // GROUP
     # Program p of KV head kvh handles query block j of sequence i, where sequence i owns the program ids
@@ -230,6 +249,12 @@ def _attention_kernel(
     o_d = tl.arange(0, 64)
     p_q = q_ptr + (q_row0 + o_row).to(tl.int64)[:, None] * stride_q + o_head[:, None] * 64 + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+    if NORM_Q:
+        o_q = (q_row0 + o_row).to(tl.int64)
+        b_cos, b_sin = _rotations(pos_ptr, stride_pos, cos_ptr, sin_ptr, o_q, m_m)
+        b_w = tl.load(q_w_ptr + o_d).to(tl.float32)
+        b_b = tl.load(q_b_ptr + o_d).to(tl.float32)
+        b_q = _norm_rotate(b_q, b_w, b_b, b_cos, b_sin, eps, q_ptr.dtype.element_ty, BLOCK_M)
 
     if TMA:
         k_src, v_src = k_desc, v_desc
@@ -274,6 +299,7 @@ class Blocks(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False  # K/V through tensor descriptors (TMA), host-side; needs 16-byte aligned rows
+    fold_q: bool = False  # q's LayerNorm + M-RoPE in the attention kernel, as it loads q (the prologue: k only)
 
 
 # 16-bit configurations for a GPU run to compare (``benchmarks/bench_kernels.py::test_attention_blocks``); each
@@ -290,6 +316,10 @@ ATTENTION_BLOCKS = {
     "m128n64w4s3": Blocks(128, 64, 4, 3),  # 215: one warpgroup per CTA
     "m128n64w8s3-tma": Blocks(128, 64, 8, 3, tma=True),  # 114: K/V tiles by the TMA unit, no address math
     "m128n128w8s2-tma": Blocks(128, 128, 8, 2, tma=True),  # 159
+    # q's norm + M-RoPE in the attention kernel as it loads q: the prologue reads and writes the k heads only
+    # (q: 80% of its traffic for V1's 16/4 heads), but the fold's registers cost occupancy (3.6: 146 for both)
+    "m128n64w8s3-foldq": Blocks(128, 64, 8, 3, fold_q=True),  # 134: one CTA per SM
+    "m64n64w4s3-foldq": Blocks(64, 64, 4, 3, fold_q=True),  # 146: three CTAs of 4 warps per SM
 }
 # Not offered: tl.range(warp_specialize=True) on the key loop compiles to the same SASS for sm_90 under
 # Triton 3.6 and 3.9 (no producer/consumer split, no setmaxnreg), with or without TMA.
@@ -312,14 +342,15 @@ def attention_config(dtype: torch.dtype, blocks: str | None = None) -> dict:
         if blocks is not None:
             raise ValueError("ATTENTION_BLOCKS are 16-bit block shapes; fp32 has one configuration")
         return dict(
-            BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PRECISION="tf32x3", enable_fp_fusion=True, TMA=False
-        )
+            BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PRECISION="tf32x3", enable_fp_fusion=True, TMA=False,
+            NORM_Q=False,
+        )  # fmt: skip
     if blocks is not None and blocks not in ATTENTION_BLOCKS:
         raise ValueError(f"blocks must be one of {list(ATTENTION_BLOCKS)}; got {blocks!r}")
     b = ATTENTION_BLOCKS[blocks or next(iter(ATTENTION_BLOCKS))]
     return dict(
         BLOCK_M=b.block_m, BLOCK_N=b.block_n, num_warps=b.num_warps, num_stages=b.num_stages, PRECISION="tf32",
-        enable_fp_fusion=True, TMA=b.tma,
+        enable_fp_fusion=True, TMA=b.tma, NORM_Q=b.fold_q,
     )  # fmt: skip
 
 
@@ -386,15 +417,16 @@ def qk_norm_rope(
     num_q_heads: int,
     num_kv_heads: int,
     eps: float = 1e-5,
+    q_heads: bool = True,
 ) -> None:
-    """``mrope_attention``'s prologue alone: the q and k heads of qkv's rows before ``cu_seqlens[-1]``,
-    LayerNormed and rotated, into qk [R, (Hq + Hkv) * 64] of qkv's dtype (last dim contiguous; qk may be qkv
-    itself). Arguments as ``mrope_attention``'s, which checks them; this does not (it is what the benchmarks time
-    on its own)."""
+    """``mrope_attention``'s prologue alone: the q and k heads (``q_heads=False``: the k heads only) of qkv's rows
+    before ``cu_seqlens[-1]``, LayerNormed and rotated, into qk [R, (Hq + Hkv) * 64] of qkv's dtype (last dim
+    contiguous; qk may be qkv itself). Arguments as ``mrope_attention``'s, which checks them; this does not (it is
+    what the benchmarks time on its own)."""
     _qk_norm_rope_kernel[(triton.cdiv(qkv.shape[0], NORM_CONFIG["ROWS"]),)](
         qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, positions, cos, sin, cu_seqlens,
         qkv.shape[0], cu_seqlens.numel() - 1, num_q_heads, num_kv_heads, qkv.stride(0), qk.stride(0),
-        positions.stride(0), eps, **NORM_CONFIG,
+        positions.stride(0), eps, Q_HEADS=q_heads, **NORM_CONFIG,
     )  # fmt: skip
 
 
@@ -430,10 +462,11 @@ def mrope_attention(
     offset of each sequence's first query row, num_q_rows host int >= q_cu_seqlens[-1]. Query j of sequence i is
     packed row ``cu_seqlens[i] + q_starts[i] + j`` and lands in output row ``q_cu_seqlens[i] + j``.
 
-    inplace: write the normalised, rotated q and k back into qkv's q/k columns instead of a scratch buffer.
+    inplace: write the normalised, rotated q and k back into qkv's q/k columns instead of a scratch buffer (k only
+    with blocks that fold q's norm into the attention kernel; qkv is scratch either way).
     out: optional [num_q_rows or R, Hq * 64] in qkv's dtype, last dim contiguous (any row stride; it may alias
-    qkv's q columns, which only the program that owns a query row reads). Output rows past the real queries
-    are left untouched.
+    qkv's q columns when every row is a query: only the program that owns a query row reads them). Output rows
+    past the real queries are left untouched.
     blocks: the attention kernel's block shape, an ATTENTION_BLOCKS name (16-bit only; for benchmarks).
 
     Returns out: [num_q_rows or R, Hq * 64], heads flattened head-major, ready for ``out_proj``.
@@ -465,10 +498,12 @@ def mrope_attention(
 
     qk_cols = (num_q_heads + num_kv_heads) * HEAD_DIM
     qk = qkv if inplace else torch.empty((num_rows, qk_cols), dtype=qkv.dtype, device=qkv.device)
+    fold_q = cfg["NORM_Q"]  # q normalised and rotated by the attention kernel as it loads it
     qk_norm_rope(
         qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, cu_seqlens, positions, cos, sin,
-        num_q_heads, num_kv_heads, eps,
+        num_q_heads, num_kv_heads, eps, q_heads=not fold_q,
     )  # fmt: skip
+    q = qkv if fold_q else qk
 
     group = num_q_heads // num_kv_heads
     rows_per_block = cfg["BLOCK_M"] // group
@@ -480,10 +515,10 @@ def mrope_attention(
             raise ValueError("TMA blocks need 16-byte aligned qkv rows; use the default blocks")
         descriptors = tuple(TensorDescriptor.from_tensor(t, [cfg["BLOCK_N"], HEAD_DIM]) for t in (k, v))
     _attention_kernel[grid](
-        qk, k, v, out, cu_seqlens, q_cu_seqlens, q_starts if has_q_starts else cu_seqlens, *descriptors,
-        num_seqs, num_seqs.bit_length(),
-        qk.stride(0), qk.stride(0), qkv.stride(0), out.stride(0), LOG2E / math.sqrt(HEAD_DIM),
-        GROUP=group, HAS_Q_STARTS=has_q_starts, **cfg,
+        q, k, v, out, cu_seqlens, q_cu_seqlens, q_starts if has_q_starts else cu_seqlens, *descriptors,
+        q_norm_weight, q_norm_bias, positions, cos, sin, num_seqs, num_seqs.bit_length(),
+        q.stride(0), qk.stride(0), qkv.stride(0), out.stride(0), LOG2E / math.sqrt(HEAD_DIM), positions.stride(0),
+        eps, GROUP=group, HAS_Q_STARTS=has_q_starts, **cfg,
     )
     return out
 

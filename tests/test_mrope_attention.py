@@ -91,12 +91,12 @@ def test_matches_ref(case, num_q_heads, num_kv_heads, dtype, atol, rtol):
 
 
 def _distinct_tiles() -> list[str]:
-    """One ATTENTION_BLOCKS name per (BLOCK_M, BLOCK_N, TMA) other than the default's: warps and stages change
-    nothing the interpreter computes (every one is compiled for sm_90 by test_sm90_compile.py)."""
+    """One ATTENTION_BLOCKS name per (BLOCK_M, BLOCK_N, TMA, fold_q) other than the default's: warps and stages
+    change nothing the interpreter computes (every one is compiled for sm_90 by test_sm90_compile.py)."""
     seen, names = set(), []
     for name, b in ATTENTION_BLOCKS.items():
-        if (b.block_m, b.block_n, b.tma) not in seen:
-            seen.add((b.block_m, b.block_n, b.tma))
+        if (b.block_m, b.block_n, b.tma, b.fold_q) not in seen:
+            seen.add((b.block_m, b.block_n, b.tma, b.fold_q))
             names.append(name)
     return names[1:]  # the first is the default's
 
@@ -164,16 +164,24 @@ def test_query_subset(subset, num_q_heads, num_kv_heads, dtype, atol, rtol):
     _assert_close(expected[: sum(counts)], full[rows], 0, 0)
 
 
-@pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
+FOLD_Q = next(name for name, b in ATTENTION_BLOCKS.items() if b.fold_q)
+
+
+@pytest.mark.parametrize(
+    "dtype, atol, rtol, blocks",
+    [pytest.param(*d.values, None, id=d.id) for d in CPU_DTYPES]
+    + [pytest.param(*CPU_DTYPES[-1].values, FOLD_Q, id=f"{CPU_DTYPES[-1].id}-{FOLD_Q}")],
+)
 @pytest.mark.parametrize("alias_out", [False, True], ids=["new_out", "out_in_q_columns"])
-def test_inplace(alias_out, dtype, atol, rtol):
-    """inplace=True rotates q/k inside qkv (v untouched); the output may then even overwrite qkv's q columns."""
+def test_inplace(alias_out, dtype, atol, rtol, blocks):
+    """inplace=True rotates q/k inside qkv (v untouched); the output may then even overwrite qkv's q columns. Also
+    with q normalised by the attention kernel as it loads it (the prologue then rotates k only)."""
     args = _batch([5, 217, 30], 12, 4, dtype, pad_rows=3)
     expected = mrope_attention_ref(**args)
     qkv = args["qkv"]
     v_before, pad_before = qkv[:, 16 * 64 :].clone(), qkv[252:].clone()
     out = qkv[:, : 12 * 64] if alias_out else None
-    result = mrope_attention(**args, inplace=True, out=out)
+    result = mrope_attention(**args, inplace=True, out=out, blocks=blocks)
     _assert_close(result[:252], expected[:252], atol, rtol)
     torch.testing.assert_close(qkv[:, 16 * 64 :], v_before, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(qkv[252:], pad_before, equal_nan=True, atol=0, rtol=0)

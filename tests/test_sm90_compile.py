@@ -32,15 +32,16 @@ TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def _attention(dtype, group, has_q_starts, blocks=None):
     ptrs = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "o_ptr"], TYPE[dtype])
-    ptrs.update(dict.fromkeys(["cu_seqlens_ptr", "q_cu_ptr", "q_starts_ptr"], "i32"))
+    ptrs.update(dict.fromkeys(["cu_seqlens_ptr", "q_cu_ptr", "q_starts_ptr", "pos_ptr"], "i32"))
+    ptrs.update(q_w_ptr=TYPE[dtype], q_b_ptr=TYPE[dtype], cos_ptr="fp32", sin_ptr="fp32")
     config = dict(mrope.attention_config(dtype, blocks), GROUP=group, HAS_Q_STARTS=has_q_starts)
     return "_attention_kernel", mrope, config, ptrs
 
 
-def _norm_rope(dtype):
+def _norm_rope(dtype, q_heads=True):
     ptrs = dict.fromkeys(["qkv_ptr", "qk_ptr", "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr"], TYPE[dtype])
     ptrs.update(pos_ptr="i32", cos_ptr="fp32", sin_ptr="fp32", cu_seqlens_ptr="i32")
-    return "_qk_norm_rope_kernel", mrope, mrope.NORM_CONFIG, ptrs
+    return "_qk_norm_rope_kernel", mrope, dict(mrope.NORM_CONFIG, Q_HEADS=q_heads), ptrs
 
 
 def _encoder_head(dtype, width, dim):
@@ -74,6 +75,7 @@ CASES = {
     "norm_rope-bf16": _norm_rope(torch.bfloat16),
     "norm_rope-fp16": _norm_rope(torch.float16),
     "norm_rope-fp32": _norm_rope(torch.float32),
+    "norm_rope-bf16-k-only": _norm_rope(torch.bfloat16, q_heads=False),
     "encoder_head-bf16-W1024": _encoder_head(torch.bfloat16, 1024, 5),
     "encoder_head-bf16-W2048": _encoder_head(torch.bfloat16, 2048, 5),
     "encoder_head-fp16-W512-D4": _encoder_head(torch.float16, 512, 4),
@@ -88,6 +90,7 @@ CASES = {
     # the other block shapes a GPU benchmark compares (the first, the default, is compiled above)
     **{f"attention-bf16-group4-{name}": _attention(torch.bfloat16, 4, False, name) for name in
        list(mrope.ATTENTION_BLOCKS)[1:]},
+    "attention-bf16-group3-subset-m128n64w8s3-foldq": _attention(torch.bfloat16, 3, True, "m128n64w8s3-foldq"),
 }
 
 
