@@ -7,16 +7,18 @@
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
 #   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph /
-#                                            # auto / fp8 (auto with FP8 linears), and upstream itself with
-#                                            # TITOK_UPSTREAM=<checkout of old-variableComp>
+#                                            # auto, and upstream itself with TITOK_UPSTREAM=<checkout of
+#                                            # old-variableComp>
 #   bash benchmarks/gpu_session.sh decode    # end-to-end decode, the same providers
 #   bash benchmarks/gpu_session.sh encode-compile   # compile (torch.compile takes a while), eager beside it
 #   bash benchmarks/gpu_session.sh decode-compile
+#   bash benchmarks/gpu_session.sh fp8       # batch-32 encode and decode: auto (bf16) beside fp8 (auto with FP8
+#                                            # linears), in the same run
 #   bash benchmarks/gpu_session.sh parity    # tokens equal to the float32 oracle's (V1, 8 seeds): the bf16 floor,
 #                                            # the triton backend in bf16, and with FP8 linears
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
 #                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
-#   bash benchmarks/gpu_session.sh all       # all seven in a row (pipeline is run on its own)
+#   bash benchmarks/gpu_session.sh all       # all eight in a row (pipeline is run on its own)
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
@@ -64,14 +66,15 @@ part() {
     case "$1" in
         tests) "$python" -m pytest -q -rs tests -p no:cacheprovider 2>&1 | tee "$out/tests.txt" ;;
         kernels) bench kernels "bench_kernels" ;;
-        encode | decode) bench "$1" "test_gpu and $1 and not compile" ;;
+        encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
+        fp8) bench fp8 "test_gpu and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
         parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 2>&1 \
                     | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
-        all) for p in tests kernels encode decode encode-compile decode-compile parity; do part "$p"; done ;;
-        *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, parity, pipeline," \
-                "all" >&2
+        all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
+        *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
+                "pipeline, all" >&2
            exit 2 ;;
     esac
 }
