@@ -23,8 +23,8 @@
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
 # environment.txt (card, driver, versions, commit: $COMMIT where the copy has no .git). The machine may have no
-# network: Python packages it lacks (PyAV, omegaconf, ruff) are installed from ./.wheels, which `make wheels`
-# fills on a machine that has one.
+# network: Python packages it lacks (PyAV, omegaconf) are installed from ./.wheels, which `make wheels`
+# fills on a machine that has one (without ruff, to stay small: the lint test skips on the GPU machine).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
@@ -47,7 +47,7 @@ torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)
     fi
     local missing
     missing=$("$python" -c "import importlib.util as u
-print(*[m for m in ('av', 'omegaconf', 'ruff') if not u.find_spec(m)])")
+print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
     if [ "$1" = pipeline ] && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null; then
         missing="$missing pynvvideocodec"  # optional: without it the NVDEC rows say why
     fi
