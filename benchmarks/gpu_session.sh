@@ -19,6 +19,11 @@
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
 #                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
 #   bash benchmarks/gpu_session.sh all       # all eight in a row (pipeline is run on its own)
+#   bash benchmarks/gpu_session.sh targets   # one short visit, under 9 minutes by its timeouts: the measurements
+#                                            # behind every target of both issues (attention vs the anchors and
+#                                            # every block shape; encode and decode at 256 tokens, b1/b8/b32,
+#                                            # upstream-packed / eager / auto; fp8 at b32; the pipeline before /
+#                                            # after on 720p30 and 256p8, and NVDEC)
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
@@ -48,7 +53,7 @@ torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)
     local missing
     missing=$("$python" -c "import importlib.util as u
 print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
-    if [ "$1" = pipeline ] && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null; then
+    if { [ "$1" = pipeline ] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null; then
         missing="$missing pynvvideocodec"  # optional: without it the NVDEC rows say why
     fi
     if [ -n "$missing" ] && ! "$python" -m pip install --quiet --no-index --find-links .wheels $missing; then
@@ -57,9 +62,9 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
     fi
 }
 
-bench() {  # bench NAME PYTEST-K-EXPRESSION
-    TITOK_BENCH_LOG="$out/$1.jsonl" "$python" -m titok_fast.cli bench -k "$2" --json "$out/$1.json" 2>&1 \
-        | tee "$out/$1.txt"
+bench() {  # bench NAME PYTEST-K-EXPRESSION [SECONDS]: cut off after SECONDS (default 600), keeping what it measured
+    TITOK_BENCH_LOG="$out/$1.jsonl" timeout "${3:-600}" "$python" -m titok_fast.cli bench -k "$2" \
+        --json "$out/$1.json" 2>&1 | tee "$out/$1.txt"
 }
 
 part() {
@@ -72,14 +77,21 @@ part() {
         parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 2>&1 \
                     | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
+        targets)
+            bench kernels "bench_kernels and attention" 110
+            bench encode "test_gpu and encode and n256 and not mixed and (upstream or eager or auto)" 90
+            bench decode "test_gpu and decode and n256 and not mixed and (upstream or eager or auto)" 75
+            bench fp8 "test_gpu and n256 and b32 and (auto or fp8)" 60
+            pipeline short ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
-                "pipeline, all" >&2
+                "pipeline, all, targets" >&2
            exit 2 ;;
     esac
 }
 
-pipeline() {  # at most 8 minutes (the timeouts below add up to 480 s); every row is appended to pipeline.jsonl as soon as it is measured
+pipeline() {  # at most 8 minutes (the timeouts below add up to 480 s; with "short", 190 s: no process or worker sweep); every
+    # row is appended to pipeline.jsonl as soon as it is measured
     local log="$out/pipeline.jsonl" videos="$out/pipeline-videos"
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
                --videos "$videos" --log "$log")
@@ -107,12 +119,16 @@ except Exception as exc:
 PROBE
         # before: the old path (every frame decoded, per-frame float32 resize on the CPU, 2 decoding threads), same
         # commit and command
-        timeout 120 "${run[@]}" --sources 720p30,256p8 --files 12 --label before --preprocess cpu --no-prune --workers 2
+        local long=1 && [ "${1:-}" = short ] && long=0
+        timeout $((long ? 120 : 90)) "${run[@]}" --sources 720p30,256p8 --files 12 --label before --preprocess cpu \
+            --no-prune --workers 2
         # after: the defaults (a decoding thread per core, preprocessing on the GPU by the placement rule)
-        timeout 90 "${run[@]}" --sources 720p30,256p8 --files 12 --label after --workers "$(nproc)"
+        timeout $((long ? 90 : 60)) "${run[@]}" --sources 720p30,256p8 --files 12 --label after --workers "$(nproc)"
+        timeout $((long ? 45 : 40)) "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec \
+            --workers "$(nproc)"
+        [ $long = 1 ] || return 0
         timeout 45 "${run[@]}" --sources 720p30 --files 12 --label after-processes --worker-kind process \
             --workers "$(nproc)"
-        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec --workers "$(nproc)"
         for kind in thread process; do
             for w in 1 2 4 8 16; do
                 timeout 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind --workers $w \
