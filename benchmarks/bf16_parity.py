@@ -4,15 +4,18 @@ The oracle's own bf16 run (upstream's bf16 behaviour) is the noise floor; a back
 ``reference`` attends with an explicit float32 softmax; ``reference-sdpa`` through SDPA, whose fused kernels
 (FlashAttention-2 on a GPU, and the CPU's flash kernel) round the softmax weights to bf16 before the product with
 V, as upstream's flash-attn does.
-Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu] [--interpret]``
-(``--interpret``: the triton backend on a CPU, its kernels in the Triton interpreter with the test harness's GPU
-rounding of bf16, ``tests/triton_mode.py``).
+With ``--decode``, the decoder too: the oracle's float32 tokens decoded by each path, its pixels against the
+float32 oracle's decoding (PSNR over the [-1, 1] range, and the relative RMS error).
+Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu] [--interpret]
+[--fp8] [--decode]`` (``--interpret``: the triton backend on a CPU, its kernels in the Triton interpreter with the
+test harness's GPU rounding of bf16, ``tests/triton_mode.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +36,12 @@ def agreement(indices: tuple, truth: torch.Tensor) -> float:
     return (torch.cat(indices).cpu() == truth).float().mean().item()
 
 
+def pixel_error(videos: list, truth: list) -> tuple[float, float]:
+    """(squared error, squared reference) summed over every pixel of the decoded ``videos`` against ``truth``."""
+    error = sum(((v.cpu().float() - t) ** 2).sum().item() for v, t in zip(videos, truth, strict=True))
+    return error, sum((t**2).sum().item() for t in truth)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", choices=sorted(CLIPS))
@@ -41,6 +50,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--interpret", action="store_true", help="kernels in the Triton interpreter (a CPU run)")
     parser.add_argument("--fp8", action="store_true", help="also each backend with FP8 linear layers (titok_fast.fp8)")
+    parser.add_argument("--decode", action="store_true", help="also the decoded pixels against the float32 oracle's")
     args = parser.parse_args()
     with interpreter() if args.interpret else contextlib.nullcontext():
         run(args)
@@ -59,7 +69,9 @@ def interpreter():
 def run(args: argparse.Namespace) -> None:
     shapes, counts = CLIPS[args.config]
     fp8 = [f"{b}+fp8" for b in args.backends] if args.fp8 else []
-    totals: dict[str, list[float]] = {name: [] for name in ["reference", "reference-sdpa", *args.backends, *fp8]}
+    names = ["reference", "reference-sdpa", *args.backends, *fp8]
+    totals: dict[str, list[float]] = {name: [] for name in names}
+    pixels: dict[str, list[tuple[float, float]]] = {name: [] for name in names}  # --decode: pixel_error per seed
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         model = TiTok(args.config).eval()
@@ -70,23 +82,36 @@ def run(args: argparse.Namespace) -> None:
         videos = [torch.rand((3, *s), generator=g) * 2 - 1 for s in shapes]
         _, out = oracle.encode(videos, counts)
         truth = torch.cat(out["indices"])
+        codes = [i.to(args.device) for i in out["indices"]]
+        decoded = [v.float() for v in oracle.decode_indices(out["indices"], shapes)] if args.decode else []
+
+        def measure(name: str, runner, half: list, truth=truth, codes=codes, decoded=decoded) -> None:
+            totals[name].append(agreement(runner.encode(half, counts)[1]["indices"], truth))
+            if args.decode:
+                pixels[name].append(pixel_error(runner.decode_indices(codes, shapes), decoded))
+
         model, oracle = model.to(args.device, torch.bfloat16), oracle.to(args.device, torch.bfloat16)
         half = [v.to(args.device, torch.bfloat16) for v in videos]
-        totals["reference"].append(agreement(oracle.encode(half, counts)[1]["indices"], truth))
+        measure("reference", oracle, half)
         for backend in args.backends:
             model.backend = backend
-            totals[backend].append(agreement(model.encode(videos, counts)[1]["indices"], truth))
+            measure(backend, model, half)
             if args.fp8:  # the layers' Linears in FP8, bf16 elsewhere
                 set_precision(model, "fp8")
-                totals[f"{backend}+fp8"].append(agreement(model.encode(videos, counts)[1]["indices"], truth))
+                measure(f"{backend}+fp8", model, half)
                 set_precision(model, "default")
         oracle.fused_attention = True
-        _, out = oracle.encode(half, counts)
-        totals["reference-sdpa"].append(agreement(out["indices"], truth))
+        measure("reference-sdpa", oracle, half)
     tokens = sum(counts) * args.seeds
     for backend, values in totals.items():
         mean = sum(values) / len(values)
-        print(f"| {args.config} | {backend} | bf16 | {100 * mean:.2f}% of {tokens} tokens equal the fp32 oracle |")
+        line = f"| {args.config} | {backend} | bf16 | {100 * mean:.2f}% of {tokens} tokens equal the fp32 oracle |"
+        if args.decode:  # pixels: PSNR over the [-1, 1] range (peak-to-peak 2) and relative RMS error
+            error, reference = map(sum, zip(*pixels[backend], strict=True))
+            count = sum(v.numel() for v in decoded) * args.seeds
+            psnr = 10 * math.log10(4 / (error / count)) if error else math.inf
+            line += f" decoded: {psnr:.1f} dB PSNR, {100 * math.sqrt(error / reference):.3f}% relative RMS error |"
+        print(line)
 
 
 if __name__ == "__main__":

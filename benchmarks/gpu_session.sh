@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_session.sh fp8       # batch-32 encode and decode: auto (bf16) beside fp8 (auto with FP8
 #                                            # linears), in the same run
 #   bash benchmarks/gpu_session.sh parity    # tokens equal to the float32 oracle's (V1, 8 seeds): the bf16 floor,
-#                                            # the triton backend in bf16, and with FP8 linears
+#                                            # the triton backend in bf16, and with FP8 linears; and
+#                                            # their decoded pixels against the float32 oracle's
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
 #                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
 #   bash benchmarks/gpu_session.sh all       # all eight in a row (pipeline is run on its own)
@@ -74,7 +75,7 @@ part() {
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
-        parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 2>&1 \
+        parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 --decode 2>&1 \
                     | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
         targets)
