@@ -75,7 +75,8 @@ part() {
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
-        parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 --decode 2>&1 \
+        parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 \
+                    --decode 2>&1 \
                     | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
         targets)
@@ -91,8 +92,8 @@ part() {
     esac
 }
 
-pipeline() {  # at most 8 minutes (the timeouts below add up to 480 s; with "short", 190 s: no process or worker sweep); every
-    # row is appended to pipeline.jsonl as soon as it is measured
+pipeline() {  # at most 8 minutes (the timeouts below add up to 480 s; with "short", 190 s: no process or worker
+    # sweep); every row is appended to pipeline.jsonl as soon as it is measured
     local log="$out/pipeline.jsonl" videos="$out/pipeline-videos"
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
                --videos "$videos" --log "$log")
