@@ -342,7 +342,8 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) ->
         choices=("default", "fp8"),
         default="default",
         help="fp8: the transformer layers' matmuls in float8 with row-wise scales (CUDA GPUs of compute capability "
-        "8.9+, bf16); faster, and fewer tokens equal those of the default precision (benchmarks/RESULTS.md); "
+        "8.9+, bf16); faster, but fewer tokens equal those of the default precision, and decoded pixels lie further "
+        "from float32 (benchmarks/RESULTS.md); "
         "recorded in token files (default: default)",
     )
     p.add_argument("--batch-size", type=_positive, default=32, help="most clips per batch (default 32)")
