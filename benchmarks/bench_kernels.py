@@ -14,6 +14,7 @@ Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (en
   with a document mask, compiled).
 FSQ: GB/s of the fused encoder head and decoder-input gather against unfused PyTorch (``torch``).
 
+With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured.
 Every time is per call, from ``triton.testing.do_bench`` (CUDA events, warm-up and autotuning outside the timed
 calls): the median and the 20%/80% quantiles go into ``extra_info`` (``ms``, ``ms_p20``, ``ms_p80``) and every
 rate is computed from the median. pytest-benchmark's own columns time one synchronised call and are not the
@@ -22,7 +23,9 @@ figures to report.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import platform
 
 import pytest
@@ -42,6 +45,17 @@ from titok_fast.kernels.mrope_attention import (
 from anchors import ANCHORS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _log_case(request):
+    """With TITOK_BENCH_LOG set, each measured case is appended to that file as a JSON line as soon as it ends (as
+    bench_model does): a run cut short keeps what it measured (pytest-benchmark's JSON is written at the end)."""
+    yield
+    log, benchmark = os.environ.get("TITOK_BENCH_LOG"), request.node.funcargs.get("benchmark")
+    if log and benchmark is not None and benchmark.extra_info:
+        with open(log, "a") as f:
+            f.write(json.dumps({"case": benchmark.group, **benchmark.extra_info}) + "\n")
 
 # (latent tokens, patch grid): sequence lengths 3904, 3136, 1792, 1152
 VIDEOS = [(1024, (5, 24, 24)), (256, (5, 24, 24)), (512, (5, 16, 16)), (128, (4, 16, 16))]
