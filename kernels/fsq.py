@@ -263,6 +263,7 @@ def fsq_decoder_input(
     device, dtype, width = table.device, table.dtype, table.shape[1]
     if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
         raise TypeError("indices must be a 1-D int32/int64 tensor")
+    indices = indices.contiguous()  # the kernel reads element i at offset i
     _check_param("mask_row", mask_row, (width,), device)
     if mask_row.dtype != dtype:
         raise TypeError(f"mask_row dtype is {mask_row.dtype}; table is {dtype}")

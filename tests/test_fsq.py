@@ -140,6 +140,15 @@ def test_decoder_input_matches_ref(token_counts, seq_lens, index_dtype, dtype):
     torch.testing.assert_close(allocated, expected[:-11], atol=0, rtol=0)
 
 
+def test_decoder_input_takes_strided_indices():
+    """A strided view of indices (every other element of a larger tensor) gathers the codes it shows."""
+    args, out = _decoder_batch([3, 1, 17], [9, 2, 217], 64, torch.float32, torch.int64)
+    strided = torch.stack([args["indices"], torch.zeros_like(args["indices"])], 1).flatten()[::2]
+    assert not strided.is_contiguous()
+    expected = fsq_decoder_input_ref(**args, out=out.clone())
+    torch.testing.assert_close(fsq_decoder_input(**{**args, "indices": strided}, out=out), expected, atol=0, rtol=0)
+
+
 def test_bad_arguments():
     consts = FsqConstants.of([7, 7, 7, 5, 5], DEVICE)
     x, *params = _head_params(4, 64, [7, 7, 7, 5, 5], torch.float32)

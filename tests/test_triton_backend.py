@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from titok_fast.engine import Engine
+
 from graph_capture import engine_for
 from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
 from triton_mode import triton_mode
@@ -102,3 +104,21 @@ def test_bf16_cudagraph_engine_gives_the_models_tokens(monkeypatch):
         noise = rel_l2(rr.float(), r32)
         assert 0 < noise < 2e-2  # the floor is real and of bf16's size
         assert r.dtype == torch.bfloat16 and rel_l2(r.float(), rr.float()) <= noise
+
+
+def test_packed_indices_of_any_integer_dtype_and_stride_decode_alike(models):
+    """Token files store int16, and a packed tensor may be a strided view: both must decode as the contiguous int64
+    tensor does (the gather kernel reads element i at offset i, int32/int64 only), on the model and the engine."""
+    model, _ = models
+    _, out = model.encode([v.to(DEVICE) for v in random_videos(SHAPES)], COUNTS)
+    packed = torch.cat(out["indices"]).long()
+    want = model.decode_indices(packed, SHAPES, COUNTS)
+    strided = torch.stack([packed, torch.zeros_like(packed)], 1).flatten()[::2]  # the same values, stride 2
+    assert not strided.is_contiguous() and torch.equal(strided, packed)
+    for got in (
+        model.decode_indices(packed.short(), SHAPES, COUNTS),
+        model.decode_indices(strided, SHAPES, COUNTS),
+        [v for _, v in Engine(model, mode="eager").decode_stream(
+            (k, i.short(), s) for k, (i, s) in enumerate(zip(out["indices"], SHAPES, strict=True)))],
+    ):  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
