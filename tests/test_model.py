@@ -217,6 +217,32 @@ def test_decoder_table_follows_weight_changes(tiny):
     assert torch.allclose(table2, table + 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["default", "fp8"])
+def test_weights_changed_after_writes_through_data(precision):
+    """Writes through ``parameter.data`` (EMA swaps, weight averaging) bypass the version counter that keys the
+    decoder table and the FP8 weight copies; after ``weights_changed()`` the model and an engine built before the
+    write give exactly what a model built with the new weights gives (and a new engine on it)."""
+    from titok_fast.engine import Engine
+
+    model = make_model("tiny", "torch", seed=3)
+    model.precision = precision
+    engine = Engine(model, mode="static", budgets=(256,))
+    videos, shapes, counts = random_videos([(4, 16, 16)]), [(4, 16, 16)], [8]
+    _, out = model.encode(videos, counts)
+    engine.decode_indices(out["indices"], shapes)  # builds the table and the FP8 copies from the old weights
+    new = make_model("tiny", "torch", seed=4)
+    for p, q in zip(model.parameters(), new.parameters(), strict=True):
+        p.data.copy_(q.data)
+    new.precision = precision
+    model.weights_changed()
+    want = new.decode_indices(out["indices"], shapes)[0]
+    assert torch.equal(model.decode_indices(out["indices"], shapes)[0], want)
+    fresh = Engine(new, mode="static", budgets=(256,)).decode_indices(out["indices"], shapes)[0]
+    assert torch.equal(engine.decode_indices(out["indices"], shapes)[0], fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.encode(videos, counts)[1]["indices"],
+                                                 new.encode(videos, counts)[1]["indices"], strict=True))  # fmt: skip
+
+
 def test_encoder_submodule_as_upstream(tiny):
     """``model.encoder(videos, token_counts)``: the packed latents before FSQ, as the oracle computes them."""
     model, ref = tiny

@@ -149,6 +149,14 @@ def refresh(model: nn.Module) -> None:
         linear.fp8_weight()
 
 
+def forget(model: nn.Module) -> None:
+    """Mark every FP8 weight of ``model`` stale: each is requantised at its next use, into the same tensors
+    (graphs keep reading them). For weight writes the parameters' version counter does not see (``.data``)."""
+    for linear in getattr(model, "_fp8_linears", ()):
+        if linear._fp8_weight is not None:
+            linear._fp8_weight = (None, *linear._fp8_weight[1:])
+
+
 def check_fp8_runs(device: torch.device | str, dtype: torch.dtype) -> None:
     """A one-line ValueError unless FP8 GEMMs run natively on ``device`` for a model in ``dtype``: a CUDA GPU of
     compute capability 8.9+ and bfloat16 (elsewhere FP8 is only emulated, slower than the default precision)."""

@@ -248,6 +248,14 @@ class TiTok(nn.Module):
     def precision(self, value: str) -> None:
         fp8.set_precision(self, value)
 
+    def weights_changed(self) -> None:
+        """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies) at its next
+        use. Changes made the usual ways (``load_state_dict``, in-place operations on the parameters, optimiser
+        steps) are seen without this; writes through ``parameter.data`` bypass the version counter that tells,
+        so call it after them. Engines built on the model follow at their next batch."""
+        self.decoder._table = None
+        fp8.forget(self)
+
     @property
     def backend(self) -> str:
         """The backend choice: ``"auto"``, ``"torch"`` or ``"triton"`` (settable)."""
