@@ -1,3 +1,5 @@
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
@@ -6,7 +8,15 @@ import torch.nn.functional as F
 
 from titok_fast import decoders
 from titok_fast.decoders import DecoderUnavailable, NvdecFrame, yuv420_to_rgb
-from titok_fast.preprocess import MAX_DEVICE_PIXELS, DevicePreprocessor, clip_pixels, normalize_pixels, placement
+from titok_fast.preprocess import (
+    MAX_DEVICE_ASPECT,
+    MAX_DEVICE_PIXELS,
+    DevicePreprocessor,
+    clip_pixels,
+    normalize_pixels,
+    placement,
+    resized_size,
+)
 from titok_fast.video import ClipReader, read_clips
 
 import videos
@@ -61,28 +71,112 @@ def test_batched_on_device_path_equals_per_frame_path(files, name, grid):
         assert torch.equal(on_device(raw), normalize_pixels(a, torch.float32))
 
 
+def make_size_change(path, parts=((14, 32, 48), (16, 64, 64)), fps=8) -> str:
+    """An MPEG-TS whose H.264 stream changes size midway: (frames, height, width) of each part, "moving" frames at
+    ``fps``; the parts are encoded alone and their elementary streams joined, as a broadcast switching formats."""
+    elementary = b""
+    for frames, height, width in parts:
+        part = path.with_suffix(f".{height}x{width}.h264")
+        with av.open(str(part), "w", format="h264") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": "10", "bf": "0"}  # no B-frames: decoding order is presentation order
+            for i in range(frames):
+                image = videos.pattern_frame("moving", i, height, width)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode())
+        elementary += part.read_bytes()
+    joined = path.with_suffix(".h264")
+    joined.write_bytes(elementary)
+    tick = Fraction(1, 90000)
+    with av.open(str(joined)) as source, av.open(str(path), "w", format="mpegts") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for i, packet in enumerate(p for p in source.demux(video=0) if p.size):
+            packet.pts = packet.dts = int(i / fps / tick)
+            packet.time_base, packet.stream = tick, stream
+            out.mux(packet)
+    return str(path)
+
+
+@pytest.mark.parametrize("sampling", ["upstream", "time"])
+def test_device_placement_reads_a_source_whose_size_changes(tmp_path, sampling):
+    """A clip whose frames differ in size comes resized as placement "cpu" makes it; the others at source size."""
+    path = make_size_change(tmp_path / "switch.ts")
+    kwargs = dict(frames=4, height=24, width=24, fps=8, raw=True, sampling=sampling)
+    cpu = read_clips(path, preprocess="cpu", **kwargs).clips
+    reader = ClipReader(path, preprocess="device", device="cpu", **kwargs)
+    clips = list(reader)
+    assert reader.placement == "device" and len(clips) == len(cpu) == 7
+    assert [c.dtype for c in clips] == [torch.uint8] * 3 + [torch.float32] + [torch.uint8] * 3  # frames 12..15
+    assert [tuple(c.shape[1:3]) for c in clips if c.dtype == torch.uint8] == [(32, 48)] * 3 + [(64, 64)] * 3
+    for a, b in zip(clips, cpu, strict=True):
+        assert torch.equal(clip_pixels(a, 24, 24) if a.dtype == torch.uint8 else a, b)
+
+
+def test_device_placement_gives_the_cpu_placements_tokens_for_a_source_whose_size_changes(tmp_path):
+    from titok_fast.engine import Engine
+    from titok_fast.loading import random_tokenizer
+    from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
+    from titok_fast.tokens import load_tokens
+
+    model = random_tokenizer("tiny", seed=0)
+    engine = Engine(model, mode="eager", max_clips=4)
+    inputs = collect_inputs([make_size_change(tmp_path / "switch.ts")])
+    tokens = {}
+    for where in ("cpu", "device"):
+        settings = ClipSettings(grid=(4, 32, 32), tokens=64, fps=8, preprocess=where)
+        summary = encode_files(model, engine, inputs, tmp_path / where, settings, workers=1)
+        assert not summary.failed and summary.clips == 7
+        tokens[where] = load_tokens(tmp_path / where / "switch.safetensors").indices
+    assert torch.equal(tokens["cpu"], tokens["device"])
+
+
 def test_clip_pixels_rejects_what_is_not_uint8_frames():
     with pytest.raises(ValueError, match=r"\[T, h, w, 3\] uint8"):
         clip_pixels(torch.zeros(2, 3, 8, 8), 4, 4)
 
 
-@pytest.mark.parametrize(("requested", "device", "size", "expected"), [
-    ("auto", "cpu", (720, 1280), "cpu"),
-    ("auto", "cuda", (720, 1280), "device"),
-    ("auto", "cuda", (256, 456), "device"),
-    ("auto", "cuda", (4320, 7680), "cpu"),
-    ("cpu", "cuda", (256, 456), "cpu"),
-    ("device", "cpu", (256, 456), "device"),
+@pytest.mark.parametrize(("requested", "device", "size", "clip", "expected"), [
+    ("auto", "cpu", (720, 1280), (256, 256), "cpu"),
+    ("auto", "cuda", (720, 1280), (256, 256), "device"),
+    ("auto", "cuda", (256, 456), (256, 256), "device"),
+    ("auto", "cuda", (2160, 3840), (256, 256), "device"),
+    ("auto", "cuda", (3840, 2160), (160, 160), "device"),  # portrait 4K
+    ("auto", "cuda", (1080, 3840), (256, 256), "device"),  # 32:9
+    ("auto", "cuda", (48, 64), (256, 256), "device"),  # a small source, upscaled
+    ("auto", "cuda", (32, 48), (32, 32), "device"),
+    ("auto", "cuda", (4320, 7680), (256, 256), "cpu"),
+    ("auto", "cuda", (2, 8192), (160, 160), "cpu"),  # a strip: resized to 160 x 655360 before the crop
+    ("auto", "cuda", (8192, 2), (160, 160), "cpu"),
+    ("auto", "cuda", (100, 1000), (16, 16), "cpu"),  # 10:1, though its resize is small
+    ("auto", "cuda", (0, 0), (256, 256), "cpu"),  # size unknown
+    ("cpu", "cuda", (256, 456), (256, 256), "cpu"),
+    ("device", "cpu", (256, 456), (256, 256), "device"),
+    ("device", "cuda", (2, 8192), (160, 160), "device"),  # asked for: obeyed
 ])  # fmt: skip
-def test_placement_rule(requested, device, size, expected):
-    assert placement(requested, device, *size) == expected
+def test_placement_rule(requested, device, size, clip, expected):
+    assert placement(requested, device, *size, *clip) == expected
 
 
-def test_placement_rule_limit_and_bad_name():
-    assert placement("auto", "cuda", 1, MAX_DEVICE_PIXELS) == "device"
-    assert placement("auto", "cuda", 1, MAX_DEVICE_PIXELS + 1) == "cpu"
+def test_placement_rule_limits_and_bad_name():
+    assert placement("auto", "cuda", 2160, MAX_DEVICE_PIXELS // 2160, 64, 64) == "device"
+    assert placement("auto", "cuda", 2160, MAX_DEVICE_PIXELS // 2160 + 1, 64, 64) == "cpu"  # pixels
+    assert placement("auto", "cuda", 100, 100 * MAX_DEVICE_ASPECT, 64, 64) == "device"
+    assert placement("auto", "cuda", 100, 100 * MAX_DEVICE_ASPECT + 1, 64, 64) == "cpu"  # aspect ratio
+    assert placement("auto", "cuda", 900, 7200, 1018, 1018) == "device"  # resized to 1018 x 8144 before the crop
+    assert placement("auto", "cuda", 900, 7200, 1019, 1019) == "cpu"  # 1019 x 8152: over MAX_DEVICE_PIXELS
+    assert resized_size((900, 7200), 1019, 1019) == (1019, 8152) and 1019 * 8152 > MAX_DEVICE_PIXELS >= 1018 * 8144
     with pytest.raises(ValueError, match="preprocess must be one of"):
-        placement("gpu", "cuda", 1, 1)
+        placement("gpu", "cuda", 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(("size", "device", "expected"), [((1080, 1920), "cuda", "device"), ((2, 4096), "cuda", "cpu")])
+def test_the_reader_places_by_the_rule(tmp_path, size, device, expected):
+    path = videos.make_video(tmp_path / "v.mp4", 4, *size, fps=8)
+    reader = ClipReader(path, frames=4, height=64, width=64, fps=8, preprocess="auto", device=device, raw=True)
+    clips = list(reader)
+    assert reader.placement == expected and len(clips) == 1
+    assert clips[0].dtype == (torch.uint8 if expected == "device" else torch.float32)
 
 
 def planes(frame: av.VideoFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from titok_fast.tokens import (
     is_complete,
     load_tokens,
     save_tokens,
+    try_load_tokens,
 )
 
 CODEBOOK = 8575
@@ -120,15 +121,33 @@ def test_from_chunks_keeps_each_chunk():
         ({"last_chunk_frames": 17}, "last_chunk_frames must be in"),
         ({"fps": "8"}, "field 'fps' must be int or float"),
         ({"grid": (0, 16, 16)}, "grids must be positive"),
+        ({"fps": 0.0}, r"fps must be in \(0, 1000\]; got 0.0"),
+        ({"fps": float("inf")}, r"fps must be in \(0, 1000\]; got inf"),
+        ({"fps": float("nan")}, r"fps must be in \(0, 1000\]; got nan"),
+        ({"fps": 1e30}, r"fps must be in \(0, 1000\]; got 1e\+30"),
+        ({"chunks": 0}, "a token file holds at least one chunk; got 0"),
     ],
-    ids=["codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid"],
-)
+    ids=[
+        "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
+        "fps-zero", "fps-inf", "fps-nan", "fps-huge", "no-chunks",
+    ],
+)  # fmt: skip
 def test_invalid_token_file_is_refused(change, message):
     chunk, grid = change.pop("chunk", torch.tensor([1, 2])), change.pop("grid", (4, 16, 16))
+    chunks = change.pop("chunks", 1)
     settings = dict(model_config={}, weights_digest="", fps=8.0, source="x", frames_per_chunk=16, tail="pad")
     settings.update(last_chunk_frames=3, codebook_size=CODEBOOK)
     with pytest.raises(TokenFileError, match=message):
-        TokenFile.from_chunks([chunk], [grid], [0.0], **{**settings, **change})
+        TokenFile.from_chunks([chunk] * chunks, [grid] * chunks, [0.0] * chunks, **{**settings, **change})
+
+
+def test_the_highest_fps_is_accepted(tmp_path):
+    token_file = TokenFile.from_chunks(
+        [torch.tensor([1, 2])], [(4, 16, 16)], [0.0], model_config={}, weights_digest="", fps=1000.0, source="x",
+        frames_per_chunk=4, tail="drop", last_chunk_frames=4, codebook_size=CODEBOOK,
+    )  # fmt: skip
+    save_tokens(tmp_path / "a.safetensors", token_file)
+    assert load_tokens(tmp_path / "a.safetensors").fps == 1000.0
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -226,6 +245,26 @@ TAMPERINGS = {
         rewrite(change_metadata=lambda m: {"version": 2}),
         r"unsupported format version 2 \(supported: 1\)",
     ),
+    # what a stranger's file may hold: nothing in it may escape as another exception or exhaust memory
+    "fps-infinity": (rewrite(change_metadata=lambda m: {**m, "fps": float("inf")}), "fps must be in"),
+    "fps-nan": (rewrite(change_metadata=lambda m: {**m, "fps": float("nan")}), "fps must be in"),
+    "fps-huge": (rewrite(change_metadata=lambda m: {**m, "fps": 1e30}), "fps must be in"),
+    "no-chunks": (
+        rewrite(lambda t: t.update({name: t[name][:1] if name == "offsets" else t[name][:0] for name in t})),
+        "at least one chunk; got 0",
+    ),
+    "json-nested-deeply": (
+        lambda p: write_raw(p, read_raw(p)[0], "[" * 100_000 + "]" * 100_000),
+        "not valid JSON .nested too deeply.",
+    ),
+    "json-huge-integer": (
+        rewrite(change_metadata=lambda m: json.dumps(m).replace('"version": 1', '"version": ' + "1" * 5000)),
+        "is not valid JSON",
+    ),
+    "metadata-too-long": (
+        rewrite(change_metadata=lambda m: {**m, "padding": "x" * (1 << 20)}),
+        "characters; at most 1048576",
+    ),
 }
 
 
@@ -239,6 +278,20 @@ def test_tampered_file_is_refused(tmp_path, tampering):
         load_tokens(path)
     assert str(path) in str(info.value)
     assert not is_complete(path)
+
+
+def test_a_deeply_nested_metadata_makes_try_load_tokens_give_none(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_file({"indices": torch.zeros(1, dtype=torch.int16)}, str(path), metadata={METADATA_KEY: "[" * 100_000})
+    assert try_load_tokens(path) is None
+
+
+def test_metadata_too_long_to_load_is_not_written(tmp_path):
+    token_file = make_token_file()
+    object.__setattr__(token_file, "source", "x" * (1 << 20))  # a path no file system has
+    with pytest.raises(TokenFileError, match="characters; at most 1048576"):
+        save_tokens(tmp_path / "a.safetensors", token_file)
+    assert os.listdir(tmp_path) == []
 
 
 def test_is_complete(tmp_path):

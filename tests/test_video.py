@@ -301,8 +301,15 @@ def test_bad_file_gives_video_error(files, name, problem):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"tail": "loop"}, "tail must be one of"), ({"fps": 0}, "fps must be positive"), ({"frames": 0}, ">= 1")],
-    ids=["tail", "fps", "frames"],
+    [
+        ({"tail": "loop"}, "tail must be one of"),
+        ({"fps": 0}, r"fps must be in \(0, 1000\]"),
+        ({"fps": float("inf")}, r"fps must be in \(0, 1000\]; got inf"),
+        ({"fps": float("nan")}, r"fps must be in \(0, 1000\]; got nan"),
+        ({"fps": 1e30}, r"fps must be in \(0, 1000\]"),
+        ({"frames": 0}, ">= 1"),
+    ],
+    ids=["tail", "fps", "fps-inf", "fps-nan", "fps-huge", "frames"],
 )
 def test_bad_arguments(files, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -428,6 +435,13 @@ def test_write_video_pads_odd_sizes(tmp_path):
     assert decoded.shape == (3, 32, 46, 3)
     assert abs(decoded[:, -1, 8:40].astype(float).mean() - 191) < 8  # copied bottom row (0.5 -> 191)
     assert abs(decoded[:, 8:24, -1].astype(float).mean() - 64) < 8  # copied right column (-0.5 -> 64)
+
+
+@pytest.mark.parametrize("fps", [0, -8, float("inf"), float("nan"), 1e30])
+def test_write_video_refuses_an_fps_out_of_range(tmp_path, fps):
+    with pytest.raises(ValueError, match=r"fps must be in \(0, 1000\]"):
+        write_video(tmp_path / "out.mp4", torch.zeros(3, 2, 16, 16), fps=fps)
+    assert os.listdir(tmp_path) == []
 
 
 def test_side_by_side():

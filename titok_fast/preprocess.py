@@ -5,9 +5,9 @@ truncated, bicubic with antialiasing and no clamping (torchvision's Resize), tor
 then ``(pixels / 255) * 2 - 1`` in the model's dtype. Resizing a clip's T frames in one call gives the same
 values as resizing them one by one (the kernel treats each image alone), so the batched path is exact.
 
-Where it runs is decided per file by :func:`placement`, a fixed rule on the source size and the model's device
-(never on timings): ``"cpu"`` resizes in the decoding workers, ``"device"`` uploads the clip's uint8 RGB frames
-(pinned memory, a side stream on CUDA) and resizes them where the model runs.
+Where it runs is decided per file by :func:`placement`, a fixed rule on the source size, the clip size and the
+model's device (never on timings): ``"cpu"`` resizes in the decoding workers, ``"device"`` uploads the clip's
+uint8 RGB frames (pinned memory, a side stream on CUDA) and resizes them where the model runs.
 """
 
 from __future__ import annotations
@@ -18,23 +18,36 @@ import torch.nn.functional as F
 from .stages import CLOCK
 
 PLACEMENTS = ("auto", "cpu", "device")
-MAX_DEVICE_PIXELS = 3840 * 2160  # larger sources are resized on the CPU: a clip of them would be GBs on the device
+MAX_DEVICE_PIXELS = 3840 * 2160  # larger frames, at source size or resized, are resized on the CPU: a clip of
+# them would be GBs on the device, where the CPU holds one frame at a time
+MAX_DEVICE_ASPECT = 8  # sources whose long side is more than this many times their short side: resized on the CPU
 
 
-def placement(requested: str, device_type: str, source_height: int, source_width: int) -> str:
-    """Where a file's frames are preprocessed: ``"cpu"`` or ``"device"``.
+def placement(requested: str, device_type: str, source_height: int, source_width: int, height: int, width: int) -> str:
+    """Where a file's frames are preprocessed, for clips of (height, width): ``"cpu"`` or ``"device"``.
 
-    ``requested`` "cpu" or "device" is obeyed. "auto": "device" when the model runs on CUDA and a source frame
-    has at most MAX_DEVICE_PIXELS pixels (uploading uint8 RGB costs the bus far less than the CPU resize costs
-    the host, see benchmarks/RESULTS.md), else "cpu" (on a CPU model, resizing in the decoding workers keeps it
-    parallel to the model instead of on the thread that drives the model).
+    ``requested`` "cpu" or "device" is obeyed. "auto": "device" when the model runs on CUDA and the source is
+    ordinary: a source frame has at most MAX_DEVICE_PIXELS pixels, its long side is at most MAX_DEVICE_ASPECT
+    times its short side, and resized (short side to max(height, width), before the crop) it has at most
+    MAX_DEVICE_PIXELS pixels too (uploading uint8 RGB costs the bus far less than the CPU resize costs the host,
+    see benchmarks/RESULTS.md). Else "cpu": on a CPU model, resizing in the decoding workers keeps it parallel to
+    the model instead of on the thread that drives the model; a degenerate source (a strip of a few rows, whose
+    resize is far larger than the source and than the clip) is resized a frame at a time instead of a clip at a
+    time; a source of unknown size (0) takes the exact path. The same sizes always give the same answer.
     """
     if requested not in PLACEMENTS:
         raise ValueError(f"preprocess must be one of {PLACEMENTS}; got {requested!r}")
     if requested != "auto":
         return requested
-    small = source_height * source_width <= MAX_DEVICE_PIXELS
-    return "device" if device_type == "cuda" and small else "cpu"
+    if device_type != "cuda" or min(source_height, source_width) < 1:
+        return "cpu"
+    resized = resized_size((source_height, source_width), height, width)
+    ordinary = (
+        source_height * source_width <= MAX_DEVICE_PIXELS
+        and max(source_height, source_width) <= MAX_DEVICE_ASPECT * min(source_height, source_width)
+        and resized[0] * resized[1] <= MAX_DEVICE_PIXELS
+    )
+    return "device" if ordinary else "cpu"
 
 
 def resized_size(source: tuple[int, int], height: int, width: int) -> tuple[int, int]:

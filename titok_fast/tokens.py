@@ -7,15 +7,17 @@ Tensors:
   offsets       int64   [chunks + 1]  start of each chunk's indices in `indices`; the last is `total`
   start_times   float64 [chunks]      start of each chunk, seconds
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
-"fps": number, "source": str, "chunking": {"frames_per_chunk": int, "tail": str, "last_chunk_frames": int,
-"sampling": str},
-"codebook_size": int, "weights_source": str}, and optionally "made_with": {str: str} (see MADE_WITH_KEY).
+"fps": number in (0, MAX_FPS], "source": str, "chunking": {"frames_per_chunk": int, "tail": str,
+"last_chunk_frames": int, "sampling": str}, "codebook_size": int, "weights_source": str}, and optionally
+"made_with": {str: str} (see MADE_WITH_KEY).
 weights_source is a local path (recorded, never opened on behalf of the file) or "hf://owner/name@<commit>:<file>"
 for Hub weights. Readers ignore fields they do not know, so new optional fields keep the format version and older
 files keep loading.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
 name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
+A file holds at least one chunk (a video too short for one is an error, never an empty file), and its metadata
+JSON is at most MAX_METADATA_CHARS characters, checked before it is parsed.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
-from .video import TAIL_POLICIES
+from .video import MAX_FPS, TAIL_POLICIES
 
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
+MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred characters; a stranger's may be huge
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -67,12 +70,12 @@ class TokenFile:
     """The tokens of one video; construction checks that every field is consistent.
 
     indices: [total] int16, all chunks' indices concatenated, each in [0, codebook_size)
-    token_counts: [chunks] int32, tokens of each chunk (>= 1)
+    token_counts: [chunks] int32, tokens of each chunk (>= 1); at least one chunk
     grids: [chunks, 3] int32, pixel (T, H, W) of each chunk (> 0)
     start_times: [chunks] float64, start of each chunk in seconds
     model_config: JSON-serialisable dict describing the model (tuples come back from a file as lists)
     weights_digest: identifies the weights that produced the indices
-    fps: frame rate the video was sampled at
+    fps: frame rate the video was sampled at, in (0, MAX_FPS]
     source: the source video's path
     frames_per_chunk, tail, last_chunk_frames: the chunking policy and the real frames of the last chunk
     sampling: how frames were picked ("upstream": the notebook's frame indices, "time": presentation times)
@@ -166,8 +169,11 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
     }
     if token_file.made_with:
         metadata[MADE_WITH_KEY] = token_file.made_with
+    text = json.dumps(metadata)
+    if len(text) > MAX_METADATA_CHARS:  # it would not load
+        raise TokenFileError(f"metadata is {len(text)} characters; at most {MAX_METADATA_CHARS} are allowed")
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
-    write_atomically(path, save(tensors, metadata={METADATA_KEY: json.dumps(metadata)}))
+    write_atomically(path, save(tensors, metadata={METADATA_KEY: text}))
 
 
 def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
@@ -214,9 +220,14 @@ def is_complete(path: str | os.PathLike[str], *, weights_digest: str | None = No
 def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:
     if METADATA_KEY not in header:
         raise TokenFileError(f"metadata has no {METADATA_KEY!r} key")
+    text = header[METADATA_KEY]
+    if len(text) > MAX_METADATA_CHARS:
+        raise TokenFileError(f"metadata {METADATA_KEY!r} is {len(text)} characters; at most {MAX_METADATA_CHARS}")
     try:
-        metadata = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
+        metadata = json.loads(text)
+    except RecursionError:
+        raise TokenFileError(f"metadata {METADATA_KEY!r} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of too many digits
         raise TokenFileError(f"metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
     if not isinstance(metadata, dict):
         raise TokenFileError(f"metadata {METADATA_KEY!r} must be a JSON object; got {type(metadata).__name__}")
@@ -290,6 +301,8 @@ def _check_token_file(tf: TokenFile) -> None:
         _check_tensor(name, getattr(tf, name))
     _check_made_with(tf.made_with)
     chunks = tf.token_counts.numel()
+    if chunks < 1:
+        raise TokenFileError("a token file holds at least one chunk; got 0")
     if tf.grids.shape != (chunks, 3) or tf.start_times.shape != (chunks,):
         shapes = f"grids {list(tf.grids.shape)}, start_times {list(tf.start_times.shape)}"
         raise TokenFileError(
@@ -302,8 +315,8 @@ def _check_token_file(tf: TokenFile) -> None:
     if (tf.grids < 1).any():
         raise TokenFileError(f"grids must be positive; got {tf.grids.tolist()}")
     _check_indices(tf.indices, tf.codebook_size)
-    if not tf.fps > 0:
-        raise TokenFileError(f"fps must be positive; got {tf.fps}")
+    if not 0 < tf.fps <= MAX_FPS:  # also refuses NaN and infinity
+        raise TokenFileError(f"fps must be in (0, {MAX_FPS:g}]; got {tf.fps}")
     if tf.tail not in TAIL_POLICIES:
         raise TokenFileError(f"tail must be one of {TAIL_POLICIES}; got {tf.tail!r}")
     if not 1 <= tf.last_chunk_frames <= tf.frames_per_chunk:

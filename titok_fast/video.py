@@ -43,6 +43,7 @@ from .stages import CLOCK
 
 TAIL_POLICIES = ("drop", "pad")
 SAMPLINGS = ("upstream", "time")
+MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 
 
 class VideoError(ValueError):
@@ -94,7 +95,10 @@ class ClipReader:
     ("auto", "cpu", "device") and ``device`` (the model's device type) decide per file, by
     :func:`titok_fast.preprocess.placement`, where frames are resized: with placement "device" (always so for
     NVDEC's frames) the clips are the sampled frames at source size, [frames, h, w, 3] uint8 RGB, for
-    :class:`titok_fast.preprocess.DevicePreprocessor`; ``placement`` and ``decoded_by`` say what this file got.
+    :class:`titok_fast.preprocess.DevicePreprocessor`, except a clip whose frames differ in size (the source's
+    resolution changes within it): its frames are resized one by one where they were decoded, as placement "cpu"
+    does, and it comes as that placement's clips do (float32); ``placement`` and ``decoded_by`` say what this file
+    got.
 
     Iteration raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file (possibly
     after some clips). Once it has ended, ``source_fps``, ``clips_read``, ``last_clip_frames`` and ``start_times()``
@@ -122,8 +126,8 @@ class ClipReader:
             raise ValueError(
                 f"frames, height, width and threads must be >= 1; got {frames}, {height}, {width}, {threads}"
             )
-        if not fps > 0:
-            raise ValueError(f"fps must be positive; got {fps}")
+        if not 0 < fps <= MAX_FPS:
+            raise ValueError(f"fps must be in (0, {MAX_FPS:g}]; got {fps}")
         if tail not in TAIL_POLICIES:
             raise ValueError(f"tail must be one of {TAIL_POLICIES}; got {tail!r}")
         if sampling not in SAMPLINGS:
@@ -132,7 +136,7 @@ class ClipReader:
         self.frames, self.height, self.width, self.fps = frames, height, width, fps
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
-        placement(preprocess, device, 1, 1)  # checks the name
+        placement(preprocess, device, 1, 1, 1, 1)  # checks the name
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
         self.pruned = False  # whether the CPU decoder skipped frames this file does not need, set as it is read
@@ -194,7 +198,7 @@ class ClipReader:
                 self.decoded_by, self.pruned = self.decoded_by or source.decoder, source.pruned
                 self.source_fps = source.source_fps
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
-                    on = placement(self.preprocess, self.device, context.height, context.width)
+                    on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
                     self.placement = "device" if source.decoder == "nvdec" else on
                 image = source.rgb if self.placement == "device" else functools.partial(self._resized, source)
                 if self.sampling == "upstream":
@@ -239,7 +243,9 @@ class ClipReader:
 
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
         self.clips_read += 1
-        if self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
+        if self.placement == "device" and any(image.shape != images[0].shape for image in images):
+            images = [clip_pixels(image[None], self.height, self.width)[:, 0] for image in images]  # as "cpu" does
+        elif self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
             if self.pin_memory and images[0].device.type == "cpu":
                 pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
                 return torch.stack(images, out=pinned)
@@ -523,8 +529,8 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18):
-        if not fps > 0:
-            raise ValueError(f"fps must be positive; got {fps}")
+        if not 0 < fps <= MAX_FPS:
+            raise ValueError(f"fps must be in (0, {MAX_FPS:g}]; got {fps}")
         self.path, self.fps, self.crf = os.fspath(path), fps, crf
         self._file = AtomicFile(self.path)
         self._container = self._stream = None
