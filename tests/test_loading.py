@@ -194,8 +194,14 @@ def test_a_config_string_in_metadata_is_never_opened(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("tokenizer.model.fsq_levels", [1000] * 5, r"fsq_levels \[1000, 1000, 1000, 1000, 1000\] exceed 256"),
-        ("tokenizer.model.fsq_levels", [200, 200, 2, 2, 2], "make 320000 codes; at most 32768"),
+        ("tokenizer.model.fsq_levels", [1000] * 5, r"fsq_levels \[1000, 1000, 1000, 1000, 1000\] exceed 25"),
+        ("tokenizer.model.fsq_levels", [26, 2, 2, 2, 2], r"fsq_levels \[26, 2, 2, 2, 2\] exceed 25"),
+        ("tokenizer.model.fsq_levels", [25, 25, 25, 2, 2], "make 62500 codes; at most 32768"),
+        (
+            "tokenizer.model.patch_size",
+            [16, 16, 32],
+            r"patch_size \[16, 16, 32\] makes patches of 8192 voxels; at most",
+        ),
         ("training.sampling.max_grid", [20, 100000, 192], r"max_grid \[20, 100000, 192\] exceeds"),
         ("training.sampling.num_token_range", [128, 1 << 30], "must be increasing and at most 65536"),
         ("training.sampling.num_token_range", [1024, 128], "must be increasing"),
@@ -203,7 +209,8 @@ def test_a_config_string_in_metadata_is_never_opened(tiny, tmp_path):
 )
 def test_config_sizes_in_a_file_are_bounded_before_anything_is_built(tiny, tmp_path, field, value, message):
     """Five levels match the weights' shapes whatever their values: only a limit stops a 1e15-entry table; grids
-    and token ranges size what the CLI allocates by default."""
+    and token ranges size what the CLI allocates by default; a patch within MAX_PATCH per axis can still ask for
+    an input projection of billions of weights (a token file naming random weights builds one from its config)."""
     config = tiny.config.to_dict()
     *path, name = field.split(".")
     config[path[0]][path[1]][name] = value
@@ -243,3 +250,297 @@ def test_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "w.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     assert safetensors.torch.load_file(tmp_path / "w.safetensors")
+
+
+def test_a_patch_volume_of_billions_of_weights_is_refused():
+    """(64, 64, 64) is within MAX_PATCH per axis but makes 3.66e9 parameters with large_thin stacks: a token file
+    naming random weights would build that model from its config."""
+    from titok_fast.config import TiTokConfig
+    from titok_fast.loading import MAX_PATCH_VOLUME, check_config
+
+    big = TiTokConfig(
+        patch_size=(64, 64, 64),
+        fsq_levels=(7, 5, 5, 5, 5),
+        encoder_size="large_thin",
+        decoder_size="large_thin",
+        max_grid=(64, 64, 64),
+        num_token_range=(1, 2),
+    )
+    with pytest.raises(CheckpointError, match=r"token file: patch_size \[64, 64, 64\] makes patches of 262144 voxels"):
+        check_config(big, "token file")
+    check_config(TiTokConfig(patch_size=(4, 32, 32)))  # 4096 voxels: the bound itself is allowed
+    assert MAX_PATCH_VOLUME >= 16 * 4 * 8 * 8  # room beyond V1's patches
+
+
+def _exact_fsq_index_arithmetic(level: int) -> bool:
+    """Upstream's float32 index step ((q / h) * h + h, h = level // 2) gives q + h exactly for every q of `level`."""
+    half = torch.tensor(level // 2, dtype=torch.float32)
+    q = torch.arange(-(level // 2), level // 2 + 1, dtype=torch.float32)
+    return torch.equal((q / half) * half + half, q + half)
+
+
+def test_fsq_levels_are_bounded_where_upstreams_float32_indices_are_exact():
+    """MAX_LEVEL is the largest level up to which upstream's own float32 index arithmetic is exact for every code
+    (the products with the basis and their sum are then exact integers below 2**24): beyond it the oracle's tokens
+    are off by one for some codes, and no fast path could give upstream's tokens."""
+    from titok_fast.loading import MAX_LEVEL
+    from titok_fast.reference import _fsq_tables, fsq_quantize
+
+    assert all(_exact_fsq_index_arithmetic(level) for level in range(2, MAX_LEVEL + 1))
+    assert not _exact_fsq_index_arithmetic(MAX_LEVEL + 1)  # the bound is tight
+    z = torch.linspace(-6, 6, 20001)[:, None]
+    for level, agrees in ((MAX_LEVEL, True), (MAX_LEVEL + 1, False)):  # the oracle itself, against exact indices
+        half_l, offset, shift, half_width = _fsq_tables((level,), "cpu")[:4]
+        exact = (torch.round((z + shift).tanh() * half_l - offset) + half_width).to(torch.int32)[:, 0]
+        assert torch.equal(fsq_quantize(z, (level,))[1], exact) == agrees, level
+
+
+# Crafted pickles and archives: each builds a file torch.save never writes, in a few bytes where possible.
+
+
+def _archive(path, pickle_bytes, records=None, byteorder=b"little"):
+    """A torch-style zip checkpoint holding `pickle_bytes` as its data.pkl (deflated) and raw storage `records`."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        if byteorder is not None:
+            z.writestr("archive/byteorder", byteorder)
+        for name, data in (records or {}).items():
+            z.writestr(f"archive/data/{name}", data, compress_type=zipfile.ZIP_STORED)
+    return path
+
+
+@pytest.fixture
+def never_unpickled(monkeypatch):
+    """Fails the test if the restricted unpickler starts: a refusal must come before any object is built."""
+    from titok_fast import loading
+
+    def load(self):
+        raise AssertionError("the pickle was unpickled")
+
+    monkeypatch.setattr(loading._RestrictedUnpickler, "load", load)
+
+
+def test_a_pickle_of_millions_of_opcodes_is_refused_before_it_is_unpickled(tmp_path, never_unpickled):
+    """A 4 MiB data.pkl of empty lists deflates to a few KiB and would build one list per two bytes; its opcodes
+    are counted first and the unpickler never starts."""
+    from titok_fast.loading import MAX_PICKLE_OPCODES
+
+    bomb = _archive(tmp_path / "bomb.ckpt", b"\x80\x02]" + b"]a" * 2_000_000 + b".")  # 4 million opcodes
+    assert bomb.stat().st_size < 64 << 10
+    with pytest.raises(CheckpointError, match=rf"bomb.ckpt: its pickle has more than {MAX_PICKLE_OPCODES} opcodes"):
+        load_tokenizer(bomb, config="tiny")
+
+
+def test_a_pickle_larger_than_any_checkpoint_needs_is_refused_from_its_declared_size(tmp_path, never_unpickled):
+    """One 33 MiB bytes object: few opcodes, but a data.pkl that large holds no checkpoint's records."""
+    import struct
+
+    from titok_fast.loading import MAX_PICKLE_BYTES
+
+    size = 33 << 20
+    big = _archive(tmp_path / "big.ckpt", b"\x80\x03B" + struct.pack("<I", size - 8) + bytes(size - 8) + b".")
+    with pytest.raises(CheckpointError, match=rf"data.pkl declares {size} bytes; at most {MAX_PICKLE_BYTES}"):
+        load_tokenizer(big, config="tiny")
+
+
+def test_a_far_memo_index_is_refused_before_the_unpickler_grows_its_memo(tmp_path, never_unpickled):
+    """LONG_BINPUT 2**24 in 9 bytes: the C unpickler would zero a memo table of 2**25 pointers (256 MiB)."""
+    pickle_bytes = b"\x80\x02]r" + (1 << 24).to_bytes(4, "little") + b"."
+    with pytest.raises(CheckpointError, match="m.ckpt: its pickle stores memo entry 16777216 after only 0 entries"):
+        load_tokenizer(_archive(tmp_path / "m.ckpt", pickle_bytes), config="tiny")
+
+
+def test_a_class_named_many_times_makes_one_placeholder_and_names_are_bounded(tmp_path):
+    """Each GLOBAL opcode once made a new class (kilobytes each) from 6 bytes of pickle."""
+    import io
+
+    from titok_fast.loading import MAX_PICKLE_CLASSES, Placeholder, _RestrictedUnpickler
+
+    named = _RestrictedUnpickler(io.BytesIO(b"\x80\x02]" + b"cX\nY\na" * 1000 + b".")).load()
+    assert len(named) == 1000 and len(set(named)) == 1 and issubclass(named[0], Placeholder)
+    many = b"".join(b"cm\n%d\na" % i for i in range(MAX_PICKLE_CLASSES + 1))
+    with pytest.raises(CheckpointError, match=rf"names.ckpt: its pickle names more than {MAX_PICKLE_CLASSES} classes"):
+        load_tokenizer(_archive(tmp_path / "names.ckpt", b"\x80\x02]" + many + b"."), config="tiny")
+
+
+def test_containers_built_from_one_list_again_and_again_are_bounded(tmp_path):
+    """set(one list of 100k ints) twenty-one times: 21 sets from one list's bytes, refused once the elements copied
+    pass MAX_PICKLE_OPCODES; placeholders called with one big tuple keep none of it."""
+    import io
+    import struct
+    import tracemalloc
+
+    from titok_fast.loading import MAX_PICKLE_OPCODES, _RestrictedUnpickler
+
+    ints = b"(" + b"".join(b"J" + struct.pack("<i", i) for i in range(100_000))
+    listed = ints + b"lq\x00"  # memo 0: a list of 100k ints
+    sets = b"\x80\x02]" + listed + b"0c__builtin__\nset\nq\x010" + b"h\x01h\x00\x85Ra" * 21 + b"."
+    with pytest.raises(CheckpointError, match=f"sets.ckpt: its pickle copies more than {MAX_PICKLE_OPCODES} elements"):
+        load_tokenizer(_archive(tmp_path / "sets.ckpt", sets), config="tiny")
+    calls = b"\x80\x02]" + ints + b"tq\x010cm\nC\nq\x020" + b"h\x02h\x01Ra" * 200 + b"."  # C(*100k ints) x 200
+    tracemalloc.start()
+    try:
+        made = _RestrictedUnpickler(io.BytesIO(calls)).load()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(made) == 200 and kept < 8 << 20  # 200 copies of the tuple would be 160 MB
+
+
+def test_a_byteorder_record_is_read_within_a_few_bytes(tmp_path):
+    """A deflated byteorder record of 1 MiB (a 1 GiB one is 1 MiB on disk) is refused from its declared size."""
+    import pickle
+
+    empty = pickle.dumps({}, protocol=2)
+    padded = _archive(tmp_path / "padded.ckpt", empty, byteorder=b"little" + b" " * ((1 << 20) - 6))
+    with pytest.raises(CheckpointError, match="padded.ckpt: record archive/byteorder declares 1048576 bytes; at most"):
+        load_tokenizer(padded, config="tiny")
+    with pytest.raises(CheckpointError, match="big.ckpt: big-endian checkpoints are not supported"):
+        load_tokenizer(_archive(tmp_path / "big.ckpt", empty, byteorder=b"big"), config="tiny")
+    with pytest.raises(CheckpointError, match=r"odd.ckpt: its byteorder record holds b'\\xff'; expected b'little'"):
+        load_tokenizer(_archive(tmp_path / "odd.ckpt", empty, byteorder=b"\xff"), config="tiny")
+
+
+class _Storage:
+    """Pickled as the persistent id `pid`, as torch.save writes a storage."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class _Record:
+    """Pickled as a call of torch._utils._rebuild_tensor_v2 with `args` (and BUILD `state` when given)."""
+
+    def __init__(self, *args, state=None):
+        self.args, self.state = args, state
+
+    def __reduce__(self):
+        import torch._utils
+
+        call = (torch._utils._rebuild_tensor_v2, self.args)
+        return call if self.state is None else (*call, self.state)
+
+
+def _crafted_checkpoint(path, tiny, record, records=None):
+    """A Lightning-style checkpoint whose every model tensor is `record(shape, contiguous strides)`."""
+    import io
+    import pickle
+    from collections import OrderedDict
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj.pid if isinstance(obj, _Storage) else None
+
+    def strides(shape):
+        return tuple(int(torch.tensor(shape[i + 1 :]).prod()) for i in range(len(shape)))
+
+    state = {f"model.{k}": record(tuple(v.shape), strides(tuple(v.shape))) for k, v in tiny.state_dict().items()}
+    state["model.step"] = OrderedDict()
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump({"state_dict": state})
+    return _archive(path, buffer.getvalue(), records)
+
+
+FLOATS = _Storage(("storage", torch.FloatStorage, "0", "cpu", 1 << 20))
+LONG = [1] * 100_000  # one list, memoised: each record refers to it in two bytes
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (lambda s, st: _Record(7, 0, s, st, False, None), r"storage is not a storage reference \(got int\)"),
+        (lambda s, st: _Record(FLOATS, 0, tuple(map(float, s)), st, False, None), "must be integers"),
+        (lambda s, st: _Record(FLOATS, 0.0, s, st, False, None), "must be integers"),
+        (lambda s, st: _Record(FLOATS, 0, LONG, st, False, None), "sequences of one length, at most 64"),
+        (lambda s, st: _Record(FLOATS, 0, s, st[:-1], False, None), "sequences of one length"),
+        (
+            lambda s, st: _Record(_Storage(("storage", torch.FloatStorage, ["0"] * 1000, "cpu", 1)), 0, s, st),
+            r"unsupported storage reference \(a tuple\)",
+        ),
+        (lambda s, st: _Record(FLOATS, 0, s, st, False, None, state={"storage": 7}), "gives state to a TensorRef"),
+    ],
+)
+def test_a_malformed_tensor_record_is_a_clear_error(tiny, tmp_path, record, message):
+    """Each field of a tensor record comes from the file: checked as the record is read, one line naming the file."""
+    bad = _crafted_checkpoint(tmp_path / "bad.ckpt", tiny, record)
+    with pytest.raises(CheckpointError, match=f"bad.ckpt: .*{message}") as error:
+        load_tokenizer(bad, config="tiny")
+    assert "\n" not in str(error.value)
+
+
+def test_crafted_records_load_when_well_formed(tiny, tmp_path):
+    """The crafting above is right: the same records with sound fields load (every tensor a view of one storage)."""
+    numel = max(v.numel() for v in tiny.state_dict().values())
+    storage = torch.arange(numel, dtype=torch.float32)
+    sound = _Storage(("storage", torch.FloatStorage, "0", "cpu", numel))
+    good = _crafted_checkpoint(
+        tmp_path / "good.ckpt",
+        tiny,
+        lambda s, st: _Record(sound, 0, s, st, False, None),
+        {"0": storage.numpy().tobytes()},
+    )
+    model = load_tokenizer(good, config="tiny")
+    assert torch.equal(model.encoder.proj_in.bias, storage[: model.encoder.proj_in.bias.numel()])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool])
+def test_model_tensors_must_be_floating_point(tiny, tmp_path, dtype):
+    """A complex tensor once loaded with its imaginary part dropped, an integer one failed inside torch: both are
+    refused from the file's header or records, before any tensor is read. Other tensors may be of any type."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state, config = {k: (v * 7).to(dtype).contiguous() for k, v in tiny.state_dict().items()}, tiny.config.to_dict()
+    name = {torch.complex64: "C64", torch.int32: "I32", torch.bool: "BOOL"}[dtype]
+    save_file(state, str(tmp_path / "w.safetensors"), metadata={"titok_fast": json.dumps({"config": config})})
+    with pytest.raises(CheckpointError, match=rf"w.safetensors: tensor \S+ is {name}; expected one of \['F32'"):
+        load_tokenizer(tmp_path / "w.safetensors")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match=rf"m.ckpt: tensor \S+ is {dtype}; expected one of \[torch.float32"):
+        load_tokenizer(tmp_path / "m.ckpt", config="tiny")
+    lightning_checkpoint(tmp_path / "ok.ckpt", tiny, extra={"loss_module.steps": torch.tensor(3).to(dtype)})
+    assert torch.equal(
+        load_tokenizer(tmp_path / "ok.ckpt", config="tiny").encoder.mask_token, tiny.encoder.mask_token + 1
+    )
+
+
+def test_a_corrupt_file_is_a_one_line_error_naming_it(tiny, tmp_path):
+    """Parsers fail in their own words (zipfile, safetensors): the loader says which file, in one line."""
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny)
+    data = bytearray((tmp_path / "m.ckpt").read_bytes())
+    assert data[:4] == b"PK\x03\x04"
+    data[:4] = b"XXXX"  # the first record's local header; the central directory still lists it
+    (tmp_path / "m.ckpt").write_bytes(bytes(data))
+    (tmp_path / "w.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    for path in (tmp_path / "m.ckpt", tmp_path / "w.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"^{path}: ") as error:
+            load_tokenizer(path, config="tiny")
+        assert "\n" not in str(error.value)
+
+
+def test_a_v1_lightning_checkpoint_pickle_is_far_inside_the_bounds():
+    """V1's tensors with EMA, Adam states, a discriminator and OmegaConf hyper-parameters (one-element tensors of the
+    same ranks: the pickle does not depend on their sizes) use a small fraction of what the bounds allow."""
+    import io
+    import pickletools
+    import zipfile
+
+    from titok_fast.loading import MAX_PICKLE_BYTES, MAX_PICKLE_CLASSES, MAX_PICKLE_OPCODES
+    from titok_fast.model import TiTok
+
+    with torch.device("meta"):
+        ranks = {k: v.dim() for k, v in TiTok("v1", backend="torch").state_dict().items()}
+    state = {f"{p}{k}": torch.zeros([1] * r) for p in ("model.", "ema_model.") for k, r in ranks.items()}
+    state.update({f"loss_module.disc.{i}.weight": torch.zeros(1, 1, 1, 1) for i in range(150)})
+    adam = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(1), "exp_avg_sq": torch.zeros(1)} for i in ranks}
+    hyper = OmegaConf.create({"experiment": {f"k{i}": i for i in range(100)}, "model": {"fsq_levels": [7, 7, 7, 5, 5]}})
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state, "optimizer_states": [{"state": adam}], "hyper_parameters": hyper}, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    opcodes = list(pickletools.genops(data))
+    assert len(data) < MAX_PICKLE_BYTES / 20 and len(opcodes) < MAX_PICKLE_OPCODES / 20
+    assert len({arg for op, arg, _ in opcodes if op.name == "GLOBAL"}) < MAX_PICKLE_CLASSES / 20

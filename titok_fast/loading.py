@@ -11,16 +11,22 @@
 Files from strangers are read within bounds: every size a file declares (storage records, tensor shapes, the
 config's levels, patch size, grids and token range) is checked against the model's weight shapes and the limits
 below before anything of that size is allocated, and a config in a file's metadata is only ever a JSON object,
-never a path to open.
+never a path to open. A checkpoint's pickle is bounded in bytes and opcodes before it is unpickled, and in the
+classes it names and the elements its calls copy while it is; model tensors must be floating point. Whatever else
+goes wrong while reading a file is a one-line CheckpointError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import io
 import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import sys
 import zipfile
@@ -43,10 +49,25 @@ from .tokens import MAX_CODEBOOK_SIZE
 # Sane limits on what a config may ask for (V1 uses patch (4, 8, 8), levels (7, 7, 7, 5, 5), grid (20, 192, 192)
 # and 128-1024 tokens): beyond them a file is refused before any table or buffer of that size exists.
 MAX_PATCH = 64  # per axis
-MAX_LEVEL = 256  # per FSQ level; the product is bounded by MAX_CODEBOOK_SIZE (token files store int16)
+# Voxels per patch (16x V1's 4 * 8 * 8): proj_in and proj_out have 3 * volume * width weights each, so without a
+# bound on the product a patch within MAX_PATCH per axis, e.g. (64, 64, 64), asks for billions of parameters.
+MAX_PATCH_VOLUME = 4096
+# Per FSQ level (the product is bounded by MAX_CODEBOOK_SIZE: token files store int16). Upstream computes indices in
+# float32 as ((q / (L // 2)) * (L // 2) + L // 2) * basis: exact for every q of every level up to 25, but from 26 on
+# (q / h) * h != q for some q (levels 26, 27, 38, 39, ...), so upstream's own tokens are off by one there and no
+# exact fast path could reproduce them.
+MAX_LEVEL = 25
 MAX_GRID = (4096, 8192, 8192)  # frames, height, width
 MAX_TOKENS = 1 << 16
-MAX_PICKLE_BYTES = 1 << 28  # a checkpoint's data.pkl (tensors are stored beside it, not in it)
+# A checkpoint's data.pkl holds only tensor records (their bytes are stored beside it), optimiser-state records and
+# hyper-parameters: about 180 KiB and 54 thousand opcodes for V1 with EMA and Adam states, about 1 MiB and 320
+# thousand for a model with ten times as many tensors. Beyond these bounds a pickle is refused before it is
+# unpickled. Every opcode builds at most one object (a call may copy what it is given: those copies are bounded
+# by MAX_PICKLE_OPCODES too, see _RestrictedUnpickler), so the opcode bound bounds the memory unpickling takes.
+MAX_PICKLE_BYTES = 32 << 20
+MAX_PICKLE_OPCODES = 2_000_000
+MAX_PICKLE_CLASSES = 1024  # distinct classes a pickle may name (a Lightning checkpoint names a few dozen)
+MAX_TENSOR_DIMS = 64  # per tensor record
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -62,20 +83,50 @@ _STORAGE_DTYPES = {
     "ComplexFloatStorage": torch.complex64,
     "ComplexDoubleStorage": torch.complex128,
 }
+# Model tensors must be one of these (a checkpoint may hold tensors of other types elsewhere, e.g. optimiser steps):
+# a complex tensor would lose its imaginary part silently when cast, an integer one fails deep inside torch.
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_SAFETENSORS_FLOAT_DTYPES = ("F32", "F64", "F16", "BF16")  # the same, as safetensors headers name them
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model."""
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception as one short line, for a CheckpointError's message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Any failure while reading `path` becomes a one-line CheckpointError naming it: a stranger's file can break
+    a parser (zip, pickle, safetensors, torch) in ways no check here foresees."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read ({_one_line(e)})") from e
+
+
+class _Frozen:
+    """The unpickler's BUILD opcode would set a dataclass's fields behind its back (frozen or not), after
+    _rebuild_tensor checked them: records the pickle builds refuse any state."""
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"the pickle gives state to a {type(self).__name__[1:]}")
+
+
 @dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(_Frozen):
     key: str
     dtype: torch.dtype
 
 
 @dataclass(frozen=True)
-class _TensorRef:
+class _TensorRef(_Frozen):
     """A tensor in the archive, not yet read: storage, offset, size, stride (in elements)."""
 
     storage: _StorageRef
@@ -85,31 +136,48 @@ class _TensorRef:
 
 
 class Placeholder:
-    """Stands in for any object the pickle names that is not a tensor or a plain container; runs nothing."""
+    """Stands in for any object the pickle names that is not a tensor or a plain container; runs nothing and keeps
+    nothing it is given (the loader reads only tensors, and a placeholder keeping its arguments would let a pickle
+    multiply its size by handing one big list to many calls)."""
 
+    __slots__ = ()
     qualname = "?"
 
     def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
+        pass
 
     def __setstate__(self, state):
-        self.state = state
+        pass
 
     def __setitem__(self, key, value):
-        self.items.append((key, value))
+        pass
 
     def append(self, value):
-        self.items.append(value)
+        pass
 
     def extend(self, values):
-        self.items.extend(values)
+        pass
 
     def __repr__(self) -> str:
         return f"<placeholder for {self.qualname}>"
 
 
+def _plain_ints(values) -> bool:
+    return all(type(v) is int for v in values)  # not bool, float or a placeholder
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_unused):
-    return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
+    """A tensor record: its fields come from the file, so each is checked before anything is built from it (the
+    lengths first: a record handing over a list of millions would otherwise be copied on every call)."""
+    if not isinstance(storage, _StorageRef):
+        raise CheckpointError(f"a tensor record's storage is not a storage reference (got {type(storage).__name__})")
+    if not all(isinstance(v, (tuple, list)) for v in (size, stride)) or not len(size) == len(stride) <= MAX_TENSOR_DIMS:
+        raise CheckpointError(
+            f"a tensor record's size and stride must be sequences of one length, at most {MAX_TENSOR_DIMS}"
+        )
+    if not _plain_ints((offset, *size, *stride)):
+        raise CheckpointError("a tensor record's offset, size and stride must be integers")
+    return _TensorRef(storage, offset, tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, *_unused):
@@ -117,10 +185,14 @@ def _rebuild_parameter(data, *_unused):
 
 
 _SAFE_GLOBALS = {
-    ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+# Containers a pickle builds by calling them with what they will hold: each call copies its argument, so the
+# unpickler counts the elements it hands them (see _RestrictedUnpickler.copy).
+_COPYING_GLOBALS = {
+    ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,
@@ -128,28 +200,75 @@ _SAFE_GLOBALS = {
 }
 
 
+def _check_opcodes(data: bytes) -> None:
+    """Refuse a pickle of more than MAX_PICKLE_OPCODES opcodes, or one that stores a memo entry far past the
+    previous ones, before it is unpickled. The C unpickler grows its memo table to twice the highest index stored,
+    so a few bytes naming index 2**30 would take 16 GiB; a pickler numbers its entries 0, 1, 2, ... in order.
+    Reading arguments here also checks every declared length against the bytes actually there."""
+    stored = 0
+    for count, (opcode, arg, _pos) in enumerate(pickletools.genops(data), 1):
+        if count > MAX_PICKLE_OPCODES:
+            raise CheckpointError(f"its pickle has more than {MAX_PICKLE_OPCODES} opcodes")
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if arg > stored:
+                raise CheckpointError(f"its pickle stores memo entry {arg} after only {stored} entries")
+            stored += 1
+        elif opcode.name == "MEMOIZE":
+            stored += 1
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file):
         super().__init__(file)
-        self.archive, self.prefix = archive, prefix
+        self.placeholders: dict[tuple[str, str], type] = {}  # one class per name, however often the pickle names it
+        self.copied = 0  # elements handed to _COPYING_GLOBALS calls
 
     def find_class(self, module: str, name: str):
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
+        if (module, name) in _COPYING_GLOBALS:
+            return functools.partial(self.copy, _COPYING_GLOBALS[(module, name)])
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        return type(f"Placeholder_{name}", (Placeholder,), {"qualname": f"{module}.{name}"})
+        if (module, name) not in self.placeholders:
+            if len(self.placeholders) >= MAX_PICKLE_CLASSES:
+                raise CheckpointError(f"its pickle names more than {MAX_PICKLE_CLASSES} classes")
+            self.placeholders[module, name] = type(
+                f"Placeholder_{name}", (Placeholder,), {"__slots__": (), "qualname": f"{module}.{name}"}
+            )
+        return self.placeholders[module, name]
+
+    def copy(self, container: type, *args):
+        """`container(*args)`, counting the elements copied: a pickle builds each container from elements it lists
+        once, so all the calls together copy no more elements than the pickle has opcodes; a pickle handing one
+        list to many calls is refused before it multiplies its size."""
+        self.copied += sum(len(a) for a in args if hasattr(a, "__len__"))
+        if self.copied > MAX_PICKLE_OPCODES:
+            raise CheckpointError(f"its pickle copies more than {MAX_PICKLE_OPCODES} elements into containers")
+        return container(*args)
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
-            raise CheckpointError(f"unsupported storage reference {pid!r} in the checkpoint")
-        return _StorageRef(key=str(pid[2]), dtype=pid[1])
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 3
+            and isinstance(pid[0], str)
+            and pid[0] == "storage"
+            and isinstance(pid[1], torch.dtype)
+            and isinstance(pid[2], str)
+            and re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", pid[2])
+        ):
+            raise CheckpointError(
+                f"unsupported storage reference (a {type(pid).__name__}); expected ('storage', <storage type>, <key>, "
+                "...) with a short key"
+            )
+        return _StorageRef(key=pid[2], dtype=pid[1])
 
 
 class _Archive:
     """A torch zip checkpoint opened for lazy tensor reads."""
 
     def __init__(self, path: Path):
+        self.path = path
         if not zipfile.is_zipfile(path):
             raise CheckpointError(
                 f"{path} is not a torch zip checkpoint (legacy torch.save format or not a checkpoint at all)"
@@ -161,18 +280,34 @@ class _Archive:
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
         self.prefix = pickles[0][: -len("data.pkl")]
         byteorder = self.prefix + "byteorder"
-        if byteorder in self.names and self.zip.read(byteorder).decode() != "little":
-            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-        if self.zip.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
-            raise CheckpointError(f"{path}: its data.pkl declares more than {MAX_PICKLE_BYTES} bytes")
-        with self.zip.open(pickles[0]) as f:
-            try:
-                self.root = _RestrictedUnpickler(f, self.zip, self.prefix).load()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read the checkpoint's pickle ({e})") from e
-        self.path = path
+        if byteorder in self.names:
+            order = self._small_record(byteorder, 16)
+            if order == b"big":
+                raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+            if order != b"little":
+                raise CheckpointError(f"{path}: its byteorder record holds {order[:16]!r}; expected b'little'")
+        data = self._small_record(pickles[0], MAX_PICKLE_BYTES)
+        try:
+            _check_opcodes(data)
+            self.root = _RestrictedUnpickler(io.BytesIO(data)).load()
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read the checkpoint's pickle ({_one_line(e)})") from e
+
+    def _small_record(self, name: str, limit: int) -> bytes:
+        """The bytes of record `name`, refused past `limit`: from its declared size before inflating it, and by a
+        read that stops at `limit` + 1 bytes whatever the declared size says."""
+        info = self.zip.getinfo(name)
+        if info.file_size > limit:
+            raise CheckpointError(
+                f"{self.path}: record {name} declares {info.file_size} bytes; at most {limit} expected"
+            )
+        with self.zip.open(info) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise CheckpointError(f"{self.path}: record {name} inflates past {limit} bytes")
+        return data
 
     def read(self, refs: dict[str, _TensorRef], budget: int) -> dict[str, torch.Tensor]:
         """The tensors `refs` name. Each storage record is checked against the bytes its tensors need, and all of
@@ -253,10 +388,16 @@ def _check_shapes(config: TiTokConfig, shapes: dict[str, tuple[int, ...]], path:
 
 
 def check_config(config: TiTokConfig, where: str = "config") -> None:
-    """Refuse a config whose sizes exceed the module's limits (MAX_PATCH, MAX_LEVEL, MAX_CODEBOOK_SIZE, MAX_GRID,
-    MAX_TOKENS) before any model, table or buffer is built from it; `where` names it in the error."""
+    """Refuse a config whose sizes exceed the module's limits (MAX_PATCH, MAX_PATCH_VOLUME, MAX_LEVEL,
+    MAX_CODEBOOK_SIZE, MAX_GRID, MAX_TOKENS) before any model, table or buffer is built from it; `where` names it in
+    the error."""
     problems = [
         (any(p > MAX_PATCH for p in config.patch_size), f"patch_size {list(config.patch_size)} exceeds {MAX_PATCH}"),
+        (
+            math.prod(config.patch_size) > MAX_PATCH_VOLUME,
+            f"patch_size {list(config.patch_size)} makes patches of {math.prod(config.patch_size)} voxels; at most "
+            f"{MAX_PATCH_VOLUME}",
+        ),
         (any(v > MAX_LEVEL for v in config.fsq_levels), f"fsq_levels {list(config.fsq_levels)} exceed {MAX_LEVEL}"),
         (
             math.prod(config.fsq_levels) > MAX_CODEBOOK_SIZE,
@@ -289,7 +430,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict:
     """The JSON object a titok-fast ``.safetensors`` stores under METADATA_KEY ({} when absent)."""
-    with safe_open(str(path), framework="pt") as f:
+    with _reading(path), safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if METADATA_KEY not in meta:
         return {}
@@ -325,33 +466,49 @@ def load_state(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    given = TiTokConfig.from_any(config) if config is not None else None  # the caller's: its errors are not the file's
     if path.suffix == ".safetensors":
-        meta = read_safetensors_metadata(path)
-        cfg = TiTokConfig.from_any(config) if config is not None else _file_config(meta, path)
-        check_config(cfg, str(path))
-        with safe_open(str(path), framework="pt") as f:
-            _check_shapes(cfg, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, path)  # noqa: SIM118
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        digest = weights_digest(tensors)
+        with _reading(path):
+            meta = read_safetensors_metadata(path)
+            cfg = given if given is not None else _file_config(meta, path)
+            check_config(cfg, str(path))
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+                _check_shapes(cfg, {k: tuple(f.get_slice(k).get_shape()) for k in names}, path)
+                dtypes = {k: f.get_slice(k).get_dtype() for k in names}  # from the header: nothing read yet
+                wrong = next((k for k in names if dtypes[k] not in _SAFETENSORS_FLOAT_DTYPES), None)
+                if wrong is not None:
+                    raise CheckpointError(
+                        f"{path}: tensor {wrong} is {dtypes[wrong]}; expected one of {list(_SAFETENSORS_FLOAT_DTYPES)}"
+                    )
+                tensors = {k: f.get_tensor(k) for k in names}
+            digest = weights_digest(tensors)
         if meta.get("weights_digest", digest) != digest:
-            raise CheckpointError(f"{path}: metadata digest {meta['weights_digest']!r} disagrees with its tensors")
+            raise CheckpointError(f"{path}: metadata digest {meta['weights_digest']!r:.80} disagrees with its tensors")
         return cfg, tensors, digest
-    cfg = TiTokConfig.from_any(config if config is not None else "v1")
+    cfg = given if given is not None else TiTokConfig.from_any("v1")
     check_config(cfg, str(path))
-    archive = _Archive(path)
-    refs, _prefix = _select_state(archive.root, path, use_ema)
-    wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
-    if wrong is not None:
-        raise CheckpointError(f"{path}: entry {wrong} is a {type(refs[wrong]).__name__}, not a tensor")
-    _check_shapes(cfg, {k: r.size for k, r in refs.items()}, path)
-    budget = 2 * sum(math.prod(r.size) * r.storage.dtype.itemsize for r in refs.values()) + (1 << 20)
-    try:
-        tensors = archive.read(refs, budget)
-    except (RuntimeError, ValueError) as e:  # strides past the storage's end, ...
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: tensors cannot be read from the archive ({e})") from e
-    return cfg, tensors, weights_digest(tensors)
+    with _reading(path):
+        archive = _Archive(path)
+        refs, _prefix = _select_state(archive.root, path, use_ema)
+        wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
+        if wrong is not None:
+            raise CheckpointError(f"{path}: entry {wrong!r:.100} is a {type(refs[wrong]).__name__}, not a tensor")
+        _check_shapes(cfg, {k: r.size for k, r in refs.items()}, path)
+        wrong = next((k for k, r in refs.items() if r.storage.dtype not in _FLOAT_DTYPES), None)
+        if wrong is not None:
+            raise CheckpointError(
+                f"{path}: tensor {wrong} is {refs[wrong].storage.dtype}; expected one of {list(_FLOAT_DTYPES)}"
+            )
+        budget = 2 * sum(math.prod(r.size) * r.storage.dtype.itemsize for r in refs.values()) + (1 << 20)
+        try:
+            tensors = archive.read(refs, budget)
+        except (RuntimeError, ValueError) as e:  # strides past the storage's end, ...
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: tensors cannot be read from the archive ({_one_line(e)})") from e
+        digest = weights_digest(tensors)
+    return cfg, tensors, digest
 
 
 def load_tokenizer(
