@@ -180,6 +180,7 @@ def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, ca
 
 def test_decode_rebuilds_random_weights_only_within_limits(folder, tmp_path, capsys):
     """A token file claiming random weights rebuilds them from its config, which must respect the size limits."""
+    from titok_fast.loading import MAX_LEVEL
     from titok_fast.tokens import save_tokens
 
     run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
@@ -190,7 +191,7 @@ def test_decode_rebuilds_random_weights_only_within_limits(folder, tmp_path, cap
     config["tokenizer"]["model"]["fsq_levels"] = [1000] * 5  # same weight shapes, a 1e15-entry decoder table
     save_tokens(tmp_path / "big.safetensors", dataclasses.replace(token_file, model_config=config))
     code, _, err = run("decode", tmp_path / "big.safetensors", "-o", tmp_path / "w", capsys=capsys)
-    assert code == 2 and "fsq_levels [1000, 1000, 1000, 1000, 1000] exceed 256" in err
+    assert code == 2 and f"fsq_levels [1000, 1000, 1000, 1000, 1000] exceed {MAX_LEVEL}" in err
 
 
 def test_changed_clip_settings_re_encode_instead_of_skipping(folder, tmp_path, capsys):
@@ -298,3 +299,13 @@ def test_encode_input_options_give_the_same_tokens_and_are_recorded(folder, tmp_
         assert (made["nvdec"].made_with["decoder"], made["nvdec"].made_with["decoded_by"]) == ("nvdec", "cpu")
     args = build_parser().parse_args(["encode", "x.mp4", "-o", "out"])
     assert (args.workers, args.worker_kind, args.decoder, args.preprocess) == (None, "thread", "cpu", "auto")
+
+
+def test_a_missing_file_in_a_list_fails_alone(folder, tmp_path, capsys):
+    """A list of a large dataset may name a file deleted since: that file fails, named, the others are encoded."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'moving.mp4'}\ndeleted_since.mp4\n")
+    code, stdout, _ = run("encode", listing, "-o", tmp_path / "tok", *GRID, *RANDOM, capsys=capsys)
+    assert code == 1 and "encoded 1 file(s)" in stdout and "1 failed" in stdout
+    assert f"FAILED {tmp_path / 'deleted_since.mp4'}: {tmp_path / 'deleted_since.mp4'}: no such file" in stdout
+    assert sorted(p.name for p in (tmp_path / "tok").glob("*.safetensors")) == ["moving.safetensors"]

@@ -292,9 +292,13 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
     assert run(preprocess="device").done  # another placement asked for: redone, and says so
     assert load_tokens(out).made_with["preprocess"] == "device"
     assert run(preprocess="device").skipped
-    engine.mode = "cudagraph"  # another mode (only the key is read: nothing is encoded in it)
-    assert not pipeline._already_encoded(out, model, engine.mode, SETTINGS)
-    engine.mode = "eager"
+    mode, engine.mode = engine.mode, "cudagraph"  # another mode (only the key is read: nothing is encoded in it)
+    on_device = dataclasses.replace(SETTINGS, preprocess="device")
+    assert pipeline._redo_because(out, model, engine.mode, on_device, sources["short"]) == (
+        "made another way (mode auto, now cudagraph)"
+    )
+    engine.mode = mode
+    assert pipeline._redo_because(out, model, engine.mode, on_device, sources["short"]) == ""
     # a file of the current format written without the new fields, as the code before them wrote it
     old = load_tokens(out)
     pipeline.save_tokens(out, dataclasses.replace(old, made_with={}))
@@ -365,3 +369,262 @@ def test_side_by_side_opens_only_a_regular_file_a_token_file_names(model, source
     summary = decode_files(Engine(model), paths, tmp_path / "out", with_source=True)
     assert [p for p, _ in summary.failed] == [str(paths[0])] and "not a regular file" in summary.failed[0][1]
     assert summary.done == [str(paths[1])] and not (tmp_path / "out" / "short.mp4").exists()
+
+
+def test_resume_redoes_a_token_file_made_from_another_source_and_says_so(model, tmp_path):
+    """Two videos with the same output name, encoded into one folder by two runs: the second is not "complete"
+    because a token file of its name exists; it replaces it, and the summary and manifest say so."""
+    from titok_fast.manifest import MANIFEST_NAME, read_manifest
+
+    (tmp_path / "batch1").mkdir()
+    (tmp_path / "batch2").mkdir()
+    first = make_video(tmp_path / "batch1" / "clip.mp4", frames=12, height=32, width=32, fps=8)
+    second = make_video(tmp_path / "batch2" / "clip.mp4", frames=24, height=48, width=64, fps=8)
+    engine, out = Engine(model, max_clips=3), tmp_path / "tokens"
+
+    def run(video):
+        return encode_files(model, engine, [(video, "clip")], out, SETTINGS, workers=1)
+
+    assert run(first).done
+    summary = run(second)
+    assert summary.done == [str(second)] and not summary.skipped and summary.replaced == 1
+    assert "1 token file(s) made otherwise replaced" in summary.report("encoded")
+    assert load_tokens(out / "clip.safetensors").source == str(second.resolve())
+    row = read_manifest(out / MANIFEST_NAME)[-1]
+    assert row["status"] == "done" and row["replaced"] == f"made from another source ({str(first.resolve())!r})"
+    again = run(second)
+    assert again.skipped == [str(second)] and not again.done and not again.replaced
+
+
+def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
+    """Other settings redo every file; one that now fails keeps no token file made the old way under its name:
+    it is renamed (never deleted, an earlier one never replaced), and the failure says where to."""
+    from titok_fast.manifest import MANIFEST_NAME, read_manifest
+
+    (tmp_path / "v").mkdir()
+    short = make_video(tmp_path / "v" / "short.mp4", frames=12, height=32, width=32, fps=8)  # 1.5 s
+    long = make_video(tmp_path / "v" / "long.mp4", frames=40, height=32, width=32, fps=8)  # 5 s
+    engine, out = Engine(model, max_clips=3), tmp_path / "tok"
+    before, after = ClipSettings(grid=(4, 32, 32), tokens=8), ClipSettings(grid=(12, 32, 32), tokens=8, fps=4.0)
+
+    def run(settings):
+        return encode_files(model, engine, [(short, "short"), (long, "long")], out, settings, workers=1)
+
+    assert len(run(before).done) == 2
+    old_short = (out / "short.safetensors").read_bytes()
+    summary = run(after)  # short.mp4 is shorter than one chunk of 12 frames at 4 fps
+    assert summary.done == [str(long)] and summary.replaced == 1 and [p for p, _ in summary.failed] == [str(short)]
+    reason = summary.failed[0][1]
+    assert "shorter than one chunk" in reason and "\n" not in reason
+    assert reason.endswith(
+        "; the token file there, made another way (fps 8.0, now 4.0; grid 4x32x32, now 12x32x32), was moved to "
+        "short.safetensors.outdated"
+    )
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["long.safetensors"]
+    assert (out / "short.safetensors.outdated").read_bytes() == old_short
+    assert load_tokens(out / "long.safetensors").grids.tolist() == [[12, 32, 32]]  # 20 frames at 4 fps
+    assert {r["source"]: r for r in read_manifest(out / MANIFEST_NAME, latest=True)}[str(short)] == {
+        "source": str(short), "tokens": str(out / "short.safetensors"), "clips": 0, "status": "failed",
+        "reason": reason,
+    }  # fmt: skip
+
+    assert run(before).done and (out / "short.safetensors").exists()  # made the old way again, then ...
+    summary = run(after)
+    assert summary.failed[0][1].endswith("was moved to short.safetensors.outdated.2")
+    assert (out / "short.safetensors.outdated").read_bytes() == old_short  # the first one kept
+    assert not (out / "short.safetensors").exists()
+    summary = run(after)  # nothing under the name now: nothing to move, and the failure says nothing of it
+    assert summary.failed[0][1].endswith("(or use tail='pad')") and not (out / "short.safetensors.outdated.3").exists()
+
+
+def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_temporaries(model, tmp_path, monkeypatch):
+    """A resume removes what a killed run left beside the token files to redo, listing each output folder once
+    (not once per file: a half-finished dataset of a million files would take hours)."""
+    import os
+
+    from titok_fast.manifest import Manifest
+
+    (tmp_path / "sub").mkdir()
+    hex_ = "0123456789abcdef0123456789abcdef"
+    left = [".a.safetensors.{}.tmp", ".b.safetensors.{}.tmp", "sub/.c.safetensors.{}.tmp", ".kept.safetensors.{}.tmp",
+            ".a.safetensors.x.safetensors.{}.tmp", "sub/.a.safetensors.{}.tmp"]  # fmt: skip
+    for name in left:
+        (tmp_path / name.format(hex_)).touch()
+    listed = []
+    real = os.scandir
+
+    def scandir(path="."):
+        listed.append(os.path.abspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", lambda path=".": [e.name for e in scandir(path)])
+    files = [(tmp_path / f"{n}.mp4", n) for n in ("a", "b", "sub/c", "d", "sub/e")]
+    todo = pipeline.plan_outputs(model, "eager", files, tmp_path, SETTINGS, Manifest(None, pipeline.Summary()))
+    assert [out for _, out in todo] == [tmp_path / f"{n}.safetensors" for _, n in files]
+    assert sorted(listed) == sorted({str(tmp_path), str(tmp_path / "sub")})  # once each
+    remaining = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tmp"))
+    assert remaining == sorted(name.format(hex_) for name in left[3:])  # others' temporaries stay
+
+
+def test_a_run_that_stops_lists_exactly_the_files_it_did_not_settle(model, sources, tmp_path, monkeypatch):
+    """The files done or failed before the run stopped keep their lines; every other one is "not-encoded", once."""
+    from titok_fast.manifest import MANIFEST_NAME, read_manifest
+
+    real, calls = pipeline.normalize_pixels, []
+
+    def stops(clip, dtype):
+        calls.append(1)
+        if len(calls) == 12:  # short (1 clip), broken (fails after 1) and odd (5) are settled by then
+            raise RuntimeError("cannot allocate memory")
+        return real(clip, dtype)
+
+    monkeypatch.setattr(pipeline, "normalize_pixels", stops)
+    files = [sources["short"], sources["broken"], sources["odd"], sources["long"], sources["black"]]
+    with pytest.raises(RuntimeError, match="cannot allocate memory"):
+        encode(model, files, tmp_path, workers=1, max_clips=1)
+    rows = read_manifest(tmp_path / MANIFEST_NAME)
+    assert sorted((r["source"], r["status"]) for r in rows) == sorted([
+        (str(sources["short"]), "done"), (str(sources["broken"]), "failed"), (str(sources["odd"]), "done"),
+        (str(sources["long"]), "not-encoded"), (str(sources["black"]), "not-encoded"),
+    ])  # fmt: skip
+
+
+def test_decode_fails_only_the_token_file_that_breaks_it_whatever_the_error(model, sources, tmp_path, monkeypatch):
+    """A stranger's token file may break decoding in ways nobody foresaw (OverflowError, IndexError, a zero-chunk
+    file built around the checks): that file fails, named, in one line; the others are decoded. An interrupt
+    still ends the run."""
+    import copy
+
+    encode(model, [sources["short"]], tmp_path / "tok")
+    good = tmp_path / "tok" / "short.safetensors"
+    real = load_tokens(good)
+    empty = copy.copy(real)  # no chunks: the checks of a TokenFile's construction are not run by a copy
+    object.__setattr__(empty, "token_counts", torch.zeros(0, dtype=torch.int32))
+    object.__setattr__(empty, "grids", torch.zeros(0, 3, dtype=torch.int32))
+    errors = {"overflow": OverflowError("cannot convert float infinity to integer"), "index": IndexError()}
+
+    def fake_load(path):
+        name = pipeline.Path(path).stem
+        if name in errors:
+            raise errors[name]
+        return empty if name == "empty" else real
+
+    monkeypatch.setattr(pipeline, "load_tokens", fake_load)
+    paths = [tmp_path / f"{n}.safetensors" for n in ("overflow", "index", "empty", "short")]
+    scores = []
+    summary = decode_files(Engine(model), paths, tmp_path / "out", with_source=True, scores=scores)
+    assert summary.failed == [
+        (str(paths[0]), "OverflowError: cannot convert float infinity to integer"),
+        (str(paths[1]), "IndexError"),
+        (str(paths[2]), f"{paths[2]} holds no chunks: nothing to decode"),
+    ]
+    assert summary.done == [str(paths[3])] and len(scores) == 1  # the good file's one chunk
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["short.mp4"]
+    with pytest.raises(ValueError, match="holds no chunks"):
+        next(pipeline.source_chunks(empty))
+
+    errors["short"] = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        decode_files(Engine(model), paths[3:], tmp_path / "again")
+
+
+def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_once(tmp_path, capsys):
+    from titok_fast.pipeline import InputError, collect_inputs
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    for name in ("v/a.mp4", "elsewhere/b.mp4", "elsewhere/deeper/c.mkv"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "v" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "v" / "twice").symlink_to(tmp_path / "elsewhere")  # a second way into the same folder
+    (tmp_path / "elsewhere" / "deeper" / "up").symlink_to(tmp_path / "v")  # a cycle
+    found = collect_inputs([tmp_path / "v"])
+    assert [(str(p.relative_to(tmp_path)), n) for p, n in found] == [
+        ("v/a.mp4", "a"), ("v/linked/b.mp4", "linked/b"), ("v/linked/deeper/c.mkv", "linked/deeper/c"),
+    ]  # fmt: skip
+    notices = capsys.readouterr().err.splitlines()
+    assert sorted(notices) == sorted(
+        f"titok-fast: {tmp_path / 'v' / p}: a link to a folder already listed; not listed again"
+        for p in ("twice", "linked/deeper/up")
+    )
+
+    (tmp_path / "elsewhere" / "deeper" / "up").unlink()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'v' / 'a.mp4'}\n# a comment\n\ngone.mp4\n{tmp_path / 'elsewhere'}\n")
+    assert collect_inputs([listing]) == [
+        (tmp_path / "v" / "a.mp4", "a"), (tmp_path / "gone.mp4", "gone"), (tmp_path / "elsewhere" / "b.mp4", "b"),
+        (tmp_path / "elsewhere" / "deeper" / "c.mkv", "deeper/c"),
+    ]  # fmt: skip
+    with pytest.raises(InputError, match="input '.*gone.mp4' does not exist"):  # typed: stops the run up front
+        collect_inputs([tmp_path / "gone.mp4"])
+
+
+def _preprocessing_fails(monkeypatch, error, on=lambda frames: True):
+    from titok_fast.preprocess import DevicePreprocessor
+
+    real = DevicePreprocessor.__call__
+
+    def call(self, frames):
+        if on(frames):
+            raise error
+        return real(self, frames)
+
+    monkeypatch.setattr(DevicePreprocessor, "__call__", call)
+
+
+def test_an_error_preprocessing_on_the_device_fails_that_file_alone(model, sources, tmp_path, monkeypatch):
+    """As with preprocessing in the decoding workers: the file whose clip could not be preprocessed fails (named,
+    one line), the others are encoded; a fault of the device itself, or every file failing so, stops the run."""
+    on_device = dataclasses.replace(SETTINGS, preprocess="device")
+    files = [(sources[n], n) for n in ("long", "odd", "short")]
+    engine = Engine(model, max_clips=2)
+    _preprocessing_fails(monkeypatch, RuntimeError("can't allocate\nmemory"), on=lambda f: f.shape[1:3] == (37, 53))
+    summary = encode_files(model, engine, files, tmp_path / "one", on_device, workers=1)
+    assert summary.done == [str(sources["long"]), str(sources["short"])]
+    assert summary.failed == [
+        (str(sources["odd"]), f"{sources['odd']}: preprocessing clip 0 on cpu failed (RuntimeError: can't allocate "
+                              "memory)")
+    ]  # fmt: skip
+    assert not (tmp_path / "one" / "odd.safetensors").exists()
+
+    _preprocessing_fails(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="^CUDA error: an illegal memory access"):
+        encode_files(model, engine, files, tmp_path / "fault", on_device, workers=1)
+
+    monkeypatch.setattr(pipeline, "GIVE_UP_AFTER", 2)
+    _preprocessing_fails(monkeypatch, ValueError("bad frames"))
+    with pytest.raises(RuntimeError, match=r"^giving up after 2 file\(s\) in a row failed preprocessing on cpu"):
+        encode_files(model, engine, files, tmp_path / "all", on_device, workers=1)
+
+
+def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_path):
+    """Two runs at once (one per GPU, disjoint inputs) and a later one: every line of each stays whole, and
+    read_manifest reads them all, or each input's latest."""
+    from titok_fast.manifest import Manifest, read_manifest
+
+    path = tmp_path / "manifest.jsonl"
+    gpu0, gpu1 = Manifest(path, pipeline.Summary()), Manifest(path, pipeline.Summary())
+    for i in range(3):
+        gpu0.done(f"/v/shard0/{i}.mp4", tmp_path / f"shard0_{i}.safetensors", 12)
+        gpu1.failed(f"/v/shard1/{i}.mp4", tmp_path / f"shard1_{i}.safetensors", "x " * 5000)  # longer than a buffer
+    gpu0.close()
+    gpu1.close()
+    rows = read_manifest(path)
+    assert [(r["source"], r["status"]) for r in rows] == [
+        (f"/v/shard{s}/{i}.mp4", "done" if s == 0 else "failed") for i in range(3) for s in (0, 1)
+    ]
+    with Manifest(path, pipeline.Summary()) as later:  # a resumed run
+        later.skipped("/v/shard0/0.mp4", tmp_path / "shard0_0.safetensors")
+    assert len(read_manifest(path)) == 7
+    latest = read_manifest(path, latest=True)
+    assert len(latest) == 6 and latest[0]["status"] == "skipped" and latest[0]["source"] == "/v/shard0/0.mp4"
+
+    with open(path, "a") as file:
+        file.write('{"source": "/v/cut.mp4", "tok')  # a line cut short (a full disk)
+    with Manifest(path, pipeline.Summary()) as next_run:
+        next_run.done("/v/next.mp4", tmp_path / "next.safetensors", 1)
+    lines = path.read_text().splitlines()
+    assert lines[-2] == '{"source": "/v/cut.mp4", "tok' and json.loads(lines[-1])["source"] == "/v/next.mp4"
+    with pytest.raises(ValueError, match="line 8: not JSON"):  # the damage stays that line's
+        read_manifest(path)

@@ -1,10 +1,15 @@
 """The manifest of an encode job: a JSON Lines file in the output folder, one line per input, written as the job
-goes (each line is flushed as soon as its input is settled), by the single-machine and the Ray command alike.
+goes (each line as soon as its input is settled), by the single-machine and the Ray command alike.
 
 Each line: ``source`` (the input as given), ``tokens`` (its token file), ``clips`` (clips encoded; 0 unless done),
 ``status`` ("done", "skipped": complete already, "failed", or "not-encoded": the job stopped first) and
-``reason`` (one line; empty when done or skipped). The Ray command adds ``decoded_by`` and ``encoded_by``
-("host:pid" of the workers). A job rewrites the manifest from its start: a resumed job lists the inputs it skips.
+``reason`` (one line; empty when done or skipped). A done line whose token file replaced one made otherwise (from
+another source, by other weights or with other settings) says how in ``replaced``. The Ray command adds
+``decoded_by`` and ``encoded_by`` ("host:pid" of the workers).
+
+Jobs append to the manifest, each line in one write to a file opened for appending, so jobs sharing an output
+folder (one per GPU, on disjoint inputs) never cut each other's lines; a resumed job lists the inputs it skips,
+and an input's outcome is its latest line.
 """
 
 from __future__ import annotations
@@ -12,27 +17,40 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .pipeline import Summary
 
 MANIFEST_NAME = "manifest.jsonl"
 STATUSES = ("done", "skipped", "failed", "not-encoded")
+OUTDATED_SUFFIX = ".outdated"  # a token file made otherwise whose input failed its redo is moved to <name><this>
 
 
 class Manifest:
     """Records each input's outcome in a :class:`~titok_fast.pipeline.Summary` and as a manifest line.
 
-    ``path`` is the manifest file (truncated when opened); ``None`` keeps the summary only."""
+    ``path`` is the manifest file (appended to; created if need be); ``None`` keeps the summary only.
+
+    It also keeps an output folder from mixing token files made different ways, since every outcome of both
+    commands passes here: a token file made otherwise (:meth:`outdated`) whose input then fails is moved aside
+    to ``<name>.outdated`` (renamed, never deleted), and the failure's reason says so."""
 
     def __init__(self, path: str | os.PathLike | None, summary: Summary):
         self.summary = summary
         self.path = None if path is None else Path(path)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
+        self._outdated: dict[str, str] = {}  # token file -> how it was made otherwise, until its input settles
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":  # a line cut short (a full disk): end it there
+                os.write(self._fd, b"\n")
+
+    def outdated(self, source: str | os.PathLike, tokens: str | os.PathLike, why: str) -> None:
+        """``tokens`` exists but was made otherwise (``why``, one line) and is to be redone."""
+        self._outdated[str(tokens)] = why
 
     def skipped(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
         self.summary.skipped.append(str(source))
@@ -41,28 +59,38 @@ class Manifest:
     def done(self, source: str | os.PathLike, tokens: str | os.PathLike, clips: int, **extra: Any) -> None:
         self.summary.done.append(str(source))
         self.summary.clips += clips
+        why = self._outdated.pop(str(tokens), None)
+        if why is not None:
+            self.summary.replaced += 1
+            extra = {"replaced": why, **extra}
         self._line(source, tokens, "done", clips=clips, **extra)
 
     def failed(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str, **extra: Any) -> None:
+        why = self._outdated.pop(str(tokens), None)
+        if why is not None:
+            reason = f"{reason}; {_set_aside(Path(tokens), why)}"
         self.summary.failed.append((str(source), reason))
         self._line(source, tokens, "failed", reason=reason, **extra)
 
     def not_encoded(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str) -> None:
-        """An input the job never settled (it stopped first); counted as failed in the summary."""
+        """An input the job never settled (it stopped first); counted as failed in the summary. A token file made
+        otherwise stays where it is: the job was stopped, not the input found at fault, and resuming redoes it."""
+        self._outdated.pop(str(tokens), None)
         self.summary.failed.append((str(source), reason))
         self._line(source, tokens, "not-encoded", reason=reason)
 
     def _line(self, source, tokens, status: str, clips: int = 0, reason: str = "", **extra: Any) -> None:
-        if self._file is None:
+        if self._fd is None:
             return
         line = {"source": str(source), "tokens": str(tokens), "clips": clips, "status": status, "reason": reason}
-        self._file.write(json.dumps({**line, **extra}) + "\n")
-        self._file.flush()
+        data = (json.dumps({**line, **extra}) + "\n").encode()
+        while data:  # one write: appended whole, after whatever another job appended
+            data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> Manifest:
         return self
@@ -71,10 +99,30 @@ class Manifest:
         self.close()
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The manifest's lines as dicts; a line that is not a JSON object with a known status is a ValueError."""
+def _set_aside(tokens: Path, why: str) -> str:
+    """Rename the token file ``tokens`` to the first free name of ``<name>.outdated``, ``<name>.outdated.2``, ...
+    (an earlier one is never replaced); the clause saying what became of it."""
+    aside, n = tokens.with_name(tokens.name + OUTDATED_SUFFIX), 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = tokens.with_name(f"{tokens.name}{OUTDATED_SUFFIX}.{n}")
+    try:
+        os.rename(tokens, aside)
+    except FileNotFoundError:
+        return f"the token file there, {why}, had been removed meanwhile"
+    except OSError as e:
+        return f"the token file there, {why}, could not be moved aside ({e.strerror or e})"
+    return f"the token file there, {why}, was moved to {aside.name}"
+
+
+def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict[str, Any]]:
+    """The manifest's lines as dicts, in the order written (every job's, oldest first); with ``latest``, only each
+    source's last line (its outcome). Blank lines are passed over; a line that is not a JSON object with a known
+    status is a ValueError."""
     rows = []
     for number, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
+            continue
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
@@ -82,4 +130,6 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not isinstance(row, dict) or row.get("status") not in STATUSES:
             raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
         rows.append(row)
+    if latest:
+        rows = list({row.get("source"): row for row in rows}.values())
     return rows

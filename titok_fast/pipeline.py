@@ -1,13 +1,14 @@
 """Video files in, token files out (and back): the work behind the ``titok-fast`` commands.
 
 A failing file is reported and skipped, the others go on; finished token files are never rewritten unless asked,
-so an interrupted run resumes where it stopped.
+so an interrupted run resumes where it stopped. A token file made otherwise (from another source, by other
+weights or with other settings) is redone, and moved aside if its redo fails, so an output folder never mixes
+token files made different ways.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import sys
 import time
@@ -41,6 +42,7 @@ from .video import (
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
 SOURCE_SIZE_READ_AHEAD = 2  # clips a file may hold decoded ahead when they are kept at source size (uint8 RGB)
+GIVE_UP_AFTER = 32  # failures in a row, each blamed on its own clip or file, that say the fault is no file's
 
 
 class InputError(ValueError):
@@ -58,12 +60,14 @@ class Summary:
     seconds: float = 0.0
     limited_by: str = ""  # encode: what limited the run (see Limits.describe), "" if nothing was encoded
     duplicates: int = 0  # results that came back more than once (retried work) and were dropped
+    replaced: int = 0  # encode: token files made otherwise (another source, weights or settings) that were redone
 
     def report(self, verb: str) -> str:
         lines = [
             f"{verb} {len(self.done)} file(s), {self.clips} clip(s) in {self.seconds:.1f} s "
             f"({self.clips / max(self.seconds, 1e-9):.2f} clips/s); skipped {len(self.skipped)} already complete; "
             f"{len(self.failed)} failed"
+            + (f"; {self.replaced} token file(s) made otherwise replaced (see the manifest)" if self.replaced else "")
             + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
         lines += [f"  {self.limited_by}"] if self.limited_by else []
@@ -97,19 +101,22 @@ class ClipSettings:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors") -> list[tuple[Path, str]]:
-    """Expand files, folders (recursively) and list files into ``(file, output name)`` pairs.
+    """Expand files, folders (recursively, following links to folders) and list files into ``(file, output
+    name)`` pairs.
 
     Output names keep the folder structure under each input folder; two inputs that would write the same output
-    are an error naming both."""
+    are an error naming both. A path given here that does not exist is an error (it was typed: a typo should stop
+    the run before any work), but a missing file named in a list file is kept as an input, to fail alone ("no
+    such file") while the others are encoded: a list of a large dataset may name files deleted since."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in files]
+            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _video_files(path)]
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             listed = [line.strip() for line in path.read_text().splitlines()]
-            found += collect_inputs([path.parent / line for line in listed if line and not line.startswith("#")])
+            for entry in (path.parent / line for line in listed if line and not line.startswith("#")):
+                found += collect_inputs([entry]) if entry.exists() else [(entry, entry.stem)]
         elif path.is_file():
             found.append((path, path.stem))
         else:
@@ -120,6 +127,37 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetens
             raise InputError(f"inputs {owners[name]} and {path} would both write {name}{suffix}; rename one")
         owners[name] = path
     return list(dict.fromkeys(found))
+
+
+def _video_files(folder: Path) -> list[Path]:
+    """The video files under ``folder``, sorted. Links to folders are followed (a dataset is often assembled from
+    links), each folder once: a link to a folder already listed (a cycle, or a second way in) is passed over with
+    a notice, as is a sub-folder that cannot be listed."""
+    files, seen, stack = [], set(), [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            st = current.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                print(f"titok-fast: {current}: a link to a folder already listed; not listed again", file=sys.stderr)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)  # so popped in name order
+        except OSError as e:
+            if current == folder:
+                raise InputError(f"input folder {str(folder)!r} cannot be listed: {e.strerror or e}") from None
+            print(f"titok-fast: {current}: cannot be listed ({e.strerror or e}); left out", file=sys.stderr)
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():  # False, like is_file, for a link that leads nowhere
+                    stack.append(path)
+                elif entry.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
+                    files.append(path)
+            except OSError as e:  # a link whose target may not be looked at
+                print(f"titok-fast: {path}: cannot be read ({e.strerror or e}); left out", file=sys.stderr)
+    return sorted(files)
 
 
 def _progress(total: int, unit: str) -> tqdm:
@@ -173,8 +211,9 @@ def encode_files(
             stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
             raise
         finally:
+            settled = {*summary.done, *(path for path, _ in summary.failed)}  # a set: a lookup per file to do
             for path, out in todo:
-                if _unaccounted(path, summary):
+                if str(path) not in settled:
                     manifest.not_encoded(path, out, stopped)
     summary.seconds = time.perf_counter() - start
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
@@ -192,22 +231,44 @@ def plan_outputs(
     overwrite: bool = False,
     device: str | None = None,
 ) -> list[tuple[Path, Path]]:
-    """``(file, token file)`` for every input still to encode; those already complete for these weights, settings
-    and way of making them (engine ``mode``, the model's device or ``device``) go to the manifest as skipped
-    (unless ``overwrite``). Temporary files that a killed run left beside a token file to redo are removed. Gives
-    the model its weights digest if unset."""
+    """``(file, token file)`` for every input still to encode; those already complete from the same source for
+    these weights, settings and way of making them (engine ``mode``, the model's device or ``device``) go to the
+    manifest as skipped (unless ``overwrite``). A token file to redo that was made otherwise goes to the manifest
+    as outdated, with what differs: replacing it, or moving it aside if its input fails, is said. Temporary files
+    that a killed run left beside a token file to redo are removed. Gives the model its weights digest if unset."""
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo = []
+    temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporary files, by token file name
     for path, name in files:
         out = outdir / f"{name}.safetensors"
-        if not overwrite and _already_encoded(out, model, mode, settings, device):
+        why = _redo_because(out, model, mode, settings, path, device)
+        if why == "" and not overwrite:
             manifest.skipped(path, out)
         else:
             todo.append((path, out))
-            for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):  # save_tokens' temporary names
-                stale.unlink(missing_ok=True)
+            if why:
+                manifest.outdated(path, out, why)
+            if out.parent not in temporaries:  # each folder listed once: a glob per file is quadratic in a resume
+                temporaries[out.parent] = _temporaries(out.parent)
+            for stale in temporaries[out.parent].pop(out.name, ()):
+                (out.parent / stale).unlink(missing_ok=True)
     return todo
+
+
+def _temporaries(folder: Path) -> dict[str, list[str]]:
+    """The temporary files in ``folder`` (``.<name>.<hex>.tmp``, see ``files.AtomicFile``) by the name they
+    were to be renamed to."""
+    found: dict[str, list[str]] = {}
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in names:
+        target, dot, _ = entry[1:-4].rpartition(".")
+        if entry.startswith(".") and entry.endswith(".tmp") and dot:
+            found.setdefault(target, []).append(entry)
+    return found
 
 
 def encode_resiliently(
@@ -215,7 +276,7 @@ def encode_resiliently(
     items: Iterable[tuple],
     on_error: Callable[[object, Exception], None],
     *,
-    give_up_after: int = 32,
+    give_up_after: int = GIVE_UP_AFTER,
 ) -> Iterator[tuple[object, tuple[torch.Tensor, torch.Tensor]]]:
     """``engine.encode_stream(items)``, but a failing batch does not end the stream: every clip taken and not yet
     returned is retried alone, a clip that fails alone goes to ``on_error(key, error)``, and the stream goes on.
@@ -340,6 +401,7 @@ class _EncodeJob:
         self.files: dict[int, _FileState] = {}
         _, height, width = settings.grid
         self.on_device = DevicePreprocessor(model.device, height, width, model.dtype)
+        self.preprocess_failed_in_a_row = 0
         self.limits = Limits(start, settings.decoder, model.device.type)
 
     def clips(self, feeds: Iterator, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
@@ -350,15 +412,41 @@ class _EncodeJob:
             count = 0
             try:
                 for clip in self.limits.waiting(feed):
-                    # uint8 frames at source size: preprocessed here, on the model's device; else resized already
-                    clip = self.on_device(clip) if clip.dtype == torch.uint8 else normalize_pixels(clip, dtype)
+                    if clip.dtype == torch.uint8:  # frames at source size: preprocessed here, on the model's device
+                        clip = self._preprocess(state, count, clip)
+                        if clip is None:
+                            break
+                    else:  # resized already, by the decoding worker
+                        clip = normalize_pixels(clip, dtype)
                     yield (number, count), clip, tokens
                     count += 1
             except VideoError as e:
                 self._fail(state, str(e))
                 continue
-            state.clips = count
-            self._write_if_complete(state)
+            if not state.ended:
+                state.clips = count
+                self._write_if_complete(state)
+
+    def _preprocess(self, state: _FileState, number: int, frames: torch.Tensor) -> torch.Tensor | None:
+        """One clip's frames preprocessed on the model's device; None if that failed, failing its file alone, as
+        the same error in the decoding worker (placement "cpu") would. A fault of the device itself, or
+        GIVE_UP_AFTER files in a row failing here, is no file's: it is raised and stops the run."""
+        try:
+            clip = self.on_device(frames)
+        except Exception as e:
+            if _device_fault(e):
+                raise
+            self.preprocess_failed_in_a_row += 1
+            where, error = self.on_device.device.type, f"{type(e).__name__}: {' '.join(str(e).split())}"
+            if self.preprocess_failed_in_a_row >= GIVE_UP_AFTER:
+                raise RuntimeError(
+                    f"giving up after {self.preprocess_failed_in_a_row} file(s) in a row failed preprocessing on "
+                    f"{where}: {error}"
+                ) from e
+            self._fail(state, f"{state.path}: preprocessing clip {number} on {where} failed ({error})")
+            return None
+        self.preprocess_failed_in_a_row = 0
+        return clip
 
     def add(self, key: tuple[int, int], indices: torch.Tensor) -> None:
         state = self.files[key[0]]
@@ -403,25 +491,38 @@ class _EncodeJob:
         self.bar.set_postfix_str(self.limits.describe(), refresh=False)
 
 
-def _already_encoded(out: Path, model: TiTok, mode: str, settings: ClipSettings, device: str | None = None) -> bool:
-    """A complete token file made by the same weights with the same clip settings, decoder, preprocessing,
-    device, dtype, backend and mode (else it is redone; files made before these were recorded are redone too)."""
+def _redo_because(
+    out: Path, model: TiTok, mode: str, settings: ClipSettings, source: str | os.PathLike, device: str | None = None
+) -> str | None:
+    """Why the token file at ``out`` is to be redone: None when there is none, "" when it is to be kept (complete,
+    made from ``source`` by the same weights with the same clip settings, decoder, preprocessing, device, dtype,
+    backend and mode), else one line saying what differs. Files made before these were recorded are redone too.
+
+    The source is compared as the token file records it, an absolute path: another video that maps to the same
+    output name (the same name in another input folder, from another run) is not this one."""
     done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
-    if done is None or done.weights_digest != model.weights_digest:
-        return False
-    recorded, now = done.made_with, made_with(model, mode, settings, device=device)
-    return (
-        all(recorded.get(k) == now.get(k) for k in RESUME_KEYS)
-        and done.fps == settings.fps
-        and done.tail == settings.tail
-        and done.sampling == settings.sampling
-        and bool((done.token_counts == settings.tokens).all())
-        and bool((done.grids == torch.tensor(settings.grid, dtype=torch.int32)).all())
-    )
+    if done is None:
+        return "not readable as a complete token file" if out.is_file() else None
+    if done.weights_digest != model.weights_digest:
+        return f"made by other weights ({done.weights_digest})"
+    if done.source != os.path.abspath(source):
+        return f"made from another source ({done.source!r})"
+    recorded, asked = done.made_with, made_with(model, mode, settings, device=device)
+    keys = [k for k in RESUME_KEYS if k in recorded or k in asked]
+    was = {k: recorded.get(k, "unrecorded") for k in keys}
+    now = {k: asked.get(k, "unrecorded") for k in keys}
+    was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(done.token_counts.tolist()),
+               grid=_recorded(["x".join(map(str, g)) for g in done.grids.tolist()]))  # fmt: skip
+    now.update(fps=settings.fps, tail=settings.tail, sampling=settings.sampling, tokens=settings.tokens,
+               grid="x".join(map(str, settings.grid)))  # fmt: skip
+    differ = [f"{k} {was[k]}, now {now[k]}" for k in was if was[k] != now[k]]
+    return f"made another way ({'; '.join(differ)})" if differ else ""
 
 
-def _unaccounted(path: Path, summary: Summary) -> bool:
-    return str(path) not in summary.done and all(str(path) != f for f, _ in summary.failed)
+def _recorded(values: list):
+    """The value every chunk records, or all of them ("8/16") when they differ."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else "/".join(map(str, distinct))
 
 
 def write_token_file(
@@ -516,8 +617,10 @@ def decoded_chunks(engine: Engine, token_file: TokenFile) -> Iterator[torch.Tens
 def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     """The source re-read exactly as it was for encoding, chunk by chunk like :func:`decoded_chunks` ([-1, 1]);
     a source that now gives fewer chunks than the token file holds, or is not a regular file, is a ValueError."""
-    t, h, w = token_file.grids[0].tolist()
     wanted = token_file.token_counts.numel()
+    if not wanted:
+        raise ValueError("the token file holds no chunks: no source chunk to show beside them")
+    t, h, w = token_file.grids[0].tolist()
     if not os.path.isfile(token_file.source):  # a path from the file: never a device, FIFO or folder
         raise ValueError(f"the source {token_file.source!r} the token file names is not a regular file here")
     reader = ClipReader(
@@ -564,7 +667,10 @@ def decode_files(
 ) -> Summary:
     """Token files -> ``outdir/<stem>.mp4`` (optionally the source beside the reconstruction), written chunk by
     chunk; an mp4 appears under its name only when complete. With the source, ``scores`` (if given) receives each
-    chunk's PSNR (dB) against it."""
+    chunk's PSNR (dB) against it, for the files decoded completely.
+
+    Whatever goes wrong with one token file (a stranger's may hold anything) is that file's failure, one line
+    naming the error, and the others go on; only an interrupt (KeyboardInterrupt, SystemExit) ends the run."""
     outdir = Path(outdir)
     stems: dict[str, str] = {}
     for path in paths:
@@ -578,24 +684,38 @@ def decode_files(
         if out.exists() and not overwrite:
             summary.skipped.append(str(path))
             continue
+        file_scores: list[float] | None = None if scores is None else []
         try:
             token_file = load_tokens(path)
             if not force:
                 check_same_model(engine.model, token_file, path)
+            if not token_file.token_counts.numel():
+                raise ValueError(f"{path} holds no chunks: nothing to decode")
             outdir.mkdir(parents=True, exist_ok=True)
             chunks = decoded_chunks(engine, token_file)  # one chunk at a time: any length fits in memory
             if with_source:
-                chunks = _beside_source(token_file, chunks, scores)
+                chunks = _beside_source(token_file, chunks, file_scores)
             with VideoWriter(out, token_file.fps) as writer:
                 for chunk in chunks:
                     writer.write(chunk)
-        except (ValueError, TypeError, RuntimeError, OSError) as e:
-            summary.failed.append((str(path), str(e)))
+        except Exception as e:  # not only the errors foreseen: one file must never end the run
+            summary.failed.append((str(path), _one_line(e)))
             continue
+        if scores is not None:
+            scores.extend(file_scores)
         summary.done.append(str(path))
         summary.clips += token_file.token_counts.numel()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _one_line(error: BaseException) -> str:
+    """An error as one line: its message for the errors foreseen, else its type and message (an IndexError's
+    message alone would not say what went wrong)."""
+    text = " ".join(str(error).split())
+    if text and isinstance(error, (ValueError, TypeError, RuntimeError, OSError)):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def evaluate(
