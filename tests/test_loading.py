@@ -86,6 +86,11 @@ def test_missing_and_misshaped_tensors_are_named(tiny, tmp_path):
         load_tokenizer(tmp_path / "shape.ckpt", config="tiny")
     with pytest.raises(CheckpointError, match="unexpected tensor|missing tensor"):
         load_tokenizer(tmp_path / "shape.ckpt", config="v1")
+    state = {**tiny.state_dict(), "decoder.x\nsecond line": torch.zeros(1)}  # a name from the file: one line still
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "name.ckpt")
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'decoder.x\\nsecond line'") as error:
+        load_tokenizer(tmp_path / "name.ckpt", config="tiny")
+    assert "\n" not in str(error.value)
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -378,7 +378,9 @@ def _check_shapes(config: TiTokConfig, shapes: dict[str, tuple[int, ...]], path:
         raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
     unexpected = [k for k in shapes if k not in expected]
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]}; does the config match the checkpoint?")
+        raise CheckpointError(  # the name comes from the file: quoted and cut, so the message stays one line
+            f"{path}: unexpected tensor {unexpected[0]!r:.100}; does the config match the checkpoint?"
+        )
     for key, size in shapes.items():
         if size != tuple(expected[key].shape):
             raise CheckpointError(
