@@ -549,3 +549,25 @@ def test_a_v1_lightning_checkpoint_pickle_is_far_inside_the_bounds():
     opcodes = list(pickletools.genops(data))
     assert len(data) < MAX_PICKLE_BYTES / 20 and len(opcodes) < MAX_PICKLE_OPCODES / 20
     assert len({arg for op, arg, _ in opcodes if op.name == "GLOBAL"}) < MAX_PICKLE_CLASSES / 20
+
+
+def _no_zip_directory(*args, **kwargs):
+    raise AssertionError("zipfile read the archive's directory")
+
+
+@pytest.mark.parametrize("entries", [8, 0x10000], ids=["end-record", "zip64-record"])
+def test_an_archive_of_too_many_entries_is_refused_before_its_directory_is_read(tiny, tmp_path, monkeypatch, entries):
+    """zipfile keeps every entry of an archive's central directory in memory: the count its end record declares
+    (past 65535, in the Zip64 record) is checked first."""
+    import zipfile
+
+    from titok_fast import loading
+
+    path = tmp_path / "many.ckpt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(entries):
+            archive.writestr(f"archive/data/{i}", b"")
+    monkeypatch.setattr(loading, "MAX_ARCHIVE_ENTRIES", entries - 1)
+    monkeypatch.setattr(zipfile, "ZipFile", _no_zip_directory)
+    with pytest.raises(CheckpointError, match=f"its archive declares {entries} entries; at most {entries - 1}"):
+        load_tokenizer(path, config="tiny")

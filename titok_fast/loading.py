@@ -68,6 +68,9 @@ MAX_PICKLE_BYTES = 32 << 20
 MAX_PICKLE_OPCODES = 2_000_000
 MAX_PICKLE_CLASSES = 1024  # distinct classes a pickle may name (a Lightning checkpoint names a few dozen)
 MAX_TENSOR_DIMS = 64  # per tensor record
+# Entries of a checkpoint's zip archive: one per storage (a few thousand for V1 with EMA and optimiser states).
+# Python's zipfile keeps every entry of the central directory in memory, about ten times its size on disk.
+MAX_ARCHIVE_ENTRIES = 100_000
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -264,6 +267,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(key=pid[2], dtype=pid[1])
 
 
+def _declared_entries(path: Path) -> int:
+    """The number of entries a zip archive's end record declares (its Zip64 record where it has one), read from
+    the file's end before zipfile reads the whole central directory; 0 where there is no end record (zipfile
+    then says what is wrong)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - min(size, 22 + 0xFFFF + 20))  # the end record, a comment of up to 64 KiB, a Zip64 locator
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return 0
+        entries = int.from_bytes(tail[at + 10 : at + 12], "little")
+        if entries == 0xFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # Zip64: 8-byte counts
+            f.seek(int.from_bytes(tail[at - 12 : at - 4], "little"))
+            record = f.read(40)
+            if record[:4] == b"PK\x06\x06" and len(record) == 40:
+                entries = int.from_bytes(record[32:40], "little")
+    return entries
+
+
 class _Archive:
     """A torch zip checkpoint opened for lazy tensor reads."""
 
@@ -273,6 +296,9 @@ class _Archive:
             raise CheckpointError(
                 f"{path} is not a torch zip checkpoint (legacy torch.save format or not a checkpoint at all)"
             )
+        entries = _declared_entries(path)
+        if entries > MAX_ARCHIVE_ENTRIES:
+            raise CheckpointError(f"{path}: its archive declares {entries} entries; at most {MAX_ARCHIVE_ENTRIES}")
         self.zip = zipfile.ZipFile(path)
         self.names = set(self.zip.namelist())
         pickles = [n for n in self.names if n.endswith("/data.pkl")]
