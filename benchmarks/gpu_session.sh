@@ -21,8 +21,9 @@
 #                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
 #   bash benchmarks/gpu_session.sh all       # all eight in a row (pipeline is run on its own)
 #   bash benchmarks/gpu_session.sh targets   # one short visit, under 9 minutes by its timeouts (520 s): the
-#                                            # measurements behind every target of both issues (attention vs the anchors and
-#                                            # every block shape; encode and decode at 256 tokens, b1/b8/b32,
+#                                            # measurements behind every target of both issues (attention vs
+#                                            # the anchors and every block shape; encode and decode at 256
+#                                            # tokens, b1/b8/b32,
 #                                            # upstream-packed / eager / auto; fp8 at b32; the pipeline before /
 #                                            # after on 720p30 and 256p8, and NVDEC)
 #
