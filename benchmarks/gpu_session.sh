@@ -25,7 +25,8 @@
 #                                            # the anchors and every block shape; encode and decode at 256
 #                                            # tokens, b1/b8/b32,
 #                                            # upstream-packed / eager / auto; fp8 at b32; the pipeline before /
-#                                            # after on 720p30 and 256p8, and NVDEC)
+#                                            # after on 720p30 and 256p8, and NVDEC), then the table of
+#                                            # targets met or missed (benchmarks/targets.py)
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
@@ -85,7 +86,8 @@ part() {
             bench encode "test_gpu and encode and n256 and not mixed and (upstream or eager or auto)" 85
             bench decode "test_gpu and decode and n256 and not mixed and (upstream or eager or auto)" 70
             bench fp8 "test_gpu and n256 and b32 and (auto or fp8)" 55
-            pipeline short ;;
+            pipeline short
+            "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md" ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
                 "pipeline, all, targets" >&2

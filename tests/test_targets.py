@@ -1,0 +1,59 @@
+"""benchmarks/targets.py reads a GPU session's logs into the targets table: met, missed, or not measured."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from targets import report  # noqa: E402
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _rows(text: str) -> dict[str, tuple[str, str]]:
+    cells = [line.strip("|").split(" | ") for line in text.splitlines()[2:]]
+    return {c[0].strip(): (c[1].strip(), c[2].strip()) for c in cells}
+
+
+def test_targets_are_met_missed_or_not_measured(tmp_path):
+    case = "kernel-attention-encoder-16q4kv"
+    _write(tmp_path / "kernels.jsonl", [
+        {"case": case, "provider": "fa2_alone", "tflops_per_s": 300.0},
+        {"case": case, "provider": "titok", "tflops_per_s": 400.0},
+        {"case": case, "provider": "titok", "tflops_per_s": 460.0},  # a later run of the case replaces the first
+    ])  # fmt: skip
+
+    def clips(stage, batch, provider, value):
+        return {"case": f"gpu-{stage}-v1-20x192x192-n256-b{batch}", "provider": provider, "clips_per_s": value}
+
+    _write(tmp_path / "encode.jsonl", [clips("encode", 1, "upstream-packed", 100.0), clips("encode", 1, "auto", 290.0),
+                                       clips("encode", 1, "eager", 200.0)])  # fmt: skip
+    _write(tmp_path / "fp8.jsonl", [clips("encode", 32, "auto", 900.0), clips("encode", 32, "fp8", 1200.0)])
+    (tmp_path / "parity.txt").write_text(
+        "| v1 | reference | bf16 | 97.50% of 7680 tokens equal the fp32 oracle |\n"
+        "| v1 | triton+fp8 | bf16 | 96.00% of 7680 tokens equal the fp32 oracle |\n"
+    )
+    _write(tmp_path / "pipeline.jsonl", [
+        {"source": "before 720p30", "cpu_s_per_clip": 0.50, "clips_per_s": 20.0},
+        {"source": "after 720p30", "cpu_s_per_clip": 0.25, "clips_per_s": 35.0},
+        {"source": "after 256p8", "clips_per_s": 50.0, "model_only_clips_per_s": 100.0},
+    ])  # fmt: skip
+    rows = _rows(report(tmp_path))
+    assert rows["attention (encoder) >= 450 TFLOP/s"] == ("460.00 TFLOP/s", "**met**")
+    assert rows["attention (encoder) >= 1.3x FlashAttention-2 alone"] == ("1.53x", "**met**")
+    assert rows["attention (decoder) >= 450 TFLOP/s"] == ("not measured", "-")
+    assert rows["encode b1 >= 3.0x upstream-packed"] == ("2.90x", "**missed**")
+    assert rows["auto >= 1.3x eager, encode b1"] == ("1.45x", "**met**")
+    assert rows["auto >= 1.0x eager, encode b32"] == ("not measured", "-")  # no eager row at b32
+    assert rows["encode b32, 256 tokens >= 850 clips/s"] == ("900.00 clips/s", "**met**")
+    assert rows["fp8 >= 1.3x bf16 (auto), encode b32"] == ("1.33x", "**met**")
+    assert rows["fp8 tokens within 1 point of the bf16 floor"] == ("96.00% vs 97.50% (+1.50 points)", "**missed**")
+    assert rows["720p30: CPU-s per clip <= 0.6x before"] == ("0.250 vs 0.500 (0.50x)", "**met**")
+    assert rows["256p8 end to end >= 60% of model-only clips/s"] == ("50%", "**missed**")
+    assert rows["NVDEC 720p30 end to end >= 2x before"] == ("not measured", "-")
+
+
+def test_an_empty_folder_measures_nothing(tmp_path):
+    assert {verdict for _, verdict in _rows(report(tmp_path)).values()} == {"-"}
