@@ -182,6 +182,42 @@ def test_a_decode_worker_that_keeps_dying_is_retried_then_reported(faulty_run):
     }  # fmt: skip
 
 
+def test_past_max_decode_tasks_a_crashing_file_fails_alone(runs, videos, cluster, tmp_path, monkeypatch):
+    """With more files than MAX_DECODE_TASKS a decode task holds several; one whose worker keeps dying on one file
+    failed for good with all of them. Its files are then tried again one per task: only that file fails. The job
+    leaves Ray Data's settings (global to the process) as it found them."""
+    import ray.data
+
+    from titok_fast import distributed
+
+    monkeypatch.setattr(distributed, "MAX_DECODE_TASKS", 2)  # 5 files in 2 tasks
+    context = ray.data.DataContext.get_current()
+    before = (context.max_errored_blocks, context.target_max_block_size, context.enable_progress_bars)
+    hooks = {"decode_exit_on": "odd.mkv", "decode_exit_log": str(tmp_path)}
+    files = collect_inputs([videos["good"]])
+    summary = encode_dataset(
+        LOAD(), files, tmp_path / "tokens", SETTINGS, device="cpu", batch_size=2, decode_retries=0, _test_hooks=hooks
+    )
+    assert sorted(summary.done) == sorted(str(p) for p, _ in files if p.name != "odd.mkv")
+    assert [os.path.basename(p) for p, _ in summary.failed] == ["odd.mkv"]
+    assert "decoding did not finish" in summary.failed[0][1]
+    good = token_bytes(runs["good"])
+    assert token_bytes(tmp_path / "tokens") == {k: v for k, v in good.items() if k != "odd.safetensors"}
+    assert len(read_manifest(tmp_path / "tokens" / MANIFEST_NAME)) == len(GOOD)  # one line per input
+    assert len(list(tmp_path.glob("decode-exit-*"))) == 2  # its shared task, then its own
+    assert (context.max_errored_blocks, context.target_max_block_size, context.enable_progress_bars) == before
+
+
+def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path):
+    files = collect_inputs([videos["good"]])
+    bad = ClipSettings(grid=(4, 32, 32), tokens=8, fps=0.0)
+    with pytest.raises(ValueError, match=r"fps must be in \(0, 1000\]; got 0.0"):
+        encode_dataset(LOAD(), files, tmp_path, bad, ray_address="no-cluster-is-started", device="cpu")
+    with pytest.raises(ValueError, match="mode 'cudagraph' needs CUDA devices; the encode actors run on cpu"):
+        encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="none", device="cpu", mode="cudagraph")
+    assert not (tmp_path / MANIFEST_NAME).exists()  # nothing was started
+
+
 def test_resume_redoes_exactly_what_is_missing_damaged_or_made_otherwise(runs, videos, cluster, tmp_path):
     """A folder with one complete output, one missing, one corrupt, one made by other weights and one with other
     settings; a driver (joining the cluster by its address) killed midway; then the job again."""

@@ -23,6 +23,7 @@ Inputs and outputs must be on a filesystem every node sees (the same POSIX paths
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -100,9 +101,9 @@ def decode_rows(
         if exit_log:
             Path(exit_log, f"decode-exit-{uuid.uuid4().hex}").touch()
         os._exit(1)
-    reader = ClipReader(path, threads=threads, **settings.read_kwargs())
     count = 0
     try:
+        reader = ClipReader(path, threads=threads, **settings.read_kwargs())
         for clip in reader:
             yield _row(number, count, "clip", clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(),
                        decoded_by=me)  # fmt: skip
@@ -370,6 +371,9 @@ def encode_dataset(
             "with Ray, frames are decoded and resized by the CPU decode tasks: --decoder nvdec and --preprocess device "
             "do not apply"
         )
+    ClipReader("", **settings.read_kwargs())  # bad clip settings are one error here, not every file's in its task
+    if mode == "cudagraph" and not str(device).startswith("cuda"):  # each actor's Engine would refuse it, alone
+        raise ValueError(f"mode 'cudagraph' needs CUDA devices; the encode actors run on {device}")
     hooks = _test_hooks or {}
     outdir = Path(outdir)
     start = time.perf_counter()
@@ -378,20 +382,24 @@ def encode_dataset(
         todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)
         if todo:
             load_model = model_loader(model) if load_model is None else load_model
-            with _ray_session(ray_address) as ray:
+            with _ray_session(ray_address) as ray, _data_context(settings, model.dtype):
                 gpus = ray.cluster_resources().get("GPU", 0)
                 if device != "cpu" and gpus == 0:
                     raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
                 actors = actors or (1 if device == "cpu" else max(1, int(gpus // gpus_per_actor)))
-                rows = _dataset(
-                    ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
+                job = functools.partial(
+                    _dataset, ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
                     actors=actors, gpus_per_actor=gpus_per_actor if device != "cpu" else 0,
                     cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode, decode_retries=decode_retries,
                     actor_restarts=actor_restarts, hooks=hooks,
                 )  # fmt: skip
                 assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
-                _collect(rows, assembly,
-                         decode_retries, actor_restarts)  # fmt: skip
+                shared = len(todo) > MAX_DECODE_TASKS
+                with assembly.bar:
+                    _collect(job(), assembly, decode_retries, actor_restarts, settle_decoding=not shared)
+                    lost = [number for number, state in assembly.files.items() if not state.ended]
+                    if lost:  # decode tasks of several files that failed for good: each file is tried alone now
+                        _collect(job(numbers=lost), assembly, decode_retries, actor_restarts)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -412,13 +420,15 @@ def model_loader(model: TiTok) -> Callable[..., TiTok]:
     )
 
 
-def _collect(rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_restarts: int) -> None:
-    """Take every row; then settle the files whose rows never all came back (their tasks failed for good)."""
+def _collect(
+    rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_restarts: int, settle_decoding: bool = True
+) -> None:
+    """Take every row; then settle the files whose rows never all came back (their tasks failed for good), but
+    with ``settle_decoding`` False leave those whose decoding did not finish unsettled (to be tried again)."""
     stopped = None
     try:
-        with job.bar:
-            for row in rows:
-                job.take(row)
+        for row in rows:
+            job.take(row)
     except Exception as e:
         stopped = f"not encoded: the job stopped ({_one_line(e)})"
         raise RuntimeError(f"the Ray job stopped: {_one_line(e)}") from e
@@ -429,7 +439,7 @@ def _collect(rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_re
         for state in job.unsettled():
             if stopped:
                 job.manifest.not_encoded(state.path, state.out, stopped)
-            else:
+            elif state.end is not None or settle_decoding:
                 side = "encoding" if state.end is not None else "decoding"
                 job._fail(state, (
                     f"{side} did not finish: its Ray task failed for good (decode tasks are tried "
@@ -453,19 +463,40 @@ def _one_line(error: BaseException) -> str:
     return found or f"{type(chain[0]).__name__}: {first}"
 
 
-def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, device: str, mode: str, batch_size: int,
-             actors: int, gpus_per_actor: float, cpus_per_actor: float, cpus_per_decode: float, decode_retries: int,
-             actor_restarts: int, hooks: dict[str, str]) -> Iterator[dict]:  # fmt: skip
-    """The Ray Data pipeline: file rows -> decode tasks -> encode actors -> an iterator of small result rows."""
-    from ray.data import ActorPoolStrategy, DataContext
-    from ray.util.annotations import RayDeprecationWarning
+@contextlib.contextmanager
+def _data_context(settings: ClipSettings, dtype: torch.dtype):
+    """Ray Data's settings for one job, and the caller's back afterwards (they are global to the process)."""
+    from ray.data import DataContext
 
     context = DataContext.get_current()
-    context.enable_progress_bars = False  # the driver shows one bar, for files
-    context.print_on_execution_start = False
-    context.max_errored_blocks = -1  # a task that fails for good loses its files only; they are reported
-    context.target_max_block_size = max(2 * clip_bytes(settings, model.dtype), 1 << 20)  # clips stream in small blocks
-    items = [{"file": number, "path": str(path)} for number, (path, _) in enumerate(todo)]
+    job = {
+        "enable_progress_bars": False,  # the driver shows one bar, for files
+        "print_on_execution_start": False,
+        "max_errored_blocks": -1,  # a task that fails for good loses its files only; they are reported
+        "target_max_block_size": max(2 * clip_bytes(settings, dtype), 1 << 20),  # clips stream in small blocks
+    }
+    saved = {name: getattr(context, name) for name in job}
+    try:
+        for name, value in job.items():
+            setattr(context, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+
+
+def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, device: str, mode: str, batch_size: int,
+             actors: int, gpus_per_actor: float, cpus_per_actor: float, cpus_per_decode: float, decode_retries: int,
+             actor_restarts: int, hooks: dict[str, str],
+             numbers: Sequence[int] | None = None) -> Iterator[dict]:  # fmt: skip
+    """The Ray Data pipeline: file rows -> decode tasks (one per file, or a few files per task past
+    MAX_DECODE_TASKS) -> encode actors -> an iterator of small result rows. ``numbers``: only these files of
+    ``todo``, one per task (files whose shared task failed, tried alone). Run within :func:`_data_context`."""
+    from ray.data import ActorPoolStrategy
+    from ray.util.annotations import RayDeprecationWarning
+
+    retry, numbers = numbers is not None, range(len(todo)) if numbers is None else numbers
+    items = [{"file": number, "path": str(todo[number][0])} for number in numbers]
     decode = functools.partial(
         decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
         exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
@@ -473,7 +504,8 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
     ledger = ray.remote(num_cpus=0)(FaultLedger).remote()
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these retry limits yet
         warnings.simplefilter("ignore", RayDeprecationWarning)
-        clips = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_DECODE_TASKS)).flat_map(
+        blocks = len(items) if retry else min(len(items), MAX_DECODE_TASKS)
+        clips = ray.data.from_items(items, override_num_blocks=blocks).flat_map(
             decode, num_cpus=cpus_per_decode, max_retries=decode_retries, retry_exceptions=False
         )
         results = clips.map_batches(
