@@ -122,6 +122,28 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
         assert code == 2 and "precision fp8 needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
+def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, tmp_path, capsys):
+    """Options that no clip or cluster could use: one line naming the option, exit 2, nothing written."""
+    out = tmp_path / "o"
+    cases = [
+        (["--grid", "5x32x32"], "--grid 5x32x32: T must be a positive multiple of 4 (patch [4, 8, 8])"),
+        (["--ray-actors", "3", "--ray-retries", "1"], "--ray-actors, --ray-retries apply only with --ray"),
+        (["--ray-gpus-per-actor", "1"], "--ray-gpus-per-actor applies only with --ray"),
+    ]
+    for options, message in cases:
+        code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
+        assert code == 2 and f"titok-fast: error: {message}\n" in err and "Traceback" not in err, err
+    for options, message in [
+        (["--ray-gpus-per-actor", "0"], "argument --ray-gpus-per-actor: 0 must be > 0"),
+        (["--ray-cpus-per-decode", "nan"], "argument --ray-cpus-per-decode: nan must be > 0"),
+        (["--ray-retries", "-1"], "argument --ray-retries: -1 must be >= 0"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(["encode", str(folder / "moving.mp4"), "-o", str(out), "--ray", "local", *options])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["encode", "decode", "eval", "convert", "bench", "demo"])
 def test_every_command_has_complete_help(command, capsys):
     with pytest.raises(SystemExit) as e:

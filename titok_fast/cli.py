@@ -42,6 +42,28 @@ def _positive(text: str) -> int:
     return value
 
 
+# --ray-* options: None when not given (they apply only with --ray), these values when --ray is used
+RAY_DEFAULTS = {"ray_actors": None, "ray_gpus_per_actor": 1.0, "ray_cpus_per_actor": 1.0, "ray_cpus_per_decode": 1.0,
+                "ray_retries": 2, "ray_actor_restarts": 8}  # fmt: skip
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
 def _device_dtype(args: argparse.Namespace):
     import torch
 
@@ -111,10 +133,15 @@ def _engine(args: argparse.Namespace, model):
 
 
 def _settings(args: argparse.Namespace, model, tokens: int | None = None):
+    from .checks import check_grids
     from .pipeline import ClipSettings
 
     tokens = args.tokens if tokens is None else tokens
     grid = args.grid or model.config.max_grid
+    try:  # before any work: every clip would fail alone
+        check_grids([grid], 1, model.config.patch_size)
+    except ValueError as e:
+        raise ValueError(f"--grid {'x'.join(map(str, grid))}: {str(e).split('; ', 1)[-1]}") from None
     return ClipSettings(
         grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling,
         decoder=getattr(args, "decoder", "cpu"), preprocess=getattr(args, "preprocess", "auto"),
@@ -129,6 +156,9 @@ def _finish(summary, verb: str) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, encode_files
 
+    given = [f"--{k.replace('_', '-')}" for k in RAY_DEFAULTS if getattr(args, k, None) is not None]
+    if given and not args.ray:
+        raise ValueError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --ray")
     files = collect_inputs(args.inputs)
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
@@ -153,6 +183,7 @@ def _encode_on_ray(args: argparse.Namespace, files):
         from .fp8 import check_fp8_runs
 
         check_fp8_runs(device, getattr(torch, DTYPES[dtype]))
+    args = argparse.Namespace(**{**vars(args), **{k: v for k, v in RAY_DEFAULTS.items() if getattr(args, k) is None}})
     model = _model(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": dtype}))
     return encode_dataset(
         model, files, args.output, _settings(args, model), ray_address=args.ray, device=device, mode=args.mode,
@@ -402,14 +433,14 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
         "cpu)",
     )  # fmt: skip
     ray.add_argument("--ray-actors", type=_positive, help="encode actors (default: one per --ray-gpus-per-actor GPUs)")
-    ray.add_argument("--ray-gpus-per-actor", type=float, default=1.0, help="GPUs per encode actor (default 1)")
-    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs per encode actor (default 1)")
-    ray.add_argument("--ray-cpus-per-decode", type=float, default=1.0, help="CPUs per decode task (default 1)")
+    ray.add_argument("--ray-gpus-per-actor", type=_positive_float, help="GPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-actor", type=_positive_float, help="CPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-decode", type=_positive_float, help="CPUs per decode task (default 1)")
     ray.add_argument(
-        "--ray-retries", type=int, default=2, help="times a decode task whose worker died is retried (default 2)"
+        "--ray-retries", type=_non_negative, help="times a decode task whose worker died is retried (default 2)"
     )
     ray.add_argument(
-        "--ray-actor-restarts", type=int, default=8,
+        "--ray-actor-restarts", type=_non_negative,
         help="times an encode actor is restarted after its process died, e.g. on a device fault (default 8)",
     )  # fmt: skip
 
