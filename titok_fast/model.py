@@ -201,8 +201,8 @@ class Decoder(DecoderParams):
     @torch.no_grad()
     def decode_packed(self, indices: torch.Tensor, pack: Packing) -> torch.Tensor:
         """indices [sum n] (any integer dtype, any stride) -> output patch rows [sum G, 768] (model dtype)."""
-        if indices.dtype not in (torch.int32, torch.int64) or not indices.is_contiguous():
-            indices = indices.long().contiguous()  # token files store int16; the gather kernel reads int32/int64 rows
+        if indices.dtype not in (torch.int32, torch.int64):
+            indices = indices.long()  # token files store int16; the gather kernel reads int32/int64 (any stride)
         table, mask_row = self.table()
         return self.rows(self.runtime.backend(self.device).decoder_input(indices, table, mask_row, pack), pack)
 
