@@ -415,6 +415,14 @@ def _check_shapes(config: TiTokConfig, shapes: dict[str, tuple[int, ...]], path:
             )
 
 
+def _check_floating(path: Path, dtypes: dict[str, object], allowed: tuple) -> None:
+    """Every model tensor of a file is floating point (``allowed``: the dtypes as the file's format names them),
+    checked before any is read."""
+    wrong = next((k for k, dtype in dtypes.items() if dtype not in allowed), None)
+    if wrong is not None:
+        raise CheckpointError(f"{path}: tensor {wrong} is {dtypes[wrong]}; expected one of {list(allowed)}")
+
+
 def check_config(config: TiTokConfig, where: str = "config") -> None:
     """Refuse a config whose sizes exceed the module's limits (MAX_PATCH, MAX_PATCH_VOLUME, MAX_LEVEL,
     MAX_CODEBOOK_SIZE, MAX_GRID, MAX_TOKENS) before any model, table or buffer is built from it; `where` names it in
@@ -504,11 +512,7 @@ def load_state(
                 names = list(f.keys())
                 _check_shapes(cfg, {k: tuple(f.get_slice(k).get_shape()) for k in names}, path)
                 dtypes = {k: f.get_slice(k).get_dtype() for k in names}  # from the header: nothing read yet
-                wrong = next((k for k in names if dtypes[k] not in _SAFETENSORS_FLOAT_DTYPES), None)
-                if wrong is not None:
-                    raise CheckpointError(
-                        f"{path}: tensor {wrong} is {dtypes[wrong]}; expected one of {list(_SAFETENSORS_FLOAT_DTYPES)}"
-                    )
+                _check_floating(path, dtypes, _SAFETENSORS_FLOAT_DTYPES)
                 tensors = {k: f.get_tensor(k) for k in names}
             digest = weights_digest(tensors)
         if meta.get("weights_digest", digest) != digest:
@@ -523,11 +527,7 @@ def load_state(
         if wrong is not None:
             raise CheckpointError(f"{path}: entry {wrong!r:.100} is a {type(refs[wrong]).__name__}, not a tensor")
         _check_shapes(cfg, {k: r.size for k, r in refs.items()}, path)
-        wrong = next((k for k, r in refs.items() if r.storage.dtype not in _FLOAT_DTYPES), None)
-        if wrong is not None:
-            raise CheckpointError(
-                f"{path}: tensor {wrong} is {refs[wrong].storage.dtype}; expected one of {list(_FLOAT_DTYPES)}"
-            )
+        _check_floating(path, {k: r.storage.dtype for k, r in refs.items()}, _FLOAT_DTYPES)
         budget = 2 * sum(math.prod(r.size) * r.storage.dtype.itemsize for r in refs.values()) + (1 << 20)
         try:
             tensors = archive.read(refs, budget)
