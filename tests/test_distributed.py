@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -206,6 +207,46 @@ def test_past_max_decode_tasks_a_crashing_file_fails_alone(runs, videos, cluster
     assert len(read_manifest(tmp_path / "tokens" / MANIFEST_NAME)) == 3  # one line per input
     assert len(list(tmp_path.glob("decode-exit-*"))) == 2  # its shared task, then its own
     assert (context.max_errored_blocks, context.target_max_block_size, context.enable_progress_bars) == before
+
+
+def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(videos, cluster, tmp_path, monkeypatch):
+    """Once every actor of Ray Data's fixed-size pool has died for good with blocks still queued (10 files here),
+    Ray Data waits for ever. The driver, given no row for WATCH_SECONDS and finding every encode actor dead at two
+    checks in a row, stops the job: a one-line error, every input "not encoded" in the manifest, no thread left
+    in Ray Data, and the actor's CPU free again (the ledger that held its handle is gone)."""
+    import ray
+
+    from titok_fast import distributed
+
+    monkeypatch.setattr(distributed, "WATCH_SECONDS", 1.0)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(10):
+        shutil.copy(videos["good"] / "one.mp4", folder / f"v{i}.mp4")
+
+    def waited_for_ever(*_):
+        raise TimeoutError("the job did not stop")
+
+    previous = signal.signal(signal.SIGALRM, waited_for_ever)
+    signal.alarm(240)
+    try:
+        with pytest.raises(RuntimeError, match=r"^the Ray job stopped: .*every encode actor died for good \(1, each"):
+            encode_dataset(
+                LOAD(), collect_inputs([folder]), tmp_path / "tokens", SETTINGS, device="cpu", batch_size=2,
+                actor_restarts=0, _test_hooks={"actor_exit_always": "yes"},
+            )  # fmt: skip
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
+    assert len(rows) == 10 and {r["status"] for r in rows} == {"not-encoded"}
+    assert all("every encode actor died for good" in r["reason"] and "\n" not in r["reason"] for r in rows)
+    assert not list((tmp_path / "tokens").glob("*.safetensors"))
+    assert "titok-fast-results" not in [t.name for t in threading.enumerate()]
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2
 
 
 def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path):

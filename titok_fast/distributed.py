@@ -24,13 +24,16 @@ Inputs and outputs must be on a filesystem every node sees (the same POSIX paths
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import logging
 import math
 import os
+import queue
 import re
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -62,6 +65,11 @@ from .video import ClipReader, VideoError, normalize_pixels
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
 FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its file
 MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
+WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row came for this long
+PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
+QUEUED_ROWS = 1024  # result rows read ahead of the driver
+STOP_SECONDS = 30.0  # the longest the driver waits for its reader thread to leave Ray Data
+_END = object()
 
 
 class DeviceFault(RuntimeError):
@@ -120,10 +128,18 @@ def decode_rows(
 
 
 class FaultLedger:
-    """Device faults per clip key, shared by the encode actors (a Ray actor in a job; a plain object without Ray)."""
+    """Device faults per clip key, shared by the encode actors (a Ray actor in a job; a plain object without Ray);
+    in a job also the encode actors themselves, which enlist once their model is loaded."""
 
     def __init__(self) -> None:
         self._faults: dict[tuple[int, int], tuple[int, str]] = {}
+        self._encoders: dict[str, Any] = {}
+
+    def enlist(self, actor_id: str, actor) -> None:
+        self._encoders[actor_id] = actor  # a restarted actor keeps its id
+
+    def encoders(self) -> list:
+        return list(self._encoders.values())
 
     def faults(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, str]]:
         """``{key: (faults, last error)}`` for the keys that faulted the device before."""
@@ -229,22 +245,33 @@ class _RemoteLedger:
 
 class _RayClipEncoder(ClipEncoder):
     """:class:`ClipEncoder` as a Ray actor: a device fault ends the process, so Ray restarts the actor with a fresh
-    device context. ``exit_once`` (tests only): a marker path; the first actor to claim it (writing its name there)
-    dies on its 2nd batch."""
+    device context. It enlists in the ledger, where the driver finds it. ``exit_once`` (tests only): a marker path;
+    the first actor to claim it (writing its name there) dies on its 2nd batch; ``exit_always``: every batch."""
 
-    def __init__(self, *args, ledger_handle, exit_once: str = "", **kwargs):
+    def __init__(self, *args, ledger_handle, exit_once: str = "", exit_always: bool = False, **kwargs):
+        import ray
+
         super().__init__(*args, ledger=_RemoteLedger(ledger_handle), **kwargs)
-        self.exit_once, self.batches = exit_once, 0
+        self.exit_once, self.exit_always, self.batches = exit_once, exit_always, 0
+        context = ray.get_runtime_context()
+        ray.get(ledger_handle.enlist.remote(context.get_actor_id(), context.current_actor))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         self.batches += 1
-        if self.exit_once and self.batches == 2 and _claim(self.exit_once):
+        if self.exit_always or (self.exit_once and self.batches == 2 and _claim(self.exit_once)):
             os._exit(1)
         try:
             return super().__call__(batch)
         except DeviceFault as e:
             logging.getLogger(__name__).error("%s; ending this actor so that Ray restarts it", e)
             os._exit(1)
+
+
+def _raise_in(thread: threading.Thread, exception: type[BaseException] | None) -> None:
+    """Raise ``exception`` in ``thread`` (a live one) as soon as it runs Python code, or clear the one pending
+    (None)."""
+    pending = None if exception is None else ctypes.py_object(exception)  # None: NULL, which clears
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), pending)
 
 
 def _claim(marker: str) -> bool:
@@ -396,10 +423,12 @@ def encode_dataset(
                 assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
                 shared = len(todo) > MAX_DECODE_TASKS
                 with assembly.bar:
-                    _collect(job(), assembly, decode_retries, actor_restarts, settle_decoding=not shared)
+                    with job() as run:
+                        _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not shared)
                     lost = [number for number, state in assembly.files.items() if not state.ended]
                     if lost:  # decode tasks of several files that failed for good: each file is tried alone now
-                        _collect(job(numbers=lost), assembly, decode_retries, actor_restarts)
+                        with job(numbers=lost) as run:
+                            _collect(run, assembly, decode_retries, actor_restarts)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -420,14 +449,13 @@ def model_loader(model: TiTok) -> Callable[..., TiTok]:
     )
 
 
-def _collect(
-    rows: Iterator[dict], job: _Assembly, decode_retries: int, actor_restarts: int, settle_decoding: bool = True
-) -> None:
+def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int, settle_decoding: bool = True) -> None:
     """Take every row; then settle the files whose rows never all came back (their tasks failed for good), but
-    with ``settle_decoding`` False leave those whose decoding did not finish unsettled (to be tried again)."""
+    with ``settle_decoding`` False leave those whose decoding did not finish unsettled (to be tried again). The
+    job stops, its unsettled files not encoded, when every encode actor has died for good while rows are due."""
     stopped = None
     try:
-        for row in rows:
+        for row in run.rows():
             job.take(row)
     except Exception as e:
         stopped = f"not encoded: the job stopped ({_one_line(e)})"
@@ -488,9 +516,9 @@ def _data_context(settings: ClipSettings, dtype: torch.dtype):
 def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, device: str, mode: str, batch_size: int,
              actors: int, gpus_per_actor: float, cpus_per_actor: float, cpus_per_decode: float, decode_retries: int,
              actor_restarts: int, hooks: dict[str, str],
-             numbers: Sequence[int] | None = None) -> Iterator[dict]:  # fmt: skip
+             numbers: Sequence[int] | None = None) -> _Run:  # fmt: skip
     """The Ray Data pipeline: file rows -> decode tasks (one per file, or a few files per task past
-    MAX_DECODE_TASKS) -> encode actors -> an iterator of small result rows. ``numbers``: only these files of
+    MAX_DECODE_TASKS) -> encode actors -> small result rows, as a :class:`_Run`. ``numbers``: only these files of
     ``todo``, one per task (files whose shared task failed, tried alone). Run within :func:`_data_context`."""
     from ray.data import ActorPoolStrategy
     from ray.util.annotations import RayDeprecationWarning
@@ -514,12 +542,129 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             fn_constructor_kwargs=dict(
                 device=device, mode=mode, batch_size=batch_size, weights_digest=model.weights_digest,
                 ledger_handle=ledger, exit_once=hooks.get("actor_exit_once", ""),
+                exit_always=bool(hooks.get("actor_exit_always")),
             ),
             batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=actor_restarts,
             max_task_retries=actor_restarts,
         )  # fmt: skip
-    return results.iter_rows()
+    return _Run(ray, results.iter_rows(), ledger, actor_restarts)
+
+
+class _Stop(BaseException):
+    """Raised in the thread that reads a pass's rows, to end it: Ray Data shuts its execution down as on Ctrl-C."""
+
+
+class _Run:
+    """One pass of the pipeline as the driver sees it (a context manager). Its result rows are read by a thread, so
+    that when none comes for ``WATCH_SECONDS`` the driver can look at the encode actors: once every one has died
+    for good, Ray Data can wait for ever (a fixed-size pool does not replace dead actors), so when two checks in
+    a row find them all dead the job stops instead. On leaving, a reader still in Ray Data is stopped there (so
+    that it ends before Ray does), and the ledger, which holds the actors' handles and so would keep them alive,
+    is killed."""
+
+    def __init__(self, ray, rows, ledger, actor_restarts: int):
+        self.ray, self.results, self.ledger, self.actor_restarts = ray, rows, ledger, actor_restarts
+        self.stop, self.lock, self.reading, self.reader = threading.Event(), threading.Lock(), False, None
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.reader is not None:
+            self.reader.join(timeout=1.5)  # a reader between rows sees ``stop`` within a second
+            with self.lock:
+                if self.reading:  # waiting in Ray Data, which may never answer
+                    _raise_in(self.reader, _Stop)
+            self.reader.join(timeout=STOP_SECONDS)
+        self.ray.kill(self.ledger)
+
+    def rows(self) -> Iterator[dict]:
+        queued: queue.Queue = queue.Queue(maxsize=QUEUED_ROWS)
+        self.reader = threading.Thread(target=self._read, args=(queued,), name="titok-fast-results", daemon=True)
+        self.reading = True
+        self.reader.start()
+        seen = 0  # checks in a row that found every encode actor dead
+        while True:
+            try:
+                item = queued.get(timeout=WATCH_SECONDS)
+            except queue.Empty:
+                lost = self.encoders_lost()
+                seen = seen + 1 if lost else 0
+                if seen == 2:  # twice: not the moment Ray Data releases the actors of a pass that is ending
+                    raise RuntimeError(lost) from None
+                continue
+            seen = 0
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _read(self, queued: queue.Queue) -> None:
+        """The reader thread: rows into ``queued``, then the end or the error. A :class:`_Stop` sent while
+        ``reading`` (one at most) ends it wherever it lands; one still pending when it is done is cleared."""
+        pumped = False
+        while True:
+            try:
+                if not pumped:
+                    pumped = True
+                    self._pump(queued)
+                with self.lock:
+                    self.reading = False
+                    _raise_in(threading.current_thread(), None)
+                return
+            except _Stop:
+                continue
+
+    def _pump(self, queued: queue.Queue) -> None:
+        rows = iter(self.results)
+        try:
+            for row in rows:
+                if not self._put(queued, row):
+                    return
+            self._put(queued, _END)
+        except _Stop:
+            raise
+        except BaseException as e:  # handed to the driver's thread
+            self._put(queued, e)
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None and self.stop.is_set():
+                close()  # the driver has stopped: so does Ray Data's execution
+
+    def _put(self, queued: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                queued.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def encoders_lost(self) -> str:
+        """Why no clip can be encoded any more, or "": every encode actor that enlisted has died for good (none
+        enlisted yet, or one alive, restarting or not answering within PING_SECONDS: "")."""
+        from ray.exceptions import ActorDiedError
+
+        actors = self.ray.get(self.ledger.encoders.remote())
+        pings = [actor.__ray_ready__.remote() for actor in actors]
+        done, _ = self.ray.wait(pings, num_returns=len(pings), timeout=PING_SECONDS) if pings else ([], [])
+        if not pings or len(done) < len(pings):
+            return ""
+        for ping in done:
+            try:
+                self.ray.get(ping)
+                return ""
+            except ActorDiedError:
+                continue
+            except Exception:  # unavailable for now (restarting): not known to be dead
+                return ""
+        return (
+            f"every encode actor died for good ({len(actors)}, each restarted up to {self.actor_restarts} times): no "
+            "clip can be encoded; see the Ray worker logs"
+        )
 
 
 class _ray_session:
