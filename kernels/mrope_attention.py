@@ -357,9 +357,10 @@ def attention_config(dtype: torch.dtype, blocks: str | None = None) -> dict:
 def _check_vector(name: str, t: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != (length,) or t.dtype != dtype or t.device != device:
+    if t.shape != (length,) or t.dtype != dtype or t.device != device or not t.is_contiguous():
         raise ValueError(
-            f"{name} is {t.dtype} {list(t.shape)} on {t.device}; expected {dtype} [{length}] on {device}"
+            f"{name} is {t.dtype} {list(t.shape)} on {t.device}, strides {t.stride()}; expected contiguous {dtype} "
+            f"[{length}] on {device}"
         )
 
 
@@ -382,14 +383,20 @@ def _check_attention_args(
         )
     device = qkv.device
     for name, t in norm_params.items():
-        if not isinstance(t, torch.Tensor) or t.shape != (HEAD_DIM,) or t.device != device:
-            raise ValueError(f"{name} must be a [{HEAD_DIM}] tensor on {device}")
+        if not isinstance(t, torch.Tensor) or t.shape != (HEAD_DIM,) or t.device != device or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{HEAD_DIM}] tensor on {device}")
     num_seqs = cu_seqlens.numel() - 1 if isinstance(cu_seqlens, torch.Tensor) else -1
     if num_seqs < 0 or cu_seqlens.dim() != 1:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [B + 1]")
     _check_vector("cu_seqlens", cu_seqlens, num_seqs + 1, torch.int32, device)
-    if positions.shape != (qkv.shape[0], 3) or positions.dtype != torch.int32 or positions.device != device:
-        raise ValueError(f"positions is {positions.dtype} {list(positions.shape)}; expected int32 [{qkv.shape[0]}, 3]")
+    if (
+        positions.shape != (qkv.shape[0], 3) or positions.dtype != torch.int32 or positions.device != device
+        or not positions.is_contiguous()
+    ):  # fmt: skip
+        raise ValueError(
+            f"positions is {positions.dtype} {list(positions.shape)}, strides {positions.stride()}; expected "
+            f"contiguous int32 [{qkv.shape[0]}, 3] on {device}"
+        )
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 2 or t.shape[1] != 32 or t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
             raise ValueError(f"{name} is {t.dtype} {list(t.shape)}; expected contiguous float32 [P, 32] on {device}")

@@ -107,6 +107,45 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(model, expected, monke
         engine.encode(videos[:1], COUNTS[:1])
 
 
+def test_the_cpu_allocators_out_of_memory_error_splits_the_batch_too(model, expected, monkeypatch):
+    """On the CPU, running out of memory is a plain RuntimeError from the allocator, not torch.OutOfMemoryError;
+    any other RuntimeError is not split."""
+    videos, _, indices, _ = expected
+    engine = Engine(model, budgets=(1024,), max_clips=8)
+    real_encode = model.encode_packed
+    message = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to"
+
+    def encode_with_small_memory(patches, pack):
+        if len(pack.token_counts) > 2:
+            raise RuntimeError(f"{message} allocate 1234567890 bytes. Error code 12 (Cannot allocate memory)")
+        return real_encode(patches, pack)
+
+    monkeypatch.setattr(model, "encode_packed", encode_with_small_memory)
+    _, out = engine.encode(videos, COUNTS)
+    assert all(torch.equal(a, b) for a, b in zip(out["indices"], indices, strict=True))
+    monkeypatch.setattr(model, "encode_packed", lambda *a: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="^something else$"):
+        engine.encode(videos, COUNTS)
+
+
+def test_a_bad_clip_in_a_stream_is_raised_after_every_clip_before_it(model, expected):
+    """A stream is checked clip by clip as it is read: the clips before a bad one (here in two batches, the second
+    not yet full) still come back, then its error; likewise for a clip too large for every budget."""
+    videos, _, indices, _ = expected
+    engine = Engine(model, budgets=(512,), max_clips=2)
+    good = [(i, videos[i], COUNTS[i]) for i in range(3)]
+    for bad, error in (
+        (("bad", torch.zeros(3, 5, 8, 8), 1), r"^clip 'bad' has shape \[3, 5, 8, 8\]"),
+        (("big", torch.zeros(3, 4, 256, 128), 1), r"^clip 'big' needs 513 packed rows"),
+    ):
+        got = []
+        with pytest.raises(ValueError, match=error):
+            for key, (_, idx) in engine.encode_stream([*good, bad, (9, videos[0], COUNTS[0])]):
+                got.append((key, idx))
+        assert [key for key, _ in got] == [0, 1, 2]
+        assert all(torch.equal(idx, indices[key]) for key, idx in got)
+
+
 def test_engine_rejects_bad_settings_and_clips(model):
     with pytest.raises(ValueError, match="mode 'fast' is not one of"):
         Engine(model, mode="fast")
@@ -121,10 +160,19 @@ def test_engine_rejects_bad_settings_and_clips(model):
         engine.encode([torch.zeros(3, 5, 8, 8)], [1])
     with pytest.raises(ValueError, match=r"clip 'big' needs 72 packed rows"):
         list(engine.encode_stream([("small", torch.zeros(3, 4, 8, 8), 1), ("big", torch.zeros(3, 4, 32, 16), 64)]))
-    with pytest.raises(ValueError, match="clip 'b': video 0 has shape"):
+    with pytest.raises(ValueError, match=r"^clip 'b' has shape \[3, 5, 8, 8\]"):
         list(engine.encode_stream([("a", torch.zeros(3, 4, 8, 8), 1), ("b", torch.zeros(3, 5, 8, 8), 1)]))
+    with pytest.raises(ValueError, match=r"^token count of clip 'c' is 0"):
+        list(engine.encode_stream([("c", torch.zeros(3, 4, 8, 8), 0)]))
     with pytest.raises(ValueError, match="indices of clip 'x' holds index 4375"):
         list(engine.decode_stream([("x", torch.tensor([4375]), (4, 8, 8))]))
+    with pytest.raises(ValueError, match="indices of clip 'e' is empty; expected at least one token"):
+        list(engine.decode_stream([("e", torch.zeros(0, dtype=torch.long), (4, 8, 8))]))
+    with pytest.raises(ValueError, match=r"^grid of clip 'g' is \[4, 8, 9\]"):
+        list(engine.decode_stream([("g", torch.tensor([1]), (4, 8, 9))]))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"max_clips must be an integer >= 1, got {bad}"):
+            Engine(model, max_clips=bad)
     with pytest.warns(UserWarning, match="budgets above 16384 rows are dropped"):
         assert Engine(model, mode="static").budgets == (4096, 8192, 16384)
 
@@ -197,6 +245,46 @@ def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypa
     assert rel_l2(now[0], expected[3][0]) > 1e-2  # the change is visible
 
 
+@pytest.mark.parametrize("mode", ["static", "cudagraph"])
+def test_fixed_shape_state_follows_replaced_parameters_precision_and_dtype(expected, mode, monkeypatch):
+    """The fixed-shape modes' runners read the parameters by address (CUDA graphs) and their buffers are made in
+    the model's dtype: after ``load_state_dict(assign=True)``, a precision switch, or ``to(bfloat16)``, the
+    engine gives exactly what an engine built on the changed model gives."""
+    videos, _, indices, _ = expected
+    model = make_model("tiny")
+    settings = dict(budgets=(512,), max_clips=4)
+    engine = engine_for(model, mode, monkeypatch, **settings)
+
+    def same_as_a_new_engine():
+        fresh = engine_for(model, mode, monkeypatch, **settings)
+        _, got = engine.encode(videos[:3], COUNTS[:3])
+        _, want = fresh.encode(videos[:3], COUNTS[:3])
+        assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True))
+        out, ref = (e.decode_indices(list(indices[:3]), SHAPES[:3]) for e in (engine, fresh))
+        assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
+        return got["indices"]
+
+    before = same_as_a_new_engine()
+    model.load_state_dict({k: v.clone() for k, v in make_model("tiny", seed=1).state_dict().items()}, assign=True)
+    after = same_as_a_new_engine()
+    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # new weights, new tokens
+    model.precision = "fp8"
+    same_as_a_new_engine()
+    model.precision = "default"
+    model.to(torch.bfloat16)
+    same_as_a_new_engine()
+    assert engine._buffers[("encode", 512)].inputs.dtype == torch.bfloat16
+
+
+def test_auto_pads_a_graph_batch_to_a_small_budget_only():
+    """auto's rule looks at the budget a batch would be padded to: with budgets of 4k and 64k rows, 5000 rows
+    would pad to 65536 rows, so that batch runs eager."""
+    cuda = torch.device("cuda")
+    assert auto_mode(3000, cuda, (4096, 65536)) == "cudagraph"
+    assert auto_mode(5000, cuda, (4096, 65536)) == "eager"
+    assert auto_mode(5000, cuda, (4096, 8192, 65536)) == "cudagraph"
+
+
 def test_pair_positions_match_the_pair_axis_index():
     from titok_fast.kernels.mrope_attention import pair_axis
     from titok_fast.packing import pair_positions
@@ -254,7 +342,7 @@ def test_auto_mode_mixes_graphs_and_eager_batches_and_equals_model(model, expect
     engine.mode = "auto"
     modes = []
 
-    def rule(rows, device):
+    def rule(rows, device, budgets):
         modes.append("cudagraph" if rows <= 40 else "eager")
         return modes[-1]
 

@@ -203,6 +203,14 @@ def test_bad_arguments():
         mrope_attention(**args, q_starts=args["cu_seqlens"][:-1])
     with pytest.raises(ValueError, match="out is"):
         mrope_attention(**args, out=torch.empty(7, 8 * 64, dtype=torch.float16, device=DEVICE))
+    # the kernel reads these as contiguous: the same values with other strides are refused, not misread
+    column_major = args["positions"].t().contiguous().t()
+    with pytest.raises(ValueError, match=r"positions is .* strides \(1, 7\); expected contiguous int32"):
+        mrope_attention(**{**args, "positions": column_major})
+    strided = torch.zeros(2 * args["cu_seqlens"].numel(), dtype=torch.int32, device=DEVICE)[::2]
+    strided.copy_(args["cu_seqlens"])
+    with pytest.raises(ValueError, match=r"cu_seqlens is .* strides \(2,\); expected contiguous"):
+        mrope_attention(**{**args, "cu_seqlens": strided})
 
 
 @pytest.mark.parametrize("num_q_heads, num_kv_heads", [(16, 4), (32, 8), (12, 4)])

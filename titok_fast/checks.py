@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,8 +23,11 @@ def check_no_grad(t: torch.Tensor, what: str) -> None:
         )
 
 
-def check_videos(videos: object, patch: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """Validate a batch of videos [3, T, H, W]; return their pixel shapes (T, H, W)."""
+def check_videos(
+    videos: object, patch: tuple[int, int, int], name: Callable[[int], str] = "video {}".format
+) -> list[tuple[int, int, int]]:
+    """Validate a batch of videos [3, T, H, W]; return their pixel shapes (T, H, W). ``name(i)`` names video i in
+    the errors."""
     if isinstance(videos, torch.Tensor):
         raise TypeError(
             f"videos must be a list of [3, T, H, W] tensors, got one tensor of shape {list(videos.shape)}; "
@@ -37,33 +40,36 @@ def check_videos(videos: object, patch: tuple[int, int, int]) -> list[tuple[int,
     shapes = []
     for i, v in enumerate(videos):
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"video {i} is a {type(v).__name__}; expected a torch.Tensor [3, T, H, W]")
+            raise TypeError(f"{name(i)} is a {type(v).__name__}; expected a torch.Tensor [3, T, H, W]")
         if v.dim() != 4 or v.shape[0] != 3:
-            raise ValueError(f"video {i} has shape {list(v.shape)}; expected [3, T, H, W] (3 channels, rank 4)")
+            raise ValueError(f"{name(i)} has shape {list(v.shape)}; expected [3, T, H, W] (3 channels, rank 4)")
         if not v.is_floating_point():
-            raise TypeError(f"video {i} has dtype {v.dtype}; expected a floating dtype with values in [-1, 1]")
-        check_no_grad(v, f"video {i}")
+            raise TypeError(f"{name(i)} has dtype {v.dtype}; expected a floating dtype with values in [-1, 1]")
+        check_no_grad(v, name(i))
         for axis, size, p in zip("THW", v.shape[1:], patch, strict=True):
             if size == 0 or size % p:
                 raise ValueError(
-                    f"video {i} has shape {list(v.shape)}; {axis} must be a positive multiple of {p} "
+                    f"{name(i)} has shape {list(v.shape)}; {axis} must be a positive multiple of {p} "
                     f"(patch {list(patch)})"
                 )
         if v.device != videos[0].device:
-            raise ValueError(f"video {i} is on {v.device} but video 0 is on {videos[0].device}; mixed devices")
+            raise ValueError(f"{name(i)} is on {v.device} but {name(0)} is on {videos[0].device}; mixed devices")
         if v.dtype != videos[0].dtype:
-            raise ValueError(f"video {i} has dtype {v.dtype} but video 0 has {videos[0].dtype}; mixed dtypes")
+            raise ValueError(f"{name(i)} has dtype {v.dtype} but {name(0)} has {videos[0].dtype}; mixed dtypes")
         shapes.append(tuple(int(s) for s in v.shape[1:]))
     # one cheap reduction per video; the exact element-wise test only runs when a sum is not finite
     sums = torch.stack([v.sum(dtype=torch.float64) for v in videos]).isfinite().tolist()
     for i, ok in enumerate(sums):
         if not ok and not bool(torch.isfinite(videos[i]).all()):
-            raise ValueError(f"video {i} contains NaN or infinite values")
+            raise ValueError(f"{name(i)} contains NaN or infinite values")
     return shapes
 
 
-def check_token_counts(token_counts: object, expected: int | None, what: str = "videos") -> list[int]:
-    """Validate per-video latent token counts (integers >= 1), one per video when ``expected`` is given."""
+def check_token_counts(
+    token_counts: object, expected: int | None, what: str = "videos", name: Callable[[int], str] = "video {}".format
+) -> list[int]:
+    """Validate per-video latent token counts (integers >= 1), one per video when ``expected`` is given;
+    ``name(i)`` names video i in the errors."""
     if isinstance(token_counts, torch.Tensor):
         token_counts = token_counts.tolist() if token_counts.dim() else [token_counts.item()]
     if is_integer(token_counts):
@@ -77,15 +83,18 @@ def check_token_counts(token_counts: object, expected: int | None, what: str = "
     out = []
     for i, n in enumerate(token_counts):
         if not is_integer(n):
-            raise TypeError(f"token count of video {i} is {n!r}; expected an integer >= 1")
+            raise TypeError(f"token count of {name(i)} is {n!r}; expected an integer >= 1")
         if int(n) < 1:
-            raise ValueError(f"token count of video {i} is {int(n)}; expected an integer >= 1")
+            raise ValueError(f"token count of {name(i)} is {int(n)}; expected an integer >= 1")
         out.append(int(n))
     return out
 
 
-def check_grids(grids: object, expected: int, patch: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """Validate per-video pixel shapes (T, H, W), multiples of the patch."""
+def check_grids(
+    grids: object, expected: int, patch: tuple[int, int, int], name: Callable[[int], str] = "video {}".format
+) -> list[tuple[int, int, int]]:
+    """Validate per-video pixel shapes (T, H, W), multiples of the patch; ``name(i)`` names video i in the
+    errors."""
     if not isinstance(grids, Sequence) or isinstance(grids, str):
         raise TypeError(f"grids must be a list of (T, H, W) pixel shapes, got {type(grids).__name__}")
     if len(grids) != expected:
@@ -95,12 +104,12 @@ def check_grids(grids: object, expected: int, patch: tuple[int, int, int]) -> li
         if isinstance(g, torch.Tensor):
             g = g.tolist()
         if not isinstance(g, Sequence) or len(g) != 3 or not all(is_integer(s) for s in g):
-            raise ValueError(f"grid of video {i} is {g!r}; expected three integers (T, H, W)")
+            raise ValueError(f"grid of {name(i)} is {g!r}; expected three integers (T, H, W)")
         g = tuple(int(s) for s in g)
         for axis, size, p in zip("THW", g, patch, strict=True):
             if size <= 0 or size % p:
                 raise ValueError(
-                    f"grid of video {i} is {list(g)}; {axis} must be a positive multiple of {p} (patch {list(patch)})"
+                    f"grid of {name(i)} is {list(g)}; {axis} must be a positive multiple of {p} (patch {list(patch)})"
                 )
         out.append(g)
     return out

@@ -58,23 +58,29 @@ def pack_greedily(
     """Group items, in order, so each group's rows fit ``largest`` and it holds at most ``max_clips`` items.
 
     Streams: a group is yielded as soon as the next item does not fit it. An item too large for ``largest`` is a
-    ValueError naming it by ``name_of(position, item)``."""
+    ValueError naming it by ``name_of(position, item)``; that error, or one from ``items``, is raised after the
+    group of the items before it is yielded."""
     current: list = []
-    used = 0
-    for position, item in enumerate(items):
-        r = rows_of(item)
-        if r > largest:
-            raise ValueError(
-                f"clip {name_of(position, item)!r} needs {r} packed rows (tokens + patches); the largest budget is "
-                f"{largest}"
-            )
-        if current and (used + r > largest or len(current) == max_clips):
-            yield current
-            current, used = [], 0
-        current.append(item)
-        used += r
+    used, error = 0, None
+    try:
+        for position, item in enumerate(items):
+            r = rows_of(item)
+            if r > largest:
+                raise ValueError(
+                    f"clip {name_of(position, item)!r} needs {r} packed rows (tokens + patches); the largest budget "
+                    f"is {largest}"
+                )
+            if current and (used + r > largest or len(current) == max_clips):
+                yield current
+                current, used = [], 0
+            current.append(item)
+            used += r
+    except Exception as e:
+        error = e
     if current:
         yield current
+    if error is not None:
+        raise error
 
 
 def plan_batches(rows: Sequence[int], budgets: Sequence[int], max_clips: int) -> list[list[int]]:
@@ -82,10 +88,18 @@ def plan_batches(rows: Sequence[int], budgets: Sequence[int], max_clips: int) ->
     return list(pack_greedily(range(len(rows)), rows.__getitem__, max(budgets), max_clips))
 
 
-def auto_mode(rows: int, device: torch.device) -> str:
-    """The mode ``auto`` runs a batch of ``rows`` packed rows in on ``device``: ``"cudagraph"`` on CUDA for at
-    most ``AUTO_GRAPH_MAX_ROWS`` rows, else ``"eager"``."""
-    return "cudagraph" if device.type == "cuda" and rows <= AUTO_GRAPH_MAX_ROWS else "eager"
+def auto_mode(rows: int, device: torch.device, budgets: Sequence[int] = DEFAULT_BUDGETS) -> str:
+    """The mode ``auto`` runs a batch of ``rows`` packed rows in on ``device``: ``"cudagraph"`` on CUDA when the
+    budget the batch would be padded to (the smallest of ``budgets`` that holds it) is at most
+    ``AUTO_GRAPH_MAX_ROWS`` rows, else ``"eager"``."""
+    if device.type != "cuda" or rows > max(budgets):
+        return "eager"
+    return "cudagraph" if pick_budget(rows, budgets) <= AUTO_GRAPH_MAX_ROWS else "eager"
+
+
+def _clip_named(key: object) -> Callable[[int], str]:
+    """Names a stream's clip in the checks' errors (which name the i-th video of a batch otherwise)."""
+    return lambda _: f"clip {key!r}"
 
 
 def pick_budget(rows: int, budgets: Sequence[int]) -> int:
@@ -120,19 +134,11 @@ class Engine:
             raise ValueError(f"mode 'cudagraph' needs the model on a CUDA device, it is on {model.device}")
         if not budgets or any(not isinstance(b, int) or b < 2 for b in budgets):
             raise ValueError(f"budgets must be integers >= 2 (packed rows), got {list(budgets)}")
-        if max_clips < 1:
-            raise ValueError(f"max_clips must be >= 1, got {max_clips}")
+        if not isinstance(max_clips, int) or isinstance(max_clips, bool) or max_clips < 1:
+            raise ValueError(f"max_clips must be an integer >= 1, got {max_clips!r}")
         self.model, self.mode = model, mode
-        self.budgets = tuple(sorted(set(budgets)))
-        if mode not in ("eager", "auto") and model.active_backend.name == "torch":
-            kept = tuple(b for b in self.budgets if b <= TORCH_FIXED_SHAPE_MAX_BUDGET)
-            if kept != self.budgets:
-                warnings.warn(
-                    f"the torch backend's fixed-shape path attends with a dense [budget, budget] mask; budgets above "
-                    f"{TORCH_FIXED_SHAPE_MAX_BUDGET} rows are dropped (the triton backend on a GPU takes larger ones)",
-                    stacklevel=2,
-                )
-            self.budgets = kept or (TORCH_FIXED_SHAPE_MAX_BUDGET,)
+        self._requested_budgets = tuple(sorted(set(budgets)))
+        self.budgets = self._usable_budgets(stacklevel=3)
         self.max_clips = max_clips
         self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured (mode "cudagraph")
         self._buffers: dict[tuple[str, int], _Buffers] = {}
@@ -143,6 +149,42 @@ class Engine:
         self._graph_pool = None  # one memory pool for every captured graph: they never run at the same time
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # see _decoder_table
         self._table_source: torch.Tensor | None = None
+        self._built_for = self._model_state()  # what the buffers, runners and table above were built for
+
+    def _usable_budgets(self, stacklevel: int) -> tuple[int, ...]:
+        """The budgets asked for, less those the torch backend's fixed-shape path cannot take."""
+        budgets = self._requested_budgets
+        if self.mode == "eager" or self.model.active_backend.name != "torch":
+            return budgets
+        kept = tuple(b for b in budgets if b <= TORCH_FIXED_SHAPE_MAX_BUDGET)
+        if kept != budgets and self.mode != "auto":  # auto pads to at most AUTO_GRAPH_MAX_ROWS
+            warnings.warn(
+                f"the torch backend's fixed-shape path attends with a dense [budget, budget] mask; budgets above "
+                f"{TORCH_FIXED_SHAPE_MAX_BUDGET} rows are dropped (the triton backend on a GPU takes larger ones)",
+                stacklevel=stacklevel,
+            )
+            return kept or (TORCH_FIXED_SHAPE_MAX_BUDGET,)
+        return budgets
+
+    def _model_state(self) -> tuple:
+        """What the fixed-shape state depends on besides the weights' values: where the parameters live
+        (``model.generation``), their dtype and device, the precision and the backend."""
+        model = self.model
+        return model.generation, model.dtype, model.device, model.precision, model.active_backend.name
+
+    def _follow_model(self) -> None:
+        """Before a fixed-shape batch: if the model changed in a way the built state cannot follow in place,
+        drop that state (it is built again as needed) and check the mode against the model's device."""
+        state = self._model_state()
+        if state == self._built_for:
+            return
+        if self.mode == "cudagraph" and state[2] != self._built_for[2] and state[2].type != "cuda":
+            raise ValueError(f"mode 'cudagraph' needs the model on a CUDA device, it was moved to {state[2]}")
+        self._buffers.clear()
+        self._runners.clear()
+        self._table = self._table_source = None
+        self.budgets = self._usable_budgets(stacklevel=5)
+        self._built_for = state
 
     # --------------------------------------------------------------------------------------------- public API
     def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
@@ -173,11 +215,8 @@ class Engine:
 
         def checked(items):
             for key, video, n in items:
-                try:
-                    check_videos([video], patch)
-                    check_token_counts([n], 1)
-                except (ValueError, TypeError) as e:
-                    raise type(e)(f"clip {key!r}: {e}") from None
+                check_videos([video], patch, _clip_named(key))
+                check_token_counts([n], 1, name=_clip_named(key))
                 yield key, video, n
 
         yield from self._stream(checked(items), self._encode_rows, self._stage_videos, self._run_encode)
@@ -197,10 +236,9 @@ class Engine:
         def checked(items):
             for key, idx, shape in items:
                 check_indices(idx, codebook, f"indices of clip {key!r}")
-                try:
-                    check_grids([shape], 1, patch)
-                except ValueError as e:
-                    raise ValueError(f"clip {key!r}: {e}") from None
+                if idx.numel() == 0:
+                    raise ValueError(f"indices of clip {key!r} is empty; expected at least one token")
+                check_grids([shape], 1, patch, _clip_named(key))
                 yield key, idx, shape
 
         yield from self._stream(checked(items), self._decode_rows, self._stage_indices, self._run_decode)
@@ -211,16 +249,28 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- batching
     def _stream(self, items, rows_of, stage, run) -> Iterator:
-        """Batch items greedily; stage batch k+1 on a worker thread while batch k runs."""
+        """Batch items greedily; stage batch k+1 on a worker thread while batch k runs. A bad item (or an error
+        from ``items``) is raised once every item before it has been yielded."""
+        batches = pack_greedily(items, rows_of, self.budgets[-1], self.max_clips, lambda _, item: item[0])
+        error = None
         with ThreadPoolExecutor(max_workers=1) as stager:
             pending = None  # (batch, future of its staged inputs)
-            for batch in pack_greedily(items, rows_of, self.budgets[-1], self.max_clips, lambda _, item: item[0]):
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception as e:
+                    error = e
+                    break
                 staged = (batch, stager.submit(stage, batch, self._inputs_ready()))
                 if pending is not None:
                     yield from self._finish(pending, run)
                 pending = staged
             if pending is not None:
                 yield from self._finish(pending, run)
+        if error is not None:
+            raise error
 
     def _finish(self, pending, run) -> Iterator:
         batch, staged = pending
@@ -237,7 +287,9 @@ class Engine:
         """Run a batch; on out-of-memory split it in two and retry, down to single clips."""
         try:
             return run(batch, staged)
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
             if len(batch) == 1:
                 raise RuntimeError(f"out of memory on clip {batch[0][0]!r} alone; use a smaller clip") from None
             if self.model.device.type == "cuda":
@@ -326,8 +378,11 @@ class Engine:
     def _plan(self, counts: list[int], grids: list) -> tuple[str, int]:
         """(mode, token budget) of a batch: ``auto`` picks per batch (:func:`auto_mode`), the others are fixed."""
         rows = sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True))
-        mode = auto_mode(rows, self.model.device) if self.mode == "auto" else self.mode
-        return mode, (0 if mode == "eager" else pick_budget(rows, self.budgets))
+        mode = auto_mode(rows, self.model.device, self.budgets) if self.mode == "auto" else self.mode
+        if mode == "eager":
+            return mode, 0
+        self._follow_model()
+        return mode, pick_budget(rows, self.budgets)
 
     def _static_buffers(self, stage: str, budget: int) -> _Buffers:
         key = (stage, budget)
@@ -425,6 +480,12 @@ class Engine:
             return out
 
         return replay
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """A device's out-of-memory error (``torch.OutOfMemoryError``), or the CPU allocator's, which is a plain
+    RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 _GRAPHS_COMPILED = [0]  # graphs compiled by _counting_inductor in this process

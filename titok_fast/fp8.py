@@ -124,13 +124,15 @@ def set_precision(model: nn.Module, precision: str) -> None:
     """Switch the layers' Linears of ``model.encoder`` and ``model.decoder`` to FP8 (``"fp8"``) or back
     (``"default"``), in place; parameters and ``state_dict`` are unchanged."""
     wanted = Fp8Linear if check_precision(precision) == "fp8" else nn.Linear
-    switched = []
+    switched, replaced = [], False
     for parent, name in model_linears(model):
         linear = getattr(parent, name)
         if type(linear) is not wanted:
-            linear = _sharing_parameters(wanted, linear)
+            linear, replaced = _sharing_parameters(wanted, linear), True
             setattr(parent, name, linear)
         switched.append(linear)
+    if replaced and hasattr(model, "_generation"):  # TiTok.generation: runners that read FP8 weights are stale
+        model._generation += 1
     # what precision_of and refresh read: the made_with of every resumed file and every batch would otherwise walk
     # all of the model's layers (110 us for V1)
     model._fp8_linears = switched if precision == "fp8" else []

@@ -230,6 +230,7 @@ class TiTok(nn.Module):
 
     def __init__(self, config: object = "v1", backend: str = "auto", precision: str = "default"):
         super().__init__()
+        self._generation = 0  # see generation
         self.config = TiTokConfig.from_any(config)
         self.quantize = FSQ(self.config.fsq_levels)
         self._runtime = Runtime(backend, self.quantize)
@@ -249,12 +250,33 @@ class TiTok(nn.Module):
         fp8.set_precision(self, value)
 
     def weights_changed(self) -> None:
-        """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies) at its next
-        use. Changes made the usual ways (``load_state_dict``, in-place operations on the parameters, optimiser
-        steps) are seen without this; writes through ``parameter.data`` bypass the version counter that tells,
-        so call it after them. Engines built on the model follow at their next batch."""
+        """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies, an engine's
+        fixed-shape runners) at its next use. Changes made the usual ways (``load_state_dict``, in-place
+        operations on the parameters, optimiser steps, ``to()``) are seen without this; writes through
+        ``parameter.data`` bypass the version counter that tells, and a parameter assigned to a submodule is not
+        seen either, so call it after them. Engines built on the model follow at their next batch."""
         self.decoder._table = None
         fp8.forget(self)
+        self._generation += 1
+
+    @property
+    def generation(self) -> int:
+        """A count that changes whenever the parameters may have moved to other tensors: ``to()``, ``half()``
+        and the like on the model, ``load_state_dict(..., assign=True)``, a precision switch,
+        :meth:`weights_changed`. What reads them by address (an engine's CUDA graphs and fixed-shape buffers) is
+        built again when it changes."""
+        return self._generation
+
+    def _apply(self, fn, recurse: bool = True):
+        applied = super()._apply(fn, recurse)
+        self._generation += 1
+        return applied
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        loaded = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # the state dict's tensors are now the parameters; in place (the default) they stay where they are
+            self._generation += 1
+        return loaded
 
     @property
     def backend(self) -> str:
