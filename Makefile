@@ -20,8 +20,8 @@ bench-gpu:
 gpu-session:
 	bash benchmarks/gpu_session.sh all
 
-# Wheels for a GPU machine without network (Python 3.12, x86_64) of what it lacks; carry .wheels there (about
-# 61 MiB, under a 64 MiB carry limit; ruff is left out, so the lint test skips there: it runs on every CPU).
+# Wheels for a GPU machine without network (Python 3.12, x86_64) of what it lacks; copy .wheels there (about
+# 61 MiB; ruff is left out to keep it small, so the lint test skips there: it runs on every CPU).
 # (pynvvideocodec: the NVDEC decoder of `encode --decoder nvdec`, optional.)
 wheels:
 	pip download av omegaconf pynvvideocodec --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in parts that each fit a 10-minute slot, with every result written to a folder.
+# Everything that needs a GPU, in parts that each run within 10 minutes, with every result written to a folder.
 #
 #   bash benchmarks/gpu_session.sh tests     # the whole test suite: on a GPU the kernel tests run compiled
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
@@ -19,9 +19,9 @@
 #                                            # their decoded pixels against the float32 oracle's
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
 #                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
-#   bash benchmarks/gpu_session.sh all       # all eight in a row (pipeline is run on its own)
-#   bash benchmarks/gpu_session.sh targets   # one short visit, under 9 minutes by its timeouts (540 s): the
-#                                            # measurements behind every target of both issues (attention vs
+#   bash benchmarks/gpu_session.sh all       # all eight in a row, up to 10 minutes each (pipeline is run on its own)
+#   bash benchmarks/gpu_session.sh targets   # one short run, under 9 minutes by its timeouts (540 s): the
+#                                            # measurements behind every target of RESULTS.md (attention vs
 #                                            # the anchors and every block shape; encode and decode at 256
 #                                            # tokens, b1/b8/b32,
 #                                            # upstream-packed / eager / auto; fp8 at b32; parity; the pipeline
@@ -31,9 +31,9 @@
 #
 # Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
 # <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
-# environment.txt (card, driver, versions, commit: $COMMIT where the copy has no .git). The machine may have no
-# network: Python packages it lacks (PyAV, omegaconf) are installed from ./.wheels, which `make wheels`
-# fills on a machine that has one (without ruff, to stay small: the lint test skips on the GPU machine).
+# environment.txt (card, driver, versions, commit: $COMMIT where the checkout has no .git). The machine may have
+# no network: Python packages it lacks (PyAV, omegaconf, PyNvVideoCodec) are installed from ./.wheels, which
+# `make wheels` fills on a machine that has one (without ruff, to stay small: the lint test skips without it).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
@@ -57,28 +57,31 @@ torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)
     local missing
     missing=$("$python" -c "import importlib.util as u
 print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
-    if { [ "$1" = pipeline ] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null; then
-        missing="$missing pynvvideocodec"  # optional: without it the NVDEC rows say why
-    fi
     if [ -n "$missing" ] && ! "$python" -m pip install --quiet --no-index --find-links .wheels $missing; then
-        echo "cannot install $missing: run 'make wheels' where there is a network and carry .wheels" >&2
-        [ "$1" = tests ] || [ "$1" = all ] && exit 2  # the benchmarks need none of them
+        echo "cannot install $missing: run 'make wheels' on a machine with a network and copy .wheels here" >&2
+        # titok_fast reads videos with PyAV: nothing runs without it; omegaconf: upstream's configs (tests, all)
+        ! "$python" -c "import av" 2>/dev/null || [ "$1" = tests ] || [ "$1" = all ] && exit 2
+    fi
+    if { [ "$1" = pipeline ] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
+        && ! "$python" -m pip install --quiet --no-index --find-links .wheels pynvvideocodec; then
+        echo "PyNvVideoCodec is not installed: the NVDEC rows will say why" >&2  # optional, installed on its own
     fi
 }
 
-bench() {  # bench NAME PYTEST-K-EXPRESSION [SECONDS]: cut off after SECONDS (default 600), keeping what it measured
-    TITOK_BENCH_LOG="$out/$1.jsonl" timeout "${3:-600}" "$python" -m titok_fast.cli bench -k "$2" \
+bench() {  # bench NAME PYTEST-K-EXPRESSION [SECONDS]: cut off after SECONDS (default 540, so that with the
+    # installs a part stays within 10 minutes), keeping what it measured
+    TITOK_BENCH_LOG="$out/$1.jsonl" timeout "${3:-540}" "$python" -m titok_fast.cli bench -k "$2" \
         --json "$out/$1.json" 2>&1 | tee "$out/$1.txt"
 }
 
 part() {
     case "$1" in
-        tests) "$python" -m pytest -q -rs tests -p no:cacheprovider 2>&1 | tee "$out/tests.txt" ;;
+        tests) timeout 540 "$python" -m pytest -q -rs tests -p no:cacheprovider 2>&1 | tee "$out/tests.txt" ;;
         kernels) bench kernels "bench_kernels" ;;
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
-        parity) "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 \
+        parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 \
                     --decode 2>&1 \
                     | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
@@ -105,17 +108,18 @@ pipeline() {  # at most 9 minutes (the timeouts below add up to 530 s; with "sho
                --videos "$videos" --log "$log")
     {
         echo "## NVDEC probe"
-        timeout 30 "$python" - <<'PROBE' 2>&1
-import sys
+        PROBE_VIDEO="$out/probe.mp4" timeout 30 "$python" - <<'PROBE' 2>&1
+import os, sys
 sys.path.insert(0, "benchmarks")
 from pathlib import Path
 import av, torch
 import bench_pipeline
 from titok_fast import decoders
-bench_pipeline.make_source(Path("/tmp/probe.mp4"), 640, 360, 30, 2)
+probe = os.environ["PROBE_VIDEO"]
+bench_pipeline.make_source(Path(probe), 640, 360, 30, 2)
 try:  # NVDEC itself, without the CPU fallback: the exact error if it cannot be reached
-    with av.open("/tmp/probe.mp4") as container:
-        frames = decoders.nvdec_frames("/tmp/probe.mp4", container.streams.video[0])
+    with av.open(probe) as container:
+        frames = decoders.nvdec_frames(probe, container.streams.video[0])
         first = next(frames)
         rgb = decoders.nvdec_rgb(first)
         count = 1 + sum(1 for _ in frames)

@@ -374,7 +374,8 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) ->
         choices=("default", "fp8"),
         default="default",
         help="fp8: the transformer layers' matmuls in float8 with row-wise scales (CUDA GPUs of compute capability "
-        "8.9+, bf16); faster, but fewer tokens equal those of the default precision, and decoded pixels lie further "
+        "8.9+, bf16); meant to be faster (not yet measured), but fewer tokens equal those of the default precision, "
+        "and decoded pixels lie further "
         "from float32 (benchmarks/RESULTS.md); "
         "recorded in token files (default: default)",
     )
