@@ -1,6 +1,9 @@
 """Kernel benchmarks (pytest-benchmark; CUDA only, skipped cleanly without it).
 
-    python -m pytest benchmarks/bench_kernels.py --benchmark-columns=mean,stddev,rounds
+    python -m pytest benchmarks/bench_kernels.py --benchmark-json out.json && python benchmarks/report.py out.json
+
+The figures to report are those of ``extra_info`` (see the end of this header), which ``benchmarks/report.py``
+prints: ``ms``, ``ms p20``, ``ms p80`` and the rate (TFLOP/s or GB/s) with its ratio to the group's baseline.
 
 Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (encoder 16/4 heads, decoder
 32/8 heads, mixed sequence lengths 1152..3904), providers
@@ -9,16 +12,17 @@ Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (en
   written, no TFLOP/s);
 - ``torch_flash``: q/k LayerNorm + M-RoPE in PyTorch (fp32 math), then PyTorch's varlen flash attention (GQA);
 - ``upstream``: as upstream: norms in bf16, rotation in complex128, then the same flash attention;
-- anchors, attention alone on already normalised and rotated q/k (``anchors.py``): ``fa2_alone``
-  (FlashAttention-2 varlen), ``cudnn_alone`` (cuDNN through SDPA, per sequence), ``flex_alone`` (FlexAttention
-  with a document mask, compiled).
+- anchors, attention alone on already normalised and rotated q/k (``anchors.py``; what does not change between
+  calls, such as bounds, expanded K/V and masks, is prepared before timing): ``fa2_alone`` (FlashAttention-2
+  varlen), ``cudnn_alone`` (cuDNN through SDPA, per sequence), ``flex_alone`` (FlexAttention with a document mask,
+  compiled).
 FSQ: GB/s of the fused encoder head and decoder-input gather against unfused PyTorch (``torch``).
 
 With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured.
 Every time is per call, from ``triton.testing.do_bench`` (CUDA events, warm-up and autotuning outside the timed
 calls): the median and the 20%/80% quantiles go into ``extra_info`` (``ms``, ``ms_p20``, ``ms_p80``) and every
-rate is computed from the median. pytest-benchmark's own columns time one synchronised call and are not the
-figures to report.
+rate is computed from the median. pytest-benchmark's own columns (mean, stddev, rounds, ...) time one
+synchronised call and are not the figures to report.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import math
 import os
 import platform
+import time
 
 import pytest
 import torch
@@ -45,6 +50,7 @@ from titok_fast.kernels.mrope_attention import (
 from anchors import ANCHORS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA device")
+RUN = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"  # this process's rows in the log
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +61,7 @@ def _log_case(request):
     log, benchmark = os.environ.get("TITOK_BENCH_LOG"), request.node.funcargs.get("benchmark")
     if log and benchmark is not None and benchmark.extra_info:
         with open(log, "a") as f:
-            f.write(json.dumps({"case": benchmark.group, **benchmark.extra_info}) + "\n")
+            f.write(json.dumps({"case": benchmark.group, "run": RUN, **benchmark.extra_info}) + "\n")
 
 # (latent tokens, patch grid): sequence lengths 3904, 3136, 1792, 1152
 VIDEOS = [(1024, (5, 24, 24)), (256, (5, 24, 24)), (512, (5, 16, 16)), (128, (4, 16, 16))]
@@ -151,10 +157,7 @@ def test_attention(benchmark, side, provider):
     elif provider.endswith("_alone"):
         heads = qkv.unflatten(1, (hq + 2 * hkv, 64))
         q, k, v = (heads[:, a:b].contiguous() for a, b in ((0, hq), (hq, hq + hkv), (hq + hkv, hq + 2 * hkv)))
-        anchor = ANCHORS[provider.removesuffix("_alone")]
-
-        def fn():
-            return anchor(q, k, v, cu)
+        fn, _ = ANCHORS[provider.removesuffix("_alone")](q, k, v, cu)  # prepared here: fn is the attention alone
     else:
 
         def fn():

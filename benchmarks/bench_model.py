@@ -10,8 +10,15 @@ kept as a label for the older tables).
   batch (144-192p, 8-20 frames, 128-1024 tokens); titok-fast providers ``eager``, ``compile``, ``cudagraph``,
   ``auto`` (the engine's modes, triton backend) and ``fp8`` (``auto`` with the layers' Linears in FP8).
 
+TFLOP/s and MFU count the FLOPs each provider executes (:func:`executed_flops`; the row's ``flops_counted`` says
+which): upstream's paths and the oracle every row through every layer (model FLOPs); the packed path (the lean
+model, ``eager``, and ``auto`` where it picks eager) skips the last layer's work on rows that do not come out; the
+fixed-shape modes every real row through every layer (their padding rows run too, uncounted). The time is the mean
+of the timed rounds; each row also carries their spread (``ms_min``, ``ms_max``, ``ms_stddev``).
+
 ``titok-fast bench`` runs this file and prints the table; ``python benchmarks/report.py out.json`` does too.
-With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured.
+With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured
+(``run`` names the process that measured it: a ratio takes both numbers from one run).
 """
 
 from __future__ import annotations
@@ -22,26 +29,62 @@ import math
 import os
 import platform
 import random
+import time
 
 import pytest
 import torch
 
 from titok_fast.config import TiTokConfig
-from titok_fast.engine import Engine
+from titok_fast.engine import Engine, auto_mode, plan_batches
 from titok_fast.loading import random_tokenizer
+from titok_fast.model import TiTok
 from titok_fast.patches import patch_grid
 from titok_fast.reference import ReferenceTiTok
 
 from baselines import UpstreamPacked, load_upstream, upstream_checkout
 
 CUDA = torch.cuda.is_available()
-H100_DENSE_BF16 = 989e12  # FLOP/s, the card's dense bf16 peak, for model FLOP utilisation
+H100_DENSE_BF16 = 989e12  # FLOP/s, the card's dense bf16 peak, for MFU (of the FLOPs executed: executed_flops)
+RUN = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"  # this process's rows in the log
 _MODELS: dict = {}
+FLOP_COUNTS = {  # what a FLOP count counts, by the path that runs (the logged row's ``flops_counted``)
+    "model": "model FLOPs: every row through every layer",
+    "eager": "packed path: every row through every layer but the last, whose attention, out_proj and FFN run "
+    "for the output rows only",
+    "fixed": "fixed shape: every real row through every layer (padding rows run too, not counted)",
+}
 
 
-def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list) -> float:
-    rows = [n + math.prod(patch_grid(s, config.patch_size)) for s, n in zip(shapes, counts, strict=True)]
-    return (config.encoder if stage == "encode" else config.decoder).flops(rows)
+def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list, path: str = "model") -> float:
+    """FLOPs of one pass of ``stage`` over the clips as ``path`` (a key of ``FLOP_COUNTS``) runs it."""
+    grids = [math.prod(patch_grid(s, config.patch_size)) for s in shapes]
+    rows = [n + g for n, g in zip(counts, grids, strict=True)]
+    stack = config.encoder if stage == "encode" else config.decoder
+    if path == "eager":  # the last layer's output rows: latent rows out of the encoder, patch rows out of the decoder
+        return stack.packed_flops(rows, list(counts) if stage == "encode" else grids)
+    return stack.flops(rows)  # "fixed" counts the same: the real rows only, the padding up to the budget is not
+
+
+def engine_paths(rows: list[int], mode: str, device: torch.device, budgets, max_clips: int) -> list[tuple[list, str]]:
+    """The batches an engine in ``mode`` runs clips of ``rows`` packed rows in (clip positions), each with the
+    path it takes (``"eager"`` or ``"fixed"``): batched and picked as ``Engine`` does."""
+    out = []
+    for batch in plan_batches(rows, budgets, max_clips):
+        picked = auto_mode(sum(rows[i] for i in batch), device, budgets) if mode == "auto" else mode
+        out.append((batch, "eager" if picked == "eager" else "fixed"))
+    return out
+
+
+def executed_flops(runner, config: TiTokConfig, stage: str, shapes: list, counts: list) -> tuple[float, str]:
+    """(FLOPs ``runner`` executes in one pass over the clips, what they count): an engine per batch by the path it
+    runs, the lean model its packed path, upstream's paths and the oracle every row through every layer."""
+    if isinstance(runner, Engine):
+        rows = [n + math.prod(patch_grid(s, config.patch_size)) for s, n in zip(shapes, counts, strict=True)]
+        paths = engine_paths(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips)
+        flops = sum(clip_flops(config, stage, [shapes[i] for i in b], [counts[i] for i in b], p) for b, p in paths)
+        return flops, "; ".join(FLOP_COUNTS[p] for p in sorted({p for _, p in paths}))
+    path = "eager" if isinstance(runner, TiTok) else "model"
+    return clip_flops(config, stage, shapes, counts, path), FLOP_COUNTS[path]
 
 
 def model_for(config: str, provider: str, device: str, dtype: torch.dtype):
@@ -105,15 +148,20 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=0)
-    mean = benchmark.stats.stats.mean
-    cfg = TiTokConfig.from_any(config)
-    flops = clip_flops(cfg, stage, shapes, counts)
+    stats = benchmark.stats.stats
+    mean = stats.mean
+    flops, counted = executed_flops(runner, TiTokConfig.from_any(config), stage, shapes, counts)
     benchmark.extra_info.update(
         stage=stage,
         provider=provider,
         clips_per_s=len(shapes) / mean,
         tokens_per_s=sum(counts) / mean,
+        ms_min=stats.min * 1e3,  # the spread of the timed rounds (the rates above are from their mean)
+        ms_max=stats.max * 1e3,
+        ms_stddev=stats.stddev * 1e3,
+        rounds=stats.rounds,
         tflops_per_s=flops / mean / 1e12,
+        flops_counted=counted,
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
@@ -127,7 +175,7 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
     log = os.environ.get("TITOK_BENCH_LOG")
     if log:  # one line per case as soon as it is measured: a run cut short keeps what it measured
         with open(log, "a") as f:
-            f.write(json.dumps({"case": benchmark.group, "mean_s": mean, **benchmark.extra_info}) + "\n")
+            f.write(json.dumps({"case": benchmark.group, "run": RUN, "mean_s": mean, **benchmark.extra_info}) + "\n")
 
 
 CPU_CASES = {

@@ -9,6 +9,8 @@ float32 oracle's decoding (PSNR over the [-1, 1] range, and the relative RMS err
 Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu] [--interpret]
 [--fp8] [--decode]`` (``--interpret``: the triton backend on a CPU, its kernels in the Triton interpreter with the
 test harness's GPU rounding of bf16, ``tests/triton_mode.py``).
+Each seed's result is printed (flushed) as soon as that seed is done, so a run cut short keeps what it measured;
+the table of all seeds comes at the end.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def pixel_error(videos: list, truth: list) -> tuple[float, float]:
     """(squared error, squared reference) summed over every pixel of the decoded ``videos`` against ``truth``."""
     error = sum(((v.cpu().float() - t) ** 2).sum().item() for v, t in zip(videos, truth, strict=True))
     return error, sum((t**2).sum().item() for t in truth)
+
+
+def psnr(error: float, count: int) -> float:
+    """PSNR over the [-1, 1] range (peak-to-peak 2) of a summed squared ``error`` over ``count`` values."""
+    return 10 * math.log10(4 / (error / count)) if error else math.inf
 
 
 def main() -> None:
@@ -102,6 +109,13 @@ def run(args: argparse.Namespace) -> None:
                 set_precision(model, "default")
         oracle.fused_attention = True
         measure("reference-sdpa", oracle, half)
+        results = []  # this seed, as soon as it is done
+        for name in names:
+            result = f"{name} {100 * totals[name][-1]:.2f}%"
+            if args.decode:
+                result += f" {psnr(pixels[name][-1][0], sum(v.numel() for v in decoded)):.1f} dB"
+            results.append(result)
+        print(f"seed {seed}: " + ", ".join(results) + f" (of {sum(counts)} tokens)", flush=True)
     tokens = sum(counts) * args.seeds
     for backend, values in totals.items():
         mean = sum(values) / len(values)
@@ -109,9 +123,9 @@ def run(args: argparse.Namespace) -> None:
         if args.decode:  # pixels: PSNR over the [-1, 1] range (peak-to-peak 2) and relative RMS error
             error, reference = map(sum, zip(*pixels[backend], strict=True))
             count = sum(v.numel() for v in decoded) * args.seeds
-            psnr = 10 * math.log10(4 / (error / count)) if error else math.inf
-            line += f" decoded: {psnr:.1f} dB PSNR, {100 * math.sqrt(error / reference):.3f}% relative RMS error |"
-        print(line)
+            rms = 100 * math.sqrt(error / reference)
+            line += f" decoded: {psnr(error, count):.1f} dB PSNR, {rms:.3f}% relative RMS error |"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,25 @@ def test_a_group_without_a_named_baseline_divides_by_its_first_row(tmp_path):
     text = table(str(path))
     assert "| titok[m128n64w8s3] | 300.0 | 1.00x |" in text and "| titok[m128n128w8s2] | 330.0 | 1.10x |" in text
     assert "| titok[m64n64w4s3] | 240.0 | 0.80x |" in text
+
+
+def test_end_to_end_rows_show_the_spread_of_their_timed_rounds(tmp_path):
+    """bench_model.py logs the min, max and standard deviation of the timed rounds beside the rates (from the mean)."""
+
+    def bench(provider, clips_per_s, **spread):
+        return {"group": "gpu-encode", "extra_info": {"provider": provider, "clips_per_s": clips_per_s, **spread}}
+
+    data = {
+        "benchmarks": [
+            bench("upstream-packed", 100.0, ms_min=315.2, ms_max=330.9, ms_stddev=6.25),
+            bench("auto", 250.0, ms_min=126.0, ms_max=129.5, ms_stddev=1.5),
+            bench("older", 50.0),  # a row from before the spread was logged
+        ]
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    text = table(str(path))
+    assert "| provider | clips/s | ms min-max (sd) | vs baseline |" in text
+    assert "| upstream-packed | 100.00 | 315.20-330.90 (6.25) | 1.00x |" in text
+    assert "| auto | 250.00 | 126.00-129.50 (1.50) | 2.50x |" in text
+    assert "| older | 50.00 |  | 0.50x |" in text

@@ -9,11 +9,12 @@ from collections import defaultdict
 # what "vs baseline" divides by, the first one present: upstream's packed path, else older tables' baselines, else
 # the group's first row (a sweep of one kernel's block shapes: its first row is the default)
 BASELINES = ("upstream-packed", "reference", "fa2_alone", "torch_flash", "torch")
-COLUMNS = [
+COLUMNS = [  # header, key, format (given the value and, by name, the row's other fields)
     ("ms", "ms", "{:.3f}"),
     ("ms p20", "ms_p20", "{:.3f}"),
     ("ms p80", "ms_p80", "{:.3f}"),
     ("clips/s", "clips_per_s", "{:.2f}"),
+    ("ms min-max (sd)", "ms_min", "{:.2f}-{ms_max:.2f} ({ms_stddev:.2f})"),  # end to end: the timed rounds' spread
     ("tokens/s", "tokens_per_s", "{:.0f}"),
     ("TFLOP/s", "tflops_per_s", "{:.1f}"),
     ("GB/s", "gb_per_s", "{:.0f}"),
@@ -40,7 +41,7 @@ def table(path: str) -> str:
         lines.append("| provider | " + " | ".join(c[0] for c in used) + " | vs baseline |")
         lines.append("|---" * (len(used) + 2) + "|")
         for i in info:
-            cells = [fmt.format(i[key]) if key in i else "" for _, key, fmt in used]
+            cells = [fmt.format(i[key], **i) if key in i else "" for _, key, fmt in used]
             ratio = f"{i[speed] / base:.2f}x" if base and speed in i else ""
             lines.append(f"| {i.get('provider', '?')} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)

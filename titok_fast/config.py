@@ -44,10 +44,23 @@ class StackSize:
 
     def flops(self, sequence_lengths: list[int]) -> float:
         """Model FLOPs of this stack over packed sequences: every row through every layer (DESIGN.md section 9)."""
+        return self.layers * self._layer_flops(sequence_lengths, sequence_lengths)
+
+    def packed_flops(self, sequence_lengths: list[int], output_lengths: list[int]) -> float:
+        """FLOPs the packed path executes (``titok_fast.model.run_layers``): every layer but the last as in
+        :meth:`flops`; the last projects q/k/v for every row, but attends, projects out and runs the FFN only for
+        the ``output_lengths`` rows of each sequence that come out (latent rows in the encoder, patch rows in the
+        decoder)."""
+        every_row = self._layer_flops(sequence_lengths, sequence_lengths)
+        return (self.layers - 1) * every_row + self._layer_flops(sequence_lengths, output_lengths)
+
+    def _layer_flops(self, sequence_lengths: list[int], query_lengths: list[int]) -> float:
+        """One layer: q/k/v projections of every row; attention, out_proj and FFN of the query rows."""
         w, inner = self.width, self.ffn_inner
-        per_row = 2 * w * ((self.q_heads + 2 * self.kv_heads) * HEAD_DIM + w + 3 * inner)
-        attention = sum(4 * s * s * self.q_heads * HEAD_DIM for s in sequence_lengths)
-        return self.layers * (per_row * sum(sequence_lengths) + attention)
+        qkv = 2 * w * (self.q_heads + 2 * self.kv_heads) * HEAD_DIM
+        per_query = 2 * w * (w + 3 * inner)
+        pairs = sum(q * s for q, s in zip(query_lengths, sequence_lengths, strict=True))
+        return qkv * sum(sequence_lengths) + per_query * sum(query_lengths) + 4 * pairs * self.q_heads * HEAD_DIM
 
     @classmethod
     def named(cls, name: str) -> StackSize:

@@ -183,6 +183,8 @@ class Engine:
         self._buffers.clear()
         self._runners.clear()
         self._table = self._table_source = None
+        if state[2] != self._built_for[2]:
+            self._graph_pool = None  # a memory pool of the device the graphs were on
         self.budgets = self._usable_budgets(stacklevel=5)
         self._built_for = state
 
@@ -317,7 +319,7 @@ class Engine:
         device = self.model.device
         if device.type != "cuda":
             return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
-        if self._copy_stream is None:
+        if self._copy_stream is None or self._copy_stream.device != device:  # made for the model's device now
             self._copy_stream = torch.cuda.Stream(device)
         with self._capture_lock, torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(ready)  # inputs made on the GPU by the caller are complete

@@ -1,0 +1,77 @@
+"""The FLOPs behind the benchmarks' TFLOP/s and MFU: what each path executes (``StackSize.packed_flops`` for the
+packed path, whose last layer works only on the rows that come out; ``flops`` for every row through every layer)."""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from titok_fast.backends import TORCH
+from titok_fast.config import PRESETS
+from titok_fast.engine import DEFAULT_BUDGETS, Engine
+from titok_fast.loading import random_tokenizer
+from titok_fast.model import run_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_model  # noqa: E402
+
+TINY = PRESETS["tiny"]  # tiny_thin both sides: 2 layers, 8 q heads, 2 kv heads, width 512, FFN inner 704
+
+
+def test_packed_flops_by_hand():
+    """One 4x8x8 clip (a single patch) with 2 tokens: 3 rows, through the 2 layers of the tiny config."""
+    qkv, out, ffn = 2 * 512 * (8 + 2 * 2) * 64, 2 * 512 * 512, 2 * 512 * 3 * 704  # per row
+    assert TINY.encoder.ffn_inner == 704
+    every_row = 3 * (qkv + out + ffn) + 4 * 3 * 3 * 8 * 64  # a layer: 3 rows, 3 x 3 attention pairs
+    assert every_row == 10_438_656
+    assert TINY.encoder.flops([3]) == 2 * every_row == 20_877_312
+    # the last layer: q/k/v of every row; attention (2 queries x 3 keys), out_proj and FFN of the output rows only
+    encoder_last = 3 * qkv + 2 * (out + ffn) + 4 * 2 * 3 * 8 * 64  # 2 latent rows come out
+    decoder_last = 3 * qkv + 1 * (out + ffn) + 4 * 1 * 3 * 8 * 64  # 1 patch row comes out
+    assert TINY.encoder.packed_flops([3], [2]) == every_row + encoder_last == 18_184_192
+    assert TINY.decoder.packed_flops([3], [1]) == every_row + decoder_last == 15_491_072
+    assert bench_model.clip_flops(TINY, "encode", [(4, 8, 8)], [2], "eager") == 18_184_192
+    assert bench_model.clip_flops(TINY, "decode", [(4, 8, 8)], [2], "eager") == 15_491_072
+    assert bench_model.clip_flops(TINY, "encode", [(4, 8, 8)], [2], "fixed") == 20_877_312  # padding not counted
+
+
+def test_packed_flops_are_what_the_packed_path_runs():
+    """The torch backend's packed path under PyTorch's FLOP counter (attention through SDPA's math path, whose
+    matmuls it counts): the same number, encoder and decoder."""
+    model = random_tokenizer("tiny", seed=0)
+    counts, grids = [3, 2], [(2, 2, 2), (1, 1, 1)]
+    rows = [3 + 8, 2 + 1]
+    for side, queries, outputs in (("encoder", "latent", counts), ("decoder", "patch", [8, 1])):
+        part = getattr(model, side)
+        pack = part.runtime.packings.packing(counts, grids, torch.device("cpu"))
+        x = torch.randn(pack.rows, part.size.width)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            run_layers(part.model_layers, x, pack, queries, TORCH, part.runtime.packings)
+        assert counter.get_total_flops() == getattr(TINY, side).packed_flops(rows, outputs)
+
+
+def test_each_provider_counts_the_path_it_runs():
+    model = random_tokenizer("tiny", seed=0)
+    shapes, counts = [(8, 16, 16), (4, 8, 8)], [3, 2]
+    rows = [3 + 8, 2 + 1]
+    packed, every_row = TINY.encoder.packed_flops(rows, counts), TINY.encoder.flops(rows)
+
+    def executed(runner):
+        return bench_model.executed_flops(runner, TINY, "encode", shapes, counts)
+
+    assert executed(model) == (packed, bench_model.FLOP_COUNTS["eager"])  # the lean model: packed path
+    assert executed(Engine(model, mode="eager"))[0] == packed
+    assert executed(Engine(model, mode="auto"))[0] == packed  # auto is eager off a GPU
+    assert executed(Engine(model, mode="static", budgets=(4096,))) == (every_row, bench_model.FLOP_COUNTS["fixed"])
+    assert executed(object()) == (every_row, bench_model.FLOP_COUNTS["model"])  # upstream's paths, the oracle
+
+
+def test_auto_counts_each_batch_by_the_mode_it_picks():
+    """On a GPU auto runs a small batch as a CUDA graph (fixed shape) and a large one eagerly."""
+    rows = [3136 + 256] * 21  # 19 clips fill the largest budget; the last 2 pad to 8192 rows: a graph
+    paths = bench_model.engine_paths(rows, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 32)
+    assert [(len(batch), path) for batch, path in paths] == [(19, "eager"), (2, "fixed")]
+    cpu = bench_model.engine_paths(rows, "auto", torch.device("cpu"), DEFAULT_BUDGETS, 32)
+    assert {path for _, path in cpu} == {"eager"}
