@@ -5,6 +5,13 @@ import json
 from titok_fast.benchreport import table
 
 
+def rendered(tmp_path, data: dict) -> str:
+    """The table of pytest-benchmark JSON ``data``, written to a file as the benchmarks write it."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    return table(str(path))
+
+
 def test_table_has_a_row_per_provider_and_the_ratio_to_the_baseline(tmp_path):
     def bench(group, provider, **info):
         return {"group": group, "extra_info": {"provider": provider, "device": "card", "torch": "x", **info}}
@@ -17,9 +24,7 @@ def test_table_has_a_row_per_provider_and_the_ratio_to_the_baseline(tmp_path):
             bench("attention", "torch_flash", tflops_per_s=300.0),
         ]
     }
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(data))
-    text = table(str(path))
+    text = rendered(tmp_path, data)
     assert "| cudagraph | 7.00 | 1792 | 61.0% | 3.5 | 3.50x |" in text
     assert "| reference | 2.00 | 512 |  |  | 1.00x |" in text
     assert "| titok | 410.0 | 1.37x |" in text
@@ -41,9 +46,7 @@ def test_ratios_divide_rates_by_upstream_packed_never_times(tmp_path):
             bench("attention", "titok", ms=0.1, ms_p20=0.09, ms_p80=0.11, tflops_per_s=600.0),
         ]
     }
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(data))
-    text = table(str(path))
+    text = rendered(tmp_path, data)
     assert "| torch | 3.00 | 1.50x |" in text and "| reference | 1.00 | 0.50x |" in text
     assert "| titok | 0.100 | 0.090 | 0.110 | 600.0 | 2.00x |" in text
 
@@ -52,9 +55,7 @@ def test_a_group_without_a_named_baseline_divides_by_its_first_row(tmp_path):
     """A sweep of block shapes (bench_kernels.py::test_attention_blocks) lists the default first."""
     rows = [("titok[m128n64w8s3]", 300.0), ("titok[m128n128w8s2]", 330.0), ("titok[m64n64w4s3]", 240.0)]
     data = {"benchmarks": [{"group": "blocks", "extra_info": {"provider": p, "tflops_per_s": t}} for p, t in rows]}
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(data))
-    text = table(str(path))
+    text = rendered(tmp_path, data)
     assert "| titok[m128n64w8s3] | 300.0 | 1.00x |" in text and "| titok[m128n128w8s2] | 330.0 | 1.10x |" in text
     assert "| titok[m64n64w4s3] | 240.0 | 0.80x |" in text
 
@@ -72,9 +73,7 @@ def test_end_to_end_rows_show_the_spread_of_their_timed_rounds(tmp_path):
             bench("older", 50.0),  # a row from before the spread was logged
         ]
     }
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(data))
-    text = table(str(path))
+    text = rendered(tmp_path, data)
     assert "| provider | clips/s | ms min-max (sd) | vs baseline |" in text
     assert "| upstream-packed | 100.00 | 315.20-330.90 (6.25) | 1.00x |" in text
     assert "| auto | 250.00 | 126.00-129.50 (1.50) | 2.50x |" in text
