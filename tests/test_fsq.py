@@ -54,8 +54,16 @@ def _head_params(num_rows, width, levels, dtype):
     return [t.to(device=DEVICE, dtype=dtype) for t in [x, *params]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("levels", LEVELS)
+# every level set in fp32 and bf16; fp16 (the same loads and stores as bf16, other rounding) for V1's levels
+HEAD_CASES = [
+    pytest.param(level.values[0], dtype.values[0], id=f"{level.id}-{dtype.id}")
+    for level in LEVELS
+    for dtype in DTYPES
+    if dtype.id != "fp16" or level.id == "7-7-7-5-5"
+]
+
+
+@pytest.mark.parametrize("levels, dtype", HEAD_CASES)
 def test_encoder_head_matches_ref(levels, dtype):
     consts = FsqConstants.of(levels, DEVICE)
     params = _head_params(2000, 200, levels, dtype)
