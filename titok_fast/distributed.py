@@ -573,7 +573,7 @@ class _Run:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         if self.reader is not None:
-            self.reader.join(timeout=1.5)  # a reader between rows sees ``stop`` within a second
+            self.reader.join(timeout=10.0)  # one between rows sees ``stop`` within a second, then closes Ray Data's
             with self.lock:
                 if self.reading:  # waiting in Ray Data, which may never answer
                     _raise_in(self.reader, _Stop)
