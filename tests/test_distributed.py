@@ -249,6 +249,47 @@ def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(vi
     assert ray.available_resources().get("CPU", 0) == 2
 
 
+@pytest.mark.parametrize("interrupted", [False, True], ids=["error", "ctrl-c"])
+def test_leaving_a_pass_stops_a_reader_stuck_in_ray_data(interrupted, monkeypatch):
+    """Ray Data's iterator can wait for ever (it polls). Leaving a pass stops the reader inside it, so that Ray
+    Data shuts down (here: the iterator's cleanup runs) before Ray does, and kills the pass's ledger; on Ctrl-C
+    at once, without the grace a reader between rows gets (set here to longer than the test may take)."""
+    from titok_fast import distributed
+
+    cleaned, killed = [], []
+
+    def stuck():
+        try:
+            yield {"file": 0}
+            while True:
+                time.sleep(0.01)
+        finally:
+            cleaned.append(True)
+
+    class Ray:
+        def kill(self, actor):
+            killed.append(actor)
+
+    monkeypatch.setattr(distributed, "STOP_GRACE_SECONDS", 600.0 if interrupted else 0.5)
+
+    def waited(*_):
+        raise TimeoutError("leaving the pass waited")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)
+    try:
+        run = distributed._Run(Ray(), stuck(), "ledger", actors=1, actor_restarts=0)
+        with pytest.raises(KeyboardInterrupt if interrupted else RuntimeError):
+            with run:
+                assert next(run.rows()) == {"file": 0}
+                raise KeyboardInterrupt if interrupted else RuntimeError("the driver failed")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert cleaned == [True] and killed == ["ledger"]
+    assert not run.reading and not run.reader.is_alive()
+
+
 def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path):
     files = collect_inputs([videos["good"]])
     bad = ClipSettings(grid=(4, 32, 32), tokens=8, fps=0.0)

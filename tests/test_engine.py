@@ -1,5 +1,6 @@
 """The engine against the model, clip by clip, in every mode the machine can run."""
 
+import math
 import random
 
 import pytest
@@ -274,6 +275,84 @@ def test_fixed_shape_state_follows_replaced_parameters_precision_and_dtype(expec
     model.to(torch.bfloat16)
     same_as_a_new_engine()
     assert engine._buffers[("encode", 512)].inputs.dtype == torch.bfloat16
+
+
+def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_what_still_holds(
+    expected, monkeypatch
+):
+    """Parameters replaced through a submodule (``model.decoder.load_state_dict(..., assign=True)``) or moved by
+    ``model.decoder.to(...)`` never pass through the model's own methods: the engine sees them where they live
+    and captures again. A move that moves nothing (``model.to("cpu")`` on the CPU) and ``weights_changed()``
+    after in-place writes keep the graphs (they read the same memory, which holds the new values)."""
+    videos, _, indices, _ = expected
+    model = make_model("tiny")
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
+    engine.encode(videos[:2], COUNTS[:2])
+    engine.decode_indices(list(indices[:2]), SHAPES[:2])
+    assert engine.compiles == 2
+    with torch.no_grad():
+        model.decoder.ln_pre.bias.data.add_(0.1)  # in place, unseen by the version counter
+    model.weights_changed()
+    model.to("cpu")
+    out = engine.decode_indices(list(indices[:2]), SHAPES[:2])
+    assert engine.compiles == 2  # no new capture
+    now = model.decode_indices(indices[:2], SHAPES[:2])
+    assert all(rel_l2(o, n) <= 1e-5 for o, n in zip(out, now, strict=True))
+    assert rel_l2(now[0], expected[3][0]) > 1e-3  # the write is visible
+    other = make_model("tiny", seed=1)
+    model.decoder.load_state_dict({k: v.clone() for k, v in other.decoder.state_dict().items()}, assign=True)
+    out = engine.decode_indices(list(indices[:2]), SHAPES[:2])
+    assert engine.compiles == 3
+    want = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4).decode_indices(
+        list(indices[:2]), SHAPES[:2]
+    )
+    assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
+    model.decoder.to(torch.float64).to(torch.float32)  # new memory, same dtype and device
+    engine.decode_indices(list(indices[:2]), SHAPES[:2])
+    assert engine.compiles == 4
+
+
+def test_a_backend_change_lowers_the_budgets_before_a_stream_is_batched(expected, monkeypatch):
+    """The torch backend's fixed-shape path takes smaller budgets than the triton one: after ``model.backend`` is
+    switched, the next call batches clips for the budgets usable now."""
+    import titok_fast.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "TORCH_FIXED_SHAPE_MAX_BUDGET", 256)
+    videos, _, indices, _ = expected
+    model = make_model("tiny", backend="triton")
+    engine = Engine(model, mode="static", budgets=(128, 1024), max_clips=8)
+    assert engine.budgets == (128, 1024)
+    model.backend = "torch"
+    with pytest.warns(UserWarning, match="budgets above 256 rows are dropped"):
+        _, got = engine.encode(videos, COUNTS)
+    assert engine.budgets == (128,)
+    assert all(torch.equal(a, b) for a, b in zip(got["indices"], indices, strict=True))
+
+
+def test_an_error_from_the_items_is_not_lost_to_a_batch_failing_meanwhile(model, expected, monkeypatch):
+    """The items end in an error after a clip whose batch then fails: the items' error is what comes out (they
+    cannot go on), through ``encode_stream`` and through the pipeline's retrying ``encode_resiliently``."""
+    from titok_fast.pipeline import encode_resiliently
+
+    videos, _, _, _ = expected
+    engine = Engine(model, budgets=(512,), max_clips=1)
+    real_encode = model.encode_packed
+
+    def items():
+        yield "a", videos[0], COUNTS[0]
+        yield "b", videos[1], COUNTS[1]
+        raise OSError("the source broke")
+
+    def encode(patches, pack):
+        if len(pack.token_counts) == 1 and patches.shape[0] == math.prod(SHAPES[1]) // 256:
+            raise RuntimeError("out of memory on clip 'b' alone")
+        return real_encode(patches, pack)
+
+    monkeypatch.setattr(model, "encode_packed", encode)
+    with pytest.raises(OSError, match="the source broke"):
+        list(engine.encode_stream(items()))
+    with pytest.raises(OSError, match="the source broke"):
+        list(encode_resiliently(engine, items(), lambda key, error: None))
 
 
 def test_auto_pads_a_graph_batch_to_a_small_budget_only():

@@ -68,7 +68,8 @@ MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per
 WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row came for this long
 PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
 QUEUED_ROWS = 1024  # result rows read ahead of the driver
-STOP_SECONDS = 30.0  # the longest the driver waits for its reader thread to leave Ray Data
+STOP_GRACE_SECONDS = 10.0  # how long a reader may take to close Ray Data's iterator itself when the driver stops
+STOP_SECONDS = 30.0  # the longest the driver waits for its reader thread to leave Ray Data once stopped there
 _END = object()
 
 
@@ -548,7 +549,7 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=actor_restarts,
             max_task_retries=actor_restarts,
         )  # fmt: skip
-    return _Run(ray, results.iter_rows(), ledger, actor_restarts)
+    return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts)
 
 
 class _Stop(BaseException):
@@ -560,25 +561,31 @@ class _Run:
     that when none comes for ``WATCH_SECONDS`` the driver can look at the encode actors: once every one has died
     for good, Ray Data can wait for ever (a fixed-size pool does not replace dead actors), so when two checks in
     a row find them all dead the job stops instead. On leaving, a reader still in Ray Data is stopped there (so
-    that it ends before Ray does), and the ledger, which holds the actors' handles and so would keep them alive,
-    is killed."""
+    that it ends before Ray does: Ray Data would start a new cluster from it), at once on Ctrl-C, and the pass's
+    ledger is killed."""
 
-    def __init__(self, ray, rows, ledger, actor_restarts: int):
+    def __init__(self, ray, rows, ledger, actors: int, actor_restarts: int):
         self.ray, self.results, self.ledger, self.actor_restarts = ray, rows, ledger, actor_restarts
+        self.actors = actors  # the pool's size
         self.stop, self.lock, self.reading, self.reader = threading.Event(), threading.Lock(), False, None
 
     def __enter__(self) -> _Run:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         self.stop.set()
-        if self.reader is not None:
-            self.reader.join(timeout=10.0)  # one between rows sees ``stop`` within a second, then closes Ray Data's
-            with self.lock:
-                if self.reading:  # waiting in Ray Data, which may never answer
-                    _raise_in(self.reader, _Stop)
-            self.reader.join(timeout=STOP_SECONDS)
-        self.ray.kill(self.ledger)
+        try:
+            try:  # a reader between rows sees ``stop`` within a second and closes Ray Data's iterator itself
+                if self.reader is not None and not isinstance(error, KeyboardInterrupt):
+                    self.reader.join(timeout=STOP_GRACE_SECONDS)
+            finally:  # even when a second Ctrl-C cuts that wait short
+                with self.lock:
+                    if self.reading:  # still in Ray Data, which may never answer
+                        _raise_in(self.reader, _Stop)
+            if self.reader is not None:
+                self.reader.join(timeout=STOP_SECONDS)
+        finally:
+            self.ray.kill(self.ledger)
 
     def rows(self) -> Iterator[dict]:
         queued: queue.Queue = queue.Queue(maxsize=QUEUED_ROWS)
@@ -606,17 +613,23 @@ class _Run:
         """The reader thread: rows into ``queued``, then the end or the error. A :class:`_Stop` sent while
         ``reading`` (one at most) ends it wherever it lands; one still pending when it is done is cleared."""
         pumped = False
-        while True:
-            try:
-                if not pumped:
-                    pumped = True
-                    self._pump(queued)
-                with self.lock:
-                    self.reading = False
-                    _raise_in(threading.current_thread(), None)
-                return
-            except _Stop:
-                continue
+        try:
+            while True:
+                try:
+                    if not pumped:
+                        pumped = True
+                        self._pump(queued)
+                    self._done_reading()
+                    return
+                except _Stop:
+                    continue
+        finally:  # however it ends (an error from closing Ray Data's iterator too): no stop is sent to it after
+            self._done_reading()
+
+    def _done_reading(self) -> None:
+        with self.lock:
+            self.reading = False
+            _raise_in(threading.current_thread(), None)
 
     def _pump(self, queued: queue.Queue) -> None:
         rows = iter(self.results)
@@ -644,14 +657,16 @@ class _Run:
         return False
 
     def encoders_lost(self) -> str:
-        """Why no clip can be encoded any more, or "": every encode actor that enlisted has died for good (none
-        enlisted yet, or one alive, restarting or not answering within PING_SECONDS: "")."""
+        """Why no clip can be encoded any more, or "": every actor of the pool has enlisted and died for good (one
+        not enlisted yet, alive, restarting or not answering within PING_SECONDS: "")."""
         from ray.exceptions import ActorDiedError
 
         actors = self.ray.get(self.ledger.encoders.remote())
+        if len(actors) < self.actors:  # one may still be starting (loading its model, waiting for a GPU)
+            return ""
         pings = [actor.__ray_ready__.remote() for actor in actors]
-        done, _ = self.ray.wait(pings, num_returns=len(pings), timeout=PING_SECONDS) if pings else ([], [])
-        if not pings or len(done) < len(pings):
+        done, _ = self.ray.wait(pings, num_returns=len(pings), timeout=PING_SECONDS)
+        if len(done) < len(pings):
             return ""
         for ping in done:
             try:

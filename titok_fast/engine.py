@@ -167,10 +167,11 @@ class Engine:
         return budgets
 
     def _model_state(self) -> tuple:
-        """What the fixed-shape state depends on besides the weights' values: where the parameters live
-        (``model.generation``), their dtype and device, the precision and the backend."""
+        """What the fixed-shape state depends on besides the weights' values (which it follows in place): where the
+        parameters live, their dtype and device, the modules (``model.generation``), precision and backend."""
         model = self.model
-        return model.generation, model.dtype, model.device, model.precision, model.active_backend.name
+        return (model.dtype, model.device, model.generation, model.precision, model.active_backend.name,
+                model.parameter_addresses())  # fmt: skip
 
     def _follow_model(self) -> None:
         """Before a fixed-shape batch: if the model changed in a way the built state cannot follow in place,
@@ -178,12 +179,12 @@ class Engine:
         state = self._model_state()
         if state == self._built_for:
             return
-        if self.mode == "cudagraph" and state[2] != self._built_for[2] and state[2].type != "cuda":
-            raise ValueError(f"mode 'cudagraph' needs the model on a CUDA device, it was moved to {state[2]}")
+        if self.mode == "cudagraph" and state[1] != self._built_for[1] and state[1].type != "cuda":
+            raise ValueError(f"mode 'cudagraph' needs the model on a CUDA device, it was moved to {state[1]}")
         self._buffers.clear()
         self._runners.clear()
         self._table = self._table_source = None
-        if state[2] != self._built_for[2]:
+        if state[1] != self._built_for[1]:
             self._graph_pool = None  # a memory pool of the device the graphs were on
         self.budgets = self._usable_budgets(stacklevel=5)
         self._built_for = state
@@ -251,28 +252,43 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- batching
     def _stream(self, items, rows_of, stage, run) -> Iterator:
-        """Batch items greedily; stage batch k+1 on a worker thread while batch k runs. A bad item (or an error
-        from ``items``) is raised once every item before it has been yielded."""
-        batches = pack_greedily(items, rows_of, self.budgets[-1], self.max_clips, lambda _, item: item[0])
-        error = None
-        with ThreadPoolExecutor(max_workers=1) as stager:
-            pending = None  # (batch, future of its staged inputs)
-            while True:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except Exception as e:
-                    error = e
-                    break
-                staged = (batch, stager.submit(stage, batch, self._inputs_ready()))
+        """Batch items greedily; stage batch k+1 on a worker thread while batch k runs. A bad item, or an error from
+        ``items``, is raised once every item before it has been yielded; an error from ``items`` is never lost to
+        a batch that fails meanwhile (it is raised instead: the items cannot go on)."""
+        self._follow_model()  # before the largest budget is read: a change of backend can lower it
+        source_errors: list[Exception] = []
+
+        def source():
+            try:
+                yield from items
+            except Exception as e:
+                source_errors.append(e)
+
+        batches = pack_greedily(source(), rows_of, self.budgets[-1], self.max_clips, lambda _, item: item[0])
+        bad_item = None
+        try:
+            with ThreadPoolExecutor(max_workers=1) as stager:
+                pending = None  # (batch, future of its staged inputs)
+                while True:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    except ValueError as e:  # a clip too large for every budget, after the batch before it
+                        bad_item = e
+                        break
+                    staged = (batch, stager.submit(stage, batch, self._inputs_ready()))
+                    if pending is not None:
+                        yield from self._finish(pending, run)
+                    pending = staged
                 if pending is not None:
                     yield from self._finish(pending, run)
-                pending = staged
-            if pending is not None:
-                yield from self._finish(pending, run)
-        if error is not None:
-            raise error
+        except Exception:
+            if source_errors:
+                raise source_errors[0]  # noqa: B904 (the batch's failure stays attached as its context)
+            raise
+        if source_errors or bad_item is not None:
+            raise source_errors[0] if source_errors else bad_item
 
     def _finish(self, pending, run) -> Iterator:
         batch, staged = pending
@@ -384,6 +400,11 @@ class Engine:
         if mode == "eager":
             return mode, 0
         self._follow_model()
+        if rows > self.budgets[-1]:
+            raise ValueError(
+                f"a batch of {rows} packed rows exceeds the largest budget now usable, {self.budgets[-1]}: the model's "
+                "backend changed during this call"
+            )
         return mode, pick_budget(rows, self.budgets)
 
     def _static_buffers(self, stage: str, budget: int) -> _Buffers:

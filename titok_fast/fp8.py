@@ -131,7 +131,7 @@ def set_precision(model: nn.Module, precision: str) -> None:
             linear, replaced = _sharing_parameters(wanted, linear), True
             setattr(parent, name, linear)
         switched.append(linear)
-    if replaced and hasattr(model, "_generation"):  # TiTok.generation: runners that read FP8 weights are stale
+    if replaced and hasattr(model, "_generation"):  # TiTok.generation: runners built on the old modules are stale
         model._generation += 1
     # what precision_of and refresh read: the made_with of every resumed file and every batch would otherwise walk
     # all of the model's layers (110 us for V1)

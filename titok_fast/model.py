@@ -231,6 +231,7 @@ class TiTok(nn.Module):
     def __init__(self, config: object = "v1", backend: str = "auto", precision: str = "default"):
         super().__init__()
         self._generation = 0  # see generation
+        self._parameter_slots: tuple[int, list] = (-1, [])  # (generation, (module, name) pairs): parameter_addresses
         self.config = TiTokConfig.from_any(config)
         self.quantize = FSQ(self.config.fsq_levels)
         self._runtime = Runtime(backend, self.quantize)
@@ -250,33 +251,28 @@ class TiTok(nn.Module):
         fp8.set_precision(self, value)
 
     def weights_changed(self) -> None:
-        """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies, an engine's
-        fixed-shape runners) at its next use. Changes made the usual ways (``load_state_dict``, in-place
-        operations on the parameters, optimiser steps, ``to()``) are seen without this; writes through
-        ``parameter.data`` bypass the version counter that tells, and a parameter assigned to a submodule is not
-        seen either, so call it after them. Engines built on the model follow at their next batch."""
+        """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies) at its next
+        use. Changes made the usual ways (``load_state_dict``, in-place operations on the parameters, optimiser
+        steps, ``to()``) are seen without this; writes through ``parameter.data`` bypass the version counter that
+        tells, so call it after them. Engines built on the model follow at their next batch."""
         self.decoder._table = None
         fp8.forget(self)
-        self._generation += 1
 
     @property
     def generation(self) -> int:
-        """A count that changes whenever the parameters may have moved to other tensors: ``to()``, ``half()``
-        and the like on the model, ``load_state_dict(..., assign=True)``, a precision switch,
-        :meth:`weights_changed`. What reads them by address (an engine's CUDA graphs and fixed-shape buffers) is
-        built again when it changes."""
+        """A count that changes when the model's modules are replaced (a precision switch): what was built on the
+        old ones (an engine's fixed-shape runners) is stale."""
         return self._generation
 
-    def _apply(self, fn, recurse: bool = True):
-        applied = super()._apply(fn, recurse)
-        self._generation += 1
-        return applied
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        loaded = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign:  # the state dict's tensors are now the parameters; in place (the default) they stay where they are
-            self._generation += 1
-        return loaded
+    def parameter_addresses(self) -> tuple[int, ...]:
+        """Where each parameter's data lives now: it changes when a parameter is replaced or moved (``to()``,
+        ``half()``, ``load_state_dict(..., assign=True)``, on the model or a submodule, ``parameter.data = ...``),
+        not when it is written in place. What reads the parameters by address (CUDA graphs) is stale when it
+        changes. Cheap enough for every batch (V1: 194 parameters)."""
+        if self._parameter_slots[0] != self._generation:  # the modules holding them, found again after a switch
+            found = [(m, n) for m in self.modules() for n, p in m._parameters.items() if p is not None]
+            self._parameter_slots = (self._generation, found)
+        return tuple(m._parameters[n].data_ptr() for m, n in self._parameter_slots[1])
 
     @property
     def backend(self) -> str:
