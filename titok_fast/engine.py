@@ -255,7 +255,8 @@ class Engine:
         """Batch items greedily; stage batch k+1 on a worker thread while batch k runs. A bad item, or an error from
         ``items``, is raised once every item before it has been yielded; an error from ``items`` is never lost to
         a batch that fails meanwhile (it is raised instead: the items cannot go on)."""
-        self._follow_model()  # before the largest budget is read: a change of backend can lower it
+        if self.mode != "eager":  # once per call (the model may change between calls), before the largest budget is
+            self._follow_model()  # read: a change of backend can lower it
         source_errors: list[Exception] = []
 
         def source():
@@ -399,7 +400,6 @@ class Engine:
         mode = auto_mode(rows, self.model.device, self.budgets) if self.mode == "auto" else self.mode
         if mode == "eager":
             return mode, 0
-        self._follow_model()
         if rows > self.budgets[-1]:
             raise ValueError(
                 f"a batch of {rows} packed rows exceeds the largest budget now usable, {self.budgets[-1]}: the model's "
