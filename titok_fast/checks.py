@@ -130,6 +130,13 @@ def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
             raise ValueError(f"{what} holds index {bad}; expected indices in [0, {codebook_size})")
 
 
+def check_clip_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
+    """One clip's indices: as :func:`check_indices`, and at least one (a clip has at least one token)."""
+    check_indices(indices, codebook_size, what)
+    if indices.numel() == 0:
+        raise ValueError(f"{what} is empty; expected at least one token")
+
+
 def check_codes(codes: object, width: int, total: int) -> None:
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes is a {type(codes).__name__}; expected a torch.Tensor [sum(token_counts), {width}]")

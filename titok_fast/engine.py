@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import fp8
-from .checks import check_grids, check_indices, check_token_counts, check_videos
+from .checks import check_clip_indices, check_grids, check_token_counts, check_videos
 from .model import TiTok, upstream_argument_order
 from .packing import Packing, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
@@ -58,29 +58,25 @@ def pack_greedily(
     """Group items, in order, so each group's rows fit ``largest`` and it holds at most ``max_clips`` items.
 
     Streams: a group is yielded as soon as the next item does not fit it. An item too large for ``largest`` is a
-    ValueError naming it by ``name_of(position, item)``; that error, or one from ``items``, is raised after the
-    group of the items before it is yielded."""
+    ValueError naming it by ``name_of(position, item)``, raised after the group of the items before it."""
     current: list = []
-    used, error = 0, None
-    try:
-        for position, item in enumerate(items):
-            r = rows_of(item)
-            if r > largest:
-                raise ValueError(
-                    f"clip {name_of(position, item)!r} needs {r} packed rows (tokens + patches); the largest budget "
-                    f"is {largest}"
-                )
-            if current and (used + r > largest or len(current) == max_clips):
+    used = 0
+    for position, item in enumerate(items):
+        r = rows_of(item)
+        if r > largest:
+            if current:
                 yield current
-                current, used = [], 0
-            current.append(item)
-            used += r
-    except Exception as e:
-        error = e
+            raise ValueError(
+                f"clip {name_of(position, item)!r} needs {r} packed rows (tokens + patches); the largest budget is "
+                f"{largest}"
+            )
+        if current and (used + r > largest or len(current) == max_clips):
+            yield current
+            current, used = [], 0
+        current.append(item)
+        used += r
     if current:
         yield current
-    if error is not None:
-        raise error
 
 
 def plan_batches(rows: Sequence[int], budgets: Sequence[int], max_clips: int) -> list[list[int]]:
@@ -174,8 +170,9 @@ class Engine:
                 model.parameter_addresses())  # fmt: skip
 
     def _follow_model(self) -> None:
-        """Before a fixed-shape batch: if the model changed in a way the built state cannot follow in place,
-        drop that state (it is built again as needed) and check the mode against the model's device."""
+        """At the start of a call: if the model changed in a way the built state cannot follow in place, drop that
+        state (it is built again as needed), take the budgets usable now, and check the mode against the model's
+        device."""
         state = self._model_state()
         if state == self._built_for:
             return
@@ -238,9 +235,7 @@ class Engine:
 
         def checked(items):
             for key, idx, shape in items:
-                check_indices(idx, codebook, f"indices of clip {key!r}")
-                if idx.numel() == 0:
-                    raise ValueError(f"indices of clip {key!r} is empty; expected at least one token")
+                check_clip_indices(idx, codebook, f"indices of clip {key!r}")
                 check_grids([shape], 1, patch, _clip_named(key))
                 yield key, idx, shape
 

@@ -23,7 +23,15 @@ from titok_fast.kernels.fsq import FsqConstants
 
 from . import fp8
 from .backends import Backend, check_backend, resolve_backend, scatter_rows
-from .checks import check_codes, check_grids, check_indices, check_token_counts, check_videos, is_integer
+from .checks import (
+    check_clip_indices,
+    check_codes,
+    check_grids,
+    check_indices,
+    check_token_counts,
+    check_videos,
+    is_integer,
+)
 from .config import TiTokConfig
 from .layers import Attention, DecoderParams, EncoderParams, Layers
 from .packing import Packing, PackingCache, StaticBatch
@@ -354,9 +362,7 @@ class TiTok(nn.Module):
         if len(indices) == 0:
             raise ValueError("empty batch: indices holds no videos")
         for i, idx in enumerate(indices):
-            check_indices(idx, k, f"indices of video {i}")
-            if idx.numel() == 0:
-                raise ValueError(f"indices of video {i} is empty; expected at least one token")
+            check_clip_indices(idx, k, f"indices of video {i}")
             if idx.device != indices[0].device:
                 raise ValueError(f"indices of video {i} are on {idx.device} but video 0's on {indices[0].device}")
         counts = [int(i.numel()) for i in indices]

@@ -46,6 +46,12 @@ SAMPLINGS = ("upstream", "time")
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 
 
+def check_fps(fps: float) -> None:
+    """A ValueError unless ``fps`` is a frame rate to sample or write at: in (0, MAX_FPS] (not NaN or infinite)."""
+    if not 0 < fps <= MAX_FPS:
+        raise ValueError(f"fps must be in (0, {MAX_FPS:g}]; got {fps}")
+
+
 class VideoError(ValueError):
     """A file that cannot be read as clips; the message names the file and what was wrong."""
 
@@ -126,8 +132,7 @@ class ClipReader:
             raise ValueError(
                 f"frames, height, width and threads must be >= 1; got {frames}, {height}, {width}, {threads}"
             )
-        if not 0 < fps <= MAX_FPS:
-            raise ValueError(f"fps must be in (0, {MAX_FPS:g}]; got {fps}")
+        check_fps(fps)
         if tail not in TAIL_POLICIES:
             raise ValueError(f"tail must be one of {TAIL_POLICIES}; got {tail!r}")
         if sampling not in SAMPLINGS:
@@ -238,13 +243,17 @@ class ClipReader:
         return np.array([a < b for a, b in itertools.pairwise(due)] + [True])
 
     def _resized(self, source, frame) -> torch.Tensor:
-        """One frame as upstream prepares it (the per-frame path): raw pixels [3, height, width] float32."""
-        return clip_pixels(source.rgb(frame)[None], self.height, self.width)[:, 0]
+        """One decoded frame as upstream prepares it (the per-frame path): raw pixels [3, height, width] float32."""
+        return self._resized_image(source.rgb(frame))
+
+    def _resized_image(self, image: torch.Tensor) -> torch.Tensor:
+        """[h, w, 3] uint8 RGB -> raw pixels [3, height, width] float32, as upstream prepares a frame."""
+        return clip_pixels(image[None], self.height, self.width)[:, 0]
 
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
         self.clips_read += 1
         if self.placement == "device" and any(image.shape != images[0].shape for image in images):
-            images = [clip_pixels(image[None], self.height, self.width)[:, 0] for image in images]  # as "cpu" does
+            images = [self._resized_image(image) for image in images]  # as "cpu" does
         elif self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
             if self.pin_memory and images[0].device.type == "cpu":
                 pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
@@ -529,8 +538,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18):
-        if not 0 < fps <= MAX_FPS:
-            raise ValueError(f"fps must be in (0, {MAX_FPS:g}]; got {fps}")
+        check_fps(fps)
         self.path, self.fps, self.crf = os.fspath(path), fps, crf
         self._file = AtomicFile(self.path)
         self._container = self._stream = None
