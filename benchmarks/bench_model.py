@@ -55,9 +55,14 @@ FLOP_COUNTS = {  # what a FLOP count counts, by the path that runs (the logged r
 }
 
 
+def _patches(config: TiTokConfig, shapes: list) -> list[int]:
+    """Patches of each clip; a clip's packed rows are its tokens plus these."""
+    return [math.prod(patch_grid(s, config.patch_size)) for s in shapes]
+
+
 def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list, path: str = "model") -> float:
     """FLOPs of one pass of ``stage`` over the clips as ``path`` (a key of ``FLOP_COUNTS``) runs it."""
-    grids = [math.prod(patch_grid(s, config.patch_size)) for s in shapes]
+    grids = _patches(config, shapes)
     rows = [n + g for n, g in zip(counts, grids, strict=True)]
     stack = config.encoder if stage == "encode" else config.decoder
     if path == "eager":  # the last layer's output rows: latent rows out of the encoder, patch rows out of the decoder
@@ -79,7 +84,7 @@ def executed_flops(runner, config: TiTokConfig, stage: str, shapes: list, counts
     """(FLOPs ``runner`` executes in one pass over the clips, what they count): an engine per batch by the path it
     runs, the lean model its packed path, upstream's paths and the oracle every row through every layer."""
     if isinstance(runner, Engine):
-        rows = [n + math.prod(patch_grid(s, config.patch_size)) for s, n in zip(shapes, counts, strict=True)]
+        rows = [n + g for n, g in zip(counts, _patches(config, shapes), strict=True)]
         paths = engine_paths(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips)
         flops = sum(clip_flops(config, stage, [shapes[i] for i in b], [counts[i] for i in b], p) for b, p in paths)
         return flops, "; ".join(FLOP_COUNTS[p] for p in sorted({p for _, p in paths}))

@@ -2,6 +2,7 @@
 the single-machine command, failures as rows, bounded restarts and retries, resumable; the encode actor's body
 without Ray (and on a GPU where there is one)."""
 
+import contextlib
 import functools
 import json
 import os
@@ -64,6 +65,23 @@ def cluster(tmp_path_factory):
         os.environ.pop("RAY_USAGE_STATS_ENABLED")
     else:
         os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+
+
+@contextlib.contextmanager
+def failing_after(seconds: int, what: str):
+    """A TimeoutError(what) in this (the main) thread if the block runs past ``seconds``: a test of something that
+    could wait for ever fails instead of hanging the suite."""
+
+    def expired(*_):
+        raise TimeoutError(what)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def assert_nothing_spilled(cluster):
@@ -224,20 +242,12 @@ def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(vi
     for i in range(10):
         shutil.copy(videos["good"] / "one.mp4", folder / f"v{i}.mp4")
 
-    def waited_for_ever(*_):
-        raise TimeoutError("the job did not stop")
-
-    previous = signal.signal(signal.SIGALRM, waited_for_ever)
-    signal.alarm(240)
-    try:
+    with failing_after(240, "the job did not stop"):
         with pytest.raises(RuntimeError, match=r"^the Ray job stopped: .*every encode actor died for good \(1, each"):
             encode_dataset(
                 LOAD(), collect_inputs([folder]), tmp_path / "tokens", SETTINGS, device="cpu", batch_size=2,
                 actor_restarts=0, _test_hooks={"actor_exit_always": "yes"},
             )  # fmt: skip
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
     assert len(rows) == 10 and {r["status"] for r in rows} == {"not-encoded"}
     assert all("every encode actor died for good" in r["reason"] and "\n" not in r["reason"] for r in rows)
@@ -272,20 +282,12 @@ def test_leaving_a_pass_stops_a_reader_stuck_in_ray_data(interrupted, monkeypatc
 
     monkeypatch.setattr(distributed, "STOP_GRACE_SECONDS", 600.0 if interrupted else 0.5)
 
-    def waited(*_):
-        raise TimeoutError("leaving the pass waited")
-
-    previous = signal.signal(signal.SIGALRM, waited)
-    signal.alarm(60)
-    try:
-        run = distributed._Run(Ray(), stuck(), "ledger", actors=1, actor_restarts=0)
-        with pytest.raises(KeyboardInterrupt if interrupted else RuntimeError):
-            with run:
-                assert next(run.rows()) == {"file": 0}
-                raise KeyboardInterrupt if interrupted else RuntimeError("the driver failed")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    run = distributed._Run(Ray(), stuck(), "ledger", actors=1, actor_restarts=0)
+    raised = KeyboardInterrupt if interrupted else RuntimeError
+    with failing_after(60, "leaving the pass waited"), pytest.raises(raised):
+        with run:
+            assert next(run.rows()) == {"file": 0}
+            raise KeyboardInterrupt if interrupted else RuntimeError("the driver failed")
     assert cleaned == [True] and killed == ["ledger"]
     assert not run.reading and not run.reader.is_alive()
 
