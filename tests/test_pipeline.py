@@ -294,11 +294,11 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
     assert run(preprocess="device").skipped
     mode, engine.mode = engine.mode, "cudagraph"  # another mode (only the key is read: nothing is encoded in it)
     on_device = dataclasses.replace(SETTINGS, preprocess="device")
-    assert pipeline._redo_because(out, model, engine.mode, on_device, sources["short"]) == (
+    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, on_device)) == (
         "made another way (mode auto, now cudagraph)"
     )
     engine.mode = mode
-    assert pipeline._redo_because(out, model, engine.mode, on_device, sources["short"]) == ""
+    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, on_device)) == ""
     # a file of the current format written without the new fields, as the code before them wrote it
     old = load_tokens(out)
     pipeline.save_tokens(out, dataclasses.replace(old, made_with={}))

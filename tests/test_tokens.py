@@ -286,6 +286,19 @@ def test_a_deeply_nested_metadata_makes_try_load_tokens_give_none(tmp_path):
     assert try_load_tokens(path) is None
 
 
+def test_a_file_larger_than_a_token_file_may_be_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """Token files are read whole (a resumed job reads every one): a stranger's file of any size must not be."""
+    path = tmp_path / "a.safetensors"
+    save_tokens(path, make_token_file())
+    size = path.stat().st_size
+    monkeypatch.setattr("titok_fast.tokens.MAX_FILE_BYTES", size - 1)
+    with pytest.raises(TokenFileError, match=rf"a.safetensors: .*{size} bytes; a token file holds at most {size - 1}"):
+        load_tokens(path)
+    assert try_load_tokens(path) is None
+    monkeypatch.setattr("titok_fast.tokens.MAX_FILE_BYTES", size)
+    assert load_tokens(path).token_counts.tolist() == [7, 1, 12]
+
+
 def test_metadata_too_long_to_load_is_not_written(tmp_path):
     token_file = make_token_file()
     object.__setattr__(token_file, "source", "x" * (1 << 20))  # a path no file system has

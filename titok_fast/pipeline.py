@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -238,11 +239,11 @@ def plan_outputs(
     that a killed run left beside a token file to redo are removed. Gives the model its weights digest if unset."""
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
-    todo = []
+    todo, wanted = [], _wanted(model, mode, settings, device)
     temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporary files, by token file name
     for path, name in files:
         out = outdir / f"{name}.safetensors"
-        why = _redo_because(out, model, mode, settings, path, device)
+        why = _redo_because(out, path, wanted)
         if why == "" and not overwrite:
             manifest.skipped(path, out)
         else:
@@ -491,30 +492,37 @@ class _EncodeJob:
         self.bar.set_postfix_str(self.limits.describe(), refresh=False)
 
 
-def _redo_because(
-    out: Path, model: TiTok, mode: str, settings: ClipSettings, source: str | os.PathLike, device: str | None = None
-) -> str | None:
+def _wanted(model: TiTok, mode: str, settings: ClipSettings, device: str | None = None) -> dict[str, Any]:
+    """What a token file must record to be kept: how it was made (:func:`made_with`, RESUME_KEYS) and the clip
+    settings, as :func:`_redo_because` compares them (worked out once per job, not per file)."""
+    grid = "x".join(map(str, settings.grid))
+    clips = dict(fps=settings.fps, tail=settings.tail, sampling=settings.sampling, tokens=settings.tokens, grid=grid)
+    return {"weights": model.weights_digest, "made_with": made_with(model, mode, settings, device=device), **clips}
+
+
+def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) -> str | None:
     """Why the token file at ``out`` is to be redone: None when there is none, "" when it is to be kept (complete,
     made from ``source`` by the same weights with the same clip settings, decoder, preprocessing, device, dtype,
-    backend and mode), else one line saying what differs. Files made before these were recorded are redone too.
+    backend and mode: ``wanted``, from :func:`_wanted`), else one line saying what differs. Files made before
+    these were recorded are redone too.
 
     The source is compared as the token file records it, an absolute path: another video that maps to the same
     output name (the same name in another input folder, from another run) is not this one."""
     done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
     if done is None:
         return "not readable as a complete token file" if out.is_file() else None
-    if done.weights_digest != model.weights_digest:
+    if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({done.weights_digest})"
     if done.source != os.path.abspath(source):
         return f"made from another source ({done.source!r})"
-    recorded, asked = done.made_with, made_with(model, mode, settings, device=device)
+    recorded, asked = done.made_with, wanted["made_with"]
     keys = [k for k in RESUME_KEYS if k in recorded or k in asked]
     was = {k: recorded.get(k, "unrecorded") for k in keys}
     now = {k: asked.get(k, "unrecorded") for k in keys}
+    grids = ["x".join(map(str, g)) for g in dict.fromkeys(map(tuple, done.grids.tolist()))]
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(done.token_counts.tolist()),
-               grid=_recorded(["x".join(map(str, g)) for g in done.grids.tolist()]))  # fmt: skip
-    now.update(fps=settings.fps, tail=settings.tail, sampling=settings.sampling, tokens=settings.tokens,
-               grid="x".join(map(str, settings.grid)))  # fmt: skip
+               grid=_recorded(grids))  # fmt: skip
+    now.update((k, wanted[k]) for k in ("fps", "tail", "sampling", "tokens", "grid"))
     differ = [f"{k} {was[k]}, now {now[k]}" for k in was if was[k] != now[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
 

@@ -16,8 +16,9 @@ files keep loading.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
 name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
-A file holds at least one chunk (a video too short for one is an error, never an empty file), and its metadata
-JSON is at most MAX_METADATA_CHARS characters, checked before it is parsed.
+A file holds at least one chunk (a video too short for one is an error, never an empty file), its metadata JSON
+is at most MAX_METADATA_CHARS characters, checked before it is parsed, and the whole file at most MAX_FILE_BYTES,
+checked before it is read.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
 from .video import MAX_FPS, TAIL_POLICIES
 
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
 MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred characters; a stranger's may be huge
+MAX_FILE_BYTES = 1 << 30  # 512M tokens: days of video; a stranger's file may be any size, and is read whole
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -177,16 +179,20 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
 
 
 def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
-    """Read and validate a token file; raises TokenFileError naming the file and the first problem found."""
+    """Read and validate a token file; raises TokenFileError naming the file and the first problem found.
+
+    The file is read in one call (at most MAX_FILE_BYTES) and parsed from memory: a resumed job reads every token
+    file of its dataset before it starts, so this is what it waits for."""
     path = os.fspath(path)
     try:
-        with safe_open(path, framework="pt") as file:
-            header = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in TENSORS if name in file.keys()}
+        data = _read_at_most(path, MAX_FILE_BYTES)
+        loaded = load(data)  # checks the header, the dtypes, shapes and offsets against the buffer's size
+        header = _metadata_of(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise TokenFileError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
         metadata = _parse_metadata(header)
+        tensors = {name: loaded[name] for name in TENSORS if name in loaded}
         _check_tensors(tensors)
         return TokenFile(
             indices=tensors["indices"],
@@ -199,6 +205,21 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
         )
     except TokenFileError as exc:
         raise TokenFileError(f"{path}: {exc}") from None
+
+
+def _read_at_most(path: str, limit: int) -> bytes:
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size  # 0 for a pipe or a device: read as empty, never to their end
+        if size > limit:
+            raise ValueError(f"{size} bytes; a token file holds at most {limit}")
+        return file.read(size)
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors buffer that ``safetensors.torch.load`` has accepted (so its header
+    is a JSON object of at most the buffer's size, and the metadata maps strings to strings)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
 def try_load_tokens(path: str | os.PathLike[str]) -> TokenFile | None:
@@ -269,13 +290,14 @@ def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
     offsets, counts, indices = tensors["offsets"], tensors["token_counts"], tensors["indices"]
     if offsets.numel() != counts.numel() + 1:
         raise TokenFileError(f"offsets has {offsets.numel()} entries; expected chunks + 1 = {counts.numel() + 1}")
-    if offsets[0] != 0:
-        raise TokenFileError(f"offsets must start at 0; got {offsets[0].item()}")
-    if (offsets.diff() < 0).any():
+    steps = offsets.diff()  # few operations, each read back once: resuming a large job checks every file
+    if int(offsets[0]) != 0:
+        raise TokenFileError(f"offsets must start at 0; got {int(offsets[0])}")
+    if steps.numel() and int(steps.min()) < 0:
         raise TokenFileError(f"offsets must be non-decreasing; got {offsets.tolist()}")
-    if offsets[-1] != indices.numel():
-        raise TokenFileError(f"offsets must end at len(indices) = {indices.numel()}; got {offsets[-1].item()}")
-    if not torch.equal(offsets.diff(), counts.long()):
+    if int(offsets[-1]) != indices.numel():
+        raise TokenFileError(f"offsets must end at len(indices) = {indices.numel()}; got {int(offsets[-1])}")
+    if not torch.equal(steps, counts.long()):
         raise TokenFileError(f"offsets {offsets.tolist()} disagree with token_counts {counts.tolist()}")
 
 
@@ -288,9 +310,10 @@ def _check_tensor(name: str, tensor: torch.Tensor) -> None:
 def _check_indices(indices: torch.Tensor, codebook_size: int) -> None:
     if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
         raise TokenFileError(f"codebook_size must be in [1, {MAX_CODEBOOK_SIZE}] to fit int16; got {codebook_size}")
-    if indices.numel() and (indices.min() < 0 or indices.max() >= codebook_size):
-        found = f"[{indices.min().item()}, {indices.max().item()}]"
-        raise TokenFileError(f"indices must lie in [0, {codebook_size}); found values in {found}")
+    if indices.numel():
+        low, high = (int(v) for v in torch.aminmax(indices))
+        if low < 0 or high >= codebook_size:
+            raise TokenFileError(f"indices must lie in [0, {codebook_size}); found values in [{low}, {high}]")
 
 
 def _check_token_file(tf: TokenFile) -> None:
@@ -308,11 +331,12 @@ def _check_token_file(tf: TokenFile) -> None:
         raise TokenFileError(
             f"expected grids [{chunks}, 3] and start_times [{chunks}] for {chunks} chunks; got {shapes}"
         )
-    if (tf.token_counts < 1).any():
+    if int(tf.token_counts.min()) < 1:
         raise TokenFileError(f"token_counts must be >= 1; got {tf.token_counts.tolist()}")
-    if tf.token_counts.long().sum() != tf.indices.numel():
-        raise TokenFileError(f"token_counts sum to {tf.token_counts.long().sum()}, indices has {tf.indices.numel()}")
-    if (tf.grids < 1).any():
+    total = int(tf.token_counts.sum(dtype=torch.int64))
+    if total != tf.indices.numel():
+        raise TokenFileError(f"token_counts sum to {total}, indices has {tf.indices.numel()}")
+    if int(tf.grids.min()) < 1:
         raise TokenFileError(f"grids must be positive; got {tf.grids.tolist()}")
     _check_indices(tf.indices, tf.codebook_size)
     if not 0 < tf.fps <= MAX_FPS:  # also refuses NaN and infinity
