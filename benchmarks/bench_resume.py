@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 @pytest.mark.benchmark(group="resume: deciding which token files are done (tiny, cpu)")
 def test_resume_check(benchmark, tmp_path):
     rows = benchmark.pedantic(measure, args=(tmp_path, 200, 48, 256, 3), rounds=1, iterations=1)
-    benchmark.extra_info.update({"provider": "plan_outputs", "device": "cpu", **rows[1]})
+    benchmark.extra_info.update({"provider": "plan_outputs", "device": "cpu", "torch": torch.__version__, **rows[1]})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ COLUMNS = [  # header, key, format (given the value and, by name, the row's othe
     ("GB/s", "gb_per_s", "{:.0f}"),
     ("MFU", "mfu", "{:.1%}"),
     ("peak GiB", "peak_mem_gib", "{:.1f}"),
+    ("us/file", "us_per_file", "{:.0f}"),
 ]
 
 

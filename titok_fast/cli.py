@@ -276,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not suite.is_dir():
         raise ValueError(f"the benchmark suite is not installed here (expected {suite}); run from a source checkout")
     results = Path(args.json)
-    files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py", "bench_pipeline.py")]
+    files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py", "bench_pipeline.py", "bench_resume.py")]
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={results}"]
     cmd += ["-k", args.select] if args.select else []
     print("+", " ".join(cmd), file=sys.stderr)
