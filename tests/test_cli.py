@@ -15,7 +15,7 @@ import torch
 from titok_fast.cli import build_parser, main
 from titok_fast.tokens import load_tokens
 
-from videos import make_scrambled, make_video
+from videos import make_hanging, make_scrambled, make_video, release_hanging
 
 GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
 RANDOM = ["--random-weights", "0", "--config", "tiny", "--device", "cpu"]
@@ -321,6 +321,23 @@ def test_encode_input_options_give_the_same_tokens_and_are_recorded(folder, tmp_
         assert (made["nvdec"].made_with["decoder"], made["nvdec"].made_with["decoded_by"]) == ("nvdec", "cpu")
     args = build_parser().parse_args(["encode", "x.mp4", "-o", "out"])
     assert (args.workers, args.worker_kind, args.decoder, args.preprocess) == (None, "thread", "cpu", "auto")
+
+
+def test_a_file_whose_read_hangs_fails_alone_after_the_stall_timeout(folder, tmp_path, capsys):
+    hangs = make_hanging(tmp_path)
+    try:
+        code, stdout, _ = run("encode", hangs, folder / "moving.mp4", "-o", tmp_path / "tok", *GRID, *RANDOM,
+                              "--workers", "1", "--stall-timeout", "1", capsys=capsys)  # fmt: skip
+    finally:
+        release_hanging(tmp_path)
+    assert code == 1 and "encoded 1 file(s)" in stdout and "1 failed" in stdout
+    assert f"FAILED {hangs}: {hangs}: no clip decoded for 1 s; given up" in stdout
+    parse = build_parser().parse_args
+    assert parse(["encode", "x.mp4", "-o", "o"]).stall_timeout == 300
+    assert parse(["encode", "x.mp4", "-o", "o", "--stall-timeout", "0"]).stall_timeout is None  # never
+    with pytest.raises(SystemExit):
+        parse(["encode", "x.mp4", "-o", "o", "--stall-timeout", "-5"])
+    assert "--stall-timeout: '-5' is not a number of seconds > 0, or 0 for never" in capsys.readouterr().err
 
 
 def test_a_missing_file_in_a_list_fails_alone(folder, tmp_path, capsys):

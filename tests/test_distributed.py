@@ -31,7 +31,7 @@ from titok_fast.manifest import MANIFEST_NAME, read_manifest
 from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
 from titok_fast.video import normalize_pixels, write_video
 
-from videos import make_empty, make_scrambled, make_video
+from videos import make_empty, make_hanging, make_scrambled, make_video, release_hanging
 
 SETTINGS = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0)
 GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
@@ -384,6 +384,23 @@ def clips_of(batch, dtype) -> list[torch.Tensor]:
 def tokens_of(out) -> list[torch.Tensor]:
     rows = zip(out["data"], out["kind"], strict=True)
     return [torch.frombuffer(bytearray(d), dtype=torch.int32) for d, k in rows if k == "tokens"]
+
+
+def test_a_decode_task_gives_up_on_a_file_whose_read_hangs(videos, tmp_path):
+    """The decode stage reads each file in a thread of its own: a read that hangs becomes that file's error row,
+    and the task goes on to its next file (its clips as without the guard)."""
+    hangs = make_hanging(tmp_path)
+    try:
+        rows = list(decode_rows({"file": 0, "path": str(hangs)}, settings=SETTINGS, dtype=torch.float32,
+                                stall_seconds=0.5))  # fmt: skip
+    finally:
+        release_hanging(tmp_path)
+    assert [(r["kind"], r["info"]) for r in rows] == [("error", f"{hangs}: no clip decoded for 0.5 s; given up (a "
+                                                       "read that hangs, or a file the decoder cannot get through)")]
+    row = {"file": 1, "path": str(videos["good"] / "odd.mkv")}
+    guarded = list(decode_rows(row, settings=SETTINGS, dtype=torch.float32, stall_seconds=0.5))
+    assert [r["data"] for r in guarded] == [r["data"] for r in decode_rows(row, settings=SETTINGS, dtype=torch.float32)]
+    assert [r["kind"] for r in guarded] == ["clip"] * 5 + ["end"]
 
 
 def test_encoder_without_ray_fails_a_clip_that_faulted_the_device_twice(videos, tmp_path):

@@ -16,7 +16,7 @@ from titok_fast.tokens import load_tokens
 from titok_fast.video import VideoWriter, psnr, read_clips, ssim, write_video
 
 from graph_capture import FakeCUDAGraph, engine_for
-from videos import make_scrambled, make_video
+from videos import make_hanging, make_scrambled, make_video, release_hanging
 
 SETTINGS = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad")
 
@@ -77,6 +77,22 @@ def test_a_file_failing_midway_loses_nothing_else(model, sources, tmp_path):
     assert summary.done == [str(sources["short"]), str(sources["odd"])]
     assert not (tmp_path / "broken.safetensors").exists()
     stored = load_tokens(tmp_path / "odd.safetensors").all_indices()
+    assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, sources["odd"]), strict=True))
+
+
+def test_a_file_whose_read_hangs_fails_alone_and_the_others_are_encoded(model, sources, tmp_path):
+    """One decoding thread, stuck for good in the second file: it is given up after the stall limit and another
+    thread reads the third."""
+    hangs = make_hanging(tmp_path)
+    try:
+        summary = encode(model, [sources["short"], hangs, sources["odd"]], tmp_path / "out", workers=1,
+                         stall_seconds=1.0)  # fmt: skip
+    finally:
+        release_hanging(tmp_path)
+    assert summary.done == [str(sources["short"]), str(sources["odd"])]
+    assert summary.failed == [(str(hangs), f"{hangs}: no clip decoded for 1 s; given up (a read that hangs, or a "
+                                           "file the decoder cannot get through)")]  # fmt: skip
+    stored = load_tokens(tmp_path / "out" / "odd.safetensors").all_indices()
     assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, sources["odd"]), strict=True))
 
 

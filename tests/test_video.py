@@ -2,6 +2,8 @@ import contextlib
 import math
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from fractions import Fraction
 
@@ -390,6 +392,87 @@ def test_stream_videos_moves_past_a_feed_left_unread(monkeypatch):
         next(video.stream_videos(["0"], workers=1, prefetch=1, capacity=0, frames=1, height=1, width=1))
 
 
+def _stalling(monkeypatch, stalls_after: int):
+    """Fake clips (see _fake_clips, 4 per file) where file "1" hangs after ``stalls_after`` clips, as a read on a
+    hung network file system does, until the returned event is set."""
+    release = threading.Event()
+
+    def fail(path):
+        if path == "1" and made[path] == stalls_after:
+            release.wait()
+
+    made = _fake_clips(monkeypatch, clips_per_file=4, fail=fail)
+    return release
+
+
+def test_a_file_that_stalls_fails_alone_and_its_stuck_thread_is_replaced(monkeypatch):
+    """With one worker thread, file 2 is read at all only if the thread stuck in file 1 is replaced."""
+    release = _stalling(monkeypatch, stalls_after=1)
+    before, results = set(threading.enumerate()), []
+    try:
+        stream = video.stream_videos(["0", "1", "2"], workers=1, prefetch=1, stall_seconds=0.5, frames=1, height=1,
+                                     width=1)  # fmt: skip
+        for path, feed in stream:
+            clips, error = [], ""
+            try:
+                for clip in feed:
+                    clips.append(clip.item())
+            except VideoError as e:
+                error = str(e)
+            results.append((path, clips, error, feed.stalled))
+    finally:
+        release.set()
+    assert results == [
+        ("0", [0.0] * 4, "", False),
+        ("1", [1.0], "1: no clip decoded for 0.5 s; given up (a read that hangs, or a file the decoder cannot get "
+         "through)", True),
+        ("2", [2.0] * 4, "", False),
+    ]  # fmt: skip
+    for thread in set(threading.enumerate()) - before:  # the stuck one too, once its read comes back
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
+def test_a_file_that_no_thread_comes_to_waits_for_a_new_one_instead_of_failing(monkeypatch):
+    """File 1 is passed over unread, but its only thread is stuck in it for good: file 2, which no thread comes to,
+    is not at fault; a thread is added for it after the stall limit and it is read whole."""
+    release = _stalling(monkeypatch, stalls_after=0)
+    results = []
+    try:
+        for path, feed in video.stream_videos(["0", "1", "2"], workers=1, prefetch=1, stall_seconds=0.5, frames=1,
+                                              height=1, width=1):  # fmt: skip
+            if path != "1":
+                results.append((path, [clip.item() for clip in feed], feed.stalled))
+            else:
+                while feed.worker is None:  # its thread has taken it
+                    time.sleep(0.01)
+    finally:
+        release.set()
+    assert results == [("0", [0.0] * 4, False), ("2", [2.0] * 4, False)]
+
+
+def test_the_stall_limit_counts_only_the_wait_for_the_decoder(monkeypatch):
+    _fake_clips(monkeypatch, clips_per_file=3)
+    for _, feed in video.stream_videos(["0"], workers=1, prefetch=1, stall_seconds=0.2, frames=1, height=1, width=1):
+        for _ in feed:
+            time.sleep(0.4)  # the consumer is slow (the model): its clips were decoded long before it asks
+    assert not feed.stalled
+
+
+def test_watched_clips_give_up_on_a_reader_that_stalls(monkeypatch):
+    """The Ray decode tasks' guard: the reader runs in a thread of its own, left behind when it hangs."""
+    release = _stalling(monkeypatch, stalls_after=2)
+    try:
+        reader = video.ClipReader("1", frames=1, height=1, width=1)
+        clips = video.watched_clips(reader, stall_seconds=0.3)
+        assert [next(clips).item() for _ in range(2)] == [1.0, 1.0]
+        with pytest.raises(VideoError, match="1: no clip decoded for 0.3 s"):
+            next(clips)
+    finally:
+        release.set()
+    assert [c.item() for c in video.watched_clips(video.ClipReader("2", frames=1, height=1, width=1))] == [2.0] * 4
+
+
 def test_clip_reader_streams_the_same_clips_as_read_clips(files):
     reader = video.ClipReader(files["index24"], frames=4, height=16, width=16, tail="pad")
     streamed = list(reader)
@@ -529,6 +612,23 @@ def test_worker_process_moves_past_a_feed_left_unread(files):
             continue
         seen.append(sum(1 for _ in feed))
     assert seen == [48, 30]
+
+
+def test_a_worker_process_stuck_in_a_file_fails_it_alone_and_is_replaced(files, tmp_path):
+    """A decoding process whose read hangs fails that file after the stall limit and is killed; a new process
+    reads the next file. Starting a process (seconds of imports, twice here) is not counted as a stall."""
+    paths = [str(videos.make_hanging(tmp_path)), files["index30"]]
+    stream = video.stream_videos(paths, workers=1, prefetch=1, capacity=1, worker_kind="process", stall_seconds=1.0,
+                                 frames=1, height=8, width=8, fps=24)  # fmt: skip
+    _, feed = next(stream)
+    (child,) = multiprocessing.active_children()
+    with pytest.raises(VideoError, match=r"hangs.mp4: no clip decoded for 1 s; given up"):
+        next(iter(feed))
+    _, feed = next(stream)
+    assert sum(1 for _ in feed) == 30
+    stream.close()
+    child.join(timeout=5)
+    assert child.exitcode == -signal.SIGKILL
 
 
 def test_default_workers_is_the_cores_this_process_may_use():

@@ -10,6 +10,7 @@ H.264 in yuv420p needs even sizes, so odd sizes go to FFV1 (lossless, any size) 
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -123,6 +124,23 @@ def make_garbage(path: str | Path, size: int = 4096) -> Path:
     """Random bytes under a video file name."""
     Path(path).write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
     return Path(path)
+
+
+def make_hanging(folder: Path) -> Path:
+    """``folder/hangs.mp4``, a file whose read hangs as one on a hung network file system does: a concat playlist
+    (FFmpeg finds it by its content) naming the named pipe ``folder/pipe.mp4``, which nothing writes to, so
+    opening it blocks inside FFmpeg until :func:`release_hanging` lets it fail."""
+    os.mkfifo(folder / "pipe.mp4")
+    (folder / "hangs.mp4").write_text("ffconcat version 1.0\nfile 'pipe.mp4'\n")
+    return folder / "hangs.mp4"
+
+
+def release_hanging(folder: Path) -> None:
+    """End the hang of :func:`make_hanging`'s file: whoever is opening its pipe gets an empty stream."""
+    try:
+        os.close(os.open(folder / "pipe.mp4", os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody is opening it (any more)
+        pass
 
 
 def make_empty(path: str | Path) -> Path:

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .files import STALL_SECONDS
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -63,6 +65,14 @@ def _positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return value
+
+
+def _stall_seconds(text: str) -> float | None:
+    """--stall-timeout: seconds, or 0 for never (None)."""
+    try:
+        return None if float(text) == 0 else _positive_float(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0, or 0 for never") from None
 
 
 def _device_dtype(args: argparse.Namespace):
@@ -169,6 +179,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     summary = encode_files(
         model, _engine(args, model), files, args.output, _settings(args, model),
         workers=args.workers, worker_kind=args.worker_kind, read_ahead=args.batch_size, overwrite=args.overwrite,
+        stall_seconds=args.stall_timeout,
     )  # fmt: skip
     return _finish(summary, "encoded")
 
@@ -191,6 +202,7 @@ def _encode_on_ray(args: argparse.Namespace, files):
         batch_size=args.batch_size, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
         cpus_per_actor=args.ray_cpus_per_actor, cpus_per_decode=args.ray_cpus_per_decode,
         decode_retries=args.ray_retries, actor_restarts=args.ray_actor_restarts, overwrite=args.overwrite,
+        stall_seconds=args.stall_timeout,
     )  # fmt: skip
 
 
@@ -417,6 +429,14 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="cpu: PyAV/FFmpeg, the exact path; nvdec: the GPU's hardware decoder (PyNvVideoCodec), frames stay on "
         "the GPU; what NVDEC cannot decode falls back to the CPU with a notice (default cpu)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=_stall_seconds,
+        default=STALL_SECONDS,
+        metavar="SECONDS",
+        help=f"a file whose decoder gives no clip for this long (a read that hangs, a file the decoder cannot get "
+        f"through) fails alone and its worker is replaced; 0: wait for ever (default {STALL_SECONDS:g})",
     )
     p.add_argument(
         "--preprocess",

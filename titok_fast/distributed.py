@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
+from .files import STALL_SECONDS
 from .fp8 import check_fp8_runs
 from .manifest import MANIFEST_NAME, Manifest
 from .model import TiTok
@@ -59,7 +60,7 @@ from .pipeline import (
     plan_outputs,
     write_token_file,
 )
-from .video import ClipReader, VideoError, normalize_pixels
+from .video import ClipReader, VideoError, normalize_pixels, watched_clips
 
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
@@ -97,14 +98,16 @@ def decode_rows(
     settings: ClipSettings,
     dtype: torch.dtype,
     threads: int = 1,
+    stall_seconds: float | None = None,
     exit_on: str = "",
     exit_log: str = "",
 ) -> Iterator[dict[str, Any]]:
     """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}`` ->
     a ``clip`` row per clip as it is decoded (``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an
     ``end`` row (``info``: JSON of clips, start_times, last_clip_frames) or, when the file cannot be read, an
-    ``error`` row with the one-line reason. ``exit_on`` (tests only): the worker process dies on paths containing
-    it, leaving a file in the folder ``exit_log`` each time."""
+    ``error`` row with the one-line reason, also when no clip comes for ``stall_seconds`` (the file is decoded in
+    a thread of its own then, see :func:`~titok_fast.video.watched_clips`). ``exit_on`` (tests only): the worker
+    process dies on paths containing it, leaving a file in the folder ``exit_log`` each time."""
     number, path, me = int(row["file"]), str(row["path"]), worker_name()
     if exit_on and exit_on in path:
         if exit_log:
@@ -113,7 +116,7 @@ def decode_rows(
     count = 0
     try:
         reader = ClipReader(path, threads=threads, **settings.read_kwargs())
-        for clip in reader:
+        for clip in reader if stall_seconds is None else watched_clips(reader, stall_seconds):
             yield _row(number, count, "clip", clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(),
                        decoded_by=me)  # fmt: skip
             count += 1
@@ -374,6 +377,7 @@ def encode_dataset(
     decode_retries: int = 2,
     actor_restarts: int = 8,
     overwrite: bool = False,
+    stall_seconds: float | None = STALL_SECONDS,
     _test_hooks: dict[str, str] | None = None,
 ) -> Summary:
     """Encode every ``(video, output name)`` of ``files`` into ``outdir/<name>.safetensors`` on a Ray cluster, like
@@ -386,7 +390,8 @@ def encode_dataset(
     or an address; when Ray is already initialized in this process, that cluster is used. ``actors`` encode
     actors (default: one per ``gpus_per_actor`` GPUs, or 1 on the CPU), each with ``cpus_per_actor`` CPUs;
     decode tasks take ``cpus_per_decode`` CPUs each and are tried ``decode_retries + 1`` times when their
-    process dies; an actor is restarted at most ``actor_restarts`` times and a batch retried as often.
+    process dies; an actor is restarted at most ``actor_restarts`` times and a batch retried as often. A file
+    whose decoding gives no clip for ``stall_seconds`` (None: wait for ever) fails alone.
     """
     least = {"batch_size": 1, "actors": 1, "decode_retries": 0, "actor_restarts": 0}
     given = {"batch_size": batch_size, "actors": 1 if actors is None else actors,
@@ -419,7 +424,7 @@ def encode_dataset(
                     _dataset, ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
                     actors=actors, gpus_per_actor=gpus_per_actor if device != "cpu" else 0,
                     cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode, decode_retries=decode_retries,
-                    actor_restarts=actor_restarts, hooks=hooks,
+                    actor_restarts=actor_restarts, stall_seconds=stall_seconds, hooks=hooks,
                 )  # fmt: skip
                 assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
                 shared = len(todo) > MAX_DECODE_TASKS
@@ -516,7 +521,7 @@ def _data_context(settings: ClipSettings, dtype: torch.dtype):
 
 def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, device: str, mode: str, batch_size: int,
              actors: int, gpus_per_actor: float, cpus_per_actor: float, cpus_per_decode: float, decode_retries: int,
-             actor_restarts: int, hooks: dict[str, str],
+             actor_restarts: int, stall_seconds: float | None, hooks: dict[str, str],
              numbers: Sequence[int] | None = None) -> _Run:  # fmt: skip
     """The Ray Data pipeline: file rows -> decode tasks (one per file, or a few files per task past
     MAX_DECODE_TASKS) -> encode actors -> small result rows, as a :class:`_Run`. ``numbers``: only these files of
@@ -528,7 +533,7 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
     items = [{"file": number, "path": str(todo[number][0])} for number in numbers]
     decode = functools.partial(
         decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
-        exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
+        stall_seconds=stall_seconds, exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
     )  # fmt: skip
     ledger = ray.remote(num_cpus=0)(FaultLedger).remote()
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these retry limits yet

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .backends import resolve_backend
 from .engine import Engine
+from .files import STALL_SECONDS
 from .loading import weights_digest
 from .manifest import MANIFEST_NAME, Manifest
 from .model import TiTok
@@ -176,6 +177,7 @@ def encode_files(
     worker_kind: str = "thread",
     read_ahead: int = 8,
     overwrite: bool = False,
+    stall_seconds: float | None = STALL_SECONDS,
 ) -> Summary:
     """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``.
 
@@ -185,7 +187,8 @@ def encode_files(
     never waits for a whole file. Frames are preprocessed where ``settings.preprocess`` places them (on the
     model's device: batched per clip, overlapped with the model). A file's token file is written as soon as all
     its clips are back; a file that fails (reading, or encoding after retrying its clips one by one) is reported,
-    the rest go on. The progress bar shows clips/s and whether decoding or the model limits the run.
+    the rest go on, as does one whose decoder gives no clip for ``stall_seconds`` (None: wait for ever; its stuck
+    worker is replaced). The progress bar shows clips/s and whether decoding or the model limits the run.
     """
     workers = workers or default_workers()
     outdir = Path(outdir)
@@ -199,6 +202,7 @@ def encode_files(
         source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
         feeds = stream_videos(
             [p for p, _ in todo], workers=workers, prefetch=2 * workers, worker_kind=worker_kind,
+            stall_seconds=stall_seconds,
             capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
             **settings.read_kwargs(model.device.type),
         )  # fmt: skip
@@ -735,11 +739,13 @@ def evaluate(
     workers: int | None = None,
     group: int = 32,
     per_file: dict | None = None,
+    stall_seconds: float | None = STALL_SECONDS,
 ) -> tuple[dict, Summary]:
     """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM over clips per token count.
 
     Clips stream from the files (``workers`` threads, default one per core) in groups of ``group`` (memory does
-    not grow with the inputs); a file that fails to read, even midway, is reported and none of its clips count.
+    not grow with the inputs); a file that fails to read, even midway, or stalls (no clip for ``stall_seconds``)
+    is reported and none of its clips count.
     ``per_file``, if given, receives each complete file's own sums: {path: {n: {"psnr": sum, "ssim": sum,
     "clips": clips}}}."""
     workers = workers or default_workers()
@@ -766,7 +772,10 @@ def evaluate(
         batch.clear()
 
     reading = {**settings.read_kwargs(), "decoder": "cpu", "preprocess": "cpu"}  # eval's clips: the exact path
-    feeds = stream_videos([p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, **reading)
+    feeds = stream_videos(
+        [p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, stall_seconds=stall_seconds,
+        **reading,
+    )  # fmt: skip
     with contextlib.closing(feeds):
         for number, (path, feed) in enumerate(feeds):
             sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0

@@ -26,6 +26,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoders import DECODERS, PruneMismatch, open_frames
-from .files import AtomicFile
+from .files import STALL_SECONDS, AtomicFile
 from .preprocess import clip_pixels, normalize_pixels, placement
 from .stages import CLOCK
 
@@ -294,10 +295,18 @@ class ClipFeed:
 
     Iterate it (once) for the clips in order; a failure on the file is raised as its VideoError, after the clips
     that came before it. ``reader`` (a :class:`ClipReader`) holds the file's metadata once iteration has ended.
+    With ``stall_seconds``, waiting that long for one clip gives up on the file: a VideoError, the feed closed and
+    ``stalled`` set. Either way ``on_stall(worker)`` is called: the thread decoding the file, which may be stuck
+    for good, or None when no thread has come to it at all (they are all stuck elsewhere; the feed then waits
+    on); ``stream_videos`` starts another thread. Feeds of worker processes leave ``stall_seconds`` None: their
+    process is timed where it is served, without its start-up (``_DecoderProcess``).
     """
 
-    def __init__(self, reader: ClipReader, capacity: int):
+    def __init__(self, reader: ClipReader, capacity: int, stall_seconds: float | None = None, on_stall=None):
         self.reader = reader
+        self.stall_seconds, self.on_stall = stall_seconds, on_stall
+        self.stalled = False
+        self.worker: threading.Thread | None = None  # the thread decoding it, once one has started
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._closed = threading.Event()
 
@@ -313,6 +322,7 @@ class ClipFeed:
         """Worker side: decode the file into the queue; any failure becomes this file's VideoError."""
         if self._closed.is_set():
             return
+        self.worker = threading.current_thread()
         try:
             for clip in self.reader:
                 if not self._put(("clip", clip)):
@@ -336,18 +346,48 @@ class ClipFeed:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
-            try:
-                kind, value = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                if self._closed.is_set():
-                    raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)") from None
-                continue
+            waiting_since = time.monotonic()  # the consumer's own time between clips is not the decoder's
+            while True:
+                try:
+                    kind, value = self._queue.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if self._closed.is_set():
+                        raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)") from None
+                    if self.stall_seconds is not None and time.monotonic() - waiting_since >= self.stall_seconds:
+                        worker = self.worker
+                        if self.on_stall is not None:
+                            self.on_stall(worker)
+                        if worker is None:  # not this file's fault: a thread has been added for it
+                            waiting_since = time.monotonic()
+                            continue
+                        self.stalled = True
+                        self.close()
+                        raise stall_error(self.path, self.stall_seconds) from None
             if kind == "clip":
                 yield value
             elif kind == "end":
                 return
             else:
                 raise value
+
+
+def stall_error(path: str, seconds: float) -> VideoError:
+    return VideoError(
+        f"{path}: no clip decoded for {seconds:g} s; given up (a read that hangs, or a file the decoder cannot get "
+        "through)"
+    )
+
+
+def watched_clips(reader: ClipReader, stall_seconds: float | None = STALL_SECONDS) -> Iterator[torch.Tensor]:
+    """``reader``'s clips, decoded in a thread of their own so that a file that stalls (see ClipFeed) is given up
+    after ``stall_seconds`` with a VideoError; the stuck thread is left behind (a daemon: it holds no lock)."""
+    feed = ClipFeed(reader, 1, stall_seconds)
+    threading.Thread(target=feed._produce, daemon=True).start()
+    try:
+        yield from feed
+    finally:
+        feed.close()
 
 
 def default_workers() -> int:
@@ -365,6 +405,7 @@ def stream_videos(
     prefetch: int,
     capacity: int = 8,
     worker_kind: str = "thread",
+    stall_seconds: float | None = None,
     **read_kwargs,
 ) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
     """Read many videos with `workers` threads or processes (``worker_kind``), ahead of the consumer; yield
@@ -376,6 +417,9 @@ def stream_videos(
     :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode where the GIL or
     per-frame Python work would stop threads from scaling; their clips come back through shared memory, their
     failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
+    With ``stall_seconds``, a file that gives no clip for that long fails alone (see :class:`ClipFeed`) and the
+    worker stuck in it is replaced: a process is killed and started again, a thread is left to its fate (a daemon)
+    and another one started.
     """
     if workers < 1 or prefetch < 1 or capacity < 1:
         raise ValueError(f"workers, prefetch and capacity must be >= 1; got {workers}, {prefetch} and {capacity}")
@@ -388,21 +432,34 @@ def stream_videos(
     current: ClipFeed | None = None
     # daemon threads: a stream abandoned without being closed must not keep the process from exiting
     tasks: queue.SimpleQueue[ClipFeed | None] = queue.SimpleQueue()
-    if worker_kind == "thread":
+    threads_decode = worker_kind == "thread"
+    if threads_decode:
         threads = [threading.Thread(target=_decode_feeds, args=(tasks,), daemon=True) for _ in range(workers)]
     else:
-        decoders = [_DecoderProcess(read_kwargs) for _ in range(workers)]
+        decoders = [_DecoderProcess(read_kwargs, stall_seconds) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
         thread.start()
+    abandoned: list[threading.Thread] = []
+
+    def replace(worker: threading.Thread | None) -> None:
+        """A feed waited ``stall_seconds`` for ``worker`` (stuck, maybe for good: it takes no more files), or for
+        any thread to come (None): another thread joins the pool."""
+        if worker in threads:
+            threads.remove(worker)
+            abandoned.append(worker)
+        threads.append(threading.Thread(target=_decode_feeds, args=(tasks,), daemon=True))
+        threads[-1].start()
+
     try:
         while True:
             if current is not None:
                 current.close()  # its worker, if still decoding, frees its thread for the files ahead
             for path in remaining:
-                feed = ClipFeed(ClipReader(path, **read_kwargs), capacity)
+                reader = ClipReader(path, **read_kwargs)
+                feed = ClipFeed(reader, capacity, *((stall_seconds, replace) if threads_decode else ()))
                 # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
-                feed.reader.pin_memory = worker_kind == "thread" and read_kwargs.get("device") == "cuda"
+                feed.reader.pin_memory = threads_decode and read_kwargs.get("device") == "cuda"
                 tasks.put(feed)  # taken in order, so the feed consumed now always has a worker
                 pending.append((path, feed))
                 if len(pending) >= prefetch:
@@ -415,11 +472,12 @@ def stream_videos(
         for feed in [current, *(f for _, f in pending)]:
             if feed is not None:
                 feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
-        for _ in threads:
+        for _ in [*threads, *abandoned]:  # an abandoned thread that comes back stops too
             tasks.put(None)
         if not sys.is_finalizing():  # a stream dropped at exit: its daemon threads die with the process
-            for thread in threads:
-                thread.join()
+            deadline = None if stall_seconds is None else time.monotonic() + stall_seconds
+            for thread in threads:  # each ends its clip; one still in a file after the stall limit is stuck
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _decode_feeds(tasks: queue.SimpleQueue) -> None:
@@ -436,15 +494,17 @@ class _DecoderProcess:
     queue, has the process read each file, and puts the clips (shared-memory tensors) into the feed's queue.
 
     Each file ends with one message from the process: "end" (with the reader's state), "error" (a VideoError's
-    text) or "cancelled" (the feed was closed). A process that dies fails its file and is started again."""
+    text) or "cancelled" (the feed was closed). A process that dies fails its file and is started again, as does
+    one that, once started ("ready"), sends nothing for ``stall_seconds`` while a file waits for it (stuck)."""
 
-    def __init__(self, read_kwargs: dict):
+    def __init__(self, read_kwargs: dict, stall_seconds: float | None = None):
         import torch.multiprocessing as mp
 
-        self.read_kwargs, self._mp = read_kwargs, mp.get_context("spawn")
+        self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, mp.get_context("spawn")
         self._start()
 
     def _start(self) -> None:
+        self.ready = False  # until the process says so: its start-up (imports) is not a file's stall
         self.tasks, self.results = self._mp.SimpleQueue(), self._mp.Queue(maxsize=2)
         self.cancel = self._mp.Event()
         self.process = self._mp.Process(
@@ -464,21 +524,33 @@ class _DecoderProcess:
 
     def _read(self, feed: ClipFeed) -> None:
         self.tasks.put((feed.path, CLOCK.enabled))
+        heard = time.monotonic()  # from the process, about this file
         while True:
             if feed._closed.is_set():
                 self.cancel.set()
             try:
                 kind, value, spent = self.results.get(timeout=0.05)
             except queue.Empty:
+                stuck = self.ready and self.stall_seconds is not None and time.monotonic() - heard >= self.stall_seconds
+                if stuck:  # killed and replaced, not waited for
+                    feed.stalled = True
+                    feed._put(("error", stall_error(feed.path, self.stall_seconds)))
+                    self._restart()
+                    return
                 if self.process.is_alive():
                     continue
                 failure = f"the decoding process died (exit code {self.process.exitcode})"
             except Exception as exc:  # a message cut off by a dying process
                 failure = f"the decoding process failed ({type(exc).__name__}: {exc})"
             else:
+                heard = time.monotonic()
                 CLOCK.add_all(spent)
+                if kind == "ready":
+                    self.ready = True
+                    continue
                 if kind == "clip":
                     feed._put(("clip", value))  # gives up at once when the feed is closed
+                    heard = time.monotonic()  # the time the consumer took to make room was not the process's
                     continue
                 if kind == "end":
                     for name, state in value.items():
@@ -489,14 +561,18 @@ class _DecoderProcess:
                 self.cancel.clear()  # "cancelled" too: the process is ready for the next file
                 return
             feed._put(("error", VideoError(f"{feed.path}: {failure}")))
-            self.process.kill()
-            self._start()
+            self._restart()
             return
+
+    def _restart(self) -> None:
+        self.process.kill()
+        self._start()
 
 
 def _serve_files(tasks, results, cancel, read_kwargs: dict) -> None:
     """A worker process: read each file it is given, sending its clips, then one final message (see above)."""
     torch.set_num_threads(1)
+    results.put(("ready", None, {}))
     while (task := tasks.get()) is not None:
         path, timed = task
         CLOCK.enable(timed)
