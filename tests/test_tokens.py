@@ -265,6 +265,14 @@ TAMPERINGS = {
         rewrite(change_metadata=lambda m: {**m, "padding": "x" * (1 << 20)}),
         "characters; at most 1048576",
     ),
+    "extra-tensor-of-a-dtype-the-reader-lacks": (  # safetensors' Rust side reads F8_E8M0; its torch table has none
+        rewrite(lambda t: t.update(extra=torch.zeros(2, dtype=torch.float8_e8m0fnu))),
+        "not a readable safetensors file .KeyError: 'F8_E8M0'.",
+    ),
+    "header-too-large": (  # 1M tensors of no data: a 40 MB header, refused before it is parsed
+        rewrite(lambda t: t.update({f"empty{i}": torch.zeros(0) for i in range(100_000)})),
+        r"not a readable safetensors file .its header is \d+ bytes; a token file's is at most 4194304.",
+    ),
 }
 
 
@@ -297,6 +305,14 @@ def test_a_file_larger_than_a_token_file_may_be_is_refused_before_it_is_read(tmp
     assert try_load_tokens(path) is None
     monkeypatch.setattr("titok_fast.tokens.MAX_FILE_BYTES", size)
     assert load_tokens(path).token_counts.tolist() == [7, 1, 12]
+
+
+def test_a_named_pipe_or_a_folder_is_refused_without_waiting(tmp_path):
+    """Opening a named pipe for reading waits for a writer: a token file path that names one must not."""
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    for path in (tmp_path / "pipe.safetensors", tmp_path):
+        with pytest.raises(TokenFileError, match=r"not a readable safetensors file \(not a regular file\)"):
+            load_tokens(path)
 
 
 def test_metadata_too_long_to_load_is_not_written(tmp_path):

@@ -394,24 +394,26 @@ def test_stream_videos_moves_past_a_feed_left_unread(monkeypatch):
 
 def _stalling(monkeypatch, stalls_after: int):
     """Fake clips (see _fake_clips, 4 per file) where file "1" hangs after ``stalls_after`` clips, as a read on a
-    hung network file system does, until the returned event is set."""
-    release = threading.Event()
+    hung network file system does, until the returned event is set; ``threads`` records who decoded each file."""
+    release, threads = threading.Event(), {}
 
     def fail(path):
+        threads.setdefault(path, threading.current_thread())
         if path == "1" and made[path] == stalls_after:
             release.wait()
 
     made = _fake_clips(monkeypatch, clips_per_file=4, fail=fail)
-    return release
+    return release, threads
 
 
 def test_a_file_that_stalls_fails_alone_and_its_stuck_thread_is_replaced(monkeypatch):
-    """With one worker thread, file 2 is read at all only if the thread stuck in file 1 is replaced."""
-    release = _stalling(monkeypatch, stalls_after=1)
+    """With one worker thread, file 2 is read at all only if the thread stuck in file 1 is replaced; once its
+    read comes back, the stuck thread takes no more files (one thread decodes, as asked)."""
+    release, threads = _stalling(monkeypatch, stalls_after=1)
     before, results = set(threading.enumerate()), []
     try:
-        stream = video.stream_videos(["0", "1", "2"], workers=1, prefetch=1, stall_seconds=0.5, frames=1, height=1,
-                                     width=1)  # fmt: skip
+        stream = video.stream_videos(["0", "1", "2", "3"], workers=1, prefetch=2, stall_seconds=0.5, frames=1,
+                                     height=1, width=1)  # fmt: skip
         for path, feed in stream:
             clips, error = [], ""
             try:
@@ -419,6 +421,7 @@ def test_a_file_that_stalls_fails_alone_and_its_stuck_thread_is_replaced(monkeyp
                     clips.append(clip.item())
             except VideoError as e:
                 error = str(e)
+                release.set()  # the hung read comes back
             results.append((path, clips, error, feed.stalled))
     finally:
         release.set()
@@ -427,16 +430,36 @@ def test_a_file_that_stalls_fails_alone_and_its_stuck_thread_is_replaced(monkeyp
         ("1", [1.0], "1: no clip decoded for 0.5 s; given up (a read that hangs, or a file the decoder cannot get "
          "through)", True),
         ("2", [2.0] * 4, "", False),
+        ("3", [3.0] * 4, "", False),
     ]  # fmt: skip
-    for thread in set(threading.enumerate()) - before:  # the stuck one too, once its read comes back
+    assert threads["0"] is threads["1"] and threads["2"] is threads["3"] is not threads["1"]
+    for thread in set(threading.enumerate()) - before:
         thread.join(timeout=5)
         assert not thread.is_alive()
+
+
+def test_a_thread_that_comes_late_to_a_file_gives_it_the_whole_stall_limit(monkeypatch):
+    """The only thread is still finishing a slow clip of a file the consumer left: the next file's clock starts
+    when the thread comes to it, not when the consumer began to wait."""
+
+    def slow(path):
+        time.sleep(0.6 if path == "0" else 0.3)
+
+    _fake_clips(monkeypatch, clips_per_file=3, fail=slow)
+    got = []
+    for path, feed in video.stream_videos(["0", "1"], workers=1, prefetch=1, stall_seconds=0.8, frames=1, height=1,
+                                          width=1):  # fmt: skip
+        for clip in feed:
+            got.append(clip.item())
+            if path == "0":
+                break  # as encode_files leaves a file whose clip failed preprocessing
+    assert got == [0.0, 1.0, 1.0, 1.0]
 
 
 def test_a_file_that_no_thread_comes_to_waits_for_a_new_one_instead_of_failing(monkeypatch):
     """File 1 is passed over unread, but its only thread is stuck in it for good: file 2, which no thread comes to,
     is not at fault; a thread is added for it after the stall limit and it is read whole."""
-    release = _stalling(monkeypatch, stalls_after=0)
+    release, _ = _stalling(monkeypatch, stalls_after=0)
     results = []
     try:
         for path, feed in video.stream_videos(["0", "1", "2"], workers=1, prefetch=1, stall_seconds=0.5, frames=1,
@@ -457,11 +480,13 @@ def test_the_stall_limit_counts_only_the_wait_for_the_decoder(monkeypatch):
         for _ in feed:
             time.sleep(0.4)  # the consumer is slow (the model): its clips were decoded long before it asks
     assert not feed.stalled
+    ages = video.stream_videos(["0"], workers=1, prefetch=1, stall_seconds=1e10, frames=1, height=1, width=1)
+    assert [sum(1 for _ in feed) for _, feed in ages] == [3]  # no timeout too long for the platform's clock
 
 
 def test_watched_clips_give_up_on_a_reader_that_stalls(monkeypatch):
     """The Ray decode tasks' guard: the reader runs in a thread of its own, left behind when it hangs."""
-    release = _stalling(monkeypatch, stalls_after=2)
+    release, _ = _stalling(monkeypatch, stalls_after=2)
     try:
         reader = video.ClipReader("1", frames=1, height=1, width=1)
         clips = video.watched_clips(reader, stall_seconds=0.3)

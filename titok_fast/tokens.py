@@ -17,14 +17,15 @@ files keep loading.
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
 name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
 A file holds at least one chunk (a video too short for one is an error, never an empty file), its metadata JSON
-is at most MAX_METADATA_CHARS characters, checked before it is parsed, and the whole file at most MAX_FILE_BYTES,
-checked before it is read.
+is at most MAX_METADATA_CHARS characters, checked before it is parsed, its header at most MAX_HEADER_BYTES and the
+whole file at most MAX_FILE_BYTES, checked before they are read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,7 +40,11 @@ from .video import MAX_FPS, TAIL_POLICIES
 
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
 MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred characters; a stranger's may be huge
-MAX_FILE_BYTES = 1 << 30  # 512M tokens: days of video; a stranger's file may be any size, and is read whole
+# A token file is read whole and its tensors copied (at most twice this in memory): 128M tokens, weeks of video. Its
+# safetensors header (five tensors' entries and the metadata) is checked to be at most MAX_HEADER_BYTES before it is
+# parsed; a stranger's file may hold anything.
+MAX_FILE_BYTES = 1 << 28
+MAX_HEADER_BYTES = 4 * MAX_METADATA_CHARS
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -186,10 +191,14 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
     path = os.fspath(path)
     try:
         data = _read_at_most(path, MAX_FILE_BYTES)
+        header_bytes = int.from_bytes(data[:8], "little")
+        if header_bytes > MAX_HEADER_BYTES:
+            raise ValueError(f"its header is {header_bytes} bytes; a token file's is at most {MAX_HEADER_BYTES}")
         loaded = load(data)  # checks the header, the dtypes, shapes and offsets against the buffer's size
         header = _metadata_of(data)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TokenFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    except Exception as exc:  # a stranger's file may break the parser in ways no check here foresees
+        detail = str(exc) if isinstance(exc, (SafetensorError, OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        raise TokenFileError(f"{path}: not a readable safetensors file ({detail})") from exc
     try:
         metadata = _parse_metadata(header)
         tensors = {name: loaded[name] for name in TENSORS if name in loaded}
@@ -208,11 +217,19 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
 
 
 def _read_at_most(path: str, limit: int) -> bytes:
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size  # 0 for a pipe or a device: read as empty, never to their end
-        if size > limit:
-            raise ValueError(f"{size} bytes; a token file holds at most {limit}")
-        return file.read(size)
+    """The bytes of the regular file at ``path``, if at most ``limit``; a named pipe neither blocks the opening
+    (O_NONBLOCK) nor is read, nor is a device."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("not a regular file")
+        if status.st_size > limit:
+            raise ValueError(f"{status.st_size} bytes; a token file holds at most {limit}")
+        with open(descriptor, "rb", closefd=False) as file:
+            return file.read(status.st_size)
+    finally:
+        os.close(descriptor)
 
 
 def _metadata_of(data: bytes) -> dict[str, str]:

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -307,6 +307,7 @@ class ClipFeed:
         self.stall_seconds, self.on_stall = stall_seconds, on_stall
         self.stalled = False
         self.worker: threading.Thread | None = None  # the thread decoding it, once one has started
+        self._started = 0.0  # when it started (time.monotonic())
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._closed = threading.Event()
 
@@ -322,7 +323,7 @@ class ClipFeed:
         """Worker side: decode the file into the queue; any failure becomes this file's VideoError."""
         if self._closed.is_set():
             return
-        self.worker = threading.current_thread()
+        self.worker, self._started = threading.current_thread(), time.monotonic()
         try:
             for clip in self.reader:
                 if not self._put(("clip", clip)):
@@ -354,7 +355,8 @@ class ClipFeed:
                 except queue.Empty:
                     if self._closed.is_set():
                         raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)") from None
-                    if self.stall_seconds is not None and time.monotonic() - waiting_since >= self.stall_seconds:
+                    waited = time.monotonic() - max(waiting_since, self._started)  # since its thread came to it
+                    if self.stall_seconds is not None and waited >= self.stall_seconds:
                         worker = self.worker
                         if self.on_stall is not None:
                             self.on_stall(worker)
@@ -433,22 +435,22 @@ def stream_videos(
     # daemon threads: a stream abandoned without being closed must not keep the process from exiting
     tasks: queue.SimpleQueue[ClipFeed | None] = queue.SimpleQueue()
     threads_decode = worker_kind == "thread"
+    abandoned: list[threading.Thread] = []
     if threads_decode:
-        threads = [threading.Thread(target=_decode_feeds, args=(tasks,), daemon=True) for _ in range(workers)]
+        threads = [threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True) for _ in range(workers)]
     else:
         decoders = [_DecoderProcess(read_kwargs, stall_seconds) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
         thread.start()
-    abandoned: list[threading.Thread] = []
 
     def replace(worker: threading.Thread | None) -> None:
-        """A feed waited ``stall_seconds`` for ``worker`` (stuck, maybe for good: it takes no more files), or for
-        any thread to come (None): another thread joins the pool."""
+        """A feed waited ``stall_seconds`` for ``worker`` (stuck, maybe for good: if its read ever comes back, it
+        takes no more files), or for any thread to come (None): another thread joins the pool."""
         if worker in threads:
             threads.remove(worker)
             abandoned.append(worker)
-        threads.append(threading.Thread(target=_decode_feeds, args=(tasks,), daemon=True))
+        threads.append(threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True))
         threads[-1].start()
 
     try:
@@ -472,17 +474,22 @@ def stream_videos(
         for feed in [current, *(f for _, f in pending)]:
             if feed is not None:
                 feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
-        for _ in [*threads, *abandoned]:  # an abandoned thread that comes back stops too
+        for _ in [*threads, *abandoned]:  # an abandoned thread back in time to wait for a file stops too
             tasks.put(None)
         if not sys.is_finalizing():  # a stream dropped at exit: its daemon threads die with the process
             deadline = None if stall_seconds is None else time.monotonic() + stall_seconds
             for thread in threads:  # each ends its clip; one still in a file after the stall limit is stuck
-                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                left = None if deadline is None else min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
+                thread.join(left)
 
 
-def _decode_feeds(tasks: queue.SimpleQueue) -> None:
+def _decode_feeds(tasks: queue.SimpleQueue, abandoned: Sequence[threading.Thread]) -> None:
+    """A worker thread: decode the feeds it takes until told to stop (None), or until it is found ``abandoned``
+    (stuck in a file long enough to be replaced: the pool has another thread in its place)."""
     while (feed := tasks.get()) is not None:
         feed._produce()
+        if threading.current_thread() in abandoned:
+            return
 
 
 WORKER_KINDS = ("thread", "process")
@@ -534,8 +541,8 @@ class _DecoderProcess:
                 stuck = self.ready and self.stall_seconds is not None and time.monotonic() - heard >= self.stall_seconds
                 if stuck:  # killed and replaced, not waited for
                     feed.stalled = True
-                    feed._put(("error", stall_error(feed.path, self.stall_seconds)))
                     self._restart()
+                    feed._put(("error", stall_error(feed.path, self.stall_seconds)))
                     return
                 if self.process.is_alive():
                     continue
