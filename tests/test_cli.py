@@ -328,10 +328,14 @@ def test_a_file_whose_read_hangs_fails_alone_after_the_stall_timeout(folder, tmp
     try:
         code, stdout, _ = run("encode", hangs, folder / "moving.mp4", "-o", tmp_path / "tok", *GRID, *RANDOM,
                               "--workers", "1", "--stall-timeout", "1", capsys=capsys)  # fmt: skip
+        assert code == 1 and "encoded 1 file(s)" in stdout and "1 failed" in stdout
+        assert f"FAILED {hangs}: {hangs}: no clip decoded for 1 s; given up" in stdout
+        code, stdout, _ = run("eval", hangs, folder / "moving.mp4", "--tokens", "4", "--grid", "4x32x32", *RANDOM,
+                              "--workers", "1", "--stall-timeout", "1", capsys=capsys)  # fmt: skip
+        assert code == 1 and f"FAILED {hangs}: {hangs}: no clip decoded for 1 s; given up" in stdout
+        assert stdout.splitlines()[1].split()[-1] == "2"  # moving.mp4's two clips scored
     finally:
         release_hanging(tmp_path)
-    assert code == 1 and "encoded 1 file(s)" in stdout and "1 failed" in stdout
-    assert f"FAILED {hangs}: {hangs}: no clip decoded for 1 s; given up" in stdout
     parse = build_parser().parse_args
     assert parse(["encode", "x.mp4", "-o", "o"]).stall_timeout == 300
     assert parse(["encode", "x.mp4", "-o", "o", "--stall-timeout", "0"]).stall_timeout is None  # never

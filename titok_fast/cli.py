@@ -237,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     per_file: dict = {}
     table, summary = evaluate(
         _engine(args, model), collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
-        group=args.batch_size, per_file=per_file,
+        group=args.batch_size, per_file=per_file, stall_seconds=args.stall_timeout,
     )  # fmt: skip
     print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
     for n, row in table.items():
@@ -415,6 +415,17 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
     p.add_argument("--workers", type=_positive, default=None, help="video decoding workers (default: one per CPU core)")
 
 
+def _add_stall_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stall-timeout",
+        type=_stall_seconds,
+        default=STALL_SECONDS,
+        metavar="SECONDS",
+        help=f"a file whose decoder gives no clip for this long (a read that hangs, a file the decoder cannot get "
+        f"through) fails alone and its worker is replaced; 0: wait for ever (default {STALL_SECONDS:g})",
+    )
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker-kind",
@@ -430,14 +441,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         help="cpu: PyAV/FFmpeg, the exact path; nvdec: the GPU's hardware decoder (PyNvVideoCodec), frames stay on "
         "the GPU; what NVDEC cannot decode falls back to the CPU with a notice (default cpu)",
     )
-    p.add_argument(
-        "--stall-timeout",
-        type=_stall_seconds,
-        default=STALL_SECONDS,
-        metavar="SECONDS",
-        help=f"a file whose decoder gives no clip for this long (a read that hangs, a file the decoder cannot get "
-        f"through) fails alone and its worker is replaced; 0: wait for ever (default {STALL_SECONDS:g})",
-    )
+    _add_stall_arg(p)
     p.add_argument(
         "--preprocess",
         choices=("auto", "cpu", "device"),
@@ -509,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     _add_clip_args(p, tokens=False)
+    _add_stall_arg(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("convert", help="upstream Lightning .ckpt -> .safetensors with the config inside")
