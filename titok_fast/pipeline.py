@@ -501,7 +501,8 @@ def _wanted(model: TiTok, mode: str, settings: ClipSettings, device: str | None 
     settings, as :func:`_redo_because` compares them (worked out once per job, not per file)."""
     grid = "x".join(map(str, settings.grid))
     clips = dict(fps=settings.fps, tail=settings.tail, sampling=settings.sampling, tokens=settings.tokens, grid=grid)
-    return {"weights": model.weights_digest, "made_with": made_with(model, mode, settings, device=device), **clips}
+    made = made_with(model, mode, settings, device=device)
+    return {"weights": model.weights_digest, "made_with": made, "clips": clips}
 
 
 def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) -> str | None:
@@ -526,7 +527,7 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
     grids = ["x".join(map(str, g)) for g in dict.fromkeys(map(tuple, done.grids.tolist()))]
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(done.token_counts.tolist()),
                grid=_recorded(grids))  # fmt: skip
-    now.update((k, wanted[k]) for k in ("fps", "tail", "sampling", "tokens", "grid"))
+    now.update(wanted["clips"])
     differ = [f"{k} {was[k]}, now {now[k]}" for k in was if was[k] != now[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
 

@@ -195,7 +195,7 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
         if header_bytes > MAX_HEADER_BYTES:
             raise ValueError(f"its header is {header_bytes} bytes; a token file's is at most {MAX_HEADER_BYTES}")
         loaded = load(data)  # checks the header, the dtypes, shapes and offsets against the buffer's size
-        header = _metadata_of(data)
+        header = json.loads(data[8 : 8 + header_bytes]).get("__metadata__") or {}  # a header load has checked
     except Exception as exc:  # a stranger's file may break the parser in ways no check here foresees
         detail = str(exc) if isinstance(exc, (SafetensorError, OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
         raise TokenFileError(f"{path}: not a readable safetensors file ({detail})") from exc
@@ -230,13 +230,6 @@ def _read_at_most(path: str, limit: int) -> bytes:
             return file.read(status.st_size)
     finally:
         os.close(descriptor)
-
-
-def _metadata_of(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors buffer that ``safetensors.torch.load`` has accepted (so its header
-    is a JSON object of at most the buffer's size, and the metadata maps strings to strings)."""
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
 def try_load_tokens(path: str | os.PathLike[str]) -> TokenFile | None:

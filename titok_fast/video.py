@@ -347,31 +347,36 @@ class ClipFeed:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
-            waiting_since = time.monotonic()  # the consumer's own time between clips is not the decoder's
-            while True:
-                try:
-                    kind, value = self._queue.get(timeout=0.05)
-                    break
-                except queue.Empty:
-                    if self._closed.is_set():
-                        raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)") from None
-                    waited = time.monotonic() - max(waiting_since, self._started)  # since its thread came to it
-                    if self.stall_seconds is not None and waited >= self.stall_seconds:
-                        worker = self.worker
-                        if self.on_stall is not None:
-                            self.on_stall(worker)
-                        if worker is None:  # not this file's fault: a thread has been added for it
-                            waiting_since = time.monotonic()
-                            continue
-                        self.stalled = True
-                        self.close()
-                        raise stall_error(self.path, self.stall_seconds) from None
+            kind, value = self._take()
             if kind == "clip":
                 yield value
             elif kind == "end":
                 return
             else:
                 raise value
+
+    def _take(self) -> tuple[str, object]:
+        """The worker's next item; with ``stall_seconds``, the stall limit applies to the wait (see above)."""
+        waiting_since = time.monotonic()  # the consumer's own time between clips is not the decoder's
+        while True:
+            try:
+                return self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            if self._closed.is_set():
+                raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)")
+            waited = time.monotonic() - max(waiting_since, self._started)  # since its thread came to it
+            if self.stall_seconds is None or waited < self.stall_seconds:
+                continue
+            worker = self.worker
+            if self.on_stall is not None:
+                self.on_stall(worker)
+            if worker is None:  # not this file's fault: a thread has been added for it
+                waiting_since = time.monotonic()
+                continue
+            self.stalled = True
+            self.close()
+            raise stall_error(self.path, self.stall_seconds)
 
 
 def stall_error(path: str, seconds: float) -> VideoError:
@@ -443,6 +448,7 @@ def stream_videos(
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
         thread.start()
+    feed_stall = stall_seconds if threads_decode else None  # a process is timed where it is served
 
     def replace(worker: threading.Thread | None) -> None:
         """A feed waited ``stall_seconds`` for ``worker`` (stuck, maybe for good: if its read ever comes back, it
@@ -458,8 +464,7 @@ def stream_videos(
             if current is not None:
                 current.close()  # its worker, if still decoding, frees its thread for the files ahead
             for path in remaining:
-                reader = ClipReader(path, **read_kwargs)
-                feed = ClipFeed(reader, capacity, *((stall_seconds, replace) if threads_decode else ()))
+                feed = ClipFeed(ClipReader(path, **read_kwargs), capacity, feed_stall, replace)
                 # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
                 feed.reader.pin_memory = threads_decode and read_kwargs.get("device") == "cuda"
                 tasks.put(feed)  # taken in order, so the feed consumed now always has a worker
