@@ -2,6 +2,7 @@
 accumulated in float32. On a CPU this checks the interpreter as ``triton_mode`` sets it up; on a GPU, the compiled
 code (the behaviour the CPU runs must reproduce)."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -91,3 +92,41 @@ def test_bf16_arithmetic_works_on_the_gpu_and_is_refused_by_the_interpreter():
     else:
         with pytest.raises((NotImplementedError, InterpreterError), match="raw bits"):  # wrapped by the interpreter
             _bf16_add_kernel[(1,)](x, y, N=16)
+
+
+@triton.jit
+def _int32_wrap_kernel(x_ptr, y_ptr, out_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(out_ptr + o, tl.load(x_ptr + o) * 3 + tl.load(y_ptr + o))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's own options: a CPU run")
+def test_the_interpreter_without_its_dropped_overflow_check_computes_the_same():
+    """The harness turns the interpreter's overflow sanitizer off (its check goes to a device_assert that the
+    interpreter drops): int32 arithmetic that wraps gives the same values, and no error, with it on or off, and
+    the interpreter's options are given back when the harness ends."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    harness = builder.options
+    assert harness.sanitize_overflow is False and harness.debug is False
+    x = torch.tensor([2**31 - 1, -(2**31), 5, 1 << 30], dtype=torch.int32).repeat(4)
+    y = torch.tensor([1, -1, 7, 1 << 30], dtype=torch.int32).repeat(4)
+    outs = []
+    for sanitize in (False, True):
+        builder.options = dataclasses.replace(harness, sanitize_overflow=sanitize)
+        try:
+            out = torch.empty_like(x)
+            _int32_wrap_kernel[(1,)](x, y, out, N=16)
+            outs.append(out)
+        finally:
+            builder.options = harness
+    wrapped = ((x.long() * 3 + y.long() + 2**31) % 2**32 - 2**31).int()
+    assert torch.equal(outs[0], wrapped) and torch.equal(outs[1], wrapped)
+    builder.options = original = dataclasses.replace(harness, sanitize_overflow=True)  # as Triton makes it
+    try:
+        with triton_mode(True):
+            assert builder.options.sanitize_overflow is False
+        assert builder.options is original
+    finally:
+        builder.options = harness

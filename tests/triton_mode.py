@@ -1,6 +1,7 @@
 """``triton_mode``: run the kernels through the Triton interpreter or the compiler in one test process."""
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
@@ -124,7 +125,12 @@ def _quick_patching(interpret: bool) -> Iterator[None]:
     """The interpreter re-patches triton.language at every call of a jit helper inside a kernel (a tile loop calls
     them thousands of times), each time listing every member of each module with ``inspect.getmembers``; that
     listing is a third of the interpreter's time. Here each module's builtin names are listed once and only those
-    still unpatched are patched: the same patches, as the set of builtins of a module never changes."""
+    still unpatched are patched: the same patches, as the set of builtins of a module never changes.
+
+    The interpreter's integer overflow sanitizer is turned off too: for every integer add, sub and mul it builds
+    the check in int64 (two casts, the op again, two comparisons) and hands it to ``device_assert``, which drops
+    it because the interpreter's options have ``debug`` off, with no way to turn it on. That dropped check was
+    about 45% of a whole-model run's interpreter time; results and errors stay what they were."""
     real = getattr(interpreter, "_patch_builtin", None)
     if not interpret or real is None or not hasattr(interpreter, "_patch_attr"):  # other Triton versions: as they are
         yield
@@ -140,10 +146,16 @@ def _quick_patching(interpret: bool) -> Iterator[None]:
                 interpreter._patch_attr(pkg, name, member, builder, scope)
 
     interpreter._patch_builtin = patch_builtin
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if getattr(options, "debug", True) is False and getattr(options, "sanitize_overflow", False):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
     try:
         yield
     finally:
         interpreter._patch_builtin = real
+        if options is not None:
+            builder.options = options
 
 
 @triton.jit
