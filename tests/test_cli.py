@@ -9,13 +9,14 @@ import sys
 import time
 
 import av
+import numpy as np
 import pytest
 import torch
 
 from titok_fast.cli import build_parser, main
 from titok_fast.tokens import load_tokens
 
-from videos import make_hanging, make_scrambled, make_video, release_hanging
+from videos import make_hanging, make_lossless, make_scrambled, make_video, pattern_frame, release_hanging
 
 GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
 RANDOM = ["--random-weights", "0", "--config", "tiny", "--device", "cpu"]
@@ -321,6 +322,32 @@ def test_encode_input_options_give_the_same_tokens_and_are_recorded(folder, tmp_
         assert (made["nvdec"].made_with["decoder"], made["nvdec"].made_with["decoded_by"]) == ("nvdec", "cpu")
     args = build_parser().parse_args(["encode", "x.mp4", "-o", "out"])
     assert (args.workers, args.worker_kind, args.decoder, args.preprocess) == (None, "thread", "cpu", "auto")
+
+
+def test_rotation_display_gives_the_tokens_of_the_turned_frames_is_recorded_and_resumes_apart(tmp_path, capsys):
+    """--rotation display: a phone-style file (frames stored sideways, a display matrix of -90 degrees) gives the
+    tokens of a file storing them upright; the token file records it, so a run with the other rotation redoes the
+    file instead of keeping it, and decoding shows the source turned beside the reconstruction."""
+    from titok_fast.pipeline import source_chunks
+
+    frames = [pattern_frame("moving", i, 48, 64) for i in range(8)]
+    phone = make_lossless(tmp_path / "phone.mp4", frames, rotation=-90)
+    upright = make_lossless(tmp_path / "upright.mp4", [np.ascontiguousarray(np.rot90(f, -1)) for f in frames])
+    out = tmp_path / "out"
+    assert run("encode", phone, "-o", out, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    assert "rotation" not in load_tokens(out / "phone.safetensors").made_with  # the default, as upstream reads
+    code, stdout, _ = run("encode", phone, upright, "-o", out, *GRID, *RANDOM, "--rotation", "display", capsys=capsys)
+    assert code == 0 and "encoded 2 file(s)" in stdout and "skipped 0" in stdout  # phone's file: made otherwise
+    turned, want = load_tokens(out / "phone.safetensors"), load_tokens(out / "upright.safetensors")
+    assert turned.made_with["rotation"] == "display" and torch.equal(turned.indices, want.indices)
+    code, stdout, _ = run("encode", phone, "-o", out, *GRID, *RANDOM, "--rotation", "display", capsys=capsys)
+    assert code == 0 and "skipped 1 already complete" in stdout
+    shown = list(source_chunks(turned))
+    assert all(torch.equal(a, b) for a, b in zip(shown, source_chunks(want), strict=True))
+    code, _, stderr = run("encode", phone, "-o", tmp_path / "nvdec", *GRID, *RANDOM, "--rotation", "display",
+                          "--decoder", "nvdec", capsys=capsys)  # fmt: skip
+    assert code == 2 and "rotation 'display' is applied by the CPU decoder only" in stderr
+    assert not (tmp_path / "nvdec" / "phone.safetensors").exists()
 
 
 def test_a_file_whose_read_hangs_fails_alone_after_the_stall_timeout(folder, tmp_path, capsys):

@@ -184,6 +184,45 @@ def test_decoder_threads_do_not_change_frames(files):
     assert all(torch.equal(a, b) for a, b in zip(one.clips, three.clips, strict=True))
 
 
+# ------------------------------------------------------------------ display rotation
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+@pytest.mark.parametrize("preprocess", ["cpu", "device"])
+def test_display_rotation_turns_frames_as_the_container_says(tmp_path, rotation, preprocess):
+    """A file whose display matrix turns its frames is read, with rotation "display", as a file storing them
+    turned (lossless files: decoded bit for bit) is read as stored: the same clips, resized where they would be.
+    Counterclockwise, as FFmpeg reads the matrix: a phone's portrait video records -90 (a clockwise turn)."""
+    frames = [videos.pattern_frame("moving", i, 48, 64) for i in range(8)]
+    turned = videos.make_lossless(tmp_path / "turned.mp4", frames, rotation=rotation)
+    upright = [np.ascontiguousarray(np.rot90(f, rotation // 90)) for f in frames]
+    stored = videos.make_lossless(tmp_path / "stored.mp4", upright)
+    kwargs = dict(frames=4, height=32, width=32, fps=8, preprocess=preprocess)
+    shown = video.ClipReader(turned, rotation="display", **kwargs)
+    got, want = list(shown), list(video.ClipReader(stored, **kwargs))
+    assert shown.placement == preprocess and len(got) == len(want) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    as_stored = list(video.ClipReader(turned, **kwargs))  # the default: upstream's reading
+    assert not any(torch.equal(a, b) for a, b in zip(as_stored, want, strict=True))
+    if preprocess == "device":  # source-size frames: turned (portrait for a quarter turn)
+        assert got[0].shape == (4, *upright[0].shape)
+
+
+def test_display_rotation_refuses_what_it_cannot_show_and_leaves_files_without_a_matrix_as_they_are(tmp_path, files):
+    frames = [videos.pattern_frame("moving", i, 32, 32) for i in range(4)]
+    kwargs = dict(frames=4, height=32, width=32, fps=8, rotation="display")
+    for name, angle, hflip in (("mirrored", 90, True), ("tilted", 45, False)):
+        path = videos.make_lossless(tmp_path / f"{name}.mp4", frames, rotation=angle, hflip=hflip)
+        with pytest.raises(VideoError, match=rf"^{path}: its display matrix .* not a quarter turn; read it with"):
+            read_clips(path, **kwargs)
+    plain = dict(frames=4, height=32, width=32)
+    assert all(torch.equal(a, b) for a, b in zip(
+        read_clips(files["moving"], rotation="display", **plain).clips, read_clips(files["moving"], **plain).clips,
+        strict=True))  # fmt: skip
+    with pytest.raises(ValueError, match="rotation 'display' is applied by the CPU decoder only"):
+        video.ClipReader("x.mp4", rotation="display", decoder="nvdec", **plain)
+    with pytest.raises(ValueError, match=r"rotation must be one of \('stored', 'display'\); got 'auto'"):
+        video.ClipReader("x.mp4", rotation="auto", **plain)
+
+
 # ------------------------------------------------------------------ pruned decoding: skipping unneeded frames
 @pytest.fixture(scope="module")
 def long_moving(tmp_path_factory) -> str:

@@ -89,6 +89,24 @@ def make_video(
     return path
 
 
+def make_lossless(
+    path: str | Path, frames: list[np.ndarray], rotation: float | None = None, hflip: bool = False, fps: int = 8
+) -> Path:
+    """An .mp4 of RGB H.264 at qp 0 (decoded back bit for bit) holding ``frames`` ([h, w, 3] uint8), with a
+    display matrix turning them ``rotation`` degrees counterclockwise (and mirroring them with ``hflip``)."""
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        stream.options = {"qp": "0"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation, hflip=hflip)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return Path(path)
+
+
 def make_audio_only(path: str | Path, seconds: float = 0.5) -> Path:
     """An .mkv holding only an MP2 audio stream (a 440 Hz tone)."""
     path = Path(path)

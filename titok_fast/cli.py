@@ -156,6 +156,7 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None):
     return ClipSettings(
         grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling,
         decoder=getattr(args, "decoder", "cpu"), preprocess=getattr(args, "preprocess", "auto"),
+        rotation=args.rotation,
     )  # fmt: skip
 
 
@@ -411,6 +412,14 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         default="upstream",
         help="upstream: the frames upstream's notebook picks (same tokens); time: by presentation time, for "
         "variable frame rate videos (default upstream)",
+    )
+    p.add_argument(
+        "--rotation",
+        choices=("stored", "display"),
+        default="stored",
+        help="stored: frames as the file stores them, as upstream reads them (same tokens); display: turned as the "
+        "container says to show them (phone videos are often stored sideways; quarter turns; --decoder cpu; "
+        "recorded in token files) (default stored)",
     )
     p.add_argument("--workers", type=_positive, default=None, help="video decoding workers (default: one per CPU core)")
 

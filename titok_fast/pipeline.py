@@ -80,7 +80,8 @@ class Summary:
 @dataclass(frozen=True)
 class ClipSettings:
     """How videos become clips: pixel grid (T, H, W), latent tokens per clip, sampling fps, tail policy and
-    frame sampling ("upstream" frame indices, or "time" for variable frame rate). ``prune``: the CPU decoder skips
+    frame sampling ("upstream" frame indices, or "time" for variable frame rate), frame orientation ("stored",
+    or "display": turned as the container says to show them). ``prune``: the CPU decoder skips
     frames no clip uses where that is exact (``ClipReader``); False decodes every frame, to measure the gain."""
 
     grid: tuple[int, int, int]
@@ -91,6 +92,7 @@ class ClipSettings:
     decoder: str = "cpu"
     preprocess: str = "auto"
     prune: bool = True
+    rotation: str = "stored"
 
     def read_kwargs(self, device: str = "cpu") -> dict:
         """Arguments of ``ClipReader`` / ``stream_videos`` for these settings and a model on ``device`` ("cpu",
@@ -98,7 +100,7 @@ class ClipSettings:
         t, h, w = self.grid
         return dict(
             frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True,
-            decoder=self.decoder, preprocess=self.preprocess, device=device, prune=self.prune,
+            decoder=self.decoder, preprocess=self.preprocess, device=device, prune=self.prune, rotation=self.rotation,
         )  # fmt: skip
 
 
@@ -585,7 +587,7 @@ def _token_file(
     )
 
 
-RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision")
+RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation")
 
 
 def made_with(
@@ -599,8 +601,8 @@ def made_with(
 ) -> dict[str, str]:
     """How tokens are made (the token file's ``made_with``): what was asked for (RESUME_KEYS) by a model on
     ``device`` (default: where ``model`` is; the Ray path's actors run elsewhere than its driver's copy), and once
-    a file has been read, what it got (``decoded_by``, ``preprocessed_on``). ``precision`` is there only when it is
-    not the default, so files made before it was recorded still resume."""
+    a file has been read, what it got (``decoded_by``, ``preprocessed_on``). ``precision`` and ``rotation`` are
+    there only when they are not the default, so files made before they were recorded still resume."""
     device = device or model.device.type
     made = {
         "decoder": settings.decoder,
@@ -612,6 +614,8 @@ def made_with(
     }
     if model.precision != "default":
         made["precision"] = model.precision
+    if settings.rotation != "stored":
+        made["rotation"] = settings.rotation
     if decoded_by is not None:
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
     return made
@@ -638,7 +642,7 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
         raise ValueError(f"the source {token_file.source!r} the token file names is not a regular file here")
     reader = ClipReader(
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
-        sampling=token_file.sampling,
+        sampling=token_file.sampling, rotation=token_file.made_with.get("rotation", "stored"),
     )  # fmt: skip
     clips = iter(reader)
     try:

@@ -89,7 +89,8 @@ class TokenFile:
     codebook_size: number of codes, at most 32768
     weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
         weights, "" if unknown or random
-    made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode); {} if unknown
+    made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; precision and
+        rotation when not the default); {} if unknown
     """
 
     indices: torch.Tensor

@@ -44,6 +44,7 @@ from .stages import CLOCK
 
 TAIL_POLICIES = ("drop", "pad")
 SAMPLINGS = ("upstream", "time")
+ROTATIONS = ("stored", "display")  # frames as stored (upstream), or turned as the container says to show them
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 
 
@@ -107,6 +108,10 @@ class ClipReader:
     does, and it comes as that placement's clips do (float32); ``placement`` and ``decoded_by`` say what this file
     got.
 
+    ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
+    each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
+    turns before it is resized (:func:`display_turns`; the CPU decoder only).
+
     Iteration raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file (possibly
     after some clips). Once it has ended, ``source_fps``, ``clips_read``, ``last_clip_frames`` and ``start_times()``
     describe what was read.
@@ -128,6 +133,7 @@ class ClipReader:
         preprocess: str = "cpu",
         device: str = "cpu",
         prune: bool = True,
+        rotation: str = "stored",
     ):
         if min(frames, height, width, threads) < 1:
             raise ValueError(
@@ -142,9 +148,14 @@ class ClipReader:
         self.frames, self.height, self.width, self.fps = frames, height, width, fps
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}; got {rotation!r}")
+        if rotation == "display" and decoder != "cpu":
+            raise ValueError("rotation 'display' is applied by the CPU decoder only (decoder 'cpu', --decoder cpu)")
         placement(preprocess, device, 1, 1, 1, 1)  # checks the name
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
+        self.rotation = rotation
         self.pruned = False  # whether the CPU decoder skipped frames this file does not need, set as it is read
         self.placement = ""  # where this file's frames are preprocessed, "cpu" or "device", set when it is opened
         self.decoded_by = ""  # "cpu" or "nvdec", or "nvdec,cpu" when NVDEC failed midway, set as it is read
@@ -206,7 +217,8 @@ class ClipReader:
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
                     on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
                     self.placement = "device" if source.decoder == "nvdec" else on
-                image = source.rgb if self.placement == "device" else functools.partial(self._resized, source)
+                rgb = source.rgb if self.rotation == "stored" else functools.partial(_displayed, path, source.rgb)
+                image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
                         raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
@@ -243,9 +255,9 @@ class ClipReader:
         due = [math.ceil((int(pts) - first) * rate) for pts in order]
         return np.array([a < b for a, b in itertools.pairwise(due)] + [True])
 
-    def _resized(self, source, frame) -> torch.Tensor:
+    def _resized(self, rgb: Callable[[object], torch.Tensor], frame) -> torch.Tensor:
         """One decoded frame as upstream prepares it (the per-frame path): raw pixels [3, height, width] float32."""
-        return self._resized_image(source.rgb(frame))
+        return self._resized_image(rgb(frame))
 
     def _resized_image(self, image: torch.Tensor) -> torch.Tensor:
         """[h, w, 3] uint8 RGB -> raw pixels [3, height, width] float32, as upstream prepares a frame."""
@@ -281,6 +293,30 @@ class ClipReader:
             last_clip_frames=self.last_clip_frames,
             tail=self.tail,
         )
+
+
+def display_turns(path: str, frame: av.VideoFrame) -> int:
+    """Counterclockwise quarter turns that show ``frame`` as its display matrix says (0 without one): FFmpeg's
+    rotation angle (``frame.rotation``, counterclockwise), within 1 degree of a multiple of 90 as FFmpeg's own
+    autorotation takes it. A matrix that mirrors the picture, or turns it by another angle, is a VideoError."""
+    matrix = next((d for d in frame.side_data if str(d.type).endswith("DISPLAYMATRIX")), None)
+    if matrix is None:
+        return 0
+    m = np.frombuffer(bytes(matrix), dtype=np.int32).astype(np.int64)
+    angle = float(frame.rotation)
+    if len(m) != 9 or m[0] * m[4] - m[1] * m[3] <= 0 or abs(angle - 90 * round(angle / 90)) > 1:
+        raise VideoError(
+            f"{path}: its display matrix {m.tolist()} mirrors the picture or turns it by {angle:g} degrees, not a "
+            "quarter turn; read it with rotation 'stored'"
+        )
+    return round(angle / 90) % 4
+
+
+def _displayed(path: str, rgb: Callable[[av.VideoFrame], torch.Tensor], frame: av.VideoFrame) -> torch.Tensor:
+    """``rgb(frame)`` ([h, w, 3] uint8) turned as ``frame`` is to be shown (:func:`display_turns`)."""
+    image = rgb(frame)
+    turns = display_turns(path, frame)
+    return torch.rot90(image, turns, dims=(0, 1)).contiguous() if turns else image
 
 
 def read_clips(path: str | os.PathLike[str], **kwargs) -> ClipSet:
