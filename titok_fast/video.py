@@ -302,12 +302,17 @@ def display_turns(path: str, frame: av.VideoFrame) -> int:
     matrix = next((d for d in frame.side_data if str(d.type).endswith("DISPLAYMATRIX")), None)
     if matrix is None:
         return 0
-    m = np.frombuffer(bytes(matrix), dtype=np.int32).astype(np.int64)
+    data = bytes(matrix)  # 3x3 int32, as FFmpeg checks it on reading; a stranger's file may say otherwise
+    m = np.frombuffer(data, dtype=np.int32).astype(np.int64) if len(data) == 36 else np.zeros(9, np.int64)
+    det = m[0] * m[4] - m[1] * m[3]  # negative: a mirror; zero: no picture (or not 3x3)
+    if det <= 0:
+        what = "mirrors the picture" if det < 0 else "is degenerate"
+        raise VideoError(f"{path}: its display matrix {m.tolist()} {what}; read it with rotation 'stored'")
     angle = float(frame.rotation)
-    if len(m) != 9 or m[0] * m[4] - m[1] * m[3] <= 0 or abs(angle - 90 * round(angle / 90)) > 1:
+    if not math.isfinite(angle) or abs(angle - 90 * round(angle / 90)) > 1:
         raise VideoError(
-            f"{path}: its display matrix {m.tolist()} mirrors the picture or turns it by {angle:g} degrees, not a "
-            "quarter turn; read it with rotation 'stored'"
+            f"{path}: its display matrix turns the picture by {angle:g} degrees, not a quarter turn; read it with "
+            "rotation 'stored'"
         )
     return round(angle / 90) % 4
 
