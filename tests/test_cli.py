@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from titok_fast.cli import build_parser, main
+from titok_fast.cli import _by_resolution, build_parser, main
+from titok_fast.manifest import MANIFEST_NAME, read_manifest
 from titok_fast.tokens import load_tokens
 
 from videos import make_hanging, make_lossless, make_scrambled, make_video, pattern_frame, release_hanging
@@ -338,12 +339,17 @@ def test_rotation_display_gives_the_tokens_of_the_turned_frames_is_recorded_and_
     assert "rotation" not in load_tokens(out / "phone.safetensors").made_with  # the default, as upstream reads
     code, stdout, _ = run("encode", phone, upright, "-o", out, *GRID, *RANDOM, "--rotation", "display", capsys=capsys)
     assert code == 0 and "encoded 2 file(s)" in stdout and "skipped 0" in stdout  # phone's file: made otherwise
+    redone = [r for r in read_manifest(out / MANIFEST_NAME) if r.get("replaced")]
+    assert [r["replaced"] for r in redone] == ["made another way (rotation stored, now display)"]
     turned, want = load_tokens(out / "phone.safetensors"), load_tokens(out / "upright.safetensors")
     assert turned.made_with["rotation"] == "display" and torch.equal(turned.indices, want.indices)
     code, stdout, _ = run("encode", phone, "-o", out, *GRID, *RANDOM, "--rotation", "display", capsys=capsys)
     assert code == 0 and "skipped 1 already complete" in stdout
     shown = list(source_chunks(turned))
     assert all(torch.equal(a, b) for a, b in zip(shown, source_chunks(want), strict=True))
+    rows = {8: {"psnr": 20.0, "ssim": 0.5, "clips": 2}}  # eval --plot: a line per resolution, as frames were read
+    assert list(_by_resolution({str(phone): rows, str(upright): rows}, "display")) == ["48x64"]
+    assert list(_by_resolution({str(phone): rows, str(upright): rows})) == ["48x64", "64x48"]
     code, _, stderr = run("encode", phone, "-o", tmp_path / "nvdec", *GRID, *RANDOM, "--rotation", "display",
                           "--decoder", "nvdec", capsys=capsys)  # fmt: skip
     assert code == 2 and "rotation 'display' is applied by the CPU decoder only" in stderr

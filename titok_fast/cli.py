@@ -7,6 +7,7 @@ failed, after finishing all the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
@@ -250,21 +251,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .plots import rate_distortion_figure, save_figure
 
         title = f"clips of {'x'.join(map(str, settings.grid))}, weights {model.weights_digest}"
-        figure = rate_distortion_figure(_by_resolution(per_file), title=title)
+        figure = rate_distortion_figure(_by_resolution(per_file, settings.rotation), title=title)
         save_figure(figure, args.plot)
         print(f"wrote {args.plot}")
     return _finish(summary, "evaluated")
 
 
-def _by_resolution(per_file: dict) -> dict[str, dict[int, dict[str, float]]]:
-    """Per-file sums from ``evaluate`` averaged over the files of each source resolution ("WxH")."""
+def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[int, dict[str, float]]]:
+    """Per-file sums from ``evaluate`` averaged over the files of each source resolution ("WxH", as the frames
+    were read: turned a quarter for rotation "display" when the first frame's display matrix says so)."""
     import av
+
+    from .video import VideoError, display_turns
 
     groups: dict[str, dict[int, dict[str, float]]] = {}
     for path, rows in per_file.items():
         with av.open(path) as container:  # evaluate read it to the end: it opens
             stream = container.streams.video[0]
-            label = f"{stream.width}x{stream.height}"
+            width, height = stream.width, stream.height
+            if rotation == "display":
+                with contextlib.suppress(VideoError, av.FFmpegError, StopIteration):
+                    if display_turns(path, next(container.decode(stream))) % 2:
+                        width, height = height, width
+            label = f"{width}x{height}"
         group = groups.setdefault(label, {n: {"psnr": 0.0, "ssim": 0.0, "clips": 0} for n in rows})
         for n, row in rows.items():
             for key in ("psnr", "ssim", "clips"):
@@ -418,8 +427,8 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         choices=("stored", "display"),
         default="stored",
         help="stored: frames as the file stores them, as upstream reads them (same tokens); display: turned as the "
-        "container says to show them (phone videos are often stored sideways; quarter turns; --decoder cpu; "
-        "recorded in token files) (default stored)",
+        "container says to show them (phone videos are often stored sideways), by quarter turns; a file whose "
+        "display matrix mirrors or turns by another angle fails; the CPU decoder only (default stored)",
     )
     p.add_argument("--workers", type=_positive, default=None, help="video decoding workers (default: one per CPU core)")
 

@@ -524,8 +524,8 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
         return f"made from another source ({done.source!r})"
     recorded, asked = done.made_with, wanted["made_with"]
     keys = [k for k in RESUME_KEYS if k in recorded or k in asked]
-    was = {k: recorded.get(k, "unrecorded") for k in keys}
-    now = {k: asked.get(k, "unrecorded") for k in keys}
+    was = {k: recorded.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
+    now = {k: asked.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
     grids = ["x".join(map(str, g)) for g in dict.fromkeys(map(tuple, done.grids.tolist()))]
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(done.token_counts.tolist()),
                grid=_recorded(grids))  # fmt: skip
@@ -588,6 +588,7 @@ def _token_file(
 
 
 RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation")
+UNRECORDED_DEFAULTS = {"precision": "default", "rotation": "stored"}  # made_with leaves these out when default
 
 
 def made_with(

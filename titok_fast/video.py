@@ -296,9 +296,10 @@ class ClipReader:
 
 
 def display_turns(path: str, frame: av.VideoFrame) -> int:
-    """Counterclockwise quarter turns that show ``frame`` as its display matrix says (0 without one): FFmpeg's
-    rotation angle (``frame.rotation``, counterclockwise), within 1 degree of a multiple of 90 as FFmpeg's own
-    autorotation takes it. A matrix that mirrors the picture, or turns it by another angle, is a VideoError."""
+    """Counterclockwise quarter turns that show ``frame`` as its display matrix says (0 without one), as FFmpeg's
+    own autorotation takes the matrix: its rotation angle (``av_display_rotation_get``: counterclockwise, from the
+    matrix's first column and row), rounded to whole degrees, is a multiple of 90. A matrix that mirrors the
+    picture, or turns it by another angle (FFmpeg would rotate it freely), is a VideoError."""
     matrix = next((d for d in frame.side_data if str(d.type).endswith("DISPLAYMATRIX")), None)
     if matrix is None:
         return 0
@@ -308,20 +309,25 @@ def display_turns(path: str, frame: av.VideoFrame) -> int:
     if det <= 0:
         what = "mirrors the picture" if det < 0 else "is degenerate"
         raise VideoError(f"{path}: its display matrix {m.tolist()} {what}; read it with rotation 'stored'")
-    angle = float(frame.rotation)
-    if not math.isfinite(angle) or abs(angle - 90 * round(angle / 90)) > 1:
+    angle = -math.degrees(math.atan2(m[1] / math.hypot(m[1], m[4]), m[0] / math.hypot(m[0], m[3])))
+    if round(angle) % 90:
         raise VideoError(
-            f"{path}: its display matrix turns the picture by {angle:g} degrees, not a quarter turn; read it with "
-            "rotation 'stored'"
+            f"{path}: its display matrix turns the picture by {angle:.1f} degrees, not a quarter turn; read it "
+            "with rotation 'stored'"
         )
-    return round(angle / 90) % 4
+    return round(angle) // 90 % 4
 
 
 def _displayed(path: str, rgb: Callable[[av.VideoFrame], torch.Tensor], frame: av.VideoFrame) -> torch.Tensor:
     """``rgb(frame)`` ([h, w, 3] uint8) turned as ``frame`` is to be shown (:func:`display_turns`)."""
     image = rgb(frame)
     turns = display_turns(path, frame)
-    return torch.rot90(image, turns, dims=(0, 1)).contiguous() if turns else image
+    if not turns:
+        return image
+    started = CLOCK.start()  # counted with the conversion to RGB
+    image = torch.rot90(image, turns, dims=(0, 1)).contiguous()
+    CLOCK.stop("rgb", started)
+    return image
 
 
 def read_clips(path: str | os.PathLike[str], **kwargs) -> ClipSet:
