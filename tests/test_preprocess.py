@@ -267,6 +267,33 @@ def test_nvdec_failing_midway_is_finished_on_the_cpu(files, monkeypatch, capsys)
     assert all(torch.equal(a, b) for a, b in zip(clips[3:], cpu[3:], strict=True))  # frames 12+: the CPU's
 
 
+@pytest.mark.parametrize("rotation", [90, -90])
+def test_nvdec_frames_are_turned_as_the_first_frame_says(tmp_path, monkeypatch, rotation):
+    """NVDEC's frames carry no display matrix: with rotation "display" they are turned as the first frame's
+    matrix (read by PyAV) says, and come out as the CPU decoder's turned frames do, within NVDEC's rounding."""
+    path = str(tmp_path / "phone.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, 64, 96), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    kwargs = dict(frames=4, height=64, width=64, fps=24, rotation="display")
+    cpu = read_clips(path, **kwargs).clips
+    upright = read_clips(path, **{**kwargs, "rotation": "stored"}).clips
+    frames, calls = fake_nvdec()
+    monkeypatch.setattr(decoders, "nvdec_frames", frames)
+    reader = ClipReader(path, decoder="nvdec", device="cpu", raw=True, **kwargs)
+    got = list(reader)
+    assert calls == [path] and reader.decoded_by == "nvdec" and got[0].shape == (4, 96, 64, 3)  # turned
+    clips = [normalize_pixels(clip_pixels(c, 64, 64), torch.float32) for c in got]
+    assert len(clips) == len(cpu) == 2
+    for a, b, c in zip(clips, cpu, upright, strict=True):
+        assert (a - b).abs().max() <= 2.5 * 2 / 255 < (a - c).abs().max()
+
+
 # ---------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

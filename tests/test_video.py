@@ -218,8 +218,6 @@ def test_display_rotation_refuses_what_it_cannot_show_and_leaves_files_without_a
     assert all(torch.equal(a, b) for a, b in zip(
         read_clips(files["moving"], rotation="display", **plain).clips, read_clips(files["moving"], **plain).clips,
         strict=True))  # fmt: skip
-    with pytest.raises(ValueError, match="rotation 'display' is applied by the CPU decoder only"):
-        video.ClipReader("x.mp4", rotation="display", decoder="nvdec", **plain)
     with pytest.raises(ValueError, match=r"rotation must be one of \('stored', 'display'\); got 'auto'"):
         video.ClipReader("x.mp4", rotation="auto", **plain)
 

@@ -428,7 +428,7 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         default="stored",
         help="stored: frames as the file stores them, as upstream reads them (same tokens); display: turned as the "
         "container says to show them (phone videos are often stored sideways), by quarter turns; a file whose "
-        "display matrix mirrors or turns by another angle fails; the CPU decoder only (default stored)",
+        "display matrix mirrors or turns by another angle fails (default stored)",
     )
     p.add_argument("--workers", type=_positive, default=None, help="video decoding workers (default: one per CPU core)")
 

@@ -110,7 +110,8 @@ class ClipReader:
 
     ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
     each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
-    turns before it is resized (:func:`display_turns`; the CPU decoder only).
+    turns before it is resized (:func:`display_turns`; NVDEC's frames, which carry no matrix, as the first frame
+    says).
 
     Iteration raises VideoError for a missing, empty, unreadable, corrupt, audio-only or too short file (possibly
     after some clips). Once it has ended, ``source_fps``, ``clips_read``, ``last_clip_frames`` and ``start_times()``
@@ -150,8 +151,6 @@ class ClipReader:
             raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}; got {rotation!r}")
-        if rotation == "display" and decoder != "cpu":
-            raise ValueError("rotation 'display' is applied by the CPU decoder only (decoder 'cpu', --decoder cpu)")
         placement(preprocess, device, 1, 1, 1, 1)  # checks the name
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
@@ -217,7 +216,13 @@ class ClipReader:
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
                     on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
                     self.placement = "device" if source.decoder == "nvdec" else on
-                rgb = source.rgb if self.rotation == "stored" else functools.partial(_displayed, path, source.rgb)
+                if self.rotation == "stored":
+                    rgb = source.rgb
+                elif source.decoder == "nvdec":  # its frames carry no display matrix: the first frame's, from PyAV
+                    first = _first_turns(path)
+                    rgb = functools.partial(_turned, source.rgb, lambda _: first)
+                else:
+                    rgb = functools.partial(_turned, source.rgb, functools.partial(display_turns, path))
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
@@ -318,14 +323,24 @@ def display_turns(path: str, frame: av.VideoFrame) -> int:
     return round(angle) // 90 % 4
 
 
-def _displayed(path: str, rgb: Callable[[av.VideoFrame], torch.Tensor], frame: av.VideoFrame) -> torch.Tensor:
-    """``rgb(frame)`` ([h, w, 3] uint8) turned as ``frame`` is to be shown (:func:`display_turns`)."""
+def _first_turns(path: str) -> int:
+    """:func:`display_turns` of the video's first frame (decoded on the CPU; 0 if it has none)."""
+    with _open(path) as container:
+        try:
+            frame = next(container.decode(video=0), None)
+        except av.FFmpegError as exc:
+            raise VideoError(f"{path}: decoding failed ({exc})") from exc
+    return 0 if frame is None else display_turns(path, frame)
+
+
+def _turned(rgb: Callable[[object], torch.Tensor], turns: Callable[[object], int], frame) -> torch.Tensor:
+    """``rgb(frame)`` ([h, w, 3] uint8) turned ``turns(frame)`` quarter turns counterclockwise."""
     image = rgb(frame)
-    turns = display_turns(path, frame)
-    if not turns:
+    k = turns(frame)
+    if not k:
         return image
     started = CLOCK.start()  # counted with the conversion to RGB
-    image = torch.rot90(image, turns, dims=(0, 1)).contiguous()
+    image = torch.rot90(image, k, dims=(0, 1)).contiguous()
     CLOCK.stop("rgb", started)
     return image
 
