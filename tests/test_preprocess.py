@@ -1,3 +1,4 @@
+import re
 from fractions import Fraction
 
 import av
@@ -319,6 +320,29 @@ def test_gpu_device_preprocessing_gives_the_tokens_of_the_cpu_path(files, tmp_pa
 def test_nvdec_says_why_it_cannot_take_a_file(files):
     with av.open(files["odd"]) as container, pytest.raises(DecoderUnavailable, match="NVDEC does not decode ffv1"):
         next(decoders.nvdec_frames(files["odd"], container.streams.video[0]))
+
+
+@pytest.mark.parametrize(("pix_fmt", "colorspace", "said"), [
+    ("yuv420p10le", None, "pixel format yuv420p10le: only 8-bit 4:2:0"),  # 10-bit HDR, as phones record
+    ("yuv444p", None, "pixel format yuv444p: only 8-bit 4:2:0"),
+    ("yuv422p", None, "pixel format yuv422p: only 8-bit 4:2:0"),
+    ("yuv420p", 9, "YUV matrix bt2020: only BT.601 and BT.709"),  # libswscale converts it with BT.2020's
+])  # fmt: skip
+def test_nvdec_leaves_to_the_cpu_what_its_conversion_does_not_take(tmp_path, pix_fmt, colorspace, said):
+    """Streams the GPU conversion (8-bit NV12, BT.601/709) would get wrong are the CPU decoder's, before CUDA is
+    asked for; the 8-bit 4:2:0 streams it takes convert within 2 levels (test_nvdec_path_close_to_the_cpu_path)."""
+    path = str(tmp_path / f"{pix_fmt}.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, 48, 64), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(path) as container, pytest.raises(DecoderUnavailable, match=f"^{re.escape(said)}"):
+        next(decoders.nvdec_frames(path, container.streams.video[0]))
 
 
 @pytest.mark.skipif(CUDA, reason="checks the machine without CUDA")

@@ -41,6 +41,11 @@ DECODERS = ("cpu", "nvdec")
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjpeg")
 # (Kr, Kb) of Y = Kr R + (1 - Kr - Kb) G + Kb B, by the stream's colour matrix
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+# what the GPU conversion takes: 8-bit 4:2:0 (NVDEC hands it over as NV12; 10-bit comes as P016, 4:4:4 otherwise),
+# and the streams whose matrix libswscale reads as one of MATRICES (AVColorSpace: BT.709, unspecified, BT.470BG,
+# SMPTE 170M). Other streams (10-bit HDR from phones, BT.2020, 4:2:2, 4:4:4) are decoded on the CPU.
+NVDEC_PIXEL_FORMATS = ("yuv420p", "nv12")
+NVDEC_COLORSPACES = {1: "bt709", 2: "bt601", 5: "bt601", 6: "bt601"}
 # codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
 # reference. (Not HEVC: FFmpeg skips its sub-layer non-reference pictures, which higher sub-layers may use.)
 PRUNED_CODECS = ("h264",)
@@ -186,12 +191,21 @@ class NvdecFrame:
 
 def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -> Iterator[NvdecFrame]:
     """Decode ``path`` with PyNvVideoCodec on GPU ``gpu``, in presentation order; raises DecoderUnavailable when
-    the package, the GPU or the codec is missing (before any frame)."""
+    the package, the GPU or the codec is missing, or the stream is one :func:`nvdec_rgb` would convert wrongly
+    (NVDEC_PIXEL_FORMATS, NVDEC_COLORSPACES, limited range), before any frame."""
     codec = stream.codec_context.name
     if codec not in NVDEC_CODECS:
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
     if stream.codec_context.color_range == 2:  # AVCOL_RANGE_JPEG
         raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")
+    if stream.codec_context.pix_fmt not in NVDEC_PIXEL_FORMATS:
+        raise DecoderUnavailable(
+            f"pixel format {stream.codec_context.pix_fmt}: only 8-bit 4:2:0 is converted on the GPU"
+        )
+    if stream.codec_context.colorspace not in NVDEC_COLORSPACES:
+        raise DecoderUnavailable(
+            f"YUV matrix {_colorspace_name(stream)}: only BT.601 and BT.709 are converted on the GPU"
+        )
     if not torch.cuda.is_available():
         raise DecoderUnavailable("no CUDA device")
     try:
@@ -217,8 +231,19 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
 
 
 def _matrix(stream: av.video.stream.VideoStream) -> str:
-    """The stream's YUV matrix: BT.709 when it says so, else BT.601 (what libswscale assumes when unsaid)."""
-    return "bt709" if stream.codec_context.colorspace == 1 else "bt601"
+    """The stream's YUV matrix, one of NVDEC_COLORSPACES: BT.709 when it says so, else BT.601 (what libswscale
+    assumes when unsaid)."""
+    return NVDEC_COLORSPACES.get(stream.codec_context.colorspace, "bt601")
+
+
+def _colorspace_name(stream: av.video.stream.VideoStream) -> str:
+    """The stream's AVColorSpace by PyAV's name where it has one (e.g. "bt2020"), else by its number."""
+    value = stream.codec_context.colorspace
+    with contextlib.suppress(Exception):
+        from av.video.reformatter import Colorspace
+
+        return Colorspace(value).name.lower()
+    return f"AVColorSpace {value}"
 
 
 def nvdec_rgb(frame: NvdecFrame) -> torch.Tensor:
