@@ -41,9 +41,10 @@ DECODERS = ("cpu", "nvdec")
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjpeg")
 # (Kr, Kb) of Y = Kr R + (1 - Kr - Kb) G + Kb B, by the stream's colour matrix
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
-# what the GPU conversion takes: 8-bit 4:2:0 (NVDEC hands it over as NV12; 10-bit comes as P016, 4:4:4 otherwise),
-# and the streams whose matrix libswscale reads as one of MATRICES (AVColorSpace: BT.709, unspecified, BT.470BG,
-# SMPTE 170M). Other streams (10-bit HDR from phones, BT.2020, 4:2:2, 4:4:4) are decoded on the CPU.
+# what the GPU conversion takes: 8-bit 4:2:0 (NVDEC hands it over as the NV12 that nvdec_rgb reads; deeper or
+# fuller formats come in other layouts), and the streams whose matrix libswscale reads as one of MATRICES
+# (AVColorSpace: BT.709, unspecified, BT.470BG, SMPTE 170M). Other streams (10-bit HDR from phones, BT.2020, 4:2:2,
+# 4:4:4) are decoded on the CPU.
 NVDEC_PIXEL_FORMATS = ("yuv420p", "nv12")
 NVDEC_COLORSPACES = {1: "bt709", 2: "bt601", 5: "bt601", 6: "bt601"}
 # codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
