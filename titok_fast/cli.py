@@ -262,18 +262,18 @@ def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[i
     were read: turned a quarter for rotation "display" when the first frame's display matrix says so)."""
     import av
 
-    from .video import VideoError, display_turns
+    from .video import VideoError, first_frame_turns
 
     groups: dict[str, dict[int, dict[str, float]]] = {}
     for path, rows in per_file.items():
         with av.open(path) as container:  # evaluate read it to the end: it opens
             stream = container.streams.video[0]
             width, height = stream.width, stream.height
-            if rotation == "display":
-                with contextlib.suppress(VideoError, av.FFmpegError, StopIteration):
-                    if display_turns(path, next(container.decode(stream))) % 2:
-                        width, height = height, width
-            label = f"{width}x{height}"
+        if rotation == "display":
+            with contextlib.suppress(VideoError):
+                if first_frame_turns(path) % 2:
+                    width, height = height, width
+        label = f"{width}x{height}"
         group = groups.setdefault(label, {n: {"psnr": 0.0, "ssim": 0.0, "clips": 0} for n in rows})
         for n, row in rows.items():
             for key in ("psnr", "ssim", "clips"):

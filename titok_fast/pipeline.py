@@ -613,10 +613,9 @@ def made_with(
         "backend": resolve_backend(model.backend, device).name,
         "mode": mode,
     }
-    if model.precision != "default":
-        made["precision"] = model.precision
-    if settings.rotation != "stored":
-        made["rotation"] = settings.rotation
+    for key, value in (("precision", model.precision), ("rotation", settings.rotation)):
+        if value != UNRECORDED_DEFAULTS[key]:
+            made[key] = value
     if decoded_by is not None:
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
     return made
@@ -643,7 +642,7 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
         raise ValueError(f"the source {token_file.source!r} the token file names is not a regular file here")
     reader = ClipReader(
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
-        sampling=token_file.sampling, rotation=token_file.made_with.get("rotation", "stored"),
+        sampling=token_file.sampling, rotation=token_file.made_with.get("rotation", UNRECORDED_DEFAULTS["rotation"]),
     )  # fmt: skip
     clips = iter(reader)
     try:

@@ -219,7 +219,7 @@ class ClipReader:
                 if self.rotation == "stored":
                     rgb = source.rgb
                 elif source.decoder == "nvdec":  # its frames carry no display matrix: the first frame's, from PyAV
-                    first = _first_turns(path)
+                    first = first_frame_turns(path)
                     rgb = functools.partial(_turned, source.rgb, lambda _: first)
                 else:
                     rgb = functools.partial(_turned, source.rgb, functools.partial(display_turns, path))
@@ -323,7 +323,7 @@ def display_turns(path: str, frame: av.VideoFrame) -> int:
     return round(angle) // 90 % 4
 
 
-def _first_turns(path: str) -> int:
+def first_frame_turns(path: str) -> int:
     """:func:`display_turns` of the video's first frame (decoded on the CPU; 0 if it has none)."""
     with _open(path) as container:
         try:
