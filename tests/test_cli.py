@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,9 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
         assert code == 2 and f"titok-fast: error: {message}\n" in err and "Traceback" not in err, err
     for options, message in [
+        (["--shard", "2/2"], "argument --shard: '2/2' is not K/N with 0 <= K < N, e.g. 0/8 (shards count from 0)"),
+        (["--shard", "1"], "argument --shard: '1' is not K/N with 0 <= K < N"),
+        (["--shard=-1/4"], "argument --shard: '-1/4' is not K/N"),
         (["--ray-gpus-per-actor", "0"], "argument --ray-gpus-per-actor: 0 must be > 0"),
         (["--ray-cpus-per-decode", "nan"], "argument --ray-cpus-per-decode: nan must be > 0"),
         (["--ray-retries", "-1"], "argument --ray-retries: -1 must be >= 0"),
@@ -386,3 +390,29 @@ def test_a_missing_file_in_a_list_fails_alone(folder, tmp_path, capsys):
     assert code == 1 and "encoded 1 file(s)" in stdout and "1 failed" in stdout
     assert f"FAILED {tmp_path / 'deleted_since.mp4'}: {tmp_path / 'deleted_since.mp4'}: no such file" in stdout
     assert sorted(p.name for p in (tmp_path / "tok").glob("*.safetensors")) == ["moving.safetensors"]
+
+
+def test_shards_split_the_inputs_without_overlap_into_the_token_files_of_one_run(folder, tmp_path, capsys):
+    """Three runs with --shard K/3 into one output folder (as three GPUs would run them) write exactly the token
+    files of one unsharded run, each input once, and each run resumes its own shard only."""
+    whole, shards = tmp_path / "whole", tmp_path / "shards"
+    options = [*GRID, "--tail", "pad", *RANDOM]
+    code, _, _ = run("encode", folder, "-o", whole, *options, capsys=capsys)
+    assert code == 1  # broken.mp4 alone fails
+    taken, codes = [], []
+    for k in range(3):
+        code, stdout, err = run("encode", folder, "-o", shards, *options, "--shard", f"{k}/3", capsys=capsys)
+        taken.append(int(re.search(r"titok-fast: shard \d/3: (\d+) of 5 inputs\n", err)[1]))
+        assert f"encoded {taken[-1] - code} file(s)" in stdout  # the shard holding broken.mp4 exits 1
+        codes.append(code)
+    assert sum(taken) == 5 and sum(codes) == 1 and max(taken) < 5  # each input in one shard; they do split
+    names = sorted(str(p.relative_to(whole)) for p in whole.rglob("*.safetensors"))
+    assert sorted(str(p.relative_to(shards)) for p in shards.rglob("*.safetensors")) == names
+    for name in names:
+        a, b = load_tokens(whole / name), load_tokens(shards / name)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.token_counts, b.token_counts)
+    sources = [sorted(line["source"] for line in read_manifest(out / MANIFEST_NAME)) for out in (whole, shards)]
+    assert sources[0] == sources[1]  # a line for each input, from the run whose shard holds it
+    k = taken.index(max(taken))
+    code, stdout, _ = run("encode", folder, "-o", shards, *options, "--shard", f"{k}/3", capsys=capsys)
+    assert "encoded 0 file(s)" in stdout and f"skipped {taken[k] - codes[k]} already complete" in stdout

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import weakref
+from pathlib import Path
 
 import av
 import pytest
@@ -644,3 +645,19 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
     assert lines[-2] == '{"source": "/v/cut.mp4", "tok' and json.loads(lines[-1])["source"] == "/v/next.mp4"
     with pytest.raises(ValueError, match="line 8: not JSON"):  # the damage stays that line's
         read_manifest(path)
+
+
+def test_shards_partition_the_inputs_by_output_name_whatever_their_order():
+    from titok_fast.pipeline import select_shard
+
+    files = [(Path(f"/data/{i % 7}/clip{i}.mp4"), f"{i % 7}/clip{i}") for i in range(2000)]
+    shards = [select_shard(files, k, 8) for k in range(8)]
+    assert sorted(f for shard in shards for f in shard) == sorted(files)  # disjoint, and together all of them
+    assert all(180 < len(shard) < 320 for shard in shards)  # a hash spreads them (250 each on average)
+    shuffled = files[::-1][:1500]  # another order, and fewer inputs: the others keep their shards
+    kept = set(shuffled)
+    expected = [[f for f in shard if f in kept][::-1] for shard in shards]
+    assert [select_shard(shuffled, k, 8) for k in range(8)] == expected
+    assert select_shard(files, 0, 1) == files
+    with pytest.raises(ValueError, match="shard 8/8: expected 0 <= index < count"):
+        select_shard(files, 8, 8)

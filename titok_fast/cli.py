@@ -68,6 +68,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """--shard K/N: 0 <= K < N."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not int(m[1]) < int(m[2]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N, e.g. 0/8 (shards count from 0)")
+    return int(m[1]), int(m[2])
+
+
 def _stall_seconds(text: str) -> float | None:
     """--stall-timeout: seconds, or 0 for never (None)."""
     try:
@@ -167,7 +175,7 @@ def _finish(summary, verb: str) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .pipeline import collect_inputs, encode_files
+    from .pipeline import collect_inputs, encode_files, select_shard
 
     given = [f"--{k.replace('_', '-')}" for k in RAY_DEFAULTS if getattr(args, k, None) is not None]
     if given and not args.ray:
@@ -175,6 +183,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
+    if args.shard:
+        index, count = args.shard
+        mine = select_shard(files, index, count)
+        print(f"titok-fast: shard {index}/{count}: {len(mine)} of {len(files)} inputs", file=sys.stderr)
+        files = mine
     if args.ray:
         return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
@@ -504,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders (recursive) or .txt path lists")
     p.add_argument("-o", "--output", required=True, help="output folder for token files")
     p.add_argument("--overwrite", action="store_true", help="re-encode files whose token file is already complete")
+    p.add_argument(
+        "--shard", type=_shard, metavar="K/N", help="encode only shard K of N (0 <= K < N) of the inputs, chosen by "
+        "a hash of each output name: N runs given the same inputs, one per GPU or machine, split them without overlap",
+    )  # fmt: skip
     _add_model_args(p)
     _add_clip_args(p)
     _add_input_args(p)

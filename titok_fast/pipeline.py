@@ -9,6 +9,7 @@ token files made different ways.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -131,6 +132,21 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetens
             raise InputError(f"inputs {owners[name]} and {path} would both write {name}{suffix}; rename one")
         owners[name] = path
     return list(dict.fromkeys(found))
+
+
+def select_shard(files: Sequence[tuple[Path, str]], index: int, count: int) -> list[tuple[Path, str]]:
+    """The inputs of shard ``index`` of ``count`` (0-based): those whose output name hashes (SHA-256) to
+    ``index`` modulo ``count``. The shards of one input list are disjoint and cover it, and an input's shard
+    depends on its output name alone, not on the other inputs or their order, so separate runs (one per GPU or
+    machine, each given the same inputs) split a dataset without talking to each other, and an input added later
+    goes to one shard only."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: expected 0 <= index < count")
+
+    def shard(name: str) -> int:
+        return int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()[:8], "big") % count
+
+    return [(path, name) for path, name in files if shard(name) == index]
 
 
 def _video_files(folder: Path) -> list[Path]:
