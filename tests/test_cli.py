@@ -394,7 +394,7 @@ def test_a_missing_file_in_a_list_fails_alone(folder, tmp_path, capsys):
 
 def test_shards_split_the_inputs_without_overlap_into_the_token_files_of_one_run(folder, tmp_path, capsys):
     """Three runs with --shard K/3 into one output folder (as three GPUs would run them) write exactly the token
-    files of one unsharded run, each input once, and each run resumes its own shard only."""
+    files of one unsharded run, each input once, each shard's manifest its own; each run resumes its own shard."""
     whole, shards = tmp_path / "whole", tmp_path / "shards"
     options = [*GRID, "--tail", "pad", *RANDOM]
     code, _, _ = run("encode", folder, "-o", whole, *options, capsys=capsys)
@@ -411,8 +411,11 @@ def test_shards_split_the_inputs_without_overlap_into_the_token_files_of_one_run
     for name in names:
         a, b = load_tokens(whole / name), load_tokens(shards / name)
         assert torch.equal(a.indices, b.indices) and torch.equal(a.token_counts, b.token_counts)
-    sources = [sorted(line["source"] for line in read_manifest(out / MANIFEST_NAME)) for out in (whole, shards)]
-    assert sources[0] == sources[1]  # a line for each input, from the run whose shard holds it
+    assert sorted(p.name for p in shards.glob("manifest*")) == [f"manifest-{k}-of-3.jsonl" for k in range(3)]
+    shard_sources = [[line["source"] for line in read_manifest(shards / f"manifest-{k}-of-3.jsonl")] for k in range(3)]
+    assert [len(sources) for sources in shard_sources] == taken  # a line for each input of the shard
+    whole_sources = sorted(line["source"] for line in read_manifest(whole / MANIFEST_NAME))
+    assert sorted(sum(shard_sources, [])) == whole_sources
     k = taken.index(max(taken))
     code, stdout, _ = run("encode", folder, "-o", shards, *options, "--shard", f"{k}/3", capsys=capsys)
     assert "encoded 0 file(s)" in stdout and f"skipped {taken[k] - codes[k]} already complete" in stdout

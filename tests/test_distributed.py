@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -300,6 +301,24 @@ def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path)
     with pytest.raises(ValueError, match="mode 'cudagraph' needs CUDA devices; the encode actors run on cpu"):
         encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="none", device="cpu", mode="cudagraph")
     assert not (tmp_path / MANIFEST_NAME).exists()  # nothing was started
+
+
+def test_shards_on_ray_and_on_one_machine_make_the_token_files_of_one_run(runs, videos, cluster, tmp_path, capsys):
+    """--shard applies to --ray jobs too: shard 0 of 2 on the cluster and shard 1 on one machine, into one folder,
+    write byte for byte the token files of one unsharded run, each shard listed in its own manifest."""
+    out = tmp_path / "out"
+    assert main(["encode", str(videos["good"]), "-o", str(out), *GRID, *RANDOM, "--shard", "0/2",
+                 "--ray", cluster["address"]]) == 0  # fmt: skip
+    assert main(["encode", str(videos["good"]), "-o", str(out), *GRID, *RANDOM, "--shard", "1/2"]) == 0
+    taken = [int(n) for n in re.findall(r"titok-fast: shard \d/2: (\d+) of 5 inputs\n", capsys.readouterr().err)]
+    assert len(taken) == 2 and sum(taken) == 5 and min(taken) > 0
+    assert token_bytes(out) == token_bytes(runs["good"])
+    sources = [read_manifest(out / f"manifest-{k}-of-2.jsonl") for k in range(2)]
+    assert [len(rows) for rows in sources] == taken and not (out / MANIFEST_NAME).exists()
+    assert sorted(os.path.basename(r["source"]) for r in sources[0] + sources[1]) == sorted(
+        os.listdir(videos["good"])
+    )
+    assert {r["status"] for r in sources[0] + sources[1]} == {"done"} and WORKERS[0] in sources[0][0]
 
 
 def test_resume_redoes_exactly_what_is_missing_damaged_or_made_otherwise(runs, videos, cluster, tmp_path):

@@ -175,7 +175,7 @@ def _finish(summary, verb: str) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .pipeline import collect_inputs, encode_files, select_shard
+    from .pipeline import collect_inputs, encode_files
 
     given = [f"--{k.replace('_', '-')}" for k in RAY_DEFAULTS if getattr(args, k, None) is not None]
     if given and not args.ray:
@@ -183,18 +183,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
-    if args.shard:
-        index, count = args.shard
-        mine = select_shard(files, index, count)
-        print(f"titok-fast: shard {index}/{count}: {len(mine)} of {len(files)} inputs", file=sys.stderr)
-        files = mine
     if args.ray:
         return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
     summary = encode_files(
         model, _engine(args, model), files, args.output, _settings(args, model),
         workers=args.workers, worker_kind=args.worker_kind, read_ahead=args.batch_size, overwrite=args.overwrite,
-        stall_seconds=args.stall_timeout,
+        stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
     return _finish(summary, "encoded")
 
@@ -217,7 +212,7 @@ def _encode_on_ray(args: argparse.Namespace, files):
         batch_size=args.batch_size, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
         cpus_per_actor=args.ray_cpus_per_actor, cpus_per_decode=args.ray_cpus_per_decode,
         decode_retries=args.ray_retries, actor_restarts=args.ray_actor_restarts, overwrite=args.overwrite,
-        stall_seconds=args.stall_timeout,
+        stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
 
 

@@ -48,7 +48,7 @@ import torch
 from .engine import Engine
 from .files import STALL_SECONDS
 from .fp8 import check_fp8_runs
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .pipeline import (
     ClipSettings,
@@ -58,6 +58,7 @@ from .pipeline import (
     encode_resiliently,
     made_with,
     plan_outputs,
+    take_shard,
     write_token_file,
 )
 from .video import ClipReader, VideoError, normalize_pixels, watched_clips
@@ -378,6 +379,7 @@ def encode_dataset(
     actor_restarts: int = 8,
     overwrite: bool = False,
     stall_seconds: float | None = STALL_SECONDS,
+    shard: tuple[int, int] | None = None,
     _test_hooks: dict[str, str] | None = None,
 ) -> Summary:
     """Encode every ``(video, output name)`` of ``files`` into ``outdir/<name>.safetensors`` on a Ray cluster, like
@@ -410,8 +412,9 @@ def encode_dataset(
     hooks = _test_hooks or {}
     outdir = Path(outdir)
     start = time.perf_counter()
+    files = take_shard(files, shard)
     summary = Summary()
-    with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
+    with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)
         if todo:
             load_model = model_loader(model) if load_model is None else load_model

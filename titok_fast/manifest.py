@@ -9,7 +9,9 @@ another source, by other weights or with other settings) says how in ``replaced`
 
 Jobs append to the manifest, each line in one write to a file opened for appending, so jobs sharing an output
 folder (one per GPU, on disjoint inputs) never cut each other's lines; a resumed job lists the inputs it skips,
-and an input's outcome is its latest line.
+and an input's outcome is its latest line. A job that encodes one shard of its inputs (``--shard K/N``) keeps a
+manifest of the shard's own, ``manifest-K-of-N.jsonl``: shards run on several machines, and appends from several
+machines to one file on a network filesystem (NFS) are not atomic.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "manifest.jsonl"
 STATUSES = ("done", "skipped", "failed", "not-encoded")
 OUTDATED_SUFFIX = ".outdated"  # a token file made otherwise whose input failed its redo is moved to <name><this>
+
+
+def manifest_name(shard: tuple[int, int] | None = None) -> str:
+    """The manifest's file name in the output folder, for a job over all its inputs or over ``shard`` (K, N)."""
+    return MANIFEST_NAME if shard is None else f"manifest-{shard[0]}-of-{shard[1]}.jsonl"
 
 
 class Manifest:

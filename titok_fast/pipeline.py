@@ -25,7 +25,7 @@ from .backends import resolve_backend
 from .engine import Engine
 from .files import STALL_SECONDS
 from .loading import weights_digest
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
@@ -149,6 +149,16 @@ def select_shard(files: Sequence[tuple[Path, str]], index: int, count: int) -> l
     return [(path, name) for path, name in files if shard(name) == index]
 
 
+def take_shard(files: Sequence[tuple[Path, str]], shard: tuple[int, int] | None) -> list[tuple[Path, str]]:
+    """The inputs a job encodes: those of ``shard`` ``(index, count)`` (:func:`select_shard`), saying on stderr
+    how many of all they are, or all of them for None."""
+    if shard is None:
+        return list(files)
+    mine = select_shard(files, *shard)
+    print(f"titok-fast: shard {shard[0]}/{shard[1]}: {len(mine)} of {len(files)} inputs", file=sys.stderr)
+    return mine
+
+
 def _video_files(folder: Path) -> list[Path]:
     """The video files under ``folder``, sorted. Links to folders are followed (a dataset is often assembled from
     links), each folder once: a link to a folder already listed (a cycle, or a second way in) is passed over with
@@ -196,8 +206,11 @@ def encode_files(
     read_ahead: int = 8,
     overwrite: bool = False,
     stall_seconds: float | None = STALL_SECONDS,
+    shard: tuple[int, int] | None = None,
 ) -> Summary:
     """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``.
+    With ``shard`` ``(index, count)``, only the inputs of that shard (:func:`select_shard`), listed in a manifest
+    of the shard's own (:func:`~titok_fast.manifest.manifest_name`).
 
     Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``; default one per
     core; up to ``2 * workers`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept
@@ -210,9 +223,10 @@ def encode_files(
     """
     workers = workers or default_workers()
     outdir = Path(outdir)
+    files = take_shard(files, shard)
     summary = Summary()
     start = time.perf_counter()
-    with Manifest(outdir / MANIFEST_NAME, summary) as manifest:
+    with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, engine.mode, files, outdir, settings, manifest, overwrite=overwrite)
         job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), start)
         job.limits.workers, job.limits.worker_kind = workers, worker_kind
