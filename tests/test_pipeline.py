@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import weakref
 from pathlib import Path
 
@@ -575,6 +576,39 @@ def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_onc
     ]  # fmt: skip
     with pytest.raises(InputError, match="input '.*gone.mp4' does not exist"):  # typed: stops the run up front
         collect_inputs([tmp_path / "gone.mp4"])
+
+
+def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_path, capsys):
+    """A file reached through a folder and its sub-folder, a link, or a path with '..' is encoded once, under the
+    first name; a list naming itself (directly or through another) is read once; a list saved with a byte order
+    mark and CRLF endings, naming a file whose name is not UTF-8, reads as any other."""
+    from titok_fast.pipeline import InputError, collect_inputs
+
+    v = tmp_path / "v"
+    (v / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "sub/c.mp4"):
+        (v / name).write_bytes(b"x")
+    (tmp_path / "link").symlink_to(v)
+    found = collect_inputs([v, v / "sub", tmp_path / "link", v / "sub" / ".." / "a.mp4"])
+    assert found == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "sub/c")]
+    notice = f"titok-fast: {v / 'sub' / 'c.mp4'}: reached again (as c); encoded once, as sub/c\n"
+    assert capsys.readouterr().err == notice
+
+    odd = os.fsencode(v) + b"/\xff.mp4"
+    with open(odd, "wb") as f:
+        f.write(b"x")
+    (tmp_path / "self.txt").write_bytes(b"\xef\xbb\xbfv/a.mp4\r\nself.txt\r\nother.txt\r\n v/\xff.mp4\r\n")
+    (tmp_path / "other.txt").write_text("self.txt\nv/sub\n")
+    odd = (Path(os.fsdecode(odd)), os.fsdecode(b"\xff"))
+    assert collect_inputs([tmp_path / "self.txt"]) == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "c"), odd]
+    notice = f"titok-fast: {tmp_path / 'self.txt'}: a list that names itself, directly or through another; not read"
+    assert capsys.readouterr().err.splitlines() == [f"{notice} again"] * 2
+
+    (v / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")
+    assert collect_inputs([v]) == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "sub/c"), odd]
+    assert capsys.readouterr().err == f"titok-fast: {v / 'gone.mp4'}: a link that leads nowhere; left out\n"
+    with pytest.raises(InputError, match="input '/dev/null' is not a regular file or a folder"):
+        collect_inputs(["/dev/null"])
 
 
 def _preprocessing_fails(monkeypatch, error, on=lambda frames: True):

@@ -110,28 +110,65 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetens
     name)`` pairs.
 
     Output names keep the folder structure under each input folder; two inputs that would write the same output
-    are an error naming both. A path given here that does not exist is an error (it was typed: a typo should stop
+    are an error naming both. A file reached more than once (spelled two ways, through a link, or from a folder
+    and a sub-folder of it also given) is one input, under the first name it was reached by (a notice says so
+    when the names differ). A path given here that does not exist is an error (it was typed: a typo should stop
     the run before any work), but a missing file named in a list file is kept as an input, to fail alone ("no
-    such file") while the others are encoded: a list of a large dataset may name files deleted since."""
+    such file") while the others are encoded: a list of a large dataset may name files deleted since. Relative
+    entries of a list are read from the list's own folder; a list that names itself, directly or through
+    another, is read once (with a notice)."""
+    owners: dict[str, Path] = {}  # output name -> its file
+    names: dict[str, str] = {}  # a file, as its real path -> its output name
+    kept = []
+    for path, name in _expand(inputs, ()):
+        real = os.path.realpath(path)
+        if real in names:
+            if names[real] != name:
+                print(f"titok-fast: {path}: reached again (as {name}); encoded once, as {names[real]}", file=sys.stderr)
+            continue
+        if name in owners:
+            raise InputError(f"inputs {owners[name]} and {path} would both write {name}{suffix}; rename one")
+        names[real], owners[name] = name, path
+        kept.append((path, name))
+    return kept
+
+
+def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """``collect_inputs``' pairs, every reach of a file included; ``lists``: the list files being read (real
+    paths), which a list must not name again."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _video_files(path)]
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
-            listed = [line.strip() for line in path.read_text().splitlines()]
-            for entry in (path.parent / line for line in listed if line and not line.startswith("#")):
-                found += collect_inputs([entry]) if entry.exists() else [(entry, entry.stem)]
+            real = os.path.realpath(path)
+            if real in lists:
+                print(f"titok-fast: {path}: a list that names itself, directly or through another; not read again",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            for entry in _listed(path):
+                listed = entry.is_dir() or (entry.is_file() and entry.suffix.lower() in LIST_EXTENSIONS)
+                found += _expand([entry], (*lists, real)) if listed else [(entry, entry.stem)]
         elif path.is_file():
             found.append((path, path.stem))
+        elif path.exists():  # a device, a named pipe, a socket
+            raise InputError(f"input {str(item)!r} is not a regular file or a folder")
         else:
             raise InputError(f"input {str(item)!r} does not exist")
-    owners: dict[str, Path] = {}
-    for path, name in found:
-        if name in owners and owners[name] != path:
-            raise InputError(f"inputs {owners[name]} and {path} would both write {name}{suffix}; rename one")
-        owners[name] = path
-    return list(dict.fromkeys(found))
+    return found
+
+
+def _listed(listing: Path) -> list[Path]:
+    """The entries of a list file, one path a line, relative ones from the list's folder; blank lines and lines
+    starting with # are passed over. Paths are bytes on Linux: a line that is not UTF-8 is kept as the bytes it
+    holds (as ``os.fsdecode`` does), and a UTF-8 byte order mark (a list saved by Windows Notepad) is dropped."""
+    try:
+        data = listing.read_bytes()
+    except OSError as e:
+        raise InputError(f"list {str(listing)!r} cannot be read: {e.strerror or e}") from None
+    lines = [os.fsdecode(line.strip()) for line in data.removeprefix(b"\xef\xbb\xbf").splitlines()]
+    return [listing.parent / line for line in lines if line and not line.startswith("#")]
 
 
 def select_shard(files: Sequence[tuple[Path, str]], index: int, count: int) -> list[tuple[Path, str]]:
@@ -185,6 +222,8 @@ def _video_files(folder: Path) -> list[Path]:
                     stack.append(path)
                 elif entry.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
                     files.append(path)
+                elif entry.is_symlink() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.exists():
+                    print(f"titok-fast: {path}: a link that leads nowhere; left out", file=sys.stderr)
             except OSError as e:  # a link whose target may not be looked at
                 print(f"titok-fast: {path}: cannot be read ({e.strerror or e}); left out", file=sys.stderr)
     return sorted(files)
