@@ -188,6 +188,37 @@ def test_killed_run_resumes(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
 
 
+@pytest.mark.parametrize(
+    "how", [(signal.SIGTERM, "thread", "terminated (SIGTERM)"), (signal.SIGINT, "process", "interrupted")],
+    ids=["sigterm", "ctrl-c-process-workers"],
+)
+def test_a_stopped_run_says_so_in_one_line_and_lists_what_it_did_not_encode(how, tmp_path):
+    """SIGTERM (a scheduler stopping the job) is handled as Ctrl-C; a Ctrl-C reaches the whole process group, worker
+    processes included, and only the main process answers it: no traceback, the manifest lists the rest."""
+    sig, kind, said = how
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        make_video(src / f"clip{i}.mp4", frames=48, height=64, width=64, fps=24)
+    out = tmp_path / "tokens"
+    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), "-o", str(out), "--grid", "4x64x64",
+           "--tokens", "64", "--batch-size", "1", "--workers", "1", "--worker-kind", kind, *RANDOM]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.safetensors")):
+        time.sleep(0.01)
+    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # a terminal's Ctrl-C goes to the group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert err.rstrip().endswith(f"titok-fast: {said}") and "Traceback" not in err, err
+    rows = read_manifest(out / MANIFEST_NAME, latest=True)
+    done = sorted(p.name for p in out.glob("*.safetensors"))
+    assert 1 <= len(done) < 6, "the run was not stopped midway; make the clips longer"
+    assert sorted(os.path.basename(r["tokens"]) for r in rows if r["status"] == "done") == done
+    stopped = [r for r in rows if r["status"] == "not-encoded"]
+    assert len(stopped) == 6 - len(done) and all("the run stopped" in r["reason"] for r in stopped)
+
+
 def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys):
     """A token file is a stranger's: the local weights path it records is not opened; --checkpoint is asked for."""
     from titok_fast.loading import random_tokenizer, save_safetensors

@@ -11,8 +11,10 @@ import contextlib
 import functools
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -570,16 +572,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a scheduler (Slurm, Kubernetes) stops a job: handled as Ctrl-C is, so what was finished stays
+    and the manifest lists the inputs not encoded."""
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
     try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        print("titok-fast: interrupted", file=sys.stderr)
-        return 130
+        with _terminated_as_interrupted():
+            return args.run(args)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"titok-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as e:  # one readable line; --debug shows the traceback
         if args.debug:
             raise

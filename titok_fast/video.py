@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -584,7 +585,13 @@ class _DecoderProcess:
         self.process = self._mp.Process(
             target=_serve_files, args=(self.tasks, self.results, self.cancel, self.read_kwargs), daemon=True
         )
-        self.process.start()
+        # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
+        # process's to handle (it stops the workers); in a worker it would only print a traceback
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def serve(self, tasks: queue.SimpleQueue) -> None:
         try:
