@@ -71,8 +71,8 @@ def _positive_float(text: str) -> float:
 
 
 def _shard(text: str) -> tuple[int, int]:
-    """--shard K/N: 0 <= K < N."""
-    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    """--shard K/N: 0 <= K < N, N at most 7 digits."""
+    m = re.fullmatch(r"([0-9]{1,7})/([0-9]{1,7})", text.strip())
     if not m or not int(m[1]) < int(m[2]):
         raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N, e.g. 0/8 (shards count from 0)")
     return int(m[1]), int(m[2])
