@@ -139,6 +139,19 @@ def test_too_short_for_one_chunk(files):
         read_clips(files["index24"], frames=17, height=16, width=16)
 
 
+@pytest.mark.parametrize("prune", [True, False], ids=["pruned", "every-frame"])
+def test_a_chunk_longer_than_any_video_is_sampled_without_a_table_of_its_frames(files, prune):
+    """fps 1e-9 from 24 fps makes chunks of 9.6e10 source frames: sampled as upstream (the first frame, padded),
+    not by a table as long as the chunk (768 GB); past 2**53 frames the error says why."""
+    result = read_clips(files["index24"], frames=4, height=16, width=16, fps=1e-9, tail="pad", prune=prune)
+    assert sampled_indices(result) == [0, 0, 0, 0] and result.last_clip_frames == 1
+    with pytest.raises(VideoError, match=r"index24\.mp4 is shorter than one chunk of 4 frames at 1e-09 fps"):
+        read_clips(files["index24"], frames=4, height=16, width=16, fps=1e-9, prune=prune)
+    too_long = r"index24\.mp4: sampling 4 frames at 1e-300 fps from its 24 fps makes chunks of 9.6e\+301 source"
+    with pytest.raises(VideoError, match=too_long):
+        read_clips(files["index24"], frames=4, height=16, width=16, fps=1e-300, tail="pad", prune=prune)
+
+
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40), (40, 24), (97, 130)], ids=str)
 def test_odd_source_size(files, height, width):
     result = read_clips(files["odd"], frames=2, height=height, width=width)  # source 97 x 130, FFV1

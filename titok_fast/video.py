@@ -228,6 +228,12 @@ class ClipReader:
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
                         raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
+                    span = self.frames * (self.source_fps / self.fps)
+                    if not span < 2**53:  # a chunk longer than any video: said, not an overflow
+                        raise VideoError(
+                            f"{path}: sampling {self.frames} frames at {self.fps:g} fps from its {self.source_fps:g} "
+                            f"fps makes chunks of {span:.3g} source frames"
+                        )
                     self._chunk_length = chunk_length(self.frames, self.source_fps, self.fps)
                     if self._chunk_length < 1:
                         raise VideoError(
@@ -251,7 +257,7 @@ class ClipReader:
         count = len(order)
         if self.sampling == "upstream":
             length = self._chunk_length
-            needed = _chunk_picks(self.frames, length)[np.arange(count) % length] > 0
+            needed = np.isin(np.arange(count) % length, list(_chunk_picks(self.frames, length)))
             if self.tail == "drop" and count >= length:  # a last partial chunk is dropped: none of its frames
                 needed[count // length * length :] = False
             return needed
@@ -859,9 +865,12 @@ def chunk_length(frames: int, source_fps: float, fps: float) -> int:
     return int(frames * (source_fps / fps))
 
 
-def _chunk_picks(frames: int, chunk_length: int) -> np.ndarray:
-    """How often each offset inside a chunk is sampled: the bincount of numpy.linspace(0, L - 1, frames, int)."""
-    return np.bincount(np.linspace(0, chunk_length - 1, frames, dtype=int), minlength=chunk_length)
+def _chunk_picks(frames: int, chunk_length: int) -> dict[int, int]:
+    """How often each offset inside a chunk is sampled, for the offsets numpy.linspace(0, L - 1, frames, int)
+    picks: at most ``frames`` entries, however long the chunk (a low fps, or a source that declares a very high
+    one, makes it billions of frames)."""
+    offsets, counts = np.unique(np.linspace(0, chunk_length - 1, frames, dtype=int), return_counts=True)
+    return dict(zip(offsets.tolist(), counts.tolist(), strict=True))
 
 
 def _sample_indices(decoded: Iterable, frames: int, chunk_length: int, image: Callable) -> Iterator[torch.Tensor]:
@@ -870,6 +879,6 @@ def _sample_indices(decoded: Iterable, frames: int, chunk_length: int, image: Ca
     A last partial chunk yields the picks that exist. ``decoded``: (index, frame) pairs in order."""
     counts = _chunk_picks(frames, chunk_length)
     for index, frame in decoded:
-        repeat = int(counts[index % chunk_length])
+        repeat = counts.get(index % chunk_length, 0)
         if repeat:
             yield from _repeat(frame, repeat, image)
