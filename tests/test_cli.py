@@ -16,7 +16,7 @@ import torch
 
 from titok_fast.cli import _by_resolution, build_parser, main
 from titok_fast.manifest import MANIFEST_NAME, read_manifest
-from titok_fast.tokens import load_tokens
+from titok_fast.tokens import load_tokens, save_tokens
 
 from videos import make_hanging, make_lossless, make_scrambled, make_video, pattern_frame, release_hanging
 
@@ -132,10 +132,19 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--grid", "5x32x32"], "--grid 5x32x32: T must be a positive multiple of 4 (patch [4, 8, 8])"),
         (["--ray-actors", "3", "--ray-retries", "1"], "--ray-actors, --ray-retries apply only with --ray"),
         (["--ray-gpus-per-actor", "1"], "--ray-gpus-per-actor applies only with --ray"),
-    ]
+        (["--grid", "4x32x32", "--tokens", "100000"], "--grid 4x32x32 --tokens 100000: a clip would need 100016 "
+         "packed rows (tokens + patches); the engine takes at most 65536 per clip"),
+    ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
         assert code == 2 and f"titok-fast: error: {message}\n" in err and "Traceback" not in err, err
+    for options, message in [  # eval: its outputs are checked before hours of work, not after
+        (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder; expected the path of a file to write"),
+        (["--plot", "/proc/absent/x.png"], "--plot /proc/absent/x.png: its folder cannot be made"),
+        (["--grid", "4x32x32", "--tokens", "8,70000"], "--tokens 70000: a clip would need 70016 packed rows"),
+    ]:
+        code, stdout, err = run("eval", folder / "moving.mp4", *RANDOM, *options, capsys=capsys)
+        assert code == 2 and message in err and "Traceback" not in err and stdout == "", err
     for options, message in [
         (["--shard", "2/2"], "argument --shard: '2/2' is not K/N with 0 <= K < N, e.g. 0/8 (shards count from 0)"),
         (["--shard", "1"], "argument --shard: '1' is not K/N with 0 <= K < N"),
@@ -271,6 +280,12 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     files = [tmp_path / "0broken.safetensors", tmp_path / "moving.safetensors"]
     code, stdout, _ = run("decode", *files, "-o", tmp_path / "v", capsys=capsys)
     assert code == 1 and "decoded 1 file(s)" in stdout and "FAILED" in stdout and "0broken" in stdout
+    good = load_tokens(files[1])  # a readable file whose model config no model may have does not name the model
+    config = json.loads(json.dumps(good.model_config))
+    config["training"]["sampling"]["max_grid"] = [100000, 100000, 100000]
+    save_tokens(tmp_path / "0huge.safetensors", dataclasses.replace(good, model_config=config))
+    code, stdout, _ = run("decode", tmp_path / "0huge.safetensors", files[1], "-o", tmp_path / "h", capsys=capsys)
+    assert code == 0 and "decoded 2 file(s)" in stdout, stdout  # the next file does; the first has its weights
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "moving.safetensors").write_bytes((tmp_path / "moving.safetensors").read_bytes())
     code, _, err = run("decode", files[1], tmp_path / "x" / "moving.safetensors", "-o", tmp_path / "w", capsys=capsys)

@@ -10,6 +10,8 @@ import argparse
 import contextlib
 import functools
 import json
+import math
+import os
 import re
 import signal
 import subprocess
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .files import STALL_SECONDS
+from .files import STALL_SECONDS, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -156,6 +158,7 @@ def _engine(args: argparse.Namespace, model):
 
 def _settings(args: argparse.Namespace, model, tokens: int | None = None):
     from .checks import check_grids
+    from .engine import DEFAULT_BUDGETS
     from .pipeline import ClipSettings
 
     tokens = args.tokens if tokens is None else tokens
@@ -164,6 +167,12 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None):
         check_grids([grid], 1, model.config.patch_size)
     except ValueError as e:
         raise ValueError(f"--grid {'x'.join(map(str, grid))}: {str(e).split('; ', 1)[-1]}") from None
+    rows = tokens + math.prod(g // p for g, p in zip(grid, model.config.patch_size, strict=True))
+    if rows > max(DEFAULT_BUDGETS):
+        raise ValueError(
+            f"--grid {'x'.join(map(str, grid))} --tokens {tokens}: a clip would need {rows} packed rows (tokens + "
+            f"patches); the engine takes at most {max(DEFAULT_BUDGETS)} per clip"
+        )
     return ClipSettings(
         grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling,
         decoder=getattr(args, "decoder", "cpu"), preprocess=getattr(args, "preprocess", "auto"),
@@ -226,15 +235,38 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise ValueError("no token files given")
     first = None
     if not (args.checkpoint or args.random_weights is not None):  # the first readable token file names the model
-        first = next((t for t in map(try_load_tokens, args.tokens) if t is not None), None)  # the others: reported
+        unusable = []  # files read whose model could not be built (decode_files fails them alone)
+        for path in args.tokens:
+            token_file = try_load_tokens(path)
+            problem = "" if token_file is None else _model_config_problem(token_file)
+            if token_file is not None and not problem:
+                first = token_file
+                break
+            unusable += [f" ({path}: {problem})"] if problem else []
         if first is None:
-            raise ValueError("none of the token files can be read, so none names the model: pass --checkpoint")
+            raise ValueError(
+                f"none of the token files can be read and name a model{unusable[0] if unusable else ''}: pass "
+                "--checkpoint"
+            )
     model = _model(args, token_meta=first)
     summary = decode_files(
         _engine(args, model), args.tokens, args.output,
         with_source=args.side_by_side, force=args.force, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "decoded")
+
+
+def _model_config_problem(token_file) -> str:
+    """Why the model config ``token_file`` records is not one a model may be built from (outside the limits any
+    model is held to); "" if it is."""
+    from .config import TiTokConfig
+    from .loading import check_config
+
+    try:
+        check_config(TiTokConfig.from_any(token_file.model_config))
+    except (ValueError, TypeError, KeyError) as e:
+        return str(e) or type(e).__name__
+    return ""
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -244,7 +276,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()  # before any work
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_writable(option, Path(path))
     model = _model(args)
+    _settings(args, model, tokens=max(args.counts))  # checked before any work, with the most tokens asked for
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
     per_file: dict = {}
     table, summary = evaluate(
@@ -255,7 +291,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for n, row in table.items():
         print(f"{n:>8} {row['psnr']:>9.2f} {row['ssim']:>7.4f} {row['clips']:>6}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"weights": model.weights_digest, "results": table}, indent=2))
+        write_atomically(args.json, json.dumps({"weights": model.weights_digest, "results": table}, indent=2).encode())
         print(f"wrote {args.json}")
     if args.plot:
         from .plots import rate_distortion_figure, save_figure
@@ -265,6 +301,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         save_figure(figure, args.plot)
         print(f"wrote {args.plot}")
     return _finish(summary, "evaluated")
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """Before hours of work whose result goes to ``path``: its folder exists (made if need be) and takes files, and
+    ``path`` is not a folder."""
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder; expected the path of a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{option} {path}: its folder cannot be made ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: its folder {path.parent} is not writable")
 
 
 def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[int, dict[str, float]]]:
