@@ -123,7 +123,7 @@ def token_bytes(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
-def manifest(folder, drop=WORKERS) -> dict[str, dict]:
+def manifest(folder, drop=(*WORKERS, "time")) -> dict[str, dict]:
     rows = read_manifest(folder / MANIFEST_NAME)
     rows = [{**r, "tokens": os.path.basename(r["tokens"])} for r in rows]  # the output folders differ
     by_source = {os.path.basename(r["source"]): {k: v for k, v in r.items() if k not in drop} for r in rows}

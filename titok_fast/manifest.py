@@ -1,11 +1,13 @@
 """The manifest of an encode job: a JSON Lines file in the output folder, one line per input, written as the job
 goes (each line as soon as its input is settled), by the single-machine and the Ray command alike.
 
-Each line: ``source`` (the input as given), ``tokens`` (its token file), ``clips`` (clips encoded; 0 unless done),
-``status`` ("done", "skipped": complete already, "failed", or "not-encoded": the job stopped first) and
-``reason`` (one line; empty when done or skipped). A done line whose token file replaced one made otherwise (from
-another source, by other weights or with other settings) says how in ``replaced``. The Ray command adds
-``decoded_by`` and ``encoded_by`` ("host:pid" of the workers).
+Each line: ``source`` (the input, as an absolute path: the token file records it so), ``tokens`` (its token file,
+absolute), ``clips`` (clips encoded; 0 unless done), ``status`` ("done", "skipped": complete already, "failed", or
+"not-encoded": the job stopped first), ``reason`` (one line; empty when done or skipped) and ``time`` (when the line
+was written, UTC, ISO 8601). A done line whose token file replaced one made otherwise (from another source, by
+other weights or with other settings) says how in ``replaced``. The Ray command adds ``decoded_by`` and
+``encoded_by`` ("host:pid" of the workers). Lines written before ``time`` was added lack it, and may name paths as
+they were given.
 
 Jobs append to the manifest, each line in one write to a file opened for appending, so jobs sharing an output
 folder (one per GPU, on disjoint inputs) never cut each other's lines; a resumed job lists the inputs it skips,
@@ -16,8 +18,10 @@ machines to one file on a network filesystem (NFS) are not atomic.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from .pipeline import Summary
 
 MANIFEST_NAME = "manifest.jsonl"
+_MANIFEST_FILE = re.compile(r"manifest(-[0-9]+-of-[0-9]+)?\.jsonl")  # a folder's, and each shard's
 STATUSES = ("done", "skipped", "failed", "not-encoded")
 OUTDATED_SUFFIX = ".outdated"  # a token file made otherwise whose input failed its redo is moved to <name><this>
 
@@ -89,8 +94,10 @@ class Manifest:
     def _line(self, source, tokens, status: str, clips: int = 0, reason: str = "", **extra: Any) -> None:
         if self._fd is None:
             return
-        line = {"source": str(source), "tokens": str(tokens), "clips": clips, "status": status, "reason": reason}
-        data = (json.dumps({**line, **extra}) + "\n").encode()
+        line = {"source": os.path.abspath(source), "tokens": os.path.abspath(tokens), "clips": clips,
+                "status": status, "reason": reason}  # fmt: skip
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+        data = (json.dumps({**line, **extra, "time": now}) + "\n").encode()
         while data:  # one write: appended whole, after whatever another job appended
             data = data[os.write(self._fd, data) :]
 
@@ -124,10 +131,24 @@ def _set_aside(tokens: Path, why: str) -> str:
 
 def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict[str, Any]]:
     """The manifest's lines as dicts, in the order written (every job's, oldest first); with ``latest``, only each
-    source's last line (its outcome). Blank lines are passed over; a line that is not a JSON object with a known
-    status is a ValueError."""
+    source's last line (its outcome). ``path`` may be an output folder: then its manifest and every shard's
+    (``manifest-K-of-N.jsonl``) are read together, in the order of their ``time`` (lines without one, written by
+    older versions, first, in file order). Blank lines are passed over; a line that is not a JSON object with a
+    known status is a ValueError."""
+    if Path(path).is_dir():
+        files = sorted(Path(path).glob("manifest*.jsonl"), key=lambda p: (p.name != MANIFEST_NAME, p.name))
+        rows = [row for file in files if _MANIFEST_FILE.fullmatch(file.name) for row in read_manifest(file)]
+        rows.sort(key=lambda row: str(row.get("time", "")))  # stable: file order where times are missing or equal
+    else:
+        rows = _rows(Path(path))
+    if latest:
+        rows = list({row.get("source"): row for row in rows}.values())
+    return rows
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
             continue
         try:
@@ -137,6 +158,4 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
         if not isinstance(row, dict) or row.get("status") not in STATUSES:
             raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
         rows.append(row)
-    if latest:
-        rows = list({row.get("source"): row for row in rows}.values())
     return rows
