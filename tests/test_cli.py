@@ -141,6 +141,7 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
     for options, message in [  # eval: its outputs are checked before hours of work, not after
         (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder; expected the path of a file to write"),
         (["--plot", "/proc/absent/x.png"], "--plot /proc/absent/x.png: its folder cannot be made"),
+        (["--plot", "x.jpg"], "--plot x.jpg: expected a .png path (the plot is written as a PNG)"),
         (["--grid", "4x32x32", "--tokens", "8,70000"], "--tokens 70000: a clip would need 70016 packed rows"),
     ]:
         code, stdout, err = run("eval", folder / "moving.mp4", *RANDOM, *options, capsys=capsys)

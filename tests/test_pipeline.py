@@ -1,6 +1,7 @@
 """encode_files streams clips from many files through one engine stream: per-file results, failures, memory."""
 
 import dataclasses
+import datetime
 import json
 import os
 import weakref
@@ -177,6 +178,8 @@ def test_eval_streams_in_groups_and_skips_a_file_failing_midway(model, sources):
         assert table[n]["ssim"] == pytest.approx(sum(map(ssim, recon, clips)) / 11, rel=1e-9)
     same, _ = evaluate(engine, files, SETTINGS, [4, 8], workers=2, group=32)
     assert all(same[n] == pytest.approx(table[n], rel=1e-12) for n in (4, 8))
+    with pytest.raises(pipeline.InputError, match=r"every input failed \(.*broken\.mp4: .*; and 1 more\)$"):
+        evaluate(engine, [files[1], (sources["long"].with_name("gone.mp4"), "gone")], SETTINGS, [4], workers=1)
 
 
 def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tmp_path, monkeypatch):
@@ -210,6 +213,15 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     summary = decode_files(engine, paths[:1], tmp_path / "failed")
     assert summary.failed == [(str(paths[0]), "device fault")]
     assert list((tmp_path / "failed").iterdir()) == []  # neither a partial mp4 nor a temporary file
+
+    monkeypatch.setattr(Engine, "decode_stream", real_stream)
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / ".long.mp4.0123abcd.tmp").write_bytes(b"left by a killed run")
+    (again / ".other.mp4.0123abcd.tmp").write_bytes(b"another file's: kept")
+    summary = decode_files(engine, [paths[0], str(paths[0])], again)  # the same file twice: decoded once
+    assert summary.done == [str(paths[0])] and not summary.skipped
+    assert sorted(p.name for p in again.iterdir()) == [".other.mp4.0123abcd.tmp", "long.mp4"]
 
 
 def test_encode_resiliently_raises_a_failure_that_no_clip_caused(model, monkeypatch):
@@ -441,7 +453,9 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["long.safetensors"]
     assert (out / "short.safetensors.outdated").read_bytes() == old_short
     assert load_tokens(out / "long.safetensors").grids.tolist() == [[12, 32, 32]]  # 20 frames at 4 fps
-    assert {r["source"]: r for r in read_manifest(out / MANIFEST_NAME, latest=True)}[str(short)] == {
+    line = {r["source"]: r for r in read_manifest(out / MANIFEST_NAME, latest=True)}[str(short)]
+    assert datetime.datetime.fromisoformat(line.pop("time")).tzinfo == datetime.timezone.utc
+    assert line == {
         "source": str(short), "tokens": str(out / "short.safetensors"), "clips": 0, "status": "failed",
         "reason": reason,
     }  # fmt: skip
@@ -679,6 +693,31 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
     assert lines[-2] == '{"source": "/v/cut.mp4", "tok' and json.loads(lines[-1])["source"] == "/v/next.mp4"
     with pytest.raises(ValueError, match="line 8: not JSON"):  # the damage stays that line's
         read_manifest(path)
+
+
+def test_a_folders_manifests_read_together_in_the_order_written_with_absolute_paths(tmp_path, monkeypatch):
+    """Shards keep manifests of their own; read_manifest(folder) merges them (and the unsharded one) by each line's
+    time, so an input's latest line is its outcome whichever run wrote it. Paths are recorded absolute, so runs
+    started from different folders name an input alike."""
+    from titok_fast.manifest import Manifest, manifest_name, read_manifest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v").mkdir()
+    (tmp_path / "manifest-notes.jsonl").write_text("not a manifest\n")  # not one of ours: not read
+    with Manifest(tmp_path / manifest_name((0, 2)), pipeline.Summary()) as shard0:
+        shard0.failed("v/a.mp4", "a.safetensors", "no such file")
+    with Manifest(tmp_path / manifest_name((1, 2)), pipeline.Summary()) as shard1:
+        shard1.done("v/../v/b.mp4", "b.safetensors", 2)
+    with Manifest(tmp_path / manifest_name(), pipeline.Summary()) as again:  # unsharded, after both
+        again.done(tmp_path / "v" / "a.mp4", tmp_path / "a.safetensors", 3)
+    with Manifest(tmp_path / manifest_name((0, 2)), pipeline.Summary()) as later:
+        later.skipped("v/b.mp4", "b.safetensors")
+    rows = read_manifest(tmp_path)
+    a, b = str(tmp_path / "v" / "a.mp4"), str(tmp_path / "v" / "b.mp4")
+    assert [(r["source"], r["status"]) for r in rows] == [(a, "failed"), (b, "done"), (a, "done"), (b, "skipped")]
+    assert rows[1]["tokens"] == str(tmp_path / "b.safetensors")
+    assert [(r["source"], r["status"]) for r in read_manifest(tmp_path, latest=True)] == [(a, "done"), (b, "skipped")]
+    assert [r["status"] for r in read_manifest(tmp_path / manifest_name((0, 2)))] == ["failed", "skipped"]
 
 
 def test_shards_partition_the_inputs_by_output_name_whatever_their_order():

@@ -276,6 +276,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()  # before any work
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise ValueError(f"--plot {args.plot}: expected a .png path (the plot is written as a PNG)")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             _check_writable(option, Path(path))

@@ -758,6 +758,7 @@ def decode_files(
     Whatever goes wrong with one token file (a stranger's may hold anything) is that file's failure, one line
     naming the error, and the others go on; only an interrupt (KeyboardInterrupt, SystemExit) ends the run."""
     outdir = Path(outdir)
+    paths = list(dict.fromkeys(map(os.fspath, paths)))  # a file given twice is decoded once
     stems: dict[str, str] = {}
     for path in paths:
         other = stems.setdefault(Path(path).stem, str(path))
@@ -765,11 +766,14 @@ def decode_files(
             raise InputError(f"token files {other} and {path} would both write {Path(path).stem}.mp4; rename one")
     summary = Summary()
     start = time.perf_counter()
+    stale = _temporaries(outdir)  # left by a killed run: removed as their mp4 is written again
     for path in tqdm(paths, unit="file", file=sys.stderr, disable=None):
         out = outdir / f"{Path(path).stem}.mp4"
         if out.exists() and not overwrite:
             summary.skipped.append(str(path))
             continue
+        for name in stale.pop(out.name, ()):
+            (outdir / name).unlink(missing_ok=True)
         file_scores: list[float] | None = None if scores is None else []
         try:
             token_file = load_tokens(path)
@@ -872,7 +876,11 @@ def evaluate(
             per_file[paths[f]] = {n: {"psnr": p, "ssim": q, "clips": scored[f]} for n, (p, q) in sums[f].items()}
     clips = sum(scored[f] for f in complete)
     if not clips:
-        raise InputError("no clips to evaluate: every input failed")
+        if not summary.failed:
+            raise InputError("no clips to evaluate: no inputs")
+        more = len(summary.failed) - 1
+        first = f"{summary.failed[0][1]}{f'; and {more} more' if more else ''}"
+        raise InputError(f"no clips to evaluate: every input failed ({first})")
     table = {
         n: {
             "psnr": sum(sums[f][n][0] for f in complete) / clips,
