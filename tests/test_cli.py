@@ -231,6 +231,21 @@ def test_a_stopped_run_says_so_in_one_line_and_lists_what_it_did_not_encode(how,
     assert len(stopped) == 6 - len(done) and all("the run stopped" in r["reason"] for r in stopped)
 
 
+def test_decode_takes_folders_and_keeps_their_structure(folder, tmp_path, capsys):
+    """Token files named alike in two folders (as encode keeps a dataset's structure) decode side by side."""
+    tokens = tmp_path / "tokens"
+    run("encode", folder / "moving.mp4", "-o", tokens, *GRID, *RANDOM, capsys=capsys)
+    run("encode", folder / "moving.mp4", "-o", tokens / "sub", *GRID, *RANDOM, capsys=capsys)
+    (tokens / "sub" / "notes.txt").write_text("not a token file")
+    code, stdout, _ = run("decode", tokens, tokens / "moving.safetensors", "-o", tmp_path / "v", capsys=capsys)
+    assert code == 0 and "decoded 2 file(s)" in stdout, stdout  # the file named twice: once
+    assert sorted(str(p.relative_to(tmp_path / "v")) for p in (tmp_path / "v").rglob("*")) == [
+        "moving.mp4", "sub", "sub/moving.mp4"
+    ]
+    code, _, err = run("decode", tmp_path / "v", "-o", tmp_path / "w", capsys=capsys)
+    assert code == 2 and "no token files found in" in err
+
+
 def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys):
     """A token file is a stranger's: the local weights path it records is not opened; --checkpoint is asked for."""
     from titok_fast.loading import random_tokenizer, save_safetensors

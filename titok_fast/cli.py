@@ -228,15 +228,16 @@ def _encode_on_ray(args: argparse.Namespace, files):
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .pipeline import decode_files
+    from .pipeline import collect_token_files, decode_files
     from .tokens import try_load_tokens
 
-    if not args.tokens:
-        raise ValueError("no token files given")
+    files = collect_token_files(args.tokens)
+    if not files:
+        raise ValueError(f"no token files found in {args.tokens}")
     first = None
     if not (args.checkpoint or args.random_weights is not None):  # the first readable token file names the model
         unusable = []  # files read whose model could not be built (decode_files fails them alone)
-        for path in args.tokens:
+        for path, _ in files:
             token_file = try_load_tokens(path)
             problem = "" if token_file is None else _model_config_problem(token_file)
             if token_file is not None and not problem:
@@ -250,7 +251,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             )
     model = _model(args, token_meta=first)
     summary = decode_files(
-        _engine(args, model), args.tokens, args.output,
+        _engine(args, model), files, args.output,
         with_source=args.side_by_side, force=args.force, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "decoded")
@@ -576,7 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_encode)
 
     p = sub.add_parser("decode", help="token files -> mp4 reconstructions")
-    p.add_argument("tokens", nargs="+", metavar="TOKENS", help="token files written by encode")
+    p.add_argument(
+        "tokens", nargs="+", metavar="TOKENS",
+        help="token files written by encode, or folders of them (recursive; the folder structure is kept)",
+    )  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output folder for mp4 files")
     p.add_argument("--side-by-side", action="store_true", help="put the source video left of the reconstruction")
     p.add_argument("--force", action="store_true", help="decode even if the token file came from other weights")

@@ -741,9 +741,23 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
         )
 
 
+def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """Token files given as files or folders (every ``*.safetensors`` below, the folder structure kept in the
+    names, as encode wrote them), as ``(token file, output name)`` pairs; a path that is not a folder is taken as
+    a token file, to fail alone if it is not one."""
+    found: list[tuple[Path, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in sorted(path.rglob("*.safetensors"))]
+        else:
+            found.append((path, path.stem))
+    return found
+
+
 def decode_files(
     engine: Engine,
-    paths: Sequence[str | os.PathLike],
+    paths: Sequence[str | os.PathLike | tuple[str | os.PathLike, str]],
     outdir: str | os.PathLike,
     *,
     with_source: bool = False,
@@ -752,28 +766,35 @@ def decode_files(
     scores: list[float] | None = None,
 ) -> Summary:
     """Token files -> ``outdir/<stem>.mp4`` (optionally the source beside the reconstruction), written chunk by
-    chunk; an mp4 appears under its name only when complete. With the source, ``scores`` (if given) receives each
-    chunk's PSNR (dB) against it, for the files decoded completely.
+    chunk; an mp4 appears under its name only when complete. ``paths`` may also hold ``(token file, output
+    name)`` pairs (:func:`collect_token_files`): the mp4 is then ``outdir/<name>.mp4``. With the source,
+    ``scores`` (if given) receives each chunk's PSNR (dB) against it, for the files decoded completely.
 
     Whatever goes wrong with one token file (a stranger's may hold anything) is that file's failure, one line
     naming the error, and the others go on; only an interrupt (KeyboardInterrupt, SystemExit) ends the run."""
     outdir = Path(outdir)
-    paths = list(dict.fromkeys(map(os.fspath, paths)))  # a file given twice is decoded once
-    stems: dict[str, str] = {}
-    for path in paths:
-        other = stems.setdefault(Path(path).stem, str(path))
-        if other != str(path):
-            raise InputError(f"token files {other} and {path} would both write {Path(path).stem}.mp4; rename one")
+    pairs = [(os.fspath(p[0]), p[1]) if isinstance(p, tuple) else (os.fspath(p), Path(p).stem) for p in paths]
+    todo: dict[str, str] = {}  # token file -> output name: a file given twice is decoded once, under its first name
+    owners: dict[str, str] = {}  # output name -> token file
+    for path, name in pairs:
+        if path in todo:
+            continue
+        other = owners.setdefault(name, path)
+        if other != path:
+            raise InputError(f"token files {other} and {path} would both write {name}.mp4; rename one")
+        todo[path] = name
     summary = Summary()
     start = time.perf_counter()
-    stale = _temporaries(outdir)  # left by a killed run: removed as their mp4 is written again
-    for path in tqdm(paths, unit="file", file=sys.stderr, disable=None):
-        out = outdir / f"{Path(path).stem}.mp4"
+    stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is redone
+    for path, name in tqdm(list(todo.items()), unit="file", file=sys.stderr, disable=None):
+        out = outdir / f"{name}.mp4"
         if out.exists() and not overwrite:
             summary.skipped.append(str(path))
             continue
-        for name in stale.pop(out.name, ()):
-            (outdir / name).unlink(missing_ok=True)
+        if out.parent not in stale:
+            stale[out.parent] = _temporaries(out.parent)
+        for left in stale[out.parent].pop(out.name, ()):
+            (out.parent / left).unlink(missing_ok=True)
         file_scores: list[float] | None = None if scores is None else []
         try:
             token_file = load_tokens(path)
@@ -781,7 +802,7 @@ def decode_files(
                 check_same_model(engine.model, token_file, path)
             if not token_file.token_counts.numel():
                 raise ValueError(f"{path} holds no chunks: nothing to decode")
-            outdir.mkdir(parents=True, exist_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
             chunks = decoded_chunks(engine, token_file)  # one chunk at a time: any length fits in memory
             if with_source:
                 chunks = _beside_source(token_file, chunks, file_scores)
