@@ -593,9 +593,10 @@ def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_onc
 
 
 def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_path, capsys):
-    """A file reached through a folder and its sub-folder, a link, or a path with '..' is encoded once, under the
-    first name; a list naming itself (directly or through another) is read once; a list saved with a byte order
-    mark and CRLF endings, naming a file whose name is not UTF-8, reads as any other."""
+    """A file reached through a folder and its sub-folder, a link (under the same name), or a path with '..' is
+    encoded once, under the first name, but a link under another name is an input of its own; a list naming itself
+    (directly or through another) is read once; a list saved with a byte order mark and CRLF endings, naming a file
+    whose name is not UTF-8, reads as any other."""
     from titok_fast.pipeline import InputError, collect_inputs
 
     v = tmp_path / "v"
@@ -607,6 +608,11 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     assert found == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "sub/c")]
     notice = f"titok-fast: {v / 'sub' / 'c.mp4'}: reached again (as c); encoded once, as sub/c\n"
     assert capsys.readouterr().err == notice
+    (v / "split").mkdir()
+    (v / "split" / "c.mp4").symlink_to(v / "sub" / "c.mp4")  # a split made of links: a token file of its own
+    split = collect_inputs([v])
+    assert split == [(v / "a.mp4", "a"), (v / "split" / "c.mp4", "split/c"), (v / "sub" / "c.mp4", "sub/c")]
+    (v / "split" / "c.mp4").unlink()
 
     odd = os.fsencode(v) + b"/\xff.mp4"
     with open(odd, "wb") as f:

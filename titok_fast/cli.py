@@ -156,7 +156,9 @@ def _engine(args: argparse.Namespace, model):
     return Engine(model, mode=args.mode, max_clips=args.batch_size)
 
 
-def _settings(args: argparse.Namespace, model, tokens: int | None = None):
+def _settings(args: argparse.Namespace, model, tokens: int | None = None, engine=None):
+    """The clip settings the options ask for, refused up front when no clip could run: ``engine``'s budgets (those
+    of the engines the Ray actors build, when None) bound a clip's packed rows."""
     from .checks import check_grids
     from .engine import DEFAULT_BUDGETS
     from .pipeline import ClipSettings
@@ -168,10 +170,11 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None):
     except ValueError as e:
         raise ValueError(f"--grid {'x'.join(map(str, grid))}: {str(e).split('; ', 1)[-1]}") from None
     rows = tokens + math.prod(g // p for g, p in zip(grid, model.config.patch_size, strict=True))
-    if rows > max(DEFAULT_BUDGETS):
+    largest = max(DEFAULT_BUDGETS if engine is None else engine.budgets)
+    if rows > largest:
         raise ValueError(
             f"--grid {'x'.join(map(str, grid))} --tokens {tokens}: a clip would need {rows} packed rows (tokens + "
-            f"patches); the engine takes at most {max(DEFAULT_BUDGETS)} per clip"
+            f"patches); the engine takes at most {largest} per clip"
         )
     return ClipSettings(
         grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling,
@@ -197,8 +200,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.ray:
         return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
+    engine = _engine(args, model)
     summary = encode_files(
-        model, _engine(args, model), files, args.output, _settings(args, model),
+        model, engine, files, args.output, _settings(args, model, engine=engine),
         workers=args.workers, worker_kind=args.worker_kind, read_ahead=args.batch_size, overwrite=args.overwrite,
         stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
@@ -273,21 +277,22 @@ def _model_config_problem(token_file) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, evaluate
 
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise ValueError(f"--plot {args.plot}: expected a .png path (the plot is written as a PNG)")
     if args.plot:
         from .plots import require_matplotlib
 
         require_matplotlib()  # before any work
-    if args.plot and Path(args.plot).suffix.lower() != ".png":
-        raise ValueError(f"--plot {args.plot}: expected a .png path (the plot is written as a PNG)")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             _check_writable(option, Path(path))
     model = _model(args)
-    _settings(args, model, tokens=max(args.counts))  # checked before any work, with the most tokens asked for
+    engine = _engine(args, model)
+    _settings(args, model, tokens=max(args.counts), engine=engine)  # checked before any work, at the most tokens
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
     per_file: dict = {}
     table, summary = evaluate(
-        _engine(args, model), collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
+        engine, collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
         group=args.batch_size, per_file=per_file, stall_seconds=args.stall_timeout,
     )  # fmt: skip
     print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
@@ -639,10 +644,15 @@ def _terminated_as_interrupted():
         return
 
     def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the cleanup short
         raise Terminated(f"signal {signal.Signals(signum).name}")
 
-    previous = signal.signal(signal.SIGTERM, terminated)
+    previous = signal.getsignal(signal.SIGTERM)  # None: one set outside Python, which is then left alone
+    if previous is None:
+        yield
+        return
     try:
+        signal.signal(signal.SIGTERM, terminated)
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)

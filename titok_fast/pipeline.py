@@ -106,29 +106,33 @@ class ClipSettings:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors") -> list[tuple[Path, str]]:
-    """Expand files, folders (recursively, following links to folders) and list files into ``(file, output
-    name)`` pairs.
+    """Expand files, folders (recursively, following links to folders) and list files into ``(file, output name)``
+    pairs.
 
-    Output names keep the folder structure under each input folder; two inputs that would write the same output
-    are an error naming both. A file reached more than once (spelled two ways, through a link, or from a folder
-    and a sub-folder of it also given) is one input, under the first name it was reached by (a notice says so
-    when the names differ). A path given here that does not exist is an error (it was typed: a typo should stop
-    the run before any work), but a missing file named in a list file is kept as an input, to fail alone ("no
+    Output names keep the folder structure under each input folder; two files that would write the same output are
+    an error naming both. A path reached more than once (spelled two ways, or from a folder and a sub-folder of it
+    also given) is one input, under the first name it was reached by (a notice says so when the names differ), as is
+    one file reached through a link under the same name; a file linked under another name (a dataset's split made of
+    links) is an input of its own. A path given here that does not exist is an error (it was typed: a typo should
+    stop the run before any work), but a missing file named in a list file is kept as an input, to fail alone ("no
     such file") while the others are encoded: a list of a large dataset may name files deleted since. Relative
-    entries of a list are read from the list's own folder; a list that names itself, directly or through
-    another, is read once (with a notice)."""
+    entries of a list are read from the list's own folder; a list that names itself, directly or through another, is
+    read once (with a notice)."""
     owners: dict[str, Path] = {}  # output name -> its file
-    names: dict[str, str] = {}  # a file, as its real path -> its output name
+    names: dict[str, str] = {}  # a path, absolute -> its output name
     kept = []
     for path, name in _expand(inputs, ()):
-        real = os.path.realpath(path)
-        if real in names:
-            if names[real] != name:
-                print(f"titok-fast: {path}: reached again (as {name}); encoded once, as {names[real]}", file=sys.stderr)
+        spelled = os.path.abspath(path)  # no system call: a million inputs add no start-up time
+        if spelled in names:
+            if names[spelled] != name:
+                print(f"titok-fast: {path}: reached again (as {name}); encoded once, as {names[spelled]}",
+                      file=sys.stderr)  # fmt: skip
             continue
         if name in owners:
+            if os.path.realpath(owners[name]) == os.path.realpath(path):  # one file, through a link, one name
+                continue
             raise InputError(f"inputs {owners[name]} and {path} would both write {name}{suffix}; rename one")
-        names[real], owners[name] = name, path
+        names[spelled], owners[name] = name, path
         kept.append((path, name))
     return kept
 
@@ -776,12 +780,16 @@ def decode_files(
     pairs = [(os.fspath(p[0]), p[1]) if isinstance(p, tuple) else (os.fspath(p), Path(p).stem) for p in paths]
     todo: dict[str, str] = {}  # token file -> output name: a file given twice is decoded once, under its first name
     owners: dict[str, str] = {}  # output name -> token file
+    spelled: set[str] = set()  # the token files, as absolute paths
     for path, name in pairs:
-        if path in todo:
+        if os.path.abspath(path) in spelled:
             continue
         other = owners.setdefault(name, path)
         if other != path:
+            if os.path.realpath(other) == os.path.realpath(path):  # one file, through a link, one name
+                continue
             raise InputError(f"token files {other} and {path} would both write {name}.mp4; rename one")
+        spelled.add(os.path.abspath(path))
         todo[path] = name
     summary = Summary()
     start = time.perf_counter()

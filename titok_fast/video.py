@@ -593,11 +593,12 @@ class _DecoderProcess:
         )
         # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
         # process's to handle (it stops the workers); in a worker it would only print a traceback
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # read first: a change runs pending handlers, which
+        try:  # may raise (a Ctrl-C that had just arrived) after SIGINT is blocked: it is unblocked whatever comes
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             self.process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def serve(self, tasks: queue.SimpleQueue) -> None:
         try:
