@@ -136,7 +136,7 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--grid", "4x32x32", "--tokens", "100000"], "--grid 4x32x32 --tokens 100000: a clip would need 100016 "
          "packed rows (tokens + patches); the engine takes at most 65536 per clip"),
         (["--mode", "compile", "--grid", "4x32x32", "--tokens", "20000"], "--grid 4x32x32 --tokens 20000: a clip "
-         "would need 20016 packed rows (tokens + patches); the engine takes at most 16384 per clip"),  # the CPU's compile mode keeps fewer
+         "would need 20016 packed rows (tokens + patches); the engine takes at most 16384 per clip"),  # CPU compile
     ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
@@ -178,18 +178,25 @@ def test_every_command_has_complete_help(command, capsys):
             assert (action.option_strings[0] if action.option_strings else action.metavar or action.dest) in text
 
 
-def test_killed_run_resumes(tmp_path):
+def encode_until_the_first_file(tmp_path, *options):
+    """A command encoding 6 videos, started in a session of its own and left running once its first token file
+    is written, however fast the machine: (the process, the output folder, the command)."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(6):
         make_video(src / f"clip{i}.mp4", frames=48, height=64, width=64, fps=24)
     out = tmp_path / "tokens"
     cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), "-o", str(out), "--grid", "4x64x64",
-           "--tokens", "64", "--batch-size", "1", "--workers", "1", *RANDOM]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+           "--tokens", "64", "--batch-size", "1", "--workers", "1", *options, *RANDOM]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(out.glob("*.safetensors")):
-        time.sleep(0.01)  # kill soon after the first file lands, however fast the machine
+        time.sleep(0.01)
+    return proc, out, cmd
+
+
+def test_killed_run_resumes(tmp_path):
+    proc, out, cmd = encode_until_the_first_file(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = sorted(p.name for p in out.glob("*.safetensors"))
@@ -211,17 +218,7 @@ def test_a_stopped_run_says_so_in_one_line_and_lists_what_it_did_not_encode(how,
     """SIGTERM (a scheduler stopping the job) is handled as Ctrl-C; a Ctrl-C reaches the whole process group, worker
     processes included, and only the main process answers it: no traceback, the manifest lists the rest."""
     sig, kind, said = how
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        make_video(src / f"clip{i}.mp4", frames=48, height=64, width=64, fps=24)
-    out = tmp_path / "tokens"
-    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), "-o", str(out), "--grid", "4x64x64",
-           "--tokens", "64", "--batch-size", "1", "--workers", "1", "--worker-kind", kind, *RANDOM]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.safetensors")):
-        time.sleep(0.01)
+    proc, out, _ = encode_until_the_first_file(tmp_path, "--worker-kind", kind)
     (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # a terminal's Ctrl-C goes to the group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
