@@ -368,6 +368,25 @@ def test_resume_redoes_exactly_what_is_missing_damaged_or_made_otherwise(runs, v
     assert_nothing_spilled(cluster)
 
 
+def test_sigterm_stops_a_ray_job_in_one_line_and_lists_what_it_did_not_encode(videos, cluster, tmp_path):
+    """ray.init puts a SIGTERM handler of its own (sys.exit); the command's is kept: exit 143, one line, and the
+    manifest lists the inputs not encoded, as on one machine."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(videos["good"]), "-o", str(out), *GRID, *RANDOM,
+           "--batch-size", "1", "--ray", cluster["address"]]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = out / MANIFEST_NAME, time.time() + 120
+    while time.time() < deadline and proc.poll() is None and '"done"' not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.rstrip().endswith("titok-fast: terminated (SIGTERM)"), err[-2000:]
+    rows = read_manifest(log, latest=True)
+    done = [r for r in rows if r["status"] == "done"]
+    assert 1 <= len(done) < 5 and len(rows) == 5, rows
+    assert all(r["status"] == "not-encoded" for r in rows if r not in done), rows
+
+
 class FaultyDevice:
     """An engine whose device faults (as CUDA reports an illegal access) on any batch holding an all-black clip."""
 

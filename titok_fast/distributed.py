@@ -32,6 +32,7 @@ import math
 import os
 import queue
 import re
+import signal
 import socket
 import threading
 import time
@@ -708,7 +709,10 @@ class _ray_session:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reporting
             local = dict(include_dashboard=False) if self.address == "local" else {}
+            handler = signal.getsignal(signal.SIGTERM)  # ray.init puts its own (sys.exit); the caller's is kept
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, handler)
             self.connected = True
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures are reported as rows, once
         return ray
@@ -717,4 +721,15 @@ class _ray_session:
         if self.connected:
             import ray
 
+            _let_ray_data_threads_end()
             ray.shutdown()
+
+
+def _let_ray_data_threads_end(seconds: float = 10.0) -> None:
+    """Wait (a while at most) for the threads of Ray Data's executors to end: a job cut short (Ctrl-C, SIGTERM)
+    closes its iterator, but the executor's loop may still be calling into Ray, and a call after ``ray.shutdown``
+    ends the whole process (Ray's core worker exits, status 1) before the command can report."""
+    deadline = time.monotonic() + seconds
+    for thread in threading.enumerate():
+        if thread.name.startswith("StreamingExecutor-") and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
