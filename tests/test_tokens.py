@@ -360,3 +360,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         save_tokens(tmp_path / "t.safetensors", make_token_file((3,)))
     assert (tmp_path / "t.safetensors").read_bytes() == before
     assert os.listdir(tmp_path) == ["t.safetensors"]
+
+
+def test_an_interrupt_waits_for_the_end_of_the_held_block_it_came_in():
+    """What the command's Ctrl-C / SIGTERM handlers hand to ``interrupt``: raised at once outside a held block,
+    at the end of the outermost one inside (after the token file and its manifest line), a second one dropped."""
+    from titok_fast.files import interrupt, interrupts_held
+
+    written = []
+    with pytest.raises(KeyboardInterrupt, match="first"):
+        with interrupts_held():
+            interrupt(KeyboardInterrupt("first"))
+            with interrupts_held():
+                interrupt(KeyboardInterrupt("second"))
+                written.append("token file")
+            written.append("manifest line")
+    assert written == ["token file", "manifest line"]
+    with pytest.raises(KeyboardInterrupt, match="now"):
+        interrupt(KeyboardInterrupt("now"))
+    with interrupts_held():  # nothing pending is left behind
+        written.append("next")

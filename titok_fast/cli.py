@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .files import STALL_SECONDS, write_atomically
+from .files import STALL_SECONDS, interrupt, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -638,24 +638,35 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _terminated_as_interrupted():
+def _interrupts_handled():
+    """Ctrl-C and SIGTERM during a command: raised as KeyboardInterrupt / Terminated, but not between a token file
+    and its manifest line (``files.interrupts_held``); a second SIGTERM is ignored (it would cut the cleanup
+    short). Handlers set outside Python (getsignal gives None), or a command run off the main thread, are left as
+    they are."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
 
-    def terminated(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the cleanup short
-        raise Terminated(f"signal {signal.Signals(signum).name}")
+    def interrupted(signum, frame):
+        interrupt(KeyboardInterrupt())
 
-    previous = signal.getsignal(signal.SIGTERM)  # None: one set outside Python, which is then left alone
-    if previous is None:
-        yield
-        return
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupt(Terminated(f"signal {signal.Signals(signum).name}"))
+
+    ours = {signal.SIGINT: interrupted, signal.SIGTERM: terminated}
+    previous = {signum: signal.getsignal(signum) for signum in ours}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: Ctrl-C is not for us
+        del ours[signal.SIGINT], previous[signal.SIGINT]
     try:
-        signal.signal(signal.SIGTERM, terminated)
+        for signum, handler in ours.items():
+            if previous[signum] is not None:
+                signal.signal(signum, handler)
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
     try:
-        with _terminated_as_interrupted():
+        with _interrupts_handled():
             return args.run(args)
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)

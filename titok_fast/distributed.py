@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
-from .files import STALL_SECONDS
+from .files import STALL_SECONDS, interrupts_held
 from .fp8 import check_fp8_runs
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -338,16 +338,17 @@ class _Assembly:
         indices, end = [state.indices[i] for i in range(state.end["clips"])], state.end
         made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
                          preprocessed_on=end["placement"])  # fmt: skip
-        error = write_token_file(
-            self.model, self.settings, state.out, state.path, indices, end["start_times"], end["last_clip_frames"],
-            made,
-        )  # fmt: skip
-        if error:
-            self._fail(state, error)
-            return
-        workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
-        self.manifest.done(state.path, state.out, len(indices), **workers)
-        self._close(state)
+        with interrupts_held():  # the token file and its manifest line, or neither
+            error = write_token_file(
+                self.model, self.settings, state.out, state.path, indices, end["start_times"],
+                end["last_clip_frames"], made,
+            )  # fmt: skip
+            if error:
+                self._fail(state, error)
+                return
+            workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
+            self.manifest.done(state.path, state.out, len(indices), **workers)
+            self._close(state)
 
     def _fail(self, state: _Pending, reason: str) -> None:
         self.manifest.failed(state.path, state.out, reason, decoded_by=state.decoded_by)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 
 METADATA_KEY = "titok_fast"  # the safetensors metadata key holding our JSON, in token files and weights files
@@ -59,3 +60,30 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` through an :class:`AtomicFile`."""
     with AtomicFile(path) as target, open(target.temporary, "xb") as file:
         file.write(data)
+
+
+_held = threading.local()  # per thread: how deep in ``interrupts_held`` blocks, and an interrupt waiting for their end
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Within the block, an interrupt that ``interrupt`` is given (the command's Ctrl-C and SIGTERM handlers) waits
+    for the block's end: a token file and its manifest line are written together, or neither is."""
+    _held.depth = getattr(_held, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _held.depth -= 1
+        pending = getattr(_held, "pending", None)
+        if not _held.depth and pending is not None:
+            _held.pending = None
+            raise pending
+
+
+def interrupt(error: BaseException) -> None:
+    """Raise ``error`` (a signal handler's, in the main thread) now, or at the end of the ``interrupts_held`` block
+    the main thread is in; a second one while the first waits is dropped."""
+    if getattr(_held, "depth", 0):
+        _held.pending = getattr(_held, "pending", None) or error
+        return
+    raise error

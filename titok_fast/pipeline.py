@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .backends import resolve_backend
 from .engine import Engine
-from .files import STALL_SECONDS
+from .files import STALL_SECONDS, interrupts_held
 from .loading import weights_digest
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -553,16 +553,17 @@ class _EncodeJob:
         made = made_with(self.model, self.mode, self.settings, decoded_by=reader.decoded_by,
                          preprocessed_on=reader.placement)  # fmt: skip
         started = CLOCK.start()
-        error = write_token_file(
-            self.model, self.settings, state.out, reader.path, indices, reader.start_times(), reader.last_clip_frames,
-            made,
-        )  # fmt: skip
-        CLOCK.stop("write", started)
-        if error:
-            self._fail(state, error)
-            return
-        self.manifest.done(state.path, state.out, state.clips)
-        self._end(state)
+        with interrupts_held():  # the token file and its manifest line, or neither
+            error = write_token_file(
+                self.model, self.settings, state.out, reader.path, indices, reader.start_times(),
+                reader.last_clip_frames, made,
+            )  # fmt: skip
+            CLOCK.stop("write", started)
+            if error:
+                self._fail(state, error)
+                return
+            self.manifest.done(state.path, state.out, state.clips)
+            self._end(state)
 
     def _end(self, state: _FileState) -> None:
         state.ended = True
