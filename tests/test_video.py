@@ -603,6 +603,16 @@ def test_write_video_refuses_an_fps_out_of_range(tmp_path, fps):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("fps", [1e-4, 4e-4, 0.01])
+def test_write_video_keeps_a_slow_rate(tmp_path, fps):
+    """Rates below 1/1001 fps used to round to 0, which libav wrote as 24 fps."""
+    write_video(tmp_path / "slow.mp4", torch.zeros(3, 2, 16, 16), fps=fps)
+    with av.open(str(tmp_path / "slow.mp4")) as container:
+        assert container.streams.video[0].average_rate == Fraction(fps).limit_denominator(10**4)
+    with pytest.raises(ValueError, match=r"fps 5e-05: an mp4 is written at 0.0001 fps at least"):
+        write_video(tmp_path / "slower.mp4", torch.zeros(3, 2, 16, 16), fps=5e-5)
+
+
 def test_side_by_side():
     a, b = torch.zeros(3, 2, 8, 5), torch.ones(3, 2, 8, 7)
     both = side_by_side(a, b)

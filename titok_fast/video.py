@@ -47,6 +47,7 @@ TAIL_POLICIES = ("drop", "pad")
 SAMPLINGS = ("upstream", "time")
 ROTATIONS = ("stored", "display")  # frames as stored (upstream), or turned as the container says to show them
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
+MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
 
 
 def check_fps(fps: float) -> None:
@@ -703,6 +704,8 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18):
         check_fps(fps)
+        if fps < MIN_WRITE_FPS:
+            raise ValueError(f"fps {fps:g}: an mp4 is written at {MIN_WRITE_FPS:g} fps at least")
         self.path, self.fps, self.crf = os.fspath(path), fps, crf
         self._file = AtomicFile(self.path)
         self._container = self._stream = None
@@ -726,7 +729,8 @@ class VideoWriter:
 
     def _open(self, height: int, width: int) -> None:
         self._container = av.open(self._file.temporary, mode="w", format="mp4")
-        self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+        rate = Fraction(self.fps).limit_denominator(max(1001, math.ceil(1 / self.fps)))  # below 1/1001: not 0
+        self._stream = self._container.add_stream("libx264", rate=rate)
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
         self._stream.options = {"crf": str(self.crf)}
