@@ -240,19 +240,16 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise ValueError(f"no token files found in {args.tokens}")
     first = None
     if not (args.checkpoint or args.random_weights is not None):  # the first readable token file names the model
-        unusable = []  # files read whose model could not be built (decode_files fails them alone)
+        unusable = ""  # the first file read whose model could not be built (decode_files fails them alone)
         for path, _ in files:
             token_file = try_load_tokens(path)
             problem = "" if token_file is None else _model_config_problem(token_file)
             if token_file is not None and not problem:
                 first = token_file
                 break
-            unusable += [f" ({path}: {problem})"] if problem else []
+            unusable = unusable or (f" ({path}: {problem})" if problem else "")
         if first is None:
-            raise ValueError(
-                f"none of the token files can be read and name a model{unusable[0] if unusable else ''}: pass "
-                "--checkpoint"
-            )
+            raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint")
     model = _model(args, token_meta=first)
     summary = decode_files(
         _engine(args, model), files, args.output,

@@ -118,20 +118,28 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetens
     such file") while the others are encoded: a list of a large dataset may name files deleted since. Relative
     entries of a list are read from the list's own folder; a list that names itself, directly or through another, is
     read once (with a notice)."""
-    owners: dict[str, Path] = {}  # output name -> its file
+    return _one_per_output(_expand(inputs, ()), "inputs", suffix, "encoded")
+
+
+def _one_per_output(pairs: Iterable[tuple[Any, str]], what: str, suffix: str, verb: str) -> list[tuple[Any, str]]:
+    """``(path, output name)`` pairs, each path and each output once: a path seen again (by its absolute
+    spelling, no system call: a million inputs add no start-up time) keeps its first name, with a notice when the
+    names differ, and the same file reached through a link under the same name is dropped too; two files for one
+    output are an InputError naming both (``what`` they are); ``verb`` says what is done with each once."""
+    owners: dict[str, Any] = {}  # output name -> its file
     names: dict[str, str] = {}  # a path, absolute -> its output name
     kept = []
-    for path, name in _expand(inputs, ()):
-        spelled = os.path.abspath(path)  # no system call: a million inputs add no start-up time
+    for path, name in pairs:
+        spelled = os.path.abspath(path)
         if spelled in names:
             if names[spelled] != name:
-                print(f"titok-fast: {path}: reached again (as {name}); encoded once, as {names[spelled]}",
+                print(f"titok-fast: {path}: reached again (as {name}); {verb} once, as {names[spelled]}",
                       file=sys.stderr)  # fmt: skip
             continue
         if name in owners:
             if os.path.realpath(owners[name]) == os.path.realpath(path):  # one file, through a link, one name
                 continue
-            raise InputError(f"inputs {owners[name]} and {path} would both write {name}{suffix}; rename one")
+            raise InputError(f"{what} {owners[name]} and {path} would both write {name}{suffix}; rename one")
         names[spelled], owners[name] = name, path
         kept.append((path, name))
     return kept
@@ -779,23 +787,11 @@ def decode_files(
     naming the error, and the others go on; only an interrupt (KeyboardInterrupt, SystemExit) ends the run."""
     outdir = Path(outdir)
     pairs = [(os.fspath(p[0]), p[1]) if isinstance(p, tuple) else (os.fspath(p), Path(p).stem) for p in paths]
-    todo: dict[str, str] = {}  # token file -> output name: a file given twice is decoded once, under its first name
-    owners: dict[str, str] = {}  # output name -> token file
-    spelled: set[str] = set()  # the token files, as absolute paths
-    for path, name in pairs:
-        if os.path.abspath(path) in spelled:
-            continue
-        other = owners.setdefault(name, path)
-        if other != path:
-            if os.path.realpath(other) == os.path.realpath(path):  # one file, through a link, one name
-                continue
-            raise InputError(f"token files {other} and {path} would both write {name}.mp4; rename one")
-        spelled.add(os.path.abspath(path))
-        todo[path] = name
+    todo = _one_per_output(pairs, "token files", ".mp4", "decoded")  # a file given twice: once, under its first name
     summary = Summary()
     start = time.perf_counter()
     stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is redone
-    for path, name in tqdm(list(todo.items()), unit="file", file=sys.stderr, disable=None):
+    for path, name in tqdm(todo, unit="file", file=sys.stderr, disable=None):
         out = outdir / f"{name}.mp4"
         if out.exists() and not overwrite:
             summary.skipped.append(str(path))
