@@ -17,7 +17,7 @@ setup(
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
         "safetensors",
-        "av",
+        "av>=17",  # VideoReformatter.reformat(threads=...)
         "numpy",
         "tqdm",
         "pyyaml",

@@ -178,17 +178,19 @@ def test_same_size_is_decoded_frame_scaled(files):
 
 def test_one_converter_per_video_gives_each_frame_its_own_conversion(files):
     """The reader's RGB conversion reuses one swscale context; fed frames of other sizes and formats in turn
-    (yuv420p H.264 at two sizes, yuv444p FFV1 at an odd size), it gives what each frame's own conversion gives."""
+    (yuv420p H.264 at two sizes, yuv444p FFV1 at an odd size), it gives what each frame's own conversion gives,
+    with one swscale thread (the default) or several."""
     from titok_fast.decoders import pyav_rgb
 
-    convert, frames = pyav_rgb(), []
+    frames = []
     for name in ("moving", "odd", "square", "moving"):
         with av.open(files[name]) as container:
             frames += list(container.decode(video=0))[:3]
     assert {(f.format.name, f.width) for f in frames} == {("yuv420p", 64), ("yuv444p", 130)}
-    for frame in frames:
-        got = convert(frame)
-        assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), frame.to_ndarray(format="rgb24"))
+    for convert in (pyav_rgb(), pyav_rgb(threads=3)):
+        for frame in frames:
+            got = convert(frame)
+            assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), frame.to_ndarray(format="rgb24"))
 
 
 def test_decoder_threads_do_not_change_frames(files):

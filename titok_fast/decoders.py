@@ -100,7 +100,7 @@ def cpu_frames(
     else:
         frames = pruned_frames(container, stream, order, lambda: needs(order, stream.time_base))
     rate = float(stream.average_rate or 0)
-    yield FrameSource(rate, CLOCK.timed(frames, "decode"), pyav_rgb(), "cpu", pruned=order is not None)
+    yield FrameSource(rate, CLOCK.timed(frames, "decode"), pyav_rgb(threads), "cpu", pruned=order is not None)
 
 
 def presentation_order(path: str) -> np.ndarray | None:
@@ -163,17 +163,20 @@ def pruned_frames(
         raise PruneMismatch(f"the stream ended at frame {previous}, before needed frame {last}")
 
 
-def pyav_rgb() -> Callable[[av.VideoFrame], torch.Tensor]:
+def pyav_rgb(threads: int = 1) -> Callable[[av.VideoFrame], torch.Tensor]:
     """A converter of frames to [h, w, 3] uint8 RGB, exactly ``frame.to_ndarray(format="rgb24")``, for one video.
 
     It reuses one ``VideoReformatter`` (an swscale context, rebuilt only when a frame's size or format changes),
     where ``to_ndarray`` gives every frame a reformatter of its own, whose setup costs more than converting a small
-    frame (benchmarks/RESULTS.md: 0.99 -> 0.32 ms per 456x256 frame on a Xeon core). Not thread-safe: one per
-    opened video."""
+    frame (benchmarks/RESULTS.md: 0.99 -> 0.32 ms per 456x256 frame on a Xeon core). It converts with ``threads``
+    threads, as many as the decoder has (one by default: the pipeline runs one decoding worker per core), where
+    ``to_ndarray`` hands every frame to swscale's slice threads, one per core of the machine: one worker per core
+    then wakes cores x cores threads, and the work they do is lost to the "rgb" stage clock (RESULTS.md, "One
+    swscale thread per decoding worker"). Slices give the same bytes. Not thread-safe: one per opened video."""
     reformatter = VideoReformatter()
 
     def rgb(frame: av.VideoFrame) -> torch.Tensor:
-        return torch.from_numpy(reformatter.reformat(frame, format="rgb24").to_ndarray())
+        return torch.from_numpy(reformatter.reformat(frame, format="rgb24", threads=threads).to_ndarray())
 
     return rgb
 
