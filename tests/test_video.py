@@ -193,6 +193,19 @@ def test_one_converter_per_video_gives_each_frame_its_own_conversion(files):
             assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), frame.to_ndarray(format="rgb24"))
 
 
+def test_clips_stacked_on_the_decoding_thread_are_torch_stack():
+    """The reader stacks a clip's frames with one copy on its own thread: the bytes of torch.stack, for frames that
+    are views with row padding (as PyAV hands them out), along either dimension, and into a given buffer."""
+    padded = torch.randint(0, 256, (5, 6, 9, 3), dtype=torch.uint8)
+    frames = [padded[i, :, :7] for i in range(5)]  # [6, 7, 3] views, rows 27 bytes apart
+    assert not frames[0].is_contiguous()
+    assert torch.equal(video.stack_here(frames), torch.stack(frames))
+    planar = [torch.rand(3, 6, 7) * 255 for _ in range(4)]
+    assert torch.equal(video.stack_here(planar, dim=1), torch.stack(planar, dim=1))
+    out = torch.empty(5, 6, 7, 3, dtype=torch.uint8)
+    assert video.stack_here(frames, out=out) is out and torch.equal(out, torch.stack(frames))
+
+
 def test_decoder_threads_do_not_change_frames(files):
     one = read_clips(files["moving"], frames=4, height=32, width=32, threads=1)
     three = read_clips(files["moving"], frames=4, height=32, width=32, threads=3)

@@ -283,9 +283,9 @@ class ClipReader:
         elif self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
             if self.pin_memory and images[0].device.type == "cpu":
                 pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
-                return torch.stack(images, out=pinned)
-            return torch.stack(images)
-        clip = torch.stack(images, dim=1)
+                return stack_here(images, out=pinned)
+            return stack_here(images)
+        clip = stack_here(images, dim=1)
         return clip if self.raw else normalize_pixels(clip, torch.float32)
 
     def start_times(self) -> list[float]:
@@ -306,6 +306,20 @@ class ClipReader:
             last_clip_frames=self.last_clip_frames,
             tail=self.tail,
         )
+
+
+def stack_here(images: list[torch.Tensor], dim: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.stack(images, dim, out=out)``, the same bytes; on the CPU as one copy on the calling thread (NumPy's,
+    without the GIL). Decoding workers stack their clips: torch's copy would hand each one to an OpenMP team of
+    its own, one thread per core, for every worker at once, and with every core already decoding, a team's
+    barrier waits on threads that are not running (RESULTS.md, "Stacking a clip on the decoding thread")."""
+    if images[0].device.type != "cpu":
+        return torch.stack(images, dim, out=out)
+    arrays = [image.numpy() for image in images]
+    if out is None:
+        return torch.from_numpy(np.stack(arrays, axis=dim))
+    np.stack(arrays, axis=dim, out=out.numpy())
+    return out
 
 
 def display_turns(path: str, frame: av.VideoFrame) -> int:
