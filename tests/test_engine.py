@@ -165,6 +165,10 @@ def test_engine_rejects_bad_settings_and_clips(model):
         list(engine.encode_stream([("a", torch.zeros(3, 4, 8, 8), 1), ("b", torch.zeros(3, 5, 8, 8), 1)]))
     with pytest.raises(ValueError, match=r"^token count of clip 'c' is 0"):
         list(engine.encode_stream([("c", torch.zeros(3, 4, 8, 8), 0)]))
+    with pytest.raises(ValueError, match=r"^clip 'o' holds 1e[+]300, beyond the model's torch.float32"):
+        list(engine.encode_stream([("o", torch.full((3, 4, 8, 8), 1e300, dtype=torch.float64), 1)]))
+    with pytest.raises(ValueError, match=r"^video 0 holds 1e[+]300, beyond the model's torch.float32"):
+        engine.encode([torch.full((3, 4, 8, 8), 1e300, dtype=torch.float64)], [1])
     with pytest.raises(ValueError, match="indices of clip 'x' holds index 4375"):
         list(engine.decode_stream([("x", torch.tensor([4375]), (4, 8, 8))]))
     with pytest.raises(ValueError, match="indices of clip 'e' is empty; expected at least one token"):

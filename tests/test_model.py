@@ -147,6 +147,11 @@ def _v(*shape):
         ([torch.zeros(3, 4, 8, 8, dtype=torch.uint8)], [1], TypeError, "video 0 has dtype torch.uint8"),
         ([_v(3, 4, 8, 8), torch.full((3, 4, 8, 8), float("nan"))], [1, 1], ValueError, "video 1 contains NaN"),
         (["clip.mp4"], [1], TypeError, "video 0 is a str"),
+        ([_v(3, 4, 8, 8)], [1 << 17], ValueError, r"token count of video 0 is 131072; .*\[1, 65536\]"),
+        ([_v(3, 4, 8, 8)], [2**63], ValueError, "token count of video 0 is 9223372036854775808"),
+        ([_v(3, 4, 8, 8).to("meta")], [1], ValueError, "video 0 is on the meta device"),
+        # finite in float64, infinite in the model's float32: FSQ would index NaN
+        ([_v(3, 4, 8, 8).double() + 1e300], [1], ValueError, "video 0 holds 1e[+]300, beyond .* torch.float32"),
     ],
 )
 def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
@@ -182,6 +187,9 @@ def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
         ((torch.tensor([], dtype=torch.long),), [(4, 8, 8)], None, ValueError, "indices of video 0 is empty"),
         ((torch.tensor([0, 1]),), [(4, 8, 8)], [3], ValueError, "do not match the index lengths"),
         ([], [], None, ValueError, "empty batch"),
+        ((torch.tensor([0, 1], dtype=torch.uint16),), [(4, 8, 8)], None, TypeError, "has dtype torch.uint16; expected"),
+        ((torch.tensor([0, 1], device="meta"),), [(4, 8, 8)], None, ValueError, "video 0 is on the meta device"),
+        ((torch.tensor([0]),), [(8192, 8, 8)], None, ValueError, r"grid of video 0 is \[8192, 8, 8\]; T must be at most 4096"),
     ],
 )
 def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, message):
@@ -200,6 +208,7 @@ def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, m
         (torch.zeros(3, 5), [2], ValueError, "codes has 3 rows but token_counts sum to 2"),
         (torch.zeros(3, 5, dtype=torch.long), [3], TypeError, "codes has dtype torch.int64"),
         (torch.full((3, 5), float("inf")), [3], ValueError, "codes contains NaN or infinite"),
+        (torch.zeros(3, 5, device="meta"), [3], ValueError, "codes is on the meta device"),
     ],
 )
 def test_decode_rejects_bad_codes(tiny, codes, counts, error, message):

@@ -7,6 +7,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+# The largest clip shape and latent token count anything accepts (a config, a grid, a token count): beyond them an
+# input is refused before a buffer of that size exists. V1 uses grid (20, 192, 192) and 128-1024 tokens.
+MAX_GRID = (4096, 8192, 8192)  # frames, height, width
+MAX_TOKENS = 1 << 16
+# what indices may come as (torch's uint16/32/64 lack the reductions the checks use)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 
 def is_integer(x: object) -> bool:
     if isinstance(x, torch.Tensor):
@@ -23,11 +30,20 @@ def check_no_grad(t: torch.Tensor, what: str) -> None:
         )
 
 
+def _check_not_meta(t: torch.Tensor, what: str) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device (shapes only); expected a tensor with values")
+
+
 def check_videos(
-    videos: object, patch: tuple[int, int, int], name: Callable[[int], str] = "video {}".format
+    videos: object,
+    patch: tuple[int, int, int],
+    name: Callable[[int], str] = "video {}".format,
+    dtype: torch.dtype | None = None,
 ) -> list[tuple[int, int, int]]:
     """Validate a batch of videos [3, T, H, W]; return their pixel shapes (T, H, W). ``name(i)`` names video i in
-    the errors."""
+    the errors. ``dtype``: the model's, which the values must fit (1e300 in float64 is finite, but infinite once cast
+    to float32, and FSQ has no code for what then comes out)."""
     if isinstance(videos, torch.Tensor):
         raise TypeError(
             f"videos must be a list of [3, T, H, W] tensors, got one tensor of shape {list(videos.shape)}; "
@@ -52,6 +68,7 @@ def check_videos(
                     f"{name(i)} has shape {list(v.shape)}; {axis} must be a positive multiple of {p} "
                     f"(patch {list(patch)})"
                 )
+        _check_not_meta(v, name(i))
         if v.device != videos[0].device:
             raise ValueError(f"{name(i)} is on {v.device} but {name(0)} is on {videos[0].device}; mixed devices")
         if v.dtype != videos[0].dtype:
@@ -62,6 +79,15 @@ def check_videos(
     for i, ok in enumerate(sums):
         if not ok and not bool(torch.isfinite(videos[i]).all()):
             raise ValueError(f"{name(i)} contains NaN or infinite values")
+    if dtype is not None and dtype.is_floating_point and torch.finfo(videos[0].dtype).max > torch.finfo(dtype).max:
+        # only for a narrower model dtype; the extremes without a copy of the video
+        largest = torch.stack([torch.stack(torch.aminmax(v)).abs().amax() for v in videos]).tolist()
+        for i, value in enumerate(largest):
+            if value > torch.finfo(dtype).max:
+                raise ValueError(
+                    f"{name(i)} holds {value:g}, beyond the model's {dtype} (at most {torch.finfo(dtype).max:g}); "
+                    "expected values in [-1, 1]"
+                )
     return shapes
 
 
@@ -84,8 +110,8 @@ def check_token_counts(
     for i, n in enumerate(token_counts):
         if not is_integer(n):
             raise TypeError(f"token count of {name(i)} is {n!r}; expected an integer >= 1")
-        if int(n) < 1:
-            raise ValueError(f"token count of {name(i)} is {int(n)}; expected an integer >= 1")
+        if not 1 <= int(n) <= MAX_TOKENS:
+            raise ValueError(f"token count of {name(i)} is {int(n)}; expected an integer in [1, {MAX_TOKENS}]")
         out.append(int(n))
     return out
 
@@ -106,11 +132,13 @@ def check_grids(
         if not isinstance(g, Sequence) or len(g) != 3 or not all(is_integer(s) for s in g):
             raise ValueError(f"grid of {name(i)} is {g!r}; expected three integers (T, H, W)")
         g = tuple(int(s) for s in g)
-        for axis, size, p in zip("THW", g, patch, strict=True):
+        for axis, size, p, most in zip("THW", g, patch, MAX_GRID, strict=True):
             if size <= 0 or size % p:
                 raise ValueError(
                     f"grid of {name(i)} is {list(g)}; {axis} must be a positive multiple of {p} (patch {list(patch)})"
                 )
+            if size > most:
+                raise ValueError(f"grid of {name(i)} is {list(g)}; {axis} must be at most {most}")
         out.append(g)
     return out
 
@@ -118,8 +146,9 @@ def check_grids(
 def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{what} is a {type(indices).__name__}; expected an integer torch.Tensor")
-    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-        raise TypeError(f"{what} has dtype {indices.dtype}; expected an integer dtype")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{what} has dtype {indices.dtype}; expected one of {[str(d) for d in INDEX_DTYPES]}")
+    _check_not_meta(indices, what)
     if indices.dim() != 1:
         raise ValueError(f"{what} has shape {list(indices.shape)}; expected a 1-D tensor of indices")
     if indices.numel():
@@ -147,5 +176,6 @@ def check_codes(codes: object, width: int, total: int) -> None:
         raise ValueError(f"codes has shape {list(codes.shape)}; expected [sum(token_counts), {width}]")
     if codes.shape[0] != total:
         raise ValueError(f"codes has {codes.shape[0]} rows but token_counts sum to {total}")
+    _check_not_meta(codes, "codes")
     if not bool(torch.isfinite(codes).all()):
         raise ValueError("codes contains NaN or infinite values")

@@ -189,7 +189,7 @@ class Engine:
     # --------------------------------------------------------------------------------------------- public API
     def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
         """Like ``model.encode``: ``(codes [sum n, D], {"indices": tuple of int32 [n_i]})`` in input order."""
-        check_videos(videos, self.model.config.patch_size)
+        check_videos(videos, self.model.config.patch_size, dtype=self.model.dtype)
         counts = check_token_counts(token_counts, len(videos))
         items = zip(range(len(videos)), videos, counts, strict=True)  # checked above: straight to the batching
         results = [r for _, r in self._stream(items, self._encode_rows, self._stage_videos, self._run_encode)]
@@ -215,7 +215,7 @@ class Engine:
 
         def checked(items):
             for key, video, n in items:
-                check_videos([video], patch, _clip_named(key))
+                check_videos([video], patch, _clip_named(key), dtype=self.model.dtype)
                 check_token_counts([n], 1, name=_clip_named(key))
                 yield key, video, n
 

@@ -113,9 +113,9 @@ class Encoder(EncoderParams):
 
     def prepare(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, Packing]:
         """Checked videos -> (patch rows [sum G, 768] in the weights' dtype and device, their packing)."""
-        shapes = check_videos(videos, self.config.patch_size)
-        counts = check_token_counts(token_counts, len(videos))
         weight = self.proj_in.weight
+        shapes = check_videos(videos, self.config.patch_size, dtype=weight.dtype)
+        counts = check_token_counts(token_counts, len(videos))
         patches = torch.cat([patchify(v.to(device=weight.device, dtype=weight.dtype), self.config.patch_size)
                              for v in videos])  # fmt: skip
         grids = [patch_grid(s, self.config.patch_size) for s in shapes]
