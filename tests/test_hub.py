@@ -73,6 +73,10 @@ def hub(tmp_path_factory):
         ("model.ckpt", None),
         ("/abs/owner/name", None),
         ("owner/name:../../etc/passwd", None),
+        ("owner/name@../../../../tmp/secret", None),  # huggingface_hub would read refs/<revision> from its cache
+        ("owner/name@refs/../x", None),
+        ("owner/name@.hidden", None),
+        ("owner/name@a//b", None),
     ],
 )
 def test_hub_references_are_told_apart_from_paths(text, expected):
@@ -87,6 +91,8 @@ def test_an_existing_local_path_wins_and_hf_scheme_is_strict(tmp_path, monkeypat
     assert parse_hub_ref("hf://owner/name") == HubRef("owner/name")
     with pytest.raises(ValueError, match="not a Hub reference"):
         parse_hub_ref("hf://owner/name:../x")
+    with pytest.raises(ValueError, match="not a Hub reference"):
+        parse_hub_ref("hf://owner/name@../../../../tmp/secret:model.ckpt")
 
 
 def test_an_unknown_repository_needs_a_config():
@@ -132,6 +138,30 @@ def test_decode_checks_the_recorded_digest_of_hub_weights(hub, tmp_path, monkeyp
     assert main(["decode", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "videos")]) == 2
     assert "the token files were made by 0000000000000000" in capsys.readouterr().err
     assert not (tmp_path / "videos").exists()
+
+
+@pytest.mark.parametrize("source", [f"hf://{REPO}@main:model.ckpt", f"hf://{REPO}@../../../../etc/passwd:model.ckpt"])
+def test_decode_takes_only_hub_weights_pinned_to_a_commit_from_a_token_file(hub, tmp_path, monkeypatch, capsys, source):
+    """A token file is a stranger's: the Hub file it names is fetched only when pinned to a commit, as titok-fast
+    records it, so it cannot make the Hub client read a branch's (or any other) file from the cache."""
+    import dataclasses
+
+    from titok_fast import hub as hub_module
+    from titok_fast.tokens import save_tokens
+
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (hub / "model.ckpt", HubRef(REPO, COMMIT)))
+    assert main(["encode", str(hub / "clip.mp4"), "-o", str(tmp_path), "--checkpoint", REPO, "--config", "tiny",
+                 *GRID]) == 0  # fmt: skip
+    fetched = []
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: fetched.append(ref))
+    token_file = load_tokens(tmp_path / "clip.safetensors")
+    save_tokens(tmp_path / "other.safetensors", dataclasses.replace(token_file, weights_source=source))
+    capsys.readouterr()
+    assert main(["decode", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "videos")]) == 2
+    err = capsys.readouterr().err
+    assert "not a Hub file pinned to a commit" in err and len(err.strip().splitlines()) == 1, err
+    assert fetched == [] and not (tmp_path / "videos").exists()
 
 
 def test_two_processes_converting_at_once_leave_one_good_file(hub, tmp_path):

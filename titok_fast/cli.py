@@ -80,6 +80,13 @@ def _shard(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def _device_name(text: str) -> str:
+    """--device: cpu, cuda or cuda:N (the devices titok-fast runs on)."""
+    if not re.fullmatch(r"cpu|cuda(:[0-9]{1,3})?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device titok-fast runs on: cpu, cuda or cuda:N")
+    return text
+
+
 def _stall_seconds(text: str) -> float | None:
     """--stall-timeout: seconds, or 0 for never (None)."""
     try:
@@ -128,7 +135,7 @@ def _model(args: argparse.Namespace, token_meta=None, quick: bool = False):
 
 def _model_of_tokens(args: argparse.Namespace, token_meta, device, dtype):
     """The weights a token file records: random ones from their seed, or Hub ones pinned to a commit."""
-    from .hub import HUB_SCHEME
+    from .hub import HUB_SCHEME, is_pinned
     from .loading import load_tokenizer, random_seed, random_tokenizer
 
     seed = random_seed(token_meta.weights_digest)
@@ -136,6 +143,11 @@ def _model_of_tokens(args: argparse.Namespace, token_meta, device, dtype):
         print(f"using RANDOM weights (seed {seed}), as the token files record", file=sys.stderr)
         return random_tokenizer(token_meta.model_config, seed=seed, device=device, dtype=dtype)
     source = token_meta.weights_source
+    if source.startswith(HUB_SCHEME) and not is_pinned(source):
+        raise ValueError(
+            f"the token files name weights {source!r}, not a Hub file pinned to a commit "
+            f"({HUB_SCHEME}owner/name@<commit>:<file>, as titok-fast records them): pass --checkpoint"
+        )
     if source.startswith(HUB_SCHEME):
         model = load_tokenizer(source, config=token_meta.model_config, device=device, dtype=dtype)
         if model.weights_digest != token_meta.weights_digest:
@@ -445,7 +457,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) ->
     )
     if not random_default:
         p.add_argument("--random-weights", type=int, metavar="SEED", help="use random weights (to try the pipeline)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_device_name, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument(
         "--mode",

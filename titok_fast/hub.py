@@ -66,7 +66,7 @@ def parse_hub_ref(text: str | os.PathLike[str]) -> HubRef | None:
         return None
     valid = (
         _REPO.fullmatch(repo_id)
-        and (not revision or _REVISION.fullmatch(revision))
+        and (not revision or _valid_revision(revision))
         and (not filename or _valid_filename(filename))
     )
     if not valid:
@@ -74,6 +74,24 @@ def parse_hub_ref(text: str | os.PathLike[str]) -> HubRef | None:
             raise ValueError(f"{text!r} is not a Hub reference; expected hf://owner/name[@revision][:file]")
         return None
     return HubRef(repo_id, revision or None, filename or DEFAULT_FILE)
+
+
+def _valid_revision(revision: str) -> bool:
+    """A branch, tag or commit name as git allows it (``git check-ref-format``: no part that starts with a dot, so no
+    ``..``, no empty part): huggingface_hub reads a branch's commit from the file ``refs/<revision>`` of its cache,
+    so a revision such as ``../../x`` would open a file outside it."""
+    parts = revision.split("/")
+    return bool(_REVISION.fullmatch(revision)) and all(part and not part.startswith(".") for part in parts)
+
+
+def is_pinned(text: str) -> bool:
+    """Whether ``text`` is a Hub reference pinned to a commit (``hf://owner/name@<40 hex digits>:<file>``), as
+    titok-fast records the weights it loaded from the Hub."""
+    try:
+        ref = parse_hub_ref(text) if text.startswith(HUB_SCHEME) else None
+    except ValueError:
+        return False
+    return ref is not None and bool(_COMMIT.fullmatch(ref.revision or ""))
 
 
 def _valid_filename(filename: str) -> bool:
