@@ -83,3 +83,19 @@ def test_flop_counts_match_spec():
 
 def test_direct_construction_takes_lists():
     assert TiTokConfig(fsq_levels=[7, 7, 7, 5, 5], max_grid=[20, 192, 192]) == PRESETS["v1"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "!!python/object/apply:os.system ['touch {marker}']\n",  # a tag that would run code under an unsafe loader
+        "a: [1, 2\nb: {{\n",  # broken YAML, whose parser's message spans several lines
+        "\xff\xfe not utf-8",
+    ],
+)
+def test_a_yaml_config_that_is_not_plain_data_is_one_line_and_runs_nothing(tmp_path, text):
+    path, marker = tmp_path / "bad.yaml", tmp_path / "ran"
+    path.write_bytes(text.format(marker=marker).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"bad.yaml' is not a plain YAML config \(") as raised:
+        TiTokConfig.from_any(str(path))
+    assert "\n" not in str(raised.value) and not marker.exists()

@@ -99,6 +99,24 @@ def test_not_a_checkpoint(tmp_path):
         load_tokenizer(tmp_path / "junk.ckpt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_tokenizer(tmp_path / "absent.ckpt")
+    (tmp_path / "folder.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="folder.ckpt is not a regular file; expected a .ckpt or .safetensors"):
+        load_tokenizer(tmp_path / "folder.ckpt")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_naming_the_tensor(tiny, tmp_path, bad):
+    """A NaN weight makes every index garbage (FSQ has no code for NaN): refused when loaded, in both formats."""
+    state = tiny.state_dict()
+    broken = dict(state, **{"encoder.proj_in.weight": state["encoder.proj_in.weight"].clone().fill_(bad)})
+    model = make_model()
+    model.load_state_dict(broken)
+    lightning_checkpoint(tmp_path / "m.ckpt", model, ema=False)
+    with pytest.raises(CheckpointError, match=r"m.ckpt: tensor encoder.proj_in.weight holds NaN or infinite values"):
+        load_tokenizer(tmp_path / "m.ckpt", config="tiny")
+    _weights_with_metadata(model, tmp_path / "w.safetensors", {"config": tiny.config.to_dict()})
+    with pytest.raises(CheckpointError, match=r"w.safetensors: tensor encoder.proj_in.weight holds NaN or infinite"):
+        load_tokenizer(tmp_path / "w.safetensors")
 
 
 def test_convert_writes_config_and_loads_without_one(tiny, tmp_path):
@@ -121,6 +139,23 @@ def test_convert_cli(tiny, tmp_path):
     assert torch.equal(load_tokenizer(out).encoder.mask_token, tiny.encoder.mask_token)
     bad = subprocess.run([*cmd[:4], str(tmp_path / "nope.ckpt"), str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_convert_never_writes_over_its_source_or_a_name_the_loader_misreads(tiny, tmp_path):
+    """`convert m.ckpt m.ckpt` once replaced the only checkpoint with safetensors bytes under a name read as a zip."""
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny)
+    before = (tmp_path / "m.ckpt").read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "m.ckpt")
+    (tmp_path / "dir.safetensors").mkdir()
+    for dst, message in [
+        ("m.ckpt", "must end in .safetensors"),
+        ("other.ckpt", "must end in .safetensors"),
+        ("link.safetensors", "is the checkpoint being converted"),
+        ("dir.safetensors", "is a folder"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            convert(tmp_path / "m.ckpt", tmp_path / dst, config="tiny")
+    assert (tmp_path / "m.ckpt").read_bytes() == before and not (tmp_path / "other.ckpt").exists()
 
 
 def test_save_safetensors_round_trip(tiny, tmp_path):
@@ -202,6 +237,9 @@ def test_a_config_string_in_metadata_is_never_opened(tiny, tmp_path):
         ("tokenizer.model.fsq_levels", [1000] * 5, r"fsq_levels \[1000, 1000, 1000, 1000, 1000\] exceed 25"),
         ("tokenizer.model.fsq_levels", [26, 2, 2, 2, 2], r"fsq_levels \[26, 2, 2, 2, 2\] exceed 25"),
         ("tokenizer.model.fsq_levels", [25, 25, 25, 2, 2], "make 62500 codes; at most 32768"),
+        # counted before any level is looked at: checking 1.6M levels once took minutes (a product per message)
+        ("tokenizer.model.fsq_levels", [2] * 1_600_000, r"^[^\n]{0,200}has 1600000 levels; at most 15 [^\n]*$"),
+        ("tokenizer.model.fsq_levels", ["x"] * 15, r"^[^\n]{0,200}must be a list of positive integers[^\n]{0,100}$"),
         (
             "tokenizer.model.patch_size",
             [16, 16, 32],
@@ -490,21 +528,27 @@ def test_crafted_records_load_when_well_formed(tiny, tmp_path):
     assert torch.equal(model.encoder.proj_in.bias, storage[: model.encoder.proj_in.bias.numel()])
 
 
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool, torch.float8_e4m3fn])
 def test_model_tensors_must_be_floating_point(tiny, tmp_path, dtype):
     """A complex tensor once loaded with its imaginary part dropped, an integer one failed inside torch: both are
-    refused from the file's header or records, before any tensor is read. Other tensors may be of any type."""
+    refused from the file's header or records, before any tensor is read, naming the tensor and its type (also a
+    storage type the loader does not read, float8). Other tensors may be of any type."""
     import json
 
     from safetensors.torch import save_file
 
     state, config = {k: (v * 7).to(dtype).contiguous() for k, v in tiny.state_dict().items()}, tiny.config.to_dict()
-    name = {torch.complex64: "C64", torch.int32: "I32", torch.bool: "BOOL"}[dtype]
+    name = {torch.complex64: "C64", torch.int32: "I32", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3"}[dtype]
     save_file(state, str(tmp_path / "w.safetensors"), metadata={"titok_fast": json.dumps({"config": config})})
     with pytest.raises(CheckpointError, match=rf"w.safetensors: tensor \S+ is {name}; expected one of \['F32'"):
         load_tokenizer(tmp_path / "w.safetensors")
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "m.ckpt")
-    with pytest.raises(CheckpointError, match=rf"m.ckpt: tensor \S+ is {dtype}; expected one of \[torch.float32"):
+    refused = (  # torch.save writes float8 tensors with a newer record, which the loader names and refuses
+        r"entry \S+ is a torch._utils._rebuild_tensor_v3, not a tensor of a type titok-fast reads \['torch.float32'"
+        if dtype == torch.float8_e4m3fn
+        else rf"tensor \S+ is {dtype}; expected one of \[torch.float32"
+    )
+    with pytest.raises(CheckpointError, match=rf"m.ckpt: {refused}"):
         load_tokenizer(tmp_path / "m.ckpt", config="tiny")
     lightning_checkpoint(tmp_path / "ok.ckpt", tiny, extra={"loss_module.steps": torch.tensor(3).to(dtype)})
     assert torch.equal(

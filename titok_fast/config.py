@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
 HEAD_DIM = 64
 MODEL_FIELDS = ("patch_size", "fsq_levels", "encoder_size", "decoder_size")  # under tokenizer.model
 SAMPLING_FIELDS = ("max_grid", "num_token_range")  # under training.sampling
+MAX_FSQ_LEVELS = 15  # every level is >= 2 and indices are int16 (codebooks of at most 2**15 codes)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ class TiTokConfig:
         _check_int_seq("patch_size", self.patch_size, 3)
         _check_int_seq("max_grid", self.max_grid, 3)
         _check_int_seq("num_token_range", self.num_token_range, 2)
+        if isinstance(self.fsq_levels, tuple) and len(self.fsq_levels) > MAX_FSQ_LEVELS:  # before any is looked at
+            raise ValueError(
+                f"config field fsq_levels has {len(self.fsq_levels)} levels; at most {MAX_FSQ_LEVELS} (every level "
+                "is >= 2 and a codebook has at most 2**15 codes)"
+            )
         _check_int_seq("fsq_levels", self.fsq_levels, None)
         if any(level < 2 for level in self.fsq_levels):
             raise ValueError(f"fsq_levels: every level must be >= 2, got {list(self.fsq_levels)}")
@@ -165,9 +172,9 @@ def _plain(value: Any) -> Any:
 
 def _check_int_seq(name: str, value: Any, length: int | None) -> None:
     if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise ValueError(f"config field {name} must be a list of positive integers, got {value!r}")
+        raise ValueError(f"config field {name} must be a list of positive integers, got {reprlib.repr(value)}")
     if length is not None and len(value) != length:
-        raise ValueError(f"config field {name} must have {length} entries, got {len(value)}: {list(value)}")
+        raise ValueError(f"config field {name} must have {length} entries, got {len(value)}: {reprlib.repr(value)}")
     if length is None and not value:
         raise ValueError(f"config field {name} must not be empty")
 
@@ -184,8 +191,12 @@ def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:
 def _read_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)  # plain data only: a python/object tag is an error, never a call
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = " ".join(str(e).split())  # YAML's messages span lines: one line, as every error here
+        raise ValueError(f"config file {str(path)!r} is not a plain YAML config ({first:.300})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} does not hold a mapping")
     return data

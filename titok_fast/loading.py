@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import hub
+from .checks import MAX_GRID, MAX_TOKENS
 from .config import TiTokConfig
 from .files import FORMAT_VERSION, METADATA_KEY, AtomicFile
 from .layers import perturb_norms
@@ -57,8 +58,6 @@ MAX_PATCH_VOLUME = 4096
 # (q / h) * h != q for some q (levels 26, 27, 38, 39, ...), so upstream's own tokens are off by one there and no
 # exact fast path could reproduce them.
 MAX_LEVEL = 25
-MAX_GRID = (4096, 8192, 8192)  # frames, height, width
-MAX_TOKENS = 1 << 16
 # A checkpoint's data.pkl holds only tensor records (their bytes are stored beside it), optimiser-state records and
 # hyper-parameters: about 180 KiB and 54 thousand opcodes for V1 with EMA and Adam states, about 1 MiB and 320
 # thousand for a model with ten times as many tensors. Beyond these bounds a pickle is refused before it is
@@ -125,7 +124,7 @@ class _Frozen:
 @dataclass(frozen=True)
 class _StorageRef(_Frozen):
     key: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a str: the name of a storage type titok-fast does not read
 
 
 @dataclass(frozen=True)
@@ -256,7 +255,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and len(pid) >= 3
             and isinstance(pid[0], str)
             and pid[0] == "storage"
-            and isinstance(pid[1], torch.dtype)
+            and (isinstance(pid[1], torch.dtype) or isinstance(pid[1], type) and issubclass(pid[1], Placeholder))
             and isinstance(pid[2], str)
             and re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", pid[2])
         ):
@@ -264,7 +263,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"unsupported storage reference (a {type(pid).__name__}); expected ('storage', <storage type>, <key>, "
                 "...) with a short key"
             )
-        return _StorageRef(key=pid[2], dtype=pid[1])
+        # a storage type titok-fast does not read (float8, ...) is named by its type, and refused by _check_floating
+        # if a model tensor uses it; other entries of the checkpoint (optimiser state) may hold such storages
+        return _StorageRef(key=pid[2], dtype=pid[1] if isinstance(pid[1], torch.dtype) else pid[1].qualname)
 
 
 def _declared_entries(path: Path) -> int:
@@ -423,6 +424,14 @@ def _check_floating(path: Path, dtypes: dict[str, object], allowed: tuple) -> No
         raise CheckpointError(f"{path}: tensor {wrong} is {dtypes[wrong]}; expected one of {list(allowed)}")
 
 
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every model tensor holds finite values: a NaN weight turns every token into garbage (FSQ's index of NaN is
+    no code), which would only show when token files are written, as a fault of each video."""
+    wrong = next((k for k, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    if wrong is not None:
+        raise CheckpointError(f"{path}: tensor {wrong} holds NaN or infinite values; expected finite weights")
+
+
 def check_config(config: TiTokConfig, where: str = "config") -> None:
     """Refuse a config whose sizes exceed the module's limits (MAX_PATCH, MAX_PATCH_VOLUME, MAX_LEVEL,
     MAX_CODEBOOK_SIZE, MAX_GRID, MAX_TOKENS) before any model, table or buffer is built from it; `where` names it in
@@ -501,7 +510,8 @@ def load_state(
     Every size is checked (config limits, tensor shapes, storage records) before tensors are read."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}; expected a .ckpt or .safetensors file")
     given = TiTokConfig.from_any(config) if config is not None else None  # the caller's: its errors are not the file's
     if path.suffix == ".safetensors":
         with _reading(path):
@@ -514,6 +524,7 @@ def load_state(
                 dtypes = {k: f.get_slice(k).get_dtype() for k in names}  # from the header: nothing read yet
                 _check_floating(path, dtypes, _SAFETENSORS_FLOAT_DTYPES)
                 tensors = {k: f.get_tensor(k) for k in names}
+            _check_finite(path, tensors)
             digest = weights_digest(tensors)
         if meta.get("weights_digest", digest) != digest:
             raise CheckpointError(f"{path}: metadata digest {meta['weights_digest']!r:.80} disagrees with its tensors")
@@ -525,7 +536,12 @@ def load_state(
         refs, _prefix = _select_state(archive.root, path, use_ema)
         wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
         if wrong is not None:
-            raise CheckpointError(f"{path}: entry {wrong!r:.100} is a {type(refs[wrong]).__name__}, not a tensor")
+            got = refs[wrong]
+            kind = got.qualname if isinstance(got, Placeholder) else type(got).__name__  # e.g. a float8 tensor's record
+            raise CheckpointError(
+                f"{path}: entry {wrong!r:.100} is a {kind:.100}, not a tensor of a type titok-fast reads "
+                f"{[str(d) for d in _FLOAT_DTYPES]}"
+            )
         _check_shapes(cfg, {k: r.size for k, r in refs.items()}, path)
         _check_floating(path, {k: r.storage.dtype for k, r in refs.items()}, _FLOAT_DTYPES)
         budget = 2 * sum(math.prod(r.size) * r.storage.dtype.itemsize for r in refs.values()) + (1 << 20)
@@ -535,6 +551,7 @@ def load_state(
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{path}: tensors cannot be read from the archive ({_one_line(e)})") from e
+        _check_finite(path, tensors)
         digest = weights_digest(tensors)
     return cfg, tensors, digest
 
@@ -636,7 +653,14 @@ def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> 
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, config: object | None = None, use_ema: bool = True) -> str:
-    """Upstream ``.ckpt`` -> ``.safetensors`` with the config as metadata; returns the weights digest."""
+    """Upstream ``.ckpt`` -> ``.safetensors`` with the config as metadata; returns the weights digest. ``dst`` must
+    end in ``.safetensors`` (what the loader reads as such) and must not be ``src``."""
+    if not str(dst).endswith(".safetensors"):
+        raise ValueError(f"convert writes safetensors: the output {str(dst)!r} must end in .safetensors")
+    if os.path.isdir(dst):
+        raise ValueError(f"the output {str(dst)!r} is a folder; expected a file name ending in .safetensors")
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise ValueError(f"the output {str(dst)!r} is the checkpoint being converted; name another file")
     model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
     save_safetensors(model, dst, source=os.path.basename(str(src)), ema=use_ema)
     return model.weights_digest
