@@ -91,6 +91,8 @@ def test_direct_construction_takes_lists():
         "!!python/object/apply:os.system ['touch {marker}']\n",  # a tag that would run code under an unsafe loader
         "a: [1, 2\nb: {{\n",  # broken YAML, whose parser's message spans several lines
         "\xff\xfe not utf-8",
+        "a: " + "[" * 50_000,  # nesting past Python's recursion limit
+        "a: " + "9" * 5000,  # an integer past Python's digit limit
     ],
 )
 def test_a_yaml_config_that_is_not_plain_data_is_one_line_and_runs_nothing(tmp_path, text):

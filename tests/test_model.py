@@ -126,6 +126,22 @@ def test_inputs_move_to_model_dtype_and_are_not_modified(tiny):
     assert all(torch.equal(a, b) for a, b in zip(videos, before, strict=True))
 
 
+def test_values_are_refused_only_where_the_cast_overflows():
+    """float32 videos into a float16 model: 65519 casts to 65504 (the largest float16, by rounding to nearest) and
+    is taken; 65520 casts to inf and is refused, as the model would index NaN."""
+    from titok_fast.checks import check_videos
+
+    video = torch.zeros(3, 4, 8, 8)
+    video[0, 0, 0, 0] = 65519.0
+    assert check_videos([video], (4, 8, 8), dtype=torch.float16) == [(4, 8, 8)]
+    video[0, 0, 0, 0] = 65520.0
+    with pytest.raises(ValueError, match=r"video 0 holds 65520, beyond the model's torch.float16"):
+        check_videos([video], (4, 8, 8), dtype=torch.float16)
+    video[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="video 0 contains NaN or infinite values"):
+        check_videos([video], (4, 8, 8), dtype=torch.float16)
+
+
 def _v(*shape):
     return torch.zeros(shape)
 
@@ -152,6 +168,7 @@ def _v(*shape):
         ([_v(3, 4, 8, 8).to("meta")], [1], ValueError, "video 0 is on the meta device"),
         # finite in float64, infinite in the model's float32: FSQ would index NaN
         ([_v(3, 4, 8, 8).double() + 1e300], [1], ValueError, "video 0 holds 1e[+]300, beyond .* torch.float32"),
+        ([_v(3, 4, 8, 8).double() - 1e300], [1], ValueError, "video 0 holds -1e[+]300, beyond .* torch.float32"),
     ],
 )
 def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
@@ -189,7 +206,7 @@ def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
         ([], [], None, ValueError, "empty batch"),
         ((torch.tensor([0, 1], dtype=torch.uint16),), [(4, 8, 8)], None, TypeError, "has dtype torch.uint16; expected"),
         ((torch.tensor([0, 1], device="meta"),), [(4, 8, 8)], None, ValueError, "video 0 is on the meta device"),
-        ((torch.tensor([0]),), [(8192, 8, 8)], None, ValueError, r"grid of video 0 is \[8192, 8, 8\]; T must be at most 4096"),
+        ((torch.tensor([0]),), [(8192, 8, 8)], None, ValueError, r"video 0 is \[8192, 8, 8\]; T must be at most"),
     ],
 )
 def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, message):
@@ -209,6 +226,7 @@ def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, m
         (torch.zeros(3, 5, dtype=torch.long), [3], TypeError, "codes has dtype torch.int64"),
         (torch.full((3, 5), float("inf")), [3], ValueError, "codes contains NaN or infinite"),
         (torch.zeros(3, 5, device="meta"), [3], ValueError, "codes is on the meta device"),
+        (torch.full((3, 5), 1e300, dtype=torch.float64), [3], ValueError, "codes holds 1e[+]300, beyond .*float32"),
     ],
 )
 def test_decode_rejects_bad_codes(tiny, codes, counts, error, message):

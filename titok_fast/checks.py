@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,24 @@ def check_no_grad(t: torch.Tensor, what: str) -> None:
             f"{what} requires grad; titok-fast is inference-only (encode/decode run without autograd): pass "
             f"{what}.detach(), or use upstream's modules to train"
         )
+
+
+def _value_problems(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None) -> list[str]:
+    """What is wrong with each tensor's values ("" if nothing): NaN or infinite, or finite but infinite once cast
+    to ``dtype`` (1e300 in float64 is finite, but not in float32, and FSQ has no code for what then comes out).
+    One reduction per tensor (its extremes: NaN and infinities propagate through them) and one host sync."""
+    extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors]).cpu()  # [n, 2] in their dtype
+    cast = extremes.to(dtype) if dtype is not None and dtype.is_floating_point else extremes
+    problems = []
+    for values, fits in zip(extremes.tolist(), cast.isfinite().tolist(), strict=True):
+        if not all(math.isfinite(v) for v in values):
+            problems.append("contains NaN or infinite values")
+        elif not all(fits):
+            value = values[0] if not fits[0] else values[1]
+            problems.append(f"holds {value:g}, beyond the model's {dtype}; expected values in [-1, 1]")
+        else:
+            problems.append("")
+    return problems
 
 
 def _check_not_meta(t: torch.Tensor, what: str) -> None:
@@ -74,20 +93,9 @@ def check_videos(
         if v.dtype != videos[0].dtype:
             raise ValueError(f"{name(i)} has dtype {v.dtype} but {name(0)} has {videos[0].dtype}; mixed dtypes")
         shapes.append(tuple(int(s) for s in v.shape[1:]))
-    # one cheap reduction per video; the exact element-wise test only runs when a sum is not finite
-    sums = torch.stack([v.sum(dtype=torch.float64) for v in videos]).isfinite().tolist()
-    for i, ok in enumerate(sums):
-        if not ok and not bool(torch.isfinite(videos[i]).all()):
-            raise ValueError(f"{name(i)} contains NaN or infinite values")
-    if dtype is not None and dtype.is_floating_point and torch.finfo(videos[0].dtype).max > torch.finfo(dtype).max:
-        # only for a narrower model dtype; the extremes without a copy of the video
-        largest = torch.stack([torch.stack(torch.aminmax(v)).abs().amax() for v in videos]).tolist()
-        for i, value in enumerate(largest):
-            if value > torch.finfo(dtype).max:
-                raise ValueError(
-                    f"{name(i)} holds {value:g}, beyond the model's {dtype} (at most {torch.finfo(dtype).max:g}); "
-                    "expected values in [-1, 1]"
-                )
+    for i, problem in enumerate(_value_problems(videos, dtype)):
+        if problem:
+            raise ValueError(f"{name(i)} {problem}")
     return shapes
 
 
@@ -147,7 +155,9 @@ def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{what} is a {type(indices).__name__}; expected an integer torch.Tensor")
     if indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{what} has dtype {indices.dtype}; expected one of {[str(d) for d in INDEX_DTYPES]}")
+        raise TypeError(
+            f"{what} has dtype {indices.dtype}; expected one of {[str(d) for d in INDEX_DTYPES]} (e.g. {what}.long())"
+        )
     _check_not_meta(indices, what)
     if indices.dim() != 1:
         raise ValueError(f"{what} has shape {list(indices.shape)}; expected a 1-D tensor of indices")
@@ -166,7 +176,8 @@ def check_clip_indices(indices: torch.Tensor, codebook_size: int, what: str) -> 
         raise ValueError(f"{what} is empty; expected at least one token")
 
 
-def check_codes(codes: object, width: int, total: int) -> None:
+def check_codes(codes: object, width: int, total: int, dtype: torch.dtype | None = None) -> None:
+    """Codes [total, width] of a floating dtype, with values finite also in the model's ``dtype``."""
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes is a {type(codes).__name__}; expected a torch.Tensor [sum(token_counts), {width}]")
     if not codes.is_floating_point():
@@ -177,5 +188,6 @@ def check_codes(codes: object, width: int, total: int) -> None:
     if codes.shape[0] != total:
         raise ValueError(f"codes has {codes.shape[0]} rows but token_counts sum to {total}")
     _check_not_meta(codes, "codes")
-    if not bool(torch.isfinite(codes).all()):
-        raise ValueError("codes contains NaN or infinite values")
+    problem = _value_problems([codes], dtype)[0] if codes.numel() else ""
+    if problem:
+        raise ValueError(f"codes {problem}")

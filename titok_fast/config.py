@@ -194,7 +194,7 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)  # plain data only: a python/object tag is an error, never a call
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # (UnicodeDecodeError, a 5000-digit number: ValueError)
         first = " ".join(str(e).split())  # YAML's messages span lines: one line, as every error here
         raise ValueError(f"config file {str(path)!r} is not a plain YAML config ({first:.300})") from None
     if not isinstance(data, dict):

@@ -537,9 +537,12 @@ def load_state(
         wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
         if wrong is not None:
             got = refs[wrong]
-            kind = got.qualname if isinstance(got, Placeholder) else type(got).__name__  # e.g. a float8 tensor's record
+            if isinstance(got, Placeholder) and got.qualname.startswith("torch._utils._rebuild_tensor"):
+                kind = f"tensor record of a kind titok-fast does not read ({got.qualname}: float8 or newer types)"
+            else:
+                kind = got.qualname if isinstance(got, Placeholder) else type(got).__name__
             raise CheckpointError(
-                f"{path}: entry {wrong!r:.100} is a {kind:.100}, not a tensor of a type titok-fast reads "
+                f"{path}: entry {wrong!r:.100} is a {kind:.200}; expected a tensor of one of "
                 f"{[str(d) for d in _FLOAT_DTYPES]}"
             )
         _check_shapes(cfg, {k: r.size for k, r in refs.items()}, path)

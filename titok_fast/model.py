@@ -168,7 +168,7 @@ class Decoder(DecoderParams):
         others are projected as they are."""
         counts = check_token_counts(token_counts, None)
         shapes = check_grids(grids, len(counts), self.config.patch_size)
-        check_codes(codes, len(self.config.fsq_levels), sum(counts))
+        check_codes(codes, len(self.config.fsq_levels), sum(counts), self.proj_in.weight.dtype)
         codes = codes.to(device=self.device)
         pack = self.packing(counts, shapes)
         indices = grid_indices(codes, self.runtime.fsq.constants(self.device))
