@@ -94,6 +94,7 @@ def test_direct_construction_takes_lists():
         "a: " + "[" * 50_000,  # nesting past Python's recursion limit
         "a: " + "9" * 5000,  # an integer past Python's digit limit
     ],
+    ids=["python-tag", "broken", "not-utf-8", "deep-nesting", "huge-number"],
 )
 def test_a_yaml_config_that_is_not_plain_data_is_one_line_and_runs_nothing(tmp_path, text):
     path, marker = tmp_path / "bad.yaml", tmp_path / "ran"
