@@ -326,6 +326,32 @@ def test_streams_that_are_not_pruned(files, long_moving, monkeypatch):
     assert len(list(reader)) == 5 and not reader.pruned  # 98 // 18 whole chunks
 
 
+def test_an_avi_with_b_frames_is_not_pruned_and_gives_the_clips_of_decoding_every_frame(tmp_path):
+    """AVI stamps a B-frame stream's packets in decoding order, so its frames come out labelled 1, 2, 4, 3, ...:
+    pruned by those labels, clip 0 once held frames in the wrong places (44 of 128 tokens changed)."""
+    path = tmp_path / "b-frames.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.options = {"bf": "3", "g": "12"}
+        for i in range(77):
+            image = np.zeros((64, 96, 3), np.uint8)
+            image[..., 0] = i * 3
+            image[32 + i % 8 * 4 : 36 + i % 8 * 4, :, 1] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:  # the premise: frames come out with timestamps out of order
+        stamps = [frame.pts for frame in container.decode(video=0)]
+    assert stamps != sorted(stamps)
+    kwargs = dict(frames=8, height=64, width=96, fps=8)
+    reader, every = video.ClipReader(path, **kwargs), video.ClipReader(path, prune=False, **kwargs)
+    pruned_clips, every_clips = list(reader), list(every)
+    assert not reader.pruned and len(pruned_clips) == len(every_clips) == 3
+    assert all(torch.equal(a, b) for a, b in zip(pruned_clips, every_clips, strict=True))
+
+
 def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypatch):
     """Whatever pruned decoding gave out before it went wrong, the clips are those of decoding every frame."""
     from titok_fast import decoders

@@ -50,6 +50,10 @@ NVDEC_COLORSPACES = {1: "bt709", 2: "bt601", 5: "bt601", 6: "bt601"}
 # codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
 # reference. (Not HEVC: FFmpeg skips its sub-layer non-reference pictures, which higher sub-layers may use.)
 PRUNED_CODECS = ("h264",)
+# containers whose packets carry presentation timestamps (FFmpeg's demuxer names). Others may stamp packets in decode
+# order (AVI: a B-frame stream's frames come out labelled 1, 2, 4, 3, ...), so frames could not be told apart by
+# timestamp until after wrong ones had been handed out: those files decode every frame.
+PRUNED_CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts", "flv")
 MAX_PRUNED_FRAMES = 2_000_000  # longer videos (18 hours at 30 fps) decode every frame: their index stays small
 # what a reader needs: (timestamps of all frames in presentation order, time base) -> needed[index] (bool)
 Needs = Callable[[np.ndarray, Fraction], np.ndarray]
@@ -106,7 +110,8 @@ def cpu_frames(
 def presentation_order(path: str) -> np.ndarray | None:
     """The timestamps of the first video stream's frames in presentation order, from its packets (read, not
     decoded), or None where pruning cannot be trusted to keep every frame's index: a codec not in PRUNED_CODECS,
-    a packet without a timestamp, two packets with one, or a first packet that is not a keyframe shown first
+    a container not in PRUNED_CONTAINERS, a packet without a timestamp, two packets with one, or a first packet
+    that is not a keyframe shown first
     (and None for more than MAX_PRUNED_FRAMES frames, a file that is not a regular file, or one that cannot be
     read to the end: decoding every frame then reports what is wrong with it)."""
     if not os.path.isfile(path):  # a FIFO or device could not be read twice
@@ -115,7 +120,7 @@ def presentation_order(path: str) -> np.ndarray | None:
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            if stream.codec_context.name not in PRUNED_CODECS:
+            if stream.codec_context.name not in PRUNED_CODECS or container.format.name not in PRUNED_CONTAINERS:
                 return None
             for packet in container.demux(stream):
                 if packet.size == 0:  # the empty packet at the end
