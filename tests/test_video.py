@@ -410,6 +410,24 @@ def test_bad_arguments(files, kwargs, message):
         read_clips(files["moving"], **{"frames": 4, "height": 16, "width": 16, **kwargs})
 
 
+@pytest.mark.parametrize(("name", "value"), [("height", 64.5), ("frames", 8.0), ("threads", True)])
+def test_sizes_must_be_integers(files, name, value):
+    """Checked when the reader is made, not as a TypeError from inside the decoding of every file."""
+    with pytest.raises(TypeError, match=f"{name} must be an integer; got {value!r}"):
+        video.ClipReader(files["moving"], **{"frames": 4, "height": 16, "width": 16, name: value})
+
+
+def test_a_reader_read_twice_describes_its_second_reading(files):
+    """Each iteration reads the file anew: clips_read, start times and the clip set are those of that reading."""
+    reader = video.ClipReader(files["moving"], frames=4, height=16, width=16, tail="pad")
+    first = list(reader)
+    summary = (reader.clips_read, reader.start_times(), reader.last_clip_frames)
+    second = list(reader)
+    assert (reader.clips_read, reader.start_times(), reader.last_clip_frames) == summary
+    assert len(first) == summary[0] >= 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_iter_videos_keeps_order_and_reports_errors(files):
     paths = [files["moving"], files["empty"], files["index24"], files["missing"], files["one"]]
     results = list(iter_videos(paths, workers=3, prefetch=2, frames=4, height=16, width=16))

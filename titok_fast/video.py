@@ -138,6 +138,10 @@ class ClipReader:
         prune: bool = True,
         rotation: str = "stored",
     ):
+        sizes = {"frames": frames, "height": height, "width": width, "threads": threads}
+        wrong = next((k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+        if wrong is not None:
+            raise TypeError(f"{wrong} must be an integer; got {sizes[wrong]!r}")
         if min(frames, height, width, threads) < 1:
             raise ValueError(
                 f"frames, height, width and threads must be >= 1; got {frames}, {height}, {width}, {threads}"
@@ -157,17 +161,22 @@ class ClipReader:
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
         self.rotation = rotation
+        self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
+        self._reset()
+
+    def _reset(self) -> None:
+        """What a reading finds out, as before any: each iteration reads the file anew."""
         self.pruned = False  # whether the CPU decoder skipped frames this file does not need, set as it is read
         self.placement = ""  # where this file's frames are preprocessed, "cpu" or "device", set when it is opened
         self.decoded_by = ""  # "cpu" or "nvdec", or "nvdec,cpu" when NVDEC failed midway, set as it is read
-        self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
         self.source_fps = 0.0  # the container's average frame rate (0.0 if unknown), set when the file is opened
         self.clips_read = 0
-        self.last_clip_frames = frames  # real frames in the last clip; fewer only when tail == "pad"
+        self.last_clip_frames = self.frames  # real frames in the last clip; fewer only when tail == "pad"
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         path, frames = self.path, self.frames
+        self._reset()
         chunk: list[torch.Tensor] = []
         for image in self._all_images():
             chunk.append(image)
