@@ -415,6 +415,8 @@ def test_sizes_must_be_integers(files, name, value):
     """Checked when the reader is made, not as a TypeError from inside the decoding of every file."""
     with pytest.raises(TypeError, match=f"{name} must be an integer; got {value!r}"):
         video.ClipReader(files["moving"], **{"frames": 4, "height": 16, "width": 16, name: value})
+    reader = video.ClipReader(files["moving"], frames=np.int64(4), height=np.int32(16), width=16)  # NumPy's are
+    assert (reader.frames, reader.height) == (4, 16) and type(reader.frames) is int
 
 
 def test_a_reader_read_twice_describes_its_second_reading(files):

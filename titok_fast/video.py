@@ -22,6 +22,7 @@ import contextlib
 import functools
 import itertools
 import math
+import numbers
 import os
 import queue
 import signal
@@ -139,9 +140,10 @@ class ClipReader:
         rotation: str = "stored",
     ):
         sizes = {"frames": frames, "height": height, "width": width, "threads": threads}
-        wrong = next((k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+        wrong = next((k for k, v in sizes.items() if not isinstance(v, numbers.Integral) or isinstance(v, bool)), None)
         if wrong is not None:
             raise TypeError(f"{wrong} must be an integer; got {sizes[wrong]!r}")
+        frames, height, width, threads = (int(v) for v in sizes.values())  # NumPy's integers too
         if min(frames, height, width, threads) < 1:
             raise ValueError(
                 f"frames, height, width and threads must be >= 1; got {frames}, {height}, {width}, {threads}"
