@@ -173,6 +173,7 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None, engine
     of the engines the Ray actors build, when None) bound a clip's packed rows."""
     from .checks import check_grids
     from .engine import DEFAULT_BUDGETS
+    from .patches import patch_grid
     from .pipeline import ClipSettings
 
     tokens = args.tokens if tokens is None else tokens
@@ -181,7 +182,7 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None, engine
         check_grids([grid], 1, model.config.patch_size)
     except ValueError as e:
         raise ValueError(f"--grid {'x'.join(map(str, grid))}: {str(e).split('; ', 1)[-1]}") from None
-    rows = tokens + math.prod(g // p for g, p in zip(grid, model.config.patch_size, strict=True))
+    rows = tokens + math.prod(patch_grid(grid, model.config.patch_size))
     largest = max(DEFAULT_BUDGETS if engine is None else engine.budgets)
     if rows > largest:
         raise ValueError(
