@@ -338,6 +338,32 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
     assert run(preprocess="device").done  # loads, but cannot say how it was made: redone, never mixed
 
 
+def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it_are_redone(model, sources, tmp_path):
+    """Sampling "time" reads timestamps to the nearest tick of the container's clock (video._due); files it made
+    before that rule was recorded may hold other picks, so a rerun redoes them. Upstream sampling records nothing
+    new: its files resume as before."""
+    engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
+    timed = dataclasses.replace(SETTINGS, sampling="time")
+
+    def run(settings):
+        return encode_files(model, engine, [(sources["short"], "short")], tmp_path, settings, workers=1)
+
+    assert run(SETTINGS).done and "time_sampling" not in load_tokens(out).made_with
+    assert run(timed).done and load_tokens(out).made_with["time_sampling"] == "nearest-tick"
+    assert run(timed).skipped
+    old = load_tokens(out)
+    pipeline.save_tokens(out, dataclasses.replace(old, made_with={**old.made_with, "time_sampling": "exact"}))
+    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, timed)) == (
+        "made another way (time_sampling exact, now nearest-tick)"
+    )
+    made = dict(old.made_with)
+    del made["time_sampling"]
+    pipeline.save_tokens(out, dataclasses.replace(old, made_with=made))  # as the code before the rule wrote it
+    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, timed)) == (
+        "made another way (time_sampling unrecorded, now nearest-tick)"
+    )
+
+
 def test_fp8_tokens_say_so_and_never_mix_with_default_ones(sources, tmp_path):
     model = random_tokenizer("tiny", seed=0)
     engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"

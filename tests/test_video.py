@@ -125,6 +125,17 @@ def test_variable_frame_rate_uses_timestamps(files):
     assert len(found) - len(expected) <= 1
 
 
+@pytest.mark.parametrize(("source_fps", "fps"), [(24, 12), (30, 15), (30, 10)])
+@pytest.mark.parametrize("prune", [True, False], ids=["pruned", "every-frame"])
+def test_time_sampling_reads_millisecond_timestamps_to_the_nearest_tick(tmp_path, source_fps, fps, prune):
+    """Matroska stamps whole milliseconds: frame 2 of 30 fps, exactly on the instant 1/15 s (66.67 ms), is stamped
+    67 ms, after it. It is still the frame shown there, as in an MP4 of the same frames."""
+    for suffix in (".mkv", ".mp4"):
+        path = videos.make_video(tmp_path / f"index{suffix}", source_fps, 32, 32, fps=source_fps, pattern="index")
+        result = read_clips(str(path), frames=1, height=16, width=16, fps=fps, sampling="time", prune=prune)
+        assert sampled_indices(result) == [k * source_fps // fps for k in range(fps)], suffix
+
+
 def test_one_frame_video(files):
     result = read_clips(files["one"], frames=4, height=16, width=16, tail="pad")
     assert len(result.clips) == 1 and result.last_clip_frames == 1

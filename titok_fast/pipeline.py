@@ -31,6 +31,7 @@ from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
 from .tokens import TokenFile, TokenFileError, load_tokens, save_tokens, try_load_tokens
 from .video import (
+    TIME_SAMPLING,
     ClipReader,
     VideoError,
     VideoWriter,
@@ -669,7 +670,7 @@ def _token_file(
     )
 
 
-RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation")
+RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation", "time_sampling")
 UNRECORDED_DEFAULTS = {"precision": "default", "rotation": "stored"}  # made_with leaves these out when default
 
 
@@ -685,7 +686,9 @@ def made_with(
     """How tokens are made (the token file's ``made_with``): what was asked for (RESUME_KEYS) by a model on
     ``device`` (default: where ``model`` is; the Ray path's actors run elsewhere than its driver's copy), and once
     a file has been read, what it got (``decoded_by``, ``preprocessed_on``). ``precision`` and ``rotation`` are
-    there only when they are not the default, so files made before they were recorded still resume."""
+    there only when they are not the default, so files made before they were recorded still resume;
+    ``time_sampling`` (how sampling "time" reads timestamps) only with that sampling, so files it made before the
+    rule was recorded are redone (their picks may differ)."""
     device = device or model.device.type
     made = {
         "decoder": settings.decoder,
@@ -698,6 +701,8 @@ def made_with(
     for key, value in (("precision", model.precision), ("rotation", settings.rotation)):
         if value != UNRECORDED_DEFAULTS[key]:
             made[key] = value
+    if settings.sampling == "time":
+        made["time_sampling"] = TIME_SAMPLING
     if decoded_by is not None:
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
     return made
