@@ -93,7 +93,7 @@ def test_from_chunks_keeps_each_chunk():
     chunks = [torch.tensor([5, 0, 8574]), torch.tensor([[1, 2], [3, 4]])]
     token_file = TokenFile.from_chunks(
         chunks,
-        [(4, 16, 16), (8, 32, 32)],
+        [(4, 16, 16), (4, 32, 32)],
         [0.0, 0.5],
         model_config={},
         weights_digest="",
@@ -106,7 +106,7 @@ def test_from_chunks_keeps_each_chunk():
     )
     assert token_file.token_counts.tolist() == [3, 4]
     assert token_file.clip_indices(1).tolist() == [1, 2, 3, 4]
-    assert token_file.grids.tolist() == [[4, 16, 16], [8, 32, 32]]
+    assert token_file.grids.tolist() == [[4, 16, 16], [4, 32, 32]]
     with pytest.raises(IndexError, match="chunk 2 out of range for 2 chunks"):
         token_file.clip_indices(2)
 
@@ -126,19 +126,51 @@ def test_from_chunks_keeps_each_chunk():
         ({"fps": float("nan")}, r"fps must be in \(0, 1000\]; got nan"),
         ({"fps": 1e30}, r"fps must be in \(0, 1000\]; got 1e\+30"),
         ({"chunks": 0}, "a token file holds at least one chunk; got 0"),
+        ({"grid": (4, 16, 16)}, r"chunk 0 has grid \[4, 16, 16\]; every chunk's T must be frames_per_chunk = 16"),
+        ({"sampling": "../x"}, r"sampling must be one of \('upstream', 'time'\); got '../x'"),
+        ({"times": [0.0, float("nan")]}, r"start_times must be finite, >= 0 and non-decreasing; got \[0.0, nan\]"),
+        ({"times": [-0.5, 1.0]}, "start_times must be finite, >= 0 and non-decreasing"),
+        ({"times": [2.0, 1.0]}, r"start_times must be finite, >= 0 and non-decreasing; got \[2.0, 1.0\]"),
     ],
     ids=[
         "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
-        "fps-zero", "fps-inf", "fps-nan", "fps-huge", "no-chunks",
+        "fps-zero", "fps-inf", "fps-nan", "fps-huge", "no-chunks", "grid-frames", "sampling", "times-nan",
+        "times-negative", "times-decreasing",
     ],
 )  # fmt: skip
 def test_invalid_token_file_is_refused(change, message):
-    chunk, grid = change.pop("chunk", torch.tensor([1, 2])), change.pop("grid", (4, 16, 16))
-    chunks = change.pop("chunks", 1)
+    chunk, grid = change.pop("chunk", torch.tensor([1, 2])), change.pop("grid", (16, 16, 16))
+    times = change.pop("times", [0.0] * change.pop("chunks", 1))
     settings = dict(model_config={}, weights_digest="", fps=8.0, source="x", frames_per_chunk=16, tail="pad")
     settings.update(last_chunk_frames=3, codebook_size=CODEBOOK)
     with pytest.raises(TokenFileError, match=message):
-        TokenFile.from_chunks([chunk] * chunks, [grid] * chunks, [0.0] * chunks, **{**settings, **change})
+        TokenFile.from_chunks([chunk] * len(times), [grid] * len(times), times, **{**settings, **change})
+
+
+def test_errors_about_a_long_file_show_a_few_of_its_values(tmp_path):
+    """A stranger's file may hold millions of chunks: an error names the chunk at fault, never lists them all."""
+    token_file = TokenFile.from_chunks(
+        [torch.tensor([1])] * 100_000, [(4, 16, 16)] * 100_000, [0.0] * 100_000, model_config={}, weights_digest="",
+        fps=8.0, source="x", frames_per_chunk=4, tail="drop", last_chunk_frames=4, codebook_size=CODEBOOK,
+    )  # fmt: skip
+    path = tmp_path / "long.safetensors"
+    save_tokens(path, token_file)
+    tensors, metadata = read_raw(path)
+    tensors["grids"][70_000, 0] = 8
+    tensors["start_times"][1:] = -1.0
+    write_raw(path, tensors, metadata)
+    with pytest.raises(TokenFileError, match=r"chunk 70000 has grid \[8, 16, 16\]") as refused:
+        load_tokens(path)
+    assert len(str(refused.value)) < 300
+    tensors["grids"][70_000, 0] = 4
+    write_raw(path, tensors, metadata)
+    with pytest.raises(TokenFileError, match=r"got \[0.0, -1.0, -1.0, -1.0, -1.0, -1.0, \.\.\.\]$"):
+        load_tokens(path)
+    tensors["start_times"][1:] = 1.0
+    tensors["offsets"][5] += 1
+    write_raw(path, tensors, metadata)
+    with pytest.raises(TokenFileError, match=r"offsets disagree with token_counts at chunk 4: 2 against 1$"):
+        load_tokens(path)
 
 
 def test_the_highest_fps_is_accepted(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
-from .video import MAX_FPS, TAIL_POLICIES
+from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES
 
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
 MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred characters; a stranger's may be huge
@@ -305,11 +306,14 @@ def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
     if int(offsets[0]) != 0:
         raise TokenFileError(f"offsets must start at 0; got {int(offsets[0])}")
     if steps.numel() and int(steps.min()) < 0:
-        raise TokenFileError(f"offsets must be non-decreasing; got {offsets.tolist()}")
+        raise TokenFileError(f"offsets must be non-decreasing; got {_short(offsets)}")
     if int(offsets[-1]) != indices.numel():
         raise TokenFileError(f"offsets must end at len(indices) = {indices.numel()}; got {int(offsets[-1])}")
     if not torch.equal(steps, counts.long()):
-        raise TokenFileError(f"offsets {offsets.tolist()} disagree with token_counts {counts.tolist()}")
+        chunk = _first(steps != counts.long())
+        raise TokenFileError(
+            f"offsets disagree with token_counts at chunk {chunk}: {int(steps[chunk])} against {int(counts[chunk])}"
+        )
 
 
 def _check_tensor(name: str, tensor: torch.Tensor) -> None:
@@ -343,12 +347,20 @@ def _check_token_file(tf: TokenFile) -> None:
             f"expected grids [{chunks}, 3] and start_times [{chunks}] for {chunks} chunks; got {shapes}"
         )
     if int(tf.token_counts.min()) < 1:
-        raise TokenFileError(f"token_counts must be >= 1; got {tf.token_counts.tolist()}")
+        chunk = _first(tf.token_counts < 1)
+        raise TokenFileError(f"token_counts must be >= 1; chunk {chunk} has {int(tf.token_counts[chunk])}")
     total = int(tf.token_counts.sum(dtype=torch.int64))
     if total != tf.indices.numel():
         raise TokenFileError(f"token_counts sum to {total}, indices has {tf.indices.numel()}")
     if int(tf.grids.min()) < 1:
-        raise TokenFileError(f"grids must be positive; got {tf.grids.tolist()}")
+        chunk = _first((tf.grids < 1).any(1))
+        raise TokenFileError(f"grids must be positive; chunk {chunk} has {tf.grids[chunk].tolist()}")
+    if bool((tf.grids[:, 0] != tf.frames_per_chunk).any()):  # every chunk has T frames; a short last one is padded
+        chunk = _first(tf.grids[:, 0] != tf.frames_per_chunk)
+        raise TokenFileError(
+            f"chunk {chunk} has grid {tf.grids[chunk].tolist()}; every chunk's T must be frames_per_chunk = "
+            f"{tf.frames_per_chunk}"
+        )
     _check_indices(tf.indices, tf.codebook_size)
     if not 0 < tf.fps <= MAX_FPS:  # also refuses NaN and infinity
         raise TokenFileError(f"fps must be in (0, {MAX_FPS:g}]; got {tf.fps}")
@@ -358,3 +370,18 @@ def _check_token_file(tf: TokenFile) -> None:
         raise TokenFileError(
             f"last_chunk_frames must be in [1, frames_per_chunk = {tf.frames_per_chunk}]; got {tf.last_chunk_frames}"
         )
+    if tf.sampling not in SAMPLINGS:
+        raise TokenFileError(f"sampling must be one of {SAMPLINGS}; got {reprlib.repr(tf.sampling)}")
+    times = tf.start_times
+    if not bool(times.isfinite().all()) or float(times.min()) < 0 or bool((times.diff() < 0).any()):
+        raise TokenFileError(f"start_times must be finite, >= 0 and non-decreasing; got {_short(times)}")
+
+
+def _first(mask: torch.Tensor) -> int:
+    """The position of the first true entry of a 1-d mask (there is one)."""
+    return int(mask.int().argmax())
+
+
+def _short(values: torch.Tensor) -> str:
+    """A 1-d tensor's values for an error message: the first few (a stranger's file may hold millions)."""
+    return reprlib.repr(values[:7].tolist())  # reprlib shows six and "..." for more
