@@ -3,9 +3,12 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -404,6 +407,14 @@ def test_bad_file_gives_video_error(files, name, problem):
         assert isinstance(info.value.__cause__, av.FFmpegError)  # chained, not hidden
 
 
+def test_a_device_or_named_pipe_is_not_a_video_file(tmp_path):
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    for path in ("/dev/zero", str(pipe)):
+        with pytest.raises(VideoError, match=rf"^{path}: not a regular file \(a device, pipe or socket\)"):
+            read_clips(path, frames=4, height=16, width=16)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -793,6 +804,43 @@ def test_default_workers_is_the_cores_this_process_may_use():
     assert video.default_workers() == len(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="worker_kind must be one of"):
         next(video.stream_videos(["0"], workers=1, prefetch=1, worker_kind="fiber", frames=1, height=1, width=1))
+
+
+def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tmp_path):
+    """SIGKILL (or the OOM killer) gives a run no chance to stop its decoding processes: they end themselves."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from titok_fast import video\n"
+        "if __name__ == '__main__':\n"
+        f"    stream = video.stream_videos([{files['index24']!r}], workers=1, prefetch=1, capacity=1,\n"
+        "                                 worker_kind='process', frames=1, height=8, width=8, fps=24)\n"
+        "    _, feed = next(stream)\n"
+        "    next(iter(feed))\n"
+        "    print(*[c.pid for c in multiprocessing.active_children()], flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path])}
+    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        workers = [int(pid) for pid in run.stdout.readline().split()]
+    finally:
+        run.kill()
+        run.wait()
+    assert workers
+    deadline = time.monotonic() + 30 * video.PARENT_CHECK_SECONDS
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in workers)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (an exited one nobody reaps is a zombie: "Z")."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_worker_process_that_dies_fails_its_file_only(files):

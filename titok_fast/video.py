@@ -616,8 +616,9 @@ class _DecoderProcess:
         self.tasks, self.results = self._mp.SimpleQueue(), self._mp.Queue(maxsize=2)
         self.cancel = self._mp.Event()
         self.process = self._mp.Process(
-            target=_serve_files, args=(self.tasks, self.results, self.cancel, self.read_kwargs), daemon=True
-        )
+            target=_serve_files, args=(self.tasks, self.results, self.cancel, self.read_kwargs, os.getpid()),
+            daemon=True,
+        )  # fmt: skip
         # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
         # process's to handle (it stops the workers); in a worker it would only print a traceback
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # read first: a change runs pending handlers, which
@@ -684,8 +685,14 @@ class _DecoderProcess:
         self._start()
 
 
-def _serve_files(tasks, results, cancel, read_kwargs: dict) -> None:
-    """A worker process: read each file it is given, sending its clips, then one final message (see above)."""
+PARENT_CHECK_SECONDS = 1.0  # how often a worker process looks whether the process that started it is gone
+
+
+def _serve_files(tasks, results, cancel, read_kwargs: dict, parent: int) -> None:
+    """A worker process: read each file it is given, sending its clips, then one final message (see above). It
+    ends itself once ``parent`` (the process that started it) is gone: a killed run (SIGKILL, the OOM killer)
+    cannot stop it, and waiting for a task it would wait for ever."""
+    threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     results.put(("ready", None, {}))
     while (task := tasks.get()) is not None:
@@ -704,6 +711,13 @@ def _serve_files(tasks, results, cancel, read_kwargs: dict) -> None:
             results.put(("error", str(exc), CLOCK.take()))
         except Exception as exc:  # an unforeseen failure on one file must not stop the others
             results.put(("error", f"{path}: cannot be read ({type(exc).__name__}: {exc})", CLOCK.take()))
+
+
+def _end_with(parent: int) -> None:
+    """Exit this process as soon as ``parent`` is no longer its parent (it died, and this one was adopted)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
 
 
 def iter_videos(
@@ -848,6 +862,8 @@ def _open(path: str) -> av.container.InputContainer:
         raise VideoError(f"{path}: no such file")
     if os.path.isdir(path):
         raise VideoError(f"{path}: is a directory, not a video file")
+    if not os.path.isfile(path):  # a device or a named pipe: never waited on, nor read for ever
+        raise VideoError(f"{path}: not a regular file (a device, pipe or socket), not a video file")
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: file is empty")
     try:
