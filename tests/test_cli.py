@@ -306,6 +306,14 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     save_tokens(tmp_path / "0huge.safetensors", dataclasses.replace(good, model_config=config))
     code, stdout, _ = run("decode", tmp_path / "0huge.safetensors", files[1], "-o", tmp_path / "h", capsys=capsys)
     assert code == 0 and "decoded 2 file(s)" in stdout, stdout  # the next file does; the first has its weights
+    # a first file naming weights that cannot be had (a local file): the next file's weights decode the others
+    evil = dataclasses.replace(good, weights_digest="0123456789abcdef", weights_source="/etc/passwd")
+    save_tokens(tmp_path / "0evil.safetensors", evil)
+    code, stdout, _ = run("decode", tmp_path / "0evil.safetensors", files[1], "-o", tmp_path / "e", capsys=capsys)
+    assert code == 1 and "decoded 1 file(s)" in stdout and "0evil.safetensors: " in stdout, stdout
+    assert "was made by weights 0123456789abcdef" in stdout
+    code, _, err = run("decode", tmp_path / "0evil.safetensors", "-o", tmp_path / "f", capsys=capsys)
+    assert code == 2 and "token files are not trusted to name local files: pass --checkpoint" in err
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "moving.safetensors").write_bytes((tmp_path / "moving.safetensors").read_bytes())
     code, _, err = run("decode", files[1], tmp_path / "x" / "moving.safetensors", "-o", tmp_path / "w", capsys=capsys)

@@ -4,7 +4,9 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import weakref
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -364,6 +366,95 @@ def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it
     )
 
 
+def test_the_same_weights_with_other_fsq_levels_are_another_model(model, sources, tmp_path):
+    """FSQ levels have no weights: a config with the levels reordered has the same weights digest and reads other
+    codes from the same indices. A rerun with it redoes the files, and decode refuses them (unless forced)."""
+    config = model.config.to_dict()
+    levels = list(reversed(model.config.fsq_levels))
+    config["tokenizer"]["model"]["fsq_levels"] = levels
+    other = random_tokenizer(config, seed=0)
+    assert other.weights_digest == model.weights_digest and levels != list(model.config.fsq_levels)
+    out, short = tmp_path / "short.safetensors", [(sources["short"], "short")]
+
+    def run(m):
+        return encode_files(m, Engine(m, max_clips=3), short, tmp_path, SETTINGS, workers=1)
+
+    assert run(model).done
+    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(other, "auto", SETTINGS)) == (
+        f"made by another model (fsq_levels {list(model.config.fsq_levels)}, now {levels})"
+    )
+    summary = decode_files(Engine(other), [out], tmp_path / "mp4")
+    assert summary.failed == [(str(out), f"{out} was made by another model config than the loaded one (fsq_levels "
+                               f"{list(model.config.fsq_levels)}, now {levels}); pass the right --config, or --force "
+                               "to decode anyway")]  # fmt: skip
+    assert decode_files(Engine(other), [out], tmp_path / "mp4", force=True).done
+    assert run(other).done and load_tokens(out).model_config == config  # redone
+    assert run(other).skipped
+    unreadable = dataclasses.replace(load_tokens(out), model_config={"tokenizer": {}})
+    pipeline.save_tokens(out, unreadable)
+    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(other, "auto", SETTINGS)).startswith(
+        "made by another model (its model config cannot be read: "
+    )
+
+
+def test_decode_checks_every_chunks_grid_before_it_decodes_or_reads_the_source(model, sources, tmp_path, monkeypatch):
+    """A token file of a few bytes may ask for any grid: a grid the engine would refuse is refused for the whole
+    file before the source is read at that size (side by side) or a chunk is decoded."""
+    encode(model, [sources["long"]], tmp_path)
+    good = load_tokens(tmp_path / "long.safetensors")
+    engine = Engine(model, budgets=(1024,))
+    cases = {
+        "huge": ((4, 12000, 12000), r"chunk 3 of .*huge\.safetensors is \[4, 12000, 12000\]; H must be at most 8192"),
+        "ragged": ((4, 30, 32), r"chunk 3 of .*ragged\.safetensors is \[4, 30, 32\]; H must be a positive multiple"),
+        "rows": ((4, 256, 256), r"chunk 3 of .*rows\.safetensors \(grid \[4, 256, 256\], 8 tokens\) needs 1032 "
+                                r"packed rows \(tokens \+ patches\); the largest budget is 1024$"),
+    }  # fmt: skip
+    paths = []
+    for name, (grid, _) in cases.items():
+        grids = good.grids.clone()
+        grids[3] = torch.tensor(grid)
+        paths.append(tmp_path / f"{name}.safetensors")
+        pipeline.save_tokens(paths[-1], dataclasses.replace(good, grids=grids))
+
+    def no_source(token_file):
+        raise AssertionError("the source was read")
+
+    monkeypatch.setattr(pipeline, "source_chunks", no_source)
+    summary = decode_files(engine, paths, tmp_path / "mp4", with_source=True)
+    assert [path for path, _ in summary.failed] == [str(p) for p in paths]
+    for (_, error), (_, pattern) in zip(summary.failed, cases.values(), strict=True):
+        assert re.search(pattern, error), error
+    assert not (tmp_path / "mp4").exists() or not list((tmp_path / "mp4").iterdir())
+
+
+def test_a_token_file_sampled_slower_than_an_mp4_is_written_decodes_at_the_slowest_rate(model, sources, tmp_path):
+    """``encode --fps 1e-9`` is allowed (fps in (0, 1000]), so decode writes such a file's frames at
+    MIN_WRITE_FPS, the slowest rate an mp4 takes, rather than failing it."""
+    from titok_fast.video import MIN_WRITE_FPS
+
+    encode(model, [sources["short"]], tmp_path)
+    slow = tmp_path / "slow.safetensors"
+    pipeline.save_tokens(slow, dataclasses.replace(load_tokens(tmp_path / "short.safetensors"), fps=1e-9))
+    assert decode_files(Engine(model), [slow], tmp_path / "mp4").done == [str(slow)]
+    with av.open(str(tmp_path / "mp4" / "slow.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == Fraction(MIN_WRITE_FPS).limit_denominator(10**4)
+        assert sum(1 for _ in container.decode(stream)) == SETTINGS.grid[0]
+
+
+def test_decoding_takes_each_chunks_indices_as_it_goes(model, sources, tmp_path):
+    """The chunks of a token file are handed to the engine one at a time (a file may hold millions), each with its
+    own indices and grid."""
+    encode(model, [sources["long"]], tmp_path)
+    token_file = load_tokens(tmp_path / "long.safetensors")
+    items = pipeline._chunk_items(token_file)
+    first = next(items)
+    assert first[0] == 0 and torch.equal(first[1], token_file.clip_indices(0)) and first[2] == SETTINGS.grid
+    rest = list(items)
+    assert [i for i, _, _ in rest] == list(range(1, 6))
+    assert all(torch.equal(idx, token_file.clip_indices(i)) for i, idx, _ in rest)
+
+
 def test_fp8_tokens_say_so_and_never_mix_with_default_ones(sources, tmp_path):
     model = random_tokenizer("tiny", seed=0)
     engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
@@ -446,10 +537,43 @@ def test_resume_redoes_a_token_file_made_from_another_source_and_says_so(model, 
     assert summary.done == [str(second)] and not summary.skipped and summary.replaced == 1
     assert "1 token file(s) made otherwise replaced" in summary.report("encoded")
     assert load_tokens(out / "clip.safetensors").source == str(second.resolve())
-    row = read_manifest(out / MANIFEST_NAME)[-1]
+    row, displaced = read_manifest(out / MANIFEST_NAME)[-2:]
     assert row["status"] == "done" and row["replaced"] == f"made from another source ({str(first.resolve())!r})"
+    assert (displaced["source"], displaced["status"], displaced["tokens"]) == (
+        str(first.resolve()), "not-encoded", str((out / "clip.safetensors").resolve())
+    )  # the first video's latest line no longer says its tokens are there
+    assert displaced["reason"] == (
+        f"its token file now holds the tokens of {second.resolve()}, which has the same output name"
+    )
+    assert [r["status"] for r in read_manifest(out, latest=True)] == ["not-encoded", "done"]
     again = run(second)
     assert again.skipped == [str(second)] and not again.done and not again.replaced
+
+
+def test_a_run_stopped_while_checking_outputs_lists_every_input_it_did_not_skip(model, sources, tmp_path, monkeypatch):
+    """Checking a large dataset's outputs takes minutes: an interrupt then still leaves a manifest line for every
+    input, the ones checked so far skipped, every other one not encoded."""
+    from titok_fast.manifest import read_manifest
+
+    files = [(sources[name], name) for name in ("short", "odd", "long", "black")]
+    engine = Engine(model, max_clips=3)
+    assert encode_files(model, engine, files[:2], tmp_path, SETTINGS, workers=1).done
+    redo_because, calls = pipeline._redo_because, []
+
+    def stopped_at_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return redo_because(*args)
+
+    monkeypatch.setattr(pipeline, "_redo_because", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        encode_files(model, engine, files, tmp_path, SETTINGS, workers=1)
+    rows = {Path(r["source"]).name: r for r in read_manifest(tmp_path, latest=True)}
+    assert {name: r["status"] for name, r in rows.items()} == {
+        "short.mp4": "skipped", "odd.mkv": "skipped", "long.mp4": "not-encoded", "black.mp4": "not-encoded",
+    }  # fmt: skip
+    assert rows["long.mp4"]["reason"] == "not encoded: the run stopped while checking outputs (KeyboardInterrupt: )"
 
 
 def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
@@ -723,7 +847,11 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
         next_run.done("/v/next.mp4", tmp_path / "next.safetensors", 1)
     lines = path.read_text().splitlines()
     assert lines[-2] == '{"source": "/v/cut.mp4", "tok' and json.loads(lines[-1])["source"] == "/v/next.mp4"
-    with pytest.raises(ValueError, match="line 8: not JSON"):  # the damage stays that line's
+    rows = read_manifest(path)  # the damage stays that line's: the others are all read
+    assert len(rows) == 8 and rows[-1]["source"] == "/v/next.mp4" and "/v/cut.mp4" not in {r["source"] for r in rows}
+    with open(path, "a") as file:
+        file.write('{"source": "/v/odd.mp4", "status": "lost"}\n')  # whole, but not a manifest line
+    with pytest.raises(ValueError, match=r"line 10: expected an object with status in"):
         read_manifest(path)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from .files import STALL_SECONDS, interrupt, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
 
 
 def _grid(text: str) -> tuple[int, int, int]:
@@ -105,10 +106,11 @@ def _device_dtype(args: argparse.Namespace):
     return device, getattr(torch, DTYPES[dtype])
 
 
-def _model(args: argparse.Namespace, token_meta=None, quick: bool = False):
-    """The model named by --checkpoint / --random-weights, else by a token file's metadata, else the default
-    weights (``$TITOK_FAST_CHECKPOINT`` or the V1 release from the Hub). A token file never makes us open a local
-    path: only random weights (rebuilt from the recorded seed) or Hub weights (checked against the digest)."""
+def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
+    """The model named by --checkpoint / --random-weights, else by the first of ``token_metas`` (token files) whose
+    weights can be had, else the default weights (``$TITOK_FAST_CHECKPOINT`` or the V1 release from the Hub). A
+    token file never makes us open a local path: only random weights (rebuilt from the recorded seed) or Hub
+    weights (checked against the digest)."""
     from .hub import default_checkpoint, parse_hub_ref
     from .loading import load_tokenizer, random_tokenizer
 
@@ -119,8 +121,8 @@ def _model(args: argparse.Namespace, token_meta=None, quick: bool = False):
 
         check_fp8_runs(device, dtype)
     checkpoint, seed = args.checkpoint, getattr(args, "random_weights", None)
-    if checkpoint is None and seed is None and token_meta is not None:
-        model = _model_of_tokens(args, token_meta, device, dtype)
+    if checkpoint is None and seed is None and token_metas is not None:
+        model = _model_of_some_tokens(token_metas, device, dtype)
     elif seed is not None:
         print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
         model = random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
@@ -133,7 +135,22 @@ def _model(args: argparse.Namespace, token_meta=None, quick: bool = False):
     return model
 
 
-def _model_of_tokens(args: argparse.Namespace, token_meta, device, dtype):
+def _model_of_some_tokens(token_metas, device, dtype):
+    """The model of the first token file whose weights can be had (the files of others then fail alone, as made
+    by other weights); if none, the first one's reason."""
+    problems = []
+    for token_meta in token_metas:
+        try:
+            return _model_of_tokens(token_meta, device, dtype)
+        except ValueError as e:
+            problems.append(e)
+        if len(problems) == MAX_WEIGHTS_TRIED:
+            break
+    others = f" (nor those of {len(problems) - 1} other token files)" if len(problems) > 1 else ""
+    raise ValueError(f"{problems[0]}{others}")
+
+
+def _model_of_tokens(token_meta, device, dtype):
     """The weights a token file records: random ones from their seed, or Hub ones pinned to a commit."""
     from .hub import HUB_SCHEME, is_pinned
     from .loading import load_tokenizer, random_seed, random_tokenizer
@@ -246,29 +263,39 @@ def _encode_on_ray(args: argparse.Namespace, files):
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from .pipeline import collect_token_files, decode_files
-    from .tokens import try_load_tokens
 
     files = collect_token_files(args.tokens)
     if not files:
         raise ValueError(f"no token files found in {args.tokens}")
-    first = None
-    if not (args.checkpoint or args.random_weights is not None):  # the first readable token file names the model
-        unusable = ""  # the first file read whose model could not be built (decode_files fails them alone)
-        for path, _ in files:
-            token_file = try_load_tokens(path)
-            problem = "" if token_file is None else _model_config_problem(token_file)
-            if token_file is not None and not problem:
-                first = token_file
-                break
-            unusable = unusable or (f" ({path}: {problem})" if problem else "")
-        if first is None:
-            raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint")
-    model = _model(args, token_meta=first)
+    token_metas = None
+    if not (args.checkpoint or args.random_weights is not None):  # the token files name the model
+        token_metas = _naming_a_model(files)
+    model = _model(args, token_metas=token_metas)
     summary = decode_files(
         _engine(args, model), files, args.output,
         with_source=args.side_by_side, force=args.force, overwrite=args.overwrite,
     )  # fmt: skip
     return _finish(summary, "decoded")
+
+
+def _naming_a_model(files):
+    """The readable token files among ``files`` whose model config is one a model may be built from, one per
+    weights and config, read as they are asked for (the first usually names the model of all); at the end, a
+    ValueError saying that none could be used, with the first reason."""
+    from .tokens import try_load_tokens
+
+    unusable, seen = "", set()  # the first file read whose model could not be built (decode_files fails them alone)
+    for path, _ in files:
+        token_file = try_load_tokens(path)
+        problem = "" if token_file is None else _model_config_problem(token_file)
+        if token_file is not None and not problem:
+            key = (token_file.weights_digest, token_file.weights_source, repr(token_file.model_config))
+            if key not in seen:
+                seen.add(key)
+                yield token_file
+        unusable = unusable or (f" ({path}: {problem})" if problem else "")
+    if not seen:
+        raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint")
 
 
 def _model_config_problem(token_file) -> str:

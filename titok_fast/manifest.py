@@ -5,7 +5,9 @@ Each line: ``source`` (the input, as an absolute path: the token file records it
 absolute), ``clips`` (clips encoded; 0 unless done), ``status`` ("done", "skipped": complete already, "failed", or
 "not-encoded": the job stopped first), ``reason`` (one line; empty when done or skipped) and ``time`` (when the line
 was written, UTC, ISO 8601). A done line whose token file replaced one made otherwise (from another source, by
-other weights or with other settings) says how in ``replaced``. The Ray command adds ``decoded_by`` and
+other weights or with other settings) says how in ``replaced``; when it was made from another source (another video
+of the same output name), a not-encoded line for that source follows, so its latest line no longer points at
+tokens that are not its own. The Ray command adds ``decoded_by`` and
 ``encoded_by`` ("host:pid" of the workers). Lines written before ``time`` was added lack it, and may name paths as
 they were given.
 
@@ -52,7 +54,9 @@ class Manifest:
         self.summary = summary
         self.path = None if path is None else Path(path)
         self._fd: int | None = None
-        self._outdated: dict[str, str] = {}  # token file -> how it was made otherwise, until its input settles
+        # token file -> how it was made otherwise, and the other source it was made from (if so), until its input
+        # settles
+        self._outdated: dict[str, tuple[str, str | None]] = {}
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
@@ -60,9 +64,12 @@ class Manifest:
             if size and os.pread(self._fd, 1, size - 1) != b"\n":  # a line cut short (a full disk): end it there
                 os.write(self._fd, b"\n")
 
-    def outdated(self, source: str | os.PathLike, tokens: str | os.PathLike, why: str) -> None:
-        """``tokens`` exists but was made otherwise (``why``, one line) and is to be redone."""
-        self._outdated[str(tokens)] = why
+    def outdated(
+        self, source: str | os.PathLike, tokens: str | os.PathLike, why: str, other_source: str | None = None
+    ) -> None:
+        """``tokens`` exists but was made otherwise (``why``, one line), from ``other_source`` if that is not
+        ``source`` (another video of the same output name), and is to be redone."""
+        self._outdated[str(tokens)] = (why, other_source)
 
     def skipped(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
         self.summary.skipped.append(str(source))
@@ -71,14 +78,17 @@ class Manifest:
     def done(self, source: str | os.PathLike, tokens: str | os.PathLike, clips: int, **extra: Any) -> None:
         self.summary.done.append(str(source))
         self.summary.clips += clips
-        why = self._outdated.pop(str(tokens), None)
+        why, other_source = self._outdated.pop(str(tokens), (None, None))
         if why is not None:
             self.summary.replaced += 1
             extra = {"replaced": why, **extra}
         self._line(source, tokens, "done", clips=clips, **extra)
+        if other_source is not None:  # its latest line must no longer say its tokens are there
+            reason = f"its token file now holds the tokens of {os.path.abspath(source)}, which has the same output name"
+            self._line(other_source, tokens, "not-encoded", reason=reason)
 
     def failed(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str, **extra: Any) -> None:
-        why = self._outdated.pop(str(tokens), None)
+        why, _ = self._outdated.pop(str(tokens), (None, None))
         if why is not None:
             reason = f"{reason}; {_set_aside(Path(tokens), why)}"
         self.summary.failed.append((str(source), reason))
@@ -133,8 +143,10 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
     """The manifest's lines as dicts, in the order written (every job's, oldest first); with ``latest``, only each
     source's last line (its outcome). ``path`` may be an output folder: then its manifest and every shard's
     (``manifest-K-of-N.jsonl``) are read together, in the order of their ``time`` (lines without one, written by
-    older versions, first, in file order). Blank lines are passed over; a line that is not a JSON object with a
-    known status is a ValueError."""
+    older versions, first, in file order). Blank lines are passed over, and so are lines that are not JSON: a line
+    cut short (a full disk, a write killed midway) is ended there by the next job (see :class:`Manifest`), and its
+    input's outcome is in a later line or unknown. A JSON line that is not an object with a known status is a
+    ValueError."""
     if Path(path).is_dir():
         files = sorted(Path(path).glob("manifest*.jsonl"), key=lambda p: (p.name != MANIFEST_NAME, p.name))
         rows = [row for file in files if _MANIFEST_FILE.fullmatch(file.name) for row in read_manifest(file)]
@@ -148,13 +160,13 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
 
 def _rows(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, text in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
             continue
         try:
             row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number}: not JSON ({e})") from None
+        except json.JSONDecodeError:  # a line cut short
+            continue
         if not isinstance(row, dict) or row.get("status") not in STATUSES:
             raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
         rows.append(row)

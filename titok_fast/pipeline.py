@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from .backends import resolve_backend
+from .checks import MAX_GRID, check_grids
+from .config import MODEL_FIELDS, TiTokConfig
 from .engine import Engine
 from .files import STALL_SECONDS, interrupts_held
 from .loading import weights_digest
@@ -31,6 +33,7 @@ from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
 from .tokens import TokenFile, TokenFileError, load_tokens, save_tokens, try_load_tokens
 from .video import (
+    MIN_WRITE_FPS,
     TIME_SAMPLING,
     ClipReader,
     VideoError,
@@ -324,24 +327,38 @@ def plan_outputs(
     these weights, settings and way of making them (engine ``mode``, the model's device or ``device``) go to the
     manifest as skipped (unless ``overwrite``). A token file to redo that was made otherwise goes to the manifest
     as outdated, with what differs: replacing it, or moving it aside if its input fails, is said. Temporary files
-    that a killed run left beside a token file to redo are removed. Gives the model its weights digest if unset."""
+    that a killed run left beside a token file to redo are removed. Gives the model its weights digest if unset.
+    Stopped midway (checking a large dataset's outputs takes minutes), it lists every input it did not skip as not
+    encoded before it lets the interrupt go on, as the run does with those it has not settled."""
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo, wanted = [], _wanted(model, mode, settings, device)
     temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporary files, by token file name
-    for path, name in files:
-        out = outdir / f"{name}.safetensors"
-        why = _redo_because(out, path, wanted)
-        if why == "" and not overwrite:
-            manifest.skipped(path, out)
-        else:
-            todo.append((path, out))
-            if why:
-                manifest.outdated(path, out, why)
-            if out.parent not in temporaries:  # each folder listed once: a glob per file is quadratic in a resume
-                temporaries[out.parent] = _temporaries(out.parent)
-            for stale in temporaries[out.parent].pop(out.name, ()):
-                (out.parent / stale).unlink(missing_ok=True)
+    checked = 0  # inputs skipped or put in todo
+    try:
+        for path, name in files:
+            out = outdir / f"{name}.safetensors"
+            why = _redo_because(out, path, wanted)
+            with interrupts_held():  # an input is listed as skipped or is to do, never both nor neither
+                if why == "" and not overwrite:
+                    manifest.skipped(path, out)
+                else:
+                    todo.append((path, out))
+                    if why:
+                        other = _other_source(out) if why.startswith(ANOTHER_SOURCE) else None
+                        manifest.outdated(path, out, why, other)
+                checked += 1
+            if todo and todo[-1][1] is out:
+                if out.parent not in temporaries:  # each folder listed once: a glob per file is quadratic in a resume
+                    temporaries[out.parent] = _temporaries(out.parent)
+                for stale in temporaries[out.parent].pop(out.name, ()):
+                    (out.parent / stale).unlink(missing_ok=True)
+    except BaseException as e:
+        stopped = f"not encoded: the run stopped while checking outputs ({type(e).__name__}: {e})"
+        with interrupts_held():  # a second interrupt waits for the list to be complete
+            for path, out in [*todo, *((p, outdir / f"{n}.safetensors") for p, n in files[checked:])]:
+                manifest.not_encoded(path, out, stopped)
+        raise
     return todo
 
 
@@ -587,7 +604,7 @@ def _wanted(model: TiTok, mode: str, settings: ClipSettings, device: str | None 
     grid = "x".join(map(str, settings.grid))
     clips = dict(fps=settings.fps, tail=settings.tail, sampling=settings.sampling, tokens=settings.tokens, grid=grid)
     made = made_with(model, mode, settings, device=device)
-    return {"weights": model.weights_digest, "made_with": made, "clips": clips}
+    return {"weights": model.weights_digest, "config": model.config, "made_with": made, "clips": clips}
 
 
 def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) -> str | None:
@@ -603,8 +620,11 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
         return "not readable as a complete token file" if out.is_file() else None
     if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({done.weights_digest})"
+    differ = config_difference(done.model_config, wanted["config"])
+    if differ:
+        return f"made by another model ({differ})"
     if done.source != os.path.abspath(source):
-        return f"made from another source ({done.source!r})"
+        return f"{ANOTHER_SOURCE} ({done.source!r})"
     recorded, asked = done.made_with, wanted["made_with"]
     keys = [k for k in RESUME_KEYS if k in recorded or k in asked]
     was = {k: recorded.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
@@ -615,6 +635,15 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
     now.update(wanted["clips"])
     differ = [f"{k} {was[k]}, now {now[k]}" for k in was if was[k] != now[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
+
+
+ANOTHER_SOURCE = "made from another source"  # how _redo_because begins the reason of a token file of another video
+
+
+def _other_source(out: Path) -> str | None:
+    """The source the token file at ``out`` records (read again: a file of another video is rare)."""
+    done = try_load_tokens(out)
+    return None if done is None else done.source
 
 
 def _recorded(values: list):
@@ -710,12 +739,40 @@ def made_with(
 
 def decoded_chunks(engine: Engine, token_file: TokenFile) -> Iterator[torch.Tensor]:
     """The token file's chunks decoded one by one, in order, as ``engine.decode_stream`` returns them: each
-    [3, T, H, W] clamped to [-1, 1] on the CPU, the padded tail frames of the last chunk removed."""
-    grids = [tuple(g) for g in token_file.grids.tolist()]
-    last = len(grids) - 1
-    for i, chunk in engine.decode_stream(zip(range(len(grids)), token_file.all_indices(), grids, strict=True)):
+    [3, T, H, W] clamped to [-1, 1] on the CPU, the padded tail frames of the last chunk removed. Each chunk's
+    indices and grid are taken as the engine asks for them (a file may hold millions of chunks)."""
+    last = token_file.token_counts.numel() - 1
+    for i, chunk in engine.decode_stream(_chunk_items(token_file)):
         chunk = chunk.float().clamp(-1, 1).cpu()
         yield chunk[:, : token_file.last_chunk_frames] if i == last else chunk
+
+
+def _chunk_items(token_file: TokenFile) -> Iterator[tuple[int, torch.Tensor, tuple[int, int, int]]]:
+    """``(chunk number, indices, grid)`` of every chunk, one at a time."""
+    offsets, grids = token_file.offsets.numpy(), token_file.grids.numpy()
+    for i in range(len(grids)):
+        yield i, token_file.indices[offsets[i] : offsets[i + 1]].long(), tuple(grids[i].tolist())
+
+
+def check_decodable(engine: Engine, token_file: TokenFile, path: str | os.PathLike) -> None:
+    """Every chunk of ``token_file`` is one ``engine`` decodes: its grid a multiple of the patch within
+    :data:`~titok_fast.checks.MAX_GRID`, its packed rows (tokens + patches) within the engine's largest budget.
+    Checked for the whole file at once, before any chunk is decoded or its source read at that size (a stranger's
+    file of a few bytes may ask for any grid)."""
+    patch = torch.tensor(engine.model.config.patch_size)
+    grids = token_file.grids.long()
+    bad = ((grids % patch) != 0).any(1) | (grids > torch.tensor(MAX_GRID)).any(1)
+    if bool(bad.any()):
+        chunk = int(bad.int().argmax())
+        check_grids([grids[chunk].tolist()], 1, tuple(patch.tolist()), lambda _: f"chunk {chunk} of {path}")
+    rows = token_file.token_counts.long() + (grids // patch).prod(1)
+    largest = engine.budgets[-1]
+    if int(rows.max()) > largest:
+        chunk = int((rows > largest).int().argmax())
+        raise ValueError(
+            f"chunk {chunk} of {path} (grid {grids[chunk].tolist()}, {int(token_file.token_counts[chunk])} tokens) "
+            f"needs {int(rows[chunk])} packed rows (tokens + patches); the largest budget is {largest}"
+        )
 
 
 def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
@@ -751,12 +808,34 @@ def _beside_source(token_file: TokenFile, chunks: Iterator[torch.Tensor], scores
 
 
 def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLike) -> None:
-    """A token file decodes only with the weights that made it."""
+    """A token file decodes only with the weights and the model config that made it (the FSQ levels have no
+    weights: the same weights with other levels read other codes from the same indices)."""
     if token_file.weights_digest != model.weights_digest:
         raise ValueError(
             f"{path} was made by weights {token_file.weights_digest}, the loaded model is {model.weights_digest}; "
             "pass the right --checkpoint, or --force to decode anyway"
         )
+    differ = config_difference(token_file.model_config, model.config)
+    if differ:
+        raise ValueError(
+            f"{path} was made by another model config than the loaded one ({differ}); pass the right --config, "
+            "or --force to decode anyway"
+        )
+
+
+def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
+    """"" when the model config a token file records is ``config`` in what makes tokens (MODEL_FIELDS: patch,
+    FSQ levels, stack sizes), else one line saying what differs (or that it cannot be read)."""
+    try:
+        made_by = TiTokConfig.from_any(recorded)
+    except (ValueError, TypeError, KeyError) as e:
+        return f"its model config cannot be read: {_one_line(e)}"
+    differ = [(k, getattr(made_by, k), getattr(config, k)) for k in MODEL_FIELDS]
+    return "; ".join(f"{k} {_plain(a)}, now {_plain(b)}" for k, a, b in differ if a != b)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
@@ -812,11 +891,12 @@ def decode_files(
                 check_same_model(engine.model, token_file, path)
             if not token_file.token_counts.numel():
                 raise ValueError(f"{path} holds no chunks: nothing to decode")
+            check_decodable(engine, token_file, path)
             out.parent.mkdir(parents=True, exist_ok=True)
             chunks = decoded_chunks(engine, token_file)  # one chunk at a time: any length fits in memory
             if with_source:
                 chunks = _beside_source(token_file, chunks, file_scores)
-            with VideoWriter(out, token_file.fps) as writer:
+            with VideoWriter(out, max(token_file.fps, MIN_WRITE_FPS)) as writer:  # a slower one is not written
                 for chunk in chunks:
                     writer.write(chunk)
         except Exception as e:  # not only the errors foreseen: one file must never end the run
