@@ -599,12 +599,13 @@ class _EncodeJob:
 
 
 def _wanted(model: TiTok, mode: str, settings: ClipSettings, device: str | None = None) -> dict[str, Any]:
-    """What a token file must record to be kept: how it was made (:func:`made_with`, RESUME_KEYS) and the clip
-    settings, as :func:`_redo_because` compares them (worked out once per job, not per file)."""
+    """What a token file must record to be kept: the weights and model config, how it was made (:func:`made_with`,
+    RESUME_KEYS) and the clip settings, as :func:`_redo_because` compares them (worked out once per job, not per
+    file; "configs" keeps how each recorded model config compares, as it reads them)."""
     grid = "x".join(map(str, settings.grid))
     clips = dict(fps=settings.fps, tail=settings.tail, sampling=settings.sampling, tokens=settings.tokens, grid=grid)
     made = made_with(model, mode, settings, device=device)
-    return {"weights": model.weights_digest, "config": model.config, "made_with": made, "clips": clips}
+    return {"weights": model.weights_digest, "config": model.config, "configs": {}, "made_with": made, "clips": clips}
 
 
 def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) -> str | None:
@@ -620,9 +621,12 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
         return "not readable as a complete token file" if out.is_file() else None
     if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({done.weights_digest})"
-    differ = config_difference(done.model_config, wanted["config"])
-    if differ:
-        return f"made by another model ({differ})"
+    seen = wanted["configs"]  # recorded config -> how it differs: a dataset's files record one or a few
+    key = repr(done.model_config)
+    if key not in seen:
+        seen[key] = config_difference(done.model_config, wanted["config"])
+    if seen[key]:
+        return f"made by another model ({seen[key]})"
     if done.source != os.path.abspath(source):
         return f"{ANOTHER_SOURCE} ({done.source!r})"
     recorded, asked = done.made_with, wanted["made_with"]
