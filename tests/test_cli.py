@@ -320,6 +320,24 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     assert code == 2 and "would both write moving.mp4" in err
 
 
+def test_decode_looks_for_usable_weights_in_a_bounded_number_of_token_files(folder, tmp_path, capsys, monkeypatch):
+    """Token files that all name weights that cannot be had (a local file): decode says so after reading a few of
+    them, not the whole dataset."""
+    from titok_fast import cli, tokens
+    from titok_fast.tokens import save_tokens
+
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    local = dataclasses.replace(load_tokens(tmp_path / "moving.safetensors"), weights_digest="0123456789abcdef",
+                                weights_source="/weights/model.ckpt")  # fmt: skip
+    save_tokens(tmp_path / "local.safetensors", local)
+    reads, real = [], tokens.try_load_tokens
+    monkeypatch.setattr(tokens, "try_load_tokens", lambda path: reads.append(path) or real(path))
+    files = [(tmp_path / "local.safetensors", f"v{i}") for i in range(1000)]
+    with pytest.raises(ValueError, match=r"not trusted to name local files: pass --checkpoint$"):
+        cli._model_of_some_tokens(cli._naming_a_model(files), "cpu", torch.float32)
+    assert len(reads) == 1 + cli.MAX_FILES_WITHOUT_NEW_WEIGHTS
+
+
 def test_debug_flag_after_the_command_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         main(["encode", str(tmp_path / "missing.mp4"), "-o", str(tmp_path), "--debug"])

@@ -341,9 +341,9 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
 
 
 def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it_are_redone(model, sources, tmp_path):
-    """Sampling "time" reads timestamps to the nearest tick of the container's clock (video._due); files it made
-    before that rule was recorded may hold other picks, so a rerun redoes them. Upstream sampling records nothing
-    new: its files resume as before."""
+    """Sampling "time" takes a frame stamped up to half a millisecond after an instant as shown there (video._due);
+    files it made before that rule was recorded may hold other picks, so a rerun redoes them. Upstream sampling
+    records nothing new: its files resume as before."""
     engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
     timed = dataclasses.replace(SETTINGS, sampling="time")
 
@@ -351,19 +351,22 @@ def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it
         return encode_files(model, engine, [(sources["short"], "short")], tmp_path, settings, workers=1)
 
     assert run(SETTINGS).done and "time_sampling" not in load_tokens(out).made_with
-    assert run(timed).done and load_tokens(out).made_with["time_sampling"] == "nearest-tick"
+    assert run(timed).done and load_tokens(out).made_with["time_sampling"] == "ms-rounding"
     assert run(timed).skipped
     old = load_tokens(out)
     pipeline.save_tokens(out, dataclasses.replace(old, made_with={**old.made_with, "time_sampling": "exact"}))
     assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, timed)) == (
-        "made another way (time_sampling exact, now nearest-tick)"
+        "made another way (time_sampling exact, now ms-rounding)"
     )
     made = dict(old.made_with)
     del made["time_sampling"]
     pipeline.save_tokens(out, dataclasses.replace(old, made_with=made))  # as the code before the rule wrote it
     assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, timed)) == (
-        "made another way (time_sampling unrecorded, now nearest-tick)"
+        "made another way (time_sampling unrecorded, now ms-rounding)"
     )
+    with pytest.raises(ValueError, match="made by an earlier rule of sampling 'time': its source cannot be re-read"):
+        next(pipeline.source_chunks(load_tokens(out)))  # side by side, it would show other frames than it encoded
+    assert len(list(pipeline.source_chunks(old))) == len(old.grids)  # made with the rule: re-read as encoded
 
 
 def test_the_same_weights_with_other_fsq_levels_are_another_model(model, sources, tmp_path):
@@ -548,16 +551,27 @@ def test_resume_redoes_a_token_file_made_from_another_source_and_says_so(model, 
     assert [r["status"] for r in read_manifest(out, latest=True)] == ["not-encoded", "done"]
     again = run(second)
     assert again.skipped == [str(second)] and not again.done and not again.replaced
+    (tmp_path / "batch3").mkdir()
+    broken = tmp_path / "batch3" / "clip.mp4"
+    broken.write_bytes(b"not a video")
+    failed = run(broken)  # fails: the second video's tokens are moved aside, and its latest line says so
+    assert [p for p, _ in failed.failed] == [str(broken)] and (out / "clip.safetensors.outdated").exists()
+    latest = {r["source"]: r for r in read_manifest(out, latest=True)}
+    assert latest[str(second.resolve())]["status"] == "not-encoded"
+    assert latest[str(second.resolve())]["reason"] == (
+        f"{broken.resolve()}, which has the same output name, failed to replace them; the token file there, made "
+        f"from another source ({str(second.resolve())!r}), was moved to clip.safetensors.outdated"
+    )
 
 
-def test_a_run_stopped_while_checking_outputs_lists_every_input_it_did_not_skip(model, sources, tmp_path, monkeypatch):
-    """Checking a large dataset's outputs takes minutes: an interrupt then still leaves a manifest line for every
-    input, the ones checked so far skipped, every other one not encoded."""
+def test_a_run_stopped_while_checking_outputs_lists_what_it_found_to_do(model, sources, tmp_path, monkeypatch):
+    """Checking a large dataset's outputs takes minutes: an interrupt then lists the inputs found to do as not
+    encoded; those not checked yet keep the latest line they had (their token files may be complete)."""
     from titok_fast.manifest import read_manifest
 
-    files = [(sources[name], name) for name in ("short", "odd", "long", "black")]
+    files = [(sources[name], name) for name in ("short", "long", "odd", "black")]
     engine = Engine(model, max_clips=3)
-    assert encode_files(model, engine, files[:2], tmp_path, SETTINGS, workers=1).done
+    assert encode_files(model, engine, [files[0], files[3]], tmp_path, SETTINGS, workers=1).done
     redo_because, calls = pipeline._redo_because, []
 
     def stopped_at_the_third(*args):
@@ -571,7 +585,7 @@ def test_a_run_stopped_while_checking_outputs_lists_every_input_it_did_not_skip(
         encode_files(model, engine, files, tmp_path, SETTINGS, workers=1)
     rows = {Path(r["source"]).name: r for r in read_manifest(tmp_path, latest=True)}
     assert {name: r["status"] for name, r in rows.items()} == {
-        "short.mp4": "skipped", "odd.mkv": "skipped", "long.mp4": "not-encoded", "black.mp4": "not-encoded",
+        "short.mp4": "skipped", "long.mp4": "not-encoded", "black.mp4": "done",
     }  # fmt: skip
     assert rows["long.mp4"]["reason"] == "not encoded: the run stopped while checking outputs (KeyboardInterrupt: )"
 

@@ -130,13 +130,30 @@ def test_variable_frame_rate_uses_timestamps(files):
 
 @pytest.mark.parametrize(("source_fps", "fps"), [(24, 12), (30, 15), (30, 10)])
 @pytest.mark.parametrize("prune", [True, False], ids=["pruned", "every-frame"])
-def test_time_sampling_reads_millisecond_timestamps_to_the_nearest_tick(tmp_path, source_fps, fps, prune):
+def test_time_sampling_takes_millisecond_stamps_half_a_millisecond_late_as_on_time(tmp_path, source_fps, fps, prune):
     """Matroska stamps whole milliseconds: frame 2 of 30 fps, exactly on the instant 1/15 s (66.67 ms), is stamped
     67 ms, after it. It is still the frame shown there, as in an MP4 of the same frames."""
     for suffix in (".mkv", ".mp4"):
         path = videos.make_video(tmp_path / f"index{suffix}", source_fps, 32, 32, fps=source_fps, pattern="index")
         result = read_clips(str(path), frames=1, height=16, width=16, fps=fps, sampling="time", prune=prune)
         assert sampled_indices(result) == [k * source_fps // fps for k in range(fps)], suffix
+
+
+@pytest.mark.parametrize("fps", [10, 50])
+def test_time_sampling_on_a_clock_of_frame_periods_shows_no_frame_early(tmp_path, fps):
+    """An AVI stamps frame i as tick i of a 1/25 s clock, exactly: frame 3 (120 ms) is not shown at 100 ms, and at
+    50 fps each frame is shown twice, from its own time on."""
+    path = tmp_path / "index.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv444p"
+        for i in range(25):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(videos.pattern_frame("index", i, 32, 32), "rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].time_base == Fraction(1, 25)
+    result = read_clips(str(path), frames=1, height=16, width=16, fps=fps, sampling="time")
+    assert sampled_indices(result) == [k * 25 // fps for k in range(fps)]
 
 
 def test_one_frame_video(files):

@@ -25,6 +25,7 @@ from .files import STALL_SECONDS, interrupt, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
+MAX_FILES_WITHOUT_NEW_WEIGHTS = 64  # ... and it reads this many more files for other weights after the last new ones
 
 
 def _grid(text: str) -> tuple[int, int, int]:
@@ -142,7 +143,7 @@ def _model_of_some_tokens(token_metas, device, dtype):
     for token_meta in token_metas:
         try:
             return _model_of_tokens(token_meta, device, dtype)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # refused, or not to be had (a Hub file gone): the next file's, if any
             problems.append(e)
         if len(problems) == MAX_WEIGHTS_TRIED:
             break
@@ -280,18 +281,24 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def _naming_a_model(files):
     """The readable token files among ``files`` whose model config is one a model may be built from, one per
-    weights and config, read as they are asked for (the first usually names the model of all); at the end, a
-    ValueError saying that none could be used, with the first reason."""
+    weights and config, read as they are asked for (the first usually names the model of all), until
+    MAX_FILES_WITHOUT_NEW_WEIGHTS files in a row name none other; at the end, if none did, a ValueError saying
+    so, with the first reason."""
     from .tokens import try_load_tokens
 
     unusable, seen = "", set()  # the first file read whose model could not be built (decode_files fails them alone)
+    since_new = 0  # files read since the last new weights and config: a dataset's files usually all name the same
     for path, _ in files:
+        if seen and since_new == MAX_FILES_WITHOUT_NEW_WEIGHTS:
+            return
+        since_new += 1
         token_file = try_load_tokens(path)
         problem = "" if token_file is None else _model_config_problem(token_file)
         if token_file is not None and not problem:
             key = (token_file.weights_digest, token_file.weights_source, repr(token_file.model_config))
             if key not in seen:
                 seen.add(key)
+                since_new = 0
                 yield token_file
         unusable = unusable or (f" ({path}: {problem})" if problem else "")
     if not seen:
@@ -625,7 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output folder for mp4 files")
     p.add_argument("--side-by-side", action="store_true", help="put the source video left of the reconstruction")
-    p.add_argument("--force", action="store_true", help="decode even if the token file came from other weights")
+    p.add_argument(
+        "--force", action="store_true", help="decode even if the token file came from other weights or model config"
+    )
     p.add_argument("--overwrite", action="store_true", help="rewrite mp4 files that already exist")
     _add_model_args(p)
     p.set_defaults(run=cmd_decode)

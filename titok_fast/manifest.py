@@ -7,9 +7,9 @@ absolute), ``clips`` (clips encoded; 0 unless done), ``status`` ("done", "skippe
 was written, UTC, ISO 8601). A done line whose token file replaced one made otherwise (from another source, by
 other weights or with other settings) says how in ``replaced``; when it was made from another source (another video
 of the same output name), a not-encoded line for that source follows, so its latest line no longer points at
-tokens that are not its own. The Ray command adds ``decoded_by`` and
-``encoded_by`` ("host:pid" of the workers). Lines written before ``time`` was added lack it, and may name paths as
-they were given.
+tokens that are not its own (as after a failed line, when the token file there was moved aside). The Ray command
+adds ``decoded_by`` and ``encoded_by`` ("host:pid" of the workers). Lines written before ``time`` was added lack
+it, and may name paths as they were given.
 
 Jobs append to the manifest, each line in one write to a file opened for appending, so jobs sharing an output
 folder (one per GPU, on disjoint inputs) never cut each other's lines; a resumed job lists the inputs it skips,
@@ -88,11 +88,15 @@ class Manifest:
             self._line(other_source, tokens, "not-encoded", reason=reason)
 
     def failed(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str, **extra: Any) -> None:
-        why, _ = self._outdated.pop(str(tokens), (None, None))
-        if why is not None:
-            reason = f"{reason}; {_set_aside(Path(tokens), why)}"
+        why, other_source = self._outdated.pop(str(tokens), (None, None))
+        aside = "" if why is None else _set_aside(Path(tokens), why)
+        if aside:
+            reason = f"{reason}; {aside}"
         self.summary.failed.append((str(source), reason))
         self._line(source, tokens, "failed", reason=reason, **extra)
+        if other_source is not None:  # its latest line must no longer say its tokens are there
+            displaced = f"{os.path.abspath(source)}, which has the same output name, failed to replace them; {aside}"
+            self._line(other_source, tokens, "not-encoded", reason=displaced)
 
     def not_encoded(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str) -> None:
         """An input the job never settled (it stopped first); counted as failed in the summary. A token file made

@@ -328,13 +328,13 @@ def plan_outputs(
     manifest as skipped (unless ``overwrite``). A token file to redo that was made otherwise goes to the manifest
     as outdated, with what differs: replacing it, or moving it aside if its input fails, is said. Temporary files
     that a killed run left beside a token file to redo are removed. Gives the model its weights digest if unset.
-    Stopped midway (checking a large dataset's outputs takes minutes), it lists every input it did not skip as not
-    encoded before it lets the interrupt go on, as the run does with those it has not settled."""
+    Stopped midway (checking a large dataset's outputs takes minutes), it lists the inputs it found to do as not
+    encoded before it lets the interrupt go on, as the run does with those it has not settled; those it had not
+    checked yet keep the latest line they had (their token files may be complete)."""
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo, wanted = [], _wanted(model, mode, settings, device)
     temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporary files, by token file name
-    checked = 0  # inputs skipped or put in todo
     try:
         for path, name in files:
             out = outdir / f"{name}.safetensors"
@@ -347,7 +347,6 @@ def plan_outputs(
                     if why:
                         other = _other_source(out) if why.startswith(ANOTHER_SOURCE) else None
                         manifest.outdated(path, out, why, other)
-                checked += 1
             if todo and todo[-1][1] is out:
                 if out.parent not in temporaries:  # each folder listed once: a glob per file is quadratic in a resume
                     temporaries[out.parent] = _temporaries(out.parent)
@@ -356,7 +355,7 @@ def plan_outputs(
     except BaseException as e:
         stopped = f"not encoded: the run stopped while checking outputs ({type(e).__name__}: {e})"
         with interrupts_held():  # a second interrupt waits for the list to be complete
-            for path, out in [*todo, *((p, outdir / f"{n}.safetensors") for p, n in files[checked:])]:
+            for path, out in todo:
                 manifest.not_encoded(path, out, stopped)
         raise
     return todo
@@ -619,16 +618,19 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
     done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
     if done is None:
         return "not readable as a complete token file" if out.is_file() else None
+    if done.source != os.path.abspath(source):  # first: whatever else differs, it is another video's
+        return f"{ANOTHER_SOURCE} ({_brief(done.source)!r})"
     if done.weights_digest != wanted["weights"]:
-        return f"made by other weights ({done.weights_digest})"
+        return f"made by other weights ({_brief(done.weights_digest)})"
     seen = wanted["configs"]  # recorded config -> how it differs: a dataset's files record one or a few
     key = repr(done.model_config)
-    if key not in seen:
-        seen[key] = config_difference(done.model_config, wanted["config"])
-    if seen[key]:
-        return f"made by another model ({seen[key]})"
-    if done.source != os.path.abspath(source):
-        return f"{ANOTHER_SOURCE} ({done.source!r})"
+    differ = seen.get(key)
+    if differ is None:
+        differ = config_difference(done.model_config, wanted["config"])
+        if len(seen) < MAX_CONFIGS_KEPT and len(key) <= MAX_CONFIG_KEY:  # a stranger's files may each have another
+            seen[key] = differ
+    if differ:
+        return f"made by another model ({differ})"
     recorded, asked = done.made_with, wanted["made_with"]
     keys = [k for k in RESUME_KEYS if k in recorded or k in asked]
     was = {k: recorded.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
@@ -637,11 +639,17 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(done.token_counts.tolist()),
                grid=_recorded(grids))  # fmt: skip
     now.update(wanted["clips"])
-    differ = [f"{k} {was[k]}, now {now[k]}" for k in was if was[k] != now[k]]
+    differ = [f"{k} {_brief(str(was[k]), 200)}, now {now[k]}" for k in was if was[k] != now[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
 
 
 ANOTHER_SOURCE = "made from another source"  # how _redo_because begins the reason of a token file of another video
+MAX_CONFIGS_KEPT, MAX_CONFIG_KEY = 64, 4096  # _redo_because keeps how this many recorded configs compare, if short
+
+
+def _brief(text: str, limit: int = 1024) -> str:
+    """``text`` for a message, cut to ``limit`` characters: what a token file records may be a MiB long."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _other_source(out: Path) -> str | None:
@@ -786,6 +794,11 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     if not wanted:
         raise ValueError("the token file holds no chunks: no source chunk to show beside them")
     t, h, w = token_file.grids[0].tolist()
+    if token_file.sampling == "time" and token_file.made_with.get("time_sampling") != TIME_SAMPLING:
+        raise ValueError(
+            "the token file was made by an earlier rule of sampling 'time': its source cannot be re-read as it was "
+            "(decode it without the source, or encode it again)"
+        )
     if not os.path.isfile(token_file.source):  # a path from the file: never a device, FIFO or folder
         raise ValueError(f"the source {token_file.source!r} the token file names is not a regular file here")
     reader = ClipReader(
@@ -833,7 +846,7 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
     try:
         made_by = TiTokConfig.from_any(recorded)
     except (ValueError, TypeError, KeyError) as e:
-        return f"its model config cannot be read: {_one_line(e)}"
+        return f"its model config cannot be read: {_brief(_one_line(e))}"
     differ = [(k, getattr(made_by, k), getattr(config, k)) for k in MODEL_FIELDS]
     return "; ".join(f"{k} {_plain(a)}, now {_plain(b)}" for k, a, b in differ if a != b)
 

@@ -65,7 +65,8 @@ CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frame
 
 # How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
 # Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
-# used), device, dtype, backend, mode. Resumed runs compare them, so files made different ways never mix.
+# used), device, dtype, backend, mode, and precision, rotation and time_sampling where they apply. Resumed runs
+# compare them, so files made different ways never mix.
 MADE_WITH_KEY = "made_with"
 
 
@@ -79,8 +80,8 @@ class TokenFile:
 
     indices: [total] int16, all chunks' indices concatenated, each in [0, codebook_size)
     token_counts: [chunks] int32, tokens of each chunk (>= 1); at least one chunk
-    grids: [chunks, 3] int32, pixel (T, H, W) of each chunk (> 0)
-    start_times: [chunks] float64, start of each chunk in seconds
+    grids: [chunks, 3] int32, pixel (T, H, W) of each chunk (> 0; T is frames_per_chunk, a last chunk padded)
+    start_times: [chunks] float64, start of each chunk in seconds (finite, >= 0, non-decreasing)
     model_config: JSON-serialisable dict describing the model (tuples come back from a file as lists)
     weights_digest: identifies the weights that produced the indices
     fps: frame rate the video was sampled at, in (0, MAX_FPS]
@@ -91,7 +92,7 @@ class TokenFile:
     weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
         weights, "" if unknown or random
     made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; precision and
-        rotation when not the default); {} if unknown
+        rotation when not the default; time_sampling with sampling "time"); {} if unknown
     """
 
     indices: torch.Tensor
@@ -282,14 +283,17 @@ def _check_fields(where: str, values: dict[str, Any], fields: dict[str, tuple[ty
 def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
     if isinstance(value, bool) or not isinstance(value, types):
         expected = " or ".join(t.__name__ for t in types)
-        raise TokenFileError(f"field {name!r} must be {expected}; got {type(value).__name__} {value!r}")
+        raise TokenFileError(f"field {name!r} must be {expected}; got {type(value).__name__} {reprlib.repr(value)}")
 
 
 def _check_made_with(made_with: Any) -> None:
     _check_type(MADE_WITH_KEY, made_with, (dict,))
     for name, value in made_with.items():
         if not isinstance(value, str):
-            raise TokenFileError(f"{MADE_WITH_KEY} field {name!r} must be str; got {type(value).__name__} {value!r}")
+            raise TokenFileError(
+                f"{MADE_WITH_KEY} field {reprlib.repr(name)} must be str; got {type(value).__name__} "
+                f"{reprlib.repr(value)}"
+            )
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
@@ -365,7 +369,7 @@ def _check_token_file(tf: TokenFile) -> None:
     if not 0 < tf.fps <= MAX_FPS:  # also refuses NaN and infinity
         raise TokenFileError(f"fps must be in (0, {MAX_FPS:g}]; got {tf.fps}")
     if tf.tail not in TAIL_POLICIES:
-        raise TokenFileError(f"tail must be one of {TAIL_POLICIES}; got {tf.tail!r}")
+        raise TokenFileError(f"tail must be one of {TAIL_POLICIES}; got {reprlib.repr(tf.tail)}")
     if not 1 <= tf.last_chunk_frames <= tf.frames_per_chunk:
         raise TokenFileError(
             f"last_chunk_frames must be in [1, frames_per_chunk = {tf.frames_per_chunk}]; got {tf.last_chunk_frames}"

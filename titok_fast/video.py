@@ -5,8 +5,8 @@ Reading reproduces the upstream notebook (DESIGN.md section 8) exactly, so the s
   the container's average rate), and its T frames are the source frames numpy.linspace(first, last, T, int)
   picks; whole chunks only, like upstream (tail="pad" keeps the last partial chunk, padded).
 - sampling="time": the stream is resampled by presentation time instead (output frame k is the last source
-  frame shown at or before k / fps, that instant rounded to the container's clock), which is right for variable
-  frame rate, then cut into chunks of T frames.
+  frame shown at or before k / fps, a frame stamped up to half a millisecond after it included: Matroska and FLV
+  round stamps to milliseconds), which is right for variable frame rate, then cut into chunks of T frames.
 Each sampled frame is resized in float32, as torchvision's Resize(max(H, W), bicubic, antialias) does on the
 float tensor upstream builds (short side to max(H, W), long side truncated, no clamping), center-cropped as
 torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in the model's dtype when
@@ -275,9 +275,9 @@ class ClipReader:
                 needed[count // length * length :] = False
             return needed
         # _resample: frame i shows output frames _due(t_i) .. _due(t_(i+1)) - 1; the last always shows
-        rate = Fraction(self.fps) * time_base
+        rate, slack = _clock(self.fps, time_base)
         first = int(order[0])
-        due = [_due(int(pts) - first, rate) for pts in order]
+        due = [_due(int(pts) - first, rate, slack) for pts in order]
         return np.array([a < b for a, b in itertools.pairwise(due)] + [True])
 
     def _resized(self, rgb: Callable[[object], torch.Tensor], frame) -> torch.Tensor:
@@ -873,46 +873,52 @@ def _open(path: str) -> av.container.InputContainer:
 
 
 def _resample(path: str, decoded: Iterable, fps: float, image: Callable) -> Iterator[torch.Tensor]:
-    """Frame k of the output, ``image(frame)``, is the last decoded frame at or before k / fps (see the header), an
-    instant read on the container's clock (:func:`_due`). ``decoded``: (index, frame) pairs; frames a pruned decoder
-    left out show no output frame, so they change nothing.
+    """Frame k of the output, ``image(frame)``, is the last decoded frame at or before k / fps (see the header),
+    as :func:`_due` reads stamps. ``decoded``: (index, frame) pairs; frames a pruned decoder left out show no output
+    frame, so they change nothing.
 
     Times are counted in the stream's time base from the first frame; a frame whose time does not advance is
     skipped.
     """
     emitted = 0  # output frames so far
-    first = held = held_ticks = rate = None
+    first = held = held_ticks = rate = slack = None
     for _, frame in decoded:
         if frame.pts is None:
             raise VideoError(f"{path}: a video frame has no presentation timestamp")
         if first is None:
-            first, rate = frame.pts, Fraction(fps) * frame.time_base
+            first, (rate, slack) = frame.pts, _clock(fps, frame.time_base)
         ticks = frame.pts - first
         if held is not None:
             if ticks <= held_ticks:
                 continue
-            stop = _due(ticks, rate)  # output frames due before this frame show the held frame
+            stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
             yield from _repeat(held, stop - emitted, image)
             emitted = stop
         held, held_ticks = frame, ticks
     if held is not None:
-        # the last frame shows until its end, or only at the instant its own time stands for when its duration is
-        # unknown
-        stop = max(_due(held_ticks + (held.duration or 0), rate), math.floor((held_ticks + _HALF_TICK) * rate) + 1)
-        yield from _repeat(held, stop - emitted, image)
+        # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
+        # its own time (as if the next frame came twice the slack after it)
+        end = max(held_ticks + (held.duration or 0), held_ticks + 2 * slack)
+        yield from _repeat(held, _due(end, rate, slack) - emitted, image)
 
 
-_HALF_TICK = Fraction(1, 2)
-TIME_SAMPLING = "nearest-tick"  # the rule _due follows: token files made with sampling "time" record it
+TIME_SAMPLING = "ms-rounding"  # the rule _due follows: token files made with sampling "time" record it
+STAMP_ROUNDING = Fraction(1, 2000)  # seconds: Matroska and FLV stamp whole milliseconds, off by up to half of one
 
 
-def _due(ticks: int, rate: Fraction) -> int:
-    """The first output frame that a frame ``ticks`` time-base units after the first one shows (``rate``: output
-    frames per tick). Output frame k, due at k / fps, shows the last frame stamped at or before that instant read
-    on the container's clock, rounded to its nearest tick: Matroska and FLV stamp whole milliseconds, so a frame
-    exactly on an instant (24 fps sampled at 12 fps) is often stamped up to half a millisecond after it. On a fine
-    clock (MP4's) this changes nothing but frames within half a tick of an instant."""
-    return max(0, math.ceil((ticks - _HALF_TICK) * rate))
+def _clock(fps: float, time_base: Fraction) -> tuple[Fraction, Fraction]:
+    """(output frames per tick, slack in ticks) of a stream with this time base, for :func:`_due`: the slack is
+    half a millisecond, or half a tick on a clock finer than a millisecond (a stamp is off by at most that)."""
+    return Fraction(fps) * time_base, min(Fraction(1, 2), STAMP_ROUNDING / time_base)
+
+
+def _due(ticks: int | Fraction, rate: Fraction, slack: Fraction) -> int:
+    """The first output frame that a frame ``ticks`` time-base units after the first one shows (``rate``, ``slack``:
+    :func:`_clock`). Output frame k, due at k / fps, shows the last frame stamped at or before that instant, a
+    frame stamped up to ``slack`` after it included: Matroska and FLV stamp whole milliseconds, so a frame exactly
+    on an instant (24 fps sampled at 12 fps) is often stamped up to half a millisecond after it. A clock coarser
+    than a millisecond (AVI's 1/25 s) stamps frames exactly and keeps the half-millisecond slack."""
+    return max(0, math.ceil((ticks - slack) * rate))
 
 
 def _repeat(frame, count: int, image: Callable) -> Iterator[torch.Tensor]:
