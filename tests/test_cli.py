@@ -159,11 +159,26 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--ray-gpus-per-actor", "0"], "argument --ray-gpus-per-actor: 0 must be > 0"),
         (["--ray-cpus-per-decode", "nan"], "argument --ray-cpus-per-decode: nan must be > 0"),
         (["--ray-retries", "-1"], "argument --ray-retries: -1 must be >= 0"),
+        (["--fps", "0"], "argument --fps: 0 must be in (0, 1000]"),
+        (["--fps", "nan"], "argument --fps: nan must be in (0, 1000]"),
+        (["--random-weights", "-5"], "argument --random-weights: -5 must be in [0, 999999999999999999]"),
+        (["--random-weights", "1" + "0" * 18], "argument --random-weights: 1000000000000000000 must be in [0, "),
+        (["--workers", "100000"], "argument --workers: 100000 must be in [1, 1024]"),
+        (["--ray", ""], "argument --ray: must not be empty"),
+        (["-o", ""], "argument -o/--output: must not be empty"),
+        (["-o", str(folder / "moving.mp4")], f"argument -o/--output: {folder / 'moving.mp4'} is a file; expected a "
+         "folder"),
     ]:
         with pytest.raises(SystemExit) as e:
             main(["encode", str(folder / "moving.mp4"), "-o", str(out), "--ray", "local", *options])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_measures_a_token_count_given_twice_once():
+    from titok_fast.cli import _counts
+
+    assert _counts("8,4,8") == [8, 4]  # summed twice, its PSNR and SSIM came out doubled
 
 
 @pytest.mark.parametrize("command", ["encode", "decode", "eval", "convert", "bench", "demo"])

@@ -42,7 +42,45 @@ def _counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"token counts {text!r} must be integers like 128,256,1024") from None
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"token counts {text!r} must be integers >= 1")
-    return counts
+    return list(dict.fromkeys(counts))  # each once: a count given twice is measured once
+
+
+def _int_between(least: int, most: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text} must be in [{least}, {most}]")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value"
+    return parse
+
+
+def _fps(text: str) -> float:
+    from .video import MAX_FPS
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= MAX_FPS:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, {MAX_FPS:g}]")
+    return value
+
+
+def _folder(text: str) -> str:
+    """An output folder: given (not ""), and not an existing file (it is made if need be)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (the current folder is '.')")
+    if os.path.lexists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file; expected a folder")
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _int_at_least(least: int) -> Callable[[str], int]:
@@ -57,6 +95,8 @@ def _int_at_least(least: int) -> Callable[[str], int]:
 
 
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
+MAX_WORKERS = 1024  # decoding threads or processes: more than any machine's cores
+MAX_SEED = 10**18 - 1  # --random-weights: token files record the seed in at most 18 digits (loading.random_seed)
 
 
 # --ray-* options: None when not given (they apply only with --ray), these values when --ray is used
@@ -491,7 +531,10 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) ->
         "Hub id, v1 for a .ckpt, tiny for random weights",
     )
     if not random_default:
-        p.add_argument("--random-weights", type=int, metavar="SEED", help="use random weights (to try the pipeline)")
+        p.add_argument(
+            "--random-weights", type=_int_between(0, MAX_SEED), metavar="SEED",
+            help="use random weights (to try the pipeline)",
+        )  # fmt: skip
     p.add_argument("--device", type=_device_name, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument(
@@ -519,7 +562,7 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
     p.add_argument("--grid", type=_grid, default=None, help="clip size TxHxW, e.g. 20x192x192 (default: config)")
     if tokens:
         p.add_argument("--tokens", type=_positive, default=256, help="latent tokens per clip (default 256)")
-    p.add_argument("--fps", type=float, default=8.0, help="frames per second sampled from the video (default 8)")
+    p.add_argument("--fps", type=_fps, default=8.0, help="frames per second sampled from the video (default 8)")
     p.add_argument(
         "--tail",
         choices=("drop", "pad"),
@@ -541,7 +584,10 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         "container says to show them (phone videos are often stored sideways), by quarter turns; a file whose "
         "display matrix mirrors or turns by another angle fails (default stored)",
     )
-    p.add_argument("--workers", type=_positive, default=None, help="video decoding workers (default: one per CPU core)")
+    p.add_argument(
+        "--workers", type=_int_between(1, MAX_WORKERS), default=None,
+        help="video decoding workers (default: one per CPU core)",
+    )  # fmt: skip
 
 
 def _add_stall_arg(p: argparse.ArgumentParser) -> None:
@@ -583,9 +629,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray cluster (pip install 'titok-fast[ray]'; inputs and outputs on a shared filesystem)")
     ray.add_argument(
-        "--ray", metavar="CLUSTER", help="encode on a Ray cluster: local (start one here), auto (join the running "
-        "one) or its ADDRESS; decoding runs on CPU workers, the model on --ray-actors actors (on GPUs unless --device "
-        "cpu)",
+        "--ray", metavar="CLUSTER", type=_non_empty,
+        help="encode on a Ray cluster: local (start one here), auto (join the running one) or its ADDRESS; decoding "
+        "runs on CPU workers, the model on --ray-actors actors (on GPUs unless --device cpu)",
     )  # fmt: skip
     ray.add_argument("--ray-actors", type=_positive, help="encode actors (default: one per --ray-gpus-per-actor GPUs)")
     ray.add_argument("--ray-gpus-per-actor", type=_positive_float, help="GPUs per encode actor (default 1)")
@@ -613,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="video files -> token files (.safetensors), resumable")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders (recursive) or .txt path lists")
-    p.add_argument("-o", "--output", required=True, help="output folder for token files")
+    p.add_argument("-o", "--output", type=_folder, required=True, help="output folder for token files")
     p.add_argument("--overwrite", action="store_true", help="re-encode files whose token file is already complete")
     p.add_argument(
         "--shard", type=_shard, metavar="K/N", help="encode only shard K of N (0 <= K < N) of the inputs, chosen by "
@@ -630,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens", nargs="+", metavar="TOKENS",
         help="token files written by encode, or folders of them (recursive; the folder structure is kept)",
     )  # fmt: skip
-    p.add_argument("-o", "--output", required=True, help="output folder for mp4 files")
+    p.add_argument("-o", "--output", type=_folder, required=True, help="output folder for mp4 files")
     p.add_argument("--side-by-side", action="store_true", help="put the source video left of the reconstruction")
     p.add_argument(
         "--force", action="store_true", help="decode even if the token file came from other weights or model config"
@@ -671,7 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample video -> tokens -> side-by-side mp4 and PSNR; V1 weights (16x192x192, 256 tokens), or random "
         "weights on the tiny config (8x64x96, 128 tokens) when V1 is not cached and the Hub cannot be reached",
     )
-    p.add_argument("-o", "--output", default="titok-fast-demo", help="output folder (default titok-fast-demo)")
+    p.add_argument(
+        "-o", "--output", type=_folder, default="titok-fast-demo", help="output folder (default titok-fast-demo)"
+    )
     _add_model_args(p, random_default=True)
     _add_clip_args(p)
     p.set_defaults(run=cmd_demo, tokens=None, workers=1)

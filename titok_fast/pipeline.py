@@ -955,6 +955,7 @@ def evaluate(
     ``per_file``, if given, receives each complete file's own sums: {path: {n: {"psnr": sum, "ssim": sum,
     "clips": clips}}}."""
     workers = workers or default_workers()
+    token_counts = list(dict.fromkeys(token_counts))  # a count given twice is measured once (not summed twice)
     summary = Summary()
     start = time.perf_counter()
     sums: dict[int, dict[int, list[float]]] = {}  # file number -> {n: [PSNR sum, SSIM sum]} over its scored clips
