@@ -303,6 +303,72 @@ def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path)
     assert not (tmp_path / MANIFEST_NAME).exists()  # nothing was started
 
 
+def test_a_job_the_local_cluster_has_no_room_for_is_refused_with_its_inputs_listed(videos, cluster, tmp_path):
+    """Ray would wait for ever for CPUs that a local cluster never gets: refused in one line, each input listed as
+    not encoded."""
+    files = collect_inputs([videos["good"]])
+    cases = {
+        "actors": (dict(actors=2), "2 encode actors of 1 CPUs leave no room for a decode task of 1 on the cluster's "
+                                   "2 CPUs"),
+        "decode": (dict(cpus_per_decode=100), "a decode task asks for 100 CPUs (--ray-cpus-per-decode); no node has "
+                                              "more than 2"),
+        "actor": (dict(cpus_per_actor=3), "an encode actor asks for 3 CPUs and 0 GPUs"),
+    }  # fmt: skip
+    for name, (kwargs, message) in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            encode_dataset(LOAD(), files, tmp_path / name, SETTINGS, device="cpu", **kwargs)
+        rows = read_manifest(tmp_path / name / MANIFEST_NAME)
+        assert len(rows) == len(GOOD) and {r["status"] for r in rows} == {"not-encoded"}
+        assert rows[0]["reason"].startswith(f"not encoded: the run stopped (ValueError: {message}")
+
+
+def test_a_joined_cluster_without_room_yet_is_waited_for_with_a_warning(capsys):
+    """A cluster the job joins may grow (an autoscaler adds nodes): it is told, not refused."""
+    from titok_fast import distributed
+
+    class Ray:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+
+    distributed._check_resources(Ray(), "auto", 2, 1.0, 0.0, 1.0)
+    assert capsys.readouterr().err == (
+        "titok-fast: 2 encode actors of 1 CPUs leave no room for a decode task of 1 on the cluster's 2 CPUs "
+        "(--ray-actors, --ray-cpus-per-actor, --ray-cpus-per-decode); the job waits until the cluster has room\n"
+    )
+    distributed._check_resources(Ray(), "local", 1, 1.0, 0.0, 1.0)  # room: nothing said
+    assert capsys.readouterr().err == ""
+
+
+def test_a_sigterm_while_ray_starts_is_the_commands_and_lists_every_input(videos, tmp_path, monkeypatch):
+    """ray.init puts its own SIGTERM handler (sys.exit) in place while it starts: a SIGTERM then must still do what
+    the command's handler does (here: raise Stopped), and leave every input listed as not encoded."""
+    ray = pytest.importorskip("ray")
+
+    class Stopped(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stopped
+
+    def init(**kwargs):
+        raise SystemExit(signal.SIGTERM)  # what Ray's handler does with a SIGTERM during start-up
+
+    shutdowns = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))  # not the module's cluster
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Stopped):
+            encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu")
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rows = read_manifest(tmp_path / MANIFEST_NAME)
+    assert len(rows) == len(GOOD) and {r["status"] for r in rows} == {"not-encoded"} and shutdowns
+
+
 def test_shards_on_ray_and_on_one_machine_make_the_token_files_of_one_run(runs, videos, cluster, tmp_path, capsys):
     """--shard applies to --ray jobs too: shard 0 of 2 on the cluster and shard 1 on one machine, into one folder,
     write byte for byte the token files of one unsharded run, each shard listed in its own manifest."""

@@ -34,6 +34,7 @@ import queue
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -418,30 +419,88 @@ def encode_dataset(
     summary = Summary()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)
-        if todo:
-            load_model = model_loader(model) if load_model is None else load_model
-            with _ray_session(ray_address) as ray, _data_context(settings, model.dtype):
-                gpus = ray.cluster_resources().get("GPU", 0)
-                if device != "cpu" and gpus == 0:
-                    raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
-                actors = actors or (1 if device == "cpu" else max(1, int(gpus // gpus_per_actor)))
-                job = functools.partial(
-                    _dataset, ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
-                    actors=actors, gpus_per_actor=gpus_per_actor if device != "cpu" else 0,
-                    cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode, decode_retries=decode_retries,
-                    actor_restarts=actor_restarts, stall_seconds=stall_seconds, hooks=hooks,
-                )  # fmt: skip
-                assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
-                shared = len(todo) > MAX_DECODE_TASKS
-                with assembly.bar:
-                    with job() as run:
-                        _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not shared)
-                    lost = [number for number, state in assembly.files.items() if not state.ended]
-                    if lost:  # decode tasks of several files that failed for good: each file is tried alone now
-                        with job(numbers=lost) as run:
-                            _collect(run, assembly, decode_retries, actor_restarts)
+        try:
+            if todo:
+                load_model = model_loader(model) if load_model is None else load_model
+                _run_job(ray_address, load_model, model, settings, todo, manifest, device=device, mode=mode,
+                         batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                         cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode,
+                         decode_retries=decode_retries, actor_restarts=actor_restarts, stall_seconds=stall_seconds,
+                         hooks=hooks)  # fmt: skip
+        except BaseException as e:  # stopped before the job (starting Ray, a cluster too small) or during it
+            stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
+            settled = {*summary.done, *(path for path, _ in summary.failed)}
+            for path, out in todo:
+                if str(path) not in settled:
+                    manifest.not_encoded(path, out, stopped)
+            raise
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _run_job(ray_address, load_model, model, settings, todo, manifest, *, device, mode, batch_size, actors,
+             gpus_per_actor, cpus_per_actor, cpus_per_decode, decode_retries, actor_restarts, stall_seconds,
+             hooks) -> None:  # fmt: skip
+    """The Ray part of :func:`encode_dataset`: its files ``todo`` encoded, each outcome in ``manifest``."""
+    with _ray_session(ray_address) as ray, _data_context(settings, model.dtype):
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if device != "cpu" and gpus == 0:
+            raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
+        actors = actors or (1 if device == "cpu" else max(1, int(gpus // gpus_per_actor)))
+        _check_resources(ray, ray_address, actors, cpus_per_actor, gpus_per_actor if device != "cpu" else 0,
+                         cpus_per_decode)  # fmt: skip
+        job = functools.partial(
+            _dataset, ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
+            actors=actors, gpus_per_actor=gpus_per_actor if device != "cpu" else 0,
+            cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode, decode_retries=decode_retries,
+            actor_restarts=actor_restarts, stall_seconds=stall_seconds, hooks=hooks,
+        )  # fmt: skip
+        assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
+        shared = len(todo) > MAX_DECODE_TASKS
+        with assembly.bar:
+            with job() as run:
+                _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not shared)
+            lost = [number for number, state in assembly.files.items() if not state.ended]
+            if lost:  # decode tasks of several files that failed for good: each file is tried alone now
+                with job(numbers=lost) as run:
+                    _collect(run, assembly, decode_retries, actor_restarts)
+
+
+def _check_resources(ray, address: str, actors: int, cpus_per_actor: float, gpus_per_actor: float,
+                     cpus_per_decode: float) -> None:  # fmt: skip
+    """The job's actors and one decode task fit the cluster: on a cluster it starts ("local"), which will not grow,
+    anything else is a ValueError (Ray would wait for ever); on one it joins, a one-line warning (an autoscaling
+    cluster may grow)."""
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    cpus, gpus = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
+    node_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    node_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+    problem = ""
+    if cpus_per_decode > node_cpus:
+        problem = (
+            f"a decode task asks for {cpus_per_decode:g} CPUs (--ray-cpus-per-decode); no node has more than "
+            f"{node_cpus:g}"
+        )
+    elif cpus_per_actor > node_cpus or gpus_per_actor > node_gpus:
+        problem = (
+            f"an encode actor asks for {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs (--ray-cpus-per-actor, "
+            f"--ray-gpus-per-actor); no node has more than {node_cpus:g} CPUs and {node_gpus:g} GPUs"
+        )
+    elif actors * gpus_per_actor > gpus:
+        problem = (
+            f"{actors} encode actors of {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g}; the cluster has "
+            f"{gpus:g} (--ray-actors, --ray-gpus-per-actor)"
+        )
+    elif actors * cpus_per_actor + cpus_per_decode > cpus:
+        problem = (
+            f"{actors} encode actors of {cpus_per_actor:g} CPUs leave no room for a decode task of "
+            f"{cpus_per_decode:g} on the cluster's {cpus:g} CPUs (--ray-actors, --ray-cpus-per-actor, "
+            "--ray-cpus-per-decode)"
+        )
+    if problem and address == "local":
+        raise ValueError(f"{problem}: the job could never run")
+    if problem:
+        print(f"titok-fast: {problem}; the job waits until the cluster has room", file=sys.stderr)
 
 
 def model_loader(model: TiTok) -> Callable[..., TiTok]:
@@ -711,9 +770,18 @@ class _ray_session:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reporting
             local = dict(include_dashboard=False) if self.address == "local" else {}
             handler = signal.getsignal(signal.SIGTERM)  # ray.init puts its own (sys.exit); the caller's is kept
-            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
-            if handler is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, handler)
+            main = threading.current_thread() is threading.main_thread()
+            try:
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
+            except SystemExit as e:  # Ray's handler took a SIGTERM during start-up: do what the caller's does
+                ray.shutdown()
+                if main and e.code == signal.SIGTERM and callable(handler):
+                    signal.signal(signal.SIGTERM, handler)
+                    handler(signal.SIGTERM, None)
+                raise
+            finally:
+                if handler is not None and main:
+                    signal.signal(signal.SIGTERM, handler)
             self.connected = True
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures are reported as rows, once
         return ray
