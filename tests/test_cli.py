@@ -137,6 +137,9 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
          "packed rows (tokens + patches); the engine takes at most 65536 per clip"),
         (["--mode", "compile", "--grid", "4x32x32", "--tokens", "20000"], "--grid 4x32x32 --tokens 20000: a clip "
          "would need 20016 packed rows (tokens + patches); the engine takes at most 16384 per clip"),  # CPU compile
+        (["--mode", "compile", "--grid", "4x32x32", "--tokens", "20000", "--ray", "local", "--device", "cpu"],
+         "--grid 4x32x32 --tokens 20000: a clip would need 20016 packed rows (tokens + patches); the engine takes at "
+         "most 16384 per clip"),  # the CPU encode actors' engines: no cluster is started
     ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)

@@ -293,8 +293,10 @@ def _encode_on_ray(args: argparse.Namespace, files):
         check_fp8_runs(device, getattr(torch, DTYPES[dtype]))
     args = argparse.Namespace(**{**vars(args), **{k: v for k, v in RAY_DEFAULTS.items() if getattr(args, k) is None}})
     model = _model(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": dtype}))
+    engine = _engine(args, model) if device == "cpu" else None  # CPU actors' engines have its budgets
     return encode_dataset(
-        model, files, args.output, _settings(args, model), ray_address=args.ray, device=device, mode=args.mode,
+        model, files, args.output, _settings(args, model, engine=engine), ray_address=args.ray, device=device,
+        mode=args.mode,
         batch_size=args.batch_size, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
         cpus_per_actor=args.ray_cpus_per_actor, cpus_per_decode=args.ray_cpus_per_decode,
         decode_retries=args.ray_retries, actor_restarts=args.ray_actor_restarts, overwrite=args.overwrite,
