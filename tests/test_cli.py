@@ -169,7 +169,7 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--workers", "100000"], "argument --workers: 100000 must be in [1, 1024]"),
         (["--ray", ""], "argument --ray: must not be empty"),
         (["-o", ""], "argument -o/--output: must not be empty"),
-        (["-o", str(folder / "moving.mp4")], f"argument -o/--output: {folder / 'moving.mp4'} is a file; expected a "
+        (["-o", str(folder / "moving.mp4")], f"argument -o/--output: {folder / 'moving.mp4'} exists and is not a "
          "folder"),
     ]:
         with pytest.raises(SystemExit) as e:

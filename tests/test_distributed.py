@@ -303,9 +303,15 @@ def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path)
     assert not (tmp_path / MANIFEST_NAME).exists()  # nothing was started
 
 
-def test_a_job_the_local_cluster_has_no_room_for_is_refused_with_its_inputs_listed(videos, cluster, tmp_path):
-    """Ray would wait for ever for CPUs that a local cluster never gets: refused in one line, each input listed as
-    not encoded."""
+def test_a_job_a_started_cluster_has_no_room_for_is_refused_with_its_inputs_listed(videos, cluster, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """Ray would wait for ever for CPUs that a cluster the job started (``--ray local``) never gets: refused in one
+    line, each input listed as not encoded. (The module's cluster was started by the test, so the job is told it
+    started it.)"""
+    from titok_fast import distributed
+
+    check = distributed._check_resources
+    monkeypatch.setattr(distributed, "_check_resources", lambda nodes, started, *args: check(nodes, True, *args))
     files = collect_inputs([videos["good"]])
     cases = {
         "actors": (dict(actors=2), "2 encode actors of 1 CPUs leave no room for a decode task of 1 on the cluster's "
@@ -322,21 +328,30 @@ def test_a_job_the_local_cluster_has_no_room_for_is_refused_with_its_inputs_list
         assert rows[0]["reason"].startswith(f"not encoded: the run stopped (ValueError: {message}")
 
 
-def test_a_joined_cluster_without_room_yet_is_waited_for_with_a_warning(capsys):
-    """A cluster the job joins may grow (an autoscaler adds nodes): it is told, not refused."""
+def test_room_on_a_cluster_is_counted_as_ray_counts_it(capsys):
+    """A cluster the job joined may grow (an autoscaler adds nodes): it is told, not refused. Resources count in
+    units of 1e-4 (no float rounding refuses a job that fits), a fraction of a GPU shares one GPU, and an actor's
+    CPUs and GPUs come from one node."""
     from titok_fast import distributed
 
-    class Ray:
-        @staticmethod
-        def nodes():
-            return [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
-
-    distributed._check_resources(Ray(), "auto", 2, 1.0, 0.0, 1.0)
+    two_cpus = [{"CPU": 2.0}]
+    distributed._check_resources(two_cpus, False, 2, 1.0, 0.0, 1.0)
     assert capsys.readouterr().err == (
         "titok-fast: 2 encode actors of 1 CPUs leave no room for a decode task of 1 on the cluster's 2 CPUs "
         "(--ray-actors, --ray-cpus-per-actor, --ray-cpus-per-decode); the job waits until the cluster has room\n"
     )
-    distributed._check_resources(Ray(), "local", 1, 1.0, 0.0, 1.0)  # room: nothing said
+    with pytest.raises(ValueError, match="leave no room for a decode task of 1 on the cluster's 2 CPUs .*: the job "
+                                         "could never run$"):  # fmt: skip
+        distributed._check_resources(two_cpus, True, 2, 1.0, 0.0, 1.0)
+    distributed._check_resources([{"CPU": 3.0}], True, 14, 0.2, 0.0, 0.2)  # 3.0000000000000004 in floats: fits
+    gpus = [{"CPU": 8.0, "GPU": 3.0}]
+    assert distributed._gpu_slots(gpus, 0.6) == 3 and distributed._gpu_slots(gpus, 0.5) == 6
+    assert distributed._gpu_slots(gpus + [{"CPU": 4.0, "GPU": 2.0}], 2) == 2
+    with pytest.raises(ValueError, match=r"4 encode actors of 0.6 GPUs do not fit the cluster's GPUs \(room for 3;"):
+        distributed._check_resources(gpus, True, 4, 1.0, 0.6, 1.0)
+    with pytest.raises(ValueError, match="an encode actor asks for 1 CPUs and 1 GPUs .*no node has both"):
+        distributed._check_resources([{"CPU": 0.0, "GPU": 1.0}, {"CPU": 8.0}], True, 1, 1.0, 1.0, 1.0)
+    distributed._check_resources(gpus, True, 3, 1.0, 0.6, 1.0)  # room: nothing said
     assert capsys.readouterr().err == ""
 
 
@@ -348,7 +363,8 @@ def test_a_sigterm_while_ray_starts_is_the_commands_and_lists_every_input(videos
     class Stopped(Exception):
         pass
 
-    def handler(signum, frame):
+    def handler(signum, frame):  # as the command's: a second SIGTERM is ignored while it stops
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Stopped
 
     def init(**kwargs):
@@ -362,7 +378,7 @@ def test_a_sigterm_while_ray_starts_is_the_commands_and_lists_every_input(videos
     try:
         with pytest.raises(Stopped):
             encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu")
-        assert signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # as the handler left it
     finally:
         signal.signal(signal.SIGTERM, previous)
     rows = read_manifest(tmp_path / MANIFEST_NAME)

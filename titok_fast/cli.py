@@ -69,11 +69,11 @@ def _fps(text: str) -> float:
 
 
 def _folder(text: str) -> str:
-    """An output folder: given (not ""), and not an existing file (it is made if need be)."""
-    if not text.strip():
+    """An output folder: given (not ""), and not something else that exists (it is made if need be)."""
+    if not text:
         raise argparse.ArgumentTypeError("must not be empty (the current folder is '.')")
     if os.path.lexists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text} is a file; expected a folder")
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
     return text
 
 
@@ -293,7 +293,8 @@ def _encode_on_ray(args: argparse.Namespace, files):
         check_fp8_runs(device, getattr(torch, DTYPES[dtype]))
     args = argparse.Namespace(**{**vars(args), **{k: v for k, v in RAY_DEFAULTS.items() if getattr(args, k) is None}})
     model = _model(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": dtype}))
-    engine = _engine(args, model) if device == "cpu" else None  # CPU actors' engines have its budgets
+    # CPU actors' engines have its budgets (cudagraph on CPU actors: encode_dataset says why it is refused)
+    engine = _engine(args, model) if device == "cpu" and args.mode != "cudagraph" else None
     return encode_dataset(
         model, files, args.output, _settings(args, model, engine=engine), ray_address=args.ray, device=device,
         mode=args.mode,

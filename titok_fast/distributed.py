@@ -430,9 +430,10 @@ def encode_dataset(
         except BaseException as e:  # stopped before the job (starting Ray, a cluster too small) or during it
             stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
             settled = {*summary.done, *(path for path, _ in summary.failed)}
-            for path, out in todo:
-                if str(path) not in settled:
-                    manifest.not_encoded(path, out, stopped)
+            with interrupts_held():  # a second interrupt waits for the list to be complete
+                for path, out in todo:
+                    if str(path) not in settled:
+                        manifest.not_encoded(path, out, stopped)
             raise
     summary.seconds = time.perf_counter() - start
     return summary
@@ -442,12 +443,14 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, *, device
              gpus_per_actor, cpus_per_actor, cpus_per_decode, decode_retries, actor_restarts, stall_seconds,
              hooks) -> None:  # fmt: skip
     """The Ray part of :func:`encode_dataset`: its files ``todo`` encoded, each outcome in ``manifest``."""
-    with _ray_session(ray_address) as ray, _data_context(settings, model.dtype):
+    session = _ray_session(ray_address)
+    with session as ray, _data_context(settings, model.dtype):
         gpus = ray.cluster_resources().get("GPU", 0)
         if device != "cpu" and gpus == 0:
             raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
-        actors = actors or (1 if device == "cpu" else max(1, int(gpus // gpus_per_actor)))
-        _check_resources(ray, ray_address, actors, cpus_per_actor, gpus_per_actor if device != "cpu" else 0,
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        actors = actors or (1 if device == "cpu" else max(1, _gpu_slots(nodes, gpus_per_actor)))
+        _check_resources(nodes, session.started, actors, cpus_per_actor, gpus_per_actor if device != "cpu" else 0,
                          cpus_per_decode)  # fmt: skip
         job = functools.partial(
             _dataset, ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
@@ -466,41 +469,55 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, *, device
                     _collect(run, assembly, decode_retries, actor_restarts)
 
 
-def _check_resources(ray, address: str, actors: int, cpus_per_actor: float, gpus_per_actor: float,
+def _check_resources(nodes: list[dict], started: bool, actors: int, cpus_per_actor: float, gpus_per_actor: float,
                      cpus_per_decode: float) -> None:  # fmt: skip
-    """The job's actors and one decode task fit the cluster: on a cluster it starts ("local"), which will not grow,
-    anything else is a ValueError (Ray would wait for ever); on one it joins, a one-line warning (an autoscaling
-    cluster may grow)."""
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    cpus, gpus = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
+    """The job's actors and one decode task fit the live ``nodes`` (their resources; checked as Ray counts, to
+    1e-4): on a cluster this job ``started`` (``--ray local``), which will not grow, anything else is a ValueError
+    (Ray would wait for ever); on one it joined, a one-line warning (an autoscaling cluster may grow)."""
+    cpus = sum(n.get("CPU", 0) for n in nodes)
     node_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
-    node_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
     problem = ""
-    if cpus_per_decode > node_cpus:
+    if _more(cpus_per_decode, node_cpus):
         problem = (
             f"a decode task asks for {cpus_per_decode:g} CPUs (--ray-cpus-per-decode); no node has more than "
             f"{node_cpus:g}"
         )
-    elif cpus_per_actor > node_cpus or gpus_per_actor > node_gpus:
+    elif not any(not _more(cpus_per_actor, n.get("CPU", 0)) and _gpu_slots([n], gpus_per_actor) for n in nodes):
         problem = (
             f"an encode actor asks for {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs (--ray-cpus-per-actor, "
-            f"--ray-gpus-per-actor); no node has more than {node_cpus:g} CPUs and {node_gpus:g} GPUs"
+            "--ray-gpus-per-actor); no node has both"
         )
-    elif actors * gpus_per_actor > gpus:
+    elif actors > _gpu_slots(nodes, gpus_per_actor):
         problem = (
-            f"{actors} encode actors of {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g}; the cluster has "
-            f"{gpus:g} (--ray-actors, --ray-gpus-per-actor)"
+            f"{actors} encode actors of {gpus_per_actor:g} GPUs do not fit the cluster's GPUs (room for "
+            f"{_gpu_slots(nodes, gpus_per_actor)}; --ray-actors, --ray-gpus-per-actor)"
         )
-    elif actors * cpus_per_actor + cpus_per_decode > cpus:
+    elif _more(actors * cpus_per_actor + cpus_per_decode, cpus):
         problem = (
             f"{actors} encode actors of {cpus_per_actor:g} CPUs leave no room for a decode task of "
             f"{cpus_per_decode:g} on the cluster's {cpus:g} CPUs (--ray-actors, --ray-cpus-per-actor, "
             "--ray-cpus-per-decode)"
         )
-    if problem and address == "local":
+    if problem and started:
         raise ValueError(f"{problem}: the job could never run")
     if problem:
         print(f"titok-fast: {problem}; the job waits until the cluster has room", file=sys.stderr)
+
+
+def _more(asked: float, has: float) -> bool:
+    """Whether ``asked`` exceeds ``has`` as Ray counts resources (in units of 1e-4)."""
+    return round(asked * 10_000) > round(has * 10_000)
+
+
+def _gpu_slots(nodes: list[dict], gpus_per_actor: float) -> int:
+    """How many actors of ``gpus_per_actor`` GPUs the nodes hold: a fraction of a GPU shares one GPU (so 0.6 of
+    one fits once per GPU), whole GPUs come from one node; with no GPUs asked for, any number."""
+    if not gpus_per_actor:
+        return sys.maxsize
+    if gpus_per_actor < 1:
+        per_gpu = 10_000 // round(gpus_per_actor * 10_000)
+        return sum(int(n.get("GPU", 0)) * per_gpu for n in nodes)
+    return sum(int(round(n.get("GPU", 0) * 10_000) // round(gpus_per_actor * 10_000)) for n in nodes)
 
 
 def model_loader(model: TiTok) -> Callable[..., TiTok]:
@@ -758,6 +775,7 @@ class _ray_session:
     def __init__(self, address: str):
         self.address = address
         self.connected = False
+        self.started = False  # whether this job started the cluster (``local``): it will not grow
 
     def __enter__(self):
         try:
@@ -773,16 +791,18 @@ class _ray_session:
             main = threading.current_thread() is threading.main_thread()
             try:
                 ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
-            except SystemExit as e:  # Ray's handler took a SIGTERM during start-up: do what the caller's does
-                ray.shutdown()
-                if main and e.code == signal.SIGTERM and callable(handler):
-                    signal.signal(signal.SIGTERM, handler)
-                    handler(signal.SIGTERM, None)
+            except BaseException as e:
+                if main and handler is not None:
+                    signal.signal(signal.SIGTERM, handler)  # first: a SIGTERM during the shutdown is the caller's
+                if isinstance(e, SystemExit):  # Ray's handler took a SIGTERM during start-up: do what the caller's does
+                    ray.shutdown()
+                    if main and e.code == signal.SIGTERM and callable(handler):
+                        handler(signal.SIGTERM, None)  # raises (the command's); it may leave SIGTERM ignored
                 raise
-            finally:
-                if handler is not None and main:
-                    signal.signal(signal.SIGTERM, handler)
+            if handler is not None and main:
+                signal.signal(signal.SIGTERM, handler)
             self.connected = True
+            self.started = self.address == "local"
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures are reported as rows, once
         return ray
 
