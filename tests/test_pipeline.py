@@ -572,15 +572,15 @@ def test_a_run_stopped_while_checking_outputs_lists_what_it_found_to_do(model, s
     files = [(sources[name], name) for name in ("short", "long", "odd", "black")]
     engine = Engine(model, max_clips=3)
     assert encode_files(model, engine, [files[0], files[3]], tmp_path, SETTINGS, workers=1).done
-    redo_because, calls = pipeline._redo_because, []
+    redo_reason, calls = pipeline._redo_reason, []
 
     def stopped_at_the_third(*args):
         calls.append(args)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return redo_because(*args)
+        return redo_reason(*args)
 
-    monkeypatch.setattr(pipeline, "_redo_because", stopped_at_the_third)
+    monkeypatch.setattr(pipeline, "_redo_reason", stopped_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         encode_files(model, engine, files, tmp_path, SETTINGS, workers=1)
     rows = {Path(r["source"]).name: r for r in read_manifest(tmp_path, latest=True)}

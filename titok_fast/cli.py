@@ -45,17 +45,6 @@ def _counts(text: str) -> list[int]:
     return list(dict.fromkeys(counts))  # each once: a count given twice is measured once
 
 
-def _int_between(least: int, most: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not least <= value <= most:
-            raise argparse.ArgumentTypeError(f"{text} must be in [{least}, {most}]")
-        return value
-
-    parse.__name__ = "int"  # argparse names the type in "invalid int value"
-    return parse
-
-
 def _fps(text: str) -> float:
     from .video import MAX_FPS
 
@@ -83,18 +72,22 @@ def _non_empty(text: str) -> str:
     return text
 
 
-def _int_at_least(least: int) -> Callable[[str], int]:
+def _int_between(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``least`` (and <= ``most``, if given)."""
+
     def parse(text: str) -> int:
         value = int(text)
-        if value < least:
+        if most is None and value < least:
             raise argparse.ArgumentTypeError(f"{text} must be >= {least}")
+        if most is not None and not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text} must be in [{least}, {most}]")
         return value
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value"
     return parse
 
 
-_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+_positive, _non_negative = _int_between(1), _int_between(0)
 MAX_WORKERS = 1024  # decoding threads or processes: more than any machine's cores
 MAX_SEED = 10**18 - 1  # --random-weights: token files record the seed in at most 18 digits (loading.random_seed)
 

@@ -443,20 +443,19 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, *, device
              gpus_per_actor, cpus_per_actor, cpus_per_decode, decode_retries, actor_restarts, stall_seconds,
              hooks) -> None:  # fmt: skip
     """The Ray part of :func:`encode_dataset`: its files ``todo`` encoded, each outcome in ``manifest``."""
+    gpus_per_actor = gpus_per_actor if device != "cpu" else 0
     session = _ray_session(ray_address)
     with session as ray, _data_context(settings, model.dtype):
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if device != "cpu" and gpus == 0:
-            raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
         nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        if device != "cpu" and not sum(n.get("GPU", 0) for n in nodes):
+            raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
         actors = actors or (1 if device == "cpu" else max(1, _gpu_slots(nodes, gpus_per_actor)))
-        _check_resources(nodes, session.started, actors, cpus_per_actor, gpus_per_actor if device != "cpu" else 0,
-                         cpus_per_decode)  # fmt: skip
+        _check_resources(nodes, session.started, actors, cpus_per_actor, gpus_per_actor, cpus_per_decode)
         job = functools.partial(
             _dataset, ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
-            actors=actors, gpus_per_actor=gpus_per_actor if device != "cpu" else 0,
-            cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode, decode_retries=decode_retries,
-            actor_restarts=actor_restarts, stall_seconds=stall_seconds, hooks=hooks,
+            actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+            cpus_per_decode=cpus_per_decode, decode_retries=decode_retries, actor_restarts=actor_restarts,
+            stall_seconds=stall_seconds, hooks=hooks,
         )  # fmt: skip
         assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
         shared = len(todo) > MAX_DECODE_TASKS
@@ -487,10 +486,10 @@ def _check_resources(nodes: list[dict], started: bool, actors: int, cpus_per_act
             f"an encode actor asks for {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs (--ray-cpus-per-actor, "
             "--ray-gpus-per-actor); no node has both"
         )
-    elif actors > _gpu_slots(nodes, gpus_per_actor):
+    elif actors > (slots := _gpu_slots(nodes, gpus_per_actor)):
         problem = (
-            f"{actors} encode actors of {gpus_per_actor:g} GPUs do not fit the cluster's GPUs (room for "
-            f"{_gpu_slots(nodes, gpus_per_actor)}; --ray-actors, --ray-gpus-per-actor)"
+            f"{actors} encode actors of {gpus_per_actor:g} GPUs do not fit the cluster's GPUs (room for {slots}; "
+            "--ray-actors, --ray-gpus-per-actor)"
         )
     elif _more(actors * cpus_per_actor + cpus_per_decode, cpus):
         problem = (

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .backends import resolve_backend
 from .checks import MAX_GRID, check_grids
-from .config import MODEL_FIELDS, TiTokConfig
+from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import Engine
 from .files import STALL_SECONDS, interrupts_held
 from .loading import weights_digest
@@ -338,14 +338,15 @@ def plan_outputs(
     try:
         for path, name in files:
             out = outdir / f"{name}.safetensors"
-            why = _redo_because(out, path, wanted)
+            done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
+            why = _redo_reason(done, out, path, wanted)
             with interrupts_held():  # an input is listed as skipped or is to do, never both nor neither
                 if why == "" and not overwrite:
                     manifest.skipped(path, out)
                 else:
                     todo.append((path, out))
-                    if why:
-                        other = _other_source(out) if why.startswith(ANOTHER_SOURCE) else None
+                    if why:  # a token file of another video of this output name: its source is displaced
+                        other = done.source if done is not None and done.source != os.path.abspath(path) else None
                         manifest.outdated(path, out, why, other)
             if todo and todo[-1][1] is out:
                 if out.parent not in temporaries:  # each folder listed once: a glob per file is quadratic in a resume
@@ -615,11 +616,15 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
 
     The source is compared as the token file records it, an absolute path: another video that maps to the same
     output name (the same name in another input folder, from another run) is not this one."""
-    done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
+    return _redo_reason(try_load_tokens(out), out, source, wanted)
+
+
+def _redo_reason(done: TokenFile | None, out: Path, source: str | os.PathLike, wanted: dict[str, Any]) -> str | None:
+    """:func:`_redo_because` for the token file ``done`` read from ``out`` (None: none readable there)."""
     if done is None:
         return "not readable as a complete token file" if out.is_file() else None
     if done.source != os.path.abspath(source):  # first: whatever else differs, it is another video's
-        return f"{ANOTHER_SOURCE} ({_brief(done.source)!r})"
+        return f"made from another source ({_brief(done.source)!r})"
     if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({_brief(done.weights_digest)})"
     seen = wanted["configs"]  # recorded config -> how it differs: a dataset's files record one or a few
@@ -643,19 +648,12 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
     return f"made another way ({'; '.join(differ)})" if differ else ""
 
 
-ANOTHER_SOURCE = "made from another source"  # how _redo_because begins the reason of a token file of another video
 MAX_CONFIGS_KEPT, MAX_CONFIG_KEY = 64, 4096  # _redo_because keeps how this many recorded configs compare, if short
 
 
 def _brief(text: str, limit: int = 1024) -> str:
     """``text`` for a message, cut to ``limit`` characters: what a token file records may be a MiB long."""
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
-def _other_source(out: Path) -> str | None:
-    """The source the token file at ``out`` records (read again: a file of another video is rare)."""
-    done = try_load_tokens(out)
-    return None if done is None else done.source
 
 
 def _recorded(values: list):
@@ -849,10 +847,6 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
         return f"its model config cannot be read: {_brief(_one_line(e))}"
     differ = [(k, getattr(made_by, k), getattr(config, k)) for k in MODEL_FIELDS]
     return "; ".join(f"{k} {_plain(a)}, now {_plain(b)}" for k, a, b in differ if a != b)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
