@@ -117,6 +117,12 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     absent = tmp_path / "absent.ckpt"
     code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", "--checkpoint", absent, capsys=capsys)
     assert code == 2 and "absent.ckpt does not exist" in err and not (tmp_path / "o").exists()
+    (tmp_path / "t.safetensors").write_bytes(b"")
+    for command, inputs in (("encode", tmp_path / "a.mp4"), ("decode", tmp_path / "t.safetensors")):
+        for out, reason in (("/proc/absent/o", "No such file or directory"), (tmp_path / "a.mp4" / "o", "Not a dir")):
+            # before the model loads (the checkpoint is never opened): not after it, hours into a job
+            code, _, err = run(command, inputs, "-o", out, "--checkpoint", absent, capsys=capsys)
+            assert code == 2 and f"titok-fast: error: -o {out}: cannot be made ({reason}" in err, err
     with pytest.raises(SystemExit) as e:
         main(["encode", str(tmp_path), "-o", "x", "--grid", "20x192"])
     assert e.value.code == 2 and "must look like 20x192x192" in capsys.readouterr().err

@@ -261,6 +261,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
+    _check_output_folder("-o", args.output)
     if args.ray:
         return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
@@ -304,6 +305,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     files = collect_token_files(args.tokens)
     if not files:
         raise ValueError(f"no token files found in {args.tokens}")
+    _check_output_folder("-o", args.output)
     token_metas = None
     if not (args.checkpoint or args.random_weights is not None):  # the token files name the model
         token_metas = _naming_a_model(files)
@@ -389,6 +391,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         save_figure(figure, args.plot)
         print(f"wrote {args.plot}")
     return _finish(summary, "evaluated")
+
+
+def _check_output_folder(option: str, folder: str) -> None:
+    """Before the model loads: the output folder exists or can be made (tried, and what was made is removed again:
+    a command refused later leaves nothing behind), and takes files."""
+    missing, path = [], Path(folder).absolute()
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    made = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            made.append(path)
+    except OSError as e:
+        raise ValueError(f"{option} {folder}: cannot be made ({e.strerror or e})") from None
+    finally:
+        for path in reversed(made):
+            path.rmdir()
+    if not os.access(folder if not missing else missing[-1].parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {folder}: is not writable")
 
 
 def _check_writable(option: str, path: Path) -> None:
