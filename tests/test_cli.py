@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,6 +124,13 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
             # before the model loads (the checkpoint is never opened): not after it, hours into a job
             code, _, err = run(command, inputs, "-o", out, "--checkpoint", absent, capsys=capsys)
             assert code == 2 and f"titok-fast: error: -o {out}: cannot be made ({reason}" in err, err
+    with socket.socket() as s:  # a port where nothing listens: Ray would retry it for minutes, saying only its own
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    code, _, err = run("encode", tmp_path / "a.mp4", "-o", tmp_path / "o", "--ray", address, "--checkpoint", absent,
+                       capsys=capsys)  # fmt: skip
+    assert code == 2 and f"error: --ray {address}: no Ray cluster answers there (Connection refused)" in err, err
+    assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as e:
         main(["encode", str(tmp_path), "-o", "x", "--grid", "20x192"])
     assert e.value.code == 2 and "must look like 20x192x192" in capsys.readouterr().err

@@ -275,8 +275,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _encode_on_ray(args: argparse.Namespace, files):
-    from .distributed import encode_dataset
+    from .distributed import check_ray_address, encode_dataset
 
+    check_ray_address(args.ray)  # before the model loads
     device = args.device or "cuda"  # the encode actors' device; the driver's copy of the model stays on its CPU
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     if args.precision == "fp8" and not device.startswith("cuda"):  # a GPU's own capability: checked by its actor

@@ -410,6 +410,7 @@ def encode_dataset(
             "do not apply"
         )
     ClipReader("", **settings.read_kwargs())  # bad clip settings are one error here, not every file's in its task
+    check_ray_address(ray_address)
     if mode == "cudagraph" and not str(device).startswith("cuda"):  # each actor's Engine would refuse it, alone
         raise ValueError(f"mode 'cudagraph' needs CUDA devices; the encode actors run on {device}")
     hooks = _test_hooks or {}
@@ -765,6 +766,32 @@ class _Run:
             f"every encode actor died for good ({len(actors)}, each restarted up to {self.actor_restarts} times): no "
             "clip can be encoded; see the Ray worker logs"
         )
+
+
+RAY_CONNECT_SECONDS = 10.0
+
+
+def check_ray_address(address: str) -> None:
+    """A cluster's address (``HOST:PORT`` or ``ray://HOST:PORT``) must answer before the job: Ray itself retries an
+    address where nothing listens for minutes, printing only its own warnings. Nothing is checked when Ray is already
+    initialized in this process (that cluster is used), nor for "local", "auto" and other forms."""
+    if address in ("local", "auto"):
+        return
+    import ray
+
+    if ray.is_initialized():
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not (colon and host and port.isdecimal() and int(port) < 2**16) or "://" in host:
+        return  # other forms (a client module's scheme, say) are Ray's to resolve
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS).close()
+    except OSError as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ValueError(
+            f"--ray {address}: no Ray cluster answers there ({reason}); start one with `ray start --head` and pass "
+            "the address it prints, or pass --ray local"
+        ) from None
 
 
 class _ray_session:
