@@ -1,4 +1,7 @@
+import itertools
 import re
+import sys
+import types
 from fractions import Fraction
 
 import av
@@ -8,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from titok_fast import decoders
-from titok_fast.decoders import DecoderUnavailable, NvdecFrame, yuv420_to_rgb
+from titok_fast.decoders import DecoderUnavailable, yuv420_to_rgb
 from titok_fast.preprocess import (
     MAX_DEVICE_ASPECT,
     MAX_DEVICE_PIXELS,
@@ -211,30 +214,75 @@ def test_yuv420_to_rgb_checks_its_planes():
 
 
 # ---------------------------------------------------------------------------------- NVDEC, with a fake decoder
-def fake_nvdec(fail_after: int | None = None, unavailable: bool = False):
-    """An NVDEC stand-in that decodes with PyAV on the CPU and hands out NV12 frames like PyNvVideoCodec; it can
-    be unavailable, or fail after some frames."""
-    calls = []
+class FakePyNvVideoCodec(types.ModuleType):
+    """PyNvVideoCodec as :func:`decoders.nvdec_frames` uses it, on the CPU: its demuxer hands out PyAV's decoded
+    frames as packets (then the empty one that flushes), its decoder turns each into an NV12 frame that DLPack
+    reads, with ``getPTS``. It can refuse the file, fail at a frame, or give no frame."""
 
-    def frames(path, stream):
-        calls.append(path)
-        if unavailable:
-            raise DecoderUnavailable("no NVDEC here")
-        with av.open(path) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if fail_after is not None and i == fail_after:
-                    raise RuntimeError("CUDA_ERROR_INVALID_SOURCE")
+    def __init__(self, fail_at: int | None = None, refuse: bool = False, empty: bool = False):
+        super().__init__("PyNvVideoCodec")
+        self.calls, self.fail_at, self.refuse, self.empty = [], fail_at, refuse, empty
+
+    def CreateDemuxer(self, filename):  # noqa: N802 (the package's names)
+        self.calls.append(filename)
+        fake = self
+
+        class Demuxer:
+            def GetNvCodecId(self):  # noqa: N802
+                return 4
+
+            def __iter__(self):
+                if not fake.empty:
+                    with av.open(filename) as container:
+                        yield from container.decode(video=0)
+                yield None
+
+        return Demuxer()
+
+    def CreateDecoder(self, **kwargs):  # noqa: N802
+        if self.refuse:
+            raise RuntimeError("no NVDEC here")
+        decoded = itertools.count()
+
+        class Frame:
+            def __init__(self, frame):
                 y, u, v = planes(frame)
-                uv = torch.stack([u, v], dim=-1).reshape(u.shape[0], -1)[:, : y.shape[1]]
-                nv12 = torch.cat([y, uv])
-                yield NvdecFrame(nv12, frame.height, frame.pts, frame.time_base, frame.duration, "bt601")
+                self.nv12 = torch.cat([y, torch.stack([u, v], dim=-1).reshape(u.shape[0], -1)[:, : y.shape[1]]])
+                self.pts = frame.pts
 
-    return frames, calls
+            def __dlpack__(self, **kwargs):
+                return self.nv12.__dlpack__(**kwargs)
+
+            def __dlpack_device__(self):
+                return self.nv12.__dlpack_device__()
+
+            def getPTS(self):  # noqa: N802
+                return self.pts
+
+        fail_at = self.fail_at
+
+        class Decoder:
+            def Decode(self, packet):  # noqa: N802
+                if packet is None:
+                    return []
+                if next(decoded) == fail_at:
+                    raise RuntimeError("CUDA_ERROR_INVALID_SOURCE")
+                return [Frame(packet)]
+
+        return Decoder()
+
+
+def fake_nvdec(monkeypatch, **fake) -> FakePyNvVideoCodec:
+    """The real :func:`decoders.nvdec_frames` on a CUDA-less machine: the package is the fake, CUDA is said to be
+    there (the frames stay on the CPU)."""
+    module = FakePyNvVideoCodec(**fake)
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return module
 
 
 def nvdec_clips(path: str, monkeypatch, **fake) -> tuple[ClipReader, list[torch.Tensor]]:
-    frames, calls = fake_nvdec(**fake)
-    monkeypatch.setattr(decoders, "nvdec_frames", frames)
+    calls = fake_nvdec(monkeypatch, **fake).calls
     reader = ClipReader(path, frames=4, height=64, width=64, fps=24, decoder="nvdec", device="cpu", raw=True)
     clips = [normalize_pixels(clip_pixels(c, 64, 64) if c.dtype == torch.uint8 else c, torch.float32) for c in reader]
     assert calls == [path]
@@ -252,20 +300,56 @@ def test_nvdec_path_close_to_the_cpu_path(files, monkeypatch):
 
 def test_nvdec_unavailable_decodes_on_the_cpu_with_one_notice(files, monkeypatch, capsys):
     cpu = read_clips(files["wide"], frames=4, height=64, width=64, fps=24).clips
-    reader, clips = nvdec_clips(files["wide"], monkeypatch, unavailable=True)
+    reader, clips = nvdec_clips(files["wide"], monkeypatch, refuse=True)
     notices = capsys.readouterr().err.strip().splitlines()
-    assert len(notices) == 1 and "decoding on the CPU: no NVDEC here" in notices[0] and files["wide"] in notices[0]
+    assert len(notices) == 1 and files["wide"] in notices[0]
+    assert "decoding on the CPU: NVDEC cannot open it (RuntimeError: no NVDEC here)" in notices[0]
     assert reader.decoded_by == "cpu" and reader.placement == "cpu"  # the CPU decoder: auto's rule on a CPU model
     assert all(torch.equal(a, b) for a, b in zip(clips, cpu, strict=True)) and len(clips) == len(cpu)
 
 
 def test_nvdec_failing_midway_is_finished_on_the_cpu(files, monkeypatch, capsys):
     cpu = read_clips(files["wide"], frames=4, height=64, width=64, fps=24).clips
-    reader, clips = nvdec_clips(files["wide"], monkeypatch, fail_after=9)
+    reader, clips = nvdec_clips(files["wide"], monkeypatch, fail_at=9)
     assert "NVDEC failed (CUDA_ERROR_INVALID_SOURCE); the rest on the CPU" in capsys.readouterr().err
     assert reader.decoded_by == "nvdec,cpu" and len(clips) == len(cpu) == 5
     assert not torch.equal(clips[0], cpu[0])  # NVDEC's frames: within rounding, not identical
     assert all(torch.equal(a, b) for a, b in zip(clips[3:], cpu[3:], strict=True))  # frames 12+: the CPU's
+
+
+def test_nvdec_giving_no_frame_decodes_on_the_cpu(files, monkeypatch, capsys):
+    cpu = read_clips(files["wide"], frames=4, height=64, width=64, fps=24).clips
+    reader, clips = nvdec_clips(files["wide"], monkeypatch, empty=True)
+    assert "decoding on the CPU: NVDEC gave no frame" in capsys.readouterr().err
+    assert reader.decoded_by == "cpu" and all(torch.equal(a, b) for a, b in zip(clips, cpu, strict=True))
+
+
+def test_nvdec_with_a_picture_size_that_changes_goes_on_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """NVDEC's surfaces are read at the stream's size: a picture that grows midway is the CPU's from there on."""
+    path = make_size_change(tmp_path / "switch.ts")  # 14 frames of 32x48, then 64x64
+    kwargs = dict(frames=4, height=24, width=24, fps=8)
+    cpu = read_clips(path, **kwargs).clips
+    fake_nvdec(monkeypatch)
+    reader = ClipReader(path, decoder="nvdec", device="cpu", raw=True, **kwargs)
+    clips = [normalize_pixels(clip_pixels(c, 24, 24) if c.dtype == torch.uint8 else c, torch.float32) for c in reader]
+    assert "NVDEC failed (the NV12 surface changed from (48, 48) to (96, 64)); the rest on the CPU" in (
+        capsys.readouterr().err
+    )
+    assert reader.decoded_by == "nvdec,cpu" and len(clips) == len(cpu) == 7
+    for a, b in zip(clips, cpu, strict=True):  # a picture read at the first size would be 1.5 away
+        assert (a - b).abs().max() <= 2.5 * 2 / 255
+
+
+@pytest.mark.parametrize("fps", [8, 16, 24])
+def test_nvdec_time_sampling_shows_the_last_frame_as_long_as_the_cpu_does(tmp_path, monkeypatch, fps):
+    """Sampling faster than the source repeats its last frame until its end (its packet's duration, as PyAV's
+    frame has it): NVDEC's frames, which carry no duration, give the CPU decoder's clip count."""
+    path = str(videos.make_video(tmp_path / "eight.mp4", 16, 64, 64, fps=8))
+    kwargs = dict(frames=4, height=32, width=32, fps=fps, sampling="time", tail="drop")
+    cpu = read_clips(path, **kwargs).clips
+    fake_nvdec(monkeypatch)
+    reader = ClipReader(path, decoder="nvdec", device="cpu", raw=True, **kwargs)
+    assert len(list(reader)) == len(cpu) == 16 * fps // 8 // 4 and reader.decoded_by == "nvdec"
 
 
 @pytest.mark.parametrize("rotation", [90, -90])
@@ -284,8 +368,7 @@ def test_nvdec_frames_are_turned_as_the_first_frame_says(tmp_path, monkeypatch, 
     kwargs = dict(frames=4, height=64, width=64, fps=24, rotation="display")
     cpu = read_clips(path, **kwargs).clips
     upright = read_clips(path, **{**kwargs, "rotation": "stored"}).clips
-    frames, calls = fake_nvdec()
-    monkeypatch.setattr(decoders, "nvdec_frames", frames)
+    calls = fake_nvdec(monkeypatch).calls
     reader = ClipReader(path, decoder="nvdec", device="cpu", raw=True, **kwargs)
     got = list(reader)
     assert calls == [path] and reader.decoded_by == "nvdec" and got[0].shape == (4, 96, 64, 3)  # turned

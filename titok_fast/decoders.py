@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import itertools
 import os
 import sys
@@ -194,14 +195,31 @@ class NvdecFrame:
     height: int
     pts: int | None
     time_base: Fraction
-    duration: int | None
+    known_duration: int | None
     matrix: str
+    durations: Callable[[], dict[int, int]] | None = None  # pts -> duration of the stream's packets, read if asked
+
+    @property
+    def duration(self) -> int | None:
+        """As PyAV's frame has it (its packet's): only the last frame's is ever read (how long it shows)."""
+        if self.known_duration is None and self.durations is not None and self.pts is not None:
+            return self.durations().get(self.pts) or None
+        return self.known_duration
+
+
+def packet_durations(path: str, index: int) -> dict[int, int]:
+    """pts -> duration of the packets of stream ``index`` of ``path`` (read, not decoded; {} if it cannot be)."""
+    with contextlib.suppress(av.FFmpegError, OSError), av.open(path) as container:
+        stream = container.streams[index]
+        return {p.pts: p.duration for p in container.demux(stream) if p.size and p.pts is not None and p.duration}
+    return {}
 
 
 def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -> Iterator[NvdecFrame]:
     """Decode ``path`` with PyNvVideoCodec on GPU ``gpu``, in presentation order; raises DecoderUnavailable when
     the package, the GPU or the codec is missing, or the stream is one :func:`nvdec_rgb` would convert wrongly
-    (NVDEC_PIXEL_FORMATS, NVDEC_COLORSPACES, limited range), before any frame."""
+    (NVDEC_PIXEL_FORMATS, NVDEC_COLORSPACES, limited range), before any frame; and when the picture's size is not
+    the stream's, or changes midway (the reader then goes on on the CPU, which handles both)."""
     codec = stream.codec_context.name
     if codec not in NVDEC_CODECS:
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
@@ -228,15 +246,22 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         )
     except Exception as exc:  # the package's own error types vary by version
         raise DecoderUnavailable(f"NVDEC cannot open it ({type(exc).__name__}: {exc})") from None
-    height, time_base = stream.codec_context.height, stream.time_base
-    matrix = _matrix(stream)
+    height, width, time_base = stream.codec_context.height, stream.codec_context.width, stream.time_base
+    matrix, surface = _matrix(stream), None
+    durations = functools.cache(functools.partial(packet_durations, path, stream.index))
     for packet in CLOCK.timed(demuxer, "decode"):  # the last packet is empty: it flushes the decoder
         started = CLOCK.start()
         frames = decoder.Decode(packet)
         CLOCK.stop("decode", started)
         for decoded in frames:
             nv12 = torch.from_dlpack(decoded)
-            yield NvdecFrame(nv12.reshape(-1, nv12.shape[-1]), height, decoded.getPTS(), time_base, None, matrix)
+            nv12 = nv12.reshape(-1, nv12.shape[-1])
+            if surface is None and (nv12.shape[1] != width or nv12.shape[0] < height * 3 // 2):
+                raise DecoderUnavailable(f"a {width}x{height} stream gave a {tuple(nv12.shape)} NV12 surface")
+            if surface is not None and nv12.shape != surface:  # its picture size changed: the CPU reads it right
+                raise DecoderUnavailable(f"the NV12 surface changed from {tuple(surface)} to {tuple(nv12.shape)}")
+            surface = nv12.shape
+            yield NvdecFrame(nv12, height, decoded.getPTS(), time_base, None, matrix, durations)
 
 
 def _matrix(stream: av.video.stream.VideoStream) -> str:
@@ -302,9 +327,10 @@ def open_frames(
     notice: Callable[[str], None] = _notice,
 ) -> Iterator[FrameSource]:
     """The file's frames from ``decoder`` ("cpu" or "nvdec"); NVDEC that cannot take this file (its first frame
-    fails) falls back to the CPU with a one-line ``notice``. ``needs``: the frames the reader needs, for the CPU
-    decoder to prune (see the module header; None decodes every frame). ``nvdec`` / ``nvdec_convert`` replace
-    :func:`nvdec_frames` / :func:`nvdec_rgb` (default: those of this module, looked up at the call)."""
+    fails, or it gives none) falls back to the CPU with a one-line ``notice``. ``needs``: the frames the reader
+    needs, for the CPU decoder to prune (see the module header; None decodes every frame). ``nvdec`` /
+    ``nvdec_convert`` replace :func:`nvdec_frames` / :func:`nvdec_rgb` (default: those of this module, looked up at
+    the call)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
     stream = container.streams.video[0]
@@ -313,11 +339,13 @@ def open_frames(
         frames = (nvdec or nvdec_frames)(path, stream)
         try:
             first = next(frames, None)
+            if first is None:
+                raise DecoderUnavailable("NVDEC gave no frame")
         except Exception as exc:  # DecoderUnavailable, or the file rejected on its first frame
             notice(f"{path}: decoding on the CPU: {exc}")
         else:
-            frames = enumerate(itertools.chain([] if first is None else [first], frames))
-            yield FrameSource(float(stream.average_rate or 0), frames, nvdec_convert, "nvdec")
+            yield FrameSource(float(stream.average_rate or 0), enumerate(itertools.chain([first], frames)),
+                              nvdec_convert, "nvdec")  # fmt: skip
             return
     with cpu_frames(container, threads, path, needs) as source:
         yield source
