@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
 from titok_fast.engine import AUTO_GRAPH_MAX_ROWS, Engine, auto_mode, pick_budget, plan_batches
 
@@ -314,6 +315,17 @@ def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_w
     model.decoder.to(torch.float64).to(torch.float32)  # new memory, same dtype and device
     engine.decode_indices(list(indices[:2]), SHAPES[:2])
     assert engine.compiles == 4
+    # submodules replaced by new ones (new parameters): the parameters are found where they are now
+    model.decoder.proj_out = nn.Linear(model.decoder.proj_out.in_features, model.decoder.proj_out.out_features)
+    model.encoder.ln_post = nn.LayerNorm(model.encoder.ln_post.normalized_shape)
+    out = engine.decode_indices(list(indices[:2]), SHAPES[:2])
+    _, got = engine.encode(videos[:2], COUNTS[:2])
+    assert engine.compiles == 6
+    fresh = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
+    want = fresh.decode_indices(list(indices[:2]), SHAPES[:2])
+    assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
+    _, want = fresh.encode(videos[:2], COUNTS[:2])
+    assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True))
 
 
 def test_a_backend_change_lowers_the_budgets_before_a_stream_is_batched(expected, monkeypatch):

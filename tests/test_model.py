@@ -169,6 +169,9 @@ def _v(*shape):
         # finite in float64, infinite in the model's float32: FSQ would index NaN
         ([_v(3, 4, 8, 8).double() + 1e300], [1], ValueError, "video 0 holds 1e[+]300, beyond .* torch.float32"),
         ([_v(3, 4, 8, 8).double() - 1e300], [1], ValueError, "video 0 holds -1e[+]300, beyond .* torch.float32"),
+        # finite in float32, but the encoder's norms overflow near 1e20: refused well before
+        ([_v(3, 4, 8, 8) + 1e30], [1], ValueError, r"video 0 holds 1e\+30; expected values in \[-1, 1\] \(beyond"),
+        ([_v(3, 4, 8, 8), _v(3, 4, 8, 8) - 2e9], [1, 1], ValueError, "video 1 holds -2e[+]09; expected"),
     ],
 )
 def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
@@ -268,6 +271,27 @@ def test_weights_changed_after_writes_through_data(precision):
     assert torch.equal(engine.decode_indices(out["indices"], shapes)[0], fresh)
     assert all(torch.equal(a, b) for a, b in zip(model.encode(videos, counts)[1]["indices"],
                                                  new.encode(videos, counts)[1]["indices"], strict=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["default", "fp8"])
+def test_a_model_built_under_inference_mode_gives_what_one_built_outside_gives(precision):
+    """Inference tensors have no version counter, which keys the decoder table and the FP8 weight copies: a model
+    built (or loaded) under ``torch.inference_mode()`` encodes and decodes as any other."""
+    from titok_fast.engine import Engine
+
+    videos, shapes, counts = random_videos([(4, 16, 16)]), [(4, 16, 16)], [8]
+    model = make_model("tiny", "torch", seed=3)
+    model.precision = precision
+    _, want = model.encode(videos, counts)
+    pixels = model.decode_indices(want["indices"], shapes)[0]
+    with torch.inference_mode():
+        inferred = make_model("tiny", "torch", seed=3)
+        inferred.precision = precision
+        _, got = inferred.encode(videos, counts)
+        assert torch.equal(got["indices"][0], want["indices"][0])
+        assert torch.equal(inferred.decode_indices(got["indices"], shapes)[0], pixels)
+        engine = Engine(inferred, mode="static", budgets=(256,))
+        assert torch.equal(engine.encode(videos, counts)[1]["indices"][0], want["indices"][0])
 
 
 def test_encoder_submodule_as_upstream(tiny):

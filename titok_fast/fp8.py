@@ -82,7 +82,7 @@ class Fp8Linear(nn.Linear):
                 raise RuntimeError("FP8 weights are quantised before tracing: call titok_fast.fp8.refresh(model)")
             return cache[1], cache[2]
         w = self._parameters["weight"]  # not self.weight: nn.Module's attribute fallback costs more than the check
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        key = tensor_key(w)
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 w_q, scale = quantize_rows(w)
@@ -98,6 +98,13 @@ class Fp8Linear(nn.Linear):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What tells that a tensor changed: its memory, version counter, dtype and device. Inference tensors (made
+    under ``torch.inference_mode()``) have no version counter: writes to them in place are seen only through
+    ``TiTok.weights_changed()``."""
+    return (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
 
 
 def layer_linears(layers: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -184,7 +184,7 @@ class Decoder(DecoderParams):
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ln_pre(proj_in(code)) for every code [K, W], ln_pre(mask_token) [W])``, rebuilt when weights change."""
         params = (self.proj_in.weight, self.proj_in.bias, self.ln_pre.weight, self.ln_pre.bias, self.mask_token)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = tuple(fp8.tensor_key(p) for p in params)
         if self._table is None or self._table[0] != key:
             with torch.no_grad():
                 codes = self.runtime.fsq.indices_to_codes(torch.arange(self.runtime.fsq.codebook_size,
@@ -225,6 +225,19 @@ class Decoder(DecoderParams):
         return self.proj_out(run_layers_static(self.model_layers, x, batch, backend))
 
 
+# modules and parameters registered on any module (set as attributes, e.g. a submodule replaced), counted by
+# torch's global registration hooks: TiTok.parameter_addresses finds its parameters' modules again when it changes
+_registrations = [0]
+
+
+def _count_registration(*_) -> None:
+    _registrations[0] += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
 class TiTok(nn.Module):
     """TiTok-Video tokenizer. ``state_dict()`` keys and shapes are exactly upstream's.
 
@@ -239,7 +252,7 @@ class TiTok(nn.Module):
     def __init__(self, config: object = "v1", backend: str = "auto", precision: str = "default"):
         super().__init__()
         self._generation = 0  # see generation
-        self._parameter_slots: tuple[int, list] = (-1, [])  # (generation, (module's parameters, name) pairs)
+        self._parameter_slots: tuple[int, list] = (-1, [])  # (_registrations, (module's parameters, name) pairs)
         self.config = TiTokConfig.from_any(config)
         self.quantize = FSQ(self.config.fsq_levels)
         self._runtime = Runtime(backend, self.quantize)
@@ -261,8 +274,9 @@ class TiTok(nn.Module):
     def weights_changed(self) -> None:
         """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies) at its next
         use. Changes made the usual ways (``load_state_dict``, in-place operations on the parameters, optimiser
-        steps, ``to()``) are seen without this; writes through ``parameter.data`` bypass the version counter that
-        tells, so call it after them. Engines built on the model follow at their next batch."""
+        steps, ``to()``) are seen without this; writes through ``parameter.data``, and in place to parameters made
+        under ``torch.inference_mode()``, bypass the version counter that tells, so call it after them. Engines
+        built on the model follow at their next batch."""
         self.decoder._table = None
         fp8.forget(self)
 
@@ -277,9 +291,9 @@ class TiTok(nn.Module):
         ``half()``, ``load_state_dict(..., assign=True)``, on the model or a submodule, ``parameter.data = ...``),
         not when it is written in place. What reads the parameters by address (CUDA graphs) is stale when it
         changes. Cheap enough to check at every call (V1: 194 parameters, 30-70 us)."""
-        if self._parameter_slots[0] != self._generation:  # the modules holding them, found again after a switch
+        if self._parameter_slots[0] != _registrations[0]:  # the modules holding them, found again after a change
             found = [(m._parameters, n) for m in self.modules() for n, p in m._parameters.items() if p is not None]
-            self._parameter_slots = (self._generation, found)
+            self._parameter_slots = (_registrations[0], found)
         return tuple(held[name].data_ptr() for held, name in self._parameter_slots[1])
 
     @property
