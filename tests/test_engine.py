@@ -70,6 +70,19 @@ def test_engine_equals_model_clip_by_clip(model, expected, mode):
         assert engine.compiles == compiled <= 4
 
 
+def test_counts_and_grids_as_tensors_are_taken_by_the_streams_and_in_decode_order(model, expected):
+    videos, _, indices, recon = expected
+    engine = Engine(model, mode="eager", budgets=(512,))
+    encoded = dict(engine.encode_stream((i, videos[i], torch.tensor([COUNTS[i]])) for i in range(2)))
+    assert all(torch.equal(encoded[i][1], indices[i]) for i in range(2))
+    decoded = dict(engine.decode_stream((i, indices[i], torch.tensor(SHAPES[i])) for i in range(2)))
+    assert all(rel_l2(decoded[i], recon[i]) <= 1e-5 for i in range(2))
+    packed = torch.cat(list(indices[:2]))  # decode_indices(packed, counts, grids), decode's order
+    for counts in (COUNTS[:2], torch.tensor(COUNTS[:2])):
+        out = model.decode_indices(packed, counts, SHAPES[:2])
+        assert all(rel_l2(out[i], recon[i]) <= 1e-5 for i in range(2))
+
+
 def test_padding_never_changes_a_clip(model, expected):
     videos, _, indices, recon = expected
     engine = Engine(model, mode="compile", budgets=(512,), max_clips=8)

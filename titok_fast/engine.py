@@ -216,8 +216,7 @@ class Engine:
         def checked(items):
             for key, video, n in items:
                 check_videos([video], patch, _clip_named(key), dtype=self.model.dtype)
-                check_token_counts([n], 1, name=_clip_named(key))
-                yield key, video, n
+                yield key, video, check_token_counts([n], 1, name=_clip_named(key))[0]  # an int, as batching wants
 
         yield from self._stream(checked(items), self._encode_rows, self._stage_videos, self._run_encode)
 
@@ -236,8 +235,7 @@ class Engine:
         def checked(items):
             for key, idx, shape in items:
                 check_clip_indices(idx, codebook, f"indices of clip {key!r}")
-                check_grids([shape], 1, patch, _clip_named(key))
-                yield key, idx, shape
+                yield key, idx, check_grids([shape], 1, patch, _clip_named(key))[0]
 
         yield from self._stream(checked(items), self._decode_rows, self._stage_indices, self._run_decode)
 
