@@ -616,3 +616,19 @@ def test_an_archive_of_too_many_entries_is_refused_before_its_directory_is_read(
     monkeypatch.setattr(zipfile, "ZipFile", _no_zip_directory)
     with pytest.raises(CheckpointError, match=f"its archive declares {entries} entries; at most {entries - 1}"):
         load_tokenizer(path, config="tiny")
+
+
+def test_random_weights_take_only_seeds_a_token_file_can_record_and_leave_the_callers_random_numbers():
+    from titok_fast.loading import random_seed, random_tokenizer
+
+    model = random_tokenizer("tiny", seed=10**18 - 1)
+    assert random_seed(model.weights_digest) == 10**18 - 1  # decode can rebuild it
+    for seed in (-1, 10**18, 2**63, 1.5, True, torch.tensor(3)):  # 2**63 gave seed 0's weights under its own name
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 999999999999999999\]"):
+            random_tokenizer("tiny", seed=seed)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    random_tokenizer("tiny", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    assert random_tokenizer("tiny", seed=7).weights_digest == "random-seed7-9341808e1c685b29"  # the weights of before

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .files import STALL_SECONDS, interrupt, write_atomically
+from .files import MAX_SEED, STALL_SECONDS, interrupt, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
@@ -89,7 +89,6 @@ def _int_between(least: int, most: int | None = None) -> Callable[[str], int]:
 
 _positive, _non_negative = _int_between(1), _int_between(0)
 MAX_WORKERS = 1024  # decoding threads or processes: more than any machine's cores
-MAX_SEED = 10**18 - 1  # --random-weights: token files record the seed in at most 18 digits (loading.random_seed)
 
 
 # --ray-* options: None when not given (they apply only with --ray), these values when --ray is used

@@ -14,6 +14,7 @@ import uuid
 
 METADATA_KEY = "titok_fast"  # the safetensors metadata key holding our JSON, in token files and weights files
 FORMAT_VERSION = 1  # of that JSON; readers accept files of this version, whatever extra fields they carry
+MAX_SEED = 10**18 - 1  # of random weights: token files record the seed in at most 18 digits (loading.random_seed)
 # A video whose decoder gives no clip for this long has stalled (a read that hangs on a network file system, a file
 # the decoder cannot get through): it fails alone and its worker is replaced. No sound clip takes minutes to decode.
 STALL_SECONDS = 300.0

@@ -40,9 +40,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import hub
-from .checks import MAX_GRID, MAX_TOKENS
+from .checks import MAX_GRID, MAX_TOKENS, is_integer
 from .config import TiTokConfig
-from .files import FORMAT_VERSION, METADATA_KEY, AtomicFile
+from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile
 from .layers import perturb_norms
 from .model import TiTok
 from .tokens import MAX_CODEBOOK_SIZE
@@ -628,13 +628,17 @@ def random_tokenizer(
     backend: str = "auto",
     precision: str = "default",
 ) -> TiTok:
-    """A model with reproducible random weights (``perturb_norms`` applied), for demos and tests. Its digest
-    starts with ``random-seed<seed>-`` so token files made with it can be decoded by rebuilding it."""
+    """A model with reproducible random weights (``perturb_norms`` applied), for demos and tests; ``seed`` in
+    [0, MAX_SEED]. Its digest starts with ``random-seed<seed>-`` so token files made with it can be decoded by
+    rebuilding it. The global random number generator is left as it was."""
+    if not is_integer(seed) or isinstance(seed, torch.Tensor) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (token files record it); got {seed!r}")
     config = TiTokConfig.from_any(config)
     check_config(config)
-    torch.manual_seed(seed)
-    model = TiTok(config, backend=backend, precision=precision).eval()
-    perturb_norms(model)
+    with torch.random.fork_rng(devices=[]):  # the caller's random numbers go on as they were
+        torch.manual_seed(seed)
+        model = TiTok(config, backend=backend, precision=precision).eval()
+        perturb_norms(model)
     model.weights_digest = f"random-seed{seed}-{weights_digest(model.state_dict())}"
     return model.to(device=device, dtype=dtype)
 
