@@ -74,3 +74,11 @@ def test_model_quantize_adds_no_state_and_follows_the_model(fsq):
     assert shell.quantize.implicit_codebook.device.type == "cpu"  # never left on meta
     moved = TiTok("tiny").to("meta")
     assert moved.quantize.implicit_codebook.device.type == "meta"
+
+
+def test_levels_making_more_codes_than_int32_indices_hold_are_refused():
+    assert FSQ([46340, 46340]).codebook_size == 46340**2  # the largest square that fits
+    with pytest.raises(ValueError, match=r"fsq_levels \[46341, 46341\]: .* at most 2147483647 codes"):
+        FSQ([46341, 46341])  # its indices wrapped to negative values
+    with pytest.raises(ValueError, match=r"fsq_levels \[8, 0\]: expected levels >= 1"):
+        FSQ([8, 0])

@@ -41,6 +41,9 @@ def grid_indices(codes: torch.Tensor, consts: FsqConstants) -> torch.Tensor | No
     return (level.long() * consts.basis).sum(-1).to(torch.int32)
 
 
+INDEX_MAX = 2**31 - 1  # indices are int32
+
+
 class FSQ(nn.Module):
     """Finite scalar quantisation on the implicit codebook of ``levels`` (upstream's ``model.quantize``).
 
@@ -56,6 +59,11 @@ class FSQ(nn.Module):
         self.codebook_size = 1
         for n in self.levels:
             self.codebook_size *= n
+        if not self.levels or min(self.levels) < 1 or self.codebook_size > INDEX_MAX:
+            raise ValueError(
+                f"fsq_levels {list(self.levels)}: expected levels >= 1 making at most {INDEX_MAX} codes (indices are "
+                f"int32); they make {self.codebook_size}"
+            )
         self._constants: dict[str, FsqConstants] = {}
         # where implicit_codebook lives: follows .to()/.cuda() like a buffer would, without being one (a buffer
         # would be left on `meta` when a model built there is filled with load_state_dict(assign=True))
