@@ -1,6 +1,9 @@
 """titok_fast.benchreport turns pytest-benchmark JSON into the tables of RESULTS.md."""
 
 import json
+import re
+
+import pytest
 
 from titok_fast.benchreport import table
 
@@ -78,3 +81,30 @@ def test_end_to_end_rows_show_the_spread_of_their_timed_rounds(tmp_path):
     assert "| upstream-packed | 100.00 | 315.20-330.90 (6.25) | 1.00x |" in text
     assert "| auto | 250.00 | 126.00-129.50 (1.50) | 2.50x |" in text
     assert "| older | 50.00 |  | 0.50x |" in text
+
+
+def test_a_file_that_is_not_benchmark_json_is_one_error_naming_it(tmp_path):
+    path = tmp_path / "r.json"
+    for text in ('{"benchmarks": 5}', "[]", '{"benchmarks": [{"group": "g"}]}', "not json"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not"):
+            table(str(path))
+
+
+def test_bench_prints_only_the_results_its_own_run_wrote(tmp_path, monkeypatch, capsys):
+    from titok_fast import cli
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": [{"group": "LAST-WEEK", "extra_info": {"provider": "x"}}]}))
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: 5)  # a run that selects nothing writes nothing
+    assert cli.main(["bench", "-k", "nothing", "--json", str(path)]) == 5
+    out, err = capsys.readouterr()
+    assert "LAST-WEEK" not in out and f"{path} is an earlier run's: this run wrote no results" in err
+
+    def writes(cmd):
+        path.write_text(json.dumps({"benchmarks": [{"group": "TODAY", "extra_info": {"provider": "x"}}]}))
+        return 0
+
+    monkeypatch.setattr(cli.subprocess, "call", writes)
+    assert cli.main(["bench", "--json", str(path)]) == 0
+    assert "TODAY" in capsys.readouterr().out

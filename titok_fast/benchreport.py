@@ -26,10 +26,19 @@ COLUMNS = [  # header, key, format (given the value and, by name, the row's othe
 
 def table(path: str) -> str:
     """The benchmarks of the JSON file at ``path``, one markdown table per group, one row per provider."""
-    data = json.load(open(path))
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+    benches = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(benches, list) or not all(
+        isinstance(b, dict) and isinstance(b.get("extra_info"), dict) for b in benches
+    ):
+        raise ValueError(f"{path}: not a pytest-benchmark JSON file (expected a list of benchmarks with extra_info)")
     groups = defaultdict(list)
-    for bench in data["benchmarks"]:
-        groups[bench["group"]].append(bench)
+    for bench in benches:
+        groups[bench.get("group")].append(bench)
     lines = []
     for group, benches in groups.items():
         info = [b["extra_info"] for b in benches]

@@ -472,12 +472,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={results}"]
     cmd += ["-k", args.select] if args.select else []
     print("+", " ".join(cmd), file=sys.stderr)
+    before = _stamp(results)
     code = subprocess.call(cmd)
-    if results.exists():
+    if results.exists() and _stamp(results) != before:  # written by this run (not an earlier run's file)
         from .benchreport import table
 
         print(table(str(results)))
+    elif before is not None:
+        print(f"{results} is an earlier run's: this run wrote no results", file=sys.stderr)
     return code
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What tells that a file was written since: its time, size and inode (None: no such file)."""
+    with contextlib.suppress(OSError):
+        stat = path.stat()
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+    return None
 
 
 DEMO_REAL = ((16, 192, 192), 256)  # grid and tokens inside what V1 was trained on (144-192 px, 8-20 frames)
