@@ -124,6 +124,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
             # before the model loads (the checkpoint is never opened): not after it, hours into a job
             code, _, err = run(command, inputs, "-o", out, "--checkpoint", absent, capsys=capsys)
             assert code == 2 and f"titok-fast: error: -o {out}: cannot be made ({reason}" in err, err
+    code, _, err = run("convert", absent, "/proc/absent/x.safetensors", capsys=capsys)  # before reading the source
+    assert code == 2 and "error: output /proc/absent/x.safetensors: its folder cannot be made" in err, err
     with socket.socket() as s:  # a port where nothing listens: Ray would retry it for minutes, saying only its own
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
@@ -154,6 +156,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--mode", "compile", "--grid", "4x32x32", "--tokens", "20000", "--ray", "local", "--device", "cpu"],
          "--grid 4x32x32 --tokens 20000: a clip would need 20016 packed rows (tokens + patches); the engine takes at "
          "most 16384 per clip"),  # the CPU encode actors' engines: no cluster is started
+        (["--decoder", "nvdec", "--worker-kind", "process"], "--decoder nvdec leaves frames on the GPU, which worker "
+         "processes cannot hand over: use --worker-kind thread"),
     ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
@@ -162,6 +166,7 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder; expected the path of a file to write"),
         (["--plot", "/proc/absent/x.png"], "--plot /proc/absent/x.png: its folder cannot be made"),
         (["--plot", "x.jpg"], "--plot x.jpg: expected a .png path (the plot is written as a PNG)"),
+        (["--grid", "4x8x16"], "--grid 4x8x16: eval's SSIM needs frames of at least 11 x 11"),
         (["--grid", "4x32x32", "--tokens", "8,70000"], "--tokens 70000: a clip would need 70016 packed rows"),
     ]:
         code, stdout, err = run("eval", folder / "moving.mp4", *RANDOM, *options, capsys=capsys)

@@ -261,6 +261,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
     _check_output_folder("-o", args.output)
+    if args.decoder == "nvdec" and args.worker_kind == "process":
+        raise ValueError("--decoder nvdec leaves frames on the GPU, which worker processes cannot hand over: use "
+                         "--worker-kind thread")  # fmt: skip
     if args.ray:
         return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
@@ -368,10 +371,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             _check_writable(option, Path(path))
+    if args.grid:
+        _check_ssim_grid(args.grid)
     model = _model(args)
     engine = _engine(args, model)
     _settings(args, model, tokens=max(args.counts), engine=engine)  # checked before any work, at the most tokens
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
+    _check_ssim_grid(settings.grid)  # the model's own, when --grid is not given
     per_file: dict = {}
     table, summary = evaluate(
         engine, collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
@@ -391,6 +397,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         save_figure(figure, args.plot)
         print(f"wrote {args.plot}")
     return _finish(summary, "evaluated")
+
+
+def _check_ssim_grid(grid) -> None:
+    from .video import SSIM_MIN_SIDE
+
+    if min(grid[1:]) < SSIM_MIN_SIDE:
+        raise ValueError(
+            f"--grid {'x'.join(map(str, grid))}: eval's SSIM needs frames of at least {SSIM_MIN_SIDE} x {SSIM_MIN_SIDE}"
+        )
 
 
 def _check_output_folder(option: str, folder: str) -> None:
@@ -458,6 +473,7 @@ def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[i
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loading import convert
 
+    _check_writable("output", Path(args.output))  # before a checkpoint of a gigabyte is read
     digest = convert(args.checkpoint, args.output, config=args.config, use_ema=not args.no_ema)
     print(f"wrote {args.output} (weights digest {digest})")
     return 0

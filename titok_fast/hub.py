@@ -120,7 +120,8 @@ def download(ref: HubRef, *, quick: bool = False) -> tuple[Path, HubRef]:
         raise WeightsUnavailable(
             f"weights {ref} are not in the Hugging Face cache and the Hub cannot be reached: run "
             f"`hf download {ref.repo_id} {ref.filename}{f' --revision {ref.revision}' if ref.revision else ''}` "
-            "on a connected machine (then copy its cache here, or set HF_HOME), or pass --checkpoint PATH"
+            "on a connected machine (then copy its cache here, or set HF_HOME), or pass the path of a local weights "
+            "file instead (--checkpoint PATH)"
         ) from None
     except (EntryNotFoundError, HfHubHTTPError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

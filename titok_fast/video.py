@@ -828,6 +828,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+SSIM_MIN_SIDE = 11  # the Gaussian window's
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean SSIM of two videos [3, T, H, W] in [-1, 1] (Wang et al. 2004), frames at least 11 x 11.
 
@@ -835,8 +838,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     K2 = 0.03, only windows that fit inside the frame; averaged over positions, channels and then frames.
     """
     _check_pair(a, b)
-    if min(a.shape[-2:]) < 11:
-        raise ValueError(f"SSIM needs frames of at least 11 x 11; got {list(a.shape[-2:])}")
+    if min(a.shape[-2:]) < SSIM_MIN_SIDE:
+        raise ValueError(f"SSIM needs frames of at least {SSIM_MIN_SIDE} x {SSIM_MIN_SIDE}; got {list(a.shape[-2:])}")
     x, y = ((v.double().transpose(0, 1) + 1) / 2 for v in (a, b))  # [T, 3, H, W]
     g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
     g = g / g.sum()
