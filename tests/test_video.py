@@ -189,6 +189,24 @@ def test_odd_source_size(files, height, width):
     assert [c.shape for c in result.clips] == [(3, 2, height, width)]
 
 
+@pytest.mark.parametrize("rotation", ["stored", "display"])
+def test_frames_beyond_the_largest_source_size_fail_their_file(files, tmp_path, monkeypatch, rotation):
+    """A file that declares, or grows midway to, frames beyond MAX_SOURCE_PIXELS (scaled down here) fails alone in
+    one line, before such a frame is converted (a 16384 x 16384 one would take some 4 GB per worker)."""
+    from test_preprocess import make_size_change
+
+    monkeypatch.setattr(video, "MAX_SOURCE_PIXELS", 32 * 48)
+    kwargs = dict(frames=4, height=24, width=24, fps=8, rotation=rotation)
+    with pytest.raises(VideoError, match=r"odd.mkv: frames of 130x97 pixels; at most 1536 pixels a frame are read"):
+        read_clips(files["odd"], **kwargs)
+    grows = make_size_change(tmp_path / "grows.ts")  # 14 frames of 48x32, then 64x64
+    reader = video.ClipReader(grows, **kwargs)
+    with pytest.raises(VideoError, match=r"grows.ts: frames of 64x64 pixels; at most 1536"):
+        for _ in reader:
+            pass
+    assert reader.clips_read == 3  # the clips before it came out
+
+
 def test_resize_and_crop_keep_the_center(files):
     # 64 x 160 left-to-right ramp: short side 64 -> 32, width 160 -> 80, center crop keeps source columns 48..111
     clip = read_clips(files["gradient"], frames=1, height=32, width=32, fps=24).clips[0]

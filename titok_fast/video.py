@@ -50,6 +50,9 @@ SAMPLINGS = ("upstream", "time")
 ROTATIONS = ("stored", "display")  # frames as stored (upstream), or turned as the container says to show them
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
+# the largest source frame read (8192 x 8192, beyond 8K): a 16384 x 16384 frame would take some 4 GB per decoding
+# worker once converted and resized (RGB, float32), a file that declares or grows to more fails alone
+MAX_SOURCE_PIXELS = 8192 * 8192
 
 
 def check_fps(fps: float) -> None:
@@ -223,6 +226,7 @@ class ClipReader:
             if not container.streams.video:
                 raise VideoError(f"{path}: has no video stream")
             context = container.streams.video[0].codec_context
+            _check_frame_size(path, context.width, context.height)
             needs = self._needs if prune else None
             with open_frames(path, container, decoder, threads=self.threads, needs=needs) as source:
                 self.decoded_by, self.pruned = self.decoded_by or source.decoder, source.pruned
@@ -231,12 +235,13 @@ class ClipReader:
                     on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
                     self.placement = "device" if source.decoder == "nvdec" else on
                 if self.rotation == "stored":
-                    rgb = source.rgb
+                    rgb = functools.partial(_sized_rgb, path, source.rgb)
                 elif source.decoder == "nvdec":  # its frames carry no display matrix: the first frame's, from PyAV
                     first = first_frame_turns(path)
                     rgb = functools.partial(_turned, source.rgb, lambda _: first)
                 else:
-                    rgb = functools.partial(_turned, source.rgb, functools.partial(display_turns, path))
+                    rgb = functools.partial(_turned, functools.partial(_sized_rgb, path, source.rgb),
+                                            functools.partial(display_turns, path))  # fmt: skip
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
@@ -858,6 +863,21 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4 or a.shape[0] != 3:
         raise ValueError(f"videos must both be [3, T, H, W] of one shape; got {list(a.shape)} and {list(b.shape)}")
+
+
+def _check_frame_size(path: str, width: int, height: int) -> None:
+    if width * height > MAX_SOURCE_PIXELS:
+        raise VideoError(
+            f"{path}: frames of {width}x{height} pixels; at most {MAX_SOURCE_PIXELS} pixels a frame are read "
+            "(8192x8192)"
+        )
+
+
+def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
+    """``rgb(frame)`` of a frame within MAX_SOURCE_PIXELS (a stream may grow midway past what it declared)."""
+    if isinstance(frame, av.VideoFrame):  # (NVDEC's frames keep the stream's first size, checked at the start)
+        _check_frame_size(path, frame.width, frame.height)
+    return rgb(frame)
 
 
 def _open(path: str) -> av.container.InputContainer:
