@@ -52,7 +52,9 @@ def test_plan_keeps_every_clip_once_in_order_within_budget():
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_engine_equals_model_clip_by_clip(model, expected, mode):
     videos, codes, indices, recon = expected
-    engine = Engine(model, mode=mode, budgets=(256, 512), max_clips=3)
+    # one budget, the one test_padding_never_changes_a_clip compiles too (inductor's cache then serves it); budgets
+    # of many engines: test_compile_mode_compiles_every_runner_of_many_engines
+    engine = Engine(model, mode=mode, budgets=(512,), max_clips=3)
     order = shuffled()
     got_codes, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
     for pos, i in enumerate(order):
@@ -67,7 +69,7 @@ def test_engine_equals_model_clip_by_clip(model, expected, mode):
         compiled = engine.compiles
         engine.encode([videos[i] for i in order[::-1]], [COUNTS[i] for i in order[::-1]])
         engine.decode_indices([indices[i] for i in order[::-1]], [SHAPES[i] for i in order[::-1]])
-        assert engine.compiles == compiled <= 4
+        assert engine.compiles == compiled == 2
 
 
 def test_counts_and_grids_as_tensors_are_taken_by_the_streams_and_in_decode_order(model, expected):
