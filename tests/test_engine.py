@@ -273,7 +273,7 @@ def test_fixed_shape_state_follows_replaced_parameters_precision_and_dtype(expec
     engine gives exactly what an engine built on the changed model gives."""
     videos, _, indices, _ = expected
     model = make_model("tiny")
-    settings = dict(budgets=(512,), max_clips=4)
+    settings = dict(budgets=(128,), max_clips=4)
     engine = engine_for(model, mode, monkeypatch, **settings)
 
     def same_as_a_new_engine():
@@ -294,7 +294,7 @@ def test_fixed_shape_state_follows_replaced_parameters_precision_and_dtype(expec
     model.precision = "default"
     model.to(torch.bfloat16)
     same_as_a_new_engine()
-    assert engine._buffers[("encode", 512)].inputs.dtype == torch.bfloat16
+    assert engine._buffers[("encode", 128)].inputs.dtype == torch.bfloat16
 
 
 def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_what_still_holds(
@@ -306,7 +306,7 @@ def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_w
     after in-place writes keep the graphs (they read the same memory, which holds the new values)."""
     videos, _, indices, _ = expected
     model = make_model("tiny")
-    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(128,), max_clips=4)
     engine.encode(videos[:2], COUNTS[:2])
     engine.decode_indices(list(indices[:2]), SHAPES[:2])
     assert engine.compiles == 2
@@ -323,7 +323,7 @@ def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_w
     model.decoder.load_state_dict({k: v.clone() for k, v in other.decoder.state_dict().items()}, assign=True)
     out = engine.decode_indices(list(indices[:2]), SHAPES[:2])
     assert engine.compiles == 3
-    want = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4).decode_indices(
+    want = engine_for(model, "cudagraph", monkeypatch, budgets=(128,), max_clips=4).decode_indices(
         list(indices[:2]), SHAPES[:2]
     )
     assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
@@ -336,7 +336,7 @@ def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_w
     out = engine.decode_indices(list(indices[:2]), SHAPES[:2])
     _, got = engine.encode(videos[:2], COUNTS[:2])
     assert engine.compiles == 6
-    fresh = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
+    fresh = engine_for(model, "cudagraph", monkeypatch, budgets=(128,), max_clips=4)
     want = fresh.decode_indices(list(indices[:2]), SHAPES[:2])
     assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
     _, want = fresh.encode(videos[:2], COUNTS[:2])
