@@ -217,7 +217,8 @@ def test_yuv420_to_rgb_checks_its_planes():
 class FakePyNvVideoCodec(types.ModuleType):
     """PyNvVideoCodec as :func:`decoders.nvdec_frames` uses it, on the CPU: its demuxer hands out PyAV's decoded
     frames as packets (then the empty one that flushes), its decoder turns each into an NV12 frame that DLPack
-    reads, with ``getPTS``. It can refuse the file, fail at a frame, or give no frame."""
+    reads, with ``getPTS``, in one output surface that the next call overwrites. It can refuse the file, fail at a
+    frame, or give no frame."""
 
     def __init__(self, fail_at: int | None = None, refuse: bool = False, empty: bool = False):
         super().__init__("PyNvVideoCodec")
@@ -244,11 +245,15 @@ class FakePyNvVideoCodec(types.ModuleType):
             raise RuntimeError("no NVDEC here")
         decoded = itertools.count()
 
+        surface = [torch.empty(0)]  # the decoder's output surface: every Decode call writes its frame there
+
         class Frame:
             def __init__(self, frame):
                 y, u, v = planes(frame)
-                self.nv12 = torch.cat([y, torch.stack([u, v], dim=-1).reshape(u.shape[0], -1)[:, : y.shape[1]]])
-                self.pts = frame.pts
+                nv12 = torch.cat([y, torch.stack([u, v], dim=-1).reshape(u.shape[0], -1)[:, : y.shape[1]]])
+                if surface[0].shape != nv12.shape:
+                    surface[0] = torch.empty_like(nv12)
+                self.nv12, self.pts = surface[0].copy_(nv12), frame.pts
 
             def __dlpack__(self, **kwargs):
                 return self.nv12.__dlpack__(**kwargs)
@@ -341,15 +346,19 @@ def test_nvdec_with_a_picture_size_that_changes_goes_on_on_the_cpu(tmp_path, mon
 
 
 @pytest.mark.parametrize("fps", [8, 16, 24])
-def test_nvdec_time_sampling_shows_the_last_frame_as_long_as_the_cpu_does(tmp_path, monkeypatch, fps):
+def test_nvdec_time_sampling_gives_the_cpu_decoders_frames(tmp_path, monkeypatch, fps):
     """Sampling faster than the source repeats its last frame until its end (its packet's duration, as PyAV's
-    frame has it): NVDEC's frames, which carry no duration, give the CPU decoder's clip count."""
-    path = str(videos.make_video(tmp_path / "eight.mp4", 16, 64, 64, fps=8))
+    frame has it): NVDEC's frames, which carry no duration, give the CPU decoder's clip count; and a frame held
+    while the next ones are decoded is not overwritten by them (a decoder may reuse its output surfaces)."""
+    path = str(videos.make_video(tmp_path / "eight.mp4", 16, 64, 64, fps=8, pattern="moving"))
     kwargs = dict(frames=4, height=32, width=32, fps=fps, sampling="time", tail="drop")
     cpu = read_clips(path, **kwargs).clips
     fake_nvdec(monkeypatch)
     reader = ClipReader(path, decoder="nvdec", device="cpu", raw=True, **kwargs)
-    assert len(list(reader)) == len(cpu) == 16 * fps // 8 // 4 and reader.decoded_by == "nvdec"
+    clips = [normalize_pixels(clip_pixels(c, 32, 32), torch.float32) for c in reader]
+    assert len(clips) == len(cpu) == 16 * fps // 8 // 4 and reader.decoded_by == "nvdec"
+    for a, b in zip(clips, cpu, strict=True):  # a frame held while the next is decoded keeps its own pixels
+        assert (a - b).abs().max() <= 2.5 * 2 / 255
 
 
 @pytest.mark.parametrize("rotation", [90, -90])

@@ -254,8 +254,10 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         frames = decoder.Decode(packet)
         CLOCK.stop("decode", started)
         for decoded in frames:
+            # copied out: a reader holds a frame across later Decode calls (until the next one is shown), and the
+            # decoder's output surfaces may be reused by them (device to device, 1.4 MB for a 720p frame)
             nv12 = torch.from_dlpack(decoded)
-            nv12 = nv12.reshape(-1, nv12.shape[-1])
+            nv12 = nv12.reshape(-1, nv12.shape[-1]).clone()
             if surface is None and (nv12.shape[1] != width or nv12.shape[0] < height * 3 // 2):
                 raise DecoderUnavailable(f"a {width}x{height} stream gave a {tuple(nv12.shape)} NV12 surface")
             if surface is not None and nv12.shape != surface:  # its picture size changed: the CPU reads it right
