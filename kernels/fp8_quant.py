@@ -67,7 +67,9 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: x [M, K] -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1]) with x ~= x_q * scale; each
-    row's largest magnitude maps to 448, an all-zero row gets scale 1 (its codes are zeros)."""
-    amax = x.abs().amax(dim=1, keepdim=True).float()
+    row's largest magnitude maps to 448, an all-zero row gets scale 1 (its codes are zeros). A NaN is left out of
+    its row's largest magnitude, as the kernel's max leaves it out."""
+    magnitude = x.abs()
+    amax = torch.where(magnitude.isnan(), 0, magnitude).amax(dim=1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale

@@ -157,7 +157,7 @@ def _fsq_decoder_input_kernel(
     ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    m_r = (o_r < num_rows) & (o_r < tl.load(cu_seqlens_ptr + num_seqs))
+    m_r = (o_r < num_rows) & (o_r >= tl.load(cu_seqlens_ptr)) & (o_r < tl.load(cu_seqlens_ptr + num_seqs))
     seq = _find_segment(cu_seqlens_ptr, num_seqs, o_r, search_iters, 1, 0)
     token0 = tl.load(cu_tokens_ptr + seq)
     j = o_r - tl.load(cu_seqlens_ptr + seq)

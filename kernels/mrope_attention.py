@@ -233,7 +233,7 @@ def _attention_kernel(
     q_begin = tl.load(q_cu_ptr + seq)
     num_q = tl.load(q_cu_ptr + seq + 1) - q_begin
     first = (pid - q_begin // ROWS - seq) * ROWS
-    if first >= num_q:
+    if (first < 0) | (first >= num_q):  # < 0: ids before the first sequence's, when q_cu[0] > 0 (rows of no sequence)
         return
     kv_begin = tl.load(cu_seqlens_ptr + seq)
     kv_len = tl.load(cu_seqlens_ptr + seq + 1) - kv_begin
@@ -400,6 +400,8 @@ def _check_attention_args(
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 2 or t.shape[1] != 32 or t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
             raise ValueError(f"{name} is {t.dtype} {list(t.shape)}; expected contiguous float32 [P, 32] on {device}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos is {list(cos.shape)} and sin {list(sin.shape)}; expected tables of the same positions")
     subset = (q_cu_seqlens is not None, q_starts is not None, num_q_rows is not None)
     if any(subset) and not all(subset):
         raise ValueError("q_cu_seqlens, q_starts and num_q_rows go together: give all three or none")

@@ -157,6 +157,16 @@ def test_decoder_input_takes_strided_indices():
     torch.testing.assert_close(fsq_decoder_input(**{**args, "indices": strided}, out=out), expected, atol=0, rtol=0)
 
 
+def test_decoder_input_of_part_of_a_pack_leaves_the_rows_before_it():
+    """cu_seqlens / cu_tokens that start past 0 (slices of a pack's): rows before the first sequence belong to no
+    sequence and are left as they are (their tokens were read from before the start of indices)."""
+    args, out = _decoder_batch([3, 1, 17, 5], [9, 2, 217, 5], 64, torch.float32, torch.int32)
+    part = {**args, "cu_seqlens": args["cu_seqlens"][2:], "cu_tokens": args["cu_tokens"][2:]}  # sequences 2 and 3
+    expected = fsq_decoder_input_ref(**part, out=out.clone())
+    torch.testing.assert_close(fsq_decoder_input(**part, out=out), expected, atol=0, rtol=0, equal_nan=True)
+    assert out[:11].isnan().all() and not out[11:].isnan().any()
+
+
 def test_bad_arguments():
     consts = FsqConstants.of([7, 7, 7, 5, 5], DEVICE)
     x, *params = _head_params(4, 64, [7, 7, 7, 5, 5], torch.float32)
