@@ -11,8 +11,9 @@ def _find_segment(p_cu, num_segments, target, num_iters, DIV: tl.constexpr, SLAC
     """Largest i in [0, num_segments) with key(i) = cu[i] // DIV + i * SLACK <= target.
 
     p_cu: int32 [num_segments + 1], nondecreasing, so key is nondecreasing too (strictly when SLACK > 0). A
-    target below key(0) (cu[0] > 0: part of a pack) gives 0 too: callers leave such targets out. ``target`` may be a scalar or a block; ``num_iters`` >= ceil(log2(num_segments)) bisection
-    steps (the host passes ``num_segments.bit_length()``). With DIV = 1, SLACK = 0 this is the segment that
+    target below key(0) (cu[0] > 0: part of a pack) gives 0 too: callers leave such targets out. ``target`` may
+    be a scalar or a block; ``num_iters`` >= ceil(log2(num_segments)) bisection steps (the host passes
+    ``num_segments.bit_length()``). With DIV = 1, SLACK = 0 this is the segment that
     holds packed row ``target``; an empty segment never wins over the nonempty one after it.
     """
     lo = target * 0
