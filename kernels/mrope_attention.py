@@ -138,7 +138,7 @@ def _qk_norm_rope_kernel(
     Q_HEADS: tl.constexpr,  # False: the k heads only (the attention kernel normalises q as it loads it)
 ):
     o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    m_r = (o_r < num_rows) & (o_r < tl.load(cu_seqlens_ptr + num_seqs))
+    m_r = (o_r < num_rows) & (o_r >= tl.load(cu_seqlens_ptr)) & (o_r < tl.load(cu_seqlens_ptr + num_seqs))
     o_r = o_r.to(tl.int64)
     b_cos, b_sin = _rotations(pos_ptr, stride_pos, cos_ptr, sin_ptr, o_r, m_r)
 
@@ -401,7 +401,7 @@ def _check_attention_args(
         if t.dim() != 2 or t.shape[1] != 32 or t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
             raise ValueError(f"{name} is {t.dtype} {list(t.shape)}; expected contiguous float32 [P, 32] on {device}")
     if cos.shape != sin.shape:
-        raise ValueError(f"cos is {list(cos.shape)} and sin {list(sin.shape)}; expected tables of the same positions")
+        raise ValueError(f"cos is {list(cos.shape)} and sin {list(sin.shape)}; expected tables of the same shape")
     subset = (q_cu_seqlens is not None, q_starts is not None, num_q_rows is not None)
     if any(subset) and not all(subset):
         raise ValueError("q_cu_seqlens, q_starts and num_q_rows go together: give all three or none")

@@ -144,16 +144,19 @@ def test_padded_buffer(dtype, atol, rtol):
 def test_part_of_a_pack_leaves_the_rows_before_it():
     """cu_seqlens that start past 0 (a slice of a pack's): rows before the first sequence belong to no sequence,
     and their output rows are left as they are, with all queries and with a query subset."""
-    args = _batch([17, 40, 9, 30], 4, 2)
-    part = {**args, "cu_seqlens": args["cu_seqlens"][2:]}  # sequences 2 and 3: rows 57..96
-    out = mrope_attention(**part, out=_nan_like((96, 4 * 64), args["qkv"]))
-    _assert_close(out[57:], mrope_attention_ref(**part)[57:], 1e-5, 1e-5)
-    assert out[:57].isnan().all()
-    query = dict(q_cu_seqlens=torch.tensor([20, 25, 28], dtype=torch.int32, device=DEVICE),
-                 q_starts=torch.tensor([0, 2], dtype=torch.int32, device=DEVICE), num_q_rows=28)  # fmt: skip
-    out = mrope_attention(**part, **query, out=_nan_like((28, 4 * 64), args["qkv"]))
-    _assert_close(out[20:], mrope_attention_ref(**part, **query)[20:], 1e-5, 1e-5)
-    assert out[:20].isnan().all()
+    args = _batch([117, 40, 9, 30], 4, 2)
+    part = {**args, "cu_seqlens": args["cu_seqlens"][2:]}  # sequences 2 and 3: rows 157..196
+    original = args["qkv"].clone()
+    out = mrope_attention(**part, out=_nan_like((196, 4 * 64), original), inplace=True)  # q, k rotated in qkv
+    _assert_close(out[157:], mrope_attention_ref(**{**part, "qkv": original})[157:], 1e-5, 1e-5)
+    assert out[:157].isnan().all() and torch.equal(args["qkv"][:157], original[:157])  # rows before: untouched
+    # query rows from 150 on (beyond the blocks of rows of the first program ids)
+    query = dict(q_cu_seqlens=torch.tensor([150, 155, 158], dtype=torch.int32, device=DEVICE),
+                 q_starts=torch.tensor([0, 2], dtype=torch.int32, device=DEVICE), num_q_rows=158)  # fmt: skip
+    part = {**part, "qkv": original}
+    out = mrope_attention(**part, **query, out=_nan_like((158, 4 * 64), original))
+    _assert_close(out[150:], mrope_attention_ref(**part, **query)[150:], 1e-5, 1e-5)
+    assert out[:150].isnan().all()
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_DTYPES)
@@ -216,7 +219,7 @@ def test_bad_arguments():
         mrope_attention(**{**args, "positions": args["positions"][:-1]})
     with pytest.raises(ValueError, match="go together"):
         mrope_attention(**args, q_starts=args["cu_seqlens"][:-1])
-    with pytest.raises(ValueError, match=r"cos is \[\d+, 32\] and sin \[2, 32\]; expected tables of the same"):
+    with pytest.raises(ValueError, match=r"cos is \[\d+, 32\] and sin \[2, 32\]; expected tables of the same shape"):
         mrope_attention(**{**args, "sin": args["sin"][:2].clone()})  # positions would read sin past its end
     with pytest.raises(ValueError, match="out is"):
         mrope_attention(**args, out=torch.empty(7, 8 * 64, dtype=torch.float16, device=DEVICE))
