@@ -191,17 +191,17 @@ def test_odd_source_size(files, height, width):
 
 @pytest.mark.parametrize("rotation", ["stored", "display"])
 def test_frames_beyond_the_largest_source_size_fail_their_file(files, tmp_path, monkeypatch, rotation):
-    """A file that declares, or grows midway to, frames beyond MAX_SOURCE_PIXELS (scaled down here) fails alone in
-    one line, before such a frame is converted (a 16384 x 16384 one would take some 4 GB per worker)."""
+    """A file that declares, or grows midway to, frames beyond MAX_SOURCE_SIDE squared (scaled down here) fails
+    alone in one line, before such a frame is converted (a 16384 x 16384 one would take some 4 GB per worker)."""
     from test_preprocess import make_size_change
 
-    monkeypatch.setattr(video, "MAX_SOURCE_PIXELS", 32 * 48)
+    monkeypatch.setattr(video, "MAX_SOURCE_SIDE", 40)
     kwargs = dict(frames=4, height=24, width=24, fps=8, rotation=rotation)
-    with pytest.raises(VideoError, match=r"odd.mkv: frames of 130x97 pixels; at most 1536 pixels a frame are read"):
+    with pytest.raises(VideoError, match=r"odd.mkv: frames of 130x97 pixels; at most 40x40 pixels' worth are read"):
         read_clips(files["odd"], **kwargs)
-    grows = make_size_change(tmp_path / "grows.ts")  # 14 frames of 48x32, then 64x64
+    grows = make_size_change(tmp_path / "grows.ts")  # 14 frames of 48x32 (under 40x40's 1600), then 64x64
     reader = video.ClipReader(grows, **kwargs)
-    with pytest.raises(VideoError, match=r"grows.ts: frames of 64x64 pixels; at most 1536"):
+    with pytest.raises(VideoError, match=r"grows.ts: frames of 64x64 pixels; at most 40x40"):
         for _ in reader:
             pass
     assert reader.clips_read == 3  # the clips before it came out

@@ -34,10 +34,12 @@ def check_no_grad(t: torch.Tensor, what: str) -> None:
 MAX_PIXEL_MAGNITUDE = 1e9  # far beyond any scaling of pixels (0-255, 16-bit), far below an overflow in the model
 
 
-def _value_problems(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None) -> list[str]:
+def _value_problems(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype | None, most: float = math.inf
+) -> list[str]:
     """What is wrong with each tensor's values ("" if nothing): NaN or infinite, finite but infinite once cast
     to ``dtype`` (1e300 in float64 is finite, but not in float32, and FSQ has no code for what then comes out), or
-    beyond MAX_PIXEL_MAGNITUDE.
+    beyond ``most`` in magnitude (videos: MAX_PIXEL_MAGNITUDE).
     One reduction per tensor (its extremes: NaN and infinities propagate through them) and one host sync."""
     extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors]).cpu()  # [n, 2] in their dtype
     cast = extremes.to(dtype) if dtype is not None and dtype.is_floating_point else extremes
@@ -48,11 +50,11 @@ def _value_problems(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None) 
         elif not all(fits):
             value = values[0] if not fits[0] else values[1]
             problems.append(f"holds {value:g}, beyond the model's {dtype}; expected values in [-1, 1]")
-        elif max(map(abs, values)) > MAX_PIXEL_MAGNITUDE:
-            value = values[0] if abs(values[0]) > MAX_PIXEL_MAGNITUDE else values[1]
+        elif max(map(abs, values)) > most:
+            value = values[0] if abs(values[0]) > most else values[1]
             problems.append(
-                f"holds {value:g}; expected values in [-1, 1] (beyond {MAX_PIXEL_MAGNITUDE:g} they are refused: "
-                "near 1e20 the encoder's norms overflow and FSQ has no code for what comes out)"
+                f"holds {value:g}; expected values in [-1, 1] (beyond {most:g} they are refused: near 1e20 the "
+                "encoder's norms overflow and FSQ has no code for what comes out)"
             )
         else:
             problems.append("")
@@ -103,7 +105,7 @@ def check_videos(
         if v.dtype != videos[0].dtype:
             raise ValueError(f"{name(i)} has dtype {v.dtype} but {name(0)} has {videos[0].dtype}; mixed dtypes")
         shapes.append(tuple(int(s) for s in v.shape[1:]))
-    for i, problem in enumerate(_value_problems(videos, dtype)):
+    for i, problem in enumerate(_value_problems(videos, dtype, MAX_PIXEL_MAGNITUDE)):
         if problem:
             raise ValueError(f"{name(i)} {problem}")
     return shapes

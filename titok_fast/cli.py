@@ -418,13 +418,18 @@ def _check_output_folder(option: str, folder: str) -> None:
     made = []
     try:
         for path in reversed(missing):
-            path.mkdir()
-            made.append(path)
+            try:
+                path.mkdir()
+                made.append(path)
+            except FileExistsError:  # made meanwhile (shards started at once): theirs, not ours to remove
+                if not path.is_dir():
+                    raise
     except OSError as e:
         raise ValueError(f"{option} {folder}: cannot be made ({e.strerror or e})") from None
     finally:
         for path in reversed(made):
-            path.rmdir()
+            with contextlib.suppress(OSError):  # another run may be writing there by now
+                path.rmdir()
     if not os.access(folder if not missing else missing[-1].parent, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {folder}: is not writable")
 

@@ -197,22 +197,28 @@ class NvdecFrame:
     time_base: Fraction
     known_duration: int | None
     matrix: str
-    durations: Callable[[], dict[int, int]] | None = None  # pts -> duration of the stream's packets, read if asked
+    duration_of: Callable[[int], int | None] | None = None  # pts -> its packet's duration, read when asked
 
     @property
     def duration(self) -> int | None:
         """As PyAV's frame has it (its packet's): only the last frame's is ever read (how long it shows)."""
-        if self.known_duration is None and self.durations is not None and self.pts is not None:
-            return self.durations().get(self.pts) or None
+        if self.known_duration is None and self.duration_of is not None and self.pts is not None:
+            return self.duration_of(self.pts)
         return self.known_duration
 
 
-def packet_durations(path: str, index: int) -> dict[int, int]:
-    """pts -> duration of the packets of stream ``index`` of ``path`` (read, not decoded; {} if it cannot be)."""
-    with contextlib.suppress(av.FFmpegError, OSError), av.open(path) as container:
-        stream = container.streams[index]
-        return {p.pts: p.duration for p in container.demux(stream) if p.size and p.pts is not None and p.duration}
-    return {}
+def packet_duration(path: str, index: int, pts: int) -> int | None:
+    """The duration of the packet of stream ``index`` of ``path`` stamped ``pts`` (None if none is found): its
+    packets are read (not decoded) from the keyframe before it, or from the start where seeking finds it not."""
+    for seek in (True, False):
+        with contextlib.suppress(av.FFmpegError, OSError), av.open(path) as container:
+            stream = container.streams[index]
+            if seek:
+                container.seek(pts, stream=stream, backward=True)
+            for packet in container.demux(stream):
+                if packet.size and packet.pts == pts:
+                    return packet.duration or None
+    return None
 
 
 def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -> Iterator[NvdecFrame]:
@@ -248,7 +254,7 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable(f"NVDEC cannot open it ({type(exc).__name__}: {exc})") from None
     height, width, time_base = stream.codec_context.height, stream.codec_context.width, stream.time_base
     matrix, surface = _matrix(stream), None
-    durations = functools.cache(functools.partial(packet_durations, path, stream.index))
+    duration_of = functools.cache(functools.partial(packet_duration, path, stream.index))
     for packet in CLOCK.timed(demuxer, "decode"):  # the last packet is empty: it flushes the decoder
         started = CLOCK.start()
         frames = decoder.Decode(packet)
@@ -263,7 +269,7 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
             if surface is not None and nv12.shape != surface:  # its picture size changed: the CPU reads it right
                 raise DecoderUnavailable(f"the NV12 surface changed from {tuple(surface)} to {tuple(nv12.shape)}")
             surface = nv12.shape
-            yield NvdecFrame(nv12, height, decoded.getPTS(), time_base, None, matrix, durations)
+            yield NvdecFrame(nv12, height, decoded.getPTS(), time_base, None, matrix, duration_of)
 
 
 def _matrix(stream: av.video.stream.VideoStream) -> str:

@@ -775,11 +775,8 @@ def check_ray_address(address: str) -> None:
     """A cluster's address (``HOST:PORT`` or ``ray://HOST:PORT``) must answer before the job: Ray itself retries an
     address where nothing listens for minutes, printing only its own warnings. Nothing is checked when Ray is already
     initialized in this process (that cluster is used), nor for "local", "auto" and other forms."""
-    if address in ("local", "auto"):
-        return
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # (never imported: not initialized; and Ray may not be installed)
+    if address in ("local", "auto") or (ray is not None and ray.is_initialized()):
         return
     host, colon, port = address.removeprefix("ray://").rpartition(":")
     if not (colon and host and port.isdecimal() and int(port) < 2**16) or "://" in host:

@@ -635,8 +635,8 @@ def random_tokenizer(
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (token files record it); got {seed!r}")
     config = TiTokConfig.from_any(config)
     check_config(config)
-    with torch.random.fork_rng(devices=[]):  # the caller's random numbers go on as they were
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's random numbers go on as they were (built on the CPU:
+        torch.random.default_generator.manual_seed(seed)  # only its generator is used, and only it is reseeded)
         model = TiTok(config, backend=backend, precision=precision).eval()
         perturb_norms(model)
     model.weights_digest = f"random-seed{seed}-{weights_digest(model.state_dict())}"

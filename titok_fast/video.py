@@ -50,9 +50,10 @@ SAMPLINGS = ("upstream", "time")
 ROTATIONS = ("stored", "display")  # frames as stored (upstream), or turned as the container says to show them
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
-# the largest source frame read (8192 x 8192, beyond 8K): a 16384 x 16384 frame would take some 4 GB per decoding
-# worker once converted and resized (RGB, float32), a file that declares or grows to more fails alone
-MAX_SOURCE_PIXELS = 8192 * 8192
+# the largest source frame read, in pixels of a square of this side (8192 x 8192, beyond 8K): a 16384 x 16384
+# frame would take some 4 GB per decoding worker once converted and resized (RGB, float32); a file that declares or
+# grows to more fails alone
+MAX_SOURCE_SIDE = 8192
 
 
 def check_fps(fps: float) -> None:
@@ -234,14 +235,12 @@ class ClipReader:
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
                     on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
                     self.placement = "device" if source.decoder == "nvdec" else on
-                if self.rotation == "stored":
-                    rgb = functools.partial(_sized_rgb, path, source.rgb)
-                elif source.decoder == "nvdec":  # its frames carry no display matrix: the first frame's, from PyAV
-                    first = first_frame_turns(path)
-                    rgb = functools.partial(_turned, source.rgb, lambda _: first)
-                else:
-                    rgb = functools.partial(_turned, functools.partial(_sized_rgb, path, source.rgb),
-                                            functools.partial(display_turns, path))  # fmt: skip
+                rgb = functools.partial(_sized_rgb, path, source.rgb)
+                if self.rotation == "display" and source.decoder == "nvdec":  # no display matrix on its frames:
+                    first = first_frame_turns(path)  # the first frame's, from PyAV
+                    rgb = functools.partial(_turned, rgb, lambda _: first)
+                elif self.rotation == "display":
+                    rgb = functools.partial(_turned, rgb, functools.partial(display_turns, path))
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
@@ -866,16 +865,16 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _check_frame_size(path: str, width: int, height: int) -> None:
-    if width * height > MAX_SOURCE_PIXELS:
+    if width * height > MAX_SOURCE_SIDE**2:
         raise VideoError(
-            f"{path}: frames of {width}x{height} pixels; at most {MAX_SOURCE_PIXELS} pixels a frame are read "
-            "(8192x8192)"
+            f"{path}: frames of {width}x{height} pixels; at most {MAX_SOURCE_SIDE}x{MAX_SOURCE_SIDE} pixels' worth "
+            "are read"
         )
 
 
 def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
     """``rgb(frame)`` of a frame within MAX_SOURCE_PIXELS (a stream may grow midway past what it declared)."""
-    if isinstance(frame, av.VideoFrame):  # (NVDEC's frames keep the stream's first size, checked at the start)
+    if isinstance(frame, av.VideoFrame):  # (NVDEC's keep the stream's first size, checked at the start)
         _check_frame_size(path, frame.width, frame.height)
     return rgb(frame)
 
