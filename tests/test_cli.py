@@ -158,6 +158,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
          "most 16384 per clip"),  # the CPU encode actors' engines: no cluster is started
         (["--decoder", "nvdec", "--worker-kind", "process"], "--decoder nvdec leaves frames on the GPU, which worker "
          "processes cannot hand over: use --worker-kind thread"),
+        (["--decoder", "nvdec", "--ray", "local", "--device", "cpu"], "with Ray, frames are decoded and resized by the "
+         "CPU decode tasks: --decoder nvdec and --preprocess device do not apply"),  # no cluster is started
     ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)

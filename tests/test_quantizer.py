@@ -80,5 +80,6 @@ def test_levels_making_more_codes_than_int32_indices_hold_are_refused():
     assert FSQ([46340, 46340]).codebook_size == 46340**2  # the largest square that fits
     with pytest.raises(ValueError, match=r"fsq_levels \[46341, 46341\]: .* at most 2147483647 codes"):
         FSQ([46341, 46341])  # its indices wrapped to negative values
-    with pytest.raises(ValueError, match=r"fsq_levels \[8, 0\]: expected levels >= 1"):
-        FSQ([8, 0])
+    for levels in ([8, 0], [8, 1]):
+        with pytest.raises(ValueError, match=r"fsq_levels \[8, [01]\]: expected levels >= 2"):
+            FSQ(levels)

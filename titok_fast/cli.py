@@ -261,11 +261,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
     _check_output_folder("-o", args.output)
+    if args.ray:
+        return _finish(_encode_on_ray(args, files), "encoded")
     if args.decoder == "nvdec" and args.worker_kind == "process":
         raise ValueError("--decoder nvdec leaves frames on the GPU, which worker processes cannot hand over: use "
                          "--worker-kind thread")  # fmt: skip
-    if args.ray:
-        return _finish(_encode_on_ray(args, files), "encoded")
     model = _model(args)
     engine = _engine(args, model)
     summary = encode_files(
@@ -277,9 +277,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _encode_on_ray(args: argparse.Namespace, files):
-    from .distributed import check_ray_address, encode_dataset
+    from .distributed import check_ray_address, check_reading_on_ray, encode_dataset
 
-    check_ray_address(args.ray)  # before the model loads
+    check_reading_on_ray(args.decoder, args.preprocess)  # before the model loads
+    check_ray_address(args.ray)
     device = args.device or "cuda"  # the encode actors' device; the driver's copy of the model stays on its CPU
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     if args.precision == "fp8" and not device.startswith("cuda"):  # a GPU's own capability: checked by its actor
@@ -372,12 +373,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if path:
             _check_writable(option, Path(path))
     if args.grid:
-        _check_ssim_grid(args.grid)
+        _check_ssim_grid(f"--grid {'x'.join(map(str, args.grid))}", args.grid)
     model = _model(args)
     engine = _engine(args, model)
     _settings(args, model, tokens=max(args.counts), engine=engine)  # checked before any work, at the most tokens
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
-    _check_ssim_grid(settings.grid)  # the model's own, when --grid is not given
+    _check_ssim_grid(f"the model's grid {'x'.join(map(str, settings.grid))}", settings.grid)  # when not given
     per_file: dict = {}
     table, summary = evaluate(
         engine, collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
@@ -399,13 +400,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _finish(summary, "evaluated")
 
 
-def _check_ssim_grid(grid) -> None:
+def _check_ssim_grid(what: str, grid) -> None:
     from .video import SSIM_MIN_SIDE
 
     if min(grid[1:]) < SSIM_MIN_SIDE:
-        raise ValueError(
-            f"--grid {'x'.join(map(str, grid))}: eval's SSIM needs frames of at least {SSIM_MIN_SIDE} x {SSIM_MIN_SIDE}"
-        )
+        raise ValueError(f"{what}: eval's SSIM needs frames of at least {SSIM_MIN_SIDE} x {SSIM_MIN_SIDE}")
 
 
 def _check_output_folder(option: str, folder: str) -> None:

@@ -404,11 +404,7 @@ def encode_dataset(
     for name, value in given.items():
         if not isinstance(value, int) or value < least[name]:
             raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
-    if settings.decoder != "cpu" or settings.preprocess == "device":
-        raise ValueError(
-            "with Ray, frames are decoded and resized by the CPU decode tasks: --decoder nvdec and --preprocess device "
-            "do not apply"
-        )
+    check_reading_on_ray(settings.decoder, settings.preprocess)
     ClipReader("", **settings.read_kwargs())  # bad clip settings are one error here, not every file's in its task
     check_ray_address(ray_address)
     if mode == "cudagraph" and not str(device).startswith("cuda"):  # each actor's Engine would refuse it, alone
@@ -765,6 +761,14 @@ class _Run:
         return (
             f"every encode actor died for good ({len(actors)}, each restarted up to {self.actor_restarts} times): no "
             "clip can be encoded; see the Ray worker logs"
+        )
+
+
+def check_reading_on_ray(decoder: str, preprocess: str) -> None:
+    if decoder != "cpu" or preprocess == "device":
+        raise ValueError(
+            "with Ray, frames are decoded and resized by the CPU decode tasks: --decoder nvdec and --preprocess device "
+            "do not apply"
         )
 
 

@@ -292,9 +292,10 @@ class TiTok(nn.Module):
         ``half()``, ``load_state_dict(..., assign=True)``, on the model or a submodule, ``parameter.data = ...``),
         not when it is written in place. What reads the parameters by address (CUDA graphs) is stale when it
         changes. Cheap enough to check at every call (V1: 194 parameters, 30-70 us)."""
-        if self._parameter_slots[0] != _registrations[0]:  # the modules holding them, found again after a change
+        seen = _registrations[0]  # read first: a registration during the walk is seen at the next call
+        if self._parameter_slots[0] != seen:  # the modules holding them, found again after a change
             found = [(m._parameters, n) for m in self.modules() for n, p in m._parameters.items() if p is not None]
-            self._parameter_slots = (_registrations[0], found)
+            self._parameter_slots = (seen, found)
         return tuple(held[name].data_ptr() for held, name in self._parameter_slots[1])
 
     @property

@@ -59,10 +59,10 @@ class FSQ(nn.Module):
         self.codebook_size = 1
         for n in self.levels:
             self.codebook_size *= n
-        if not self.levels or min(self.levels) < 1 or self.codebook_size > INDEX_MAX:
+        if not self.levels or min(self.levels) < 2 or self.codebook_size > INDEX_MAX:
             raise ValueError(
-                f"fsq_levels {list(self.levels)}: expected levels >= 1 making at most {INDEX_MAX} codes (indices are "
-                f"int32); they make {self.codebook_size}"
+                f"fsq_levels {list(self.levels)}: expected levels >= 2 (a level of 1 bounds to 0 and divides by it) "
+                f"making at most {INDEX_MAX} codes (indices are int32); they make {self.codebook_size}"
             )
         self._constants: dict[str, FsqConstants] = {}
         # where implicit_codebook lives: follows .to()/.cuda() like a buffer would, without being one (a buffer
