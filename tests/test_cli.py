@@ -552,3 +552,64 @@ def test_shards_split_the_inputs_without_overlap_into_the_token_files_of_one_run
     k = taken.index(max(taken))
     code, stdout, _ = run("encode", folder, "-o", shards, *options, "--shard", f"{k}/3", capsys=capsys)
     assert "encoded 0 file(s)" in stdout and f"skipped {taken[k] - codes[k]} already complete" in stdout
+
+
+def test_awkward_file_names_and_special_files_fail_alone_or_are_said(tmp_path, capsys):
+    """A dataset of a million files has odd ones: each fails alone (or is passed over with a notice), never the
+    whole run. Names of 218 bytes or more (whose temporary name would pass the 255-byte limit), a name whose token
+    file name is too long, a list naming such a file, a newline in a name, a named pipe among the videos."""
+    videos = tmp_path / "v"
+    videos.mkdir()
+    make_video(videos / "a.mp4", frames=8, height=32, width=32, fps=8)
+    for name in ("L" * 240 + ".mp4", "T" * 251 + ".mp4"):
+        (videos / name).write_bytes((videos / "a.mp4").read_bytes())
+    (videos / "x\n  FAILED forged.mp4").write_bytes(b"not a video")  # its failure must not print a line of its own
+    os.mkfifo(videos / "pipe.mp4")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"v/a.mp4\nv/{'Q' * 300}.mp4\n")
+    out = tmp_path / "o"
+    code, stdout, err = run("encode", videos, listing, "-o", out, *GRID, *RANDOM, capsys=capsys)
+    assert code == 1 and f"{videos / 'pipe.mp4'}: not a regular file (a pipe or device); left out" in err
+    assert "encoded 2 file(s)" in stdout and "3 failed" in stdout, stdout  # a and L...
+    failed = [line for line in stdout.splitlines() if line.startswith("  FAILED")]
+    assert len(failed) == 3 and sum("File name too long" in line for line in failed) == 2, failed
+    assert any("/x\\n  FAILED forged.mp4: " in line for line in failed)  # the newline written as \n
+    assert sorted(p.name[:3] for p in out.glob("*.safetensors")) == ["LLL", "a.s"]
+    code, stdout, _ = run("encode", videos, "-o", out, *GRID, *RANDOM, capsys=capsys)  # resumed: all kept
+    assert "skipped 2 already complete; 2 failed" in stdout
+
+
+def test_a_manifest_that_is_a_pipe_is_refused_and_a_full_disk_stops_the_run(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from titok_fast import pipeline
+
+    videos = tmp_path / "v"
+    videos.mkdir()
+    for name in ("a", "b", "c"):
+        make_video(videos / f"{name}.mp4", frames=8, height=32, width=32, fps=8)
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / MANIFEST_NAME)  # writes to it would block the run for ever
+    code, _, err = run("encode", videos, "-o", tmp_path / "fifo", *GRID, *RANDOM, capsys=capsys)
+    assert code == 2 and "manifest.jsonl: the manifest is not a regular file (a pipe or device)" in err, err
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_tokens", full)  # every token file would fail: the run stops at the first
+    code, _, err = run("encode", videos, "-o", tmp_path / "o", *GRID, *RANDOM, "--workers", "1", capsys=capsys)
+    assert code == 2 and "a.safetensors (No space left on device): the run stops" in err, err
+    rows = read_manifest(tmp_path / "o" / MANIFEST_NAME)
+    assert [r["status"] for r in rows] == ["not-encoded"] * 3
+
+
+def test_decode_redoes_what_is_at_an_output_name_unless_it_is_a_written_file(folder, tmp_path, capsys):
+    tokens = tmp_path / "t"
+    assert run("encode", folder / "moving.mp4", "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "moving.mp4").write_bytes(b"")  # an empty file (not one decode wrote: those are written whole)
+    code, stdout, _ = run("decode", tokens, "-o", out, *RANDOM, capsys=capsys)
+    assert code == 0 and "decoded 1 file(s)" in stdout and (out / "moving.mp4").stat().st_size > 0
+    code, stdout, _ = run("decode", tokens, "-o", out, *RANDOM, capsys=capsys)
+    assert code == 0 and "skipped 1 already complete" in stdout

@@ -388,7 +388,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for n, row in table.items():
         print(f"{n:>8} {row['psnr']:>9.2f} {row['ssim']:>7.4f} {row['clips']:>6}")
     if args.json:
-        write_atomically(args.json, json.dumps({"weights": model.weights_digest, "results": table}, indent=2).encode())
+        report = json.dumps({"weights": model.weights_digest, "results": table}, indent=2).encode()
+        try:
+            write_atomically(args.json, report)
+        except OSError as e:  # its folder gone meanwhile, a full disk: named as asked for, not by its temporary
+            raise ValueError(f"--json {args.json}: cannot be written ({e.strerror or e})") from None
         print(f"wrote {args.json}")
     if args.plot:
         from .plots import rate_distortion_figure, save_figure

@@ -8,6 +8,7 @@ Several processes writing the same target at once each rename a complete file; t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import uuid
@@ -20,6 +21,17 @@ MAX_SEED = 10**18 - 1  # of random weights: token files record the seed in at mo
 STALL_SECONDS = 300.0
 
 
+MAX_NAME_BYTES = 255  # of a file name, on the usual file systems
+
+
+def temporary_stem(name: str) -> str:
+    """What an :class:`AtomicFile`'s temporary file for ``name`` is named after: ``name`` itself, or where that
+    would make the temporary's name too long (a name of over 217 bytes), a digest of it."""
+    if len(os.fsencode(name)) + 38 <= MAX_NAME_BYTES:  # "." + name + "." + 32 hex + ".tmp"
+        return name
+    return "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:40]
+
+
 class AtomicFile:
     """A temporary path (`temporary`) next to `path`: ``commit()`` moves what was written there onto `path` durably,
     ``discard()`` removes it and leaves `path` as it was. As a context manager: commit on a normal exit, else
@@ -28,7 +40,7 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.path.abspath(os.fspath(path))
         folder, name = os.path.split(self.path)
-        self.temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        self.temporary = os.path.join(folder, f".{temporary_stem(name)}.{uuid.uuid4().hex}.tmp")
 
     def commit(self) -> None:
         try:

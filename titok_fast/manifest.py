@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,12 @@ class Manifest:
         self._outdated: dict[str, tuple[str, str | None]] = {}
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO would block the run's writes for ever
+                os.close(self._fd)
+                self._fd = None
+                raise ValueError(f"{self.path}: the manifest is not a regular file (a pipe or device); move it away")
+            os.set_blocking(self._fd, True)
             size = os.fstat(self._fd).st_size
             if size and os.pread(self._fd, 1, size - 1) != b"\n":  # a line cut short (a full disk): end it there
                 os.write(self._fd, b"\n")
@@ -112,8 +118,11 @@ class Manifest:
                 "status": status, "reason": reason}  # fmt: skip
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
         data = (json.dumps({**line, **extra, "time": now}) + "\n").encode()
-        while data:  # one write: appended whole, after whatever another job appended
-            data = data[os.write(self._fd, data) :]
+        try:
+            while data:  # one write: appended whole, after whatever another job appended
+                data = data[os.write(self._fd, data) :]
+        except OSError as e:  # a full disk: the run stops, and says where
+            raise OSError(e.errno, f"cannot write the manifest {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self._fd is not None:

@@ -9,6 +9,7 @@ token files made different ways.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import sys
@@ -25,7 +26,7 @@ from .backends import resolve_backend
 from .checks import MAX_GRID, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import Engine
-from .files import STALL_SECONDS, interrupts_held
+from .files import STALL_SECONDS, interrupts_held, temporary_stem
 from .loading import weights_digest
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -78,8 +79,14 @@ class Summary:
             + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
         lines += [f"  {self.limited_by}"] if self.limited_by else []
-        lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
+        lines += [f"  FAILED {_escaped(path)}: {_escaped(reason)}" for path, reason in self.failed]
         return "\n".join(lines)
+
+
+def _escaped(text: str) -> str:
+    """``text`` on one line: a file name may hold a newline (which could print a line of its own) or another
+    control character; those are written as escapes."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,10 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
+        try:
+            path.is_dir() or path.is_file()  # a name too long, a folder that cannot be searched: said as it is
+        except OSError as e:
+            raise InputError(f"input {str(item)!r} cannot be looked at: {e.strerror or e}") from None
         if path.is_dir():
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _video_files(path)]
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
@@ -164,7 +175,10 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
                       file=sys.stderr)  # fmt: skip
                 continue
             for entry in _listed(path):
-                listed = entry.is_dir() or (entry.is_file() and entry.suffix.lower() in LIST_EXTENSIONS)
+                try:
+                    listed = entry.is_dir() or (entry.is_file() and entry.suffix.lower() in LIST_EXTENSIONS)
+                except OSError:  # a name too long, a folder that cannot be searched: that file fails alone
+                    listed = False
                 found += _expand([entry], (*lists, real)) if listed else [(entry, entry.stem)]
         elif path.is_file():
             found.append((path, path.stem))
@@ -240,6 +254,8 @@ def _video_files(folder: Path) -> list[Path]:
                     files.append(path)
                 elif entry.is_symlink() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.exists():
                     print(f"titok-fast: {path}: a link that leads nowhere; left out", file=sys.stderr)
+                elif path.suffix.lower() in VIDEO_EXTENSIONS:  # a named pipe, a device, a socket
+                    print(f"titok-fast: {path}: not a regular file (a pipe or device); left out", file=sys.stderr)
             except OSError as e:  # a link whose target may not be looked at
                 print(f"titok-fast: {path}: cannot be read ({e.strerror or e}); left out", file=sys.stderr)
     return sorted(files)
@@ -338,8 +354,13 @@ def plan_outputs(
     try:
         for path, name in files:
             out = outdir / f"{name}.safetensors"
-            done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
-            why = _redo_reason(done, out, path, wanted)
+            try:
+                done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
+                why = _redo_reason(done, out, path, wanted)
+            except OSError as e:  # a name too long, a folder that cannot be read: that input fails alone
+                with interrupts_held():
+                    manifest.failed(path, out, f"cannot check its token file {out}: {e.strerror or e}")
+                continue
             with interrupts_held():  # an input is listed as skipped or is to do, never both nor neither
                 if why == "" and not overwrite:
                     manifest.skipped(path, out)
@@ -351,8 +372,9 @@ def plan_outputs(
             if todo and todo[-1][1] is out:
                 if out.parent not in temporaries:  # each folder listed once: a glob per file is quadratic in a resume
                     temporaries[out.parent] = _temporaries(out.parent)
-                for stale in temporaries[out.parent].pop(out.name, ()):
-                    (out.parent / stale).unlink(missing_ok=True)
+                for stale in temporaries[out.parent].pop(temporary_stem(out.name), ()):
+                    with contextlib.suppress(OSError):  # (writing the token file will say what is wrong there)
+                        (out.parent / stale).unlink()
     except BaseException as e:
         stopped = f"not encoded: the run stopped while checking outputs ({type(e).__name__}: {e})"
         with interrupts_held():  # a second interrupt waits for the list to be complete
@@ -364,11 +386,11 @@ def plan_outputs(
 
 def _temporaries(folder: Path) -> dict[str, list[str]]:
     """The temporary files in ``folder`` (``.<name>.<hex>.tmp``, see ``files.AtomicFile``) by the name they
-    were to be renamed to."""
+    were to be renamed to (its ``temporary_stem``)."""
     found: dict[str, list[str]] = {}
     try:
         names = os.listdir(folder)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # none, not a folder, not readable: nothing to remove (writing there will say what is wrong)
         return found
     for entry in names:
         target, dot, _ = entry[1:-4].rpartition(".")
@@ -677,9 +699,16 @@ def write_token_file(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames, made))
-    except (OSError, TokenFileError) as e:
+    except OSError as e:
+        if e.errno in NO_ROOM:  # no other token file could be written there either: the run stops
+            raise OSError(e.errno, f"cannot write {out} ({e.strerror}): the run stops") from None
+        return f"cannot write {out}: {e.strerror or e}"
+    except TokenFileError as e:
         return f"cannot write {out}: {e}"
     return None
+
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a full quota, a read-only file system
 
 
 def _token_file(
@@ -856,6 +885,10 @@ def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path,
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
+        try:
+            path.is_dir() or path.is_file()  # a name too long, a folder that cannot be searched: said as it is
+        except OSError as e:
+            raise InputError(f"input {str(item)!r} cannot be looked at: {e.strerror or e}") from None
         if path.is_dir():
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in sorted(path.rglob("*.safetensors"))]
         else:
@@ -888,15 +921,16 @@ def decode_files(
     stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is redone
     for path, name in tqdm(todo, unit="file", file=sys.stderr, disable=None):
         out = outdir / f"{name}.mp4"
-        if out.exists() and not overwrite:
-            summary.skipped.append(str(path))
-            continue
-        if out.parent not in stale:
-            stale[out.parent] = _temporaries(out.parent)
-        for left in stale[out.parent].pop(out.name, ()):
-            (out.parent / left).unlink(missing_ok=True)
         file_scores: list[float] | None = None if scores is None else []
-        try:
+        try:  # (a name too long or a folder that cannot be read fails this file alone)
+            if not overwrite and out.is_file() and out.stat().st_size:  # written whole (atomically), or the user's
+                summary.skipped.append(str(path))
+                continue
+            if out.parent not in stale:
+                stale[out.parent] = _temporaries(out.parent)
+            for left in stale[out.parent].pop(temporary_stem(out.name), ()):
+                with contextlib.suppress(OSError):
+                    (out.parent / left).unlink()
             token_file = load_tokens(path)
             if not force:
                 check_same_model(engine.model, token_file, path)

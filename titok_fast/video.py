@@ -27,6 +27,7 @@ import numbers
 import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import time
@@ -880,13 +881,17 @@ def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
 
 
 def _open(path: str) -> av.container.InputContainer:
-    if not os.path.exists(path):
-        raise VideoError(f"{path}: no such file")
-    if os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VideoError(f"{path}: no such file") from None
+    except OSError as e:  # a folder that cannot be searched, a name too long
+        raise VideoError(f"{path}: cannot be looked at ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise VideoError(f"{path}: is a directory, not a video file")
-    if not os.path.isfile(path):  # a device or a named pipe: never waited on, nor read for ever
+    if not stat.S_ISREG(st.st_mode):  # a device or a named pipe: never waited on, nor read for ever
         raise VideoError(f"{path}: not a regular file (a device, pipe or socket), not a video file")
-    if os.path.getsize(path) == 0:
+    if st.st_size == 0:
         raise VideoError(f"{path}: file is empty")
     try:
         return av.open(path)
