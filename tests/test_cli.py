@@ -125,7 +125,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
             code, _, err = run(command, inputs, "-o", out, "--checkpoint", absent, capsys=capsys)
             assert code == 2 and f"titok-fast: error: -o {out}: cannot be made ({reason}" in err, err
     code, _, err = run("convert", absent, "/proc/absent/x.safetensors", capsys=capsys)  # before reading the source
-    assert code == 2 and "error: output /proc/absent/x.safetensors: its folder cannot be made" in err, err
+    assert code == 2 and "error: output /proc/absent/x.safetensors: its folder /proc/absent: cannot be made" in err
+    code, _, err = run("convert", absent, tmp_path / "new" / "x.safetensors", capsys=capsys)
+    assert code == 2 and "absent.ckpt does not exist" in err and not (tmp_path / "new").exists()  # nothing left
     with socket.socket() as s:  # a port where nothing listens: Ray would retry it for minutes, saying only its own
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"

@@ -481,7 +481,9 @@ def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[i
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loading import convert
 
-    _check_writable("output", Path(args.output))  # before a checkpoint of a gigabyte is read
+    if os.path.isdir(args.output):  # before a checkpoint of a gigabyte is read; a refusal leaves no folder behind
+        raise ValueError(f"output {args.output}: is a folder; expected the path of a .safetensors file to write")
+    _check_output_folder(f"output {args.output}: its folder", os.path.dirname(os.path.abspath(args.output)))
     digest = convert(args.checkpoint, args.output, config=args.config, use_ema=not args.no_ema)
     print(f"wrote {args.output} (weights digest {digest})")
     return 0

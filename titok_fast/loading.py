@@ -655,6 +655,7 @@ def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "weights_digest": weights_digest(state)}
     meta.update(extra)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with AtomicFile(path) as target:
         save_file(state, target.temporary, metadata={METADATA_KEY: json.dumps(meta)})
 
