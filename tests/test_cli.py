@@ -567,11 +567,13 @@ def test_awkward_file_names_and_special_files_fail_alone_or_are_said(tmp_path, c
         (videos / name).write_bytes((videos / "a.mp4").read_bytes())
     (videos / "x\n  FAILED forged.mp4").write_bytes(b"not a video")  # its failure must not print a line of its own
     os.mkfifo(videos / "pipe.mp4")
+    os.mkfifo(videos / "p\n  FAILED forged pipe.mp4")  # its notice must not print a line of its own either
     listing = tmp_path / "list.txt"
     listing.write_text(f"v/a.mp4\nv/{'Q' * 300}.mp4\n")
     out = tmp_path / "o"
     code, stdout, err = run("encode", videos, listing, "-o", out, *GRID, *RANDOM, capsys=capsys)
     assert code == 1 and f"{videos / 'pipe.mp4'}: not a regular file (a pipe or device); left out" in err
+    assert "/p\\n  FAILED forged pipe.mp4: not a regular file" in err and "\n  FAILED" not in err
     assert "encoded 2 file(s)" in stdout and "3 failed" in stdout, stdout  # a and L...
     failed = [line for line in stdout.splitlines() if line.startswith("  FAILED")]
     assert len(failed) == 3 and sum("File name too long" in line for line in failed) == 2, failed
@@ -598,6 +600,17 @@ def test_a_manifest_that_is_a_pipe_is_refused_and_a_full_disk_stops_the_run(tmp_
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    real_look = pipeline._look_at
+
+    def gone(path):  # the output's file system went away (an NFS mount): no input's fault, the run stops
+        if path.name == "b.safetensors":
+            raise OSError(errno.EIO, "Input/output error")
+        real_look(path)
+
+    monkeypatch.setattr(pipeline, "_look_at", gone)
+    code, _, err = run("encode", videos, "-o", tmp_path / "eio", *GRID, *RANDOM, capsys=capsys)
+    assert code == 2 and "Input/output error" in err and not list((tmp_path / "eio").glob("*.safetensors")), err
+    monkeypatch.setattr(pipeline, "_look_at", real_look)
     monkeypatch.setattr(pipeline, "save_tokens", full)  # every token file would fail: the run stops at the first
     code, _, err = run("encode", videos, "-o", tmp_path / "o", *GRID, *RANDOM, "--workers", "1", capsys=capsys)
     assert code == 2 and "a.safetensors (No space left on device): the run stops" in err, err

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .files import MAX_SEED, STALL_SECONDS, interrupt, write_atomically
+from .files import MAX_SEED, STALL_SECONDS, interrupt, notice, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
@@ -835,9 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         expected = isinstance(e, (ValueError, TypeError, OSError))
-        print(
-            f"titok-fast: error: {e if expected else f'{type(e).__name__}: {e} (--debug shows where)'}", file=sys.stderr
-        )
+        notice(f"error: {e if expected else f'{type(e).__name__}: {e} (--debug shows where)'}")
         return 2
 
 

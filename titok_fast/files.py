@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import threading
 import uuid
 
@@ -19,6 +20,17 @@ MAX_SEED = 10**18 - 1  # of random weights: token files record the seed in at mo
 # A video whose decoder gives no clip for this long has stalled (a read that hangs on a network file system, a file
 # the decoder cannot get through): it fails alone and its worker is replaced. No sound clip takes minutes to decode.
 STALL_SECONDS = 300.0
+
+
+def escaped(text: str) -> str:
+    """``text`` on one line: a file name may hold a newline (which could print a line of its own) or another
+    control character; those are written as escapes."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def notice(message: str) -> None:
+    """A one-line notice on stderr (file names in it escaped)."""
+    print(f"titok-fast: {escaped(message)}", file=sys.stderr)
 
 
 MAX_NAME_BYTES = 255  # of a file name, on the usual file systems

@@ -122,7 +122,7 @@ class Manifest:
             while data:  # one write: appended whole, after whatever another job appended
                 data = data[os.write(self._fd, data) :]
         except OSError as e:  # a full disk: the run stops, and says where
-            raise OSError(e.errno, f"cannot write the manifest {self.path}: {e.strerror or e}") from None
+            raise OSError(f"cannot write the manifest {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -172,6 +172,8 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
+    if path.exists() and not path.is_file():  # a pipe would be waited on for ever
+        raise ValueError(f"{path}: the manifest is not a regular file (a pipe, device or folder)")
     rows = []
     for number, text in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)

@@ -26,7 +26,7 @@ from .backends import resolve_backend
 from .checks import MAX_GRID, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import Engine
-from .files import STALL_SECONDS, interrupts_held, temporary_stem
+from .files import STALL_SECONDS, escaped, interrupts_held, notice, temporary_stem
 from .loading import weights_digest
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -79,14 +79,10 @@ class Summary:
             + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
         lines += [f"  {self.limited_by}"] if self.limited_by else []
-        lines += [f"  FAILED {_escaped(path)}: {_escaped(reason)}" for path, reason in self.failed]
+        lines += [f"  FAILED {escaped(path)}: {escaped(reason)}" for path, reason in self.failed]
         return "\n".join(lines)
 
 
-def _escaped(text: str) -> str:
-    """``text`` on one line: a file name may hold a newline (which could print a line of its own) or another
-    control character; those are written as escapes."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -144,8 +140,7 @@ def _one_per_output(pairs: Iterable[tuple[Any, str]], what: str, suffix: str, ve
         spelled = os.path.abspath(path)
         if spelled in names:
             if names[spelled] != name:
-                print(f"titok-fast: {path}: reached again (as {name}); {verb} once, as {names[spelled]}",
-                      file=sys.stderr)  # fmt: skip
+                notice(f"{path}: reached again (as {name}); {verb} once, as {names[spelled]}")
             continue
         if name in owners:
             if os.path.realpath(owners[name]) == os.path.realpath(path):  # one file, through a link, one name
@@ -163,7 +158,7 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
     for item in inputs:
         path = Path(item)
         try:
-            path.is_dir() or path.is_file()  # a name too long, a folder that cannot be searched: said as it is
+            _look_at(path)  # a name too long, a folder that cannot be searched: said as it is
         except OSError as e:
             raise InputError(f"input {str(item)!r} cannot be looked at: {e.strerror or e}") from None
         if path.is_dir():
@@ -171,14 +166,14 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             real = os.path.realpath(path)
             if real in lists:
-                print(f"titok-fast: {path}: a list that names itself, directly or through another; not read again",
-                      file=sys.stderr)  # fmt: skip
+                notice(f"{path}: a list that names itself, directly or through another; not read again")
                 continue
             for entry in _listed(path):
                 try:
+                    _look_at(entry)
                     listed = entry.is_dir() or (entry.is_file() and entry.suffix.lower() in LIST_EXTENSIONS)
-                except OSError:  # a name too long, a folder that cannot be searched: that file fails alone
-                    listed = False
+                except OSError:  # a name too long, a folder that cannot be searched: that file fails alone (reading
+                    listed = False  # it says why)
                 found += _expand([entry], (*lists, real)) if listed else [(entry, entry.stem)]
         elif path.is_file():
             found.append((path, path.stem))
@@ -222,7 +217,7 @@ def take_shard(files: Sequence[tuple[Path, str]], shard: tuple[int, int] | None)
     if shard is None:
         return list(files)
     mine = select_shard(files, *shard)
-    print(f"titok-fast: shard {shard[0]}/{shard[1]}: {len(mine)} of {len(files)} inputs", file=sys.stderr)
+    notice(f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(files)} inputs")
     return mine
 
 
@@ -236,14 +231,14 @@ def _video_files(folder: Path) -> list[Path]:
         try:
             st = current.stat()
             if (st.st_dev, st.st_ino) in seen:
-                print(f"titok-fast: {current}: a link to a folder already listed; not listed again", file=sys.stderr)
+                notice(f"{current}: a link to a folder already listed; not listed again")
                 continue
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)  # so popped in name order
         except OSError as e:
             if current == folder:
                 raise InputError(f"input folder {str(folder)!r} cannot be listed: {e.strerror or e}") from None
-            print(f"titok-fast: {current}: cannot be listed ({e.strerror or e}); left out", file=sys.stderr)
+            notice(f"{current}: cannot be listed ({e.strerror or e}); left out")
             continue
         for entry in entries:
             path = Path(entry.path)
@@ -253,11 +248,11 @@ def _video_files(folder: Path) -> list[Path]:
                 elif entry.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
                     files.append(path)
                 elif entry.is_symlink() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.exists():
-                    print(f"titok-fast: {path}: a link that leads nowhere; left out", file=sys.stderr)
+                    notice(f"{path}: a link that leads nowhere; left out")
                 elif path.suffix.lower() in VIDEO_EXTENSIONS:  # a named pipe, a device, a socket
-                    print(f"titok-fast: {path}: not a regular file (a pipe or device); left out", file=sys.stderr)
+                    notice(f"{path}: not a regular file (a pipe or device); left out")
             except OSError as e:  # a link whose target may not be looked at
-                print(f"titok-fast: {path}: cannot be read ({e.strerror or e}); left out", file=sys.stderr)
+                notice(f"{path}: cannot be read ({e.strerror or e}); left out")
     return sorted(files)
 
 
@@ -355,9 +350,12 @@ def plan_outputs(
         for path, name in files:
             out = outdir / f"{name}.safetensors"
             try:
+                _look_at(out)
                 done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
                 why = _redo_reason(done, out, path, wanted)
-            except OSError as e:  # a name too long, a folder that cannot be read: that input fails alone
+            except OSError as e:
+                if e.errno not in THIS_PATH_ONLY:  # a file system gone (EIO, ESTALE): no input's fault, the run stops
+                    raise
                 with interrupts_held():
                     manifest.failed(path, out, f"cannot check its token file {out}: {e.strerror or e}")
                 continue
@@ -382,6 +380,17 @@ def plan_outputs(
                 manifest.not_encoded(path, out, stopped)
         raise
     return todo
+
+
+# errors of one path (its name, its folders' permissions or kinds), not of the file system: that input fails alone
+THIS_PATH_ONLY = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP)
+
+
+def _look_at(path: Path) -> None:
+    """Raises the OSError that looking at ``path`` gives, but for its absence (``Path.is_file`` says False for
+    every error on newer Pythons)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.stat(path)
 
 
 def _temporaries(folder: Path) -> dict[str, list[str]]:
@@ -701,7 +710,7 @@ def write_token_file(
         save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames, made))
     except OSError as e:
         if e.errno in NO_ROOM:  # no other token file could be written there either: the run stops
-            raise OSError(e.errno, f"cannot write {out} ({e.strerror}): the run stops") from None
+            raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
         return f"cannot write {out}: {e.strerror or e}"
     except TokenFileError as e:
         return f"cannot write {out}: {e}"
@@ -886,7 +895,7 @@ def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path,
     for item in inputs:
         path = Path(item)
         try:
-            path.is_dir() or path.is_file()  # a name too long, a folder that cannot be searched: said as it is
+            _look_at(path)  # a name too long, a folder that cannot be searched: said as it is
         except OSError as e:
             raise InputError(f"input {str(item)!r} cannot be looked at: {e.strerror or e}") from None
         if path.is_dir():
@@ -923,6 +932,7 @@ def decode_files(
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
         try:  # (a name too long or a folder that cannot be read fails this file alone)
+            _look_at(out)
             if not overwrite and out.is_file() and out.stat().st_size:  # written whole (atomically), or the user's
                 summary.skipped.append(str(path))
                 continue
@@ -944,7 +954,9 @@ def decode_files(
             with VideoWriter(out, max(token_file.fps, MIN_WRITE_FPS)) as writer:  # a slower one is not written
                 for chunk in chunks:
                     writer.write(chunk)
-        except Exception as e:  # not only the errors foreseen: one file must never end the run
+        except Exception as e:  # not only the errors foreseen: one file must never end the run, but a full disk
+            if getattr(e, "errno", None) in NO_ROOM:  # (quota, read-only file system) fails every one after it
+                raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
             summary.failed.append((str(path), _one_line(e)))
             continue
         if scores is not None:
