@@ -25,7 +25,6 @@ import contextlib
 import functools
 import itertools
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from .files import notice
 from .stages import CLOCK
 
 DECODERS = ("cpu", "nvdec")
@@ -318,9 +318,6 @@ def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str
     return torch.stack([r, g, b], dim=-1).floor().clamp(0, 255).to(torch.uint8)
 
 
-def _notice(message: str) -> None:
-    print(f"titok-fast: {message}", file=sys.stderr)
-
 
 @contextlib.contextmanager
 def open_frames(
@@ -332,7 +329,7 @@ def open_frames(
     needs: Needs | None = None,
     nvdec: Callable[[str, Any], Iterator[Any]] | None = None,
     nvdec_convert: Callable[[Any], torch.Tensor] | None = None,
-    notice: Callable[[str], None] = _notice,
+    notice: Callable[[str], None] = notice,
 ) -> Iterator[FrameSource]:
     """The file's frames from ``decoder`` ("cpu" or "nvdec"); NVDEC that cannot take this file (its first frame
     fails, or it gives none) falls back to the CPU with a one-line ``notice``. ``needs``: the frames the reader

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
-from .files import STALL_SECONDS, interrupts_held
+from .files import STALL_SECONDS, interrupts_held, notice
 from .fp8 import check_fp8_runs
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -497,7 +497,7 @@ def _check_resources(nodes: list[dict], started: bool, actors: int, cpus_per_act
     if problem and started:
         raise ValueError(f"{problem}: the job could never run")
     if problem:
-        print(f"titok-fast: {problem}; the job waits until the cluster has room", file=sys.stderr)
+        notice(f"{problem}; the job waits until the cluster has room")
 
 
 def _more(asked: float, has: float) -> bool:

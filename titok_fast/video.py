@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoders import DECODERS, PruneMismatch, open_frames
-from .files import STALL_SECONDS, AtomicFile
+from .files import STALL_SECONDS, AtomicFile, notice
 from .preprocess import clip_pixels, normalize_pixels, placement
 from .stages import CLOCK
 
@@ -214,8 +214,7 @@ class ClipReader:
                 return
             except _NvdecFailed as failed:
                 self.decoded_by += ",cpu"
-                message = f"{self.path}: NVDEC failed ({failed.__cause__}); the rest on the CPU"
-                print(f"titok-fast: {message}", file=sys.stderr)
+                notice(f"{self.path}: NVDEC failed ({failed.__cause__}); the rest on the CPU")
                 decoder = "cpu"
             except PruneMismatch:
                 self.pruned, prune = False, False
