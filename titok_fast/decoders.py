@@ -318,7 +318,6 @@ def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str
     return torch.stack([r, g, b], dim=-1).floor().clamp(0, 255).to(torch.uint8)
 
 
-
 @contextlib.contextmanager
 def open_frames(
     path: str,

@@ -83,8 +83,6 @@ class Summary:
         return "\n".join(lines)
 
 
-
-
 @dataclass(frozen=True)
 class ClipSettings:
     """How videos become clips: pixel grid (T, H, W), latent tokens per clip, sampling fps, tail policy and
