@@ -154,11 +154,7 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
     paths), which a list must not name again."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
-        path = Path(item)
-        try:
-            _look_at(path)  # a name too long, a folder that cannot be searched: said as it is
-        except OSError as e:
-            raise InputError(f"input {str(item)!r} cannot be looked at: {e.strerror or e}") from None
+        path = _input_path(item)
         if path.is_dir():
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _video_files(path)]
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
@@ -348,7 +344,6 @@ def plan_outputs(
         for path, name in files:
             out = outdir / f"{name}.safetensors"
             try:
-                _look_at(out)
                 done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
                 why = _redo_reason(done, out, path, wanted)
             except OSError as e:
@@ -366,11 +361,7 @@ def plan_outputs(
                         other = done.source if done is not None and done.source != os.path.abspath(path) else None
                         manifest.outdated(path, out, why, other)
             if todo and todo[-1][1] is out:
-                if out.parent not in temporaries:  # each folder listed once: a glob per file is quadratic in a resume
-                    temporaries[out.parent] = _temporaries(out.parent)
-                for stale in temporaries[out.parent].pop(temporary_stem(out.name), ()):
-                    with contextlib.suppress(OSError):  # (writing the token file will say what is wrong there)
-                        (out.parent / stale).unlink()
+                _remove_temporaries(temporaries, out)
     except BaseException as e:
         stopped = f"not encoded: the run stopped while checking outputs ({type(e).__name__}: {e})"
         with interrupts_held():  # a second interrupt waits for the list to be complete
@@ -384,11 +375,31 @@ def plan_outputs(
 THIS_PATH_ONLY = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP)
 
 
+def _input_path(item: str | os.PathLike) -> Path:
+    """An input given on the command line, once looked at: a name too long or a folder that cannot be searched is
+    said as it is (not taken for a missing path)."""
+    try:
+        _look_at(Path(item))
+    except OSError as e:
+        raise InputError(f"input {str(item)!r} cannot be looked at: {e.strerror or e}") from None
+    return Path(item)
+
+
 def _look_at(path: Path) -> None:
     """Raises the OSError that looking at ``path`` gives, but for its absence (``Path.is_file`` says False for
     every error on newer Pythons)."""
     with contextlib.suppress(FileNotFoundError):
         os.stat(path)
+
+
+def _remove_temporaries(listed: dict[Path, dict[str, list[str]]], out: Path) -> None:
+    """Remove what a killed run left to become ``out`` (its temporary files); ``listed`` keeps each folder's
+    temporaries, listed once (a listing per file would be quadratic in a resume)."""
+    if out.parent not in listed:
+        listed[out.parent] = _temporaries(out.parent)
+    for stale in listed[out.parent].pop(temporary_stem(out.name), ()):
+        with contextlib.suppress(OSError):  # (writing there will say what is wrong)
+            (out.parent / stale).unlink()
 
 
 def _temporaries(folder: Path) -> dict[str, list[str]]:
@@ -651,6 +662,7 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
 def _redo_reason(done: TokenFile | None, out: Path, source: str | os.PathLike, wanted: dict[str, Any]) -> str | None:
     """:func:`_redo_because` for the token file ``done`` read from ``out`` (None: none readable there)."""
     if done is None:
+        _look_at(out)  # (its errors other than absence: a name too long, a folder that cannot be searched)
         return "not readable as a complete token file" if out.is_file() else None
     if done.source != os.path.abspath(source):  # first: whatever else differs, it is another video's
         return f"made from another source ({_brief(done.source)!r})"
@@ -891,11 +903,7 @@ def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path,
     a token file, to fail alone if it is not one."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
-        path = Path(item)
-        try:
-            _look_at(path)  # a name too long, a folder that cannot be searched: said as it is
-        except OSError as e:
-            raise InputError(f"input {str(item)!r} cannot be looked at: {e.strerror or e}") from None
+        path = _input_path(item)
         if path.is_dir():
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in sorted(path.rglob("*.safetensors"))]
         else:
@@ -934,11 +942,7 @@ def decode_files(
             if not overwrite and out.is_file() and out.stat().st_size:  # written whole (atomically), or the user's
                 summary.skipped.append(str(path))
                 continue
-            if out.parent not in stale:
-                stale[out.parent] = _temporaries(out.parent)
-            for left in stale[out.parent].pop(temporary_stem(out.name), ()):
-                with contextlib.suppress(OSError):
-                    (out.parent / left).unlink()
+            _remove_temporaries(stale, out)
             token_file = load_tokens(path)
             if not force:
                 check_same_model(engine.model, token_file, path)

@@ -873,7 +873,7 @@ def _check_frame_size(path: str, width: int, height: int) -> None:
 
 
 def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
-    """``rgb(frame)`` of a frame within MAX_SOURCE_PIXELS (a stream may grow midway past what it declared)."""
+    """``rgb(frame)`` of a frame within MAX_SOURCE_SIDE squared (a stream may grow midway past what it declared)."""
     if isinstance(frame, av.VideoFrame):  # (NVDEC's keep the stream's first size, checked at the start)
         _check_frame_size(path, frame.width, frame.height)
     return rgb(frame)
