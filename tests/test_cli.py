@@ -97,7 +97,7 @@ def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
 
 
 def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
-    report = tmp_path / "eval.json"
+    report = tmp_path / "new" / "eval.json"  # its folder is made when the report is written
     code, stdout, _ = run(
         "eval", folder / "moving.mp4", "--tokens", "4,16", "--grid", "4x32x32", *RANDOM, "--json", report,
         capsys=capsys,
@@ -168,7 +168,7 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         assert code == 2 and f"titok-fast: error: {message}\n" in err and "Traceback" not in err, err
     for options, message in [  # eval: its outputs are checked before hours of work, not after
         (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder; expected the path of a file to write"),
-        (["--plot", "/proc/absent/x.png"], "--plot /proc/absent/x.png: its folder cannot be made"),
+        (["--plot", "/proc/absent/x.png"], "--plot /proc/absent/x.png: its folder /proc/absent: cannot be made"),
         (["--plot", "x.jpg"], "--plot x.jpg: expected a .png path (the plot is written as a PNG)"),
         (["--grid", "4x8x16"], "--grid 4x8x16: eval's SSIM needs frames of at least 11 x 11"),
         (["--grid", "4x32x32", "--tokens", "8,70000"], "--tokens 70000: a clip would need 70016 packed rows"),
@@ -406,7 +406,7 @@ def test_eval_plot_draws_a_line_per_input_resolution(folder, tmp_path, capsys, m
 
     monkeypatch.setattr(titok_fast.plots, "save_figure", keep)
     inputs = [folder / "moving.mp4", folder / "sub" / "odd.mkv", folder / "single.mp4"]  # 64x48, 53x37, 48x32
-    plot = tmp_path / "rd.png"
+    plot = tmp_path / "new" / "rd.png"  # its folder is made when the plot is written
     code, stdout, _ = run("eval", *inputs, "--tokens", "4,16", "--grid", "4x32x32", "--tail", "pad", *RANDOM,
                           "--plot", plot, capsys=capsys)  # fmt: skip
     assert code == 0 and f"wrote {plot}" in stdout

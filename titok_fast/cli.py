@@ -371,7 +371,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         require_matplotlib()  # before any work
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
-            _check_writable(option, Path(path))
+            _check_file_to_write(option, path)
     if args.grid:
         _check_ssim_grid(f"--grid {'x'.join(map(str, args.grid))}", args.grid)
     model = _model(args)
@@ -390,6 +390,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         report = json.dumps({"weights": model.weights_digest, "results": table}, indent=2).encode()
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             write_atomically(args.json, report)
         except OSError as e:  # its folder gone meanwhile, a full disk: named as asked for, not by its temporary
             raise ValueError(f"--json {args.json}: cannot be written ({e.strerror or e})") from None
@@ -437,17 +438,12 @@ def _check_output_folder(option: str, folder: str) -> None:
         raise ValueError(f"{option} {folder}: is not writable")
 
 
-def _check_writable(option: str, path: Path) -> None:
-    """Before hours of work whose result goes to ``path``: its folder exists (made if need be) and takes files, and
-    ``path`` is not a folder."""
-    if path.is_dir():
+def _check_file_to_write(option: str, path: str) -> None:
+    """Before the work whose result goes to the file ``path``: ``path`` is not a folder, and its folder exists or
+    can be made (it is made when the file is written)."""
+    if os.path.isdir(path):
         raise ValueError(f"{option} {path}: is a folder; expected the path of a file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{option} {path}: its folder cannot be made ({e.strerror or e})") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: its folder {path.parent} is not writable")
+    _check_output_folder(f"{option} {path}: its folder", os.path.dirname(os.path.abspath(path)))
 
 
 def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[int, dict[str, float]]]:
@@ -481,9 +477,7 @@ def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[i
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loading import convert
 
-    if os.path.isdir(args.output):  # before a checkpoint of a gigabyte is read; a refusal leaves no folder behind
-        raise ValueError(f"output {args.output}: is a folder; expected the path of a .safetensors file to write")
-    _check_output_folder(f"output {args.output}: its folder", os.path.dirname(os.path.abspath(args.output)))
+    _check_file_to_write("output", args.output)  # before a checkpoint of a gigabyte is read; leaves no folder behind
     digest = convert(args.checkpoint, args.output, config=args.config, use_ema=not args.no_ema)
     print(f"wrote {args.output} (weights digest {digest})")
     return 0

@@ -44,6 +44,7 @@ def rate_distortion_figure(series: dict[str, dict[int, dict[str, float]]], title
 
 
 def save_figure(figure: Any, path: str | os.PathLike[str]) -> None:
-    """Write `figure` as a PNG to `path`, atomically."""
+    """Write `figure` as a PNG to `path` (its folder made if need be), atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with AtomicFile(path) as target:
         figure.savefig(target.temporary, format="png", dpi=120)
