@@ -630,7 +630,8 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert (out / "short.safetensors.outdated").read_bytes() == old_short  # the first one kept
     assert not (out / "short.safetensors").exists()
     summary = run(after)  # nothing under the name now: nothing to move, and the failure says nothing of it
-    assert summary.failed[0][1].endswith("(or use tail='pad')") and not (out / "short.safetensors.outdated.3").exists()
+    assert summary.failed[0][1].endswith("(--tail pad, tail='pad' in Python, pads it)")
+    assert not (out / "short.safetensors.outdated.3").exists()
 
 
 def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_temporaries(model, tmp_path, monkeypatch):
@@ -754,6 +755,16 @@ def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_onc
     ]  # fmt: skip
     with pytest.raises(InputError, match="input '.*gone.mp4' does not exist"):  # typed: stops the run up front
         collect_inputs([tmp_path / "gone.mp4"])
+
+
+def test_a_folder_gives_its_video_files_by_extension_in_any_case(tmp_path):
+    from titok_fast.pipeline import collect_inputs
+
+    names = ["a.MP4", "b.3gp", "c.m2ts", "d.mts", "e.ogv", "f.mxf", "g.vob", "h.Mkv", "notes.txt", "meta.json", "x"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert [n for _, n in collect_inputs([tmp_path])] == list("abcdefgh")
+    assert collect_inputs([tmp_path / "x"]) == [(tmp_path / "x", "x")]  # named: read whatever its name
 
 
 def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_path, capsys):

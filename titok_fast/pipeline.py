@@ -47,7 +47,12 @@ from .video import (
     stream_videos,
 )
 
-VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif"}
+# what a folder's files must end in (any case) to be inputs; a file named on the command line or in a list is read
+# whatever its name
+VIDEO_EXTENSIONS = {
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".vob", ".ts", ".m2ts", ".mts", ".flv", ".wmv",
+    ".ogv", ".3gp", ".3g2", ".mxf", ".gif",
+}  # fmt: skip
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
 SOURCE_SIZE_READ_AHEAD = 2  # clips a file may hold decoded ahead when they are kept at source size (uint8 RGB)
 GIVE_UP_AFTER = 32  # failures in a row, each blamed on its own clip or file, that say the fault is no file's
