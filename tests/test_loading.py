@@ -1,6 +1,7 @@
 """Loading weights: Lightning checkpoints without running their code, safetensors with the config inside."""
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -135,8 +136,9 @@ def test_convert_cli(tiny, tmp_path):
     lightning_checkpoint(tmp_path / "m.ckpt", tiny)
     out = tmp_path / "m.safetensors"
     cmd = [sys.executable, "-m", "titok_fast.cli", "convert", str(tmp_path / "m.ckpt"), str(out), "--config", "tiny"]
-    subprocess.run([*cmd, "--no-ema"], check=True, capture_output=True)
+    subprocess.run([*cmd, "--no-ema"], check=True, capture_output=True, preexec_fn=lambda: os.umask(0o022))
     assert torch.equal(load_tokenizer(out).encoder.mask_token, tiny.encoder.mask_token)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # as any file the user makes: others' jobs read weights too
     bad = subprocess.run([*cmd[:4], str(tmp_path / "nope.ckpt"), str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -657,7 +657,10 @@ def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> 
     meta.update(extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with AtomicFile(path) as target:
+        open(target.temporary, "xb").close()  # made as every file is (0o666 less the umask), to take its mode from:
+        mode = os.stat(target.temporary).st_mode & 0o777  # save_file writes a file of its own, readable by us only
         save_file(state, target.temporary, metadata={METADATA_KEY: json.dumps(meta)})
+        os.chmod(target.temporary, mode)  # weights on a shared file system are read by other users' jobs too
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, config: object | None = None, use_ema: bool = True) -> str:
