@@ -385,6 +385,24 @@ def test_a_sigterm_while_ray_starts_is_the_commands_and_lists_every_input(videos
     assert len(rows) == len(GOOD) and {r["status"] for r in rows} == {"not-encoded"} and shutdowns
 
 
+def test_ray_auto_without_a_cluster_is_one_line_naming_our_options(videos, tmp_path, monkeypatch):
+    """Ray's own text for "auto" with no cluster names its flags (--address, RAY_ADDRESS), not the command's."""
+    ray = pytest.importorskip("ray")
+
+    def init(address, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")  # fmt: skip
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ValueError, match=r"^--ray auto: no running Ray cluster found from this machine; start one "
+                       r"with `ray start --head`, or pass --ray local$"):  # fmt: skip
+        encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu", ray_address="auto")
+    with pytest.raises(ConnectionError, match="Could not find"):  # an address given: Ray's words name it
+        encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu",
+                       ray_address="ray://10.0.0.1:10001")  # fmt: skip
+
+
 def test_shards_on_ray_and_on_one_machine_make_the_token_files_of_one_run(runs, videos, cluster, tmp_path, capsys):
     """--shard applies to --ray jobs too: shard 0 of 2 on the cluster and shard 1 on one machine, into one folder,
     write byte for byte the token files of one unsharded run, each shard listed in its own manifest."""

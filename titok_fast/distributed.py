@@ -818,6 +818,15 @@ class _ray_session:
             main = threading.current_thread() is threading.main_thread()
             try:
                 ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
+            except ConnectionError as e:  # "auto" found no cluster: Ray's text names its own flags, not ours
+                if main and handler is not None:
+                    signal.signal(signal.SIGTERM, handler)
+                if self.address != "auto":
+                    raise
+                raise ValueError(
+                    "--ray auto: no running Ray cluster found from this machine; start one with `ray start --head`, "
+                    "or pass --ray local"
+                ) from e
             except BaseException as e:
                 if main and handler is not None:
                     signal.signal(signal.SIGTERM, handler)  # first: a SIGTERM during the shutdown is the caller's
