@@ -218,6 +218,10 @@ def test_every_command_has_complete_help(command, capsys):
         if action.help != "==SUPPRESS==" and action.dest != "help":
             assert action.help, f"{command}: option {action.dest} has no help"
             assert (action.option_strings[0] if action.option_strings else action.metavar or action.dest) in text
+        _, said, stated = (action.help or "").rpartition("(default")
+        if said and action.default not in (None, False, "==SUPPRESS=="):  # the default said is the one used
+            value = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+            assert stated.lstrip(": ").startswith(value), f"{command} {action.dest}: {action.help!r} vs {value!r}"
 
 
 def encode_until_the_first_file(tmp_path, *options):

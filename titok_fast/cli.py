@@ -773,6 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, random_default=True)
     _add_clip_args(p)
     p.set_defaults(run=cmd_demo, tokens=None, workers=1)
+    (real_grid, real_tokens), (random_grid, random_tokens) = DEMO_REAL, DEMO_RANDOM
+    for option, default in (
+        ("--grid", f"{'x'.join(map(str, real_grid))}, or {'x'.join(map(str, random_grid))} on random weights"),
+        ("--tokens", f"{real_tokens}, or {random_tokens} on random weights"),
+        ("--workers", "1: the demo reads one short video"),
+    ):
+        action = p._option_string_actions[option]
+        action.help = f"{action.help.rsplit(' (default', 1)[0]} (default {default})"
     return parser
 
 
