@@ -21,7 +21,7 @@ setup(
         "numpy",
         "tqdm",
         "pyyaml",
-        "huggingface_hub>=0.23",  # the default weights come from the Hub (download, cache, offline mode)
+        "huggingface_hub>=0.34",  # the default weights come from the Hub; 0.34: the `hf` command our messages name
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pyyaml", "ruff==0.17.6", *PLOT, *RAY, *BENCH],

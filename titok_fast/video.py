@@ -195,7 +195,8 @@ class ClipReader:
             raise VideoError(f"{path}: no decodable video frames")
         if self.clips_read == 0 and self.tail == "drop":
             raise VideoError(
-                f"{path} is shorter than one chunk of {frames} frames at {self.fps:g} fps (or use tail='pad')"
+                f"{path} is shorter than one chunk of {frames} frames at {self.fps:g} fps (--tail pad, tail='pad' in "
+                "Python, pads it)"
             )
         if chunk and self.tail == "pad":
             clip = self._clip(chunk + chunk[-1:] * (frames - len(chunk)))
