@@ -23,9 +23,12 @@ gpu-session:
 # Wheels for a GPU machine without network (Python 3.12, x86_64) of what it lacks; copy .wheels there (about
 # 61 MiB; ruff is left out to keep it small, so the lint test skips there: it runs on every CPU).
 # (pynvvideocodec: the NVDEC decoder of `encode --decoder nvdec`, optional.)
+# Versions pinned: the working tree and .wheels travel to that machine within 64 MiB together, checked below.
 wheels:
-	pip download av omegaconf pynvvideocodec --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
+	pip download av==19.0.2 omegaconf==2.4.0 pynvvideocodec==2.2.4 --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
+	@total=$$(( $$(du -sb .wheels | cut -f1) + $$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) )); \
+		echo "working tree + .wheels: $$((total / 1048576)) MiB of 64"; [ $$total -le 67108864 ]
 
 demo:
 	titok-fast demo

@@ -43,14 +43,14 @@ def varlen_attention(
     PyTorch's varlen FlashAttention-2 (one launch for the whole batch, as flash-attn's varlen function); elsewhere
     SDPA per sequence, the best a CPU offers (its flash kernel)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        from torch.nn.attention.varlen import varlen_attn
-
         try:
+            from torch.nn.attention.varlen import varlen_attn
+
             return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, enable_gqa=True)
-        except TypeError:  # a torch without native GQA in varlen_attn: repeat the kv heads
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        except (ImportError, TypeError):  # varlen_attn without enable_gqa (torch < 2.12): the flash op takes fewer
+            # KV heads itself (repeating K/V here would put two copies into every timed call of the baselines)
+            flash = torch.ops.aten._flash_attention_forward
+            return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False)[0]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):

@@ -48,6 +48,7 @@ from titok_fast.kernels.mrope_attention import (
 )
 
 from anchors import ANCHORS
+from baselines import varlen_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA device")
 RUN = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"  # this process's rows in the log
@@ -104,18 +105,6 @@ def _attention_inputs(num_q_heads: int, num_kv_heads: int):
     return dict(qkv=qkv, norms=norms, cu=cu, positions=positions, cos=cos, sin=sin, max_len=max(lengths)), flops
 
 
-def _flash_varlen(q, k, v, cu, max_len):
-    """[rows, H, 64] q and [rows, Hkv, 64] k/v -> [rows, H * 64], non-causal, GQA, scale 1/8."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=0.125, enable_gqa=True)
-    except (ImportError, TypeError):  # varlen_attn without enable_gqa (torch < 2.12): the op takes fewer KV heads
-        flash = torch.ops.aten._flash_attention_forward
-        out = flash(q, k, v, cu, cu, max_len, max_len, 0.0, False, False, scale=0.125)[0]
-    return out.flatten(1)
-
-
 def _torch_norm_rope(x, cos, sin, positions, upstream: bool):
     """x: [rows, H, 64] bf16 -> LayerNorm (no affine: weights are 1/0 here) + M-RoPE, bf16."""
     pos, pair = positions.long()[:, pair_axis().to(x.device)], torch.arange(32, device=x.device)
@@ -165,7 +154,7 @@ def test_attention(benchmark, side, provider):
             args = (inputs["cos"], inputs["sin"], inputs["positions"], provider == "upstream")
             q = _torch_norm_rope(heads[:, :hq], *args)
             k = _torch_norm_rope(heads[:, hq : hq + hkv], *args)
-            return _flash_varlen(q, k, heads[:, hq + hkv :], cu, max_len)
+            return varlen_attention(q, k, heads[:, hq + hkv :], cu, max_len).flatten(1)  # FA2, GQA, scale 1/8
 
     mean = _timed(benchmark, fn)
     _extra_info(benchmark, provider)

@@ -47,6 +47,7 @@ import torch
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
 from titok_fast.pipeline import ClipSettings, encode_files, stream_videos
+from titok_fast.tokens import try_load_tokens
 from titok_fast.video import normalize_pixels, read_clips
 
 try:  # the stage clock; absent at commits before it existed (their rows have totals only)
@@ -201,6 +202,10 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
             if summary.failed:
                 raise RuntimeError(f"{path}: {summary.failed}")
             clips = summary.clips
+            # what decoded each file (NVDEC falls back to the CPU file by file, with a notice): a row asked for
+            # NVDEC whose files were decoded on the CPU does not measure NVDEC
+            made = [try_load_tokens(f) for f in sorted((Path(scratch) / "tokens").glob("*.safetensors"))]
+            used = sorted({(t.made_with.get("decoded_by", "") if t else "") or "unknown" for t in made})
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     spent = stages.CLOCK.take() if stages is not None else {}
     row = {
@@ -209,6 +214,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         "clips_per_s": clips / wall,
         "source_frames_per_s": _source_frames(path, clips, grid, args.fps) / wall,
         "cpu_s_per_clip": cpu / clips,
+        **({} if args.input_only else {"decoded_by": ",".join(used)}),
         **{f"{name}_cpu_s": spent[name] / clips for name in STAGE_NAMES if name in spent},
     }
     if spent:
@@ -222,7 +228,10 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
 
 def environment(args: argparse.Namespace) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in _lscpu() if line.startswith("Model name")), "")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:  # a GPU machine may have no git (and the copy no .git): $COMMIT says which commit then
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),
@@ -293,6 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder", default="cpu", choices=("cpu", "nvdec"))
     p.add_argument("--no-prune", action="store_true", help="decode every frame, also those no clip uses")
     p.add_argument("--input-only", action="store_true", help="the reading side alone: no model")
+    p.add_argument("--sources-only", action="store_true", help="make the source videos (if missing), nothing else")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the log")
     p.add_argument("--log", default=os.environ.get("TITOK_BENCH_LOG"), help="append each row here as JSON")
     return p.parse_args(argv)
@@ -307,11 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     ]
+    made = sources(Path(args.videos), names, args.seconds)
+    if args.sources_only:
+        return
     env = environment(args)
     print(json.dumps(env), file=sys.stderr)
     model = random_tokenizer(args.config, seed=0, device=args.device, dtype=dtype)
     engine = Engine(model, mode=args.mode, max_clips=args.batch_size)
-    made = sources(Path(args.videos), names, args.seconds)
     if not args.input_only:
         warm_up(engine, model, args.grid, args.tokens, args.batch_size)
     rows = []

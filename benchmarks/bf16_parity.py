@@ -7,8 +7,9 @@ V, as upstream's flash-attn does.
 With ``--decode``, the decoder too: the oracle's float32 tokens decoded by each path, its pixels against the
 float32 oracle's decoding (PSNR over the [-1, 1] range, and the relative RMS error).
 Usage: ``python benchmarks/bf16_parity.py [--config tiny] [--backends torch triton] [--device cpu] [--interpret]
-[--fp8] [--decode]`` (``--interpret``: the triton backend on a CPU, its kernels in the Triton interpreter with the
-test harness's GPU rounding of bf16, ``tests/triton_mode.py``).
+[--fp8] [--decode] [--oracle-device cuda]`` (``--oracle-device``: where the float32 oracle runs, the CPU by
+default; on a GPU with TF32 off it is float32 too, and far faster; ``--interpret``: the triton backend on a CPU,
+its kernels in the Triton interpreter with the test harness's GPU rounding of bf16, ``tests/triton_mode.py``).
 Each seed's result is printed (flushed) as soon as that seed is done, so a run cut short keeps what it measured;
 the table of all seeds comes at the end.
 """
@@ -54,13 +55,32 @@ def main() -> None:
     parser.add_argument("--config", default="tiny", choices=sorted(CLIPS))
     parser.add_argument("--backends", nargs="+", default=["torch"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--oracle-device", default="cpu", help="where the float32 oracle runs (TF32 off)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--interpret", action="store_true", help="kernels in the Triton interpreter (a CPU run)")
     parser.add_argument("--fp8", action="store_true", help="also each backend with FP8 linear layers (titok_fast.fp8)")
     parser.add_argument("--decode", action="store_true", help="also the decoded pixels against the float32 oracle's")
     args = parser.parse_args()
+    for option, name in (("--device", args.device), ("--oracle-device", args.oracle_device)):
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise SystemExit(f"bf16_parity: {option} {name}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():  # before minutes of float32 oracle work
+            raise SystemExit(f"bf16_parity: {option} {name}, but this PyTorch sees no CUDA device")
     with interpreter() if args.interpret else contextlib.nullcontext():
         run(args)
+
+
+@contextlib.contextmanager
+def float32_exactly():
+    """float32 matrix products and convolutions on a GPU without TF32 (its 10-bit mantissa is no float32 oracle)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def interpreter():
@@ -83,14 +103,15 @@ def run(args: argparse.Namespace) -> None:
         torch.manual_seed(seed)
         model = TiTok(args.config).eval()
         perturb_norms(model)
-        oracle = ReferenceTiTok(model.config).eval()
+        oracle = ReferenceTiTok(model.config).eval().to(args.oracle_device)
         oracle.load_state_dict(model.state_dict())
         g = torch.Generator().manual_seed(100 + seed)
         videos = [torch.rand((3, *s), generator=g) * 2 - 1 for s in shapes]
-        _, out = oracle.encode(videos, counts)
-        truth = torch.cat(out["indices"])
-        codes = [i.to(args.device) for i in out["indices"]]
-        decoded = [v.float() for v in oracle.decode_indices(out["indices"], shapes)] if args.decode else []
+        with float32_exactly():
+            _, out = oracle.encode([v.to(args.oracle_device) for v in videos], counts)
+            truth = torch.cat(out["indices"]).cpu()
+            codes = [i.to(args.device) for i in out["indices"]]
+            decoded = [v.float().cpu() for v in oracle.decode_indices(out["indices"], shapes)] if args.decode else []
 
         def measure(name: str, runner, half: list, truth=truth, codes=codes, decoded=decoded) -> None:
             totals[name].append(agreement(runner.encode(half, counts)[1]["indices"], truth))

@@ -29,16 +29,44 @@
 #                                            # after on 720p30 and 256p8, and NVDEC), then the table of
 #                                            # targets met or missed (benchmarks/targets.py)
 #
-# Results go to $OUT if set, else ./gpu-results: <part>.txt (what was printed), <part>.json (pytest-benchmark),
-# <part>.jsonl (end-to-end cases, one line each as soon as measured, so a part cut short keeps what it measured),
-# environment.txt (card, driver, versions, commit: $COMMIT where the checkout has no .git). The machine may have
+# Results: <part>.txt (what was printed), <part>.json (pytest-benchmark), <part>.jsonl (end-to-end cases, one line
+# each as soon as measured, so a part cut short keeps what it measured), environment.txt (card, driver, versions,
+# commit: $COMMIT where the checkout has no .git), in ./gpu-results; or, with $OUT set, packed into
+# $OUT/results.tar.gz after every step, beside copies of targets.md and environment.txt (three files to copy back
+# from a remote machine, whatever the number of parts; the generated videos stay out of it). The machine may have
 # no network: Python packages it lacks (PyAV, omegaconf, PyNvVideoCodec) are installed from ./.wheels, which
 # `make wheels` fills on a machine that has one (without ruff, to stay small: the lint test skips without it).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-gpu-results}"
 python="${PYTHON:-python3}"
-mkdir -p "$out"
+# with $OUT set, results are written to a scratch folder and packed into $OUT after every step (a run stopped from
+# outside keeps what was packed)
+if [ -n "${OUT:-}" ]; then out=$(mktemp -d "${TMPDIR:-/tmp}/titok-gpu-results.XXXXXX"); else out=gpu-results; fi
+scratch="${TMPDIR:-/tmp}/titok-gpu-videos"
+mkdir -p "$out" "$scratch"
+
+pack() {
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT"
+    tar -czf "$OUT/.results.tar.gz" -C "$out" . && mv "$OUT/.results.tar.gz" "$OUT/results.tar.gz"
+    for f in targets.md environment.txt; do [ -f "$out/$f" ] && cp "$out/$f" "$OUT/"; done
+    return 0
+}
+
+cut_off() {  # cut_off STATUS NAME SECONDS: say so when a step ran into its time limit
+    if [ "$1" = 124 ] || [ "$1" = 137 ]; then echo "[$2: cut off at its limit of $3 s; what it measured is kept]"; fi
+}
+
+limited() {  # limited NAME SECONDS COMMAND...: COMMAND cut off after SECONDS (killed 10 s later if it lingers),
+    # saying so, and how long it took
+    local name=$1 seconds=$2 start=$SECONDS
+    shift 2
+    timeout -k 10 "$seconds" "$@"
+    local status=$?
+    cut_off "$status" "$name" "$seconds"
+    echo "[$name: $((SECONDS - start)) s]"
+    return $status
+}
 
 prepare() {
     {
@@ -70,8 +98,9 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
 
 bench() {  # bench NAME PYTEST-K-EXPRESSION [SECONDS]: cut off after SECONDS (default 540, so that with the
     # installs a part stays within 10 minutes), keeping what it measured
-    TITOK_BENCH_LOG="$out/$1.jsonl" timeout "${3:-540}" "$python" -m titok_fast.cli bench -k "$2" \
+    TITOK_BENCH_LOG="$out/$1.jsonl" limited "$1" "${3:-540}" "$python" -m titok_fast.cli bench -k "$2" \
         --json "$out/$1.json" 2>&1 | tee "$out/$1.txt"
+    pack
 }
 
 part() {
@@ -81,18 +110,19 @@ part() {
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
-        parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 8 --fp8 \
-                    --decode 2>&1 \
-                    | tee "$out/parity.txt" ;;
+        parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
+                    --backends triton --seeds 8 --fp8 --decode 2>&1 | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
         targets)
-            bench kernels "bench_kernels and attention" 90
+            bench kernels "bench_kernels and attention and not blocks" 60  # the block sweep: part kernels
             bench encode "test_gpu and encode and n256 and not mixed and (upstream or eager or auto)" 80
             bench decode "test_gpu and decode and n256 and not mixed and (upstream or eager or auto)" 70
             bench fp8 "test_gpu and n256 and b32 and (auto or fp8)" 55
-            timeout 45 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --backends triton --seeds 4 \
-                --fp8 --decode 2>&1 | tee "$out/parity.txt"
+            limited parity 45 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
+                --backends triton --seeds 4 --fp8 --decode 2>&1 | tee "$out/parity.txt"
+            pack
             pipeline short
+            pack
             "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md" ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
@@ -101,14 +131,14 @@ part() {
     esac
 }
 
-pipeline() {  # at most 9 minutes (the timeouts below add up to 530 s; with "short", 200 s: no process or worker
-    # sweep); every row is appended to pipeline.jsonl as soon as it is measured
-    local log="$out/pipeline.jsonl" videos="$out/pipeline-videos"
+pipeline() {  # at most 9 minutes (the timeouts below add up to 540 s; with "short", 230 s: no 256p8 "before", no
+    # process or worker sweep); every row is appended to pipeline.jsonl as soon as it is measured
+    local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos"
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
                --videos "$videos" --log "$log")
     {
         echo "## NVDEC probe"
-        PROBE_VIDEO="$out/probe.mp4" timeout 30 "$python" - <<'PROBE' 2>&1
+        PROBE_VIDEO="$scratch/probe.mp4" limited "NVDEC probe" 20 "$python" - <<'PROBE' 2>&1
 import os, sys
 sys.path.insert(0, "benchmarks")
 from pathlib import Path
@@ -131,20 +161,24 @@ except Exception as exc:
 PROBE
         # before: the old path (every frame decoded, per-frame float32 resize on the CPU, 2 decoding threads), same
         # commit and command
+        # (720p30: 12 files of 4 clips; 256p8: 128 files of 4 clips, 512 clips: with fewer, a run at the model's
+        # speed would be mostly start-up)
         local long=1 && [ "${1:-}" = short ] && long=0
-        timeout $((long ? 120 : 80)) "${run[@]}" --sources 720p30,256p8 --files 12 --label before --preprocess cpu \
-            --no-prune --workers 2
+        local before=(--label before --preprocess cpu --no-prune --workers 2)
+        limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only  # x264, once, outside the runs
+        limited "before 720p30" $((long ? 60 : 50)) "${run[@]}" --sources 720p30 --files 12 "${before[@]}"
+        [ $long = 0 ] || limited "before 256p8" 60 "${run[@]}" --sources 256p8 --files 128 "${before[@]}"
         # after: the defaults (a decoding thread per core, preprocessing on the GPU by the placement rule)
-        timeout $((long ? 90 : 50)) "${run[@]}" --sources 720p30,256p8 --files 12 --label after --workers "$(nproc)"
-        timeout $((long ? 45 : 40)) "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec \
-            --workers "$(nproc)"
+        limited "after 720p30" 40 "${run[@]}" --sources 720p30 --files 12 --label after --workers "$(nproc)"
+        limited "after 256p8" 40 "${run[@]}" --sources 256p8 --files 128 --label after --workers "$(nproc)"
+        limited nvdec 40 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec --workers "$(nproc)"
         [ $long = 1 ] || return 0
-        timeout 45 "${run[@]}" --sources 720p30 --files 12 --label after-processes --worker-kind process \
-            --workers "$(nproc)"
+        limited "after, processes" 40 "${run[@]}" --sources 720p30 --files 12 --label after-processes \
+            --worker-kind process --workers "$(nproc)"
         for kind in thread process; do
             for w in 1 2 4 8 16; do
-                timeout 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind --workers $w \
-                    --label "input $kind x$w"
+                limited "input $kind x$w" 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind \
+                    --workers $w --label "input $kind x$w"
             done
         done
     } 2>&1 | tee "$out/pipeline.txt"
@@ -153,4 +187,5 @@ PROBE
 export PYTHONUNBUFFERED=1  # a part cut off by its time limit still leaves what it printed
 prepare "${1:-all}"
 part "${1:-all}"
+pack
 cat "$out/environment.txt"

@@ -101,3 +101,34 @@ def test_fp8_agreement_prints_the_signed_difference_to_the_floor(tmp_path):
     assert parity(96.60) == ("96.60% vs 97.50% (-0.90 points)", "**met**")
     assert parity(97.80) == ("97.80% vs 97.50% (+0.30 points)", "**met**")
     assert parity(96.40) == ("96.40% vs 97.50% (-1.10 points)", "**missed**")
+
+
+def test_what_a_step_cut_off_by_its_time_limit_left_still_counts(tmp_path, capsys):
+    """A step killed mid-write leaves a partial last line (left out, with a note) and, for the parity script, its
+    seed lines without the table (their mean stands in)."""
+    path = tmp_path / "encode.jsonl"
+    _write(path, [_clips("encode", 32, "upstream-packed", 300.0), _clips("encode", 32, "auto", 780.0)])
+    path.write_text(path.read_text() + '{"case": "gpu-encode-v1-20x192x192-n256-b32", "provider": "eag')
+    (tmp_path / "parity.txt").write_text(
+        "seed 0: reference 97.00% 49.0 dB, reference-sdpa 96.90% 49.0 dB, triton 96.80% 49.0 dB, triton+fp8 80.00% "
+        "36.0 dB (of 480 tokens)\n"
+        "seed 1: reference 98.00% 49.0 dB, reference-sdpa 97.90% 49.0 dB, triton 97.80% 49.0 dB, triton+fp8 82.00% "
+        "36.0 dB (of 480 tokens)\nseed 2: refer"
+    )
+    rows = _rows(report(tmp_path))
+    assert rows["encode b32 >= 2.5x upstream-packed"] == ("2.60x", "**met**")
+    assert rows["fp8 tokens within 1 point of the bf16 floor"] == ("81.00% vs 97.50% (-16.50 points)", "**missed**")
+    assert f"{path}:3: not a JSON object (cut off?), left out" in capsys.readouterr().err
+
+
+def test_an_nvdec_row_decoded_on_the_cpu_does_not_measure_nvdec(tmp_path):
+    def nvdec(decoded_by):
+        _write(tmp_path / "pipeline.jsonl", [
+            {"source": "before 720p30", "cpu_s_per_clip": 0.50, "clips_per_s": 20.0, "decoded_by": "cpu"},
+            {"source": "nvdec 720p30", "clips_per_s": 45.0, "decoded_by": decoded_by},
+        ])  # fmt: skip
+        return _rows(report(tmp_path))["NVDEC 720p30 end to end >= 2x before"]
+
+    assert nvdec("nvdec") == ("2.25x", "**met**")
+    assert nvdec("cpu") == ("not measured (decoded by cpu)", "-")  # every file fell back: PyAV's speed, not NVDEC's
+    assert nvdec("cpu,nvdec") == ("not measured (decoded by cpu,nvdec)", "-")
