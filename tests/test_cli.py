@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,19 +225,20 @@ def test_every_command_has_complete_help(command, capsys):
             assert stated.lstrip(": ").startswith(value), f"{command} {action.dest}: {action.help!r} vs {value!r}"
 
 
-def encode_until_the_first_file(tmp_path, *options):
-    """A command encoding 6 videos, started in a session of its own and left running once its first token file
-    is written, however fast the machine: (the process, the output folder, the command)."""
+def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1):
+    """A command encoding 6 videos (then ``inputs``), started in a session of its own and left running once its
+    first token file (its first ``files``) is written, however fast the machine: (the process, the output folder,
+    the command)."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(6):
         make_video(src / f"clip{i}.mp4", frames=48, height=64, width=64, fps=24)
     out = tmp_path / "tokens"
-    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), "-o", str(out), "--grid", "4x64x64",
-           "--tokens", "64", "--batch-size", "1", "--workers", "1", *options, *RANDOM]  # fmt: skip
+    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), *map(str, inputs), "-o", str(out),
+           "--grid", "4x64x64", "--tokens", "64", "--batch-size", "1", "--workers", "1", *options, *RANDOM]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.safetensors")):
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.safetensors"))) < files:
         time.sleep(0.01)
     return proc, out, cmd
 
@@ -278,6 +280,49 @@ def test_a_stopped_run_says_so_in_one_line_and_lists_what_it_did_not_encode(how,
     assert sorted(os.path.basename(r["tokens"]) for r in rows if r["status"] == "done") == done
     stopped = [r for r in rows if r["status"] == "not-encoded"]
     assert len(stopped) == 6 - len(done) and all("the run stopped" in r["reason"] for r in stopped)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_stop_does_not_wait_for_a_decoder_stuck_in_a_read(kind, tmp_path):
+    """A scheduler's SIGTERM (to the main process only, as Kubernetes sends it) while a worker is stuck in a read
+    that never returns (--stall-timeout 0: wait for ever): the run still stops, lists what it did not encode, and
+    exits; it used to wait for the stuck read for ever (for the stall limit when one is set)."""
+    hangs = make_hanging(tmp_path)
+    proc, out, _ = encode_until_the_first_file(tmp_path, "--worker-kind", kind, "--workers", "2", "--stall-timeout",
+                                               "0", inputs=[hangs], files=5)  # fmt: skip
+    try:  # (the sixth video's file waits for the next clip, which the stuck file holds up)
+        assert len(list(out.glob("*.safetensors"))) == 5 and proc.poll() is None
+        time.sleep(5)  # the second worker is in the stuck file by now
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)  # a stuck run would never end
+    finally:
+        release_hanging(tmp_path)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143 and err.rstrip().endswith("titok-fast: terminated (SIGTERM)"), err
+    latest = {os.path.basename(r["source"]): r["status"] for r in read_manifest(out / MANIFEST_NAME, latest=True)}
+    assert latest["hangs.mp4"] == "not-encoded" and len(latest) == 7, latest
+
+
+def test_a_resume_redoes_a_changed_source_and_names_only_the_input_really_displaced(tmp_path, capsys):
+    videos, out = tmp_path / "videos", tmp_path / "tokens"
+    videos.mkdir()
+    for name in ("a", "b"):
+        make_video(videos / f"{name}.mp4", frames=30, height=48, width=64, fps=24)
+    command = ("encode", videos, "-o", out, *GRID, *RANDOM)
+    assert run(*command, capsys=capsys)[0] == 0
+    clips = load_tokens(out / "a.safetensors").token_counts.numel()
+    make_video(videos / "a.mp4", frames=60, height=48, width=64, fps=24)  # replaced by a longer one (a download ended)
+    assert run(*command, capsys=capsys)[0] == 0
+    latest = {os.path.basename(r["source"]): r for r in read_manifest(out, latest=True)}
+    assert latest["a.mp4"]["status"] == "done" and "its source changed since" in latest["a.mp4"]["replaced"]
+    assert latest["b.mp4"]["status"] == "skipped" and load_tokens(out / "a.safetensors").token_counts.numel() > clips
+    shutil.copy(out / "b.safetensors", out / "a.safetensors")  # b's tokens under a's name
+    assert run(*command, capsys=capsys)[0] == 0
+    latest = {os.path.basename(r["source"]): r for r in read_manifest(out, latest=True)}
+    assert latest["a.mp4"]["status"] == "done" and "made from another source" in latest["a.mp4"]["replaced"]
+    assert latest["b.mp4"]["status"] == "skipped"  # b has its own token file: it was not displaced
 
 
 def test_decode_takes_folders_and_keeps_their_structure(folder, tmp_path, capsys):

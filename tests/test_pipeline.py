@@ -305,6 +305,7 @@ def test_preprocessing_on_the_device_gives_the_same_tokens_and_says_so(model, so
         a, b = (load_tokens(tmp_path / where / f"{name}.safetensors") for where in ("cpu", "device"))
         assert torch.equal(a.indices, b.indices)
         assert (a.made_with["preprocessed_on"], b.made_with["preprocessed_on"]) == ("cpu", "device")
+        assert b.made_with.pop("source_stamp")  # the source's size and mtime, as it was opened
         assert b.made_with == {
             "decoder": "cpu", "decoded_by": "cpu", "preprocess": "device", "preprocessed_on": "device",
             "device": "cpu", "dtype": "float32", "backend": "torch", "mode": "auto",
@@ -662,6 +663,28 @@ def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_tempora
     assert sorted(listed) == sorted({str(tmp_path), str(tmp_path / "sub")})  # once each
     remaining = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tmp"))
     assert remaining == sorted(name.format(hex_) for name in left[3:])  # others' temporaries stay
+
+
+def test_a_resume_leaves_a_temporary_another_run_is_writing_and_removes_a_killed_ones(model, tmp_path):
+    """Two runs on one folder (a requeued job beside the one it replaces): the second's clean-up must not remove the
+    temporary the first is writing, but a killed run's (its lock gone with its process) goes."""
+    import subprocess
+    import sys
+
+    from titok_fast.files import AtomicFile
+    from titok_fast.manifest import Manifest
+
+    writing = AtomicFile(tmp_path / "a.safetensors").__enter__()  # held (locked) by this process while it writes
+    script = "import sys; from titok_fast.files import AtomicFile; print(AtomicFile(sys.argv[1]).__enter__().temporary)"
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b.safetensors")], capture_output=True,
+                            text=True, check=True).stdout.strip()  # fmt: skip
+    files = [(tmp_path / f"{n}.mp4", n) for n in ("a", "b")]
+    pipeline.plan_outputs(model, "eager", files, tmp_path, SETTINGS, Manifest(None, pipeline.Summary()))
+    assert os.path.exists(writing.temporary) and not os.path.exists(killed)
+    with open(writing.temporary, "wb") as file:
+        file.write(b"complete")
+    writing.commit()  # the first run finishes its file as if nothing had happened
+    assert (tmp_path / "a.safetensors").read_bytes() == b"complete"
 
 
 def test_a_run_that_stops_lists_exactly_the_files_it_did_not_settle(model, sources, tmp_path, monkeypatch):

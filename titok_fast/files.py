@@ -3,15 +3,20 @@
 A file appears under its final name only complete: it is written to a unique temporary name in the same folder,
 flushed to disk (fsync), renamed over the target, and the folder is synced so the rename itself survives a crash.
 Several processes writing the same target at once each rename a complete file; the last rename wins.
+A temporary is locked (``flock``) while it is written: a run cleaning up what a killed run left
+(:func:`remove_abandoned`) leaves another live run's temporaries alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import sys
 import threading
+import time
 import uuid
 
 METADATA_KEY = "titok_fast"  # the safetensors metadata key holding our JSON, in token files and weights files
@@ -53,6 +58,26 @@ class AtomicFile:
         self.path = os.path.abspath(os.fspath(path))
         folder, name = os.path.split(self.path)
         self.temporary = os.path.join(folder, f".{temporary_stem(name)}.{uuid.uuid4().hex}.tmp")
+        self._lock: int | None = None  # the temporary, created now and locked until it is committed or discarded
+
+    def create(self) -> None:
+        """Create the temporary and hold a lock on it (``flock``), so that another process cleaning up what a
+        killed run left (:func:`remove_abandoned`) leaves it alone while it is written. Writers then open it by
+        name for writing (truncating it)."""
+        if self._lock is not None:
+            return
+        while True:
+            fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with contextlib.suppress(OSError):  # a file system without locks: not held (an unlocked one is
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # removed by a cleanup only once it is old)
+            try:  # removed by another process between its creation and the lock: again under a new name
+                if os.stat(self.temporary).st_ino == os.fstat(fd).st_ino:
+                    self._lock = fd
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            self.temporary = f"{self.temporary[:-37]}.{uuid.uuid4().hex}.tmp"
 
     def commit(self) -> None:
         try:
@@ -70,8 +95,12 @@ class AtomicFile:
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.temporary)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> AtomicFile:
+        self.create()
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -83,8 +112,32 @@ class AtomicFile:
 
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` through an :class:`AtomicFile`."""
-    with AtomicFile(path) as target, open(target.temporary, "xb") as file:
+    with AtomicFile(path) as target, open(target.temporary, "wb") as file:
         file.write(data)
+
+
+ABANDONED_UNLOCKED_SECONDS = 3600.0  # a temporary that cannot be locked is taken as abandoned once this old
+
+
+def remove_abandoned(path: str | os.PathLike[str]) -> None:
+    """Remove the temporary file ``path`` if no process is writing it (an :class:`AtomicFile` holds a lock on it
+    until it is committed); errors are ignored (writing there will say what is wrong)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):  # being written by another process
+                return
+            if time.time() - os.fstat(fd).st_mtime < ABANDONED_UNLOCKED_SECONDS:  # no locks here: keep recent ones
+                return
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 _held = threading.local()  # per thread: how deep in ``interrupts_held`` blocks, and an interrupt waiting for their end

@@ -26,7 +26,7 @@ from .backends import resolve_backend
 from .checks import MAX_GRID, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import Engine
-from .files import STALL_SECONDS, escaped, interrupts_held, notice, temporary_stem
+from .files import STALL_SECONDS, escaped, interrupts_held, notice, remove_abandoned, temporary_stem
 from .loading import weights_digest
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -43,6 +43,7 @@ from .video import (
     normalize_pixels,
     psnr,
     side_by_side,
+    source_stamp,
     ssim,
     stream_videos,
 )
@@ -314,9 +315,10 @@ def encode_files(
             raise
         finally:
             settled = {*summary.done, *(path for path, _ in summary.failed)}  # a set: a lookup per file to do
-            for path, out in todo:
-                if str(path) not in settled:
-                    manifest.not_encoded(path, out, stopped)
+            with interrupts_held():  # a second Ctrl-C (or SIGTERM after one) waits for the list to be complete
+                for path, out in todo:
+                    if str(path) not in settled:
+                        manifest.not_encoded(path, out, stopped)
     summary.seconds = time.perf_counter() - start
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
     return summary
@@ -345,6 +347,7 @@ def plan_outputs(
         model.weights_digest = weights_digest(model.state_dict())
     todo, wanted = [], _wanted(model, mode, settings, device)
     temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporary files, by token file name
+    inputs: dict[str, Path] | None = None  # this job's inputs (absolute) -> token files, made when first needed
     try:
         for path, name in files:
             out = outdir / f"{name}.safetensors"
@@ -364,6 +367,11 @@ def plan_outputs(
                     todo.append((path, out))
                     if why:  # a token file of another video of this output name: its source is displaced
                         other = done.source if done is not None and done.source != os.path.abspath(path) else None
+                        if other is not None:  # unless it is an input of this job with a token file of its own
+                            if inputs is None:
+                                inputs = {os.path.abspath(p): outdir / f"{n}.safetensors" for p, n in files}
+                            if inputs.get(other, out) != out:
+                                other = None
                         manifest.outdated(path, out, why, other)
             if todo and todo[-1][1] is out:
                 _remove_temporaries(temporaries, out)
@@ -403,8 +411,7 @@ def _remove_temporaries(listed: dict[Path, dict[str, list[str]]], out: Path) -> 
     if out.parent not in listed:
         listed[out.parent] = _temporaries(out.parent)
     for stale in listed[out.parent].pop(temporary_stem(out.name), ()):
-        with contextlib.suppress(OSError):  # (writing there will say what is wrong)
-            (out.parent / stale).unlink()
+        remove_abandoned(out.parent / stale)  # not one another run is writing now
 
 
 def _temporaries(folder: Path) -> dict[str, list[str]]:
@@ -623,6 +630,8 @@ class _EncodeJob:
         indices = [state.indices[i] for i in range(state.clips)]
         made = made_with(self.model, self.mode, self.settings, decoded_by=reader.decoded_by,
                          preprocessed_on=reader.placement)  # fmt: skip
+        if reader.source_stamp:
+            made["source_stamp"] = reader.source_stamp
         started = CLOCK.start()
         with interrupts_held():  # the token file and its manifest line, or neither
             error = write_token_file(
@@ -671,6 +680,9 @@ def _redo_reason(done: TokenFile | None, out: Path, source: str | os.PathLike, w
         return "not readable as a complete token file" if out.is_file() else None
     if done.source != os.path.abspath(source):  # first: whatever else differs, it is another video's
         return f"made from another source ({_brief(done.source)!r})"
+    stamp = done.made_with.get("source_stamp")  # (files made before it was recorded are kept)
+    if stamp and stamp != source_stamp(source):
+        return f"its source changed since it was made (size:mtime_ns {_brief(stamp, 64)}, now {source_stamp(source)})"
     if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({_brief(done.weights_digest)})"
     seen = wanted["configs"]  # recorded config -> how it differs: a dataset's files record one or a few

@@ -181,6 +181,7 @@ class ClipReader:
         self.clips_read = 0
         self.last_clip_frames = self.frames  # real frames in the last clip; fewer only when tail == "pad"
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
+        self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         path, frames = self.path, self.frames
@@ -225,6 +226,7 @@ class ClipReader:
         [h, w, 3] uint8 RGB at source size (placement "device"); ``prune``: let the CPU decoder skip frames."""
         path = self.path
         with _open(path) as container:
+            self.source_stamp = self.source_stamp or source_stamp(path)
             if not container.streams.video:
                 raise VideoError(f"{path}: has no video stream")
             context = container.streams.video[0].codec_context
@@ -542,10 +544,11 @@ def stream_videos(
     tasks: queue.SimpleQueue[ClipFeed | None] = queue.SimpleQueue()
     threads_decode = worker_kind == "thread"
     abandoned: list[threading.Thread] = []
+    stopping = threading.Event()  # set once the stream closes: workers give up their file, none is started again
     if threads_decode:
         threads = [threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True) for _ in range(workers)]
     else:
-        decoders = [_DecoderProcess(read_kwargs, stall_seconds) for _ in range(workers)]
+        decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
         thread.start()
@@ -577,16 +580,18 @@ def stream_videos(
             path, current = pending.popleft()
             yield path, current
     finally:
+        stopping.set()
         for feed in [current, *(f for _, f in pending)]:
             if feed is not None:
                 feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
         for _ in [*threads, *abandoned]:  # an abandoned thread back in time to wait for a file stops too
             tasks.put(None)
         if not sys.is_finalizing():  # a stream dropped at exit: its daemon threads die with the process
-            deadline = None if stall_seconds is None else time.monotonic() + stall_seconds
-            for thread in threads:  # each ends its clip; one still in a file after the stall limit is stuck
-                left = None if deadline is None else min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
-                thread.join(left)
+            # each ends its clip; one still in a file after SHUTDOWN_SECONDS is taken as stuck (a hung read): it is
+            # a daemon, and an interrupted run must not wait the stall limit for it (a scheduler kills it first)
+            deadline = time.monotonic() + min(stall_seconds or SHUTDOWN_SECONDS, SHUTDOWN_SECONDS)
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _decode_feeds(tasks: queue.SimpleQueue, abandoned: Sequence[threading.Thread]) -> None:
@@ -599,7 +604,9 @@ def _decode_feeds(tasks: queue.SimpleQueue, abandoned: Sequence[threading.Thread
 
 
 WORKER_KINDS = ("thread", "process")
-_READER_STATE = ("source_fps", "clips_read", "last_clip_frames", "_chunk_length", "placement", "decoded_by", "pruned")
+SHUTDOWN_SECONDS = 5.0  # a closing stream waits this long for its workers to end their clip
+_READER_STATE = ("source_fps", "clips_read", "last_clip_frames", "_chunk_length", "placement", "decoded_by", "pruned",
+                 "source_stamp")  # fmt: skip
 
 
 class _DecoderProcess:
@@ -610,10 +617,11 @@ class _DecoderProcess:
     text) or "cancelled" (the feed was closed). A process that dies fails its file and is started again, as does
     one that, once started ("ready"), sends nothing for ``stall_seconds`` while a file waits for it (stuck)."""
 
-    def __init__(self, read_kwargs: dict, stall_seconds: float | None = None):
+    def __init__(self, read_kwargs: dict, stall_seconds: float | None = None, stopping: threading.Event | None = None):
         import torch.multiprocessing as mp
 
         self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, mp.get_context("spawn")
+        self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
         self._start()
 
     def _start(self) -> None:
@@ -646,9 +654,15 @@ class _DecoderProcess:
     def _read(self, feed: ClipFeed) -> None:
         self.tasks.put((feed.path, CLOCK.enabled))
         heard = time.monotonic()  # from the process, about this file
+        closing = None  # when the stream began closing while this file was read
         while True:
             if feed._closed.is_set():
                 self.cancel.set()
+                if self.stopping.is_set():
+                    closing = closing or time.monotonic()
+                    if time.monotonic() - closing >= SHUTDOWN_SECONDS / 2:  # stuck in a read: not waited for
+                        self.process.kill()
+                        return
             try:
                 kind, value, spent = self.results.get(timeout=0.05)
             except queue.Empty:
@@ -687,7 +701,8 @@ class _DecoderProcess:
 
     def _restart(self) -> None:
         self.process.kill()
-        self._start()
+        if not self.stopping.is_set():  # a process started while the run stops would only be killed at exit
+            self._start()
 
 
 PARENT_CHECK_SECONDS = 1.0  # how often a worker process looks whether the process that started it is gone
@@ -773,6 +788,7 @@ class VideoWriter:
         self.frames += frames.shape[1]
 
     def _open(self, height: int, width: int) -> None:
+        self._file.create()  # locked while written: a concurrent decode's cleanup leaves it alone
         self._container = av.open(self._file.temporary, mode="w", format="mp4")
         rate = Fraction(self.fps).limit_denominator(max(1001, math.ceil(1 / self.fps)))  # below 1/1001: not 0
         self._stream = self._container.add_stream("libx264", rate=rate)
@@ -878,6 +894,16 @@ def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
     if isinstance(frame, av.VideoFrame):  # (NVDEC's keep the stream's first size, checked at the start)
         _check_frame_size(path, frame.width, frame.height)
     return rgb(frame)
+
+
+def source_stamp(path: str | os.PathLike[str]) -> str:
+    """``"<size>:<mtime_ns>"`` of the file at ``path`` ("" if it cannot be looked at): token files record it, so
+    that a resume notices a source replaced or grown since (a download finished, a file re-exported)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _open(path: str) -> av.container.InputContainer:
