@@ -130,7 +130,8 @@ def decode_rows(
         yield _row(number, count, "error", info=f"{path}: cannot be read ({type(e).__name__}: {e})", decoded_by=me)
         return
     end = {"clips": count, "start_times": reader.start_times(), "last_clip_frames": reader.last_clip_frames,
-           "decoder": reader.decoded_by, "placement": reader.placement}  # fmt: skip
+           "decoder": reader.decoded_by, "placement": reader.placement,
+           "source_stamp": reader.source_stamp}  # fmt: skip
     yield _row(number, count, "end", info=json.dumps(end), decoded_by=me)
 
 
@@ -339,6 +340,8 @@ class _Assembly:
         indices, end = [state.indices[i] for i in range(state.end["clips"])], state.end
         made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
                          preprocessed_on=end["placement"])  # fmt: skip
+        if end.get("source_stamp"):  # as on one machine: a resume redoes a source changed since
+            made["source_stamp"] = end["source_stamp"]
         with interrupts_held():  # the token file and its manifest line, or neither
             error = write_token_file(
                 self.model, self.settings, state.out, state.path, indices, end["start_times"],
