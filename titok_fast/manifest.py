@@ -25,6 +25,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,29 +161,29 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
     cut short (a full disk, a write killed midway) is ended there by the next job (see :class:`Manifest`), and its
     input's outcome is in a later line or unknown. A JSON line that is not an object with a known status is a
     ValueError."""
+    rows: Iterable[dict[str, Any]]
     if Path(path).is_dir():
         files = sorted(Path(path).glob("manifest*.jsonl"), key=lambda p: (p.name != MANIFEST_NAME, p.name))
-        rows = [row for file in files if _MANIFEST_FILE.fullmatch(file.name) for row in read_manifest(file)]
+        rows = [row for file in files if _MANIFEST_FILE.fullmatch(file.name) for row in _rows(file)]
         rows.sort(key=lambda row: str(row.get("time", "")))  # stable: file order where times are missing or equal
     else:
-        rows = _rows(Path(path))
+        rows = _rows(Path(path))  # read as it goes: with ``latest``, a resumed job's repeated lines are not all held
     if latest:
-        rows = list({row.get("source"): row for row in rows}.values())
-    return rows
+        return list({row.get("source"): row for row in rows}.values())
+    return list(rows)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def _rows(path: Path) -> Iterator[dict[str, Any]]:
     if path.exists() and not path.is_file():  # a pipe would be waited on for ever
         raise ValueError(f"{path}: the manifest is not a regular file (a pipe, device or folder)")
-    rows = []
-    for number, text in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:  # a line cut short
-            continue
-        if not isinstance(row, dict) or row.get("status") not in STATUSES:
-            raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
-        rows.append(row)
-    return rows
+    with open(path, encoding="utf-8", errors="replace", newline="") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:  # a line cut short
+                continue
+            if not isinstance(row, dict) or row.get("status") not in STATUSES:
+                raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
+            yield row
