@@ -339,9 +339,7 @@ class _Assembly:
     def _write(self, state: _Pending) -> None:
         indices, end = [state.indices[i] for i in range(state.end["clips"])], state.end
         made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
-                         preprocessed_on=end["placement"])  # fmt: skip
-        if end.get("source_stamp"):  # as on one machine: a resume redoes a source changed since
-            made["source_stamp"] = end["source_stamp"]
+                         preprocessed_on=end["placement"], source_stamp=end.get("source_stamp", ""))  # fmt: skip
         with interrupts_held():  # the token file and its manifest line, or neither
             error = write_token_file(
                 self.model, self.settings, state.out, state.path, indices, end["start_times"],
@@ -821,18 +819,14 @@ class _ray_session:
             main = threading.current_thread() is threading.main_thread()
             try:
                 ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
-            except ConnectionError as e:  # "auto" found no cluster: Ray's text names its own flags, not ours
-                if main and handler is not None:
-                    signal.signal(signal.SIGTERM, handler)
-                if self.address != "auto":
-                    raise
-                raise ValueError(
-                    "--ray auto: no running Ray cluster found from this machine; start one with `ray start --head`, "
-                    "or pass --ray local"
-                ) from e
             except BaseException as e:
                 if main and handler is not None:
                     signal.signal(signal.SIGTERM, handler)  # first: a SIGTERM during the shutdown is the caller's
+                if isinstance(e, ConnectionError) and self.address == "auto":  # Ray's text names its own flags
+                    raise ValueError(
+                        "--ray auto: no running Ray cluster found from this machine; start one with `ray start "
+                        "--head`, or pass --ray local"
+                    ) from e
                 if isinstance(e, SystemExit):  # Ray's handler took a SIGTERM during start-up: do what the caller's does
                     ray.shutdown()
                     if main and e.code == signal.SIGTERM and callable(handler):

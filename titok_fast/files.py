@@ -57,7 +57,8 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.path.abspath(os.fspath(path))
         folder, name = os.path.split(self.path)
-        self.temporary = os.path.join(folder, f".{temporary_stem(name)}.{uuid.uuid4().hex}.tmp")
+        self._stem = os.path.join(folder, f".{temporary_stem(name)}")
+        self.temporary = f"{self._stem}.{uuid.uuid4().hex}.tmp"
         self._lock: int | None = None  # the temporary, created now and locked until it is committed or discarded
 
     def create(self) -> None:
@@ -77,7 +78,7 @@ class AtomicFile:
             except FileNotFoundError:
                 pass
             os.close(fd)
-            self.temporary = f"{self.temporary[:-37]}.{uuid.uuid4().hex}.tmp"
+            self.temporary = f"{self._stem}.{uuid.uuid4().hex}.tmp"
 
     def commit(self) -> None:
         try:

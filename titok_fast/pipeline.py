@@ -629,9 +629,7 @@ class _EncodeJob:
         reader = state.reader
         indices = [state.indices[i] for i in range(state.clips)]
         made = made_with(self.model, self.mode, self.settings, decoded_by=reader.decoded_by,
-                         preprocessed_on=reader.placement)  # fmt: skip
-        if reader.source_stamp:
-            made["source_stamp"] = reader.source_stamp
+                         preprocessed_on=reader.placement, source_stamp=reader.source_stamp)  # fmt: skip
         started = CLOCK.start()
         with interrupts_held():  # the token file and its manifest line, or neither
             error = write_token_file(
@@ -681,8 +679,8 @@ def _redo_reason(done: TokenFile | None, out: Path, source: str | os.PathLike, w
     if done.source != os.path.abspath(source):  # first: whatever else differs, it is another video's
         return f"made from another source ({_brief(done.source)!r})"
     stamp = done.made_with.get("source_stamp")  # (files made before it was recorded are kept)
-    if stamp and stamp != source_stamp(source):
-        return f"its source changed since it was made (size:mtime_ns {_brief(stamp, 64)}, now {source_stamp(source)})"
+    if stamp and stamp != (now := source_stamp(source)):
+        return f"its source changed since it was made (size:mtime_ns {_brief(stamp, 64)}, now {now})"
     if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({_brief(done.weights_digest)})"
     seen = wanted["configs"]  # recorded config -> how it differs: a dataset's files record one or a few
@@ -786,10 +784,12 @@ def made_with(
     device: str | None = None,
     decoded_by: str | None = None,
     preprocessed_on: str | None = None,
+    source_stamp: str = "",
 ) -> dict[str, str]:
     """How tokens are made (the token file's ``made_with``): what was asked for (RESUME_KEYS) by a model on
     ``device`` (default: where ``model`` is; the Ray path's actors run elsewhere than its driver's copy), and once
-    a file has been read, what it got (``decoded_by``, ``preprocessed_on``). ``precision`` and ``rotation`` are
+    a file has been read, what it got (``decoded_by``, ``preprocessed_on``) and the source's ``source_stamp``
+    (size and mtime as it was opened; a resume redoes a source changed since). ``precision`` and ``rotation`` are
     there only when they are not the default, so files made before they were recorded still resume;
     ``time_sampling`` (how sampling "time" reads timestamps) only with that sampling, so files it made before the
     rule was recorded are redone (their picks may differ)."""
@@ -809,6 +809,8 @@ def made_with(
         made["time_sampling"] = TIME_SAMPLING
     if decoded_by is not None:
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
+    if source_stamp:
+        made["source_stamp"] = source_stamp
     return made
 
 
