@@ -1,6 +1,7 @@
 """The titok-fast command line end to end, on videos made here, with random weights."""
 
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -317,12 +318,35 @@ def test_a_resume_redoes_a_changed_source_and_names_only_the_input_really_displa
     assert run(*command, capsys=capsys)[0] == 0
     latest = {os.path.basename(r["source"]): r for r in read_manifest(out, latest=True)}
     assert latest["a.mp4"]["status"] == "done" and "its source changed since" in latest["a.mp4"]["replaced"]
-    assert latest["b.mp4"]["status"] == "skipped" and load_tokens(out / "a.safetensors").token_counts.numel() > clips
+    assert latest["b.mp4"]["status"] == "done" and load_tokens(out / "a.safetensors").token_counts.numel() > clips
     shutil.copy(out / "b.safetensors", out / "a.safetensors")  # b's tokens under a's name
     assert run(*command, capsys=capsys)[0] == 0
     latest = {os.path.basename(r["source"]): r for r in read_manifest(out, latest=True)}
     assert latest["a.mp4"]["status"] == "done" and "made from another source" in latest["a.mp4"]["replaced"]
-    assert latest["b.mp4"]["status"] == "skipped"  # b has its own token file: it was not displaced
+    assert latest["b.mp4"]["status"] == "done"  # b has its own token file: it was not displaced
+
+
+def test_resuming_a_finished_job_adds_no_manifest_lines_and_one_settled_otherwise_adds_one(tmp_path, capsys):
+    """A resumed job does not repeat, for every input, that it is complete: a job of a million inputs resumed
+    ten times would add ten million lines. It still says so of an input whose latest line does not."""
+    videos, out = tmp_path / "videos", tmp_path / "tokens"
+    videos.mkdir()
+    for name in ("a", "b"):
+        make_video(videos / f"{name}.mp4", frames=30, height=48, width=64, fps=24)
+    command = ("encode", videos, "-o", out, *GRID, *RANDOM)
+    assert run(*command, capsys=capsys)[0] == 0
+    manifest = out / MANIFEST_NAME
+    lines = manifest.read_text()
+    for _ in range(2):
+        code, stdout, _ = run(*command, capsys=capsys)
+        assert code == 0 and "skipped 2 already complete" in stdout and manifest.read_text() == lines
+    a, now = str(videos.resolve() / "a.mp4"), lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
+    with open(manifest, "a") as file:  # as if a job since had stopped before a's token file, then another wrote it
+        file.write(json.dumps({"source": a, "tokens": str(out.resolve() / "a.safetensors"), "clips": 0,
+                               "status": "not-encoded", "reason": "stopped", "time": now()}) + "\n")
+    assert run(*command, capsys=capsys)[0] == 0
+    added = [json.loads(line) for line in manifest.read_text().splitlines()[len(lines.splitlines()) + 1 :]]
+    assert [(row["source"], row["status"]) for row in added] == [(a, "skipped")]
 
 
 def test_decode_takes_folders_and_keeps_their_structure(folder, tmp_path, capsys):

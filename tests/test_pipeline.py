@@ -586,7 +586,7 @@ def test_a_run_stopped_while_checking_outputs_lists_what_it_found_to_do(model, s
         encode_files(model, engine, files, tmp_path, SETTINGS, workers=1)
     rows = {Path(r["source"]).name: r for r in read_manifest(tmp_path, latest=True)}
     assert {name: r["status"] for name, r in rows.items()} == {
-        "short.mp4": "skipped", "long.mp4": "not-encoded", "black.mp4": "done",
+        "short.mp4": "done", "long.mp4": "not-encoded", "black.mp4": "done",  # short: skipped, said done already
     }  # fmt: skip
     assert rows["long.mp4"]["reason"] == "not encoded: the run stopped while checking outputs (KeyboardInterrupt: )"
 
@@ -883,11 +883,20 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
     assert [(r["source"], r["status"]) for r in rows] == [
         (f"/v/shard{s}/{i}.mp4", "done" if s == 0 else "failed") for i in range(3) for s in (0, 1)
     ]
-    with Manifest(path, pipeline.Summary()) as later:  # a resumed run
-        later.skipped("/v/shard0/0.mp4", tmp_path / "shard0_0.safetensors")
-    assert len(read_manifest(path)) == 7
+    with Manifest(path, pipeline.Summary()) as later:  # a resumed run, which finds these token files complete
+        later.skipped("/v/shard0/0.mp4", tmp_path / "shard0_0.safetensors")  # said done already: no line
+        later.skipped("/v/shard1/0.mp4", tmp_path / "shard1_0.safetensors")  # said failed: a line says it is complete
+        later.skipped("/v/shard0/1.mp4", tmp_path / "elsewhere.safetensors")  # done, into another token file
+    assert later.summary.skipped == ["/v/shard0/0.mp4", "/v/shard1/0.mp4", "/v/shard0/1.mp4"]
+    rows = read_manifest(path)
+    assert [(r["source"], r["status"]) for r in rows[6:]] == [
+        ("/v/shard1/0.mp4", "skipped"), ("/v/shard0/1.mp4", "skipped")
+    ]  # fmt: skip
     latest = read_manifest(path, latest=True)
-    assert len(latest) == 6 and latest[0]["status"] == "skipped" and latest[0]["source"] == "/v/shard0/0.mp4"
+    assert [(r["source"], r["status"]) for r in latest[:3]] == [
+        ("/v/shard0/0.mp4", "done"), ("/v/shard1/0.mp4", "skipped"), ("/v/shard0/1.mp4", "skipped")
+    ]  # fmt: skip
+    assert len(latest) == 6
 
     with open(path, "a") as file:
         file.write('{"source": "/v/cut.mp4", "tok')  # a line cut short (a full disk)
@@ -896,11 +905,32 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
     lines = path.read_text().splitlines()
     assert lines[-2] == '{"source": "/v/cut.mp4", "tok' and json.loads(lines[-1])["source"] == "/v/next.mp4"
     rows = read_manifest(path)  # the damage stays that line's: the others are all read
-    assert len(rows) == 8 and rows[-1]["source"] == "/v/next.mp4" and "/v/cut.mp4" not in {r["source"] for r in rows}
+    assert len(rows) == 9 and rows[-1]["source"] == "/v/next.mp4" and "/v/cut.mp4" not in {r["source"] for r in rows}
     with open(path, "a") as file:
         file.write('{"source": "/v/odd.mp4", "status": "lost"}\n')  # whole, but not a manifest line
-    with pytest.raises(ValueError, match=r"line 10: expected an object with status in"):
+    with pytest.raises(ValueError, match=r"line 11: expected an object with status in"):
         read_manifest(path)
+
+
+def test_a_folders_latest_lines_read_as_they_go_are_those_of_all_its_lines_in_order(tmp_path):
+    """read_manifest(folder, latest=True) holds one line per source, not every line; it must give what taking the
+    latest line of each source from all the folder's lines (in time order, stable) gives: clocks of machines
+    disagree, lines of older versions have no time, and times tie."""
+    import random
+
+    from titok_fast.manifest import manifest_name, read_manifest
+
+    rng = random.Random(0)
+    for shard in (None, (0, 3), (1, 3), (2, 3)):
+        with open(tmp_path / manifest_name(shard), "w") as file:
+            for i in range(200):
+                row = {"source": f"/v/{rng.randrange(30)}.mp4", "status": rng.choice(["done", "failed"]), "n": i}
+                if rng.random() < 0.9:
+                    row["time"] = f"2026-12-0{rng.randrange(1, 4)}T00:00:0{rng.randrange(3)}"
+                file.write(json.dumps(row) + "\n")
+    rows = read_manifest(tmp_path)
+    assert len(rows) == 800
+    assert read_manifest(tmp_path, latest=True) == list({row["source"]: row for row in rows}.values())
 
 
 def test_a_folders_manifests_read_together_in_the_order_written_with_absolute_paths(tmp_path, monkeypatch):
@@ -919,13 +949,15 @@ def test_a_folders_manifests_read_together_in_the_order_written_with_absolute_pa
     with Manifest(tmp_path / manifest_name(), pipeline.Summary()) as again:  # unsharded, after both
         again.done(tmp_path / "v" / "a.mp4", tmp_path / "a.safetensors", 3)
     with Manifest(tmp_path / manifest_name((0, 2)), pipeline.Summary()) as later:
-        later.skipped("v/b.mp4", "b.safetensors")
+        later.skipped("v/b.mp4", "b.safetensors")  # said done in shard 1's manifest: no line
+        later.not_encoded("v/b.mp4", "b.safetensors", "stopped")
     rows = read_manifest(tmp_path)
     a, b = str(tmp_path / "v" / "a.mp4"), str(tmp_path / "v" / "b.mp4")
-    assert [(r["source"], r["status"]) for r in rows] == [(a, "failed"), (b, "done"), (a, "done"), (b, "skipped")]
+    assert [(r["source"], r["status"]) for r in rows] == [(a, "failed"), (b, "done"), (a, "done"), (b, "not-encoded")]
     assert rows[1]["tokens"] == str(tmp_path / "b.safetensors")
-    assert [(r["source"], r["status"]) for r in read_manifest(tmp_path, latest=True)] == [(a, "done"), (b, "skipped")]
-    assert [r["status"] for r in read_manifest(tmp_path / manifest_name((0, 2)))] == ["failed", "skipped"]
+    latest = read_manifest(tmp_path, latest=True)
+    assert [(r["source"], r["status"]) for r in latest] == [(a, "done"), (b, "not-encoded")]
+    assert [r["status"] for r in read_manifest(tmp_path / manifest_name((0, 2)))] == ["failed", "not-encoded"]
 
 
 def test_shards_partition_the_inputs_by_output_name_whatever_their_order():

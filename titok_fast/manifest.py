@@ -12,8 +12,10 @@ adds ``decoded_by`` and ``encoded_by`` ("host:pid" of the workers). Lines writte
 it, and may name paths as they were given.
 
 Jobs append to the manifest, each line in one write to a file opened for appending, so jobs sharing an output
-folder (one per GPU, on disjoint inputs) never cut each other's lines; a resumed job lists the inputs it skips,
-and an input's outcome is its latest line. A job that encodes one shard of its inputs (``--shard K/N``) keeps a
+folder (one per GPU, on disjoint inputs) never cut each other's lines; an input's outcome is its latest line. A
+resumed job lists an input it skips unless that input's latest line already says its token file is complete
+(done or skipped, the same token file): resuming a finished job of a million inputs adds nothing, where a line
+each would add a million every time. A job that encodes one shard of its inputs (``--shard K/N``) keeps a
 manifest of the shard's own, ``manifest-K-of-N.jsonl``: shards run on several machines, and appends from several
 machines to one file on a network filesystem (NFS) are not atomic.
 """
@@ -59,6 +61,7 @@ class Manifest:
         # token file -> how it was made otherwise, and the other source it was made from (if so), until its input
         # settles
         self._outdated: dict[str, tuple[str, str | None]] = {}
+        self._settled: dict[int, tuple[str, int | None]] | None = None  # see skipped()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
@@ -79,8 +82,18 @@ class Manifest:
         self._outdated[str(tokens)] = (why, other_source)
 
     def skipped(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
+        """``tokens`` is complete already; a line says so unless the folder's manifests already do."""
         self.summary.skipped.append(str(source))
-        self._line(source, tokens, "skipped")
+        self.read_settled()
+        if self._settled.get(hash(os.path.abspath(source)), ("", None))[1] != hash(os.path.abspath(tokens)):
+            self._line(source, tokens, "skipped")
+
+    def read_settled(self) -> None:
+        """Read which inputs the folder's manifests already say are complete, once (seconds for a million lines;
+        :meth:`skipped` does it if need be): a job about to check its outputs does it first, where an interrupt
+        is not held."""
+        if self._settled is None:
+            self._settled = _settled(self.path.parent) if self._fd is not None else {}
 
     def done(self, source: str | os.PathLike, tokens: str | os.PathLike, clips: int, **extra: Any) -> None:
         self.summary.done.append(str(source))
@@ -155,22 +168,65 @@ def _set_aside(tokens: Path, why: str) -> str:
 
 def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict[str, Any]]:
     """The manifest's lines as dicts, in the order written (every job's, oldest first); with ``latest``, only each
-    source's last line (its outcome). ``path`` may be an output folder: then its manifest and every shard's
-    (``manifest-K-of-N.jsonl``) are read together, in the order of their ``time`` (lines without one, written by
-    older versions, first, in file order). Blank lines are passed over, and so are lines that are not JSON: a line
-    cut short (a full disk, a write killed midway) is ended there by the next job (see :class:`Manifest`), and its
-    input's outcome is in a later line or unknown. A JSON line that is not an object with a known status is a
-    ValueError."""
-    rows: Iterable[dict[str, Any]]
-    if Path(path).is_dir():
-        files = sorted(Path(path).glob("manifest*.jsonl"), key=lambda p: (p.name != MANIFEST_NAME, p.name))
-        rows = [row for file in files if _MANIFEST_FILE.fullmatch(file.name) for row in _rows(file)]
-        rows.sort(key=lambda row: str(row.get("time", "")))  # stable: file order where times are missing or equal
-    else:
-        rows = _rows(Path(path))  # read as it goes: with ``latest``, a resumed job's repeated lines are not all held
+    source's last line (its outcome), in the order of each source's first line. ``path`` may be an output folder:
+    then its manifest and every shard's (``manifest-K-of-N.jsonl``) are read together, in the order of their
+    ``time`` (lines without one, written by older versions, first, in file order). Blank lines are passed over,
+    and so are lines that are not JSON: a line cut short (a full disk, a write killed midway) is ended there by the
+    next job (see :class:`Manifest`), and its input's outcome is in a later line or unknown. A JSON line that is
+    not an object with a known status is a ValueError. With ``latest`` the files are read as they go: what is held
+    is one line per source, not every line a resumed job repeated."""
+    if not Path(path).is_dir():
+        rows = _rows(Path(path))
+        return list({row.get("source"): row for row in rows}.values()) if latest else list(rows)
+    files = _manifests(Path(path))
     if latest:
-        return list({row.get("source"): row for row in rows}.values())
-    return list(rows)
+        return _latest(files)
+    rows = [row for file in files for row in _rows(file)]
+    rows.sort(key=_time)  # stable: file order where times are missing or equal
+    return rows
+
+
+def _manifests(folder: Path) -> list[Path]:
+    """The folder's manifest files in the order ties between their lines' times are broken: its own, then each
+    shard's by name."""
+    files = sorted(folder.glob("manifest*.jsonl"), key=lambda p: (p.name != MANIFEST_NAME, p.name))
+    return [file for file in files if _MANIFEST_FILE.fullmatch(file.name)]
+
+
+def _time(row: dict[str, Any]) -> str:
+    return str(row.get("time", ""))
+
+
+def _latest(files: Iterable[Path]) -> list[dict[str, Any]]:
+    """Each source's latest line of ``files`` in :func:`read_manifest`'s order of a folder (by time, stable), in the
+    order of their first lines, read as they go: a later line replaces an earlier one unless its time is earlier."""
+    kept: dict[Any, tuple[tuple[str, int], dict[str, Any]]] = {}  # source -> (place of its first line, latest)
+    for place, row in enumerate(row for file in files for row in _rows(file)):
+        source, time = row.get("source"), _time(row)
+        old = kept.get(source)
+        if old is None:
+            kept[source] = ((time, place), row)
+        else:
+            first, latest = old
+            kept[source] = (min(first, (time, place)), row if time >= _time(latest) else latest)
+    return [row for _, row in sorted(kept.values(), key=lambda item: item[0])]
+
+
+def _settled(folder: Path) -> dict[int, tuple[str, int | None]]:
+    """For each source of the folder's manifests (by ``hash``: this process's own, never stored), the ``hash`` of
+    the token file its latest line (as :func:`read_manifest` orders a folder's lines) says is complete, or None:
+    what a resumed job need not say again. Held: two ints and a time per source (about 300 bytes). A manifest that
+    cannot be read says nothing: the job then lists every input it skips, as it always did."""
+    kept: dict[int, tuple[str, int | None]] = {}  # source's hash -> (time of its latest line, token file's hash)
+    try:
+        for row in (row for file in _manifests(folder) for row in _rows(file)):
+            source, time = hash(str(row.get("source"))), _time(row)
+            if time >= kept.get(source, ("", None))[0]:
+                done = row.get("status") in ("done", "skipped")
+                kept[source] = (time, hash(str(row.get("tokens"))) if done else None)
+    except (OSError, ValueError, UnicodeError):
+        return {}
+    return kept
 
 
 def _rows(path: Path) -> Iterator[dict[str, Any]]:

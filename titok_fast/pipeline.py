@@ -348,6 +348,8 @@ def plan_outputs(
     todo, wanted = [], _wanted(model, mode, settings, device)
     temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporary files, by token file name
     inputs: dict[str, Path] | None = None  # this job's inputs (absolute) -> token files, made when first needed
+    if not overwrite:
+        manifest.read_settled()
     try:
         for path, name in files:
             out = outdir / f"{name}.safetensors"
