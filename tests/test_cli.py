@@ -226,6 +226,33 @@ def test_every_command_has_complete_help(command, capsys):
             assert stated.lstrip(": ").startswith(value), f"{command} {action.dest}: {action.help!r} vs {value!r}"
 
 
+def test_help_and_argument_errors_come_without_importing_torch():
+    """Importing torch takes seconds: the command line imports it only for a command's work, so --help and a
+    mistyped option answer at once, and a Ctrl-C during that import is the command's (one line). The package's
+    names still resolve, imported when first used."""
+    script = """if True:
+        import sys
+        import titok_fast, titok_fast.cli
+        for argv in (["--help"], ["encode", "--help"], ["encode", "in.mp4"], ["decode", "--nope"]):
+            try:
+                titok_fast.cli.main(argv)
+            except SystemExit as e:
+                assert e.code in (0, 2), e.code
+        assert "torch" not in sys.modules, "torch imported"
+        from titok_fast import PRESETS, Engine, TiTok, TiTokConfig, load_tokenizer
+        assert "torch" in sys.modules and TiTok.__name__ == "TiTok" and "v1" in PRESETS
+        assert set(titok_fast.__all__) <= set(dir(titok_fast))
+        try:
+            titok_fast.Nothing
+        except AttributeError as e:
+            assert "has no attribute 'Nothing'" in str(e)
+        else:
+            raise AssertionError("no AttributeError")
+    """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1):
     """A command encoding 6 videos (then ``inputs``), started in a session of its own and left running once its
     first token file (its first ``files``) is written, however fast the machine: (the process, the output folder,

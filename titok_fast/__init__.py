@@ -1,9 +1,34 @@
-"""titok-fast: a fast, exact runtime for the TiTok-Video V1 tokenizer."""
+"""titok-fast: a fast, exact runtime for the TiTok-Video V1 tokenizer.
 
-from .config import PRESETS, TiTokConfig
-from .engine import Engine
-from .loading import load_tokenizer
-from .model import TiTok
+The names below are imported when first used: ``import titok_fast`` (and so the command line, whose ``--help``
+and argument errors need no model) does not import torch, which takes seconds, and an interrupt during that
+import reaches the command's own handling (one line) instead of printing a traceback."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import PRESETS, TiTokConfig
+    from .engine import Engine
+    from .loading import load_tokenizer
+    from .model import TiTok
 
 __all__ = ["PRESETS", "Engine", "TiTok", "TiTokConfig", "load_tokenizer"]
 __version__ = "0.1.0"
+
+_HOMES = {"PRESETS": "config", "TiTokConfig": "config", "Engine": "engine", "load_tokenizer": "loading",
+          "TiTok": "model"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
