@@ -14,8 +14,8 @@ setup(
     package_dir={"titok_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "triton; platform_system == 'Linux'",
+        "torch>=2.11",  # the oldest tested: the GPU machine's (RESULTS.md); 2.13 on the CPU
+        "triton>=3.6; platform_system == 'Linux'",  # tensor descriptors (3.4+); 3.6 the oldest tested, 3.9 too
         "safetensors",
         "av>=17",  # VideoReformatter.reformat(threads=...)
         "numpy",

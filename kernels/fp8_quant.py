@@ -12,8 +12,8 @@ is read once and written once as one byte per value.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 _FP8_MAX = tl.constexpr(FP8_MAX)  # the same, for the kernel

@@ -22,11 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra import libdevice
 
 from ._common import _find_segment
+from ._triton import libdevice, tl, triton
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import _find_segment
+from ._triton import TensorDescriptor, tl, triton
 
 HEAD_DIM = 64
 AXIS_PAIRS = (12, 10, 10)  # rotary pairs driven by the t, h and w position (axis dims 24, 20, 20)

@@ -12,8 +12,8 @@ cores, and exactly under the interpreter); 1 <= D <= 256; K < 2**31 (tested to 2
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 METRICS = ("l2", "cosine")
 NEAREST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -333,13 +333,19 @@ def test_a_stop_does_not_wait_for_a_decoder_stuck_in_a_read(kind, tmp_path):
     assert latest["hangs.mp4"] == "not-encoded" and len(latest) == 7, latest
 
 
-def test_a_resume_redoes_a_changed_source_and_names_only_the_input_really_displaced(tmp_path, capsys):
+def two_videos_encoded(tmp_path, capsys):
+    """videos a.mp4 and b.mp4 encoded once: (their folder, the output folder, the command)."""
     videos, out = tmp_path / "videos", tmp_path / "tokens"
     videos.mkdir()
     for name in ("a", "b"):
         make_video(videos / f"{name}.mp4", frames=30, height=48, width=64, fps=24)
     command = ("encode", videos, "-o", out, *GRID, *RANDOM)
     assert run(*command, capsys=capsys)[0] == 0
+    return videos, out, command
+
+
+def test_a_resume_redoes_a_changed_source_and_names_only_the_input_really_displaced(tmp_path, capsys):
+    videos, out, command = two_videos_encoded(tmp_path, capsys)
     clips = load_tokens(out / "a.safetensors").token_counts.numel()
     make_video(videos / "a.mp4", frames=60, height=48, width=64, fps=24)  # replaced by a longer one (a download ended)
     assert run(*command, capsys=capsys)[0] == 0
@@ -356,12 +362,7 @@ def test_a_resume_redoes_a_changed_source_and_names_only_the_input_really_displa
 def test_resuming_a_finished_job_adds_no_manifest_lines_and_one_settled_otherwise_adds_one(tmp_path, capsys):
     """A resumed job does not repeat, for every input, that it is complete: a job of a million inputs resumed
     ten times would add ten million lines. It still says so of an input whose latest line does not."""
-    videos, out = tmp_path / "videos", tmp_path / "tokens"
-    videos.mkdir()
-    for name in ("a", "b"):
-        make_video(videos / f"{name}.mp4", frames=30, height=48, width=64, fps=24)
-    command = ("encode", videos, "-o", out, *GRID, *RANDOM)
-    assert run(*command, capsys=capsys)[0] == 0
+    videos, out, command = two_videos_encoded(tmp_path, capsys)
     manifest = out / MANIFEST_NAME
     lines = manifest.read_text()
     for _ in range(2):

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -53,15 +54,19 @@ def cluster(tmp_path_factory):
         pytest.skip("Ray is already initialized in this process")
     root = tmp_path_factory.mktemp("ray")
     spill = root / "spill"
+    # Ray's sockets live in its temporary folder, and a socket's path may not pass 107 bytes: under pytest's own
+    # (a long user name, pytest-xdist's popen-gwN) it did; so a short folder of its own, removed after
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     spilling = {"type": "filesystem", "params": {"directory_path": str(spill)}}
     ray.init(
-        num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, _temp_dir=str(root / "t"),
+        num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, _temp_dir=temp,
         log_to_driver=False, _system_config={"object_spilling_config": json.dumps(spilling)},
     )  # fmt: skip
     yield {"address": ray.get_runtime_context().gcs_address, "spill": spill}
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
     if saved is None:
         os.environ.pop("RAY_USAGE_STATS_ENABLED")
     else:

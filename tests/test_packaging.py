@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
@@ -45,3 +47,47 @@ def test_every_dependency_is_used():
     for name in names:
         module = IMPORT_NAMES[name]  # a new requirement needs its import name here
         assert re.search(rf"^\s*(import|from) {module}\b", sources, re.M), f"{name} is required but never imported"
+
+
+WITHOUT_TRITON = """
+import json, sys
+sys.modules["triton"] = None  # as where Triton has no wheel (macOS, Windows): `import triton` fails
+import torch
+from titok_fast.kernels import fsq
+from titok_fast.loading import random_tokenizer
+
+said = {}
+try:
+    random_tokenizer("tiny", seed=0, backend="triton")
+except ValueError as e:
+    said["triton backend"] = str(e)
+model = random_tokenizer("tiny", seed=0)
+torch.manual_seed(0)
+video = [torch.rand(3, 8, 32, 48) * 2 - 1]
+_, out = model.encode(video, [16])
+recon = model.decode_indices(out["indices"], [(8, 32, 48)])[0]
+try:
+    fsq._fsq_encoder_head_kernel[(1,)](video[0])
+except RuntimeError as e:
+    said["kernel"] = str(e)
+print(json.dumps({"indices": out["indices"][0].tolist(), "recon": recon.sum().item(), "said": said}))
+"""
+
+
+def test_without_triton_the_pytorch_backend_runs_and_the_kernels_say_why_not(tmp_path):
+    """Triton has no macOS or Windows wheels, so it is required on Linux only: elsewhere the package must import,
+    and the PyTorch backend give the tokens it gives here; the Triton backend and a kernel launch each refuse
+    in one line."""
+    from titok_fast.loading import random_tokenizer
+
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    model = random_tokenizer("tiny", seed=0)
+    torch.manual_seed(0)
+    video = [torch.rand(3, 8, 32, 48) * 2 - 1]
+    _, out = model.encode(video, [16])
+    assert found["indices"] == out["indices"][0].tolist()
+    assert found["recon"] == model.decode_indices(out["indices"], [(8, 32, 48)])[0].sum().item()
+    assert found["said"]["triton backend"].startswith("backend 'triton' cannot run: Triton is not installed here")
+    assert found["said"]["kernel"].startswith("kernel _fsq_encoder_head_kernel: Triton is not installed here")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from titok_fast.kernels._triton import MISSING as TRITON_MISSING
 from titok_fast.kernels.fsq import FsqConstants
 
 from .config import HEAD_DIM
@@ -190,12 +191,14 @@ def check_backend(choice: object) -> str:
         )
     if choice not in BACKENDS:
         raise ValueError(f"backend {choice!r} is not one of {BACKENDS}")
+    if choice == "triton" and TRITON_MISSING:
+        raise ValueError(f"backend 'triton' cannot run: {TRITON_MISSING}")
     return choice
 
 
 def resolve_backend(choice: str, device: torch.device | str) -> Backend:
-    """The backend that runs for ``choice`` with weights on ``device``: ``"auto"`` is Triton on CUDA, PyTorch
-    anywhere else; ``"torch"`` and ``"triton"`` are taken as they are."""
+    """The backend that runs for ``choice`` with weights on ``device``: ``"auto"`` is Triton on CUDA (where Triton
+    is installed), PyTorch anywhere else; ``"torch"`` and ``"triton"`` are taken as they are."""
     if choice == "auto":
-        choice = "triton" if torch.device(device).type == "cuda" else "torch"
+        choice = "triton" if torch.device(device).type == "cuda" and not TRITON_MISSING else "torch"
     return TRITON if check_backend(choice) == "triton" else TORCH

@@ -1,0 +1,45 @@
+"""Triton for the kernel modules, or, where it is not installed (it has no macOS or Windows wheels), a stand-in
+under which they still import: their plain-PyTorch references, constants and table builders serve the PyTorch
+backend, and a kernel launched says in one line that it needs Triton."""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    MISSING = ""
+except ImportError as e:  # the stand-ins below
+    MISSING = f"Triton is not installed here ({e}); the PyTorch backend runs without it"
+
+    class _Absent:
+        """Any name of an absent Triton module: using it raises."""
+
+        def __init__(self, name: str):
+            self._name = name
+
+        def __getattr__(self, attr: str) -> _Absent:
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return _Absent(f"{self._name}.{attr}")
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError(f"{self._name}: {MISSING}")
+
+        __getitem__ = __call__  # a kernel's launch: kernel[grid](...)
+
+    class _Triton(_Absent):
+        def jit(self, fn=None, **options):  # @triton.jit, @triton.jit(...): the kernel's name, unlaunchable
+            return _Absent(f"kernel {fn.__name__}") if fn is not None else self.jit
+
+    class _Language(_Absent):
+        @staticmethod
+        def constexpr(value):  # module-level constants of the kernels
+            return value
+
+    triton, tl = _Triton("triton"), _Language("triton.language")
+    libdevice, TensorDescriptor = tl.extra.libdevice, _Absent("triton.tools.tensor_descriptor.TensorDescriptor")
+
+__all__ = ["MISSING", "TensorDescriptor", "libdevice", "tl", "triton"]
