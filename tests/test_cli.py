@@ -203,6 +203,20 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
     assert not out.exists()
 
 
+def test_ray_not_installed_is_said_before_the_weights_load(folder, tmp_path, capsys, monkeypatch):
+    """Loading V1's weights and hashing them takes a while: --ray without Ray installed is refused first, in one
+    line, with nothing written."""
+    import titok_fast.cli as cli
+
+    out = tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` fails, find_spec finds none
+    monkeypatch.setattr(cli, "_model", lambda args: pytest.fail("the weights were loaded"))
+    code = main(["encode", str(folder / "moving.mp4"), "-o", str(out), "--ray", "local", *RANDOM])
+    said = capsys.readouterr().err
+    assert code == 2 and said == "titok-fast: error: --ray needs Ray Data: pip install 'titok-fast[ray]'\n"
+    assert not out.exists()
+
+
 def test_eval_measures_a_token_count_given_twice_once():
     from titok_fast.cli import _counts
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -776,11 +777,17 @@ def check_reading_on_ray(decoder: str, preprocess: str) -> None:
 RAY_CONNECT_SECONDS = 10.0
 
 
+RAY_MISSING = "--ray needs Ray Data: pip install 'titok-fast[ray]'"
+
+
 def check_ray_address(address: str) -> None:
-    """A cluster's address (``HOST:PORT`` or ``ray://HOST:PORT``) must answer before the job: Ray itself retries an
-    address where nothing listens for minutes, printing only its own warnings. Nothing is checked when Ray is already
-    initialized in this process (that cluster is used), nor for "local", "auto" and other forms."""
-    ray = sys.modules.get("ray")  # (never imported: not initialized; and Ray may not be installed)
+    """Ray Data must be installed (looked up, not imported), and a cluster's address (``HOST:PORT`` or
+    ``ray://HOST:PORT``) must answer, before the job loads its weights: Ray itself retries an address where nothing
+    listens for minutes, printing only its own warnings. The address is not checked when Ray is already initialized
+    in this process (that cluster is used), nor for "local", "auto" and other forms."""
+    if any(importlib.util.find_spec(name) is None for name in ("ray", "pyarrow")):  # pyarrow: Ray Data's
+        raise ValueError(RAY_MISSING)
+    ray = sys.modules.get("ray")  # (never imported: not initialized)
     if address in ("local", "auto") or (ray is not None and ray.is_initialized()):
         return
     host, colon, port = address.removeprefix("ray://").rpartition(":")
@@ -809,7 +816,7 @@ class _ray_session:
         try:
             import ray
         except ImportError:
-            raise ValueError("--ray needs Ray Data: pip install 'titok-fast[ray]'") from None
+            raise ValueError(RAY_MISSING) from None
         import ray.data  # noqa: F401 (configures its loggers, quieted below)
 
         if not ray.is_initialized():
