@@ -199,6 +199,16 @@ def test_the_demo_falls_back_to_random_weights_without_waiting(tmp_path):
     assert (tmp_path / "titok-fast-demo" / "recon" / "sample.mp4").is_file()
 
 
+def test_the_demo_with_weights_named_that_cannot_be_had_is_an_error_and_writes_nothing(tmp_path):
+    """Only the default weights fall back to random ones: weights the user named that are not there are an
+    error (exit 2), not silently swapped, and a demo refused for its options leaves no sample behind."""
+    for options in (["--checkpoint", "someone/other-model", "--config", "tiny"], ["--device", "cuda"]):
+        done = cli(environment(tmp_path), "demo", "-o", tmp_path / "demo", *options, cwd=tmp_path)
+        assert done.returncode == 2 and "RANDOM" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("titok-fast: error: "), done.stderr
+        assert not (tmp_path / "demo").exists()
+
+
 def test_the_demo_uses_the_default_weights_when_they_are_there(hub, tmp_path):
     """$TITOK_FAST_CHECKPOINT names the default weights; cached, the demo uses them instead of falling back."""
     env = environment(tmp_path, HF_HOME=str(hub / "hf"), TITOK_FAST_CHECKPOINT=REPO)

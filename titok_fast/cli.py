@@ -524,11 +524,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     sample, token_path = out / "sample.mp4", out / "tokens" / "sample.safetensors"
-    out.mkdir(parents=True, exist_ok=True)
-    write_video(sample, _moving_pattern(frames=24, height=192, width=256), fps=8)
     try:  # only the default weights fall back; named ones that fail are an error
         args.random_weights, model = None, _model(args, quick=args.checkpoint is None)
     except WeightsUnavailable as e:
+        if args.checkpoint is not None:
+            raise
         print(f"{e}\nthe demo falls back to RANDOM weights ({default_checkpoint()} not available)", file=sys.stderr)
         args.random_weights = 0
         model = _model(args)
@@ -536,6 +536,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.grid, args.tokens = args.grid or grid, args.tokens or tokens
     engine = _engine(args, model)
     settings = _settings(args, model)
+    out.mkdir(parents=True, exist_ok=True)  # once every option is known to work: a refused demo writes nothing
+    write_video(sample, _moving_pattern(frames=24, height=192, width=256), fps=8)
     start = time.perf_counter()
     enc = encode_files(model, engine, collect_inputs([sample]), out / "tokens", settings, overwrite=True)
     if enc.failed:
