@@ -1,12 +1,21 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# the version is written once, in the package (titok-fast --version prints it)
+INIT = (Path(__file__).parent / "titok_fast" / "__init__.py").read_text()
+VERSION = re.search(r'^__version__ = "([^"]+)"', INIT, re.M)
 
 PLOT = ["matplotlib"]
 RAY = ["ray[data]>=2.60,<2.64"]  # 2.64 drops the retry arguments the Ray path passes
-BENCH = ["einops", "omegaconf"]  # what upstream's own code needs, for the benchmarks' `upstream` provider
+# titok-fast bench runs the benchmarks under pytest; einops and omegaconf: upstream's own code needs them, for the
+# benchmarks' `upstream` provider
+BENCH = ["pytest", "pytest-benchmark", "einops", "omegaconf"]
 
 setup(
     name="titok-fast",
-    version="0.1.0",
+    version=VERSION.group(1),
     description="Fast, exact runtime for the TiTok-Video V1 tokenizer: Triton kernels, packed batches, video CLI",
     packages=["titok_fast", "titok_fast.kernels"],
     # the kernels live in the top-level folder kernels/ and install inside the package: a top-level `kernels`
@@ -24,7 +33,7 @@ setup(
         "huggingface_hub>=0.34",  # the default weights come from the Hub; 0.34: the `hf` command our messages name
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pyyaml", "ruff==0.17.6", *PLOT, *RAY, *BENCH],
+        "test": ["pyyaml", "ruff==0.17.6", *PLOT, *RAY, *BENCH],
         "plot": PLOT,
         "ray": RAY,
         "bench": BENCH,

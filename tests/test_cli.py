@@ -217,6 +217,14 @@ def test_ray_not_installed_is_said_before_the_weights_load(folder, tmp_path, cap
     assert not out.exists()
 
 
+def test_bench_without_pytest_benchmark_says_which_extra_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytest_benchmark", None)  # as if not installed
+    assert main(["bench", "-k", "nothing"]) == 2
+    said = capsys.readouterr().err
+    assert said.endswith("error: the benchmark suite needs pytest and pytest-benchmark: pip install -e '.[bench]'\n")
+    assert len(said.splitlines()) == 1
+
+
 def test_eval_measures_a_token_count_given_twice_once():
     from titok_fast.cli import _counts
 

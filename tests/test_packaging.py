@@ -91,3 +91,17 @@ def test_without_triton_the_pytorch_backend_runs_and_the_kernels_say_why_not(tmp
     assert found["recon"] == model.decode_indices(out["indices"], [(8, 32, 48)])[0].sum().item()
     assert found["said"]["triton backend"].startswith("backend 'triton' cannot run: Triton is not installed here")
     assert found["said"]["kernel"].startswith("kernel _fsq_encoder_head_kernel: Triton is not installed here")
+
+
+def test_the_version_is_written_once_and_both_ways_of_running_say_it(tmp_path):
+    """setup.py takes the version from the package; `titok-fast --version` and `python -m titok_fast --version`
+    print the installed distribution's."""
+    import importlib.metadata
+
+    import titok_fast
+
+    version = importlib.metadata.version("titok-fast")
+    assert version == titok_fast.__version__
+    for cmd in ([str(Path(sys.executable).with_name("titok-fast"))], [sys.executable, "-m", "titok_fast"]):
+        done = subprocess.run([*cmd, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (0, f"titok-fast {version}\n"), done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import __version__
 from .files import MAX_SEED, STALL_SECONDS, interrupt, notice, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -486,7 +488,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     suite = Path(__file__).resolve().parent.parent / "benchmarks"
     if not suite.is_dir():
-        raise ValueError(f"the benchmark suite is not installed here (expected {suite}); run from a source checkout")
+        raise ValueError(
+            f"the benchmark suite is not installed here (expected {suite}): it runs from a source checkout installed "
+            "with pip install -e '.[bench]'"
+        )
+    if any(importlib.util.find_spec(name) is None for name in ("pytest", "pytest_benchmark")):
+        raise ValueError("the benchmark suite needs pytest and pytest-benchmark: pip install -e '.[bench]'")
     results = Path(args.json)
     files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py", "bench_pipeline.py", "bench_resume.py")]
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={results}"]
@@ -704,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast, exact runtime for the TiTok-Video tokenizer. With no command, runs the demo.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"titok-fast {__version__}")
     debug = argparse.ArgumentParser(add_help=False)  # --debug after the command too; absent: keep the top level's
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
