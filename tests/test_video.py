@@ -842,7 +842,8 @@ def test_default_workers_is_the_cores_this_process_may_use():
 
 
 def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tmp_path):
-    """SIGKILL (or the OOM killer) gives a run no chance to stop its decoding processes: they end themselves."""
+    """SIGKILL (or the OOM killer) gives a run no chance to stop its decoding processes: they end themselves,
+    leaving no multiprocessing folder in the temporary folder."""
     script = tmp_path / "run.py"
     script.write_text(
         "import multiprocessing, sys, time\n"
@@ -855,7 +856,10 @@ def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tm
         "    print(*[c.pid for c in multiprocessing.active_children()], flush=True)\n"
         "    time.sleep(600)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path])}
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path]),
+           "TMPDIR": str(temp)}  # fmt: skip
     run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         workers = [int(pid) for pid in run.stdout.readline().split()]
@@ -867,6 +871,7 @@ def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tm
     while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_running(pid) for pid in workers)
+    assert not list(temp.glob("pymp-*"))
 
 
 def _running(pid: int) -> bool:
@@ -878,7 +883,8 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_worker_process_that_dies_fails_its_file_only(files):
+def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' (spawned: they read it anew)
     stream = video.stream_videos([files["index24"], files["index30"]], workers=1, prefetch=1, capacity=1,
                                  worker_kind="process", frames=1, height=8, width=8, fps=24)  # fmt: skip
     _, feed = next(stream)
@@ -890,4 +896,5 @@ def test_a_worker_process_that_dies_fails_its_file_only(files):
         sum(1 for _ in clips)
     _, feed = next(stream)
     assert sum(1 for _ in feed) == 30  # a new process reads the next file
+    assert len(list(tmp_path.glob("pymp-*"))) == 1  # the dead one's multiprocessing folder is gone, not left
     stream.close()

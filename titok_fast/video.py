@@ -23,9 +23,11 @@ import contextlib
 import functools
 import itertools
 import math
+import multiprocessing.util
 import numbers
 import os
 import queue
+import shutil
 import signal
 import stat
 import sys
@@ -626,6 +628,7 @@ class _DecoderProcess:
 
     def _start(self) -> None:
         self.ready = False  # until the process says so: its start-up (imports) is not a file's stall
+        self.temp_dir: str | None = None  # the process's multiprocessing folder, which it says when ready
         self.tasks, self.results = self._mp.SimpleQueue(), self._mp.Queue(maxsize=2)
         self.cancel = self._mp.Event()
         self.process = self._mp.Process(
@@ -661,7 +664,7 @@ class _DecoderProcess:
                 if self.stopping.is_set():
                     closing = closing or time.monotonic()
                     if time.monotonic() - closing >= SHUTDOWN_SECONDS / 2:  # stuck in a read: not waited for
-                        self.process.kill()
+                        self._kill()
                         return
             try:
                 kind, value, spent = self.results.get(timeout=0.05)
@@ -681,7 +684,7 @@ class _DecoderProcess:
                 heard = time.monotonic()
                 CLOCK.add_all(spent)
                 if kind == "ready":
-                    self.ready = True
+                    self.ready, self.temp_dir = True, value
                     continue
                 if kind == "clip":
                     feed._put(("clip", value))  # gives up at once when the feed is closed
@@ -699,8 +702,16 @@ class _DecoderProcess:
             self._restart()
             return
 
-    def _restart(self) -> None:
+    def _kill(self) -> None:
+        """Kill the process and remove its multiprocessing folder (the socket through which it shares tensors),
+        which a killed process cannot: one would be left in the temporary folder per file that stalled."""
         self.process.kill()
+        self.process.join(timeout=5)
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _restart(self) -> None:
+        self._kill()
         if not self.stopping.is_set():  # a process started while the run stops would only be killed at exit
             self._start()
 
@@ -714,7 +725,7 @@ def _serve_files(tasks, results, cancel, read_kwargs: dict, parent: int) -> None
     cannot stop it, and waiting for a task it would wait for ever."""
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
-    results.put(("ready", None, {}))
+    results.put(("ready", multiprocessing.util.get_temp_dir(), {}))  # made now (the tensors' sharing makes it)
     while (task := tasks.get()) is not None:
         path, timed = task
         CLOCK.enable(timed)
@@ -737,6 +748,7 @@ def _end_with(parent: int) -> None:
     """Exit this process as soon as ``parent`` is no longer its parent (it died, and this one was adopted)."""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
+    shutil.rmtree(multiprocessing.util.get_temp_dir(), ignore_errors=True)  # os._exit skips the finalizer that would
     os._exit(1)
 
 
