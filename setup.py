@@ -4,7 +4,8 @@ from pathlib import Path
 from setuptools import setup
 
 # the version is written once, in the package (titok-fast --version prints it)
-INIT = (Path(__file__).parent / "titok_fast" / "__init__.py").read_text()
+HERE = Path(__file__).parent
+INIT = (HERE / "titok_fast" / "__init__.py").read_text()
 VERSION = re.search(r'^__version__ = "([^"]+)"', INIT, re.M)
 
 PLOT = ["matplotlib"]
@@ -17,6 +18,8 @@ setup(
     name="titok-fast",
     version=VERSION.group(1),
     description="Fast, exact runtime for the TiTok-Video V1 tokenizer: Triton kernels, packed batches, video CLI",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
     packages=["titok_fast", "titok_fast.kernels"],
     # the kernels live in the top-level folder kernels/ and install inside the package: a top-level `kernels`
     # module would clash with the PyPI package of that name
