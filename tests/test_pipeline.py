@@ -74,9 +74,24 @@ def test_files_spanning_batches_get_the_tokens_of_their_own_clips(model, sources
     assert odd.start_times.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0] and odd.last_chunk_frames == 4
 
 
-def test_a_file_failing_midway_loses_nothing_else(model, sources, tmp_path):
+def test_a_file_failing_midway_loses_nothing_else(model, sources, tmp_path, monkeypatch):
+    """... and the run keeps nothing of a file once it has ended (about 1 KB each: a gigabyte per million files
+    when it kept them all), even when clips of a failed file come back from the engine after it ended."""
+    jobs, late = [], []
+
+    class Job(pipeline._EncodeJob):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            jobs.append(self)
+
+        def add(self, key, indices):
+            late.append(key[0] not in self.files)
+            super().add(key, indices)
+
+    monkeypatch.setattr(pipeline, "_EncodeJob", Job)
     files = [sources["short"], sources["broken"], sources["odd"]]
     summary = encode(model, files, tmp_path, workers=1, read_ahead=2)
+    assert len(jobs) == 1 and jobs[0].files == {} and any(late)
     assert [p for p, _ in summary.failed] == [str(sources["broken"])]
     assert "broken.mp4: decoding failed" in summary.failed[0][1]
     assert summary.done == [str(sources["short"]), str(sources["odd"])]

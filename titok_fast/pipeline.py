@@ -543,6 +543,7 @@ class Limits:
 
 @dataclass
 class _FileState:
+    number: int  # in the run's stream of files
     path: Path
     out: Path
     reader: ClipReader
@@ -558,7 +559,7 @@ class _EncodeJob:
     def __init__(self, model: TiTok, mode: str, settings: ClipSettings, manifest: Manifest, bar: tqdm, start: float):
         self.model, self.mode, self.settings, self.manifest, self.bar = model, mode, settings, manifest, bar
         self.summary = manifest.summary
-        self.files: dict[int, _FileState] = {}
+        self.files: dict[int, _FileState] = {}  # the files read and not yet ended (written or failed)
         _, height, width = settings.grid
         self.on_device = DevicePreprocessor(model.device, height, width, model.dtype)
         self.preprocess_failed_in_a_row = 0
@@ -568,7 +569,7 @@ class _EncodeJob:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file."""
         dtype, tokens = self.model.dtype, self.settings.tokens
         for number, (path, feed) in enumerate(self.limits.waiting(feeds)):
-            state = self.files[number] = _FileState(path, outputs[path], feed.reader)
+            state = self.files[number] = _FileState(number, path, outputs[path], feed.reader)
             count = 0
             try:
                 for clip in self.limits.waiting(feed):
@@ -609,16 +610,17 @@ class _EncodeJob:
         return clip
 
     def add(self, key: tuple[int, int], indices: torch.Tensor) -> None:
-        state = self.files[key[0]]
+        state = self.files.get(key[0])  # None: its file has ended (failed) already
         self.limits.clips += 1
         if self.limits.due():
             self.bar.set_postfix_str(self.limits.describe())
-        if not state.ended:
+        if state is not None:
             state.indices[key[1]] = indices.cpu()
             self._write_if_complete(state)
 
     def clip_failed(self, key: tuple[int, int], error: Exception) -> None:
-        self._fail(self.files[key[0]], f"encoding failed on clip {key[1]}: {error}")
+        if (state := self.files.get(key[0])) is not None:
+            self._fail(state, f"encoding failed on clip {key[1]}: {error}")
 
     def _fail(self, state: _FileState, reason: str) -> None:
         if not state.ended:
@@ -648,6 +650,7 @@ class _EncodeJob:
     def _end(self, state: _FileState) -> None:
         state.ended = True
         state.indices = {}
+        del self.files[state.number]  # nothing of an ended file is kept: a run of a million files holds no more
         self.bar.update(1)
         self.bar.set_postfix_str(self.limits.describe(), refresh=False)
 
