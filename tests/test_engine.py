@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from titok_fast.engine import AUTO_GRAPH_MAX_ROWS, Engine, auto_mode, pick_budget, plan_batches
+from titok_fast.engine import (
+    AUTO_GRAPH_MAX_ROWS,
+    IDLE,
+    Engine,
+    auto_mode,
+    pack_greedily,
+    pick_budget,
+    plan_batches,
+)
 
 from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, engine_for
 from helpers import make_model, random_videos, rel_l2
@@ -101,6 +109,31 @@ def test_stream_yields_keys_in_input_order(model, expected):
     results = list(engine.encode_stream(iter(items)))
     assert [k for k, _ in results] == [k for k, _, _ in items]
     assert all(torch.equal(idx, indices[i]) for i, (_, (_, idx)) in enumerate(results))
+
+
+def test_an_idle_item_runs_what_is_pending_before_the_source_is_asked_again(model, expected):
+    """IDLE (the source has nothing ready: a file is slow or stuck) runs the batches held, so the clips before it
+    come out before the source is asked for more; the results are those of a stream without it."""
+    videos, _, indices, recon = expected
+    engine = Engine(model, budgets=(4096,), max_clips=8)  # all 7 clips would fit one batch
+    received, seen_by_source = [], []
+
+    def items():
+        for i in range(len(SHAPES)):
+            if i in (3, 5):
+                yield IDLE
+                seen_by_source.append(len(received))  # what had come out when the source went on
+            yield i, videos[i], COUNTS[i]
+
+    for key, (_, idx) in engine.encode_stream(items()):
+        received.append(key)
+        assert torch.equal(idx, indices[key])
+    assert received == list(range(len(SHAPES))) and seen_by_source == [3, 5]
+    decoded = list(engine.decode_stream([IDLE, (0, indices[0], SHAPES[0]), IDLE, IDLE, (1, indices[1], SHAPES[1])]))
+    assert [k for k, _ in decoded] == [0, 1] and rel_l2(decoded[1][1], recon[1]) <= 1e-5
+    assert list(pack_greedily([IDLE, 1, 2, IDLE, 3], lambda r: r, largest=10, max_clips=5)) == [
+        IDLE, [1, 2], IDLE, [3]
+    ]  # fmt: skip
 
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(model, expected, monkeypatch):

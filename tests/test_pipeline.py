@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import re
+import time
 import weakref
 from fractions import Fraction
 from pathlib import Path
@@ -97,6 +98,32 @@ def test_a_file_failing_midway_loses_nothing_else(model, sources, tmp_path, monk
     assert summary.done == [str(sources["short"]), str(sources["odd"])]
     assert not (tmp_path / "broken.safetensors").exists()
     stored = load_tokens(tmp_path / "odd.safetensors").all_indices()
+    assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, sources["odd"]), strict=True))
+
+
+def test_files_before_a_stuck_file_are_written_without_waiting_for_it(model, sources, tmp_path):
+    """The engine held the last clips read before a file that gives none (until the stall limit, 300 s by
+    default), so the files before it waited unwritten; now a wait of IDLE_SECONDS runs them."""
+    import threading
+
+    hangs, out = make_hanging(tmp_path), tmp_path / "out"
+    done: list = []
+    run = threading.Thread(target=lambda: done.append(
+        encode(model, [sources["short"], sources["odd"], hangs], out, workers=1, stall_seconds=120)
+    ))  # fmt: skip
+    run.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "odd.safetensors").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "odd.safetensors").exists() and (out / "short.safetensors").exists() and run.is_alive()
+    finally:
+        release_hanging(tmp_path)
+        run.join(timeout=120)
+    assert done[0].done == [str(sources["short"]), str(sources["odd"])] and [f for f, _ in done[0].failed] == [
+        str(hangs)
+    ]  # fmt: skip
+    stored = load_tokens(out / "odd.safetensors").all_indices()
     assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, sources["odd"]), strict=True))
 
 

@@ -44,6 +44,14 @@ MODES = ("auto", "eager", "static", "compile", "cudagraph")
 # graphs won at batch 1 (3136-3904 rows: encode 1.34-1.63x, decode ~1.0x) and lost at batch 8 and up (25k+ rows:
 # 0.78-0.96x, the padding to the budget costing more than the launches saved).
 AUTO_GRAPH_MAX_ROWS = 8192
+
+
+class _Idle:
+    def __repr__(self) -> str:
+        return "IDLE"
+
+
+IDLE = _Idle()  # an item of encode_stream / decode_stream: the source has nothing ready now, run what is pending
 PADDING = 0.0  # what the fixed-shape path's input rows hold where no patch is
 TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
@@ -57,11 +65,18 @@ def pack_greedily(
 ) -> Iterator[list]:
     """Group items, in order, so each group's rows fit ``largest`` and it holds at most ``max_clips`` items.
 
-    Streams: a group is yielded as soon as the next item does not fit it. An item too large for ``largest`` is a
-    ValueError naming it by ``name_of(position, item)``, raised after the group of the items before it."""
+    Streams: a group is yielded as soon as the next item does not fit it, and at an :data:`IDLE` item, which
+    is passed on after the group. An item too large for ``largest`` is a ValueError naming it by
+    ``name_of(position, item)``, raised after the group of the items before it."""
     current: list = []
     used = 0
     for position, item in enumerate(items):
+        if item is IDLE:
+            if current:
+                yield current
+                current, used = [], 0
+            yield IDLE
+            continue
         r = rows_of(item)
         if r > largest:
             if current:
@@ -210,11 +225,17 @@ class Engine:
         """``(key, video [3, T, H, W], n)`` items -> ``(key, (codes [n, D], indices int32 [n]))`` in input order.
 
         Batches are formed as items arrive; the next batch is staged (copied to the device) on a worker thread
-        while the current one runs. Each clip is checked as it arrives."""
+        while the current one runs. Each clip is checked as it arrives. An :data:`IDLE` item (the source has
+        nothing ready now: a file is slow or stuck) runs the batches pending, so the clips before it come out
+        without waiting for more."""
         patch = self.model.config.patch_size
 
         def checked(items):
-            for key, video, n in items:
+            for item in items:
+                if item is IDLE:
+                    yield item
+                    continue
+                key, video, n = item
                 check_videos([video], patch, _clip_named(key), dtype=self.model.dtype)
                 yield key, video, check_token_counts([n], 1, name=_clip_named(key))[0]  # an int, as batching wants
 
@@ -229,11 +250,16 @@ class Engine:
     ) -> Iterator[tuple[object, torch.Tensor]]:
         """``(key, indices [n], pixel shape (T, H, W))`` items -> ``(key, video [3, T, H, W])`` in input order.
 
-        Each clip's indices are checked (an index outside the codebook would be a device-side fault)."""
+        Each clip's indices are checked (an index outside the codebook would be a device-side fault); :data:`IDLE`
+        as for :meth:`encode_stream`."""
         codebook, patch = self.model.config.codebook_size, self.model.config.patch_size
 
         def checked(items):
-            for key, idx, shape in items:
+            for item in items:
+                if item is IDLE:
+                    yield item
+                    continue
+                key, idx, shape = item
                 check_clip_indices(idx, codebook, f"indices of clip {key!r}")
                 yield key, idx, check_grids([shape], 1, patch, _clip_named(key))[0]
 
@@ -271,6 +297,11 @@ class Engine:
                     except ValueError as e:  # a clip too large for every budget, after the batch before it
                         bad_item = e
                         break
+                    if batch is IDLE:  # nothing more for now: what is pending runs, not kept for the next batch
+                        if pending is not None:
+                            yield from self._finish(pending, run)
+                        pending = None
+                        continue
                     staged = (batch, stager.submit(stage, batch, self._inputs_ready()))
                     if pending is not None:
                         yield from self._finish(pending, run)

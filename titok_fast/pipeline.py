@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .backends import resolve_backend
 from .checks import MAX_GRID, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
-from .engine import Engine
+from .engine import IDLE, Engine
 from .files import STALL_SECONDS, escaped, interrupts_held, notice, remove_abandoned, temporary_stem
 from .loading import weights_digest
 from .manifest import Manifest, manifest_name
@@ -56,6 +56,9 @@ VIDEO_EXTENSIONS = {
 }  # fmt: skip
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
 SOURCE_SIZE_READ_AHEAD = 2  # clips a file may hold decoded ahead when they are kept at source size (uint8 RGB)
+# a file gives no clip for this long (slow, or stuck until the stall limit): the clips the engine holds are run,
+# so the files before it are written instead of waiting for it
+IDLE_SECONDS = 1.0
 GIVE_UP_AFTER = 32  # failures in a row, each blamed on its own clip or file, that say the fault is no file's
 
 
@@ -438,8 +441,9 @@ def encode_resiliently(
     *,
     give_up_after: int = GIVE_UP_AFTER,
 ) -> Iterator[tuple[object, tuple[torch.Tensor, torch.Tensor]]]:
-    """``engine.encode_stream(items)``, but a failing batch does not end the stream: every clip taken and not yet
-    returned is retried alone, a clip that fails alone goes to ``on_error(key, error)``, and the stream goes on.
+    """``engine.encode_stream(items)`` (:data:`~titok_fast.engine.IDLE` items included), but a failing batch does
+    not end the stream: every clip taken and not yet returned is retried alone, a clip that fails alone goes to
+    ``on_error(key, error)``, and the stream goes on.
 
     What no clip can be blamed for is raised instead: an error from ``items`` itself, a fault the device reports
     (its errors cannot be retried away), a failure before any clip was taken, and ``give_up_after`` clips in a row
@@ -450,13 +454,15 @@ def encode_resiliently(
         source = iter(items)
         while True:
             try:
-                key, video, n = next(source)
+                item = next(source)
             except StopIteration:
                 return
             except Exception as e:  # not the engine's: must not be mistaken for a batch failure
                 raise _ItemsError(e) from e
-            taken[key] = (video, n)
-            yield key, video, n
+            if item is not IDLE:
+                key, video, n = item
+                taken[key] = (video, n)
+            yield item
 
     stream, failed_in_a_row = tracked(), 0
     while True:
@@ -572,7 +578,10 @@ class _EncodeJob:
             state = self.files[number] = _FileState(number, path, outputs[path], feed.reader)
             count = 0
             try:
-                for clip in self.limits.waiting(feed):
+                for clip in self.limits.waiting(feed.clips(IDLE_SECONDS)):
+                    if clip is None:  # none ready for a while (a slow or stuck file): the engine runs what it holds
+                        yield IDLE
+                        continue
                     if clip.dtype == torch.uint8:  # frames at source size: preprocessed here, on the model's device
                         clip = self._preprocess(state, count, clip)
                         if clip is None:

@@ -415,6 +415,7 @@ class ClipFeed:
         self._started = 0.0  # when it started (time.monotonic())
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._closed = threading.Event()
+        self._waiting_since: float | None = None  # when the consumer began waiting for the next item
 
     def close(self) -> None:
         """Stop decoding: the worker gives up at its next clip (the consumer has moved on or gone)."""
@@ -451,33 +452,50 @@ class ClipFeed:
         return False
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        return self.clips()
+
+    def clips(self, idle_seconds: float | None = None) -> Iterator[torch.Tensor | None]:
+        """The clips, as iterating the feed gives them; with ``idle_seconds``, also None each time that long passes
+        with no clip, so that the consumer can use the wait (the wait goes on after: the stall limit counts from
+        its start)."""
         while True:
-            kind, value = self._take()
+            kind, value = self._take(idle_seconds)
             if kind == "clip":
                 yield value
+            elif kind == "idle":
+                yield None
             elif kind == "end":
                 return
             else:
                 raise value
 
-    def _take(self) -> tuple[str, object]:
-        """The worker's next item; with ``stall_seconds``, the stall limit applies to the wait (see above)."""
-        waiting_since = time.monotonic()  # the consumer's own time between clips is not the decoder's
+    def _take(self, idle_seconds: float | None = None) -> tuple[str, object]:
+        """The worker's next item, or ("idle", None) after ``idle_seconds`` of this call's wait; with
+        ``stall_seconds``, the stall limit applies to the whole wait for the item (see above)."""
+        called = time.monotonic()
+        if self._waiting_since is None:  # the consumer's own time between clips is not the decoder's
+            self._waiting_since = called
         while True:
             try:
-                return self._queue.get(timeout=0.05)
+                item = self._queue.get(timeout=0.05)
             except queue.Empty:
                 pass
+            else:
+                self._waiting_since = None
+                return item
             if self._closed.is_set():
                 raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)")
-            waited = time.monotonic() - max(waiting_since, self._started)  # since its thread came to it
+            now = time.monotonic()
+            if idle_seconds is not None and now - called >= idle_seconds:
+                return "idle", None
+            waited = now - max(self._waiting_since, self._started)  # since its thread came to it
             if self.stall_seconds is None or waited < self.stall_seconds:
                 continue
             worker = self.worker
             if self.on_stall is not None:
                 self.on_stall(worker)
             if worker is None:  # not this file's fault: a thread has been added for it
-                waiting_since = time.monotonic()
+                self._waiting_since = time.monotonic()
                 continue
             self.stalled = True
             self.close()
