@@ -44,6 +44,8 @@ MODES = ("auto", "eager", "static", "compile", "cudagraph")
 # graphs won at batch 1 (3136-3904 rows: encode 1.34-1.63x, decode ~1.0x) and lost at batch 8 and up (25k+ rows:
 # 0.78-0.96x, the padding to the budget costing more than the launches saved).
 AUTO_GRAPH_MAX_ROWS = 8192
+PADDING = 0.0  # what the fixed-shape path's input rows hold where no patch is
+TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
 
 class _Idle:
@@ -52,8 +54,6 @@ class _Idle:
 
 
 IDLE = _Idle()  # an item of encode_stream / decode_stream: the source has nothing ready now, run what is pending
-PADDING = 0.0  # what the fixed-shape path's input rows hold where no patch is
-TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
 
 def pack_greedily(
