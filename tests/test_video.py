@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -884,7 +885,10 @@ def _running(pid: int) -> bool:
 
 
 def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeypatch):
+    """... and the run removes the dead one's multiprocessing folder, its own (a spawned process is given the
+    run's folder if the run has one, which must stay: removing it lost every later clip of that worker)."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' (spawned: they read it anew)
+    own = multiprocessing.util.get_temp_dir()  # the run has a folder of its own
     stream = video.stream_videos([files["index24"], files["index30"]], workers=1, prefetch=1, capacity=1,
                                  worker_kind="process", frames=1, height=8, width=8, fps=24)  # fmt: skip
     _, feed = next(stream)
@@ -897,4 +901,26 @@ def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeyp
     _, feed = next(stream)
     assert sum(1 for _ in feed) == 30  # a new process reads the next file
     assert len(list(tmp_path.glob("pymp-*"))) == 1  # the dead one's multiprocessing folder is gone, not left
+    assert os.path.isdir(own)
     stream.close()
+
+
+def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
+    """A clip the worker's queue cannot send is printed there and dropped; the file's end says how many clips
+    it read, so the file fails instead of being written without them."""
+    import queue as queues
+
+    worker = object.__new__(video._DecoderProcess)
+    worker.stall_seconds, worker.stopping, worker.ready = None, threading.Event(), True
+    worker.tasks, worker.results, worker.cancel = queues.SimpleQueue(), queues.Queue(), threading.Event()
+    worker.process, worker.temp_dir = types.SimpleNamespace(is_alive=lambda: True, kill=lambda: None,
+                                                            join=lambda timeout: None), None  # fmt: skip
+    worker.stopping.set()  # no process is started again
+    reader = video.ClipReader("lost.mp4", frames=1, height=8, width=8, fps=24)
+    feed = video.ClipFeed(reader, capacity=4)
+    state = {name: getattr(reader, name) for name in video._READER_STATE}
+    for message in [("clip", torch.zeros(3, 1, 8, 8)), ("end", {**state, "clips_read": 2})]:
+        worker.results.put((*message, {}))
+    worker._read(feed)
+    with pytest.raises(VideoError, match=r"^lost.mp4: 1 clip\(s\) lost between the decoding process and the run$"):
+        list(feed)

@@ -675,6 +675,7 @@ class _DecoderProcess:
     def _read(self, feed: ClipFeed) -> None:
         self.tasks.put((feed.path, CLOCK.enabled))
         heard = time.monotonic()  # from the process, about this file
+        received = 0  # clips
         closing = None  # when the stream began closing while this file was read
         while True:
             if feed._closed.is_set():
@@ -706,8 +707,14 @@ class _DecoderProcess:
                     continue
                 if kind == "clip":
                     feed._put(("clip", value))  # gives up at once when the feed is closed
-                    heard = time.monotonic()  # the time the consumer took to make room was not the process's
+                    heard, received = time.monotonic(), received + 1  # the consumer's time was not the process's
                     continue
+                if kind == "end" and value["clips_read"] != received:  # one the queue could not send (printed)
+                    lost = value["clips_read"] - received
+                    feed._put(("error", VideoError(f"{feed.path}: {lost} clip(s) lost between the decoding process "
+                                                   "and the run")))  # fmt: skip
+                    self._restart()
+                    return
                 if kind == "end":
                     for name, state in value.items():
                         setattr(feed.reader, name, state)
@@ -724,7 +731,7 @@ class _DecoderProcess:
         """Kill the process and remove its multiprocessing folder (the socket through which it shares tensors),
         which a killed process cannot: one would be left in the temporary folder per file that stalled."""
         self.process.kill()
-        self.process.join(timeout=5)
+        self.process.join(timeout=0.5)  # not longer: one stuck in a read dies only once the read returns
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -743,7 +750,10 @@ def _serve_files(tasks, results, cancel, read_kwargs: dict, parent: int) -> None
     cannot stop it, and waiting for a task it would wait for ever."""
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
-    results.put(("ready", multiprocessing.util.get_temp_dir(), {}))  # made now (the tensors' sharing makes it)
+    # its own multiprocessing folder (the tensors' sharing makes one), made now and said: the run removes it when it
+    # kills this process. Spawned, it was given the run's own folder if the run had one, which must stay
+    multiprocessing.current_process()._config.pop("tempdir", None)
+    results.put(("ready", multiprocessing.util.get_temp_dir(), {}))
     while (task := tasks.get()) is not None:
         path, timed = task
         CLOCK.enable(timed)
