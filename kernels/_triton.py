@@ -12,7 +12,7 @@ try:
 
     MISSING = ""
 except ImportError as e:  # the stand-ins below
-    MISSING = f"Triton is not installed here ({e}); the PyTorch backend runs without it"
+    MISSING = f"Triton cannot be imported here ({e}); the PyTorch backend runs without it"
 
     class _Absent:
         """Any name of an absent Triton module: using it raises."""

@@ -263,6 +263,7 @@ def test_help_and_argument_errors_come_without_importing_torch():
         assert "torch" not in sys.modules, "torch imported"
         from titok_fast import PRESETS, Engine, TiTok, TiTokConfig, load_tokenizer
         assert "torch" in sys.modules and TiTok.__name__ == "TiTok" and "v1" in PRESETS
+        assert titok_fast.engine.Engine is Engine and titok_fast.reference.ReferenceTiTok  # submodules, as before
         assert set(titok_fast.__all__) <= set(dir(titok_fast))
         try:
             titok_fast.Nothing

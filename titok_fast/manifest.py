@@ -95,6 +95,11 @@ class Manifest:
         if self._settled is None:
             self._settled = _settled(self.path.parent) if self._fd is not None else {}
 
+    def forget_settled(self) -> None:
+        """Let go of what :meth:`read_settled` read (a few hundred bytes per source), once the job has checked
+        its outputs; a later :meth:`skipped` reads it again."""
+        self._settled = None
+
     def done(self, source: str | os.PathLike, tokens: str | os.PathLike, clips: int, **extra: Any) -> None:
         self.summary.done.append(str(source))
         self.summary.clips += clips

@@ -386,6 +386,8 @@ def plan_outputs(
             for path, out in todo:
                 manifest.not_encoded(path, out, stopped)
         raise
+    finally:
+        manifest.forget_settled()
     return todo
 
 
