@@ -776,7 +776,7 @@ def _end_with(parent: int) -> None:
     """Exit this process as soon as ``parent`` is no longer its parent (it died, and this one was adopted)."""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
-    shutil.rmtree(multiprocessing.util.get_temp_dir(), ignore_errors=True)  # os._exit skips the finalizer that would
+    shutil.rmtree(multiprocessing.util.get_temp_dir(), ignore_errors=True)  # its own; os._exit skips the finalizer
     os._exit(1)
 
 
