@@ -709,13 +709,12 @@ class _DecoderProcess:
                     feed._put(("clip", value))  # gives up at once when the feed is closed
                     heard, received = time.monotonic(), received + 1  # the consumer's time was not the process's
                     continue
-                if kind == "end" and value["clips_read"] != received:  # one the queue could not send (printed)
-                    lost = value["clips_read"] - received
-                    feed._put(("error", VideoError(f"{feed.path}: {lost} clip(s) lost between the decoding process "
-                                                   "and the run")))  # fmt: skip
-                    self._restart()
-                    return
                 if kind == "end":
+                    if (lost := value["clips_read"] - received) != 0:  # one its queue could not send (printed there)
+                        feed._put(("error", VideoError(f"{feed.path}: {lost} clip(s) lost between the decoding "
+                                                       "process and the run")))  # fmt: skip
+                        self._restart()
+                        return
                     for name, state in value.items():
                         setattr(feed.reader, name, state)
                     feed._put(("end", None))
