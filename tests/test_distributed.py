@@ -23,14 +23,17 @@ from titok_fast.distributed import (
     ClipEncoder,
     DeviceFault,
     FaultLedger,
+    _Assembly,
+    _collect,
     decode_rows,
     encode_dataset,
     model_loader,
 )
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
-from titok_fast.manifest import MANIFEST_NAME, read_manifest
-from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
+from titok_fast.manifest import MANIFEST_NAME, Manifest, read_manifest
+from titok_fast.pipeline import ClipSettings, Summary, _progress, collect_inputs, encode_files
+from titok_fast.tokens import load_tokens
 from titok_fast.video import normalize_pixels, write_video
 
 from videos import make_empty, make_hanging, make_scrambled, make_video, release_hanging
@@ -532,6 +535,50 @@ def clips_of(batch, dtype) -> list[torch.Tensor]:
 def tokens_of(out) -> list[torch.Tensor]:
     rows = zip(out["data"], out["kind"], strict=True)
     return [torch.frombuffer(bytearray(d), dtype=torch.int32) for d, k in rows if k == "tokens"]
+
+
+class _Rows:
+    def __init__(self, rows):
+        self._rows = rows
+
+    def rows(self):
+        yield from self._rows
+
+
+def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(videos, tmp_path):
+    """The driver's side of a job, without Ray: rows in any order and some twice (retried work) -> the token
+    files, duplicates counted, a file whose rows never came failed; and nothing kept of an ended file (about
+    500 bytes each: half a gigabyte per million files when every file's state was made up front)."""
+    names = ["long.mp4", "short.mp4", "one.mp4"]
+    paths = [videos["good"] / n for n in names[:2]] + [videos["all"] / "corrupt.mp4", videos["good"] / names[2]]
+    model, out = LOAD(), tmp_path / "out"
+    rows = ClipEncoder(LOAD, SETTINGS, batch_size=4)(clip_batch(paths[:3], SETTINGS, torch.float32))
+    rows = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+    of = {n: sorted((r for r in rows if r["file"] == n), key=lambda r: (r["kind"] != "tokens", r["clip"]))
+          for n in range(3)}  # fmt: skip
+    assert [r["kind"] for r in of[2]] == ["tokens", "error"]  # the corrupt file fails after its first clip
+    # long's end first, a clip twice, short's rows twice (after it was written), the corrupt file's rows twice
+    # (its task run again: not duplicates, it had failed before its end); file 3's rows never come
+    order = [of[0][-1], *of[0][:-1], of[0][2], *of[1], *of[1], *of[2], *of[2]]
+    todo = [(p, out / f"{p.stem}.safetensors") for p in paths]
+    summary = Summary()
+    with Manifest(out / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(model, "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
+        seen = []
+        for row in order:
+            assembly.take(row)
+            seen.append(len(assembly.open))
+        assert max(seen) == 1 and assembly.unsettled_numbers() == [3]
+        _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8)
+    assert assembly.open == {} and assembly.unsettled_numbers() == []
+    assert summary.done == [str(p) for p in paths[:2]] and summary.duplicates == 1 + len(of[1])
+    failed = dict(summary.failed)
+    assert "decoding failed" in failed[str(paths[2])]
+    assert failed[str(paths[3])].startswith("decoding did not finish: its Ray task failed for good")
+    stored = load_tokens(todo[0][1]).all_indices()
+    sent = [torch.frombuffer(bytearray(r["data"]), dtype=torch.int32) for r in of[0][:-1]]
+    assert len(stored) == len(sent) == 6 and all(torch.equal(a.int(), b) for a, b in zip(stored, sent, strict=True))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["long.safetensors", "short.safetensors"]
 
 
 def test_a_decode_task_gives_up_on_a_file_whose_read_hangs(videos, tmp_path):

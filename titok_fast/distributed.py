@@ -296,13 +296,18 @@ def _claim(marker: str) -> bool:
 class _Pending:
     """A file on its way: the indices back so far, and what its ``end`` row said."""
 
+    number: int  # in the job's list
     path: Path
     out: Path
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
     end: dict | None = None
     decoded_by: str = ""
     encoded_by: set[str] = field(default_factory=set)
-    ended: bool = False  # written or failed
+
+
+# how a file ended (_Assembly.ended): after its "end" row came back, so results that come again are duplicates; or
+# before it (its decoding failed), so the rows of its task run again are not
+_ENDED_WHOLE, _ENDED_EARLY = 1, 2
 
 
 class _Assembly:
@@ -311,14 +316,17 @@ class _Assembly:
     def __init__(self, model: TiTok, mode: str, device: str, settings: ClipSettings, todo, manifest: Manifest, bar):
         self.model, self.settings, self.manifest, self.bar = model, settings, manifest, bar
         self.mode, self.device = mode, device
-        self.files = {number: _Pending(path, out) for number, (path, out) in enumerate(todo)}
+        self.todo = todo
+        self.open: dict[int, _Pending] = {}  # files with rows back and not yet ended: a state is made when needed
+        self.ended = bytearray(len(todo))  # per file: 0 (not ended), _ENDED_WHOLE or _ENDED_EARLY
 
     def take(self, row: dict) -> None:
-        state, kind, clip = self.files[int(row["file"])], row["kind"], int(row["clip"])
-        if state.ended:
-            if state.end is not None and kind in ("tokens", "end"):
+        number, kind, clip = int(row["file"]), row["kind"], int(row["clip"])
+        if self.ended[number]:
+            if self.ended[number] == _ENDED_WHOLE and kind in ("tokens", "end"):
                 self.manifest.summary.duplicates += 1  # a written file's results came back again
             return
+        state = self._state(number)
         if kind == "tokens":
             if clip in state.indices:
                 self.manifest.summary.duplicates += 1
@@ -358,11 +366,22 @@ class _Assembly:
         self._close(state)
 
     def _close(self, state: _Pending) -> None:
-        state.ended, state.indices = True, {}
+        self.ended[state.number] = _ENDED_WHOLE if state.end is not None else _ENDED_EARLY
+        self.open.pop(state.number, None)  # nothing of an ended file is kept: a million files cost a megabyte
         self.bar.update(1)
 
-    def unsettled(self) -> list[_Pending]:
-        return [s for s in self.files.values() if not s.ended]
+    def _state(self, number: int) -> _Pending:
+        if (state := self.open.get(number)) is None:
+            state = self.open[number] = _Pending(number, *self.todo[number])
+        return state
+
+    def unsettled_numbers(self) -> list[int]:
+        return [number for number, ended in enumerate(self.ended) if not ended]
+
+    def unsettled(self) -> Iterator[_Pending]:
+        """The files not ended yet, each ended or left as it comes (states are made one at a time)."""
+        for number in self.unsettled_numbers():
+            yield self._state(number)
 
 
 def encode_dataset(
@@ -461,7 +480,7 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, *, device
         with assembly.bar:
             with job() as run:
                 _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not shared)
-            lost = [number for number, state in assembly.files.items() if not state.ended]
+            lost = assembly.unsettled_numbers()
             if lost:  # decode tasks of several files that failed for good: each file is tried alone now
                 with job(numbers=lost) as run:
                     _collect(run, assembly, decode_retries, actor_restarts)
