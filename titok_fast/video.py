@@ -227,8 +227,9 @@ class ClipReader:
         """The sampled frames after the first ``skip``: [3, height, width] raw pixels (placement "cpu") or
         [h, w, 3] uint8 RGB at source size (placement "device"); ``prune``: let the CPU decoder skip frames."""
         path = self.path
-        with _open(path) as container:
-            self.source_stamp = self.source_stamp or source_stamp(path)
+        container, stamp = _open(path)
+        with container:
+            self.source_stamp = self.source_stamp or stamp
             if not container.streams.video:
                 raise VideoError(f"{path}: has no video stream")
             context = container.streams.video[0].codec_context
@@ -368,7 +369,7 @@ def display_turns(path: str, frame: av.VideoFrame) -> int:
 
 def first_frame_turns(path: str) -> int:
     """:func:`display_turns` of the video's first frame (decoded on the CPU; 0 if it has none)."""
-    with _open(path) as container:
+    with _open(path)[0] as container:
         try:
             frame = next(container.decode(video=0), None)
         except av.FFmpegError as exc:
@@ -939,13 +940,17 @@ def source_stamp(path: str | os.PathLike[str]) -> str:
     """``"<size>:<mtime_ns>"`` of the file at ``path`` ("" if it cannot be looked at): token files record it, so
     that a resume notices a source replaced or grown since (a download finished, a file re-exported)."""
     try:
-        st = os.stat(path)
+        return _stamp(os.stat(path))
     except OSError:
         return ""
+
+
+def _stamp(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _open(path: str) -> av.container.InputContainer:
+def _open(path: str) -> tuple[av.container.InputContainer, str]:
+    """The opened file and its source stamp, from the one look that also checks it is a non-empty file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -959,7 +964,7 @@ def _open(path: str) -> av.container.InputContainer:
     if st.st_size == 0:
         raise VideoError(f"{path}: file is empty")
     try:
-        return av.open(path)
+        return av.open(path), _stamp(st)
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(f"{path}: cannot open as a media file ({exc})") from exc
 
