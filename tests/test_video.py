@@ -875,6 +875,36 @@ def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tm
     assert not list(temp.glob("pymp-*"))
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="named semaphores live in /dev/shm on Linux only")
+def test_worker_processes_leave_nothing_in_shared_memory_when_the_whole_group_is_killed(files, tmp_path):
+    """A scheduler's SIGKILL of the whole process group kills multiprocessing's resource tracker too, the only
+    one that removes named semaphores (its queues' and events'): the run and its workers talk through pipes."""
+    script = tmp_path / "group.py"
+    tag = f"titok-test-{os.getpid()}-{time.monotonic_ns()}"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from titok_fast import video\n"
+        "if __name__ == '__main__':\n"
+        f"    multiprocessing.current_process()._config['semprefix'] = '/{tag}'  # the names of any it makes\n"
+        f"    stream = video.stream_videos([{files['index24']!r}] * 3, workers=2, prefetch=2, capacity=1,\n"
+        "                                 worker_kind='process', frames=1, height=8, width=8, fps=24)\n"
+        "    _, feed = next(stream)\n"
+        "    next(iter(feed))\n"
+        "    print(len(multiprocessing.active_children()), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path]),
+           "TMPDIR": str(tmp_path)}  # fmt: skip
+    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)  # fmt: skip
+    try:
+        assert run.stdout.readline().strip() == "2"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert not list(Path("/dev/shm").glob(f"sem.{tag}*"))
+
+
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (an exited one nobody reaps is a zombie: "Z")."""
     try:
@@ -908,11 +938,9 @@ def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeyp
 def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     """A clip the worker's queue cannot send is printed there and dropped; the file's end says how many clips
     it read, so the file fails instead of being written without them."""
-    import queue as queues
-
     worker = object.__new__(video._DecoderProcess)
-    worker.stall_seconds, worker.stopping, worker.ready = None, threading.Event(), True
-    worker.tasks, worker.results, worker.cancel = queues.SimpleQueue(), queues.Queue(), threading.Event()
+    worker.stall_seconds, worker.stopping, worker.ready, worker.files = None, threading.Event(), True, 0
+    worker.pipe, theirs = multiprocessing.Pipe()
     worker.process, worker.temp_dir = types.SimpleNamespace(is_alive=lambda: True, kill=lambda: None,
                                                             join=lambda timeout: None), None  # fmt: skip
     worker.stopping.set()  # no process is started again
@@ -920,7 +948,8 @@ def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     feed = video.ClipFeed(reader, capacity=4)
     state = {name: getattr(reader, name) for name in video._READER_STATE}
     for message in [("clip", torch.zeros(3, 1, 8, 8)), ("end", {**state, "clips_read": 2})]:
-        worker.results.put((*message, {}))
+        theirs.send((*message, {}))
     worker._read(feed)
+    assert theirs.recv() == ("task", 1, "lost.mp4", video.CLOCK.enabled) and theirs.recv() == ("credit", 1)
     with pytest.raises(VideoError, match=r"^lost.mp4: 1 clip\(s\) lost between the decoding process and the run$"):
         list(feed)

@@ -636,23 +636,30 @@ class _DecoderProcess:
 
     Each file ends with one message from the process: "end" (with the reader's state), "error" (a VideoError's
     text) or "cancelled" (the feed was closed). A process that dies fails its file and is started again, as does
-    one that, once started ("ready"), sends nothing for ``stall_seconds`` while a file waits for it (stuck)."""
+    one that, once started ("ready"), sends nothing for ``stall_seconds`` while a file waits for it (stuck).
+
+    The two talk through one pipe, and nothing else: multiprocessing's queues and events are named semaphores,
+    which only its resource tracker removes, and a SIGKILL of the whole process group (a scheduler's) kills the
+    tracker too, leaving them in /dev/shm. This side sends ("task", number, path, timed), ("credit", number) and
+    ("cancel", number), or None to stop; a file may have at most CREDITS clips sent and not yet taken, and the
+    process ignores a credit or cancel for another file than the one it reads (one that came late)."""
+
+    CREDITS = 2
 
     def __init__(self, read_kwargs: dict, stall_seconds: float | None = None, stopping: threading.Event | None = None):
         import torch.multiprocessing as mp
 
         self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, mp.get_context("spawn")
         self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
+        self.files = 0  # files given to the process: the number of the one it reads
         self._start()
 
     def _start(self) -> None:
         self.ready = False  # until the process says so: its start-up (imports) is not a file's stall
         self.temp_dir: str | None = None  # the process's multiprocessing folder, which it says when ready
-        self.tasks, self.results = self._mp.SimpleQueue(), self._mp.Queue(maxsize=2)
-        self.cancel = self._mp.Event()
+        self.pipe, theirs = self._mp.Pipe()
         self.process = self._mp.Process(
-            target=_serve_files, args=(self.tasks, self.results, self.cancel, self.read_kwargs, os.getpid()),
-            daemon=True,
+            target=_serve_files, args=(theirs, self.read_kwargs, os.getpid()), daemon=True
         )  # fmt: skip
         # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
         # process's to handle (it stops the workers); in a worker it would only print a traceback
@@ -662,6 +669,16 @@ class _DecoderProcess:
             self.process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            theirs.close()  # the process has its own: with this one closed, its death reads as the pipe's end
+
+    def _get(self, timeout: float):
+        if not self.pipe.poll(timeout):
+            raise queue.Empty
+        return self.pipe.recv()
+
+    def _send(self, message) -> None:
+        with contextlib.suppress(OSError):  # a process that died: found out by reading
+            self.pipe.send(message)
 
     def serve(self, tasks: queue.SimpleQueue) -> None:
         try:
@@ -669,25 +686,30 @@ class _DecoderProcess:
                 if not feed._closed.is_set():
                     self._read(feed)
         finally:
-            self.tasks.put(None)
+            self._send(None)
             if not sys.is_finalizing():
                 self.process.join(timeout=5)
 
     def _read(self, feed: ClipFeed) -> None:
-        self.tasks.put((feed.path, CLOCK.enabled))
+        self.files += 1
+        number = self.files
+        self._send(("task", number, feed.path, CLOCK.enabled))
         heard = time.monotonic()  # from the process, about this file
         received = 0  # clips
         closing = None  # when the stream began closing while this file was read
+        cancelled = False
         while True:
             if feed._closed.is_set():
-                self.cancel.set()
+                if not cancelled:
+                    self._send(("cancel", number))
+                    cancelled = True
                 if self.stopping.is_set():
                     closing = closing or time.monotonic()
                     if time.monotonic() - closing >= SHUTDOWN_SECONDS / 2:  # stuck in a read: not waited for
                         self._kill()
                         return
             try:
-                kind, value, spent = self.results.get(timeout=0.05)
+                kind, value, spent = self._get(timeout=0.05)
             except queue.Empty:
                 stuck = self.ready and self.stall_seconds is not None and time.monotonic() - heard >= self.stall_seconds
                 if stuck:  # killed and replaced, not waited for
@@ -697,6 +719,9 @@ class _DecoderProcess:
                     return
                 if self.process.is_alive():
                     continue
+                failure = f"the decoding process died (exit code {self.process.exitcode})"
+            except EOFError:  # the process is gone: its end of the pipe closed
+                self.process.join(timeout=1)
                 failure = f"the decoding process died (exit code {self.process.exitcode})"
             except Exception as exc:  # a message cut off by a dying process
                 failure = f"the decoding process failed ({type(exc).__name__}: {exc})"
@@ -708,10 +733,11 @@ class _DecoderProcess:
                     continue
                 if kind == "clip":
                     feed._put(("clip", value))  # gives up at once when the feed is closed
+                    self._send(("credit", number))  # taken: the process may send one more
                     heard, received = time.monotonic(), received + 1  # the consumer's time was not the process's
                     continue
                 if kind == "end":
-                    if (lost := value["clips_read"] - received) != 0:  # one its queue could not send (printed there)
+                    if (lost := value["clips_read"] - received) != 0:  # none should be: a last check
                         feed._put(("error", VideoError(f"{feed.path}: {lost} clip(s) lost between the decoding "
                                                        "process and the run")))  # fmt: skip
                         self._restart()
@@ -721,8 +747,7 @@ class _DecoderProcess:
                     feed._put(("end", None))
                 elif kind == "error":
                     feed._put(("error", VideoError(value)))
-                self.cancel.clear()  # "cancelled" too: the process is ready for the next file
-                return
+                return  # "cancelled" too: the process is ready for the next file
             feed._put(("error", VideoError(f"{feed.path}: {failure}")))
             self._restart()
             return
@@ -732,6 +757,7 @@ class _DecoderProcess:
         which a killed process cannot: one would be left in the temporary folder per file that stalled."""
         self.process.kill()
         self.process.join(timeout=0.5)  # not longer: one stuck in a read dies only once the read returns
+        self.pipe.close()
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -744,38 +770,94 @@ class _DecoderProcess:
 PARENT_CHECK_SECONDS = 1.0  # how often a worker process looks whether the process that started it is gone
 
 
-def _serve_files(tasks, results, cancel, read_kwargs: dict, parent: int) -> None:
-    """A worker process: read each file it is given, sending its clips, then one final message (see above). It
-    ends itself once ``parent`` (the process that started it) is gone: a killed run (SIGKILL, the OOM killer)
-    cannot stop it, and waiting for a task it would wait for ever."""
+def _serve_files(pipe, read_kwargs: dict, parent: int) -> None:
+    """A worker process: read each file it is given, sending its clips, then one final message (see
+    :class:`_DecoderProcess`). It ends itself once ``parent`` (the process that started it) is gone: a killed run
+    (SIGKILL, the OOM killer) cannot stop it; waiting on the pipe, it sees the pipe's end; decoding, a thread
+    looks every PARENT_CHECK_SECONDS."""
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     # its own multiprocessing folder (the tensors' sharing makes one), made now and said: the run removes it when it
     # kills this process. Spawned, it was given the run's own folder if the run had one, which must stay
     multiprocessing.current_process()._config.pop("tempdir", None)
-    results.put(("ready", multiprocessing.util.get_temp_dir(), {}))
-    while (task := tasks.get()) is not None:
-        path, timed = task
-        CLOCK.enable(timed)
-        reader = ClipReader(path, **read_kwargs)
+    run = _RunPipe(pipe)
+    try:
+        run.send(("ready", multiprocessing.util.get_temp_dir(), {}))
+        while (task := run.recv()) is not None:
+            if task[0] == "task" and _serve_file(run, *task[1:], read_kwargs):
+                break
+    except _RunGone:
+        _exit_now()
+
+
+class _RunGone(BaseException):
+    """The run's end of the pipe is closed: nothing this process does is wanted any more."""
+
+
+class _RunPipe:
+    """A worker process's end of its pipe, whose failures (the run is gone) raise :class:`_RunGone`: not an
+    Exception, so that a file's own failures (OSErrors among them) are never taken for it."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def _call(self, method, *args):
         try:
-            for clip in reader:
-                if cancel.is_set():
-                    results.put(("cancelled", None, CLOCK.take()))
-                    break
-                results.put(("clip", clip, CLOCK.take()))
-            else:
-                results.put(("end", {name: getattr(reader, name) for name in _READER_STATE}, CLOCK.take()))
-        except VideoError as exc:
-            results.put(("error", str(exc), CLOCK.take()))
-        except Exception as exc:  # an unforeseen failure on one file must not stop the others
-            results.put(("error", f"{path}: cannot be read ({type(exc).__name__}: {exc})", CLOCK.take()))
+            return method(*args)
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            raise _RunGone from None
+
+    def send(self, message) -> None:
+        self._call(self.pipe.send, message)
+
+    def recv(self):
+        return self._call(self.pipe.recv)
+
+    def poll(self) -> bool:
+        return self._call(self.pipe.poll)
+
+
+def _serve_file(run: _RunPipe, number: int, path: str, timed: bool, read_kwargs: dict) -> bool:
+    """Read file ``number`` of this process, sending a clip only while it has a credit (see
+    :class:`_DecoderProcess`), then the file's final message; True when the run said to stop meanwhile."""
+    credits, cancelled, stop = _DecoderProcess.CREDITS, False, False
+
+    def take(message) -> None:
+        nonlocal credits, cancelled, stop
+        if message is None:  # the run stops
+            cancelled = stop = True
+        elif message[1] == number:  # others are late: for a file that has ended
+            credits, cancelled = credits + (message[0] == "credit"), cancelled or message[0] == "cancel"
+
+    CLOCK.enable(timed)
+    reader = ClipReader(path, **read_kwargs)
+    try:
+        for clip in reader:
+            while run.poll():
+                take(run.recv())
+            while not credits and not cancelled:
+                take(run.recv())
+            if cancelled:
+                run.send(("cancelled", None, CLOCK.take()))
+                return stop
+            run.send(("clip", clip, CLOCK.take()))
+            credits -= 1
+        run.send(("end", {name: getattr(reader, name) for name in _READER_STATE}, CLOCK.take()))
+    except VideoError as exc:
+        run.send(("error", str(exc), CLOCK.take()))
+    except Exception as exc:  # an unforeseen failure on one file must not stop the others
+        run.send(("error", f"{path}: cannot be read ({type(exc).__name__}: {exc})", CLOCK.take()))
+    return stop
 
 
 def _end_with(parent: int) -> None:
     """Exit this process as soon as ``parent`` is no longer its parent (it died, and this one was adopted)."""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
+    _exit_now()
+
+
+def _exit_now() -> None:
     shutil.rmtree(multiprocessing.util.get_temp_dir(), ignore_errors=True)  # its own; os._exit skips the finalizer
     os._exit(1)
 
