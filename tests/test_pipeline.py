@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from titok_fast import Engine, pipeline
+from titok_fast import Engine, __version__, pipeline
 from titok_fast.loading import random_tokenizer
 from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode_resiliently, evaluate
 from titok_fast.tokens import load_tokens
@@ -348,6 +348,7 @@ def test_preprocessing_on_the_device_gives_the_same_tokens_and_says_so(model, so
         assert torch.equal(a.indices, b.indices)
         assert (a.made_with["preprocessed_on"], b.made_with["preprocessed_on"]) == ("cpu", "device")
         assert b.made_with.pop("source_stamp")  # the source's size and mtime, as it was opened
+        assert b.made_with.pop("made_by") == f"titok-fast {__version__}"
         assert b.made_with == {
             "decoder": "cpu", "decoded_by": "cpu", "preprocess": "device", "preprocessed_on": "device",
             "device": "cpu", "dtype": "float32", "backend": "torch", "mode": "auto",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from . import __version__
 from .backends import resolve_backend
 from .checks import MAX_GRID, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
@@ -805,7 +806,8 @@ def made_with(
     """How tokens are made (the token file's ``made_with``): what was asked for (RESUME_KEYS) by a model on
     ``device`` (default: where ``model`` is; the Ray path's actors run elsewhere than its driver's copy), and once
     a file has been read, what it got (``decoded_by``, ``preprocessed_on``) and the source's ``source_stamp``
-    (size and mtime as it was opened; a resume redoes a source changed since). ``precision`` and ``rotation`` are
+    (size and mtime as it was opened; a resume redoes a source changed since), and ``made_by``, titok-fast's
+    version (not compared: a new version resumes an old one's files). ``precision`` and ``rotation`` are
     there only when they are not the default, so files made before they were recorded still resume;
     ``time_sampling`` (how sampling "time" reads timestamps) only with that sampling, so files it made before the
     rule was recorded are redone (their picks may differ)."""
@@ -827,6 +829,7 @@ def made_with(
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
     if source_stamp:
         made["source_stamp"] = source_stamp
+    made["made_by"] = f"titok-fast {__version__}"  # for the record: not compared on resume
     return made
 
 

@@ -66,7 +66,8 @@ CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frame
 # How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
 # Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
 # used), device, dtype, backend, mode, and precision, rotation and time_sampling where they apply. Resumed runs
-# compare them, so files made different ways never mix.
+# compare them, so files made different ways never mix; not source_stamp (checked against the source) nor made_by
+# (titok-fast's version, for the record).
 MADE_WITH_KEY = "made_with"
 
 
