@@ -23,6 +23,7 @@ import contextlib
 import functools
 import itertools
 import math
+import multiprocessing.resource_tracker
 import multiprocessing.util
 import numbers
 import os
@@ -662,7 +663,9 @@ class _DecoderProcess:
             target=_serve_files, args=(theirs, self.read_kwargs, os.getpid()), daemon=True
         )  # fmt: skip
         # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
-        # process's to handle (it stops the workers); in a worker it would only print a traceback
+        # process's to handle (it stops the workers); in a worker it would only print a traceback. Starting a
+        # process starts multiprocessing's resource tracker if it is not running, and that unblocks SIGINT: so first
+        multiprocessing.resource_tracker.ensure_running()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # read first: a change runs pending handlers, which
         try:  # may raise (a Ctrl-C that had just arrived) after SIGINT is blocked: it is unblocked whatever comes
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
