@@ -414,26 +414,48 @@ def test_nvdec_says_why_it_cannot_take_a_file(files):
         next(decoders.nvdec_frames(files["odd"], container.streams.video[0]))
 
 
-@pytest.mark.parametrize(("pix_fmt", "colorspace", "said"), [
-    ("yuv420p10le", None, "pixel format yuv420p10le: only 8-bit 4:2:0"),  # 10-bit HDR, as phones record
-    ("yuv444p", None, "pixel format yuv444p: only 8-bit 4:2:0"),
-    ("yuv422p", None, "pixel format yuv422p: only 8-bit 4:2:0"),
-    ("yuv420p", 9, "YUV matrix bt2020: only BT.601 and BT.709"),  # libswscale converts it with BT.2020's
+@pytest.mark.parametrize(("pix_fmt", "changes", "said"), [
+    ("yuv420p10le", {}, "pixel format yuv420p10le: only 8-bit 4:2:0"),  # 10-bit HDR, as phones record
+    ("yuv444p", {}, "pixel format yuv444p: only 8-bit 4:2:0"),
+    ("yuv422p", {}, "pixel format yuv422p: only 8-bit 4:2:0"),
+    ("yuv420p", {"colorspace": 9}, "YUV matrix bt2020: only BT.601 and BT.709"),  # libswscale uses BT.2020's
+    # libswscale converts each field of an interlaced picture apart (up to 23 levels off), and interpolates the
+    # chroma of an odd-height one (up to 58 levels off at colour edges)
+    ("yuv420p", {"options": {"x264-params": "interlaced=1:tff=1"}}, "interlaced: libswscale converts each field"),
+    ("yuv420p", {"codec": "libvpx-vp9", "height": 47}, "odd picture height (47): only even heights"),
 ])  # fmt: skip
-def test_nvdec_leaves_to_the_cpu_what_its_conversion_does_not_take(tmp_path, pix_fmt, colorspace, said):
-    """Streams the GPU conversion (8-bit NV12, BT.601/709) would get wrong are the CPU decoder's, before CUDA is
-    asked for; the 8-bit 4:2:0 streams it takes convert within 2 levels (test_nvdec_path_close_to_the_cpu_path)."""
-    path = str(tmp_path / f"{pix_fmt}.mp4")
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+def test_nvdec_leaves_to_the_cpu_what_its_conversion_does_not_take(tmp_path, pix_fmt, changes, said):
+    """Streams the GPU conversion (8-bit NV12, BT.601/709, progressive, even height) would get wrong are the CPU
+    decoder's, before CUDA is asked for; the streams it takes convert within 2 levels
+    (test_nvdec_path_close_to_the_cpu_path)."""
+    path = write_stream(tmp_path / f"{pix_fmt}.mkv", pix_fmt=pix_fmt, **changes)
+    with av.open(path) as container, pytest.raises(DecoderUnavailable, match=f"^{re.escape(said)}"):
+        next(decoders.nvdec_frames(path, container.streams.video[0]))
+
+
+def write_stream(path, codec="libx264", pix_fmt="yuv420p", height=48, colorspace=None, options=None) -> str:
+    """Two 64-pixel-wide frames encoded as asked."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, height, pix_fmt
+        stream.options = options or {}
         if colorspace is not None:
             stream.codec_context.colorspace = colorspace
         for i in range(2):
-            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, 48, 64), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, height, 64), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    with av.open(path) as container, pytest.raises(DecoderUnavailable, match=f"^{re.escape(said)}"):
+    return str(path)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the machine without CUDA")
+def test_nvdec_knows_a_codec_by_its_format_not_its_decoder(tmp_path):
+    """AV1 is decoded here by libdav1d, a decoder's name: the check goes on past the codec (to the GPU)."""
+    encoders = [name for name in ("libsvtav1", "libaom-av1") if name in av.codecs_available]
+    if not encoders:
+        pytest.skip("this PyAV has no AV1 encoder")
+    path = write_stream(tmp_path / "av1.mkv", codec=encoders[0])
+    with av.open(path) as container, pytest.raises(DecoderUnavailable, match="^no CUDA device"):
         next(decoders.nvdec_frames(path, container.streams.video[0]))
 
 

@@ -46,6 +46,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "square": videos.make_video(folder / "square.mkv", 2, 64, 64, pattern="gradient"),
         "moving": videos.make_video(folder / "moving.mp4", 24, 48, 64, pattern="moving"),
         "audio": videos.make_audio_only(folder / "audio.mkv"),
+        "cover": videos.make_audio_only(folder / "cover.mp4", cover=True),
         "empty": videos.make_empty(folder / "empty.mp4"),
         "garbage": videos.make_garbage(folder / "garbage.mp4"),
         "missing": folder / "missing.mp4",
@@ -432,7 +433,8 @@ def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypa
         ("garbage", "cannot open as a media file"),
         ("truncated", "cannot open as a media file"),
         ("scrambled", "decoding failed"),
-        ("audio", "has no video stream"),
+        ("audio", "has no video stream$"),
+        ("cover", r"has no video stream \(only cover art\)$"),  # a picture, not a video: not read as one
     ],
 )
 def test_bad_file_gives_video_error(files, name, problem):
@@ -702,6 +704,9 @@ def test_write_video_round_trip(tmp_path):
     back = torch.from_numpy(decoded).permute(3, 0, 1, 2).float() / 127.5 - 1
     assert psnr(back, (frames * 1.5).clamp(-1, 1)) > 30
     assert os.listdir(tmp_path) == ["out.mp4"]
+    with av.open(str(path)) as container:  # it says how its pixels were converted: BT.601 in limited range
+        context = container.streams.video[0].codec_context
+        assert (context.colorspace, context.color_range) == (video.WRITTEN_COLORSPACE, 1)
 
 
 def test_write_video_pads_odd_sizes(tmp_path):

@@ -107,13 +107,23 @@ def make_lossless(
     return Path(path)
 
 
-def make_audio_only(path: str | Path, seconds: float = 0.5) -> Path:
-    """An .mkv holding only an MP2 audio stream (a 440 Hz tone)."""
+def make_audio_only(path: str | Path, seconds: float = 0.5, cover: bool = False) -> Path:
+    """A file (.mkv, or .mp4 with ``cover``) holding only an MP2 audio stream (a 440 Hz tone); with ``cover`` also
+    a JPEG picture attached to it (cover art, as music files and downloads carry), a video stream to FFmpeg."""
     path = Path(path)
     rate = 44100
     with av.open(str(path), "w") as container:
+        if cover:
+            art = container.add_stream("mjpeg", rate=1)
+            art.width, art.height, art.pix_fmt = 32, 32, "yuvj420p"
+            art.disposition = av.stream.Disposition.attached_pic
         stream = container.add_stream("mp2", rate=rate)
         stream.layout = "mono"
+        if cover:
+            picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+            for packet in [*art.encode(picture), *art.encode()]:
+                packet.pts = packet.dts = 0
+                container.mux(packet)
         tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate) * 32767).astype(np.int16)
         for start in range(0, len(tone), 1152):
             frame = av.AudioFrame.from_ndarray(tone[None, start : start + 1152], format="s16", layout="mono")

@@ -453,12 +453,13 @@ def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[i
     were read: turned a quarter for rotation "display" when the first frame's display matrix says so)."""
     import av
 
+    from .decoders import video_stream
     from .video import VideoError, first_frame_turns
 
     groups: dict[str, dict[int, dict[str, float]]] = {}
     for path, rows in per_file.items():
         with av.open(path) as container:  # evaluate read it to the end: it opens
-            stream = container.streams.video[0]
+            stream = video_stream(container)
             width, height = stream.width, stream.height
         if rotation == "display":
             with contextlib.suppress(VideoError):

@@ -44,10 +44,11 @@ NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjp
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 # what the GPU conversion takes: 8-bit 4:2:0 (NVDEC hands it over as the NV12 that nvdec_rgb reads; deeper or
 # fuller formats come in other layouts), and the streams whose matrix libswscale reads as one of MATRICES
-# (AVColorSpace: BT.709, unspecified, BT.470BG, SMPTE 170M). Other streams (10-bit HDR from phones, BT.2020, 4:2:2,
-# 4:4:4) are decoded on the CPU.
+# (AVColorSpace: BT.709, unspecified, BT.470BG, SMPTE 170M), progressive and of even height. Other streams (10-bit
+# HDR from phones, BT.2020, 4:2:2, 4:4:4, interlaced, odd height) are decoded on the CPU.
 NVDEC_PIXEL_FORMATS = ("yuv420p", "nv12")
 NVDEC_COLORSPACES = {1: "bt709", 2: "bt601", 5: "bt601", 6: "bt601"}
+FIELD_ORDERS_PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the others are interlaced orders
 # codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
 # reference. (Not HEVC: FFmpeg skips its sub-layer non-reference pictures, which higher sub-layers may use.)
 PRUNED_CODECS = ("h264",)
@@ -58,6 +59,7 @@ PRUNED_CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts", "flv"
 MAX_PRUNED_FRAMES = 2_000_000  # longer videos (18 hours at 30 fps) decode every frame: their index stays small
 # what a reader needs: (timestamps of all frames in presentation order, time base) -> needed[index] (bool)
 Needs = Callable[[np.ndarray, Fraction], np.ndarray]
+ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC: a picture attached to the file (cover art), not its video
 
 
 class DecoderUnavailable(RuntimeError):
@@ -87,6 +89,15 @@ class FrameSource:
         return image
 
 
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
+    """The container's video: its first video stream that is not a picture attached to the file (cover art, as
+    music and downloaded videos carry; FFmpeg's own choice of stream passes over it too), or None."""
+    for stream in container.streams.video:
+        if not int(getattr(stream, "disposition", 0)) & ATTACHED_PIC:
+            return stream
+    return None
+
+
 @contextlib.contextmanager
 def cpu_frames(
     container: av.container.InputContainer, threads: int, path: str | None = None, needs: Needs | None = None
@@ -94,7 +105,7 @@ def cpu_frames(
     """PyAV's decoding of the container's first video stream (frame threading with ``threads`` threads). With
     ``needs`` (and ``path``, read once more for the timestamps), pruned where the stream allows it (see the module
     header)."""
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     stream.thread_type = "FRAME"
     stream.thread_count = threads
     started = CLOCK.start()
@@ -120,8 +131,10 @@ def presentation_order(path: str) -> np.ndarray | None:
     stamps = array.array("q")
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.codec_context.name not in PRUNED_CODECS or container.format.name not in PRUNED_CONTAINERS:
+            stream = video_stream(container)
+            if stream is None or stream.codec_context.name not in PRUNED_CODECS:
+                return None
+            if container.format.name not in PRUNED_CONTAINERS:
                 return None
             for packet in container.demux(stream):
                 if packet.size == 0:  # the empty packet at the end
@@ -226,9 +239,14 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
     the package, the GPU or the codec is missing, or the stream is one :func:`nvdec_rgb` would convert wrongly
     (NVDEC_PIXEL_FORMATS, NVDEC_COLORSPACES, limited range), before any frame; and when the picture's size is not
     the stream's, or changes midway (the reader then goes on on the CPU, which handles both)."""
-    codec = stream.codec_context.name
+    context = stream.codec_context
+    codec = getattr(context.codec, "canonical_name", context.name)  # the format: "av1", where the decoder is libdav1d
     if codec not in NVDEC_CODECS:
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
+    if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
+        raise DecoderUnavailable(f"odd picture height ({context.height}): only even heights are converted on the GPU")
+    if getattr(context, "field_order", 0) not in FIELD_ORDERS_PROGRESSIVE:
+        raise DecoderUnavailable("interlaced: libswscale converts each field apart, the GPU the whole frame")
     if stream.codec_context.color_range == 2:  # AVCOL_RANGE_JPEG
         raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")
     if stream.codec_context.pix_fmt not in NVDEC_PIXEL_FORMATS:
@@ -337,7 +355,7 @@ def open_frames(
     the call)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     if decoder == "nvdec":
         nvdec_convert = nvdec_convert or nvdec_rgb
         frames = (nvdec or nvdec_frames)(path, stream)

@@ -89,8 +89,13 @@ class Summary:
             + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
         lines += [f"  {self.limited_by}"] if self.limited_by else []
-        lines += [f"  FAILED {escaped(path)}: {escaped(reason)}" for path, reason in self.failed]
+        lines += [f"  FAILED {escaped(_naming(path, reason))}" for path, reason in self.failed]
         return "\n".join(lines)
+
+
+def _naming(path: str, reason: str) -> str:
+    """``path: reason``, once: most reasons start with their file's name already."""
+    return reason if reason.startswith(f"{path}: ") else f"{path}: {reason}"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoders import DECODERS, PruneMismatch, open_frames
+from .decoders import DECODERS, PruneMismatch, open_frames, video_stream
 from .files import STALL_SECONDS, AtomicFile, notice
 from .preprocess import clip_pixels, normalize_pixels, placement
 from .stages import CLOCK
@@ -231,9 +231,10 @@ class ClipReader:
         container, stamp = _open(path)
         with container:
             self.source_stamp = self.source_stamp or stamp
-            if not container.streams.video:
-                raise VideoError(f"{path}: has no video stream")
-            context = container.streams.video[0].codec_context
+            if (stream := video_stream(container)) is None:
+                art = " (only cover art)" if container.streams.video else ""
+                raise VideoError(f"{path}: has no video stream{art}")
+            context = stream.codec_context
             _check_frame_size(path, context.width, context.height)
             needs = self._needs if prune else None
             with open_frames(path, container, decoder, threads=self.threads, needs=needs) as source:
@@ -251,7 +252,8 @@ class ClipReader:
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if self.sampling == "upstream":
                     if self.source_fps <= 0:
-                        raise VideoError(f"{path}: the container reports no frame rate; use sampling='time'")
+                        raise VideoError(f"{path}: the container reports no frame rate; use --sampling time "
+                                         "(sampling='time' in Python)")
                     span = self.frames * (self.source_fps / self.fps)
                     if not span < 2**53:  # a chunk longer than any video: said, not an overflow
                         raise VideoError(
@@ -372,7 +374,8 @@ def first_frame_turns(path: str) -> int:
     """:func:`display_turns` of the video's first frame (decoded on the CPU; 0 if it has none)."""
     with _open(path)[0] as container:
         try:
-            frame = next(container.decode(video=0), None)
+            stream = video_stream(container)
+            frame = None if stream is None else next(container.decode(stream), None)
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: decoding failed ({exc})") from exc
     return 0 if frame is None else display_turns(path, frame)
@@ -878,6 +881,9 @@ def iter_videos(
             yield path, feed.reader.clip_set(clips)
 
 
+WRITTEN_COLORSPACE = 6  # AVCOL_SPC_SMPTE170M: the BT.601 matrix (color_range 1: AVCOL_RANGE_MPEG, limited)
+
+
 class VideoWriter:
     """An H.264 mp4 (libx264, yuv420p, quality `crf`) written chunk by chunk and atomically.
 
@@ -920,6 +926,9 @@ class VideoWriter:
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
         self._stream.options = {"crf": str(self.crf)}
+        # how the frames are converted (libswscale's default, BT.601 in limited range), said in the stream: a player
+        # takes an unlabelled HD video for BT.709 and would shift its colours
+        self._stream.codec_context.colorspace, self._stream.codec_context.color_range = WRITTEN_COLORSPACE, 1
 
     def close(self) -> None:
         """Finish the file and move it to `path`."""
