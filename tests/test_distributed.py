@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,9 +407,37 @@ def test_ray_auto_without_a_cluster_is_one_line_naming_our_options(videos, tmp_p
     with pytest.raises(ValueError, match=r"^--ray auto: no running Ray cluster found from this machine; start one "
                        r"with `ray start --head`, or pass --ray local$"):  # fmt: skip
         encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu", ray_address="auto")
-    with pytest.raises(ConnectionError, match="Could not find"):  # an address given: Ray's words name it
+    # an address given, where something answers: Ray's words, and what it takes to join a cluster that requires a
+    # token (Ray sends one only to a cluster it finds by itself: it waits 20 s, then says only that it failed)
+    monkeypatch.setattr("titok_fast.distributed.check_ray_address", lambda address: None)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ValueError, match=r"^--ray 10.0.0.1:6379: Could not find .*; a cluster that requires token "
+                       r"authentication needs RAY_AUTH_MODE=token in this command's environment"):  # fmt: skip
         encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu",
-                       ray_address="ray://10.0.0.1:10001")  # fmt: skip
+                       ray_address="10.0.0.1:6379")  # fmt: skip
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # already so: Ray's words alone
+    with pytest.raises(ConnectionError, match="^Could not find"):
+        encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu",
+                       ray_address="10.0.0.1:6379")  # fmt: skip
+
+
+def test_relative_inputs_are_read_from_the_folder_the_command_runs_in(videos, cluster, tmp_path, monkeypatch):
+    """Ray's decode tasks run in the folder the cluster was started in (or on other machines): a path relative to
+    the command's folder is sent to them absolute."""
+    monkeypatch.chdir(videos["good"])
+    assert os.path.realpath(os.getcwd()) != os.path.realpath(_task_folder())  # (else the test would show nothing)
+    files = [(Path("short.mp4"), "short"), (Path("one.mp4"), "one")]
+    summary = encode_dataset(LOAD(), files, tmp_path, SETTINGS, device="cpu")
+    assert not summary.failed and summary.done == [str(videos["good"] / n) for n in ("short.mp4", "one.mp4")]
+
+
+def _task_folder() -> str:
+    import ray
+
+    def folder():
+        return os.getcwd()
+
+    return ray.get(ray.remote(num_cpus=0)(folder).remote())
 
 
 def test_shards_on_ray_and_on_one_machine_make_the_token_files_of_one_run(runs, videos, cluster, tmp_path, capsys):

@@ -367,7 +367,7 @@ class _Assembly:
 
     def _close(self, state: _Pending) -> None:
         self.ended[state.number] = _ENDED_WHOLE if state.end is not None else _ENDED_EARLY
-        self.open.pop(state.number, None)  # nothing of an ended file is kept: a million files cost a megabyte
+        self.open.pop(state.number, None)  # nothing of an ended file is kept: its byte in ended
         self.bar.update(1)
 
     def _state(self, number: int) -> _Pending:
@@ -433,7 +433,8 @@ def encode_dataset(
     hooks = _test_hooks or {}
     outdir = Path(outdir)
     start = time.perf_counter()
-    files = take_shard(files, shard)
+    # absolute: the decode tasks run in the folder the cluster was started in, or on other machines
+    files = [(Path(os.path.abspath(path)), name) for path, name in take_shard(files, shard)]
     summary = Summary()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)
@@ -853,6 +854,14 @@ class _ray_session:
                         "--ray auto: no running Ray cluster found from this machine; start one with `ray start "
                         "--head`, or pass --ray local"
                     ) from e
+                if isinstance(e, ConnectionError) and self.address != "local" and not _token_auth_on():
+                    # something answered (check_ray_address): most often a cluster that wants a token, which Ray
+                    # sends only to a cluster it found itself (auto), never to an address it was given
+                    raise ValueError(
+                        f"--ray {self.address}: {e}; a cluster that requires token authentication needs "
+                        "RAY_AUTH_MODE=token in this command's environment (the token in RAY_AUTH_TOKEN or "
+                        "~/.ray/auth_token), or --ray auto on its head node"
+                    ) from e
                 if isinstance(e, SystemExit):  # Ray's handler took a SIGTERM during start-up: do what the caller's does
                     ray.shutdown()
                     if main and e.code == signal.SIGTERM and callable(handler):
@@ -871,6 +880,10 @@ class _ray_session:
 
             _let_ray_data_threads_end()
             ray.shutdown()
+
+
+def _token_auth_on() -> bool:
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
 def _let_ray_data_threads_end(seconds: float = 10.0) -> None:
