@@ -29,7 +29,7 @@ setup(
         "torch>=2.11",  # the oldest tested: the GPU machine's (RESULTS.md); 2.13 on the CPU
         "triton>=3.6; platform_system == 'Linux'",  # tensor descriptors (3.4+); 3.6 the oldest tested, 3.9 too
         "safetensors",
-        "av>=17",  # VideoReformatter.reformat(threads=...)
+        "av>=18.1",  # VideoReformatter.reformat(threads=...); VideoCodecContext.field_order; Disposition an IntFlag
         "numpy",
         "tqdm",
         "pyyaml",

@@ -609,6 +609,18 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
     assert len(stored) == len(sent) == 6 and all(torch.equal(a.int(), b) for a, b in zip(stored, sent, strict=True))
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["long.safetensors", "short.safetensors"]
 
+    def interrupted():  # a job stopped after one row: every file is listed, none kept but the one with a row
+        yield of[0][0]
+        raise KeyboardInterrupt
+
+    summary = Summary()
+    with Manifest(tmp_path / "stopped" / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(model, "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
+        with pytest.raises(KeyboardInterrupt):
+            _collect(_Rows(interrupted()), assembly, decode_retries=2, actor_restarts=8)
+    assert list(assembly.open) == [0] and [p for p, _ in summary.failed] == [str(p) for p in paths]
+    assert {reason for _, reason in summary.failed} == {"not encoded: the job was interrupted"}
+
 
 def test_a_decode_task_gives_up_on_a_file_whose_read_hangs(videos, tmp_path):
     """The decode stage reads each file in a thread of its own: a read that hangs becomes that file's error row,

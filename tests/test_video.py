@@ -940,6 +940,21 @@ def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeyp
     stream.close()
 
 
+def test_worker_processes_share_clips_under_a_long_temporary_folder(files, tmp_path, monkeypatch):
+    """The socket through which a worker process shares its clips lives in its multiprocessing folder, and a
+    socket's path may not pass 107 bytes: under a long $TMPDIR (a scheduler's per-job folder) every file failed
+    with "AF_UNIX path too long"."""
+    long = tmp_path / ("t" * 100)
+    long.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long))  # the workers' (spawned: they read it anew)
+    kwargs = dict(frames=4, height=16, width=16, fps=8)
+    ((_, threads),) = iter_videos([files["index24"]], workers=1, prefetch=1, **kwargs)
+    ((_, processes),) = iter_videos([files["index24"]], workers=1, prefetch=1, worker_kind="process", **kwargs)
+    assert not isinstance(processes, VideoError), processes
+    assert len(processes.clips) == len(threads.clips) == 4
+    assert all(torch.equal(a, b) for a, b in zip(processes.clips, threads.clips, strict=True))
+
+
 def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     """A clip the worker's queue cannot send is printed there and dropped; the file's end says how many clips
     it read, so the file fails instead of being written without them."""

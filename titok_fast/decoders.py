@@ -93,7 +93,7 @@ def video_stream(container: av.container.InputContainer) -> av.video.stream.Vide
     """The container's video: its first video stream that is not a picture attached to the file (cover art, as
     music and downloaded videos carry; FFmpeg's own choice of stream passes over it too), or None."""
     for stream in container.streams.video:
-        if not int(getattr(stream, "disposition", 0)) & ATTACHED_PIC:
+        if not stream.disposition & ATTACHED_PIC:
             return stream
     return None
 
@@ -245,7 +245,7 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
     if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
         raise DecoderUnavailable(f"odd picture height ({context.height}): only even heights are converted on the GPU")
-    if getattr(context, "field_order", 0) not in FIELD_ORDERS_PROGRESSIVE:
+    if context.field_order not in FIELD_ORDERS_PROGRESSIVE:
         raise DecoderUnavailable("interlaced: libswscale converts each field apart, the GPU the whole frame")
     if stream.codec_context.color_range == 2:  # AVCOL_RANGE_JPEG
         raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")

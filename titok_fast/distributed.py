@@ -379,9 +379,10 @@ class _Assembly:
         return [number for number, ended in enumerate(self.ended) if not ended]
 
     def unsettled(self) -> Iterator[_Pending]:
-        """The files not ended yet, each ended or left as it comes (states are made one at a time)."""
+        """The files not ended yet, each ended or left as it comes: a file with no rows back is given a state of
+        its own here, not kept (a job stopped early has millions of them)."""
         for number in self.unsettled_numbers():
-            yield self._state(number)
+            yield self.open.get(number) or _Pending(number, *self.todo[number])
 
 
 def encode_dataset(

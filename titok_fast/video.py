@@ -32,6 +32,7 @@ import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -726,7 +727,7 @@ class _DecoderProcess:
                 if self.process.is_alive():
                     continue
                 failure = f"the decoding process died (exit code {self.process.exitcode})"
-            except EOFError:  # the process is gone: its end of the pipe closed
+            except (EOFError, ConnectionResetError):  # the process is gone (reset: it left messages unread)
                 self.process.join(timeout=1)
                 failure = f"the decoding process died (exit code {self.process.exitcode})"
             except Exception as exc:  # a message cut off by a dying process
@@ -783,17 +784,31 @@ def _serve_files(pipe, read_kwargs: dict, parent: int) -> None:
     looks every PARENT_CHECK_SECONDS."""
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
-    # its own multiprocessing folder (the tensors' sharing makes one), made now and said: the run removes it when it
-    # kills this process. Spawned, it was given the run's own folder if the run had one, which must stay
-    multiprocessing.current_process()._config.pop("tempdir", None)
     run = _RunPipe(pipe)
     try:
-        run.send(("ready", multiprocessing.util.get_temp_dir(), {}))
+        run.send(("ready", _own_temp_dir(), {}))
         while (task := run.recv()) is not None:
             if task[0] == "task" and _serve_file(run, *task[1:], read_kwargs):
                 break
     except _RunGone:
         _exit_now()
+
+
+def _own_temp_dir() -> str:
+    """This worker's multiprocessing folder, made now, which the run removes when it kills the worker. Spawned, the
+    worker was given the run's own folder if the run had one, which must stay. The socket through which it shares
+    tensors lives there, and a socket's path may not pass 107 bytes: under a temporary folder too long for that,
+    the folder is made in /tmp."""
+    config = multiprocessing.current_process()._config
+    config.pop("tempdir", None)
+    if len(os.path.join(tempfile.gettempdir(), "pymp-01234567", "listener-01234567")) <= SOCKET_PATH_MAX:
+        return multiprocessing.util.get_temp_dir()
+    folder = config["tempdir"] = tempfile.mkdtemp(prefix="pymp-", dir="/tmp")
+    multiprocessing.util.Finalize(None, shutil.rmtree, args=(folder, True), exitpriority=-100)  # as get_temp_dir's
+    return folder
+
+
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its closing NUL)
 
 
 class _RunGone(BaseException):
