@@ -955,11 +955,53 @@ def test_worker_processes_share_clips_under_a_long_temporary_folder(files, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(processes.clips, threads.clips, strict=True))
 
 
+def test_a_worker_process_that_cannot_be_started_again_fails_files_not_the_run(files, monkeypatch):
+    """Out of memory or of processes, a dead worker cannot be replaced: each file it was to read fails, where the
+    run waited for it for ever, and the next file tries again."""
+    start, refuse = video._DecoderProcess._start, [False]
+
+    def starting(self):
+        if refuse[0]:
+            raise OSError(11, "Resource temporarily unavailable")
+        start(self)
+
+    monkeypatch.setattr(video._DecoderProcess, "_start", starting)
+    paths = [files["index24"], files["index30"], files["index24"]]
+    stream = video.stream_videos(paths, workers=1, prefetch=1, capacity=1, worker_kind="process", frames=1,
+                                 height=8, width=8, fps=24)  # fmt: skip
+    _, feed = next(stream)
+    clips = iter(feed)
+    next(clips)
+    refuse[0] = True
+    (child,) = multiprocessing.active_children()
+    child.kill()
+    with pytest.raises(VideoError, match=r"index24.mp4: the decoding process (died|failed)"):
+        sum(1 for _ in clips)
+    _, feed = next(stream)
+
+    def waited(*_):
+        raise TimeoutError("the run waits for a file no process will read")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)
+    try:
+        with pytest.raises(VideoError, match=r"index30.mp4: no decoding process \(BlockingIOError: .*Resource tempor"):
+            sum(1 for _ in feed)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    refuse[0] = False
+    _, feed = next(stream)
+    assert sum(1 for _ in feed) == 48  # a process started again
+    stream.close()
+
+
 def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     """A clip the worker's queue cannot send is printed there and dropped; the file's end says how many clips
     it read, so the file fails instead of being written without them."""
     worker = object.__new__(video._DecoderProcess)
     worker.stall_seconds, worker.stopping, worker.ready, worker.files = None, threading.Event(), True, 0
+    worker.started = True
     worker.pipe, theirs = multiprocessing.Pipe()
     worker.process, worker.temp_dir = types.SimpleNamespace(is_alive=lambda: True, kill=lambda: None,
                                                             join=lambda timeout: None), None  # fmt: skip

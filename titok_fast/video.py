@@ -660,6 +660,7 @@ class _DecoderProcess:
         self._start()
 
     def _start(self) -> None:
+        self.started = False  # until the process is: a start that fails is tried again for the next file
         self.ready = False  # until the process says so: its start-up (imports) is not a file's stall
         self.temp_dir: str | None = None  # the process's multiprocessing folder, which it says when ready
         self.pipe, theirs = self._mp.Pipe()
@@ -674,6 +675,7 @@ class _DecoderProcess:
         try:  # may raise (a Ctrl-C that had just arrived) after SIGINT is blocked: it is unblocked whatever comes
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             self.process.start()
+            self.started = True
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             theirs.close()  # the process has its own: with this one closed, its death reads as the pipe's end
@@ -690,11 +692,18 @@ class _DecoderProcess:
     def serve(self, tasks: queue.SimpleQueue) -> None:
         try:
             while (feed := tasks.get()) is not None:
-                if not feed._closed.is_set():
+                if feed._closed.is_set():
+                    continue
+                try:
+                    if not self.started:  # its last start failed: tried again for this file
+                        self._restart()
                     self._read(feed)
+                except Exception as exc:  # a process that cannot be started (out of memory, of processes): the
+                    # file fails, where the run would have waited for it for ever
+                    feed._put(("error", VideoError(f"{feed.path}: no decoding process ({type(exc).__name__}: {exc})")))
         finally:
             self._send(None)
-            if not sys.is_finalizing():
+            if self.started and not sys.is_finalizing():
                 self.process.join(timeout=5)
 
     def _read(self, feed: ClipFeed) -> None:
@@ -721,8 +730,8 @@ class _DecoderProcess:
                 stuck = self.ready and self.stall_seconds is not None and time.monotonic() - heard >= self.stall_seconds
                 if stuck:  # killed and replaced, not waited for
                     feed.stalled = True
-                    self._restart()
                     feed._put(("error", stall_error(feed.path, self.stall_seconds)))
+                    self._restart()
                     return
                 if self.process.is_alive():
                     continue
@@ -762,8 +771,10 @@ class _DecoderProcess:
     def _kill(self) -> None:
         """Kill the process and remove its multiprocessing folder (the socket through which it shares tensors),
         which a killed process cannot: one would be left in the temporary folder per file that stalled."""
-        self.process.kill()
-        self.process.join(timeout=0.5)  # not longer: one stuck in a read dies only once the read returns
+        if self.started:
+            self.process.kill()
+            self.process.join(timeout=0.5)  # not longer: one stuck in a read dies only once the read returns
+        self.started = False
         self.pipe.close()
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
