@@ -448,6 +448,23 @@ def write_stream(path, codec="libx264", pix_fmt="yuv420p", height=48, colorspace
     return str(path)
 
 
+def test_nvdec_leaves_a_file_of_several_video_streams_to_the_cpu(tmp_path):
+    """The CPU path reads the first video stream (as torchvision's reader does); NVDEC's demuxer would choose its
+    own (FFmpeg's "best"), maybe another one: other frames, other tokens."""
+    path = str(tmp_path / "two.mkv")
+    with av.open(path, "w") as container:
+        streams = [container.add_stream("libx264", rate=8) for _ in range(2)]
+        for stream, height in zip(streams, (32, 48), strict=True):
+            stream.width, stream.height, stream.pix_fmt = 64, height, "yuv420p"
+        for stream, height in zip(streams, (32, 48), strict=True):
+            for i in range(2):
+                frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, height, 64), format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    with av.open(path) as container, pytest.raises(DecoderUnavailable, match="^several video streams"):
+        next(decoders.nvdec_frames(path, container.streams.video[0]))
+
+
 @pytest.mark.skipif(CUDA, reason="checks the machine without CUDA")
 def test_nvdec_knows_a_codec_by_its_format_not_its_decoder(tmp_path):
     """AV1 is decoded here by libdav1d, a decoder's name: the check goes on past the codec (to the GPU)."""

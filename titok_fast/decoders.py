@@ -92,10 +92,11 @@ class FrameSource:
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
     """The container's video: its first video stream that is not a picture attached to the file (cover art, as
     music and downloaded videos carry; FFmpeg's own choice of stream passes over it too), or None."""
-    for stream in container.streams.video:
-        if not stream.disposition & ATTACHED_PIC:
-            return stream
-    return None
+    return next(_videos(container), None)
+
+
+def _videos(container: av.container.InputContainer) -> Iterator[av.video.stream.VideoStream]:
+    return (stream for stream in container.streams.video if not stream.disposition & ATTACHED_PIC)
 
 
 @contextlib.contextmanager
@@ -247,6 +248,8 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable(f"odd picture height ({context.height}): only even heights are converted on the GPU")
     if context.field_order not in FIELD_ORDERS_PROGRESSIVE:
         raise DecoderUnavailable("interlaced: libswscale converts each field apart, the GPU the whole frame")
+    if sum(1 for _ in _videos(stream.container)) > 1:  # the CPU path reads the first
+        raise DecoderUnavailable("several video streams: NVDEC's demuxer chooses one of its own")
     if stream.codec_context.color_range == 2:  # AVCOL_RANGE_JPEG
         raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")
     if stream.codec_context.pix_fmt not in NVDEC_PIXEL_FORMATS:
