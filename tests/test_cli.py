@@ -276,7 +276,7 @@ def test_help_and_argument_errors_come_without_importing_torch():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1):
+def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1, env=None):
     """A command encoding 6 videos (then ``inputs``), started in a session of its own and left running once its
     first token file (its first ``files``) is written, however fast the machine: (the process, the output folder,
     the command)."""
@@ -287,7 +287,8 @@ def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1):
     out = tmp_path / "tokens"
     cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), *map(str, inputs), "-o", str(out),
            "--grid", "4x64x64", "--tokens", "64", "--batch-size", "1", "--workers", "1", *options, *RANDOM]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.safetensors"))) < files:
         time.sleep(0.01)
@@ -309,20 +310,24 @@ def test_killed_run_resumes(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
 
 
-@pytest.mark.parametrize(
-    "how", [(signal.SIGTERM, "thread", "terminated (SIGTERM)"), (signal.SIGINT, "process", "interrupted")],
-    ids=["sigterm", "ctrl-c-process-workers"],
-)
+@pytest.mark.parametrize("how", [
+    (signal.SIGTERM, "thread", "terminated (SIGTERM)", os.kill),
+    (signal.SIGINT, "process", "interrupted", os.killpg),  # a terminal's Ctrl-C goes to the whole group
+    (signal.SIGTERM, "process", "terminated (SIGTERM)", os.killpg),  # as a scheduler's may (Slurm's scancel)
+], ids=["sigterm", "ctrl-c-process-workers", "sigterm-group-process-workers"])  # fmt: skip
 def test_a_stopped_run_says_so_in_one_line_and_lists_what_it_did_not_encode(how, tmp_path):
     """SIGTERM (a scheduler stopping the job) is handled as Ctrl-C; a Ctrl-C reaches the whole process group, worker
     processes included, and only the main process answers it: no traceback, the manifest lists the rest, and a
     token file and its manifest line are written both or neither."""
-    sig, kind, said = how
+    sig, kind, said, kill = how
+    temp = tmp_path / "tmp"  # where the worker processes make their folders
+    temp.mkdir()
     # the signal comes as the first token file lands, before its manifest line is written: the line still is
     # (without interrupts_held, 7 runs in 8 lost it)
-    proc, out, _ = encode_until_the_first_file(tmp_path, "--worker-kind", kind)
-    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)  # a terminal's Ctrl-C goes to the group
+    proc, out, _ = encode_until_the_first_file(tmp_path, "--worker-kind", kind, env={**os.environ, "TMPDIR": str(temp)})
+    kill(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
+    assert not list(temp.glob("pymp-*"))  # the workers ended as the run stopped them, removing their folders
     assert proc.returncode == 128 + sig, err
     assert err.rstrip().endswith(f"titok-fast: {said}") and "Traceback" not in err, err
     rows = read_manifest(out / MANIFEST_NAME, latest=True)

@@ -996,6 +996,34 @@ def test_a_worker_process_that_cannot_be_started_again_fails_files_not_the_run(f
     stream.close()
 
 
+def test_worker_processes_raise_the_limit_of_open_files(files, tmp_path):
+    """Each clip a worker process has sent and the run still holds is an open file in the run: with many workers,
+    the usual limit of 1024 made files fail ("Too many open files"); the run raises its own limit to the most it
+    may."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit of open files here is {hard}")
+    script = (
+        "import resource\n"
+        "from titok_fast import video\n"
+        "if __name__ == '__main__':\n"
+        "    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        f"    stream = video.stream_videos([{files['index24']!r}], workers=1, prefetch=1, worker_kind='process',\n"
+        "                                 frames=1, height=8, width=8, fps=24)\n"
+        "    _, feed = next(stream)\n"
+        "    print(sum(1 for _ in feed), *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+        "    stream.close()\n"
+    )
+    (tmp_path / "limit.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path])}
+    done = subprocess.run([sys.executable, str(tmp_path / "limit.py")], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    clips, soft, hard = map(int, done.stdout.split())
+    assert clips == 48 and soft == (hard if hard != resource.RLIM_INFINITY else video.MAX_OPEN_FILES) > 256
+
+
 def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     """A clip the worker's queue cannot send is printed there and dropped; the file's end says how many clips
     it read, so the file fails instead of being written without them."""

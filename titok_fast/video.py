@@ -28,6 +28,7 @@ import multiprocessing.util
 import numbers
 import os
 import queue
+import resource
 import shutil
 import signal
 import stat
@@ -574,6 +575,7 @@ def stream_videos(
     if threads_decode:
         threads = [threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True) for _ in range(workers)]
     else:
+        _allow_open_files()
         decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
@@ -618,6 +620,20 @@ def stream_videos(
             deadline = time.monotonic() + min(stall_seconds or SHUTDOWN_SECONDS, SHUTDOWN_SECONDS)
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _allow_open_files() -> None:
+    """Raise this process's limit of open files to the most it may: each clip a worker process has sent and the
+    run still holds is an open file here (how torch shares memory), up to ``capacity`` per file read ahead, and
+    many workers under the usual limit of 1024 made files fail ("Too many open files")."""
+    with contextlib.suppress(ValueError, OSError):  # not raised where it cannot be
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        most = hard if hard != resource.RLIM_INFINITY else MAX_OPEN_FILES
+        if soft != resource.RLIM_INFINITY and soft < most:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, hard))
+
+
+MAX_OPEN_FILES = 1 << 20  # Linux's default ceiling (fs.nr_open), where the hard limit is "unlimited"
 
 
 def _decode_feeds(tasks: queue.SimpleQueue, abandoned: Sequence[threading.Thread]) -> None:
@@ -668,7 +684,8 @@ class _DecoderProcess:
             target=_serve_files, args=(theirs, self.read_kwargs, os.getpid()), daemon=True
         )  # fmt: skip
         # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
-        # process's to handle (it stops the workers); in a worker it would only print a traceback. Starting a
+        # process's to handle (it stops the workers); in a worker it would only print a traceback. (A SIGTERM ends
+        # it: at exit, multiprocessing stops its daemon processes so, and waits for them.) Starting a
         # process starts multiprocessing's resource tracker if it is not running, and that unblocks SIGINT: so first
         multiprocessing.resource_tracker.ensure_running()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # read first: a change runs pending handlers, which
@@ -705,6 +722,8 @@ class _DecoderProcess:
             self._send(None)
             if self.started and not sys.is_finalizing():
                 self.process.join(timeout=5)
+                if self.process.exitcode is not None and self.temp_dir is not None:  # one killed while idle left it
+                    shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _read(self, feed: ClipFeed) -> None:
         self.files += 1
