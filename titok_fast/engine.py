@@ -56,6 +56,12 @@ class _Idle:
 IDLE = _Idle()  # an item of encode_stream / decode_stream: the source has nothing ready now, run what is pending
 
 
+def _checked(items: Iterable, check: Callable) -> Iterator:
+    """``check(*item)`` for each item as it comes (it raises for a bad one); :data:`IDLE` passes as it is."""
+    for item in items:
+        yield item if item is IDLE else check(*item)
+
+
 def pack_greedily(
     items: Iterable,
     rows_of: Callable[[object], int],
@@ -230,16 +236,11 @@ class Engine:
         without waiting for more."""
         patch = self.model.config.patch_size
 
-        def checked(items):
-            for item in items:
-                if item is IDLE:
-                    yield item
-                    continue
-                key, video, n = item
-                check_videos([video], patch, _clip_named(key), dtype=self.model.dtype)
-                yield key, video, check_token_counts([n], 1, name=_clip_named(key))[0]  # an int, as batching wants
+        def check(key, video, n):
+            check_videos([video], patch, _clip_named(key), dtype=self.model.dtype)
+            return key, video, check_token_counts([n], 1, name=_clip_named(key))[0]  # an int, as batching wants
 
-        yield from self._stream(checked(items), self._encode_rows, self._stage_videos, self._run_encode)
+        yield from self._stream(_checked(items, check), self._encode_rows, self._stage_videos, self._run_encode)
 
     def _encode_rows(self, item) -> int:
         _, video, n = item
@@ -254,16 +255,11 @@ class Engine:
         as for :meth:`encode_stream`."""
         codebook, patch = self.model.config.codebook_size, self.model.config.patch_size
 
-        def checked(items):
-            for item in items:
-                if item is IDLE:
-                    yield item
-                    continue
-                key, idx, shape = item
-                check_clip_indices(idx, codebook, f"indices of clip {key!r}")
-                yield key, idx, check_grids([shape], 1, patch, _clip_named(key))[0]
+        def check(key, idx, shape):
+            check_clip_indices(idx, codebook, f"indices of clip {key!r}")
+            return key, idx, check_grids([shape], 1, patch, _clip_named(key))[0]
 
-        yield from self._stream(checked(items), self._decode_rows, self._stage_indices, self._run_decode)
+        yield from self._stream(_checked(items, check), self._decode_rows, self._stage_indices, self._run_decode)
 
     def _decode_rows(self, item) -> int:
         _, idx, shape = item
