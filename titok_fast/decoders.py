@@ -241,7 +241,7 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
     (NVDEC_PIXEL_FORMATS, NVDEC_COLORSPACES, limited range), before any frame; and when the picture's size is not
     the stream's, or changes midway (the reader then goes on on the CPU, which handles both)."""
     context = stream.codec_context
-    codec = getattr(context.codec, "canonical_name", context.name)  # the format: "av1", where the decoder is libdav1d
+    codec = context.codec.canonical_name  # the format: "av1", where the decoder is libdav1d
     if codec not in NVDEC_CODECS:
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
     if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
@@ -250,13 +250,11 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable("interlaced: libswscale converts each field apart, the GPU the whole frame")
     if sum(1 for _ in _videos(stream.container)) > 1:  # the CPU path reads the first
         raise DecoderUnavailable("several video streams: NVDEC's demuxer chooses one of its own")
-    if stream.codec_context.color_range == 2:  # AVCOL_RANGE_JPEG
+    if context.color_range == 2:  # AVCOL_RANGE_JPEG
         raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")
-    if stream.codec_context.pix_fmt not in NVDEC_PIXEL_FORMATS:
-        raise DecoderUnavailable(
-            f"pixel format {stream.codec_context.pix_fmt}: only 8-bit 4:2:0 is converted on the GPU"
-        )
-    if stream.codec_context.colorspace not in NVDEC_COLORSPACES:
+    if context.pix_fmt not in NVDEC_PIXEL_FORMATS:
+        raise DecoderUnavailable(f"pixel format {context.pix_fmt}: only 8-bit 4:2:0 is converted on the GPU")
+    if context.colorspace not in NVDEC_COLORSPACES:
         raise DecoderUnavailable(
             f"YUV matrix {_colorspace_name(stream)}: only BT.601 and BT.709 are converted on the GPU"
         )
@@ -273,7 +271,7 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         )
     except Exception as exc:  # the package's own error types vary by version
         raise DecoderUnavailable(f"NVDEC cannot open it ({type(exc).__name__}: {exc})") from None
-    height, width, time_base = stream.codec_context.height, stream.codec_context.width, stream.time_base
+    height, width, time_base = context.height, context.width, stream.time_base
     matrix, surface = _matrix(stream), None
     duration_of = functools.cache(functools.partial(packet_duration, path, stream.index))
     for packet in CLOCK.timed(demuxer, "decode"):  # the last packet is empty: it flushes the decoder
