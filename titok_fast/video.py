@@ -722,8 +722,8 @@ class _DecoderProcess:
             self._send(None)
             if self.started and not sys.is_finalizing():
                 self.process.join(timeout=5)
-                if self.process.exitcode is not None and self.temp_dir is not None:  # one killed while idle left it
-                    shutil.rmtree(self.temp_dir, ignore_errors=True)
+                if self.process.exitcode is not None:  # ended: one killed while idle (a SIGTERM) left its folder
+                    self._kill()
 
     def _read(self, feed: ClipFeed) -> None:
         self.files += 1
