@@ -431,7 +431,7 @@ def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypa
         ("folder", "is a directory"),
         ("empty", "file is empty"),
         ("garbage", "cannot open as a media file"),
-        ("truncated", "cannot open as a media file"),
+        ("truncated", r"is cut short \(an unfinished download or copy\?\): its 'mdat' box runs to byte"),
         ("scrambled", "decoding failed"),
         ("audio", "has no video stream$"),
         ("cover", r"has no video stream \(only cover art\)$"),  # a picture, not a video: not read as one
@@ -441,8 +441,53 @@ def test_bad_file_gives_video_error(files, name, problem):
     with pytest.raises(VideoError, match=problem) as info:
         read_clips(files[name], frames=4, height=16, width=16)
     assert str(info.value).startswith(files[name])
-    if name in ("garbage", "truncated", "scrambled"):
+    if name in ("garbage", "scrambled"):
         assert isinstance(info.value.__cause__, av.FFmpegError)  # chained, not hidden
+
+
+@pytest.mark.parametrize(
+    ("container", "options"),
+    [
+        ("mp4", {"movflags": "faststart"}),  # the index at the front: libav reads up to the cut without a word
+        ("mp4", {"movflags": "frag_keyframe+empty_moov"}),
+        ("mov", {}),
+        ("mkv", {}),
+    ],
+    ids=["mp4-index-first", "mp4-fragmented", "mov", "mkv"],
+)
+def test_a_cut_off_download_fails_instead_of_giving_the_clips_before_the_cut(files, tmp_path, container, options):
+    whole = videos.remux(tmp_path / f"whole.{container}", files["moving"], options)
+    expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
+    clips = read_clips(whole, frames=4, height=16, width=16).clips  # the whole file: read as before
+    assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
+    data = whole.read_bytes()
+    for keep in (len(data) // 2, len(data) * 9 // 10):
+        cut = tmp_path / f"cut.{container}"
+        cut.write_bytes(data[:keep])
+        declared = r"its '(mdat|moov)' box" if container != "mkv" else "its Matroska segment"
+        with pytest.raises(VideoError, match=(
+            rf"^{cut}: is cut short \(an unfinished download or copy\?\): {declared} runs to byte [\d,]+ but the file "
+            rf"ends at byte {keep:,}$"
+        )):  # fmt: skip
+            read_clips(cut, frames=4, height=16, width=16)
+
+
+def test_a_cut_the_container_does_not_show_is_left_to_libav(files, tmp_path):
+    """A cut box that holds no video (a trailing "free" box), and a Matroska segment of unknown size (a live
+    recording's), do not make a file cut short: it is read as libav reads it."""
+    expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
+    padded = tmp_path / "padded.mp4"
+    padded.write_bytes(Path(files["moving"]).read_bytes() + (4096).to_bytes(4, "big") + b"free" + bytes(100))
+    clips = read_clips(padded, frames=4, height=16, width=16).clips
+    assert len(clips) == len(expected) and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
+    whole = videos.remux(tmp_path / "whole.mkv", files["moving"]).read_bytes()
+    at = whole.index(video.SEGMENT_ID) + 4
+    assert whole[at] == 0x01  # an 8-byte size, made "unknown" (all ones) below
+    live = tmp_path / "live.mkv"
+    live.write_bytes(whole[:at] + b"\x01" + b"\xff" * 7 + whole[at + 8 : len(whole) * 9 // 10])
+    clips = read_clips(live, frames=4, height=16, width=16).clips
+    assert 1 <= len(clips) < len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(clips, expected[: len(clips)], strict=True))
 
 
 def test_a_device_or_named_pipe_is_not_a_video_file(tmp_path):

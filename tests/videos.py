@@ -140,6 +140,19 @@ def make_truncated(path: str | Path, source: str | Path, keep: float = 0.4) -> P
     return Path(path)
 
 
+def remux(path: str | Path, source: str | Path, options: dict[str, str] | None = None) -> Path:
+    """``source``'s video stream, packets unchanged, in the container ``path``'s name says, with muxer ``options``
+    (``{"movflags": "faststart"}``: an MP4 whose index is at the front; ``"frag_keyframe+empty_moov"``: a
+    fragmented one)."""
+    with av.open(str(source)) as src, av.open(str(path), "w", options=options or {}) as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return Path(path)
+
+
 def make_scrambled(path: str | Path, source: str | Path, start: int = 200) -> Path:
     """`source` with random bytes from offset `start` to its middle: the container opens, decoding fails."""
     data = bytearray(Path(source).read_bytes())

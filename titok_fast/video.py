@@ -1088,6 +1088,77 @@ def _stamp(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+# A file shorter than its container says it is: an MP4 (ISO BMFF) whose media box, or a Matroska/WebM file whose
+# Segment, declares bytes past the file's end. libav reads such a file up to the cut without a word, so a cut-off
+# download whose index is at the front would give the clips before the cut and count as done.
+CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof")  # boxes whose missing bytes are the video's (not "free", "udta", ...)
+MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two boxes a fragment; past this many, no verdict
+EBML_ID, SEGMENT_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"
+
+
+def _cut_short(path: str, size: int) -> str | None:
+    """What shows ``path`` (``size`` bytes) cut short, or None: a container of another kind, or one that does not
+    say (a Matroska Segment of unknown size, as a live recording writes), is left to libav."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(12)
+            if head[4:8] == b"ftyp":
+                return _iso_cut_short(f, size)
+            if head[:4] == EBML_ID:
+                return _matroska_cut_short(f, size)
+    except OSError:  # unreadable: opening it says so
+        return None
+    return None
+
+
+def _iso_cut_short(f, size: int) -> str | None:
+    """The top-level boxes of an ISO BMFF file, walked by their sizes (a box runs to the file's end at size 0)."""
+    at = 0
+    for _ in range(MAX_BOXES_WALKED):
+        f.seek(at)
+        header = f.read(16)
+        if len(header) < 8:
+            return None
+        length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        if length == 1 and len(header) == 16:  # a 64-bit size follows the type
+            length = int.from_bytes(header[8:16], "big")
+        if length == 0 or length < 8:  # to the end of the file, or not a box: libav judges the rest
+            return None
+        if at + length > size:
+            if kind not in CUT_SHORT_BOXES:
+                return None
+            return f"its '{kind.decode()}' box runs to byte {at + length:,} but the file ends at byte {size:,}"
+        at += length
+    return None
+
+
+def _matroska_cut_short(f, size: int) -> str | None:
+    """The Segment's declared size, after the EBML header."""
+    f.seek(4)
+    header = _ebml_size(f)
+    if header is None or header[0] is None:
+        return None
+    f.seek(header[0], 1)
+    if f.read(4) != SEGMENT_ID or (segment := _ebml_size(f)) is None or segment[0] is None:
+        return None
+    end = f.tell() + segment[0]
+    return f"its Matroska segment runs to byte {end:,} but the file ends at byte {size:,}" if end > size else None
+
+
+def _ebml_size(f) -> tuple[int | None, int] | None:
+    """An EBML variable-length size read at the file's position: (value, or None for "unknown", its length in
+    bytes), or None where it is not one."""
+    first = f.read(1)
+    if not first or first[0] == 0:
+        return None
+    length = 9 - first[0].bit_length()
+    rest = f.read(length - 1)
+    if len(rest) != length - 1:
+        return None
+    value = int.from_bytes(bytes([first[0] & (0xFF >> length)]) + rest, "big")
+    return (None if value == (1 << (7 * length)) - 1 else value), length
+
+
 def _open(path: str) -> tuple[av.container.InputContainer, str]:
     """The opened file and its source stamp, from the one look that also checks it is a non-empty file."""
     try:
@@ -1102,6 +1173,8 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
         raise VideoError(f"{path}: not a regular file (a device, pipe or socket), not a video file")
     if st.st_size == 0:
         raise VideoError(f"{path}: file is empty")
+    if (cut := _cut_short(path, st.st_size)) is not None:
+        raise VideoError(f"{path}: is cut short (an unfinished download or copy?): {cut}")
     try:
         return av.open(path), _stamp(st)
     except (av.FFmpegError, OSError) as exc:
