@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import importlib.util
 import json
 import logging
@@ -887,11 +888,20 @@ def _token_auth_on() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
+# Ray Data's threads that may still call into Ray once a job's iterator is closed: its executors' loops, and the
+# workers of its batch iterator ("iter_threaded"), which see the iterator closed within 0.1 s and, ending, drop
+# the object references they held (each a call into Ray)
+RAY_DATA_THREADS = ("StreamingExecutor-", "iter_threaded")
+
+
 def _let_ray_data_threads_end(seconds: float = 10.0) -> None:
-    """Wait (a while at most) for the threads of Ray Data's executors to end: a job cut short (Ctrl-C, SIGTERM)
-    closes its iterator, but the executor's loop may still be calling into Ray, and a call after ``ray.shutdown``
-    ends the whole process (Ray's core worker exits, status 1) before the command can report."""
+    """Wait (a while at most) for Ray Data's threads to end, then collect garbage: a job cut short (Ctrl-C,
+    SIGTERM) closes its iterator, but those threads may still be calling into Ray or about to drop object
+    references; such a call during or after ``ray.shutdown`` ends the whole process (Ray's core worker exits,
+    status 1) before the command can report, and without a word on stderr in the last moments of the shutdown
+    (Ray logs that at warning level, to its log file only)."""
     deadline = time.monotonic() + seconds
     for thread in threading.enumerate():
-        if thread.name.startswith("StreamingExecutor-") and thread is not threading.current_thread():
+        if thread.name.startswith(RAY_DATA_THREADS) and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
+    gc.collect()  # references held in reference cycles are dropped now, while the core worker is up
