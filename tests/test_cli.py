@@ -1,5 +1,6 @@
 """The titok-fast command line end to end, on videos made here, with random weights."""
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -336,6 +337,27 @@ def test_a_stopped_run_says_so_in_one_line_and_lists_what_it_did_not_encode(how,
     assert sorted(os.path.basename(r["tokens"]) for r in rows if r["status"] == "done") == done
     stopped = [r for r in rows if r["status"] == "not-encoded"]
     assert len(stopped) == 6 - len(done) and all("the run stopped" in r["reason"] for r in stopped)
+
+
+def test_a_sigterm_that_ray_hands_back_as_a_plain_interrupt_still_says_terminated(monkeypatch, capsys):
+    """Ray turns an interrupt raised while the main thread waits in it (ray.get, ray.wait) into a plain
+    KeyboardInterrupt; the command still says it was terminated and exits 143, not 130 ("interrupted")."""
+
+    def waits_in_ray(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None  # as Ray's check_signals does
+        raise AssertionError("the SIGTERM handler did not raise")
+
+    parser = build_parser()
+    monkeypatch.setattr("titok_fast.cli.build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(command="x", run=waits_in_ray))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([]) == 143
+    assert capsys.readouterr().err == "titok-fast: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])

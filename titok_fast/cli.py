@@ -805,9 +805,10 @@ def _interrupts_handled():
     """Ctrl-C and SIGTERM during a command: raised as KeyboardInterrupt / Terminated, but not between a token file
     and its manifest line (``files.interrupts_held``); a second SIGTERM is ignored (it would cut the cleanup
     short). Handlers set outside Python (getsignal gives None), or a command run off the main thread, are left as
-    they are."""
+    they are. Yields the set of signals received."""
+    received: set[int] = set()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
+        yield received
         return
 
     def interrupted(signum, frame):
@@ -815,6 +816,7 @@ def _interrupts_handled():
 
     def terminated(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.add(signum)
         interrupt(Terminated(f"signal {signal.Signals(signum).name}"))
 
     ours = {signal.SIGINT: interrupted, signal.SIGTERM: terminated}
@@ -825,7 +827,7 @@ def _interrupts_handled():
         for signum, handler in ours.items():
             if previous[signum] is not None:
                 signal.signal(signum, handler)
-        yield
+        yield received
     finally:
         for signum, handler in previous.items():
             if handler is not None:
@@ -837,11 +839,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
+    received: set[int] = set()
     try:
-        with _interrupts_handled():
+        with _interrupts_handled() as received:
             return args.run(args)
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
+        # an interrupt raised while the main thread waits in Ray (ray.get, ray.wait) comes out of it as a plain
+        # KeyboardInterrupt (its check_signals): the handler's record says which signal it was
+        terminated = isinstance(e, Terminated) or signal.SIGTERM in received
         print(f"titok-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as e:  # one readable line; --debug shows the traceback
