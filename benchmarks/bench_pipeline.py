@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -206,7 +207,10 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
             # NVDEC whose files were decoded on the CPU does not measure NVDEC
             made = [try_load_tokens(f) for f in sorted((Path(scratch) / "tokens").glob("*.safetensors"))]
             used = sorted({(t.made_with.get("decoded_by", "") if t else "") or "unknown" for t in made})
-        wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        wall = time.perf_counter() - start
+        for child in multiprocessing.active_children():  # RUSAGE_CHILDREN counts only the children waited for:
+            child.join(timeout=30)  # a worker process still ending (its run waits 5 s at most) would be left out
+        cpu = _cpu_seconds() - cpu
     spent = stages.CLOCK.take() if stages is not None else {}
     row = {
         "clips": clips,
