@@ -452,11 +452,19 @@ def test_bad_file_gives_video_error(files, name, problem):
         ("mp4", {"movflags": "frag_keyframe+empty_moov"}),
         ("mov", {}),
         ("mkv", {}),
+        ("mp4", None),  # the media box's size in 64 bits, as a file past 4 GiB has it
     ],
-    ids=["mp4-index-first", "mp4-fragmented", "mov", "mkv"],
+    ids=["mp4-index-first", "mp4-fragmented", "mov", "mkv", "mp4-64-bit-size"],
 )
 def test_a_cut_off_download_fails_instead_of_giving_the_clips_before_the_cut(files, tmp_path, container, options):
-    whole = videos.remux(tmp_path / f"whole.{container}", files["moving"], options)
+    whole = videos.remux(tmp_path / f"whole.{container}", files["moving"], options or {})
+    if options is None:  # the 8-byte "free" box the muxer leaves before "mdat" becomes its 64-bit size
+        data = whole.read_bytes()
+        at = data.index(b"\x00\x00\x00\x08free") + 8
+        assert data[at + 4 : at + 8] == b"mdat"
+        size = int.from_bytes(data[at : at + 4], "big") + 8
+        header = (1).to_bytes(4, "big") + b"mdat" + size.to_bytes(8, "big")
+        whole.write_bytes(data[: at - 8] + header + data[at + 8 :])
     expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
     clips = read_clips(whole, frames=4, height=16, width=16).clips  # the whole file: read as before
     assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
