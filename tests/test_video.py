@@ -480,6 +480,54 @@ def test_a_cut_off_download_fails_instead_of_giving_the_clips_before_the_cut(fil
             read_clips(cut, frames=4, height=16, width=16)
 
 
+def _box(kind: bytes, payload: bytes = b"") -> bytes:
+    return (8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+
+@pytest.mark.parametrize(
+    ("where", "cut"),
+    [
+        ("inside the second fragment's 'prft' box", "its 'prft' box runs to byte"),  # the fragments after it lost
+        ("inside the second fragment's 64-bit 'mdat' size", "its 'mdat' box header is cut at byte"),
+        ("6 bytes into the second fragment's 'moof' header", None),  # too little to tell from trailing bytes
+        ("at the second fragment's 'moof'", None),  # a cut between fragments: not seen in the sizes
+        ("inside the trailing 'mfra' box", None),  # no video lost
+    ],
+)
+def test_the_cut_short_check_sees_a_cut_between_a_fragmented_mp4s_media_boxes(tmp_path, where, cut):
+    ftyp, moov = _box(b"ftyp", b"isom" + bytes(4) + b"isomiso6"), _box(b"moov", bytes(100))
+    first = _box(b"prft", bytes(24)) + _box(b"moof", bytes(60)) + _box(b"mdat", bytes(500))
+    prft, moof = _box(b"prft", bytes(24)), _box(b"moof", bytes(60))
+    mdat = (1).to_bytes(4, "big") + b"mdat" + (516).to_bytes(8, "big") + bytes(500)
+    data = ftyp + moov + first + prft + moof + mdat + _box(b"mfra", bytes(40))
+    at = {"prft": len(ftyp + moov + first), "moof": len(ftyp + moov + first + prft)}
+    at["mdat"], at["mfra"] = at["moof"] + len(moof), len(data) - 48
+    keep = {
+        "inside the second fragment's 'prft' box": at["prft"] + 16,
+        "inside the second fragment's 64-bit 'mdat' size": at["mdat"] + 12,
+        "6 bytes into the second fragment's 'moof' header": at["moof"] + 6,
+        "at the second fragment's 'moof'": at["moof"],
+        "inside the trailing 'mfra' box": at["mfra"] + 20,
+    }[where]
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data)
+    assert video._cut_short(str(path), len(data)) is None  # the whole file
+    path.write_bytes(data[:keep])
+    found = video._cut_short(str(path), keep)
+    assert found is None if cut is None else found.startswith(cut), found
+
+
+def test_the_cut_short_check_reads_few_times_and_stops_on_a_strangers_endless_boxes(tmp_path, monkeypatch):
+    """Box headers are read a window at a time, and a file of endless tiny boxes is walked MAX_BOXES_WALKED deep."""
+    reads, pread = [], os.pread
+    monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(at) or pread(fd, n, at))
+    path = tmp_path / "boxes.mp4"
+    cut = (1000).to_bytes(4, "big") + b"mdat"  # a media box cut short, after more boxes than are walked
+    path.write_bytes(_box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * (2 * video.MAX_BOXES_WALKED) + cut)
+    assert video._cut_short(str(path), path.stat().st_size) is None  # no verdict past the walk's depth
+    assert len(reads) <= video.MAX_BOXES_WALKED * 8 // (video.BOX_WINDOW - 16) + 2
+
+
 def test_a_cut_the_container_does_not_show_is_left_to_libav(files, tmp_path):
     """A cut box that holds no video (a trailing "free" box), and a Matroska segment of unknown size (a live
     recording's), do not make a file cut short: it is read as libav reads it."""

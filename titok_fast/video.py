@@ -1091,8 +1091,12 @@ def _stamp(st: os.stat_result) -> str:
 # A file shorter than its container says it is: an MP4 (ISO BMFF) whose media box, or a Matroska/WebM file whose
 # Segment, declares bytes past the file's end. libav reads such a file up to the cut without a word, so a cut-off
 # download whose index is at the front would give the clips before the cut and count as done.
-CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof")  # boxes whose missing bytes are the video's (not "free", "udta", ...)
-MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two boxes a fragment; past this many, no verdict
+# Boxes whose missing bytes are the video's (not "free", "udta", "mfra", ...): the media boxes, and those that come
+# only before a fragment's "moof" (segment type and index, producer time, event message): a cut in one of them loses
+# the fragments after it.
+CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof", b"styp", b"sidx", b"ssix", b"prft", b"emsg")
+MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two to four boxes a fragment; past this many, no verdict
+BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
 EBML_ID, SEGMENT_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"
 
 
@@ -1113,14 +1117,17 @@ def _cut_short(path: str, size: int) -> str | None:
 
 def _iso_cut_short(f, size: int) -> str | None:
     """The top-level boxes of an ISO BMFF file, walked by their sizes (a box runs to the file's end at size 0)."""
-    at = 0
+    at, window, window_at = 0, b"", 0
     for _ in range(MAX_BOXES_WALKED):
-        f.seek(at)
-        header = f.read(16)
-        if len(header) < 8:
+        if not window_at <= at <= window_at + len(window) - 16:  # the header is not all in hand: read on from it
+            window, window_at = os.pread(f.fileno(), BOX_WINDOW, at), at
+        header = window[at - window_at : min(at + 16, size) - window_at]  # not past the size looked at
+        if len(header) < 8:  # the end, or a few bytes too few to tell a cut header from trailing ones
             return None
         length, kind = int.from_bytes(header[:4], "big"), header[4:8]
-        if length == 1 and len(header) == 16:  # a 64-bit size follows the type
+        if length == 1:  # a 64-bit size follows the type
+            if len(header) < 16:
+                return f"its '{kind.decode()}' box header is cut at byte {size:,}" if kind in CUT_SHORT_BOXES else None
             length = int.from_bytes(header[8:16], "big")
         if length == 0 or length < 8:  # to the end of the file, or not a box: libav judges the rest
             return None
