@@ -1091,6 +1091,7 @@ def _stamp(st: os.stat_result) -> str:
 # A file shorter than its container says it is: an MP4 (ISO BMFF) whose media box, or a Matroska/WebM file whose
 # Segment, declares bytes past the file's end. libav reads such a file up to the cut without a word, so a cut-off
 # download whose index is at the front would give the clips before the cut and count as done.
+#
 # Boxes whose missing bytes are the video's (not "free", "udta", "mfra", ...): the media boxes, and those that come
 # only before a fragment's "moof" (segment type and index, producer time, event message): a cut in one of them loses
 # the fragments after it.
@@ -1142,19 +1143,18 @@ def _iso_cut_short(f, size: int) -> str | None:
 def _matroska_cut_short(f, size: int) -> str | None:
     """The Segment's declared size, after the EBML header."""
     f.seek(4)
-    header = _ebml_size(f)
-    if header is None or header[0] is None:
+    if (header := _ebml_size(f)) is None:
         return None
-    f.seek(header[0], 1)
-    if f.read(4) != SEGMENT_ID or (segment := _ebml_size(f)) is None or segment[0] is None:
+    f.seek(header, 1)
+    if f.read(4) != SEGMENT_ID or (segment := _ebml_size(f)) is None:
         return None
-    end = f.tell() + segment[0]
+    end = f.tell() + segment
     return f"its Matroska segment runs to byte {end:,} but the file ends at byte {size:,}" if end > size else None
 
 
-def _ebml_size(f) -> tuple[int | None, int] | None:
-    """An EBML variable-length size read at the file's position: (value, or None for "unknown", its length in
-    bytes), or None where it is not one."""
+def _ebml_size(f) -> int | None:
+    """An EBML variable-length size read at the file's position, or None where it is "unknown" (all ones) or not
+    one."""
     first = f.read(1)
     if not first or first[0] == 0:
         return None
@@ -1163,7 +1163,7 @@ def _ebml_size(f) -> tuple[int | None, int] | None:
     if len(rest) != length - 1:
         return None
     value = int.from_bytes(bytes([first[0] & (0xFF >> length)]) + rest, "big")
-    return (None if value == (1 << (7 * length)) - 1 else value), length
+    return None if value == (1 << (7 * length)) - 1 else value
 
 
 def _open(path: str) -> tuple[av.container.InputContainer, str]:
