@@ -679,8 +679,8 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
 
 
 def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_temporaries(model, tmp_path, monkeypatch):
-    """A resume removes what a killed run left beside the token files to redo, listing each output folder once
-    (not once per file: a half-finished dataset of a million files would take hours)."""
+    """A resume removes what a killed run left beside the token files, listing each output folder once (not once
+    per file: a half-finished dataset of a million files would take hours)."""
     import os
 
     from titok_fast.manifest import Manifest
@@ -706,6 +706,22 @@ def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_tempora
     assert sorted(listed) == sorted({str(tmp_path), str(tmp_path / "sub")})  # once each
     remaining = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tmp"))
     assert remaining == sorted(name.format(hex_) for name in left[3:])  # others' temporaries stay
+
+
+def test_a_resume_removes_a_killed_runs_temporary_beside_a_complete_file(model, sources, tmp_path):
+    """A killed --overwrite run leaves a temporary beside a token file (and decode beside an mp4) that is complete;
+    the next run skips the file and removes the temporary."""
+    encode(model, [sources["short"]], tmp_path)
+    stale = tmp_path / ".short.safetensors.0123abcd.tmp"
+    stale.write_bytes(b"left by a killed --overwrite run")
+    summary = encode(model, [sources["short"]], tmp_path)
+    assert summary.skipped == [str(sources["short"])] and not stale.exists()
+    decoded = tmp_path / "decoded"
+    decode_files(Engine(model), [tmp_path / "short.safetensors"], decoded)
+    stale = decoded / ".short.mp4.0123abcd.tmp"
+    stale.write_bytes(b"left by a killed --overwrite run")
+    summary = decode_files(Engine(model), [tmp_path / "short.safetensors"], decoded)
+    assert summary.skipped == [str(tmp_path / "short.safetensors")] and not stale.exists()
 
 
 def test_a_resume_leaves_a_temporary_another_run_is_writing_and_removes_a_killed_ones(model, tmp_path):

@@ -348,7 +348,7 @@ def plan_outputs(
     these weights, settings and way of making them (engine ``mode``, the model's device or ``device``) go to the
     manifest as skipped (unless ``overwrite``). A token file to redo that was made otherwise goes to the manifest
     as outdated, with what differs: replacing it, or moving it aside if its input fails, is said. Temporary files
-    that a killed run left beside a token file to redo are removed. Gives the model its weights digest if unset.
+    that a killed run left beside a token file are removed. Gives the model its weights digest if unset.
     Stopped midway (checking a large dataset's outputs takes minutes), it lists the inputs it found to do as not
     encoded before it lets the interrupt go on, as the run does with those it has not settled; those it had not
     checked yet keep the latest line they had (their token files may be complete)."""
@@ -384,8 +384,7 @@ def plan_outputs(
                             if inputs.get(other, out) != out:
                                 other = None
                         manifest.outdated(path, out, why, other)
-            if todo and todo[-1][1] is out:
-                _remove_temporaries(temporaries, out)
+            _remove_temporaries(temporaries, out)  # beside a complete one too (a killed --overwrite run's)
     except BaseException as e:
         stopped = f"not encoded: the run stopped while checking outputs ({type(e).__name__}: {e})"
         with interrupts_held():  # a second interrupt waits for the list to be complete
@@ -432,13 +431,13 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
     were to be renamed to (its ``temporary_stem``)."""
     found: dict[str, list[str]] = {}
     try:
-        names = os.listdir(folder)
+        with os.scandir(folder) as entries:  # names one at a time: a folder may hold a million token files
+            for entry in entries:
+                target, dot, _ = entry.name[1:-4].rpartition(".")
+                if entry.name.startswith(".") and entry.name.endswith(".tmp") and dot:
+                    found.setdefault(target, []).append(entry.name)
     except OSError:  # none, not a folder, not readable: nothing to remove (writing there will say what is wrong)
-        return found
-    for entry in names:
-        target, dot, _ = entry[1:-4].rpartition(".")
-        if entry.startswith(".") and entry.endswith(".tmp") and dot:
-            found.setdefault(target, []).append(entry)
+        pass
     return found
 
 
@@ -976,16 +975,16 @@ def decode_files(
     todo = _one_per_output(pairs, "token files", ".mp4", "decoded")  # a file given twice: once, under its first name
     summary = Summary()
     start = time.perf_counter()
-    stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is redone
+    stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is passed
     for path, name in tqdm(todo, unit="file", file=sys.stderr, disable=None):
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
         try:  # (a name too long or a folder that cannot be read fails this file alone)
             _look_at(out)
+            _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
             if not overwrite and out.is_file() and out.stat().st_size:  # written whole (atomically), or the user's
                 summary.skipped.append(str(path))
                 continue
-            _remove_temporaries(stale, out)
             token_file = load_tokens(path)
             if not force:
                 check_same_model(engine.model, token_file, path)
