@@ -716,12 +716,12 @@ def test_a_resume_removes_a_killed_runs_temporary_beside_a_complete_file(model, 
     stale.write_bytes(b"left by a killed --overwrite run")
     summary = encode(model, [sources["short"]], tmp_path)
     assert summary.skipped == [str(sources["short"])] and not stale.exists()
-    decoded = tmp_path / "decoded"
-    decode_files(Engine(model), [tmp_path / "short.safetensors"], decoded)
+    engine, tokens, decoded = Engine(model), tmp_path / "short.safetensors", tmp_path / "decoded"
+    decode_files(engine, [tokens], decoded)
     stale = decoded / ".short.mp4.0123abcd.tmp"
     stale.write_bytes(b"left by a killed --overwrite run")
-    summary = decode_files(Engine(model), [tmp_path / "short.safetensors"], decoded)
-    assert summary.skipped == [str(tmp_path / "short.safetensors")] and not stale.exists()
+    summary = decode_files(engine, [tokens], decoded)
+    assert summary.skipped == [str(tokens)] and not stale.exists()
 
 
 def test_a_resume_leaves_a_temporary_another_run_is_writing_and_removes_a_killed_ones(model, tmp_path):
