@@ -187,22 +187,23 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
     write_atomically(path, save(tensors, metadata={METADATA_KEY: text}))
 
 
-def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
+def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> TokenFile:
     """Read and validate a token file; raises TokenFileError naming the file and the first problem found.
 
     The file is read in one call (at most MAX_FILE_BYTES) and parsed from memory: a resumed job reads every token
-    file of its dataset before it starts, so this is what it waits for."""
+    file of its dataset before it starts, so this is what it waits for. ``data``: its bytes, read already by
+    :func:`read_token_bytes` (a resume reads files ahead in threads and parses them as it comes to them)."""
     path = os.fspath(path)
+    if data is None:
+        data = read_token_bytes(path)
     try:
-        data = _read_at_most(path, MAX_FILE_BYTES)
         header_bytes = int.from_bytes(data[:8], "little")
         if header_bytes > MAX_HEADER_BYTES:
             raise ValueError(f"its header is {header_bytes} bytes; a token file's is at most {MAX_HEADER_BYTES}")
         loaded = load(data)  # checks the header, the dtypes, shapes and offsets against the buffer's size
         header = json.loads(data[8 : 8 + header_bytes]).get("__metadata__") or {}  # a header load has checked
     except Exception as exc:  # a stranger's file may break the parser in ways no check here foresees
-        detail = str(exc) if isinstance(exc, (SafetensorError, OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
-        raise TokenFileError(f"{path}: not a readable safetensors file ({detail})") from exc
+        raise _unreadable(path, exc) from exc
     try:
         metadata = _parse_metadata(header)
         tensors = {name: loaded[name] for name in TENSORS if name in loaded}
@@ -218,6 +219,21 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
         )
     except TokenFileError as exc:
         raise TokenFileError(f"{path}: {exc}") from None
+
+
+def read_token_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the token file at ``path``, unchecked, for :func:`load_tokens`; TokenFileError when it cannot
+    be read or is not a regular file of at most MAX_FILE_BYTES."""
+    path = os.fspath(path)
+    try:
+        return _read_at_most(path, MAX_FILE_BYTES)
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: str, exc: Exception) -> TokenFileError:
+    detail = str(exc) if isinstance(exc, (SafetensorError, OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+    return TokenFileError(f"{path}: not a readable safetensors file ({detail})")
 
 
 def _read_at_most(path: str, limit: int) -> bytes:
