@@ -1,8 +1,9 @@
 """Resuming a large job: the time ``encode`` spends before its first clip deciding which token files are done.
 
 A resumed run reads every existing token file (``plan_outputs``: is it complete, from the same source, by the same
-weights, made the same way?) before the decoders start, on one core, so for a dataset of a million videos that is
-nearly done this check is what the user waits for. This writes ``--files`` token files of ``--chunks`` chunks of
+weights, made the same way?) before the decoders start, so for a dataset of a million videos that is nearly done
+this check is what the user waits for. It parses them on one core; on a network file system threads read them
+ahead. This writes ``--files`` token files of ``--chunks`` chunks of
 ``--tokens`` tokens each (a 30 s video at 8 fps in 20-frame chunks has 12; the defaults are a longer one), made by
 the tiny config with random weights, then times, each ``--repeats`` times (median and spread printed):
 
@@ -10,7 +11,8 @@ the tiny config with random weights, then times, each ``--repeats`` times (media
 - ``plan_outputs`` over all of them, per file, every file complete (all skipped: the resumed run's case).
 
 The files stay in ``--folder`` (made once, then reused) and are read from the page cache after the first pass: a
-network file system adds its own latency per file on top of this.
+network file system adds its own latency per file on top of this. To measure that, put ``--folder`` on one, or on
+``slow_fs.py``'s stand-in (a FUSE mount that adds a fixed delay to every request).
 As a script it prints one line per measure (``python benchmarks/bench_resume.py --help``); ``titok-fast bench``
 runs the small pytest case below. With TITOK_BENCH_LOG set, each line is also appended to that file as JSON.
 """

@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import re
+import threading
 import time
 import weakref
 from fractions import Fraction
@@ -616,22 +617,108 @@ def test_a_run_stopped_while_checking_outputs_lists_what_it_found_to_do(model, s
     files = [(sources[name], name) for name in ("short", "long", "odd", "black")]
     engine = Engine(model, max_clips=3)
     assert encode_files(model, engine, [files[0], files[3]], tmp_path, SETTINGS, workers=1).done
-    redo_reason, calls = pipeline._redo_reason, []
+    remove_temporaries, calls = pipeline._remove_temporaries, []
 
-    def stopped_at_the_third(*args):
+    def stopped_at_the_third(*args):  # the last step of checking an output, on the run's thread
         calls.append(args)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return redo_reason(*args)
+        return remove_temporaries(*args)
 
-    monkeypatch.setattr(pipeline, "_redo_reason", stopped_at_the_third)
+    monkeypatch.setattr(pipeline, "_remove_temporaries", stopped_at_the_third)
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs4")  # read ahead in threads, too
     with pytest.raises(KeyboardInterrupt):
         encode_files(model, engine, files, tmp_path, SETTINGS, workers=1)
     rows = {Path(r["source"]).name: r for r in read_manifest(tmp_path, latest=True)}
     assert {name: r["status"] for name, r in rows.items()} == {
-        "short.mp4": "done", "long.mp4": "not-encoded", "black.mp4": "done",  # short: skipped, said done already
-    }  # fmt: skip
+        "short.mp4": "done", "long.mp4": "not-encoded", "odd.mkv": "not-encoded", "black.mp4": "done",
+    }  # fmt: skip  (short: skipped, said done already; black: not checked, read ahead or not)
     assert rows["long.mp4"]["reason"] == "not encoded: the run stopped while checking outputs (KeyboardInterrupt: )"
+    assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-ahead")]  # none left reading
+
+
+def _reads_recorded(monkeypatch, meet: threading.Barrier | None = None) -> list[tuple[str, str]]:
+    """(token file name, reading thread's name) of every token file read from now on; with ``meet``, the first
+    reads wait there for one another."""
+    from titok_fast import tokens
+
+    real, reads = tokens.read_token_bytes, []
+
+    def read(path):
+        reads.append((Path(path).name, threading.current_thread().name))
+        if meet is not None and len(reads) <= meet.parties:
+            meet.wait()
+        return real(path)
+
+    monkeypatch.setattr(tokens, "read_token_bytes", read)
+    monkeypatch.setattr(pipeline, "read_token_bytes", read)
+    return reads
+
+
+def test_a_resume_on_a_network_file_system_reads_token_files_ahead_in_threads(model, sources, tmp_path, monkeypatch):
+    """Checking a token file there waits on round trips: threads read them ahead (here two at once, or the reads
+    would wait for each other in vain), and the run decides as it would one by one. On a local file system the
+    run's thread reads them itself."""
+    from titok_fast.manifest import Manifest
+
+    files = [(sources[name], name) for name in ("short", "long", "black", "odd")]
+    assert encode_files(model, Engine(model, max_clips=3), [files[0], files[2]], tmp_path, SETTINGS, workers=1).done
+    monkeypatch.setattr(pipeline, "FETCH_CHUNK", 1)  # a thread per file
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs4" if path == tmp_path else None)
+    reads = _reads_recorded(monkeypatch, threading.Barrier(2, timeout=30))
+    manifest = Manifest(None, pipeline.Summary())
+    todo = pipeline.plan_outputs(model, "auto", files, tmp_path, SETTINGS, manifest)
+    assert todo == [(sources[name], tmp_path / f"{name}.safetensors") for name in ("long", "odd")]
+    assert manifest.summary.skipped == [str(sources["short"]), str(sources["black"])]
+    assert sorted(name for name, _ in reads) == ["black.safetensors", "short.safetensors"]
+    assert all(thread.startswith("titok-fast-ahead") for _, thread in reads), reads
+    assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-ahead")]
+
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: None)
+    reads = _reads_recorded(monkeypatch)
+    manifest = Manifest(None, pipeline.Summary())
+    assert pipeline.plan_outputs(model, "auto", files, tmp_path, SETTINGS, manifest) == todo
+    assert manifest.summary.skipped == [str(sources["short"]), str(sources["black"])]
+    assert reads == [(name, threading.current_thread().name) for name in ("short.safetensors", "black.safetensors")]
+
+
+def test_reading_ahead_holds_at_most_a_chunks_budget_of_bytes(model, sources, tmp_path, monkeypatch):
+    """What is read ahead waits in memory until the run comes to it: a chunk reads at most FETCH_CHUNK_BYTES of
+    token files, and the run's thread reads the rest of it itself (the same decisions)."""
+    from titok_fast.manifest import Manifest
+
+    files = [(sources[name], name) for name in ("short", "black")]
+    assert encode_files(model, Engine(model, max_clips=3), files, tmp_path, SETTINGS, workers=1).done
+    monkeypatch.setattr(pipeline, "FETCH_CHUNK_BYTES", (tmp_path / "short.safetensors").stat().st_size)
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "fuse.sshfs")
+    reads = _reads_recorded(monkeypatch)
+    manifest = Manifest(None, pipeline.Summary())
+    assert pipeline.plan_outputs(model, "auto", files, tmp_path, SETTINGS, manifest) == []
+    assert manifest.summary.skipped == [str(sources["short"]), str(sources["black"])]
+    assert [name for name, _ in reads] == ["short.safetensors", "black.safetensors"]
+    assert reads[0][1].startswith("titok-fast-ahead") and reads[1][1] == threading.current_thread().name
+
+
+def test_network_file_systems_are_told_from_the_mount_table(tmp_path):
+    from titok_fast.files import network_file_system
+
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        "27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+        "40 27 0:50 / /data rw,relatime shared:1 - nfs4 server:/export rw,vers=4.2\n"
+        "41 40 8:17 / /data/local\\040disk rw - ext4 /dev/sdb1 rw\n"
+        "42 27 0:52 / /home/u/remote rw - fuse.sshfs u@h:/ rw\n"
+        "43 27 8:33 / /mnt/usb rw - fuseblk /dev/sdc1 rw\n"
+        "44 27 8:49 / /mnt/share rw - ext4 /dev/sdd1 rw\n"
+        "45 44 0:55 / /mnt/share rw - cifs //server/share rw\n"
+    )
+    kinds = {
+        "/data": "nfs4", "/data/videos/a.mp4": "nfs4", "/data/local disk/a": None, "/datax/a": None,
+        "/home/u/remote/tokens": "fuse.sshfs", "/mnt/usb/a": None, "/mnt/share/not/made/yet": "cifs", "/srv": None,
+    }  # fmt: skip
+    assert {path: network_file_system(path, str(table)) for path in kinds} == kinds
+    assert network_file_system("/data/a", str(tmp_path / "none")) is None  # no such table: taken as local
 
 
 def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
@@ -837,6 +924,37 @@ def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_onc
     ]  # fmt: skip
     with pytest.raises(InputError, match="input '.*gone.mp4' does not exist"):  # typed: stops the run up front
         collect_inputs([tmp_path / "gone.mp4"])
+
+
+def test_a_list_on_a_network_file_system_has_its_entries_looked_at_ahead_in_threads(tmp_path, monkeypatch):
+    """Each entry of a list is looked at (a folder, another list, or a file to encode?): a round trip per entry on
+    a network file system, so threads look ahead there (here two entries at once, or the looks would wait for each
+    other in vain); the inputs are the same, in the same order, as when the run's thread looks at each itself."""
+    from titok_fast.pipeline import collect_inputs
+
+    (tmp_path / "v" / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "sub/b.mkv", "c.webm"):
+        (tmp_path / "v" / name).write_bytes(b"x")
+    (tmp_path / "more.lst").write_text("v/c.webm\n")
+    (tmp_path / "list.txt").write_text("v/a.mp4\nv/sub\ngone.mp4\nmore.lst\nv/c.webm\nv/a.mp4/x.mp4\n")
+    local = collect_inputs([tmp_path / "list.txt"])
+    assert local == [(tmp_path / "v" / "a.mp4", "a"), (tmp_path / "v" / "sub" / "b.mkv", "b"),
+                     (tmp_path / "gone.mp4", "gone"), (tmp_path / "v" / "c.webm", "c"),
+                     (tmp_path / "v" / "a.mp4" / "x.mp4", "x")]  # fmt: skip
+
+    real, looks, meet = pipeline._lists_more, [], threading.Barrier(2, timeout=30)
+
+    def lists_more(entries):
+        looks.append(threading.current_thread().name)
+        if len(looks) <= meet.parties:
+            meet.wait()
+        return real(entries)
+
+    monkeypatch.setattr(pipeline, "_lists_more", lists_more)
+    monkeypatch.setattr(pipeline, "FETCH_CHUNK", 1)
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs")
+    assert collect_inputs([tmp_path / "list.txt"]) == local
+    assert len(looks) == 7 and all(name.startswith("titok-fast-ahead") for name in looks), looks
 
 
 def test_a_folder_gives_its_video_files_by_extension_in_any_case(tmp_path):

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import sys
 import threading
 import time
@@ -166,3 +167,36 @@ def interrupt(error: BaseException) -> None:
         _held.pending = getattr(_held, "pending", None) or error
         return
     raise error
+
+
+# File systems whose every request is a round trip to another machine or process (FUSE: sshfs, s3fs, gcsfuse, ...;
+# not fuseblk, a local disk's NTFS or exFAT): there, a job that reads many small files reads them ahead in threads.
+NETWORK_FILE_SYSTEMS = {
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "afs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
+    "panfs", "wekafs", "orangefs", "pvfs2", "davfs", "fuse",
+}  # fmt: skip
+MOUNTS = "/proc/self/mountinfo"
+
+
+def network_file_system(path: str | os.PathLike[str], mounts: str = MOUNTS) -> str | None:
+    """The type of the network (or FUSE) file system ``path`` lies on, from ``mounts`` (Linux's mountinfo), else
+    None: a local one, or a system that has no such table. A path not made yet counts as its nearest folder."""
+    try:
+        with open(mounts, encoding="utf-8", errors="surrogateescape") as table:
+            text = table.read(1 << 24)
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    found, depth = None, -1
+    for line in text.splitlines():
+        fields, _, rest = line.partition(" - ")
+        fields, rest = fields.split(), rest.split()
+        if len(fields) < 5 or not rest:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040: a space
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= depth:
+            found, depth = rest[0], len(point)  # the deepest mount holding path; of those, the last mounted
+    if found is None:
+        return None
+    kind = found.split(".", 1)[0]  # fuse.sshfs -> fuse
+    return found if kind in NETWORK_FILE_SYSTEMS else None

@@ -8,10 +8,14 @@ token files made different ways.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,13 +31,21 @@ from .backends import resolve_backend
 from .checks import MAX_GRID, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import IDLE, Engine
-from .files import STALL_SECONDS, escaped, interrupts_held, notice, remove_abandoned, temporary_stem
+from .files import (
+    STALL_SECONDS,
+    escaped,
+    interrupts_held,
+    network_file_system,
+    notice,
+    remove_abandoned,
+    temporary_stem,
+)
 from .loading import weights_digest
 from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
-from .tokens import TokenFile, TokenFileError, load_tokens, save_tokens, try_load_tokens
+from .tokens import TokenFile, TokenFileError, load_tokens, read_token_bytes, save_tokens, try_load_tokens
 from .video import (
     MIN_WRITE_FPS,
     TIME_SAMPLING,
@@ -177,12 +189,9 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
             if real in lists:
                 notice(f"{path}: a list that names itself, directly or through another; not read again")
                 continue
-            for entry in _listed(path):
-                try:
-                    _look_at(entry)
-                    listed = entry.is_dir() or (entry.is_file() and entry.suffix.lower() in LIST_EXTENSIONS)
-                except OSError:  # a name too long, a folder that cannot be searched: that file fails alone (reading
-                    listed = False  # it says why)
+            entries = _listed(path)
+            threads = _threads_for(path, entries[0]) if entries else 0
+            for entry, listed in zip(entries, _ahead(_lists_more, entries, threads), strict=True):
                 found += _expand([entry], (*lists, real)) if listed else [(entry, entry.stem)]
         elif path.is_file():
             found.append((path, path.stem))
@@ -191,6 +200,19 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
         else:
             raise InputError(f"input {str(item)!r} does not exist")
     return found
+
+
+def _lists_more(entries: Sequence[Path]) -> list[bool]:
+    """Whether each entry of a list file is a folder or another list (else a file to encode: one that is missing,
+    has a name too long or lies in a folder that cannot be searched fails alone, and reading it says why)."""
+    kinds = []
+    for entry in entries:
+        try:
+            mode = os.stat(entry).st_mode
+        except OSError:
+            mode = 0
+        kinds.append(stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and entry.suffix.lower() in LIST_EXTENSIONS))
+    return kinds
 
 
 def _listed(listing: Path) -> list[Path]:
@@ -359,12 +381,13 @@ def plan_outputs(
     inputs: dict[str, Path] | None = None  # this job's inputs (absolute) -> token files, made when first needed
     if not overwrite:
         manifest.read_settled()
+    outputs = [(path, outdir / f"{name}.safetensors") for path, name in files]
+    fetched = _ahead(_fetch_chunk, outputs, _threads_for(outdir, outputs[0][0]) if outputs else 0)
     try:
-        for path, name in files:
-            out = outdir / f"{name}.safetensors"
+        for (path, out), found in zip(outputs, fetched, strict=True):
             try:
-                done = try_load_tokens(out)  # read once: resuming a large dataset checks every output
-                why = _redo_reason(done, out, path, wanted)
+                done = None if found.absent else _parsed(out, found)
+                why = None if found.absent else _redo_reason(done, out, path, wanted, found.source_stamp)
             except OSError as e:
                 if e.errno not in THIS_PATH_ONLY:  # a file system gone (EIO, ESTALE): no input's fault, the run stops
                     raise
@@ -392,8 +415,89 @@ def plan_outputs(
                 manifest.not_encoded(path, out, stopped)
         raise
     finally:
+        fetched.close()
         manifest.forget_settled()
     return todo
+
+
+# A resume reads every token file of the job (plan_outputs), and a list file's entries are looked at one by one
+# (collect_inputs). On a network file system each such look waits on round trips to the server (open, read, stat):
+# milliseconds per file, an hour or more for a million files one at a time. There threads look ahead, FETCH_CHUNK
+# files at a time, and the run's thread uses what they found (parsing token files holds the GIL) as it comes to it.
+# On a local one the run's thread looks itself: there the threads' wake-ups and the GIL's hand-overs would cost
+# more than they save (RESULTS.md, "resuming a large job").
+FETCH_THREADS = 16
+FETCH_CHUNK = 16  # files a thread reads in a row
+FETCH_AHEAD = 2 * FETCH_THREADS  # chunks read or being read ahead of the one the run is at
+FETCH_CHUNK_BYTES = 4 << 20  # token files read ahead per chunk; the rest of a chunk is read when the run comes to it
+
+
+@dataclass
+class _Fetched:
+    """What reading ahead found of one token file: ``absent`` (nothing under its name), else its bytes (None: to
+    be read and looked at when the run comes to it) and its source's stamp (None: not looked at)."""
+
+    absent: bool = False
+    data: bytes | None = None
+    source_stamp: str | None = None
+
+
+def _ahead(work: Callable[[Sequence], list], items: Sequence, threads: int) -> Iterator:
+    """``work(chunk)``'s results for each FETCH_CHUNK ``items`` in a row, in order, worked out by ``threads``
+    threads at most FETCH_AHEAD chunks ahead of the consumer (0: by the consumer, an item at a time as it comes to
+    each). Closing it drops the chunks not begun and waits for those under way."""
+    if not threads:
+        for item in items:
+            yield from work([item])
+        return
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    chunks = (items[start : start + FETCH_CHUNK] for start in range(0, len(items), FETCH_CHUNK))
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="titok-fast-ahead") as pool:
+        try:
+            while True:
+                for chunk in itertools.islice(chunks, FETCH_AHEAD - len(pending)):
+                    pending.append(pool.submit(work, chunk))
+                if not pending:
+                    return
+                yield from pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _threads_for(*paths: str | os.PathLike) -> int:
+    """Threads to look at files ahead with: FETCH_THREADS where one of ``paths`` lies on a network file system."""
+    return FETCH_THREADS if any(network_file_system(path) for path in paths) else 0
+
+
+def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
+    """What reading ``chunk``'s token files finds (:class:`_Fetched`): an error (or a chunk's FETCH_CHUNK_BYTES
+    spent) leaves a file to the run's thread, which reads it again and says what is wrong."""
+    found, budget = [], FETCH_CHUNK_BYTES
+    for source, out in chunk:
+        try:
+            data = read_token_bytes(out) if os.stat(out).st_size <= budget else None
+        except FileNotFoundError:
+            found.append(_Fetched(absent=True))
+            continue
+        except (OSError, TokenFileError):
+            data = None
+        if data is None:
+            found.append(_Fetched())
+        else:
+            budget -= len(data)
+            found.append(_Fetched(data=data, source_stamp=source_stamp(source)))
+    return found
+
+
+def _parsed(out: Path, found: _Fetched) -> TokenFile | None:
+    """The token file at ``out`` from what was read ahead of it (:func:`try_load_tokens` if nothing was)."""
+    if found.data is None:
+        return try_load_tokens(out)
+    try:
+        return load_tokens(out, found.data)
+    except TokenFileError:
+        return None
 
 
 # errors of one path (its name, its folders' permissions or kinds), not of the file system: that input fails alone
@@ -692,16 +796,19 @@ def _redo_because(out: Path, source: str | os.PathLike, wanted: dict[str, Any]) 
     return _redo_reason(try_load_tokens(out), out, source, wanted)
 
 
-def _redo_reason(done: TokenFile | None, out: Path, source: str | os.PathLike, wanted: dict[str, Any]) -> str | None:
-    """:func:`_redo_because` for the token file ``done`` read from ``out`` (None: none readable there)."""
+def _redo_reason(
+    done: TokenFile | None, out: Path, source: str | os.PathLike, wanted: dict[str, Any], stamp: str | None = None
+) -> str | None:
+    """:func:`_redo_because` for the token file ``done`` read from ``out`` (None: none readable there); ``stamp``:
+    the source's :func:`source_stamp`, if taken already."""
     if done is None:
         _look_at(out)  # (its errors other than absence: a name too long, a folder that cannot be searched)
         return "not readable as a complete token file" if out.is_file() else None
     if done.source != os.path.abspath(source):  # first: whatever else differs, it is another video's
         return f"made from another source ({_brief(done.source)!r})"
-    stamp = done.made_with.get("source_stamp")  # (files made before it was recorded are kept)
-    if stamp and stamp != (now := source_stamp(source)):
-        return f"its source changed since it was made (size:mtime_ns {_brief(stamp, 64)}, now {now})"
+    recorded = done.made_with.get("source_stamp")  # (files made before it was recorded are kept)
+    if recorded and recorded != (now := source_stamp(source) if stamp is None else stamp):
+        return f"its source changed since it was made (size:mtime_ns {_brief(recorded, 64)}, now {now})"
     if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({_brief(done.weights_digest)})"
     seen = wanted["configs"]  # recorded config -> how it differs: a dataset's files record one or a few
