@@ -27,6 +27,7 @@ import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ class Manifest:
     def __init__(self, path: str | os.PathLike | None, summary: Summary):
         self.summary = summary
         self.path = None if path is None else Path(path)
+        self.lock = threading.RLock()  # each outcome is recorded whole (token files may be written on threads)
         self._fd: int | None = None
         # token file -> how it was made otherwise, and the other source it was made from (if so), until its input
         # settles
@@ -79,14 +81,16 @@ class Manifest:
     ) -> None:
         """``tokens`` exists but was made otherwise (``why``, one line), from ``other_source`` if that is not
         ``source`` (another video of the same output name), and is to be redone."""
-        self._outdated[str(tokens)] = (why, other_source)
+        with self.lock:
+            self._outdated[str(tokens)] = (why, other_source)
 
     def skipped(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
         """``tokens`` is complete already; a line says so unless the folder's manifests already do."""
-        self.summary.skipped.append(str(source))
-        self.read_settled()
-        if self._settled.get(hash(os.path.abspath(source)), ("", None))[1] != hash(os.path.abspath(tokens)):
-            self._line(source, tokens, "skipped")
+        with self.lock:
+            self.summary.skipped.append(str(source))
+            self.read_settled()
+            if self._settled.get(hash(os.path.abspath(source)), ("", None))[1] != hash(os.path.abspath(tokens)):
+                self._line(source, tokens, "skipped")
 
     def read_settled(self) -> None:
         """Read which inputs the folder's manifests already say are complete, once (seconds for a million lines;
@@ -101,34 +105,41 @@ class Manifest:
         self._settled = None
 
     def done(self, source: str | os.PathLike, tokens: str | os.PathLike, clips: int, **extra: Any) -> None:
-        self.summary.done.append(str(source))
-        self.summary.clips += clips
-        why, other_source = self._outdated.pop(str(tokens), (None, None))
-        if why is not None:
-            self.summary.replaced += 1
-            extra = {"replaced": why, **extra}
-        self._line(source, tokens, "done", clips=clips, **extra)
-        if other_source is not None:  # its latest line must no longer say its tokens are there
-            reason = f"its token file now holds the tokens of {os.path.abspath(source)}, which has the same output name"
-            self._line(other_source, tokens, "not-encoded", reason=reason)
+        with self.lock:
+            self.summary.done.append(str(source))
+            self.summary.clips += clips
+            why, other_source = self._outdated.pop(str(tokens), (None, None))
+            if why is not None:
+                self.summary.replaced += 1
+                extra = {"replaced": why, **extra}
+            self._line(source, tokens, "done", clips=clips, **extra)
+            if other_source is not None:  # its latest line must no longer say its tokens are there
+                reason = (
+                    f"its token file now holds the tokens of {os.path.abspath(source)}, which has the same output name"
+                )
+                self._line(other_source, tokens, "not-encoded", reason=reason)
 
     def failed(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str, **extra: Any) -> None:
-        why, other_source = self._outdated.pop(str(tokens), (None, None))
-        aside = "" if why is None else _set_aside(Path(tokens), why)
-        if aside:
-            reason = f"{reason}; {aside}"
-        self.summary.failed.append((str(source), reason))
-        self._line(source, tokens, "failed", reason=reason, **extra)
-        if other_source is not None:  # its latest line must no longer say its tokens are there
-            displaced = f"{os.path.abspath(source)}, which has the same output name, failed to replace them; {aside}"
-            self._line(other_source, tokens, "not-encoded", reason=displaced)
+        with self.lock:
+            why, other_source = self._outdated.pop(str(tokens), (None, None))
+            aside = "" if why is None else _set_aside(Path(tokens), why)
+            if aside:
+                reason = f"{reason}; {aside}"
+            self.summary.failed.append((str(source), reason))
+            self._line(source, tokens, "failed", reason=reason, **extra)
+            if other_source is not None:  # its latest line must no longer say its tokens are there
+                displaced = (
+                    f"{os.path.abspath(source)}, which has the same output name, failed to replace them; {aside}"
+                )
+                self._line(other_source, tokens, "not-encoded", reason=displaced)
 
     def not_encoded(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str) -> None:
         """An input the job never settled (it stopped first); counted as failed in the summary. A token file made
         otherwise stays where it is: the job was stopped, not the input found at fault, and resuming redoes it."""
-        self._outdated.pop(str(tokens), None)
-        self.summary.failed.append((str(source), reason))
-        self._line(source, tokens, "not-encoded", reason=reason)
+        with self.lock:
+            self._outdated.pop(str(tokens), None)
+            self.summary.failed.append((str(source), reason))
+            self._line(source, tokens, "not-encoded", reason=reason)
 
     def _line(self, source, tokens, status: str, clips: int = 0, reason: str = "", **extra: Any) -> None:
         if self._fd is None:
