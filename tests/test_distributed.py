@@ -175,14 +175,22 @@ def test_decode_and_encode_ran_in_different_processes(runs):
 @pytest.fixture(scope="module")
 def faulty_run(runs, videos, tmp_path_factory):
     """The good files through a job whose encode actor exits once (a test hook, on its second batch) and whose
-    decode worker dies every time it is given odd.mkv (tried twice)."""
+    decode worker dies every time it is given odd.mkv (tried twice); its output folder taken for one on a network
+    file system, where the driver writes token files on threads (the threads that wrote them are recorded)."""
+    from titok_fast import distributed, pipeline
+
     out = tmp_path_factory.mktemp("faulty")
     hooks = {"actor_exit_once": str(out / "died"), "decode_exit_on": "odd.mkv", "decode_exit_log": str(out)}
     files = collect_inputs([videos["good"]])
-    summary = encode_dataset(
-        LOAD(), files, out / "tokens", SETTINGS, device="cpu", batch_size=2, decode_retries=1, _test_hooks=hooks
-    )
-    return {"out": out, "summary": summary, "files": files}
+    writers, write = [], distributed.write_token_file
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "network_file_system", lambda path: "nfs4" if "tokens" in str(path) else None)
+        patch.setattr(distributed, "write_token_file",
+                      lambda *args: writers.append(threading.current_thread().name) or write(*args))  # fmt: skip
+        summary = encode_dataset(
+            LOAD(), files, out / "tokens", SETTINGS, device="cpu", batch_size=2, decode_retries=1, _test_hooks=hooks
+        )
+    return {"out": out, "summary": summary, "files": files, "writers": writers}
 
 
 def test_an_actor_that_dies_once_is_restarted_and_nothing_is_duplicated(faulty_run, runs, cluster):
@@ -196,6 +204,8 @@ def test_an_actor_that_dies_once_is_restarted_and_nothing_is_duplicated(faulty_r
     died = (out / "died").read_text()  # the actor that exited
     encoders = {e for row in rows.values() for e in row.get("encoded_by", [])}
     assert died.rsplit(":", 1)[1].isdigit() and encoders and died not in encoders  # its restart did the work
+    assert len(faulty_run["writers"]) == len(GOOD) - 1
+    assert all(name.startswith("titok-fast-write") for name in faulty_run["writers"]), faulty_run["writers"]
     assert_nothing_spilled(cluster)
 
 

@@ -721,6 +721,102 @@ def test_network_file_systems_are_told_from_the_mount_table(tmp_path):
     assert network_file_system("/data/a", str(tmp_path / "none")) is None  # no such table: taken as local
 
 
+def _writes_recorded(monkeypatch, meet: threading.Barrier | None = None) -> list[tuple[str, str]]:
+    """(token file name, writing thread's name) of every token file written from now on; with ``meet``, the first
+    writes wait there for one another."""
+    real, writes = pipeline.write_token_file, []
+
+    def write(*args):
+        writes.append((Path(args[2]).name, threading.current_thread().name))
+        if meet is not None and len(writes) <= meet.parties:
+            meet.wait()
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "write_token_file", write)
+    return writes
+
+
+def _latest(folder: Path) -> dict[str, str]:
+    from titok_fast.manifest import read_manifest
+
+    return {Path(r["source"]).stem: r["status"] for r in read_manifest(folder, latest=True)}
+
+
+def test_on_a_network_file_system_token_files_are_written_on_threads(model, sources, tmp_path, monkeypatch):
+    """There a token file's write is many round trips and a sync on the server: threads write them (here two at
+    once, or the writes would wait for each other in vain) while the run goes on, and the token files and manifest
+    lines are those of a run that writes on its own thread."""
+    names = ("short", "long", "black")
+    files, engine = [(sources[name], name) for name in names], Engine(model, max_clips=3)
+    here = encode_files(model, engine, files, tmp_path / "here", SETTINGS, workers=1)
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs4" if "there" in str(path) else None)
+    writes = _writes_recorded(monkeypatch, threading.Barrier(2, timeout=30))
+    there = encode_files(model, engine, files, tmp_path / "there", SETTINGS, workers=1)
+    assert sorted(there.done) == sorted(here.done) == sorted(str(sources[name]) for name in names)
+    assert there.clips == here.clips and not there.failed
+    assert sorted(name for name, _ in writes) == sorted(f"{name}.safetensors" for name in names)
+    assert all(thread.startswith("titok-fast-write") for _, thread in writes), writes
+    for name in names:
+        assert (tmp_path / "there" / f"{name}.safetensors").read_bytes() == (
+            tmp_path / "here" / f"{name}.safetensors"
+        ).read_bytes()
+    assert _latest(tmp_path / "there") == _latest(tmp_path / "here") == dict.fromkeys(names, "done")
+    assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-write")]
+
+
+def test_a_full_disk_met_by_a_writing_thread_stops_the_run_with_every_input_listed(model, sources, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    import errno
+
+    names = ("short", "long", "black")
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs4")
+    real = pipeline.save_tokens
+
+    def full(path, token_file):
+        if Path(path).name == "long.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, token_file)
+
+    monkeypatch.setattr(pipeline, "save_tokens", full)
+    with pytest.raises(OSError, match=r"long\.safetensors \(No space left on device\): the run stops"):
+        encode_files(model, Engine(model, max_clips=3), [(sources[n], n) for n in names], tmp_path, SETTINGS,
+                     workers=1)  # fmt: skip
+    rows = _latest(tmp_path)
+    assert sorted(rows) == sorted(names) and rows["short"] == "done" and rows["long"] == "not-encoded"
+    assert rows["black"] in ("done", "not-encoded")  # handed over before the error came back, or not
+    assert {n for n in names if (tmp_path / f"{n}.safetensors").exists()} == {n for n in names if rows[n] == "done"}
+
+
+def test_an_interrupted_run_writes_and_lists_what_it_handed_to_the_writing_threads(model, sources, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """Ctrl-C while a token file is being written on a thread (a server slow to answer): the run waits for it and
+    its manifest line before it lists the rest as not encoded, so a file and its line are there both or neither."""
+    names = ("short", "long", "black")
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs4")
+    answer, real = threading.Event(), pipeline.write_token_file
+
+    def slow(*args):
+        answer.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "write_token_file", slow)
+    add = pipeline._EncodeJob.add
+
+    def add_then_stop(job, key, indices):
+        add(job, key, indices)
+        if job.writes.pending:  # a token file handed over, not written yet
+            threading.Timer(0.5, answer.set).start()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._EncodeJob, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        encode_files(model, Engine(model, max_clips=3), [(sources[n], n) for n in names], tmp_path, SETTINGS,
+                     workers=1)  # fmt: skip
+    rows = _latest(tmp_path)
+    assert rows == {"short": "done", "long": "not-encoded", "black": "not-encoded"}
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["short.safetensors"]
+
+
 def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     """Other settings redo every file; one that now fails keeps no token file made the old way under its name:
     it is renamed (never deleted, an earlier one never replaced), and the failure says where to."""

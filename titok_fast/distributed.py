@@ -57,8 +57,10 @@ from .model import TiTok
 from .pipeline import (
     ClipSettings,
     Summary,
+    Writes,
     _device_fault,
     _progress,
+    _threads_for,
     encode_resiliently,
     made_with,
     plan_outputs,
@@ -314,8 +316,10 @@ _ENDED_WHOLE, _ENDED_EARLY = 1, 2
 class _Assembly:
     """The driver's side: rows in any order -> one token file per input, manifest lines, duplicates counted."""
 
-    def __init__(self, model: TiTok, mode: str, device: str, settings: ClipSettings, todo, manifest: Manifest, bar):
+    def __init__(self, model: TiTok, mode: str, device: str, settings: ClipSettings, todo, manifest: Manifest, bar,
+                 writes: Writes | None = None):  # fmt: skip
         self.model, self.settings, self.manifest, self.bar = model, settings, manifest, bar
+        self.writes = Writes(0) if writes is None else writes  # token files are written by these
         self.mode, self.device = mode, device
         self.todo = todo
         self.open: dict[int, _Pending] = {}  # files with rows back and not yet ended: a state is made when needed
@@ -350,17 +354,20 @@ class _Assembly:
         indices, end = [state.indices[i] for i in range(state.end["clips"])], state.end
         made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
                          preprocessed_on=end["placement"], source_stamp=end.get("source_stamp", ""))  # fmt: skip
-        with interrupts_held():  # the token file and its manifest line, or neither
-            error = write_token_file(
-                self.model, self.settings, state.out, state.path, indices, end["start_times"],
-                end["last_clip_frames"], made,
-            )  # fmt: skip
-            if error:
-                self._fail(state, error)
-                return
-            workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
-            self.manifest.done(state.path, state.out, len(indices), **workers)
-            self._close(state)
+        workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
+        path, out = state.path, state.out
+
+        def write() -> None:
+            with interrupts_held():  # the token file and its manifest line, or neither
+                error = write_token_file(self.model, self.settings, out, path, indices, end["start_times"],
+                                         end["last_clip_frames"], made)  # fmt: skip
+                if error:
+                    self.manifest.failed(path, out, error, decoded_by=workers["decoded_by"])
+                else:
+                    self.manifest.done(path, out, len(indices), **workers)
+
+        self._close(state)
+        self.writes(write)
 
     def _fail(self, state: _Pending, reason: str) -> None:
         self.manifest.failed(state.path, state.out, reason, decoded_by=state.decoded_by)
@@ -440,16 +447,20 @@ def encode_dataset(
     summary = Summary()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)
+        writes = Writes(_threads_for(outdir))  # the driver writes every token file: on a network FS, in threads
         try:
             if todo:
                 load_model = model_loader(model) if load_model is None else load_model
-                _run_job(ray_address, load_model, model, settings, todo, manifest, device=device, mode=mode,
+                _run_job(ray_address, load_model, model, settings, todo, manifest, writes, device=device, mode=mode,
                          batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                          cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode,
                          decode_retries=decode_retries, actor_restarts=actor_restarts, stall_seconds=stall_seconds,
                          hooks=hooks)  # fmt: skip
+            writes.close()
         except BaseException as e:  # stopped before the job (starting Ray, a cluster too small) or during it
             stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
+            with contextlib.suppress(Exception):  # (the run stops for e already)
+                writes.close()  # what was handed over is written, and said, before the rest is listed
             settled = {*summary.done, *(path for path, _ in summary.failed)}
             with interrupts_held():  # a second interrupt waits for the list to be complete
                 for path, out in todo:
@@ -460,7 +471,7 @@ def encode_dataset(
     return summary
 
 
-def _run_job(ray_address, load_model, model, settings, todo, manifest, *, device, mode, batch_size, actors,
+def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *, device, mode, batch_size, actors,
              gpus_per_actor, cpus_per_actor, cpus_per_decode, decode_retries, actor_restarts, stall_seconds,
              hooks) -> None:  # fmt: skip
     """The Ray part of :func:`encode_dataset`: its files ``todo`` encoded, each outcome in ``manifest``."""
@@ -478,7 +489,7 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, *, device
             cpus_per_decode=cpus_per_decode, decode_retries=decode_retries, actor_restarts=actor_restarts,
             stall_seconds=stall_seconds, hooks=hooks,
         )  # fmt: skip
-        assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"))
+        assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"), writes)
         shared = len(todo) > MAX_DECODE_TASKS
         with assembly.bar:
             with job() as run:

@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -325,7 +326,8 @@ def encode_files(
     start = time.perf_counter()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, engine.mode, files, outdir, settings, manifest, overwrite=overwrite)
-        job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), start)
+        writes = Writes(_threads_for(outdir))
+        job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), start, writes)
         job.limits.workers, job.limits.worker_kind = workers, worker_kind
         on_cuda = model.device.type == "cuda"  # clips that may hold source-size frames are held fewer at a time
         source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
@@ -341,8 +343,11 @@ def encode_files(
                 items = job.clips(feeds, dict(todo))
                 for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed):
                     job.add(key, indices)
+                writes.close()
         except BaseException as e:
             stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
+            with contextlib.suppress(Exception):  # (the run stops for e already)
+                writes.close()  # what was handed over is written, and said, before the rest is listed
             raise
         finally:
             settled = {*summary.done, *(path for path, _ in summary.failed)}  # a set: a lookup per file to do
@@ -430,6 +435,51 @@ FETCH_THREADS = 16
 FETCH_CHUNK = 16  # files a thread reads in a row
 FETCH_AHEAD = 2 * FETCH_THREADS  # chunks read or being read ahead of the one the run is at
 FETCH_CHUNK_BYTES = 4 << 20  # token files read ahead per chunk; the rest of a chunk is read when the run comes to it
+
+
+class Writes:
+    """Token files written (each with its manifest line) as their last clip comes back: by the run's thread, or
+    where the output folder is on a network file system by ``threads`` threads (each file's write there is many
+    round trips and a sync on the server, tens of milliseconds, which would leave the model waiting).
+
+    At most 2 x ``threads`` writes are under way or waiting: handing over one more first waits for the oldest. A
+    write that raises (a full disk: the run stops) is raised on the run's thread, at the next hand-over or at
+    :meth:`close`, which waits for every write handed over (an interrupted run's too: those files are written, and
+    their manifest lines say so)."""
+
+    def __init__(self, threads: int):
+        self.pool = None if not threads else concurrent.futures.ThreadPoolExecutor(threads, "titok-fast-write")
+        self.most = 2 * threads
+        self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
+
+    def __call__(self, write: Callable[[], None]) -> None:
+        if self.pool is None:
+            write()
+            return
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.most):
+            oldest = self.pending[0]
+            try:
+                oldest.result()  # its error, or an interrupt while waiting (then close waits for it)
+            finally:
+                if oldest.done():
+                    self.pending.popleft()
+        self.pending.append(self.pool.submit(write))
+
+    def close(self) -> None:
+        """Wait for every write handed over; raise the first error among them. Closing again does nothing."""
+        if self.pool is None:
+            return
+        with interrupts_held():  # what was handed over is written whole, manifest lines included
+            error = None
+            while self.pending:
+                try:
+                    self.pending.popleft().result()
+                except BaseException as e:
+                    error = error or e
+            self.pool.shutdown()
+            self.pool = None
+        if error is not None:
+            raise error
 
 
 @dataclass
@@ -673,8 +723,10 @@ class _EncodeJob:
     """The files of one ``encode_files`` run: their clips go out as one stream, their indices come back in any
     grouping, and a file's token file is written when its last clip is back."""
 
-    def __init__(self, model: TiTok, mode: str, settings: ClipSettings, manifest: Manifest, bar: tqdm, start: float):
+    def __init__(self, model: TiTok, mode: str, settings: ClipSettings, manifest: Manifest, bar: tqdm, start: float,
+                 writes: Writes):  # fmt: skip
         self.model, self.mode, self.settings, self.manifest, self.bar = model, mode, settings, manifest, bar
+        self.writes = writes
         self.summary = manifest.summary
         self.files: dict[int, _FileState] = {}  # the files read and not yet ended (written or failed)
         _, height, width = settings.grid
@@ -754,18 +806,25 @@ class _EncodeJob:
         indices = [state.indices[i] for i in range(state.clips)]
         made = made_with(self.model, self.mode, self.settings, decoded_by=reader.decoded_by,
                          preprocessed_on=reader.placement, source_stamp=reader.source_stamp)  # fmt: skip
+        write = functools.partial(
+            self._write, state.path, state.out, reader.path, indices, reader.start_times(), reader.last_clip_frames,
+            made,
+        )  # fmt: skip
+        self._end(state)
+        self.writes(write)
+
+    def _write(self, path: Path, out: Path, source: str, indices: list[torch.Tensor], start_times: list[float],
+               last_clip_frames: int, made: dict[str, str]) -> None:  # fmt: skip
+        """Write one file's token file and its manifest line (on the run's thread, or a writing thread)."""
         started = CLOCK.start()
         with interrupts_held():  # the token file and its manifest line, or neither
-            error = write_token_file(
-                self.model, self.settings, state.out, reader.path, indices, reader.start_times(),
-                reader.last_clip_frames, made,
-            )  # fmt: skip
+            error = write_token_file(self.model, self.settings, out, source, indices, start_times, last_clip_frames,
+                                     made)  # fmt: skip
             CLOCK.stop("write", started)
             if error:
-                self._fail(state, error)
-                return
-            self.manifest.done(state.path, state.out, state.clips)
-            self._end(state)
+                self.manifest.failed(path, out, error)
+            else:
+                self.manifest.done(path, out, len(indices))
 
     def _end(self, state: _FileState) -> None:
         state.ended = True
