@@ -712,10 +712,12 @@ def test_network_file_systems_are_told_from_the_mount_table(tmp_path):
         "43 27 8:33 / /mnt/usb rw - fuseblk /dev/sdc1 rw\n"
         "44 27 8:49 / /mnt/share rw - ext4 /dev/sdd1 rw\n"
         "45 44 0:55 / /mnt/share rw - cifs //server/share rw\n"
+        "46 27 0:56 / /home/u/.local/share/containers/x/merged rw - fuse.fuse-overlayfs fuse-overlayfs rw\n"
     )
     kinds = {
         "/data": "nfs4", "/data/videos/a.mp4": "nfs4", "/data/local disk/a": None, "/datax/a": None,
         "/home/u/remote/tokens": "fuse.sshfs", "/mnt/usb/a": None, "/mnt/share/not/made/yet": "cifs", "/srv": None,
+        "/home/u/.local/share/containers/x/merged/tokens": None,  # a rootless container's root: a local disk
     }  # fmt: skip
     assert {path: network_file_system(path, str(table)) for path in kinds} == kinds
     assert network_file_system("/data/a", str(tmp_path / "none")) is None  # no such table: taken as local

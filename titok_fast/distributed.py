@@ -459,10 +459,10 @@ def encode_dataset(
             writes.close()
         except BaseException as e:  # stopped before the job (starting Ray, a cluster too small) or during it
             stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
-            with contextlib.suppress(Exception):  # (the run stops for e already)
-                writes.close()  # what was handed over is written, and said, before the rest is listed
-            settled = {*summary.done, *(path for path, _ in summary.failed)}
             with interrupts_held():  # a second interrupt waits for the list to be complete
+                with contextlib.suppress(Exception):  # (the run stops for e already)
+                    writes.close()  # what was handed over is written, and said, before the rest is listed
+                settled = {*summary.done, *(path for path, _ in summary.failed)}
                 for path, out in todo:
                     if str(path) not in settled:
                         manifest.not_encoded(path, out, stopped)

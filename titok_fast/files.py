@@ -175,6 +175,7 @@ NETWORK_FILE_SYSTEMS = {
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "afs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
     "panfs", "wekafs", "orangefs", "pvfs2", "davfs", "fuse",
 }  # fmt: skip
+LOCAL_FUSE = {"fuse-overlayfs", "squashfuse", "squashfuse_ll", "lxcfs", "portal", "bindfs", "mergerfs"}  # fuse.<these>
 MOUNTS = "/proc/self/mountinfo"
 
 
@@ -198,5 +199,5 @@ def network_file_system(path: str | os.PathLike[str], mounts: str = MOUNTS) -> s
             found, depth = rest[0], len(point)  # the deepest mount holding path; of those, the last mounted
     if found is None:
         return None
-    kind = found.split(".", 1)[0]  # fuse.sshfs -> fuse
-    return found if kind in NETWORK_FILE_SYSTEMS else None
+    kind, _, program = found.partition(".")  # fuse.sshfs -> fuse, sshfs
+    return found if kind in NETWORK_FILE_SYSTEMS and program not in LOCAL_FUSE else None

@@ -155,9 +155,10 @@ class Manifest:
             raise OSError(f"cannot write the manifest {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self.lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> Manifest:
         return self

@@ -443,9 +443,9 @@ class Writes:
     round trips and a sync on the server, tens of milliseconds, which would leave the model waiting).
 
     At most 2 x ``threads`` writes are under way or waiting: handing over one more first waits for the oldest. A
-    write that raises (a full disk: the run stops) is raised on the run's thread, at the next hand-over or at
-    :meth:`close`, which waits for every write handed over (an interrupted run's too: those files are written, and
-    their manifest lines say so)."""
+    write that raises (a full disk: the run stops) is raised on the run's thread when it is the oldest at a
+    hand-over, or at :meth:`close`, which waits for every write handed over (an interrupted run's too: those files
+    are written, and their manifest lines say so)."""
 
     def __init__(self, threads: int):
         self.pool = None if not threads else concurrent.futures.ThreadPoolExecutor(threads, "titok-fast-write")
@@ -469,14 +469,16 @@ class Writes:
         """Wait for every write handed over; raise the first error among them. Closing again does nothing."""
         if self.pool is None:
             return
-        with interrupts_held():  # what was handed over is written whole, manifest lines included
-            error = None
-            while self.pending:
-                try:
-                    self.pending.popleft().result()
-                except BaseException as e:
-                    error = error or e
-            self.pool.shutdown()
+        error = None
+        try:
+            with interrupts_held():  # what was handed over is written whole, manifest lines included
+                while self.pending:
+                    try:
+                        self.pending.popleft().result()
+                    except Exception as e:
+                        error = error or e
+        finally:
+            self.pool.shutdown()  # (an interrupt that was not held: the writes under way still end first)
             self.pool = None
         if error is not None:
             raise error
