@@ -8,8 +8,10 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import pytest
@@ -637,22 +639,29 @@ def test_a_run_stopped_while_checking_outputs_lists_what_it_found_to_do(model, s
     assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-ahead")]  # none left reading
 
 
+def _calls_recorded(monkeypatch, name: str, label: Callable, modules=(pipeline,),
+                    meet: threading.Barrier | None = None) -> list[tuple[Any, str]]:  # fmt: skip
+    """(``label`` of its arguments, calling thread's name) of every call of function ``name`` (as ``modules`` hold
+    it; the first module's is the real one) from now on; with ``meet``, the first calls wait there for one
+    another."""
+    real, calls = getattr(modules[0], name), []
+
+    def call(*args):
+        calls.append((label(*args), threading.current_thread().name))
+        if meet is not None and len(calls) <= meet.parties:
+            meet.wait()
+        return real(*args)
+
+    for module in modules:
+        monkeypatch.setattr(module, name, call)
+    return calls
+
+
 def _reads_recorded(monkeypatch, meet: threading.Barrier | None = None) -> list[tuple[str, str]]:
-    """(token file name, reading thread's name) of every token file read from now on; with ``meet``, the first
-    reads wait there for one another."""
+    """(token file name, reading thread's name) of every token file read from now on."""
     from titok_fast import tokens
 
-    real, reads = tokens.read_token_bytes, []
-
-    def read(path):
-        reads.append((Path(path).name, threading.current_thread().name))
-        if meet is not None and len(reads) <= meet.parties:
-            meet.wait()
-        return real(path)
-
-    monkeypatch.setattr(tokens, "read_token_bytes", read)
-    monkeypatch.setattr(pipeline, "read_token_bytes", read)
-    return reads
+    return _calls_recorded(monkeypatch, "read_token_bytes", lambda path: Path(path).name, (tokens, pipeline), meet)
 
 
 def test_a_resume_on_a_network_file_system_reads_token_files_ahead_in_threads(model, sources, tmp_path, monkeypatch):
@@ -724,18 +733,8 @@ def test_network_file_systems_are_told_from_the_mount_table(tmp_path):
 
 
 def _writes_recorded(monkeypatch, meet: threading.Barrier | None = None) -> list[tuple[str, str]]:
-    """(token file name, writing thread's name) of every token file written from now on; with ``meet``, the first
-    writes wait there for one another."""
-    real, writes = pipeline.write_token_file, []
-
-    def write(*args):
-        writes.append((Path(args[2]).name, threading.current_thread().name))
-        if meet is not None and len(writes) <= meet.parties:
-            meet.wait()
-        return real(*args)
-
-    monkeypatch.setattr(pipeline, "write_token_file", write)
-    return writes
+    """(token file name, writing thread's name) of every token file written from now on."""
+    return _calls_recorded(monkeypatch, "write_token_file", lambda *args: Path(args[2]).name, meet=meet)
 
 
 def _latest(folder: Path) -> dict[str, str]:
@@ -1040,19 +1039,11 @@ def test_a_list_on_a_network_file_system_has_its_entries_looked_at_ahead_in_thre
                      (tmp_path / "gone.mp4", "gone"), (tmp_path / "v" / "c.webm", "c"),
                      (tmp_path / "v" / "a.mp4" / "x.mp4", "x")]  # fmt: skip
 
-    real, looks, meet = pipeline._lists_more, [], threading.Barrier(2, timeout=30)
-
-    def lists_more(entries):
-        looks.append(threading.current_thread().name)
-        if len(looks) <= meet.parties:
-            meet.wait()
-        return real(entries)
-
-    monkeypatch.setattr(pipeline, "_lists_more", lists_more)
+    looks = _calls_recorded(monkeypatch, "_lists_more", len, meet=threading.Barrier(2, timeout=30))
     monkeypatch.setattr(pipeline, "FETCH_CHUNK", 1)
     monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs")
     assert collect_inputs([tmp_path / "list.txt"]) == local
-    assert len(looks) == 7 and all(name.startswith("titok-fast-ahead") for name in looks), looks
+    assert len(looks) == 7 and all(name.startswith("titok-fast-ahead") for _, name in looks), looks
 
 
 def test_a_folder_gives_its_video_files_by_extension_in_any_case(tmp_path):
