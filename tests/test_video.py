@@ -517,6 +517,108 @@ def test_the_cut_short_check_sees_a_cut_between_a_fragmented_mp4s_media_boxes(tm
     assert found is None if cut is None else found.startswith(cut), found
 
 
+def test_a_fragmented_mp4_cut_between_fragments_fails_where_its_segment_index_says_so(files, tmp_path):
+    """A segment index at the front (DASH, `-movflags global_sidx`) gives the fragments' sizes, so a cut between two
+    of them is seen; one index per fragment (`-movflags dash`) says nothing of the fragments after it."""
+    whole = videos.remux(tmp_path / "whole.mp4", files["moving"], {"movflags": "dash+frag_every_frame+global_sidx"})
+    expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
+    clips = read_clips(whole, frames=4, height=16, width=16).clips  # the whole file: read as before
+    assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
+    data = whole.read_bytes()
+    fragments = [at - 4 for at in range(len(data)) if data[at : at + 4] == b"moof"]
+    indexed = data.rindex(b"mfra") - 4  # the fragments end where the trailing random-access box begins
+    assert len(fragments) == 24 and data.count(b"sidx") == 1
+    for keep in (fragments[12], fragments[-1]):
+        cut = tmp_path / "cut.mp4"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(VideoError, match=(
+            rf"^{cut}: is cut short \(an unfinished download or copy\?\): its 'sidx' segment index runs to byte "
+            rf"{indexed:,} but the file ends at byte {keep:,}$"
+        )):  # fmt: skip
+            read_clips(cut, frames=4, height=16, width=16)
+    cut.write_bytes(data[: indexed + 8])  # inside the random-access box: no video lost
+    assert video._cut_short(str(cut), indexed + 8) is None
+
+
+def _sidx(version: int, first_offset: int, entries: list[tuple[int, int]], large: bool = False) -> bytes:
+    """A segment index box: ``entries`` of (reference type, referenced size)."""
+    wide = 8 if version else 4
+    payload = bytes([version, 0, 0, 0]) + bytes(8) + bytes(wide) + first_offset.to_bytes(wide, "big")
+    payload += bytes(2) + len(entries).to_bytes(2, "big")
+    payload += b"".join(((kind << 31) | size).to_bytes(4, "big") + bytes(8) for kind, size in entries)
+    if large:
+        return (1).to_bytes(4, "big") + b"sidx" + (16 + len(payload)).to_bytes(8, "big") + payload
+    return _box(b"sidx", payload)
+
+
+@pytest.mark.parametrize("layout", ["version 0", "version 1, 64-bit size", "an index of indexes", "one a fragment"])
+def test_the_cut_short_check_adds_up_a_segment_index(tmp_path, layout):
+    ftyp, moov = _box(b"ftyp", b"isom" + bytes(4) + b"iso6dash"), _box(b"moov", bytes(100))
+    fragment = _box(b"moof", bytes(60)) + _box(b"mdat", bytes(500))
+    gap = _box(b"free", bytes(12))  # the index's first offset skips it
+    if layout == "one a fragment":  # each index covers the fragment after it: nothing past it is known
+        data = ftyp + moov + (_sidx(0, 0, [(0, len(fragment))]) + fragment) * 3
+        ends = []
+    elif layout == "an index of indexes":  # the top index counts each sub-index with the fragments it covers
+        sub = _sidx(1, 0, [(0, len(fragment))] * 2) + fragment * 2
+        data = ftyp + moov + _sidx(1, 0, [(1, len(sub))] * 2) + sub * 2
+        ends = [len(data) - len(sub) - len(fragment), len(data) - len(fragment)]
+    else:
+        sidx = _sidx(*((0, len(gap)) if layout == "version 0" else (1, len(gap))), [(0, len(fragment))] * 3,
+                     large=layout != "version 0")  # fmt: skip
+        data = ftyp + moov + sidx + gap + fragment * 3
+        ends = [len(data) - 2 * len(fragment), len(data) - len(fragment)]
+    path = tmp_path / "indexed.mp4"
+    path.write_bytes(data + _box(b"mfra", bytes(40)))
+    assert video._cut_short(str(path), len(data) + 48) is None  # the whole file
+    for keep in ends:
+        path.write_bytes(data[:keep])
+        assert video._cut_short(str(path), keep) == (
+            f"its 'sidx' segment index runs to byte {len(data):,} but the file ends at byte {keep:,}"
+        )
+    if not ends:  # a cut between two fragments of per-fragment indexes
+        keep = len(data) - len(fragment) - len(_sidx(0, 0, [(0, 1)]))
+        path.write_bytes(data[:keep])
+        assert video._cut_short(str(path), keep) is None
+
+
+def test_a_cut_off_avi_download_fails_instead_of_giving_the_clips_before_the_cut(tmp_path):
+    """libav reads a cut AVI as far as it goes: 6 or 7 of its 8 clips here, as if that were all."""
+    whole = videos.make_video(tmp_path / "whole.avi", 96, 48, 64)
+    assert len(read_clips(whole, frames=4, height=16, width=16).clips) == 8
+    data = whole.read_bytes()
+    assert data[:4] == b"RIFF" and int.from_bytes(data[4:8], "little") + 8 == len(data)
+    for keep in (len(data) * 83 // 100, len(data) * 86 // 100):
+        cut = tmp_path / "cut.avi"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(VideoError, match=(
+            rf"^{cut}: is cut short \(an unfinished download or copy\?\): its RIFF 'AVI ' chunk runs to byte "
+            rf"{len(data):,} but the file ends at byte {keep:,}$"
+        )):  # fmt: skip
+            read_clips(cut, frames=4, height=16, width=16)
+
+
+def test_the_cut_short_check_walks_an_opendml_avis_riff_chunks(tmp_path):
+    """An AVI past 1 GiB (OpenDML) goes on in "AVIX" chunks; sizes are padded to even; other bytes end the walk."""
+
+    def riff(form: bytes, payload: bytes) -> bytes:
+        return b"RIFF" + (4 + len(payload)).to_bytes(4, "little") + form + payload + bytes(len(payload) % 2)
+
+    first, second = riff(b"AVI ", bytes(101)), riff(b"AVIX", bytes(300))  # the first padded by a byte
+    path = tmp_path / "large.avi"
+    for data, cut in [
+        (first + second, None),
+        (first + second + b"JUNK" + bytes(8), None),  # trailing bytes of another kind: libav judges them
+        (first + second[:200], f"its RIFF 'AVIX' chunk runs to byte {len(first + second):,}"),
+        (first[:50], f"its RIFF 'AVI ' chunk runs to byte {len(first) - 1:,}"),
+    ]:
+        path.write_bytes(data)
+        found = video._cut_short(str(path), len(data))
+        assert found == (None if cut is None else f"{cut} but the file ends at byte {len(data):,}")
+    (tmp_path / "sound.wav").write_bytes(riff(b"WAVE", bytes(100))[:60])  # a RIFF file of another kind
+    assert video._cut_short(str(tmp_path / "sound.wav"), 60) is None
+
+
 def test_the_cut_short_check_reads_few_times_and_stops_on_a_strangers_endless_boxes(tmp_path, monkeypatch):
     """Box headers are read a window at a time, and a file of endless tiny boxes is walked MAX_BOXES_WALKED deep."""
     reads, pread = [], os.pread

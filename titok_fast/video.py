@@ -1089,8 +1089,10 @@ def _stamp(st: os.stat_result) -> str:
 
 
 # A file shorter than its container says it is: an MP4 (ISO BMFF) whose media box, or a Matroska/WebM file whose
-# Segment, declares bytes past the file's end. libav reads such a file up to the cut without a word, so a cut-off
-# download whose index is at the front would give the clips before the cut and count as done.
+# Segment, or an AVI file whose RIFF chunk, declares bytes past the file's end; or a fragmented MP4 whose segment
+# index ("sidx", as DASH streams and `-movflags global_sidx` have at the front) indexes fragments past it. libav
+# reads such a file up to the cut without a word, so a cut-off download whose index is at the front would give the
+# clips before the cut and count as done.
 #
 # Boxes whose missing bytes are the video's (not "free", "udta", "mfra", ...): the media boxes, and those that come
 # only before a fragment's "moof" (segment type and index, producer time, event message): a cut in one of them loses
@@ -1098,7 +1100,9 @@ def _stamp(st: os.stat_result) -> str:
 CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof", b"styp", b"sidx", b"ssix", b"prft", b"emsg")
 MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two to four boxes a fragment; past this many, no verdict
 BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
+MAX_SIDX_BYTES = 1 << 20  # a segment index this long (87k fragments) is not read: no verdict from it
 EBML_ID, SEGMENT_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"
+AVI_FORMS = (b"AVI ", b"AVIX")  # an AVI file's first RIFF chunk, and those an OpenDML file past 1 GiB adds
 
 
 def _cut_short(path: str, size: int) -> str | None:
@@ -1111,6 +1115,8 @@ def _cut_short(path: str, size: int) -> str | None:
                 return _iso_cut_short(f, size)
             if head[:4] == EBML_ID:
                 return _matroska_cut_short(f, size)
+            if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+                return _avi_cut_short(f, size)
     except OSError:  # unreadable: opening it says so
         return None
     return None
@@ -1118,25 +1124,62 @@ def _cut_short(path: str, size: int) -> str | None:
 
 def _iso_cut_short(f, size: int) -> str | None:
     """The top-level boxes of an ISO BMFF file, walked by their sizes (a box runs to the file's end at size 0)."""
-    at, window, window_at = 0, b"", 0
+    at, window, window_at, indexed = 0, b"", 0, 0
     for _ in range(MAX_BOXES_WALKED):
         if not window_at <= at <= window_at + len(window) - 16:  # the header is not all in hand: read on from it
             window, window_at = os.pread(f.fileno(), BOX_WINDOW, at), at
         header = window[at - window_at : min(at + 16, size) - window_at]  # not past the size looked at
         if len(header) < 8:  # the end, or a few bytes too few to tell a cut header from trailing ones
+            if indexed > size:
+                return f"its 'sidx' segment index runs to byte {indexed:,} but the file ends at byte {size:,}"
             return None
-        length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        length, kind, fields = int.from_bytes(header[:4], "big"), header[4:8], 8
         if length == 1:  # a 64-bit size follows the type
             if len(header) < 16:
                 return f"its '{kind.decode()}' box header is cut at byte {size:,}" if kind in CUT_SHORT_BOXES else None
-            length = int.from_bytes(header[8:16], "big")
+            length, fields = int.from_bytes(header[8:16], "big"), 16
         if length == 0 or length < 8:  # to the end of the file, or not a box: libav judges the rest
             return None
         if at + length > size:
             if kind not in CUT_SHORT_BOXES:
                 return None
             return f"its '{kind.decode()}' box runs to byte {at + length:,} but the file ends at byte {size:,}"
+        if kind == b"sidx" and length <= MAX_SIDX_BYTES:
+            indexed = max(indexed, _sidx_end(os.pread(f.fileno(), length, at), at, fields))
         at += length
+    return None
+
+
+def _sidx_end(box: bytes, at: int, fields: int) -> int:
+    """Where the fragments a segment index box (ISO/IEC 14496-12, 8.16.3) at byte ``at`` indexes end, its fields
+    from byte ``fields`` of ``box`` on; 0 when it does not parse. They begin right after the box, plus its first
+    offset, and lie one after another: the sum of their sizes (an entry that indexes an index counts the bytes it
+    indexes too)."""
+    wide = box[fields : fields + 1] == b"\x01"  # version 1: 64-bit time and offset
+    offset = fields + 12 + (8 if wide else 4)  # version and flags, reference ID, timescale, earliest time
+    start = offset + (8 if wide else 4) + 4  # first offset, reserved, entry count
+    if len(box) < start:
+        return 0
+    count = int.from_bytes(box[start - 2 : start], "big")
+    entries = box[start : start + 12 * count]
+    if len(entries) != 12 * count:
+        return 0
+    sizes = sum(int.from_bytes(entries[k : k + 4], "big") & 0x7FFFFFFF for k in range(0, len(entries), 12))
+    return at + len(box) + int.from_bytes(box[offset : start - 4], "big") + sizes
+
+
+def _avi_cut_short(f, size: int) -> str | None:
+    """The RIFF chunks of an AVI file, walked by their sizes (padded to even): "AVI ", then any "AVIX"."""
+    at = 0
+    for _ in range(MAX_BOXES_WALKED):
+        header = os.pread(f.fileno(), 12, at)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] not in AVI_FORMS:  # the end, or other bytes
+            return None
+        length = int.from_bytes(header[4:8], "little")
+        if at + 8 + length > size:
+            form = header[8:12].decode()
+            return f"its RIFF '{form}' chunk runs to byte {at + 8 + length:,} but the file ends at byte {size:,}"
+        at += 8 + length + (length & 1)
     return None
 
 
