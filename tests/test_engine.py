@@ -1,12 +1,15 @@
 """The engine against the model, clip by clip, in every mode the machine can run."""
 
+import contextlib
 import math
 import random
+import threading
 
 import pytest
 import torch
 from torch import nn
 
+from titok_fast import engine as engine_module
 from titok_fast.engine import (
     AUTO_GRAPH_MAX_ROWS,
     IDLE,
@@ -16,6 +19,8 @@ from titok_fast.engine import (
     pick_budget,
     plan_batches,
 )
+from titok_fast.kernels.mrope_attention import mrope_tables
+from titok_fast.packing import PackingCache
 
 from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, engine_for
 from helpers import make_model, random_videos, rel_l2
@@ -452,6 +457,96 @@ def test_compile_mode_compiles_every_runner_of_many_engines(expected, monkeypatc
             out = engine.decode_indices([indices[i] for i in clips], [SHAPES[i] for i in clips])
             assert all(rel_l2(out[p], recon[i]) <= 1e-5 for p, i in enumerate(clips))
         assert engine.compiles == 4  # (encode, decode) x (128, 512): once each, none again
+
+
+def _in_threads(*calls):
+    """Run each call in a thread of its own; their results, in order (a call's exception is raised here)."""
+    results, errors = [None] * len(calls), []
+
+    def run(k, call):
+        try:
+            results[k] = call()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k, call)) for k, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _meeting(seconds: float = 1.0):
+    """A function that holds its first two callers until both have come (or ``seconds`` have passed)."""
+    barrier = threading.Barrier(2, timeout=seconds)
+
+    def meet():
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
+
+    return meet
+
+
+@pytest.mark.parametrize("mode", ["static", "cudagraph", "auto as on CUDA"])
+def test_threads_sharing_an_engine_each_get_their_own_clips(model, expected, mode, monkeypatch):
+    """A fixed-shape engine refills one set of buffers per budget: two threads' batches must take turns, or one
+    runs the other's clips. Each batch is held just before it runs until the other thread's comes (or a second has
+    passed: an engine that keeps batches apart lets only one of them that far)."""
+    videos, _, indices, recon = expected
+    engine = engine_for(model, "static" if mode == "static" else "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
+    if mode == "auto as on CUDA":  # the default mode on a GPU: these small batches run as graphs
+        rule = engine_module.auto_mode
+        monkeypatch.setattr(engine_module, "auto_mode", lambda rows, _, b: rule(rows, torch.device("cuda"), b))
+        engine.mode = "auto"
+    halves = [0, 2, 4, 6], [1, 3, 5]
+    engine.encode([videos[0]], [COUNTS[0]]), engine.decode_indices([indices[0]], [SHAPES[0]])  # captured here
+    replay = engine._replay
+    for stage in ("encode", "decode"):
+        meet = _meeting()
+        monkeypatch.setattr(engine, "_replay", lambda *args, meet=meet: meet() or replay(*args))
+        if stage == "encode":
+            calls = [lambda h=h: engine.encode([videos[i] for i in h], [COUNTS[i] for i in h])[1] for h in halves]
+            got = [out["indices"] for out in _in_threads(*calls)]
+            assert all(torch.equal(g[p], indices[i]) for h, g in zip(halves, got, strict=True) for p, i in enumerate(h))
+        else:
+            calls = [lambda h=h: engine.decode_indices([indices[i] for i in h], [SHAPES[i] for i in h]) for h in halves]
+            got = _in_threads(*calls)
+            assert all(rel_l2(g[p], recon[i]) < 1e-5 for h, g in zip(halves, got, strict=True) for p, i in enumerate(h))
+    assert engine.compiles == (0 if mode == "static" else 2)  # one graph a stage, captured before the threads
+
+
+def test_engines_compiling_in_threads_at_once_count_their_own_graphs(expected, monkeypatch):
+    """torch.compile compiles on the calling thread: an engine's ``compiles`` counts its own graphs, not those
+    another thread's engine compiled meanwhile."""
+    import torch._inductor.compile_fx as compile_fx
+
+    meet = _meeting()
+    monkeypatch.setattr(compile_fx, "compile_fx", lambda gm, example_inputs: meet() or gm.forward)  # trace only
+    model = make_model("tiny")
+    videos, _, indices, _ = expected
+    engines = [Engine(model, mode="compile", budgets=(128,), max_clips=7) for _ in range(2)]
+    got = _in_threads(*(lambda e=e: e.encode([videos[0]], [COUNTS[0]]) for e in engines))
+    assert all(torch.equal(out["indices"][0], indices[0]) for _, out in got)
+    assert [e.compiles for e in engines] == [1, 1]
+
+
+def test_the_rope_table_cache_gives_each_caller_a_table_as_long_as_it_asked_for():
+    """Tables grow as positions need them, and threads share the cache: a caller gets the table it made, not the
+    one stored last (here another caller's shorter table is stored right after it, as a thread switch could do)."""
+
+    class Interleaved(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if value[0].shape[0] > 256:
+                super().__setitem__(key, mrope_tables(256, "cpu"))
+
+    cache = PackingCache()
+    cache._tables = Interleaved()
+    cos, sin = cache.tables(300, "cpu")
+    assert cos.shape[0] == sin.shape[0] == 512
 
 
 def test_engine_uses_the_models_public_api_only():

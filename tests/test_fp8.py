@@ -1,10 +1,14 @@
 """FP8 linear layers: e4m3 codes with per-row / per-channel scales, checked against exact arithmetic; the model's
 parameters and state_dict stay as they are; tokens stay near the float32 oracle."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 from torch import nn
 
+from titok_fast import fp8 as fp8_module
 from titok_fast.fp8 import Fp8Linear, check_fp8_runs, fp8_matmul, quantize_rows, set_precision
 from titok_fast.kernels.fp8_quant import FP8_MAX, quantize_rows_config, quantize_rows_fp8, quantize_rows_fp8_ref
 from titok_fast.model import TiTok
@@ -92,6 +96,29 @@ def test_fp8_linear_shares_parameters_and_follows_weight_changes():
     set_precision(model, "default")
     plain = model.encoder.model_layers.attn_layer[0].to_qkv
     assert type(plain) is nn.Linear and plain.weight is weight
+
+
+def test_threads_quantising_a_layer_at_once_share_one_fp8_weight(monkeypatch):
+    """Two threads that find a layer's FP8 weight missing at once: one quantises, and both get the tensors kept,
+    the ones a graph captured meanwhile reads and a weight change later requantises into. Each quantisation is
+    held until the other thread's begins (or a second has passed: only one thread quantises)."""
+    layer = Fp8Linear.of(nn.Linear(64, 32, bias=False))
+    barrier, quantize = threading.Barrier(2, timeout=1.0), fp8_module.quantize_rows
+
+    def held(w):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
+        return quantize(w)
+
+    monkeypatch.setattr(fp8_module, "quantize_rows", held)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(layer.fp8_weight())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 2 and all(a is b for a, b in zip(got[0], got[1], strict=True))
+    assert all(a is b for a, b in zip(got[0], layer._fp8_weight[1:], strict=True))
 
 
 def test_fp8_linear_error_is_fp8_quantisation_noise():

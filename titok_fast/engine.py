@@ -18,6 +18,13 @@ Modes:
 
 An out-of-memory error during a batch splits it in two and retries; a single clip that does not fit is an error
 naming it. Nothing is lost.
+
+Threads: an engine runs one batch at a time, so threads may share one (in every mode: the fixed-shape modes refill
+one set of buffers per budget); their batches take turns and each clip comes out as it would alone. Threads that
+want to compute in parallel use an engine each. A CUDA graph capture (an engine's first batch of a budget in
+``cudagraph``, or ``auto`` on CUDA) refuses work from other threads too; engines wait for one another's captures
+(:data:`_CAPTURE_LOCK`), but CUDA work begun by another thread outside an engine (``model.encode``) at that moment
+can make the capture fail: run each engine once before such threads start.
 """
 
 from __future__ import annotations
@@ -161,8 +168,8 @@ class Engine:
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
         self._copy_stream = None  # CUDA side stream for host-to-device copies of the next batch
-        # staging (pinned allocations, copies) on the worker thread must not run while a CUDA graph is captured
-        self._capture_lock = threading.Lock()
+        # one batch at a time: threads sharing this engine would refill one another's buffers (module header)
+        self._batch_lock = threading.RLock()
         self._graph_pool = None  # one memory pool for every captured graph: they never run at the same time
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # see _decoder_table
         self._table_source: torch.Tensor | None = None
@@ -271,7 +278,8 @@ class Engine:
         ``items``, is raised once every item before it has been yielded; an error from ``items`` is never lost to
         a batch that fails meanwhile (it is raised instead: the items cannot go on)."""
         if self.mode != "eager":  # once per call (the model may change between calls), before the largest budget is
-            self._follow_model()  # read: a change of backend can lower it
+            with self._batch_lock:  # read: a change of backend can lower it
+                self._follow_model()
         source_errors: list[Exception] = []
 
         def source():
@@ -319,7 +327,8 @@ class Engine:
             stream.wait_event(copied)
             for t in tensors:
                 t.record_stream(stream)
-        results = self._run_splitting(run, batch, tensors)
+        with self._batch_lock:  # filled, run and copied out before another thread's batch refills the buffers
+            results = self._run_splitting(run, batch, tensors)
         yield from zip((item[0] for item in batch), results, strict=True)
 
     def _run_splitting(self, run, batch: list, staged: list) -> list:
@@ -356,17 +365,18 @@ class Engine:
         device = self.model.device
         if device.type != "cuda":
             return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
-        if self._copy_stream is None or self._copy_stream.device != device:  # made for the model's device now
-            self._copy_stream = torch.cuda.Stream(device)
-        with self._capture_lock, torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(ready)  # inputs made on the GPU by the caller are complete
+        side = self._copy_stream
+        if side is None or side.device != device:  # made for the model's device now
+            side = self._copy_stream = torch.cuda.Stream(device)
+        with _CAPTURE_LOCK, torch.cuda.stream(side):
+            side.wait_event(ready)  # inputs made on the GPU by the caller are complete
             out = [
                 t.pin_memory().to(device=device, dtype=dtype or t.dtype, non_blocking=True) if t.device.type == "cpu"
                 else t.to(dtype=dtype or t.dtype)
                 for t in tensors
             ]  # fmt: skip
             copied = torch.cuda.Event()
-            copied.record(self._copy_stream)
+            copied.record(side)
         return out, copied
 
     def _stage_videos(self, batch: list, ready) -> tuple[list[torch.Tensor], object]:
@@ -496,15 +506,15 @@ class Engine:
             compiled = torch.compile(own, backend=_counting_inductor, dynamic=False, fullgraph=True)
 
             def run():
-                before = _GRAPHS_COMPILED[0]
+                before = _compiled_here()
                 out = compiled(*args)
-                self.compiles += _GRAPHS_COMPILED[0] - before
+                self.compiles += _compiled_here() - before
                 return out
 
             return run
         # cudagraph: warm up on a side stream (Triton autotuning, allocator), then capture once
         device = model.device
-        with self._capture_lock, torch.cuda.device(device):
+        with _CAPTURE_LOCK, torch.cuda.device(device):
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
@@ -531,7 +541,11 @@ def _out_of_memory(error: RuntimeError) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
-_GRAPHS_COMPILED = [0]  # graphs compiled by _counting_inductor in this process
+_GRAPHS_COMPILED = threading.local()  # .count: graphs compiled by _counting_inductor in this thread (it compiles
+# on the calling thread, so another thread's compiles are not counted as this engine's)
+# Held while any engine captures a CUDA graph, and by every engine's staging (pinned allocations, copies): a capture
+# refuses such work from any thread of the process. Work outside engines is not held back (module header).
+_CAPTURE_LOCK = threading.Lock()
 
 
 def _counting_inductor(gm, example_inputs):
@@ -539,8 +553,12 @@ def _counting_inductor(gm, example_inputs):
     itself force recompiles)."""
     from torch._inductor.compile_fx import compile_fx
 
-    _GRAPHS_COMPILED[0] += 1
+    _GRAPHS_COMPILED.count = _compiled_here() + 1
     return compile_fx(gm, example_inputs)
+
+
+def _compiled_here() -> int:
+    return getattr(_GRAPHS_COMPILED, "count", 0)
 
 
 def _with_own_code(fn: Callable, name: str) -> Callable:

@@ -22,6 +22,8 @@ with bf16 activations, the combination ``torch._scaled_mm`` supports with row-wi
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -63,6 +65,9 @@ def _sharing_parameters(cls: type[nn.Linear], linear: nn.Linear) -> nn.Linear:
     return new
 
 
+_QUANTISING = threading.Lock()  # held while a layer's FP8 weight cache is checked and filled
+
+
 class Fp8Linear(nn.Linear):
     """An ``nn.Linear`` computing in FP8 (module header); same parameters and ``state_dict`` as the Linear."""
 
@@ -84,12 +89,13 @@ class Fp8Linear(nn.Linear):
         w = self._parameters["weight"]  # not self.weight: nn.Module's attribute fallback costs more than the check
         key = tensor_key(w)
         if cache is None or cache[0] != key:
-            with torch.no_grad():
-                w_q, scale = quantize_rows(w)
-                if cache is not None and cache[1].shape == w_q.shape and cache[1].device == w_q.device:
-                    w_q, scale = cache[1].copy_(w_q), cache[2].copy_(scale)
-            self._fp8_weight = (key, w_q, scale)
-        return self._fp8_weight[1], self._fp8_weight[2]
+            with _QUANTISING, torch.no_grad():  # threads: one quantises, into the tensors a graph may read
+                if (cache := self._fp8_weight) is None or cache[0] != key:
+                    w_q, scale = quantize_rows(w)
+                    if cache is not None and cache[1].shape == w_q.shape and cache[1].device == w_q.device:
+                        w_q, scale = cache[1].copy_(w_q), cache[2].copy_(scale)
+                    cache = self._fp8_weight = (key, w_q, scale)
+        return cache[1], cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_q, w_scale = self.fp8_weight()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import accumulate
@@ -83,41 +84,48 @@ def make_packing(token_counts: tuple[int, ...], grids: tuple[tuple[int, int, int
 
 
 class PackingCache:
-    """Packings, per-row RoPE cos/sin and the float32 tables, cached per (shapes, device)."""
+    """Packings, per-row RoPE cos/sin and the float32 tables, cached per (shapes, device); threads may share it."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self._packings: OrderedDict = OrderedDict()
         self._tables: dict = {}
+        self._lock = threading.RLock()  # each look-up, and what it stores, whole
 
     def packing(self, token_counts, grids, device) -> Packing:
         key = (tuple(token_counts), tuple(grids), str(device))
-        if key in self._packings:
-            self._packings.move_to_end(key)
-            return self._packings[key]
-        pack = make_packing(tuple(token_counts), tuple(grids), device)
-        self._packings[key] = pack
-        if len(self._packings) > self.capacity:
-            self._packings.popitem(last=False)
-        return pack
+        with self._lock:
+            if (pack := self._packings.get(key)) is not None:
+                self._packings.move_to_end(key)
+                return pack
+            pack = make_packing(tuple(token_counts), tuple(grids), device)
+            self._store(key, pack)
+            return pack
 
     def tables(self, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin float32 [P, 32] with P >= num_positions (grown by powers of two, computed in float64)."""
         key = str(device)
-        if key not in self._tables or self._tables[key][0].shape[0] < num_positions:
-            self._tables[key] = mrope_tables(max(256, 1 << (num_positions - 1).bit_length()), device)
-        return self._tables[key]
+        with self._lock:
+            found = self._tables.get(key)
+            if found is None or found[0].shape[0] < num_positions:
+                found = self._tables[key] = mrope_tables(max(256, 1 << (num_positions - 1).bit_length()), device)
+            return found
 
     def row_rotations(self, pack: Packing, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin float32 [rows, 32] of every packed row, cached with the packing."""
         key = ("rows", pack.token_counts, pack.grids, str(device))
-        if key not in self._packings:
-            cos, sin = self.tables(pack.max_position, device)
-            index = pair_positions(pack.positions)
-            self._packings[key] = (cos.gather(0, index), sin.gather(0, index))
-            if len(self._packings) > self.capacity:
-                self._packings.popitem(last=False)
-        return self._packings[key]
+        with self._lock:
+            if (found := self._packings.get(key)) is None:
+                cos, sin = self.tables(pack.max_position, device)
+                index = pair_positions(pack.positions)
+                found = (cos.gather(0, index), sin.gather(0, index))
+                self._store(key, found)
+            return found
+
+    def _store(self, key, value) -> None:
+        self._packings[key] = value
+        if len(self._packings) > self.capacity:
+            self._packings.popitem(last=False)
 
 
 @dataclass(frozen=True)
