@@ -541,8 +541,10 @@ def _out_of_memory(error: RuntimeError) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
-_GRAPHS_COMPILED = threading.local()  # .count: graphs compiled by _counting_inductor in this thread (it compiles
-# on the calling thread, so another thread's compiles are not counted as this engine's)
+# .count: the graphs _counting_inductor compiled in this thread. torch.compile compiles on the calling thread, so an
+# engine counts its own graphs, not those another thread's engine compiled meanwhile.
+_GRAPHS_COMPILED = threading.local()
+
 # Held while any engine captures a CUDA graph, and by every engine's staging (pinned allocations, copies): a capture
 # refuses such work from any thread of the process. Work outside engines is not held back (module header).
 _CAPTURE_LOCK = threading.Lock()
