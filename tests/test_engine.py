@@ -518,6 +518,20 @@ def test_threads_sharing_an_engine_each_get_their_own_clips(model, expected, mod
     assert engine.compiles == (0 if mode == "static" else 2)  # one graph a stage, captured before the threads
 
 
+def test_threads_calling_one_fresh_model_at_once_get_what_they_would_alone(expected):
+    """The model's own calls from two threads at once, on a model whose caches (packings, RoPE tables, FSQ
+    constants, the decoder's table) are all built during those calls."""
+    videos, _, indices, recon = expected
+    model = make_model("tiny")  # the same seed as the module's model: the same weights
+    halves = [0, 2, 4, 6], [1, 3, 5]
+    calls = [lambda h=h: model.encode([videos[i] for i in h], [COUNTS[i] for i in h])[1]["indices"] for h in halves]
+    calls += [lambda h=h: model.decode_indices([indices[i] for i in h], [SHAPES[i] for i in h]) for h in halves]
+    *encoded, first, second = _in_threads(*calls)
+    assert all(torch.equal(g[p], indices[i]) for h, g in zip(halves, encoded, strict=True) for p, i in enumerate(h))
+    for h, got in zip(halves, (first, second), strict=True):
+        assert all(rel_l2(got[p], recon[i]) < 1e-5 for p, i in enumerate(h))
+
+
 def test_engines_compiling_in_threads_at_once_count_their_own_graphs(expected, monkeypatch):
     """torch.compile compiles on the calling thread: an engine's ``compiles`` counts its own graphs, not those
     another thread's engine compiled meanwhile."""
