@@ -470,14 +470,19 @@ def test_a_cut_off_download_fails_instead_of_giving_the_clips_before_the_cut(fil
     assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
     data = whole.read_bytes()
     for keep in (len(data) // 2, len(data) * 9 // 10):
-        cut = tmp_path / f"cut.{container}"
-        cut.write_bytes(data[:keep])
         declared = r"its '(mdat|moov)' box" if container != "mkv" else "its Matroska segment"
-        with pytest.raises(VideoError, match=(
-            rf"^{cut}: is cut short \(an unfinished download or copy\?\): {declared} runs to byte [\d,]+ but the file "
-            rf"ends at byte {keep:,}$"
-        )):  # fmt: skip
-            read_clips(cut, frames=4, height=16, width=16)
+        _fails_as_cut_short(tmp_path / f"cut.{container}", data[:keep], declared)
+
+
+def _fails_as_cut_short(path: Path, data: bytes, declared: str, end: int | None = None) -> None:
+    """``data``, written to ``path``, fails to read as cut short: ``declared`` runs to byte ``end`` (any if None)."""
+    path.write_bytes(data)
+    runs_to = r"[\d,]+" if end is None else f"{end:,}"
+    with pytest.raises(VideoError, match=(
+        rf"^{path}: is cut short \(an unfinished download or copy\?\): {declared} runs to byte {runs_to} but the file "
+        rf"ends at byte {len(data):,}$"
+    )):  # fmt: skip
+        read_clips(path, frames=4, height=16, width=16)
 
 
 def _box(kind: bytes, payload: bytes = b"") -> bytes:
@@ -528,14 +533,9 @@ def test_a_fragmented_mp4_cut_between_fragments_fails_where_its_segment_index_sa
     fragments = [at - 4 for at in range(len(data)) if data[at : at + 4] == b"moof"]
     indexed = data.rindex(b"mfra") - 4  # the fragments end where the trailing random-access box begins
     assert len(fragments) == 24 and data.count(b"sidx") == 1
+    cut = tmp_path / "cut.mp4"
     for keep in (fragments[12], fragments[-1]):
-        cut = tmp_path / "cut.mp4"
-        cut.write_bytes(data[:keep])
-        with pytest.raises(VideoError, match=(
-            rf"^{cut}: is cut short \(an unfinished download or copy\?\): its 'sidx' segment index runs to byte "
-            rf"{indexed:,} but the file ends at byte {keep:,}$"
-        )):  # fmt: skip
-            read_clips(cut, frames=4, height=16, width=16)
+        _fails_as_cut_short(cut, data[:keep], "its 'sidx' segment index", indexed)
     cut.write_bytes(data[: indexed + 8])  # inside the random-access box: no video lost
     assert video._cut_short(str(cut), indexed + 8) is None
 
@@ -589,13 +589,7 @@ def test_a_cut_off_avi_download_fails_instead_of_giving_the_clips_before_the_cut
     data = whole.read_bytes()
     assert data[:4] == b"RIFF" and int.from_bytes(data[4:8], "little") + 8 == len(data)
     for keep in (len(data) * 83 // 100, len(data) * 86 // 100):
-        cut = tmp_path / "cut.avi"
-        cut.write_bytes(data[:keep])
-        with pytest.raises(VideoError, match=(
-            rf"^{cut}: is cut short \(an unfinished download or copy\?\): its RIFF 'AVI ' chunk runs to byte "
-            rf"{len(data):,} but the file ends at byte {keep:,}$"
-        )):  # fmt: skip
-            read_clips(cut, frames=4, height=16, width=16)
+        _fails_as_cut_short(tmp_path / "cut.avi", data[:keep], "its RIFF 'AVI ' chunk", len(data))
 
 
 def test_the_cut_short_check_walks_an_opendml_avis_riff_chunks(tmp_path):
