@@ -613,6 +613,14 @@ def test_the_cut_short_check_walks_an_opendml_avis_riff_chunks(tmp_path):
     assert video._cut_short(str(tmp_path / "sound.wav"), 60) is None
 
 
+def test_an_avi_written_to_a_pipe_is_read_whole(tmp_path):
+    """A muxer that cannot seek back leaves the RIFF size it starts with, all ones: unknown, not cut short."""
+    piped = videos.make_video(tmp_path / "piped.avi", 96, 48, 64, piped=True)
+    data = piped.read_bytes()
+    assert data[4:8] == b"\xff" * 4
+    assert len(read_clips(piped, frames=4, height=16, width=16).clips) == 8
+
+
 def test_the_cut_short_check_reads_few_times_and_stops_on_a_strangers_endless_boxes(tmp_path, monkeypatch):
     """Box headers are read a window at a time, and a file of endless tiny boxes is walked MAX_BOXES_WALKED deep."""
     reads, pread = [], os.pread
@@ -625,21 +633,42 @@ def test_the_cut_short_check_reads_few_times_and_stops_on_a_strangers_endless_bo
 
 
 def test_a_cut_the_container_does_not_show_is_left_to_libav(files, tmp_path):
-    """A cut box that holds no video (a trailing "free" box), and a Matroska segment of unknown size (a live
-    recording's), do not make a file cut short: it is read as libav reads it."""
+    """A cut box that holds no video (a trailing "free" box) does not make a file cut short: it is read as libav
+    reads it."""
     expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
     padded = tmp_path / "padded.mp4"
     padded.write_bytes(Path(files["moving"]).read_bytes() + (4096).to_bytes(4, "big") + b"free" + bytes(100))
     clips = read_clips(padded, frames=4, height=16, width=16).clips
     assert len(clips) == len(expected) and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
-    whole = videos.remux(tmp_path / "whole.mkv", files["moving"]).read_bytes()
-    at = whole.index(video.SEGMENT_ID) + 4
-    assert whole[at] == 0x01  # an 8-byte size, made "unknown" (all ones) below
-    live = tmp_path / "live.mkv"
-    live.write_bytes(whole[:at] + b"\x01" + b"\xff" * 7 + whole[at + 8 : len(whole) * 9 // 10])
-    clips = read_clips(live, frames=4, height=16, width=16).clips
-    assert 1 <= len(clips) < len(expected)
-    assert all(torch.equal(a, b) for a, b in zip(clips, expected[: len(clips)], strict=True))
+
+
+def test_a_live_matroska_recording_is_judged_by_its_clusters(files, tmp_path):
+    """A Matroska segment of unknown size (FFmpeg's `live`, or a file written to a pipe) says nothing of where the
+    file ends, but its clusters declare their sizes: a cut inside one is cut short; a cut between two, or inside
+    an element that holds no video, is read as far as it goes."""
+    expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
+    live = videos.remux(tmp_path / "live.mkv", files["moving"], {"live": "1", "cluster_time_limit": "100"})
+    clips = read_clips(live, frames=4, height=16, width=16).clips  # the whole file: read as before
+    assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
+    data = live.read_bytes()
+    at = data.index(video.SEGMENT_ID) + 4
+    assert data[at : at + 8] == b"\x01" + b"\xff" * 7  # "unknown"
+    clusters, at = [], at + 8
+    with open(live, "rb") as f:
+        while (element := video._ebml_element(f, at)) is not None:
+            if element[0] == video.CLUSTER_ID:
+                clusters.append((at, at + element[1] + element[2]))
+            at += element[1] + element[2]
+    assert at == len(data) and len(clusters) >= 3
+    start, end = clusters[-2]
+    _fails_as_cut_short(tmp_path / "cut.mkv", data[: (start + end) // 2], "its Matroska cluster", end)
+    cut = tmp_path / "between.mkv"
+    cut.write_bytes(data[: clusters[-1][0]])  # between the last two clusters
+    clips = read_clips(cut, frames=4, height=16, width=16).clips
+    assert len(clips) == 1 and torch.equal(clips[0], expected[0])
+    cues = b"\x1c\x53\xbb\x6b" + b"\x40\x64" + bytes(10)  # an index of 100 bytes, 10 there: no video lost
+    cut.write_bytes(data + cues)
+    assert video._cut_short(str(cut), len(data + cues)) is None
 
 
 def test_a_device_or_named_pipe_is_not_a_video_file(tmp_path):

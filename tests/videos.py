@@ -64,14 +64,17 @@ def make_video(
     fps: float = 24.0,
     pattern: str = "moving",
     vfr: bool = False,
+    piped: bool = False,
 ) -> Path:
     """Write a video of `frames` pattern frames; even sizes as H.264 (mp4), odd sizes as FFV1 (use .mkv).
 
-    vfr: frame i is shown at vfr_times(frames)[i] instead of i / fps.
+    vfr: frame i is shown at vfr_times(frames)[i] instead of i / fps. piped: written as to a pipe (``ffmpeg ... -``),
+    where the muxer cannot go back to fill in sizes.
     """
     path = Path(path)
     odd = height % 2 or width % 2
-    with av.open(str(path), "w") as container:
+    target = _Piped(path) if piped else str(path)
+    with av.open(target, "w", format=MUXERS.get(path.suffix) if piped else None) as container:
         rate = Fraction(fps).limit_denominator(1001)
         stream = container.add_stream("ffv1" if odd else "libx264", rate=rate)
         stream.width, stream.height = width, height
@@ -86,7 +89,25 @@ def make_video(
             frame.pts, frame.time_base = int(t / time_base), time_base
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    if piped:
+        target.file.close()
     return path
+
+
+MUXERS = {".avi": "avi", ".mkv": "matroska", ".mp4": "mp4"}
+
+
+class _Piped:
+    """A file that cannot seek, as a pipe is to a muxer."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by make_video)
+
+    def write(self, data) -> int:
+        return self.file.write(data)
+
+    def seekable(self) -> bool:
+        return False
 
 
 def make_lossless(

@@ -1089,10 +1089,11 @@ def _stamp(st: os.stat_result) -> str:
 
 
 # A file shorter than its container says it is: an MP4 (ISO BMFF) whose media box, or a Matroska/WebM file whose
-# Segment, or an AVI file whose RIFF chunk, declares bytes past the file's end; or a fragmented MP4 whose segment
-# index ("sidx", as DASH streams and `-movflags global_sidx` have at the front) indexes fragments past it. libav
-# reads such a file up to the cut without a word, so a cut-off download whose index is at the front would give the
-# clips before the cut and count as done.
+# Segment (where its size is unknown, as a live recording's is: whose Cluster), or an AVI file whose RIFF chunk,
+# declares bytes past the file's end; or a fragmented MP4 whose segment index ("sidx", as DASH streams and
+# `-movflags global_sidx` have at the front) indexes fragments past it. libav reads such a file up to the cut
+# without a word, so a cut-off download whose index is at the front would give the clips before the cut and count
+# as done.
 #
 # Boxes whose missing bytes are the video's (not "free", "udta", "mfra", ...): the media boxes, and those that come
 # only before a fragment's "moof" (segment type and index, producer time, event message): a cut in one of them loses
@@ -1101,8 +1102,9 @@ CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof", b"styp", b"sidx", b"ssix", b"prft"
 MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two to four boxes a fragment; past this many, no verdict
 BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
 MAX_SIDX_BYTES = 1 << 20  # a segment index this long (87k fragments) is not read: no verdict from it
-EBML_ID, SEGMENT_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"
+EBML_ID, SEGMENT_ID, CLUSTER_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67", b"\x1f\x43\xb6\x75"
 AVI_FORMS = (b"AVI ", b"AVIX")  # an AVI file's first RIFF chunk, and those an OpenDML file past 1 GiB adds
+UNWRITTEN_RIFF_SIZE = 0xFFFFFFFF  # what FFmpeg writes first, and fills in at the end where it can seek back
 
 
 def _cut_short(path: str, size: int) -> str | None:
@@ -1176,6 +1178,8 @@ def _avi_cut_short(f, size: int) -> str | None:
         if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] not in AVI_FORMS:  # the end, or other bytes
             return None
         length = int.from_bytes(header[4:8], "little")
+        if length == UNWRITTEN_RIFF_SIZE:  # written to a pipe (whole), or still being written: unknown
+            return None
         if at + 8 + length > size:
             form = header[8:12].decode()
             return f"its RIFF '{form}' chunk runs to byte {at + 8 + length:,} but the file ends at byte {size:,}"
@@ -1184,29 +1188,47 @@ def _avi_cut_short(f, size: int) -> str | None:
 
 
 def _matroska_cut_short(f, size: int) -> str | None:
-    """The Segment's declared size, after the EBML header."""
-    f.seek(4)
-    if (header := _ebml_size(f)) is None:
+    """The Segment's declared size, after the EBML header. Where that size is unknown (a live recording's, or one
+    written to a pipe), the sizes of the Segment's elements as far as they go: a Cluster (the video) that runs past
+    the file's end is cut; a cut between two, or an element of unknown size, says nothing."""
+    ebml = _ebml_element(f, 0)
+    if ebml is None or ebml[1] < 0:
         return None
-    f.seek(header, 1)
-    if f.read(4) != SEGMENT_ID or (segment := _ebml_size(f)) is None:
+    at = ebml[2] + ebml[1]
+    if (segment := _ebml_element(f, at)) is None or segment[0] != SEGMENT_ID:
         return None
-    end = f.tell() + segment
-    return f"its Matroska segment runs to byte {end:,} but the file ends at byte {size:,}" if end > size else None
+    _, length, header = segment
+    if length >= 0:
+        end = at + header + length
+        return f"its Matroska segment runs to byte {end:,} but the file ends at byte {size:,}" if end > size else None
+    at += header
+    for _ in range(MAX_BOXES_WALKED):
+        if (element := _ebml_element(f, at)) is None or element[1] < 0:  # the end, other bytes, or an unknown size
+            return None
+        kind, length, header = element
+        if at + header + length > size:
+            if kind != CLUSTER_ID:
+                return None
+            return f"its Matroska cluster runs to byte {at + header + length:,} but the file ends at byte {size:,}"
+        at += header + length
+    return None
 
 
-def _ebml_size(f) -> int | None:
-    """An EBML variable-length size read at the file's position, or None where it is "unknown" (all ones) or not
-    one."""
-    first = f.read(1)
-    if not first or first[0] == 0:
+def _ebml_element(f, at: int) -> tuple[bytes, int, int] | None:
+    """(ID, size, header length) of the EBML element at byte ``at`` of ``f``, its size -1 where it is "unknown" (all
+    ones); None where no whole element header is there."""
+    data = os.pread(f.fileno(), 12, at)
+    if not data or data[0] < 0x10:  # an ID is 1 to 4 bytes, its first byte saying how many
         return None
-    length = 9 - first[0].bit_length()
-    rest = f.read(length - 1)
-    if len(rest) != length - 1:
+    id_length = 9 - data[0].bit_length()
+    if len(data) <= id_length or data[id_length] == 0:  # a size is 1 to 8 bytes, its first byte saying how many
         return None
-    value = int.from_bytes(bytes([first[0] & (0xFF >> length)]) + rest, "big")
-    return None if value == (1 << (7 * length)) - 1 else value
+    length = 9 - data[id_length].bit_length()
+    field = data[id_length : id_length + length]
+    if len(field) != length:
+        return None
+    value = int.from_bytes(bytes([field[0] & (0xFF >> length)]) + field[1:], "big")
+    return data[:id_length], -1 if value == (1 << (7 * length)) - 1 else value, id_length + length
 
 
 def _open(path: str) -> tuple[av.container.InputContainer, str]:
