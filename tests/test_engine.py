@@ -271,6 +271,47 @@ def test_cudagraph_mode_on_emulated_graphs_equals_model(model, expected, monkeyp
     assert engine.compiles == 4 and len(engine._runners) == 4
 
 
+def test_graphs_are_captured_in_thread_local_mode(model, expected, monkeypatch):
+    """While the run's thread captures a graph, its decoding threads go on pinning memory (and NVDEC's run work on
+    their own streams): a capture in CUDA's global mode would refuse those calls, and fail."""
+    videos, _, indices, _ = expected
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
+    modes, capture = [], torch.cuda.graph
+    record = lambda graph, **kw: modes.append(kw.get("capture_error_mode")) or capture(graph, **kw)  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "graph", record)
+    _, got = engine.encode(videos[:2], COUNTS[:2])
+    assert all(torch.equal(got["indices"][i], indices[i]) for i in range(2))
+    assert modes == ["thread_local"]
+
+
+@pytest.mark.gpu
+def test_a_graph_is_captured_while_another_thread_pins_memory():
+    """What the run's decoding threads do on CUDA while the engine captures its first graphs."""
+    model = make_model("tiny").cuda()
+    videos = [v.cuda() for v in random_videos(SHAPES)]
+    _, out = model.encode(videos, COUNTS)
+    stop, errors = threading.Event(), []
+
+    def pin():
+        try:
+            while not stop.is_set():
+                torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True).fill_(1)
+        except Exception as e:
+            errors.append(e)
+
+    pinning = threading.Thread(target=pin)
+    pinning.start()
+    try:
+        engine = Engine(model, mode="cudagraph", budgets=(256, 512), max_clips=3)
+        for order in (shuffled(0), shuffled(1)):
+            _, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
+            assert all(torch.equal(got["indices"][p], out["indices"][i]) for p, i in enumerate(order))
+    finally:
+        stop.set()
+        pinning.join()
+    assert not errors and engine.compiles >= 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["eager", "cudagraph"])
 def test_cuda_engine_equals_model(mode):

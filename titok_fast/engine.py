@@ -21,10 +21,11 @@ naming it. Nothing is lost.
 
 Threads: an engine runs one batch at a time, so threads may share one (in every mode: the fixed-shape modes refill
 one set of buffers per budget); their batches take turns and each clip comes out as it would alone. Threads that
-want to compute in parallel use an engine each. A CUDA graph capture (an engine's first batch of a budget in
-``cudagraph``, or ``auto`` on CUDA) refuses work from other threads too; engines wait for one another's captures
-(:data:`_CAPTURE_LOCK`), but CUDA work begun by another thread outside an engine (``model.encode``) at that moment
-can make the capture fail: run each engine once before such threads start.
+want to compute in parallel use an engine each. A CUDA graph is captured (an engine's first batch of a budget in
+``cudagraph``, or ``auto`` on CUDA) in thread-local mode (:data:`CAPTURE_MODE`), as torch.compile's CUDA graphs
+are: other threads may allocate, pin memory and launch work on their own streams meanwhile (the decoding threads
+of a run do); work that waits on the whole device (``torch.cuda.synchronize``) would still break the capture.
+Engines also wait for one another's captures (:data:`_CAPTURE_LOCK`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .packing import Packing, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768, 65536)
+CAPTURE_MODE = "thread_local"  # a capture refuses unsafe CUDA calls of its own thread only (module header)
 MODES = ("auto", "eager", "static", "compile", "cudagraph")
 # auto: the largest batch (packed rows) that runs as a CUDA graph. Measured on an H200 (benchmarks/RESULTS.md):
 # graphs won at batch 1 (3136-3904 rows: encode 1.34-1.63x, decode ~1.0x) and lost at batch 8 and up (25k+ rows:
@@ -524,7 +526,7 @@ class Engine:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode=CAPTURE_MODE):
                 out = fn(*args)
         self.compiles += 1
 
@@ -545,8 +547,8 @@ def _out_of_memory(error: RuntimeError) -> bool:
 # engine counts its own graphs, not those another thread's engine compiled meanwhile.
 _GRAPHS_COMPILED = threading.local()
 
-# Held while any engine captures a CUDA graph, and by every engine's staging (pinned allocations, copies): a capture
-# refuses such work from any thread of the process. Work outside engines is not held back (module header).
+# Held while any engine captures a CUDA graph, and by every engine's staging (pinned allocations, copies): one
+# capture at a time, and no engine's own copies during one.
 _CAPTURE_LOCK = threading.Lock()
 
 
