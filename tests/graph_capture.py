@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 
 import torch
@@ -145,6 +146,17 @@ class FakeCUDAGraph:
     def __init__(self):
         self.tape: list = []
         self.captured = False
+        self.capture_error_mode = None  # as capture_begin was asked
+
+    def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
+        """Begin capturing this thread's work, as :func:`fake_graph` does (``capture_end`` ends it)."""
+        self.capture_error_mode = capture_error_mode
+        self._capture = fake_graph(self, pool)
+        self._capture.__enter__()
+
+    def capture_end(self) -> None:
+        capture, self._capture = self._capture, None
+        capture.__exit__(*sys.exc_info())  # a capture that failed does not count as captured
 
     def replay(self):
         if not self.captured:

@@ -276,12 +276,11 @@ def test_graphs_are_captured_in_thread_local_mode(model, expected, monkeypatch):
     their own streams): a capture in CUDA's global mode would refuse those calls, and fail."""
     videos, _, indices, _ = expected
     engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
-    modes, capture = [], torch.cuda.graph
-    record = lambda graph, **kw: modes.append(kw.get("capture_error_mode")) or capture(graph, **kw)  # noqa: E731
-    monkeypatch.setattr(torch.cuda, "graph", record)
+    graphs = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(FakeCUDAGraph()) or graphs[-1])
     _, got = engine.encode(videos[:2], COUNTS[:2])
     assert all(torch.equal(got["indices"][i], indices[i]) for i in range(2))
-    assert modes == ["thread_local"]
+    assert [graph.capture_error_mode for graph in graphs] == ["thread_local"]
 
 
 @pytest.mark.gpu

@@ -173,6 +173,7 @@ class Engine:
         # one batch at a time: threads sharing this engine would refill one another's buffers (module header)
         self._batch_lock = threading.RLock()
         self._graph_pool = None  # one memory pool for every captured graph: they never run at the same time
+        self._capture_stream = None  # the stream every graph is captured on (made with the pool, on the device)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # see _decoder_table
         self._table_source: torch.Tensor | None = None
         self._built_for = self._model_state()  # what the buffers, runners and table above were built for
@@ -212,7 +213,7 @@ class Engine:
         self._runners.clear()
         self._table = self._table_source = None
         if state[1] != self._built_for[1]:
-            self._graph_pool = None  # a memory pool of the device the graphs were on
+            self._graph_pool = self._capture_stream = None  # a memory pool and a stream of the graphs' device
         self.budgets = self._usable_budgets(stacklevel=5)
         self._built_for = state
 
@@ -514,20 +515,27 @@ class Engine:
                 return out
 
             return run
-        # cudagraph: warm up on a side stream (Triton autotuning, allocator), then capture once
+        # cudagraph: warm up on a side stream (Triton autotuning, allocator), then capture once on it. By hand, not
+        # with torch.cuda.graph: entering that syncs the device and empties the device and pinned-memory caches (a
+        # run's decoding threads would pin all theirs again), and its default stream is made on whichever GPU was
+        # current at the process's first capture. Every capture of an engine uses one stream, as its pool is shared.
         device = model.device
         with _CAPTURE_LOCK, torch.cuda.device(device):
-            stream = torch.cuda.Stream(device)
+            if self._capture_stream is None:
+                self._capture_stream = torch.cuda.Stream(device)
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            stream = self._capture_stream
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     fn(*args)
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self._graph_pool, capture_error_mode=CAPTURE_MODE)
+                try:
+                    out = fn(*args)
+                finally:
+                    graph.capture_end()
             torch.cuda.current_stream(device).wait_stream(stream)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode=CAPTURE_MODE):
-                out = fn(*args)
         self.compiles += 1
 
         def replay():  # outputs live in the shared pool: callers copy what they keep before the next replay
