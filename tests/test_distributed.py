@@ -676,6 +676,35 @@ def test_encoder_without_ray_fails_a_clip_that_faulted_the_device_twice(videos, 
     assert all(torch.equal(a, b.int()) for a, b in zip(tokens_of(out), direct["indices"], strict=True))
 
 
+class _FaultSeenLate:
+    """Indices on a device that faulted after their batch ran: CUDA reports it at the first sync, their copy."""
+
+    def to(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_device_fault_seen_only_when_the_tokens_come_to_the_host_ends_the_actor(videos):
+    """A kernel's fault surfaces at the next sync, which for a batch that ran whole is the copy of its tokens to the
+    host: it must count as the device's fault (the actor ends and Ray restarts it), not as an unforeseen error."""
+    batch = clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32)
+    ledger = FaultLedger()
+    encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4, ledger=ledger)
+    engine = encoder.engine
+
+    class LateFault:
+        def encode_stream(self, items):
+            for key, (codes, _) in engine.encode_stream(items):
+                yield key, (codes, _FaultSeenLate())
+
+    encoder.engine = LateFault()
+    with pytest.raises(DeviceFault, match="illegal memory access"):
+        encoder(batch)
+    assert sorted(ledger.faults([(0, i) for i in range(6)])) == [(0, i) for i in range(6)]
+    encoder.engine = engine  # the clips run alone next, and come out
+    out = encoder(batch)
+    assert [k for k in out["kind"] if k != "end"] == ["tokens"] * 6
+
+
 def test_workers_rebuild_the_model_in_its_precision_and_check_their_device():
     model = LOAD()
     model.precision = "fp8"

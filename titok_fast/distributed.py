@@ -216,6 +216,8 @@ class ClipEncoder:
         items = ((key, normalize_pixels(self._pixels(row), dtype), self.tokens) for key, row in clips.items())
         try:
             results = dict(encode_resiliently(self.engine, items, failed.__setitem__))
+            # to the host here: a device fault shows at the first sync after it, which must be this one
+            results = {key: indices.to("cpu", torch.int32).contiguous() for key, (_, indices) in results.items()}
         except (ValueError, TypeError, RuntimeError) as e:
             if not (_device_fault(e) or (e.__cause__ is not None and _device_fault(e.__cause__))):
                 reason = f"encoding failed: {e}"  # no clip could be blamed: every clip of the call fails
@@ -227,8 +229,8 @@ class ClipEncoder:
             if key in failed:
                 out.append(self._failed(row, f"encoding failed on clip {key[1]}: {failed[key]}"))
             else:
-                indices = results[key][1].to("cpu", torch.int32).contiguous()
-                out.append({**row, "kind": "tokens", "data": indices.numpy().tobytes(), "encoded_by": self.name})
+                data = results[key].numpy().tobytes()
+                out.append({**row, "kind": "tokens", "data": data, "encoded_by": self.name})
         return out
 
     def _pixels(self, row: dict) -> torch.Tensor:
