@@ -181,7 +181,9 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
     for options, message in [
         (["--shard", "2/2"], "argument --shard: '2/2' is not K/N with 0 <= K < N, e.g. 0/8 (shards count from 0)"),
         (["--shard", "1"], "argument --shard: '1' is not K/N with 0 <= K < N"),
-        (["--device", "meta"], "argument --device: 'meta' is not a device titok-fast runs on: cpu, cuda or cuda:N"),
+        (["--device", "meta"], "argument --device: 'meta' is not a device titok-fast runs on: cpu or cuda"),
+        (["--device", "cuda:02"], "argument --device: 'cuda:02': choose that GPU with CUDA_VISIBLE_DEVICES=2 and "
+         "--device cuda (the run's decoding threads would work on GPU 0 too)"),
         (["--shard", "0/1" + "0" * 300], "argument --shard: '0/100"),
         (["--shard", "\uff10/2"], "argument --shard: '\uff10/2' is not K/N"),
         (["--shard=-1/4"], "argument --shard: '-1/4' is not K/N"),

@@ -117,9 +117,16 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _device_name(text: str) -> str:
-    """--device: cpu, cuda or cuda:N (the devices titok-fast runs on)."""
-    if not re.fullmatch(r"cpu|cuda(:[0-9]{1,3})?", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device titok-fast runs on: cpu, cuda or cuda:N")
+    """--device: cpu, cuda or cuda:0 (the devices titok-fast runs on). Another GPU is chosen with
+    CUDA_VISIBLE_DEVICES: a run's other threads (decoding, pinning memory, NVDEC) work on the current GPU, which a
+    device index set in one thread leaves at GPU 0 in the others, opening a context there too."""
+    if m := re.fullmatch(r"cuda:0*([1-9][0-9]{0,2})", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose that GPU with CUDA_VISIBLE_DEVICES={m[1]} and --device cuda (the run's decoding "
+            "threads would work on GPU 0 too)"
+        )
+    if not re.fullmatch(r"cpu|cuda(:0{1,3})?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device titok-fast runs on: cpu or cuda")
     return text
 
 
@@ -595,7 +602,8 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) ->
             "--random-weights", type=_int_between(0, MAX_SEED), metavar="SEED",
             help="use random weights (to try the pipeline)",
         )  # fmt: skip
-    p.add_argument("--device", type=_device_name, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_device_name, default=None,
+                   help="cuda or cpu (default: cuda when available; another GPU: CUDA_VISIBLE_DEVICES=N)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument(
         "--mode",
