@@ -122,3 +122,23 @@ def test_packed_indices_of_any_integer_dtype_and_stride_decode_alike(models):
             (k, i.short(), s) for k, (i, s) in enumerate(zip(out["indices"], SHAPES, strict=True)))],
     ):  # fmt: skip
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_every_kernel_launches_on_the_gpu_of_its_tensors(models, monkeypatch):
+    """Triton launches on the current GPU: each custom op makes its tensors' GPU current (a model on cuda:1 called
+    from a thread whose current GPU is 0), here recorded on the CPU, where the guard does nothing."""
+    from titok_fast import ops
+
+    model, _ = models
+    guarded, guard = [], ops.on_device_of
+    monkeypatch.setattr(ops, "on_device_of", lambda t: guarded.append(t.device) or guard(t))
+    _, out = model.encode([v.to(DEVICE) for v in random_videos(SHAPES[:1])], COUNTS[:1])
+    encoded = len(guarded)
+    model.decode_indices(out["indices"], SHAPES[:1])
+    depth = len(model.encoder.model_layers.attn_layer)
+    assert encoded == depth + 1  # each layer's attention, then the FSQ head
+    assert len(guarded) == encoded + 1 + depth  # the decoder's input rows, then each layer's attention
+    assert set(guarded) == {torch.device(DEVICE) if DEVICE == "cpu" else model.device}
+    fake = type("Tensor", (), {"device": torch.device("cuda", 1)})()
+    monkeypatch.setattr(torch.cuda, "device", lambda device: ("current", device))
+    assert guard(fake) == ("current", torch.device("cuda", 1))

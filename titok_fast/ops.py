@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from titok_fast.kernels.fp8_quant import quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
 from titok_fast.kernels.mrope_attention import HEAD_DIM, mrope_attention
+
+
+def on_device_of(t: torch.Tensor):
+    """Make ``t``'s GPU the current one while a kernel launches: Triton launches on the current GPU and its stream,
+    and a model on cuda:1 may be called from a thread whose current GPU is 0 (a no-op elsewhere)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.library.custom_op("titok_fast::mrope_attention", mutates_args=("qkv",))
@@ -31,10 +39,11 @@ def mrope_attention_op(
     subset = {"q_cu_seqlens": q_cu_seqlens, "q_starts": q_starts, "num_q_rows": num_q_rows}
     if q_cu_seqlens is None:
         subset = {}
-    return mrope_attention(
-        qkv, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, cu_seqlens, positions, cos, sin,
-        num_q_heads, num_kv_heads, inplace=True, **subset,
-    )  # fmt: skip
+    with on_device_of(qkv):
+        return mrope_attention(
+            qkv, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, cu_seqlens, positions, cos, sin,
+            num_q_heads, num_kv_heads, inplace=True, **subset,
+        )  # fmt: skip
 
 
 @mrope_attention_op.register_fake
@@ -58,7 +67,8 @@ def fsq_encoder_head_op(
     basis: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     consts = FsqConstants(levels, half_l, offset, shift, half_width, basis)
-    return fsq_encoder_head(x, ln_weight, ln_bias, proj_weight, proj_bias, consts)
+    with on_device_of(x):
+        return fsq_encoder_head(x, ln_weight, ln_bias, proj_weight, proj_bias, consts)
 
 
 @fsq_encoder_head_op.register_fake
@@ -76,7 +86,8 @@ def fsq_decoder_input_op(
     cu_tokens: torch.Tensor,
     num_rows: int,
 ) -> torch.Tensor:
-    return fsq_decoder_input(indices, table, mask_row, cu_seqlens, cu_tokens, num_rows=num_rows)
+    with on_device_of(table):
+        return fsq_decoder_input(indices, table, mask_row, cu_seqlens, cu_tokens, num_rows=num_rows)
 
 
 @fsq_decoder_input_op.register_fake
@@ -86,7 +97,8 @@ def _(indices, table, mask_row, cu_seqlens, cu_tokens, num_rows):
 
 @torch.library.custom_op("titok_fast::quantize_rows_fp8", mutates_args=())
 def quantize_rows_fp8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows_fp8(x)
+    with on_device_of(x):
+        return quantize_rows_fp8(x)
 
 
 @quantize_rows_fp8_op.register_fake
