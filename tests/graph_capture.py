@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 import threading
 
 import torch
@@ -156,7 +155,7 @@ class FakeCUDAGraph:
 
     def capture_end(self) -> None:
         capture, self._capture = self._capture, None
-        capture.__exit__(*sys.exc_info())  # a capture that failed does not count as captured
+        capture.__exit__(None, None, None)  # as CUDA's, whatever exception is being handled around it
 
     def replay(self):
         if not self.captured:

@@ -162,6 +162,23 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(model, expected, monke
         engine.encode(videos[:1], COUNTS[:1])
 
 
+def test_graphs_captured_while_an_out_of_memory_batch_is_split_replay(model, expected, monkeypatch):
+    """The halves of a batch that ran out of memory run (and capture their graphs) while that error is handled."""
+    videos, _, indices, _ = expected
+    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
+    run = engine._run_encode
+
+    def small_memory(batch, staged):
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("simulated")  # before any graph is captured
+        return run(batch, staged)
+
+    monkeypatch.setattr(engine, "_run_encode", small_memory)
+    _, out = engine.encode(videos[:4], COUNTS[:4])
+    assert all(torch.equal(a, b) for a, b in zip(out["indices"], indices[:4], strict=True))
+    assert engine.compiles == 1
+
+
 def test_the_cpu_allocators_out_of_memory_error_splits_the_batch_too(model, expected, monkeypatch):
     """On the CPU, running out of memory is a plain RuntimeError from the allocator, not torch.OutOfMemoryError;
     any other RuntimeError is not split."""
@@ -291,10 +308,12 @@ def test_a_graph_is_captured_while_another_thread_pins_memory():
     _, out = model.encode(videos, COUNTS)
     stop, errors = threading.Event(), []
 
-    def pin():
+    def pin():  # as a decoding thread and the preprocessor do: pinned blocks that copies used, their events queried
         try:
-            while not stop.is_set():
-                torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True).fill_(1)
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                while not stop.is_set():
+                    torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True).fill_(1).to("cuda", non_blocking=True)
         except Exception as e:
             errors.append(e)
 

@@ -20,12 +20,13 @@ An out-of-memory error during a batch splits it in two and retries; a single cli
 naming it. Nothing is lost.
 
 Threads: an engine runs one batch at a time, so threads may share one (in every mode: the fixed-shape modes refill
-one set of buffers per budget); their batches take turns and each clip comes out as it would alone. Threads that
-want to compute in parallel use an engine each. A CUDA graph is captured (an engine's first batch of a budget in
+one set of buffers per budget); their batches take turns and each clip comes out as it would alone. On CUDA a
+batch is also queued after the previous one's work, whichever stream each thread queues on. Threads that want to
+compute in parallel use an engine each. A CUDA graph is captured (an engine's first batch of a budget in
 ``cudagraph``, or ``auto`` on CUDA) in thread-local mode (:data:`CAPTURE_MODE`), as torch.compile's CUDA graphs
 are: other threads may allocate, pin memory and launch work on their own streams meanwhile (the decoding threads
 of a run do); work that waits on the whole device (``torch.cuda.synchronize``) would still break the capture.
-Engines also wait for one another's captures (:data:`_CAPTURE_LOCK`).
+One capture at a time runs in the process (:data:`_CAPTURE_LOCK`).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class Engine:
         self._copy_stream = None  # CUDA side stream for host-to-device copies of the next batch
         # one batch at a time: threads sharing this engine would refill one another's buffers (module header)
         self._batch_lock = threading.RLock()
+        self._last_batch = None  # on CUDA: an event after the last batch's work, on the stream it was queued on
         self._graph_pool = None  # one memory pool for every captured graph: they never run at the same time
         self._capture_stream = None  # the stream every graph is captured on (made with the pool, on the device)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # see _decoder_table
@@ -331,7 +333,13 @@ class Engine:
             for t in tensors:
                 t.record_stream(stream)
         with self._batch_lock:  # filled, run and copied out before another thread's batch refills the buffers
+            on_cuda = self.model.device.type == "cuda"
+            if on_cuda and self._last_batch is not None:  # queued on the device after it too (another stream)
+                torch.cuda.current_stream(self.model.device).wait_event(self._last_batch)
             results = self._run_splitting(run, batch, tensors)
+            if on_cuda:
+                self._last_batch = torch.cuda.Event()
+                self._last_batch.record(torch.cuda.current_stream(self.model.device))
         yield from zip((item[0] for item in batch), results, strict=True)
 
     def _run_splitting(self, run, batch: list, staged: list) -> list:
@@ -371,7 +379,7 @@ class Engine:
         side = self._copy_stream
         if side is None or side.device != device:  # made for the model's device now
             side = self._copy_stream = torch.cuda.Stream(device)
-        with _CAPTURE_LOCK, torch.cuda.stream(side):
+        with torch.cuda.stream(side):
             side.wait_event(ready)  # inputs made on the GPU by the caller are complete
             out = [
                 t.pin_memory().to(device=device, dtype=dtype or t.dtype, non_blocking=True) if t.device.type == "cpu"
@@ -520,7 +528,7 @@ class Engine:
         # run's decoding threads would pin all theirs again), and its default stream is made on whichever GPU was
         # current at the process's first capture. Every capture of an engine uses one stream, as its pool is shared.
         device = model.device
-        with _CAPTURE_LOCK, torch.cuda.device(device):
+        with torch.cuda.device(device):
             if self._capture_stream is None:
                 self._capture_stream = torch.cuda.Stream(device)
                 self._graph_pool = torch.cuda.graph_pool_handle()
@@ -530,11 +538,12 @@ class Engine:
                 for _ in range(2):
                     fn(*args)
                 graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self._graph_pool, capture_error_mode=CAPTURE_MODE)
-                try:
-                    out = fn(*args)
-                finally:
-                    graph.capture_end()
+                with _CAPTURE_LOCK:  # one capture at a time in the process
+                    graph.capture_begin(pool=self._graph_pool, capture_error_mode=CAPTURE_MODE)
+                    try:
+                        out = fn(*args)
+                    finally:
+                        graph.capture_end()
             torch.cuda.current_stream(device).wait_stream(stream)
         self.compiles += 1
 
@@ -555,9 +564,7 @@ def _out_of_memory(error: RuntimeError) -> bool:
 # engine counts its own graphs, not those another thread's engine compiled meanwhile.
 _GRAPHS_COMPILED = threading.local()
 
-# Held while any engine captures a CUDA graph, and by every engine's staging (pinned allocations, copies): one
-# capture at a time, and no engine's own copies during one.
-_CAPTURE_LOCK = threading.Lock()
+_CAPTURE_LOCK = threading.Lock()  # held while any engine captures a CUDA graph: one capture at a time
 
 
 def _counting_inductor(gm, example_inputs):
