@@ -582,6 +582,23 @@ def test_the_cut_short_check_adds_up_a_segment_index(tmp_path, layout):
         assert video._cut_short(str(path), keep) is None
 
 
+def test_segment_indexes_are_read_within_a_budget_per_file(tmp_path, monkeypatch):
+    """A stranger's file of many large indexes costs a bounded read: past the budget they are not read."""
+    ftyp, moov = _box(b"ftyp", b"isom" + bytes(4) + b"iso6dash"), _box(b"moov", bytes(100))
+    fragment = _box(b"moof", bytes(60)) + _box(b"mdat", bytes(500))
+    small, large = _sidx(0, 0, [(0, len(fragment))] * 2), _sidx(0, 0, [(0, len(fragment))] * 3)
+    data = ftyp + moov + small + large + fragment * 2  # the larger index claims a third fragment
+    path = tmp_path / "indexed.mp4"
+    path.write_bytes(data)
+    reads, pread = [], os.pread
+    monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
+    assert video._cut_short(str(path), len(data)).startswith("its 'sidx' segment index runs to byte")
+    monkeypatch.setattr(video, "SIDX_BUDGET", len(small) + len(large) - 1)
+    reads.clear()
+    assert video._cut_short(str(path), len(data)) is None  # the second index is past the budget: not read
+    assert len(small) in reads and len(large) not in reads
+
+
 def test_a_cut_off_avi_download_fails_instead_of_giving_the_clips_before_the_cut(tmp_path):
     """libav reads a cut AVI as far as it goes: 6 or 7 of its 8 clips here, as if that were all."""
     whole = videos.make_video(tmp_path / "whole.avi", 96, 48, 64)

@@ -1101,7 +1101,7 @@ def _stamp(st: os.stat_result) -> str:
 CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof", b"styp", b"sidx", b"ssix", b"prft", b"emsg")
 MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two to four boxes a fragment; past this many, no verdict
 BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
-MAX_SIDX_BYTES = 1 << 20  # a segment index this long (87k fragments) is not read: no verdict from it
+SIDX_BUDGET = 2 << 20  # bytes of segment indexes read per file (one holds at most 65,535 entries: 786 KB)
 EBML_ID, SEGMENT_ID, CLUSTER_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67", b"\x1f\x43\xb6\x75"
 AVI_FORMS = (b"AVI ", b"AVIX")  # an AVI file's first RIFF chunk, and those an OpenDML file past 1 GiB adds
 UNWRITTEN_RIFF_SIZE = 0xFFFFFFFF  # what FFmpeg writes first, and fills in at the end where it can seek back
@@ -1109,7 +1109,7 @@ UNWRITTEN_RIFF_SIZE = 0xFFFFFFFF  # what FFmpeg writes first, and fills in at th
 
 def _cut_short(path: str, size: int) -> str | None:
     """What shows ``path`` (``size`` bytes) cut short, or None: a container of another kind, or one that does not
-    say (a Matroska Segment of unknown size, as a live recording writes), is left to libav."""
+    say (an AVI whose size was never written, a Matroska cluster of unknown size), is left to libav."""
     try:
         with open(path, "rb", buffering=0) as f:
             head = f.read(12)
@@ -1126,7 +1126,7 @@ def _cut_short(path: str, size: int) -> str | None:
 
 def _iso_cut_short(f, size: int) -> str | None:
     """The top-level boxes of an ISO BMFF file, walked by their sizes (a box runs to the file's end at size 0)."""
-    at, window, window_at, indexed = 0, b"", 0, 0
+    at, window, window_at, indexed, budget = 0, b"", 0, 0, SIDX_BUDGET
     for _ in range(MAX_BOXES_WALKED):
         if not window_at <= at <= window_at + len(window) - 16:  # the header is not all in hand: read on from it
             window, window_at = os.pread(f.fileno(), BOX_WINDOW, at), at
@@ -1146,8 +1146,8 @@ def _iso_cut_short(f, size: int) -> str | None:
             if kind not in CUT_SHORT_BOXES:
                 return None
             return f"its '{kind.decode()}' box runs to byte {at + length:,} but the file ends at byte {size:,}"
-        if kind == b"sidx" and length <= MAX_SIDX_BYTES:
-            indexed = max(indexed, _sidx_end(os.pread(f.fileno(), length, at), at, fields))
+        if kind == b"sidx" and length <= budget:  # past the budget, indexes are not read: no verdict from them
+            indexed, budget = max(indexed, _sidx_end(os.pread(f.fileno(), length, at), at, fields)), budget - length
         at += length
     return None
 
