@@ -65,6 +65,7 @@ from .pipeline import (
     made_with,
     plan_outputs,
     take_shard,
+    write_recorded,
     write_token_file,
 )
 from .video import ClipReader, VideoError, normalize_pixels, watched_clips
@@ -356,20 +357,12 @@ class _Assembly:
         indices, end = [state.indices[i] for i in range(state.end["clips"])], state.end
         made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
                          preprocessed_on=end["placement"], source_stamp=end.get("source_stamp", ""))  # fmt: skip
+        write = functools.partial(write_token_file, self.model, self.settings, state.out, state.path, indices,
+                                  end["start_times"], end["last_clip_frames"], made)  # fmt: skip
         workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
-        path, out = state.path, state.out
-
-        def write() -> None:
-            with interrupts_held():  # the token file and its manifest line, or neither
-                error = write_token_file(self.model, self.settings, out, path, indices, end["start_times"],
-                                         end["last_clip_frames"], made)  # fmt: skip
-                if error:
-                    self.manifest.failed(path, out, error, decoded_by=workers["decoded_by"])
-                else:
-                    self.manifest.done(path, out, len(indices), **workers)
-
         self._close(state)
-        self.writes(write)
+        self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write,
+                                      done=workers, failed={"decoded_by": state.decoded_by}))  # fmt: skip
 
     def _fail(self, state: _Pending, reason: str) -> None:
         self.manifest.failed(state.path, state.out, reason, decoded_by=state.decoded_by)

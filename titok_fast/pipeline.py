@@ -808,25 +808,10 @@ class _EncodeJob:
         indices = [state.indices[i] for i in range(state.clips)]
         made = made_with(self.model, self.mode, self.settings, decoded_by=reader.decoded_by,
                          preprocessed_on=reader.placement, source_stamp=reader.source_stamp)  # fmt: skip
-        write = functools.partial(
-            self._write, state.path, state.out, reader.path, indices, reader.start_times(), reader.last_clip_frames,
-            made,
-        )  # fmt: skip
+        write = functools.partial(write_token_file, self.model, self.settings, state.out, reader.path, indices,
+                                  reader.start_times(), reader.last_clip_frames, made)  # fmt: skip
         self._end(state)
-        self.writes(write)
-
-    def _write(self, path: Path, out: Path, source: str, indices: list[torch.Tensor], start_times: list[float],
-               last_clip_frames: int, made: dict[str, str]) -> None:  # fmt: skip
-        """Write one file's token file and its manifest line (on the run's thread, or a writing thread)."""
-        started = CLOCK.start()
-        with interrupts_held():  # the token file and its manifest line, or neither
-            error = write_token_file(self.model, self.settings, out, source, indices, start_times, last_clip_frames,
-                                     made)  # fmt: skip
-            CLOCK.stop("write", started)
-            if error:
-                self.manifest.failed(path, out, error)
-            else:
-                self.manifest.done(path, out, len(indices))
+        self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write))
 
     def _end(self, state: _FileState) -> None:
         state.ended = True
@@ -932,6 +917,28 @@ def write_token_file(
 
 
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a full quota, a read-only file system
+
+
+def write_recorded(
+    manifest: Manifest,
+    path: str | os.PathLike,
+    out: Path,
+    clips: int,
+    write: Callable[[], str | None],
+    done: dict[str, Any] | None = None,
+    failed: dict[str, Any] | None = None,
+) -> None:
+    """One input's token file, by ``write`` (:func:`write_token_file` bound to it), and its manifest line, both or
+    neither (on the run's thread, or a writing thread of :class:`Writes`); ``done`` / ``failed``: more fields of
+    the line of each outcome."""
+    started = CLOCK.start()
+    with interrupts_held():
+        error = write()
+        CLOCK.stop("write", started)
+        if error:
+            manifest.failed(path, out, error, **(failed or {}))
+        else:
+            manifest.done(path, out, clips, **(done or {}))
 
 
 def _token_file(
