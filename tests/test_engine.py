@@ -1,7 +1,6 @@
 """The engine against the model, clip by clip, in every mode the machine can run."""
 
 import contextlib
-import math
 import random
 import threading
 
@@ -218,6 +217,103 @@ def test_a_bad_clip_in_a_stream_is_raised_after_every_clip_before_it(model, expe
         assert all(torch.equal(idx, indices[key]) for key, idx in got)
 
 
+def order_as_on_cuda(monkeypatch):
+    """A stream ordered as on CUDA, on the CPU: each clip's values are checked just before its batch runs, and
+    with ``host=True`` a batch is handed over once the next one has run."""
+    monkeypatch.setattr(Engine, "_checks_values_later", lambda self, video: True)
+    monkeypatch.setattr(Engine, "_overlaps", lambda self: True)
+
+
+def test_with_host_a_batch_is_handed_over_once_the_next_has_run(model, expected, monkeypatch):
+    """``host=True`` on CUDA: batch k+1 is queued before batch k's results are handed over (the device never
+    waits for the caller), and IDLE still hands over everything that has run before the source is asked again.
+    Without ``host``, each batch is handed over as soon as it has run. The results are those of the model."""
+    order_as_on_cuda(monkeypatch)
+    videos, codes, indices, _ = expected
+    starts = [sum(COUNTS[:i]) for i in range(len(COUNTS))]
+    real_encode, events = model.encode_packed, []
+
+    def encode(patches, pack):
+        events.append(f"run {len(pack.token_counts)}")
+        return real_encode(patches, pack)
+
+    def items(idle_after=None):
+        for i in range(5):
+            yield i, videos[i], COUNTS[i]
+            if i == idle_after:
+                yield IDLE
+                events.append("source asked again")
+
+    monkeypatch.setattr(model, "encode_packed", encode)
+    engine = Engine(model, budgets=(512,), max_clips=2)
+    for host, idle_after, order in (
+        (True, None, ["run 2", "run 2", 0, 1, "run 1", 2, 3, 4]),
+        (False, None, ["run 2", 0, 1, "run 2", 2, 3, "run 1", 4]),
+        (True, 2, ["run 2", "run 1", 0, 1, 2, "source asked again", "run 2", 3, 4]),
+    ):
+        events.clear()
+        for key, (got_codes, got_indices) in engine.encode_stream(items(idle_after), host=host):
+            events.append(key)
+            assert got_indices.device.type == "cpu" and torch.equal(got_indices, indices[key])
+            assert torch.equal(got_codes, codes[starts[key] : starts[key] + COUNTS[key]])
+        assert events == order, (host, idle_after)
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_a_clip_with_bad_values_fails_after_every_clip_before_it(model, expected, monkeypatch, later):
+    """Values are checked as a clip arrives, or (on CUDA) just before its batch runs: either way the clips before
+    a bad one come back, in a batch cut short before it, then its error, the same words; through the pipeline's
+    ``encode_resiliently`` it fails alone and the stream goes on."""
+    from titok_fast.pipeline import encode_resiliently
+
+    if later:
+        order_as_on_cuda(monkeypatch)
+    videos, _, indices, _ = expected
+    engine = Engine(model, budgets=(512,), max_clips=2)
+    good = [(i, videos[i], COUNTS[i]) for i in range(5)]
+    for position, nan in ((3, float("nan")), (2, float("inf"))):  # last in its batch, first in its batch
+        bad = ("bad", torch.full((3, 4, 8, 8), nan), 1)
+        items = [*good[:position], bad, *good[position:]]
+        for host in (False, True):
+            got = []
+            with pytest.raises(ValueError, match=r"^clip 'bad' contains NaN or infinite values$"):
+                for key, (_, idx) in engine.encode_stream(items, host=host):
+                    got.append(key)
+                    assert torch.equal(idx.cpu(), indices[key])
+            assert got == list(range(position)), (position, host)
+            errors = {}
+            out = dict(encode_resiliently(engine, items, errors.__setitem__, host=host))
+            assert sorted(out) == list(range(5)) and list(errors) == ["bad"]
+            assert all(torch.equal(idx, indices[key]) for key, (_, idx) in out.items())
+
+
+def test_host_copy_gives_each_result_back_unchanged_and_apart():
+    from titok_fast.engine import _HostCopy
+
+    int32 = torch.int32
+    results = [(torch.randn(3, 6), torch.arange(3, dtype=int32)), (torch.randn(1, 6), torch.tensor([7], dtype=int32))]
+    back = _HostCopy(results, stream=None).wait()
+    assert len(back) == 2
+    for (a, b), (c, d) in zip(results, back, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d) and (a.dtype, b.dtype) == (c.dtype, d.dtype)
+    back[0][0].zero_()  # each its own tensor
+    assert back[1][0].abs().sum() > 0 and results[0][0].abs().sum() > 0
+
+
+def test_a_full_group_goes_out_before_the_next_item_is_asked_for():
+    asked = []
+
+    def items():
+        for rows in (3, 3, 4, 2, 1):
+            asked.append(rows)
+            yield rows
+
+    groups = pack_greedily(items(), lambda r: r, largest=10, max_clips=2)
+    assert next(groups) == [3, 3] and asked == [3, 3]  # max_clips reached
+    assert next(groups) == [4, 2] and asked == [3, 3, 4, 2]
+    assert list(pack_greedily(iter([4, 6, 1]), lambda r: r, largest=10, max_clips=5)) == [[4, 6], [1]]  # rows full
+
+
 def test_engine_rejects_bad_settings_and_clips(model):
     with pytest.raises(ValueError, match="mode 'fast' is not one of"):
         Engine(model, mode="fast")
@@ -347,6 +443,35 @@ def test_cuda_engine_equals_model(mode):
         assert engine.compiles <= 4
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "cudagraph"])
+def test_cuda_stream_with_host_results_and_values_checked_late_equals_model(mode):
+    """On CUDA: clips made on a side stream (as the pipeline's preprocessing makes them), values checked just
+    before their batch, results copied behind their batch and handed over one batch late: the model's indices,
+    on the host, and a NaN clip's error after every clip before it."""
+    from titok_fast.preprocess import DevicePreprocessor
+
+    model = make_model("tiny").cuda()
+    frames = [torch.randint(0, 256, (t, 48, 40, 3), dtype=torch.uint8) for t in (4, 8, 4, 12, 4, 8)]
+    clips = [DevicePreprocessor("cuda", 32, 32, model.dtype)(f) for f in frames]
+    counts = [5, 16, 1, 30, 9, 12]
+    _, out = model.encode([c.clone() for c in clips], counts)
+    want = [i.cpu() for i in out["indices"]]
+    engine = Engine(model, mode=mode, budgets=(256, 512), max_clips=2)
+    items = [(i, clip, n) for i, (clip, n) in enumerate(zip(clips, counts, strict=True))]
+    for _ in range(2):  # the second pass replays graphs with new contents
+        got = dict(engine.encode_stream(iter(items), host=True))
+        assert sorted(got) == list(range(6))
+        assert all(idx.device.type == "cpu" and torch.equal(idx, want[i]) for i, (_, idx) in got.items())
+    items.insert(3, ("bad", torch.full_like(clips[0], float("nan")), 1))
+    seen = []
+    with pytest.raises(ValueError, match=r"^clip 'bad' contains NaN or infinite values$"):
+        for key, (_, idx) in engine.encode_stream(items, host=True):
+            seen.append(key)
+            assert torch.equal(idx, want[key])
+    assert seen == [0, 1, 2]
+
+
 @pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"])
 def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypatch):
     """Runners take the decoder table as an input (CUDA graphs read it by address): new weights must reach them."""
@@ -463,7 +588,7 @@ def test_an_error_from_the_items_is_not_lost_to_a_batch_failing_meanwhile(model,
     from titok_fast.pipeline import encode_resiliently
 
     videos, _, _, _ = expected
-    engine = Engine(model, budgets=(512,), max_clips=1)
+    engine = Engine(model, budgets=(512,), max_clips=3)  # "a" and "b" wait for a third clip: the error comes
     real_encode = model.encode_packed
 
     def items():
@@ -472,8 +597,8 @@ def test_an_error_from_the_items_is_not_lost_to_a_batch_failing_meanwhile(model,
         raise OSError("the source broke")
 
     def encode(patches, pack):
-        if len(pack.token_counts) == 1 and patches.shape[0] == math.prod(SHAPES[1]) // 256:
-            raise RuntimeError("out of memory on clip 'b' alone")
+        if len(pack.token_counts) == 2:
+            raise RuntimeError("the batch of 'a' and 'b' failed")
         return real_encode(patches, pack)
 
     monkeypatch.setattr(model, "encode_packed", encode)

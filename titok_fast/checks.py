@@ -41,7 +41,16 @@ def _value_problems(
     to ``dtype`` (1e300 in float64 is finite, but not in float32, and FSQ has no code for what then comes out), or
     beyond ``most`` in magnitude (videos: MAX_PIXEL_MAGNITUDE).
     One reduction per tensor (its extremes: NaN and infinities propagate through them) and one host sync."""
-    extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors]).cpu()  # [n, 2] in their dtype
+    return _problems_of(_extremes(tensors).cpu(), dtype, most)
+
+
+def _extremes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[n, 2]: each tensor's minimum and maximum, in their dtype, where they are."""
+    return torch.stack([torch.stack(torch.aminmax(t)) for t in tensors])
+
+
+def _problems_of(extremes: torch.Tensor, dtype: torch.dtype | None, most: float) -> list[str]:
+    """_value_problems from the tensors' extremes, on the host."""
     cast = extremes.to(dtype) if dtype is not None and dtype.is_floating_point else extremes
     problems = []
     for values, fits in zip(extremes.tolist(), cast.isfinite().tolist(), strict=True):
@@ -61,6 +70,33 @@ def _value_problems(
     return problems
 
 
+class PendingValueCheck:
+    """:func:`check_videos`'s value check of one video, started without waiting for the device: on CUDA the
+    video's extremes go to pinned host memory behind the work queued on the current stream, and :meth:`error`
+    waits for that copy alone (a host sync when the video arrives would wait for whatever the model has queued
+    on that stream, and leave the device idle while the next batch is gathered). On the CPU the check is done at
+    once."""
+
+    def __init__(self, video: torch.Tensor, name: str, dtype: torch.dtype | None):
+        self.name, self.dtype = name, dtype
+        extremes = _extremes([video])
+        self._done = None
+        if extremes.device.type == "cuda":
+            self._extremes = torch.empty(extremes.shape, dtype=extremes.dtype, pin_memory=True)
+            self._extremes.copy_(extremes, non_blocking=True)
+            self._done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps: the decoders want the cores
+            self._done.record(torch.cuda.current_stream(extremes.device))
+        else:
+            self._extremes = extremes
+
+    def error(self) -> ValueError | None:
+        """The error :func:`check_videos` would raise for the video's values, or None."""
+        if self._done is not None:
+            self._done.synchronize()
+        problem = _problems_of(self._extremes, self.dtype, MAX_PIXEL_MAGNITUDE)[0]
+        return ValueError(f"{self.name} {problem}") if problem else None
+
+
 def _check_not_meta(t: torch.Tensor, what: str) -> None:
     if t.device.type == "meta":
         raise ValueError(f"{what} is on the meta device (shapes only); expected a tensor with values")
@@ -71,10 +107,12 @@ def check_videos(
     patch: tuple[int, int, int],
     name: Callable[[int], str] = "video {}".format,
     dtype: torch.dtype | None = None,
+    values: bool = True,
 ) -> list[tuple[int, int, int]]:
     """Validate a batch of videos [3, T, H, W]; return their pixel shapes (T, H, W). ``name(i)`` names video i in
     the errors. ``dtype``: the model's, which the values must fit (1e300 in float64 is finite, but infinite once cast
-    to float32, and FSQ has no code for what then comes out)."""
+    to float32, and FSQ has no code for what then comes out). ``values=False`` leaves the values unchecked (a
+    :class:`PendingValueCheck` of each video then checks them)."""
     if isinstance(videos, torch.Tensor):
         raise TypeError(
             f"videos must be a list of [3, T, H, W] tensors, got one tensor of shape {list(videos.shape)}; "
@@ -105,7 +143,7 @@ def check_videos(
         if v.dtype != videos[0].dtype:
             raise ValueError(f"{name(i)} has dtype {v.dtype} but {name(0)} has {videos[0].dtype}; mixed dtypes")
         shapes.append(tuple(int(s) for s in v.shape[1:]))
-    for i, problem in enumerate(_value_problems(videos, dtype, MAX_PIXEL_MAGNITUDE)):
+    for i, problem in enumerate(_value_problems(videos, dtype, MAX_PIXEL_MAGNITUDE) if values else ()):
         if problem:
             raise ValueError(f"{name(i)} {problem}")
     return shapes

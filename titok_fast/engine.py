@@ -31,18 +31,18 @@ One capture at a time runs in the process (:data:`_CAPTURE_LOCK`).
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from . import fp8
-from .checks import check_clip_indices, check_grids, check_token_counts, check_videos
+from .checks import PendingValueCheck, check_clip_indices, check_grids, check_token_counts, check_videos
 from .model import TiTok, upstream_argument_order
 from .packing import Packing, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
@@ -72,6 +72,46 @@ def _checked(items: Iterable, check: Callable) -> Iterator:
         yield item if item is IDLE else check(*item)
 
 
+def _until_bad(batch: list, pending: collections.deque | None) -> tuple[list, ValueError | None]:
+    """The batch up to its first item whose pending value check fails, and that error (None: all are good).
+    Takes the batch's entries from ``pending`` (waiting, on CUDA, for their checks only)."""
+    if pending is None:
+        return batch, None
+    checks = [pending.popleft() for _ in batch]
+    for position, value_check in enumerate(checks):
+        if value_check is not None and (error := value_check.error()) is not None:
+            return batch[:position], error
+    return batch, None
+
+
+class _HostCopy:
+    """A batch's results (tuples of tensors, one per clip) copied to pinned host memory behind the batch on the CUDA
+    ``stream``, one copy per tuple position; :meth:`wait` waits for those copies only and gives the results back
+    as ordinary CPU tensors (the pinned buffers go back to their cache). ``stream`` None: copied at once."""
+
+    def __init__(self, results: list[tuple[torch.Tensor, ...]], stream):
+        self.shapes = [[t.shape for t in result] for result in results]
+        self.host = []
+        for column in zip(*results, strict=True):
+            flat = torch.cat([t.reshape(-1) for t in column])
+            pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=stream is not None)
+            self.host.append(pinned.copy_(flat, non_blocking=stream is not None))
+        self.done = None
+        if stream is not None:
+            self.done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps: the decoders want the cores
+            self.done.record(stream)
+
+    def wait(self) -> list[tuple[torch.Tensor, ...]]:
+        if self.done is not None:
+            self.done.synchronize()
+        columns = []
+        for buffer, shapes in zip(self.host, zip(*self.shapes, strict=True), strict=True):
+            parts = buffer.split([shape.numel() for shape in shapes])
+            columns.append([part.view(shape).clone() for part, shape in zip(parts, shapes, strict=True)])
+        self.host = []
+        return list(zip(*columns, strict=True))
+
+
 def pack_greedily(
     items: Iterable,
     rows_of: Callable[[object], int],
@@ -81,8 +121,8 @@ def pack_greedily(
 ) -> Iterator[list]:
     """Group items, in order, so each group's rows fit ``largest`` and it holds at most ``max_clips`` items.
 
-    Streams: a group is yielded as soon as the next item does not fit it, and at an :data:`IDLE` item, which
-    is passed on after the group. An item too large for ``largest`` is a ValueError naming it by
+    Streams: a group is yielded as soon as it is full or the next item does not fit it, and at an :data:`IDLE` item,
+    which is passed on after the group. An item too large for ``largest`` is a ValueError naming it by
     ``name_of(position, item)``, raised after the group of the items before it."""
     current: list = []
     used = 0
@@ -101,11 +141,14 @@ def pack_greedily(
                 f"clip {name_of(position, item)!r} needs {r} packed rows (tokens + patches); the largest budget is "
                 f"{largest}"
             )
-        if current and (used + r > largest or len(current) == max_clips):
+        if current and used + r > largest:
             yield current
             current, used = [], 0
         current.append(item)
         used += r
+        if len(current) == max_clips or used == largest:  # full: out now, not when the next item comes
+            yield current
+            current, used = [], 0
     if current:
         yield current
 
@@ -238,21 +281,30 @@ class Engine:
         return [video for _, video in self._stream(items, self._decode_rows, self._stage_indices, self._run_decode)]
 
     def encode_stream(
-        self, items: Iterable[tuple[object, torch.Tensor, int]]
+        self, items: Iterable[tuple[object, torch.Tensor, int]], *, host: bool = False
     ) -> Iterator[tuple[object, tuple[torch.Tensor, torch.Tensor]]]:
         """``(key, video [3, T, H, W], n)`` items -> ``(key, (codes [n, D], indices int32 [n]))`` in input order.
 
-        Batches are formed as items arrive; the next batch is staged (copied to the device) on a worker thread
-        while the current one runs. Each clip is checked as it arrives. An :data:`IDLE` item (the source has
-        nothing ready now: a file is slow or stuck) runs the batches pending, so the clips before it come out
-        without waiting for more."""
+        Batches are formed as items arrive, and each runs as soon as it is formed. Each clip is checked as it
+        arrives; on CUDA its values are checked without a host sync (:class:`~titok_fast.checks.PendingValueCheck`),
+        before its batch runs. An :data:`IDLE` item (the source has nothing ready now: a file is slow or stuck) hands
+        over what has run, so the clips before it come out without waiting for more.
+
+        ``host=True``: the results come as CPU tensors. On CUDA they are copied to the host behind their batch, and
+        handed over once the next batch has been queued on the device, so the device never waits for the caller
+        to take them (nor for the next batch to be gathered)."""
         patch = self.model.config.patch_size
+        pending = collections.deque()  # the value checks of the items taken and not yet run, in order
 
         def check(key, video, n):
-            check_videos([video], patch, _clip_named(key), dtype=self.model.dtype)
-            return key, video, check_token_counts([n], 1, name=_clip_named(key))[0]  # an int, as batching wants
+            name, later = _clip_named(key), self._checks_values_later(video)
+            check_videos([video], patch, name, dtype=self.model.dtype, values=not later)
+            pending.append(PendingValueCheck(video, name(0), self.model.dtype) if later else None)
+            return key, video, check_token_counts([n], 1, name=name)[0]  # an int, as batching wants
 
-        yield from self._stream(_checked(items, check), self._encode_rows, self._stage_videos, self._run_encode)
+        yield from self._stream(
+            _checked(items, check), self._encode_rows, self._stage_videos, self._run_encode, pending, host
+        )
 
     def _encode_rows(self, item) -> int:
         _, video, n = item
@@ -278,10 +330,14 @@ class Engine:
         return idx.numel() + math.prod(patch_grid(tuple(shape), self.model.config.patch_size))
 
     # ------------------------------------------------------------------------------------------- batching
-    def _stream(self, items, rows_of, stage, run) -> Iterator:
-        """Batch items greedily; stage batch k+1 on a worker thread while batch k runs. A bad item, or an error from
-        ``items``, is raised once every item before it has been yielded; an error from ``items`` is never lost to
-        a batch that fails meanwhile (it is raised instead: the items cannot go on)."""
+    def _stream(self, items, rows_of, stage, run, pending: collections.deque | None = None, host=False) -> Iterator:
+        """Batch items greedily and run each batch as soon as it is formed. ``pending``: one entry per item taken,
+        its :class:`PendingValueCheck` or None (checked already); a batch runs up to its first bad item, whose error
+        is raised once the clips before it are out. With ``host`` on CUDA, batch k is handed over after batch k+1
+        is queued (see :meth:`encode_stream`).
+
+        A bad item, or an error from ``items``, is raised once every item before it has been yielded; an error from
+        ``items`` is never lost to a batch that fails meanwhile (it is raised instead: the items cannot go on)."""
         if self.mode != "eager":  # once per call (the model may change between calls), before the largest budget is
             with self._batch_lock:  # read: a change of backend can lower it
                 self._follow_model()
@@ -294,29 +350,40 @@ class Engine:
                 source_errors.append(e)
 
         batches = pack_greedily(source(), rows_of, self.budgets[-1], self.max_clips, lambda _, item: item[0])
+        lags = host and self._overlaps()
         bad_item = None
+        ran = None  # (batch, results) run and not yet handed over
         try:
-            with ThreadPoolExecutor(max_workers=1) as stager:
-                pending = None  # (batch, future of its staged inputs)
-                while True:
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        break
-                    except ValueError as e:  # a clip too large for every budget, after the batch before it
-                        bad_item = e
-                        break
-                    if batch is IDLE:  # nothing more for now: what is pending runs, not kept for the next batch
-                        if pending is not None:
-                            yield from self._finish(pending, run)
-                        pending = None
-                        continue
-                    staged = (batch, stager.submit(stage, batch, self._inputs_ready()))
-                    if pending is not None:
-                        yield from self._finish(pending, run)
-                    pending = staged
-                if pending is not None:
-                    yield from self._finish(pending, run)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except ValueError as e:  # a clip too large for every budget, after the batch before it
+                    bad_item = e
+                    break
+                if batch is IDLE:  # nothing more for now: what has run is handed over
+                    if ran is not None:
+                        yield from self._handed_over(*ran)
+                    ran = None
+                    continue
+                batch, bad = _until_bad(batch, pending)
+                try:
+                    running = (batch, self._run_batch(batch, stage, run, host)) if batch else None
+                except Exception:
+                    if ran is not None:  # the batch before it is out first
+                        yield from self._handed_over(*ran)
+                    raise
+                if ran is not None:
+                    yield from self._handed_over(*ran)
+                ran = running
+                if ran is not None and (not lags or bad is not None):
+                    yield from self._handed_over(*ran)
+                    ran = None
+                if bad is not None:
+                    raise bad
+            if ran is not None:
+                yield from self._handed_over(*ran)
         except Exception:
             if source_errors:
                 raise source_errors[0]  # noqa: B904 (the batch's failure stays attached as its context)
@@ -324,9 +391,20 @@ class Engine:
         if source_errors or bad_item is not None:
             raise source_errors[0] if source_errors else bad_item
 
-    def _finish(self, pending, run) -> Iterator:
-        batch, staged = pending
-        tensors, copied = staged.result()
+    def _checks_values_later(self, video: torch.Tensor) -> bool:
+        """Whether a stream checks a clip's values just before its batch runs rather than as it arrives: on CUDA,
+        where checking at once would wait for the batches queued before it."""
+        return video.device.type == "cuda"
+
+    def _overlaps(self) -> bool:
+        """Whether a batch runs asynchronously to the host (on CUDA), so that handing results over one batch late
+        keeps the device busy."""
+        return self.model.device.type == "cuda"
+
+    def _run_batch(self, batch: list, stage, run, host: bool) -> list:
+        """Stage a batch's inputs on the device and run it (queue it, on CUDA); with ``host``, its results are
+        copied to the host behind it (a :class:`_HostCopy`)."""
+        tensors, copied = stage(batch, self._inputs_ready())
         if copied is not None:  # the compute stream waits for the side-stream copies, and owns their memory
             stream = torch.cuda.current_stream(self.model.device)
             stream.wait_event(copied)
@@ -337,9 +415,17 @@ class Engine:
             if on_cuda and self._last_batch is not None:  # queued on the device after it too (another stream)
                 torch.cuda.current_stream(self.model.device).wait_event(self._last_batch)
             results = self._run_splitting(run, batch, tensors)
+            stream = torch.cuda.current_stream(self.model.device) if on_cuda else None
+            if host and self.model.device.type != "cpu":
+                results = _HostCopy(results, stream)
             if on_cuda:
                 self._last_batch = torch.cuda.Event()
-                self._last_batch.record(torch.cuda.current_stream(self.model.device))
+                self._last_batch.record(stream)
+        return results
+
+    def _handed_over(self, batch: list, results) -> Iterator:
+        if isinstance(results, _HostCopy):
+            results = results.wait()
         yield from zip((item[0] for item in batch), results, strict=True)
 
     def _run_splitting(self, run, batch: list, staged: list) -> list:
@@ -359,8 +445,7 @@ class Engine:
             )
 
     def _inputs_ready(self):
-        """On CUDA, an event on the caller's current stream: inputs it made on the GPU are complete there. Recorded
-        on the caller's thread (the staging thread has its own current stream)."""
+        """On CUDA, an event on the caller's current stream: inputs it made on the GPU are complete there."""
         if self.model.device.type != "cuda":
             return None
         event = torch.cuda.Event()
@@ -371,7 +456,7 @@ class Engine:
         self, tensors: list[torch.Tensor], dtype: torch.dtype | None, ready
     ) -> tuple[list[torch.Tensor], object]:
         """Copy a batch's inputs to the model's device. On CUDA: from pinned memory on a side stream, so the copy
-        overlaps the batch running now, after ``ready`` (see _inputs_ready); returns the tensors and the event
+        overlaps the batches queued before it, after ``ready`` (see _inputs_ready); returns the tensors and the event
         that marks the copies done."""
         device = self.model.device
         if device.type != "cuda":
