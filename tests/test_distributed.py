@@ -550,10 +550,10 @@ class FaultyDevice:
         if any(bool((v <= -0.99).all()) for v in videos):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    def encode_stream(self, items):
+    def encode_stream(self, items, **options):
         items = list(items)
         self.check([v for _, v, _ in items])
-        yield from self.engine.encode_stream(iter(items))
+        yield from self.engine.encode_stream(iter(items), **options)
 
     def encode(self, videos, counts):
         self.check(videos)
@@ -692,8 +692,8 @@ def test_a_device_fault_seen_only_when_the_tokens_come_to_the_host_ends_the_acto
     engine = encoder.engine
 
     class LateFault:
-        def encode_stream(self, items):
-            for key, (codes, _) in engine.encode_stream(items):
+        def encode_stream(self, items, **options):
+            for key, (codes, _) in engine.encode_stream(items, **options):
                 yield key, (codes, _FaultSeenLate())
 
     encoder.engine = LateFault()

@@ -272,7 +272,7 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
 
 
 def test_encode_resiliently_raises_a_failure_that_no_clip_caused(model, monkeypatch):
-    def broken(self, items):
+    def broken(self, items, **options):
         raise RuntimeError("no device")
         yield
 

@@ -341,7 +341,7 @@ def encode_files(
         try:
             with contextlib.closing(feeds), job.bar:
                 items = job.clips(feeds, dict(todo))
-                for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed):
+                for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed, host=True):
                     job.add(key, indices)
                 writes.close()
         except BaseException as e:
@@ -603,10 +603,11 @@ def encode_resiliently(
     on_error: Callable[[object, Exception], None],
     *,
     give_up_after: int = GIVE_UP_AFTER,
+    host: bool = False,
 ) -> Iterator[tuple[object, tuple[torch.Tensor, torch.Tensor]]]:
-    """``engine.encode_stream(items)`` (:data:`~titok_fast.engine.IDLE` items included), but a failing batch does
-    not end the stream: every clip taken and not yet returned is retried alone, a clip that fails alone goes to
-    ``on_error(key, error)``, and the stream goes on.
+    """``engine.encode_stream(items, host=host)`` (:data:`~titok_fast.engine.IDLE` items included), but a failing
+    batch does not end the stream: every clip taken and not yet returned is retried alone, a clip that fails alone
+    goes to ``on_error(key, error)``, and the stream goes on. With ``host``, every result comes as CPU tensors.
 
     What no clip can be blamed for is raised instead: an error from ``items`` itself, a fault the device reports
     (its errors cannot be retried away), a failure before any clip was taken, and ``give_up_after`` clips in a row
@@ -630,7 +631,7 @@ def encode_resiliently(
     stream, failed_in_a_row = tracked(), 0
     while True:
         try:
-            for key, result in engine.encode_stream(stream):
+            for key, result in engine.encode_stream(stream, host=host):
                 del taken[key]
                 failed_in_a_row = 0
                 yield key, result
@@ -645,6 +646,9 @@ def encode_resiliently(
         for key, (video, n) in retry:
             try:
                 codes, out = engine.encode([video], [n])
+                indices = out["indices"][0]
+                if host:
+                    codes, indices = codes.cpu(), indices.cpu()
             except (ValueError, TypeError, RuntimeError) as e:
                 failed_in_a_row += 1
                 if _device_fault(e) or failed_in_a_row >= give_up_after:
@@ -652,7 +656,7 @@ def encode_resiliently(
                 on_error(key, e)
             else:
                 failed_in_a_row = 0
-                yield key, (codes, out["indices"][0])
+                yield key, (codes, indices)
 
 
 class _ItemsError(Exception):
@@ -789,7 +793,7 @@ class _EncodeJob:
         if self.limits.due():
             self.bar.set_postfix_str(self.limits.describe())
         if state is not None:
-            state.indices[key[1]] = indices.cpu()
+            state.indices[key[1]] = indices  # on the host already (encode_resiliently's host=True)
             self._write_if_complete(state)
 
     def clip_failed(self, key: tuple[int, int], error: Exception) -> None:
