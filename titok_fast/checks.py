@@ -72,10 +72,10 @@ def _problems_of(extremes: torch.Tensor, dtype: torch.dtype | None, most: float)
 
 class PendingValueCheck:
     """:func:`check_videos`'s value check of one video, started without waiting for the device: on CUDA the
-    video's extremes go to pinned host memory behind the work queued on the current stream, and :meth:`error`
-    waits for that copy alone (a host sync when the video arrives would wait for whatever the model has queued
-    on that stream, and leave the device idle while the next batch is gathered). On the CPU the check is done at
-    once."""
+    video's extremes go to pinned host memory behind the work queued on the current stream (the batches queued
+    before included), and :meth:`error` waits for that copy. A host sync when the video arrives would wait there
+    and then, leaving the device idle while the rest of the next batch is gathered; the engine asks for the error
+    only when the video's batch is about to run. On the CPU the check is done at once."""
 
     def __init__(self, video: torch.Tensor, name: str, dtype: torch.dtype | None):
         self.name, self.dtype = name, dtype

@@ -404,7 +404,7 @@ class Engine:
     def _run_batch(self, batch: list, stage, run, host: bool) -> list:
         """Stage a batch's inputs on the device and run it (queue it, on CUDA); with ``host``, its results are
         copied to the host behind it (a :class:`_HostCopy`)."""
-        tensors, copied = stage(batch, self._inputs_ready())
+        tensors, copied = stage(batch)
         if copied is not None:  # the compute stream waits for the side-stream copies, and owns their memory
             stream = torch.cuda.current_stream(self.model.device)
             stream.wait_event(copied)
@@ -444,42 +444,33 @@ class Engine:
                 run, batch[half:], staged[half:]
             )
 
-    def _inputs_ready(self):
-        """On CUDA, an event on the caller's current stream: inputs it made on the GPU are complete there."""
-        if self.model.device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.model.device))
-        return event
-
-    def _stage(
-        self, tensors: list[torch.Tensor], dtype: torch.dtype | None, ready
-    ) -> tuple[list[torch.Tensor], object]:
-        """Copy a batch's inputs to the model's device. On CUDA: from pinned memory on a side stream, so the copy
-        overlaps the batches queued before it, after ``ready`` (see _inputs_ready); returns the tensors and the event
-        that marks the copies done."""
+    def _stage(self, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[torch.Tensor], object]:
+        """A batch's inputs on the model's device, in ``dtype``. On CUDA, inputs in host memory are copied from
+        pinned memory on a side stream (they wait for nothing on the device, so the copies overlap the batches
+        queued before); inputs on the GPU are converted, if at all, on the caller's stream, behind the work that
+        made them. Returns the tensors and the event that marks the copies done (None: no copy)."""
         device = self.model.device
         if device.type != "cuda":
             return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
+        out = [t if t.device.type == "cpu" else t.to(dtype=dtype or t.dtype) for t in tensors]
+        on_host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+        if not on_host:
+            return out, None
         side = self._copy_stream
         if side is None or side.device != device:  # made for the model's device now
             side = self._copy_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(side):
-            side.wait_event(ready)  # inputs made on the GPU by the caller are complete
-            out = [
-                t.pin_memory().to(device=device, dtype=dtype or t.dtype, non_blocking=True) if t.device.type == "cpu"
-                else t.to(dtype=dtype or t.dtype)
-                for t in tensors
-            ]  # fmt: skip
+            for i in on_host:
+                out[i] = tensors[i].pin_memory().to(device=device, dtype=dtype or tensors[i].dtype, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(side)
         return out, copied
 
-    def _stage_videos(self, batch: list, ready) -> tuple[list[torch.Tensor], object]:
-        return self._stage([video for _, video, _ in batch], self.model.dtype, ready)
+    def _stage_videos(self, batch: list) -> tuple[list[torch.Tensor], object]:
+        return self._stage([video for _, video, _ in batch], self.model.dtype)
 
-    def _stage_indices(self, batch: list, ready) -> tuple[list[torch.Tensor], object]:
-        return self._stage([idx for _, idx, _ in batch], None, ready)
+    def _stage_indices(self, batch: list) -> tuple[list[torch.Tensor], object]:
+        return self._stage([idx for _, idx, _ in batch], None)
 
     # ----------------------------------------------------------------------------------------------- encode
     def _run_encode(self, batch: list, videos: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
