@@ -26,6 +26,7 @@ small pytest cases below. With TITOK_BENCH_LOG set, each case is also appended t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -55,6 +56,10 @@ try:  # the stage clock; absent at commits before it existed (their rows have to
     from titok_fast import stages
 except ImportError:
     stages = None
+try:  # how encode_files takes the files' clips; absent at commits before it existed
+    from titok_fast.video import interleaved_videos as _interleaved_videos
+except ImportError:
+    _interleaved_videos = None
 
 SOURCES = {  # name -> (width, height, fps)
     "720p30": (1280, 720, 30),
@@ -191,9 +196,15 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         if args.input_only:
             device = _supported(settings.read_kwargs, {"device": model.device.type})
             workers = {"worker_kind": args.worker_kind} if args.worker_kind != "thread" else {}
-            feeds = stream_videos(copies, workers=args.workers, prefetch=2 * args.workers, **workers,
-                                  **settings.read_kwargs(**device))  # fmt: skip
-            clips = sum(1 for _, feed in feeds for _ in feed)
+            if _interleaved_videos is not None:  # as encode_files takes the files' clips
+                files_read = _interleaved_videos(copies, workers=args.workers, **workers,
+                                                 **settings.read_kwargs(**device))  # fmt: skip
+                with contextlib.closing(files_read):
+                    clips = sum(1 for _, kind, _ in files_read if kind == "clip")
+            else:  # a commit from before FeedInterleaver: one file at a time, in order
+                feeds = stream_videos(copies, workers=args.workers, prefetch=2 * args.workers, **workers,
+                                      **settings.read_kwargs(**device))  # fmt: skip
+                clips = sum(1 for _, feed in feeds for _ in feed)
         else:
             run_options = _supported(encode_files, {"worker_kind": args.worker_kind})
             summary = encode_files(

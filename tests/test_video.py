@@ -899,6 +899,103 @@ def test_the_stall_limit_counts_only_the_wait_for_the_decoder(monkeypatch):
     assert [sum(1 for _ in feed) for _, feed in ages] == [3]  # no timeout too long for the platform's clock
 
 
+def _interleaved(paths, **kwargs) -> list[tuple[int, str, object]]:
+    """Every event of ``video.interleaved_videos`` (clips as their value), the stream closed after."""
+    events = []
+    files = video.interleaved_videos(paths, frames=1, height=1, width=1, **kwargs)
+    with contextlib.closing(files):
+        for number, kind, value in files:
+            events.append((number, kind, value.item() if kind == "clip" else value))
+    return events
+
+
+def test_interleaved_files_keep_every_worker_decoding(monkeypatch):
+    """File 0's worker waits, before its last clip, until file 1 has made more clips than its read-ahead holds:
+    taking the files one at a time, in order, file 1's worker would stop at its read-ahead and the wait would
+    time out. Taken from whichever file has one ready, every clip comes, each file's in order."""
+    ahead, capacity = threading.Event(), 2
+
+    def fail(path):
+        if path == "1" and made[path] == capacity + 3:
+            ahead.set()
+        if path == "0" and made[path] == 11:
+            assert ahead.wait(timeout=10), "file 1 was not decoded while file 0 was"
+
+    made = _fake_clips(monkeypatch, clips_per_file=12, fail=fail)
+    events = _interleaved(["0", "1", "2"], workers=2, capacity=capacity)
+    assert ahead.is_set()
+    for number in range(3):
+        mine = [(kind, value) for n, kind, value in events if n == number]
+        assert mine[0] == ("open", (str(number), mine[0][1][1])) and mine[-1] == ("end", None)
+        assert mine[1:-1] == [("clip", float(number))] * 12
+    assert [n for n, kind, _ in events if kind == "open"] == [0, 1, 2]
+
+
+def test_interleaved_files_fail_alone_and_hold_a_bounded_number_open(monkeypatch):
+    """A file's error comes after its good clips and ends it alone; a dropped file's worker gives up; at most
+    workers + 1 files are held and workers more read ahead."""
+    def fail(path):
+        if path == "1" and made[path] == 2:
+            raise MemoryError("decoder ran out of memory")
+
+    made = _fake_clips(monkeypatch, clips_per_file=6, fail=fail)
+    files = video.interleaved_videos([str(i) for i in range(8)], workers=2, capacity=1, frames=1, height=1, width=1)
+    events, held, ended, most = [], set(), 0, 0
+    with contextlib.closing(files):
+        for number, kind, _ in files:
+            events.append((number, kind))
+            if kind == "open":
+                held.add(number)
+            if kind in ("end", "error") or (kind == "clip" and number == 3):
+                if number == 3:
+                    files.drop(number)  # as encode_files drops a file that failed elsewhere
+                held.discard(number)
+                ended += 1
+            most = max(most, len(held))
+            assert len(made) <= ended + len(held) + 2  # files a worker came to: ended, held, or read ahead
+    assert most == 3
+    errors = [(n, kind) for n, kind in events if kind == "error"]
+    assert errors == [(1, "error")] and [k for n, k in events if n == 1] == ["open", "clip", "clip", "error"]
+    assert [k for n, k in events if n == 3] == ["open", "clip"] and made["3"] < 6
+    assert all([k for n, k in events if n == f] == ["open", *["clip"] * 6, "end"] for f in (0, 2, 4, 5, 6, 7))
+
+
+def test_an_interleaved_file_that_stalls_fails_alone_while_the_others_go_on(monkeypatch):
+    release, threads = _stalling(monkeypatch, stalls_after=1)
+    try:
+        events = _interleaved(["0", "1", "2", "3"], workers=2, stall_seconds=0.5, idle_seconds=0.2)
+    finally:
+        release.set()
+    assert [(n, value) for n, kind, value in events if kind == "clip"].count((1, 1.0)) == 1
+    error = [value for n, kind, value in events if kind == "error"]
+    assert [str(e) for e in error] == ["1: no clip decoded for 0.5 s; given up (a read that hangs, or a file the "
+                                       "decoder cannot get through)"]  # fmt: skip
+    assert all([k for n, k, _ in events if n == f].count("clip") == 4 for f in (0, 2, 3))
+    assert any(kind == "idle" for _, kind, _ in events)  # nothing came while file 1 hung alone
+    assert threads["2"] is not threads["1"] and threads["3"] is not threads["1"]
+
+
+def test_interleaved_files_that_no_thread_comes_to_get_a_new_one(monkeypatch):
+    """The only thread is stuck for good in file 1, which was dropped: file 2, which no thread comes to, is not at
+    fault; once nothing has come for the stall limit, a thread is added for it and it is read whole."""
+    release, _ = _stalling(monkeypatch, stalls_after=0)
+    files = video.interleaved_videos(["0", "1", "2"], workers=1, stall_seconds=0.5, frames=1, height=1, width=1)
+    got = []
+    try:
+        with contextlib.closing(files):
+            for number, kind, value in files:
+                if number == 1 and kind == "open":
+                    feed = value[1]
+                    while feed.worker is None:  # its thread has taken it
+                        time.sleep(0.01)
+                    files.drop(1)
+                if kind == "clip":
+                    got.append((number, value.item()))
+    finally:
+        release.set()
+    assert got == [(0, 0.0)] * 4 + [(2, 2.0)] * 4
+
+
 def test_watched_clips_give_up_on_a_reader_that_stalls(monkeypatch):
     """The Ray decode tasks' guard: the reader runs in a thread of its own, left behind when it hangs."""
     release, _ = _stalling(monkeypatch, stalls_after=2)

@@ -51,9 +51,11 @@ from .video import (
     MIN_WRITE_FPS,
     TIME_SAMPLING,
     ClipReader,
+    FeedInterleaver,
     VideoError,
     VideoWriter,
     default_workers,
+    interleaved_videos,
     normalize_pixels,
     psnr,
     side_by_side,
@@ -331,16 +333,16 @@ def encode_files(
         job.limits.workers, job.limits.worker_kind = workers, worker_kind
         on_cuda = model.device.type == "cuda"  # clips that may hold source-size frames are held fewer at a time
         source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
-        feeds = stream_videos(
-            [p for p, _ in todo], workers=workers, prefetch=2 * workers, worker_kind=worker_kind,
+        files_read = interleaved_videos(
+            [p for p, _ in todo], workers=workers, idle_seconds=IDLE_SECONDS, worker_kind=worker_kind,
             stall_seconds=stall_seconds,
             capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
             **settings.read_kwargs(model.device.type),
         )  # fmt: skip
         stopped = "not encoded"
         try:
-            with contextlib.closing(feeds), job.bar:
-                items = job.clips(feeds, dict(todo))
+            with contextlib.closing(files_read), job.bar:
+                items = job.clips(files_read, dict(todo))
                 for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed, host=True):
                     job.add(key, indices)
                 writes.close()
@@ -355,6 +357,9 @@ def encode_files(
                 for path, out in todo:
                     if str(path) not in settled:
                         manifest.not_encoded(path, out, stopped)
+    rank = {str(path): i for i, (path, _) in enumerate(files)}  # files end in any order: said in the inputs' order
+    summary.done.sort(key=lambda path: rank.get(path, -1))
+    summary.failed.sort(key=lambda failure: rank.get(failure[0], -1))
     summary.seconds = time.perf_counter() - start
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
     return summary
@@ -721,6 +726,7 @@ class _FileState:
     out: Path
     reader: ClipReader
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    taken: int = 0  # clips read from the file so far
     clips: int | None = None  # known once the whole file has been read
     ended: bool = False  # written or failed
 
@@ -740,31 +746,37 @@ class _EncodeJob:
         self.preprocess_failed_in_a_row = 0
         self.limits = Limits(start, settings.decoder, model.device.type)
 
-    def clips(self, feeds: Iterator, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
-        """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file."""
+    def clips(self, files_read: FeedInterleaver, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
+        """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file, taken
+        from whichever file has one ready (each file's clips in order)."""
         dtype, tokens = self.model.dtype, self.settings.tokens
-        for number, (path, feed) in enumerate(self.limits.waiting(feeds)):
-            state = self.files[number] = _FileState(number, path, outputs[path], feed.reader)
-            count = 0
-            try:
-                for clip in self.limits.waiting(feed.clips(IDLE_SECONDS)):
-                    if clip is None:  # none ready for a while (a slow or stuck file): the engine runs what it holds
-                        yield IDLE
-                        continue
-                    if clip.dtype == torch.uint8:  # frames at source size: preprocessed here, on the model's device
-                        clip = self._preprocess(state, count, clip)
-                        if clip is None:
-                            break
-                    else:  # resized already, by the decoding worker
-                        clip = normalize_pixels(clip, dtype)
-                    yield (number, count), clip, tokens
-                    count += 1
-            except VideoError as e:
-                self._fail(state, str(e))
+        for number, kind, value in self.limits.waiting(files_read):
+            if kind == "idle":  # no clip ready for a while (slow or stuck files): the engine runs what it holds
+                yield IDLE
                 continue
-            if not state.ended:
-                state.clips = count
+            if kind == "open":
+                path, feed = value
+                self.files[number] = _FileState(number, path, outputs[path], feed.reader)
+                continue
+            state = self.files.get(number)
+            if state is None:  # ended already: a clip of it failed encoding
+                files_read.drop(number)
+            elif kind == "error":
+                self._fail(state, str(value))
+            elif kind == "end":
+                state.clips = state.taken
                 self._write_if_complete(state)
+            else:
+                clip = value
+                if clip.dtype == torch.uint8:  # frames at source size: preprocessed here, on the model's device
+                    clip = self._preprocess(state, state.taken, clip)
+                    if clip is None:  # the file failed
+                        files_read.drop(number)
+                        continue
+                else:  # resized already, by the decoding worker
+                    clip = normalize_pixels(clip, dtype)
+                yield (number, state.taken), clip, tokens
+                state.taken += 1
 
     def _preprocess(self, state: _FileState, number: int, frames: torch.Tensor) -> torch.Tensor | None:
         """One clip's frames preprocessed on the model's device; None if that failed, failing its file alone, as

@@ -423,6 +423,7 @@ class ClipFeed:
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._closed = threading.Event()
         self._waiting_since: float | None = None  # when the consumer began waiting for the next item
+        self.on_ready: Callable[[], None] | None = None  # called after each item the worker puts (FeedInterleaver)
 
     def close(self) -> None:
         """Stop decoding: the worker gives up at its next clip (the consumer has moved on or gone)."""
@@ -453,9 +454,11 @@ class ClipFeed:
         while not self._closed.is_set():
             try:
                 self._queue.put(item, timeout=0.05)
-                return True
             except queue.Full:
                 continue
+            if self.on_ready is not None:
+                self.on_ready()
+            return True
         return False
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -509,6 +512,129 @@ class ClipFeed:
             raise stall_error(self.path, self.stall_seconds)
 
 
+    def poll(self) -> tuple[str, object] | None:
+        """The worker's next item if one is ready now, else None: ("clip", clip), ("end", None) or ("error",
+        VideoError). A feed whose thread has given nothing for ``stall_seconds`` since the consumer began waiting
+        (or since the thread came to it) is given up as in :meth:`clips`: its error item, the feed closed and
+        ``stalled`` set. A feed no thread has come to yet is not timed here (:class:`FeedInterleaver` is)."""
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        else:
+            self._waiting_since = None
+            return item
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        worker = self.worker
+        if self.stall_seconds is None or worker is None or now - max(self._waiting_since, self._started) < (
+            self.stall_seconds
+        ):
+            return None
+        if self.on_stall is not None:
+            self.on_stall(worker)
+        self.stalled = True
+        self.close()
+        return "error", stall_error(self.path, self.stall_seconds)
+
+
+class FeedInterleaver:
+    """The clips of many files, taken from whichever held file has one ready (the oldest first), so that every
+    decoding worker keeps decoding. Taking the files one at a time, in order, leaves all workers but the one
+    decoding the file being taken waiting on full queues as soon as files are longer than their read-ahead
+    (``capacity`` clips): with long videos, decoding would not scale with workers at all (benchmarks/RESULTS.md).
+
+    Iterating gives ``(number, kind, value)`` events, ``number`` being the file's place in the stream:
+    ``"open"`` (value: ``(path, feed)``) before any other event of that file; ``"clip"`` (value: the clip; a file's
+    clips in order); ``"end"`` (every clip of the file has come); ``"error"`` (value: its VideoError, after the clips
+    before it); and ``(-1, "idle", None)`` each time ``idle_seconds`` pass with no clip. At most ``hold`` files are
+    held at once, from "open" to their "end", "error" or :meth:`drop`, and opened in the stream's order as others
+    end. ``feeds`` is :func:`stream_videos` with ``close_each=False``, of ``files`` files: it is not asked past the
+    last one (a stream that ends closes every feed it gave).
+
+    A stream whose files all make no progress for their stall limit while the oldest held file has no thread (the
+    threads are all stuck in files given up) has a thread added for that file, as :class:`ClipFeed` does.
+    """
+
+    def __init__(self, feeds: Iterator[tuple[str | os.PathLike[str], ClipFeed]], files: int, hold: int,
+                 idle_seconds: float | None = None):  # fmt: skip
+        if hold < 1:
+            raise ValueError(f"hold must be >= 1; got {hold}")
+        self.files, self.hold, self.idle_seconds = files, hold, idle_seconds
+        self._feeds = feeds
+        self._held: dict[int, ClipFeed] = {}  # in the stream's order
+        self._opened = 0
+        self._ready = threading.Event()  # set by the workers after each item they put
+
+    def drop(self, number: int) -> None:
+        """Stop taking the file's clips (it failed elsewhere): its worker gives up at its next clip."""
+        feed = self._held.pop(number, None)
+        if feed is not None:
+            feed.close()
+
+    def close(self) -> None:
+        """Close every file held (what was not taken is dropped), then the stream of feeds."""
+        for feed in self._held.values():
+            feed.close()
+        self._held.clear()
+        if (close := getattr(self._feeds, "close", None)) is not None:
+            close()
+
+    def __iter__(self) -> Iterator[tuple[int, str, object]]:
+        last_item = last_idle = time.monotonic()
+        while True:
+            while len(self._held) < self.hold and self._opened < self.files:
+                path, feed = next(self._feeds)
+                number, self._opened = self._opened, self._opened + 1
+                feed.on_ready = self._ready.set
+                self._held[number] = feed
+                self._ready.set()  # its first items may have come before the hook was set
+                yield number, "open", (path, feed)
+            if not self._held:
+                return
+            self._ready.clear()
+            event = self._next_ready()
+            now = time.monotonic()
+            if event is not None:
+                last_item = last_idle = now
+                yield event
+                continue
+            if self.idle_seconds is not None and now - last_idle >= self.idle_seconds:
+                last_idle = now
+                yield -1, "idle", None
+                continue
+            oldest = next(iter(self._held.values()))
+            if oldest.worker is None and oldest.stall_seconds is not None and now - last_item >= oldest.stall_seconds:
+                if oldest.on_stall is not None:
+                    oldest.on_stall(None)  # every thread is stuck elsewhere: one more for this file
+                last_item = now
+            self._ready.wait(0.05)
+
+    def _next_ready(self) -> tuple[int, str, object] | None:
+        """The oldest held file's next item, if any has one ready; a file that ends or fails is no longer held."""
+        for number, feed in list(self._held.items()):
+            item = feed.poll()
+            if item is None:
+                continue
+            kind, value = item
+            if kind != "clip":
+                del self._held[number]
+            return number, kind, value
+        return None
+
+
+def interleaved_videos(
+    paths: Iterable[str | os.PathLike[str]], *, workers: int, idle_seconds: float | None = None, **stream_kwargs
+) -> FeedInterleaver:
+    """:func:`stream_videos` (``stream_kwargs``: its arguments but ``prefetch``) taken by a :class:`FeedInterleaver`:
+    ``workers + 1`` files held and ``workers`` read ahead, as many open files as taking them in order held. Close
+    it (``contextlib.closing``) to stop the workers."""
+    paths = list(paths)
+    feeds = stream_videos(paths, workers=workers, prefetch=workers, close_each=False, **stream_kwargs)
+    return FeedInterleaver(feeds, len(paths), hold=workers + 1, idle_seconds=idle_seconds)
+
+
 def stall_error(path: str, seconds: float) -> VideoError:
     return VideoError(
         f"{path}: no clip decoded for {seconds:g} s; given up (a read that hangs, or a file the decoder cannot get "
@@ -543,14 +669,17 @@ def stream_videos(
     capacity: int = 8,
     worker_kind: str = "thread",
     stall_seconds: float | None = None,
+    close_each: bool = True,
     **read_kwargs,
 ) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
     """Read many videos with `workers` threads or processes (``worker_kind``), ahead of the consumer; yield
     (path, ClipFeed) in order.
 
-    At most `prefetch` files are open at a time (the one being consumed and those read ahead), each holding at most
-    `capacity` decoded clips that the consumer has not taken, so memory stays bounded whatever the videos' lengths.
-    Asking for the next feed closes the previous one (what was not taken of it is dropped). `read_kwargs` go to
+    At most `prefetch` files are open at a time besides those the consumer holds (one, with ``close_each``: asking
+    for the next feed closes the previous one, and what was not taken of it is dropped; else the consumer closes
+    the feeds it holds, as :class:`FeedInterleaver` does, and asks for no feed past the last: the stream's end
+    closes them all), each holding at most `capacity` decoded clips that the consumer has not taken, so memory stays
+    bounded whatever the videos' lengths. `read_kwargs` go to
     :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode where the GIL or
     per-frame Python work would stop threads from scaling; their clips come back through shared memory, their
     failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
@@ -593,7 +722,7 @@ def stream_videos(
 
     try:
         while True:
-            if current is not None:
+            if current is not None and close_each:
                 current.close()  # its worker, if still decoding, frees its thread for the files ahead
             for path in remaining:
                 feed = ClipFeed(ClipReader(path, **read_kwargs), capacity, feed_stall, replace)
