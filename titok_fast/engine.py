@@ -414,13 +414,15 @@ class Engine:
             on_cuda = self.model.device.type == "cuda"
             if on_cuda and self._last_batch is not None:  # queued on the device after it too (another stream)
                 torch.cuda.current_stream(self.model.device).wait_event(self._last_batch)
-            results = self._run_splitting(run, batch, tensors)
             stream = torch.cuda.current_stream(self.model.device) if on_cuda else None
-            if host and self.model.device.type != "cpu":
-                results = _HostCopy(results, stream)
-            if on_cuda:
-                self._last_batch = torch.cuda.Event()
-                self._last_batch.record(stream)
+            try:
+                results = self._run_splitting(run, batch, tensors)
+                if host and self.model.device.type != "cpu":
+                    results = _HostCopy(results, stream)
+            finally:  # a batch that failed midway may have left work queued on the buffers: the next waits for it
+                if on_cuda:
+                    self._last_batch = torch.cuda.Event()
+                    self._last_batch.record(stream)
         return results
 
     def _handed_over(self, batch: list, results) -> Iterator:

@@ -313,9 +313,10 @@ def encode_files(
     of the shard's own (:func:`~titok_fast.manifest.manifest_name`).
 
     Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``; default one per
-    core; up to ``2 * workers`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept
-    at source size) through ``engine.encode_stream``, so memory does not grow with a video's length and the GPU
-    never waits for a whole file. Frames are preprocessed where ``settings.preprocess`` places them (on the
+    core; taken from whichever file has one ready, :func:`~titok_fast.video.interleaved_videos`: up to
+    ``2 * workers + 1`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept at source
+    size) through ``engine.encode_stream``, so memory does not grow with a video's length and the GPU never waits
+    for a whole file. Frames are preprocessed where ``settings.preprocess`` places them (on the
     model's device: batched per clip, overlapped with the model). A file's token file is written as soon as all
     its clips are back; a file that fails (reading, or encoding after retrying its clips one by one) is reported,
     the rest go on, as does one whose decoder gives no clip for ``stall_seconds`` (None: wait for ever; its stuck

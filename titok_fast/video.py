@@ -511,7 +511,6 @@ class ClipFeed:
             self.close()
             raise stall_error(self.path, self.stall_seconds)
 
-
     def poll(self) -> tuple[str, object] | None:
         """The worker's next item if one is ready now, else None: ("clip", clip), ("end", None) or ("error",
         VideoError). A feed whose thread has given nothing for ``stall_seconds`` since the consumer began waiting
