@@ -472,6 +472,19 @@ def test_cuda_stream_with_host_results_and_values_checked_late_equals_model(mode
     assert seen == [0, 1, 2]
 
 
+@pytest.mark.gpu
+def test_cuda_engine_reads_a_callers_pinned_inputs_before_it_hands_results_over():
+    """Results on the device come back before the batch has run: a caller that then refills its pinned input
+    buffers (as a loader reusing them does) must not change what the batch computes."""
+    model = make_model("tiny").cuda()
+    videos = [v.pin_memory() for v in random_videos(SHAPES)]
+    _, out = model.encode([v.cuda() for v in videos], COUNTS)
+    engine = Engine(model, mode="eager", budgets=(512,), max_clips=3)
+    for key, (_, idx) in engine.encode_stream((i, videos[i], COUNTS[i]) for i in range(len(SHAPES))):
+        videos[key].fill_(0.5)  # its buffer refilled before its result is looked at (the device may not have run)
+        assert torch.equal(idx, out["indices"][key]), key
+
+
 @pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"])
 def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypatch):
     """Runners take the decoder table as an input (CUDA graphs read it by address): new weights must reach them."""

@@ -449,8 +449,9 @@ class Engine:
     def _stage(self, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[torch.Tensor], object]:
         """A batch's inputs on the model's device, in ``dtype``. On CUDA, inputs in host memory are copied from
         pinned memory on a side stream (they wait for nothing on the device, so the copies overlap the batches
-        queued before); inputs on the GPU are converted, if at all, on the caller's stream, behind the work that
-        made them. Returns the tensors and the event that marks the copies done (None: no copy)."""
+        queued before; an input pinned by the caller is copied before this returns); inputs on the GPU are
+        converted, if at all, on the caller's stream, behind the work that made them. Returns the tensors and the
+        event that marks the copies done (None: no copy)."""
         device = self.model.device
         if device.type != "cuda":
             return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
@@ -463,7 +464,12 @@ class Engine:
             side = self._copy_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(side):
             for i in on_host:
-                out[i] = tensors[i].pin_memory().to(device=device, dtype=dtype or tensors[i].dtype, non_blocking=True)
+                t = tensors[i]
+                # the caller's own pinned memory is read before this returns (the caller may refill it once the
+                # results are out, which on CUDA can be before an asynchronous copy has run); a pinned copy of
+                # ours is read later, and kept by the pinned-memory cache until then
+                mine = not t.is_pinned()
+                out[i] = (t.pin_memory() if mine else t).to(device=device, dtype=dtype or t.dtype, non_blocking=mine)
             copied = torch.cuda.Event()
             copied.record(side)
         return out, copied
