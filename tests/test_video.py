@@ -1,4 +1,5 @@
 import contextlib
+import itertools
 import math
 import multiprocessing
 import os
@@ -952,7 +953,7 @@ def test_interleaved_files_fail_alone_and_hold_a_bounded_number_open(monkeypatch
                 held.discard(number)
                 ended += 1
             most = max(most, len(held))
-            assert len(made) <= ended + len(held) + 2  # files a worker came to: ended, held, or read ahead
+            assert len(made) <= ended + len(held) + 1  # files a worker came to: ended, held, or read ahead (1)
     assert most == 3
     errors = [(n, kind) for n, kind in events if kind == "error"]
     assert errors == [(1, "error")] and [k for n, k in events if n == 1] == ["open", "clip", "clip", "error"]
@@ -994,6 +995,50 @@ def test_interleaved_files_that_no_thread_comes_to_get_a_new_one(monkeypatch):
     finally:
         release.set()
     assert got == [(0, 0.0)] * 4 + [(2, 2.0)] * 4
+
+
+def test_a_stream_that_hands_its_feeds_over_closes_them_all_when_it_ends(monkeypatch):
+    """With close_each=False the consumer holds the feeds it was given; asking past the last one ends the stream,
+    which closes them all, so that the workers blocked on their full queues end too."""
+    _fake_clips(monkeypatch, clips_per_file=50)
+    before = set(threading.enumerate())
+    stream = video.stream_videos(["0", "1", "2"], workers=2, prefetch=2, capacity=1, close_each=False, frames=1,
+                                 height=1, width=1)  # fmt: skip
+    feeds = [feed for _, feed in itertools.islice(stream, 3)]
+    while sum(feed._queue.full() for feed in feeds) < 2:  # both workers blocked on a full queue
+        time.sleep(0.01)
+    assert next(stream, None) is None
+    assert all(feed._closed.is_set() for feed in feeds)
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
+def test_interleaved_files_close_their_stream_at_the_end_and_do_not_count_the_consumers_time(monkeypatch):
+    """The run is slow with a file's clip (the model) while the only thread finishes a slow read in a file that
+    was dropped: that time is not the interleaver's wait, so no thread is added for the next file. Once every file
+    has ended, the workers end without a close."""
+    def slow(path):
+        threads.add(threading.current_thread())
+        if path == "1" and made[path] == 1:
+            time.sleep(1.0)  # a slow read, not a stuck one
+
+    threads = set()
+    made = _fake_clips(monkeypatch, clips_per_file=3, fail=slow)
+    before = set(threading.enumerate())
+    events = []
+    files = video.interleaved_videos(["0", "1", "2"], workers=1, capacity=1, stall_seconds=0.5, frames=1, height=1,
+                                     width=1)  # fmt: skip
+    for number, kind, _ in files:
+        events.append((number, kind))
+        if (number, kind) == (1, "clip"):
+            files.drop(1)
+            time.sleep(0.9)  # the consumer's own time, longer than the stall limit
+    assert (1, "clip") in events and len(threads) == 1
+    assert [k for n, k in events if n == 2] == ["open", "clip", "clip", "clip", "end"]
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
 
 
 def test_watched_clips_give_up_on_a_reader_that_stalls(monkeypatch):

@@ -314,7 +314,7 @@ def encode_files(
 
     Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``; default one per
     core; taken from whichever file has one ready, :func:`~titok_fast.video.interleaved_videos`: up to
-    ``2 * workers + 1`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept at source
+    ``2 * workers`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept at source
     size) through ``engine.encode_stream``, so memory does not grow with a video's length and the GPU never waits
     for a whole file. Frames are preprocessed where ``settings.preprocess`` places them (on the
     model's device: batched per clip, overlapped with the model). A file's token file is written as soon as all

@@ -515,7 +515,7 @@ class ClipFeed:
         """The worker's next item if one is ready now, else None: ("clip", clip), ("end", None) or ("error",
         VideoError). A feed whose thread has given nothing for ``stall_seconds`` since the consumer began waiting
         (or since the thread came to it) is given up as in :meth:`clips`: its error item, the feed closed and
-        ``stalled`` set. A feed no thread has come to yet is not timed here (:class:`FeedInterleaver` is)."""
+        ``stalled`` set. A feed no thread has come to yet is not timed here (see :class:`FeedInterleaver`)."""
         try:
             item = self._queue.get_nowait()
         except queue.Empty:
@@ -552,8 +552,9 @@ class FeedInterleaver:
     end. ``feeds`` is :func:`stream_videos` with ``close_each=False``, of ``files`` files: it is not asked past the
     last one (a stream that ends closes every feed it gave).
 
-    A stream whose files all make no progress for their stall limit while the oldest held file has no thread (the
-    threads are all stuck in files given up) has a thread added for that file, as :class:`ClipFeed` does.
+    When this waits for the stall limit (its own waits since the last item, not the consumer's time) while the
+    oldest held file has no thread (the threads are all stuck in files given up), a thread is added for that file,
+    as :class:`ClipFeed` does. The stream of feeds is closed with the last file's end, or by :meth:`close`.
     """
 
     def __init__(self, feeds: Iterator[tuple[str | os.PathLike[str], ClipFeed]], files: int, hold: int,
@@ -581,7 +582,14 @@ class FeedInterleaver:
             close()
 
     def __iter__(self) -> Iterator[tuple[int, str, object]]:
-        last_item = last_idle = time.monotonic()
+        try:
+            yield from self._events()
+        finally:  # the end, an error, or the consumer gone
+            self.close()
+
+    def _events(self) -> Iterator[tuple[int, str, object]]:
+        last_idle = time.monotonic()
+        quiet = 0.0  # seconds spent here waiting since the last item (the consumer's own time is not counted)
         while True:
             while len(self._held) < self.hold and self._opened < self.files:
                 path, feed = next(self._feeds)
@@ -596,7 +604,7 @@ class FeedInterleaver:
             event = self._next_ready()
             now = time.monotonic()
             if event is not None:
-                last_item = last_idle = now
+                last_idle, quiet = now, 0.0
                 yield event
                 continue
             if self.idle_seconds is not None and now - last_idle >= self.idle_seconds:
@@ -604,11 +612,12 @@ class FeedInterleaver:
                 yield -1, "idle", None
                 continue
             oldest = next(iter(self._held.values()))
-            if oldest.worker is None and oldest.stall_seconds is not None and now - last_item >= oldest.stall_seconds:
+            if oldest.worker is None and oldest.stall_seconds is not None and quiet >= oldest.stall_seconds:
                 if oldest.on_stall is not None:
                     oldest.on_stall(None)  # every thread is stuck elsewhere: one more for this file
-                last_item = now
+                quiet = 0.0
             self._ready.wait(0.05)
+            quiet += time.monotonic() - now
 
     def _next_ready(self) -> tuple[int, str, object] | None:
         """The oldest held file's next item, if any has one ready; a file that ends or fails is no longer held."""
@@ -619,6 +628,7 @@ class FeedInterleaver:
             kind, value = item
             if kind != "clip":
                 del self._held[number]
+                feed.close()  # ended: nothing more comes (and the stream lets go of it)
             return number, kind, value
         return None
 
@@ -627,8 +637,9 @@ def interleaved_videos(
     paths: Iterable[str | os.PathLike[str]], *, workers: int, idle_seconds: float | None = None, **stream_kwargs
 ) -> FeedInterleaver:
     """:func:`stream_videos` (``stream_kwargs``: its arguments but ``prefetch``) taken by a :class:`FeedInterleaver`:
-    ``workers + 1`` files held and ``workers`` read ahead, as many open files as taking them in order held. Close
-    it (``contextlib.closing``) to stop the workers."""
+    ``workers + 1`` files held and ``workers - 1`` read ahead, ``2 * workers`` open, as taking them in order with
+    ``prefetch=2 * workers`` had. It closes itself once every file has ended; close it (``contextlib.closing``) to
+    stop early."""
     paths = list(paths)
     feeds = stream_videos(paths, workers=workers, prefetch=workers, close_each=False, **stream_kwargs)
     return FeedInterleaver(feeds, len(paths), hold=workers + 1, idle_seconds=idle_seconds)
@@ -674,14 +685,15 @@ def stream_videos(
     """Read many videos with `workers` threads or processes (``worker_kind``), ahead of the consumer; yield
     (path, ClipFeed) in order.
 
-    At most `prefetch` files are open at a time besides those the consumer holds (one, with ``close_each``: asking
-    for the next feed closes the previous one, and what was not taken of it is dropped; else the consumer closes
-    the feeds it holds, as :class:`FeedInterleaver` does, and asks for no feed past the last: the stream's end
-    closes them all), each holding at most `capacity` decoded clips that the consumer has not taken, so memory stays
-    bounded whatever the videos' lengths. `read_kwargs` go to
-    :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode where the GIL or
-    per-frame Python work would stop threads from scaling; their clips come back through shared memory, their
-    failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
+    At most `prefetch` files are open at a time, the one the consumer takes and those read ahead, each holding at
+    most `capacity` decoded clips that the consumer has not taken, so memory stays bounded whatever the videos'
+    lengths. Asking for the next feed closes the previous one (what was not taken of it is dropped); with
+    ``close_each=False`` the consumer holds the feeds it was given until it closes them (as
+    :class:`FeedInterleaver` does), and `prefetch` - 1 more are read ahead; closing the stream closes them all.
+    `read_kwargs` go to :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode
+    where the GIL or per-frame Python work would stop threads from scaling; their clips come back through shared
+    memory, their failures (a crash included) are the failing file's VideoError alone, and a crashed worker is
+    replaced.
     With ``stall_seconds``, a file that gives no clip for that long fails alone (see :class:`ClipFeed`) and the
     worker stuck in it is replaced: a process is killed and started again, a thread is left to its fate (a daemon)
     and another one started.
@@ -719,6 +731,7 @@ def stream_videos(
         threads.append(threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True))
         threads[-1].start()
 
+    given: list[ClipFeed] = []  # with close_each=False: the feeds handed out, closed when the stream closes
     try:
         while True:
             if current is not None and close_each:
@@ -734,10 +747,13 @@ def stream_videos(
             if not pending:
                 return
             path, current = pending.popleft()
+            if not close_each:
+                given = [feed for feed in given if not feed._closed.is_set()]
+                given.append(current)
             yield path, current
     finally:
         stopping.set()
-        for feed in [current, *(f for _, f in pending)]:
+        for feed in [current, *given, *(f for _, f in pending)]:
             if feed is not None:
                 feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
         for _ in [*threads, *abandoned]:  # an abandoned thread back in time to wait for a file stops too
