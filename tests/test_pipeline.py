@@ -158,6 +158,38 @@ def poison_black_clips(monkeypatch):
     monkeypatch.setattr(Engine, "_run_encode", run_encode)
 
 
+@pytest.mark.parametrize("worker_kind", ["thread", "process"])
+def test_many_files_ending_in_any_order_are_each_written_once_or_failed_once(model, sources, tmp_path, monkeypatch,
+                                                                              worker_kind):  # fmt: skip
+    """Files of every kind (whole, failing midway in reading, failing in encoding, odd sizes), several workers,
+    clips of many files taken as they come: each good file's token file is written once with its own tokens, each
+    bad one fails once, the manifest has one line per input, and the summary lists them in the inputs' order."""
+    poison_black_clips(monkeypatch)
+    kinds = ["long", "broken", "short", "black", "odd", "long", "broken", "black", "odd", "short", "long", "odd"]
+    files = []
+    for i, kind in enumerate(kinds):
+        files.append(tmp_path / "in" / f"{i:02d}-{kind}{sources[kind].suffix}")
+        files[-1].parent.mkdir(exist_ok=True)
+        files[-1].symlink_to(sources[kind])
+    writes, real_write = [], pipeline.write_token_file
+
+    def write(model, settings, out, *rest):
+        writes.append(out)
+        return real_write(model, settings, out, *rest)
+
+    monkeypatch.setattr(pipeline, "write_token_file", write)
+    summary = encode(model, files, tmp_path / "out", workers=3, read_ahead=1, max_clips=4, worker_kind=worker_kind)
+    good = [p for p, kind in zip(files, kinds, strict=True) if kind not in ("broken", "black")]
+    assert summary.done == [str(p) for p in good]
+    assert [p for p, _ in summary.failed] == [str(p) for p, kind in zip(files, kinds, strict=True) if p not in good]
+    assert sorted(writes) == sorted(tmp_path / "out" / f"{p.stem}.safetensors" for p in good)
+    for path in good:
+        stored = load_tokens(tmp_path / "out" / f"{path.stem}.safetensors").all_indices()
+        assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, path), strict=True))
+    lines = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(line["source"] for line in lines) == sorted(str(p) for p in files)
+
+
 @pytest.mark.parametrize("mode", ["eager", "cudagraph"])
 def test_a_batch_failure_costs_only_the_file_at_fault(model, sources, tmp_path, monkeypatch, mode):
     poison_black_clips(monkeypatch)
