@@ -367,8 +367,8 @@ class Engine:
                         yield from self._handed_over(*ran)
                     ran = None
                     continue
-                batch, bad = _until_bad(batch, pending)
                 try:
+                    batch, bad = _until_bad(batch, pending)
                     running = (batch, self._run_batch(batch, stage, run, host)) if batch else None
                 except Exception:
                     if ran is not None:  # the batch before it is out first
