@@ -48,9 +48,9 @@ import torch
 
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
-from titok_fast.pipeline import ClipSettings, encode_files, stream_videos
+from titok_fast.pipeline import ClipSettings, encode_files
 from titok_fast.tokens import try_load_tokens
-from titok_fast.video import normalize_pixels, read_clips
+from titok_fast.video import normalize_pixels, read_clips, stream_videos
 
 try:  # the stage clock; absent at commits before it existed (their rows have totals only)
     from titok_fast import stages

@@ -52,7 +52,6 @@ from .video import (
     TIME_SAMPLING,
     ClipReader,
     FeedInterleaver,
-    VideoError,
     VideoWriter,
     default_workers,
     interleaved_videos,
@@ -61,7 +60,6 @@ from .video import (
     side_by_side,
     source_stamp,
     ssim,
-    stream_videos,
 )
 
 # what a folder's files must end in (any case) to be inputs; a file named on the command line or in a list is read
@@ -1255,27 +1253,29 @@ def evaluate(
         batch.clear()
 
     reading = {**settings.read_kwargs(), "decoder": "cpu", "preprocess": "cpu"}  # eval's clips: the exact path
-    feeds = stream_videos(
-        [p for p, _ in files], workers=workers, prefetch=2 * workers, capacity=group, stall_seconds=stall_seconds,
-        **reading,
-    )  # fmt: skip
-    with contextlib.closing(feeds):
-        for number, (path, feed) in enumerate(feeds):
-            sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0
-            try:
-                for clip in feed:
-                    batch.append((number, clip))
-                    if len(batch) == group:
-                        score_batch()
-            except VideoError as e:
-                summary.failed.append((str(path), str(e)))
+    files_read = interleaved_videos(
+        [p for p, _ in files], workers=workers, capacity=group, stall_seconds=stall_seconds, **reading
+    )  # clips taken from whichever file has one ready (see encode_files)
+    with contextlib.closing(files_read):
+        for number, kind, value in files_read:
+            if kind == "open":
+                paths[number] = str(value[0])
+                sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0
+            elif kind == "clip":
+                batch.append((number, value))
+                if len(batch) == group:
+                    score_batch()
+            elif kind == "error":
+                summary.failed.append((paths[number], str(value)))
                 batch[:] = [(f, c) for f, c in batch if f != number]
-                continue
-            summary.done.append(str(path))
-            complete.append(number)
-            paths[number] = str(path)
+            else:  # "end"
+                summary.done.append(paths[number])
+                complete.append(number)
         if batch:
             score_batch()
+    rank = {str(path): i for i, (path, _) in enumerate(files)}  # files end in any order: said in the inputs' order
+    summary.done.sort(key=lambda path: rank.get(path, -1))
+    summary.failed.sort(key=lambda failure: rank.get(failure[0], -1))
     if per_file is not None:
         for f in complete:
             per_file[paths[f]] = {n: {"psnr": p, "ssim": q, "clips": scored[f]} for n, (p, q) in sums[f].items()}
