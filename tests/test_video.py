@@ -934,7 +934,7 @@ def test_interleaved_files_keep_every_worker_decoding(monkeypatch):
 
 def test_interleaved_files_fail_alone_and_hold_a_bounded_number_open(monkeypatch):
     """A file's error comes after its good clips and ends it alone; a dropped file's worker gives up; at most
-    workers + 1 files are held and workers more read ahead."""
+    workers + 1 files are held and workers - 1 more read ahead."""
     def fail(path):
         if path == "1" and made[path] == 2:
             raise MemoryError("decoder ran out of memory")
