@@ -213,7 +213,7 @@ class Engine:
         self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured (mode "cudagraph")
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
-        self._copy_stream = None  # CUDA side stream for host-to-device copies of the next batch
+        self._copy_stream = None  # CUDA side stream for the copies of a batch's inputs in host memory
         # one batch at a time: threads sharing this engine would refill one another's buffers (module header)
         self._batch_lock = threading.RLock()
         self._last_batch = None  # on CUDA: an event after the last batch's work, on the stream it was queued on
@@ -404,17 +404,16 @@ class Engine:
     def _run_batch(self, batch: list, stage, run, host: bool) -> list:
         """Stage a batch's inputs on the device and run it (queue it, on CUDA); with ``host``, its results are
         copied to the host behind it (a :class:`_HostCopy`)."""
+        on_cuda = self.model.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.model.device) if on_cuda else None  # the batch's compute stream
         tensors, copied = stage(batch)
         if copied is not None:  # the compute stream waits for the side-stream copies, and owns their memory
-            stream = torch.cuda.current_stream(self.model.device)
             stream.wait_event(copied)
             for t in tensors:
                 t.record_stream(stream)
         with self._batch_lock:  # filled, run and copied out before another thread's batch refills the buffers
-            on_cuda = self.model.device.type == "cuda"
             if on_cuda and self._last_batch is not None:  # queued on the device after it too (another stream)
-                torch.cuda.current_stream(self.model.device).wait_event(self._last_batch)
-            stream = torch.cuda.current_stream(self.model.device) if on_cuda else None
+                stream.wait_event(self._last_batch)
             try:
                 results = self._run_splitting(run, batch, tensors)
                 if host and self.model.device.type != "cpu":

@@ -93,6 +93,12 @@ class Summary:
     duplicates: int = 0  # results that came back more than once (retried work) and were dropped
     replaced: int = 0  # encode: token files made otherwise (another source, weights or settings) that were redone
 
+    def in_order_of(self, files: Sequence[tuple[Path, str]]) -> None:
+        """Sort ``done`` and ``failed`` into the order of ``files`` (what is not among them first)."""
+        rank = {str(path): i for i, (path, _) in enumerate(files)}
+        self.done.sort(key=lambda path: rank.get(path, -1))
+        self.failed.sort(key=lambda failure: rank.get(failure[0], -1))
+
     def report(self, verb: str) -> str:
         lines = [
             f"{verb} {len(self.done)} file(s), {self.clips} clip(s) in {self.seconds:.1f} s "
@@ -356,9 +362,7 @@ def encode_files(
                 for path, out in todo:
                     if str(path) not in settled:
                         manifest.not_encoded(path, out, stopped)
-    rank = {str(path): i for i, (path, _) in enumerate(files)}  # files end in any order: said in the inputs' order
-    summary.done.sort(key=lambda path: rank.get(path, -1))
-    summary.failed.sort(key=lambda failure: rank.get(failure[0], -1))
+    summary.in_order_of(files)  # files end in any order: said in the inputs' order
     summary.seconds = time.perf_counter() - start
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
     return summary
@@ -1273,9 +1277,7 @@ def evaluate(
                 complete.append(number)
         if batch:
             score_batch()
-    rank = {str(path): i for i, (path, _) in enumerate(files)}  # files end in any order: said in the inputs' order
-    summary.done.sort(key=lambda path: rank.get(path, -1))
-    summary.failed.sort(key=lambda failure: rank.get(failure[0], -1))
+    summary.in_order_of(files)  # files end in any order: said in the inputs' order
     if per_file is not None:
         for f in complete:
             per_file[paths[f]] = {n: {"psnr": p, "ssim": q, "clips": scored[f]} for n, (p, q) in sums[f].items()}

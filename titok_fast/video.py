@@ -498,18 +498,15 @@ class ClipFeed:
             now = time.monotonic()
             if idle_seconds is not None and now - called >= idle_seconds:
                 return "idle", None
-            waited = now - max(self._waiting_since, self._started)  # since its thread came to it
-            if self.stall_seconds is None or waited < self.stall_seconds:
+            if not self._over_stall_limit(now):
                 continue
             worker = self.worker
-            if self.on_stall is not None:
-                self.on_stall(worker)
-            if worker is None:  # not this file's fault: a thread has been added for it
+            if worker is None:  # not this file's fault: a thread is added for it
+                if self.on_stall is not None:
+                    self.on_stall(None)
                 self._waiting_since = time.monotonic()
                 continue
-            self.stalled = True
-            self.close()
-            raise stall_error(self.path, self.stall_seconds)
+            raise self._give_up(worker)
 
     def poll(self) -> tuple[str, object] | None:
         """The worker's next item if one is ready now, else None: ("clip", clip), ("end", None) or ("error",
@@ -527,15 +524,23 @@ class ClipFeed:
         if self._waiting_since is None:
             self._waiting_since = now
         worker = self.worker
-        if self.stall_seconds is None or worker is None or now - max(self._waiting_since, self._started) < (
-            self.stall_seconds
-        ):
+        if worker is None or not self._over_stall_limit(now):
             return None
+        return "error", self._give_up(worker)
+
+    def _over_stall_limit(self, now: float) -> bool:
+        """Whether the consumer has waited ``stall_seconds`` for the next item, counted from when its thread came
+        to the file if that was later."""
+        return self.stall_seconds is not None and now - max(self._waiting_since, self._started) >= self.stall_seconds
+
+    def _give_up(self, worker: threading.Thread) -> VideoError:
+        """The file stalled in ``worker``: the thread is replaced (``on_stall``), the feed closed and marked
+        ``stalled``; returns the file's error."""
         if self.on_stall is not None:
             self.on_stall(worker)
         self.stalled = True
         self.close()
-        return "error", stall_error(self.path, self.stall_seconds)
+        return stall_error(self.path, self.stall_seconds)
 
 
 class FeedInterleaver:
