@@ -372,6 +372,29 @@ def test_worker_processes_give_the_tokens_of_threads(model, sources, tmp_path):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.start_times, b.start_times)
 
 
+def test_a_long_file_split_across_workers_gets_the_tokens_of_one_read(model, sources, tmp_path, monkeypatch):
+    """A file split into segments decoded at once gives its clips in any order: its token file holds each
+    clip's tokens in its place, with the start times and tail of the whole file, as one read makes it."""
+    from titok_fast import video
+
+    long = make_video(tmp_path / "split.mp4", frames=225, height=40, width=48, fps=24,
+                      x264="keyint=24:min-keyint=24:scenecut=0")  # 18 clips and a padded one; an IDR every second
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 4)
+    splits, split = [], video.ClipFeed.split
+    monkeypatch.setattr(video.ClipFeed, "split", lambda feed, parts: splits.append(parts) or split(feed, parts))
+    files = [long, sources["short"]]
+    summary = encode(model, files, tmp_path / "out", workers=3, read_ahead=1, max_clips=4)
+    assert summary.done == [str(p) for p in files] and summary.clips == 20
+    assert [[s.first for s in segments] for segments in splits] == [[6, 12]]
+    stored = load_tokens(tmp_path / "out" / "split.safetensors")
+    expected = direct_indices(model, long)
+    assert len(expected) == 19 and all(torch.equal(a.long(), b) for a, b in zip(stored.all_indices(), expected,
+                                                                               strict=True))  # fmt: skip
+    t, h, w = SETTINGS.grid
+    whole = read_clips(long, frames=t, height=h, width=w, fps=SETTINGS.fps, tail=SETTINGS.tail)
+    assert stored.start_times.tolist() == whole.start_times and stored.last_chunk_frames == whole.last_clip_frames < t
+
+
 def test_preprocessing_on_the_device_gives_the_same_tokens_and_says_so(model, sources, tmp_path):
     files = [(sources["long"], "long"), (sources["odd"], "odd")]
     engine = Engine(model, max_clips=3)

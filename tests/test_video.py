@@ -410,8 +410,8 @@ def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypa
 
     real = decoders.pruned_frames
 
-    def losing(container, stream, order, needs):  # loses the 30th frame that comes out, as a broken stream might
-        for count, item in enumerate(real(container, stream, order, needs)):
+    def losing(container, stream, order, needs, start=0):  # loses the 30th frame that comes out, as a broken
+        for count, item in enumerate(real(container, stream, order, needs, start)):  # stream might
             if count == 30:
                 raise decoders.PruneMismatch("lost")
             yield item
@@ -423,6 +423,156 @@ def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypa
     clips = list(reader)
     assert not reader.pruned and len(clips) == len(every) >= 2
     assert all(torch.equal(x, y) for x, y in zip(clips, every, strict=True))
+
+
+KEYINT = "keyint=24:min-keyint=24:scenecut=0"  # an IDR picture every 24 frames, x264's B-frames between
+
+
+@pytest.fixture(scope="module")
+def gops(tmp_path_factory) -> str:
+    """Six and a quarter seconds of H.264 at 24 fps with an IDR picture every second: a file that can be split."""
+    return str(videos.make_video(tmp_path_factory.mktemp("split") / "gops.mp4", 150, 48, 64, fps=24, x264=KEYINT))
+
+
+def test_the_stream_index_cuts_at_idr_pictures_in_every_container(gops, tmp_path):
+    """IDR pictures are found in MP4's, Matroska's and FLV's length-prefixed packets and in MPEG-TS's start
+    codes; an open group of pictures' keyframes are not IDR pictures (frames before them in showing order come
+    after them in decoding order, and may refer to the group before), so such a file has no cut but the first."""
+    from titok_fast import decoders
+
+    cuts = list(range(0, 150, 24))
+    for suffix in ("mp4", "mkv", "flv", "ts"):
+        source = gops if suffix == "mp4" else videos.remux(tmp_path / f"gops.{suffix}", gops)
+        index = decoders.stream_index(str(source))
+        assert index.cuts.tolist() == cuts and len(index.order) == 150, suffix
+    opened = videos.make_video(tmp_path / "open.mp4", 150, 48, 64, fps=24, x264=f"{KEYINT}:open-gop=1")
+    assert decoders.stream_index(str(opened)).cuts.tolist() == [0]
+    for source in (opened, videos.remux(tmp_path / "open.ts", opened)):  # length-prefixed, then start codes
+        with av.open(str(source)) as container:
+            stream = container.streams.video[0]
+            size = decoders._nal_length_size(stream.codec_context.extradata)
+            idr = [decoders._is_idr(bytes(p), size) for p in container.demux(stream) if p.is_keyframe]
+        assert idr == [True] + [False] * (len(cuts) - 1) and size == (4 if source == opened else None)
+
+
+def _split(path: str, parts: int, monkeypatch, **kwargs) -> tuple[list[torch.Tensor], list[video.Segment], list]:
+    """The clips of reading ``path`` split into up to ``parts`` segments of 2 clips or more, each segment read
+    by a reader of its own, in order; the segments; the keyframes seeked to."""
+    from titok_fast import decoders
+
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    seeks, seek = [], decoders._from_cut
+    monkeypatch.setattr(decoders, "_from_cut", lambda c, s, stamp: seeks.append(stamp) or seek(c, s, stamp))
+    head, segments = video.ClipReader(path, **kwargs), []
+    head.split_into, head.on_split = parts, segments.extend
+    clips = list(head)
+    for segment in segments:
+        reader = video.ClipReader(path, segment=segment, **kwargs)
+        clips += list(reader)
+        assert reader.pruned
+    return clips, segments, seeks
+
+
+@pytest.mark.parametrize(("sampling", "tail", "fps"), [
+    ("upstream", "drop", 8), ("upstream", "pad", 5), ("time", "pad", 7), ("time", "drop", 24),
+])  # fmt: skip
+def test_a_file_read_in_segments_gives_the_clips_of_one_read(gops, monkeypatch, sampling, tail, fps):
+    """Each segment decodes from its own IDR picture (seeked to) only what its clips need; together they give
+    the clips of decoding every frame from the start."""
+    kwargs = dict(frames=3, height=32, width=32, fps=fps, sampling=sampling, tail=tail)
+    every = list(video.ClipReader(gops, prune=False, **kwargs))
+    clips, segments, seeks = _split(gops, 3, monkeypatch, **kwargs)
+    assert len(segments) == 2 and 0 < segments[0].cut < segments[1].cut and segments[1].clips is None
+    order = segments[0].order
+    assert seeks == [int(order[segment.cut]) for segment in segments]
+    assert len(clips) == len(every) and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+def test_a_segment_seeking_cannot_place_decodes_from_the_start(gops, monkeypatch):
+    """Where seeking does not land on the cut's keyframe, the segment decodes every frame from the file's start:
+    the same clips, only slower."""
+    from titok_fast import decoders
+
+    def lost(container, stream, stamp):
+        raise decoders.PruneMismatch("seeking found no keyframe")
+        yield
+
+    kwargs = dict(frames=3, height=32, width=32, fps=8)
+    every = list(video.ClipReader(gops, prune=False, **kwargs))
+    head, segments = video.ClipReader(gops, **kwargs), []
+    head.split_into, head.on_split = 2, segments.extend
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    clips = list(head)
+    monkeypatch.setattr(decoders, "_from_cut", lost)
+    reader = video.ClipReader(gops, segment=segments[0], **kwargs)
+    clips += list(reader)
+    assert not reader.pruned and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+    assert len(clips) == len(every)
+
+
+def test_a_segment_its_file_cannot_fill_fails(gops):
+    """A segment whose clips the file no longer holds (it changed, or is damaged) fails, not short."""
+    from titok_fast import decoders
+
+    order = decoders.stream_index(gops).order
+    reader = video.ClipReader(gops, frames=3, height=32, width=32, fps=8, segment=video.Segment(4, 30, 24, order))
+    with pytest.raises(VideoError, match=r"gops.mp4: decoding ended after clip 16; its packets make at least 34$"):
+        list(reader)
+
+
+@pytest.mark.parametrize("worker_kind", ["thread", "process"])
+def test_a_long_file_is_decoded_by_every_worker_and_its_clips_all_come(gops, tmp_path, worker_kind):
+    """One file of 150 one-frame clips and 3 workers: it is split in 3 segments, one per worker (each at least
+    SEGMENT_CLIPS clips), whose clips come as they are decoded, each numbered; every number comes once, with the
+    clip of one read, and the reader says what the whole file gave; the files after it come whole."""
+    kwargs = dict(frames=1, height=32, width=32, fps=24)
+    every = list(video.ClipReader(gops, **kwargs))
+    short = videos.make_video(tmp_path / "short.mp4", 12, 32, 32, fps=24)
+    events = video.interleaved_videos([gops, short], workers=3, worker_kind=worker_kind, **kwargs)
+    got, feeds = {0: {}, 1: {}}, {}
+    for number, kind, value in events:
+        if kind == "open":
+            feeds[number] = value[1]
+        elif kind == "clip":
+            assert value[0] not in got[number]
+            got[number][value[0]] = value[1]
+        else:
+            assert kind == "end", value
+    assert len(feeds[0].followers) == 2 and not feeds[1].followers
+    assert sorted(got[0]) == list(range(150)) and all(torch.equal(got[0][i], c) for i, c in enumerate(every))
+    assert sorted(got[1]) == list(range(12))
+    assert feeds[0].reader.clips_read == 150 and feeds[0].reader.start_times()[-1] == pytest.approx(149 / 24)
+
+
+def test_the_segments_of_a_file_are_decoded_before_later_files():
+    """Workers take the stream's files in order, a file's segments, queued once its first worker has split it,
+    before the files after it; the stop before everything."""
+    tasks = video._Tasks()
+    for number in range(3):
+        tasks.put(f"file {number}", (number, 0))
+    assert tasks.get() == "file 0"
+    video._submit(tasks, 0, "file 0, segment 2", 2)
+    video._submit(tasks, 0, "file 0, segment 1", 1)
+    assert [tasks.get() for _ in range(3)] == ["file 0, segment 1", "file 0, segment 2", "file 1"]
+    tasks.put(None)
+    assert tasks.get() is None and tasks.get() == "file 2"
+
+
+def test_a_segment_that_fails_fails_its_file_alone(gops, tmp_path, monkeypatch):
+    """A failure in a segment other than the first is its file's error, and no other file's."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    real = video.ClipReader._clip
+
+    def failing(self, images):
+        if self.segment is not None and self.segment.first and self.clips_read == 1:
+            raise VideoError(f"{self.path}: decoding failed (broken)")
+        return real(self, images)
+
+    monkeypatch.setattr(video.ClipReader, "_clip", failing)
+    short = videos.make_video(tmp_path / "short.mp4", 12, 32, 32, fps=24)
+    events = video.interleaved_videos([gops, short], workers=2, frames=3, height=32, width=32, fps=8)
+    ends = [(number, kind, str(value)) for number, kind, value in events if kind in ("end", "error")]
+    assert sorted(ends) == [(0, "error", f"{gops}: decoding failed (broken)"), (1, "end", "None")]
 
 
 @pytest.mark.parametrize(
@@ -901,12 +1051,13 @@ def test_the_stall_limit_counts_only_the_wait_for_the_decoder(monkeypatch):
 
 
 def _interleaved(paths, **kwargs) -> list[tuple[int, str, object]]:
-    """Every event of ``video.interleaved_videos`` (clips as their value), the stream closed after."""
+    """Every event of ``video.interleaved_videos`` (a clip as (its number in the file, its value)), the stream
+    closed after."""
     events = []
     files = video.interleaved_videos(paths, frames=1, height=1, width=1, **kwargs)
     with contextlib.closing(files):
         for number, kind, value in files:
-            events.append((number, kind, value.item() if kind == "clip" else value))
+            events.append((number, kind, (value[0], value[1].item()) if kind == "clip" else value))
     return events
 
 
@@ -928,7 +1079,7 @@ def test_interleaved_files_keep_every_worker_decoding(monkeypatch):
     for number in range(3):
         mine = [(kind, value) for n, kind, value in events if n == number]
         assert mine[0] == ("open", (str(number), mine[0][1][1])) and mine[-1] == ("end", None)
-        assert mine[1:-1] == [("clip", float(number))] * 12
+        assert mine[1:-1] == [("clip", (i, float(number))) for i in range(12)]
     assert [n for n, kind, _ in events if kind == "open"] == [0, 1, 2]
 
 
@@ -967,7 +1118,7 @@ def test_an_interleaved_file_that_stalls_fails_alone_while_the_others_go_on(monk
         events = _interleaved(["0", "1", "2", "3"], workers=2, stall_seconds=0.5, idle_seconds=0.2)
     finally:
         release.set()
-    assert [(n, value) for n, kind, value in events if kind == "clip"].count((1, 1.0)) == 1
+    assert [(n, value) for n, kind, value in events if kind == "clip"].count((1, (0, 1.0))) == 1
     error = [value for n, kind, value in events if kind == "error"]
     assert [str(e) for e in error] == ["1: no clip decoded for 0.5 s; given up (a read that hangs, or a file the "
                                        "decoder cannot get through)"]  # fmt: skip
@@ -991,7 +1142,7 @@ def test_interleaved_files_that_no_thread_comes_to_get_a_new_one(monkeypatch):
                         time.sleep(0.01)
                     files.drop(1)
                 if kind == "clip":
-                    got.append((number, value.item()))
+                    got.append((number, value[1].item()))
     finally:
         release.set()
     assert got == [(0, 0.0)] * 4 + [(2, 2.0)] * 4
@@ -1425,6 +1576,6 @@ def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     for message in [("clip", torch.zeros(3, 1, 8, 8)), ("end", {**state, "clips_read": 2})]:
         theirs.send((*message, {}))
     worker._read(feed)
-    assert theirs.recv() == ("task", 1, "lost.mp4", video.CLOCK.enabled) and theirs.recv() == ("credit", 1)
+    assert theirs.recv() == ("task", 1, "lost.mp4", video.CLOCK.enabled, None, 1) and theirs.recv() == ("credit", 1)
     with pytest.raises(VideoError, match=r"^lost.mp4: 1 clip\(s\) lost between the decoding process and the run$"):
         list(feed)

@@ -65,11 +65,12 @@ def make_video(
     pattern: str = "moving",
     vfr: bool = False,
     piped: bool = False,
+    x264: str = "",
 ) -> Path:
     """Write a video of `frames` pattern frames; even sizes as H.264 (mp4), odd sizes as FFV1 (use .mkv).
 
     vfr: frame i is shown at vfr_times(frames)[i] instead of i / fps. piped: written as to a pipe (``ffmpeg ... -``),
-    where the muxer cannot go back to fill in sizes.
+    where the muxer cannot go back to fill in sizes. x264: more of x264's options (``"keyint=24:open-gop=1"``).
     """
     path = Path(path)
     odd = height % 2 or width % 2
@@ -80,7 +81,7 @@ def make_video(
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if odd else "yuv420p"
         if not odd:
-            stream.options = {"crf": "10"}
+            stream.options = {"crf": "10", **({"x264-params": x264} if x264 else {})}
         time_base = VFR_TIME_BASE if vfr else 1 / rate
         stream.codec_context.time_base = time_base
         times = vfr_times(frames) if vfr else [i / rate for i in range(frames)]

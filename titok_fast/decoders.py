@@ -101,35 +101,59 @@ def _videos(container: av.container.InputContainer) -> Iterator[av.video.stream.
 
 @contextlib.contextmanager
 def cpu_frames(
-    container: av.container.InputContainer, threads: int, path: str | None = None, needs: Needs | None = None
+    container: av.container.InputContainer,
+    threads: int,
+    path: str | None = None,
+    needs: Needs | None = None,
+    index: StreamIndex | None = None,
+    start: int = 0,
 ) -> Iterator[FrameSource]:
     """PyAV's decoding of the container's first video stream (frame threading with ``threads`` threads). With
-    ``needs`` (and ``path``, read once more for the timestamps), pruned where the stream allows it (see the module
-    header)."""
+    ``needs`` (and ``path``, read once more for the timestamps, or their ``index`` when the caller has it),
+    pruned where the stream allows it (see the module header), from frame ``start`` (a clean cut of ``index``)."""
     stream = video_stream(container)
     stream.thread_type = "FRAME"
     stream.thread_count = threads
     started = CLOCK.start()
-    order = presentation_order(path) if needs is not None and path is not None else None
+    if needs is not None and index is None and path is not None:
+        index = stream_index(path)
+    order = index.order if needs is not None and index is not None else None
     CLOCK.stop("decode", started)
     if order is None:
         frames = enumerate(container.decode(stream))
     else:
-        frames = pruned_frames(container, stream, order, lambda: needs(order, stream.time_base))
+        frames = pruned_frames(container, stream, order, lambda: needs(order, stream.time_base), start)
     rate = float(stream.average_rate or 0)
     yield FrameSource(rate, CLOCK.timed(frames, "decode"), pyav_rgb(threads), "cpu", pruned=order is not None)
 
 
+@dataclass(frozen=True)
+class StreamIndex:
+    """What one pass over a video's packets (read, not decoded) tells: ``order``, the timestamps of its frames in
+    presentation order, and ``cuts``, the indices (in that order) of the frames where decoding may start afresh
+    and give the frames from there on bit for bit as decoding from the start does: H.264 IDR pictures (after
+    one, no picture refers to one before it) that every packet before shows earlier and every packet after shows
+    later (so the frames from the cut on are the packets from it on)."""
+
+    order: np.ndarray
+    cuts: np.ndarray
+
+
 def presentation_order(path: str) -> np.ndarray | None:
-    """The timestamps of the first video stream's frames in presentation order, from its packets (read, not
-    decoded), or None where pruning cannot be trusted to keep every frame's index: a codec not in PRUNED_CODECS,
-    a container not in PRUNED_CONTAINERS, a packet without a timestamp, two packets with one, or a first packet
-    that is not a keyframe shown first
+    """:func:`stream_index`'s ``order``, or None where it gives none."""
+    index = stream_index(path)
+    return None if index is None else index.order
+
+
+def stream_index(path: str) -> StreamIndex | None:
+    """The file's :class:`StreamIndex`, or None where pruning cannot be trusted to keep every frame's index: a
+    codec not in PRUNED_CODECS, a container not in PRUNED_CONTAINERS, a packet without a timestamp, two packets
+    with one, or a first packet that is not a keyframe shown first
     (and None for more than MAX_PRUNED_FRAMES frames, a file that is not a regular file, or one that cannot be
     read to the end: decoding every frame then reports what is wrong with it)."""
     if not os.path.isfile(path):  # a FIFO or device could not be read twice
         return None
-    stamps = array.array("q")
+    stamps, idr = array.array("q"), array.array("q")  # idr: packets (in decoding order) that are IDR pictures
     try:
         with av.open(path) as container:
             stream = video_stream(container)
@@ -137,30 +161,70 @@ def presentation_order(path: str) -> np.ndarray | None:
                 return None
             if container.format.name not in PRUNED_CONTAINERS:
                 return None
+            length_size = _nal_length_size(stream.codec_context.extradata)
             for packet in container.demux(stream):
                 if packet.size == 0:  # the empty packet at the end
                     continue
                 if packet.pts is None or not (stamps or packet.is_keyframe) or len(stamps) == MAX_PRUNED_FRAMES:
                     return None
+                if packet.is_keyframe and _is_idr(bytes(packet), length_size):
+                    idr.append(len(stamps))
                 stamps.append(packet.pts)
     except (av.FFmpegError, OSError, IndexError):
         return None
-    order = np.sort(np.frombuffer(stamps, dtype=np.int64))
+    decoded = np.frombuffer(stamps, dtype=np.int64)
+    order = np.sort(decoded)
     if not stamps or order[0] != stamps[0] or (np.diff(order) == 0).any():
         return None
-    return order
+    at = np.frombuffer(idr, dtype=np.int64)
+    before = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min], decoded[:-1]]))  # shown latest so far
+    after = np.minimum.accumulate(decoded[::-1])[::-1]  # shown earliest from here on
+    clean = at[(before[at] < decoded[at]) & (after[at] == decoded[at])]
+    return StreamIndex(order, clean)  # a clean cut's index in presentation order is its place in decoding order
+
+
+def _nal_length_size(extradata: bytes | None) -> int | None:
+    """Bytes of the length before each NAL unit of the stream's packets (AVCC: MP4, Matroska, FLV), or None for
+    start codes (Annex B: MPEG-TS)."""
+    if extradata and len(extradata) >= 5 and extradata[0] == 1:  # an avcC record: configurationVersion 1
+        return (extradata[4] & 3) + 1
+    return None
+
+
+def _is_idr(data: bytes, length_size: int | None) -> bool:
+    """Whether an H.264 packet holds an IDR picture's slice (nal_unit_type 5)."""
+    if length_size is None:  # Annex B: each NAL unit follows 00 00 01
+        at = data.find(b"\x00\x00\x01")
+        while at >= 0 and at + 3 < len(data):
+            if data[at + 3] & 0x1F == 5:
+                return True
+            at = data.find(b"\x00\x00\x01", at + 3)
+        return False
+    at = 0
+    while at + length_size < len(data):
+        if data[at + length_size] & 0x1F == 5:
+            return True
+        at += length_size + int.from_bytes(data[at : at + length_size], "big")
+    return False
 
 
 def pruned_frames(
-    container: av.container.InputContainer, stream, order: np.ndarray, needs: Callable[[], np.ndarray]
+    container: av.container.InputContainer,
+    stream,
+    order: np.ndarray,
+    needs: Callable[[], np.ndarray],
+    start: int = 0,
 ) -> Iterator[tuple[int, av.VideoFrame]]:
     """(index, frame) in presentation order: every frame ``needs()`` marks, and the reference frames decoded on
-    the way; non-reference frames not needed are skipped, and decoding stops after the last needed frame. Raises
-    PruneMismatch when a frame comes out that decoding everything would not give at that index."""
+    the way; non-reference frames not needed are skipped, and decoding stops after the last needed frame. With
+    ``start`` (a clean cut, :class:`StreamIndex`), decoding starts at that frame, none needed before it. Raises
+    PruneMismatch when a frame comes out that decoding everything would not give at that index (or when the
+    cut's packet cannot be found by seeking)."""
     needed = np.asarray(needs(), dtype=bool)
     marked = np.flatnonzero(needed)
     last = int(marked[-1]) if len(marked) else -1
-    context, previous = stream.codec_context, -1
+    context, previous = stream.codec_context, start - 1
+    packets = _from_cut(container, stream, int(order[start])) if start else container.demux(stream)
 
     def index_of(pts: int | None) -> int:
         at = int(np.searchsorted(order, pts)) if pts is not None else len(order)
@@ -168,7 +232,7 @@ def pruned_frames(
             raise PruneMismatch(f"a frame with timestamp {pts}, not among the packets'")
         return at
 
-    for packet in container.demux(stream):
+    for packet in packets:
         if packet.size:  # (the empty packet at the end flushes the decoder)
             context.skip_frame = "DEFAULT" if needed[index_of(packet.pts)] else "NONREF"
         for frame in packet.decode():
@@ -181,6 +245,19 @@ def pruned_frames(
                 return
     if previous < last:
         raise PruneMismatch(f"the stream ended at frame {previous}, before needed frame {last}")
+
+
+def _from_cut(container: av.container.InputContainer, stream, stamp: int) -> Iterator[av.Packet]:
+    """The stream's packets from the keyframe stamped ``stamp`` on: seeked to (the keyframe at or before it, by
+    the container's index), then read, not decoded, up to it."""
+    container.seek(stamp, stream=stream, backward=True, any_frame=False)
+    packets = container.demux(stream)
+    for packet in packets:
+        if packet.pts == stamp and packet.is_keyframe:
+            yield packet
+            yield from packets
+            return
+    raise PruneMismatch(f"seeking found no keyframe stamped {stamp}")
 
 
 def pyav_rgb(threads: int = 1) -> Callable[[av.VideoFrame], torch.Tensor]:
@@ -345,13 +422,16 @@ def open_frames(
     *,
     threads: int = 1,
     needs: Needs | None = None,
+    index: StreamIndex | None = None,
+    start: int = 0,
     nvdec: Callable[[str, Any], Iterator[Any]] | None = None,
     nvdec_convert: Callable[[Any], torch.Tensor] | None = None,
     notice: Callable[[str], None] = notice,
 ) -> Iterator[FrameSource]:
     """The file's frames from ``decoder`` ("cpu" or "nvdec"); NVDEC that cannot take this file (its first frame
     fails, or it gives none) falls back to the CPU with a one-line ``notice``. ``needs``: the frames the reader
-    needs, for the CPU decoder to prune (see the module header; None decodes every frame). ``nvdec`` /
+    needs, for the CPU decoder to prune (see the module header; None decodes every frame), with the file's
+    ``index`` when the reader has it and from frame ``start`` (one of its cuts). ``nvdec`` /
     ``nvdec_convert`` replace :func:`nvdec_frames` / :func:`nvdec_rgb` (default: those of this module, looked up at
     the call)."""
     if decoder not in DECODERS:
@@ -370,5 +450,5 @@ def open_frames(
             yield FrameSource(float(stream.average_rate or 0), enumerate(itertools.chain([first], frames)),
                               nvdec_convert, "nvdec")  # fmt: skip
             return
-    with cpu_frames(container, threads, path, needs) as source:
+    with cpu_frames(container, threads, path, needs, index, start) as source:
         yield source

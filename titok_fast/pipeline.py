@@ -751,7 +751,7 @@ class _EncodeJob:
 
     def clips(self, files_read: FeedInterleaver, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file, taken
-        from whichever file has one ready (each file's clips in order)."""
+        from whichever file (or part of a file split across workers) has one ready."""
         dtype, tokens = self.model.dtype, self.settings.tokens
         for number, kind, value in self.limits.waiting(files_read):
             if kind == "idle":  # no clip ready for a while (slow or stuck files): the engine runs what it holds
@@ -770,15 +770,15 @@ class _EncodeJob:
                 state.clips = state.taken
                 self._write_if_complete(state)
             else:
-                clip = value
+                place, clip = value  # (a file split across workers gives its parts' clips as they come)
                 if clip.dtype == torch.uint8:  # frames at source size: preprocessed here, on the model's device
-                    clip = self._preprocess(state, state.taken, clip)
+                    clip = self._preprocess(state, place, clip)
                     if clip is None:  # the file failed
                         files_read.drop(number)
                         continue
                 else:  # resized already, by the decoding worker
                     clip = normalize_pixels(clip, dtype)
-                yield (number, state.taken), clip, tokens
+                yield (number, place), clip, tokens
                 state.taken += 1
 
     def _preprocess(self, state: _FileState, number: int, frames: torch.Tensor) -> torch.Tensor | None:
@@ -1266,7 +1266,7 @@ def evaluate(
                 paths[number] = str(value[0])
                 sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0
             elif kind == "clip":
-                batch.append((number, value))
+                batch.append((number, value[1]))
                 if len(batch) == group:
                     score_batch()
             elif kind == "error":

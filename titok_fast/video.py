@@ -14,12 +14,15 @@ torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in th
 
 Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W). The CPU
 decoder skips the H.264 frames the sampling does not need and no other frame refers to (``prune``; exact, see
-:mod:`titok_fast.decoders`).
+:mod:`titok_fast.decoders`). A long H.264 video read by several workers (:func:`stream_videos`) is split into
+:class:`Segment` s, each decoded by a worker of its own from an IDR picture (a clean cut: the same frames as
+decoding from the start), its clips handed over in order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import math
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoders import DECODERS, PruneMismatch, open_frames, video_stream
+from .decoders import DECODERS, PruneMismatch, StreamIndex, open_frames, stream_index, video_stream
 from .files import STALL_SECONDS, AtomicFile, notice
 from .preprocess import clip_pixels, normalize_pixels, placement
 from .stages import CLOCK
@@ -60,6 +63,11 @@ MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses fa
 # frame would take some 4 GB per decoding worker once converted and resized (RGB, float32); a file that declares or
 # grows to more fails alone
 MAX_SOURCE_SIDE = 8192
+# a video is split across decoding workers only into segments of at least this many clips: each segment opens
+# the file, seeks and decodes the reference frames from its cut (an IDR picture) to its first clip, up to about
+# one group of pictures, a clip's worth of decoding or so at 30 fps (x264 puts an IDR picture at least every 250
+# frames): a few percent of a segment's work
+SEGMENT_CLIPS = 32
 
 
 def check_fps(fps: float) -> None:
@@ -100,6 +108,18 @@ class ClipSet:
     tail: str
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Part of a video read by a worker of its own: clips ``first`` to ``first + clips - 1`` (``clips`` None: to
+    the end, tail included), decoded from frame ``cut``, a clean cut of the file's :class:`StreamIndex` (whose
+    ``order`` it carries, so that no worker reads the packets' timestamps again)."""
+
+    first: int
+    clips: int | None
+    cut: int
+    order: np.ndarray
+
+
 class ClipReader:
     """One video's clips, decoded lazily: iterating yields each clip [3, frames, height, width] float32 as soon as its
     frames are decoded, so a long video never has to fit in memory.
@@ -121,6 +141,11 @@ class ClipReader:
     resolution changes within it): its frames are resized one by one where they were decoded, as placement "cpu"
     does, and it comes as that placement's clips do (float32); ``placement`` and ``decoded_by`` say what this file
     got.
+
+    ``segment``: read only that :class:`Segment` of the file (:class:`ClipFeed` makes them). A reader with
+    ``split_into`` > 1 and ``on_split`` set (:func:`stream_videos` sets them) that finds its H.264 video long
+    (``split_into`` x SEGMENT_CLIPS clips or more, with IDR pictures where it would cut), before its first clip,
+    keeps the first segment and hands the others to ``on_split(segments)``; ``clips_read`` then counts its own.
 
     ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
     each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
@@ -149,6 +174,7 @@ class ClipReader:
         device: str = "cpu",
         prune: bool = True,
         rotation: str = "stored",
+        segment: Segment | None = None,
     ):
         sizes = {"frames": frames, "height": height, "width": width, "threads": threads}
         wrong = next((k for k, v in sizes.items() if not isinstance(v, numbers.Integral) or isinstance(v, bool)), None)
@@ -173,7 +199,9 @@ class ClipReader:
         placement(preprocess, device, 1, 1, 1, 1)  # checks the name
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
-        self.rotation = rotation
+        self.rotation, self.segment = rotation, segment
+        self.split_into = 1  # segments this reader may split its file into (see above; set by stream_videos)
+        self.on_split: Callable[[list[Segment]], None] | None = None
         self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
         self._reset()
 
@@ -187,6 +215,9 @@ class ClipReader:
         self.last_clip_frames = self.frames  # real frames in the last clip; fewer only when tail == "pad"
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
+        self._planned = False  # whether it has decided on splitting the file (once per reading)
+        self._own: Segment | None = None  # the first segment, when it split the file
+        self._due_of: tuple[np.ndarray, np.ndarray] | None = None  # (order, _dues(order)), the last worked out
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         path, frames = self.path, self.frames
@@ -197,9 +228,16 @@ class ClipReader:
             if len(chunk) == frames:
                 yield self._clip(chunk)
                 chunk = []
-        if self.clips_read == 0 and not chunk:
+        segment = self._segment()
+        if segment is not None and (segment.clips is not None or segment.first):
+            if self.clips_read < (segment.clips or 1):  # its packets were counted: the file changed, or is damaged
+                raise VideoError(f"{path}: decoding ended after clip {segment.first + self.clips_read}; its packets "
+                                 f"make at least {segment.first + (segment.clips or 1)}")  # fmt: skip
+            if segment.clips is not None:
+                return
+        elif self.clips_read == 0 and not chunk:
             raise VideoError(f"{path}: no decodable video frames")
-        if self.clips_read == 0 and self.tail == "drop":
+        elif self.clips_read == 0 and self.tail == "drop":
             raise VideoError(
                 f"{path} is shorter than one chunk of {frames} frames at {self.fps:g} fps (--tail pad, tail='pad' in "
                 "Python, pads it)"
@@ -238,8 +276,17 @@ class ClipReader:
                 raise VideoError(f"{path}: has no video stream{art}")
             context = stream.codec_context
             _check_frame_size(path, context.width, context.height)
-            needs = self._needs if prune else None
-            with open_frames(path, container, decoder, threads=self.threads, needs=needs) as source:
+            index, segment = None, self._segment()
+            if decoder == "cpu" and prune and segment is not None:
+                index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64))  # the cut is known: no cuts needed
+            elif decoder == "cpu" and prune and self.split_into > 1 and self.on_split is not None and not self._planned:
+                started = CLOCK.start()
+                index = stream_index(path)  # here, to plan; the decoder is given it
+                CLOCK.stop("decode", started)
+            needs = self._segment_needs if prune else None
+            start = segment.cut if segment is not None and index is not None else 0
+            with open_frames(path, container, decoder, threads=self.threads, needs=needs, index=index,
+                             start=start) as source:  # fmt: skip
                 self.decoded_by, self.pruned = self.decoded_by or source.decoder, source.pruned
                 self.source_fps = source.source_fps
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
@@ -268,9 +315,19 @@ class ClipReader:
                             f"{path}: {self.source_fps:g} fps is too low to sample {self.frames} frames at "
                             f"{self.fps:g} fps"
                         )
-                    images = _sample_indices(source.frames, self.frames, self._chunk_length, image)
+                if index is not None and len(index.cuts) and not self._planned:
+                    self._plan(index, stream.time_base)
+                segment = self._segment()
+                frames, first = source.frames, segment.first if segment is not None else 0
+                if self.sampling == "upstream":
+                    if first:  # the frames between the cut and the segment's first chunk are the chunk before's
+                        frames = ((i, frame) for i, frame in frames if i >= first * self._chunk_length)
+                    images = _sample_indices(frames, self.frames, self._chunk_length, image)
                 else:
-                    images = _resample(path, source.frames, self.fps, image)
+                    zero = int(segment.order[0]) if segment is not None else None  # the file's first frame's time
+                    images = _resample(path, frames, self.fps, image, zero, first * self.frames)
+                if segment is not None and segment.clips is not None:
+                    images = itertools.islice(images, segment.clips * self.frames)
                 try:
                     yield from itertools.islice(images, skip, None)
                 except av.FFmpegError as exc:
@@ -290,10 +347,66 @@ class ClipReader:
                 needed[count // length * length :] = False
             return needed
         # _resample: frame i shows output frames _due(t_i) .. _due(t_(i+1)) - 1; the last always shows
+        due = self._dues(order, time_base)
+        return np.append(due[:-1] < due[1:], True)
+
+    def _dues(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
+        """due[i]: the first output frame that frame i shows (sampling "time"; :func:`_due`)."""
+        if self._due_of is not None and self._due_of[0] is order:  # asked for each of needs, plan and segment
+            return self._due_of[1]
         rate, slack = _clock(self.fps, time_base)
         first = int(order[0])
-        due = [_due(int(pts) - first, rate, slack) for pts in order]
-        return np.array([a < b for a, b in itertools.pairwise(due)] + [True])
+        due = np.array([_due(int(pts) - first, rate, slack) for pts in order], dtype=np.int64)
+        self._due_of = (order, due)
+        return due
+
+    def _segment(self) -> Segment | None:
+        """The part of the file this reader reads: its ``segment``, the first one once it split the file, or None
+        (all of it)."""
+        return self.segment or self._own
+
+    def _segment_needs(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
+        """:meth:`_needs` within this reader's segment."""
+        needed, segment = self._needs(order, time_base), self._segment()
+        if segment is None:
+            return needed
+        end = None if segment.clips is None else segment.first + segment.clips  # clips
+        if self.sampling == "upstream":
+            needed[: segment.first * self._chunk_length] = False
+            if end is not None:
+                needed[end * self._chunk_length :] = False
+            return needed
+        due = self._dues(order, time_base)
+        shown_until = np.append(due[1:], np.iinfo(np.int64).max)  # output frames [due, shown_until) show frame i
+        needed &= shown_until > segment.first * self.frames
+        if end is not None:
+            needed &= due < end * self.frames
+        return needed
+
+    def _plan(self, index: StreamIndex, time_base: Fraction) -> None:
+        """Split the file into up to ``split_into`` segments of SEGMENT_CLIPS clips or more, each from a clean cut
+        after the one before, if it is long enough; keep the first and hand the others to ``on_split``."""
+        self._planned = True
+        if self.sampling == "upstream":
+            clips = len(index.order) // self._chunk_length  # whole chunks
+            firsts = np.arange(clips) * self._chunk_length  # each clip's first frame
+        else:
+            due = self._dues(index.order, time_base)
+            clips = int(due[-1]) // self.frames  # output frames before the last frame's are there whatever its length
+            firsts = np.searchsorted(due, np.arange(clips) * self.frames, side="right") - 1  # the frame shown first
+        parts = min(self.split_into, clips // SEGMENT_CLIPS)
+        bounds: list[tuple[int, int]] = []  # (first clip, cut) of each segment after the first
+        for k in range(1, parts):
+            clip = k * clips // parts
+            cut = int(index.cuts[np.searchsorted(index.cuts, firsts[clip], side="right") - 1])
+            if cut > (bounds[-1][1] if bounds else 0):  # a cut of its own, after the last segment's
+                bounds.append((clip, cut))
+        if not bounds:
+            return
+        self._own = Segment(0, bounds[0][0], 0, index.order)
+        ends = [clip for clip, _ in bounds[1:]] + [None]
+        self.on_split([Segment(clip, None if end is None else end - clip, cut, index.order)
+                       for (clip, cut), end in zip(bounds, ends, strict=True)])  # fmt: skip
 
     def _resized(self, rgb: Callable[[object], torch.Tensor], frame) -> torch.Tensor:
         """One decoded frame as upstream prepares it (the per-frame path): raw pixels [3, height, width] float32."""
@@ -412,6 +525,10 @@ class ClipFeed:
     for good, or None when no thread has come to it at all (they are all stuck elsewhere; the feed then waits
     on); ``stream_videos`` starts another thread. Feeds of worker processes leave ``stall_seconds`` None: their
     process is timed where it is served, without its start-up (``_DecoderProcess``).
+
+    When the reader splits its file (:class:`Segment`), :meth:`split` makes a feed for each other segment, its
+    ``followers``, queued for other workers through ``submit``; :meth:`poll` takes the clips of all of them as
+    they come, each with its number in the file, and their workers' stalls and failures as the file's.
     """
 
     def __init__(self, reader: ClipReader, capacity: int, stall_seconds: float | None = None, on_stall=None):
@@ -424,10 +541,39 @@ class ClipFeed:
         self._closed = threading.Event()
         self._waiting_since: float | None = None  # when the consumer began waiting for the next item
         self.on_ready: Callable[[], None] | None = None  # called after each item the worker puts (FeedInterleaver)
+        self.followers: list[ClipFeed] = []  # the file's other segments, in order, once the reader split it
+        self.submit: Callable[[ClipFeed, int], None] | None = None  # queue follower k (from 1) for a worker
+        self.first_clip = reader.segment.first if reader.segment is not None else 0  # its first clip's number
+        self._taken = 0  # clips the consumer took (with poll)
+        self._ended = False  # its end taken (with poll)
 
     def close(self) -> None:
         """Stop decoding: the worker gives up at its next clip (the consumer has moved on or gone)."""
         self._closed.set()
+        for follower in self.followers:
+            follower.close()
+
+    def split(self, segments: list[Segment]) -> None:
+        """The reader keeps the first segment of its file: a follower feed for each of these, queued through
+        ``submit``. Called by the worker before the feed's first clip."""
+        followers = []
+        for segment in segments:
+            reader = copy.copy(self.reader)
+            reader.segment, reader.split_into, reader.on_split = segment, 1, None
+            reader._reset()
+            follower = ClipFeed(reader, self._queue.maxsize, self.stall_seconds, self.on_stall)
+            follower.on_ready = self._item_put
+            followers.append(follower)
+        self.followers = followers
+        if self._closed.is_set():  # closed meanwhile: none is decoded
+            self.close()
+            return
+        for number, follower in enumerate(followers, 1):
+            self.submit(follower, number)
+
+    def _item_put(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
 
     @property
     def path(self) -> str:
@@ -482,6 +628,8 @@ class ClipFeed:
     def _take(self, idle_seconds: float | None = None) -> tuple[str, object]:
         """The worker's next item, or ("idle", None) after ``idle_seconds`` of this call's wait; with
         ``stall_seconds``, the stall limit applies to the whole wait for the item (see above)."""
+        if self.followers:
+            raise RuntimeError(f"{self.path}: the file was split; its clips are taken with poll()")
         called = time.monotonic()
         if self._waiting_since is None:  # the consumer's own time between clips is not the decoder's
             self._waiting_since = called
@@ -509,24 +657,51 @@ class ClipFeed:
             raise self._give_up(worker)
 
     def poll(self) -> tuple[str, object] | None:
-        """The worker's next item if one is ready now, else None: ("clip", clip), ("end", None) or ("error",
-        VideoError). A feed whose thread has given nothing for ``stall_seconds`` since the consumer began waiting
-        (or since the thread came to it) is given up as in :meth:`clips`: its error item, the feed closed and
-        ``stalled`` set. A feed no thread has come to yet is not timed here (see :class:`FeedInterleaver`)."""
-        try:
-            item = self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        else:
-            self._waiting_since = None
-            return item
-        now = time.monotonic()
-        if self._waiting_since is None:
-            self._waiting_since = now
-        worker = self.worker
-        if worker is None or not self._over_stall_limit(now):
-            return None
-        return "error", self._give_up(worker)
+        """The next item if one is ready now, else None: ("clip", (its number in the file, clip)), ("end", None)
+        or ("error", VideoError). A split file's parts are taken at once, the clips of each in order, and it ends
+        when every part has. A part whose thread has given nothing for ``stall_seconds`` since the consumer found
+        it empty (or since the thread came to it) is given up as in :meth:`clips`: the file's error item, the feed
+        closed and ``stalled`` set. A part no thread has come to yet is not timed here (see
+        :class:`FeedInterleaver`)."""
+        now = None
+        for part in (self, *self.followers):
+            if part._ended:
+                continue
+            try:
+                kind, value = part._queue.get_nowait()
+            except queue.Empty:
+                now = now or time.monotonic()
+                if part._waiting_since is None:
+                    part._waiting_since = now
+                if part.worker is not None and part._over_stall_limit(now):
+                    return "error", self._give_up(part.worker)
+                continue
+            part._waiting_since = None
+            if kind == "clip":
+                part._taken += 1
+                return kind, (part.first_clip + part._taken - 1, value)
+            if kind == "error":
+                self.stalled = self.stalled or part.stalled
+                return kind, value
+            part._ended = True
+            if all(other._ended for other in (self, *self.followers)):
+                return self._ended_reading()
+        return None
+
+    def unserved(self) -> bool:
+        """Whether a part of the file that has not ended has no thread yet."""
+        return any(part.worker is None and not part._ended for part in (self, *self.followers))
+
+    def _ended_reading(self) -> tuple[str, object]:
+        """The file's end, with its parts' reading put together in its reader."""
+        reader, parts = self.reader, [follower.reader for follower in self.followers]
+        if any(part.source_stamp != reader.source_stamp for part in parts):
+            return "error", VideoError(f"{self.path}: changed while it was read (its size or modification time)")
+        if parts:
+            reader.clips_read += sum(part.clips_read for part in parts)
+            reader.last_clip_frames = parts[-1].last_clip_frames
+            reader.pruned = reader.pruned and all(part.pruned for part in parts)
+        return "end", None
 
     def _over_stall_limit(self, now: float) -> bool:
         """Whether the consumer has waited ``stall_seconds`` for the next item, counted from when its thread came
@@ -550,8 +725,9 @@ class FeedInterleaver:
     (``capacity`` clips): with long videos, decoding would not scale with workers at all (benchmarks/RESULTS.md).
 
     Iterating gives ``(number, kind, value)`` events, ``number`` being the file's place in the stream:
-    ``"open"`` (value: ``(path, feed)``) before any other event of that file; ``"clip"`` (value: the clip; a file's
-    clips in order); ``"end"`` (every clip of the file has come); ``"error"`` (value: its VideoError, after the clips
+    ``"open"`` (value: ``(path, feed)``) before any other event of that file; ``"clip"`` (value: ``(its number in
+    the file, clip)``: a file's clips in order, but for a file split across workers, whose parts come at once,
+    each in order); ``"end"`` (every clip of the file has come); ``"error"`` (value: its VideoError, after the clips
     before it); and ``(-1, "idle", None)`` each time ``idle_seconds`` pass with no clip. At most ``hold`` files are
     held at once, from "open" to their "end", "error" or :meth:`drop`, and opened in the stream's order as others
     end. ``feeds`` is :func:`stream_videos` with ``close_each=False``, of ``files`` files: it is not asked past the
@@ -617,7 +793,7 @@ class FeedInterleaver:
                 yield -1, "idle", None
                 continue
             oldest = next(iter(self._held.values()))
-            if oldest.worker is None and oldest.stall_seconds is not None and quiet >= oldest.stall_seconds:
+            if oldest.unserved() and oldest.stall_seconds is not None and quiet >= oldest.stall_seconds:
                 if oldest.on_stall is not None:
                     oldest.on_stall(None)  # every thread is stuck elsewhere: one more for this file
                 quiet = 0.0
@@ -695,10 +871,12 @@ def stream_videos(
     lengths. Asking for the next feed closes the previous one (what was not taken of it is dropped); with
     ``close_each=False`` the consumer holds the feeds it was given until it closes them (as
     :class:`FeedInterleaver` does), and `prefetch` - 1 more are read ahead; closing the stream closes them all.
-    `read_kwargs` go to :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode
-    where the GIL or per-frame Python work would stop threads from scaling; their clips come back through shared
-    memory, their failures (a crash included) are the failing file's VideoError alone, and a crashed worker is
-    replaced.
+    With ``close_each=False`` the consumer takes the clips with :meth:`ClipFeed.poll`, and a long H.264 video
+    may be split into up to `workers` segments decoded at once (:class:`Segment`; each holds at most `capacity`
+    clips too), the segments of a file taken by the workers before any later file. `read_kwargs` go to
+    :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode where the GIL or
+    per-frame Python work would stop threads from scaling; their clips come back through shared memory, their
+    failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
     With ``stall_seconds``, a file that gives no clip for that long fails alone (see :class:`ClipFeed`) and the
     worker stuck in it is replaced: a process is killed and started again, a thread is left to its fate (a daemon)
     and another one started.
@@ -709,11 +887,11 @@ def stream_videos(
         raise ValueError(f"worker_kind must be one of {WORKER_KINDS}; got {worker_kind!r}")
     if ClipReader("", **read_kwargs).decoder == "nvdec" and worker_kind == "process":  # bad arguments raise here
         raise ValueError("decoder 'nvdec' leaves frames on the GPU: decode with worker_kind='thread'")
-    remaining = iter(paths)
+    remaining = enumerate(paths)
     pending: deque[tuple[str | os.PathLike[str], ClipFeed]] = deque()
     current: ClipFeed | None = None
     # daemon threads: a stream abandoned without being closed must not keep the process from exiting
-    tasks: queue.SimpleQueue[ClipFeed | None] = queue.SimpleQueue()
+    tasks = _Tasks()
     threads_decode = worker_kind == "thread"
     abandoned: list[threading.Thread] = []
     stopping = threading.Event()  # set once the stream closes: workers give up their file, none is started again
@@ -741,11 +919,15 @@ def stream_videos(
         while True:
             if current is not None and close_each:
                 current.close()  # its worker, if still decoding, frees its thread for the files ahead
-            for path in remaining:
+            for number, path in remaining:
                 feed = ClipFeed(ClipReader(path, **read_kwargs), capacity, feed_stall, replace)
                 # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
                 feed.reader.pin_memory = threads_decode and read_kwargs.get("device") == "cuda"
-                tasks.put(feed)  # taken in order, so the feed consumed now always has a worker
+                if not close_each:  # the consumer takes clips as they come (FeedInterleaver): files may be split
+                    feed.reader.split_into, feed.submit = workers, functools.partial(_submit, tasks, number)
+                if not close_each and threads_decode:  # (a process sends its segments: _DecoderProcess)
+                    feed.reader.on_split = feed.split
+                tasks.put(feed, (number, 0))  # taken in order, so the feed consumed now always has a worker
                 pending.append((path, feed))
                 if len(pending) >= prefetch:
                     break
@@ -785,7 +967,27 @@ def _allow_open_files() -> None:
 MAX_OPEN_FILES = 1 << 20  # Linux's default ceiling (fs.nr_open), where the hard limit is "unlimited"
 
 
-def _decode_feeds(tasks: queue.SimpleQueue, abandoned: Sequence[threading.Thread]) -> None:
+class _Tasks:
+    """The feeds waiting for a worker: the stream's files in order, each file's segments (see :class:`Segment`)
+    before the files after it, so that a file's parts are decoded together; None (stop) before all of them."""
+
+    def __init__(self):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._count = itertools.count()  # ties in order of coming
+
+    def put(self, feed: ClipFeed | None, place: tuple[int, int] = (-1, 0)) -> None:
+        """``place``: (the file's number in the stream, its part: 0 the file's feed, k its follower k)."""
+        self._queue.put((place, next(self._count), feed))
+
+    def get(self) -> ClipFeed | None:
+        return self._queue.get()[2]
+
+
+def _submit(tasks: _Tasks, number: int, follower: ClipFeed, part: int) -> None:
+    tasks.put(follower, (number, part))
+
+
+def _decode_feeds(tasks: _Tasks, abandoned: Sequence[threading.Thread]) -> None:
     """A worker thread: decode the feeds it takes until told to stop (None), or until it is found ``abandoned``
     (stuck in a file long enough to be replaced: the pool has another thread in its place)."""
     while (feed := tasks.get()) is not None:
@@ -805,14 +1007,17 @@ class _DecoderProcess:
     queue, has the process read each file, and puts the clips (shared-memory tensors) into the feed's queue.
 
     Each file ends with one message from the process: "end" (with the reader's state), "error" (a VideoError's
-    text) or "cancelled" (the feed was closed). A process that dies fails its file and is started again, as does
-    one that, once started ("ready"), sends nothing for ``stall_seconds`` while a file waits for it (stuck).
+    text) or "cancelled" (the feed was closed); a reader that splits its file sends "split" (the other segments,
+    for :meth:`ClipFeed.split`) before its first clip. A process that dies fails its file and is started again,
+    as does one that, once started ("ready"), sends nothing for ``stall_seconds`` while a file waits for it
+    (stuck).
 
     The two talk through one pipe, and nothing else: multiprocessing's queues and events are named semaphores,
     which only its resource tracker removes, and a SIGKILL of the whole process group (a scheduler's) kills the
-    tracker too, leaving them in /dev/shm. This side sends ("task", number, path, timed), ("credit", number) and
-    ("cancel", number), or None to stop; a file may have at most CREDITS clips sent and not yet taken, and the
-    process ignores a credit or cancel for another file than the one it reads (one that came late)."""
+    tracker too, leaving them in /dev/shm. This side sends ("task", number, path, timed, segment, split_into),
+    ("credit", number) and ("cancel", number), or None to stop; a file may have at most CREDITS clips sent and
+    not yet taken, and the process ignores a credit or cancel for another file than the one it reads (one that
+    came late)."""
 
     CREDITS = 2
 
@@ -855,7 +1060,7 @@ class _DecoderProcess:
         with contextlib.suppress(OSError):  # a process that died: found out by reading
             self.pipe.send(message)
 
-    def serve(self, tasks: queue.SimpleQueue) -> None:
+    def serve(self, tasks: _Tasks) -> None:
         try:
             while (feed := tasks.get()) is not None:
                 if feed._closed.is_set():
@@ -877,7 +1082,8 @@ class _DecoderProcess:
     def _read(self, feed: ClipFeed) -> None:
         self.files += 1
         number = self.files
-        self._send(("task", number, feed.path, CLOCK.enabled))
+        reader = feed.reader
+        self._send(("task", number, feed.path, CLOCK.enabled, reader.segment, reader.split_into))
         heard = time.monotonic()  # from the process, about this file
         received = 0  # clips
         closing = None  # when the stream began closing while this file was read
@@ -914,6 +1120,9 @@ class _DecoderProcess:
                 CLOCK.add_all(spent)
                 if kind == "ready":
                     self.ready, self.temp_dir = True, value
+                    continue
+                if kind == "split":
+                    feed.split(value)
                     continue
                 if kind == "clip":
                     feed._put(("clip", value))  # gives up at once when the feed is closed
@@ -1017,7 +1226,9 @@ class _RunPipe:
         return self._call(self.pipe.poll)
 
 
-def _serve_file(run: _RunPipe, number: int, path: str, timed: bool, read_kwargs: dict) -> bool:
+def _serve_file(
+    run: _RunPipe, number: int, path: str, timed: bool, segment: Segment | None, split_into: int, read_kwargs: dict
+) -> bool:
     """Read file ``number`` of this process, sending a clip only while it has a credit (see
     :class:`_DecoderProcess`), then the file's final message; True when the run said to stop meanwhile."""
     credits, cancelled, stop = _DecoderProcess.CREDITS, False, False
@@ -1030,7 +1241,9 @@ def _serve_file(run: _RunPipe, number: int, path: str, timed: bool, read_kwargs:
             credits, cancelled = credits + (message[0] == "credit"), cancelled or message[0] == "cancel"
 
     CLOCK.enable(timed)
-    reader = ClipReader(path, **read_kwargs)
+    reader = ClipReader(path, segment=segment, **read_kwargs)
+    reader.split_into = split_into
+    reader.on_split = lambda segments: run.send(("split", segments, CLOCK.take()))  # before the first clip
     try:
         for clip in reader:
             while run.poll():
@@ -1402,28 +1615,32 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
         raise VideoError(f"{path}: cannot open as a media file ({exc})") from exc
 
 
-def _resample(path: str, decoded: Iterable, fps: float, image: Callable) -> Iterator[torch.Tensor]:
+def _resample(
+    path: str, decoded: Iterable, fps: float, image: Callable, first: int | None = None, start: int = 0
+) -> Iterator[torch.Tensor]:
     """Frame k of the output, ``image(frame)``, is the last decoded frame at or before k / fps (see the header),
     as :func:`_due` reads stamps. ``decoded``: (index, frame) pairs; frames a pruned decoder left out show no output
     frame, so they change nothing.
 
-    Times are counted in the stream's time base from the first frame; a frame whose time does not advance is
-    skipped.
+    Times are counted in the stream's time base from the first frame (or from ``first``, the first frame's
+    timestamp, when ``decoded`` starts later); a frame whose time does not advance is skipped. Output frames
+    before ``start`` are left out.
     """
-    emitted = 0  # output frames so far
-    first = held = held_ticks = rate = slack = None
+    emitted = start  # output frames so far
+    held = held_ticks = rate = slack = None
     for _, frame in decoded:
         if frame.pts is None:
             raise VideoError(f"{path}: a video frame has no presentation timestamp")
-        if first is None:
-            first, (rate, slack) = frame.pts, _clock(fps, frame.time_base)
+        if rate is None:
+            first, (rate, slack) = frame.pts if first is None else first, _clock(fps, frame.time_base)
         ticks = frame.pts - first
         if held is not None:
             if ticks <= held_ticks:
                 continue
             stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
-            yield from _repeat(held, stop - emitted, image)
-            emitted = stop
+            if stop > emitted:
+                yield from _repeat(held, stop - emitted, image)
+                emitted = stop
         held, held_ticks = frame, ticks
     if held is not None:
         # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
