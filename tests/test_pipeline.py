@@ -382,7 +382,7 @@ def test_a_long_file_split_across_workers_gets_the_tokens_of_one_read(model, sou
     monkeypatch.setattr(video, "SEGMENT_CLIPS", 4)
     splits, split = [], video.ClipFeed.split
     monkeypatch.setattr(video.ClipFeed, "split", lambda feed, parts: splits.append(parts) or split(feed, parts))
-    files = [long, sources["short"]]
+    files = [sources["short"], long]  # the last file: split 3 ways
     summary = encode(model, files, tmp_path / "out", workers=3, read_ahead=1, max_clips=4)
     assert summary.done == [str(p) for p in files] and summary.clips == 20
     assert [[s.first for s in segments] for segments in splits] == [[6, 12]]

@@ -522,14 +522,15 @@ def test_a_segment_its_file_cannot_fill_fails(gops):
 
 @pytest.mark.parametrize("worker_kind", ["thread", "process"])
 def test_a_long_file_is_decoded_by_every_worker_and_its_clips_all_come(gops, tmp_path, worker_kind):
-    """One file of 150 one-frame clips and 3 workers: it is split in 3 segments, one per worker (each at least
-    SEGMENT_CLIPS clips), whose clips come as they are decoded, each numbered; every number comes once, with the
-    clip of one read, and the reader says what the whole file gave; the files after it come whole."""
+    """A file of 150 one-frame clips, the last of the run, and 3 workers: it is split in 3 segments, one per
+    worker (each at least SEGMENT_CLIPS clips), whose clips come as they are decoded, each numbered; every number
+    comes once, with the clip of one read, and the reader says what the whole file gave. The file before it, of
+    as few clips, is read whole."""
     kwargs = dict(frames=1, height=32, width=32, fps=24)
     every = list(video.ClipReader(gops, **kwargs))
     short = videos.make_video(tmp_path / "short.mp4", 12, 32, 32, fps=24)
-    events = video.interleaved_videos([gops, short], workers=3, worker_kind=worker_kind, **kwargs)
-    got, feeds = {0: {}, 1: {}}, {}
+    events = video.interleaved_videos([short, gops], workers=3, worker_kind=worker_kind, **kwargs)
+    got, feeds = {1: {}, 0: {}}, {}
     for number, kind, value in events:
         if kind == "open":
             feeds[number] = value[1]
@@ -538,10 +539,21 @@ def test_a_long_file_is_decoded_by_every_worker_and_its_clips_all_come(gops, tmp
             got[number][value[0]] = value[1]
         else:
             assert kind == "end", value
-    assert len(feeds[0].followers) == 2 and not feeds[1].followers
-    assert sorted(got[0]) == list(range(150)) and all(torch.equal(got[0][i], c) for i, c in enumerate(every))
-    assert sorted(got[1]) == list(range(12))
-    assert feeds[0].reader.clips_read == 150 and feeds[0].reader.start_times()[-1] == pytest.approx(149 / 24)
+    assert len(feeds[1].followers) == 2 and not feeds[0].followers
+    assert sorted(got[1]) == list(range(150)) and all(torch.equal(got[1][i], c) for i, c in enumerate(every))
+    assert sorted(got[0]) == list(range(12))
+    assert feeds[1].reader.clips_read == 150 and feeds[1].reader.start_times()[-1] == pytest.approx(149 / 24)
+
+
+def test_files_are_split_only_where_fewer_are_left_than_workers():
+    """Each file may be split into up to ceil(workers / files left) segments: none of a long run's but the last
+    ones', which the workers would otherwise wait beside; and only where clips are taken as they come."""
+    paths = [f"missing-{i}.mp4" for i in range(6)]
+    with contextlib.closing(video.stream_videos(paths, workers=4, prefetch=6, close_each=False, frames=1,
+                                                height=1, width=1)) as stream:  # fmt: skip
+        assert [feed.reader.split_into for _, feed in stream] == [1, 1, 1, 2, 2, 4]
+    with contextlib.closing(video.stream_videos(paths, workers=4, prefetch=6, frames=1, height=1, width=1)) as stream:
+        assert {feed.reader.split_into for _, feed in stream} == {1}
 
 
 def test_the_segments_of_a_file_are_decoded_before_later_files():
@@ -570,9 +582,9 @@ def test_a_segment_that_fails_fails_its_file_alone(gops, tmp_path, monkeypatch):
 
     monkeypatch.setattr(video.ClipReader, "_clip", failing)
     short = videos.make_video(tmp_path / "short.mp4", 12, 32, 32, fps=24)
-    events = video.interleaved_videos([gops, short], workers=2, frames=3, height=32, width=32, fps=8)
+    events = video.interleaved_videos([short, gops], workers=2, frames=3, height=32, width=32, fps=8)
     ends = [(number, kind, str(value)) for number, kind, value in events if kind in ("end", "error")]
-    assert sorted(ends) == [(0, "error", f"{gops}: decoding failed (broken)"), (1, "end", "None")]
+    assert sorted(ends) == [(0, "end", "None"), (1, "error", f"{gops}: decoding failed (broken)")]
 
 
 @pytest.mark.parametrize(

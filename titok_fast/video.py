@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -67,7 +67,7 @@ MAX_SOURCE_SIDE = 8192
 # the file, seeks and decodes the reference frames from its cut (an IDR picture) to its first clip, up to about
 # one group of pictures, a clip's worth of decoding or so at 30 fps (x264 puts an IDR picture at least every 250
 # frames): a few percent of a segment's work
-SEGMENT_CLIPS = 32
+SEGMENT_CLIPS = 16
 
 
 def check_fps(fps: float) -> None:
@@ -871,9 +871,12 @@ def stream_videos(
     lengths. Asking for the next feed closes the previous one (what was not taken of it is dropped); with
     ``close_each=False`` the consumer holds the feeds it was given until it closes them (as
     :class:`FeedInterleaver` does), and `prefetch` - 1 more are read ahead; closing the stream closes them all.
-    With ``close_each=False`` the consumer takes the clips with :meth:`ClipFeed.poll`, and a long H.264 video
-    may be split into up to `workers` segments decoded at once (:class:`Segment`; each holds at most `capacity`
-    clips too), the segments of a file taken by the workers before any later file. `read_kwargs` go to
+    With ``close_each=False`` the consumer takes the clips with :meth:`ClipFeed.poll`, and where ``paths`` has a
+    length, a long H.264 video may be split into segments decoded at once (:class:`Segment`; each holds at most
+    `capacity` clips too), the segments of a file taken by the workers before any later file: into up to
+    ``ceil(workers / files left)`` (itself and those after it), so that files split only where there are fewer
+    of them left than workers (a run of a few long videos, or the last files of a run), where a worker would
+    otherwise have none; a run of many files keeps each whole, as splitting one costs a little. `read_kwargs` go to
     :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode where the GIL or
     per-frame Python work would stop threads from scaling; their clips come back through shared memory, their
     failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
@@ -887,6 +890,7 @@ def stream_videos(
         raise ValueError(f"worker_kind must be one of {WORKER_KINDS}; got {worker_kind!r}")
     if ClipReader("", **read_kwargs).decoder == "nvdec" and worker_kind == "process":  # bad arguments raise here
         raise ValueError("decoder 'nvdec' leaves frames on the GPU: decode with worker_kind='thread'")
+    files = len(paths) if isinstance(paths, Sized) else None
     remaining = enumerate(paths)
     pending: deque[tuple[str | os.PathLike[str], ClipFeed]] = deque()
     current: ClipFeed | None = None
@@ -923,8 +927,9 @@ def stream_videos(
                 feed = ClipFeed(ClipReader(path, **read_kwargs), capacity, feed_stall, replace)
                 # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
                 feed.reader.pin_memory = threads_decode and read_kwargs.get("device") == "cuda"
-                if not close_each:  # the consumer takes clips as they come (FeedInterleaver): files may be split
-                    feed.reader.split_into, feed.submit = workers, functools.partial(_submit, tasks, number)
+                if not close_each and files is not None:  # clips taken as they come: files may be split
+                    feed.reader.split_into = -(-workers // (files - number))  # (see above)
+                    feed.submit = functools.partial(_submit, tasks, number)
                 if not close_each and threads_decode:  # (a process sends its segments: _DecoderProcess)
                     feed.reader.on_split = feed.split
                 tasks.put(feed, (number, 0))  # taken in order, so the feed consumed now always has a worker
