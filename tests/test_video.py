@@ -545,6 +545,34 @@ def test_a_long_file_is_decoded_by_every_worker_and_its_clips_all_come(gops, tmp
     assert feeds[1].reader.clips_read == 150 and feeds[1].reader.start_times()[-1] == pytest.approx(149 / 24)
 
 
+def test_a_segment_that_stalls_fails_its_file_alone(gops, tmp_path, monkeypatch):
+    """A segment whose worker gives nothing for the stall limit, while the others of its file go on, fails the
+    file as a stalled file (the worker replaced); the file after it is read whole."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    real, release = video.ClipReader._clip, threading.Event()
+
+    def stalling(self, images):
+        if self.segment is not None and self.segment.first and self.clips_read == 1:
+            release.wait(timeout=30)
+        return real(self, images)
+
+    monkeypatch.setattr(video.ClipReader, "_clip", stalling)
+    later = videos.make_video(tmp_path / "later.mp4", 12, 32, 32, fps=24)
+    events = video.interleaved_videos([gops, later], workers=3, stall_seconds=0.5, frames=3, height=32, width=32,
+                                      fps=8)  # fmt: skip
+    try:
+        ends, feeds = [], {}
+        for number, kind, value in events:
+            if kind == "open":
+                feeds[number] = value[1]
+            elif kind != "clip":
+                ends.append((number, kind, str(value)))
+    finally:
+        release.set()
+    assert sorted(ends) == [(0, "error", str(video.stall_error(gops, 0.5))), (1, "end", "None")]
+    assert feeds[0].followers and feeds[0].stalled
+
+
 def test_files_are_split_only_where_fewer_are_left_than_workers():
     """Each file may be split into up to ceil(workers / files left) segments: none of a long run's but the last
     ones', which the workers would otherwise wait beside; and only where clips are taken as they come."""

@@ -9,7 +9,8 @@ those, and the decoder skips the non-reference frames it does not need. Such a f
 (nal_ref_idc 0), never a reference for another, so skipping it changes no other frame: the frames given out are
 bit for bit those of decoding everything. Indices come from a first pass over the packets (their timestamps,
 no decoding). Each frame that comes out is checked against them; if a needed frame is missing or out of order
-:class:`PruneMismatch` is raised, and the reader decodes that file again in full.
+:class:`PruneMismatch` is raised, and the reader decodes that file again in full. The same pass finds where
+decoding may start afresh (:class:`StreamIndex`'s cuts), so that workers may decode parts of a long file at once.
 
 NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
 conversion runs there (:func:`yuv420_to_rgb`: BT.601 or BT.709 as the stream says, limited range, as

@@ -14,9 +14,9 @@ torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in th
 
 Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W). The CPU
 decoder skips the H.264 frames the sampling does not need and no other frame refers to (``prune``; exact, see
-:mod:`titok_fast.decoders`). A long H.264 video read by several workers (:func:`stream_videos`) is split into
-:class:`Segment` s, each decoded by a worker of its own from an IDR picture (a clean cut: the same frames as
-decoding from the start), its clips handed over in order.
+:mod:`titok_fast.decoders`). A long H.264 video read by several workers (:func:`stream_videos`) may be split
+into segments (:class:`Segment`), each decoded by a worker of its own from an IDR picture (a clean cut: the same
+frames as decoding from the start), the clips of each handed over as they come, numbered in the file.
 """
 
 from __future__ import annotations
@@ -144,8 +144,9 @@ class ClipReader:
 
     ``segment``: read only that :class:`Segment` of the file (:class:`ClipFeed` makes them). A reader with
     ``split_into`` > 1 and ``on_split`` set (:func:`stream_videos` sets them) that finds its H.264 video long
-    (``split_into`` x SEGMENT_CLIPS clips or more, with IDR pictures where it would cut), before its first clip,
-    keeps the first segment and hands the others to ``on_split(segments)``; ``clips_read`` then counts its own.
+    (2 x SEGMENT_CLIPS clips or more, with IDR pictures where it would cut), before its first clip, cuts it into
+    up to ``split_into`` segments of SEGMENT_CLIPS clips or more, keeps the first and hands the others to
+    ``on_split(segments)``; ``clips_read`` then counts its own.
 
     ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
     each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
@@ -294,8 +295,8 @@ class ClipReader:
                     self.placement = "device" if source.decoder == "nvdec" else on
                 rgb = functools.partial(_sized_rgb, path, source.rgb)
                 if self.rotation == "display" and source.decoder == "nvdec":  # no display matrix on its frames:
-                    first = first_frame_turns(path)  # the first frame's, from PyAV
-                    rgb = functools.partial(_turned, rgb, lambda _: first)
+                    turns = first_frame_turns(path)  # the first frame's, from PyAV
+                    rgb = functools.partial(_turned, rgb, lambda _: turns)
                 elif self.rotation == "display":
                     rgb = functools.partial(_turned, rgb, functools.partial(display_turns, path))
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
@@ -318,14 +319,14 @@ class ClipReader:
                 if index is not None and len(index.cuts) and not self._planned:
                     self._plan(index, stream.time_base)
                 segment = self._segment()
-                frames, first = source.frames, segment.first if segment is not None else 0
+                frames, first_clip = source.frames, segment.first if segment is not None else 0
                 if self.sampling == "upstream":
-                    if first:  # the frames between the cut and the segment's first chunk are the chunk before's
-                        frames = ((i, frame) for i, frame in frames if i >= first * self._chunk_length)
+                    if first_clip:  # the frames between the cut and the segment's first chunk: the chunk before's
+                        frames = ((i, frame) for i, frame in frames if i >= first_clip * self._chunk_length)
                     images = _sample_indices(frames, self.frames, self._chunk_length, image)
                 else:
                     zero = int(segment.order[0]) if segment is not None else None  # the file's first frame's time
-                    images = _resample(path, frames, self.fps, image, zero, first * self.frames)
+                    images = _resample(path, frames, self.fps, image, zero, first_clip * self.frames)
                 if segment is not None and segment.clips is not None:
                     images = itertools.islice(images, segment.clips * self.frames)
                 try:
@@ -398,7 +399,8 @@ class ClipReader:
         bounds: list[tuple[int, int]] = []  # (first clip, cut) of each segment after the first
         for k in range(1, parts):
             clip = k * clips // parts
-            cut = int(index.cuts[np.searchsorted(index.cuts, firsts[clip], side="right") - 1])
+            at = int(np.searchsorted(index.cuts, firsts[clip], side="right")) - 1  # the last cut at or before it
+            cut = int(index.cuts[at]) if at >= 0 else 0
             if cut > (bounds[-1][1] if bounds else 0):  # a cut of its own, after the last segment's
                 bounds.append((clip, cut))
         if not bounds:
@@ -930,8 +932,8 @@ def stream_videos(
                 if not close_each and files is not None:  # clips taken as they come: files may be split
                     feed.reader.split_into = -(-workers // (files - number))  # (see above)
                     feed.submit = functools.partial(_submit, tasks, number)
-                if not close_each and threads_decode:  # (a process sends its segments: _DecoderProcess)
-                    feed.reader.on_split = feed.split
+                    if threads_decode:  # (a process sends its segments: _DecoderProcess)
+                        feed.reader.on_split = feed.split
                 tasks.put(feed, (number, 0))  # taken in order, so the feed consumed now always has a worker
                 pending.append((path, feed))
                 if len(pending) >= prefetch:
