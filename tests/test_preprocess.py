@@ -361,6 +361,17 @@ def test_nvdec_time_sampling_gives_the_cpu_decoders_frames(tmp_path, monkeypatch
         assert (a - b).abs().max() <= 2.5 * 2 / 255
 
 
+def test_a_file_nvdec_fails_on_midway_is_not_split_after_clips_were_given(tmp_path, monkeypatch):
+    """A reader that may split its file decides when it first opens it: the CPU's retry after NVDEC failed
+    midway reads on from where NVDEC stopped, whole, as it would have without splitting."""
+    path = str(videos.make_video(tmp_path / "gops.mp4", 150, 48, 64, fps=24, x264="keyint=24:min-keyint=24"))
+    fake_nvdec(monkeypatch, fail_at=100)
+    reader, segments = ClipReader(path, frames=1, height=32, width=32, fps=24, decoder="nvdec", device="cpu"), []
+    reader.split_into, reader.on_split = 4, segments.extend
+    assert sum(1 for _ in reader) == reader.clips_read == 150 and reader.decoded_by == "nvdec,cpu"
+    assert not segments
+
+
 @pytest.mark.parametrize("rotation", [90, -90])
 def test_nvdec_frames_are_turned_as_the_first_frame_says(tmp_path, monkeypatch, rotation):
     """NVDEC's frames carry no display matrix: with rotation "display" they are turned as the first frame's

@@ -339,7 +339,7 @@ def decode_all(path: str) -> list[np.ndarray]:
 def test_pruned_frames_skip_non_reference_frames_and_stop_after_the_last_needed(long_moving):
     from titok_fast import decoders
 
-    order = decoders.presentation_order(long_moving)
+    order = decoders.stream_index(long_moving).order
     assert order is not None and len(order) == 98 and (np.diff(order) > 0).all()
     needed = np.zeros(len(order), dtype=bool)
     needed[1:80:3] = True
@@ -355,7 +355,7 @@ def test_pruned_frames_skip_non_reference_frames_and_stop_after_the_last_needed(
 def test_pruned_frames_notice_a_needed_frame_that_does_not_come_out(long_moving):
     from titok_fast import decoders
 
-    real = decoders.presentation_order(long_moving)
+    real = decoders.stream_index(long_moving).order
     order = np.insert(real, 10, real[9] + 1)  # a frame between frames 9 and 10 that the stream does not have
     needed = np.zeros(len(order), dtype=bool)
     needed[[4, 10, 20]] = True
@@ -366,14 +366,14 @@ def test_pruned_frames_notice_a_needed_frame_that_does_not_come_out(long_moving)
 def test_streams_that_are_not_pruned(files, long_moving, monkeypatch):
     from titok_fast import decoders
 
-    assert decoders.presentation_order(files["odd"]) is None  # FFV1: not in PRUNED_CODECS
+    assert decoders.stream_index(files["odd"]) is None  # FFV1: not in PRUNED_CODECS
     reader = video.ClipReader(files["odd"], frames=2, height=16, width=16, fps=24)
     assert len(list(reader)) == 3 and not reader.pruned
-    assert decoders.presentation_order(files["moving"]) is not None
-    assert decoders.presentation_order(files["truncated"]) is None  # full decoding says what is wrong
-    assert decoders.presentation_order(files["folder"]) is None
+    assert decoders.stream_index(files["moving"]) is not None
+    assert decoders.stream_index(files["truncated"]) is None  # full decoding says what is wrong
+    assert decoders.stream_index(files["folder"]) is None
     monkeypatch.setattr(decoders, "MAX_PRUNED_FRAMES", 97)  # a video longer than that keeps no index
-    assert decoders.presentation_order(long_moving) is None
+    assert decoders.stream_index(long_moving) is None
     reader = video.ClipReader(long_moving, frames=6, height=32, width=32, fps=8)
     assert len(list(reader)) == 5 and not reader.pruned  # 98 // 18 whole chunks
 
@@ -462,7 +462,7 @@ def _split(path: str, parts: int, monkeypatch, **kwargs) -> tuple[list[torch.Ten
 
     monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
     seeks, seek = [], decoders._from_cut
-    monkeypatch.setattr(decoders, "_from_cut", lambda c, s, stamp: seeks.append(stamp) or seek(c, s, stamp))
+    monkeypatch.setattr(decoders, "_from_cut", lambda c, s, order, cut: seeks.append(cut) or seek(c, s, order, cut))
     head, segments = video.ClipReader(path, **kwargs), []
     head.split_into, head.on_split = parts, segments.extend
     clips = list(head)
@@ -483,9 +483,38 @@ def test_a_file_read_in_segments_gives_the_clips_of_one_read(gops, monkeypatch, 
     every = list(video.ClipReader(gops, prune=False, **kwargs))
     clips, segments, seeks = _split(gops, 3, monkeypatch, **kwargs)
     assert len(segments) == 2 and 0 < segments[0].cut < segments[1].cut and segments[1].clips is None
-    order = segments[0].order
-    assert seeks == [int(order[segment.cut]) for segment in segments]
+    assert seeks == [segment.cut for segment in segments]
     assert len(clips) == len(every) and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "ts", "flv"])
+@pytest.mark.parametrize("fps", [8, 24])
+def test_a_variable_frame_rate_file_read_in_segments_gives_the_clips_of_one_read(tmp_path, monkeypatch, suffix,
+                                                                                 fps):  # fmt: skip
+    """Sampled by time, a segment's last frame shows until the next frame's time, which the segment decodes too:
+    MPEG-TS and FLV give frames no duration, and MP4's is the gap in decoding order."""
+    made = videos.make_video(tmp_path / "vfr.mp4", 150, 48, 64, vfr=True, x264=KEYINT)
+    source = str(made if suffix == "mp4" else videos.remux(tmp_path / f"vfr.{suffix}", made))
+    kwargs = dict(frames=3, height=32, width=32, fps=fps, sampling="time", tail="pad")
+    every = list(video.ClipReader(source, prune=False, **kwargs))
+    clips, segments, _ = _split(source, 3, monkeypatch, **kwargs)
+    assert len(segments) == 2 and len(clips) == len(every)
+    assert all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+@pytest.mark.parametrize("sampling", ["upstream", "time"])
+def test_an_edit_listed_file_is_neither_pruned_nor_split(gops, tmp_path, monkeypatch, sampling):
+    """Frames before an MP4 edit list's start are read as packets but never shown: the packets' index would
+    count them, so such a file keeps no index, and is decoded whole, as one read gives it."""
+    from titok_fast import decoders
+
+    source = str(videos.make_edit_listed(tmp_path / "edit.mp4", gops))
+    assert decoders.stream_index(source) is None
+    kwargs = dict(frames=3, height=32, width=32, fps=8, sampling=sampling)
+    every = list(video.ClipReader(source, prune=False, **kwargs))
+    clips, segments, _ = _split(source, 3, monkeypatch, **kwargs)
+    assert not segments and len(clips) == len(every) >= 10
+    assert all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
 
 
 def test_a_segment_seeking_cannot_place_decodes_from_the_start(gops, monkeypatch):
@@ -493,7 +522,7 @@ def test_a_segment_seeking_cannot_place_decodes_from_the_start(gops, monkeypatch
     the same clips, only slower."""
     from titok_fast import decoders
 
-    def lost(container, stream, stamp):
+    def lost(container, stream, order, cut):
         raise decoders.PruneMismatch("seeking found no keyframe")
         yield
 

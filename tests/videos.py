@@ -175,6 +175,20 @@ def remux(path: str | Path, source: str | Path, options: dict[str, str] | None =
     return Path(path)
 
 
+def make_edit_listed(path: str | Path, source: str | Path, hidden: int = 10) -> Path:
+    """``source`` (an MP4) with its first ``hidden`` frames before its edit list's start, as a stream copy cut at
+    a frame that is not a keyframe makes: their packets are read (stamped below 0), their frames never shown."""
+    with av.open(str(source)) as src, av.open(str(path), "w") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        shift = None
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                shift = hidden * packet.duration if shift is None else shift
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
+                out.mux(packet)
+    return Path(path)
+
+
 def make_scrambled(path: str | Path, source: str | Path, start: int = 200) -> Path:
     """`source` with random bytes from offset `start` to its middle: the container opens, decoding fails."""
     data = bytearray(Path(source).read_bytes())

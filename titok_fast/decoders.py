@@ -140,16 +140,11 @@ class StreamIndex:
     cuts: np.ndarray
 
 
-def presentation_order(path: str) -> np.ndarray | None:
-    """:func:`stream_index`'s ``order``, or None where it gives none."""
-    index = stream_index(path)
-    return None if index is None else index.order
-
-
 def stream_index(path: str) -> StreamIndex | None:
     """The file's :class:`StreamIndex`, or None where pruning cannot be trusted to keep every frame's index: a
     codec not in PRUNED_CODECS, a container not in PRUNED_CONTAINERS, a packet without a timestamp, two packets
-    with one, or a first packet that is not a keyframe shown first
+    with one, a packet whose frame is dropped (an edit list's), or a first packet that is not a keyframe shown
+    first
     (and None for more than MAX_PRUNED_FRAMES frames, a file that is not a regular file, or one that cannot be
     read to the end: decoding every frame then reports what is wrong with it)."""
     if not os.path.isfile(path):  # a FIFO or device could not be read twice
@@ -167,6 +162,8 @@ def stream_index(path: str) -> StreamIndex | None:
                 if packet.size == 0:  # the empty packet at the end
                     continue
                 if packet.pts is None or not (stamps or packet.is_keyframe) or len(stamps) == MAX_PRUNED_FRAMES:
+                    return None
+                if packet.is_discard:  # (before an MP4 edit list's start) decoded, but its frame never comes out
                     return None
                 if packet.is_keyframe and _is_idr(bytes(packet), length_size):
                     idr.append(len(stamps))
@@ -225,7 +222,7 @@ def pruned_frames(
     marked = np.flatnonzero(needed)
     last = int(marked[-1]) if len(marked) else -1
     context, previous = stream.codec_context, start - 1
-    packets = _from_cut(container, stream, int(order[start])) if start else container.demux(stream)
+    packets = _from_cut(container, stream, order, start) if start else container.demux(stream)
 
     def index_of(pts: int | None) -> int:
         at = int(np.searchsorted(order, pts)) if pts is not None else len(order)
@@ -248,17 +245,29 @@ def pruned_frames(
         raise PruneMismatch(f"the stream ended at frame {previous}, before needed frame {last}")
 
 
-def _from_cut(container: av.container.InputContainer, stream, stamp: int) -> Iterator[av.Packet]:
-    """The stream's packets from the keyframe stamped ``stamp`` on: seeked to (the keyframe at or before it, by
-    the container's index), then read, not decoded, up to it."""
-    container.seek(stamp, stream=stream, backward=True, any_frame=False)
-    packets = container.demux(stream)
-    for packet in packets:
-        if packet.pts == stamp and packet.is_keyframe:
-            yield packet
-            yield from packets
-            return
-    raise PruneMismatch(f"seeking found no keyframe stamped {stamp}")
+def _from_cut(container: av.container.InputContainer, stream, order: np.ndarray, cut: int) -> Iterator[av.Packet]:
+    """The stream's packets from the keyframe of clean cut ``cut`` (an index into ``order``) on: seeked to, then
+    read, not decoded, up to it. Where the seek lands after it (MPEG-TS seeks by bytes, and lands a little past
+    its target), the seek goes to a frame further back (1, 2, 4, ... frames, then the first): at a clean cut,
+    every packet before it in decoding order is shown before it, and every one after, after it."""
+    stamp, back = int(order[cut]), 0
+    while True:
+        container.seek(int(order[max(cut - back, 0)]), stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        for packet in packets:
+            if packet.pts is None:  # (the empty packet at the end)
+                continue
+            if packet.pts > stamp:  # past the cut
+                break
+            if packet.pts == stamp and packet.is_keyframe:
+                yield packet
+                yield from packets
+                return
+        else:
+            raise PruneMismatch(f"seeking found no keyframe stamped {stamp}")
+        if back >= cut:
+            raise PruneMismatch(f"seeking to the first frame lands past the keyframe stamped {stamp}")
+        back = max(1, 2 * back)
 
 
 def pyav_rgb(threads: int = 1) -> Callable[[av.VideoFrame], torch.Tensor]:

@@ -216,7 +216,7 @@ class ClipReader:
         self.last_clip_frames = self.frames  # real frames in the last clip; fewer only when tail == "pad"
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
-        self._planned = False  # whether it has decided on splitting the file (once per reading)
+        self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
         self._own: Segment | None = None  # the first segment, when it split the file
         self._due_of: tuple[np.ndarray, np.ndarray] | None = None  # (order, _dues(order)), the last worked out
 
@@ -278,13 +278,19 @@ class ClipReader:
             context = stream.codec_context
             _check_frame_size(path, context.width, context.height)
             index, segment = None, self._segment()
+            needs = self._segment_needs if prune else None
+            # a file is split, if at all, when first opened: not on a retry (NVDEC failed, or pruning went wrong)
+            # after clips were given
+            may_split = not self._planned and self.split_into > 1 and self.on_split is not None
+            self._planned = True
             if decoder == "cpu" and prune and segment is not None:
                 index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64))  # the cut is known: no cuts needed
-            elif decoder == "cpu" and prune and self.split_into > 1 and self.on_split is not None and not self._planned:
+            elif decoder == "cpu" and prune and may_split:
                 started = CLOCK.start()
                 index = stream_index(path)  # here, to plan; the decoder is given it
                 CLOCK.stop("decode", started)
-            needs = self._segment_needs if prune else None
+                if index is None:  # pruning cannot be trusted here (the decoder would find it so again)
+                    needs = None
             start = segment.cut if segment is not None and index is not None else 0
             with open_frames(path, container, decoder, threads=self.threads, needs=needs, index=index,
                              start=start) as source:  # fmt: skip
@@ -316,7 +322,7 @@ class ClipReader:
                             f"{path}: {self.source_fps:g} fps is too low to sample {self.frames} frames at "
                             f"{self.fps:g} fps"
                         )
-                if index is not None and len(index.cuts) and not self._planned:
+                if may_split and index is not None and len(index.cuts):
                     self._plan(index, stream.time_base)
                 segment = self._segment()
                 frames, first_clip = source.frames, segment.first if segment is not None else 0
@@ -381,13 +387,15 @@ class ClipReader:
         shown_until = np.append(due[1:], np.iinfo(np.int64).max)  # output frames [due, shown_until) show frame i
         needed &= shown_until > segment.first * self.frames
         if end is not None:
+            after = np.flatnonzero(due >= end * self.frames)
             needed &= due < end * self.frames
+            if len(after):  # the frame after the segment's last: its time ends the last one's showing (a frame's
+                needed[after[0]] = True  # own duration may be unknown, or another frame's gap)
         return needed
 
     def _plan(self, index: StreamIndex, time_base: Fraction) -> None:
         """Split the file into up to ``split_into`` segments of SEGMENT_CLIPS clips or more, each from a clean cut
         after the one before, if it is long enough; keep the first and hand the others to ``on_split``."""
-        self._planned = True
         if self.sampling == "upstream":
             clips = len(index.order) // self._chunk_length  # whole chunks
             firsts = np.arange(clips) * self._chunk_length  # each clip's first frame
