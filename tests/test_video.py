@@ -336,6 +336,18 @@ def decode_all(path: str) -> list[np.ndarray]:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
+@pytest.mark.parametrize(("tail", "clips"), [("drop", 24), ("pad", 25)])
+@pytest.mark.parametrize("prune", [True, False])
+def test_one_frame_clips_come_from_whole_chunks_only(long_moving, tail, clips, prune):
+    """With one frame per clip the pick is a chunk's first frame: a last, partial chunk (the last 2 of 98 frames,
+    in chunks of 4) gives a clip only with tail "pad", decoding every frame or not."""
+    reader = video.ClipReader(long_moving, frames=1, height=16, width=16, fps=6, tail=tail, prune=prune)
+    got = list(reader)
+    assert len(got) == clips and reader.pruned == prune and reader.last_clip_frames == 1
+    every = video.ClipReader(long_moving, frames=1, height=16, width=16, fps=6, tail=tail, prune=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, every, strict=True))
+
+
 def test_pruned_frames_skip_non_reference_frames_and_stop_after_the_last_needed(long_moving):
     from titok_fast import decoders
 

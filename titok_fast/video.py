@@ -329,7 +329,7 @@ class ClipReader:
                 if self.sampling == "upstream":
                     if first_clip:  # the frames between the cut and the segment's first chunk: the chunk before's
                         frames = ((i, frame) for i, frame in frames if i >= first_clip * self._chunk_length)
-                    images = _sample_indices(frames, self.frames, self._chunk_length, image)
+                    images = _sample_indices(frames, self.frames, self._chunk_length, image, self.tail == "pad")
                 else:
                     zero = int(segment.order[0]) if segment is not None else None  # the file's first frame's time
                     images = _resample(path, frames, self.fps, image, zero, first_clip * self.frames)
@@ -349,7 +349,8 @@ class ClipReader:
         count = len(order)
         if self.sampling == "upstream":
             length = self._chunk_length
-            needed = np.isin(np.arange(count) % length, list(_chunk_picks(self.frames, length)))
+            picks = list(_chunk_picks(self.frames, length))
+            needed = np.isin(np.arange(count) % length, picks + [length - 1])  # (the last: see _sample_indices)
             if self.tail == "drop" and count >= length:  # a last partial chunk is dropped: none of its frames
                 needed[count // length * length :] = False
             return needed
@@ -1703,12 +1704,31 @@ def _chunk_picks(frames: int, chunk_length: int) -> dict[int, int]:
     return dict(zip(offsets.tolist(), counts.tolist(), strict=True))
 
 
-def _sample_indices(decoded: Iterable, frames: int, chunk_length: int, image: Callable) -> Iterator[torch.Tensor]:
+def _sample_indices(
+    decoded: Iterable, frames: int, chunk_length: int, image: Callable, partial: bool = True
+) -> Iterator[torch.Tensor]:
     """Upstream's sampling: chunk c is source frames [c * L, (c + 1) * L), and its frames are those that
     numpy.linspace(c * L, c * L + L - 1, frames, dtype=int) picks (repeats when L < frames), each ``image(frame)``.
-    A last partial chunk yields the picks that exist. ``decoded``: (index, frame) pairs in order."""
+    A last partial chunk yields the picks that exist, if ``partial``. ``decoded``: (index, frame) pairs in order.
+
+    The picks end with the chunk's last frame, so a partial chunk never gives a whole clip, except with one frame
+    per clip (the pick is the chunk's first frame): then each image waits for its chunk's last frame (or a later
+    one), and a partial chunk's is given only if ``partial``."""
     counts = _chunk_picks(frames, chunk_length)
+    waits = chunk_length - 1 not in counts
+    held: list[torch.Tensor] = []
+    whole_at = 0  # the index whose frame makes the held images' chunk whole
     for index, frame in decoded:
+        if held and index >= whole_at:
+            yield from held
+            held = []
         repeat = counts.get(index % chunk_length, 0)
-        if repeat:
+        if repeat and waits:
+            held, whole_at = list(_repeat(frame, repeat, image)), index - index % chunk_length + chunk_length - 1
+        elif repeat:
             yield from _repeat(frame, repeat, image)
+        if held and index >= whole_at:
+            yield from held
+            held = []
+    if partial:
+        yield from held
