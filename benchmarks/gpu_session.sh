@@ -18,7 +18,8 @@
 #                                            # the triton backend in bf16, and with FP8 linears; and
 #                                            # their decoded pixels against the float32 oracle's
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
-#                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16
+#                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16,
+#                                            # one long video read by 1 worker and by every core
 #   bash benchmarks/gpu_session.sh all       # all eight in a row, up to 10 minutes each (pipeline is run on its own)
 #   bash benchmarks/gpu_session.sh targets   # one short run, under 9 minutes by its timeouts (540 s): the
 #                                            # measurements behind every target of RESULTS.md (attention vs
@@ -132,7 +133,7 @@ part() {
 }
 
 pipeline() {  # at most 9 minutes (the timeouts below add up to 540 s; with "short", 230 s: no 256p8 "before", no
-    # process or worker sweep); every row is appended to pipeline.jsonl as soon as it is measured
+    # process or worker sweep, no long video); every row is appended to pipeline.jsonl as soon as it is measured
     local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos"
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
                --videos "$videos" --log "$log")
@@ -176,10 +177,17 @@ PROBE
         limited "after, processes" 40 "${run[@]}" --sources 720p30 --files 12 --label after-processes \
             --worker-kind process --workers "$(nproc)"
         for kind in thread process; do
-            for w in 1 2 4 8 16; do
+            local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)
+            for w in "${counts[@]}"; do
                 limited "input $kind x$w" 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind \
                     --workers $w --label "input $kind x$w"
             done
+        done
+        # one long video (96 clips), split across the workers: 1 worker, then every core
+        limited "long source" 20 "${run[@]}" --sources 256p8 --seconds 240 --sources-only
+        for w in 1 "$(nproc)"; do
+            limited "one long file x$w" 10 "${run[@]}" --sources 256p8 --seconds 240 --files 1 --input-only \
+                --workers "$w" --label "one long file x$w"
         done
     } 2>&1 | tee "$out/pipeline.txt"
 }
