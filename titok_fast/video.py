@@ -204,6 +204,9 @@ class ClipReader:
         self.split_into = 1  # segments this reader may split its file into (see above; set by stream_videos)
         self.on_split: Callable[[list[Segment]], None] | None = None
         self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
+        # (order, time base, _dues of them), the last worked out: kept across readings, and by the copies that read
+        # a split file's other segments (the same order), which need not work it out again
+        self._due_of: tuple[np.ndarray, Fraction, np.ndarray] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -218,7 +221,6 @@ class ClipReader:
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
         self._own: Segment | None = None  # the first segment, when it split the file
-        self._due_of: tuple[np.ndarray, np.ndarray] | None = None  # (order, _dues(order)), the last worked out
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         path, frames = self.path, self.frames
@@ -360,12 +362,12 @@ class ClipReader:
 
     def _dues(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
         """due[i]: the first output frame that frame i shows (sampling "time"; :func:`_due`)."""
-        if self._due_of is not None and self._due_of[0] is order:  # asked for each of needs, plan and segment
-            return self._due_of[1]
+        if self._due_of is not None and self._due_of[0] is order and self._due_of[1] == time_base:
+            return self._due_of[2]  # (asked for by needs, plan and the segment's needs)
         rate, slack = _clock(self.fps, time_base)
         first = int(order[0])
         due = np.array([_due(int(pts) - first, rate, slack) for pts in order], dtype=np.int64)
-        self._due_of = (order, due)
+        self._due_of = (order, time_base, due)
         return due
 
     def _segment(self) -> Segment | None:
@@ -573,7 +575,7 @@ class ClipFeed:
             reader.segment, reader.split_into, reader.on_split = segment, 1, None
             reader._reset()
             follower = ClipFeed(reader, self._queue.maxsize, self.stall_seconds, self.on_stall)
-            follower.on_ready = self._item_put
+            follower.on_ready = self._notify
             followers.append(follower)
         self.followers = followers
         if self._closed.is_set():  # closed meanwhile: none is decoded
@@ -582,9 +584,14 @@ class ClipFeed:
         for number, follower in enumerate(followers, 1):
             self.submit(follower, number)
 
-    def _item_put(self) -> None:
+    def _notify(self) -> None:
+        """An item was put (in this feed or a follower): tell the consumer, if it asked."""
         if self.on_ready is not None:
             self.on_ready()
+
+    def _parts(self) -> tuple[ClipFeed, ...]:
+        """This feed and its followers: the file's parts, in order."""
+        return (self, *self.followers)
 
     @property
     def path(self) -> str:
@@ -613,8 +620,7 @@ class ClipFeed:
                 self._queue.put(item, timeout=0.05)
             except queue.Full:
                 continue
-            if self.on_ready is not None:
-                self.on_ready()
+            self._notify()
             return True
         return False
 
@@ -675,7 +681,7 @@ class ClipFeed:
         closed and ``stalled`` set. A part no thread has come to yet is not timed here (see
         :class:`FeedInterleaver`)."""
         now = None
-        for part in (self, *self.followers):
+        for part in self._parts():
             if part._ended:
                 continue
             try:
@@ -695,13 +701,13 @@ class ClipFeed:
                 self.stalled = self.stalled or part.stalled
                 return kind, value
             part._ended = True
-            if all(other._ended for other in (self, *self.followers)):
+            if all(other._ended for other in self._parts()):
                 return self._ended_reading()
         return None
 
     def unserved(self) -> bool:
         """Whether a part of the file that has not ended has no thread yet."""
-        return any(part.worker is None and not part._ended for part in (self, *self.followers))
+        return any(part.worker is None and not part._ended for part in self._parts())
 
     def _ended_reading(self) -> tuple[str, object]:
         """The file's end, with its parts' reading put together in its reader."""
