@@ -2,7 +2,8 @@
 
 The sources are written here with PyAV (libx264, preset medium, crf 23, default GOP and B-frames) from a moving,
 textured pattern, so a 720p30 source carries a few Mbit/s like real footage: 1280x720 and 1920x1080 at 30 fps and
-456x256 at 8 fps (the layout of upstream's training set); each file's bitrate is measured and printed. Each source
+456x256 at 8 fps (the layout of upstream's training set); each file's bitrate is measured and printed (``--codec``
+writes HEVC, VP9 or AV1 instead, each with its encoder's usual settings: ``CODECS``). Each source
 is encoded by ``encode_files`` (video files in, token files out) and the run reports:
 
 - clips/s and source frames spanned per second (the source frames the clips cover, ``src fr spanned/s``: not the
@@ -67,10 +68,19 @@ SOURCES = {  # name -> (width, height, fps)
     "256p8": (456, 256, 8),
 }
 STAGE_NAMES = ("decode", "rgb", "resize", "upload", "write")
+# --codec -> (encoder, its options): each encoder's usual settings (default key frame spacing, B-frames or hidden
+# frames; x265's default open groups of pictures; VP9 and AV1 at a speed setting that keeps writing them short)
+CODECS = {
+    "h264": ("libx264", {"preset": "medium", "crf": "23"}),
+    "hevc": ("libx265", {"preset": "medium", "crf": "28", "x265-params": "log-level=error"}),
+    "vp9": ("libvpx-vp9", {"crf": "31", "b": "0", "cpu-used": "4", "row-mt": "1"}),
+    "av1": ("libsvtav1", {"preset": "8", "crf": "35"}),
+}
 
 
-def make_source(path: Path, width: int, height: int, fps: int, seconds: float) -> float:
-    """Write an H.264 mp4 (x264 preset medium, crf 23) of a textured pattern in motion; returns its Mbit/s."""
+def make_source(path: Path, width: int, height: int, fps: int, seconds: float, codec: str = "h264") -> float:
+    """Write an mp4 (H.264: x264 preset medium, crf 23; or another of CODECS) of a textured pattern in motion;
+    returns its Mbit/s."""
     rng = np.random.default_rng(0)
     # texture at several scales, larger than the frame so it can pan; plus fine noise that changes every frame
     big = (height + 256, width + 256)
@@ -83,9 +93,10 @@ def make_source(path: Path, width: int, height: int, fps: int, seconds: float) -
     )
     frames = int(seconds * fps)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
+        encoder, options = CODECS[codec]
+        stream = container.add_stream(encoder, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "medium", "crf": "23"}
+        stream.options = options
         for i in range(frames):
             dy, dx = int(64 + 60 * np.sin(i / 40)), (3 * i) % 256
             image = texture[dy : dy + height, dx : dx + width]
@@ -97,16 +108,16 @@ def make_source(path: Path, width: int, height: int, fps: int, seconds: float) -
     return path.stat().st_size * 8 / (frames / fps) / 1e6
 
 
-def sources(folder: Path, names: list[str], seconds: float) -> dict[str, tuple[Path, float]]:
-    """The named sources in `folder` (made once per name and length): name -> (path, Mbit/s)."""
+def sources(folder: Path, names: list[str], seconds: float, codec: str = "h264") -> dict[str, tuple[Path, float]]:
+    """The named sources in `folder` (made once per name, length and codec): name -> (path, Mbit/s)."""
     folder.mkdir(parents=True, exist_ok=True)
     made = {}
     for name in names:
         width, height, fps = SOURCES[name]
-        path = folder / f"{name}-{seconds:g}s.mp4"
+        path = folder / f"{name}-{seconds:g}s{'' if codec == 'h264' else '-' + codec}.mp4"
         if not path.exists():
             partial = path.with_suffix(".partial.mp4")
-            make_source(partial, width, height, fps, seconds)
+            make_source(partial, width, height, fps, seconds, codec)
             partial.rename(path)
         made[name] = (path, path.stat().st_size * 8 / seconds / 1e6)
     return made
@@ -299,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sources", default="720p30,1080p30,256p8", help=f"comma-separated, of {', '.join(SOURCES)}")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each source (default 20)")
+    p.add_argument("--codec", default="h264", choices=tuple(CODECS), help="the sources' codec (default h264)")
     p.add_argument("--videos", default="bench-videos", help="folder for the sources (made once, then reused)")
     p.add_argument("--config", default="tiny", help="model preset (default tiny)")
     p.add_argument("--grid", type=int, nargs=3, default=(20, 192, 192), metavar=("T", "H", "W"))
@@ -332,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     ]
-    made = sources(Path(args.videos), names, args.seconds)
+    made = sources(Path(args.videos), names, args.seconds, args.codec)
     if args.sources_only:
         return
     env = environment(args)

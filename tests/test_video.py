@@ -422,8 +422,8 @@ def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypa
 
     real = decoders.pruned_frames
 
-    def losing(container, stream, order, needs, start=0):  # loses the 30th frame that comes out, as a broken
-        for count, item in enumerate(real(container, stream, order, needs, start)):  # stream might
+    def losing(*args):  # loses the 30th frame that comes out, as a broken stream might
+        for count, item in enumerate(real(*args)):
             if count == 30:
                 raise decoders.PruneMismatch("lost")
             yield item
@@ -463,7 +463,8 @@ def test_the_stream_index_cuts_at_idr_pictures_in_every_container(gops, tmp_path
         with av.open(str(source)) as container:
             stream = container.streams.video[0]
             size = decoders._nal_length_size(stream.codec_context.extradata)
-            idr = [decoders._is_idr(bytes(p), size) for p in container.demux(stream) if p.is_keyframe]
+            fresh = decoders._fresh_start("h264", stream.codec_context.extradata)
+            idr = [fresh(bytes(p)) for p in container.demux(stream) if p.is_keyframe]
         assert idr == [True] + [False] * (len(cuts) - 1) and size == (4 if source == opened else None)
 
 
@@ -478,6 +479,7 @@ def _split(path: str, parts: int, monkeypatch, **kwargs) -> tuple[list[torch.Ten
     head, segments = video.ClipReader(path, **kwargs), []
     head.split_into, head.on_split = parts, segments.extend
     clips = list(head)
+    assert head.pruned == bool(segments and segments[0].prunable)  # (an index only to split by: decoded whole)
     for segment in segments:
         reader = video.ClipReader(path, segment=segment, **kwargs)
         clips += list(reader)
@@ -497,6 +499,155 @@ def test_a_file_read_in_segments_gives_the_clips_of_one_read(gops, monkeypatch, 
     assert len(segments) == 2 and 0 < segments[0].cut < segments[1].cut and segments[1].clips is None
     assert seeks == [segment.cut for segment in segments]
     assert len(clips) == len(every) and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+# a key frame every 24 frames from each encoder, with its B-frames (x265), hidden alternate reference frames (libvpx)
+# or hidden frames shown later (SVT-AV1's random access) between them
+KEYFRAMES = {
+    "libx265": {"crf": "20", "x265-params": "log-level=error:keyint=24:min-keyint=24:scenecut=0:open-gop=0"},
+    "libvpx-vp9": {"g": "24", "crf": "30", "b": "0", "cpu-used": "8"},
+    "libsvtav1": {"g": "24", "preset": "12"},
+}
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory) -> dict[str, str]:
+    """The six and a quarter seconds of ``gops``, in HEVC (MP4), VP9 (WebM) and AV1 (MP4)."""
+    folder = tmp_path_factory.mktemp("codecs")
+    made = {}
+    for encoder, suffix in (("libx265", "mp4"), ("libvpx-vp9", "webm"), ("libsvtav1", "mp4")):
+        made[encoder] = str(videos.make_video(folder / f"{encoder}.{suffix}", 150, 48, 64, fps=24, encoder=encoder,
+                                              options=KEYFRAMES[encoder]))  # fmt: skip
+    return made
+
+
+@pytest.mark.parametrize(("encoder", "suffix"), [
+    ("libx265", "mp4"), ("libx265", "mkv"), ("libx265", "ts"), ("libvpx-vp9", "webm"), ("libvpx-vp9", "mp4"),
+    ("libsvtav1", "mp4"), ("libsvtav1", "mkv"),
+])  # fmt: skip
+def test_hevc_vp9_and_av1_files_are_cut_at_their_key_frames(coded, tmp_path, encoder, suffix):
+    """HEVC IDR pictures (length-prefixed and after start codes), VP9 key frames and AV1 key frames shown at once
+    are cuts; the index is only to split by (their non-reference frames are not skipped), so pruning gets none.
+    (x265's B-frames, libvpx's hidden alternate reference frames, SVT-AV1's frames shown again later.)"""
+    from titok_fast import decoders
+
+    source = coded[encoder]
+    if not source.endswith(suffix):  # (encoded again: PyAV copies a stream by its decoder's name, AV1's libdav1d)
+        source = str(videos.make_video(tmp_path / f"v.{suffix}", 150, 48, 64, fps=24, encoder=encoder,
+                                       options=KEYFRAMES[encoder]))  # fmt: skip
+    index = decoders.stream_index(source, split=True)
+    assert index.cuts.tolist() == list(range(0, 150, 24)) and len(index.order) == 150 and not index.prunable
+    assert decoders.stream_index(source) is None
+    if encoder == "libx265":  # an hvcC record's 4-byte lengths, or start codes
+        with av.open(source) as container:
+            size = decoders._nal_length_size(container.streams.video[0].codec_context.extradata, hevc=True)
+        assert size == (None if suffix == "ts" else 4)
+
+
+@pytest.mark.parametrize("leading", ["open-gop=1", "open-gop=0:radl=2"], ids=["cra-rasl", "idr-radl"])
+def test_hevcs_leading_pictures_belong_to_the_segment_before_their_cut(tmp_path, monkeypatch, leading):
+    """HEVC's IRAP pictures are cuts even with leading pictures (decoded after one, shown before it): a CRA
+    picture's RASL pictures (an open group of pictures, x265's default), which refer to the group before and
+    which decoding from the CRA picture leaves out, or an IDR picture's RADL pictures, which it decodes. Either
+    way they are the segment before's, which decodes on past the cut to give them."""
+    from titok_fast import decoders
+
+    options = {"x265-params": f"log-level=error:keyint=24:min-keyint=24:scenecut=0:{leading}"}
+    source = str(videos.make_video(tmp_path / "leading.mp4", 150, 48, 64, encoder="libx265", options=options))
+    with av.open(source) as container:
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size]
+    keys = [k for k, (_, key) in enumerate(packets) if key]
+    assert len(keys) == 7 and all(min(pts for pts, _ in packets[k:]) < packets[k][0] for k in keys[1:])
+    assert decoders.stream_index(source, split=True).cuts.tolist() == list(range(0, 150, 24))
+    for sampling, tail, fps in (("upstream", "drop", 8), ("time", "pad", 7)):
+        kwargs = dict(frames=3, height=32, width=32, fps=fps, sampling=sampling, tail=tail)
+        every = list(video.ClipReader(source, prune=False, **kwargs))
+        clips, segments, seeks = _split(source, 3, monkeypatch, **kwargs)
+        assert len(segments) == 2 and seeks[-2:] == [segment.cut for segment in segments]
+        assert len(clips) == len(every) and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+@pytest.mark.parametrize("encoder", ["libvpx-vp9", "libsvtav1"])
+def test_vp9_and_av1_in_flv_are_read_whole(tmp_path, monkeypatch, encoder):
+    """In FLV, FFmpeg gives VP9 and AV1 frames a duration after a seek and none from the start, so sampled by
+    time, a segment from a cut would show the file's last frame longer than one read: such a file is not split."""
+    from titok_fast import decoders
+
+    source = str(videos.make_video(tmp_path / "v.flv", 145, 64, 64, fps=30, encoder=encoder,
+                                   options=KEYFRAMES[encoder]))  # fmt: skip
+    assert decoders.stream_index(source, split=True) is None
+    kwargs = dict(frames=1, height=16, width=16, fps=11, sampling="time", tail="drop")
+    every = list(video.ClipReader(source, prune=False, **kwargs))
+    clips, segments, _ = _split(source, 3, monkeypatch, **kwargs)
+    assert not segments and len(clips) == len(every)
+    assert all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+def test_seeking_finds_a_last_cut_followed_only_by_its_leading_pictures(tmp_path):
+    """In MPEG-TS, where a seek lands a little past its target, a seek past the last cut of this file meets the
+    stream's end (only the cut's leading pictures follow it, shown before it): it goes further back, as one that
+    meets a frame shown after the cut does."""
+    from titok_fast import decoders
+
+    options = {"x265-params": "log-level=error:keyint=24:min-keyint=24:scenecut=0:open-gop=1"}
+    source = str(videos.make_video(tmp_path / "tail.ts", 145, 48, 64, encoder="libx265", options=options))
+    index = decoders.stream_index(source, split=True)
+    assert index.cuts.tolist() == list(range(0, 145, 24))
+    for cut in index.cuts[1:]:
+        with av.open(source) as container:
+            first = next(decoders._from_cut(container, container.streams.video[0], index.order, int(cut)))
+        assert first.pts == index.order[cut] and first.is_keyframe
+
+
+def test_vp9_and_av1_key_frames_are_read_from_their_headers():
+    """VP9: frame_marker, profile (profile 3 with a reserved bit), show_existing_frame, frame_type, show_frame.
+    AV1: the first frame header's show_existing_frame, frame_type and show_frame, after the OBUs before it (a
+    temporal delimiter, a sequence header; an OBU with an extension byte), each with its leb128 size."""
+    from titok_fast import decoders
+
+    vp9 = {0x82: True, 0xA2: True, 0x92: True, 0xB1: True, 0x86: False, 0x88: False, 0x80: False, 0x42: False}
+    for byte, key in vp9.items():  # profiles 0, 1, 2, 3 keys; an inter frame, a frame shown again, hidden, no marker
+        assert decoders._vp9_key(bytes([byte, 0])) == key, hex(byte)
+    delimiter, sequence = b"\x12\x00", b"\x0a\x81\x01" + bytes(129)  # a 129-byte sequence header: a 2-byte size
+    for header, key in ((0x10, True), (0x30, False), (0x80, False), (0x00, False), (0x50, False)):
+        for obus in (delimiter, delimiter + sequence):
+            for frame in (b"\x32\x02", b"\x1a\x02", b"\x36\x08\x02"):  # OBU_FRAME, _FRAME_HEADER, extended
+                assert decoders._av1_key(obus + frame + bytes([header, 0])) == key, (header, obus, frame)
+    assert not decoders._av1_key(delimiter) and not decoders._av1_key(b"")
+
+
+@pytest.mark.parametrize(("encoder", "sampling", "tail", "fps"), [
+    ("libx265", "upstream", "drop", 8), ("libvpx-vp9", "time", "pad", 7), ("libsvtav1", "upstream", "pad", 5),
+])  # fmt: skip
+def test_an_hevc_vp9_or_av1_file_read_in_segments_gives_the_clips_of_one_read(coded, monkeypatch, encoder,
+                                                                                sampling, tail, fps):  # fmt: skip
+    """Each segment after the first decodes every frame from its own key frame (seeked to) up to its last clip's;
+    the first decodes from the start; together they give the clips of one read."""
+    from titok_fast import decoders
+
+    kwargs = dict(frames=3, height=32, width=32, fps=fps, sampling=sampling, tail=tail)
+    every = list(video.ClipReader(coded[encoder], prune=False, **kwargs))
+    skips, pruned = [], decoders.pruned_frames
+    monkeypatch.setattr(decoders, "pruned_frames", lambda *args: skips.append(args[-1]) or pruned(*args))
+    clips, segments, seeks = _split(coded[encoder], 3, monkeypatch, **kwargs)
+    assert skips == [False, False]  # each segment after the first decodes every frame from its cut
+    assert len(segments) == 2 and 0 < segments[0].cut < segments[1].cut and not segments[0].prunable
+    assert seeks == [segment.cut for segment in segments]
+    assert len(clips) == len(every) and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+def test_an_index_only_to_split_by_skips_no_frame(gops):
+    """Decoding from an index of a codec that is not pruned gives every frame up to the last one needed."""
+    from titok_fast import decoders
+
+    order = decoders.stream_index(gops).order
+    needed = np.zeros(len(order), dtype=bool)
+    needed[[30, 60]] = True
+    for skip, frames in ((False, list(range(61))), (True, None)):
+        with av.open(gops) as container:
+            got = [i for i, _ in decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed,
+                                                        skip=skip)]  # fmt: skip
+        assert got == frames if frames else (30 in got and 60 in got and len(got) < 61)
 
 
 @pytest.mark.parametrize("suffix", ["mp4", "ts", "flv"])
@@ -556,17 +707,18 @@ def test_a_segment_its_file_cannot_fill_fails(gops):
     from titok_fast import decoders
 
     order = decoders.stream_index(gops).order
-    reader = video.ClipReader(gops, frames=3, height=32, width=32, fps=8, segment=video.Segment(4, 30, 24, order))
+    reader = video.ClipReader(gops, frames=3, height=32, width=32, fps=8, segment=video.Segment(4, 30, 24, order, True))
     with pytest.raises(VideoError, match=r"gops.mp4: decoding ended after clip 16; its packets make at least 34$"):
         list(reader)
 
 
-@pytest.mark.parametrize("worker_kind", ["thread", "process"])
-def test_a_long_file_is_decoded_by_every_worker_and_its_clips_all_come(gops, tmp_path, worker_kind):
+@pytest.mark.parametrize(("worker_kind", "codec"), [("thread", "h264"), ("process", "h264"), ("process", "hevc")])
+def test_a_long_file_is_decoded_by_every_worker_and_its_clips_all_come(gops, coded, tmp_path, worker_kind, codec):
     """A file of 150 one-frame clips, the last of the run, and 3 workers: it is split in 3 segments, one per
     worker (each at least SEGMENT_CLIPS clips), whose clips come as they are decoded, each numbered; every number
     comes once, with the clip of one read, and the reader says what the whole file gave. The file before it, of
-    as few clips, is read whole."""
+    as few clips, is read whole. (HEVC: segments decoded whole from their cuts, in worker processes too.)"""
+    gops = gops if codec == "h264" else coded["libx265"]
     kwargs = dict(frames=1, height=32, width=32, fps=24)
     every = list(video.ClipReader(gops, **kwargs))
     short = videos.make_video(tmp_path / "short.mp4", 12, 32, 32, fps=24)

@@ -66,22 +66,28 @@ def make_video(
     vfr: bool = False,
     piped: bool = False,
     x264: str = "",
+    encoder: str = "libx264",
+    options: dict[str, str] | None = None,
 ) -> Path:
     """Write a video of `frames` pattern frames; even sizes as H.264 (mp4), odd sizes as FFV1 (use .mkv).
 
     vfr: frame i is shown at vfr_times(frames)[i] instead of i / fps. piped: written as to a pipe (``ffmpeg ... -``),
     where the muxer cannot go back to fill in sizes. x264: more of x264's options (``"keyint=24:open-gop=1"``).
+    encoder, options: another encoder of even sizes (``"libx265"``, ``"libvpx-vp9"``, ``"libsvtav1"``) and its
+    options.
     """
     path = Path(path)
     odd = height % 2 or width % 2
     target = _Piped(path) if piped else str(path)
     with av.open(target, "w", format=MUXERS.get(path.suffix) if piped else None) as container:
         rate = Fraction(fps).limit_denominator(1001)
-        stream = container.add_stream("ffv1" if odd else "libx264", rate=rate)
+        stream = container.add_stream("ffv1" if odd else encoder, rate=rate)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if odd else "yuv420p"
-        if not odd:
+        if not odd and encoder == "libx264":
             stream.options = {"crf": "10", **({"x264-params": x264} if x264 else {})}
+        elif not odd:
+            stream.options = options or {}
         time_base = VFR_TIME_BASE if vfr else 1 / rate
         stream.codec_context.time_base = time_base
         times = vfr_times(frames) if vfr else [i / rate for i in range(frames)]

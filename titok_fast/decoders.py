@@ -10,7 +10,8 @@ those, and the decoder skips the non-reference frames it does not need. Such a f
 bit for bit those of decoding everything. Indices come from a first pass over the packets (their timestamps,
 no decoding). Each frame that comes out is checked against them; if a needed frame is missing or out of order
 :class:`PruneMismatch` is raised, and the reader decodes that file again in full. The same pass finds where
-decoding may start afresh (:class:`StreamIndex`'s cuts), so that workers may decode parts of a long file at once.
+decoding may start afresh (:class:`StreamIndex`'s cuts), so that workers may decode parts of a long file at once;
+HEVC, VP9 and AV1 files get such an index too, only to be split by: each part decodes every frame from its cut.
 
 NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
 conversion runs there (:func:`yuv420_to_rgb`: BT.601 or BT.709 as the stream says, limited range, as
@@ -53,10 +54,17 @@ FIELD_ORDERS_PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the oth
 # codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
 # reference. (Not HEVC: FFmpeg skips its sub-layer non-reference pictures, which higher sub-layers may use.)
 PRUNED_CODECS = ("h264",)
+# codecs (FFmpeg's names) whose files may be split where decoding starts afresh (see stream_index); those not in
+# PRUNED_CODECS are decoded whole from each cut, and split only in SPLIT_CONTAINERS
+SPLIT_CODECS = ("h264", "hevc", "vp9", "av1")
 # containers whose packets carry presentation timestamps (FFmpeg's demuxer names). Others may stamp packets in decode
 # order (AVI: a B-frame stream's frames come out labelled 1, 2, 4, 3, ...), so frames could not be told apart by
 # timestamp until after wrong ones had been handed out: those files decode every frame.
 PRUNED_CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts", "flv")
+# containers where a codec not pruned may be split. Not FLV: there FFmpeg gives VP9 and AV1 frames no duration when
+# read from the start and one after a seek, and sampling by time reads the last frame's: a segment would end the file
+# a clip later than one read.
+SPLIT_CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts")
 MAX_PRUNED_FRAMES = 2_000_000  # longer videos (18 hours at 30 fps) decode every frame: their index stays small
 # what a reader needs: (timestamps of all frames in presentation order, time base) -> needed[index] (bool)
 Needs = Callable[[np.ndarray, Fraction], np.ndarray]
@@ -111,7 +119,8 @@ def cpu_frames(
 ) -> Iterator[FrameSource]:
     """PyAV's decoding of the container's first video stream (frame threading with ``threads`` threads). With
     ``needs`` (and ``path``, read once more for the timestamps, or their ``index`` when the caller has it),
-    pruned where the stream allows it (see the module header), from frame ``start`` (a clean cut of ``index``)."""
+    pruned where the stream allows it (see the module header), from frame ``start`` (a clean cut of ``index``; an
+    index of a codec not in PRUNED_CODECS, given to split the file, decodes every frame from that cut)."""
     stream = video_stream(container)
     stream.thread_type = "FRAME"
     stream.thread_count = threads
@@ -123,7 +132,7 @@ def cpu_frames(
     if order is None:
         frames = enumerate(container.decode(stream))
     else:
-        frames = pruned_frames(container, stream, order, lambda: needs(order, stream.time_base), start)
+        frames = pruned_frames(container, stream, order, lambda: needs(order, stream.time_base), start, index.prunable)
     rate = float(stream.average_rate or 0)
     yield FrameSource(rate, CLOCK.timed(frames, "decode"), pyav_rgb(threads), "cpu", pruned=order is not None)
 
@@ -131,33 +140,42 @@ def cpu_frames(
 @dataclass(frozen=True)
 class StreamIndex:
     """What one pass over a video's packets (read, not decoded) tells: ``order``, the timestamps of its frames in
-    presentation order, and ``cuts``, the indices (in that order) of the frames where decoding may start afresh
-    and give the frames from there on bit for bit as decoding from the start does: H.264 IDR pictures (after
-    one, no picture refers to one before it) that every packet before shows earlier and every packet after shows
-    later (so the frames from the cut on are the packets from it on)."""
+    presentation order; ``cuts``, the indices (in that order) of the frames where decoding may start afresh and
+    give the frames from there on bit for bit as decoding from the start does (see :func:`stream_index`); and
+    ``prunable``, whether the decoder may skip the non-reference frames not needed (PRUNED_CODECS)."""
 
     order: np.ndarray
     cuts: np.ndarray
+    prunable: bool
 
 
-def stream_index(path: str) -> StreamIndex | None:
-    """The file's :class:`StreamIndex`, or None where pruning cannot be trusted to keep every frame's index: a
-    codec not in PRUNED_CODECS, a container not in PRUNED_CONTAINERS, a packet without a timestamp, two packets
-    with one, a packet whose frame is dropped (an edit list's), or a first packet that is not a keyframe shown
-    first
-    (and None for more than MAX_PRUNED_FRAMES frames, a file that is not a regular file, or one that cannot be
-    read to the end: decoding every frame then reports what is wrong with it)."""
+def stream_index(path: str, split: bool = False) -> StreamIndex | None:
+    """The file's :class:`StreamIndex`, or None where it cannot be trusted to keep every frame's index: a codec
+    not in PRUNED_CODECS (with ``split``, one not in SPLIT_CODECS: an index only to split the file by), a
+    container not in PRUNED_CONTAINERS (SPLIT_CONTAINERS for a codec not pruned), a packet without a timestamp,
+    two packets with one, a packet whose frame is dropped (an edit list's), or a first packet that is not a
+    keyframe shown first (and None for more than MAX_PRUNED_FRAMES frames, a file that is not a regular file, or
+    one that cannot be read to the end: decoding every frame then reports what is wrong with it).
+
+    Its cuts are the frames whose packet starts afresh by its codec's rules (:func:`_fresh_start`: an H.264 IDR
+    picture, an HEVC IRAP picture, a VP9 or AV1 key frame shown at once; no frame shown after one refers to a
+    frame before it) and that every packet before shows earlier and every packet after shows later, so that the
+    frames from the cut on are the packets from it on. HEVC's IRAP pictures may have leading pictures: packets
+    after it shown before it (RASL pictures, which refer to frames before the IRAP picture, and which decoding
+    from it leaves out; RADL pictures, which it decodes). Those frames belong to the part of the file before the
+    cut, and decoding from the cut passes them over (:func:`pruned_frames`)."""
     if not os.path.isfile(path):  # a FIFO or device could not be read twice
         return None
-    stamps, idr = array.array("q"), array.array("q")  # idr: packets (in decoding order) that are IDR pictures
+    stamps, fresh = array.array("q"), array.array("q")  # fresh: packets (in decoding order) that start afresh
     try:
         with av.open(path) as container:
             stream = video_stream(container)
-            if stream is None or stream.codec_context.name not in PRUNED_CODECS:
+            codec = stream.codec_context.codec.canonical_name if stream is not None else None
+            if codec not in (SPLIT_CODECS if split else PRUNED_CODECS):
                 return None
-            if container.format.name not in PRUNED_CONTAINERS:
+            if container.format.name not in (PRUNED_CONTAINERS if codec in PRUNED_CODECS else SPLIT_CONTAINERS):
                 return None
-            length_size = _nal_length_size(stream.codec_context.extradata)
+            starts_afresh = _fresh_start(codec, stream.codec_context.extradata)
             for packet in container.demux(stream):
                 if packet.size == 0:  # the empty packet at the end
                     continue
@@ -165,8 +183,8 @@ def stream_index(path: str) -> StreamIndex | None:
                     return None
                 if packet.is_discard:  # (before an MP4 edit list's start) decoded, but its frame never comes out
                     return None
-                if packet.is_keyframe and _is_idr(bytes(packet), length_size):
-                    idr.append(len(stamps))
+                if packet.is_keyframe and starts_afresh(bytes(packet)):
+                    fresh.append(len(stamps))
                 stamps.append(packet.pts)
     except (av.FFmpegError, OSError, IndexError):
         return None
@@ -174,35 +192,90 @@ def stream_index(path: str) -> StreamIndex | None:
     order = np.sort(decoded)
     if not stamps or order[0] != stamps[0] or (np.diff(order) == 0).any():
         return None
-    at = np.frombuffer(idr, dtype=np.int64)
+    at = np.frombuffer(fresh, dtype=np.int64)
     before = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min], decoded[:-1]]))  # shown latest so far
     after = np.minimum.accumulate(decoded[::-1])[::-1]  # shown earliest from here on
-    clean = at[(before[at] < decoded[at]) & (after[at] == decoded[at])]
-    return StreamIndex(order, clean)  # a clean cut's index in presentation order is its place in decoding order
+    clean = at[(before[at] < decoded[at]) & ((after[at] == decoded[at]) | (codec == "hevc"))]
+    return StreamIndex(order, np.searchsorted(order, decoded[clean]), codec in PRUNED_CODECS)
 
 
-def _nal_length_size(extradata: bytes | None) -> int | None:
-    """Bytes of the length before each NAL unit of the stream's packets (AVCC: MP4, Matroska, FLV), or None for
-    start codes (Annex B: MPEG-TS)."""
-    if extradata and len(extradata) >= 5 and extradata[0] == 1:  # an avcC record: configurationVersion 1
+def _fresh_start(codec: str, extradata: bytes | None) -> Callable[[bytes], bool]:
+    """Whether a packet of the stream (``codec``, SPLIT_CODECS; its ``extradata``) starts afresh: it holds an H.264
+    IDR picture (nal_unit_type 5; not an open group of pictures' I picture, whose frames may refer to frames before
+    it) or an HEVC IRAP picture (16 to 21: BLA, IDR, CRA), or it is a VP9 or AV1 key frame shown at once (its first
+    frame header: VP9's frame_type 0 with show_frame 1; AV1's KEY_FRAME with show_frame 1 and not
+    show_existing_frame)."""
+    if codec == "vp9":
+        return _vp9_key
+    if codec == "av1":
+        return _av1_key
+    hevc = codec == "hevc"
+    size = _nal_length_size(extradata, hevc)
+    return functools.partial(_holds_nal, types=tuple(range(16, 22)) if hevc else (5,), hevc=hevc, length_size=size)
+
+
+def _nal_length_size(extradata: bytes | None, hevc: bool = False) -> int | None:
+    """Bytes of the length before each NAL unit of the stream's packets (an avcC or hvcC record: MP4, Matroska,
+    FLV), or None for start codes (Annex B: MPEG-TS)."""
+    if hevc and extradata and len(extradata) >= 23 and extradata[0] == 1:  # hvcC: configurationVersion 1
+        return (extradata[21] & 3) + 1
+    if not hevc and extradata and len(extradata) >= 5 and extradata[0] == 1:  # avcC: configurationVersion 1
         return (extradata[4] & 3) + 1
     return None
 
 
-def _is_idr(data: bytes, length_size: int | None) -> bool:
-    """Whether an H.264 packet holds an IDR picture's slice (nal_unit_type 5)."""
+def _holds_nal(data: bytes, types: tuple[int, ...], hevc: bool, length_size: int | None) -> bool:
+    """Whether an H.264 (``hevc`` False) or HEVC packet holds a NAL unit of one of ``types``."""
+
+    def kind(header: int) -> int:
+        return (header >> 1) & 0x3F if hevc else header & 0x1F
+
     if length_size is None:  # Annex B: each NAL unit follows 00 00 01
         at = data.find(b"\x00\x00\x01")
         while at >= 0 and at + 3 < len(data):
-            if data[at + 3] & 0x1F == 5:
+            if kind(data[at + 3]) in types:
                 return True
             at = data.find(b"\x00\x00\x01", at + 3)
         return False
     at = 0
     while at + length_size < len(data):
-        if data[at + length_size] & 0x1F == 5:
+        if kind(data[at + length_size]) in types:
             return True
         at += length_size + int.from_bytes(data[at : at + length_size], "big")
+    return False
+
+
+def _vp9_key(data: bytes) -> bool:
+    """Whether a VP9 packet's (first) frame is a key frame shown at once: its uncompressed header's frame_marker
+    2, then profile (a reserved bit in profile 3), show_existing_frame 0, frame_type 0, show_frame 1."""
+    if not data or data[0] >> 6 != 2:
+        return False
+    bits = (data[0] << 8 | (data[1] if len(data) > 1 else 0)) << 2 & 0xFFFF  # after frame_marker
+    profile = (bits >> 15 & 1) | (bits >> 13 & 2)  # profile_low_bit, then profile_high_bit
+    bits = bits << (3 if profile == 3 else 2) & 0xFFFF
+    return bits >> 13 == 0b001  # show_existing_frame 0, frame_type 0 (KEY_FRAME), show_frame 1
+
+
+def _av1_key(data: bytes) -> bool:
+    """Whether an AV1 temporal unit's first frame header (in an OBU_FRAME_HEADER or OBU_FRAME, each OBU with its
+    size, as MP4 and Matroska carry them) is a KEY_FRAME shown at once: show_existing_frame 0, frame_type 0,
+    show_frame 1 (a multi-frame stream never has the reduced still-picture header)."""
+    at = 0
+    while at < len(data):
+        header = data[at]
+        kind, extension, sized = header >> 3 & 0xF, header >> 2 & 1, header >> 1 & 1
+        at += 1 + extension
+        size, shift = len(data) - at, 0
+        if sized:  # leb128
+            size = 0
+            while at < len(data):
+                byte = data[at]
+                at, size, shift = at + 1, size | (byte & 0x7F) << shift, shift + 7
+                if not byte & 0x80:
+                    break
+        if kind in (3, 6):  # OBU_FRAME_HEADER, OBU_FRAME
+            return at < len(data) and data[at] >> 4 == 0b0001  # show_existing_frame 0, frame_type 0, show_frame 1
+        at += size
     return False
 
 
@@ -212,10 +285,12 @@ def pruned_frames(
     order: np.ndarray,
     needs: Callable[[], np.ndarray],
     start: int = 0,
+    skip: bool = True,
 ) -> Iterator[tuple[int, av.VideoFrame]]:
     """(index, frame) in presentation order: every frame ``needs()`` marks, and the reference frames decoded on
-    the way; non-reference frames not needed are skipped, and decoding stops after the last needed frame. With
-    ``start`` (a clean cut, :class:`StreamIndex`), decoding starts at that frame, none needed before it. Raises
+    the way; non-reference frames not needed are skipped (with ``skip``, for PRUNED_CODECS; without, every frame
+    is decoded), and decoding stops after the last needed frame. With ``start`` (a clean cut,
+    :class:`StreamIndex`), decoding starts at that frame, none needed before it. Raises
     PruneMismatch when a frame comes out that decoding everything would not give at that index (or when the
     cut's packet cannot be found by seeking)."""
     needed = np.asarray(needs(), dtype=bool)
@@ -231,10 +306,12 @@ def pruned_frames(
         return at
 
     for packet in packets:
-        if packet.size:  # (the empty packet at the end flushes the decoder)
+        if packet.size and skip:  # (the empty packet at the end flushes the decoder)
             context.skip_frame = "DEFAULT" if needed[index_of(packet.pts)] else "NONREF"
         for frame in packet.decode():
             index = index_of(frame.pts)
+            if index < start:  # a leading picture of the cut (HEVC's RADL): the part before the cut's frame
+                continue
             if index <= previous or needed[previous + 1 : index].any():
                 raise PruneMismatch(f"frame {index} came out after frame {previous}")
             previous = index
@@ -248,8 +325,9 @@ def pruned_frames(
 def _from_cut(container: av.container.InputContainer, stream, order: np.ndarray, cut: int) -> Iterator[av.Packet]:
     """The stream's packets from the keyframe of clean cut ``cut`` (an index into ``order``) on: seeked to, then
     read, not decoded, up to it. Where the seek lands after it (MPEG-TS seeks by bytes, and lands a little past
-    its target), the seek goes to a frame further back (1, 2, 4, ... frames, then the first): at a clean cut,
-    every packet before it in decoding order is shown before it, and every one after, after it."""
+    its target), the seek goes to a frame further back (1, 2, 4, ... frames, then the first): every packet before
+    a cut in decoding order is shown before it, so one shown after it is past it, and so is the stream's end (after
+    the last cut, maybe only its leading pictures, shown before it)."""
     stamp, back = int(order[cut]), 0
     while True:
         container.seek(int(order[max(cut - back, 0)]), stream=stream, backward=True, any_frame=False)
@@ -257,14 +335,12 @@ def _from_cut(container: av.container.InputContainer, stream, order: np.ndarray,
         for packet in packets:
             if packet.pts is None:  # (the empty packet at the end)
                 continue
-            if packet.pts > stamp:  # past the cut
-                break
             if packet.pts == stamp and packet.is_keyframe:
                 yield packet
                 yield from packets
                 return
-        else:
-            raise PruneMismatch(f"seeking found no keyframe stamped {stamp}")
+            if packet.pts > stamp:  # past the cut
+                break
         if back >= cut:
             raise PruneMismatch(f"seeking to the first frame lands past the keyframe stamped {stamp}")
         back = max(1, 2 * back)

@@ -14,9 +14,10 @@ torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in th
 
 Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W). The CPU
 decoder skips the H.264 frames the sampling does not need and no other frame refers to (``prune``; exact, see
-:mod:`titok_fast.decoders`). A long H.264 video read by several workers (:func:`stream_videos`) may be split
-into segments (:class:`Segment`), each decoded by a worker of its own from an IDR picture (a clean cut: the same
-frames as decoding from the start), the clips of each handed over as they come, numbered in the file.
+:mod:`titok_fast.decoders`). A long H.264, HEVC, VP9 or AV1 video read by several workers (:func:`stream_videos`)
+may be split into segments (:class:`Segment`), each decoded by a worker of its own from a key frame where
+decoding starts afresh (a clean cut: the same frames as decoding from the start), the clips of each handed over as
+they come, numbered in the file.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses fa
 # grows to more fails alone
 MAX_SOURCE_SIDE = 8192
 # a video is split across decoding workers only into segments of at least this many clips: each segment opens
-# the file, seeks and decodes the reference frames from its cut (an IDR picture) to its first clip, up to about
-# one group of pictures, a clip's worth of decoding or so at 30 fps (x264 puts an IDR picture at least every 250
-# frames): a few percent of a segment's work
+# the file, seeks and decodes the frames from its cut (a key frame) to its first clip, up to about one group of
+# pictures, a clip's worth of decoding or so at 30 fps (x264 and x265 put a key frame at least every 250 frames):
+# a few percent of a segment's work
 SEGMENT_CLIPS = 16
 
 
@@ -118,6 +119,7 @@ class Segment:
     clips: int | None
     cut: int
     order: np.ndarray
+    prunable: bool  # the index's: whether non-reference frames not needed may be skipped
 
 
 class ClipReader:
@@ -143,10 +145,10 @@ class ClipReader:
     got.
 
     ``segment``: read only that :class:`Segment` of the file (:class:`ClipFeed` makes them). A reader with
-    ``split_into`` > 1 and ``on_split`` set (:func:`stream_videos` sets them) that finds its H.264 video long
-    (2 x SEGMENT_CLIPS clips or more, with IDR pictures where it would cut), before its first clip, cuts it into
-    up to ``split_into`` segments of SEGMENT_CLIPS clips or more, keeps the first and hands the others to
-    ``on_split(segments)``; ``clips_read`` then counts its own.
+    ``split_into`` > 1 and ``on_split`` set (:func:`stream_videos` sets them) that finds its video long (H.264,
+    HEVC, VP9 or AV1; 2 x SEGMENT_CLIPS clips or more, with clean cuts where it would cut), before its first clip,
+    cuts it into up to ``split_into`` segments of SEGMENT_CLIPS clips or more, keeps the first and hands the others
+    to ``on_split(segments)``; ``clips_read`` then counts its own.
 
     ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
     each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
@@ -285,14 +287,21 @@ class ClipReader:
             # after clips were given
             may_split = not self._planned and self.split_into > 1 and self.on_split is not None
             self._planned = True
-            if decoder == "cpu" and prune and segment is not None:
-                index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64))  # the cut is known: no cuts needed
+            if decoder == "cpu" and prune and segment is not None:  # the cut is known: no cuts needed
+                index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64), segment.prunable)
             elif decoder == "cpu" and prune and may_split:
                 started = CLOCK.start()
-                index = stream_index(path)  # here, to plan; the decoder is given it
+                index = stream_index(path, split=True)  # here, to plan; the decoder is given it
                 CLOCK.stop("decode", started)
+                if index is not None and len(index.cuts) > 1:
+                    if self.sampling == "upstream":
+                        self._set_chunk_length(float(stream.average_rate or 0))  # (the CPU decoder's rate)
+                    self._plan(index, stream.time_base)
+                    segment = self._segment()
                 if index is None:  # pruning cannot be trusted here (the decoder would find it so again)
                     needs = None
+            if index is not None and not index.prunable and not (segment is not None and segment.cut):
+                index, needs = None, None  # decoded whole from the start (the first segment: up to its last clip)
             start = segment.cut if segment is not None and index is not None else 0
             with open_frames(path, container, decoder, threads=self.threads, needs=needs, index=index,
                              start=start) as source:  # fmt: skip
@@ -309,24 +318,7 @@ class ClipReader:
                     rgb = functools.partial(_turned, rgb, functools.partial(display_turns, path))
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if self.sampling == "upstream":
-                    if self.source_fps <= 0:
-                        raise VideoError(f"{path}: the container reports no frame rate; use --sampling time "
-                                         "(sampling='time' in Python)")
-                    span = self.frames * (self.source_fps / self.fps)
-                    if not span < 2**53:  # a chunk longer than any video: said, not an overflow
-                        raise VideoError(
-                            f"{path}: sampling {self.frames} frames at {self.fps:g} fps from its {self.source_fps:g} "
-                            f"fps makes chunks of {span:.3g} source frames"
-                        )
-                    self._chunk_length = chunk_length(self.frames, self.source_fps, self.fps)
-                    if self._chunk_length < 1:
-                        raise VideoError(
-                            f"{path}: {self.source_fps:g} fps is too low to sample {self.frames} frames at "
-                            f"{self.fps:g} fps"
-                        )
-                if may_split and index is not None and len(index.cuts):
-                    self._plan(index, stream.time_base)
-                segment = self._segment()
+                    self._set_chunk_length(self.source_fps)
                 frames, first_clip = source.frames, segment.first if segment is not None else 0
                 if self.sampling == "upstream":
                     if first_clip:  # the frames between the cut and the segment's first chunk: the chunk before's
@@ -345,6 +337,23 @@ class ClipReader:
                     if source.decoder != "nvdec":
                         raise
                     raise _NvdecFailed() from exc
+
+    def _set_chunk_length(self, source_fps: float) -> None:
+        """The source frames of a chunk (sampling "upstream") at ``source_fps``, or a VideoError saying why none."""
+        path = self.path
+        if source_fps <= 0:
+            raise VideoError(f"{path}: the container reports no frame rate; use --sampling time (sampling='time' in "
+                             "Python)")  # fmt: skip
+        span = self.frames * (source_fps / self.fps)
+        if not span < 2**53:  # a chunk longer than any video: said, not an overflow
+            raise VideoError(
+                f"{path}: sampling {self.frames} frames at {self.fps:g} fps from its {source_fps:g} fps makes chunks "
+                f"of {span:.3g} source frames"
+            )
+        self._chunk_length = chunk_length(self.frames, source_fps, self.fps)
+        if self._chunk_length < 1:
+            raise VideoError(f"{path}: {source_fps:g} fps is too low to sample {self.frames} frames at {self.fps:g} "
+                             "fps")  # fmt: skip
 
     def _needs(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
         """needed[i]: whether the sampling uses frame i of a video whose frames have timestamps ``order``."""
@@ -416,9 +425,9 @@ class ClipReader:
                 bounds.append((clip, cut))
         if not bounds:
             return
-        self._own = Segment(0, bounds[0][0], 0, index.order)
+        self._own = Segment(0, bounds[0][0], 0, index.order, index.prunable)
         ends = [clip for clip, _ in bounds[1:]] + [None]
-        self.on_split([Segment(clip, None if end is None else end - clip, cut, index.order)
+        self.on_split([Segment(clip, None if end is None else end - clip, cut, index.order, index.prunable)
                        for (clip, cut), end in zip(bounds, ends, strict=True)])  # fmt: skip
 
     def _resized(self, rgb: Callable[[object], torch.Tensor], frame) -> torch.Tensor:
@@ -889,7 +898,7 @@ def stream_videos(
     ``close_each=False`` the consumer holds the feeds it was given until it closes them (as
     :class:`FeedInterleaver` does), and `prefetch` - 1 more are read ahead; closing the stream closes them all.
     With ``close_each=False`` the consumer takes the clips with :meth:`ClipFeed.poll`, and where ``paths`` has a
-    length, a long H.264 video may be split into segments decoded at once (:class:`Segment`; each holds at most
+    length, a long video may be split into segments decoded at once (:class:`Segment`; each holds at most
     `capacity` clips too), the segments of a file taken by the workers before any later file: into up to
     ``ceil(workers / files left)`` (itself and those after it), so that files split only where there are fewer
     of them left than workers (a run of a few long videos, or the last files of a run), where a worker would
