@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from titok_fast import video
 from titok_fast.cli import main
 from titok_fast.distributed import (
     ClipEncoder,
@@ -26,6 +27,7 @@ from titok_fast.distributed import (
     FaultLedger,
     _Assembly,
     _collect,
+    _parts_per_file,
     decode_rows,
     encode_dataset,
     model_loader,
@@ -630,6 +632,78 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
             _collect(_Rows(interrupted()), assembly, decode_retries=2, actor_restarts=8)
     assert list(assembly.open) == [0] and [p for p, _ in summary.failed] == [str(p) for p in paths]
     assert {reason for _, reason in summary.failed} == {"not encoded: the job was interrupted"}
+
+
+KEYINT = "keyint=24:min-keyint=24:scenecut=0"  # an IDR picture every 24 frames: a file that can be split
+
+
+def _assembled(model, rows, path: Path, out: Path) -> Summary:
+    """``rows`` (decode rows of the one file ``path``: clips encoded here) through the driver's side of a job."""
+    encoded = ClipEncoder(LOAD, SETTINGS, batch_size=4)({c: [r[c] for r in rows] for c in rows[0]})
+    summary = Summary()
+    with Manifest(out / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(model, "auto", "cpu", SETTINGS, [(path, out / "long.safetensors")], manifest,
+                             _progress(1, "file"))  # fmt: skip
+        for values in zip(*encoded.values(), strict=True):
+            assembly.take(dict(zip(encoded, values, strict=True)))
+        _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8)
+    return summary
+
+
+def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_path, monkeypatch):
+    """A file read by 8 decode tasks (``parts``): each plans the same 6 segments (2 clips or more, from IDR
+    pictures) and reads its own, numbering its clips in the file; the 2 tasks past the segments end at once with
+    no clip. Their rows, in any order and one end row twice, make the token file of one task reading it all."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    path = make_video(tmp_path / "long.mp4", frames=150, height=40, width=48, fps=24, x264=KEYINT)  # 12 clips
+    whole = list(decode_rows({"file": 0, "path": str(path)}, settings=SETTINGS, dtype=torch.float32))
+    parts = [list(decode_rows({"file": 0, "path": str(path), "part": k, "parts": 8}, settings=SETTINGS,
+                              dtype=torch.float32)) for k in range(8)]  # fmt: skip
+    ends = [json.loads(rows[-1]["info"]) for rows in parts]
+    planned = [(2 * k, 2, 6) for k in range(6)] + [(0, 0, 6)] * 2  # (first clip, clips, segments)
+    assert [(e["first"], e["clips"], e["segments"]) for e in ends] == planned
+    clips = {r["clip"]: r["data"] for rows in parts for r in rows if r["kind"] == "clip"}
+    assert sum(e["clips"] for e in ends) == len(clips) == 12
+    assert [clips[n] for n in range(12)] == [r["data"] for r in whole if r["kind"] == "clip"]
+    joined = [t for e in ends for t in e["start_times"]]
+    assert joined == json.loads(whole[-1]["info"])["start_times"]
+    model = LOAD()
+    rows = [r for k in (3, 0, 7, 5, 1, 6, 4, 2) for r in reversed(parts[k])] + [parts[4][-1]]
+    split = _assembled(model, rows, path, tmp_path / "split")
+    one = _assembled(model, whole, path, tmp_path / "one")
+    assert split.done == one.done == [str(path)] and split.duplicates == 1
+    assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
+    for field, value, why in (("source_stamp", "1:2", "changed while it was read"),
+                              ("segments", 5, "cut it into different segments")):  # fmt: skip
+        changed = [*parts[0][:-1], {**parts[0][-1], "info": json.dumps({**ends[0], field: value})}]
+        rows = [r for rows in (changed, *parts[1:]) for r in rows]
+        failed = _assembled(model, rows, path, tmp_path / field)
+        assert not failed.done and why in dict(failed.failed)[str(path)]
+
+
+def test_a_file_is_read_by_as_many_decode_tasks_as_fill_the_cluster_where_files_are_fewer():
+    """Fewer files than the cluster has room for decode tasks beside the encode actors: each file gets
+    ceil(room / files) tasks, up to 16; as many files or more: one each."""
+    nodes = [{"CPU": 16, "GPU": 1}, {"CPU": 8}]
+    assert [_parts_per_file(nodes, files, 2, 1) for files in (1, 2, 3, 21, 22, 100)] == [16, 11, 8, 2, 1, 1]
+    assert _parts_per_file(nodes, 2, 2, 4) == 3  # (24 - 2) // 4 = 5 tasks of 4 CPUs
+
+
+def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_one_read(cluster, tmp_path):
+    """On the cluster, a file of 50 clips read by 3 decode tasks, a segment each (16 clips or more, from IDR
+    pictures): the token file of one machine's read."""
+    path = make_video(tmp_path / "long.mp4", frames=600, height=40, width=48, fps=24, x264=KEYINT)
+    last = video.ClipReader(str(path), **SETTINGS.read_kwargs())
+    last.split_into, last.part = 3, 2
+    assert len(list(last)) == 17 and last.segment_count == 3 and last.first_clip == 33  # (as a task plans it)
+    model = LOAD()
+    encode_files(model, Engine(model), [(path, "long")], tmp_path / "one", SETTINGS)
+    summary = encode_dataset(model, [(path, "long")], tmp_path / "ray", SETTINGS, load_model=LOAD, device="cpu",
+                             ray_address=cluster["address"], batch_size=8, parts=3)  # fmt: skip
+    assert summary.done == [str(path)] and summary.duplicates == 0  # (each task read its own clips)
+    assert token_bytes(tmp_path / "ray") == token_bytes(tmp_path / "one")
+    assert read_manifest(tmp_path / "ray" / MANIFEST_NAME)[0]["clips"] == 50
+    assert_nothing_spilled(cluster)
 
 
 def test_a_decode_task_gives_up_on_a_file_whose_read_hangs(videos, tmp_path):

@@ -5,7 +5,8 @@
                               one file -> its clip rows         each loads the weights once       small index rows
 
 - A decode task reads one file clip by clip (``ClipReader(raw=True)``: resized, cropped float32 pixels, as
-  upstream) and emits each clip as the raw pixels cast to the model's dtype, which ``normalize_pixels`` leaves
+  upstream), or one segment of it where a job has fewer files than the cluster has room for decode tasks, and
+  emits each clip as the raw pixels cast to the model's dtype, which ``normalize_pixels`` leaves
   exact (it casts first, then scales), so the scaling runs on the actor and a bf16 clip costs half the bytes of
   float32. A file that cannot be read becomes an ``error`` row with the one-line reason; its clips then an
   ``end`` row with what the token file needs (start times, real frames of the last clip).
@@ -74,6 +75,10 @@ from .video import ClipReader, VideoError, normalize_pixels, watched_clips
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
 FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its file
 MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
+# decode tasks of one file at most: each reads the file's packets once to plan its segments (under 1% of the CPU
+# time decoding the whole file takes, benchmarks/RESULTS.md), so 16 of them read it 16 times over and spend up to
+# some 15% more
+MAX_PARTS = 16
 WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row came for this long
 PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
 QUEUED_ROWS = 1024  # result rows read ahead of the driver
@@ -110,13 +115,16 @@ def decode_rows(
     exit_on: str = "",
     exit_log: str = "",
 ) -> Iterator[dict[str, Any]]:
-    """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}`` ->
-    a ``clip`` row per clip as it is decoded (``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an
-    ``end`` row (``info``: JSON of clips, start_times, last_clip_frames) or, when the file cannot be read, an
+    """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}`` (with
+    ``"part": k, "parts": n``, n > 1: only the k-th of the segments the file splits into for n readers, see
+    :class:`~titok_fast.video.ClipReader`'s ``part``) -> a ``clip`` row per clip as it is decoded (``clip``: its
+    number in the file; ``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an ``end`` row (``info``:
+    JSON of its clips, first clip, start_times, last_clip_frames, part, parts, segments) or, when it cannot be read, an
     ``error`` row with the one-line reason, also when no clip comes for ``stall_seconds`` (the file is decoded in
     a thread of its own then, see :func:`~titok_fast.video.watched_clips`). ``exit_on`` (tests only): the worker
     process dies on paths containing it, leaving a file in the folder ``exit_log`` each time."""
     number, path, me = int(row["file"]), str(row["path"]), worker_name()
+    part, parts = int(row.get("part", 0)), int(row.get("parts", 1))
     if exit_on and exit_on in path:
         if exit_log:
             Path(exit_log, f"decode-exit-{uuid.uuid4().hex}").touch()
@@ -124,9 +132,11 @@ def decode_rows(
     count = 0
     try:
         reader = ClipReader(path, threads=threads, **settings.read_kwargs())
+        if parts > 1:
+            reader.split_into, reader.part = parts, part
         for clip in reader if stall_seconds is None else watched_clips(reader, stall_seconds):
-            yield _row(number, count, "clip", clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(),
-                       decoded_by=me)  # fmt: skip
+            yield _row(number, reader.first_clip + count, "clip",
+                       clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(), decoded_by=me)  # fmt: skip
             count += 1
     except VideoError as e:
         yield _row(number, count, "error", info=str(e), decoded_by=me)
@@ -134,10 +144,11 @@ def decode_rows(
     except Exception as e:  # an unforeseen failure on one file must not stop the others
         yield _row(number, count, "error", info=f"{path}: cannot be read ({type(e).__name__}: {e})", decoded_by=me)
         return
-    end = {"clips": count, "start_times": reader.start_times(), "last_clip_frames": reader.last_clip_frames,
-           "decoder": reader.decoded_by, "placement": reader.placement,
-           "source_stamp": reader.source_stamp}  # fmt: skip
-    yield _row(number, count, "end", info=json.dumps(end), decoded_by=me)
+    end = {"clips": count, "first": reader.first_clip, "start_times": reader.start_times(),
+           "last_clip_frames": reader.last_clip_frames, "decoder": reader.decoded_by, "placement": reader.placement,
+           "source_stamp": reader.source_stamp, "part": part, "parts": parts,
+           "segments": reader.segment_count}  # fmt: skip
+    yield _row(number, reader.first_clip + count, "end", info=json.dumps(end), decoded_by=me)
 
 
 class FaultLedger:
@@ -300,15 +311,40 @@ def _claim(marker: str) -> bool:
 
 @dataclass
 class _Pending:
-    """A file on its way: the indices back so far, and what its ``end`` row said."""
+    """A file on its way: the indices back so far, and what the ``end`` rows of its parts said."""
 
     number: int  # in the job's list
     path: Path
     out: Path
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
-    end: dict | None = None
-    decoded_by: str = ""
+    ends: dict[int, dict] = field(default_factory=dict)  # by part
+    decoded_by: str = ""  # the decode workers, in the order their end rows came, comma-separated
     encoded_by: set[str] = field(default_factory=set)
+
+    def add_decoder(self, worker: str) -> None:
+        """``worker`` (an end or error row's) among those that decoded the file."""
+        self.decoded_by = ",".join(dict.fromkeys([*filter(None, self.decoded_by.split(",")), worker]))
+
+    @property
+    def decoded(self) -> bool:
+        """Whether every part's end row is back (a file not split is one part)."""
+        return bool(self.ends) and len(self.ends) == next(iter(self.ends.values())).get("parts", 1)
+
+    def parts_disagree(self) -> str:
+        """Why the parts of a decoded file do not make one reading of it, or "": they read it at other sizes or
+        modification times, cut it differently (one could not read its index), or their clips do not follow
+        one another."""
+        ends, path = [self.ends[part] for part in sorted(self.ends)], self.path
+        if len({end.get("source_stamp", "") for end in ends}) > 1:
+            return f"{path}: changed while it was read (its size or modification time)"
+        if len({end.get("segments", 0) for end in ends}) > 1:
+            return f"{path}: its decode tasks cut it into different segments (it changed, or a read failed)"
+        at = 0
+        for end in ends:
+            if end["clips"] and end.get("first", 0) != at:
+                return f"{path}: a decode task's clips start at clip {end.get('first', 0)}, not {at}"
+            at += end["clips"]
+        return "" if at else f"{path}: no clip came from its decode tasks"
 
 
 # how a file ended (_Assembly.ended): after its "end" row came back, so results that come again are duplicates; or
@@ -342,23 +378,34 @@ class _Assembly:
             state.indices[clip] = torch.frombuffer(bytearray(row["data"]), dtype=torch.int32)
             state.encoded_by.add(row["encoded_by"])
         elif kind == "end":
-            if state.end is not None:
+            end = json.loads(row["info"])
+            if end.get("part", 0) in state.ends:
                 self.manifest.summary.duplicates += 1
                 return
-            state.end, state.decoded_by = json.loads(row["info"]), row["decoded_by"]
+            state.ends[end.get("part", 0)] = end
+            state.add_decoder(row["decoded_by"])
+            if state.decoded and (why := state.parts_disagree()):
+                state.ends.clear()  # (its decoding failed: rows that come after are not duplicates)
+                self._fail(state, why)
+                return
         else:  # "error" (decoding) or "failed" (encoding)
-            state.decoded_by = state.decoded_by or row["decoded_by"]
+            state.add_decoder(row["decoded_by"])
             self._fail(state, row["info"])
             return
-        if state.end is not None and len(state.indices) == state.end["clips"]:
-            self._write(state)
+        if state.decoded and len(state.indices) == (clips := sum(end["clips"] for end in state.ends.values())):
+            if any(clip not in state.indices for clip in range(clips)):  # (retried work that read it otherwise)
+                self._fail(state, f"{state.path}: its clips came back numbered otherwise than 0 to {clips - 1}")
+            else:
+                self._write(state)
 
     def _write(self, state: _Pending) -> None:
-        indices, end = [state.indices[i] for i in range(state.end["clips"])], state.end
+        ends = [state.ends[part] for part in sorted(state.ends) if state.ends[part]["clips"]]  # (parts_disagree: 1+)
+        indices = [state.indices[i] for i in range(len(state.indices))]
+        end, start_times = ends[0], [time for end in ends for time in end["start_times"]]
         made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
                          preprocessed_on=end["placement"], source_stamp=end.get("source_stamp", ""))  # fmt: skip
         write = functools.partial(write_token_file, self.model, self.settings, state.out, state.path, indices,
-                                  end["start_times"], end["last_clip_frames"], made)  # fmt: skip
+                                  start_times, ends[-1]["last_clip_frames"], made)  # fmt: skip
         workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
         self._close(state)
         self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write,
@@ -369,7 +416,7 @@ class _Assembly:
         self._close(state)
 
     def _close(self, state: _Pending) -> None:
-        self.ended[state.number] = _ENDED_WHOLE if state.end is not None else _ENDED_EARLY
+        self.ended[state.number] = _ENDED_WHOLE if state.decoded else _ENDED_EARLY
         self.open.pop(state.number, None)  # nothing of an ended file is kept: its byte in ended
         self.bar.update(1)
 
@@ -405,6 +452,7 @@ def encode_dataset(
     cpus_per_decode: float = 1.0,
     decode_retries: int = 2,
     actor_restarts: int = 8,
+    parts: int | None = None,
     overwrite: bool = False,
     stall_seconds: float | None = STALL_SECONDS,
     shard: tuple[int, int] | None = None,
@@ -421,11 +469,13 @@ def encode_dataset(
     actors (default: one per ``gpus_per_actor`` GPUs, or 1 on the CPU), each with ``cpus_per_actor`` CPUs;
     decode tasks take ``cpus_per_decode`` CPUs each and are tried ``decode_retries + 1`` times when their
     process dies; an actor is restarted at most ``actor_restarts`` times and a batch retried as often. A file
-    whose decoding gives no clip for ``stall_seconds`` (None: wait for ever) fails alone.
+    whose decoding gives no clip for ``stall_seconds`` (None: wait for ever) fails alone. ``parts``: decode tasks
+    per file, each reading one segment of it (see :class:`~titok_fast.video.ClipReader`; default: where the job
+    has fewer files than the cluster has room for decode tasks, as many as fill it, else 1).
     """
-    least = {"batch_size": 1, "actors": 1, "decode_retries": 0, "actor_restarts": 0}
-    given = {"batch_size": batch_size, "actors": 1 if actors is None else actors,
-             "decode_retries": decode_retries, "actor_restarts": actor_restarts}  # fmt: skip
+    least = {"batch_size": 1, "actors": 1, "decode_retries": 0, "actor_restarts": 0, "parts": 1}
+    given = {"batch_size": batch_size, "actors": 1 if actors is None else actors, "decode_retries": decode_retries,
+             "actor_restarts": actor_restarts, "parts": 1 if parts is None else parts}  # fmt: skip
     for name, value in given.items():
         if not isinstance(value, int) or value < least[name]:
             raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
@@ -450,7 +500,7 @@ def encode_dataset(
                          batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                          cpus_per_actor=cpus_per_actor, cpus_per_decode=cpus_per_decode,
                          decode_retries=decode_retries, actor_restarts=actor_restarts, stall_seconds=stall_seconds,
-                         hooks=hooks)  # fmt: skip
+                         hooks=hooks, parts=parts)  # fmt: skip
             writes.close()
         except BaseException as e:  # stopped before the job (starting Ray, a cluster too small) or during it
             stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
@@ -468,7 +518,7 @@ def encode_dataset(
 
 def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *, device, mode, batch_size, actors,
              gpus_per_actor, cpus_per_actor, cpus_per_decode, decode_retries, actor_restarts, stall_seconds,
-             hooks) -> None:  # fmt: skip
+             hooks, parts=None) -> None:  # fmt: skip
     """The Ray part of :func:`encode_dataset`: its files ``todo`` encoded, each outcome in ``manifest``."""
     gpus_per_actor = gpus_per_actor if device != "cpu" else 0
     session = _ray_session(ray_address)
@@ -478,14 +528,15 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
             raise ValueError("the Ray cluster has no GPU: pass --device cpu to encode on CPU workers")
         actors = actors or (1 if device == "cpu" else max(1, _gpu_slots(nodes, gpus_per_actor)))
         _check_resources(nodes, session.started, actors, cpus_per_actor, gpus_per_actor, cpus_per_decode)
+        parts = parts or _parts_per_file(nodes, len(todo), actors * cpus_per_actor, cpus_per_decode)
         job = functools.partial(
             _dataset, ray, load_model, model, settings, todo, device=device, mode=mode, batch_size=batch_size,
             actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
             cpus_per_decode=cpus_per_decode, decode_retries=decode_retries, actor_restarts=actor_restarts,
-            stall_seconds=stall_seconds, hooks=hooks,
+            stall_seconds=stall_seconds, hooks=hooks, parts=parts,
         )  # fmt: skip
         assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"), writes)
-        shared = len(todo) > MAX_DECODE_TASKS
+        shared = len(todo) * parts > MAX_DECODE_TASKS  # (decode rows)
         with assembly.bar:
             with job() as run:
                 _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not shared)
@@ -493,6 +544,15 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
             if lost:  # decode tasks of several files that failed for good: each file is tried alone now
                 with job(numbers=lost) as run:
                     _collect(run, assembly, decode_retries, actor_restarts)
+
+
+def _parts_per_file(nodes: list[dict], files: int, actor_cpus: float, cpus_per_decode: float) -> int:
+    """Decode tasks per file: where the job has fewer files than the live ``nodes`` have room for decode tasks
+    beside the encode actors (``actor_cpus`` in all), ceil(room / files) up to MAX_PARTS, each reading one segment
+    of its file (a file too short or without cuts to split that far leaves its other tasks no clip: they end at
+    once); else 1."""
+    room = int((sum(n.get("CPU", 0) for n in nodes) - actor_cpus) / cpus_per_decode + 1e-9)
+    return min(-(-room // files), MAX_PARTS) if 0 < files < room else 1
 
 
 def _check_resources(nodes: list[dict], started: bool, actors: int, cpus_per_actor: float, gpus_per_actor: float,
@@ -580,8 +640,8 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
         for state in job.unsettled():
             if stopped:
                 job.manifest.not_encoded(state.path, state.out, stopped)
-            elif state.end is not None or settle_decoding:
-                side = "encoding" if state.end is not None else "decoding"
+            elif state.decoded or settle_decoding:
+                side = "encoding" if state.decoded else "decoding"
                 job._fail(state, (
                     f"{side} did not finish: its Ray task failed for good (decode tasks are tried "
                     f"{decode_retries + 1} times, encode actors restarted up to {actor_restarts} times); "
@@ -628,16 +688,18 @@ def _data_context(settings: ClipSettings, dtype: torch.dtype):
 
 def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, device: str, mode: str, batch_size: int,
              actors: int, gpus_per_actor: float, cpus_per_actor: float, cpus_per_decode: float, decode_retries: int,
-             actor_restarts: int, stall_seconds: float | None, hooks: dict[str, str],
+             actor_restarts: int, stall_seconds: float | None, hooks: dict[str, str], parts: int = 1,
              numbers: Sequence[int] | None = None) -> _Run:  # fmt: skip
-    """The Ray Data pipeline: file rows -> decode tasks (one per file, or a few files per task past
-    MAX_DECODE_TASKS) -> encode actors -> small result rows, as a :class:`_Run`. ``numbers``: only these files of
-    ``todo``, one per task (files whose shared task failed, tried alone). Run within :func:`_data_context`."""
+    """The Ray Data pipeline: file rows (``parts`` a file: each of its decode tasks reads one of the segments it
+    splits into) -> decode tasks (one per row, or a few rows per task past MAX_DECODE_TASKS) -> encode actors ->
+    small result rows, as a :class:`_Run`. ``numbers``: only these files of ``todo``, one row per task (files
+    whose shared task failed, tried alone). Run within :func:`_data_context`."""
     from ray.data import ActorPoolStrategy
     from ray.util.annotations import RayDeprecationWarning
 
     retry, numbers = numbers is not None, range(len(todo)) if numbers is None else numbers
-    items = [{"file": number, "path": str(todo[number][0])} for number in numbers]
+    items = [{"file": number, "path": str(todo[number][0]), "part": part, "parts": parts}
+             for number in numbers for part in range(parts)]  # fmt: skip
     decode = functools.partial(
         decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
         stall_seconds=stall_seconds, exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),

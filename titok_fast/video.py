@@ -148,7 +148,9 @@ class ClipReader:
     ``split_into`` > 1 and ``on_split`` set (:func:`stream_videos` sets them) that finds its video long (H.264,
     HEVC, VP9 or AV1; 2 x SEGMENT_CLIPS clips or more, with clean cuts where it would cut), before its first clip,
     cuts it into up to ``split_into`` segments of SEGMENT_CLIPS clips or more, keeps the first and hands the others
-    to ``on_split(segments)``; ``clips_read`` then counts its own.
+    to ``on_split(segments)``; ``clips_read`` then counts its own. With ``part`` set instead (a Ray decode task's
+    reader), it reads only that segment of the ones it would cut the file into, the others being other readers':
+    the whole file for part 0 of a file it does not split, no clip for a part the file has no segment for.
 
     ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
     each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
@@ -205,6 +207,7 @@ class ClipReader:
         self.rotation, self.segment = rotation, segment
         self.split_into = 1  # segments this reader may split its file into (see above; set by stream_videos)
         self.on_split: Callable[[list[Segment]], None] | None = None
+        self.part: int | None = None  # with split_into: the one segment this reader reads (see above)
         self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
         # (order, time base, _dues of them), the last worked out: kept across readings, and by the copies that read
         # a split file's other segments (the same order), which need not work it out again
@@ -222,7 +225,8 @@ class ClipReader:
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
-        self._own: Segment | None = None  # the first segment, when it split the file
+        self._own: Segment | None = None  # the first segment, when it split the file (with part: its part's)
+        self.segment_count = 0  # the segments it cut the file into, when it split it (0: it did not)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         path, frames = self.path, self.frames
@@ -235,9 +239,10 @@ class ClipReader:
                 chunk = []
         segment = self._segment()
         if segment is not None and (segment.clips is not None or segment.first):
-            if self.clips_read < (segment.clips or 1):  # its packets were counted: the file changed, or is damaged
+            promised = 1 if segment.clips is None else segment.clips  # (the last segment: one clip at least)
+            if self.clips_read < promised:  # its packets were counted: the file changed, or is damaged
                 raise VideoError(f"{path}: decoding ended after clip {segment.first + self.clips_read}; its packets "
-                                 f"make at least {segment.first + (segment.clips or 1)}")  # fmt: skip
+                                 f"make at least {segment.first + promised}")  # fmt: skip
             if segment.clips is not None:
                 return
         elif self.clips_read == 0 and not chunk:
@@ -285,21 +290,29 @@ class ClipReader:
             needs = self._segment_needs if prune else None
             # a file is split, if at all, when first opened: not on a retry (NVDEC failed, or pruning went wrong)
             # after clips were given
-            may_split = not self._planned and self.split_into > 1 and self.on_split is not None
+            told = self.on_split is not None or self.part is not None  # (what to do with the segments)
+            may_split = not self._planned and self.split_into > 1 and told
             self._planned = True
             if decoder == "cpu" and prune and segment is not None:  # the cut is known: no cuts needed
                 index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64), segment.prunable)
-            elif decoder == "cpu" and prune and may_split:
-                started = CLOCK.start()
-                index = stream_index(path, split=True)  # here, to plan; the decoder is given it
-                CLOCK.stop("decode", started)
-                if index is not None and len(index.cuts) > 1:
-                    if self.sampling == "upstream":
-                        self._set_chunk_length(float(stream.average_rate or 0))  # (the CPU decoder's rate)
-                    self._plan(index, stream.time_base)
-                    segment = self._segment()
-                if index is None:  # pruning cannot be trusted here (the decoder would find it so again)
-                    needs = None
+            elif may_split:
+                segments = []  # (only the CPU decoder, pruning allowed, splits)
+                if decoder == "cpu" and prune:
+                    started = CLOCK.start()
+                    index = stream_index(path, split=True)  # here, to plan; the decoder is given it
+                    CLOCK.stop("decode", started)
+                    segments = self._plan(index, stream) if index is not None else []
+                    self.segment_count = len(segments)
+                    if index is None:  # pruning cannot be trusted here (the decoder would find it so again)
+                        needs = None
+                if self.part is not None:  # one part of the file, the others other readers'
+                    self._own = _part_of(segments, self.part)
+                elif segments:
+                    self._own = segments[0]
+                    self.on_split(segments[1:])
+                segment = self._segment()
+            if segment is not None and segment.clips == 0:  # a part the file has no segment for
+                return
             if index is not None and not index.prunable and not (segment is not None and segment.cut):
                 index, needs = None, None  # decoded whole from the start (the first segment: up to its last clip)
             start = segment.cut if segment is not None and index is not None else 0
@@ -405,30 +418,33 @@ class ClipReader:
                 needed[after[0]] = True  # own duration may be unknown, or another frame's gap)
         return needed
 
-    def _plan(self, index: StreamIndex, time_base: Fraction) -> None:
-        """Split the file into up to ``split_into`` segments of SEGMENT_CLIPS clips or more, each from a clean cut
-        after the one before, if it is long enough; keep the first and hand the others to ``on_split``."""
+    def _plan(self, index: StreamIndex, stream: av.video.stream.VideoStream) -> list[Segment]:
+        """The segments of the file (its ``index``, its CPU-decoded ``stream``), first to last: up to
+        ``split_into`` of SEGMENT_CLIPS clips or more, each from a clean cut after the one before; [] where it is
+        not split (too short, or no cut where one is needed). The same file and settings give the same ones."""
+        if len(index.cuts) < 2:
+            return []
         if self.sampling == "upstream":
+            self._set_chunk_length(float(stream.average_rate or 0))  # (the CPU decoder's rate: see cpu_frames)
             clips = len(index.order) // self._chunk_length  # whole chunks
             firsts = np.arange(clips) * self._chunk_length  # each clip's first frame
         else:
-            due = self._dues(index.order, time_base)
+            due = self._dues(index.order, stream.time_base)
             clips = int(due[-1]) // self.frames  # output frames before the last frame's are there whatever its length
             firsts = np.searchsorted(due, np.arange(clips) * self.frames, side="right") - 1  # the frame shown first
         parts = min(self.split_into, clips // SEGMENT_CLIPS)
-        bounds: list[tuple[int, int]] = []  # (first clip, cut) of each segment after the first
+        bounds: list[tuple[int, int]] = [(0, 0)]  # (first clip, cut) of each segment
         for k in range(1, parts):
             clip = k * clips // parts
             at = int(np.searchsorted(index.cuts, firsts[clip], side="right")) - 1  # the last cut at or before it
             cut = int(index.cuts[at]) if at >= 0 else 0
-            if cut > (bounds[-1][1] if bounds else 0):  # a cut of its own, after the last segment's
+            if cut > bounds[-1][1]:  # a cut of its own, after the last segment's
                 bounds.append((clip, cut))
-        if not bounds:
-            return
-        self._own = Segment(0, bounds[0][0], 0, index.order, index.prunable)
+        if len(bounds) < 2:
+            return []
         ends = [clip for clip, _ in bounds[1:]] + [None]
-        self.on_split([Segment(clip, None if end is None else end - clip, cut, index.order, index.prunable)
-                       for (clip, cut), end in zip(bounds, ends, strict=True)])  # fmt: skip
+        return [Segment(clip, None if end is None else end - clip, cut, index.order, index.prunable)
+                for (clip, cut), end in zip(bounds, ends, strict=True)]  # fmt: skip
 
     def _resized(self, rgb: Callable[[object], torch.Tensor], frame) -> torch.Tensor:
         """One decoded frame as upstream prepares it (the per-frame path): raw pixels [3, height, width] float32."""
@@ -450,11 +466,17 @@ class ClipReader:
         clip = stack_here(images, dim=1)
         return clip if self.raw else normalize_pixels(clip, torch.float32)
 
+    @property
+    def first_clip(self) -> int:
+        """The number in the file of the first clip this reader gives (its segment's first; 0: the file's)."""
+        return segment.first if (segment := self._segment()) is not None else 0
+
     def start_times(self) -> list[float]:
-        """Start of each clip read so far, seconds after the first video frame."""
+        """Start of each clip read so far, seconds after the first video frame (a segment's clips from its first)."""
+        first = self.first_clip
         if self.sampling == "upstream":
-            return [i * self._chunk_length / self.source_fps for i in range(self.clips_read)]
-        return [i * self.frames / self.fps for i in range(self.clips_read)]
+            return [i * self._chunk_length / self.source_fps for i in range(first, first + self.clips_read)]
+        return [i * self.frames / self.fps for i in range(first, first + self.clips_read)]
 
     def clip_set(self, clips: list[torch.Tensor]) -> ClipSet:
         """The ClipSet of these clips (all this reader's clips, read to the end)."""
@@ -1704,6 +1726,14 @@ def _repeat(frame, count: int, image: Callable) -> Iterator[torch.Tensor]:
         converted = image(frame)
         for _ in range(count):
             yield converted
+
+
+def _part_of(segments: list[Segment], part: int) -> Segment | None:
+    """What a reader of ``part`` of a file cut into ``segments`` reads: that segment, the whole file (None: part 0
+    of a file not cut) or nothing (a segment of no clip: a part past the segments)."""
+    if part < len(segments):
+        return segments[part]
+    return None if part == 0 else Segment(0, 0, 0, np.zeros(0, dtype=np.int64), True)
 
 
 def chunk_length(frames: int, source_fps: float, fps: float) -> int:
