@@ -332,7 +332,7 @@ class ClipReader:
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if self.sampling == "upstream":
                     self._set_chunk_length(self.source_fps)
-                frames, first_clip = source.frames, segment.first if segment is not None else 0
+                frames, first_clip = source.frames, self.first_clip
                 if self.sampling == "upstream":
                     if first_clip:  # the frames between the cut and the segment's first chunk: the chunk before's
                         frames = ((i, frame) for i, frame in frames if i >= first_clip * self._chunk_length)
@@ -587,7 +587,6 @@ class ClipFeed:
         self.on_ready: Callable[[], None] | None = None  # called after each item the worker puts (FeedInterleaver)
         self.followers: list[ClipFeed] = []  # the file's other segments, in order, once the reader split it
         self.submit: Callable[[ClipFeed, int], None] | None = None  # queue follower k (from 1) for a worker
-        self.first_clip = reader.segment.first if reader.segment is not None else 0  # its first clip's number
         self._taken = 0  # clips the consumer took (with poll)
         self._ended = False  # its end taken (with poll)
 
@@ -727,7 +726,7 @@ class ClipFeed:
             part._waiting_since = None
             if kind == "clip":
                 part._taken += 1
-                return kind, (part.first_clip + part._taken - 1, value)
+                return kind, (part.reader.first_clip + part._taken - 1, value)
             if kind == "error":
                 self.stalled = self.stalled or part.stalled
                 return kind, value
