@@ -771,7 +771,7 @@ def test_a_segment_that_stalls_fails_its_file_alone(gops, tmp_path, monkeypatch)
 
     monkeypatch.setattr(video.ClipReader, "_clip", stalling)
     later = videos.make_video(tmp_path / "later.mp4", 12, 32, 32, fps=24)
-    events = video.interleaved_videos([gops, later], workers=3, stall_seconds=0.5, frames=3, height=32, width=32,
+    events = video.interleaved_videos([gops, later], workers=3, stall_seconds=2.0, frames=3, height=32, width=32,
                                       fps=8)  # fmt: skip
     try:
         ends, feeds = [], {}
@@ -782,7 +782,7 @@ def test_a_segment_that_stalls_fails_its_file_alone(gops, tmp_path, monkeypatch)
                 ends.append((number, kind, str(value)))
     finally:
         release.set()
-    assert sorted(ends) == [(0, "error", str(video.stall_error(gops, 0.5))), (1, "end", "None")]
+    assert sorted(ends) == [(0, "error", str(video.stall_error(gops, 2.0))), (1, "end", "None")]
     assert feeds[0].followers and feeds[0].stalled
 
 
@@ -1231,7 +1231,7 @@ def test_a_file_that_stalls_fails_alone_and_its_stuck_thread_is_replaced(monkeyp
     release, threads = _stalling(monkeypatch, stalls_after=1)
     before, results = set(threading.enumerate()), []
     try:
-        stream = video.stream_videos(["0", "1", "2", "3"], workers=1, prefetch=2, stall_seconds=0.5, frames=1,
+        stream = video.stream_videos(["0", "1", "2", "3"], workers=1, prefetch=2, stall_seconds=1.5, frames=1,
                                      height=1, width=1)  # fmt: skip
         for path, feed in stream:
             clips, error = [], ""
@@ -1246,7 +1246,7 @@ def test_a_file_that_stalls_fails_alone_and_its_stuck_thread_is_replaced(monkeyp
         release.set()
     assert results == [
         ("0", [0.0] * 4, "", False),
-        ("1", [1.0], "1: no clip decoded for 0.5 s; given up (a read that hangs, or a file the decoder cannot get "
+        ("1", [1.0], "1: no clip decoded for 1.5 s; given up (a read that hangs, or a file the decoder cannot get "
          "through)", True),
         ("2", [2.0] * 4, "", False),
         ("3", [3.0] * 4, "", False),
@@ -1281,7 +1281,7 @@ def test_a_file_that_no_thread_comes_to_waits_for_a_new_one_instead_of_failing(m
     release, _ = _stalling(monkeypatch, stalls_after=0)
     results = []
     try:
-        for path, feed in video.stream_videos(["0", "1", "2"], workers=1, prefetch=1, stall_seconds=0.5, frames=1,
+        for path, feed in video.stream_videos(["0", "1", "2"], workers=1, prefetch=1, stall_seconds=1.5, frames=1,
                                               height=1, width=1):  # fmt: skip
             if path != "1":
                 results.append((path, [clip.item() for clip in feed], feed.stalled))
@@ -1368,12 +1368,12 @@ def test_interleaved_files_fail_alone_and_hold_a_bounded_number_open(monkeypatch
 def test_an_interleaved_file_that_stalls_fails_alone_while_the_others_go_on(monkeypatch):
     release, threads = _stalling(monkeypatch, stalls_after=1)
     try:
-        events = _interleaved(["0", "1", "2", "3"], workers=2, stall_seconds=0.5, idle_seconds=0.2)
+        events = _interleaved(["0", "1", "2", "3"], workers=2, stall_seconds=1.5, idle_seconds=0.2)
     finally:
         release.set()
     assert [(n, value) for n, kind, value in events if kind == "clip"].count((1, (0, 1.0))) == 1
     error = [value for n, kind, value in events if kind == "error"]
-    assert [str(e) for e in error] == ["1: no clip decoded for 0.5 s; given up (a read that hangs, or a file the "
+    assert [str(e) for e in error] == ["1: no clip decoded for 1.5 s; given up (a read that hangs, or a file the "
                                        "decoder cannot get through)"]  # fmt: skip
     assert all([k for n, k, _ in events if n == f].count("clip") == 4 for f in (0, 2, 3))
     assert any(kind == "idle" for _, kind, _ in events)  # nothing came while file 1 hung alone
@@ -1384,7 +1384,7 @@ def test_interleaved_files_that_no_thread_comes_to_get_a_new_one(monkeypatch):
     """The only thread is stuck for good in file 1, which was dropped: file 2, which no thread comes to, is not at
     fault; once nothing has come for the stall limit, a thread is added for it and it is read whole."""
     release, _ = _stalling(monkeypatch, stalls_after=0)
-    files = video.interleaved_videos(["0", "1", "2"], workers=1, stall_seconds=0.5, frames=1, height=1, width=1)
+    files = video.interleaved_videos(["0", "1", "2"], workers=1, stall_seconds=1.5, frames=1, height=1, width=1)
     got = []
     try:
         with contextlib.closing(files):
