@@ -375,6 +375,25 @@ def test_pruned_frames_notice_a_needed_frame_that_does_not_come_out(long_moving)
         list(decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed))
 
 
+def test_a_segment_decoding_every_frame_notices_a_packet_that_gave_no_frame(gops):
+    """Decoding from the start numbers frames by their count, a segment from a cut by its packets' index: where a
+    packet gives no frame the two disagree from there on, so decoding every frame from the cut, a frame missing
+    even where no clip needs it is a mismatch (the reader then decodes the file from its start)."""
+    from titok_fast import decoders
+
+    index = decoders.stream_index(gops, split=True)
+    cut = int(index.cuts[1])
+    order = np.insert(index.order, cut + 5, index.order[cut + 4] + 1)  # a packet whose frame never comes out
+    needed = np.zeros(len(order), dtype=bool)
+    needed[cut + 20] = True
+    with av.open(gops) as container, pytest.raises(decoders.PruneMismatch, match=f"frame {cut + 6} came out after"):
+        list(decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed, cut, False))
+    with av.open(gops) as container:  # the real index: every frame from the cut to the needed one
+        got = [i for i, _ in decoders.pruned_frames(container, container.streams.video[0], index.order,
+                                                    lambda: needed, cut, False)]  # fmt: skip
+    assert got == list(range(cut, cut + 21))
+
+
 def test_streams_that_are_not_pruned(files, long_moving, monkeypatch):
     from titok_fast import decoders
 

@@ -292,7 +292,8 @@ def pruned_frames(
     is decoded), and decoding stops after the last needed frame. With ``start`` (a clean cut,
     :class:`StreamIndex`), decoding starts at that frame, none needed before it. Raises
     PruneMismatch when a frame comes out that decoding everything would not give at that index (or when the
-    cut's packet cannot be found by seeking)."""
+    cut's packet cannot be found by seeking); without ``skip``, also when a packet gives no frame, since decoding
+    from the start numbers frames by their count, the index by packets."""
     needed = np.asarray(needs(), dtype=bool)
     marked = np.flatnonzero(needed)
     last = int(marked[-1]) if len(marked) else -1
@@ -312,8 +313,8 @@ def pruned_frames(
             index = index_of(frame.pts)
             if index < start:  # a leading picture of the cut (HEVC's RADL): the part before the cut's frame
                 continue
-            if index <= previous or needed[previous + 1 : index].any():
-                raise PruneMismatch(f"frame {index} came out after frame {previous}")
+            if index <= previous or needed[previous + 1 : index].any() or (not skip and index > previous + 1):
+                raise PruneMismatch(f"frame {index} came out after frame {previous}")  # (one a packet did not give)
             previous = index
             yield index, frame
             if index == last:
