@@ -637,17 +637,20 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
 KEYINT = "keyint=24:min-keyint=24:scenecut=0"  # an IDR picture every 24 frames: a file that can be split
 
 
-def _assembled(model, rows, path: Path, out: Path) -> Summary:
-    """``rows`` (decode rows of the one file ``path``: clips encoded here) through the driver's side of a job."""
-    encoded = ClipEncoder(LOAD, SETTINGS, batch_size=4)({c: [r[c] for r in rows] for c in rows[0]})
-    summary = Summary()
+def _assembled(model, path: Path, out: Path, *passes) -> tuple[Summary, list[list[int]]]:
+    """The decode rows of the one file ``path`` (clips encoded here) of each pass of a job, through the driver's
+    side of it; and the files left to be read again after each pass."""
+    summary, again = Summary(), []
     with Manifest(out / MANIFEST_NAME, summary) as manifest:
         assembly = _Assembly(model, "auto", "cpu", SETTINGS, [(path, out / "long.safetensors")], manifest,
                              _progress(1, "file"))  # fmt: skip
-        for values in zip(*encoded.values(), strict=True):
-            assembly.take(dict(zip(encoded, values, strict=True)))
-        _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8)
-    return summary
+        for rows in passes:
+            encoded = ClipEncoder(LOAD, SETTINGS, batch_size=4)({c: [r[c] for r in rows] for c in rows[0]})
+            for values in zip(*encoded.values(), strict=True):
+                assembly.take(dict(zip(encoded, values, strict=True)))
+            _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8)
+            again.append(assembly.reopen_again())
+    return summary, again
 
 
 def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_path, monkeypatch):
@@ -669,16 +672,35 @@ def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_
     assert joined == json.loads(whole[-1]["info"])["start_times"]
     model = LOAD()
     rows = [r for k in (3, 0, 7, 5, 1, 6, 4, 2) for r in reversed(parts[k])] + [parts[4][-1]]
-    split = _assembled(model, rows, path, tmp_path / "split")
-    one = _assembled(model, whole, path, tmp_path / "one")
-    assert split.done == one.done == [str(path)] and split.duplicates == 1
+    split, again = _assembled(model, path, tmp_path / "split", rows)
+    one, _ = _assembled(model, path, tmp_path / "one", whole)
+    assert split.done == one.done == [str(path)] and split.duplicates == 1 and again == [[]]
     assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
-    for field, value, why in (("source_stamp", "1:2", "changed while it was read"),
-                              ("segments", 5, "cut it into different segments")):  # fmt: skip
-        changed = [*parts[0][:-1], {**parts[0][-1], "info": json.dumps({**ends[0], field: value})}]
-        rows = [r for rows in (changed, *parts[1:]) for r in rows]
-        failed = _assembled(model, rows, path, tmp_path / field)
-        assert not failed.done and why in dict(failed.failed)[str(path)]
+
+
+@pytest.mark.parametrize(("field", "value", "why"), [("source_stamp", "1:2", "changed while it was read"),
+                                                     ("segments", 5, "cut it into different segments")])  # fmt: skip
+def test_a_split_file_whose_parts_disagree_is_read_again_whole(tmp_path, monkeypatch, capsys, field, value, why):
+    """Parts that read the file at another size or time, or cut it otherwise (a task whose read of its index
+    failed), make no token file: the file is left to a pass of its own, read whole by one task, the rows of its
+    parts still to come passed over; that pass writes the token file of one read. A file read whole fails."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    path = make_video(tmp_path / "long.mp4", frames=76, height=40, width=48, fps=24, x264=KEYINT)  # 6 clips
+    whole = list(decode_rows({"file": 0, "path": str(path)}, settings=SETTINGS, dtype=torch.float32))
+    parts = [list(decode_rows({"file": 0, "path": str(path), "part": k, "parts": 3}, settings=SETTINGS,
+                              dtype=torch.float32)) for k in range(3)]  # fmt: skip
+    assert [json.loads(rows[-1]["info"])["clips"] for rows in parts] == [2, 2, 2]
+    changed = {**parts[0][-1], "info": json.dumps({**json.loads(parts[0][-1]["info"]), field: value})}
+    first = [*parts[0][:-1], *parts[1], changed, *parts[2]]  # part 2's rows come after the file was left
+    model = LOAD()
+    summary, again = _assembled(model, path, tmp_path / "split", first, whole)
+    one, _ = _assembled(model, path, tmp_path / "one", whole)
+    assert again == [[0], []] and why in capsys.readouterr().err
+    assert summary.done == [str(path)] and not summary.failed and summary.duplicates == 0
+    assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
+    changed = {**whole[-1], "info": json.dumps({**json.loads(whole[-1]["info"]), "clips": 0})}  # (no clip came)
+    failed, again = _assembled(model, path, tmp_path / "whole", [changed])
+    assert again == [[]] and "no clip came" in dict(failed.failed)[str(path)]
 
 
 def test_a_file_is_read_by_as_many_decode_tasks_as_fill_the_cluster_where_files_are_fewer():
@@ -704,6 +726,11 @@ def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_
     assert token_bytes(tmp_path / "ray") == token_bytes(tmp_path / "one")
     assert read_manifest(tmp_path / "ray" / MANIFEST_NAME)[0]["clips"] == 50
     assert_nothing_spilled(cluster)
+    hooks = {"decode_unplanned_part": "1"}  # part 1 plans no segments, as when its read of the index fails
+    summary = encode_dataset(model, [(path, "long")], tmp_path / "again", SETTINGS, load_model=LOAD, device="cpu",
+                             ray_address=cluster["address"], batch_size=8, parts=3, _test_hooks=hooks)  # fmt: skip
+    assert summary.done == [str(path)] and not summary.failed  # read again whole, by one task
+    assert token_bytes(tmp_path / "again") == token_bytes(tmp_path / "one")
 
 
 def test_a_decode_task_gives_up_on_a_file_whose_read_hangs(videos, tmp_path):

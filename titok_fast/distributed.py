@@ -114,6 +114,7 @@ def decode_rows(
     stall_seconds: float | None = None,
     exit_on: str = "",
     exit_log: str = "",
+    unplanned: int = -1,
 ) -> Iterator[dict[str, Any]]:
     """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}`` (with
     ``"part": k, "parts": n``, n > 1: only the k-th of the segments the file splits into for n readers, see
@@ -122,7 +123,8 @@ def decode_rows(
     JSON of its clips, first clip, start_times, last_clip_frames, part, parts, segments) or, when it cannot be read, an
     ``error`` row with the one-line reason, also when no clip comes for ``stall_seconds`` (the file is decoded in
     a thread of its own then, see :func:`~titok_fast.video.watched_clips`). ``exit_on`` (tests only): the worker
-    process dies on paths containing it, leaving a file in the folder ``exit_log`` each time."""
+    process dies on paths containing it, leaving a file in the folder ``exit_log`` each time; ``unplanned`` (tests
+    only): the task of that part plans no segments, as when its read of the file's index fails."""
     number, path, me = int(row["file"]), str(row["path"]), worker_name()
     part, parts = int(row.get("part", 0)), int(row.get("parts", 1))
     if exit_on and exit_on in path:
@@ -134,6 +136,8 @@ def decode_rows(
         reader = ClipReader(path, threads=threads, **settings.read_kwargs())
         if parts > 1:
             reader.split_into, reader.part = parts, part
+            if part == unplanned:
+                reader._plan = lambda index, stream: []
         for clip in reader if stall_seconds is None else watched_clips(reader, stall_seconds):
             yield _row(number, reader.first_clip + count, "clip",
                        clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(), decoded_by=me)  # fmt: skip
@@ -348,8 +352,9 @@ class _Pending:
 
 
 # how a file ended (_Assembly.ended): after its "end" row came back, so results that come again are duplicates; or
-# before it (its decoding failed), so the rows of its task run again are not
-_ENDED_WHOLE, _ENDED_EARLY = 1, 2
+# before it (its decoding failed), so the rows of its task run again are not; or, for this pass, as its parts did not
+# make one reading (it is read again whole in a pass of its own: the rows still to come of this one are passed over)
+_ENDED_WHOLE, _ENDED_EARLY, _ENDED_AGAIN = 1, 2, 3
 
 
 class _Assembly:
@@ -362,7 +367,8 @@ class _Assembly:
         self.mode, self.device = mode, device
         self.todo = todo
         self.open: dict[int, _Pending] = {}  # files with rows back and not yet ended: a state is made when needed
-        self.ended = bytearray(len(todo))  # per file: 0 (not ended), _ENDED_WHOLE or _ENDED_EARLY
+        self.ended = bytearray(len(todo))  # per file: 0 (not ended), _ENDED_WHOLE, _ENDED_EARLY or _ENDED_AGAIN
+        self.again: list[int] = []  # split files to be read again whole (_read_again)
 
     def take(self, row: dict) -> None:
         number, kind, clip = int(row["file"]), row["kind"], int(row["clip"])
@@ -385,6 +391,9 @@ class _Assembly:
             state.ends[end.get("part", 0)] = end
             state.add_decoder(row["decoded_by"])
             if state.decoded and (why := state.parts_disagree()):
+                if end.get("parts", 1) > 1:  # read again by one task, in a pass of its own
+                    self._read_again(state, why)
+                    return
                 state.ends.clear()  # (its decoding failed: rows that come after are not duplicates)
                 self._fail(state, why)
                 return
@@ -410,6 +419,21 @@ class _Assembly:
         self._close(state)
         self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write,
                                       done=workers, failed={"decoded_by": state.decoded_by}))  # fmt: skip
+
+    def _read_again(self, state: _Pending, why: str) -> None:
+        """Leave a split file whose parts do not make one reading of it (one task's read of its index failed, or
+        it changed while they read it) to be read whole by one task, its rows until then passed over."""
+        notice(f"{why}; it will be read again by one decode task")
+        self.ended[state.number] = _ENDED_AGAIN
+        self.open.pop(state.number, None)
+        self.again.append(state.number)
+
+    def reopen_again(self) -> list[int]:
+        """The files left to be read again (:meth:`_read_again`), taken as not ended: their pass is next."""
+        again, self.again = self.again, []
+        for number in again:
+            self.ended[number] = 0
+        return again
 
     def _fail(self, state: _Pending, reason: str) -> None:
         self.manifest.failed(state.path, state.out, reason, decoded_by=state.decoded_by)
@@ -543,6 +567,10 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
             lost = assembly.unsettled_numbers()
             if lost:  # decode tasks of several files that failed for good: each file is tried alone now
                 with job(numbers=lost) as run:
+                    _collect(run, assembly, decode_retries, actor_restarts)
+            again = assembly.reopen_again()
+            if again:  # split files whose parts disagreed: each read whole by one task
+                with job(numbers=again, parts=1) as run:
                     _collect(run, assembly, decode_retries, actor_restarts)
 
 
@@ -703,6 +731,7 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
     decode = functools.partial(
         decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
         stall_seconds=stall_seconds, exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
+        unplanned=int(hooks.get("decode_unplanned_part", -1)),
     )  # fmt: skip
     ledger = ray.remote(num_cpus=0)(FaultLedger).remote()
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these retry limits yet
