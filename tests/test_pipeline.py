@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import threading
 import time
 import weakref
@@ -301,6 +302,60 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     summary = decode_files(engine, [paths[0], str(paths[0])], again)  # the same file twice: decoded once
     assert summary.done == [str(paths[0])] and not summary.skipped
     assert sorted(p.name for p in again.iterdir()) == [".other.mp4.0123abcd.tmp", "long.mp4"]
+
+
+def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path,
+                                                                                       capsys):  # fmt: skip
+    """Token files written beside their sources, decoded into that folder, would name their own sources: never
+    replaced, even with --overwrite. An mp4 decode did not write is replaced only with --overwrite. A video decode
+    wrote is skipped when it records what it would write now, and decoded again when its token file was made again
+    or it is decoded another way (the source beside it)."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    source = folder / "short.mp4"
+    shutil.copy(sources["short"], source)
+    encode(model, [source], folder)
+    tokens, before, engine = folder / "short.safetensors", source.read_bytes(), Engine(model)
+    for overwrite in (False, True):
+        summary = decode_files(engine, [tokens], folder, overwrite=overwrite)
+        assert summary.failed == [(str(tokens), f"{source} is the source video of {tokens}: decoding there would "
+                                                "replace it; choose another output folder")]  # fmt: skip
+    assert source.read_bytes() == before
+    out = tmp_path / "decoded"
+    out.mkdir()
+    shutil.copy(sources["long"], out / "short.mp4")  # another video under the output's name
+    assert decode_files(engine, [tokens], out).failed == [
+        (str(tokens), f"{out / 'short.mp4'} exists and was not written by titok-fast decode; --overwrite replaces it")
+    ]  # fmt: skip
+    assert decode_files(engine, [tokens], out, overwrite=True).done == [str(tokens)]
+    assert decode_files(engine, [tokens], out).skipped == [str(tokens)]
+    assert decode_files(engine, [tokens], out, with_source=True).done == [str(tokens)]  # now with the source
+    assert decode_files(engine, [tokens], out, with_source=True).skipped == [str(tokens)]
+    side_by_side_bytes = (out / "short.mp4").read_bytes()
+    time.sleep(0.01)
+    encode(model, [source], folder, overwrite=True)  # the token file made again
+    assert decode_files(engine, [tokens], out, with_source=True).done == [str(tokens)]
+    assert (out / "short.mp4").read_bytes() != side_by_side_bytes  # (its record names the new token file)
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert decode_files(engine, [tokens], out, with_source=True, overwrite=True).done == [str(tokens)]
+    assert f"{source}: changed since its tokens were made" in capsys.readouterr().err
+
+
+def test_a_resume_through_a_link_to_the_inputs_folder_skips_what_is_complete(model, sources, tmp_path):
+    """The same source reached by another path (a link to its folder, as a cluster's /home may lead to its /gpfs)
+    is the same source: its complete token file is kept, and no line says another video displaced it."""
+    folder, link, out = tmp_path / "videos", tmp_path / "link", tmp_path / "tokens"
+    folder.mkdir()
+    shutil.copy(sources["short"], folder / "short.mp4")
+    link.symlink_to(folder)
+    assert encode(model, [folder / "short.mp4"], out).done
+    summary = encode(model, [link / "short.mp4"], out)
+    assert summary.skipped == [str(link / "short.mp4")] and not summary.done and not summary.replaced
+    (tmp_path / "other").mkdir()
+    shutil.copy(sources["short"], tmp_path / "other" / "short.mp4")  # a copy is another source
+    assert encode(model, [tmp_path / "other" / "short.mp4"], out).replaced == 1
 
 
 def test_encode_resiliently_raises_a_failure_that_no_clip_caused(model, monkeypatch):

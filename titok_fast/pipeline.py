@@ -15,6 +15,7 @@ import errno
 import functools
 import hashlib
 import itertools
+import json
 import os
 import stat
 import sys
@@ -60,6 +61,7 @@ from .video import (
     side_by_side,
     source_stamp,
     ssim,
+    video_comment,
 )
 
 # what a folder's files must end in (any case) to be inputs; a file named on the command line or in a list is read
@@ -413,7 +415,7 @@ def plan_outputs(
                 else:
                     todo.append((path, out))
                     if why:  # a token file of another video of this output name: its source is displaced
-                        other = done.source if done is not None and done.source != os.path.abspath(path) else None
+                        other = done.source if done is not None and _other_source(done.source, path) else None
                         if other is not None:  # unless it is an input of this job with a token file of its own
                             if inputs is None:
                                 inputs = {os.path.abspath(p): outdir / f"{n}.safetensors" for p, n in files}
@@ -869,7 +871,7 @@ def _redo_reason(
     if done is None:
         _look_at(out)  # (its errors other than absence: a name too long, a folder that cannot be searched)
         return "not readable as a complete token file" if out.is_file() else None
-    if done.source != os.path.abspath(source):  # first: whatever else differs, it is another video's
+    if _other_source(done.source, source):  # first: whatever else differs, it is another video's
         return f"made from another source ({_brief(done.source)!r})"
     recorded = done.made_with.get("source_stamp")  # (files made before it was recorded are kept)
     if recorded and recorded != (now := source_stamp(source) if stamp is None else stamp):
@@ -895,6 +897,17 @@ def _redo_reason(
     now.update(wanted["clips"])
     differ = [f"{k} {_brief(str(was[k]), 200)}, now {now[k]}" for k in was if was[k] != now[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
+
+
+def _other_source(recorded: str, source: str | os.PathLike) -> bool:
+    """Whether the source a token file records is not ``source``: another path, unless it leads to the same file
+    (through a link to it or to a folder above it, as a cluster's /home may lead to its /gpfs)."""
+    if recorded == os.path.abspath(source):
+        return False
+    try:
+        return not (os.path.isabs(recorded) and os.path.samefile(recorded, source))
+    except (OSError, ValueError):  # (gone, or a path with a NUL byte from a stranger's file)
+        return True
 
 
 MAX_CONFIGS_KEPT, MAX_CONFIG_KEY = 64, 4096  # _redo_because keeps how this many recorded configs compare, if short
@@ -1083,6 +1096,10 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
         )
     if not os.path.isfile(token_file.source):  # a path from the file: never a device, FIFO or folder
         raise ValueError(f"the source {token_file.source!r} the token file names is not a regular file here")
+    recorded, now = token_file.made_with.get("source_stamp"), source_stamp(token_file.source)
+    if recorded and recorded != now:
+        notice(f"{token_file.source}: changed since its tokens were made (size:mtime_ns {_brief(str(recorded), 64)}, "
+               f"now {now}); shown as it is now")  # fmt: skip
     reader = ClipReader(
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
         sampling=token_file.sampling, rotation=token_file.made_with.get("rotation", UNRECORDED_DEFAULTS["rotation"]),
@@ -1176,10 +1193,17 @@ def decode_files(
         try:  # (a name too long or a folder that cannot be read fails this file alone)
             _look_at(out)
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
-            if not overwrite and out.is_file() and out.stat().st_size:  # written whole (atomically), or the user's
+            record, exists = decode_record(engine, path, with_source), out.is_file() and out.stat().st_size > 0
+            there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
+            if there == record and not overwrite:  # written whole (atomically), from this token file, this way
                 summary.skipped.append(str(path))
                 continue
             token_file = load_tokens(path)
+            if exists and os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
+                raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
+                                 "another output folder")  # fmt: skip
+            if exists and not (there or "").startswith(DECODE_RECORD) and not overwrite:
+                raise ValueError(f"{out} exists and was not written by titok-fast decode; --overwrite replaces it")
             if not force:
                 check_same_model(engine.model, token_file, path)
             if not token_file.token_counts.numel():
@@ -1189,7 +1213,8 @@ def decode_files(
             chunks = decoded_chunks(engine, token_file)  # one chunk at a time: any length fits in memory
             if with_source:
                 chunks = _beside_source(token_file, chunks, file_scores)
-            with VideoWriter(out, max(token_file.fps, MIN_WRITE_FPS)) as writer:  # a slower one is not written
+            fps = max(token_file.fps, MIN_WRITE_FPS)  # a slower one is not written
+            with VideoWriter(out, fps, comment=record) as writer:
                 for chunk in chunks:
                     writer.write(chunk)
         except Exception as e:  # not only the errors foreseen: one file must never end the run, but a full disk
@@ -1203,6 +1228,19 @@ def decode_files(
         summary.clips += token_file.token_counts.numel()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_record)
+
+
+def decode_record(engine: Engine, path: str | os.PathLike, with_source: bool) -> str:
+    """What a video decoded from the token file at ``path`` records in its comment tag: the token file's size and
+    modification time, the weights and dtype that decoded it, and whether its source is beside it. A rerun skips
+    a video that records what it would write, and decodes again one that records otherwise (its token file was
+    made again since, or it is decoded another way)."""
+    made = {"tokens": source_stamp(path), "weights": engine.model.weights_digest,
+            "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
+    return DECODE_RECORD + json.dumps(made, sort_keys=True)
 
 
 def _one_line(error: BaseException) -> str:

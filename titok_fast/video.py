@@ -1350,13 +1350,14 @@ class VideoWriter:
     so an odd H or W gains one row or column copied from the last one: the file is (H + H % 2) x (W + W % 2).
     Frames go to a temporary file in the same folder, synced and renamed over `path` by ``close()``; leaving the
     ``with`` block by an exception (or ``abort()``) removes it, so `path` is only ever a complete video.
+    ``comment``, if given, is stored as the container's comment tag (:func:`video_comment` reads it).
     """
 
-    def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18):
+    def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18, comment: str = ""):
         check_fps(fps)
         if fps < MIN_WRITE_FPS:
             raise ValueError(f"fps {fps:g}: an mp4 is written at {MIN_WRITE_FPS:g} fps at least")
-        self.path, self.fps, self.crf = os.fspath(path), fps, crf
+        self.path, self.fps, self.crf, self.comment = os.fspath(path), fps, crf, comment
         self._file = AtomicFile(self.path)
         self._container = self._stream = None
         self._size: tuple[int, int] | None = None
@@ -1380,6 +1381,8 @@ class VideoWriter:
     def _open(self, height: int, width: int) -> None:
         self._file.create()  # locked while written: a concurrent decode's cleanup leaves it alone
         self._container = av.open(self._file.temporary, mode="w", format="mp4")
+        if self.comment:  # (the container's "comment" tag)
+            self._container.metadata["comment"] = self.comment
         rate = Fraction(self.fps).limit_denominator(max(1001, math.ceil(1 / self.fps)))  # below 1/1001: not 0
         self._stream = self._container.add_stream("libx264", rate=rate)
         self._stream.width, self._stream.height = width, height
@@ -1487,6 +1490,16 @@ def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
     if isinstance(frame, av.VideoFrame):  # (NVDEC's keep the stream's first size, checked at the start)
         _check_frame_size(path, frame.width, frame.height)
     return rgb(frame)
+
+
+def video_comment(path: str | os.PathLike[str]) -> str | None:
+    """The comment tag of the video at ``path`` (:class:`VideoWriter`'s ``comment``): "" without one, None where
+    it cannot be opened as a media file."""
+    try:
+        with av.open(os.fspath(path)) as container:
+            return str(container.metadata.get("comment", ""))
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return None
 
 
 def source_stamp(path: str | os.PathLike[str]) -> str:
