@@ -962,14 +962,21 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
         "reason": reason,
     }  # fmt: skip
 
-    assert run(before).done and (out / "short.safetensors").exists()  # made the old way again, then ...
+    summary = run(after)  # nothing under the name now: nothing to move, and the failure says nothing of it
+    assert summary.failed[0][1].endswith("(--tail pad, tail='pad' in Python, pads it)")
+    assert not (out / "short.safetensors.outdated.2").exists()
+    other = ClipSettings(grid=(4, 32, 32), tokens=4)
+    summary = run(other)  # the one set aside was made otherwise: left there
+    assert summary.done == [str(short), str(long)] and (out / "short.safetensors.outdated").exists()
+    other_short = (out / "short.safetensors").read_bytes()
     summary = run(after)
     assert summary.failed[0][1].endswith("was moved to short.safetensors.outdated.2")
     assert (out / "short.safetensors.outdated").read_bytes() == old_short  # the first one kept
     assert not (out / "short.safetensors").exists()
-    summary = run(after)  # nothing under the name now: nothing to move, and the failure says nothing of it
-    assert summary.failed[0][1].endswith("(--tail pad, tail='pad' in Python, pads it)")
-    assert not (out / "short.safetensors.outdated.3").exists()
+    summary = run(before)  # the settings that made the first one again (those of the failed runs were a slip)
+    assert summary.skipped == [str(short)] and summary.done == [str(long)]  # put back, not encoded again
+    assert (out / "short.safetensors").read_bytes() == old_short and not (out / "short.safetensors.outdated").exists()
+    assert (out / "short.safetensors.outdated.2").read_bytes() == other_short
 
 
 def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_temporaries(model, tmp_path, monkeypatch):

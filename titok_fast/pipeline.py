@@ -43,7 +43,7 @@ from .files import (
     temporary_stem,
 )
 from .loading import weights_digest
-from .manifest import Manifest, manifest_name
+from .manifest import OUTDATED_SUFFIX, Manifest, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
@@ -392,7 +392,7 @@ def plan_outputs(
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo, wanted = [], _wanted(model, mode, settings, device)
-    temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporary files, by token file name
+    temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporaries and files set aside
     inputs: dict[str, Path] | None = None  # this job's inputs (absolute) -> token files, made when first needed
     if not overwrite:
         manifest.read_settled()
@@ -403,6 +403,8 @@ def plan_outputs(
             try:
                 done = None if found.absent else _parsed(out, found)
                 why = None if found.absent else _redo_reason(done, out, path, wanted, found.source_stamp)
+                if why is None and not overwrite and _restore_aside(temporaries, out, path, wanted):
+                    why = ""
             except OSError as e:
                 if e.errno not in THIS_PATH_ONLY:  # a file system gone (EIO, ESTALE): no input's fault, the run stops
                     raise
@@ -586,15 +588,21 @@ def _look_at(path: Path) -> None:
 def _remove_temporaries(listed: dict[Path, dict[str, list[str]]], out: Path) -> None:
     """Remove what a killed run left to become ``out`` (its temporary files); ``listed`` keeps each folder's
     temporaries, listed once (a listing per file would be quadratic in a resume)."""
-    if out.parent not in listed:
-        listed[out.parent] = _temporaries(out.parent)
-    for stale in listed[out.parent].pop(temporary_stem(out.name), ()):
+    for stale in _folder_files(listed, out.parent).pop(temporary_stem(out.name), ()):
         remove_abandoned(out.parent / stale)  # not one another run is writing now
+
+
+def _folder_files(listed: dict[Path, dict[str, list[str]]], folder: Path) -> dict[str, list[str]]:
+    """``folder``'s temporaries and token files set aside (:func:`_temporaries`), listed once."""
+    if folder not in listed:
+        listed[folder] = _temporaries(folder)
+    return listed[folder]
 
 
 def _temporaries(folder: Path) -> dict[str, list[str]]:
     """The temporary files in ``folder`` (``.<name>.<hex>.tmp``, see ``files.AtomicFile``) by the name they
-    were to be renamed to (its ``temporary_stem``)."""
+    were to be renamed to (its ``temporary_stem``); and the token files set aside (``<name>.outdated``,
+    ``<name>.outdated.2``, ..., see :class:`~titok_fast.manifest.Manifest`) by ``"/" + <name>``, oldest first."""
     found: dict[str, list[str]] = {}
     try:
         with os.scandir(folder) as entries:  # names one at a time: a folder may hold a million token files
@@ -602,9 +610,35 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
                 target, dot, _ = entry.name[1:-4].rpartition(".")
                 if entry.name.startswith(".") and entry.name.endswith(".tmp") and dot:
                     found.setdefault(target, []).append(entry.name)
+                elif (aside := _aside_of(entry.name)) is not None:
+                    found.setdefault("/" + aside[0], []).append(entry.name)  # ("/": in no file's name)
     except OSError:  # none, not a folder, not readable: nothing to remove (writing there will say what is wrong)
         pass
+    for key in found:
+        if key.startswith("/"):
+            found[key].sort(key=lambda name: _aside_of(name)[1])
     return found
+
+
+def _aside_of(name: str) -> tuple[str, int] | None:
+    """(the token file's name, its number) for a token file set aside as ``name``, or None."""
+    stem, suffix, number = name.rpartition(OUTDATED_SUFFIX)
+    if not stem.endswith(".safetensors") or not suffix or (number and not (number[:1] == "." and number[1:].isdigit())):
+        return None
+    return stem, int(number[1:] or 1)
+
+
+def _restore_aside(listed: dict[Path, dict[str, list[str]]], out: Path, source: Path, wanted: dict[str, Any]) -> bool:
+    """Put back under its name the oldest token file of ``out`` set aside (its input failed a redo, as one made
+    otherwise) that was made as ``wanted`` from ``source`` after all (the settings of the failed run were a slip):
+    whether one was."""
+    for name in _folder_files(listed, out.parent).pop("/" + out.name, ()):
+        aside = out.parent / name
+        if _redo_reason(try_load_tokens(aside), aside, source, wanted) == "" and not os.path.lexists(out):
+            os.rename(aside, out)
+            notice(f"{out}: put back from {name}, made as this run makes it")
+            return True
+    return False
 
 
 def encode_resiliently(
