@@ -566,6 +566,8 @@ def test_decode_checks_every_chunks_grid_before_it_decodes_or_reads_the_source(m
     cases = {
         "huge": ((4, 12000, 12000), r"chunk 3 of .*huge\.safetensors is \[4, 12000, 12000\]; H must be at most 8192"),
         "ragged": ((4, 30, 32), r"chunk 3 of .*ragged\.safetensors is \[4, 30, 32\]; H must be a positive multiple"),
+        "voxels": ((4, 4096, 4096), r"chunk 3 of .*voxels\.safetensors is \[4, 4096, 4096\]; T x H x W must be "
+                                       r"at most 33554432$"),  # (a config of large patches would give few rows)
         "rows": ((4, 256, 256), r"chunk 3 of .*rows\.safetensors \(grid \[4, 256, 256\], 8 tokens\) needs 1032 "
                                 r"packed rows \(tokens \+ patches\); the largest budget is 1024$"),
     }  # fmt: skip

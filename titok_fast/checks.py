@@ -11,6 +11,9 @@ import torch
 # The largest clip shape and latent token count anything accepts (a config, a grid, a token count): beyond them an
 # input is refused before a buffer of that size exists. V1 uses grid (20, 192, 192) and 128-1024 tokens.
 MAX_GRID = (4096, 8192, 8192)  # frames, height, width
+# and T x H x W at most this: 400 MB a float32 RGB clip (V1's patch and largest budget allow 2**24 at most; a
+# stranger's token file with a config of large patches could otherwise ask for gigabytes per chunk)
+MAX_GRID_VOXELS = 1 << 25
 MAX_TOKENS = 1 << 16
 # what indices may come as (torch's uint16/32/64 lack the reductions the checks use)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -197,6 +200,8 @@ def check_grids(
                 )
             if size > most:
                 raise ValueError(f"grid of {name(i)} is {list(g)}; {axis} must be at most {most}")
+        if math.prod(g) > MAX_GRID_VOXELS:
+            raise ValueError(f"grid of {name(i)} is {list(g)}; T x H x W must be at most {MAX_GRID_VOXELS}")
         out.append(g)
     return out
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .backends import resolve_backend
-from .checks import MAX_GRID, check_grids
+from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import IDLE, Engine
 from .files import (
@@ -1103,6 +1103,7 @@ def check_decodable(engine: Engine, token_file: TokenFile, path: str | os.PathLi
     patch = torch.tensor(engine.model.config.patch_size)
     grids = token_file.grids.long()
     bad = ((grids % patch) != 0).any(1) | (grids > torch.tensor(MAX_GRID)).any(1)
+    bad |= grids.prod(1) > MAX_GRID_VOXELS  # (a product past int64 has an axis past MAX_GRID: bad already)
     if bool(bad.any()):
         chunk = int(bad.int().argmax())
         check_grids([grids[chunk].tolist()], 1, tuple(patch.tolist()), lambda _: f"chunk {chunk} of {path}")
