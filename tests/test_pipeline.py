@@ -304,12 +304,11 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     assert sorted(p.name for p in again.iterdir()) == [".other.mp4.0123abcd.tmp", "long.mp4"]
 
 
-def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path,
-                                                                                       capsys):  # fmt: skip
+def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path):
     """Token files written beside their sources, decoded into that folder, would name their own sources: never
     replaced, even with --overwrite. An mp4 decode did not write is replaced only with --overwrite. A video decode
     wrote is skipped when it records what it would write now, and decoded again when its token file was made again
-    or it is decoded another way (the source beside it)."""
+    or it is decoded another way (the source beside it). A source changed since is not shown."""
     folder = tmp_path / "videos"
     folder.mkdir()
     source = folder / "short.mp4"
@@ -337,10 +336,10 @@ def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_oth
     assert decode_files(engine, [tokens], out, with_source=True).done == [str(tokens)]
     assert (out / "short.mp4").read_bytes() != side_by_side_bytes  # (its record names the new token file)
     stat = source.stat()
-    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    capsys.readouterr()
-    assert decode_files(engine, [tokens], out, with_source=True, overwrite=True).done == [str(tokens)]
-    assert f"{source}: changed since its tokens were made" in capsys.readouterr().err
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the source is not the file it was
+    assert decode_files(engine, [tokens], out, with_source=True, overwrite=True).failed == [(str(tokens), (
+        f"the source {str(source)!r} the token file names is not the file its tokens were made from (its size and "
+        "modification time differ, or it is not there)"))]  # fmt: skip
 
 
 def test_a_resume_through_a_link_to_the_inputs_folder_skips_what_is_complete(model, sources, tmp_path):
@@ -662,9 +661,10 @@ def test_each_item_is_timed_with_its_clock_the_final_call_too():
     assert set(clock.take()) == {"decode", "rgb"} and clock.take() == {}
 
 
-def test_side_by_side_opens_only_a_regular_file_a_token_file_names(model, sources, tmp_path):
-    """A token file from a stranger may name any path as its source: --side-by-side reads it only if it is a
-    regular file (never a device or a FIFO, which could block or never end); that file fails alone."""
+def test_side_by_side_opens_only_the_file_a_token_file_was_made_from(model, sources, tmp_path):
+    """A token file from a stranger may name any path as its source: --side-by-side reads it only if it is the file
+    the tokens were made from, by the size and modification time the token file records (never another video,
+    which it would show, nor a device or a FIFO, which could block or never end); each such file fails alone."""
     import os
 
     from titok_fast.tokens import save_tokens
@@ -673,11 +673,23 @@ def test_side_by_side_opens_only_a_regular_file_a_token_file_names(model, source
     good = load_tokens(tmp_path / "tok" / "short.safetensors")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    save_tokens(tmp_path / "tok" / "short.safetensors", dataclasses.replace(good, source=str(fifo)))
-    paths = [tmp_path / "tok" / f"{n}.safetensors" for n in ("short", "long")]
+    named = {"fifo": str(fifo), "other": str(sources["odd"]), "gone": str(tmp_path / "gone.mp4")}
+    paths = []
+    for name, source in named.items():
+        paths.append(tmp_path / "tok" / f"{name}.safetensors")
+        save_tokens(paths[-1], dataclasses.replace(good, source=source))
+    unstamped = dict(good.made_with)
+    del unstamped["source_stamp"]
+    paths.append(tmp_path / "tok" / "unstamped.safetensors")
+    save_tokens(paths[-1], dataclasses.replace(good, made_with=unstamped))
+    paths.append(tmp_path / "tok" / "long.safetensors")
     summary = decode_files(Engine(model), paths, tmp_path / "out", with_source=True)
-    assert [p for p, _ in summary.failed] == [str(paths[0])] and "not a regular file" in summary.failed[0][1]
-    assert summary.done == [str(paths[1])] and not (tmp_path / "out" / "short.mp4").exists()
+    assert summary.failed == [(str(paths[k]), f"the source {source!r} the token file names is not the file its tokens "
+                               "were made from (its size and modification time differ, or it is not there)")
+                              for k, source in enumerate(named.values())] + [(str(paths[3]), (
+        "the token file records no size and modification time of its source (made by an earlier version): encode it "
+        "again to show its source beside it"))]  # fmt: skip
+    assert summary.done == [str(paths[4])] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.mp4"]
 
 
 def test_resume_redoes_a_token_file_made_from_another_source_and_says_so(model, tmp_path):

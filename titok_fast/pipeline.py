@@ -1119,7 +1119,8 @@ def check_decodable(engine: Engine, token_file: TokenFile, path: str | os.PathLi
 
 def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     """The source re-read exactly as it was for encoding, chunk by chunk like :func:`decoded_chunks` ([-1, 1]);
-    a source that now gives fewer chunks than the token file holds, or is not a regular file, is a ValueError."""
+    a source that is not the file the tokens were made from (by the size and modification time the token file
+    records), or now gives fewer chunks than the token file holds, is a ValueError."""
     wanted = token_file.token_counts.numel()
     if not wanted:
         raise ValueError("the token file holds no chunks: no source chunk to show beside them")
@@ -1129,12 +1130,15 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
             "the token file was made by an earlier rule of sampling 'time': its source cannot be re-read as it was "
             "(decode it without the source, or encode it again)"
         )
-    if not os.path.isfile(token_file.source):  # a path from the file: never a device, FIFO or folder
-        raise ValueError(f"the source {token_file.source!r} the token file names is not a regular file here")
-    recorded, now = token_file.made_with.get("source_stamp"), source_stamp(token_file.source)
-    if recorded and recorded != now:
-        notice(f"{token_file.source}: changed since its tokens were made (size:mtime_ns {_brief(str(recorded), 64)}, "
-               f"now {now}); shown as it is now")  # fmt: skip
+    # a path from the file, read only where it is the very file the tokens were made from: a stranger's token file
+    # cannot have another file read (nor learn whether it exists), nor a device, FIFO or folder
+    recorded = token_file.made_with.get("source_stamp")
+    if not recorded:
+        raise ValueError("the token file records no size and modification time of its source (made by an earlier "
+                         "version): encode it again to show its source beside it")  # fmt: skip
+    if recorded != source_stamp(token_file.source) or not os.path.isfile(token_file.source):
+        raise ValueError(f"the source {token_file.source!r} the token file names is not the file its tokens were made "
+                         "from (its size and modification time differ, or it is not there)")  # fmt: skip
     reader = ClipReader(
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
         sampling=token_file.sampling, rotation=token_file.made_with.get("rotation", UNRECORDED_DEFAULTS["rotation"]),
