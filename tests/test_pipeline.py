@@ -1039,6 +1039,23 @@ def test_a_resume_removes_a_killed_runs_temporary_beside_a_complete_file(model, 
     assert summary.skipped == [str(tokens)] and not stale.exists()
 
 
+def test_a_resume_leaves_a_fifo_or_a_link_named_as_a_temporary_where_it_is(model, sources, tmp_path):
+    """Only regular files are a killed run's temporaries: a FIFO of that name (opening it would wait for a writer
+    for ever) and a link (what it leads to is not the run's) are left, and the run goes on."""
+    out, kept = tmp_path / "out", tmp_path / "kept.txt"
+    out.mkdir()
+    kept.write_text("not the run's")
+    fifo, link = out / f".short.safetensors.{'0' * 32}.tmp", out / f".short.safetensors.{'1' * 32}.tmp"
+    os.mkfifo(fifo)
+    link.symlink_to(kept)
+    done = []
+    run = threading.Thread(target=lambda: done.append(encode(model, [sources["short"]], out)), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    assert done and done[0].done == [str(sources["short"])]
+    assert fifo.exists() and link.is_symlink() and kept.read_text() == "not the run's"
+
+
 def test_a_resume_leaves_a_temporary_another_run_is_writing_and_removes_a_killed_ones(model, tmp_path):
     """Two runs on one folder (a requeued job beside the one it replaces): the second's clean-up must not remove the
     temporary the first is writing, but a killed run's (its lock gone with its process) goes."""

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -123,12 +124,16 @@ ABANDONED_UNLOCKED_SECONDS = 3600.0  # a temporary that cannot be locked is take
 
 def remove_abandoned(path: str | os.PathLike[str]) -> None:
     """Remove the temporary file ``path`` if no process is writing it (an :class:`AtomicFile` holds a lock on it
-    until it is committed); errors are ignored (writing there will say what is wrong)."""
+    until it is committed); errors are ignored (writing there will say what is wrong). Only a regular file, not a
+    link (what it leads to is not the run's), is removed: a FIFO or device of that name is left where it is, and
+    opening it never waits."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
