@@ -749,6 +749,12 @@ def test_a_manifest_that_is_a_pipe_is_refused_and_a_full_disk_stops_the_run(tmp_
     os.mkfifo(tmp_path / "fifo" / MANIFEST_NAME)  # writes to it would block the run for ever
     code, _, err = run("encode", videos, "-o", tmp_path / "fifo", *GRID, *RANDOM, capsys=capsys)
     assert code == 2 and "manifest.jsonl: the manifest is not a regular file (a pipe or device)" in err, err
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "elsewhere.txt").write_text("not the run's")
+    (tmp_path / "linked" / MANIFEST_NAME).symlink_to(tmp_path / "elsewhere.txt")  # lines would be appended there
+    code, _, err = run("encode", videos, "-o", tmp_path / "linked", *GRID, *RANDOM, capsys=capsys)
+    assert code == 2 and "manifest.jsonl: the manifest is a link; move it away" in err, err
+    assert (tmp_path / "elsewhere.txt").read_text() == "not the run's"
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -23,6 +23,7 @@ machines to one file on a network filesystem (NFS) are not atomic.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import re
@@ -66,7 +67,13 @@ class Manifest:
         self._settled: dict[int, tuple[str, int | None]] | None = None  # see skipped()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+            try:  # (a link could have the run append to a file elsewhere)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW,
+                                   0o666)  # fmt: skip
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise ValueError(f"{self.path}: the manifest is a link; move it away") from None
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO would block the run's writes for ever
                 os.close(self._fd)
                 self._fd = None
