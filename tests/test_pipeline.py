@@ -1388,3 +1388,13 @@ def test_shards_partition_the_inputs_by_output_name_whatever_their_order():
     assert select_shard(files, 0, 1) == files
     with pytest.raises(ValueError, match="shard 8/8: expected 0 <= index < count"):
         select_shard(files, 8, 8)
+
+
+def test_what_a_token_file_records_per_chunk_is_compared_as_its_distinct_values_in_order():
+    """A resume compares a token file's grids and token counts by their distinct values, in the order they first
+    come, taken in torch (a list of a stranger's millions of chunks would take some 20 times the file)."""
+    assert pipeline._distinct(torch.tensor([16, 8, 16, 4, 8], dtype=torch.int32)) == [16, 8, 4]
+    grids = torch.tensor([[4, 32, 32], [8, 32, 32], [4, 32, 32]], dtype=torch.int32)
+    assert pipeline._distinct(grids) == [[4, 32, 32], [8, 32, 32]]
+    assert pipeline._recorded([8]) == 8 and pipeline._recorded([16, 8, 4]) == "16/8/4"
+    assert pipeline._distinct(torch.arange(100, 0, -1), most=3) == [100, 99, 98, "..."]

@@ -925,8 +925,8 @@ def _redo_reason(
     keys = [k for k in RESUME_KEYS if k in recorded or k in asked]
     was = {k: recorded.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
     now = {k: asked.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
-    grids = ["x".join(map(str, g)) for g in dict.fromkeys(map(tuple, done.grids.tolist()))]
-    was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(done.token_counts.tolist()),
+    grids = [g if g == "..." else "x".join(map(str, g)) for g in _distinct(done.grids)]
+    was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(_distinct(done.token_counts)),
                grid=_recorded(grids))  # fmt: skip
     now.update(wanted["clips"])
     differ = [f"{k} {_brief(str(was[k]), 200)}, now {now[k]}" for k in was if was[k] != now[k]]
@@ -952,9 +952,21 @@ def _brief(text: str, limit: int = 1024) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def _recorded(values: list):
-    """The value every chunk records, or all of them ("8/16") when they differ."""
-    distinct = list(dict.fromkeys(values))
+def _distinct(values: torch.Tensor, most: int = 8) -> list:
+    """The distinct values (rows) of ``values``, in the order they first come, the first ``most`` of them and then
+    ``...`` if there are more: computed in torch, since a list of every chunk's would take some 20 times a token
+    file's size (a stranger's may hold millions of chunks, each of its own grid)."""
+    rows = values.reshape(len(values), -1)
+    found, seen = [], torch.zeros(len(rows), dtype=torch.bool)  # seen: rows equal to one found
+    while len(found) < most and not bool(seen.all()):
+        row = rows[int((~seen).int().argmax())]  # the first row not seen
+        found.append(row)
+        seen |= (rows == row).all(1)
+    return [row.tolist() if values.dim() > 1 else row.item() for row in found] + ["..."] * (not bool(seen.all()))
+
+
+def _recorded(distinct: list):
+    """The value every chunk records, or all of them ("8/16") when they differ: ``distinct``, those it records."""
     return distinct[0] if len(distinct) == 1 else "/".join(map(str, distinct))
 
 
