@@ -1241,6 +1241,11 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     assert capsys.readouterr().err == f"titok-fast: {v / 'gone.mp4'}: a link that leads nowhere; left out\n"
     with pytest.raises(InputError, match="input '/dev/null' is not a regular file or a folder"):
         collect_inputs(["/dev/null"])
+    endless = tmp_path / "endless.txt"  # (a sparse file of gigabytes without a line end was once read whole)
+    endless.write_bytes(b"v/a.mp4\n" + b"x" * 20000)
+    with pytest.raises(InputError, match=r"^list '.*endless.txt': line 2 is longer than 8192 bytes; expected one path "
+                                         r"a line$"):  # fmt: skip
+        collect_inputs([endless])
 
 
 def _preprocessing_fails(monkeypatch, error, on=lambda frames: True):

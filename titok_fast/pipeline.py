@@ -228,12 +228,22 @@ def _listed(listing: Path) -> list[Path]:
     """The entries of a list file, one path a line, relative ones from the list's folder; blank lines and lines
     starting with # are passed over. Paths are bytes on Linux: a line that is not UTF-8 is kept as the bytes it
     holds (as ``os.fsdecode`` does), and a UTF-8 byte order mark (a list saved by Windows Notepad) is dropped."""
+    entries = []
     try:
-        data = listing.read_bytes()
+        with open(listing, "rb") as file:  # line by line: a file of one endless line holds no path
+            for number, line in enumerate(iter(functools.partial(file.readline, MAX_LIST_LINE + 1), b""), 1):
+                if len(line) > MAX_LIST_LINE:
+                    raise InputError(f"list {str(listing)!r}: line {number} is longer than {MAX_LIST_LINE} bytes; "
+                                     "expected one path a line")  # fmt: skip
+                text = os.fsdecode((line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line).strip())
+                if text and not text.startswith("#"):
+                    entries.append(listing.parent / text)
     except OSError as e:
         raise InputError(f"list {str(listing)!r} cannot be read: {e.strerror or e}") from None
-    lines = [os.fsdecode(line.strip()) for line in data.removeprefix(b"\xef\xbb\xbf").splitlines()]
-    return [listing.parent / line for line in lines if line and not line.startswith("#")]
+    return entries
+
+
+MAX_LIST_LINE = 8192  # bytes, line end included: a path is at most 4096 (PATH_MAX), and its line a little more
 
 
 def select_shard(files: Sequence[tuple[Path, str]], index: int, count: int) -> list[tuple[Path, str]]:
