@@ -244,3 +244,96 @@ def test_a_cached_hub_file_is_keyed_by_its_blob_name_other_files_by_their_bytes(
     assert file_sha256(tmp_path / "blobs" / ("0" * 64)) == "0" * 64
     (tmp_path / ("0" * 64)).write_bytes(b"x")  # outside a blobs folder the bytes are read
     assert file_sha256(tmp_path / ("0" * 64)) == hashlib.sha256(b"x").hexdigest()
+
+
+@pytest.fixture
+def within_seconds():
+    """Fails a test that is still running after 20 s (hashing /dev/zero, or opening a FIFO with no writer, would
+    never end): SIGALRM interrupts a blocked open or read with an error."""
+    import signal
+
+    def late(*args):
+        raise TimeoutError("still running after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(("kind", "what"), [("zero", "a character device"), ("fifo", "a FIFO"), ("folder", "a folder")])
+def test_a_cached_file_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_path, monkeypatch, within_seconds,
+                                                                              kind, what):  # fmt: skip
+    """A snapshot file linked to /dev/zero was hashed for ever, a FIFO blocked its reader, a folder failed in its own
+    words: each is one line naming the file, whether the link leads into a blobs folder (the name is the hash) or
+    not, and nothing is converted."""
+    from titok_fast.config import TiTokConfig
+    from titok_fast.loading import converted
+
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    for i, blob in enumerate([tmp_path / "other" / "x.ckpt", tmp_path / "blobs" / ("0" * 64)]):
+        blob.parent.mkdir()
+        if kind == "zero":
+            blob = "/dev/zero"
+        elif kind == "fifo":
+            os.mkfifo(blob)
+        else:
+            blob.mkdir()
+        link = tmp_path / f"snapshot{i}" / DEFAULT_FILE
+        link.parent.mkdir()
+        os.symlink(blob, link)
+        with pytest.raises(ValueError, match=rf"^{link} is not a regular file \(it is {what}, where its links lead\)"):
+            converted(link, TiTokConfig.from_any("tiny"))
+    assert not (tmp_path / "converted").exists()
+
+
+def test_a_blob_not_holding_the_bytes_its_name_says_never_enters_the_converted_cache(hub, tmp_path, monkeypatch):
+    """Other weights put under blobs/<sha256 of the genuine file> were converted and cached under that sha256 for
+    good: a later honest cache holding the genuine blob still loaded them. A conversion is keyed by the bytes read,
+    and a blob whose bytes are not its name is refused in one line, nothing cached."""
+    from titok_fast import hub as hub_module
+
+    genuine = (hub / "model.ckpt").read_bytes()
+    lightning_checkpoint(tmp_path / "other.ckpt", make_model("tiny", seed=1))
+    other = (tmp_path / "other.ckpt").read_bytes()
+    blob = tmp_path / "poisoned" / "blobs" / hashlib.sha256(genuine).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(other)
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (blob, HubRef(REPO, COMMIT)))
+    claims = f"its bytes have sha256 {hashlib.sha256(other).hexdigest()}, not the {blob.name} its Hugging Face"
+    with pytest.raises(ValueError, match=f"^{blob}: {claims}") as error:
+        load_tokenizer(REPO, config="tiny")
+    assert "\n" not in str(error.value)
+    assert not list((tmp_path / "converted").rglob("*.safetensors"))
+    snapshot = hub / "hf" / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / DEFAULT_FILE
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (snapshot, HubRef(REPO, COMMIT)))
+    honest = load_tokenizer(REPO, config="tiny")
+    assert honest.weights_digest == load_tokenizer(hub / "model.ckpt", config="tiny").weights_digest
+
+
+def test_a_blob_replaced_while_it_is_converted_is_not_cached(hub, tmp_path, monkeypatch):
+    """The bytes hashed must be those converted: a blob swapped for other weights once its bytes were hashed (the
+    hash then agrees with its name) is refused, nothing cached."""
+    from titok_fast import hub as hub_module
+
+    genuine = hub / "model.ckpt"
+    blob = tmp_path / "blobs" / hashlib.sha256(genuine.read_bytes()).hexdigest()
+    blob.parent.mkdir()
+    blob.write_bytes(genuine.read_bytes())
+    lightning_checkpoint(tmp_path / "other.ckpt", make_model("tiny", seed=1))
+    hashed = hub_module.file_sha256
+
+    def hash_then_swap(path, *args, **kwargs):
+        digest = hashed(path, *args, **kwargs)
+        if not kwargs.get("trust_blob_name", True):  # the bytes were read: now another file takes the blob's name
+            os.replace(tmp_path / "other.ckpt", blob)
+        return digest
+
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    monkeypatch.setattr(hub_module, "file_sha256", hash_then_swap)
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (blob, HubRef(REPO, COMMIT)))
+    with pytest.raises(ValueError, match=f"^{blob}: changed while it was hashed and converted; nothing was cached"):
+        load_tokenizer(REPO, config="tiny")
+    assert not list((tmp_path / "converted").rglob("*.safetensors"))

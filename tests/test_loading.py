@@ -620,6 +620,88 @@ def test_an_archive_of_too_many_entries_is_refused_before_its_directory_is_read(
         load_tokenizer(path, config="tiny")
 
 
+def _declaring_one_entry(path):
+    """`path`, a zip archive, made to declare one entry in its end record (its directory left as it is)."""
+    data = bytearray(path.read_bytes())
+    assert data[-22:-18] == b"PK\x05\x06"
+    data[-14:-10] = (1).to_bytes(2, "little") * 2  # entries on this disk, entries in all
+    path.write_bytes(bytes(data))
+
+
+def _with_zip64_record(path, entries):
+    """`path`, a zip archive, given a Zip64 end record declaring `entries` (and the same directory) before its end
+    record, which keeps its own count: zipfile takes the Zip64 record's numbers whenever there is one."""
+    import struct
+
+    data = path.read_bytes()
+    size, offset = struct.unpack("<LL", data[-10:-2])
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, size, offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(data) - 22, 1)
+    path.write_bytes(data[:-22] + record + locator + data[-22:])
+
+
+@pytest.mark.parametrize("crafted", ["directory-declared-as-one-entry", "zip64-record-behind-the-end-record"])
+def test_a_directory_larger_than_its_declared_entries_is_refused_before_it_is_read(
+    tiny, tmp_path, monkeypatch, crafted
+):
+    """zipfile reads the central directory by the size declared for it, whatever the count of entries says (186 MB
+    of 3 million entries declared as one took 2 GB), and takes a Zip64 record's numbers over the end record's: both
+    are checked as zipfile reads them, before it reads the directory."""
+    import zipfile
+
+    from titok_fast import loading
+
+    path = tmp_path / "many.ckpt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(64):
+            archive.writestr(f"archive/data/{i}", b"")
+    size = int.from_bytes(path.read_bytes()[-10:-6], "little")
+    if crafted == "directory-declared-as-one-entry":
+        _declaring_one_entry(path)
+        monkeypatch.setattr(loading, "MAX_ARCHIVE_DIRECTORY_BYTES", size - 1)
+        message = f"its archive declares a central directory of {size} bytes; at most {size - 1}"
+    else:
+        _with_zip64_record(path, 64)
+        _declaring_one_entry(path)
+        monkeypatch.setattr(loading, "MAX_ARCHIVE_ENTRIES", 63)
+        message = "its archive declares 64 entries; at most 63"
+    with zipfile.ZipFile(path) as archive:  # the crafting is right: zipfile reads every entry
+        assert len(archive.infolist()) == 64
+    monkeypatch.setattr(zipfile, "ZipFile", _no_zip_directory)
+    with pytest.raises(CheckpointError, match=f"^{path}: {message}$"):
+        load_tokenizer(path, config="tiny")
+
+
+def _attributes(function) -> dict:
+    return {"__dict__": dict(vars(function)), "__kwdefaults__": function.__kwdefaults__}
+
+
+@pytest.mark.parametrize(
+    ("name", "state"),
+    [
+        (b"torch._utils\n_rebuild_tensor_v2", b"}X\x08\x00\x00\x00tamperedK\x01s"),  # into its __dict__
+        (b"torch._utils\n_rebuild_parameter", b"N}X\x0e\x00\x00\x00__kwdefaults__}s\x86"),  # an attribute
+        (b"collections\nOrderedDict", b"}X\x08\x00\x00\x00tamperedK\x01s"),
+    ],
+    ids=["function-dict", "function-attribute", "container"],
+)
+def test_a_pickle_cannot_give_state_to_what_it_may_call(tiny, tmp_path, name, state):
+    """BUILD sets whatever attributes it is given on whatever it is given: handed titok-fast's own functions, a
+    pickle changed them for the rest of the process. What the pickle may call is refused state, in one line; what
+    it builds still takes its own (torch.save writes a state_dict, an OrderedDict, with a BUILD of its _metadata)."""
+    from titok_fast import loading
+
+    functions = (loading._rebuild_tensor, loading._rebuild_parameter)
+    kept = [_attributes(f) for f in functions]
+    bad = _archive(tmp_path / "b.ckpt", b"\x80\x02c" + name + b"\n" + state + b"b0}.")
+    qualname = name.decode().replace("\n", ".")
+    with pytest.raises(CheckpointError, match=f"^{bad}: the pickle gives state to {qualname}$"):
+        load_tokenizer(bad, config="tiny")
+    assert [_attributes(f) for f in functions] == kept
+    torch.save(tiny.state_dict(), tmp_path / "bare.pt")
+    assert torch.equal(load_tokenizer(tmp_path / "bare.pt", config="tiny").encoder.mask_token, tiny.encoder.mask_token)
+
+
 def test_random_weights_take_only_seeds_a_token_file_can_record_and_leave_the_callers_random_numbers():
     from titok_fast.loading import random_seed, random_tokenizer
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 V1_REPO = "NilanE/TiTok-Video-VariableComp-V1"
 DEFAULT_FILE = "model.ckpt"
@@ -154,15 +156,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "titok-fast"
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22, *, trust_blob_name: bool = True) -> str:
     """sha256 of a file's bytes (hex). A file in the Hugging Face cache resolves to a blob named by that very sha256
-    (the LFS object id), so for those the name is used instead of reading gigabytes on every run; anything else is
-    read in chunks of `chunk` bytes."""
-    blob = os.path.basename(os.path.realpath(path))
-    if _SHA256.fullmatch(blob) and os.path.basename(os.path.dirname(os.path.realpath(path))) == "blobs":
+    (the LFS object id), so for those the name is used instead of reading gigabytes on every run (unless not
+    `trust_blob_name`: whoever can write to the cache can put any bytes under any name); anything else is read in
+    chunks of `chunk` bytes. Only a regular file is hashed (see :func:`open_regular`): a link to /dev/zero would be
+    read for ever, a FIFO would block."""
+    real = os.path.realpath(path)
+    _check_regular(path, os.stat(real).st_mode)
+    blob = os.path.basename(real)
+    if trust_blob_name and _SHA256.fullmatch(blob) and os.path.basename(os.path.dirname(real)) == "blobs":
         return blob
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """`path` opened for reading, where its links lead to a regular file: checked before it is opened and again on
+    what was opened (opened without waiting for a writer, so a FIFO swapped in meanwhile is refused, not waited on).
+    Otherwise a one-line ValueError naming the file and what it is (a folder, a FIFO, a device such as /dev/zero)."""
+    _check_regular(path, os.stat(path).st_mode)
+    file = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    try:
+        _check_regular(path, os.fstat(file.fileno()).st_mode)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _check_regular(path: str | os.PathLike[str], mode: int) -> None:
+    """Refuse a file whose `mode` (``st_mode``) is not a regular file's, naming `path` and what it is."""
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+                 stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
+        kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+        raise ValueError(f"{path} is not a regular file (it is {kind}, where its links lead); expected a weights file")

@@ -19,7 +19,6 @@ goes wrong while reading a file is a one-line CheckpointError naming it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -70,6 +69,10 @@ MAX_TENSOR_DIMS = 64  # per tensor record
 # Entries of a checkpoint's zip archive: one per storage (a few thousand for V1 with EMA and optimiser states).
 # Python's zipfile keeps every entry of the central directory in memory, about ten times its size on disk.
 MAX_ARCHIVE_ENTRIES = 100_000
+# zipfile reads the central directory by the size the end record declares, not by its count of entries: a 186 MB
+# directory of 3 million entries declared as one took 2 GB. An entry there is 46 bytes and its name (torch's:
+# <file stem, up to 255 bytes>/data/<key>): 512 bytes each is generous, and bounds zipfile's memory at ~0.5 GB.
+MAX_ARCHIVE_DIRECTORY_BYTES = MAX_ARCHIVE_ENTRIES * 512
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -219,6 +222,24 @@ def _check_opcodes(data: bytes) -> None:
             stored += 1
 
 
+class _Callable:
+    """What find_class hands out for a function the pickle may call: a fresh object per pickle, calling `function`
+    with `bound` then the pickle's arguments. The BUILD opcode sets attributes on whatever it is given (a function's
+    ``__name__``, ``__kwdefaults__``, ``__dict__``, ...): handed titok-fast's own functions, a pickle would change
+    them for the rest of the process; handed this, it is refused."""
+
+    __slots__ = ("function", "bound", "qualname")
+
+    def __init__(self, qualname: str, function, *bound):
+        self.qualname, self.function, self.bound = qualname, function, bound
+
+    def __call__(self, *args):
+        return self.function(*self.bound, *args)
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"the pickle gives state to {self.qualname}")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file):
         super().__init__(file)
@@ -227,11 +248,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
+            return _Callable(f"{module}.{name}", _SAFE_GLOBALS[(module, name)])
         if (module, name) in _COPYING_GLOBALS:
-            return functools.partial(self.copy, _COPYING_GLOBALS[(module, name)])
+            return _Callable(f"{module}.{name}", self.copy, _COPYING_GLOBALS[(module, name)])
         if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
+            return _STORAGE_DTYPES[name]  # torch's dtypes: BUILD cannot set their attributes, they have none to set
         if (module, name) not in self.placeholders:
             if len(self.placeholders) >= MAX_PICKLE_CLASSES:
                 raise CheckpointError(f"its pickle names more than {MAX_PICKLE_CLASSES} classes")
@@ -268,39 +289,38 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(key=pid[2], dtype=pid[1] if isinstance(pid[1], torch.dtype) else pid[1].qualname)
 
 
-def _declared_entries(path: Path) -> int:
-    """The number of entries a zip archive's end record declares (its Zip64 record where it has one), read from
-    the file's end before zipfile reads the whole central directory; 0 where there is no end record (zipfile
-    then says what is wrong)."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(size - min(size, 22 + 0xFFFF + 20))  # the end record, a comment of up to 64 KiB, a Zip64 locator
-        tail = f.read()
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or len(tail) - at < 22:
-            return 0
-        entries = int.from_bytes(tail[at + 10 : at + 12], "little")
-        if entries == 0xFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # Zip64: 8-byte counts
-            f.seek(int.from_bytes(tail[at - 12 : at - 4], "little"))
-            record = f.read(40)
-            if record[:4] == b"PK\x06\x06" and len(record) == 40:
-                entries = int.from_bytes(record[32:40], "little")
-    return entries
+def _declared_directory(file) -> tuple[int, int]:
+    """(entries, bytes) of the central directory a zip archive's end records declare, read from the open `file`'s
+    end before zipfile reads the whole directory; (0, 0) where there is no end record (zipfile then says what is
+    wrong). Read by zipfile's own reader of those records (private, but there since Python 2): zipfile takes a
+    Zip64 record wherever one precedes the end record, whatever the end record says, so a reader of our own would
+    check other numbers than those zipfile then uses."""
+    file.seek(0)
+    end = zipfile._EndRecData(file)
+    if not end:
+        return 0, 0
+    return end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
 
 
 class _Archive:
-    """A torch zip checkpoint opened for lazy tensor reads."""
+    """A torch zip checkpoint opened for lazy tensor reads: `file`, open for reading, is the file at `path` (one file,
+    checked and then read: not a path opened twice)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, file):
         self.path = path
-        if not zipfile.is_zipfile(path):
+        if not zipfile.is_zipfile(file):
             raise CheckpointError(
                 f"{path} is not a torch zip checkpoint (legacy torch.save format or not a checkpoint at all)"
             )
-        entries = _declared_entries(path)
+        entries, size = _declared_directory(file)
         if entries > MAX_ARCHIVE_ENTRIES:
             raise CheckpointError(f"{path}: its archive declares {entries} entries; at most {MAX_ARCHIVE_ENTRIES}")
-        self.zip = zipfile.ZipFile(path)
+        if size > MAX_ARCHIVE_DIRECTORY_BYTES:
+            raise CheckpointError(
+                f"{path}: its archive declares a central directory of {size} bytes; at most "
+                f"{MAX_ARCHIVE_DIRECTORY_BYTES}"
+            )
+        self.zip = zipfile.ZipFile(file)
         self.names = set(self.zip.namelist())
         pickles = [n for n in self.names if n.endswith("/data.pkl")]
         if len(pickles) != 1:
@@ -531,8 +551,8 @@ def load_state(
         return cfg, tensors, digest
     cfg = given if given is not None else TiTokConfig.from_any("v1")
     check_config(cfg, str(path))
-    with _reading(path):
-        archive = _Archive(path)
+    with _reading(path), hub.open_regular(path) as file:  # a FIFO swapped in after the check above: refused
+        archive = _Archive(path, file)
         refs, _prefix = _select_state(archive.root, path, use_ema)
         wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
         if wrong is not None:
@@ -609,15 +629,37 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
     """The ``.safetensors`` conversion of the upstream checkpoint `src` in titok-fast's cache, made on first use.
 
     Keyed by the sha256 of `src`'s bytes, the config and the EMA choice; written atomically, so processes converting
-    at once each rename a complete file and later runs read it without unpickling anything."""
+    at once each rename a complete file and later runs read it without unpickling anything. A conversion already
+    cached is found by the name of `src`'s Hugging Face blob (its sha256, unread); one written here is keyed by the
+    bytes actually read, so a blob named by another file's sha256 (whoever can write to the Hugging Face cache can
+    put any weights under the genuine file's name) is refused instead of poisoning that key for good. The file
+    hashed must be the file converted: one replaced or rewritten meanwhile (its inode, size, modification or change
+    time differ) is refused before anything is written."""
     key = json.dumps([config.to_dict(), use_ema], sort_keys=True)
-    name = f"{hub.file_sha256(src)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
-    target = hub.cache_dir() / "converted" / name
+    claimed = hub.file_sha256(src)
+    target = hub.cache_dir() / "converted" / f"{claimed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
     if not target.is_file():
+        before = _identity(src)
+        actual = hub.file_sha256(src, trust_blob_name=False)
+        if actual != claimed:
+            raise CheckpointError(
+                f"{src}: its bytes have sha256 {actual}, not the {claimed} its Hugging Face cache blob is named by; "
+                "delete that blob and download the file again"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"converting {src} into {target} (once)", file=sys.stderr)
-        convert(src, target, config=config, use_ema=use_ema)
+        model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
+        if _identity(src) != before:
+            raise CheckpointError(f"{src}: changed while it was hashed and converted; nothing was cached, try again")
+        save_safetensors(model, target, source=os.path.basename(str(src)), ema=use_ema)
     return target
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, ...]:
+    """What tells a file (where its links lead) from another, or from itself rewritten: device, inode, size,
+    modification and change times (the change time cannot be set back)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def random_tokenizer(
