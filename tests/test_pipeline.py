@@ -1286,7 +1286,7 @@ def test_an_error_preprocessing_on_the_device_fails_that_file_alone(model, sourc
         encode_files(model, engine, files, tmp_path / "all", on_device, workers=1)
 
 
-def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_path):
+def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_path, monkeypatch):
     """Two runs at once (one per GPU, disjoint inputs) and a later one: every line of each stays whole, and
     read_manifest reads them all, or each input's latest."""
     from titok_fast.manifest import Manifest, read_manifest
@@ -1325,6 +1325,16 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
     assert lines[-2] == '{"source": "/v/cut.mp4", "tok' and json.loads(lines[-1])["source"] == "/v/next.mp4"
     rows = read_manifest(path)  # the damage stays that line's: the others are all read
     assert len(rows) == 9 and rows[-1]["source"] == "/v/next.mp4" and "/v/cut.mp4" not in {r["source"] for r in rows}
+    from titok_fast import manifest as manifest_module
+
+    hostile = tmp_path / "hostile" / "manifest.jsonl"  # lines no job writes: passed over as a cut line is
+    hostile.parent.mkdir()
+    hostile.write_text("[" * 100_000 + "\n" + '{"n": ' + "9" * 5000 + "}\n" + "x" * (3 * manifest_module.MAX_LINE)
+                       + "\n" + lines[-1] + "\n" + "y" * (manifest_module.MAX_LINE + 5))  # fmt: skip
+    assert [r["source"] for r in read_manifest(hostile)] == ["/v/next.mp4"]
+    assert len(manifest_module._settled(hostile.parent)) == 1
+    monkeypatch.setattr(manifest_module, "MAX_LINE", len(lines[-1]))  # a line of its length, line end included, is
+    assert read_manifest(hostile) == []  # longer: never held whole, passed over
     with open(path, "a") as file:
         file.write('{"source": "/v/odd.mp4", "status": "lost"}\n')  # whole, but not a manifest line
     with pytest.raises(ValueError, match=r"line 11: expected an object with status in"):

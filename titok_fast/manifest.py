@@ -196,7 +196,8 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
     then its manifest and every shard's (``manifest-K-of-N.jsonl``) are read together, in the order of their
     ``time`` (lines without one, written by older versions, first, in file order). Blank lines are passed over,
     and so are lines that are not JSON: a line cut short (a full disk, a write killed midway) is ended there by the
-    next job (see :class:`Manifest`), and its input's outcome is in a later line or unknown. A JSON line that is
+    next job (see :class:`Manifest`), and its input's outcome is in a later line or unknown (and lines longer than
+    MAX_LINE, or nested deeper than JSON can be read, which no job writes). A JSON line that is
     not an object with a known status is a ValueError. With ``latest`` the files are read as they go: what is held
     is one line per source, not every line a resumed job repeated."""
     if not Path(path).is_dir():
@@ -253,16 +254,30 @@ def _settled(folder: Path) -> dict[int, tuple[str, int | None]]:
     return kept
 
 
+MAX_LINE = 1 << 20  # characters of a manifest line: one of ours is a few kB (two paths and a one-line reason)
+
+
+def _lines(file) -> Iterator[str]:
+    """The lines of the text ``file``; one longer than MAX_LINE is read past in pieces and given as "" (passed
+    over), so that a line of gigabytes (a sparse file without a line end) is never held."""
+    while line := file.readline(MAX_LINE):
+        if len(line) == MAX_LINE and not line.endswith("\n"):
+            while (rest := file.readline(MAX_LINE)) and not rest.endswith("\n"):
+                pass
+            line = "\n"
+        yield line
+
+
 def _rows(path: Path) -> Iterator[dict[str, Any]]:
     if path.exists() and not path.is_file():  # a pipe would be waited on for ever
         raise ValueError(f"{path}: the manifest is not a regular file (a pipe, device or folder)")
     with open(path, encoding="utf-8", errors="replace", newline="") as lines:
-        for number, text in enumerate(lines, start=1):
+        for number, text in enumerate(_lines(lines), start=1):
             if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
                 continue
             try:
                 row = json.loads(text)
-            except json.JSONDecodeError:  # a line cut short
+            except (ValueError, RecursionError):  # a line cut short (or too long, or nested too deep to be ours)
                 continue
             if not isinstance(row, dict) or row.get("status") not in STATUSES:
                 raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
