@@ -494,6 +494,11 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     files = [tmp_path / "0broken.safetensors", tmp_path / "moving.safetensors"]
     code, stdout, _ = run("decode", *files, "-o", tmp_path / "v", capsys=capsys)
     assert code == 1 and "decoded 1 file(s)" in stdout and "FAILED" in stdout and "0broken" in stdout
+    code, _, err = run("decode", files[0], "-o", tmp_path / "v", capsys=capsys)  # no file names a model: the reason
+    assert code == 2 and err.startswith(f"titok-fast: error: none of the token files can be read and name a model "
+                                        f"({files[0]}: not a readable safetensors file (")  # fmt: skip
+    code, _, err = run("decode", tmp_path / "typo.safetensors", files[1], "-o", tmp_path / "v", capsys=capsys)
+    assert code == 2 and err == f"titok-fast: error: input {str(tmp_path / 'typo.safetensors')!r} does not exist\n"
     good = load_tokens(files[1])  # a readable file whose model config no model may have does not name the model
     config = json.loads(json.dumps(good.model_config))
     config["training"]["sampling"]["max_grid"] = [100000, 100000, 100000]
@@ -524,8 +529,8 @@ def test_decode_looks_for_usable_weights_in_a_bounded_number_of_token_files(fold
     local = dataclasses.replace(load_tokens(tmp_path / "moving.safetensors"), weights_digest="0123456789abcdef",
                                 weights_source="/weights/model.ckpt")  # fmt: skip
     save_tokens(tmp_path / "local.safetensors", local)
-    reads, real = [], tokens.try_load_tokens
-    monkeypatch.setattr(tokens, "try_load_tokens", lambda path: reads.append(path) or real(path))
+    reads, real = [], tokens.load_tokens
+    monkeypatch.setattr(tokens, "load_tokens", lambda path: reads.append(path) or real(path))
     files = [(tmp_path / "local.safetensors", f"v{i}") for i in range(1000)]
     with pytest.raises(ValueError, match=r"not trusted to name local files: pass --checkpoint$"):
         cli._model_of_some_tokens(cli._naming_a_model(files), "cpu", torch.float32)

@@ -335,7 +335,7 @@ def _naming_a_model(files):
     weights and config, read as they are asked for (the first usually names the model of all), until
     MAX_FILES_WITHOUT_NEW_WEIGHTS files in a row name none other; at the end, if none did, a ValueError saying
     so, with the first reason."""
-    from .tokens import try_load_tokens
+    from .tokens import TokenFileError, load_tokens
 
     unusable, seen = "", set()  # the first file read whose model could not be built (decode_files fails them alone)
     since_new = 0  # files read since the last new weights and config: a dataset's files usually all name the same
@@ -343,9 +343,13 @@ def _naming_a_model(files):
         if seen and since_new == MAX_FILES_WITHOUT_NEW_WEIGHTS:
             return
         since_new += 1
-        token_file = try_load_tokens(path)
-        problem = "" if token_file is None else _model_config_problem(token_file)
-        if token_file is not None and not problem:
+        try:
+            token_file = load_tokens(path)
+        except (TokenFileError, OSError) as e:  # (its message names the file)
+            unusable = unusable or f" ({' '.join(str(e).split()) or type(e).__name__})"
+            continue
+        problem = _model_config_problem(token_file)
+        if not problem:
             key = (token_file.weights_digest, token_file.weights_source, repr(token_file.model_config))
             if key not in seen:
                 seen.add(key)
@@ -353,7 +357,8 @@ def _naming_a_model(files):
                 yield token_file
         unusable = unusable or (f" ({path}: {problem})" if problem else "")
     if not seen:
-        raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint")
+        raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint (or "
+                         "--random-weights SEED for files made with random weights)")  # fmt: skip
 
 
 def _model_config_problem(token_file) -> str:

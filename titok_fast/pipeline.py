@@ -1214,10 +1214,13 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
 def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
     """Token files given as files or folders (every ``*.safetensors`` below, the folder structure kept in the
     names, as encode wrote them), as ``(token file, output name)`` pairs; a path that is not a folder is taken as
-    a token file, to fail alone if it is not one."""
+    a token file, to fail alone if it is not one. A path given that does not exist is an error (it was typed, as
+    for :func:`collect_inputs`)."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = _input_path(item)
+        if not os.path.lexists(path):
+            raise InputError(f"input {str(item)!r} does not exist")
         if path.is_dir():
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in sorted(path.rglob("*.safetensors"))]
         else:
