@@ -94,9 +94,14 @@ def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
     tokens = tmp_path / "moving.safetensors"
     other = ["--random-weights", "1", "--config", "tiny"]
     code, stdout, _ = run("decode", tokens, "-o", tmp_path / "v", *other, capsys=capsys)
-    assert code == 1 and "made by weights random-seed0-" in stdout and "--force" in stdout
+    assert code == 1 and "made by weights random-seed0-" in stdout
+    assert "pass the right --random-weights 0 (and its --config), or --force to decode anyway" in stdout
     code, _, _ = run("decode", tokens, "-o", tmp_path / "v", *other, "--force", capsys=capsys)
     assert code == 0 and (tmp_path / "v" / "moving.mp4").exists()
+    code, _, err = run("decode", tokens, "-o", tmp_path / "w", "--config", "v1", capsys=capsys)  # (not used)
+    assert code == 2 and "--config goes with --checkpoint or --random-weights: without them the token files" in err
+    code, _, err = run("decode", tokens, "-o", tmp_path / "w", *other, "--checkpoint", "x.ckpt", capsys=capsys)
+    assert code == 2 and "--checkpoint and --random-weights each name the weights: pass one of them" in err
 
 
 def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):

@@ -163,7 +163,12 @@ def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
 
         check_fp8_runs(device, dtype)
     checkpoint, seed = args.checkpoint, getattr(args, "random_weights", None)
+    if checkpoint is not None and seed is not None:
+        raise ValueError("--checkpoint and --random-weights each name the weights: pass one of them")
     if checkpoint is None and seed is None and token_metas is not None:
+        if args.config is not None:
+            raise ValueError("--config goes with --checkpoint or --random-weights: without them the token files name "
+                             "their model, config included")  # fmt: skip
         model = _model_of_some_tokens(token_metas, device, dtype)
     elif seed is not None:
         print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)

@@ -42,7 +42,7 @@ from .files import (
     remove_abandoned,
     temporary_stem,
 )
-from .loading import weights_digest
+from .loading import random_seed, weights_digest
 from .manifest import OUTDATED_SUFFIX, Manifest, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor
@@ -1188,9 +1188,11 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
     """A token file decodes only with the weights and the model config that made it (the FSQ levels have no
     weights: the same weights with other levels read other codes from the same indices)."""
     if token_file.weights_digest != model.weights_digest:
+        seed = random_seed(token_file.weights_digest)
+        right = "--checkpoint" if seed is None else f"--random-weights {seed} (and its --config)"
         raise ValueError(
             f"{path} was made by weights {token_file.weights_digest}, the loaded model is {model.weights_digest}; "
-            "pass the right --checkpoint, or --force to decode anyway"
+            f"pass the right {right}, or --force to decode anyway"
         )
     differ = config_difference(token_file.model_config, model.config)
     if differ:
