@@ -1236,9 +1236,10 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     notice = f"titok-fast: {tmp_path / 'self.txt'}: a list that names itself, directly or through another; not read"
     assert capsys.readouterr().err.splitlines() == [f"{notice} again"] * 2
 
-    (v / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")
-    assert collect_inputs([v]) == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "sub/c"), odd]
-    assert capsys.readouterr().err == f"titok-fast: {v / 'gone.mp4'}: a link that leads nowhere; left out\n"
+    (v / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")  # a video of the dataset gone: an input, to fail alone
+    (v / "loop.mp4").symlink_to(v / "loop.mp4")
+    expected = [(v / "a.mp4", "a"), (v / "gone.mp4", "gone"), (v / "loop.mp4", "loop"), (v / "sub" / "c.mp4", "sub/c")]
+    assert collect_inputs([v]) == [*expected, odd] and capsys.readouterr().err == ""
     with pytest.raises(InputError, match="input '/dev/null' is not a regular file or a folder"):
         collect_inputs(["/dev/null"])
     endless = tmp_path / "endless.txt"  # (a sparse file of gigabytes without a line end was once read whole)

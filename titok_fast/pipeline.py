@@ -274,7 +274,8 @@ def take_shard(files: Sequence[tuple[Path, str]], shard: tuple[int, int] | None)
 def _video_files(folder: Path) -> list[Path]:
     """The video files under ``folder``, sorted. Links to folders are followed (a dataset is often assembled from
     links), each folder once: a link to a folder already listed (a cycle, or a second way in) is passed over with
-    a notice, as is a sub-folder that cannot be listed."""
+    a notice, as is a sub-folder that cannot be listed. A link with a video's name that leads nowhere (or cannot
+    be followed) is one of them: reading it fails it alone, counted with the run's failures."""
     files, seen, stack = [], set(), [folder]
     while stack:
         current = stack.pop()
@@ -298,11 +299,12 @@ def _video_files(folder: Path) -> list[Path]:
                 elif entry.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
                     files.append(path)
                 elif entry.is_symlink() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.exists():
-                    notice(f"{path}: a link that leads nowhere; left out")
+                    files.append(path)  # a video of the dataset gone: it fails alone, counted, when read
                 elif path.suffix.lower() in VIDEO_EXTENSIONS:  # a named pipe, a device, a socket
                     notice(f"{path}: not a regular file (a pipe or device); left out")
-            except OSError as e:  # a link whose target may not be looked at
-                notice(f"{path}: cannot be read ({e.strerror or e}); left out")
+            except OSError:  # a link whose target may not be looked at (a loop of links, a folder not searchable)
+                if path.suffix.lower() in VIDEO_EXTENSIONS:
+                    files.append(path)  # (as a link that leads nowhere)
     return sorted(files)
 
 
