@@ -60,6 +60,7 @@ from .pipeline import (
     Summary,
     Writes,
     _device_fault,
+    _named,
     _progress,
     _threads_for,
     encode_resiliently,
@@ -527,7 +528,7 @@ def encode_dataset(
                          hooks=hooks, parts=parts)  # fmt: skip
             writes.close()
         except BaseException as e:  # stopped before the job (starting Ray, a cluster too small) or during it
-            stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
+            stopped = f"not encoded: the run stopped ({_named(e)})"
             with interrupts_held():  # a second interrupt waits for the list to be complete
                 with contextlib.suppress(Exception):  # (the run stops for e already)
                     writes.close()  # what was handed over is written, and said, before the rest is listed

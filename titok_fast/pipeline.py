@@ -114,9 +114,15 @@ class Summary:
         return "\n".join(lines)
 
 
+def _named(error: BaseException) -> str:
+    """``Type: message``, or ``Type`` alone for an error without one (an interrupt)."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 def _naming(path: str, reason: str) -> str:
-    """``path: reason``, once: most reasons start with their file's name already."""
-    return reason if reason.startswith(f"{path}: ") else f"{path}: {reason}"
+    """``path: reason``, once: most reasons start with their file's name already (``path: ...`` or ``path is
+    ...``)."""
+    return reason if reason.startswith((f"{path}: ", f"{path} ")) else f"{path}: {reason}"
 
 
 @dataclass(frozen=True)
@@ -366,7 +372,7 @@ def encode_files(
                     job.add(key, indices)
                 writes.close()
         except BaseException as e:
-            stopped = f"not encoded: the run stopped ({type(e).__name__}: {e})"
+            stopped = f"not encoded: the run stopped ({_named(e)})"
             with contextlib.suppress(Exception):  # (the run stops for e already)
                 writes.close()  # what was handed over is written, and said, before the rest is listed
             raise
@@ -438,7 +444,7 @@ def plan_outputs(
                         manifest.outdated(path, out, why, other)
             _remove_temporaries(temporaries, out)  # beside a complete one too (a killed --overwrite run's)
     except BaseException as e:
-        stopped = f"not encoded: the run stopped while checking outputs ({type(e).__name__}: {e})"
+        stopped = f"not encoded: the run stopped while checking outputs ({_named(e)})"
         with interrupts_held():  # a second interrupt waits for the list to be complete
             for path, out in todo:
                 manifest.not_encoded(path, out, stopped)

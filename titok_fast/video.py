@@ -1676,8 +1676,8 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
         raise VideoError(f"{path}: is cut short (an unfinished download or copy?): {cut}")
     try:
         return av.open(path), _stamp(st)
-    except (av.FFmpegError, OSError) as exc:
-        raise VideoError(f"{path}: cannot open as a media file ({exc})") from exc
+    except (av.FFmpegError, OSError) as exc:  # (FFmpeg's words, without its error number and the path again)
+        raise VideoError(f"{path}: cannot open as a media file ({exc.strerror or exc})") from exc
 
 
 def _resample(
