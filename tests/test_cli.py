@@ -112,6 +112,7 @@ def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     assert "PSNR" in stdout and "SSIM" in stdout
+    assert "evaluated 1 file(s)" in stdout and "already complete" not in stdout  # (eval skips nothing)
     results = json.loads(report.read_text())["results"]
     assert set(results) == {"4", "16"} and all(r["clips"] == 2 for r in results.values())
     assert all(0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1 for r in results.values())

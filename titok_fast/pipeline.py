@@ -104,8 +104,9 @@ class Summary:
     def report(self, verb: str) -> str:
         lines = [
             f"{verb} {len(self.done)} file(s), {self.clips} clip(s) in {self.seconds:.1f} s "
-            f"({self.clips / max(self.seconds, 1e-9):.2f} clips/s); skipped {len(self.skipped)} already complete; "
-            f"{len(self.failed)} failed"
+            f"({self.clips / max(self.seconds, 1e-9):.2f} clips/s); "
+            + (f"skipped {len(self.skipped)} already complete; " if verb != "evaluated" else "")  # (eval skips none)
+            + f"{len(self.failed)} failed"
             + (f"; {self.replaced} token file(s) made otherwise replaced (see the manifest)" if self.replaced else "")
             + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
