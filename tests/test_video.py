@@ -1688,6 +1688,28 @@ def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tm
     assert not list(temp.glob("pymp-*"))
 
 
+def test_shared_memory_that_killed_workers_were_naming_is_removed_by_the_next_run(files, tmp_path, monkeypatch):
+    """torch names each clip's shared memory /dev/shm/torch_<pid>_... and removes the name at once: a SIGKILL of
+    the whole group in between leaves it. A run with worker processes removes those of processes gone, made over
+    ORPHAN_SECONDS ago, and no other file (a live process's, a recent one, another name)."""
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    old = time.time() - 2 * video.ORPHAN_SECONDS
+    names = {"orphan": f"torch_{gone.pid}_123_0", "recent": f"torch_{gone.pid}_123_1",
+             "alive": f"torch_{os.getpid()}_123_0", "other": f"sem.torch_{gone.pid}_1"}  # fmt: skip
+    for kind, name in names.items():
+        (folder / name).write_bytes(b"x")
+        if kind != "recent":
+            os.utime(folder / name, (old, old))
+    monkeypatch.setattr(video, "SHARED_MEMORY", str(folder))
+    stream = video.stream_videos([files["index24"]], workers=1, prefetch=1, capacity=1, worker_kind="process",
+                                 frames=1, height=8, width=8, fps=24)  # fmt: skip
+    assert [sum(1 for _ in feed) for _, feed in stream] == [48]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(n for k, n in names.items() if k != "orphan")
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="named semaphores live in /dev/shm on Linux only")
 def test_worker_processes_leave_nothing_in_shared_memory_when_the_whole_group_is_killed(files, tmp_path):
     """A scheduler's SIGKILL of the whole process group kills multiprocessing's resource tracker too, the only

@@ -32,6 +32,7 @@ import multiprocessing.util
 import numbers
 import os
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -950,6 +951,7 @@ def stream_videos(
         threads = [threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True) for _ in range(workers)]
     else:
         _allow_open_files()
+        remove_orphaned_shared_memory()  # what an earlier run's killed workers left
         decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
@@ -1017,6 +1019,38 @@ def _allow_open_files() -> None:
 
 
 MAX_OPEN_FILES = 1 << 20  # Linux's default ceiling (fs.nr_open), where the hard limit is "unlimited"
+
+SHARED_MEMORY = "/dev/shm"
+ORPHAN_SECONDS = 60.0  # a name of a process gone that is this old is no hand-over in progress
+
+
+def remove_orphaned_shared_memory() -> int:
+    """Remove the shared memory that torch's worker processes were killed while naming: torch creates each clip's
+    ``/dev/shm/torch_<pid>_...`` and removes the name at once (the memory then travels as a file descriptor), so a
+    SIGKILL of the whole process group (a scheduler's) between the two leaves it, a clip's size each time. Only
+    this user's, of a process that is gone, made over ORPHAN_SECONDS ago. How many were removed."""
+    removed, now, me = 0, time.time(), os.getuid()
+    with contextlib.suppress(OSError), os.scandir(SHARED_MEMORY) as entries:
+        for entry in entries:
+            found = re.fullmatch(r"torch_(\d+)_.*", entry.name)
+            if found is None or _alive(int(found.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == me and now - st.st_mtime > ORPHAN_SECONDS:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's
+        return True
+    except (ProcessLookupError, OverflowError):  # gone, or no pid at all
+        return False
+    return True
 
 
 class _Tasks:
