@@ -152,6 +152,13 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
         assert code == 2 and "precision fp8 needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_warning_is_one_line_as_every_other_message(folder, tmp_path, capsys):
+    options = ["--mode", "compile", "--grid", "4x32x32", "--tokens", "20000"]  # (refused after the engine warned)
+    code, _, err = run("encode", folder / "moving.mp4", "-o", tmp_path / "o", *RANDOM, *options, capsys=capsys)
+    assert code == 2 and "titok-fast: warning: the torch backend's fixed-shape path attends with a dense" in err
+    assert "UserWarning" not in err and len(err.strip().splitlines()) == 3, err  # (and the random weights line)
+
+
 @pytest.mark.filterwarnings("ignore:the torch backend's fixed-shape path attends with a dense")
 def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, tmp_path, capsys):
     """Options that no clip or cluster could use: one line naming the option, exit 2, nothing written."""

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -853,6 +854,10 @@ def _interrupts_handled():
                 signal.signal(signum, handler)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    notice(f"warning: {' '.join(str(message).split())}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -860,7 +865,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
     received: set[int] = set()
     try:
-        with _interrupts_handled() as received:
+        with _interrupts_handled() as received, warnings.catch_warnings():
+            if not args.debug:  # a warning as one line, as every other message (--debug: where it comes from)
+                warnings.showwarning = _one_line_warning
             return args.run(args)
     except KeyboardInterrupt as e:
         # an interrupt raised while the main thread waits in Ray (ray.get, ray.wait) comes out of it as a plain
