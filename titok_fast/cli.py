@@ -768,7 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="encode + decode, PSNR and SSIM per token count")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders or .txt path lists")
-    p.add_argument("--tokens", dest="counts", type=_counts, default=[128, 256, 1024], help="e.g. 128,256,1024")
+    p.add_argument("--tokens", dest="counts", type=_counts, default=[128, 256, 1024],
+                   help="token counts to measure, comma-separated (default 128,256,1024)")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument(
         "--plot",
