@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import re
@@ -987,6 +988,7 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert summary.failed[0][1].endswith("was moved to short.safetensors.outdated.2")
     assert (out / "short.safetensors.outdated").read_bytes() == old_short  # the first one kept
     assert not (out / "short.safetensors").exists()
+    (out / "short.safetensors.outdated.\u00b2").write_bytes(b"x")  # no number of ours (int() would take it)
     summary = run(before)  # the settings that made the first one again (those of the failed runs were a slip)
     assert summary.skipped == [str(short)] and summary.done == [str(long)]  # put back, not encoded again
     assert (out / "short.safetensors").read_bytes() == old_short and not (out / "short.safetensors.outdated").exists()
@@ -1242,6 +1244,8 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     assert collect_inputs([v]) == [*expected, odd] and capsys.readouterr().err == ""
     with pytest.raises(InputError, match="input '/dev/null' is not a regular file or a folder"):
         collect_inputs(["/dev/null"])
+    (tmp_path / "mac.txt").write_bytes(b"v/a.mp4\rv/sub/c.mp4\r")  # lines ended by a bare CR
+    assert collect_inputs([tmp_path / "mac.txt"]) == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "c")]
     endless = tmp_path / "endless.txt"  # (a sparse file of gigabytes without a line end was once read whole)
     endless.write_bytes(b"v/a.mp4\n" + b"x" * 20000)
     with pytest.raises(InputError, match=r"^list '.*endless.txt': line 2 is longer than 8192 bytes; expected one path "
@@ -1404,6 +1408,28 @@ def test_shards_partition_the_inputs_by_output_name_whatever_their_order():
     assert select_shard(files, 0, 1) == files
     with pytest.raises(ValueError, match="shard 8/8: expected 0 <= index < count"):
         select_shard(files, 8, 8)
+
+
+def test_a_token_file_set_aside_is_put_back_only_where_nothing_is_there(tmp_path, monkeypatch):
+    """Another run on the folder may make the token file, or put it back, between the look and the move: what is
+    there is never replaced, and an aside gone meanwhile is no error; without hard links, a rename after a look."""
+    aside, out = tmp_path / "a.safetensors.outdated", tmp_path / "a.safetensors"
+    aside.write_bytes(b"old")
+    out.write_bytes(b"made meanwhile")
+    assert not pipeline._put_back(aside, out) and out.read_bytes() == b"made meanwhile" and aside.exists()
+    out.unlink()
+    assert pipeline._put_back(aside, out) and out.read_bytes() == b"old" and not aside.exists()
+    assert not pipeline._put_back(aside, tmp_path / "b.safetensors")  # gone meanwhile
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out.rename(aside)
+    assert pipeline._put_back(aside, out) and out.read_bytes() == b"old"
+    (tmp_path / "c.safetensors").write_bytes(b"there")
+    out.rename(aside)
+    assert not pipeline._put_back(aside, tmp_path / "c.safetensors") and aside.exists()
 
 
 def test_what_a_token_file_records_per_chunk_is_compared_as_its_distinct_values_in_order():

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -242,9 +243,11 @@ def _listed(listing: Path) -> list[Path]:
                 if len(line) > MAX_LIST_LINE:
                     raise InputError(f"list {str(listing)!r}: line {number} is longer than {MAX_LIST_LINE} bytes; "
                                      "expected one path a line")  # fmt: skip
-                text = os.fsdecode((line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line).strip())
-                if text and not text.startswith("#"):
-                    entries.append(listing.parent / text)
+                line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
+                for part in line.splitlines():  # (a bare CR ends a line too)
+                    text = os.fsdecode(part.strip())
+                    if text and not text.startswith("#"):
+                        entries.append(listing.parent / text)
     except OSError as e:
         raise InputError(f"list {str(listing)!r} cannot be read: {e.strerror or e}") from None
     return entries
@@ -621,7 +624,7 @@ def _folder_files(listed: dict[Path, dict[str, list[str]]], folder: Path) -> dic
 def _temporaries(folder: Path) -> dict[str, list[str]]:
     """The temporary files in ``folder`` (``.<name>.<hex>.tmp``, see ``files.AtomicFile``) by the name they
     were to be renamed to (its ``temporary_stem``); and the token files set aside (``<name>.outdated``,
-    ``<name>.outdated.2``, ..., see :class:`~titok_fast.manifest.Manifest`) by ``"/" + <name>``, oldest first."""
+    ``<name>.outdated.2``, ..., see :class:`~titok_fast.manifest.Manifest`) by ``"/" + <name>``, by number."""
     found: dict[str, list[str]] = {}
     try:
         with os.scandir(folder) as entries:  # names one at a time: a folder may hold a million token files
@@ -641,23 +644,41 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
 
 def _aside_of(name: str) -> tuple[str, int] | None:
     """(the token file's name, its number) for a token file set aside as ``name``, or None."""
-    stem, suffix, number = name.rpartition(OUTDATED_SUFFIX)
-    if not stem.endswith(".safetensors") or not suffix or (number and not (number[:1] == "." and number[1:].isdigit())):
-        return None
-    return stem, int(number[1:] or 1)
+    found = re.fullmatch(rf"(.+\.safetensors){re.escape(OUTDATED_SUFFIX)}(?:\.([0-9]{{1,9}}))?", name)  # (ASCII digits)
+    return None if found is None else (found.group(1), int(found.group(2) or 1))
 
 
 def _restore_aside(listed: dict[Path, dict[str, list[str]]], out: Path, source: Path, wanted: dict[str, Any]) -> bool:
-    """Put back under its name the oldest token file of ``out`` set aside (its input failed a redo, as one made
+    """Put back under its name the first token file of ``out`` set aside (its input failed a redo, as one made
     otherwise) that was made as ``wanted`` from ``source`` after all (the settings of the failed run were a slip):
     whether one was."""
     for name in _folder_files(listed, out.parent).pop("/" + out.name, ()):
         aside = out.parent / name
-        if _redo_reason(try_load_tokens(aside), aside, source, wanted) == "" and not os.path.lexists(out):
-            os.rename(aside, out)
+        if _redo_reason(try_load_tokens(aside), aside, source, wanted) == "" and _put_back(aside, out):
             notice(f"{out}: put back from {name}, made as this run makes it")
             return True
     return False
+
+
+def _put_back(aside: Path, out: Path) -> bool:
+    """Move ``aside`` to ``out`` unless something is there (another run on the folder may have made it, or put
+    it back, meanwhile): whether it was moved. A hard link, then the old name removed, never replaces a file; where
+    the file system has none, a rename after a look."""
+    try:
+        os.link(aside, out, follow_symlinks=False)
+    except (FileExistsError, FileNotFoundError):
+        return False
+    except OSError:  # no hard links here
+        if os.path.lexists(out):
+            return False
+        try:
+            os.rename(aside, out)
+        except FileNotFoundError:
+            return False
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(aside)
+    return True
 
 
 def encode_resiliently(
