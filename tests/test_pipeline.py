@@ -305,9 +305,11 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     assert sorted(p.name for p in again.iterdir()) == [".other.mp4.0123abcd.tmp", "long.mp4"]
 
 
-def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path):
+def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path,
+                                                                                       capsys):  # fmt: skip
     """Token files written beside their sources, decoded into that folder, would name their own sources: never
-    replaced, even with --overwrite. An mp4 decode did not write is replaced only with --overwrite. A video decode
+    replaced, even with --overwrite. An mp4 that records no decode (an earlier version's, or not decode's) is kept,
+    and said, unless --overwrite. A video decode
     wrote is skipped when it records what it would write now, and decoded again when its token file was made again
     or it is decoded another way (the source beside it). A source changed since is not shown."""
     folder = tmp_path / "videos"
@@ -316,17 +318,18 @@ def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_oth
     shutil.copy(sources["short"], source)
     encode(model, [source], folder)
     tokens, before, engine = folder / "short.safetensors", source.read_bytes(), Engine(model)
-    for overwrite in (False, True):
-        summary = decode_files(engine, [tokens], folder, overwrite=overwrite)
-        assert summary.failed == [(str(tokens), f"{source} is the source video of {tokens}: decoding there would "
-                                                "replace it; choose another output folder")]  # fmt: skip
+    assert decode_files(engine, [tokens], folder).skipped == [str(tokens)]  # (it records no decode: kept)
+    summary = decode_files(engine, [tokens], folder, overwrite=True)
+    assert summary.failed == [(str(tokens), f"{source} is the source video of {tokens}: decoding there would replace "
+                                            "it; choose another output folder")]  # fmt: skip
     assert source.read_bytes() == before
     out = tmp_path / "decoded"
     out.mkdir()
-    shutil.copy(sources["long"], out / "short.mp4")  # another video under the output's name
-    assert decode_files(engine, [tokens], out).failed == [
-        (str(tokens), f"{out / 'short.mp4'} exists and was not written by titok-fast decode; --overwrite replaces it")
-    ]  # fmt: skip
+    shutil.copy(sources["long"], out / "short.mp4")  # another video under the output's name (or an earlier
+    capsys.readouterr()  # version's decoding): kept, and said
+    assert decode_files(engine, [tokens], out).skipped == [str(tokens)]
+    assert (out / "short.mp4").read_bytes() == sources["long"].read_bytes()
+    assert "1 mp4 file(s) there record no decode (written by a version before" in capsys.readouterr().err
     assert decode_files(engine, [tokens], out, overwrite=True).done == [str(tokens)]
     assert decode_files(engine, [tokens], out).skipped == [str(tokens)]
     assert decode_files(engine, [tokens], out, with_source=True).done == [str(tokens)]  # now with the source

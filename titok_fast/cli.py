@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="decode even if the token file came from other weights or model config"
     )
     p.add_argument("--overwrite", action="store_true", help="decode again mp4 files that are complete, and replace "
-                   "mp4 files decode did not write (never a token file's own source video)")
+                   "mp4 files that record no decode (never a token file's own source video)")
     _add_model_args(p)
     p.set_defaults(run=cmd_decode)
 

@@ -1283,6 +1283,7 @@ def decode_files(
     summary = Summary()
     start = time.perf_counter()
     stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is passed
+    unrecorded = 0  # mp4 files kept that record no decode
     for path, name in tqdm(todo, unit="file", file=sys.stderr, disable=None):
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
@@ -1291,15 +1292,15 @@ def decode_files(
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
             record, exists = decode_record(engine, path, with_source), out.is_file() and out.stat().st_size > 0
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
-            if there == record and not overwrite:  # written whole (atomically), from this token file, this way
-                summary.skipped.append(str(path))
+            ours = there is not None and there.startswith(DECODE_RECORD)
+            if exists and not overwrite and (there == record or not ours):  # written whole (atomically) from this
+                summary.skipped.append(str(path))  # token file this way; or one that records no decode: kept
+                unrecorded += not ours
                 continue
             token_file = load_tokens(path)
             if exists and os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
                 raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
                                  "another output folder")  # fmt: skip
-            if exists and not (there or "").startswith(DECODE_RECORD) and not overwrite:
-                raise ValueError(f"{out} exists and was not written by titok-fast decode; --overwrite replaces it")
             if not force:
                 check_same_model(engine.model, token_file, path)
             if not token_file.token_counts.numel():
@@ -1322,6 +1323,9 @@ def decode_files(
             scores.extend(file_scores)
         summary.done.append(str(path))
         summary.clips += token_file.token_counts.numel()
+    if unrecorded:
+        notice(f"{unrecorded} mp4 file(s) there record no decode (written by a version before decode recorded what "
+               "it decoded, or not by decode) and were kept; --overwrite decodes them again")  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 
