@@ -768,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="encode + decode, PSNR and SSIM per token count")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders or .txt path lists")
-    p.add_argument("--tokens", dest="counts", type=_counts, default=[128, 256, 1024],
+    p.add_argument("--tokens", dest="counts", type=_counts, default="128,256,1024",  # (a string: parsed by type)
                    help="token counts to measure, comma-separated (default 128,256,1024)")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument(
@@ -867,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
     received: set[int] = set()
     try:
         with _interrupts_handled() as received, warnings.catch_warnings():
-            if not args.debug:  # a warning as one line, as every other message (--debug: where it comes from)
+            if not getattr(args, "debug", False):  # a warning as one line, as every other message (--debug: where
+                # it comes from)
                 warnings.showwarning = _one_line_warning
             return args.run(args)
     except KeyboardInterrupt as e:
