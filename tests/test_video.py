@@ -1690,24 +1690,31 @@ def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tm
 
 def test_shared_memory_that_killed_workers_were_naming_is_removed_by_the_next_run(files, tmp_path, monkeypatch):
     """torch names each clip's shared memory /dev/shm/torch_<pid>_... and removes the name at once: a SIGKILL of
-    the whole group in between leaves it. A run with worker processes removes those of processes gone, made over
-    ORPHAN_SECONDS ago, and no other file (a live process's, a recent one, another name)."""
+    the whole group in between leaves it. A run with worker processes removes those of its earlier workers (each
+    marked while it runs) that are gone, made over ORPHAN_SECONDS ago; no other (a live process's, a recent one,
+    another program's, whose names torch's file_system strategy keeps while they are used), and no mark of its own
+    workers is left once they end."""
     folder = tmp_path / "shm"
     folder.mkdir()
-    gone = subprocess.Popen([sys.executable, "-c", ""])
-    gone.wait()
+    ours, theirs = [subprocess.Popen([sys.executable, "-c", ""]) for _ in range(2)]
+    for process in (ours, theirs):
+        process.wait()
     old = time.time() - 2 * video.ORPHAN_SECONDS
-    names = {"orphan": f"torch_{gone.pid}_123_0", "recent": f"torch_{gone.pid}_123_1",
-             "alive": f"torch_{os.getpid()}_123_0", "other": f"sem.torch_{gone.pid}_1"}  # fmt: skip
+    names = {"orphan": f"torch_{ours.pid}_123_0", "recent": f"torch_{ours.pid}_123_1",
+             "alive": f"torch_{os.getpid()}_123_0", "theirs": f"torch_{theirs.pid}_123_0",
+             "other": f"sem.torch_{ours.pid}_1"}  # fmt: skip
     for kind, name in names.items():
         (folder / name).write_bytes(b"x")
         if kind != "recent":
             os.utime(folder / name, (old, old))
+    for pid in (ours.pid, os.getpid()):
+        (folder / f"{video.WORKER_MARK}{pid}").touch()  # (this process: marked, but not gone)
     monkeypatch.setattr(video, "SHARED_MEMORY", str(folder))
     stream = video.stream_videos([files["index24"]], workers=1, prefetch=1, capacity=1, worker_kind="process",
                                  frames=1, height=8, width=8, fps=24)  # fmt: skip
     assert [sum(1 for _ in feed) for _, feed in stream] == [48]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(n for k, n in names.items() if k != "orphan")
+    kept = [n for k, n in names.items() if k != "orphan"] + [f"{video.WORKER_MARK}{os.getpid()}"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept)
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="named semaphores live in /dev/shm on Linux only")
@@ -1862,7 +1869,7 @@ def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     worker.started = True
     worker.pipe, theirs = multiprocessing.Pipe()
     worker.process, worker.temp_dir = types.SimpleNamespace(is_alive=lambda: True, kill=lambda: None,
-                                                            join=lambda timeout: None), None  # fmt: skip
+                                                            join=lambda timeout: None, exitcode=None), None  # fmt: skip
     worker.stopping.set()  # no process is started again
     reader = video.ClipReader("lost.mp4", frames=1, height=8, width=8, fps=24)
     feed = video.ClipFeed(reader, capacity=4)

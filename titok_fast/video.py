@@ -1021,25 +1021,53 @@ def _allow_open_files() -> None:
 MAX_OPEN_FILES = 1 << 20  # Linux's default ceiling (fs.nr_open), where the hard limit is "unlimited"
 
 SHARED_MEMORY = "/dev/shm"
-ORPHAN_SECONDS = 60.0  # a name of a process gone that is this old is no hand-over in progress
+ORPHAN_SECONDS = 60.0  # a name this old of a worker gone is no hand-over in progress
+WORKER_MARK = "titok-fast-worker-"  # + pid: a worker process of ours, in SHARED_MEMORY while it may name memory
 
 
 def remove_orphaned_shared_memory() -> int:
-    """Remove the shared memory that torch's worker processes were killed while naming: torch creates each clip's
+    """Remove the shared memory that our worker processes were killed while naming: torch creates each clip's
     ``/dev/shm/torch_<pid>_...`` and removes the name at once (the memory then travels as a file descriptor), so a
     SIGKILL of the whole process group (a scheduler's) between the two leaves it, a clip's size each time. Only
-    this user's, of a process that is gone, made over ORPHAN_SECONDS ago. How many were removed."""
-    removed, now, me = 0, time.time(), os.getuid()
+    the names of a worker process marked ours (:func:`_mark_worker`) that is gone, made over ORPHAN_SECONDS ago:
+    another program's (torch's file_system strategy keeps its names while they are used, also after their maker
+    ended) are never looked at. How many were removed."""
+    marked = set()
+    with contextlib.suppress(OSError), os.scandir(SHARED_MEMORY) as entries:
+        names = [entry.name for entry in entries]
+        marked = {int(n[len(WORKER_MARK) :]) for n in names if re.fullmatch(rf"{WORKER_MARK}[0-9]{{1,9}}", n)}
+    gone = {pid for pid in marked if not _alive(pid)}
+    removed = sum(_remove_names_of(pid, older_than=ORPHAN_SECONDS) for pid in gone)
+    for pid in gone:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(SHARED_MEMORY, f"{WORKER_MARK}{pid}"))
+    return removed
+
+
+def _mark_worker(pid: int) -> None:
+    """Mark worker process ``pid`` as ours (see :func:`remove_orphaned_shared_memory`), where that can be done."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(os.path.join(SHARED_MEMORY, f"{WORKER_MARK}{pid}"), os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def _forget_worker(pid: int) -> None:
+    """Worker process ``pid`` has ended: the memory it was naming, if any, and its mark go."""
+    _remove_names_of(pid)
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(SHARED_MEMORY, f"{WORKER_MARK}{pid}"))
+
+
+def _remove_names_of(pid: int, older_than: float = 0.0) -> int:
+    """Remove the shared memory names worker process ``pid`` made (over ``older_than`` seconds ago): how many."""
+    removed, now = 0, time.time()
     with contextlib.suppress(OSError), os.scandir(SHARED_MEMORY) as entries:
         for entry in entries:
-            found = re.fullmatch(r"torch_(\d+)_.*", entry.name)
-            if found is None or _alive(int(found.group(1))):
-                continue
-            with contextlib.suppress(OSError):
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and st.st_uid == me and now - st.st_mtime > ORPHAN_SECONDS:
-                    os.unlink(entry.path)
-                    removed += 1
+            if entry.name.startswith(f"torch_{pid}_"):
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than:
+                        os.unlink(entry.path)
+                        removed += 1
     return removed
 
 
@@ -1133,6 +1161,7 @@ class _DecoderProcess:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             self.process.start()
             self.started = True
+            _mark_worker(self.process.pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             theirs.close()  # the process has its own: with this one closed, its death reads as the pipe's end
@@ -1237,6 +1266,8 @@ class _DecoderProcess:
         if self.started:
             self.process.kill()
             self.process.join(timeout=0.5)  # not longer: one stuck in a read dies only once the read returns
+            if self.process.exitcode is not None:  # (one still stuck: the next run's, once it is gone)
+                _forget_worker(self.process.pid)
         self.started = False
         self.pipe.close()
         if self.temp_dir is not None:
