@@ -1335,10 +1335,11 @@ DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode wri
 
 def decode_record(engine: Engine, path: str | os.PathLike, with_source: bool) -> str:
     """What a video decoded from the token file at ``path`` records in its comment tag: the token file's size and
-    modification time, the weights and dtype that decoded it, and whether its source is beside it. A rerun skips
-    a video that records what it would write, and decodes again one that records otherwise (its token file was
-    made again since, or it is decoded another way)."""
-    made = {"tokens": source_stamp(path), "weights": engine.model.weights_digest,
+    modification time, the weights, model config and dtype that decoded it, and whether its source is beside it.
+    A rerun skips a video that records what it would write, and decodes again one that records otherwise (its
+    token file was made again since, or it is decoded another way)."""
+    config = hashlib.sha256(json.dumps(engine.model.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    made = {"tokens": source_stamp(path), "weights": engine.model.weights_digest, "config": config,
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
     return DECODE_RECORD + json.dumps(made, sort_keys=True)
 
