@@ -992,6 +992,7 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert (out / "short.safetensors.outdated").read_bytes() == old_short  # the first one kept
     assert not (out / "short.safetensors").exists()
     (out / "short.safetensors.outdated.\u00b2").write_bytes(b"x")  # no number of ours (int() would take it)
+    (out / "short.safetensors.outdated.1").symlink_to(out / "short.safetensors.outdated")  # a link: never put back
     summary = run(before)  # the settings that made the first one again (those of the failed runs were a slip)
     assert summary.skipped == [str(short)] and summary.done == [str(long)]  # put back, not encoded again
     assert (out / "short.safetensors").read_bytes() == old_short and not (out / "short.safetensors.outdated").exists()

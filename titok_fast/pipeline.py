@@ -654,6 +654,8 @@ def _restore_aside(listed: dict[Path, dict[str, list[str]]], out: Path, source: 
     whether one was."""
     for name in _folder_files(listed, out.parent).pop("/" + out.name, ()):
         aside = out.parent / name
+        if aside.is_symlink():  # (a link would be put back as a link: only a file the run set aside)
+            continue
         if _redo_reason(try_load_tokens(aside), aside, source, wanted) == "" and _put_back(aside, out):
             notice(f"{out}: put back from {name}, made as this run makes it")
             return True
