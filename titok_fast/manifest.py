@@ -258,8 +258,8 @@ MAX_LINE = 1 << 20  # characters of a manifest line: one of ours is a few kB (tw
 
 
 def _lines(file) -> Iterator[str]:
-    """The lines of the text ``file``; one longer than MAX_LINE is read past in pieces and given as "" (passed
-    over), so that a line of gigabytes (a sparse file without a line end) is never held."""
+    """The lines of the text ``file``; one longer than MAX_LINE is read past in pieces and given as a blank line
+    (passed over), so that a line of gigabytes (a sparse file without a line end) is never held."""
     while line := file.readline(MAX_LINE):
         if len(line) == MAX_LINE and not line.endswith("\n"):
             while (rest := file.readline(MAX_LINE)) and not rest.endswith("\n"):
