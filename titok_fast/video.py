@@ -1032,42 +1032,41 @@ def remove_orphaned_shared_memory() -> int:
     the names of a worker process marked ours (:func:`_mark_worker`) that is gone, made over ORPHAN_SECONDS ago:
     another program's (torch's file_system strategy keeps its names while they are used, also after their maker
     ended) are never looked at. How many were removed."""
-    marked = set()
+    names: list[str] = []
     with contextlib.suppress(OSError), os.scandir(SHARED_MEMORY) as entries:
         names = [entry.name for entry in entries]
-        marked = {int(n[len(WORKER_MARK) :]) for n in names if re.fullmatch(rf"{WORKER_MARK}[0-9]{{1,9}}", n)}
-    gone = {pid for pid in marked if not _alive(pid)}
-    removed = sum(_remove_names_of(pid, older_than=ORPHAN_SECONDS) for pid in gone)
-    for pid in gone:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(SHARED_MEMORY, f"{WORKER_MARK}{pid}"))
-    return removed
+    marked = {int(n[len(WORKER_MARK) :]) for n in names if re.fullmatch(rf"{WORKER_MARK}[0-9]{{1,9}}", n)}
+    return _forget_workers({pid for pid in marked if not _alive(pid)}, older_than=ORPHAN_SECONDS)
+
+
+def _mark_path(pid: int) -> str:
+    return os.path.join(SHARED_MEMORY, f"{WORKER_MARK}{pid}")
 
 
 def _mark_worker(pid: int) -> None:
     """Mark worker process ``pid`` as ours (see :func:`remove_orphaned_shared_memory`), where that can be done."""
     with contextlib.suppress(OSError):
-        os.close(os.open(os.path.join(SHARED_MEMORY, f"{WORKER_MARK}{pid}"), os.O_CREAT | os.O_WRONLY, 0o600))
+        os.close(os.open(_mark_path(pid), os.O_CREAT | os.O_WRONLY, 0o600))
 
 
-def _forget_worker(pid: int) -> None:
-    """Worker process ``pid`` has ended: the memory it was naming, if any, and its mark go."""
-    _remove_names_of(pid)
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(SHARED_MEMORY, f"{WORKER_MARK}{pid}"))
-
-
-def _remove_names_of(pid: int, older_than: float = 0.0) -> int:
-    """Remove the shared memory names worker process ``pid`` made (over ``older_than`` seconds ago): how many."""
+def _forget_workers(pids: set[int], older_than: float = 0.0) -> int:
+    """Worker processes ``pids`` have ended: the shared memory names they made (over ``older_than`` seconds ago),
+    in one look at the folder, and their marks go. How many names were removed."""
+    if not pids:
+        return 0
     removed, now = 0, time.time()
     with contextlib.suppress(OSError), os.scandir(SHARED_MEMORY) as entries:
         for entry in entries:
-            if entry.name.startswith(f"torch_{pid}_"):
+            maker = re.match(r"torch_([0-9]{1,9})_", entry.name)
+            if maker is not None and int(maker.group(1)) in pids:
                 with contextlib.suppress(OSError):
                     st = entry.stat(follow_symlinks=False)
                     if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than:
                         os.unlink(entry.path)
                         removed += 1
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.unlink(_mark_path(pid))
     return removed
 
 
@@ -1267,7 +1266,7 @@ class _DecoderProcess:
             self.process.kill()
             self.process.join(timeout=0.5)  # not longer: one stuck in a read dies only once the read returns
             if self.process.exitcode is not None:  # (one still stuck: the next run's, once it is gone)
-                _forget_worker(self.process.pid)
+                _forget_workers({self.process.pid})
         self.started = False
         self.pipe.close()
         if self.temp_dir is not None:
