@@ -341,6 +341,7 @@ def _naming_a_model(files):
     weights and config, read as they are asked for (the first usually names the model of all), until
     MAX_FILES_WITHOUT_NEW_WEIGHTS files in a row name none other; at the end, if none did, a ValueError saying
     so, with the first reason."""
+    from .pipeline import _one_line
     from .tokens import TokenFileError, load_tokens
 
     unusable, seen = "", set()  # the first file read whose model could not be built (decode_files fails them alone)
@@ -352,7 +353,7 @@ def _naming_a_model(files):
         try:
             token_file = load_tokens(path)
         except (TokenFileError, OSError) as e:  # (its message names the file)
-            unusable = unusable or f" ({' '.join(str(e).split()) or type(e).__name__})"
+            unusable = unusable or f" ({_one_line(e)})"
             continue
         problem = _model_config_problem(token_file)
         if not problem:

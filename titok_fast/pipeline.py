@@ -1286,13 +1286,14 @@ def decode_files(
     start = time.perf_counter()
     stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is passed
     unrecorded = 0  # mp4 files kept that record no decode
+    record_of = decode_records(engine, with_source)
     for path, name in tqdm(todo, unit="file", file=sys.stderr, disable=None):
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
         try:  # (a name too long or a folder that cannot be read fails this file alone)
             _look_at(out)
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
-            record, exists = decode_record(engine, path, with_source), out.is_file() and out.stat().st_size > 0
+            record, exists = record_of(path), out.is_file() and out.stat().st_size > 0
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
             ours = there is not None and there.startswith(DECODE_RECORD)
             if exists and not overwrite and (there == record or not ours):  # written whole (atomically) from this
@@ -1332,18 +1333,19 @@ def decode_files(
     return summary
 
 
-DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_record)
+DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_records)
 
 
-def decode_record(engine: Engine, path: str | os.PathLike, with_source: bool) -> str:
-    """What a video decoded from the token file at ``path`` records in its comment tag: the token file's size and
-    modification time, the weights, model config and dtype that decoded it, and whether its source is beside it.
-    A rerun skips a video that records what it would write, and decodes again one that records otherwise (its
-    token file was made again since, or it is decoded another way)."""
+def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.PathLike], str]:
+    """What a video decoded from a token file (the function's argument) records in its comment tag: the token
+    file's size and modification time, the weights, model config and dtype that decoded it, and whether its source
+    is beside it (all but the first the same for every file of a run: worked out once). A rerun skips a video that
+    records what it would write, and decodes again one that records otherwise (its token file was made again
+    since, or it is decoded another way)."""
     config = hashlib.sha256(json.dumps(engine.model.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    made = {"tokens": source_stamp(path), "weights": engine.model.weights_digest, "config": config,
+    made = {"weights": engine.model.weights_digest, "config": config,
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
-    return DECODE_RECORD + json.dumps(made, sort_keys=True)
+    return lambda path: DECODE_RECORD + json.dumps({**made, "tokens": source_stamp(path)}, sort_keys=True)
 
 
 def _one_line(error: BaseException) -> str:
