@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from titok_fast import tokens
 from titok_fast.tokens import (
     METADATA_KEY,
     TokenFile,
@@ -127,6 +128,8 @@ def test_from_chunks_keeps_each_chunk():
         ({"fps": 1e30}, r"fps must be in \(0, 1000\]; got 1e\+30"),
         ({"chunks": 0}, "a token file holds at least one chunk; got 0"),
         ({"grid": (4, 16, 16)}, r"chunk 0 has grid \[4, 16, 16\]; every chunk's T must be frames_per_chunk = 16"),
+        ({"frames_per_chunk": 1 << 63}, r"frames_per_chunk must be in \[1, 2147483647\]; got 92233"),
+        ({"frames_per_chunk": 0}, r"frames_per_chunk must be in \[1, 2147483647\]; got 0"),
         ({"sampling": "../x"}, r"sampling must be one of \('upstream', 'time'\); got '../x'"),
         ({"times": [0.0, float("nan")]}, r"start_times must be finite, >= 0 and non-decreasing; got \[0.0, nan\]"),
         ({"times": [-0.5, 1.0]}, "start_times must be finite, >= 0 and non-decreasing"),
@@ -134,8 +137,8 @@ def test_from_chunks_keeps_each_chunk():
     ],
     ids=[
         "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
-        "fps-zero", "fps-inf", "fps-nan", "fps-huge", "no-chunks", "grid-frames", "sampling", "times-nan",
-        "times-negative", "times-decreasing",
+        "fps-zero", "fps-inf", "fps-nan", "fps-huge", "no-chunks", "grid-frames", "frames-huge", "frames-zero",
+        "sampling", "times-nan", "times-negative", "times-decreasing",
     ],
 )  # fmt: skip
 def test_invalid_token_file_is_refused(change, message):
@@ -318,6 +321,22 @@ def test_tampered_file_is_refused(tmp_path, tampering):
         load_tokens(path)
     assert str(path) in str(info.value)
     assert not is_complete(path)
+
+
+def test_a_check_broken_by_values_it_did_not_foresee_fails_the_file_alone(tmp_path, monkeypatch):
+    """A stranger's values that break a check in a way no check foresees (as a frames_per_chunk too large to
+    compare with int32 grids once did: OverflowError) still make a TokenFileError naming the file, which a run
+    fails alone, never another exception that would stop the run."""
+    path = tmp_path / "a.safetensors"
+    save_tokens(path, make_token_file())
+
+    def broken(tensors):
+        raise OverflowError("int too big to convert")
+
+    monkeypatch.setattr(tokens, "_check_tensors", broken)
+    with pytest.raises(TokenFileError, match=r"a.safetensors: not a valid token file \(OverflowError: int too big"):
+        load_tokens(path)
+    assert try_load_tokens(path) is None
 
 
 def test_a_deeply_nested_metadata_makes_try_load_tokens_give_none(tmp_path):

@@ -40,6 +40,7 @@ from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
 from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES
 
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
+MAX_INT32 = (1 << 31) - 1
 MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred characters; a stranger's may be huge
 # A token file is read whole and its tensors copied (at most twice this in memory): 128M tokens, weeks of video. Its
 # safetensors header (five tensors' entries and the metadata) is checked to be at most MAX_HEADER_BYTES before it is
@@ -219,6 +220,8 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         )
     except TokenFileError as exc:
         raise TokenFileError(f"{path}: {exc}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, RuntimeError) as exc:  # values no check foresaw
+        raise TokenFileError(f"{path}: not a valid token file ({type(exc).__name__}: {exc})") from exc
 
 
 def read_token_bytes(path: str | os.PathLike[str]) -> bytes:
@@ -376,6 +379,8 @@ def _check_token_file(tf: TokenFile) -> None:
     if int(tf.grids.min()) < 1:
         chunk = _first((tf.grids < 1).any(1))
         raise TokenFileError(f"grids must be positive; chunk {chunk} has {tf.grids[chunk].tolist()}")
+    if not 1 <= tf.frames_per_chunk <= MAX_INT32:  # (grids are int32: a T past it matches none, nor compares)
+        raise TokenFileError(f"frames_per_chunk must be in [1, {MAX_INT32}]; got {reprlib.repr(tf.frames_per_chunk)}")
     if bool((tf.grids[:, 0] != tf.frames_per_chunk).any()):  # every chunk has T frames; a short last one is padded
         chunk = _first(tf.grids[:, 0] != tf.frames_per_chunk)
         raise TokenFileError(
