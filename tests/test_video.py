@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from titok_fast import video
+from titok_fast import decoders, video
 from titok_fast.video import (
     VideoError,
     iter_videos,
@@ -55,6 +55,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     }
     made["truncated"] = videos.make_truncated(folder / "truncated.mp4", made["moving"])
     made["scrambled"] = videos.make_scrambled(folder / "scrambled.mp4", made["moving"])
+    made["unknown-codec"] = videos.make_unknown_codec(folder / "unknown-codec.mp4", made["moving"])
     return {name: str(path) for name, path in made.items()}
 
 
@@ -858,6 +859,7 @@ def test_a_segment_that_fails_fails_its_file_alone(gops, tmp_path, monkeypatch):
         ("scrambled", "decoding failed"),
         ("audio", "has no video stream$"),
         ("cover", r"has no video stream \(only cover art\)$"),  # a picture, not a video: not read as one
+        ("unknown-codec", r"its video stream has a codec FFmpeg cannot decode \(an unknown codec\)$"),
     ],
 )
 def test_bad_file_gives_video_error(files, name, problem):
@@ -866,6 +868,21 @@ def test_bad_file_gives_video_error(files, name, problem):
     assert str(info.value).startswith(files[name])
     if name in ("garbage", "scrambled"):
         assert isinstance(info.value.__cause__, av.FFmpegError)  # chained, not hidden
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_metadata_tags_in_another_encoding_do_not_make_a_video_unreadable(files, tmp_path, container):
+    """Tags written in Latin-1 (as older files have them), which PyAV by default refuses to open: the clips are
+    those of the same video without them, and the tag reads with the bytes it cannot decode replaced."""
+    tagged = videos.remux(tmp_path / f"latin.{container}", files["moving"], tags={"title": "café"},
+                          tag_encoding="latin-1")  # fmt: skip
+    with pytest.raises(UnicodeDecodeError):
+        av.open(str(tagged)).close()
+    expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
+    clips = read_clips(tagged, frames=4, height=16, width=16).clips
+    assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
+    with decoders.open_input(str(tagged)) as container:
+        assert container.metadata["title"] == "caf\ufffd"
 
 
 @pytest.mark.parametrize(

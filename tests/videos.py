@@ -168,11 +168,19 @@ def make_truncated(path: str | Path, source: str | Path, keep: float = 0.4) -> P
     return Path(path)
 
 
-def remux(path: str | Path, source: str | Path, options: dict[str, str] | None = None) -> Path:
+def remux(
+    path: str | Path,
+    source: str | Path,
+    options: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+    tag_encoding: str = "utf-8",
+) -> Path:
     """``source``'s video stream, packets unchanged, in the container ``path``'s name says, with muxer ``options``
     (``{"movflags": "faststart"}``: an MP4 whose index is at the front; ``"frag_keyframe+empty_moov"``: a
-    fragmented one)."""
-    with av.open(str(source)) as src, av.open(str(path), "w", options=options or {}) as out:
+    fragmented one) and metadata ``tags`` written in ``tag_encoding`` (``"latin-1"``: as older files have them)."""
+    with av.open(str(source)) as src, av.open(str(path), "w", options=options or {},
+                                              metadata_encoding=tag_encoding) as out:  # fmt: skip
+        out.metadata.update(tags or {})
         stream = out.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(src.streams.video[0]):
             if packet.dts is not None:
@@ -200,6 +208,15 @@ def make_scrambled(path: str | Path, source: str | Path, start: int = 200) -> Pa
     data = bytearray(Path(source).read_bytes())
     data[start : len(data) // 2] = np.random.default_rng(0).bytes(len(data) // 2 - start)
     Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
+def make_unknown_codec(path: str | Path, source: str | Path) -> Path:
+    """``source`` (an H.264 MP4) with its sample entry's codec named ``zzz1``: the container opens, its video stream
+    has no decoder."""
+    data = Path(source).read_bytes()
+    at = data.index(b"avc1", data.index(b"stsd"))
+    Path(path).write_bytes(data[:at] + b"zzz1" + data[at + 4 :])
     return Path(path)
 
 

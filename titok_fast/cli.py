@@ -470,14 +470,12 @@ def _check_file_to_write(option: str, path: str) -> None:
 def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[int, dict[str, float]]]:
     """Per-file sums from ``evaluate`` averaged over the files of each source resolution ("WxH", as the frames
     were read: turned a quarter for rotation "display" when the first frame's display matrix says so)."""
-    import av
-
-    from .decoders import video_stream
+    from .decoders import open_input, video_stream
     from .video import VideoError, first_frame_turns
 
     groups: dict[str, dict[int, dict[str, float]]] = {}
     for path, rows in per_file.items():
-        with av.open(path) as container:  # evaluate read it to the end: it opens
+        with open_input(path) as container:  # evaluate read it to the end: it opens
             stream = video_stream(container)
             width, height = stream.width, stream.height
         if rotation == "display":

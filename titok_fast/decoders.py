@@ -98,6 +98,13 @@ class FrameSource:
         return image
 
 
+def open_input(path: str) -> av.container.InputContainer:
+    """The media file at ``path``, opened to read: its metadata tags (titles, comments) decoded as UTF-8 with
+    undecodable bytes replaced, so that a tag in another encoding (Latin-1, as older files have) does not make
+    the video unreadable (PyAV's default is to fail the opening)."""
+    return av.open(path, metadata_errors="replace")
+
+
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
     """The container's video: its first video stream that is not a picture attached to the file (cover art, as
     music and downloaded videos carry; FFmpeg's own choice of stream passes over it too), or None."""
@@ -168,9 +175,10 @@ def stream_index(path: str, split: bool = False) -> StreamIndex | None:
         return None
     stamps, fresh = array.array("q"), array.array("q")  # fresh: packets (in decoding order) that start afresh
     try:
-        with av.open(path) as container:
+        with open_input(path) as container:
             stream = video_stream(container)
-            codec = stream.codec_context.codec.canonical_name if stream is not None else None
+            known = stream is not None and stream.codec_context is not None  # (no decoder: the reader says so)
+            codec = stream.codec_context.codec.canonical_name if known else None
             if codec not in (SPLIT_CODECS if split else PRUNED_CODECS):
                 return None
             if container.format.name not in (PRUNED_CONTAINERS if codec in PRUNED_CODECS else SPLIT_CONTAINERS):
@@ -389,7 +397,7 @@ def packet_duration(path: str, index: int, pts: int) -> int | None:
     """The duration of the packet of stream ``index`` of ``path`` stamped ``pts`` (None if none is found): its
     packets are read (not decoded) from the keyframe before it, or from the start where seeking finds it not."""
     for seek in (True, False):
-        with contextlib.suppress(av.FFmpegError, OSError), av.open(path) as container:
+        with contextlib.suppress(av.FFmpegError, OSError), open_input(path) as container:
             stream = container.streams[index]
             if seek:
                 container.seek(pts, stream=stream, backward=True)

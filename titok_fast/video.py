@@ -51,7 +51,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoders import DECODERS, PruneMismatch, StreamIndex, open_frames, stream_index, video_stream
+from .decoders import (
+    DECODERS,
+    PruneMismatch,
+    StreamIndex,
+    open_frames,
+    open_input,
+    stream_index,
+    video_stream,
+)
 from .files import STALL_SECONDS, AtomicFile, notice
 from .preprocess import clip_pixels, normalize_pixels, placement
 from .stages import CLOCK
@@ -285,7 +293,8 @@ class ClipReader:
             if (stream := video_stream(container)) is None:
                 art = " (only cover art)" if container.streams.video else ""
                 raise VideoError(f"{path}: has no video stream{art}")
-            context = stream.codec_context
+            if (context := stream.codec_context) is None:
+                raise VideoError(f"{path}: its video stream has a codec FFmpeg cannot decode (an unknown codec)")
             _check_frame_size(path, context.width, context.height)
             index, segment = None, self._segment()
             needs = self._segment_needs if prune else None
@@ -1560,9 +1569,9 @@ def video_comment(path: str | os.PathLike[str]) -> str | None:
     """The comment tag of the video at ``path`` (:class:`VideoWriter`'s ``comment``): "" without one, None where
     it cannot be opened as a media file."""
     try:
-        with av.open(os.fspath(path)) as container:
+        with open_input(os.fspath(path)) as container:
             return str(container.metadata.get("comment", ""))
-    except (av.FFmpegError, OSError, UnicodeDecodeError):
+    except (av.FFmpegError, OSError):
         return None
 
 
@@ -1739,7 +1748,7 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
     if (cut := _cut_short(path, st.st_size)) is not None:
         raise VideoError(f"{path}: is cut short (an unfinished download or copy?): {cut}")
     try:
-        return av.open(path), _stamp(st)
+        return open_input(path), _stamp(st)
     except (av.FFmpegError, OSError) as exc:  # (FFmpeg's words, without its error number and the path again)
         raise VideoError(f"{path}: cannot open as a media file ({exc.strerror or exc})") from exc
 
