@@ -1534,6 +1534,29 @@ def test_write_video_round_trip(tmp_path):
         assert (context.colorspace, context.color_range) == (video.WRITTEN_COLORSPACE, 1)
 
 
+WRITE_PATTERN = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np, torch, videos
+from titok_fast.video import write_video
+images = [videos.pattern_frame("moving", i, 192, 192) for i in range(16)]
+write_video({path!r}, torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2).float() / 127.5 - 1, fps=8)
+"""
+
+
+def test_write_video_makes_the_same_file_whatever_memory_held_before(tmp_path):
+    """The same frames make the same mp4, byte for byte: here in two processes whose freshly allocated memory holds
+    other bytes (glibc's MALLOC_PERTURB_). x264's macroblock tree read such memory: 192x192 clips came out
+    otherwise from one run to the next."""
+    made = []
+    for perturb in ("165", "77"):
+        path = tmp_path / f"{perturb}.mp4"
+        code = WRITE_PATTERN.format(tests=str(Path(__file__).parent), path=str(path))
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MALLOC_PERTURB_": perturb})
+        made.append(path.read_bytes())
+    assert made[0] == made[1]
+
+
 def test_write_video_pads_odd_sizes(tmp_path):
     frames = torch.rand(3, 3, 31, 45) * 2 - 1
     frames[..., -1, :] = 0.5

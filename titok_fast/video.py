@@ -1423,7 +1423,8 @@ class VideoWriter:
     so an odd H or W gains one row or column copied from the last one: the file is (H + H % 2) x (W + W % 2).
     Frames go to a temporary file in the same folder, synced and renamed over `path` by ``close()``; leaving the
     ``with`` block by an exception (or ``abort()``) removes it, so `path` is only ever a complete video.
-    ``comment``, if given, is stored as the container's comment tag (:func:`video_comment` reads it).
+    ``comment``, if given, is stored as the container's comment tag (:func:`video_comment` reads it). The same
+    frames make the same file, byte for byte (with the same FFmpeg and x264).
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18, comment: str = ""):
@@ -1460,7 +1461,9 @@ class VideoWriter:
         self._stream = self._container.add_stream("libx264", rate=rate)
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(self.crf)}
+        # x264's macroblock tree (mbtree) reads memory it never wrote (seen at 192x192: the same frames made other
+        # bytes from one run to the next): without it, the same frames always make the same file
+        self._stream.options = {"crf": str(self.crf), "x264-params": "mbtree=0"}
         # how the frames are converted (libswscale's default, BT.601 in limited range), said in the stream: a player
         # takes an unlabelled HD video for BT.709 and would shift its colours
         self._stream.codec_context.colorspace, self._stream.codec_context.color_range = WRITTEN_COLORSPACE, 1
