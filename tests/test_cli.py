@@ -22,7 +22,15 @@ from titok_fast.cli import _by_resolution, build_parser, main
 from titok_fast.manifest import MANIFEST_NAME, read_manifest
 from titok_fast.tokens import load_tokens, save_tokens
 
-from videos import make_hanging, make_lossless, make_scrambled, make_video, pattern_frame, release_hanging
+from videos import (
+    make_hanging,
+    make_lossless,
+    make_scrambled,
+    make_video,
+    pattern_frame,
+    read_frames,
+    release_hanging,
+)
 
 GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
 RANDOM = ["--random-weights", "0", "--config", "tiny", "--device", "cpu"]
@@ -457,12 +465,14 @@ def test_decode_takes_folders_and_keeps_their_structure(folder, tmp_path, capsys
     assert code == 2 and "no token files found in" in err
 
 
-def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys):
-    """A token file is a stranger's: the local weights path it records is not opened; --checkpoint is asked for."""
+def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys, monkeypatch):
+    """A token file is a stranger's: the local weights path it records is not opened; --checkpoint is asked for,
+    or $TITOK_FAST_CHECKPOINT (the user's own default weights) is used where its weights are the recorded ones."""
     from titok_fast.loading import random_tokenizer, save_safetensors
 
-    weights = tmp_path / "w.safetensors"
+    weights, others = tmp_path / "w.safetensors", tmp_path / "others.safetensors"
     save_safetensors(random_tokenizer("tiny", seed=5), weights)
+    save_safetensors(random_tokenizer("tiny", seed=6), others)
     code, _, _ = run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, "--checkpoint", weights, capsys=capsys)
     assert code == 0
     token_file = load_tokens(tmp_path / "moving.safetensors")
@@ -473,6 +483,13 @@ def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, ca
     code, stdout, _ = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v", "--checkpoint", weights,
                           capsys=capsys)  # fmt: skip
     assert code == 0 and "decoded 1 file(s)" in stdout
+    monkeypatch.setenv("TITOK_FAST_CHECKPOINT", str(others))
+    code, _, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "e", capsys=capsys)
+    assert code == 2 and f"$TITOK_FAST_CHECKPOINT ({others}) has weights" in err and len(err.splitlines()) == 1
+    monkeypatch.setenv("TITOK_FAST_CHECKPOINT", str(weights))
+    code, stdout, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "e", capsys=capsys)
+    assert code == 0 and "decoded 1 file(s)" in stdout and f"weights: $TITOK_FAST_CHECKPOINT ({weights})" in err
+    assert np.array_equal(read_frames(tmp_path / "e" / "moving.mp4")[0], read_frames(tmp_path / "v" / "moving.mp4")[0])
 
 
 def test_decode_rebuilds_random_weights_only_within_limits(folder, tmp_path, capsys):

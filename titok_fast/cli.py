@@ -199,8 +199,10 @@ def _model_of_some_tokens(token_metas, device, dtype):
 
 
 def _model_of_tokens(token_meta, device, dtype):
-    """The weights a token file records: random ones from their seed, or Hub ones pinned to a commit."""
-    from .hub import HUB_SCHEME, is_pinned
+    """The weights a token file records: random ones from their seed, or Hub ones pinned to a commit; where it
+    names a local file (never opened on its word), ``$TITOK_FAST_CHECKPOINT`` if set and its digest is the one
+    recorded."""
+    from .hub import CHECKPOINT_ENV, HUB_SCHEME, is_pinned
     from .loading import load_tokenizer, random_seed, random_tokenizer
 
     seed = random_seed(token_meta.weights_digest)
@@ -221,10 +223,14 @@ def _model_of_tokens(token_meta, device, dtype):
                 f"{token_meta.weights_digest}: pass --checkpoint with the weights that made them"
             )
         return model
-    raise ValueError(
-        f"the token files name weights {token_meta.weights_digest} from {source or 'an unknown file'!r}; "
-        "token files are not trusted to name local files: pass --checkpoint"
-    )
+    named = f"the token files name weights {token_meta.weights_digest} from {source or 'an unknown file'!r}"
+    if not (mine := os.environ.get(CHECKPOINT_ENV)):
+        raise ValueError(f"{named}; token files are not trusted to name local files: pass --checkpoint")
+    model = load_tokenizer(mine, config=token_meta.model_config, device=device, dtype=dtype)  # (the digest decides)
+    if model.weights_digest != token_meta.weights_digest:
+        raise ValueError(f"{named}; ${CHECKPOINT_ENV} ({mine}) has weights {model.weights_digest}: pass --checkpoint")
+    print(f"weights: ${CHECKPOINT_ENV} ({mine}), as the token files record", file=sys.stderr)
+    return model
 
 
 def _engine(args: argparse.Namespace, model):
@@ -595,11 +601,17 @@ def _moving_pattern(frames: int, height: int, width: int):
     return torch.stack([c.expand(frames, height, width) for c in channels]) * 0.8
 
 
-def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False, recorded: bool = False) -> None:
+    default = (  # (decode: the token files name their weights)
+        "the weights the token files record: random ones by their seed, Hub ones at their commit, a local file "
+        "as $TITOK_FAST_CHECKPOINT if its weights are the recorded ones"
+        if recorded
+        else "$TITOK_FAST_CHECKPOINT, else NilanE/TiTok-Video-VariableComp-V1"
+    )
     p.add_argument(
         "--checkpoint",
         help="upstream model.ckpt, converted .safetensors, or a Hub id owner/name[@revision][:file] "
-        "(default: $TITOK_FAST_CHECKPOINT, else NilanE/TiTok-Video-VariableComp-V1)",
+        f"(default: {default})",
     )
     p.add_argument(
         "--config",
@@ -762,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="decode again mp4 files that are complete, and replace "
                    "mp4 files that record no decode (never a token file's own source video)")
-    _add_model_args(p)
+    _add_model_args(p, recorded=True)
     p.set_defaults(run=cmd_decode)
 
     p = sub.add_parser("eval", help="encode + decode, PSNR and SSIM per token count")
