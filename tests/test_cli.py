@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import datetime
+import http.server
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import av
@@ -152,6 +154,22 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
                        capsys=capsys)  # fmt: skip
     assert code == 2 and f"error: --ray {address}: no Ray cluster answers there (Connection refused)" in err, err
     assert not (tmp_path / "o").exists()
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)  # a web server where a cluster is looked for
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for address, said in ((f"127.0.0.1:{server.server_port}", "something other than a Ray cluster answers "
+                               "there ('<!DOCTYPE HTML>': a web server, say; the dashboard's port is 8265"),
+                              ("127.0.0.1:99999", "port 99999 is not a TCP port (0 to 65535)")):  # fmt: skip
+            code, _, err = run("encode", tmp_path / "a.mp4", "-o", tmp_path / "o", "--ray", address, "--checkpoint",
+                               absent, capsys=capsys)  # fmt: skip
+            assert code == 2 and f"error: --ray {address}: {said}" in err and len(err.splitlines()) == 1, err
+    finally:
+        server.shutdown()
+        server.server_close()
     with pytest.raises(SystemExit) as e:
         main(["encode", str(tmp_path), "-o", "x", "--grid", "20x192"])
     assert e.value.code == 2 and "must look like 20x192x192" in capsys.readouterr().err

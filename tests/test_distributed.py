@@ -406,6 +406,29 @@ def test_a_sigterm_while_ray_starts_is_the_commands_and_lists_every_input(videos
     assert len(rows) == len(GOOD) and {r["status"] for r in rows} == {"not-encoded"} and shutdowns
 
 
+def test_a_ctrl_c_while_a_local_cluster_starts_waits_for_the_start_and_stops_the_job(videos, tmp_path, monkeypatch):
+    """Starting a local cluster forks processes, and an interrupt raised in Python's at-fork hooks was lost (logging's
+    lock left held: the job hung): the command's Ctrl-C waits for ray.init's end, then stops the job, the cluster
+    shut down and every input listed as not encoded."""
+    ray = pytest.importorskip("ray")
+    from titok_fast.cli import _interrupts_handled
+
+    started, shutdowns = [], []
+
+    def init(**kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the command's handler runs here, inside ray.init
+        started.append(kwargs["address"])  # (not reached when the handler raises at once)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(started) and not shutdowns)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))  # not the module's cluster
+    with pytest.raises(KeyboardInterrupt), _interrupts_handled():
+        encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu")
+    assert started == ["local"] and shutdowns == [1]
+    rows = read_manifest(tmp_path / MANIFEST_NAME)
+    assert len(rows) == len(GOOD) and {r["status"] for r in rows} == {"not-encoded"}
+
+
 def test_ray_auto_without_a_cluster_is_one_line_naming_our_options(videos, tmp_path, monkeypatch):
     """Ray's own text for "auto" with no cluster names its flags (--address, RAY_ADDRESS), not the command's."""
     ray = pytest.importorskip("ray")

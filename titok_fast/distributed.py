@@ -911,16 +911,53 @@ def check_ray_address(address: str) -> None:
     if address in ("local", "auto") or (ray is not None and ray.is_initialized()):
         return
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not (colon and host and port.isdecimal() and int(port) < 2**16) or "://" in host:
+    if not (colon and host and port.isdecimal()) or "://" in host:
         return  # other forms (a client module's scheme, say) are Ray's to resolve
+    if int(port) >= 2**16:  # (Ray would try it for minutes)
+        raise ValueError(f"--ray {address}: port {port} is not a TCP port (0 to 65535)")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS) as connection:
+            text = _text_answer(connection)
     except OSError as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ValueError(
             f"--ray {address}: no Ray cluster answers there ({reason}); start one with `ray start --head` and pass "
             "the address it prints, or pass --ray local"
         ) from None
+    if text:
+        raise ValueError(
+            f"--ray {address}: something other than a Ray cluster answers there ({text!r}: a web server, say; the "
+            "dashboard's port is 8265, the cluster's is the one `ray start --head` prints, 6379 unless --port said "
+            "otherwise)"
+        )
+
+
+# HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4): a Ray cluster's GCS (gRPC) answers
+# with binary frames; a server of a text protocol (HTTP/1.x: the dashboard, a proxy) with text, an error page
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+PROBE_SECONDS, PROBE_BYTES = 3.0, 40
+
+
+def _text_answer(connection: socket.socket) -> str:
+    """The first line of what the server on ``connection`` answers HTTP/2's preface with, where that is text (no
+    Ray cluster's answer); "" for anything else (binary frames, silence, a closed connection, a TLS alert), which
+    is left to Ray."""
+    def text(data: bytes) -> str | None:
+        decoded = data.decode("ascii", "replace")
+        return decoded if all(c.isprintable() or c in "\r\n\t" for c in decoded) else None
+
+    answer = b""
+    try:
+        connection.settimeout(PROBE_SECONDS)
+        connection.sendall(HTTP2_PREFACE)
+        while len(answer) < PROBE_BYTES and (more := connection.recv(PROBE_BYTES - len(answer))):
+            answer += more
+            if text(answer) is None or b"\n" in answer:  # decided: read no more (a cluster's GCS answers at once)
+                break
+    except OSError:  # (silence, or a reset after some bytes: judged on those)
+        pass
+    lines = (text(answer) or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 class _ray_session:
@@ -945,10 +982,16 @@ class _ray_session:
             handler = signal.getsignal(signal.SIGTERM)  # ray.init puts its own (sys.exit); the caller's is kept
             main = threading.current_thread() is threading.main_thread()
             try:
-                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
+                # a local cluster's start forks processes: an interrupt raised by a handler in Python's at-fork hooks
+                # is lost there and leaves logging's lock held, on which Ray Data's threads then wait for ever; so
+                # the command's Ctrl-C and SIGTERM wait for the start's end (a few seconds)
+                with interrupts_held() if self.address == "local" else contextlib.nullcontext():
+                    ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
             except BaseException as e:
                 if main and handler is not None:
                     signal.signal(signal.SIGTERM, handler)  # first: a SIGTERM during the shutdown is the caller's
+                if ray.is_initialized():  # started, then the held interrupt
+                    ray.shutdown()
                 if isinstance(e, ConnectionError) and self.address == "auto":  # Ray's text names its own flags
                     raise ValueError(
                         "--ray auto: no running Ray cluster found from this machine; start one with `ray start "
