@@ -160,6 +160,38 @@ def test_time_sampling_on_a_clock_of_frame_periods_shows_no_frame_early(tmp_path
     assert sampled_indices(result) == [k * 25 // fps for k in range(fps)]
 
 
+def _stamped(path: Path, stamps_ms: list[int], last_ms: int = 0) -> Path:
+    """Frames of the "index" pattern at these times (milliseconds), the last one lasting ``last_ms`` if given."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv444p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, stamp in enumerate(stamps_ms):
+            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("index", i, 32, 32), "rgb24")
+            frame.pts, frame.time_base = stamp, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                packet.duration = last_ms if i == len(stamps_ms) - 1 and last_ms else packet.duration
+                container.mux(packet)
+        container.mux(stream.encode())
+    return path
+
+
+def test_time_sampling_refuses_a_frame_held_past_the_limit(tmp_path, monkeypatch):
+    """A broken timestamp days ahead would make a few frames millions of clips: a frame shown longer than
+    MAX_FRAME_SECONDS (between its time and the next frame's, or the last one's duration) fails the file; a long
+    pause within the limit reads, the frame repeated."""
+    monkeypatch.setattr(video, "MAX_FRAME_SECONDS", 10)
+    paused = _stamped(tmp_path / "paused.mkv", [0, 500, 1000, 6000, 6500])  # 5 s on frame 2
+    result = read_clips(str(paused), frames=1, height=16, width=16, fps=2, sampling="time")
+    assert sampled_indices(result)[:14] == [0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 4]
+    broken = _stamped(tmp_path / "broken.mkv", [0, 500, 1000, 21000, 21500])  # 20 s on frame 2
+    with pytest.raises(VideoError, match=r"broken.mkv: its frame at 1.000 s shows for 20 s \(sampling 'time' holds"):
+        read_clips(str(broken), frames=1, height=16, width=16, fps=2, sampling="time")
+    last = _stamped(tmp_path / "last.mkv", [0, 500, 1000], last_ms=30000)  # the last frame lasts 30 s
+    with pytest.raises(VideoError, match=r"last.mkv: its last frame at 1.000 s shows for 30 s"):
+        read_clips(str(last), frames=1, height=16, width=16, fps=2, sampling="time")
+
+
 def test_one_frame_video(files):
     result = read_clips(files["one"], frames=4, height=16, width=16, tail="pad")
     assert len(result.clips) == 1 and result.last_clip_frames == 1

@@ -1768,16 +1768,19 @@ def _resample(
     before ``start`` are left out.
     """
     emitted = start  # output frames so far
-    held = held_ticks = rate = slack = None
+    held = held_ticks = rate = slack = longest = None
     for _, frame in decoded:
         if frame.pts is None:
             raise VideoError(f"{path}: a video frame has no presentation timestamp")
         if rate is None:
             first, (rate, slack) = frame.pts if first is None else first, _clock(fps, frame.time_base)
+            longest = MAX_FRAME_SECONDS / frame.time_base  # in ticks
         ticks = frame.pts - first
         if held is not None:
             if ticks <= held_ticks:
                 continue
+            if ticks - held_ticks > longest:
+                _too_long(path, held_ticks * frame.time_base, (ticks - held_ticks) * frame.time_base)
             stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
             if stop > emitted:
                 yield from _repeat(held, stop - emitted, image)
@@ -1786,8 +1789,23 @@ def _resample(
     if held is not None:
         # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
         # its own time (as if the next frame came twice the slack after it)
+        if (held.duration or 0) > longest:
+            _too_long(path, held_ticks * held.time_base, held.duration * held.time_base, "last ")
         end = max(held_ticks + (held.duration or 0), held_ticks + 2 * slack)
         yield from _repeat(held, _due(end, rate, slack) - emitted, image)
+
+
+# With sampling "time", a frame shows until the next one (the last one for its duration): a broken timestamp days
+# ahead would make a few frames millions of clips. A frame may show for at most this long (a recording paused for
+# an hour still reads).
+MAX_FRAME_SECONDS = 3600
+
+
+def _too_long(path: str, at: Fraction, seconds: Fraction, which: str = "") -> None:
+    raise VideoError(
+        f"{path}: its {which}frame at {float(at):.3f} s shows for {float(seconds):.0f} s (sampling 'time' holds a "
+        f"frame for at most {MAX_FRAME_SECONDS} s: a broken timestamp?)"
+    )
 
 
 TIME_SAMPLING = "ms-rounding"  # the rule _due follows: token files made with sampling "time" record it
