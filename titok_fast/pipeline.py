@@ -286,15 +286,15 @@ def _video_files(folder: Path) -> list[Path]:
     links), each folder once: a link to a folder already listed (a cycle, or a second way in) is passed over with
     a notice, as is a sub-folder that cannot be listed. A link with a video's name that leads nowhere (or cannot
     be followed) is one of them: reading it fails it alone, counted with the run's failures."""
-    files, seen, stack = [], set(), [folder]
+    files, seen, stack = [], {}, [folder]  # seen: (device, inode) -> the path the folder was listed by
     while stack:
         current = stack.pop()
         try:
             st = current.stat()
-            if (st.st_dev, st.st_ino) in seen:
-                notice(f"{current}: a link to a folder already listed; not listed again")
+            if (first := seen.get((st.st_dev, st.st_ino))) is not None:
+                notice(f"{current}: the same folder as {first} (reached again through a link), listed already")
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            seen[(st.st_dev, st.st_ino)] = current
             entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)  # so popped in name order
         except OSError as e:
             if current == folder:
@@ -1297,7 +1297,8 @@ def decode_files(
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
             ours = there is not None and there.startswith(DECODE_RECORD)
             if exists and not overwrite and (there == record or not ours):  # written whole (atomically) from this
-                summary.skipped.append(str(path))  # token file this way; or one that records no decode: kept
+                if ours:  # token file this way: complete; or one that records no decode: kept, said once below
+                    summary.skipped.append(str(path))
                 unrecorded += not ours
                 continue
             token_file = load_tokens(path)
@@ -1328,7 +1329,8 @@ def decode_files(
         summary.clips += token_file.token_counts.numel()
     if unrecorded:
         notice(f"{unrecorded} mp4 file(s) there record no decode (written by a version before decode recorded what "
-               "it decoded, or not by decode) and were kept; --overwrite decodes them again")  # fmt: skip
+               "it decoded, or not by decode) and were kept; --overwrite decodes them again (never over a token "
+               "file's own source video)")  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 
