@@ -894,6 +894,33 @@ def test_on_a_network_file_system_token_files_are_written_on_threads(model, sour
     assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-write")]
 
 
+def test_a_manifest_line_a_full_disk_cuts_is_taken_back(tmp_path, monkeypatch):
+    """A write that fills the disk midway through a line: the run stops, and the manifest ends with whole lines
+    (the part written is taken back, as nothing came after it)."""
+    import errno
+
+    from titok_fast import manifest as manifest_module
+    from titok_fast.manifest import Manifest
+
+    path = tmp_path / "manifest.jsonl"
+    with Manifest(path, pipeline.Summary()) as manifest:
+        manifest.done("/v/a.mp4", tmp_path / "a.safetensors", 1)
+        before, real = path.read_bytes(), os.write
+
+        def fills_up(fd, data):
+            if fd != manifest._fd:
+                return real(fd, data)
+            if len(data) > 20:
+                return real(fd, data[:20])  # room for 20 bytes
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(manifest_module.os, "write", fills_up)
+        with pytest.raises(OSError, match=r"cannot write the manifest .*manifest.jsonl: No space left on device"):
+            manifest.done("/v/b.mp4", tmp_path / "b.safetensors", 1)
+        monkeypatch.setattr(manifest_module.os, "write", real)
+    assert path.read_bytes() == before
+
+
 def test_a_full_disk_met_by_a_writing_thread_stops_the_run_with_every_input_listed(model, sources, tmp_path,
                                                                                    monkeypatch):  # fmt: skip
     import errno

@@ -22,6 +22,7 @@ machines to one file on a network filesystem (NFS) are not atomic.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -155,11 +156,21 @@ class Manifest:
                 "status": status, "reason": reason}  # fmt: skip
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
         data = (json.dumps({**line, **extra, "time": now}) + "\n").encode()
+        written = 0
         try:
-            while data:  # one write: appended whole, after whatever another job appended
-                data = data[os.write(self._fd, data) :]
+            while written < len(data):  # one write: appended whole, after whatever another job appended
+                written += os.write(self._fd, data[written:])
         except OSError as e:  # a full disk: the run stops, and says where
+            self._take_back(data[:written])
             raise OSError(f"cannot write the manifest {self.path}: {e.strerror or e}") from None
+
+    def _take_back(self, part: bytes) -> None:
+        """Remove ``part``, the start of a line a failed write left at the manifest's end, if it is still its end
+        (nothing appended since): a full disk leaves whole lines only."""
+        with contextlib.suppress(OSError):
+            size = os.fstat(self._fd).st_size
+            if part and size >= len(part) and os.pread(self._fd, len(part), size - len(part)) == part:
+                os.ftruncate(self._fd, size - len(part))
 
     def close(self) -> None:
         with self.lock:
