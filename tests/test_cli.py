@@ -106,6 +106,9 @@ def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
     code, stdout, _ = run("decode", tokens, "-o", tmp_path / "v", *other, capsys=capsys)
     assert code == 1 and "made by weights random-seed0-" in stdout
     assert "pass the right --random-weights 0 (and its --config), or --force to decode anyway" in stdout
+    code, stdout, _ = run("decode", tokens, "-o", tmp_path / "v", "--random-weights", "0", "--config", "v1",
+                          capsys=capsys)  # fmt: skip
+    assert code == 1 and "pass the right --config: it was made by --random-weights 0 with another config" in stdout
     code, _, _ = run("decode", tokens, "-o", tmp_path / "v", *other, "--force", capsys=capsys)
     assert code == 0 and (tmp_path / "v" / "moving.mp4").exists()
     code, _, err = run("decode", tokens, "-o", tmp_path / "w", "--config", "v1", capsys=capsys)  # (not used)
@@ -808,6 +811,9 @@ def test_a_manifest_that_is_a_pipe_is_refused_and_a_full_disk_stops_the_run(tmp_
     code, _, err = run("encode", videos, "-o", tmp_path / "linked", *GRID, *RANDOM, capsys=capsys)
     assert code == 2 and "manifest.jsonl: the manifest is a link; move it away" in err, err
     assert (tmp_path / "elsewhere.txt").read_text() == "not the run's"
+    (tmp_path / "folder" / MANIFEST_NAME).mkdir(parents=True)
+    code, _, err = run("encode", videos, "-o", tmp_path / "folder", *GRID, *RANDOM, capsys=capsys)
+    assert code == 2 and "manifest.jsonl: the manifest is a folder; move it away" in err and "Errno" not in err, err
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -990,7 +990,7 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
 
     assert len(run(before).done) == 2
     old_short = (out / "short.safetensors").read_bytes()
-    summary = run(after)  # short.mp4 is shorter than one chunk of 12 frames at 4 fps
+    summary = run(after)  # short.mp4: is shorter than one chunk of 12 frames at 4 fps
     assert summary.done == [str(long)] and summary.replaced == 1 and [p for p, _ in summary.failed] == [str(short)]
     reason = summary.failed[0][1]
     assert "shorter than one chunk" in reason and "\n" not in reason

@@ -197,12 +197,12 @@ def test_one_frame_video(files):
     assert len(result.clips) == 1 and result.last_clip_frames == 1
     clip = result.clips[0]
     assert torch.equal(clip, clip[:, :1].expand_as(clip))
-    with pytest.raises(VideoError, match=r"one\.mp4 is shorter than one chunk of 4 frames at 8 fps"):
+    with pytest.raises(VideoError, match=r"one\.mp4: is shorter than one chunk of 4 frames at 8 fps"):
         read_clips(files["one"], frames=4, height=16, width=16)
 
 
 def test_too_short_for_one_chunk(files):
-    with pytest.raises(VideoError, match=r"index24\.mp4 is shorter than one chunk of 17 frames at 8 fps"):
+    with pytest.raises(VideoError, match=r"index24\.mp4: is shorter than one chunk of 17 frames at 8 fps"):
         read_clips(files["index24"], frames=17, height=16, width=16)
 
 
@@ -212,7 +212,7 @@ def test_a_chunk_longer_than_any_video_is_sampled_without_a_table_of_its_frames(
     not by a table as long as the chunk (768 GB); past 2**53 frames the error says why."""
     result = read_clips(files["index24"], frames=4, height=16, width=16, fps=1e-9, tail="pad", prune=prune)
     assert sampled_indices(result) == [0, 0, 0, 0] and result.last_clip_frames == 1
-    with pytest.raises(VideoError, match=r"index24\.mp4 is shorter than one chunk of 4 frames at 1e-09 fps"):
+    with pytest.raises(VideoError, match=r"index24\.mp4: is shorter than one chunk of 4 frames at 1e-09 fps"):
         read_clips(files["index24"], frames=4, height=16, width=16, fps=1e-9, prune=prune)
     too_long = r"index24\.mp4: sampling 4 frames at 1e-300 fps from its 24 fps makes chunks of 9.6e\+301 source"
     with pytest.raises(VideoError, match=too_long):
@@ -325,7 +325,8 @@ def test_display_rotation_refuses_what_it_cannot_show_and_leaves_files_without_a
     for name, angle, hflip in (("mirrored", 90, True), ("tilted", 91.5, False)):  # FFmpeg: a free rotation
         path = videos.make_lossless(tmp_path / f"{name}.mp4", frames, rotation=angle, hflip=hflip)
         said = "mirrors the picture" if hflip else "turns the picture by 91.5 degrees, not a quarter turn"
-        with pytest.raises(VideoError, match=rf"^{path}: its display matrix .*{said}; read it with rotation 'stored'$"):
+        stored = r"read it with --rotation stored \(rotation='stored' in Python\)"
+        with pytest.raises(VideoError, match=rf"^{path}: its display matrix .*{said}; {stored}$"):
             read_clips(path, **kwargs)
     plain = dict(frames=4, height=32, width=32)
     assert all(torch.equal(a, b) for a, b in zip(
@@ -1211,7 +1212,7 @@ def test_iter_videos_keeps_order_and_reports_errors(files):
     assert [path for path, _ in results] == paths
     assert [type(r).__name__ for _, r in results] == ["ClipSet", "VideoError", "ClipSet", "VideoError", "VideoError"]
     assert "empty.mp4: file is empty" in str(results[1][1])
-    assert "one.mp4 is shorter than one chunk" in str(results[4][1])
+    assert "one.mp4: is shorter than one chunk" in str(results[4][1])
     direct = read_clips(files["index24"], frames=4, height=16, width=16)
     assert all(torch.equal(a, b) for a, b in zip(results[2][1].clips, direct.clips, strict=True))
 

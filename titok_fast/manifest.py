@@ -72,9 +72,11 @@ class Manifest:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW,
                                    0o666)  # fmt: skip
             except OSError as e:
-                if e.errno != errno.ELOOP:
-                    raise
-                raise ValueError(f"{self.path}: the manifest is a link; move it away") from None
+                if e.errno == errno.ELOOP:
+                    raise ValueError(f"{self.path}: the manifest is a link; move it away") from None
+                if e.errno == errno.EISDIR:
+                    raise ValueError(f"{self.path}: the manifest is a folder; move it away") from None
+                raise OSError(f"the manifest {self.path} cannot be opened ({e.strerror or e})") from None
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO would block the run's writes for ever
                 os.close(self._fd)
                 self._fd = None

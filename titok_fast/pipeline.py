@@ -1222,6 +1222,8 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
     if token_file.weights_digest != model.weights_digest:
         seed = random_seed(token_file.weights_digest)
         right = "--checkpoint" if seed is None else f"--random-weights {seed} (and its --config)"
+        if seed is not None and seed == random_seed(model.weights_digest):  # (the digest covers the config too)
+            right = f"--config: it was made by --random-weights {seed} with another config"
         raise ValueError(
             f"{path} was made by weights {token_file.weights_digest}, the loaded model is {model.weights_digest}; "
             f"pass the right {right}, or --force to decode anyway"

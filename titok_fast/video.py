@@ -258,7 +258,7 @@ class ClipReader:
             raise VideoError(f"{path}: no decodable video frames")
         elif self.clips_read == 0 and self.tail == "drop":
             raise VideoError(
-                f"{path} is shorter than one chunk of {frames} frames at {self.fps:g} fps (--tail pad, tail='pad' in "
+                f"{path}: is shorter than one chunk of {frames} frames at {self.fps:g} fps (--tail pad, tail='pad' in "
                 "Python, pads it)"
             )
         if chunk and self.tail == "pad":
@@ -529,12 +529,15 @@ def display_turns(path: str, frame: av.VideoFrame) -> int:
     det = m[0] * m[4] - m[1] * m[3]  # negative: a mirror; zero: no picture (or not 3x3)
     if det <= 0:
         what = "mirrors the picture" if det < 0 else "is degenerate"
-        raise VideoError(f"{path}: its display matrix {m.tolist()} {what}; read it with rotation 'stored'")
+        raise VideoError(
+            f"{path}: its display matrix {m.tolist()} {what}; read it with --rotation stored (rotation='stored' in "
+            "Python)"
+        )
     angle = -math.degrees(math.atan2(m[1] / math.hypot(m[1], m[4]), m[0] / math.hypot(m[0], m[3])))
     if round(angle) % 90:
         raise VideoError(
             f"{path}: its display matrix turns the picture by {angle:.1f} degrees, not a quarter turn; read it "
-            "with rotation 'stored'"
+            "with --rotation stored (rotation='stored' in Python)"
         )
     return round(angle) // 90 % 4
 
