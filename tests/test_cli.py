@@ -207,6 +207,11 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
          "processes cannot hand over: use --worker-kind thread"),
         (["--decoder", "nvdec", "--ray", "local", "--device", "cpu"], "with Ray, frames are decoded and resized by the "
          "CPU decode tasks: --decoder nvdec and --preprocess device do not apply"),  # no cluster is started
+        (["--ray", "local", "--workers", "4"], "--workers and --worker-kind apply without --ray: on a cluster, each "
+         "decode task reads with --ray-cpus-per-decode CPUs"),
+        (["--ray", "local", "--worker-kind", "process"], "--workers and --worker-kind apply without --ray: on a "
+         "cluster, each decode task reads with --ray-cpus-per-decode CPUs"),
+        (["--ray", "garbage"], "--ray garbage: expected local, auto, HOST:PORT or ray://HOST:PORT"),
     ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
@@ -229,8 +234,9 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--shard", "0/1" + "0" * 300], "argument --shard: '0/100"),
         (["--shard", "\uff10/2"], "argument --shard: '\uff10/2' is not K/N"),
         (["--shard=-1/4"], "argument --shard: '-1/4' is not K/N"),
-        (["--ray-gpus-per-actor", "0"], "argument --ray-gpus-per-actor: 0 must be > 0"),
-        (["--ray-cpus-per-decode", "nan"], "argument --ray-cpus-per-decode: nan must be > 0"),
+        (["--ray-gpus-per-actor", "0"], "argument --ray-gpus-per-actor: 0 must be a number > 0, not infinite"),
+        (["--ray-cpus-per-decode", "nan"], "argument --ray-cpus-per-decode: nan must be a number > 0"),
+        (["--ray-cpus-per-actor", "inf"], "argument --ray-cpus-per-actor: inf must be a number > 0, not infinite"),
         (["--ray-retries", "-1"], "argument --ray-retries: -1 must be >= 0"),
         (["--fps", "0"], "argument --fps: 0 must be in (0, 1000]"),
         (["--fps", "nan"], "argument --fps: nan must be in (0, 1000]"),

@@ -105,7 +105,7 @@ def _positive_float(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        raise argparse.ArgumentTypeError(f"{text} must be a number > 0, not infinite")
     return value
 
 
@@ -301,6 +301,9 @@ def _encode_on_ray(args: argparse.Namespace, files):
     from .distributed import check_ray_address, check_reading_on_ray, encode_dataset
 
     check_reading_on_ray(args.decoder, args.preprocess)  # before the model loads
+    if args.workers is not None or args.worker_kind != "thread":
+        raise ValueError("--workers and --worker-kind apply without --ray: on a cluster, each decode task reads with "
+                         "--ray-cpus-per-decode CPUs")  # fmt: skip
     check_ray_address(args.ray)
     device = args.device or "cuda"  # the encode actors' device; the driver's copy of the model stays on its CPU
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")

@@ -911,8 +911,10 @@ def check_ray_address(address: str) -> None:
     if address in ("local", "auto") or (ray is not None and ray.is_initialized()):
         return
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not (colon and host and port.isdecimal()) or "://" in host:
-        return  # other forms (a client module's scheme, say) are Ray's to resolve
+    if "://" in host or ("://" in address and not address.startswith("ray://")):
+        return  # other schemes (a client module's) are Ray's to resolve
+    if not (colon and host and port.isdecimal()):
+        raise ValueError(f"--ray {address}: expected local, auto, HOST:PORT or ray://HOST:PORT")
     if int(port) >= 2**16:  # (Ray would try it for minutes)
         raise ValueError(f"--ray {address}: port {port} is not a TCP port (0 to 65535)")
     try:
