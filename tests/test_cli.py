@@ -386,7 +386,9 @@ def test_a_stopped_run_says_so_in_one_line_and_lists_what_it_did_not_encode(how,
     assert 1 <= len(done) < 6, "the run was not stopped midway; make the clips longer"
     assert sorted(os.path.basename(r["tokens"]) for r in rows if r["status"] == "done") == done
     stopped = [r for r in rows if r["status"] == "not-encoded"]
-    assert len(stopped) == 6 - len(done) and all("the run stopped" in r["reason"] for r in stopped)
+    by = "signal SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    assert len(stopped) == 6 - len(done) and all(r["reason"] == f"not encoded: the run was interrupted ({by})"
+                                                 for r in stopped)  # fmt: skip
 
 
 def test_a_sigterm_that_ray_hands_back_as_a_plain_interrupt_still_says_terminated(monkeypatch, capsys):

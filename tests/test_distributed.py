@@ -562,6 +562,7 @@ def test_sigterm_stops_a_ray_job_with_its_manifest_complete(videos, cluster, tmp
     done = [r for r in rows if r["status"] == "done"]
     assert 1 <= len(done) < 5 and len(rows) == 5, rows
     assert all(r["status"] == "not-encoded" for r in rows if r not in done), rows
+    assert {r["reason"] for r in rows if r not in done} == {"not encoded: the run was interrupted (signal SIGTERM)"}
 
 
 class FaultyDevice:
@@ -654,7 +655,7 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
         with pytest.raises(KeyboardInterrupt):
             _collect(_Rows(interrupted()), assembly, decode_retries=2, actor_restarts=8)
     assert list(assembly.open) == [0] and [p for p, _ in summary.failed] == [str(p) for p in paths]
-    assert {reason for _, reason in summary.failed} == {"not encoded: the job was interrupted"}
+    assert {reason for _, reason in summary.failed} == {"not encoded: the run was interrupted (Ctrl-C)"}
 
 
 KEYINT = "keyint=24:min-keyint=24:scenecut=0"  # an IDR picture every 24 frames: a file that can be split

@@ -764,7 +764,7 @@ def test_a_run_stopped_while_checking_outputs_lists_what_it_found_to_do(model, s
     assert {name: r["status"] for name, r in rows.items()} == {
         "short.mp4": "done", "long.mp4": "not-encoded", "odd.mkv": "not-encoded", "black.mp4": "done",
     }  # fmt: skip  (short: skipped, said done already; black: not checked, read ahead or not)
-    assert rows["long.mp4"]["reason"] == "not encoded: the run stopped while checking outputs (KeyboardInterrupt)"
+    assert rows["long.mp4"]["reason"] == "not encoded: the run was interrupted while checking outputs (Ctrl-C)"
     assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-ahead")]  # none left reading
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .files import MAX_SEED, STALL_SECONDS, interrupt, notice, write_atomically
+from .files import MAX_SEED, STALL_SECONDS, forget_interrupts, interrupt, notice, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
@@ -842,6 +842,7 @@ def _interrupts_handled():
     short). Handlers set outside Python (getsignal gives None), or a command run off the main thread, are left as
     they are. Yields the set of signals received."""
     received: set[int] = set()
+    forget_interrupts()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield received
         return

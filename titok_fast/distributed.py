@@ -60,12 +60,12 @@ from .pipeline import (
     Summary,
     Writes,
     _device_fault,
-    _named,
     _progress,
     _threads_for,
     encode_resiliently,
     made_with,
     plan_outputs,
+    stop_reason,
     take_shard,
     write_recorded,
     write_token_file,
@@ -528,7 +528,7 @@ def encode_dataset(
                          hooks=hooks, parts=parts)  # fmt: skip
             writes.close()
         except BaseException as e:  # stopped before the job (starting Ray, a cluster too small) or during it
-            stopped = f"not encoded: the run stopped ({_named(e)})"
+            stopped = stop_reason(e)
             with interrupts_held():  # a second interrupt waits for the list to be complete
                 with contextlib.suppress(Exception):  # (the run stops for e already)
                     writes.close()  # what was handed over is written, and said, before the rest is listed
@@ -662,8 +662,8 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     except Exception as e:
         stopped = f"not encoded: the job stopped ({_one_line(e)})"
         raise RuntimeError(f"the Ray job stopped: {_one_line(e)}") from e
-    except BaseException:
-        stopped = "not encoded: the job was interrupted"
+    except BaseException as e:
+        stopped = stop_reason(e)
         raise
     finally:
         for state in job.unsettled():

@@ -165,9 +165,13 @@ def interrupts_held():
             raise pending
 
 
+_last_interrupt: list[BaseException] = []  # the last one ``interrupt`` was given (interrupt_name)
+
+
 def interrupt(error: BaseException) -> None:
     """Raise ``error`` (a signal handler's, in the main thread) now, or at the end of the ``interrupts_held`` block
     the main thread is in; a second one while the first waits is dropped."""
+    _last_interrupt[:] = [error]
     if getattr(_held, "depth", 0):
         _held.pending = getattr(_held, "pending", None) or error
         return
@@ -206,3 +210,14 @@ def network_file_system(path: str | os.PathLike[str], mounts: str = MOUNTS) -> s
         return None
     kind, _, program = found.partition(".")  # fuse.sshfs -> fuse, sshfs
     return found if kind in NETWORK_FILE_SYSTEMS and program not in LOCAL_FUSE else None
+
+
+def interrupt_name(error: KeyboardInterrupt) -> str:
+    """What stopped a run that ``error`` ended: its message (a SIGTERM's says so), else that of the last interrupt
+    the command's handlers gave (Ray may hand one back as a plain KeyboardInterrupt), else Ctrl-C."""
+    return str(error) or (str(_last_interrupt[0]) if _last_interrupt else "") or "Ctrl-C"
+
+
+def forget_interrupts() -> None:
+    """A new command: no interrupt came yet."""
+    _last_interrupt.clear()

@@ -37,6 +37,7 @@ from .engine import IDLE, Engine
 from .files import (
     STALL_SECONDS,
     escaped,
+    interrupt_name,
     interrupts_held,
     network_file_system,
     notice,
@@ -119,6 +120,14 @@ class Summary:
 def _named(error: BaseException) -> str:
     """``Type: message``, or ``Type`` alone for an error without one (an interrupt)."""
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def stop_reason(error: BaseException, when: str = "") -> str:
+    """The manifest's reason for the inputs a run stopped by ``error`` did not encode: an interrupt as what it was
+    (Ctrl-C; SIGTERM: the command's Terminated says so), anything else as its one line."""
+    if isinstance(error, KeyboardInterrupt):
+        return f"not encoded: the run was interrupted{when} ({interrupt_name(error)})"
+    return f"not encoded: the run stopped{when} ({_named(error)})"
 
 
 def _naming(path: str, reason: str) -> str:
@@ -376,7 +385,7 @@ def encode_files(
                     job.add(key, indices)
                 writes.close()
         except BaseException as e:
-            stopped = f"not encoded: the run stopped ({_named(e)})"
+            stopped = stop_reason(e)
             with contextlib.suppress(Exception):  # (the run stops for e already)
                 writes.close()  # what was handed over is written, and said, before the rest is listed
             raise
@@ -448,7 +457,7 @@ def plan_outputs(
                         manifest.outdated(path, out, why, other)
             _remove_temporaries(temporaries, out)  # beside a complete one too (a killed --overwrite run's)
     except BaseException as e:
-        stopped = f"not encoded: the run stopped while checking outputs ({_named(e)})"
+        stopped = stop_reason(e, " while checking outputs")
         with interrupts_held():  # a second interrupt waits for the list to be complete
             for path, out in todo:
                 manifest.not_encoded(path, out, stopped)
