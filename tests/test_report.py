@@ -100,6 +100,7 @@ def test_bench_prints_only_the_results_its_own_run_wrote(tmp_path, monkeypatch, 
     assert cli.main(["bench", "-k", "nothing", "--json", str(path)]) == 5
     out, err = capsys.readouterr()
     assert "LAST-WEEK" not in out and f"{path} is an earlier run's: this run wrote no results" in err
+    assert err.endswith("titok-fast: no benchmark matches -k 'nothing'\n")
 
     def writes(cmd):
         path.write_text(json.dumps({"benchmarks": [{"group": "TODAY", "extra_info": {"provider": "x"}}]}))

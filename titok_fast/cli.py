@@ -534,6 +534,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(table(str(results)))
     elif before is not None:
         print(f"{results} is an earlier run's: this run wrote no results", file=sys.stderr)
+    if code == 5:  # pytest's "no tests collected"
+        notice(f"no benchmark matches -k {args.select!r}" if args.select else "no benchmark was collected")
     return code
 
 
