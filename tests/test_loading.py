@@ -101,8 +101,12 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_tokenizer(tmp_path / "absent.ckpt")
     (tmp_path / "folder.ckpt").mkdir()
-    with pytest.raises(CheckpointError, match="folder.ckpt is not a regular file; expected a .ckpt or .safetensors"):
+    expected = r"expected a .ckpt \(.pt, .pth\) or .safetensors file, or a Hub id owner/name\[@revision\]\[:file\]"
+    with pytest.raises(CheckpointError, match=rf"folder.ckpt is not a regular file; {expected}"):
         load_tokenizer(tmp_path / "folder.ckpt")
+    with pytest.raises(CheckpointError, match=r"owner/name@.hidden does not exist \(nor a Hub id: its revision "
+                                              r"'.hidden' is not a git ref name, no part of which starts with a dot\)"):
+        load_tokenizer("owner/name@.hidden")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -78,6 +78,16 @@ def parse_hub_ref(text: str | os.PathLike[str]) -> HubRef | None:
     return HubRef(repo_id, revision or None, filename or DEFAULT_FILE)
 
 
+def why_not_a_reference(text: str) -> str:
+    """Why ``text``, which reads as owner/name@revision, is not a Hub reference ("" otherwise): for the message
+    about the local path it is then taken for."""
+    head = text.partition(":")[0]
+    repo_id, at, revision = head.partition("@")
+    if at and _REPO.fullmatch(repo_id) and not _valid_revision(revision):
+        return f" (nor a Hub id: its revision {revision!r} is not a git ref name, no part of which starts with a dot)"
+    return ""
+
+
 def _valid_revision(revision: str) -> bool:
     """A branch, tag or commit name as git allows it (``git check-ref-format``: no part that starts with a dot, so no
     ``..``, no empty part): huggingface_hub reads a branch's commit from the file ``refs/<revision>`` of its cache,

@@ -531,7 +531,10 @@ def load_state(
     path = Path(path)
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
-        raise CheckpointError(f"checkpoint {path} {what}; expected a .ckpt or .safetensors file")
+        raise CheckpointError(
+            f"checkpoint {path} {what}{hub.why_not_a_reference(str(path))}; expected a .ckpt (.pt, .pth) or "
+            ".safetensors file, or a Hub id owner/name[@revision][:file]"
+        )
     given = TiTokConfig.from_any(config) if config is not None else None  # the caller's: its errors are not the file's
     if path.suffix == ".safetensors":
         with _reading(path):
