@@ -1284,6 +1284,9 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     with pytest.raises(InputError, match=r"^list '.*endless.txt': line 2 is longer than 8192 bytes; expected one path "
                                          r"a line$"):  # fmt: skip
         collect_inputs([endless])
+    (tmp_path / "binary.txt").write_bytes(b"v/a.mp4\nv/b\x00.mp4\n")  # (os.stat would raise a ValueError)
+    with pytest.raises(InputError, match=r"^list '.*binary.txt': line 2 holds a NUL byte; expected one path a line$"):
+        collect_inputs([tmp_path / "binary.txt"])
 
 
 def _preprocessing_fails(monkeypatch, error, on=lambda frames: True):
@@ -1377,6 +1380,10 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
         file.write('{"source": "/v/odd.mp4", "status": "lost"}\n')  # whole, but not a manifest line
     with pytest.raises(ValueError, match=r"line 11: expected an object with status in"):
         read_manifest(path)
+    path.write_text('{"source": ["/v/a.mp4"], "status": "done"}\n')  # a source no job writes: no TypeError
+    for latest in (False, True):
+        with pytest.raises(ValueError, match=r"line 1: expected its source as a string"):
+            read_manifest(path, latest=latest)
 
 
 def test_a_folders_latest_lines_read_as_they_go_are_those_of_all_its_lines_in_order(tmp_path):

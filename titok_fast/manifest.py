@@ -294,4 +294,6 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             if not isinstance(row, dict) or row.get("status") not in STATUSES:
                 raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
+            if not isinstance(row.get("source"), str):  # (read_manifest keeps each source's last line by it)
+                raise ValueError(f"{path} line {number}: expected its source as a string")
             yield row

@@ -252,6 +252,8 @@ def _listed(listing: Path) -> list[Path]:
                 if len(line) > MAX_LIST_LINE:
                     raise InputError(f"list {str(listing)!r}: line {number} is longer than {MAX_LIST_LINE} bytes; "
                                      "expected one path a line")  # fmt: skip
+                if b"\0" in line:  # in no path: not a list of paths (a binary file named .txt)
+                    raise InputError(f"list {str(listing)!r}: line {number} holds a NUL byte; expected one path a line")
                 line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
                 for part in line.splitlines():  # (a bare CR ends a line too)
                     text = os.fsdecode(part.strip())
