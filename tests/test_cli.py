@@ -211,6 +211,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
          "decode task reads with --ray-cpus-per-decode CPUs"),
         (["--ray", "local", "--worker-kind", "process"], "--workers and --worker-kind apply without --ray: on a "
          "cluster, each decode task reads with --ray-cpus-per-decode CPUs"),
+        (["--ray", "local", "--worker-kind", "thread"], "--workers and --worker-kind apply without --ray: on a "
+         "cluster, each decode task reads with --ray-cpus-per-decode CPUs"),
         (["--ray", "garbage"], "--ray garbage: expected local, auto, HOST:PORT or ray://HOST:PORT"),
     ]  # fmt: skip
     for options, message in cases:
@@ -512,6 +514,10 @@ def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, ca
     code, stdout, _ = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "v", "--checkpoint", weights,
                           capsys=capsys)  # fmt: skip
     assert code == 0 and "decoded 1 file(s)" in stdout
+    monkeypatch.setenv("TITOK_FAST_CHECKPOINT", str(tmp_path / "gone.safetensors"))
+    code, _, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "e", capsys=capsys)
+    assert code == 2 and f"$TITOK_FAST_CHECKPOINT ({tmp_path / 'gone.safetensors'}) cannot be loaded (checkpoint" in err
+    assert err.rstrip().endswith(": pass --checkpoint") and len(err.splitlines()) == 1
     monkeypatch.setenv("TITOK_FAST_CHECKPOINT", str(others))
     code, _, err = run("decode", tmp_path / "moving.safetensors", "-o", tmp_path / "e", capsys=capsys)
     assert code == 2 and f"$TITOK_FAST_CHECKPOINT ({others}) has weights" in err and len(err.splitlines()) == 1
@@ -678,7 +684,7 @@ def test_encode_input_options_give_the_same_tokens_and_are_recorded(folder, tmp_
         assert made["process"].made_with["preprocessed_on"] == "device"
         assert (made["nvdec"].made_with["decoder"], made["nvdec"].made_with["decoded_by"]) == ("nvdec", "cpu")
     args = build_parser().parse_args(["encode", "x.mp4", "-o", "out"])
-    assert (args.workers, args.worker_kind, args.decoder, args.preprocess) == (None, "thread", "cpu", "auto")
+    assert (args.workers, args.worker_kind, args.decoder, args.preprocess) == (None, None, "cpu", "auto")  # thread
 
 
 def test_rotation_display_gives_the_tokens_of_the_turned_frames_is_recorded_and_resumes_apart(tmp_path, capsys):

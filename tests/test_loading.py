@@ -107,6 +107,8 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"owner/name@.hidden does not exist \(nor a Hub id: its revision "
                                               r"'.hidden' is not a git ref name, no part of which starts with a dot\)"):
         load_tokenizer("owner/name@.hidden")
+    with pytest.raises(CheckpointError, match=r"runs/exp@.1/model.ckpt does not exist; expected"):  # a local path
+        load_tokenizer("runs/exp@.1/model.ckpt")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -1190,8 +1190,8 @@ def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_onc
     ]  # fmt: skip
     notices = capsys.readouterr().err.splitlines()
     assert sorted(notices) == sorted(
-        f"titok-fast: {tmp_path / 'v' / p}: the same folder as {tmp_path / 'v' / first} (reached again through a "
-        "link), listed already"
+        f"titok-fast: {tmp_path / 'v' / p}: the same folder as {tmp_path / 'v' / first}, listed already (a link leads "
+        "to one of them)"
         for p, first in (("twice", "linked"), ("linked/deeper/up", ""))
     )
 

@@ -185,11 +185,19 @@ def test_time_sampling_refuses_a_frame_held_past_the_limit(tmp_path, monkeypatch
     result = read_clips(str(paused), frames=1, height=16, width=16, fps=2, sampling="time")
     assert sampled_indices(result)[:14] == [0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 4]
     broken = _stamped(tmp_path / "broken.mkv", [0, 500, 1000, 21000, 21500])  # 20 s on frame 2
-    with pytest.raises(VideoError, match=r"broken.mkv: its frame at 1.000 s shows for 20 s \(sampling 'time' holds"):
+    with pytest.raises(VideoError, match=r"broken.mkv: its frame at 1.000 s would fill 40 frames at 2 fps, 20 s "
+                                         r"\(sampling 'time' holds a frame for at most 10 s"):  # fmt: skip
         read_clips(str(broken), frames=1, height=16, width=16, fps=2, sampling="time")
     last = _stamped(tmp_path / "last.mkv", [0, 500, 1000], last_ms=30000)  # the last frame lasts 30 s
-    with pytest.raises(VideoError, match=r"last.mkv: its last frame at 1.000 s shows for 30 s"):
+    with pytest.raises(VideoError, match=r"last.mkv: its last frame at 1.000 s would fill 60 frames at 2 fps"):
         read_clips(str(last), frames=1, height=16, width=16, fps=2, sampling="time")
+    # H.264 with B-frames, a frame every 6 s sampled every 24 s: the pruned decoder leaves out frames no output
+    # frame shows, so decoded frames lie up to 12 s apart; what each shows is the same, and within the limit
+    sparse = videos.make_video(tmp_path / "sparse.mp4", 98, 48, 64, fps=Fraction(1, 6))
+    kwargs = dict(frames=1, height=16, width=16, fps=1 / 24, sampling="time")
+    pruned, whole = video.ClipReader(str(sparse), **kwargs), video.ClipReader(str(sparse), prune=False, **kwargs)
+    a, b = list(pruned), list(whole)
+    assert pruned.pruned and len(a) == len(b) == 25 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_one_frame_video(files):
@@ -1568,7 +1576,9 @@ def test_write_video_round_trip(tmp_path):
 
 
 WRITE_PATTERN = """
-import sys
+import os, sys
+if {one_core}:
+    os.sched_setaffinity(0, {{0}})
 sys.path.insert(0, {tests!r})
 import numpy as np, torch, videos
 from titok_fast.video import write_video
@@ -1577,17 +1587,18 @@ write_video({path!r}, torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2).flo
 """
 
 
-def test_write_video_makes_the_same_file_whatever_memory_held_before(tmp_path):
-    """The same frames make the same mp4, byte for byte: here in two processes whose freshly allocated memory holds
-    other bytes (glibc's MALLOC_PERTURB_). x264's macroblock tree read such memory: 192x192 clips came out
-    otherwise from one run to the next."""
+def test_write_video_makes_the_same_file_whatever_memory_held_before_and_whatever_the_cores(tmp_path):
+    """The same frames make the same mp4, byte for byte: here in processes whose freshly allocated memory holds
+    other bytes (glibc's MALLOC_PERTURB_), and on one core or on every core. x264's macroblock tree read such
+    memory (192x192 clips came out otherwise from one run to the next), and its output depends on its thread
+    count, by default the cores it may run on."""
     made = []
-    for perturb in ("165", "77"):
-        path = tmp_path / f"{perturb}.mp4"
-        code = WRITE_PATTERN.format(tests=str(Path(__file__).parent), path=str(path))
+    for perturb, one_core in (("165", False), ("77", False), ("165", True)):
+        path = tmp_path / f"{perturb}-{one_core}.mp4"
+        code = WRITE_PATTERN.format(tests=str(Path(__file__).parent), path=str(path), one_core=one_core)
         subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MALLOC_PERTURB_": perturb})
         made.append(path.read_bytes())
-    assert made[0] == made[1]
+    assert made[1] == made[0] and made[2] == made[0]
 
 
 def test_write_video_pads_odd_sizes(tmp_path):

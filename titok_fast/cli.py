@@ -226,7 +226,10 @@ def _model_of_tokens(token_meta, device, dtype):
     named = f"the token files name weights {token_meta.weights_digest} from {source or 'an unknown file'!r}"
     if not (mine := os.environ.get(CHECKPOINT_ENV)):
         raise ValueError(f"{named}; token files are not trusted to name local files: pass --checkpoint")
-    model = load_tokenizer(mine, config=token_meta.model_config, device=device, dtype=dtype)  # (the digest decides)
+    try:
+        model = load_tokenizer(mine, config=token_meta.model_config, device=device, dtype=dtype)  # (the digest decides)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{named}; ${CHECKPOINT_ENV} ({mine}) cannot be loaded ({e}): pass --checkpoint") from e
     if model.weights_digest != token_meta.weights_digest:
         raise ValueError(f"{named}; ${CHECKPOINT_ENV} ({mine}) has weights {model.weights_digest}: pass --checkpoint")
     print(f"weights: ${CHECKPOINT_ENV} ({mine}), as the token files record", file=sys.stderr)
@@ -291,7 +294,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     engine = _engine(args, model)
     summary = encode_files(
         model, engine, files, args.output, _settings(args, model, engine=engine),
-        workers=args.workers, worker_kind=args.worker_kind, read_ahead=args.batch_size, overwrite=args.overwrite,
+        workers=args.workers, worker_kind=args.worker_kind or "thread", read_ahead=args.batch_size,
+        overwrite=args.overwrite,
         stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
     return _finish(summary, "encoded")
@@ -301,7 +305,7 @@ def _encode_on_ray(args: argparse.Namespace, files):
     from .distributed import check_ray_address, check_reading_on_ray, encode_dataset
 
     check_reading_on_ray(args.decoder, args.preprocess)  # before the model loads
-    if args.workers is not None or args.worker_kind != "thread":
+    if args.workers is not None or args.worker_kind is not None:
         raise ValueError("--workers and --worker-kind apply without --ray: on a cluster, each decode task reads with "
                          "--ray-cpus-per-decode CPUs")  # fmt: skip
     check_ray_address(args.ray)
@@ -700,7 +704,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker-kind",
         choices=("thread", "process"),
-        default="thread",
+        default=None,  # (thread; None: not given, which --ray needs)
         help="decode in threads, or in worker processes (frames come back through shared memory) where threads "
         "stop scaling with cores (default thread)",
     )
@@ -867,6 +871,7 @@ def _interrupts_handled():
                 signal.signal(signum, handler)
         yield received
     finally:
+        forget_interrupts()  # (a later command in this process, or a caller's own interrupt, is not this one's)
         for signum, handler in previous.items():
             if handler is not None:
                 signal.signal(signum, handler)

@@ -945,8 +945,7 @@ def _text_answer(connection: socket.socket) -> str:
     Ray cluster's answer); "" for anything else (binary frames, silence, a closed connection, a TLS alert), which
     is left to Ray."""
     def text(data: bytes) -> str | None:
-        decoded = data.decode("ascii", "replace")
-        return decoded if all(c.isprintable() or c in "\r\n\t" for c in decoded) else None
+        return data.decode() if all(32 <= b < 127 or b in b"\r\n\t" for b in data) else None
 
     answer = b""
     try:
@@ -990,8 +989,10 @@ class _ray_session:
                 with interrupts_held() if self.address == "local" else contextlib.nullcontext():
                     ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **local)
             except BaseException as e:
-                if main and handler is not None:
-                    signal.signal(signal.SIGTERM, handler)  # first: a SIGTERM during the shutdown is the caller's
+                if main and handler is not None:  # first: a SIGTERM during the shutdown is the caller's (which, once
+                    # one came and was held here, ignores the next)
+                    held_sigterm = isinstance(e, KeyboardInterrupt) and "SIGTERM" in str(e)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN if held_sigterm else handler)
                 if ray.is_initialized():  # started, then the held interrupt
                     ray.shutdown()
                 if isinstance(e, ConnectionError) and self.address == "auto":  # Ray's text names its own flags

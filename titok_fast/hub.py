@@ -83,7 +83,7 @@ def why_not_a_reference(text: str) -> str:
     about the local path it is then taken for."""
     head = text.partition(":")[0]
     repo_id, at, revision = head.partition("@")
-    if at and _REPO.fullmatch(repo_id) and not _valid_revision(revision):
+    if at and _REPO.fullmatch(repo_id) and not _valid_revision(revision) and not text.endswith(_LOCAL_SUFFIXES):
         return f" (nor a Hub id: its revision {revision!r} is not a git ref name, no part of which starts with a dot)"
     return ""
 

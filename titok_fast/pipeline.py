@@ -303,7 +303,7 @@ def _video_files(folder: Path) -> list[Path]:
         try:
             st = current.stat()
             if (first := seen.get((st.st_dev, st.st_ino))) is not None:
-                notice(f"{current}: the same folder as {first} (reached again through a link), listed already")
+                notice(f"{current}: the same folder as {first}, listed already (a link leads to one of them)")
                 continue
             seen[(st.st_dev, st.st_ino)] = current
             entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)  # so popped in name order

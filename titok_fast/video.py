@@ -1419,6 +1419,9 @@ def iter_videos(
 WRITTEN_COLORSPACE = 6  # AVCOL_SPC_SMPTE170M: the BT.601 matrix (color_range 1: AVCOL_RANGE_MPEG, limited)
 
 
+X264_THREADS = 4  # VideoWriter's, on every machine: x264's output depends on it
+
+
 class VideoWriter:
     """An H.264 mp4 (libx264, yuv420p, quality `crf`) written chunk by chunk and atomically.
 
@@ -1427,7 +1430,7 @@ class VideoWriter:
     Frames go to a temporary file in the same folder, synced and renamed over `path` by ``close()``; leaving the
     ``with`` block by an exception (or ``abort()``) removes it, so `path` is only ever a complete video.
     ``comment``, if given, is stored as the container's comment tag (:func:`video_comment` reads it). The same
-    frames make the same file, byte for byte (with the same FFmpeg and x264).
+    frames make the same file, byte for byte, on any machine (with the same FFmpeg and x264).
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float, *, crf: int = 18, comment: str = ""):
@@ -1465,8 +1468,9 @@ class VideoWriter:
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
         # x264's macroblock tree (mbtree) reads memory it never wrote (seen at 192x192: the same frames made other
-        # bytes from one run to the next): without it, the same frames always make the same file
-        self._stream.options = {"crf": str(self.crf), "x264-params": "mbtree=0"}
+        # bytes from one run to the next), and its output depends on its thread count, by default the machine's
+        # cores: without the one and with a fixed count, the same frames always make the same file
+        self._stream.options = {"crf": str(self.crf), "threads": str(X264_THREADS), "x264-params": "mbtree=0"}
         # how the frames are converted (libswscale's default, BT.601 in limited range), said in the stream: a player
         # takes an unlabelled HD video for BT.709 and would shift its colours
         self._stream.codec_context.colorspace, self._stream.codec_context.color_range = WRITTEN_COLORSPACE, 1
@@ -1771,20 +1775,20 @@ def _resample(
     before ``start`` are left out.
     """
     emitted = start  # output frames so far
-    held = held_ticks = rate = slack = longest = None
+    most = math.floor(MAX_FRAME_SECONDS * fps) + 1  # output frames one frame may show (instants in that span)
+    held = held_ticks = rate = slack = None
     for _, frame in decoded:
         if frame.pts is None:
             raise VideoError(f"{path}: a video frame has no presentation timestamp")
         if rate is None:
             first, (rate, slack) = frame.pts if first is None else first, _clock(fps, frame.time_base)
-            longest = MAX_FRAME_SECONDS / frame.time_base  # in ticks
         ticks = frame.pts - first
         if held is not None:
             if ticks <= held_ticks:
                 continue
-            if ticks - held_ticks > longest:
-                _too_long(path, held_ticks * frame.time_base, (ticks - held_ticks) * frame.time_base)
             stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
+            if stop - emitted > most:  # (counted in output frames: frames a pruned decoder leaves out show none)
+                _too_long(path, held_ticks * frame.time_base, stop - emitted, fps)
             if stop > emitted:
                 yield from _repeat(held, stop - emitted, image)
                 emitted = stop
@@ -1792,9 +1796,9 @@ def _resample(
     if held is not None:
         # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
         # its own time (as if the next frame came twice the slack after it)
-        if (held.duration or 0) > longest:
-            _too_long(path, held_ticks * held.time_base, held.duration * held.time_base, "last ")
         end = max(held_ticks + (held.duration or 0), held_ticks + 2 * slack)
+        if _due(end, rate, slack) - emitted > most:
+            _too_long(path, held_ticks * held.time_base, _due(end, rate, slack) - emitted, fps, "last ")
         yield from _repeat(held, _due(end, rate, slack) - emitted, image)
 
 
@@ -1804,10 +1808,10 @@ def _resample(
 MAX_FRAME_SECONDS = 3600
 
 
-def _too_long(path: str, at: Fraction, seconds: Fraction, which: str = "") -> None:
+def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "") -> None:
     raise VideoError(
-        f"{path}: its {which}frame at {float(at):.3f} s shows for {float(seconds):.0f} s (sampling 'time' holds a "
-        f"frame for at most {MAX_FRAME_SECONDS} s: a broken timestamp?)"
+        f"{path}: its {which}frame at {float(at):.3f} s would fill {frames} frames at {fps:g} fps, {frames / fps:.0f} "
+        f"s (sampling 'time' holds a frame for at most {MAX_FRAME_SECONDS} s: a broken timestamp?)"
     )
 
 
