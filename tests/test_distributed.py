@@ -406,27 +406,33 @@ def test_a_sigterm_while_ray_starts_is_the_commands_and_lists_every_input(videos
     assert len(rows) == len(GOOD) and {r["status"] for r in rows} == {"not-encoded"} and shutdowns
 
 
-def test_a_ctrl_c_while_a_local_cluster_starts_waits_for_the_start_and_stops_the_job(videos, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_while_a_local_cluster_starts_waits_for_the_start_and_stops_the_job(videos, tmp_path, monkeypatch,
+                                                                                        signum):  # fmt: skip
     """Starting a local cluster forks processes, and an interrupt raised in Python's at-fork hooks was lost (logging's
-    lock left held: the job hung): the command's Ctrl-C waits for ray.init's end, then stops the job, the cluster
-    shut down and every input listed as not encoded."""
+    lock left held: the job hung): the command's Ctrl-C or SIGTERM waits for ray.init's end, then stops the job,
+    the cluster shut down (a second SIGTERM meanwhile ignored, as the command's handler left it) and every input
+    listed as not encoded."""
     ray = pytest.importorskip("ray")
     from titok_fast.cli import _interrupts_handled
 
     started, shutdowns = [], []
 
     def init(**kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # the command's handler runs here, inside ray.init
+        os.kill(os.getpid(), signum)  # the command's handler runs here, inside ray.init
         started.append(kwargs["address"])  # (not reached when the handler raises at once)
 
     monkeypatch.setattr(ray, "is_initialized", lambda: bool(started) and not shutdowns)
     monkeypatch.setattr(ray, "init", init)
-    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))  # not the module's cluster
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(signal.getsignal(signal.SIGTERM)))  # (not ours)
     with pytest.raises(KeyboardInterrupt), _interrupts_handled():
         encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu")
-    assert started == ["local"] and shutdowns == [1]
+    assert started == ["local"] and len(shutdowns) == 1
+    assert (shutdowns[0] == signal.SIG_IGN) == (signum == signal.SIGTERM)
     rows = read_manifest(tmp_path / MANIFEST_NAME)
     assert len(rows) == len(GOOD) and {r["status"] for r in rows} == {"not-encoded"}
+    by = "signal SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    assert {r["reason"] for r in rows} == {f"not encoded: the run was interrupted ({by})"}
 
 
 def test_ray_auto_without_a_cluster_is_one_line_naming_our_options(videos, tmp_path, monkeypatch):
