@@ -3,6 +3,7 @@ import itertools
 import math
 import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -1964,3 +1965,50 @@ def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
     assert theirs.recv() == ("task", 1, "lost.mp4", video.CLOCK.enabled, None, 1) and theirs.recv() == ("credit", 1)
     with pytest.raises(VideoError, match=r"^lost.mp4: 1 clip\(s\) lost between the decoding process and the run$"):
         list(feed)
+
+
+def _corrupted(rng: random.Random, data: bytes) -> bytes:
+    """``data`` with one to six bytes or runs changed, mostly in the container's structures (the first and last
+    4 KB), as a bad disk, a cut copy or a stranger might leave a video."""
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        if len(data) < 64:
+            break
+        region, near = rng.random(), rng.randrange(min(len(data), 4096))
+        at = near if region < 0.4 else len(data) - 1 - near if region < 0.7 else rng.randrange(len(data))
+        how = rng.random()
+        if how < 0.5:
+            data[at] = rng.randrange(256)
+        elif how < 0.7:
+            data[at : at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x00\x00\x00\x01"])
+        elif how < 0.85:
+            del data[at : at + rng.randint(1, 64)]
+        else:
+            source = rng.randrange(len(data))
+            data[at:at] = data[source : source + rng.randint(1, 64)]
+    return bytes(data)
+
+
+def test_corrupted_videos_give_their_clips_or_one_video_error(tmp_path):
+    """300 videos (H.264 MP4, FFV1 Matroska, AVI, VP9 MP4) corrupted from a fixed seed, read with every sampling:
+    each gives a bounded number of clips or a VideoError, never another exception (Latin-1 tags, a codec of no
+    decoder and timestamps days apart were found so)."""
+    made = [videos.make_video(tmp_path / "a.mp4", 30, 48, 64, x264="keyint=8:bframes=2"),
+            videos.make_video(tmp_path / "b.mkv", 30, 47, 63), videos.make_video(tmp_path / "c.avi", 30, 48, 64),
+            videos.make_video(tmp_path / "d.mp4", 30, 48, 64, encoder="libvpx-vp9")]  # fmt: skip
+    sources = [(path.suffix, path.read_bytes()) for path in made]
+    rng, outcomes = random.Random(0), {"clips": 0, "error": 0}
+    for n in range(300):
+        suffix, data = rng.choice(sources)
+        path = tmp_path / f"corrupt{n}{suffix}"
+        path.write_bytes(_corrupted(rng, data))
+        kwargs = rng.choice([{}, {"sampling": "time"}, {"prune": False}, {"tail": "pad"}])
+        try:
+            clips = sum(1 for _ in video.ClipReader(str(path), frames=4, height=32, width=32, fps=8, **kwargs))
+        except VideoError:
+            outcomes["error"] += 1
+        else:
+            assert clips <= 60, (path, kwargs, clips)  # (30 source frames: a few clips; 60 with a shifted stamp)
+            outcomes["clips"] += 1
+        path.unlink()
+    assert min(outcomes.values()) > 30, outcomes
