@@ -329,6 +329,13 @@ def test_help_and_argument_errors_come_without_importing_torch():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+# the command as a terminal's foreground job runs it, Ctrl-C included: a test run started in the background (by a
+# shell without job control, or nohup) ignores SIGINT, which its children would inherit, and the command then
+# leaves Ctrl-C alone (not for it)
+FOREGROUND = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "runpy.run_module('titok_fast.cli', run_name='__main__', alter_sys=True)")  # fmt: skip
+
+
 def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1, env=None):
     """A command encoding 6 videos (then ``inputs``), started in a session of its own and left running once its
     first token file (its first ``files``) is written, however fast the machine: (the process, the output folder,
@@ -338,7 +345,7 @@ def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1, env=None
     for i in range(6):
         make_video(src / f"clip{i}.mp4", frames=48, height=64, width=64, fps=24)
     out = tmp_path / "tokens"
-    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(src), *map(str, inputs), "-o", str(out),
+    cmd = [sys.executable, "-c", FOREGROUND, "encode", str(src), *map(str, inputs), "-o", str(out),
            "--grid", "4x64x64", "--tokens", "64", "--batch-size", "1", "--workers", "1", *options, *RANDOM]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=env)  # fmt: skip

@@ -425,8 +425,12 @@ def test_an_interrupt_while_a_local_cluster_starts_waits_for_the_start_and_stops
     monkeypatch.setattr(ray, "is_initialized", lambda: bool(started) and not shutdowns)
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(signal.getsignal(signal.SIGTERM)))  # (not ours)
-    with pytest.raises(KeyboardInterrupt), _interrupts_handled():
-        encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal: not ignored)
+    try:
+        with pytest.raises(KeyboardInterrupt), _interrupts_handled():
+            encode_dataset(LOAD(), collect_inputs([videos["good"]]), tmp_path, SETTINGS, device="cpu")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert started == ["local"] and len(shutdowns) == 1
     assert (shutdowns[0] == signal.SIG_IGN) == (signum == signal.SIGTERM)
     rows = read_manifest(tmp_path / MANIFEST_NAME)
