@@ -181,6 +181,32 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
         assert code == 2 and "precision fp8 needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
+def test_debug_shows_where_an_unforeseen_failure_of_one_file_came_from(folder, tmp_path, capsys, monkeypatch):
+    """A failure no check foresaw fails its file alone, in one line; with --debug, its traceback comes too (for a
+    bug report), for reading and for decoding, and --debug is over when the command is."""
+    from titok_fast import pipeline, video
+
+    real = video.ClipReader._clip
+
+    def broken(self, images):
+        if self.path.endswith("moving.mp4"):
+            raise IndexError("list index out of range")
+        return real(self, images)
+
+    monkeypatch.setattr(video.ClipReader, "_clip", broken)
+    for debug in ([], ["--debug"]):
+        code, stdout, err = run("encode", folder, "-o", tmp_path / f"o{len(debug)}", *GRID, *RANDOM, *debug,
+                                capsys=capsys)  # fmt: skip
+        assert code == 1 and "moving.mp4: cannot be read (IndexError: list index out of range)" in stdout
+        shown = f"titok-fast: --debug: {folder / 'moving.mp4'} failed here:\nTraceback (most recent call last):"
+        assert (shown in err and "in broken\n" in err) == bool(debug), err
+        assert "TITOK_FAST_DEBUG" not in os.environ
+    tokens = next((tmp_path / "o0").rglob("*.safetensors"))
+    monkeypatch.setattr(pipeline, "decoded_chunks", lambda engine, token_file: iter([None]))  # (a bug)
+    code, stdout, err = run("decode", tokens, "-o", tmp_path / "v", "--debug", capsys=capsys)
+    assert code == 1 and f"titok-fast: --debug: {tokens} failed here:\nTraceback" in err
+
+
 def test_a_warning_is_one_line_as_every_other_message(folder, tmp_path, capsys):
     options = ["--mode", "compile", "--grid", "4x32x32", "--tokens", "20000"]  # (refused after the engine warned)
     code, _, err = run("encode", folder / "moving.mp4", "-o", tmp_path / "o", *RANDOM, *options, capsys=capsys)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .files import MAX_SEED, STALL_SECONDS, forget_interrupts, interrupt, notice, write_atomically
+from .files import DEBUG_ENV, MAX_SEED, STALL_SECONDS, forget_interrupts, interrupt, notice, write_atomically
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
@@ -886,6 +886,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
+    with _debug_env(getattr(args, "debug", False)):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _debug_env(debug: bool):
+    """With --debug, $TITOK_FAST_DEBUG set for the command (its worker processes inherit it): an unforeseen failure
+    of one file shows its traceback."""
+    if not debug or os.environ.get(DEBUG_ENV):
+        yield
+        return
+    os.environ[DEBUG_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(DEBUG_ENV, None)
+
+
+def _run(args: argparse.Namespace) -> int:
     received: set[int] = set()
     try:
         with _interrupts_handled() as received, warnings.catch_warnings():

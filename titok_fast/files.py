@@ -19,6 +19,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 import uuid
 
 METADATA_KEY = "titok_fast"  # the safetensors metadata key holding our JSON, in token files and weights files
@@ -38,6 +39,17 @@ def escaped(text: str) -> str:
 def notice(message: str) -> None:
     """A one-line notice on stderr (file names in it escaped)."""
     print(f"titok-fast: {escaped(message)}", file=sys.stderr)
+
+
+DEBUG_ENV = "TITOK_FAST_DEBUG"  # set by the command's --debug: worker processes inherit it
+
+
+def show_traceback(error: BaseException, path: str | os.PathLike) -> None:
+    """With --debug, the traceback of an unforeseen failure that fails one file alone (the run goes on, and says
+    it in one line): where it came from, for a bug report."""
+    if os.environ.get(DEBUG_ENV):
+        lines = traceback.format_exception(type(error), error, error.__traceback__)
+        print(f"titok-fast: --debug: {escaped(str(path))} failed here:\n{''.join(lines)}", end="", file=sys.stderr)
 
 
 MAX_NAME_BYTES = 255  # of a file name, on the usual file systems

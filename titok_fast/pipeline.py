@@ -42,6 +42,7 @@ from .files import (
     network_file_system,
     notice,
     remove_abandoned,
+    show_traceback,
     temporary_stem,
 )
 from .loading import random_seed, weights_digest
@@ -1334,6 +1335,8 @@ def decode_files(
         except Exception as e:  # not only the errors foreseen: one file must never end the run, but a full disk
             if getattr(e, "errno", None) in NO_ROOM:  # (quota, read-only file system) fails every one after it
                 raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
+            if not isinstance(e, (ValueError, OSError)):  # (the foreseen ones say all in their line)
+                show_traceback(e, path)
             summary.failed.append((str(path), _one_line(e)))
             continue
         if scores is not None:

@@ -60,7 +60,7 @@ from .decoders import (
     stream_index,
     video_stream,
 )
-from .files import STALL_SECONDS, AtomicFile, notice
+from .files import STALL_SECONDS, AtomicFile, notice, show_traceback
 from .preprocess import clip_pixels, normalize_pixels, placement
 from .stages import CLOCK
 
@@ -653,6 +653,7 @@ class ClipFeed:
         except VideoError as exc:
             self._put(("error", exc))
         except Exception as exc:  # an unforeseen failure on one file must not stop the others
+            show_traceback(exc, self.path)
             error = VideoError(f"{self.path}: cannot be read ({type(exc).__name__}: {exc})")
             error.__cause__ = exc
             self._put(("error", error))
@@ -1387,6 +1388,7 @@ def _serve_file(
     except VideoError as exc:
         run.send(("error", str(exc), CLOCK.take()))
     except Exception as exc:  # an unforeseen failure on one file must not stop the others
+        show_traceback(exc, path)
         run.send(("error", f"{path}: cannot be read ({type(exc).__name__}: {exc})", CLOCK.take()))
     return stop
 
