@@ -201,6 +201,21 @@ def test_debug_shows_where_an_unforeseen_failure_of_one_file_came_from(folder, t
         shown = f"titok-fast: --debug: {folder / 'moving.mp4'} failed here:\nTraceback (most recent call last):"
         assert (shown in err and "in broken\n" in err) == bool(debug), err
         assert "TITOK_FAST_DEBUG" not in os.environ
+    monkeypatch.setenv("TITOK_FAST_DEBUG", "0")  # (set otherwise, not by --debug: no traceback; kept as it was)
+    for debug in ([], ["--debug"]):
+        code, stdout, err = run("encode", folder / "moving.mp4", "-o", tmp_path / f"e{len(debug)}", *GRID, *RANDOM,
+                                *debug, capsys=capsys)  # fmt: skip
+        assert code == 1 and ("failed here:" in err) == bool(debug) and os.environ["TITOK_FAST_DEBUG"] == "0"
+    monkeypatch.delenv("TITOK_FAST_DEBUG")
+    monkeypatch.setattr(video.ClipReader, "_clip", real)
+
+    def preprocess_breaks(self, frames):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(pipeline.DevicePreprocessor, "__call__", preprocess_breaks)  # on the model's device
+    code, stdout, err = run("encode", folder / "moving.mp4", "-o", tmp_path / "p", *GRID, *RANDOM, "--preprocess",
+                            "device", "--debug", capsys=capsys)  # fmt: skip
+    assert code == 1 and "preprocessing clip 0 on cpu failed (IndexError" in stdout and "in preprocess_breaks\n" in err
     tokens = next((tmp_path / "o0").rglob("*.safetensors"))
     monkeypatch.setattr(pipeline, "decoded_chunks", lambda engine, token_file: iter([None]))  # (a bug)
     code, stdout, err = run("decode", tokens, "-o", tmp_path / "v", "--debug", capsys=capsys)

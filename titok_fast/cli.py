@@ -24,7 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .files import DEBUG_ENV, MAX_SEED, STALL_SECONDS, forget_interrupts, interrupt, notice, write_atomically
+from .files import (
+    DEBUG_ENV,
+    MAX_SEED,
+    STALL_SECONDS,
+    Terminated,
+    forget_interrupts,
+    interrupt,
+    notice,
+    write_atomically,
+)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
@@ -836,11 +845,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, as a scheduler (Slurm, Kubernetes) stops a job: handled as Ctrl-C is, so what was finished stays
-    and the manifest lists the inputs not encoded."""
-
-
 @contextlib.contextmanager
 def _interrupts_handled():
     """Ctrl-C and SIGTERM during a command: raised as KeyboardInterrupt / Terminated, but not between a token file
@@ -894,14 +898,18 @@ def main(argv: list[str] | None = None) -> int:
 def _debug_env(debug: bool):
     """With --debug, $TITOK_FAST_DEBUG set for the command (its worker processes inherit it): an unforeseen failure
     of one file shows its traceback."""
-    if not debug or os.environ.get(DEBUG_ENV):
+    if not debug:
         yield
         return
+    before = os.environ.get(DEBUG_ENV)
     os.environ[DEBUG_ENV] = "1"
     try:
         yield
     finally:
-        os.environ.pop(DEBUG_ENV, None)
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
-from .files import STALL_SECONDS, interrupts_held, notice
+from .files import STALL_SECONDS, interrupts_held, notice, show_traceback, sigterm_came
 from .fp8 import check_fp8_runs
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -147,6 +147,7 @@ def decode_rows(
         yield _row(number, count, "error", info=str(e), decoded_by=me)
         return
     except Exception as e:  # an unforeseen failure on one file must not stop the others
+        show_traceback(e, path)  # (in the worker's log, where $TITOK_FAST_DEBUG reaches the Ray workers)
         yield _row(number, count, "error", info=f"{path}: cannot be read ({type(e).__name__}: {e})", decoded_by=me)
         return
     end = {"clips": count, "first": reader.first_clip, "start_times": reader.start_times(),
@@ -991,8 +992,7 @@ class _ray_session:
             except BaseException as e:
                 if main and handler is not None:  # first: a SIGTERM during the shutdown is the caller's (which, once
                     # one came and was held here, ignores the next)
-                    held_sigterm = isinstance(e, KeyboardInterrupt) and "SIGTERM" in str(e)
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN if held_sigterm else handler)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN if sigterm_came() else handler)
                 if ray.is_initialized():  # started, then the held interrupt
                     ray.shutdown()
                 if isinstance(e, ConnectionError) and self.address == "auto":  # Ray's text names its own flags

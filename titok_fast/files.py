@@ -47,7 +47,7 @@ DEBUG_ENV = "TITOK_FAST_DEBUG"  # set by the command's --debug: worker processes
 def show_traceback(error: BaseException, path: str | os.PathLike) -> None:
     """With --debug, the traceback of an unforeseen failure that fails one file alone (the run goes on, and says
     it in one line): where it came from, for a bug report."""
-    if os.environ.get(DEBUG_ENV):
+    if os.environ.get(DEBUG_ENV) == "1":
         lines = traceback.format_exception(type(error), error, error.__traceback__)
         print(f"titok-fast: --debug: {escaped(str(path))} failed here:\n{''.join(lines)}", end="", file=sys.stderr)
 
@@ -177,13 +177,18 @@ def interrupts_held():
             raise pending
 
 
-_last_interrupt: list[BaseException] = []  # the last one ``interrupt`` was given (interrupt_name)
+_interrupts_given: list[BaseException] = []  # since the command began, in order (interrupt_name, sigterm_came)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a scheduler (Slurm, Kubernetes) stops a job: handled as Ctrl-C is, so what was finished stays
+    and the manifest lists the inputs not encoded."""
 
 
 def interrupt(error: BaseException) -> None:
     """Raise ``error`` (a signal handler's, in the main thread) now, or at the end of the ``interrupts_held`` block
     the main thread is in; a second one while the first waits is dropped."""
-    _last_interrupt[:] = [error]
+    _interrupts_given.append(error)
     if getattr(_held, "depth", 0):
         _held.pending = getattr(_held, "pending", None) or error
         return
@@ -227,9 +232,14 @@ def network_file_system(path: str | os.PathLike[str], mounts: str = MOUNTS) -> s
 def interrupt_name(error: KeyboardInterrupt) -> str:
     """What stopped a run that ``error`` ended: its message (a SIGTERM's says so), else that of the last interrupt
     the command's handlers gave (Ray may hand one back as a plain KeyboardInterrupt), else Ctrl-C."""
-    return str(error) or (str(_last_interrupt[0]) if _last_interrupt else "") or "Ctrl-C"
+    return str(error) or (str(_interrupts_given[-1]) if _interrupts_given else "") or "Ctrl-C"
+
+
+def sigterm_came() -> bool:
+    """Whether the command's handlers were given a SIGTERM (one held behind a Ctrl-C included)."""
+    return any(isinstance(error, Terminated) for error in _interrupts_given)
 
 
 def forget_interrupts() -> None:
     """A new command: no interrupt came yet."""
-    _last_interrupt.clear()
+    _interrupts_given.clear()

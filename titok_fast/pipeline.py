@@ -881,6 +881,7 @@ class _EncodeJob:
             if _device_fault(e):
                 raise
             self.preprocess_failed_in_a_row += 1
+            show_traceback(e, state.path)
             where, error = self.on_device.device.type, f"{type(e).__name__}: {' '.join(str(e).split())}"
             if self.preprocess_failed_in_a_row >= GIVE_UP_AFTER:
                 raise RuntimeError(
