@@ -1967,6 +1967,31 @@ def test_clips_lost_between_a_worker_process_and_the_run_fail_the_file():
         list(feed)
 
 
+PLAN_A_BROKEN_FILE = """
+import os, resource, types
+from fractions import Fraction
+import numpy as np
+from titok_fast import decoders, video
+mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+room = mapped + (4 << 30)  # 4 GB more than what is mapped now (the table of every clip's would take 40 GB)
+resource.setrlimit(resource.RLIMIT_AS, (room, room))
+order = np.concatenate([np.arange(0, 48_000, 1000), [10 * 365 * 86_400 * 1000]])  # ms: 48 frames, then one
+index = decoders.StreamIndex(order, np.array([0, 24]), True)  # ten years later; cuts at frames 0 and 24
+reader = video.ClipReader("x.mp4", frames=4, height=32, width=32, fps=8, sampling="time")
+reader.split_into = 4
+print([(s.first, s.cut) for s in reader._plan(index, types.SimpleNamespace(time_base=Fraction(1, 1000)))])
+"""
+
+
+def test_planning_segments_of_a_file_whose_last_stamp_is_years_ahead_takes_no_table_of_its_clips():
+    """Splitting a file looks at a few clips' first frames only: a broken stamp ten years ahead (sampling "time",
+    8 fps: 630 million clips of 4 frames) once made a table of every clip's first frame, gigabytes, before the
+    reading failed the file. Here within 4 GB more address space."""
+    done = subprocess.run([sys.executable, "-c", PLAN_A_BROKEN_FILE], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"[(0, 0), ({10 * 365 * 86_400 * 8 // 4 // 4}, 24)]"
+
+
 def _corrupted(rng: random.Random, data: bytes) -> bytes:
     """``data`` with one to six bytes or runs changed, mostly in the container's structures (the first and last
     4 KB), as a bad disk, a cut copy or a stranger might leave a video."""

@@ -437,16 +437,20 @@ class ClipReader:
         if self.sampling == "upstream":
             self._set_chunk_length(float(stream.average_rate or 0))  # (the CPU decoder's rate: see cpu_frames)
             clips = len(index.order) // self._chunk_length  # whole chunks
-            firsts = np.arange(clips) * self._chunk_length  # each clip's first frame
+
+            def first(clip: int) -> int:  # a clip's first frame
+                return clip * self._chunk_length
         else:
             due = self._dues(index.order, stream.time_base)
             clips = int(due[-1]) // self.frames  # output frames before the last frame's are there whatever its length
-            firsts = np.searchsorted(due, np.arange(clips) * self.frames, side="right") - 1  # the frame shown first
+
+            def first(clip: int) -> int:  # the frame a clip shows first (asked of a few clips only: a broken stamp
+                return int(np.searchsorted(due, clip * self.frames, side="right")) - 1  # may make billions)
         parts = min(self.split_into, clips // SEGMENT_CLIPS)
         bounds: list[tuple[int, int]] = [(0, 0)]  # (first clip, cut) of each segment
         for k in range(1, parts):
             clip = k * clips // parts
-            at = int(np.searchsorted(index.cuts, firsts[clip], side="right")) - 1  # the last cut at or before it
+            at = int(np.searchsorted(index.cuts, first(clip), side="right")) - 1  # the last cut at or before it
             cut = int(index.cuts[at]) if at >= 0 else 0
             if cut > bounds[-1][1]:  # a cut of its own, after the last segment's
                 bounds.append((clip, cut))
