@@ -1480,3 +1480,57 @@ def test_what_a_token_file_records_per_chunk_is_compared_as_its_distinct_values_
     assert pipeline._distinct(grids) == [[4, 32, 32], [8, 32, 32]]
     assert pipeline._recorded([8]) == 8 and pipeline._recorded([16, 8, 4]) == "16/8/4"
     assert pipeline._distinct(torch.arange(100, 0, -1), most=3) == [100, 99, 98, "..."]
+
+
+def test_damaged_manifests_and_list_files_are_read_or_refused_in_one_line(tmp_path):
+    """2000 manifests of job lines damaged from a fixed seed (bytes changed, fields of any JSON type, lines cut or
+    ended by CR): read_manifest reads them or names a line (ValueError), a resume's look at them never fails
+    (_settled), a job appends whole lines after them, and the same bytes as a list file are read or refused as
+    an InputError."""
+    import random
+
+    from titok_fast import manifest as manifest_module
+    from titok_fast.manifest import Manifest, read_manifest
+    from titok_fast.pipeline import InputError, collect_inputs
+
+    lines = [json.dumps({"source": f"/v/{n}.mp4", "tokens": f"/t/{n}.safetensors", "clips": n, "status": status,
+                         "reason": "", "time": f"2026-01-0{n + 1}T00:00:00+00:00"})
+             for n, status in enumerate(("done", "skipped", "failed", "not-encoded"))]  # fmt: skip
+    values = [None, 1, -1, 1e308, "", [], {}, True, 2**70, "\x00", "done", ["/v/0.mp4"]]
+    rng, folder = random.Random(0), tmp_path / "out"
+    folder.mkdir()
+    path, listing, outcomes = folder / manifest_module.MANIFEST_NAME, tmp_path / "list.txt", {"read": 0, "named": 0}
+    for _ in range(2000):
+        chosen = []
+        for _ in range(rng.randint(0, 6)):
+            line = rng.choice(lines)
+            if rng.random() < 0.3:
+                row = json.loads(line)
+                row[rng.choice(sorted(row))] = rng.choice(values)
+                line = json.dumps(row)
+            elif rng.random() < 0.3:
+                data = bytearray(line.encode())
+                data[rng.randrange(len(data))] = rng.randrange(256)
+                line = data.decode("latin-1")
+            chosen.append(line)
+        data = rng.choice(["\n", "\r\n", "\r"]).join(chosen).encode("utf-8", "surrogateescape")
+        data += b"\n" if rng.random() < 0.7 else b""
+        path.write_bytes(data)
+        try:
+            read_manifest(folder, latest=True)
+            read_manifest(path)
+            outcomes["read"] += 1
+        except ValueError as e:
+            assert re.search(r"line \d+: expected (an object with status in|its source as a string)", str(e)), e
+            outcomes["named"] += 1
+        manifest_module._settled(folder)  # (never raises)
+        with Manifest(path, pipeline.Summary()) as manifest:
+            manifest.done("/v/new.mp4", tmp_path / "new.safetensors", 1)
+        written = path.read_bytes()
+        assert written.endswith(b"\n") and json.loads(written.split(b"\n")[-2])["source"] == "/v/new.mp4"
+        listing.write_bytes(data)
+        try:
+            collect_inputs([listing])
+        except InputError:
+            pass
+    assert min(outcomes.values()) > 300, outcomes
