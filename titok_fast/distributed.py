@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
-from .files import STALL_SECONDS, interrupts_held, notice, show_traceback, sigterm_came
+from .files import STALL_SECONDS, interrupts_held, notice, sigterm_came
 from .fp8 import check_fp8_runs
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -70,7 +70,7 @@ from .pipeline import (
     write_recorded,
     write_token_file,
 )
-from .video import ClipReader, VideoError, normalize_pixels, watched_clips
+from .video import ClipReader, VideoError, normalize_pixels, unforeseen, watched_clips
 
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
@@ -146,9 +146,9 @@ def decode_rows(
     except VideoError as e:
         yield _row(number, count, "error", info=str(e), decoded_by=me)
         return
-    except Exception as e:  # an unforeseen failure on one file must not stop the others
-        show_traceback(e, path)  # (in the worker's log, where $TITOK_FAST_DEBUG reaches the Ray workers)
-        yield _row(number, count, "error", info=f"{path}: cannot be read ({type(e).__name__}: {e})", decoded_by=me)
+    except Exception as e:  # an unforeseen failure on one file must not stop the others (with --debug, its
+        # traceback goes to the worker's log, where $TITOK_FAST_DEBUG reaches the Ray workers)
+        yield _row(number, count, "error", info=unforeseen(path, e), decoded_by=me)
         return
     end = {"clips": count, "first": reader.first_clip, "start_times": reader.start_times(),
            "last_clip_frames": reader.last_clip_frames, "decoder": reader.decoded_by, "placement": reader.placement,

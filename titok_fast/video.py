@@ -657,8 +657,7 @@ class ClipFeed:
         except VideoError as exc:
             self._put(("error", exc))
         except Exception as exc:  # an unforeseen failure on one file must not stop the others
-            show_traceback(exc, self.path)
-            error = VideoError(f"{self.path}: cannot be read ({type(exc).__name__}: {exc})")
+            error = VideoError(unforeseen(self.path, exc))
             error.__cause__ = exc
             self._put(("error", error))
 
@@ -1392,8 +1391,7 @@ def _serve_file(
     except VideoError as exc:
         run.send(("error", str(exc), CLOCK.take()))
     except Exception as exc:  # an unforeseen failure on one file must not stop the others
-        show_traceback(exc, path)
-        run.send(("error", f"{path}: cannot be read ({type(exc).__name__}: {exc})", CLOCK.take()))
+        run.send(("error", unforeseen(path, exc), CLOCK.take()))
     return stop
 
 
@@ -1579,6 +1577,13 @@ def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
     if isinstance(frame, av.VideoFrame):  # (NVDEC's keep the stream's first size, checked at the start)
         _check_frame_size(path, frame.width, frame.height)
     return rgb(frame)
+
+
+def unforeseen(path: str | os.PathLike[str], error: Exception) -> str:
+    """The one line for a failure no check foresaw while reading ``path``, which fails that file alone (its
+    traceback shown with --debug)."""
+    show_traceback(error, path)
+    return f"{path}: cannot be read ({type(error).__name__}: {error})"
 
 
 def video_comment(path: str | os.PathLike[str]) -> str | None:
