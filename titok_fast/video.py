@@ -1808,9 +1808,9 @@ def _resample(
         # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
         # its own time (as if the next frame came twice the slack after it)
         end = max(held_ticks + (held.duration or 0), held_ticks + 2 * slack)
-        if _due(end, rate, slack) - emitted > most:
-            _too_long(path, held_ticks * held.time_base, _due(end, rate, slack) - emitted, fps, "last ")
-        yield from _repeat(held, _due(end, rate, slack) - emitted, image)
+        if (count := _due(end, rate, slack) - emitted) > most:
+            _too_long(path, held_ticks * held.time_base, count, fps, "last ")
+        yield from _repeat(held, count, image)
 
 
 # With sampling "time", a frame shows until the next one (the last one for its duration): a broken timestamp days
