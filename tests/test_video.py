@@ -252,6 +252,37 @@ def test_frames_beyond_the_largest_source_size_fail_their_file(files, tmp_path, 
     assert reader.clips_read == 3  # the clips before it came out
 
 
+def test_strips_that_resize_past_the_largest_frame_fail_their_file(tmp_path, monkeypatch):
+    """A strip of a few rows resizes far past its own size (short side to the clip's side): 8192 x 2 for 192 x 192
+    clips would be 786432 x 192, 1.8 GB in float32 per frame. A file whose frames, declared or grown to midway,
+    would resize to more than MAX_SOURCE_SIDE squared (scaled down here) fails alone in one line; the same file
+    read for smaller clips is read."""
+    from test_preprocess import make_size_change
+
+    monkeypatch.setattr(video, "MAX_SOURCE_SIDE", 40)  # 1600 pixels
+    strip = videos.make_video(tmp_path / "strip.mp4", 8, 4, 64)  # 256 pixels: read; for 24 x 24 clips, 384 x 24
+    said = r"strip.mp4: frames of 64x4 pixels resize to 384x24 for 24x24 clips \(short side to 24, then the crop\)"
+    with pytest.raises(VideoError, match=said + r"; at most 40x40 pixels' worth are resized"):
+        read_clips(strip, frames=4, height=24, width=24, fps=24)
+    small = read_clips(strip, frames=4, height=4, width=4, fps=24)  # 64 x 4 for 4 x 4 clips: read as it is
+    assert [tuple(c.shape) for c in small.clips] == [(3, 4, 4, 4)] * 2
+    grows = make_size_change(tmp_path / "grows.ts", parts=((14, 32, 48), (16, 4, 64)))  # 24 x 36, then 384 x 24
+    reader = video.ClipReader(grows, frames=4, height=24, width=24, fps=8)
+    with pytest.raises(VideoError, match=r"grows.ts: frames of 64x4 pixels resize to 384x24"):
+        for _ in reader:
+            pass
+    assert reader.clips_read == 3  # the clips before it came out
+
+
+def test_a_resized_frame_is_kept_as_its_crop(files):
+    """The per-frame path keeps each sampled frame's crop alone, not a view of the whole resized frame (a wide
+    source's would hold many times the crop's memory until the clip is stacked)."""
+    reader = video.ClipReader(files["gradient"], frames=1, height=32, width=32, fps=24, raw=True)
+    image = torch.zeros(64, 160, 3, dtype=torch.uint8)  # resized to 32 x 80 before the crop
+    kept = reader._resized_image(image)
+    assert kept.shape == (3, 32, 32) and kept.untyped_storage().nbytes() == 3 * 32 * 32 * 4
+
+
 def test_resize_and_crop_keep_the_center(files):
     # 64 x 160 left-to-right ramp: short side 64 -> 32, width 160 -> 80, center crop keeps source columns 48..111
     clip = read_clips(files["gradient"], frames=1, height=32, width=32, fps=24).clips[0]

@@ -61,7 +61,7 @@ from .decoders import (
     video_stream,
 )
 from .files import STALL_SECONDS, AtomicFile, notice, show_traceback
-from .preprocess import clip_pixels, normalize_pixels, placement
+from .preprocess import clip_pixels, normalize_pixels, placement, resized_size
 from .stages import CLOCK
 
 TAIL_POLICIES = ("drop", "pad")
@@ -69,9 +69,9 @@ SAMPLINGS = ("upstream", "time")
 ROTATIONS = ("stored", "display")  # frames as stored (upstream), or turned as the container says to show them
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
-# the largest source frame read, in pixels of a square of this side (8192 x 8192, beyond 8K): a 16384 x 16384
-# frame would take some 4 GB per decoding worker once converted and resized (RGB, float32); a file that declares or
-# grows to more fails alone
+# the largest source frame read, and the largest frame resized (short side to the clip's larger side, before the
+# crop), in pixels of a square of this side (8192 x 8192, beyond 8K): a 16384 x 16384 frame would take some 4 GB
+# per decoding worker once converted and resized (RGB, float32); a file that declares or grows to more fails alone
 MAX_SOURCE_SIDE = 8192
 # a video is split across decoding workers only into segments of at least this many clips: each segment opens
 # the file, seeks and decodes the frames from its cut (a key frame) to its first clip, up to about one group of
@@ -295,7 +295,7 @@ class ClipReader:
                 raise VideoError(f"{path}: has no video stream{art}")
             if (context := stream.codec_context) is None:
                 raise VideoError(f"{path}: its video stream has a codec FFmpeg cannot decode (an unknown codec)")
-            _check_frame_size(path, context.width, context.height)
+            _check_frame_size(path, context.width, context.height, (self.height, self.width))
             index, segment = None, self._segment()
             needs = self._segment_needs if prune else None
             # a file is split, if at all, when first opened: not on a retry (NVDEC failed, or pruning went wrong)
@@ -333,7 +333,7 @@ class ClipReader:
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
                     on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
                     self.placement = "device" if source.decoder == "nvdec" else on
-                rgb = functools.partial(_sized_rgb, path, source.rgb)
+                rgb = functools.partial(_sized_rgb, path, (self.height, self.width), source.rgb)
                 if self.rotation == "display" and source.decoder == "nvdec":  # no display matrix on its frames:
                     turns = first_frame_turns(path)  # the first frame's, from PyAV
                     rgb = functools.partial(_turned, rgb, lambda _: turns)
@@ -465,8 +465,9 @@ class ClipReader:
         return self._resized_image(rgb(frame))
 
     def _resized_image(self, image: torch.Tensor) -> torch.Tensor:
-        """[h, w, 3] uint8 RGB -> raw pixels [3, height, width] float32, as upstream prepares a frame."""
-        return clip_pixels(image[None], self.height, self.width)[:, 0]
+        """[h, w, 3] uint8 RGB -> raw pixels [3, height, width] float32, as upstream prepares a frame; a copy of
+        the crop, so that a clip's frames do not each hold their whole resized frame until they are stacked."""
+        return clip_pixels(image[None], self.height, self.width)[:, 0].contiguous()
 
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
         self.clips_read += 1
@@ -1564,18 +1565,27 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"videos must both be [3, T, H, W] of one shape; got {list(a.shape)} and {list(b.shape)}")
 
 
-def _check_frame_size(path: str, width: int, height: int) -> None:
-    if width * height > MAX_SOURCE_SIDE**2:
-        raise VideoError(
-            f"{path}: frames of {width}x{height} pixels; at most {MAX_SOURCE_SIDE}x{MAX_SOURCE_SIDE} pixels' worth "
-            "are read"
-        )
+def _check_frame_size(path: str, width: int, height: int, clip: tuple[int, int]) -> None:
+    """A VideoError unless a frame of ``width`` x ``height``, and the same frame resized for clips of ``clip``
+    (height, width) before the crop, each hold at most MAX_SOURCE_SIDE squared pixels: a strip of a few rows is
+    resized far past its own size (8192 x 2 for 192 x 192 clips: 786432 x 192, 1.8 GB in float32 per frame)."""
+    side = MAX_SOURCE_SIDE
+    if width * height > side**2:
+        raise VideoError(f"{path}: frames of {width}x{height} pixels; at most {side}x{side} pixels' worth are read")
+    if width >= 1 and height >= 1:
+        resized_h, resized_w = resized_size((height, width), *clip)
+        if resized_h * resized_w > side**2:
+            raise VideoError(
+                f"{path}: frames of {width}x{height} pixels resize to {resized_w}x{resized_h} for {clip[1]}x{clip[0]}"
+                f" clips (short side to {max(clip)}, then the crop); at most {side}x{side} pixels' worth are resized"
+            )
 
 
-def _sized_rgb(path: str, rgb: Callable, frame) -> torch.Tensor:
-    """``rgb(frame)`` of a frame within MAX_SOURCE_SIDE squared (a stream may grow midway past what it declared)."""
+def _sized_rgb(path: str, clip: tuple[int, int], rgb: Callable, frame) -> torch.Tensor:
+    """``rgb(frame)`` of a frame within the sizes :func:`_check_frame_size` allows for clips of ``clip`` (height,
+    width) (a stream may grow midway past what it declared)."""
     if isinstance(frame, av.VideoFrame):  # (NVDEC's keep the stream's first size, checked at the start)
-        _check_frame_size(path, frame.width, frame.height)
+        _check_frame_size(path, frame.width, frame.height, clip)
     return rgb(frame)
 
 
