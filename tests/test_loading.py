@@ -384,6 +384,54 @@ def test_a_pickle_of_millions_of_opcodes_is_refused_before_it_is_unpickled(tmp_p
         load_tokenizer(bomb, config="tiny")
 
 
+def _tuple_dag(levels: int, first: bytes = b"\x80\x02}", memo: int = 0) -> bytes:
+    """A pickle that builds t_0 = 1, t_i = (t_(i-1), t_(i-1)) through its memo (t_i in entry ``memo`` + i, after
+    ``first``): hashing t_levels visits 2**levels elements (tuples do not keep their hash)."""
+    parts = [first, b"K\x01q" + bytes([memo]) + b"0"]
+    for i in range(memo + 1, memo + levels + 1):
+        parts.append(b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + bytes([i]) + b"0")
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("attack", ["shared tuples", "colliding ints", "deep tuple", "set of shared tuples"])
+def test_keys_that_would_take_long_to_hash_are_refused_before_unpickling(tmp_path, never_unpickled, attack):
+    """The C unpickler hashes every dict and set key, in C, where no signal is handled: a 334-byte pickle using
+    a tuple of 40 levels of shared sub-tuples as a key would hash for hours (and Ctrl-C or SIGTERM could not stop
+    it), 60,000 int keys that are multiples of 2**61 - 1 (they all hash alike) took 55 s, and a tuple nested a
+    million deep crashed the interpreter (C stack). Each is refused before anything is unpickled."""
+    import pickle
+
+    if attack == "shared tuples":
+        data = _tuple_dag(40) + b"h\x28K\x01s."  # {t_40: 1}
+    elif attack == "colliding ints":
+        m = (1 << 61) - 1
+        data = b"\x80\x02}(" + b"".join(b"\x8a" + bytes([len(e)]) + e + b"N" for e in
+                                         (pickle.encode_long(i * m) for i in range(1, 60001))) + b"u."  # fmt: skip
+    elif attack == "deep tuple":
+        data = b"\x80\x02})" + b"\x85" * 1_000_000 + b"K\x01s."
+    else:  # set([t_40]), through a call
+        data = _tuple_dag(40, first=b"\x80\x02c__builtin__\nset\nq\x00", memo=1) + b"]h\x29a\x85R."
+    bad = _archive(tmp_path / "keys.ckpt", data)
+    with pytest.raises(CheckpointError, match=r"keys.ckpt: its pickle uses a dict or set key that would take long"):
+        load_tokenizer(bad, config="tiny")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_the_keys_checkpoints_use_pass_the_key_check(protocol):
+    """Strings, small and large ints, floats, None, short tuples of them, objects, OrderedDicts, sets and
+    frozensets pass the check of keys, in every protocol torch.save may write."""
+    import pickle
+    from collections import OrderedDict
+
+    from titok_fast.loading import _check_opcodes
+
+    value = {"state_dict": OrderedDict([("a.weight", 1), ("b", 2)]), "optimizer_states": [{"state": {0: {}, 7: {}}}],
+             "seed": 2**63, 2**40: "x", 1.5: None, None: 0, ("betas", (0.9, 0.99)): 1, "s": {1, 2, "x", (1, 2)},
+             "f": frozenset({"a", 3}), "o": OrderedDict([(("k", 1), [1, 2])]), b"bytes": 1}  # fmt: skip
+    _check_opcodes(pickle.dumps(value, protocol=protocol))
+    _check_opcodes(pickle.dumps(OrderedDict([((i, str(i)), i) for i in range(1000)]), protocol=protocol))
+
+
 def test_a_pickle_larger_than_any_checkpoint_needs_is_refused_from_its_declared_size(tmp_path, never_unpickled):
     """One 33 MiB bytes object: few opcodes, but a data.pkl that large holds no checkpoint's records."""
     import struct

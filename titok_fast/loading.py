@@ -206,11 +206,13 @@ _COPYING_GLOBALS = {
 
 
 def _check_opcodes(data: bytes) -> None:
-    """Refuse a pickle of more than MAX_PICKLE_OPCODES opcodes, or one that stores a memo entry far past the
-    previous ones, before it is unpickled. The C unpickler grows its memo table to twice the highest index stored,
-    so a few bytes naming index 2**30 would take 16 GiB; a pickler numbers its entries 0, 1, 2, ... in order.
-    Reading arguments here also checks every declared length against the bytes actually there."""
+    """Refuse a pickle of more than MAX_PICKLE_OPCODES opcodes, one that stores a memo entry far past the previous
+    ones, or one whose dict or set keys could take long to hash, before it is unpickled. The C unpickler grows its
+    memo table to twice the highest index stored, so a few bytes naming index 2**30 would take 16 GiB; a pickler
+    numbers its entries 0, 1, 2, ... in order. Reading arguments here also checks every declared length against
+    the bytes actually there. Keys: see :class:`_KeyCheck`."""
     stored = 0
+    keys = _KeyCheck()
     for count, (opcode, arg, _pos) in enumerate(pickletools.genops(data), 1):
         if count > MAX_PICKLE_OPCODES:
             raise CheckpointError(f"its pickle has more than {MAX_PICKLE_OPCODES} opcodes")
@@ -220,6 +222,151 @@ def _check_opcodes(data: bytes) -> None:
             stored += 1
         elif opcode.name == "MEMOIZE":
             stored += 1
+        keys.step(opcode, arg)
+
+
+MAX_KEY_WEIGHT = 256  # elements of a tuple used as a dict or set key, counted through its nested tuples
+MAX_KEYS_WEIGHT = 4 * MAX_PICKLE_OPCODES  # of every key hashed while unpickling, together
+COLLIDING_INT = (1 << 61) - 1  # Python hashes an int modulo this prime: its multiples all hash alike
+
+
+class _Item:
+    """What :class:`_KeyCheck` knows of an object the pickle builds: how long hashing it takes (``weight``, the
+    elements a tuple's hash visits, through shared sub-tuples as often as they occur; None: it cannot be hashed
+    quickly, or in many colliding copies), and for a list or tuple, its elements."""
+
+    __slots__ = ("weight", "elements", "copies")
+
+    def __init__(self, weight: int | None = 1, elements: list | None = None, copies: str = ""):
+        self.weight, self.elements = weight, elements
+        self.copies = copies  # for a callable: "OrderedDict", or "set" (set, frozenset, or a name not followed)
+
+
+_LITERALS = {"NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4", "FLOAT",
+             "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+             "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}  # fmt: skip
+_KEYED_OPCODES = {"SETITEM": 2, "SETITEMS": 2, "DICT": 2, "ADDITEMS": 1, "FROZENSET": 1}  # every 2nd / every item
+
+
+class _KeyCheck:
+    """Follows a pickle's stack, opcode by opcode (without building anything), to refuse keys whose hashing the
+    unpickler would spend unbounded time on: a tuple built from one shared sub-tuple, twice per level, hashes in
+    2**levels steps (40 levels: hours, in C, where no signal is handled), a tuple nested a million deep overflows
+    the C stack, and ints that are multiples of 2**61 - 1 all hash alike (inserting n of them takes n**2 steps).
+    A key may be a string, bytes, a number (an int below 2**61 - 1 in size), None, an object built by the pickle
+    (hashed by its identity), or a tuple of these of at most MAX_KEY_WEIGHT elements in all; all keys together
+    at most MAX_KEYS_WEIGHT. Checkpoints key their dicts by strings and small ints."""
+
+    def __init__(self):
+        self.stack: list = []
+        self.marks: list[int] = []
+        self.memo: dict[int, object] = {}
+        self.hashed = 0
+
+    def key(self, item) -> None:
+        weight = item.weight if isinstance(item, _Item) else None
+        if weight is None or weight > MAX_KEY_WEIGHT:
+            raise CheckpointError(
+                "its pickle uses a dict or set key that would take long to hash (a tuple of more than "
+                f"{MAX_KEY_WEIGHT} elements, nested tuples shared many times, or an int of 2**61 - 1 or more)"
+            )
+        self.hashed += weight
+        if self.hashed > MAX_KEYS_WEIGHT:
+            raise CheckpointError(f"its pickle hashes more than {MAX_KEYS_WEIGHT} key elements")
+
+    def _pop_mark(self) -> list:
+        if not self.marks:
+            raise CheckpointError("its pickle is malformed (a mark is missing)")
+        at = self.marks.pop()
+        items, self.stack[at:] = self.stack[at:], []
+        return items
+
+    def _pop(self, count: int) -> list:
+        if count > len(self.stack) - (self.marks[-1] if self.marks else 0):
+            raise CheckpointError("its pickle is malformed (it takes more from its stack than it put there)")
+        if not count:
+            return []
+        items, self.stack[-count:] = self.stack[-count:], []
+        return items
+
+    def step(self, opcode, arg) -> None:
+        name, stack = opcode.name, self.stack
+        if name in ("PROTO", "FRAME", "STOP"):
+            return
+        if name in _LITERALS:
+            big = name in ("INT", "LONG", "LONG1", "LONG4") and isinstance(arg, int) and abs(arg) >= COLLIDING_INT
+            stack.append(_Item(None if big else 1))
+        elif name == "MARK":
+            self.marks.append(len(stack))
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            if not stack:
+                raise CheckpointError("its pickle is malformed (it stores an empty stack)")
+            self.memo[len(self.memo) if name == "MEMOIZE" else arg] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in self.memo:
+                raise CheckpointError(f"its pickle reads memo entry {arg}, never stored")
+            stack.append(self.memo[arg])
+        elif name == "DUP":
+            stack.append(self._pop(1)[0])
+            stack.append(stack[-1])
+        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+            n = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "EMPTY_TUPLE": 0}.get(name)
+            elements = self._pop_mark() if n is None else self._pop(n)
+            weights = [e.weight if isinstance(e, _Item) else None for e in elements]
+            weight = None if None in weights else min(1 + sum(weights), MAX_KEYS_WEIGHT + 1)
+            stack.append(_Item(weight, elements))
+        elif name in ("EMPTY_LIST", "LIST"):
+            stack.append(_Item(None, self._pop_mark() if name == "LIST" else []))
+        elif name in ("APPEND", "APPENDS"):
+            added = self._pop_mark() if name == "APPENDS" else self._pop(1)
+            target = self._pop(1)[0]
+            if isinstance(target, _Item) and target.elements is not None and target.weight is None:  # a list
+                target.elements.extend(added)
+            stack.append(target)
+        elif name in _KEYED_OPCODES:
+            items = self._pop_mark() if name in ("SETITEMS", "DICT", "ADDITEMS", "FROZENSET") else self._pop(2)
+            for item in items[:: _KEYED_OPCODES[name]]:
+                self.key(item)
+            if name in ("SETITEM", "SETITEMS", "ADDITEMS"):
+                stack.append(self._pop(1)[0])
+            else:
+                stack.append(_Item(1 if name == "FROZENSET" else None))
+        elif name in ("EMPTY_DICT", "EMPTY_SET"):
+            stack.append(_Item(None))
+        elif name in ("GLOBAL", "STACK_GLOBAL"):
+            module, _, qualname = arg.partition(" ") if name == "GLOBAL" else ("", "", "")
+            self._pop(2 if name == "STACK_GLOBAL" else 0)  # (STACK_GLOBAL's names are not followed: any may copy)
+            copies = "set" if name == "STACK_GLOBAL" or (module, qualname) in _COPYING_GLOBALS else ""
+            stack.append(_Item(1, copies="OrderedDict" if qualname == "OrderedDict" and copies else copies))
+        elif name == "REDUCE":
+            function, args = self._pop(2)
+            if isinstance(function, _Item) and function.copies and isinstance(args, _Item) and args.elements:
+                self._copied_keys(args.elements[0], function.copies)
+            stack.append(_Item(1))  # an object (hashed by identity), or one that cannot be hashed
+        else:  # every other opcode by its stack effect: what it builds is an object of its own
+            before, after = opcode.stack_before, opcode.stack_after
+            if pickletools.markobject in before:
+                self._pop_mark()
+                self._pop(before.index(pickletools.markobject))
+            else:
+                self._pop(len(before))
+            for kind in after:
+                if kind is pickletools.markobject:
+                    self.marks.append(len(stack))
+                else:
+                    stack.append(_Item(1))
+
+    def _copied_keys(self, argument, copies: str) -> None:
+        """set(x), frozenset(x) (or a callable named by names not followed): each element of a list or tuple x is
+        a key; OrderedDict(x): the first of each (key, value) pair."""
+        if not isinstance(argument, _Item) or argument.elements is None:
+            return
+        for element in argument.elements:
+            pair = isinstance(element, _Item) and element.elements is not None and len(element.elements) == 2
+            if copies == "OrderedDict" and pair:
+                self.key(element.elements[0])
+            else:
+                self.key(element)
 
 
 class _Callable:
