@@ -129,6 +129,9 @@ def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
     results = json.loads(report.read_text())["results"]
     assert set(results) == {"4", "16"} and all(r["clips"] == 2 for r in results.values())
     assert all(0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1 for r in results.values())
+    code, _, _ = run("eval", folder / "moving.mp4", "--tokens", "4", "--grid", "4x32x32", *RANDOM, "--json", report,
+                     capsys=capsys)  # fmt: skip
+    assert code == 0 and set(json.loads(report.read_text())["results"]) == {"4"}  # an earlier report: replaced
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
@@ -142,10 +145,11 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert code == 2 and "absent.ckpt does not exist" in err and not (tmp_path / "o").exists()
     (tmp_path / "t.safetensors").write_bytes(b"")
     for command, inputs in (("encode", tmp_path / "a.mp4"), ("decode", tmp_path / "t.safetensors")):
-        for out, reason in (("/proc/absent/o", "No such file or directory"), (tmp_path / "a.mp4" / "o", "Not a dir")):
+        for out, reason in (("/proc/absent/o", " (No such file or directory"),
+                            (tmp_path / "a.mp4" / "o", f": {tmp_path / 'a.mp4'} is not a folder")):  # fmt: skip
             # before the model loads (the checkpoint is never opened): not after it, hours into a job
             code, _, err = run(command, inputs, "-o", out, "--checkpoint", absent, capsys=capsys)
-            assert code == 2 and f"titok-fast: error: -o {out}: cannot be made ({reason}" in err, err
+            assert code == 2 and f"titok-fast: error: -o {out}: cannot be made{reason}" in err, err
     code, _, err = run("convert", absent, "/proc/absent/x.safetensors", capsys=capsys)  # before reading the source
     assert code == 2 and "error: output /proc/absent/x.safetensors: its folder /proc/absent: cannot be made" in err
     code, _, err = run("convert", absent, tmp_path / "new" / "x.safetensors", capsys=capsys)
@@ -259,13 +263,28 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
         assert code == 2 and f"titok-fast: error: {message}\n" in err and "Traceback" not in err, err
+    fifo, a_file, report = tmp_path / "fifo.json", tmp_path / "a-file", tmp_path / "report.json"
+    os.mkfifo(fifo)
+    a_file.write_text("x")
+    report.write_text('{"results": {}}')
     for options, message in [  # eval: its outputs are checked before hours of work, not after
         (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder; expected the path of a file to write"),
+        (["--json", str(folder / "moving.mp4")], f"--json {folder / 'moving.mp4'}: is there already and is not a "
+         "JSON file; it would be replaced: remove it or choose another path"),  # (an input, given by mistake)
+        (["--json", str(fifo)], f"--json {fifo}: is a FIFO (where its links lead); expected the path of a JSON file "
+         "to write"),  # (as root, /dev/null was replaced by a file)
+        (["--plot", str(report.with_suffix(".png"))], None),  # (made below: a JSON file named .png)
+        (["--json", str(a_file / "x.json")], f"--json {a_file / 'x.json'}: its folder {a_file}: is not a folder"),
+        (["--json", str(a_file / "y" / "x.json")], f"its folder {a_file / 'y'}: cannot be made: {a_file} is not a "
+         "folder"),
         (["--plot", "/proc/absent/x.png"], "--plot /proc/absent/x.png: its folder /proc/absent: cannot be made"),
         (["--plot", "x.jpg"], "--plot x.jpg: expected a .png path (the plot is written as a PNG)"),
         (["--grid", "4x8x16"], "--grid 4x8x16: eval's SSIM needs frames of at least 11 x 11"),
         (["--grid", "4x32x32", "--tokens", "8,70000"], "--tokens 70000: a clip would need 70016 packed rows"),
     ]:
+        if message is None:
+            report.with_suffix(".png").write_text("{}")
+            message = f"--plot {report.with_suffix('.png')}: is there already and is not a PNG file"
         code, stdout, err = run("eval", folder / "moving.mp4", *RANDOM, *options, capsys=capsys)
         assert code == 2 and message in err and "Traceback" not in err and stdout == "", err
     for options, message in [

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from .files import (
     Terminated,
     forget_interrupts,
     interrupt,
+    kind_of,
     notice,
     write_atomically,
 )
@@ -412,9 +414,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .plots import require_matplotlib
 
         require_matplotlib()  # before any work
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
+    for option, path, what in (("--json", args.json, "JSON"), ("--plot", args.plot, "PNG")):
         if path:
-            _check_file_to_write(option, path)
+            _check_file_to_write(option, path, what)
     if args.grid:
         _check_ssim_grid(f"--grid {'x'.join(map(str, args.grid))}", args.grid)
     model = _model(args)
@@ -458,10 +460,13 @@ def _check_ssim_grid(what: str, grid) -> None:
 def _check_output_folder(option: str, folder: str) -> None:
     """Before the model loads: the output folder exists or can be made (tried, and what was made is removed again:
     a command refused later leaves nothing behind), and takes files."""
-    missing, path = [], Path(folder).absolute()
-    while not os.path.lexists(path):
-        missing.append(path)
-        path = path.parent
+    missing, nearest = [], Path(folder).absolute()
+    while not os.path.lexists(nearest):
+        missing.append(nearest)
+        nearest = nearest.parent
+    if not nearest.is_dir():  # a file (or a link to one) where a folder is needed
+        where = "" if not missing else f"cannot be made: {nearest} "
+        raise ValueError(f"{option} {folder}: {where}is not a folder")
     made = []
     try:
         for path in reversed(missing):
@@ -481,12 +486,42 @@ def _check_output_folder(option: str, folder: str) -> None:
         raise ValueError(f"{option} {folder}: is not writable")
 
 
-def _check_file_to_write(option: str, path: str) -> None:
-    """Before the work whose result goes to the file ``path``: ``path`` is not a folder, and its folder exists or
-    can be made (it is made when the file is written)."""
+def _check_file_to_write(option: str, path: str, what: str) -> None:
+    """Before the work whose result goes to the file ``path``: its folder exists or can be made (it is made when
+    the file is written), and what is there already may be replaced: nothing, or a regular file of the kind
+    written (``what``: a key of FILE_KINDS), so that an input or any other file given by mistake is never written
+    over, nor a device (``--json /dev/null`` as root would replace the device itself)."""
     if os.path.isdir(path):
         raise ValueError(f"{option} {path}: is a folder; expected the path of a file to write")
+    if os.path.lexists(path):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # a link that leads nowhere: replaced by the file
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            raise ValueError(f"{option} {path}: is {kind_of(mode)} (where its links lead); expected the path of a "
+                             f"{what} file to write")  # fmt: skip
+        if mode is not None and not _is_kind(path, what):
+            raise ValueError(f"{option} {path}: is there already and is not a {what} file; it would be replaced: "
+                             "remove it or choose another path")  # fmt: skip
     _check_output_folder(f"{option} {path}: its folder", os.path.dirname(os.path.abspath(path)))
+
+
+FILE_KINDS = {  # how the files a command writes begin: what an existing file must look like to be replaced
+    "JSON": lambda head: head.lstrip().startswith(b"{"),
+    "PNG": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n"),
+    "safetensors": lambda head: len(head) > 8 and head[8:9] == b"{",  # (an 8-byte header size, then its JSON)
+}
+
+
+def _is_kind(path: str, what: str) -> bool:
+    """Whether the regular file ``path`` is empty or begins as a file of kind ``what`` (FILE_KINDS)."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            head = file.read(4096)
+    except OSError:
+        return True  # it cannot be read: writing will say what is wrong
+    return not head or FILE_KINDS[what](head)
 
 
 def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[int, dict[str, float]]]:
@@ -519,7 +554,8 @@ def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[i
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loading import convert
 
-    _check_file_to_write("output", args.output)  # before a checkpoint of a gigabyte is read; leaves no folder behind
+    # before a checkpoint of a gigabyte is read; leaves no folder behind
+    _check_file_to_write("output", args.output, "safetensors")
     digest = convert(args.checkpoint, args.output, config=args.config, use_ema=not args.no_ema)
     print(f"wrote {args.output} (weights digest {digest})")
     return 0

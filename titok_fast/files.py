@@ -52,6 +52,13 @@ def show_traceback(error: BaseException, path: str | os.PathLike) -> None:
         print(f"titok-fast: --debug: {escaped(str(path))} failed here:\n{''.join(lines)}", end="", file=sys.stderr)
 
 
+def kind_of(mode: int) -> str:
+    """What a file of ``mode`` (``st_mode``) is, in words: "a regular file", "a folder", "a FIFO", ..."""
+    kinds = {stat.S_ISREG: "a regular file", stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
 MAX_NAME_BYTES = 255  # of a file name, on the usual file systems
 
 

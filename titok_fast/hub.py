@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from .files import kind_of
+
 V1_REPO = "NilanE/TiTok-Video-VariableComp-V1"
 DEFAULT_FILE = "model.ckpt"
 KNOWN_CONFIGS = {V1_REPO: "v1"}  # the released checkpoints carry no config: known ids map to their preset
@@ -201,7 +203,6 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
 def _check_regular(path: str | os.PathLike[str], mode: int) -> None:
     """Refuse a file whose `mode` (``st_mode``) is not a regular file's, naming `path` and what it is."""
     if not stat.S_ISREG(mode):
-        kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
-                 stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
-        kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
-        raise ValueError(f"{path} is not a regular file (it is {kind}, where its links lead); expected a weights file")
+        raise ValueError(
+            f"{path} is not a regular file (it is {kind_of(mode)}, where its links lead); expected a weights file"
+        )
