@@ -561,6 +561,11 @@ def test_decode_takes_folders_and_keeps_their_structure(folder, tmp_path, capsys
     ]
     code, _, err = run("decode", tmp_path / "v", "-o", tmp_path / "w", capsys=capsys)
     assert code == 2 and "no token files found in" in err
+    linked = tmp_path / "linked"  # a dataset of links to folders: followed, as encode follows them
+    linked.mkdir()
+    (linked / "sub").symlink_to(tokens / "sub")
+    code, stdout, _ = run("decode", linked, "-o", tmp_path / "x", capsys=capsys)
+    assert code == 0 and "decoded 1 file(s)" in stdout and (tmp_path / "x" / "sub" / "moving.mp4").is_file()
 
 
 def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys, monkeypatch):

@@ -298,11 +298,38 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     monkeypatch.setattr(Engine, "decode_stream", real_stream)
     again = tmp_path / "again"
     again.mkdir()
-    (again / ".long.mp4.0123abcd.tmp").write_bytes(b"left by a killed run")
-    (again / ".other.mp4.0123abcd.tmp").write_bytes(b"another file's: kept")
+    unique = "0123abcd" * 4  # (an AtomicFile's uuid)
+    (again / f".long.mp4.{unique}.tmp").write_bytes(b"left by a killed run")
+    (again / f".other.mp4.{unique}.tmp").write_bytes(b"another file's: kept")
+    (again / ".long.mp4.notes.tmp").write_bytes(b"a user's file, named alike but for the id: kept")
     summary = decode_files(engine, [paths[0], str(paths[0])], again)  # the same file twice: decoded once
     assert summary.done == [str(paths[0])] and not summary.skipped
-    assert sorted(p.name for p in again.iterdir()) == [".other.mp4.0123abcd.tmp", "long.mp4"]
+    assert sorted(p.name for p in again.iterdir()) == [".long.mp4.notes.tmp", f".other.mp4.{unique}.tmp", "long.mp4"]
+
+
+def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, sources, tmp_path):
+    """A token file named .mp4 (renamed by hand), decoded into its own folder, would be its own output: it fails
+    alone, even with --overwrite, and is left as it was. An mp4 at an output name that cannot be read but begins
+    as an MP4 does (a decoded video cut short since) is decoded again; a file of another kind there is kept."""
+    folder = tmp_path / "tokens"
+    encode(model, [sources["short"]], folder)
+    renamed = folder / "short.mp4"
+    (folder / "short.safetensors").rename(renamed)
+    before, engine = renamed.read_bytes(), Engine(model)
+    for overwrite in (False, True):
+        summary = decode_files(engine, [renamed], folder, overwrite=overwrite)
+        assert summary.failed == [(str(renamed), f"{renamed} is the token file itself: decoding there would replace "
+                                                 "it; choose another output folder")]  # fmt: skip
+        assert renamed.read_bytes() == before
+    out = tmp_path / "decoded"
+    assert decode_files(engine, [renamed], out).done == [str(renamed)]
+    whole = (out / "short.mp4").read_bytes()
+    (out / "short.mp4").write_bytes(whole[: len(whole) // 3])  # cut short: no longer opens as a video
+    assert decode_files(engine, [renamed], out).done == [str(renamed)]
+    assert (out / "short.mp4").read_bytes() == whole
+    (out / "short.mp4").write_bytes(b"not a video, a user's file of that name")
+    assert decode_files(engine, [renamed], out).done == []  # kept
+    assert (out / "short.mp4").read_bytes() == b"not a video, a user's file of that name"
 
 
 def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path,
@@ -1061,13 +1088,13 @@ def test_a_resume_removes_a_killed_runs_temporary_beside_a_complete_file(model, 
     """A killed --overwrite run leaves a temporary beside a token file (and decode beside an mp4) that is complete;
     the next run skips the file and removes the temporary."""
     encode(model, [sources["short"]], tmp_path)
-    stale = tmp_path / ".short.safetensors.0123abcd.tmp"
+    stale = tmp_path / f".short.safetensors.{'0123abcd' * 4}.tmp"
     stale.write_bytes(b"left by a killed --overwrite run")
     summary = encode(model, [sources["short"]], tmp_path)
     assert summary.skipped == [str(sources["short"])] and not stale.exists()
     engine, tokens, decoded = Engine(model), tmp_path / "short.safetensors", tmp_path / "decoded"
     decode_files(engine, [tokens], decoded)
-    stale = decoded / ".short.mp4.0123abcd.tmp"
+    stale = decoded / f".short.mp4.{'0123abcd' * 4}.tmp"
     stale.write_bytes(b"left by a killed --overwrite run")
     summary = decode_files(engine, [tokens], decoded)
     assert summary.skipped == [str(tokens)] and not stale.exists()

@@ -294,10 +294,19 @@ def take_shard(files: Sequence[tuple[Path, str]], shard: tuple[int, int] | None)
 
 
 def _video_files(folder: Path) -> list[Path]:
-    """The video files under ``folder``, sorted. Links to folders are followed (a dataset is often assembled from
-    links), each folder once: a link to a folder already listed (a cycle, or a second way in) is passed over with
-    a notice, as is a sub-folder that cannot be listed. A link with a video's name that leads nowhere (or cannot
-    be followed) is one of them: reading it fails it alone, counted with the run's failures."""
+    """The video files under ``folder``, sorted (see :func:`_files_below`)."""
+    return _files_below(folder, VIDEO_EXTENSIONS)
+
+
+TOKEN_EXTENSIONS = frozenset({".safetensors"})
+
+
+def _files_below(folder: Path, extensions: frozenset[str] | set[str]) -> list[Path]:
+    """The files under ``folder`` whose names end (in any case) in one of ``extensions``, sorted. Links to folders
+    are followed (a dataset is often assembled from links), each folder once: a link to a folder already listed (a
+    cycle, or a second way in) is passed over with a notice, as is a sub-folder that cannot be listed. A link with
+    such a name that leads nowhere (or cannot be followed) is one of them: reading it fails it alone, counted with
+    the run's failures."""
     files, seen, stack = [], {}, [folder]  # seen: (device, inode) -> the path the folder was listed by
     while stack:
         current = stack.pop()
@@ -318,14 +327,14 @@ def _video_files(folder: Path) -> list[Path]:
             try:
                 if entry.is_dir():  # False, like is_file, for a link that leads nowhere
                     stack.append(path)
-                elif entry.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
+                elif entry.is_file() and path.suffix.lower() in extensions:
                     files.append(path)
-                elif entry.is_symlink() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.exists():
+                elif entry.is_symlink() and path.suffix.lower() in extensions and not path.exists():
                     files.append(path)  # a video of the dataset gone: it fails alone, counted, when read
-                elif path.suffix.lower() in VIDEO_EXTENSIONS:  # a named pipe, a device, a socket
+                elif path.suffix.lower() in extensions:  # a named pipe, a device, a socket
                     notice(f"{path}: not a regular file (a pipe or device); left out")
             except OSError:  # a link whose target may not be looked at (a loop of links, a folder not searchable)
-                if path.suffix.lower() in VIDEO_EXTENSIONS:
+                if path.suffix.lower() in extensions:
                     files.append(path)  # (as a link that leads nowhere)
     return sorted(files)
 
@@ -641,8 +650,9 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
     try:
         with os.scandir(folder) as entries:  # names one at a time: a folder may hold a million token files
             for entry in entries:
-                target, dot, _ = entry.name[1:-4].rpartition(".")
-                if entry.name.startswith(".") and entry.name.endswith(".tmp") and dot:
+                target, dot, unique = entry.name[1:-4].rpartition(".")
+                ours = dot and re.fullmatch("[0-9a-f]{32}", unique)  # (AtomicFile's uuid: not a user's ".x.notes.tmp")
+                if entry.name.startswith(".") and entry.name.endswith(".tmp") and ours:
                     found.setdefault(target, []).append(entry.name)
                 elif (aside := _aside_of(entry.name)) is not None:
                     found.setdefault("/" + aside[0], []).append(entry.name)  # ("/": in no file's name)
@@ -1270,8 +1280,8 @@ def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path,
         path = _input_path(item)
         if not os.path.lexists(path):
             raise InputError(f"input {str(item)!r} does not exist")
-        if path.is_dir():
-            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in sorted(path.rglob("*.safetensors"))]
+        if path.is_dir():  # links to folders followed, each folder once, as for videos
+            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _files_below(path, TOKEN_EXTENSIONS)]
         else:
             found.append((path, path.stem))
     return found
@@ -1309,8 +1319,13 @@ def decode_files(
             _look_at(out)
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
             record, exists = record_of(path), out.is_file() and out.stat().st_size > 0
+            if exists and os.path.samefile(out, path):  # a token file named .mp4, decoded into its own folder
+                raise ValueError(f"{out} is the token file itself: decoding there would replace it; choose another "
+                                 "output folder")  # fmt: skip
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
             ours = there is not None and there.startswith(DECODE_RECORD)
+            if exists and there is None and _damaged_mp4(out):  # (a copy cut short): decoded again over it
+                exists = False
             if exists and not overwrite and (there == record or not ours):  # written whole (atomically) from this
                 if ours:  # token file this way: complete; or one that records no decode: kept, said once below
                     summary.skipped.append(str(path))
@@ -1350,6 +1365,16 @@ def decode_files(
                "file's own source video)")  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _damaged_mp4(path: Path) -> bool:
+    """Whether ``path``, which cannot be opened as a video, begins as an MP4 does (an ``ftyp`` box): a video
+    damaged since it was written (cut short, overwritten in part), not some other file of that name."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            return file.read(8)[4:8] == b"ftyp"
+    except OSError:
+        return False
 
 
 DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_records)
