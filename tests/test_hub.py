@@ -288,6 +288,45 @@ def test_a_cached_file_that_is_not_a_regular_file_is_refused_before_it_is_read(t
     assert not (tmp_path / "converted").exists()
 
 
+def test_a_cache_entry_is_used_only_as_the_conversion_of_the_checkpoint_it_records(hub, tmp_path, monkeypatch):
+    """Any file put under a conversion's cache name was loaded as the genuine checkpoint's (and recorded as its Hub
+    commit), and an entry cut short failed every run from then on. An entry now records the sha256 of the bytes it
+    was converted from: another file there, or one cut short, is converted again over it; something that is not
+    a file there is refused in one line."""
+    from titok_fast.config import TiTokConfig
+    from titok_fast.loading import converted
+
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    tiny = TiTokConfig.from_any("tiny")
+    entry = converted(hub / "model.ckpt", tiny)
+    genuine = load_tokenizer(entry).weights_digest
+    assert genuine == load_tokenizer(hub / "model.ckpt", config="tiny").weights_digest
+    other = make_model("tiny", seed=1)
+    from titok_fast.loading import save_safetensors
+
+    save_safetensors(other, entry)  # other weights under the cache name (a file with no record of its source)
+    assert load_tokenizer(converted(hub / "model.ckpt", tiny)).weights_digest == genuine
+    entry.write_bytes(entry.read_bytes()[:1000])  # cut short
+    assert load_tokenizer(converted(hub / "model.ckpt", tiny)).weights_digest == genuine
+    entry.unlink()
+    entry.mkdir()
+    with pytest.raises(ValueError, match=rf"^{entry}: the cache entry for this conversion is a folder, not a file"):
+        converted(hub / "model.ckpt", tiny)
+
+
+def test_hub_weights_whose_cache_gives_no_commit_are_refused(hub, tmp_path):
+    """A damaged cache whose ref names no commit (refs/main holding "notacommit", and a snapshot folder of that
+    name) was loaded and recorded unpinned, and decode then refused the token files it had just made."""
+    repo = tmp_path / "hf" / "hub" / f"models--{REPO.replace('/', '--')}"
+    hub_cache(tmp_path / "hf", REPO, {DEFAULT_FILE: hub / "model.ckpt"})
+    (repo / "snapshots" / COMMIT).rename(repo / "snapshots" / "notacommit")
+    (repo / "refs" / "main").write_text("notacommit")
+    run = cli(environment(tmp_path), "encode", hub / "clip.mp4", "-o", tmp_path / "t", "--checkpoint", REPO,
+              "--config", "tiny", *GRID)  # fmt: skip
+    assert run.returncode == 2 and not (tmp_path / "t").exists(), run.stderr
+    assert "in a snapshot folder 'notacommit' that is not a commit (40 hex digits)" in run.stderr
+
+
 def test_a_blob_not_holding_the_bytes_its_name_says_never_enters_the_converted_cache(hub, tmp_path, monkeypatch):
     """Other weights put under blobs/<sha256 of the genuine file> were converted and cached under that sha256 for
     good: a later honest cache holding the genuine blob still loaded them. A conversion is keyed by the bytes read,

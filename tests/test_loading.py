@@ -254,6 +254,8 @@ def test_a_config_string_in_metadata_is_never_opened(tiny, tmp_path):
             r"patch_size \[16, 16, 32\] makes patches of 8192 voxels; at most",
         ),
         ("training.sampling.max_grid", [20, 100000, 192], r"max_grid \[20, 100000, 192\] exceeds"),
+        ("training.sampling.max_grid", [1, 1, 1], r"max_grid \[1, 1, 1\] must be positive multiples of patch_size"),
+        ("training.sampling.max_grid", [12, 160, 164], r"must be positive multiples of patch_size \[4, 8, 8\]"),
         ("training.sampling.num_token_range", [128, 1 << 30], "must be increasing and at most 65536"),
         ("training.sampling.num_token_range", [1024, 128], "must be increasing"),
     ],

@@ -142,8 +142,12 @@ def download(ref: HubRef, *, quick: bool = False) -> tuple[Path, HubRef]:
         raise ValueError(f"weights {ref} cannot be fetched from the Hub: {reason}") from None
     local = Path(local)
     snapshot = local.parents[len(PurePosixPath(ref.filename).parts) - 1].name  # snapshots/<commit>/<filename>
-    commit = snapshot if _COMMIT.fullmatch(snapshot) else ref.revision
-    return local, HubRef(ref.repo_id, commit, ref.filename)
+    if not _COMMIT.fullmatch(snapshot):  # token files record the commit: one that is not is of no use to decode
+        raise ValueError(
+            f"weights {ref}: the Hugging Face cache gives {local}, in a snapshot folder {snapshot[:80]!r} that is not "
+            "a commit (40 hex digits): its refs are damaged; download the file again"
+        )
+    return local, HubRef(ref.repo_id, snapshot, ref.filename)
 
 
 def _reachable(endpoint: str, timeout: float) -> bool:

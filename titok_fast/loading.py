@@ -27,6 +27,7 @@ import os
 import pickle
 import pickletools
 import re
+import stat
 import sys
 import zipfile
 import zlib
@@ -41,7 +42,7 @@ from safetensors.torch import save_file
 from . import hub
 from .checks import MAX_GRID, MAX_TOKENS, is_integer
 from .config import TiTokConfig
-from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile
+from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile, kind_of
 from .layers import perturb_norms
 from .model import TiTok
 from .tokens import MAX_CODEBOOK_SIZE
@@ -620,6 +621,10 @@ def check_config(config: TiTokConfig, where: str = "config") -> None:
             any(g > m for g, m in zip(config.max_grid, MAX_GRID, strict=True)),
             f"max_grid {list(config.max_grid)} exceeds {list(MAX_GRID)}",
         ),
+        (  # (the default clip size: one it could not take would be blamed on a --grid never given)
+            any(g < p or g % p for g, p in zip(config.max_grid, config.patch_size, strict=True)),
+            f"max_grid {list(config.max_grid)} must be positive multiples of patch_size {list(config.patch_size)}",
+        ),
         (
             not config.num_token_range[0] <= config.num_token_range[1] <= MAX_TOKENS,
             f"num_token_range {list(config.num_token_range)} must be increasing and at most {MAX_TOKENS}",
@@ -788,7 +793,7 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
     key = json.dumps([config.to_dict(), use_ema], sort_keys=True)
     claimed = hub.file_sha256(src)
     target = hub.cache_dir() / "converted" / f"{claimed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
-    if not target.is_file():
+    if not _converted_from(target, claimed):
         before = _identity(src)
         actual = hub.file_sha256(src, trust_blob_name=False)
         if actual != claimed:
@@ -801,8 +806,24 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
         model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
         if _identity(src) != before:
             raise CheckpointError(f"{src}: changed while it was hashed and converted; nothing was cached, try again")
-        save_safetensors(model, target, source=os.path.basename(str(src)), ema=use_ema)
+        save_safetensors(model, target, source=os.path.basename(str(src)), ema=use_ema, source_sha256=actual)
     return target
+
+
+def _converted_from(target: Path, sha256: str) -> bool:
+    """Whether the cache entry ``target`` is a conversion of the checkpoint whose bytes have ``sha256``, as its
+    metadata records: anything else under that name (a file cut short, one copied there, one written before
+    conversions recorded it) is converted again over it. Something that is not a file there is refused."""
+    if not os.path.lexists(target):
+        return False
+    mode = os.stat(target).st_mode if os.path.exists(target) else None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CheckpointError(f"{target}: the cache entry for this conversion is {kind_of(mode)}, not a file; remove "
+                              "it")  # fmt: skip
+    try:
+        return read_safetensors_metadata(target).get("source_sha256") == sha256
+    except CheckpointError:
+        return False
 
 
 def _identity(path: str | os.PathLike) -> tuple[int, ...]:
