@@ -263,6 +263,26 @@ def test_eval_streams_in_groups_and_skips_a_file_failing_midway(model, sources):
         evaluate(engine, [files[1], (sources["long"].with_name("gone.mp4"), "gone")], SETTINGS, [4], workers=1)
 
 
+def test_eval_scores_only_the_real_frames_of_a_padded_last_clip(model, tmp_path):
+    """With tail="pad" a video's last clip repeats its last frame; those repeats are not the source's, so eval
+    scores only the clip's real frames (as decode trims them from what it writes), and counts clips once, not
+    once per token count."""
+    path = make_video(tmp_path / "tail.mp4", frames=15, height=32, width=32, fps=24)  # 1 whole clip + 1 of 1 frame
+    t, h, w = SETTINGS.grid
+    read = read_clips(path, frames=t, height=h, width=w, fps=SETTINGS.fps, tail="pad")
+    assert len(read.clips) == 2 and 0 < read.last_clip_frames < t
+    engine = Engine(model)
+    table, summary = evaluate(engine, [(path, "tail")], SETTINGS, [4, 8], workers=1)
+    real = [t, read.last_clip_frames]
+    for n in (4, 8):
+        _, out = model.encode(read.clips, [n, n])
+        recon = [r.clamp(-1, 1) for r in model.decode_indices(out["indices"], [SETTINGS.grid] * 2)]
+        expected = [psnr(r[:, :k], c[:, :k]) for r, c, k in zip(recon, read.clips, real, strict=True)]
+        assert table[n]["psnr"] == pytest.approx(sum(expected) / 2, rel=1e-9)
+        assert table[n]["psnr"] != pytest.approx(sum(map(psnr, recon, read.clips)) / 2, rel=1e-9)  # (not all 4)
+    assert summary.clips == 2
+
+
 def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tmp_path, monkeypatch):
     tokens = tmp_path / "tokens"
     encode(model, [sources["long"], sources["odd"]], tokens)

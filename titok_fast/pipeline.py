@@ -1427,21 +1427,28 @@ def evaluate(
     scored: dict[int, int] = {}  # file number -> clips scored
     complete: list[int] = []  # files read to the end; only their clips count
     paths: dict[int, str] = {}
-    batch: list[tuple[int, torch.Tensor]] = []
+    readers: dict[int, Any] = {}  # file number -> its ClipReader (how many frames of its last clip are real)
+    held: dict[int, torch.Tensor] = {}  # each file's latest clip, scored once its next clip or its end has come
+    batch: list[tuple[int, torch.Tensor, int]] = []  # (file number, clip, its real frames: the padding not scored)
 
     def score_batch() -> None:
-        inputs = [normalize_pixels(c, engine.model.dtype) for _, c in batch]
-        targets = [normalize_pixels(c, torch.float32) for _, c in batch]
+        inputs = [normalize_pixels(c, engine.model.dtype) for _, c, _ in batch]
+        targets = [normalize_pixels(c, torch.float32) for _, c, _ in batch]
         for n in token_counts:
             _, out = engine.encode(inputs, [n] * len(batch))
             recon = engine.decode_indices(out["indices"], [settings.grid] * len(batch))
-            for (number, _), r, target in zip(batch, recon, targets, strict=True):
-                r = r.float().clamp(-1, 1).cpu()
+            for (number, _, real), r, target in zip(batch, recon, targets, strict=True):
+                r, target = r.float().clamp(-1, 1).cpu()[:, :real], target[:, :real]
                 sums[number][n][0] += psnr(r, target)
                 sums[number][n][1] += ssim(r, target)
-        for number, _ in batch:
+        for number, _, _ in batch:
             scored[number] += 1
         batch.clear()
+
+    def score(number: int, clip: torch.Tensor, real: int) -> None:
+        batch.append((number, clip, real))
+        if len(batch) == group:
+            score_batch()
 
     reading = {**settings.read_kwargs(), "decoder": "cpu", "preprocess": "cpu"}  # eval's clips: the exact path
     files_read = interleaved_videos(
@@ -1450,16 +1457,19 @@ def evaluate(
     with contextlib.closing(files_read):
         for number, kind, value in files_read:
             if kind == "open":
-                paths[number] = str(value[0])
+                paths[number], readers[number] = str(value[0]), value[1].reader
                 sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0
             elif kind == "clip":
-                batch.append((number, value[1]))
-                if len(batch) == group:
-                    score_batch()
+                if number in held:  # not the last: every frame real
+                    score(number, held[number], settings.grid[0])
+                held[number] = value[1]
             elif kind == "error":
                 summary.failed.append((paths[number], str(value)))
-                batch[:] = [(f, c) for f, c in batch if f != number]
-            else:  # "end"
+                held.pop(number, None)
+                batch[:] = [item for item in batch if item[0] != number]
+            else:  # "end": the last clip's frames past the video's end (tail="pad") are padding, as decode trims them
+                if number in held:
+                    score(number, held.pop(number), readers[number].last_clip_frames)
                 summary.done.append(paths[number])
                 complete.append(number)
         if batch:
@@ -1483,6 +1493,6 @@ def evaluate(
         }
         for n in token_counts
     }
-    summary.clips = clips * len(token_counts)
+    summary.clips = clips  # (each scored at every token count)
     summary.seconds = time.perf_counter() - start
     return table, summary
