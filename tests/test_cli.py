@@ -108,7 +108,8 @@ def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
     assert "pass the right --random-weights 0 (and its --config), or --force to decode anyway" in stdout
     code, stdout, _ = run("decode", tokens, "-o", tmp_path / "v", "--random-weights", "0", "--config", "v1",
                           capsys=capsys)  # fmt: skip
-    assert code == 1 and "pass the right --config: it was made by --random-weights 0 with another config" in stdout
+    assert code == 1 and ("pass the right --config with --random-weights 0: it was made by those random weights with "
+                          "another config") in stdout  # fmt: skip
     code, _, _ = run("decode", tokens, "-o", tmp_path / "v", *other, "--force", capsys=capsys)
     assert code == 0 and (tmp_path / "v" / "moving.mp4").exists()
     code, _, err = run("decode", tokens, "-o", tmp_path / "w", "--config", "v1", capsys=capsys)  # (not used)

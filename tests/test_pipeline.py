@@ -327,6 +327,23 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     assert sorted(p.name for p in again.iterdir()) == [".long.mp4.notes.tmp", f".other.mp4.{unique}.tmp", "long.mp4"]
 
 
+def test_a_folder_of_token_files_of_two_weights_is_finished_by_one_run_of_each(model, sources, tmp_path):
+    """Each run loads one model: a video another run decoded with the weights its token file records is complete,
+    not a failure of this run (every rerun failed it again); --force still decodes it with this run's model."""
+    other = random_tokenizer("tiny", seed=1)
+    first, second = tmp_path / "a" / "short.safetensors", tmp_path / "b" / "short.safetensors"
+    encode(model, [sources["short"]], first.parent)
+    encode(other, [sources["short"]], second.parent)
+    pairs, out = [(first, "a"), (second, "b")], tmp_path / "decoded"
+    summary = decode_files(Engine(model), pairs, out)
+    assert (summary.done, [p for p, _ in summary.failed]) == ([str(first)], [str(second)])
+    summary = decode_files(Engine(other), pairs, out)
+    assert (summary.done, summary.skipped, summary.failed) == ([str(second)], [str(first)], [])
+    summary = decode_files(Engine(model), pairs, out)
+    assert (summary.done, summary.skipped, summary.failed) == ([], [str(first), str(second)], [])
+    assert decode_files(Engine(other), pairs, out, force=True).done == [str(first)]
+
+
 def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, sources, tmp_path):
     """A token file named .mp4 (renamed by hand), decoded into its own folder, would be its own output: it fails
     alone, even with --overwrite, and is left as it was. An mp4 at an output name that cannot be read but begins

@@ -1246,7 +1246,7 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
         seed = random_seed(token_file.weights_digest)
         right = "--checkpoint" if seed is None else f"--random-weights {seed} (and its --config)"
         if seed is not None and seed == random_seed(model.weights_digest):  # (the digest covers the config too)
-            right = f"--config: it was made by --random-weights {seed} with another config"
+            right = f"--config with --random-weights {seed}: it was made by those random weights with another config"
         raise ValueError(
             f"{path} was made by weights {token_file.weights_digest}, the loaded model is {model.weights_digest}; "
             f"pass the right {right}, or --force to decode anyway"
@@ -1332,6 +1332,9 @@ def decode_files(
                 unrecorded += not ours
                 continue
             token_file = load_tokens(path)
+            if exists and ours and not overwrite and not force and _decoded_by_own_weights(there, record, token_file):
+                summary.skipped.append(str(path))  # (a folder of token files of several weights: one run each)
+                continue
             if exists and os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
                 raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
                                  "another output folder")  # fmt: skip
@@ -1365,6 +1368,20 @@ def decode_files(
                "file's own source video)")  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _decoded_by_own_weights(there: str, record: str, token_file: TokenFile) -> bool:
+    """Whether the video whose record is ``there`` was decoded from the token file as it is now, the same way (the
+    source beside it or not), by the weights that made it, where this run's (``record``) are others: complete,
+    although this run would have decoded it otherwise (it could not without --force)."""
+    try:
+        then, now = (json.loads(text[len(DECODE_RECORD) :]) for text in (there, record))
+    except ValueError:
+        return False
+    if not isinstance(then, dict):
+        return False
+    same = all(then.get(key) == now[key] for key in ("tokens", "beside_source"))
+    return same and then.get("weights") == token_file.weights_digest != now["weights"]
 
 
 def _damaged_mp4(path: Path) -> bool:
