@@ -327,6 +327,63 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     assert sorted(p.name for p in again.iterdir()) == [".long.mp4.notes.tmp", f".other.mp4.{unique}.tmp", "long.mp4"]
 
 
+@pytest.mark.parametrize("given_as", ["its token file", "the manifest", "a temporary", "a token file set aside"])
+def test_an_input_that_is_a_file_the_run_writes_is_refused_up_front(model, sources, tmp_path, given_as):
+    """A video given as x.safetensors with -o its folder was replaced by its own tokens, one given as
+    manifest.jsonl had manifest lines appended, one named as a temporary was removed as a killed run's left-over:
+    such an input is refused before anything is written, moved or removed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    name = {"its token file": "x.safetensors", "the manifest": "manifest.jsonl",
+            "a temporary": f".short.safetensors.{'ab' * 16}.tmp", "a token file set aside": "x.safetensors.outdated"}
+    given = out / name[given_as]  # fmt: skip
+    shutil.copy(sources["short"], given)
+    before = given.read_bytes()
+    with pytest.raises(pipeline.InputError, match="the run would write over, move or remove it"):
+        encode(model, [sources["short"], given], out)
+    assert given.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [given.name]
+
+
+def test_a_source_gone_fails_alone_and_leaves_its_token_file(model, sources, tmp_path):
+    """A list naming a video deleted since its token file was made: the input fails alone ("no such file"), and
+    its complete token file stays under its name (it was moved aside as if its source had changed)."""
+    source = tmp_path / "short.mp4"
+    shutil.copy(sources["short"], source)
+    out = tmp_path / "out"
+    encode(model, [source], out)
+    tokens = (out / "short.safetensors").read_bytes()
+    source.unlink()
+    summary = encode(model, [source], out)
+    assert [p for p, _ in summary.failed] == [str(source)] and not summary.replaced
+    assert (out / "short.safetensors").read_bytes() == tokens and not list(out.glob("*.outdated*"))
+
+
+def test_a_file_that_is_not_a_token_file_at_an_outputs_name_is_kept(model, sources, tmp_path):
+    """A user's file (other weights, here) or a FIFO where a token file would go was replaced without a word but
+    for a manifest field: the input fails alone, the file stays; --overwrite replaces a file (not a FIFO). A
+    token file damaged since (cut short) is still made again."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file({"w": torch.zeros(3)}, out / "short.safetensors")
+    before = (out / "short.safetensors").read_bytes()
+    summary = encode(model, [sources["short"]], out)
+    assert summary.failed == [(str(sources["short"]), f"{out / 'short.safetensors'} is there and is not a token "
+                                                      "file: it is kept; move it away, or --overwrite replaces it")]
+    assert (out / "short.safetensors").read_bytes() == before
+    assert encode(model, [sources["short"]], out, overwrite=True).done == [str(sources["short"])]
+    whole = (out / "short.safetensors").read_bytes()
+    (out / "short.safetensors").write_bytes(whole[: len(whole) // 2])  # ours, cut short: made again
+    summary = encode(model, [sources["short"]], out)
+    assert summary.done == [str(sources["short"])] and (out / "short.safetensors").read_bytes() == whole
+    (out / "short.safetensors").unlink()
+    os.mkfifo(out / "short.safetensors")
+    summary = encode(model, [sources["short"]], out, overwrite=True)
+    assert summary.failed == [(str(sources["short"]), f"{out / 'short.safetensors'} is a FIFO, not a token file: "
+                                                      "move it away")]  # fmt: skip
+
+
 def test_a_folder_of_token_files_of_two_weights_is_finished_by_one_run_of_each(model, sources, tmp_path):
     """Each run loads one model: a video another run decoded with the weights its token file records is complete,
     not a failure of this run (every rerun failed it again); --force still decodes it with this run's model."""

@@ -62,6 +62,7 @@ from .pipeline import (
     _device_fault,
     _progress,
     _threads_for,
+    check_inputs_apart,
     encode_resiliently,
     made_with,
     plan_outputs,
@@ -515,6 +516,7 @@ def encode_dataset(
     start = time.perf_counter()
     # absolute: the decode tasks run in the folder the cluster was started in, or on other machines
     files = [(Path(os.path.abspath(path)), name) for path, name in take_shard(files, shard)]
+    check_inputs_apart(files, outdir, shard)
     summary = Summary()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)

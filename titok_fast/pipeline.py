@@ -35,10 +35,12 @@ from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import IDLE, Engine
 from .files import (
+    METADATA_KEY,
     STALL_SECONDS,
     escaped,
     interrupt_name,
     interrupts_held,
+    kind_of,
     network_file_system,
     notice,
     remove_abandoned,
@@ -374,6 +376,7 @@ def encode_files(
     workers = workers or default_workers()
     outdir = Path(outdir)
     files = take_shard(files, shard)
+    check_inputs_apart(files, outdir, shard)
     summary = Summary()
     start = time.perf_counter()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
@@ -455,10 +458,15 @@ def plan_outputs(
                     manifest.failed(path, out, f"cannot check its token file {out}: {e.strerror or e}")
                 continue
             with interrupts_held():  # an input is listed as skipped or is to do, never both nor neither
+                if why == NOT_A_TOKEN_FILE and (refused := _not_a_token_file(out, overwrite)):  # (a user's file is
+                    manifest.failed(path, out, refused)  # never replaced without being asked)
+                    continue
                 if why == "" and not overwrite:
                     manifest.skipped(path, out)
                 else:
                     todo.append((path, out))
+                    if why and source_stamp(path) == "" and done is not None and not _other_source(done.source, path):
+                        why = ""  # its source gone (a list naming a file deleted since): fails alone, its tokens stay
                     if why:  # a token file of another video of this output name: its source is displaced
                         other = done.source if done is not None and _other_source(done.source, path) else None
                         if other is not None:  # unless it is an input of this job with a token file of its own
@@ -650,9 +658,7 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
     try:
         with os.scandir(folder) as entries:  # names one at a time: a folder may hold a million token files
             for entry in entries:
-                target, dot, unique = entry.name[1:-4].rpartition(".")
-                ours = dot and re.fullmatch("[0-9a-f]{32}", unique)  # (AtomicFile's uuid: not a user's ".x.notes.tmp")
-                if entry.name.startswith(".") and entry.name.endswith(".tmp") and ours:
+                if (target := _temporary_target(entry.name)) is not None:
                     found.setdefault(target, []).append(entry.name)
                 elif (aside := _aside_of(entry.name)) is not None:
                     found.setdefault("/" + aside[0], []).append(entry.name)  # ("/": in no file's name)
@@ -662,6 +668,42 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
         if key.startswith("/"):
             found[key].sort(key=lambda name: _aside_of(name)[1])
     return found
+
+
+def _temporary_target(name: str) -> str | None:
+    """What the temporary file ``name`` (``.<stem>.<32 hex>.tmp``, see ``files.AtomicFile``) was to become (its
+    ``temporary_stem``), or None for any other name (a user's ``.x.mp4.notes.tmp``)."""
+    found = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", name, re.DOTALL)
+    return None if found is None else found.group(1)
+
+
+def check_inputs_apart(files: Sequence[tuple[Path, str]], outdir: Path, shard: tuple[int, int] | None = None) -> None:
+    """Refuse up front an input that is a file the run writes, appends to, moves or removes: its own token file,
+    the run's manifest, or a temporary or set-aside token file in an output folder (a video given under such a
+    name was replaced by its tokens, appended to, or removed). Only inputs with such names are looked at."""
+    manifest, folders = outdir / manifest_name(shard), None
+    for path, name in files:
+        base = os.path.basename(path)
+        temporary = _temporary_target(base) is not None or _aside_of(base) is not None
+        if not (temporary or base.endswith((".safetensors", ".jsonl"))):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:  # (it fails alone when read)
+            continue
+        what = None
+        for candidate, kind in ((outdir / f"{name}.safetensors", "its own token file"), (manifest, "the manifest")):
+            with contextlib.suppress(OSError):
+                if os.path.samestat(st, os.lstat(candidate)):
+                    what = f"{kind} ({candidate})"
+        if what is None and temporary:
+            if folders is None:
+                folders = {os.path.dirname(os.path.realpath(outdir / f"{n}.safetensors")) for _, n in files}
+            if os.path.dirname(os.path.realpath(path)) in folders:
+                what = "named as a temporary or set-aside token file in an output folder"
+        if what is not None:
+            raise InputError(f"input {str(path)!r} is {what}: the run would write over, move or remove it; move it "
+                             f"or choose another output folder than {str(outdir)!r}")  # fmt: skip
 
 
 def _aside_of(name: str) -> tuple[str, int] | None:
@@ -969,7 +1011,9 @@ def _redo_reason(
     the source's :func:`source_stamp`, if taken already."""
     if done is None:
         _look_at(out)  # (its errors other than absence: a name too long, a folder that cannot be searched)
-        return "not readable as a complete token file" if out.is_file() else None
+        if not os.path.lexists(out) or os.path.islink(out) and not os.path.exists(out):
+            return None  # (a link that leads nowhere: replaced by the token file, as nothing there would be)
+        return "not readable as a complete token file" if _token_file_kind(out) else NOT_A_TOKEN_FILE
     if _other_source(done.source, source):  # first: whatever else differs, it is another video's
         return f"made from another source ({_brief(done.source)!r})"
     recorded = done.made_with.get("source_stamp")  # (files made before it was recorded are kept)
@@ -996,6 +1040,39 @@ def _redo_reason(
     now.update(wanted["clips"])
     differ = [f"{k} {_brief(str(was[k]), 200)}, now {now[k]}" for k in was if was[k] != now[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
+
+
+NOT_A_TOKEN_FILE = "not a token file"  # what is at a token file's name is another kind of file: kept (plan_outputs)
+
+
+def _not_a_token_file(out: Path, overwrite: bool) -> str:
+    """Why an input fails whose token file's name ``out`` holds something that is not a token file; "" where
+    ``overwrite`` replaces it (a regular file)."""
+    try:
+        mode = os.stat(out).st_mode
+    except OSError as e:
+        return f"{out} cannot be looked at ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        kept = f"{out} is there and is not a token file: it is kept; move it away, or --overwrite replaces it"
+        return "" if overwrite else kept
+    return f"{out} is {kind_of(mode)}, not a token file: move it away"
+
+
+def _token_file_kind(path: Path) -> bool:
+    """Whether the file at ``path`` (where its links lead) is a regular file that begins as a token file does (a
+    safetensors header naming a token file's tensors and titok-fast's metadata): one made by titok-fast and damaged
+    since, not a file of another kind (a user's weights, a video, a FIFO) that happens to have its name."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                return False
+            head = file.read(8 + len(TOKEN_FILE_HEADER))[8:]
+    except OSError:
+        return False
+    return head == TOKEN_FILE_HEADER  # (a weights file's metadata begins with its format_version)
+
+
+TOKEN_FILE_HEADER = ('{"__metadata__":{"' + METADATA_KEY + '":"{\\"version\\": ').encode()  # how save_tokens begins
 
 
 def _other_source(recorded: str, source: str | os.PathLike) -> bool:
