@@ -333,3 +333,88 @@ def test_inputs_that_require_grad_are_refused(tiny):
         model.decoder(codes, [4], [MIXED[0]])
     codes, _ = model.encode([video.detach()], [4])
     assert not codes.requires_grad  # detached inputs run, and nothing is recorded for autograd
+
+
+def test_the_weights_digest_is_dropped_when_the_weights_change():
+    """Token files record ``weights_digest``: it named the loaded weights after they were replaced, so files made
+    by other weights claimed these (and a resume skipped them). It is None again after any change of the weights
+    (then worked out from them where needed), and kept through to() and a precision switch."""
+    from titok_fast.loading import random_tokenizer
+
+    model = random_tokenizer("tiny", seed=0)
+    digest = model.weights_digest
+    model.to(torch.bfloat16)
+    model.precision = "fp8"
+    model.precision = "default"
+    model.to(torch.float32)
+    assert model.weights_digest == digest
+    other = random_tokenizer("tiny", seed=1).state_dict()
+    changes = [
+        lambda: model.load_state_dict(other),
+        lambda: model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in other.items()
+                                               if k.startswith("decoder.")}, assign=True),  # fmt: skip
+        lambda: (next(model.parameters()).data.mul_(2), model.weights_changed()),
+    ]
+    for change in changes:
+        model.weights_digest = digest
+        with torch.no_grad():
+            change()
+        assert model.weights_digest is None
+    model.weights_digest = digest
+    with torch.no_grad():
+        model.encoder.proj_in.weight.add_(1)  # in place: its version counter
+    assert model.weights_digest is None
+
+
+def test_the_code_table_follows_a_parameter_replaced_at_a_freed_address():
+    """A new weight tensor may land where a freed one was, at version 0 like it: the decoder's code table, keyed
+    by address and version alone, stayed the old weights' (seen after two loads with no decode between)."""
+    from titok_fast import fp8
+
+    weight = torch.randn(8, 8)  # another tensor object at the same address and version (here a view): not the same
+    key = fp8.tensor_key(weight)
+    assert key != fp8.tensor_key(weight.view_as(weight)) and key == fp8.tensor_key(weight)
+    model = make_model("tiny")
+    indices, grids = [torch.arange(16) * 37 % 8575], [(4, 32, 32)]
+    linear = model.decoder.proj_in
+    weight = linear.weight.detach().clone()
+
+    def put(w):
+        linear.load_state_dict({"weight": w, "bias": linear.bias.detach()}, assign=True)
+
+    put(weight.clone())
+    before = model.decode_indices(indices, grids)[0]
+    for scale in (2, 3):
+        put(weight * scale)
+    fresh = make_model("tiny")
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(model.decode_indices(indices, grids)[0], fresh.decode_indices(indices, grids)[0])
+    assert not torch.equal(model.decode_indices(indices, grids)[0], before)
+
+
+def test_a_model_can_be_copied_and_saved_whole():
+    """copy.deepcopy (EMA copies) and torch.save of the module failed on a lock; the copies give the same
+    tokens and reconstructions."""
+    import copy
+    import io
+
+    model = make_model("tiny")
+    videos = random_videos([(4, 32, 32), (4, 48, 32)])
+    _, out = model.encode(videos, [8, 16])
+    recon = model.decode_indices(out["indices"], [(4, 32, 32), (4, 48, 32)])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        _, again = copied.encode(videos, [8, 16])
+        assert all(map(torch.equal, again["indices"], out["indices"]))
+        assert all(map(torch.equal, copied.decode_indices(out["indices"], [(4, 32, 32), (4, 48, 32)]), recon))
+
+
+def test_the_quantizer_refuses_inputs_that_require_grad():
+    """model.quantize gave zero gradients silently: like the encoder and decoder it is inference only."""
+    model = make_model("tiny")
+    z = torch.randn(4, 5, requires_grad=True)
+    for call in (model.quantize, model.quantize.quantize, model.quantize.bound):
+        with pytest.raises(ValueError, match="z requires grad; titok-fast is inference-only"):
+            call(z)

@@ -384,6 +384,20 @@ def test_a_file_that_is_not_a_token_file_at_an_outputs_name_is_kept(model, sourc
                                                       "move it away")]  # fmt: skip
 
 
+def test_token_files_name_the_weights_that_made_them_after_the_weights_change(sources, tmp_path):
+    """Loading other weights into a model: its next run's token files named the first weights, and a resume
+    skipped the files those made. They now name the weights as they are, and the earlier files are redone."""
+    from titok_fast.loading import weights_digest
+
+    model = random_tokenizer("tiny", seed=0)
+    first = encode(model, [sources["short"]], tmp_path)
+    model.load_state_dict(random_tokenizer("tiny", seed=1).state_dict())
+    again = encode(model, [sources["short"]], tmp_path)
+    assert first.done == again.done == [str(sources["short"])] and again.replaced == 1
+    recorded = load_tokens(tmp_path / "short.safetensors").weights_digest
+    assert recorded == weights_digest(model.state_dict()) == model.weights_digest
+
+
 def test_a_folder_of_token_files_of_two_weights_is_finished_by_one_run_of_each(model, sources, tmp_path):
     """Each run loads one model: a video another run decoded with the weights its token file records is complete,
     not a failure of this run (every rerun failed it again); --force still decodes it with this run's model."""

@@ -23,6 +23,7 @@ with bf16 activations, the combination ``torch._scaled_mm`` supports with row-wi
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -107,10 +108,38 @@ class Fp8Linear(nn.Linear):
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
-    """What tells that a tensor changed: its memory, version counter, dtype and device. Inference tensors (made
-    under ``torch.inference_mode()``) have no version counter: writes to them in place are seen only through
+    """What tells that a tensor changed: which tensor it is, its memory, version counter, dtype and device (its
+    memory alone may be a freed tensor's: a new one there starts at version 0 too). Inference tensors (made under
+    ``torch.inference_mode()``) have no version counter: writes to them in place are seen only through
     ``TiTok.weights_changed()``."""
-    return (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
+    return (Identity(t), t.data_ptr(), version(t), t.dtype, t.device)
+
+
+def _nothing() -> None:
+    return None
+
+
+def version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+class Identity:
+    """A tensor in a key: equal only to the same tensor object, while it lives. A copy (a model copied or pickled
+    with its caches) names no tensor: equal to none, so what the caches hold is made again."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, t: torch.Tensor | None = None):
+        self.ref = weakref.ref(t) if t is not None else _nothing
+
+    def __reduce__(self):
+        return Identity, ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Identity) and (t := self.ref()) is not None and t is other.ref()
+
+    def __hash__(self) -> int:
+        return id(self.ref())
 
 
 def layer_linears(layers: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -259,7 +259,7 @@ class TiTok(nn.Module):
         self._runtime = Runtime(backend, self.quantize)
         self.encoder = Encoder(self.config, self._runtime)
         self.decoder = Decoder(self.config, self._runtime)
-        self.weights_digest: str | None = None  # set by the loaders; names the weights in token files
+        self._digest: tuple | None = None  # (the weights' identity when it was set, the digest): weights_digest
         self.weights_source = ""  # the checkpoint path the weights came from, set by load_tokenizer
         self.precision = precision
 
@@ -272,6 +272,26 @@ class TiTok(nn.Module):
     def precision(self, value: str) -> None:
         fp8.set_precision(self, value)
 
+    @property
+    def weights_digest(self) -> str | None:
+        """Names the weights in token files (set by the loaders; ``encode_files`` works it out where it is None).
+        None again once the weights change (``load_state_dict``, in-place writes, replaced parameters,
+        :meth:`weights_changed`), so token files never name weights that did not make them; ``to()`` and a
+        precision switch keep it (the same weights, converted)."""
+        found = self._digest
+        if found is not None and found[0] != self._weights_identity():
+            self._digest = found = None
+        return None if found is None else found[1]
+
+    @weights_digest.setter
+    def weights_digest(self, value: str | None) -> None:
+        self._digest = None if value is None else (self._weights_identity(), value)
+
+    def _weights_identity(self) -> tuple:
+        """Each parameter object and its version counter (not its memory, dtype or device: ``to()`` keeps them)."""
+        self.parameter_addresses()  # (finds the parameters' holders again after a change)
+        return tuple((fp8.Identity(t := held[name]), fp8.version(t)) for held, name in self._parameter_slots[1])
+
     def weights_changed(self) -> None:
         """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies) at its next
         use. Changes made the usual ways (``load_state_dict``, in-place operations on the parameters, optimiser
@@ -280,6 +300,7 @@ class TiTok(nn.Module):
         built on the model follow at their next batch."""
         self.decoder._table = None
         fp8.forget(self)
+        self._digest = None
 
     @property
     def generation(self) -> int:

@@ -92,6 +92,12 @@ class PackingCache:
         self._tables: dict = {}
         self._lock = threading.RLock()  # each look-up, and what it stores, whole
 
+    def __getstate__(self) -> dict:  # copied or pickled with its model: empty, with a lock of its own
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["capacity"])
+
     def packing(self, token_counts, grids, device) -> Packing:
         key = (tuple(token_counts), tuple(grids), str(device))
         with self._lock:

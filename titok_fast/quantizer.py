@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from titok_fast.checks import check_no_grad
 from titok_fast.kernels.fsq import FsqConstants
 
 EPS = 1e-3  # the bound's margin: half_l = (L - 1) * (1 + EPS) / 2
@@ -86,6 +87,7 @@ class FSQ(nn.Module):
 
     def bound(self, z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
         """``tanh(z + shift) * half_l - offset``: z [..., D] bounded per dimension, before rounding."""
+        check_no_grad(z, "z")
         c = self.constants(z.device)
         half_l = c.half_l if eps == EPS else (c.levels - 1) * (1 + eps) / 2
         shift = c.shift if eps == EPS else (c.offset / half_l).atanh()
@@ -118,6 +120,7 @@ class FSQ(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """z [N, D] -> ``(codes [N, D] in z's dtype, {"indices": int32 [N]})``, computed in float32."""
+        check_no_grad(z, "z")
         codes, indices = fsq_quantize(z, self.constants(z.device))
         return codes.to(z.dtype), {"indices": indices}
 
