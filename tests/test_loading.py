@@ -395,6 +395,23 @@ def _tuple_dag(levels: int, first: bytes = b"\x80\x02}", memo: int = 0) -> bytes
     return b"".join(parts)
 
 
+_DAG = b"N" + b"2\x86" * 40  # None, then (t, t) forty times over (DUP, TUPLE2): 2**40 elements to hash
+_PASSED_ON = {  # the same key through what gives it back or hashes it: each was missed by the first check
+    "BUILD": _DAG + b"Nb",  # BUILD leaves its object on the stack
+    "_rebuild_parameter": b"ctorch._utils\n_rebuild_parameter\n" + _DAG + b"\x85R",  # gives its argument back
+    "INST frozenset": b"(]" + _DAG + b"aibuiltins\nfrozenset\n",  # frozenset(list) hashes the list's items
+    "OBJ frozenset": b"(cbuiltins\nfrozenset\n]" + _DAG + b"ao",
+    "SETITEM on a list": b"cbuiltins\nfrozenset\n]NaK\x00" + _DAG + b"s\x85R",  # list[0] = key, then frozenset
+}
+
+
+@pytest.mark.parametrize("passed_on", sorted(_PASSED_ON))
+def test_a_key_passed_on_by_other_opcodes_is_refused_too(tmp_path, never_unpickled, passed_on):
+    bad = _archive(tmp_path / "keys.ckpt", b"\x80\x02}" + _PASSED_ON[passed_on] + b"Ns.")
+    with pytest.raises(CheckpointError, match=r"keys.ckpt: its pickle uses a dict or set key that would take long"):
+        load_tokenizer(bad, config="tiny")
+
+
 @pytest.mark.parametrize("attack", ["shared tuples", "colliding ints", "deep tuple", "set of shared tuples"])
 def test_keys_that_would_take_long_to_hash_are_refused_before_unpickling(tmp_path, never_unpickled, attack):
     """The C unpickler hashes every dict and set key, in C, where no signal is handled: a 334-byte pickle using

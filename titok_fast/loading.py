@@ -131,7 +131,7 @@ class _StorageRef(_Frozen):
     dtype: torch.dtype | str  # a str: the name of a storage type titok-fast does not read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (hashed by identity: a key of records with colliding int offsets is not slow)
 class _TensorRef(_Frozen):
     """A tensor in the archive, not yet read: storage, offset, size, stride (in elements)."""
 
@@ -329,9 +329,16 @@ class _KeyCheck:
             for item in items[:: _KEYED_OPCODES[name]]:
                 self.key(item)
             if name in ("SETITEM", "SETITEMS", "ADDITEMS"):
-                stack.append(self._pop(1)[0])
+                target = self._pop(1)[0]
+                if name != "ADDITEMS" and isinstance(target, _Item) and target.elements is not None:  # a list's
+                    target.elements.extend(items[1::2])  # items set by index: what a later set(list) would hash
+                stack.append(target)
             else:
                 stack.append(_Item(1 if name == "FROZENSET" else None))
+        elif name == "BUILD":  # the object stays on the stack (its state is set, or ignored)
+            self._pop(1)
+            if not stack:
+                raise CheckpointError("its pickle is malformed (it builds nothing)")
         elif name in ("EMPTY_DICT", "EMPTY_SET"):
             stack.append(_Item(None))
         elif name in ("GLOBAL", "STACK_GLOBAL"):
@@ -339,11 +346,21 @@ class _KeyCheck:
             self._pop(2 if name == "STACK_GLOBAL" else 0)  # (STACK_GLOBAL's names are not followed: any may copy)
             copies = "set" if name == "STACK_GLOBAL" or (module, qualname) in _COPYING_GLOBALS else ""
             stack.append(_Item(1, copies="OrderedDict" if qualname == "OrderedDict" and copies else copies))
-        elif name == "REDUCE":
-            function, args = self._pop(2)
+        elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "INST", "OBJ"):
+            if name in ("INST", "OBJ"):
+                args = self._pop_mark()
+                module, _, qualname = arg.partition(" ") if name == "INST" else ("", "", "")
+                function = args.pop(0) if name == "OBJ" and args else _Item(1, copies="set" if (
+                    module, qualname) in _COPYING_GLOBALS else "")  # fmt: skip
+                args = _Item(None, args)
+            else:
+                function, args, *_ = self._pop({"REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3}[name])
             if isinstance(function, _Item) and function.copies and isinstance(args, _Item) and args.elements:
-                self._copied_keys(args.elements[0], function.copies)
-            stack.append(_Item(1))  # an object (hashed by identity), or one that cannot be hashed
+                for argument in args.elements if name in ("INST", "OBJ") else args.elements[:1]:
+                    self._copied_keys(argument, function.copies)
+            # what a call gives may be one of its arguments (torch's _rebuild_parameter gives its tensor): it is
+            # hashed no faster than they are
+            stack.append(_Item(args.weight if isinstance(args, _Item) else None))
         else:  # every other opcode by its stack effect: what it builds is an object of its own
             before, after = opcode.stack_before, opcode.stack_after
             if pickletools.markobject in before:
