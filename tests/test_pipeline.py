@@ -9,6 +9,7 @@ import re
 import shutil
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from fractions import Fraction
@@ -263,7 +264,7 @@ def test_eval_streams_in_groups_and_skips_a_file_failing_midway(model, sources):
         evaluate(engine, [files[1], (sources["long"].with_name("gone.mp4"), "gone")], SETTINGS, [4], workers=1)
 
 
-def test_eval_scores_only_the_real_frames_of_a_padded_last_clip(model, tmp_path):
+def test_eval_scores_only_the_real_frames_of_a_padded_last_clip(model, tmp_path, monkeypatch):
     """With tail="pad" a video's last clip repeats its last frame; those repeats are not the source's, so eval
     scores only the clip's real frames (as decode trims them from what it writes), and counts clips once, not
     once per token count."""
@@ -281,6 +282,20 @@ def test_eval_scores_only_the_real_frames_of_a_padded_last_clip(model, tmp_path)
         assert table[n]["psnr"] == pytest.approx(sum(expected) / 2, rel=1e-9)
         assert table[n]["psnr"] != pytest.approx(sum(map(psnr, recon, read.clips)) / 2, rel=1e-9)  # (not all 4)
     assert summary.clips == 2
+    scored = []  # the parts of a file split across workers come interleaved: the last clip is the furthest one
+
+    def interleaved(paths, **kwargs):
+        feed = types.SimpleNamespace(reader=types.SimpleNamespace(last_clip_frames=read.last_clip_frames))
+        events = [(0, "open", (paths[0], feed)), (0, "clip", (1, read.clips[1])), (0, "clip", (0, read.clips[0])),
+                  (0, "end", None)]  # fmt: skip
+        return (event for event in events)
+
+    monkeypatch.setattr(pipeline, "interleaved_videos", interleaved)
+    monkeypatch.setattr(pipeline, "psnr", lambda r, c: scored.append(c) or 0.0)
+    evaluate(engine, [(path, "tail")], SETTINGS, [4], workers=1)
+    targets = [pipeline.normalize_pixels(c, torch.float32) for c in read.clips]
+    assert [c.shape[1] for c in scored] == [t, read.last_clip_frames]
+    assert torch.equal(scored[0], targets[0]) and torch.equal(scored[1], targets[1][:, : read.last_clip_frames])
 
 
 def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tmp_path, monkeypatch):

@@ -1522,7 +1522,8 @@ def evaluate(
     complete: list[int] = []  # files read to the end; only their clips count
     paths: dict[int, str] = {}
     readers: dict[int, Any] = {}  # file number -> its ClipReader (how many frames of its last clip are real)
-    held: dict[int, torch.Tensor] = {}  # each file's latest clip, scored once its next clip or its end has come
+    held: dict[int, tuple[int, torch.Tensor]] = {}  # each file's furthest clip so far (its number in the file, the
+    # clip), scored once a later one or the file's end has come (the parts of a split file come interleaved)
     batch: list[tuple[int, torch.Tensor, int]] = []  # (file number, clip, its real frames: the padding not scored)
 
     def score_batch() -> None:
@@ -1554,16 +1555,19 @@ def evaluate(
                 paths[number], readers[number] = str(value[0]), value[1].reader
                 sums[number], scored[number] = {n: [0.0, 0.0] for n in token_counts}, 0
             elif kind == "clip":
+                clip = (value[0], value[1])
+                if number in held and held[number][0] > clip[0]:
+                    clip, held[number] = held[number], clip
                 if number in held:  # not the last: every frame real
-                    score(number, held[number], settings.grid[0])
-                held[number] = value[1]
+                    score(number, held[number][1], settings.grid[0])
+                held[number] = clip
             elif kind == "error":
                 summary.failed.append((paths[number], str(value)))
                 held.pop(number, None)
                 batch[:] = [item for item in batch if item[0] != number]
             else:  # "end": the last clip's frames past the video's end (tail="pad") are padding, as decode trims them
                 if number in held:
-                    score(number, held.pop(number), readers[number].last_clip_frames)
+                    score(number, held.pop(number)[1], readers[number].last_clip_frames)
                 summary.done.append(paths[number])
                 complete.append(number)
         if batch:
