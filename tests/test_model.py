@@ -403,9 +403,15 @@ def test_a_model_can_be_copied_and_saved_whole():
     _, out = model.encode(videos, [8, 16])
     recon = model.decode_indices(out["indices"], [(4, 32, 32), (4, 48, 32)])
     buffer = io.BytesIO()
+    model.weights_digest = "random-seed0-0123456789abcdef"  # (what token files record: kept by the copies)
     torch.save(model, buffer)
     buffer.seek(0)
     for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert copied.weights_digest == model.weights_digest
+        with torch.no_grad():
+            copied.decoder.proj_in.weight.mul_(2)
+        assert copied.weights_digest is None and model.weights_digest is not None  # (the copy's own weights)
+        copied.decoder.proj_in.weight.data.div_(2)  # (exactly as they were)
         _, again = copied.encode(videos, [8, 16])
         assert all(map(torch.equal, again["indices"], out["indices"]))
         assert all(map(torch.equal, copied.decode_indices(out["indices"], [(4, 32, 32), (4, 48, 32)]), recon))

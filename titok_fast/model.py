@@ -276,8 +276,10 @@ class TiTok(nn.Module):
     def weights_digest(self) -> str | None:
         """Names the weights in token files (set by the loaders; ``encode_files`` works it out where it is None).
         None again once the weights change (``load_state_dict``, in-place writes, replaced parameters,
-        :meth:`weights_changed`), so token files never name weights that did not make them; ``to()`` and a
-        precision switch keep it (the same weights, converted)."""
+        :meth:`weights_changed`), so token files never name weights that did not make them; ``to()``, a precision
+        switch and a copy keep it (the same weights). Parameters made under ``torch.inference_mode()`` have no
+        version counter: after writing to them in place (``load_state_dict`` without ``assign``), call
+        :meth:`weights_changed`."""
         found = self._digest
         if found is not None and found[0] != self._weights_identity():
             self._digest = found = None
@@ -286,6 +288,18 @@ class TiTok(nn.Module):
     @weights_digest.setter
     def weights_digest(self, value: str | None) -> None:
         self._digest = None if value is None else (self._weights_identity(), value)
+
+    def __getstate__(self) -> dict:  # copied or pickled: the digest of the weights as they are, set on the copy's
+        state = self.__dict__.copy()
+        state["_digest"] = self.weights_digest
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        digest = state.pop("_digest", None)
+        super().__setstate__(state)
+        self._digest = None
+        if digest is not None:
+            self.weights_digest = digest
 
     def _weights_identity(self) -> tuple:
         """Each parameter object and its version counter (not its memory, dtype or device: ``to()`` keeps them)."""
