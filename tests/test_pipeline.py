@@ -371,6 +371,9 @@ def test_a_source_gone_fails_alone_and_leaves_its_token_file(model, sources, tmp
     summary = encode(model, [source], out)
     assert [p for p, _ in summary.failed] == [str(source)] and not summary.replaced
     assert (out / "short.safetensors").read_bytes() == tokens and not list(out.glob("*.outdated*"))
+    summary = encode(random_tokenizer("tiny", seed=1), [source], out)  # made by other weights: set aside on failing,
+    assert [p for p, _ in summary.failed] == [str(source)]  # never left among this run's files
+    assert not (out / "short.safetensors").exists() and (out / "short.safetensors.outdated").read_bytes() == tokens
 
 
 def test_a_file_that_is_not_a_token_file_at_an_outputs_name_is_kept(model, sources, tmp_path):
@@ -389,9 +392,10 @@ def test_a_file_that_is_not_a_token_file_at_an_outputs_name_is_kept(model, sourc
     assert (out / "short.safetensors").read_bytes() == before
     assert encode(model, [sources["short"]], out, overwrite=True).done == [str(sources["short"])]
     whole = (out / "short.safetensors").read_bytes()
-    (out / "short.safetensors").write_bytes(whole[: len(whole) // 2])  # ours, cut short: made again
-    summary = encode(model, [sources["short"]], out)
-    assert summary.done == [str(sources["short"])] and (out / "short.safetensors").read_bytes() == whole
+    for cut in (len(whole) // 2, 20, 0):  # ours, cut short (into its header, to nothing): made again
+        (out / "short.safetensors").write_bytes(whole[:cut])
+        summary = encode(model, [sources["short"]], out)
+        assert summary.done == [str(sources["short"])] and (out / "short.safetensors").read_bytes() == whole
     (out / "short.safetensors").unlink()
     os.mkfifo(out / "short.safetensors")
     summary = encode(model, [sources["short"]], out, overwrite=True)
@@ -453,6 +457,15 @@ def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, 
     (out / "short.mp4").write_bytes(b"not a video, a user's file of that name")
     assert decode_files(engine, [renamed], out).done == []  # kept
     assert (out / "short.mp4").read_bytes() == b"not a video, a user's file of that name"
+    source = tmp_path / "sources" / "short.mp4"  # a damaged source under the output's name: never replaced
+    source.parent.mkdir()
+    shutil.copy(sources["short"], source)
+    encode(model, [source], tmp_path / "t2")
+    damaged = source.read_bytes()[: source.stat().st_size // 3]  # (its index at the end: it no longer opens)
+    source.write_bytes(damaged)
+    summary = decode_files(engine, [tmp_path / "t2" / "short.safetensors"], source.parent)
+    assert [p for p, _ in summary.failed] == [str(tmp_path / "t2" / "short.safetensors")]
+    assert "is the source video of" in summary.failed[0][1] and source.read_bytes() == damaged
 
 
 def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path,

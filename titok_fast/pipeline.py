@@ -461,12 +461,12 @@ def plan_outputs(
                 if why == NOT_A_TOKEN_FILE and (refused := _not_a_token_file(out, overwrite)):  # (a user's file is
                     manifest.failed(path, out, refused)  # never replaced without being asked)
                     continue
-                if why == "" and not overwrite:
+                stamp = found.source_stamp
+                gone = why == "" and (stamp if stamp is not None else source_stamp(path)) == ""
+                if why == "" and not overwrite and not gone:  # (a source gone fails alone, its token file kept)
                     manifest.skipped(path, out)
                 else:
                     todo.append((path, out))
-                    if why and source_stamp(path) == "" and done is not None and not _other_source(done.source, path):
-                        why = ""  # its source gone (a list naming a file deleted since): fails alone, its tokens stay
                     if why:  # a token file of another video of this output name: its source is displaced
                         other = done.source if done is not None and _other_source(done.source, path) else None
                         if other is not None:  # unless it is an input of this job with a token file of its own
@@ -1016,8 +1016,9 @@ def _redo_reason(
         return "not readable as a complete token file" if _token_file_kind(out) else NOT_A_TOKEN_FILE
     if _other_source(done.source, source):  # first: whatever else differs, it is another video's
         return f"made from another source ({_brief(done.source)!r})"
-    recorded = done.made_with.get("source_stamp")  # (files made before it was recorded are kept)
-    if recorded and recorded != (now := source_stamp(source) if stamp is None else stamp):
+    recorded = done.made_with.get("source_stamp")  # (files made before it was recorded are kept; one whose source
+    now = source_stamp(source) if stamp is None else stamp  # is gone is kept if made as wanted: the source fails)
+    if recorded and now and recorded != now:
         return f"its source changed since it was made (size:mtime_ns {_brief(recorded, 64)}, now {now})"
     if done.weights_digest != wanted["weights"]:
         return f"made by other weights ({_brief(done.weights_digest)})"
@@ -1066,10 +1067,11 @@ def _token_file_kind(path: Path) -> bool:
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
                 return False
-            head = file.read(8 + len(TOKEN_FILE_HEADER))[8:]
+            start = file.read(8 + len(TOKEN_FILE_HEADER))
     except OSError:
         return False
-    return head == TOKEN_FILE_HEADER  # (a weights file's metadata begins with its format_version)
+    head = start[8:]  # (a weights file's metadata begins with its format_version); a file cut short, even to nothing:
+    return head == TOKEN_FILE_HEADER or len(start) < 8 + len(TOKEN_FILE_HEADER) and TOKEN_FILE_HEADER.startswith(head)
 
 
 TOKEN_FILE_HEADER = ('{"__metadata__":{"' + METADATA_KEY + '":"{\\"version\\": ').encode()  # how save_tokens begins
@@ -1401,10 +1403,11 @@ def decode_files(
                                  "output folder")  # fmt: skip
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
             ours = there is not None and there.startswith(DECODE_RECORD)
-            if exists and there is None and _damaged_mp4(out):  # (a copy cut short): decoded again over it
-                exists = False
-            if exists and not overwrite and (there == record or not ours):  # written whole (atomically) from this
-                if ours:  # token file this way: complete; or one that records no decode: kept, said once below
+            damaged = exists and there is None and _damaged_mp4(out)  # (a copy cut short): decoded again over it
+            # an mp4 written whole (atomically) from this token file this way: complete; one that records no decode:
+            # kept, said once below
+            if exists and not damaged and not overwrite and (there == record or not ours):
+                if ours:
                     summary.skipped.append(str(path))
                 unrecorded += not ours
                 continue
