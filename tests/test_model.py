@@ -169,7 +169,7 @@ def _v(*shape):
         # finite in float64, infinite in the model's float32: FSQ would index NaN
         ([_v(3, 4, 8, 8).double() + 1e300], [1], ValueError, "video 0 holds 1e[+]300, beyond .* torch.float32"),
         ([_v(3, 4, 8, 8).double() - 1e300], [1], ValueError, "video 0 holds -1e[+]300, beyond .* torch.float32"),
-        # finite in float32, but the encoder's norms overflow near 1e20: refused well before
+        # finite in float32, but the model's norms overflow near 1e20: refused well before
         ([_v(3, 4, 8, 8) + 1e30], [1], ValueError, r"video 0 holds 1e\+30; expected values in \[-1, 1\] \(beyond"),
         ([_v(3, 4, 8, 8), _v(3, 4, 8, 8) - 2e9], [1, 1], ValueError, "video 1 holds -2e[+]09; expected"),
     ],
@@ -230,6 +230,8 @@ def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, m
         (torch.full((3, 5), float("inf")), [3], ValueError, "codes contains NaN or infinite"),
         (torch.zeros(3, 5, device="meta"), [3], ValueError, "codes is on the meta device"),
         (torch.full((3, 5), 1e300, dtype=torch.float64), [3], ValueError, "codes holds 1e[+]300, beyond .*float32"),
+        # finite, but the decoder gave a video of infinities: refused as videos are
+        (torch.full((3, 5), 1e30), [3], ValueError, r"codes holds 1e\+30; expected values in \[-1, 1\] \(beyond"),
     ],
 )
 def test_decode_rejects_bad_codes(tiny, codes, counts, error, message):

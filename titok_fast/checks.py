@@ -66,7 +66,7 @@ def _problems_of(extremes: torch.Tensor, dtype: torch.dtype | None, most: float)
             value = values[0] if abs(values[0]) > most else values[1]
             problems.append(
                 f"holds {value:g}; expected values in [-1, 1] (beyond {most:g} they are refused: near 1e20 the "
-                "encoder's norms overflow and FSQ has no code for what comes out)"
+                "model's norms overflow, and what comes out is no video's)"
             )
         else:
             problems.append("")
@@ -243,6 +243,6 @@ def check_codes(codes: object, width: int, total: int, dtype: torch.dtype | None
     if codes.shape[0] != total:
         raise ValueError(f"codes has {codes.shape[0]} rows but token_counts sum to {total}")
     _check_not_meta(codes, "codes")
-    problem = _value_problems([codes], dtype)[0] if codes.numel() else ""
+    problem = _value_problems([codes], dtype, MAX_PIXEL_MAGNITUDE)[0] if codes.numel() else ""  # (1e30: an inf video)
     if problem:
         raise ValueError(f"codes {problem}")
