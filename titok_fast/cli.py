@@ -30,6 +30,7 @@ from .files import (
     MAX_SEED,
     STALL_SECONDS,
     Terminated,
+    file_head,
     forget_interrupts,
     interrupt,
     kind_of,
@@ -516,12 +517,8 @@ FILE_KINDS = {  # how the files a command writes begin: what an existing file mu
 
 def _is_kind(path: str, what: str) -> bool:
     """Whether the regular file ``path`` is empty or begins as a file of kind ``what`` (FILE_KINDS)."""
-    try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            head = file.read(4096)
-    except OSError:
-        return True  # it cannot be read: writing will say what is wrong
-    return not head or FILE_KINDS[what](head)
+    head = file_head(path, 4096)
+    return not head or FILE_KINDS[what](head)  # (None: it cannot be read: writing will say what is wrong)
 
 
 def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[int, dict[str, float]]]:

@@ -59,6 +59,16 @@ def kind_of(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "a special file")
 
 
+def file_head(path: str | os.PathLike[str], size: int) -> bytes | None:
+    """The first ``size`` bytes of the regular file at ``path`` (where its links lead; fewer where it is shorter),
+    or None where it is not a regular file or cannot be read. A FIFO is never waited on (opened without blocking)."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            return file.read(size) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+    except OSError:
+        return None
+
+
 MAX_NAME_BYTES = 255  # of a file name, on the usual file systems
 
 

@@ -38,6 +38,7 @@ from .files import (
     METADATA_KEY,
     STALL_SECONDS,
     escaped,
+    file_head,
     interrupt_name,
     interrupts_held,
     kind_of,
@@ -1063,12 +1064,8 @@ def _token_file_kind(path: Path) -> bool:
     """Whether the file at ``path`` (where its links lead) is a regular file that begins as a token file does (a
     safetensors header naming a token file's tensors and titok-fast's metadata): one made by titok-fast and damaged
     since, not a file of another kind (a user's weights, a video, a FIFO) that happens to have its name."""
-    try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                return False
-            start = file.read(8 + len(TOKEN_FILE_HEADER))
-    except OSError:
+    start = file_head(path, 8 + len(TOKEN_FILE_HEADER))
+    if start is None:
         return False
     head = start[8:]  # (a weights file's metadata begins with its format_version); a file cut short, even to nothing:
     return head == TOKEN_FILE_HEADER or len(start) < 8 + len(TOKEN_FILE_HEADER) and TOKEN_FILE_HEADER.startswith(head)
@@ -1467,11 +1464,8 @@ def _decoded_by_own_weights(there: str, record: str, token_file: TokenFile) -> b
 def _damaged_mp4(path: Path) -> bool:
     """Whether ``path``, which cannot be opened as a video, begins as an MP4 does (an ``ftyp`` box): a video
     damaged since it was written (cut short, overwritten in part), not some other file of that name."""
-    try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            return file.read(8)[4:8] == b"ftyp"
-    except OSError:
-        return False
+    head = file_head(path, 8)
+    return head is not None and head[4:8] == b"ftyp"
 
 
 DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_records)
