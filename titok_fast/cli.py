@@ -492,19 +492,18 @@ def _check_file_to_write(option: str, path: str, what: str) -> None:
     the file is written), and what is there already may be replaced: nothing, or a regular file of the kind
     written (``what``: a key of FILE_KINDS), so that an input or any other file given by mistake is never written
     over, nor a device (``--json /dev/null`` as root would replace the device itself)."""
-    if os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there, or a link that leads nowhere: replaced by the file
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
         raise ValueError(f"{option} {path}: is a folder; expected the path of a file to write")
-    if os.path.lexists(path):
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:  # a link that leads nowhere: replaced by the file
-            mode = None
-        if mode is not None and not stat.S_ISREG(mode):
-            raise ValueError(f"{option} {path}: is {kind_of(mode)} (where its links lead); expected the path of a "
-                             f"{what} file to write")  # fmt: skip
-        if mode is not None and not _is_kind(path, what):
-            raise ValueError(f"{option} {path}: is there already and is not a {what} file; it would be replaced: "
-                             "remove it or choose another path")  # fmt: skip
+    if mode is not None and not stat.S_ISREG(mode):
+        raise ValueError(f"{option} {path}: is {kind_of(mode)} (where its links lead); expected the path of a "
+                         f"{what} file to write")  # fmt: skip
+    if mode is not None and not _is_kind(path, what):
+        raise ValueError(f"{option} {path}: is there already and is not a {what} file; it would be replaced: "
+                         "remove it or choose another path")  # fmt: skip
     _check_output_folder(f"{option} {path}: its folder", os.path.dirname(os.path.abspath(path)))
 
 
