@@ -303,8 +303,7 @@ class TiTok(nn.Module):
 
     def _weights_identity(self) -> tuple:
         """Each parameter object and its version counter (not its memory, dtype or device: ``to()`` keeps them)."""
-        self.parameter_addresses()  # (finds the parameters' holders again after a change)
-        return tuple((fp8.Identity(t := held[name]), fp8.version(t)) for held, name in self._parameter_slots[1])
+        return tuple((fp8.Identity(t := held[name]), fp8.version(t)) for held, name in self._parameter_holders())
 
     def weights_changed(self) -> None:
         """Rebuild what is derived from the weights (the decoder's code table, the FP8 weight copies) at its next
@@ -327,11 +326,15 @@ class TiTok(nn.Module):
         ``half()``, ``load_state_dict(..., assign=True)``, on the model or a submodule, ``parameter.data = ...``),
         not when it is written in place. What reads the parameters by address (CUDA graphs) is stale when it
         changes. Cheap enough to check at every call (V1: 194 parameters, 30-70 us)."""
+        return tuple(held[name].data_ptr() for held, name in self._parameter_holders())
+
+    def _parameter_holders(self) -> list:
+        """(a module's ``_parameters``, name) of every parameter, found again after a registration anywhere."""
         seen = _registrations[0]  # read first: a registration during the walk is seen at the next call
         if self._parameter_slots[0] != seen:  # the modules holding them, found again after a change
             found = [(m._parameters, n) for m in self.modules() for n, p in m._parameters.items() if p is not None]
             self._parameter_slots = (seen, found)
-        return tuple(held[name].data_ptr() for held, name in self._parameter_slots[1])
+        return self._parameter_slots[1]
 
     @property
     def backend(self) -> str:
