@@ -831,10 +831,11 @@ def _converted_from(target: Path, sha256: str) -> bool:
     """Whether the cache entry ``target`` is a conversion of the checkpoint whose bytes have ``sha256``, as its
     metadata records: anything else under that name (a file cut short, one copied there, one written before
     conversions recorded it) is converted again over it. Something that is not a file there is refused."""
-    if not os.path.lexists(target):
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:  # (nothing there, or a link that leads nowhere: replaced by the conversion)
         return False
-    mode = os.stat(target).st_mode if os.path.exists(target) else None
-    if mode is not None and not stat.S_ISREG(mode):
+    if not stat.S_ISREG(mode):
         raise CheckpointError(f"{target}: the cache entry for this conversion is {kind_of(mode)}, not a file; remove "
                               "it")  # fmt: skip
     try:
