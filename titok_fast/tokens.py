@@ -24,6 +24,7 @@ whole file at most MAX_FILE_BYTES, checked before they are read.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import reprlib
 import stat
@@ -135,13 +136,19 @@ class TokenFile:
         sampling: str = "upstream",
         made_with: dict[str, str] | None = None,
     ) -> TokenFile:
-        """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times."""
+        """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times.
+
+        Values that are not integers (float indices, a grid of 2.5 frames) are refused, never truncated."""
+        for chunk, part in enumerate(chunk_indices):
+            if part.is_floating_point() or part.is_complex() or part.dtype == torch.bool:
+                raise TokenFileError(f"chunk {chunk}'s indices must be integers; got dtype {part.dtype}")
+        grids = [_integer_grid(chunk, grid) for chunk, grid in enumerate(grids)]
         flat = torch.cat([i.reshape(-1).long() for i in chunk_indices] or [torch.zeros(0, dtype=torch.int64)])
         _check_indices(flat, codebook_size)  # before narrowing to int16, which would wrap large values
         return cls(
             indices=flat.to(torch.int16),
             token_counts=torch.tensor([i.numel() for i in chunk_indices], dtype=torch.int32),
-            grids=torch.tensor(list(grids), dtype=torch.int32).reshape(-1, 3),
+            grids=torch.tensor(grids, dtype=torch.int32).reshape(-1, 3),
             start_times=torch.tensor(list(start_times), dtype=torch.float64),
             model_config=model_config,
             weights_digest=weights_digest,
@@ -401,6 +408,17 @@ def _check_token_file(tf: TokenFile) -> None:
     times = tf.start_times
     if not bool(times.isfinite().all()) or float(times.min()) < 0 or bool((times.diff() < 0).any()):
         raise TokenFileError(f"start_times must be finite, >= 0 and non-decreasing; got {_short(times)}")
+
+
+def _integer_grid(chunk: int, grid: Sequence[int]) -> list[int]:
+    """One chunk's (T, H, W) as three Python ints in int32's range; anything else is a TokenFileError."""
+    try:
+        values = [operator.index(v) for v in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
+    except TypeError:  # a float, a string, a grid that is not a sequence
+        values = []
+    if len(values) != 3 or not all(abs(v) <= MAX_INT32 for v in values):
+        raise TokenFileError(f"chunk {chunk}'s grid must be three integers (T, H, W); got {reprlib.repr(grid)}")
+    return values
 
 
 def _first(mask: torch.Tensor) -> int:
