@@ -321,7 +321,19 @@ def test_engine_rejects_bad_settings_and_clips(model):
         Engine(model, mode="cudagraph")
     with pytest.raises(ValueError, match="budgets must be integers"):
         Engine(model, budgets=())
+    for bad in (4096, "4096"):
+        with pytest.raises(TypeError, match="budgets must be a sequence of integers >= 2"):
+            Engine(model, budgets=bad)
+    assert Engine(model, budgets=iter([512, 128])).budgets == (128, 512)  # an iterator is read once
     engine = Engine(model, budgets=(64,))
+    video = torch.zeros(3, 4, 8, 8)
+    for item, what in ((("a", video), "has 2 fields"), (video, "is a Tensor"), (None, "is a NoneType")):
+        with pytest.raises(TypeError, match=rf"^an item of encode_stream {what}; expected a tuple \(key, video"):
+            list(engine.encode_stream([item]))
+        with pytest.raises(TypeError, match=rf"^an item of decode_stream {what}; expected a tuple \(key, indices"):
+            list(engine.decode_stream([item]))
+    with pytest.raises(TypeError, match=r"^clip 'l' is a list; expected a torch.Tensor \[3, T, H, W\]"):
+        list(engine.encode_stream([("l", [0.0] * 3, 1)]))
     with pytest.raises(ValueError, match=r"clip 0 needs 72 packed rows .*; the largest budget is 64"):
         engine.encode(random_videos([(4, 32, 16)]), [64])
     with pytest.raises(ValueError, match="video 0 has shape"):

@@ -66,10 +66,11 @@ class _Idle:
 IDLE = _Idle()  # an item of encode_stream / decode_stream: the source has nothing ready now, run what is pending
 
 
-def _checked(items: Iterable, check: Callable) -> Iterator:
-    """``check(*item)`` for each item as it comes (it raises for a bad one); :data:`IDLE` passes as it is."""
+def _checked(items: Iterable, check: Callable, kind: str, fields: str) -> Iterator:
+    """``check(*item)`` for each item as it comes (it raises for a bad one, or one that is not three ``fields``);
+    :data:`IDLE` passes as it is."""
     for item in items:
-        yield item if item is IDLE else check(*item)
+        yield item if item is IDLE else check(*_item(kind, item, fields))
 
 
 def _until_bad(batch: list, pending: collections.deque | None) -> tuple[list, ValueError | None]:
@@ -167,6 +168,24 @@ def auto_mode(rows: int, device: torch.device, budgets: Sequence[int] = DEFAULT_
     return "cudagraph" if pick_budget(rows, budgets) <= AUTO_GRAPH_MAX_ROWS else "eager"
 
 
+def _budgets(budgets: object) -> tuple[int, ...]:
+    """The packed-row budgets as a tuple (an iterator is read once), each an integer >= 2."""
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Iterable):
+        raise TypeError(f"budgets must be a sequence of integers >= 2 (packed rows), got {budgets!r}")
+    values = tuple(budgets)
+    if not values or any(not isinstance(b, int) or isinstance(b, bool) or b < 2 for b in values):
+        raise ValueError(f"budgets must be integers >= 2 (packed rows), got {list(values)}")
+    return values
+
+
+def _item(kind: str, item: object, fields: str) -> tuple:
+    """A stream's item as its three fields; anything else is a TypeError saying what an item is."""
+    if not isinstance(item, (tuple, list)) or len(item) != 3:
+        got = f"has {len(item)} fields" if isinstance(item, (tuple, list)) else f"is a {type(item).__name__}"
+        raise TypeError(f"an item of {kind} {got}; expected a tuple {fields}")
+    return tuple(item)
+
+
 def _clip_named(key: object) -> Callable[[int], str]:
     """Names a stream's clip in the checks' errors (which name the i-th video of a batch otherwise)."""
     return lambda _: f"clip {key!r}"
@@ -202,8 +221,7 @@ class Engine:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if mode == "cudagraph" and model.device.type != "cuda":
             raise ValueError(f"mode 'cudagraph' needs the model on a CUDA device, it is on {model.device}")
-        if not budgets or any(not isinstance(b, int) or b < 2 for b in budgets):
-            raise ValueError(f"budgets must be integers >= 2 (packed rows), got {list(budgets)}")
+        budgets = _budgets(budgets)
         if not isinstance(max_clips, int) or isinstance(max_clips, bool) or max_clips < 1:
             raise ValueError(f"max_clips must be an integer >= 1, got {max_clips!r}")
         self.model, self.mode = model, mode
@@ -302,9 +320,8 @@ class Engine:
             pending.append(PendingValueCheck(video, name(0), self.model.dtype) if later else None)
             return key, video, check_token_counts([n], 1, name=name)[0]  # an int, as batching wants
 
-        yield from self._stream(
-            _checked(items, check), self._encode_rows, self._stage_videos, self._run_encode, pending, host
-        )
+        items = _checked(items, check, "encode_stream", "(key, video [3, T, H, W], n)")
+        yield from self._stream(items, self._encode_rows, self._stage_videos, self._run_encode, pending, host)
 
     def _encode_rows(self, item) -> int:
         _, video, n = item
@@ -323,7 +340,8 @@ class Engine:
             check_clip_indices(idx, codebook, f"indices of clip {key!r}")
             return key, idx, check_grids([shape], 1, patch, _clip_named(key))[0]
 
-        yield from self._stream(_checked(items, check), self._decode_rows, self._stage_indices, self._run_decode)
+        items = _checked(items, check, "decode_stream", "(key, indices [n], (T, H, W))")
+        yield from self._stream(items, self._decode_rows, self._stage_indices, self._run_decode)
 
     def _decode_rows(self, item) -> int:
         _, idx, shape = item
@@ -394,7 +412,7 @@ class Engine:
     def _checks_values_later(self, video: torch.Tensor) -> bool:
         """Whether a stream checks a clip's values just before its batch runs rather than as it arrives: on CUDA,
         where checking at once would wait for the batches queued before it."""
-        return video.device.type == "cuda"
+        return isinstance(video, torch.Tensor) and video.device.type == "cuda"  # (check_videos refuses the rest)
 
     def _overlaps(self) -> bool:
         """Whether a batch runs asynchronously to the host (on CUDA), so that handing results over one batch late
