@@ -655,6 +655,10 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     (tmp_path / "x" / "moving.safetensors").write_bytes((tmp_path / "moving.safetensors").read_bytes())
     code, _, err = run("decode", files[1], tmp_path / "x" / "moving.safetensors", "-o", tmp_path / "w", capsys=capsys)
     assert code == 2 and "would both write moving.mp4" in err
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "0evil.safetensors").write_bytes((tmp_path / "0evil.safetensors").read_bytes())
+    code, _, err = run("decode", tmp_path / "0evil.safetensors", tmp_path / "y", "-o", tmp_path / "w", capsys=capsys)
+    assert code == 2 and "would both write 0evil.mp4" in err  # said before any weights are looked for
 
 
 def test_decode_looks_for_usable_weights_in_a_bounded_number_of_token_files(folder, tmp_path, capsys, monkeypatch):

@@ -1350,7 +1350,8 @@ def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path,
     """Token files given as files or folders (every ``*.safetensors`` below, the folder structure kept in the
     names, as encode wrote them), as ``(token file, output name)`` pairs; a path that is not a folder is taken as
     a token file, to fail alone if it is not one. A path given that does not exist is an error (it was typed, as
-    for :func:`collect_inputs`)."""
+    for :func:`collect_inputs`), as are two token files for one mp4 name (before any model is loaded); a file
+    reached twice is decoded once."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = _input_path(item)
@@ -1360,7 +1361,7 @@ def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path,
             found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _files_below(path, TOKEN_EXTENSIONS)]
         else:
             found.append((path, path.stem))
-    return found
+    return _one_per_output(found, "token files", ".mp4", "decoded")
 
 
 def decode_files(
