@@ -1190,6 +1190,33 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert (out / "short.safetensors.outdated.2").read_bytes() == other_short
 
 
+def test_a_token_file_with_a_name_too_long_for_the_suffix_is_set_aside_and_put_back(model, tmp_path):
+    """A name of 252 bytes has no room for ".outdated": it is set aside under a digest of its name instead (the
+    rename failed, and the token file made the old way stayed among those made the new way)."""
+    from titok_fast.manifest import aside_stem
+
+    name = "s" * 240
+    short = make_video(tmp_path / f"{name}.mp4", frames=12, height=32, width=32, fps=8)
+    engine, out = Engine(model, max_clips=3), tmp_path / "tok"
+    before, after = ClipSettings(grid=(4, 32, 32), tokens=8), ClipSettings(grid=(12, 32, 32), tokens=8, fps=4.0)
+
+    def run(settings):
+        return encode_files(model, engine, [(short, name)], out, settings, workers=1)
+
+    assert len(run(before).done) == 1
+    made = (out / f"{name}.safetensors").read_bytes()
+    summary = run(after)  # shorter than one chunk now
+    assert not (out / f"{name}.safetensors").exists(), summary.failed
+    stem = aside_stem(f"{name}.safetensors")
+    assert stem != f"{name}.safetensors" and len(stem) + len(".outdated.123456789") <= 255
+    assert summary.failed[0][1].endswith(f"was moved to {stem}.outdated")
+    assert sorted(os.listdir(out)) == sorted(["manifest.jsonl", f"{stem}.outdated"])
+    assert (out / f"{stem}.outdated").read_bytes() == made
+    summary = run(before)  # those settings again: put back, not encoded again
+    assert summary.skipped == [str(short)] and (out / f"{name}.safetensors").read_bytes() == made
+    assert aside_stem("short.safetensors") == "short.safetensors"
+
+
 def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_temporaries(model, tmp_path, monkeypatch):
     """A resume removes what a killed run left beside the token files, listing each output folder once (not once
     per file: a half-finished dataset of a million files would take hours)."""

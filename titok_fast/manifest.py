@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .files import MAX_NAME_BYTES
+
 if TYPE_CHECKING:
     from .pipeline import Summary
 
@@ -41,6 +44,15 @@ MANIFEST_NAME = "manifest.jsonl"
 _MANIFEST_FILE = re.compile(r"manifest(-[0-9]+-of-[0-9]+)?\.jsonl")  # a folder's, and each shard's
 STATUSES = ("done", "skipped", "failed", "not-encoded")
 OUTDATED_SUFFIX = ".outdated"  # a token file made otherwise whose input failed its redo is moved to <name><this>
+_ASIDE_NUMBER_BYTES = 10  # ".<up to 9 digits>", the number of a later one set aside under the same name
+
+
+def aside_stem(name: str) -> str:
+    """What the token file ``name`` is set aside as, before ``.outdated[.N]``: ``name`` itself, or where that
+    would make too long a name (a token file's name of over 235 bytes), a digest of it, still ``.safetensors``."""
+    if len(os.fsencode(name)) + len(OUTDATED_SUFFIX) + _ASIDE_NUMBER_BYTES <= MAX_NAME_BYTES:
+        return name
+    return "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:40] + ".safetensors"
 
 
 def manifest_name(shard: tuple[int, int] | None = None) -> str:
@@ -190,10 +202,11 @@ class Manifest:
 def _set_aside(tokens: Path, why: str) -> str:
     """Rename the token file ``tokens`` to the first free name of ``<name>.outdated``, ``<name>.outdated.2``, ...
     (an earlier one is never replaced); the clause saying what became of it."""
-    aside, n = tokens.with_name(tokens.name + OUTDATED_SUFFIX), 1
+    stem = aside_stem(tokens.name)
+    aside, n = tokens.with_name(stem + OUTDATED_SUFFIX), 1
     while os.path.lexists(aside):
         n += 1
-        aside = tokens.with_name(f"{tokens.name}{OUTDATED_SUFFIX}.{n}")
+        aside = tokens.with_name(f"{stem}{OUTDATED_SUFFIX}.{n}")
     try:
         os.rename(tokens, aside)
     except FileNotFoundError:

@@ -49,7 +49,7 @@ from .files import (
     temporary_stem,
 )
 from .loading import random_seed, weights_digest
-from .manifest import OUTDATED_SUFFIX, Manifest, manifest_name
+from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
@@ -654,7 +654,8 @@ def _folder_files(listed: dict[Path, dict[str, list[str]]], folder: Path) -> dic
 def _temporaries(folder: Path) -> dict[str, list[str]]:
     """The temporary files in ``folder`` (``.<name>.<hex>.tmp``, see ``files.AtomicFile``) by the name they
     were to be renamed to (its ``temporary_stem``); and the token files set aside (``<name>.outdated``,
-    ``<name>.outdated.2``, ..., see :class:`~titok_fast.manifest.Manifest`) by ``"/" + <name>``, by number."""
+    ``<name>.outdated.2``, ..., see :class:`~titok_fast.manifest.Manifest`) by ``"/" + <name>`` (its
+    :func:`~titok_fast.manifest.aside_stem`), by number."""
     found: dict[str, list[str]] = {}
     try:
         with os.scandir(folder) as entries:  # names one at a time: a folder may hold a million token files
@@ -717,7 +718,7 @@ def _restore_aside(listed: dict[Path, dict[str, list[str]]], out: Path, source: 
     """Put back under its name the first token file of ``out`` set aside (its input failed a redo, as one made
     otherwise) that was made as ``wanted`` from ``source`` after all (the settings of the failed run were a slip):
     whether one was."""
-    for name in _folder_files(listed, out.parent).pop("/" + out.name, ()):
+    for name in _folder_files(listed, out.parent).pop("/" + aside_stem(out.name), ()):
         aside = out.parent / name
         if aside.is_symlink():  # (a link would be put back as a link: only a file the run set aside)
             continue
