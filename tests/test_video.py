@@ -2068,3 +2068,85 @@ def test_corrupted_videos_give_their_clips_or_one_video_error(tmp_path):
             outcomes["clips"] += 1
         path.unlink()
     assert min(outcomes.values()) > 30, outcomes
+
+
+def test_held_bytes_admits_in_order_up_to_its_limit_and_a_feed_with_nothing_queued_at_once():
+    held = video.HeldBytes(10)
+    queued = {"first": True, "second": True, "third": False}  # whether each one's feed has a clip queued
+    big = held.reserve(25, alone=lambda: True)  # its feed has nothing queued: it goes on, whatever the limit
+    order, started = [], []
+
+    def take(name, nbytes):
+        started.append(name)
+        reservation = held.reserve(nbytes, alone=lambda: not queued[name])
+        order.append(name)
+        return reservation
+
+    for name, nbytes in (("first", 4), ("second", 1), ("third", 100)):
+        threading.Thread(target=take, args=(name, nbytes), daemon=True).start()
+        deadline = time.monotonic() + 5
+        while name not in started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # (each asks before the next)
+    assert order == ["third"] and held.bytes == 125  # first and second wait (second behind first), third went on
+    big.release()
+    big.release()  # once only
+    deadline = time.monotonic() + 5
+    while len(order) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert order == ["third"] and held.bytes == 100  # 100 + 4 > 10 still
+    queued["first"] = False  # the consumer took first's queued clip
+    deadline = time.monotonic() + 5
+    while len(order) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["third", "first"] or order == ["third", "first", "second"]
+    queued["second"] = False
+    deadline = time.monotonic() + 5
+    while len(order) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["third", "first", "second"] and held.bytes == 105 and held.most == 125
+    stop = threading.Event()
+    stop.set()
+    held.reserve(100, stop)  # an unwanted clip does not wait: it is dropped at once by its reader
+    assert held.bytes == 205
+    with pytest.raises(ValueError, match="limit must be >= 1 byte"):
+        video.HeldBytes(0)
+
+
+@pytest.mark.parametrize("worker_kind", ["thread", "process"])
+def test_source_size_clips_read_ahead_are_bounded_in_bytes_and_all_come_in_order(gops, tmp_path, worker_kind):
+    """Clips kept at source size for the device (a 20-frame 4K clip is 498 MB) that workers read ahead are held,
+    across every file, to the bound, and beyond it to one per feed with nothing queued: with a bound below one
+    clip and files taken in order, at most one clip per worker. Every clip still comes, the same as without the
+    bound (read ahead, unbounded, the second file would queue all its 10), and nothing waits for ever; the bytes
+    come back as clips are taken or their files closed."""
+    kwargs = dict(frames=4, height=32, width=32, fps=24, preprocess="device")
+    paths = [videos.make_video(tmp_path / f"{n}.mp4", 40, 48, 64, fps=24) for n in "ab"]
+    expected = [list(video.ClipReader(p, **kwargs)) for p in paths]
+    clip_bytes = expected[0][0].nbytes
+    assert expected[0][0].dtype == torch.uint8 and clip_bytes == 4 * 48 * 64 * 3 and len(expected[1]) == 10
+    for limit, most in ((clip_bytes - 1, 2 * clip_bytes), (1 << 40, None)):
+        held = video.HeldBytes(limit)
+        stream = video.stream_videos(paths, workers=2, prefetch=2, worker_kind=worker_kind, held=held, **kwargs)
+        with contextlib.closing(stream):
+            for number, (_, feed) in enumerate(stream):
+                got = []
+                for clip in feed:
+                    got.append(clip)
+                    time.sleep(0.05)  # a slow consumer: the file after it is read ahead meanwhile
+                assert len(got) == len(expected[number]) and all(map(torch.equal, got, expected[number]))
+        if most is not None:
+            assert clip_bytes <= held.most <= most and held.bytes == 0
+        else:
+            assert held.most >= 8 * clip_bytes  # (the feed's capacity: what the bound cuts)
+    held = video.HeldBytes(1 << 40)  # a file closed with clips queued and one gathered gives their bytes back
+    stream = video.stream_videos([paths[1]], workers=1, prefetch=1, worker_kind=worker_kind, held=held, **kwargs)
+    with contextlib.closing(stream):
+        _, feed = next(stream)
+        next(iter(feed))
+        deadline = time.monotonic() + 30
+        while held.bytes < 3 * clip_bytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert held.bytes >= 3 * clip_bytes
+    assert held.bytes == 0

@@ -218,6 +218,11 @@ class ClipReader:
         self.on_split: Callable[[list[Segment]], None] | None = None
         self.part: int | None = None  # with split_into: the one segment this reader reads (see above)
         self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
+        self.held: HeldBytes | None = None  # placement "device": the bound on source-size clips (set by stream_videos)
+        self.stop: threading.Event | None = None  # set when the reader's clips are no longer wanted (its feed closed)
+        self.nothing_queued: Callable[[], bool] | None = None  # whether its feed's queue is empty (set with held)
+        self._reservation: _Reservation | None = None  # the bytes reserved for the clip being gathered
+        self.handed: _Reservation | None = None  # those of the clip just given, for its feed to queue with it
         # (order, time base, _dues of them), the last worked out: kept across readings, and by the copies that read
         # a split file's other segments (the same order), which need not work it out again
         self._due_of: tuple[np.ndarray, Fraction, np.ndarray] | None = None
@@ -238,10 +243,24 @@ class ClipReader:
         self.segment_count = 0  # the segments it cut the file into, when it split it (0: it did not)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        try:
+            yield from self._clips()
+        finally:  # (ended, failed or closed while gathering a clip)
+            self.drop_reservation()
+
+    def drop_reservation(self) -> None:
+        """Give back the bytes reserved for the clip being gathered (its feed is closed, or the reading ended)."""
+        reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            reservation.release()
+
+    def _clips(self) -> Iterator[torch.Tensor]:
         path, frames = self.path, self.frames
         self._reset()
         chunk: list[torch.Tensor] = []
         for image in self._all_images():
+            if not chunk and self.held is not None and image.dtype == torch.uint8:  # a source-size clip begins
+                self._reservation = self.held.reserve(frames * image.nbytes, self.stop, self.nothing_queued)
             chunk.append(image)
             if len(chunk) == frames:
                 yield self._clip(chunk)
@@ -476,10 +495,16 @@ class ClipReader:
         elif self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
             if self.pin_memory and images[0].device.type == "cpu":
                 pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
-                return stack_here(images, out=pinned)
-            return stack_here(images)
+                return self._holding(stack_here(images, out=pinned))
+            return self._holding(stack_here(images))
+        self.drop_reservation()  # a small clip now
         clip = stack_here(images, dim=1)
         return clip if self.raw else normalize_pixels(clip, torch.float32)
+
+    def _holding(self, clip: torch.Tensor) -> torch.Tensor:
+        """``clip``, whose reserved bytes are now ``handed``: its feed gives them back when the consumer takes it."""
+        self.handed, self._reservation = self._reservation, None
+        return clip
 
     @property
     def first_clip(self) -> int:
@@ -607,10 +632,19 @@ class ClipFeed:
         self.submit: Callable[[ClipFeed, int], None] | None = None  # queue follower k (from 1) for a worker
         self._taken = 0  # clips the consumer took (with poll)
         self._ended = False  # its end taken (with poll)
+        self._queued_bytes: deque[tuple[torch.Tensor, _Reservation]] = deque()  # source-size clips queued (HeldBytes)
 
     def close(self) -> None:
-        """Stop decoding: the worker gives up at its next clip (the consumer has moved on or gone)."""
+        """Stop decoding: the worker gives up at its next clip (the consumer has moved on or gone); what it queued
+        is dropped, and the bytes reserved for the clip it gathers are given back now (a worker stuck in a read may
+        never come back)."""
         self._closed.set()
+        self.reader.drop_reservation()
+        with contextlib.suppress(queue.Empty):  # what was queued is dropped now, not when the feed is
+            while True:
+                self._queue.get_nowait()
+        while self._queued_bytes:
+            self._queued_bytes.popleft()[1].release()
         for follower in self.followers:
             follower.close()
 
@@ -621,8 +655,10 @@ class ClipFeed:
         for segment in segments:
             reader = copy.copy(self.reader)
             reader.segment, reader.split_into, reader.on_split = segment, 1, None
+            reader._reservation = reader.handed = None
             reader._reset()
             follower = ClipFeed(reader, self._queue.maxsize, self.stall_seconds, self.on_stall)
+            reader.stop, reader.nothing_queued = follower._closed, follower._queue.empty
             follower.on_ready = self._notify
             followers.append(follower)
         self.followers = followers
@@ -652,7 +688,8 @@ class ClipFeed:
         self.worker, self._started = threading.current_thread(), time.monotonic()
         try:
             for clip in self.reader:
-                if not self._put(("clip", clip)):
+                reservation, self.reader.handed = self.reader.handed, None
+                if not self._put_clip(clip, reservation):
                     return
             self._put(("end", None))
         except VideoError as exc:
@@ -661,6 +698,22 @@ class ClipFeed:
             error = VideoError(unforeseen(self.path, exc))
             error.__cause__ = exc
             self._put(("error", error))
+
+    def _put_clip(self, clip: torch.Tensor, reservation: _Reservation | None) -> bool:
+        """Queue a clip with the bytes reserved for it, given back when the consumer takes it (or the feed closes)."""
+        if reservation is not None:
+            self._queued_bytes.append((clip, reservation))
+        if self._put(("clip", clip)):
+            return True
+        if reservation is not None:
+            reservation.release()
+        return False
+
+    def _took(self, item: tuple) -> tuple:
+        """``item``, taken off the queue by the consumer: a clip's reserved bytes are given back."""
+        if item[0] == "clip" and self._queued_bytes and self._queued_bytes[0][0] is item[1]:  # (one reserved for)
+            self._queued_bytes.popleft()[1].release()
+        return item
 
     def _put(self, item: tuple) -> bool:
         while not self._closed.is_set():
@@ -705,7 +758,7 @@ class ClipFeed:
                 pass
             else:
                 self._waiting_since = None
-                return item
+                return self._took(item)
             if self._closed.is_set():
                 raise RuntimeError(f"{self.path}: this feed was closed (the stream moved past it)")
             now = time.monotonic()
@@ -733,7 +786,7 @@ class ClipFeed:
             if part._ended:
                 continue
             try:
-                kind, value = part._queue.get_nowait()
+                kind, value = part._took(part._queue.get_nowait())
             except queue.Empty:
                 now = now or time.monotonic()
                 if part._waiting_since is None:
@@ -917,6 +970,76 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def source_size_bytes() -> int:
+    """The default bound on the bytes of source-size clips a stream's workers read ahead (see :class:`HeldBytes`):
+    SOURCE_SIZE_BYTES, or an eighth of the machine's memory where that is less."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not known here
+        return SOURCE_SIZE_BYTES
+    return max(1, min(SOURCE_SIZE_BYTES, memory // 8))
+
+
+# Clips kept at source size for preprocessing on the device are large (a 20-frame clip of 1080p is 124 MB, of 4K
+# 498 MB), and every decoding worker reads ahead: 16 workers on 4K sources could hold some 40 GB of them (much of it
+# pinned). 4 GiB is dozens of 720p or 1080p clips, far more than the model waits for.
+SOURCE_SIZE_BYTES = 4 << 30
+
+
+class _Reservation:
+    """Bytes reserved in a :class:`HeldBytes`; :meth:`release` gives them back, once whoever calls it."""
+
+    def __init__(self, held: HeldBytes, nbytes: int):
+        self.held, self.nbytes = held, nbytes
+
+    def release(self) -> None:
+        with self.held._changed:
+            if self.nbytes:
+                self.held.bytes -= self.nbytes
+                self.nbytes = 0
+                self.held._changed.notify_all()
+
+
+class HeldBytes:
+    """A bound on the bytes of source-size clips that the decoding workers of one stream have read ahead: being
+    gathered, or queued and not yet taken by the consumer (what the consumer takes is its own).
+
+    A worker reserves a clip's bytes at its first frame and waits while they would pass ``limit``, in the order
+    the workers asked, unless its own feed has nothing queued: then it goes on at once, so the consumer never waits
+    for a file whose worker waits for room that clips of other files hold (a consumer taking the files in order
+    would wait for ever). So at most ``limit`` bytes, and beyond them one clip per feed with nothing else queued.
+    The bytes come back when the consumer takes the clip, or its feed is closed."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1 byte; got {limit}")
+        self.limit, self.bytes, self.most = limit, 0, 0  # most: the most held at once
+        self._changed = threading.Condition()
+        self._waiting: deque[object] = deque()
+
+    def reserve(
+        self, nbytes: int, stop: threading.Event | None = None, alone: Callable[[], bool] | None = None
+    ) -> _Reservation:
+        """Wait until ``nbytes`` fit, or ``alone()`` (the feed has nothing queued), or ``stop`` is set (the
+        clip is not wanted, and is dropped at once)."""
+        turn = object()
+        with self._changed:
+            self._waiting.append(turn)
+            try:
+                while not (
+                    (self._waiting[0] is turn and self.bytes + nbytes <= self.limit)
+                    or (alone is not None and alone())
+                    or (stop is not None and stop.is_set())
+                ):
+                    self._changed.wait(0.05)  # (the consumer's takes and stops are seen within this)
+            finally:
+                self._waiting.remove(turn)
+                self._changed.notify_all()
+            self.bytes += nbytes
+            self.most = max(self.most, self.bytes)
+        return _Reservation(self, nbytes)
+
+
 def stream_videos(
     paths: Iterable[str | os.PathLike[str]],
     *,
@@ -926,6 +1049,7 @@ def stream_videos(
     worker_kind: str = "thread",
     stall_seconds: float | None = None,
     close_each: bool = True,
+    held: HeldBytes | None = None,
     **read_kwargs,
 ) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
     """Read many videos with `workers` threads or processes (``worker_kind``), ahead of the consumer; yield
@@ -933,7 +1057,9 @@ def stream_videos(
 
     At most `prefetch` files are open at a time, the one the consumer takes and those read ahead, each holding at
     most `capacity` decoded clips that the consumer has not taken, so memory stays bounded whatever the videos'
-    lengths. Asking for the next feed closes the previous one (what was not taken of it is dropped); with
+    lengths; clips kept at source size (placement "device") read ahead are also bounded in bytes across all files
+    by ``held`` (:class:`HeldBytes`; default :func:`source_size_bytes`). Asking for the next feed closes the
+    previous one (what was not taken of it is dropped); with
     ``close_each=False`` the consumer holds the feeds it was given until it closes them (as
     :class:`FeedInterleaver` does), and `prefetch` - 1 more are read ahead; closing the stream closes them all.
     With ``close_each=False`` the consumer takes the clips with :meth:`ClipFeed.poll`, and where ``paths`` has a
@@ -962,6 +1088,7 @@ def stream_videos(
     # daemon threads: a stream abandoned without being closed must not keep the process from exiting
     tasks = _Tasks()
     threads_decode = worker_kind == "thread"
+    held = held or HeldBytes(source_size_bytes())
     abandoned: list[threading.Thread] = []
     stopping = threading.Event()  # set once the stream closes: workers give up their file, none is started again
     if threads_decode:
@@ -969,7 +1096,7 @@ def stream_videos(
     else:
         _allow_open_files()
         remove_orphaned_shared_memory()  # what an earlier run's killed workers left
-        decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping) for _ in range(workers)]
+        decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping, held) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
         thread.start()
@@ -993,6 +1120,9 @@ def stream_videos(
                 feed = ClipFeed(ClipReader(path, **read_kwargs), capacity, feed_stall, replace)
                 # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
                 feed.reader.pin_memory = threads_decode and read_kwargs.get("device") == "cuda"
+                if threads_decode:  # (a process's clips are held to it as they come: _DecoderProcess)
+                    reader = feed.reader
+                    reader.held, reader.stop, reader.nothing_queued = held, feed._closed, feed._queue.empty
                 if not close_each and files is not None:  # clips taken as they come: files may be split
                     feed.reader.split_into = -(-workers // (files - number))  # (see above)
                     feed.submit = functools.partial(_submit, tasks, number)
@@ -1151,10 +1281,19 @@ class _DecoderProcess:
 
     CREDITS = 2
 
-    def __init__(self, read_kwargs: dict, stall_seconds: float | None = None, stopping: threading.Event | None = None):
+    held: HeldBytes | None = None  # source-size clips wait here for room before they are queued
+
+    def __init__(
+        self,
+        read_kwargs: dict,
+        stall_seconds: float | None = None,
+        stopping: threading.Event | None = None,
+        held: HeldBytes | None = None,
+    ):
         import torch.multiprocessing as mp
 
         self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, mp.get_context("spawn")
+        self.held = held  # (and the process is given credit for the next one only once one is queued)
         self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
         self.files = 0  # files given to the process: the number of the one it reads
         self._start()
@@ -1256,7 +1395,10 @@ class _DecoderProcess:
                     feed.split(value)
                     continue
                 if kind == "clip":
-                    feed._put(("clip", value))  # gives up at once when the feed is closed
+                    reservation = None
+                    if self.held is not None and value.dtype == torch.uint8:  # at source size
+                        reservation = self.held.reserve(value.nbytes, feed._closed, feed._queue.empty)
+                    feed._put_clip(value, reservation)  # gives up at once when the feed is closed
                     self._send(("credit", number))  # taken: the process may send one more
                     heard, received = time.monotonic(), received + 1  # the consumer's time was not the process's
                     continue
