@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,9 @@ def cluster(tmp_path_factory):
     # Ray's sockets live in its temporary folder, and a socket's path may not pass 107 bytes: under pytest's own
     # (a long user name, pytest-xdist's popen-gwN) it did; so a short folder of its own, removed after
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED", CLUSTER_MARK)}
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ[CLUSTER_MARK] = temp  # inherited by every process of this cluster (and by the drivers tests start)
     spilling = {"type": "filesystem", "params": {"directory_path": str(spill)}}
     ray.init(
         num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, _temp_dir=temp,
@@ -72,11 +74,46 @@ def cluster(tmp_path_factory):
     )  # fmt: skip
     yield {"address": ray.get_runtime_context().gcs_address, "spill": spill}
     ray.shutdown()
+    stop_what_is_left(temp)
     shutil.rmtree(temp, ignore_errors=True)
-    if saved is None:
-        os.environ.pop("RAY_USAGE_STATS_ENABLED")
-    else:
-        os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = value
+
+
+CLUSTER_MARK = "TITOK_FAST_TEST_CLUSTER"  # its temporary folder, in the environment of the cluster's processes
+
+
+def marked_processes(temp: str) -> dict[int, str]:
+    """The processes other than this one whose environment marks them as the test cluster's of ``temp``, with the
+    start of their command line."""
+    mark, found = f"{CLUSTER_MARK}={temp}".encode(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as env, open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                if mark in env.read().split(b"\0"):
+                    found[int(entry)] = cmd.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def stop_what_is_left(temp: str, grace: float = 10.0) -> None:
+    """After ray.shutdown: wait ``grace`` seconds for this cluster's processes to end, then kill those left (a
+    worker once outlived its cluster, its parent gone), with a warning naming them; no other process is touched."""
+    deadline = time.monotonic() + grace
+    while (left := marked_processes(temp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        warnings.warn(f"killed {len(left)} process(es) of the test cluster left after ray.shutdown: {left}",
+                      stacklevel=1)  # fmt: skip
 
 
 @contextlib.contextmanager
