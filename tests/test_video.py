@@ -2108,8 +2108,8 @@ def test_held_bytes_admits_in_order_up_to_its_limit_and_a_feed_with_nothing_queu
     assert order == ["third", "first", "second"] and held.bytes == 105 and held.most == 125
     stop = threading.Event()
     stop.set()
-    held.reserve(100, stop)  # an unwanted clip does not wait: it is dropped at once by its reader
-    assert held.bytes == 205
+    held.reserve(100, stop).release()  # an unwanted clip (its feed closed) does not wait, and is not counted
+    assert held.bytes == 105
     with pytest.raises(ValueError, match="limit must be >= 1 byte"):
         video.HeldBytes(0)
 
@@ -2118,7 +2118,7 @@ def test_held_bytes_admits_in_order_up_to_its_limit_and_a_feed_with_nothing_queu
 def test_source_size_clips_read_ahead_are_bounded_in_bytes_and_all_come_in_order(gops, tmp_path, worker_kind):
     """Clips kept at source size for the device (a 20-frame 4K clip is 498 MB) that workers read ahead are held,
     across every file, to the bound, and beyond it to one per feed with nothing queued: with a bound below one
-    clip and files taken in order, at most one clip per worker. Every clip still comes, the same as without the
+    clip and files taken in order, at most one clip per open file. Every clip still comes, the same as without the
     bound (read ahead, unbounded, the second file would queue all its 10), and nothing waits for ever; the bytes
     come back as clips are taken or their files closed."""
     kwargs = dict(frames=4, height=32, width=32, fps=24, preprocess="device")

@@ -1008,7 +1008,10 @@ class HeldBytes:
     the workers asked, unless its own feed has nothing queued: then it goes on at once, so the consumer never waits
     for a file whose worker waits for room that clips of other files hold (a consumer taking the files in order
     would wait for ever). So at most ``limit`` bytes, and beyond them one clip per feed with nothing else queued.
-    The bytes come back when the consumer takes the clip, or its feed is closed."""
+    The bytes come back when the consumer takes the clip, or its feed is closed.
+
+    Worker processes: a clip is counted once it has come back from its process; the few a process has decoded
+    and not yet sent back (up to ``_DecoderProcess.CREDITS`` + 1 per process) are not."""
 
     def __init__(self, limit: int):
         if limit < 1:
@@ -1020,8 +1023,9 @@ class HeldBytes:
     def reserve(
         self, nbytes: int, stop: threading.Event | None = None, alone: Callable[[], bool] | None = None
     ) -> _Reservation:
-        """Wait until ``nbytes`` fit, or ``alone()`` (the feed has nothing queued), or ``stop`` is set (the
-        clip is not wanted, and is dropped at once)."""
+        """Wait until ``nbytes`` fit, or ``alone()`` (the feed has nothing queued), or ``stop`` is set: then the
+        clip is not wanted and nothing is reserved (its feed, closed, may never hear of it again: a read that
+        hangs)."""
         turn = object()
         with self._changed:
             self._waiting.append(turn)
@@ -1035,6 +1039,8 @@ class HeldBytes:
             finally:
                 self._waiting.remove(turn)
                 self._changed.notify_all()
+            if stop is not None and stop.is_set():
+                return _Reservation(self, 0)
             self.bytes += nbytes
             self.most = max(self.most, self.bytes)
         return _Reservation(self, nbytes)
