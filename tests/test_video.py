@@ -2091,16 +2091,13 @@ def test_held_bytes_admits_in_order_up_to_its_limit_and_a_feed_with_nothing_queu
     assert order == ["third"] and held.bytes == 125  # first and second wait (second behind first), third went on
     big.release()
     big.release()  # once only
-    deadline = time.monotonic() + 5
-    while len(order) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
+    time.sleep(0.3)
     assert order == ["third"] and held.bytes == 100  # 100 + 4 > 10 still
     queued["first"] = False  # the consumer took first's queued clip
     deadline = time.monotonic() + 5
-    while len(order) < 3 and time.monotonic() < deadline:
+    while "first" not in order and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert order == ["third", "first"] or order == ["third", "first", "second"]
+    assert order[:2] == ["third", "first"]  # (second then fits, or is alone: either way it goes next)
     queued["second"] = False
     deadline = time.monotonic() + 5
     while len(order) < 3 and time.monotonic() < deadline:
