@@ -449,7 +449,10 @@ def plan_outputs(
         for (path, out), found in zip(outputs, fetched, strict=True):
             try:
                 done = None if found.absent else _parsed(out, found)
-                why = None if found.absent else _redo_reason(done, out, path, wanted, found.source_stamp)
+                stamp = found.source_stamp  # the source's, taken once for the token file and for its absence
+                if stamp is None and done is not None:
+                    stamp = source_stamp(path)
+                why = None if found.absent else _redo_reason(done, out, path, wanted, stamp)
                 if why is None and not overwrite and _restore_aside(temporaries, out, path, wanted):
                     why = ""
             except OSError as e:
@@ -462,7 +465,6 @@ def plan_outputs(
                 if why == NOT_A_TOKEN_FILE and (refused := _not_a_token_file(out, overwrite)):  # (a user's file is
                     manifest.failed(path, out, refused)  # never replaced without being asked)
                     continue
-                stamp = found.source_stamp
                 gone = why == "" and (stamp if stamp is not None else source_stamp(path)) == ""
                 if why == "" and not overwrite and not gone:  # (a source gone fails alone, its token file kept)
                     manifest.skipped(path, out)
