@@ -32,6 +32,7 @@ from videos import (
     pattern_frame,
     read_frames,
     release_hanging,
+    wait_for_a_reader_of_hanging,
 )
 
 GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
@@ -492,7 +493,7 @@ def test_a_stop_does_not_wait_for_a_decoder_stuck_in_a_read(kind, tmp_path):
                                                "0", inputs=[hangs], files=5)  # fmt: skip
     try:  # (the sixth video's file waits for the next clip, which the stuck file holds up)
         assert len(list(out.glob("*.safetensors"))) == 5 and proc.poll() is None
-        time.sleep(5)  # the second worker is in the stuck file by now
+        wait_for_a_reader_of_hanging(tmp_path)  # the second worker is in the stuck file
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=90)  # a stuck run would never end
     finally:

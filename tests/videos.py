@@ -11,6 +11,7 @@ H.264 in yuv420p needs even sizes, so odd sizes go to FFV1 (lossless, any size) 
 from __future__ import annotations
 
 import os
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -235,8 +236,28 @@ def make_hanging(folder: Path) -> Path:
     return folder / "hangs.mp4"
 
 
+_HELD_PIPES: dict[Path, int] = {}  # folder -> the write end :func:`wait_for_a_reader_of_hanging` holds open
+
+
+def wait_for_a_reader_of_hanging(folder: Path, timeout: float = 60) -> None:
+    """Wait until something has opened :func:`make_hanging`'s pipe to read it (a pipe's write end opens, without
+    waiting, only then), and keep the write end open: the reader then hangs in its first read instead, until
+    :func:`release_hanging`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _HELD_PIPES[folder] = os.open(folder / "pipe.mp4", os.O_WRONLY | os.O_NONBLOCK)
+            return
+        except OSError:  # ENXIO: no reader yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing opened {folder / 'pipe.mp4'} within {timeout} s") from None
+            time.sleep(0.01)
+
+
 def release_hanging(folder: Path) -> None:
-    """End the hang of :func:`make_hanging`'s file: whoever is opening its pipe gets an empty stream."""
+    """End the hang of :func:`make_hanging`'s file: whoever is opening or reading its pipe gets an empty stream."""
+    if folder in _HELD_PIPES:
+        os.close(_HELD_PIPES.pop(folder))
     try:
         os.close(os.open(folder / "pipe.mp4", os.O_WRONLY | os.O_NONBLOCK))
     except OSError:  # ENXIO: nobody is opening it (any more)
