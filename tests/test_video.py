@@ -1735,6 +1735,35 @@ def test_worker_processes_lose_no_clip_keep_order_and_fail_only_the_failing_file
         assert (a.start_times, a.source_fps, a.last_clip_frames) == (b.start_times, b.source_fps, b.last_clip_frames)
 
 
+def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, capfd):
+    """Where shared memory is too small for a clip (a container's /dev/shm is 64 MB unless raised), the worker
+    process sends it through its pipe instead: the same clips as threads give, no file failed, one notice a run,
+    no shared memory name left. (Here the workers are started under a file size limit below a clip's size, which
+    fails their shared memory as a full /dev/shm does.)"""
+    import resource
+
+    paths = [files["moving"], files["index24"], files["odd"]]
+    kwargs = dict(frames=4, height=64, width=64, tail="pad", prefetch=2)  # a clip: 196,608 bytes
+    threads = list(iter_videos(paths, workers=2, **kwargs))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    stream = iter_videos(paths, workers=2, worker_kind="process", **kwargs)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+    try:
+        first = next(stream)  # the workers have started (under the limit, which they keep)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    workers = {f"torch_{child.pid}_" for child in multiprocessing.active_children()}
+    assert len(workers) == 2
+    processes = [first, *stream]
+    assert [p for p, _ in processes] == paths
+    for (_, a), (_, b) in zip(threads, processes, strict=True):
+        assert isinstance(b, video.ClipSet) and len(a.clips) == len(b.clips) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a.clips, b.clips, strict=True))
+    err = capfd.readouterr().err
+    assert err.count("found no room in shared memory") == 1 and "--worker-kind thread" in err, err
+    assert not [n for n in os.listdir(video.SHARED_MEMORY) if n.startswith(tuple(workers))]
+
+
 def test_worker_process_moves_past_a_feed_left_unread(files):
     paths = [files["index24"], files["index24"], files["index30"]]
     seen = []

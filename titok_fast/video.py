@@ -1102,7 +1102,8 @@ def stream_videos(
     else:
         _allow_open_files()
         remove_orphaned_shared_memory()  # what an earlier run's killed workers left
-        decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping, held) for _ in range(workers)]
+        piped = threading.Event()  # (the run's notice that clips come through the pipes, once)
+        decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping, held, piped) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
         thread.start()
@@ -1202,9 +1203,9 @@ def _mark_worker(pid: int) -> None:
         os.close(os.open(_mark_path(pid), os.O_CREAT | os.O_WRONLY, 0o600))
 
 
-def _forget_workers(pids: set[int], older_than: float = 0.0) -> int:
+def _forget_workers(pids: set[int], older_than: float = 0.0, unmark: bool = True) -> int:
     """Worker processes ``pids`` have ended: the shared memory names they made (over ``older_than`` seconds ago),
-    in one look at the folder, and their marks go. How many names were removed."""
+    in one look at the folder, and their marks (unless not ``unmark``) go. How many names were removed."""
     if not pids:
         return 0
     removed, now = 0, time.time()
@@ -1217,7 +1218,7 @@ def _forget_workers(pids: set[int], older_than: float = 0.0) -> int:
                     if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than:
                         os.unlink(entry.path)
                         removed += 1
-    for pid in pids:
+    for pid in pids if unmark else ():
         with contextlib.suppress(OSError):
             os.unlink(_mark_path(pid))
     return removed
@@ -1295,11 +1296,13 @@ class _DecoderProcess:
         stall_seconds: float | None = None,
         stopping: threading.Event | None = None,
         held: HeldBytes | None = None,
+        piped: threading.Event | None = None,
     ):
         import torch.multiprocessing as mp
 
         self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, mp.get_context("spawn")
         self.held = held  # (and the process is given credit for the next one only once one is queued)
+        self.piped = piped or threading.Event()  # set once a clip came through the pipe (the run was told)
         self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
         self.files = 0  # files given to the process: the number of the one it reads
         self._start()
@@ -1400,6 +1403,14 @@ class _DecoderProcess:
                 if kind == "split":
                     feed.split(value)
                     continue
+                if kind == "piped":  # a clip that found no room in shared memory
+                    value, why = value
+                    value, kind = torch.from_numpy(value), "clip"
+                    if not self.piped.is_set():  # said once a run
+                        self.piped.set()
+                        notice(f"clips found no room in shared memory ({why}); worker processes send them through "
+                               f"their pipes instead (slower): give {SHARED_MEMORY} more room (a container's "
+                               "--shm-size) or decode in threads (--worker-kind thread)")  # fmt: skip
                 if kind == "clip":
                     reservation = None
                     if self.held is not None and value.dtype == torch.uint8:  # at source size
@@ -1534,7 +1545,13 @@ def _serve_file(
             if cancelled:
                 run.send(("cancelled", None, CLOCK.take()))
                 return stop
-            run.send(("clip", clip, CLOCK.take()))
+            spent = CLOCK.take()
+            try:
+                run.send(("clip", clip, spent))
+            except Exception as exc:  # no room in shared memory (a container's /dev/shm is 64 MB unless raised):
+                # nothing of the message was sent (it failed while being pickled); the clip goes through the pipe
+                _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
+                run.send(("piped", (clip.numpy(), f"{type(exc).__name__}: {exc}"), spent))
             credits -= 1
         run.send(("end", {name: getattr(reader, name) for name in _READER_STATE}, CLOCK.take()))
     except VideoError as exc:
