@@ -134,6 +134,12 @@ def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
     code, _, _ = run("eval", folder / "moving.mp4", "--tokens", "4", "--grid", "4x32x32", *RANDOM, "--json", report,
                      capsys=capsys)  # fmt: skip
     assert code == 0 and set(json.loads(report.read_text())["results"]) == {"4"}  # an earlier report: replaced
+    (tmp_path / "other").mkdir()  # two videos of one name: eval writes no token file for them to collide in
+    shutil.copy(folder / "moving.mp4", tmp_path / "other" / "moving.mp4")
+    code, stdout, _ = run("eval", folder / "moving.mp4", tmp_path / "other", "--tokens", "4", "--grid", "4x32x32",
+                          *RANDOM, "--json", report, capsys=capsys)  # fmt: skip
+    assert code == 0 and "evaluated 2 file(s)" in stdout
+    assert json.loads(report.read_text())["results"]["4"]["clips"] == 4
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
@@ -281,6 +287,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
          "folder"),
         (["--plot", "/proc/absent/x.png"], "--plot /proc/absent/x.png: its folder /proc/absent: cannot be made"),
         (["--plot", "x.jpg"], "--plot x.jpg: expected a .png path (the plot is written as a PNG)"),
+        (["--json", str(tmp_path / "r.png"), "--plot", str(tmp_path / "r.png")], f"--json and --plot both name "
+         f"{tmp_path / 'r.png'}; the plot would replace the report: give two paths"),
         (["--grid", "4x8x16"], "--grid 4x8x16: eval's SSIM needs frames of at least 11 x 11"),
         (["--grid", "4x32x32", "--tokens", "8,70000"], "--tokens 70000: a clip would need 70016 packed rows"),
     ]:
@@ -791,6 +799,11 @@ def test_rotation_display_gives_the_tokens_of_the_turned_frames_is_recorded_and_
     rows = {8: {"psnr": 20.0, "ssim": 0.5, "clips": 2}}  # eval --plot: a line per resolution, as frames were read
     assert list(_by_resolution({str(phone): rows, str(upright): rows}, "display")) == ["48x64"]
     assert list(_by_resolution({str(phone): rows, str(upright): rows})) == ["48x64", "64x48"]
+    gone = tmp_path / "gone.mp4"  # scored, then removed before the plot: left out of it, not the end of the run
+    capsys.readouterr()
+    assert list(_by_resolution({str(gone): rows, str(upright): rows}, "display")) == ["48x64"]
+    assert capsys.readouterr().err == (f"titok-fast: {gone}: left out of the plot: cannot be opened again to tell its "
+                                       "resolution (No such file or directory)\n")  # fmt: skip
     code, _, stderr = run("encode", phone, "-o", tmp_path / "nvdec", *GRID, *RANDOM, "--rotation", "display",
                           "--decoder", "nvdec", capsys=capsys)  # fmt: skip
     assert code == 0 and "decoding on the CPU" in stderr  # no GPU here: the CPU decoder, turned all the same

@@ -418,6 +418,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for option, path, what in (("--json", args.json, "JSON"), ("--plot", args.plot, "PNG")):
         if path:
             _check_file_to_write(option, path, what)
+    if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):
+        raise ValueError(f"--json and --plot both name {args.plot}; the plot would replace the report: give two paths")
     if args.grid:
         _check_ssim_grid(f"--grid {'x'.join(map(str, args.grid))}", args.grid)
     model = _model(args)
@@ -427,7 +429,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_ssim_grid(f"the model's grid {'x'.join(map(str, settings.grid))}", settings.grid)  # when not given
     per_file: dict = {}
     table, summary = evaluate(
-        engine, collect_inputs(args.inputs), settings, args.counts, workers=args.workers,
+        engine, collect_inputs(args.inputs, outputs=False), settings, args.counts, workers=args.workers,
         group=args.batch_size, per_file=per_file, stall_seconds=args.stall_timeout,
     )  # fmt: skip
     print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
@@ -522,17 +524,27 @@ def _is_kind(path: str, what: str) -> bool:
 
 def _by_resolution(per_file: dict, rotation: str = "stored") -> dict[str, dict[int, dict[str, float]]]:
     """Per-file sums from ``evaluate`` averaged over the files of each source resolution ("WxH", as the frames
-    were read: turned a quarter for rotation "display" when the first frame's display matrix says so)."""
+    were read: turned a quarter for rotation "display" when the first frame's display matrix says so). A file that
+    cannot be opened again (removed or changed since it was read) is left out of the plot, with a notice."""
+    import av
+
     from .decoders import open_input, video_stream
     from .video import VideoError, first_frame_turns
 
     groups: dict[str, dict[int, dict[str, float]]] = {}
     for path, rows in per_file.items():
-        with open_input(path) as container:  # evaluate read it to the end: it opens
-            stream = video_stream(container)
-            width, height = stream.width, stream.height
+        try:
+            with open_input(path) as container:  # evaluate read it to the end: it opened then
+                stream = video_stream(container)
+                if stream is None:
+                    raise VideoError("has no video stream any more")
+                width, height = stream.width, stream.height
+        except (OSError, av.FFmpegError, VideoError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            notice(f"{path}: left out of the plot: cannot be opened again to tell its resolution ({why})")
+            continue
         if rotation == "display":
-            with contextlib.suppress(VideoError):
+            with contextlib.suppress(VideoError, OSError, av.FFmpegError):
                 if first_frame_turns(path) % 2:
                     width, height = height, width
         label = f"{width}x{height}"

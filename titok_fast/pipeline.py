@@ -167,7 +167,9 @@ class ClipSettings:
         )  # fmt: skip
 
 
-def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors") -> list[tuple[Path, str]]:
+def collect_inputs(
+    inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors", outputs: bool = True
+) -> list[tuple[Path, str]]:
     """Expand files, folders (recursively, following links to folders) and list files into ``(file, output name)``
     pairs.
 
@@ -179,15 +181,19 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], suffix: str = ".safetens
     stop the run before any work), but a missing file named in a list file is kept as an input, to fail alone ("no
     such file") while the others are encoded: a list of a large dataset may name files deleted since. Relative
     entries of a list are read from the list's own folder; a list that names itself, directly or through another, is
-    read once (with a notice)."""
-    return _one_per_output(_expand(inputs, ()), "inputs", suffix, "encoded")
+    read once (with a notice). With ``outputs`` False (inputs that write nothing, as eval's), two files of one
+    output name are both kept."""
+    return _one_per_output(_expand(inputs, ()), "inputs", suffix, "encoded", outputs)
 
 
-def _one_per_output(pairs: Iterable[tuple[Any, str]], what: str, suffix: str, verb: str) -> list[tuple[Any, str]]:
+def _one_per_output(
+    pairs: Iterable[tuple[Any, str]], what: str, suffix: str, verb: str, outputs: bool = True
+) -> list[tuple[Any, str]]:
     """``(path, output name)`` pairs, each path and each output once: a path seen again (by its absolute
     spelling, no system call: a million inputs add no start-up time) keeps its first name, with a notice when the
     names differ, and the same file reached through a link under the same name is dropped too; two files for one
-    output are an InputError naming both (``what`` they are); ``verb`` says what is done with each once."""
+    output are an InputError naming both (``what`` they are; with ``outputs`` False, both are kept); ``verb`` says
+    what is done with each once."""
     owners: dict[str, Any] = {}  # output name -> its file
     names: dict[str, str] = {}  # a path, absolute -> its output name
     kept = []
@@ -200,8 +206,10 @@ def _one_per_output(pairs: Iterable[tuple[Any, str]], what: str, suffix: str, ve
         if name in owners:
             if os.path.realpath(owners[name]) == os.path.realpath(path):  # one file, through a link, one name
                 continue
-            raise InputError(f"{what} {owners[name]} and {path} would both write {name}{suffix}; rename one")
-        names[spelled], owners[name] = name, path
+            if outputs:
+                raise InputError(f"{what} {owners[name]} and {path} would both write {name}{suffix}; rename one")
+        names[spelled] = name
+        owners.setdefault(name, path)
         kept.append((path, name))
     return kept
 
