@@ -160,8 +160,8 @@ class FakeCUDAGraph:
     def replay(self):
         if not self.captured:
             raise RuntimeError("replay of a graph that was never captured")
-        with torch.no_grad():  # a graph replays device work only: no autograd
-            self._rerun()
+        with torch.inference_mode():  # a graph replays device work only: no autograd, whatever mode the tensors
+            self._rerun()  # it writes were made in and whatever mode the caller is in
         FakeCUDAGraph.replays += 1
 
     def _rerun(self):

@@ -544,6 +544,39 @@ def test_fixed_shape_state_follows_replaced_parameters_precision_and_dtype(expec
     assert engine._buffers[("encode", 128)].inputs.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode", ["eager", "static", "cudagraph"])
+def test_an_engine_first_run_in_inference_mode_runs_outside_it_and_back(expected, mode, monkeypatch):
+    """What an engine keeps and updates in place (its fixed-shape buffers, its copy of the decoder table, the FP8
+    weights) is made outside inference mode: made by a first batch run in ``torch.inference_mode()`` (a thread's
+    mode of its own), it could not be updated by a later batch outside it, and the engine failed for good.
+    (Compile mode fills the buffers of static mode, with the same code; compiling again for each mode is slow.)"""
+    videos, _, indices, _ = expected
+    model = make_model("tiny")
+    engine = engine_for(model, mode, monkeypatch, budgets=(256,), max_clips=4)
+
+    def new_weights():  # the decoder table and the FP8 weights are refilled in place
+        with torch.no_grad():
+            model.decoder.proj_in.weight.mul_(1.5)
+            model.encoder.model_layers.attn_layer[0].to_qkv.weight.mul_(0.9)
+
+    steps = [(torch.inference_mode, None), (torch.no_grad, None), (contextlib.nullcontext, None),
+             (torch.inference_mode, lambda: setattr(model, "precision", "fp8")),  # FP8 weights made in it
+             (contextlib.nullcontext, new_weights), (torch.no_grad, None)]  # fmt: skip
+    for step, (context, change) in enumerate(steps):
+        if change is not None:
+            change()
+        with context():
+            _, got = engine.encode(videos[:3], COUNTS[:3])
+            decoded = engine.decode_indices(list(indices[:3]), SHAPES[:3])
+        fresh = engine_for(model, mode, monkeypatch, budgets=(256,), max_clips=4)  # (FP8 rounds by shape)
+        with torch.no_grad():
+            _, want = fresh.encode(videos[:3], COUNTS[:3])
+            recon = fresh.decode_indices(list(indices[:3]), SHAPES[:3])
+        assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True)), (mode, step)
+        assert all(torch.equal(d, r) for d, r in zip(decoded, recon, strict=True)), (mode, step)
+    assert rel_l2(decoded[0], expected[3][0]) > 1e-2  # (the new weights are in use)
+
+
 def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_what_still_holds(
     expected, monkeypatch
 ):

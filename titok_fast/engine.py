@@ -552,28 +552,33 @@ class Engine:
     def _static_buffers(self, stage: str, budget: int) -> _Buffers:
         key = (stage, budget)
         if key not in self._buffers:
-            device, model = self.model.device, self.model
-            cos, sin = model.rope_tables(budget)
-            batch = StaticBatch(
-                cu_seqlens=torch.zeros(self.max_clips + 1, dtype=torch.int32, device=device),
-                positions=torch.zeros(budget, 3, dtype=torch.int32, device=device),
-                is_latent=torch.zeros(budget, dtype=torch.bool, device=device),
-                cos=cos,
-                sin=sin,
-            )
-            if stage == "encode":
-                inputs = torch.zeros(budget, model.config.patch_dim, dtype=model.dtype, device=device)
-            else:
-                inputs = torch.zeros(budget, dtype=torch.int32, device=device)
-            self._buffers[key] = _Buffers(inputs, batch)
+            with torch.inference_mode(False):  # refilled in place by every batch, in whatever mode it runs
+                self._buffers[key] = self._new_buffers(stage, budget)
         return self._buffers[key]
+
+    def _new_buffers(self, stage: str, budget: int) -> _Buffers:
+        device, model = self.model.device, self.model
+        cos, sin = model.rope_tables(budget)
+        batch = StaticBatch(
+            cu_seqlens=torch.zeros(self.max_clips + 1, dtype=torch.int32, device=device),
+            positions=torch.zeros(budget, 3, dtype=torch.int32, device=device),
+            is_latent=torch.zeros(budget, dtype=torch.bool, device=device),
+            cos=cos,
+            sin=sin,
+        )
+        if stage == "encode":
+            inputs = torch.zeros(budget, model.config.patch_dim, dtype=model.dtype, device=device)
+        else:
+            inputs = torch.zeros(budget, dtype=torch.int32, device=device)
+        return _Buffers(inputs, batch)
 
     def _decoder_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's decoder table in buffers owned by the engine, which fixed-shape runners take as inputs and
         CUDA graphs read by address: when the model rebuilds its table (new weights), the buffers are refilled."""
         table, mask_row = self.model.decoder_table()
         if self._table is None:
-            self._table = (table.clone(), mask_row.clone())
+            with torch.inference_mode(False):  # refilled in place, in whatever mode a later batch runs
+                self._table = (table.clone(), mask_row.clone())
         elif self._table_source is not table:
             self._table[0].copy_(table)
             self._table[1].copy_(mask_row)

@@ -90,7 +90,9 @@ class Fp8Linear(nn.Linear):
         w = self._parameters["weight"]  # not self.weight: nn.Module's attribute fallback costs more than the check
         key = tensor_key(w)
         if cache is None or cache[0] != key:
-            with _QUANTISING, torch.no_grad():  # threads: one quantises, into the tensors a graph may read
+            # threads: one quantises, into the tensors a graph may read; made outside inference mode, as they are
+            # requantised in place in whatever mode a later call runs
+            with _QUANTISING, torch.no_grad(), torch.inference_mode(False):
                 if (cache := self._fp8_weight) is None or cache[0] != key:
                     w_q, scale = quantize_rows(w)
                     if cache is not None and cache[1].shape == w_q.shape and cache[1].device == w_q.device:
