@@ -74,6 +74,32 @@ def test_bare_state_dict_and_dtype_device(tiny, tmp_path):
     assert torch.equal(model.decoder.proj_out.bias, tiny.decoder.proj_out.bias.bfloat16())
 
 
+def test_a_bad_dtype_or_device_is_one_line_before_any_file_is_read(tmp_path):
+    missing = tmp_path / "not-read.safetensors"  # never looked at: the arguments are checked first
+    dtypes = "expected one of torch.float32, torch.bfloat16, torch.float16, torch.float64"
+    for kwargs, error, message in [
+        (dict(dtype=torch.int32), TypeError, f"dtype torch.int32: {dtypes}"),
+        (dict(dtype="float16"), TypeError, f"dtype 'float16': {dtypes}"),
+        (dict(dtype=torch.float8_e4m3fn), TypeError, "dtype torch.float8_e4m3fn: expected one of"),
+        (dict(device="gpu"), ValueError, "device 'gpu': not a device ("),
+        (dict(device=3.5), ValueError, "device 3.5: not a device ("),
+    ]:
+        with pytest.raises(error) as raised:
+            load_tokenizer(missing, **kwargs)
+        assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device 'cuda': CUDA is not available here \(no GPU, or a CPU build"):
+            load_tokenizer(missing, device="cuda")
+
+
+def test_a_safetensors_file_named_otherwise_is_read_as_one(tiny, tmp_path):
+    save_safetensors(tiny, tmp_path / "w.safetensors")
+    for name in ("W.SAFETENSORS", "weights.bin", "weights"):
+        (tmp_path / name).write_bytes((tmp_path / "w.safetensors").read_bytes())
+        model = load_tokenizer(tmp_path / name)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny.state_dict().items()), name
+
+
 def test_missing_and_misshaped_tensors_are_named(tiny, tmp_path):
     state = dict(tiny.state_dict())
     del state["decoder.ln_pre.bias"]

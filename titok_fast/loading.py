@@ -705,7 +705,7 @@ def load_state(
             ".safetensors file, or a Hub id owner/name[@revision][:file]"
         )
     given = TiTokConfig.from_any(config) if config is not None else None  # the caller's: its errors are not the file's
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         with _reading(path):
             meta = read_safetensors_metadata(path)
             cfg = given if given is not None else _file_config(meta, path)
@@ -751,6 +751,34 @@ def load_state(
     return cfg, tensors, digest
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A .safetensors file by its suffix (in any case) or, named otherwise, by its first bytes: an 8-byte header
+    length, then the header's JSON object (a torch checkpoint begins as a zip archive, "PK", or a pickle)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    with _reading(path), open(path, "rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+
+
+LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _checked_target(device: torch.device | str, dtype: torch.dtype) -> torch.device:
+    """load_tokenizer's ``device`` (as a torch.device) and ``dtype``, checked before any file is read."""
+    if dtype not in LOADABLE_DTYPES:
+        raise TypeError(f"dtype {dtype!r}: expected one of torch.float32, torch.bfloat16, torch.float16, torch.float64")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: not a device ({' '.join(str(e).split())[:200]})") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (no GPU, or a CPU build of torch)")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return target
+
+
 def load_tokenizer(
     path: str | os.PathLike,
     config: object | None = None,
@@ -769,6 +797,7 @@ def load_tokenizer(
     EMA weights are preferred when present and ``use_ema``. Strict: a missing, unexpected or misshaped tensor is
     an error naming it. ``quick``: wait only briefly for the Hub (the demo's fallback).
     """
+    device = _checked_target(device, dtype)
     ref = hub.parse_hub_ref(path)
     if ref is not None:
         path, config, source = _from_hub(ref, config, use_ema, quick)
