@@ -587,7 +587,8 @@ def _check_shapes(config: TiTokConfig, shapes: dict[str, tuple[int, ...]], path:
         expected = TiTok(config, backend="torch").state_dict()
     missing = [k for k in expected if k not in shapes]
     if missing:
-        raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+        raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all for config "
+                              f"{config.name!r}); does the config match the checkpoint?")  # fmt: skip
     unexpected = [k for k in shapes if k not in expected]
     if unexpected:
         raise CheckpointError(  # the name comes from the file: quoted and cut, so the message stays one line
