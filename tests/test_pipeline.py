@@ -471,8 +471,9 @@ def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, 
 def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path,
                                                                                        capsys):  # fmt: skip
     """Token files written beside their sources, decoded into that folder, would name their own sources: never
-    replaced, even with --overwrite. An mp4 that records no decode (an earlier version's, or not decode's) is kept,
-    and said, unless --overwrite. A video decode
+    replaced, even with --overwrite; nor, in a copy of that folder, a video of the size its source had. An mp4
+    that records no decode (an earlier version's, or not decode's) is kept, and said, unless --overwrite. A video
+    decode
     wrote is skipped when it records what it would write now, and decoded again when its token file was made again
     or it is decoded another way (the source beside it). A source changed since is not shown."""
     folder = tmp_path / "videos"
@@ -487,6 +488,15 @@ def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_oth
     assert summary.failed == [(str(tokens), f"{source} is the source video of {tokens}: decoding there would replace "
                                             "it; choose another output folder")]  # fmt: skip
     assert source.read_bytes() == before
+    copied = tmp_path / "copied"  # the folder copied (a new time, or kept: cp -a, rsync): its tokens name the first
+    copied.mkdir()
+    for f in (source, tokens):
+        shutil.copy(f, copied)
+    summary = decode_files(engine, [copied / tokens.name], copied, overwrite=True)
+    assert summary.failed == [(str(copied / tokens.name), f"{copied / source.name} has the size of the source video "
+                               f"{copied / tokens.name} was made from (a copy of it): decoding there would replace "
+                               "it; choose another output folder")]  # fmt: skip
+    assert (copied / source.name).read_bytes() == before
     out = tmp_path / "decoded"
     out.mkdir()
     shutil.copy(sources["long"], out / "short.mp4")  # another video under the output's name (or an earlier

@@ -1427,6 +1427,10 @@ def decode_files(
             if exists and os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
                 raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
                                  "another output folder")  # fmt: skip
+            size = str(token_file.made_with.get("source_stamp", "")).partition(":")[0]
+            if exists and not ours and size == str(out.stat().st_size):  # a dataset copied or moved with its tokens
+                raise ValueError(f"{out} has the size of the source video {path} was made from (a copy of it): "
+                                 "decoding there would replace it; choose another output folder")  # fmt: skip
             if not force:
                 check_same_model(engine.model, token_file, path)
             if not token_file.token_counts.numel():
