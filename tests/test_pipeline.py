@@ -25,7 +25,7 @@ from titok_fast import Engine, __version__, pipeline
 from titok_fast.loading import random_tokenizer
 from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode_resiliently, evaluate
 from titok_fast.tokens import load_tokens
-from titok_fast.video import VideoWriter, psnr, read_clips, ssim, write_video
+from titok_fast.video import VideoWriter, psnr, read_clips, ssim, video_comment, write_video
 
 from graph_capture import FakeCUDAGraph, engine_for
 from videos import make_hanging, make_scrambled, make_video, release_hanging
@@ -452,6 +452,10 @@ def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, 
     assert decode_files(engine, [renamed], out).done == [str(renamed)]
     whole = (out / "short.mp4").read_bytes()
     (out / "short.mp4").write_bytes(whole[: len(whole) // 3])  # cut short: no longer opens as a video
+    assert decode_files(engine, [renamed], out).done == [str(renamed)]
+    assert (out / "short.mp4").read_bytes() == whole
+    (out / "short.mp4").write_bytes(whole[:-100])  # cut in its index at the end: libav opens it, with no comment
+    assert video_comment(out / "short.mp4") is None  # (what decode recorded is gone with the cut)
     assert decode_files(engine, [renamed], out).done == [str(renamed)]
     assert (out / "short.mp4").read_bytes() == whole
     (out / "short.mp4").write_bytes(b"not a video, a user's file of that name")

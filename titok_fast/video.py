@@ -1763,10 +1763,11 @@ def unforeseen(path: str | os.PathLike[str], error: Exception) -> str:
 
 def video_comment(path: str | os.PathLike[str]) -> str | None:
     """The comment tag of the video at ``path`` (:class:`VideoWriter`'s ``comment``): "" without one, None where
-    it cannot be opened as a media file."""
+    it cannot be opened as a media file or is shorter than its container says (cut short: libav may open it)."""
     try:
         with open_input(os.fspath(path)) as container:
-            return str(container.metadata.get("comment", ""))
+            comment = str(container.metadata.get("comment", ""))
+        return None if _cut_short(os.fspath(path), os.stat(path).st_size) is not None else comment
     except (av.FFmpegError, OSError):
         return None
 
