@@ -461,6 +461,13 @@ def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, 
     (out / "short.mp4").write_bytes(b"not a video, a user's file of that name")
     assert decode_files(engine, [renamed], out).done == []  # kept
     assert (out / "short.mp4").read_bytes() == b"not a video, a user's file of that name"
+    (out / "short.mp4").unlink()
+    for make, kind in [(os.mkfifo, "a FIFO"), (os.mkdir, "a folder")]:  # kept, even with --overwrite: that file fails
+        make(out / "short.mp4")
+        summary = decode_files(engine, [renamed], out, overwrite=True)
+        assert summary.failed == [(str(renamed), f"{out / 'short.mp4'} is {kind} (where its links lead), not a video: "
+                                                 "kept; remove it or choose another output folder")]  # fmt: skip
+        (os.rmdir if kind == "a folder" else os.unlink)(out / "short.mp4")
     source = tmp_path / "sources" / "short.mp4"  # a damaged source under the output's name: never replaced
     source.parent.mkdir()
     shutil.copy(sources["short"], source)

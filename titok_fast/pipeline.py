@@ -640,11 +640,12 @@ def _input_path(item: str | os.PathLike) -> Path:
     return Path(item)
 
 
-def _look_at(path: Path) -> None:
-    """Raises the OSError that looking at ``path`` gives, but for its absence (``Path.is_file`` says False for
-    every error on newer Pythons)."""
+def _look_at(path: Path) -> int | None:
+    """The ``st_mode`` of ``path`` (where its links lead), None where nothing is there; raises the OSError that
+    looking at it gives, but for its absence (``Path.is_file`` says False for every error on newer Pythons)."""
     with contextlib.suppress(FileNotFoundError):
-        os.stat(path)
+        return os.stat(path).st_mode
+    return None
 
 
 def _remove_temporaries(listed: dict[Path, dict[str, list[str]]], out: Path) -> None:
@@ -1404,7 +1405,9 @@ def decode_files(
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
         try:  # (a name too long or a folder that cannot be read fails this file alone)
-            _look_at(out)
+            if (mode := _look_at(out)) is not None and not stat.S_ISREG(mode):  # a FIFO, a folder: not a video
+                raise ValueError(f"{out} is {kind_of(mode)} (where its links lead), not a video: kept; remove it or "
+                                 "choose another output folder")  # fmt: skip
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
             record, exists = record_of(path), out.is_file() and out.stat().st_size > 0
             if exists and os.path.samefile(out, path):  # a token file named .mp4, decoded into its own folder
