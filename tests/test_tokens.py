@@ -136,6 +136,7 @@ def test_from_chunks_keeps_each_chunk():
         ({"times": [-0.5, 1.0]}, "start_times must be finite, >= 0 and non-decreasing"),
         ({"times": [2.0, 1.0]}, r"start_times must be finite, >= 0 and non-decreasing; got \[2.0, 1.0\]"),
         ({"chunk": torch.tensor([1.9, 2.0])}, r"chunk 0's indices must be integers; got dtype torch.float32"),
+        ({"chunk": [1, 2]}, r"chunk 0's indices must be a torch tensor; got list"),
         ({"grid": (16, 16.5, 16)}, r"chunk 0's grid must be three integers \(T, H, W\); got \(16, 16.5, 16\)"),
         ({"grid": (16, 1 << 40, 16)}, r"chunk 0's grid must be three integers"),
         ({"grid": (16, 16)}, r"chunk 0's grid must be three integers"),
@@ -143,7 +144,8 @@ def test_from_chunks_keeps_each_chunk():
     ids=[
         "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
         "fps-zero", "fps-inf", "fps-nan", "fps-huge", "no-chunks", "grid-frames", "frames-huge", "frames-zero",
-        "sampling", "times-nan", "times-negative", "times-decreasing", "index-float", "grid-float", "grid-huge",
+        "sampling", "times-nan", "times-negative", "times-decreasing", "index-float", "index-list", "grid-float",
+        "grid-huge",
         "grid-short",
     ],
 )  # fmt: skip

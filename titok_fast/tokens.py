@@ -140,6 +140,8 @@ class TokenFile:
 
         Values that are not integers (float indices, a grid of 2.5 frames) are refused, never truncated."""
         for chunk, part in enumerate(chunk_indices):
+            if not isinstance(part, torch.Tensor):
+                raise TokenFileError(f"chunk {chunk}'s indices must be a torch tensor; got {type(part).__name__}")
             if part.is_floating_point() or part.is_complex() or part.dtype == torch.bool:
                 raise TokenFileError(f"chunk {chunk}'s indices must be integers; got dtype {part.dtype}")
         grids = [_integer_grid(chunk, grid) for chunk, grid in enumerate(grids)]
