@@ -1745,3 +1745,11 @@ def test_damaged_manifests_and_list_files_are_read_or_refused_in_one_line(tmp_pa
         except InputError:
             pass
     assert min(outcomes.values()) > 300, outcomes
+
+
+def test_a_failure_names_its_file_once_whatever_its_name_holds():
+    """A failure's reason, made one line, holds its file's name with the whitespace squashed (a newline in a name
+    becomes a space): it is still the name it starts with, not said a second time."""
+    assert pipeline._naming("d/a\nb.mp4", "d/a b.mp4: cannot be read") == "d/a b.mp4: cannot be read"
+    assert pipeline._naming("d/a b.mp4", "d/a b.mp4 is a folder") == "d/a b.mp4 is a folder"
+    assert pipeline._naming("d/x.mp4", "stalled") == "d/x.mp4: stalled"

@@ -136,8 +136,9 @@ def stop_reason(error: BaseException, when: str = "") -> str:
 
 def _naming(path: str, reason: str) -> str:
     """``path: reason``, once: most reasons start with their file's name already (``path: ...`` or ``path is
-    ...``)."""
-    return reason if reason.startswith((f"{path}: ", f"{path} ")) else f"{path}: {reason}"
+    ...``), as written or with its whitespace squashed (a reason made one line: :func:`_one_line`)."""
+    starts = tuple(f"{name}{sep}" for name in {path, " ".join(path.split())} for sep in (": ", " "))
+    return reason if reason.startswith(starts) else f"{path}: {reason}"
 
 
 @dataclass(frozen=True)
