@@ -127,6 +127,7 @@ def test_from_chunks_keeps_each_chunk():
         ({"fps": float("inf")}, r"fps must be in \(0, 1000\]; got inf"),
         ({"fps": float("nan")}, r"fps must be in \(0, 1000\]; got nan"),
         ({"fps": 1e30}, r"fps must be in \(0, 1000\]; got 1e\+30"),
+        ({"fps": 10**400}, r"fps must be in \(0, 1000\]; got 100000000000000000\.\.\.0000000000000000000$"),
         ({"chunks": 0}, "a token file holds at least one chunk; got 0"),
         ({"grid": (4, 16, 16)}, r"chunk 0 has grid \[4, 16, 16\]; every chunk's T must be frames_per_chunk = 16"),
         ({"frames_per_chunk": 1 << 63}, r"frames_per_chunk must be in \[1, 2147483647\]; got 92233"),
@@ -143,7 +144,8 @@ def test_from_chunks_keeps_each_chunk():
     ],
     ids=[
         "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
-        "fps-zero", "fps-inf", "fps-nan", "fps-huge", "no-chunks", "grid-frames", "frames-huge", "frames-zero",
+        "fps-zero", "fps-inf", "fps-nan", "fps-huge", "fps-400-digits", "no-chunks", "grid-frames", "frames-huge",
+        "frames-zero",
         "sampling", "times-nan", "times-negative", "times-decreasing", "index-float", "index-list", "grid-float",
         "grid-huge",
         "grid-short",

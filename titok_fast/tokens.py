@@ -398,12 +398,13 @@ def _check_token_file(tf: TokenFile) -> None:
         )
     _check_indices(tf.indices, tf.codebook_size)
     if not 0 < tf.fps <= MAX_FPS:  # also refuses NaN and infinity
-        raise TokenFileError(f"fps must be in (0, {MAX_FPS:g}]; got {tf.fps}")
+        raise TokenFileError(f"fps must be in (0, {MAX_FPS:g}]; got {reprlib.repr(tf.fps)}")
     if tf.tail not in TAIL_POLICIES:
         raise TokenFileError(f"tail must be one of {TAIL_POLICIES}; got {reprlib.repr(tf.tail)}")
     if not 1 <= tf.last_chunk_frames <= tf.frames_per_chunk:
         raise TokenFileError(
-            f"last_chunk_frames must be in [1, frames_per_chunk = {tf.frames_per_chunk}]; got {tf.last_chunk_frames}"
+            f"last_chunk_frames must be in [1, frames_per_chunk = {tf.frames_per_chunk}]; got "
+            f"{reprlib.repr(tf.last_chunk_frames)}"
         )
     if tf.sampling not in SAMPLINGS:
         raise TokenFileError(f"sampling must be one of {SAMPLINGS}; got {reprlib.repr(tf.sampling)}")
