@@ -106,10 +106,10 @@ def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
     other = ["--random-weights", "1", "--config", "tiny"]
     code, stdout, _ = run("decode", tokens, "-o", tmp_path / "v", *other, capsys=capsys)
     assert code == 1 and "made by weights random-seed0-" in stdout
-    assert "pass the right --random-weights 0 (and its --config), or --force to decode anyway" in stdout
+    assert "pass --random-weights 0 (and its --config), or --force to decode anyway" in stdout
     code, stdout, _ = run("decode", tokens, "-o", tmp_path / "v", "--random-weights", "0", "--config", "v1",
                           capsys=capsys)  # fmt: skip
-    assert code == 1 and ("pass the right --config with --random-weights 0: it was made by those random weights with "
+    assert code == 1 and ("pass --random-weights 0 with the right --config: it was made by those random weights with "
                           "another config") in stdout  # fmt: skip
     code, _, _ = run("decode", tokens, "-o", tmp_path / "v", *other, "--force", capsys=capsys)
     assert code == 0 and (tmp_path / "v" / "moving.mp4").exists()

@@ -1333,12 +1333,13 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
     weights: the same weights with other levels read other codes from the same indices)."""
     if token_file.weights_digest != model.weights_digest:
         seed = random_seed(token_file.weights_digest)
-        right = "--checkpoint" if seed is None else f"--random-weights {seed} (and its --config)"
+        right = "the right --checkpoint" if seed is None else f"--random-weights {seed} (and its --config)"
         if seed is not None and seed == random_seed(model.weights_digest):  # (the digest covers the config too)
-            right = f"--config with --random-weights {seed}: it was made by those random weights with another config"
+            right = f"--random-weights {seed} with the right --config: it was made by those random weights with " \
+                    "another config"  # fmt: skip
         raise ValueError(
             f"{path} was made by weights {token_file.weights_digest}, the loaded model is {model.weights_digest}; "
-            f"pass the right {right}, or --force to decode anyway"
+            f"pass {right}, or --force to decode anyway"
         )
     differ = config_difference(token_file.model_config, model.config)
     if differ:
