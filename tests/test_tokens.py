@@ -249,8 +249,8 @@ def without(key, section=None):
 
 
 TAMPERINGS = {
-    "truncated-header": (truncate(lambda n: 20), "not a readable safetensors file"),
-    "truncated-data": (truncate(lambda n: n - 4), "not a readable safetensors file"),
+    "truncated-header": (truncate(lambda n: 20), r"cut short: 20 bytes, where its header says \d+$"),
+    "truncated-data": (truncate(lambda n: n - 4), r"cut short: (\d+) bytes, where its header says (?!\1$)\d+$"),
     "garbage": (lambda p: p.write_bytes(b"\x00\x01garbage" * 10), "not a readable safetensors file"),
     "missing-tensor": (rewrite(lambda t: t.pop("offsets")), r"missing tensors \['offsets'\]"),
     "wrong-dtype": (

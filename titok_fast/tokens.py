@@ -213,6 +213,9 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         loaded = load(data)  # checks the header, the dtypes, shapes and offsets against the buffer's size
         header = json.loads(data[8 : 8 + header_bytes]).get("__metadata__") or {}  # a header load has checked
     except Exception as exc:  # a stranger's file may break the parser in ways no check here foresees
+        declared = _declared_size(data)
+        if declared is not None and declared > len(data):
+            raise TokenFileError(f"{path}: cut short: {len(data)} bytes, where its header says {declared}") from exc
         raise _unreadable(path, exc) from exc
     try:
         metadata = _parse_metadata(header)
@@ -231,6 +234,21 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         raise TokenFileError(f"{path}: {exc}") from None
     except (ArithmeticError, LookupError, TypeError, ValueError, RuntimeError) as exc:  # values no check foresaw
         raise TokenFileError(f"{path}: not a valid token file ({type(exc).__name__}: {exc})") from exc
+
+
+def _declared_size(data: bytes) -> int | None:
+    """The size a safetensors file's header says the file has (its length, the header, the tensors' bytes), or
+    None where the header does not say (too short to hold its length, past MAX_HEADER_BYTES, not JSON)."""
+    if len(data) < 8 or (header_bytes := int.from_bytes(data[:8], "little")) > MAX_HEADER_BYTES:
+        return None
+    if 8 + header_bytes > len(data):
+        return 8 + header_bytes
+    try:
+        header = json.loads(data[8 : 8 + header_bytes])
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except Exception:  # not a header of that form: said as it is
+        return None
+    return 8 + header_bytes + max(ends, default=0)
 
 
 def read_token_bytes(path: str | os.PathLike[str]) -> bytes:
