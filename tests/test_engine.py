@@ -334,6 +334,9 @@ def test_engine_rejects_bad_settings_and_clips(model):
             list(engine.decode_stream([item]))
     with pytest.raises(TypeError, match=r"^clip 'l' is a list; expected a torch.Tensor \[3, T, H, W\]"):
         list(engine.encode_stream([("l", [0.0] * 3, 1)]))
+    with pytest.raises(TypeError, match=r"^encode_stream takes an iterable of items \(key, video \[3, T, H, W\], n\); "
+                       "got int$"):  # fmt: skip
+        list(engine.encode_stream(5))
     with pytest.raises(ValueError, match=r"clip 0 needs 72 packed rows .*; the largest budget is 64"):
         engine.encode(random_videos([(4, 32, 16)]), [64])
     with pytest.raises(ValueError, match="video 0 has shape"):

@@ -69,6 +69,10 @@ IDLE = _Idle()  # an item of encode_stream / decode_stream: the source has nothi
 def _checked(items: Iterable, check: Callable, kind: str, fields: str) -> Iterator:
     """``check(*item)`` for each item as it comes (it raises for a bad one, or one that is not three ``fields``);
     :data:`IDLE` passes as it is."""
+    try:
+        items = iter(items)
+    except TypeError:
+        raise TypeError(f"{kind} takes an iterable of items {fields}; got {type(items).__name__}") from None
     for item in items:
         yield item if item is IDLE else check(*_item(kind, item, fields))
 
