@@ -334,6 +334,8 @@ def test_engine_rejects_bad_settings_and_clips(model):
             list(engine.decode_stream([item]))
     with pytest.raises(TypeError, match=r"^clip 'l' is a list; expected a torch.Tensor \[3, T, H, W\]"):
         list(engine.encode_stream([("l", [0.0] * 3, 1)]))
+    with pytest.raises(TypeError, match=r"^clip 's' has layout torch.sparse_coo; expected a dense tensor"):
+        list(engine.encode_stream([("s", video.to_sparse(), 1)]))
     with pytest.raises(TypeError, match=r"^encode_stream takes an iterable of items \(key, video \[3, T, H, W\], n\); "
                        "got int$"):  # fmt: skip
         list(engine.encode_stream(5))

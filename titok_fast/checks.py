@@ -129,6 +129,8 @@ def check_videos(
     for i, v in enumerate(videos):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{name(i)} is a {type(v).__name__}; expected a torch.Tensor [3, T, H, W]")
+        if v.layout != torch.strided:
+            raise TypeError(f"{name(i)} has layout {v.layout}; expected a dense tensor (call .to_dense())")
         if v.dim() != 4 or v.shape[0] != 3:
             raise ValueError(f"{name(i)} has shape {list(v.shape)}; expected [3, T, H, W] (3 channels, rank 4)")
         if not v.is_floating_point():
