@@ -91,8 +91,9 @@ class Fp8Linear(nn.Linear):
         key = tensor_key(w)
         if cache is None or cache[0] != key:
             # threads: one quantises, into the tensors a graph may read; made outside inference mode, as they are
-            # requantised in place in whatever mode a later call runs
-            with _QUANTISING, torch.no_grad(), torch.inference_mode(False):
+            # requantised in place in whatever mode a later call runs (no_grad after it: leaving inference mode
+            # turns grad mode on)
+            with _QUANTISING, torch.inference_mode(False), torch.no_grad():
                 if (cache := self._fp8_weight) is None or cache[0] != key:
                     w_q, scale = quantize_rows(w)
                     if cache is not None and cache[1].shape == w_q.shape and cache[1].device == w_q.device:
