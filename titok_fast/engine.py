@@ -556,9 +556,7 @@ class Engine:
     def _static_buffers(self, stage: str, budget: int) -> _Buffers:
         key = (stage, budget)
         if key not in self._buffers:
-            # refilled in place by every batch, in whatever mode it runs (no_grad after it: leaving inference mode
-            # turns grad mode on)
-            with torch.inference_mode(False), torch.no_grad():
+            with fp8.outside_inference_mode():  # refilled in place by every batch, in whatever mode it runs
                 self._buffers[key] = self._new_buffers(stage, budget)
         return self._buffers[key]
 
@@ -583,8 +581,8 @@ class Engine:
         CUDA graphs read by address: when the model rebuilds its table (new weights), the buffers are refilled."""
         table, mask_row = self.model.decoder_table()
         if self._table is None:
-            with torch.inference_mode(False), torch.no_grad():  # refilled in place, in whatever mode a later
-                self._table = (table.clone(), mask_row.clone())  # batch runs
+            with fp8.outside_inference_mode():  # refilled in place, in whatever mode a later batch runs
+                self._table = (table.clone(), mask_row.clone())
         elif self._table_source is not table:
             self._table[0].copy_(table)
             self._table[1].copy_(mask_row)

@@ -22,8 +22,10 @@ with bf16 activations, the combination ``torch._scaled_mm`` supports with row-wi
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -69,6 +71,15 @@ def _sharing_parameters(cls: type[nn.Linear], linear: nn.Linear) -> nn.Linear:
 _QUANTISING = threading.Lock()  # held while a layer's FP8 weight cache is checked and filled
 
 
+@contextlib.contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Where tensors kept across calls and refilled in place are made (FP8 weight copies, an engine's buffers):
+    outside inference mode, since made inside it they could not be refilled by a later call outside it, and
+    without autograd (leaving inference mode turns grad mode on)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class Fp8Linear(nn.Linear):
     """An ``nn.Linear`` computing in FP8 (module header); same parameters and ``state_dict`` as the Linear."""
 
@@ -90,10 +101,8 @@ class Fp8Linear(nn.Linear):
         w = self._parameters["weight"]  # not self.weight: nn.Module's attribute fallback costs more than the check
         key = tensor_key(w)
         if cache is None or cache[0] != key:
-            # threads: one quantises, into the tensors a graph may read; made outside inference mode, as they are
-            # requantised in place in whatever mode a later call runs (no_grad after it: leaving inference mode
-            # turns grad mode on)
-            with _QUANTISING, torch.inference_mode(False), torch.no_grad():
+            # threads: one quantises, into the tensors a graph may read (requantised in place by later calls)
+            with _QUANTISING, outside_inference_mode():
                 if (cache := self._fp8_weight) is None or cache[0] != key:
                     w_q, scale = quantize_rows(w)
                     if cache is not None and cache[1].shape == w_q.shape and cache[1].device == w_q.device:
