@@ -641,11 +641,11 @@ def _input_path(item: str | os.PathLike) -> Path:
     return Path(item)
 
 
-def _look_at(path: Path) -> int | None:
-    """The ``st_mode`` of ``path`` (where its links lead), None where nothing is there; raises the OSError that
-    looking at it gives, but for its absence (``Path.is_file`` says False for every error on newer Pythons)."""
+def _look_at(path: Path) -> os.stat_result | None:
+    """``os.stat(path)`` (where its links lead), None where nothing is there; raises the OSError that looking at it
+    gives, but for its absence (``Path.is_file`` says False for every error on newer Pythons)."""
     with contextlib.suppress(FileNotFoundError):
-        return os.stat(path).st_mode
+        return os.stat(path)
     return None
 
 
@@ -1407,11 +1407,11 @@ def decode_files(
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
         try:  # (a name too long or a folder that cannot be read fails this file alone)
-            if (mode := _look_at(out)) is not None and not stat.S_ISREG(mode):  # a FIFO, a folder: not a video
-                raise ValueError(f"{out} is {kind_of(mode)} (where its links lead), not a video: kept; remove it or "
-                                 "choose another output folder")  # fmt: skip
+            if (there_now := _look_at(out)) is not None and not stat.S_ISREG(there_now.st_mode):  # a FIFO, a folder
+                raise ValueError(f"{out} is {kind_of(there_now.st_mode)} (where its links lead), not a video: kept; "
+                                 "remove it or choose another output folder")  # fmt: skip
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
-            record, exists = record_of(path), out.is_file() and out.stat().st_size > 0
+            record, exists = record_of(path), there_now is not None and there_now.st_size > 0
             if exists and os.path.samefile(out, path):  # a token file named .mp4, decoded into its own folder
                 raise ValueError(f"{out} is the token file itself: decoding there would replace it; choose another "
                                  "output folder")  # fmt: skip
@@ -1433,7 +1433,7 @@ def decode_files(
                 raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
                                  "another output folder")  # fmt: skip
             size = str(token_file.made_with.get("source_stamp", "")).partition(":")[0]
-            if exists and not ours and size == str(out.stat().st_size):  # a dataset copied or moved with its tokens
+            if exists and not ours and size == str(there_now.st_size):  # a dataset copied or moved with its tokens
                 raise ValueError(f"{out} has the size of the source video {path} was made from (a copy of it): "
                                  "decoding there would replace it; choose another output folder")  # fmt: skip
             if not force:
