@@ -1102,7 +1102,7 @@ def stream_videos(
     else:
         _allow_open_files()
         remove_orphaned_shared_memory()  # what an earlier run's killed workers left
-        piped = threading.Event()  # (the run's notice that clips come through the pipes, once)
+        piped = threading.Lock()  # taken, for good, by the run's notice that clips come through the pipes
         decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping, held, piped) for _ in range(workers)]
         threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
     for thread in threads:
@@ -1296,13 +1296,13 @@ class _DecoderProcess:
         stall_seconds: float | None = None,
         stopping: threading.Event | None = None,
         held: HeldBytes | None = None,
-        piped: threading.Event | None = None,
+        piped: threading.Lock | None = None,
     ):
         import torch.multiprocessing as mp
 
         self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, mp.get_context("spawn")
         self.held = held  # (and the process is given credit for the next one only once one is queued)
-        self.piped = piped or threading.Event()  # set once a clip came through the pipe (the run was told)
+        self.piped = piped or threading.Lock()  # taken by the first clip that came through a pipe (the run is told)
         self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
         self.files = 0  # files given to the process: the number of the one it reads
         self._start()
@@ -1406,8 +1406,7 @@ class _DecoderProcess:
                 if kind == "piped":  # a clip that found no room in shared memory
                     value, why = value
                     value, kind = torch.from_numpy(value), "clip"
-                    if not self.piped.is_set():  # said once a run
-                        self.piped.set()
+                    if self.piped.acquire(blocking=False):  # said once a run, whichever process's clip comes first
                         notice(f"clips found no room in shared memory ({why}); worker processes send them through "
                                f"their pipes instead (slower): give {SHARED_MEMORY} more room (a container's "
                                "--shm-size) or decode in threads (--worker-kind thread)")  # fmt: skip
