@@ -40,6 +40,13 @@ def expected(model):
     return videos, codes, out["indices"], model.decode_indices(out["indices"], SHAPES)
 
 
+@pytest.fixture(scope="module")
+def compiled(model):
+    """One compile-mode engine for the tests that run inductor for real: its graphs (a CPU compile takes tens of
+    seconds cold) are made once. Budgets of many engines: test_compile_mode_compiles_every_runner_of_many_engines."""
+    return Engine(model, mode="compile", budgets=(512,), max_clips=3)
+
+
 def shuffled(seed: int = 0) -> list[int]:
     order = list(range(len(SHAPES)))
     random.Random(seed).shuffle(order)
@@ -62,11 +69,12 @@ def test_plan_keeps_every_clip_once_in_order_within_budget():
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
-def test_engine_equals_model_clip_by_clip(model, expected, mode):
+def test_engine_equals_model_clip_by_clip(model, expected, mode, request):
     videos, codes, indices, recon = expected
-    # one budget, the one test_padding_never_changes_a_clip compiles too (inductor's cache then serves it); budgets
-    # of many engines: test_compile_mode_compiles_every_runner_of_many_engines
-    engine = Engine(model, mode=mode, budgets=(512,), max_clips=3)
+    if mode == "compile":
+        engine = request.getfixturevalue("compiled")
+    else:
+        engine = Engine(model, mode="eager", budgets=(512,), max_clips=3)
     order = shuffled()
     got_codes, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
     for pos, i in enumerate(order):
@@ -78,10 +86,10 @@ def test_engine_equals_model_clip_by_clip(model, expected, mode):
         assert got_recon[pos].shape == recon[i].shape
         assert rel_l2(got_recon[pos], recon[i]) <= 1e-5, f"clip {i}"
     if mode == "compile":  # one graph per (stage, budget) seen, whatever the batch contents
-        compiled = engine.compiles
+        graphs = engine.compiles
         engine.encode([videos[i] for i in order[::-1]], [COUNTS[i] for i in order[::-1]])
         engine.decode_indices([indices[i] for i in order[::-1]], [SHAPES[i] for i in order[::-1]])
-        assert engine.compiles == compiled == 2
+        assert engine.compiles == graphs == 2
 
 
 def test_counts_and_grids_as_tensors_are_taken_by_the_streams_and_in_decode_order(model, expected):
@@ -97,13 +105,12 @@ def test_counts_and_grids_as_tensors_are_taken_by_the_streams_and_in_decode_orde
         assert all(rel_l2(out[i], recon[i]) <= 1e-5 for i in range(2))
 
 
-def test_padding_never_changes_a_clip(model, expected):
+def test_padding_never_changes_a_clip(compiled, expected):
     videos, _, indices, recon = expected
-    engine = Engine(model, mode="compile", budgets=(512,), max_clips=8)
     for i in (2, 3):  # alone in a 512-row buffer, mostly padding
-        _, out = engine.encode([videos[i]], [COUNTS[i]])
+        _, out = compiled.encode([videos[i]], [COUNTS[i]])
         assert torch.equal(out["indices"][0], indices[i])
-        assert rel_l2(engine.decode_indices([indices[i]], [SHAPES[i]])[0], recon[i]) <= 1e-5
+        assert rel_l2(compiled.decode_indices([indices[i]], [SHAPES[i]])[0], recon[i]) <= 1e-5
 
 
 def test_stream_yields_keys_in_input_order(model, expected):
