@@ -2176,3 +2176,36 @@ def test_source_size_clips_read_ahead_are_bounded_in_bytes_and_all_come_in_order
             time.sleep(0.01)
         assert held.bytes >= 3 * clip_bytes
     assert held.bytes == 0
+
+
+def test_a_worker_process_counts_its_source_size_clips_from_their_first_frame(tmp_path, monkeypatch):
+    """A worker process asks the run for a source-size clip's room at its first frame and waits for it, as a
+    thread does: with a bound below one clip and a consumer holding back, it has sent the clip queued and waits at
+    the next one's first frame; it used to read up to three clips more (sent, or decoded and waiting to be sent),
+    counted only once they had come back. Every clip still comes, and every byte is given back."""
+    kwargs = dict(frames=4, height=32, width=32, fps=24, preprocess="device")
+    path = videos.make_video(tmp_path / "a.mp4", 40, 48, 64, fps=24)
+    expected = list(video.ClipReader(path, **kwargs))
+    clip_bytes = expected[0].nbytes
+    came, get = [], video._DecoderProcess._get
+
+    def recorded(self, timeout):
+        message = get(self, timeout)
+        came.append(message[0])
+        return message
+
+    monkeypatch.setattr(video._DecoderProcess, "_get", recorded)
+    held = video.HeldBytes(clip_bytes - 1)
+    stream = video.stream_videos([path], workers=1, prefetch=1, worker_kind="process", held=held, **kwargs)
+    with contextlib.closing(stream):
+        _, feed = next(stream)
+        clips = iter(feed)
+        got = [next(clips)]  # the second clip is read meanwhile (its feed had nothing queued), then the third waits
+        deadline = time.monotonic() + 30
+        while came.count("room") < 3 and came.count("clip") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # (a process reading on would have sent more by now)
+        assert (came.count("room"), came.count("clip")) == (3, 2) and held.bytes == clip_bytes
+        got += list(clips)
+    assert len(got) == 10 and all(map(torch.equal, got, expected))
+    assert held.bytes == 0 and held.most <= 2 * clip_bytes

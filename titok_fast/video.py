@@ -1008,10 +1008,9 @@ class HeldBytes:
     the workers asked, unless its own feed has nothing queued: then it goes on at once, so the consumer never waits
     for a file whose worker waits for room that clips of other files hold (a consumer taking the files in order
     would wait for ever). So at most ``limit`` bytes, and beyond them one clip per feed with nothing else queued.
-    The bytes come back when the consumer takes the clip, or its feed is closed.
-
-    Worker processes: a clip is counted once it has come back from its process; the few a process has decoded
-    and not yet sent back (up to ``_DecoderProcess.CREDITS`` + 1 per process) are not."""
+    The bytes come back when the consumer takes the clip, or its feed is closed. A worker process asks its serving
+    thread for the room at its clip's first frame and waits for the answer (:class:`_RoomOfRun`): its clips are
+    counted as a thread's are, from their first frame, not from when they come back."""
 
     def __init__(self, limit: int):
         if limit < 1:
@@ -1282,13 +1281,16 @@ class _DecoderProcess:
     The two talk through one pipe, and nothing else: multiprocessing's queues and events are named semaphores,
     which only its resource tracker removes, and a SIGKILL of the whole process group (a scheduler's) kills the
     tracker too, leaving them in /dev/shm. This side sends ("task", number, path, timed, segment, split_into),
-    ("credit", number) and ("cancel", number), or None to stop; a file may have at most CREDITS clips sent and
-    not yet taken, and the process ignores a credit or cancel for another file than the one it reads (one that
-    came late)."""
+    ("credit", number), ("room", number) and ("cancel", number), or None to stop; a file may have at most CREDITS
+    clips sent and not yet taken, and the process ignores a message for another file than the one it reads (one
+    that came late). A source-size clip's bytes are reserved here, in the stream's :class:`HeldBytes`, when the
+    process asks for them ("room", with the byte count) at the clip's first frame; the process waits for the
+    answer before it reads on, and the clip that comes next holds the reservation."""
 
     CREDITS = 2
 
     held: HeldBytes | None = None  # source-size clips wait here for room before they are queued
+    room: _Reservation | None = None  # reserved for the clip the process gathers (it asked at its first frame)
 
     def __init__(
         self,
@@ -1359,6 +1361,14 @@ class _DecoderProcess:
                     self._kill()
 
     def _read(self, feed: ClipFeed) -> None:
+        try:
+            self._read_file(feed)
+        finally:  # the file ended, failed or was cancelled while the process gathered a clip: its room is free
+            if self.room is not None:
+                self.room.release()
+                self.room = None
+
+    def _read_file(self, feed: ClipFeed) -> None:
         self.files += 1
         number = self.files
         reader = feed.reader
@@ -1403,6 +1413,14 @@ class _DecoderProcess:
                 if kind == "split":
                     feed.split(value)
                     continue
+                if kind == "room":  # a source-size clip begins: its bytes, reserved before the process reads on
+                    if self.room is not None:  # (one it gave up: a clip whose frames changed size)
+                        self.room.release()
+                    if self.held is not None:
+                        self.room = self.held.reserve(value, feed._closed, feed._queue.empty)
+                    self._send(("room", number))
+                    heard = time.monotonic()  # the wait for room was not the process's
+                    continue
                 if kind == "piped":  # a clip that found no room in shared memory
                     value, why = value
                     value, kind = torch.from_numpy(value), "clip"
@@ -1411,9 +1429,10 @@ class _DecoderProcess:
                                f"their pipes instead (slower): give {SHARED_MEMORY} more room (a container's "
                                "--shm-size) or decode in threads (--worker-kind thread)")  # fmt: skip
                 if kind == "clip":
-                    reservation = None
-                    if self.held is not None and value.dtype == torch.uint8:  # at source size
-                        reservation = self.held.reserve(value.nbytes, feed._closed, feed._queue.empty)
+                    reservation, self.room = self.room, None  # a clip at source size holds the room asked for it
+                    if reservation is not None and value.dtype != torch.uint8:  # its frames changed size: resized
+                        reservation.release()
+                        reservation = None
                     feed._put_clip(value, reservation)  # gives up at once when the feed is closed
                     self._send(("credit", number))  # taken: the process may send one more
                     heard, received = time.monotonic(), received + 1  # the consumer's time was not the process's
@@ -1517,22 +1536,47 @@ class _RunPipe:
         return self._call(self.pipe.poll)
 
 
+class _RoomOfRun:
+    """A worker process's stand-in for the stream's :class:`HeldBytes`, which lives in the run: ``reserve`` asks
+    the process's serving thread for the room (``ask``: it waits for the answer, or for the file's cancel); the
+    reservation is the serving thread's to give back (the clip that comes next holds it)."""
+
+    def __init__(self, ask: Callable[[int], None]):
+        self.ask = ask
+
+    def reserve(self, nbytes: int, stop=None, alone=None) -> _RoomOfRun:
+        self.ask(nbytes)
+        return self
+
+    def release(self) -> None:
+        """(Nothing here: the bytes are counted, and given back, in the run.)"""
+
+
 def _serve_file(
     run: _RunPipe, number: int, path: str, timed: bool, segment: Segment | None, split_into: int, read_kwargs: dict
 ) -> bool:
     """Read file ``number`` of this process, sending a clip only while it has a credit (see
     :class:`_DecoderProcess`), then the file's final message; True when the run said to stop meanwhile."""
-    credits, cancelled, stop = _DecoderProcess.CREDITS, False, False
+    credits, cancelled, stop, room = _DecoderProcess.CREDITS, False, False, False
 
     def take(message) -> None:
-        nonlocal credits, cancelled, stop
+        nonlocal credits, cancelled, stop, room
         if message is None:  # the run stops
             cancelled = stop = True
         elif message[1] == number:  # others are late: for a file that has ended
             credits, cancelled = credits + (message[0] == "credit"), cancelled or message[0] == "cancel"
+            room = room or message[0] == "room"
+
+    def ask_room(nbytes: int) -> None:
+        nonlocal room
+        run.send(("room", nbytes, CLOCK.take()))
+        room = False
+        while not room and not cancelled:
+            take(run.recv())
 
     CLOCK.enable(timed)
     reader = ClipReader(path, segment=segment, **read_kwargs)
+    reader.held = _RoomOfRun(ask_room)
     reader.split_into = split_into
     reader.on_split = lambda segments: run.send(("split", segments, CLOCK.take()))  # before the first clip
     try:
