@@ -184,6 +184,10 @@ def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
     "indices, grids, counts, error, message",
     [
         ((torch.tensor([0, 1]),), [(4, 8, 8)], None, None, None),
+        ((torch.tensor([0, 1]),), torch.tensor([[4, 8, 8]]), None, None, None),  # a [videos, 3] tensor of grids
+        (torch.tensor([0, 1]), torch.tensor([2]), torch.tensor([[4, 8, 8]]), None, None),  # decode's order
+        ((torch.tensor([0]),), torch.tensor([4, 8, 8]), None, ValueError, r"int64 tensor of shape \[3\]; expected"),
+        ((torch.tensor([0]),), torch.tensor([[4.0, 8, 8]]), None, ValueError, "grids is a torch.float32 tensor"),
         (
             (torch.tensor([0, 4375]),),
             [(4, 8, 8)],

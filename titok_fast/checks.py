@@ -183,7 +183,12 @@ def check_grids(
     grids: object, expected: int, patch: tuple[int, int, int], name: Callable[[int], str] = "video {}".format
 ) -> list[tuple[int, int, int]]:
     """Validate per-video pixel shapes (T, H, W), multiples of the patch; ``name(i)`` names video i in the
-    errors."""
+    errors. A [videos, 3] integer tensor is taken too (a row per video)."""
+    if isinstance(grids, torch.Tensor):
+        if grids.dim() != 2 or grids.shape[1] != 3 or grids.is_floating_point() or grids.is_complex():
+            raise ValueError(f"grids is a {grids.dtype} tensor of shape {list(grids.shape)}; expected integers of "
+                             "shape [videos, 3], a (T, H, W) pixel shape per video")  # fmt: skip
+        grids = grids.tolist()
     if not isinstance(grids, Sequence) or isinstance(grids, str):
         raise TypeError(f"grids must be a list of (T, H, W) pixel shapes, got {type(grids).__name__}")
     if len(grids) != expected:

@@ -42,12 +42,16 @@ from .quantizer import FSQ, grid_indices
 def upstream_argument_order(grids, token_counts):
     """``(grids, token_counts)`` whichever order they came in. Upstream's ``decode_indices(indices, grids)`` has
     no counts; as a convenience we also take ``decode_indices(packed, token_counts, grids)``, the argument order of
-    ``decode(codes, token_counts, grids)``, recognised by its types (counts are integers, grids triples)."""
-    counts = grids.tolist() if isinstance(grids, torch.Tensor) and grids.dim() == 1 else grids  # as a tensor too
+    ``decode(codes, token_counts, grids)``, recognised by its types (counts are integers, grids triples; either
+    may be a tensor)."""
+    counts = grids.tolist() if isinstance(grids, torch.Tensor) and grids.dim() == 1 else grids
+    shapes = token_counts
+    if isinstance(token_counts, torch.Tensor) and token_counts.dim() == 2:
+        shapes = token_counts.tolist()
     if (
         isinstance(counts, (list, tuple)) and counts and all(is_integer(n) for n in counts)
-        and isinstance(token_counts, (list, tuple)) and token_counts
-        and all(isinstance(g, (list, tuple)) and len(g) == 3 for g in token_counts)
+        and isinstance(shapes, (list, tuple)) and shapes
+        and all(isinstance(g, (list, tuple)) and len(g) == 3 for g in shapes)
     ):  # fmt: skip
         return token_counts, grids
     return grids, token_counts
