@@ -32,6 +32,8 @@ from titok_fast.distributed import (
     decode_rows,
     encode_dataset,
     model_loader,
+    part_rows,
+    plan_segments,
 )
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
@@ -726,43 +728,57 @@ def _assembled(model, path: Path, out: Path, *passes) -> tuple[Summary, list[lis
     return summary, again
 
 
+def split_rows(path: Path, parts: int) -> list[list[dict]]:
+    """The decode rows of ``path`` planned for ``parts`` decode tasks, as a job's tasks make them: those of each."""
+    rows = part_rows(0, str(path), *plan_segments(str(path), SETTINGS, parts))
+    return [list(decode_rows(row, settings=SETTINGS, dtype=torch.float32)) for row in rows]
+
+
 def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_path, monkeypatch):
-    """A file read by 8 decode tasks (``parts``): each plans the same 6 segments (2 clips or more, from IDR
-    pictures) and reads its own, numbering its clips in the file; the 2 tasks past the segments end at once with
-    no clip. Their rows, in any order and one end row twice, make the token file of one task reading it all."""
+    """A file planned for 8 decode tasks (``parts``) once, into 6 segments (2 clips or more, from IDR pictures):
+    6 tasks, each reading its own segment without reading the file's packets again, numbering its clips in the
+    file. Their rows, in any order and one end row twice, make the token file of one task reading it all."""
     monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
     path = make_video(tmp_path / "long.mp4", frames=150, height=40, width=48, fps=24, x264=KEYINT)  # 12 clips
     whole = list(decode_rows({"file": 0, "path": str(path)}, settings=SETTINGS, dtype=torch.float32))
-    parts = [list(decode_rows({"file": 0, "path": str(path), "part": k, "parts": 8}, settings=SETTINGS,
-                              dtype=torch.float32)) for k in range(8)]  # fmt: skip
+    indexed, stream_index = [], video.stream_index
+    monkeypatch.setattr(video, "stream_index", lambda *args, **kw: indexed.append(args) or stream_index(*args, **kw))
+    segments, stamp = plan_segments(str(path), SETTINGS, 8)
+    rows = part_rows(0, str(path), segments, stamp)
+    assert len(indexed) == 1 and len(rows) == 6 and stamp == whole_stamp(whole)
+    parts = [list(decode_rows(row, settings=SETTINGS, dtype=torch.float32)) for row in rows]
+    assert len(indexed) == 1  # the tasks were given the file's frame order with their segments
     ends = [json.loads(rows[-1]["info"]) for rows in parts]
-    planned = [(2 * k, 2, 6) for k in range(6)] + [(0, 0, 6)] * 2  # (first clip, clips, segments)
-    assert [(e["first"], e["clips"], e["segments"]) for e in ends] == planned
+    planned = [(2 * k, 2, 6, stamp) for k in range(6)]  # (first clip, clips, parts, the stamp planned on)
+    assert [(e["first"], e["clips"], e["parts"], e["planned"]) for e in ends] == planned
     clips = {r["clip"]: r["data"] for rows in parts for r in rows if r["kind"] == "clip"}
     assert sum(e["clips"] for e in ends) == len(clips) == 12
     assert [clips[n] for n in range(12)] == [r["data"] for r in whole if r["kind"] == "clip"]
     joined = [t for e in ends for t in e["start_times"]]
     assert joined == json.loads(whole[-1]["info"])["start_times"]
     model = LOAD()
-    rows = [r for k in (3, 0, 7, 5, 1, 6, 4, 2) for r in reversed(parts[k])] + [parts[4][-1]]
+    rows = [r for k in (3, 0, 5, 1, 4, 2) for r in reversed(parts[k])] + [parts[4][-1]]
     split, again = _assembled(model, path, tmp_path / "split", rows)
     one, _ = _assembled(model, path, tmp_path / "one", whole)
     assert split.done == one.done == [str(path)] and split.duplicates == 1 and again == [[]]
     assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
 
 
-@pytest.mark.parametrize(("field", "value", "why"), [("source_stamp", "1:2", "changed while it was read"),
-                                                     ("segments", 5, "cut it into different segments")])  # fmt: skip
-def test_a_split_file_whose_parts_disagree_is_read_again_whole(tmp_path, monkeypatch, capsys, field, value, why):
-    """Parts that read the file at another size or time, or cut it otherwise (a task whose read of its index
-    failed), make no token file: the file is left to a pass of its own, read whole by one task, the rows of its
-    parts still to come passed over; that pass writes the token file of one read. A file read whole fails."""
+def whole_stamp(rows: list[dict]) -> str:
+    return json.loads(rows[-1]["info"])["source_stamp"]
+
+
+@pytest.mark.parametrize("field", ["source_stamp", "planned"])
+def test_a_split_file_whose_parts_disagree_is_read_again_whole(tmp_path, monkeypatch, capsys, field):
+    """A part that read the file at another size or time than the others, or than its plan saw (the file changed
+    meanwhile), makes no token file: the file is left to a pass of its own, read whole by one task, the rows of
+    its parts still to come passed over; that pass writes the token file of one read. A file read whole fails."""
     monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
     path = make_video(tmp_path / "long.mp4", frames=76, height=40, width=48, fps=24, x264=KEYINT)  # 6 clips
     whole = list(decode_rows({"file": 0, "path": str(path)}, settings=SETTINGS, dtype=torch.float32))
-    parts = [list(decode_rows({"file": 0, "path": str(path), "part": k, "parts": 3}, settings=SETTINGS,
-                              dtype=torch.float32)) for k in range(3)]  # fmt: skip
+    parts = split_rows(path, 3)
     assert [json.loads(rows[-1]["info"])["clips"] for rows in parts] == [2, 2, 2]
+    value, why = "1:2", "changed while it was read"
     changed = {**parts[0][-1], "info": json.dumps({**json.loads(parts[0][-1]["info"]), field: value})}
     first = [*parts[0][:-1], *parts[1], changed, *parts[2]]  # part 2's rows come after the file was left
     model = LOAD()
@@ -785,12 +801,12 @@ def test_a_file_is_read_by_as_many_decode_tasks_as_fill_the_cluster_where_files_
 
 
 def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_one_read(cluster, tmp_path):
-    """On the cluster, a file of 50 clips read by 3 decode tasks, a segment each (16 clips or more, from IDR
-    pictures): the token file of one machine's read."""
+    """On the cluster, a file of 50 clips planned once and read by 3 decode tasks, a segment each (16 clips or
+    more, from IDR pictures): the token file of one machine's read. Where its plan's worker dies, one task reads
+    it whole: the same token file."""
     path = make_video(tmp_path / "long.mp4", frames=600, height=40, width=48, fps=24, x264=KEYINT)
-    last = video.ClipReader(str(path), **SETTINGS.read_kwargs())
-    last.split_into, last.part = 3, 2
-    assert len(list(last)) == 17 and last.segment_count == 3 and last.first_clip == 33  # (as a task plans it)
+    segments, _ = plan_segments(str(path), SETTINGS, 3)
+    assert [(s.first, s.clips) for s in segments] == [(0, 16), (16, 17), (33, None)]
     model = LOAD()
     encode_files(model, Engine(model), [(path, "long")], tmp_path / "one", SETTINGS)
     summary = encode_dataset(model, [(path, "long")], tmp_path / "ray", SETTINGS, load_model=LOAD, device="cpu",
@@ -799,11 +815,12 @@ def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_
     assert token_bytes(tmp_path / "ray") == token_bytes(tmp_path / "one")
     assert read_manifest(tmp_path / "ray" / MANIFEST_NAME)[0]["clips"] == 50
     assert_nothing_spilled(cluster)
-    hooks = {"decode_unplanned_part": "1"}  # part 1 plans no segments, as when its read of the index fails
     summary = encode_dataset(model, [(path, "long")], tmp_path / "again", SETTINGS, load_model=LOAD, device="cpu",
-                             ray_address=cluster["address"], batch_size=8, parts=3, _test_hooks=hooks)  # fmt: skip
-    assert summary.done == [str(path)] and not summary.failed  # read again whole, by one task
+                             ray_address=cluster["address"], batch_size=8, parts=3,
+                             _test_hooks={"plan_exit_on": "long"})  # fmt: skip
+    assert summary.done == [str(path)] and not summary.failed  # read whole, by one task
     assert token_bytes(tmp_path / "again") == token_bytes(tmp_path / "one")
+    assert "," not in read_manifest(tmp_path / "again" / MANIFEST_NAME)[0]["decoded_by"]
 
 
 def test_a_decode_task_gives_up_on_a_file_whose_read_hangs(videos, tmp_path):

@@ -729,24 +729,30 @@ def test_an_hevc_vp9_or_av1_file_read_in_segments_gives_the_clips_of_one_read(co
     assert len(clips) == len(every) and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
 
 
-def test_a_reader_of_one_part_reads_its_segment_the_whole_file_or_nothing(gops, monkeypatch):
-    """A reader given ``part`` k of ``split_into`` n reads the k-th segment of the file's plan (6 asked for, 4
+def test_a_plan_gives_the_segments_a_splitting_reader_cuts_and_a_reader_of_each_reads_its_clips(gops, monkeypatch):
+    """``plan(n)`` gives the segments a reader splitting the file among n readers cuts it into (6 asked for, 4
     made: two of the clips chosen to start one have the same IDR picture before them, one has none but the
-    first's), parts past them nothing; where the file is not split (here: not pruned, so read without its index)
-    part 0 reads it all and the others nothing."""
+    first's), with the file's source stamp; a reader given each reads its clips. Where the file is not split
+    (here: not pruned, so read without its index) the plan is empty."""
     monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
     kwargs = dict(frames=3, height=32, width=32, fps=8)
     every = list(video.ClipReader(gops, prune=False, **kwargs))
-    for prune, parts in ((True, [(0, 5), (5, 3), (8, 5), (13, 3), (0, 0), (0, 0)]), (False, [(0, 16)] + [(0, 0)] * 5)):
-        got = []
-        for part in range(len(parts)):
-            reader = video.ClipReader(gops, prune=prune, **kwargs)
-            reader.split_into, reader.part = 6, part
-            clips = list(reader)
-            got.append((reader.first_clip, len(clips)))
-            assert all(torch.equal(a, b) for a, b in zip(clips, every[reader.first_clip :], strict=False))
-            assert reader.segment_count == (4 if prune else 0)
-        assert got == parts
+    planner = video.ClipReader(gops, **kwargs)
+    segments = planner.plan(6)
+    head, cut = video.ClipReader(gops, **kwargs), []
+    head.split_into, head.on_split = 6, cut.extend
+    head_clips = list(head)
+    assert [(s.first, s.clips, s.cut) for s in segments] == [(s.first, s.clips, s.cut) for s in [head._own, *cut]]
+    assert [(s.first, s.clips) for s in segments] == [(0, 5), (5, 3), (8, 5), (13, None)]
+    assert planner.source_stamp == head.source_stamp != ""
+    got = []
+    for segment in segments:
+        reader = video.ClipReader(gops, segment=segment, **kwargs)
+        clips = list(reader)
+        got.append((reader.first_clip, len(clips)))
+        assert all(torch.equal(a, b) for a, b in zip(clips, every[reader.first_clip :], strict=False))
+    assert got == [(0, 5), (5, 3), (8, 5), (13, 3)] and len(head_clips) == 5
+    assert video.ClipReader(gops, prune=False, **kwargs).plan(6) == []
 
 
 def test_an_index_only_to_split_by_skips_no_frame(gops):

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import queue
 import re
 import signal
@@ -71,15 +72,14 @@ from .pipeline import (
     write_recorded,
     write_token_file,
 )
-from .video import ClipReader, VideoError, normalize_pixels, unforeseen, watched_clips
+from .video import ClipReader, Segment, VideoError, normalize_pixels, unforeseen, watched_clips
 
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
 FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its file
 MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
-# decode tasks of one file at most: each reads the file's packets once to plan its segments (under 1% of the CPU
-# time decoding the whole file takes, benchmarks/RESULTS.md), so 16 of them read it 16 times over and spend up to
-# some 15% more
+# decode tasks of one file at most (its segments are planned once, by a task that reads the file's packets: under
+# 1% of the CPU time decoding the whole file takes, benchmarks/RESULTS.md)
 MAX_PARTS = 16
 WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row came for this long
 PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
@@ -116,30 +116,25 @@ def decode_rows(
     stall_seconds: float | None = None,
     exit_on: str = "",
     exit_log: str = "",
-    unplanned: int = -1,
 ) -> Iterator[dict[str, Any]]:
-    """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}`` (with
-    ``"part": k, "parts": n``, n > 1: only the k-th of the segments the file splits into for n readers, see
-    :class:`~titok_fast.video.ClipReader`'s ``part``) -> a ``clip`` row per clip as it is decoded (``clip``: its
-    number in the file; ``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an ``end`` row (``info``:
-    JSON of its clips, first clip, start_times, last_clip_frames, part, parts, segments) or, when it cannot be read, an
-    ``error`` row with the one-line reason, also when no clip comes for ``stall_seconds`` (the file is decoded in
-    a thread of its own then, see :func:`~titok_fast.video.watched_clips`). ``exit_on`` (tests only): the worker
-    process dies on paths containing it, leaving a file in the folder ``exit_log`` each time; ``unplanned`` (tests
-    only): the task of that part plans no segments, as when its read of the file's index fails."""
+    """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}``, or one
+    of its :func:`part_rows` (one segment of it) -> a ``clip`` row per clip as it is decoded (``clip``: its number
+    in the file; ``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an ``end`` row (``info``: JSON of
+    its clips, first clip, start_times, last_clip_frames, part, parts, the source stamp it read and the one its
+    segment was planned on) or, when it cannot be read, an ``error`` row with the one-line reason, also when no
+    clip comes for ``stall_seconds`` (the file is decoded in a thread of its own then, see
+    :func:`~titok_fast.video.watched_clips`). ``exit_on`` (tests only): the worker process dies on paths
+    containing it, leaving a file in the folder ``exit_log`` each time."""
     number, path, me = int(row["file"]), str(row["path"]), worker_name()
-    part, parts = int(row.get("part", 0)), int(row.get("parts", 1))
+    part, parts, planned = int(row.get("part", 0)), int(row.get("parts", 1)), row.get("planned")
     if exit_on and exit_on in path:
         if exit_log:
             Path(exit_log, f"decode-exit-{uuid.uuid4().hex}").touch()
         os._exit(1)
     count = 0
     try:
-        reader = ClipReader(path, threads=threads, **settings.read_kwargs())
-        if parts > 1:
-            reader.split_into, reader.part = parts, part
-            if part == unplanned:
-                reader._plan = lambda index, stream: []
+        segment = pickle.loads(row["segment"]) if row.get("segment") else None  # (rows of this job's driver)
+        reader = ClipReader(path, threads=threads, segment=segment, **settings.read_kwargs())
         for clip in reader if stall_seconds is None else watched_clips(reader, stall_seconds):
             yield _row(number, reader.first_clip + count, "clip",
                        clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(), decoded_by=me)  # fmt: skip
@@ -153,9 +148,31 @@ def decode_rows(
         return
     end = {"clips": count, "first": reader.first_clip, "start_times": reader.start_times(),
            "last_clip_frames": reader.last_clip_frames, "decoder": reader.decoded_by, "placement": reader.placement,
-           "source_stamp": reader.source_stamp, "part": part, "parts": parts,
-           "segments": reader.segment_count}  # fmt: skip
+           "source_stamp": reader.source_stamp, "part": part, "parts": parts, "planned": planned}  # fmt: skip
     yield _row(number, reader.first_clip + count, "end", info=json.dumps(end), decoded_by=me)
+
+
+def plan_segments(path: str, settings: ClipSettings, parts: int, exit_on: str = "") -> tuple[list[Segment], str]:
+    """The segments ``path`` splits into for ``parts`` decode tasks, and its source stamp as it was read: a Ray
+    task a file, so that its packets are read once, not once a task. ([], "") where it is not split, or cannot
+    be read: one task then reads it whole and says what is wrong with it. ``exit_on`` (tests only): the worker
+    process dies on paths containing it."""
+    if exit_on and exit_on in path:
+        os._exit(1)
+    reader = ClipReader(path, **settings.read_kwargs())
+    try:
+        return reader.plan(parts), reader.source_stamp
+    except Exception:  # (a VideoError, or one unforeseen: the task that reads it whole reports it)
+        return [], ""
+
+
+def part_rows(number: int, path: str, segments: list[Segment], stamp: str) -> list[dict[str, Any]]:
+    """The decode rows of file ``number``: one per segment it was planned into (:func:`plan_segments`), with the
+    stamp it was planned on, or one for the whole file where it has fewer than two."""
+    if len(segments) < 2:
+        return [{"file": number, "path": path, "part": 0, "parts": 1}]
+    return [{"file": number, "path": path, "part": k, "parts": len(segments), "segment": pickle.dumps(segment),
+             "planned": stamp} for k, segment in enumerate(segments)]  # fmt: skip
 
 
 class FaultLedger:
@@ -342,10 +359,9 @@ class _Pending:
         modification times, cut it differently (one could not read its index), or their clips do not follow
         one another."""
         ends, path = [self.ends[part] for part in sorted(self.ends)], self.path
-        if len({end.get("source_stamp", "") for end in ends}) > 1:
+        stamps = {end.get("source_stamp", "") for end in ends} | {end["planned"] for end in ends if end.get("planned")}
+        if len(stamps) > 1:  # (each part read the file as it was when its segments were planned)
             return f"{path}: changed while it was read (its size or modification time)"
-        if len({end.get("segments", 0) for end in ends}) > 1:
-            return f"{path}: its decode tasks cut it into different segments (it changed, or a read failed)"
         at = 0
         for end in ends:
             if end["clips"] and end.get("first", 0) != at:
@@ -564,10 +580,9 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
             stall_seconds=stall_seconds, hooks=hooks, parts=parts,
         )  # fmt: skip
         assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"), writes)
-        shared = len(todo) * parts > MAX_DECODE_TASKS  # (decode rows)
         with assembly.bar:
             with job() as run:
-                _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not shared)
+                _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not run.shared)
             lost = assembly.unsettled_numbers()
             if lost:  # decode tasks of several files that failed for good: each file is tried alone now
                 with job(numbers=lost) as run:
@@ -581,8 +596,8 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
 def _parts_per_file(nodes: list[dict], files: int, actor_cpus: float, cpus_per_decode: float) -> int:
     """Decode tasks per file: where the job has fewer files than the live ``nodes`` have room for decode tasks
     beside the encode actors (``actor_cpus`` in all), ceil(room / files) up to MAX_PARTS, each reading one segment
-    of its file (a file too short or without cuts to split that far leaves its other tasks no clip: they end at
-    once); else 1."""
+    of its file (a file too short or without cuts to split that far is planned into fewer: :func:`_plans`); else
+    1."""
     room = int((sum(n.get("CPU", 0) for n in nodes) - actor_cpus) / cpus_per_decode + 1e-9)
     return min(-(-room // files), MAX_PARTS) if 0 < files < room else 1
 
@@ -730,12 +745,14 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
     from ray.util.annotations import RayDeprecationWarning
 
     retry, numbers = numbers is not None, range(len(todo)) if numbers is None else numbers
-    items = [{"file": number, "path": str(todo[number][0]), "part": part, "parts": parts}
-             for number in numbers for part in range(parts)]  # fmt: skip
+    plans = {}
+    if parts > 1:
+        plans = _plans(ray, [str(todo[n][0]) for n in numbers], settings, parts, cpus_per_decode, stall_seconds,
+                       hooks.get("plan_exit_on", ""))  # fmt: skip
+    items = [row for n in numbers for row in part_rows(n, str(todo[n][0]), *plans.get(str(todo[n][0]), ([], "")))]
     decode = functools.partial(
         decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
         stall_seconds=stall_seconds, exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
-        unplanned=int(hooks.get("decode_unplanned_part", -1)),
     )  # fmt: skip
     ledger = ray.remote(num_cpus=0)(FaultLedger).remote()
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these retry limits yet
@@ -756,7 +773,25 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=actor_restarts,
             max_task_retries=actor_restarts,
         )  # fmt: skip
-    return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts)
+    return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS)
+
+
+def _plans(ray, paths: list[str], settings: ClipSettings, parts: int, cpus: float, stall_seconds: float | None,
+           exit_on: str) -> dict[str, tuple[list[Segment], str]]:  # fmt: skip
+    """The segments of each of ``paths`` (:func:`plan_segments`), planned at once in Ray tasks of ``cpus`` CPUs;
+    a file whose task died, or did not end within ``stall_seconds``, is left out (read whole)."""
+    from ray.exceptions import RayError
+
+    plan = ray.remote(num_cpus=cpus, max_retries=0)(plan_segments)
+    refs = {plan.remote(path, settings, parts, exit_on): path for path in paths}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=stall_seconds)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    plans = {}
+    for ref in ready:
+        with contextlib.suppress(RayError):  # its worker died: read whole, by a task that says why
+            plans[refs[ref]] = ray.get(ref)
+    return plans
 
 
 class _Stop(BaseException):
@@ -771,8 +806,9 @@ class _Run:
     that it ends before Ray does: Ray Data would start a new cluster from it), at once on Ctrl-C, and the pass's
     ledger is killed."""
 
-    def __init__(self, ray, rows, ledger, actors: int, actor_restarts: int):
+    def __init__(self, ray, rows, ledger, actors: int, actor_restarts: int, shared: bool = False):
         self.ray, self.results, self.ledger, self.actor_restarts = ray, rows, ledger, actor_restarts
+        self.shared = shared  # whether decode tasks hold several rows
         self.actors = actors  # the pool's size
         self.stop, self.lock, self.reading, self.reader = threading.Event(), threading.Lock(), False, None
 

@@ -157,9 +157,8 @@ class ClipReader:
     ``split_into`` > 1 and ``on_split`` set (:func:`stream_videos` sets them) that finds its video long (H.264,
     HEVC, VP9 or AV1; 2 x SEGMENT_CLIPS clips or more, with clean cuts where it would cut), before its first clip,
     cuts it into up to ``split_into`` segments of SEGMENT_CLIPS clips or more, keeps the first and hands the others
-    to ``on_split(segments)``; ``clips_read`` then counts its own. With ``part`` set instead (a Ray decode task's
-    reader), it reads only that segment of the ones it would cut the file into, the others being other readers':
-    the whole file for part 0 of a file it does not split, no clip for a part the file has no segment for.
+    to ``on_split(segments)``; ``clips_read`` then counts its own. :meth:`plan` gives those segments alone (a Ray
+    job plans a file once, and each of its decode tasks reads one segment).
 
     ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
     each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
@@ -216,7 +215,6 @@ class ClipReader:
         self.rotation, self.segment = rotation, segment
         self.split_into = 1  # segments this reader may split its file into (see above; set by stream_videos)
         self.on_split: Callable[[list[Segment]], None] | None = None
-        self.part: int | None = None  # with split_into: the one segment this reader reads (see above)
         self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
         self.held: HeldBytes | None = None  # placement "device": the bound on source-size clips (set by stream_videos)
         self.stop: threading.Event | None = None  # set when the reader's clips are no longer wanted (its feed closed)
@@ -240,7 +238,6 @@ class ClipReader:
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
         self._own: Segment | None = None  # the first segment, when it split the file (with part: its part's)
-        self.segment_count = 0  # the segments it cut the file into, when it split it (0: it did not)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         try:
@@ -319,8 +316,7 @@ class ClipReader:
             needs = self._segment_needs if prune else None
             # a file is split, if at all, when first opened: not on a retry (NVDEC failed, or pruning went wrong)
             # after clips were given
-            told = self.on_split is not None or self.part is not None  # (what to do with the segments)
-            may_split = not self._planned and self.split_into > 1 and told
+            may_split = not self._planned and self.split_into > 1 and self.on_split is not None
             self._planned = True
             if decoder == "cpu" and prune and segment is not None:  # the cut is known: no cuts needed
                 index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64), segment.prunable)
@@ -331,17 +327,12 @@ class ClipReader:
                     index = stream_index(path, split=True)  # here, to plan; the decoder is given it
                     CLOCK.stop("decode", started)
                     segments = self._plan(index, stream) if index is not None else []
-                    self.segment_count = len(segments)
                     if index is None:  # pruning cannot be trusted here (the decoder would find it so again)
                         needs = None
-                if self.part is not None:  # one part of the file, the others other readers'
-                    self._own = _part_of(segments, self.part)
-                elif segments:
+                if segments:
                     self._own = segments[0]
                     self.on_split(segments[1:])
                 segment = self._segment()
-            if segment is not None and segment.clips == 0:  # a part the file has no segment for
-                return
             if index is not None and not index.prunable and not (segment is not None and segment.cut):
                 index, needs = None, None  # decoded whole from the start (the first segment: up to its last clip)
             start = segment.cut if segment is not None and index is not None else 0
@@ -446,6 +437,19 @@ class ClipReader:
             if len(after):  # the frame after the segment's last: its time ends the last one's showing (a frame's
                 needed[after[0]] = True  # own duration may be unknown, or another frame's gap)
         return needed
+
+    def plan(self, split_into: int) -> list[Segment]:
+        """The segments a reader splitting this file among ``split_into`` readers would cut it into (only the CPU
+        decoder, pruning allowed, splits), [] where it would not; ``source_stamp`` is the file's as it was read. A
+        file that cannot be opened raises its VideoError."""
+        container, self.source_stamp = _open(self.path)
+        with container:
+            stream = video_stream(container)
+            if stream is None or stream.codec_context is None or self.decoder != "cpu" or not self.prune:
+                return []
+            self.split_into = split_into
+            index = stream_index(self.path, split=True)
+            return self._plan(index, stream) if index is not None else []
 
     def _plan(self, index: StreamIndex, stream: av.video.stream.VideoStream) -> list[Segment]:
         """The segments of the file (its ``index``, its CPU-decoded ``stream``), first to last: up to
@@ -2069,14 +2073,6 @@ def _repeat(frame, count: int, image: Callable) -> Iterator[torch.Tensor]:
         converted = image(frame)
         for _ in range(count):
             yield converted
-
-
-def _part_of(segments: list[Segment], part: int) -> Segment | None:
-    """What a reader of ``part`` of a file cut into ``segments`` reads: that segment, the whole file (None: part 0
-    of a file not cut) or nothing (a segment of no clip: a part past the segments)."""
-    if part < len(segments):
-        return segments[part]
-    return None if part == 0 else Segment(0, 0, 0, np.zeros(0, dtype=np.int64), True)
 
 
 def chunk_length(frames: int, source_fps: float, fps: float) -> int:
