@@ -369,8 +369,7 @@ class _Pending:
 
     def parts_disagree(self) -> str:
         """Why the parts of a decoded file do not make one reading of it, or "": they read it at other sizes or
-        modification times, cut it differently (one could not read its index), or their clips do not follow
-        one another."""
+        modification times than each other or than its plan, or their clips do not follow one another."""
         ends, path = [self.ends[part] for part in sorted(self.ends)], self.path
         stamps = {end.get("source_stamp", "") for end in ends} | {end["planned"] for end in ends if end.get("planned")}
         if len(stamps) > 1:  # (each part read the file as it was when its segments were planned)

@@ -237,7 +237,7 @@ class ClipReader:
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
-        self._own: Segment | None = None  # the first segment, when it split the file (with part: its part's)
+        self._own: Segment | None = None  # the first segment, when it split the file
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         try:
