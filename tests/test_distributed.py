@@ -811,6 +811,75 @@ def test_a_split_file_whose_parts_disagree_is_read_again_whole(tmp_path, monkeyp
     assert again == [[]] and "no clip came" in dict(failed.failed)[str(path)]
 
 
+def test_a_split_file_cut_short_after_its_plan_is_read_again_whole(tmp_path, monkeypatch, capsys):
+    """A file rewritten shorter between its plan and its decode tasks (its later segments' clips are not all
+    there): those tasks end instead of failing the file, and the driver has it read again whole."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    path = make_video(tmp_path / "long.mp4", frames=76, height=40, width=48, fps=24, x264=KEYINT)  # 6 clips
+    rows = part_rows(0, str(path), *plan_segments(str(path), SETTINGS, 3))
+    make_video(path, frames=40, height=40, width=48, fps=24, x264=KEYINT)  # 3 clips now
+    parts = [list(decode_rows(row, settings=SETTINGS, dtype=torch.float32)) for row in rows]
+    assert [rows[-1]["kind"] for rows in parts] == ["end"] * 3
+    whole = list(decode_rows({"file": 0, "path": str(path)}, settings=SETTINGS, dtype=torch.float32))
+    summary, again = _assembled(LOAD(), path, tmp_path / "split", [r for rows in parts for r in rows], whole)
+    assert again == [[0], []] and "changed while it was read" in capsys.readouterr().err
+    assert summary.done == [str(path)] and not summary.failed
+    assert load_tokens(tmp_path / "split" / "long.safetensors").token_counts.numel() == 3
+
+
+def test_a_file_whose_shared_decode_task_failed_is_read_again_from_the_start(tmp_path, monkeypatch):
+    """A pass whose decode tasks hold several rows leaves a file whose task failed for good unsettled; the next
+    pass reads it again from the start, planned anew (here: read whole, as when its plan fails), and what came
+    back of the first read is dropped, not mixed with it: the token file of one read."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    path = make_video(tmp_path / "long.mp4", frames=76, height=40, width=48, fps=24, x264=KEYINT)  # 6 clips
+    first = list(decode_rows(part_rows(0, str(path), *plan_segments(str(path), SETTINGS, 3))[0], settings=SETTINGS,
+                             dtype=torch.float32))  # only the first of its 3 parts came back  # fmt: skip
+    whole = list(decode_rows({"file": 0, "path": str(path)}, settings=SETTINGS, dtype=torch.float32))
+    model, summary = LOAD(), Summary()
+
+    def encoded(rows):
+        out = ClipEncoder(LOAD, SETTINGS, batch_size=4)({c: [r[c] for r in rows] for c in rows[0]})
+        return [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
+
+    with Manifest(tmp_path / "split" / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(model, "auto", "cpu", SETTINGS, [(path, tmp_path / "split" / "long.safetensors")],
+                             manifest, _progress(1, "file"))  # fmt: skip
+        for row in encoded(first):
+            assembly.take(row)
+        _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8, settle_decoding=False)
+        lost = assembly.unsettled_numbers()
+        assert lost == [0]
+        assembly.forget(lost)  # as the job does before its pass of lost files
+        for row in encoded(whole):
+            assembly.take(row)
+        _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8)
+    one, _ = _assembled(model, path, tmp_path / "one", whole)
+    assert summary.done == one.done == [str(path)] and not summary.failed
+    assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
+
+
+def test_plans_are_waited_for_a_bounded_time_and_a_hung_file_is_read_whole(cluster, tmp_path, monkeypatch):
+    """A file whose read hangs (a hung network file system) holds up its job's start for PLAN_SECONDS at most: its
+    plan task is cancelled and the file left to be read whole; the other files are planned."""
+    import ray
+
+    from titok_fast import distributed
+
+    monkeypatch.setattr(distributed, "PLAN_SECONDS", 10.0)  # (time for a worker process to start, and plan)
+    path = make_video(tmp_path / "long.mp4", frames=600, height=40, width=48, fps=24, x264=KEYINT)
+    hangs = make_hanging(tmp_path)
+    try:
+        started = time.monotonic()
+        with failing_after(120, "the plans were waited for without a bound"):
+            plans = distributed._plans(ray, [str(path), str(hangs)], SETTINGS, 3, 1, None, "")
+        waited = time.monotonic() - started
+    finally:
+        release_hanging(tmp_path)
+    assert sorted(plans) == [str(path)] and len(plans[str(path)][0]) == 3
+    assert 10.0 <= waited < 60
+
+
 def test_a_file_is_read_by_as_many_decode_tasks_as_fill_the_cluster_where_files_are_fewer():
     """Fewer files than the cluster has room for decode tasks beside the encode actors: each file gets
     ceil(room / files) tasks, up to 16; as many files or more: one each."""

@@ -2215,3 +2215,38 @@ def test_a_worker_process_counts_its_source_size_clips_from_their_first_frame(tm
         got += list(clips)
     assert len(got) == 10 and all(map(torch.equal, got, expected))
     assert held.bytes == 0 and held.most <= 2 * clip_bytes
+
+
+def test_a_worker_process_stuck_in_a_read_gives_its_room_back_when_its_file_is_closed(tmp_path, monkeypatch):
+    """The room a worker process was given for the clip it gathers comes back as soon as its file is closed, as a
+    thread's does, not only once the process answers (one stuck in a read may never): here the process is stopped
+    (SIGSTOP) while it holds room, and the consumer moves on to the next file."""
+    kwargs = dict(frames=4, height=32, width=32, fps=24, preprocess="device")
+    paths = [videos.make_video(tmp_path / "a.mp4", 200, 480, 640, fps=24),
+             videos.make_video(tmp_path / "b.mp4", 40, 48, 64, fps=24)]  # fmt: skip
+    started, init = [], video._DecoderProcess.__init__
+    monkeypatch.setattr(video._DecoderProcess, "__init__",
+                        lambda self, *args, **kw: started.append(self) or init(self, *args, **kw))  # fmt: skip
+    held = video.HeldBytes(1 << 30)
+    stream = video.stream_videos(paths, workers=1, prefetch=1, worker_kind="process", held=held, **kwargs)
+    with contextlib.closing(stream):
+        _, feed = next(stream)
+        clips = iter(feed)
+        next(clips)
+        process = started[0].process
+        try:
+            for _ in range(40):  # stopped while it gathers a clip it was given room for
+                os.kill(process.pid, signal.SIGSTOP)
+                time.sleep(0.2)
+                if started[0].room is not None and started[0].room.nbytes:
+                    break
+                os.kill(process.pid, signal.SIGCONT)
+                next(clips)
+            assert started[0].room is not None and started[0].room.nbytes > 0
+            next(stream)  # file a's feed is closed; the process, stopped, cannot answer
+            deadline = time.monotonic() + 10
+            while held.bytes and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert held.bytes == 0  # (file b waits for the stopped process)
+        finally:
+            os.kill(process.pid, signal.SIGCONT)

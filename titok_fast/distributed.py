@@ -73,7 +73,7 @@ from .pipeline import (
     write_recorded,
     write_token_file,
 )
-from .video import ClipReader, Segment, VideoError, normalize_pixels, unforeseen, watched_clips
+from .video import ClipReader, Segment, VideoError, normalize_pixels, source_stamp, unforeseen, watched_clips
 
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
@@ -82,6 +82,8 @@ MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per
 # decode tasks of one file at most (its segments are planned once, by a task that reads the file's packets: under
 # 1% of the CPU time decoding the whole file takes, benchmarks/RESULTS.md)
 MAX_PARTS = 16
+PLAN_SECONDS = 60.0  # the longest a job waits for its files' plans (or the stall limit): a file not planned by then,
+# one whose read hangs among them, is read whole by one task
 WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row came for this long
 PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
 QUEUED_ROWS = 1024  # result rows read ahead of the driver
@@ -141,6 +143,13 @@ def decode_rows(
                        clip.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(), decoded_by=me)  # fmt: skip
             count += 1
     except VideoError as e:
+        if planned and (now := source_stamp(path)) != planned:
+            # the file changed since it was planned (cut short: its segment's clips are not all there): this part
+            # ends, and the driver, finding that the parts disagree, has the file read again whole
+            changed = {"clips": count, "first": segment.first, "source_stamp": now, "part": part, "parts": parts,
+                       "planned": planned}  # fmt: skip
+            yield _row(number, segment.first + count, "end", info=json.dumps(changed), decoded_by=me)
+            return
         yield _row(number, count, "error", info=str(e), decoded_by=me)
         return
     except Exception as e:  # an unforeseen failure on one file must not stop the others (with --debug, its
@@ -480,6 +489,11 @@ class _Assembly:
             state = self.open[number] = _Pending(number, *self.todo[number])
         return state
 
+    def forget(self, numbers: Sequence[int]) -> None:
+        """Drop what came back of files ``numbers`` (not ended): they are read again from the start."""
+        for number in numbers:
+            self.open.pop(number, None)
+
     def unsettled_numbers(self) -> list[int]:
         return [number for number, ended in enumerate(self.ended) if not ended]
 
@@ -596,7 +610,8 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
             with job() as run:
                 _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not run.shared)
             lost = assembly.unsettled_numbers()
-            if lost:  # decode tasks of several files that failed for good: each file is tried alone now
+            if lost:  # decode tasks of several files that failed for good: each file is tried alone now, from the
+                assembly.forget(lost)  # start (planned anew: it may be cut otherwise, or read whole)
                 with job(numbers=lost) as run:
                     _collect(run, assembly, decode_retries, actor_restarts)
             again = assembly.reopen_again()
@@ -791,12 +806,14 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
 def _plans(ray, paths: list[str], settings: ClipSettings, parts: int, cpus: float, stall_seconds: float | None,
            exit_on: str) -> dict[str, tuple[list[Segment], str]]:  # fmt: skip
     """The segments of each of ``paths`` (:func:`plan_segments`), planned at once in Ray tasks of ``cpus`` CPUs;
-    a file whose task died, or did not end within ``stall_seconds``, is left out (read whole)."""
+    a file whose task died, or did not end within PLAN_SECONDS (or ``stall_seconds``, if less), is left out (read
+    whole)."""
     from ray.exceptions import RayError
 
     plan = ray.remote(num_cpus=cpus, max_retries=0)(plan_segments)
     refs = {plan.remote(path, settings, parts, exit_on): path for path in paths}
-    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=stall_seconds)
+    wait = PLAN_SECONDS if stall_seconds is None else min(stall_seconds, PLAN_SECONDS)
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=wait)
     for ref in late:
         ray.cancel(ref, force=True)
     plans = {}

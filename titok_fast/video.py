@@ -1386,6 +1386,9 @@ class _DecoderProcess:
                 if not cancelled:
                     self._send(("cancel", number))
                     cancelled = True
+                if self.room is not None:  # not wanted: given back now, as a thread's closed feed does (the process
+                    self.room.release()  # may be stuck in a read)
+                    self.room = None
                 if self.stopping.is_set():
                     closing = closing or time.monotonic()
                     if time.monotonic() - closing >= SHUTDOWN_SECONDS / 2:  # stuck in a read: not waited for
