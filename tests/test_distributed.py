@@ -773,18 +773,18 @@ def test_a_segment_travels_in_its_row_compressed_and_comes_back_exact():
     KB as differences, and comes back exact, stamps near the int64 limits too (their differences wrap)."""
     import numpy as np
 
-    from titok_fast.distributed import _unpacked
+    from titok_fast.distributed import _packed, _unpacked
 
     hour = np.arange(108_000, dtype=np.int64) * 512
     hour[1::3], hour[2::3] = hour[2::3].copy(), hour[1::3].copy()  # B-frames: stamps out of order
     edges = np.array([2**63 - 1, -(2**63), 0, 2**63 - 2, -5], dtype=np.int64)
     for order in (hour, edges):
         segment = video.Segment(3, None, 1, order, True)
-        row = part_rows(0, "a.mp4", [segment, segment], "1:2")[1]
+        row = part_rows(0, "a.mp4", [_packed(segment)] * 2, "1:2")[1]
         back = _unpacked(row["segment"])
         assert back.order.dtype == np.int64 and np.array_equal(back.order, order)
         assert (back.first, back.clips, back.cut, back.prunable) == (3, None, 1, True)
-    assert len(part_rows(0, "a.mp4", [segment, video.Segment(0, 1, 0, hour, True)], "")[1]["segment"]) < 8 << 10
+    assert len(_packed(video.Segment(0, 1, 0, hour, True))) < 8 << 10
 
 
 @pytest.mark.parametrize("field", ["source_stamp", "planned"])
@@ -893,7 +893,9 @@ def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_
     more, from IDR pictures): the token file of one machine's read. Where its plan's worker dies, one task reads
     it whole: the same token file."""
     path = make_video(tmp_path / "long.mp4", frames=600, height=40, width=48, fps=24, x264=KEYINT)
-    segments, _ = plan_segments(str(path), SETTINGS, 3)
+    from titok_fast.distributed import _unpacked
+
+    segments = [_unpacked(s) for s in plan_segments(str(path), SETTINGS, 3)[0]]
     assert [(s.first, s.clips) for s in segments] == [(0, 16), (16, 17), (33, None)]
     model = LOAD()
     encode_files(model, Engine(model), [(path, "long")], tmp_path / "one", SETTINGS)

@@ -162,37 +162,37 @@ def decode_rows(
     yield _row(number, reader.first_clip + count, "end", info=json.dumps(end), decoded_by=me)
 
 
-def plan_segments(path: str, settings: ClipSettings, parts: int, exit_on: str = "") -> tuple[list[Segment], str]:
-    """The segments ``path`` splits into for ``parts`` decode tasks, and its source stamp as it was read: a Ray
-    task a file, so that its packets are read once, not once a task. ([], "") where it is not split, or cannot
-    be read: one task then reads it whole and says what is wrong with it. ``exit_on`` (tests only): the worker
-    process dies on paths containing it."""
+def plan_segments(path: str, settings: ClipSettings, parts: int, exit_on: str = "") -> tuple[list[bytes], str]:
+    """The segments ``path`` splits into for ``parts`` decode tasks (:func:`_packed`: as rows carry them), and
+    its source stamp as it was read: a Ray task a file, so that its packets are read once, not once a task. ([],
+    "") where it is not split, or cannot be read: one task then reads it whole and says what is wrong with it.
+    ``exit_on`` (tests only): the worker process dies on paths containing it."""
     if exit_on and exit_on in path:
         os._exit(1)
     reader = ClipReader(path, **settings.read_kwargs())
     try:
-        return reader.plan(parts), reader.source_stamp
+        return [_packed(segment) for segment in reader.plan(parts)], reader.source_stamp
     except Exception:  # (a VideoError, or one unforeseen: the task that reads it whole reports it)
         return [], ""
 
 
-def part_rows(number: int, path: str, segments: list[Segment], stamp: str) -> list[dict[str, Any]]:
+def part_rows(number: int, path: str, segments: list[bytes], stamp: str) -> list[dict[str, Any]]:
     """The decode rows of file ``number``: one per segment it was planned into (:func:`plan_segments`), with the
     stamp it was planned on, or one for the whole file where it has fewer than two."""
     if len(segments) < 2:
         return [{"file": number, "path": path, "part": 0, "parts": 1}]
-    return [{"file": number, "path": path, "part": k, "parts": len(segments), "segment": _packed(segment),
-             "planned": stamp} for k, segment in enumerate(segments)]  # fmt: skip
+    return [{"file": number, "path": path, "part": k, "parts": len(segments), "segment": segment, "planned": stamp}
+            for k, segment in enumerate(segments)]  # fmt: skip
 
 
 def _packed(segment: Segment) -> bytes:
-    """``segment`` as a row carries it: the file's frame order (8 bytes a frame: 864 KB for an hour at 30 fps, in
-    every row of the file) as differences, which compress to a few KB."""
+    """``segment`` as a plan task gives it back and a row carries it: the file's frame order (8 bytes a frame: 864
+    KB for an hour at 30 fps, in every row of the file) as differences, which compress to a few KB."""
     return zlib.compress(pickle.dumps(replace(segment, order=np.diff(segment.order, prepend=0))), 1)
 
 
 def _unpacked(data: bytes) -> Segment:
-    """The segment :func:`_packed` made (a row of this job's driver)."""
+    """The segment :func:`_packed` made (in a plan task of this job's)."""
     segment = pickle.loads(zlib.decompress(data))
     return replace(segment, order=np.cumsum(segment.order))  # (exact: int64 wraps back alike)
 
@@ -804,7 +804,7 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
 
 
 def _plans(ray, paths: list[str], settings: ClipSettings, parts: int, cpus: float, stall_seconds: float | None,
-           exit_on: str) -> dict[str, tuple[list[Segment], str]]:  # fmt: skip
+           exit_on: str) -> dict[str, tuple[list[bytes], str]]:  # fmt: skip
     """The segments of each of ``paths`` (:func:`plan_segments`), planned at once in Ray tasks of ``cpus`` CPUs;
     a file whose task died, or did not end within PLAN_SECONDS (or ``stall_seconds``, if less), is left out (read
     whole)."""
