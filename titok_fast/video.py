@@ -1421,7 +1421,7 @@ class _DecoderProcess:
                     feed.split(value)
                     continue
                 if kind == "room":  # a source-size clip begins: its bytes, reserved before the process reads on
-                    if self.room is not None:  # (one it gave up: a clip whose frames changed size)
+                    if self.room is not None:  # (a clip it began and did not send)
                         self.room.release()
                     if self.held is not None:
                         self.room = self.held.reserve(value, feed._closed, feed._queue.empty)
