@@ -1368,9 +1368,13 @@ class _DecoderProcess:
         try:
             self._read_file(feed)
         finally:  # the file ended, failed or was cancelled while the process gathered a clip: its room is free
-            if self.room is not None:
-                self.room.release()
-                self.room = None
+            self._drop_room()
+
+    def _drop_room(self) -> None:
+        """Give back the room reserved for the clip the process gathers, if any."""
+        room, self.room = self.room, None
+        if room is not None:
+            room.release()
 
     def _read_file(self, feed: ClipFeed) -> None:
         self.files += 1
@@ -1386,9 +1390,8 @@ class _DecoderProcess:
                 if not cancelled:
                     self._send(("cancel", number))
                     cancelled = True
-                if self.room is not None:  # not wanted: given back now, as a thread's closed feed does (the process
-                    self.room.release()  # may be stuck in a read)
-                    self.room = None
+                self._drop_room()  # not wanted: given back now, as a thread's closed feed does (the process may be
+                # stuck in a read)
                 if self.stopping.is_set():
                     closing = closing or time.monotonic()
                     if time.monotonic() - closing >= SHUTDOWN_SECONDS / 2:  # stuck in a read: not waited for
@@ -1421,8 +1424,7 @@ class _DecoderProcess:
                     feed.split(value)
                     continue
                 if kind == "room":  # a source-size clip begins: its bytes, reserved before the process reads on
-                    if self.room is not None:  # (a clip it began and did not send)
-                        self.room.release()
+                    self._drop_room()  # (a clip it began and did not send)
                     if self.held is not None:
                         self.room = self.held.reserve(value, feed._closed, feed._queue.empty)
                     self._send(("room", number))
