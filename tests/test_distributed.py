@@ -872,11 +872,11 @@ def test_plans_are_waited_for_a_bounded_time_and_a_hung_file_is_read_whole(clust
     try:
         started = time.monotonic()
         with failing_after(120, "the plans were waited for without a bound"):
-            plans = distributed._plans(ray, [str(path), str(hangs)], SETTINGS, 3, 1, None, "")
+            plans = distributed._plans(ray, {0: str(path), 1: str(hangs)}, SETTINGS, 3, 1, None, "")
         waited = time.monotonic() - started
     finally:
         release_hanging(tmp_path)
-    assert sorted(plans) == [str(path)] and len(plans[str(path)][0]) == 3
+    assert sorted(plans) == [0] and len(plans[0][0]) == 3
     assert 10.0 <= waited < 60
 
 

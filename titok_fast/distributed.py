@@ -772,11 +772,11 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
     from ray.util.annotations import RayDeprecationWarning
 
     retry, numbers = numbers is not None, range(len(todo)) if numbers is None else numbers
+    paths = {n: str(todo[n][0]) for n in numbers}
     plans = {}
     if parts > 1:
-        plans = _plans(ray, [str(todo[n][0]) for n in numbers], settings, parts, cpus_per_decode, stall_seconds,
-                       hooks.get("plan_exit_on", ""))  # fmt: skip
-    items = [row for n in numbers for row in part_rows(n, str(todo[n][0]), *plans.get(str(todo[n][0]), ([], "")))]
+        plans = _plans(ray, paths, settings, parts, cpus_per_decode, stall_seconds, hooks.get("plan_exit_on", ""))
+    items = [row for n, path in paths.items() for row in part_rows(n, path, *plans.get(n, ([], "")))]
     decode = functools.partial(
         decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
         stall_seconds=stall_seconds, exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
@@ -803,15 +803,15 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
     return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS)
 
 
-def _plans(ray, paths: list[str], settings: ClipSettings, parts: int, cpus: float, stall_seconds: float | None,
-           exit_on: str) -> dict[str, tuple[list[bytes], str]]:  # fmt: skip
-    """The segments of each of ``paths`` (:func:`plan_segments`), planned at once in Ray tasks of ``cpus`` CPUs;
-    a file whose task died, or did not end within PLAN_SECONDS (or ``stall_seconds``, if less), is left out (read
-    whole)."""
+def _plans(ray, paths: dict[int, str], settings: ClipSettings, parts: int, cpus: float, stall_seconds: float | None,
+           exit_on: str) -> dict[int, tuple[list[bytes], str]]:  # fmt: skip
+    """The segments of each file of ``paths`` (by number; :func:`plan_segments`), planned at once in Ray tasks of
+    ``cpus`` CPUs; a file whose task died, or did not end within PLAN_SECONDS (or ``stall_seconds``, if less), is
+    left out (read whole)."""
     from ray.exceptions import RayError
 
     plan = ray.remote(num_cpus=cpus, max_retries=0)(plan_segments)
-    refs = {plan.remote(path, settings, parts, exit_on): path for path in paths}
+    refs = {plan.remote(path, settings, parts, exit_on): number for number, path in paths.items()}
     wait = PLAN_SECONDS if stall_seconds is None else min(stall_seconds, PLAN_SECONDS)
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=wait)
     for ref in late:
