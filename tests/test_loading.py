@@ -245,6 +245,79 @@ def test_a_storage_record_that_inflates_past_its_tensors_is_refused_unread(tiny,
         load_tokenizer(bomb, config="tiny")
 
 
+@pytest.mark.parametrize("method", ["bzip2", "lzma"])
+def test_records_zip_inflates_in_unbounded_steps_are_refused_before_any_is_read(tiny, tmp_path, method):
+    """zipfile bounds one read's output for deflate only: a bzip2 or LZMA record declaring 6 bytes inflated a 1.3 KB
+    file to 2.8 GB in one read. Records compressed so are refused from the directory (this checkpoint is otherwise
+    sound: zipfile reads it, and the loader did)."""
+    import zipfile
+
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny, ema=False)
+    other = tmp_path / "other.ckpt"
+    compress = {"bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA}[method]
+    with zipfile.ZipFile(tmp_path / "m.ckpt") as src, zipfile.ZipFile(other, "w") as dst:
+        for item in src.infolist():
+            packed = item.filename.endswith("/byteorder")
+            dst.writestr(item.filename, src.read(item), compress_type=compress if packed else zipfile.ZIP_STORED)
+    with pytest.raises(CheckpointError, match=rf"^[^\n]*other.ckpt: record '[^']*/byteorder' is compressed by zip "
+                       rf"method {compress}; expected stored or deflated records$"):  # fmt: skip
+        load_tokenizer(other, config="tiny")
+
+
+def test_an_archive_folder_that_is_not_a_printable_name_is_refused_in_one_line(tmp_path):
+    """Its records' names go into errors: a line break in the folder's name made an error of two lines, the second
+    one of the file's choosing."""
+    import pickle
+    import zipfile
+
+    path = tmp_path / "n.ckpt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a\nOK: weights verified/data.pkl", pickle.dumps({}, protocol=2))
+        z.writestr("a\nOK: weights verified/byteorder", b"little" + bytes(20))
+    with pytest.raises(CheckpointError, match=r"^[^\n]*n.ckpt: its archive's folder 'a\\nOK: weights verified/' is "
+                       r"not a printable name of up to 256 characters$"):  # fmt: skip
+        load_tokenizer(path, config="tiny")
+
+
+def test_safetensors_metadata_is_bounded_before_it_is_parsed(tiny, tmp_path):
+    """A 90 MB metadata of 30 million empty objects took 2.5 GB to parse; nesting too deep or a number too long
+    for an int raised RecursionError or ValueError without the file's name, from the public reader and from the
+    conversion cache's lookup."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tiny.state_dict().items()}
+    cases = {
+        "long": ("[" + "{}," * 400_000 + "{}]", r"metadata 'titok_fast' is 1200004 characters; at most 1048576$"),
+        "deep": ("[" * 100_000 + "]" * 100_000, r"metadata is not valid JSON \(RecursionError: maximum recursion"),
+        "bigint": ("9" * 5000, r"metadata is not valid JSON \(ValueError: Exceeds the limit \(4300 digits\)"),
+    }
+    for name, (text, message) in cases.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"), metadata={"titok_fast": text})
+        for read in (read_safetensors_metadata, load_tokenizer):
+            with pytest.raises(CheckpointError, match=rf"^[^\n]*{name}.safetensors: {message}"):
+                read(tmp_path / f"{name}.safetensors")
+    # the header as a whole: its declared size is checked before the safetensors library reads it
+    header = json.dumps({"__metadata__": {"titok_fast": "{}"}, "x": {"dtype": "F32", "shape": [0], "data_offsets":
+                         [0, 0]}}).encode() + b" " * (16 << 20)  # fmt: skip
+    (tmp_path / "wide.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match=r"wide.safetensors: its safetensors header declares 16777\d+ bytes; at "
+                       r"most 16777216$"):  # fmt: skip
+        read_safetensors_metadata(tmp_path / "wide.safetensors")
+
+
+def test_config_values_from_a_file_are_said_in_short_errors(tiny, tmp_path):
+    """A size name of a million characters made an error of a million characters; so did numbers of thousands of
+    digits, printed again by the checks after the first."""
+    for field, value in [("encoder_size", "x" * 1_000_000), ("fsq_levels", [10**4000] * 5)]:
+        config = tiny.config.to_dict()
+        config["tokenizer"]["model"][field] = value
+        _weights_with_metadata(tiny, tmp_path / "w.safetensors", {"config": config})
+        with pytest.raises(CheckpointError, match=r"^[^\n]{0,400}$"):
+            load_tokenizer(tmp_path / "w.safetensors")
+
+
 def _weights_with_metadata(model, path, meta):
     """A .safetensors holding `model`'s tensors and the JSON `meta` as its titok-fast metadata."""
     import json
@@ -272,8 +345,9 @@ def test_a_config_string_in_metadata_is_never_opened(tiny, tmp_path):
         ("tokenizer.model.fsq_levels", [1000] * 5, r"fsq_levels \[1000, 1000, 1000, 1000, 1000\] exceed 25"),
         ("tokenizer.model.fsq_levels", [26, 2, 2, 2, 2], r"fsq_levels \[26, 2, 2, 2, 2\] exceed 25"),
         ("tokenizer.model.fsq_levels", [25, 25, 25, 2, 2], "make 62500 codes; at most 32768"),
-        # counted before any level is looked at: checking 1.6M levels once took minutes (a product per message)
-        ("tokenizer.model.fsq_levels", [2] * 1_600_000, r"^[^\n]{0,200}has 1600000 levels; at most 15 [^\n]*$"),
+        # counted before any level is looked at: checking 1.6M levels once took minutes (a product per message);
+        # the metadata's length bounds them at about 350 thousand
+        ("tokenizer.model.fsq_levels", [2] * 340_000, r"^[^\n]{0,200}has 340000 levels; at most 15 [^\n]*$"),
         ("tokenizer.model.fsq_levels", ["x"] * 15, r"^[^\n]{0,200}must be a list of positive integers[^\n]{0,100}$"),
         (
             "tokenizer.model.patch_size",

@@ -67,7 +67,7 @@ class StackSize:
     @classmethod
     def named(cls, name: str) -> StackSize:
         if name not in SIZES:
-            raise ValueError(f"unknown model size {name!r}; expected one of {sorted(SIZES)}")
+            raise ValueError(f"unknown model size {name!r:.80}; expected one of {sorted(SIZES)}")
         return cls(name, *SIZES[name])
 
 
@@ -157,10 +157,10 @@ class TiTokConfig:
         values.update({k: _get(sampling, k, "training.sampling.") for k in SAMPLING_FIELDS})
         for key in ("encoder_size", "decoder_size"):
             if not isinstance(values[key], str):
-                raise ValueError(f"config field tokenizer.model.{key} must be a size name, got {values[key]!r}")
+                raise ValueError(f"config field tokenizer.model.{key} must be a size name, got {values[key]!r:.80}")
         for key in ("patch_size", "fsq_levels", "max_grid", "num_token_range"):
             if not isinstance(values[key], (list, tuple)):
-                raise ValueError(f"config field {key} must be a list of integers, got {values[key]!r}")
+                raise ValueError(f"config field {key} must be a list of integers, got {values[key]!r:.80}")
             values[key] = tuple(values[key])
         config = cls(**values)
         return next((preset for preset in PRESETS.values() if preset == config), config)
@@ -171,8 +171,12 @@ def _plain(value: Any) -> Any:
 
 
 def _check_int_seq(name: str, value: Any, length: int | None) -> None:
-    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise ValueError(f"config field {name} must be a list of positive integers, got {reprlib.repr(value)}")
+    if not isinstance(value, tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in value
+    ):  # (bounded: the checks after this one print the values)
+        raise ValueError(
+            f"config field {name} must be a list of positive integers below 2**31, got {reprlib.repr(value)}"
+        )
     if length is not None and len(value) != length:
         raise ValueError(f"config field {name} must have {length} entries, got {len(value)}: {reprlib.repr(value)}")
     if length is None and not value:

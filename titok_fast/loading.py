@@ -74,6 +74,11 @@ MAX_ARCHIVE_ENTRIES = 100_000
 # directory of 3 million entries declared as one took 2 GB. An entry there is 46 bytes and its name (torch's:
 # <file stem, up to 255 bytes>/data/<key>): 512 bytes each is generous, and bounds zipfile's memory at ~0.5 GB.
 MAX_ARCHIVE_DIRECTORY_BYTES = MAX_ARCHIVE_ENTRIES * 512
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # the ones zipfile inflates in bounded steps
+# A .safetensors header lists its tensors (V1: 194 in 23 KB) beside the metadata (a few KiB; at most
+# MAX_CHECKPOINT_METADATA_CHARS, checked before it is parsed); the safetensors library reads headers of up to 100 MB.
+MAX_CHECKPOINT_METADATA_CHARS = 1 << 20
+MAX_SAFETENSORS_HEADER_BYTES = 16 << 20
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -486,11 +491,22 @@ class _Archive:
                 f"{MAX_ARCHIVE_DIRECTORY_BYTES}"
             )
         self.zip = zipfile.ZipFile(file)
+        # zipfile bounds what one read inflates for deflate only: a bzip2 or LZMA record declaring a few bytes can
+        # inflate gigabytes in one read (torch stores records raw; a zip tool may deflate them)
+        odd = next((i for i in self.zip.infolist() if i.compress_type not in _ZIP_METHODS), None)
+        if odd is not None:
+            raise CheckpointError(
+                f"{path}: record {odd.filename!r:.120} is compressed by zip method {odd.compress_type}; expected "
+                "stored or deflated records"
+            )
         self.names = set(self.zip.namelist())
         pickles = [n for n in self.names if n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
         self.prefix = pickles[0][: -len("data.pkl")]
+        if not (self.prefix.isprintable() and len(self.prefix) <= 256):  # its records' names are said in errors
+            raise CheckpointError(f"{path}: its archive's folder {self.prefix!r:.120} is not a printable name of up "
+                                  "to 256 characters")  # fmt: skip
         byteorder = self.prefix + "byteorder"
         if byteorder in self.names:
             order = self._small_record(byteorder, 16)
@@ -664,15 +680,26 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict:
-    """The JSON object a titok-fast ``.safetensors`` stores under METADATA_KEY ({} when absent)."""
-    with _reading(path), safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    """The JSON object a titok-fast ``.safetensors`` stores under METADATA_KEY ({} when absent). The header's
+    declared size is checked before the header is read, and the metadata's length before it is parsed."""
+    with _reading(path):
+        with hub.open_regular(path) as file:
+            declared = int.from_bytes(file.read(8), "little")
+        if declared > MAX_SAFETENSORS_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: its safetensors header declares {declared} bytes; at most {MAX_SAFETENSORS_HEADER_BYTES}"
+            )
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
     if METADATA_KEY not in meta:
         return {}
+    if len(meta[METADATA_KEY]) > MAX_CHECKPOINT_METADATA_CHARS:
+        raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} is {len(meta[METADATA_KEY])} characters; at most "
+                              f"{MAX_CHECKPOINT_METADATA_CHARS}")  # fmt: skip
     try:
         value = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: metadata is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # (nested too deep, a number too long for an int)
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({_one_line(e)})") from e
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: metadata {METADATA_KEY!r} must be a JSON object; got {type(value).__name__}")
     return value
