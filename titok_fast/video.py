@@ -321,12 +321,12 @@ class ClipReader:
             if decoder == "cpu" and prune and segment is not None:  # the cut is known: no cuts needed
                 index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64), segment.prunable)
             elif may_split:
-                segments = []  # (only the CPU decoder, pruning allowed, splits)
-                if decoder == "cpu" and prune:
-                    started = CLOCK.start()
-                    index = stream_index(path, split=True)  # here, to plan; the decoder is given it
-                    CLOCK.stop("decode", started)
-                    segments = self._plan(index, stream) if index is not None else []
+                started = CLOCK.start()
+                split = self._split(stream)  # (decoder and prune are this reader's own on a first open)
+                CLOCK.stop("decode", started)
+                segments = []
+                if split is not None:
+                    index, segments = split  # the decoder is given the index
                     if index is None:  # pruning cannot be trusted here (the decoder would find it so again)
                         needs = None
                 if segments:
@@ -445,11 +445,21 @@ class ClipReader:
         container, self.source_stamp = _open(self.path)
         with container:
             stream = video_stream(container)
-            if stream is None or stream.codec_context is None or self.decoder != "cpu" or not self.prune:
+            if stream is None or stream.codec_context is None:
                 return []
             self.split_into = split_into
-            index = stream_index(self.path, split=True)
-            return self._plan(index, stream) if index is not None else []
+            split = self._split(stream)
+            return split[1] if split is not None else []
+
+    def _split(self, stream: av.video.stream.VideoStream) -> tuple[StreamIndex | None, list[Segment]] | None:
+        """How this reader splits the file whose video ``stream`` it has open, the one rule for :meth:`plan` and
+        for a reader splitting the file as it reads it: None where it does not (only the CPU decoder, pruning
+        allowed, splits); else the file's index (None where its pruning cannot be trusted) and its segments ([]:
+        not split)."""
+        if self.decoder != "cpu" or not self.prune:
+            return None
+        index = stream_index(self.path, split=True)
+        return index, (self._plan(index, stream) if index is not None else [])
 
     def _plan(self, index: StreamIndex, stream: av.video.stream.VideoStream) -> list[Segment]:
         """The segments of the file (its ``index``, its CPU-decoded ``stream``), first to last: up to
