@@ -41,3 +41,28 @@ def test_reference_backend_is_gone_with_a_pointer():
     assert model.active_backend is TRITON and model.backend == "triton"
     with pytest.raises(ValueError, match="ReferenceTiTok"):
         model.backend = "reference"
+
+
+def test_a_call_that_cannot_run_on_its_weights_is_refused_in_one_line(monkeypatch):
+    """A model on meta gave meta tensors back (no values; they failed later, elsewhere), and the Triton kernels on a
+    CPU outside the interpreter failed inside Triton ("0 active drivers"); resolving the backend still works."""
+    import triton
+
+    from titok_fast import Engine
+
+    video = torch.rand(3, 4, 8, 8) * 2 - 1
+    with torch.device("meta"):
+        shell = TiTok("tiny")
+    assert shell.active_backend is TORCH
+    for call in (lambda: shell.encode([video], [3]), lambda: Engine(shell).encode([video], [3]),
+                 lambda: shell.decode_indices((torch.tensor([1, 2, 3]),), [(4, 8, 8)])):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^the model's weights are on the meta device \(shapes only\); give"):
+            call()
+    model = TiTok("tiny", backend="triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    assert model.active_backend is TRITON
+    with pytest.raises(ValueError, match="^backend 'triton' runs on CUDA, or on a CPU in the Triton interpreter"):
+        model.encode([video], [3])
+    with pytest.raises(TypeError, match="model is a str; expected a TiTok"):
+        Engine("tiny")
+

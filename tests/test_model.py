@@ -172,6 +172,12 @@ def _v(*shape):
         # finite in float32, but the model's norms overflow near 1e20: refused well before
         ([_v(3, 4, 8, 8) + 1e30], [1], ValueError, r"video 0 holds 1e\+30; expected values in \[-1, 1\] \(beyond"),
         ([_v(3, 4, 8, 8), _v(3, 4, 8, 8) - 2e9], [1, 1], ValueError, "video 1 holds -2e[+]09; expected"),
+        # no reductions for float8 on a CPU (the value check crashed inside), nor for sparse tensors
+        ([_v(3, 4, 8, 8).to(torch.float8_e4m3fn)], [1], TypeError, "video 0 has dtype torch.float8_e4m3fn; expected"),
+        ([_v(3, 4, 8, 8).to_sparse()], [1], TypeError, "video 0 has layout torch.sparse_coo; expected a dense"),
+        # what decode refuses is not encoded: its tokens could never go back
+        ([_v(3, 4, 8, 8200)], [1], ValueError, r"video 0 has shape \[3, 4, 8, 8200\]; W must be at most 8192"),
+        ([torch.zeros(3, 1, 1, 1).expand(3, 20, 1088, 1920)], [1], ValueError, "T x H x W must be at most 33554432"),
     ],
 )
 def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
@@ -214,6 +220,10 @@ def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
         ((torch.tensor([0, 1], dtype=torch.uint16),), [(4, 8, 8)], None, TypeError, "has dtype torch.uint16; expected"),
         ((torch.tensor([0, 1], device="meta"),), [(4, 8, 8)], None, ValueError, "video 0 is on the meta device"),
         ((torch.tensor([0]),), [(8192, 8, 8)], None, ValueError, r"video 0 is \[8192, 8, 8\]; T must be at most"),
+        ((torch.tensor([0, 1]).to_sparse(),), [(4, 8, 8)], None, TypeError, "video 0 has layout torch.sparse_coo"),
+        # decode's order, told by the arguments' forms: grids as tensors too, a single count said as one
+        (torch.tensor([0, 1]), [2], [torch.tensor([4, 8, 8])], None, None),
+        (torch.tensor([0, 1]), 2, [(4, 8, 8)], TypeError, "token_counts must be a list with one integer per video"),
     ],
 )
 def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, message):
@@ -236,6 +246,8 @@ def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, m
         (torch.full((3, 5), 1e300, dtype=torch.float64), [3], ValueError, "codes holds 1e[+]300, beyond .*float32"),
         # finite, but the decoder gave a video of infinities: refused as videos are
         (torch.full((3, 5), 1e30), [3], ValueError, r"codes holds 1e\+30; expected values in \[-1, 1\] \(beyond"),
+        (torch.zeros(3, 5).to(torch.float8_e5m2), [3], TypeError, "codes has dtype torch.float8_e5m2; expected one"),
+        (torch.zeros(3, 5).to_sparse(), [3], TypeError, "codes has layout torch.sparse_coo; expected a dense"),
     ],
 )
 def test_decode_rejects_bad_codes(tiny, codes, counts, error, message):
@@ -430,3 +442,10 @@ def test_the_quantizer_refuses_inputs_that_require_grad():
     for call in (model.quantize, model.quantize.quantize, model.quantize.bound):
         with pytest.raises(ValueError, match="z requires grad; titok-fast is inference-only"):
             call(z)
+
+
+def test_a_nested_video_is_refused_before_its_values_are_looked_at():
+    with pytest.warns(UserWarning, match="nested tensors is in prototype stage"):
+        nested = torch.nested.nested_tensor([torch.zeros(4, 8, 8)] * 3)
+    with pytest.raises(TypeError, match="video 0 has layout nested; expected a dense tensor"):
+        TiTok("tiny").encode([nested], [3])

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from titok_fast.kernels._triton import MISSING as TRITON_MISSING
+from titok_fast.kernels._triton import triton
 from titok_fast.kernels.fsq import FsqConstants
 
 from .config import HEAD_DIM
@@ -202,3 +203,18 @@ def resolve_backend(choice: str, device: torch.device | str) -> Backend:
     if choice == "auto":
         choice = "triton" if torch.device(device).type == "cuda" and not TRITON_MISSING else "torch"
     return TRITON if check_backend(choice) == "triton" else TORCH
+
+
+def check_runs(backend: Backend, device: torch.device) -> None:
+    """Refuse, in one line, a call that would fail deep inside or give tensors without values: weights on ``meta``
+    (shapes only), or the Triton kernels with weights off CUDA where Triton does not interpret them."""
+    if device.type == "meta":
+        raise ValueError(
+            "the model's weights are on the meta device (shapes only); give them values first: "
+            "load_state_dict(state, assign=True), or to_empty(device=...) and then load_state_dict(state)"
+        )
+    if backend is TRITON and device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(
+            f"backend 'triton' runs on CUDA, or on a CPU in the Triton interpreter (TRITON_INTERPRET=1 before "
+            f"Triton is imported); the weights are on {device}: use backend 'auto' or 'torch'"
+        )

@@ -17,6 +17,8 @@ MAX_GRID_VOXELS = 1 << 25
 MAX_TOKENS = 1 << 16
 # what indices may come as (torch's uint16/32/64 lack the reductions the checks use)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# what videos and codes may come as (float8 types have no reductions, and no arithmetic, on a CPU)
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def is_integer(x: object) -> bool:
@@ -129,19 +131,15 @@ def check_videos(
     for i, v in enumerate(videos):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{name(i)} is a {type(v).__name__}; expected a torch.Tensor [3, T, H, W]")
-        if v.layout != torch.strided:
-            raise TypeError(f"{name(i)} has layout {v.layout}; expected a dense tensor (call .to_dense())")
+        _check_dense(v, name(i))
         if v.dim() != 4 or v.shape[0] != 3:
             raise ValueError(f"{name(i)} has shape {list(v.shape)}; expected [3, T, H, W] (3 channels, rank 4)")
-        if not v.is_floating_point():
-            raise TypeError(f"{name(i)} has dtype {v.dtype}; expected a floating dtype with values in [-1, 1]")
+        if v.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name(i)} has dtype {v.dtype}; expected one of {[str(d) for d in FLOAT_DTYPES]} with "
+                            "values in [-1, 1]")  # fmt: skip
         check_no_grad(v, name(i))
-        for axis, size, p in zip("THW", v.shape[1:], patch, strict=True):
-            if size == 0 or size % p:
-                raise ValueError(
-                    f"{name(i)} has shape {list(v.shape)}; {axis} must be a positive multiple of {p} "
-                    f"(patch {list(patch)})"
-                )
+        if problem := _grid_problem(tuple(v.shape[1:]), patch):  # (encode nothing that decode would refuse)
+            raise ValueError(f"{name(i)} has shape {list(v.shape)}; {problem}")
         _check_not_meta(v, name(i))
         if v.device != videos[0].device:
             raise ValueError(f"{name(i)} is on {v.device} but {name(0)} is on {videos[0].device}; mixed devices")
@@ -200,17 +198,30 @@ def check_grids(
         if not isinstance(g, Sequence) or len(g) != 3 or not all(is_integer(s) for s in g):
             raise ValueError(f"grid of {name(i)} is {g!r}; expected three integers (T, H, W)")
         g = tuple(int(s) for s in g)
-        for axis, size, p, most in zip("THW", g, patch, MAX_GRID, strict=True):
-            if size <= 0 or size % p:
-                raise ValueError(
-                    f"grid of {name(i)} is {list(g)}; {axis} must be a positive multiple of {p} (patch {list(patch)})"
-                )
-            if size > most:
-                raise ValueError(f"grid of {name(i)} is {list(g)}; {axis} must be at most {most}")
-        if math.prod(g) > MAX_GRID_VOXELS:
-            raise ValueError(f"grid of {name(i)} is {list(g)}; T x H x W must be at most {MAX_GRID_VOXELS}")
+        if problem := _grid_problem(g, patch):
+            raise ValueError(f"grid of {name(i)} is {list(g)}; {problem}")
         out.append(g)
     return out
+
+
+def _grid_problem(grid: tuple[int, ...], patch: tuple[int, int, int]) -> str:
+    """What is wrong with a pixel shape (T, H, W) for the model, "" if nothing: the same for a video to encode as
+    for a grid to decode, so that no tokens come out that cannot go back."""
+    for axis, size, p, most in zip("THW", grid, patch, MAX_GRID, strict=True):
+        if size <= 0 or size % p:
+            return f"{axis} must be a positive multiple of {p} (patch {list(patch)})"
+        if size > most:
+            return f"{axis} must be at most {most}"
+    if math.prod(grid) > MAX_GRID_VOXELS:
+        return f"T x H x W must be at most {MAX_GRID_VOXELS}"
+    return ""
+
+
+def _check_dense(t: torch.Tensor, what: str) -> None:
+    """A plain strided tensor: sparse, quantized-layout or nested ones have none of the reductions the checks use."""
+    if t.layout != torch.strided or t.is_nested:
+        layout = "nested" if t.is_nested else t.layout
+        raise TypeError(f"{what} has layout {layout}; expected a dense tensor (call .to_dense() or .contiguous())")
 
 
 def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
@@ -220,6 +231,7 @@ def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
         raise TypeError(
             f"{what} has dtype {indices.dtype}; expected one of {[str(d) for d in INDEX_DTYPES]} (e.g. {what}.long())"
         )
+    _check_dense(indices, what)
     _check_not_meta(indices, what)
     if indices.dim() != 1:
         raise ValueError(f"{what} has shape {list(indices.shape)}; expected a 1-D tensor of indices")
@@ -242,8 +254,9 @@ def check_codes(codes: object, width: int, total: int, dtype: torch.dtype | None
     """Codes [total, width] of a floating dtype, with values finite also in the model's ``dtype``."""
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes is a {type(codes).__name__}; expected a torch.Tensor [sum(token_counts), {width}]")
-    if not codes.is_floating_point():
-        raise TypeError(f"codes has dtype {codes.dtype}; expected a floating dtype")
+    if codes.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"codes has dtype {codes.dtype}; expected one of {[str(d) for d in FLOAT_DTYPES]}")
+    _check_dense(codes, "codes")
     check_no_grad(codes, "codes")
     if codes.dim() != 2 or codes.shape[1] != width:
         raise ValueError(f"codes has shape {list(codes.shape)}; expected [sum(token_counts), {width}]")

@@ -221,6 +221,9 @@ class Engine:
     def __init__(
         self, model: TiTok, mode: str = "auto", budgets: Sequence[int] = DEFAULT_BUDGETS, max_clips: int = 64
     ):
+        if not isinstance(model, TiTok):
+            raise TypeError(f"model is a {type(model).__name__}; expected a TiTok (e.g. load_tokenizer(...) or "
+                            "TiTok('tiny'))")  # fmt: skip
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if mode == "cudagraph" and model.device.type != "cuda":

@@ -22,7 +22,7 @@ from torch import nn
 from titok_fast.kernels.fsq import FsqConstants
 
 from . import fp8
-from .backends import Backend, check_backend, resolve_backend, scatter_rows
+from .backends import Backend, check_backend, check_runs, resolve_backend, scatter_rows
 from .checks import (
     check_clip_indices,
     check_codes,
@@ -49,12 +49,18 @@ def upstream_argument_order(grids, token_counts):
     if isinstance(token_counts, torch.Tensor) and token_counts.dim() == 2:
         shapes = token_counts.tolist()
     if (
-        isinstance(counts, (list, tuple)) and counts and all(is_integer(n) for n in counts)
-        and isinstance(shapes, (list, tuple)) and shapes
-        and all(isinstance(g, (list, tuple)) and len(g) == 3 for g in shapes)
-    ):  # fmt: skip
+        (is_integer(counts) or isinstance(counts, (list, tuple)) and counts and all(is_integer(n) for n in counts))
+        and isinstance(shapes, (list, tuple)) and shapes and all(_is_grid(g) for g in shapes)
+    ):  # fmt: skip  (a single count too: check_token_counts then says counts come one per video)
         return token_counts, grids
     return grids, token_counts
+
+
+def _is_grid(g: object) -> bool:
+    """Whether ``g`` has the form of a pixel shape (T, H, W): a triple, or a 1-D tensor of three values."""
+    if isinstance(g, torch.Tensor):
+        return g.dim() == 1 and g.numel() == 3
+    return isinstance(g, (list, tuple)) and len(g) == 3
 
 
 class Runtime:
@@ -68,6 +74,12 @@ class Runtime:
 
     def backend(self, device: torch.device) -> Backend:
         return resolve_backend(self.choice, device)
+
+    def runner(self, device: torch.device) -> Backend:
+        """:meth:`backend`, for a call that runs on it now (refused where it cannot: :func:`check_runs`)."""
+        backend = resolve_backend(self.choice, device)
+        check_runs(backend, device)
+        return backend
 
 
 def run_layers(
@@ -131,7 +143,7 @@ class Encoder(EncoderParams):
         x = patches.new_empty(pack.rows, self.size.width)
         x[pack.latent_rows] = self.mask_token.expand(pack.num_tokens, -1)
         x[pack.patch_rows] = self.proj_in(patches)
-        backend = self.runtime.backend(self.device)
+        backend = self.runtime.runner(self.device)
         return run_layers(self.model_layers, x, pack, "latent", backend, self.runtime.packings)
 
     def quantized(self, x: torch.Tensor, backend: Backend) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,14 +153,14 @@ class Encoder(EncoderParams):
     @torch.no_grad()
     def encode_packed(self, patches: torch.Tensor, pack: Packing) -> tuple[torch.Tensor, torch.Tensor]:
         """patches [sum G, 768] (model dtype) -> (codes [sum n, D], indices int32 [sum n])."""
-        return self.quantized(self.latents(patches, pack), self.runtime.backend(self.device))
+        return self.quantized(self.latents(patches, pack), self.runtime.runner(self.device))
 
     @torch.no_grad()
     def encode_static(self, patch_rows: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """patch_rows [rows, 768] (any values on latent and padding rows: never read into a clip) ->
         (codes [rows, D], indices int32 [rows]); only latent rows are meaningful. Padding rows start as zeros, so
         whatever the buffer held there (even NaN) stays out of the attention of real rows."""
-        backend = self.runtime.backend(self.device)
+        backend = self.runtime.runner(self.device)
         patches = torch.where(batch.real_rows()[:, None], self.proj_in(patch_rows), 0)
         x = torch.where(batch.is_latent[:, None], self.mask_token, patches)
         return self.quantized(run_layers_static(self.model_layers, x, batch, backend), backend)
@@ -201,7 +213,7 @@ class Decoder(DecoderParams):
 
     def rows(self, x: torch.Tensor, pack: Packing) -> torch.Tensor:
         """Packed decoder input [rows, W] -> layers (the last for patch rows only) -> proj_out: [sum G, 768]."""
-        backend = self.runtime.backend(self.device)
+        backend = self.runtime.runner(self.device)
         return self.proj_out(run_layers(self.model_layers, x, pack, "patch", backend, self.runtime.packings))
 
     def videos(self, rows: torch.Tensor, pack: Packing, shapes: list) -> list[torch.Tensor]:
@@ -217,7 +229,7 @@ class Decoder(DecoderParams):
         if indices.dtype not in (torch.int32, torch.int64):
             indices = indices.long()  # token files store int16; the gather kernel reads int32/int64 (any stride)
         table, mask_row = self.table()
-        return self.rows(self.runtime.backend(self.device).decoder_input(indices, table, mask_row, pack), pack)
+        return self.rows(self.runtime.runner(self.device).decoder_input(indices, table, mask_row, pack), pack)
 
     @torch.no_grad()
     def decode_static(
@@ -226,7 +238,7 @@ class Decoder(DecoderParams):
         """indices [rows] (any valid index on non-latent rows) and ``table()`` -> output rows [rows, 768]; only
         patch rows are meaningful."""
         x = torch.where(batch.is_latent[:, None], table[indices.long()], mask_row)
-        backend = self.runtime.backend(self.device)
+        backend = self.runtime.runner(self.device)
         return self.proj_out(run_layers_static(self.model_layers, x, batch, backend))
 
 
