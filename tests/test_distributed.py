@@ -709,6 +709,35 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
     assert {reason for _, reason in summary.failed} == {"not encoded: the run was interrupted (Ctrl-C)"}
 
 
+def test_on_ray_a_video_of_more_clips_than_a_token_file_holds_fails_at_the_first_clip_past_them(tmp_path,
+                                                                                                  monkeypatch):
+    """As on one machine (tests/test_pipeline.py): its clips are not held, its end is passed over, and the other
+    file is written."""
+    from titok_fast import tokens
+
+    monkeypatch.setattr(tokens, "MAX_FILE_BYTES", tokens.MAX_HEADER_BYTES + 3 * (2 * 8 + tokens.CHUNK_BYTES))
+    todo = [(tmp_path / f"{name}.mp4", tmp_path / "out" / f"{name}.safetensors") for name in ("long", "short")]
+
+    def rows(file: int, clips: int):
+        data = torch.arange(8, dtype=torch.int32).numpy().tobytes()
+        yield from ({"file": file, "kind": "tokens", "clip": c, "data": data, "encoded_by": "a"} for c in range(clips))
+        info = {"clips": clips, "start_times": [0.5 * c for c in range(clips)], "last_clip_frames": 4,
+                "decoder": "cpu", "placement": "cpu"}  # fmt: skip
+        yield {"file": file, "kind": "end", "clip": -1, "info": json.dumps(info), "decoded_by": "b"}
+
+    summary = Summary()
+    with Manifest(tmp_path / "out" / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
+        for row in [*rows(0, 5), *rows(1, 3)]:
+            assembly.take(row)
+            assert all(len(state.indices) <= 3 for state in assembly.open.values())
+        _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8)
+    assert summary.done == [str(todo[1][0])] and [path for path, _ in summary.failed] == [str(todo[0][0])]
+    assert summary.failed[0][1].endswith(": more than 3 clips of 8 tokens: its token file would pass the 4,194,448 "
+                                         "bytes a token file may have; cut the video into parts")  # fmt: skip
+    assert len(load_tokens(todo[1][1]).grids) == 3 and not todo[0][1].exists()
+
+
 KEYINT = "keyint=24:min-keyint=24:scenecut=0"  # an IDR picture every 24 frames: a file that can be split
 
 

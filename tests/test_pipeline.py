@@ -107,6 +107,22 @@ def test_a_file_failing_midway_loses_nothing_else(model, sources, tmp_path, monk
     assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, sources["odd"]), strict=True))
 
 
+def test_a_video_of_more_clips_than_a_token_file_holds_fails_alone_once_it_has_them(model, sources, tmp_path,
+                                                                                     monkeypatch):
+    """Its token file would not load (MAX_FILE_BYTES): it was written all the same, and every clip was held until
+    then. Here a token file holds 5 clips: long.mp4 (6) fails at its 6th, and odd.mp4 (5) is written."""
+    from titok_fast import tokens
+
+    most = 5
+    monkeypatch.setattr(tokens, "MAX_FILE_BYTES", tokens.MAX_HEADER_BYTES + most * (2 * 8 + tokens.CHUNK_BYTES))
+    assert tokens.most_chunks(SETTINGS.tokens) == most
+    summary = encode(model, [sources["long"], sources["short"], sources["odd"]], tmp_path, workers=1, read_ahead=2)
+    assert summary.done == [str(sources["short"]), str(sources["odd"])]
+    assert summary.failed == [(str(sources["long"]), f"{sources['long']}: more than 5 clips of 8 tokens: its token "
+                               "file would pass the 4,194,544 bytes a token file may have; cut the video into parts")]
+    assert not (tmp_path / "long.safetensors").exists() and len(load_tokens(tmp_path / "odd.safetensors").grids) == 5
+
+
 def test_files_before_a_stuck_file_are_written_without_waiting_for_it(model, sources, tmp_path):
     """The engine held the last clips read before a file that gives none (until the stall limit, 300 s by
     default), so the files before it waited unwritten; now a wait of IDLE_SECONDS runs them."""

@@ -491,3 +491,17 @@ def test_a_strangers_token_file_is_loaded_or_refused_by_a_check_that_names_its_p
             continue
         assert sum(len(i) for i in loaded.all_indices()) == loaded.indices.numel()
     assert 1000 < refused < 1500  # (both outcomes are exercised)
+
+
+def test_a_token_file_too_large_to_load_is_never_written(tmp_path, monkeypatch):
+    """Loading refuses a file past MAX_FILE_BYTES, so writing one made a file that could never be read (a resume
+    redid it on every run); a video of more clips than that holds fails instead (tests/test_pipeline.py)."""
+    from titok_fast import tokens
+
+    token_file = make_token_file(counts=(1000, 1000))
+    save_tokens(tmp_path / "fits.safetensors", token_file)
+    size = (tmp_path / "fits.safetensors").stat().st_size
+    monkeypatch.setattr(tokens, "MAX_FILE_BYTES", size - 1)
+    with pytest.raises(TokenFileError, match=f"^would be {size:,} bytes; a token file may have at most {size - 1:,}$"):
+        save_tokens(tmp_path / "over.safetensors", token_file)
+    assert not (tmp_path / "over.safetensors").exists()

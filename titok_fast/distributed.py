@@ -73,6 +73,7 @@ from .pipeline import (
     write_recorded,
     write_token_file,
 )
+from .tokens import most_chunks, too_many_chunks
 from .video import ClipReader, Segment, VideoError, normalize_pixels, source_stamp, unforeseen, watched_clips
 
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
@@ -420,6 +421,9 @@ class _Assembly:
         if kind == "tokens":
             if clip in state.indices:
                 self.manifest.summary.duplicates += 1
+                return
+            if clip >= most_chunks(self.settings.tokens):  # a token file of more would not load: nothing more held
+                self._fail(state, f"{state.path}: {too_many_chunks(self.settings.tokens)}")
                 return
             state.indices[clip] = torch.frombuffer(bytearray(row["data"]), dtype=torch.int32)
             state.encoded_by.add(row["encoded_by"])

@@ -53,7 +53,16 @@ from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
-from .tokens import TokenFile, TokenFileError, load_tokens, read_token_bytes, save_tokens, try_load_tokens
+from .tokens import (
+    TokenFile,
+    TokenFileError,
+    load_tokens,
+    most_chunks,
+    read_token_bytes,
+    save_tokens,
+    too_many_chunks,
+    try_load_tokens,
+)
 from .video import (
     MIN_WRITE_FPS,
     TIME_SAMPLING,
@@ -909,6 +918,7 @@ class _EncodeJob:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file, taken
         from whichever file (or part of a file split across workers) has one ready."""
         dtype, tokens = self.model.dtype, self.settings.tokens
+        most = most_chunks(tokens)
         for number, kind, value in self.limits.waiting(files_read):
             if kind == "idle":  # no clip ready for a while (slow or stuck files): the engine runs what it holds
                 yield IDLE
@@ -925,6 +935,9 @@ class _EncodeJob:
             elif kind == "end":
                 state.clips = state.taken
                 self._write_if_complete(state)
+            elif state.taken == most:  # a token file of more would not load: failed before more is held
+                self._fail(state, f"{state.path}: {too_many_chunks(tokens)}")
+                files_read.drop(number)
             else:
                 place, clip = value  # (a file split across workers gives its parts' clips as they come)
                 if clip.dtype == torch.uint8:  # frames at source size: preprocessed here, on the model's device

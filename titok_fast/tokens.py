@@ -48,6 +48,21 @@ MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred ch
 # parsed; a stranger's file may hold anything.
 MAX_FILE_BYTES = 1 << 28
 MAX_HEADER_BYTES = 4 * MAX_METADATA_CHARS
+CHUNK_BYTES = 32  # a chunk's entries besides its indices: token count, grid, offset and start time
+
+
+def most_chunks(tokens: int) -> int:
+    """The most chunks of ``tokens`` tokens a token file may hold: one of more could not be loaded (see
+    MAX_FILE_BYTES). 256 tokens: 485,724 chunks, 337 hours of 20 frames at 8 fps."""
+    return (MAX_FILE_BYTES - MAX_HEADER_BYTES) // (2 * tokens + CHUNK_BYTES)
+
+
+def too_many_chunks(tokens: int) -> str:
+    """Why a video of more than :func:`most_chunks` clips fails (once it has that many: nothing more is held)."""
+    return (
+        f"more than {most_chunks(tokens):,} clips of {tokens} tokens: its token file would pass the {MAX_FILE_BYTES:,} "
+        "bytes a token file may have; cut the video into parts"
+    )
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -194,7 +209,10 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
     if len(text) > MAX_METADATA_CHARS:  # it would not load
         raise TokenFileError(f"metadata is {len(text)} characters; at most {MAX_METADATA_CHARS} are allowed")
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
-    write_atomically(path, save(tensors, metadata={METADATA_KEY: text}))
+    data = save(tensors, metadata={METADATA_KEY: text})
+    if len(data) > MAX_FILE_BYTES:  # it would not load
+        raise TokenFileError(f"would be {len(data):,} bytes; a token file may have at most {MAX_FILE_BYTES:,}")
+    write_atomically(path, data)
 
 
 def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> TokenFile:
