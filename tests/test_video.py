@@ -4,6 +4,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -199,6 +200,16 @@ def test_time_sampling_refuses_a_frame_held_past_the_limit(tmp_path, monkeypatch
     pruned, whole = video.ClipReader(str(sparse), **kwargs), video.ClipReader(str(sparse), prune=False, **kwargs)
     a, b = list(pruned), list(whole)
     assert pruned.pruned and len(a) == len(b) == 25 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_stamp_past_what_an_index_can_count_is_said_as_a_frame_held_too_long():
+    """A time base of whole seconds and a stamp 2**61 s on (crafted Matroska) made the pruned decoder's and the
+    planner's frame index overflow int64: 'cannot be read (OverflowError: ...)', not what was wrong."""
+    reader = video.ClipReader("far.mkv", frames=4, height=16, width=16, fps=8, sampling="time")
+    assert reader._dues(np.array([0, 1, 2]), Fraction(1)).tolist() == [0, 8, 16]
+    with pytest.raises(VideoError, match=r"^far.mkv: its frame at 1.000 s would fill 18446744073709551608 frames at 8 "
+                       r"fps, 2305843009213693952 s \(sampling 'time' holds a frame for at most 3600 s"):  # fmt: skip
+        reader._dues(np.array([0, 1, 2**61, 2**61 + 1]), Fraction(1))
 
 
 def test_one_frame_video(files):
@@ -991,6 +1002,46 @@ def test_a_cut_off_download_fails_instead_of_giving_the_clips_before_the_cut(fil
     for keep in (len(data) // 2, len(data) * 9 // 10):
         declared = r"its '(mdat|moov)' box" if container != "mkv" else "its Matroska segment"
         _fails_as_cut_short(tmp_path / f"cut.{container}", data[:keep], declared)
+
+
+@pytest.mark.parametrize(
+    ("container", "options", "box"),
+    [
+        ("mp4", {}, b"stsz"),
+        ("mp4", {"movflags": "faststart"}, b"stsz"),
+        ("mp4", {"movflags": "frag_keyframe+empty_moov"}, b"trun"),
+        ("mov", {}, b"stsz"),
+    ],
+    ids=["mp4", "mp4-index-first", "mp4-fragmented", "mov"],
+)
+def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_before_libav_opens_it(
+    files, tmp_path, monkeypatch, container, options, box
+):
+    """libav makes a 24-byte entry per declared sample as it opens the file: 2 KB declaring 85 million samples
+    (a constant sample size, or a run whose fields are left to defaults, so nothing bounds the count) took 3 GB.
+    One sample more than the file has bytes is refused, naming the file, before libav opens it; as many as it has
+    bytes pass the check (the 24 frames' counts are in one box: the one changed here)."""
+    data = bytearray(videos.remux(tmp_path / f"whole.{container}", files["moving"], options).read_bytes())
+    count = data.index(box) + (12 if box == b"stsz" else 8)  # after the version, flags (and the sample size)
+    assert int.from_bytes(data[count : count + 4], "big") == 24
+    opened = []
+    monkeypatch.setattr(video, "open_input", lambda *args: opened.append(args) or decoders.open_input(*args))
+    for samples in (len(data), len(data) + 1):
+        data[count : count + 4] = samples.to_bytes(4, "big")
+        path = tmp_path / f"declared{samples}.{container}"
+        path.write_bytes(data)
+        if samples > len(data):
+            with pytest.raises(VideoError, match=(
+                rf"^{re.escape(str(path))}: its index declares {samples:,} samples in a file of {len(data):,} bytes "
+                r"\(each sample takes one byte at least: a damaged or crafted index\)$"
+            )):  # fmt: skip
+                video.ClipReader(path, frames=4, height=16, width=16).plan(2)
+            assert video.video_comment(path) is None and not opened
+        else:
+            with contextlib.suppress(VideoError):  # (libav's own verdict on that index: not this check's)
+                video.ClipReader(path, frames=4, height=16, width=16).plan(2)
+            assert len(opened) == 1
+            opened.clear()
 
 
 def _fails_as_cut_short(path: Path, data: bytes, declared: str, end: int | None = None) -> None:

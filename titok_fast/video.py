@@ -408,7 +408,12 @@ class ClipReader:
             return self._due_of[2]  # (asked for by needs, plan and the segment's needs)
         rate, slack = _clock(self.fps, time_base)
         first = int(order[0])
-        due = np.array([_due(int(pts) - first, rate, slack) for pts in order], dtype=np.int64)
+        dues = [_due(int(pts) - first, rate, slack) for pts in order]
+        if dues and max(dues) > np.iinfo(np.int64).max:  # (2**61 s in whole seconds: broken), said as _resample says
+            most = _most_held(self.fps)
+            i = next((i for i in range(len(dues) - 1) if dues[i + 1] - dues[i] > most), len(dues) - 2)
+            _too_long(self.path, (int(order[i]) - first) * time_base, dues[i + 1] - dues[i], self.fps)
+        due = np.array(dues, dtype=np.int64)
         self._due_of = (order, time_base, due)
         return due
 
@@ -1827,10 +1832,11 @@ def video_comment(path: str | os.PathLike[str]) -> str | None:
     """The comment tag of the video at ``path`` (:class:`VideoWriter`'s ``comment``): "" without one, None where
     it cannot be opened as a media file or is shorter than its container says (cut short: libav may open it)."""
     try:
+        if _cut_short(os.fspath(path), os.stat(path).st_size) is not None:  # (looked at before libav opens it)
+            return None
         with open_input(os.fspath(path)) as container:
-            comment = str(container.metadata.get("comment", ""))
-        return None if _cut_short(os.fspath(path), os.stat(path).st_size) is not None else comment
-    except (av.FFmpegError, OSError):
+            return str(container.metadata.get("comment", ""))
+    except (av.FFmpegError, OSError, TooManySamples):
         return None
 
 
@@ -1858,6 +1864,8 @@ def _stamp(st: os.stat_result) -> str:
 # only before a fragment's "moof" (segment type and index, producer time, event message): a cut in one of them loses
 # the fragments after it.
 CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof", b"styp", b"sidx", b"ssix", b"prft", b"emsg")
+ISO_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")  # (QuickTime files may have no "ftyp")
+ISO_SAMPLE_PARENTS = (b"trak", b"mdia", b"minf", b"stbl", b"traf")  # boxes on the way to a sample count
 MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two to four boxes a fragment; past this many, no verdict
 BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
 SIDX_BUDGET = 2 << 20  # bytes of segment indexes read per file (one holds at most 65,535 entries: 786 KB)
@@ -1872,7 +1880,7 @@ def _cut_short(path: str, size: int) -> str | None:
     try:
         with open(path, "rb", buffering=0) as f:
             head = f.read(12)
-            if head[4:8] == b"ftyp":
+            if head[4:8] in ISO_FIRST_BOXES:
                 return _iso_cut_short(f, size)
             if head[:4] == EBML_ID:
                 return _matroska_cut_short(f, size)
@@ -1884,8 +1892,9 @@ def _cut_short(path: str, size: int) -> str | None:
 
 
 def _iso_cut_short(f, size: int) -> str | None:
-    """The top-level boxes of an ISO BMFF file, walked by their sizes (a box runs to the file's end at size 0)."""
-    at, window, window_at, indexed, budget = 0, b"", 0, 0, SIDX_BUDGET
+    """The top-level boxes of an ISO BMFF file, walked by their sizes (a box runs to the file's end at size 0);
+    raises TooManySamples where the samples "moov" and "moof" boxes declare are past the file's size."""
+    at, window, window_at, indexed, budget, samples = 0, b"", 0, 0, SIDX_BUDGET, 0
     for _ in range(MAX_BOXES_WALKED):
         if not window_at <= at <= window_at + len(window) - 16:  # the header is not all in hand: read on from it
             window, window_at = os.pread(f.fileno(), BOX_WINDOW, at), at
@@ -1907,8 +1916,42 @@ def _iso_cut_short(f, size: int) -> str | None:
             return f"its '{kind.decode()}' box runs to byte {at + length:,} but the file ends at byte {size:,}"
         if kind == b"sidx" and length <= budget:  # past the budget, indexes are not read: no verdict from them
             indexed, budget = max(indexed, _sidx_end(os.pread(f.fileno(), length, at), at, fields)), budget - length
+        if kind in (b"moov", b"moof"):
+            in_window = window_at <= at and at + length <= window_at + len(window)
+            box = window[at - window_at : at + length - window_at] if in_window else os.pread(f.fileno(), length, at)
+            samples += _iso_samples(box, fields)
+            if samples > size:
+                raise TooManySamples(f"its index declares {samples:,} samples in a file of {size:,} bytes (each "
+                                     "sample takes one byte at least: a damaged or crafted index)")  # fmt: skip
         at += length
     return None
+
+
+class TooManySamples(Exception):
+    """An MP4 whose index declares more samples than its bytes could hold: libav builds an entry of 24 bytes per
+    sample as it opens the file, so 2 KB that declare 85 million samples took 3 GB before any frame was read."""
+
+
+def _iso_samples(box: bytes, at: int, depth: int = 0) -> int:
+    """The samples the sample-size boxes ("stsz", "stz2": a track's count) and track runs ("trun": a fragment's)
+    in a "moov" or "moof" box declare, its child boxes from byte ``at`` on (ISO/IEC 14496-12, 8.7.3 and 8.8.8).
+    A count there is not bounded by the box's size (a constant sample size, or run fields left to defaults)."""
+    samples, end = 0, len(box)
+    while at + 8 <= end:  # every box takes 8 bytes at least: the walk is bounded by the box's size
+        length, kind, fields = int.from_bytes(box[at : at + 4], "big"), box[at + 4 : at + 8], 8
+        if length == 1 and at + 16 <= end:
+            length, fields = int.from_bytes(box[at + 8 : at + 16], "big"), 16
+        elif length == 0:  # to the end of its parent
+            length = end - at
+        if length < fields or at + length > end:  # not a box: libav judges the rest
+            break
+        if kind in ISO_SAMPLE_PARENTS and depth < len(ISO_SAMPLE_PARENTS):  # (no deeper than they nest)
+            samples += _iso_samples(box[at : at + length], fields, depth + 1)
+        elif kind in (b"stsz", b"stz2", b"trun"):
+            count = at + fields + (8 if kind == b"trun" else 12)  # after version, flags (and the sample size)
+            samples += int.from_bytes(box[count - 4 : count], "big") if count <= at + length else 0
+        at += length
+    return samples
 
 
 def _sidx_end(box: bytes, at: int, fields: int) -> int:
@@ -2004,7 +2047,11 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
         raise VideoError(f"{path}: not a regular file (a device, pipe or socket), not a video file")
     if st.st_size == 0:
         raise VideoError(f"{path}: file is empty")
-    if (cut := _cut_short(path, st.st_size)) is not None:
+    try:
+        cut = _cut_short(path, st.st_size)
+    except TooManySamples as e:
+        raise VideoError(f"{path}: {e}") from None
+    if cut is not None:
         raise VideoError(f"{path}: is cut short (an unfinished download or copy?): {cut}")
     try:
         return open_input(path), _stamp(st)
@@ -2024,7 +2071,7 @@ def _resample(
     before ``start`` are left out.
     """
     emitted = start  # output frames so far
-    most = math.floor(MAX_FRAME_SECONDS * fps) + 1  # output frames one frame may show (instants in that span)
+    most = _most_held(fps)
     held = held_ticks = rate = slack = None
     for _, frame in decoded:
         if frame.pts is None:
@@ -2055,6 +2102,11 @@ def _resample(
 # ahead would make a few frames millions of clips. A frame may show for at most this long (a recording paused for
 # an hour still reads).
 MAX_FRAME_SECONDS = 3600
+
+
+def _most_held(fps: float) -> int:
+    """The output frames one frame may show (the instants in MAX_FRAME_SECONDS)."""
+    return math.floor(MAX_FRAME_SECONDS * fps) + 1
 
 
 def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "") -> None:
