@@ -1044,6 +1044,34 @@ def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_b
             opened.clear()
 
 
+def test_audio_that_libav_indexes_by_chunk_is_not_counted_by_the_sample_check(tmp_path):
+    """Old QuickTime files store PCM (and IMA4) audio as one "sample" per audio sample, a count that may pass the
+    file's bytes (IMA4: 64 in 34 bytes); libav indexes such a track by chunk (one time-to-sample entry of duration
+    1), so its count costs no memory and is left out. With another duration libav indexes it by sample: counted."""
+    path = tmp_path / "pcm.mov"
+    with av.open(str(path), "w") as container:
+        picture = container.add_stream("libx264", rate=24)
+        picture.width, picture.height, picture.pix_fmt = 64, 48, "yuv420p"
+        sound = container.add_stream("pcm_s16be", rate=8000, layout="mono")
+        for i in range(24):
+            container.mux(picture.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), "rgb24")))
+        samples = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16p", layout="mono")
+        samples.sample_rate, samples.pts = 8000, 0
+        container.mux(sound.encode(samples))
+        container.mux([*picture.encode(), *sound.encode()])
+    data = bytearray(path.read_bytes())
+    audio = data.index(b"stsz\x00\x00\x00\x00\x00\x00\x00\x02") + 12  # the audio track's: 2 bytes a sample
+    assert int.from_bytes(data[audio : audio + 4], "big") == 8000
+    data[audio : audio + 4] = (10 * len(data)).to_bytes(4, "big")
+    path.write_bytes(data)
+    assert video._cut_short(str(path), len(data)) is None
+    stts = data.index(b"stts\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x1f\x40")  # one entry: 8000 of duration 1
+    data[stts + 16 : stts + 20] = (2).to_bytes(4, "big")
+    path.write_bytes(data)
+    with pytest.raises(video.TooManySamples, match=f"^its index declares {10 * len(data) + 24:,} samples in a file of"):
+        video._cut_short(str(path), len(data))
+
+
 def _fails_as_cut_short(path: Path, data: bytes, declared: str, end: int | None = None) -> None:
     """``data``, written to ``path``, fails to read as cut short: ``declared`` runs to byte ``end`` (any if None)."""
     path.write_bytes(data)

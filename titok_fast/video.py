@@ -1935,23 +1935,60 @@ class TooManySamples(Exception):
 def _iso_samples(box: bytes, at: int, depth: int = 0) -> int:
     """The samples the sample-size boxes ("stsz", "stz2": a track's count) and track runs ("trun": a fragment's)
     in a "moov" or "moof" box declare, its child boxes from byte ``at`` on (ISO/IEC 14496-12, 8.7.3 and 8.8.8).
-    A count there is not bounded by the box's size (a constant sample size, or run fields left to defaults)."""
-    samples, end = 0, len(box)
-    while at + 8 <= end:  # every box takes 8 bytes at least: the walk is bounded by the box's size
+    A count there is not bounded by the box's size (a constant sample size, or run fields left to defaults). Not
+    counted: a track libav indexes by chunk (bounded by the chunk table), as old QuickTime files store PCM and IMA4
+    audio, whose count of audio samples may pass the file's bytes."""
+    samples = 0
+    for start, length, kind, fields in _iso_children(box, at):
+        child = box[start : start + length]
+        if kind == b"trak" and _chunk_indexed(child, fields):
+            continue
+        if kind in ISO_SAMPLE_PARENTS and depth < len(ISO_SAMPLE_PARENTS):  # (no deeper than they nest)
+            samples += _iso_samples(child, fields, depth + 1)
+        elif kind in (b"stsz", b"stz2", b"trun"):
+            samples += _iso_field(child, fields + (4 if kind == b"trun" else 8))  # after version, flags (and size)
+    return samples
+
+
+def _iso_children(box: bytes, at: int) -> Iterator[tuple[int, int, bytes, int]]:
+    """(start, length, kind, header length) of the boxes in ``box`` from byte ``at`` on, walked by their sizes
+    (every box takes 8 bytes at least: bounded by the box's size), up to one that does not fit (libav judges it)."""
+    end = len(box)
+    while at + 8 <= end:
         length, kind, fields = int.from_bytes(box[at : at + 4], "big"), box[at + 4 : at + 8], 8
         if length == 1 and at + 16 <= end:
             length, fields = int.from_bytes(box[at + 8 : at + 16], "big"), 16
         elif length == 0:  # to the end of its parent
             length = end - at
-        if length < fields or at + length > end:  # not a box: libav judges the rest
-            break
-        if kind in ISO_SAMPLE_PARENTS and depth < len(ISO_SAMPLE_PARENTS):  # (no deeper than they nest)
-            samples += _iso_samples(box[at : at + length], fields, depth + 1)
-        elif kind in (b"stsz", b"stz2", b"trun"):
-            count = at + fields + (8 if kind == b"trun" else 12)  # after version, flags (and the sample size)
-            samples += int.from_bytes(box[count - 4 : count], "big") if count <= at + length else 0
+        if length < fields or at + length > end:
+            return
+        yield at, length, kind, fields
         at += length
-    return samples
+
+
+def _iso_field(box: bytes, at: int) -> int:
+    """The 32-bit field at byte ``at`` of ``box``; 0 past its end."""
+    return int.from_bytes(box[at : at + 4], "big") if at + 4 <= len(box) else 0
+
+
+def _iso_child(box: bytes, at: int, path: tuple[bytes, ...]) -> tuple[bytes, int] | None:
+    """The box down ``path`` (its first of each kind) from ``box``'s children at byte ``at``: (box, header length)."""
+    for kind in path:
+        box, at = next(((box[s : s + n], f) for s, n, k, f in _iso_children(box, at) if k == kind), (b"", 0))
+        if not box:
+            return None
+    return box, at
+
+
+def _chunk_indexed(trak: bytes, fields: int) -> bool:
+    """Whether libav indexes this track by chunk, not by sample: audio ("soun") whose time-to-sample table holds
+    one entry of duration 1 (mov_build_index's rule)."""
+    handler = _iso_child(trak, fields, (b"mdia", b"hdlr"))
+    stts = _iso_child(trak, fields, (b"mdia", b"minf", b"stbl", b"stts"))
+    if handler is None or stts is None or handler[0][handler[1] + 8 : handler[1] + 12] != b"soun":
+        return False
+    box, at = stts
+    return _iso_field(box, at + 4) == 1 and _iso_field(box, at + 12) == 1  # entries; the first's duration
 
 
 def _sidx_end(box: bytes, at: int, fields: int) -> int:
