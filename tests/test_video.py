@@ -1014,8 +1014,9 @@ def test_a_cut_off_download_fails_instead_of_giving_the_clips_before_the_cut(fil
     ],
     ids=["mp4", "mp4-index-first", "mp4-fragmented", "mov"],
 )
+@pytest.mark.parametrize("window", [video.BOX_WINDOW, 64], ids=["boxes-read-whole", "boxes-read-a-header-at-a-time"])
 def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_before_libav_opens_it(
-    files, tmp_path, monkeypatch, container, options, box
+    files, tmp_path, monkeypatch, container, options, box, window
 ):
     """libav makes a 24-byte entry per declared sample as it opens the file: 2 KB declaring 85 million samples
     (a constant sample size, or a run whose fields are left to defaults, so nothing bounds the count) took 3 GB.
@@ -1024,6 +1025,7 @@ def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_b
     data = bytearray(videos.remux(tmp_path / f"whole.{container}", files["moving"], options).read_bytes())
     count = data.index(box) + (12 if box == b"stsz" else 8)  # after the version, flags (and the sample size)
     assert int.from_bytes(data[count : count + 4], "big") == 24
+    monkeypatch.setattr(video, "BOX_WINDOW", window)  # (64: a "moov" or "moof" larger is not read whole)
     opened = []
     monkeypatch.setattr(video, "open_input", lambda *args: opened.append(args) or decoders.open_input(*args))
     for samples in (len(data), len(data) + 1):
@@ -1044,7 +1046,8 @@ def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_b
             opened.clear()
 
 
-def test_audio_that_libav_indexes_by_chunk_is_not_counted_by_the_sample_check(tmp_path):
+@pytest.mark.parametrize("window", [video.BOX_WINDOW, 64], ids=["boxes-read-whole", "boxes-read-a-header-at-a-time"])
+def test_audio_that_libav_indexes_by_chunk_is_not_counted_by_the_sample_check(tmp_path, monkeypatch, window):
     """Old QuickTime files store PCM (and IMA4) audio as one "sample" per audio sample, a count that may pass the
     file's bytes (IMA4: 64 in 34 bytes); libav indexes such a track by chunk (one time-to-sample entry of duration
     1), so its count costs no memory and is left out. With another duration libav indexes it by sample: counted."""
@@ -1059,6 +1062,7 @@ def test_audio_that_libav_indexes_by_chunk_is_not_counted_by_the_sample_check(tm
         samples.sample_rate, samples.pts = 8000, 0
         container.mux(sound.encode(samples))
         container.mux([*picture.encode(), *sound.encode()])
+    monkeypatch.setattr(video, "BOX_WINDOW", window)
     data = bytearray(path.read_bytes())
     audio = data.index(b"stsz\x00\x00\x00\x00\x00\x00\x00\x02") + 12  # the audio track's: 2 bytes a sample
     assert int.from_bytes(data[audio : audio + 4], "big") == 8000

@@ -1916,10 +1916,14 @@ def _iso_cut_short(f, size: int) -> str | None:
             return f"its '{kind.decode()}' box runs to byte {at + length:,} but the file ends at byte {size:,}"
         if kind == b"sidx" and length <= budget:  # past the budget, indexes are not read: no verdict from them
             indexed, budget = max(indexed, _sidx_end(os.pread(f.fileno(), length, at), at, fields)), budget - length
-        if kind in (b"moov", b"moof"):
-            in_window = window_at <= at and at + length <= window_at + len(window)
-            box = window[at - window_at : at + length - window_at] if in_window else os.pread(f.fileno(), length, at)
-            samples += _iso_samples(box, fields)
+        if kind in (b"moov", b"moof"):  # (read whole where small, as they are; a larger one a header at a time)
+            if window_at <= at and at + length <= window_at + len(window):
+                read = functools.partial(_slice, window, window_at)
+            elif length <= BOX_WINDOW:
+                read = functools.partial(_slice, os.pread(f.fileno(), length, at), at)
+            else:
+                read = functools.partial(_pread, f.fileno())
+            samples += _iso_samples(read, at + fields, at + length)
             if samples > size:
                 raise TooManySamples(f"its index declares {samples:,} samples in a file of {size:,} bytes (each "
                                      "sample takes one byte at least: a damaged or crafted index)")  # fmt: skip
@@ -1927,37 +1931,46 @@ def _iso_cut_short(f, size: int) -> str | None:
     return None
 
 
+def _slice(data: bytes, base: int, at: int, count: int) -> bytes:
+    """``count`` bytes at file position ``at`` of ``data``, the bytes of the file from ``base``."""
+    return data[at - base : at - base + count]
+
+
+def _pread(fd: int, at: int, count: int) -> bytes:
+    return os.pread(fd, count, at)
+
+
 class TooManySamples(Exception):
     """An MP4 whose index declares more samples than its bytes could hold: libav builds an entry of 24 bytes per
     sample as it opens the file, so 2 KB that declare 85 million samples took 3 GB before any frame was read."""
 
 
-def _iso_samples(box: bytes, at: int, depth: int = 0) -> int:
+def _iso_samples(read: Callable[[int, int], bytes], at: int, end: int, depth: int = 0) -> int:
     """The samples the sample-size boxes ("stsz", "stz2": a track's count) and track runs ("trun": a fragment's)
-    in a "moov" or "moof" box declare, its child boxes from byte ``at`` on (ISO/IEC 14496-12, 8.7.3 and 8.8.8).
-    A count there is not bounded by the box's size (a constant sample size, or run fields left to defaults). Not
-    counted: a track libav indexes by chunk (bounded by the chunk table), as old QuickTime files store PCM and IMA4
-    audio, whose count of audio samples may pass the file's bytes."""
+    in a "moov" or "moof" box declare, its child boxes in bytes [at, end) of ``read(position, count)`` (ISO/IEC
+    14496-12, 8.7.3 and 8.8.8). A count there is not bounded by the box's size (a constant sample size, or run
+    fields left to defaults). Not counted: a track libav indexes by chunk (bounded by the chunk table), as old
+    QuickTime files store PCM and IMA4 audio, whose count of audio samples may pass the file's bytes."""
     samples = 0
-    for start, length, kind, fields in _iso_children(box, at):
-        child = box[start : start + length]
-        if kind == b"trak" and _chunk_indexed(child, fields):
+    for start, length, kind, fields in _iso_children(read, at, end):
+        if kind == b"trak" and _chunk_indexed(read, start + fields, start + length):
             continue
         if kind in ISO_SAMPLE_PARENTS and depth < len(ISO_SAMPLE_PARENTS):  # (no deeper than they nest)
-            samples += _iso_samples(child, fields, depth + 1)
-        elif kind in (b"stsz", b"stz2", b"trun"):
-            samples += _iso_field(child, fields + (4 if kind == b"trun" else 8))  # after version, flags (and size)
+            samples += _iso_samples(read, start + fields, start + length, depth + 1)
+        elif kind in (b"stsz", b"stz2", b"trun"):  # the count: after version, flags (and the sample size)
+            samples += _iso_field(read, start + fields + (4 if kind == b"trun" else 8), start + length)
     return samples
 
 
-def _iso_children(box: bytes, at: int) -> Iterator[tuple[int, int, bytes, int]]:
-    """(start, length, kind, header length) of the boxes in ``box`` from byte ``at`` on, walked by their sizes
-    (every box takes 8 bytes at least: bounded by the box's size), up to one that does not fit (libav judges it)."""
-    end = len(box)
+def _iso_children(read: Callable[[int, int], bytes], at: int, end: int) -> Iterator[tuple[int, int, bytes, int]]:
+    """(start, length, kind, header length) of the boxes in bytes [at, end) of ``read``, walked by their sizes
+    (every box takes 8 bytes at least: bounded by the parent's size), up to one that does not fit (libav judges
+    it)."""
     while at + 8 <= end:
-        length, kind, fields = int.from_bytes(box[at : at + 4], "big"), box[at + 4 : at + 8], 8
+        header = read(at, 16)
+        length, kind, fields = int.from_bytes(header[:4], "big"), bytes(header[4:8]), 8
         if length == 1 and at + 16 <= end:
-            length, fields = int.from_bytes(box[at + 8 : at + 16], "big"), 16
+            length, fields = int.from_bytes(header[8:16], "big"), 16
         elif length == 0:  # to the end of its parent
             length = end - at
         if length < fields or at + length > end:
@@ -1966,29 +1979,30 @@ def _iso_children(box: bytes, at: int) -> Iterator[tuple[int, int, bytes, int]]:
         at += length
 
 
-def _iso_field(box: bytes, at: int) -> int:
-    """The 32-bit field at byte ``at`` of ``box``; 0 past its end."""
-    return int.from_bytes(box[at : at + 4], "big") if at + 4 <= len(box) else 0
+def _iso_field(read: Callable[[int, int], bytes], at: int, end: int) -> int:
+    """The 32-bit field at byte ``at`` of ``read``; 0 where it is not all before ``end``."""
+    return int.from_bytes(read(at, 4), "big") if at + 4 <= end else 0
 
 
-def _iso_child(box: bytes, at: int, path: tuple[bytes, ...]) -> tuple[bytes, int] | None:
-    """The box down ``path`` (its first of each kind) from ``box``'s children at byte ``at``: (box, header length)."""
+def _iso_child(read: Callable[[int, int], bytes], at: int, end: int, path: tuple[bytes, ...]) -> tuple[int, int]:
+    """Where the box down ``path`` (the first of each kind) from the children in [at, end) has its fields: (its
+    first field, its end); (0, 0) where there is none."""
     for kind in path:
-        box, at = next(((box[s : s + n], f) for s, n, k, f in _iso_children(box, at) if k == kind), (b"", 0))
-        if not box:
-            return None
-    return box, at
+        at, end = next(((s + f, s + n) for s, n, k, f in _iso_children(read, at, end) if k == kind), (0, 0))
+        if not end:
+            break
+    return at, end
 
 
-def _chunk_indexed(trak: bytes, fields: int) -> bool:
-    """Whether libav indexes this track by chunk, not by sample: audio ("soun") whose time-to-sample table holds
-    one entry of duration 1 (mov_build_index's rule)."""
-    handler = _iso_child(trak, fields, (b"mdia", b"hdlr"))
-    stts = _iso_child(trak, fields, (b"mdia", b"minf", b"stbl", b"stts"))
-    if handler is None or stts is None or handler[0][handler[1] + 8 : handler[1] + 12] != b"soun":
+def _chunk_indexed(read: Callable[[int, int], bytes], at: int, end: int) -> bool:
+    """Whether libav indexes the track whose children lie in [at, end) by chunk, not by sample: audio ("soun")
+    whose time-to-sample table holds one entry of duration 1 (mov_build_index's rule)."""
+    handler, handler_end = _iso_child(read, at, end, (b"mdia", b"hdlr"))
+    stts, stts_end = _iso_child(read, at, end, (b"mdia", b"minf", b"stbl", b"stts"))
+    if not handler_end or not stts_end or handler + 12 > handler_end or read(handler + 8, 4) != b"soun":
         return False
-    box, at = stts
-    return _iso_field(box, at + 4) == 1 and _iso_field(box, at + 12) == 1  # entries; the first's duration
+    entries, duration = _iso_field(read, stts + 4, stts_end), _iso_field(read, stts + 12, stts_end)  # (the first's)
+    return entries == 1 and duration == 1
 
 
 def _sidx_end(box: bytes, at: int, fields: int) -> int:
