@@ -1091,8 +1091,8 @@ def _token_file_kind(path: Path) -> bool:
     safetensors header naming a token file's tensors and titok-fast's metadata): one made by titok-fast and damaged
     since, not a file of another kind (a user's weights, a video, a FIFO) that happens to have its name."""
     start = file_head(path, 8 + len(TOKEN_FILE_HEADER))
-    if start is None:
-        return False
+    if start is None or any(start[3:8]):  # its header's length, at most MAX_HEADER_BYTES: high bytes zero
+        return False  # (a user's short note at that name, "todo!", was taken for a token file cut short)
     head = start[8:]  # (a weights file's metadata begins with its format_version); a file cut short, even to nothing:
     return head == TOKEN_FILE_HEADER or len(start) < 8 + len(TOKEN_FILE_HEADER) and TOKEN_FILE_HEADER.startswith(head)
 
