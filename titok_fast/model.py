@@ -48,10 +48,11 @@ def upstream_argument_order(grids, token_counts):
     shapes = token_counts
     if isinstance(token_counts, torch.Tensor) and token_counts.dim() == 2:
         shapes = token_counts.tolist()
+    # (a single count too: check_token_counts then says counts come one per video)
     if (
         (is_integer(counts) or isinstance(counts, (list, tuple)) and counts and all(is_integer(n) for n in counts))
         and isinstance(shapes, (list, tuple)) and shapes and all(_is_grid(g) for g in shapes)
-    ):  # fmt: skip  (a single count too: check_token_counts then says counts come one per video)
+    ):  # fmt: skip
         return token_counts, grids
     return grids, token_counts
 
@@ -77,7 +78,7 @@ class Runtime:
 
     def runner(self, device: torch.device) -> Backend:
         """:meth:`backend`, for a call that runs on it now (refused where it cannot: :func:`check_runs`)."""
-        backend = resolve_backend(self.choice, device)
+        backend = self.backend(device)
         check_runs(backend, device)
         return backend
 

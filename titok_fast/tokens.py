@@ -48,21 +48,6 @@ MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred ch
 # parsed; a stranger's file may hold anything.
 MAX_FILE_BYTES = 1 << 28
 MAX_HEADER_BYTES = 4 * MAX_METADATA_CHARS
-CHUNK_BYTES = 32  # a chunk's entries besides its indices: token count, grid, offset and start time
-
-
-def most_chunks(tokens: int) -> int:
-    """The most chunks of ``tokens`` tokens a token file may hold: one of more could not be loaded (see
-    MAX_FILE_BYTES). 256 tokens: 485,724 chunks, 337 hours of 20 frames at 8 fps."""
-    return (MAX_FILE_BYTES - MAX_HEADER_BYTES) // (2 * tokens + CHUNK_BYTES)
-
-
-def too_many_chunks(tokens: int) -> str:
-    """Why a video of more than :func:`most_chunks` clips fails (once it has that many: nothing more is held)."""
-    return (
-        f"more than {most_chunks(tokens):,} clips of {tokens} tokens: its token file would pass the {MAX_FILE_BYTES:,} "
-        "bytes a token file may have; cut the video into parts"
-    )
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -70,6 +55,7 @@ TENSORS = {  # name -> (dtype, dimensions)
     "offsets": (torch.int64, 1),
     "start_times": (torch.float64, 1),
 }
+CHUNK_BYTES = 32  # a chunk's entries in TENSORS besides its indices: token count, grid, offset and start time
 FIELDS = {  # metadata field -> accepted types, as stored in JSON and held by TokenFile
     "model_config": (dict,),
     "weights_digest": (str,),
@@ -86,6 +72,20 @@ CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frame
 # compare them, so files made different ways never mix; not source_stamp (checked against the source) nor made_by
 # (titok-fast's version, for the record).
 MADE_WITH_KEY = "made_with"
+
+
+def most_chunks(tokens: int) -> int:
+    """The most chunks of ``tokens`` tokens a token file may hold: one of more could not be loaded (see
+    MAX_FILE_BYTES). 256 tokens: 485,724 chunks, 337 hours of 20 frames at 8 fps."""
+    return (MAX_FILE_BYTES - MAX_HEADER_BYTES) // (2 * tokens + CHUNK_BYTES)
+
+
+def too_many_chunks(tokens: int) -> str:
+    """Why a video of more than :func:`most_chunks` clips fails (once it has that many: nothing more is held)."""
+    return (
+        f"more than {most_chunks(tokens):,} clips of {tokens} tokens: its token file would pass the {MAX_FILE_BYTES:,} "
+        "bytes a token file may have; cut the video into parts"
+    )
 
 
 class TokenFileError(ValueError):
