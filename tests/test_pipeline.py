@@ -706,6 +706,29 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
     assert run(preprocess="device").done  # loads, but cannot say how it was made: redone, never mixed
 
 
+def test_a_resume_redoes_a_token_file_damaged_since_it_was_written(model, sources, tmp_path):
+    """A token that became another valid token passes every check of a value: the digest the file records tells,
+    so a resume redoes the file (saying why) instead of keeping wrong tokens as complete."""
+    from titok_fast.manifest import read_manifest
+
+    engine, out = Engine(model, max_clips=3), tmp_path / "long.safetensors"
+
+    def run():
+        return encode_files(model, engine, [(sources["long"], "long")], tmp_path, SETTINGS, workers=1)
+
+    assert run().done
+    made = out.read_bytes()
+    header = int.from_bytes(made[:8], "little")
+    start = 8 + header + json.loads(made[8 : 8 + header])["indices"]["data_offsets"][0]
+    token = int.from_bytes(made[start : start + 2], "little")
+    damaged = bytearray(made)
+    damaged[start : start + 2] = (token ^ 1).to_bytes(2, "little")  # (another code, as the assert checks)
+    out.write_bytes(damaged)
+    assert token ^ 1 < model.quantize.codebook_size and run().done and out.read_bytes() == made
+    assert read_manifest(tmp_path)[-1]["replaced"] == "not readable as a complete token file"
+    assert run().skipped
+
+
 def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it_are_redone(model, sources, tmp_path):
     """Sampling "time" takes a frame stamped up to half a millisecond after an instant as shown there (video._due);
     files it made before that rule was recorded may hold other picks, so a rerun redoes them. Upstream sampling

@@ -248,6 +248,7 @@ def without(key, section=None):
     return change
 
 
+DAMAGED = r": damaged: what it holds does not match the digest it records \(changed since it was written\)$"
 TAMPERINGS = {
     "truncated-header": (truncate(lambda n: 20), r"cut short: 20 bytes, where its header says \d+$"),
     "truncated-data": (truncate(lambda n: n - 4), r"cut short: (\d+) bytes, where its header says (?!\1$)\d+$"),
@@ -318,6 +319,12 @@ TAMPERINGS = {
         rewrite(lambda t: t.update({f"empty{i}": torch.zeros(0) for i in range(100_000)})),
         r"not a readable safetensors file .its header is \d+ bytes; a token file's is at most 4194304.",
     ),
+    # values every check accepts, changed since the file was written: only its digest tells
+    "a-token-now-another": (rewrite(set_item("indices", 0, 1)), DAMAGED),  # (0 at first: make_token_file)
+    "a-start-time-now-another": (rewrite(lambda t: t.update(start_times=t["start_times"] * 0.5)), DAMAGED),
+    "a-metadata-value-now-another": (rewrite(change_metadata=lambda m: {**m, "fps": 4.0}), DAMAGED),
+    "the-digest-now-another": (rewrite(change_metadata=lambda m: {**m, "digest": "sha256:" + "0" * 64}), DAMAGED),
+    "the-digest-not-a-string": (rewrite(change_metadata=lambda m: {**m, "digest": 7}), "field 'digest' must be str"),
 }
 
 
@@ -397,6 +404,22 @@ def test_is_complete(tmp_path):
 
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "tokens_format1.safetensors")
+
+
+def test_the_digest_does_not_depend_on_how_the_file_lays_its_parts_out(tmp_path):
+    """What the digest covers is the tensors' values and the metadata's: a file rewritten with its metadata JSON
+    spaced otherwise and its fields in another order (as another tool may write it) still loads; one without a
+    digest (written before digests were) loads too."""
+    path = tmp_path / "a.safetensors"
+    original = make_token_file()
+    save_tokens(path, original)
+    tensors, metadata = read_raw(path)
+    assert metadata["digest"].startswith("sha256:") and len(metadata["digest"]) == 7 + 64
+    write_raw(path, dict(reversed(tensors.items())), json.dumps(dict(reversed(metadata.items())), indent=3))
+    assert torch.equal(load_tokens(path).indices, original.indices)
+    del metadata["digest"]
+    write_raw(path, tensors, metadata)
+    assert torch.equal(load_tokens(path).indices, original.indices)
 
 
 def test_a_committed_file_of_format_version_1_still_loads():

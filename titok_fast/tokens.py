@@ -9,13 +9,15 @@ Tensors:
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
 "fps": number in (0, MAX_FPS], "source": str, "chunking": {"frames_per_chunk": int, "tail": str,
 "last_chunk_frames": int, "sampling": str}, "codebook_size": int, "weights_source": str}, and optionally
-"made_with": {str: str} (see MADE_WITH_KEY).
+"made_with": {str: str} (see MADE_WITH_KEY) and "digest": "sha256:<hex>" (see DIGEST_KEY).
 weights_source is a local path (recorded, never opened on behalf of the file) or "hf://owner/name@<commit>:<file>"
 for Hub weights. Readers ignore fields they do not know, so new optional fields keep the format version and older
 files keep loading.
 
 Files are written to a temporary name in the target folder, synced, then renamed, so a file under its final
-name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem.
+name is complete; load_tokens checks everything it reads and raises TokenFileError naming the file and problem,
+a file damaged since it was written (a flipped bit in a token, a value of its metadata) included where the file
+records a digest, as every file written since it was added does.
 A file holds at least one chunk (a video too short for one is an error, never an empty file), its metadata JSON
 is at most MAX_METADATA_CHARS characters, checked before it is parsed, its header at most MAX_HEADER_BYTES and the
 whole file at most MAX_FILE_BYTES, checked before they are read.
@@ -23,12 +25,13 @@ whole file at most MAX_FILE_BYTES, checked before they are read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import os
 import reprlib
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -72,6 +75,12 @@ CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frame
 # compare them, so files made different ways never mix; not source_stamp (checked against the source) nor made_by
 # (titok-fast's version, for the record).
 MADE_WITH_KEY = "made_with"
+# A digest of everything else the file holds: every tensor (name, shape and bytes, in TENSORS' order) and the other
+# metadata fields (as canonical JSON), so that it does not depend on how either is laid out in the file. A damaged
+# token file whose values still pass every check (a token that became another valid token) fails to load, and a
+# resumed run redoes it. Files without one (written before it was added) load as before.
+DIGEST_KEY = "digest"
+DIGEST_PREFIX = "sha256:"
 
 
 def most_chunks(tokens: int) -> int:
@@ -205,10 +214,12 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
     }
     if token_file.made_with:
         metadata[MADE_WITH_KEY] = token_file.made_with
+    tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
+    parts = ((name, list(t.shape), t.detach().cpu().view(torch.uint8).numpy()) for name, t in tensors.items())
+    metadata[DIGEST_KEY] = _digest(metadata, parts)
     text = json.dumps(metadata)
     if len(text) > MAX_METADATA_CHARS:  # it would not load
         raise TokenFileError(f"metadata is {len(text)} characters; at most {MAX_METADATA_CHARS} are allowed")
-    tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
     data = save(tensors, metadata={METADATA_KEY: text})
     if len(data) > MAX_FILE_BYTES:  # it would not load
         raise TokenFileError(f"would be {len(data):,} bytes; a token file may have at most {MAX_FILE_BYTES:,}")
@@ -229,7 +240,8 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         if header_bytes > MAX_HEADER_BYTES:
             raise ValueError(f"its header is {header_bytes} bytes; a token file's is at most {MAX_HEADER_BYTES}")
         loaded = load(data)  # checks the header, the dtypes, shapes and offsets against the buffer's size
-        header = json.loads(data[8 : 8 + header_bytes]).get("__metadata__") or {}  # a header load has checked
+        entries = json.loads(data[8 : 8 + header_bytes])  # a header load has checked
+        header = entries.get("__metadata__") or {}
     except Exception as exc:  # a stranger's file may break the parser in ways no check here foresees
         declared = _declared_size(data)
         if declared is not None and declared > len(data):
@@ -239,7 +251,7 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         metadata = _parse_metadata(header)
         tensors = {name: loaded[name] for name in TENSORS if name in loaded}
         _check_tensors(tensors)
-        return TokenFile(
+        token_file = TokenFile(
             indices=tensors["indices"],
             token_counts=tensors["token_counts"],
             grids=tensors["grids"],
@@ -248,6 +260,10 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
             **{name: metadata["chunking"][name] for name in CHUNKING_FIELDS},
             made_with=metadata.get(MADE_WITH_KEY, {}),
         )
+        stored = memoryview(data)[8 + header_bytes :]  # each tensor's bytes as the file holds them
+        parts = ((name, entries[name]["shape"], stored[slice(*entries[name]["data_offsets"])]) for name in TENSORS)
+        _check_digest(metadata, parts)  # last: a value no file could hold is said as such
+        return token_file
     except TokenFileError as exc:
         raise TokenFileError(f"{path}: {exc}") from None
     except (ArithmeticError, LookupError, TypeError, ValueError, RuntimeError) as exc:  # values no check foresaw
@@ -336,6 +352,29 @@ def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:
     _check_fields("metadata", metadata, {**FIELDS, "chunking": (dict,)})
     _check_fields("metadata chunking", metadata["chunking"], CHUNKING_FIELDS)
     return metadata
+
+
+def _digest(metadata: dict[str, Any], parts: Iterable[tuple[str, list[int], Any]]) -> str:
+    """The digest (DIGEST_KEY) of a token file's ``metadata`` (its fields but the digest) and tensors: ``parts``,
+    (name, shape, little-endian bytes) of each tensor in TENSORS' order."""
+    fields = {name: value for name, value in metadata.items() if name != DIGEST_KEY}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+    for name, shape, stored in parts:
+        digest.update(f"\0{name}{list(shape)}\0".encode())
+        digest.update(stored)
+    return DIGEST_PREFIX + digest.hexdigest()
+
+
+def _check_digest(metadata: dict[str, Any], parts: Iterable[tuple[str, list[int], Any]]) -> None:
+    """The digest a token file records (if it records one) against what it holds (``parts``, see _digest)."""
+    if DIGEST_KEY not in metadata:  # written before digests were (its values are checked all the same)
+        return
+    recorded = metadata[DIGEST_KEY]
+    _check_type(DIGEST_KEY, recorded, (str,))
+    if recorded != _digest(metadata, parts):
+        raise TokenFileError(
+            "damaged: what it holds does not match the digest it records (changed since it was written)"
+        )
 
 
 def _check_fields(where: str, values: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> None:
