@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from titok_fast import Engine, __version__, pipeline
+from titok_fast.files import write_atomically
 from titok_fast.loading import random_tokenizer
 from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode_resiliently, evaluate
 from titok_fast.tokens import load_tokens
@@ -1253,6 +1254,35 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert summary.skipped == [str(short)] and summary.done == [str(long)]  # put back, not encoded again
     assert (out / "short.safetensors").read_bytes() == old_short and not (out / "short.safetensors.outdated").exists()
     assert (out / "short.safetensors.outdated.2").read_bytes() == other_short
+
+
+def test_a_failed_redo_keeps_a_token_file_another_run_completed_since_it_was_judged(model, tmp_path, monkeypatch):
+    """Two runs over one output folder: this one finds a token file outdated, another run then completes it (a
+    new file renamed into place), and this run's redo fails. Only the file it judged may be set aside: the other
+    run's is kept under its name, and the failure says so."""
+    (tmp_path / "v").mkdir()
+    short = make_video(tmp_path / "v" / "short.mp4", frames=12, height=32, width=32, fps=8)  # 1.5 s
+    engine, out = Engine(model, max_clips=3), tmp_path / "tok"
+    before, after = ClipSettings(grid=(4, 32, 32), tokens=8), ClipSettings(grid=(12, 32, 32), tokens=8, fps=4.0)
+    assert encode_files(model, engine, [(short, "short")], out, before, workers=1).done
+    other_runs = (out / "short.safetensors").read_bytes()  # what the other run completes (its settings' file)
+    planned = pipeline.plan_outputs
+
+    def plan_then_another_run_completes(*args, **kwargs):
+        todo = planned(*args, **kwargs)
+        write_atomically(out / "short.safetensors", other_runs)
+        return todo
+
+    monkeypatch.setattr(pipeline, "plan_outputs", plan_then_another_run_completes)
+    summary = encode_files(model, engine, [(short, "short")], out, after, workers=1)  # shorter than one chunk
+    assert [p for p, _ in summary.failed] == [str(short)] and summary.failed[0][1].endswith(
+        "; the token file there, made another way (fps 8.0, now 4.0; grid 4x32x32, now 12x32x32), had been "
+        "replaced meanwhile (by another run): it is kept"
+    )
+    assert (out / "short.safetensors").read_bytes() == other_runs and not list(out.glob("*.outdated*"))
+    monkeypatch.setattr(pipeline, "plan_outputs", planned)  # the file judged is still there: set aside, as before
+    summary = encode_files(model, engine, [(short, "short")], out, after, workers=1)
+    assert summary.failed[0][1].endswith("was moved to short.safetensors.outdated")
 
 
 def test_a_token_file_with_a_name_too_long_for_the_suffix_is_set_aside_and_put_back(model, tmp_path):

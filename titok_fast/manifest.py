@@ -74,9 +74,9 @@ class Manifest:
         self.path = None if path is None else Path(path)
         self.lock = threading.RLock()  # each outcome is recorded whole (token files may be written on threads)
         self._fd: int | None = None
-        # token file -> how it was made otherwise, and the other source it was made from (if so), until its input
-        # settles
-        self._outdated: dict[str, tuple[str, str | None]] = {}
+        # token file -> how it was made otherwise, the other source it was made from (if so), and which file it was
+        # (its name's entry: device and inode, where it could be looked at), until its input settles
+        self._outdated: dict[str, tuple[str, str | None, tuple[int, int] | None]] = {}
         self._settled: dict[int, tuple[str, int | None]] | None = None  # see skipped()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +102,10 @@ class Manifest:
         self, source: str | os.PathLike, tokens: str | os.PathLike, why: str, other_source: str | None = None
     ) -> None:
         """``tokens`` exists but was made otherwise (``why``, one line), from ``other_source`` if that is not
-        ``source`` (another video of the same output name), and is to be redone."""
+        ``source`` (another video of the same output name), and is to be redone. Which file that is is noted
+        now: if its input fails, only that file is set aside, not one another run has put there since."""
         with self.lock:
-            self._outdated[str(tokens)] = (why, other_source)
+            self._outdated[str(tokens)] = (why, other_source, _entry(tokens))
 
     def skipped(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
         """``tokens`` is complete already; a line says so unless the folder's manifests already do."""
@@ -130,7 +131,7 @@ class Manifest:
         with self.lock:
             self.summary.done.append(str(source))
             self.summary.clips += clips
-            why, other_source = self._outdated.pop(str(tokens), (None, None))
+            why, other_source, _ = self._outdated.pop(str(tokens), (None, None, None))
             if why is not None:
                 self.summary.replaced += 1
                 extra = {"replaced": why, **extra}
@@ -143,8 +144,8 @@ class Manifest:
 
     def failed(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str, **extra: Any) -> None:
         with self.lock:
-            why, other_source = self._outdated.pop(str(tokens), (None, None))
-            aside = "" if why is None else _set_aside(Path(tokens), why)
+            why, other_source, judged = self._outdated.pop(str(tokens), (None, None, None))
+            aside = "" if why is None else _set_aside(Path(tokens), why, judged)
             if aside:
                 reason = f"{reason}; {aside}"
             self.summary.failed.append((str(source), reason))
@@ -199,9 +200,22 @@ class Manifest:
         self.close()
 
 
-def _set_aside(tokens: Path, why: str) -> str:
+def _entry(path: str | os.PathLike) -> tuple[int, int] | None:
+    """Which file the name ``path`` is (device, inode; a link itself, not where it leads), None where nothing is."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _set_aside(tokens: Path, why: str, judged: tuple[int, int] | None = None) -> str:
     """Rename the token file ``tokens`` to the first free name of ``<name>.outdated``, ``<name>.outdated.2``, ...
-    (an earlier one is never replaced); the clause saying what became of it."""
+    (an earlier one is never replaced); the clause saying what became of it. ``judged`` (see :func:`_entry`): the
+    file found outdated; another there now (a concurrent run's, completed since: a token file is renamed into
+    place, so a new one is a new inode) is kept."""
+    if judged is not None and (now := _entry(tokens)) is not None and now != judged:
+        return f"the token file there, {why}, had been replaced meanwhile (by another run): it is kept"
     stem = aside_stem(tokens.name)
     aside, n = tokens.with_name(stem + OUTDATED_SUFFIX), 1
     while os.path.lexists(aside):
