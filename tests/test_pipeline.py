@@ -1256,6 +1256,27 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert (out / "short.safetensors.outdated.2").read_bytes() == other_short
 
 
+def test_a_file_that_cannot_be_written_is_named_in_its_failure_not_its_temporary(model, sources, tmp_path, monkeypatch):
+    """A folder the run may not write in: the failure names the video (or token file) asked for, not the hidden
+    temporary name it is written under first."""
+    encode(model, [sources["short"]], tmp_path / "tok")
+    real_open = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if os.fspath(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    tokens = tmp_path / "tok" / "short.safetensors"
+    summary = decode_files(Engine(model, max_clips=2), [tokens], tmp_path / "mp4")
+    assert summary.failed == [(str(tokens), f"cannot write {tmp_path / 'mp4' / 'short.mp4'}: Permission denied")]
+    summary = encode(model, [sources["long"]], tmp_path / "tok")
+    assert summary.failed == [
+        (str(sources["long"]), f"cannot write {tmp_path / 'tok' / 'long.safetensors'}: Permission denied")
+    ]
+
+
 def test_a_failed_redo_keeps_a_token_file_another_run_completed_since_it_was_judged(model, tmp_path, monkeypatch):
     """Two runs over one output folder: this one finds a token file outdated, another run then completes it (a
     new file renamed into place), and this run's redo fails. Only the file it judged may be set aside: the other

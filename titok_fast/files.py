@@ -99,7 +99,10 @@ class AtomicFile:
         if self._lock is not None:
             return
         while True:
-            fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except OSError as e:  # (a folder that cannot be written): said of the file asked for, not its temporary
+                raise type(e)(e.errno, e.strerror, self.path) from None
             with contextlib.suppress(OSError):  # a file system without locks: not held (an unlocked one is
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # removed by a cleanup only once it is old)
             try:  # removed by another process between its creation and the lock: again under a new name

@@ -1467,7 +1467,8 @@ def decode_files(
                 raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
             if not isinstance(e, (ValueError, OSError)):  # (the foreseen ones say all in their line)
                 show_traceback(e, path)
-            summary.failed.append((str(path), _one_line(e)))
+            writing = isinstance(e, OSError) and e.filename == os.path.abspath(out)  # (said as encode says it)
+            summary.failed.append((str(path), f"cannot write {out}: {e.strerror or e}" if writing else _one_line(e)))
             continue
         if scores is not None:
             scores.extend(file_scores)
