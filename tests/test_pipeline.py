@@ -536,7 +536,9 @@ def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_oth
     capsys.readouterr()  # version's decoding): kept, and said
     assert decode_files(engine, [tokens], out).skipped == []
     assert (out / "short.mp4").read_bytes() == sources["long"].read_bytes()
-    assert "1 mp4 file(s) there record no decode (written by a version before" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "1 mp4 file(s) there record no decode (written by a version before" in said
+    assert f"and were kept: {out / 'short.mp4'}; --overwrite decodes them again" in said
     assert decode_files(engine, [tokens], out, overwrite=True).done == [str(tokens)]
     assert decode_files(engine, [tokens], out).skipped == [str(tokens)]
     assert decode_files(engine, [tokens], out, with_source=True).done == [str(tokens)]  # now with the source

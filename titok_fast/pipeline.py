@@ -1414,7 +1414,7 @@ def decode_files(
     summary = Summary()
     start = time.perf_counter()
     stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is passed
-    unrecorded = 0  # mp4 files kept that record no decode
+    unrecorded, first_unrecorded = 0, []  # mp4 files kept that record no decode (said once, at the end)
     record_of = decode_records(engine, with_source)
     for path, name in tqdm(todo, unit="file", file=sys.stderr, disable=None):
         out = outdir / f"{name}.mp4"
@@ -1436,7 +1436,9 @@ def decode_files(
             if exists and not damaged and not overwrite and (there == record or not ours):
                 if ours:
                     summary.skipped.append(str(path))
-                unrecorded += not ours
+                else:
+                    unrecorded += 1
+                    first_unrecorded += [out] if unrecorded <= 3 else []
                 continue
             token_file = load_tokens(path)
             if exists and ours and not overwrite and not force and _decoded_by_own_weights(there, record, token_file):
@@ -1475,9 +1477,10 @@ def decode_files(
         summary.done.append(str(path))
         summary.clips += token_file.token_counts.numel()
     if unrecorded:
-        notice(f"{unrecorded} mp4 file(s) there record no decode (written by a version before decode recorded what "
-               "it decoded, or not by decode) and were kept; --overwrite decodes them again (never over a token "
-               "file's own source video)")  # fmt: skip
+        named = ", ".join(map(str, first_unrecorded)) + (f" and {unrecorded - 3:,} more" if unrecorded > 3 else "")
+        notice(f"{unrecorded:,} mp4 file(s) there record no decode (written by a version before decode recorded "
+               f"what it decoded, or not by decode) and were kept: {named}; --overwrite decodes them again (never "
+               "over a token file's own source video)")  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 
