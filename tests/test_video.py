@@ -1076,6 +1076,32 @@ def test_audio_that_libav_indexes_by_chunk_is_not_counted_by_the_sample_check(tm
         video._cut_short(str(path), len(data))
 
 
+@pytest.mark.parametrize("index", [b"moov", b"moof"])
+@pytest.mark.parametrize("media", [0, 2 << 20], ids=["more-boxes-than-its-size-allows", "a-size-that-allows-them"])
+def test_a_sample_count_behind_many_tiny_boxes_is_refused_before_libav_opens_it(tmp_path, monkeypatch, index, media):
+    """MAX_BOXES_WALKED empty boxes (512 KB), then an index declaring 100 million samples: the walk stopped short
+    of the index, so its count went unread and libav opened the file. A file's top-level boxes are walked to its
+    end, one per ISO_BOX_BYTES bytes of it at most: a file of more is refused; one large enough for them (a media
+    box after the index) is walked to the index, whose count is refused."""
+    count = (100_000_000).to_bytes(4, "big")
+    table = _box(b"trak", _box(b"mdia", _box(b"minf", _box(b"stbl", _box(b"stsz", bytes(8) + count)))))
+    boxes = {b"moov": _box(b"moov", table), b"moof": _box(b"moof", _box(b"traf", _box(b"trun", bytes(4) + count)))}
+    data = _box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * video.MAX_BOXES_WALKED + boxes[index]
+    data += _box(b"mdat", bytes(media)) if media else b""
+    path = tmp_path / "padded.mp4"
+    path.write_bytes(data)
+    monkeypatch.setattr(video, "open_input", lambda *args: pytest.fail("libav opened the file"))
+    found = (
+        rf"its {len(data):,} bytes hold more than {video.MAX_BOXES_WALKED:,} top-level boxes, under "
+        rf"{video.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
+    )
+    if media:
+        found = rf"its index declares 100,000,000 samples in a file of {len(data):,} bytes \(each sample"
+    with pytest.raises(VideoError, match=f"^{re.escape(str(path))}: {found}"):
+        video.ClipReader(path, frames=4, height=16, width=16).plan(2)
+    assert video.video_comment(path) is None
+
+
 def _fails_as_cut_short(path: Path, data: bytes, declared: str, end: int | None = None) -> None:
     """``data``, written to ``path``, fails to read as cut short: ``declared`` runs to byte ``end`` (any if None)."""
     path.write_bytes(data)
@@ -1240,15 +1266,63 @@ def test_an_avi_written_to_a_pipe_is_read_whole(tmp_path):
     assert len(read_clips(piped, frames=4, height=16, width=16).clips) == 8
 
 
-def test_the_cut_short_check_reads_few_times_and_stops_on_a_strangers_endless_boxes(tmp_path, monkeypatch):
-    """Box headers are read a window at a time, and a file of endless tiny boxes is walked MAX_BOXES_WALKED deep."""
+def test_the_cut_short_check_reads_few_times_and_refuses_a_strangers_endless_boxes(tmp_path, monkeypatch):
+    """Box headers are read a window at a time; a file of endless tiny boxes is walked as far as its size allows
+    (one box per ISO_BOX_BYTES bytes, MAX_BOXES_WALKED at least) and refused there, and one large enough for
+    them is walked to its end."""
     reads, pread = [], os.pread
     monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(at) or pread(fd, n, at))
     path = tmp_path / "boxes.mp4"
-    cut = (1000).to_bytes(4, "big") + b"mdat"  # a media box cut short, after more boxes than are walked
-    path.write_bytes(_box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * (2 * video.MAX_BOXES_WALKED) + cut)
-    assert video._cut_short(str(path), path.stat().st_size) is None  # no verdict past the walk's depth
+    boxes = _box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * (2 * video.MAX_BOXES_WALKED)
+    path.write_bytes(boxes + (1000).to_bytes(4, "big") + b"mdat")  # a media box cut short, after them
+    with pytest.raises(video.TooManyBoxes, match=(
+        rf"^its {len(boxes) + 8:,} bytes hold more than {video.MAX_BOXES_WALKED:,} top-level boxes, under "
+        rf"{video.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
+    )):  # fmt: skip
+        video._cut_short(str(path), path.stat().st_size)
     assert len(reads) <= video.MAX_BOXES_WALKED * 8 // (video.BOX_WINDOW - 16) + 2
+    size = video.ISO_BOX_BYTES * (2 * video.MAX_BOXES_WALKED + 2)  # as many boxes as it allows, the media box too
+    path.write_bytes(boxes + (size - len(boxes) + 1000).to_bytes(4, "big") + b"mdat" + bytes(size - len(boxes) - 8))
+    reads.clear()
+    assert video._cut_short(str(path), size) == (
+        f"its 'mdat' box runs to byte {size + 1000:,} but the file ends at byte {size:,}"
+    )
+    assert len(reads) <= 2 * video.MAX_BOXES_WALKED * 8 // (video.BOX_WINDOW - 16) + 2
+
+
+def test_a_fragmented_mp4_of_more_boxes_than_max_boxes_walked_is_walked_to_its_end_and_read(tmp_path):
+    """FFmpeg's densest fragments: a 16 x 16 frame each, with its segment index and producer time ("sidx", "prft",
+    "moof", "mdat": 56 bytes a box), 16,400 of them (one group of pictures, encoded once, muxed again and again):
+    more top-level boxes than MAX_BOXES_WALKED, walked to the end (a cut in the last fragment is seen) and read,
+    not refused."""
+    path = tmp_path / "fragments.mp4"
+    with av.open(str(path), "w", options={"movflags": "dash+frag_every_frame", "write_prft": "pts"}) as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        stream.options = {"preset": "ultrafast", "x264-params": "keyint=256"}
+        frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), "rgb24")
+        group = [packet for _ in range(256) for packet in stream.encode(frame)] + list(stream.encode())
+        for i in range(16_400):
+            packet = av.Packet(bytes(group[i % 256]))
+            packet.stream, packet.time_base, packet.pts, packet.dts = stream, group[0].time_base, i, i
+            packet.is_keyframe = i % 256 == 0
+            container.mux(packet)
+    data = path.read_bytes()
+    kinds, at = [], 0
+    while at < len(data):
+        kinds.append(data[at + 4 : at + 8])
+        at += int.from_bytes(data[at : at + 4], "big")
+    assert len(kinds) > video.MAX_BOXES_WALKED and len(data) < len(kinds) * 2 * video.ISO_BOX_BYTES
+    assert kinds.count(b"moof") == kinds.count(b"sidx") == kinds.count(b"prft") == 16_400
+    last = data.rindex(b"mdat") - 4
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: last + 12])
+    assert video._cut_short(str(cut), last + 12) == (
+        f"its 'mdat' box runs to byte {last + int.from_bytes(data[last : last + 4], 'big'):,} but the file ends at "
+        f"byte {last + 12:,}"
+    )
+    clip = next(iter(video.ClipReader(path, frames=4, height=16, width=16)))
+    assert clip.shape == (3, 4, 16, 16) and torch.allclose(clip, torch.full_like(clip, -1.0), atol=0.05)
 
 
 def test_a_cut_the_container_does_not_show_is_left_to_libav(files, tmp_path):

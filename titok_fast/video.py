@@ -37,6 +37,7 @@ import resource
 import shutil
 import signal
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -1866,7 +1867,13 @@ def _stamp(st: os.stat_result) -> str:
 CUT_SHORT_BOXES = (b"mdat", b"moov", b"moof", b"styp", b"sidx", b"ssix", b"prft", b"emsg")
 ISO_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")  # (QuickTime files may have no "ftyp")
 ISO_SAMPLE_PARENTS = (b"trak", b"mdia", b"minf", b"stbl", b"traf")  # boxes on the way to a sample count
-MAX_BOXES_WALKED = 1 << 16  # a fragmented MP4 has two to four boxes a fragment; past this many, no verdict
+MAX_BOXES_WALKED = 1 << 16  # RIFF chunks, Matroska elements walked; past this many, no verdict (MP4: see below)
+# An MP4's top-level boxes are walked to its end, so that no sample count hides past the walk: as many as one per
+# this many bytes of the file (MAX_BOXES_WALKED at least); a file of more is refused. FFmpeg's fragments average 50
+# bytes a box at the fewest: a 16 x 16 frame each, with its segment index and producer time ("sidx", "prft",
+# "moof", "mdat": 202 bytes). (8-byte boxes up to that many: about a million walked a second, 3 s per 100 MB.)
+ISO_BOX_BYTES = 32
+BOX_HEADER = struct.Struct(">I4s")  # a box's 32-bit size and type
 BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
 SIDX_BUDGET = 2 << 20  # bytes of segment indexes read per file (one holds at most 65,535 entries: 786 KB)
 EBML_ID, SEGMENT_ID, CLUSTER_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67", b"\x1f\x43\xb6\x75"
@@ -1893,22 +1900,24 @@ def _cut_short(path: str, size: int) -> str | None:
 
 def _iso_cut_short(f, size: int) -> str | None:
     """The top-level boxes of an ISO BMFF file, walked by their sizes (a box runs to the file's end at size 0);
-    raises TooManySamples where the samples "moov" and "moof" boxes declare are past the file's size."""
-    at, window, window_at, indexed, budget, samples = 0, b"", 0, 0, SIDX_BUDGET, 0
-    for _ in range(MAX_BOXES_WALKED):
-        if not window_at <= at <= window_at + len(window) - 16:  # the header is not all in hand: read on from it
-            window, window_at = os.pread(f.fileno(), BOX_WINDOW, at), at
-        header = window[at - window_at : min(at + 16, size) - window_at]  # not past the size looked at
-        if len(header) < 8:  # the end, or a few bytes too few to tell a cut header from trailing ones
-            if indexed > size:
-                return f"its 'sidx' segment index runs to byte {indexed:,} but the file ends at byte {size:,}"
-            return None
-        length, kind, fields = int.from_bytes(header[:4], "big"), header[4:8], 8
+    raises TooManySamples where the samples "moov" and "moof" boxes declare are past the file's size, and
+    TooManyBoxes where it has more boxes than its size allows (one per ISO_BOX_BYTES bytes, MAX_BOXES_WALKED at
+    least): the walk is bounded by the file's size, and a count behind padding is read or the file refused."""
+    at, window, window_at, window_end, indexed, budget, samples = 0, b"", 0, -1, 0, SIDX_BUDGET, 0
+    most = max(MAX_BOXES_WALKED, size // ISO_BOX_BYTES)
+    for _ in range(most):
+        if not window_at <= at <= window_end:  # the header is not all in hand: read on from it (to the size looked at)
+            window, window_at = os.pread(f.fileno(), min(BOX_WINDOW, size - at), at), at
+            window_end = at + len(window) - 16
+            if len(window) < 8:  # the end, or a few bytes too few to tell a cut header from trailing ones
+                break
+        length, kind = BOX_HEADER.unpack_from(window, at - window_at)
+        fields = 8
         if length == 1:  # a 64-bit size follows the type
-            if len(header) < 16:
+            if at + 16 > window_at + len(window):
                 return f"its '{kind.decode()}' box header is cut at byte {size:,}" if kind in CUT_SHORT_BOXES else None
-            length, fields = int.from_bytes(header[8:16], "big"), 16
-        if length == 0 or length < 8:  # to the end of the file, or not a box: libav judges the rest
+            length, fields = int.from_bytes(window[at - window_at + 8 : at - window_at + 16], "big"), 16
+        if length < 8:  # to the end of the file (0), or not a box: libav judges the rest
             return None
         if at + length > size:
             if kind not in CUT_SHORT_BOXES:
@@ -1928,6 +1937,12 @@ def _iso_cut_short(f, size: int) -> str | None:
                 raise TooManySamples(f"its index declares {samples:,} samples in a file of {size:,} bytes (each "
                                      "sample takes one byte at least: a damaged or crafted index)")  # fmt: skip
         at += length
+    else:  # as many boxes as its size allows
+        if at + 8 <= size:
+            raise TooManyBoxes(f"its {size:,} bytes hold more than {most:,} top-level boxes, under {ISO_BOX_BYTES} "
+                               "bytes a box (no muxer writes boxes that small: a damaged or crafted file)")  # fmt: skip
+    if indexed > size:
+        return f"its 'sidx' segment index runs to byte {indexed:,} but the file ends at byte {size:,}"
     return None
 
 
@@ -1943,6 +1958,12 @@ def _pread(fd: int, at: int, count: int) -> bytes:
 class TooManySamples(Exception):
     """An MP4 whose index declares more samples than its bytes could hold: libav builds an entry of 24 bytes per
     sample as it opens the file, so 2 KB that declare 85 million samples took 3 GB before any frame was read."""
+
+
+class TooManyBoxes(TooManySamples):
+    """An MP4 with more top-level boxes than its size allows (one per ISO_BOX_BYTES bytes): a sample count past
+    those walked would go unread (512 KB of empty boxes before an index that declares 100 million samples), so it
+    is refused as one that declares too many samples is."""
 
 
 def _iso_samples(read: Callable[[int, int], bytes], at: int, end: int, depth: int = 0) -> int:
