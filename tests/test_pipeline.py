@@ -1335,19 +1335,23 @@ def test_a_token_file_with_a_name_too_long_for_the_suffix_is_set_aside_and_put_b
     assert aside_stem("short.safetensors") == "short.safetensors"
 
 
-def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_temporaries(model, tmp_path, monkeypatch):
-    """A resume removes what a killed run left beside the token files, listing each output folder once (not once
-    per file: a half-finished dataset of a million files would take hours)."""
+def test_plan_outputs_lists_each_output_folder_once_and_removes_the_temporaries_there(model, tmp_path, monkeypatch):
+    """A resume removes what a killed run left in the output folders (beside the token files, and of outputs it
+    does not have), listing each output folder once (not once per file: a half-finished dataset of a million files
+    would take hours)."""
     import os
 
+    from titok_fast.files import ABANDONED_UNLOCKED_SECONDS
     from titok_fast.manifest import Manifest
 
     (tmp_path / "sub").mkdir()
     hex_ = "0123456789abcdef0123456789abcdef"
     left = [".a.safetensors.{}.tmp", ".b.safetensors.{}.tmp", "sub/.c.safetensors.{}.tmp", ".kept.safetensors.{}.tmp",
             ".a.safetensors.x.safetensors.{}.tmp", "sub/.a.safetensors.{}.tmp"]  # fmt: skip
+    old = time.time() - ABANDONED_UNLOCKED_SECONDS - 60  # (a killed run's of another output: gone once this old)
     for name in left:
         (tmp_path / name.format(hex_)).touch()
+        os.utime(tmp_path / name.format(hex_), (old, old))
     listed = []
     real = os.scandir
 
@@ -1361,8 +1365,7 @@ def test_plan_outputs_lists_each_output_folder_once_and_removes_only_its_tempora
     todo = pipeline.plan_outputs(model, "eager", files, tmp_path, SETTINGS, Manifest(None, pipeline.Summary()))
     assert [out for _, out in todo] == [tmp_path / f"{n}.safetensors" for _, n in files]
     assert sorted(listed) == sorted({str(tmp_path), str(tmp_path / "sub")})  # once each
-    remaining = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tmp"))
-    assert remaining == sorted(name.format(hex_) for name in left[3:])  # others' temporaries stay
+    assert not list(tmp_path.rglob("*.tmp"))  # (a killed run's of other outputs too: no lock holds them)
 
 
 def test_a_resume_removes_a_killed_runs_temporary_beside_a_complete_file(model, sources, tmp_path):
@@ -1379,6 +1382,36 @@ def test_a_resume_removes_a_killed_runs_temporary_beside_a_complete_file(model, 
     stale.write_bytes(b"left by a killed --overwrite run")
     summary = decode_files(engine, [tokens], decoded)
     assert summary.skipped == [str(tokens)] and not stale.exists()
+
+
+def test_a_run_removes_a_killed_runs_temporaries_of_outputs_it_does_not_have(model, sources, tmp_path):
+    """A killed run's temporaries of outputs this run does not have (its input since renamed, another shard's)
+    go too, once every output of the folder has been passed and once unchanged for an hour; one another run is
+    writing stays (locked here; new, from another machine where locks are not shared), and so do files set aside
+    and a user's files."""
+    from titok_fast.files import ABANDONED_UNLOCKED_SECONDS, AtomicFile
+
+    for folder, suffix in ((tmp_path / "tok", "safetensors"), (tmp_path / "mp4", "mp4")):
+        folder.mkdir()
+        killed = [folder / f".renamed.{suffix}.{'0123abcd' * 4}.tmp", folder / f".~{'ab' * 20}.{'1' * 32}.tmp"]
+        kept = [folder / "renamed.safetensors.outdated", folder / f".notes.{suffix}.tmp", folder / "user.txt",
+                folder / f".elsewhere.{suffix}.{'2' * 32}.tmp"]  # fmt: skip
+        for path in killed + kept:
+            path.write_bytes(b"left")
+        old = time.time() - ABANDONED_UNLOCKED_SECONDS - 60
+        for path in killed + kept[:-1]:
+            os.utime(path, (old, old))
+        writing = AtomicFile(folder / f"other.{suffix}").__enter__()  # (another run's, locked while written)
+        os.utime(writing.temporary, (old, old))
+        try:
+            if suffix == "safetensors":
+                assert encode(model, [sources["short"]], folder).done
+            else:
+                assert decode_files(Engine(model), [tmp_path / "tok" / "short.safetensors"], folder).done
+            assert not any(path.exists() for path in killed) and all(path.exists() for path in kept)
+            assert os.path.exists(writing.temporary)
+        finally:
+            writing.discard()
 
 
 def test_a_resume_leaves_a_fifo_or_a_link_named_as_a_temporary_where_it_is(model, sources, tmp_path):

@@ -154,17 +154,18 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
 ABANDONED_UNLOCKED_SECONDS = 3600.0  # a temporary that cannot be locked is taken as abandoned once this old
 
 
-def remove_abandoned(path: str | os.PathLike[str]) -> None:
+def remove_abandoned(path: str | os.PathLike[str], *, unchanged_for: float = 0.0) -> None:
     """Remove the temporary file ``path`` if no process is writing it (an :class:`AtomicFile` holds a lock on it
-    until it is committed); errors are ignored (writing there will say what is wrong). Only a regular file, not a
-    link (what it leads to is not the run's), is removed: a FIFO or device of that name is left where it is, and
-    opening it never waits."""
+    until it is committed) and it has not changed for ``unchanged_for`` seconds (a write under way changes it:
+    where locks are not seen across machines, as on NFS mounted without them, the age tells); errors are ignored
+    (writing there will say what is wrong). Only a regular file, not a link (what it leads to is not the run's), is
+    removed: a FIFO or device of that name is left where it is, and opening it never waits."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or time.time() - os.fstat(fd).st_mtime < unchanged_for:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -35,6 +35,7 @@ from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .engine import IDLE, Engine
 from .files import (
+    ABANDONED_UNLOCKED_SECONDS,
     METADATA_KEY,
     STALL_SECONDS,
     escaped,
@@ -497,6 +498,7 @@ def plan_outputs(
                                 other = None
                         manifest.outdated(path, out, why, other)
             _remove_temporaries(temporaries, out)  # beside a complete one too (a killed --overwrite run's)
+        _remove_other_temporaries(temporaries)
     except BaseException as e:
         stopped = stop_reason(e, " while checking outputs")
         with interrupts_held():  # a second interrupt waits for the list to be complete
@@ -663,6 +665,19 @@ def _remove_temporaries(listed: dict[Path, dict[str, list[str]]], out: Path) -> 
     temporaries, listed once (a listing per file would be quadratic in a resume)."""
     for stale in _folder_files(listed, out.parent).pop(temporary_stem(out.name), ()):
         remove_abandoned(out.parent / stale)  # not one another run is writing now
+
+
+def _remove_other_temporaries(listed: dict[Path, dict[str, list[str]]]) -> None:
+    """Remove the temporaries left in the folders ``listed`` (once every output there has been passed) that were
+    to become files not among this job's outputs: a killed run's, whose inputs this job does not have (a file
+    since renamed or removed, another shard's), or an ``eval --json`` or plot's. One a live run is writing is left
+    alone: it is locked, and it is new (another shard's run on another machine may write it where locks are not
+    shared: only one unchanged for ABANDONED_UNLOCKED_SECONDS goes). Files set aside (``.outdated``) are kept."""
+    for folder, found in listed.items():
+        for target, names in found.items():
+            if not target.startswith("/"):
+                for name in names:
+                    remove_abandoned(folder / name, unchanged_for=ABANDONED_UNLOCKED_SECONDS)
 
 
 def _folder_files(listed: dict[Path, dict[str, list[str]]], folder: Path) -> dict[str, list[str]]:
@@ -1476,6 +1491,7 @@ def decode_files(
             scores.extend(file_scores)
         summary.done.append(str(path))
         summary.clips += token_file.token_counts.numel()
+    _remove_other_temporaries(stale)
     if unrecorded:
         named = ", ".join(map(str, first_unrecorded)) + (f" and {unrecorded - 3:,} more" if unrecorded > 3 else "")
         notice(f"{unrecorded:,} mp4 file(s) there record no decode (written by a version before decode recorded "
