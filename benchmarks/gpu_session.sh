@@ -91,7 +91,7 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
         # titok_fast reads videos with PyAV: nothing runs without it; omegaconf: upstream's configs (tests, all)
         ! "$python" -c "import av" 2>/dev/null || [ "$1" = tests ] || [ "$1" = all ] && exit 2
     fi
-    if { [ "$1" = pipeline ] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
+    if { [ "${1%-short}" = pipeline ] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
         && ! "$python" -m pip install --quiet --no-index --find-links .wheels pynvvideocodec; then
         echo "PyNvVideoCodec is not installed: the NVDEC rows will say why" >&2  # optional, installed on its own
     fi
@@ -114,6 +114,7 @@ part() {
         parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
                     --backends triton --seeds 8 --fp8 --decode 2>&1 | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
+        pipeline-short) pipeline short ;;  # the pipeline rows of targets alone
         targets)
             bench kernels "bench_kernels and attention and not blocks" 60  # the block sweep: part kernels
             bench encode "test_gpu and encode and n256 and not mixed and (upstream or eager or auto)" 80
@@ -127,7 +128,7 @@ part() {
             "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md" ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
-                "pipeline, all, targets" >&2
+                "pipeline, pipeline-short, all, targets" >&2
            exit 2 ;;
     esac
 }

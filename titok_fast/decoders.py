@@ -101,8 +101,14 @@ class FrameSource:
 def open_input(path: str) -> av.container.InputContainer:
     """The media file at ``path``, opened to read: its metadata tags (titles, comments) decoded as UTF-8 with
     undecodable bytes replaced, so that a tag in another encoding (Latin-1, as older files have) does not make
-    the video unreadable (PyAV's default is to fail the opening)."""
-    return av.open(path, metadata_errors="replace")
+    the video unreadable (PyAV's default before version 19 is to fail the opening; version 19 has no such
+    argument)."""
+    return av.open(path, **OPEN_ARGUMENTS)
+
+
+# PyAV 18 fails to open a file whose metadata is not UTF-8 unless told to replace what does not decode; PyAV 19
+# dropped the argument (an unknown keyword is a TypeError there).
+OPEN_ARGUMENTS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
 
 
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
