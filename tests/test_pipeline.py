@@ -1303,9 +1303,42 @@ def test_a_failed_redo_keeps_a_token_file_another_run_completed_since_it_was_jud
         "replaced meanwhile (by another run): it is kept"
     )
     assert (out / "short.safetensors").read_bytes() == other_runs and not list(out.glob("*.outdated*"))
-    monkeypatch.setattr(pipeline, "plan_outputs", planned)  # the file judged is still there: set aside, as before
+    monkeypatch.setattr(pipeline, "plan_outputs", planned)
+    parsed = pipeline._parsed
+
+    def read_then_another_run_completes(path, found):  # (the file is judged from what was read before)
+        done = parsed(path, found)
+        write_atomically(out / "short.safetensors", other_runs)
+        return done
+
+    monkeypatch.setattr(pipeline, "_parsed", read_then_another_run_completes)
+    summary = encode_files(model, engine, [(short, "short")], out, after, workers=1)
+    assert summary.failed[0][1].endswith("had been replaced meanwhile (by another run): it is kept")
+    monkeypatch.setattr(pipeline, "_parsed", parsed)  # the file judged is still there: set aside, as before
     summary = encode_files(model, engine, [(short, "short")], out, after, workers=1)
     assert summary.failed[0][1].endswith("was moved to short.safetensors.outdated")
+
+
+def test_a_file_set_aside_is_known_by_its_size_and_time_where_inode_numbers_change(tmp_path, monkeypatch):
+    """A file system that does not keep inode numbers (CIFS with noserverino, some FUSE mounts): the file judged
+    is still known by its size and modification time, and set aside; a file written since is not."""
+    from titok_fast import files, manifest
+
+    tokens = tmp_path / "a.safetensors"
+    tokens.write_bytes(b"made another way")
+    judged = files.file_entry(tokens)
+
+    def renumbered(path):  # each look at a file gives another inode number
+        device, inode, size, mtime = files.file_entry(path)
+        renumbered.calls += 1
+        return device, inode + renumbered.calls, size, mtime
+
+    renumbered.calls = 0
+    monkeypatch.setattr(manifest, "file_entry", renumbered)
+    assert manifest._set_aside(tokens, "made another way", judged).endswith("was moved to a.safetensors.outdated")
+    tokens.write_bytes(b"made since by another run")
+    os.utime(tokens, ns=(judged[3] + 10**9, judged[3] + 10**9))
+    assert manifest._set_aside(tokens, "made another way", judged).endswith("it is kept")
 
 
 def test_a_token_file_with_a_name_too_long_for_the_suffix_is_set_aside_and_put_back(model, tmp_path):

@@ -69,6 +69,23 @@ def file_head(path: str | os.PathLike[str], size: int) -> bytes | None:
         return None
 
 
+def file_entry(path: str | os.PathLike[str]) -> tuple[int, int, int, int] | None:
+    """Which file the name ``path`` holds (a link itself, not where it leads): its device, inode, size and
+    modification time; None where nothing is there or it cannot be looked at. See :func:`same_entry`."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def same_entry(first: tuple[int, int, int, int], second: tuple[int, int, int, int]) -> bool:
+    """Whether two :func:`file_entry` are one file: the same inode, or where a file system does not keep inode
+    numbers (CIFS with ``noserverino``, some FUSE mounts) the same size and modification time. A file renamed
+    into place since has another inode and was written later."""
+    return first[:2] == second[:2] or first[2:] == second[2:]
+
+
 MAX_NAME_BYTES = 255  # of a file name, on the usual file systems
 
 

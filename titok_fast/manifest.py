@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import MAX_NAME_BYTES
+from .files import MAX_NAME_BYTES, file_entry, same_entry
 
 if TYPE_CHECKING:
     from .pipeline import Summary
@@ -75,8 +75,8 @@ class Manifest:
         self.lock = threading.RLock()  # each outcome is recorded whole (token files may be written on threads)
         self._fd: int | None = None
         # token file -> how it was made otherwise, the other source it was made from (if so), and which file it was
-        # (its name's entry: device and inode, where it could be looked at), until its input settles
-        self._outdated: dict[str, tuple[str, str | None, tuple[int, int] | None]] = {}
+        # (files.file_entry, where it could be looked at), until its input settles
+        self._outdated: dict[str, tuple[str, str | None, tuple[int, int, int, int] | None]] = {}
         self._settled: dict[int, tuple[str, int | None]] | None = None  # see skipped()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,13 +99,19 @@ class Manifest:
                 os.write(self._fd, b"\n")
 
     def outdated(
-        self, source: str | os.PathLike, tokens: str | os.PathLike, why: str, other_source: str | None = None
+        self,
+        source: str | os.PathLike,
+        tokens: str | os.PathLike,
+        why: str,
+        other_source: str | None = None,
+        entry: tuple[int, int, int, int] | None = None,
     ) -> None:
         """``tokens`` exists but was made otherwise (``why``, one line), from ``other_source`` if that is not
-        ``source`` (another video of the same output name), and is to be redone. Which file that is is noted
-        now: if its input fails, only that file is set aside, not one another run has put there since."""
+        ``source`` (another video of the same output name), and is to be redone. ``entry``: which file was judged
+        (its :func:`~titok_fast.files.file_entry`, taken before it was read; else now): if its input fails, only
+        that file is set aside, not one another run has put there since."""
         with self.lock:
-            self._outdated[str(tokens)] = (why, other_source, _entry(tokens))
+            self._outdated[str(tokens)] = (why, other_source, entry if entry is not None else file_entry(tokens))
 
     def skipped(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
         """``tokens`` is complete already; a line says so unless the folder's manifests already do."""
@@ -200,21 +206,12 @@ class Manifest:
         self.close()
 
 
-def _entry(path: str | os.PathLike) -> tuple[int, int] | None:
-    """Which file the name ``path`` is (device, inode; a link itself, not where it leads), None where nothing is."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _set_aside(tokens: Path, why: str, judged: tuple[int, int] | None = None) -> str:
+def _set_aside(tokens: Path, why: str, judged: tuple[int, int, int, int] | None = None) -> str:
     """Rename the token file ``tokens`` to the first free name of ``<name>.outdated``, ``<name>.outdated.2``, ...
-    (an earlier one is never replaced); the clause saying what became of it. ``judged`` (see :func:`_entry`): the
+    (an earlier one is never replaced); the clause saying what became of it. ``judged`` (a ``file_entry``): the
     file found outdated; another there now (a concurrent run's, completed since: a token file is renamed into
-    place, so a new one is a new inode) is kept."""
-    if judged is not None and (now := _entry(tokens)) is not None and now != judged:
+    place, a new file) is kept."""
+    if judged is not None and (now := file_entry(tokens)) is not None and not same_entry(now, judged):
         return f"the token file there, {why}, had been replaced meanwhile (by another run): it is kept"
     stem = aside_stem(tokens.name)
     aside, n = tokens.with_name(stem + OUTDATED_SUFFIX), 1

@@ -39,6 +39,7 @@ from .files import (
     METADATA_KEY,
     STALL_SECONDS,
     escaped,
+    file_entry,
     file_head,
     interrupt_name,
     interrupts_held,
@@ -467,6 +468,7 @@ def plan_outputs(
     try:
         for (path, out), found in zip(outputs, fetched, strict=True):
             try:
+                entry = found.entry if found.data is not None else file_entry(out)  # (before the file is read)
                 done = None if found.absent else _parsed(out, found)
                 stamp = found.source_stamp  # the source's, taken once for the token file and for its absence
                 if stamp is None and done is not None:
@@ -496,7 +498,7 @@ def plan_outputs(
                                 inputs = {os.path.abspath(p): outdir / f"{n}.safetensors" for p, n in files}
                             if inputs.get(other, out) != out:
                                 other = None
-                        manifest.outdated(path, out, why, other)
+                        manifest.outdated(path, out, why, other, entry)
             _remove_temporaries(temporaries, out)  # beside a complete one too (a killed --overwrite run's)
         _remove_other_temporaries(temporaries)
     except BaseException as e:
@@ -578,6 +580,7 @@ class _Fetched:
     absent: bool = False
     data: bytes | None = None
     source_stamp: str | None = None
+    entry: tuple[int, int, int, int] | None = None  # which file ``data`` was read from (taken before reading it)
 
 
 def _ahead(work: Callable[[Sequence], list], items: Sequence, threads: int) -> Iterator:
@@ -613,6 +616,7 @@ def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
     spent) leaves a file to the run's thread, which reads it again and says what is wrong."""
     found, budget = [], FETCH_CHUNK_BYTES
     for source, out in chunk:
+        entry = file_entry(out)
         try:
             data = read_token_bytes(out) if os.stat(out).st_size <= budget else None
         except FileNotFoundError:
@@ -624,7 +628,7 @@ def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
             found.append(_Fetched())
         else:
             budget -= len(data)
-            found.append(_Fetched(data=data, source_stamp=source_stamp(source)))
+            found.append(_Fetched(data=data, source_stamp=source_stamp(source), entry=entry))
     return found
 
 
