@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import random
@@ -420,6 +421,17 @@ def test_the_digest_does_not_depend_on_how_the_file_lays_its_parts_out(tmp_path)
     del metadata["digest"]
     write_raw(path, tensors, metadata)
     assert torch.equal(load_tokens(path).indices, original.indices)
+
+
+def test_a_model_config_with_keys_that_are_not_strings_saves_and_loads(tmp_path):
+    """JSON makes every key a string: the digest is taken of the metadata as a reader sees it, so keys that sort
+    otherwise as numbers (9 before 10), or cannot be sorted together (1 and "b"), neither break the save nor make
+    the file look damaged."""
+    path = tmp_path / "a.safetensors"
+    config = {"m": {9: "a", 10: "b"}, "mixed": {1: "a", "b": 2, None: 3}, 2.0: [1, 2]}
+    save_tokens(path, dataclasses.replace(make_token_file(), model_config=config))
+    assert load_tokens(path).model_config == {"m": {"9": "a", "10": "b"}, "mixed": {"1": "a", "b": 2, "null": 3},
+                                              "2.0": [1, 2]}  # fmt: skip
 
 
 def test_a_committed_file_of_format_version_1_still_loads():

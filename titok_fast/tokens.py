@@ -216,7 +216,7 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
         metadata[MADE_WITH_KEY] = token_file.made_with
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
     parts = ((name, list(t.shape), t.detach().cpu().view(torch.uint8).numpy()) for name, t in tensors.items())
-    metadata[DIGEST_KEY] = _digest(metadata, parts)
+    metadata[DIGEST_KEY] = _digest(json.loads(json.dumps(metadata)), parts)  # (as a reader will see it: keys str)
     text = json.dumps(metadata)
     if len(text) > MAX_METADATA_CHARS:  # it would not load
         raise TokenFileError(f"metadata is {len(text)} characters; at most {MAX_METADATA_CHARS} are allowed")
