@@ -1290,6 +1290,30 @@ def test_the_cut_short_check_reads_few_times_and_refuses_a_strangers_endless_box
     assert len(reads) <= 2 * video.MAX_BOXES_WALKED * 8 // (video.BOX_WINDOW - 16) + 2
 
 
+def test_the_walk_past_large_fragments_reads_a_few_kb_a_fragment_and_stops_after_max_boxes_walked_reads(
+    tmp_path, monkeypatch
+):
+    """A fragmented file of large fragments (a "moof", then 100 KB of media): each hop reads BOX_HOP_WINDOW bytes
+    (the "moof" and the next header), not a 64 KB window of media; after MAX_BOXES_WALKED reads the walk gives no
+    verdict (a large file's size allows as many samples as it could declare there)."""
+    path = tmp_path / "fragments.mp4"
+    with open(path, "wb") as f:  # (sparse: the media is never written)
+        f.write(_box(b"ftyp", b"isom" + bytes(4)))
+        for _ in range(300):
+            f.write(_box(b"moof", _box(b"mfhd", bytes(8))) + (100_008).to_bytes(4, "big") + b"mdat")
+            f.seek(100_000, os.SEEK_CUR)
+        f.write((1000).to_bytes(4, "big") + b"mdat")  # the last fragment cut short
+    size = path.stat().st_size
+    reads, pread = [], os.pread
+    monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
+    cut = f"its 'mdat' box runs to byte {size - 8 + 1000:,} but the file ends at byte {size:,}"
+    assert video._cut_short(str(path), size) == cut
+    assert len(reads) == 301 and max(reads[1:]) == video.BOX_HOP_WINDOW
+    monkeypatch.setattr(video, "MAX_BOXES_WALKED", 100)
+    reads.clear()
+    assert video._cut_short(str(path), size) is None and len(reads) == 100
+
+
 def test_a_fragmented_mp4_of_more_boxes_than_max_boxes_walked_is_walked_to_its_end_and_read(tmp_path):
     """FFmpeg's densest fragments: a 16 x 16 frame each, with its segment index and producer time ("sidx", "prft",
     "moof", "mdat": 56 bytes a box), 16,400 of them (one group of pictures, encoded once, muxed again and again):

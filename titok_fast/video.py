@@ -1875,6 +1875,10 @@ MAX_BOXES_WALKED = 1 << 16  # RIFF chunks, Matroska elements walked; past this m
 ISO_BOX_BYTES = 32
 BOX_HEADER = struct.Struct(">I4s")  # a box's 32-bit size and type
 BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
+# After a box larger than the window (a fragment's media), the next headers are read this many bytes at a time: a
+# fragment's "moof" and the next "mdat" header in one read, not 64 KB of media. At most MAX_BOXES_WALKED reads are
+# made: past them, no verdict (a file that takes that many is 256 MB at least, whose size allows as many samples).
+BOX_HOP_WINDOW = 1 << 12
 SIDX_BUDGET = 2 << 20  # bytes of segment indexes read per file (one holds at most 65,535 entries: 786 KB)
 EBML_ID, SEGMENT_ID, CLUSTER_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67", b"\x1f\x43\xb6\x75"
 AVI_FORMS = (b"AVI ", b"AVIX")  # an AVI file's first RIFF chunk, and those an OpenDML file past 1 GiB adds
@@ -1904,11 +1908,14 @@ def _iso_cut_short(f, size: int) -> str | None:
     TooManyBoxes where it has more boxes than its size allows (one per ISO_BOX_BYTES bytes, MAX_BOXES_WALKED at
     least): the walk is bounded by the file's size, and a count behind padding is read or the file refused."""
     at, window, window_at, window_end, indexed, budget, samples = 0, b"", 0, -1, 0, SIDX_BUDGET, 0
-    most = max(MAX_BOXES_WALKED, size // ISO_BOX_BYTES)
+    most, reads = max(MAX_BOXES_WALKED, size // ISO_BOX_BYTES), 0
     for _ in range(most):
         if not window_at <= at <= window_end:  # the header is not all in hand: read on from it (to the size looked at)
-            window, window_at = os.pread(f.fileno(), min(BOX_WINDOW, size - at), at), at
-            window_end = at + len(window) - 16
+            if reads == MAX_BOXES_WALKED:
+                return None
+            hopped = at > window_at + len(window)  # (past a box larger than the window: few headers nearby)
+            window, window_at = os.pread(f.fileno(), min(BOX_HOP_WINDOW if hopped else BOX_WINDOW, size - at), at), at
+            window_end, reads = at + len(window) - 16, reads + 1
             if len(window) < 8:  # the end, or a few bytes too few to tell a cut header from trailing ones
                 break
         length, kind = BOX_HEADER.unpack_from(window, at - window_at)
