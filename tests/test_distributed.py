@@ -896,10 +896,11 @@ def test_plans_are_waited_for_a_bounded_time_and_a_hung_file_is_read_whole(clust
     from titok_fast import distributed
 
     path = make_video(tmp_path / "long.mp4", frames=600, height=40, width=48, fps=24, x264=KEYINT)
-    # a worker started and the file planned first, without a hung file: on a slow machine (a worker's start and
-    # imports take seconds) the bound below measures the hung file's wait, not a worker's start
-    alone = distributed._plans(ray, {0: str(path)}, SETTINGS, 3, 1, None, "")
-    assert sorted(alone) == [0] and len(alone[0][0]) == 3
+    # workers started (one per CPU of the test cluster: whichever takes the hung file, another is ready) and the
+    # file planned first: on a slow machine (a worker's start and imports take seconds) the bound below measures
+    # the hung file's wait, not a worker's start
+    alone = distributed._plans(ray, {0: str(path), 1: str(path)}, SETTINGS, 3, 1, None, "")
+    assert sorted(alone) == [0, 1] and alone[0] == alone[1] and len(alone[0][0]) == 3
     monkeypatch.setattr(distributed, "PLAN_SECONDS", 10.0)
     hangs = make_hanging(tmp_path)
     try:
