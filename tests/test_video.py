@@ -962,17 +962,19 @@ def test_bad_file_gives_video_error(files, name, problem):
 
 @pytest.mark.parametrize("container", ["mp4", "mkv"])
 def test_metadata_tags_in_another_encoding_do_not_make_a_video_unreadable(files, tmp_path, container):
-    """Tags written in Latin-1 (as older files have them), which PyAV by default refuses to open: the clips are
-    those of the same video without them, and the tag reads with the bytes it cannot decode replaced."""
+    """Tags written in Latin-1 (as older files have them), which PyAV before version 19 by default refuses to
+    open: the clips are those of the same video without them, and the tag reads with the bytes it cannot decode
+    replaced."""
     tagged = videos.remux(tmp_path / f"latin.{container}", files["moving"], tags={"title": "café"},
                           tag_encoding="latin-1")  # fmt: skip
-    with pytest.raises(UnicodeDecodeError):
-        av.open(str(tagged)).close()
+    if decoders.OPEN_ARGUMENTS:  # (PyAV 18)
+        with pytest.raises(UnicodeDecodeError):
+            av.open(str(tagged)).close()
     expected = read_clips(files["moving"], frames=4, height=16, width=16).clips
     clips = read_clips(tagged, frames=4, height=16, width=16).clips
     assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
     with decoders.open_input(str(tagged)) as container:
-        assert container.metadata["title"] == "caf\ufffd"
+        assert decoders.tag(container, "title") == "caf\ufffd" and decoders.tag(container, "artist") == ""
 
 
 @pytest.mark.parametrize(

@@ -178,15 +178,22 @@ def remux(
 ) -> Path:
     """``source``'s video stream, packets unchanged, in the container ``path``'s name says, with muxer ``options``
     (``{"movflags": "faststart"}``: an MP4 whose index is at the front; ``"frag_keyframe+empty_moov"``: a
-    fragmented one) and metadata ``tags`` written in ``tag_encoding`` (``"latin-1"``: as older files have them)."""
-    with av.open(str(source)) as src, av.open(str(path), "w", options=options or {},
-                                              metadata_encoding=tag_encoding) as out:  # fmt: skip
-        out.metadata.update(tags or {})
+    fragmented one) and metadata ``tags`` written in ``tag_encoding`` (``"latin-1"``: as older files have them;
+    PyAV 19 writes UTF-8 only: each such value is written as a placeholder of its length, replaced in the bytes)."""
+    placeholders = {key: f"{k:02d}".encode() + b"~" * (len(value.encode(tag_encoding)) - 2)
+                    for k, (key, value) in enumerate((tags or {}).items())}  # fmt: skip
+    with av.open(str(source)) as src, av.open(str(path), "w", options=options or {}) as out:
+        out.metadata.update({key: placeholder.decode() for key, placeholder in placeholders.items()})
         stream = out.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(src.streams.video[0]):
             if packet.dts is not None:
                 packet.stream = stream
                 out.mux(packet)
+    data = Path(path).read_bytes()
+    for key, placeholder in placeholders.items():
+        assert data.count(placeholder) == 1, f"the tag {key!r} is not written once as it was given"
+        data = data.replace(placeholder, tags[key].encode(tag_encoding))
+    Path(path).write_bytes(data)
     return Path(path)
 
 

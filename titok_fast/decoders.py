@@ -107,8 +107,18 @@ def open_input(path: str) -> av.container.InputContainer:
 
 
 # PyAV 18 fails to open a file whose metadata is not UTF-8 unless told to replace what does not decode; PyAV 19
-# dropped the argument (an unknown keyword is a TypeError there).
+# dropped the argument (an unknown keyword is a TypeError there) and decodes such bytes as surrogates (see tag).
 OPEN_ARGUMENTS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
+
+
+def tag(container: av.container.InputContainer, name: str) -> str:
+    """The container's metadata tag ``name`` ("" without one), bytes that are not UTF-8 replaced by U+FFFD under
+    every PyAV version (19 gives them as surrogates, which cannot be printed or written as UTF-8)."""
+    text = str(container.metadata.get(name, ""))
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # (a surrogate that stands for no byte)
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:

@@ -59,6 +59,7 @@ from .decoders import (
     open_frames,
     open_input,
     stream_index,
+    tag,
     video_stream,
 )
 from .files import STALL_SECONDS, AtomicFile, notice, show_traceback
@@ -566,12 +567,19 @@ def stack_here(images: list[torch.Tensor], dim: int = 0, out: torch.Tensor | Non
     return out
 
 
+def _side_data(frame: av.VideoFrame) -> Iterator[object]:
+    """The frame's side data entries: iterating ``frame.side_data`` gives them in PyAV 18, their types (the
+    mapping's keys) in PyAV 19."""
+    for item in frame.side_data:
+        yield item if hasattr(item, "type") else frame.side_data[item]
+
+
 def display_turns(path: str, frame: av.VideoFrame) -> int:
     """Counterclockwise quarter turns that show ``frame`` as its display matrix says (0 without one), as FFmpeg's
     own autorotation takes the matrix: its rotation angle (``av_display_rotation_get``: counterclockwise, from the
     matrix's first column and row), rounded to whole degrees, is a multiple of 90. A matrix that mirrors the
     picture, or turns it by another angle (FFmpeg would rotate it freely), is a VideoError."""
-    matrix = next((d for d in frame.side_data if str(d.type).endswith("DISPLAYMATRIX")), None)
+    matrix = next((d for d in _side_data(frame) if str(d.type).endswith("DISPLAYMATRIX")), None)
     if matrix is None:
         return 0
     data = bytes(matrix)  # 3x3 int32, as FFmpeg checks it on reading; a stranger's file may say otherwise
@@ -1836,7 +1844,7 @@ def video_comment(path: str | os.PathLike[str]) -> str | None:
         if _cut_short(os.fspath(path), os.stat(path).st_size) is not None:  # (looked at before libav opens it)
             return None
         with open_input(os.fspath(path)) as container:
-            return str(container.metadata.get("comment", ""))
+            return tag(container, "comment")
     except (av.FFmpegError, OSError, TooManySamples):
         return None
 
