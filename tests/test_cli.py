@@ -923,16 +923,18 @@ def test_a_manifest_that_is_a_pipe_is_refused_and_a_full_disk_stops_the_run(tmp_
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    real_stat = os.stat
+    def gone(look):  # the output's file system went away (an NFS mount): every look fails, and the run stops
+        def failing(path, *args, **kwargs):
+            if os.fspath(path).endswith("b.safetensors"):
+                raise OSError(errno.EIO, "Input/output error")
+            return look(path, *args, **kwargs)
 
-    def gone(path, *args, **kwargs):  # the output's file system went away (an NFS mount): the run stops
-        if os.fspath(path).endswith("b.safetensors"):
-            raise OSError(errno.EIO, "Input/output error")
-        return real_stat(path, *args, **kwargs)
+        return failing
 
-    monkeypatch.setattr(os, "stat", gone)
-    code, _, err = run("encode", videos, "-o", tmp_path / "eio", *GRID, *RANDOM, capsys=capsys)
-    monkeypatch.setattr(os, "stat", real_stat)
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "stat", gone(os.stat))
+        patched.setattr(os, "lstat", gone(os.lstat))
+        code, _, err = run("encode", videos, "-o", tmp_path / "eio", *GRID, *RANDOM, capsys=capsys)
     assert code == 2 and "Input/output error" in err and not list((tmp_path / "eio").glob("*.safetensors")), err
     monkeypatch.setattr(pipeline, "save_tokens", full)  # every token file would fail: the run stops at the first
     code, _, err = run("encode", videos, "-o", tmp_path / "o", *GRID, *RANDOM, "--workers", "1", capsys=capsys)

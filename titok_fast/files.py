@@ -73,9 +73,13 @@ def file_entry(path: str | os.PathLike[str]) -> tuple[int, int, int, int] | None
     """Which file the name ``path`` holds (a link itself, not where it leads): its device, inode, size and
     modification time; None where nothing is there or it cannot be looked at. See :func:`same_entry`."""
     try:
-        st = os.lstat(path)
+        return entry_of(os.lstat(path))
     except OSError:
         return None
+
+
+def entry_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """The :func:`file_entry` of what ``os.lstat`` gave."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 

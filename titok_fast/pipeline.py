@@ -38,6 +38,7 @@ from .files import (
     ABANDONED_UNLOCKED_SECONDS,
     METADATA_KEY,
     STALL_SECONDS,
+    entry_of,
     escaped,
     file_entry,
     file_head,
@@ -468,7 +469,8 @@ def plan_outputs(
     try:
         for (path, out), found in zip(outputs, fetched, strict=True):
             try:
-                entry = found.entry if found.data is not None else file_entry(out)  # (before the file is read)
+                # which file it is, taken before it is read (not looked at where nothing is there)
+                entry = found.entry if found.data is not None else None if found.absent else file_entry(out)
                 done = None if found.absent else _parsed(out, found)
                 stamp = found.source_stamp  # the source's, taken once for the token file and for its absence
                 if stamp is None and done is not None:
@@ -616,9 +618,10 @@ def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
     spent) leaves a file to the run's thread, which reads it again and says what is wrong."""
     found, budget = [], FETCH_CHUNK_BYTES
     for source, out in chunk:
-        entry = file_entry(out)
         try:
-            data = read_token_bytes(out) if os.stat(out).st_size <= budget else None
+            st = os.lstat(out)  # (which file it is, before it is read; its size where it is not a link)
+            size = (os.stat(out) if stat.S_ISLNK(st.st_mode) else st).st_size
+            data = read_token_bytes(out) if size <= budget else None
         except FileNotFoundError:
             found.append(_Fetched(absent=True))
             continue
@@ -628,7 +631,7 @@ def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
             found.append(_Fetched())
         else:
             budget -= len(data)
-            found.append(_Fetched(data=data, source_stamp=source_stamp(source), entry=entry))
+            found.append(_Fetched(data=data, source_stamp=source_stamp(source), entry=entry_of(st)))
     return found
 
 
