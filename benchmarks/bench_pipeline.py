@@ -47,6 +47,7 @@ import numpy as np
 import pytest
 import torch
 
+from titok_fast import video
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
 from titok_fast.pipeline import ClipSettings, encode_files
@@ -201,12 +202,13 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         for i in range(args.files):
             copies.append(Path(scratch) / f"{path.stem}-{i}{path.suffix}")
             copies[-1].symlink_to(path.resolve())
+        kind = _worker_kind(args, path)
         if stages is not None:
             stages.CLOCK.enable()
         cpu, start = _cpu_seconds(), time.perf_counter()
         if args.input_only:
             device = _supported(settings.read_kwargs, {"device": model.device.type})
-            workers = {"worker_kind": args.worker_kind} if args.worker_kind != "thread" else {}
+            workers = {"worker_kind": kind} if kind != "thread" else {}
             if _interleaved_videos is not None:  # as encode_files takes the files' clips
                 files_read = _interleaved_videos(copies, workers=args.workers, **workers,
                                                  **settings.read_kwargs(**device))  # fmt: skip
@@ -217,7 +219,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
                                       **settings.read_kwargs(**device))  # fmt: skip
                 clips = sum(1 for _, feed in feeds for _ in feed)
         else:
-            run_options = _supported(encode_files, {"worker_kind": args.worker_kind})
+            run_options = _supported(encode_files, {"worker_kind": kind})
             summary = encode_files(
                 model, engine, [(p, p.stem) for p in copies], Path(scratch) / "tokens", settings,
                 workers=args.workers, read_ahead=args.batch_size, overwrite=True, **run_options,
@@ -240,6 +242,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         "clips_per_s": clips / wall,
         "source_frames_per_s": _source_frames(path, clips, grid, args.fps) / wall,
         "cpu_s_per_clip": cpu / clips,
+        "worker_kind": kind,
         **({} if args.input_only else {"decoded_by": ",".join(used)}),
         **{f"{name}_cpu_s": spent[name] / clips for name in STAGE_NAMES if name in spent},
     }
@@ -250,6 +253,15 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
                                                                              args.batch_size)  # fmt: skip
         row["model_busy"] = clips / row["model_only_clips_per_s"] / wall
     return row
+
+
+def _worker_kind(args: argparse.Namespace, path: Path) -> str:
+    """The worker kind the run decodes ``path`` with: ``--worker-kind``, or "auto" as this commit resolves it
+    (thread at a commit without "auto")."""
+    if args.worker_kind != "auto":
+        return args.worker_kind
+    auto_worker_kind = getattr(video, "auto_worker_kind", None)
+    return auto_worker_kind(args.workers, args.decoder, [path]) if auto_worker_kind is not None else "thread"
 
 
 def environment(args: argparse.Namespace) -> dict:
@@ -324,7 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--files", type=int, default=1, help="encode each source as this many files (default 1)")
     p.add_argument("--workers", type=int, default=2, help="decoding workers (default 2)")
-    p.add_argument("--worker-kind", default="thread", choices=("thread", "process"))
+    p.add_argument("--worker-kind", default="auto", choices=("auto", "thread", "process"),
+                   help="as encode (default auto: at commits without it, thread)")
     p.add_argument("--preprocess", default="auto", choices=("auto", "cpu", "device"))
     p.add_argument("--decoder", default="cpu", choices=("cpu", "nvdec"))
     p.add_argument("--no-prune", action="store_true", help="decode every frame, also those no clip uses")

@@ -170,18 +170,25 @@ PROBE
         limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only  # x264, once, outside the runs
         limited "before 720p30" $((long ? 60 : 50)) "${run[@]}" --sources 720p30 --files 12 "${before[@]}"
         [ $long = 0 ] || limited "before 256p8" 60 "${run[@]}" --sources 256p8 --files 128 "${before[@]}"
-        # after: the defaults (a decoding thread per core, preprocessing on the GPU by the placement rule)
+        # after: the defaults (a decoding worker per core, processes from 8 of them; preprocessing on the GPU by
+        # the placement rule), then the same with threads, the default before worker_kind_for
         limited "after 720p30" 40 "${run[@]}" --sources 720p30 --files 12 --label after --workers "$(nproc)"
         limited "after 256p8" 40 "${run[@]}" --sources 256p8 --files 128 --label after --workers "$(nproc)"
+        limited "after 256p8, threads" 40 "${run[@]}" --sources 256p8 --files 128 --label after-threads \
+            --worker-kind thread --workers "$(nproc)"
         limited nvdec 40 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec --workers "$(nproc)"
         [ $long = 1 ] || return 0
-        limited "after, processes" 40 "${run[@]}" --sources 720p30 --files 12 --label after-processes \
-            --worker-kind process --workers "$(nproc)"
+        limited "after 720p30, threads" 40 "${run[@]}" --sources 720p30 --files 12 --label after-threads \
+            --worker-kind thread --workers "$(nproc)"
         for kind in thread process; do
             local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)
             for w in "${counts[@]}"; do
                 limited "input $kind x$w" 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind \
                     --workers $w --label "input $kind x$w"
+            done
+            for w in 4 8 16; do  # small sources, where a thread's share of the GIL limits threads first
+                limited "input 256p8 $kind x$w" 20 "${run[@]}" --sources 256p8 --files 64 --input-only \
+                    --worker-kind $kind --workers $w --label "input 256p8 $kind x$w"
             done
         done
         # one long video (96 clips), split across the workers: 1 worker, then every core

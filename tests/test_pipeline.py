@@ -628,10 +628,25 @@ def test_encode_files_stops_loudly_when_the_clip_source_breaks(model, sources, t
     assert (tmp_path / "short.safetensors").exists()  # what was finished before stays
 
 
-def test_worker_processes_give_the_tokens_of_threads(model, sources, tmp_path):
+def test_worker_processes_give_the_tokens_of_threads(model, sources, tmp_path, monkeypatch):
+    """Threads and processes give the same tokens and failures; "auto" (the default) decodes in threads below
+    PROCESS_WORKERS_FROM workers and in processes from there on (here lowered to 2, to start only two)."""
+    from titok_fast import video
+
+    started = []
+
+    class Counted(video._DecoderProcess):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(video, "_DecoderProcess", Counted)
     files = [sources["long"], sources["broken"], sources["odd"]]
-    threads = encode(model, files, tmp_path / "threads", workers=2)
-    processes = encode(model, files, tmp_path / "processes", workers=2, worker_kind="process")
+    threads = encode(model, files, tmp_path / "threads", workers=2)  # (auto, below the default 8 workers)
+    assert not started
+    monkeypatch.setattr(video, "PROCESS_WORKERS_FROM", 2)
+    processes = encode(model, files, tmp_path / "processes", workers=2)
+    assert len(started) == 2
     assert processes.done == threads.done == [str(sources["long"]), str(sources["odd"])]
     assert processes.failed == threads.failed and [p for p, _ in processes.failed] == [str(sources["broken"])]
     for path in (sources["long"], sources["odd"]):

@@ -1989,6 +1989,30 @@ def test_default_workers_is_the_cores_this_process_may_use():
         next(video.stream_videos(["0"], workers=1, prefetch=1, worker_kind="fiber", frames=1, height=1, width=1))
 
 
+def test_auto_takes_processes_only_for_many_workers_on_small_frames(files, tmp_path):
+    small, large = 456 * 256, 1280 * 720
+    kinds = {(w, d, p): video.worker_kind_for(w, d, p) for w in (1, 7, 8, 64) for d in ("cpu", "nvdec")
+             for p in (small, large, None)}  # fmt: skip
+    processes = {(w, "cpu", p) for w in (8, 64) for p in (small, None)}  # (a size not known: by the workers)
+    assert {k for k, v in kinds.items() if v == "process"} == processes
+    (tmp_path / "text.mp4").write_text("not a video")
+    assert [video.frame_pixels(p) for p in (tmp_path / "absent.mp4", tmp_path / "text.mp4", tmp_path)] == [None] * 3
+    wide = videos.make_video(tmp_path / "wide.mp4", 2, 480, 656)  # just over PROCESS_FRAME_PIXELS
+    assert video.frame_pixels(files["index24"]) == 32 * 32 and video.frame_pixels(wide) == 480 * 656
+    # the first file tells
+    assert video.auto_worker_kind(8, "cpu", [files["index24"], wide]) == "process"
+    assert video.auto_worker_kind(8, "cpu", [wide, files["index24"]]) == "thread"
+    assert video.auto_worker_kind(8, "nvdec", [files["index24"]]) == "thread"
+    assert video.auto_worker_kind(7, "cpu", [files["index24"]]) == "thread"
+    assert video.auto_worker_kind(8, "cpu", iter([files["index24"]])) == "process"  # (not a sequence: by workers)
+    from titok_fast import cli
+
+    encode = cli.build_parser()._subparsers._group_actions[0].choices["encode"]
+    help_text = " ".join(encode.format_help().split())  # what the CLI says "auto" does
+    assert f"from {video.PROCESS_WORKERS_FROM} workers on" in help_text
+    assert f"frames of at most {video.PROCESS_FRAME_PIXELS:,} pixels" in help_text
+
+
 def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tmp_path):
     """SIGKILL (or the OOM killer) gives a run no chance to stop its decoding processes: they end themselves,
     leaving no multiprocessing folder in the temporary folder."""

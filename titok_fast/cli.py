@@ -306,7 +306,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     engine = _engine(args, model)
     summary = encode_files(
         model, engine, files, args.output, _settings(args, model, engine=engine),
-        workers=args.workers, worker_kind=args.worker_kind or "thread", read_ahead=args.batch_size,
+        workers=args.workers, worker_kind=args.worker_kind or "auto", read_ahead=args.batch_size,
         overwrite=args.overwrite,
         stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
@@ -756,10 +756,12 @@ def _add_stall_arg(p: argparse.ArgumentParser) -> None:
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker-kind",
-        choices=("thread", "process"),
-        default=None,  # (thread; None: not given, which --ray needs)
-        help="decode in threads, or in worker processes (frames come back through shared memory) where threads "
-        "stop scaling with cores (default thread)",
+        choices=("auto", "thread", "process"),
+        default=None,  # (auto; None: not given, which --ray needs)
+        help="decode in threads, or in worker processes (frames come back through shared memory), which go on "
+        "scaling with cores where threads stop; auto: processes from 8 workers on for sources (as the first file "
+        "to read) with frames of at most 307,200 pixels (640x480), threads otherwise and with --decoder nvdec "
+        "(default auto)",
     )
     p.add_argument(
         "--decoder",

@@ -72,6 +72,7 @@ from .video import (
     ClipReader,
     FeedInterleaver,
     VideoWriter,
+    auto_worker_kind,
     default_workers,
     interleaved_videos,
     normalize_pixels,
@@ -375,7 +376,7 @@ def encode_files(
     settings: ClipSettings,
     *,
     workers: int | None = None,
-    worker_kind: str = "thread",
+    worker_kind: str = "auto",
     read_ahead: int = 8,
     overwrite: bool = False,
     stall_seconds: float | None = STALL_SECONDS,
@@ -385,15 +386,16 @@ def encode_files(
     With ``shard`` ``(index, count)``, only the inputs of that shard (:func:`select_shard`), listed in a manifest
     of the shard's own (:func:`~titok_fast.manifest.manifest_name`).
 
-    Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``; default one per
-    core; taken from whichever file has one ready, :func:`~titok_fast.video.interleaved_videos`: up to
-    ``2 * workers`` files open, each at most ``read_ahead`` decoded clips ahead, fewer for clips kept at source
-    size) through ``engine.encode_stream``, so memory does not grow with a video's length and the GPU never waits
-    for a whole file. Frames are preprocessed where ``settings.preprocess`` places them (on the
-    model's device: batched per clip, overlapped with the model). A file's token file is written as soon as all
-    its clips are back; a file that fails (reading, or encoding after retrying its clips one by one) is reported,
-    the rest go on, as does one whose decoder gives no clip for ``stall_seconds`` (None: wait for ever; its stuck
-    worker is replaced). The progress bar shows clips/s and whether decoding or the model limits the run.
+    Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``, by default one per
+    core, and "auto": :func:`~titok_fast.video.worker_kind_for` by the first file's frame size; taken from whichever
+    file has one ready, :func:`~titok_fast.video.interleaved_videos`: up to ``2 * workers`` files open, each at most
+    ``read_ahead`` decoded clips ahead, fewer for clips kept at source size) through ``engine.encode_stream``, so
+    memory does not grow with a video's length and the GPU never waits for a whole file. Frames are preprocessed
+    where ``settings.preprocess`` places them (on the model's device: batched per clip, overlapped with the model).
+    A file's token file is written as soon as all its clips are back; a file that fails (reading, or encoding after
+    retrying its clips one by one) is reported, the rest go on, as does one whose decoder gives no clip for
+    ``stall_seconds`` (None: wait for ever; its stuck worker is replaced). The progress bar shows clips/s and
+    whether decoding or the model limits the run.
     """
     workers = workers or default_workers()
     outdir = Path(outdir)
@@ -403,6 +405,8 @@ def encode_files(
     start = time.perf_counter()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, engine.mode, files, outdir, settings, manifest, overwrite=overwrite)
+        if worker_kind == "auto":  # (by the first file to read)
+            worker_kind = auto_worker_kind(workers, settings.decoder, [p for p, _ in todo[:1]])
         writes = Writes(_threads_for(outdir))
         job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), start, writes)
         job.limits.workers, job.limits.worker_kind = workers, worker_kind

@@ -990,6 +990,42 @@ def watched_clips(reader: ClipReader, stall_seconds: float | None = STALL_SECOND
         feed.close()
 
 
+def worker_kind_for(workers: int, decoder: str = "cpu", frame_pixels: int | None = None) -> str:
+    """What worker kind "auto" means for ``workers`` decoding workers, ``decoder`` and sources of ``frame_pixels``
+    pixels a frame (None: not known): threads for NVDEC (its frames stay on the GPU, which a process cannot hand
+    over), below PROCESS_WORKERS_FROM workers and for frames larger than PROCESS_FRAME_PIXELS; processes
+    otherwise. A decoding thread holds the GIL for part of each frame's work (Python, PyAV's and torch's glue: an
+    eighth of a 456x256 H.264 clip's CPU time, 5% of a 720p one's), as does the thread feeding the model, so
+    threads reading small sources stop scaling at a few cores, whatever the machine has. A process has a GIL of
+    its own but costs a start (importing torch, about 2 CPU-seconds) and about 1.3 ms of CPU per MB of each clip
+    it hands over through shared memory (a fifth more CPU for a 456x256 clip, as much for a 720p one), which
+    large frames, whose threads scale, do not repay (benchmarks/RESULTS.md, "Decoding threads and the GIL")."""
+    if decoder == "nvdec" or workers < PROCESS_WORKERS_FROM:
+        return "thread"
+    return "thread" if frame_pixels is not None and frame_pixels > PROCESS_FRAME_PIXELS else "process"
+
+
+def auto_worker_kind(workers: int, decoder: str, paths: Iterable[str | os.PathLike[str]]) -> str:
+    """:func:`worker_kind_for` for reading ``paths``, with the frame size of the first of them (where ``paths``
+    is a sequence and the number of workers makes it matter)."""
+    first = paths[0] if isinstance(paths, Sequence) and len(paths) else None
+    asks = first is not None and decoder != "nvdec" and workers >= PROCESS_WORKERS_FROM
+    return worker_kind_for(workers, decoder, frame_pixels(first) if asks else None)
+
+
+def frame_pixels(path: str | os.PathLike[str]) -> int | None:
+    """Width x height of the video of ``path`` as its header says; None where there is none to tell (not a
+    regular file, no video stream, a file FFmpeg cannot open)."""
+    try:
+        container, _ = _open(os.fspath(path))
+        with container:
+            stream = video_stream(container)
+            context = stream.codec_context if stream is not None else None
+            return context.width * context.height if context is not None and context.width else None
+    except (VideoError, av.FFmpegError, OSError, ValueError):
+        return None
+
+
 def default_workers() -> int:
     """Decoding workers by default: one per CPU core this process may run on."""
     count = getattr(os, "process_cpu_count", None)  # Python 3.13+
@@ -1085,7 +1121,8 @@ def stream_videos(
     held: HeldBytes | None = None,
     **read_kwargs,
 ) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
-    """Read many videos with `workers` threads or processes (``worker_kind``), ahead of the consumer; yield
+    """Read many videos with `workers` threads or processes (``worker_kind``; "auto": :func:`worker_kind_for`),
+    ahead of the consumer; yield
     (path, ClipFeed) in order.
 
     At most `prefetch` files are open at a time, the one the consumer takes and those read ahead, each holding at
@@ -1112,8 +1149,10 @@ def stream_videos(
         raise ValueError(f"workers, prefetch and capacity must be >= 1; got {workers}, {prefetch} and {capacity}")
     if worker_kind not in WORKER_KINDS:
         raise ValueError(f"worker_kind must be one of {WORKER_KINDS}; got {worker_kind!r}")
-    if ClipReader("", **read_kwargs).decoder == "nvdec" and worker_kind == "process":  # bad arguments raise here
+    decoder = ClipReader("", **read_kwargs).decoder  # bad arguments raise here
+    if decoder == "nvdec" and worker_kind == "process":
         raise ValueError("decoder 'nvdec' leaves frames on the GPU: decode with worker_kind='thread'")
+    worker_kind = auto_worker_kind(workers, decoder, paths) if worker_kind == "auto" else worker_kind
     files = len(paths) if isinstance(paths, Sized) else None
     remaining = enumerate(paths)
     pending: deque[tuple[str | os.PathLike[str], ClipFeed]] = deque()
@@ -1290,7 +1329,11 @@ def _decode_feeds(tasks: _Tasks, abandoned: Sequence[threading.Thread]) -> None:
             return
 
 
-WORKER_KINDS = ("thread", "process")
+WORKER_KINDS = ("auto", "thread", "process")
+# "auto" decodes in worker processes from this many workers on and for frames of at most this many pixels, in
+# threads otherwise (worker_kind_for)
+PROCESS_WORKERS_FROM = 8
+PROCESS_FRAME_PIXELS = 640 * 480
 SHUTDOWN_SECONDS = 5.0  # a closing stream waits this long for its workers to end their clip
 _READER_STATE = ("source_fps", "clips_read", "last_clip_frames", "_chunk_length", "placement", "decoded_by", "pruned",
                  "source_stamp")  # fmt: skip
