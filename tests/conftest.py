@@ -1,8 +1,15 @@
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+# Under pytest-xdist (the README runs the suite with -n 2), each worker process gets its share of the cores for
+# torch's own threads: two workers each running a core's worth of threads on every core would spin against each
+# other. Tests that set a thread count of their own still do.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)
