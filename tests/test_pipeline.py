@@ -887,13 +887,17 @@ def test_progress_says_what_limits_the_run(monkeypatch):
     limits = pipeline.Limits(start=0.0, decoder="cpu", device_type="cuda")
     monkeypatch.setattr(pipeline.time, "perf_counter", lambda: 10.0)
     limits.clips, limits.workers, limits.waited = 50, 2, 7.0
-    assert limits.describe() == "5.00 clips/s, decode-bound (waits 70%): try --workers 16 or --decoder nvdec"
+    said = "5.00 clips/s, decode-bound (waits 70%, 2 decoding threads): try --workers 16 or --decoder nvdec"
+    assert limits.describe() == said
     limits.waited = 2.0
-    assert limits.describe() == "5.00 clips/s, model-bound (waits 20%)"
+    assert limits.describe() == "5.00 clips/s, model-bound (waits 20%, 2 decoding threads)"
     limits.waited, limits.workers = 9.0, 16
-    assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%): try --worker-kind process or --decoder nvdec"
+    said = "5.00 clips/s, decode-bound (waits 90%, 16 decoding threads): try --worker-kind process or --decoder nvdec"
+    assert limits.describe() == said
     limits.worker_kind, limits.decoder = "process", "nvdec"
-    assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%)"
+    assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%, 16 decoding processes)"
+    limits.workers = 1
+    assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%, 1 decoding process): try --workers 16"
     assert list(limits.waiting(iter([1, 2]))) == [1, 2]
 
 

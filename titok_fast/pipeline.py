@@ -871,6 +871,9 @@ def _device_fault(error: BaseException) -> bool:
     return isinstance(error, accelerator_error) or text.startswith("CUDA error") or "Triton Error [CUDA]" in text
 
 
+PLURALS = {"thread": "threads", "process": "processes"}
+
+
 class Limits:
     """What limits an encode run, for its progress bar: clips/s, and the share of the wall time the model's feeder
     spent waiting for decoded clips (over half: decoding is the bottleneck, and the hint says what to try)."""
@@ -899,18 +902,20 @@ class Limits:
         return True
 
     def describe(self) -> str:
-        """E.g. "12.3 clips/s, decode-bound (waits 71%): try --workers 16 or --decoder nvdec"."""
+        """E.g. "12.3 clips/s, decode-bound (waits 71%, 4 decoding threads): try --workers 16 or --decoder nvdec"."""
         wall = max(time.perf_counter() - self.start, 1e-9)
         share = min(self.waited / wall, 1.0)
         text = f"{self.clips / wall:.2f} clips/s, "
+        kind = self.worker_kind if self.workers == 1 else PLURALS[self.worker_kind]
+        said = f"waits {share:.0%}, {self.workers} decoding {kind}"  # (what --worker-kind auto chose, too)
         if share <= 0.5:
-            return text + f"model-bound (waits {share:.0%})"
+            return text + f"model-bound ({said})"
         if self.workers < default_workers():
             hints = [f"--workers {default_workers()}"]
         else:
             hints = ["--worker-kind process"] if self.worker_kind == "thread" else []
         hints += ["--decoder nvdec"] if self.decoder == "cpu" and self.device_type == "cuda" else []
-        return text + f"decode-bound (waits {share:.0%})" + (f": try {' or '.join(hints)}" if hints else "")
+        return text + f"decode-bound ({said})" + (f": try {' or '.join(hints)}" if hints else "")
 
 
 @dataclass
