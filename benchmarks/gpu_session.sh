@@ -35,8 +35,9 @@
 # commit: $COMMIT where the checkout has no .git), in ./gpu-results; or, with $OUT set, packed into
 # $OUT/results.tar.gz after every step, beside copies of targets.md and environment.txt (three files to copy back
 # from a remote machine, whatever the number of parts; the generated videos stay out of it). The machine may have
-# no network: Python packages it lacks (PyAV, omegaconf, PyNvVideoCodec) are installed from ./.wheels, which
-# `make wheels` fills on a machine that has one (without ruff, to stay small: the lint test skips without it).
+# no network: Python packages it lacks (PyAV, omegaconf, PyNvVideoCodec, pytest-xdist) are installed from
+# ./.wheels, which `make wheels` fills on a machine that has one (without ruff, to stay small: the lint test skips
+# without it).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -95,6 +96,9 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
         && ! "$python" -m pip install --quiet --no-index --find-links .wheels pynvvideocodec; then
         echo "PyNvVideoCodec is not installed: the NVDEC rows will say why" >&2  # optional, installed on its own
     fi
+    { [ "$1" != tests ] && [ "$1" != all ]; } || "$python" -c "import xdist" 2>/dev/null \
+        || "$python" -m pip install --quiet --no-index --find-links .wheels pytest-xdist 2>/dev/null \
+        || echo "pytest-xdist is not installed: the tests part runs on one core" >&2  # optional too
 }
 
 bench() {  # bench NAME PYTEST-K-EXPRESSION [SECONDS]: cut off after SECONDS (default 540, so that with the
@@ -106,7 +110,9 @@ bench() {  # bench NAME PYTEST-K-EXPRESSION [SECONDS]: cut off after SECONDS (de
 
 part() {
     case "$1" in
-        tests) timeout 540 "$python" -m pytest -q -rs tests -p no:cacheprovider 2>&1 | tee "$out/tests.txt" ;;
+        tests) local spread=() && "$python" -c "import xdist" 2>/dev/null && spread=(-n 4 --dist loadfile)
+               timeout 540 "$python" -m pytest -q -rs tests -p no:cacheprovider "${spread[@]}" 2>&1 \
+                   | tee "$out/tests.txt" ;;
         kernels) bench kernels "bench_kernels" ;;
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and b32 and (auto or fp8)" ;;
