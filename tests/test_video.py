@@ -2391,6 +2391,40 @@ def test_source_size_clips_read_ahead_are_bounded_in_bytes_and_all_come_in_order
     assert held.bytes == 0
 
 
+def test_a_worker_process_stacks_its_clips_into_a_few_shared_segments_it_reuses(monkeypatch):
+    """A new shared-memory segment per clip costs a worker process more than stacking the clip: it stacks each
+    into one of at most COUNT segments of the clip's shape, made once, taken again once the run gives it back
+    (a segment of an old shape is dropped then); with no room in shared memory, or the clip no longer wanted,
+    none (the clip gets a tensor of its own)."""
+    segments, sent, waits = video._Segments(), [], []
+
+    def run_answers() -> bool:  # the run copies out the oldest clip sent and gives its segment back
+        waits.append(len(sent))
+        segments.give_back(sent.pop(0))
+        return True
+
+    shape, made = (3, 8, 10, 3), set()
+    for _ in range(6):
+        segment = segments.take(shape, run_answers)
+        assert segment.is_shared() and segment.shape == shape and segment.dtype == torch.uint8
+        made.add(segment.data_ptr())
+        sent.append(segments.number_of(segment))
+    assert len(made) == video._Segments.COUNT == 2 and waits == [2, 2, 2, 2]
+    assert segments.number_of(torch.empty(shape, dtype=torch.uint8)) is None
+    old = sent.pop(0)  # given back only after clips of a new shape began
+    new = segments.take((3, 4, 4, 3), run_answers)
+    segments.give_back(old)
+    assert new.shape == (3, 4, 4, 3) and segments.take((3, 4, 4, 3), run_answers).data_ptr() != new.data_ptr()
+    assert all(t.shape == (3, 4, 4, 3) for n, t in segments.made.items() if n != sent[0])  # the old free one: gone
+    assert segments.take((3, 4, 4, 3), lambda: False) is None  # two of that shape out, and the clip not wanted
+
+    def no_room(self):
+        raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    assert segments.take((1, 2, 2, 3), run_answers) is None
+
+
 def test_a_worker_process_counts_its_source_size_clips_from_their_first_frame(tmp_path, monkeypatch):
     """A worker process asks the run for a source-size clip's room at its first frame and waits for it, as a
     thread does: with a bound below one clip and a consumer holding back, it has sent the clip queued and waits at
@@ -2415,10 +2449,11 @@ def test_a_worker_process_counts_its_source_size_clips_from_their_first_frame(tm
         clips = iter(feed)
         got = [next(clips)]  # the second clip is read meanwhile (its feed had nothing queued), then the third waits
         deadline = time.monotonic() + 30
-        while came.count("room") < 3 and came.count("clip") < 3 and time.monotonic() < deadline:
+        sent = lambda: came.count("clip") + came.count("shared")  # noqa: E731 (in a segment of its own or reused)
+        while came.count("room") < 3 and sent() < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.5)  # (a process reading on would have sent more by now)
-        assert (came.count("room"), came.count("clip")) == (3, 2) and held.bytes == clip_bytes
+        assert (came.count("room"), sent()) == (3, 2) and held.bytes == clip_bytes
         got += list(clips)
     assert len(got) == 10 and all(map(torch.equal, got, expected))
     assert held.bytes == 0 and held.most <= 2 * clip_bytes

@@ -218,6 +218,9 @@ class ClipReader:
         self.split_into = 1  # segments this reader may split its file into (see above; set by stream_videos)
         self.on_split: Callable[[list[Segment]], None] | None = None
         self.pin_memory = False  # placement "device": host clips in pinned memory (CUDA only; set by stream_videos)
+        # placement "device" in a worker process: where to stack a clip of a given shape (a shared-memory segment
+        # reused from clip to clip, _Segments; None: a new tensor)
+        self.clip_out: Callable[[tuple[int, ...]], torch.Tensor | None] | None = None
         self.held: HeldBytes | None = None  # placement "device": the bound on source-size clips (set by stream_videos)
         self.stop: threading.Event | None = None  # set when the reader's clips are no longer wanted (its feed closed)
         self.nothing_queued: Callable[[], bool] | None = None  # whether its feed's queue is empty (set with held)
@@ -517,7 +520,8 @@ class ClipReader:
             if self.pin_memory and images[0].device.type == "cpu":
                 pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
                 return self._holding(stack_here(images, out=pinned))
-            return self._holding(stack_here(images))
+            out = self.clip_out((len(images), *images[0].shape)) if self.clip_out is not None else None
+            return self._holding(stack_here(images, out=out))
         self.drop_reservation()  # a small clip now
         clip = stack_here(images, dim=1)
         return clip if self.raw else normalize_pixels(clip, torch.float32)
@@ -1378,6 +1382,7 @@ class _DecoderProcess:
         self.piped = piped or threading.Lock()  # taken by the first clip that came through a pipe (the run is told)
         self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
         self.files = 0  # files given to the process: the number of the one it reads
+        self.mapped: dict[int, torch.Tensor] = {}  # the process's reused segments, as mapped here (_Segments)
         self._start()
 
     def _start(self) -> None:
@@ -1497,6 +1502,11 @@ class _DecoderProcess:
                     self._send(("room", number))
                     heard = time.monotonic()  # the wait for room was not the process's
                     continue
+                if kind == "shared":  # a clip in one of the process's reused segments: copied out, and given back
+                    kept, shared = value  # (kept mapped: the next clip in it comes without mapping it anew)
+                    self.mapped = {k: t for k, t in self.mapped.items() if t.shape == shared.shape} | {kept: shared}
+                    value, kind = _copied(shared, feed.reader.pin_memory), "clip"
+                    self._send(("freed", number, kept))
                 if kind == "piped":  # a clip that found no room in shared memory
                     value, why = value
                     value, kind = torch.from_numpy(value), "clip"
@@ -1532,6 +1542,7 @@ class _DecoderProcess:
     def _kill(self) -> None:
         """Kill the process and remove its multiprocessing folder (the socket through which it shares tensors),
         which a killed process cannot: one would be left in the temporary folder per file that stalled."""
+        self.mapped = {}  # (its segments: unmapped here too)
         if self.started:
             self.process.kill()
             self.process.join(timeout=0.5)  # not longer: one stuck in a read dies only once the read returns
@@ -1559,13 +1570,59 @@ def _serve_files(pipe, read_kwargs: dict, parent: int) -> None:
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     run = _RunPipe(pipe)
+    segments = _Segments()
     try:
         run.send(("ready", _own_temp_dir(), {}))
         while (task := run.recv()) is not None:
-            if task[0] == "task" and _serve_file(run, *task[1:], read_kwargs):
+            if task[0] == "freed":
+                segments.give_back(task[2])
+            elif task[0] == "task" and _serve_file(run, *task[1:], read_kwargs, segments):
                 break
     except _RunGone:
         _exit_now()
+
+
+class _Segments:
+    """A worker process's shared-memory segments for source-size clips, reused from clip to clip: a new one for
+    each clip costs four times the clip's stacking (its pages are allocated and zeroed: benchmarks/
+    handover_cost.py), so the run copies each clip out as it comes, then gives its segment back ("freed"). At
+    most COUNT of the current clip shape; a segment of another shape is dropped when it comes back."""
+
+    COUNT = 2  # one on its way to the run while the next clip is stacked
+
+    def __init__(self):
+        self.made: dict[int, torch.Tensor] = {}  # number -> segment (of any shape: those of another are on their way)
+        self.free: list[int] = []
+        self.next = 0
+
+    def take(self, shape: tuple[int, ...], wait: Callable[[], bool]) -> torch.Tensor | None:
+        """A free segment of ``shape``, made if fewer than COUNT of that shape exist, else waited for (``wait``:
+        takes the run's next message; False once the clip is no longer wanted); None where none can be had (no
+        room in shared memory, or not wanted)."""
+        for k in [k for k in self.free if self.made[k].shape != shape]:  # of another shape: dropped
+            self.free.remove(k)
+            del self.made[k]
+        if not self.free and sum(t.shape == shape for t in self.made.values()) < self.COUNT:
+            try:
+                segment = torch.empty(shape, dtype=torch.uint8).share_memory_()
+            except Exception:  # no room in /dev/shm: a tensor of its own, which then goes through the pipe
+                _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
+                return None
+            self.made[self.next], self.next = segment, self.next + 1
+            self.free.append(self.next - 1)
+        while not self.free:
+            if not wait():
+                return None
+        return self.made[self.free.pop()]
+
+    def number_of(self, clip: torch.Tensor) -> int | None:
+        """Which segment ``clip`` is, if one."""
+        return next((k for k, t in self.made.items() if t is clip), None)
+
+    def give_back(self, number: int) -> None:
+        """Segment ``number`` is free again: the run has copied its clip out."""
+        if number in self.made and number not in self.free:
+            self.free.append(number)
 
 
 def _own_temp_dir() -> str:
@@ -1629,16 +1686,26 @@ class _RoomOfRun:
 
 
 def _serve_file(
-    run: _RunPipe, number: int, path: str, timed: bool, segment: Segment | None, split_into: int, read_kwargs: dict
+    run: _RunPipe,
+    number: int,
+    path: str,
+    timed: bool,
+    segment: Segment | None,
+    split_into: int,
+    read_kwargs: dict,
+    segments: _Segments,
 ) -> bool:
     """Read file ``number`` of this process, sending a clip only while it has a credit (see
-    :class:`_DecoderProcess`), then the file's final message; True when the run said to stop meanwhile."""
+    :class:`_DecoderProcess`), then the file's final message; True when the run said to stop meanwhile.
+    Source-size clips are stacked into ``segments``."""
     credits, cancelled, stop, room = _DecoderProcess.CREDITS, False, False, False
 
     def take(message) -> None:
         nonlocal credits, cancelled, stop, room
         if message is None:  # the run stops
             cancelled = stop = True
+        elif message[0] == "freed":  # (whichever file's clip it held)
+            segments.give_back(message[2])
         elif message[1] == number:  # others are late: for a file that has ended
             credits, cancelled = credits + (message[0] == "credit"), cancelled or message[0] == "cancel"
             room = room or message[0] == "room"
@@ -1654,7 +1721,13 @@ def _serve_file(
     reader = ClipReader(path, segment=segment, **read_kwargs)
     reader.held = _RoomOfRun(ask_room)
     reader.split_into = split_into
-    reader.on_split = lambda segments: run.send(("split", segments, CLOCK.take()))  # before the first clip
+    reader.on_split = lambda parts: run.send(("split", parts, CLOCK.take()))  # before the first clip
+
+    def wait_for_segment() -> bool:
+        take(run.recv())
+        return not cancelled
+
+    reader.clip_out = lambda shape: segments.take(shape, wait_for_segment)
     try:
         for clip in reader:
             while run.poll():
@@ -1666,10 +1739,13 @@ def _serve_file(
                 return stop
             spent = CLOCK.take()
             try:
-                run.send(("clip", clip, spent))
+                kept = segments.number_of(clip)
+                run.send(("clip", clip, spent) if kept is None else ("shared", (kept, clip), spent))
             except Exception as exc:  # no room in shared memory (a container's /dev/shm is 64 MB unless raised):
                 # nothing of the message was sent (it failed while being pickled); the clip goes through the pipe
                 _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
+                if kept is not None:  # (not sent: the run will not give it back)
+                    segments.give_back(kept)
                 run.send(("piped", (clip.numpy(), f"{type(exc).__name__}: {exc}"), spent))
             credits -= 1
         run.send(("end", {name: getattr(reader, name) for name in _READER_STATE}, CLOCK.take()))
@@ -1678,6 +1754,13 @@ def _serve_file(
     except Exception as exc:  # an unforeseen failure on one file must not stop the others
         run.send(("error", unforeseen(path, exc), CLOCK.take()))
     return stop
+
+
+def _copied(clip: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """A copy of ``clip`` of the run's own (in pinned memory with ``pin_memory``): one copy, without the GIL."""
+    out = torch.empty(clip.shape, dtype=clip.dtype, pin_memory=pin_memory)
+    np.copyto(out.numpy(), clip.numpy())
+    return out
 
 
 def _end_with(parent: int) -> None:
