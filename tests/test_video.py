@@ -2417,6 +2417,13 @@ def test_a_worker_process_stacks_its_clips_into_a_few_shared_segments_it_reuses(
     assert new.shape == (3, 4, 4, 3) and segments.take((3, 4, 4, 3), run_answers).data_ptr() != new.data_ptr()
     assert all(t.shape == (3, 4, 4, 3) for n, t in segments.made.items() if n != sent[0])  # the old free one: gone
     assert segments.take((3, 4, 4, 3), lambda: False) is None  # two of that shape out, and the clip not wanted
+    late = [sent[0], segments.number_of(new)]  # an old one comes back first while it waits: not taken, dropped
+
+    def in_order() -> bool:
+        segments.give_back(late.pop(0))
+        return True
+
+    assert segments.take((3, 4, 4, 3), in_order) is new and not late and len(segments.made) == 2
 
     def no_room(self):
         raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")

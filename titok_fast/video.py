@@ -1599,21 +1599,22 @@ class _Segments:
         """A free segment of ``shape``, made if fewer than COUNT of that shape exist, else waited for (``wait``:
         takes the run's next message; False once the clip is no longer wanted); None where none can be had (no
         room in shared memory, or not wanted)."""
-        for k in [k for k in self.free if self.made[k].shape != shape]:  # of another shape: dropped
-            self.free.remove(k)
-            del self.made[k]
-        if not self.free and sum(t.shape == shape for t in self.made.values()) < self.COUNT:
-            try:
-                segment = torch.empty(shape, dtype=torch.uint8).share_memory_()
-            except Exception:  # no room in /dev/shm: a tensor of its own, which then goes through the pipe
-                _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
-                return None
-            self.made[self.next], self.next = segment, self.next + 1
-            self.free.append(self.next - 1)
-        while not self.free:
+        while True:
+            for k in [k for k in self.free if self.made[k].shape != shape]:  # of another shape: dropped
+                self.free.remove(k)
+                del self.made[k]
+            if self.free:
+                return self.made[self.free.pop()]
+            if sum(t.shape == shape for t in self.made.values()) < self.COUNT:
+                try:
+                    segment = torch.empty(shape, dtype=torch.uint8).share_memory_()
+                except Exception:  # no room in /dev/shm: a tensor of its own, which then goes through the pipe
+                    _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
+                    return None
+                self.made[self.next], self.next = segment, self.next + 1
+                return segment
             if not wait():
                 return None
-        return self.made[self.free.pop()]
 
     def number_of(self, clip: torch.Tensor) -> int | None:
         """Which segment ``clip`` is, if one."""
