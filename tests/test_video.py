@@ -2432,6 +2432,20 @@ def test_a_worker_process_stacks_its_clips_into_a_few_shared_segments_it_reuses(
     assert segments.take((1, 2, 2, 3), run_answers) is None
 
 
+@pytest.mark.gpu
+def test_worker_processes_hand_source_size_clips_over_in_pinned_memory_on_cuda(files):
+    """For a CUDA model, threads stack source-size clips into pinned memory; a process's clips are copied there
+    as they come: the same clips, ready for an upload that does not wait."""
+    kwargs = dict(frames=4, height=16, width=16, fps=24, preprocess="device", device="cuda")
+    got = {}
+    for kind in ("thread", "process"):
+        stream = video.stream_videos([files["index24"]], workers=1, prefetch=1, worker_kind=kind, **kwargs)
+        got[kind] = [clip for _, feed in stream for clip in feed]
+    assert len(got["process"]) == len(got["thread"]) == 12
+    assert all(clip.is_pinned() and clip.dtype == torch.uint8 for clips in got.values() for clip in clips)
+    assert all(map(torch.equal, got["process"], got["thread"]))
+
+
 def test_a_worker_process_counts_its_source_size_clips_from_their_first_frame(tmp_path, monkeypatch):
     """A worker process asks the run for a source-size clip's room at its first frame and waits for it, as a
     thread does: with a bound below one clip and a consumer holding back, it has sent the clip queued and waits at

@@ -1195,8 +1195,9 @@ def stream_videos(
                 current.close()  # its worker, if still decoding, frees its thread for the files ahead
             for number, path in remaining:
                 feed = ClipFeed(ClipReader(path, **read_kwargs), capacity, feed_stall, replace)
-                # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload
-                feed.reader.pin_memory = threads_decode and read_kwargs.get("device") == "cuda"
+                # threads stack source-size clips straight into pinned memory, ready for a CUDA device's upload; a
+                # process's are copied there as they come (_DecoderProcess)
+                feed.reader.pin_memory = read_kwargs.get("device") == "cuda"
                 if threads_decode:  # (a process's clips are held to it as they come: _DecoderProcess)
                     reader = feed.reader
                     reader.held, reader.stop, reader.nothing_queued = held, feed._closed, feed._queue.empty
