@@ -1001,9 +1001,10 @@ def worker_kind_for(workers: int, decoder: str = "cpu", frame_pixels: int | None
     otherwise. A decoding thread holds the GIL for part of each frame's work (Python, PyAV's and torch's glue: an
     eighth of a 456x256 H.264 clip's CPU time, 5% of a 720p one's), as does the thread feeding the model, so
     threads reading small sources stop scaling at a few cores, whatever the machine has. A process has a GIL of
-    its own but costs a start (importing torch, about 2.5 CPU-seconds) and about 2 ms of CPU per MB of each clip
-    it hands over through shared memory (three tenths more CPU per clip, at 456x256 and at 720p alike), which
-    large frames, whose threads scale, do not repay (benchmarks/RESULTS.md, "Decoding threads and the GIL")."""
+    its own but costs a start (importing torch, about 2.5 CPU-seconds) and the hand-over of each clip through
+    shared memory (three tenths more CPU per clip at 456x256 and at 720p alike, as measured before a process
+    reused its segments: _Segments), which large frames, whose threads scale, do not repay
+    (benchmarks/RESULTS.md, "Decoding threads and the GIL")."""
     if decoder == "nvdec" or workers < PROCESS_WORKERS_FROM:
         return "thread"
     return "thread" if frame_pixels is not None and frame_pixels > PROCESS_FRAME_PIXELS else "process"
