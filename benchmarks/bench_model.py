@@ -70,12 +70,14 @@ def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list, path
     return stack.flops(rows)  # "fixed" counts the same: the real rows only, the padding up to the budget is not
 
 
-def engine_paths(rows: list[int], mode: str, device: torch.device, budgets, max_clips: int) -> list[tuple[list, str]]:
-    """The batches an engine in ``mode`` runs clips of ``rows`` packed rows in (clip positions), each with the
-    path it takes (``"eager"`` or ``"fixed"``): batched and picked as ``Engine`` does."""
+def engine_paths(
+    rows: list[int], mode: str, device: torch.device, budgets, max_clips: int, stage: str = "encode"
+) -> list[tuple[list, str]]:
+    """The batches an engine in ``mode`` runs ``stage`` clips of ``rows`` packed rows in (clip positions), each
+    with the path it takes (``"eager"`` or ``"fixed"``): batched and picked as ``Engine`` does."""
     out = []
     for batch in plan_batches(rows, budgets, max_clips):
-        picked = auto_mode(sum(rows[i] for i in batch), device, budgets) if mode == "auto" else mode
+        picked = auto_mode(sum(rows[i] for i in batch), device, budgets, stage) if mode == "auto" else mode
         out.append((batch, "eager" if picked == "eager" else "fixed"))
     return out
 
@@ -85,7 +87,7 @@ def executed_flops(runner, config: TiTokConfig, stage: str, shapes: list, counts
     runs, the lean model its packed path, upstream's paths and the oracle every row through every layer."""
     if isinstance(runner, Engine):
         rows = [n + g for n, g in zip(counts, _patches(config, shapes), strict=True)]
-        paths = engine_paths(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips)
+        paths = engine_paths(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips, stage)
         flops = sum(clip_flops(config, stage, [shapes[i] for i in b], [counts[i] for i in b], p) for b, p in paths)
         return flops, "; ".join(FLOP_COUNTS[p] for p in sorted({p for _, p in paths}))
     path = "eager" if isinstance(runner, TiTok) else "model"

@@ -69,9 +69,11 @@ def test_each_provider_counts_the_path_it_runs():
 
 
 def test_auto_counts_each_batch_by_the_mode_it_picks():
-    """On a GPU auto runs a small batch as a CUDA graph (fixed shape) and a large one eagerly."""
+    """On a GPU auto runs a small encode batch as a CUDA graph (fixed shape) and a large one, or any decode batch,
+    eagerly."""
     rows = [3136 + 256] * 21  # 19 clips fill the largest budget; the last 2 pad to 8192 rows: a graph
     paths = bench_model.engine_paths(rows, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 32)
     assert [(len(batch), path) for batch, path in paths] == [(19, "eager"), (2, "fixed")]
     cpu = bench_model.engine_paths(rows, "auto", torch.device("cpu"), DEFAULT_BUDGETS, 32)
-    assert {path for _, path in cpu} == {"eager"}
+    decode = bench_model.engine_paths(rows, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 32, "decode")
+    assert {path for _, path in cpu} == {path for _, path in decode} == {"eager"}  # (decode batches: eager)

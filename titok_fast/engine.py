@@ -12,9 +12,9 @@ Modes:
 - ``compile``: ``torch.compile`` of the fixed-shape path, one graph per (stage, budget); the batch is padded to
   the budget and its layout lives in persistent buffers refilled per batch, so batches never recompile.
 - ``cudagraph``: one CUDA graph per (stage, budget), captured after a warm-up and replayed with refilled buffers.
-- ``auto``: per batch, by a fixed rule on its shape and the device (never by timing, see :func:`auto_mode`):
-  ``cudagraph`` for a small batch on CUDA, where launch overhead dominates and a graph removes it, else ``eager``,
-  which never pays for padding.
+- ``auto``: per batch, by a fixed rule on its stage, shape and the device (never by timing, see
+  :func:`auto_mode`): ``cudagraph`` for a small encode batch on CUDA, where launch overhead dominates and a graph
+  removes it, else ``eager``, which never pays for padding.
 
 An out-of-memory error during a batch splits it in two and retries; a single clip that does not fit is an error
 naming it. Nothing is lost.
@@ -50,9 +50,10 @@ from .patches import patch_grid, patchify, unpatchify
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768, 65536)
 CAPTURE_MODE = "thread_local"  # a capture refuses unsafe CUDA calls of its own thread only (module header)
 MODES = ("auto", "eager", "static", "compile", "cudagraph")
-# auto: the largest batch (packed rows) that runs as a CUDA graph. Measured on an H200 (benchmarks/RESULTS.md):
-# graphs won at batch 1 (3136-3904 rows: encode 1.34-1.63x, decode ~1.0x) and lost at batch 8 and up (25k+ rows:
-# 0.78-0.96x, the padding to the budget costing more than the launches saved).
+# auto: the largest encode batch (packed rows) that runs as a CUDA graph. Measured on an H200 (benchmarks/RESULTS.md):
+# graphs won at batch 1 (3136-3904 rows: encode 1.34-1.63x, then 2.70x) and lost at batch 8 and up (25k+ rows:
+# 0.78-0.96x, the padding to the budget costing more than the launches saved). Decode batches never won: ~1.0x,
+# then 0.95x at batch 1, so they run eager.
 AUTO_GRAPH_MAX_ROWS = 8192
 PADDING = 0.0  # what the fixed-shape path's input rows hold where no patch is
 TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
@@ -163,11 +164,11 @@ def plan_batches(rows: Sequence[int], budgets: Sequence[int], max_clips: int) ->
     return list(pack_greedily(range(len(rows)), rows.__getitem__, max(budgets), max_clips))
 
 
-def auto_mode(rows: int, device: torch.device, budgets: Sequence[int] = DEFAULT_BUDGETS) -> str:
-    """The mode ``auto`` runs a batch of ``rows`` packed rows in on ``device``: ``"cudagraph"`` on CUDA when the
-    budget the batch would be padded to (the smallest of ``budgets`` that holds it) is at most
-    ``AUTO_GRAPH_MAX_ROWS`` rows, else ``"eager"``."""
-    if device.type != "cuda" or rows > max(budgets):
+def auto_mode(rows: int, device: torch.device, budgets: Sequence[int] = DEFAULT_BUDGETS, stage: str = "encode") -> str:
+    """The mode ``auto`` runs a ``stage`` ("encode" or "decode") batch of ``rows`` packed rows in on ``device``:
+    ``"cudagraph"`` for an encode batch on CUDA when the budget it would be padded to (the smallest of ``budgets``
+    that holds it) is at most ``AUTO_GRAPH_MAX_ROWS`` rows, else ``"eager"`` (a decode batch always)."""
+    if device.type != "cuda" or stage != "encode" or rows > max(budgets):
         return "eager"
     return "cudagraph" if pick_budget(rows, budgets) <= AUTO_GRAPH_MAX_ROWS else "eager"
 
@@ -511,7 +512,7 @@ class Engine:
         counts = [n for _, _, n in batch]
         grids = [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos]
         patches = torch.cat([patchify(v, cfg.patch_size) for v in videos])
-        mode, budget = self._plan(counts, grids)
+        mode, budget = self._plan(counts, grids, "encode")
         if mode == "eager":
             codes, indices = model.encode_packed(patches, model.packing(counts, grids))
         else:
@@ -530,7 +531,7 @@ class Engine:
         shapes = [tuple(shape) for _, _, shape in batch]
         counts = [idx.numel() for idx in indices]
         grids = [patch_grid(s, cfg.patch_size) for s in shapes]
-        mode, budget = self._plan(counts, grids)
+        mode, budget = self._plan(counts, grids, "decode")
         if mode == "eager":
             pack = model.packing(counts, grids)
             return model.videos_from_rows(model.decode_packed(torch.cat(indices), pack), pack, shapes)
@@ -543,10 +544,11 @@ class Engine:
         return [unpatchify(p, s, cfg.patch_size).clone() for p, s in zip(patches, shapes, strict=True)]
 
     # ------------------------------------------------------------------------------------ fixed-shape path
-    def _plan(self, counts: list[int], grids: list) -> tuple[str, int]:
-        """(mode, token budget) of a batch: ``auto`` picks per batch (:func:`auto_mode`), the others are fixed."""
+    def _plan(self, counts: list[int], grids: list, stage: str) -> tuple[str, int]:
+        """(mode, token budget) of a ``stage`` batch: ``auto`` picks per batch (:func:`auto_mode`), the others are
+        fixed."""
         rows = sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True))
-        mode = auto_mode(rows, self.model.device, self.budgets) if self.mode == "auto" else self.mode
+        mode = auto_mode(rows, self.model.device, self.budgets, stage) if self.mode == "auto" else self.mode
         if mode == "eager":
             return mode, 0
         if rows > self.budgets[-1]:
