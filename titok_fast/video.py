@@ -1013,9 +1013,10 @@ def worker_kind_for(workers: int, decoder: str = "cpu", frame_pixels: int | None
 def auto_worker_kind(workers: int, decoder: str, paths: Iterable[str | os.PathLike[str]]) -> str:
     """:func:`worker_kind_for` for reading ``paths``, with the frame size of the first of them (where ``paths``
     is a sequence and the number of workers makes it matter)."""
-    first = paths[0] if isinstance(paths, Sequence) and len(paths) else None
-    asks = first is not None and decoder != "nvdec" and workers >= PROCESS_WORKERS_FROM
-    return worker_kind_for(workers, decoder, frame_pixels(first) if asks else None)
+    kind = worker_kind_for(workers, decoder)  # (threads whatever the size: no file is opened to ask)
+    if kind == "thread" or not isinstance(paths, Sequence) or not paths:
+        return kind
+    return worker_kind_for(workers, decoder, frame_pixels(paths[0]))
 
 
 def frame_pixels(path: str | os.PathLike[str]) -> int | None:
@@ -1127,8 +1128,7 @@ def stream_videos(
     **read_kwargs,
 ) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
     """Read many videos with `workers` threads or processes (``worker_kind``; "auto": :func:`worker_kind_for`),
-    ahead of the consumer; yield
-    (path, ClipFeed) in order.
+    ahead of the consumer; yield (path, ClipFeed) in order.
 
     At most `prefetch` files are open at a time, the one the consumer takes and those read ahead, each holding at
     most `capacity` decoded clips that the consumer has not taken, so memory stays bounded whatever the videos'
