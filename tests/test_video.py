@@ -1292,6 +1292,40 @@ def test_the_cut_short_check_reads_few_times_and_refuses_a_strangers_endless_box
     assert len(reads) <= 2 * video.MAX_BOXES_WALKED * 8 // (video.BOX_WINDOW - 16) + 2
 
 
+@pytest.mark.parametrize("media", [0, 8 << 20], ids=["more-boxes-than-its-size-allows", "a-size-that-allows-them"])
+def test_a_moov_of_endless_tiny_children_is_walked_a_window_at_a_time_and_refused_past_what_its_size_allows(
+    tmp_path, monkeypatch, media
+):
+    """A "moov" of 200,000 empty child boxes before its track: walked a header a system call, 100 MB of them took a
+    minute of CPU. The children are read a window at a time and counted, as the top-level boxes are, against what
+    the file's size allows: refused past it; in a file large enough for them, walked to the track, whose sample
+    count is read."""
+    reads, pread = [], os.pread
+    monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
+    count = (100_000_000).to_bytes(4, "big")
+    table = _box(b"trak", _box(b"mdia", _box(b"minf", _box(b"stbl", _box(b"stsz", bytes(8) + count)))))
+    children = 200_000
+    data = _box(b"ftyp", b"isom" + bytes(4)) + _box(b"moov", _box(b"free") * children + table)
+    path = tmp_path / "children.mp4"
+    with open(path, "wb") as f:  # (sparse: the media is never written)
+        f.write(data + (media + 8).to_bytes(4, "big") + b"mdat")
+        f.truncate(len(data) + 8 + media)
+    size = path.stat().st_size
+    if media:
+        found = f"^its index declares 100,000,000 samples in a file of {size:,} bytes"
+        with pytest.raises(video.TooManySamples, match=found):
+            video._cut_short(str(path), size)
+    else:
+        most = max(video.MAX_BOXES_WALKED, size // video.ISO_BOX_BYTES)
+        assert children > most
+        with pytest.raises(video.TooManyBoxes, match=(
+            rf"^its {size:,} bytes hold more than {most:,} boxes in 'moov' and 'moof', under "
+            rf"{video.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
+        )):  # fmt: skip
+            video._cut_short(str(path), size)
+    assert len(reads) <= len(data) // (video.BOX_WINDOW - 16) + 4
+
+
 def test_the_walk_past_large_fragments_reads_a_few_kb_a_fragment_and_stops_after_max_boxes_walked_reads(
     tmp_path, monkeypatch
 ):

@@ -2006,9 +2006,10 @@ ISO_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")  # (Qui
 ISO_SAMPLE_PARENTS = (b"trak", b"mdia", b"minf", b"stbl", b"traf")  # boxes on the way to a sample count
 MAX_BOXES_WALKED = 1 << 16  # RIFF chunks, Matroska elements walked; past this many, no verdict (MP4: see below)
 # An MP4's top-level boxes are walked to its end, so that no sample count hides past the walk: as many as one per
-# this many bytes of the file (MAX_BOXES_WALKED at least); a file of more is refused. FFmpeg's fragments average 50
-# bytes a box at the fewest: a 16 x 16 frame each, with its segment index and producer time ("sidx", "prft",
-# "moof", "mdat": 202 bytes). (8-byte boxes up to that many: about a million walked a second, 3 s per 100 MB.)
+# this many bytes of the file (MAX_BOXES_WALKED at least), and as many boxes inside its "moov" and "moof" boxes; a
+# file of more is refused. FFmpeg's fragments average 56 bytes a top-level box at the fewest, and 44 bytes a box
+# inside them: a 16 x 16 frame each, with its segment index and producer time ("sidx", "prft", "moof", "mdat": 202
+# bytes). (8-byte boxes up to that many: 3 s per 100 MB at the top level, 8 s inside a "moov".)
 ISO_BOX_BYTES = 32
 BOX_HEADER = struct.Struct(">I4s")  # a box's 32-bit size and type
 BOX_WINDOW = 1 << 16  # box headers are read this many bytes at a time (small fragments: many headers a read)
@@ -2045,8 +2046,8 @@ def _iso_cut_short(f, size: int) -> str | None:
     TooManyBoxes where it has more boxes than its size allows (one per ISO_BOX_BYTES bytes, MAX_BOXES_WALKED at
     least): the walk is bounded by the file's size, and a count behind padding is read or the file refused."""
     at, window, window_at, window_end, indexed, budget, samples = 0, b"", 0, -1, 0, SIDX_BUDGET, 0
-    most, reads = max(MAX_BOXES_WALKED, size // ISO_BOX_BYTES), 0
-    for _ in range(most):
+    boxes, children, reads = _BoxCount(size, "top-level boxes"), _BoxCount(size, "boxes in 'moov' and 'moof'"), 0
+    while True:
         if not window_at <= at <= window_end:  # the header is not all in hand: read on from it (to the size looked at)
             if reads == MAX_BOXES_WALKED:
                 return None
@@ -2055,6 +2056,7 @@ def _iso_cut_short(f, size: int) -> str | None:
             window_end, reads = at + len(window) - 16, reads + 1
             if len(window) < 8:  # the end, or a few bytes too few to tell a cut header from trailing ones
                 break
+        boxes.one_more()
         length, kind = BOX_HEADER.unpack_from(window, at - window_at)
         fields = 8
         if length == 1:  # a 64-bit size follows the type
@@ -2069,34 +2071,47 @@ def _iso_cut_short(f, size: int) -> str | None:
             return f"its '{kind.decode()}' box runs to byte {at + length:,} but the file ends at byte {size:,}"
         if kind == b"sidx" and length <= budget:  # past the budget, indexes are not read: no verdict from them
             indexed, budget = max(indexed, _sidx_end(os.pread(f.fileno(), length, at), at, fields)), budget - length
-        if kind in (b"moov", b"moof"):  # (read whole where small, as they are; a larger one a header at a time)
-            if window_at <= at and at + length <= window_at + len(window):
-                read = functools.partial(_slice, window, window_at)
-            elif length <= BOX_WINDOW:
-                read = functools.partial(_slice, os.pread(f.fileno(), length, at), at)
-            else:
-                read = functools.partial(_pread, f.fileno())
-            samples += _iso_samples(read, at + fields, at + length)
+        if kind in (b"moov", b"moof"):  # (its children from the window in hand, or a window read at them)
+            samples += _iso_samples(_Window(f.fileno(), window, window_at), at + fields, at + length, children)
             if samples > size:
                 raise TooManySamples(f"its index declares {samples:,} samples in a file of {size:,} bytes (each "
                                      "sample takes one byte at least: a damaged or crafted index)")  # fmt: skip
         at += length
-    else:  # as many boxes as its size allows
-        if at + 8 <= size:
-            raise TooManyBoxes(f"its {size:,} bytes hold more than {most:,} top-level boxes, under {ISO_BOX_BYTES} "
-                               "bytes a box (no muxer writes boxes that small: a damaged or crafted file)")  # fmt: skip
     if indexed > size:
         return f"its 'sidx' segment index runs to byte {indexed:,} but the file ends at byte {size:,}"
     return None
 
 
-def _slice(data: bytes, base: int, at: int, count: int) -> bytes:
-    """``count`` bytes at file position ``at`` of ``data``, the bytes of the file from ``base``."""
-    return data[at - base : at - base + count]
+class _Window:
+    """``read(at, count)``: ``count`` bytes of the open file ``fd`` from byte ``at``, from the bytes in hand (``data``,
+    the file's from byte ``base``) where they hold them, else read from ``at`` on: BOX_WINDOW bytes where the walk
+    goes on past them (small boxes: many headers a read, not a system call each), BOX_HOP_WINDOW where it hopped
+    (past a large box, as a sample table: few headers nearby)."""
+
+    def __init__(self, fd: int, data: bytes = b"", base: int = 0):
+        self.fd, self.data, self.base = fd, data, base
+
+    def __call__(self, at: int, count: int) -> bytes:
+        if not self.base <= at <= at + count <= self.base + len(self.data):
+            hopped = not self.base <= at <= self.base + len(self.data)
+            self.data, self.base = os.pread(self.fd, BOX_HOP_WINDOW if hopped else BOX_WINDOW, at), at
+        return self.data[at - self.base : at - self.base + count]
 
 
-def _pread(fd: int, at: int, count: int) -> bytes:
-    return os.pread(fd, count, at)
+class _BoxCount:
+    """The ``boxes`` walked in an ISO BMFF file of ``size`` bytes (its top-level ones, or those inside its "moov"
+    and "moof" boxes): as many as its size allows (one per ISO_BOX_BYTES bytes, MAX_BOXES_WALKED at least), then
+    TooManyBoxes. The walk's time is bounded by the file's size, however its boxes nest."""
+
+    def __init__(self, size: int, boxes: str):
+        self.size, self.boxes, self.most, self.walked = size, boxes, max(MAX_BOXES_WALKED, size // ISO_BOX_BYTES), 0
+
+    def one_more(self) -> None:
+        self.walked += 1
+        if self.walked > self.most:
+            raise TooManyBoxes(f"its {self.size:,} bytes hold more than {self.most:,} {self.boxes}, under "
+                               f"{ISO_BOX_BYTES} bytes a box (no muxer writes boxes that small: a damaged or crafted "
+                               "file)")  # fmt: skip
 
 
 class TooManySamples(Exception):
@@ -2105,33 +2120,38 @@ class TooManySamples(Exception):
 
 
 class TooManyBoxes(TooManySamples):
-    """An MP4 with more top-level boxes than its size allows (one per ISO_BOX_BYTES bytes): a sample count past
-    those walked would go unread (512 KB of empty boxes before an index that declares 100 million samples), so it
-    is refused as one that declares too many samples is."""
+    """An MP4 with more boxes than its size allows (one per ISO_BOX_BYTES bytes): a sample count past those walked
+    would go unread (512 KB of empty boxes before an index that declares 100 million samples), so it is refused as
+    one that declares too many samples is; and the walk's time stays bounded by the file's size (100 MB of 8-byte
+    boxes inside a "moov" took a minute of CPU to walk)."""
 
 
-def _iso_samples(read: Callable[[int, int], bytes], at: int, end: int, depth: int = 0) -> int:
+def _iso_samples(read: Callable[[int, int], bytes], at: int, end: int, boxes: _BoxCount, depth: int = 0) -> int:
     """The samples the sample-size boxes ("stsz", "stz2": a track's count) and track runs ("trun": a fragment's)
     in a "moov" or "moof" box declare, its child boxes in bytes [at, end) of ``read(position, count)`` (ISO/IEC
     14496-12, 8.7.3 and 8.8.8). A count there is not bounded by the box's size (a constant sample size, or run
     fields left to defaults). Not counted: a track libav indexes by chunk (bounded by the chunk table), as old
-    QuickTime files store PCM and IMA4 audio, whose count of audio samples may pass the file's bytes."""
+    QuickTime files store PCM and IMA4 audio, whose count of audio samples may pass the file's bytes. Every box
+    looked at counts in ``boxes``."""
     samples = 0
-    for start, length, kind, fields in _iso_children(read, at, end):
-        if kind == b"trak" and _chunk_indexed(read, start + fields, start + length):
+    for start, length, kind, fields in _iso_children(read, at, end, boxes):
+        if kind == b"trak" and _chunk_indexed(read, start + fields, start + length, boxes):
             continue
         if kind in ISO_SAMPLE_PARENTS and depth < len(ISO_SAMPLE_PARENTS):  # (no deeper than they nest)
-            samples += _iso_samples(read, start + fields, start + length, depth + 1)
+            samples += _iso_samples(read, start + fields, start + length, boxes, depth + 1)
         elif kind in (b"stsz", b"stz2", b"trun"):  # the count: after version, flags (and the sample size)
             samples += _iso_field(read, start + fields + (4 if kind == b"trun" else 8), start + length)
     return samples
 
 
-def _iso_children(read: Callable[[int, int], bytes], at: int, end: int) -> Iterator[tuple[int, int, bytes, int]]:
+def _iso_children(
+    read: Callable[[int, int], bytes], at: int, end: int, boxes: _BoxCount
+) -> Iterator[tuple[int, int, bytes, int]]:
     """(start, length, kind, header length) of the boxes in bytes [at, end) of ``read``, walked by their sizes
     (every box takes 8 bytes at least: bounded by the parent's size), up to one that does not fit (libav judges
-    it)."""
+    it); each counted in ``boxes``."""
     while at + 8 <= end:
+        boxes.one_more()
         header = read(at, 16)
         length, kind, fields = int.from_bytes(header[:4], "big"), bytes(header[4:8]), 8
         if length == 1 and at + 16 <= end:
@@ -2149,21 +2169,23 @@ def _iso_field(read: Callable[[int, int], bytes], at: int, end: int) -> int:
     return int.from_bytes(read(at, 4), "big") if at + 4 <= end else 0
 
 
-def _iso_child(read: Callable[[int, int], bytes], at: int, end: int, path: tuple[bytes, ...]) -> tuple[int, int]:
+def _iso_child(
+    read: Callable[[int, int], bytes], at: int, end: int, path: tuple[bytes, ...], boxes: _BoxCount
+) -> tuple[int, int]:
     """Where the box down ``path`` (the first of each kind) from the children in [at, end) has its fields: (its
     first field, its end); (0, 0) where there is none."""
     for kind in path:
-        at, end = next(((s + f, s + n) for s, n, k, f in _iso_children(read, at, end) if k == kind), (0, 0))
+        at, end = next(((s + f, s + n) for s, n, k, f in _iso_children(read, at, end, boxes) if k == kind), (0, 0))
         if not end:
             break
     return at, end
 
 
-def _chunk_indexed(read: Callable[[int, int], bytes], at: int, end: int) -> bool:
+def _chunk_indexed(read: Callable[[int, int], bytes], at: int, end: int, boxes: _BoxCount) -> bool:
     """Whether libav indexes the track whose children lie in [at, end) by chunk, not by sample: audio ("soun")
     whose time-to-sample table holds one entry of duration 1 (mov_build_index's rule)."""
-    handler, handler_end = _iso_child(read, at, end, (b"mdia", b"hdlr"))
-    stts, stts_end = _iso_child(read, at, end, (b"mdia", b"minf", b"stbl", b"stts"))
+    handler, handler_end = _iso_child(read, at, end, (b"mdia", b"hdlr"), boxes)
+    stts, stts_end = _iso_child(read, at, end, (b"mdia", b"minf", b"stbl", b"stts"), boxes)
     if not handler_end or not stts_end or handler + 12 > handler_end or read(handler + 8, 4) != b"soun":
         return False
     entries, duration = _iso_field(read, stts + 4, stts_end), _iso_field(read, stts + 12, stts_end)  # (the first's)
