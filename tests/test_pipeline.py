@@ -1599,6 +1599,42 @@ def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_onc
         collect_inputs([tmp_path / "gone.mp4"])
 
 
+def test_an_output_in_a_folder_that_another_output_or_the_manifest_would_be_is_refused_up_front(tmp_path):
+    """An input folder holding clip.mp4 and a subfolder clip.safetensors/ of videos: clip.safetensors would be both
+    a token file and a folder of them, and a subfolder manifest.jsonl/ the manifest's folder. Found when the run
+    wrote the second, after encoding it; now refused before any work, naming both. Decoding checks its mp4 names
+    the same way; where outputs are not written (eval), both are kept."""
+    from titok_fast.pipeline import InputError, collect_inputs, collect_token_files
+
+    for name in ("v/clip.mp4", "v/clip.safetensors/deeper/a.mp4", "v/b.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    first, second = tmp_path / "v" / "clip.mp4", tmp_path / "v" / "clip.safetensors" / "deeper" / "a.mp4"
+    with pytest.raises(InputError, match=(
+        f"^inputs {re.escape(str(first))} and {re.escape(str(second))} clash: {re.escape(str(second))} would write "
+        f"clip.safetensors/deeper/a.safetensors in a folder clip.safetensors, which is {re.escape(str(first))}'s "
+        "output file; rename one$"
+    )):  # fmt: skip
+        collect_inputs([tmp_path / "v"])
+    assert len(collect_inputs([tmp_path / "v"], outputs=False)) == 3
+    (tmp_path / "v" / "clip.safetensors").rename(tmp_path / "v" / "manifest-0-of-2.jsonl")
+    with pytest.raises(InputError, match=(
+        rf"^input {re.escape(str(tmp_path / 'v' / 'manifest-0-of-2.jsonl' / 'deeper' / 'a.mp4'))} would write "
+        "manifest-0-of-2.jsonl/deeper/a.safetensors in a folder manifest-0-of-2.jsonl, which is the output folder's "
+        "own file; rename its folder$"
+    )):  # fmt: skip
+        collect_inputs([tmp_path / "v"])
+    (tmp_path / "v" / "manifest-0-of-2.jsonl").rename(tmp_path / "v" / "manifest.jsonl.d")
+    assert [n for _, n in collect_inputs([tmp_path / "v"])] == ["b", "clip", "manifest.jsonl.d/deeper/a"]
+
+    for name in ("t/x.safetensors", "t/x.mp4/y.safetensors"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(InputError, match=r"^token files .*x\.safetensors and .*y\.safetensors clash: .* would "
+                       r"write x\.mp4/y\.mp4 in a folder x\.mp4, which is .*x\.safetensors's output file"):
+        collect_token_files([tmp_path / "t"])
+
+
 def test_a_list_on_a_network_file_system_has_its_entries_looked_at_ahead_in_threads(tmp_path, monkeypatch):
     """Each entry of a list is looked at (a folder, another list, or a file to encode?): a round trip per entry on
     a network file system, so threads look ahead there (here two entries at once, or the looks would wait for each

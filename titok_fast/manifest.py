@@ -55,6 +55,11 @@ def aside_stem(name: str) -> str:
     return "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:40] + ".safetensors"
 
 
+def is_manifest_name(name: str) -> bool:
+    """Whether a file of the output folder named ``name`` is a manifest (the job's or a shard's)."""
+    return _MANIFEST_FILE.fullmatch(name) is not None
+
+
 def manifest_name(shard: tuple[int, int] | None = None) -> str:
     """The manifest's file name in the output folder, for a job over all its inputs or over ``shard`` (K, N)."""
     return MANIFEST_NAME if shard is None else f"manifest-{shard[0]}-of-{shard[1]}.jsonl"

@@ -52,7 +52,7 @@ from .files import (
     temporary_stem,
 )
 from .loading import random_seed, weights_digest
-from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, manifest_name
+from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, is_manifest_name, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor
 from .stages import CLOCK, each_timed
@@ -196,18 +196,25 @@ def collect_inputs(
     such file") while the others are encoded: a list of a large dataset may name files deleted since. Relative
     entries of a list are read from the list's own folder; a list that names itself, directly or through another, is
     read once (with a notice). With ``outputs`` False (inputs that write nothing, as eval's), two files of one
-    output name are both kept."""
-    return _one_per_output(_expand(inputs, ()), "inputs", suffix, "encoded", outputs)
+    output name are both kept. An output that would lie in a folder named as another output, or as the output
+    folder's manifest, is an error too, naming both."""
+    return _one_per_output(_expand(inputs, ()), "inputs", suffix, "encoded", outputs, is_manifest_name)
 
 
 def _one_per_output(
-    pairs: Iterable[tuple[Any, str]], what: str, suffix: str, verb: str, outputs: bool = True
+    pairs: Iterable[tuple[Any, str]],
+    what: str,
+    suffix: str,
+    verb: str,
+    outputs: bool = True,
+    own_file: Callable[[str], bool] = lambda name: False,
 ) -> list[tuple[Any, str]]:
     """``(path, output name)`` pairs, each path and each output once: a path seen again (by its absolute
     spelling, no system call: a million inputs add no start-up time) keeps its first name, with a notice when the
     names differ, and the same file reached through a link under the same name is dropped too; two files for one
     output are an InputError naming both (``what`` they are; with ``outputs`` False, both are kept); ``verb`` says
-    what is done with each once."""
+    what is done with each once. With ``outputs``, an output in a folder that another output, or a file of the
+    output folder's own (``own_file``: its name at the top, as the manifest), would be is an InputError too."""
     owners: dict[str, Any] = {}  # output name -> its file
     names: dict[str, str] = {}  # a path, absolute -> its output name
     kept = []
@@ -225,7 +232,27 @@ def _one_per_output(
         names[spelled] = name
         owners.setdefault(name, path)
         kept.append((path, name))
+    if outputs:
+        _check_folders(kept, {name + suffix: path for name, path in owners.items()}, what, suffix, own_file)
     return kept
+
+
+def _check_folders(
+    kept: list[tuple[Any, str]], files: dict[str, Any], what: str, suffix: str, own_file: Callable[[str], bool]
+) -> None:
+    """An InputError where an output of ``kept`` would lie in a folder that is a file: another's output (``files``:
+    output file name -> its input) or the output folder's own (``own_file``). Otherwise the clash fails at write
+    time, after the run has encoded the input."""
+    for path, name in kept:
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in files:
+                raise InputError(f"{what} {files[folder]} and {path} clash: {path} would write {name}{suffix} in a "
+                                 f"folder {folder}, which is {files[folder]}'s output file; rename one")  # fmt: skip
+        if len(parts) > 1 and own_file(parts[0]):
+            raise InputError(f"{what.rstrip('s')} {path} would write {name}{suffix} in a folder {parts[0]}, which is "
+                             "the output folder's own file; rename its folder")  # fmt: skip
 
 
 def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list[tuple[Path, str]]:
