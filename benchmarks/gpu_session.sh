@@ -18,8 +18,10 @@
 #                                            # the triton backend in bf16, and with FP8 linears; and
 #                                            # their decoded pixels against the float32 oracle's
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
-#                                            # 256p8 sources, an NVDEC probe and run, decoding workers 1..16,
-#                                            # one long video read by 1 worker and by every core
+#                                            # 256p8 sources, an NVDEC probe and run
+#   bash benchmarks/gpu_session.sh pipeline-sweeps  # NVDEC against threads (benchmarks/nvdec_scaling.py),
+#                                            # decoding workers 1..16, one long video read by 1 worker and by
+#                                            # every core
 #   bash benchmarks/gpu_session.sh all       # all eight in a row, up to 10 minutes each (pipeline is run on its own)
 #   bash benchmarks/gpu_session.sh targets   # one short run, under 9 minutes by its timeouts (540 s): the
 #                                            # measurements behind every target of RESULTS.md (attention vs
@@ -92,7 +94,7 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
         # titok_fast reads videos with PyAV: nothing runs without it; omegaconf: upstream's configs (tests, all)
         ! "$python" -c "import av" 2>/dev/null || [ "$1" = tests ] || [ "$1" = all ] && exit 2
     fi
-    if { [ "${1%-short}" = pipeline ] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
+    if { [[ "$1" == pipeline* ]] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
         && ! "$python" -m pip install --quiet --no-index --find-links .wheels pynvvideocodec; then
         echo "PyNvVideoCodec is not installed: the NVDEC rows will say why" >&2  # optional, installed on its own
     fi
@@ -121,6 +123,7 @@ part() {
                     --backends triton --seeds 8 --fp8 --decode 2>&1 | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
         pipeline-short) pipeline short ;;  # the pipeline rows of targets alone
+        pipeline-sweeps) pipeline sweeps ;;
         targets)
             bench kernels "bench_kernels and attention and not blocks" 60  # the block sweep: part kernels
             bench encode "test_gpu and encode and n256 and not mixed and (upstream or eager or auto)" 80
@@ -134,17 +137,19 @@ part() {
             "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md" ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
-                "pipeline, pipeline-short, all, targets" >&2
+                "pipeline, pipeline-short, pipeline-sweeps, all, targets" >&2
            exit 2 ;;
     esac
 }
 
-pipeline() {  # at most 9 minutes (the timeouts below add up to 540 s; with "short", 230 s: no 256p8 "before", no
-    # process or worker sweep, no long video); every row is appended to pipeline.jsonl as soon as it is measured
-    local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos"
+pipeline() {  # $1: "" (every before / after row: 380 s by the timeouts below), "short" (the rows of the targets:
+    # 230 s; no 256p8 "before", no rows with threads) or "sweeps" (NVDEC against threads, decoding workers 1..16,
+    # one long video: 420 s); every row is appended to pipeline.jsonl as soon as it is measured
+    local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos" mode=${1:-}
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
                --videos "$videos" --log "$log")
     {
+        [ "$mode" = sweeps ] && { sweeps; return; }
         echo "## NVDEC probe"
         PROBE_VIDEO="$scratch/probe.mp4" limited "NVDEC probe" 20 "$python" - <<'PROBE' 2>&1
 import os, sys
@@ -171,39 +176,47 @@ PROBE
         # commit and command
         # (720p30: 12 files of 4 clips; 256p8: 128 files of 4 clips, 512 clips: with fewer, a run at the model's
         # speed would be mostly start-up)
-        local long=1 && [ "${1:-}" = short ] && long=0
+        local long=1 && [ "$mode" = short ] && long=0
         local before=(--label before --preprocess cpu --no-prune --workers 2)
         limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only  # x264, once, outside the runs
         limited "before 720p30" $((long ? 60 : 50)) "${run[@]}" --sources 720p30 --files 12 "${before[@]}"
         [ $long = 0 ] || limited "before 256p8" 60 "${run[@]}" --sources 256p8 --files 128 "${before[@]}"
-        # after: the defaults (a decoding worker per core, processes from 8 of them; preprocessing on the GPU by
-        # the placement rule), then the same with threads, the default before worker_kind_for
+        # after: the defaults (a decoding worker per core, processes from 8 of them on small sources; preprocessing
+        # on the GPU by the placement rule)
         limited "after 720p30" 40 "${run[@]}" --sources 720p30 --files 12 --label after --workers "$(nproc)"
         limited "after 256p8" 40 "${run[@]}" --sources 256p8 --files 128 --label after --workers "$(nproc)"
-        limited "after 256p8, threads" 40 "${run[@]}" --sources 256p8 --files 128 --label after-threads \
-            --worker-kind thread --workers "$(nproc)"
         limited nvdec 40 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec --workers "$(nproc)"
         [ $long = 1 ] || return 0
+        # the same with threads, the default before worker_kind_for
+        limited "after 256p8, threads" 40 "${run[@]}" --sources 256p8 --files 128 --label after-threads \
+            --worker-kind thread --workers "$(nproc)"
         limited "after 720p30, threads" 40 "${run[@]}" --sources 720p30 --files 12 --label after-threads \
             --worker-kind thread --workers "$(nproc)"
-        for kind in thread process; do
-            local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)
-            for w in "${counts[@]}"; do
-                limited "input $kind x$w" 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind \
-                    --workers $w --label "input $kind x$w"
-            done
-            for w in 4 8 16; do  # small sources, where a thread's share of the GIL limits threads first
-                limited "input 256p8 $kind x$w" 20 "${run[@]}" --sources 256p8 --files 64 --input-only \
-                    --worker-kind $kind --workers $w --label "input 256p8 $kind x$w"
-            done
-        done
-        # one long video (96 clips), split across the workers: 1 worker, then every core
-        limited "long source" 20 "${run[@]}" --sources 256p8 --seconds 240 --sources-only
-        for w in 1 "$(nproc)"; do
-            limited "one long file x$w" 10 "${run[@]}" --sources 256p8 --seconds 240 --files 1 --input-only \
-                --workers "$w" --label "one long file x$w"
-        done
     } 2>&1 | tee "$out/pipeline.txt"
+}
+
+sweeps() {  # pipeline's "sweeps" (its $run, $videos and $out)
+    limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only
+    # what limits NVDEC: whether PyNvVideoCodec's Decode holds the GIL, and its frames/s against threads
+    limited "NVDEC scaling" 60 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
+        --threads 1,2,4,8,16 --case-seconds 2 --log "$out/nvdec_scaling.jsonl"
+    for kind in thread process; do
+        local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)
+        for w in "${counts[@]}"; do
+            limited "input $kind x$w" 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind \
+                --workers $w --label "input $kind x$w"
+        done
+        for w in 4 8 16; do  # small sources, where a thread's share of the GIL limits threads first
+            limited "input 256p8 $kind x$w" 20 "${run[@]}" --sources 256p8 --files 64 --input-only \
+                --worker-kind $kind --workers $w --label "input 256p8 $kind x$w"
+        done
+    done
+    # one long video (96 clips), split across the workers: 1 worker, then every core
+    limited "long source" 20 "${run[@]}" --sources 256p8 --seconds 240 --sources-only
+    for w in 1 "$(nproc)"; do
+        limited "one long file x$w" 10 "${run[@]}" --sources 256p8 --seconds 240 --files 1 --input-only \
+            --workers "$w" --label "one long file x$w"
+    done
 }
 
 export PYTHONUNBUFFERED=1  # a part cut off by its time limit still leaves what it printed

@@ -1,0 +1,215 @@
+"""What limits ``--decoder nvdec``: NVDEC's frames per second against decoding threads, and whether
+PyNvVideoCodec's ``Decode`` holds Python's global lock (GIL) while the hardware works.
+
+On the H200 (RESULTS.md, the targets run) NVDEC read 720p30 at 18 clips/s with 16 decoding threads, 1,350 frames
+a second: slower than the CPU path beside it, although the host spent a third of the CPU time per clip. If
+``Decode`` keeps the GIL while it waits for the hardware, the threads take turns and one session's speed is the
+ceiling, whatever the number of threads or of NVDEC engines. This measures, on one source:
+
+- ``gil``: a pure-Python loop on a second thread while one thread decodes, as a share of its speed alone. About
+  100%: ``Decode`` lets the GIL go while it waits. About half: it holds it, and decoding threads take turns.
+- ``raw xN``: N threads, each with a demuxer and decoder of its own over the file, frames decoded a second (the
+  surfaces are not copied or converted).
+- ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nvdec_rgb`` (a copy of each
+  surface, and every frame converted to RGB, as if every frame were sampled).
+- ``threaded xN``: PyNvVideoCodec's ``ThreadedDecoder``, which demuxes and decodes on a thread of its own outside
+  Python; N of them, each read on a Python thread.
+
+    python benchmarks/nvdec_scaling.py --threads 1,2,4,8,16
+
+``--fake hold`` / ``--fake release`` run it on a CPU against a stand-in for PyNvVideoCodec whose ``Decode`` takes
+a millisecond holding the GIL, or sleeping without it (the ``gil`` and ``raw`` rows only): what the probe reports
+in either case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+FAKE_PACKETS = 200
+FAKE_DECODE_SECONDS = 1e-3
+
+
+def _fake_module(hold: bool) -> types.ModuleType:
+    """A stand-in for PyNvVideoCodec: FAKE_PACKETS packets a file, each decoded into one frame in
+    FAKE_DECODE_SECONDS, spent holding the GIL (``hold``) or asleep without it."""
+
+    turns = max(1, round(FAKE_DECODE_SECONDS / _seconds_per_sum_turn()))
+
+    def decode(packet):
+        if hold:
+            sum(range(turns))  # one call in C: no switch to another thread until it returns
+        else:
+            time.sleep(FAKE_DECODE_SECONDS)
+        return [packet]
+
+    module = types.ModuleType("PyNvVideoCodec")
+    module.CreateDemuxer = lambda filename: iter(range(FAKE_PACKETS))
+    module.CreateDecoder = lambda **kwargs: types.SimpleNamespace(Decode=decode)
+    return module
+
+
+def _seconds_per_sum_turn() -> float:
+    start = time.perf_counter()
+    sum(range(1_000_000))
+    return (time.perf_counter() - start) / 1_000_000
+
+
+def _nvc(fake: str | None):
+    if fake:
+        return _fake_module(fake == "hold")
+    import PyNvVideoCodec
+
+    return PyNvVideoCodec
+
+
+def raw_frames(nvc, path: str) -> int:
+    """Every frame of ``path`` decoded by a demuxer and decoder of this thread's own; how many."""
+    demuxer = nvc.CreateDemuxer(filename=path)
+    codec = demuxer.GetNvCodecId() if hasattr(demuxer, "GetNvCodecId") else 0
+    decoder = nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
+    return sum(len(decoder.Decode(packet)) for packet in demuxer)
+
+
+def titok_frames(path: str) -> int:
+    """Every frame of ``path`` through the run's NVDEC path: the surface copied and converted to RGB."""
+    import av
+    import torch
+
+    from titok_fast import decoders
+
+    count = 0
+    with av.open(path) as container:
+        for frame in decoders.nvdec_frames(path, container.streams.video[0]):
+            decoders.nvdec_rgb(frame)
+            count += 1
+    torch.cuda.synchronize()
+    return count
+
+
+def threaded_frames(nvc, path: str, batch: int = 8) -> int:
+    """Every frame of ``path`` from PyNvVideoCodec's ThreadedDecoder, ``batch`` at a time."""
+    from PyNvVideoCodec.decoders.ThreadedDecoder import ThreadedDecoder
+
+    decoder, count = ThreadedDecoder(path, buffer_size=2 * batch, use_device_memory=True), 0
+    try:
+        total = len(decoder)  # (not asked past the stream's frames: what an empty buffer does then is not said)
+        while count < total and (frames := decoder.get_batch_frames(min(batch, total - count))):
+            count += len(frames)
+    finally:
+        decoder.end()
+    return count
+
+
+def on_threads(read, threads: int, seconds: float) -> dict:
+    """``read()`` (frames decoded) again and again on each of ``threads`` threads for about ``seconds``: frames a
+    second in all."""
+    counts, errors, start = [0] * threads, [], time.perf_counter()
+
+    def work(k: int) -> None:
+        try:
+            while time.perf_counter() - start < seconds:
+                counts[k] += read()
+        except Exception as exc:  # (reported in the row: the next case still runs)
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - start
+    return {"frames": sum(counts), "seconds": elapsed, "frames_per_s": sum(counts) / elapsed,
+            **({"error": errors[0]} if errors else {})}  # fmt: skip
+
+
+def _spin(done: threading.Event, rate: list[float]) -> None:
+    """A pure-Python loop until ``done``; its turns a second go into ``rate``."""
+    turns, start = 0, time.perf_counter()
+    while not done.is_set():
+        turns += 1
+    rate.append(turns / (time.perf_counter() - start))
+
+
+def gil_probe(read, seconds: float) -> dict:
+    """The speed of a pure-Python loop on a second thread while ``read()`` decodes on this one, as a share of its
+    speed alone (measured just before, on a thread as well); and the frames a second decoded beside it, as a share
+    of those decoded alone (just before). A ``Decode`` that holds the GIL halves both: the two threads take turns."""
+    alone, beside = [], []
+    done = threading.Event()
+    spinner = threading.Thread(target=_spin, args=(done, alone))
+    spinner.start()
+    time.sleep(seconds)
+    done.set()
+    spinner.join()
+    solo = on_threads(read, 1, seconds)["frames_per_s"]
+    done = threading.Event()
+    spinner = threading.Thread(target=_spin, args=(done, beside))
+    spinner.start()
+    try:
+        decoded = on_threads(read, 1, seconds)["frames_per_s"]
+    finally:
+        done.set()
+        spinner.join()
+    share = beside[0] / alone[0]
+    verdict = "released while decoding" if share > 0.75 else "held while decoding: decoding threads take turns"
+    return {"spin_share": share, "decode_share": decoded / solo, "frames_per_s": decoded, "gil": verdict}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", default="720p30", help="of bench_pipeline.py's sources (default 720p30)")
+    p.add_argument("--seconds", type=float, default=10, help="the source's length (default 10)")
+    p.add_argument("--videos", default="bench-videos", help="where the source is (made if missing)")
+    p.add_argument("--threads", default="1,2,4,8,16", help="thread counts (default 1,2,4,8,16)")
+    p.add_argument("--case-seconds", type=float, default=3.0, help="how long each case decodes (default 3)")
+    p.add_argument("--paths", default="raw,titok,threaded", help="which of raw, titok, threaded (default all)")
+    p.add_argument("--fake", choices=("hold", "release"), help="a CPU stand-in for PyNvVideoCodec (see above)")
+    p.add_argument("--log", help="append each row here as JSON")
+    args = p.parse_args(argv)
+    nvc = _nvc(args.fake)
+    if args.fake:
+        path, paths = "fake.mp4", ["raw"]
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_pipeline
+
+        path = str(bench_pipeline.sources(Path(args.videos), [args.source], args.seconds)[args.source][0])
+        paths = args.paths.split(",")
+    readers = {"raw": lambda: raw_frames(nvc, path), "titok": lambda: titok_frames(path),
+               "threaded": lambda: threaded_frames(nvc, path)}  # fmt: skip
+    rows = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.log:
+            with open(args.log, "a") as log:
+                log.write(json.dumps({**row, "source": args.source, "fake": args.fake}) + "\n")
+
+    readers["raw"]()  # (the first session's start-up: the driver, the CUDA context)
+    report({"case": "gil", **gil_probe(readers["raw"], args.case_seconds)})
+    for name in paths:
+        for threads in (int(n) for n in args.threads.split(",")):
+            report({"case": f"{name} x{threads}", **on_threads(readers[name], threads, args.case_seconds)})
+    print("| case | frames/s | note |\n|---|---|---|")
+    for row in rows:
+        rate = f"{row['frames_per_s']:.0f}" if "frames_per_s" in row else "-"
+        note = row.get("error") or (
+            f"a Python loop beside it at {row['spin_share']:.0%} of its speed alone, decoding at "
+            f"{row['decode_share']:.0%}: the GIL is {row['gil']}" if row["case"] == "gil" else ""
+        )
+        print(f"| {row['case']} | {rate} | {note} |")
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
