@@ -773,6 +773,29 @@ def test_encode_input_options_give_the_same_tokens_and_are_recorded(folder, tmp_
     assert (args.workers, args.worker_kind, args.decoder, args.preprocess) == (None, None, "cpu", "auto")  # thread
 
 
+def test_encode_starts_the_server_worker_processes_come_from_before_it_loads_the_model(folder, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Decoding processes are forked from a server that imports torch and PyAV (2.5 CPU-s): encode starts it before
+    it loads the model, so that the two overlap; a run of threads starts none."""
+    from multiprocessing import forkserver
+
+    from titok_fast import cli
+
+    model, running = cli._model, []
+
+    def loading(*args, **kwargs):
+        running.append(forkserver._forkserver._forkserver_pid is not None)
+        return model(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_model", loading)
+    for kind in ("thread", "process"):
+        forkserver._forkserver._stop()
+        code, stdout, _ = run("encode", folder / "moving.mp4", "-o", tmp_path / kind, *GRID, *RANDOM, "--workers", "2",
+                              "--worker-kind", kind, capsys=capsys)  # fmt: skip
+        assert code == 0 and "encoded 1 file(s)" in stdout
+    assert running == [False, True]
+
+
 def test_rotation_display_gives_the_tokens_of_the_turned_frames_is_recorded_and_resumes_apart(tmp_path, capsys):
     """--rotation display: a phone-style file (frames stored sideways, a display matrix of -90 degrees) gives the
     tokens of a file storing them upright; the token file records it, so a run with the other rotation redoes the

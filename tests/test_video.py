@@ -1962,22 +1962,27 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
     """Where shared memory is too small for a clip (a container's /dev/shm is 64 MB unless raised), the worker
     process sends it through its pipe instead: the same clips as threads give, no file failed, one notice a run,
     no shared memory name left. (Here the workers are started under a file size limit below a clip's size, which
-    fails their shared memory as a full /dev/shm does.)"""
+    fails their shared memory as a full /dev/shm does: the server they are forked from is started under it.)"""
     import resource
+    from multiprocessing import forkserver
 
     paths = [files["moving"], files["index24"], files["odd"]]
     kwargs = dict(frames=4, height=64, width=64, tail="pad", prefetch=2)  # a clip: 196,608 bytes
     threads = list(iter_videos(paths, workers=2, **kwargs))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     stream = iter_videos(paths, workers=2, worker_kind="process", **kwargs)
+    forkserver._forkserver._stop()
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
     try:
-        first = next(stream)  # the workers have started (under the limit, which they keep)
+        first = next(stream)  # the server and its workers have started (under the limit, which they keep)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    workers = {f"torch_{child.pid}_" for child in multiprocessing.active_children()}
-    assert len(workers) == 2
-    processes = [first, *stream]
+    try:
+        workers = {f"torch_{child.pid}_" for child in multiprocessing.active_children()}
+        assert len(workers) == 2
+        processes = [first, *stream]
+    finally:
+        forkserver._forkserver._stop()  # (later workers: from a server without the limit)
     assert [p for p, _ in processes] == paths
     for (_, a), (_, b) in zip(threads, processes, strict=True):
         assert isinstance(b, video.ClipSet) and len(a.clips) == len(b.clips) > 0
@@ -1985,6 +1990,30 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
     err = capfd.readouterr().err
     assert err.count("found no room in shared memory") == 1 and "--worker-kind thread" in err, err
     assert not [n for n in os.listdir(video.SHARED_MEMORY) if n.startswith(tuple(workers))]
+
+
+def test_worker_processes_are_forked_from_a_server_that_has_imported_torch_and_keep_the_runs_environment(
+    files, tmp_path, monkeypatch
+):
+    """A spawned worker imported torch itself (2.5 CPU-s each, 40 for 16 workers); forked from a server that has
+    imported it, it starts ready. It has the run's environment when it was started, not the server's: its
+    multiprocessing folder is made in the run's $TMPDIR of then."""
+    from multiprocessing import forkserver
+
+    video.start_process_server()  # (under the $TMPDIR of before)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    stream = video.stream_videos([files["index24"]], workers=1, prefetch=1, capacity=1, worker_kind="process",
+                                 frames=1, height=8, width=8, fps=24)  # fmt: skip
+    _, feed = next(stream)
+    next(iter(feed))
+    (child,) = multiprocessing.active_children()
+    server = forkserver._forkserver._forkserver_pid
+    with open(f"/proc/{child.pid}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == server  # its parent
+    with open(f"/proc/{server}/maps") as f:
+        assert "libtorch_cpu" in f.read()
+    assert len(list(tmp_path.glob("pymp-*"))) == 1
+    stream.close()
 
 
 def test_worker_process_moves_past_a_feed_left_unread(files):

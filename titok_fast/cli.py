@@ -302,6 +302,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.decoder == "nvdec" and args.worker_kind == "process":
         raise ValueError("--decoder nvdec leaves frames on the GPU, which worker processes cannot hand over: use "
                          "--worker-kind thread")  # fmt: skip
+    if _reads_in_processes(args, files):
+        from .video import start_process_server
+
+        start_process_server()  # its imports overlap the model's loading
     model = _model(args)
     engine = _engine(args, model)
     summary = encode_files(
@@ -311,6 +315,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
         stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
     return _finish(summary, "encoded")
+
+
+def _reads_in_processes(args: argparse.Namespace, files) -> bool:
+    """Whether encode's decoding workers are processes (as encode_files decides "auto", by the first file)."""
+    from .video import auto_worker_kind, default_workers
+
+    kind = args.worker_kind or "auto"
+    return (kind if kind != "auto" else auto_worker_kind(args.workers or default_workers(), args.decoder,
+                                                         [files[0][0]])) == "process"  # fmt: skip
 
 
 def _encode_on_ray(args: argparse.Namespace, files):

@@ -1143,7 +1143,8 @@ def stream_videos(
     ``ceil(workers / files left)`` (itself and those after it), so that files split only where there are fewer
     of them left than workers (a run of a few long videos, or the last files of a run), where a worker would
     otherwise have none; a run of many files keeps each whole, as splitting one costs a little. `read_kwargs` go to
-    :class:`ClipReader`; bad ones raise here. Worker processes (started with ``spawn``) decode where the GIL or
+    :class:`ClipReader`; bad ones raise here. Worker processes (forked from a server that has imported this module:
+    :func:`start_process_server`) decode where the GIL or
     per-frame Python work would stop threads from scaling; their clips come back through shared memory, their
     failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
     With ``stall_seconds``, a file that gives no clip for that long fails alone (see :class:`ClipFeed`) and the
@@ -1377,9 +1378,7 @@ class _DecoderProcess:
         held: HeldBytes | None = None,
         piped: threading.Lock | None = None,
     ):
-        import torch.multiprocessing as mp
-
-        self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, mp.get_context("spawn")
+        self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, _process_context()
         self.held = held  # (and the process is given credit for the next one only once one is queued)
         self.piped = piped or threading.Lock()  # taken by the first clip that came through a pipe (the run is told)
         self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
@@ -1392,22 +1391,19 @@ class _DecoderProcess:
         self.ready = False  # until the process says so: its start-up (imports) is not a file's stall
         self.temp_dir: str | None = None  # the process's multiprocessing folder, which it says when ready
         self.pipe, theirs = self._mp.Pipe()
+        run = (os.getpid(), start_process_server())
         self.process = self._mp.Process(
-            target=_serve_files, args=(theirs, self.read_kwargs, os.getpid()), daemon=True
+            target=_serve_files, args=(theirs, self.read_kwargs, dict(os.environ), run), daemon=True
         )  # fmt: skip
         # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
         # process's to handle (it stops the workers); in a worker it would only print a traceback. (A SIGTERM ends
-        # it: at exit, multiprocessing stops its daemon processes so, and waits for them.) Starting a
-        # process starts multiprocessing's resource tracker if it is not running, and that unblocks SIGINT: so first
-        multiprocessing.resource_tracker.ensure_running()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # read first: a change runs pending handlers, which
-        try:  # may raise (a Ctrl-C that had just arrived) after SIGINT is blocked: it is unblocked whatever comes
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            self.process.start()
-            self.started = True
-            _mark_worker(self.process.pid)
+        # it: at exit, multiprocessing stops its daemon processes so, and waits for them.)
+        try:
+            with _sigint_blocked():
+                self.process.start()
+                self.started = True
+                _mark_worker(self.process.pid)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             theirs.close()  # the process has its own: with this one closed, its death reads as the pipe's end
 
     def _get(self, timeout: float):
@@ -1561,14 +1557,24 @@ class _DecoderProcess:
             self._start()
 
 
-PARENT_CHECK_SECONDS = 1.0  # how often a worker process looks whether the process that started it is gone
+PARENT_CHECK_SECONDS = 1.0  # how often a worker process looks whether its parent is gone
 
 
-def _serve_files(pipe, read_kwargs: dict, parent: int) -> None:
+def _serve_files(pipe, read_kwargs: dict, environ: dict[str, str], run: tuple[int, str | None]) -> None:
     """A worker process: read each file it is given, sending its clips, then one final message (see
-    :class:`_DecoderProcess`). It ends itself once ``parent`` (the process that started it) is gone: a killed run
-    (SIGKILL, the OOM killer) cannot stop it; waiting on the pipe, it sees the pipe's end; decoding, a thread
-    looks every PARENT_CHECK_SECONDS."""
+    :class:`_DecoderProcess`). It ends itself once its parent is gone (the server it was forked from, which ends
+    when the run does): a killed run (SIGKILL, the OOM killer) cannot stop it; waiting on the pipe, it sees the
+    pipe's end; decoding, a thread looks every PARENT_CHECK_SECONDS. ``environ``: the run's environment when it
+    started the process (forked from a server started earlier, the process has the server's), $TMPDIR among it.
+    ``run``: the run's pid and its multiprocessing folder (the server's socket), removed on the way out if the
+    run has ended without removing it (killed)."""
+    global _RUN
+    _RUN, parent = run, os.getppid()  # (were the parent gone already, so is the run, and the pipe says so)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (as the server's processes have it already)
+    if environ != os.environ:
+        os.environ.clear()
+        os.environ.update(environ)
+        tempfile.tempdir = None  # read anew from $TMPDIR
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     run = _RunPipe(pipe)
@@ -1582,6 +1588,45 @@ def _serve_files(pipe, read_kwargs: dict, parent: int) -> None:
                 break
     except _RunGone:
         _exit_now()
+
+
+def _process_context():
+    """The multiprocessing context decoding processes are started in: "forkserver", its server preloading this
+    module. Each process is forked from the server with torch, PyAV and NumPy imported; a spawned one imported
+    them itself, 2.5 CPU-s each (40 for 16 workers, as long as reading a few hundred small clips takes them)."""
+    import torch.multiprocessing as mp  # (its pickling of shared-memory tensors)
+
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # (read when the server starts)
+    return context
+
+
+def start_process_server() -> str | None:
+    """Start the server that decoding processes are forked from, if it is not running: its imports then overlap
+    what the run does before its first file (loading the model). Started with SIGINT blocked, which the processes
+    forked from it keep. Returns the folder of the socket through which the server is asked for a process, where
+    it has one: the run's multiprocessing folder."""
+    from multiprocessing import forkserver
+
+    _process_context()
+    _socket_folder()  # (the server's socket is made there)
+    with _sigint_blocked():
+        forkserver.ensure_running()
+    address = getattr(forkserver._forkserver, "_forkserver_address", None)
+    return os.path.dirname(address) if isinstance(address, str) and not address.startswith("\0") else None
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT blocked in this thread, for a process started within (it keeps the mask). Starting a process starts
+    multiprocessing's resource tracker if it is not running, and that unblocks SIGINT: so it is started first."""
+    multiprocessing.resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # read first: a change runs pending handlers, which
+    try:  # may raise (a Ctrl-C that had just arrived) after SIGINT is blocked: it is unblocked whatever comes
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class _Segments:
@@ -1629,13 +1674,20 @@ class _Segments:
 
 
 def _own_temp_dir() -> str:
-    """This worker's multiprocessing folder, made now, which the run removes when it kills the worker. Spawned, the
-    worker was given the run's own folder if the run had one, which must stay. The socket through which it shares
-    tensors lives there, and a socket's path may not pass 107 bytes: under a temporary folder too long for that,
-    the folder is made in /tmp."""
+    """This worker's multiprocessing folder, made now, which the run removes when it kills the worker. The worker
+    was given the run's own folder if the run had one, which must stay."""
+    multiprocessing.current_process()._config.pop("tempdir", None)
+    return _socket_folder()
+
+
+def _socket_folder() -> str:
+    """This process's multiprocessing folder, made now if it has none. Sockets live there (through which a worker
+    shares tensors, and the run asks the process server for a worker), and a socket's path may not pass 107
+    bytes: under a temporary folder too long for that, the folder is made in /tmp (a run's that was made under it
+    already is replaced, and still removed at exit)."""
     config = multiprocessing.current_process()._config
-    config.pop("tempdir", None)
-    if len(os.path.join(tempfile.gettempdir(), "pymp-01234567", "listener-01234567")) <= SOCKET_PATH_MAX:
+    folder = config.get("tempdir") or os.path.join(tempfile.gettempdir(), "pymp-01234567")  # (made so, if not yet)
+    if len(os.path.join(folder, "listener-01234567")) <= SOCKET_PATH_MAX:
         return multiprocessing.util.get_temp_dir()
     folder = config["tempdir"] = tempfile.mkdtemp(prefix="pymp-", dir="/tmp")
     multiprocessing.util.Finalize(None, shutil.rmtree, args=(folder, True), exitpriority=-100)  # as get_temp_dir's
@@ -1775,7 +1827,23 @@ def _end_with(parent: int) -> None:
 
 def _exit_now() -> None:
     shutil.rmtree(multiprocessing.util.get_temp_dir(), ignore_errors=True)  # its own; os._exit skips the finalizer
+    if _RUN is not None and _RUN[1] is not None and _ended(_RUN[0]):  # (while the run lives, the folder is its own
+        shutil.rmtree(_RUN[1], ignore_errors=True)  # to remove: removed under it, its exit would print an error)
     os._exit(1)
+
+
+_RUN: tuple[int, str | None] | None = None  # in a worker process: the run's pid and multiprocessing folder
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended: gone, or a zombie its parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc here
+        return not _alive(pid)
 
 
 def iter_videos(
