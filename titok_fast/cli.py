@@ -715,10 +715,9 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: bool = False, re
         choices=("default", "fp8"),
         default="default",
         help="fp8: the transformer layers' matmuls in float8 with row-wise scales (CUDA GPUs of compute capability "
-        "8.9+, bf16); meant to be faster (not yet measured), but fewer tokens equal those of the default precision, "
-        "and decoded pixels lie further "
-        "from float32 (benchmarks/RESULTS.md); "
-        "recorded in token files (default: default)",
+        "8.9+, bf16). On an H200 at batch 32: encoding no faster, decoding 1.19x; 68%% of tokens equal the float32 "
+        "oracle's against bf16's 96%%, decoded pixels 36 dB from float32's against 50 (random weights, "
+        "benchmarks/RESULTS.md); recorded in token files (default: default)",
     )
     p.add_argument("--batch-size", type=_positive, default=32, help="most clips per batch (default 32)")
 
