@@ -6,8 +6,9 @@ a second: slower than the CPU path beside it, although the host spent a third of
 ``Decode`` keeps the GIL while it waits for the hardware, the threads take turns and one session's speed is the
 ceiling, whatever the number of threads or of NVDEC engines. This measures, on one source:
 
-- ``gil``: a pure-Python loop on a second thread while one thread decodes, as a share of its speed alone. About
-  100%: ``Decode`` lets the GIL go while it waits. About half: it holds it, and decoding threads take turns.
+- ``gil``: whether a pure-Python loop on a second thread runs while the first is inside ``Decode`` (Python runs
+  only with the GIL): if so, ``Decode`` lets the GIL go while it waits; if never, it holds it, and decoding
+  threads take turns.
 - ``raw xN``: N threads, each with a demuxer and decoder of its own over the file, frames decoded a second (the
   surfaces are not copied or converted).
 - ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nvdec_rgb`` (a copy of each
@@ -130,37 +131,57 @@ def on_threads(read, threads: int, seconds: float) -> dict:
             **({"error": errors[0]} if errors else {})}  # fmt: skip
 
 
-def _spin(done: threading.Event, rate: list[float]) -> None:
-    """A pure-Python loop until ``done``; its turns a second go into ``rate``."""
-    turns, start = 0, time.perf_counter()
+def _stamp_turns(done: threading.Event, stamps: list[float]) -> None:
+    """A pure-Python loop until ``done``, noting the time every 64 turns (when it ran), and then letting the GIL go
+    for a moment (``sleep(0)``)."""
+    turns = 0
     while not done.is_set():
         turns += 1
-    rate.append(turns / (time.perf_counter() - start))
+        if not turns % 64:
+            stamps.append(time.perf_counter())
+            time.sleep(0)
 
 
-def gil_probe(read, seconds: float) -> dict:
-    """The speed of a pure-Python loop on a second thread while ``read()`` decodes on this one, as a share of its
-    speed alone (measured just before, on a thread as well); and the frames a second decoded beside it, as a share
-    of those decoded alone (just before). A ``Decode`` that holds the GIL halves both: the two threads take turns."""
-    alone, beside = [], []
-    done = threading.Event()
-    spinner = threading.Thread(target=_spin, args=(done, alone))
-    spinner.start()
-    time.sleep(seconds)
-    done.set()
-    spinner.join()
-    solo = on_threads(read, 1, seconds)["frames_per_s"]
-    done = threading.Event()
-    spinner = threading.Thread(target=_spin, args=(done, beside))
-    spinner.start()
+def gil_probe(nvc, path: str, seconds: float, margin: float = 2e-6) -> dict:
+    """Whether ``Decode`` lets the GIL go: one thread decodes ``path`` for about ``seconds``, noting when each
+    ``Decode`` call begins and ends, while a pure-Python loop on another notes when it runs. Python bytecode runs
+    only with the GIL, and the interpreter's switch interval is made longer than the probe, so the GIL changes
+    hands only where a thread lets it go: the loop between its notes, and ``Decode`` if it does. So if ``Decode``
+    holds it, the loop never runs inside a call (bar ``margin`` at its ends); if it lets it go, the loop runs
+    inside the calls. ``inside``: the loop's share of turns inside the calls, against ``busy``, the calls' share
+    of the time. Timing only orders events: a machine slowed by other work gives the same verdict."""
+    import numpy as np
+
+    calls, stamps, done = [], [], threading.Event()
+    loop = threading.Thread(target=_stamp_turns, args=(done, stamps))
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(max(100.0, 10 * seconds))
+    loop.start()
+    start = time.perf_counter()
     try:
-        decoded = on_threads(read, 1, seconds)["frames_per_s"]
+        while time.perf_counter() - start < seconds:
+            demuxer = nvc.CreateDemuxer(filename=path)
+            codec = demuxer.GetNvCodecId() if hasattr(demuxer, "GetNvCodecId") else 0
+            decoder = nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
+            for packet in demuxer:
+                began = time.perf_counter()
+                decoder.Decode(packet)
+                calls.append((began, time.perf_counter()))
     finally:
         done.set()
-        spinner.join()
-    share = beside[0] / alone[0]
-    verdict = "released while decoding" if share > 0.75 else "held while decoding: decoding threads take turns"
-    return {"spin_share": share, "decode_share": decoded / solo, "frames_per_s": decoded, "gil": verdict}
+        loop.join()
+        sys.setswitchinterval(switching)
+    elapsed = time.perf_counter() - start
+    begins, ends = (np.array([c[k] for c in calls]) for k in (0, 1))
+    long = ends - begins > 2 * margin  # (a call too short to tell is left out)
+    begins, ends = begins[long] + margin, ends[long] - margin
+    at = np.array([t for t in stamps if start <= t])
+    within = np.searchsorted(begins, at, side="right") - 1  # the last call begun before each turn
+    inside = float(np.mean((within >= 0) & (at < ends[np.maximum(within, 0)]))) if len(at) and len(begins) else 0.0
+    busy = float(np.sum(ends - begins) / elapsed)
+    released = busy > 0 and inside > 0.3 * busy
+    verdict = "released while decoding" if released else "held while decoding: decoding threads take turns"
+    return {"inside": inside, "busy": busy, "calls": len(calls), "turns_noted": len(at), "gil": verdict}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -195,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 log.write(json.dumps({**row, "source": args.source, "fake": args.fake}) + "\n")
 
     readers["raw"]()  # (the first session's start-up: the driver, the CUDA context)
-    report({"case": "gil", **gil_probe(readers["raw"], args.case_seconds)})
+    report({"case": "gil", **gil_probe(nvc, path, args.case_seconds)})
     for name in paths:
         for threads in (int(n) for n in args.threads.split(",")):
             report({"case": f"{name} x{threads}", **on_threads(readers[name], threads, args.case_seconds)})
@@ -203,8 +224,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         rate = f"{row['frames_per_s']:.0f}" if "frames_per_s" in row else "-"
         note = row.get("error") or (
-            f"a Python loop beside it at {row['spin_share']:.0%} of its speed alone, decoding at "
-            f"{row['decode_share']:.0%}: the GIL is {row['gil']}" if row["case"] == "gil" else ""
+            f"Decode calls {row['busy']:.0%} of the time, a Python loop beside them ran {row['inside']:.0%} of its "
+            f"turns inside them: the GIL is {row['gil']}" if row["case"] == "gil" else ""
         )
         print(f"| {row['case']} | {rate} | {note} |")
     return rows

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -1982,6 +1983,7 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
         assert len(workers) == 2
         processes = [first, *stream]
     finally:
+        stream.close()
         forkserver._forkserver._stop()  # (later workers: from a server without the limit)
     assert [p for p, _ in processes] == paths
     for (_, a), (_, b) in zip(threads, processes, strict=True):
@@ -2107,6 +2109,99 @@ def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tm
         time.sleep(0.1)
     assert not any(_running(pid) for pid in workers)
     assert not list(temp.glob("pymp-*"))
+
+
+def _script(tmp_path: Path, body: str, temp: Path | None = None) -> subprocess.Popen:
+    """``body`` run as a script (the main module: worker processes re-import it) in a Python process of its own,
+    with this checkout importable (and $TMPDIR ``temp``); its stdout piped."""
+    script = tmp_path / "script.py"
+    script.write_text("import multiprocessing, os, signal, sys, time\nfrom titok_fast import video\n"
+                      "if __name__ == '__main__':\n" + textwrap.indent(textwrap.dedent(body), "    "))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path])}
+    if temp is not None:
+        env["TMPDIR"] = str(temp)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_worker_stuck_in_a_read_ends_when_the_run_is_killed_and_so_does_its_server(tmp_path):
+    """A worker blocked in a read that never returns (an ffconcat list naming a named pipe no one writes) watches
+    its parent, the server it was forked from; the server ends when every copy of its "alive" pipe is closed, and
+    the worker held one: both outlived the killed run, and its folders were left."""
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "hangs.mp4").write_text("ffconcat version 1.0\nfile 'pipe.mp4'\n")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    run = _script(tmp_path, f"""
+        from multiprocessing import forkserver
+        stream = video.stream_videos([{str(tmp_path / "hangs.mp4")!r}], workers=1, prefetch=1, capacity=1,
+                                     worker_kind="process", frames=1, height=8, width=8, fps=24)
+        _, feed = next(stream)
+        time.sleep(1)  # (the worker has started, and is stuck opening the pipe)
+        print(*[c.pid for c in multiprocessing.active_children()], forkserver._forkserver._forkserver_pid, flush=True)
+        time.sleep(600)
+    """, temp)  # fmt: skip
+    try:
+        pids = [int(pid) for pid in run.stdout.readline().split()]
+    finally:
+        run.kill()
+        run.wait()
+    assert len(pids) == 2
+    try:
+        deadline = time.monotonic() + 30 * video.PARENT_CHECK_SECONDS
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in pids)
+        assert not list(temp.glob("pymp-*"))
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("case", ["forked-from-a-run", "another-server-first"])
+def test_worker_processes_start_in_a_process_forked_from_a_run_and_beside_another_fork_server(files, tmp_path, case):
+    """A process forked from a run that started its fork server (a data loader's worker) has a copy of the run's
+    state for a server that is not its child: it starts one of its own (it failed with ChildProcessError). Where
+    other code started a fork server first (without this module preloaded, nor SIGINT blocked), processes are
+    spawned instead, as before, so that a Ctrl-C reaching the group while one starts does not kill it."""
+    path = files["index24"]
+    read = (f"[type(v).__name__ for _, v in video.iter_videos([{str(path)!r}], workers=1, prefetch=1, "
+            "worker_kind='process', frames=1, height=8, width=8, fps=24)]")  # fmt: skip
+    if case == "forked-from-a-run":
+        body = f"""
+            from multiprocessing import forkserver
+            print({read}, flush=True)
+            ours = forkserver._forkserver._forkserver_pid
+
+            def read_in_child():
+                print({read}, forkserver._forkserver._forkserver_pid not in (None, ours), flush=True)
+
+            child = multiprocessing.get_context("fork").Process(target=read_in_child)
+            child.start()
+            child.join()
+            print(child.exitcode, flush=True)
+        """
+    else:
+        body = f"""
+            theirs = multiprocessing.get_context("forkserver").Process(target=os.getpid)
+            theirs.start()
+            theirs.join()
+            stream = video.stream_videos([{str(path)!r}], workers=1, prefetch=1, capacity=1, worker_kind="process",
+                                         frames=1, height=8, width=8, fps=24)
+            _, feed = next(stream)
+            (worker,) = multiprocessing.active_children()
+            time.sleep(0.3)
+            os.kill(worker.pid, signal.SIGINT)  # (while it starts: imports torch)
+            print(sum(1 for _ in feed), flush=True)
+            stream.close()
+        """
+    run = _script(tmp_path, body)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0
+    if case == "forked-from-a-run":
+        assert out.split("\n")[:3] == ["['ClipSet']", "['ClipSet'] True", "0"]  # (True: from a server of its own)
+    else:
+        assert out.strip() == str(len(read_clips(path, frames=1, height=8, width=8, fps=24).clips))
 
 
 def test_shared_memory_that_killed_workers_were_naming_is_removed_by_the_next_run(files, tmp_path, monkeypatch):

@@ -1378,7 +1378,7 @@ class _DecoderProcess:
         held: HeldBytes | None = None,
         piped: threading.Lock | None = None,
     ):
-        self.read_kwargs, self.stall_seconds, self._mp = read_kwargs, stall_seconds, _process_context()
+        self.read_kwargs, self.stall_seconds = read_kwargs, stall_seconds
         self.held = held  # (and the process is given credit for the next one only once one is queued)
         self.piped = piped or threading.Lock()  # taken by the first clip that came through a pipe (the run is told)
         self.stopping = stopping or threading.Event()  # the stream is closing: no process is started again
@@ -1390,8 +1390,9 @@ class _DecoderProcess:
         self.started = False  # until the process is: a start that fails is tried again for the next file
         self.ready = False  # until the process says so: its start-up (imports) is not a file's stall
         self.temp_dir: str | None = None  # the process's multiprocessing folder, which it says when ready
-        self.pipe, theirs = self._mp.Pipe()
         run = (os.getpid(), start_process_server())
+        self._mp = _process_context()
+        self.pipe, theirs = self._mp.Pipe()
         self.process = self._mp.Process(
             target=_serve_files, args=(theirs, self.read_kwargs, dict(os.environ), run), daemon=True
         )  # fmt: skip
@@ -1570,6 +1571,7 @@ def _serve_files(pipe, read_kwargs: dict, environ: dict[str, str], run: tuple[in
     run has ended without removing it (killed)."""
     global _RUN
     _RUN, parent = run, os.getppid()  # (were the parent gone already, so is the run, and the pipe says so)
+    _let_the_server_go()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (as the server's processes have it already)
     if environ != os.environ:
         os.environ.clear()
@@ -1591,28 +1593,52 @@ def _serve_files(pipe, read_kwargs: dict, environ: dict[str, str], run: tuple[in
 
 
 def _process_context():
-    """The multiprocessing context decoding processes are started in: "forkserver", its server preloading this
-    module. Each process is forked from the server with torch, PyAV and NumPy imported; a spawned one imported
-    them itself, 2.5 CPU-s each (40 for 16 workers, as long as reading a few hundred small clips takes them)."""
+    """The multiprocessing context decoding processes are started in: "forkserver" where this process's own server
+    runs (:func:`start_process_server`), whose processes start with torch, PyAV and NumPy imported; "spawn" where
+    a server other code started runs, without them (each process then imports them itself: 2.5 CPU-s)."""
     import torch.multiprocessing as mp  # (its pickling of shared-memory tensors)
 
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # (read when the server starts)
-    return context
+    return mp.get_context("forkserver" if _own_server() else "spawn")
+
+
+_SERVER_OWNER: int | None = None  # the process that started the fork server (:func:`start_process_server`)
+
+
+def _own_server() -> bool:
+    """Whether the fork server is this process's own, or none runs. A process forked from one that started it
+    has a copy of its state, for a server that is not its child: dropped, so that it starts one of its own."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_pid is not None and _SERVER_OWNER not in (None, os.getpid()):
+        if server._forkserver_alive_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(server._forkserver_alive_fd)
+        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+    return server._forkserver_pid is None or _SERVER_OWNER == os.getpid()
 
 
 def start_process_server() -> str | None:
-    """Start the server that decoding processes are forked from, if it is not running: its imports then overlap
-    what the run does before its first file (loading the model). Started with SIGINT blocked, which the processes
-    forked from it keep. Returns the folder of the socket through which the server is asked for a process, where
-    it has one: the run's multiprocessing folder."""
+    """Start the server that decoding processes are forked from, preloading this module (torch, PyAV), if it is not
+    running: its imports then overlap what the run does before its first file (loading the model). Started with
+    SIGINT blocked, which the processes forked from it keep. Returns the folder of the socket through which the
+    server is asked for a process, where it has one: the run's multiprocessing folder. Nothing where a server
+    other code started runs (its processes are spawned instead: :func:`_process_context`)."""
+    global _SERVER_OWNER
     from multiprocessing import forkserver
 
-    _process_context()
-    _socket_folder()  # (the server's socket is made there)
-    with _sigint_blocked():
-        forkserver.ensure_running()
-    address = getattr(forkserver._forkserver, "_forkserver_address", None)
+    if not _own_server():
+        return None
+    server = forkserver._forkserver
+    if server._forkserver_pid is None:
+        server.set_forkserver_preload([*(server._preload_modules or []), __name__])
+        _socket_folder()  # (the server's socket is made there)
+        with _sigint_blocked():
+            server.ensure_running()
+        _SERVER_OWNER = os.getpid()
+    else:
+        server.ensure_running()  # (started again if it died)
+    address = server._forkserver_address
     return os.path.dirname(address) if isinstance(address, str) and not address.startswith("\0") else None
 
 
@@ -1823,6 +1849,19 @@ def _end_with(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
     _exit_now()
+
+
+def _let_the_server_go() -> None:
+    """Close this worker's copy of the fork server's "alive" pipe (a worker starts no process): the server ends when
+    every copy is closed, and a worker ends when the server does, so a worker holding one (stuck in a hung read)
+    kept both alive after the run was killed."""
+    from multiprocessing import forkserver
+
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive is not None:  # (forked from the server; a spawned worker has none)
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        forkserver._forkserver._forkserver_alive_fd = None
 
 
 def _exit_now() -> None:
