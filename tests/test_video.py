@@ -2273,9 +2273,9 @@ def _running(pid: int) -> bool:
 
 
 def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeypatch):
-    """... and the run removes the dead one's multiprocessing folder, its own (a spawned process is given the
+    """... and the run removes the dead one's multiprocessing folder, its own (a worker process is given the
     run's folder if the run has one, which must stay: removing it lost every later clip of that worker)."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' (spawned: they read it anew)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' (given the run's environment: they read it anew)
     own = multiprocessing.util.get_temp_dir()  # the run has a folder of its own
     stream = video.stream_videos([files["index24"], files["index30"]], workers=1, prefetch=1, capacity=1,
                                  worker_kind="process", frames=1, height=8, width=8, fps=24)  # fmt: skip
@@ -2299,7 +2299,7 @@ def test_worker_processes_share_clips_under_a_long_temporary_folder(files, tmp_p
     with "AF_UNIX path too long"."""
     long = tmp_path / ("t" * 100)
     long.mkdir()
-    monkeypatch.setenv("TMPDIR", str(long))  # the workers' (spawned: they read it anew)
+    monkeypatch.setenv("TMPDIR", str(long))  # the workers' (given the run's environment: they read it anew)
     kwargs = dict(frames=4, height=16, width=16, fps=8)
     ((_, threads),) = iter_videos([files["index24"]], workers=1, prefetch=1, **kwargs)
     ((_, processes),) = iter_videos([files["index24"]], workers=1, prefetch=1, worker_kind="process", **kwargs)
