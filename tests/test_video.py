@@ -2264,12 +2264,8 @@ def test_worker_processes_leave_nothing_in_shared_memory_when_the_whole_group_is
 
 
 def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (an exited one nobody reaps is a zombie: "Z")."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    """Whether process ``pid`` exists and has not exited (an exited one nobody reaps is a zombie)."""
+    return not video._ended(pid)
 
 
 def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeypatch):
