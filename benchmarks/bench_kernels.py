@@ -17,6 +17,8 @@ Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (en
   varlen), ``cudnn_alone`` (cuDNN through SDPA, per sequence), ``flex_alone`` (FlexAttention with a document mask,
   compiled).
 FSQ: GB/s of the fused encoder head and decoder-input gather against unfused PyTorch (``torch``).
+NV12 -> RGB (``--decoder nvdec``'s conversion of a frame): GB/s and the host CPU time of a call (``host us/call``:
+what a decoding thread spends launching it, much of it holding the GIL), the kernel against PyTorch (``torch``).
 
 With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line the moment it is measured.
 Every time is per call, from ``triton.testing.do_bench`` (CUDA events, warm-up and autotuning outside the timed
@@ -46,6 +48,7 @@ from titok_fast.kernels.mrope_attention import (
     pair_axis,
     qk_norm_rope,
 )
+from titok_fast.kernels.nv12_rgb import nv12_rgb, nv12_rgb_ref
 
 from anchors import ANCHORS
 from baselines import varlen_attention
@@ -229,3 +232,23 @@ def test_fsq_decoder_input(benchmark, provider):
     mean = _timed(benchmark, lambda: op(*args, out=out))
     _extra_info(benchmark, provider)
     benchmark.extra_info.update(gb_per_s=(out.numel() + sum(counts) * width) * 2 / mean / 1e9)
+
+
+@pytest.mark.parametrize("size", ["720p", "256p"])
+@pytest.mark.parametrize("provider", ["titok", "torch"])
+def test_nv12_rgb(benchmark, provider, size):
+    """One NVDEC frame (an NV12 surface) to RGB: GPU time by do_bench, and the host's CPU time per call over calls
+    made back to back (thread time, no synchronisation inside), as a decoding thread makes them."""
+    benchmark.group = f"kernel-nv12-rgb-{size}"
+    height, width = {"720p": (720, 1280), "256p": (256, 456)}[size]
+    nv12 = torch.randint(0, 256, (height * 3 // 2, width), dtype=torch.uint8, device="cuda")
+    op = nv12_rgb if provider == "titok" else nv12_rgb_ref
+    mean = _timed(benchmark, lambda: op(nv12, height, "bt709"))
+    torch.cuda.synchronize()
+    calls, started = 200, time.thread_time()
+    for _ in range(calls):
+        op(nv12, height, "bt709")
+    host = (time.thread_time() - started) / calls
+    torch.cuda.synchronize()
+    _extra_info(benchmark, provider)
+    benchmark.extra_info.update(gb_per_s=(nv12.numel() + height * width * 3) / mean / 1e9, host_us_per_call=host * 1e6)

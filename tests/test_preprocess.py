@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from titok_fast import decoders
-from titok_fast.decoders import DecoderUnavailable, yuv420_to_rgb
+from titok_fast.decoders import DecoderUnavailable
+from titok_fast.kernels.nv12_rgb import yuv420_to_rgb_ref as yuv420_to_rgb
 from titok_fast.preprocess import (
     MAX_DEVICE_ASPECT,
     MAX_DEVICE_PIXELS,
@@ -434,9 +435,10 @@ def test_nvdec_says_why_it_cannot_take_a_file(files):
     # chroma of an odd-height one (up to 58 levels off at colour edges)
     ("yuv420p", {"options": {"x264-params": "interlaced=1:tff=1"}}, "interlaced: libswscale converts each field"),
     ("yuv420p", {"codec": "libvpx-vp9", "height": 47}, "odd picture height (47): only even heights"),
+    ("yuv420p", {"codec": "libvpx-vp9", "width": 63}, "odd picture width (63): only even widths"),
 ])  # fmt: skip
 def test_nvdec_leaves_to_the_cpu_what_its_conversion_does_not_take(tmp_path, pix_fmt, changes, said):
-    """Streams the GPU conversion (8-bit NV12, BT.601/709, progressive, even height) would get wrong are the CPU
+    """Streams the GPU conversion (8-bit NV12, BT.601/709, progressive, even size) would get wrong are the CPU
     decoder's, before CUDA is asked for; the streams it takes convert within 2 levels
     (test_nvdec_path_close_to_the_cpu_path)."""
     path = write_stream(tmp_path / f"{pix_fmt}.mkv", pix_fmt=pix_fmt, **changes)
@@ -444,16 +446,16 @@ def test_nvdec_leaves_to_the_cpu_what_its_conversion_does_not_take(tmp_path, pix
         next(decoders.nvdec_frames(path, container.streams.video[0]))
 
 
-def write_stream(path, codec="libx264", pix_fmt="yuv420p", height=48, colorspace=None, options=None) -> str:
-    """Two 64-pixel-wide frames encoded as asked."""
+def write_stream(path, codec="libx264", pix_fmt="yuv420p", height=48, colorspace=None, options=None, width=64) -> str:
+    """Two frames encoded as asked."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, height, pix_fmt
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.options = options or {}
         if colorspace is not None:
             stream.codec_context.colorspace = colorspace
         for i in range(2):
-            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, height, 64), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, height, width), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return str(path)

@@ -23,11 +23,13 @@ import titok_fast.kernels.fp8_quant as fp8_quant
 import titok_fast.kernels.fsq as fsq
 import titok_fast.kernels.mrope_attention as mrope
 import titok_fast.kernels.nearest_code as nearest
+import titok_fast.kernels.nv12_rgb as nv12_rgb
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 LAUNCH_OPTIONS = {"num_warps", "num_stages", "enable_fp_fusion"}
 TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+FLOAT_ARGS = {"eps", "qk_scale", "luma_gain", "chroma_gain", "r_cr", "g_cb", "g_cr", "b_cb"}
 
 
 def _attention(dtype, group, has_q_starts, blocks=None):
@@ -67,6 +69,11 @@ def _quantize(dtype, k):
     return "_quantize_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs
 
 
+def _nv12_rgb():
+    config = dict(BLOCK_W=nv12_rgb.BLOCK_W, num_warps=nv12_rgb.NUM_WARPS, enable_fp_fusion=False)
+    return "_nv12_rgb_kernel", nv12_rgb, config, dict(nv12_ptr="u8", out_ptr="u8")
+
+
 CASES = {
     "attention-bf16-group4": _attention(torch.bfloat16, 4, False),
     "attention-bf16-group3-subset": _attention(torch.bfloat16, 3, True),
@@ -87,6 +94,7 @@ CASES = {
     "quantize-bf16-K1024": _quantize(torch.bfloat16, 1024),
     "quantize-bf16-K2752": _quantize(torch.bfloat16, 2752),
     "quantize-fp32-K1376": _quantize(torch.float32, 1376),
+    "nv12_rgb": _nv12_rgb(),
     # the other block shapes a GPU benchmark compares (the first, the default, is compiled above)
     **{f"attention-bf16-group4-{name}": _attention(torch.bfloat16, 4, False, name) for name in
        list(mrope.ATTENTION_BLOCKS)[1:]},
@@ -110,7 +118,7 @@ def _compile(kernel_name, module, config, ptrs):
         elif name.endswith("_desc"):  # None without TMA: the launcher passes None
             signature[name], constexprs[name] = "constexpr", None
         else:
-            signature[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
@@ -166,6 +174,8 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     if case.startswith("quantize"):  # exactly the reference's arithmetic: IEEE divisions, casts to nearest even
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    if case == "nv12_rgb":  # the reference's roundings: every multiply and add rounded on its own, none fused
+        assert "mul.rn.f32" in ptx and "fma." not in ptx and not re.search(r"\bFFMA\b", sass)
     if case.startswith("attention"):  # the softmax scale is folded into the exponent: an FMA feeds every exp2
         assert len(re.findall(r"\bFFMA\b", sass)) >= len(re.findall(r"\bMUFU\.EX2\b", sass)) > 0
 

@@ -21,6 +21,7 @@ COLUMNS = [  # header, key, format (given the value and, by name, the row's othe
     ("MFU", "mfu", "{:.1%}"),
     ("peak GiB", "peak_mem_gib", "{:.1f}"),
     ("us/file", "us_per_file", "{:.0f}"),
+    ("host us/call", "host_us_per_call", "{:.1f}"),
 ]
 
 

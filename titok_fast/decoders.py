@@ -14,8 +14,8 @@ decoding may start afresh (:class:`StreamIndex`'s cuts), so that workers may dec
 HEVC, VP9 and AV1 files get such an index too, only to be split by: each part decodes every frame from its cut.
 
 NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
-conversion runs there (:func:`yuv420_to_rgb`: BT.601 or BT.709 as the stream says, limited range, as
-libswscale does it by default), within 2 levels of PyAV's RGB (see tests/test_preprocess.py).
+conversion runs there in one kernel a frame (``kernels/nv12_rgb.py``: BT.601 or BT.709 as the stream says, limited
+range, as libswscale does it by default), within 2 levels of PyAV's RGB (see tests/test_preprocess.py).
 What NVDEC cannot take (the package or a GPU missing, a codec it lacks, a file it rejects) is decoded on the CPU
 instead, with a one-line notice; :func:`open_frames` does that choosing.
 """
@@ -42,12 +42,10 @@ from .stages import CLOCK
 
 DECODERS = ("cpu", "nvdec")
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjpeg")
-# (Kr, Kb) of Y = Kr R + (1 - Kr - Kb) G + Kb B, by the stream's colour matrix
-MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 # what the GPU conversion takes: 8-bit 4:2:0 (NVDEC hands it over as the NV12 that nvdec_rgb reads; deeper or
-# fuller formats come in other layouts), and the streams whose matrix libswscale reads as one of MATRICES
-# (AVColorSpace: BT.709, unspecified, BT.470BG, SMPTE 170M), progressive and of even height. Other streams (10-bit
-# HDR from phones, BT.2020, 4:2:2, 4:4:4, interlaced, odd height) are decoded on the CPU.
+# fuller formats come in other layouts), and the streams whose matrix libswscale reads as one of kernels/nv12_rgb.py's
+# MATRICES (AVColorSpace: BT.709, unspecified, BT.470BG, SMPTE 170M), progressive and of even height and width. Other
+# streams (10-bit HDR from phones, BT.2020, 4:2:2, 4:4:4, interlaced, odd sizes) are decoded on the CPU.
 NVDEC_PIXEL_FORMATS = ("yuv420p", "nv12")
 NVDEC_COLORSPACES = {1: "bt709", 2: "bt601", 5: "bt601", 6: "bt601"}
 FIELD_ORDERS_PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the others are interlaced orders
@@ -434,6 +432,8 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
     if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
         raise DecoderUnavailable(f"odd picture height ({context.height}): only even heights are converted on the GPU")
+    if context.width % 2:  # (its last chroma pair would lie past the surface's row)
+        raise DecoderUnavailable(f"odd picture width ({context.width}): only even widths are converted on the GPU")
     if context.field_order not in FIELD_ORDERS_PROGRESSIVE:
         raise DecoderUnavailable("interlaced: libswscale converts each field apart, the GPU the whole frame")
     if sum(1 for _ in _videos(stream.container)) > 1:  # the CPU path reads the first
@@ -496,33 +496,13 @@ def _colorspace_name(stream: av.video.stream.VideoStream) -> str:
 
 
 def nvdec_rgb(frame: NvdecFrame) -> torch.Tensor:
-    """An NVDEC frame as [h, w, 3] uint8 RGB on its GPU."""
-    h, luma_rows = frame.height, frame.nv12.shape[0] * 2 // 3  # the surface may hold padding rows below the picture
-    y, uv = frame.nv12[:h], frame.nv12[luma_rows : luma_rows + (h + 1) // 2]
-    return yuv420_to_rgb(y, uv[:, 0::2], uv[:, 1::2], frame.matrix)
+    """An NVDEC frame as [h, w, 3] uint8 RGB on its GPU: one Triton kernel (``kernels/nv12_rgb.py``), or its
+    PyTorch reference where Triton is missing or the frame is not on a GPU (a test's fake decoder): the same bytes."""
+    from .kernels import _triton, nv12_rgb  # (imports Triton: only where NVDEC decodes)
 
-
-def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str = "bt601") -> torch.Tensor:
-    """Limited-range YUV 4:2:0 -> RGB as libswscale's default (unscaled) conversion does it, within rounding.
-
-    y: [h, w] uint8; u, v: [ceil(h / 2), ceil(w / 2)] uint8; matrix: "bt601" or "bt709". Each chroma sample
-    covers its 2 x 2 luma block (libswscale's unscaled path does not interpolate chroma) and values are truncated
-    as its fixed-point arithmetic does: on H.264 frames the result is within 2 levels of PyAV's ``rgb24`` (0.6 on
-    average, tests/test_preprocess.py). Returns [h, w, 3] uint8 on y's device.
-    """
-    if matrix not in MATRICES:
-        raise ValueError(f"matrix must be one of {sorted(MATRICES)}; got {matrix!r}")
-    if y.ndim != 2 or u.shape != v.shape or u.shape != ((y.shape[0] + 1) // 2, (y.shape[1] + 1) // 2):
-        raise ValueError(f"planes must be y [h, w] and u, v [h/2, w/2]; got {list(y.shape)}, {list(u.shape)}")
-    kr, kb = MATRICES[matrix]
-    h, w = y.shape
-    chroma = torch.stack([u, v]).float().repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w] - 128
-    luma = (y.float() - 16) * (255 / 219)
-    cb, cr = chroma[0] * (255 / 224), chroma[1] * (255 / 224)
-    r = luma + 2 * (1 - kr) * cr
-    b = luma + 2 * (1 - kb) * cb
-    g = luma - (2 * kb * (1 - kb) * cb + 2 * kr * (1 - kr) * cr) / (1 - kr - kb)
-    return torch.stack([r, g, b], dim=-1).floor().clamp(0, 255).to(torch.uint8)
+    if frame.nv12.is_cuda and not _triton.MISSING:
+        return nv12_rgb.nv12_rgb(frame.nv12, frame.height, frame.matrix)
+    return nv12_rgb.nv12_rgb_ref(frame.nv12, frame.height, frame.matrix)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,102 @@
+"""The NV12 -> RGB kernel of ``--decoder nvdec`` (kernels/nv12_rgb.py) gives its PyTorch reference's bytes: in the
+Triton interpreter here, compiled on a GPU where there is one."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tests import videos
+from tests.triton_mode import triton_mode
+from titok_fast.decoders import NvdecFrame, nvdec_rgb
+from titok_fast.kernels.nv12_rgb import BLOCK_W, MATRICES, nv12_planes, nv12_rgb, nv12_rgb_ref, yuv420_to_rgb_ref
+
+CUDA = torch.cuda.is_available()
+
+
+def surface(height: int, width: int, pad_rows: int = 0, pitch: int = 0, seed: int = 0) -> torch.Tensor:
+    """A random NV12 surface for a ``height`` x ``width`` picture: every byte value (the clamps to 0 and 255 are
+    taken), ``pad_rows`` rows of padding below the picture's luma and chroma rows, and rows ``pitch`` bytes apart
+    (as a decoder's surfaces are: wider than the picture)."""
+    g = torch.Generator().manual_seed(seed)
+    luma_rows = height + pad_rows
+    rows = luma_rows + luma_rows // 2
+    full = torch.randint(0, 256, (rows, max(pitch, width)), generator=g, dtype=torch.uint8)
+    return full[:, :width]
+
+
+def nv12_of(frame: av.VideoFrame) -> torch.Tensor:
+    """PyAV's yuv420p frame as an NV12 surface (luma rows, then interleaved U, V rows), by libswscale."""
+    nv12 = frame.reformat(format="nv12")
+    rows = [np.frombuffer(p, np.uint8).reshape(p.height, -1)[:, : frame.width] for p in nv12.planes]
+    return torch.from_numpy(np.concatenate(rows))
+
+
+@pytest.mark.parametrize(("height", "width", "pad_rows", "pitch"), [
+    (6, 8, 0, 0),
+    (144, 256, 0, 0),
+    (34, BLOCK_W + 18, 6, 0),  # a second block of columns, partly filled; padding rows, as NVDEC's surfaces have
+    (30, 62, 2, 128),  # rows further apart than the picture is wide
+    (2, 2, 0, 0),
+])  # fmt: skip
+@pytest.mark.parametrize("matrix", sorted(MATRICES))
+def test_kernel_gives_the_references_bytes(height, width, pad_rows, pitch, matrix):
+    nv12 = surface(height, width, pad_rows, pitch, seed=height * width)
+    want = nv12_rgb_ref(nv12, height, matrix)
+    with triton_mode(interpret=True):
+        got = nv12_rgb(nv12, height, matrix)
+    assert got.shape == (height, width, 3) and got.dtype == torch.uint8 and got.is_contiguous()
+    assert torch.equal(got, want)
+    if height * width >= 256:
+        assert (want == 0).any() and (want == 255).any()  # the clamps were taken, both ways
+
+
+def test_kernel_on_h264_frames_is_within_rounding_of_pyav(tmp_path):
+    """Real H.264 frames: the kernel's RGB is the reference's, and within 2 levels of libswscale's rgb24."""
+    path = videos.make_video(tmp_path / "clip.mp4", 3, 72, 128, fps=24, pattern="moving")
+    with av.open(str(path)) as container, triton_mode(interpret=True):
+        for frame in container.decode(video=0):
+            nv12 = nv12_of(frame)
+            got = nv12_rgb(nv12, frame.height, "bt601")
+            assert torch.equal(got, nv12_rgb_ref(nv12, frame.height, "bt601"))
+            diff = (got.int() - torch.from_numpy(frame.to_ndarray(format="rgb24")).int()).abs()
+            assert diff.max() <= 2 and diff.float().mean() < 1.0
+
+
+def test_planes_of_a_padded_surface():
+    nv12 = surface(4, 6, pad_rows=2)  # 6 luma rows (2 of padding), then 3 chroma rows (1 of padding)
+    y, u, v = nv12_planes(nv12, 4)
+    assert torch.equal(y, nv12[:4]) and torch.equal(u, nv12[6:8, 0::2]) and torch.equal(v, nv12[6:8, 1::2])
+    assert torch.equal(nv12_rgb_ref(nv12, 4), yuv420_to_rgb_ref(y, u, v))
+
+
+@pytest.mark.parametrize(("nv12", "height", "said"), [
+    (torch.zeros(9, 7, dtype=torch.uint8), 6, "of even width"),
+    (torch.zeros(9, 8, dtype=torch.uint8), 7, "a picture 7 rows high"),
+    (torch.zeros(9, 8, dtype=torch.uint8), 0, "a picture 0 rows high"),
+    (torch.zeros(9, 8, dtype=torch.int16), 6, "nv12 must be uint8"),
+    (torch.zeros(8, 9, dtype=torch.uint8).t(), 6, "rows contiguous"),
+])  # fmt: skip
+def test_launcher_refuses_what_the_kernel_would_read_wrong(nv12, height, said):
+    with pytest.raises(ValueError, match=said), triton_mode(interpret=True):
+        nv12_rgb(nv12, height)
+    with pytest.raises(ValueError, match="matrix must be one of"):
+        nv12_rgb(torch.zeros(9, 8, dtype=torch.uint8), 6, "bt2020")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("matrix", sorted(MATRICES))
+def test_gpu_kernel_gives_the_references_bytes(matrix):
+    """Compiled: no multiply-add fused into one rounding, so the bytes are PyTorch's on the GPU and on the CPU; and
+    it is what ``--decoder nvdec``'s frames go through."""
+    nv12 = surface(720, 1280, pad_rows=16, pitch=1536, seed=7).cuda()
+    got = nv12_rgb(nv12, 720, matrix)
+    assert torch.equal(got, nv12_rgb_ref(nv12, 720, matrix))
+    assert torch.equal(got.cpu(), nv12_rgb_ref(nv12.cpu(), 720, matrix))
+    frame = NvdecFrame(nv12, 720, 0, Fraction(1, 30), None, matrix)
+    assert torch.equal(nvdec_rgb(frame), got)
