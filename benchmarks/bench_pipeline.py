@@ -93,7 +93,7 @@ def make_source(path: Path, width: int, height: int, fps: int, seconds: float, c
         / 3
     )
     frames = int(seconds * fps)
-    with av.open(str(path), "w") as container:
+    with _scheduling_kept(), av.open(str(path), "w") as container:
         encoder, options = CODECS[codec]
         stream = container.add_stream(encoder, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -107,6 +107,17 @@ def make_source(path: Path, width: int, height: int, fps: int, seconds: float, c
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
     return path.stat().st_size * 8 / (frames / fps) / 1e6
+
+
+def _scheduling_kept():
+    """tests/videos.py's ``scheduling_kept()``: SVT-AV1 (``--codec av1``), run as root, leaves the thread that
+    encoded real time, which would take the CPUs from the decoding workers this process then starts."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import videos
+
+    return videos.scheduling_kept()
 
 
 def sources(folder: Path, names: list[str], seconds: float, codec: str = "h264") -> dict[str, tuple[Path, float]]:

@@ -5,11 +5,33 @@ import numpy as np
 import pytest
 import torch
 
+import videos
+
 # Under pytest-xdist (the README runs the suite with -n 2), each worker process gets its share of the cores for
 # torch's own threads: two workers each running a core's worth of threads on every core would spin against each
 # other. Tests that set a thread count of their own still do.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+SCHEDULING = videos.scheduling()  # this process's, as it started
+
+
+def _check_scheduling(when: str) -> None:
+    if (now := videos.scheduling()) != SCHEDULING:
+        os.sched_setscheduler(0, *SCHEDULING)
+        pytest.fail(f"the test process was made real time ({now}) by the {when}: an encoder (SVT-AV1) run outside "
+                    "tests/videos.py's scheduling_kept()")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _not_real_time():
+    """No test runs in a process its fixtures made real time, nor leaves it so (an encoder's doing: SVT-AV1 as root,
+    tests/videos.py's scheduling_kept): a real-time test process and the processes it starts take the CPUs from
+    everything else. The policy is put back, and the test fails saying so."""
+    _check_scheduling("test's fixtures")
+    yield
+    _check_scheduling("test")
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests import videos
-from tests.triton_mode import triton_mode
 from titok_fast.decoders import NvdecFrame, nvdec_rgb
 from titok_fast.kernels.nv12_rgb import BLOCK_W, MATRICES, nv12_planes, nv12_rgb, nv12_rgb_ref, yuv420_to_rgb_ref
+
+import videos
+from triton_mode import triton_mode
 
 CUDA = torch.cuda.is_available()
 

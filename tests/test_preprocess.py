@@ -448,7 +448,7 @@ def test_nvdec_leaves_to_the_cpu_what_its_conversion_does_not_take(tmp_path, pix
 
 def write_stream(path, codec="libx264", pix_fmt="yuv420p", height=48, colorspace=None, options=None, width=64) -> str:
     """Two frames encoded as asked."""
-    with av.open(str(path), "w") as container:
+    with videos.scheduling_kept(), av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=8)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.options = options or {}

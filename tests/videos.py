@@ -10,8 +10,10 @@ H.264 in yuv420p needs even sizes, so odd sizes go to FFV1 (lossless, any size) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -57,6 +59,25 @@ def vfr_times(frames: int) -> list[Fraction]:
     return times
 
 
+def scheduling() -> tuple | None:
+    """The calling thread's scheduling policy and parameters (None where the OS does not say)."""
+    return (os.sched_getscheduler(0), os.sched_getparam(0)) if hasattr(os, "sched_getscheduler") else None
+
+
+@contextlib.contextmanager
+def scheduling_kept() -> Iterator[None]:
+    """The calling thread's scheduling policy, put back after what runs within: SVT-AV1's encoder (libsvtav1), run
+    as root, makes the thread that opens it real time (SCHED_FIFO, priority 99) and leaves it so. A test process
+    left so, and every process it then starts, would take the CPUs from everything else on the machine (a test
+    run on 2 cores took twice as long, and a Python loop beside it 15 times as long)."""
+    before = scheduling()
+    try:
+        yield
+    finally:
+        if before is not None and scheduling() != before:
+            os.sched_setscheduler(0, *before)
+
+
 def make_video(
     path: str | Path,
     frames: int,
@@ -80,7 +101,7 @@ def make_video(
     path = Path(path)
     odd = height % 2 or width % 2
     target = _Piped(path) if piped else str(path)
-    with av.open(target, "w", format=MUXERS.get(path.suffix) if piped else None) as container:
+    with (scheduling_kept(), av.open(target, "w", format=MUXERS.get(path.suffix) if piped else None) as container):
         rate = Fraction(fps).limit_denominator(1001)
         stream = container.add_stream("ffv1" if odd else encoder, rate=rate)
         stream.width, stream.height = width, height
