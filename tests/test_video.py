@@ -2168,6 +2168,65 @@ def test_a_worker_stuck_in_a_read_ends_when_the_run_is_killed_and_so_does_its_se
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("when", ["while-the-server-starts", "once-it-has-started"])
+def test_a_run_killed_before_its_first_worker_leaves_no_folder_and_its_server_ends(tmp_path, when):
+    """The process server starts before the run's first file (while the model loads): a run killed then has no
+    worker to remove its multiprocessing folder (the server's socket) on the way out. The server does it, also
+    when the run was killed while the server was still importing (it was adopted by then)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    started = ""
+    if when == "once-it-has-started":  # a process from it: its imports are done (no decoding worker, which would
+        started = "multiprocessing.get_context('forkserver').Process(target=os.getpid).start()"  # remove it too)
+    run = _script(tmp_path, f"""
+        from multiprocessing import forkserver
+        folder = video.start_process_server()
+        {started}
+        print(forkserver._forkserver._forkserver_pid, folder, flush=True)
+        time.sleep(600)
+    """, temp)  # fmt: skip
+    try:
+        server, folder = run.stdout.readline().split()
+    finally:
+        run.kill()
+        run.wait()
+    assert os.path.dirname(folder) == str(temp) and os.path.basename(folder).startswith("pymp-")
+    deadline = time.monotonic() + 30
+    while (_running(int(server)) or list(temp.glob("pymp-*"))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(int(server))
+    assert not list(temp.glob("pymp-*"))
+
+
+def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_ended_run(tmp_path):
+    """``titok_fast._server``'s parts: the folder of the process's listening Unix socket (none where it has none);
+    a folder removed only from the server itself, only if the run has ended, and only a multiprocessing one."""
+    from titok_fast import _server
+
+    found = _script(tmp_path, f"""
+        import socket
+        from titok_fast import _server
+        with socket.socket(socket.AF_UNIX) as sock:
+            print(_server.listening_folder(), end=" ")
+            sock.bind({str(tmp_path / "listener")!r})
+            print(_server.listening_folder(), end=" ")  # (not listening yet)
+            sock.listen()
+            print(_server.listening_folder(), flush=True)
+    """).communicate(timeout=60)[0]  # fmt: skip
+    assert found.split() == ["None", "None", str(tmp_path)]
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    folders = {name: tmp_path / name for name in ("pymp-a", "pymp-b", "pymp-c", "other")}
+    for folder in folders.values():
+        folder.mkdir()
+    _server._remove_folder_of_killed_run(os.getpid(), os.getpid(), str(folders["pymp-a"]))  # the run lives
+    _server._remove_folder_of_killed_run(os.getpid() + 1, ended.pid, str(folders["pymp-b"]))  # not the server
+    _server._remove_folder_of_killed_run(os.getpid(), ended.pid, str(folders["other"]))  # not multiprocessing's
+    _server._remove_folder_of_killed_run(os.getpid(), ended.pid, str(folders["pymp-c"]))
+    _server._remove_folder_of_killed_run(os.getpid(), 1, str(folders["pymp-b"]))  # (adopted before it looked)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["other", "pymp-a"]
+
+
 @pytest.mark.parametrize("case", ["forked-from-a-run", "another-server-first"])
 def test_worker_processes_start_in_a_process_forked_from_a_run_and_beside_another_fork_server(files, tmp_path, case):
     """A process forked from a run that started its fork server (a data loader's worker) has a copy of the run's

@@ -1621,7 +1621,8 @@ def _own_server() -> bool:
 def start_process_server() -> str | None:
     """Start the server that decoding processes are forked from, preloading this module (torch, PyAV), if it is not
     running: its imports then overlap what the run does before its first file (loading the model). Started with
-    SIGINT blocked, which the processes forked from it keep. Returns the folder of the socket through which the
+    SIGINT blocked, which the processes forked from it keep; it removes this run's multiprocessing folder if the
+    run is killed (``titok_fast._server``). Returns the folder of the socket through which the
     server is asked for a process, where it has one: the run's multiprocessing folder. Nothing where a server
     other code started runs (its processes are spawned instead: :func:`_process_context`)."""
     global _SERVER_OWNER
@@ -1631,7 +1632,9 @@ def start_process_server() -> str | None:
         return None
     server = forkserver._forkserver
     if server._forkserver_pid is None:
-        server.set_forkserver_preload([*(server._preload_modules or []), __name__])
+        # (titok_fast._server first: it reads its parent's pid before the others' imports; it imports this module)
+        others = [name for name in server._preload_modules or [] if name != "titok_fast._server"]
+        server.set_forkserver_preload(["titok_fast._server", *others])
         _socket_folder()  # (the server's socket is made there)
         with _sigint_blocked():
             server.ensure_running()
