@@ -144,7 +144,7 @@ part() {
 
 pipeline() {  # $1: "" (every before / after row: 380 s by the timeouts below), "short" (the rows of the targets:
     # 230 s; no 256p8 "before", no rows with threads) or "sweeps" (NVDEC against threads, decoding workers 1..16,
-    # one long video: 420 s); every row is appended to pipeline.jsonl as soon as it is measured
+    # one long video: 475 s); every row is appended to pipeline.jsonl as soon as it is measured
     local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos" mode=${1:-}
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
                --videos "$videos" --log "$log")
@@ -198,8 +198,12 @@ PROBE
 sweeps() {  # pipeline's "sweeps" (its $run, $videos and $out)
     limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only
     # what limits NVDEC: whether PyNvVideoCodec's Decode holds the GIL, and its frames/s against threads
-    limited "NVDEC scaling" 60 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
+    # (titok: RGB by the kernel; titok-torch: by its PyTorch reference, as before the kernel)
+    limited "NVDEC scaling" 70 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
         --threads 1,2,4,8,16 --case-seconds 2 --log "$out/nvdec_scaling.jsonl"
+    limited "NVDEC scaling 256p8" 45 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
+        --source 256p8 --paths raw,titok,titok-torch --threads 1,4,16 --case-seconds 2 \
+        --log "$out/nvdec_scaling.jsonl"
     for kind in thread process; do
         local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)
         for w in "${counts[@]}"; do

@@ -12,7 +12,8 @@ ceiling, whatever the number of threads or of NVDEC engines. This measures, on o
 - ``raw xN``: N threads, each with a demuxer and decoder of its own over the file, frames decoded a second (the
   surfaces are not copied or converted).
 - ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nvdec_rgb`` (a copy of each
-  surface, and every frame converted to RGB, as if every frame were sampled).
+  surface, and every frame converted to RGB by one kernel, as if every frame were sampled); ``titok-torch xN``:
+  converted by its PyTorch reference instead (some twenty kernels a frame, as before the kernel).
 - ``threaded xN``: PyNvVideoCodec's ``ThreadedDecoder``, which demuxes and decodes on a thread of its own outside
   Python; N of them, each read on a Python thread.
 
@@ -79,17 +80,22 @@ def raw_frames(nvc, path: str) -> int:
     return sum(len(decoder.Decode(packet)) for packet in demuxer)
 
 
-def titok_frames(path: str) -> int:
-    """Every frame of ``path`` through the run's NVDEC path: the surface copied and converted to RGB."""
+def titok_frames(path: str, kernel: bool = True) -> int:
+    """Every frame of ``path`` through the run's NVDEC path: the surface copied and converted to RGB (by the kernel,
+    or by its PyTorch reference)."""
     import av
     import torch
 
     from titok_fast import decoders
+    from titok_fast.kernels.nv12_rgb import nv12_rgb_ref
 
     count = 0
     with av.open(path) as container:
         for frame in decoders.nvdec_frames(path, container.streams.video[0]):
-            decoders.nvdec_rgb(frame)
+            if kernel:
+                decoders.nvdec_rgb(frame)
+            else:
+                nv12_rgb_ref(frame.nv12, frame.height, frame.matrix)
             count += 1
     torch.cuda.synchronize()
     return count
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--videos", default="bench-videos", help="where the source is (made if missing)")
     p.add_argument("--threads", default="1,2,4,8,16", help="thread counts (default 1,2,4,8,16)")
     p.add_argument("--case-seconds", type=float, default=3.0, help="how long each case decodes (default 3)")
-    p.add_argument("--paths", default="raw,titok,threaded", help="which of raw, titok, threaded (default all)")
+    p.add_argument("--paths", default="raw,titok,titok-torch,threaded",
+                   help="which of raw, titok, titok-torch, threaded (default all)")  # fmt: skip
     p.add_argument("--fake", choices=("hold", "release"), help="a CPU stand-in for PyNvVideoCodec (see above)")
     p.add_argument("--log", help="append each row here as JSON")
     args = p.parse_args(argv)
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         path = str(bench_pipeline.sources(Path(args.videos), [args.source], args.seconds)[args.source][0])
         paths = args.paths.split(",")
     readers = {"raw": lambda: raw_frames(nvc, path), "titok": lambda: titok_frames(path),
+               "titok-torch": lambda: titok_frames(path, kernel=False),
                "threaded": lambda: threaded_frames(nvc, path)}  # fmt: skip
     rows = []
 
