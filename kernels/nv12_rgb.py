@@ -12,6 +12,7 @@ PyTorch's separate kernels round them: the same bytes (tests/test_nv12_rgb.py).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -114,7 +115,7 @@ def nv12_rgb(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torch.Te
         raise ValueError(f"a picture {height} rows high of even width in an NV12 surface; got {list(nv12.shape)}")
     out = torch.empty((height, width, 3), dtype=torch.uint8, device=nv12.device)
     grid = (height, triton.cdiv(width, BLOCK_W))
-    with _LAUNCHING:
+    with _LAUNCHING, torch.cuda.device(nv12.device) if nv12.is_cuda else contextlib.nullcontext():  # (its GPU's)
         _nv12_rgb_kernel[grid](nv12, out, height, width, luma_rows, nv12.stride(0), LUMA_GAIN, CHROMA_GAIN, *coefs,
                                BLOCK_W=BLOCK_W, num_warps=NUM_WARPS, enable_fp_fusion=False)  # fmt: skip
     return out
