@@ -2088,26 +2088,31 @@ def test_auto_takes_processes_only_for_many_workers_on_small_frames(files, tmp_p
     assert f"frames of at most {video.PROCESS_FRAME_PIXELS:,} pixels" in help_text
 
 
+def _script(tmp_path: Path, body: str, temp: Path | None = None, **popen) -> subprocess.Popen:
+    """``body`` run as a script (the main module: worker processes re-import it) in a Python process of its own,
+    with this checkout importable (and $TMPDIR ``temp``); its stdout piped (``popen``: more of Popen's options)."""
+    script = tmp_path / "script.py"
+    script.write_text("import multiprocessing, os, signal, sys, time\nfrom titok_fast import video\n"
+                      "if __name__ == '__main__':\n" + textwrap.indent(textwrap.dedent(body), "    "))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path])}
+    if temp is not None:
+        env["TMPDIR"] = str(temp)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, **popen)
+
+
 def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tmp_path):
     """SIGKILL (or the OOM killer) gives a run no chance to stop its decoding processes: they end themselves,
     leaving no multiprocessing folder in the temporary folder."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import multiprocessing, sys, time\n"
-        "from titok_fast import video\n"
-        "if __name__ == '__main__':\n"
-        f"    stream = video.stream_videos([{files['index24']!r}], workers=1, prefetch=1, capacity=1,\n"
-        "                                 worker_kind='process', frames=1, height=8, width=8, fps=24)\n"
-        "    _, feed = next(stream)\n"
-        "    next(iter(feed))\n"
-        "    print(*[c.pid for c in multiprocessing.active_children()], flush=True)\n"
-        "    time.sleep(600)\n"
-    )
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path]),
-           "TMPDIR": str(temp)}  # fmt: skip
-    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    run = _script(tmp_path, f"""
+        stream = video.stream_videos([{files['index24']!r}], workers=1, prefetch=1, capacity=1,
+                                     worker_kind='process', frames=1, height=8, width=8, fps=24)
+        _, feed = next(stream)
+        next(iter(feed))
+        print(*[c.pid for c in multiprocessing.active_children()], flush=True)
+        time.sleep(600)
+    """, temp)  # fmt: skip
     try:
         workers = [int(pid) for pid in run.stdout.readline().split()]
     finally:
@@ -2119,18 +2124,6 @@ def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tm
         time.sleep(0.1)
     assert not any(_running(pid) for pid in workers)
     assert not list(temp.glob("pymp-*"))
-
-
-def _script(tmp_path: Path, body: str, temp: Path | None = None) -> subprocess.Popen:
-    """``body`` run as a script (the main module: worker processes re-import it) in a Python process of its own,
-    with this checkout importable (and $TMPDIR ``temp``); its stdout piped."""
-    script = tmp_path / "script.py"
-    script.write_text("import multiprocessing, os, signal, sys, time\nfrom titok_fast import video\n"
-                      "if __name__ == '__main__':\n" + textwrap.indent(textwrap.dedent(body), "    "))  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path])}
-    if temp is not None:
-        env["TMPDIR"] = str(temp)
-    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
 
 
 def test_a_worker_stuck_in_a_read_ends_when_the_run_is_killed_and_so_does_its_server(tmp_path):
@@ -2306,24 +2299,16 @@ def test_shared_memory_that_killed_workers_were_naming_is_removed_by_the_next_ru
 def test_worker_processes_leave_nothing_in_shared_memory_when_the_whole_group_is_killed(files, tmp_path):
     """A scheduler's SIGKILL of the whole process group kills multiprocessing's resource tracker too, the only
     one that removes named semaphores (its queues' and events'): the run and its workers talk through pipes."""
-    script = tmp_path / "group.py"
     tag = f"titok-test-{os.getpid()}-{time.monotonic_ns()}"
-    script.write_text(
-        "import multiprocessing, sys, time\n"
-        "from titok_fast import video\n"
-        "if __name__ == '__main__':\n"
-        f"    multiprocessing.current_process()._config['semprefix'] = '/{tag}'  # the names of any it makes\n"
-        f"    stream = video.stream_videos([{files['index24']!r}] * 3, workers=2, prefetch=2, capacity=1,\n"
-        "                                 worker_kind='process', frames=1, height=8, width=8, fps=24)\n"
-        "    _, feed = next(stream)\n"
-        "    next(iter(feed))\n"
-        "    print(len(multiprocessing.active_children()), flush=True)\n"
-        "    time.sleep(600)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path]),
-           "TMPDIR": str(tmp_path)}  # fmt: skip
-    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env,
-                           start_new_session=True)  # fmt: skip
+    run = _script(tmp_path, f"""
+        multiprocessing.current_process()._config['semprefix'] = '/{tag}'  # the names of any it makes
+        stream = video.stream_videos([{files['index24']!r}] * 3, workers=2, prefetch=2, capacity=1,
+                                     worker_kind='process', frames=1, height=8, width=8, fps=24)
+        _, feed = next(stream)
+        next(iter(feed))
+        print(len(multiprocessing.active_children()), flush=True)
+        time.sleep(600)
+    """, tmp_path, start_new_session=True)  # fmt: skip
     try:
         assert run.stdout.readline().strip() == "2"
     finally:
