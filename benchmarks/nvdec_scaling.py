@@ -72,11 +72,16 @@ def _nvc(fake: str | None):
     return PyNvVideoCodec
 
 
-def raw_frames(nvc, path: str) -> int:
-    """Every frame of ``path`` decoded by a demuxer and decoder of this thread's own; how many."""
+def session(nvc, path: str):
+    """A demuxer over ``path`` and a decoder for its codec, of the calling thread's own."""
     demuxer = nvc.CreateDemuxer(filename=path)
     codec = demuxer.GetNvCodecId() if hasattr(demuxer, "GetNvCodecId") else 0
-    decoder = nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
+    return demuxer, nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
+
+
+def raw_frames(nvc, path: str) -> int:
+    """Every frame of ``path`` decoded by a demuxer and decoder of this thread's own; how many."""
+    demuxer, decoder = session(nvc, path)
     return sum(len(decoder.Decode(packet)) for packet in demuxer)
 
 
@@ -166,9 +171,7 @@ def gil_probe(nvc, path: str, seconds: float, margin: float = 2e-6) -> dict:
     start = time.perf_counter()
     try:
         while time.perf_counter() - start < seconds:
-            demuxer = nvc.CreateDemuxer(filename=path)
-            codec = demuxer.GetNvCodecId() if hasattr(demuxer, "GetNvCodecId") else 0
-            decoder = nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
+            demuxer, decoder = session(nvc, path)
             for packet in demuxer:
                 began = time.perf_counter()
                 decoder.Decode(packet)
