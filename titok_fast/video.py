@@ -1611,10 +1611,8 @@ def _own_server() -> bool:
 
     server = forkserver._forkserver
     if server._forkserver_pid is not None and _SERVER_OWNER not in (None, os.getpid()):
-        if server._forkserver_alive_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(server._forkserver_alive_fd)
-        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+        _close_alive_pipe(server)
+        server._forkserver_pid = server._forkserver_address = None
     return server._forkserver_pid is None or _SERVER_OWNER == os.getpid()
 
 
@@ -1857,14 +1855,18 @@ def _end_with(parent: int) -> None:
 def _let_the_server_go() -> None:
     """Close this worker's copy of the fork server's "alive" pipe (a worker starts no process): the server ends when
     every copy is closed, and a worker ends when the server does, so a worker holding one (stuck in a hung read)
-    kept both alive after the run was killed."""
+    kept both alive after the run was killed. (A spawned worker has none.)"""
     from multiprocessing import forkserver
 
-    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    if alive is not None:  # (forked from the server; a spawned worker has none)
+    _close_alive_pipe(forkserver._forkserver)
+
+
+def _close_alive_pipe(server) -> None:
+    """Close this process's copy of ``server``'s (multiprocessing's ForkServer) "alive" pipe, if it has one."""
+    if server._forkserver_alive_fd is not None:
         with contextlib.suppress(OSError):
-            os.close(alive)
-        forkserver._forkserver._forkserver_alive_fd = None
+            os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
 
 
 def _exit_now() -> None:
