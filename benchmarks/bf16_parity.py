@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--oracle-device", default="cpu", help="where the float32 oracle runs (TF32 off)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--interpret", action="store_true", help="kernels in the Triton interpreter (a CPU run)")
-    parser.add_argument("--fp8", action="store_true", help="also each backend with FP8 linear layers (titok_fast.fp8)")
+    parser.add_argument(
+        "--fp8", action="store_true",
+        help="also each backend with FP8 linear layers (titok_fast.fp8: the decoder's; tokens as the backend's)",
+    )  # fmt: skip
     parser.add_argument("--decode", action="store_true", help="also the decoded pixels against the float32 oracle's")
     args = parser.parse_args()
     for option, name in (("--device", args.device), ("--oracle-device", args.oracle_device)):
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
         for backend in args.backends:
             model.backend = backend
             measure(backend, model, half)
-            if args.fp8:  # the layers' Linears in FP8, bf16 elsewhere
+            if args.fp8:  # the decoder layers' Linears in FP8, bf16 elsewhere
                 set_precision(model, "fp8")
                 measure(f"{backend}+fp8", model, half)
                 set_precision(model, "default")

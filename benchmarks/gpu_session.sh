@@ -12,10 +12,10 @@
 #   bash benchmarks/gpu_session.sh decode    # end-to-end decode, the same providers
 #   bash benchmarks/gpu_session.sh encode-compile   # compile (torch.compile takes a while), eager beside it
 #   bash benchmarks/gpu_session.sh decode-compile
-#   bash benchmarks/gpu_session.sh fp8       # batch-32 encode and decode: auto (bf16) beside fp8 (auto with FP8
-#                                            # linears), in the same run
+#   bash benchmarks/gpu_session.sh fp8       # batch-32 decode: auto (bf16) beside fp8 (auto with the decoder's
+#                                            # Linears in FP8), in the same run
 #   bash benchmarks/gpu_session.sh parity    # tokens equal to the float32 oracle's (V1, 8 seeds): the bf16 floor,
-#                                            # the triton backend in bf16, and with FP8 linears; and
+#                                            # the triton backend in bf16, and with FP8 (decoder) linears; and
 #                                            # their decoded pixels against the float32 oracle's
 #   bash benchmarks/gpu_session.sh pipeline  # files in, token files out (V1, bf16): before / after on 720p30 and
 #                                            # 256p8 sources, an NVDEC probe and run
@@ -117,7 +117,7 @@ part() {
                    | tee "$out/tests.txt" ;;
         kernels) bench kernels "bench_kernels" ;;
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
-        fp8) bench fp8 "test_gpu and b32 and (auto or fp8)" ;;
+        fp8) bench fp8 "test_gpu and decode and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
         parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
                     --backends triton --seeds 8 --fp8 --decode 2>&1 | tee "$out/parity.txt" ;;
@@ -128,7 +128,7 @@ part() {
             bench kernels "bench_kernels and attention and not blocks" 60  # the block sweep: part kernels
             bench encode "test_gpu and encode and n256 and not mixed and (upstream or eager or auto)" 80
             bench decode "test_gpu and decode and n256 and not mixed and (upstream or eager or auto)" 70
-            bench fp8 "test_gpu and n256 and b32 and (auto or fp8)" 55
+            bench fp8 "test_gpu and decode and n256 and b32 and (auto or fp8)" 40
             limited parity 45 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
                 --backends triton --seeds 4 --fp8 --decode 2>&1 | tee "$out/parity.txt"
             pack

@@ -188,9 +188,11 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["encode", str(tmp_path), "-o", "x", "--grid", "20x192"])
     assert e.value.code == 2 and "must look like 20x192x192" in capsys.readouterr().err
-    for ray in ([], ["--ray", "local"]):  # refused before any work: no model loaded, no cluster started
-        code, _, err = run("encode", tmp_path, "-o", tmp_path / "o", *RANDOM, "--precision", "fp8", *ray, capsys=capsys)
-        assert code == 2 and "precision fp8 needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # FP8 runs in the decoder only: encode has no --precision
+        main(["encode", str(tmp_path), "-o", "x", "--precision", "fp8"])
+    assert e.value.code == 2 and "unrecognized arguments: --precision fp8" in capsys.readouterr().err
+    code, _, err = run("decode", tmp_path, "-o", tmp_path / "o", *RANDOM, "--precision", "fp8", capsys=capsys)
+    assert code == 2 and "precision fp8 needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
 def test_debug_shows_where_an_unforeseen_failure_of_one_file_came_from(folder, tmp_path, capsys, monkeypatch):

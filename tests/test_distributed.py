@@ -1020,13 +1020,13 @@ def test_a_device_fault_seen_only_when_the_tokens_come_to_the_host_ends_the_acto
     assert [k for k in out["kind"] if k != "end"] == ["tokens"] * 6
 
 
-def test_workers_rebuild_the_model_in_its_precision_and_check_their_device():
+def test_workers_rebuild_the_model_in_its_precision():
     model = LOAD()
     model.precision = "fp8"
     rebuilt = model_loader(model)(device="cpu")
     assert rebuilt.precision == "fp8" and rebuilt.weights_digest == model.weights_digest
-    with pytest.raises(ValueError, match="precision fp8 needs a CUDA GPU .* on cpu"):  # FP8 is emulated off CUDA
-        ClipEncoder(model_loader(model), SETTINGS)
+    # FP8 runs in the decoder only: an encode worker on a CPU encodes as in the default precision
+    assert ClipEncoder(model_loader(model), SETTINGS).model.precision == "fp8"
 
 
 @pytest.mark.gpu

@@ -570,6 +570,7 @@ def test_an_engine_first_run_in_inference_mode_runs_outside_it_and_back(expected
         with torch.no_grad():
             model.decoder.proj_in.weight.mul_(1.5)
             model.encoder.model_layers.attn_layer[0].to_qkv.weight.mul_(0.9)
+            model.decoder.model_layers.attn_layer[0].to_qkv.weight.mul_(0.9)  # (an FP8 Linear once switched)
 
     steps = [(torch.inference_mode, None), (torch.no_grad, None), (contextlib.nullcontext, None),
              (torch.inference_mode, lambda: setattr(model, "precision", "fp8")),  # FP8 weights made in it

@@ -200,9 +200,9 @@ def test_save_safetensors_round_trip(tiny, tmp_path):
     fp8 = load_tokenizer(tmp_path / "w.safetensors", precision="fp8")  # the same weights, FP8 linears
     assert fp8.precision == "fp8" and model.precision == "default"
     assert all(torch.equal(fp8.state_dict()[k], v) for k, v in tiny.state_dict().items())
-    x = torch.randn(5, fp8.config.encoder.width)
-    layer = fp8.encoder.model_layers.attn_layer[0].to_qkv
-    assert 0 < rel_l2(layer(x), model.encoder.model_layers.attn_layer[0].to_qkv(x)) < 0.05  # the loaded weights
+    x = torch.randn(5, fp8.config.decoder.width)
+    layer = fp8.decoder.model_layers.attn_layer[0].to_qkv
+    assert 0 < rel_l2(layer(x), model.decoder.model_layers.attn_layer[0].to_qkv(x)) < 0.05  # the loaded weights
 
 
 def test_tampered_archive_is_a_clear_error(tiny, tmp_path):

@@ -867,19 +867,25 @@ def test_decoding_takes_each_chunks_indices_as_it_goes(model, sources, tmp_path)
     assert all(torch.equal(idx, token_file.clip_indices(i)) for i, idx, _ in rest)
 
 
-def test_fp8_tokens_say_so_and_never_mix_with_default_ones(sources, tmp_path):
+def test_fp8_leaves_the_tokens_alone_and_files_an_fp8_encoder_made_are_redone(sources, tmp_path):
+    """FP8 runs in the decoder only (titok_fast/fp8.py): a model in precision fp8 makes the default precision's
+    tokens, so its files resume the default's and say nothing of it; a file whose made_with says "fp8" (an earlier
+    titok-fast's FP8 encoder) is redone."""
     model = random_tokenizer("tiny", seed=0)
     engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
 
-    def run():
-        return encode_files(model, engine, [(sources["short"], "short")], tmp_path, SETTINGS, workers=1)
+    def run(overwrite=False):
+        return encode_files(model, engine, [(sources["short"], "short")], tmp_path, SETTINGS, workers=1,
+                            overwrite=overwrite)  # fmt: skip
 
-    assert run().done and "precision" not in load_tokens(out).made_with  # the default: files as before
+    assert run().done and "precision" not in (default := load_tokens(out)).made_with
     model.precision = "fp8"
-    assert run().done and load_tokens(out).made_with["precision"] == "fp8"  # redone, and says so
+    assert run().skipped and run(overwrite=True).done
+    made = load_tokens(out)
+    assert "precision" not in made.made_with and torch.equal(made.indices, default.indices)
+    pipeline.save_tokens(out, dataclasses.replace(made, made_with={**made.made_with, "precision": "fp8"}))
+    assert run().done and "precision" not in load_tokens(out).made_with  # redone
     assert run().skipped
-    model.precision = "default"
-    assert run().done and run().skipped
 
 
 def test_progress_says_what_limits_the_run(monkeypatch):

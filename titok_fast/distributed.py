@@ -54,7 +54,6 @@ import torch
 
 from .engine import Engine
 from .files import STALL_SECONDS, interrupts_held, notice, sigterm_came
-from .fp8 import check_fp8_runs
 from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .pipeline import (
@@ -248,8 +247,6 @@ class ClipEncoder:
                 f"the encode worker loaded weights {self.model.weights_digest}, the job expects {weights_digest}: "
                 "the checkpoint must be the same file on every node"
             )
-        if self.model.precision == "fp8":  # where the GPU is: the driver's copy of the model is on its CPU
-            check_fp8_runs(self.model.device, self.model.dtype)
         self.engine = Engine(self.model, mode=mode, max_clips=batch_size)
         self.shape, self.tokens = (3, *settings.grid), settings.tokens
         self.ledger = FaultLedger() if ledger is None else ledger

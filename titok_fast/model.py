@@ -263,8 +263,9 @@ class TiTok(nn.Module):
         config: a preset name (``"v1"``, ``"tiny"``), an upstream YAML path, an OmegaConf config or a dict.
         backend: ``"auto"`` (Triton when the weights are on CUDA, PyTorch otherwise, decided at every call),
             ``"torch"`` or ``"triton"``. The oracle is :class:`titok_fast.reference.ReferenceTiTok`.
-        precision: ``"default"`` (every matmul in the model's dtype) or ``"fp8"``: the transformer layers'
-            Linears in float8 with fine-grained scales (:mod:`titok_fast.fp8`; settable, opt in).
+        precision: ``"default"`` (every matmul in the model's dtype) or ``"fp8"``: the decoder's transformer
+            Linears in float8 with fine-grained scales; the encoder, and so the tokens, as in the default
+            (:mod:`titok_fast.fp8`; settable, opt in).
     """
 
     def __init__(self, config: object = "v1", backend: str = "auto", precision: str = "default"):

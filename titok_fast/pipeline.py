@@ -1272,7 +1272,10 @@ def _token_file(
 
 
 RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation", "time_sampling")
-UNRECORDED_DEFAULTS = {"precision": "default", "rotation": "stored"}  # made_with leaves these out when default
+# made_with leaves these out when default. "precision" is no longer written: FP8 runs in the decoder only
+# (titok_fast/fp8.py), so every model encodes in the default precision; files that an earlier titok-fast made with
+# an FP8 encoder say "fp8" and are redone.
+UNRECORDED_DEFAULTS = {"precision": "default", "rotation": "stored"}
 
 
 def made_with(
@@ -1289,8 +1292,8 @@ def made_with(
     ``device`` (default: where ``model`` is; the Ray path's actors run elsewhere than its driver's copy), and once
     a file has been read, what it got (``decoded_by``, ``preprocessed_on``) and the source's ``source_stamp``
     (size and mtime as it was opened; a resume redoes a source changed since), and ``made_by``, titok-fast's
-    version (not compared: a new version resumes an old one's files). ``precision`` and ``rotation`` are
-    there only when they are not the default, so files made before they were recorded still resume;
+    version (not compared: a new version resumes an old one's files). ``rotation`` is there only when it is not
+    the default, so files made before it was recorded still resume (``precision`` never: see UNRECORDED_DEFAULTS);
     ``time_sampling`` (how sampling "time" reads timestamps) only with that sampling, so files it made before the
     rule was recorded are redone (their picks may differ)."""
     device = device or model.device.type
@@ -1302,9 +1305,8 @@ def made_with(
         "backend": resolve_backend(model.backend, device).name,
         "mode": mode,
     }
-    for key, value in (("precision", model.precision), ("rotation", settings.rotation)):
-        if value != UNRECORDED_DEFAULTS[key]:
-            made[key] = value
+    if settings.rotation != UNRECORDED_DEFAULTS["rotation"]:
+        made["rotation"] = settings.rotation
     if settings.sampling == "time":
         made["time_sampling"] = TIME_SAMPLING
     if decoded_by is not None:

@@ -71,7 +71,8 @@ CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frame
 
 # How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
 # Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
-# used), device, dtype, backend, mode, and precision, rotation and time_sampling where they apply. Resumed runs
+# used), device, dtype, backend, mode, and rotation and time_sampling where they apply (precision in files an
+# earlier version made with an FP8 encoder, which resumes redo). Resumed runs
 # compare them, so files made different ways never mix; not source_stamp (checked against the source) nor made_by
 # (titok-fast's version, for the record).
 MADE_WITH_KEY = "made_with"
@@ -118,8 +119,8 @@ class TokenFile:
     codebook_size: number of codes, at most 32768
     weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
         weights, "" if unknown or random
-    made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; precision and
-        rotation when not the default; time_sampling with sampling "time"); {} if unknown
+    made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; rotation when not
+        the default; time_sampling with sampling "time"); {} if unknown
     """
 
     indices: torch.Tensor
