@@ -1,5 +1,5 @@
 # Shortcuts; the README's two commands are what CI runs.
-.PHONY: install test lint bench bench-gpu gpu-session wheels demo
+.PHONY: install test lint bench bench-gpu gpu-session wheels upstream demo
 
 install:
 	pip install torch==2.13.0 -e ".[test]"
@@ -22,14 +22,24 @@ gpu-session:
 
 # Wheels for a GPU machine without network (Python 3.12, x86_64) of what it lacks; copy .wheels there (about
 # 61 MiB; ruff is left out to keep it small, so the lint test skips there: it runs on every CPU).
-# (pynvvideocodec: the NVDEC decoder of `encode --decoder nvdec`, optional.)
+# (pynvvideocodec: the NVDEC decoder of `encode --decoder nvdec`, optional; einops and omegaconf: upstream's own
+# code, for the benchmarks' provider `upstream`.)
 # Versions pinned: the working tree and .wheels travel to that machine within 64 MiB together, checked below.
 wheels:
-	pip download av==19.0.2 omegaconf==2.4.0 pynvvideocodec==2.2.4 --only-binary=:all: --python-version 3.12 \
+	pip download av==19.0.2 omegaconf==2.4.0 einops==0.8.2 pynvvideocodec==2.2.4 --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
 	pip download pytest-xdist==3.8.0 execnet==2.1.2 --no-deps -d .wheels  # (pytest is there already)
 	@total=$$(( $$(du -sb .wheels | cut -f1) + $$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb | tail -1 | cut -f1) )); \
 		echo "working tree + .wheels: $$((total / 1048576)) MiB of 64"; [ $$total -le 67108864 ]
+
+# Upstream's model code (branch old-variableComp: model/ and configs/) from a git clone of it at $(UPSTREAM_GIT), into
+# .upstream/ (ignored; about 100 KB), to carry to a GPU machine without network beside .wheels: there,
+# TITOK_UPSTREAM=.upstream bash benchmarks/gpu_session.sh encode runs the provider `upstream` too.
+upstream:
+	@[ -n "$(UPSTREAM_GIT)" ] || { echo "set UPSTREAM_GIT to a git clone of upstream (TiTok-Video)"; exit 2; }
+	rm -rf .upstream && mkdir -p .upstream
+	git -C "$(UPSTREAM_GIT)" archive old-variableComp model configs | tar -x -C .upstream
+	test -f .upstream/model/titok.py
 
 demo:
 	titok-fast demo

@@ -8,7 +8,7 @@
 #                                            # from do_bench with quantiles
 #   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph /
 #                                            # auto, and upstream itself with TITOK_UPSTREAM=<checkout of
-#                                            # old-variableComp>
+#                                            # old-variableComp> (`make upstream` makes one in .upstream/ to carry)
 #   bash benchmarks/gpu_session.sh decode    # end-to-end decode, the same providers
 #   bash benchmarks/gpu_session.sh encode-compile   # compile (torch.compile takes a while), eager beside it
 #   bash benchmarks/gpu_session.sh decode-compile
@@ -93,6 +93,12 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
         echo "cannot install $missing: run 'make wheels' on a machine with a network and copy .wheels here" >&2
         # titok_fast reads videos with PyAV: nothing runs without it; omegaconf: upstream's configs (tests, all)
         ! "$python" -c "import av" 2>/dev/null || [ "$1" = tests ] || [ "$1" = all ] && exit 2
+    fi
+    # upstream's own code (provider `upstream`, with TITOK_UPSTREAM: `make upstream` puts it in .upstream/) needs
+    # einops, which `make wheels` brings
+    if [ -n "${TITOK_UPSTREAM:-}" ] && ! "$python" -c "import einops" 2>/dev/null \
+        && ! "$python" -m pip install --quiet --no-index --find-links .wheels einops; then
+        echo "einops is not installed: provider upstream will fail (make wheels brings it)" >&2
     fi
     if { [[ "$1" == pipeline* ]] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
         && ! "$python" -m pip install --quiet --no-index --find-links .wheels pynvvideocodec; then
