@@ -2212,12 +2212,29 @@ def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_en
     folders = {name: tmp_path / name for name in ("pymp-a", "pymp-b", "pymp-c", "other")}
     for folder in folders.values():
         folder.mkdir()
-    _server._remove_folder_of_killed_run(os.getpid(), os.getpid(), str(folders["pymp-a"]))  # the run lives
+    _server._remove_folder_of_killed_run(os.getpid(), os.getpid(), str(folders["pymp-a"]), 0.2)  # the run lives
     _server._remove_folder_of_killed_run(os.getpid() + 1, ended.pid, str(folders["pymp-b"]))  # not the server
     _server._remove_folder_of_killed_run(os.getpid(), ended.pid, str(folders["other"]))  # not multiprocessing's
     _server._remove_folder_of_killed_run(os.getpid(), ended.pid, str(folders["pymp-c"]))
     _server._remove_folder_of_killed_run(os.getpid(), 1, str(folders["pymp-b"]))  # (adopted before it looked)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["other", "pymp-a"]
+
+
+def test_the_process_server_waits_a_moment_for_its_killed_run_to_read_as_ended(tmp_path):
+    """The server ends when its run's end of the "alive" pipe closes, which the kernel does as it tears a killed
+    run down, a moment before the run reads as ended: the server waits for that, and then removes the folder
+    (it looked at once, found the run still running, and left it; seen on a loaded 2-core machine)."""
+    from titok_fast import _server
+
+    folder = tmp_path / "pymp-run"
+    folder.mkdir()
+    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        _server._remove_folder_of_killed_run(os.getpid(), ending.pid, str(folder))  # it is running when looked at
+        assert not folder.exists() and ending.poll() is not None
+    finally:
+        ending.kill()
+        ending.wait()
 
 
 @pytest.mark.parametrize("case", ["forked-from-a-run", "another-server-first"])

@@ -18,10 +18,16 @@ import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 from titok_fast import video  # noqa: E402
 
 MULTIPROCESSING_PREFIX = "pymp-"  # multiprocessing's folders (util.get_temp_dir): no other folder is ever removed
+# How long the server, at its exit, waits for its run to read as ended. The server ends when the run's end of its
+# "alive" pipe closes, and the kernel closes a killed process's files a moment before the process reads as ended (a
+# zombie): a server quick to look saw it still running, and left its folder. Nothing else ends the server while
+# the run lives (its workers close their copies of the pipe), so the wait ends at once in practice.
+RUN_END_SECONDS = 2.0
 
 
 def listening_folder() -> str | None:
@@ -43,14 +49,25 @@ def listening_folder() -> str | None:
     return None
 
 
-def _remove_folder_of_killed_run(server: int, run: int, folder: str | None) -> None:
-    """At the server's exit: ``folder`` removed if the ``run`` has ended, from the server itself only (its worker
-    processes inherit this handler, and end with os._exit, but a handler must not count on that)."""
+def _remove_folder_of_killed_run(server: int, run: int, folder: str | None, wait: float = RUN_END_SECONDS) -> None:
+    """At the server's exit: ``folder`` removed if the ``run`` has ended (or does within ``wait`` seconds), from the
+    server itself only (its worker processes inherit this handler, and end with os._exit, but a handler must not
+    count on that)."""
     if os.getpid() != server or folder is None or not os.path.basename(folder).startswith(MULTIPROCESSING_PREFIX):
         return
-    if run == 1 or video._ended(run):  # (pid 1: the run had ended before it was read; a run that ended normally
-        # has removed its folder already)
+    if run == 1 or _ends(run, wait):  # (pid 1: the run had ended before it was read; a run that ended normally has
+        # removed its folder already)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ends(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` has ended, or does within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not video._ended(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def in_process_server() -> bool:
