@@ -3,6 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh tests     # the whole test suite: on a GPU the kernel tests run compiled
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
+#   bash benchmarks/gpu_session.sh gpu-tests # the gpu-marked tests alone (a minute or two): device preprocessing's
+#                                            # tokens against the CPU path's, the NV12 kernel, the engine's CUDA
+#                                            # graphs and streams, FP8 in graphs, pinned hand-over
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
@@ -23,6 +26,7 @@
 #                                            # decoding workers 1..16, one long video read by 1 worker and by
 #                                            # every core
 #   bash benchmarks/gpu_session.sh all       # all eight in a row, up to 10 minutes each (pipeline is run on its own)
+#   bash benchmarks/gpu_session.sh targets gpu-tests   # several parts in a row, their results in one place
 #   bash benchmarks/gpu_session.sh targets   # one short run, under 9.5 minutes by its timeouts (555 s): the
 #                                            # measurements behind every target of RESULTS.md (attention vs
 #                                            # the anchors and every block shape; encode and decode at 256
@@ -121,6 +125,9 @@ part() {
         tests) local spread=() && "$python" -c "import xdist" 2>/dev/null && spread=(-n 4 --dist loadfile)
                timeout 540 "$python" -m pytest -q -rs tests -p no:cacheprovider "${spread[@]}" 2>&1 \
                    | tee "$out/tests.txt" ;;
+        gpu-tests) limited gpu-tests 240 "$python" -m pytest -q -rs -m gpu tests -p no:cacheprovider 2>&1 \
+                       | tee "$out/gpu-tests.txt"
+                   pack ;;
         kernels) bench kernels "bench_kernels" ;;
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and decode and b32 and (auto or fp8)" ;;
@@ -142,7 +149,7 @@ part() {
             pack
             "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md" ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
-        *) echo "unknown part '$1': tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
+        *) echo "unknown part '$1': tests, gpu-tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
                 "pipeline, pipeline-short, pipeline-sweeps, all, targets" >&2
            exit 2 ;;
     esac
@@ -234,7 +241,9 @@ sweeps() {  # pipeline's "sweeps" (its $run, $videos and $out)
 }
 
 export PYTHONUNBUFFERED=1  # a part cut off by its time limit still leaves what it printed
-prepare "${1:-all}"
-part "${1:-all}"
-pack
+for name in "${@:-all}"; do  # one part, or several in a row (e.g. targets gpu-tests), into the same results
+    prepare "$name"
+    part "$name"
+    pack
+done
 cat "$out/environment.txt"
