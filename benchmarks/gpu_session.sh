@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests     # the whole test suite: on a GPU the kernel tests run compiled
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
-#   bash benchmarks/gpu_session.sh gpu-tests # the gpu-marked tests alone (a minute or two): device preprocessing's
+#   bash benchmarks/gpu_session.sh gpu-tests # the gpu-marked tests alone (240 s at most): device preprocessing's
 #                                            # tokens against the CPU path's, the NV12 kernel, the engine's CUDA
 #                                            # graphs and streams, FP8 in graphs, pinned hand-over
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
