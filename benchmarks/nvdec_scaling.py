@@ -10,7 +10,10 @@ ceiling, whatever the number of threads or of NVDEC engines. This measures, on o
   only with the GIL): if so, ``Decode`` lets the GIL go while it waits; if never, it holds it, and decoding
   threads take turns.
 - ``raw xN``: N threads, each with a demuxer and decoder of its own over the file, frames decoded a second (the
-  surfaces are not copied or converted).
+  surfaces are not copied or converted). Each pass over the file makes a new decoder, as the run does per file.
+- ``kept xN``: the same, but each thread keeps its first decoder for every later pass (a new demuxer each time):
+  set beside ``raw``, what making a decoder per file costs, which decides whether files of a few seconds are
+  worth a decoder kept from one file to the next. Each row says how many decoders it made.
 - ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nvdec_rgb`` (a copy of each
   surface, and every frame converted to RGB by one kernel, as if every frame were sampled); ``titok-torch xN``:
   converted by its PyTorch reference instead (some twenty kernels a frame, as before the kernel).
@@ -37,6 +40,8 @@ from pathlib import Path
 
 FAKE_PACKETS = 200
 FAKE_DECODE_SECONDS = 1e-3
+MADE, MADE_LOCK = [0], threading.Lock()  # decoders made by session() so far (a row reports its own count)
+MADE_BY = ("raw", "kept")  # the paths that make theirs there
 
 
 def _fake_module(hold: bool) -> types.ModuleType:
@@ -72,17 +77,32 @@ def _nvc(fake: str | None):
     return PyNvVideoCodec
 
 
-def session(nvc, path: str):
-    """A demuxer over ``path`` and a decoder for its codec, of the calling thread's own."""
+def session(nvc, path: str, decoder=None):
+    """A demuxer over ``path`` and a decoder for its codec (``decoder``, or a new one), of the calling thread's
+    own."""
     demuxer = nvc.CreateDemuxer(filename=path)
-    codec = demuxer.GetNvCodecId() if hasattr(demuxer, "GetNvCodecId") else 0
-    return demuxer, nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
+    if decoder is None:
+        codec = demuxer.GetNvCodecId() if hasattr(demuxer, "GetNvCodecId") else 0
+        decoder = nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
+        with MADE_LOCK:
+            MADE[0] += 1
+    return demuxer, decoder
 
 
 def raw_frames(nvc, path: str) -> int:
     """Every frame of ``path`` decoded by a demuxer and decoder of this thread's own; how many."""
     demuxer, decoder = session(nvc, path)
     return sum(len(decoder.Decode(packet)) for packet in demuxer)
+
+
+_kept = threading.local()
+
+
+def kept_frames(nvc, path: str) -> int:
+    """:func:`raw_frames` with the decoder this thread made on its first call (each pass ends with the flush, so
+    the next begins on an empty decoder)."""
+    demuxer, _kept.decoder = session(nvc, path, getattr(_kept, "decoder", None))
+    return sum(len(_kept.decoder.Decode(packet)) for packet in demuxer)
 
 
 def titok_frames(path: str, kernel: bool = True) -> int:
@@ -200,21 +220,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--videos", default="bench-videos", help="where the source is (made if missing)")
     p.add_argument("--threads", default="1,2,4,8,16", help="thread counts (default 1,2,4,8,16)")
     p.add_argument("--case-seconds", type=float, default=3.0, help="how long each case decodes (default 3)")
-    p.add_argument("--paths", default="raw,titok,titok-torch,threaded",
-                   help="which of raw, titok, titok-torch, threaded (default all)")  # fmt: skip
+    p.add_argument("--paths", default="raw,kept,titok,titok-torch,threaded",
+                   help="which of raw, kept, titok, titok-torch, threaded (default all)")  # fmt: skip
     p.add_argument("--fake", choices=("hold", "release"), help="a CPU stand-in for PyNvVideoCodec (see above)")
     p.add_argument("--log", help="append each row here as JSON")
     args = p.parse_args(argv)
     nvc = _nvc(args.fake)
     if args.fake:
-        path, paths = "fake.mp4", ["raw"]
+        path, paths = "fake.mp4", ["raw", "kept"]
     else:
         sys.path.insert(0, str(Path(__file__).parent))
         import bench_pipeline
 
         path = str(bench_pipeline.sources(Path(args.videos), [args.source], args.seconds)[args.source][0])
         paths = args.paths.split(",")
-    readers = {"raw": lambda: raw_frames(nvc, path), "titok": lambda: titok_frames(path),
+    readers = {"raw": lambda: raw_frames(nvc, path), "kept": lambda: kept_frames(nvc, path),
+               "titok": lambda: titok_frames(path),
                "titok-torch": lambda: titok_frames(path, kernel=False),
                "threaded": lambda: threaded_frames(nvc, path)}  # fmt: skip
     rows = []
@@ -230,15 +251,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     report({"case": "gil", **gil_probe(nvc, path, args.case_seconds)})
     for name in paths:
         for threads in (int(n) for n in args.threads.split(",")):
-            report({"case": f"{name} x{threads}", **on_threads(readers[name], threads, args.case_seconds)})
-    print("| case | frames/s | note |\n|---|---|---|")
+            made = MADE[0]
+            row = on_threads(readers[name], threads, args.case_seconds)
+            report({"case": f"{name} x{threads}", **row, **({"decoders": MADE[0] - made} if name in MADE_BY else {})})
+    print("| case | frames/s | decoders made | note |\n|---|---|---|---|")
     for row in rows:
         rate = f"{row['frames_per_s']:.0f}" if "frames_per_s" in row else "-"
         note = row.get("error") or (
             f"Decode calls {row['busy']:.0%} of the time, a Python loop beside them ran {row['inside']:.0%} of its "
             f"turns inside them: the GIL is {row['gil']}" if row["case"] == "gil" else ""
         )
-        print(f"| {row['case']} | {rate} | {note} |")
+        print(f"| {row['case']} | {rate} | {row.get('decoders', '-')} | {note} |")
     return rows
 
 

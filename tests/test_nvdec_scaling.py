@@ -20,3 +20,12 @@ def test_the_probe_tells_a_decode_that_holds_the_gil_from_one_that_releases_it(f
     else:
         assert rows["gil"]["gil"] == "released while decoding"
     assert "| gil | " in capsys.readouterr().out
+
+
+def test_kept_decoders_are_made_once_a_thread_and_raw_ones_once_a_pass():
+    rows = {row["case"]: row for row in nvdec_scaling.main(["--fake", "release", "--threads", "1,3", "--case-seconds",
+                                                             "0.5"])}  # fmt: skip
+    for threads in (1, 3):
+        kept, raw = rows[f"kept x{threads}"], rows[f"raw x{threads}"]
+        assert kept["decoders"] == threads and kept["frames"] > threads * nvdec_scaling.FAKE_PACKETS  # passes > 1
+        assert raw["decoders"] * nvdec_scaling.FAKE_PACKETS == raw["frames"]  # one for each whole pass
