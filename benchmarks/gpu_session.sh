@@ -35,6 +35,15 @@
 #                                            # before /
 #                                            # after on 720p30 and 256p8, and NVDEC), then the table of
 #                                            # targets met or missed (benchmarks/targets.py)
+#   bash benchmarks/gpu_session.sh targets-model   # its model rows alone (295 s), judged
+#   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (260 s), judged
+#
+# With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
+# since the targets run of 2026-12-04 the model's code is the same (bar `auto` running decode batches eager) and the
+# input pipeline is not (decoding processes on small sources, NVDEC's RGB kernel). So, each a call of its own:
+#   1. `gpu-tests pipeline-short` (500 s at most: the device-side preprocessing and NVDEC checks, then every
+#      pipeline target);
+#   2. `targets-model` if 6 minutes are left, else `pipeline-sweeps` cut to what is left.
 #
 # Results: <part>.txt (what was printed), <part>.json (pytest-benchmark), <part>.jsonl (end-to-end cases, one line
 # each as soon as measured, so a part cut short keeps what it measured), environment.txt (card, driver, versions,
@@ -135,9 +144,10 @@ part() {
         parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
                     --backends triton --seeds 8 --fp8 --decode 2>&1 | tee "$out/parity.txt" ;;
         pipeline) pipeline ;;
-        pipeline-short) pipeline short ;;  # the pipeline rows of targets alone
+        pipeline-short) pipeline short; pack; judge ;;  # the pipeline rows of targets alone, judged
         pipeline-sweeps) pipeline sweeps ;;
-        targets)
+        targets) part targets-model unjudged; pipeline short; pack; judge ;;
+        targets-model)  # the model's rows of targets (295 s by the timeouts)
             bench kernels "bench_kernels and attention and not blocks" 60  # the block sweep: part kernels
             bench encode "test_gpu and encode and n256 and not mixed and (upstream or eager or auto)" 80
             bench decode "test_gpu and decode and n256 and not mixed and (upstream or eager or auto)" 70
@@ -145,19 +155,21 @@ part() {
             limited parity 45 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
                 --backends triton --seeds 4 --fp8 --decode 2>&1 | tee "$out/parity.txt"
             pack
-            pipeline short
-            pack
-            "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md" ;;
+            [ "${2:-}" = unjudged ] || judge ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, gpu-tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
-                "pipeline, pipeline-short, pipeline-sweeps, all, targets" >&2
+                "pipeline, pipeline-short, pipeline-sweeps, all, targets, targets-model" >&2
            exit 2 ;;
     esac
 }
 
+judge() {  # the targets met or missed, of what this call measured ("not measured" for the rest)
+    "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md"
+}
+
 pipeline() {  # $1: "" (every before / after row: 410 s by the timeouts below), "short" (the rows of the targets:
     # 260 s; no 256p8 "before", no rows with threads) or "sweeps" (NVDEC against threads, decoding workers 1..16,
-    # one long video: 475 s); every row is appended to pipeline.jsonl as soon as it is measured
+    # one long video: 485 s); every row is appended to pipeline.jsonl as soon as it is measured
     local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos" mode=${1:-}
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
                --videos "$videos" --log "$log")
@@ -215,11 +227,12 @@ PROBE
 sweeps() {  # pipeline's "sweeps" (its $run, $videos and $out)
     limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only
     # what limits NVDEC: whether PyNvVideoCodec's Decode holds the GIL, and its frames/s against threads
-    # (titok: RGB by the kernel; titok-torch: by its PyTorch reference, as before the kernel)
-    limited "NVDEC scaling" 70 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
+    # (titok: RGB by the kernel; titok-torch: by its PyTorch reference, as before the kernel; kept: a decoder kept
+    # from one pass over the file to the next, to be set beside raw, a new decoder for each: what making one costs)
+    limited "NVDEC scaling" 80 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
         --threads 1,2,4,8,16 --case-seconds 2 --log "$out/nvdec_scaling.jsonl"
     limited "NVDEC scaling 256p8" 45 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
-        --source 256p8 --paths raw,titok,titok-torch --threads 1,4,16 --case-seconds 2 \
+        --source 256p8 --paths raw,kept,titok,titok-torch --threads 1,4,16 --case-seconds 2 \
         --log "$out/nvdec_scaling.jsonl"
     for kind in thread process; do
         local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)
