@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_session.sh tests     # the whole test suite: on a GPU the kernel tests run compiled
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
 #   bash benchmarks/gpu_session.sh gpu-tests # the gpu-marked tests alone (240 s at most): device preprocessing's
-#                                            # tokens against the CPU path's, the NV12 kernel, the engine's CUDA
-#                                            # graphs and streams, FP8 in graphs, pinned hand-over
+#                                            # tokens against the CPU path's, NVDEC's planes against PyAV's, the
+#                                            # NV12 kernel, the engine's CUDA graphs and streams, FP8 in graphs,
+#                                            # pinned hand-over
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
@@ -113,9 +114,10 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
         && ! "$python" -m pip install --quiet --no-index --find-links .wheels einops; then
         echo "einops is not installed: provider upstream will fail (make wheels brings it)" >&2
     fi
-    if { [[ "$1" == pipeline* ]] || [ "$1" = targets ]; } && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
+    if { [[ "$1" == pipeline* ]] || [[ "$1" == *tests ]] || [ "$1" = targets ] || [ "$1" = all ]; } \
+        && ! "$python" -c "import PyNvVideoCodec" 2>/dev/null \
         && ! "$python" -m pip install --quiet --no-index --find-links .wheels pynvvideocodec; then
-        echo "PyNvVideoCodec is not installed: the NVDEC rows will say why" >&2  # optional, installed on its own
+        echo "PyNvVideoCodec is not installed: the NVDEC rows will say why, its GPU test skips" >&2  # optional
     fi
     { [ "$1" != tests ] && [ "$1" != all ]; } || "$python" -c "import xdist" 2>/dev/null \
         || "$python" -m pip install --quiet --no-index --find-links .wheels pytest-xdist 2>/dev/null \

@@ -1,13 +1,18 @@
-"""Limited-range YUV 4:2:0 (NVDEC's NV12 surfaces) -> uint8 RGB, as libswscale's default conversion does it, in one
-pass: the conversion of ``--decoder nvdec``'s frames on their GPU.
+"""Limited-range YUV 4:2:0 (NVDEC's NV12 surfaces) -> uint8 RGB, byte for byte as libswscale converts it (PyAV's
+``rgb24``, the CPU decoder's RGB), in one pass: the conversion of ``--decoder nvdec``'s frames on their GPU.
 
-In PyTorch the conversion is some twenty kernels a frame, each with a float32 copy of the frame; a decoding thread
+libswscale's unscaled YUV 4:2:0 -> RGB converter (the x86 SIMD one that PyAV's x86-64 wheels run; an Arm build has
+converters of its own, not checked) works in 16-bit fixed point: each sample is scaled by 8 and offset (Y by 16 * 8,
+U and V by 128 * 8), multiplied by a coefficient keeping the high 16 bits of the 32-bit product (rounded down), the
+terms added, and the sum clamped to 0..255. The coefficients are its tables' (16.16 fixed point, limited range) in
+13 bits. Done the same way here, in integers, the bytes are libswscale's: checked against PyAV's ``rgb24`` on every
+frame of H.264 streams of many sizes, on noise, BT.601 and BT.709, under PyAV 18 and 19 (tests/test_nv12_rgb.py,
+tests/test_preprocess.py). Since H.264 and HEVC decoding is exact, NVDEC's frames then give the CPU decoder's
+pixels, and tokens.
+
+In PyTorch the conversion is some twenty kernels a frame, each with a copy of the frame; a decoding thread
 launching them holds Python's lock (the GIL) for much of each launch, which every other decoding thread then
 waits for. Here a frame is one launch, read once and written once.
-
-The arithmetic is :func:`yuv420_to_rgb_ref`'s, operation for operation in float32 with the same constants, and the
-kernel is compiled without fusing a multiply and an add into one rounding (``enable_fp_fusion=False``), as
-PyTorch's separate kernels round them: the same bytes (tests/test_nv12_rgb.py).
 """
 
 from __future__ import annotations
@@ -19,43 +24,49 @@ import torch
 
 from ._triton import tl, triton
 
-# (Kr, Kb) of Y = Kr R + (1 - Kr - Kb) G + Kb B, by the stream's colour matrix
-MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
-LUMA_GAIN = 255 / 219  # limited range: Y in [16, 235], U and V in [16, 240] around 128
-CHROMA_GAIN = 255 / 224
+# libswscale's tables for the two matrices: (Cr -> R, Cb -> B, Cb -> G, Cr -> G) in 16.16 fixed point, the chroma
+# gain of limited range (255 / 224) included; G's are subtracted
+MATRICES = {"bt601": (104597, 132201, 25675, 53279), "bt709": (117489, 138438, 13975, 34925)}
+LUMA_GAIN = (1 << 16) * 255 // 219  # limited range: Y in [16, 235] -> [0, 255], 16.16 fixed point, rounded down
+Y_OFFSET, C_OFFSET = 16 * 8, 128 * 8  # subtracted from the samples scaled by 8
 BLOCK_W = 512  # picture columns per program; one program per row and block of columns
 NUM_WARPS = 4
 
 
-def coefficients(matrix: str) -> tuple[float, float, float, float]:
-    """(R from Cr, G from Cb, G from Cr, B from Cb) of ``matrix``, one of :data:`MATRICES`:
-    R = Y + a Cr, G = Y - (b Cb + c Cr), B = Y + d Cb."""
+def _q13(value: int) -> int:
+    """A 16.16 fixed-point value in 13 fractional bits, rounded as libswscale rounds it (to nearest, halves up)."""
+    return (value * (1 << 13) + (1 << 15)) >> 16
+
+
+def coefficients(matrix: str) -> tuple[int, int, int, int, int]:
+    """(Y gain, R from Cr, B from Cb, G from Cb, G from Cr) of ``matrix``, one of :data:`MATRICES`, as 16-bit
+    multipliers: R = Y' + hi(Cr' r_cr), G = Y' + hi(Cb' g_cb) + hi(Cr' g_cr), B = Y' + hi(Cb' b_cb), with
+    Y' = hi((8 Y - Y_OFFSET) y_gain), C' = 8 C - C_OFFSET and hi(p) = p >> 16."""
     if matrix not in MATRICES:
         raise ValueError(f"matrix must be one of {sorted(MATRICES)}; got {matrix!r}")
-    kr, kb = MATRICES[matrix]
-    kg = 1 - kr - kb
-    return 2 * (1 - kr), 2 * kb * (1 - kb) / kg, 2 * kr * (1 - kr) / kg, 2 * (1 - kb)
+    r_cr, b_cb, g_cb, g_cr = MATRICES[matrix]
+    return _q13(LUMA_GAIN), _q13(r_cr), _q13(b_cb), _q13(-g_cb), _q13(-g_cr)
 
 
 def yuv420_to_rgb_ref(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str = "bt601") -> torch.Tensor:
-    """Limited-range YUV 4:2:0 -> RGB as libswscale's default (unscaled) conversion does it, within rounding.
+    """Limited-range YUV 4:2:0 -> RGB as libswscale's unscaled conversion does it (see the module's header): PyAV's
+    ``rgb24`` of the same planes, byte for byte.
 
-    y: [h, w] uint8; u, v: [ceil(h / 2), ceil(w / 2)] uint8; matrix: "bt601" or "bt709". Each chroma sample
-    covers its 2 x 2 luma block (libswscale's unscaled path does not interpolate chroma) and values are truncated
-    as its fixed-point arithmetic does: on H.264 frames the result is within 2 levels of PyAV's ``rgb24`` (0.6 on
-    average, tests/test_preprocess.py). Returns [h, w, 3] uint8 on y's device.
+    y: [h, w] uint8; u, v: [ceil(h / 2), ceil(w / 2)] uint8; matrix: "bt601" or "bt709". Each chroma sample covers
+    its 2 x 2 luma block (the unscaled conversion does not interpolate chroma). Returns [h, w, 3] uint8 on y's
+    device.
     """
-    r_cr, g_cb, g_cr, b_cb = coefficients(matrix)
+    y_gain, r_cr, b_cb, g_cb, g_cr = coefficients(matrix)
     if y.ndim != 2 or u.shape != v.shape or u.shape != ((y.shape[0] + 1) // 2, (y.shape[1] + 1) // 2):
         raise ValueError(f"planes must be y [h, w] and u, v [h/2, w/2]; got {list(y.shape)}, {list(u.shape)}")
     h, w = y.shape
-    chroma = torch.stack([u, v]).float().repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w] - 128
-    luma = (y.float() - 16) * LUMA_GAIN
-    cb, cr = chroma[0] * CHROMA_GAIN, chroma[1] * CHROMA_GAIN
-    r = luma + cr * r_cr
-    g = luma - (cb * g_cb + cr * g_cr)
-    b = luma + cb * b_cb
-    return torch.stack([r, g, b], dim=-1).floor().clamp(0, 255).to(torch.uint8)
+    chroma = torch.stack([u, v]).int().repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w] * 8 - C_OFFSET
+    luma = (y.int() * 8 - Y_OFFSET) * y_gain >> 16
+    cb, cr = chroma[0], chroma[1]
+    r = luma + (cr * r_cr >> 16)
+    g = luma + ((cb * g_cb >> 16) + (cr * g_cr >> 16))
+    b = luma + (cb * b_cb >> 16)
+    return torch.stack([r, g, b], dim=-1).clamp(0, 255).to(torch.uint8)
 
 
 def nv12_planes(nv12: torch.Tensor, height: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,6 +75,13 @@ def nv12_planes(nv12: torch.Tensor, height: int) -> tuple[torch.Tensor, torch.Te
     luma_rows = nv12.shape[0] * 2 // 3
     uv = nv12[luma_rows : luma_rows + (height + 1) // 2]
     return nv12[:height], uv[:, 0::2], uv[:, 1::2]
+
+
+def nv12_surface(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The NV12 surface NVDEC writes for a picture of planes y [h, w], u and v [ceil(h / 2), ceil(w / 2)] (uint8):
+    [h + ceil(h / 2), w], the inverse of :func:`nv12_planes` (no padding rows)."""
+    uv = torch.stack([u, v], dim=-1).reshape(u.shape[0], -1)[:, : y.shape[1]]
+    return torch.cat([y, uv])
 
 
 def nv12_rgb_ref(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torch.Tensor:
@@ -76,27 +94,25 @@ def _nv12_rgb_kernel(
     nv12_ptr,  # uint8 [rows * 3 / 2, >= width], row stride stride_row: luma rows, then interleaved U, V rows
     out_ptr,  # uint8 [height, width, 3], contiguous
     height, width, luma_rows, stride_row,
-    luma_gain, chroma_gain, r_cr, g_cb, g_cr, b_cb,  # float32: LUMA_GAIN, CHROMA_GAIN, coefficients()
-    BLOCK_W: tl.constexpr,
+    y_gain, r_cr, b_cb, g_cb, g_cr,  # int32: coefficients()
+    Y_OFFSET: tl.constexpr, C_OFFSET: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = cols < width
     pair = (cols // 2) * 2  # a chroma sample covers two columns and two rows
     uv = nv12_ptr + (luma_rows + row // 2) * stride_row + pair
-    y = tl.load(nv12_ptr + row * stride_row + cols, mask=mask, other=0).to(tl.float32)
-    u = tl.load(uv, mask=mask, other=0).to(tl.float32) - 128.0
-    v = tl.load(uv + 1, mask=mask, other=0).to(tl.float32) - 128.0
-    luma = (y - 16.0) * luma_gain
-    cb = u * chroma_gain
-    cr = v * chroma_gain
-    r = luma + cr * r_cr
-    g = luma - (cb * g_cb + cr * g_cr)
-    b = luma + cb * b_cb
+    y = tl.load(nv12_ptr + row * stride_row + cols, mask=mask, other=0).to(tl.int32)
+    cb = tl.load(uv, mask=mask, other=0).to(tl.int32) * 8 - C_OFFSET
+    cr = tl.load(uv + 1, mask=mask, other=0).to(tl.int32) * 8 - C_OFFSET
+    luma = (y * 8 - Y_OFFSET) * y_gain >> 16  # (>> of a signed integer: rounded down, as the reference's)
+    r = luma + (cr * r_cr >> 16)
+    g = luma + ((cb * g_cb >> 16) + (cr * g_cr >> 16))
+    b = luma + (cb * b_cb >> 16)
     out = out_ptr + (row * width + cols) * 3
-    tl.store(out, tl.minimum(tl.maximum(tl.floor(r), 0.0), 255.0).to(tl.uint8), mask=mask)
-    tl.store(out + 1, tl.minimum(tl.maximum(tl.floor(g), 0.0), 255.0).to(tl.uint8), mask=mask)
-    tl.store(out + 2, tl.minimum(tl.maximum(tl.floor(b), 0.0), 255.0).to(tl.uint8), mask=mask)
+    tl.store(out, tl.minimum(tl.maximum(r, 0), 255).to(tl.uint8), mask=mask)
+    tl.store(out + 1, tl.minimum(tl.maximum(g, 0), 255).to(tl.uint8), mask=mask)
+    tl.store(out + 2, tl.minimum(tl.maximum(b, 0), 255).to(tl.uint8), mask=mask)
 
 
 # Decoding threads launch it at once; a launch that compiles (the first, per device) must not race another
@@ -116,6 +132,6 @@ def nv12_rgb(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torch.Te
     out = torch.empty((height, width, 3), dtype=torch.uint8, device=nv12.device)
     grid = (height, triton.cdiv(width, BLOCK_W))
     with _LAUNCHING, torch.cuda.device(nv12.device) if nv12.is_cuda else contextlib.nullcontext():  # (its GPU's)
-        _nv12_rgb_kernel[grid](nv12, out, height, width, luma_rows, nv12.stride(0), LUMA_GAIN, CHROMA_GAIN, *coefs,
-                               BLOCK_W=BLOCK_W, num_warps=NUM_WARPS, enable_fp_fusion=False)  # fmt: skip
+        _nv12_rgb_kernel[grid](nv12, out, height, width, luma_rows, nv12.stride(0), *coefs, Y_OFFSET=Y_OFFSET,
+                               C_OFFSET=C_OFFSET, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)  # fmt: skip
     return out

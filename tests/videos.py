@@ -47,7 +47,9 @@ def pattern_frame(pattern: str, i: int, height: int, width: int) -> np.ndarray:
         luma = 128 + 80 * np.sin(2 * np.pi * (x + y + 3 * i) / 16)
         tints = [30 * np.cos(2 * np.pi * x / width + shift) for shift in (0, 2, 4)]  # slow: 4:2:0 keeps them
         return np.stack([luma + tint for tint in tints], axis=-1).round().astype(np.uint8)
-    raise ValueError(f"unknown pattern {pattern!r}; expected 'index', 'gradient' or 'moving'")
+    if pattern == "noise":  # every value, frame i's own
+        return np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    raise ValueError(f"unknown pattern {pattern!r}; expected 'index', 'gradient', 'moving' or 'noise'")
 
 
 def vfr_times(frames: int) -> list[Fraction]:

@@ -15,7 +15,8 @@ HEVC, VP9 and AV1 files get such an index too, only to be split by: each part de
 
 NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
 conversion runs there in one kernel a frame (``kernels/nv12_rgb.py``: BT.601 or BT.709 as the stream says, limited
-range, as libswscale does it by default), within 2 levels of PyAV's RGB (see tests/test_preprocess.py).
+range), in libswscale's fixed-point arithmetic: PyAV's RGB bytes of the same planes (tests/test_preprocess.py). H.264
+and HEVC decoding being exact, NVDEC's planes are PyAV's (a GPU test checks it), so its frames are the CPU decoder's.
 What NVDEC cannot take (the package or a GPU missing, a codec it lacks, a file it rejects) is decoded on the CPU
 instead, with a one-line notice; :func:`open_frames` does that choosing.
 """
@@ -405,6 +406,18 @@ class NvdecFrame:
         if self.known_duration is None and self.duration_of is not None and self.pts is not None:
             return self.duration_of(self.pts)
         return self.known_duration
+
+
+def yuv420p_planes(frame: av.VideoFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Y, U, V planes of a yuv420p frame as uint8 tensors [h, w], [ceil(h / 2), ceil(w / 2)] (twice), without
+    the line padding."""
+    if frame.format.name != "yuv420p":
+        raise ValueError(f"a yuv420p frame was expected; got {frame.format.name}")
+    widths = (frame.width, (frame.width + 1) // 2, (frame.width + 1) // 2)
+    return tuple(
+        torch.from_numpy(np.frombuffer(p, np.uint8).reshape(p.height, -1)[:, :width].copy())
+        for p, width in zip(frame.planes, widths, strict=True)
+    )
 
 
 def packet_duration(path: str, index: int, pts: int) -> int | None:
