@@ -776,6 +776,29 @@ def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it
     assert len(list(pipeline.source_chunks(old))) == len(old.grids)  # made with the rule: re-read as encoded
 
 
+def test_nvdec_files_record_their_rgb_conversion_and_files_made_before_it_are_redone(model, sources, tmp_path):
+    """--decoder nvdec's frames become RGB by libswscale's arithmetic since that was recorded (nvdec_rgb); files
+    that the float conversion of before made hold other tokens, so a rerun redoes them. The CPU decoder's files
+    record nothing new. (No GPU here: NVDEC's files fall back to the CPU, and record what was asked for.)"""
+    engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
+    nvdec = dataclasses.replace(SETTINGS, decoder="nvdec")
+
+    def run(settings):
+        return encode_files(model, engine, [(sources["short"], "short")], tmp_path, settings, workers=1)
+
+    assert run(SETTINGS).done and "nvdec_rgb" not in load_tokens(out).made_with
+    assert run(nvdec).done and load_tokens(out).made_with["nvdec_rgb"] == "libswscale"
+    assert run(nvdec).skipped
+    old = load_tokens(out)
+    made = dict(old.made_with)
+    del made["nvdec_rgb"]
+    pipeline.save_tokens(out, dataclasses.replace(old, made_with=made))  # as the code before the rule wrote it
+    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, nvdec)) == (
+        "made another way (nvdec_rgb unrecorded, now libswscale)"
+    )
+    assert run(nvdec).done and load_tokens(out).made_with["nvdec_rgb"] == "libswscale"
+
+
 def test_the_same_weights_with_other_fsq_levels_are_another_model(model, sources, tmp_path):
     """FSQ levels have no weights: a config with the levels reordered has the same weights digest and reads other
     codes from the same indices. A rerun with it redoes the files, and decode refuses them (unless forced)."""

@@ -42,6 +42,10 @@ from .files import notice
 from .stages import CLOCK
 
 DECODERS = ("cpu", "nvdec")
+# how NVDEC's frames become RGB (kernels/nv12_rgb.py): libswscale's fixed-point arithmetic, the CPU decoder's bytes.
+# Token files made with --decoder nvdec record it; those made by the float conversion of before (within 2 levels)
+# have none, and a rerun redoes them.
+NVDEC_RGB = "libswscale"
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjpeg")
 # what the GPU conversion takes: 8-bit 4:2:0 (NVDEC hands it over as the NV12 that nvdec_rgb reads; deeper or
 # fuller formats come in other layouts), and the streams whose matrix libswscale reads as one of kernels/nv12_rgb.py's

@@ -33,6 +33,7 @@ from . import __version__
 from .backends import resolve_backend
 from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
+from .decoders import NVDEC_RGB
 from .engine import IDLE, Engine
 from .files import (
     ABANDONED_UNLOCKED_SECONDS,
@@ -1271,7 +1272,8 @@ def _token_file(
     )
 
 
-RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation", "time_sampling")
+RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation", "time_sampling",
+               "nvdec_rgb")  # fmt: skip
 # made_with leaves these out when default. "precision" is no longer written: FP8 runs in the decoder only
 # (titok_fast/fp8.py), so every model encodes in the default precision; files that an earlier titok-fast made with
 # an FP8 encoder say "fp8" and are redone.
@@ -1295,7 +1297,8 @@ def made_with(
     version (not compared: a new version resumes an old one's files). ``rotation`` is there only when it is not
     the default, so files made before it was recorded still resume (``precision`` never: see UNRECORDED_DEFAULTS);
     ``time_sampling`` (how sampling "time" reads timestamps) only with that sampling, so files it made before the
-    rule was recorded are redone (their picks may differ)."""
+    rule was recorded are redone (their picks may differ); ``nvdec_rgb`` (how NVDEC's frames become RGB) only with
+    ``--decoder nvdec``, likewise."""
     device = device or model.device.type
     made = {
         "decoder": settings.decoder,
@@ -1309,6 +1312,8 @@ def made_with(
         made["rotation"] = settings.rotation
     if settings.sampling == "time":
         made["time_sampling"] = TIME_SAMPLING
+    if settings.decoder == "nvdec":
+        made["nvdec_rgb"] = NVDEC_RGB
     if decoded_by is not None:
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
     if source_stamp:

@@ -71,7 +71,7 @@ CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frame
 
 # How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
 # Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
-# used), device, dtype, backend, mode, and rotation and time_sampling where they apply (precision in files an
+# used), device, dtype, backend, mode, and rotation, time_sampling and nvdec_rgb where they apply (precision in files an
 # earlier version made with an FP8 encoder, which resumes redo). Resumed runs
 # compare them, so files made different ways never mix; not source_stamp (checked against the source) nor made_by
 # (titok-fast's version, for the record).
@@ -120,7 +120,7 @@ class TokenFile:
     weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
         weights, "" if unknown or random
     made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; rotation when not
-        the default; time_sampling with sampling "time"); {} if unknown
+        the default; time_sampling with sampling "time"; nvdec_rgb with decoder "nvdec"); {} if unknown
     """
 
     indices: torch.Tensor
