@@ -1,6 +1,9 @@
-"""Shared builders for tests: random-weight models with non-trivial LayerNorm affines, random clips."""
+"""Shared builders for tests: random-weight models with non-trivial LayerNorm affines, random clips; calls in threads
+at once."""
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -40,3 +43,23 @@ def agreement(a: tuple | list, b: tuple | list) -> float:
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def in_threads(*calls):
+    """Run each call in a thread of its own; their results, in order (a call's exception is raised here)."""
+    results, errors = [None] * len(calls), []
+
+    def run(k, call):
+        try:
+            results[k] = call()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k, call)) for k, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -22,7 +22,7 @@ from titok_fast.kernels.mrope_attention import mrope_tables
 from titok_fast.packing import PackingCache
 
 from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, engine_for
-from helpers import make_model, random_videos, rel_l2
+from helpers import in_threads, make_model, random_videos, rel_l2
 
 SHAPES = [(4, 16, 16), (8, 32, 24), (4, 8, 8), (12, 16, 32), (4, 24, 24), (8, 16, 16), (4, 8, 16)]
 COUNTS = [5, 16, 1, 30, 9, 12, 3]
@@ -716,26 +716,6 @@ def test_compile_mode_compiles_every_runner_of_many_engines(expected, monkeypatc
         assert engine.compiles == 4  # (encode, decode) x (128, 512): once each, none again
 
 
-def _in_threads(*calls):
-    """Run each call in a thread of its own; their results, in order (a call's exception is raised here)."""
-    results, errors = [None] * len(calls), []
-
-    def run(k, call):
-        try:
-            results[k] = call()
-        except Exception as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(k, call)) for k, call in enumerate(calls)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def _meeting(seconds: float = 1.0):
     """A function that holds its first two callers until both have come (or ``seconds`` have passed)."""
     barrier = threading.Barrier(2, timeout=seconds)
@@ -766,11 +746,11 @@ def test_threads_sharing_an_engine_each_get_their_own_clips(model, expected, mod
         monkeypatch.setattr(engine, "_replay", lambda *args, meet=meet: meet() or replay(*args))
         if stage == "encode":
             calls = [lambda h=h: engine.encode([videos[i] for i in h], [COUNTS[i] for i in h])[1] for h in halves]
-            got = [out["indices"] for out in _in_threads(*calls)]
+            got = [out["indices"] for out in in_threads(*calls)]
             assert all(torch.equal(g[p], indices[i]) for h, g in zip(halves, got, strict=True) for p, i in enumerate(h))
         else:
             calls = [lambda h=h: engine.decode_indices([indices[i] for i in h], [SHAPES[i] for i in h]) for h in halves]
-            got = _in_threads(*calls)
+            got = in_threads(*calls)
             assert all(rel_l2(g[p], recon[i]) < 1e-5 for h, g in zip(halves, got, strict=True) for p, i in enumerate(h))
     # one graph a stage, captured before the threads (auto: the encoder's alone; its decode batches run eager)
     assert engine.compiles == {"static": 0, "cudagraph": 2, "auto as on CUDA": 1}[mode]
@@ -784,7 +764,7 @@ def test_threads_calling_one_fresh_model_at_once_get_what_they_would_alone(expec
     halves = [0, 2, 4, 6], [1, 3, 5]
     calls = [lambda h=h: model.encode([videos[i] for i in h], [COUNTS[i] for i in h])[1]["indices"] for h in halves]
     calls += [lambda h=h: model.decode_indices([indices[i] for i in h], [SHAPES[i] for i in h]) for h in halves]
-    *encoded, first, second = _in_threads(*calls)
+    *encoded, first, second = in_threads(*calls)
     assert all(torch.equal(g[p], indices[i]) for h, g in zip(halves, encoded, strict=True) for p, i in enumerate(h))
     for h, got in zip(halves, (first, second), strict=True):
         assert all(rel_l2(got[p], recon[i]) < 1e-5 for p, i in enumerate(h))
@@ -800,7 +780,7 @@ def test_engines_compiling_in_threads_at_once_count_their_own_graphs(expected, m
     model = make_model("tiny")
     videos, _, indices, _ = expected
     engines = [Engine(model, mode="compile", budgets=(128,), max_clips=7) for _ in range(2)]
-    got = _in_threads(*(lambda e=e: e.encode([videos[0]], [COUNTS[0]]) for e in engines))
+    got = in_threads(*(lambda e=e: e.encode([videos[0]], [COUNTS[0]]) for e in engines))
     assert all(torch.equal(out["indices"][0], indices[0]) for _, out in got)
     assert [e.compiles for e in engines] == [1, 1]
 

@@ -747,32 +747,41 @@ def test_a_resume_redoes_a_token_file_damaged_since_it_was_written(model, source
     assert run().skipped
 
 
+def a_recorded_rule_is_kept_apart(model, source: str, folder: Path, settings, key: str, value: str):
+    """Files made with ``settings`` record ``made_with[key] == value`` and resume; files made with SETTINGS record
+    no ``key``; a file without it (as the code before the rule wrote it) is redone. Returns that file as made, and
+    the reason its changed copy is redone for a given ``made_with``."""
+    engine, out = Engine(model, max_clips=3), folder / "short.safetensors"
+
+    def run(settings):
+        return encode_files(model, engine, [(source, "short")], folder, settings, workers=1)
+
+    assert run(SETTINGS).done and key not in load_tokens(out).made_with
+    assert run(settings).done and load_tokens(out).made_with[key] == value
+    assert run(settings).skipped
+    made = load_tokens(out)
+
+    def redone_because(made_with: dict) -> str:
+        pipeline.save_tokens(out, dataclasses.replace(made, made_with=made_with))
+        return pipeline._redo_because(out, source, pipeline._wanted(model, engine.mode, settings))
+
+    unrecorded = {k: v for k, v in made.made_with.items() if k != key}
+    assert redone_because(unrecorded) == f"made another way ({key} unrecorded, now {value})"
+    assert run(settings).done and load_tokens(out).made_with[key] == value
+    return made, redone_because
+
+
 def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it_are_redone(model, sources, tmp_path):
     """Sampling "time" takes a frame stamped up to half a millisecond after an instant as shown there (video._due);
     files it made before that rule was recorded may hold other picks, so a rerun redoes them. Upstream sampling
     records nothing new: its files resume as before."""
-    engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
     timed = dataclasses.replace(SETTINGS, sampling="time")
-
-    def run(settings):
-        return encode_files(model, engine, [(sources["short"], "short")], tmp_path, settings, workers=1)
-
-    assert run(SETTINGS).done and "time_sampling" not in load_tokens(out).made_with
-    assert run(timed).done and load_tokens(out).made_with["time_sampling"] == "ms-rounding"
-    assert run(timed).skipped
-    old = load_tokens(out)
-    pipeline.save_tokens(out, dataclasses.replace(old, made_with={**old.made_with, "time_sampling": "exact"}))
-    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, timed)) == (
-        "made another way (time_sampling exact, now ms-rounding)"
-    )
-    made = dict(old.made_with)
-    del made["time_sampling"]
-    pipeline.save_tokens(out, dataclasses.replace(old, made_with=made))  # as the code before the rule wrote it
-    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, timed)) == (
-        "made another way (time_sampling unrecorded, now ms-rounding)"
-    )
+    old, redone_because = a_recorded_rule_is_kept_apart(model, sources["short"], tmp_path, timed, "time_sampling",
+                                                        "ms-rounding")  # fmt: skip
+    exact = {**old.made_with, "time_sampling": "exact"}
+    assert redone_because(exact) == "made another way (time_sampling exact, now ms-rounding)"
     with pytest.raises(ValueError, match="made by an earlier rule of sampling 'time': its source cannot be re-read"):
-        next(pipeline.source_chunks(load_tokens(out)))  # side by side, it would show other frames than it encoded
+        next(pipeline.source_chunks(load_tokens(tmp_path / "short.safetensors")))  # it would show other frames
     assert len(list(pipeline.source_chunks(old))) == len(old.grids)  # made with the rule: re-read as encoded
 
 
@@ -780,23 +789,8 @@ def test_nvdec_files_record_their_rgb_conversion_and_files_made_before_it_are_re
     """--decoder nvdec's frames become RGB by libswscale's arithmetic since that was recorded (nvdec_rgb); files
     that the float conversion of before made hold other tokens, so a rerun redoes them. The CPU decoder's files
     record nothing new. (No GPU here: NVDEC's files fall back to the CPU, and record what was asked for.)"""
-    engine, out = Engine(model, max_clips=3), tmp_path / "short.safetensors"
     nvdec = dataclasses.replace(SETTINGS, decoder="nvdec")
-
-    def run(settings):
-        return encode_files(model, engine, [(sources["short"], "short")], tmp_path, settings, workers=1)
-
-    assert run(SETTINGS).done and "nvdec_rgb" not in load_tokens(out).made_with
-    assert run(nvdec).done and load_tokens(out).made_with["nvdec_rgb"] == "libswscale"
-    assert run(nvdec).skipped
-    old = load_tokens(out)
-    made = dict(old.made_with)
-    del made["nvdec_rgb"]
-    pipeline.save_tokens(out, dataclasses.replace(old, made_with=made))  # as the code before the rule wrote it
-    assert pipeline._redo_because(out, sources["short"], pipeline._wanted(model, engine.mode, nvdec)) == (
-        "made another way (nvdec_rgb unrecorded, now libswscale)"
-    )
-    assert run(nvdec).done and load_tokens(out).made_with["nvdec_rgb"] == "libswscale"
+    a_recorded_rule_is_kept_apart(model, sources["short"], tmp_path, nvdec, "nvdec_rgb", "libswscale")
 
 
 def test_the_same_weights_with_other_fsq_levels_are_another_model(model, sources, tmp_path):

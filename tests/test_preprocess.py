@@ -1,7 +1,6 @@
 import itertools
 import re
 import sys
-import threading
 import types
 from fractions import Fraction
 
@@ -26,6 +25,7 @@ from titok_fast.preprocess import (
 from titok_fast.video import ClipReader, read_clips
 
 import videos
+from helpers import in_threads
 
 CUDA = torch.cuda.is_available()
 
@@ -412,24 +412,13 @@ def nvdec_planes_are_pyavs(path: str, threads: int) -> int:
     rgb = decoders.pyav_rgb()
     with av.open(path) as container:
         want = [(frame.pts, planes(frame), rgb(frame)) for frame in container.decode(video=0)]
-    got, errors = [None] * threads, []
+    def decode() -> list:
+        with av.open(path) as container:
+            frames = decoders.nvdec_frames(path, container.streams.video[0])
+            return [(f.pts, tuple(p.cpu() for p in nv12_planes(f.nv12, f.height)), decoders.nvdec_rgb(f).cpu())
+                    for f in frames]  # fmt: skip
 
-    def decode(k: int) -> None:
-        try:
-            with av.open(path) as container:
-                frames = decoders.nvdec_frames(path, container.streams.video[0])
-                got[k] = [(f.pts, tuple(p.cpu() for p in nv12_planes(f.nv12, f.height)), decoders.nvdec_rgb(f).cpu())
-                          for f in frames]  # fmt: skip
-        except Exception as exc:  # (raised below, in the test's thread)
-            errors.append(exc)
-
-    workers = [threading.Thread(target=decode, args=(k,)) for k in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
+    got = in_threads(*[decode] * threads)
     for frames in got:
         assert [pts for pts, _, _ in frames] == [pts for pts, _, _ in want]
         for (_, planes_got, rgb_got), (_, planes_want, rgb_want) in zip(frames, want, strict=True):
