@@ -412,6 +412,7 @@ def nvdec_planes_are_pyavs(path: str, threads: int) -> int:
     rgb = decoders.pyav_rgb()
     with av.open(path) as container:
         want = [(frame.pts, planes(frame), rgb(frame)) for frame in container.decode(video=0)]
+
     def decode() -> list:
         with av.open(path) as container:
             frames = decoders.nvdec_frames(path, container.streams.video[0])
