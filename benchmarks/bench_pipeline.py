@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from fractions import Fraction
 from pathlib import Path
 
@@ -154,6 +155,17 @@ def _process_server_cpu() -> float:
     return sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
 
 
+def _upload(upload: str | None):
+    """Within it, runs hand the CPU decoder's frames to a "device" placement as ``upload`` says ("rgb" or "i420";
+    None: as the run decides, by the model's device), in this process and in worker processes (which are given
+    the run's reading arguments)."""
+    if upload is None:
+        return contextlib.nullcontext()
+    read_kwargs = ClipSettings.read_kwargs
+    return unittest.mock.patch.object(ClipSettings, "read_kwargs",
+                                      lambda self, device="cpu": {**read_kwargs(self, device), "upload": upload})
+
+
 def _supported(function, options: dict) -> dict:
     """The options `function` takes (older commits lack the newer ones)."""
     names = inspect.signature(function).parameters
@@ -221,7 +233,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
     grid = tuple(args.grid)
     options = {"preprocess": args.preprocess, "decoder": args.decoder, "prune": not args.no_prune}
     settings = _settings(grid, args.tokens, options)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _upload(args.upload):
         copies = []  # the source under `files` names: a dataset of that many videos
         for i in range(args.files):
             copies.append(Path(scratch) / f"{path.stem}-{i}{path.suffix}")
@@ -380,6 +392,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preprocess", default="auto", choices=("auto", "cpu", "device"))
     p.add_argument("--decoder", default="cpu", choices=("cpu", "nvdec"))
     p.add_argument("--no-prune", action="store_true", help="decode every frame, also those no clip uses")
+    p.add_argument("--upload", choices=("rgb", "i420"), default=None,
+                   help="how CPU-decoded frames go to placement device (default: the run's: i420 on CUDA where it "
+                        "gives the same bytes, else rgb)")
     p.add_argument("--input-only", action="store_true", help="the reading side alone: no model")
     p.add_argument("--sources-only", action="store_true", help="make the source videos (if missing), nothing else")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the log")

@@ -169,7 +169,7 @@ judge() {  # the targets met or missed, of what this call measured ("not measure
     "$python" benchmarks/targets.py "$out" 2>&1 | tee "$out/targets.md"
 }
 
-pipeline() {  # $1: "" (every before / after row: 410 s by the timeouts below), "short" (the rows of the targets:
+pipeline() {  # $1: "" (every before / after row: 490 s by the timeouts below), "short" (the rows of the targets:
     # 260 s; no 256p8 "before", no rows with threads) or "sweeps" (NVDEC against threads, decoding workers 1..16,
     # one long video: 485 s); every row is appended to pipeline.jsonl as soon as it is measured
     local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos" mode=${1:-}
@@ -218,6 +218,11 @@ PROBE
         limited "nvdec 256p8" 35 "${run[@]}" --sources 256p8 --files 128 --label nvdec --decoder nvdec \
             --workers "$(nproc)"
         [ $long = 1 ] || return 0
+        # the CPU decoder's frames uploaded as RGB, as before the I420 hand-over (the "after" rows: I420)
+        limited "after 720p30, rgb" 40 "${run[@]}" --sources 720p30 --files 12 --label after-rgb --upload rgb \
+            --workers "$(nproc)"
+        limited "after 256p8, rgb" 40 "${run[@]}" --sources 256p8 --files 128 --label after-rgb --upload rgb \
+            --workers "$(nproc)"
         # the same with threads, the default before worker_kind_for
         limited "after 256p8, threads" 40 "${run[@]}" --sources 256p8 --files 128 --label after-threads \
             --worker-kind thread --workers "$(nproc)"

@@ -13,6 +13,9 @@ pixels, and tokens.
 In PyTorch the conversion is some twenty kernels a frame, each with a copy of the frame; a decoding thread
 launching them holds Python's lock (the GIL) for much of each launch, which every other decoding thread then
 waits for. Here a frame is one launch, read once and written once.
+
+The same conversion takes I420 clips (:func:`i420_rgb`): the CPU decoder's planes, frame after frame, which a run
+on a GPU uploads instead of RGB (half the bytes) and converts there, a clip in one launch.
 """
 
 from __future__ import annotations
@@ -89,6 +92,20 @@ def nv12_rgb_ref(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torc
     return yuv420_to_rgb_ref(*nv12_planes(nv12, height), matrix)
 
 
+@triton.jit
+def _store_rgb(out, y, cb, cr, mask, y_gain, r_cr, b_cb, g_cb, g_cr, Y_OFFSET: tl.constexpr, C_OFFSET: tl.constexpr):
+    """Samples (uint8 Y, Cb, Cr of each pixel) -> RGB bytes at ``out`` (3 per pixel), as :func:`yuv420_to_rgb_ref`."""
+    cb = cb.to(tl.int32) * 8 - C_OFFSET
+    cr = cr.to(tl.int32) * 8 - C_OFFSET
+    luma = (y.to(tl.int32) * 8 - Y_OFFSET) * y_gain >> 16  # (>> of a signed integer: rounded down, as the reference's)
+    r = luma + (cr * r_cr >> 16)
+    g = luma + ((cb * g_cb >> 16) + (cr * g_cr >> 16))
+    b = luma + (cb * b_cb >> 16)
+    tl.store(out, tl.minimum(tl.maximum(r, 0), 255).to(tl.uint8), mask=mask)
+    tl.store(out + 1, tl.minimum(tl.maximum(g, 0), 255).to(tl.uint8), mask=mask)
+    tl.store(out + 2, tl.minimum(tl.maximum(b, 0), 255).to(tl.uint8), mask=mask)
+
+
 @triton.jit(do_not_specialize=["height", "width", "luma_rows", "stride_row"])
 def _nv12_rgb_kernel(
     nv12_ptr,  # uint8 [rows * 3 / 2, >= width], row stride stride_row: luma rows, then interleaved U, V rows
@@ -102,17 +119,32 @@ def _nv12_rgb_kernel(
     mask = cols < width
     pair = (cols // 2) * 2  # a chroma sample covers two columns and two rows
     uv = nv12_ptr + (luma_rows + row // 2) * stride_row + pair
-    y = tl.load(nv12_ptr + row * stride_row + cols, mask=mask, other=0).to(tl.int32)
-    cb = tl.load(uv, mask=mask, other=0).to(tl.int32) * 8 - C_OFFSET
-    cr = tl.load(uv + 1, mask=mask, other=0).to(tl.int32) * 8 - C_OFFSET
-    luma = (y * 8 - Y_OFFSET) * y_gain >> 16  # (>> of a signed integer: rounded down, as the reference's)
-    r = luma + (cr * r_cr >> 16)
-    g = luma + ((cb * g_cb >> 16) + (cr * g_cr >> 16))
-    b = luma + (cb * b_cb >> 16)
-    out = out_ptr + (row * width + cols) * 3
-    tl.store(out, tl.minimum(tl.maximum(r, 0), 255).to(tl.uint8), mask=mask)
-    tl.store(out + 1, tl.minimum(tl.maximum(g, 0), 255).to(tl.uint8), mask=mask)
-    tl.store(out + 2, tl.minimum(tl.maximum(b, 0), 255).to(tl.uint8), mask=mask)
+    y = tl.load(nv12_ptr + row * stride_row + cols, mask=mask, other=0)
+    cb = tl.load(uv, mask=mask, other=0)
+    cr = tl.load(uv + 1, mask=mask, other=0)
+    _store_rgb(out_ptr + (row * width + cols) * 3, y, cb, cr, mask, y_gain, r_cr, b_cb, g_cb, g_cr, Y_OFFSET, C_OFFSET)
+
+
+@triton.jit(do_not_specialize=["height", "width"])
+def _i420_rgb_kernel(
+    i420_ptr,  # uint8 [frames, height * width * 3 / 2], contiguous: each frame's Y, then U, then V plane
+    out_ptr,  # uint8 [frames, height, width, 3], contiguous
+    height, width,
+    y_gain, r_cr, b_cb, g_cb, g_cr,  # int32: coefficients()
+    Y_OFFSET: tl.constexpr, C_OFFSET: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    frame = tl.program_id(2).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = cols < width
+    pixels = height.to(tl.int64) * width
+    base = i420_ptr + frame * (pixels + pixels // 2)
+    u = base + pixels + (row // 2) * (width // 2) + cols // 2  # a chroma sample covers two columns and two rows
+    y = tl.load(base + row * width + cols, mask=mask, other=0)
+    cb = tl.load(u, mask=mask, other=0)
+    cr = tl.load(u + pixels // 4, mask=mask, other=0)
+    out = out_ptr + ((frame * height + row) * width + cols) * 3
+    _store_rgb(out, y, cb, cr, mask, y_gain, r_cr, b_cb, g_cb, g_cr, Y_OFFSET, C_OFFSET)
 
 
 # Decoding threads launch it at once; a launch that compiles (the first, per device) must not race another
@@ -135,3 +167,40 @@ def nv12_rgb(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torch.Te
         _nv12_rgb_kernel[grid](nv12, out, height, width, luma_rows, nv12.stride(0), *coefs, Y_OFFSET=Y_OFFSET,
                                C_OFFSET=C_OFFSET, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)  # fmt: skip
     return out
+
+
+def i420_planes(frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Y [h, w], U and V [h / 2, w / 2] planes of one I420 frame [h * 3 / 2, w] (uint8, contiguous: the planes'
+    bytes one after another, h and w even)."""
+    h, w = frame.shape[0] * 2 // 3, frame.shape[1]
+    flat, pixels = frame.reshape(-1), h * w
+    chroma = (h // 2, w // 2)
+    return flat[:pixels].view(h, w), flat[pixels : pixels * 5 // 4].view(chroma), flat[pixels * 5 // 4 :].view(chroma)
+
+
+def i420_rgb_ref(i420: torch.Tensor, matrix: str = "bt601") -> torch.Tensor:
+    """Plain PyTorch: I420 frames [T, h * 3 / 2, w] (uint8; see :func:`i420_planes`) -> [T, h, w, 3] uint8 RGB."""
+    _check_i420(i420)
+    return torch.stack([yuv420_to_rgb_ref(*i420_planes(frame), matrix) for frame in i420])
+
+
+def i420_rgb(i420: torch.Tensor, matrix: str = "bt601") -> torch.Tensor:
+    """:func:`i420_rgb_ref` in one kernel, one launch a clip: the same bytes."""
+    coefs = coefficients(matrix)
+    _check_i420(i420)
+    frames, height, width = i420.shape[0], i420.shape[1] * 2 // 3, i420.shape[2]
+    out = torch.empty((frames, height, width, 3), dtype=torch.uint8, device=i420.device)
+    grid = (height, triton.cdiv(width, BLOCK_W), frames)
+    with _LAUNCHING, torch.cuda.device(i420.device) if i420.is_cuda else contextlib.nullcontext():
+        _i420_rgb_kernel[grid](i420, out, height, width, *coefs, Y_OFFSET=Y_OFFSET, C_OFFSET=C_OFFSET,
+                               BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)  # fmt: skip
+    return out
+
+
+def _check_i420(i420: torch.Tensor) -> None:
+    if i420.dtype != torch.uint8 or i420.dim() != 3 or not i420.is_contiguous() or not 0 < i420.shape[0] <= 65535:
+        raise ValueError(f"i420 must be uint8 [1..65535 frames, h * 3 / 2, w], contiguous; got {i420.dtype} "
+                         f"{list(i420.shape)}")  # fmt: skip
+    rows, width = i420.shape[1:]
+    if rows % 3 or rows < 3 or width % 2 or width < 2:
+        raise ValueError(f"I420 frames of even height and width are [h * 3 / 2, w]; got {rows} rows of {width}")

@@ -9,10 +9,13 @@ import av
 import pytest
 import torch
 
-from titok_fast.decoders import NvdecFrame, _matrix, nvdec_rgb, pyav_rgb, yuv420p_planes
+from titok_fast.decoders import NvdecFrame, _matrix, i420_bytes, nvdec_rgb, pyav_rgb, yuv420p_planes
 from titok_fast.kernels.nv12_rgb import (
     BLOCK_W,
     MATRICES,
+    i420_planes,
+    i420_rgb,
+    i420_rgb_ref,
     nv12_planes,
     nv12_rgb,
     nv12_rgb_ref,
@@ -68,6 +71,52 @@ def test_kernel_gives_pyavs_rgb24_on_h264_frames(tmp_path, x264, matrix):
             assert torch.equal(nv12_rgb(nv12_surface(*yuv420p_planes(frame)), frame.height, matrix), rgb(frame))
 
 
+@pytest.mark.parametrize(("frames", "height", "width"), [(1, 2, 2), (3, 6, 8), (2, 34, BLOCK_W + 18), (2, 144, 256)])
+@pytest.mark.parametrize("matrix", sorted(MATRICES))
+def test_i420_kernel_gives_the_references_bytes(frames, height, width, matrix):
+    """A clip of I420 frames in one launch: each frame's bytes as its planes give them, whatever they hold."""
+    g = torch.Generator().manual_seed(height * width)
+    i420 = torch.randint(0, 256, (frames, height * 3 // 2, width), generator=g, dtype=torch.uint8)
+    want = i420_rgb_ref(i420, matrix)
+    with triton_mode(interpret=True):
+        got = i420_rgb(i420, matrix)
+    assert got.shape == (frames, height, width, 3) and got.dtype == torch.uint8 and torch.equal(got, want)
+    for frame, rgb in zip(i420, want, strict=True):
+        assert torch.equal(rgb, yuv420_to_rgb_ref(*i420_planes(frame), matrix))
+    y, u, v = i420_planes(i420[-1])  # the planes one after another
+    assert torch.equal(torch.cat([y.flatten(), u.flatten(), v.flatten()]), i420[-1].flatten())
+
+
+@pytest.mark.parametrize(("x264", "matrix"), [("", "bt601"), ("colormatrix=bt709", "bt709")])
+def test_i420_kernel_gives_pyavs_rgb24_on_h264_frames(tmp_path, x264, matrix):
+    """The CPU decoder's frames as the run hands them over (decoders.i420_bytes), converted in one launch: PyAV's
+    RGB of each, byte for byte."""
+    path = videos.make_video(tmp_path / "clip.mp4", 3, 72, 136, fps=24, pattern="moving", x264=x264)
+    rgb = pyav_rgb()
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+        want = torch.stack([rgb(frame) for frame in frames])
+        i420 = torch.stack([i420_bytes(frame) for frame in frames])
+    assert [p.numel() for p in i420_planes(i420[0])] == [72 * 136, 36 * 68, 36 * 68]
+    with triton_mode(interpret=True):
+        assert torch.equal(i420_rgb(i420, matrix), want)
+
+
+@pytest.mark.parametrize(("i420", "said"), [
+    (torch.zeros(1, 9, 7, dtype=torch.uint8), "of even height and width"),
+    (torch.zeros(1, 8, 8, dtype=torch.uint8), "of even height and width"),
+    (torch.zeros(0, 9, 8, dtype=torch.uint8), "1..65535 frames"),
+    (torch.zeros(1, 9, 8, dtype=torch.int16), "i420 must be uint8"),
+    (torch.zeros(9, 8, dtype=torch.uint8), "i420 must be uint8"),
+    (torch.zeros(1, 8, 9, dtype=torch.uint8).transpose(1, 2), "contiguous"),
+])  # fmt: skip
+def test_i420_launcher_refuses_what_the_kernel_would_read_wrong(i420, said):
+    with pytest.raises(ValueError, match=said), triton_mode(interpret=True):
+        i420_rgb(i420)
+    with pytest.raises(ValueError, match=said):
+        i420_rgb_ref(i420)
+
+
 def test_planes_of_a_padded_surface():
     nv12 = surface(4, 6, pad_rows=2)  # 6 luma rows (2 of padding), then 3 chroma rows (1 of padding)
     y, u, v = nv12_planes(nv12, 4)
@@ -101,3 +150,6 @@ def test_gpu_kernel_gives_the_references_bytes(matrix):
     assert torch.equal(got.cpu(), nv12_rgb_ref(nv12.cpu(), 720, matrix))
     frame = NvdecFrame(nv12, 720, 0, Fraction(1, 30), None, matrix)
     assert torch.equal(nvdec_rgb(frame), got)
+    i420 = torch.randint(0, 256, (4, 1080, 1280), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    got = i420_rgb(i420.cuda(), matrix)  # a 720p clip of 4 frames as the CPU decoder hands it over
+    assert torch.equal(got.cpu(), i420_rgb_ref(i420, matrix))

@@ -17,7 +17,9 @@ from titok_fast.preprocess import (
     MAX_DEVICE_ASPECT,
     MAX_DEVICE_PIXELS,
     DevicePreprocessor,
+    I420Clip,
     clip_pixels,
+    i420_rgb,
     normalize_pixels,
     placement,
     resized_size,
@@ -75,6 +77,128 @@ def test_batched_on_device_path_equals_per_frame_path(files, name, grid):
         before = torch.stack(frames[i * t : (i + 1) * t], dim=1)
         assert torch.equal(a, before)
         assert torch.equal(on_device(raw), normalize_pixels(a, torch.float32))
+
+
+def same_clip(a: torch.Tensor | I420Clip, b: torch.Tensor | I420Clip) -> bool:
+    """Whether two clips are the same bytes, of the same kind (RGB or resized tensors, or I420 clips)."""
+    if isinstance(a, I420Clip) or isinstance(b, I420Clip):
+        return type(a) is type(b) and a.matrix == b.matrix and torch.equal(a.frames, b.frames)
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("name", "grid", "i420"), [
+    ("wide", (4, 64, 64), True), ("tall", (4, 64, 48), True), ("small", (4, 96, 96), True),
+    ("odd", (4, 64, 64), False),  # 131x97: an odd size is converted on the CPU (libswscale interpolates its chroma)
+])  # fmt: skip
+def test_i420_clips_are_the_rgb_clips_in_half_the_bytes(files, name, grid, i420):
+    """upload "i420": the CPU decoder's clips come as their YUV planes (where the device's conversion gives
+    libswscale's bytes), which become, on the device, the RGB clips of upload "rgb", byte for byte, and the same
+    model input."""
+    t, h, w = grid
+    kwargs = dict(frames=t, height=h, width=w, fps=24, raw=True, preprocess="device", device="cpu")
+    rgb = read_clips(files[name], **kwargs).clips
+    reader = ClipReader(files[name], upload="i420", **kwargs)
+    got = list(reader)
+    assert reader.placement == "device" and len(got) == len(rgb) >= 2
+    assert all(isinstance(clip, I420Clip) for clip in got) == i420
+    on_device = DevicePreprocessor("cpu", h, w, torch.float32)
+    for a, b in zip(rgb, got, strict=True):
+        if i420:
+            assert b.matrix == "bt601" and b.frames.shape == (t, a.shape[1] * 3 // 2, a.shape[2])
+            assert b.frames.nbytes * 2 == a.nbytes and torch.equal(i420_rgb(b), a)
+        assert torch.equal(on_device(b), on_device(a))
+
+
+def test_a_clip_with_frames_the_device_would_not_convert_comes_as_rgb(files, monkeypatch):
+    """A frame whose conversion on the device would not be libswscale's (here: said so of every third frame) comes
+    as RGB, and its clip with it: each clip is the RGB clip of upload "rgb", byte for byte."""
+    kwargs = dict(frames=4, height=64, width=64, fps=24, raw=True, preprocess="device", device="cpu")
+    rgb = read_clips(files["wide"], **kwargs).clips
+    matrix_of, seen = decoders.frame_i420_matrix, itertools.count()
+    monkeypatch.setattr("titok_fast.video.frame_i420_matrix", lambda f: None if next(seen) % 3 == 2 else matrix_of(f))
+    got = read_clips(files["wide"], upload="i420", **kwargs).clips
+    assert len(got) == len(rgb) == 5 and not any(isinstance(clip, I420Clip) for clip in got)
+    assert all(torch.equal(a, b) for a, b in zip(rgb, got, strict=True))
+
+
+def test_i420_clips_of_a_source_whose_size_changes(tmp_path):
+    """The clips of each size come as I420, the one with both sizes resized (as placement "cpu" makes it)."""
+    path = make_size_change(tmp_path / "switch.ts")
+    kwargs = dict(frames=4, height=24, width=24, fps=8, raw=True)
+    cpu = read_clips(path, preprocess="cpu", **kwargs).clips
+    clips = read_clips(path, preprocess="device", device="cuda", upload="i420", **kwargs).clips
+    assert [type(c).__name__ for c in clips] == ["I420Clip"] * 3 + ["Tensor"] + ["I420Clip"] * 3
+    for a, b in zip(clips, cpu, strict=True):
+        assert torch.equal(clip_pixels(i420_rgb(a), 24, 24) if isinstance(a, I420Clip) else a, b)
+
+
+@pytest.mark.parametrize("rotation", [90, 0])
+def test_frames_turned_for_display_come_as_rgb(tmp_path, rotation):
+    """rotation "display": a frame that is turned comes as RGB (turned where it was decoded); one that is not, as
+    I420. The clips are those of upload "rgb"."""
+    path = phone_video(tmp_path / "phone.mp4", rotation)
+    kwargs = dict(frames=4, height=32, width=32, fps=24, preprocess="device", device="cuda", rotation="display")
+    rgb = read_clips(path, **kwargs).clips
+    got = read_clips(path, upload="i420", **kwargs).clips
+    assert len(got) == len(rgb) == 2 and all(isinstance(c, I420Clip) == (rotation == 0) for c in got)
+    assert all(torch.equal(i420_rgb(b) if rotation == 0 else b, a) for a, b in zip(rgb, got, strict=True))
+
+
+def test_i420_matrix_takes_what_the_nvdec_conversion_takes(tmp_path, monkeypatch):
+    """The streams whose frames go up as I420: those whose conversion NVDEC's frames take too (8-bit 4:2:0,
+    BT.601/709, progressive, even size, limited range), as yuv420p; and none on a machine where libswscale is not
+    the x86 converter the kernel copies."""
+    taken = {
+        "bt601": write_stream(tmp_path / "plain.mkv"),
+        "bt709": write_stream(tmp_path / "709.mkv", colorspace=1),
+        None: write_stream(tmp_path / "2020.mkv", colorspace=9),
+        "": write_stream(tmp_path / "10bit.mkv", pix_fmt="yuv420p10le"),
+    }
+    for want, path in taken.items():
+        with av.open(path) as container:
+            assert decoders.i420_matrix(container.streams.video[0]) == (want or None)
+    monkeypatch.setattr(decoders, "I420_EXACT", False)
+    with av.open(taken["bt601"]) as container:
+        assert decoders.i420_matrix(container.streams.video[0]) is None
+
+
+def test_read_kwargs_ask_for_i420_on_cuda_only():
+    from titok_fast.pipeline import ClipSettings
+
+    settings = ClipSettings(grid=(4, 32, 32), tokens=64)
+    assert settings.read_kwargs("cuda")["upload"] == "i420" and settings.read_kwargs("cpu")["upload"] == "rgb"
+    with pytest.raises(ValueError, match=r"upload must be one of \('rgb', 'i420'\); got 'yuv'"):
+        ClipReader("x.mp4", frames=4, height=32, width=32, upload="yuv")
+
+
+def test_encode_files_takes_i420_clips(files, tmp_path, monkeypatch):
+    """The run preprocesses I420 clips as it does RGB ones: the tokens of placement "cpu"."""
+    from titok_fast.engine import Engine
+    from titok_fast.loading import random_tokenizer
+    from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
+    from titok_fast.tokens import load_tokens
+
+    model = random_tokenizer("tiny", seed=0)
+    engine = Engine(model, mode="eager", max_clips=4)
+    inputs = collect_inputs([files["wide"], files["tall"]])
+    kinds = []
+    read_kwargs, preprocess = ClipSettings.read_kwargs, DevicePreprocessor.__call__
+
+    def seen(self, frames):
+        kinds.append(type(frames).__name__)
+        return preprocess(self, frames)
+
+    monkeypatch.setattr(ClipSettings, "read_kwargs", lambda self, device="cpu": {**read_kwargs(self, device),
+                                                                                 "upload": "i420"})  # fmt: skip
+    monkeypatch.setattr(DevicePreprocessor, "__call__", seen)
+    tokens = {}
+    for where in ("cpu", "device"):
+        settings = ClipSettings(grid=(4, 64, 64), tokens=64, fps=24, preprocess=where)
+        summary = encode_files(model, engine, inputs, tmp_path / where, settings, workers=2)
+        assert not summary.failed and len(summary.done) == 2
+        tokens[where] = torch.cat([load_tokens(tmp_path / where / f"{n}.safetensors").indices for _, n in inputs])
+    assert kinds and set(kinds) == {"I420Clip"}
+    assert torch.equal(tokens["cpu"], tokens["device"])
 
 
 def make_size_change(path, parts=((14, 32, 48), (16, 64, 64)), fps=8) -> str:
@@ -379,19 +503,25 @@ def test_a_file_nvdec_fails_on_midway_is_not_split_after_clips_were_given(tmp_pa
     assert not segments
 
 
-@pytest.mark.parametrize("rotation", [90, -90])
-def test_nvdec_frames_are_turned_as_the_first_frame_says(tmp_path, monkeypatch, rotation):
-    """NVDEC's frames carry no display matrix: with rotation "display" they are turned as the first frame's
-    matrix (read by PyAV) says, and come out as the CPU decoder's turned frames do."""
-    path = str(tmp_path / "phone.mp4")
-    with av.open(path, "w") as container:
+def phone_video(path, rotation: int) -> str:
+    """Eight 64x96 H.264 frames at 24 fps that the display matrix turns ``rotation`` degrees (0: none)."""
+    with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=24)
         stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        stream.set_display_rotation(rotation)
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i in range(8):
             frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, 64, 96), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    return str(path)
+
+
+@pytest.mark.parametrize("rotation", [90, -90])
+def test_nvdec_frames_are_turned_as_the_first_frame_says(tmp_path, monkeypatch, rotation):
+    """NVDEC's frames carry no display matrix: with rotation "display" they are turned as the first frame's
+    matrix (read by PyAV) says, and come out as the CPU decoder's turned frames do."""
+    path = phone_video(tmp_path / "phone.mp4", rotation)
     kwargs = dict(frames=4, height=64, width=64, fps=24, rotation="display")
     cpu = read_clips(path, **kwargs).clips
     upright = read_clips(path, **{**kwargs, "rotation": "stored"}).clips
@@ -477,6 +607,20 @@ def test_gpu_device_preprocessing_gives_the_tokens_of_the_cpu_path(files, tmp_pa
         tokens[where] = torch.cat([load_tokens(tmp_path / where / f"{n}.safetensors").indices for _, n in inputs])
         assert load_tokens(tmp_path / where / "wide.safetensors").made_with["preprocessed_on"] == where
     assert (tokens["cpu"] == tokens["device"]).float().mean() >= 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_i420_clips_give_the_rgb_clips_model_input(files):
+    """Uploaded as I420 and converted on the GPU, the clips are the model input of RGB clips, bit for bit."""
+    kwargs = dict(frames=4, height=64, width=48, fps=24, raw=True, preprocess="device", device="cuda")
+    for name in ("wide", "tall"):
+        rgb = read_clips(files[name], **kwargs).clips
+        got = read_clips(files[name], upload="i420", **kwargs).clips
+        on_device = DevicePreprocessor("cuda", 64, 48, torch.float32)
+        assert len(got) == len(rgb) >= 2
+        for a, b in zip(rgb, got, strict=True):
+            assert isinstance(b, I420Clip) and torch.equal(on_device(b), on_device(a))
 
 
 def test_nvdec_says_why_it_cannot_take_a_file(files):

@@ -75,6 +75,11 @@ def _nv12_rgb():
     return "_nv12_rgb_kernel", nv12_rgb, config, dict(nv12_ptr="u8", out_ptr="u8")
 
 
+def _i420_rgb():
+    _, module, config, _ = _nv12_rgb()
+    return "_i420_rgb_kernel", module, config, dict(i420_ptr="u8", out_ptr="u8")
+
+
 CASES = {
     "attention-bf16-group4": _attention(torch.bfloat16, 4, False),
     "attention-bf16-group3-subset": _attention(torch.bfloat16, 3, True),
@@ -96,6 +101,7 @@ CASES = {
     "quantize-bf16-K2752": _quantize(torch.bfloat16, 2752),
     "quantize-fp32-K1376": _quantize(torch.float32, 1376),
     "nv12_rgb": _nv12_rgb(),
+    "i420_rgb": _i420_rgb(),
     # the other block shapes a GPU benchmark compares (the first, the default, is compiled above)
     **{f"attention-bf16-group4-{name}": _attention(torch.bfloat16, 4, False, name) for name in
        list(mrope.ATTENTION_BLOCKS)[1:]},
@@ -175,8 +181,8 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     if case.startswith("quantize"):  # exactly the reference's arithmetic: IEEE divisions, casts to nearest even
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    if case == "nv12_rgb":  # the reference's integer arithmetic: no floating point, products' high bits by an
-        # arithmetic shift (rounded down)
+    if case in ("nv12_rgb", "i420_rgb"):  # the reference's integer arithmetic: no floating point, products' high
+        # bits by an arithmetic shift (rounded down)
         assert "shr.s32" in ptx and not re.search(r"\.f(16|32|64)\b", ptx)
     if case.startswith("attention"):  # the softmax scale is folded into the exponent: an FMA feeds every exp2
         assert len(re.findall(r"\bFFMA\b", sass)) >= len(re.findall(r"\bMUFU\.EX2\b", sass)) > 0

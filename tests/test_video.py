@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from titok_fast import decoders, video
+from titok_fast.preprocess import I420Clip
 from titok_fast.video import (
     VideoError,
     iter_videos,
@@ -1969,7 +1970,28 @@ def test_worker_processes_lose_no_clip_keep_order_and_fail_only_the_failing_file
         assert (a.start_times, a.source_fps, a.last_clip_frames) == (b.start_times, b.source_fps, b.last_clip_frames)
 
 
-def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, capfd):
+def test_worker_processes_hand_over_i420_clips_as_threads_do(files):
+    """Source-size clips (placement "device") as I420 from worker processes, through their reused shared-memory
+    segments: the threads' clips, with their matrix; a file of odd size gives RGB clips."""
+    paths = [files["moving"], files["odd"], files["index24"]]
+    kwargs = dict(frames=4, height=16, width=16, tail="pad", prefetch=4, preprocess="device", upload="i420")
+    threads = list(iter_videos(paths, workers=2, **kwargs))
+    processes = list(iter_videos(paths, workers=2, worker_kind="process", **kwargs))
+    assert [type(r.clips[0]).__name__ for _, r in processes] == ["I420Clip", "Tensor", "I420Clip"]
+    for (_, a), (_, b) in zip(threads, processes, strict=True):
+        assert len(a.clips) == len(b.clips) > 0
+        assert all(same_clip(x, y) for x, y in zip(a.clips, b.clips, strict=True))
+
+
+def same_clip(a, b) -> bool:
+    """Whether two clips are the same bytes, of the same kind (tensors, or I420 clips with the same matrix)."""
+    if isinstance(a, I420Clip) or isinstance(b, I420Clip):
+        return type(a) is type(b) and a.matrix == b.matrix and torch.equal(a.frames, b.frames)
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("upload", ["rgb", "i420"])
+def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, capfd, upload):
     """Where shared memory is too small for a clip (a container's /dev/shm is 64 MB unless raised), the worker
     process sends it through its pipe instead: the same clips as threads give, no file failed, one notice a run,
     no shared memory name left. (Here the workers are started under a file size limit below a clip's size, which
@@ -1979,11 +2001,14 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
 
     paths = [files["moving"], files["index24"], files["odd"]]
     kwargs = dict(frames=4, height=64, width=64, tail="pad", prefetch=2)  # a clip: 196,608 bytes
+    if upload == "i420":  # source-size clips, in segments of shared memory reused: those of 48x64 and 32x32 frames
+        # as I420 (18,432 and 6,144 bytes, the limit below at 16,384 bytes), the odd-sized file's as RGB
+        kwargs |= dict(preprocess="device", upload="i420")
     threads = list(iter_videos(paths, workers=2, **kwargs))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     stream = iter_videos(paths, workers=2, worker_kind="process", **kwargs)
     forkserver._forkserver._stop()
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << (14 if upload == "i420" else 16), hard))
     try:
         first = next(stream)  # the server and its workers have started (under the limit, which they keep)
     finally:
@@ -1998,7 +2023,9 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
     assert [p for p, _ in processes] == paths
     for (_, a), (_, b) in zip(threads, processes, strict=True):
         assert isinstance(b, video.ClipSet) and len(a.clips) == len(b.clips) > 0
-        assert all(torch.equal(x, y) for x, y in zip(a.clips, b.clips, strict=True))
+        assert all(same_clip(x, y) for x, y in zip(a.clips, b.clips, strict=True))
+    assert [type(r.clips[0]).__name__ for _, r in processes] == (
+        ["I420Clip", "I420Clip", "Tensor"] if upload == "i420" else ["Tensor"] * 3)
     err = capfd.readouterr().err
     assert err.count("found no room in shared memory") == 1 and "--worker-kind thread" in err, err
     assert not [n for n in os.listdir(video.SHARED_MEMORY) if n.startswith(tuple(workers))]

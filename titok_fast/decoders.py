@@ -13,6 +13,11 @@ no decoding). Each frame that comes out is checked against them; if a needed fra
 decoding may start afresh (:class:`StreamIndex`'s cuts), so that workers may decode parts of a long file at once;
 HEVC, VP9 and AV1 files get such an index too, only to be split by: each part decodes every frame from its cut.
 
+I420 hand-over (the CPU decoder, frames preprocessed on a GPU): a frame's YUV 4:2:0 planes as they were decoded
+(:func:`i420_bytes`), half the bytes of its RGB, which the consumer converts on the GPU (``kernels/nv12_rgb.py``)
+where the conversion there gives libswscale's bytes (:func:`i420_matrix`, :func:`frame_i420_matrix`); others
+come as RGB.
+
 NVDEC comes from PyNvVideoCodec, imported only when asked for. Its frames are NV12 on the GPU; the YUV to RGB
 conversion runs there in one kernel a frame (``kernels/nv12_rgb.py``: BT.601 or BT.709 as the stream says, limited
 range), in libswscale's fixed-point arithmetic: PyAV's RGB bytes of the same planes (tests/test_preprocess.py). H.264
@@ -28,6 +33,7 @@ import contextlib
 import functools
 import itertools
 import os
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -54,6 +60,10 @@ NVDEC_CODECS = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "mjp
 NVDEC_PIXEL_FORMATS = ("yuv420p", "nv12")
 NVDEC_COLORSPACES = {1: "bt709", 2: "bt601", 5: "bt601", 6: "bt601"}
 FIELD_ORDERS_PROGRESSIVE = (0, 1)  # AVFieldOrder: unknown, progressive; the others are interlaced orders
+# whether the GPU conversion's bytes are this machine's libswscale's: its x86 converter's arithmetic is the one
+# kernels/nv12_rgb.py does (checked on x86-64 only; an Arm build converts in its own way). Elsewhere the CPU decoder's
+# frames go to the GPU as RGB converted here.
+I420_EXACT = platform.machine().lower() in ("x86_64", "amd64")
 # codecs whose non-reference frames the CPU decoder may skip: in H.264 a picture with nal_ref_idc 0 is never a
 # reference. (Not HEVC: FFmpeg skips its sub-layer non-reference pictures, which higher sub-layers may use.)
 PRUNED_CODECS = ("h264",)
@@ -447,22 +457,10 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
     codec = context.codec.canonical_name  # the format: "av1", where the decoder is libdav1d
     if codec not in NVDEC_CODECS:
         raise DecoderUnavailable(f"NVDEC does not decode {codec}")
-    if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
-        raise DecoderUnavailable(f"odd picture height ({context.height}): only even heights are converted on the GPU")
-    if context.width % 2:  # (its last chroma pair would lie past the surface's row)
-        raise DecoderUnavailable(f"odd picture width ({context.width}): only even widths are converted on the GPU")
-    if context.field_order not in FIELD_ORDERS_PROGRESSIVE:
-        raise DecoderUnavailable("interlaced: libswscale converts each field apart, the GPU the whole frame")
+    if (refusal := _not_converted(stream, NVDEC_PIXEL_FORMATS)) is not None:
+        raise DecoderUnavailable(refusal)
     if sum(1 for _ in _videos(stream.container)) > 1:  # the CPU path reads the first
         raise DecoderUnavailable("several video streams: NVDEC's demuxer chooses one of its own")
-    if context.color_range == 2:  # AVCOL_RANGE_JPEG
-        raise DecoderUnavailable("full-range YUV: only limited range is converted on the GPU")
-    if context.pix_fmt not in NVDEC_PIXEL_FORMATS:
-        raise DecoderUnavailable(f"pixel format {context.pix_fmt}: only 8-bit 4:2:0 is converted on the GPU")
-    if context.colorspace not in NVDEC_COLORSPACES:
-        raise DecoderUnavailable(
-            f"YUV matrix {_colorspace_name(stream)}: only BT.601 and BT.709 are converted on the GPU"
-        )
     if not torch.cuda.is_available():
         raise DecoderUnavailable("no CUDA device")
     try:
@@ -494,6 +492,60 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
                 raise DecoderUnavailable(f"the NV12 surface changed from {tuple(surface)} to {tuple(nv12.shape)}")
             surface = nv12.shape
             yield NvdecFrame(nv12, height, decoded.getPTS(), time_base, None, matrix, duration_of)
+
+
+def _not_converted(stream: av.video.stream.VideoStream, formats: tuple[str, ...]) -> str | None:
+    """Why the GPU conversion would not give libswscale's bytes for ``stream``'s frames (None: it would), for
+    decoded frames of pixel formats ``formats``."""
+    context = stream.codec_context
+    if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
+        return f"odd picture height ({context.height}): only even heights are converted on the GPU"
+    if context.width % 2:  # (its last chroma pair would lie past the surface's row)
+        return f"odd picture width ({context.width}): only even widths are converted on the GPU"
+    if context.field_order not in FIELD_ORDERS_PROGRESSIVE:
+        return "interlaced: libswscale converts each field apart, the GPU the whole frame"
+    if context.color_range == 2:  # AVCOL_RANGE_JPEG
+        return "full-range YUV: only limited range is converted on the GPU"
+    if context.pix_fmt not in formats:
+        return f"pixel format {context.pix_fmt}: only 8-bit 4:2:0 is converted on the GPU"
+    if context.colorspace not in NVDEC_COLORSPACES:
+        return f"YUV matrix {_colorspace_name(stream)}: only BT.601 and BT.709 are converted on the GPU"
+    return None
+
+
+def i420_matrix(stream: av.video.stream.VideoStream) -> str | None:
+    """The YUV matrix (one of NVDEC_COLORSPACES' names) by which the GPU converts ``stream``'s CPU-decoded frames
+    to libswscale's RGB bytes, or None where it would not: not on x86-64 (I420_EXACT), or the stream's size, scan,
+    range, pixel format or matrix is one the conversion does not take (as for NVDEC's frames). Each frame is
+    checked again (:func:`frame_i420_matrix`): a stream may change midway."""
+    if not I420_EXACT or _not_converted(stream, ("yuv420p",)) is not None:
+        return None
+    return _matrix(stream)
+
+
+def frame_i420_matrix(frame: av.VideoFrame) -> str | None:
+    """The matrix libswscale converts this decoded frame by, where the GPU conversion gives its bytes: yuv420p,
+    even size, progressive, limited range, a colorspace of NVDEC_COLORSPACES (PyAV converts by the frame's own);
+    else None."""
+    if (
+        frame.format.name != "yuv420p" or frame.width % 2 or frame.height % 2 or frame.interlaced_frame
+        or frame.color_range == 2 or frame.colorspace not in NVDEC_COLORSPACES
+    ):  # fmt: skip
+        return None
+    return NVDEC_COLORSPACES[frame.colorspace]
+
+
+def i420_bytes(frame: av.VideoFrame) -> torch.Tensor:
+    """A yuv420p frame of even size as I420: its Y, U and V planes one after another without line padding, uint8
+    [h * 3 / 2, w] (``kernels/nv12_rgb.py``'s ``i420_planes``), in one copy (NumPy's: without the GIL)."""
+    h, w = frame.height, frame.width
+    out = np.empty(h * w * 3 // 2, dtype=np.uint8)
+    start = 0
+    for plane, (rows, cols) in zip(frame.planes, ((h, w), (h // 2, w // 2), (h // 2, w // 2)), strict=True):
+        size = rows * cols
+        out[start : start + size].reshape(rows, cols)[:] = np.frombuffer(plane, np.uint8).reshape(rows, -1)[:, :cols]
+        start += size
+    return torch.from_numpy(out.reshape(h * 3 // 2, w))
 
 
 def _matrix(stream: av.video.stream.VideoStream) -> str:

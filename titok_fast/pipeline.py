@@ -55,7 +55,7 @@ from .files import (
 from .loading import random_seed, weights_digest
 from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, is_manifest_name, manifest_name
 from .model import TiTok
-from .preprocess import DevicePreprocessor
+from .preprocess import DevicePreprocessor, I420Clip
 from .stages import CLOCK, each_timed
 from .tokens import (
     TokenFile,
@@ -174,11 +174,13 @@ class ClipSettings:
 
     def read_kwargs(self, device: str = "cpu") -> dict:
         """Arguments of ``ClipReader`` / ``stream_videos`` for these settings and a model on ``device`` ("cpu",
-        "cuda"): raw pixels, scaled in the model's dtype; frames preprocessed where ``preprocess`` places them."""
+        "cuda"): raw pixels, scaled in the model's dtype; frames preprocessed where ``preprocess`` places them, and
+        on CUDA handed over as I420 where that gives the same bytes (``ClipReader``'s ``upload``)."""
         t, h, w = self.grid
         return dict(
             frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True,
             decoder=self.decoder, preprocess=self.preprocess, device=device, prune=self.prune, rotation=self.rotation,
+            upload="i420" if device == "cuda" else "rgb",
         )  # fmt: skip
 
 
@@ -999,7 +1001,8 @@ class _EncodeJob:
                 files_read.drop(number)
             else:
                 place, clip = value  # (a file split across workers gives its parts' clips as they come)
-                if clip.dtype == torch.uint8:  # frames at source size: preprocessed here, on the model's device
+                if isinstance(clip, I420Clip) or clip.dtype == torch.uint8:  # frames at source size: preprocessed
+                    # here, on the model's device
                     clip = self._preprocess(state, place, clip)
                     if clip is None:  # the file failed
                         files_read.drop(number)

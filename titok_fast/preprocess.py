@@ -7,10 +7,14 @@ values as resizing them one by one (the kernel treats each image alone), so the 
 
 Where it runs is decided per file by :func:`placement`, a fixed rule on the source size, the clip size and the
 model's device (never on timings): ``"cpu"`` resizes in the decoding workers, ``"device"`` uploads the clip's
-uint8 RGB frames (pinned memory, a side stream on CUDA) and resizes them where the model runs.
+uint8 RGB frames (pinned memory, a side stream on CUDA) and resizes them where the model runs. With ``"device"`` on
+CUDA, the CPU decoder's frames go up as their YUV planes instead (:class:`I420Clip`, half the bytes) and become RGB
+there, byte for byte as libswscale converts them on the CPU (``kernels/nv12_rgb.py``), where that holds.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,9 @@ import torch.nn.functional as F
 from .stages import CLOCK
 
 PLACEMENTS = ("auto", "cpu", "device")
+# how the CPU decoder's frames go to a "device" placement: as uint8 RGB, or as I420Clip where the device's conversion
+# gives the same bytes (frames that it would not come as RGB all the same)
+UPLOADS = ("rgb", "i420")
 MAX_DEVICE_PIXELS = 3840 * 2160  # larger frames, at source size or resized, are resized on the CPU: a clip of
 # them would be GBs on the device, where the CPU holds one frame at a time
 MAX_DEVICE_ASPECT = 8  # sources whose long side is more than this many times their short side: resized on the CPU
@@ -80,6 +87,30 @@ def clip_pixels(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return pixels
 
 
+class I420Clip(NamedTuple):
+    """A clip's frames at source size as the CPU decoder gave them, for placement "device": I420 ``frames`` [T,
+    h * 3 / 2, w] uint8 (each frame's Y, U and V planes one after another: ``kernels/nv12_rgb.py``'s
+    ``i420_planes``), and the YUV ``matrix`` ("bt601" or "bt709") that libswscale converts them by. Half the bytes
+    of the same frames in RGB."""
+
+    frames: torch.Tensor
+    matrix: str
+
+
+def i420_rgb(clip: I420Clip) -> torch.Tensor:
+    """An I420 clip -> [T, h, w, 3] uint8 RGB where its frames are: libswscale's bytes, one kernel on CUDA (its
+    PyTorch reference elsewhere, or where Triton is missing)."""
+    from .kernels import _triton, nv12_rgb  # (imports Triton: only where I420 clips are made)
+
+    started = CLOCK.start()
+    if clip.frames.is_cuda and not _triton.MISSING:
+        rgb = nv12_rgb.i420_rgb(clip.frames, clip.matrix)
+    else:
+        rgb = nv12_rgb.i420_rgb_ref(clip.frames, clip.matrix)
+    CLOCK.stop("rgb", started)
+    return rgb
+
+
 def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Raw resized pixels (0..255 scale) -> model input in [-1, 1], computed in ``dtype`` as upstream does:
     cast first, then ``/ 255``, ``* 2``, ``- 1``."""
@@ -87,31 +118,38 @@ def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class DevicePreprocessor:
-    """Clips of uint8 frames -> model input on ``device``, batched per clip.
+    """Clips of uint8 frames (RGB [T, h, w, 3], or an :class:`I420Clip`) -> model input on ``device``, batched per
+    clip.
 
-    On CUDA the frames go up from pinned memory on a side stream, are resized there, and the caller's stream waits
-    for that work on the device (not on the host), so the upload and resize of one clip overlap the model running
-    the clips before it. Returns [3, T, height, width] in ``dtype`` on ``device``.
+    On CUDA the frames go up from pinned memory on a side stream, are converted to RGB (I420) and resized there, and
+    the caller's stream waits for that work on the device (not on the host), so the upload and resize of one clip
+    overlap the model running the clips before it. Returns [3, T, height, width] in ``dtype`` on ``device``.
     """
 
     def __init__(self, device: torch.device | str, height: int, width: int, dtype: torch.dtype):
         self.device, self.height, self.width, self.dtype = torch.device(device), height, width, dtype
         self._stream = None
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+    def __call__(self, frames: torch.Tensor | I420Clip) -> torch.Tensor:
         if self.device.type != "cuda":
+            if isinstance(frames, I420Clip):
+                frames = i420_rgb(frames)
             return normalize_pixels(clip_pixels(frames.to(self.device), self.height, self.width), self.dtype)
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         caller = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
             started = CLOCK.start()
+            i420 = frames if isinstance(frames, I420Clip) else None
+            frames = i420.frames if i420 is not None else frames
             if frames.device.type == "cpu":
                 frames = frames if frames.is_pinned() else frames.pin_memory()
                 frames = frames.to(self.device, non_blocking=True)
             else:  # decoded on the GPU (NVDEC) by work queued on the caller's stream before this call
                 self._stream.wait_stream(caller)
             CLOCK.stop("upload", started)
+            if i420 is not None:
+                frames = i420_rgb(I420Clip(frames, i420.matrix))
             clip = normalize_pixels(clip_pixels(frames, self.height, self.width), self.dtype)
         caller.wait_stream(self._stream)
         clip.record_stream(caller)

@@ -56,6 +56,9 @@ from .decoders import (
     DECODERS,
     PruneMismatch,
     StreamIndex,
+    frame_i420_matrix,
+    i420_bytes,
+    i420_matrix,
     open_frames,
     open_input,
     stream_index,
@@ -63,7 +66,7 @@ from .decoders import (
     video_stream,
 )
 from .files import STALL_SECONDS, AtomicFile, notice, show_traceback
-from .preprocess import clip_pixels, normalize_pixels, placement, resized_size
+from .preprocess import UPLOADS, I420Clip, clip_pixels, normalize_pixels, placement, resized_size
 from .stages import CLOCK
 
 TAIL_POLICIES = ("drop", "pad")
@@ -153,7 +156,10 @@ class ClipReader:
     :class:`titok_fast.preprocess.DevicePreprocessor`, except a clip whose frames differ in size (the source's
     resolution changes within it): its frames are resized one by one where they were decoded, as placement "cpu"
     does, and it comes as that placement's clips do (float32); ``placement`` and ``decoded_by`` say what this file
-    got.
+    got. ``upload="i420"`` (what a run on CUDA asks for): the CPU decoder's clips of such frames come as
+    :class:`titok_fast.preprocess.I420Clip` instead, their YUV planes (half the bytes), where the device's
+    conversion gives the RGB bytes of this machine's libswscale (:func:`titok_fast.decoders.i420_matrix`); a clip
+    with a frame that would not (a stream that changes midway, a frame turned by ``rotation``) comes as RGB.
 
     ``segment``: read only that :class:`Segment` of the file (:class:`ClipFeed` makes them). A reader with
     ``split_into`` > 1 and ``on_split`` set (:func:`stream_videos` sets them) that finds its video long (H.264,
@@ -190,6 +196,7 @@ class ClipReader:
         prune: bool = True,
         rotation: str = "stored",
         segment: Segment | None = None,
+        upload: str = "rgb",
     ):
         sizes = {"frames": frames, "height": height, "width": width, "threads": threads}
         wrong = next((k for k, v in sizes.items() if not isinstance(v, numbers.Integral) or isinstance(v, bool)), None)
@@ -212,6 +219,9 @@ class ClipReader:
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}; got {rotation!r}")
         placement(preprocess, device, 1, 1, 1, 1)  # checks the name
+        if upload not in UPLOADS:
+            raise ValueError(f"upload must be one of {UPLOADS}; got {upload!r}")
+        self.upload = upload
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
         self.rotation, self.segment = rotation, segment
@@ -241,6 +251,7 @@ class ClipReader:
         self.last_clip_frames = self.frames  # real frames in the last clip; fewer only when tail == "pad"
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
+        self._i420 = ""  # the YUV matrix of this file's I420 clips ("": none; see upload), set when it is opened
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
         self._own: Segment | None = None  # the first segment, when it split the file
 
@@ -355,6 +366,13 @@ class ClipReader:
                 elif self.rotation == "display":
                     rgb = functools.partial(_turned, rgb, functools.partial(display_turns, path))
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
+                self._i420 = ""
+                if self.upload == "i420" and self.placement == "device" and self.decoded_by == "cpu":  # (not after
+                    # NVDEC failed midway: its frames are on the GPU)
+                    self._i420 = i420_matrix(stream) or ""
+                if self._i420:
+                    turns = functools.partial(display_turns, path) if self.rotation == "display" else None
+                    image = functools.partial(_i420_or_rgb, path, (self.height, self.width), self._i420, turns, rgb)
                 if self.sampling == "upstream":
                     self._set_chunk_length(self.source_fps)
                 frames, first_clip = source.frames, self.first_clip
@@ -512,21 +530,26 @@ class ClipReader:
         the crop, so that a clip's frames do not each hold their whole resized frame until they are stacked."""
         return clip_pixels(image[None], self.height, self.width)[:, 0].contiguous()
 
-    def _clip(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def _clip(self, images: list[torch.Tensor]) -> torch.Tensor | I420Clip:
         self.clips_read += 1
+        if self.placement == "device" and any(image.ndim == 2 for image in images):  # (I420 frames: _i420_or_rgb)
+            if any(image.shape != images[0].shape for image in images):  # a clip of RGB and I420, or two sizes
+                images = [_i420_as_rgb(image, self._i420) if image.ndim == 2 else image for image in images]
         if self.placement == "device" and any(image.shape != images[0].shape for image in images):
             images = [self._resized_image(image) for image in images]  # as "cpu" does
-        elif self.placement == "device":  # [T, h, w, 3] uint8, resized by the consumer (preprocess.DevicePreprocessor)
+        elif self.placement == "device":  # [T, h, w, 3] uint8 (or I420), resized by the consumer (DevicePreprocessor)
             if self.pin_memory and images[0].device.type == "cpu":
                 pinned = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
-                return self._holding(stack_here(images, out=pinned))
-            out = self.clip_out((len(images), *images[0].shape)) if self.clip_out is not None else None
-            return self._holding(stack_here(images, out=out))
+                clip = stack_here(images, out=pinned)
+            else:
+                out = self.clip_out((len(images), *images[0].shape)) if self.clip_out is not None else None
+                clip = stack_here(images, out=out)
+            return self._holding(I420Clip(clip, self._i420) if clip.ndim == 3 else clip)
         self.drop_reservation()  # a small clip now
         clip = stack_here(images, dim=1)
         return clip if self.raw else normalize_pixels(clip, torch.float32)
 
-    def _holding(self, clip: torch.Tensor) -> torch.Tensor:
+    def _holding(self, clip: torch.Tensor | I420Clip) -> torch.Tensor | I420Clip:
         """``clip``, whose reserved bytes are now ``handed``: its feed gives them back when the consumer takes it."""
         self.handed, self._reservation = self._reservation, None
         return clip
@@ -613,6 +636,32 @@ def first_frame_turns(path: str) -> int:
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: decoding failed ({exc})") from exc
     return 0 if frame is None else display_turns(path, frame)
+
+
+def _i420_or_rgb(
+    path: str, clip: tuple[int, int], matrix: str, turns: Callable[[object], int] | None, rgb: Callable, frame
+) -> torch.Tensor:
+    """A decoded frame as I420 [h * 3 / 2, w] uint8 where the device's conversion gives its RGB bytes (its format
+    and matrix are the file's, see :func:`titok_fast.decoders.frame_i420_matrix`, and it is not turned); else
+    ``rgb(frame)``. ``clip``: (height, width) of the clips, for :func:`_check_frame_size`."""
+    if frame_i420_matrix(frame) != matrix or turns is not None and turns(frame):
+        return rgb(frame)
+    _check_frame_size(path, frame.width, frame.height, clip)
+    started = CLOCK.start()
+    image = i420_bytes(frame)
+    CLOCK.stop("rgb", started)  # (the stage that hands frames over as the clip wants them)
+    return image
+
+
+def _i420_as_rgb(image: torch.Tensor, matrix: str) -> torch.Tensor:
+    """An I420 frame [h * 3 / 2, w] as [h, w, 3] uint8 RGB, here: libswscale's bytes (a clip of frames that
+    :func:`_i420_or_rgb` gave in both forms, or two sizes, is RGB)."""
+    from .kernels.nv12_rgb import i420_rgb_ref
+
+    started = CLOCK.start()
+    rgb = i420_rgb_ref(image[None], matrix)[0]
+    CLOCK.stop("rgb", started)
+    return rgb
 
 
 def _turned(rgb: Callable[[object], torch.Tensor], turns: Callable[[object], int], frame) -> torch.Tensor:
@@ -1502,20 +1551,21 @@ class _DecoderProcess:
                     heard = time.monotonic()  # the wait for room was not the process's
                     continue
                 if kind == "shared":  # a clip in one of the process's reused segments: copied out, and given back
-                    kept, shared = value  # (kept mapped: the next clip in it comes without mapping it anew)
+                    kept, clip = value  # (kept mapped: the next clip in it comes without mapping it anew)
+                    shared = _frames_of(clip)
                     self.mapped = {k: t for k, t in self.mapped.items() if t.shape == shared.shape} | {kept: shared}
-                    value, kind = _copied(shared, feed.reader.pin_memory), "clip"
+                    value, kind = _with_frames(clip, _copied(shared, feed.reader.pin_memory)), "clip"
                     self._send(("freed", number, kept))
                 if kind == "piped":  # a clip that found no room in shared memory
                     value, why = value
-                    value, kind = torch.from_numpy(value), "clip"
+                    value, kind = _with_frames(value, torch.from_numpy(_frames_of(value))), "clip"
                     if self.piped.acquire(blocking=False):  # said once a run, whichever process's clip comes first
                         notice(f"clips found no room in shared memory ({why}); worker processes send them through "
                                f"their pipes instead (slower): give {SHARED_MEMORY} more room (a container's "
                                "--shm-size) or decode in threads (--worker-kind thread)")  # fmt: skip
                 if kind == "clip":
                     reservation, self.room = self.room, None  # a clip at source size holds the room asked for it
-                    if reservation is not None and value.dtype != torch.uint8:  # its frames changed size: resized
+                    if reservation is not None and _frames_of(value).dtype != torch.uint8:  # resized (sizes changed)
                         reservation.release()
                         reservation = None
                     feed._put_clip(value, reservation)  # gives up at once when the feed is closed
@@ -1821,14 +1871,15 @@ def _serve_file(
                 return stop
             spent = CLOCK.take()
             try:
-                kept = segments.number_of(clip)
+                kept = segments.number_of(_frames_of(clip))
                 run.send(("clip", clip, spent) if kept is None else ("shared", (kept, clip), spent))
             except Exception as exc:  # no room in shared memory (a container's /dev/shm is 64 MB unless raised):
                 # nothing of the message was sent (it failed while being pickled); the clip goes through the pipe
                 _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
                 if kept is not None:  # (not sent: the run will not give it back)
                     segments.give_back(kept)
-                run.send(("piped", (clip.numpy(), f"{type(exc).__name__}: {exc}"), spent))
+                run.send(("piped", (_with_frames(clip, _frames_of(clip).numpy()), f"{type(exc).__name__}: {exc}"),
+                                    spent))  # fmt: skip
             credits -= 1
         run.send(("end", {name: getattr(reader, name) for name in _READER_STATE}, CLOCK.take()))
     except VideoError as exc:
@@ -1836,6 +1887,16 @@ def _serve_file(
     except Exception as exc:  # an unforeseen failure on one file must not stop the others
         run.send(("error", unforeseen(path, exc), CLOCK.take()))
     return stop
+
+
+def _frames_of(clip):
+    """A clip's frames: the tensor (or array) itself, or an I420Clip's."""
+    return clip.frames if isinstance(clip, I420Clip) else clip
+
+
+def _with_frames(clip, frames):
+    """``clip`` with ``frames`` for its frames (an I420Clip keeps its matrix)."""
+    return clip._replace(frames=frames) if isinstance(clip, I420Clip) else frames
 
 
 def _copied(clip: torch.Tensor, pin_memory: bool) -> torch.Tensor:
