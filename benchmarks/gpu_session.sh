@@ -5,8 +5,8 @@
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
 #   bash benchmarks/gpu_session.sh gpu-tests # the gpu-marked tests alone (240 s at most): device preprocessing's
 #                                            # tokens against the CPU path's, NVDEC's planes against PyAV's, the
-#                                            # NV12 kernel, the engine's CUDA graphs and streams, FP8 in graphs,
-#                                            # pinned hand-over
+#                                            # NV12 and I420 kernels, the engine's CUDA graphs and streams, FP8
+#                                            # in graphs, pinned hand-over
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
@@ -41,7 +41,8 @@
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
 # since the targets run of 2026-12-04 the model's code is the same (bar `auto` running decode batches eager) and the
-# input pipeline is not (decoding processes on small sources, NVDEC's RGB kernel). So, each a call of its own:
+# input pipeline is not (decoding processes on small sources, NVDEC's RGB kernel, I420 uploads). So, each a call of
+# its own:
 #   1. `gpu-tests pipeline-short` (500 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
 #   2. `targets-model` if 6 minutes are left, else `pipeline-sweeps` cut to what is left.
