@@ -143,6 +143,13 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + _process_server_cpu()
 
 
+def _own_cpu_seconds() -> float:
+    """CPU time of this process alone (its threads: with worker processes, the run's side of the hand-over, the
+    model and what drives it), user + system."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
 def _process_server_cpu() -> float:
     from multiprocessing import forkserver
 
@@ -243,7 +250,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
             _ready_process_server()
         if stages is not None:
             stages.CLOCK.enable()
-        cpu, start = _cpu_seconds(), time.perf_counter()
+        cpu, own, start = _cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
         if args.input_only:
             device = _supported(settings.read_kwargs, {"device": model.device.type})
             workers = {"worker_kind": kind} if kind != "thread" else {}
@@ -272,7 +279,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         wall = time.perf_counter() - start
         for child in multiprocessing.active_children():  # RUSAGE_CHILDREN counts only the children waited for:
             child.join(timeout=30)  # a worker process still ending (its run waits 5 s at most) would be left out
-        cpu = _cpu_seconds() - cpu
+        cpu, own = _cpu_seconds() - cpu, _own_cpu_seconds() - own
     spent = stages.CLOCK.take() if stages is not None else {}
     row = {
         "clips": clips,
@@ -280,6 +287,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         "clips_per_s": clips / wall,
         "source_frames_per_s": _source_frames(path, clips, grid, args.fps) / wall,
         "cpu_s_per_clip": cpu / clips,
+        "run_cpu_s_per_clip": own / clips,
         "worker_kind": kind,
         **({} if args.input_only else {"decoded_by": ",".join(used)}),
         **{f"{name}_cpu_s": spent[name] / clips for name in STAGE_NAMES if name in spent},
@@ -358,6 +366,7 @@ COLUMNS = [  # key, header, format
     ("model_busy", "model busy", "{:.0%}"),
     ("model_only_clips_per_s", "model-only clips/s", "{:.2f}"),
     ("model_only_batch", "model-only batch", "{}"),
+    ("run_cpu_s_per_clip", "run's process CPU-s/clip", "{:.4f}"),  # with threads: all of CPU-s/clip
 ]
 
 
