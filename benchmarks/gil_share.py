@@ -3,8 +3,9 @@
 A decoding thread runs FFmpeg's decoder and swscale with the GIL released, and Python, PyAV's and torch's glue
 with it held. If it holds the GIL for a share ``f`` of its CPU time, threads in one process together give at most
 about ``1 / f`` cores' worth of decoding, however many the machine has. This reads one source as a worker does
-for placement "device" (the GPU path: frames decoded, converted to RGB and stacked at source size; nothing
-resized), on one thread, under ``perf record`` with call stacks, and sorts the samples:
+for placement "device" (the GPU path: frames decoded, converted to RGB, or with ``--upload i420`` copied as their
+YUV planes, and stacked at source size; nothing resized), on one thread, under ``perf record`` with call stacks,
+and sorts the samples:
 
 - released: in libavcodec or libswscale (called by PyAV inside ``nogil`` blocks), or NumPy's array copy
   (``raw_array_assign_array``, which releases it for plain data);
@@ -34,7 +35,7 @@ RELEASED = ("avcodec_send_packet", "avcodec_receive_frame", "sws_scale", "ff_sws
 SAMPLE_LINE = re.compile(r"\s+\w+\s+(\S+)\s+\((\S+)\)")
 
 
-def read(path: str, seconds: float) -> None:
+def read(path: str, seconds: float, upload: str) -> None:
     """The worker's part for ``path``, read again until ``seconds`` of CPU time are spent, on this thread; prints
     its CPU time per clip."""
     import torch
@@ -48,7 +49,7 @@ def read(path: str, seconds: float) -> None:
             fifo.write("enable\n")
     clips, cpu = 0, time.process_time()
     while not clips or time.process_time() - cpu < seconds:
-        for _clip in ClipReader(path, frames=20, height=192, width=192, fps=8, preprocess="device"):
+        for _clip in ClipReader(path, frames=20, height=192, width=192, fps=8, preprocess="device", upload=upload):
             clips += 1
     print(f"{1e3 * (time.process_time() - cpu) / clips:.1f} {clips}", flush=True)
     os._exit(0)  # (the interpreter's final collection would be sampled too)
@@ -80,12 +81,12 @@ def shares(script: str) -> collections.Counter:
     return counts
 
 
-def measure(path: Path, seconds: float) -> dict:
+def measure(path: Path, seconds: float, upload: str) -> dict:
     """One source's shares: its reading under ``perf record``, sampled once the reader has imported what it needs."""
     with tempfile.TemporaryDirectory() as scratch:
         data, control = os.path.join(scratch, "perf.data"), os.path.join(scratch, "control")
         os.mkfifo(control)
-        reader = [sys.executable, __file__, "--read", str(path), "--read-seconds", str(seconds)]
+        reader = [sys.executable, __file__, "--read", str(path), "--read-seconds", str(seconds), "--upload", upload]
         record = ["perf", "record", "--call-graph", "dwarf,16384", "-F", str(SAMPLES_PER_SECOND), "-D", "-1",
                   "--control", f"fifo:{control}", "-o", data]  # fmt: skip
         env = {**os.environ, "GIL_SHARE_PERF_CONTROL": control}
@@ -108,10 +109,11 @@ def main() -> None:
         default=4.0,
         help="CPU seconds of reading sampled per source, whole reads of the file (default 4)",
     )
+    p.add_argument("--upload", default="rgb", choices=("rgb", "i420"), help="how frames are handed over (default rgb)")
     p.add_argument("--read", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.read:
-        return read(args.read, args.read_seconds)
+        return read(args.read, args.read_seconds, args.upload)
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_pipeline
 
@@ -119,7 +121,7 @@ def main() -> None:
     print("| source | clips read | CPU ms/clip | GIL released | kernel | GIL held | samples |")
     print("|---|---|---|---|---|---|---|")
     for name, (path, _) in made.items():
-        row = measure(path, args.read_seconds)
+        row = measure(path, args.read_seconds, args.upload)
         print(f"| {name} | {row['clips']} | {row['cpu_ms_per_clip']:.1f} | {row['released']:.1%} | "
               f"{row['kernel']:.1%} | {row['held']:.1%} | {row['samples']} |", flush=True)  # fmt: skip
 
