@@ -175,12 +175,10 @@ def test_encode_files_takes_i420_clips(files, tmp_path, monkeypatch):
     """The run preprocesses I420 clips as it does RGB ones: the tokens of placement "cpu"."""
     from titok_fast.engine import Engine
     from titok_fast.loading import random_tokenizer
-    from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
-    from titok_fast.tokens import load_tokens
+    from titok_fast.pipeline import ClipSettings
 
     model = random_tokenizer("tiny", seed=0)
     engine = Engine(model, mode="eager", max_clips=4)
-    inputs = collect_inputs([files["wide"], files["tall"]])
     kinds = []
     read_kwargs, preprocess = ClipSettings.read_kwargs, DevicePreprocessor.__call__
 
@@ -191,14 +189,10 @@ def test_encode_files_takes_i420_clips(files, tmp_path, monkeypatch):
     monkeypatch.setattr(ClipSettings, "read_kwargs", lambda self, device="cpu": {**read_kwargs(self, device),
                                                                                  "upload": "i420"})  # fmt: skip
     monkeypatch.setattr(DevicePreprocessor, "__call__", seen)
-    tokens = {}
-    for where in ("cpu", "device"):
-        settings = ClipSettings(grid=(4, 64, 64), tokens=64, fps=24, preprocess=where)
-        summary = encode_files(model, engine, inputs, tmp_path / where, settings, workers=2)
-        assert not summary.failed and len(summary.done) == 2
-        tokens[where] = torch.cat([load_tokens(tmp_path / where / f"{n}.safetensors").indices for _, n in inputs])
+    made = encoded_both_ways(model, engine, [files["wide"], files["tall"]], tmp_path, grid=(4, 64, 64), tokens=64,
+                             fps=24)  # fmt: skip
     assert kinds and set(kinds) == {"I420Clip"}
-    assert torch.equal(tokens["cpu"], tokens["device"])
+    assert torch.equal(made["cpu"][0], made["device"][0])
 
 
 def make_size_change(path, parts=((14, 32, 48), (16, 64, 64)), fps=8) -> str:
@@ -243,22 +237,31 @@ def test_device_placement_reads_a_source_whose_size_changes(tmp_path, sampling):
         assert torch.equal(clip_pixels(a, 24, 24) if a.dtype == torch.uint8 else a, b)
 
 
-def test_device_placement_gives_the_cpu_placements_tokens_for_a_source_whose_size_changes(tmp_path):
-    from titok_fast.engine import Engine
-    from titok_fast.loading import random_tokenizer
+def encoded_both_ways(model, engine, paths: list[str], folder, workers: int = 2, **options) -> dict:
+    """``paths`` encoded with placement "cpu", then "device" (``options``: the others of ClipSettings), none
+    failing: {placement: (every file's tokens, one after another; the token files)}."""
     from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
     from titok_fast.tokens import load_tokens
 
+    inputs, made = collect_inputs(paths), {}
+    for where in ("cpu", "device"):
+        settings = ClipSettings(preprocess=where, **options)
+        summary = encode_files(model, engine, inputs, folder / where, settings, workers=workers)
+        assert not summary.failed and len(summary.done) == len(inputs)
+        files = [load_tokens(folder / where / f"{name}.safetensors") for _, name in inputs]
+        made[where] = (torch.cat([f.indices for f in files]), files)
+    return made
+
+
+def test_device_placement_gives_the_cpu_placements_tokens_for_a_source_whose_size_changes(tmp_path):
+    from titok_fast.engine import Engine
+    from titok_fast.loading import random_tokenizer
+
     model = random_tokenizer("tiny", seed=0)
     engine = Engine(model, mode="eager", max_clips=4)
-    inputs = collect_inputs([make_size_change(tmp_path / "switch.ts")])
-    tokens = {}
-    for where in ("cpu", "device"):
-        settings = ClipSettings(grid=(4, 32, 32), tokens=64, fps=8, preprocess=where)
-        summary = encode_files(model, engine, inputs, tmp_path / where, settings, workers=1)
-        assert not summary.failed and summary.clips == 7
-        tokens[where] = load_tokens(tmp_path / where / "switch.safetensors").indices
-    assert torch.equal(tokens["cpu"], tokens["device"])
+    made = encoded_both_ways(model, engine, [make_size_change(tmp_path / "switch.ts")], tmp_path, workers=1,
+                             grid=(4, 32, 32), tokens=64, fps=8)  # fmt: skip
+    assert len(made["cpu"][0]) == 7 * 64 and torch.equal(made["cpu"][0], made["device"][0])  # 7 clips of 64 tokens
 
 
 def test_clip_pixels_rejects_what_is_not_uint8_frames():
@@ -593,20 +596,14 @@ def test_gpu_nvdec_gives_pyavs_planes_bit_for_bit(tmp_path, encoder, height, wid
 def test_gpu_device_preprocessing_gives_the_tokens_of_the_cpu_path(files, tmp_path):
     from titok_fast.engine import Engine
     from titok_fast.loading import random_tokenizer
-    from titok_fast.pipeline import ClipSettings, collect_inputs, encode_files
-    from titok_fast.tokens import load_tokens
 
     model = random_tokenizer("tiny", seed=0, device="cuda", dtype=torch.float32)
     engine = Engine(model, max_clips=4)
-    inputs = collect_inputs([files["wide"], files["odd"], files["small"]])
-    tokens = {}
-    for where in ("cpu", "device"):
-        settings = ClipSettings(grid=(4, 64, 64), tokens=64, fps=24, preprocess=where)
-        summary = encode_files(model, engine, inputs, tmp_path / where, settings, workers=2)
-        assert not summary.failed and len(summary.done) == 3
-        tokens[where] = torch.cat([load_tokens(tmp_path / where / f"{n}.safetensors").indices for _, n in inputs])
-        assert load_tokens(tmp_path / where / "wide.safetensors").made_with["preprocessed_on"] == where
-    assert (tokens["cpu"] == tokens["device"]).float().mean() >= 0.999
+    made = encoded_both_ways(model, engine, [files["wide"], files["odd"], files["small"]], tmp_path, grid=(4, 64, 64),
+                             tokens=64, fps=24)  # fmt: skip
+    for where, (_, token_files) in made.items():
+        assert token_files[0].made_with["preprocessed_on"] == where
+    assert (made["cpu"][0] == made["device"][0]).float().mean() >= 0.999
 
 
 @pytest.mark.gpu
