@@ -127,7 +127,7 @@ def _nv12_rgb_kernel(
 
 @triton.jit(do_not_specialize=["height", "width"])
 def _i420_rgb_kernel(
-    i420_ptr,  # uint8 [frames, height * width * 3 / 2], contiguous: each frame's Y, then U, then V plane
+    i420_ptr,  # uint8 [frames, height * 3 / 2, width], contiguous: each frame's Y, then U, then V plane
     out_ptr,  # uint8 [frames, height, width, 3], contiguous
     height, width,
     y_gain, r_cr, b_cb, g_cb, g_cr,  # int32: coefficients()
