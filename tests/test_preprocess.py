@@ -79,13 +79,6 @@ def test_batched_on_device_path_equals_per_frame_path(files, name, grid):
         assert torch.equal(on_device(raw), normalize_pixels(a, torch.float32))
 
 
-def same_clip(a: torch.Tensor | I420Clip, b: torch.Tensor | I420Clip) -> bool:
-    """Whether two clips are the same bytes, of the same kind (RGB or resized tensors, or I420 clips)."""
-    if isinstance(a, I420Clip) or isinstance(b, I420Clip):
-        return type(a) is type(b) and a.matrix == b.matrix and torch.equal(a.frames, b.frames)
-    return torch.equal(a, b)
-
-
 @pytest.mark.parametrize(("name", "grid", "i420"), [
     ("wide", (4, 64, 64), True), ("tall", (4, 64, 48), True), ("small", (4, 96, 96), True),
     ("odd", (4, 64, 64), False),  # 131x97: an odd size is converted on the CPU (libswscale interpolates its chroma)
