@@ -427,11 +427,15 @@ def yuv420p_planes(frame: av.VideoFrame) -> tuple[torch.Tensor, torch.Tensor, to
     the line padding."""
     if frame.format.name != "yuv420p":
         raise ValueError(f"a yuv420p frame was expected; got {frame.format.name}")
+    return tuple(torch.from_numpy(plane.copy()) for plane in _plane_views(frame))
+
+
+def _plane_views(frame: av.VideoFrame) -> list[np.ndarray]:
+    """A yuv420p frame's Y, U and V planes as uint8 arrays [h, w], [ceil(h / 2), ceil(w / 2)] (twice) viewing its
+    data without the line padding (no copy)."""
     widths = (frame.width, (frame.width + 1) // 2, (frame.width + 1) // 2)
-    return tuple(
-        torch.from_numpy(np.frombuffer(p, np.uint8).reshape(p.height, -1)[:, :width].copy())
-        for p, width in zip(frame.planes, widths, strict=True)
-    )
+    planes = zip(frame.planes, widths, strict=True)
+    return [np.frombuffer(p, np.uint8).reshape(p.height, -1)[:, :width] for p, width in planes]
 
 
 def packet_duration(path: str, index: int, pts: int) -> int | None:
@@ -541,10 +545,9 @@ def i420_bytes(frame: av.VideoFrame) -> torch.Tensor:
     h, w = frame.height, frame.width
     out = np.empty(h * w * 3 // 2, dtype=np.uint8)
     start = 0
-    for plane, (rows, cols) in zip(frame.planes, ((h, w), (h // 2, w // 2), (h // 2, w // 2)), strict=True):
-        size = rows * cols
-        out[start : start + size].reshape(rows, cols)[:] = np.frombuffer(plane, np.uint8).reshape(rows, -1)[:, :cols]
-        start += size
+    for plane in _plane_views(frame):
+        out[start : start + plane.size].reshape(plane.shape)[:] = plane
+        start += plane.size
     return torch.from_numpy(out.reshape(h * 3 // 2, w))
 
 
