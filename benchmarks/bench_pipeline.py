@@ -206,13 +206,14 @@ def warm_up(engine: Engine, model, grid, tokens: int, batch: int) -> None:
     for size in sorted({batch, min(batch, 2), 1}, reverse=True):
         engine.encode(videos[:size], [tokens] * size)
     if model.device.type == "cuda":
-        _warm_up_yuv_kernels(model, grid)
+        warm_up_yuv_kernels(model.device, *grid[1:], model.dtype)
     _sync(model)
 
 
-def _warm_up_yuv_kernels(model, grid) -> None:
-    """The YUV to RGB kernels, compiled at their first call: a clip of I420 through the device-side preprocessing,
-    and an NVDEC surface, of 2 x 2 black frames (nothing at a commit without them, or without Triton)."""
+def warm_up_yuv_kernels(device, height: int, width: int, dtype: torch.dtype) -> None:
+    """The YUV to RGB kernels, compiled at their first call: a clip of I420 through the device-side preprocessing
+    (to clips of ``height`` x ``width`` in ``dtype``), and an NVDEC surface, of 2 x 2 black frames on ``device``
+    (nothing at a commit without them, or without Triton)."""
     try:
         from titok_fast.kernels import _triton, nv12_rgb
         from titok_fast.preprocess import DevicePreprocessor, I420Clip
@@ -221,8 +222,8 @@ def _warm_up_yuv_kernels(model, grid) -> None:
     if _triton.MISSING:
         return
     black = torch.tensor([16, 16, 16, 16, 128, 128], dtype=torch.uint8).view(1, 3, 2)  # Y rows, then U, V
-    DevicePreprocessor(model.device, *grid[1:], model.dtype)(I420Clip(black, "bt601"))
-    nv12_rgb.nv12_rgb(black[0].to(model.device), 2)
+    DevicePreprocessor(device, height, width, dtype)(I420Clip(black, "bt601"))
+    nv12_rgb.nv12_rgb(black[0].to(device), 2)
 
 
 def model_batch(path: Path, settings: ClipSettings, batch: int, model) -> list[torch.Tensor]:

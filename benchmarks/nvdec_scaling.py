@@ -231,9 +231,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         sys.path.insert(0, str(Path(__file__).parent))
         import bench_pipeline
+        import torch
 
         path = str(bench_pipeline.sources(Path(args.videos), [args.source], args.seconds)[args.source][0])
         paths = args.paths.split(",")
+        if "titok" in paths:  # the RGB kernel's compilation, at its first call, outside the timed cases
+            bench_pipeline.warm_up_yuv_kernels("cuda", 2, 2, torch.float32)
     readers = {"raw": lambda: raw_frames(nvc, path), "kept": lambda: kept_frames(nvc, path),
                "titok": lambda: titok_frames(path),
                "titok-torch": lambda: titok_frames(path, kernel=False),
@@ -248,12 +251,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 log.write(json.dumps({**row, "source": args.source, "fake": args.fake}) + "\n")
 
     readers["raw"]()  # (the first session's start-up: the driver, the CUDA context)
-    if "titok" in paths:  # the RGB kernel's compilation, at its first call, outside the timed cases
-        import torch
-
-        from titok_fast.kernels import nv12_rgb
-
-        nv12_rgb.nv12_rgb(torch.tensor([[16, 16], [16, 16], [128, 128]], dtype=torch.uint8, device="cuda"), 2)
     report({"case": "gil", **gil_probe(nvc, path, args.case_seconds)})
     for name in paths:
         for threads in (int(n) for n in args.threads.split(",")):
