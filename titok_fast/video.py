@@ -66,7 +66,7 @@ from .decoders import (
     video_stream,
 )
 from .files import STALL_SECONDS, AtomicFile, notice, show_traceback
-from .preprocess import UPLOADS, I420Clip, clip_pixels, normalize_pixels, placement, resized_size
+from .preprocess import UPLOADS, I420Clip, clip_pixels, i420_rgb, normalize_pixels, placement, resized_size
 from .stages import CLOCK
 
 TAIL_POLICIES = ("drop", "pad")
@@ -533,8 +533,10 @@ class ClipReader:
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor | I420Clip:
         self.clips_read += 1
         if self.placement == "device" and any(image.ndim == 2 for image in images):  # (I420 frames: _i420_or_rgb)
-            if any(image.shape != images[0].shape for image in images):  # a clip of RGB and I420, or two sizes
-                images = [_i420_as_rgb(image, self._i420) if image.ndim == 2 else image for image in images]
+            if any(image.shape != images[0].shape for image in images):  # a clip of RGB and I420, or two sizes:
+                # RGB, converted here (libswscale's bytes)
+                images = [i420_rgb(I420Clip(image[None], self._i420))[0] if image.ndim == 2 else image
+                          for image in images]  # fmt: skip
         if self.placement == "device" and any(image.shape != images[0].shape for image in images):
             images = [self._resized_image(image) for image in images]  # as "cpu" does
         elif self.placement == "device":  # [T, h, w, 3] uint8 (or I420), resized by the consumer (DevicePreprocessor)
@@ -651,17 +653,6 @@ def _i420_or_rgb(
     image = i420_bytes(frame)
     CLOCK.stop("rgb", started)  # (the stage that hands frames over as the clip wants them)
     return image
-
-
-def _i420_as_rgb(image: torch.Tensor, matrix: str) -> torch.Tensor:
-    """An I420 frame [h * 3 / 2, w] as [h, w, 3] uint8 RGB, here: libswscale's bytes (a clip of frames that
-    :func:`_i420_or_rgb` gave in both forms, or two sizes, is RGB)."""
-    from .kernels.nv12_rgb import i420_rgb_ref
-
-    started = CLOCK.start()
-    rgb = i420_rgb_ref(image[None], matrix)[0]
-    CLOCK.stop("rgb", started)
-    return rgb
 
 
 def _turned(rgb: Callable[[object], torch.Tensor], turns: Callable[[object], int], frame) -> torch.Tensor:
