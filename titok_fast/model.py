@@ -139,22 +139,25 @@ class Encoder(EncoderParams):
         grids = [patch_grid(s, self.config.patch_size) for s in shapes]
         return patches, self.runtime.packings.packing(counts, grids, weight.device)
 
-    def latents(self, patches: torch.Tensor, pack: Packing) -> torch.Tensor:
+    def latents(self, patches: torch.Tensor, pack: Packing, cache: PackingCache | None = None) -> torch.Tensor:
         """patches [sum G, 768] -> the latent rows after the last layer [sum n, W]."""
         x = patches.new_empty(pack.rows, self.size.width)
         x[pack.latent_rows] = self.mask_token.expand(pack.num_tokens, -1)
         x[pack.patch_rows] = self.proj_in(patches)
         backend = self.runtime.runner(self.device)
-        return run_layers(self.model_layers, x, pack, "latent", backend, self.runtime.packings)
+        return run_layers(self.model_layers, x, pack, "latent", backend, cache or self.runtime.packings)
 
     def quantized(self, x: torch.Tensor, backend: Backend) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent rows [N, W] -> ln_post, proj_out, FSQ -> (codes [N, D] model dtype, indices int32 [N])."""
         return backend.encoder_head(x, self.ln_post, self.proj_out, self.runtime.fsq.constants(self.device))
 
     @torch.no_grad()
-    def encode_packed(self, patches: torch.Tensor, pack: Packing) -> tuple[torch.Tensor, torch.Tensor]:
-        """patches [sum G, 768] (model dtype) -> (codes [sum n, D], indices int32 [sum n])."""
-        return self.quantized(self.latents(patches, pack), self.runtime.runner(self.device))
+    def encode_packed(
+        self, patches: torch.Tensor, pack: Packing, cache: PackingCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """patches [sum G, 768] (model dtype) -> (codes [sum n, D], indices int32 [sum n]); ``cache``: where the
+        RoPE tables come from (default the model's own)."""
+        return self.quantized(self.latents(patches, pack, cache), self.runtime.runner(self.device))
 
     @torch.no_grad()
     def encode_static(self, patch_rows: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,10 +215,10 @@ class Decoder(DecoderParams):
             self._table = (key, table, mask_row)
         return self._table[1], self._table[2]
 
-    def rows(self, x: torch.Tensor, pack: Packing) -> torch.Tensor:
+    def rows(self, x: torch.Tensor, pack: Packing, cache: PackingCache | None = None) -> torch.Tensor:
         """Packed decoder input [rows, W] -> layers (the last for patch rows only) -> proj_out: [sum G, 768]."""
         backend = self.runtime.runner(self.device)
-        return self.proj_out(run_layers(self.model_layers, x, pack, "patch", backend, self.runtime.packings))
+        return self.proj_out(run_layers(self.model_layers, x, pack, "patch", backend, cache or self.runtime.packings))
 
     def videos(self, rows: torch.Tensor, pack: Packing, shapes: list) -> list[torch.Tensor]:
         """Output patch rows [sum G, 768] -> one [3, T, H, W] per pixel shape."""
@@ -225,12 +228,17 @@ class Decoder(DecoderParams):
         ]
 
     @torch.no_grad()
-    def decode_packed(self, indices: torch.Tensor, pack: Packing) -> torch.Tensor:
-        """indices [sum n] (any integer dtype, any stride) -> output patch rows [sum G, 768] (model dtype)."""
+    def decode_packed(
+        self, indices: torch.Tensor, pack: Packing, cache: PackingCache | None = None, table: tuple | None = None
+    ) -> torch.Tensor:
+        """indices [sum n] (any integer dtype, any stride) -> output patch rows [sum G, 768] (model dtype).
+        ``cache``: where the RoPE tables come from (default the model's own); ``table``: the pair :meth:`table`
+        gives, or a copy of it (default the model's own)."""
         if indices.dtype not in (torch.int32, torch.int64):
             indices = indices.long()  # token files store int16; the gather kernel reads int32/int64 (any stride)
-        table, mask_row = self.table()
-        return self.rows(self.runtime.runner(self.device).decoder_input(indices, table, mask_row, pack), pack)
+        table, mask_row = table or self.table()
+        x = self.runtime.runner(self.device).decoder_input(indices, table, mask_row, pack)
+        return self.rows(x, pack, cache)
 
     @torch.no_grad()
     def decode_static(
@@ -454,13 +462,21 @@ class TiTok(nn.Module):
         """The FSQ constants on the model's device (cached: call before tracing so no trace fills the cache)."""
         return self.quantize.constants(self.device)
 
-    def encode_packed(self, patches: torch.Tensor, pack: Packing) -> tuple[torch.Tensor, torch.Tensor]:
-        """patches [sum G, 768] (model dtype) -> (codes [sum n, D], indices int32 [sum n])."""
-        return self.encoder.encode_packed(patches, pack)
+    def encode_packed(
+        self, patches: torch.Tensor, pack: Packing, cache: PackingCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """patches [sum G, 768] (model dtype) -> (codes [sum n, D], indices int32 [sum n]). ``cache``: the
+        :class:`PackingCache` the RoPE tables are read from, by default the model's own (one whose tables stay put
+        for a CUDA graph of this call: the engine's)."""
+        return self.encoder.encode_packed(patches, pack, cache)
 
-    def decode_packed(self, indices: torch.Tensor, pack: Packing) -> torch.Tensor:
-        """indices [sum n] -> output patch rows [sum G, 768] (model dtype)."""
-        return self.decoder.decode_packed(indices, pack)
+    def decode_packed(
+        self, indices: torch.Tensor, pack: Packing, cache: PackingCache | None = None, table: tuple | None = None
+    ) -> torch.Tensor:
+        """indices [sum n] -> output patch rows [sum G, 768] (model dtype). ``cache`` as for :meth:`encode_packed`;
+        ``table``: :meth:`decoder_table`'s pair or a copy of it (a graph's, refilled in place when weights change),
+        by default the model's own."""
+        return self.decoder.decode_packed(indices, pack, cache, table)
 
     def videos_from_rows(self, rows: torch.Tensor, pack: Packing, shapes: list) -> list[torch.Tensor]:
         """Output patch rows [sum G, 768] of ``pack`` -> one [3, T, H, W] per pixel shape."""
