@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from titok_fast.config import TiTokConfig
-from titok_fast.engine import Engine, auto_mode, plan_batches
+from titok_fast.engine import LAYOUT_GRAPHS, Engine, auto_mode, padded_mode, plan_batches
 from titok_fast.loading import random_tokenizer
 from titok_fast.model import TiTok
 from titok_fast.patches import patch_grid
@@ -71,14 +71,23 @@ def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list, path
 
 
 def engine_paths(
-    rows: list[int], mode: str, device: torch.device, budgets, max_clips: int, stage: str = "encode"
+    rows: list[int], mode: str, device: torch.device, budgets, max_clips: int, stage: str = "encode", layouts=None
 ) -> list[tuple[list, str]]:
     """The batches an engine in ``mode`` runs ``stage`` clips of ``rows`` packed rows in (clip positions), each
-    with the path it takes (``"eager"`` or ``"fixed"``): batched and picked as ``Engine`` does."""
-    out = []
+    with the path it takes (``"eager"`` or ``"fixed"``): batched and picked as ``Engine`` does. ``layouts``: each
+    clip's (shape, token count), which tell ``auto``'s graphs of a batch's layout (the eager path's work) from a
+    fresh engine's batches past its ``LAYOUT_GRAPHS`` layouts (padded); without them every layout is kept."""
+    out, kept = [], set()
     for batch in plan_batches(rows, budgets, max_clips):
-        picked = auto_mode(sum(rows[i] for i in batch), device, budgets, stage) if mode == "auto" else mode
-        out.append((batch, "eager" if picked == "eager" else "fixed"))
+        total = sum(rows[i] for i in batch)
+        picked = auto_mode(total, device, budgets, stage) if mode == "auto" else mode
+        if picked == "layout":
+            key = None if layouts is None else tuple(layouts[i] for i in batch)
+            if key in kept or len(kept) < LAYOUT_GRAPHS:
+                kept.add(key)
+            else:
+                picked = padded_mode(total, budgets, stage)
+        out.append((batch, "eager" if picked in ("eager", "layout") else "fixed"))
     return out
 
 
@@ -87,7 +96,8 @@ def executed_flops(runner, config: TiTokConfig, stage: str, shapes: list, counts
     runs, the lean model its packed path, upstream's paths and the oracle every row through every layer."""
     if isinstance(runner, Engine):
         rows = [n + g for n, g in zip(counts, _patches(config, shapes), strict=True)]
-        paths = engine_paths(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips, stage)
+        paths = engine_paths(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips, stage,
+                             list(zip(shapes, counts, strict=True)))  # fmt: skip
         flops = sum(clip_flops(config, stage, [shapes[i] for i in b], [counts[i] for i in b], p) for b, p in paths)
         return flops, "; ".join(FLOP_COUNTS[p] for p in sorted({p for _, p in paths}))
     path = "eager" if isinstance(runner, TiTok) else "model"

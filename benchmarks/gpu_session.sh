@@ -40,9 +40,9 @@
 #   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (260 s), judged
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
-# since the targets run of 2026-12-04 the model's code is the same (bar `auto` running decode batches eager) and the
-# input pipeline is not (decoding processes on small sources, NVDEC's RGB kernel, I420 uploads). So, each a call of
-# its own:
+# since the targets run of 2026-12-04 the model's kernels are the same, `auto` runs small batches (encode and decode)
+# as graphs of their own layouts, not padded ones, and the input pipeline has changed (decoding processes on small
+# sources, NVDEC's RGB kernel, I420 uploads). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (500 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
 #   2. `targets-model` if 6 minutes are left, else `pipeline-sweeps` cut to what is left.

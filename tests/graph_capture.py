@@ -218,9 +218,16 @@ def emulated_cuda_graphs(monkeypatch) -> None:
 
 def engine_for(model, mode: str, monkeypatch, **settings):
     """``Engine(model, mode, **settings)``; mode ``cudagraph`` with the model off CUDA captures and replays through
-    the stand-ins above (on a GPU it captures real graphs)."""
+    the stand-ins above (on a GPU it captures real graphs). Mode ``layout``: an ``auto`` engine whose every batch
+    is a graph of its own layout (on a CPU through the stand-ins too)."""
+    from titok_fast import engine as engine_module
     from titok_fast.engine import Engine
 
+    if mode == "layout":
+        monkeypatch.setattr(engine_module, "auto_mode", lambda rows, device, budgets, stage: "layout")
+        if model.device.type != "cuda":
+            emulated_cuda_graphs(monkeypatch)
+        return Engine(model, mode="auto", **settings)
     if mode != "cudagraph" or model.device.type == "cuda":
         return Engine(model, mode=mode, **settings)
     emulated_cuda_graphs(monkeypatch)

@@ -69,11 +69,19 @@ def test_each_provider_counts_the_path_it_runs():
 
 
 def test_auto_counts_each_batch_by_the_mode_it_picks():
-    """On a GPU auto runs a small encode batch as a CUDA graph (fixed shape) and a large one, or any decode batch,
-    eagerly."""
-    rows = [3136 + 256] * 21  # 19 clips fill the largest budget; the last 2 pad to 8192 rows: a graph
-    paths = bench_model.engine_paths(rows, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 32)
-    assert [(len(batch), path) for batch, path in paths] == [(19, "eager"), (2, "fixed")]
+    """On a GPU auto runs a small batch as a graph of its own layout (the eager path's work), and past
+    LAYOUT_GRAPHS layouts a small encode batch as a padded graph (fixed shape); a large batch eagerly."""
+    rows = [3136 + 256] * 21  # 19 clips fill the largest budget; the last 2 (8192 rows at most): a layout graph
+    for stage in ("encode", "decode"):
+        paths = bench_model.engine_paths(rows, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 32, stage)
+        assert [(len(batch), path) for batch, path in paths] == [(19, "eager"), (2, "eager")]
     cpu = bench_model.engine_paths(rows, "auto", torch.device("cpu"), DEFAULT_BUDGETS, 32)
-    decode = bench_model.engine_paths(rows, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 32, "decode")
-    assert {path for _, path in cpu} == {path for _, path in decode} == {"eager"}  # (decode batches: eager)
+    assert {path for _, path in cpu} == {"eager"}
+    many = [100 + i for i in range(bench_model.LAYOUT_GRAPHS + 2)]  # a clip a batch, each a layout of its own
+    layouts = [((4, 8, 8 * (i + 1)), 99) for i in range(len(many))]
+    for stage, past in (("encode", "fixed"), ("decode", "eager")):
+        paths = bench_model.engine_paths(many, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 1, stage, layouts)
+        assert [path for _, path in paths] == ["eager"] * bench_model.LAYOUT_GRAPHS + [past] * 2
+        again = bench_model.engine_paths(many[:1] * 20, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 1, stage,
+                                         layouts[:1] * 20)  # fmt: skip
+        assert {path for _, path in again} == {"eager"}  # one layout, kept

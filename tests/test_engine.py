@@ -15,6 +15,7 @@ from titok_fast.engine import (
     Engine,
     auto_mode,
     pack_greedily,
+    padded_mode,
     pick_budget,
     plan_batches,
 )
@@ -451,13 +452,13 @@ def test_a_graph_is_captured_while_another_thread_pins_memory():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["eager", "cudagraph"])
-def test_cuda_engine_equals_model(mode):
+@pytest.mark.parametrize("mode", ["eager", "cudagraph", "layout"])
+def test_cuda_engine_equals_model(mode, monkeypatch):
     model = make_model("tiny").cuda()
     videos = [v.cuda() for v in random_videos(SHAPES)]
     _, out = model.encode(videos, COUNTS)
     recon = model.decode_indices(out["indices"], SHAPES)
-    engine = Engine(model, mode=mode, budgets=(256, 512), max_clips=3)
+    engine = engine_for(model, mode, monkeypatch, budgets=(256, 512), max_clips=3)
     for order in (shuffled(0), shuffled(1)):  # the second pass replays graphs with new contents
         _, got = engine.encode([videos[i] for i in order], [COUNTS[i] for i in order])
         assert all(torch.equal(got["indices"][p], out["indices"][i]) for p, i in enumerate(order))
@@ -509,7 +510,7 @@ def test_cuda_engine_reads_a_callers_pinned_inputs_before_it_hands_results_over(
         assert torch.equal(idx, out["indices"][key]), key
 
 
-@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"])
+@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph", "layout"])
 def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypatch):
     """Runners take the decoder table as an input (CUDA graphs read it by address): new weights must reach them."""
     model = make_model("tiny")
@@ -525,7 +526,7 @@ def test_fixed_shape_runners_follow_new_decoder_weights(expected, mode, monkeypa
     assert rel_l2(now[0], expected[3][0]) > 1e-2  # the change is visible
 
 
-@pytest.mark.parametrize("mode", ["static", "cudagraph"])
+@pytest.mark.parametrize("mode", ["static", "cudagraph", "layout"])
 def test_fixed_shape_state_follows_replaced_parameters_precision_and_dtype(expected, mode, monkeypatch):
     """The fixed-shape modes' runners read the parameters by address (CUDA graphs) and their buffers are made in
     the model's dtype: after ``load_state_dict(assign=True)``, a precision switch, or ``to(bfloat16)``, the
@@ -553,10 +554,11 @@ def test_fixed_shape_state_follows_replaced_parameters_precision_and_dtype(expec
     model.precision = "default"
     model.to(torch.bfloat16)
     same_as_a_new_engine()
-    assert engine._buffers[("encode", 128)].inputs.dtype == torch.bfloat16
+    buffers = engine._buffers.values() if mode != "layout" else engine._layouts.values()
+    assert {b.inputs.dtype for b in buffers} == {torch.bfloat16, torch.int32}
 
 
-@pytest.mark.parametrize("mode", ["eager", "static", "cudagraph"])
+@pytest.mark.parametrize("mode", ["eager", "static", "cudagraph", "layout"])
 def test_an_engine_first_run_in_inference_mode_runs_outside_it_and_back(expected, mode, monkeypatch):
     """What an engine keeps and updates in place (its fixed-shape buffers, its copy of the decoder table, the FP8
     weights) is made outside inference mode: made by a first batch run in ``torch.inference_mode()`` (a thread's
@@ -590,8 +592,9 @@ def test_an_engine_first_run_in_inference_mode_runs_outside_it_and_back(expected
     assert rel_l2(decoded[0], expected[3][0]) > 1e-2  # (the new weights are in use)
 
 
+@pytest.mark.parametrize("mode", ["cudagraph", "layout"])
 def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_what_still_holds(
-    expected, monkeypatch
+    expected, mode, monkeypatch
 ):
     """Parameters replaced through a submodule (``model.decoder.load_state_dict(..., assign=True)``) or moved by
     ``model.decoder.to(...)`` never pass through the model's own methods: the engine sees them where they live
@@ -599,7 +602,7 @@ def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_w
     after in-place writes keep the graphs (they read the same memory, which holds the new values)."""
     videos, _, indices, _ = expected
     model = make_model("tiny")
-    engine = engine_for(model, "cudagraph", monkeypatch, budgets=(128,), max_clips=4)
+    engine = engine_for(model, mode, monkeypatch, budgets=(128,), max_clips=4)
     engine.encode(videos[:2], COUNTS[:2])
     engine.decode_indices(list(indices[:2]), SHAPES[:2])
     assert engine.compiles == 2
@@ -616,7 +619,7 @@ def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_w
     model.decoder.load_state_dict({k: v.clone() for k, v in other.decoder.state_dict().items()}, assign=True)
     out = engine.decode_indices(list(indices[:2]), SHAPES[:2])
     assert engine.compiles == 3
-    want = engine_for(model, "cudagraph", monkeypatch, budgets=(128,), max_clips=4).decode_indices(
+    want = engine_for(model, mode, monkeypatch, budgets=(128,), max_clips=4).decode_indices(
         list(indices[:2]), SHAPES[:2]
     )
     assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
@@ -629,7 +632,7 @@ def test_fixed_shape_state_follows_moves_seen_only_at_the_parameters_and_keeps_w
     out = engine.decode_indices(list(indices[:2]), SHAPES[:2])
     _, got = engine.encode(videos[:2], COUNTS[:2])
     assert engine.compiles == 6
-    fresh = engine_for(model, "cudagraph", monkeypatch, budgets=(128,), max_clips=4)
+    fresh = engine_for(model, mode, monkeypatch, budgets=(128,), max_clips=4)
     want = fresh.decode_indices(list(indices[:2]), SHAPES[:2])
     assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
     _, want = fresh.encode(videos[:2], COUNTS[:2])
@@ -679,15 +682,15 @@ def test_an_error_from_the_items_is_not_lost_to_a_batch_failing_meanwhile(model,
         list(encode_resiliently(engine, items(), lambda key, error: None))
 
 
-def test_auto_pads_a_graph_batch_to_a_small_budget_only():
-    """auto's rule looks at the budget a batch would be padded to: with budgets of 4k and 64k rows, 5000 rows
-    would pad to 65536 rows, so that batch runs eager."""
-    cuda = torch.device("cuda")
-    assert auto_mode(3000, cuda, (4096, 65536)) == "cudagraph"
-    assert auto_mode(5000, cuda, (4096, 65536)) == "eager"
-    assert auto_mode(5000, cuda, (4096, 8192, 65536)) == "cudagraph"
-    # decode batches run eager: graphs never beat eager for the decoder on an H200 (RESULTS.md)
-    assert auto_mode(3000, cuda, (4096, 65536), "decode") == auto_mode(3000, torch.device("cpu")) == "eager"
+def test_past_its_layouts_auto_pads_a_graph_batch_to_a_small_budget_only():
+    """Once an engine keeps LAYOUT_GRAPHS layouts, a small batch of another layout is padded to a budget: only a
+    small one (with budgets of 4k and 64k rows, 5000 rows would pad to 65536 rows, so that batch runs eager)."""
+    assert padded_mode(3000, (4096, 65536), "encode") == "cudagraph"
+    assert padded_mode(5000, (4096, 65536), "encode") == "eager"
+    assert padded_mode(5000, (4096, 8192, 65536), "encode") == "cudagraph"
+    assert padded_mode(70000, (4096, 65536), "encode") == "eager"
+    # decode batches run eager: a padded graph never beat eager for the decoder on an H200 (RESULTS.md)
+    assert padded_mode(3000, (4096, 65536), "decode") == "eager"
 
 
 def test_pair_positions_match_the_pair_axis_index():
@@ -734,16 +737,17 @@ def test_threads_sharing_an_engine_each_get_their_own_clips(model, expected, mod
     passed: an engine that keeps batches apart lets only one of them that far)."""
     videos, _, indices, recon = expected
     engine = engine_for(model, "static" if mode == "static" else "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
-    if mode == "auto as on CUDA":  # the default mode on a GPU: these small encode batches run as graphs
+    if mode == "auto as on CUDA":  # the default mode on a GPU: these small batches run as graphs of their layouts
         rule = engine_module.auto_mode
         monkeypatch.setattr(engine_module, "auto_mode", lambda rows, _, b, s: rule(rows, torch.device("cuda"), b, s))
         engine.mode = "auto"
     halves = [0, 2, 4, 6], [1, 3, 5]
     engine.encode([videos[0]], [COUNTS[0]]), engine.decode_indices([indices[0]], [SHAPES[0]])  # captured here
-    replay = engine._replay
+    replay, layout = engine._replay, engine._layout
     for stage in ("encode", "decode"):
         meet = _meeting()
         monkeypatch.setattr(engine, "_replay", lambda *args, meet=meet: meet() or replay(*args))
+        monkeypatch.setattr(engine, "_layout", lambda *args, meet=meet: meet() or layout(*args))
         if stage == "encode":
             calls = [lambda h=h: engine.encode([videos[i] for i in h], [COUNTS[i] for i in h])[1] for h in halves]
             got = [out["indices"] for out in in_threads(*calls)]
@@ -752,8 +756,8 @@ def test_threads_sharing_an_engine_each_get_their_own_clips(model, expected, mod
             calls = [lambda h=h: engine.decode_indices([indices[i] for i in h], [SHAPES[i] for i in h]) for h in halves]
             got = in_threads(*calls)
             assert all(rel_l2(g[p], recon[i]) < 1e-5 for h, g in zip(halves, got, strict=True) for p, i in enumerate(h))
-    # one graph a stage, captured before the threads (auto: the encoder's alone; its decode batches run eager)
-    assert engine.compiles == {"static": 0, "cudagraph": 2, "auto as on CUDA": 1}[mode]
+    # one graph a stage, captured before the threads (auto: one a layout, and each half is a layout of its own)
+    assert engine.compiles == {"static": 0, "cudagraph": 2, "auto as on CUDA": 2 + 4}[mode]
 
 
 def test_threads_calling_one_fresh_model_at_once_get_what_they_would_alone(expected):
@@ -814,12 +818,13 @@ def test_engine_uses_the_models_public_api_only():
 
 
 def test_auto_mode_rule_is_shape_and_device_only():
-    """auto: a CUDA graph for a small encode batch on CUDA (one V1 clip of 20x192x192: 2880 patches + 256
-    tokens), eager for a large one, for a decode batch and on any other device."""
+    """auto: a graph of its layout for a small batch on CUDA (one V1 clip of 20x192x192: 2880 patches + 256
+    tokens), encode or decode; eager for a large one and on any other device."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert auto_mode(3136, cuda) == "cudagraph" and auto_mode(AUTO_GRAPH_MAX_ROWS, cuda) == "cudagraph"
-    assert auto_mode(AUTO_GRAPH_MAX_ROWS + 1, cuda) == "eager" and auto_mode(8 * 3136, cuda) == "eager"
-    assert auto_mode(10, cpu) == "eager" and auto_mode(3136, cuda, stage="decode") == "eager"
+    assert auto_mode(3136, cuda) == auto_mode(AUTO_GRAPH_MAX_ROWS, cuda) == "layout"
+    assert auto_mode(3136, cuda, stage="decode") == "layout"
+    assert auto_mode(AUTO_GRAPH_MAX_ROWS + 1, cuda) == "eager" and auto_mode(8 * 3136, cuda, stage="decode") == "eager"
+    assert auto_mode(10, cpu) == auto_mode(10, cpu, stage="decode") == "eager"
 
 
 def test_auto_mode_mixes_graphs_and_eager_batches_and_equals_model(model, expected, monkeypatch):
@@ -842,6 +847,36 @@ def test_auto_mode_mixes_graphs_and_eager_batches_and_equals_model(model, expect
     out = engine.decode_indices(list(indices), SHAPES)
     assert all(rel_l2(out[i], recon[i]) <= 1e-5 for i in range(len(SHAPES)))
     assert {"cudagraph", "eager"} <= set(modes) and engine.compiles == 2  # one graph per stage, budget 64
+
+
+def test_layout_graphs_replay_the_eager_path_bit_for_bit_up_to_a_cap(model, expected, monkeypatch):
+    """auto's graphs of a batch's own layout (on the CPU stand-in) replay the eager path's work: the codes, indices
+    and pixels of an eager engine that batches alike, bit for bit, also with new contents (one graph per layout,
+    captured once). Past LAYOUT_GRAPHS layouts of a stage, a small batch of a new layout is padded to a budget
+    (encode) or runs eager (decode): the same clips again."""
+    videos, _, indices, _ = expected
+    monkeypatch.setattr(engine_module, "LAYOUT_GRAPHS", 2)
+    settings = dict(budgets=(64, 256), max_clips=2)  # 7 clips: 4 batches, so 4 layouts per stage
+    engine = engine_for(model, "layout", monkeypatch, **settings)
+    eager = Engine(model, mode="eager", **settings)
+    order = shuffled(0)
+    shapes = [SHAPES[i] for i in order]
+    rounds = []
+    for contents in (videos, [-v.flip(-1) for v in videos]):
+        clips, counts = [contents[i] for i in order], [COUNTS[i] for i in order]
+        replays = FakeCUDAGraph.replays
+        codes, got = engine.encode(clips, counts)
+        want_codes, want = eager.encode(clips, counts)
+        assert torch.equal(codes, want_codes)
+        assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True))
+        out = engine.decode_indices(list(want["indices"]), shapes)
+        rounds.append((got["indices"], out, eager.decode_indices(list(want["indices"]), shapes)))
+        assert FakeCUDAGraph.replays - replays == 2 + 2 + 2  # 2 layouts a stage, 2 encode batches padded
+        assert sorted(stage for stage, _, _ in engine._layouts) == ["decode", "decode", "encode", "encode"]
+        assert engine.compiles == 4 + 2  # captured in the first round only; the padded ones: budgets 64 and 256
+    for _, out, want in rounds:  # (what a round got is its own: the next round's replays wrote elsewhere)
+        assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
+    assert not torch.equal(rounds[1][0][0], indices[order[0]])  # the second round's contents were new
 
 
 def test_padding_rows_hold_nan_and_never_reach_a_clip(model, expected, monkeypatch):

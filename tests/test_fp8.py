@@ -166,12 +166,13 @@ SHAPES = [(4, 16, 16), (8, 32, 24), (4, 8, 8)]
 COUNTS = [5, 16, 3]
 
 
-@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"])
+@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph", "layout"])
 def test_fixed_shape_runners_use_the_fp8_weights_and_follow_new_ones(mode, monkeypatch):
     """Graphs read the FP8 weight cache: the engine requantises it in place before each run, so weights changed
     after a graph was built reach it. Each round, the runners built in the first decode exactly what a new plain
-    fixed-shape engine decodes (same shapes, same arithmetic; compile: traced with fullgraph, run as traced), and
-    the decoded pixels are FP8's (not the default precision's, which a stale or missing cache would give)."""
+    fixed-shape engine decodes (same shapes, same arithmetic; compile: traced with fullgraph, run as traced; a
+    graph of a batch's layout: what a new eager engine decodes), and the decoded pixels are FP8's (not the default
+    precision's, which a stale or missing cache would give)."""
     if mode == "compile":
         import torch._inductor.compile_fx as compile_fx
 
@@ -182,7 +183,7 @@ def test_fixed_shape_runners_use_the_fp8_weights_and_follow_new_ones(mode, monke
     engine = engine_for(model, mode, monkeypatch, budgets=(256,), max_clips=4)
     rounds = []
     for _ in range(2):
-        fresh = engine_for(model, "static", monkeypatch, budgets=(256,), max_clips=4)
+        fresh = engine_for(model, "eager" if mode == "layout" else "static", monkeypatch, budgets=(256,), max_clips=4)
         _, want = fresh.encode(videos, COUNTS)
         _, got = engine.encode(videos, COUNTS)
         assert all(torch.equal(a, b) for a, b in zip(got["indices"], want["indices"], strict=True))

@@ -39,11 +39,12 @@ def test_triton_backend_matches_oracle_fp32(models):
         assert rel_l2(r.cpu(), rr) <= 1e-4
 
 
-@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph"])
+@pytest.mark.parametrize("mode", ["static", "compile", "cudagraph", "layout"])
 def test_fixed_shape_path_matches_packed_path(models, mode, monkeypatch):
     """Token budget, device-side cu_seqlens, padding rows: the same tokens and the same videos. ``compile``
     checks the kernels' custom ops under torch.compile (fake shapes, declared mutation): one graph per stage.
-    ``cudagraph`` captures real CUDA graphs on a GPU and runs on the CPU stand-in for them elsewhere."""
+    ``cudagraph`` captures real CUDA graphs on a GPU and runs on the CPU stand-in for them elsewhere; so does
+    ``layout`` (auto's graphs of a batch's own layout: the packed path captured), one graph per layout."""
     model, _ = models
     videos = [v.to(DEVICE) for v in random_videos(SHAPES)]
     _, out = model.encode(videos, COUNTS)
@@ -53,10 +54,10 @@ def test_fixed_shape_path_matches_packed_path(models, mode, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got["indices"], out["indices"], strict=True))
     for r, rr in zip(engine.decode_indices(out["indices"], SHAPES), recon, strict=True):
         assert rel_l2(r, rr) <= 1e-5
-    if mode in ("compile", "cudagraph"):
+    if mode in ("compile", "cudagraph", "layout"):
         _, again = engine.encode(videos[::-1], COUNTS[::-1])  # new contents, same budget: no new graph
         assert all(torch.equal(a, b) for a, b in zip(again["indices"], out["indices"][::-1], strict=True))
-        assert engine.compiles == 2
+        assert engine.compiles == (2 if mode != "layout" else 3)  # (a new layout: its graph)
 
 
 def test_bf16_not_below_oracle_noise_floor():
@@ -104,6 +105,21 @@ def test_bf16_cudagraph_engine_gives_the_models_tokens(monkeypatch):
         noise = rel_l2(rr.float(), r32)
         assert 0 < noise < 2e-2  # the floor is real and of bf16's size
         assert r.dtype == torch.bfloat16 and rel_l2(r.float(), rr.float()) <= noise
+
+
+def test_bf16_layout_graphs_are_the_eager_engines_tokens_and_pixels_exactly(monkeypatch):
+    """auto's graphs of a batch's own layout run the eager path's kernels on its shapes: in bf16 too, where a
+    padded graph may round otherwise (above), the tokens and pixels of an eager engine batching alike, exactly."""
+    model = make_model("tiny", "triton").to(DEVICE, torch.bfloat16)
+    videos = [v.to(DEVICE, torch.bfloat16) for v in random_videos(SHAPES)]
+    eager = Engine(model, mode="eager", budgets=(48,))  # two batches: clips 0 and 1, then clip 2
+    layout = engine_for(model, "layout", monkeypatch, budgets=(48,))
+    (codes, want), (got_codes, got) = (e.encode(videos, COUNTS) for e in (eager, layout))
+    assert torch.equal(got_codes, codes)
+    assert all(torch.equal(a, b) for a, b in zip(got["indices"], want["indices"], strict=True))
+    pixels = [e.decode_indices(want["indices"], SHAPES) for e in (eager, layout)]
+    assert all(torch.equal(a, b) for a, b in zip(*pixels, strict=True))
+    assert layout.compiles == 4 and all(p.dtype == torch.bfloat16 for p in pixels[1])
 
 
 def test_packed_indices_of_any_integer_dtype_and_stride_decode_alike(models):

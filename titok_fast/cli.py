@@ -702,9 +702,9 @@ def _add_model_args(
         "--mode",
         choices=("auto", "eager", "compile", "cudagraph"),
         default="auto",
-        help="auto: per batch, a CUDA graph for small batches on CUDA and eager otherwise (a fixed rule on shape and "
-        "device); eager: batches at their exact size; compile: torch.compile per token budget; cudagraph: a CUDA "
-        "graph per token budget (default auto)",
+        help="auto: per batch, a CUDA graph of the batch's own layout for small batches on CUDA and eager otherwise "
+        "(a fixed rule on shape and device); eager: batches at their exact size; compile: torch.compile per token "
+        "budget; cudagraph: a CUDA graph per token budget, batches padded to it (default auto)",
     )
     if decodes:  # (FP8 runs in the decoder only: titok_fast/fp8.py)
         p.add_argument(

@@ -13,8 +13,11 @@ Modes:
   the budget and its layout lives in persistent buffers refilled per batch, so batches never recompile.
 - ``cudagraph``: one CUDA graph per (stage, budget), captured after a warm-up and replayed with refilled buffers.
 - ``auto``: per batch, by a fixed rule on its stage, shape and the device (never by timing, see
-  :func:`auto_mode`): ``cudagraph`` for a small encode batch on CUDA, where launch overhead dominates and a graph
-  removes it, else ``eager``, which never pays for padding.
+  :func:`auto_mode`): on CUDA a small batch, where launch overhead dominates, runs as a CUDA graph of its own
+  layout: the eager path captured for that batch's clip shapes and token counts, so nothing is padded, and the
+  last layer's shortcut and the decoder's table input are kept. An engine keeps :data:`LAYOUT_GRAPHS` of them
+  per stage, captured at each layout's first batch; a small batch of any other layout runs as ``cudagraph``
+  (encode) or ``eager`` (decode), and so does a large batch (``eager``, which never pays for padding).
 
 An out-of-memory error during a batch splits it in two and retries; a single clip that does not fit is an error
 naming it. Nothing is lost.
@@ -44,17 +47,20 @@ import torch
 from . import fp8
 from .checks import PendingValueCheck, check_clip_indices, check_grids, check_token_counts, check_videos
 from .model import TiTok, upstream_argument_order
-from .packing import Packing, StaticBatch
+from .packing import Packing, PackingCache, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768, 65536)
 CAPTURE_MODE = "thread_local"  # a capture refuses unsafe CUDA calls of its own thread only (module header)
 MODES = ("auto", "eager", "static", "compile", "cudagraph")
-# auto: the largest encode batch (packed rows) that runs as a CUDA graph. Measured on an H200 (benchmarks/RESULTS.md):
-# graphs won at batch 1 (3136-3904 rows: encode 1.34-1.63x, then 2.70x) and lost at batch 8 and up (25k+ rows:
-# 0.78-0.96x, the padding to the budget costing more than the launches saved). Decode batches never won: ~1.0x,
-# then 0.95x at batch 1, so they run eager.
+# auto: the largest batch (packed rows) that runs as a CUDA graph. Measured on an H200 (benchmarks/RESULTS.md) with
+# graphs padded to a budget: they won for encode at batch 1 (3136-3904 rows: 1.34-1.63x eager, then 2.70x) and lost
+# at batch 8 and up (25k+ rows: 0.78-0.96x, the padding costing more than the launches saved); for decode, which
+# also lost its table input and last-layer shortcut in them, ~1.0x, then 0.95x at batch 1. A graph of the batch's
+# own layout (LAYOUT_GRAPHS) pads nothing and keeps both, so it does the eager path's device work without its
+# launches: decode batches of this size take one too, and a padded one never (eager instead).
 AUTO_GRAPH_MAX_ROWS = 8192
+LAYOUT_GRAPHS = 16  # auto: the layouts (clip shapes and token counts of a batch) an engine keeps a graph of, per stage
 PADDING = 0.0  # what the fixed-shape path's input rows hold where no patch is
 TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
@@ -166,9 +172,17 @@ def plan_batches(rows: Sequence[int], budgets: Sequence[int], max_clips: int) ->
 
 def auto_mode(rows: int, device: torch.device, budgets: Sequence[int] = DEFAULT_BUDGETS, stage: str = "encode") -> str:
     """The mode ``auto`` runs a ``stage`` ("encode" or "decode") batch of ``rows`` packed rows in on ``device``:
-    ``"cudagraph"`` for an encode batch on CUDA when the budget it would be padded to (the smallest of ``budgets``
-    that holds it) is at most ``AUTO_GRAPH_MAX_ROWS`` rows, else ``"eager"`` (a decode batch always)."""
-    if device.type != "cuda" or stage != "encode" or rows > max(budgets):
+    ``"layout"`` (a CUDA graph of the batch's own layout) for a batch of at most ``AUTO_GRAPH_MAX_ROWS`` rows on
+    CUDA, else ``"eager"``. An engine that holds :data:`LAYOUT_GRAPHS` layouts of the stage already runs a new one
+    as :func:`padded_mode` says."""
+    return "layout" if device.type == "cuda" and rows <= AUTO_GRAPH_MAX_ROWS else "eager"
+
+
+def padded_mode(rows: int, budgets: Sequence[int], stage: str) -> str:
+    """What ``auto`` runs a small batch in once its engine keeps no more layouts: ``"cudagraph"`` for an encode
+    batch whose budget (the smallest of ``budgets`` that holds it) is at most ``AUTO_GRAPH_MAX_ROWS`` rows, else
+    ``"eager"`` (a decode batch always: a padded graph never beat eager for the decoder)."""
+    if stage != "encode" or rows > max(budgets):
         return "eager"
     return "cudagraph" if pick_budget(rows, budgets) <= AUTO_GRAPH_MAX_ROWS else "eager"
 
@@ -199,6 +213,17 @@ def _clip_named(key: object) -> Callable[[int], str]:
 def pick_budget(rows: int, budgets: Sequence[int]) -> int:
     """The smallest budget that holds ``rows``."""
     return min(b for b in budgets if b >= rows)
+
+
+@dataclass
+class _Layout:
+    """A CUDA graph of the eager path for one layout: its input buffer (encode: patch rows [sum G, 768]; decode:
+    indices int32 [sum n]), refilled per batch, and the packing and RoPE tables the graph reads, held with it."""
+
+    inputs: torch.Tensor
+    pack: Packing
+    cache: PackingCache
+    replay: Callable[[], torch.Tensor | tuple]
 
 
 @dataclass
@@ -236,9 +261,10 @@ class Engine:
         self._requested_budgets = tuple(sorted(set(budgets)))
         self.budgets = self._usable_budgets(stacklevel=3)
         self.max_clips = max_clips
-        self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured (mode "cudagraph")
+        self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured ("cudagraph", "auto")
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
+        self._layouts: dict[tuple[str, tuple, tuple], _Layout] = {}  # (stage, token counts, grids) -> its graph
         self._copy_stream = None  # CUDA side stream for the copies of a batch's inputs in host memory
         # one batch at a time: threads sharing this engine would refill one another's buffers (module header)
         self._batch_lock = threading.RLock()
@@ -282,6 +308,7 @@ class Engine:
             raise ValueError(f"mode 'cudagraph' needs the model on a CUDA device, it was moved to {state[1]}")
         self._buffers.clear()
         self._runners.clear()
+        self._layouts.clear()
         self._table = self._table_source = None
         if state[1] != self._built_for[1]:
             self._graph_pool = self._capture_stream = None  # a memory pool and a stream of the graphs' device
@@ -515,6 +542,10 @@ class Engine:
         mode, budget = self._plan(counts, grids, "encode")
         if mode == "eager":
             codes, indices = model.encode_packed(patches, model.packing(counts, grids))
+        elif mode == "layout":
+            layout = self._layout("encode", counts, grids)
+            layout.inputs.copy_(patches)
+            codes, indices = layout.replay()
         else:
             buffers = self._static_buffers("encode", budget)
             pack = self._fill_layout(buffers.batch, counts, grids)
@@ -535,6 +566,12 @@ class Engine:
         if mode == "eager":
             pack = model.packing(counts, grids)
             return model.videos_from_rows(model.decode_packed(torch.cat(indices), pack), pack, shapes)
+        if mode == "layout":
+            layout = self._layout("decode", counts, grids)
+            layout.inputs.copy_(torch.cat(indices))
+            self._decoder_table()  # refreshed in place if the weights changed since the graph was captured
+            videos = model.videos_from_rows(layout.replay(), layout.pack, shapes)
+            return [v.clone() for v in videos]
         buffers = self._static_buffers("decode", budget)
         pack = self._fill_layout(buffers.batch, counts, grids)
         buffers.inputs.zero_()
@@ -549,6 +586,11 @@ class Engine:
         fixed."""
         rows = sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True))
         mode = auto_mode(rows, self.model.device, self.budgets, stage) if self.mode == "auto" else self.mode
+        if mode == "layout":
+            kept = sum(key[0] == stage for key in self._layouts)
+            if (stage, tuple(counts), tuple(grids)) in self._layouts or kept < LAYOUT_GRAPHS:
+                return mode, 0
+            mode = padded_mode(rows, self.budgets, stage)
         if mode == "eager":
             return mode, 0
         if rows > self.budgets[-1]:
@@ -607,6 +649,34 @@ class Engine:
         batch.is_latent[pack.latent_rows] = True
         return pack
 
+    def _layout(self, stage: str, counts: list[int], grids: list) -> _Layout:
+        """The graph of this layout, captured at its first batch. It runs the model's packed path on a packing and
+        RoPE tables of its own cache (nothing another call does to the model's caches frees what it reads) and,
+        for decode, on the engine's copy of the code table (refilled in place when the weights change)."""
+        fp8.refresh(self.model)  # graphs read the FP8 weights by address: requantised in place if weights changed
+        key = (stage, tuple(counts), tuple(grids))
+        if key not in self._layouts:
+            model, device, cache = self.model, self.model.device, PackingCache()
+            pack = cache.packing(counts, grids, device)
+            with fp8.outside_inference_mode():  # refilled in place by every batch, in whatever mode it runs
+                if stage == "encode":
+                    inputs = torch.zeros(pack.num_patches, model.config.patch_dim, dtype=model.dtype, device=device)
+                else:
+                    inputs = torch.zeros(pack.num_tokens, dtype=torch.int32, device=device)
+            if stage == "encode":
+                model.fsq_constants()  # made now, not during the capture
+
+                def run():
+                    return model.encode_packed(inputs, pack, cache)
+            else:
+                table = self._decoder_table()
+
+                def run():
+                    return model.decode_packed(inputs, pack, cache, table)
+
+            self._layouts[key] = _Layout(inputs, pack, cache, self._captured(run))
+        return self._layouts[key]
+
     def _replay(self, stage: str, budget: int, mode: str):
         fp8.refresh(self.model)  # graphs read the FP8 weights by address: requantised in place if weights changed
         key = (stage, budget)
@@ -638,11 +708,17 @@ class Engine:
                 return out
 
             return run
-        # cudagraph: warm up on a side stream (Triton autotuning, allocator), then capture once on it. By hand, not
-        # with torch.cuda.graph: entering that syncs the device and empties the device and pinned-memory caches (a
-        # run's decoding threads would pin all theirs again), and its default stream is made on whichever GPU was
-        # current at the process's first capture. Every capture of an engine uses one stream, as its pool is shared.
-        device = model.device
+        return self._captured(lambda: fn(*args))
+
+    def _captured(self, fn: Callable[[], torch.Tensor | tuple]) -> Callable[[], torch.Tensor | tuple]:
+        """A CUDA graph of ``fn()``'s device work, as a function that replays it and returns its outputs.
+
+        Warmed up on a side stream (Triton autotuning, allocator, caches filled), then captured once on it. By
+        hand, not with torch.cuda.graph: entering that syncs the device and empties the device and pinned-memory
+        caches (a run's decoding threads would pin all theirs again), and its default stream is made on whichever
+        GPU was current at the process's first capture. Every capture of an engine uses one stream, as its pool is
+        shared."""
+        device = self.model.device
         with torch.cuda.device(device):
             if self._capture_stream is None:
                 self._capture_stream = torch.cuda.Stream(device)
@@ -651,12 +727,12 @@ class Engine:
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    fn(*args)
+                    fn()
                 graph = torch.cuda.CUDAGraph()
                 with _CAPTURE_LOCK:  # one capture at a time in the process
                     graph.capture_begin(pool=self._graph_pool, capture_error_mode=CAPTURE_MODE)
                     try:
-                        out = fn(*args)
+                        out = fn()
                     finally:
                         graph.capture_end()
             torch.cuda.current_stream(device).wait_stream(stream)
