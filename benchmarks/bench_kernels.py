@@ -9,7 +9,7 @@ Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (en
 32/8 heads, mixed sequence lengths 1152..3904), providers
 - ``titok``: the fused Triton kernels (q/k norm + M-RoPE prologue, GQA flash attention);
 - ``titok_prologue``: that prologue alone (its share of ``titok``'s time; GB/s of the q/k columns read and
-  written, no TFLOP/s);
+  written, no TFLOP/s); ``test_prologue_heads`` times it with 1, 2, 4 (the default) and 8 heads per program;
 - ``torch_flash``: q/k LayerNorm + M-RoPE in PyTorch (fp32 math), then PyTorch's varlen flash attention (GQA);
 - ``upstream``: as upstream: norms in bf16, rotation in complex128, then the same flash attention;
 - anchors, attention alone on already normalised and rotated q/k (``anchors.py``; what does not change between
@@ -176,6 +176,24 @@ def test_attention_blocks(benchmark, side, blocks):
     mean = _timed(benchmark, lambda: mrope_attention(*args, hq, hkv, blocks=blocks))
     _extra_info(benchmark, f"titok[{blocks}]")
     benchmark.extra_info.update(tflops_per_s=flops / mean / 1e12, heads=f"{hq}/{hkv}", rows=int(inputs["cu"][-1]))
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("side", list(SIDES))
+def test_prologue_heads(benchmark, side, heads):
+    """The q/k norm + M-RoPE prologue alone with each number of heads per program (``NORM_CONFIG["HEADS"]``, the
+    default, 4; a second grid axis runs the head groups), on ``test_attention``'s inputs: GB/s of the q/k columns
+    read and written."""
+    benchmark.group = f"kernel-prologue-heads-{side}-{SIDES[side][0]}q{SIDES[side][1]}kv"
+    hq, hkv = SIDES[side]
+    inputs, _ = _attention_inputs(hq, hkv)
+    qkv, cu = inputs["qkv"], inputs["cu"]
+    qk = torch.empty(qkv.shape[0], (hq + hkv) * 64, dtype=qkv.dtype, device=qkv.device)
+    args = (qkv, qk, *inputs["norms"], cu, inputs["positions"], inputs["cos"], inputs["sin"], hq, hkv)
+    mean = _timed(benchmark, lambda: qk_norm_rope(*args, heads_per_program=heads))
+    _extra_info(benchmark, f"titok_prologue[{heads} heads]")
+    moved = 2 * qk.numel() * qk.element_size()  # the q/k columns read, then written
+    benchmark.extra_info.update(gb_per_s=moved / mean / 1e9, heads=f"{hq}/{hkv}", rows=int(cu[-1]))
 
 
 @pytest.mark.parametrize("provider", ["titok", "torch"])

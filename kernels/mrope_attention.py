@@ -2,7 +2,8 @@
 
 Fused: per-head LayerNorm of q and k, their M-RoPE rotation, and non-causal softmax attention within each
 packed sequence (scale 1/8, grouped-query heads), written head-major as ``[rows, Hq * 64]`` for ``out_proj``.
-Two launches: ``_qk_norm_rope_kernel`` normalises and rotates every q and k head once, then
+Two launches: ``_qk_norm_rope_kernel`` normalises and rotates every q and k head once (a program per block of
+rows and group of heads), then
 ``_attention_kernel`` (FlashAttention-2 style, fp32 online softmax in base 2) runs one program per block of
 query rows and KV head, with the ``G = Hq / Hkv`` query heads of that KV head stacked along the M dimension of
 one ``tl.dot`` so that each K/V tile load serves the whole group.
@@ -112,18 +113,6 @@ def _rotations(pos_ptr, stride_pos, cos_ptr, sin_ptr, o_r, m_r):
 
 
 @triton.jit
-def _norm_rotate_head(
-    p_in, p_out, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS: tl.constexpr
-):
-    """``_norm_rotate`` of one head's 64 values of ROWS rows, loaded from p_in and stored at p_out (pointers to
-    column 0 of the head in row 0)."""
-    o_d = tl.arange(0, 64)
-    b_x = tl.load(p_in + o_r[:, None] * stride_in + o_d[None, :], mask=m_r[:, None], other=0.0)
-    b_rot = _norm_rotate(b_x, b_w, b_b, b_cos, b_sin, eps, p_out.dtype.element_ty, ROWS)
-    tl.store(p_out + o_r[:, None] * stride_out + o_d[None, :], b_rot, mask=m_r[:, None])
-
-
-@triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr,  # [R, (Hq + 2 Hkv) * 64], row stride stride_in, last dim contiguous
     qk_ptr,  # [R, (Hq + Hkv) * 64] output (may be qkv_ptr itself), row stride stride_out
@@ -133,28 +122,39 @@ def _qk_norm_rope_kernel(
     cu_seqlens_ptr,  # int32 [B + 1]
     num_rows, num_seqs, num_q_heads, num_kv_heads, stride_in, stride_out, stride_pos, eps,
     ROWS: tl.constexpr,
+    HEADS: tl.constexpr,  # heads per program: program (i, g) takes rows block i, head group g
     Q_HEADS: tl.constexpr,  # False: the k heads only (the attention kernel normalises q as it loads it)
 ):
+    """Head groups: the q heads in groups of HEADS (with Q_HEADS), then the k heads in groups of HEADS. A program
+    loads its group's heads of its rows as one [HEADS * ROWS, 64] tile (line j: head j // ROWS, row j % ROWS;
+    heads past its kind's last masked), so all of its loads are in flight at once, then normalises, rotates and
+    stores it (qk may alias qkv: a store before a later head's load would keep the loads apart)."""
     o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    m_r = (o_r < num_rows) & (o_r >= tl.load(cu_seqlens_ptr)) & (o_r < tl.load(cu_seqlens_ptr + num_seqs))
-    o_r = o_r.to(tl.int64)
-    b_cos, b_sin = _rotations(pos_ptr, stride_pos, cos_ptr, sin_ptr, o_r, m_r)
+    start, stop = tl.load(cu_seqlens_ptr), tl.load(cu_seqlens_ptr + num_seqs)
+    m_r = (o_r < num_rows) & (o_r >= start) & (o_r < stop)
+    b_cos, b_sin = _rotations(pos_ptr, stride_pos, cos_ptr, sin_ptr, o_r.to(tl.int64), m_r)
+    b_cos = tl.reshape(tl.broadcast_to(b_cos[None, :, :], (HEADS, ROWS, 32)), (HEADS * ROWS, 32))
+    b_sin = tl.reshape(tl.broadcast_to(b_sin[None, :, :], (HEADS, ROWS, 32)), (HEADS * ROWS, 32))
 
+    group = tl.program_id(1)
+    q_groups = tl.cdiv(num_q_heads, HEADS) if Q_HEADS else 0
     o_d = tl.arange(0, 64)
-    if Q_HEADS:
+    if group < q_groups:
+        first, end = group * HEADS, num_q_heads
         b_w = tl.load(q_w_ptr + o_d).to(tl.float32)
         b_b = tl.load(q_b_ptr + o_d).to(tl.float32)
-        for h in range(num_q_heads):
-            _norm_rotate_head(
-                qkv_ptr + h * 64, qk_ptr + h * 64, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps,
-                ROWS,
-            )  # fmt: skip
-    b_w = tl.load(k_w_ptr + o_d).to(tl.float32)
-    b_b = tl.load(k_b_ptr + o_d).to(tl.float32)
-    for h in range(num_q_heads, num_q_heads + num_kv_heads):
-        _norm_rotate_head(
-            qkv_ptr + h * 64, qk_ptr + h * 64, stride_in, stride_out, o_r, m_r, b_w, b_b, b_cos, b_sin, eps, ROWS
-        )
+    else:
+        first, end = num_q_heads + (group - q_groups) * HEADS, num_q_heads + num_kv_heads
+        b_w = tl.load(k_w_ptr + o_d).to(tl.float32)
+        b_b = tl.load(k_b_ptr + o_d).to(tl.float32)
+    o_line = tl.arange(0, HEADS * ROWS)
+    o_h = first + o_line // ROWS
+    o_lr = tl.program_id(0) * ROWS + o_line % ROWS
+    m = (o_lr < num_rows) & (o_lr >= start) & (o_lr < stop) & (o_h < end)
+    o_lr = o_lr.to(tl.int64)
+    b_x = tl.load(qkv_ptr + o_lr[:, None] * stride_in + o_h[:, None] * 64 + o_d[None, :], mask=m[:, None], other=0.0)
+    b_rot = _norm_rotate(b_x, b_w, b_b, b_cos, b_sin, eps, qk_ptr.dtype.element_ty, HEADS * ROWS)
+    tl.store(qk_ptr + o_lr[:, None] * stride_out + o_h[:, None] * 64 + o_d[None, :], b_rot, mask=m[:, None])
 
 
 @triton.jit
@@ -284,9 +284,14 @@ def _attention_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# prologue: 16 rows x 64 values per head step (8 per thread), heads looped inside the program so that each
-# program gathers its rows' cos/sin once; memory bound, small tiles keep many programs in flight.
-NORM_CONFIG = dict(ROWS=16, num_warps=4)
+# prologue: 16 rows x 4 heads (HEADS) x 64 values per program, loaded as one tile (32 values per thread, all in
+# flight together: sm_90 SASS issues the tile's loads before any arithmetic), 78 registers (Triton 3.6 and 3.9).
+# Memory bound: what keeps it fed is bytes in flight. Each program gathers its rows' cos/sin once for its 4 heads;
+# head groups are a second grid axis, so V1's encoder (16 q + 4 k heads) runs 5 programs per row block and its
+# decoder (32 + 8) 10, none with a masked head. It looped over all the heads of a row block in one program
+# before, a head at a time: 0.050 ms for the 9984-row V1 mix on an H200 (RESULTS.md), 1.0 TB/s, a fifth of the
+# card's bandwidth. Not timed yet: bench_kernels.py::test_prologue_heads compares 1, 2, 4 and 8 heads.
+NORM_CONFIG = dict(ROWS=16, HEADS=4, num_warps=4)
 
 
 class Blocks(NamedTuple):
@@ -425,15 +430,19 @@ def qk_norm_rope(
     num_kv_heads: int,
     eps: float = 1e-5,
     q_heads: bool = True,
+    heads_per_program: int | None = None,
 ) -> None:
     """``mrope_attention``'s prologue alone: the q and k heads (``q_heads=False``: the k heads only) of qkv's rows
     before ``cu_seqlens[-1]``, LayerNormed and rotated, into qk [R, (Hq + Hkv) * 64] of qkv's dtype (last dim
     contiguous; qk may be qkv itself). Arguments as ``mrope_attention``'s, which checks them; this does not (it is
-    what the benchmarks time on its own)."""
-    _qk_norm_rope_kernel[(triton.cdiv(qkv.shape[0], NORM_CONFIG["ROWS"]),)](
+    what the benchmarks time on its own). ``heads_per_program``: NORM_CONFIG's HEADS unless given (benchmarks)."""
+    config = dict(NORM_CONFIG, HEADS=heads_per_program or NORM_CONFIG["HEADS"])
+    heads = config["HEADS"]
+    groups = (triton.cdiv(num_q_heads, heads) if q_heads else 0) + triton.cdiv(num_kv_heads, heads)
+    _qk_norm_rope_kernel[(triton.cdiv(qkv.shape[0], config["ROWS"]), groups)](
         qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, positions, cos, sin, cu_seqlens,
         qkv.shape[0], cu_seqlens.numel() - 1, num_q_heads, num_kv_heads, qkv.stride(0), qk.stride(0),
-        positions.stride(0), eps, Q_HEADS=q_heads, **NORM_CONFIG,
+        positions.stride(0), eps, Q_HEADS=q_heads, **config,
     )  # fmt: skip
 
 

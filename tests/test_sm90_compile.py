@@ -40,10 +40,11 @@ def _attention(dtype, group, has_q_starts, blocks=None):
     return "_attention_kernel", mrope, config, ptrs
 
 
-def _norm_rope(dtype, q_heads=True):
+def _norm_rope(dtype, q_heads=True, heads=None):
     ptrs = dict.fromkeys(["qkv_ptr", "qk_ptr", "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr"], TYPE[dtype])
     ptrs.update(pos_ptr="i32", cos_ptr="fp32", sin_ptr="fp32", cu_seqlens_ptr="i32")
-    return "_qk_norm_rope_kernel", mrope, dict(mrope.NORM_CONFIG, Q_HEADS=q_heads), ptrs
+    config = dict(mrope.NORM_CONFIG, Q_HEADS=q_heads)
+    return "_qk_norm_rope_kernel", mrope, dict(config, HEADS=heads or config["HEADS"]), ptrs
 
 
 def _encoder_head(dtype, width, dim):
@@ -89,6 +90,8 @@ CASES = {
     "norm_rope-fp16": _norm_rope(torch.float16),
     "norm_rope-fp32": _norm_rope(torch.float32),
     "norm_rope-bf16-k-only": _norm_rope(torch.bfloat16, q_heads=False),
+    # the other heads per program a GPU benchmark compares (bench_kernels.py::test_prologue_heads)
+    **{f"norm_rope-bf16-heads{h}": _norm_rope(torch.bfloat16, heads=h) for h in (1, 2, 8)},
     "encoder_head-bf16-W1024": _encoder_head(torch.bfloat16, 1024, 5),
     "encoder_head-bf16-W2048": _encoder_head(torch.bfloat16, 2048, 5),
     "encoder_head-fp16-W512-D4": _encoder_head(torch.float16, 512, 4),
