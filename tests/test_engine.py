@@ -3,6 +3,7 @@
 import contextlib
 import random
 import threading
+import warnings
 
 import pytest
 import torch
@@ -877,6 +878,36 @@ def test_layout_graphs_replay_the_eager_path_bit_for_bit_up_to_a_cap(model, expe
     for _, out, want in rounds:  # (what a round got is its own: the next round's replays wrote elsewhere)
         assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
     assert not torch.equal(rounds[1][0][0], indices[order[0]])  # the second round's contents were new
+
+
+def test_a_layout_graph_that_cannot_be_captured_is_said_once_and_small_batches_are_padded(
+    model, expected, monkeypatch
+):
+    """A capture that fails (here a host read in the packed path, which a capturing stream refuses) costs no clip:
+    one warning, then this engine runs small batches as before it had layout graphs (encode padded to a budget,
+    decode eager), and tries no other layout."""
+    videos, _, indices, recon = expected
+    engine = engine_for(model, "layout", monkeypatch, budgets=(64, 256), max_clips=2)
+    latents = model.encoder.latents
+
+    def reading_a_value(patches, pack, cache=None):
+        patches.sum().item()
+        return latents(patches, pack, cache)
+
+    monkeypatch.setattr(model.encoder, "latents", reading_a_value)  # (the packed path's only: not the padded one)
+    with pytest.warns(UserWarning) as said:
+        _, got = engine.encode(videos, COUNTS)
+    assert [str(w.message) for w in said] == [
+        "could not capture a CUDA graph of a batch's own layout (encode: CaptureError: aten._local_scalar_dense."
+        "default syncs with the host: operation not permitted when stream is capturing); this engine pads its small "
+        "batches to a token budget instead"
+    ]
+    assert all(torch.equal(g, i) for g, i in zip(got["indices"], indices, strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = engine.decode_indices(list(indices), SHAPES)
+    assert all(rel_l2(o, r) <= 1e-5 for o, r in zip(out, recon, strict=True))
+    assert not engine._layouts and engine.compiles == 1  # the padded encode graph (each batch fits 64 rows)
 
 
 def test_padding_rows_hold_nan_and_never_reach_a_clip(model, expected, monkeypatch):

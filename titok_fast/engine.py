@@ -265,6 +265,7 @@ class Engine:
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
         self._layouts: dict[tuple[str, tuple, tuple], _Layout] = {}  # (stage, token counts, grids) -> its graph
+        self._layouts_failed = False  # a layout's capture failed: this engine pads small batches instead
         self._copy_stream = None  # CUDA side stream for the copies of a batch's inputs in host memory
         # one batch at a time: threads sharing this engine would refill one another's buffers (module header)
         self._batch_lock = threading.RLock()
@@ -540,10 +541,12 @@ class Engine:
         grids = [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos]
         patches = torch.cat([patchify(v, cfg.patch_size) for v in videos])
         mode, budget = self._plan(counts, grids, "encode")
+        layout = self._layout("encode", counts, grids) if mode == "layout" else None
+        if mode == "layout" and layout is None:  # its capture failed: padded, as every small batch from now on
+            mode, budget = self._plan(counts, grids, "encode")
         if mode == "eager":
             codes, indices = model.encode_packed(patches, model.packing(counts, grids))
-        elif mode == "layout":
-            layout = self._layout("encode", counts, grids)
+        elif layout is not None:
             layout.inputs.copy_(patches)
             codes, indices = layout.replay()
         else:
@@ -563,11 +566,13 @@ class Engine:
         counts = [idx.numel() for idx in indices]
         grids = [patch_grid(s, cfg.patch_size) for s in shapes]
         mode, budget = self._plan(counts, grids, "decode")
+        layout = self._layout("decode", counts, grids) if mode == "layout" else None
+        if mode == "layout" and layout is None:  # its capture failed: eager, as every small batch from now on
+            mode, budget = self._plan(counts, grids, "decode")
         if mode == "eager":
             pack = model.packing(counts, grids)
             return model.videos_from_rows(model.decode_packed(torch.cat(indices), pack), pack, shapes)
-        if mode == "layout":
-            layout = self._layout("decode", counts, grids)
+        if layout is not None:
             layout.inputs.copy_(torch.cat(indices))
             self._decoder_table()  # refreshed in place if the weights changed since the graph was captured
             videos = model.videos_from_rows(layout.replay(), layout.pack, shapes)
@@ -588,7 +593,8 @@ class Engine:
         mode = auto_mode(rows, self.model.device, self.budgets, stage) if self.mode == "auto" else self.mode
         if mode == "layout":
             kept = sum(key[0] == stage for key in self._layouts)
-            if (stage, tuple(counts), tuple(grids)) in self._layouts or kept < LAYOUT_GRAPHS:
+            known = (stage, tuple(counts), tuple(grids)) in self._layouts
+            if not self._layouts_failed and (known or kept < LAYOUT_GRAPHS):
                 return mode, 0
             mode = padded_mode(rows, self.budgets, stage)
         if mode == "eager":
@@ -649,10 +655,11 @@ class Engine:
         batch.is_latent[pack.latent_rows] = True
         return pack
 
-    def _layout(self, stage: str, counts: list[int], grids: list) -> _Layout:
+    def _layout(self, stage: str, counts: list[int], grids: list) -> _Layout | None:
         """The graph of this layout, captured at its first batch. It runs the model's packed path on a packing and
         RoPE tables of its own cache (nothing another call does to the model's caches frees what it reads) and,
-        for decode, on the engine's copy of the code table (refilled in place when the weights change)."""
+        for decode, on the engine's copy of the code table (refilled in place when the weights change). None if
+        the capture failed (said once, in a warning): the engine then runs small batches padded, as before."""
         fp8.refresh(self.model)  # graphs read the FP8 weights by address: requantised in place if weights changed
         key = (stage, tuple(counts), tuple(grids))
         if key not in self._layouts:
@@ -674,7 +681,20 @@ class Engine:
                 def run():
                     return model.decode_packed(inputs, pack, cache, table)
 
-            self._layouts[key] = _Layout(inputs, pack, cache, self._captured(run))
+            try:
+                replay = self._captured(run)
+            except RuntimeError as error:
+                if _out_of_memory(error):
+                    raise
+                warnings.warn(
+                    f"could not capture a CUDA graph of a batch's own layout ({stage}: {type(error).__name__}: "
+                    f"{str(error)[:200]}); this engine pads its small batches to a token budget instead",
+                    stacklevel=2,
+                )
+                self._layouts_failed = True
+                self._graph_pool = self._capture_stream = None  # the next capture starts a new pool
+                return None
+            self._layouts[key] = _Layout(inputs, pack, cache, replay)
         return self._layouts[key]
 
     def _replay(self, stage: str, budget: int, mode: str):
