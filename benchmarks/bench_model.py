@@ -70,13 +70,13 @@ def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list, path
     return stack.flops(rows)  # "fixed" counts the same: the real rows only, the padding up to the budget is not
 
 
-def engine_paths(
+def engine_modes(
     rows: list[int], mode: str, device: torch.device, budgets, max_clips: int, stage: str = "encode", layouts=None
 ) -> list[tuple[list, str]]:
     """The batches an engine in ``mode`` runs ``stage`` clips of ``rows`` packed rows in (clip positions), each
-    with the path it takes (``"eager"`` or ``"fixed"``): batched and picked as ``Engine`` does. ``layouts``: each
-    clip's (shape, token count), which tell ``auto``'s graphs of a batch's layout (the eager path's work) from a
-    fresh engine's batches past its ``LAYOUT_GRAPHS`` layouts (padded); without them every layout is kept."""
+    with the mode it runs in (``auto`` picks ``"layout"``, ``"cudagraph"`` or ``"eager"``): batched and picked as
+    ``Engine`` does. ``layouts``: each clip's (shape, token count), which tell ``auto``'s graphs of a batch's layout
+    from a fresh engine's batches past its ``LAYOUT_GRAPHS`` layouts (padded); without them every layout is kept."""
     out, kept = [], set()
     for batch in plan_batches(rows, budgets, max_clips):
         total = sum(rows[i] for i in batch)
@@ -87,8 +87,14 @@ def engine_paths(
                 kept.add(key)
             else:
                 picked = padded_mode(total, budgets, stage)
-        out.append((batch, "eager" if picked in ("eager", "layout") else "fixed"))
+        out.append((batch, picked))
     return out
+
+
+def engine_paths(*args, **kwargs) -> list[tuple[list, str]]:
+    """:func:`engine_modes`' batches, each with the path its mode takes: ``"eager"`` (the packed path, also what a
+    graph of a batch's own layout replays) or ``"fixed"`` (padded to a budget)."""
+    return [(batch, "eager" if m in ("eager", "layout") else "fixed") for batch, m in engine_modes(*args, **kwargs)]
 
 
 def executed_flops(runner, config: TiTokConfig, stage: str, shapes: list, counts: list) -> tuple[float, str]:
@@ -183,8 +189,12 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
         torch=torch.__version__,
         threads=torch.get_num_threads(),
     )
-    if isinstance(runner, Engine):
-        benchmark.extra_info.update(mode=runner.mode, graphs=runner.compiles)  # graphs: compiled or captured
+    if isinstance(runner, Engine):  # graphs: compiled or captured; ran: the modes its batches ran in
+        rows = [n + g for n, g in zip(counts, _patches(runner.model.config, shapes), strict=True)]
+        modes = engine_modes(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips, stage,
+                             list(zip(shapes, counts, strict=True)))  # fmt: skip
+        ran = ",".join(sorted({m for _, m in modes}))
+        benchmark.extra_info.update(mode=runner.mode, graphs=runner.compiles, ran=ran)
     if device == "cuda":
         benchmark.extra_info.update(
             peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, mfu=flops / mean / H100_DENSE_BF16

@@ -79,6 +79,29 @@ def test_ratios_never_mix_runs(tmp_path):
     assert rows["fp8 >= 1.3x bf16 (auto), decode b32"] == ("1.11x", "**missed**")  # against fp8.jsonl's own auto
 
 
+def test_auto_below_eager_on_eagers_own_path_within_the_rounds_spread_is_met(tmp_path):
+    """Where auto ran every batch eager (the bench's ``ran``: the same code), a ratio below 1 is the rounds' noise:
+    met when the two rows' timed rounds overlap; judged by the number when they do not, or when auto ran another
+    path."""
+    _write(tmp_path / "encode.jsonl", [
+        _clips("encode", 32, "eager", 700.0, ms_min=45.3, ms_max=47.2, ran="eager"),
+        _clips("encode", 32, "auto", 680.0, ms_min=47.1, ms_max=47.9, ran="eager"),
+        _clips("encode", 8, "eager", 700.0, ms_min=11.0, ms_max=11.2, ran="eager"),
+        _clips("encode", 8, "auto", 650.0, ms_min=12.0, ms_max=12.3, ran="eager"),  # apart: the number
+    ])  # fmt: skip
+    _write(tmp_path / "decode.jsonl", [
+        _clips("decode", 1, "eager", 176.0, ms_min=5.5, ms_max=5.9, ran="eager"),
+        _clips("decode", 1, "auto", 170.0, ms_min=5.7, ms_max=6.1, ran="layout"),  # another path: the number
+    ])  # fmt: skip
+    rows = _rows(report(tmp_path))
+    assert rows["auto >= 1.0x eager, encode b32"] == (
+        "0.97x (auto ran eager's path; rounds 47.10-47.90 vs 45.30-47.20 ms)",
+        "**met** (same path, within the rounds' spread)",
+    )
+    assert rows["auto >= 1.0x eager, encode b8"] == ("0.93x", "**missed**")
+    assert rows["auto >= 1.0x eager, decode b1"] == ("0.97x", "**missed**")
+
+
 def test_a_ratio_takes_both_numbers_from_the_latest_run_that_measured_both(tmp_path):
     _write(tmp_path / "encode.jsonl", [
         _clips("encode", 32, "upstream-packed", 300.0, run="a"), _clips("encode", 32, "auto", 780.0, run="a"),
