@@ -34,8 +34,9 @@ import time
 import pytest
 import torch
 
+from titok_fast import engine as engine_module
 from titok_fast.config import TiTokConfig
-from titok_fast.engine import LAYOUT_GRAPHS, Engine, auto_mode, padded_mode, plan_batches
+from titok_fast.engine import Engine, auto_mode, padded_mode, plan_batches
 from titok_fast.loading import random_tokenizer
 from titok_fast.model import TiTok
 from titok_fast.patches import patch_grid
@@ -47,6 +48,7 @@ CUDA = torch.cuda.is_available()
 H100_DENSE_BF16 = 989e12  # FLOP/s, the card's dense bf16 peak, for MFU (of the FLOPs executed: executed_flops)
 RUN = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"  # this process's rows in the log
 _MODELS: dict = {}
+WARM_UPS = 2  # calls of a case before its timed rounds (an auto engine captures a small batch's layout at the second)
 FLOP_COUNTS = {  # what a FLOP count counts, by the path that runs (the logged row's ``flops_counted``)
     "model": "model FLOPs: every row through every layer",
     "eager": "packed path: every row through every layer but the last, whose attention, out_proj and FFN run "
@@ -71,23 +73,29 @@ def clip_flops(config: TiTokConfig, stage: str, shapes: list, counts: list, path
 
 
 def engine_modes(
-    rows: list[int], mode: str, device: torch.device, budgets, max_clips: int, stage: str = "encode", layouts=None
+    rows: list[int], mode: str, device: torch.device, budgets, max_clips: int, stage: str = "encode", layouts=None,
+    passes: int = 1,
 ) -> list[tuple[list, str]]:
     """The batches an engine in ``mode`` runs ``stage`` clips of ``rows`` packed rows in (clip positions), each
-    with the mode it runs in (``auto`` picks ``"layout"``, ``"cudagraph"`` or ``"eager"``): batched and picked as
-    ``Engine`` does. ``layouts``: each clip's (shape, token count), which tell ``auto``'s graphs of a batch's layout
-    from a fresh engine's batches past its ``LAYOUT_GRAPHS`` layouts (padded); without them every layout is kept."""
-    out, kept = [], set()
-    for batch in plan_batches(rows, budgets, max_clips):
-        total = sum(rows[i] for i in batch)
-        picked = auto_mode(total, device, budgets, stage) if mode == "auto" else mode
-        if picked == "layout":
+    with the mode it runs in (``auto`` picks ``"layout"``, ``"cudagraph"`` or ``"eager"``), in the last of
+    ``passes`` passes of a fresh engine over the clips: batched and picked as ``Engine`` does. ``layouts``: each
+    clip's (shape, token count), which tell a layout's first batch (padded or eager), its graph from its second,
+    and the layouts past ``LAYOUT_GRAPHS`` (padded or eager); without them all batches are of one layout."""
+    kept, seen = set(), set()
+    for _ in range(passes):
+        out = []
+        for batch in plan_batches(rows, budgets, max_clips):
+            total = sum(rows[i] for i in batch)
+            picked = auto_mode(total, device, budgets, stage) if mode == "auto" else mode
             key = None if layouts is None else tuple(layouts[i] for i in batch)
-            if key in kept or len(kept) < LAYOUT_GRAPHS:
-                kept.add(key)
-            else:
-                picked = padded_mode(total, budgets, stage)
-        out.append((batch, picked))
+            if picked == "layout" and key not in kept:
+                again = key in seen or engine_module.CAPTURE_AT_FIRST_BATCH
+                if again and len(kept) < engine_module.LAYOUT_GRAPHS:
+                    kept.add(key)
+                else:
+                    seen.add(key)
+                    picked = padded_mode(total, budgets, stage)
+            out.append((batch, picked))
     return out
 
 
@@ -99,11 +107,12 @@ def engine_paths(*args, **kwargs) -> list[tuple[list, str]]:
 
 def executed_flops(runner, config: TiTokConfig, stage: str, shapes: list, counts: list) -> tuple[float, str]:
     """(FLOPs ``runner`` executes in one pass over the clips, what they count): an engine per batch by the path it
-    runs, the lean model its packed path, upstream's paths and the oracle every row through every layer."""
+    runs in a timed round (after the warm-ups), the lean model its packed path, upstream's paths and the oracle
+    every row through every layer."""
     if isinstance(runner, Engine):
         rows = [n + g for n, g in zip(counts, _patches(config, shapes), strict=True)]
         paths = engine_paths(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips, stage,
-                             list(zip(shapes, counts, strict=True)))  # fmt: skip
+                             list(zip(shapes, counts, strict=True)), passes=WARM_UPS + 1)  # fmt: skip
         flops = sum(clip_flops(config, stage, [shapes[i] for i in b], [counts[i] for i in b], p) for b, p in paths)
         return flops, "; ".join(FLOP_COUNTS[p] for p in sorted({p for _, p in paths}))
     path = "eager" if isinstance(runner, TiTok) else "model"
@@ -166,10 +175,11 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
             sync()
             return recon
 
-    for _ in range(2):  # warm-up outside the timed rounds: compilation, autotuning, graph capture
+    for _ in range(WARM_UPS):  # outside the timed rounds: compilation, autotuning, graph capture
         step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    modes_before = runner.modes_run.copy() if isinstance(runner, Engine) else None
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=0)
     stats = benchmark.stats.stats
     mean = stats.mean
@@ -189,11 +199,8 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
         torch=torch.__version__,
         threads=torch.get_num_threads(),
     )
-    if isinstance(runner, Engine):  # graphs: compiled or captured; ran: the modes its batches ran in
-        rows = [n + g for n, g in zip(counts, _patches(runner.model.config, shapes), strict=True)]
-        modes = engine_modes(rows, runner.mode, runner.model.device, runner.budgets, runner.max_clips, stage,
-                             list(zip(shapes, counts, strict=True)))  # fmt: skip
-        ran = ",".join(sorted({m for _, m in modes}))
+    if isinstance(runner, Engine):  # graphs: compiled or captured; ran: the modes its timed batches ran in
+        ran = ",".join(sorted(runner.modes_run - modes_before))
         benchmark.extra_info.update(mode=runner.mode, graphs=runner.compiles, ran=ran)
     if device == "cuda":
         benchmark.extra_info.update(

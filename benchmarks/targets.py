@@ -74,8 +74,8 @@ def _same_path(rows: list[dict], case: str, ratio: float) -> tuple[str, str] | N
     spreads), so the ratio is the rounds' noise; None otherwise (judged by the number)."""
     runs = [r.get("run") for r in rows if r.get("case") == case]
     for run in reversed(dict.fromkeys(runs)):  # the run the ratio came from: the latest that measured both
-        auto, eager = ([r for r in rows if r.get("run") == run and r.get("case") == case and r.get("provider") == p]
-                       for p in ("auto", "eager"))  # fmt: skip
+        auto, eager = ([r for r in rows if r.get("run") == run and r.get("case") == case and r.get("provider") == p
+                        and "clips_per_s" in r] for p in ("auto", "eager"))  # fmt: skip
         if auto and eager:
             auto, eager = auto[-1], eager[-1]
             break

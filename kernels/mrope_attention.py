@@ -438,6 +438,8 @@ def qk_norm_rope(
     what the benchmarks time on its own). ``heads_per_program``: NORM_CONFIG's HEADS unless given (benchmarks)."""
     config = dict(NORM_CONFIG, HEADS=heads_per_program or NORM_CONFIG["HEADS"])
     heads = config["HEADS"]
+    if not isinstance(heads, int) or heads < 1 or heads & (heads - 1):
+        raise ValueError(f"heads_per_program must be a power of two, got {heads!r}")
     groups = (triton.cdiv(num_q_heads, heads) if q_heads else 0) + triton.cdiv(num_kv_heads, heads)
     _qk_norm_rope_kernel[(triton.cdiv(qkv.shape[0], config["ROWS"]), groups)](
         qkv, qk, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, positions, cos, sin, cu_seqlens,

@@ -219,12 +219,13 @@ def emulated_cuda_graphs(monkeypatch) -> None:
 def engine_for(model, mode: str, monkeypatch, **settings):
     """``Engine(model, mode, **settings)``; mode ``cudagraph`` with the model off CUDA captures and replays through
     the stand-ins above (on a GPU it captures real graphs). Mode ``layout``: an ``auto`` engine whose every batch
-    is a graph of its own layout (on a CPU through the stand-ins too)."""
+    is a graph of its own layout, captured at its first batch (on a CPU through the stand-ins too)."""
     from titok_fast import engine as engine_module
     from titok_fast.engine import Engine
 
     if mode == "layout":
         monkeypatch.setattr(engine_module, "auto_mode", lambda rows, device, budgets, stage: "layout")
+        monkeypatch.setattr(engine_module, "CAPTURE_AT_FIRST_BATCH", True)
         if model.device.type != "cuda":
             emulated_cuda_graphs(monkeypatch)
         return Engine(model, mode="auto", **settings)

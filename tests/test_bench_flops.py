@@ -69,19 +69,23 @@ def test_each_provider_counts_the_path_it_runs():
 
 
 def test_auto_counts_each_batch_by_the_mode_it_picks():
-    """On a GPU auto runs a small batch as a graph of its own layout (the eager path's work), and past
-    LAYOUT_GRAPHS layouts a small encode batch as a padded graph (fixed shape); a large batch eagerly."""
-    rows = [3136 + 256] * 21  # 19 clips fill the largest budget; the last 2 (8192 rows at most): a layout graph
-    for stage in ("encode", "decode"):
-        paths = bench_model.engine_paths(rows, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 32, stage)
-        assert [(len(batch), path) for batch, path in paths] == [(19, "eager"), (2, "eager")]
-    cpu = bench_model.engine_paths(rows, "auto", torch.device("cpu"), DEFAULT_BUDGETS, 32)
-    assert {path for _, path in cpu} == {"eager"}
-    many = [100 + i for i in range(bench_model.LAYOUT_GRAPHS + 2)]  # a clip a batch, each a layout of its own
+    """On a GPU auto runs a small batch as a graph of its own layout (the eager path's work) from the layout's second
+    batch on: its first runs padded (encode) or eager (decode), and so do the batches of layouts past
+    LAYOUT_GRAPHS; a large batch runs eagerly. A benchmark's timed round comes after its warm-ups."""
+    cuda = torch.device("cuda")
+    rows = [3136 + 256] * 21  # 19 clips fill the largest budget; the last 2 (8192 rows at most): a small batch
+    for stage, first in (("encode", "cudagraph"), ("decode", "eager")):
+        once = bench_model.engine_modes(rows, "auto", cuda, DEFAULT_BUDGETS, 32, stage)
+        assert [(len(batch), mode) for batch, mode in once] == [(19, "eager"), (2, first)]
+        timed = bench_model.engine_modes(rows, "auto", cuda, DEFAULT_BUDGETS, 32, stage, passes=3)
+        assert [mode for _, mode in timed] == ["eager", "layout"]
+        paths = bench_model.engine_paths(rows, "auto", cuda, DEFAULT_BUDGETS, 32, stage, passes=3)
+        assert [path for _, path in paths] == ["eager", "eager"]  # a layout's graph runs the eager path's work
+    assert bench_model.engine_paths(rows, "auto", cuda, DEFAULT_BUDGETS, 32)[1][1] == "fixed"  # (the padded one)
+    cpu = bench_model.engine_modes(rows, "auto", torch.device("cpu"), DEFAULT_BUDGETS, 32, passes=3)
+    assert {mode for _, mode in cpu} == {"eager"}
+    many = [100 + i for i in range(bench_model.engine_module.LAYOUT_GRAPHS + 2)]  # a clip a batch, a layout each
     layouts = [((4, 8, 8 * (i + 1)), 99) for i in range(len(many))]
-    for stage, past in (("encode", "fixed"), ("decode", "eager")):
-        paths = bench_model.engine_paths(many, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 1, stage, layouts)
-        assert [path for _, path in paths] == ["eager"] * bench_model.LAYOUT_GRAPHS + [past] * 2
-        again = bench_model.engine_paths(many[:1] * 20, "auto", torch.device("cuda"), DEFAULT_BUDGETS, 1, stage,
-                                         layouts[:1] * 20)  # fmt: skip
-        assert {path for _, path in again} == {"eager"}  # one layout, kept
+    for stage, padded in (("encode", "cudagraph"), ("decode", "eager")):
+        modes = bench_model.engine_modes(many, "auto", cuda, DEFAULT_BUDGETS, 1, stage, layouts, passes=2)
+        assert [m for _, m in modes] == ["layout"] * bench_model.engine_module.LAYOUT_GRAPHS + [padded] * 2

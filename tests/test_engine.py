@@ -3,7 +3,6 @@
 import contextlib
 import random
 import threading
-import warnings
 
 import pytest
 import torch
@@ -731,14 +730,15 @@ def _meeting(seconds: float = 1.0):
     return meet
 
 
-@pytest.mark.parametrize("mode", ["static", "cudagraph", "auto as on CUDA"])
+@pytest.mark.parametrize("mode", ["static", "cudagraph", "auto as on CUDA", "layout"])
 def test_threads_sharing_an_engine_each_get_their_own_clips(model, expected, mode, monkeypatch):
     """A fixed-shape engine refills one set of buffers per budget: two threads' batches must take turns, or one
     runs the other's clips. Each batch is held just before it runs until the other thread's comes (or a second has
     passed: an engine that keeps batches apart lets only one of them that far)."""
     videos, _, indices, recon = expected
-    engine = engine_for(model, "static" if mode == "static" else "cudagraph", monkeypatch, budgets=(512,), max_clips=4)
-    if mode == "auto as on CUDA":  # the default mode on a GPU: these small batches run as graphs of their layouts
+    kind = {"static": "static", "layout": "layout"}.get(mode, "cudagraph")
+    engine = engine_for(model, kind, monkeypatch, budgets=(512,), max_clips=4)
+    if mode == "auto as on CUDA":  # the default mode on a GPU: a small batch's first layout runs padded (encode)
         rule = engine_module.auto_mode
         monkeypatch.setattr(engine_module, "auto_mode", lambda rows, _, b, s: rule(rows, torch.device("cuda"), b, s))
         engine.mode = "auto"
@@ -757,8 +757,9 @@ def test_threads_sharing_an_engine_each_get_their_own_clips(model, expected, mod
             calls = [lambda h=h: engine.decode_indices([indices[i] for i in h], [SHAPES[i] for i in h]) for h in halves]
             got = in_threads(*calls)
             assert all(rel_l2(g[p], recon[i]) < 1e-5 for h, g in zip(halves, got, strict=True) for p, i in enumerate(h))
-    # one graph a stage, captured before the threads (auto: one a layout, and each half is a layout of its own)
-    assert engine.compiles == {"static": 0, "cudagraph": 2, "auto as on CUDA": 2 + 4}[mode]
+    # one graph a stage, captured before the threads (auto: the encoder's alone, its decode batches run eager;
+    # layout: one a layout, and each half is a layout of its own)
+    assert engine.compiles == {"static": 0, "cudagraph": 2, "auto as on CUDA": 1, "layout": 2 + 4}[mode]
 
 
 def test_threads_calling_one_fresh_model_at_once_get_what_they_would_alone(expected):
@@ -852,41 +853,45 @@ def test_auto_mode_mixes_graphs_and_eager_batches_and_equals_model(model, expect
 
 def test_layout_graphs_replay_the_eager_path_bit_for_bit_up_to_a_cap(model, expected, monkeypatch):
     """auto's graphs of a batch's own layout (on the CPU stand-in) replay the eager path's work: the codes, indices
-    and pixels of an eager engine that batches alike, bit for bit, also with new contents (one graph per layout,
-    captured once). Past LAYOUT_GRAPHS layouts of a stage, a small batch of a new layout is padded to a budget
-    (encode) or runs eager (decode): the same clips again."""
+    and pixels of an eager engine that batches alike, bit for bit, also with new contents. A layout's first batch
+    runs padded (encode) or eager (decode), its second captures its graph, which later batches replay; past
+    LAYOUT_GRAPHS layouts of a stage, its batches keep running padded or eager: the same clips again."""
     videos, _, indices, _ = expected
     monkeypatch.setattr(engine_module, "LAYOUT_GRAPHS", 2)
     settings = dict(budgets=(64, 256), max_clips=2)  # 7 clips: 4 batches, so 4 layouts per stage
     engine = engine_for(model, "layout", monkeypatch, **settings)
+    monkeypatch.setattr(engine_module, "CAPTURE_AT_FIRST_BATCH", False)  # (the default: engine_for sets True)
     eager = Engine(model, mode="eager", **settings)
     order = shuffled(0)
     shapes = [SHAPES[i] for i in order]
-    rounds = []
-    for contents in (videos, [-v.flip(-1) for v in videos]):
+    rounds, ran = [], []
+    for contents in (videos, [-v.flip(-1) for v in videos], [v.flip(-2) for v in videos]):
         clips, counts = [contents[i] for i in order], [COUNTS[i] for i in order]
-        replays = FakeCUDAGraph.replays
+        before = engine.modes_run.copy()
         codes, got = engine.encode(clips, counts)
         want_codes, want = eager.encode(clips, counts)
         assert torch.equal(codes, want_codes)
         assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True))
         out = engine.decode_indices(list(want["indices"]), shapes)
         rounds.append((got["indices"], out, eager.decode_indices(list(want["indices"]), shapes)))
-        assert FakeCUDAGraph.replays - replays == 2 + 2 + 2  # 2 layouts a stage, 2 encode batches padded
-        assert sorted(stage for stage, _, _ in engine._layouts) == ["decode", "decode", "encode", "encode"]
-        assert engine.compiles == 4 + 2  # captured in the first round only; the padded ones: budgets 64 and 256
-    for _, out, want in rounds:  # (what a round got is its own: the next round's replays wrote elsewhere)
+        ran.append(dict(engine.modes_run - before))
+    assert ran == [
+        {"cudagraph": 4, "eager": 4},  # first batches: encode padded, decode eager
+        {"layout": 4, "cudagraph": 2, "eager": 2},  # 2 layouts a stage captured, the other 2 as before
+        {"layout": 4, "cudagraph": 2, "eager": 2},  # replayed
+    ]
+    assert sorted(stage for stage, _, _ in engine._layouts) == ["decode", "decode", "encode", "encode"]
+    assert engine.compiles == 2 + 4  # the padded ones (budgets 64 and 256), then the layouts, in round 2 only
+    for _, out, want in rounds:  # (what a round got is its own: later rounds' replays wrote elsewhere)
         assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
-    assert not torch.equal(rounds[1][0][0], indices[order[0]])  # the second round's contents were new
+    assert not torch.equal(rounds[1][0][0], indices[order[0]])  # the later rounds' contents were new
 
 
-def test_a_layout_graph_that_cannot_be_captured_is_said_once_and_small_batches_are_padded(
-    model, expected, monkeypatch
-):
-    """A capture that fails (here a host read in the packed path, which a capturing stream refuses) costs no clip:
-    one warning, then this engine runs small batches as before it had layout graphs (encode padded to a budget,
-    decode eager), and tries no other layout."""
-    videos, _, indices, recon = expected
+def test_a_layout_graph_that_cannot_be_captured_is_an_error_that_names_the_way_out(model, expected, monkeypatch):
+    """A capture CUDA refuses (here a host read in the packed path, which a capturing stream refuses) is an error
+    naming the mode that captures nothing: PyTorch's allocator is not fit to go on after a failed capture, so the
+    engine does not try another path."""
+    videos, _, _, _ = expected
     engine = engine_for(model, "layout", monkeypatch, budgets=(64, 256), max_clips=2)
     latents = model.encoder.latents
 
@@ -894,20 +899,15 @@ def test_a_layout_graph_that_cannot_be_captured_is_said_once_and_small_batches_a
         patches.sum().item()
         return latents(patches, pack, cache)
 
-    monkeypatch.setattr(model.encoder, "latents", reading_a_value)  # (the packed path's only: not the padded one)
-    with pytest.warns(UserWarning) as said:
-        _, got = engine.encode(videos, COUNTS)
-    assert [str(w.message) for w in said] == [
-        "could not capture a CUDA graph of a batch's own layout (encode: CaptureError: aten._local_scalar_dense."
-        "default syncs with the host: operation not permitted when stream is capturing); this engine pads its small "
-        "batches to a token budget instead"
-    ]
-    assert all(torch.equal(g, i) for g, i in zip(got["indices"], indices, strict=True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = engine.decode_indices(list(indices), SHAPES)
-    assert all(rel_l2(o, r) <= 1e-5 for o, r in zip(out, recon, strict=True))
-    assert not engine._layouts and engine.compiles == 1  # the padded encode graph (each batch fits 64 rows)
+    monkeypatch.setattr(model.encoder, "latents", reading_a_value)
+    with pytest.raises(RuntimeError) as raised:
+        engine.encode(videos, COUNTS)
+    assert str(raised.value) == (
+        "could not capture a CUDA graph of the layout of a batch to encode (CaptureError: aten._local_scalar_dense."
+        "default syncs with the host: operation not permitted when stream is capturing); mode 'eager' (--mode "
+        "eager) captures no graph"
+    )
+    assert not engine._layouts
 
 
 def test_padding_rows_hold_nan_and_never_reach_a_clip(model, expected, monkeypatch):

@@ -15,9 +15,10 @@ Modes:
 - ``auto``: per batch, by a fixed rule on its stage, shape and the device (never by timing, see
   :func:`auto_mode`): on CUDA a small batch, where launch overhead dominates, runs as a CUDA graph of its own
   layout: the eager path captured for that batch's clip shapes and token counts, so nothing is padded, and the
-  last layer's shortcut and the decoder's table input are kept. An engine keeps :data:`LAYOUT_GRAPHS` of them
-  per stage, captured at each layout's first batch; a small batch of any other layout runs as ``cudagraph``
-  (encode) or ``eager`` (decode), and so does a large batch (``eager``, which never pays for padding).
+  last layer's shortcut and the decoder's table input are kept. A layout's graph is captured at its second batch
+  (a layout seen once never pays a capture), for :data:`LAYOUT_GRAPHS` layouts per stage; any other small batch
+  runs as :func:`padded_mode` says (encode: ``cudagraph``, decode: ``eager``), and a large batch ``eager``, which
+  never pays for padding.
 
 An out-of-memory error during a batch splits it in two and retries; a single clip that does not fit is an error
 naming it. Nothing is lost.
@@ -35,6 +36,7 @@ One capture at a time runs in the process (:data:`_CAPTURE_LOCK`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
 import types
@@ -61,6 +63,8 @@ MODES = ("auto", "eager", "static", "compile", "cudagraph")
 # launches: decode batches of this size take one too, and a padded one never (eager instead).
 AUTO_GRAPH_MAX_ROWS = 8192
 LAYOUT_GRAPHS = 16  # auto: the layouts (clip shapes and token counts of a batch) an engine keeps a graph of, per stage
+LAYOUTS_SEEN = 256  # auto: the layouts an engine remembers having run once, without a graph (the oldest forgotten)
+CAPTURE_AT_FIRST_BATCH = False  # auto: a layout's graph at its first batch, not its second (tests)
 PADDING = 0.0  # what the fixed-shape path's input rows hold where no patch is
 TORCH_FIXED_SHAPE_MAX_BUDGET = 16384  # dense-mask attention of the torch backend's fixed-shape path: 256 Mi pairs
 
@@ -173,13 +177,13 @@ def plan_batches(rows: Sequence[int], budgets: Sequence[int], max_clips: int) ->
 def auto_mode(rows: int, device: torch.device, budgets: Sequence[int] = DEFAULT_BUDGETS, stage: str = "encode") -> str:
     """The mode ``auto`` runs a ``stage`` ("encode" or "decode") batch of ``rows`` packed rows in on ``device``:
     ``"layout"`` (a CUDA graph of the batch's own layout) for a batch of at most ``AUTO_GRAPH_MAX_ROWS`` rows on
-    CUDA, else ``"eager"``. An engine that holds :data:`LAYOUT_GRAPHS` layouts of the stage already runs a new one
-    as :func:`padded_mode` says."""
+    CUDA, else ``"eager"``. The engine runs a layout's first batch, and a batch of any layout once it holds
+    :data:`LAYOUT_GRAPHS` of the stage, as :func:`padded_mode` says."""
     return "layout" if device.type == "cuda" and rows <= AUTO_GRAPH_MAX_ROWS else "eager"
 
 
 def padded_mode(rows: int, budgets: Sequence[int], stage: str) -> str:
-    """What ``auto`` runs a small batch in once its engine keeps no more layouts: ``"cudagraph"`` for an encode
+    """What ``auto`` runs a small batch in without a graph of its layout: ``"cudagraph"`` for an encode
     batch whose budget (the smallest of ``budgets`` that holds it) is at most ``AUTO_GRAPH_MAX_ROWS`` rows, else
     ``"eager"`` (a decode batch always: a padded graph never beat eager for the decoder)."""
     if stage != "encode" or rows > max(budgets):
@@ -262,10 +266,11 @@ class Engine:
         self.budgets = self._usable_budgets(stacklevel=3)
         self.max_clips = max_clips
         self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured ("cudagraph", "auto")
+        self.modes_run: collections.Counter = collections.Counter()  # batches run, by the mode each ran in
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
         self._layouts: dict[tuple[str, tuple, tuple], _Layout] = {}  # (stage, token counts, grids) -> its graph
-        self._layouts_failed = False  # a layout's capture failed: this engine pads small batches instead
+        self._seen: collections.OrderedDict = collections.OrderedDict()  # layouts run once (keys), LAYOUTS_SEEN
         self._copy_stream = None  # CUDA side stream for the copies of a batch's inputs in host memory
         # one batch at a time: threads sharing this engine would refill one another's buffers (module header)
         self._batch_lock = threading.RLock()
@@ -310,6 +315,7 @@ class Engine:
         self._buffers.clear()
         self._runners.clear()
         self._layouts.clear()
+        self._seen.clear()
         self._table = self._table_source = None
         if state[1] != self._built_for[1]:
             self._graph_pool = self._capture_stream = None  # a memory pool and a stream of the graphs' device
@@ -539,17 +545,16 @@ class Engine:
         model, cfg = self.model, self.model.config
         counts = [n for _, _, n in batch]
         grids = [patch_grid(tuple(v.shape[1:]), cfg.patch_size) for v in videos]
-        patches = torch.cat([patchify(v, cfg.patch_size) for v in videos])
+        patches = [patchify(v, cfg.patch_size) for v in videos]
         mode, budget = self._plan(counts, grids, "encode")
-        layout = self._layout("encode", counts, grids) if mode == "layout" else None
-        if mode == "layout" and layout is None:  # its capture failed: padded, as every small batch from now on
-            mode, budget = self._plan(counts, grids, "encode")
         if mode == "eager":
-            codes, indices = model.encode_packed(patches, model.packing(counts, grids))
-        elif layout is not None:
-            layout.inputs.copy_(patches)
+            codes, indices = model.encode_packed(torch.cat(patches), model.packing(counts, grids))
+        elif mode == "layout":
+            layout = self._layout("encode", counts, grids)
+            torch.cat(patches, out=layout.inputs)
             codes, indices = layout.replay()
         else:
+            patches = torch.cat(patches)
             buffers = self._static_buffers("encode", budget)
             pack = self._fill_layout(buffers.batch, counts, grids)
             buffers.inputs.fill_(PADDING)  # latent and padding rows: never read into a clip (tested with NaN)
@@ -566,17 +571,15 @@ class Engine:
         counts = [idx.numel() for idx in indices]
         grids = [patch_grid(s, cfg.patch_size) for s in shapes]
         mode, budget = self._plan(counts, grids, "decode")
-        layout = self._layout("decode", counts, grids) if mode == "layout" else None
-        if mode == "layout" and layout is None:  # its capture failed: eager, as every small batch from now on
-            mode, budget = self._plan(counts, grids, "decode")
         if mode == "eager":
             pack = model.packing(counts, grids)
             return model.videos_from_rows(model.decode_packed(torch.cat(indices), pack), pack, shapes)
-        if layout is not None:
-            layout.inputs.copy_(torch.cat(indices))
+        if mode == "layout":
+            layout = self._layout("decode", counts, grids)
+            torch.cat([i.to(torch.int32) for i in indices], out=layout.inputs)
             self._decoder_table()  # refreshed in place if the weights changed since the graph was captured
-            videos = model.videos_from_rows(layout.replay(), layout.pack, shapes)
-            return [v.clone() for v in videos]
+            rows = layout.replay()
+            return [_own(v, rows) for v in model.videos_from_rows(rows, layout.pack, shapes)]
         buffers = self._static_buffers("decode", budget)
         pack = self._fill_layout(buffers.batch, counts, grids)
         buffers.inputs.zero_()
@@ -587,15 +590,26 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ fixed-shape path
     def _plan(self, counts: list[int], grids: list, stage: str) -> tuple[str, int]:
-        """(mode, token budget) of a ``stage`` batch: ``auto`` picks per batch (:func:`auto_mode`), the others are
+        """(mode, token budget) of a ``stage`` batch, counted in ``modes_run``: ``auto`` picks per batch
+        (:func:`auto_mode`; a layout's graph from its second batch on, see the module header), the others are
         fixed."""
+        mode, budget = self._planned(counts, grids, stage)
+        self.modes_run[mode] += 1
+        return mode, budget
+
+    def _planned(self, counts: list[int], grids: list, stage: str) -> tuple[str, int]:
         rows = sum(n + math.prod(g) for n, g in zip(counts, grids, strict=True))
         mode = auto_mode(rows, self.model.device, self.budgets, stage) if self.mode == "auto" else self.mode
         if mode == "layout":
-            kept = sum(key[0] == stage for key in self._layouts)
-            known = (stage, tuple(counts), tuple(grids)) in self._layouts
-            if not self._layouts_failed and (known or kept < LAYOUT_GRAPHS):
+            key = (stage, tuple(counts), tuple(grids))
+            if key in self._layouts:
                 return mode, 0
+            again = self._seen.pop(key, None) is not None or CAPTURE_AT_FIRST_BATCH
+            if again and sum(k[0] == stage for k in self._layouts) < LAYOUT_GRAPHS:
+                return mode, 0
+            self._seen[key] = True  # (again last: the oldest layout seen is forgotten first)
+            if len(self._seen) > LAYOUTS_SEEN:
+                self._seen.popitem(last=False)
             mode = padded_mode(rows, self.budgets, stage)
         if mode == "eager":
             return mode, 0
@@ -655,11 +669,12 @@ class Engine:
         batch.is_latent[pack.latent_rows] = True
         return pack
 
-    def _layout(self, stage: str, counts: list[int], grids: list) -> _Layout | None:
-        """The graph of this layout, captured at its first batch. It runs the model's packed path on a packing and
+    def _layout(self, stage: str, counts: list[int], grids: list) -> _Layout:
+        """The graph of this layout, captured at its first use. It runs the model's packed path on a packing and
         RoPE tables of its own cache (nothing another call does to the model's caches frees what it reads) and,
-        for decode, on the engine's copy of the code table (refilled in place when the weights change). None if
-        the capture failed (said once, in a warning): the engine then runs small batches padded, as before."""
+        for decode, on the engine's copy of the code table (refilled in place when the weights change). A capture
+        CUDA refuses is an error that says so (no fallback: after a failed capture PyTorch's allocator may not be
+        fit to go on), naming the mode that captures nothing."""
         fp8.refresh(self.model)  # graphs read the FP8 weights by address: requantised in place if weights changed
         key = (stage, tuple(counts), tuple(grids))
         if key not in self._layouts:
@@ -684,16 +699,12 @@ class Engine:
             try:
                 replay = self._captured(run)
             except RuntimeError as error:
-                if _out_of_memory(error):
+                if _out_of_memory(error):  # (the batch is split)
                     raise
-                warnings.warn(
-                    f"could not capture a CUDA graph of a batch's own layout ({stage}: {type(error).__name__}: "
-                    f"{str(error)[:200]}); this engine pads its small batches to a token budget instead",
-                    stacklevel=2,
-                )
-                self._layouts_failed = True
-                self._graph_pool = self._capture_stream = None  # the next capture starts a new pool
-                return None
+                raise RuntimeError(
+                    f"could not capture a CUDA graph of the layout of a batch to {stage} ({type(error).__name__}: "
+                    f"{str(error)[:300]}); mode 'eager' (--mode eager) captures no graph"
+                ) from error
             self._layouts[key] = _Layout(inputs, pack, cache, replay)
         return self._layouts[key]
 
@@ -753,9 +764,14 @@ class Engine:
                     graph.capture_begin(pool=self._graph_pool, capture_error_mode=CAPTURE_MODE)
                     try:
                         out = fn()
-                    finally:
+                    except BaseException:  # what broke the capture is the error: ending it fails too then
+                        with contextlib.suppress(RuntimeError):
+                            graph.capture_end()
+                        raise
+                    else:
                         graph.capture_end()
-            torch.cuda.current_stream(device).wait_stream(stream)
+                    finally:  # (the warm-ups' work comes first, whatever happens)
+                        torch.cuda.current_stream(device).wait_stream(stream)
         self.compiles += 1
 
         def replay():  # outputs live in the shared pool: callers copy what they keep before the next replay
@@ -763,6 +779,12 @@ class Engine:
             return out
 
         return replay
+
+
+def _own(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it where it views ``source``'s memory (a graph's output, rewritten by its next
+    replay)."""
+    return tensor.clone() if tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else tensor
 
 
 def _out_of_memory(error: RuntimeError) -> bool:
