@@ -469,6 +469,29 @@ def test_cuda_engine_equals_model(mode, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_v1_bf16_layout_graphs_on_the_gpu_are_the_eager_path_bit_for_bit():
+    """The production case of auto's small batches: V1 in bf16 on the GPU, one and two 20x192x192 clips a batch.
+    From a layout's second batch on (captured then, on real CUDA graphs), tokens and pixels equal an eager
+    engine's exactly: the same kernels on the same shapes, cuBLAS included."""
+    model = make_model("v1", "triton").to("cuda", torch.bfloat16)
+    videos = [v.to("cuda", torch.bfloat16) for v in random_videos([(20, 192, 192)] * 3)]
+    counts = [256, 128, 256]
+    eager = Engine(model, mode="eager", max_clips=2)
+    auto = Engine(model, mode="auto", max_clips=2)  # batches of 6144 and 3136 rows: small ones
+    codes, want = eager.encode(videos, counts)
+    pixels = eager.decode_indices(want["indices"], [(20, 192, 192)] * 3)
+    auto.encode(videos, counts)  # each layout's first batch: a padded graph (encode), eager (decode)
+    auto.decode_indices(want["indices"], [(20, 192, 192)] * 3)
+    for _ in range(2):  # captured, then replayed
+        got_codes, got = auto.encode(videos, counts)
+        got_pixels = auto.decode_indices(want["indices"], [(20, 192, 192)] * 3)
+        assert torch.equal(got_codes, codes)
+        assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True))
+        assert all(torch.equal(g, w) for g, w in zip(got_pixels, pixels, strict=True))
+    assert auto.modes_run["layout"] == 2 * 2 * 2 and len(auto._layouts) == 4  # 2 rounds, 2 stages, 2 batches
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["eager", "cudagraph"])
 def test_cuda_stream_with_host_results_and_values_checked_late_equals_model(mode):
     """On CUDA: clips made on a side stream (as the pipeline's preprocessing makes them), values checked just
