@@ -11,6 +11,7 @@ from titok_fast.kernels.mrope_attention import (
     mrope_attention_ref,
     mrope_tables,
     packed_positions,
+    qk_norm_rope,
 )
 
 from triton_mode import triton_mode
@@ -245,3 +246,41 @@ def test_bf16_error_within_twice_its_own_rounding(num_q_heads, num_kv_heads):
     ref32 = mrope_attention_ref(**{**args, "qkv": args["qkv"].float()})
     own_error = (ref32[:real] - expected[:real].float()).abs().max()
     assert (out[:real].float() - ref32[:real]).abs().max() <= 2 * own_error + 2**-7
+
+
+@pytest.mark.parametrize("q_heads", [True, False], ids=["q-and-k", "k-only"])
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", [*HEADS, pytest.param(4, 1, id="4q1kv")])
+def test_every_head_grouping_of_the_prologue_writes_the_same_bytes(num_q_heads, num_kv_heads, q_heads):
+    """The prologue alone with 1, 2, 4 (the default) and 8 heads per program: the same bytes in the q/k columns
+    (the same arithmetic per value, whichever program does it), nothing written elsewhere (rows past the real ones
+    and, k only, the q columns keep their NaN), and the q/k heads LayerNormed and rotated as the reference does."""
+    args = _batch([1, 17, 40], num_q_heads, num_kv_heads, torch.bfloat16, pad_rows=5)
+    qkv, cu = args["qkv"], args["cu_seqlens"]
+    norms = [args[k] for k in ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")]
+    rest = (cu, args["positions"], args["cos"], args["sin"], num_q_heads, num_kv_heads)
+    outs = []
+    for heads in (1, 2, 4, 8):
+        qk = _nan_like((qkv.shape[0], (num_q_heads + num_kv_heads) * 64), qkv)
+        qk_norm_rope(qkv, qk, *norms, *rest, q_heads=q_heads, heads_per_program=heads)
+        outs.append(qk)
+    assert all(torch.equal(o.nan_to_num(7.0), outs[2].nan_to_num(7.0)) for o in outs)
+    real = int(cu[-1])
+    assert bool(outs[2][real:].isnan().all())
+    first = 0 if q_heads else num_q_heads * 64
+    assert bool(outs[2][:real, :first].isnan().all()) and not bool(outs[2][:real, first:].isnan().any())
+    heads = qkv[:real].float().unflatten(1, (-1, 64))
+    pos = args["positions"][:real].long()
+    from titok_fast.kernels.mrope_attention import pair_axis
+
+    cos = args["cos"][pos[:, pair_axis()], torch.arange(32)][:, None]
+    sin = args["sin"][pos[:, pair_axis()], torch.arange(32)][:, None]
+
+    def norm_rotate(x, w, b):
+        y = torch.nn.functional.layer_norm(x, (64,), w.float(), b.float()).bfloat16().float()
+        even, odd = y[..., 0::2], y[..., 1::2]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
+
+    want = torch.cat([norm_rotate(heads[:, :num_q_heads], *norms[:2]),
+                      norm_rotate(heads[:, num_q_heads:num_q_heads + num_kv_heads], *norms[2:])], 1)  # fmt: skip
+    got = outs[2][:real].float().unflatten(1, (-1, 64))
+    _assert_close(got[:, first // 64 :], want[:, first // 64 :], 1.6e-2, 1.6e-2)
