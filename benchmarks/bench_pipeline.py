@@ -139,8 +139,8 @@ def sources(folder: Path, names: list[str], seconds: float, codec: str = "h264")
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children, user + system; and of the server decoding processes are
     forked from (its imports) and its finished children (the worker processes, which are its children)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + _process_server_cpu()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return _own_cpu_seconds() + children.ru_utime + children.ru_stime + _process_server_cpu()
 
 
 def _own_cpu_seconds() -> float:
