@@ -544,6 +544,40 @@ def mrope_attention(
 # ----------------------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------------------
+def qk_norm_rope_ref(
+    qkv: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    q_norm_bias: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    k_norm_bias: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch prologue of ``mrope_attention_ref`` (``qk_norm_rope``'s arithmetic): every row's q and k heads
+    LayerNormed in fp32 and rounded to qkv's dtype (as upstream's q/k norms), then rotated in float64 and rounded to
+    qkv's dtype (as upstream). Returns q [R, Hq, 64] and k [R, Hkv, 64], float64 holding values of qkv's dtype."""
+    num_rows, dtype = qkv.shape[0], qkv.dtype
+    hq, hkv = num_q_heads, num_kv_heads
+    x = qkv.float().view(num_rows, hq + 2 * hkv, HEAD_DIM)
+
+    axis = pair_axis().to(positions.device)
+    pair = torch.arange(32, device=positions.device)
+    pos = positions.long()[:, axis]  # [R, 32]
+    c, s = cos.double()[pos, pair][:, None], sin.double()[pos, pair][:, None]  # [R, 1, 32]
+
+    def norm_rotate(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        t = torch.nn.functional.layer_norm(t, (HEAD_DIM,), w.float(), b.float(), eps).to(dtype).double()
+        even, odd = t[..., 0::2], t[..., 1::2]
+        return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(dtype).double()
+
+    return norm_rotate(x[:, :hq], q_norm_weight, q_norm_bias), norm_rotate(x[:, hq : hq + hkv], k_norm_weight,
+                                                                           k_norm_bias)  # fmt: skip
+
+
 def mrope_attention_ref(
     qkv: torch.Tensor,
     q_norm_weight: torch.Tensor,
@@ -570,22 +604,11 @@ def mrope_attention_ref(
     """
     num_rows, dtype = qkv.shape[0], qkv.dtype
     hq, hkv = num_q_heads, num_kv_heads
-    x = qkv.float().view(num_rows, hq + 2 * hkv, HEAD_DIM)
-    q, k, v = x[:, :hq], x[:, hq : hq + hkv], x[:, hq + hkv :]
-
-    axis = pair_axis().to(positions.device)
-    pair = torch.arange(32, device=positions.device)
-    pos = positions.long()[:, axis]  # [R, 32]
-    c, s = cos.double()[pos, pair][:, None], sin.double()[pos, pair][:, None]  # [R, 1, 32]
-
-    def norm_rotate(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        t = torch.nn.functional.layer_norm(t, (HEAD_DIM,), w.float(), b.float(), eps).to(dtype).double()
-        even, odd = t[..., 0::2], t[..., 1::2]
-        return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(dtype).double()
-
-    q = norm_rotate(q, q_norm_weight, q_norm_bias)
-    k = norm_rotate(k, k_norm_weight, k_norm_bias).repeat_interleave(hq // hkv, dim=1)
-    v = v.to(dtype).double().repeat_interleave(hq // hkv, dim=1)
+    q, k = qk_norm_rope_ref(
+        qkv, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, positions, cos, sin, hq, hkv, eps
+    )  # fmt: skip
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = qkv.float().view(num_rows, hq + 2 * hkv, HEAD_DIM)[:, hq + hkv :].double().repeat_interleave(hq // hkv, dim=1)
 
     cu = cu_seqlens.tolist()
     if q_cu_seqlens is None:
