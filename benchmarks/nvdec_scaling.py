@@ -14,9 +14,10 @@ ceiling, whatever the number of threads or of NVDEC engines. This measures, on o
 - ``kept xN``: the same, but each thread keeps its first decoder for every later pass (a new demuxer each time):
   set beside ``raw``, what making a decoder per file costs, which decides whether files of a few seconds are
   worth a decoder kept from one file to the next. Each row says how many decoders it made.
-- ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nvdec_rgb`` (a copy of each
-  surface, and every frame converted to RGB by one kernel, as if every frame were sampled); ``titok-torch xN``:
-  converted by its PyTorch reference instead (some twenty kernels a frame, as before the kernel).
+- ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nv12_clip_rgb`` (a copy of each
+  surface, and every frame converted to RGB as if every frame were sampled: 20 surfaces stacked and converted in
+  one launch, as the reader converts a clip); ``titok-torch xN``: each frame converted by the kernel's PyTorch
+  reference instead (some twenty kernels a frame, as before the kernel).
 - ``threaded xN``: PyNvVideoCodec's ``ThreadedDecoder``, which demuxes and decodes on a thread of its own outside
   Python; N of them, each read on a Python thread.
 
@@ -105,23 +106,29 @@ def kept_frames(nvc, path: str) -> int:
     return sum(len(_kept.decoder.Decode(packet)) for packet in demuxer)
 
 
-def titok_frames(path: str, kernel: bool = True) -> int:
-    """Every frame of ``path`` through the run's NVDEC path: the surface copied and converted to RGB (by the kernel,
-    or by its PyTorch reference)."""
+def titok_frames(path: str, kernel: bool = True, clip: int = 20) -> int:
+    """Every frame of ``path`` through the run's NVDEC path: the surface copied, then (as if every frame were
+    sampled) the surfaces of each ``clip`` frames stacked and converted to RGB in one launch of the kernel, as the
+    reader does, or each frame by its PyTorch reference."""
     import av
     import torch
 
     from titok_fast import decoders
     from titok_fast.kernels.nv12_rgb import nv12_rgb_ref
 
-    count = 0
+    count, held = 0, []
     with av.open(path) as container:
         for frame in decoders.nvdec_frames(path, container.streams.video[0]):
-            if kernel:
-                decoders.nvdec_rgb(frame)
-            else:
+            if not kernel:
                 nv12_rgb_ref(frame.nv12, frame.height, frame.matrix)
+            else:
+                held.append(frame.nv12)
+                if len(held) == clip:
+                    decoders.nv12_clip_rgb(torch.stack(held), frame.height, frame.matrix)
+                    held = []
             count += 1
+    if held:
+        decoders.nv12_clip_rgb(torch.stack(held), frame.height, frame.matrix)
     torch.cuda.synchronize()
     return count
 

@@ -12,7 +12,8 @@ pixels, and tokens.
 
 In PyTorch the conversion is some twenty kernels a frame, each with a copy of the frame; a decoding thread
 launching them holds Python's lock (the GIL) for much of each launch, which every other decoding thread then
-waits for. Here a frame is one launch, read once and written once.
+waits for. Here a clip's frames are one launch (:func:`nv12_rgb` of their surfaces stacked), each read once and
+written once.
 
 The same conversion takes I420 clips (:func:`i420_rgb`): the CPU decoder's planes, frame after frame, which a run
 on a GPU uploads instead of RGB (half the bytes) and converts there, a clip in one launch.
@@ -88,7 +89,10 @@ def nv12_surface(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 def nv12_rgb_ref(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torch.Tensor:
-    """Plain PyTorch: the picture ``height`` rows high in the NV12 surface ``nv12`` as [height, w, 3] uint8 RGB."""
+    """Plain PyTorch: the picture ``height`` rows high in the NV12 surface ``nv12`` as [height, w, 3] uint8 RGB; a
+    clip's surfaces [T, rows * 3 / 2, w] as [T, height, w, 3]."""
+    if nv12.dim() == 3:
+        return torch.stack([yuv420_to_rgb_ref(*nv12_planes(surface, height), matrix) for surface in nv12])
     return yuv420_to_rgb_ref(*nv12_planes(nv12, height), matrix)
 
 
@@ -106,23 +110,27 @@ def _store_rgb(out, y, cb, cr, mask, y_gain, r_cr, b_cb, g_cb, g_cr, Y_OFFSET: t
     tl.store(out + 2, tl.minimum(tl.maximum(b, 0), 255).to(tl.uint8), mask=mask)
 
 
-@triton.jit(do_not_specialize=["height", "width", "luma_rows", "stride_row"])
+@triton.jit(do_not_specialize=["height", "width", "luma_rows", "stride_row", "stride_frame"])
 def _nv12_rgb_kernel(
-    nv12_ptr,  # uint8 [rows * 3 / 2, >= width], row stride stride_row: luma rows, then interleaved U, V rows
-    out_ptr,  # uint8 [height, width, 3], contiguous
-    height, width, luma_rows, stride_row,
+    nv12_ptr,  # uint8 [frames, rows * 3 / 2, >= width], strides stride_frame, stride_row, 1: luma rows, then
+    # interleaved U, V rows
+    out_ptr,  # uint8 [frames, height, width, 3], contiguous
+    height, width, luma_rows, stride_row, stride_frame,
     y_gain, r_cr, b_cb, g_cb, g_cr,  # int32: coefficients()
     Y_OFFSET: tl.constexpr, C_OFFSET: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    frame = tl.program_id(2).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = cols < width
     pair = (cols // 2) * 2  # a chroma sample covers two columns and two rows
-    uv = nv12_ptr + (luma_rows + row // 2) * stride_row + pair
-    y = tl.load(nv12_ptr + row * stride_row + cols, mask=mask, other=0)
+    base = nv12_ptr + frame * stride_frame
+    uv = base + (luma_rows + row // 2) * stride_row + pair
+    y = tl.load(base + row * stride_row + cols, mask=mask, other=0)
     cb = tl.load(uv, mask=mask, other=0)
     cr = tl.load(uv + 1, mask=mask, other=0)
-    _store_rgb(out_ptr + (row * width + cols) * 3, y, cb, cr, mask, y_gain, r_cr, b_cb, g_cb, g_cr, Y_OFFSET, C_OFFSET)
+    out = out_ptr + ((frame * height + row) * width + cols) * 3
+    _store_rgb(out, y, cb, cr, mask, y_gain, r_cr, b_cb, g_cb, g_cr, Y_OFFSET, C_OFFSET)
 
 
 @triton.jit(do_not_specialize=["height", "width"])
@@ -153,20 +161,26 @@ _LAUNCHING = threading.Lock()
 
 
 def nv12_rgb(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torch.Tensor:
-    """:func:`nv12_rgb_ref` in one kernel: the same bytes. ``nv12``: uint8 [rows * 3 / 2, w] with a contiguous
-    last dimension, ``w`` even (an odd width's last chroma sample would lie past the row), ``height`` <= rows."""
+    """:func:`nv12_rgb_ref` in one kernel: the same bytes. ``nv12``: uint8 [rows * 3 / 2, w] (one frame) or a clip
+    of such surfaces [T, rows * 3 / 2, w], one launch either way; rows and frames any stride apart, the last
+    dimension contiguous, ``w`` even (an odd width's last chroma sample would lie past the row), ``height`` <=
+    rows."""
     coefs = coefficients(matrix)
-    if nv12.dtype != torch.uint8 or nv12.dim() != 2 or nv12.stride(1) != 1:
-        raise ValueError(f"nv12 must be uint8 [rows * 3 / 2, w], rows contiguous; got {nv12.dtype} {list(nv12.shape)}")
-    luma_rows, width = nv12.shape[0] * 2 // 3, nv12.shape[1]
-    if width % 2 or not 0 < height <= luma_rows or luma_rows + (height + 1) // 2 > nv12.shape[0]:
+    if nv12.dtype != torch.uint8 or nv12.dim() not in (2, 3) or nv12.stride(-1) != 1:
+        raise ValueError(f"nv12 must be uint8 [rows * 3 / 2, w] or [T, rows * 3 / 2, w], rows contiguous; got "
+                         f"{nv12.dtype} {list(nv12.shape)}")  # fmt: skip
+    clip = nv12 if nv12.dim() == 3 else nv12[None]
+    frames, luma_rows, width = clip.shape[0], clip.shape[1] * 2 // 3, clip.shape[2]
+    if width % 2 or not 0 < height <= luma_rows or luma_rows + (height + 1) // 2 > clip.shape[1]:
         raise ValueError(f"a picture {height} rows high of even width in an NV12 surface; got {list(nv12.shape)}")
-    out = torch.empty((height, width, 3), dtype=torch.uint8, device=nv12.device)
-    grid = (height, triton.cdiv(width, BLOCK_W))
+    if not 0 < frames <= 65535:
+        raise ValueError(f"a clip of 1..65535 NV12 surfaces; got {frames}")
+    out = torch.empty((frames, height, width, 3), dtype=torch.uint8, device=nv12.device)
+    grid = (height, triton.cdiv(width, BLOCK_W), frames)
     with _LAUNCHING, torch.cuda.device(nv12.device) if nv12.is_cuda else contextlib.nullcontext():  # (its GPU's)
-        _nv12_rgb_kernel[grid](nv12, out, height, width, luma_rows, nv12.stride(0), *coefs, Y_OFFSET=Y_OFFSET,
-                               C_OFFSET=C_OFFSET, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)  # fmt: skip
-    return out
+        _nv12_rgb_kernel[grid](clip, out, height, width, luma_rows, clip.stride(1), clip.stride(0), *coefs,
+                               Y_OFFSET=Y_OFFSET, C_OFFSET=C_OFFSET, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)  # fmt: skip
+    return out if nv12.dim() == 3 else out[0]
 
 
 def i420_planes(frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -60,6 +60,26 @@ def test_kernel_gives_the_references_bytes(height, width, pad_rows, pitch, matri
         assert (want == 0).any() and (want == 255).any()  # the clamps were taken, both ways
 
 
+@pytest.mark.parametrize(("frames", "height", "width", "pad_rows", "pitch"), [
+    (1, 6, 8, 0, 0),
+    (3, 34, BLOCK_W + 18, 6, 0),
+    (4, 30, 62, 2, 128),  # rows further apart than the picture is wide
+])  # fmt: skip
+@pytest.mark.parametrize("matrix", sorted(MATRICES))
+def test_a_clip_of_surfaces_in_one_launch_gives_each_surfaces_bytes(frames, height, width, pad_rows, pitch, matrix):
+    """A clip's NVDEC surfaces [T, rows * 3 / 2, w] in one launch: frame t's bytes are its surface's alone, with
+    the surfaces apart by more than one surface (a slice of a larger stack, as strides may have them)."""
+    stack = torch.stack([surface(height, width, pad_rows, pitch, seed=seed) for seed in range(2 * frames)])
+    clip = stack[::2]  # every other surface: frames two surfaces apart, rows pitch apart
+    assert clip.stride(0) == 2 * stack.stride(0)
+    with triton_mode(interpret=True):
+        got = nv12_rgb(clip, height, matrix)
+    assert got.shape == (frames, height, width, 3) and got.is_contiguous()
+    for t in range(frames):
+        assert torch.equal(got[t], nv12_rgb_ref(clip[t], height, matrix))
+    assert torch.equal(nv12_rgb_ref(clip, height, matrix), got)
+
+
 @pytest.mark.parametrize(("x264", "matrix"), [("", "bt601"), ("colormatrix=bt709", "bt709")])
 def test_kernel_gives_pyavs_rgb24_on_h264_frames(tmp_path, x264, matrix):
     """Real H.264 frames as NVDEC's surfaces hold them: the kernel's RGB is libswscale's, byte for byte."""
@@ -147,6 +167,9 @@ def test_planes_of_a_padded_surface():
     (torch.zeros(9, 8, dtype=torch.uint8), 0, "a picture 0 rows high"),
     (torch.zeros(9, 8, dtype=torch.int16), 6, "nv12 must be uint8"),
     (torch.zeros(8, 9, dtype=torch.uint8).t(), 6, "rows contiguous"),
+    (torch.zeros(9, 8, dtype=torch.uint8)[None].expand(65536, 9, 8), 6, "1..65535 NV12 surfaces"),
+    (torch.zeros(0, 9, 8, dtype=torch.uint8), 6, "1..65535 NV12 surfaces"),
+    (torch.zeros(1, 1, 9, 8, dtype=torch.uint8), 6, "nv12 must be uint8"),
 ])  # fmt: skip
 def test_launcher_refuses_what_the_kernel_would_read_wrong(nv12, height, said):
     with pytest.raises(ValueError, match=said), triton_mode(interpret=True):
@@ -167,6 +190,8 @@ def test_gpu_kernel_gives_the_references_bytes(matrix):
     assert torch.equal(got.cpu(), nv12_rgb_ref(nv12.cpu(), 720, matrix))
     frame = NvdecFrame(nv12, 720, 0, Fraction(1, 30), None, matrix)
     assert torch.equal(nvdec_rgb(frame), got)
+    clip = torch.stack([nv12, nv12.flip(1), nv12.flip(0)])  # a clip of surfaces, as the reader converts NVDEC's
+    assert torch.equal(nv12_rgb(clip, 720, matrix).cpu(), nv12_rgb_ref(clip.cpu(), 720, matrix))
     i420 = torch.randint(0, 256, (4, 1080, 1280), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
     got = i420_rgb(i420.cuda(), matrix)  # a 720p clip of 4 frames as the CPU decoder hands it over
     assert torch.equal(got.cpu(), i420_rgb_ref(i420, matrix))

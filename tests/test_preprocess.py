@@ -1,3 +1,4 @@
+import importlib.util
 import itertools
 import re
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titok_fast import decoders
+from titok_fast import decoders, video
 from titok_fast.decoders import DecoderUnavailable
 from titok_fast.kernels.nv12_rgb import nv12_planes, nv12_surface
 from titok_fast.kernels.nv12_rgb import yuv420_to_rgb_ref as yuv420_to_rgb
@@ -348,9 +349,10 @@ class FakePyNvVideoCodec(types.ModuleType):
     reads, with ``getPTS``, in one output surface that the next call overwrites. It can refuse the file, fail at a
     frame, or give no frame."""
 
-    def __init__(self, fail_at: int | None = None, refuse: bool = False, empty: bool = False):
+    def __init__(self, fail_at: int | None = None, refuse: bool = False, empty: bool = False, device: str = "cpu"):
         super().__init__("PyNvVideoCodec")
         self.calls, self.fail_at, self.refuse, self.empty = [], fail_at, refuse, empty
+        self.device = device  # where its surfaces are
 
     def CreateDemuxer(self, filename):  # noqa: N802 (the package's names)
         self.calls.append(filename)
@@ -374,10 +376,11 @@ class FakePyNvVideoCodec(types.ModuleType):
         decoded = itertools.count()
 
         surface = [torch.empty(0)]  # the decoder's output surface: every Decode call writes its frame there
+        device = self.device
 
         class Frame:
             def __init__(self, frame):
-                nv12 = nv12_surface(*planes(frame))
+                nv12 = nv12_surface(*planes(frame)).to(device)
                 if surface[0].shape != nv12.shape:
                     surface[0] = torch.empty_like(nv12)
                 self.nv12, self.pts = surface[0].copy_(nv12), frame.pts
@@ -428,6 +431,25 @@ def test_nvdec_path_gives_the_cpu_paths_clips(files, monkeypatch):
     assert len(clips) == len(cpu)
     for a, b in zip(clips, cpu, strict=True):
         assert torch.equal(a, b)
+
+
+def test_nvdec_frames_are_made_rgb_a_clip_at_a_time(files, monkeypatch):
+    """A clip's NVDEC surfaces are stacked and converted in one call (one launch on a GPU), not a frame at a time;
+    a clip that NVDEC began and the CPU finished (NVDEC failed midway) converts its surfaces one by one."""
+    calls = []
+
+    def counted(surfaces, height, matrix):
+        calls.append(surfaces.shape[0])
+        return decoders.nv12_clip_rgb(surfaces, height, matrix)
+
+    monkeypatch.setattr(video, "nv12_clip_rgb", counted)
+    cpu = read_clips(files["wide"], frames=4, height=64, width=64, fps=24).clips
+    _, clips = nvdec_clips(files["wide"], monkeypatch)
+    assert calls == [4] * len(cpu) and all(torch.equal(a, b) for a, b in zip(clips, cpu, strict=True))
+    calls.clear()
+    reader, clips = nvdec_clips(files["wide"], monkeypatch, fail_at=9)  # frames 0-8 NVDEC's: clip 2 is mixed
+    assert reader.decoded_by == "nvdec,cpu" and calls == [4, 4, 1]
+    assert all(torch.equal(a, b) for a, b in zip(clips, cpu, strict=True)) and len(clips) == len(cpu)
 
 
 def test_nvdec_unavailable_decodes_on_the_cpu_with_one_notice(files, monkeypatch, capsys):
@@ -582,6 +604,29 @@ def test_gpu_nvdec_gives_pyavs_planes_bit_for_bit(tmp_path, encoder, height, wid
     pytest.importorskip("PyNvVideoCodec")
     path = str(videos.make_video(tmp_path / "b.mp4", 48, height, width, fps=24, pattern="moving", encoder=encoder))
     assert nvdec_planes_are_pyavs(path, threads) == 48
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_nvdec_clips_are_the_cpu_decoders(files, monkeypatch):
+    """On a GPU the reader's NVDEC clips (surfaces converted a clip at a time by the kernel) are the CPU decoder's
+    clips, byte for byte: from NVDEC itself where PyNvVideoCodec is installed, and from surfaces on the GPU made of
+    PyAV's planes, a clip that NVDEC began and the CPU finished included (its frames from both, stacked on the
+    GPU)."""
+    kwargs = dict(frames=4, height=64, width=64, fps=24, preprocess="device", device="cuda")
+    cpu = read_clips(files["wide"], **kwargs).clips
+    cases = [None, 9]  # the fake decoder failing: never, at frame 9 (clip 2 mixed)
+    if importlib.util.find_spec("PyNvVideoCodec") is not None:
+        cases.append("real")
+    for case in cases:
+        if case != "real":
+            fake_nvdec(monkeypatch, fail_at=case, device="cuda")
+        reader = ClipReader(files["wide"], decoder="nvdec", **kwargs)
+        clips = list(reader)
+        monkeypatch.undo()
+        assert reader.decoded_by == ("nvdec,cpu" if case == 9 else "nvdec") and len(clips) == len(cpu) >= 3, case
+        for a, b in zip(clips, cpu, strict=True):
+            assert a.is_cuda and torch.equal(a.cpu(), b), case
 
 
 @pytest.mark.gpu

@@ -568,13 +568,19 @@ def _colorspace_name(stream: av.video.stream.VideoStream) -> str:
 
 
 def nvdec_rgb(frame: NvdecFrame) -> torch.Tensor:
-    """An NVDEC frame as [h, w, 3] uint8 RGB on its GPU: one Triton kernel (``kernels/nv12_rgb.py``), or its
-    PyTorch reference where Triton is missing or the frame is not on a GPU (a test's fake decoder): the same bytes."""
+    """An NVDEC frame as [h, w, 3] uint8 RGB on its GPU (:func:`nv12_clip_rgb` of its surface alone)."""
+    return nv12_clip_rgb(frame.nv12[None], frame.height, frame.matrix)[0]
+
+
+def nv12_clip_rgb(surfaces: torch.Tensor, height: int, matrix: str) -> torch.Tensor:
+    """A clip of NVDEC's NV12 surfaces [T, rows * 3 / 2, w] (pictures ``height`` rows high, YUV ``matrix``) as
+    [T, height, w, 3] uint8 RGB where they are: one Triton kernel (``kernels/nv12_rgb.py``), or its PyTorch
+    reference where Triton is missing or the surfaces are not on a GPU (a test's fake decoder): the same bytes."""
     from .kernels import _triton, nv12_rgb  # (imports Triton: only where NVDEC decodes)
 
-    if frame.nv12.is_cuda and not _triton.MISSING:
-        return nv12_rgb.nv12_rgb(frame.nv12, frame.height, frame.matrix)
-    return nv12_rgb.nv12_rgb_ref(frame.nv12, frame.height, frame.matrix)
+    if surfaces.is_cuda and not _triton.MISSING:
+        return nv12_rgb.nv12_rgb(surfaces, height, matrix)
+    return nv12_rgb.nv12_rgb_ref(surfaces, height, matrix)
 
 
 @contextlib.contextmanager

@@ -54,11 +54,13 @@ import torch.nn.functional as F
 
 from .decoders import (
     DECODERS,
+    NvdecFrame,
     PruneMismatch,
     StreamIndex,
     frame_i420_matrix,
     i420_bytes,
     i420_matrix,
+    nv12_clip_rgb,
     open_frames,
     open_input,
     stream_index,
@@ -252,6 +254,7 @@ class ClipReader:
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
         self._i420 = ""  # the YUV matrix of this file's I420 clips ("": none; see upload), set when it is opened
+        self._nv12: tuple[int, str] | None = None  # (picture height, YUV matrix) of NVDEC's surfaces, once one came
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
         self._own: Segment | None = None  # the first segment, when it split the file
 
@@ -273,7 +276,9 @@ class ClipReader:
         chunk: list[torch.Tensor] = []
         for image in self._all_images():
             if not chunk and self.held is not None and image.dtype == torch.uint8:  # a source-size clip begins
-                self._reservation = self.held.reserve(frames * image.nbytes, self.stop, self.nothing_queued)
+                nv12 = self._nv12 is not None and image.ndim == 2  # an NVDEC surface, made RGB by _clip
+                nbytes = self._nv12[0] * image.shape[1] * 3 if nv12 else image.nbytes
+                self._reservation = self.held.reserve(frames * nbytes, self.stop, self.nothing_queued)
             chunk.append(image)
             if len(chunk) == frames:
                 yield self._clip(chunk)
@@ -360,12 +365,15 @@ class ClipReader:
                     on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
                     self.placement = "device" if source.decoder == "nvdec" else on
                 rgb = functools.partial(_sized_rgb, path, (self.height, self.width), source.rgb)
+                nvdec_turns = 0
                 if self.rotation == "display" and source.decoder == "nvdec":  # no display matrix on its frames:
-                    turns = first_frame_turns(path)  # the first frame's, from PyAV
-                    rgb = functools.partial(_turned, rgb, lambda _: turns)
+                    nvdec_turns = first_frame_turns(path)  # the first frame's, from PyAV
+                    rgb = functools.partial(_turned, rgb, lambda _: nvdec_turns)
                 elif self.rotation == "display":
                     rgb = functools.partial(_turned, rgb, functools.partial(display_turns, path))
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
+                if source.decoder == "nvdec" and not nvdec_turns:
+                    image = self._surface  # converted a clip at a time (_clip): one launch a clip, not one a frame
                 self._i420 = ""
                 if self.upload == "i420" and self.placement == "device" and self.decoded_by == "cpu":  # (not after
                     # NVDEC failed midway: its frames are on the GPU)
@@ -530,8 +538,32 @@ class ClipReader:
         the crop, so that a clip's frames do not each hold their whole resized frame until they are stacked."""
         return clip_pixels(image[None], self.height, self.width)[:, 0].contiguous()
 
+    def _surface(self, frame: NvdecFrame) -> torch.Tensor:
+        """An NVDEC frame's NV12 surface, for :meth:`_clip` to convert with the clip's other frames."""
+        self._nv12 = (frame.height, frame.matrix)
+        return frame.nv12
+
+    def _nvdec_clip(self, images: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """A clip with NVDEC's surfaces among its frames: as one RGB clip [T, h, w, 3], its surfaces stacked and
+        converted in one launch; or, where the CPU decoder finished what NVDEC began (it failed midway), None and
+        the frames in RGB on NVDEC's device, each surface converted alone."""
+        height, matrix = self._nv12
+        if all(image.ndim == 2 and image.shape == images[0].shape for image in images):
+            clip = stack_here(images)
+            started = CLOCK.start()
+            clip = nv12_clip_rgb(clip, height, matrix)
+            CLOCK.stop("rgb", started)
+            return clip, images
+        device = next(image.device for image in images if image.ndim == 2)
+        return None, [nv12_clip_rgb(image[None], height, matrix)[0] if image.ndim == 2 else image.to(device)
+                      for image in images]  # fmt: skip
+
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor | I420Clip:
         self.clips_read += 1
+        if self._nv12 is not None and any(image.ndim == 2 for image in images):  # NVDEC's (not I420: CPU-decoded)
+            clip, images = self._nvdec_clip(images)
+            if clip is not None:
+                return self._holding(clip)
         if self.placement == "device" and any(image.ndim == 2 for image in images):  # (I420 frames: _i420_or_rgb)
             if any(image.shape != images[0].shape for image in images):  # a clip of RGB and I420, or two sizes:
                 # RGB, converted here (libswscale's bytes)
