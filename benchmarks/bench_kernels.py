@@ -17,6 +17,9 @@ Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (en
   varlen), ``cudnn_alone`` (cuDNN through SDPA, per sequence), ``flex_alone`` (FlexAttention with a document mask,
   compiled).
 FSQ: GB/s of the fused encoder head and decoder-input gather against unfused PyTorch (``torch``).
+Gated GELU (the FFN's ``a * gelu(g)``, V1 batch 32: the encoder's 1376 values a row, the decoder's 2752, and the
+decoder's into its FP8 Linears as codes and scales): GB/s of the input read and the output written, the kernel
+against PyTorch's module (and ``quantize_rows_fp8`` after it for FP8).
 NV12 -> RGB (``--decoder nvdec``'s conversion of a frame): GB/s and the host CPU time of a call (``host us/call``:
 what a decoding thread spends launching it, much of it holding the GIL), the kernel against PyTorch (``torch``).
 
@@ -39,7 +42,9 @@ import pytest
 import torch
 import triton
 
+from titok_fast.kernels.fp8_quant import quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head, fsq_quantize_ref
+from titok_fast.kernels.gated_gelu import gated_gelu
 from titok_fast.kernels.mrope_attention import (
     ATTENTION_BLOCKS,
     mrope_attention,
@@ -270,3 +275,23 @@ def test_nv12_rgb(benchmark, provider, size):
     torch.cuda.synchronize()
     _extra_info(benchmark, provider)
     benchmark.extra_info.update(gb_per_s=(nv12.numel() + height * width * 3) / mean / 1e9, host_us_per_call=host * 1e6)
+
+
+@pytest.mark.parametrize("case", ["encoder", "decoder", "decoder-fp8"])
+@pytest.mark.parametrize("provider", ["titok", "torch"])
+def test_gated_gelu(benchmark, provider, case):
+    """The FFN's gated GELU of a V1 batch of 32 clips (3136 rows each): the kernel against PyTorch's two (and the
+    FP8 quantisation after them, for the decoder's FP8 Linears)."""
+    from titok_fast.layers import GatedGelu
+
+    benchmark.group = f"kernel-gated-gelu-{case}"
+    inner, fp8 = (1376 if case == "encoder" else 2752), case.endswith("fp8")
+    x = torch.randn(32 * 3136, 2 * inner, device="cuda", dtype=torch.bfloat16)
+    module = GatedGelu()
+    if provider == "titok":
+        mean = _timed(benchmark, lambda: gated_gelu(x, fp8=fp8))
+    else:
+        mean = _timed(benchmark, lambda: quantize_rows_fp8(module(x)) if fp8 else module(x))
+    _extra_info(benchmark, provider)
+    written = x.shape[0] * (inner * (1 if fp8 else 2) + (4 if fp8 else 0))
+    benchmark.extra_info.update(gb_per_s=(x.numel() * 2 + written) / mean / 1e9)

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 import titok_fast.kernels.fp8_quant as fp8_quant
 import titok_fast.kernels.fsq as fsq
+import titok_fast.kernels.gated_gelu as gated_gelu
 import titok_fast.kernels.mrope_attention as mrope
 import titok_fast.kernels.nearest_code as nearest
 import titok_fast.kernels.nv12_rgb as nv12_rgb
@@ -70,6 +71,11 @@ def _quantize(dtype, k):
     return "_quantize_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs
 
 
+def _gated_gelu(dtype, inner, fp8):
+    ptrs = dict(x_ptr=TYPE[dtype], y_ptr="fp8e4nv" if fp8 else TYPE[dtype], scale_ptr="fp32")
+    return "_gated_gelu_kernel", gated_gelu, gated_gelu.gated_gelu_config(inner, fp8), ptrs
+
+
 def _nv12_rgb():
     config = dict(BLOCK_W=nv12_rgb.BLOCK_W, Y_OFFSET=nv12_rgb.Y_OFFSET, C_OFFSET=nv12_rgb.C_OFFSET,
                   num_warps=nv12_rgb.NUM_WARPS)  # fmt: skip
@@ -103,6 +109,11 @@ CASES = {
     "quantize-bf16-K1024": _quantize(torch.bfloat16, 1024),
     "quantize-bf16-K2752": _quantize(torch.bfloat16, 2752),
     "quantize-fp32-K1376": _quantize(torch.float32, 1376),
+    # V1's FFN: the encoder's 1376 inner values a row, the decoder's 2752 (its FP8 Linears read them as codes)
+    "gated_gelu-bf16-I1376": _gated_gelu(torch.bfloat16, 1376, False),
+    "gated_gelu-bf16-I2752": _gated_gelu(torch.bfloat16, 2752, False),
+    "gated_gelu-bf16-I2752-fp8": _gated_gelu(torch.bfloat16, 2752, True),
+    "gated_gelu-fp32-I1376": _gated_gelu(torch.float32, 1376, False),
     "nv12_rgb": _nv12_rgb(),
     "i420_rgb": _i420_rgb(),
     # the other block shapes a GPU benchmark compares (the first, the default, is compiled above)
@@ -181,7 +192,8 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     assert re.search(r"STACK:0 ", usage) and re.search(r"LOCAL:0 ", usage), usage
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     assert not re.search(r"\b(LDL|STL)\b", sass)
-    if case.startswith("quantize"):  # exactly the reference's arithmetic: IEEE divisions, casts to nearest even
+    if case.startswith("quantize") or case.endswith("-fp8"):  # exactly the reference's arithmetic: IEEE divisions,
+        # casts to nearest even
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     if case in ("nv12_rgb", "i420_rgb"):  # the reference's integer arithmetic: no floating point, products' high

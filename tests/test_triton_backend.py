@@ -152,8 +152,8 @@ def test_every_kernel_launches_on_the_gpu_of_its_tensors(models, monkeypatch):
     encoded = len(guarded)
     model.decode_indices(out["indices"], SHAPES[:1])
     depth = len(model.encoder.model_layers.attn_layer)
-    assert encoded == depth + 1  # each layer's attention, then the FSQ head
-    assert len(guarded) == encoded + 1 + depth  # the decoder's input rows, then each layer's attention
+    assert encoded == 2 * depth + 1  # each layer's attention and gated GELU, then the FSQ head
+    assert len(guarded) == encoded + 1 + 2 * depth  # the decoder's input rows, then each layer's two
     assert set(guarded) == {torch.device(DEVICE) if DEVICE == "cpu" else model.device}
     fake = type("Tensor", (), {"device": torch.device("cuda", 1)})()
     monkeypatch.setattr(torch.cuda, "device", lambda device: ("current", device))

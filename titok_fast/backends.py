@@ -1,12 +1,12 @@
 """The model's compute backends: one small interface, a PyTorch implementation and a Triton one.
 
-The forward code (``model.py``) calls a :class:`Backend` for the four operations that differ between them; it has
+The forward code (``model.py``) calls a :class:`Backend` for the five operations that differ between them; it has
 no backend branches of its own. Which one runs is resolved per call from the device of the weights
 (:func:`resolve_backend`), so a model built on the CPU or ``meta`` and moved to CUDA takes the Triton path.
 
 - :class:`TorchBackend`: q/k norm + M-RoPE on all rows at once, SDPA per sequence; FSQ in PyTorch. The CPU path.
-- :class:`TritonBackend`: the fused kernels of ``titok_fast.kernels`` as custom ops (``ops.py``). CUDA, or the
-  Triton interpreter on a CPU.
+- :class:`TritonBackend`: the fused kernels of ``titok_fast.kernels`` as custom ops (``ops.py``), the FFN's gated
+  GELU included. CUDA, or the Triton interpreter on a CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ class Backend:
         """Fixed-shape attention, every row a query: qkv [rows, ...] -> [rows, Hq * 64]; the sequences come from
         the device-side ``batch.cu_seqlens`` (no host reads), padding rows attend among themselves."""
         raise NotImplementedError
+
+    def feed_forward(self, ffn: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """One layer's FFN (``ffd_layer.{i}``: LayerNorm, Linear W -> 2I, GatedGelu, Dropout, Linear I -> W) of rows
+        [rows, W], before the residual: ``ffn(x)``."""
+        return ffn(x)
 
     def encoder_head(
         self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
@@ -163,6 +168,17 @@ class TritonBackend(Backend):
         from .ops import attention
 
         return attention(attn, qkv, batch.cu_seqlens, batch.positions, batch.cos, batch.sin)
+
+    def feed_forward(self, ffn: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """The gated GELU in one kernel; into an FP8 Linear as its codes and row scales (no 16-bit copy between)."""
+        from .fp8 import Fp8Linear
+        from .ops import gated_gelu_fp8_op, gated_gelu_op
+
+        ln, up, _, _, down = ffn
+        h = up(ln(x))
+        if isinstance(down, Fp8Linear):
+            return down.of_codes(*gated_gelu_fp8_op(h), h.dtype)
+        return down(gated_gelu_op(h))
 
     def encoder_head(
         self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants

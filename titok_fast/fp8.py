@@ -115,12 +115,15 @@ class Fp8Linear(nn.Linear):
         return cache[1], cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_q, w_scale = self.fp8_weight()
         x_q, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = fp8_matmul(x_q, x_scale, w_q, w_scale, x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self.of_codes(x_q, x_scale, x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def of_codes(self, x_q: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer of activations already quantised (:func:`quantize_rows`' codes [M, K] and scales [M, 1], as a
+        kernel that makes the activations may give them): [M, out_features] in ``dtype``."""
+        w_q, w_scale = self.fp8_weight()
+        out = fp8_matmul(x_q, x_scale, w_q, w_scale, dtype)
+        return out + self.bias if self.bias is not None else out
 
 
 def tensor_key(t: torch.Tensor) -> tuple:

@@ -95,7 +95,7 @@ def run_layers(
         if last and queries != "all":
             x = x[pack.latent_rows if queries == "latent" else pack.patch_rows]
         x = x + out
-        x = x + ffn(x)
+        x = x + backend.feed_forward(ffn, x)
     return x
 
 
@@ -103,7 +103,7 @@ def run_layers_static(layers: Layers, x: torch.Tensor, batch: StaticBatch, backe
     """x [rows, W] through every layer, every row a query, shapes independent of the batch contents."""
     for attn, ffn in zip(layers.attn_layer, layers.ffd_layer, strict=True):
         x = x + attn.out_proj(backend.attention_static(attn, qkv_of(attn, x), batch))
-        x = x + ffn(x)
+        x = x + backend.feed_forward(ffn, x)
     return x
 
 

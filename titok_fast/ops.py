@@ -9,6 +9,7 @@ import torch
 
 from titok_fast.kernels.fp8_quant import quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
+from titok_fast.kernels.gated_gelu import gated_gelu
 from titok_fast.kernels.mrope_attention import HEAD_DIM, mrope_attention
 
 
@@ -104,6 +105,29 @@ def quantize_rows_fp8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @quantize_rows_fp8_op.register_fake
 def _(x):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("titok_fast::gated_gelu", mutates_args=())
+def gated_gelu_op(x: torch.Tensor) -> torch.Tensor:
+    with on_device_of(x):
+        return gated_gelu(x)
+
+
+@gated_gelu_op.register_fake
+def _(x):
+    return x.new_empty(x.shape[0], x.shape[1] // 2)
+
+
+@torch.library.custom_op("titok_fast::gated_gelu_fp8", mutates_args=())
+def gated_gelu_fp8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with on_device_of(x):
+        return gated_gelu(x, fp8=True)
+
+
+@gated_gelu_fp8_op.register_fake
+def _(x):
+    rows, inner = x.shape[0], x.shape[1] // 2
+    return x.new_empty(rows, inner, dtype=torch.float8_e4m3fn), x.new_empty(rows, 1, dtype=torch.float32)
 
 
 def attention(

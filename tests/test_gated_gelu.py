@@ -1,0 +1,121 @@
+"""The FFN's gated GELU kernel (kernels/gated_gelu.py): its reference's bytes in the Triton interpreter, PyTorch's
+module within the rounding of a different erf on the CPU, PyTorch's bytes on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from titok_fast.kernels.gated_gelu import MAX_INNER, gated_gelu, gated_gelu_config, gated_gelu_ref
+from titok_fast.layers import GatedGelu
+
+from triton_mode import triton_mode
+
+CUDA = torch.cuda.is_available()
+
+
+def rows(m: int, inner: int, dtype: torch.dtype, seed: int = 0, stride: int = 0) -> torch.Tensor:
+    """[m, 2 * inner] of values where erf is curved and flat (up to +-6), a zero row, rows ``stride`` apart."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, max(stride, 2 * inner), generator=g) * torch.linspace(0.1, 3, m)[:, None]
+    x[m // 2] = 0
+    return x.to(dtype)[:, : 2 * inner]
+
+
+@pytest.mark.parametrize(("m", "inner", "stride"), [(5, 4, 0), (37, 100, 0), (9, 1030, 0), (12, 688, 1500)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kernel_gives_the_references_bytes(m, inner, stride, dtype, fp8):
+    """Rows of several column blocks (the last partly filled), row counts past a program's, rows further apart
+    than they are wide; the FP8 form's codes and scales too."""
+    x = rows(m, inner, dtype, seed=inner, stride=stride)
+    if fp8 and dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16).to(dtype)  # (any dtype works; checked on bf16 values too)
+    with triton_mode(interpret=True):
+        got = gated_gelu(x, fp8=fp8)
+    want = gated_gelu_ref(x, fp8=fp8)
+    if fp8:
+        assert got[0].dtype == torch.float8_e4m3fn and got[1].shape == (m, 1)
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+        assert got[1][m // 2].item() == 1.0  # the zero row
+    else:
+        assert got.dtype == dtype and got.shape == (m, inner) and torch.equal(got, want)
+
+
+def test_several_column_blocks_are_read_where_they_are():
+    """More outputs a row than one program's block: every block reads its own columns of a and g."""
+    cfg = gated_gelu_config(3000, fp8=False)
+    assert cfg["BLOCK"] < 3000  # (what this test needs of the configuration)
+    x = rows(3, 3000, torch.float32)
+    with triton_mode(interpret=True):
+        got = gated_gelu(x)
+    assert torch.equal(got, gated_gelu_ref(x))
+    assert torch.equal(got[:, :5], gated_gelu_ref(torch.cat([x[:, :5], x[:, 3000:3005]], 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reference_is_the_module_but_for_the_cpus_erf(dtype):
+    """PyTorch's module on the CPU computes the same expression with an erf of its own, a few float32 ulps off a
+    correctly rounded one: in float32 that moves y by a few ulps of ``|a * g|`` (where ``1 + erf`` cancels, a
+    large share of a small y), in bf16 it moves a few values by one rounding step."""
+    x = rows(64, 1376, dtype, seed=3)
+    got, want = gated_gelu_ref(x), GatedGelu()(x)
+    a, g = x.float().chunk(2, dim=-1)
+    size = (a * g).abs() + want.float().abs()
+    step = 2**-21 if dtype == torch.float32 else 2**-7
+    assert ((got.float() - want.float()).abs() <= step * size).all()
+    if dtype == torch.bfloat16:
+        assert (got != want).float().mean() < 0.01
+
+
+@pytest.mark.parametrize(("x", "fp8", "said"), [
+    (torch.zeros(4, 7), False, "x must be"),
+    (torch.zeros(4, 8, dtype=torch.int32), False, "x must be"),
+    (torch.zeros(2, 4, 8), False, "x must be"),
+    (torch.zeros(8, 4).t(), False, "x must be"),
+    (torch.zeros(1, 2 * MAX_INNER + 2), True, "at most"),
+])  # fmt: skip
+def test_launcher_refuses_what_the_kernel_would_read_wrong(x, fp8, said):
+    with pytest.raises(ValueError, match=said), triton_mode(interpret=True):
+        gated_gelu(x, fp8=fp8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("inner", [1376, 2752])
+def test_gpu_kernel_gives_pytorchs_bytes(inner):
+    """Compiled, with libdevice's erff as PyTorch's CUDA GELU: the module's bytes in bf16, and in FP8 the codes
+    and scales of quantising them."""
+    from titok_fast.kernels.fp8_quant import quantize_rows_fp8
+
+    x = rows(4099, inner, torch.bfloat16, seed=1).cuda()
+    want = GatedGelu()(x)
+    assert torch.equal(gated_gelu(x), want)
+    q, scale = gated_gelu(x, fp8=True)
+    want_q, want_scale = quantize_rows_fp8(want)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)
+
+
+@pytest.mark.parametrize("precision", ["default", "fp8"])
+def test_triton_backends_ffn_runs_the_kernel_and_hands_fp8_codes_on(precision, monkeypatch):
+    """The triton backend's FFN is the module's with the kernel's gated GELU; into an FP8 Linear it goes as the
+    kernel's codes and row scales, which are what that Linear would make of the bf16 product itself."""
+    from titok_fast import fp8
+    from titok_fast.backends import TORCH, TRITON
+    from titok_fast.config import SIZES, StackSize
+    from titok_fast.fp8 import Fp8Linear
+    from titok_fast.layers import feed_forward, perturb_norms
+
+    torch.manual_seed(0)
+    ffn = feed_forward(StackSize("tiny_thin", *SIZES["tiny_thin"])).to(torch.bfloat16)
+    perturb_norms(ffn)
+    if precision == "fp8":
+        ffn[4] = Fp8Linear.of(ffn[4])
+        ffn[4].fp8_weight()  # (its weights quantised now: below, nothing else may be)
+    x = torch.randn(50, ffn[0].normalized_shape[0]).to(torch.bfloat16)
+    with triton_mode(interpret=True), monkeypatch.context() as patched:
+        patched.setattr(fp8, "quantize_rows", lambda x: pytest.fail("the FFN's product was quantised again"))
+        got = TRITON.feed_forward(ffn, x)
+    h = ffn[1](ffn[0](x))
+    assert torch.equal(got, ffn[4](gated_gelu_ref(h)))
+    assert torch.equal(TORCH.feed_forward(ffn, x), ffn(x))
