@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import _layer_norm_rows
 from ._triton import tl, triton
 
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
@@ -34,13 +35,41 @@ def _quantize_rows_kernel(
     mask = m_r[:, None] & (o_k < K)[None, :]
     o_r = o_r.to(tl.int64)
     b_x = tl.load(x_ptr + o_r[:, None] * stride_x + o_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(b_x), 1)
+    _quantize_block(b_x, q_ptr, scale_ptr, o_r, m_r, o_k, mask, stride_q)
+
+
+@triton.jit
+def _quantize_block(b_y, q_ptr, scale_ptr, o_r, m_r, o_k, mask, stride_q):
+    """Rows ``b_y`` (fp32 [ROWS, BLOCK], masked values 0) -> codes at q_ptr, scales at scale_ptr: as
+    :func:`quantize_rows_fp8_ref`."""
+    amax = tl.max(tl.abs(b_y), 1)
     scale = tl.where(amax > 0, tl.div_rn(amax, _FP8_MAX), 1.0)
-    b_y = tl.div_rn(b_x, scale[:, None])
-    b_y = tl.minimum(tl.maximum(b_y, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL), _FP8_MAX,
+    b_q = tl.div_rn(b_y, scale[:, None])
+    b_q = tl.minimum(tl.maximum(b_q, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL), _FP8_MAX,
                      propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
-    tl.store(q_ptr + o_r[:, None] * stride_q + o_k[None, :], b_y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + o_r[:, None] * stride_q + o_k[None, :], b_q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + o_r, scale, mask=m_r)
+
+
+@triton.jit
+def _layer_norm_rows_kernel(
+    x_ptr,  # [M, K], row stride stride_x, last dim contiguous
+    w_ptr, b_ptr,  # [K]: the LayerNorm's affine
+    q_ptr,  # float8e4nv [M, K], row stride stride_q
+    scale_ptr,  # float32 [M]
+    num_rows, K, stride_x, stride_q, eps,
+    BLOCK_K: tl.constexpr,  # a power of two >= K: each row is normalised and reduced whole
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    o_k = tl.arange(0, BLOCK_K)
+    m_r = o_r < num_rows
+    m_k = o_k < K
+    mask = m_r[:, None] & m_k[None, :]
+    o_r = o_r.to(tl.int64)
+    b_x = tl.load(x_ptr + o_r[:, None] * stride_x + o_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    b_y = _layer_norm_rows(b_x, m_k, w_ptr, b_ptr, o_k, K, eps, x_ptr.dtype.element_ty)  # (the FSQ head's)
+    _quantize_block(b_y, q_ptr, scale_ptr, o_r, m_r, o_k, mask, stride_q)
 
 
 def quantize_rows_config(k: int) -> dict:
@@ -49,13 +78,17 @@ def quantize_rows_config(k: int) -> dict:
     return dict(BLOCK_K=block_k, ROWS=max(1, 4096 // block_k), num_warps=4 if block_k <= 1024 else 8)
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (last dim contiguous, K <= 16384) -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1])."""
+def _check_rows(x: torch.Tensor) -> None:
     if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be [M, K] bf16/fp16/fp32 with a contiguous last dim; got {x.dtype} {list(x.shape)}")
+    if x.shape[1] > 16384:
+        raise ValueError(f"rows of at most 16384 values are quantised in one block; got {x.shape[1]}")
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (last dim contiguous, K <= 16384) -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1])."""
+    _check_rows(x)
     m, k = x.shape
-    if k > 16384:
-        raise ValueError(f"rows of at most 16384 values are quantised in one block; got {k}")
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
@@ -63,6 +96,34 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = quantize_rows_config(k)
     _quantize_rows_kernel[(triton.cdiv(m, cfg["ROWS"]),)](x, q, scale, m, k, x.stride(0), q.stride(0), **cfg)
     return q, scale
+
+
+def layer_norm_rows_fp8(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows_fp8`` of ``x``'s rows LayerNormed (float32 statistics, the result rounded to x's dtype, as
+    the module rounds it) in one pass: the normalised rows never go to memory in 16 bits. x [M, K] as
+    :func:`quantize_rows_fp8` takes it; weight, bias [K]."""
+    _check_rows(x)
+    m, k = x.shape
+    if weight.shape != (k,) or bias.shape != (k,):
+        raise ValueError(f"LayerNorm weight and bias of [{k}] values; got {list(weight.shape)}, {list(bias.shape)}")
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, scale.fill_(1.0)
+    cfg = quantize_rows_config(k)
+    _layer_norm_rows_kernel[(triton.cdiv(m, cfg["ROWS"]),)](x, weight, bias, q, scale, m, k, x.stride(0),
+                                                              q.stride(0), eps, **cfg)  # fmt: skip
+    return q, scale
+
+
+def layer_norm_rows_fp8_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: ``quantize_rows_fp8_ref`` of ``F.layer_norm(x)`` (float32, rounded to x's dtype)."""
+    y = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+    return quantize_rows_fp8_ref(y)
 
 
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import _find_segment
+from ._common import _find_segment, _layer_norm_rows
 from ._triton import libdevice, tl, triton
 
 
@@ -121,13 +121,7 @@ def _fsq_encoder_head_kernel(
     m_w = o_w < width
     m_x = m_r[:, None] & m_w[None, :]
     b_x = tl.load(x_ptr + o_r.to(tl.int64)[:, None] * stride_x + o_w[None, :], mask=m_x, other=0.0).to(tl.float32)
-    # correctly rounded division and square root: the GPU's default approximate ones differ from torch's
-    mean = tl.div_rn(tl.sum(b_x, 1), width.to(tl.float32))
-    b_xc = tl.where(m_w[None, :], b_x - mean[:, None], 0.0)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(b_xc * b_xc, 1), width.to(tl.float32)) + eps))
-    b_lw = tl.load(ln_w_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
-    b_lb = tl.load(ln_b_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
-    b_xn = (b_xc * rstd[:, None] * b_lw[None, :] + b_lb[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    b_xn = _layer_norm_rows(b_x, m_w, ln_w_ptr, ln_b_ptr, o_w, width, eps, x_ptr.dtype.element_ty)
 
     index = tl.zeros([ROWS], dtype=tl.int32)
     for d in tl.static_range(DIM):

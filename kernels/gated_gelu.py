@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from .fp8_quant import FP8_MAX, quantize_rows_fp8_ref
+from .fp8_quant import _quantize_block, quantize_rows_fp8_ref
 
-_FP8_MAX = tl.constexpr(FP8_MAX)
 SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2), float32 in the kernel as in PyTorch's (M_SQRT1_2 as its opmath type)
 _SQRT1_2 = tl.constexpr(SQRT1_2)
 MAX_INNER = 16384  # the FP8 form reduces a whole row in one block
@@ -49,18 +48,10 @@ def _gated_gelu_kernel(
     dtype = x_ptr.dtype.element_ty
     b_gelu = b_g * 0.5 * (1.0 + tl.math.erf(b_g * _SQRT1_2))
     b_y = (b_a * b_gelu.to(dtype).to(tl.float32)).to(dtype)
-    p_y = y_ptr + o_r[:, None] * stride_y + o_c[None, :]
-    if FP8:  # masked columns hold 0: no part of a row's peak
-        b_y = b_y.to(tl.float32)
-        amax = tl.max(tl.abs(b_y), 1)
-        scale = tl.where(amax > 0, tl.div_rn(amax, _FP8_MAX), 1.0)
-        b_q = tl.div_rn(b_y, scale[:, None])
-        b_q = tl.minimum(tl.maximum(b_q, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL), _FP8_MAX,
-                         propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
-        tl.store(p_y, b_q.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + o_r, scale, mask=m_r)
+    if FP8:  # (one block of columns: the whole row) masked columns hold 0, no part of a row's peak
+        _quantize_block(b_y.to(tl.float32), y_ptr, scale_ptr, o_r, m_r, o_c, mask, stride_y)
     else:
-        tl.store(p_y, b_y, mask=mask)
+        tl.store(y_ptr + o_r[:, None] * stride_y + o_c[None, :], b_y, mask=mask)
 
 
 def gated_gelu_config(inner: int, fp8: bool) -> dict:

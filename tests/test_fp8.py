@@ -10,7 +10,14 @@ from torch import nn
 
 from titok_fast import fp8 as fp8_module
 from titok_fast.fp8 import Fp8Linear, check_fp8_runs, fp8_matmul, quantize_rows, set_precision
-from titok_fast.kernels.fp8_quant import FP8_MAX, quantize_rows_config, quantize_rows_fp8, quantize_rows_fp8_ref
+from titok_fast.kernels.fp8_quant import (
+    FP8_MAX,
+    layer_norm_rows_fp8,
+    layer_norm_rows_fp8_ref,
+    quantize_rows_config,
+    quantize_rows_fp8,
+    quantize_rows_fp8_ref,
+)
 from titok_fast.model import TiTok
 
 from graph_capture import engine_for
@@ -53,6 +60,39 @@ def test_quantize_kernel_gives_the_bits_of_the_reference(dtype, k):
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1)
     assert torch.equal(scale.cpu(), want_scale)
     assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [64, 1000, 2048])
+def test_layer_norm_kernel_quantises_the_modules_rows(dtype, k):
+    """LayerNorm and quantisation in one pass (an FP8 Linear after a norm): the codes and scales of quantising
+    PyTorch's LayerNorm of the rows, but where the two LayerNorms' float32 statistics round apart and move a value
+    by one step of x's dtype (float32: a few ulps): then a code by one e4m3 step at most, a scale as its row
+    peak."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(k)
+    rows = 2 * quantize_rows_config(k)["ROWS"] + 97
+    x = (torch.randn(rows, k, generator=g) * 3 + 1) * torch.logspace(-3, 3, rows)[:, None]
+    weight, bias = 1 + 0.3 * torch.randn(k, generator=g), 0.3 * torch.randn(k, generator=g)
+    x, weight, bias = (t.to(device, dtype) for t in (x, weight, bias))
+    with triton_mode(interpret=device == "cpu"):
+        q, scale = layer_norm_rows_fp8(x, weight, bias)
+    want_q, want_scale = layer_norm_rows_fp8_ref(x.cpu(), weight.cpu(), bias.cpu())
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1)
+    step = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-20}[dtype]
+    assert ((scale.cpu() - want_scale).abs() <= want_scale * step).all()
+    codes, want_codes = q.cpu().view(torch.uint8).int(), want_q.view(torch.uint8).int()
+    differ = codes != want_codes
+    assert differ.float().mean() < 1e-4 and ((codes - want_codes).abs()[differ] == 1).all()  # (same sign: a
+    # neighbouring e4m3 value)
+
+
+def test_layer_norm_kernel_refuses_a_norm_of_another_width():
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"weight and bias of \[8\] values"), triton_mode(interpret=True):
+        layer_norm_rows_fp8(x, torch.ones(7), torch.zeros(7))
+    with pytest.raises(ValueError, match="x must be"), triton_mode(interpret=True):
+        layer_norm_rows_fp8(x.t(), torch.ones(4), torch.zeros(4))
 
 
 def test_fp8_matmul_is_the_exact_product_of_the_codes():
@@ -155,6 +195,23 @@ def test_fp8_makes_the_default_tokens_and_decodes_in_fp8():
     assert all(0 < rel_l2(a, b) < 0.1 for a, b in zip(fp8_pixels, pixels, strict=True))
     with pytest.raises(ValueError, match="precision 'fp4' is not one of"):
         model.precision = "fp4"
+
+
+def test_fp8_decoding_through_the_triton_kernels_is_the_torch_backends():
+    """The triton backend makes an FP8 Linear's input codes in the kernel that makes the input (a LayerNorm's, the
+    gated GELU's; run here in the interpreter): its decoded pixels are the torch backend's FP8 pixels within
+    float32 rounding and the odd e4m3 code one step apart, a hundred times closer than FP8 is to the default
+    precision."""
+    model, kernels = make_model("tiny"), make_model("tiny", "triton")
+    kernels.load_state_dict(model.state_dict())
+    _, tokens = model.encode(random_videos(SHAPES), COUNTS)
+    default = model.decode_indices(tokens["indices"], SHAPES)
+    model.precision = kernels.precision = "fp8"
+    want = model.decode_indices(tokens["indices"], SHAPES)
+    with triton_mode(interpret=True):
+        got = kernels.decode_indices(tokens["indices"], SHAPES)
+    for a, b, c in zip(got, want, default, strict=True):
+        assert rel_l2(a, b) < 0.01 * rel_l2(b, c)
 
 
 def test_fp8_runs_natively_only_on_a_cuda_gpu_with_fp8_and_bf16():

@@ -97,25 +97,38 @@ def test_gpu_kernel_gives_pytorchs_bytes(inner):
 
 
 @pytest.mark.parametrize("precision", ["default", "fp8"])
-def test_triton_backends_ffn_runs_the_kernel_and_hands_fp8_codes_on(precision, monkeypatch):
-    """The triton backend's FFN is the module's with the kernel's gated GELU; into an FP8 Linear it goes as the
-    kernel's codes and row scales, which are what that Linear would make of the bf16 product itself."""
+def test_triton_backends_ffn_runs_the_kernels_and_hands_fp8_codes_on(precision, monkeypatch):
+    """The triton backend's FFN and q/k/v projection are the modules' with the kernels: the gated GELU's, and into
+    an FP8 Linear (precision fp8: every Linear of a decoder layer) the codes and row scales of the kernel that makes
+    its input (the gated GELU's, a LayerNorm's), which are what that Linear would make of the 16-bit rows itself
+    (tests/test_fp8.py): no activation is quantised a second time."""
     from titok_fast import fp8
     from titok_fast.backends import TORCH, TRITON
     from titok_fast.config import SIZES, StackSize
     from titok_fast.fp8 import Fp8Linear
-    from titok_fast.layers import feed_forward, perturb_norms
+    from titok_fast.kernels.fp8_quant import layer_norm_rows_fp8
+    from titok_fast.layers import Attention, feed_forward, perturb_norms
 
     torch.manual_seed(0)
-    ffn = feed_forward(StackSize("tiny_thin", *SIZES["tiny_thin"])).to(torch.bfloat16)
+    size = StackSize("tiny_thin", *SIZES["tiny_thin"])
+    ffn, attn = feed_forward(size).to(torch.bfloat16), Attention(size).to(torch.bfloat16)
     perturb_norms(ffn)
+    perturb_norms(attn)
     if precision == "fp8":
-        ffn[4] = Fp8Linear.of(ffn[4])
-        ffn[4].fp8_weight()  # (its weights quantised now: below, nothing else may be)
-    x = torch.randn(50, ffn[0].normalized_shape[0]).to(torch.bfloat16)
+        for parent, name in [(ffn, "1"), (ffn, "4"), (attn, "to_qkv")]:
+            setattr(parent, name, Fp8Linear.of(getattr(parent, name)))
+            getattr(parent, name).fp8_weight()  # (its weights quantised now: below, nothing else may be)
+    x = torch.randn(50, size.width).to(torch.bfloat16)
     with triton_mode(interpret=True), monkeypatch.context() as patched:
-        patched.setattr(fp8, "quantize_rows", lambda x: pytest.fail("the FFN's product was quantised again"))
-        got = TRITON.feed_forward(ffn, x)
-    h = ffn[1](ffn[0](x))
-    assert torch.equal(got, ffn[4](gated_gelu_ref(h)))
+        patched.setattr(fp8, "quantize_rows", lambda x: pytest.fail("an activation was quantised again"))
+        got, qkv = TRITON.feed_forward(ffn, x), TRITON.qkv(attn, x)
+
+        def normed(ln, linear):
+            if precision == "fp8":
+                return linear.of_codes(*layer_norm_rows_fp8(x, ln.weight, ln.bias, ln.eps), x.dtype)
+            return linear(ln(x))
+
+        h, want_qkv = normed(ffn[0], ffn[1]), normed(attn.pre_ln, attn.to_qkv)
+    assert torch.equal(got, ffn[4](gated_gelu_ref(h))) and torch.equal(qkv, want_qkv)
     assert torch.equal(TORCH.feed_forward(ffn, x), ffn(x))
+    assert torch.equal(TORCH.qkv(attn, x), attn.to_qkv(attn.pre_ln(x)))

@@ -76,6 +76,11 @@ def _gated_gelu(dtype, inner, fp8):
     return "_gated_gelu_kernel", gated_gelu, gated_gelu.gated_gelu_config(inner, fp8), ptrs
 
 
+def _layer_norm_fp8(dtype, k):
+    ptrs = dict(x_ptr=TYPE[dtype], w_ptr=TYPE[dtype], b_ptr=TYPE[dtype], q_ptr="fp8e4nv", scale_ptr="fp32")
+    return "_layer_norm_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs
+
+
 def _nv12_rgb():
     config = dict(BLOCK_W=nv12_rgb.BLOCK_W, Y_OFFSET=nv12_rgb.Y_OFFSET, C_OFFSET=nv12_rgb.C_OFFSET,
                   num_warps=nv12_rgb.NUM_WARPS)  # fmt: skip
@@ -109,6 +114,8 @@ CASES = {
     "quantize-bf16-K1024": _quantize(torch.bfloat16, 1024),
     "quantize-bf16-K2752": _quantize(torch.bfloat16, 2752),
     "quantize-fp32-K1376": _quantize(torch.float32, 1376),
+    "quantize-layer_norm-bf16-K2048": _layer_norm_fp8(torch.bfloat16, 2048),  # V1's decoder: its norms into FP8
+    "quantize-layer_norm-fp32-K1024": _layer_norm_fp8(torch.float32, 1024),
     # V1's FFN: the encoder's 1376 inner values a row, the decoder's 2752 (its FP8 Linears read them as codes)
     "gated_gelu-bf16-I1376": _gated_gelu(torch.bfloat16, 1376, False),
     "gated_gelu-bf16-I2752": _gated_gelu(torch.bfloat16, 2752, False),

@@ -1,12 +1,13 @@
 """The model's compute backends: one small interface, a PyTorch implementation and a Triton one.
 
-The forward code (``model.py``) calls a :class:`Backend` for the five operations that differ between them; it has
+The forward code (``model.py``) calls a :class:`Backend` for the six operations that differ between them; it has
 no backend branches of its own. Which one runs is resolved per call from the device of the weights
 (:func:`resolve_backend`), so a model built on the CPU or ``meta`` and moved to CUDA takes the Triton path.
 
 - :class:`TorchBackend`: q/k norm + M-RoPE on all rows at once, SDPA per sequence; FSQ in PyTorch. The CPU path.
 - :class:`TritonBackend`: the fused kernels of ``titok_fast.kernels`` as custom ops (``ops.py``), the FFN's gated
-  GELU included. CUDA, or the Triton interpreter on a CPU.
+  GELU included, and what feeds an FP8 Linear made as its codes in the pass that makes it. CUDA, or the Triton
+  interpreter on a CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Backend:
         """Fixed-shape attention, every row a query: qkv [rows, ...] -> [rows, Hq * 64]; the sequences come from
         the device-side ``batch.cu_seqlens`` (no host reads), padding rows attend among themselves."""
         raise NotImplementedError
+
+    def qkv(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        """One layer's q/k/v projection of rows [rows, W]: ``to_qkv(pre_ln(x))``."""
+        return attn.to_qkv(attn.pre_ln(x))
 
     def feed_forward(self, ffn: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """One layer's FFN (``ffd_layer.{i}``: LayerNorm, Linear W -> 2I, GatedGelu, Dropout, Linear I -> W) of rows
@@ -169,13 +174,18 @@ class TritonBackend(Backend):
 
         return attention(attn, qkv, batch.cu_seqlens, batch.positions, batch.cos, batch.sin)
 
+    def qkv(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        """Into an FP8 ``to_qkv``, ``pre_ln``'s rows as codes and row scales, normalised and quantised in one pass."""
+        return _normed_linear(attn.pre_ln, attn.to_qkv, x)
+
     def feed_forward(self, ffn: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """The gated GELU in one kernel; into an FP8 Linear as its codes and row scales (no 16-bit copy between)."""
+        """The gated GELU in one kernel; into an FP8 Linear as its codes and row scales (no 16-bit copy between),
+        and so are the norm's rows into an FP8 first Linear."""
         from .fp8 import Fp8Linear
         from .ops import gated_gelu_fp8_op, gated_gelu_op
 
         ln, up, _, _, down = ffn
-        h = up(ln(x))
+        h = _normed_linear(ln, up, x)
         if isinstance(down, Fp8Linear):
             return down.of_codes(*gated_gelu_fp8_op(h), h.dtype)
         return down(gated_gelu_op(h))
@@ -193,6 +203,16 @@ class TritonBackend(Backend):
         from .ops import fsq_decoder_input_op
 
         return fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
+
+
+def _normed_linear(ln: torch.nn.LayerNorm, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(ln(x))``; an FP8 ``linear`` takes the norm's rows as codes made in the norm's own pass."""
+    from .fp8 import Fp8Linear
+    from .ops import layer_norm_rows_fp8_op
+
+    if isinstance(linear, Fp8Linear):
+        return linear.of_codes(*layer_norm_rows_fp8_op(x, ln.weight, ln.bias, ln.eps), x.dtype)
+    return linear(ln(x))
 
 
 TORCH = TorchBackend()

@@ -13,7 +13,11 @@ channel of the weight, so an outlier costs precision only in its own row or chan
 ``(x_q @ w_q.T) * s_x * s_w.T``: fp8 x fp8 products accumulated in float32, the scales applied to the
 accumulator (on CUDA: ``torch._scaled_mm`` with row-wise scales and exact accumulation; elsewhere the same
 arithmetic emulated in float32, which is how CPUs check the numerics). Activations are quantised by one fused
-Triton pass on CUDA (``kernels/fp8_quant.py``), by its PyTorch reference elsewhere: the same bits.
+Triton pass on CUDA (``kernels/fp8_quant.py``), by its PyTorch reference elsewhere: the same bits. The triton
+backend goes further (``backends.py``): it hands a layer's Linears the codes and scales that the kernel making
+their input writes instead of 16-bit rows (:meth:`Fp8Linear.of_codes`): ``layer_norm_rows_fp8`` for ``to_qkv`` and
+the FFN's first Linear, ``gated_gelu(..., fp8=True)`` for its second; ``out_proj`` quantises the attention's
+output itself.
 
 The fp8 weights are a cache beside the parameters (never in ``state_dict``), requantised when a weight changes,
 in place where the shape allows: CUDA graphs and compiled graphs read the cache, and the engine calls

@@ -33,7 +33,7 @@ from .checks import (
     is_integer,
 )
 from .config import TiTokConfig
-from .layers import Attention, DecoderParams, EncoderParams, Layers
+from .layers import DecoderParams, EncoderParams, Layers
 from .packing import Packing, PackingCache, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
 from .quantizer import FSQ, grid_indices
@@ -91,7 +91,7 @@ def run_layers(
     n = len(layers.attn_layer)
     for i, (attn, ffn) in enumerate(zip(layers.attn_layer, layers.ffd_layer, strict=True)):
         last = i == n - 1
-        out = attn.out_proj(backend.attention(attn, qkv_of(attn, x), pack, queries if last else "all", cache))
+        out = attn.out_proj(backend.attention(attn, backend.qkv(attn, x), pack, queries if last else "all", cache))
         if last and queries != "all":
             x = x[pack.latent_rows if queries == "latent" else pack.patch_rows]
         x = x + out
@@ -102,13 +102,9 @@ def run_layers(
 def run_layers_static(layers: Layers, x: torch.Tensor, batch: StaticBatch, backend: Backend) -> torch.Tensor:
     """x [rows, W] through every layer, every row a query, shapes independent of the batch contents."""
     for attn, ffn in zip(layers.attn_layer, layers.ffd_layer, strict=True):
-        x = x + attn.out_proj(backend.attention_static(attn, qkv_of(attn, x), batch))
+        x = x + attn.out_proj(backend.attention_static(attn, backend.qkv(attn, x), batch))
         x = x + backend.feed_forward(ffn, x)
     return x
-
-
-def qkv_of(attn: Attention, x: torch.Tensor) -> torch.Tensor:
-    return attn.to_qkv(attn.pre_ln(x))
 
 
 class Encoder(EncoderParams):
