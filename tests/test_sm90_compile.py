@@ -66,19 +66,26 @@ def _nearest(dtype, dim, cosine):
     return "_nearest_code_kernel", nearest, dict(nearest.nearest_code_config(dtype, dim), COSINE=cosine), ptrs
 
 
+def _sixteens(**sizes: int) -> tuple[str, ...]:
+    """The size arguments the launch passes that Triton specialises as multiples of 16 (as it does every integer
+    argument that is one, unless told not to): the row widths of V1's shapes, which make the row kernels' loads
+    and stores 16 bytes wide."""
+    return tuple(name for name, value in sizes.items() if value % 16 == 0)
+
+
 def _quantize(dtype, k):
     ptrs = dict(x_ptr=TYPE[dtype], q_ptr="fp8e4nv", scale_ptr="fp32")
-    return "_quantize_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs
+    return "_quantize_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs, _sixteens(K=k)
 
 
 def _gated_gelu(dtype, inner, fp8):
     ptrs = dict(x_ptr=TYPE[dtype], y_ptr="fp8e4nv" if fp8 else TYPE[dtype], scale_ptr="fp32")
-    return "_gated_gelu_kernel", gated_gelu, gated_gelu.gated_gelu_config(inner, fp8), ptrs
+    return "_gated_gelu_kernel", gated_gelu, gated_gelu.gated_gelu_config(inner, fp8), ptrs, _sixteens(inner=inner)
 
 
 def _layer_norm_fp8(dtype, k):
     ptrs = dict(x_ptr=TYPE[dtype], w_ptr=TYPE[dtype], b_ptr=TYPE[dtype], q_ptr="fp8e4nv", scale_ptr="fp32")
-    return "_layer_norm_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs
+    return "_layer_norm_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs, _sixteens(K=k)
 
 
 def _nv12_rgb():
@@ -130,8 +137,9 @@ CASES = {
 }
 
 
-def _compile(kernel_name, module, config, ptrs):
-    """triton.compile as the launcher's first call would: pointers and strides specialised as 16-divisible."""
+def _compile(kernel_name, module, config, ptrs, sixteens=()):
+    """triton.compile as the launcher's first call would: pointers, strides and the size arguments ``sixteens``
+    specialised as 16-divisible."""
     fn = getattr(module, kernel_name)
     constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
     options = {k: v for k, v in config.items() if k in LAUNCH_OPTIONS}
@@ -150,7 +158,7 @@ def _compile(kernel_name, module, config, ptrs):
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
-        if name.endswith("_ptr") or name.startswith("stride")
+        if name.endswith("_ptr") or name.startswith("stride") or name in sixteens
     }
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=TARGET, options=options)
@@ -199,6 +207,8 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     assert re.search(r"STACK:0 ", usage) and re.search(r"LOCAL:0 ", usage), usage
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     assert not re.search(r"\b(LDL|STL)\b", sass)
+    if len(CASES[case]) > 4 and CASES[case][4]:  # a row kernel at V1's widths: memory bound, 16-byte accesses
+        assert "LDG.E.128" in sass and "STG.E.128" in sass and "LDG.E.U16" not in sass
     if case.startswith("quantize") or case.endswith("-fp8"):  # exactly the reference's arithmetic: IEEE divisions,
         # casts to nearest even
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
