@@ -52,13 +52,14 @@ def _encoder_head(dtype, width, dim):
     ptrs = dict.fromkeys(["x_ptr", "ln_w_ptr", "ln_b_ptr", "proj_w_ptr", "proj_b_ptr", "codes_ptr"], TYPE[dtype])
     ptrs.update(dict.fromkeys(["half_l_ptr", "offset_ptr", "shift_ptr"], "fp32"))
     ptrs.update(dict.fromkeys(["half_width_ptr", "basis_ptr", "indices_ptr"], "i32"))
-    return "_fsq_encoder_head_kernel", fsq, dict(fsq.encoder_head_config(width), DIM=dim, PRECISE=True), ptrs
+    config = dict(fsq.encoder_head_config(width), DIM=dim, PRECISE=True)
+    return "_fsq_encoder_head_kernel", fsq, config, ptrs, _sixteens(width=width)
 
 
-def _decoder_input(dtype, index_type):
+def _decoder_input(dtype, index_type, width):
     ptrs = dict.fromkeys(["table_ptr", "mask_row_ptr", "out_ptr"], TYPE[dtype])
     ptrs.update(indices_ptr=index_type, cu_seqlens_ptr="i32", cu_tokens_ptr="i32")
-    return "_fsq_decoder_input_kernel", fsq, fsq.DECODER_INPUT_CONFIG, ptrs
+    return "_fsq_decoder_input_kernel", fsq, fsq.DECODER_INPUT_CONFIG, ptrs, _sixteens(width=width)
 
 
 def _nearest(dtype, dim, cosine):
@@ -113,8 +114,8 @@ CASES = {
     "encoder_head-bf16-W1024": _encoder_head(torch.bfloat16, 1024, 5),
     "encoder_head-bf16-W2048": _encoder_head(torch.bfloat16, 2048, 5),
     "encoder_head-fp16-W512-D4": _encoder_head(torch.float16, 512, 4),
-    "decoder_input-bf16-i32": _decoder_input(torch.bfloat16, "i32"),
-    "decoder_input-fp16-i64": _decoder_input(torch.float16, "i64"),
+    "decoder_input-bf16-i32": _decoder_input(torch.bfloat16, "i32", 2048),
+    "decoder_input-fp16-i64": _decoder_input(torch.float16, "i64", 512),
     "nearest-bf16-D256-l2": _nearest(torch.bfloat16, 256, False),
     "nearest-fp16-D64-cosine": _nearest(torch.float16, 64, True),
     "nearest-fp32-D256-l2": _nearest(torch.float32, 256, False),
@@ -208,7 +209,9 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     assert not re.search(r"\b(LDL|STL)\b", sass)
     if len(CASES[case]) > 4 and CASES[case][4]:  # a row kernel at V1's widths: memory bound, 16-byte accesses
-        assert "LDG.E.128" in sass and "STG.E.128" in sass and "LDG.E.U16" not in sass
+        assert "LDG.E.128" in sass
+        if not case.startswith("encoder_head"):  # (which writes D codes a row, and reads D biases one by one)
+            assert "STG.E.128" in sass and "LDG.E.U16" not in sass
     if case.startswith("quantize") or case.endswith("-fp8"):  # exactly the reference's arithmetic: IEEE divisions,
         # casts to nearest even
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
