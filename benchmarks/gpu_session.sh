@@ -236,12 +236,13 @@ PROBE
 sweeps() {  # pipeline's "sweeps" (its $run, $videos and $out)
     limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only
     # what limits NVDEC: whether PyNvVideoCodec's Decode holds the GIL, and its frames/s against threads
-    # (titok: RGB by the kernel; titok-torch: by its PyTorch reference, as before the kernel; kept: a decoder kept
+    # (titok: RGB by the kernel a clip of 20 frames a launch, as the reader converts; titok-frames: a launch a frame,
+    # as it converted before; kept: a decoder kept
     # from one pass over the file to the next, to be set beside raw, a new decoder for each: what making one costs)
     limited "NVDEC scaling" 80 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
         --threads 1,2,4,8,16 --case-seconds 2 --log "$out/nvdec_scaling.jsonl"
     limited "NVDEC scaling 256p8" 45 "$python" benchmarks/nvdec_scaling.py --videos "$videos" --seconds 10 \
-        --source 256p8 --paths raw,kept,titok,titok-torch --threads 1,4,16 --case-seconds 2 \
+        --source 256p8 --paths raw,kept,titok,titok-frames --threads 1,4,16 --case-seconds 2 \
         --log "$out/nvdec_scaling.jsonl"
     for kind in thread process; do
         local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)

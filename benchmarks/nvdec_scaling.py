@@ -16,7 +16,8 @@ ceiling, whatever the number of threads or of NVDEC engines. This measures, on o
   worth a decoder kept from one file to the next. Each row says how many decoders it made.
 - ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nv12_clip_rgb`` (a copy of each
   surface, and every frame converted to RGB as if every frame were sampled: 20 surfaces stacked and converted in
-  one launch, as the reader converts a clip); ``titok-torch xN``: each frame converted by the kernel's PyTorch
+  one launch, as the reader converts a clip); ``titok-frames xN``: the kernel launched a frame at a time (the
+  reader's way before it converted clips); ``titok-torch xN``: each frame converted by the kernel's PyTorch
   reference instead (some twenty kernels a frame, as before the kernel).
 - ``threaded xN``: PyNvVideoCodec's ``ThreadedDecoder``, which demuxes and decodes on a thread of its own outside
   Python; N of them, each read on a Python thread.
@@ -109,7 +110,7 @@ def kept_frames(nvc, path: str) -> int:
 def titok_frames(path: str, kernel: bool = True, clip: int = 20) -> int:
     """Every frame of ``path`` through the run's NVDEC path: the surface copied, then (as if every frame were
     sampled) the surfaces of each ``clip`` frames stacked and converted to RGB in one launch of the kernel, as the
-    reader does, or each frame by its PyTorch reference."""
+    reader does (``clip=1``: a launch a frame, as it did before), or each frame by its PyTorch reference."""
     import av
     import torch
 
@@ -121,6 +122,8 @@ def titok_frames(path: str, kernel: bool = True, clip: int = 20) -> int:
         for frame in decoders.nvdec_frames(path, container.streams.video[0]):
             if not kernel:
                 nv12_rgb_ref(frame.nv12, frame.height, frame.matrix)
+            elif clip == 1:
+                decoders.nvdec_rgb(frame)
             else:
                 held.append(frame.nv12)
                 if len(held) == clip:
@@ -227,8 +230,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--videos", default="bench-videos", help="where the source is (made if missing)")
     p.add_argument("--threads", default="1,2,4,8,16", help="thread counts (default 1,2,4,8,16)")
     p.add_argument("--case-seconds", type=float, default=3.0, help="how long each case decodes (default 3)")
-    p.add_argument("--paths", default="raw,kept,titok,titok-torch,threaded",
-                   help="which of raw, kept, titok, titok-torch, threaded (default all)")  # fmt: skip
+    p.add_argument("--paths", default="raw,kept,titok,titok-frames,threaded",
+                   help="which of raw, kept, titok, titok-frames, titok-torch, threaded (default all but "
+                        "titok-torch)")  # fmt: skip
     p.add_argument("--fake", choices=("hold", "release"), help="a CPU stand-in for PyNvVideoCodec (see above)")
     p.add_argument("--log", help="append each row here as JSON")
     args = p.parse_args(argv)
@@ -242,10 +246,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         path = str(bench_pipeline.sources(Path(args.videos), [args.source], args.seconds)[args.source][0])
         paths = args.paths.split(",")
-        if "titok" in paths:  # the RGB kernel's compilation, at its first call, outside the timed cases
+        if any(name.startswith("titok") for name in paths):  # the RGB kernel's compilation, at its first call,
+            # outside the timed cases
             bench_pipeline.warm_up_yuv_kernels("cuda", 2, 2, torch.float32)
     readers = {"raw": lambda: raw_frames(nvc, path), "kept": lambda: kept_frames(nvc, path),
                "titok": lambda: titok_frames(path),
+               "titok-frames": lambda: titok_frames(path, clip=1),
                "titok-torch": lambda: titok_frames(path, kernel=False),
                "threaded": lambda: threaded_frames(nvc, path)}  # fmt: skip
     rows = []
