@@ -543,27 +543,21 @@ class ClipReader:
         self._nv12 = (frame.height, frame.matrix)
         return frame.nv12
 
-    def _nvdec_clip(self, images: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """A clip with NVDEC's surfaces among its frames: as one RGB clip [T, h, w, 3], its surfaces stacked and
-        converted in one launch; or, where the CPU decoder finished what NVDEC began (it failed midway), None and
-        the frames in RGB on NVDEC's device, each surface converted alone."""
-        height, matrix = self._nv12
-        if all(image.ndim == 2 and image.shape == images[0].shape for image in images):
-            clip = stack_here(images)
-            started = CLOCK.start()
-            clip = nv12_clip_rgb(clip, height, matrix)
-            CLOCK.stop("rgb", started)
-            return clip, images
-        device = next(image.device for image in images if image.ndim == 2)
-        return None, [nv12_clip_rgb(image[None], height, matrix)[0] if image.ndim == 2 else image.to(device)
-                      for image in images]  # fmt: skip
+    def _nv12_rgb(self, surfaces: torch.Tensor) -> torch.Tensor:
+        """This file's NVDEC surfaces [T, rows * 3 / 2, w] as [T, h, w, 3] uint8 RGB, in one launch."""
+        started = CLOCK.start()
+        rgb = nv12_clip_rgb(surfaces, *self._nv12)
+        CLOCK.stop("rgb", started)
+        return rgb
 
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor | I420Clip:
         self.clips_read += 1
         if self._nv12 is not None and any(image.ndim == 2 for image in images):  # NVDEC's (not I420: CPU-decoded)
-            clip, images = self._nvdec_clip(images)
-            if clip is not None:
-                return self._holding(clip)
+            if all(image.ndim == 2 and image.shape == images[0].shape for image in images):
+                return self._holding(self._nv12_rgb(stack_here(images)))  # the clip's surfaces in one launch
+            # the CPU decoder finished what NVDEC began (it failed midway): RGB frames on NVDEC's device
+            device = next(image.device for image in images if image.ndim == 2)
+            images = [self._nv12_rgb(image[None])[0] if image.ndim == 2 else image.to(device) for image in images]
         if self.placement == "device" and any(image.ndim == 2 for image in images):  # (I420 frames: _i420_or_rgb)
             if any(image.shape != images[0].shape for image in images):  # a clip of RGB and I420, or two sizes:
                 # RGB, converted here (libswscale's bytes)
