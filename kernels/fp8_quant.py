@@ -17,6 +17,7 @@ from ._common import _layer_norm_rows
 from ._triton import tl, triton
 
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+MAX_ROW = 16384  # values a row at most: each row is reduced whole, in one block
 _FP8_MAX = tl.constexpr(FP8_MAX)  # the same, for the kernel
 
 
@@ -81,12 +82,12 @@ def quantize_rows_config(k: int) -> dict:
 def _check_rows(x: torch.Tensor) -> None:
     if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be [M, K] bf16/fp16/fp32 with a contiguous last dim; got {x.dtype} {list(x.shape)}")
-    if x.shape[1] > 16384:
-        raise ValueError(f"rows of at most 16384 values are quantised in one block; got {x.shape[1]}")
+    if x.shape[1] > MAX_ROW:
+        raise ValueError(f"rows of at most {MAX_ROW} values are quantised in one block; got {x.shape[1]}")
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (last dim contiguous, K <= 16384) -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1])."""
+    """x [M, K] (last dim contiguous, K <= MAX_ROW) -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1])."""
     _check_rows(x)
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)

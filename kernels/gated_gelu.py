@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from .fp8_quant import _quantize_block, quantize_rows_fp8_ref
+from .fp8_quant import MAX_ROW, _quantize_block, quantize_rows_fp8_ref
 
 SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2), float32 in the kernel as in PyTorch's (M_SQRT1_2 as its opmath type)
 _SQRT1_2 = tl.constexpr(SQRT1_2)
-MAX_INNER = 16384  # the FP8 form reduces a whole row in one block
+MAX_INNER = MAX_ROW  # the FP8 form reduces a whole row in one block
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
