@@ -38,6 +38,9 @@
 #                                            # targets met or missed (benchmarks/targets.py)
 #   bash benchmarks/gpu_session.sh targets-model   # its model rows alone (305 s), judged
 #   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (260 s), judged
+#   bash benchmarks/gpu_session.sh profile   # where a batch's time goes (benchmarks/profile_model.py, 150 s at
+#                                            # most): device ms by kind of kernel and the GPU's idle time, encode
+#                                            # and decode at b1 and b32 (auto), and FP8 decode at b32
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
 # since the targets run of 2026-12-04 the model's kernels are the same, `auto` runs small batches (encode and decode)
@@ -45,7 +48,8 @@
 # sources, NVDEC's RGB kernel, I420 uploads). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (500 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
-#   2. `targets-model` if 6 minutes are left, else `pipeline-sweeps` cut to what is left.
+#   2. `targets-model` if 6 minutes are left (`targets-model profile` if 8 are), else `profile` and what is left of
+#      `pipeline-sweeps`.
 #
 # Results: <part>.txt (what was printed), <part>.json (pytest-benchmark), <part>.jsonl (end-to-end cases, one line
 # each as soon as measured, so a part cut short keeps what it measured), environment.txt (card, driver, versions,
@@ -160,9 +164,15 @@ part() {
                 --backends triton --seeds 4 --fp8 --decode 2>&1 | tee "$out/parity.txt"
             pack
             [ "${2:-}" = unjudged ] || judge ;;
+        profile)  # the kernels by kind, at the targets' cases (auto: b1 replays a layout's graph, b32 runs eager)
+            limited profile 100 "$python" benchmarks/profile_model.py --mode auto --stages encode,decode \
+                --batches 1,32 --out "$out/profile" 2>&1 | tee "$out/profile.txt"
+            limited profile-fp8 50 "$python" benchmarks/profile_model.py --mode auto --precision fp8 --stages decode \
+                --batches 32 --out "$out/profile-fp8" 2>&1 | tee "$out/profile-fp8.txt"
+            pack ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, gpu-tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
-                "pipeline, pipeline-short, pipeline-sweeps, all, targets, targets-model" >&2
+                "pipeline, pipeline-short, pipeline-sweeps, all, targets, targets-model, profile" >&2
            exit 2 ;;
     esac
 }
