@@ -2684,6 +2684,67 @@ def test_a_worker_process_stacks_its_clips_into_a_few_shared_segments_it_reuses(
     assert segments.take((1, 2, 2, 3), run_answers) is None
 
 
+def test_the_run_and_a_worker_process_agree_on_which_segments_the_run_holds():
+    """A worker process sends a segment the run holds mapped as its number alone: both ends keep the account by
+    ``_still_mapped``, the run with the tensors, the process with their shapes. Here a segment of an old shape
+    comes back to the process only after the run dropped it (clips of a new shape came between) and is taken
+    again for a clip of that shape: it must go with its tensor, not as a number the run no longer holds."""
+    segments, in_flight, sent = video._Segments(), [], []
+    run_mapped = {}
+
+    def send(shape) -> None:
+        nonlocal run_mapped
+        segment = segments.take(shape, lambda: False)
+        kept = segments.number_of(segment)
+        known = kept in segments.mapped
+        sent.append((kept, known))
+        shared = run_mapped.get(kept) if known else segment  # the run's side: a number alone must be one it holds
+        assert shared is not None
+        run_mapped = video._still_mapped(run_mapped, kept, shared)
+        segments.mapped = video._still_mapped(segments.mapped, kept, tuple(segment.shape))
+        in_flight.append(kept)
+
+    a, b = (2, 4, 4, 3), (2, 6, 6, 3)
+    send(a), send(a)  # segments 0, 1
+    segments.give_back(in_flight.pop(0))  # 0 back: 1 still with the run
+    send(a)  # 0 again, mapped: its number alone
+    send(b)  # 2, a new shape: the run drops 0 and 1; the process drops 0 (free, old shape) at the next take
+    segments.give_back(in_flight.pop(0))  # 1 comes back late, of the old shape
+    send(a)  # 1 taken again for a clip of its shape: the run no longer holds it
+    assert sent == [(0, False), (1, False), (0, True), (2, False), (1, False)]
+    assert set(run_mapped) == set(segments.mapped) == {1}
+
+
+def test_a_worker_process_sends_a_segment_the_run_holds_as_its_number_alone(tmp_path, monkeypatch):
+    """Handing a shared tensor over again costs a connection to the worker process and a handshake each time
+    (torch sends its file descriptor anew): a segment the run has mapped comes as its number, its clip copied out
+    of the mapping the run kept. Across files of two sizes, each clip is the reader's."""
+    kwargs = dict(frames=4, height=32, width=32, fps=24, preprocess="device")
+    paths = [videos.make_video(tmp_path / "a.mp4", 40, 48, 64, fps=24),
+             videos.make_video(tmp_path / "b.mp4", 40, 64, 80, fps=24),
+             videos.make_video(tmp_path / "c.mp4", 40, 48, 64, fps=24)]  # fmt: skip
+    expected = [list(video.ClipReader(p, **kwargs)) for p in paths]
+    came, get = [], video._DecoderProcess._get
+
+    def recorded(self, timeout):
+        message = get(self, timeout)
+        if message[0] == "shared":
+            came.append((message[1][0], video._frames_of(message[1][1]) is not None))
+        return message
+
+    monkeypatch.setattr(video._DecoderProcess, "_get", recorded)
+    stream = video.stream_videos(paths, workers=1, prefetch=1, worker_kind="process", **kwargs)
+    got = [list(feed) for _, feed in stream]
+    assert [len(g) for g in got] == [len(e) for e in expected] == [10, 10, 10]
+    assert all(torch.equal(x, y) for g, e in zip(got, expected, strict=True) for x, y in zip(g, e, strict=True))
+    assert len(came) == 30
+    firsts = {}
+    for number, with_tensor in came:  # a segment's first clip brings its tensor, every later one its number
+        assert with_tensor == (number not in firsts), came
+        firsts.setdefault(number, with_tensor)
+    assert len(firsts) <= 6 < len(came)  # two segments a shape, made again for the third file at most
+
+
 @pytest.mark.gpu
 def test_worker_processes_hand_source_size_clips_over_in_pinned_memory_on_cuda(files):
     """For a CUDA model, threads stack source-size clips into pinned memory; a process's clips are copied there

@@ -1568,9 +1568,14 @@ class _DecoderProcess:
                     heard = time.monotonic()  # the wait for room was not the process's
                     continue
                 if kind == "shared":  # a clip in one of the process's reused segments: copied out, and given back
-                    kept, clip = value  # (kept mapped: the next clip in it comes without mapping it anew)
-                    shared = _frames_of(clip)
-                    self.mapped = {k: t for k, t in self.mapped.items() if t.shape == shared.shape} | {kept: shared}
+                    kept, clip = value  # (its frames: the segment, or None for one mapped here already)
+                    shared = self.mapped.get(kept) if _frames_of(clip) is None else _frames_of(clip)
+                    if shared is None:  # (none should be: the two ends keep the same account)
+                        feed._put(("error", VideoError(f"{feed.path}: the decoding process sent a clip in its shared "
+                                                       f"segment {kept}, which the run does not hold")))  # fmt: skip
+                        self._restart()
+                        return
+                    self.mapped = _still_mapped(self.mapped, kept, shared)
                     value, kind = _with_frames(clip, _copied(shared, feed.reader.pin_memory)), "clip"
                     self._send(("freed", number, kept))
                 if kind == "piped":  # a clip that found no room in shared memory
@@ -1734,7 +1739,8 @@ class _Segments:
     def __init__(self):
         self.made: dict[int, torch.Tensor] = {}  # number -> segment (of any shape: those of another are on their way)
         self.free: list[int] = []
-        self.next = 0
+        self.next = 0  # (numbers are never used twice)
+        self.mapped: dict[int, tuple[int, ...]] = {}  # number -> shape: the segments the run holds mapped
 
     def take(self, shape: tuple[int, ...], wait: Callable[[], bool]) -> torch.Tensor | None:
         """A free segment of ``shape``, made if fewer than COUNT of that shape exist, else waited for (``wait``:
@@ -1765,6 +1771,17 @@ class _Segments:
         """Segment ``number`` is free again: the run has copied its clip out."""
         if number in self.made and number not in self.free:
             self.free.append(number)
+
+
+def _still_mapped(mapped: dict, number: int, segment) -> dict:
+    """The segments of a worker process that the run holds mapped once segment ``number`` came in a clip: it,
+    and those of its shape (of another: dropped, as the process drops them). ``mapped`` holds the segments as
+    the run maps them (tensors) or as the process knows them (shapes); both ends apply this rule to the same
+    messages, in order, so the process knows which segments it may send as their number alone."""
+    shape = tuple(segment.shape) if isinstance(segment, torch.Tensor) else segment
+    return {k: v for k, v in mapped.items() if (tuple(v.shape) if isinstance(v, torch.Tensor) else v) == shape} | {
+        number: segment
+    }
 
 
 def _own_temp_dir() -> str:
@@ -1888,8 +1905,15 @@ def _serve_file(
                 return stop
             spent = CLOCK.take()
             try:
-                kept = segments.number_of(_frames_of(clip))
-                run.send(("clip", clip, spent) if kept is None else ("shared", (kept, clip), spent))
+                frames = _frames_of(clip)
+                kept = segments.number_of(frames)
+                if kept is None:
+                    run.send(("clip", clip, spent))
+                else:  # a segment the run has mapped goes as its number alone: sending the tensor again would
+                    # hand its file descriptor over anew (a connection to this process and a handshake each clip)
+                    known = kept in segments.mapped
+                    run.send(("shared", (kept, _with_frames(clip, None) if known else clip), spent))
+                    segments.mapped = _still_mapped(segments.mapped, kept, tuple(frames.shape))  # (once sent)
             except Exception as exc:  # no room in shared memory (a container's /dev/shm is 64 MB unless raised):
                 # nothing of the message was sent (it failed while being pickled); the clip goes through the pipe
                 _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
