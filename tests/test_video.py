@@ -2443,6 +2443,42 @@ def test_a_worker_process_that_cannot_be_started_again_fails_files_not_the_run(f
     stream.close()
 
 
+def test_a_failure_in_the_run_while_a_worker_process_reads_a_file_fails_that_file_only(files, monkeypatch):
+    """A failure on the run's side of a worker process's file (here: copying a clip out of shared memory) fails
+    that file, and the process, which may be waiting for an answer about it that will never come, is replaced:
+    the next file's clips all come. It used to be given the next file while still in the last one, and the run
+    waited for ever."""
+    copied, failed = video._copied, []
+
+    def failing_once(clip, pin_memory):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a copy that failed")
+        return copied(clip, pin_memory)
+
+    monkeypatch.setattr(video, "_copied", failing_once)
+    kwargs = dict(frames=4, height=16, width=16, fps=24, preprocess="device")
+    stream = video.stream_videos([files["index24"], files["index30"]], workers=1, prefetch=1, worker_kind="process",
+                                 **kwargs)  # fmt: skip
+
+    def waited(*_):
+        raise TimeoutError("the run waits for a file its process will never read")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)
+    try:
+        _, feed = next(stream)
+        with pytest.raises(VideoError, match=r"index24.mp4: reading it through a decoding process failed \(Runtime"):
+            sum(1 for _ in feed)
+        _, feed = next(stream)
+        got, expected = list(feed), list(video.ClipReader(files["index30"], **kwargs))
+        assert len(got) == len(expected) > 0 and all(map(torch.equal, got, expected))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        stream.close()
+
+
 def test_worker_processes_raise_the_limit_of_open_files(files, tmp_path):
     """Each clip a worker process has sent and the run still holds is an open file in the run: with many workers,
     the usual limit of 1024 made files fail ("Too many open files"); the run raises its own limit to the most it

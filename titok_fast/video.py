@@ -1491,9 +1491,13 @@ class _DecoderProcess:
                     if not self.started:  # its last start failed: tried again for this file
                         self._restart()
                     self._read(feed)
-                except Exception as exc:  # a process that cannot be started (out of memory, of processes): the
-                    # file fails, where the run would have waited for it for ever
-                    feed._put(("error", VideoError(f"{feed.path}: no decoding process ({type(exc).__name__}: {exc})")))
+                except Exception as exc:  # a process that cannot be started (out of memory, of processes), or a
+                    # failure here while it read the file: the file fails, where the run would have waited for it for
+                    # ever, and a process that was reading it is replaced (it may be waiting on an answer for this
+                    # file that will never come: the next file is given to a fresh one)
+                    what = "reading it through a decoding process failed" if self.started else "no decoding process"
+                    self._kill()
+                    feed._put(("error", VideoError(f"{feed.path}: {what} ({type(exc).__name__}: {exc})")))
         finally:
             self._send(None)
             if self.started and not sys.is_finalizing():
