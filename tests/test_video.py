@@ -2218,6 +2218,23 @@ def test_a_run_killed_before_its_first_worker_leaves_no_folder_and_its_server_en
     assert not os.path.exists(folder) and not list(temp.glob("pymp-*"))
 
 
+def test_worker_processes_import_the_runs_titok_fast_whatever_folder_the_run_is_started_in(files, tmp_path):
+    """The process server is a ``python -c`` process, whose path begins with the current folder: a run started in
+    a folder holding another ``titok_fast`` (a checkout of another version) had its server import that one (here a
+    decoy, which leaves a mark), and decoding processes run its code."""
+    folder = tmp_path / "elsewhere"
+    (folder / "titok_fast").mkdir(parents=True)
+    mark = tmp_path / "decoy-imported"
+    (folder / "titok_fast" / "__init__.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    run = _script(tmp_path, f"""
+        stream = video.stream_videos([{files['index24']!r}], workers=1, prefetch=1, worker_kind='process',
+                                     frames=4, height=8, width=8, fps=24)
+        print(sum(1 for _, feed in stream for _ in feed), flush=True)
+    """, cwd=folder)  # fmt: skip
+    out = run.communicate(timeout=120)[0]
+    assert run.returncode == 0 and out.split() == ["12"] and not mark.exists()
+
+
 def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_ended_run(tmp_path):
     """``titok_fast._server``'s parts: the folder of the process's listening Unix socket (none where it has none);
     a folder removed only from the server itself, only if the run has ended, and only a multiprocessing one."""

@@ -1710,13 +1710,33 @@ def start_process_server() -> str | None:
         others = [name for name in server._preload_modules or [] if name != "titok_fast._server"]
         server.set_forkserver_preload(["titok_fast._server", *others])
         _socket_folder()  # (the server's socket is made there)
-        with _sigint_blocked():
+        with _sigint_blocked(), _our_import_path():
             server.ensure_running()
         _SERVER_OWNER = os.getpid()
     else:
         server.ensure_running()  # (started again if it died)
     address = server._forkserver_address
     return os.path.dirname(address) if isinstance(address, str) and not address.startswith("\0") else None
+
+
+@contextlib.contextmanager
+def _our_import_path():
+    """A Python process started within imports modules from where this one does. The fork server is a ``python
+    -c`` process: its path begins with the current folder, and multiprocessing hands it this process's path but
+    does not apply it (CPython 3.10 to 3.13). So a run started in a folder holding another ``titok_fast`` (a
+    checkout of another version) had its decoding processes import that one. The server is given this process's
+    path as PYTHONPATH, and PYTHONSAFEPATH (Python 3.11 and later) keeps the current folder off it."""
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(entry or os.curdir) for entry in sys.path)
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
