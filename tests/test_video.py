@@ -637,6 +637,38 @@ def coded(tmp_path_factory) -> dict[str, str]:
     return made
 
 
+def test_the_stream_index_reads_packets_without_decoding_frames_and_is_what_a_probed_opening_gives(
+    files, gops, coded, tmp_path, monkeypatch
+):
+    """Opening a file to read its packets decodes no frame where the container's tables give the timestamps (MP4,
+    Matroska: FFmpeg's probing decoded the first frames of an H.264 stream, most of the index's cost on a short
+    file); MPEG-TS and FLV are opened as before. Either way the index is the one a probed opening gives."""
+    from titok_fast import decoders
+
+    sources = {suffix: gops if suffix == "mp4" else str(videos.remux(tmp_path / f"gops.{suffix}", gops))
+               for suffix in ("mp4", "mkv", "flv", "ts")}  # fmt: skip
+    sources |= {"vfr": files["vfr"], "moving": files["moving"], **coded}
+    opened = videos.make_video(tmp_path / "open.mp4", 150, 48, 64, fps=24, x264=f"{KEYINT}:open-gop=1")
+    sources["open-gop"] = str(opened)
+    probed = set()
+    for name, source in sources.items():
+        with decoders.open_packets(source) as container:  # H.264's pixel format is known from a decoded frame only
+            context = container.streams.video[0].codec_context
+            if context.codec.canonical_name == "h264" and context.format is not None:
+                probed.add(name)
+    assert probed == {"flv", "ts"}
+    cheap = {name: (decoders.stream_index(s), decoders.stream_index(s, split=True)) for name, s in sources.items()}
+    monkeypatch.setattr(decoders, "open_packets", decoders.open_input)
+    for name, source in sources.items():
+        probed = (decoders.stream_index(source), decoders.stream_index(source, split=True))
+        for got, expected in zip(cheap[name], probed, strict=True):
+            assert (got is None) == (expected is None), name
+            if got is not None:
+                assert np.array_equal(got.order, expected.order) and np.array_equal(got.cuts, expected.cuts), name
+                assert got.prunable == expected.prunable, name
+    assert cheap["mp4"][0] is not None and cheap["libx265"][1] is not None  # (the comparison compared indices)
+
+
 @pytest.mark.parametrize(("encoder", "suffix"), [
     ("libx265", "mp4"), ("libx265", "mkv"), ("libx265", "ts"), ("libvpx-vp9", "webm"), ("libvpx-vp9", "mp4"),
     ("libsvtav1", "mp4"), ("libsvtav1", "mkv"),
