@@ -38,7 +38,7 @@
 #                                            # targets met or missed (benchmarks/targets.py)
 #   bash benchmarks/gpu_session.sh targets-model   # its model rows alone (305 s), judged
 #   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (260 s), judged
-#   bash benchmarks/gpu_session.sh profile   # where a batch's time goes (benchmarks/profile_model.py, 150 s at
+#   bash benchmarks/gpu_session.sh profile   # where a batch's time goes (benchmarks/profile_model.py, 180 s at
 #                                            # most): device ms by kind of kernel and the GPU's idle time, encode
 #                                            # and decode at b1 and b32 (auto), and FP8 decode at b32
 #
@@ -165,7 +165,7 @@ part() {
             pack
             [ "${2:-}" = unjudged ] || judge ;;
         profile)  # the kernels by kind, at the targets' cases (auto: b1 replays a layout's graph, b32 runs eager)
-            limited profile 100 "$python" benchmarks/profile_model.py --mode auto --stages encode,decode \
+            limited profile 130 "$python" benchmarks/profile_model.py --mode auto --stages encode,decode \
                 --batches 1,32 --out "$out/profile" 2>&1 | tee "$out/profile.txt"
             limited profile-fp8 50 "$python" benchmarks/profile_model.py --mode auto --precision fp8 --stages decode \
                 --batches 32 --out "$out/profile-fp8" 2>&1 | tee "$out/profile-fp8.txt"
