@@ -1,4 +1,5 @@
 import contextlib
+import gc
 import itertools
 import math
 import multiprocessing
@@ -12,6 +13,7 @@ import textwrap
 import threading
 import time
 import types
+import weakref
 from fractions import Fraction
 from pathlib import Path
 
@@ -1688,6 +1690,37 @@ def _interleaved(paths, **kwargs) -> list[tuple[int, str, object]]:
         for number, kind, value in files:
             events.append((number, kind, (value[0], value[1].item()) if kind == "clip" else value))
     return events
+
+
+@pytest.mark.parametrize("worker_kind", ["thread", "process"])
+def test_a_files_reader_is_freed_once_it_has_ended_without_the_cycle_collector(files, monkeypatch, worker_kind):
+    """A file's reader and feed must not be a reference cycle: the cycle collector's full passes come rarely in a
+    long job, and finished readers (each with its file's index, 8 bytes a frame) piled up in between. With the
+    collector off, every reader but the last few held is freed as the files end (the feed's split callback held
+    the feed from its reader: none was freed)."""
+    made, init = [], video.ClipReader.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(video.ClipReader, "__init__", recorded)
+    paths = [files["index24"]] * 12
+    gc.collect()
+    gc.disable()
+    try:
+        events = video.interleaved_videos(paths, workers=2, worker_kind=worker_kind, frames=4, height=16, width=16,
+                                          fps=24)  # fmt: skip
+        with contextlib.closing(events):
+            ended = 0
+            for _, kind, _ in events:
+                ended += kind == "end"
+                if ended == len(paths) - 3:  # files still held or read: at most the last few
+                    alive = sum(ref() is not None for ref in made)
+                    break
+    finally:
+        gc.enable()
+    assert ended == len(paths) - 3 and len(made) >= len(paths) - 3 and alive <= 6
 
 
 def test_interleaved_files_keep_every_worker_decoding(monkeypatch):

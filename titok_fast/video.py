@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
@@ -1181,6 +1182,20 @@ class HeldBytes:
         return _Reservation(self, nbytes)
 
 
+def _weakly(method: Callable) -> Callable:
+    """Bound ``method``, called through a weak reference to its object (a call once the object is gone does
+    nothing): a reader's callback into its feed. Held strongly, it made the feed and its reader a reference cycle,
+    freed only by the cycle collector's full passes, which come rarely in a long job: finished readers, each with
+    its file's index (8 bytes a frame), piled up in between (about one for every four files here)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        bound = ref()
+        return None if bound is None else bound(*args)
+
+    return call
+
+
 def stream_videos(
     paths: Iterable[str | os.PathLike[str]],
     *,
@@ -1273,7 +1288,7 @@ def stream_videos(
                     feed.reader.split_into = -(-workers // (files - number))  # (see above)
                     feed.submit = functools.partial(_submit, tasks, number)
                     if threads_decode:  # (a process sends its segments: _DecoderProcess)
-                        feed.reader.on_split = feed.split
+                        feed.reader.on_split = _weakly(feed.split)
                 tasks.put(feed, (number, 0))  # taken in order, so the feed consumed now always has a worker
                 pending.append((path, feed))
                 if len(pending) >= prefetch:
