@@ -2286,18 +2286,21 @@ def test_a_run_killed_before_its_first_worker_leaves_no_folder_and_its_server_en
 def test_worker_processes_import_the_runs_titok_fast_whatever_folder_the_run_is_started_in(files, tmp_path):
     """The process server is a ``python -c`` process, whose path begins with the current folder: a run started in
     a folder holding another ``titok_fast`` (a checkout of another version) had its server import that one (here a
-    decoy, which leaves a mark), and decoding processes run its code."""
+    decoy, which leaves a mark), and decoding processes run its code. Nor does the server start with the run's
+    script folder on its path, where Python would import modules of that folder while it starts (here a
+    ``sitecustomize``: a folder holding a file named ``nt.py`` made the server fail to import torch)."""
     folder = tmp_path / "elsewhere"
     (folder / "titok_fast").mkdir(parents=True)
-    mark = tmp_path / "decoy-imported"
+    mark, startup = tmp_path / "decoy-imported", tmp_path / "startup-imported"
     (folder / "titok_fast" / "__init__.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    (tmp_path / "sitecustomize.py").write_text(f"open({str(startup)!r}, 'w').close()\n")  # (the script's folder)
     run = _script(tmp_path, f"""
         stream = video.stream_videos([{files['index24']!r}], workers=1, prefetch=1, worker_kind='process',
                                      frames=4, height=8, width=8, fps=24)
         print(sum(1 for _, feed in stream for _ in feed), flush=True)
     """, cwd=folder)  # fmt: skip
     out = run.communicate(timeout=120)[0]
-    assert run.returncode == 0 and out.split() == ["12"] and not mark.exists()
+    assert run.returncode == 0 and out.split() == ["12"] and not mark.exists() and not startup.exists()
 
 
 def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_ended_run(tmp_path):

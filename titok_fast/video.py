@@ -1736,14 +1736,19 @@ def start_process_server() -> str | None:
 
 @contextlib.contextmanager
 def _our_import_path():
-    """A Python process started within imports modules from where this one does. The fork server is a ``python
-    -c`` process: its path begins with the current folder, and multiprocessing hands it this process's path but
-    does not apply it (CPython 3.10 to 3.13). So a run started in a folder holding another ``titok_fast`` (a
-    checkout of another version) had its decoding processes import that one. The server is given this process's
-    path as PYTHONPATH, and PYTHONSAFEPATH (Python 3.11 and later) keeps the current folder off it."""
+    """A Python process started within imports ``titok_fast`` from where this one did. The fork server is a
+    ``python -c`` process, whose path begins with the current folder (multiprocessing hands it this process's path
+    but does not apply it, CPython 3.10 to 3.13): a run started in a folder holding another ``titok_fast`` (a
+    checkout of another version) had its decoding processes import that one. The server is started with
+    PYTHONSAFEPATH (Python 3.11 and later: the current folder kept off its path) and, where this ``titok_fast``
+    is not in a site-packages folder (a checkout), the folder it is in first on PYTHONPATH. Not this process's
+    whole path: a folder on PYTHONPATH is searched while Python starts, and the folder of a script (on this
+    process's path only once it had started) may hold files named as modules Python imports then."""
     saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(entry or os.curdir) for entry in sys.path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ["PYTHONSAFEPATH"] = "1"
+    if root not in {os.path.abspath(folder) for folder in _site_folders()}:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])])
     try:
         yield
     finally:
@@ -1752,6 +1757,16 @@ def _our_import_path():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _site_folders() -> list[str]:
+    """The site-packages folders of this Python (a new one searches them whatever its PYTHONPATH)."""
+    import site
+
+    folders = list(getattr(site, "getsitepackages", list)())
+    with contextlib.suppress(Exception):
+        folders.append(site.getusersitepackages())
+    return folders
 
 
 @contextlib.contextmanager
