@@ -75,28 +75,25 @@ def busy_us(events: list[tuple[str, float, float]]) -> float:
     return total
 
 
-def breakdown(named: list[tuple[str, float, int]], steps: int) -> dict[str, dict]:
-    """Per kind: ms and launches per batch, and its longest kernel (by time, summed over its launches), of
-    (name, us, launches) over ``steps`` batches."""
-    kinds: dict[str, dict] = defaultdict(lambda: {"ms": 0.0, "launches": 0, "names": defaultdict(float)})
-    for name, us, launches in named:
-        kind = kinds[kind_of(name)]
-        kind["ms"] += us / 1e3 / steps
-        kind["launches"] += launches
-        kind["names"][name] += us / 1e3 / steps
-    return {
-        k: {"ms": v["ms"], "launches": v["launches"] / steps, "top": max(v["names"].items(), key=lambda i: i[1])[0]}
-        for k, v in kinds.items()
-    }
-
-
-def top_kernels(named: list[tuple[str, float, int]], steps: int, count: int = 15) -> list[dict]:
+def per_kernel(named: list[tuple[str, float, int]], steps: int) -> list[dict]:
+    """Each kernel (or op) of (name, us, launches) over ``steps`` batches: its ms and launches per batch and its
+    kind, longest first."""
     total: dict[str, list] = defaultdict(lambda: [0.0, 0])
     for name, us, launches in named:
         total[name][0] += us / 1e3 / steps
         total[name][1] += launches
-    ranked = sorted(total.items(), key=lambda i: -i[1][0])[:count]
+    ranked = sorted(total.items(), key=lambda i: -i[1][0])
     return [{"name": n, "ms": ms, "launches": c / steps, "kind": kind_of(n)} for n, (ms, c) in ranked]
+
+
+def breakdown(kernels: list[dict]) -> dict[str, dict]:
+    """Per kind of :func:`per_kernel`'s kernels: ms and launches per batch, and its longest kernel."""
+    kinds: dict[str, dict] = {}
+    for kernel in kernels:  # (longest first: a kind's first is its longest)
+        kind = kinds.setdefault(kernel["kind"], {"ms": 0.0, "launches": 0.0, "top": kernel["name"]})
+        kind["ms"] += kernel["ms"]
+        kind["launches"] += kernel["launches"]
+    return kinds
 
 
 def wall_ms(step, steps: int, device: torch.device) -> float:
@@ -203,12 +200,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 step()
             wall = wall_ms(step, args.steps, device)
             named, busy, events = profile_case(step, args.steps, device)
+            kernels = per_kernel(named, args.steps)
             case = {
                 "stage": stage, "batch": batch, "mode": args.mode, "precision": args.precision,
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
                 "config": args.config, "shape": args.shape, "tokens": args.tokens, "steps": args.steps,
                 "wall_ms": wall, "clips_per_s": batch / wall * 1e3, "busy_ms": busy / 1e3 / args.steps,
-                "kinds": breakdown(named, args.steps), "top": top_kernels(named, args.steps),
+                "kinds": breakdown(kernels), "top": kernels[:15],
                 "modes_run": sorted(engine.modes_run), "device_events": len(events),
             }  # fmt: skip
             case["idle_ms"] = max(case["wall_ms"] - case["busy_ms"], 0.0)

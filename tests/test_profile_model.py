@@ -51,7 +51,7 @@ def test_only_the_devices_events_are_read_from_a_trace_and_overlaps_count_once()
     events = profile_model.device_events(trace)
     assert [e[0] for e in events] == ["_attention_kernel", "nvjet_hsh", "Memcpy HtoD", "Memset"]
     assert profile_model.busy_us(events) == 20 + 5 + 4
-    kinds = profile_model.breakdown([(n, d, 1) for n, _, d in events], steps=2)
+    kinds = profile_model.breakdown(profile_model.per_kernel([(n, d, 1) for n, _, d in events], steps=2))
     assert kinds["copies"]["ms"] == pytest.approx((4 + 1) / 1e3 / 2) and kinds["copies"]["launches"] == 1
     assert kinds["GEMM"]["top"] == "nvjet_hsh"
 
