@@ -1748,7 +1748,7 @@ def _our_import_path():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ["PYTHONSAFEPATH"] = "1"
     if root not in {os.path.abspath(folder) for folder in _site_folders()}:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root, *([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])])
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, saved["PYTHONPATH"]]))
     try:
         yield
     finally:
@@ -1832,10 +1832,11 @@ def _still_mapped(mapped: dict, number: int, segment) -> dict:
     and those of its shape (of another: dropped, as the process drops them). ``mapped`` holds the segments as
     the run maps them (tensors) or as the process knows them (shapes); both ends apply this rule to the same
     messages, in order, so the process knows which segments it may send as their number alone."""
-    shape = tuple(segment.shape) if isinstance(segment, torch.Tensor) else segment
-    return {k: v for k, v in mapped.items() if (tuple(v.shape) if isinstance(v, torch.Tensor) else v) == shape} | {
-        number: segment
-    }
+
+    def shape(v) -> tuple[int, ...]:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else v
+
+    return {k: v for k, v in mapped.items() if shape(v) == shape(segment)} | {number: segment}
 
 
 def _own_temp_dir() -> str:
