@@ -2180,16 +2180,62 @@ def test_auto_takes_processes_only_for_many_workers_on_small_frames(files, tmp_p
     assert f"frames of at most {video.PROCESS_FRAME_PIXELS:,} pixels" in help_text
 
 
-def _script(tmp_path: Path, body: str, temp: Path | None = None, **popen) -> subprocess.Popen:
-    """``body`` run as a script (the main module: worker processes re-import it) in a Python process of its own,
-    with this checkout importable (and $TMPDIR ``temp``); its stdout piped (``popen``: more of Popen's options)."""
+def _script(
+    tmp_path: Path, body: str, temp: Path | None = None, top: str = "", guard: bool = True, **popen
+) -> subprocess.Popen:
+    """``body`` run as a script (the main module) in a Python process of its own, under an ``if __name__ ==
+    "__main__":`` guard (or none) after ``top`` (unguarded), with this checkout importable (and $TMPDIR ``temp``);
+    its stdout piped (``popen``: more of Popen's options)."""
     script = tmp_path / "script.py"
-    script.write_text("import multiprocessing, os, signal, sys, time\nfrom titok_fast import video\n"
-                      "if __name__ == '__main__':\n" + textwrap.indent(textwrap.dedent(body), "    "))  # fmt: skip
+    body = textwrap.dedent(body)
+    if guard:
+        body = "if __name__ == '__main__':\n" + textwrap.indent(body, "    ")
+    script.write_text("import multiprocessing, os, signal, sys, time\nfrom titok_fast import video\n" + top + body)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(video.__file__).parents[1]), *sys.path])}
     if temp is not None:
         env["TMPDIR"] = str(temp)
     return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, **popen)
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guarded", "unguarded"])
+def test_decoding_processes_do_not_run_the_script_that_started_them(files, tmp_path, guard):
+    """A process started by the forkserver (or spawn) method runs the script of its run again before its target.
+    Decoding processes need nothing of it: a script without a main guard started its whole job again in each one,
+    where it died (every file failed, "the decoding process died"); a guarded one had its imports made again in
+    each process. The script's top level runs once, in the run, and every clip comes back."""
+    marks = tmp_path / "runs"
+    top = f"with open({str(marks)!r}, 'a') as f:\n    print(os.getpid(), file=f)\n"  # (guarded or not)
+    run = _script(tmp_path, f"""
+        stream = video.stream_videos([{files['index24']!r}, {files['index30']!r}], workers=2, prefetch=2,
+                                     worker_kind="process", frames=4, height=8, width=8, fps=24)
+        print(sum(1 for _, feed in stream for _ in feed), flush=True)
+    """, top=top, guard=guard)  # fmt: skip
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0
+    expected = sum(len(read_clips(files[name], frames=4, height=8, width=8, fps=24).clips) for name in ("index24",
+                                                                                                     "index30"))
+    assert out.strip() == str(expected)
+    assert marks.read_text().split() == [str(run.pid)]
+
+
+def test_processes_other_code_starts_are_given_the_main_module(tmp_path, monkeypatch):
+    """Only a decoding process, started by the thread that starts it, is started without the run's main module:
+    one another thread starts meanwhile, or any started after, is given it as multiprocessing gives it."""
+    from multiprocessing import spawn
+
+    main = types.ModuleType("__main__")
+    main.__file__, main.__spec__ = str(tmp_path / "job.py"), None
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    meanwhile = []
+    with video._main_left_out():
+        ours = spawn.get_preparation_data("ours")
+        other = threading.Thread(target=lambda: meanwhile.append(spawn.get_preparation_data("theirs")))
+        other.start()
+        other.join()
+    after = spawn.get_preparation_data("theirs")
+    assert "init_main_from_path" not in ours and "init_main_from_name" not in ours
+    assert ours["sys_path"] == after["sys_path"]  # (the rest as it was)
+    assert meanwhile[0]["init_main_from_path"] == after["init_main_from_path"] == main.__file__
 
 
 def test_worker_processes_end_when_the_run_that_started_them_is_killed(files, tmp_path):

@@ -1481,7 +1481,7 @@ class _DecoderProcess:
         # process's to handle (it stops the workers); in a worker it would only print a traceback. (A SIGTERM ends
         # it: at exit, multiprocessing stops its daemon processes so, and waits for them.)
         try:
-            with _sigint_blocked():
+            with _sigint_blocked(), _main_left_out():
                 self.process.start()
                 self.started = True
                 _mark_worker(self.process.pid)
@@ -1690,6 +1690,47 @@ def _process_context():
     import torch.multiprocessing as mp  # (its pickling of shared-memory tensors)
 
     return mp.get_context("forkserver" if _own_server() else "spawn")
+
+
+_STARTING = threading.local()  # .ours: this thread is starting a decoding process (:func:`_main_left_out`)
+_PREPARATION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_left_out():
+    """A process started within (by this thread) is not given the run's main module. A process started by the
+    forkserver or spawn method runs the run's script (or ``-m`` module) again, as ``__mp_main__``, before its
+    target, so that what it is handed may name things defined there. A decoding process runs this module's code on
+    plain values and needs none of it: a script without an ``if __name__ == "__main__":`` guard started its whole
+    job again in each one, which multiprocessing refuses there (the process dies, and every file failed), and a
+    guarded one had its imports made again by every process (0.36 s for ``benchmarks/bench_pipeline.py``'s).
+    Other processes, started by other threads or after, are given it as multiprocessing gives it."""
+    from multiprocessing import spawn
+
+    with _PREPARATION_LOCK:
+        if not getattr(spawn.get_preparation_data, "_titok_fast_main_left_out", False):
+            spawn.get_preparation_data = _without_main(spawn.get_preparation_data)
+    _STARTING.ours = True
+    try:
+        yield
+    finally:
+        _STARTING.ours = False
+
+
+def _without_main(prepared: Callable[[str], dict]) -> Callable[[str], dict]:
+    """``multiprocessing.spawn.get_preparation_data`` (``prepared``), with the main module left out of its data
+    where the calling thread is starting a decoding process (:func:`_main_left_out`); as it was otherwise."""
+
+    @functools.wraps(prepared)
+    def preparation_data(name: str) -> dict:
+        data = prepared(name)
+        if getattr(_STARTING, "ours", False):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    preparation_data._titok_fast_main_left_out = True
+    return preparation_data
 
 
 _SERVER_OWNER: int | None = None  # the process that started the fork server (:func:`start_process_server`)
