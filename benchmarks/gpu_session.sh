@@ -214,7 +214,9 @@ PROBE
         # before: the old path (every frame decoded, per-frame float32 resize on the CPU, 2 decoding threads), same
         # commit and command
         # (720p30: 12 files of 4 clips; 256p8: 128 files of 4 clips, 512 clips: with fewer, a run at the model's
-        # speed would be mostly start-up; the "after" row, 256 files, 1024 clips: 2.4 s at the aim's 426 clips/s)
+        # speed would be mostly start-up; the "after" rows: 32 files of 720p30, so that each of 16 workers has a
+        # file and more (a file of 4 clips is read by one worker: 12 files kept 4 of 16 idle), and 256 files,
+        # 1024 clips, of 256p8: 2.4 s at the aim's 426 clips/s)
         local long=1 && [ "$mode" = short ] && long=0
         local before=(--label before --preprocess cpu --no-prune --workers 2)
         limited sources 40 "${run[@]}" --sources 720p30,256p8 --sources-only  # x264, once, outside the runs
@@ -222,23 +224,23 @@ PROBE
         [ $long = 0 ] || limited "before 256p8" 60 "${run[@]}" --sources 256p8 --files 128 "${before[@]}"
         # after: the defaults (a decoding worker per core, processes from 8 of them on small sources; preprocessing
         # on the GPU by the placement rule)
-        limited "after 720p30" 40 "${run[@]}" --sources 720p30 --files 12 --label after --workers "$(nproc)"
+        limited "after 720p30" 40 "${run[@]}" --sources 720p30 --files 32 --label after --workers "$(nproc)"
         limited "after 256p8" 40 "${run[@]}" --sources 256p8 --files 256 --label after --workers "$(nproc)"
-        limited nvdec 35 "${run[@]}" --sources 720p30 --files 12 --label nvdec --decoder nvdec --workers "$(nproc)"
+        limited nvdec 35 "${run[@]}" --sources 720p30 --files 32 --label nvdec --decoder nvdec --workers "$(nproc)"
         # 256p8 through NVDEC: whether the hardware decoder carries small sources to the model's speed, where CPU
         # decoding cannot (0.03-0.05 CPU-s a clip: 16 cores feed some 300-500 clips/s at best)
         limited "nvdec 256p8" 35 "${run[@]}" --sources 256p8 --files 128 --label nvdec --decoder nvdec \
             --workers "$(nproc)"
         [ $long = 1 ] || return 0
         # the CPU decoder's frames uploaded as RGB, as before the I420 hand-over (the "after" rows: I420)
-        limited "after 720p30, rgb" 40 "${run[@]}" --sources 720p30 --files 12 --label after-rgb --upload rgb \
+        limited "after 720p30, rgb" 40 "${run[@]}" --sources 720p30 --files 32 --label after-rgb --upload rgb \
             --workers "$(nproc)"
-        limited "after 256p8, rgb" 40 "${run[@]}" --sources 256p8 --files 128 --label after-rgb --upload rgb \
+        limited "after 256p8, rgb" 40 "${run[@]}" --sources 256p8 --files 256 --label after-rgb --upload rgb \
             --workers "$(nproc)"
         # the same with threads, the default before worker_kind_for
-        limited "after 256p8, threads" 40 "${run[@]}" --sources 256p8 --files 128 --label after-threads \
+        limited "after 256p8, threads" 40 "${run[@]}" --sources 256p8 --files 256 --label after-threads \
             --worker-kind thread --workers "$(nproc)"
-        limited "after 720p30, threads" 40 "${run[@]}" --sources 720p30 --files 12 --label after-threads \
+        limited "after 720p30, threads" 40 "${run[@]}" --sources 720p30 --files 32 --label after-threads \
             --worker-kind thread --workers "$(nproc)"
     } 2>&1 | tee "$out/pipeline.txt"
 }
@@ -257,8 +259,9 @@ sweeps() {  # pipeline's "sweeps" (its $run, $videos and $out)
     for kind in thread process; do
         local counts=(1 2 4 8 16) && [ $kind = process ] && counts=(1 4 16)
         for w in "${counts[@]}"; do
-            limited "input $kind x$w" 20 "${run[@]}" --sources 720p30 --files 8 --input-only --worker-kind $kind \
-                --workers $w --label "input $kind x$w"
+            # (two files a worker at least: a file of 4 clips is read by one worker)
+            limited "input $kind x$w" 20 "${run[@]}" --sources 720p30 --files $((w > 4 ? 2 * w : 8)) --input-only \
+                --worker-kind $kind --workers $w --label "input $kind x$w"
         done
         for w in 4 8 16; do  # small sources, where a thread's share of the GIL limits threads first
             limited "input 256p8 $kind x$w" 20 "${run[@]}" --sources 256p8 --files 64 --input-only \
