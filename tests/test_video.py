@@ -1,6 +1,7 @@
 import contextlib
 import gc
 import itertools
+import json
 import math
 import multiprocessing
 import os
@@ -2347,6 +2348,86 @@ def test_worker_processes_import_the_runs_titok_fast_whatever_folder_the_run_is_
     """, cwd=folder)  # fmt: skip
     out = run.communicate(timeout=120)[0]
     assert run.returncode == 0 and out.split() == ["12"] and not mark.exists() and not startup.exists()
+
+
+def test_a_process_server_started_again_imports_the_runs_titok_fast_too(files, tmp_path):
+    """A server that died is started again for the next process, in the same way as the first: before, without the
+    import path that keeps another ``titok_fast`` in the current folder from being imported (here a decoy)."""
+    folder = tmp_path / "elsewhere"
+    (folder / "titok_fast").mkdir(parents=True)
+    mark = tmp_path / "decoy-imported"
+    (folder / "titok_fast" / "__init__.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    run = _script(tmp_path, f"""
+        from multiprocessing import forkserver
+        video.start_process_server()
+        first = forkserver._forkserver._forkserver_pid
+        os.kill(first, signal.SIGKILL)
+        while not video._ended(first):
+            time.sleep(0.01)
+        stream = video.stream_videos([{files['index24']!r}], workers=1, prefetch=1, worker_kind='process',
+                                     frames=4, height=8, width=8, fps=24)
+        print(sum(1 for _, feed in stream for _ in feed), forkserver._forkserver._forkserver_pid != first, flush=True)
+    """, cwd=folder)  # fmt: skip
+    out = run.communicate(timeout=120)[0]
+    assert run.returncode == 0 and out.split() == ["12", "True"] and not mark.exists()
+
+
+def test_processes_forked_from_the_process_server_have_the_runs_environment(tmp_path):
+    """The run changes PYTHONSAFEPATH and PYTHONPATH to start its process server (:func:`video._our_import_path`);
+    the server puts them back, so that a process other code has it fork (multiprocessing's forkserver context,
+    Python 3.14's default), and the Python scripts such a process runs, have the run's (with PYTHONSAFEPATH=1 a
+    script could not import the modules beside it). Threads starting the server at once leave the run's own
+    environment as it was."""
+    result = tmp_path / "child.json"
+    top = textwrap.dedent(f"""
+        import json, threading
+        names = ("PYTHONPATH", "PYTHONSAFEPATH")
+        def child():  # (at the top: the script is run again in the child, as __mp_main__, to find it)
+            with open({str(result)!r}, "w") as f:
+                json.dump({{name: os.environ.get(name) for name in names}}, f)
+    """)  # fmt: skip
+    run = _script(tmp_path, """
+        before = {name: os.environ.get(name) for name in names}
+        starting = [threading.Thread(target=video.start_process_server) for _ in range(3)]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        after = {name: os.environ.get(name) for name in names}
+        process = multiprocessing.get_context("forkserver").Process(target=child)
+        process.start()
+        process.join()
+        print(json.dumps([before, after]), flush=True)
+    """, top=top)  # fmt: skip
+    out = run.communicate(timeout=120)[0]
+    assert run.returncode == 0
+    before, after = json.loads(out)
+    assert after == before and json.loads(result.read_text()) == before and before["PYTHONSAFEPATH"] is None
+
+
+def test_processes_are_spawned_where_a_server_would_import_another_titok_fast(tmp_path, monkeypatch):
+    """Python 3.10 has no PYTHONSAFEPATH: a ``python -c`` process started in a folder holding a ``titok_fast``
+    imports it. There (the version check stood in for), no server is started and decoding processes are spawned,
+    importing with the run's path; a folder holding this ``titok_fast``, or none, or one without ``__init__.py``
+    (a namespace package, which this one outranks) changes nothing."""
+    from multiprocessing import forkserver
+
+    monkeypatch.setattr(video, "_SAFE_PATH", False)
+    (tmp_path / "other" / "titok_fast").mkdir(parents=True)
+    (tmp_path / "other" / "titok_fast" / "__init__.py").write_text("")
+    (tmp_path / "namespace" / "titok_fast").mkdir(parents=True)
+    ours = Path(video.__file__).parents[1]
+    for folder, shadowed in [(tmp_path / "other", True), (tmp_path / "namespace", False), (ours, False),
+                             (tmp_path, False)]:  # fmt: skip
+        monkeypatch.chdir(folder)
+        assert video._shadowed_here() == shadowed, folder
+        if shadowed:
+            assert video._process_context()._name == "spawn" and video.start_process_server() is None
+    monkeypatch.setattr(video, "_SAFE_PATH", True)
+    monkeypatch.chdir(tmp_path / "other")
+    assert not video._shadowed_here()
+    video.start_process_server()
+    assert "__main__" not in forkserver._forkserver._preload_modules  # (Python 3.14's server would run the script)
 
 
 def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_ended_run(tmp_path):

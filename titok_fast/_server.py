@@ -15,12 +15,20 @@ RUN = os.getppid()
 
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 from titok_fast import video  # noqa: E402
+
+# Set by the run for its process server alone (video._our_import_path), which puts back the variables the run
+# changed to start it: the processes forked from the server, and theirs, have the run's. None elsewhere (imported by a
+# test, or by a server started otherwise).
+STARTED_BY_RUN = os.environ.pop(video.SERVER_ENVIRONMENT, None)
+if STARTED_BY_RUN is not None:
+    video.restore_environment(json.loads(STARTED_BY_RUN))
 
 MULTIPROCESSING_PREFIX = "pymp-"  # multiprocessing's folders (util.get_temp_dir): no other folder is ever removed
 # How long the server, at its exit, waits for its run to read as ended. The server ends when the run's end of its
@@ -71,9 +79,9 @@ def _ends(pid: int, seconds: float) -> bool:
 
 
 def in_process_server() -> bool:
-    """Whether this process is a multiprocessing fork server (started as ``python -c 'from
-    multiprocessing.forkserver import main; main(...)'``, which is importing its preloads now)."""
-    return sys.argv == ["-c"] and "multiprocessing.forkserver" in sys.modules
+    """Whether this process is the process server of a run (:func:`titok_fast.video.start_process_server`), which
+    is importing its preloads now."""
+    return STARTED_BY_RUN is not None and "multiprocessing.forkserver" in sys.modules
 
 
 if in_process_server():  # (imported elsewhere, by a test: nothing registered)

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import json
 import math
 import multiprocessing.resource_tracker
 import multiprocessing.util
@@ -1475,7 +1476,7 @@ class _DecoderProcess:
         self._mp = _process_context()
         self.pipe, theirs = self._mp.Pipe()
         self.process = self._mp.Process(
-            target=_serve_files, args=(theirs, self.read_kwargs, dict(os.environ), run), daemon=True
+            target=_serve_files, args=(theirs, self.read_kwargs, _environment(), run), daemon=True
         )  # fmt: skip
         # started with SIGINT blocked, which it keeps: a Ctrl-C reaches the whole process group, and is this
         # process's to handle (it stops the workers); in a worker it would only print a traceback. (A SIGTERM ends
@@ -1689,7 +1690,7 @@ def _process_context():
     a server other code started runs, without them (each process then imports them itself: 2.5 CPU-s)."""
     import torch.multiprocessing as mp  # (its pickling of shared-memory tensors)
 
-    return mp.get_context("forkserver" if _own_server() else "spawn")
+    return mp.get_context("forkserver" if _own_server() and not _shadowed_here() else "spawn")
 
 
 _STARTING = threading.local()  # .ours: this thread is starting a decoding process (:func:`_main_left_out`)
@@ -1750,54 +1751,99 @@ def _own_server() -> bool:
 
 def start_process_server() -> str | None:
     """Start the server that decoding processes are forked from, preloading this module (torch, PyAV), if it is not
-    running: its imports then overlap what the run does before its first file (loading the model). Started with
-    SIGINT blocked, which the processes forked from it keep; it removes this run's multiprocessing folder if the
-    run is killed (``titok_fast._server``). Returns the folder of the socket through which the
-    server is asked for a process, where it has one: the run's multiprocessing folder. Nothing where a server
-    other code started runs (its processes are spawned instead: :func:`_process_context`)."""
+    running (or started again, the same way, if it died): its imports then overlap what the run does before its
+    first file (loading the model). Started with SIGINT blocked, which the processes forked from it keep, and
+    without the run's main module; it removes this run's multiprocessing folder if the run is killed
+    (``titok_fast._server``). Returns the folder of the socket through which the server is asked for a process,
+    where it has one: the run's multiprocessing folder. Nothing where a server other code started runs, or where
+    it would import another ``titok_fast`` (:func:`_shadowed_here`): processes are spawned instead
+    (:func:`_process_context`). One thread at a time: the environment is changed while the server starts."""
     global _SERVER_OWNER
     from multiprocessing import forkserver
 
-    if not _own_server():
-        return None
-    server = forkserver._forkserver
-    if server._forkserver_pid is None:
-        # (titok_fast._server first: it reads its parent's pid before the others' imports; it imports this module)
-        others = [name for name in server._preload_modules or [] if name != "titok_fast._server"]
-        server.set_forkserver_preload(["titok_fast._server", *others])
-        _socket_folder()  # (the server's socket is made there)
-        with _sigint_blocked(), _our_import_path():
-            server.ensure_running()
-        _SERVER_OWNER = os.getpid()
-    else:
-        server.ensure_running()  # (started again if it died)
+    with _SERVER_LOCK:
+        if not _own_server() or _shadowed_here():
+            return None
+        server = forkserver._forkserver
+        if server._forkserver_pid is None or _ended(server._forkserver_pid):
+            # (titok_fast._server first: it reads its parent's pid before the others' imports; it imports this
+            # module. Not "__main__", the default: a server given the run's script runs it, as Python 3.14's does)
+            unwanted = ("titok_fast._server", "__main__")
+            others = [name for name in server._preload_modules or [] if name not in unwanted]
+            server.set_forkserver_preload(["titok_fast._server", *others])
+            _socket_folder()  # (the server's socket is made there)
+            with _sigint_blocked(), _our_import_path(), _main_left_out():
+                server.ensure_running()
+            _SERVER_OWNER = os.getpid()
+        else:
+            server.ensure_running()  # (as multiprocessing starts it, if it died since the look above)
     address = server._forkserver_address
     return os.path.dirname(address) if isinstance(address, str) and not address.startswith("\0") else None
 
 
 @contextlib.contextmanager
 def _our_import_path():
-    """A Python process started within imports ``titok_fast`` from where this one did. The fork server is a
-    ``python -c`` process, whose path begins with the current folder (multiprocessing hands it this process's path
-    but does not apply it, CPython 3.10 to 3.13): a run started in a folder holding another ``titok_fast`` (a
-    checkout of another version) had its decoding processes import that one. The server is started with
-    PYTHONSAFEPATH (Python 3.11 and later: the current folder kept off its path) and, where this ``titok_fast``
-    is not in a site-packages folder (a checkout), the folder it is in first on PYTHONPATH. Not this process's
-    whole path: a folder on PYTHONPATH is searched while Python starts, and the folder of a script (on this
-    process's path only once it had started) may hold files named as modules Python imports then."""
+    """The process server, started within, imports ``titok_fast`` from where this process did. It is a ``python
+    -c`` process, whose path begins with the current folder (multiprocessing hands it this process's path but does
+    not apply it, CPython 3.10 to 3.13): a run started in a folder holding another ``titok_fast`` (a checkout of
+    another version) had its decoding processes import that one. The server is started with PYTHONSAFEPATH (the
+    current folder kept off its path; Python 3.10 has none: :func:`_shadowed_here`) and, where this
+    ``titok_fast`` is not in a site-packages folder (a checkout), the folder it is in first on PYTHONPATH. Not
+    this process's whole path: a folder on PYTHONPATH is searched while Python starts, and the folder of a script
+    (on this process's path only once it had started) may hold files named as modules Python imports then. The
+    server puts both variables back as they were here (SERVER_ENVIRONMENT, read by ``titok_fast._server``), so
+    that the processes forked from it, and theirs, do not have them."""
     saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ[SERVER_ENVIRONMENT] = json.dumps(saved)
     os.environ["PYTHONSAFEPATH"] = "1"
     if root not in {os.path.abspath(folder) for folder in _site_folders()}:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, saved["PYTHONPATH"]]))
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        os.environ.pop(SERVER_ENVIRONMENT, None)
+        restore_environment(saved)
+
+
+SERVER_ENVIRONMENT = "TITOK_FAST_SERVER_ENVIRONMENT"  # (set for the process server alone: :func:`_our_import_path`)
+_SERVER_LOCK = threading.Lock()  # held while the process server starts, and the environment is changed for it
+
+
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """The variables of ``saved`` set to its values in ``os.environ``, those of None removed."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _environment() -> dict[str, str]:
+    """A copy of this process's environment, not taken while the process server starts (:func:`_our_import_path`
+    changes it then)."""
+    with _SERVER_LOCK:
+        return dict(os.environ)
+
+
+_SAFE_PATH = sys.version_info >= (3, 11)  # PYTHONSAFEPATH exists
+
+
+def _shadowed_here() -> bool:
+    """Whether a process server started now would import another ``titok_fast`` than this one: on Python 3.10,
+    which has no PYTHONSAFEPATH to keep the current folder off a ``python -c`` process's path, where that folder
+    holds a ``titok_fast`` package or module other than this one. Decoding processes are spawned then (they
+    import with this process's path), and start slower (2.5 CPU-s each)."""
+    if _SAFE_PATH:
+        return False
+    with contextlib.suppress(OSError):
+        here = os.getcwd()
+        ours = os.path.dirname(os.path.abspath(__file__))
+        package = os.path.join(here, "titok_fast")
+        if os.path.isfile(os.path.join(package, "__init__.py")) and not os.path.samefile(package, ours):
+            return True
+        return os.path.isfile(os.path.join(here, "titok_fast.py"))
+    return False
 
 
 def _site_folders() -> list[str]:
