@@ -1724,6 +1724,31 @@ def test_a_files_reader_is_freed_once_it_has_ended_without_the_cycle_collector(f
     assert ended == len(paths) - 3 and len(made) >= len(paths) - 3 and alive <= 6
 
 
+def test_a_split_files_feeds_are_freed_without_the_cycle_collector(gops, monkeypatch):
+    """The feeds of a file's segments tell the file's feed when they have a clip: held strongly, that callback and
+    the file's list of them made a reference cycle, and a split file's feeds and readers stayed until a full pass
+    of the cycle collector."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    made, init = [], video.ClipFeed.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(video.ClipFeed, "__init__", recorded)
+    gc.collect()
+    gc.disable()
+    try:
+        events = video.interleaved_videos([gops], workers=3, frames=3, height=32, width=32, fps=8)
+        with contextlib.closing(events):
+            clips = sum(kind == "clip" for _, kind, _ in events)
+        del events
+        alive = sum(ref() is not None for ref in made)
+    finally:
+        gc.enable()
+    assert clips == 16 and len(made) == 3 and alive == 0
+
+
 def test_interleaved_files_keep_every_worker_decoding(monkeypatch):
     """File 0's worker waits, before its last clip, until file 1 has made more clips than its read-ahead holds:
     taking the files one at a time, in order, file 1's worker would stop at its read-ahead and the wait would

@@ -759,7 +759,7 @@ class ClipFeed:
             reader._reset()
             follower = ClipFeed(reader, self._queue.maxsize, self.stall_seconds, self.on_stall)
             reader.stop, reader.nothing_queued = follower._closed, follower._queue.empty
-            follower.on_ready = self._notify
+            follower.on_ready = _weakly(self._notify)  # (held strongly, it made a cycle with self.followers)
             followers.append(follower)
         self.followers = followers
         if self._closed.is_set():  # closed meanwhile: none is decoded
