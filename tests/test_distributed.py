@@ -3,6 +3,7 @@ the single-machine command, failures as rows, bounded restarts and retries, resu
 without Ray (and on a GPU where there is one)."""
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from titok_fast import video
+from titok_fast import distributed, video
 from titok_fast.cli import main
 from titok_fast.distributed import (
     ClipEncoder,
@@ -34,11 +35,12 @@ from titok_fast.distributed import (
     model_loader,
     part_rows,
     plan_segments,
+    settings_on_ray,
 )
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
 from titok_fast.manifest import MANIFEST_NAME, Manifest, read_manifest
-from titok_fast.pipeline import ClipSettings, Summary, _progress, collect_inputs, encode_files
+from titok_fast.pipeline import ClipSettings, Summary, _progress, collect_inputs, encode_files, made_with
 from titok_fast.tokens import load_tokens
 from titok_fast.video import normalize_pixels, write_video
 
@@ -1020,11 +1022,31 @@ def test_a_device_fault_seen_only_when_the_tokens_come_to_the_host_ends_the_acto
     assert [k for k in out["kind"] if k != "end"] == ["tokens"] * 6
 
 
-def test_workers_rebuild_the_model_in_its_precision():
+def test_a_ray_job_records_the_placement_its_decode_tasks_take(videos, tmp_path, monkeypatch):
+    """Ray's decode tasks resize every frame on the CPU. For CUDA actors the token files say preprocessing "cpu",
+    not the "auto" a run on one machine records, which resizes ordinary sources on the GPU (tokens a little
+    different): each run's resume redoes the other's files. On CPU actors "auto" is "cpu" either way."""
     model = LOAD()
+    on_one_machine = made_with(model, "auto", SETTINGS, device="cuda")
+    on_ray = made_with(model, "auto", settings_on_ray(SETTINGS, "cuda"), device="cuda")
+    assert SETTINGS.preprocess == "auto" and on_one_machine["preprocess"] == "auto" and on_ray["preprocess"] == "cpu"
+    assert settings_on_ray(SETTINGS, "cpu") == SETTINGS
+    forced = dataclasses.replace(SETTINGS, preprocess="cpu")
+    assert settings_on_ray(forced, "cuda:0") == forced
+    ran = []  # what a job for CUDA actors plans and runs with (the job itself stood in for: no GPU here)
+    monkeypatch.setattr(distributed, "_run_job", lambda *args, **kwargs: ran.append(args[3]))
+    encode_dataset(model, [(videos["good"] / "one.mp4", "one")], tmp_path / "out", SETTINGS, device="cuda")
+    assert [settings.preprocess for settings in ran] == ["cpu"]
+
+
+def test_workers_rebuild_the_model_in_its_precision_and_backend():
+    """A worker's model is the driver's, down to the backend the token files record (a "torch" model's workers
+    ran the default, Triton on CUDA, under the driver's record of "torch")."""
+    model = LOAD(backend="torch")
     model.precision = "fp8"
     rebuilt = model_loader(model)(device="cpu")
     assert rebuilt.precision == "fp8" and rebuilt.weights_digest == model.weights_digest
+    assert rebuilt.backend == "torch" and model_loader(LOAD())(device="cpu").backend == "auto"
     # FP8 runs in the decoder only: an encode worker on a CPU encodes as in the default precision
     assert ClipEncoder(model_loader(model), SETTINGS).model.precision == "fp8"
 

@@ -550,6 +550,7 @@ def encode_dataset(
         if not isinstance(value, int) or value < least[name]:
             raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
     check_reading_on_ray(settings.decoder, settings.preprocess)
+    settings = settings_on_ray(settings, device)
     ClipReader("", **settings.read_kwargs())  # bad clip settings are one error here, not every file's in its task
     check_ray_address(ray_address)
     if mode == "cudagraph" and not str(device).startswith("cuda"):  # each actor's Engine would refuse it, alone
@@ -682,18 +683,21 @@ def _gpu_slots(nodes: list[dict], gpus_per_actor: float) -> int:
 
 
 def model_loader(model: TiTok) -> Callable[..., TiTok]:
-    """A picklable ``load(device=...)`` rebuilding ``model`` (its config, dtype and precision) on a worker: random
+    """A picklable ``load(device=...)`` rebuilding ``model`` (its config, dtype, backend and precision) on a worker:
+    random
     weights from the seed their digest records, else the file (or reference) ``model.weights_source`` names, which
     every node must be able to read."""
     from .loading import load_tokenizer, random_seed, random_tokenizer
 
     config, seed = model.config.to_dict(), random_seed(model.weights_digest)
     if seed is not None:
-        return functools.partial(random_tokenizer, config, seed=seed, dtype=model.dtype, precision=model.precision)
+        return functools.partial(random_tokenizer, config, seed=seed, dtype=model.dtype, backend=model.backend,
+                                 precision=model.precision)  # fmt: skip
     if not model.weights_source:
         raise ValueError("the model names no weights file (weights_source) for the Ray workers: pass load_model")
     return functools.partial(
-        load_tokenizer, model.weights_source, config=config, dtype=model.dtype, precision=model.precision
+        load_tokenizer, model.weights_source, config=config, dtype=model.dtype, backend=model.backend,
+        precision=model.precision,
     )
 
 
@@ -953,6 +957,16 @@ class _Run:
             f"every encode actor died for good ({len(actors)}, each restarted up to {self.actor_restarts} times): no "
             "clip can be encoded; see the Ray worker logs"
         )
+
+
+def settings_on_ray(settings: ClipSettings, device: str) -> ClipSettings:
+    """``settings`` as a Ray job applies them, and records them in its token files: its decode tasks resize every
+    frame on the CPU, so for CUDA actors preprocessing "auto" is "cpu". (On one machine, "auto" on CUDA resizes
+    ordinary sources on the GPU, whose tokens differ a little: with the same record, a resume of either run would
+    keep the other's files.)"""
+    if settings.preprocess == "auto" and torch.device(device).type == "cuda":
+        return replace(settings, preprocess="cpu")
+    return settings
 
 
 def check_reading_on_ray(decoder: str, preprocess: str) -> None:
