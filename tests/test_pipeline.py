@@ -785,12 +785,37 @@ def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it
     assert len(list(pipeline.source_chunks(old))) == len(old.grids)  # made with the rule: re-read as encoded
 
 
-def test_nvdec_files_record_their_rgb_conversion_and_files_made_before_it_are_redone(model, sources, tmp_path):
+def test_nvdec_files_record_their_rgb_conversion_and_files_made_before_it_are_redone(model, sources, tmp_path,
+                                                                                     monkeypatch):
     """--decoder nvdec's frames become RGB by libswscale's arithmetic since that was recorded (nvdec_rgb); files
     that the float conversion of before made hold other tokens, so a rerun redoes them. The CPU decoder's files
-    record nothing new. (No GPU here: NVDEC's files fall back to the CPU, and record what was asked for.)"""
+    record nothing new. (No GPU here: the run is told NVDEC is here, each file falls back to the CPU alone, and
+    records what was asked for.)"""
+    monkeypatch.setattr(pipeline, "nvdec_unavailable", lambda: None)
     nvdec = dataclasses.replace(SETTINGS, decoder="nvdec")
     a_recorded_rule_is_kept_apart(model, sources["short"], tmp_path, nvdec, "nvdec_rgb", "libswscale")
+
+
+def test_a_run_without_nvdec_records_the_cpu_decoder_and_a_run_with_it_redoes_its_files(model, sources, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """--decoder nvdec where NVDEC cannot decode anything (no CUDA device here) is the CPU decoder: said once for
+    the run, not once a file, and recorded as "cpu", so that a later run that has NVDEC does not keep those files
+    beside its own (they recorded "nvdec", and were kept)."""
+    nvdec = dataclasses.replace(SETTINGS, decoder="nvdec")
+    inputs = [(sources["short"], "short"), (sources["long"], "long")]
+
+    def run():
+        return encode_files(model, Engine(model, max_clips=3), inputs, tmp_path, nvdec, workers=1)
+
+    capsys.readouterr()
+    assert len(run().done) == 2
+    assert capsys.readouterr().err.count("NVDEC cannot decode here (no CUDA device)") == 1
+    assert {load_tokens(tmp_path / f"{name}.safetensors").made_with["decoder"] for _, name in inputs} == {"cpu"}
+    assert len(run().skipped) == 2  # still none here: made as asked
+    monkeypatch.setattr(pipeline, "nvdec_unavailable", lambda: None)  # (NVDEC here: each file falls back alone)
+    summary = run()
+    assert len(summary.done) == 2 and summary.replaced == 2
+    assert load_tokens(tmp_path / "short.safetensors").made_with["decoder"] == "nvdec"
 
 
 def test_the_same_weights_with_other_fsq_levels_are_another_model(model, sources, tmp_path):

@@ -472,6 +472,17 @@ def packet_duration(path: str, index: int, pts: int) -> int | None:
     return None
 
 
+def nvdec_unavailable() -> str | None:
+    """Why NVDEC cannot decode anything on this machine (no CUDA device, PyNvVideoCodec not installed), or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import PyNvVideoCodec  # noqa: F401
+    except ImportError as exc:
+        return f"PyNvVideoCodec is not installed ({exc})"
+    return None
+
+
 def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -> Iterator[NvdecFrame]:
     """Decode ``path`` with PyNvVideoCodec on GPU ``gpu``, in presentation order; raises DecoderUnavailable when
     the package, the GPU or the codec is missing, or the stream is one :func:`nvdec_rgb` would convert wrongly
@@ -485,12 +496,9 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable(refusal)
     if sum(1 for _ in _videos(stream.container)) > 1:  # the CPU path reads the first
         raise DecoderUnavailable("several video streams: NVDEC's demuxer chooses one of its own")
-    if not torch.cuda.is_available():
-        raise DecoderUnavailable("no CUDA device")
-    try:
-        import PyNvVideoCodec as nvc
-    except ImportError as exc:
-        raise DecoderUnavailable(f"PyNvVideoCodec is not installed ({exc})") from None
+    if (missing := nvdec_unavailable()) is not None:
+        raise DecoderUnavailable(missing)
+    import PyNvVideoCodec as nvc
     try:
         demuxer = nvc.CreateDemuxer(filename=path)
         decoder = nvc.CreateDecoder(

@@ -22,7 +22,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from . import __version__
 from .backends import resolve_backend
 from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids
 from .config import MODEL_FIELDS, TiTokConfig, _plain
-from .decoders import NVDEC_RGB
+from .decoders import NVDEC_RGB, nvdec_unavailable
 from .engine import IDLE, Engine
 from .files import (
     ABANDONED_UNLOCKED_SECONDS,
@@ -398,6 +398,19 @@ def _progress(total: int, unit: str) -> tqdm:
     return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
 
 
+def decoder_here(settings: ClipSettings) -> ClipSettings:
+    """``settings`` with the decoder this machine has: ``--decoder nvdec`` where NVDEC cannot decode anything here
+    (no CUDA device, no PyNvVideoCodec) is the CPU decoder, said once, and recorded so in the token files (a file
+    NVDEC cannot take, by its codec or format, still falls back alone, recorded as made with NVDEC asked for). Else
+    a run without NVDEC recorded "nvdec" on every file, and a later run that has NVDEC kept those CPU-decoded files
+    beside its own."""
+    if settings.decoder == "nvdec" and (missing := nvdec_unavailable()) is not None:
+        notice(f"--decoder nvdec: NVDEC cannot decode here ({missing}); every file is decoded on the CPU, and its "
+               "token file says so")  # fmt: skip
+        return replace(settings, decoder="cpu")
+    return settings
+
+
 def encode_files(
     model: TiTok,
     engine: Engine,
@@ -431,6 +444,7 @@ def encode_files(
     outdir = Path(outdir)
     files = take_shard(files, shard)
     check_inputs_apart(files, outdir, shard)
+    settings = decoder_here(settings)
     summary = Summary()
     start = time.perf_counter()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
