@@ -933,6 +933,48 @@ def test_a_layout_graph_that_cannot_be_captured_is_an_error_that_names_the_way_o
     assert not engine._layouts
 
 
+def test_out_of_memory_during_a_capture_is_a_capture_error_not_a_split(model, expected, monkeypatch):
+    """Out of memory in a graph's warm-ups splits the batch, as in eager; during the capture itself it is a failed
+    capture (the allocator is not fit to retry after one), and says so with the way out, not retried in halves."""
+    import graph_capture
+
+    videos, _, _, _ = expected
+    engine = engine_for(model, "layout", monkeypatch, budgets=(64, 256), max_clips=2)
+    latents, calls = model.encoder.latents, []
+
+    def short_of_memory_while_capturing(patches, pack, cache=None):
+        calls.append(len(pack.token_counts))
+        if getattr(graph_capture._capturing, "on", False):
+            raise torch.OutOfMemoryError("simulated")
+        return latents(patches, pack, cache)
+
+    monkeypatch.setattr(model.encoder, "latents", short_of_memory_while_capturing)
+    with pytest.raises(RuntimeError) as raised:
+        engine.encode(videos[:2], COUNTS[:2])
+    assert str(raised.value) == (
+        "could not capture a CUDA graph of the layout of a batch to encode (RuntimeError: out of memory while "
+        "capturing a CUDA graph (OutOfMemoryError)); mode 'eager' (--mode eager) captures no graph"
+    )
+    assert calls == [2, 2, 2] and not engine._layouts  # two warm-ups and the capture, of the batch of 2 alone
+
+
+def test_a_batch_split_for_memory_is_counted_as_the_batches_that_ran(model, expected, monkeypatch):
+    """``modes_run`` (what the benchmarks log) counts batches that ran: a batch that ran out of memory is its
+    halves, not itself and its halves."""
+    videos, _, _, _ = expected
+    engine = Engine(model, budgets=(1024,), max_clips=4)
+    real_encode = model.encode_packed
+
+    def encode_with_small_memory(patches, pack):
+        if len(pack.token_counts) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real_encode(patches, pack)
+
+    monkeypatch.setattr(model, "encode_packed", encode_with_small_memory)
+    engine.encode(videos[:4], COUNTS[:4])
+    assert engine.modes_run == {"eager": 2}
+
+
 def test_padding_rows_hold_nan_and_never_reach_a_clip(model, expected, monkeypatch):
     """The fixed-shape path with its empty input rows filled with NaN instead of zeros gives the same clips: no
     padding row (nor a latent row's unused input) is ever read into a real one."""

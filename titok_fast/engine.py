@@ -267,6 +267,7 @@ class Engine:
         self.max_clips = max_clips
         self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured ("cudagraph", "auto")
         self.modes_run: collections.Counter = collections.Counter()  # batches run, by the mode each ran in
+        self._planned_mode = ""  # the mode of the batch running now (_plan), counted once it has run
         self._buffers: dict[tuple[str, int], _Buffers] = {}
         self._runners: dict[tuple[str, int], Callable[[], torch.Tensor | tuple]] = {}
         self._layouts: dict[tuple[str, tuple, tuple], _Layout] = {}  # (stage, token counts, grids) -> its graph
@@ -490,31 +491,35 @@ class Engine:
         yield from zip((item[0] for item in batch), results, strict=True)
 
     def _run_splitting(self, run, batch: list, staged: list) -> list:
-        """Run a batch; on out-of-memory split it in two and retry, down to single clips."""
+        """Run a batch; on out-of-memory split it in two and retry, down to single clips. A batch is counted in
+        ``modes_run`` once it has run (a split one as its halves)."""
         try:
-            return run(batch, staged)
+            results = run(batch, staged)
         except RuntimeError as e:
             if not _out_of_memory(e):
                 raise
             if len(batch) == 1:
                 raise RuntimeError(f"out of memory on clip {batch[0][0]!r} alone; use a smaller clip") from None
             if self.model.device.type == "cuda":
-                torch.cuda.empty_cache()
+                with _CAPTURE_LOCK:  # (it waits on the device, which would break another engine's capture)
+                    torch.cuda.empty_cache()
             half = len(batch) // 2
             return self._run_splitting(run, batch[:half], staged[:half]) + self._run_splitting(
                 run, batch[half:], staged[half:]
             )
+        self.modes_run[self._planned_mode] += 1
+        return results
 
     def _stage(self, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[torch.Tensor], object]:
         """A batch's inputs on the model's device, in ``dtype``. On CUDA, inputs in host memory are copied from
         pinned memory on a side stream (they wait for nothing on the device, so the copies overlap the batches
         queued before; an input pinned by the caller is copied before this returns); inputs on the GPU are
-        converted, if at all, on the caller's stream, behind the work that made them. Returns the tensors and the
-        event that marks the copies done (None: no copy)."""
+        converted, if at all, and moved there from another GPU, on the caller's stream, behind the work that made
+        them. Returns the tensors and the event that marks the copies done (None: no copy)."""
         device = self.model.device
         if device.type != "cuda":
             return [t.to(device=device, dtype=dtype or t.dtype) for t in tensors], None
-        out = [t if t.device.type == "cpu" else t.to(dtype=dtype or t.dtype) for t in tensors]
+        out = [t if t.device.type == "cpu" else t.to(device=device, dtype=dtype or t.dtype) for t in tensors]
         on_host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
         if not on_host:
             return out, None
@@ -590,11 +595,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ fixed-shape path
     def _plan(self, counts: list[int], grids: list, stage: str) -> tuple[str, int]:
-        """(mode, token budget) of a ``stage`` batch, counted in ``modes_run``: ``auto`` picks per batch
-        (:func:`auto_mode`; a layout's graph from its second batch on, see the module header), the others are
-        fixed."""
+        """(mode, token budget) of a ``stage`` batch, counted in ``modes_run`` once it has run
+        (:meth:`_run_splitting`): ``auto`` picks per batch (:func:`auto_mode`; a layout's graph from its second
+        batch on, see the module header), the others are fixed."""
         mode, budget = self._planned(counts, grids, stage)
-        self.modes_run[mode] += 1
+        self._planned_mode = mode
         return mode, budget
 
     def _planned(self, counts: list[int], grids: list, stage: str) -> tuple[str, int]:
@@ -764,9 +769,14 @@ class Engine:
                     graph.capture_begin(pool=self._graph_pool, capture_error_mode=CAPTURE_MODE)
                     try:
                         out = fn()
-                    except BaseException:  # what broke the capture is the error: ending it fails too then
+                    except BaseException as error:  # what broke the capture is the error: ending it fails too then
                         with contextlib.suppress(RuntimeError):
                             graph.capture_end()
+                        if isinstance(error, RuntimeError) and _out_of_memory(error):  # not split and retried (as
+                            # in the warm-ups): the allocator is not fit to go on after a failed capture
+                            raise RuntimeError(
+                                f"out of memory while capturing a CUDA graph ({type(error).__name__})"
+                            ) from error
                         raise
                     else:
                         graph.capture_end()
