@@ -684,9 +684,8 @@ def _gpu_slots(nodes: list[dict], gpus_per_actor: float) -> int:
 
 def model_loader(model: TiTok) -> Callable[..., TiTok]:
     """A picklable ``load(device=...)`` rebuilding ``model`` (its config, dtype, backend and precision) on a worker:
-    random
-    weights from the seed their digest records, else the file (or reference) ``model.weights_source`` names, which
-    every node must be able to read."""
+    random weights from the seed their digest records, else the file (or reference) ``model.weights_source`` names,
+    which every node must be able to read."""
     from .loading import load_tokenizer, random_seed, random_tokenizer
 
     config, seed = model.config.to_dict(), random_seed(model.weights_digest)
