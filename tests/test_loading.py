@@ -588,6 +588,41 @@ def test_a_class_named_many_times_makes_one_placeholder_and_names_are_bounded(tm
         load_tokenizer(_archive(tmp_path / "names.ckpt", b"\x80\x02]" + many + b"."), config="tiny")
 
 
+def test_long_class_names_are_refused_before_any_is_copied(tmp_path):
+    """STACK_GLOBAL takes its names from the stack, so one stored string can name hundreds of classes, each name
+    copied into its class (a 17 KB file of 300 such names of 16 MB took 5.3 GB): a name over MAX_GLOBAL_NAME
+    characters is refused."""
+    import struct
+
+    from titok_fast.loading import MAX_GLOBAL_NAME
+
+    def naming(module: bytes) -> bytes:  # [module.n]: BINUNICODE module, SHORT_BINUNICODE "n", STACK_GLOBAL
+        return b"\x80\x04]X" + struct.pack("<I", len(module)) + module + b"\x8c\x01n\x93a."
+
+    with pytest.raises(CheckpointError, match=rf"by a name over {MAX_GLOBAL_NAME} characters"):
+        load_tokenizer(_archive(tmp_path / "long.ckpt", naming(b"m" * (MAX_GLOBAL_NAME + 1))), config="tiny")
+    with pytest.raises(CheckpointError, match="no state_dict found"):  # (a name that fits: unpickled, as any other)
+        load_tokenizer(_archive(tmp_path / "fits.ckpt", naming(b"m" * MAX_GLOBAL_NAME)), config="tiny")
+
+
+def test_keys_made_of_numbers_are_bounded(tmp_path):
+    """Numbers hash alike in every process, and each step of a tuple's hash can be undone: a pickle can give all
+    its (int, int) keys one hash, and inserting n of them takes n**2 steps (100k keys, a 1.9 MB file: 98 s, in C).
+    At most MAX_KEYS_OF_NUMBERS such keys (tuples or frozensets holding numbers) pass; strings, whose hashes are
+    keyed per process, and plain numbers are not counted."""
+    import pickle
+
+    from titok_fast.loading import MAX_KEYS_OF_NUMBERS, _check_opcodes
+
+    _check_opcodes(pickle.dumps({(i, i): 0 for i in range(MAX_KEYS_OF_NUMBERS)}, protocol=2))
+    _check_opcodes(pickle.dumps({**{i: 0 for i in range(10_000)}, **{(str(i), "x"): 0 for i in range(10_000)}}))
+    for many in ({(i, i): 0 for i in range(MAX_KEYS_OF_NUMBERS + 1)},
+                 {frozenset({i, -i - 1}): 0 for i in range(MAX_KEYS_OF_NUMBERS + 1)},
+                 {("name", (i, 1)): 0 for i in range(MAX_KEYS_OF_NUMBERS + 1)}):  # fmt: skip
+        with pytest.raises(CheckpointError, match=f"more than {MAX_KEYS_OF_NUMBERS} dict or set keys that are tuples"):
+            _check_opcodes(pickle.dumps(many, protocol=4))
+
+
 def test_containers_built_from_one_list_again_and_again_are_bounded(tmp_path):
     """set(one list of 100k ints) twenty-one times: 21 sets from one list's bytes, refused once the elements copied
     pass MAX_PICKLE_OPCODES; placeholders called with one big tuple keep none of it."""

@@ -232,6 +232,8 @@ def _check_opcodes(data: bytes) -> None:
 
 
 MAX_KEY_WEIGHT = 256  # elements of a tuple used as a dict or set key, counted through its nested tuples
+MAX_KEYS_OF_NUMBERS = 4096  # dict or set keys that are tuples or frozensets holding numbers, in all (_KeyCheck)
+MAX_GLOBAL_NAME = 256  # characters of a module or class name a pickle names (each new one is copied into a class)
 MAX_KEYS_WEIGHT = 4 * MAX_PICKLE_OPCODES  # of every key hashed while unpickling, together
 COLLIDING_INT = (1 << 61) - 1  # Python hashes an int modulo this prime: its multiples all hash alike
 
@@ -241,16 +243,26 @@ class _Item:
     elements a tuple's hash visits, through shared sub-tuples as often as they occur; None: it cannot be hashed
     quickly, or in many colliding copies), and for a list or tuple, its elements."""
 
-    __slots__ = ("weight", "elements", "copies")
+    __slots__ = ("weight", "elements", "copies", "numbers")
 
-    def __init__(self, weight: int | None = 1, elements: list | None = None, copies: str = ""):
+    def __init__(self, weight: int | None = 1, elements: list | None = None, copies: str = "", numbers: int = 0):
         self.weight, self.elements = weight, elements
         self.copies = copies  # for a callable: "OrderedDict", or "set" (set, frozenset, or a name not followed)
+        self.numbers = numbers  # NUMBER: a number; MADE_OF_NUMBERS: made from one (a tuple, a call's result)
 
 
-_LITERALS = {"NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4", "FLOAT",
-             "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-             "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}  # fmt: skip
+NUMBER, MADE_OF_NUMBERS = 1, 2
+
+
+def _made_of(items) -> int:
+    """MADE_OF_NUMBERS where any of ``items`` (what :class:`_KeyCheck` knows of them) is a number or made from one,
+    else 0: the ``numbers`` of what is made from them (a tuple's or frozenset's hash of numbers can be steered)."""
+    return MADE_OF_NUMBERS if any(isinstance(item, _Item) and item.numbers for item in items) else 0
+
+
+_NUMBERS = {"NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"}
+_LITERALS = {"NONE", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+             "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", *_NUMBERS}  # fmt: skip
 _KEYED_OPCODES = {"SETITEM": 2, "SETITEMS": 2, "DICT": 2, "ADDITEMS": 1, "FROZENSET": 1}  # every 2nd / every item
 
 
@@ -259,15 +271,19 @@ class _KeyCheck:
     unpickler would spend unbounded time on: a tuple built from one shared sub-tuple, twice per level, hashes in
     2**levels steps (40 levels: hours, in C, where no signal is handled), a tuple nested a million deep overflows
     the C stack, and ints that are multiples of 2**61 - 1 all hash alike (inserting n of them takes n**2 steps).
-    A key may be a string, bytes, a number (an int below 2**61 - 1 in size), None, an object built by the pickle
-    (hashed by its identity), or a tuple of these of at most MAX_KEY_WEIGHT elements in all; all keys together
-    at most MAX_KEYS_WEIGHT. Checkpoints key their dicts by strings and small ints."""
+    And tuples (or frozensets) holding numbers: numbers hash the same in every process and each step of a tuple's
+    hash can be undone, so a pickle can give every such key one hash (100k (int, int) keys, a 1.9 MB file: 98 s;
+    strings hash by a key of the process's own): at most MAX_KEYS_OF_NUMBERS of them, a fraction of a second
+    however they collide. A key may be a string, bytes, a number (an int below 2**61 - 1 in size), None, an
+    object built by the pickle (hashed by its identity), or a tuple of these of at most MAX_KEY_WEIGHT elements in
+    all; all keys together at most MAX_KEYS_WEIGHT. Checkpoints key their dicts by strings and small ints."""
 
     def __init__(self):
         self.stack: list = []
         self.marks: list[int] = []
         self.memo: dict[int, object] = {}
         self.hashed = 0
+        self.steerable = 0  # keys made of numbers (MADE_OF_NUMBERS)
 
     def key(self, item) -> None:
         weight = item.weight if isinstance(item, _Item) else None
@@ -276,6 +292,10 @@ class _KeyCheck:
                 "its pickle uses a dict or set key that would take long to hash (a tuple of more than "
                 f"{MAX_KEY_WEIGHT} elements, nested tuples shared many times, or an int of 2**61 - 1 or more)"
             )
+        self.steerable += item.numbers == MADE_OF_NUMBERS
+        if self.steerable > MAX_KEYS_OF_NUMBERS:
+            raise CheckpointError(f"its pickle uses more than {MAX_KEYS_OF_NUMBERS} dict or set keys that are tuples "
+                                  "or frozensets holding numbers")  # fmt: skip
         self.hashed += weight
         if self.hashed > MAX_KEYS_WEIGHT:
             raise CheckpointError(f"its pickle hashes more than {MAX_KEYS_WEIGHT} key elements")
@@ -301,7 +321,7 @@ class _KeyCheck:
             return
         if name in _LITERALS:
             big = name in ("INT", "LONG", "LONG1", "LONG4") and isinstance(arg, int) and abs(arg) >= COLLIDING_INT
-            stack.append(_Item(None if big else 1))
+            stack.append(_Item(None if big else 1, numbers=NUMBER if name in _NUMBERS else 0))
         elif name == "MARK":
             self.marks.append(len(stack))
         elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
@@ -320,7 +340,7 @@ class _KeyCheck:
             elements = self._pop_mark() if n is None else self._pop(n)
             weights = [e.weight if isinstance(e, _Item) else None for e in elements]
             weight = None if None in weights else min(1 + sum(weights), MAX_KEYS_WEIGHT + 1)
-            stack.append(_Item(weight, elements))
+            stack.append(_Item(weight, elements, numbers=_made_of(elements)))
         elif name in ("EMPTY_LIST", "LIST"):
             stack.append(_Item(None, self._pop_mark() if name == "LIST" else []))
         elif name in ("APPEND", "APPENDS"):
@@ -339,7 +359,7 @@ class _KeyCheck:
                     target.elements.extend(items[1::2])  # items set by index: what a later set(list) would hash
                 stack.append(target)
             else:
-                stack.append(_Item(1 if name == "FROZENSET" else None))
+                stack.append(_Item(1 if name == "FROZENSET" else None, numbers=_made_of(items)))
         elif name == "BUILD":  # the object stays on the stack (its state is set, or ignored)
             self._pop(1)
             if not stack:
@@ -365,7 +385,7 @@ class _KeyCheck:
                     self._copied_keys(argument, function.copies)
             # what a call gives may be one of its arguments (torch's _rebuild_parameter gives its tensor): it is
             # hashed no faster than they are
-            stack.append(_Item(args.weight if isinstance(args, _Item) else None))
+            stack.append(_Item(args.weight if isinstance(args, _Item) else None, numbers=_made_of([args])))
         else:  # every other opcode by its stack effect: what it builds is an object of its own
             before, after = opcode.stack_before, opcode.stack_after
             if pickletools.markobject in before:
@@ -417,6 +437,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.copied = 0  # elements handed to _COPYING_GLOBALS calls
 
     def find_class(self, module: str, name: str):
+        if len(module) > MAX_GLOBAL_NAME or len(name) > MAX_GLOBAL_NAME:  # (before a copy of either is made)
+            raise CheckpointError(f"its pickle names a class or function by a name over {MAX_GLOBAL_NAME} characters")
         if (module, name) in _SAFE_GLOBALS:
             return _Callable(f"{module}.{name}", _SAFE_GLOBALS[(module, name)])
         if (module, name) in _COPYING_GLOBALS:
