@@ -102,3 +102,37 @@ def test_a_yaml_config_that_is_not_plain_data_is_one_line_and_runs_nothing(tmp_p
     with pytest.raises(ValueError, match=r"bad.yaml' is not a plain YAML config \(") as raised:
         TiTokConfig.from_any(str(path))
     assert "\n" not in str(raised.value) and not marker.exists()
+
+
+def test_a_yaml_config_cannot_take_long_or_much_memory(tmp_path):
+    """Aliases nesting a list 9 deep, 9 times each (a few hundred bytes), were expanded whole by the error
+    message's repr (gigabytes); a base-60 number (YAML 1.1's ``1:59:59``) takes time that grows with the square of
+    its length to convert, so it is read as a string (as YAML 1.2 reads it), and refused as a field's value; a file
+    over MAX_CONFIG_BYTES is refused unread; a FIFO is refused, not waited on."""
+    import copy
+    import os
+
+    from titok_fast.config import MAX_CONFIG_BYTES
+
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    model = yaml.safe_dump(TINY_YAML).replace("encoder_size: tiny_thin", "encoder_size: *a9")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(laughs) + "\n" + model)
+    with pytest.raises(ValueError, match=r"encoder_size must be a size name, got \[\[\[") as raised:
+        TiTokConfig.from_any(str(path))
+    assert len(str(raised.value)) < 300
+    sexagesimal = tmp_path / "base60.yaml"
+    config = copy.deepcopy(TINY_YAML)
+    config["tokenizer"]["model"]["patch_size"] = ["BASE60"]
+    sexagesimal.write_text(yaml.safe_dump(config).replace("BASE60", "1:59:59"))
+    with pytest.raises(ValueError, match=r"patch_size must be a list of positive integers below 2\*\*31, got \('1:59"):
+        TiTokConfig.from_any(str(sexagesimal))
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * MAX_CONFIG_BYTES + b"\n" + yaml.safe_dump(TINY_YAML).encode())
+    with pytest.raises(ValueError, match=f"larger than {MAX_CONFIG_BYTES} bytes"):
+        TiTokConfig.from_any(str(big))
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="nor an existing YAML file"):
+        TiTokConfig.from_any(str(fifo))

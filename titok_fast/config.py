@@ -157,13 +157,23 @@ class TiTokConfig:
         values.update({k: _get(sampling, k, "training.sampling.") for k in SAMPLING_FIELDS})
         for key in ("encoder_size", "decoder_size"):
             if not isinstance(values[key], str):
-                raise ValueError(f"config field tokenizer.model.{key} must be a size name, got {values[key]!r:.80}")
+                got = _brief(values[key])
+                raise ValueError(f"config field tokenizer.model.{key} must be a size name, got {got}")
         for key in ("patch_size", "fsq_levels", "max_grid", "num_token_range"):
             if not isinstance(values[key], (list, tuple)):
-                raise ValueError(f"config field {key} must be a list of integers, got {values[key]!r:.80}")
+                raise ValueError(f"config field {key} must be a list of integers, got {_brief(values[key])}")
             values[key] = tuple(values[key])
         config = cls(**values)
         return next((preset for preset in PRESETS.values() if preset == config), config)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel = 3  # (nested lists, as YAML aliases make them, print 6 items a level: 6**6 leaves at reprlib's 6)
+
+
+def _brief(value: Any) -> str:
+    """``value``'s repr, at most 100 characters, made at a bounded cost."""
+    return _BRIEF.repr(value)[:100]
 
 
 def _plain(value: Any) -> Any:
@@ -175,10 +185,10 @@ def _check_int_seq(name: str, value: Any, length: int | None) -> None:
         isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in value
     ):  # (bounded: the checks after this one print the values)
         raise ValueError(
-            f"config field {name} must be a list of positive integers below 2**31, got {reprlib.repr(value)}"
+            f"config field {name} must be a list of positive integers below 2**31, got {_brief(value)}"
         )
     if length is not None and len(value) != length:
-        raise ValueError(f"config field {name} must have {length} entries, got {len(value)}: {reprlib.repr(value)}")
+        raise ValueError(f"config field {name} must have {length} entries, got {len(value)}: {_brief(value)}")
     if length is None and not value:
         raise ValueError(f"config field {name} must not be empty")
 
@@ -192,18 +202,58 @@ def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:
     return node
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a YAML config file (upstream's are 2 KB)
+
+
 def _read_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
+    from .hub import open_regular
+
+    with open_regular(path) as f:  # (a FIFO or a device is refused, not read)
+        text = f.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes: not a YAML config")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)  # plain data only: a python/object tag is an error, never a call
+        data = yaml.load(text.decode("utf-8"), Loader=_plain_loader())  # plain data only: a python/object tag is an
+        # error, never a call
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # (UnicodeDecodeError, a 5000-digit number: ValueError)
         first = " ".join(str(e).split())  # YAML's messages span lines: one line, as every error here
         raise ValueError(f"config file {str(path)!r} is not a plain YAML config ({first:.300})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} does not hold a mapping")
     return data
+
+
+def _plain_loader() -> type:
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers (``1:30`` is a string, as in YAML 1.2): converting
+    one takes time that grows with the square of its length (a 1.35 MB number: 55 s)."""
+    import re
+
+    import yaml
+
+    class PlainLoader(yaml.SafeLoader):
+        pass
+
+    numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    PlainLoader.yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag not in numbers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    PlainLoader.add_implicit_resolver(
+        numbers[0],
+        re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"),
+    )
+    PlainLoader.add_implicit_resolver(
+        numbers[1],
+        re.compile(
+            r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+        list("-+0123456789."),
+    )
+    return PlainLoader
 
 
 PRESETS: dict[str, TiTokConfig] = {
