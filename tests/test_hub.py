@@ -4,6 +4,7 @@ Commands run as subprocesses: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE w
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -325,6 +326,21 @@ def test_hub_weights_whose_cache_gives_no_commit_are_refused(hub, tmp_path):
               "--config", "tiny", *GRID)  # fmt: skip
     assert run.returncode == 2 and not (tmp_path / "t").exists(), run.stderr
     assert "in a snapshot folder 'notacommit' that is not a commit (40 hex digits)" in run.stderr
+
+
+def test_a_cached_file_that_leads_out_of_its_repositorys_folder_is_refused(hub, tmp_path):
+    """A snapshot's file links to a blob of its repository. One that leads elsewhere (a cache made or changed by
+    someone else) was loaded, any file on the machine, and recorded as the Hub's weights at that commit."""
+    repo = tmp_path / "hf" / "hub" / f"models--{REPO.replace('/', '--')}"
+    hub_cache(tmp_path / "hf", REPO, {DEFAULT_FILE: hub / "model.ckpt"})
+    outside = tmp_path / "elsewhere.ckpt"
+    shutil.copy(hub / "model.ckpt", outside)
+    (repo / "snapshots" / COMMIT / DEFAULT_FILE).unlink()
+    os.symlink(outside, repo / "snapshots" / COMMIT / DEFAULT_FILE)
+    run = cli(environment(tmp_path), "encode", hub / "clip.mp4", "-o", tmp_path / "t", "--checkpoint", REPO,
+              "--config", "tiny", *GRID)  # fmt: skip
+    assert run.returncode == 2 and not (tmp_path / "t").exists(), run.stderr
+    assert f"leads to {outside}, outside the repository's folder {repo}: not loaded" in run.stderr
 
 
 def test_a_blob_not_holding_the_bytes_its_name_says_never_enters_the_converted_cache(hub, tmp_path, monkeypatch):

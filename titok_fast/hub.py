@@ -141,11 +141,19 @@ def download(ref: HubRef, *, quick: bool = False) -> tuple[Path, HubRef]:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"weights {ref} cannot be fetched from the Hub: {reason}") from None
     local = Path(local)
-    snapshot = local.parents[len(PurePosixPath(ref.filename).parts) - 1].name  # snapshots/<commit>/<filename>
+    depth = len(PurePosixPath(ref.filename).parts)
+    snapshot = local.parents[depth - 1].name  # <repository's folder>/snapshots/<commit>/<filename>
     if not _COMMIT.fullmatch(snapshot):  # token files record the commit: one that is not is of no use to decode
         raise ValueError(
             f"weights {ref}: the Hugging Face cache gives {local}, in a snapshot folder {snapshot[:80]!r} that is not "
             "a commit (40 hex digits): its refs are damaged; download the file again"
+        )
+    repository = local.parents[depth + 1]
+    real = Path(os.path.realpath(local))
+    if not real.is_relative_to(os.path.realpath(repository)):  # a snapshot's file links to one of its blobs
+        raise ValueError(
+            f"weights {ref}: the Hugging Face cache's {local} leads to {real}, outside the repository's folder "
+            f"{repository}: not loaded (the cache is damaged or was made elsewhere); download the file again"
         )
     return local, HubRef(ref.repo_id, snapshot, ref.filename)
 
