@@ -122,6 +122,33 @@ def test_upstream_sampling_picks_the_notebooks_frames(files, name, source_fps, f
     assert result.start_times == pytest.approx([c * length / source_fps for c in range(len(result.clips))])
 
 
+@pytest.mark.parametrize("prune", [True, False], ids=["pruned", "every-frame"])
+def test_each_chunks_picks_are_those_of_its_own_linspace(tmp_path, prune):
+    """The notebook picks chunk c's frames with numpy.linspace(c * L, c * L + L - 1, T, dtype=int). The first
+    chunk's picks moved by c * L are not those: the floats round otherwise. 24 fps sampled at 10, T = 36: L = 86,
+    and the 22nd pick of chunks 1 and 2 was the frame before upstream's (136, not 137)."""
+    path = videos.make_video(tmp_path / "long24.mp4", 3 * 86 + 5, 32, 32, fps=24, pattern="moving")
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    result = read_clips(path, frames=36, height=32, width=32, fps=10, raw=True, prune=prune)
+    assert len(result.clips) == 3
+    for c, clip in enumerate(result.clips):
+        picks = np.linspace(c * 86, c * 86 + 85, 36, dtype=int)
+        assert torch.equal(clip, torch.from_numpy(np.stack([frames[i] for i in picks])).permute(3, 0, 1, 2).float())
+
+
+def test_chunk_picks_are_numpys_linspace_of_each_chunk():
+    """:func:`video.chunk_picks` works out many chunks' picks in one call: each row is that chunk's own call."""
+    from titok_fast.video import chunk_picks
+
+    for frames in (1, 2, 3, 5, 20, 36, 64):
+        for length in (1, 2, 7, 20, 86, 97, 300, 12345):
+            chunks = np.array([0, 1, 2, 3, 49, 10**6 + 3])
+            rows = chunk_picks(chunks, frames, length)
+            for c, row in zip(chunks.tolist(), rows, strict=True):
+                assert np.array_equal(row, np.linspace(c * length, c * length + length - 1, frames, dtype=int))
+
+
 def test_raw_clips_scale_as_upstream(files):
     raw = read_clips(files["moving"], frames=4, height=32, width=32, raw=True).clips[0]
     scaled = read_clips(files["moving"], frames=4, height=32, width=32).clips[0]

@@ -426,8 +426,12 @@ class ClipReader:
         count = len(order)
         if self.sampling == "upstream":
             length = self._chunk_length
-            picks = list(_chunk_picks(self.frames, length))
-            needed = np.isin(np.arange(count) % length, picks + [length - 1])  # (the last: see _sample_indices)
+            needed = np.zeros(count, dtype=bool)
+            needed[length - 1 :: length] = True  # each chunk's last frame (see _sample_indices)
+            chunks = -(-count // length)
+            for first in range(0, chunks, NEEDS_BLOCK):  # (a block of chunks at a time: bounded memory)
+                picks = chunk_picks(np.arange(first, min(first + NEEDS_BLOCK, chunks)), self.frames, length).ravel()
+                needed[picks[picks < count]] = True
             if self.tail == "drop" and count >= length:  # a last partial chunk is dropped: none of its frames
                 needed[count // length * length :] = False
             return needed
@@ -2736,17 +2740,28 @@ def _repeat(frame, count: int, image: Callable) -> Iterator[torch.Tensor]:
             yield converted
 
 
+NEEDS_BLOCK = 65536  # chunks whose picks ClipReader._needs works out at once
+
+
 def chunk_length(frames: int, source_fps: float, fps: float) -> int:
     """Source frames per chunk in upstream's sampling: ``frames`` sampled at ``fps`` from ``source_fps``."""
     return int(frames * (source_fps / fps))
 
 
-def _chunk_picks(frames: int, chunk_length: int) -> dict[int, int]:
-    """How often each offset inside a chunk is sampled, for the offsets numpy.linspace(0, L - 1, frames, int)
-    picks: at most ``frames`` entries, however long the chunk (a low fps, or a source that declares a very high
-    one, makes it billions of frames)."""
-    offsets, counts = np.unique(np.linspace(0, chunk_length - 1, frames, dtype=int), return_counts=True)
-    return dict(zip(offsets.tolist(), counts.tolist(), strict=True))
+def chunk_picks(chunks: np.ndarray, frames: int, chunk_length: int) -> np.ndarray:
+    """[len(chunks), frames]: the source frames upstream's sampling picks in each chunk c of ``chunks``,
+    numpy.linspace(c * L, c * L + L - 1, frames, dtype=int) as upstream computes it, chunk by chunk. Not the first
+    chunk's picks moved by c * L: the floats round otherwise (L = 86, 36 frames: the 22nd pick of every chunk but
+    the first, 137 against 136 in chunk 1). numpy computes each row as that chunk's own call would (tested)."""
+    starts = np.asarray(chunks, dtype=np.int64).reshape(-1) * chunk_length
+    return np.linspace(starts, starts + (chunk_length - 1), frames, dtype=int, axis=1).reshape(len(starts), frames)
+
+
+def _chunk_counts(chunk: int, frames: int, chunk_length: int) -> dict[int, int]:
+    """How often each source frame of ``chunk`` is sampled (:func:`chunk_picks`): at most ``frames`` entries,
+    however long the chunk (a low fps, or a source that declares a very high one, makes it billions of frames)."""
+    indices, counts = np.unique(chunk_picks(np.array([chunk]), frames, chunk_length)[0], return_counts=True)
+    return dict(zip(indices.tolist(), counts.tolist(), strict=True))
 
 
 def _sample_indices(
@@ -2759,17 +2774,19 @@ def _sample_indices(
     The picks end with the chunk's last frame, so a partial chunk never gives a whole clip, except with one frame
     per clip (the pick is the chunk's first frame): then each image waits for its chunk's last frame (or a later
     one), and a partial chunk's is given only if ``partial``."""
-    counts = _chunk_picks(frames, chunk_length)
-    waits = chunk_length - 1 not in counts
+    chunk, counts, last = -1, {}, -1
     held: list[torch.Tensor] = []
     whole_at = 0  # the index whose frame makes the held images' chunk whole
     for index, frame in decoded:
         if held and index >= whole_at:
             yield from held
             held = []
-        repeat = counts.get(index % chunk_length, 0)
-        if repeat and waits:
-            held, whole_at = list(_repeat(frame, repeat, image)), index - index % chunk_length + chunk_length - 1
+        if index // chunk_length != chunk:
+            chunk = index // chunk_length
+            counts, last = _chunk_counts(chunk, frames, chunk_length), chunk * chunk_length + chunk_length - 1
+        repeat = counts.get(index, 0)
+        if repeat and last not in counts:  # (the picks wait for the chunk's last frame)
+            held, whole_at = list(_repeat(frame, repeat, image)), last
         elif repeat:
             yield from _repeat(frame, repeat, image)
         if held and index >= whole_at:
