@@ -123,7 +123,9 @@ class DevicePreprocessor:
 
     On CUDA the frames go up from pinned memory on a side stream, are converted to RGB (I420) and resized there, and
     the caller's stream waits for that work on the device (not on the host), so the upload and resize of one clip
-    overlap the model running the clips before it. Returns [3, T, height, width] in ``dtype`` on ``device``.
+    overlap the model running the clips before it. Returns [3, T, height, width] in ``dtype`` on ``device``. Frames
+    in pinned memory are read after this returns (the copy is asynchronous): they must not be changed before the
+    clip's work is done (the pipeline gives each clip memory of its own).
     """
 
     def __init__(self, device: torch.device | str, height: int, width: int, dtype: torch.dtype):
@@ -145,8 +147,12 @@ class DevicePreprocessor:
             if frames.device.type == "cpu":
                 frames = frames if frames.is_pinned() else frames.pin_memory()
                 frames = frames.to(self.device, non_blocking=True)
-            else:  # decoded on the GPU (NVDEC) by work queued on the caller's stream before this call
+            else:  # decoded on the GPU (NVDEC) by work queued before this call, on the caller's stream or on the
+                # default stream of the decoding thread, which made them: read here after both, and their memory
+                # kept from another use until this stream is done with it, whichever stream frees it
                 self._stream.wait_stream(caller)
+                self._stream.wait_stream(torch.cuda.default_stream(self.device))
+                frames.record_stream(self._stream)
             CLOCK.stop("upload", started)
             if i420 is not None:
                 frames = i420_rgb(I420Clip(frames, i420.matrix))
