@@ -140,6 +140,13 @@ def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
                           *RANDOM, "--json", report, capsys=capsys)  # fmt: skip
     assert code == 0 and "evaluated 2 file(s)" in stdout
     assert json.loads(report.read_text())["results"]["4"]["clips"] == 4
+    (tmp_path / "empty.mp4").write_bytes(b"")  # a file that fails: the report says which, and how clips were made
+    code, _, _ = run("eval", folder / "moving.mp4", tmp_path / "empty.mp4", "--tokens", "4", "--grid", "4x32x32",
+                     *RANDOM, "--json", report, capsys=capsys)  # fmt: skip
+    written = json.loads(report.read_text())
+    assert code == 1 and [f["source"] for f in written["failed"]] == [str(tmp_path / "empty.mp4")]
+    assert written["settings"] == {"grid": [4, 32, 32], "fps": 8.0, "tail": "drop", "sampling": "upstream",
+                                   "rotation": "stored", "dtype": "float32", "precision": "default"}  # fmt: skip
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):

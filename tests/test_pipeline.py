@@ -4,6 +4,7 @@ import dataclasses
 import datetime
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -284,7 +285,7 @@ def test_eval_streams_in_groups_and_skips_a_file_failing_midway(model, sources):
 def test_eval_scores_only_the_real_frames_of_a_padded_last_clip(model, tmp_path, monkeypatch):
     """With tail="pad" a video's last clip repeats its last frame; those repeats are not the source's, so eval
     scores only the clip's real frames (as decode trims them from what it writes), and counts clips once, not
-    once per token count."""
+    once per token count. The source clip is scored clamped to [-1, 1], as the reconstruction is."""
     path = make_video(tmp_path / "tail.mp4", frames=15, height=32, width=32, fps=24)  # 1 whole clip + 1 of 1 frame
     t, h, w = SETTINGS.grid
     read = read_clips(path, frames=t, height=h, width=w, fps=SETTINGS.fps, tail="pad")
@@ -295,7 +296,7 @@ def test_eval_scores_only_the_real_frames_of_a_padded_last_clip(model, tmp_path,
     for n in (4, 8):
         _, out = model.encode(read.clips, [n, n])
         recon = [r.clamp(-1, 1) for r in model.decode_indices(out["indices"], [SETTINGS.grid] * 2)]
-        expected = [psnr(r[:, :k], c[:, :k]) for r, c, k in zip(recon, read.clips, real, strict=True)]
+        expected = [psnr(r[:, :k], c[:, :k].clamp(-1, 1)) for r, c, k in zip(recon, read.clips, real, strict=True)]
         assert table[n]["psnr"] == pytest.approx(sum(expected) / 2, rel=1e-9)
         assert table[n]["psnr"] != pytest.approx(sum(map(psnr, recon, read.clips)) / 2, rel=1e-9)  # (not all 4)
     assert summary.clips == 2
@@ -310,9 +311,33 @@ def test_eval_scores_only_the_real_frames_of_a_padded_last_clip(model, tmp_path,
     monkeypatch.setattr(pipeline, "interleaved_videos", interleaved)
     monkeypatch.setattr(pipeline, "psnr", lambda r, c: scored.append(c) or 0.0)
     evaluate(engine, [(path, "tail")], SETTINGS, [4], workers=1)
-    targets = [pipeline.normalize_pixels(c, torch.float32) for c in read.clips]
+    targets = [pipeline.normalize_pixels(c, torch.float32).clamp(-1, 1) for c in read.clips]
     assert [c.shape[1] for c in scored] == [t, read.last_clip_frames]
     assert torch.equal(scored[0], targets[0]) and torch.equal(scored[1], targets[1][:, : read.last_clip_frames])
+
+
+def test_an_exact_clip_does_not_make_eval_scores_infinite(model, tmp_path, monkeypatch):
+    """An exact reconstruction has an infinite PSNR (a black clip, where the decoder's output is clamped to -1):
+    it made the mean over every clip inf, and eval --json wrote Infinity, which JSON readers refuse. A clip scores
+    at most PSNR_CAP_DB."""
+    path = make_video(tmp_path / "clip.mp4", frames=15, height=32, width=32, fps=24)
+    monkeypatch.setattr(pipeline, "psnr", lambda recon, source: math.inf)
+    table, _ = evaluate(Engine(model), [(path, "clip")], SETTINGS, [4], workers=1)
+    assert table[4]["psnr"] == pipeline.PSNR_CAP_DB
+
+
+def test_a_decoded_video_records_a_precision_other_than_the_default(model, tmp_path):
+    """FP8 decoding gives other pixels (36 dB from float32's, bf16 50): a video decoded in FP8 was taken for one
+    decoded in the default precision, and the reverse. The default records nothing new: videos decoded before
+    are still found complete."""
+    engine = Engine(model)
+    default = json.loads(pipeline.decode_records(engine, False)(tmp_path)[len(pipeline.DECODE_RECORD) :])
+    model.precision = "fp8"
+    try:
+        fp8 = json.loads(pipeline.decode_records(engine, False)(tmp_path)[len(pipeline.DECODE_RECORD) :])
+    finally:
+        model.precision = "default"
+    assert "precision" not in default and fp8 == {**default, "precision": "fp8"}
 
 
 def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tmp_path, monkeypatch):

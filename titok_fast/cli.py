@@ -443,7 +443,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for n, row in table.items():
         print(f"{n:>8} {row['psnr']:>9.2f} {row['ssim']:>7.4f} {row['clips']:>6}")
     if args.json:
-        report = json.dumps({"weights": model.weights_digest, "results": table}, indent=2).encode()
+        report = json.dumps({
+            "weights": model.weights_digest, "results": table,
+            "settings": {"grid": list(settings.grid), "fps": settings.fps, "tail": settings.tail,
+                         "sampling": settings.sampling, "rotation": settings.rotation,
+                         "dtype": str(model.dtype).removeprefix("torch."), "precision": model.precision},
+            "failed": [{"source": source, "reason": reason} for source, reason in summary.failed],
+        }, indent=2, allow_nan=False).encode()  # fmt: skip
         try:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             write_atomically(args.json, report)

@@ -1415,11 +1415,21 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     raise ValueError(f"source {token_file.source} now gives {reader.clips_read} chunks; the token file has {wanted}")
 
 
+PSNR_CAP_DB = 100.0  # a clip's PSNR in eval and decode's scores: an exact clip (inf) would make any mean inf
+
+
+def scored_psnr(recon: torch.Tensor, source: torch.Tensor) -> float:
+    """A clip's PSNR as eval and decode score it: against its source clamped to [-1, 1], as the reconstruction
+    is and as both are shown (the resize overshoots the range at sharp edges: up to 1.19 on a stripe pattern,
+    which no reconstruction could match), at most PSNR_CAP_DB."""
+    return min(psnr(recon, source.clamp(-1, 1)), PSNR_CAP_DB)
+
+
 def _beside_source(token_file: TokenFile, chunks: Iterator[torch.Tensor], scores: list[float] | None):
     """Each decoded chunk with its source chunk on the left; its PSNR appended to ``scores`` if given."""
     for source, recon in zip(source_chunks(token_file), chunks, strict=True):
         if scores is not None:
-            scores.append(psnr(recon, source))
+            scores.append(scored_psnr(recon, source))
         yield side_by_side(source, recon)
 
 
@@ -1594,13 +1604,16 @@ DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode wri
 
 def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.PathLike], str]:
     """What a video decoded from a token file (the function's argument) records in its comment tag: the token
-    file's size and modification time, the weights, model config and dtype that decoded it, and whether its source
-    is beside it (all but the first the same for every file of a run: worked out once). A rerun skips a video that
+    file's size and modification time, the weights, model config, dtype and precision (where not the default: the
+    records of before stay valid) that decoded it, and whether its source is beside it (all but the first the same
+    for every file of a run: worked out once). A rerun skips a video that
     records what it would write, and decodes again one that records otherwise (its token file was made again
     since, or it is decoded another way)."""
     config = hashlib.sha256(json.dumps(engine.model.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     made = {"weights": engine.model.weights_digest, "config": config,
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
+    if engine.model.precision != "default":  # (FP8 decoding: other pixels, 36 dB from float32's against bf16's 50)
+        made["precision"] = engine.model.precision
     return lambda path: DECODE_RECORD + json.dumps({**made, "tokens": source_stamp(path)}, sort_keys=True)
 
 
@@ -1624,7 +1637,8 @@ def evaluate(
     per_file: dict | None = None,
     stall_seconds: float | None = STALL_SECONDS,
 ) -> tuple[dict, Summary]:
-    """Encode and decode every clip at each token count; mean PSNR (dB) and SSIM over clips per token count.
+    """Encode and decode every clip at each token count; mean PSNR (dB, :func:`scored_psnr`) and SSIM over clips
+    per token count, each against the source clip clamped to [-1, 1].
 
     Clips stream from the files (``workers`` threads, default one per core) in groups of ``group`` (memory does
     not grow with the inputs); a file that fails to read, even midway, or stalls (no clip for ``stall_seconds``)
@@ -1651,8 +1665,8 @@ def evaluate(
             _, out = engine.encode(inputs, [n] * len(batch))
             recon = engine.decode_indices(out["indices"], [settings.grid] * len(batch))
             for (number, _, real), r, target in zip(batch, recon, targets, strict=True):
-                r, target = r.float().clamp(-1, 1).cpu()[:, :real], target[:, :real]
-                sums[number][n][0] += psnr(r, target)
+                r, target = r.float().clamp(-1, 1).cpu()[:, :real], target[:, :real].clamp(-1, 1)
+                sums[number][n][0] += scored_psnr(r, target)
                 sums[number][n][1] += ssim(r, target)
         for number, _, _ in batch:
             scored[number] += 1
