@@ -1039,13 +1039,13 @@ def test_resume_redoes_a_token_file_made_from_another_source_and_says_so(model, 
     assert summary.done == [str(second)] and not summary.skipped and summary.replaced == 1
     assert "1 token file(s) made otherwise replaced" in summary.report("encoded")
     assert load_tokens(out / "clip.safetensors").source == str(second.resolve())
-    row, displaced = read_manifest(out / MANIFEST_NAME)[-2:]
+    displaced, row = read_manifest(out / MANIFEST_NAME)[-2:]  # (the displaced source first: see displacing)
     assert row["status"] == "done" and row["replaced"] == f"made from another source ({str(first.resolve())!r})"
     assert (displaced["source"], displaced["status"], displaced["tokens"]) == (
         str(first.resolve()), "not-encoded", str((out / "clip.safetensors").resolve())
     )  # the first video's latest line no longer says its tokens are there
     assert displaced["reason"] == (
-        f"its token file now holds the tokens of {second.resolve()}, which has the same output name"
+        f"its token file is made anew for {second.resolve()}, which has the same output name"
     )
     assert [r["status"] for r in read_manifest(out, latest=True)] == ["not-encoded", "done"]
     again = run(second)
@@ -1576,6 +1576,81 @@ def test_a_resume_leaves_a_temporary_another_run_is_writing_and_removes_a_killed
         file.write(b"complete")
     writing.commit()  # the first run finishes its file as if nothing had happened
     assert (tmp_path / "a.safetensors").read_bytes() == b"complete"
+
+
+def test_a_temporary_another_process_locked_first_is_given_up_for_a_new_one(tmp_path, monkeypatch):
+    """Another run's clean-up may open and lock a new temporary between its creation and its writer's lock (it
+    then removes it): the writer held no lock but took it for its own, and its commit failed. It now starts again
+    under a new name (where the file system has no locks at all, a temporary is kept unlocked, as before)."""
+    import errno
+
+    from titok_fast import files
+
+    real, names = files.fcntl.flock, []
+
+    def first_taken(fd, operation):
+        names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if len(names) == 1:
+            raise OSError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+        return real(fd, operation)
+
+    monkeypatch.setattr(files.fcntl, "flock", first_taken)
+    with files.AtomicFile(tmp_path / "a.safetensors") as target:
+        assert target.temporary == names[-1] != names[0] and not os.path.exists(names[0])
+        with open(target.temporary, "wb") as file:
+            file.write(b"complete")
+    assert (tmp_path / "a.safetensors").read_bytes() == b"complete"
+    monkeypatch.setattr(files.fcntl, "flock", lambda fd, operation: (_ for _ in ()).throw(OSError(errno.ENOLCK, "")))
+    with files.AtomicFile(tmp_path / "b.safetensors") as target:  # no locks here: written unlocked
+        with open(target.temporary, "wb") as file:
+            file.write(b"written")
+    assert (tmp_path / "b.safetensors").read_bytes() == b"written"
+
+
+def test_on_a_network_file_system_a_resume_removes_only_old_temporaries_of_its_outputs(model, tmp_path, monkeypatch):
+    """Locks may not be seen across machines there (NFS mounted without them, or with local_lock=flock): a
+    temporary of one of this job's outputs goes only once unchanged for an hour, as those of other outputs did
+    (another machine may be writing it now)."""
+    from titok_fast.files import ABANDONED_UNLOCKED_SECONDS
+    from titok_fast.manifest import Manifest
+
+    new, old = tmp_path / f".a.safetensors.{'0' * 32}.tmp", tmp_path / f".b.safetensors.{'1' * 32}.tmp"
+    for path in (new, old):
+        path.write_bytes(b"left")
+    then = time.time() - ABANDONED_UNLOCKED_SECONDS - 60
+    os.utime(old, (then, then))
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs4")
+    files = [(tmp_path / f"{n}.mp4", n) for n in ("a", "b")]
+    pipeline.plan_outputs(model, "eager", files, tmp_path, SETTINGS, Manifest(None, pipeline.Summary()))
+    assert new.exists() and not old.exists()
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: None)  # a local disk: the lock tells
+    pipeline.plan_outputs(model, "eager", files, tmp_path, SETTINGS, Manifest(None, pipeline.Summary()))
+    assert not new.exists()
+
+
+def test_a_run_killed_as_it_replaces_another_sources_token_file_leaves_that_source_not_encoded(model, tmp_path,
+                                                                                             monkeypatch):
+    """A token file another source's tokens made (the same output name) is replaced: that source's line saying
+    they are gone is written before they are, so a SIGKILL after the file's rename and before the done line no
+    longer leaves both sources' latest lines giving that token file (the first one's said done)."""
+    from titok_fast.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first = make_video(tmp_path / "one" / "clip.mp4", frames=12, height=32, width=32, fps=8)
+    second = make_video(tmp_path / "two" / "clip.mp4", frames=12, height=32, width=32, fps=8)
+    out = tmp_path / "tokens"
+    assert encode_files(model, Engine(model), [(first, "clip")], out, SETTINGS, workers=1).done
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")  # (the process ends here: no line after the token file)
+
+    monkeypatch.setattr(Manifest, "done", killed)
+    with pytest.raises(KeyboardInterrupt):
+        encode_files(model, Engine(model), [(second, "clip")], out, SETTINGS, workers=1)
+    assert load_tokens(out / "clip.safetensors").source == str(second.resolve())
+    latest = {row["source"]: row["status"] for row in read_manifest(out / MANIFEST_NAME, latest=True)}
+    assert latest[str(first.resolve())] == "not-encoded"
 
 
 def test_a_run_that_stops_lists_exactly_the_files_it_did_not_settle(model, sources, tmp_path, monkeypatch):

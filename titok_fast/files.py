@@ -124,12 +124,19 @@ class AtomicFile:
                 fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except OSError as e:  # (a folder that cannot be written): said of the file asked for, not its temporary
                 raise type(e)(e.errno, e.strerror, self.path) from None
-            with contextlib.suppress(OSError):  # a file system without locks: not held (an unlocked one is
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # removed by a cleanup only once it is old)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except OSError as e:  # a file system without locks: not held (an unlocked one is removed by a cleanup
+                # only once it is old); held by another process (a cleanup that opened it first): not ours to write
+                locked = e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
             try:  # removed by another process between its creation and the lock: again under a new name
-                if os.stat(self.temporary).st_ino == os.fstat(fd).st_ino:
+                if locked and os.stat(self.temporary).st_ino == os.fstat(fd).st_ino:
                     self._lock = fd
                     return
+                if not locked:  # (the cleanup holding it removes it too, if it has not yet)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.temporary)
             except FileNotFoundError:
                 pass
             os.close(fd)

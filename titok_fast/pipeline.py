@@ -718,8 +718,12 @@ def _look_at(path: Path) -> os.stat_result | None:
 def _remove_temporaries(listed: dict[Path, dict[str, list[str]]], out: Path) -> None:
     """Remove what a killed run left to become ``out`` (its temporary files); ``listed`` keeps each folder's
     temporaries, listed once (a listing per file would be quadratic in a resume)."""
-    for stale in _folder_files(listed, out.parent).pop(temporary_stem(out.name), ()):
-        remove_abandoned(out.parent / stale)  # not one another run is writing now
+    stale = _folder_files(listed, out.parent).pop(temporary_stem(out.name), ())
+    # not one another run is writing now: it is locked; on a network file system, where locks may not be seen
+    # across machines (mounted without them, or local_lock=flock), it is also old
+    unchanged_for = ABANDONED_UNLOCKED_SECONDS if stale and network_file_system(out.parent) else 0.0
+    for name in stale:
+        remove_abandoned(out.parent / name, unchanged_for=unchanged_for)
 
 
 def _remove_other_temporaries(listed: dict[Path, dict[str, list[str]]]) -> None:
@@ -1254,6 +1258,7 @@ def write_recorded(
     the line of each outcome."""
     started = CLOCK.start()
     with interrupts_held():
+        manifest.displacing(path, out)
         error = write()
         CLOCK.stop("write", started)
         if error:
