@@ -109,6 +109,10 @@ def layer_norm_rows_fp8(
     m, k = x.shape
     if weight.shape != (k,) or bias.shape != (k,):
         raise ValueError(f"LayerNorm weight and bias of [{k}] values; got {list(weight.shape)}, {list(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):  # (the kernel reads them as contiguous, on x's device)
+        if t.stride(-1) != 1 or t.device != x.device:
+            raise ValueError(f"LayerNorm {name} must be contiguous and on {x.device}; got stride {t.stride()} on "
+                             f"{t.device}")  # fmt: skip
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:

@@ -77,7 +77,7 @@ def fsq_indices_to_codes_ref(indices: torch.Tensor, consts: FsqConstants) -> tor
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 FSQ_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MAX_LEVELS = 8
+MAX_LEVELS = 15  # as a config may have (titok_fast.config.MAX_FSQ_LEVELS: codebooks of at most 2**15 codes)
 MAX_HEAD_WIDTH = 8192
 
 

@@ -87,12 +87,16 @@ def test_layer_norm_kernel_quantises_the_modules_rows(dtype, k):
     # neighbouring e4m3 value)
 
 
-def test_layer_norm_kernel_refuses_a_norm_of_another_width():
+def test_layer_norm_kernel_refuses_a_norm_of_another_width_or_layout():
+    """The kernel reads the norm's weight and bias as contiguous values on x's device: a strided one was read
+    wrong (246 of 256 codes differed), so it is refused."""
     x = torch.zeros(4, 8)
     with pytest.raises(ValueError, match=r"weight and bias of \[8\] values"), triton_mode(interpret=True):
         layer_norm_rows_fp8(x, torch.ones(7), torch.zeros(7))
     with pytest.raises(ValueError, match="x must be"), triton_mode(interpret=True):
         layer_norm_rows_fp8(x.t(), torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="LayerNorm weight must be contiguous"), triton_mode(interpret=True):
+        layer_norm_rows_fp8(x, torch.ones(16)[::2], torch.zeros(8))
 
 
 def test_fp8_matmul_is_the_exact_product_of_the_codes():

@@ -26,6 +26,7 @@ LEVELS = [
     pytest.param([8, 5, 5, 5], id="8-5-5-5"),
     pytest.param([7, 5, 5, 5, 5], id="7-5-5-5-5"),
     pytest.param([2, 3], id="2-3"),
+    pytest.param([3] * 7 + [2] * 2, id="3x7-2x2"),  # more levels than the kernel took before (8; a config: 15)
 ]
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
