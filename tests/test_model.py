@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from titok_fast import TiTok, reference
+from titok_fast import TiTok, checks, reference
 
 from helpers import agreement, distinct, make_model, make_reference, random_videos, rel_l2
 
@@ -126,14 +126,18 @@ def test_inputs_move_to_model_dtype_and_are_not_modified(tiny):
     assert all(torch.equal(a, b) for a, b in zip(videos, before, strict=True))
 
 
-def test_values_are_refused_only_where_the_cast_overflows():
-    """float32 videos into a float16 model: 65519 casts to 65504 (the largest float16, by rounding to nearest) and
-    is taken; 65520 casts to inf and is refused, as the model would index NaN."""
+def test_values_are_refused_where_the_cast_overflows_and_before():
+    """float32 videos into a float16 model: 65520 casts to inf and is refused as such, as the model would index
+    NaN; 65519 casts to 65504 (the largest float16), but the model overflows long before: values beyond
+    65.504 are refused (test_a_float16_model_refuses_values_its_patch_embedding_would_overflow); 65.5 is taken."""
     from titok_fast.checks import check_videos
 
     video = torch.zeros(3, 4, 8, 8)
-    video[0, 0, 0, 0] = 65519.0
+    video[0, 0, 0, 0] = 65.5
     assert check_videos([video], (4, 8, 8), dtype=torch.float16) == [(4, 8, 8)]
+    video[0, 0, 0, 0] = 65519.0
+    with pytest.raises(ValueError, match=r"video 0 holds 65519; expected values in \[-1, 1\] \(beyond 65.504"):
+        check_videos([video], (4, 8, 8), dtype=torch.float16)
     video[0, 0, 0, 0] = 65520.0
     with pytest.raises(ValueError, match=r"video 0 holds 65520, beyond the model's torch.float16"):
         check_videos([video], (4, 8, 8), dtype=torch.float16)
@@ -142,8 +146,40 @@ def test_values_are_refused_only_where_the_cast_overflows():
         check_videos([video], (4, 8, 8), dtype=torch.float16)
 
 
+def test_counts_and_grids_on_the_meta_device_are_refused_in_one_line(tiny):
+    """Counts or grids as meta tensors (shapes, no values) crashed inside .item() / .tolist() with torch's own
+    error; they are refused as a meta video is."""
+    model, _ = tiny
+    meta, indices = torch.device("meta"), torch.zeros(8, dtype=torch.int32)
+    video, grid = torch.zeros(3, 4, 8, 8), torch.tensor([4, 8, 8])
+    for call, what in [
+        (lambda: model.encode([video], [torch.tensor(8, device=meta)]), "token count of video 0"),
+        (lambda: model.encode([video], torch.tensor([8], device=meta)), "token_counts"),
+        (lambda: model.decode_indices([indices], grid[None].to(meta)), "grids"),
+        (lambda: model.decode_indices([indices], [grid.to(meta)]), "grid of video 0"),
+        (lambda: model.decode_indices(indices, torch.tensor([8], device=meta), [(4, 8, 8)]), "grids"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{what} is on the meta device"):
+            call()
+
+
 def _v(*shape):
     return torch.zeros(shape)
+
+
+def test_a_float16_model_refuses_values_its_patch_embedding_would_overflow(tiny):
+    """float16 holds up to 65504: pixels of 6e4 passed the check (finite in float16), the patch embedding
+    overflowed, and the tokens were NaN cast to int32, which decode refuses. A 16-bit-range model takes values up
+    to its largest / 1000 (65.504), as codes too; bfloat16 and float32 up to 1e9."""
+    model, _ = tiny
+    half = TiTok(model.config).to(torch.float16)
+    video = torch.full((3, 4, 8, 8), 100.0)
+    with pytest.raises(ValueError, match=r"video 0 holds -?\d+.*beyond 65.504 they are refused in torch.float16"):
+        half.encode([video.half()], [1])
+    codes = torch.full((1, len(model.config.fsq_levels)), 100.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"codes holds 100; .*beyond 65.504 "):
+        half.decode(codes, [1], [(4, 8, 8)])
+    assert checks.magnitude_limit(torch.bfloat16) == checks.magnitude_limit(torch.float32) == 1e9
 
 
 @pytest.mark.parametrize(

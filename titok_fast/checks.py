@@ -37,6 +37,16 @@ def check_no_grad(t: torch.Tensor, what: str) -> None:
 
 
 MAX_PIXEL_MAGNITUDE = 1e9  # far beyond any scaling of pixels (0-255, 16-bit), far below an overflow in the model
+MAGNITUDE_HEADROOM = 1e3  # of a 16-bit model's range: float16's 65504 / 1e3, beyond which its patch embedding overflows
+
+
+def magnitude_limit(dtype: torch.dtype | None) -> float:
+    """The largest magnitude of a pixel or code value a model computing in ``dtype`` takes: MAX_PIXEL_MAGNITUDE,
+    or for float16 its largest value / MAGNITUDE_HEADROOM (65.504: 6e4 passed, its patch embedding overflowed, and
+    the tokens that came out were NaN cast to int32, which decode refuses)."""
+    if dtype is None or not dtype.is_floating_point:
+        return MAX_PIXEL_MAGNITUDE
+    return min(MAX_PIXEL_MAGNITUDE, torch.finfo(dtype).max / MAGNITUDE_HEADROOM)
 
 
 def _value_problems(
@@ -67,8 +77,8 @@ def _problems_of(extremes: torch.Tensor, dtype: torch.dtype | None, most: float)
         elif max(map(abs, values)) > most:
             value = values[0] if abs(values[0]) > most else values[1]
             problems.append(
-                f"holds {value:g}; expected values in [-1, 1] (beyond {most:g} they are refused: near 1e20 the "
-                "model's norms overflow, and what comes out is no video's)"
+                f"holds {value:g}; expected values in [-1, 1] (beyond {most:g} they are refused in {dtype}, well "
+                "before the model's activations overflow, where what comes out is no video's)"
             )
         else:
             problems.append("")
@@ -98,11 +108,11 @@ class PendingValueCheck:
         """The error :func:`check_videos` would raise for the video's values, or None."""
         if self._done is not None:
             self._done.synchronize()
-        problem = _problems_of(self._extremes, self.dtype, MAX_PIXEL_MAGNITUDE)[0]
+        problem = _problems_of(self._extremes, self.dtype, magnitude_limit(self.dtype))[0]
         return ValueError(f"{self.name} {problem}") if problem else None
 
 
-def _check_not_meta(t: torch.Tensor, what: str) -> None:
+def check_not_meta(t: torch.Tensor, what: str) -> None:
     if t.device.type == "meta":
         raise ValueError(f"{what} is on the meta device (shapes only); expected a tensor with values")
 
@@ -140,13 +150,13 @@ def check_videos(
         check_no_grad(v, name(i))
         if problem := _grid_problem(tuple(v.shape[1:]), patch):  # (encode nothing that decode would refuse)
             raise ValueError(f"{name(i)} has shape {list(v.shape)}; {problem}")
-        _check_not_meta(v, name(i))
+        check_not_meta(v, name(i))
         if v.device != videos[0].device:
             raise ValueError(f"{name(i)} is on {v.device} but {name(0)} is on {videos[0].device}; mixed devices")
         if v.dtype != videos[0].dtype:
             raise ValueError(f"{name(i)} has dtype {v.dtype} but {name(0)} has {videos[0].dtype}; mixed dtypes")
         shapes.append(tuple(int(s) for s in v.shape[1:]))
-    for i, problem in enumerate(_value_problems(videos, dtype, MAX_PIXEL_MAGNITUDE) if values else ()):
+    for i, problem in enumerate(_value_problems(videos, dtype, magnitude_limit(dtype)) if values else ()):
         if problem:
             raise ValueError(f"{name(i)} {problem}")
     return shapes
@@ -158,6 +168,7 @@ def check_token_counts(
     """Validate per-video latent token counts (integers >= 1), one per video when ``expected`` is given;
     ``name(i)`` names video i in the errors."""
     if isinstance(token_counts, torch.Tensor):
+        check_not_meta(token_counts, "token_counts")
         token_counts = token_counts.tolist() if token_counts.dim() else [token_counts.item()]
     if is_integer(token_counts):
         raise TypeError(f"token_counts must be a list with one integer per video, got the single value {token_counts}")
@@ -169,6 +180,8 @@ def check_token_counts(
         raise ValueError("empty batch: token_counts is empty")
     out = []
     for i, n in enumerate(token_counts):
+        if isinstance(n, torch.Tensor):
+            check_not_meta(n, f"token count of {name(i)}")
         if not is_integer(n):
             raise TypeError(f"token count of {name(i)} is {n!r}; expected an integer >= 1")
         if not 1 <= int(n) <= MAX_TOKENS:
@@ -186,6 +199,7 @@ def check_grids(
         if grids.dim() != 2 or grids.shape[1] != 3 or grids.is_floating_point() or grids.is_complex():
             raise ValueError(f"grids is a {grids.dtype} tensor of shape {list(grids.shape)}; expected integers of "
                              "shape [videos, 3], a (T, H, W) pixel shape per video")  # fmt: skip
+        check_not_meta(grids, "grids")
         grids = grids.tolist()
     if not isinstance(grids, Sequence) or isinstance(grids, str):
         raise TypeError(f"grids must be a list of (T, H, W) pixel shapes, got {type(grids).__name__}")
@@ -194,6 +208,7 @@ def check_grids(
     out = []
     for i, g in enumerate(grids):
         if isinstance(g, torch.Tensor):
+            check_not_meta(g, f"grid of {name(i)}")
             g = g.tolist()
         if not isinstance(g, Sequence) or len(g) != 3 or not all(is_integer(s) for s in g):
             raise ValueError(f"grid of {name(i)} is {g!r}; expected three integers (T, H, W)")
@@ -232,7 +247,7 @@ def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
             f"{what} has dtype {indices.dtype}; expected one of {[str(d) for d in INDEX_DTYPES]} (e.g. {what}.long())"
         )
     _check_dense(indices, what)
-    _check_not_meta(indices, what)
+    check_not_meta(indices, what)
     if indices.dim() != 1:
         raise ValueError(f"{what} has shape {list(indices.shape)}; expected a 1-D tensor of indices")
     if indices.numel():
@@ -262,7 +277,7 @@ def check_codes(codes: object, width: int, total: int, dtype: torch.dtype | None
         raise ValueError(f"codes has shape {list(codes.shape)}; expected [sum(token_counts), {width}]")
     if codes.shape[0] != total:
         raise ValueError(f"codes has {codes.shape[0]} rows but token_counts sum to {total}")
-    _check_not_meta(codes, "codes")
-    problem = _value_problems([codes], dtype, MAX_PIXEL_MAGNITUDE)[0] if codes.numel() else ""  # (1e30: an inf video)
+    check_not_meta(codes, "codes")
+    problem = _value_problems([codes], dtype, magnitude_limit(dtype))[0] if codes.numel() else ""  # (1e30: inf video)
     if problem:
         raise ValueError(f"codes {problem}")

@@ -28,6 +28,7 @@ from .checks import (
     check_codes,
     check_grids,
     check_indices,
+    check_not_meta,
     check_token_counts,
     check_videos,
     is_integer,
@@ -44,6 +45,9 @@ def upstream_argument_order(grids, token_counts):
     no counts; as a convenience we also take ``decode_indices(packed, token_counts, grids)``, the argument order of
     ``decode(codes, token_counts, grids)``, recognised by its types (counts are integers, grids triples; either
     may be a tensor)."""
+    for name, given in (("grids", grids), ("token_counts", token_counts)):
+        if isinstance(given, torch.Tensor):
+            check_not_meta(given, name)
     counts = grids.tolist() if isinstance(grids, torch.Tensor) and grids.dim() == 1 else grids
     shapes = token_counts
     if isinstance(token_counts, torch.Tensor) and token_counts.dim() == 2:
