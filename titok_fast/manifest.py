@@ -82,7 +82,6 @@ class Manifest:
         # token file -> how it was made otherwise, the other source it was made from (if so), and which file it was
         # (files.file_entry, where it could be looked at), until its input settles
         self._outdated: dict[str, tuple[str, str | None, tuple[int, int, int, int] | None]] = {}
-        self._displaced: set[str] = set()  # token files whose other source's line displacing has written
         self._settled: dict[int, tuple[str, int | None]] | None = None  # see skipped()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,30 +142,26 @@ class Manifest:
         with self.lock:
             self.summary.done.append(str(source))
             self.summary.clips += clips
-            why, other_source, _ = self._outdated.pop(str(tokens), (None, None, None))
+            why, _, _ = self._outdated.pop(str(tokens), (None, None, None))
             if why is not None:
                 self.summary.replaced += 1
                 extra = {"replaced": why, **extra}
-            self._line(source, tokens, "done", clips=clips, **extra)
-            if other_source is not None and str(tokens) not in self._displaced:  # (said by displacing, if called)
-                self._line(other_source, tokens, "not-encoded", reason=_displaced_by(source))
-            self._displaced.discard(str(tokens))
+            self._line(source, tokens, "done", clips=clips, **extra)  # (another source it displaced: displacing)
 
     def displacing(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
         """Before the token file ``tokens`` is written for ``source``: where it holds the tokens of another source
         (of the same output name), that source's latest line says they are no longer there, before they are gone
         (a SIGKILL between the file's rename and a line after it left a manifest whose latest lines gave both
-        sources that token file)."""
+        sources that token file). Called before every token file is written (write_recorded)."""
         with self.lock:
             _, other_source, _ = self._outdated.get(str(tokens), (None, None, None))
-            if other_source is not None and str(tokens) not in self._displaced:
-                self._line(other_source, tokens, "not-encoded", reason=_displaced_by(source))
-                self._displaced.add(str(tokens))
+            if other_source is not None:
+                reason = f"its token file is made anew for {os.path.abspath(source)}, which has the same output name"
+                self._line(other_source, tokens, "not-encoded", reason=reason)
 
     def failed(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str, **extra: Any) -> None:
         with self.lock:
             why, other_source, judged = self._outdated.pop(str(tokens), (None, None, None))
-            self._displaced.discard(str(tokens))
             aside = "" if why is None else _set_aside(Path(tokens), why, judged)
             if aside:
                 reason = f"{reason}; {aside}"
@@ -337,8 +332,3 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
             if not isinstance(row.get("source"), str):  # (read_manifest keeps each source's last line by it)
                 raise ValueError(f"{path} line {number}: expected its source as a string")
             yield row
-
-
-def _displaced_by(source: str | os.PathLike) -> str:
-    """The reason on the line of a source whose token file is made anew for ``source`` (the same output name)."""
-    return f"its token file is made anew for {os.path.abspath(source)}, which has the same output name"
