@@ -758,6 +758,48 @@ def test_bench_prints_the_table_of_its_results(tmp_path, monkeypatch, capsys):
     assert code == 0 and "| torch | 3.00 | 1.00x |" in out
 
 
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["no-earlier-file", "earlier-file"])
+def test_bench_that_ran_no_benchmark_says_so_and_leaves_no_empty_results(tmp_path, monkeypatch, capsys, earlier):
+    """Every selected benchmark skipped (``-k gpu`` on a CPU): pytest-benchmark leaves an empty results file, which
+    is removed, and the run says that no benchmark ran (not that the file is not JSON)."""
+    results = tmp_path / "r.json"
+    if earlier:
+        results.write_text("{}")
+
+    def fake_pytest(cmd):
+        results.write_text("")  # (truncated as pytest-benchmark does, an earlier run's file too)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_pytest)
+    code, out, err = run("bench", "--json", results, "-k", "gpu", capsys=capsys)
+    assert code == 0 and out == "" and not results.exists()
+    assert err.splitlines()[-1].startswith("titok-fast: no benchmark ran: each one selected was skipped")
+
+
+
+@pytest.mark.parametrize("options", [[], ["--workers", "2"]], ids=["default", "given"])
+def test_demo_reads_with_the_workers_it_is_given(tmp_path, monkeypatch, capsys, options):
+    """The demo's --workers (default 1: it reads one short video) reaches its encode run."""
+    from titok_fast import hub, pipeline
+
+    def offline(ref, quick=False):  # (the demo's V1 weights, not to be had: it falls back to random weights)
+        raise hub.WeightsUnavailable(f"weights {ref} are not to be had in this test")
+
+    monkeypatch.setattr(hub, "download", offline)
+    given, encode_files = [], pipeline.encode_files
+
+    def recorded(*args, **kwargs):
+        given.append(kwargs.get("workers"))
+        return encode_files(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "encode_files", recorded)
+    code, out, _ = run("demo", "-o", tmp_path / "demo", "--config", "tiny", "--device", "cpu", "--grid", "4x32x32",
+                       "--tokens", "8", *options, capsys=capsys)  # fmt: skip
+    assert code == 0 and "PSNR" in out
+    assert given == [2 if options else 1]
+
+
 NVDEC_MISSING = ("titok-fast: --decoder nvdec: NVDEC cannot decode here (no CUDA device); every file is decoded on "
                  "the CPU, and its token file says so")
 

@@ -598,7 +598,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("+", " ".join(cmd), file=sys.stderr)
     before = _stamp(results)
     code = subprocess.call(cmd)
-    if results.exists() and _stamp(results) != before:  # written by this run (not an earlier run's file)
+    written = results.exists() and _stamp(results) != before  # by this run (not an earlier run's file)
+    empty = written and results.stat().st_size == 0  # what pytest-benchmark leaves when no benchmark ran
+    if empty:
+        results.unlink()
+    elif written:
         from .benchreport import table
 
         print(table(str(results)))
@@ -606,6 +610,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{results} is an earlier run's: this run wrote no results", file=sys.stderr)
     if code == 5:  # pytest's "no tests collected"
         notice(f"no benchmark matches -k {args.select!r}" if args.select else "no benchmark was collected")
+    elif empty:
+        notice("no benchmark ran: each one selected was skipped on this machine (pytest -rs says why; the gpu ones "
+               "need CUDA)")  # fmt: skip
     return code
 
 
@@ -645,7 +652,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)  # once every option is known to work: a refused demo writes nothing
     write_video(sample, _moving_pattern(frames=24, height=192, width=256), fps=8)
     start = time.perf_counter()
-    enc = encode_files(model, engine, collect_inputs([sample]), out / "tokens", settings, overwrite=True)
+    enc = encode_files(model, engine, collect_inputs([sample]), out / "tokens", settings, workers=args.workers,
+                       overwrite=True)  # fmt: skip
     if enc.failed:
         return _finish(enc, "encoded")
     scores: list[float] = []  # each chunk's PSNR, from the side-by-side pass itself
