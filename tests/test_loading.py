@@ -176,6 +176,17 @@ def test_convert_cli(tiny, tmp_path):
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_convert_cli_takes_the_config_a_safetensors_stores(tiny, tmp_path, capsys):
+    """Without --config, convert reads a .safetensors with the config it carries (as --checkpoint does), not v1."""
+    from titok_fast.cli import main
+
+    save_safetensors(tiny, tmp_path / "tiny.safetensors")
+    assert main(["convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "again.safetensors")]) == 0
+    again = load_tokenizer(tmp_path / "again.safetensors")
+    assert again.config.name == "tiny" and all(torch.equal(again.state_dict()[k], v) for k, v in
+                                               tiny.state_dict().items())  # fmt: skip
+
+
 def test_convert_never_writes_over_its_source_or_a_name_the_loader_misreads(tiny, tmp_path):
     """`convert m.ckpt m.ckpt` once replaced the only checkpoint with safetensors bytes under a name read as a zip."""
     lightning_checkpoint(tmp_path / "m.ckpt", tiny)

@@ -540,3 +540,14 @@ def test_a_token_file_too_large_to_load_is_never_written(tmp_path, monkeypatch):
     with pytest.raises(TokenFileError, match=f"^would be {size:,} bytes; a token file may have at most {size - 1:,}$"):
         save_tokens(tmp_path / "over.safetensors", token_file)
     assert not (tmp_path / "over.safetensors").exists()
+
+
+def test_the_most_chunks_a_token_file_holds_is_said_as_it_is():
+    """The README and the docstring give the largest video a token file of 256 tokens a clip holds."""
+    from pathlib import Path
+
+    most = tokens.most_chunks(256)
+    hours = most * 20 / 8 / 3600  # clips of 20 frames at 8 fps
+    said = f"{most:,} of 256 tokens, {hours:.0f} hours of 20 frames at"
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert said in readme and f"256 tokens: {most:,} chunks, {hours:.0f} hours" in tokens.most_chunks.__doc__

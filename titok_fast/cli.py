@@ -883,7 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="upstream Lightning .ckpt -> .safetensors with the config inside")
     p.add_argument("checkpoint", help="upstream model.ckpt, or a Hub id owner/name[@revision][:file]")
     p.add_argument("output", help="output .safetensors path")
-    p.add_argument("--config", default="v1", help="preset name (v1, tiny) or upstream YAML path (default: v1)")
+    p.add_argument("--config", default=None, help="preset name (v1, tiny) or upstream YAML path (default: the config "
+                   "a .safetensors stores, a known Hub id's preset, else v1)")  # fmt: skip
     p.add_argument("--no-ema", action="store_true", help="take the raw model weights, not the EMA weights")
     p.set_defaults(run=cmd_convert)
 

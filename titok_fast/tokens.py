@@ -88,7 +88,7 @@ DIGEST_PREFIX = "sha256:"
 
 def most_chunks(tokens: int) -> int:
     """The most chunks of ``tokens`` tokens a token file may hold: one of more could not be loaded (see
-    MAX_FILE_BYTES). 256 tokens: 485,724 chunks, 337 hours of 20 frames at 8 fps."""
+    MAX_FILE_BYTES). 256 tokens: 485,737 chunks, 337 hours of 20 frames at 8 fps."""
     return (MAX_FILE_BYTES - MAX_HEADER_BYTES) // (2 * tokens + CHUNK_BYTES)
 
 
