@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -275,6 +276,8 @@ def test_past_max_decode_tasks_a_crashing_file_fails_alone(runs, videos, cluster
     monkeypatch.setattr(distributed, "MAX_DECODE_TASKS", 2)  # 3 files in 2 tasks: odd.mkv shares one
     context = ray.data.DataContext.get_current()
     before = (context.max_errored_blocks, context.target_max_block_size, context.enable_progress_bars)
+    data_log = logging.getLogger("ray.data")
+    monkeypatch.setattr(data_log, "level", logging.INFO)  # (the caller's: the job quiets it while it runs)
     hooks = {"decode_exit_on": "odd.mkv", "decode_exit_log": str(tmp_path)}
     files = [(p, n) for p, n in collect_inputs([videos["good"]]) if n in ("odd", "one", "two")]
     summary = encode_dataset(
@@ -288,6 +291,7 @@ def test_past_max_decode_tasks_a_crashing_file_fails_alone(runs, videos, cluster
     assert len(read_manifest(tmp_path / "tokens" / MANIFEST_NAME)) == 3  # one line per input
     assert len(list(tmp_path.glob("decode-exit-*"))) == 2  # its shared task, then its own
     assert (context.max_errored_blocks, context.target_max_block_size, context.enable_progress_bars) == before
+    assert data_log.level == logging.INFO
 
 
 def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(videos, cluster, tmp_path, monkeypatch):
@@ -320,6 +324,45 @@ def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(vi
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+@pytest.mark.parametrize("fault", ["every-clip", "unloadable"])
+def test_a_job_whose_encode_worker_cannot_encode_stops_as_one_machine_does(videos, cluster, tmp_path, fault):
+    """An encode actor on which every clip fails alone (kernels it cannot build, say) reaches GIVE_UP_AFTER clips
+    in a row across its batches of 4: the job stops with that error in one line, as a run on one machine does,
+    instead of failing every file (Ray Data would only drop a batch that raised: a job tolerates failed blocks).
+    One that cannot load the model (a checkpoint its node cannot read) stops the job at its first batch, where Ray
+    would restart it over and over (each time with a traceback)."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(7):  # 42 clips
+        shutil.copy(videos["good"] / "long.mp4", folder / f"v{i}.mp4")
+
+    def broken(device="cpu"):  # (local functions: Ray's pickling carries them by value to the actor)
+        model = LOAD(device=device)
+
+        def no_compiler(module, args):
+            raise RuntimeError("Failed to find C compiler")
+
+        model.encoder.proj_in.register_forward_pre_hook(no_compiler)
+        return model
+
+    def unloadable(device="cpu"):
+        raise FileNotFoundError(2, "No such file or directory", "/driver-only/v1.safetensors")
+
+    said = {
+        "every-clip": r"RuntimeError: giving up after 32 clip\(s\) in a row failed alone: Failed to find C compiler",
+        "unloadable": r"FileNotFoundError: \[Errno 2\] No such file or directory: '/driver-only/v1.safetensors' "
+                      r"\(the encode worker \S+ could not load the model\)",
+    }[fault]  # fmt: skip
+    stopped = pytest.raises(RuntimeError, match=f"^the Ray job stopped: {said}$")
+    with failing_after(240, "the job did not stop"), stopped:
+        encode_dataset(LOAD(), collect_inputs([folder]), tmp_path / "tokens", SETTINGS, device="cpu", batch_size=4,
+                       load_model=broken if fault == "every-clip" else unloadable)  # fmt: skip
+    rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
+    assert len(rows) == 7 and not list((tmp_path / "tokens").glob("*.safet*"))
+    statuses = {r["status"] for r in rows}
+    assert statuses == ({"failed", "not-encoded"} if fault == "every-clip" else {"not-encoded"})
 
 
 @pytest.mark.parametrize("interrupted", [False, True], ids=["error", "ctrl-c"])
@@ -1022,6 +1065,91 @@ def test_a_device_fault_seen_only_when_the_tokens_come_to_the_host_ends_the_acto
     assert [k for k in out["kind"] if k != "end"] == ["tokens"] * 6
 
 
+class _FailsEveryClip:
+    """An engine on which every batch and every clip alone fails (not the device's fault: say, kernels that cannot
+    be built on this worker), but clips whose first pixel is above ``passes_above``."""
+
+    def __init__(self, engine, passes_above: float = 2.0):
+        self.engine, self.passes_above = engine, passes_above
+
+    def encode_stream(self, items, **options):
+        if next(iter(items), None) is not None:
+            raise RuntimeError("Failed to find C compiler")
+        yield from ()
+
+    def encode(self, videos, counts):
+        if videos[0].flatten()[0] > self.passes_above:
+            return self.engine.encode(videos, counts)
+        raise RuntimeError("Failed to find C compiler")
+
+
+def test_an_encode_worker_whose_clips_fail_alone_batch_after_batch_stops_the_job(videos, monkeypatch, tmp_path):
+    """GIVE_UP_AFTER clips in a row failing alone, counted across batches (a batch of 4 clips alone never reaches
+    it), is a fault no clip explains: the batch's rows end with a ``stop`` row, and the driver stops the job with
+    it, as one machine's run stops; a clip that runs in between starts the count again. An error while preparing
+    clips stops it too."""
+    monkeypatch.setattr(distributed, "GIVE_UP_AFTER", 5)
+    batch = clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32)  # 6 clips and an end row
+    first = {c: v[:4] for c, v in batch.items()}
+    encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4)
+    encoder.engine = _FailsEveryClip(encoder.engine)
+    out = encoder(first)
+    assert out["kind"] == ["failed"] * 4 and encoder.failed_in_a_row == 4
+    assert encoder(first)["kind"] == ["stop"]  # the 5th in a row
+    encoder.failed_in_a_row = 2
+    out = encoder(first)
+    assert out["kind"] == ["failed", "failed", "stop"] and out["clip"][:2] == [0, 1]
+    assert out["info"][-1] == ("RuntimeError: giving up after 5 clip(s) in a row failed alone: Failed to find C "
+                               "compiler")  # fmt: skip
+    encoder.failed_in_a_row = 3
+    encoder.engine.passes_above = -2.0  # every clip runs alone now
+    assert encoder(first)["kind"] == ["tokens"] * 4 and encoder.failed_in_a_row == 0
+    broken = {**first, "data": [b"\0" * 3] + first["data"][1:]}  # a clip that is not the job's shape
+    assert encoder(broken)["kind"] == ["stop"]
+
+    out_dir = tmp_path / "out"
+    todo = [(videos["good"] / "long.mp4", out_dir / "long.safetensors"), (videos["good"] / "one.mp4",
+                                                                          out_dir / "one.safetensors")]  # fmt: skip
+    rows = [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
+    summary = Summary()
+    with Manifest(out_dir / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
+        with pytest.raises(RuntimeError, match=r"^the Ray job stopped: RuntimeError: giving up after 5 clip\(s\)"):
+            _collect(_Rows(rows), assembly, decode_retries=2, actor_restarts=8)
+    lines = read_manifest(out_dir / MANIFEST_NAME)  # the file of the clips reported before the stop failed
+    assert [(r["status"], r["reason"]) for r in lines[:1]] == [("failed", "encoding failed on clip 0: Failed to "
+                                                                          "find C compiler")]  # fmt: skip
+    assert lines[1]["status"] == "not-encoded"
+    assert lines[1]["reason"].startswith("not encoded: the job stopped (RuntimeError: giving up after 5 clip(s)")
+
+
+def test_an_encode_worker_refuses_a_model_other_than_the_job_records():
+    """The clips come cast to the job's dtype, and the token files record the job's dtype and backend: a worker
+    whose model was loaded in another dtype would read other pixels (wrong tokens, nothing failed)."""
+    job = made_with(LOAD(dtype=torch.bfloat16), "auto", SETTINGS, device="cpu")
+    ClipEncoder(functools.partial(LOAD, dtype=torch.bfloat16), SETTINGS, made=job)  # the same: loads
+    with pytest.raises(ValueError, match=r"^the encode worker's model differs from what the job's token files "
+                                         r"record: dtype float16 \(the job's: bfloat16\)$"):  # fmt: skip
+        ClipEncoder(functools.partial(LOAD, dtype=torch.float16), SETTINGS, made=job)
+    with pytest.raises(ValueError, match=r"backend torch \(the job's: triton\)"):
+        ClipEncoder(LOAD, SETTINGS, made={**made_with(LOAD(), "auto", SETTINGS, device="cpu"), "backend": "triton"})
+
+
+def test_the_rows_after_a_clip_that_failed_are_no_duplicates(videos, tmp_path):
+    """A batch gives its end rows first, then its clips' results: a file's other clips after one that failed are
+    passed over, not counted as duplicates of retried work (nothing was retried)."""
+    out = ClipEncoder(LOAD, SETTINGS, batch_size=8)(clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32))
+    rows = [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
+    assert [r["kind"] for r in rows] == ["end"] + ["tokens"] * 6
+    rows[2] = {**rows[2], "kind": "failed", "info": "encoding failed on clip 1: boom"}
+    summary = Summary()
+    todo = [(videos["good"] / "long.mp4", tmp_path / "long.safetensors")]
+    with Manifest(tmp_path / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(1, "file"))
+        _collect(_Rows(rows), assembly, decode_retries=2, actor_restarts=8)
+    assert summary.failed == [(str(todo[0][0]), "encoding failed on clip 1: boom")] and summary.duplicates == 0
+
+
 def test_a_ray_job_records_the_placement_its_decode_tasks_take(videos, tmp_path, monkeypatch):
     """Ray's decode tasks resize every frame on the CPU. For CUDA actors the token files say preprocessing "cpu",
     not the "auto" a run on one machine records, which resizes ordinary sources on the GPU (tokens a little
@@ -1037,6 +1165,20 @@ def test_a_ray_job_records_the_placement_its_decode_tasks_take(videos, tmp_path,
     monkeypatch.setattr(distributed, "_run_job", lambda *args, **kwargs: ran.append(args[3]))
     encode_dataset(model, [(videos["good"] / "one.mp4", "one")], tmp_path / "out", SETTINGS, device="cuda")
     assert [settings.preprocess for settings in ran] == ["cpu"]
+
+
+def test_a_jobs_summary_lists_files_in_the_inputs_order(videos, tmp_path, monkeypatch):
+    """Files end in any order on a cluster; the summary says them in the inputs' order, as one machine's does."""
+    files = [(videos["good"] / n, Path(n).stem) for n in ("one.mp4", "two.mp4", "long.mp4", "short.mp4")]
+
+    def ended_backwards(ray_address, load_model, model, settings, todo, manifest, writes, **options):
+        for i, (path, out) in reversed(list(enumerate(todo))):
+            manifest.failed(path, out, "no") if i % 2 else manifest.done(path, out, 1)
+
+    monkeypatch.setattr(distributed, "_run_job", ended_backwards)
+    summary = encode_dataset(LOAD(), files, tmp_path / "out", SETTINGS, device="cpu")
+    assert summary.done == [str(files[0][0]), str(files[2][0])]
+    assert [path for path, _ in summary.failed] == [str(files[1][0]), str(files[3][0])]
 
 
 def test_workers_rebuild_the_model_in_its_precision_and_backend():

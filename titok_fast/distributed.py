@@ -57,6 +57,7 @@ from .files import STALL_SECONDS, interrupts_held, notice, sigterm_came
 from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .pipeline import (
+    GIVE_UP_AFTER,
     ClipSettings,
     Summary,
     Writes,
@@ -78,6 +79,7 @@ from .video import ClipReader, Segment, VideoError, normalize_pixels, source_sta
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
 FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its file
+MADE_CHECKED = ("dtype", "backend")  # of made_with: what an encode worker's model must share with the job's record
 MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
 # decode tasks of one file at most (its segments are planned once, by a task that reads the file's packets: under
 # 1% of the CPU time decoding the whole file takes, benchmarks/RESULTS.md)
@@ -224,11 +226,18 @@ class ClipEncoder:
     """The encode stage's body: loads the weights once (``load_model(device=device)``) and turns a batch of rows
     (columns :data:`COLUMNS`, as Ray Data's numpy batches) into rows: each ``clip`` row becomes a ``tokens`` row
     (``data``: its int32 indices [tokens] as bytes) or a ``failed`` row (``info``: the reason); other rows pass
-    through without their data. Runs without Ray.
+    through without their data; a ``stop`` row (``info``: the error) ends the batch's rows where a fault no clip
+    explains stops the job. Runs without Ray.
 
     A device fault records the batch's clips in ``ledger`` and raises :class:`DeviceFault`; when the batch comes
     back (Ray retries it on the restarted actor), its clips that faulted once run alone, and a clip that faulted
-    twice becomes a ``failed`` row without running."""
+    twice becomes a ``failed`` row without running. A fault no clip explains becomes a ``stop`` row, on which the
+    driver stops the job as a run on one machine stops (an exception would only lose the batch: a job tolerates
+    failed blocks): an error while preparing clips, or GIVE_UP_AFTER clips in a row, across batches, each failing
+    alone (a worker that cannot build its kernels would otherwise fail every file of the job).
+
+    ``made``: what the job's token files record of the model (``made_with``: its dtype and backend, as the
+    driver's copy has them for ``device``); a model loaded otherwise is refused, as other weights are."""
 
     def __init__(
         self,
@@ -239,6 +248,7 @@ class ClipEncoder:
         mode: str = "auto",
         batch_size: int = 32,
         weights_digest: str | None = None,
+        made: dict[str, str] | None = None,
         ledger: FaultLedger | None = None,
     ):
         self.model = load_model(device=device)
@@ -247,10 +257,18 @@ class ClipEncoder:
                 f"the encode worker loaded weights {self.model.weights_digest}, the job expects {weights_digest}: "
                 "the checkpoint must be the same file on every node"
             )
+        here = made_with(self.model, mode, settings, device=device)
+        other = {k: (here[k], v) for k, v in (made or {}).items() if k in MADE_CHECKED and here.get(k) != v}
+        if other:  # (the clips come cast to the job's dtype: read as another, they would be other pixels)
+            raise ValueError(
+                "the encode worker's model differs from what the job's token files record: "
+                + ", ".join(f"{k} {got} (the job's: {want})" for k, (got, want) in other.items())
+            )
         self.engine = Engine(self.model, mode=mode, max_clips=batch_size)
         self.shape, self.tokens = (3, *settings.grid), settings.tokens
         self.ledger = FaultLedger() if ledger is None else ledger
         self.name = worker_name()
+        self.failed_in_a_row = 0  # clips that failed alone one after another, across batches
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [dict(zip(COLUMNS, values, strict=True)) for values in zip(*(batch[c] for c in COLUMNS), strict=True)]
@@ -260,24 +278,39 @@ class ClipEncoder:
         for key, (count, error) in faults.items():
             if count >= FAULTS_TO_FAIL:
                 out.append(self._failed(clips.pop(key), f"the device faulted {count} times on it ({error})"))
-        for key in [k for k in clips if k in faults]:  # faulted once, in some batch: alone now
-            out += self._encode({key: clips.pop(key)})
-        out += self._encode(clips)
+        try:
+            for key in [k for k in clips if k in faults]:  # faulted once, in some batch: alone now
+                out += self._encode({key: clips.pop(key)})
+            out += self._encode(clips)
+        except _Unexplained as e:
+            out += e.reported
+            out.append({**rows[0], "kind": "stop", "data": b"", "info": str(e), "encoded_by": self.name})
         return {c: [r[c] for r in out] for c in COLUMNS}
 
     def _encode(self, clips: dict[tuple[int, int], dict]) -> list[dict]:
         if not clips:
             return []
-        dtype, failed = self.model.dtype, {}
+        dtype, failed, results = self.model.dtype, {}, {}
         items = ((key, normalize_pixels(self._pixels(row), dtype), self.tokens) for key, row in clips.items())
+
+        def failed_alone(key, error: Exception) -> None:
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= GIVE_UP_AFTER:  # (this clip's file is not failed by it: listed not encoded)
+                raise RuntimeError(f"giving up after {self.failed_in_a_row} clip(s) in a row failed alone: {error}")
+            failed[key] = error
+
         try:
-            results = dict(encode_resiliently(self.engine, items, failed.__setitem__))
+            for key, result in encode_resiliently(self.engine, items, failed_alone):
+                results[key] = result
+                self.failed_in_a_row = 0
             # to the host here: a device fault shows at the first sync after it, which must be this one
             results = {key: indices.to("cpu", torch.int32).contiguous() for key, (_, indices) in results.items()}
         except (ValueError, TypeError, RuntimeError) as e:
             if not (_device_fault(e) or (e.__cause__ is not None and _device_fault(e.__cause__))):
-                reason = f"encoding failed: {e}"  # no clip could be blamed: every clip of the call fails
-                return [self._failed(row, reason) for row in clips.values()]
+                # no clip could be blamed: the clips that failed alone before it are reported, as on one machine
+                reported = [self._failed(clips[k], f"encoding failed on clip {k[1]}: {error}") for k, error in
+                            failed.items()]  # fmt: skip
+                raise _Unexplained(f"{type(e).__name__}: {e}", reported) from e
             self.ledger.add(list(clips), str(e))
             raise DeviceFault(f"{self.name}: {e}") from e
         out = []
@@ -294,6 +327,15 @@ class ClipEncoder:
 
     def _failed(self, row: dict, reason: str) -> dict:
         return {**row, "kind": "failed", "data": b"", "info": reason, "encoded_by": self.name}
+
+
+class _Unexplained(Exception):
+    """A fault of an encode worker that no clip explains: the job stops with it (a ``stop`` row), after the
+    ``reported`` rows (of clips that failed alone before it)."""
+
+    def __init__(self, error: str, reported: list[dict]):
+        super().__init__(error)
+        self.reported = reported
 
 
 class _RemoteLedger:
@@ -315,18 +357,31 @@ class _RemoteLedger:
 
 class _RayClipEncoder(ClipEncoder):
     """:class:`ClipEncoder` as a Ray actor: a device fault ends the process, so Ray restarts the actor with a fresh
-    device context. It enlists in the ledger, where the driver finds it. ``exit_once`` (tests only): a marker path;
-    the first actor to claim it (writing its name there) dies on its 2nd batch; ``exit_always``: every batch."""
+    device context. It enlists in the ledger, where the driver finds it. An actor that cannot load the model
+    (a checkpoint its node cannot read, other weights or dtype) answers its first batch with a ``stop`` row
+    saying why, where Ray would restart it over and over to the same end, each time with a traceback. ``exit_once``
+    (tests only): a marker path; the first actor to claim it (writing its name there) dies on its 2nd batch;
+    ``exit_always``: every batch."""
 
     def __init__(self, *args, ledger_handle, exit_once: str = "", exit_always: bool = False, **kwargs):
         import ray
 
-        super().__init__(*args, ledger=_RemoteLedger(ledger_handle), **kwargs)
         self.exit_once, self.exit_always, self.batches = exit_once, exit_always, 0
+        self.unloaded = ""  # why the model could not be loaded here
+        try:
+            super().__init__(*args, ledger=_RemoteLedger(ledger_handle), **kwargs)
+        except Exception as e:
+            if _device_fault(e):  # (a fresh process may do better)
+                raise
+            self.unloaded = f"{type(e).__name__}: {e} (the encode worker {worker_name()} could not load the model)"
+            return
         context = ray.get_runtime_context()
         ray.get(ledger_handle.enlist.remote(context.get_actor_id(), context.current_actor))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        if self.unloaded:
+            first = {c: batch[c][0] for c in COLUMNS}
+            return {c: [v] for c, v in {**first, "kind": "stop", "data": b"", "info": self.unloaded}.items()}
         self.batches += 1
         if self.exit_always or (self.exit_once and self.batches == 2 and _claim(self.exit_once)):
             os._exit(1)
@@ -389,10 +444,12 @@ class _Pending:
         return "" if at else f"{path}: no clip came from its decode tasks"
 
 
-# how a file ended (_Assembly.ended): after its "end" row came back, so results that come again are duplicates; or
-# before it (its decoding failed), so the rows of its task run again are not; or, for this pass, as its parts did not
-# make one reading (it is read again whole in a pass of its own: the rows still to come of this one are passed over)
-_ENDED_WHOLE, _ENDED_EARLY, _ENDED_AGAIN = 1, 2, 3
+# how a file ended (_Assembly.ended): written, so results that come again are duplicates of retried work; or failed
+# (its decoding, or a clip), so its rows still to come are passed over, not counted (a batch gives the results of
+# a file's other clips after one that failed, and a retried task's rows are no duplicates of a file never written);
+# or, for this pass, as its parts did not make one reading (it is read again whole in a pass of its own: the rows
+# still to come of this one are passed over)
+_ENDED_WRITTEN, _ENDED_FAILED, _ENDED_AGAIN = 1, 2, 3
 
 
 class _Assembly:
@@ -405,13 +462,15 @@ class _Assembly:
         self.mode, self.device = mode, device
         self.todo = todo
         self.open: dict[int, _Pending] = {}  # files with rows back and not yet ended: a state is made when needed
-        self.ended = bytearray(len(todo))  # per file: 0 (not ended), _ENDED_WHOLE, _ENDED_EARLY or _ENDED_AGAIN
+        self.ended = bytearray(len(todo))  # per file: 0 (not ended), _ENDED_WRITTEN, _ENDED_FAILED or _ENDED_AGAIN
         self.again: list[int] = []  # split files to be read again whole (_read_again)
 
     def take(self, row: dict) -> None:
         number, kind, clip = int(row["file"]), row["kind"], int(row["clip"])
+        if kind == "stop":  # an encode worker's fault no clip explains (ClipEncoder): as on one machine, it stops
+            raise RuntimeError(row["info"])  # the job (its files not yet ended are listed as not encoded)
         if self.ended[number]:
-            if self.ended[number] == _ENDED_WHOLE and kind in ("tokens", "end"):
+            if self.ended[number] == _ENDED_WRITTEN and kind in ("tokens", "end"):
                 self.manifest.summary.duplicates += 1  # a written file's results came back again
             return
         state = self._state(number)
@@ -435,7 +494,6 @@ class _Assembly:
                 if end.get("parts", 1) > 1:  # read again by one task, in a pass of its own
                     self._read_again(state, why)
                     return
-                state.ends.clear()  # (its decoding failed: rows that come after are not duplicates)
                 self._fail(state, why)
                 return
         else:  # "error" (decoding) or "failed" (encoding)
@@ -457,7 +515,7 @@ class _Assembly:
         write = functools.partial(write_token_file, self.model, self.settings, state.out, state.path, indices,
                                   start_times, ends[-1]["last_clip_frames"], made)  # fmt: skip
         workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
-        self._close(state)
+        self._close(state, _ENDED_WRITTEN)
         self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write,
                                       done=workers, failed={"decoded_by": state.decoded_by}))  # fmt: skip
 
@@ -478,10 +536,10 @@ class _Assembly:
 
     def _fail(self, state: _Pending, reason: str) -> None:
         self.manifest.failed(state.path, state.out, reason, decoded_by=state.decoded_by)
-        self._close(state)
+        self._close(state, _ENDED_FAILED)
 
-    def _close(self, state: _Pending) -> None:
-        self.ended[state.number] = _ENDED_WHOLE if state.decoded else _ENDED_EARLY
+    def _close(self, state: _Pending, how: int) -> None:
+        self.ended[state.number] = how
         self.open.pop(state.number, None)  # nothing of an ended file is kept: its byte in ended
         self.bar.update(1)
 
@@ -584,6 +642,7 @@ def encode_dataset(
                     if str(path) not in settled:
                         manifest.not_encoded(path, out, stopped)
             raise
+    summary.in_order_of(files)  # files end in any order: said in the inputs' order, as on one machine
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -797,8 +856,8 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             fn_constructor_args=(load_model, settings),
             fn_constructor_kwargs=dict(
                 device=device, mode=mode, batch_size=batch_size, weights_digest=model.weights_digest,
-                ledger_handle=ledger, exit_once=hooks.get("actor_exit_once", ""),
-                exit_always=bool(hooks.get("actor_exit_always")),
+                made=made_with(model, mode, settings, device=device), ledger_handle=ledger,
+                exit_once=hooks.get("actor_exit_once", ""), exit_always=bool(hooks.get("actor_exit_always")),
             ),
             batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=actor_restarts,
@@ -1051,6 +1110,7 @@ class _ray_session:
         self.address = address
         self.connected = False
         self.started = False  # whether this job started the cluster (``local``): it will not grow
+        self.data_log_level: int | None = None  # ray.data's logger level before the job quieted it
 
     def __enter__(self):
         try:
@@ -1098,10 +1158,15 @@ class _ray_session:
                 signal.signal(signal.SIGTERM, handler)
             self.connected = True
             self.started = self.address == "local"
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures are reported as rows, once
+        data_log = logging.getLogger("ray.data")
+        self.data_log_level = data_log.level
+        data_log.setLevel(logging.CRITICAL)  # failures are reported as rows, once
         return ray
 
     def __exit__(self, *exc) -> None:
+        if self.data_log_level is not None:  # the caller's Ray Data work after the job is logged as before it
+            logging.getLogger("ray.data").setLevel(self.data_log_level)
+            self.data_log_level = None
         if self.connected:
             import ray
 
