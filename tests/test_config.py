@@ -136,3 +136,25 @@ def test_a_yaml_config_cannot_take_long_or_much_memory(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="nor an existing YAML file"):
         TiTokConfig.from_any(str(fifo))
+    hexadecimal = tmp_path / "hex.yaml"  # (read past Python's digit limit, which its repr would raise)
+    hexadecimal.write_text(yaml.safe_dump(config).replace("BASE60", "0x" + "f" * 5000))
+    with pytest.raises(ValueError, match=r"patch_size must be a list of positive integers below 2\*\*31, got "
+                                         r"\(<an integer of 20000 bits>,\)$"):  # fmt: skip
+        TiTokConfig.from_any(str(hexadecimal))
+
+
+def test_a_yaml_config_has_no_merge_keys(tmp_path):
+    """PyYAML copies merged mappings anew at every level of merges (a 0.8 KB config of 14 levels: gigabytes), so
+    ``<<`` is a plain key, as in YAML 1.2 (its mapping is not merged), and an explicit ``!!merge`` is refused."""
+    model = TINY_YAML["tokenizer"]["model"]
+    sizes = {k: model[k] for k in ("encoder_size", "decoder_size")}
+    rest = yaml.safe_dump({**TINY_YAML, "tokenizer": {"model": {k: v for k, v in model.items() if k not in sizes}}})
+    merged = tmp_path / "merged.yaml"
+    anchored = "sizes: &sizes {" + ", ".join(f"{k}: {v}" for k, v in sizes.items()) + "}\n"
+    merged.write_text(anchored + rest.replace("model:\n", "model:\n    <<: *sizes\n"))
+    with pytest.raises(ValueError, match=r"^config is missing field tokenizer.model.encoder_size$"):
+        TiTokConfig.from_any(str(merged))
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text(merged.read_text().replace("<<:", "!!merge <<:"))
+    with pytest.raises(ValueError, match=r"explicit.yaml' is not a plain YAML config \(merge keys \(<<\) are not read"):
+        TiTokConfig.from_any(str(explicit))
