@@ -875,23 +875,26 @@ def test_the_same_weights_with_other_fsq_levels_are_another_model(model, sources
 
 
 def test_decode_checks_every_chunks_grid_before_it_decodes_or_reads_the_source(model, sources, tmp_path, monkeypatch):
-    """A token file of a few bytes may ask for any grid: a grid the engine would refuse is refused for the whole
-    file before the source is read at that size (side by side) or a chunk is decoded."""
+    """A token file of a few bytes may ask for any grid: a grid the engine would refuse, or chunks of other frame
+    sizes than each other (one mp4 cannot hold them), are refused for the whole file before the source is read at
+    that size (side by side) or a chunk is decoded."""
     encode(model, [sources["long"]], tmp_path)
     good = load_tokens(tmp_path / "long.safetensors")
     engine = Engine(model, budgets=(1024,))
     cases = {
-        "huge": ((4, 12000, 12000), r"chunk 3 of .*huge\.safetensors is \[4, 12000, 12000\]; H must be at most 8192"),
-        "ragged": ((4, 30, 32), r"chunk 3 of .*ragged\.safetensors is \[4, 30, 32\]; H must be a positive multiple"),
-        "voxels": ((4, 4096, 4096), r"chunk 3 of .*voxels\.safetensors is \[4, 4096, 4096\]; T x H x W must be "
+        "huge": ((4, 12000, 12000), r"chunk 0 of .*huge\.safetensors is \[4, 12000, 12000\]; H must be at most 8192"),
+        "ragged": ((4, 30, 32), r"chunk 0 of .*ragged\.safetensors is \[4, 30, 32\]; H must be a positive multiple"),
+        "voxels": ((4, 4096, 4096), r"chunk 0 of .*voxels\.safetensors is \[4, 4096, 4096\]; T x H x W must be "
                                        r"at most 33554432$"),  # (a config of large patches would give few rows)
-        "rows": ((4, 256, 256), r"chunk 3 of .*rows\.safetensors \(grid \[4, 256, 256\], 8 tokens\) needs 1032 "
+        "rows": ((4, 256, 256), r"chunk 0 of .*rows\.safetensors \(grid \[4, 256, 256\], 8 tokens\) needs 1032 "
                                 r"packed rows \(tokens \+ patches\); the largest budget is 1024$"),
+        "mixed": ((4, 64, 64), r"chunk 3 of .*mixed\.safetensors has grid \[4, 64, 64\], chunk 0 \[4, 32, 32\]: the "
+                               r"chunks of a token file decoded into one video share one frame size \(H x W\)$"),
     }  # fmt: skip
     paths = []
     for name, (grid, _) in cases.items():
         grids = good.grids.clone()
-        grids[3] = torch.tensor(grid)
+        grids[3 if name == "mixed" else slice(None)] = torch.tensor(grid)  # (a chunk alone: "mixed" sizes)
         paths.append(tmp_path / f"{name}.safetensors")
         pipeline.save_tokens(paths[-1], dataclasses.replace(good, grids=grids))
 

@@ -1365,9 +1365,16 @@ def check_decodable(engine: Engine, token_file: TokenFile, path: str | os.PathLi
     """Every chunk of ``token_file`` is one ``engine`` decodes: its grid a multiple of the patch within
     :data:`~titok_fast.checks.MAX_GRID`, its packed rows (tokens + patches) within the engine's largest budget.
     Checked for the whole file at once, before any chunk is decoded or its source read at that size (a stranger's
-    file of a few bytes may ask for any grid)."""
+    file of a few bytes may ask for any grid). Its chunks share one frame size: they are decoded into one video."""
     patch = torch.tensor(engine.model.config.patch_size)
     grids = token_file.grids.long()
+    other_size = (grids[:, 1:] != grids[0, 1:]).any(1)
+    if bool(other_size.any()):  # (the API's files may mix sizes: decoded_chunks decodes them; an mp4 cannot hold them)
+        chunk = int(other_size.int().argmax())
+        raise ValueError(
+            f"chunk {chunk} of {path} has grid {grids[chunk].tolist()}, chunk 0 {grids[0].tolist()}: the chunks of a "
+            "token file decoded into one video share one frame size (H x W)"
+        )
     bad = ((grids % patch) != 0).any(1) | (grids > torch.tensor(MAX_GRID)).any(1)
     bad |= grids.prod(1) > MAX_GRID_VOXELS  # (a product past int64 has an axis past MAX_GRID: bad already)
     if bool(bad.any()):
