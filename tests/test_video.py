@@ -194,6 +194,39 @@ def test_time_sampling_on_a_clock_of_frame_periods_shows_no_frame_early(tmp_path
     assert sampled_indices(result) == [k * 25 // fps for k in range(fps)]
 
 
+@pytest.mark.parametrize("suffix", [".avi", ".mp4"])
+def test_time_sampling_puts_stamps_given_in_decode_order_in_presentation_order(tmp_path, suffix):
+    """AVI stamps a B-frame stream's frames in decode order (they come out labelled 1, 3, 4, 2, ...): at the source's
+    own rate, sampling "time" still shows every frame once, in order, as it does in an MP4 of the same frames (it
+    showed 39 of 40 wrong)."""
+    path = tmp_path / f"index{suffix}"
+    with av.open(str(path), "w") as container:  # (frames without stamps: the muxer's own, as a camera's)
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.options = {"bf": "2", "b-adapt": "0", "crf": "10"}
+        for i in range(24):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(videos.pattern_frame("index", i, 64, 96), "rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        stamps = [frame.pts for frame in container.decode(video=0)]
+    assert (stamps == sorted(stamps)) == (suffix == ".mp4")  # (what the container gives)
+    result = read_clips(str(path), frames=8, height=16, width=16, fps=24, sampling="time")
+    assert sampled_indices(result) == list(range(24))
+
+
+def test_time_sampling_fails_a_file_whose_timestamps_start_again(tmp_path):
+    """Two recordings joined (``cat a.ts b.ts``) stamp the second from 0 again: the frames after that have no time
+    on the first one's clock, so the file fails in one line (it gave the first recording's clips alone, and "done")."""
+    recording = videos.make_video(tmp_path / "one.ts", 16, 32, 32, fps=8, pattern="index")
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(recording.read_bytes() * 2)
+    assert len(read_clips(str(joined), frames=4, height=16, width=16, fps=8).clips) == 8  # upstream: by frame count
+    with pytest.raises(VideoError, match=r"joined.ts: its timestamps go back, to 0.000 s after 1.875 s \(recordings "
+                                         r"joined\?\): sampling 'time' cannot place the frames after it; encode it "
+                                         r"with --sampling upstream$"):  # fmt: skip
+        read_clips(str(joined), frames=4, height=16, width=16, fps=8, sampling="time")
+
+
 def _stamped(path: Path, stamps_ms: list[int], last_ms: int = 0) -> Path:
     """Frames of the "index" pattern at these times (milliseconds), the last one lasting ``last_ms`` if given."""
     with av.open(str(path), "w") as container:

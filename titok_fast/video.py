@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import heapq
 import itertools
 import json
 import math
@@ -56,6 +57,7 @@ import torch.nn.functional as F
 
 from .decoders import (
     DECODERS,
+    PRUNED_CONTAINERS,
     NvdecFrame,
     PruneMismatch,
     StreamIndex,
@@ -392,6 +394,8 @@ class ClipReader:
                     images = _sample_indices(frames, self.frames, self._chunk_length, image, self.tail == "pad")
                 else:
                     zero = int(segment.order[0]) if segment is not None else None  # the file's first frame's time
+                    if container.format.name not in PRUNED_CONTAINERS:  # (stamps that may come in decode order)
+                        frames = _presentation_stamps(path, frames)
                     images = _resample(path, frames, self.fps, image, zero, first_clip * self.frames)
                 if segment is not None and segment.clips is not None:
                     images = itertools.islice(images, segment.clips * self.frames)
@@ -2665,8 +2669,9 @@ def _resample(
     frame, so they change nothing.
 
     Times are counted in the stream's time base from the first frame (or from ``first``, the first frame's
-    timestamp, when ``decoded`` starts later); a frame whose time does not advance is skipped. Output frames
-    before ``start`` are left out.
+    timestamp, when ``decoded`` starts later); a frame whose time does not advance is skipped, and one stamped over
+    a second before the frame held (timestamps that start again, as where recordings were joined) fails the file:
+    no time can be given to the frames after it. Output frames before ``start`` are left out.
     """
     emitted = start  # output frames so far
     most = _most_held(fps)
@@ -2679,6 +2684,12 @@ def _resample(
         ticks = frame.pts - first
         if held is not None:
             if ticks <= held_ticks:
+                if (held_ticks - ticks) * frame.time_base > 1:
+                    raise VideoError(
+                        f"{path}: its timestamps go back, to {float(ticks * frame.time_base):.3f} s after "
+                        f"{float(held_ticks * frame.time_base):.3f} s (recordings joined?): sampling 'time' cannot "
+                        "place the frames after it; encode it with --sampling upstream"
+                    )
                 continue
             stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
             if stop - emitted > most:  # (counted in output frames: frames a pruned decoder leaves out show none)
@@ -2694,6 +2705,32 @@ def _resample(
         if (count := _due(end, rate, slack) - emitted) > most:
             _too_long(path, held_ticks * held.time_base, count, fps, "last ")
         yield from _repeat(held, count, image)
+
+
+STAMP_REORDER = 16  # frames a decoder may hold back before it gives a frame (H.264's largest reorder depth)
+
+
+def _presentation_stamps(path: str, decoded: Iterable) -> Iterator:
+    """``decoded`` ((index, frame) pairs, in presentation order), each frame restamped with the smallest stamp not
+    yet given of itself and the STAMP_REORDER frames after it: containers without presentation timestamps (AVI,
+    ASF) stamp a B-frame stream's frames in decode order (they come out labelled 1, 3, 4, 2, ...), and this puts
+    the same stamps in presentation order. Stamps that already are (every container's but for reordering) come
+    through unchanged."""
+    held, stamps = deque(), []
+    for pair in decoded:
+        if pair[1].pts is None:
+            raise VideoError(f"{path}: a video frame has no presentation timestamp")
+        heapq.heappush(stamps, pair[1].pts)
+        held.append(pair)
+        if len(held) > STAMP_REORDER:
+            yield _restamped(held.popleft(), heapq.heappop(stamps))
+    while held:
+        yield _restamped(held.popleft(), heapq.heappop(stamps))
+
+
+def _restamped(pair: tuple, pts: int) -> tuple:
+    pair[1].pts = pts
+    return pair
 
 
 # With sampling "time", a frame shows until the next one (the last one for its duration): a broken timestamp days
@@ -2714,7 +2751,10 @@ def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "")
     )
 
 
-TIME_SAMPLING = "ms-rounding"  # the rule _due follows: token files made with sampling "time" record it
+# the rule _due follows, and stamps put in presentation order (_presentation_stamps): token files made with sampling
+# "time" record it, so that a resume redoes files made by an earlier rule ("ms-rounding": AVI and ASF files of
+# B-frames were sampled by their decode-order stamps)
+TIME_SAMPLING = "ms-rounding,presentation-order"
 STAMP_ROUNDING = Fraction(1, 2000)  # seconds: Matroska and FLV stamp whole milliseconds, off by up to half of one
 
 
