@@ -1831,6 +1831,34 @@ def test_interleaved_files_keep_every_worker_decoding(monkeypatch):
     assert [n for n, kind, _ in events if kind == "open"] == [0, 1, 2]
 
 
+def test_interleaved_files_read_through_are_taken_before_a_long_file(monkeypatch):
+    """A long file whose clips come faster than they are taken (any file, on a CPU) held back every file behind it,
+    read long before, and their workers, which had nothing more to read: their token files waited for the long
+    file's end. A file read through (its end queued) is taken first; each file's clips still come in order."""
+    _fake_clips(monkeypatch, clips_per_file=1)
+    long_clips = 100
+    real_iter = video.ClipReader.__iter__
+
+    def long_file(self):
+        if self.path != "0":
+            yield from real_iter(self)
+            return
+        for _ in range(long_clips):
+            self.clips_read += 1
+            yield torch.zeros((1, 1, 1, 1))
+
+    monkeypatch.setattr(video.ClipReader, "__iter__", long_file)
+    events = []
+    files = video.interleaved_videos(["0", "1", "2"], workers=2, capacity=2, frames=1, height=1, width=1)
+    with contextlib.closing(files):
+        for number, kind, _ in files:
+            events.append((number, kind))
+            time.sleep(0.01)  # a slow consumer: file 0 always has a clip ready
+    ends = {number: events.index((number, "end")) for number in range(3)}
+    long_taken = [i for i, (number, kind) in enumerate(events) if (number, kind) == (0, "clip")]
+    assert len(long_taken) == long_clips and ends[1] < long_taken[long_clips // 2] and ends[2] < ends[0]
+
+
 def test_interleaved_files_fail_alone_and_hold_a_bounded_number_open(monkeypatch):
     """A file's error comes after its good clips and ends it alone; a dropped file's worker gives up; at most
     workers + 1 files are held and workers - 1 more read ahead."""

@@ -740,6 +740,7 @@ class ClipFeed:
         self.submit: Callable[[ClipFeed, int], None] | None = None  # queue follower k (from 1) for a worker
         self._taken = 0  # clips the consumer took (with poll)
         self._ended = False  # its end taken (with poll)
+        self.read_through = False  # its worker has queued its last item (its end or error)
         self._queued_bytes: deque[tuple[torch.Tensor, _Reservation]] = deque()  # source-size clips queued (HeldBytes)
 
     def close(self) -> None:
@@ -829,9 +830,14 @@ class ClipFeed:
                 self._queue.put(item, timeout=0.05)
             except queue.Full:
                 continue
+            self.read_through = self.read_through or item[0] != "clip"
             self._notify()
             return True
         return False
+
+    def queued_whole(self) -> bool:
+        """Whether every part of the file has been read through: all that is left of it is queued."""
+        return all(part.read_through for part in self._parts())
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.clips()
@@ -945,10 +951,11 @@ class ClipFeed:
 
 
 class FeedInterleaver:
-    """The clips of many files, taken from whichever held file has one ready (the oldest first), so that every
-    decoding worker keeps decoding. Taking the files one at a time, in order, leaves all workers but the one
-    decoding the file being taken waiting on full queues as soon as files are longer than their read-ahead
-    (``capacity`` clips): with long videos, decoding would not scale with workers at all (benchmarks/RESULTS.md).
+    """The clips of many files, taken from whichever held file has one ready (a file read through first, so that it
+    ends and its worker takes the next file; then the oldest), so that every decoding worker keeps decoding.
+    Taking the files one at a time, in order, leaves all workers but the one decoding the file being taken waiting
+    on full queues as soon as files are longer than their read-ahead (``capacity`` clips): with long videos,
+    decoding would not scale with workers at all (benchmarks/RESULTS.md).
 
     Iterating gives ``(number, kind, value)`` events, ``number`` being the file's place in the stream:
     ``"open"`` (value: ``(path, feed)``) before any other event of that file; ``"clip"`` (value: ``(its number in
@@ -1027,8 +1034,13 @@ class FeedInterleaver:
             quiet += time.monotonic() - now
 
     def _next_ready(self) -> tuple[int, str, object] | None:
-        """The oldest held file's next item, if any has one ready; a file that ends or fails is no longer held."""
-        for number, feed in list(self._held.items()):
+        """The next item of the oldest held file read through (all that is left of it queued), else of the oldest
+        held file with one ready, if any; a file that ends or fails is no longer held. Taking the files read
+        through first, their token files are written as soon as they can be: taken oldest first, a long file whose
+        clips come faster than the model takes them (any file, on a CPU) held back every file behind it, read long
+        before, and their workers, which had nothing more to read."""
+        held = list(self._held.items())
+        for number, feed in [*((n, f) for n, f in held if f.queued_whole()), *held]:
             item = feed.poll()
             if item is None:
                 continue
