@@ -1753,6 +1753,23 @@ def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_onc
         collect_inputs([tmp_path / "gone.mp4"])
 
 
+def test_inputs_that_would_write_one_token_file_are_refused_all_at_once(tmp_path):
+    """a.mp4 and a.mkv, b.mp4 and b.mkv, ...: refused up front, naming the first pair and how many more (each found
+    one run at a time before); where outputs are not written (eval), all are kept."""
+    from titok_fast.pipeline import InputError, collect_inputs
+
+    for stem in "abc":
+        for suffix in (".mp4", ".mkv"):
+            (tmp_path / f"{stem}{suffix}").write_bytes(b"x")
+    a, b = (re.escape(str(tmp_path / name)) for name in ("a", "b"))
+    with pytest.raises(InputError, match=(
+        f"^inputs {a}.mkv and {a}.mp4 would both write a.safetensors; rename one \\(and 2 more such pair\\(s\\), the "
+        f"next: inputs {b}.mkv and {b}.mp4 would both write b.safetensors\\)$"
+    )):  # fmt: skip
+        collect_inputs([tmp_path])
+    assert len(collect_inputs([tmp_path], outputs=False)) == 6
+
+
 def test_an_output_in_a_folder_that_another_output_or_the_manifest_would_be_is_refused_up_front(tmp_path):
     """An input folder holding clip.mp4 and a subfolder clip.safetensors/ of videos: clip.safetensors would be both
     a token file and a folder of them, and a subfolder manifest.jsonl/ the manifest's folder. Found when the run
