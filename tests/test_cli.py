@@ -743,6 +743,39 @@ def test_eval_plot_without_matplotlib_names_the_extra(folder, tmp_path, capsys, 
     assert code == 2 and "pip install 'titok-fast[plot]'" in err and "RANDOM" not in err  # refused before any work
 
 
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_a_sub_folder_that_cannot_be_listed_is_said_and_fails_the_run(folder, tmp_path, monkeypatch, capsys, command):
+    """A sub-folder that cannot be listed (no read permission, an NFS root squash) is left out with a notice: its
+    files are unknown, so none is in the manifest, and the run ended "0 failed", status 0. It is now said again
+    under the summary, and the status is 1; the rest is done."""
+    import os
+
+    source = tmp_path / "in"
+    if command == "encode":
+        (source / "locked").mkdir(parents=True)
+        shutil.copy(folder / "moving.mp4", source / "moving.mp4")
+        shutil.copy(folder / "moving.mp4", source / "locked" / "hidden.mp4")
+    else:
+        assert run("encode", folder / "moving.mp4", "-o", source, *GRID, *RANDOM, capsys=capsys)[0] == 0
+        (source / "locked").mkdir()
+        shutil.copy(source / "moving.safetensors", source / "locked" / "hidden.safetensors")
+    scandir = os.scandir
+
+    def refused(path):
+        if str(path) == str(source / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    options = [*GRID, *RANDOM] if command == "encode" else []
+    code, stdout, stderr = run(command, source, "-o", tmp_path / "out", *options, capsys=capsys)
+    verb = f"{command}d"
+    assert code == 1 and f"{verb} 1 file(s)" in stdout and "0 failed" in stdout
+    left_out = f"  LEFT OUT {source / 'locked'}: cannot be listed (Permission denied); the files in it were not {verb}"
+    assert stdout.splitlines()[-1] == left_out
+    assert f"{source / 'locked'}: cannot be listed (Permission denied); left out" in stderr
+
+
 def test_bench_prints_the_table_of_its_results(tmp_path, monkeypatch, capsys):
     """``bench`` runs the suite, then prints the results file as a table (the report module, imported)."""
     results = tmp_path / "r.json"

@@ -30,6 +30,7 @@ from .files import (
     MAX_SEED,
     STALL_SECONDS,
     Terminated,
+    escaped,
     file_head,
     forget_interrupts,
     interrupt,
@@ -282,9 +283,14 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None, engine
     )  # fmt: skip
 
 
-def _finish(summary, verb: str) -> int:
+def _finish(summary, verb: str, inputs=None) -> int:
+    """The summary, and the input sub-folders that could not be listed (their files unknown, left out): either
+    makes the exit status 1."""
+    unlisted = getattr(inputs, "unlisted", [])
     print(summary.report(verb))
-    return 1 if summary.failed else 0
+    for folder, reason in unlisted:
+        print(f"  LEFT OUT {escaped(folder)}: {reason}; the files in it were not {verb}")
+    return 1 if summary.failed or unlisted else 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -298,7 +304,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise ValueError(f"no video files found in {args.inputs}")
     _check_output_folder("-o", args.output)
     if args.ray:
-        return _finish(_encode_on_ray(args, files), "encoded")
+        return _finish(_encode_on_ray(args, files), "encoded", files)
     if args.decoder == "nvdec" and args.worker_kind == "process":
         raise ValueError("--decoder nvdec leaves frames on the GPU, which worker processes cannot hand over: use "
                          "--worker-kind thread")  # fmt: skip
@@ -314,7 +320,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
-    return _finish(summary, "encoded")
+    return _finish(summary, "encoded", files)
 
 
 def _reads_in_processes(args: argparse.Namespace, files) -> bool:
@@ -365,7 +371,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         _engine(args, model), files, args.output,
         with_source=args.side_by_side, force=args.force, overwrite=args.overwrite,
     )  # fmt: skip
-    return _finish(summary, "decoded")
+    return _finish(summary, "decoded", files)
 
 
 def _naming_a_model(files):
@@ -435,8 +441,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
     _check_ssim_grid(f"the model's grid {'x'.join(map(str, settings.grid))}", settings.grid)  # when not given
     per_file: dict = {}
+    inputs = collect_inputs(args.inputs, outputs=False)
     table, summary = evaluate(
-        engine, collect_inputs(args.inputs, outputs=False), settings, args.counts, workers=args.workers,
+        engine, inputs, settings, args.counts, workers=args.workers,
         group=args.batch_size, per_file=per_file, stall_seconds=args.stall_timeout,
     )  # fmt: skip
     print(f"{'tokens':>8} {'PSNR dB':>9} {'SSIM':>7} {'clips':>6}")
@@ -463,7 +470,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         figure = rate_distortion_figure(_by_resolution(per_file, settings.rotation), title=title)
         save_figure(figure, args.plot)
         print(f"wrote {args.plot}")
-    return _finish(summary, "evaluated")
+    return _finish(summary, "evaluated", inputs)
 
 
 def _check_ssim_grid(what: str, grid) -> None:

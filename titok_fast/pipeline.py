@@ -184,9 +184,18 @@ class ClipSettings:
         )  # fmt: skip
 
 
+class Inputs(list):
+    """``(file, output name)`` pairs, and ``unlisted``: ``(folder, reason)`` for each sub-folder of an input folder
+    that could not be listed (its files, unknown, are left out: a command counts it as failed)."""
+
+    def __init__(self, pairs: Iterable[tuple[Path, str]], unlisted: list[tuple[str, str]]):
+        super().__init__(pairs)
+        self.unlisted = unlisted
+
+
 def collect_inputs(
     inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors", outputs: bool = True
-) -> list[tuple[Path, str]]:
+) -> Inputs:
     """Expand files, folders (recursively, following links to folders) and list files into ``(file, output name)``
     pairs.
 
@@ -200,8 +209,11 @@ def collect_inputs(
     entries of a list are read from the list's own folder; a list that names itself, directly or through another, is
     read once (with a notice). With ``outputs`` False (inputs that write nothing, as eval's), two files of one
     output name are both kept. An output that would lie in a folder named as another output, or as the output
-    folder's manifest, is an error too, naming both."""
-    return _one_per_output(_expand(inputs, ()), "inputs", suffix, "encoded", outputs, is_manifest_name)
+    folder's manifest, is an error too, naming both. A sub-folder that cannot be listed is left out with a notice,
+    and said in the result's ``unlisted``."""
+    unlisted: list[tuple[str, str]] = []
+    pairs = _expand(inputs, (), unlisted)
+    return Inputs(_one_per_output(pairs, "inputs", suffix, "encoded", outputs, is_manifest_name), unlisted)
 
 
 def _one_per_output(
@@ -262,14 +274,15 @@ def _check_folders(
                              "the output folder's own file; rename its folder")  # fmt: skip
 
 
-def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list[tuple[Path, str]]:
+def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unlisted: list[tuple[str, str]]
+            ) -> list[tuple[Path, str]]:  # fmt: skip
     """``collect_inputs``' pairs, every reach of a file included; ``lists``: the list files being read (real
-    paths), which a list must not name again."""
+    paths), which a list must not name again; sub-folders that cannot be listed go to ``unlisted``."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = _input_path(item)
         if path.is_dir():
-            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _video_files(path)]
+            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _video_files(path, unlisted)]
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             real = os.path.realpath(path)
             if real in lists:
@@ -278,7 +291,7 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...]) -> list
             entries = _listed(path)
             threads = _threads_for(path, entries[0]) if entries else 0
             for entry, listed in zip(entries, _ahead(_lists_more, entries, threads), strict=True):
-                found += _expand([entry], (*lists, real)) if listed else [(entry, entry.stem)]
+                found += _expand([entry], (*lists, real), unlisted) if listed else [(entry, entry.stem)]
         elif path.is_file():
             found.append((path, path.stem))
         elif path.exists():  # a device, a named pipe, a socket
@@ -352,18 +365,19 @@ def take_shard(files: Sequence[tuple[Path, str]], shard: tuple[int, int] | None)
     return mine
 
 
-def _video_files(folder: Path) -> list[Path]:
+def _video_files(folder: Path, unlisted: list[tuple[str, str]]) -> list[Path]:
     """The video files under ``folder``, sorted (see :func:`_files_below`)."""
-    return _files_below(folder, VIDEO_EXTENSIONS)
+    return _files_below(folder, VIDEO_EXTENSIONS, unlisted)
 
 
 TOKEN_EXTENSIONS = frozenset({".safetensors"})
 
 
-def _files_below(folder: Path, extensions: frozenset[str] | set[str]) -> list[Path]:
+def _files_below(folder: Path, extensions: frozenset[str] | set[str], unlisted: list[tuple[str, str]]) -> list[Path]:
     """The files under ``folder`` whose names end (in any case) in one of ``extensions``, sorted. Links to folders
     are followed (a dataset is often assembled from links), each folder once: a link to a folder already listed (a
-    cycle, or a second way in) is passed over with a notice, as is a sub-folder that cannot be listed. A link with
+    cycle, or a second way in) is passed over with a notice, as is a sub-folder that cannot be listed (also put in
+    ``unlisted``, with the reason). A link with
     such a name that leads nowhere (or cannot be followed) is one of them: reading it fails it alone, counted with
     the run's failures."""
     files, seen, stack = [], {}, [folder]  # seen: (device, inode) -> the path the folder was listed by
@@ -380,6 +394,7 @@ def _files_below(folder: Path, extensions: frozenset[str] | set[str]) -> list[Pa
             if current == folder:
                 raise InputError(f"input folder {str(folder)!r} cannot be listed: {e.strerror or e}") from None
             notice(f"{current}: cannot be listed ({e.strerror or e}); left out")
+            unlisted.append((str(current), f"cannot be listed ({e.strerror or e})"))
             continue
         for entry in entries:
             path = Path(entry.path)
@@ -1481,22 +1496,24 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
     return "; ".join(f"{k} {_plain(a)}, now {_plain(b)}" for k, a, b in differ if a != b)
 
 
-def collect_token_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+def collect_token_files(inputs: Sequence[str | os.PathLike]) -> Inputs:
     """Token files given as files or folders (every ``*.safetensors`` below, the folder structure kept in the
     names, as encode wrote them), as ``(token file, output name)`` pairs; a path that is not a folder is taken as
     a token file, to fail alone if it is not one. A path given that does not exist is an error (it was typed, as
     for :func:`collect_inputs`), as are two token files for one mp4 name (before any model is loaded); a file
-    reached twice is decoded once."""
+    reached twice is decoded once; sub-folders that cannot be listed are in the result's ``unlisted``."""
     found: list[tuple[Path, str]] = []
+    unlisted: list[tuple[str, str]] = []
     for item in inputs:
         path = _input_path(item)
         if not os.path.lexists(path):
             raise InputError(f"input {str(item)!r} does not exist")
         if path.is_dir():  # links to folders followed, each folder once, as for videos
-            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _files_below(path, TOKEN_EXTENSIONS)]
+            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _files_below(path, TOKEN_EXTENSIONS,
+                                                                                            unlisted)]  # fmt: skip
         else:
             found.append((path, path.stem))
-    return _one_per_output(found, "token files", ".mp4", "decoded")
+    return Inputs(_one_per_output(found, "token files", ".mp4", "decoded"), unlisted)
 
 
 def decode_files(
