@@ -551,3 +551,15 @@ def test_the_most_chunks_a_token_file_holds_is_said_as_it_is():
     said = f"{most:,} of 256 tokens, {hours:.0f} hours of 20 frames at"
     readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
     assert said in readme and f"256 tokens: {most:,} chunks, {hours:.0f} hours" in tokens.most_chunks.__doc__
+
+
+def test_a_file_of_another_kind_is_refused_without_its_bytes_in_the_message(tmp_path):
+    """A link to /etc/passwd named like a token file: its first 8 bytes read as a header length were said in the
+    error ("its header is 3475222254926655346 bytes": "root:x:0")."""
+    path = tmp_path / "passwd.safetensors"
+    path.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(TokenFileError) as refused:
+        load_tokens(path)
+    said = str(refused.value)
+    assert "do not give the length of a header within the file" in said
+    assert str(int.from_bytes(b"root:x:0", "little")) not in said

@@ -240,6 +240,8 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         data = read_token_bytes(path)
     try:
         header_bytes = int.from_bytes(data[:8], "little")
+        if header_bytes > len(data) - 8:  # (not said: another kind of file's first 8 bytes, read as a number)
+            raise ValueError("its first 8 bytes do not give the length of a header within the file")
         if header_bytes > MAX_HEADER_BYTES:
             raise ValueError(f"its header is {header_bytes} bytes; a token file's is at most {MAX_HEADER_BYTES}")
         loaded = load(data)  # checks the header, the dtypes, shapes and offsets against the buffer's size
