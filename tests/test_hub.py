@@ -368,6 +368,29 @@ def test_a_blob_not_holding_the_bytes_its_name_says_never_enters_the_converted_c
     assert honest.weights_digest == load_tokenizer(hub / "model.ckpt", config="tiny").weights_digest
 
 
+def test_a_blob_that_is_no_checkpoint_is_refused_before_its_bytes_are_hashed(hub, tmp_path, monkeypatch):
+    """A cache's blob (or any pinned file a stranger's token file names) of gigabytes that is no checkpoint was
+    hashed whole, twice, before the archive was looked at: its directory is read first now."""
+    from titok_fast import hub as hub_module
+
+    blob = tmp_path / "big" / "blobs" / ("0" * 64)
+    blob.parent.mkdir(parents=True)
+    with open(blob, "wb") as f:
+        f.truncate(1 << 30)  # sparse: a gigabyte of zeros, no disk
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (blob, HubRef(REPO, COMMIT)))
+    hashed, file_sha256 = [], hub_module.file_sha256
+
+    def hashing(path, *args, **kwargs):
+        hashed.append(kwargs.get("trust_blob_name", True))
+        return file_sha256(path, *args, **kwargs)
+
+    monkeypatch.setattr(hub_module, "file_sha256", hashing)
+    with pytest.raises(ValueError, match=f"^{blob} is not a torch zip checkpoint"):
+        load_tokenizer(REPO, config="tiny")
+    assert hashed == [True]  # (by its name alone: not read)
+
+
 def test_a_blob_replaced_while_it_is_converted_is_not_cached(hub, tmp_path, monkeypatch):
     """The bytes hashed must be those converted: a blob swapped for other weights once its bytes were hashed (the
     hash then agrees with its name) is refused, nothing cached."""

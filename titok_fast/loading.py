@@ -890,6 +890,8 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
     claimed = hub.file_sha256(src)
     target = hub.cache_dir() / "converted" / f"{claimed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
     if not _converted_from(target, claimed):
+        with hub.open_regular(src) as file:  # its archive's directory first (a few KB), before all its bytes are
+            _Archive(Path(src), file)  # hashed: a file that is no checkpoint (gigabytes, say) is refused unread
         before = _identity(src)
         actual = hub.file_sha256(src, trust_blob_name=False)
         if actual != claimed:
