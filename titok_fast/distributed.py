@@ -79,7 +79,10 @@ from .video import ClipReader, Segment, VideoError, normalize_pixels, source_sta
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
 FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its file
-MADE_CHECKED = ("dtype", "backend")  # of made_with: what an encode worker's model must share with the job's record
+# of made_with: what an encode worker's model must share with the job's record. (Not the backend: "auto" resolves
+# on each machine, and a driver without Triton records "torch" for CUDA actors that run Triton: refusing that would
+# stop jobs whose tokens are right, within bf16 rounding; the record may be off there, see the README.)
+MADE_CHECKED = ("dtype",)
 MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
 # decode tasks of one file at most (its segments are planned once, by a task that reads the file's packets: under
 # 1% of the CPU time decoding the whole file takes, benchmarks/RESULTS.md)
@@ -236,8 +239,8 @@ class ClipEncoder:
     failed blocks): an error while preparing clips, or GIVE_UP_AFTER clips in a row, across batches, each failing
     alone (a worker that cannot build its kernels would otherwise fail every file of the job).
 
-    ``made``: what the job's token files record of the model (``made_with``: its dtype and backend, as the
-    driver's copy has them for ``device``); a model loaded otherwise is refused, as other weights are."""
+    ``made``: what the job's token files record of the model (``made_with``, as the driver's copy has it for
+    ``device``): a model of another dtype (MADE_CHECKED) is refused, as other weights are."""
 
     def __init__(
         self,
