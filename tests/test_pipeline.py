@@ -2142,3 +2142,20 @@ def test_a_failure_names_its_file_once_whatever_its_name_holds():
     assert pipeline._naming("d/a\nb.mp4", "d/a b.mp4: cannot be read") == "d/a b.mp4: cannot be read"
     assert pipeline._naming("d/a b.mp4", "d/a b.mp4 is a folder") == "d/a b.mp4 is a folder"
     assert pipeline._naming("d/x.mp4", "stalled") == "d/x.mp4: stalled"
+
+
+def test_progress_in_a_log_is_a_line_a_minute(model, sources, tmp_path, monkeypatch, capsys):
+    """Where stderr is not a terminal (a batch job's log) the bar drew nothing: a job of hours showed nothing until
+    its summary. There a line is written every LOG_SECONDS (here: at every update), with what limits the run; a run
+    shorter than that writes none."""
+    files = [sources["long"], sources["short"], sources["odd"]]
+    encode(model, files, tmp_path / "quiet", workers=1)
+    assert "files done in" not in capsys.readouterr().err  # (under a minute)
+    monkeypatch.setattr(pipeline, "LOG_SECONDS", 0.0)
+    encode(model, files, tmp_path / "logged", workers=1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "files done in" in line]
+    assert lines and all("\r" not in line for line in lines)
+    assert re.fullmatch(r"3/3 files done in 00:0\d, about 00:00 left, [\d.]+ clips/s, (model|decode)-bound \(waits "
+                        r"\d+%, 1 decoding thread\).*", lines[-1])  # fmt: skip
+    assert decode_files(Engine(model), [tmp_path / "logged" / "short.safetensors"], tmp_path / "mp4").done
+    assert "1/1 files done in" in capsys.readouterr().err

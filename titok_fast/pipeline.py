@@ -413,8 +413,34 @@ def _files_below(folder: Path, extensions: frozenset[str] | set[str], unlisted: 
     return sorted(files)
 
 
-def _progress(total: int, unit: str) -> tqdm:
-    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
+LOG_SECONDS = 60.0  # where stderr is not a terminal (a batch job's log): a progress line this often, none before
+
+
+class _LogLines(tqdm):
+    """Progress as a line every LOG_SECONDS, for a stderr that is not a terminal (a batch job's log), where a bar
+    is not drawn at all: a job of hours showed nothing until its summary. A run shorter than that writes none."""
+
+    def __init__(self, *args, **kwargs):
+        self._logged = time.monotonic()
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        now = time.monotonic()
+        if msg == "" or now - self._logged < LOG_SECONDS:  # ("": the bar cleared at its end; the log keeps lines)
+            return False
+        self._logged = now
+        self.fp.write((self.format_meter(**self.format_dict) if msg is None else msg) + "\n")
+        self.fp.flush()
+        return True
+
+
+def _progress(total: int | None = None, unit: str = "file", iterable: Iterable | None = None) -> tqdm:
+    """The progress of a command over ``total`` items (or ``iterable``'s): a bar on a terminal, else a line a
+    minute (:class:`_LogLines`)."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    return _LogLines(iterable, total=total, unit=unit, file=sys.stderr, leave=False, mininterval=0,  # (its own)
+                     bar_format="{n_fmt}/{total_fmt} {unit}s done in {elapsed}, about {remaining} left{postfix}")
 
 
 def decoder_here(settings: ClipSettings) -> ClipSettings:
@@ -1541,7 +1567,7 @@ def decode_files(
     stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is passed
     unrecorded, first_unrecorded = 0, []  # mp4 files kept that record no decode (said once, at the end)
     record_of = decode_records(engine, with_source)
-    for path, name in tqdm(todo, unit="file", file=sys.stderr, disable=None):
+    for path, name in _progress(unit="file", iterable=todo):
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
         try:  # (a name too long or a folder that cannot be read fails this file alone)
