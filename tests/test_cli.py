@@ -808,6 +808,9 @@ def test_bench_that_ran_no_benchmark_says_so_and_leaves_no_empty_results(tmp_pat
     code, out, err = run("bench", "--json", results, "-k", "gpu", capsys=capsys)
     assert code == 0 and out == "" and not results.exists()
     assert err.splitlines()[-1].startswith("titok-fast: no benchmark ran: each one selected was skipped")
+    monkeypatch.setattr(subprocess, "call", lambda cmd: fake_pytest(cmd) + 1)  # every benchmark errored, say
+    code, out, err = run("bench", "--json", results, "-k", "gpu", capsys=capsys)
+    assert code == 1 and not results.exists() and "skipped" not in err  # (pytest's output says what went wrong)
 
 
 

@@ -1767,6 +1767,8 @@ def test_inputs_that_would_write_one_token_file_are_refused_all_at_once(tmp_path
         f"next: inputs {b}.mkv and {b}.mp4 would both write b.safetensors\\)$"
     )):  # fmt: skip
         collect_inputs([tmp_path])
+    with pytest.raises(InputError, match=r"rename one$"):  # one pair, though a file of it is given twice
+        collect_inputs([tmp_path / "a.mp4", tmp_path / "a.mkv", tmp_path / "a.mkv"])
     assert len(collect_inputs([tmp_path], outputs=False)) == 6
 
 

@@ -617,7 +617,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{results} is an earlier run's: this run wrote no results", file=sys.stderr)
     if code == 5:  # pytest's "no tests collected"
         notice(f"no benchmark matches -k {args.select!r}" if args.select else "no benchmark was collected")
-    elif empty:
+    elif empty and code == 0:  # (with errors or failures, pytest's own output says what went wrong)
         notice("no benchmark ran: each one selected was skipped on this machine (pytest -rs says why; the gpu ones "
                "need CUDA)")  # fmt: skip
     return code
@@ -891,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="upstream model.ckpt, or a Hub id owner/name[@revision][:file]")
     p.add_argument("output", help="output .safetensors path")
     p.add_argument("--config", default=None, help="preset name (v1, tiny) or upstream YAML path (default: the config "
-                   "a .safetensors stores, a known Hub id's preset, else v1)")  # fmt: skip
+                   "a .safetensors stores, a known Hub id's preset, v1 for a local .ckpt; other Hub ids need it)")
     p.add_argument("--no-ema", action="store_true", help="take the raw model weights, not the EMA weights")
     p.set_defaults(run=cmd_convert)
 

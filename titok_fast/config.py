@@ -235,8 +235,8 @@ def _read_yaml(path: str | os.PathLike) -> dict:
 def _plain_loader() -> type:
     """PyYAML's safe loader without two YAML 1.1 features YAML 1.2 dropped: base-60 numbers (``1:30`` is a string),
     whose conversion takes time that grows with the square of their length (a 1.35 MB number: 55 s); and merge keys
-    (``<<`` is a plain key; an explicit ``!!merge`` is refused), which PyYAML copies anew at every level (a 0.8 KB
-    config of 14 levels of merges: gigabytes). Upstream's configs use neither."""
+    (refused, before any is merged), which PyYAML copies anew at every level (a 0.8 KB config of 14 levels of
+    merges: gigabytes). Upstream's configs use neither."""
     import re
 
     import yaml
@@ -244,8 +244,11 @@ def _plain_loader() -> type:
     class PlainLoader(yaml.SafeLoader):
         def flatten_mapping(self, node):
             for key, _ in node.value:
-                if key.tag == "tag:yaml.org,2002:merge":
-                    raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not read", key.start_mark)
+                if key.tag == "tag:yaml.org,2002:merge" or (isinstance(key, yaml.ScalarNode) and key.value == "<<"):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "merge keys (<<) are not read: write the fields out", key.start_mark
+                    )
+            super().flatten_mapping(node)  # (no merge key left: what it does with "=" keys)
 
     dropped = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge")
     PlainLoader.yaml_implicit_resolvers = {

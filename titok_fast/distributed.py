@@ -1167,14 +1167,16 @@ class _ray_session:
         return ray
 
     def __exit__(self, *exc) -> None:
-        if self.data_log_level is not None:  # the caller's Ray Data work after the job is logged as before it
-            logging.getLogger("ray.data").setLevel(self.data_log_level)
-            self.data_log_level = None
-        if self.connected:
-            import ray
+        try:
+            if self.connected:
+                import ray
 
-            _let_ray_data_threads_end()
-            ray.shutdown()
+                _let_ray_data_threads_end()
+                ray.shutdown()
+        finally:  # (once Ray Data's threads of the job are done: their last words stay quiet)
+            if self.data_log_level is not None:  # the caller's Ray Data work after the job is logged as before it
+                logging.getLogger("ray.data").setLevel(self.data_log_level)
+                self.data_log_level = None
 
 
 def _token_auth_on() -> bool:

@@ -232,7 +232,7 @@ def _one_per_output(
     output folder's own (``own_file``: its name at the top, as the manifest), would be is an InputError too."""
     owners: dict[str, Any] = {}  # output name -> its file
     names: dict[str, str] = {}  # a path, absolute -> its output name
-    kept, clashes = [], []
+    kept, clashes, first_clashes = [], 0, []
     for path, name in pairs:
         spelled = os.path.abspath(path)
         if spelled in names:
@@ -243,14 +243,17 @@ def _one_per_output(
             if os.path.realpath(owners[name]) == os.path.realpath(path):  # one file, through a link, one name
                 continue
             if outputs:
-                clashes.append(f"{what} {owners[name]} and {path} would both write {name}{suffix}")
+                clashes += 1
+                if len(first_clashes) < 2:
+                    first_clashes.append(f"{what} {owners[name]} and {path} would both write {name}{suffix}")
+                names[spelled] = name  # (reached again: not a clash again)
                 continue
         names[spelled] = name
         owners.setdefault(name, path)
         kept.append((path, name))
     if clashes:  # all of them at once: a dataset of many such pairs is not found out one run at a time
-        more = f" (and {len(clashes) - 1} more such pair(s), the next: {clashes[1]})" if len(clashes) > 1 else ""
-        raise InputError(f"{clashes[0]}; rename one{more}")
+        more = f" (and {clashes - 1} more such pair(s), the next: {first_clashes[1]})" if clashes > 1 else ""
+        raise InputError(f"{first_clashes[0]}; rename one{more}")
     if outputs:
         _check_folders(kept, {name + suffix: path for name, path in owners.items()}, what, suffix, own_file)
     return kept
