@@ -328,15 +328,15 @@ def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(vi
 
 @pytest.mark.parametrize("fault", ["every-clip", "unloadable"])
 def test_a_job_whose_encode_worker_cannot_encode_stops_as_one_machine_does(videos, cluster, tmp_path, fault):
-    """An encode actor on which every clip fails alone (kernels it cannot build, say) reaches GIVE_UP_AFTER clips
+    """An encode actor on which every clip fails alone (kernels it cannot build, say) reaches GIVE_UP_AFTER files
     in a row across its batches of 4: the job stops with that error in one line, as a run on one machine does,
     instead of failing every file (Ray Data would only drop a batch that raised: a job tolerates failed blocks).
     One that cannot load the model (a checkpoint its node cannot read) stops the job at its first batch, where Ray
     would restart it over and over (each time with a traceback)."""
     folder = tmp_path / "videos"
     folder.mkdir()
-    for i in range(7):  # 42 clips
-        shutil.copy(videos["good"] / "long.mp4", folder / f"v{i}.mp4")
+    for i in range(40):  # files of 1 clip (a file's failures count once)
+        shutil.copy(videos["good"] / "one.mp4", folder / f"v{i:02d}.mp4")
 
     def broken(device="cpu"):  # (local functions: Ray's pickling carries them by value to the actor)
         model = LOAD(device=device)
@@ -360,7 +360,7 @@ def test_a_job_whose_encode_worker_cannot_encode_stops_as_one_machine_does(video
         encode_dataset(LOAD(), collect_inputs([folder]), tmp_path / "tokens", SETTINGS, device="cpu", batch_size=4,
                        load_model=broken if fault == "every-clip" else unloadable)  # fmt: skip
     rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
-    assert len(rows) == 7 and not list((tmp_path / "tokens").glob("*.safet*"))
+    assert len(rows) == 40 and not list((tmp_path / "tokens").glob("*.safet*"))
     statuses = {r["status"] for r in rows}
     assert statuses == ({"failed", "not-encoded"} if fault == "every-clip" else {"not-encoded"})
 
@@ -1084,29 +1084,38 @@ class _FailsEveryClip:
 
 
 def test_an_encode_worker_whose_clips_fail_alone_batch_after_batch_stops_the_job(videos, monkeypatch, tmp_path):
-    """GIVE_UP_AFTER clips in a row failing alone, counted across batches (a batch of 4 clips alone never reaches
-    it), is a fault no clip explains: the batch's rows end with a ``stop`` row, and the driver stops the job with
-    it, as one machine's run stops; a clip that runs in between starts the count again. An error while preparing
-    clips stops it too."""
+    """GIVE_UP_AFTER files in a row whose clips fail alone, counted across batches (a batch of 4 clips alone never
+    reaches it), is a fault no clip explains: the batch's rows end with a ``stop`` row, and the driver stops the
+    job with it, as one machine's run stops; a clip that runs in between starts the count again. A file counts
+    once: its later clips are not encoded (one machine drops a failed file's clips), so one bad file of many clips
+    fails alone. An error while preparing clips stops the job too."""
     monkeypatch.setattr(distributed, "GIVE_UP_AFTER", 5)
     batch = clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32)  # 6 clips and an end row
-    first = {c: v[:4] for c, v in batch.items()}
+    clips = {c: v[:4] for c, v in batch.items()}
+
+    def of(files, numbers=(0, 0, 0, 0)):  # the 4 clips, as clips ``numbers`` of ``files``
+        return {**clips, "file": list(files), "clip": list(numbers)}
+
     encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4)
     encoder.engine = _FailsEveryClip(encoder.engine)
-    out = encoder(first)
+    out = encoder(of([0, 1, 2, 3]))
     assert out["kind"] == ["failed"] * 4 and encoder.failed_in_a_row == 4
-    assert encoder(first)["kind"] == ["stop"]  # the 5th in a row
-    encoder.failed_in_a_row = 2
-    out = encoder(first)
-    assert out["kind"] == ["failed", "failed", "stop"] and out["clip"][:2] == [0, 1]
-    assert out["info"][-1] == ("RuntimeError: giving up after 5 clip(s) in a row failed alone: Failed to find C "
-                               "compiler")  # fmt: skip
+    assert encoder(of([4, 5, 6, 7]))["kind"] == ["stop"]  # the 5th in a row
+    encoder.failed_in_a_row = 0
+    assert encoder(of([9] * 4, range(4)))["kind"] == ["failed"] * 4 and encoder.failed_in_a_row == 1  # one file
+    out = encoder(of([9] * 4, range(4, 8)))  # more of its clips: failed as it did, not encoded, not counted
+    assert out["kind"] == ["failed"] * 4 and set(out["info"]) == {"encoding failed on clip 0: Failed to find C "
+                                                                  "compiler"} and encoder.failed_in_a_row == 1
     encoder.failed_in_a_row = 3
     encoder.engine.passes_above = -2.0  # every clip runs alone now
-    assert encoder(first)["kind"] == ["tokens"] * 4 and encoder.failed_in_a_row == 0
-    broken = {**first, "data": [b"\0" * 3] + first["data"][1:]}  # a clip that is not the job's shape
+    assert encoder(of([20, 21, 22, 23]))["kind"] == ["tokens"] * 4 and encoder.failed_in_a_row == 0
+    broken = {**of([30, 31, 32, 33]), "data": [b"\0" * 3] + clips["data"][1:]}  # a clip not of the job's shape
     assert encoder(broken)["kind"] == ["stop"]
 
+    encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4)  # (files 0 and 1 not failed before)
+    encoder.engine, encoder.failed_in_a_row = _FailsEveryClip(encoder.engine), 3
+    out = encoder(of([0, 1, 0, 1], [0, 0, 1, 1]))  # file 0 fails (the 4th), file 1 (the 5th) stops the job
+    assert out["kind"] == ["failed", "stop"] and out["file"][0] == 0
     out_dir = tmp_path / "out"
     todo = [(videos["good"] / "long.mp4", out_dir / "long.safetensors"), (videos["good"] / "one.mp4",
                                                                           out_dir / "one.safetensors")]  # fmt: skip
@@ -1116,7 +1125,7 @@ def test_an_encode_worker_whose_clips_fail_alone_batch_after_batch_stops_the_job
         assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
         with pytest.raises(RuntimeError, match=r"^the Ray job stopped: RuntimeError: giving up after 5 clip\(s\)"):
             _collect(_Rows(rows), assembly, decode_retries=2, actor_restarts=8)
-    lines = read_manifest(out_dir / MANIFEST_NAME)  # the file of the clips reported before the stop failed
+    lines = read_manifest(out_dir / MANIFEST_NAME)  # the file of the clip reported before the stop failed
     assert [(r["status"], r["reason"]) for r in lines[:1]] == [("failed", "encoding failed on clip 0: Failed to "
                                                                           "find C compiler")]  # fmt: skip
     assert lines[1]["status"] == "not-encoded"

@@ -83,6 +83,7 @@ FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its f
 # on each machine, and a driver without Triton records "torch" for CUDA actors that run Triton: refusing that would
 # stop jobs whose tokens are right, within bf16 rounding; the record may be off there, see the README.)
 MADE_CHECKED = ("dtype",)
+FAILED_FILES_KEPT = 10_000  # an encode actor's record of files failed (their later clips are not encoded)
 MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
 # decode tasks of one file at most (its segments are planned once, by a task that reads the file's packets: under
 # 1% of the CPU time decoding the whole file takes, benchmarks/RESULTS.md)
@@ -271,12 +272,15 @@ class ClipEncoder:
         self.shape, self.tokens = (3, *settings.grid), settings.tokens
         self.ledger = FaultLedger() if ledger is None else ledger
         self.name = worker_name()
-        self.failed_in_a_row = 0  # clips that failed alone one after another, across batches
+        self.failed_in_a_row = 0  # clips that failed alone one after another, across batches (a file counted once)
+        self.failed_files: dict[int, str] = {}  # file -> why its first clip to fail alone failed (the latest few)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [dict(zip(COLUMNS, values, strict=True)) for values in zip(*(batch[c] for c in COLUMNS), strict=True)]
         clips = {(int(r["file"]), int(r["clip"])): r for r in rows if r["kind"] == "clip"}
         out = [{**r, "data": b""} for r in rows if r["kind"] != "clip"]
+        for key in [k for k in clips if k[0] in self.failed_files]:  # its file failed: not encoded (as one machine
+            out.append(self._failed(clips.pop(key), self.failed_files[key[0]]))  # drops a failed file's clips)
         faults = self.ledger.faults(list(clips))
         for key, (count, error) in faults.items():
             if count >= FAULTS_TO_FAIL:
@@ -297,9 +301,13 @@ class ClipEncoder:
         items = ((key, normalize_pixels(self._pixels(row), dtype), self.tokens) for key, row in clips.items())
 
         def failed_alone(key, error: Exception) -> None:
-            self.failed_in_a_row += 1
-            if self.failed_in_a_row >= GIVE_UP_AFTER:  # (this clip's file is not failed by it: listed not encoded)
-                raise RuntimeError(f"giving up after {self.failed_in_a_row} clip(s) in a row failed alone: {error}")
+            if key[0] not in self.failed_files:  # a file's failures count once, as on one machine
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= GIVE_UP_AFTER:  # (this clip's file is not failed by it: not encoded)
+                    raise RuntimeError(f"giving up after {self.failed_in_a_row} clip(s) in a row failed alone: {error}")
+                self.failed_files[key[0]] = f"encoding failed on clip {key[1]}: {error}"
+                while len(self.failed_files) > FAILED_FILES_KEPT:
+                    del self.failed_files[next(iter(self.failed_files))]
             failed[key] = error
 
         try:
