@@ -797,17 +797,14 @@ def a_recorded_rule_is_kept_apart(model, source: str, folder: Path, settings, ke
 
 
 def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it_are_redone(model, sources, tmp_path):
-    """Sampling "time" takes a frame stamped up to half a millisecond after an instant as shown there (video._due),
-    and puts stamps given in decode order in presentation order (video._presentation_stamps); files it made before
-    that rule was recorded may hold other picks, so a rerun redoes them. Upstream sampling
+    """Sampling "time" takes a frame stamped up to half a millisecond after an instant as shown there (video._due);
+    files it made before that rule was recorded may hold other picks, so a rerun redoes them. Upstream sampling
     records nothing new: its files resume as before."""
-    rule = "ms-rounding,presentation-order"
     timed = dataclasses.replace(SETTINGS, sampling="time")
     old, redone_because = a_recorded_rule_is_kept_apart(model, sources["short"], tmp_path, timed, "time_sampling",
-                                                        rule)  # fmt: skip
-    for earlier in ("exact", "ms-rounding"):  # (the rule before stamps were put in presentation order)
-        made = {**old.made_with, "time_sampling": earlier}
-        assert redone_because(made) == f"made another way (time_sampling {earlier}, now {rule})"
+                                                        "ms-rounding")  # fmt: skip
+    exact = {**old.made_with, "time_sampling": "exact"}
+    assert redone_because(exact) == "made another way (time_sampling exact, now ms-rounding)"
     with pytest.raises(ValueError, match="made by an earlier rule of sampling 'time': its source cannot be re-read"):
         next(pipeline.source_chunks(load_tokens(tmp_path / "short.safetensors")))  # it would show other frames
     assert len(list(pipeline.source_chunks(old))) == len(old.grids)  # made with the rule: re-read as encoded

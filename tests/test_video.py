@@ -216,15 +216,37 @@ def test_time_sampling_puts_stamps_given_in_decode_order_in_presentation_order(t
 
 def test_time_sampling_fails_a_file_whose_timestamps_start_again(tmp_path):
     """Two recordings joined (``cat a.ts b.ts``) stamp the second from 0 again: the frames after that have no time
-    on the first one's clock, so the file fails in one line (it gave the first recording's clips alone, and "done")."""
-    recording = videos.make_video(tmp_path / "one.ts", 16, 32, 32, fps=8, pattern="index")
+    on the first one's clock, so the file fails in one line (it gave the first recording's clips alone, and
+    "done")."""
+    recording = videos.make_video(tmp_path / "one.ts", 40, 32, 32, fps=8, pattern="index")
     joined = tmp_path / "joined.ts"
     joined.write_bytes(recording.read_bytes() * 2)
-    assert len(read_clips(str(joined), frames=4, height=16, width=16, fps=8).clips) == 8  # upstream: by frame count
-    with pytest.raises(VideoError, match=r"joined.ts: its timestamps go back, to 0.000 s after 1.875 s \(recordings "
-                                         r"joined\?\): sampling 'time' cannot place the frames after it; encode it "
-                                         r"with --sampling upstream$"):  # fmt: skip
+    assert len(read_clips(str(joined), frames=4, height=16, width=16, fps=8).clips) == 20  # upstream: frame count
+    with pytest.raises(VideoError, match=r"joined.ts: its timestamps go back, to 0.000 s after 4.875 s, and stay "
+                                         r"behind to its end \(recordings joined\?\): sampling 'time' cannot place "
+                                         r"the frames after it; encode it with --sampling upstream$"):  # fmt: skip
         read_clips(str(joined), frames=4, height=16, width=16, fps=8, sampling="time")
+
+
+def _stream(stamps: list[int]) -> list:
+    """(index, frame) pairs of frames stamped so on a 90 kHz clock, each frame's ``i`` its index."""
+    base = Fraction(1, 90000)
+    return [(i, types.SimpleNamespace(pts=pts, time_base=base, duration=3600, i=i)) for i, pts in enumerate(stamps)]
+
+
+def test_time_sampling_skips_a_lone_frame_stamped_wrong(capsys):
+    """A capture's lone frame stamped 5 s back (a transmission error) is skipped, the file read on; one stamped 3 s
+    ahead shows until its time and the frames it jumped ahead of are skipped, with a notice, as joined recordings
+    whose second part outlasts the first: only frames that stay behind to the end fail the file."""
+    regular = [i * 3600 for i in range(250)]  # 10 s at 25 fps
+    back = [pts - 5 * 90000 if i == 200 else pts for i, pts in enumerate(regular)]
+    shown = [frame for frame in video._resample("capture.ts", _stream(back), 8.0, lambda f: f.i)]
+    assert len(shown) == 80 and 200 not in shown and capsys.readouterr().err == ""
+    ahead = [pts + 3 * 90000 if i == 100 else pts for i, pts in enumerate(regular)]
+    shown = [frame for frame in video._resample("capture.ts", _stream(ahead), 8.0, lambda f: f.i)]
+    assert len(shown) == 80 and shown[32:57] == [99] * 24 + [100]  # (4 s to 7 s, then the frame stamped 7 s)
+    assert "capture.ts: its timestamps went back, to 4.040 s after 7.000 s; sampling 'time' skipped" in (
+        capsys.readouterr().err)
 
 
 def _stamped(path: Path, stamps_ms: list[int], last_ms: int = 0) -> Path:

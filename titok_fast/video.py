@@ -2681,13 +2681,16 @@ def _resample(
     frame, so they change nothing.
 
     Times are counted in the stream's time base from the first frame (or from ``first``, the first frame's
-    timestamp, when ``decoded`` starts later); a frame whose time does not advance is skipped, and one stamped over
-    a second before the frame held (timestamps that start again, as where recordings were joined) fails the file:
-    no time can be given to the frames after it. Output frames before ``start`` are left out.
+    timestamp, when ``decoded`` starts later); a frame whose time does not advance is skipped. Frames stamped
+    over a second before the frame held, over more than a second of their own, are timestamps that start again
+    (recordings joined): where they stay behind to the file's end they fail it (no time can be given to them),
+    where they catch up a notice says what was skipped. (A lone frame stamped wrong is skipped, as is the rest of
+    a file's clock it jumped ahead of, as before.) Output frames before ``start`` are left out.
     """
     emitted = start  # output frames so far
     most = _most_held(fps)
     held = held_ticks = rate = slack = None
+    behind: tuple[int, int] | None = None  # (first, last) stamps of the frames since the held one, over 1 s before it
     for _, frame in decoded:
         if frame.pts is None:
             raise VideoError(f"{path}: a video frame has no presentation timestamp")
@@ -2697,12 +2700,13 @@ def _resample(
         if held is not None:
             if ticks <= held_ticks:
                 if (held_ticks - ticks) * frame.time_base > 1:
-                    raise VideoError(
-                        f"{path}: its timestamps go back, to {float(ticks * frame.time_base):.3f} s after "
-                        f"{float(held_ticks * frame.time_base):.3f} s (recordings joined?): sampling 'time' cannot "
-                        "place the frames after it; encode it with --sampling upstream"
-                    )
+                    behind = (behind[0] if behind else ticks, ticks)
                 continue
+            if behind is not None and (behind[1] - behind[0]) * frame.time_base > 1:
+                notice(f"{path}: its timestamps went back, to {float(behind[0] * frame.time_base):.3f} s after "
+                       f"{float(held_ticks * frame.time_base):.3f} s; sampling 'time' skipped the frames stamped "
+                       "before the latest time (recordings joined? --sampling upstream reads every frame)")  # fmt: skip
+            behind = None
             stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
             if stop - emitted > most:  # (counted in output frames: frames a pruned decoder leaves out show none)
                 _too_long(path, held_ticks * frame.time_base, stop - emitted, fps)
@@ -2710,6 +2714,12 @@ def _resample(
                 yield from _repeat(held, stop - emitted, image)
                 emitted = stop
         held, held_ticks = frame, ticks
+    if behind is not None and (behind[1] - behind[0]) * held.time_base > 1:
+        raise VideoError(
+            f"{path}: its timestamps go back, to {float(behind[0] * held.time_base):.3f} s after "
+            f"{float(held_ticks * held.time_base):.3f} s, and stay behind to its end (recordings joined?): sampling "
+            "'time' cannot place the frames after it; encode it with --sampling upstream"
+        )
     if held is not None:
         # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
         # its own time (as if the next frame came twice the slack after it)
@@ -2763,10 +2773,11 @@ def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "")
     )
 
 
-# the rule _due follows, and stamps put in presentation order (_presentation_stamps): token files made with sampling
-# "time" record it, so that a resume redoes files made by an earlier rule ("ms-rounding": AVI and ASF files of
-# B-frames were sampled by their decode-order stamps)
-TIME_SAMPLING = "ms-rounding,presentation-order"
+# the rule _due follows: token files made with sampling "time" record it, so that a resume redoes files made by an
+# earlier rule. (Not changed when stamps given in decode order came to be put in presentation order,
+# _presentation_stamps: that changed the picks of AVI and ASF files of B-frames alone, and a new rule would have
+# redone every time-sampled file; the README says to re-encode those with --overwrite.)
+TIME_SAMPLING = "ms-rounding"
 STAMP_ROUNDING = Fraction(1, 2000)  # seconds: Matroska and FLV stamp whole milliseconds, off by up to half of one
 
 
