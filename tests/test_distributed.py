@@ -1135,11 +1135,11 @@ def test_an_encode_worker_whose_clips_fail_alone_batch_after_batch_stops_the_job
 def test_an_encode_worker_refuses_a_model_other_than_the_job_records():
     """The clips come cast to the job's dtype, which the token files record: a worker whose model was loaded in
     another dtype would read other pixels (wrong tokens, nothing failed)."""
-    job = made_with(LOAD(dtype=torch.bfloat16), "auto", SETTINGS, device="cpu")
-    ClipEncoder(functools.partial(LOAD, dtype=torch.bfloat16), SETTINGS, made=job)  # the same: loads
+    job = torch.bfloat16  # (the driver's)
+    ClipEncoder(functools.partial(LOAD, dtype=torch.bfloat16), SETTINGS, dtype=job)  # the same: loads
     with pytest.raises(ValueError, match=r"^the encode worker's model differs from what the job's token files "
                                          r"record: dtype float16 \(the job's: bfloat16\)$"):  # fmt: skip
-        ClipEncoder(functools.partial(LOAD, dtype=torch.float16), SETTINGS, made=job)
+        ClipEncoder(functools.partial(LOAD, dtype=torch.float16), SETTINGS, dtype=job)
 
 
 def test_the_rows_after_a_clip_that_failed_are_no_duplicates(videos, tmp_path):

@@ -79,10 +79,6 @@ from .video import ClipReader, Segment, VideoError, normalize_pixels, source_sta
 # kind: the decode stage emits clip, end and error rows; the encode stage turns clip rows into tokens or failed
 COLUMNS = ("file", "clip", "kind", "data", "info", "decoded_by", "encoded_by")
 FAULTS_TO_FAIL = 2  # a clip that faulted the device this many times fails its file
-# of made_with: what an encode worker's model must share with the job's record. (Not the backend: "auto" resolves
-# on each machine, and a driver without Triton records "torch" for CUDA actors that run Triton: refusing that would
-# stop jobs whose tokens are right, within bf16 rounding; the record may be off there, see the README.)
-MADE_CHECKED = ("dtype",)
 FAILED_FILES_KEPT = 10_000  # an encode actor's record of files failed (their later clips are not encoded)
 MAX_DECODE_TASKS = 100_000  # more files than this share decode tasks (a few per task)
 # decode tasks of one file at most (its segments are planned once, by a task that reads the file's packets: under
@@ -240,8 +236,10 @@ class ClipEncoder:
     failed blocks): an error while preparing clips, or GIVE_UP_AFTER clips in a row, across batches, each failing
     alone (a worker that cannot build its kernels would otherwise fail every file of the job).
 
-    ``made``: what the job's token files record of the model (``made_with``, as the driver's copy has it for
-    ``device``): a model of another dtype (MADE_CHECKED) is refused, as other weights are."""
+    ``dtype``: the job's (the driver's copy's), which its clips come cast to and its token files record: a model
+    loaded in another is refused, as other weights are. (Not the backend: "auto" resolves on each machine, and a
+    driver without Triton records "torch" for CUDA actors that run Triton: refusing that would stop jobs whose
+    tokens are right, within bf16 rounding; the record may be off there, see the README.)"""
 
     def __init__(
         self,
@@ -252,7 +250,7 @@ class ClipEncoder:
         mode: str = "auto",
         batch_size: int = 32,
         weights_digest: str | None = None,
-        made: dict[str, str] | None = None,
+        dtype: torch.dtype | None = None,
         ledger: FaultLedger | None = None,
     ):
         self.model = load_model(device=device)
@@ -261,12 +259,11 @@ class ClipEncoder:
                 f"the encode worker loaded weights {self.model.weights_digest}, the job expects {weights_digest}: "
                 "the checkpoint must be the same file on every node"
             )
-        here = made_with(self.model, mode, settings, device=device)
-        other = {k: (here[k], v) for k, v in (made or {}).items() if k in MADE_CHECKED and here.get(k) != v}
-        if other:  # (the clips come cast to the job's dtype: read as another, they would be other pixels)
+        if dtype is not None and self.model.dtype != dtype:  # (its clips, read as another dtype, are other pixels)
+            got, want = (str(d).removeprefix("torch.") for d in (self.model.dtype, dtype))
             raise ValueError(
-                "the encode worker's model differs from what the job's token files record: "
-                + ", ".join(f"{k} {got} (the job's: {want})" for k, (got, want) in other.items())
+                f"the encode worker's model differs from what the job's token files record: dtype {got} (the job's: "
+                f"{want})"
             )
         self.engine = Engine(self.model, mode=mode, max_clips=batch_size)
         self.shape, self.tokens = (3, *settings.grid), settings.tokens
@@ -290,9 +287,8 @@ class ClipEncoder:
                 out += self._encode({key: clips.pop(key)})
             out += self._encode(clips)
         except _Unexplained as e:
-            out += e.reported
-            out.append({**rows[0], "kind": "stop", "data": b"", "info": str(e), "encoded_by": self.name})
-        return {c: [r[c] for r in out] for c in COLUMNS}
+            out += [*e.reported, self._stop(rows[0], str(e))]
+        return _columns(out)
 
     def _encode(self, clips: dict[tuple[int, int], dict]) -> list[dict]:
         if not clips:
@@ -301,14 +297,15 @@ class ClipEncoder:
         items = ((key, normalize_pixels(self._pixels(row), dtype), self.tokens) for key, row in clips.items())
 
         def failed_alone(key, error: Exception) -> None:
+            reason = f"encoding failed on clip {key[1]}: {error}"
             if key[0] not in self.failed_files:  # a file's failures count once, as on one machine
                 self.failed_in_a_row += 1
                 if self.failed_in_a_row >= GIVE_UP_AFTER:  # (this clip's file is not failed by it: not encoded)
                     raise RuntimeError(f"giving up after {self.failed_in_a_row} clip(s) in a row failed alone: {error}")
-                self.failed_files[key[0]] = f"encoding failed on clip {key[1]}: {error}"
+                self.failed_files[key[0]] = reason
                 while len(self.failed_files) > FAILED_FILES_KEPT:
                     del self.failed_files[next(iter(self.failed_files))]
-            failed[key] = error
+            failed[key] = reason
 
         try:
             for key, result in encode_resiliently(self.engine, items, failed_alone):
@@ -319,15 +316,14 @@ class ClipEncoder:
         except (ValueError, TypeError, RuntimeError) as e:
             if not (_device_fault(e) or (e.__cause__ is not None and _device_fault(e.__cause__))):
                 # no clip could be blamed: the clips that failed alone before it are reported, as on one machine
-                reported = [self._failed(clips[k], f"encoding failed on clip {k[1]}: {error}") for k, error in
-                            failed.items()]  # fmt: skip
+                reported = [self._failed(clips[k], reason) for k, reason in failed.items()]
                 raise _Unexplained(f"{type(e).__name__}: {e}", reported) from e
             self.ledger.add(list(clips), str(e))
             raise DeviceFault(f"{self.name}: {e}") from e
         out = []
         for key, row in clips.items():
             if key in failed:
-                out.append(self._failed(row, f"encoding failed on clip {key[1]}: {failed[key]}"))
+                out.append(self._failed(row, failed[key]))
             else:
                 data = results[key].numpy().tobytes()
                 out.append({**row, "kind": "tokens", "data": data, "encoded_by": self.name})
@@ -338,6 +334,14 @@ class ClipEncoder:
 
     def _failed(self, row: dict, reason: str) -> dict:
         return {**row, "kind": "failed", "data": b"", "info": reason, "encoded_by": self.name}
+
+    def _stop(self, row: dict, error: str) -> dict:
+        return {**row, "kind": "stop", "data": b"", "info": error, "encoded_by": self.name}
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """``rows`` as a batch: a list per column of COLUMNS."""
+    return {c: [r[c] for r in rows] for c in COLUMNS}
 
 
 class _Unexplained(Exception):
@@ -378,21 +382,20 @@ class _RayClipEncoder(ClipEncoder):
         import ray
 
         self.exit_once, self.exit_always, self.batches = exit_once, exit_always, 0
-        self.unloaded = ""  # why the model could not be loaded here
+        self.unloaded, self.name = "", worker_name()  # why the model could not be loaded here
         try:
             super().__init__(*args, ledger=_RemoteLedger(ledger_handle), **kwargs)
         except Exception as e:
             if _device_fault(e):  # (a fresh process may do better)
                 raise
-            self.unloaded = f"{type(e).__name__}: {e} (the encode worker {worker_name()} could not load the model)"
+            self.unloaded = f"{type(e).__name__}: {e} (the encode worker {self.name} could not load the model)"
             return
         context = ray.get_runtime_context()
         ray.get(ledger_handle.enlist.remote(context.get_actor_id(), context.current_actor))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         if self.unloaded:
-            first = {c: batch[c][0] for c in COLUMNS}
-            return {c: [v] for c, v in {**first, "kind": "stop", "data": b"", "info": self.unloaded}.items()}
+            return _columns([self._stop({c: batch[c][0] for c in COLUMNS}, self.unloaded)])
         self.batches += 1
         if self.exit_always or (self.exit_once and self.batches == 2 and _claim(self.exit_once)):
             os._exit(1)
@@ -867,7 +870,7 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             fn_constructor_args=(load_model, settings),
             fn_constructor_kwargs=dict(
                 device=device, mode=mode, batch_size=batch_size, weights_digest=model.weights_digest,
-                made=made_with(model, mode, settings, device=device), ledger_handle=ledger,
+                dtype=model.dtype, ledger_handle=ledger,
                 exit_once=hooks.get("actor_exit_once", ""), exit_always=bool(hooks.get("actor_exit_always")),
             ),
             batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
