@@ -250,12 +250,11 @@ def _plain_loader() -> type:
                     )
             super().flatten_mapping(node)  # (no merge key left: what it does with "=" keys)
 
-    dropped = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge")
+    numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
     PlainLoader.yaml_implicit_resolvers = {
-        first: [(tag, pattern) for tag, pattern in resolvers if tag not in dropped]
+        first: [(tag, pattern) for tag, pattern in resolvers if tag not in numbers]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
-    numbers = dropped[:2]
     PlainLoader.add_implicit_resolver(
         numbers[0],
         re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),

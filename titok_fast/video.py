@@ -2702,10 +2702,9 @@ def _resample(
                 if (held_ticks - ticks) * frame.time_base > 1:
                     behind = (behind[0] if behind else ticks, ticks)
                 continue
-            if behind is not None and (behind[1] - behind[0]) * frame.time_base > 1:
-                notice(f"{path}: its timestamps went back, to {float(behind[0] * frame.time_base):.3f} s after "
-                       f"{float(held_ticks * frame.time_base):.3f} s; sampling 'time' skipped the frames stamped "
-                       "before the latest time (recordings joined? --sampling upstream reads every frame)")  # fmt: skip
+            if said := _went_back(behind, held_ticks, frame.time_base):
+                notice(f"{path}: its timestamps went back, {said}; sampling 'time' skipped the frames stamped before "
+                       "the latest time (recordings joined? --sampling upstream reads every frame)")  # fmt: skip
             behind = None
             stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
             if stop - emitted > most:  # (counted in output frames: frames a pruned decoder leaves out show none)
@@ -2714,11 +2713,10 @@ def _resample(
                 yield from _repeat(held, stop - emitted, image)
                 emitted = stop
         held, held_ticks = frame, ticks
-    if behind is not None and (behind[1] - behind[0]) * held.time_base > 1:
+    if held is not None and (said := _went_back(behind, held_ticks, held.time_base)):
         raise VideoError(
-            f"{path}: its timestamps go back, to {float(behind[0] * held.time_base):.3f} s after "
-            f"{float(held_ticks * held.time_base):.3f} s, and stay behind to its end (recordings joined?): sampling "
-            "'time' cannot place the frames after it; encode it with --sampling upstream"
+            f"{path}: its timestamps go back, {said}, and stay behind to its end (recordings joined?): sampling 'time' "
+            "cannot place the frames after it; encode it with --sampling upstream"
         )
     if held is not None:
         # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
@@ -2727,6 +2725,15 @@ def _resample(
         if (count := _due(end, rate, slack) - emitted) > most:
             _too_long(path, held_ticks * held.time_base, count, fps, "last ")
         yield from _repeat(held, count, image)
+
+
+def _went_back(behind: tuple[int, int] | None, held_ticks: int, time_base: Fraction) -> str:
+    """"to X s after Y s" where the frames skipped since the one held at ``held_ticks`` (``behind``: the first and
+    last of those stamped over a second before it) span over a second of their own: timestamps that start again;
+    else ""."""
+    if behind is None or (behind[1] - behind[0]) * time_base <= 1:
+        return ""
+    return f"to {float(behind[0] * time_base):.3f} s after {float(held_ticks * time_base):.3f} s"
 
 
 STAMP_REORDER = 16  # frames a decoder may hold back before it gives a frame (H.264's largest reorder depth)
