@@ -418,11 +418,12 @@ FOREGROUND = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default
 def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1, env=None):
     """A command encoding 6 videos (then ``inputs``), started in a session of its own and left running once its
     first token file (its first ``files``) is written, however fast the machine: (the process, the output folder,
-    the command)."""
+    the command). The sixth video is long (100 clips; the others 4): the first five files are written within a
+    few tenths of a second on 2 cores, and a test stopping the run at its first file must find it still running."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(6):
-        make_video(src / f"clip{i}.mp4", frames=48, height=64, width=64, fps=24)
+        make_video(src / f"clip{i}.mp4", frames=48 if i < 5 else 1200, height=64, width=64, fps=24)
     out = tmp_path / "tokens"
     cmd = [sys.executable, "-c", FOREGROUND, "encode", str(src), *map(str, inputs), "-o", str(out),
            "--grid", "4x64x64", "--tokens", "64", "--batch-size", "1", "--workers", "1", *options, *RANDOM]  # fmt: skip
@@ -507,9 +508,9 @@ def test_a_stop_does_not_wait_for_a_decoder_stuck_in_a_read(kind, tmp_path):
     exits; it used to wait for the stuck read for ever (for the stall limit when one is set)."""
     hangs = make_hanging(tmp_path)
     proc, out, _ = encode_until_the_first_file(tmp_path, "--worker-kind", kind, "--workers", "2", "--stall-timeout",
-                                               "0", inputs=[hangs], files=5)  # fmt: skip
-    try:  # (the sixth video's file waits for the next clip, which the stuck file holds up)
-        assert len(list(out.glob("*.safetensors"))) == 5 and proc.poll() is None
+                                               "0", inputs=[hangs], files=6)  # fmt: skip
+    try:  # every file but the stuck one is written (the engine runs a batch held for want of clips after a second)
+        assert len(list(out.glob("*.safetensors"))) == 6 and proc.poll() is None
         wait_for_a_reader_of_hanging(tmp_path)  # the second worker is in the stuck file
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=90)  # a stuck run would never end
@@ -928,14 +929,14 @@ def test_rotation_display_gives_the_tokens_of_the_turned_frames_is_recorded_and_
 
 def test_a_file_whose_read_hangs_fails_alone_after_the_stall_timeout(folder, tmp_path, capsys):
     hangs = make_hanging(tmp_path)
-    try:
+    try:  # (3 s: the thread started after the stall has as long for the next file, which it must open and decode)
         code, stdout, _ = run("encode", hangs, folder / "moving.mp4", "-o", tmp_path / "tok", *GRID, *RANDOM,
-                              "--workers", "1", "--stall-timeout", "1", capsys=capsys)  # fmt: skip
+                              "--workers", "1", "--stall-timeout", "3", capsys=capsys)  # fmt: skip
         assert code == 1 and "encoded 1 file(s)" in stdout and "1 failed" in stdout
-        assert f"FAILED {hangs}: no clip decoded for 1 s; given up" in stdout
+        assert f"FAILED {hangs}: no clip decoded for 3 s; given up" in stdout
         code, stdout, _ = run("eval", hangs, folder / "moving.mp4", "--tokens", "4", "--grid", "4x32x32", *RANDOM,
-                              "--workers", "1", "--stall-timeout", "1", capsys=capsys)  # fmt: skip
-        assert code == 1 and f"FAILED {hangs}: no clip decoded for 1 s; given up" in stdout
+                              "--workers", "1", "--stall-timeout", "3", capsys=capsys)  # fmt: skip
+        assert code == 1 and f"FAILED {hangs}: no clip decoded for 3 s; given up" in stdout
         assert stdout.splitlines()[1].split()[-1] == "2"  # moving.mp4's two clips scored
     finally:
         release_hanging(tmp_path)

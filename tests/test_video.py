@@ -1722,12 +1722,14 @@ def test_a_thread_that_comes_late_to_a_file_gives_it_the_whole_stall_limit(monke
     """The only thread is still finishing a slow clip of a file the consumer left: the next file's clock starts
     when the thread comes to it, not when the consumer began to wait."""
 
-    def slow(path):
-        time.sleep(0.6 if path == "0" else 0.3)
+    def slow(path):  # file 0's first clip at once, its next in 1 s; each of file 1's in 1.2 s
+        time.sleep((1.0 if made[path] else 0.0) if path == "0" else 1.2)
 
-    _fake_clips(monkeypatch, clips_per_file=3, fail=slow)
+    # the thread comes to file 1 well within the limit (1 s of 2: no thread is added for it); its first clip comes
+    # 2.2 s after the consumer began to wait, 1.2 s after the thread came to the file
+    made = _fake_clips(monkeypatch, clips_per_file=3, fail=slow)
     got = []
-    for path, feed in video.stream_videos(["0", "1"], workers=1, prefetch=1, stall_seconds=0.8, frames=1, height=1,
+    for path, feed in video.stream_videos(["0", "1"], workers=1, prefetch=1, stall_seconds=2.0, frames=1, height=1,
                                           width=1):  # fmt: skip
         for clip in feed:
             got.append(clip.item())
@@ -1756,9 +1758,9 @@ def test_a_file_that_no_thread_comes_to_waits_for_a_new_one_instead_of_failing(m
 
 def test_the_stall_limit_counts_only_the_wait_for_the_decoder(monkeypatch):
     _fake_clips(monkeypatch, clips_per_file=3)
-    for _, feed in video.stream_videos(["0"], workers=1, prefetch=1, stall_seconds=0.2, frames=1, height=1, width=1):
+    for _, feed in video.stream_videos(["0"], workers=1, prefetch=1, stall_seconds=0.5, frames=1, height=1, width=1):
         for _ in feed:
-            time.sleep(0.4)  # the consumer is slow (the model): its clips were decoded long before it asks
+            time.sleep(1.0)  # the consumer is slow (the model): its clips were decoded long before it asks
     assert not feed.stalled
     ages = video.stream_videos(["0"], workers=1, prefetch=1, stall_seconds=1e10, frames=1, height=1, width=1)
     assert [sum(1 for _ in feed) for _, feed in ages] == [3]  # no timeout too long for the platform's clock
@@ -1970,19 +1972,19 @@ def test_interleaved_files_close_their_stream_at_the_end_and_do_not_count_the_co
     def slow(path):
         threads.add(threading.current_thread())
         if path == "1" and made[path] == 1:
-            time.sleep(1.0)  # a slow read, not a stuck one
+            time.sleep(2.0)  # a slow read, not a stuck one
 
     threads = set()
     made = _fake_clips(monkeypatch, clips_per_file=3, fail=slow)
     before = set(threading.enumerate())
     events = []
-    files = video.interleaved_videos(["0", "1", "2"], workers=1, capacity=1, stall_seconds=0.5, frames=1, height=1,
+    files = video.interleaved_videos(["0", "1", "2"], workers=1, capacity=1, stall_seconds=1.0, frames=1, height=1,
                                      width=1)  # fmt: skip
     for number, kind, _ in files:
         events.append((number, kind))
         if (number, kind) == (1, "clip"):
             files.drop(1)
-            time.sleep(0.9)  # the consumer's own time, longer than the stall limit
+            time.sleep(1.8)  # the consumer's own time, longer than the stall limit
     assert (1, "clip") in events and len(threads) == 1
     assert [k for n, k in events if n == 2] == ["open", "clip", "clip", "clip", "end"]
     for thread in set(threading.enumerate()) - before:
@@ -1995,9 +1997,9 @@ def test_watched_clips_give_up_on_a_reader_that_stalls(monkeypatch):
     release, _ = _stalling(monkeypatch, stalls_after=2)
     try:
         reader = video.ClipReader("1", frames=1, height=1, width=1)
-        clips = video.watched_clips(reader, stall_seconds=0.3)
+        clips = video.watched_clips(reader, stall_seconds=1.0)
         assert [next(clips).item() for _ in range(2)] == [1.0, 1.0]
-        with pytest.raises(VideoError, match="1: no clip decoded for 0.3 s"):
+        with pytest.raises(VideoError, match="1: no clip decoded for 1 s"):
             next(clips)
     finally:
         release.set()
@@ -2207,6 +2209,7 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
         kwargs |= dict(preprocess="device", upload="i420")
     threads = list(iter_videos(paths, workers=2, **kwargs))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
     stream = iter_videos(paths, workers=2, worker_kind="process", **kwargs)
     forkserver._forkserver._stop()
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << (14 if upload == "i420" else 16), hard))
@@ -2215,7 +2218,7 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     try:
-        workers = {f"torch_{child.pid}_" for child in multiprocessing.active_children()}
+        workers = {f"torch_{child.pid}_" for child in set(multiprocessing.active_children()) - before}
         assert len(workers) == 2
         processes = [first, *stream]
     finally:
@@ -2242,11 +2245,12 @@ def test_worker_processes_are_forked_from_a_server_that_has_imported_torch_and_k
 
     video.start_process_server()  # (under the $TMPDIR of before)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
     stream = video.stream_videos([files["index24"]], workers=1, prefetch=1, capacity=1, worker_kind="process",
                                  frames=1, height=8, width=8, fps=24)  # fmt: skip
     _, feed = next(stream)
     next(iter(feed))
-    (child,) = multiprocessing.active_children()
+    (child,) = set(multiprocessing.active_children()) - before
     server = forkserver._forkserver._forkserver_pid
     with open(f"/proc/{child.pid}/stat") as f:
         assert int(f.read().rsplit(")", 1)[1].split()[1]) == server  # its parent
@@ -2273,11 +2277,12 @@ def test_a_worker_process_stuck_in_a_file_fails_it_alone_and_is_replaced(files, 
     """A decoding process whose read hangs fails that file after the stall limit and is killed; a new process
     reads the next file. Starting a process (seconds of imports, twice here) is not counted as a stall."""
     paths = [str(videos.make_hanging(tmp_path)), files["index30"]]
-    stream = video.stream_videos(paths, workers=1, prefetch=1, capacity=1, worker_kind="process", stall_seconds=1.0,
+    before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
+    stream = video.stream_videos(paths, workers=1, prefetch=1, capacity=1, worker_kind="process", stall_seconds=3.0,
                                  frames=1, height=8, width=8, fps=24)  # fmt: skip
     _, feed = next(stream)
-    (child,) = multiprocessing.active_children()
-    with pytest.raises(VideoError, match=r"hangs.mp4: no clip decoded for 1 s; given up"):
+    (child,) = set(multiprocessing.active_children()) - before
+    with pytest.raises(VideoError, match=r"hangs.mp4: no clip decoded for 3 s; given up"):
         next(iter(feed))
     _, feed = next(stream)
     assert sum(1 for _ in feed) == 30
@@ -2604,7 +2609,9 @@ def test_the_process_server_waits_a_moment_for_its_killed_run_to_read_as_ended(t
     folder.mkdir()
     ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     try:
-        _server._remove_folder_of_killed_run(os.getpid(), ending.pid, str(folder))  # it is running when looked at
+        # it is running when looked at; the wait is longer than the default, which an interpreter's start (counted
+        # here, not for a killed run) may take much of on a loaded machine
+        _server._remove_folder_of_killed_run(os.getpid(), ending.pid, str(folder), wait=10.0)
         assert not folder.exists() and ending.poll() is not None
     finally:
         ending.kill()
@@ -2718,12 +2725,13 @@ def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeyp
     run's folder if the run has one, which must stay: removing it lost every later clip of that worker)."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' (given the run's environment: they read it anew)
     own = multiprocessing.util.get_temp_dir()  # the run has a folder of its own
+    before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
     stream = video.stream_videos([files["index24"], files["index30"]], workers=1, prefetch=1, capacity=1,
                                  worker_kind="process", frames=1, height=8, width=8, fps=24)  # fmt: skip
     _, feed = next(stream)
     clips = iter(feed)
     next(clips)
-    (child,) = multiprocessing.active_children()
+    (child,) = set(multiprocessing.active_children()) - before
     child.kill()
     with pytest.raises(VideoError, match=r"index24.mp4: the decoding process (died|failed)"):
         sum(1 for _ in clips)
@@ -2761,13 +2769,14 @@ def test_a_worker_process_that_cannot_be_started_again_fails_files_not_the_run(f
 
     monkeypatch.setattr(video._DecoderProcess, "_start", starting)
     paths = [files["index24"], files["index30"], files["index24"]]
+    before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
     stream = video.stream_videos(paths, workers=1, prefetch=1, capacity=1, worker_kind="process", frames=1,
                                  height=8, width=8, fps=24)  # fmt: skip
     _, feed = next(stream)
     clips = iter(feed)
     next(clips)
     refuse[0] = True
-    (child,) = multiprocessing.active_children()
+    (child,) = set(multiprocessing.active_children()) - before
     child.kill()
     with pytest.raises(VideoError, match=r"index24.mp4: the decoding process (died|failed)"):
         sum(1 for _ in clips)
@@ -2951,34 +2960,32 @@ def test_held_bytes_admits_in_order_up_to_its_limit_and_a_feed_with_nothing_queu
     held = video.HeldBytes(10)
     queued = {"first": True, "second": True, "third": False}  # whether each one's feed has a clip queued
     big = held.reserve(25, alone=lambda: True)  # its feed has nothing queued: it goes on, whatever the limit
-    order, started = [], []
+    order = []
 
     def take(name, nbytes):
-        started.append(name)
         reservation = held.reserve(nbytes, alone=lambda: not queued[name])
         order.append(name)
         return reservation
 
-    for name, nbytes in (("first", 4), ("second", 1), ("third", 100)):
-        threading.Thread(target=take, args=(name, nbytes), daemon=True).start()
-        deadline = time.monotonic() + 5
-        while name not in started and time.monotonic() < deadline:
+    def until(done):
+        deadline = time.monotonic() + 10
+        while not done() and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.2)  # (each asks before the next)
-    assert order == ["third"] and held.bytes == 125  # first and second wait (second behind first), third went on
+
+    # each asks before the next: first and second wait (second behind first), third goes on
+    for name, nbytes, waiting in (("first", 4, 1), ("second", 1, 2), ("third", 100, 2)):
+        threading.Thread(target=take, args=(name, nbytes), daemon=True).start()
+        until(lambda: len(held._waiting) == waiting and (name != "third" or "third" in order))  # noqa: B023
+    assert order == ["third"] and held.bytes == 125
     big.release()
     big.release()  # once only
     time.sleep(0.3)
     assert order == ["third"] and held.bytes == 100  # 100 + 4 > 10 still
     queued["first"] = False  # the consumer took first's queued clip
-    deadline = time.monotonic() + 5
-    while "first" not in order and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: "first" in order)
     assert order[:2] == ["third", "first"]  # (second then fits, or is alone: either way it goes next)
     queued["second"] = False
-    deadline = time.monotonic() + 5
-    while len(order) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: len(order) == 3)
     assert order == ["third", "first", "second"] and held.bytes == 105 and held.most == 125
     stop = threading.Event()
     stop.set()
