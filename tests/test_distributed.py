@@ -717,11 +717,54 @@ def tokens_of(out) -> list[torch.Tensor]:
 
 
 class _Rows:
-    def __init__(self, rows):
-        self._rows = rows
+    """A pass as :func:`_collect` sees it (:class:`distributed._Run`), of ``rows``, its encode workers' times in
+    ``ledger``."""
+
+    def __init__(self, rows, ledger: FaultLedger | None = None):
+        self._rows, self.ledger = rows, ledger
 
     def rows(self):
         yield from self._rows
+
+    def encoders_busy(self):
+        return None if self.ledger is None else self.ledger.busy_total()
+
+
+def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_workers_were(videos, tmp_path):
+    """Each encode worker tells the ledger its time on batches and the time since its first batch; the driver's
+    bar and summary say model-bound where the workers were busy half that time or more, else decode-bound."""
+    ledger = FaultLedger()
+    encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4, ledger=ledger)
+    first = encoder(clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32))
+    assert ledger.busy_total() == (encoder.busy, encoder.busy, 1) and encoder.busy > 0  # one batch: busy throughout
+    busy = encoder.busy
+    time.sleep(0.3)  # it waits for its next batch
+    encoder(clip_batch([videos["good"] / "short.mp4"], SETTINGS, torch.float32))
+    seconds, since, workers = ledger.busy_total()
+    assert seconds == encoder.busy > busy and since >= seconds + 0.3 and workers == 1
+
+    rows = [dict(zip(first, values, strict=True)) for values in zip(*first.values(), strict=True)]
+    todo = [(videos["good"] / "long.mp4", tmp_path / "long.safetensors")]
+    summary = Summary()
+    with Manifest(tmp_path / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
+        _collect(_Rows(rows, FaultLedger()), assembly, decode_retries=2, actor_restarts=8)
+    assert summary.done == [str(todo[0][0])] and summary.limited_by == ""  # no worker said how busy it was
+    with Manifest(tmp_path / "again.jsonl", summary := Summary()) as manifest:
+        assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
+        ledger = FaultLedger()
+        ledger.busy("a:1", 3.0, 4.0)
+        _collect(_Rows(rows, ledger), assembly, decode_retries=2, actor_restarts=8)
+        assert assembly.limits.clips == 6 and assembly.limits.ended == (3.0, 4.0, 1)
+        assert assembly.limits.describe().endswith(", model-bound (encode actors busy 75%)")
+        ledger.busy("a:2", 0.0, 4.0)  # a second pass: its worker waited throughout
+        _collect(_Rows([], ledger), assembly, decode_retries=2, actor_restarts=8)
+        assert assembly.limits.ended == (6.0, 12.0, 3)
+        assert assembly.limits.limited_by() == "model-bound (encode actors busy 50%)"
+        assembly.limits.now = (0.0, 1.0, 1)  # a third, as last asked
+        assembly.limits.pass_ended(None)  # (its ledger did not answer at its end)
+        assert assembly.limits.limited_by() == ("decode-bound (encode actors busy 46%): the decode tasks want more "
+                                                "CPUs (nodes)")  # fmt: skip
 
 
 def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(videos, tmp_path):
@@ -1000,6 +1043,7 @@ def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_
     summary = encode_dataset(model, [(path, "long")], tmp_path / "ray", SETTINGS, load_model=LOAD, device="cpu",
                              ray_address=cluster["address"], batch_size=8, parts=3)  # fmt: skip
     assert summary.done == [str(path)] and summary.duplicates == 0  # (each task read its own clips)
+    assert re.fullmatch(r"(model|decode)-bound \(encode actors busy \d+%\)(: .+)?", summary.limited_by)
     assert token_bytes(tmp_path / "ray") == token_bytes(tmp_path / "one")
     assert read_manifest(tmp_path / "ray" / MANIFEST_NAME)[0]["clips"] == 50
     assert_nothing_spilled(cluster)

@@ -59,6 +59,7 @@ from .model import TiTok
 from .pipeline import (
     GIVE_UP_AFTER,
     ClipSettings,
+    Every,
     Summary,
     Writes,
     _device_fault,
@@ -88,6 +89,7 @@ PLAN_SECONDS = 60.0  # the longest a job waits for its files' plans (or the stal
 # one whose read hangs among them, is read whole by one task
 WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row came for this long
 PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
+BUSY_SECONDS = 5.0  # the driver asks how busy the encode actors are (for its bar) at most this often
 QUEUED_ROWS = 1024  # result rows read ahead of the driver
 STOP_GRACE_SECONDS = 10.0  # how long a reader may take to close Ray Data's iterator itself when the driver stops
 STOP_SECONDS = 30.0  # the longest the driver waits for its reader thread to leave Ray Data once stopped there
@@ -206,6 +208,7 @@ class FaultLedger:
     def __init__(self) -> None:
         self._faults: dict[tuple[int, int], tuple[int, str]] = {}
         self._encoders: dict[str, Any] = {}
+        self._busy: dict[str, tuple[float, float]] = {}  # encode worker -> seconds on batches, since its first
 
     def enlist(self, actor_id: str, actor) -> None:
         self._encoders[actor_id] = actor  # a restarted actor keeps its id
@@ -220,6 +223,14 @@ class FaultLedger:
     def add(self, keys: Sequence[tuple[int, int]], error: str) -> None:
         for key in keys:
             self._faults[key] = (self._faults.get(key, (0, ""))[0] + 1, error)
+
+    def busy(self, worker: str, seconds: float, since_first: float) -> None:
+        """An encode worker's time on batches so far, and the time since its first batch came."""
+        self._busy[worker] = (seconds, since_first)
+
+    def busy_total(self) -> tuple[float, float, int]:
+        """The encode workers' seconds on batches and seconds since their first, summed; how many reported."""
+        return sum(b for b, _ in self._busy.values()), sum(w for _, w in self._busy.values()), len(self._busy)
 
 
 class ClipEncoder:
@@ -271,8 +282,21 @@ class ClipEncoder:
         self.name = worker_name()
         self.failed_in_a_row = 0  # clips that failed alone one after another, across batches (a file counted once)
         self.failed_files: dict[int, str] = {}  # file -> why its first clip to fail alone failed (the latest few)
+        self.busy, self.first = 0.0, None  # seconds on batches; when its first batch came (time.perf_counter)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        """The batch's rows encoded; the time it took is told to the ledger, which the driver asks how busy the
+        encode workers are (what limits the job)."""
+        began = time.perf_counter()
+        self.first = began if self.first is None else self.first
+        try:
+            return self._rows(batch)
+        finally:
+            now = time.perf_counter()
+            self.busy += now - began
+            self.ledger.busy(self.name, self.busy, now - self.first)
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [dict(zip(COLUMNS, values, strict=True)) for values in zip(*(batch[c] for c in COLUMNS), strict=True)]
         clips = {(int(r["file"]), int(r["clip"])): r for r in rows if r["kind"] == "clip"}
         out = [{**r, "data": b""} for r in rows if r["kind"] != "clip"]
@@ -368,6 +392,10 @@ class _RemoteLedger:
         import ray
 
         ray.get(self.handle.add.remote(keys, error))
+
+    def busy(self, worker: str, seconds: float, since_first: float) -> None:
+        with contextlib.suppress(Exception):  # (for the bar only: never at the cost of the batch's rows)
+            self.handle.busy.remote(worker, seconds, since_first)  # not waited for (one actor's calls run in order)
 
 
 class _RayClipEncoder(ClipEncoder):
@@ -466,6 +494,41 @@ class _Pending:
 _ENDED_WRITTEN, _ENDED_FAILED, _ENDED_AGAIN = 1, 2, 3
 
 
+class EncodersBusy:
+    """What limits a Ray job, for its bar and its summary: the encode workers' share of their time spent on
+    batches, each counted from its first batch, summed over the workers of every pass (:meth:`FaultLedger.busy`).
+    Over half: the model limits the job; else clips come too slowly for it (decode-bound: the decode tasks want
+    more CPUs)."""
+
+    def __init__(self, start: float, every: float = BUSY_SECONDS):
+        self.start, self.due = start, Every(every, start)  # due: whether to ask the ledger again
+        self.clips = 0  # encoded, as the driver took them
+        self.ended = (0.0, 0.0, 0)  # FaultLedger.busy_total of the passes that ended
+        self.now = (0.0, 0.0, 0)  # of the pass running, as last asked
+
+    def pass_ended(self, total: tuple[float, float, int] | None) -> None:
+        """A pass ended, its ledger's last ``total`` (None: it did not answer; as last asked)."""
+        last = self.now if total is None else total
+        self.ended, self.now = tuple(a + b for a, b in zip(self.ended, last, strict=True)), (0.0, 0.0, 0)
+
+    def describe(self) -> str:
+        """E.g. "412.31 clips/s, decode-bound (encode actors busy 23%): the decode tasks want more CPUs (nodes)"."""
+        wall = max(time.perf_counter() - self.start, 1e-9)
+        text = f"{self.clips / wall:.2f} clips/s"
+        busy, since, _ = (a + b for a, b in zip(self.ended, self.now, strict=True))
+        if not since:  # no batch reported yet
+            return text
+        said = f"encode actors busy {min(busy / since, 1.0):.0%}"
+        if busy / since >= 0.5:
+            return f"{text}, model-bound ({said})"
+        return f"{text}, decode-bound ({said}): the decode tasks want more CPUs (nodes)"
+
+    def limited_by(self) -> str:
+        """The summary's line: what limited the job, or "" (nothing encoded, or no batch reported)."""
+        text = self.describe()
+        return text.split(", ", 1)[1] if self.clips and ", " in text else ""
+
+
 class _Assembly:
     """The driver's side: rows in any order -> one token file per input, manifest lines, duplicates counted."""
 
@@ -478,6 +541,7 @@ class _Assembly:
         self.open: dict[int, _Pending] = {}  # files with rows back and not yet ended: a state is made when needed
         self.ended = bytearray(len(todo))  # per file: 0 (not ended), _ENDED_WRITTEN, _ENDED_FAILED or _ENDED_AGAIN
         self.again: list[int] = []  # split files to be read again whole (_read_again)
+        self.limits = EncodersBusy(time.perf_counter())
 
     def take(self, row: dict) -> None:
         number, kind, clip = int(row["file"]), row["kind"], int(row["clip"])
@@ -497,6 +561,7 @@ class _Assembly:
                 return
             state.indices[clip] = torch.frombuffer(bytearray(row["data"]), dtype=torch.int32)
             state.encoded_by.add(row["encoded_by"])
+            self.limits.clips += 1
         elif kind == "end":
             end = json.loads(row["info"])
             if end.get("part", 0) in state.ends:
@@ -693,6 +758,7 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
             if again:  # split files whose parts disagreed: each read whole by one task
                 with job(numbers=again, parts=1) as run:
                     _collect(run, assembly, decode_retries, actor_restarts)
+        manifest.summary.limited_by = assembly.limits.limited_by()
 
 
 def _parts_per_file(nodes: list[dict], files: int, actor_cpus: float, cpus_per_decode: float) -> int:
@@ -781,6 +847,11 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     try:
         for row in run.rows():
             job.take(row)
+            if job.limits.due():
+                job.limits.now = run.encoders_busy() or job.limits.now
+                job.bar.set_postfix_str(job.limits.describe())
+        job.limits.pass_ended(run.encoders_busy())
+        job.bar.set_postfix_str(job.limits.describe(), refresh=False)
     except Exception as e:
         stopped = f"not encoded: the job stopped ({_one_line(e)})"
         raise RuntimeError(f"the Ray job stopped: {_one_line(e)}") from e
@@ -1004,6 +1075,13 @@ class _Run:
             except queue.Full:
                 continue
         return False
+
+    def encoders_busy(self) -> tuple[float, float, int] | None:
+        """The pass's :meth:`FaultLedger.busy_total`, or None where the ledger does not answer within PING_SECONDS."""
+        try:
+            return tuple(self.ray.get(self.ledger.busy_total.remote(), timeout=PING_SECONDS))
+        except Exception:
+            return None
 
     def encoders_lost(self) -> str:
         """Why no clip can be encoded any more, or "": every actor of the pool has enlisted and died for good (one

@@ -972,16 +972,30 @@ def _device_fault(error: BaseException) -> bool:
 PLURALS = {"thread": "threads", "process": "processes"}
 
 
+class Every:
+    """Called: whether ``seconds`` have passed since it last said so (or since ``start``, a time.perf_counter)."""
+
+    def __init__(self, seconds: float, start: float):
+        self.seconds, self._last = seconds, start
+
+    def __call__(self) -> bool:
+        now = time.perf_counter()
+        if now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True
+
+
 class Limits:
     """What limits an encode run, for its progress bar: clips/s, and the share of the wall time the model's feeder
     spent waiting for decoded clips (over half: decoding is the bottleneck, and the hint says what to try)."""
 
     def __init__(self, start: float, decoder: str, device_type: str, every: float = 1.0):
-        self.start, self.decoder, self.device_type, self.every = start, decoder, device_type, every
+        self.start, self.decoder, self.device_type = start, decoder, device_type
+        self.due = Every(every, start)  # whether the description is due to be shown again
         self.workers, self.worker_kind = 1, "thread"
         self.clips = 0
         self.waited = 0.0  # seconds spent waiting for the next clip (or file) from the decoders
-        self._shown = start
 
     def waiting(self, items: Iterable) -> Iterator:
         """``items``, with the wall time spent waiting for each counted."""
@@ -990,14 +1004,6 @@ class Limits:
             self.waited += spent
 
         return each_timed(items, time.perf_counter, count)
-
-    def due(self) -> bool:
-        """Whether ``every`` seconds have passed since the description was last shown."""
-        now = time.perf_counter()
-        if now - self._shown < self.every:
-            return False
-        self._shown = now
-        return True
 
     def describe(self) -> str:
         """E.g. "12.3 clips/s, decode-bound (waits 71%, 4 decoding threads): try --workers 16 or --decoder nvdec"."""
