@@ -717,54 +717,48 @@ def tokens_of(out) -> list[torch.Tensor]:
 
 
 class _Rows:
-    """A pass as :func:`_collect` sees it (:class:`distributed._Run`), of ``rows``, its encode workers' times in
-    ``ledger``."""
+    """A pass as :func:`_collect` sees it (:class:`distributed._Run`), of ``rows``, from a pool of ``actors``."""
 
-    def __init__(self, rows, ledger: FaultLedger | None = None):
-        self._rows, self.ledger = rows, ledger
+    def __init__(self, rows, actors: int = 1):
+        self._rows, self.actors = rows, actors
 
     def rows(self):
         yield from self._rows
 
-    def encoders_busy(self):
-        return None if self.ledger is None else self.ledger.busy_total()
 
-
-def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_workers_were(videos, tmp_path):
-    """Each encode worker tells the ledger its time on batches and the time since its first batch; the driver's
-    bar and summary say model-bound where the workers were busy half that time or more, else decode-bound."""
-    ledger = FaultLedger()
-    encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4, ledger=ledger)
-    first = encoder(clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32))
-    assert ledger.busy_total() == (encoder.busy, encoder.busy, 1) and encoder.busy > 0  # one batch: busy throughout
-    busy = encoder.busy
-    time.sleep(0.3)  # it waits for its next batch
-    encoder(clip_batch([videos["good"] / "short.mp4"], SETTINGS, torch.float32))
-    seconds, since, workers = ledger.busy_total()
-    assert seconds == encoder.busy > busy and since >= seconds + 0.3 and workers == 1
-
-    rows = [dict(zip(first, values, strict=True)) for values in zip(*first.values(), strict=True)]
+def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_were(videos, tmp_path):
+    """The actors' busy rows (their seconds on batches) against their pool's time since the pass's first row, over
+    the passes: model-bound at MODEL_BOUND or more, else decode-bound; nothing said before LIMIT_SECONDS of rows.
+    A busy row is nothing else to the driver: the file's token file is the same."""
+    encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4)
+    batch = encoder(clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32))
+    assert encoder.busy > 0
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    busy = {"file": -1, "clip": -1, "kind": "busy", "data": b"", "info": "0.5", "decoded_by": "", "encoded_by": "a:1"}
     todo = [(videos["good"] / "long.mp4", tmp_path / "long.safetensors")]
     summary = Summary()
     with Manifest(tmp_path / MANIFEST_NAME, summary) as manifest:
         assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
-        _collect(_Rows(rows, FaultLedger()), assembly, decode_retries=2, actor_restarts=8)
-    assert summary.done == [str(todo[0][0])] and summary.limited_by == ""  # no worker said how busy it was
-    with Manifest(tmp_path / "again.jsonl", summary := Summary()) as manifest:
-        assembly = _Assembly(LOAD(), "auto", "cpu", SETTINGS, todo, manifest, _progress(len(todo), "file"))
-        ledger = FaultLedger()
-        ledger.busy("a:1", 3.0, 4.0)
-        _collect(_Rows(rows, ledger), assembly, decode_retries=2, actor_restarts=8)
-        assert assembly.limits.clips == 6 and assembly.limits.ended == (3.0, 4.0, 1)
-        assert assembly.limits.describe().endswith(", model-bound (encode actors busy 75%)")
-        ledger.busy("a:2", 0.0, 4.0)  # a second pass: its worker waited throughout
-        _collect(_Rows([], ledger), assembly, decode_retries=2, actor_restarts=8)
-        assert assembly.limits.ended == (6.0, 12.0, 3)
-        assert assembly.limits.limited_by() == "model-bound (encode actors busy 50%)"
-        assembly.limits.now = (0.0, 1.0, 1)  # a third, as last asked
-        assembly.limits.pass_ended(None)  # (its ledger did not answer at its end)
-        assert assembly.limits.limited_by() == ("decode-bound (encode actors busy 46%): the decode tasks want more "
-                                                "CPUs (nodes)")  # fmt: skip
+        _collect(_Rows([busy, *rows[:3], busy, *rows[3:]], actors=2), assembly, decode_retries=2, actor_restarts=8)
+    assert summary.done == [str(todo[0][0])] and not summary.failed and summary.duplicates == 0
+    assert len(load_tokens(todo[0][1]).all_indices()) == 6
+    limits = assembly.limits
+    assert limits.clips == 6 and limits.ended[0] == 0.5 and limits.ended[1] == 2 * limits.ended[2]
+    assert limits.ended[2] < distributed.LIMIT_SECONDS and limits.limited_by() == ""  # too short to tell
+
+    limits = distributed.EncodersBusy(time.perf_counter())
+    limits.clips = 1
+    limits.pass_started(2)
+    assert not limits.row({"kind": "tokens"})
+    limits.first -= 20.0  # rows for 20 s
+    for worker, seconds in [("a:1", 30.0), ("a:1", 20.0), ("a:2", 4.0)]:  # (a retried batch's row comes late)
+        assert limits.row({"kind": "busy", "encoded_by": worker, "info": repr(seconds)})
+    assert limits.limited_by() == "model-bound (encode actors busy 85%)"  # 34 s of 2 x 20
+    limits.pass_ended()
+    limits.pass_started(1)  # a second pass, of files tried again alone
+    limits.row({"kind": "busy", "encoded_by": "b:1", "info": "1.0"})
+    limits.first -= 10.0
+    assert limits.limited_by() == "decode-bound (encode actors busy 70%): more CPUs for the decode tasks, or nodes"
 
 
 def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(videos, tmp_path):
@@ -1029,10 +1023,12 @@ def test_a_file_is_read_by_as_many_decode_tasks_as_fill_the_cluster_where_files_
     assert _parts_per_file(nodes, 2, 2, 4) == 3  # (24 - 2) // 4 = 5 tasks of 4 CPUs
 
 
-def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_one_read(cluster, tmp_path):
+def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_one_read(cluster, tmp_path,
+                                                                                          monkeypatch):
     """On the cluster, a file of 50 clips planned once and read by 3 decode tasks, a segment each (16 clips or
     more, from IDR pictures): the token file of one machine's read. Where its plan's worker dies, one task reads
-    it whole: the same token file."""
+    it whole: the same token file. The summary says what limited the job (from the first rows on, here)."""
+    monkeypatch.setattr(distributed, "LIMIT_SECONDS", 0.0)
     path = make_video(tmp_path / "long.mp4", frames=600, height=40, width=48, fps=24, x264=KEYINT)
     from titok_fast.distributed import _unpacked
 

@@ -89,7 +89,8 @@ PLAN_SECONDS = 60.0  # the longest a job waits for its files' plans (or the stal
 # one whose read hangs among them, is read whole by one task
 WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row came for this long
 PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
-BUSY_SECONDS = 5.0  # the driver asks how busy the encode actors are (for its bar) at most this often
+MODEL_BOUND = 0.8  # a job whose encode actors were busy this share of the time or more is limited by the model
+LIMIT_SECONDS = 10.0  # what limits a job is said once its passes have had rows back for this long in all
 QUEUED_ROWS = 1024  # result rows read ahead of the driver
 STOP_GRACE_SECONDS = 10.0  # how long a reader may take to close Ray Data's iterator itself when the driver stops
 STOP_SECONDS = 30.0  # the longest the driver waits for its reader thread to leave Ray Data once stopped there
@@ -208,7 +209,6 @@ class FaultLedger:
     def __init__(self) -> None:
         self._faults: dict[tuple[int, int], tuple[int, str]] = {}
         self._encoders: dict[str, Any] = {}
-        self._busy: dict[str, tuple[float, float]] = {}  # encode worker -> seconds on batches, since its first
 
     def enlist(self, actor_id: str, actor) -> None:
         self._encoders[actor_id] = actor  # a restarted actor keeps its id
@@ -223,14 +223,6 @@ class FaultLedger:
     def add(self, keys: Sequence[tuple[int, int]], error: str) -> None:
         for key in keys:
             self._faults[key] = (self._faults.get(key, (0, ""))[0] + 1, error)
-
-    def busy(self, worker: str, seconds: float, since_first: float) -> None:
-        """An encode worker's time on batches so far, and the time since its first batch came."""
-        self._busy[worker] = (seconds, since_first)
-
-    def busy_total(self) -> tuple[float, float, int]:
-        """The encode workers' seconds on batches and seconds since their first, summed; how many reported."""
-        return sum(b for b, _ in self._busy.values()), sum(w for _, w in self._busy.values()), len(self._busy)
 
 
 class ClipEncoder:
@@ -282,19 +274,14 @@ class ClipEncoder:
         self.name = worker_name()
         self.failed_in_a_row = 0  # clips that failed alone one after another, across batches (a file counted once)
         self.failed_files: dict[int, str] = {}  # file -> why its first clip to fail alone failed (the latest few)
-        self.busy, self.first = 0.0, None  # seconds on batches; when its first batch came (time.perf_counter)
+        self.busy = 0.0  # seconds spent on batches
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        """The batch's rows encoded; the time it took is told to the ledger, which the driver asks how busy the
-        encode workers are (what limits the job)."""
         began = time.perf_counter()
-        self.first = began if self.first is None else self.first
         try:
             return self._rows(batch)
         finally:
-            now = time.perf_counter()
-            self.busy += now - began
-            self.ledger.busy(self.name, self.busy, now - self.first)
+            self.busy += time.perf_counter() - began
 
     def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [dict(zip(COLUMNS, values, strict=True)) for values in zip(*(batch[c] for c in COLUMNS), strict=True)]
@@ -393,10 +380,6 @@ class _RemoteLedger:
 
         ray.get(self.handle.add.remote(keys, error))
 
-    def busy(self, worker: str, seconds: float, since_first: float) -> None:
-        with contextlib.suppress(Exception):  # (for the bar only: never at the cost of the batch's rows)
-            self.handle.busy.remote(worker, seconds, since_first)  # not waited for (one actor's calls run in order)
-
 
 class _RayClipEncoder(ClipEncoder):
     """:class:`ClipEncoder` as a Ray actor: a device fault ends the process, so Ray restarts the actor with a fresh
@@ -404,7 +387,9 @@ class _RayClipEncoder(ClipEncoder):
     (a checkpoint its node cannot read, other weights or dtype) answers its first batch with a ``stop`` row
     saying why, where Ray would restart it over and over to the same end, each time with a traceback. ``exit_once``
     (tests only): a marker path; the first actor to claim it (writing its name there) dies on its 2nd batch;
-    ``exit_always``: every batch."""
+    ``exit_always``: every batch. Its rows of a batch end with a ``busy`` row (``info``: its seconds spent on
+    batches so far), from which the driver tells what limits the job (:class:`EncodersBusy`): in the rows, it
+    comes in their order, and costs no call of its own."""
 
     def __init__(self, *args, ledger_handle, exit_once: str = "", exit_always: bool = False, **kwargs):
         import ray
@@ -428,10 +413,15 @@ class _RayClipEncoder(ClipEncoder):
         if self.exit_always or (self.exit_once and self.batches == 2 and _claim(self.exit_once)):
             os._exit(1)
         try:
-            return super().__call__(batch)
+            columns = super().__call__(batch)
         except DeviceFault as e:
             logging.getLogger(__name__).error("%s; ending this actor so that Ray restarts it", e)
             os._exit(1)
+        busy = {"file": -1, "clip": -1, "kind": "busy", "data": b"", "info": repr(self.busy), "decoded_by": "",
+                "encoded_by": self.name}  # fmt: skip
+        for column in COLUMNS:
+            columns[column].append(busy[column])
+        return columns
 
 
 def _raise_in(thread: threading.Thread, exception: type[BaseException] | None) -> None:
@@ -495,36 +485,56 @@ _ENDED_WRITTEN, _ENDED_FAILED, _ENDED_AGAIN = 1, 2, 3
 
 
 class EncodersBusy:
-    """What limits a Ray job, for its bar and its summary: the encode workers' share of their time spent on
-    batches, each counted from its first batch, summed over the workers of every pass (:meth:`FaultLedger.busy`).
-    Over half: the model limits the job; else clips come too slowly for it (decode-bound: the decode tasks want
-    more CPUs)."""
+    """What limits a Ray job, for its bar and its summary: the encode actors' seconds on batches (their ``busy``
+    rows) against what the pool could have given, its size times the time since the pass's first row came back,
+    summed over the passes. A pool busy MODEL_BOUND of that or more is limited by the model; less, and clips came
+    too slowly for it (decode-bound: more CPUs for the decode tasks, or nodes). Said once the passes have had rows
+    back for LIMIT_SECONDS: a shorter job is mostly its start and its end."""
 
-    def __init__(self, start: float, every: float = BUSY_SECONDS):
-        self.start, self.due = start, Every(every, start)  # due: whether to ask the ledger again
+    def __init__(self, start: float):
+        self.start, self.due = start, Every(1.0, start)  # due: whether the bar is due to be shown again
         self.clips = 0  # encoded, as the driver took them
-        self.ended = (0.0, 0.0, 0)  # FaultLedger.busy_total of the passes that ended
-        self.now = (0.0, 0.0, 0)  # of the pass running, as last asked
+        self.ended = (0.0, 0.0, 0.0)  # of the passes that ended: busy seconds, the pools' seconds, seconds with rows
+        self.actors, self.first, self.busy = 0, None, {}  # of the pass running: its pool's size, its first row's
+        # time (time.perf_counter), each actor's seconds on batches (the latest said)
 
-    def pass_ended(self, total: tuple[float, float, int] | None) -> None:
-        """A pass ended, its ledger's last ``total`` (None: it did not answer; as last asked)."""
-        last = self.now if total is None else total
-        self.ended, self.now = tuple(a + b for a, b in zip(self.ended, last, strict=True)), (0.0, 0.0, 0)
+    def pass_started(self, actors: int) -> None:
+        self.actors, self.first, self.busy = actors, None, {}
+
+    def row(self, row: dict) -> bool:
+        """Take a row: whether it was a ``busy`` row (nothing else to do with it)."""
+        if self.first is None:
+            self.first = time.perf_counter()
+        if row["kind"] != "busy":
+            return False
+        worker = str(row["encoded_by"])
+        self.busy[worker] = max(self.busy.get(worker, 0.0), float(row["info"]))  # (a batch retried says it again)
+        return True
+
+    def totals(self) -> tuple[float, float, float]:
+        """Busy seconds, the pools' seconds and seconds with rows, of every pass so far."""
+        seconds = 0.0 if self.first is None else time.perf_counter() - self.first
+        running = (sum(self.busy.values()), self.actors * seconds, seconds)
+        return tuple(a + b for a, b in zip(self.ended, running, strict=True))
+
+    def pass_ended(self) -> None:
+        self.ended = self.totals()
+        self.pass_started(0)
 
     def describe(self) -> str:
-        """E.g. "412.31 clips/s, decode-bound (encode actors busy 23%): the decode tasks want more CPUs (nodes)"."""
-        wall = max(time.perf_counter() - self.start, 1e-9)
-        text = f"{self.clips / wall:.2f} clips/s"
-        busy, since, _ = (a + b for a, b in zip(self.ended, self.now, strict=True))
-        if not since:  # no batch reported yet
+        """E.g. "412.31 clips/s, decode-bound (encode actors busy 23%): more CPUs for the decode tasks, or nodes"."""
+        text = f"{self.clips / max(time.perf_counter() - self.start, 1e-9):.2f} clips/s"
+        busy, pools, seconds = self.totals()
+        if seconds < LIMIT_SECONDS or not pools:
             return text
-        said = f"encode actors busy {min(busy / since, 1.0):.0%}"
-        if busy / since >= 0.5:
+        share = min(busy / pools, 1.0)
+        said = f"encode actors busy {share:.0%}"
+        if share >= MODEL_BOUND:
             return f"{text}, model-bound ({said})"
-        return f"{text}, decode-bound ({said}): the decode tasks want more CPUs (nodes)"
+        return f"{text}, decode-bound ({said}): more CPUs for the decode tasks, or nodes"
 
     def limited_by(self) -> str:
-        """The summary's line: what limited the job, or "" (nothing encoded, or no batch reported)."""
+        """The summary's line: what limited the job, or "" (nothing encoded, or too short to tell)."""
         text = self.describe()
         return text.split(", ", 1)[1] if self.clips and ", " in text else ""
 
@@ -547,6 +557,8 @@ class _Assembly:
         number, kind, clip = int(row["file"]), row["kind"], int(row["clip"])
         if kind == "stop":  # an encode worker's fault no clip explains (ClipEncoder): as on one machine, it stops
             raise RuntimeError(row["info"])  # the job (its files not yet ended are listed as not encoded)
+        if self.limits.row(row):
+            return
         if self.ended[number]:
             if self.ended[number] == _ENDED_WRITTEN and kind in ("tokens", "end"):
                 self.manifest.summary.duplicates += 1  # a written file's results came back again
@@ -844,13 +856,13 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     with ``settle_decoding`` False leave those whose decoding did not finish unsettled (to be tried again). The
     job stops, its unsettled files not encoded, when every encode actor has died for good while rows are due."""
     stopped = None
+    job.limits.pass_started(run.actors)
     try:
         for row in run.rows():
             job.take(row)
             if job.limits.due():
-                job.limits.now = run.encoders_busy() or job.limits.now
                 job.bar.set_postfix_str(job.limits.describe())
-        job.limits.pass_ended(run.encoders_busy())
+        job.limits.pass_ended()
         job.bar.set_postfix_str(job.limits.describe(), refresh=False)
     except Exception as e:
         stopped = f"not encoded: the job stopped ({_one_line(e)})"
@@ -1075,13 +1087,6 @@ class _Run:
             except queue.Full:
                 continue
         return False
-
-    def encoders_busy(self) -> tuple[float, float, int] | None:
-        """The pass's :meth:`FaultLedger.busy_total`, or None where the ledger does not answer within PING_SECONDS."""
-        try:
-            return tuple(self.ray.get(self.ledger.busy_total.remote(), timeout=PING_SECONDS))
-        except Exception:
-            return None
 
     def encoders_lost(self) -> str:
         """Why no clip can be encoded any more, or "": every actor of the pool has enlisted and died for good (one
