@@ -725,11 +725,15 @@ class _Rows:
     def rows(self):
         yield from self._rows
 
+    def reader_seconds(self):
+        return 0.0, 0.0
+
 
 def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_were(videos, tmp_path):
     """The actors' busy rows (their seconds on batches) against their pool's time since the pass's first row, over
-    the passes: model-bound at MODEL_BOUND or more, else decode-bound; nothing said before LIMIT_SECONDS of rows.
-    A busy row is nothing else to the driver: the file's token file is the same."""
+    the passes: model-bound at MODEL_BOUND or more; else driver-bound where the thread reading the rows waited for
+    room in the driver's queue half its time or more, decode-bound where not; nothing said before LIMIT_SECONDS of
+    rows. A busy row is nothing else to the driver: the file's token file is the same."""
     encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4)
     batch = encoder(clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32))
     assert encoder.busy > 0
@@ -759,6 +763,12 @@ def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_we
     limits.row({"kind": "busy", "encoded_by": "b:1", "info": "1.0"})
     limits.first -= 10.0
     assert limits.limited_by() == "decode-bound (encode actors busy 70%): more CPUs for the decode tasks, or nodes"
+    limits.pass_ended()
+    limits.pass_started(1, lambda: (38.0, 40.0))  # a third, whose reader waited 38 of its 40 s for room
+    limits.row({"kind": "end"})
+    limits.first -= 40.0
+    assert limits.limited_by() == ("driver-bound (encode actors busy 39%, results waited 95% of the time for the "
+                                   "driver): its CPU or its token file writes")  # 35 s of 90; 38 s of 40
 
 
 def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(videos, tmp_path):

@@ -487,19 +487,25 @@ _ENDED_WRITTEN, _ENDED_FAILED, _ENDED_AGAIN = 1, 2, 3
 class EncodersBusy:
     """What limits a Ray job, for its bar and its summary: the encode actors' seconds on batches (their ``busy``
     rows) against what the pool could have given, its size times the time since the pass's first row came back,
-    summed over the passes. A pool busy MODEL_BOUND of that or more is limited by the model; less, and clips came
-    too slowly for it (decode-bound: more CPUs for the decode tasks, or nodes). Said once the passes have had rows
-    back for LIMIT_SECONDS: a shorter job is mostly its start and its end."""
+    summed over the passes. A pool busy MODEL_BOUND of that or more is limited by the model. Less: where the
+    thread reading the rows from Ray Data waited for room in the driver's queue (QUEUED_ROWS) half its time or
+    more (from its first row to its last), the driver held the pipeline back (Ray Data stops feeding actors whose
+    results are not taken); else clips came too slowly for the actors (decode-bound: more CPUs for the decode
+    tasks, or nodes). Said once the passes have had rows back for LIMIT_SECONDS: a shorter job is mostly its start
+    and its end."""
 
     def __init__(self, start: float):
         self.start, self.due = start, Every(1.0, start)  # due: whether the bar is due to be shown again
         self.clips = 0  # encoded, as the driver took them
-        self.ended = (0.0, 0.0, 0.0)  # of the passes that ended: busy seconds, the pools' seconds, seconds with rows
+        # of the passes that ended: busy seconds, the pools' seconds, seconds with rows, the reader's seconds
+        # waiting for room and its seconds reading
+        self.ended = (0.0, 0.0, 0.0, 0.0, 0.0)
         self.actors, self.first, self.busy = 0, None, {}  # of the pass running: its pool's size, its first row's
         # time (time.perf_counter), each actor's seconds on batches (the latest said)
+        self.reader: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)  # its reader's waiting and reading
 
-    def pass_started(self, actors: int) -> None:
-        self.actors, self.first, self.busy = actors, None, {}
+    def pass_started(self, actors: int, reader: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)) -> None:
+        self.actors, self.first, self.busy, self.reader = actors, None, {}, reader
 
     def row(self, row: dict) -> bool:
         """Take a row: whether it was a ``busy`` row (nothing else to do with it)."""
@@ -511,10 +517,11 @@ class EncodersBusy:
         self.busy[worker] = max(self.busy.get(worker, 0.0), float(row["info"]))  # (a batch retried says it again)
         return True
 
-    def totals(self) -> tuple[float, float, float]:
-        """Busy seconds, the pools' seconds and seconds with rows, of every pass so far."""
+    def totals(self) -> tuple[float, ...]:
+        """Busy seconds, the pools' seconds, seconds with rows, the reader's seconds waiting for room and reading,
+        of every pass so far."""
         seconds = 0.0 if self.first is None else time.perf_counter() - self.first
-        running = (sum(self.busy.values()), self.actors * seconds, seconds)
+        running = (sum(self.busy.values()), self.actors * seconds, seconds, *self.reader())
         return tuple(a + b for a, b in zip(self.ended, running, strict=True))
 
     def pass_ended(self) -> None:
@@ -524,13 +531,16 @@ class EncodersBusy:
     def describe(self) -> str:
         """E.g. "412.31 clips/s, decode-bound (encode actors busy 23%): more CPUs for the decode tasks, or nodes"."""
         text = f"{self.clips / max(time.perf_counter() - self.start, 1e-9):.2f} clips/s"
-        busy, pools, seconds = self.totals()
+        busy, pools, seconds, waited, reading = self.totals()
         if seconds < LIMIT_SECONDS or not pools:
             return text
         share = min(busy / pools, 1.0)
         said = f"encode actors busy {share:.0%}"
         if share >= MODEL_BOUND:
             return f"{text}, model-bound ({said})"
+        if reading and waited / reading >= 0.5:
+            held = f"results waited {min(waited / reading, 1.0):.0%} of the time for the driver"
+            return f"{text}, driver-bound ({said}, {held}): its CPU or its token file writes"
         return f"{text}, decode-bound ({said}): more CPUs for the decode tasks, or nodes"
 
     def limited_by(self) -> str:
@@ -856,7 +866,7 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     with ``settle_decoding`` False leave those whose decoding did not finish unsettled (to be tried again). The
     job stops, its unsettled files not encoded, when every encode actor has died for good while rows are due."""
     stopped = None
-    job.limits.pass_started(run.actors)
+    job.limits.pass_started(run.actors, run.reader_seconds)
     try:
         for row in run.rows():
             job.take(row)
@@ -1000,6 +1010,8 @@ class _Run:
         self.shared = shared  # whether decode tasks hold several rows
         self.actors = actors  # the pool's size
         self.stop, self.lock, self.reading, self.reader = threading.Event(), threading.Lock(), False, None
+        self.waited = 0.0  # seconds the reader waited for room for its rows (the driver was behind)
+        self.read_from, self.read_to = None, None  # when it read its first row and its last (time.perf_counter)
 
     def __enter__(self) -> _Run:
         return self
@@ -1067,8 +1079,10 @@ class _Run:
         rows = iter(self.results)
         try:
             for row in rows:
+                self.read_from = time.perf_counter() if self.read_from is None else self.read_from
                 if not self._put(queued, row):
                     return
+            self.read_to = time.perf_counter()
             self._put(queued, _END)
         except _Stop:
             raise
@@ -1080,13 +1094,23 @@ class _Run:
                 close()  # the driver has stopped: so does Ray Data's execution
 
     def _put(self, queued: queue.Queue, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                queued.put(item, timeout=1.0)
-                return True
-            except queue.Full:
-                continue
-        return False
+        began = time.perf_counter()
+        try:
+            while not self.stop.is_set():
+                try:
+                    queued.put(item, timeout=1.0)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+        finally:
+            self.waited += time.perf_counter() - began  # (microseconds where there is room)
+
+    def reader_seconds(self) -> tuple[float, float]:
+        """The reader's seconds waiting for room for its rows, and from its first row to its last (or now)."""
+        if self.read_from is None:
+            return 0.0, 0.0
+        return self.waited, (time.perf_counter() if self.read_to is None else self.read_to) - self.read_from
 
     def encoders_lost(self) -> str:
         """Why no clip can be encoded any more, or "": every actor of the pool has enlisted and died for good (one
