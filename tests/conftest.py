@@ -10,7 +10,7 @@ import videos
 # Under pytest-xdist (the README runs the suite with -n 2), each worker process gets its share of the cores for
 # torch's own threads: two workers each running a core's worth of threads on every core would spin against each
 # other. Tests that set a thread count of their own still do. The processes a test starts (a command, a script)
-# get the same share: with a core's worth each, a command's clips took up to 25 times as long under the suite's load.
+# get the same share: with a core's worth each under the suite's load, a command's clip once took 25 times as long.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _SHARE = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(_SHARE)
