@@ -730,15 +730,17 @@ class _Rows:
 
 
 def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_were(videos, tmp_path):
-    """The actors' busy rows (their seconds on batches) against their pool's time since the pass's first row, over
-    the passes: model-bound at MODEL_BOUND or more; else driver-bound where the thread reading the rows waited for
-    room in the driver's queue half its time or more, decode-bound where not; nothing said before LIMIT_SECONDS of
-    rows. A busy row is nothing else to the driver: the file's token file is the same."""
+    """The actors' busy rows (their seconds on batches) against their pool's time since the pass's first row (or an
+    actor's first batch, if that began earlier), over the passes: model-bound at MODEL_BOUND or more; else
+    driver-bound where the thread reading the rows waited for room in the driver's queue half its time or more,
+    decode-bound where not; nothing said before LIMIT_SECONDS of rows. A busy row is nothing else to the driver: the
+    file's token file is the same."""
     encoder = ClipEncoder(LOAD, SETTINGS, batch_size=4)
     batch = encoder(clip_batch([videos["good"] / "long.mp4"], SETTINGS, torch.float32))
     assert encoder.busy > 0
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    busy = {"file": -1, "clip": -1, "kind": "busy", "data": b"", "info": "0.5", "decoded_by": "", "encoded_by": "a:1"}
+    said = json.dumps({"busy": 0.5, "span": 0.0})
+    busy = {"file": -1, "clip": -1, "kind": "busy", "data": b"", "info": said, "decoded_by": "", "encoded_by": "a:1"}
     todo = [(videos["good"] / "long.mp4", tmp_path / "long.safetensors")]
     summary = Summary()
     with Manifest(tmp_path / MANIFEST_NAME, summary) as manifest:
@@ -750,17 +752,23 @@ def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_we
     assert limits.clips == 6 and limits.ended[0] == 0.5 and limits.ended[1] == 2 * limits.ended[2]
     assert limits.ended[2] < distributed.LIMIT_SECONDS and limits.limited_by() == ""  # too short to tell
 
+    def busy_row(worker, seconds, span=0.0):
+        return {"kind": "busy", "encoded_by": worker, "info": json.dumps({"busy": seconds, "span": span})}
+
     limits = distributed.EncodersBusy(time.perf_counter())
     limits.clips = 1
     limits.pass_started(2)
     assert not limits.row({"kind": "tokens"})
     limits.first -= 20.0  # rows for 20 s
     for worker, seconds in [("a:1", 30.0), ("a:1", 20.0), ("a:2", 4.0)]:  # (a retried batch's row comes late)
-        assert limits.row({"kind": "busy", "encoded_by": worker, "info": repr(seconds)})
+        assert limits.row(busy_row(worker, seconds))
     assert limits.limited_by() == "model-bound (encode actors busy 85%)"  # 34 s of 2 x 20
+    limits.row(busy_row("a:2", 4.0, span=60.0))  # a:2's first batch (its setup) began 60 s ago: 34 s of 2 x 60
+    assert limits.limited_by() == "decode-bound (encode actors busy 28%): more CPUs for the decode tasks, or nodes"
+    limits.first += 40.0  # (back to 20 s)
     limits.pass_ended()
     limits.pass_started(1)  # a second pass, of files tried again alone
-    limits.row({"kind": "busy", "encoded_by": "b:1", "info": "1.0"})
+    limits.row(busy_row("b:1", 1.0))
     limits.first -= 10.0
     assert limits.limited_by() == "decode-bound (encode actors busy 70%): more CPUs for the decode tasks, or nodes"
     limits.pass_ended()

@@ -274,10 +274,11 @@ class ClipEncoder:
         self.name = worker_name()
         self.failed_in_a_row = 0  # clips that failed alone one after another, across batches (a file counted once)
         self.failed_files: dict[int, str] = {}  # file -> why its first clip to fail alone failed (the latest few)
-        self.busy = 0.0  # seconds spent on batches
+        self.busy, self.first = 0.0, None  # seconds spent on batches; when the first began (time.perf_counter)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         began = time.perf_counter()
+        self.first = began if self.first is None else self.first
         try:
             return self._rows(batch)
         finally:
@@ -383,13 +384,13 @@ class _RemoteLedger:
 
 class _RayClipEncoder(ClipEncoder):
     """:class:`ClipEncoder` as a Ray actor: a device fault ends the process, so Ray restarts the actor with a fresh
-    device context. It enlists in the ledger, where the driver finds it. An actor that cannot load the model
-    (a checkpoint its node cannot read, other weights or dtype) answers its first batch with a ``stop`` row
-    saying why, where Ray would restart it over and over to the same end, each time with a traceback. ``exit_once``
-    (tests only): a marker path; the first actor to claim it (writing its name there) dies on its 2nd batch;
-    ``exit_always``: every batch. Its rows of a batch end with a ``busy`` row (``info``: its seconds spent on
-    batches so far), from which the driver tells what limits the job (:class:`EncodersBusy`): in the rows, it
-    comes in their order, and costs no call of its own."""
+    device context. It enlists in the ledger, where the driver finds it. An actor that cannot load the model (a
+    checkpoint its node cannot read, other weights or dtype) answers its first batch with a ``stop`` row saying why,
+    where Ray would restart it over and over to the same end, each time with a traceback. ``exit_once`` (tests only):
+    a marker path; the first actor to claim it (writing its name there) dies on its 2nd batch; ``exit_always``: every
+    batch. Its rows of a batch end with a ``busy`` row (``info``: its seconds spent on batches so far, and since its
+    first began), from which the driver tells what limits the job (:class:`EncodersBusy`): in the rows, it comes in
+    their order, and costs no call of its own."""
 
     def __init__(self, *args, ledger_handle, exit_once: str = "", exit_always: bool = False, **kwargs):
         import ray
@@ -417,7 +418,8 @@ class _RayClipEncoder(ClipEncoder):
         except DeviceFault as e:
             logging.getLogger(__name__).error("%s; ending this actor so that Ray restarts it", e)
             os._exit(1)
-        busy = {"file": -1, "clip": -1, "kind": "busy", "data": b"", "info": repr(self.busy), "decoded_by": "",
+        said = json.dumps({"busy": self.busy, "span": time.perf_counter() - self.first})
+        busy = {"file": -1, "clip": -1, "kind": "busy", "data": b"", "info": said, "decoded_by": "",
                 "encoded_by": self.name}  # fmt: skip
         for column in COLUMNS:
             columns[column].append(busy[column])
@@ -486,13 +488,14 @@ _ENDED_WRITTEN, _ENDED_FAILED, _ENDED_AGAIN = 1, 2, 3
 
 class EncodersBusy:
     """What limits a Ray job, for its bar and its summary: the encode actors' seconds on batches (their ``busy``
-    rows) against what the pool could have given, its size times the time since the pass's first row came back,
-    summed over the passes. A pool busy MODEL_BOUND of that or more is limited by the model. Less: where the
-    thread reading the rows from Ray Data waited for room in the driver's queue (QUEUED_ROWS) half its time or
-    more (from its first row to its last), the driver held the pipeline back (Ray Data stops feeding actors whose
-    results are not taken); else clips came too slowly for the actors (decode-bound: more CPUs for the decode
-    tasks, or nodes). Said once the passes have had rows back for LIMIT_SECONDS: a shorter job is mostly its start
-    and its end."""
+    rows) against what the pool could have given, its size times the pass's time since its first row came back, or
+    since an actor's first batch began if that was earlier (a first batch holds an actor's one-time setup, as graph
+    capture or compilation), summed over the passes. A pool busy MODEL_BOUND of that or more is limited by the model.
+    Less: where the thread reading the rows from Ray Data waited for room in the driver's queue (QUEUED_ROWS) half
+    its time or more (from its first row to its last), the driver held the pipeline back (Ray Data stops feeding
+    actors whose results are not taken); else clips came too slowly for the actors (decode-bound: more CPUs for the
+    decode tasks, or nodes). Said once the passes have had rows back for LIMIT_SECONDS: a shorter job is mostly its
+    start and its end."""
 
     def __init__(self, start: float):
         self.start, self.due = start, Every(1.0, start)  # due: whether the bar is due to be shown again
@@ -509,12 +512,13 @@ class EncodersBusy:
 
     def row(self, row: dict) -> bool:
         """Take a row: whether it was a ``busy`` row (nothing else to do with it)."""
-        if self.first is None:
-            self.first = time.perf_counter()
+        now = time.perf_counter()
+        self.first = now if self.first is None else self.first
         if row["kind"] != "busy":
             return False
-        worker = str(row["encoded_by"])
-        self.busy[worker] = max(self.busy.get(worker, 0.0), float(row["info"]))  # (a batch retried says it again)
+        said, worker = json.loads(row["info"]), str(row["encoded_by"])
+        self.busy[worker] = max(self.busy.get(worker, 0.0), said["busy"])  # (a batch retried says it again)
+        self.first = min(self.first, now - said["span"])  # (durations only: the actors' clocks are their own)
         return True
 
     def totals(self) -> tuple[float, ...]:
@@ -1082,13 +1086,14 @@ class _Run:
                 self.read_from = time.perf_counter() if self.read_from is None else self.read_from
                 if not self._put(queued, row):
                     return
-            self.read_to = time.perf_counter()
             self._put(queued, _END)
         except _Stop:
             raise
         except BaseException as e:  # handed to the driver's thread
             self._put(queued, e)
         finally:
+            if self.read_from is not None:  # its reading ends, however it ends
+                self.read_to = time.perf_counter()
             close = getattr(rows, "close", None)
             if close is not None and self.stop.is_set():
                 close()  # the driver has stopped: so does Ray Data's execution
