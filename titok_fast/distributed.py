@@ -512,13 +512,13 @@ class EncodersBusy:
 
     def row(self, row: dict) -> bool:
         """Take a row: whether it was a ``busy`` row (nothing else to do with it)."""
-        now = time.perf_counter()
-        self.first = now if self.first is None else self.first
+        if self.first is None:
+            self.first = time.perf_counter()
         if row["kind"] != "busy":
             return False
         said, worker = json.loads(row["info"]), str(row["encoded_by"])
         self.busy[worker] = max(self.busy.get(worker, 0.0), said["busy"])  # (a batch retried says it again)
-        self.first = min(self.first, now - said["span"])  # (durations only: the actors' clocks are their own)
+        self.first = min(self.first, time.perf_counter() - said["span"])  # (durations: the actors' clocks are theirs)
         return True
 
     def totals(self) -> tuple[float, ...]:
@@ -1083,7 +1083,8 @@ class _Run:
         rows = iter(self.results)
         try:
             for row in rows:
-                self.read_from = time.perf_counter() if self.read_from is None else self.read_from
+                if self.read_from is None:
+                    self.read_from = time.perf_counter()
                 if not self._put(queued, row):
                     return
             self._put(queued, _END)

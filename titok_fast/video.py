@@ -1039,8 +1039,7 @@ class FeedInterleaver:
         through first, their token files are written as soon as they can be: taken oldest first, a long file whose
         clips come faster than the model takes them (any file, on a CPU) held back every file behind it, read long
         before, and their workers, which had nothing more to read."""
-        held = list(self._held.items())
-        for number, feed in [*((n, f) for n, f in held if f.queued_whole()), *held]:
+        for number, feed in sorted(self._held.items(), key=lambda held: not held[1].queued_whole()):  # (stable)
             item = feed.poll()
             if item is None:
                 continue
