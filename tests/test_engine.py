@@ -673,8 +673,9 @@ def test_a_backend_change_lowers_the_budgets_before_a_stream_is_batched(expected
     engine = Engine(model, mode="static", budgets=(128, 1024), max_clips=8)
     assert engine.budgets == (128, 1024)
     model.backend = "torch"
-    with pytest.warns(UserWarning, match="budgets above 256 rows are dropped"):
+    with pytest.warns(UserWarning, match="budgets above 256 rows are dropped") as warned:
         _, got = engine.encode(videos, COUNTS)
+    assert [w.filename for w in warned] == [__file__]  # the caller's line, not the engine's
     assert engine.budgets == (128,)
     assert all(torch.equal(a, b) for a, b in zip(got["indices"], indices, strict=True))
 

@@ -397,10 +397,11 @@ def test_the_weights_digest_is_dropped_when_the_weights_change():
 
     model = random_tokenizer("tiny", seed=0)
     digest = model.weights_digest
-    model.to(torch.bfloat16)
+    model.to(torch.float64)
     model.precision = "fp8"
     model.precision = "default"
     model.to(torch.float32)
+    model.to(torch.bfloat16)
     assert model.weights_digest == digest
     other = random_tokenizer("tiny", seed=1).state_dict()
     changes = [
@@ -418,6 +419,99 @@ def test_the_weights_digest_is_dropped_when_the_weights_change():
     with torch.no_grad():
         model.encoder.proj_in.weight.add_(1)  # in place: its version counter
     assert model.weights_digest is None
+
+
+def test_a_cast_back_up_drops_the_weights_digest():
+    """``to(bfloat16)`` then ``to(float32)``: every weight is now rounded, and token files named the float32 weights
+    that did not make them (a rerun with the named weights would skip them); likewise on a submodule, and on a copy
+    made in between. A cast that rounds nothing (float32 to float64 and back; bfloat16 weights named as such, then
+    float32) keeps it."""
+    import copy
+
+    from titok_fast.loading import random_tokenizer
+
+    model = random_tokenizer("tiny", seed=0)
+    digest = model.weights_digest
+    for cast in (
+        lambda m: m.to(torch.bfloat16).to(torch.float32),
+        lambda m: m.half().float(),
+        lambda m: (m.encoder.to(torch.bfloat16).float(), m)[1],
+        lambda m: copy.deepcopy(m.bfloat16()).float(),
+        lambda m: m.bfloat16().half(),  # rounded to both: neither's direct cast
+    ):
+        model = random_tokenizer("tiny", seed=0)
+        assert cast(model).weights_digest is None
+    model = random_tokenizer("tiny", seed=0)
+    assert model.double().float().weights_digest == digest
+    assert copy.deepcopy(model.bfloat16()).weights_digest == digest
+    model.weights_digest = "bf16-named"
+    assert model.float().weights_digest == "bf16-named"
+
+
+def test_upstream_attributes_and_keyword_names():
+    """What upstream code reads of the model beside its parameters: the first argument's name ``x``, the encoder's
+    and decoder's sizes, each attention layer's and the config's upstream paths."""
+    model = make_model("tiny")
+    videos = random_videos(MIXED[:2])
+    codes, out = model.encode(x=videos, token_counts=MIXED_TOKENS[:2])
+    assert torch.equal(codes, model.encode(videos, MIXED_TOKENS[:2])[0])
+    recon, _ = model(x=videos, token_counts=MIXED_TOKENS[:2])
+    assert torch.equal(model.decode(x=codes, token_counts=MIXED_TOKENS[:2], grids=MIXED[:2])[0], recon[0])
+    assert torch.equal(model.encoder(x=videos, token_counts=MIXED_TOKENS[:2]), model.encoder(videos, MIXED_TOKENS[:2]))
+    assert len(model.decoder(x=codes, token_counts=MIXED_TOKENS[:2], grids=MIXED[:2])) == 2
+    enc, dec = model.encoder, model.decoder  # tiny: base_thin-like sizes of its own, from the config's table
+    size = model.config.encoder
+    assert (enc.patch_size, enc.token_size, enc.in_channels) == ((4, 8, 8), 5, 3)
+    assert (enc.width, enc.num_layers, enc.heads) == (size.width, size.layers, [size.q_heads, size.kv_heads])
+    assert (dec.token_size, dec.out_channels, dec.width) == (5, 3, model.config.decoder.width)
+    attn = enc.model_layers.attn_layer[0]
+    assert (attn.dim, attn.head_dim, attn.gqa_dim) == (size.width, 64, 64 * size.kv_heads)
+    assert attn.to_qkv.out_features == attn.dim + 2 * attn.gqa_dim  # upstream's split of to_qkv
+    assert enc.model_layers.num_layer == size.layers
+    assert list(model.config.tokenizer.model.patch_size) == [4, 8, 8]
+    assert list(model.config.training.sampling.max_grid) == list(model.config.max_grid)
+    assert model.config.tokenizer.model.encoder_size == model.config.encoder_size
+
+
+def test_numpy_counts_and_grids_are_taken_as_lists(tiny):
+    """Upstream's calls take NumPy arrays of counts and grids (torch.split and its grids loop do); they were refused
+    with a misleading 'expected three integers' for a grid that was three integers."""
+    import numpy as np
+
+    model, _ = tiny
+    videos = random_videos(MIXED)
+    codes, out = model.encode(videos, np.array(MIXED_TOKENS))
+    assert torch.equal(codes, model.encode(videos, MIXED_TOKENS)[0])
+    want = model.decode_indices(out["indices"], MIXED)
+    for grids in (np.array(MIXED), [np.array(g) for g in MIXED]):
+        got = model.decode_indices(out["indices"], grids)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    got = model.decode_indices(torch.cat(out["indices"]), np.array(MIXED_TOKENS), np.array(MIXED))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(ValueError, match=r"grid of video 0 is \[4.0, 8.0, 8.0\]; expected three integers"):
+        model.decode_indices(out["indices"][:1], np.array([[4.0, 8.0, 8.0]]))
+
+
+def test_per_video_indices_are_held_to_the_token_limit(tiny):
+    """Every entry point refuses more than MAX_TOKENS tokens a clip; per-video index tensors went straight to the
+    decoder."""
+    from titok_fast import Engine
+
+    model, _ = tiny
+    too_many = torch.zeros(checks.MAX_TOKENS + 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=f"^token count of the indices of video 0 is {checks.MAX_TOKENS + 1}; "):
+        model.decode_indices((too_many,), [(4, 8, 8)])
+    with pytest.raises(ValueError, match=f"^token count of clip 'a' is {checks.MAX_TOKENS + 1}; "):
+        list(Engine(model, mode="eager").decode_stream([("a", too_many, (4, 8, 8))]))
+
+
+def test_decode_on_meta_weights_is_refused_in_one_line():
+    with torch.device("meta"):
+        model = TiTok("tiny")
+    for call in (lambda: model.decode(torch.zeros(1, 5), [1], [(4, 8, 8)]),
+                 lambda: model.decoder(torch.full((1, 5), 0.3), [1], [(4, 8, 8)])):  # fmt: skip
+        with pytest.raises(ValueError, match="^the model's weights are on the meta device"):
+            call()
 
 
 def test_the_code_table_follows_a_parameter_replaced_at_a_freed_address():

@@ -27,6 +27,14 @@ def is_integer(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def from_numpy(value: object) -> object:
+    """A NumPy array as nested Python lists (upstream's calls take one where they take a list of counts or grids);
+    anything else unchanged. Its values are then checked as a list's."""
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        return value.tolist()
+    return value
+
+
 def check_no_grad(t: torch.Tensor, what: str) -> None:
     """Inference only: an input that requires grad would come back silently detached, so it is refused."""
     if t.requires_grad:
@@ -167,6 +175,7 @@ def check_token_counts(
 ) -> list[int]:
     """Validate per-video latent token counts (integers >= 1), one per video when ``expected`` is given;
     ``name(i)`` names video i in the errors."""
+    token_counts = from_numpy(token_counts)
     if isinstance(token_counts, torch.Tensor):
         check_not_meta(token_counts, "token_counts")
         token_counts = token_counts.tolist() if token_counts.dim() else [token_counts.item()]
@@ -194,7 +203,8 @@ def check_grids(
     grids: object, expected: int, patch: tuple[int, int, int], name: Callable[[int], str] = "video {}".format
 ) -> list[tuple[int, int, int]]:
     """Validate per-video pixel shapes (T, H, W), multiples of the patch; ``name(i)`` names video i in the
-    errors. A [videos, 3] integer tensor is taken too (a row per video)."""
+    errors. A [videos, 3] integer tensor or NumPy array is taken too (a row per video)."""
+    grids = from_numpy(grids)
     if isinstance(grids, torch.Tensor):
         if grids.dim() != 2 or grids.shape[1] != 3 or grids.is_floating_point() or grids.is_complex():
             raise ValueError(f"grids is a {grids.dtype} tensor of shape {list(grids.shape)}; expected integers of "
@@ -207,6 +217,7 @@ def check_grids(
         raise ValueError(f"got {len(grids)} grids for {expected} videos; expected one (T, H, W) per video")
     out = []
     for i, g in enumerate(grids):
+        g = from_numpy(g)
         if isinstance(g, torch.Tensor):
             check_not_meta(g, f"grid of {name(i)}")
             g = g.tolist()

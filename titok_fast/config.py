@@ -6,6 +6,7 @@ import math
 import os
 import reprlib
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 # name -> (layers, q heads, kv heads, mlp_ratio); head_dim is always 64 and width = 64 * q heads.
@@ -122,6 +123,16 @@ class TiTokConfig:
     def codebook_size(self) -> int:
         return math.prod(self.fsq_levels)
 
+    @property
+    def tokenizer(self) -> SimpleNamespace:
+        """Upstream's ``config.tokenizer.model.*`` (the fields read), as attributes."""
+        return _namespace(self.to_dict()["tokenizer"])
+
+    @property
+    def training(self) -> SimpleNamespace:
+        """Upstream's ``config.training.sampling.*`` (the fields read), as attributes."""
+        return _namespace(self.to_dict()["training"])
+
     def to_dict(self) -> dict[str, Any]:
         """The upstream nested layout, readable back by :meth:`from_any`."""
         d = asdict(self)
@@ -181,6 +192,10 @@ _BRIEF.maxlevel = 3  # (nested lists, as YAML aliases make them, print 6 items a
 def _brief(value: Any) -> str:
     """``value``'s repr, at most 100 characters, made at a bounded cost."""
     return _BRIEF.repr(value)[:100]
+
+
+def _namespace(tree: dict[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in tree.items()})
 
 
 def _plain(value: Any) -> Any:

@@ -329,7 +329,9 @@ class Engine:
         check_videos(videos, self.model.config.patch_size, dtype=self.model.dtype)
         counts = check_token_counts(token_counts, len(videos))
         items = zip(range(len(videos)), videos, counts, strict=True)  # checked above: straight to the batching
-        results = [r for _, r in self._stream(items, self._encode_rows, self._stage_videos, self._run_encode)]
+        results = []  # a loop, not a comprehension: warnings' stacklevel counts the frames to the caller
+        for _, result in self._stream(items, self._encode_rows, self._stage_videos, self._run_encode):
+            results.append(result)
         codes = torch.cat([c for c, _ in results])
         return codes, {"indices": tuple(i for _, i in results)}
 
@@ -339,7 +341,10 @@ class Engine:
         packed, counts = self.model.pack_indices(indices, token_counts)
         shapes = check_grids(grids, len(counts), self.model.config.patch_size)
         items = zip(range(len(counts)), packed.split(counts), shapes, strict=True)
-        return [video for _, video in self._stream(items, self._decode_rows, self._stage_indices, self._run_decode)]
+        videos = []  # a loop, as in encode
+        for _, video in self._stream(items, self._decode_rows, self._stage_indices, self._run_decode):
+            videos.append(video)
+        return videos
 
     def encode_stream(
         self, items: Iterable[tuple[object, torch.Tensor, int]], *, host: bool = False
@@ -381,6 +386,7 @@ class Engine:
 
         def check(key, idx, shape):
             check_clip_indices(idx, codebook, f"indices of clip {key!r}")
+            check_token_counts([idx.numel()], 1, name=_clip_named(key))  # at most MAX_TOKENS, as everywhere
             return key, idx, check_grids([shape], 1, patch, _clip_named(key))[0]
 
         items = _checked(items, check, "decode_stream", "(key, indices [n], (T, H, W))")

@@ -25,6 +25,7 @@ class Attention(nn.Module):
         super().__init__()
         width = size.width
         self.q_heads, self.kv_heads = size.q_heads, size.kv_heads
+        self.dim, self.head_dim, self.gqa_dim = width, HEAD_DIM, HEAD_DIM * size.kv_heads  # upstream's names
         self.pre_ln = nn.LayerNorm(width)
         self.to_qkv = nn.Linear(width, (size.q_heads + 2 * size.kv_heads) * HEAD_DIM, bias=False)
         self.q_norm = nn.LayerNorm(HEAD_DIM)
@@ -46,8 +47,15 @@ def feed_forward(size: StackSize) -> nn.Sequential:
 class Layers(nn.Module):
     def __init__(self, size: StackSize):
         super().__init__()
+        self.num_layer = size.layers
         self.attn_layer = nn.ModuleList(Attention(size) for _ in range(size.layers))
         self.ffd_layer = nn.ModuleList(feed_forward(size) for _ in range(size.layers))
+
+
+def _upstream_sizes(module: nn.Module, config: TiTokConfig, size: StackSize) -> None:
+    """The plain attributes upstream's encoder and decoder have (``width``, ``heads`` as [q, kv], ...)."""
+    module.patch_size, module.token_size = config.patch_size, len(config.fsq_levels)
+    module.width, module.num_layers, module.heads = size.width, size.layers, [size.q_heads, size.kv_heads]
 
 
 class EncoderParams(nn.Module):
@@ -55,6 +63,8 @@ class EncoderParams(nn.Module):
         super().__init__()
         size = config.encoder
         self.size = size
+        _upstream_sizes(self, config, size)
+        self.in_channels = 3
         self.mask_token = nn.Parameter(torch.randn(1, size.width) * size.width**-0.5)
         self.proj_in = nn.Linear(config.patch_dim, size.width)
         self.model_layers = Layers(size)
@@ -67,6 +77,8 @@ class DecoderParams(nn.Module):
         super().__init__()
         size = config.decoder
         self.size = size
+        _upstream_sizes(self, config, size)
+        self.out_channels = 3
         self.mask_token = nn.Parameter(torch.randn(1, size.width) * size.width**-0.5)
         self.proj_in = nn.Linear(len(config.fsq_levels), size.width)
         self.ln_pre = nn.LayerNorm(size.width)

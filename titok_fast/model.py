@@ -31,6 +31,7 @@ from .checks import (
     check_not_meta,
     check_token_counts,
     check_videos,
+    from_numpy,
     is_integer,
 )
 from .config import TiTokConfig
@@ -45,6 +46,7 @@ def upstream_argument_order(grids, token_counts):
     no counts; as a convenience we also take ``decode_indices(packed, token_counts, grids)``, the argument order of
     ``decode(codes, token_counts, grids)``, recognised by its types (counts are integers, grids triples; either
     may be a tensor)."""
+    grids, token_counts = from_numpy(grids), from_numpy(token_counts)
     for name, given in (("grids", grids), ("token_counts", token_counts)):
         if isinstance(given, torch.Tensor):
             check_not_meta(given, name)
@@ -76,6 +78,11 @@ class Runtime:
         self.choice = check_backend(backend)
         self.packings = PackingCache()
         self.fsq = fsq
+        self.dtypes: set[torch.dtype] = set()  # the parameters' floating dtypes since the weights digest was set
+
+    def note_dtypes(self, module: nn.Module) -> None:
+        """After a cast (``to()``, ``half()``, ...): the dtypes the weights were rounded to stay on record."""
+        self.dtypes.update(p.dtype for p in module.parameters() if p.is_floating_point())
 
     def backend(self, device: torch.device) -> Backend:
         return resolve_backend(self.choice, device)
@@ -85,6 +92,17 @@ class Runtime:
         backend = self.backend(device)
         check_runs(backend, device)
         return backend
+
+
+def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of dtype ``narrow`` is one of ``wide``."""
+    order = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
+    return narrow == wide or order.get(narrow, 9) < order.get(wide, 0)
+
+
+def _narrowest(dtypes: set[torch.dtype]) -> set[torch.dtype]:
+    """The dtypes of ``dtypes`` that hold no other of them: what a value cast through all of them is rounded to."""
+    return {d for d in dtypes if not any(e != d and _holds(d, e) for e in dtypes)}
 
 
 def run_layers(
@@ -119,14 +137,19 @@ class Encoder(EncoderParams):
         super().__init__(config)
         self.config, self.runtime = config, runtime
 
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.runtime.note_dtypes(self)
+        return out
+
     @property
     def device(self) -> torch.device:
         return self.proj_in.weight.device
 
     @torch.no_grad()
-    def forward(self, videos: list[torch.Tensor], token_counts: list[int]) -> torch.Tensor:
-        """videos: list of [3, T, H, W]; token_counts: one int >= 1 per video -> z [sum n, D]."""
-        patches, pack = self.prepare(videos, token_counts)
+    def forward(self, x: list[torch.Tensor], token_counts: list[int]) -> torch.Tensor:
+        """x (upstream's name): videos, a list of [3, T, H, W]; token_counts: one int >= 1 per video -> z [sum n, D]."""
+        patches, pack = self.prepare(x, token_counts)
         return self.proj_out(self.ln_post(self.latents(patches, pack)))
 
     def prepare(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, Packing]:
@@ -179,17 +202,24 @@ class Decoder(DecoderParams):
         self.config, self.runtime = config, runtime
         self._table: tuple | None = None
 
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.runtime.note_dtypes(self)
+        return out
+
     @property
     def device(self) -> torch.device:
         return self.proj_in.weight.device
 
     @torch.no_grad()
-    def forward(self, codes: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
-        """codes [sum n, D] -> list of [3, T, H, W]. Codes on the FSQ grid take the table path (the same numbers);
-        others are projected as they are."""
+    def forward(self, x: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
+        """x (upstream's name): codes [sum n, D] -> list of [3, T, H, W]. Codes on the FSQ grid take the table path
+        (the same numbers); others are projected as they are."""
+        codes = x
         counts = check_token_counts(token_counts, None)
         shapes = check_grids(grids, len(counts), self.config.patch_size)
         check_codes(codes, len(self.config.fsq_levels), sum(counts), self.proj_in.weight.dtype)
+        self.runtime.runner(self.device)  # refused in one line before anything reads values (meta weights)
         codes = codes.to(device=self.device)
         pack = self.packing(counts, shapes)
         indices = grid_indices(codes, self.runtime.fsq.constants(self.device))
@@ -303,21 +333,39 @@ class TiTok(nn.Module):
         """Names the weights in token files (set by the loaders; ``encode_files`` works it out where it is None).
         None again once the weights change (``load_state_dict``, in-place writes, replaced parameters,
         :meth:`weights_changed`), so token files never name weights that did not make them; ``to()``, a precision
-        switch and a copy keep it (the same weights). Parameters made under ``torch.inference_mode()`` have no
-        version counter: after writing to them in place (``load_state_dict`` without ``assign``), call
-        :meth:`weights_changed`."""
+        switch and a copy keep it (the same weights), except a cast back to a dtype that holds more than one the
+        weights were rounded to since (``to(bfloat16)`` then ``to(float32)``: no longer the named weights in
+        float32). Parameters made under ``torch.inference_mode()`` have no version counter: after writing to them
+        in place (``load_state_dict`` without ``assign``), call :meth:`weights_changed`."""
         found = self._digest
-        if found is not None and found[0] != self._weights_identity():
+        if found is not None and (found[0] != self._weights_identity() or not self._kept_values(found[2])):
             self._digest = found = None
         return None if found is None else found[1]
 
     @weights_digest.setter
     def weights_digest(self, value: str | None) -> None:
-        self._digest = None if value is None else (self._weights_identity(), value)
+        dtypes = self._floating_dtypes()
+        self._runtime.dtypes = set(dtypes)
+        self._digest = None if value is None else (self._weights_identity(), value, dtypes)
+
+    def _floating_dtypes(self) -> frozenset[torch.dtype]:
+        return frozenset(t.dtype for held, name in self._parameter_holders() if (t := held[name]).is_floating_point())
+
+    def _kept_values(self, named: frozenset[torch.dtype]) -> bool:
+        """Whether the weights hold the values that those the digest named (in ``named`` dtypes) give when cast
+        straight to the dtypes they have now: the casts since rounded them to nothing narrower than that."""
+        now = self._floating_dtypes()
+        return _narrowest(self._runtime.dtypes | now) == _narrowest(named | now)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._runtime.note_dtypes(self)
+        return out
 
     def __getstate__(self) -> dict:  # copied or pickled: the digest of the weights as they are, set on the copy's
-        state = self.__dict__.copy()
-        state["_digest"] = self.weights_digest
+        state = self.__dict__.copy()  # (with the dtypes it named; the runtime holds those the weights had since)
+        digest = self.weights_digest
+        state["_digest"] = None if digest is None else (digest, self._digest[2])
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -325,7 +373,7 @@ class TiTok(nn.Module):
         super().__setstate__(state)
         self._digest = None
         if digest is not None:
-            self.weights_digest = digest
+            self._digest = (self._weights_identity(), *digest)
 
     def _weights_identity(self) -> tuple:
         """Each parameter object and its version counter (not its memory, dtype or device: ``to()`` keeps them)."""
@@ -386,19 +434,20 @@ class TiTok(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- public API
     @torch.no_grad()
-    def encode(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
-        """videos: list of [3, T, H, W] in [-1, 1]; token_counts: one int >= 1 per video.
+    def encode(self, x: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
+        """x (upstream's name): videos, a list of [3, T, H, W] in [-1, 1]; token_counts: one int >= 1 per video.
 
         Returns ``(codes [sum n, D] model dtype, {"indices": tuple of int32 [n_i]})``.
         """
-        patches, pack = self.encoder.prepare(videos, token_counts)
+        patches, pack = self.encoder.prepare(x, token_counts)
         codes, indices = self.encode_packed(patches, pack)
         return codes, {"indices": tuple(i.clone() for i in indices.split(list(pack.token_counts)))}
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
-        """codes [sum n, D]; grids: pixel shapes (T, H, W) per video. Returns [3, T, H, W] each, not clamped."""
-        return self.decoder(codes, token_counts, grids)
+    def decode(self, x: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
+        """x (upstream's name): codes [sum n, D]; grids: pixel shapes (T, H, W) per video. Returns [3, T, H, W]
+        each, not clamped."""
+        return self.decoder(x, token_counts, grids)
 
     @torch.no_grad()
     def decode_indices(self, indices, grids: list, token_counts: list[int] | None = None) -> list[torch.Tensor]:
@@ -413,10 +462,10 @@ class TiTok(nn.Module):
         pack = self.decoder.packing(counts, shapes)
         return self.videos_from_rows(self.decode_packed(packed.to(self.device), pack), pack, shapes)
 
-    def forward(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[list[torch.Tensor], dict]:
-        """Encode then decode: ``(reconstructions, {"indices": ...})``."""
-        codes, result = self.encode(videos, token_counts)
-        shapes = [tuple(v.shape[1:]) for v in videos]
+    def forward(self, x: list[torch.Tensor], token_counts: list[int]) -> tuple[list[torch.Tensor], dict]:
+        """Encode then decode the videos ``x``: ``(reconstructions, {"indices": ...})``."""
+        codes, result = self.encode(x, token_counts)
+        shapes = [tuple(v.shape[1:]) for v in x]
         return self.decode(codes, token_counts, shapes), result
 
     # ------------------------------------------------------------------------ packed API (used by the engine)
@@ -445,7 +494,7 @@ class TiTok(nn.Module):
             check_clip_indices(idx, k, f"indices of video {i}")
             if idx.device != indices[0].device:
                 raise ValueError(f"indices of video {i} are on {idx.device} but video 0's on {indices[0].device}")
-        counts = [int(i.numel()) for i in indices]
+        counts = check_token_counts([int(i.numel()) for i in indices], None, name="the indices of video {}".format)
         if token_counts is not None and check_token_counts(token_counts, len(indices)) != counts:
             raise ValueError(f"token_counts {list(token_counts)} do not match the index lengths {counts}")
         return torch.cat([i.long() for i in indices]), counts
