@@ -1718,6 +1718,37 @@ def test_decode_fails_only_the_token_file_that_breaks_it_whatever_the_error(mode
         decode_files(Engine(model), paths[3:], tmp_path / "again")
 
 
+def test_decode_stops_on_a_fault_no_token_file_explains(model, sources, tmp_path, monkeypatch):
+    """A CUDA error leaves the device unusable: decode went on and failed every later file, one line each, where
+    encode stops. It now stops on it, and after GIVE_UP_AFTER unforeseen failures in a row; foreseen ones (a file
+    of other weights, a damaged one) fail alone however many, and a success starts the count again."""
+    encode(model, [sources["short"]], tmp_path / "tok")
+    real, fault = load_tokens(tmp_path / "tok" / "short.safetensors"), {"error": None}
+    monkeypatch.setattr(pipeline, "GIVE_UP_AFTER", 3)
+
+    def fake_load(path):
+        name = pipeline.Path(path).stem
+        if name.startswith("bad"):
+            raise ValueError(f"{path}: not a token file")
+        if name.startswith("broken") or (fault["error"] and name.startswith("late")):
+            raise fault["error"] or IndexError()
+        return real
+
+    monkeypatch.setattr(pipeline, "load_tokens", fake_load)
+    names = ["bad0", "bad1", "bad2", "bad3", "broken0", "broken1", "ok0", "broken2", "broken3", "ok1"]
+    paths = [tmp_path / f"{n}.safetensors" for n in names]
+    summary = decode_files(Engine(model), paths, tmp_path / "out")
+    assert summary.done == [str(tmp_path / "ok0.safetensors"), str(tmp_path / "ok1.safetensors")]
+    assert len(summary.failed) == 8
+    with pytest.raises(RuntimeError, match=r"^giving up after 3 token files in a row failed alone: IndexError"):
+        decode_files(Engine(model), [tmp_path / f"broken{i}.safetensors" for i in range(4)], tmp_path / "out2")
+    fault["error"] = RuntimeError("CUDA error: an illegal memory access was encountered")
+    late = [tmp_path / "ok2.safetensors", tmp_path / "late0.safetensors", tmp_path / "late1.safetensors"]
+    with pytest.raises(RuntimeError, match="^CUDA error: an illegal memory access"):
+        decode_files(Engine(model), late, tmp_path / "out3")
+    assert [p.name for p in (tmp_path / "out3").iterdir()] == ["ok2.mp4"]  # what was finished stays
+
+
 def test_a_missing_listed_file_fails_alone_and_links_to_folders_are_followed_once(tmp_path, capsys):
     from titok_fast.pipeline import InputError, collect_inputs
 

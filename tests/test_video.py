@@ -2125,6 +2125,24 @@ def test_ssim_properties():
     assert ssim(a, b) == pytest.approx(ssim(b, a))
 
 
+def test_ssim_equals_its_definition_with_the_full_window():
+    """SSIM blurs with the 11 x 11 window as two 1-D passes: the same means as the window itself, computed here
+    position by position (non-square frames, a window that fits once across)."""
+    a = torch.rand(3, 2, 11, 14, dtype=torch.float64) * 2 - 1
+    b = (a + torch.randn_like(a) * 0.3).clamp(-1, 1)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    window = torch.outer(g, g) / g.sum() ** 2
+    x, y = (a + 1) / 2, (b + 1) / 2
+    scores = []
+    for c, t, j in itertools.product(range(3), range(2), range(14 - 10)):
+        px, py = x[c, t, :, j : j + 11], y[c, t, :, j : j + 11]
+        mx, my = (window * px).sum(), (window * py).sum()
+        vx, vy = (window * px * px).sum() - mx**2, (window * py * py).sum() - my**2
+        cov = (window * px * py).sum() - mx * my
+        scores.append((2 * mx * my + 1e-4) * (2 * cov + 9e-4) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4)))
+    assert ssim(a, b) == pytest.approx(torch.stack(scores).mean().item(), rel=1e-12)
+
+
 def test_ssim_of_flat_frames_is_the_luminance_term():
     x, y = 0.25, 0.75  # [0, 1] scale; no variance, so SSIM = (2 x y + C1) / (x^2 + y^2 + C1)
     a, b = torch.full((3, 2, 16, 16), 2 * x - 1), torch.full((3, 2, 16, 16), 2 * y - 1)

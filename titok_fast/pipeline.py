@@ -1578,6 +1578,7 @@ def decode_files(
     stale: dict[Path, dict[str, list[str]]] = {}  # per folder: what a killed run left, removed as it is passed
     unrecorded, first_unrecorded = 0, []  # mp4 files kept that record no decode (said once, at the end)
     record_of = decode_records(engine, with_source)
+    unforeseen_in_a_row = 0  # failures no check foresaw, one after another: GIVE_UP_AFTER of them say it is no file's
     for path, name in _progress(unit="file", iterable=todo):
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
@@ -1629,11 +1630,18 @@ def decode_files(
         except Exception as e:  # not only the errors foreseen: one file must never end the run, but a full disk
             if getattr(e, "errno", None) in NO_ROOM:  # (quota, read-only file system) fails every one after it
                 raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
+            if _device_fault(e) or (e.__cause__ is not None and _device_fault(e.__cause__)):
+                raise  # (a CUDA error leaves the device unusable: every file after it would fail), as encode stops
             if not isinstance(e, (ValueError, OSError)):  # (the foreseen ones say all in their line)
                 show_traceback(e, path)
+                unforeseen_in_a_row += 1
+                if unforeseen_in_a_row >= GIVE_UP_AFTER:
+                    raise RuntimeError(f"giving up after {unforeseen_in_a_row} token files in a row failed alone: "
+                                       f"{_one_line(e)}") from e  # fmt: skip
             writing = isinstance(e, OSError) and e.filename == os.path.abspath(out)  # (said as encode says it)
             summary.failed.append((str(path), f"cannot write {out}: {e.strerror or e}" if writing else _one_line(e)))
             continue
+        unforeseen_in_a_row = 0
         if scores is not None:
             scores.extend(file_scores)
         summary.done.append(str(path))
