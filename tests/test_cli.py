@@ -165,6 +165,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
             # before the model loads (the checkpoint is never opened): not after it, hours into a job
             code, _, err = run(command, inputs, "-o", out, "--checkpoint", absent, capsys=capsys)
             assert code == 2 and f"titok-fast: error: -o {out}: cannot be made{reason}" in err, err
+    code, _, err = run("eval", tmp_path / "typo.mp4", "--checkpoint", absent, capsys=capsys)  # before the weights
+    assert code == 2 and err == f"titok-fast: error: input {str(tmp_path / 'typo.mp4')!r} does not exist\n", err
     code, _, err = run("convert", absent, "/proc/absent/x.safetensors", capsys=capsys)  # before reading the source
     assert code == 2 and "error: output /proc/absent/x.safetensors: its folder /proc/absent: cannot be made" in err
     code, _, err = run("convert", absent, tmp_path / "new" / "x.safetensors", capsys=capsys)

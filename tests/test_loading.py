@@ -165,6 +165,19 @@ def test_convert_writes_config_and_loads_without_one(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("use_ema, ema_present", [(True, True), (False, True), (True, False)])
+def test_convert_records_the_weights_it_took(tiny, tmp_path, capsys, use_ema, ema_present):
+    """A checkpoint without EMA weights, converted with EMA asked for (the default), gave its raw weights and
+    recorded ``ema: true``; it records what it took and says that no EMA weights were there."""
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny, ema=ema_present)
+    convert(tmp_path / "m.ckpt", tmp_path / "m.safetensors", config="tiny", use_ema=use_ema)
+    assert read_safetensors_metadata(tmp_path / "m.safetensors")["ema"] is (use_ema and ema_present)
+    said = "m.ckpt holds no EMA weights (ema_model.*): its model weights were converted"
+    assert (said in capsys.readouterr().err) is (use_ema and not ema_present)
+    convert(tmp_path / "m.safetensors", tmp_path / "again.safetensors")  # a conversion's record carried on
+    assert read_safetensors_metadata(tmp_path / "again.safetensors")["ema"] is (use_ema and ema_present)
+
+
 def test_convert_cli(tiny, tmp_path):
     lightning_checkpoint(tmp_path / "m.ckpt", tiny)
     out = tmp_path / "m.safetensors"

@@ -435,13 +435,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--json and --plot both name {args.plot}; the plot would replace the report: give two paths")
     if args.grid:
         _check_ssim_grid(f"--grid {'x'.join(map(str, args.grid))}", args.grid)
+    inputs = collect_inputs(args.inputs, outputs=False)  # a mistyped input is said before the weights load
     model = _model(args)
     engine = _engine(args, model)
     _settings(args, model, tokens=max(args.counts), engine=engine)  # checked before any work, at the most tokens
     settings = _settings(args, model, tokens=args.counts[0])  # each count of --tokens is run in turn
     _check_ssim_grid(f"the model's grid {'x'.join(map(str, settings.grid))}", settings.grid)  # when not given
     per_file: dict = {}
-    inputs = collect_inputs(args.inputs, outputs=False)
     table, summary = evaluate(
         engine, inputs, settings, args.counts, workers=args.workers,
         group=args.batch_size, per_file=per_file, stall_seconds=args.stall_timeout,

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from . import hub
 from .checks import MAX_GRID, MAX_TOKENS, is_integer
 from .config import TiTokConfig
-from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile, kind_of
+from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile, kind_of, notice
 from .layers import perturb_norms
 from .model import TiTok
 from .tokens import MAX_CODEBOOK_SIZE
@@ -743,8 +743,9 @@ def _file_config(meta: dict, path: Path) -> TiTokConfig:
 
 def load_state(
     path: str | os.PathLike, config: object | None = None, use_ema: bool = True
-) -> tuple[TiTokConfig, dict[str, torch.Tensor], str]:
-    """Read (config, state_dict, weights digest) from a Lightning ``.ckpt`` or our ``.safetensors``.
+) -> tuple[TiTokConfig, dict[str, torch.Tensor], str, bool | None]:
+    """Read (config, state_dict, weights digest, whether they are EMA weights) from a Lightning ``.ckpt`` or our
+    ``.safetensors`` (which records it, or not: None).
 
     Every size is checked (config limits, tensor shapes, storage records) before tensors are read."""
     path = Path(path)
@@ -770,12 +771,13 @@ def load_state(
             digest = weights_digest(tensors)
         if meta.get("weights_digest", digest) != digest:
             raise CheckpointError(f"{path}: metadata digest {meta['weights_digest']!r:.80} disagrees with its tensors")
-        return cfg, tensors, digest
+        ema = meta.get("ema")
+        return cfg, tensors, digest, ema if isinstance(ema, bool) else None
     cfg = given if given is not None else TiTokConfig.from_any("v1")
     check_config(cfg, str(path))
     with _reading(path), hub.open_regular(path) as file:  # a FIFO swapped in after the check above: refused
         archive = _Archive(path, file)
-        refs, _prefix = _select_state(archive.root, path, use_ema)
+        refs, prefix = _select_state(archive.root, path, use_ema)
         wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
         if wrong is not None:
             got = refs[wrong]
@@ -798,7 +800,7 @@ def load_state(
             raise CheckpointError(f"{path}: tensors cannot be read from the archive ({_one_line(e)})") from e
         _check_finite(path, tensors)
         digest = weights_digest(tensors)
-    return cfg, tensors, digest
+    return cfg, tensors, digest, prefix == "ema_model."
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -853,12 +855,13 @@ def load_tokenizer(
         path, config, source = _from_hub(ref, config, use_ema, quick)
     else:
         source = str(Path(path).resolve())
-    cfg, tensors, digest = load_state(path, config, use_ema)
+    cfg, tensors, digest, ema = load_state(path, config, use_ema)
     with torch.device("meta"):
         model = TiTok(cfg, backend=backend, precision=precision)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.weights_digest = digest
     model.weights_source = source
+    model._weights_ema = ema  # what a conversion records (EMA asked for and none there: the raw weights were taken)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -904,7 +907,7 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
         model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
         if _identity(src) != before:
             raise CheckpointError(f"{src}: changed while it was hashed and converted; nothing was cached, try again")
-        save_safetensors(model, target, source=os.path.basename(str(src)), ema=use_ema, source_sha256=actual)
+        save_safetensors(model, target, source=os.path.basename(str(src)), ema=model._weights_ema, source_sha256=actual)
     return target
 
 
@@ -984,5 +987,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, config: object | Non
     if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise ValueError(f"the output {str(dst)!r} is the checkpoint being converted; name another file")
     model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
-    save_safetensors(model, dst, source=os.path.basename(str(src)), ema=use_ema)
+    if use_ema and model._weights_ema is False:
+        notice(f"{src} holds no EMA weights (ema_model.*): its model weights were converted")
+    extra = {} if model._weights_ema is None else {"ema": model._weights_ema}  # (what was taken, where known)
+    save_safetensors(model, dst, source=os.path.basename(str(src)), **extra)
     return model.weights_digest

@@ -317,6 +317,7 @@ class TiTok(nn.Module):
         self.decoder = Decoder(self.config, self._runtime)
         self._digest: tuple | None = None  # (the weights' identity when it was set, the digest): weights_digest
         self.weights_source = ""  # the checkpoint path the weights came from, set by load_tokenizer
+        self._weights_ema: bool | None = None  # whether those are a checkpoint's EMA weights (None: not known)
         self.precision = precision
 
     @property
