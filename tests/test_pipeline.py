@@ -580,6 +580,34 @@ def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_oth
         "modification time differ, or it is not there)"))]  # fmt: skip
 
 
+def test_decode_keeps_a_video_decoded_from_the_tokens_of_another_source(model, sources, tmp_path):
+    """Two token folders with a file of one name each (train/clip, val/clip), decoded into one folder: the second
+    replaced the first's video without a word (and a rerun of the first swapped it back), as its record named the
+    token file by size and time only. It now fails alone, the video kept, unless --overwrite; the same source
+    reached through a link is the same source."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    shutil.copy(sources["short"], tmp_path / "train" / "clip.mp4")
+    shutil.copy(sources["long"], tmp_path / "val" / "clip.mp4")
+    for split in ("train", "val"):
+        encode(model, [tmp_path / split / "clip.mp4"], tmp_path / "tok" / split)
+    engine, out = Engine(model), tmp_path / "recon"
+    train, val = (tmp_path / "tok" / split / "clip.safetensors" for split in ("train", "val"))
+    assert decode_files(engine, [train], out).done == [str(train)]
+    first = (out / "clip.mp4").read_bytes()
+    assert decode_files(engine, [val], out).failed == [(str(val), (
+        f"{out / 'clip.mp4'} was decoded from the tokens of another video ({tmp_path / 'train' / 'clip.mp4'}): kept; "
+        "--overwrite replaces it, or choose another output folder"))]  # fmt: skip
+    assert (out / "clip.mp4").read_bytes() == first
+    assert decode_files(engine, [train], out).skipped == [str(train)]
+    assert decode_files(engine, [val], out, overwrite=True).done == [str(val)]
+    assert decode_files(engine, [val], out).skipped == [str(val)]
+    (tmp_path / "link").symlink_to(tmp_path / "val")
+    time.sleep(0.01)
+    encode(model, [tmp_path / "link" / "clip.mp4"], tmp_path / "tok" / "val", overwrite=True)  # made again
+    assert decode_files(engine, [val], out).done == [str(val)]
+
+
 def test_a_resume_through_a_link_to_the_inputs_folder_skips_what_is_complete(model, sources, tmp_path):
     """The same source reached by another path (a link to its folder, as a cluster's /home may lead to its /gpfs)
     is the same source: its complete token file is kept, and no line says another video displaced it."""

@@ -1596,7 +1596,7 @@ def decode_files(
             damaged = exists and there is None and _damaged_mp4(out)  # (a copy cut short): decoded again over it
             # an mp4 written whole (atomically) from this token file this way: complete; one that records no decode:
             # kept, said once below
-            if exists and not damaged and not overwrite and (there == record or not ours):
+            if exists and not damaged and not overwrite and (not ours or _same_decode(there, record)):
                 if ours:
                     summary.skipped.append(str(path))
                 else:
@@ -1607,6 +1607,10 @@ def decode_files(
             if exists and ours and not overwrite and not force and _decoded_by_own_weights(there, record, token_file):
                 summary.skipped.append(str(path))  # (a folder of token files of several weights: one run each)
                 continue
+            if exists and ours and not overwrite and not _same_source(other := _decoded_from(there), token_file.source):
+                raise ValueError(f"{out} was decoded from the tokens of another video ({other}): kept; --overwrite "
+                                 "replaces it, or choose another output folder")  # fmt: skip
+            record = _with_source(record, token_file.source)
             if exists and os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
                 raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
                                  "another output folder")  # fmt: skip
@@ -1660,14 +1664,47 @@ def _decoded_by_own_weights(there: str, record: str, token_file: TokenFile) -> b
     """Whether the video whose record is ``there`` was decoded from the token file as it is now, the same way (the
     source beside it or not), by the weights that made it, where this run's (``record``) are others: complete,
     although this run would have decoded it otherwise (it could not without --force)."""
-    try:
-        then, now = (json.loads(text[len(DECODE_RECORD) :]) for text in (there, record))
-    except ValueError:
-        return False
-    if not isinstance(then, dict):
+    then, now = _record_of(there), _record_of(record)
+    if then is None:
         return False
     same = all(then.get(key) == now[key] for key in ("tokens", "beside_source"))
     return same and then.get("weights") == token_file.weights_digest != now["weights"]
+
+
+def _record_of(text: str) -> dict | None:
+    try:
+        found = json.loads(text[len(DECODE_RECORD) :])
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _same_decode(there: str, record: str) -> bool:
+    """Whether the video whose comment is ``there`` records the decode ``record`` says, whatever source video it
+    names (``record`` is made before the token file is read)."""
+    then = _record_of(there)
+    return then is not None and {k: v for k, v in then.items() if k != "source"} == _record_of(record)
+
+
+def _decoded_from(there: str) -> str | None:
+    """The source video whose tokens the video commented ``there`` was decoded from (None: not recorded)."""
+    source = (_record_of(there) or {}).get("source")
+    return source if isinstance(source, str) else None
+
+
+def _same_source(recorded: str | None, source: str) -> bool:
+    """Whether a video recording ``recorded`` (None: an earlier version's record) was decoded from tokens of the
+    video at ``source``: the same path, or the same file reached by another (a link to its folder)."""
+    if recorded is None or recorded == source:
+        return True
+    try:
+        return os.path.samefile(recorded, source)
+    except (OSError, ValueError):  # (either gone: a dataset's tokens decoded without it; a NUL in a stranger's)
+        return False
+
+
+def _with_source(record: str, source: str) -> str:
+    return DECODE_RECORD + json.dumps({**_record_of(record), "source": source}, sort_keys=True)
 
 
 def _damaged_mp4(path: Path) -> bool:
@@ -1684,9 +1721,11 @@ def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.Path
     """What a video decoded from a token file (the function's argument) records in its comment tag: the token
     file's size and modification time, the weights, model config, dtype and precision (where not the default: the
     records of before stay valid) that decoded it, and whether its source is beside it (all but the first the same
-    for every file of a run: worked out once). A rerun skips a video that
-    records what it would write, and decodes again one that records otherwise (its token file was made again
-    since, or it is decoded another way)."""
+    for every file of a run: worked out once); the video written records the path of the token file's source video
+    too (:func:`_with_source`, once the token file is read). A rerun skips a video that records what it would write
+    (whatever source it names), decodes again one that records otherwise (its token file was made again since, or
+    it is decoded another way), and keeps one decoded from the tokens of another source video (unless
+    --overwrite)."""
     config = hashlib.sha256(json.dumps(engine.model.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     made = {"weights": engine.model.weights_digest, "config": config,
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
