@@ -22,6 +22,7 @@ import torch
 
 from titok_fast.cli import _by_resolution, build_parser, main
 from titok_fast.manifest import MANIFEST_NAME, read_manifest
+from titok_fast.pipeline import select_shard
 from titok_fast.tokens import load_tokens, save_tokens
 
 from videos import (
@@ -588,6 +589,32 @@ def test_decode_takes_folders_and_keeps_their_structure(folder, tmp_path, capsys
     (linked / "sub").symlink_to(tokens / "sub")
     code, stdout, _ = run("decode", linked, "-o", tmp_path / "x", capsys=capsys)
     assert code == 0 and "decoded 1 file(s)" in stdout and (tmp_path / "x" / "sub" / "moving.mp4").is_file()
+
+
+def test_decode_takes_lists_and_shards(folder, tmp_path, capsys):
+    """A million token files are split over GPUs as encode splits videos: ``--shard K/N`` (the same output names
+    give the same shards) and list files of token files (a list was read as a token file and failed)."""
+    tokens = tmp_path / "tokens"
+    run("encode", folder, "-o", tokens, *GRID, *RANDOM, capsys=capsys)
+    for i in range(6):  # more names to split (each a copy of one token file: decoded as its own)
+        shutil.copy(tokens / "moving.safetensors", tokens / f"copy{i}.safetensors")
+    made = sorted(str(p.relative_to(tokens).with_suffix("")) for p in tokens.rglob("*.safetensors"))
+    assert len(made) == 9
+    listing = tmp_path / "lists" / "tokens.txt"  # relative entries, from the list's folder
+    listing.parent.mkdir()
+    top = [name for name in made if "/" not in name][:2]
+    listing.write_text("# the dataset\n" + "".join(f"../tokens/{n}.safetensors\n" for n in top) + "../tokens/sub\n")
+    code, _, _ = run("decode", listing, "-o", tmp_path / "listed", capsys=capsys)
+    decoded = sorted(p.stem for p in (tmp_path / "listed").rglob("*.mp4"))
+    assert code == 0 and decoded == sorted(top + [n.removeprefix("sub/") for n in made if n.startswith("sub/")])
+    shards = []
+    for k in range(2):
+        code, stdout, err = run("decode", tokens, "-o", tmp_path / "sharded", "--shard", f"{k}/2", capsys=capsys)
+        shards.append(sorted(str(p.relative_to(tmp_path / "sharded").with_suffix(""))
+                             for p in (tmp_path / "sharded").rglob("*.mp4")))  # fmt: skip
+        assert code == 0 and f"shard {k}/2: " in err
+    assert shards[1] == made and 0 < len(shards[0]) < len(made)  # each shard added its own files, none twice
+    assert [n for _, n in select_shard([(None, n) for n in made], 0, 2)] == shards[0]
 
 
 def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys, monkeypatch):

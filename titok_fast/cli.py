@@ -357,11 +357,12 @@ def _encode_on_ray(args: argparse.Namespace, files):
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .pipeline import collect_token_files, decode_files
+    from .pipeline import Inputs, collect_token_files, decode_files, take_shard
 
     files = collect_token_files(args.tokens)
     if not files:
         raise ValueError(f"no token files found in {args.tokens}")
+    files = Inputs(take_shard(files, args.shard), files.unlisted)
     _check_output_folder("-o", args.output)
     token_metas = None
     if not (args.checkpoint or args.random_weights is not None):  # the token files name the model
@@ -859,9 +860,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="token files -> mp4 reconstructions")
     p.add_argument(
         "tokens", nargs="+", metavar="TOKENS",
-        help="token files written by encode, or folders of them (recursive; the folder structure is kept)",
+        help="token files written by encode, folders of them (recursive; the folder structure is kept) or .txt path "
+        "lists",
     )  # fmt: skip
     p.add_argument("-o", "--output", type=_folder, required=True, help="output folder for mp4 files")
+    p.add_argument("--shard", type=_shard, metavar="K/N", help="decode only shard K of N (0 <= K < N) of the token "
+                   "files, chosen by a hash of each output name, as encode's --shard")  # fmt: skip
     p.add_argument("--side-by-side", action="store_true", help="put the source video left of the reconstruction")
     p.add_argument(
         "--force", action="store_true", help="decode even if the token file came from other weights or model config"

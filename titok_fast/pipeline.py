@@ -277,15 +277,16 @@ def _check_folders(
                              "the output folder's own file; rename its folder")  # fmt: skip
 
 
-def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unlisted: list[tuple[str, str]]
-            ) -> list[tuple[Path, str]]:  # fmt: skip
+def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unlisted: list[tuple[str, str]],
+            extensions: frozenset[str] | set[str] = VIDEO_EXTENSIONS) -> list[tuple[Path, str]]:  # fmt: skip
     """``collect_inputs``' pairs, every reach of a file included; ``lists``: the list files being read (real
-    paths), which a list must not name again; sub-folders that cannot be listed go to ``unlisted``."""
+    paths), which a list must not name again; sub-folders that cannot be listed go to ``unlisted``; in folders, the
+    files of ``extensions`` are the inputs."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = _input_path(item)
         if path.is_dir():
-            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _video_files(path, unlisted)]
+            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _files_below(path, extensions, unlisted)]
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             real = os.path.realpath(path)
             if real in lists:
@@ -294,7 +295,7 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
             entries = _listed(path)
             threads = _threads_for(path, entries[0]) if entries else 0
             for entry, listed in zip(entries, _ahead(_lists_more, entries, threads), strict=True):
-                found += _expand([entry], (*lists, real), unlisted) if listed else [(entry, entry.stem)]
+                found += _expand([entry], (*lists, real), unlisted, extensions) if listed else [(entry, entry.stem)]
         elif path.is_file():
             found.append((path, path.stem))
         elif path.exists():  # a device, a named pipe, a socket
@@ -366,11 +367,6 @@ def take_shard(files: Sequence[tuple[Path, str]], shard: tuple[int, int] | None)
     mine = select_shard(files, *shard)
     notice(f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(files)} inputs")
     return mine
-
-
-def _video_files(folder: Path, unlisted: list[tuple[str, str]]) -> list[Path]:
-    """The video files under ``folder``, sorted (see :func:`_files_below`)."""
-    return _files_below(folder, VIDEO_EXTENSIONS, unlisted)
 
 
 TOKEN_EXTENSIONS = frozenset({".safetensors"})
@@ -1534,22 +1530,14 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
 
 
 def collect_token_files(inputs: Sequence[str | os.PathLike]) -> Inputs:
-    """Token files given as files or folders (every ``*.safetensors`` below, the folder structure kept in the
-    names, as encode wrote them), as ``(token file, output name)`` pairs; a path that is not a folder is taken as
-    a token file, to fail alone if it is not one. A path given that does not exist is an error (it was typed, as
-    for :func:`collect_inputs`), as are two token files for one mp4 name (before any model is loaded); a file
-    reached twice is decoded once; sub-folders that cannot be listed are in the result's ``unlisted``."""
-    found: list[tuple[Path, str]] = []
+    """Token files given as files, folders (every ``*.safetensors`` below, the folder structure kept in the
+    names, as encode wrote them) or list files (``.txt``, ...: as for :func:`collect_inputs`), as ``(token file,
+    output name)`` pairs; a file given is taken as a token file, to fail alone if it is not one. A path given that
+    does not exist is an error (it was typed), as are two token files for one mp4 name (before any model is
+    loaded); a file reached twice is decoded once; sub-folders that cannot be listed are in the result's
+    ``unlisted``."""
     unlisted: list[tuple[str, str]] = []
-    for item in inputs:
-        path = _input_path(item)
-        if not os.path.lexists(path):
-            raise InputError(f"input {str(item)!r} does not exist")
-        if path.is_dir():  # links to folders followed, each folder once, as for videos
-            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _files_below(path, TOKEN_EXTENSIONS,
-                                                                                            unlisted)]  # fmt: skip
-        else:
-            found.append((path, path.stem))
+    found = _expand(inputs, (), unlisted, TOKEN_EXTENSIONS)
     return Inputs(_one_per_output(found, "token files", ".mp4", "decoded"), unlisted)
 
 
