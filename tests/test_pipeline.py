@@ -952,6 +952,22 @@ def test_a_token_file_sampled_slower_than_an_mp4_is_written_decodes_at_the_slowe
         assert sum(1 for _ in container.decode(stream)) == SETTINGS.grid[0]
 
 
+def test_a_decoded_video_keeps_to_its_sources_time(model, tmp_path):
+    """Upstream's sampling spans int(T x source fps / fps) source frames a chunk (14 of a 29.97 fps source for 4
+    frames at 8 fps: 0.467 s, not 0.5); written at 8 fps, the decoded video drifted from its source by 7% here
+    (1.2% at 20 frames). Each chunk's first frame now shows at its start time in the source."""
+    source = make_video(tmp_path / "ntsc.mp4", frames=75, height=32, width=32, fps=30000 / 1001)
+    encode(model, [source], tmp_path / "tok")
+    token_file = load_tokens(tmp_path / "tok" / "ntsc.safetensors")
+    starts = (token_file.start_times - token_file.start_times[0]).tolist()
+    assert len(starts) >= 4 and starts[1] == pytest.approx(14 * 1001 / 30000)
+    assert decode_files(Engine(model), [tmp_path / "tok" / "ntsc.safetensors"], tmp_path / "mp4").done
+    with av.open(str(tmp_path / "mp4" / "ntsc.mp4")) as container:
+        times = [float(frame.pts * frame.time_base) for frame in container.decode(video=0)]
+    first = [times[k * SETTINGS.grid[0]] - times[0] for k in range(len(starts))]
+    assert first == pytest.approx(starts, abs=1e-3)
+
+
 def test_decoding_takes_each_chunks_indices_as_it_goes(model, sources, tmp_path):
     """The chunks of a token file are handed to the engine one at a time (a file may hold millions), each with its
     own indices and grid."""
