@@ -807,7 +807,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", "cpu", "device"),
         default="auto",
         help="where frames are resized, cropped and scaled: in the decoding workers (cpu), or per clip on the "
-        "model's device (device); auto: device on CUDA for sources up to 4K, else cpu (default auto)",
+        "model's device (device); auto: device on CUDA for sources of at most 3840x2160 pixels (and not of extreme "
+        "aspect ratios), else cpu (default auto)",
     )
 
 
