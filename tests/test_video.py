@@ -228,6 +228,22 @@ def test_time_sampling_fails_a_file_whose_timestamps_start_again(tmp_path):
         read_clips(str(joined), frames=4, height=16, width=16, fps=8, sampling="time")
 
 
+def test_time_sampling_says_when_short_joined_recordings_start_again(capsys):
+    """Recordings of 2 s or less joined: the second's frames lie within a second of the first's last, so none
+    counted as behind, and the whole second recording was dropped without a word. Frames that do not advance,
+    one after another, over a second of their own, are a clock started again, however far behind they start."""
+    short = [i * 3600 for i in range(38)]  # 1.5 s at 25 fps
+    with pytest.raises(VideoError, match=r"^joined.ts: its timestamps go back, to 0.000 s after 1.480 s, and stay "):
+        list(video._resample("joined.ts", _stream(short + short), 8.0, lambda f: f.i))
+    longer = [i * 3600 for i in range(75)]  # then 3 s
+    shown = list(video._resample("joined.ts", _stream(short + longer), 8.0, lambda f: f.i))
+    assert shown[-1] == 38 + 71 and "joined.ts: its timestamps went back, to 0.000 s after 1.480 s" in (
+        capsys.readouterr().err)
+    jitter = [pts - 3600 if i % 10 == 5 else pts for i, pts in enumerate(longer)]  # lone frames a little back
+    list(video._resample("jitter.ts", _stream(jitter), 8.0, lambda f: f.i))
+    assert capsys.readouterr().err == ""
+
+
 def _stream(stamps: list[int]) -> list:
     """(index, frame) pairs of frames stamped so on a 90 kHz clock, each frame's ``i`` its index."""
     base = Fraction(1, 90000)
@@ -235,18 +251,32 @@ def _stream(stamps: list[int]) -> list:
 
 
 def test_time_sampling_skips_a_lone_frame_stamped_wrong(capsys):
-    """A capture's lone frame stamped 5 s back (a transmission error) is skipped, the file read on; one stamped 3 s
-    ahead shows until its time and the frames it jumped ahead of are skipped, with a notice, as joined recordings
-    whose second part outlasts the first: only frames that stay behind to the end fail the file."""
+    """A capture's lone frame stamped 5 s back (a transmission error) is skipped, the file read on. So is one
+    stamped ahead, 3 s or 30 minutes, with a notice: it held the frame before it until its time (30 minutes of one
+    frame encoded, 3600 clips here), and the frames it jumped ahead of were then skipped as joined recordings, or
+    failed the file where they stayed behind to its end. A frame after a real pause (the clock goes on from it) is
+    shown at its time, as is a last frame, which may be a pause's end: one far after a regular stream's frames
+    is said (it may make thousands of clips of the frame before it), a screen recording's last change after a still
+    minute looks alike."""
     regular = [i * 3600 for i in range(250)]  # 10 s at 25 fps
+    want = [frame for frame in video._resample("capture.ts", _stream(regular), 8.0, lambda f: f.i)]
     back = [pts - 5 * 90000 if i == 200 else pts for i, pts in enumerate(regular)]
     shown = [frame for frame in video._resample("capture.ts", _stream(back), 8.0, lambda f: f.i)]
     assert len(shown) == 80 and 200 not in shown and capsys.readouterr().err == ""
-    ahead = [pts + 3 * 90000 if i == 100 else pts for i, pts in enumerate(regular)]
-    shown = [frame for frame in video._resample("capture.ts", _stream(ahead), 8.0, lambda f: f.i)]
-    assert len(shown) == 80 and shown[32:57] == [99] * 24 + [100]  # (4 s to 7 s, then the frame stamped 7 s)
-    assert "capture.ts: its timestamps went back, to 4.040 s after 7.000 s; sampling 'time' skipped" in (
-        capsys.readouterr().err)
+    for seconds in (3, 1800):
+        ahead = [pts + seconds * 90000 if i == 100 else pts for i, pts in enumerate(regular)]
+        shown = [frame for frame in video._resample("capture.ts", _stream(ahead), 8.0, lambda f: f.i)]
+        assert shown == [99 if f == 100 else f for f in want]  # (frame 100 was due at 4 s)
+        assert (f"capture.ts: its frame stamped {4 + seconds:.3f} s, {seconds + 0.04:.3f} s after the one before it, "
+                "was stamped ahead of the frames around it: sampling 'time' skipped it") in capsys.readouterr().err
+    paused = [pts + 60 * 90000 if i >= 100 else pts for i, pts in enumerate(regular)]  # a minute's pause
+    shown = [frame for frame in video._resample("capture.ts", _stream(paused), 8.0, lambda f: f.i)]
+    assert len(shown) == 80 + 8 * 60 and shown[32 : 32 + 8 * 60] == [99] * (8 * 60)
+    last = regular[:-1] + [regular[-1] + 60 * 90000]
+    shown = [frame for frame in video._resample("capture.ts", _stream(last), 8.0, lambda f: f.i)]
+    assert len(shown) == 8 * 70 and shown.count(248) == 8 * 60  # (held from 9.92 s to the last frame's 69.96 s)
+    assert ("capture.ts: its last frame is stamped 60.040 s after the one before it, over 100 times its frames' "
+            "usual interval, and the frame before it is shown that long") in capsys.readouterr().err
 
 
 def _stamped(path: Path, stamps_ms: list[int], last_ms: int = 0) -> Path:
@@ -263,6 +293,31 @@ def _stamped(path: Path, stamps_ms: list[int], last_ms: int = 0) -> Path:
                 container.mux(packet)
         container.mux(stream.encode())
     return path
+
+
+def test_a_file_with_a_frame_stamped_far_ahead_reads_alike_whole_and_split(tmp_path):
+    """A 10 s capture (H.264 in MPEG-TS) whose frame 100 alone is stamped 30 minutes late: its presentation stamps
+    span half an hour, so the split plan cut it into parts promising thousands of clips, which the parts, skipping
+    that frame, never gave (the file failed with 2 workers and read with 1). A file whose last stamp comes over a
+    second after the rest is not split; read whole, it gives the capture's 20 clips, that frame skipped."""
+    path = tmp_path / "glitch.ts"
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = {"x264-params": "bframes=0:keyint=24"}
+        packets = []
+        for i in range(240):
+            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, 32, 32), "rgb24")
+            frame.pts = i
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        for i, packet in enumerate(packets):
+            packet.time_base, packet.dts = Fraction(1, 90000), i * 3750
+            packet.pts = packet.dts + (1800 * 90000 if i == 100 else 0)
+            container.mux(packet)
+    kwargs = dict(frames=4, height=16, width=16, fps=8, sampling="time")
+    assert video.ClipReader(str(path), **kwargs).plan(2) == []
+    assert len(read_clips(str(path), **kwargs).clips) == 20
 
 
 def test_time_sampling_refuses_a_frame_held_past_the_limit(tmp_path, monkeypatch):
@@ -2910,8 +2965,9 @@ from titok_fast import decoders, video
 mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 room = mapped + (4 << 30)  # 4 GB more than what is mapped now (the table of every clip's would take 40 GB)
 resource.setrlimit(resource.RLIMIT_AS, (room, room))
-order = np.concatenate([np.arange(0, 48_000, 1000), [10 * 365 * 86_400 * 1000]])  # ms: 48 frames, then one
-index = decoders.StreamIndex(order, np.array([0, 24]), True)  # ten years later; cuts at frames 0 and 24
+far = 10 * 365 * 86_400 * 1000  # ms: 48 frames, then two ten years later (one alone is not split by: the file is
+order = np.concatenate([np.arange(0, 48_000, 1000), [far, far + 1000]])  # read whole); cuts at frames 0 and 24
+index = decoders.StreamIndex(order, np.array([0, 24]), True)
 reader = video.ClipReader("x.mp4", frames=4, height=32, width=32, fps=8, sampling="time")
 reader.split_into = 4
 print([(s.first, s.cut) for s in reader._plan(index, types.SimpleNamespace(time_base=Fraction(1, 1000)))])

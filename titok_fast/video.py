@@ -39,6 +39,7 @@ import resource
 import shutil
 import signal
 import stat
+import statistics
 import struct
 import sys
 import tempfile
@@ -422,8 +423,8 @@ class ClipReader:
             )
         self._chunk_length = chunk_length(self.frames, source_fps, self.fps)
         if self._chunk_length < 1:
-            raise VideoError(f"{path}: {source_fps:g} fps is too low to sample {self.frames} frames at {self.fps:g} "
-                             "fps")  # fmt: skip
+            raise VideoError(f"{path}: {source_fps:g} fps (its container's average frame rate: a broken timestamp?) "
+                             f"is too low to sample {self.frames} frames at {self.fps:g} fps")  # fmt: skip
 
     def _needs(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
         """needed[i]: whether the sampling uses frame i of a video whose frames have timestamps ``order``."""
@@ -520,7 +521,10 @@ class ClipReader:
             def first(clip: int) -> int:  # a clip's first frame
                 return clip * self._chunk_length
         else:
-            due = self._dues(index.order, stream.time_base)
+            order = index.order
+            if len(order) > 1 and (order[-1] - order[-2]) * stream.time_base > 1:  # a frame stamped ahead, maybe
+                return []  # alone (it is skipped where it is decoded: not the last, _resample): its time is no end
+            due = self._dues(order, stream.time_base)
             clips = int(due[-1]) // self.frames  # output frames before the last frame's are there whatever its length
 
             def first(clip: int) -> int:  # the frame a clip shows first (asked of a few clips only: a broken stamp
@@ -2679,37 +2683,70 @@ def _resample(
 
     Times are counted in the stream's time base from the first frame (or from ``first``, the first frame's
     timestamp, when ``decoded`` starts later); a frame whose time does not advance is skipped. Frames stamped
-    over a second before the frame held, over more than a second of their own, are timestamps that start again
-    (recordings joined): where they stay behind to the file's end they fail it (no time can be given to them),
-    where they catch up a notice says what was skipped. (A lone frame stamped wrong is skipped, as is the rest of
-    a file's clock it jumped ahead of, as before.) Output frames before ``start`` are left out.
+    before the frame held, one after another, over more than a second of their own, are timestamps that start
+    again (recordings joined): where they stay behind to the file's end they fail it (no time can be given to them),
+    where they catch up a notice says what was skipped. A frame stamped over a second after the one held waits
+    for the next: where that one is stamped before it, it alone was stamped ahead (a broken timestamp) and is
+    skipped, with a notice, rather than holding the frame before it for that long; a last frame so stamped is
+    shown (the end of a pause, or not: a notice says so where the gap is over LONE_GAP_RATIO times the file's
+    usual interval). Output frames before ``start`` are left out.
     """
     emitted = start  # output frames so far
     most = _most_held(fps)
     held = held_ticks = rate = slack = None
-    behind: tuple[int, int] | None = None  # (first, last) stamps of the frames since the held one, over 1 s before it
+    behind: tuple[int, int] | None = None  # (first, last) stamps of the frames since the held one, not after it
+    ahead: tuple[object, int] | None = None  # a frame stamped over 1 s after the held one, and its time
+    steps: deque[int] = deque(maxlen=LONE_GAP_STEPS)  # the last intervals between frames held, in ticks
+    skipped: list[tuple[int, int, Fraction]] = []  # frames skipped as stamped ahead: (its time, the held's, time base)
+
+    def show(frame, ticks: int) -> Iterator[torch.Tensor]:  # the frames due before ``frame`` show the held one
+        nonlocal emitted, held, held_ticks, behind
+        if held is not None:
+            if said := _went_back(behind, held_ticks, frame.time_base):
+                notice(f"{path}: its timestamps went back, {said}; sampling 'time' skipped the frames stamped before "
+                       "the latest time (recordings joined? --sampling upstream reads every frame)")  # fmt: skip
+            behind = None
+            stop = _due(ticks, rate, slack)
+            if stop - emitted > most:  # (counted in output frames: frames a pruned decoder leaves out show none)
+                _too_long(path, held_ticks * frame.time_base, stop - emitted, fps)
+            if stop > emitted:
+                yield from _repeat(held, stop - emitted, image)
+                emitted = stop
+            steps.append(ticks - held_ticks)
+        held, held_ticks = frame, ticks
+
     for _, frame in decoded:
         if frame.pts is None:
             raise VideoError(f"{path}: a video frame has no presentation timestamp")
         if rate is None:
             first, (rate, slack) = frame.pts if first is None else first, _clock(fps, frame.time_base)
         ticks = frame.pts - first
+        if ahead is not None:
+            if ticks <= ahead[1]:  # the clock went on from before it: it alone was stamped ahead
+                skipped.append((ahead[1], held_ticks, frame.time_base))
+            else:
+                yield from show(*ahead)
+            ahead = None
         if held is not None:
-            if ticks <= held_ticks:
-                if (held_ticks - ticks) * frame.time_base > 1:
-                    behind = (behind[0] if behind else ticks, ticks)
+            if ticks <= held_ticks:  # (frames that do not advance, one after another: over a second of their
+                behind = (behind[0] if behind else ticks, ticks)  # own is a clock started again, _went_back)
                 continue
-            if said := _went_back(behind, held_ticks, frame.time_base):
-                notice(f"{path}: its timestamps went back, {said}; sampling 'time' skipped the frames stamped before "
-                       "the latest time (recordings joined? --sampling upstream reads every frame)")  # fmt: skip
-            behind = None
-            stop = _due(ticks, rate, slack)  # output frames due before this frame show the held frame
-            if stop - emitted > most:  # (counted in output frames: frames a pruned decoder leaves out show none)
-                _too_long(path, held_ticks * frame.time_base, stop - emitted, fps)
-            if stop > emitted:
-                yield from _repeat(held, stop - emitted, image)
-                emitted = stop
-        held, held_ticks = frame, ticks
+            if (ticks - held_ticks) * frame.time_base > 1:
+                ahead = (frame, ticks)  # (the next frame says whether its time is real)
+                continue
+        yield from show(frame, ticks)
+    if ahead is not None and _lone_last(gap := ahead[1] - held_ticks, steps):  # (shown: it may be a pause's end)
+        notice(f"{path}: its last frame is stamped {float(gap * ahead[0].time_base):.3f} s after the one before it, "
+               f"over {LONE_GAP_RATIO} times its frames' usual interval, and the frame before it is shown that long "
+               "(a broken timestamp? --sampling upstream reads frames by count)")  # fmt: skip
+    if ahead is not None:
+        yield from show(*ahead)
+    if skipped:
+        at, before, base = skipped[0]
+        more = f" (and {len(skipped) - 1} more such frame(s))" if len(skipped) > 1 else ""
+        notice(f"{path}: its frame stamped {float(at * base):.3f} s, {float((at - before) * base):.3f} s after the one "
+               f"before it, was stamped ahead of the frames around it: sampling 'time' skipped it as a broken "
+               f"timestamp{more}")  # fmt: skip
     if held is not None and (said := _went_back(behind, held_ticks, held.time_base)):
         raise VideoError(
             f"{path}: its timestamps go back, {said}, and stay behind to its end (recordings joined?): sampling 'time' "
@@ -2724,10 +2761,22 @@ def _resample(
         yield from _repeat(held, count, image)
 
 
+# A last frame stamped over a second after the one before it, with no frame after it to tell whether its time is
+# real, is said to look stamped wrong where that gap is over LONE_GAP_RATIO times the median of the file's last
+# LONE_GAP_STEPS intervals (at least LONE_GAP_MIN_STEPS of them): a frame 30 minutes after a 24 fps stream's last.
+# It is shown all the same: a screen recording's last change after a still minute looks alike.
+LONE_GAP_RATIO = 100
+LONE_GAP_STEPS = 64
+LONE_GAP_MIN_STEPS = 8
+
+
+def _lone_last(gap: int, steps: deque[int]) -> bool:
+    return len(steps) >= LONE_GAP_MIN_STEPS and gap > LONE_GAP_RATIO * statistics.median(steps)
+
+
 def _went_back(behind: tuple[int, int] | None, held_ticks: int, time_base: Fraction) -> str:
     """"to X s after Y s" where the frames skipped since the one held at ``held_ticks`` (``behind``: the first and
-    last of those stamped over a second before it) span over a second of their own: timestamps that start again;
-    else ""."""
+    last of those stamped at or before it) span over a second of their own: timestamps that start again; else ""."""
     if behind is None or (behind[1] - behind[0]) * time_base <= 1:
         return ""
     return f"to {float(behind[0] * time_base):.3f} s after {float(held_ticks * time_base):.3f} s"
@@ -2779,8 +2828,9 @@ def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "")
 
 # the rule _due follows: token files made with sampling "time" record it, so that a resume redoes files made by an
 # earlier rule. (Not changed when stamps given in decode order came to be put in presentation order,
-# _presentation_stamps: that changed the picks of AVI and ASF files of B-frames alone, and a new rule would have
-# redone every time-sampled file; the README says to re-encode those with --overwrite.)
+# _presentation_stamps, nor when a lone frame stamped ahead came to be skipped, _resample: each changed the picks of
+# a few broken or unusual files alone, and a new rule would have redone every time-sampled file; the README says to
+# re-encode those with --overwrite.)
 TIME_SAMPLING = "ms-rounding"
 STAMP_ROUNDING = Fraction(1, 2000)  # seconds: Matroska and FLV stamp whole milliseconds, off by up to half of one
 
