@@ -244,6 +244,14 @@ def test_time_sampling_says_when_short_joined_recordings_start_again(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_time_sampling_of_frames_without_stamps_says_what_to_use():
+    frames = _stream([0, 3600])
+    frames[1][1].pts = None  # (a raw .h264 stream's frames have none)
+    with pytest.raises(VideoError, match=r"^raw.h264: a video frame has no presentation timestamp \(a raw stream\?\); "
+                                         r"--sampling upstream reads frames by count$"):  # fmt: skip
+        list(video._resample("raw.h264", frames, 8.0, lambda f: f.i))
+
+
 def _stream(stamps: list[int]) -> list:
     """(index, frame) pairs of frames stamped so on a 90 kHz clock, each frame's ``i`` its index."""
     base = Fraction(1, 90000)

@@ -2674,6 +2674,9 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
         raise VideoError(f"{path}: cannot open as a media file ({exc.strerror or exc})") from exc
 
 
+NO_STAMP = "a video frame has no presentation timestamp (a raw stream?); --sampling upstream reads frames by count"
+
+
 def _resample(
     path: str, decoded: Iterable, fps: float, image: Callable, first: int | None = None, start: int = 0
 ) -> Iterator[torch.Tensor]:
@@ -2717,7 +2720,7 @@ def _resample(
 
     for _, frame in decoded:
         if frame.pts is None:
-            raise VideoError(f"{path}: a video frame has no presentation timestamp")
+            raise VideoError(f"{path}: {NO_STAMP}")
         if rate is None:
             first, (rate, slack) = frame.pts if first is None else first, _clock(fps, frame.time_base)
         ticks = frame.pts - first
@@ -2794,7 +2797,7 @@ def _presentation_stamps(path: str, decoded: Iterable) -> Iterator:
     held, stamps = deque(), []
     for pair in decoded:
         if pair[1].pts is None:
-            raise VideoError(f"{path}: a video frame has no presentation timestamp")
+            raise VideoError(f"{path}: {NO_STAMP}")
         heapq.heappush(stamps, pair[1].pts)
         held.append(pair)
         if len(held) > STAMP_REORDER:
