@@ -446,6 +446,27 @@ def test_a_cast_back_up_drops_the_weights_digest():
     assert copy.deepcopy(model.bfloat16()).weights_digest == digest
     model.weights_digest = "bf16-named"
     assert model.float().weights_digest == "bf16-named"
+    model.decoder.half()  # weights of two dtypes (a float16 decoder), followed per parameter
+    model.weights_digest = "mixed"
+    assert model.float().weights_digest == "mixed"  # the decoder's float16 values exactly, the encoder's untouched
+    assert model.half().float().weights_digest is None  # the encoder's float32 weights rounded
+
+
+def test_a_model_pickled_by_an_earlier_version_loads_with_its_digest():
+    """A pickle of before kept the digest alone, and a runtime without the dtypes on record: loaded, the model
+    raised AttributeError at its first cast (and its digest read as a missing attribute)."""
+    import copy
+
+    from titok_fast.loading import random_tokenizer
+
+    copied = copy.deepcopy(random_tokenizer("tiny", seed=0))
+    state = dict(copied.__dict__, _digest="earlier-digest")
+    del copied._runtime.dtypes
+    model = TiTok.__new__(TiTok)
+    model.__setstate__(state)
+    assert model.weights_digest == "earlier-digest"
+    assert model.to(torch.bfloat16).weights_digest == "earlier-digest"
+    assert model.to(torch.float32).weights_digest is None
 
 
 def test_upstream_attributes_and_keyword_names():
@@ -482,6 +503,8 @@ def test_numpy_counts_and_grids_are_taken_as_lists(tiny):
     videos = random_videos(MIXED)
     codes, out = model.encode(videos, np.array(MIXED_TOKENS))
     assert torch.equal(codes, model.encode(videos, MIXED_TOKENS)[0])
+    one = model.encode(videos[:1], np.array(MIXED_TOKENS[0]))[0]  # a 0-d array: one count, as a 0-d tensor
+    assert torch.equal(one, model.encode(videos[:1], torch.tensor(MIXED_TOKENS[0]))[0])
     want = model.decode_indices(out["indices"], MIXED)
     for grids in (np.array(MIXED), [np.array(g) for g in MIXED]):
         got = model.decode_indices(out["indices"], grids)

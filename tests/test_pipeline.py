@@ -584,7 +584,7 @@ def test_decode_keeps_a_video_decoded_from_the_tokens_of_another_source(model, s
     """Two token folders with a file of one name each (train/clip, val/clip), decoded into one folder: the second
     replaced the first's video without a word (and a rerun of the first swapped it back), as its record named the
     token file by size and time only. It now fails alone, the video kept, unless --overwrite; the same source
-    reached through a link is the same source."""
+    reached through a link is the same source, and a source gone since tells nothing (decoded again)."""
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
     shutil.copy(sources["short"], tmp_path / "train" / "clip.mp4")
@@ -605,6 +605,10 @@ def test_decode_keeps_a_video_decoded_from_the_tokens_of_another_source(model, s
     (tmp_path / "link").symlink_to(tmp_path / "val")
     time.sleep(0.01)
     encode(model, [tmp_path / "link" / "clip.mp4"], tmp_path / "tok" / "val", overwrite=True)  # made again
+    assert decode_files(engine, [val], out).done == [str(val)]
+    (tmp_path / "val").rename(tmp_path / "moved")  # the dataset moved, its tokens made again from there:
+    time.sleep(0.01)  # nothing says the video recorded is another's (it is gone), so decoded again, as before
+    encode(model, [tmp_path / "moved" / "clip.mp4"], tmp_path / "tok" / "val", overwrite=True)
     assert decode_files(engine, [val], out).done == [str(val)]
 
 

@@ -175,7 +175,9 @@ def check_token_counts(
 ) -> list[int]:
     """Validate per-video latent token counts (integers >= 1), one per video when ``expected`` is given;
     ``name(i)`` names video i in the errors."""
-    token_counts = from_numpy(token_counts)
+    given, token_counts = token_counts, from_numpy(token_counts)
+    if token_counts is not given and is_integer(token_counts):  # a 0-d array: one count, as a 0-d tensor is
+        token_counts = [token_counts]
     if isinstance(token_counts, torch.Tensor):
         check_not_meta(token_counts, "token_counts")
         token_counts = token_counts.tolist() if token_counts.dim() else [token_counts.item()]

@@ -78,11 +78,13 @@ class Runtime:
         self.choice = check_backend(backend)
         self.packings = PackingCache()
         self.fsq = fsq
-        self.dtypes: set[torch.dtype] = set()  # the parameters' floating dtypes since the weights digest was set
+        self.dtypes: dict[str, set[torch.dtype]] = {}  # per parameter: its dtypes since the weights digest was set
 
-    def note_dtypes(self, module: nn.Module) -> None:
-        """After a cast (``to()``, ``half()``, ...): the dtypes the weights were rounded to stay on record."""
-        self.dtypes.update(p.dtype for p in module.parameters() if p.is_floating_point())
+    def note_dtypes(self, module: nn.Module, prefix: str) -> None:
+        """After a cast of ``module`` (the model's, named ``prefix``: ``to()``, ``half()``, ...): the dtypes its
+        weights were rounded to stay on record."""
+        for name, p in module.named_parameters(prefix):
+            self.dtypes.setdefault(name, set()).add(p.dtype)
 
     def backend(self, device: torch.device) -> Backend:
         return resolve_backend(self.choice, device)
@@ -98,6 +100,17 @@ def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
     """Whether every value of dtype ``narrow`` is one of ``wide``."""
     order = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
     return narrow == wide or order.get(narrow, 9) < order.get(wide, 0)
+
+
+def _kept_values(
+    named: dict[str, torch.dtype], passed: dict[str, set[torch.dtype]], now: dict[str, torch.dtype]
+) -> bool:
+    """Whether each parameter, named by a digest in dtype ``named[name]`` and cast through ``passed[name]`` since,
+    holds what a cast straight to its dtype ``now[name]`` gives: no cast rounded it to something narrower."""
+    return all(
+        _narrowest(passed.get(name, set()) | {dtype}) == _narrowest({named.get(name, dtype), dtype})
+        for name, dtype in now.items()
+    )
 
 
 def _narrowest(dtypes: set[torch.dtype]) -> set[torch.dtype]:
@@ -139,7 +152,7 @@ class Encoder(EncoderParams):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self.runtime.note_dtypes(self)
+        self.runtime.note_dtypes(self, "encoder")
         return out
 
     @property
@@ -204,7 +217,7 @@ class Decoder(DecoderParams):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self.runtime.note_dtypes(self)
+        self.runtime.note_dtypes(self, "decoder")
         return out
 
     @property
@@ -335,32 +348,31 @@ class TiTok(nn.Module):
         None again once the weights change (``load_state_dict``, in-place writes, replaced parameters,
         :meth:`weights_changed`), so token files never name weights that did not make them; ``to()``, a precision
         switch and a copy keep it (the same weights), except a cast back to a dtype that holds more than one the
-        weights were rounded to since (``to(bfloat16)`` then ``to(float32)``: no longer the named weights in
-        float32). Parameters made under ``torch.inference_mode()`` have no version counter: after writing to them
-        in place (``load_state_dict`` without ``assign``), call :meth:`weights_changed`."""
+        weights were rounded to since (``to(bfloat16)`` then ``to(float32)``, of the model, its encoder or its
+        decoder: no longer the named weights in float32). Parameters made under ``torch.inference_mode()`` have no
+        version counter, and a cast of a module inside the encoder or decoder (``model.decoder.proj_out.half()``)
+        is not seen: after writing to them in place (``load_state_dict`` without ``assign``), or such a cast, call
+        :meth:`weights_changed`."""
         found = self._digest
-        if found is not None and (found[0] != self._weights_identity() or not self._kept_values(found[2])):
+        if found is not None and (
+            found[0] != self._weights_identity() or not _kept_values(found[2], self._runtime.dtypes, self._dtypes())
+        ):
             self._digest = found = None
         return None if found is None else found[1]
 
     @weights_digest.setter
     def weights_digest(self, value: str | None) -> None:
-        dtypes = self._floating_dtypes()
-        self._runtime.dtypes = set(dtypes)
+        dtypes = self._dtypes()
+        self._runtime.dtypes = {name: {dtype} for name, dtype in dtypes.items()}
         self._digest = None if value is None else (self._weights_identity(), value, dtypes)
 
-    def _floating_dtypes(self) -> frozenset[torch.dtype]:
-        return frozenset(t.dtype for held, name in self._parameter_holders() if (t := held[name]).is_floating_point())
-
-    def _kept_values(self, named: frozenset[torch.dtype]) -> bool:
-        """Whether the weights hold the values that those the digest named (in ``named`` dtypes) give when cast
-        straight to the dtypes they have now: the casts since rounded them to nothing narrower than that."""
-        now = self._floating_dtypes()
-        return _narrowest(self._runtime.dtypes | now) == _narrowest(named | now)
+    def _dtypes(self) -> dict[str, torch.dtype]:
+        """Each parameter's dtype, by name."""
+        return {name: p.dtype for name, p in self.named_parameters()}
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self._runtime.note_dtypes(self)
+        self._runtime.note_dtypes(self, "")
         return out
 
     def __getstate__(self) -> dict:  # copied or pickled: the digest of the weights as they are, set on the copy's
@@ -373,6 +385,10 @@ class TiTok(nn.Module):
         digest = state.pop("_digest", None)
         super().__setstate__(state)
         self._digest = None
+        if not isinstance(getattr(self._runtime, "dtypes", None), dict):  # (pickled by an earlier version)
+            self._runtime.dtypes = {name: {dtype} for name, dtype in self._dtypes().items()}
+        if isinstance(digest, str):  # (likewise: the digest alone, of the weights as they were)
+            digest = (digest, self._dtypes())
         if digest is not None:
             self._digest = (self._weights_identity(), *digest)
 

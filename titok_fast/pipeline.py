@@ -1694,14 +1694,15 @@ def _decoded_from(there: str) -> str | None:
 
 
 def _same_source(recorded: str | None, source: str) -> bool:
-    """Whether a video recording ``recorded`` (None: an earlier version's record) was decoded from tokens of the
-    video at ``source``: the same path, or the same file reached by another (a link to its folder)."""
+    """Whether a video recording ``recorded`` (None: an earlier version's record) may have been decoded from tokens
+    of the video at ``source``: the same path, the same file reached by another (a link to its folder), or either
+    gone, so that nothing tells (a dataset moved, its tokens made again from there: decoded again, as before)."""
     if recorded is None or recorded == source:
         return True
     try:
         return os.path.samefile(recorded, source)
-    except (OSError, ValueError):  # (either gone: a dataset's tokens decoded without it; a NUL in a stranger's)
-        return False
+    except (OSError, ValueError):  # (gone; a NUL in a stranger's record)
+        return True
 
 
 def _with_source(record: str, source: str) -> str:

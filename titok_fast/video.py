@@ -397,7 +397,8 @@ class ClipReader:
                     zero = int(segment.order[0]) if segment is not None else None  # the file's first frame's time
                     if container.format.name not in PRUNED_CONTAINERS:  # (stamps that may come in decode order)
                         frames = _presentation_stamps(path, frames)
-                    images = _resample(path, frames, self.fps, image, zero, first_clip * self.frames)
+                    to_the_end = segment is None or segment.clips is None
+                    images = _resample(path, frames, self.fps, image, zero, first_clip * self.frames, to_the_end)
                 if segment is not None and segment.clips is not None:
                     images = itertools.islice(images, segment.clips * self.frames)
                 try:
@@ -521,9 +522,9 @@ class ClipReader:
             def first(clip: int) -> int:  # a clip's first frame
                 return clip * self._chunk_length
         else:
-            order = index.order
-            if len(order) > 1 and (order[-1] - order[-2]) * stream.time_base > 1:  # a frame stamped ahead, maybe
-                return []  # alone (it is skipped where it is decoded: not the last, _resample): its time is no end
+            order = index.order  # a gap of over a second: frames stamped ahead, maybe each alone (skipped where
+            if len(order) > 1 and np.diff(order).max() * stream.time_base > 1:  # decoded: _resample), whose times
+                return []  # would promise the parts clips the file has not; such a file is read whole
             due = self._dues(order, stream.time_base)
             clips = int(due[-1]) // self.frames  # output frames before the last frame's are there whatever its length
 
@@ -2678,7 +2679,13 @@ NO_STAMP = "a video frame has no presentation timestamp (a raw stream?); --sampl
 
 
 def _resample(
-    path: str, decoded: Iterable, fps: float, image: Callable, first: int | None = None, start: int = 0
+    path: str,
+    decoded: Iterable,
+    fps: float,
+    image: Callable,
+    first: int | None = None,
+    start: int = 0,
+    to_the_end: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Frame k of the output, ``image(frame)``, is the last decoded frame at or before k / fps (see the header),
     as :func:`_due` reads stamps. ``decoded``: (index, frame) pairs; frames a pruned decoder left out show no output
@@ -2692,7 +2699,8 @@ def _resample(
     for the next: where that one is stamped before it, it alone was stamped ahead (a broken timestamp) and is
     skipped, with a notice, rather than holding the frame before it for that long; a last frame so stamped is
     shown (the end of a pause, or not: a notice says so where the gap is over LONE_GAP_RATIO times the file's
-    usual interval). Output frames before ``start`` are left out.
+    usual interval; ``to_the_end`` False: ``decoded`` stops before the file's end, a segment's). Output frames
+    before ``start`` are left out.
     """
     emitted = start  # output frames so far
     most = _most_held(fps)
@@ -2725,7 +2733,7 @@ def _resample(
             first, (rate, slack) = frame.pts if first is None else first, _clock(fps, frame.time_base)
         ticks = frame.pts - first
         if ahead is not None:
-            if ticks <= ahead[1]:  # the clock went on from before it: it alone was stamped ahead
+            if ticks < ahead[1]:  # the clock went on from before it: it alone was stamped ahead
                 skipped.append((ahead[1], held_ticks, frame.time_base))
             else:
                 yield from show(*ahead)
@@ -2738,7 +2746,8 @@ def _resample(
                 ahead = (frame, ticks)  # (the next frame says whether its time is real)
                 continue
         yield from show(frame, ticks)
-    if ahead is not None and _lone_last(gap := ahead[1] - held_ticks, steps):  # (shown: it may be a pause's end)
+    if ahead is not None and to_the_end and _lone_last(gap := ahead[1] - held_ticks, steps):  # (shown: it may be
+        # a pause's end)
         notice(f"{path}: its last frame is stamped {float(gap * ahead[0].time_base):.3f} s after the one before it, "
                f"over {LONE_GAP_RATIO} times its frames' usual interval, and the frame before it is shown that long "
                "(a broken timestamp? --sampling upstream reads frames by count)")  # fmt: skip
