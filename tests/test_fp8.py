@@ -113,14 +113,17 @@ def test_fp8_matmul_is_the_exact_product_of_the_codes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_scaled_mm_on_the_gpu_is_the_emulated_product():
     """The GPU's row-wise scaled FP8 GEMM (bf16 out) against the CPU's emulation of it, on the same codes: equal up
-    to bf16 rounding of the float32 result (one ulp, 2^-8 relative) and float32 summation order."""
+    to bf16 rounding of the result (one ulp, 2^-8 relative) and the accumulation's own error, bounded by the sum of
+    the products' magnitudes (Hopper's FP8 MMA keeps fewer bits than float32 between its promotions to float32: on
+    an H100 a bound of 2^-8 of the result alone failed where products cancel)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9+")
     x, w = torch.randn(300, 1024) * torch.logspace(-2, 2, 300)[:, None], torch.randn(1376, 1024)
     (x_q, sx), (w_q, sw) = quantize_rows(x), quantize_rows(w)
     want = fp8_matmul(x_q, sx, w_q, sw, torch.float32)
     got = fp8_matmul(x_q.cuda(), sx.cuda(), w_q.cuda(), sw.cuda(), torch.bfloat16).float().cpu()
-    assert bool(((got - want).abs() <= 2**-8 * want.abs() + 1e-6 * want.abs().amax(dim=1, keepdim=True)).all())
+    magnitude = (x_q.float().abs() @ w_q.float().abs().t()) * sx * sw.t()  # sum of |products|, scaled
+    assert bool(((got - want).abs() <= 2**-8 * want.abs() + 2**-10 * magnitude).all())
     assert fp8_matmul(x_q.cuda(), sx.cuda(), w_q.cuda(), sw.cuda(), torch.float32).dtype == torch.float32
 
 

@@ -625,8 +625,8 @@ def test_gpu_nvdec_clips_are_the_cpu_decoders(files, monkeypatch):
         clips = list(reader)
         monkeypatch.undo()
         assert reader.decoded_by == ("nvdec,cpu" if case == 9 else "nvdec") and len(clips) == len(cpu) >= 3, case
-        for a, b in zip(clips, cpu, strict=True):
-            assert a.is_cuda and torch.equal(a.cpu(), b), case
+        for k, (a, b) in enumerate(zip(clips, cpu, strict=True)):  # (after NVDEC failed, clips the CPU decoded
+            assert a.is_cuda == (case != 9 or k <= 2) and torch.equal(a.cpu(), b), (case, k)  # alone are the CPU's)
 
 
 @pytest.mark.gpu
