@@ -63,6 +63,7 @@ from .pipeline import (
     Summary,
     Writes,
     _device_fault,
+    _device_fault_in,
     _progress,
     _threads_for,
     check_inputs_apart,
@@ -326,7 +327,7 @@ class ClipEncoder:
             # to the host here: a device fault shows at the first sync after it, which must be this one
             results = {key: indices.to("cpu", torch.int32).contiguous() for key, (_, indices) in results.items()}
         except (ValueError, TypeError, RuntimeError) as e:
-            if not (_device_fault(e) or (e.__cause__ is not None and _device_fault(e.__cause__))):
+            if not _device_fault_in(e):
                 # no clip could be blamed: the clips that failed alone before it are reported, as on one machine
                 reported = [self._failed(clips[k], reason) for k, reason in failed.items()]
                 raise _Unexplained(f"{type(e).__name__}: {e}", reported) from e
@@ -503,11 +504,11 @@ class EncodersBusy:
         # of the passes that ended: busy seconds, the pools' seconds, seconds with rows, the reader's seconds
         # waiting for room and its seconds reading
         self.ended = (0.0, 0.0, 0.0, 0.0, 0.0)
-        self.actors, self.first, self.busy = 0, None, {}  # of the pass running: its pool's size, its first row's
-        # time (time.perf_counter), each actor's seconds on batches (the latest said)
-        self.reader: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)  # its reader's waiting and reading
+        self.pass_started(0)
 
     def pass_started(self, actors: int, reader: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)) -> None:
+        """Of the pass running: its pool's size, its first row's time (time.perf_counter), each actor's seconds on
+        batches (the latest said), and its reader's seconds waiting and reading."""
         self.actors, self.first, self.busy, self.reader = actors, None, {}, reader
 
     def row(self, row: dict) -> bool:

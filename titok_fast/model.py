@@ -370,11 +370,6 @@ class TiTok(nn.Module):
         """Each parameter's dtype, by name."""
         return {name: p.dtype for name, p in self.named_parameters()}
 
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._runtime.note_dtypes(self, "")
-        return out
-
     def __getstate__(self) -> dict:  # copied or pickled: the digest of the weights as they are, set on the copy's
         state = self.__dict__.copy()  # (with the dtypes it named; the runtime holds those the weights had since)
         digest = self.weights_digest

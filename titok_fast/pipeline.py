@@ -966,6 +966,11 @@ def _device_fault(error: BaseException) -> bool:
     return isinstance(error, accelerator_error) or text.startswith("CUDA error") or "Triton Error [CUDA]" in text
 
 
+def _device_fault_in(error: BaseException) -> bool:
+    """:func:`_device_fault` of ``error`` or of the error it was raised from."""
+    return _device_fault(error) or (error.__cause__ is not None and _device_fault(error.__cause__))
+
+
 PLURALS = {"thread": "threads", "process": "processes"}
 
 
@@ -1582,10 +1587,11 @@ def decode_files(
                                  "output folder")  # fmt: skip
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
             ours = there is not None and there.startswith(DECODE_RECORD)
+            then, now = (_record_of(there) if ours else None), _record_of(record)  # (parsed once: dicts from here)
             damaged = exists and there is None and _damaged_mp4(out)  # (a copy cut short): decoded again over it
             # an mp4 written whole (atomically) from this token file this way: complete; one that records no decode:
             # kept, said once below
-            if exists and not damaged and not overwrite and (not ours or _same_decode(there, record)):
+            if exists and not damaged and not overwrite and (not ours or _same_decode(then, now)):
                 if ours:
                     summary.skipped.append(str(path))
                 else:
@@ -1593,13 +1599,13 @@ def decode_files(
                     first_unrecorded += [out] if unrecorded <= 3 else []
                 continue
             token_file = load_tokens(path)
-            if exists and ours and not overwrite and not force and _decoded_by_own_weights(there, record, token_file):
+            if exists and ours and not overwrite and not force and _decoded_by_own_weights(then, now, token_file):
                 summary.skipped.append(str(path))  # (a folder of token files of several weights: one run each)
                 continue
-            if exists and ours and not overwrite and not _same_source(other := _decoded_from(there), token_file.source):
+            if exists and ours and not overwrite and not _same_source(other := _decoded_from(then), token_file.source):
                 raise ValueError(f"{out} was decoded from the tokens of another video ({other}): kept; --overwrite "
                                  "replaces it, or choose another output folder")  # fmt: skip
-            record = _with_source(record, token_file.source)
+            record = DECODE_RECORD + json.dumps({**now, "source": token_file.source}, sort_keys=True)
             if exists and os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
                 raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
                                  "another output folder")  # fmt: skip
@@ -1623,7 +1629,7 @@ def decode_files(
         except Exception as e:  # not only the errors foreseen: one file must never end the run, but a full disk
             if getattr(e, "errno", None) in NO_ROOM:  # (quota, read-only file system) fails every one after it
                 raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
-            if _device_fault(e) or (e.__cause__ is not None and _device_fault(e.__cause__)):
+            if _device_fault_in(e):
                 raise  # (a CUDA error leaves the device unusable: every file after it would fail), as encode stops
             if not isinstance(e, (ValueError, OSError)):  # (the foreseen ones say all in their line)
                 show_traceback(e, path)
@@ -1649,11 +1655,10 @@ def decode_files(
     return summary
 
 
-def _decoded_by_own_weights(there: str, record: str, token_file: TokenFile) -> bool:
-    """Whether the video whose record is ``there`` was decoded from the token file as it is now, the same way (the
-    source beside it or not), by the weights that made it, where this run's (``record``) are others: complete,
-    although this run would have decoded it otherwise (it could not without --force)."""
-    then, now = _record_of(there), _record_of(record)
+def _decoded_by_own_weights(then: dict | None, now: dict, token_file: TokenFile) -> bool:
+    """Whether the video whose record is ``then`` (:func:`_record_of`) was decoded from the token file as it is now,
+    the same way (the source beside it or not), by the weights that made it, where this run's (``now``) are others:
+    complete, although this run would have decoded it otherwise (it could not without --force)."""
     if then is None:
         return False
     same = all(then.get(key) == now[key] for key in ("tokens", "beside_source"))
@@ -1673,6 +1678,7 @@ def playback_rate(token_file: TokenFile) -> float:
 
 
 def _record_of(text: str) -> dict | None:
+    """A video's decode record (its comment tag, beginning DECODE_RECORD) as a dict; None where it is not one."""
     try:
         found = json.loads(text[len(DECODE_RECORD) :])
     except ValueError:
@@ -1680,16 +1686,15 @@ def _record_of(text: str) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
-def _same_decode(there: str, record: str) -> bool:
-    """Whether the video whose comment is ``there`` records the decode ``record`` says, whatever source video it
-    names (``record`` is made before the token file is read)."""
-    then = _record_of(there)
-    return then is not None and {k: v for k, v in then.items() if k != "source"} == _record_of(record)
+def _same_decode(then: dict | None, now: dict) -> bool:
+    """Whether a video's record ``then`` is the decode ``now`` says, whatever source video it names (``now`` is made
+    before the token file is read)."""
+    return then is not None and {k: v for k, v in then.items() if k != "source"} == now
 
 
-def _decoded_from(there: str) -> str | None:
-    """The source video whose tokens the video commented ``there`` was decoded from (None: not recorded)."""
-    source = (_record_of(there) or {}).get("source")
+def _decoded_from(then: dict | None) -> str | None:
+    """The source video whose tokens the video recording ``then`` was decoded from (None: not recorded)."""
+    source = (then or {}).get("source")
     return source if isinstance(source, str) else None
 
 
@@ -1703,10 +1708,6 @@ def _same_source(recorded: str | None, source: str) -> bool:
         return os.path.samefile(recorded, source)
     except (OSError, ValueError):  # (gone; a NUL in a stranger's record)
         return True
-
-
-def _with_source(record: str, source: str) -> str:
-    return DECODE_RECORD + json.dumps({**_record_of(record), "source": source}, sort_keys=True)
 
 
 def _damaged_mp4(path: Path) -> bool:
@@ -1724,7 +1725,7 @@ def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.Path
     file's size and modification time, the weights, model config, dtype and precision (where not the default: the
     records of before stay valid) that decoded it, and whether its source is beside it (all but the first the same
     for every file of a run: worked out once); the video written records the path of the token file's source video
-    too (:func:`_with_source`, once the token file is read). A rerun skips a video that records what it would write
+    too, once the token file is read. A rerun skips a video that records what it would write
     (whatever source it names), decodes again one that records otherwise (its token file was made again since, or
     it is decoded another way), and keeps one decoded from the tokens of another source video (unless
     --overwrite)."""

@@ -2746,12 +2746,11 @@ def _resample(
                 ahead = (frame, ticks)  # (the next frame says whether its time is real)
                 continue
         yield from show(frame, ticks)
-    if ahead is not None and to_the_end and _lone_last(gap := ahead[1] - held_ticks, steps):  # (shown: it may be
-        # a pause's end)
-        notice(f"{path}: its last frame is stamped {float(gap * ahead[0].time_base):.3f} s after the one before it, "
-               f"over {LONE_GAP_RATIO} times its frames' usual interval, and the frame before it is shown that long "
-               "(a broken timestamp? --sampling upstream reads frames by count)")  # fmt: skip
-    if ahead is not None:
+    if ahead is not None:  # a last frame so stamped: shown (it may be a pause's end), said where it looks wrong
+        if to_the_end and _lone_last(gap := ahead[1] - held_ticks, steps):
+            notice(f"{path}: its last frame is stamped {float(gap * ahead[0].time_base):.3f} s after the one before "
+                   f"it, over {LONE_GAP_RATIO} times its frames' usual interval, and the frame before it is shown that "
+                   "long (a broken timestamp? --sampling upstream reads frames by count)")  # fmt: skip
         yield from show(*ahead)
     if skipped:
         at, before, base = skipped[0]
