@@ -14,9 +14,10 @@ ceiling, whatever the number of threads or of NVDEC engines. This measures, on o
 - ``kept xN``: the same, but each thread keeps its first decoder for every later pass (a new demuxer each time):
   set beside ``raw``, what making a decoder per file costs, which decides whether files of a few seconds are
   worth a decoder kept from one file to the next. Each row says how many decoders it made.
-- ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nv12_clip_rgb`` (a copy of each
-  surface, and every frame converted to RGB as if every frame were sampled: 20 surfaces stacked and converted in
-  one launch, as the reader converts a clip); ``titok-frames xN``: the kernel launched a frame at a time (the
+- ``titok xN``: the same through the run's path, ``decoders.nvdec_frames`` and ``nv12_clip_rgb`` (a thread's
+  decoder kept from one file to the next, as the run keeps it; a copy of each surface, and every frame converted
+  to RGB as if every frame were sampled: 20 surfaces stacked and converted in one launch, as the reader converts
+  a clip); ``titok-frames xN``: the kernel launched a frame at a time (the
   reader's way before it converted clips); ``titok-torch xN``: each frame converted by the kernel's PyTorch
   reference instead (some twenty kernels a frame, as before the kernel).
 - ``threaded xN``: PyNvVideoCodec's ``ThreadedDecoder``, which demuxes and decodes on a thread of its own outside
@@ -42,8 +43,8 @@ from pathlib import Path
 
 FAKE_PACKETS = 200
 FAKE_DECODE_SECONDS = 1e-3
-MADE, MADE_LOCK = [0], threading.Lock()  # decoders made by session() so far (a row reports its own count)
-MADE_BY = ("raw", "kept")  # the paths that make theirs there
+MADE, MADE_LOCK = [0], threading.Lock()  # decoders made so far (a row reports its own count)
+MADE_BY = ("raw", "kept", "titok", "titok-frames", "titok-torch")  # the paths whose decoders are counted
 
 
 def _fake_module(hold: bool) -> types.ModuleType:
@@ -86,8 +87,6 @@ def session(nvc, path: str, decoder=None):
     if decoder is None:
         codec = demuxer.GetNvCodecId() if hasattr(demuxer, "GetNvCodecId") else 0
         decoder = nvc.CreateDecoder(gpuid=0, codec=codec, cudacontext=0, cudastream=0, usedevicememory=True)
-        with MADE_LOCK:
-            MADE[0] += 1
     return demuxer, decoder
 
 
@@ -237,6 +236,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--log", help="append each row here as JSON")
     args = p.parse_args(argv)
     nvc = _nvc(args.fake)
+    create = nvc.CreateDecoder  # every path's decoders are made here (the run's, in decoders.nvdec_frames, too)
+
+    def counted(**kwargs):
+        with MADE_LOCK:
+            MADE[0] += 1
+        return create(**kwargs)
+
+    nvc.CreateDecoder = counted
     if args.fake:
         path, paths = "fake.mp4", ["raw", "kept"]
     else:

@@ -1,3 +1,4 @@
+import collections
 import importlib.util
 import itertools
 import re
@@ -347,12 +348,16 @@ class FakePyNvVideoCodec(types.ModuleType):
     """PyNvVideoCodec as :func:`decoders.nvdec_frames` uses it, on the CPU: its demuxer hands out PyAV's decoded
     frames as packets (then the empty one that flushes), its decoder turns each into an NV12 frame that DLPack
     reads, with ``getPTS``, in one output surface that the next call overwrites. It can refuse the file, fail at a
-    frame, or give no frame."""
+    frame, or give no frame. With ``lag``, a decoder gives each frame ``lag`` packets after its own (then the rest
+    on the empty packet), as a real one holds frames it may reorder: one left midway still holds its file's last
+    frames. ``made`` counts the decoders made."""
 
-    def __init__(self, fail_at: int | None = None, refuse: bool = False, empty: bool = False, device: str = "cpu"):
+    def __init__(self, fail_at: int | None = None, refuse: bool = False, empty: bool = False, device: str = "cpu",
+                 lag: int = 0):  # fmt: skip
         super().__init__("PyNvVideoCodec")
-        self.calls, self.fail_at, self.refuse, self.empty = [], fail_at, refuse, empty
+        self.calls, self.fail_at, self.refuse, self.empty, self.lag = [], fail_at, refuse, empty, lag
         self.device = device  # where its surfaces are
+        self.made = 0
 
     def CreateDemuxer(self, filename):  # noqa: N802 (the package's names)
         self.calls.append(filename)
@@ -373,17 +378,19 @@ class FakePyNvVideoCodec(types.ModuleType):
     def CreateDecoder(self, **kwargs):  # noqa: N802
         if self.refuse:
             raise RuntimeError("no NVDEC here")
-        decoded = itertools.count()
+        self.made += 1
+        decoded = [itertools.count()]  # packets since the last flush (a file's)
+        held, lag, fake = collections.deque(), self.lag, self
 
         surface = [torch.empty(0)]  # the decoder's output surface: every Decode call writes its frame there
         device = self.device
 
         class Frame:
-            def __init__(self, frame):
+            def __init__(self, frame, shared: bool = True):  # shared: in the output surface (one a call)
                 nv12 = nv12_surface(*planes(frame)).to(device)
-                if surface[0].shape != nv12.shape:
+                if shared and surface[0].shape != nv12.shape:
                     surface[0] = torch.empty_like(nv12)
-                self.nv12, self.pts = surface[0].copy_(nv12), frame.pts
+                self.nv12, self.pts = surface[0].copy_(nv12) if shared else nv12, frame.pts
 
             def __dlpack__(self, **kwargs):
                 return self.nv12.__dlpack__(**kwargs)
@@ -394,15 +401,17 @@ class FakePyNvVideoCodec(types.ModuleType):
             def getPTS(self):  # noqa: N802
                 return self.pts
 
-        fail_at = self.fail_at
-
         class Decoder:
             def Decode(self, packet):  # noqa: N802
                 if packet is None:
-                    return []
-                if next(decoded) == fail_at:
+                    out = list(held)
+                    held.clear()
+                    decoded[0] = itertools.count()
+                    return [Frame(frame, shared=False) for frame in out]
+                if next(decoded[0]) == fake.fail_at:
                     raise RuntimeError("CUDA_ERROR_INVALID_SOURCE")
-                return [Frame(packet)]
+                held.append(packet)
+                return [Frame(held.popleft())] if len(held) > lag else []
 
         return Decoder()
 
@@ -492,6 +501,84 @@ def test_nvdec_with_a_picture_size_that_changes_goes_on_on_the_cpu(tmp_path, mon
     assert reader.decoded_by == "nvdec,cpu" and len(clips) == len(cpu) == 7
     for a, b in zip(clips, cpu, strict=True):  # (a picture read at the first size would not be)
         assert torch.equal(a, b)
+
+
+def nvdec_read(path: str, **kwargs) -> tuple[ClipReader, list[torch.Tensor]]:
+    """``path``'s clips through the NVDEC path (whichever PyNvVideoCodec is installed), as nvdec_clips reads them."""
+    reader = ClipReader(path, frames=4, height=64, width=64, fps=24, decoder="nvdec", device="cpu", raw=True, **kwargs)
+    return reader, [normalize_pixels(clip_pixels(c, 64, 64) if c.dtype == torch.uint8 else c, torch.float32)
+                    for c in reader]  # fmt: skip
+
+
+def cpu_read(path: str) -> list[torch.Tensor]:
+    return read_clips(path, frames=4, height=64, width=64, fps=24).clips
+
+
+def same_clips(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def lookalikes(tmp_path_factory, files) -> dict[str, str]:
+    """Files of "wide"'s size and codec with other pictures, one that starts with an IDR picture and goes on in
+    open groups of pictures, and the same cut at its second key picture (not an IDR picture: frames shown before
+    it refer to frames before it)."""
+    folder = tmp_path_factory.mktemp("lookalikes")
+    made = {
+        "noise": videos.make_video(folder / "noise.mp4", 20, 144, 256, fps=24, pattern="noise"),
+        "open": videos.make_video(folder / "open.mp4", 60, 144, 256, fps=24, x264=f"{KEYINT}:open-gop=1"),
+    }
+    with av.open(str(made["open"])) as source, av.open(str(folder / "cut.mp4"), "w") as out:
+        stream, keys = out.add_stream_from_template(source.streams.video[0]), 0
+        for packet in source.demux(source.streams.video[0]):
+            keys += packet.is_keyframe
+            if packet.dts is not None and keys >= 2:
+                packet.stream = stream
+                out.mux(packet)
+    return {**{name: str(path) for name, path in made.items()}, "cut": str(folder / "cut.mp4")}
+
+
+KEYINT = "keyint=24:min-keyint=24:scenecut=0"
+
+
+def test_a_threads_nvdec_decoder_decodes_its_next_file_of_the_same_kind(files, lookalikes, monkeypatch):
+    """Making an NVDEC decoder costs more than decoding a short file: a thread keeps its decoder, flushed at the end
+    of a file, for its next file of the same codec, size and pixel format. The clips are the CPU decoder's; a
+    file of another size gets a decoder of its own, and is the one kept after it (one a thread)."""
+    fake = fake_nvdec(monkeypatch, lag=2)  # (a decoder holding two frames: one reused wrongly would show them)
+    for path in (files["wide"], lookalikes["noise"], files["wide"]):
+        reader, clips = nvdec_read(path)
+        assert reader.decoded_by == "nvdec" and same_clips(clips, cpu_read(path)), path
+    assert fake.made == 1
+    for path, made in ((files["small"], 2), (files["wide"], 3), (lookalikes["noise"], 3)):
+        assert same_clips(nvdec_read(path)[1], cpu_read(path)) and fake.made == made, path
+
+
+def test_an_nvdec_decoder_left_midway_or_failed_is_never_used_again(files, lookalikes, monkeypatch):
+    """A decoder whose file was not read to its end (the reader stopped, or NVDEC failed) may still hold that
+    file's frames: the next file gets a new one, and its clips are the CPU decoder's."""
+    fake = fake_nvdec(monkeypatch, lag=2)
+    reader = iter(ClipReader(files["wide"], frames=4, height=64, width=64, fps=24, decoder="nvdec", device="cpu"))
+    next(reader)
+    reader.close()  # stopped after a clip
+    assert same_clips(nvdec_read(lookalikes["noise"])[1], cpu_read(lookalikes["noise"])) and fake.made == 2
+    fake.fail_at = 9  # (the kept decoder fails at this file's frame 9)
+    failed, clips = nvdec_read(files["wide"])
+    assert failed.decoded_by == "nvdec,cpu" and same_clips(clips, cpu_read(files["wide"])) and fake.made == 2
+    fake.fail_at = None
+    assert same_clips(nvdec_read(lookalikes["noise"])[1], cpu_read(lookalikes["noise"])) and fake.made == 3
+
+
+def test_a_file_that_may_refer_to_earlier_pictures_gets_a_new_nvdec_decoder(files, lookalikes, monkeypatch):
+    """A file whose first picture is not an IDR picture (here an open group of pictures cut at its second key
+    picture) could have its first frames made from the last file's: it gets a decoder of its own. So does a file
+    read on another thread."""
+    assert decoders._clean_start(lookalikes["open"], "h264") and not decoders._clean_start(lookalikes["cut"], "h264")
+    fake = fake_nvdec(monkeypatch, lag=2)
+    for path, made in ((lookalikes["open"], 1), (lookalikes["cut"], 2), (files["wide"], 2)):  # (the cut file's
+        assert same_clips(nvdec_read(path)[1], cpu_read(path)) and fake.made == made, path  # decoder, flushed)
+    other = in_threads(lambda: same_clips(nvdec_read(files["wide"])[1], cpu_read(files["wide"])))
+    assert other == [True] and fake.made == 3
 
 
 @pytest.mark.parametrize("fps", [8, 16, 24])
@@ -587,6 +674,50 @@ def test_nvdec_planes_check_on_the_fake_decoder(tmp_path, monkeypatch, threads):
         nvdec_planes_are_pyavs(path, threads)
 
 
+def kept_decoders_give_pyavs_planes(nvc, files: dict, lookalikes: dict, monkeypatch, counts: bool = True) -> None:
+    """Decodes a sequence of files with :func:`decoders.nvdec_frames` on this thread (PyNvVideoCodec ``nvc``) and
+    checks each file's frames as nvdec_planes_are_pyavs does, and (``counts``) which files were given a new
+    decoder: files of one size with other pictures, one that goes on in open groups of pictures, one of another
+    size, one that does not start with an IDR picture, and files after one left midway."""
+    made, create = [], nvc.CreateDecoder
+    monkeypatch.setattr(nvc, "CreateDecoder", lambda **kwargs: made.append(create(**kwargs)) or made[-1])
+    rgb = decoders.pyav_rgb()
+
+    def check(path: str, stop: int | None = None) -> None:
+        with av.open(path) as container:
+            want = [(frame.pts, planes(frame), rgb(frame)) for frame in container.decode(video=0)][:stop]
+        with av.open(path) as container:
+            frames = decoders.nvdec_frames(path, container.streams.video[0])
+            got = [(f.pts, tuple(p.cpu() for p in nv12_planes(f.nv12, f.height)), decoders.nvdec_rgb(f).cpu())
+                   for f in itertools.islice(frames, stop)]  # fmt: skip
+            frames.close()
+        assert [pts for pts, _, _ in got] == [pts for pts, _, _ in want] and got, path
+        for (_, planes_got, rgb_got), (_, planes_want, rgb_want) in zip(got, want, strict=True):
+            assert all(map(torch.equal, planes_got, planes_want)) and torch.equal(rgb_got, rgb_want), path
+
+    sequence = [(files["wide"], 1), (lookalikes["noise"], 1), (lookalikes["open"], 1), (files["wide"], 1),
+                (files["small"], 2), (files["wide"], 3), (lookalikes["cut"], 4), (files["wide"], 4),
+                (lookalikes["noise"], 4)]  # fmt: skip
+    for path, count in sequence:
+        check(path)
+        assert len(made) == count or not counts, path
+    check(files["wide"], stop=5)  # left midway: its decoder is not used again
+    check(lookalikes["noise"])
+    assert len(made) == 5 or not counts
+
+
+def test_the_kept_decoders_check_on_the_fake_decoder(files, lookalikes, monkeypatch):
+    """The check the GPU test below makes, on the fake decoder holding two frames: it passes, and its planes fail
+    where every file is given the last decoder made, a decoder left midway included."""
+    kept_decoders_give_pyavs_planes(fake_nvdec(monkeypatch, lag=2), files, lookalikes, monkeypatch)
+    fake = fake_nvdec(monkeypatch, lag=2)
+    made, create = [], fake.CreateDecoder
+    monkeypatch.setattr(fake, "CreateDecoder", lambda **kwargs: made.append(create(**kwargs)) or made[-1])
+    monkeypatch.setattr(decoders, "_kept_decoder", lambda key, path, codec: made[-1] if made else None)
+    with pytest.raises(AssertionError, match="noise"):
+        kept_decoders_give_pyavs_planes(fake, files, lookalikes, monkeypatch, counts=False)
+
+
 # ---------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -604,6 +735,14 @@ def test_gpu_nvdec_gives_pyavs_planes_bit_for_bit(tmp_path, encoder, height, wid
     pytest.importorskip("PyNvVideoCodec")
     path = str(videos.make_video(tmp_path / "b.mp4", 48, height, width, fps=24, pattern="moving", encoder=encoder))
     assert nvdec_planes_are_pyavs(path, threads) == 48
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_kept_nvdec_decoders_give_pyavs_planes_file_after_file(files, lookalikes, monkeypatch):
+    """NVDEC decoders kept from file to file on one thread give PyAV's planes for every file (the check of
+    kept_decoders_give_pyavs_planes)."""
+    kept_decoders_give_pyavs_planes(pytest.importorskip("PyNvVideoCodec"), files, lookalikes, monkeypatch)
 
 
 @pytest.mark.gpu

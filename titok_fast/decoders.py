@@ -34,6 +34,7 @@ import functools
 import itertools
 import os
 import platform
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -487,7 +488,8 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
     """Decode ``path`` with PyNvVideoCodec on GPU ``gpu``, in presentation order; raises DecoderUnavailable when
     the package, the GPU or the codec is missing, or the stream is one :func:`nvdec_rgb` would convert wrongly
     (NVDEC_PIXEL_FORMATS, NVDEC_COLORSPACES, limited range), before any frame; and when the picture's size is not
-    the stream's, or changes midway (the reader then goes on on the CPU, which handles both)."""
+    the stream's, or changes midway (the reader then goes on on the CPU, which handles both). The decoder is the
+    one this thread kept from its last file where that is safe (:func:`_kept_decoder`), else a new one."""
     context = stream.codec_context
     codec = context.codec.canonical_name  # the format: "av1", where the decoder is libdav1d
     if codec not in NVDEC_CODECS:
@@ -501,9 +503,10 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
     import PyNvVideoCodec as nvc
     try:
         demuxer = nvc.CreateDemuxer(filename=path)
-        decoder = nvc.CreateDecoder(
-            gpuid=gpu, codec=demuxer.GetNvCodecId(), cudacontext=0, cudastream=0, usedevicememory=True
-        )
+        key = (nvc, gpu, demuxer.GetNvCodecId(), context.width, context.height, context.pix_fmt)
+        decoder = _kept_decoder(key, path, codec)
+        if decoder is None:
+            decoder = nvc.CreateDecoder(gpuid=gpu, codec=key[2], cudacontext=0, cudastream=0, usedevicememory=True)
     except Exception as exc:  # the package's own error types vary by version
         raise DecoderUnavailable(f"NVDEC cannot open it ({type(exc).__name__}: {exc})") from None
     height, width, time_base = context.height, context.width, stream.time_base
@@ -524,6 +527,46 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
                 raise DecoderUnavailable(f"the NV12 surface changed from {tuple(surface)} to {tuple(nv12.shape)}")
             surface = nv12.shape
             yield NvdecFrame(nv12, height, decoded.getPTS(), time_base, None, matrix, duration_of)
+    _KEPT.decoder = (key, decoder)  # flushed to its last frame: the next file of this thread may decode on it
+
+
+# NVDEC decoders kept for the next file, one per thread (a reader's files are read on one thread): making one costs
+# far more than decoding a short file (at 456x256, 8 fps, 10 s: 288 frames/s made per file, 2,351 kept; RESULTS.md)
+_KEPT = threading.local()
+KEPT_CODECS = ("h264", "hevc", "vp9", "av1")  # whose first picture can be told to refer to no earlier one
+
+
+def _kept_decoder(key: tuple, path: str, codec: str) -> Any:
+    """The decoder this thread kept from its last file, if it was made by the same package for the same GPU,
+    codec, picture size and pixel format (``key``) and ``path`` starts with a picture that refers to none before
+    it (:func:`_clean_start`), so that nothing of the last file can reach this one's frames; else None (and the
+    kept one is let go). A decoder is kept only once a file was decoded to its end, flushed: one left midway (the
+    reader stopped, or it failed) may hold that file's frames, and is never used again."""
+    kept, _KEPT.decoder = getattr(_KEPT, "decoder", None), None
+    if kept is None or kept[0] != key or codec not in KEPT_CODECS or not _clean_start(path, codec):
+        return None
+    return kept[1]
+
+
+def _clean_start(path: str, codec: str) -> bool:
+    """Whether the first packet of ``path``'s video stream is a key picture that refers to no earlier picture and
+    after which nothing refers to one before it: an H.264 or HEVC IDR picture (not an HEVC CRA or BLA picture,
+    whose leading pictures a decoder leaves out only where it knows the stream begins there), a VP9 or AV1 key
+    frame shown at once (:func:`_fresh_start`)."""
+    try:
+        with open_packets(path) as container:
+            stream = video_stream(container)
+            if stream is None or stream.codec_context is None:
+                return False
+            extradata = stream.codec_context.extradata
+            first = next((p for p in container.demux(stream) if p.size), None)
+            if first is None or not first.is_keyframe:
+                return False
+            if codec == "hevc":
+                return _holds_nal(bytes(first), (19, 20), True, _nal_length_size(extradata, True))
+            return _fresh_start(codec, extradata)(bytes(first))
+    except (av.FFmpegError, OSError):
+        return False
 
 
 def _not_converted(stream: av.video.stream.VideoStream, formats: tuple[str, ...]) -> str | None:
