@@ -475,20 +475,34 @@ def test_v1_bf16_layout_graphs_on_the_gpu_are_the_eager_path_bit_for_bit():
     engine's exactly: the same kernels on the same shapes, cuBLAS included."""
     model = make_model("v1", "triton").to("cuda", torch.bfloat16)
     videos = [v.to("cuda", torch.bfloat16) for v in random_videos([(20, 192, 192)] * 3)]
-    counts = [256, 128, 256]
+    counts, shapes = [256, 128, 256], [(20, 192, 192)] * 3
     eager = Engine(model, mode="eager", max_clips=2)
     auto = Engine(model, mode="auto", max_clips=2)  # batches of 6144 and 3136 rows: small ones
     codes, want = eager.encode(videos, counts)
-    pixels = eager.decode_indices(want["indices"], [(20, 192, 192)] * 3)
+    pixels = eager.decode_indices(want["indices"], shapes)
+    # eager against itself first: a difference below would then be the graphs', not the GPU's from run to run
+    assert differences(eager.decode_indices(want["indices"], shapes), pixels) == "", "eager, run again"
     auto.encode(videos, counts)  # each layout's first batch: a padded graph (encode), eager (decode)
-    auto.decode_indices(want["indices"], [(20, 192, 192)] * 3)
-    for _ in range(2):  # captured, then replayed
+    auto.decode_indices(want["indices"], shapes)
+    for k in range(2):  # captured, then replayed
         got_codes, got = auto.encode(videos, counts)
-        got_pixels = auto.decode_indices(want["indices"], [(20, 192, 192)] * 3)
-        assert torch.equal(got_codes, codes)
-        assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True))
-        assert all(torch.equal(g, w) for g, w in zip(got_pixels, pixels, strict=True))
+        got_pixels = auto.decode_indices(want["indices"], shapes)
+        assert differences([got_codes], [codes]) == "", f"codes, round {k}"
+        assert differences(got["indices"], want["indices"]) == "", f"indices, round {k}"
+        assert differences(got_pixels, pixels) == "", f"pixels, round {k}"
     assert auto.modes_run["layout"] == 2 * 2 * 2 and len(auto._layouts) == 4  # 2 rounds, 2 stages, 2 batches
+
+
+def differences(got: list[torch.Tensor], want: list[torch.Tensor]) -> str:
+    """"" where each tensor equals its counterpart bit for bit; else, for each that does not, how many values
+    differ and by how much at most (what a failure on the GPU should tell)."""
+    said = []
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        if g.shape != w.shape or not torch.equal(g, w):
+            differ = (g != w) if g.shape == w.shape else torch.ones(1, dtype=torch.bool)
+            gap = (g.double() - w.double()).abs().max().item() if g.shape == w.shape else float("nan")
+            said.append(f"#{k}: {int(differ.sum())} of {w.numel()} values differ, by {gap:.3g} at most")
+    return "; ".join(said)
 
 
 @pytest.mark.gpu
