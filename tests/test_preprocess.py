@@ -520,13 +520,19 @@ def same_clips(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 @pytest.fixture(scope="module")
 def lookalikes(tmp_path_factory, files) -> dict[str, str]:
-    """Files of "wide"'s size and codec with other pictures, one that starts with an IDR picture and goes on in
-    open groups of pictures, and the same cut at its second key picture (not an IDR picture: frames shown before
-    it refer to frames before it)."""
+    """Files of "wide"'s size and codec with other pictures (the same parameter sets), one that starts with an IDR
+    picture and goes on in open groups of pictures, and the same cut at its second key picture (not an IDR
+    picture: frames shown before it refer to frames before it); files of its size with other parameter sets; one
+    in VP9."""
     folder = tmp_path_factory.mktemp("lookalikes")
     made = {
         "noise": videos.make_video(folder / "noise.mp4", 20, 144, 256, fps=24, pattern="noise"),
         "open": videos.make_video(folder / "open.mp4", 60, 144, 256, fps=24, x264=f"{KEYINT}:open-gop=1"),
+        # the same picture size, other parameter sets: one reference frame (another DPB), and pictures coded as
+        # field pairs (a coded size of 144x256 in 160 rows, not 144)
+        "one-ref": videos.make_video(folder / "one-ref.mp4", 20, 144, 256, fps=24, x264="ref=1:bframes=0"),
+        "fields": videos.make_video(folder / "fields.mp4", 20, 144, 256, fps=24, x264="fake-interlaced=1"),
+        "vp9": videos.make_video(folder / "vp9.mp4", 20, 144, 256, fps=24, encoder="libvpx-vp9"),
     }
     with av.open(str(made["open"])) as source, av.open(str(folder / "cut.mp4"), "w") as out:
         stream, keys = out.add_stream_from_template(source.streams.video[0]), 0
@@ -543,15 +549,20 @@ KEYINT = "keyint=24:min-keyint=24:scenecut=0"
 
 def test_a_threads_nvdec_decoder_decodes_its_next_file_of_the_same_kind(files, lookalikes, monkeypatch):
     """Making an NVDEC decoder costs more than decoding a short file: a thread keeps its decoder, flushed at the end
-    of a file, for its next file of the same codec, size and pixel format. The clips are the CPU decoder's; a
-    file of another size gets a decoder of its own, and is the one kept after it (one a thread)."""
+    of a file, for its next file of the same codec, size, pixel format and parameter sets. The clips are the CPU
+    decoder's; a file of another size, or of its size with other parameter sets, gets a decoder of its own, and is
+    the one kept after it (one a thread). A VP9 decoder is not kept; nor one let go."""
     fake = fake_nvdec(monkeypatch, lag=2)  # (a decoder holding two frames: one reused wrongly would show them)
     for path in (files["wide"], lookalikes["noise"], files["wide"]):
         reader, clips = nvdec_read(path)
         assert reader.decoded_by == "nvdec" and same_clips(clips, cpu_read(path)), path
     assert fake.made == 1
-    for path, made in ((files["small"], 2), (files["wide"], 3), (lookalikes["noise"], 3)):
+    for path, made in ((files["small"], 2), (files["wide"], 3), (lookalikes["noise"], 3), (lookalikes["one-ref"], 4),
+                       (lookalikes["fields"], 5), (files["wide"], 6), (lookalikes["vp9"], 7), (files["wide"], 8),
+                       (files["wide"], 8)):  # fmt: skip
         assert same_clips(nvdec_read(path)[1], cpu_read(path)) and fake.made == made, path
+    decoders.release_kept_decoder()
+    assert same_clips(nvdec_read(files["wide"])[1], cpu_read(files["wide"])) and fake.made == 9
 
 
 def test_an_nvdec_decoder_left_midway_or_failed_is_never_used_again(files, lookalikes, monkeypatch):
@@ -682,6 +693,7 @@ def kept_decoders_give_pyavs_planes(nvc, files: dict, lookalikes: dict, monkeypa
     made, create = [], nvc.CreateDecoder
     monkeypatch.setattr(nvc, "CreateDecoder", lambda **kwargs: made.append(create(**kwargs)) or made[-1])
     rgb = decoders.pyav_rgb()
+    decoders.release_kept_decoder()  # (one an earlier test left on this thread)
 
     def check(path: str, stop: int | None = None) -> None:
         with av.open(path) as container:
@@ -697,13 +709,13 @@ def kept_decoders_give_pyavs_planes(nvc, files: dict, lookalikes: dict, monkeypa
 
     sequence = [(files["wide"], 1), (lookalikes["noise"], 1), (lookalikes["open"], 1), (files["wide"], 1),
                 (files["small"], 2), (files["wide"], 3), (lookalikes["cut"], 4), (files["wide"], 4),
-                (lookalikes["noise"], 4)]  # fmt: skip
-    for path, count in sequence:
+                (lookalikes["one-ref"], 5), (lookalikes["fields"], 6), (files["wide"], 7), (lookalikes["noise"], 7)]
+    for path, count in sequence:  # fmt: skip
         check(path)
         assert len(made) == count or not counts, path
     check(files["wide"], stop=5)  # left midway: its decoder is not used again
     check(lookalikes["noise"])
-    assert len(made) == 5 or not counts
+    assert len(made) == 8 or not counts
 
 
 def test_the_kept_decoders_check_on_the_fake_decoder(files, lookalikes, monkeypatch):

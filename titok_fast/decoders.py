@@ -29,6 +29,7 @@ instead, with a one-line notice; :func:`open_frames` does that choosing.
 from __future__ import annotations
 
 import array
+import atexit
 import contextlib
 import functools
 import itertools
@@ -503,7 +504,8 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
     import PyNvVideoCodec as nvc
     try:
         demuxer = nvc.CreateDemuxer(filename=path)
-        key = (nvc, gpu, demuxer.GetNvCodecId(), context.width, context.height, context.pix_fmt)
+        key = (nvc, gpu, demuxer.GetNvCodecId(), context.width, context.height, context.pix_fmt,
+               bytes(context.extradata or b""))  # fmt: skip
         decoder = _kept_decoder(key, path, codec)
         if decoder is None:
             decoder = nvc.CreateDecoder(gpuid=gpu, codec=key[2], cudacontext=0, cudastream=0, usedevicememory=True)
@@ -527,44 +529,56 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
                 raise DecoderUnavailable(f"the NV12 surface changed from {tuple(surface)} to {tuple(nv12.shape)}")
             surface = nv12.shape
             yield NvdecFrame(nv12, height, decoded.getPTS(), time_base, None, matrix, duration_of)
-    _KEPT.decoder = (key, decoder)  # flushed to its last frame: the next file of this thread may decode on it
+    if codec in KEPT_CODECS and key[-1]:  # flushed to its last frame: the next file of this thread may decode on it
+        _KEPT.decoder = (key, decoder)
 
 
 # NVDEC decoders kept for the next file, one per thread (a reader's files are read on one thread): making one costs
 # far more than decoding a short file (at 456x256, 8 fps, 10 s: 288 frames/s made per file, 2,351 kept; RESULTS.md)
 _KEPT = threading.local()
-KEPT_CODECS = ("h264", "hevc", "vp9", "av1")  # whose first picture can be told to refer to no earlier one
+KEPT_CODECS = ("h264", "hevc")  # whose parameter sets the container holds (extradata), and whose IDR pictures can
+# be told apart
 
 
 def _kept_decoder(key: tuple, path: str, codec: str) -> Any:
-    """The decoder this thread kept from its last file, if it was made by the same package for the same GPU,
-    codec, picture size and pixel format (``key``) and ``path`` starts with a picture that refers to none before
-    it (:func:`_clean_start`), so that nothing of the last file can reach this one's frames; else None (and the
-    kept one is let go). A decoder is kept only once a file was decoded to its end, flushed: one left midway (the
-    reader stopped, or it failed) may hold that file's frames, and is never used again."""
-    kept, _KEPT.decoder = getattr(_KEPT, "decoder", None), None
+    """The decoder this thread kept from its last file, if ``key`` is the one it was made for: the same package,
+    GPU, codec, picture size, pixel format and the same parameter sets, byte for byte (the container's extradata:
+    SPS and PPS, with the coded size, level and reference frames the decoder was set up for, which it would
+    otherwise reconfigure to, or fail on, or scale a smaller picture into), and ``path`` starts with an IDR picture
+    (:func:`_clean_start`), so that nothing of the last file can reach this one's frames; else None (and the kept
+    one is let go). A decoder is kept only once a file was decoded to its end, flushed: one left midway (the reader
+    stopped, or it failed) may hold that file's frames, and is never used again."""
+    kept = getattr(_KEPT, "decoder", None)
+    _KEPT.decoder = None
     if kept is None or kept[0] != key or codec not in KEPT_CODECS or not _clean_start(path, codec):
         return None
     return kept[1]
 
 
+def release_kept_decoder() -> None:
+    """Let go of the decoder this thread kept, if any (a decoding thread does when it ends, the main thread at exit:
+    while CUDA is still there)."""
+    _KEPT.decoder = None
+
+
+atexit.register(release_kept_decoder)  # (run on the main thread)
+
+
 def _clean_start(path: str, codec: str) -> bool:
-    """Whether the first packet of ``path``'s video stream is a key picture that refers to no earlier picture and
-    after which nothing refers to one before it: an H.264 or HEVC IDR picture (not an HEVC CRA or BLA picture,
-    whose leading pictures a decoder leaves out only where it knows the stream begins there), a VP9 or AV1 key
-    frame shown at once (:func:`_fresh_start`)."""
+    """Whether the first packet of ``path``'s video stream (``codec`` H.264 or HEVC) holds an IDR picture, which
+    refers to no earlier picture and after which nothing refers to one before it (not an HEVC CRA or BLA picture,
+    whose leading pictures a decoder leaves out only where it knows the stream begins there)."""
     try:
         with open_packets(path) as container:
             stream = video_stream(container)
             if stream is None or stream.codec_context is None:
                 return False
-            extradata = stream.codec_context.extradata
             first = next((p for p in container.demux(stream) if p.size), None)
             if first is None or not first.is_keyframe:
                 return False
-            if codec == "hevc":
-                return _holds_nal(bytes(first), (19, 20), True, _nal_length_size(extradata, True))
-            return _fresh_start(codec, extradata)(bytes(first))
+            hevc = codec == "hevc"
+            size = _nal_length_size(stream.codec_context.extradata, hevc)
+            return _holds_nal(bytes(first), (19, 20) if hevc else (5,), hevc, size)
     except (av.FFmpegError, OSError):
         return False
 

@@ -68,6 +68,7 @@ from .decoders import (
     nv12_clip_rgb,
     open_frames,
     open_input,
+    release_kept_decoder,
     stream_index,
     tag,
     video_stream,
@@ -1436,10 +1437,13 @@ def _submit(tasks: _Tasks, number: int, follower: ClipFeed, part: int) -> None:
 def _decode_feeds(tasks: _Tasks, abandoned: Sequence[threading.Thread]) -> None:
     """A worker thread: decode the feeds it takes until told to stop (None), or until it is found ``abandoned``
     (stuck in a file long enough to be replaced: the pool has another thread in its place)."""
-    while (feed := tasks.get()) is not None:
-        feed._produce()
-        if threading.current_thread() in abandoned:
-            return
+    try:
+        while (feed := tasks.get()) is not None:
+            feed._produce()
+            if threading.current_thread() in abandoned:
+                return
+    finally:
+        release_kept_decoder()  # (NVDEC's, kept from file to file)
 
 
 WORKER_KINDS = ("auto", "thread", "process")
