@@ -41,7 +41,7 @@ CATEGORIES = [
     ("q/k norm + M-RoPE", r"_qk_norm_rope_kernel"),
     ("attention (other)", r"flash|fmha|attn|sdpa|scaled_dot_product|cudnn"),
     ("FP8 quantisation", r"_quantize_rows_kernel|_layer_norm_rows_kernel"),
-    ("gated GELU", r"_gated_gelu_kernel"),
+    ("gated GELU", r"_gated_gelu(_fp8)?_kernel"),
     ("FSQ", r"_fsq_|_nearest_code"),
     ("GEMM", r"gemm|xmma|cutlass|nvjet|cublas|splitKreduce|_scaled_mm|aten::(mm|addmm|bmm|matmul|linear)\b"),
     ("LayerNorm", r"layer_norm|LayerNorm"),

@@ -1,9 +1,14 @@
 """Row-wise float8 e4m3 quantisation of activations, for the FP8 linear layers (``titok_fast.fp8``), in one pass.
 
 x [M, K] (bf16 / fp16 / fp32, last dim contiguous) -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1]) with
-``scale = amax(|row|) / 448`` (1 for an all-zero row) and ``x_q = clamp(x / scale, -448, 448)`` rounded to the
-nearest e4m3 value, ties to even: exactly :func:`quantize_rows_fp8_ref`. Both divisions are correctly rounded
-(``tl.div_rn``, as PyTorch's float32 division), and the cast rounds to nearest even, as PyTorch's does.
+``scale = amax(|row|) / 448`` (1 for an all-zero row) and ``x_q = clamp(x * (448 / amax), -448, 448)`` rounded to
+the nearest e4m3 value, ties to even: exactly :func:`quantize_rows_fp8_ref`. A row's two divisions are correctly
+rounded (``tl.div_rn``, as PyTorch's float32 division), each value's product is (a multiply, never fused into an
+add), and the cast rounds to nearest even, as PyTorch's does. Multiplying by the row's reciprocal rather than
+dividing each value by its scale (as Transformer Engine and torchao scale too) saves a correctly rounded
+division a value, which made the FP8 gated GELU kernel bound by instructions rather than by memory (sm_90 code:
+some ten instructions and a slow-path branch each); the two differ in a code about once in a million values,
+where a quotient falls within an ulp of an e4m3 rounding boundary.
 
 In PyTorch the same takes six passes over the activations, three of them writing float32 copies; here each row
 is read once and written once as one byte per value.
@@ -19,6 +24,8 @@ from ._triton import tl, triton
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 MAX_ROW = 16384  # values a row at most: each row is reduced whole, in one block
 _FP8_MAX = tl.constexpr(FP8_MAX)  # the same, for the kernel
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_MAX = tl.constexpr(FLOAT32_MAX)
 
 
 @triton.jit
@@ -44,12 +51,29 @@ def _quantize_block(b_y, q_ptr, scale_ptr, o_r, m_r, o_k, mask, stride_q):
     """Rows ``b_y`` (fp32 [ROWS, BLOCK], masked values 0) -> codes at q_ptr, scales at scale_ptr: as
     :func:`quantize_rows_fp8_ref`."""
     amax = tl.max(tl.abs(b_y), 1)
+    scale, inverse = _row_scales(amax)
+    tl.store(scale_ptr + o_r, scale, mask=m_r)
+    _store_codes(b_y, inverse, q_ptr, o_r, o_k, mask, stride_q)
+
+
+@triton.jit
+def _row_scales(amax):
+    """Rows' peaks (NaN left out, >= 0) -> (scale, its inverse): ``amax / 448`` and ``448 / amax`` correctly
+    rounded (the inverse at most float32's largest finite value, so that a zero in a row of tiny values stays a
+    zero code), both 1 for an all-zero row."""
     scale = tl.where(amax > 0, tl.div_rn(amax, _FP8_MAX), 1.0)
-    b_q = tl.div_rn(b_y, scale[:, None])
+    inverse = tl.where(amax > 0, tl.minimum(tl.div_rn(_FP8_MAX, amax), _FLOAT32_MAX), 1.0)
+    return scale, inverse
+
+
+@triton.jit
+def _store_codes(b_y, inverse, q_ptr, o_r, o_k, mask, stride_q):
+    """Rows ``b_y`` (fp32 [ROWS, BLOCK]) times their ``inverse`` scale [ROWS], clamped to e4m3's range (NaN kept),
+    stored as codes at q_ptr."""
+    b_q = b_y * inverse[:, None]
     b_q = tl.minimum(tl.maximum(b_q, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL), _FP8_MAX,
                      propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
     tl.store(q_ptr + o_r[:, None] * stride_q + o_k[None, :], b_q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + o_r, scale, mask=m_r)
 
 
 @triton.jit
@@ -133,9 +157,13 @@ def layer_norm_rows_fp8_ref(
 
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: x [M, K] -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1]) with x ~= x_q * scale; each
-    row's largest magnitude maps to 448, an all-zero row gets scale 1 (its codes are zeros). A NaN is left out of
-    its row's largest magnitude, as the kernel's max leaves it out."""
+    row's largest magnitude maps to 448 (its values are multiplied by ``448 / amax``, at most float32's largest
+    finite value), an all-zero row gets scale 1 (its codes are zeros). A NaN is left out of its row's largest
+    magnitude, as the kernel's max leaves it out."""
     magnitude = x.abs()
     amax = torch.where(magnitude.isnan(), 0, magnitude).amax(dim=1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    ones = torch.ones_like(amax)
+    scale = torch.where(amax > 0, amax / FP8_MAX, ones)
+    inverse = torch.where(amax > 0, (torch.full_like(amax, FP8_MAX) / amax).clamp(max=FLOAT32_MAX), ones)  # (not
+    # ``FP8_MAX / amax``, which PyTorch computes as amax's reciprocal times 448: not correctly rounded)
+    return (x.float() * inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale

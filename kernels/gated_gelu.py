@@ -6,7 +6,8 @@ dtype, as upstream's module computes it: ``gelu(g)`` in float32 (exact erf GELU,
 2))``) rounded to x's dtype, then the product in float32 rounded to x's dtype. In PyTorch that is two kernels and
 five passes of I values a row (GELU reads g and writes it, the product reads both and writes y); here three, read
 once and written once. With ``fp8=True`` the rounded y is quantised as ``kernels/fp8_quant.py`` does (its row's
-peak to 448, correctly rounded divisions, nearest-even codes), so the product never goes to memory in 16 bits.
+peak to 448, times the row's correctly rounded inverse scale, nearest-even codes), so the product never goes to
+memory in 16 bits; a program then holds whole rows (their peak comes before their codes), as up to four tiles.
 
 The erf is the device's: on a GPU Triton's libdevice ``erff``, in PyTorch's expression; in the Triton interpreter
 Python's ``math.erf`` (correctly rounded), which :func:`gated_gelu_ref` also uses. PyTorch's own erf differs from
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from .fp8_quant import MAX_ROW, _quantize_block, quantize_rows_fp8_ref
+from .fp8_quant import MAX_ROW, _row_scales, _store_codes, quantize_rows_fp8_ref
 
 SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2), float32 in the kernel as in PyTorch's (M_SQRT1_2 as its opmath type)
 _SQRT1_2 = tl.constexpr(SQRT1_2)
@@ -31,37 +32,85 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @triton.jit
 def _gated_gelu_kernel(
     x_ptr,  # [M, 2 * inner], row stride stride_x, last dim contiguous
-    y_ptr,  # [M, inner] in x's dtype, or float8e4nv codes (FP8), row stride stride_y
-    scale_ptr,  # float32 [M] (FP8 only)
+    y_ptr,  # [M, inner] in x's dtype, row stride stride_y
     num_rows, inner, stride_x, stride_y,
-    BLOCK: tl.constexpr,  # columns per program (FP8: a power of two >= inner, the whole row)
+    BLOCK: tl.constexpr,  # columns per program
     ROWS: tl.constexpr,
-    FP8: tl.constexpr,
 ):  # fmt: skip
     o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    o_c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m_r = o_r < num_rows
-    mask = m_r[:, None] & (o_c < inner)[None, :]
     o_r = o_r.to(tl.int64)
+    b_y, o_c, mask = _gated_gelu_block(x_ptr, o_r, m_r, tl.program_id(1) * BLOCK, inner, stride_x, BLOCK)
+    tl.store(y_ptr + o_r[:, None] * stride_y + o_c[None, :], b_y, mask=mask)
+
+
+@triton.jit
+def _gated_gelu_fp8_kernel(
+    x_ptr,  # [M, 2 * inner], row stride stride_x, last dim contiguous
+    q_ptr,  # float8e4nv [M, inner]: the codes, row stride stride_q
+    scale_ptr,  # float32 [M]
+    num_rows, inner, stride_x, stride_q,
+    TILE: tl.constexpr,  # a row is TILES tiles of TILE columns (TILES * TILE >= inner), held at once for its peak
+    TILES: tl.constexpr,  # 1 to 4
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    m_r = o_r < num_rows
+    o_r = o_r.to(tl.int64)
+    y0, c0, k0 = _gated_gelu_block(x_ptr, o_r, m_r, 0, inner, stride_x, TILE)
+    amax = tl.max(tl.abs(y0.to(tl.float32)), 1)  # (masked columns hold 0: no part of a row's peak)
+    if TILES > 1:
+        y1, c1, k1 = _gated_gelu_block(x_ptr, o_r, m_r, TILE, inner, stride_x, TILE)
+        amax = tl.maximum(amax, tl.max(tl.abs(y1.to(tl.float32)), 1))
+    if TILES > 2:
+        y2, c2, k2 = _gated_gelu_block(x_ptr, o_r, m_r, 2 * TILE, inner, stride_x, TILE)
+        amax = tl.maximum(amax, tl.max(tl.abs(y2.to(tl.float32)), 1))
+    if TILES > 3:
+        y3, c3, k3 = _gated_gelu_block(x_ptr, o_r, m_r, 3 * TILE, inner, stride_x, TILE)
+        amax = tl.maximum(amax, tl.max(tl.abs(y3.to(tl.float32)), 1))
+    scale, inverse = _row_scales(amax)
+    tl.store(scale_ptr + o_r, scale, mask=m_r)
+    _store_codes(y0.to(tl.float32), inverse, q_ptr, o_r, c0, k0, stride_q)
+    if TILES > 1:
+        _store_codes(y1.to(tl.float32), inverse, q_ptr, o_r, c1, k1, stride_q)
+    if TILES > 2:
+        _store_codes(y2.to(tl.float32), inverse, q_ptr, o_r, c2, k2, stride_q)
+    if TILES > 3:
+        _store_codes(y3.to(tl.float32), inverse, q_ptr, o_r, c3, k3, stride_q)
+
+
+@triton.jit
+def _gated_gelu_block(x_ptr, o_r, m_r, first, inner, stride_x, BLOCK: tl.constexpr):
+    """``a * gelu(g)`` of rows ``o_r`` (int64; ``m_r`` those that exist), columns ``first`` to ``first + BLOCK``
+    (those past ``inner``: 0), in x's dtype; and the columns and the mask."""
+    o_c = first + tl.arange(0, BLOCK)
+    mask = m_r[:, None] & (o_c < inner)[None, :]
     p_a = x_ptr + o_r[:, None] * stride_x + o_c[None, :]
     b_a = tl.load(p_a, mask=mask, other=0.0).to(tl.float32)
     b_g = tl.load(p_a + inner, mask=mask, other=0.0).to(tl.float32)
     dtype = x_ptr.dtype.element_ty
     b_gelu = b_g * 0.5 * (1.0 + tl.math.erf(b_g * _SQRT1_2))
-    b_y = (b_a * b_gelu.to(dtype).to(tl.float32)).to(dtype)
-    if FP8:  # (one block of columns: the whole row) masked columns hold 0, no part of a row's peak
-        _quantize_block(b_y.to(tl.float32), y_ptr, scale_ptr, o_r, m_r, o_c, mask, stride_y)
-    else:
-        tl.store(y_ptr + o_r[:, None] * stride_y + o_c[None, :], b_y, mask=mask)
+    return (b_a * b_gelu.to(dtype).to(tl.float32)).to(dtype), o_c, mask
+
+
+MAX_TILES = 4  # tiles a row in the FP8 kernel: its values are held at once (its peak comes before its codes)
+MIN_TILE, MAX_TILE = 256, 4096
 
 
 def gated_gelu_config(inner: int, fp8: bool) -> dict:
-    """Block shape for rows of ``inner`` outputs: about 4096 values a program; FP8 takes whole rows (their peak),
-    else columns come in blocks of at most 1024 (a second grid axis)."""
-    block = triton.next_power_of_2(max(inner, 1))
+    """Block shape for rows of ``inner`` outputs. bf16/fp16/fp32 out: about 4096 values a program, columns in
+    blocks of at most 1024 (a second grid axis). FP8: a program holds whole rows, as TILES tiles of TILE columns,
+    the tile size that pads the row least (ties: the larger tile), not one power of two >= inner: at V1's
+    decoder width (2752) one block of 4096 left a third of the lanes computing padding, in a kernel bound by
+    instructions; 3 tiles of 1024 leave a tenth. 16 values of a tile a thread: 16-byte stores of codes."""
     if not fp8:
-        block = min(block, 1024)
-    return dict(BLOCK=block, ROWS=max(1, 4096 // block), num_warps=4 if block <= 1024 else 8, FP8=fp8)
+        block = min(triton.next_power_of_2(max(inner, 1)), 1024)
+        return dict(BLOCK=block, ROWS=max(1, 4096 // block), num_warps=4 if block <= 1024 else 8)
+    tiles = [(MIN_TILE << k) for k in range((MAX_TILE // MIN_TILE).bit_length())]
+    tiles = [t for t in tiles if -(-max(inner, 1) // t) <= MAX_TILES]
+    tile = min(tiles, key=lambda t: (-(-max(inner, 1) // t) * t, -t))
+    rows = max(1, 2048 // tile)
+    return dict(TILE=tile, TILES=-(-max(inner, 1) // tile), ROWS=rows, num_warps=max(1, rows * tile // 512))
 
 
 def _check(x: torch.Tensor, fp8: bool) -> None:
@@ -81,8 +130,12 @@ def gated_gelu(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | tuple[torch
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m and inner:
         cfg = gated_gelu_config(inner, fp8)
-        grid = (triton.cdiv(m, cfg["ROWS"]), triton.cdiv(inner, cfg["BLOCK"]))
-        _gated_gelu_kernel[grid](x, y, scale, m, inner, x.stride(0), y.stride(0), **cfg)
+        if fp8:
+            _gated_gelu_fp8_kernel[(triton.cdiv(m, cfg["ROWS"]),)](x, y, scale, m, inner, x.stride(0), y.stride(0),
+                                                                   **cfg)  # fmt: skip
+        else:
+            grid = (triton.cdiv(m, cfg["ROWS"]), triton.cdiv(inner, cfg["BLOCK"]))
+            _gated_gelu_kernel[grid](x, y, m, inner, x.stride(0), y.stride(0), **cfg)
     elif fp8:
         scale.fill_(1.0)
     return (y, scale) if fp8 else y

@@ -42,6 +42,21 @@ def test_kernel_gives_the_references_bytes(m, inner, stride, dtype, fp8):
         assert got.dtype == dtype and got.shape == (m, inner) and torch.equal(got, want)
 
 
+@pytest.mark.parametrize(("inner", "tiles"), [(100, 1), (2752, 3), (7000, 2), (14000, 4)])
+def test_fp8_rows_held_as_one_to_four_tiles_give_the_references_codes(inner, tiles):
+    """The FP8 form holds a row as tiles (V1's decoder width 2752 as three of 1024): every tile count, the peak
+    in any tile, the last tile partly filled."""
+    cfg = gated_gelu_config(inner, fp8=True)
+    assert cfg["TILES"] == tiles and cfg["TILES"] * cfg["TILE"] >= inner > (cfg["TILES"] - 1) * cfg["TILE"]
+    x = rows(2 * cfg["ROWS"] + 1, inner, torch.bfloat16, seed=inner)
+    for k in range(x.shape[0]):  # each row's peak in another tile
+        x[k, k % tiles * cfg["TILE"]] = x[k, inner + k % tiles * cfg["TILE"]] = 9.0
+    with triton_mode(interpret=True):
+        codes, scales = gated_gelu(x, fp8=True)
+    want_codes, want_scales = gated_gelu_ref(x, fp8=True)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)) and torch.equal(scales, want_scales)
+
+
 def test_several_column_blocks_are_read_where_they_are():
     """More outputs a row than one program's block: every block reads its own columns of a and g."""
     cfg = gated_gelu_config(3000, fp8=False)

@@ -21,6 +21,7 @@ import profile_model  # noqa: E402
         ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopB_NTN", "GEMM"),
         ("_layer_norm_rows_kernel", "FP8 quantisation"),
         ("_gated_gelu_kernel", "gated GELU"),
+        ("_gated_gelu_fp8_kernel", "gated GELU"),
         ("_fsq_encoder_head_kernel", "FSQ"),
         ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "LayerNorm"),
         ("Memcpy HtoD (Pinned -> Device)", "copies"),

@@ -80,8 +80,9 @@ def _quantize(dtype, k):
 
 
 def _gated_gelu(dtype, inner, fp8):
-    ptrs = dict(x_ptr=TYPE[dtype], y_ptr="fp8e4nv" if fp8 else TYPE[dtype], scale_ptr="fp32")
-    return "_gated_gelu_kernel", gated_gelu, gated_gelu.gated_gelu_config(inner, fp8), ptrs, _sixteens(inner=inner)
+    ptrs = dict(x_ptr=TYPE[dtype], y_ptr=TYPE[dtype], q_ptr="fp8e4nv", scale_ptr="fp32")
+    name = "_gated_gelu_fp8_kernel" if fp8 else "_gated_gelu_kernel"
+    return name, gated_gelu, gated_gelu.gated_gelu_config(inner, fp8), ptrs, _sixteens(inner=inner)
 
 
 def _layer_norm_fp8(dtype, k):
@@ -128,6 +129,7 @@ CASES = {
     "gated_gelu-bf16-I1376": _gated_gelu(torch.bfloat16, 1376, False),
     "gated_gelu-bf16-I2752": _gated_gelu(torch.bfloat16, 2752, False),
     "gated_gelu-bf16-I2752-fp8": _gated_gelu(torch.bfloat16, 2752, True),
+    "gated_gelu-bf16-I1376-fp8": _gated_gelu(torch.bfloat16, 1376, True),
     "gated_gelu-fp32-I1376": _gated_gelu(torch.float32, 1376, False),
     "nv12_rgb": _nv12_rgb(),
     "i420_rgb": _i420_rgb(),
@@ -212,10 +214,11 @@ def test_compiles_for_sm90_without_spills(case, compiled):
         assert "LDG.E.128" in sass
         if not case.startswith("encoder_head"):  # (which writes D codes a row, and reads D biases one by one)
             assert "STG.E.128" in sass and "LDG.E.U16" not in sass
-    if case.startswith("quantize") or case.endswith("-fp8"):  # exactly the reference's arithmetic: IEEE divisions,
-        # casts to nearest even
+    if case.startswith("quantize") or case.endswith("-fp8"):  # exactly the reference's arithmetic: IEEE divisions
+        # (two a row, none a value: a value is multiplied by its row's inverse scale), casts to nearest even
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        assert len(re.findall(r"\bFCHK\b", sass)) < 12  # (a division a value: 16 or more, the values a thread holds)
     if case in ("nv12_rgb", "i420_rgb"):  # the reference's integer arithmetic: no floating point, products' high
         # bits by an arithmetic shift (rounded down)
         assert "shr.s32" in ptx and not re.search(r"\.f(16|32|64)\b", ptx)
