@@ -14,7 +14,9 @@ is encoded by ``encode_files`` (video files in, token files out) and the run rep
 - model busy: the fraction of the wall time the model needs for these clips at its own pace (clips / model-only
   clips/s / wall time), and model-only clips/s measured in the same run (same commit, mode and batch size: the
   first file's clips, repeated in turn up to ``--batch-size``, already preprocessed and on the device, after
-  untimed warm-up calls); the batch it used is logged (``model_only_batch``).
+  untimed warm-up calls); the batch it used is logged (``model_only_batch``);
+- the run's process CPU per clip, and how busy its thread was (the one that takes the clips, hands them to the
+  device and drives the model: CPU time over wall time; near 100%, it is what limits the run).
 
 Before any source is timed, the engine encodes one batch of ``--batch-size`` clips of the same shape, so lazy CUDA
 and cuBLAS start-up, graph capture and Triton compilation fall outside every timing.
@@ -269,6 +271,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         if stages is not None:
             stages.CLOCK.enable()
         cpu, own, start = _cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+        driving = time.thread_time()  # this thread's: it drives the model (and takes the clips, hands them over)
         if args.input_only:
             device = _supported(settings.read_kwargs, {"device": model.device.type})
             workers = {"worker_kind": kind} if kind != "thread" else {}
@@ -294,7 +297,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
             # NVDEC whose files were decoded on the CPU does not measure NVDEC
             made = [try_load_tokens(f) for f in sorted((Path(scratch) / "tokens").glob("*.safetensors"))]
             used = sorted({(t.made_with.get("decoded_by", "") if t else "") or "unknown" for t in made})
-        wall = time.perf_counter() - start
+        wall, driving = time.perf_counter() - start, time.thread_time() - driving
         for child in multiprocessing.active_children():  # RUSAGE_CHILDREN counts only the children waited for:
             child.join(timeout=30)  # a worker process still ending (its run waits 5 s at most) would be left out
         cpu, own = _cpu_seconds() - cpu, _own_cpu_seconds() - own
@@ -306,6 +309,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         "source_frames_per_s": _source_frames(path, clips, grid, args.fps) / wall,
         "cpu_s_per_clip": cpu / clips,
         "run_cpu_s_per_clip": own / clips,
+        "run_thread_busy": driving / wall,
         "worker_kind": kind,
         **({} if args.input_only else {"decoded_by": ",".join(used)}),
         **{f"{name}_cpu_s": spent[name] / clips for name in STAGE_NAMES if name in spent},
@@ -385,6 +389,9 @@ COLUMNS = [  # key, header, format
     ("model_only_clips_per_s", "model-only clips/s", "{:.2f}"),
     ("model_only_batch", "model-only batch", "{}"),
     ("run_cpu_s_per_clip", "run's process CPU-s/clip", "{:.4f}"),  # with threads: all of CPU-s/clip
+    # the CPU time of the thread that takes the clips and drives the model, over the wall time: near 100%, that
+    # thread is what limits the run (more decoding workers cannot help)
+    ("run_thread_busy", "run's thread busy", "{:.0%}"),
 ]
 
 
