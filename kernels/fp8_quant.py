@@ -7,8 +7,9 @@ rounded (``tl.div_rn``, as PyTorch's float32 division), each value's product is 
 add), and the cast rounds to nearest even, as PyTorch's does. Multiplying by the row's reciprocal rather than
 dividing each value by its scale (as Transformer Engine and torchao scale too) saves a correctly rounded
 division a value, which made the FP8 gated GELU kernel bound by instructions rather than by memory (sm_90 code:
-some ten instructions and a slow-path branch each); the two differ in a code about once in a million values,
-where a quotient falls within an ulp of an e4m3 rounding boundary.
+some ten instructions and a slow-path branch each). The two forms differ by one e4m3 step where the exact
+quotient lies on a tie between two codes (neither is nearer): a few hundred codes a million in bf16 rows, whose
+short values make such ties common, some 40 in fp16, well under one in fp32.
 
 In PyTorch the same takes six passes over the activations, three of them writing float32 copies; here each row
 is read once and written once as one byte per value.
@@ -24,8 +25,11 @@ from ._triton import tl, triton
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 MAX_ROW = 16384  # values a row at most: each row is reduced whole, in one block
 _FP8_MAX = tl.constexpr(FP8_MAX)  # the same, for the kernel
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-_FLOAT32_MAX = tl.constexpr(FLOAT32_MAX)
+# the least peak a row is scaled by: 448 / 2^-119 = 1.75 * 2^127 is float32's, where 448 / a smaller peak would
+# overflow. A row of smaller values (all below 1.5e-36) keeps scale and codes consistent (x ~= x_q * scale), its
+# peak's code below 448.
+TINY_PEAK = 2.0**-119
+_TINY_PEAK = tl.constexpr(TINY_PEAK)
 
 
 @triton.jit
@@ -58,11 +62,11 @@ def _quantize_block(b_y, q_ptr, scale_ptr, o_r, m_r, o_k, mask, stride_q):
 
 @triton.jit
 def _row_scales(amax):
-    """Rows' peaks (NaN left out, >= 0) -> (scale, its inverse): ``amax / 448`` and ``448 / amax`` correctly
-    rounded (the inverse at most float32's largest finite value, so that a zero in a row of tiny values stays a
-    zero code), both 1 for an all-zero row."""
-    scale = tl.where(amax > 0, tl.div_rn(amax, _FP8_MAX), 1.0)
-    inverse = tl.where(amax > 0, tl.minimum(tl.div_rn(_FP8_MAX, amax), _FLOAT32_MAX), 1.0)
+    """Rows' peaks (NaN left out, >= 0) -> (scale, its inverse): ``peak / 448`` and ``448 / peak`` correctly
+    rounded, with ``peak = max(amax, TINY_PEAK)``; both 1 for an all-zero row."""
+    peak = tl.maximum(amax, _TINY_PEAK)
+    scale = tl.where(amax > 0, tl.div_rn(peak, _FP8_MAX), 1.0)
+    inverse = tl.where(amax > 0, tl.div_rn(_FP8_MAX, peak), 1.0)
     return scale, inverse
 
 
@@ -157,13 +161,13 @@ def layer_norm_rows_fp8_ref(
 
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: x [M, K] -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1]) with x ~= x_q * scale; each
-    row's largest magnitude maps to 448 (its values are multiplied by ``448 / amax``, at most float32's largest
-    finite value), an all-zero row gets scale 1 (its codes are zeros). A NaN is left out of its row's largest
-    magnitude, as the kernel's max leaves it out."""
+    row's largest magnitude maps to 448 (its values are multiplied by ``448 / amax``; a row whose values are all
+    below TINY_PEAK by ``448 / TINY_PEAK``), an all-zero row gets scale 1 (its codes are zeros). A NaN is left out
+    of its row's largest magnitude, as the kernel's max leaves it out."""
     magnitude = x.abs()
     amax = torch.where(magnitude.isnan(), 0, magnitude).amax(dim=1, keepdim=True).float()
-    ones = torch.ones_like(amax)
-    scale = torch.where(amax > 0, amax / FP8_MAX, ones)
-    inverse = torch.where(amax > 0, (torch.full_like(amax, FP8_MAX) / amax).clamp(max=FLOAT32_MAX), ones)  # (not
-    # ``FP8_MAX / amax``, which PyTorch computes as amax's reciprocal times 448: not correctly rounded)
+    peak, ones = amax.clamp(min=TINY_PEAK), torch.ones_like(amax)
+    scale = torch.where(amax > 0, peak / FP8_MAX, ones)
+    inverse = torch.where(amax > 0, torch.full_like(peak, FP8_MAX) / peak, ones)  # (not ``FP8_MAX / peak``, which
+    # PyTorch computes as peak's reciprocal times 448: not correctly rounded)
     return (x.float() * inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale

@@ -94,7 +94,7 @@ def _gated_gelu_block(x_ptr, o_r, m_r, first, inner, stride_x, BLOCK: tl.constex
 
 
 MAX_TILES = 4  # tiles a row in the FP8 kernel: its values are held at once (its peak comes before its codes)
-MIN_TILE, MAX_TILE = 256, 4096
+MIN_TILE, MAX_TILE = 16, 4096
 
 
 def gated_gelu_config(inner: int, fp8: bool) -> dict:
@@ -118,7 +118,7 @@ def _check(x: torch.Tensor, fp8: bool) -> None:
         raise ValueError(f"x must be [M, 2 * I] bf16/fp16/fp32 with a contiguous last dim; got {x.dtype} "
                          f"{list(x.shape)}")  # fmt: skip
     if fp8 and x.shape[1] // 2 > MAX_INNER:
-        raise ValueError(f"rows of at most {MAX_INNER} outputs are quantised in one block; got {x.shape[1] // 2}")
+        raise ValueError(f"rows of at most {MAX_INNER} outputs are quantised, each held whole; got {x.shape[1] // 2}")
 
 
 def gated_gelu(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

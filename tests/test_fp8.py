@@ -38,6 +38,23 @@ def test_quantize_rows_maps_each_rows_peak_to_the_fp8_maximum():
     assert bool(((back - x).abs() <= 2**-4 * x.abs() + scale * 2**-9).all())
 
 
+def test_rows_of_tiny_values_keep_codes_and_scale_consistent():
+    """Values are multiplied by 448 / peak: for a row whose peak is below 2^-119 that would overflow float32, so such
+    a row is scaled as if its peak were 2^-119 (its codes smaller, scale and codes still consistent); the kernel
+    does the same, bit for bit. (Dividing each value by its scale, as before, held down to about 1e-42.)"""
+    g = torch.Generator().manual_seed(3)
+    peaks = torch.tensor([1e-30, 2.0**-119, 1e-37, 1e-40, 1e-45, 1.0])
+    x = torch.randn(6, 64, generator=g)
+    x = x / x.abs().amax(dim=1, keepdim=True) * peaks[:, None]
+    q, scale = quantize_rows_fp8_ref(x)
+    back = q.float() * scale
+    assert q.float().abs().amax(dim=1)[[0, 1, 5]].tolist() == [FP8_MAX] * 3 and not q.float().isnan().any()
+    assert bool(((back - x).abs() <= 2**-4 * x.abs() + scale * 2**-10).all())
+    with triton_mode(interpret=True):
+        got_q, got_scale = quantize_rows_fp8(x)
+    assert torch.equal(got_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(got_scale, scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k", [64, 1376, 2752])
 def test_quantize_kernel_gives_the_bits_of_the_reference(dtype, k):
