@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import threading
+import types
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -157,6 +159,10 @@ class FakeCUDAGraph:
         capture, self._capture = self._capture, None
         capture.__exit__(None, None, None)  # as CUDA's, whatever exception is being handled around it
 
+    def reset(self):
+        """As CUDA's: the graph is gone (a replay after it fails)."""
+        self.tape, self.captured = [], False
+
     def replay(self):
         if not self.captured:
             raise RuntimeError("replay of a graph that was never captured")
@@ -200,6 +206,16 @@ def fake_graph(graph: FakeCUDAGraph, pool=None, **_):
 
 
 class _FakeStream:
+    """A stream of a pool of POOLED_STREAMS handed out round robin, as PyTorch's are."""
+
+    drawn = itertools.count()
+
+    def __init__(self):
+        from titok_fast.engine import POOLED_STREAMS
+
+        self.device = types.SimpleNamespace(index=None, type="cpu")
+        self.cuda_stream = 1 + next(_FakeStream.drawn) % POOLED_STREAMS
+
     def wait_stream(self, other):
         pass
 

@@ -1,8 +1,11 @@
 """The engine against the model, clip by clip, in every mode the machine can run."""
 
+import collections
 import contextlib
+import gc
 import random
 import threading
+import types
 
 import pytest
 import torch
@@ -468,6 +471,55 @@ def test_cuda_engine_equals_model(mode, monkeypatch):
         assert engine.compiles <= 4
 
 
+class _Graph:
+    """A captured graph's stand-in: records when it is reset, and what _LIVE_GRAPHS said of its stream then."""
+
+    def __init__(self, key, log):
+        self.key, self.log = key, log
+
+    def replay(self):
+        pass
+
+    def reset(self):
+        self.log.append(("reset", self.key, engine_module._LIVE_GRAPHS[self.key]))
+
+
+def test_an_engine_captures_on_a_stream_no_live_graph_was_captured_on(monkeypatch):
+    """A graph's destruction frees its capture stream's cuBLAS workspace while other live graphs captured there
+    still use it (PyTorch since PR 175276), and PyTorch's streams come round robin from a pool: an engine takes a
+    pooled stream that no live graph was captured on; a graph counts as live until it has been reset."""
+    drawn = iter(range(100))
+    pool = [types.SimpleNamespace(device=types.SimpleNamespace(index=0), cuda_stream=1 + k % 32) for k in range(100)]
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: pool[next(drawn)])
+    monkeypatch.setattr(engine_module, "_LIVE_GRAPHS", collections.Counter())
+    log = []
+    held = [engine_module._Replay(_Graph((0, k), log), None, (0, k)) for k in (1, 2, 4)]
+    assert engine_module._free_capture_stream("cuda").cuda_stream == 3  # (drawn 1, 2, 3)
+    assert engine_module._free_capture_stream("cuda").cuda_stream == 5  # (4, then 5)
+    del held[0]
+    gc.collect()
+    assert log == [("reset", (0, 1), 1)] and (0, 1) not in engine_module._LIVE_GRAPHS  # reset while still counted
+    assert [engine_module._free_capture_stream("cuda").cuda_stream for _ in range(2)] == [6, 7]
+    engine_module._LIVE_GRAPHS.update({(0, k): 1 for k in range(1, 33)})  # every pooled stream taken (more
+    assert engine_module._free_capture_stream("cuda") is pool[7 + 31]  # engines than streams): the last of a round
+
+
+def test_an_engine_that_drops_its_graphs_takes_another_stream_for_the_next(monkeypatch, expected):
+    """When the model changes so that an engine drops its graphs, it also lets its capture stream go: another
+    engine may have captured on that stream since (its graphs hold the stream's workspace)."""
+    videos, _, _, _ = expected
+    model = make_model("tiny")
+    engine = engine_for(model, "layout", monkeypatch, budgets=(128,), max_clips=4)
+    engine.encode(videos[:2], COUNTS[:2])
+    first = engine._capture_stream
+    assert first is not None and engine_module._LIVE_GRAPHS[(None, first.cuda_stream)] == 1
+    model.load_state_dict({k: v.clone() for k, v in make_model("tiny", seed=1).state_dict().items()}, assign=True)
+    engine.encode(videos[:2], COUNTS[:2])
+    gc.collect()
+    assert engine._capture_stream is not first and (None, first.cuda_stream) not in engine_module._LIVE_GRAPHS
+    assert engine_module._LIVE_GRAPHS[(None, engine._capture_stream.cuda_stream)] == 1
+
+
 @pytest.mark.gpu
 def test_v1_bf16_layout_graphs_on_the_gpu_are_the_eager_path_bit_for_bit():
     """The production case of auto's small batches: V1 in bf16 on the GPU, one and two 20x192x192 clips a batch.
@@ -491,6 +543,32 @@ def test_v1_bf16_layout_graphs_on_the_gpu_are_the_eager_path_bit_for_bit():
         assert differences(got["indices"], want["indices"]) == "", f"indices, round {k}"
         assert differences(got_pixels, pixels) == "", f"pixels, round {k}"
     assert auto.modes_run["layout"] == 2 * 2 * 2 and len(auto._layouts) == 4  # 2 rounds, 2 stages, 2 batches
+
+
+@pytest.mark.gpu
+def test_gpu_an_engine_dropped_leaves_another_engines_graphs_exact(monkeypatch):
+    """Two engines capture V1's layouts on streams of their own; the first is dropped (its graphs destroyed, which
+    frees its capture stream's cuBLAS workspace) and its memory is reused: the second's graphs still give the
+    eager path's tokens and pixels, bit for bit."""
+    model = make_model("v1", "triton").to("cuda", torch.bfloat16)
+    videos = [v.to("cuda", torch.bfloat16) for v in random_videos([(20, 192, 192)] * 2)]
+    counts, shapes = [256, 128], [(20, 192, 192)] * 2
+    eager = Engine(model, mode="eager", max_clips=2)
+    codes, want = eager.encode(videos, counts)
+    pixels = eager.decode_indices(want["indices"], shapes)
+    first, second = (engine_for(model, "layout", monkeypatch, max_clips=2) for _ in range(2))
+    for engine in (first, second):
+        engine.encode(videos, counts)
+        engine.decode_indices(want["indices"], shapes)
+    assert first._capture_stream.cuda_stream != second._capture_stream.cuda_stream
+    del first, engine
+    gc.collect()
+    litter = [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(16)]  # the freed memory, refilled
+    got_codes, got = second.encode(videos, counts)
+    got_pixels = second.decode_indices(want["indices"], shapes)
+    del litter
+    assert differences([got_codes], [codes]) == "" and differences(got["indices"], want["indices"]) == ""
+    assert differences(got_pixels, pixels) == ""
 
 
 def differences(got: list[torch.Tensor], want: list[torch.Tensor]) -> str:

@@ -41,6 +41,7 @@ import math
 import threading
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -318,8 +319,8 @@ class Engine:
         self._layouts.clear()
         self._seen.clear()
         self._table = self._table_source = None
-        if state[1] != self._built_for[1]:
-            self._graph_pool = self._capture_stream = None  # a memory pool and a stream of the graphs' device
+        self._graph_pool = self._capture_stream = None  # (its graphs are gone: the next capture takes a stream no
+        # live graph was captured on, on the graphs' device, see _free_capture_stream)
         self.budgets = self._usable_budgets(stacklevel=5)
         self._built_for = state
 
@@ -759,11 +760,11 @@ class Engine:
         hand, not with torch.cuda.graph: entering that syncs the device and empties the device and pinned-memory
         caches (a run's decoding threads would pin all theirs again), and its default stream is made on whichever
         GPU was current at the process's first capture. Every capture of an engine uses one stream, as its pool is
-        shared."""
+        shared: one no live graph was captured on (_free_capture_stream), taken anew once its graphs are dropped."""
         device = self.model.device
         with torch.cuda.device(device):
             if self._capture_stream is None:
-                self._capture_stream = torch.cuda.Stream(device)
+                self._capture_stream = _free_capture_stream(device)
                 self._graph_pool = torch.cuda.graph_pool_handle()
             stream = self._capture_stream
             stream.wait_stream(torch.cuda.current_stream(device))
@@ -789,12 +790,7 @@ class Engine:
                     finally:  # (the warm-ups' work comes first, whatever happens)
                         torch.cuda.current_stream(device).wait_stream(stream)
         self.compiles += 1
-
-        def replay():  # outputs live in the shared pool: callers copy what they keep before the next replay
-            graph.replay()
-            return out
-
-        return replay
+        return _Replay(graph, out, (stream.device.index, stream.cuda_stream))
 
 
 def _own(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -814,6 +810,51 @@ def _out_of_memory(error: RuntimeError) -> bool:
 _GRAPHS_COMPILED = threading.local()
 
 _CAPTURE_LOCK = threading.Lock()  # held while any engine captures a CUDA graph: one capture at a time
+
+# Live graphs by (device index, raw stream) they were captured on. PyTorch (since its PR 175276, 2026) frees the
+# cuBLAS workspace of a graph's capture stream when the graph is destroyed, while other live graphs captured on that
+# stream still use it (their GEMMs then write into freed memory, pytorch/pytorch#193402); and torch.cuda.Stream()
+# hands out its streams round robin from a pool of POOLED_STREAMS, so two engines can get the same one. An engine
+# therefore captures on a stream no live graph of any engine was captured on, and drops all its graphs at once.
+_LIVE_GRAPHS: collections.Counter = collections.Counter()
+_LIVE_LOCK = threading.Lock()
+POOLED_STREAMS = 32  # PyTorch's streams a device and priority (kStreamsPerPool)
+
+
+def _free_capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream of PyTorch's pool on ``device`` that no live graph was captured on (if all are taken, by more
+    engines with graphs than the pool has streams, the last drawn)."""
+    for _ in range(POOLED_STREAMS):
+        stream = torch.cuda.Stream(device)
+        with _LIVE_LOCK:
+            if not _LIVE_GRAPHS[(stream.device.index, stream.cuda_stream)]:
+                break
+    return stream
+
+
+class _Replay:
+    """A captured graph as a function that replays it and returns its outputs (they live in the engine's pool:
+    callers copy what they keep before the next replay). Counted in _LIVE_GRAPHS, under ``key`` (its capture
+    stream), until it is dropped; then its graph is reset (its memory and its stream's cuBLAS workspace freed)
+    before it stops counting, so no later capture takes the stream while this graph holds that workspace."""
+
+    def __init__(self, graph, out, key: tuple[int, int]):
+        self.graph, self.out = graph, out
+        with _LIVE_LOCK:
+            _LIVE_GRAPHS[key] += 1
+        weakref.finalize(self, _release_graph, graph, key).atexit = False  # (at exit PyTorch destroys it as ever)
+
+    def __call__(self):
+        self.graph.replay()
+        return self.out
+
+
+def _release_graph(graph, key: tuple[int, int]) -> None:
+    graph.reset()
+    with _LIVE_LOCK:
+        _LIVE_GRAPHS[key] -= 1
+        if not _LIVE_GRAPHS[key]:
+            del _LIVE_GRAPHS[key]
 
 
 def _counting_inductor(gm, example_inputs):
