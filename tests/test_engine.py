@@ -488,20 +488,31 @@ def test_an_engine_captures_on_a_stream_no_live_graph_was_captured_on(monkeypatc
     """A graph's destruction frees its capture stream's cuBLAS workspace while other live graphs captured there
     still use it (PyTorch since PR 175276), and PyTorch's streams come round robin from a pool: an engine takes a
     pooled stream that no live graph was captured on; a graph counts as live until it has been reset."""
-    drawn = iter(range(100))
+    drawn = []
     pool = [types.SimpleNamespace(device=types.SimpleNamespace(index=0), cuda_stream=1 + k % 32) for k in range(100)]
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: pool[next(drawn)])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: drawn.append(len(drawn)) or pool[drawn[-1]])
     monkeypatch.setattr(engine_module, "_LIVE_GRAPHS", collections.Counter())
+    monkeypatch.setattr(engine_module, "_RELEASED", collections.deque())
     log = []
     held = [engine_module._Replay(_Graph((0, k), log), None, (0, k)) for k in (1, 2, 4)]
-    assert engine_module._free_capture_stream("cuda").cuda_stream == 3  # (drawn 1, 2, 3)
-    assert engine_module._free_capture_stream("cuda").cuda_stream == 5  # (4, then 5)
+
+    def draw() -> int:
+        stream, key = engine_module._free_capture_stream("cuda")
+        assert key == (0, stream.cuda_stream)
+        return stream.cuda_stream
+
+    assert draw() == 3  # (drawn 1, 2, 3), and held from now on
+    assert draw() == 5  # (4, then 5)
     del held[0]
     gc.collect()
-    assert log == [("reset", (0, 1), 1)] and (0, 1) not in engine_module._LIVE_GRAPHS  # reset while still counted
-    assert [engine_module._free_capture_stream("cuda").cuda_stream for _ in range(2)] == [6, 7]
+    assert log == [("reset", (0, 1), 1)]  # reset while still counted
+    assert (0, 1) not in engine_module._live_graphs()
+    assert [draw(), draw()] == [6, 7]
+    engine_module._RELEASED.append((0, 3))  # an engine lets stream 3 go
+    assert [draw() for _ in range(25)] == [8, *range(9, 33)][:25] and draw() == 1 and draw() == 3  # (1 and 3 free)
     engine_module._LIVE_GRAPHS.update({(0, k): 1 for k in range(1, 33)})  # every pooled stream taken (more
-    assert engine_module._free_capture_stream("cuda") is pool[7 + 31]  # engines than streams): the last of a round
+    before = len(drawn)  # engines than streams): the last of 32 drawn
+    assert engine_module._free_capture_stream("cuda")[0] is pool[drawn[-1]] and len(drawn) == before + 32
 
 
 def test_an_engine_that_drops_its_graphs_takes_another_stream_for_the_next(monkeypatch, expected):
@@ -512,12 +523,42 @@ def test_an_engine_that_drops_its_graphs_takes_another_stream_for_the_next(monke
     engine = engine_for(model, "layout", monkeypatch, budgets=(128,), max_clips=4)
     engine.encode(videos[:2], COUNTS[:2])
     first = engine._capture_stream
-    assert first is not None and engine_module._LIVE_GRAPHS[(None, first.cuda_stream)] == 1
+    assert first is not None and engine_module._live_graphs()[(None, first.cuda_stream)] == 2  # held, one graph
     model.load_state_dict({k: v.clone() for k, v in make_model("tiny", seed=1).state_dict().items()}, assign=True)
     engine.encode(videos[:2], COUNTS[:2])
     gc.collect()
-    assert engine._capture_stream is not first and (None, first.cuda_stream) not in engine_module._LIVE_GRAPHS
-    assert engine_module._LIVE_GRAPHS[(None, engine._capture_stream.cuda_stream)] == 1
+    assert engine._capture_stream is not first and (None, first.cuda_stream) not in engine_module._live_graphs()
+    assert engine_module._live_graphs()[(None, engine._capture_stream.cuda_stream)] == 2
+    second = engine._capture_stream.cuda_stream
+    del engine
+    gc.collect()
+    assert (None, second) not in engine_module._live_graphs()  # an engine collected lets its stream go
+
+
+def test_a_graph_that_failed_to_instantiate_goes_with_the_engines_others(monkeypatch, expected):
+    """A capture that ended and then failed (cudaGraphInstantiate) leaves a graph whose reset would free the capture
+    stream's cuBLAS workspace under the engine's other graphs: it is kept until the engine drops them all."""
+    videos, _, _, _ = expected
+    model = make_model("tiny")
+    engine = engine_for(model, "layout", monkeypatch, budgets=(128,), max_clips=4)
+    engine.encode(videos[:2], COUNTS[:2])  # one graph
+    resets, end = [], FakeCUDAGraph.capture_end
+    monkeypatch.setattr(FakeCUDAGraph, "reset", lambda self: resets.append(self))
+
+    def ended_then_failed(self):
+        end(self)
+        raise RuntimeError("CUDA error: invalid argument (cudaGraphInstantiate)")
+
+    monkeypatch.setattr(FakeCUDAGraph, "capture_end", ended_then_failed)
+    with pytest.raises(RuntimeError, match="could not capture a CUDA graph"):
+        engine.encode(videos[2:4], COUNTS[2:4])  # another layout
+    gc.collect()
+    assert not resets and len(engine._failed_graphs) == 1
+    monkeypatch.setattr(FakeCUDAGraph, "capture_end", end)
+    model.load_state_dict({k: v.clone() for k, v in make_model("tiny", seed=1).state_dict().items()}, assign=True)
+    engine.encode(videos[:2], COUNTS[:2])  # all dropped, then one captured anew
+    gc.collect()
+    assert len(resets) == 2 and not engine._failed_graphs
 
 
 @pytest.mark.gpu
@@ -547,9 +588,9 @@ def test_v1_bf16_layout_graphs_on_the_gpu_are_the_eager_path_bit_for_bit():
 
 @pytest.mark.gpu
 def test_gpu_an_engine_dropped_leaves_another_engines_graphs_exact(monkeypatch):
-    """Two engines capture V1's layouts on streams of their own; the first is dropped (its graphs destroyed, which
-    frees its capture stream's cuBLAS workspace) and its memory is reused: the second's graphs still give the
-    eager path's tokens and pixels, bit for bit."""
+    """Two engines capture V1's layouts, the second when the stream pool's next stream is the first's: it takes
+    another. The first is dropped (its graphs destroyed, which frees its capture stream's cuBLAS workspace) and its
+    memory is reused: the second's graphs still give the eager path's tokens and pixels, bit for bit."""
     model = make_model("v1", "triton").to("cuda", torch.bfloat16)
     videos = [v.to("cuda", torch.bfloat16) for v in random_videos([(20, 192, 192)] * 2)]
     counts, shapes = [256, 128], [(20, 192, 192)] * 2
@@ -557,11 +598,17 @@ def test_gpu_an_engine_dropped_leaves_another_engines_graphs_exact(monkeypatch):
     codes, want = eager.encode(videos, counts)
     pixels = eager.decode_indices(want["indices"], shapes)
     first, second = (engine_for(model, "layout", monkeypatch, max_clips=2) for _ in range(2))
-    for engine in (first, second):
-        engine.encode(videos, counts)
-        engine.decode_indices(want["indices"], shapes)
-    assert first._capture_stream.cuda_stream != second._capture_stream.cuda_stream
-    del first, engine
+    first.encode(videos, counts)
+    first.decode_indices(want["indices"], shapes)
+    taken = first._capture_stream.cuda_stream
+    while torch.cuda.Stream().cuda_stream != taken:  # the pool's next draw is the first engine's stream (it hands
+        pass  # out its streams round robin): the second engine, drawing next, must pass it over
+    for _ in range(engine_module.POOLED_STREAMS - 1):
+        torch.cuda.Stream()
+    second.encode(videos, counts)
+    second.decode_indices(want["indices"], shapes)
+    assert second._capture_stream.cuda_stream != taken
+    del first
     gc.collect()
     litter = [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(16)]  # the freed memory, refilled
     got_codes, got = second.encode(videos, counts)

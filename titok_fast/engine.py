@@ -279,6 +279,8 @@ class Engine:
         self._last_batch = None  # on CUDA: an event after the last batch's work, on the stream it was queued on
         self._graph_pool = None  # one memory pool for every captured graph: they never run at the same time
         self._capture_stream = None  # the stream every graph is captured on (made with the pool, on the device)
+        self._stream_claim: Callable[[], object] = lambda: None  # lets the stream go (see _free_capture_stream)
+        self._failed_graphs: list[_Replay] = []  # captures ended but not instantiated: dropped with the others
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # see _decoder_table
         self._table_source: torch.Tensor | None = None
         self._built_for = self._model_state()  # what the buffers, runners and table above were built for
@@ -319,8 +321,10 @@ class Engine:
         self._layouts.clear()
         self._seen.clear()
         self._table = self._table_source = None
+        self._failed_graphs.clear()
         self._graph_pool = self._capture_stream = None  # (its graphs are gone: the next capture takes a stream no
         # live graph was captured on, on the graphs' device, see _free_capture_stream)
+        self._stream_claim()
         self.budgets = self._usable_budgets(stacklevel=5)
         self._built_for = state
 
@@ -764,9 +768,12 @@ class Engine:
         device = self.model.device
         with torch.cuda.device(device):
             if self._capture_stream is None:
-                self._capture_stream = _free_capture_stream(device)
+                self._capture_stream, key = _free_capture_stream(device)
+                self._stream_claim = weakref.finalize(self, _RELEASED.append, key)  # (run at most once: when the
+                # engine drops its graphs, or is itself collected)
                 self._graph_pool = torch.cuda.graph_pool_handle()
             stream = self._capture_stream
+            key = (stream.device.index, stream.cuda_stream)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
@@ -779,6 +786,7 @@ class Engine:
                     except BaseException as error:  # what broke the capture is the error: ending it fails too then
                         with contextlib.suppress(RuntimeError):
                             graph.capture_end()
+                        self._failed_graphs.append(_Replay(graph, None, key))  # (see below)
                         if isinstance(error, RuntimeError) and _out_of_memory(error):  # not split and retried (as
                             # in the warm-ups): the allocator is not fit to go on after a failed capture
                             raise RuntimeError(
@@ -786,11 +794,16 @@ class Engine:
                             ) from error
                         raise
                     else:
-                        graph.capture_end()
+                        try:
+                            graph.capture_end()
+                        except BaseException:  # ended, then not instantiated: dropping it would free the stream's
+                            # cuBLAS workspace under the engine's other graphs; it goes when they do
+                            self._failed_graphs.append(_Replay(graph, None, key))
+                            raise
                     finally:  # (the warm-ups' work comes first, whatever happens)
                         torch.cuda.current_stream(device).wait_stream(stream)
         self.compiles += 1
-        return _Replay(graph, out, (stream.device.index, stream.cuda_stream))
+        return _Replay(graph, out, key)
 
 
 def _own(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -816,20 +829,38 @@ _CAPTURE_LOCK = threading.Lock()  # held while any engine captures a CUDA graph:
 # stream still use it (their GEMMs then write into freed memory, pytorch/pytorch#193402); and torch.cuda.Stream()
 # hands out its streams round robin from a pool of POOLED_STREAMS, so two engines can get the same one. An engine
 # therefore captures on a stream no live graph of any engine was captured on, and drops all its graphs at once.
+# A stream counts from when an engine draws it until the engine lets it go, and each graph captured on it until the
+# graph has been reset. Releases only append to _RELEASED (finalizers may run in the middle of anything, a section
+# holding _LIVE_LOCK included); the counts take them in under the lock (_live_graphs).
 _LIVE_GRAPHS: collections.Counter = collections.Counter()
+_RELEASED: collections.deque = collections.deque()
 _LIVE_LOCK = threading.Lock()
 POOLED_STREAMS = 32  # PyTorch's streams a device and priority (kStreamsPerPool)
 
 
-def _free_capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """A stream of PyTorch's pool on ``device`` that no live graph was captured on (if all are taken, by more
-    engines with graphs than the pool has streams, the last drawn)."""
+def _live_graphs() -> collections.Counter:
+    """_LIVE_GRAPHS with the releases since taken in (call with _LIVE_LOCK held)."""
+    while _RELEASED:
+        key = _RELEASED.popleft()
+        _LIVE_GRAPHS[key] -= 1
+        if _LIVE_GRAPHS[key] <= 0:
+            del _LIVE_GRAPHS[key]
+    return _LIVE_GRAPHS
+
+
+def _free_capture_stream(device: torch.device) -> tuple[torch.cuda.Stream, tuple[int, int]]:
+    """A stream of PyTorch's pool on ``device`` that no engine holds and no live graph was captured on (if all are
+    taken, by more engines with graphs than the pool has streams, the last drawn), counted as held; and its key.
+    The caller lets it go by appending the key to _RELEASED."""
     for _ in range(POOLED_STREAMS):
         stream = torch.cuda.Stream(device)
+        key = (stream.device.index, stream.cuda_stream)
         with _LIVE_LOCK:
-            if not _LIVE_GRAPHS[(stream.device.index, stream.cuda_stream)]:
+            if not _live_graphs()[key]:
                 break
-    return stream
+    with _LIVE_LOCK:
+        _live_graphs()[key] += 1
+    return stream, key
 
 
 class _Replay:
@@ -841,7 +872,7 @@ class _Replay:
     def __init__(self, graph, out, key: tuple[int, int]):
         self.graph, self.out = graph, out
         with _LIVE_LOCK:
-            _LIVE_GRAPHS[key] += 1
+            _live_graphs()[key] += 1
         weakref.finalize(self, _release_graph, graph, key).atexit = False  # (at exit PyTorch destroys it as ever)
 
     def __call__(self):
@@ -850,11 +881,10 @@ class _Replay:
 
 
 def _release_graph(graph, key: tuple[int, int]) -> None:
-    graph.reset()
-    with _LIVE_LOCK:
-        _LIVE_GRAPHS[key] -= 1
-        if not _LIVE_GRAPHS[key]:
-            del _LIVE_GRAPHS[key]
+    try:
+        graph.reset()
+    finally:
+        _RELEASED.append(key)
 
 
 def _counting_inductor(gm, example_inputs):
