@@ -97,20 +97,23 @@ MAX_TILES = 4  # tiles a row in the FP8 kernel: its values are held at once (its
 MIN_TILE, MAX_TILE = 16, 4096
 
 
-def gated_gelu_config(inner: int, fp8: bool) -> dict:
+def gated_gelu_config(inner: int, fp8: bool, values_per_thread: int = 16) -> dict:
     """Block shape for rows of ``inner`` outputs. bf16/fp16/fp32 out: about 4096 values a program, columns in
     blocks of at most 1024 (a second grid axis). FP8: a program holds whole rows, as TILES tiles of TILE columns,
     the tile size that pads the row least (ties: the larger tile), not one power of two >= inner: at V1's
     decoder width (2752) one block of 4096 left a third of the lanes computing padding, in a kernel bound by
-    instructions; 3 tiles of 1024 leave a tenth. 16 values of a tile a thread: 16-byte stores of codes."""
+    instructions; 3 tiles of 1024 leave a tenth. ``values_per_thread`` of a tile a thread: 16 (the default)
+    gives 16-byte stores of codes at 80 registers (V1's decoder, sm_90), 8 half the registers and twice the
+    occupancy with 8-byte stores (for benchmarks: which is faster is for a GPU to say)."""
     if not fp8:
         block = min(triton.next_power_of_2(max(inner, 1)), 1024)
         return dict(BLOCK=block, ROWS=max(1, 4096 // block), num_warps=4 if block <= 1024 else 8)
     tiles = [(MIN_TILE << k) for k in range((MAX_TILE // MIN_TILE).bit_length())]
     tiles = [t for t in tiles if -(-max(inner, 1) // t) <= MAX_TILES]
     tile = min(tiles, key=lambda t: (-(-max(inner, 1) // t) * t, -t))
-    rows = max(1, 2048 // tile)
-    return dict(TILE=tile, TILES=-(-max(inner, 1) // tile), ROWS=rows, num_warps=max(1, rows * tile // 512))
+    rows = max(1, 128 * values_per_thread // tile)  # (4 warps, at least)
+    return dict(TILE=tile, TILES=-(-max(inner, 1) // tile), ROWS=rows,
+                num_warps=max(1, rows * tile // (32 * values_per_thread)))  # fmt: skip
 
 
 def _check(x: torch.Tensor, fp8: bool) -> None:
@@ -121,15 +124,18 @@ def _check(x: torch.Tensor, fp8: bool) -> None:
         raise ValueError(f"rows of at most {MAX_INNER} outputs are quantised, each held whole; got {x.shape[1] // 2}")
 
 
-def gated_gelu(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def gated_gelu(
+    x: torch.Tensor, fp8: bool = False, values_per_thread: int = 16
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [M, 2I] -> ``a * gelu(g)`` [M, I] in x's dtype; ``fp8=True``: its (codes float8_e4m3fn [M, I], scales
-    float32 [M, 1]) instead. One launch; :func:`gated_gelu_ref`'s bytes."""
+    float32 [M, 1]) instead. One launch; :func:`gated_gelu_ref`'s bytes. ``values_per_thread``: see
+    :func:`gated_gelu_config` (FP8 only; for benchmarks)."""
     _check(x, fp8)
     m, inner = x.shape[0], x.shape[1] // 2
     y = torch.empty((m, inner), dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m and inner:
-        cfg = gated_gelu_config(inner, fp8)
+        cfg = gated_gelu_config(inner, fp8, values_per_thread)
         if fp8:
             _gated_gelu_fp8_kernel[(triton.cdiv(m, cfg["ROWS"]),)](x, y, scale, m, inner, x.stride(0), y.stride(0),
                                                                    **cfg)  # fmt: skip

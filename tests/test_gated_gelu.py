@@ -42,17 +42,18 @@ def test_kernel_gives_the_references_bytes(m, inner, stride, dtype, fp8):
         assert got.dtype == dtype and got.shape == (m, inner) and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("per_thread", [16, 8])
 @pytest.mark.parametrize(("inner", "tiles"), [(100, 1), (2752, 3), (7000, 2), (14000, 4)])
-def test_fp8_rows_held_as_one_to_four_tiles_give_the_references_codes(inner, tiles):
+def test_fp8_rows_held_as_one_to_four_tiles_give_the_references_codes(inner, tiles, per_thread):
     """The FP8 form holds a row as tiles (V1's decoder width 2752 as three of 1024): every tile count, the peak
-    in any tile, the last tile partly filled."""
-    cfg = gated_gelu_config(inner, fp8=True)
+    in any tile, the last tile partly filled; the default configuration and the benchmarks' other."""
+    cfg = gated_gelu_config(inner, fp8=True, values_per_thread=per_thread)
     assert cfg["TILES"] == tiles and cfg["TILES"] * cfg["TILE"] >= inner > (cfg["TILES"] - 1) * cfg["TILE"]
     x = rows(2 * cfg["ROWS"] + 1, inner, torch.bfloat16, seed=inner)
     for k in range(x.shape[0]):  # each row's peak in another tile
         x[k, k % tiles * cfg["TILE"]] = x[k, inner + k % tiles * cfg["TILE"]] = 9.0
     with triton_mode(interpret=True):
-        codes, scales = gated_gelu(x, fp8=True)
+        codes, scales = gated_gelu(x, fp8=True, values_per_thread=per_thread)
     want_codes, want_scales = gated_gelu_ref(x, fp8=True)
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)) and torch.equal(scales, want_scales)
 
