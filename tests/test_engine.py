@@ -601,10 +601,10 @@ def test_gpu_an_engine_dropped_leaves_another_engines_graphs_exact(monkeypatch):
     first.encode(videos, counts)
     first.decode_indices(want["indices"], shapes)
     taken = first._capture_stream.cuda_stream
-    while torch.cuda.Stream().cuda_stream != taken:  # the pool's next draw is the first engine's stream (it hands
-        pass  # out its streams round robin): the second engine, drawing next, must pass it over
-    for _ in range(engine_module.POOLED_STREAMS - 1):
-        torch.cuda.Stream()
+    drawn = [torch.cuda.Stream().cuda_stream for _ in range(engine_module.POOLED_STREAMS)]
+    assert taken in drawn  # (the pool hands out its streams round robin)
+    for _ in range(drawn.index(taken) + engine_module.POOLED_STREAMS - len(drawn)):  # the pool's next draw is
+        torch.cuda.Stream()  # the first engine's stream: the second engine, drawing next, must pass it over
     second.encode(videos, counts)
     second.decode_indices(want["indices"], shapes)
     assert second._capture_stream.cuda_stream != taken
