@@ -331,10 +331,10 @@ def test_a_decoded_video_records_a_precision_other_than_the_default(model, tmp_p
     decoded in the default precision, and the reverse. The default records nothing new: videos decoded before
     are still found complete."""
     engine = Engine(model)
-    default = json.loads(pipeline.decode_records(engine, False)(tmp_path)[len(pipeline.DECODE_RECORD) :])
+    default = pipeline.decode_records(engine, False)(tmp_path)
     model.precision = "fp8"
     try:
-        fp8 = json.loads(pipeline.decode_records(engine, False)(tmp_path)[len(pipeline.DECODE_RECORD) :])
+        fp8 = pipeline.decode_records(engine, False)(tmp_path)
     finally:
         model.precision = "default"
     assert "precision" not in default and fp8 == {**default, "precision": "fp8"}

@@ -1581,13 +1581,13 @@ def decode_files(
                 raise ValueError(f"{out} is {kind_of(there_now.st_mode)} (where its links lead), not a video: kept; "
                                  "remove it or choose another output folder")  # fmt: skip
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
-            record, exists = record_of(path), there_now is not None and there_now.st_size > 0
+            now, exists = record_of(path), there_now is not None and there_now.st_size > 0
             if exists and os.path.samefile(out, path):  # a token file named .mp4, decoded into its own folder
                 raise ValueError(f"{out} is the token file itself: decoding there would replace it; choose another "
                                  "output folder")  # fmt: skip
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)
             ours = there is not None and there.startswith(DECODE_RECORD)
-            then, now = (_record_of(there) if ours else None), _record_of(record)  # (parsed once: dicts from here)
+            then = _record_of(there) if ours else None  # (parsed once: a dict from here)
             damaged = exists and there is None and _damaged_mp4(out)  # (a copy cut short): decoded again over it
             # an mp4 written whole (atomically) from this token file this way: complete; one that records no decode:
             # kept, said once below
@@ -1720,8 +1720,9 @@ def _damaged_mp4(path: Path) -> bool:
 DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_records)
 
 
-def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.PathLike], str]:
-    """What a video decoded from a token file (the function's argument) records in its comment tag: the token
+def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.PathLike], dict[str, Any]]:
+    """What a video decoded from a token file (the function's argument) records in its comment tag (after
+    DECODE_RECORD, as JSON): the token
     file's size and modification time, the weights, model config, dtype and precision (where not the default: the
     records of before stay valid) that decoded it, and whether its source is beside it (all but the first the same
     for every file of a run: worked out once); the video written records the path of the token file's source video
@@ -1734,7 +1735,7 @@ def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.Path
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
     if engine.model.precision != "default":  # (FP8 decoding: other pixels, 36 dB from float32's against bf16's 50)
         made["precision"] = engine.model.precision
-    return lambda path: DECODE_RECORD + json.dumps({**made, "tokens": source_stamp(path)}, sort_keys=True)
+    return lambda path: {**made, "tokens": source_stamp(path)}
 
 
 def _one_line(error: BaseException) -> str:
