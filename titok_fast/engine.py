@@ -782,24 +782,23 @@ class Engine:
                 with _CAPTURE_LOCK:  # one capture at a time in the process
                     graph.capture_begin(pool=self._graph_pool, capture_error_mode=CAPTURE_MODE)
                     try:
-                        out = fn()
-                    except BaseException as error:  # what broke the capture is the error: ending it fails too then
-                        with contextlib.suppress(RuntimeError):
-                            graph.capture_end()
-                        self._failed_graphs.append(_Replay(graph, None, key))  # (see below)
-                        if isinstance(error, RuntimeError) and _out_of_memory(error):  # not split and retried (as
-                            # in the warm-ups): the allocator is not fit to go on after a failed capture
-                            raise RuntimeError(
-                                f"out of memory while capturing a CUDA graph ({type(error).__name__})"
-                            ) from error
-                        raise
-                    else:
                         try:
-                            graph.capture_end()
-                        except BaseException:  # ended, then not instantiated: dropping it would free the stream's
-                            # cuBLAS workspace under the engine's other graphs; it goes when they do
-                            self._failed_graphs.append(_Replay(graph, None, key))
+                            out = fn()
+                        except BaseException as error:  # what broke the capture is the error: ending it fails too
+                            with contextlib.suppress(RuntimeError):
+                                graph.capture_end()
+                            if isinstance(error, RuntimeError) and _out_of_memory(error):  # not split and retried
+                                # (as in the warm-ups): the allocator is not fit to go on after a failed capture
+                                raise RuntimeError(
+                                    f"out of memory while capturing a CUDA graph ({type(error).__name__})"
+                                ) from error
                             raise
+                        graph.capture_end()
+                    except BaseException:  # a graph whose capture may have ended (then failed to instantiate):
+                        # dropping it would free the stream's cuBLAS workspace under the engine's other graphs; it
+                        # goes when they do
+                        self._failed_graphs.append(_Replay(graph, None, key))
+                        raise
                     finally:  # (the warm-ups' work comes first, whatever happens)
                         torch.cuda.current_stream(device).wait_stream(stream)
         self.compiles += 1
