@@ -907,7 +907,7 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
         model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
         if _identity(src) != before:
             raise CheckpointError(f"{src}: changed while it was hashed and converted; nothing was cached, try again")
-        save_safetensors(model, target, source=os.path.basename(str(src)), ema=model._weights_ema, source_sha256=actual)
+        save_safetensors(model, target, source=os.path.basename(str(src)), **_ema_taken(model), source_sha256=actual)
     return target
 
 
@@ -989,6 +989,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, config: object | Non
     model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
     if use_ema and model._weights_ema is False:
         notice(f"{src} holds no EMA weights (ema_model.*): its model weights were converted")
-    extra = {} if model._weights_ema is None else {"ema": model._weights_ema}  # (what was taken, where known)
-    save_safetensors(model, dst, source=os.path.basename(str(src)), **extra)
+    save_safetensors(model, dst, source=os.path.basename(str(src)), **_ema_taken(model))
     return model.weights_digest
+
+
+def _ema_taken(model: TiTok) -> dict[str, bool]:
+    """The ``ema`` field a converted file records: whether its weights are the checkpoint's EMA weights, where that
+    is known."""
+    return {} if model._weights_ema is None else {"ema": model._weights_ema}
