@@ -675,16 +675,21 @@ def test_an_avi_with_b_frames_is_not_pruned_and_gives_the_clips_of_decoding_ever
     assert all(torch.equal(a, b) for a, b in zip(pruned_clips, every_clips, strict=True))
 
 
-def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypatch):
-    """Whatever pruned decoding gave out before it went wrong, the clips are those of decoding every frame."""
-    from titok_fast import decoders
+@pytest.mark.parametrize(("lost_by", "passes", "pruned"), [
+    ("every pass", ["unprobed", "probed", "every frame"], False), ("unprobed", ["unprobed", "probed"], True),
+])  # fmt: skip
+def test_a_pruning_mismatch_decodes_the_file_again(long_moving, monkeypatch, lost_by, passes, pruned):
+    """Whatever pruned decoding gave out before it went wrong, the clips are those of decoding every frame. Where
+    it went wrong on a file opened without FFmpeg's probe (a reordering delay too short gives a frame early and
+    drops one), the file is opened again with the probe and decoded pruned; where it went wrong on a probed
+    opening, every frame is decoded."""
+    real, seen = decoders.pruned_frames, []
 
-    real = decoders.pruned_frames
-
-    def losing(*args):  # loses the 30th frame that comes out, as a broken stream might
-        for count, item in enumerate(real(*args)):
-            if count == 30:
-                raise decoders.PruneMismatch("lost")
+    def losing(container, stream, *args):  # loses the 30th frame that comes out, as a broken stream might
+        seen.append("unprobed" if stream.codec_context.format is None else "probed")
+        for count, item in enumerate(real(container, stream, *args)):
+            if count == 30 and lost_by in ("every pass", seen[-1]):
+                raise decoders.PruneMismatch("frame 31 came out after frame 32")
             yield item
 
     kwargs = dict(frames=6, height=32, width=32, fps=8)
@@ -692,8 +697,8 @@ def test_a_pruning_mismatch_decodes_the_file_again_in_full(long_moving, monkeypa
     monkeypatch.setattr(decoders, "pruned_frames", losing)
     reader = video.ClipReader(long_moving, **kwargs)
     clips = list(reader)
-    assert not reader.pruned and len(clips) == len(every) >= 2
-    assert all(torch.equal(x, y) for x, y in zip(clips, every, strict=True))
+    assert seen + ["every frame"] * (not reader.pruned) == passes and reader.pruned == pruned
+    assert len(clips) == len(every) >= 2 and all(torch.equal(x, y) for x, y in zip(clips, every, strict=True))
 
 
 KEYINT = "keyint=24:min-keyint=24:scenecut=0"  # an IDR picture every 24 frames, x264's B-frames between
@@ -820,6 +825,45 @@ def test_the_stream_index_reads_packets_without_decoding_frames_and_is_what_a_pr
                 assert np.array_equal(got.order, expected.order) and np.array_equal(got.cuts, expected.cuts), name
                 assert got.prunable == expected.prunable, name
     assert cheap["mp4"][0] is not None and cheap["libx265"][1] is not None  # (the comparison compared indices)
+
+
+def _clip_bytes(clip) -> tuple[torch.Tensor, str | None]:
+    """A clip's bytes and, for an I420 clip, its matrix."""
+    return (clip.frames, clip.matrix) if isinstance(clip, I420Clip) else (clip, None)
+
+
+@pytest.mark.parametrize("sampling", ["upstream", "time"])
+def test_h264_in_mp4_is_decoded_without_ffmpegs_probe_into_a_probed_openings_clips(
+    files, gops, coded, long_moving, tmp_path, monkeypatch, sampling
+):
+    """An H.264 stream whose frames are all in an MP4's sample tables is decoded as opened without FFmpeg's probing
+    decode (open_unprobed); a Matroska file, a fragmented MP4 and HEVC are opened again with it. The clips, the
+    I420 hand-over's matrix (the first frame's there: the stream's pixel format and matrix are unknown before it)
+    and the pruning are those of a probed opening."""
+    bt709 = videos.make_video(tmp_path / "bt709.mp4", 40, 48, 64, fps=24, x264="colormatrix=bt709:colorprim=bt709")
+    fragmented = videos.remux(tmp_path / "frag.mp4", gops, {"movflags": "frag_keyframe+empty_moov"})
+    sources = {"b-frames": long_moving, "vfr": files["vfr"], "idr": gops, "bt709": str(bt709),
+               "mkv": str(videos.remux(tmp_path / "gops.mkv", gops)), "hevc": coded["libx265"],
+               "fragmented": str(fragmented)}  # fmt: skip
+    kwargs = dict(frames=4, height=32, width=32, fps=8, sampling=sampling, tail="pad", preprocess="device")
+    kwargs["upload"] = "i420"
+
+    def read(source: str) -> tuple[list, dict]:
+        reader = video.ClipReader(source, **kwargs)
+        clips = [_clip_bytes(clip) for clip in reader]
+        return clips, {"unprobed": reader._unprobed, "pruned": reader.pruned, "i420": reader._i420}
+
+    unprobed = {name: read(source) for name, source in sources.items()}
+    monkeypatch.setattr(video, "open_unprobed", lambda path: (decoders.open_input(path), False))
+    for name, source in sources.items():
+        clips, how = read(source)
+        assert unprobed[name][1]["unprobed"] == (name not in ("mkv", "hevc", "fragmented")), name
+        assert {**unprobed[name][1], "unprobed": False} == how, name
+        assert len(clips) == len(unprobed[name][0]) > 0, name
+        for (a, matrix_a), (b, matrix_b) in zip(clips, unprobed[name][0], strict=True):
+            assert torch.equal(a, b) and matrix_a == matrix_b, name
+    assert unprobed["bt709"][1]["i420"] == "bt709" and unprobed["b-frames"][1]["i420"] == "bt601"
+    assert unprobed["b-frames"][1]["pruned"]
 
 
 @pytest.mark.parametrize(("encoder", "suffix"), [

@@ -136,6 +136,41 @@ def open_packets(path: str) -> av.container.InputContainer:
     return open_input(path)
 
 
+def open_unprobed(path: str) -> tuple[av.container.InputContainer, bool]:
+    """The media file at ``path``, opened to be decoded, and whether FFmpeg's probing decode was left out: for the
+    ISO BMFF family (MP4, MOV; UNPROBED_DECODING) it opens as :func:`open_packets` does, no frame decoded (about
+    5 CPU-ms a file at 456x256, a twentieth of reading a 10 s file); other files are opened as :func:`open_input`
+    does. What the probe finds out only by decoding, the stream's pixel format, is then known at its first frame;
+    whether such an opening decodes as a probed one does is :func:`decodes_unprobed`'s to say."""
+    container = av.open(path, options={"skip_frame": "all"}, **OPEN_ARGUMENTS)
+    if container.format.name in UNPROBED_DECODING:
+        return container, True
+    container.close()
+    return open_input(path), False
+
+
+def decodes_unprobed(stream, index: StreamIndex | None) -> bool:
+    """Whether ``stream``, opened by :func:`open_unprobed` without the probe and with ``index`` (its
+    :class:`StreamIndex`), gives the frames of a probed opening when :func:`pruned_frames` decodes it: an H.264
+    stream whose every frame is in the sample tables of the file's "moov" box (the stream's frame count is its
+    packets': no movie fragments). Two things could differ, and neither does there. The frame rate: the demuxer
+    sets it from those tables, and FFmpeg's probe estimates one only where none is set. The frames' reordering
+    delay, which the probe may raise after decoding the first frames: the demuxer sets it from the composition
+    offsets of every frame (FFmpeg's ``mov_guess_video_delay``), which the probe can only match; a delay too short
+    would give a frame early and drop one, and :func:`pruned_frames` raises :class:`PruneMismatch` on that, after
+    which the reader opens the file with the probe."""
+    context = stream.codec_context
+    return (
+        index is not None and index.prunable and context is not None and context.codec.canonical_name == "h264"
+        and 0 < stream.frames == len(index.order)
+    )  # fmt: skip
+
+
+# the containers that open_unprobed opens without FFmpeg's probing decode: ISO BMFF, whose sample tables give each
+# frame's timestamp, the stream's frame rate and (for H.264) its reordering delay (see decodes_unprobed)
+UNPROBED_DECODING = ("mov,mp4,m4a,3gp,3g2,mj2",)
+
+
 # containers whose packets take their timestamps from the file's own tables (MP4's sample tables, Matroska's
 # blocks), whatever FFmpeg's probing guessed about the stream (see open_packets)
 UNPROBED_CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
@@ -583,9 +618,10 @@ def _clean_start(path: str, codec: str) -> bool:
         return False
 
 
-def _not_converted(stream: av.video.stream.VideoStream, formats: tuple[str, ...]) -> str | None:
+def _not_converted(stream: av.video.stream.VideoStream, formats: tuple[str, ...], unprobed: bool = False) -> str | None:
     """Why the GPU conversion would not give libswscale's bytes for ``stream``'s frames (None: it would), for
-    decoded frames of pixel formats ``formats``."""
+    decoded frames of pixel formats ``formats``; ``unprobed`` (:func:`open_unprobed`): the pixel format and YUV
+    matrix, not known before a frame is decoded, are not looked at."""
     context = stream.codec_context
     if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
         return f"odd picture height ({context.height}): only even heights are converted on the GPU"
@@ -595,6 +631,8 @@ def _not_converted(stream: av.video.stream.VideoStream, formats: tuple[str, ...]
         return "interlaced: libswscale converts each field apart, the GPU the whole frame"
     if context.color_range == 2:  # AVCOL_RANGE_JPEG
         return "full-range YUV: only limited range is converted on the GPU"
+    if unprobed:
+        return None
     if context.pix_fmt not in formats:
         return f"pixel format {context.pix_fmt}: only 8-bit 4:2:0 is converted on the GPU"
     if context.colorspace not in NVDEC_COLORSPACES:
@@ -602,14 +640,19 @@ def _not_converted(stream: av.video.stream.VideoStream, formats: tuple[str, ...]
     return None
 
 
-def i420_matrix(stream: av.video.stream.VideoStream) -> str | None:
+def i420_matrix(stream: av.video.stream.VideoStream, unprobed: bool = False) -> str | None:
     """The YUV matrix (one of NVDEC_COLORSPACES' names) by which the GPU converts ``stream``'s CPU-decoded frames
     to libswscale's RGB bytes, or None where it would not: not on x86-64 (I420_EXACT), or the stream's size, scan,
     range, pixel format or matrix is one the conversion does not take (as for NVDEC's frames). Each frame is
-    checked again (:func:`frame_i420_matrix`): a stream may change midway."""
-    if not I420_EXACT or _not_converted(stream, ("yuv420p",)) is not None:
+    checked again (:func:`frame_i420_matrix`): a stream may change midway. An ``unprobed`` stream
+    (:func:`open_unprobed`) knows its pixel format and matrix from its first frame: MATRIX_OF_FIRST_FRAME, where
+    the rest allows it."""
+    if not I420_EXACT or _not_converted(stream, ("yuv420p",), unprobed) is not None:
         return None
-    return _matrix(stream)
+    return MATRIX_OF_FIRST_FRAME if unprobed else _matrix(stream)
+
+
+MATRIX_OF_FIRST_FRAME = "the first frame's"  # i420_matrix of an unprobed stream: frame_i420_matrix of its first frame
 
 
 def frame_i420_matrix(frame: av.VideoFrame) -> str | None:

@@ -50,6 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -58,16 +59,19 @@ import torch.nn.functional as F
 
 from .decoders import (
     DECODERS,
+    MATRIX_OF_FIRST_FRAME,
     PRUNED_CONTAINERS,
     NvdecFrame,
     PruneMismatch,
     StreamIndex,
+    decodes_unprobed,
     frame_i420_matrix,
     i420_bytes,
     i420_matrix,
     nv12_clip_rgb,
     open_frames,
     open_input,
+    open_unprobed,
     release_kept_decoder,
     stream_index,
     tag,
@@ -77,6 +81,7 @@ from .files import STALL_SECONDS, AtomicFile, notice, show_traceback
 from .preprocess import UPLOADS, I420Clip, clip_pixels, i420_rgb, normalize_pixels, placement, resized_size
 from .stages import CLOCK
 
+T = TypeVar("T")
 TAIL_POLICIES = ("drop", "pad")
 SAMPLINGS = ("upstream", "time")
 ROTATIONS = ("stored", "display")  # frames as stored (upstream), or turned as the container says to show them
@@ -260,6 +265,7 @@ class ClipReader:
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
         self._i420 = ""  # the YUV matrix of this file's I420 clips ("": none; see upload), set when it is opened
+        self._unprobed = False  # whether the file is being decoded as opened without FFmpeg's probe (_images)
         self._nv12: tuple[int, str] | None = None  # (picture height, YUV matrix) of NVDEC's surfaces, once one came
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
         self._own: Segment | None = None  # the first segment, when it split the file
@@ -310,12 +316,13 @@ class ClipReader:
             yield clip
 
     def _all_images(self) -> Iterator[torch.Tensor]:
-        """The sampled frames; after the last one given out, from the CPU decoder if NVDEC fails midway, and from
-        every frame decoded if pruned decoding goes wrong."""
-        given, decoder, prune = 0, self.decoder, self.prune
+        """The sampled frames; after the last one given out, from the CPU decoder if NVDEC fails midway, from a
+        probed opening if pruned decoding of an unprobed one goes wrong (:func:`titok_fast.decoders.open_unprobed`),
+        and from every frame decoded if pruned decoding of a probed one goes wrong."""
+        given, decoder, prune, probe = 0, self.decoder, self.prune, False
         while True:
             try:
-                for image in self._images(decoder, prune, skip=given):
+                for image in self._images(decoder, prune, skip=given, probe=probe):
                     given += 1
                     yield image
                 return
@@ -324,30 +331,39 @@ class ClipReader:
                 notice(f"{self.path}: NVDEC failed ({failed.__cause__}); the rest on the CPU")
                 decoder = "cpu"
             except PruneMismatch:
-                self.pruned, prune = False, False
+                if self._unprobed:
+                    probe = True
+                else:
+                    self.pruned, prune = False, False
 
-    def _images(self, decoder: str, prune: bool, skip: int) -> Iterator[torch.Tensor]:
+    def _images(self, decoder: str, prune: bool, skip: int, probe: bool = True) -> Iterator[torch.Tensor]:
         """The sampled frames after the first ``skip``: [3, height, width] raw pixels (placement "cpu") or
-        [h, w, 3] uint8 RGB at source size (placement "device"); ``prune``: let the CPU decoder skip frames."""
+        [h, w, 3] uint8 RGB at source size (placement "device"); ``prune``: let the CPU decoder skip frames;
+        without ``probe``, the file is decoded as opened without FFmpeg's probing decode where that gives the same
+        frames (:func:`titok_fast.decoders.decodes_unprobed`; ``_unprobed`` says whether it was)."""
         path = self.path
-        container, stamp = _open(path)
-        with container:
+        # a file is split, if at all, when first opened: not on a retry (NVDEC failed, or pruning went wrong)
+        # after clips were given. Its segments are planned on a probed opening (as ClipReader.plan does).
+        may_split = not self._planned and self.split_into > 1 and self.on_split is not None
+        self._planned = True
+        if decoder == "cpu" and prune and not probe and not may_split:
+            (container, self._unprobed), stamp = _open_unprobed(path)
+        else:
+            (container, stamp), self._unprobed = _open(path), False
+        with contextlib.ExitStack() as opened:
+            opened.enter_context(container)
             self.source_stamp = self.source_stamp or stamp
             if (stream := video_stream(container)) is None:
                 art = " (only cover art)" if container.streams.video else ""
                 raise VideoError(f"{path}: has no video stream{art}")
             if (context := stream.codec_context) is None:
                 raise VideoError(f"{path}: its video stream has a codec FFmpeg cannot decode (an unknown codec)")
-            _check_frame_size(path, context.width, context.height, (self.height, self.width))
             index, segment = None, self._segment()
             needs = self._segment_needs if prune else None
-            # a file is split, if at all, when first opened: not on a retry (NVDEC failed, or pruning went wrong)
-            # after clips were given
-            may_split = not self._planned and self.split_into > 1 and self.on_split is not None
-            self._planned = True
             if decoder == "cpu" and prune and segment is not None:  # the cut is known: no cuts needed
                 index = StreamIndex(segment.order, np.zeros(0, dtype=np.int64), segment.prunable)
-            elif may_split:
+            elif may_split:  # (a probed opening) the size checked before another worker is given a part
+                _check_frame_size(path, context.width, context.height, (self.height, self.width))
                 started = CLOCK.start()
                 split = self._split(stream)  # (decoder and prune are this reader's own on a first open)
                 CLOCK.stop("decode", started)
@@ -360,8 +376,18 @@ class ClipReader:
                     self._own = segments[0]
                     self.on_split(segments[1:])
                 segment = self._segment()
+            if decoder == "cpu" and needs is not None and index is None:  # (else looked up by cpu_frames)
+                started = CLOCK.start()
+                index = stream_index(path)
+                CLOCK.stop("decode", started)
             if index is not None and not index.prunable and not (segment is not None and segment.cut):
                 index, needs = None, None  # decoded whole from the start (the first segment: up to its last clip)
+            if self._unprobed and not (needs is not None and decodes_unprobed(stream, index)):
+                container.close()  # (opened again, with the probe)
+                container, self._unprobed = opened.enter_context(_open(path)[0]), False
+                stream = video_stream(container)
+            context = stream.codec_context
+            _check_frame_size(path, context.width, context.height, (self.height, self.width))
             start = segment.cut if segment is not None and index is not None else 0
             with open_frames(path, container, decoder, threads=self.threads, needs=needs, index=index,
                              start=start) as source:  # fmt: skip
@@ -383,10 +409,10 @@ class ClipReader:
                 self._i420 = ""
                 if self.upload == "i420" and self.placement == "device" and self.decoded_by == "cpu":  # (not after
                     # NVDEC failed midway: its frames are on the GPU)
-                    self._i420 = i420_matrix(stream) or ""
+                    self._i420 = i420_matrix(stream, self._unprobed) or ""
                 if self._i420:
                     turns = functools.partial(display_turns, path) if self.rotation == "display" else None
-                    image = functools.partial(_i420_or_rgb, path, (self.height, self.width), self._i420, turns, rgb)
+                    image = functools.partial(self._i420_or_rgb, turns, rgb)
                 if self.sampling == "upstream":
                     self._set_chunk_length(self.source_fps)
                 frames, first_clip = source.frames, self.first_clip
@@ -566,6 +592,20 @@ class ClipReader:
         CLOCK.stop("rgb", started)
         return rgb
 
+    def _i420_or_rgb(self, turns: Callable[[object], int] | None, rgb: Callable, frame) -> torch.Tensor:
+        """A decoded frame as I420 [h * 3 / 2, w] uint8 where the device's conversion gives its RGB bytes (its
+        format and matrix are the file's, ``_i420``, see :func:`titok_fast.decoders.frame_i420_matrix`, and it is
+        not turned); else ``rgb(frame)``. The file's are its first frame's where it was opened unprobed."""
+        if self._i420 == MATRIX_OF_FIRST_FRAME:
+            self._i420 = frame_i420_matrix(frame) or ""
+        if not self._i420 or frame_i420_matrix(frame) != self._i420 or turns is not None and turns(frame):
+            return rgb(frame)
+        _check_frame_size(self.path, frame.width, frame.height, (self.height, self.width))
+        started = CLOCK.start()
+        image = i420_bytes(frame)
+        CLOCK.stop("rgb", started)  # (the stage that hands frames over as the clip wants them)
+        return image
+
     def _clip(self, images: list[torch.Tensor]) -> torch.Tensor | I420Clip:
         self.clips_read += 1
         if self._nv12 is not None and any(image.ndim == 2 for image in images):  # NVDEC's (not I420: CPU-decoded)
@@ -680,21 +720,6 @@ def first_frame_turns(path: str) -> int:
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: decoding failed ({exc})") from exc
     return 0 if frame is None else display_turns(path, frame)
-
-
-def _i420_or_rgb(
-    path: str, clip: tuple[int, int], matrix: str, turns: Callable[[object], int] | None, rgb: Callable, frame
-) -> torch.Tensor:
-    """A decoded frame as I420 [h * 3 / 2, w] uint8 where the device's conversion gives its RGB bytes (its format
-    and matrix are the file's, see :func:`titok_fast.decoders.frame_i420_matrix`, and it is not turned); else
-    ``rgb(frame)``. ``clip``: (height, width) of the clips, for :func:`_check_frame_size`."""
-    if frame_i420_matrix(frame) != matrix or turns is not None and turns(frame):
-        return rgb(frame)
-    _check_frame_size(path, frame.width, frame.height, clip)
-    started = CLOCK.start()
-    image = i420_bytes(frame)
-    CLOCK.stop("rgb", started)  # (the stage that hands frames over as the clip wants them)
-    return image
 
 
 def _turned(rgb: Callable[[object], torch.Tensor], turns: Callable[[object], int], frame) -> torch.Tensor:
@@ -2655,6 +2680,16 @@ def _ebml_element(f, at: int) -> tuple[bytes, int, int] | None:
 
 def _open(path: str) -> tuple[av.container.InputContainer, str]:
     """The opened file and its source stamp, from the one look that also checks it is a non-empty file."""
+    return _opened(path, open_input)
+
+
+def _open_unprobed(path: str) -> tuple[tuple[av.container.InputContainer, bool], str]:
+    """:func:`_open` by :func:`titok_fast.decoders.open_unprobed`: ((the opened file, whether its probe was left
+    out), its source stamp)."""
+    return _opened(path, open_unprobed)
+
+
+def _opened(path: str, opener: Callable[[str], T]) -> tuple[T, str]:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -2674,7 +2709,7 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
     if cut is not None:
         raise VideoError(f"{path}: is cut short (an unfinished download or copy?): {cut}")
     try:
-        return open_input(path), _stamp(st)
+        return opener(path), _stamp(st)
     except (av.FFmpegError, OSError) as exc:  # (FFmpeg's words, without its error number and the path again)
         raise VideoError(f"{path}: cannot open as a media file ({exc.strerror or exc})") from exc
 
