@@ -332,7 +332,9 @@ def _ready_process_server() -> None:
         return
     start()
     ready = video._process_context().Process(target=os.getpid)  # (its fork waits for the server's imports)
-    ready.start()
+    left_out = getattr(video, "_main_left_out", contextlib.nullcontext)  # (not given the calling script: see there)
+    with left_out():
+        ready.start()
     ready.join()
 
 
