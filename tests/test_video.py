@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from titok_fast import decoders, video
-from titok_fast.preprocess import I420Clip
+from titok_fast.preprocess import I420Clip, i420_rgb
 from titok_fast.video import (
     VideoError,
     iter_videos,
@@ -864,6 +864,70 @@ def test_h264_in_mp4_is_decoded_without_ffmpegs_probe_into_a_probed_openings_cli
             assert torch.equal(a, b) and matrix_a == matrix_b, name
     assert unprobed["bt709"][1]["i420"] == "bt709" and unprobed["b-frames"][1]["i420"] == "bt601"
     assert unprobed["b-frames"][1]["pruned"]
+
+
+def test_a_retry_keeps_the_i420_matrix_its_first_pass_took(tmp_path, monkeypatch):
+    """The I420 matrix is decided once a reading: an unprobed pass takes its first frame's (here the stream's own,
+    BT.601), where a probed opening's would be the container's (its "colr" box says BT.709). A chunk that a retry
+    finishes holds frames of both passes: converted by one matrix, the right one, its RGB is a probed reading's."""
+    source = videos.make_video(tmp_path / "601.mp4", 96, 32, 48, fps=24, x264="colormatrix=smpte170m")
+    path = tmp_path / "colr709.mp4"
+    with av.open(str(source)) as src, av.open(str(path), "w") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        stream.codec_context.colorspace = stream.codec_context.color_primaries = stream.codec_context.color_trc = 1
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    real, seen = decoders.pruned_frames, []
+
+    def losing(container, stream, *args):  # the unprobed opening loses its 30th frame out, mid-chunk
+        seen.append("unprobed" if stream.codec_context.format is None else "probed")
+        for count, item in enumerate(real(container, stream, *args)):
+            if count == 30 and seen[-1] == "unprobed":
+                raise decoders.PruneMismatch("frame 31 came out after frame 32")
+            yield item
+
+    kwargs = dict(frames=4, height=32, width=32, fps=24, preprocess="device", upload="i420", raw=True)
+
+    def rgb(clip):
+        return i420_rgb(clip) if isinstance(clip, I420Clip) else clip
+
+    probed = [rgb(clip) for clip in video.ClipReader(str(path), prune=False, **kwargs)]
+    monkeypatch.setattr(decoders, "pruned_frames", losing)
+    clips = [rgb(clip) for clip in video.ClipReader(str(path), **kwargs)]
+    assert seen == ["unprobed", "probed"] and len(clips) == len(probed) > 8
+    assert all(torch.equal(a, b) for a, b in zip(clips, probed, strict=True))
+
+
+@pytest.mark.parametrize(("width", "height"), [(9000, 9000), (33, 17), (16, 4000)])
+def test_an_mp4_whose_sample_entry_contradicts_its_streams_size_is_read_as_a_probed_opening_reads_it(
+    long_moving, tmp_path, monkeypatch, width, height
+):
+    """Opened without the probe, a file's picture size is its MP4 sample entry's until a frame is decoded; the
+    probe takes the stream's. Where they differ (here the entry says too large a size to read, an odd one, a strip
+    that the placement rule keeps on the host) the file is opened again with the probe once the first frame shows
+    it: the clips, their placement and their I420 matrix are a probed opening's."""
+    import struct
+
+    data = bytearray(Path(long_moving).read_bytes())
+    entry = data.index(b"avc1", data.index(b"stsd")) - 4
+    struct.pack_into(">HH", data, entry + 32, width, height)  # (VisualSampleEntry: width, height)
+    path = tmp_path / "entry.mp4"
+    path.write_bytes(data)
+    kwargs = dict(frames=4, height=32, width=32, fps=8, preprocess="auto", device="cuda", upload="i420", raw=True)
+    monkeypatch.setattr(video.torch.cuda, "is_available", lambda: True)
+
+    def read() -> tuple[list, tuple]:
+        reader = video.ClipReader(str(path), **kwargs)
+        return [_clip_bytes(clip) for clip in reader], (reader.placement, reader._i420, reader.pruned)
+
+    unprobed = read()
+    monkeypatch.setattr(video, "open_unprobed", lambda p: (decoders.open_input(p), False))
+    probed = read()
+    assert unprobed[1] == probed[1] == ("device", "bt601", True)
+    assert len(unprobed[0]) == len(probed[0]) > 0
+    assert all(torch.equal(a, b) and ma == mb for (a, ma), (b, mb) in zip(unprobed[0], probed[0], strict=True))
 
 
 @pytest.mark.parametrize(("encoder", "suffix"), [

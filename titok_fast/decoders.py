@@ -620,12 +620,14 @@ def _clean_start(path: str, codec: str) -> bool:
 
 def _not_converted(stream: av.video.stream.VideoStream, formats: tuple[str, ...], unprobed: bool = False) -> str | None:
     """Why the GPU conversion would not give libswscale's bytes for ``stream``'s frames (None: it would), for
-    decoded frames of pixel formats ``formats``; ``unprobed`` (:func:`open_unprobed`): the pixel format and YUV
-    matrix, not known before a frame is decoded, are not looked at."""
+    decoded frames of pixel formats ``formats``; ``unprobed`` (:func:`open_unprobed`): the size, pixel format and
+    YUV matrix, known from the first frame (the frames are checked one by one, :func:`frame_i420_matrix`), are not
+    looked at."""
     context = stream.codec_context
-    if context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU conversion does not
+    sized = not unprobed  # (unprobed, the size is the MP4 sample entry's, which the stream's may contradict)
+    if sized and context.height % 2:  # libswscale interpolates the chroma of an odd-height picture: the GPU's does not
         return f"odd picture height ({context.height}): only even heights are converted on the GPU"
-    if context.width % 2:  # (its last chroma pair would lie past the surface's row)
+    if sized and context.width % 2:  # (its last chroma pair would lie past the surface's row)
         return f"odd picture width ({context.width}): only even widths are converted on the GPU"
     if context.field_order not in FIELD_ORDERS_PROGRESSIVE:
         return "interlaced: libswscale converts each field apart, the GPU the whole frame"

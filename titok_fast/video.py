@@ -264,7 +264,8 @@ class ClipReader:
         self.last_clip_frames = self.frames  # real frames in the last clip; fewer only when tail == "pad"
         self._chunk_length = 0  # source frames per chunk (sampling "upstream")
         self.source_stamp = ""  # "<size>:<mtime_ns>" of the file when it was opened (source_stamp), set then
-        self._i420 = ""  # the YUV matrix of this file's I420 clips ("": none; see upload), set when it is opened
+        self._i420: str | None = None  # the YUV matrix of this file's I420 clips ("": none; see upload), set when it
+        # is first opened (a retry's frames are the same, and keep it)
         self._unprobed = False  # whether the file is being decoded as opened without FFmpeg's probe (_images)
         self._nv12: tuple[int, str] | None = None  # (picture height, YUV matrix) of NVDEC's surfaces, once one came
         self._planned = False  # whether it has opened the file (it may split it only then, once per reading)
@@ -331,10 +332,12 @@ class ClipReader:
                 notice(f"{self.path}: NVDEC failed ({failed.__cause__}); the rest on the CPU")
                 decoder = "cpu"
             except PruneMismatch:
-                if self._unprobed:
-                    probe = True
-                else:
+                if not self._unprobed:
                     self.pruned, prune = False, False
+                elif not given:  # (its placement and I420 matrix may have been decided by the container's size)
+                    self.placement, self._i420, probe = "", None, True
+                else:
+                    probe = True
 
     def _images(self, decoder: str, prune: bool, skip: int, probe: bool = True) -> Iterator[torch.Tensor]:
         """The sampled frames after the first ``skip``: [3, height, width] raw pixels (placement "cpu") or
@@ -380,6 +383,7 @@ class ClipReader:
                 started = CLOCK.start()
                 index = stream_index(path)
                 CLOCK.stop("decode", started)
+                needs = None if index is None else needs  # (not pruned: not looked up again)
             if index is not None and not index.prunable and not (segment is not None and segment.cut):
                 index, needs = None, None  # decoded whole from the start (the first segment: up to its last clip)
             if self._unprobed and not (needs is not None and decodes_unprobed(stream, index)):
@@ -387,7 +391,8 @@ class ClipReader:
                 container, self._unprobed = opened.enter_context(_open(path)[0]), False
                 stream = video_stream(container)
             context = stream.codec_context
-            _check_frame_size(path, context.width, context.height, (self.height, self.width))
+            if not self._unprobed:  # (unprobed, the size is the sample entry's until the first frame: see below)
+                _check_frame_size(path, context.width, context.height, (self.height, self.width))
             start = segment.cut if segment is not None and index is not None else 0
             with open_frames(path, container, decoder, threads=self.threads, needs=needs, index=index,
                              start=start) as source:  # fmt: skip
@@ -406,16 +411,20 @@ class ClipReader:
                 image = rgb if self.placement == "device" else functools.partial(self._resized, rgb)
                 if source.decoder == "nvdec" and not nvdec_turns:
                     image = self._surface  # converted a clip at a time (_clip): one launch a clip, not one a frame
-                self._i420 = ""
                 if self.upload == "i420" and self.placement == "device" and self.decoded_by == "cpu":  # (not after
                     # NVDEC failed midway: its frames are on the GPU)
-                    self._i420 = i420_matrix(stream, self._unprobed) or ""
+                    if self._i420 is None:
+                        self._i420 = i420_matrix(stream, self._unprobed) or ""
+                else:
+                    self._i420 = ""
                 if self._i420:
                     turns = functools.partial(display_turns, path) if self.rotation == "display" else None
                     image = functools.partial(self._i420_or_rgb, turns, rgb)
                 if self.sampling == "upstream":
                     self._set_chunk_length(self.source_fps)
                 frames, first_clip = source.frames, self.first_clip
+                if self._unprobed:
+                    frames = _sized_as(frames, context.width, context.height)
                 if self.sampling == "upstream":
                     if first_clip:  # the frames between the cut and the segment's first chunk: the chunk before's
                         frames = ((i, frame) for i, frame in frames if i >= first_clip * self._chunk_length)
@@ -720,6 +729,30 @@ def first_frame_turns(path: str) -> int:
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: decoding failed ({exc})") from exc
     return 0 if frame is None else display_turns(path, frame)
+
+
+def _sized_as(frames: Iterator[tuple[int, av.VideoFrame]], width: int, height: int) -> Iterator[tuple[int, object]]:
+    """``frames`` (index, frame), the first checked to be ``width`` x ``height``: the size a file opened without
+    FFmpeg's probe was judged by (its placement, its size checked) is its MP4 sample entry's, which the stream's
+    own may contradict (PruneMismatch: opened again with the probe, whose size is the stream's)."""
+    first = next(frames, None)
+    if first is None:
+        return
+    if (first[1].width, first[1].height) != (width, height):
+        got = f"{first[1].width}x{first[1].height}"
+        raise PruneMismatch(f"the first frame is {got}, the container said {width}x{height}")
+    yield first
+    yield from frames
+
+
+def _iso_bmff(path: str) -> bool:
+    """Whether the regular file at ``path`` begins as an ISO BMFF file (MP4, MOV) does: one of ISO_FIRST_BOXES
+    first (asked of a file :func:`_opened` has looked at: a pipe's open would wait for a writer)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read(8)[4:8] in ISO_FIRST_BOXES
+    except OSError:  # (opening it says what is wrong)
+        return False
 
 
 def _turned(rgb: Callable[[object], torch.Tensor], turns: Callable[[object], int], frame) -> torch.Tensor:
@@ -2684,9 +2717,10 @@ def _open(path: str) -> tuple[av.container.InputContainer, str]:
 
 
 def _open_unprobed(path: str) -> tuple[tuple[av.container.InputContainer, bool], str]:
-    """:func:`_open` by :func:`titok_fast.decoders.open_unprobed`: ((the opened file, whether its probe was left
-    out), its source stamp)."""
-    return _opened(path, open_unprobed)
+    """:func:`_open` by :func:`titok_fast.decoders.open_unprobed` where the file begins as an ISO BMFF file does
+    (others are opened with the probe at once): ((the opened file, whether its probe was left out), its source
+    stamp)."""
+    return _opened(path, lambda p: open_unprobed(p) if _iso_bmff(p) else (open_input(p), False))
 
 
 def _opened(path: str, opener: Callable[[str], T]) -> tuple[T, str]:
