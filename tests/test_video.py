@@ -900,14 +900,16 @@ def test_a_retry_keeps_the_i420_matrix_its_first_pass_took(tmp_path, monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(clips, probed, strict=True))
 
 
-@pytest.mark.parametrize(("width", "height"), [(9000, 9000), (33, 17), (16, 4000)])
+@pytest.mark.parametrize(("width", "height", "again"), [(9000, 9000, True), (16, 4000, True), (33, 17, False),
+                                                      (64, 64, False)])  # fmt: skip
 def test_an_mp4_whose_sample_entry_contradicts_its_streams_size_is_read_as_a_probed_opening_reads_it(
-    long_moving, tmp_path, monkeypatch, width, height
+    long_moving, tmp_path, monkeypatch, width, height, again
 ):
     """Opened without the probe, a file's picture size is its MP4 sample entry's until a frame is decoded; the
-    probe takes the stream's. Where they differ (here the entry says too large a size to read, an odd one, a strip
-    that the placement rule keeps on the host) the file is opened again with the probe once the first frame shows
-    it: the clips, their placement and their I420 matrix are a probed opening's."""
+    probe takes the stream's. Where the entry's would place the frames otherwise (too large a size to resize on the
+    device, a strip kept on the host) the file is opened ``again`` with the probe once the first frame shows it;
+    an entry that says an odd size, or the coded size (64 rows for 48, as 1088 for 1080), is placed alike and
+    read as it was opened. Either way the clips, their placement and their I420 matrix are a probed opening's."""
     import struct
 
     data = bytearray(Path(long_moving).read_bytes())
@@ -918,14 +920,14 @@ def test_an_mp4_whose_sample_entry_contradicts_its_streams_size_is_read_as_a_pro
     kwargs = dict(frames=4, height=32, width=32, fps=8, preprocess="auto", device="cuda", upload="i420", raw=True)
     monkeypatch.setattr(video.torch.cuda, "is_available", lambda: True)
 
-    def read() -> tuple[list, tuple]:
+    def read() -> tuple[list, tuple, bool]:
         reader = video.ClipReader(str(path), **kwargs)
-        return [_clip_bytes(clip) for clip in reader], (reader.placement, reader._i420, reader.pruned)
+        return [_clip_bytes(clip) for clip in reader], (reader.placement, reader._i420, reader.pruned), reader._unprobed
 
     unprobed = read()
     monkeypatch.setattr(video, "open_unprobed", lambda p: (decoders.open_input(p), False))
     probed = read()
-    assert unprobed[1] == probed[1] == ("device", "bt601", True)
+    assert unprobed[1] == probed[1] == ("device", "bt601", True) and unprobed[2] != again
     assert len(unprobed[0]) == len(probed[0]) > 0
     assert all(torch.equal(a, b) and ma == mb for (a, ma), (b, mb) in zip(unprobed[0], probed[0], strict=True))
 

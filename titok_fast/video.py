@@ -334,7 +334,7 @@ class ClipReader:
             except PruneMismatch:
                 if not self._unprobed:
                     self.pruned, prune = False, False
-                elif not given:  # (its placement and I420 matrix may have been decided by the container's size)
+                elif not given:  # (its placement, and so its I420 matrix, by the container's size: _placed_alike)
                     self.placement, self._i420, probe = "", None, True
                 else:
                     probe = True
@@ -424,7 +424,7 @@ class ClipReader:
                     self._set_chunk_length(self.source_fps)
                 frames, first_clip = source.frames, self.first_clip
                 if self._unprobed:
-                    frames = _sized_as(frames, context.width, context.height)
+                    frames = self._placed_alike(frames)
                 if self.sampling == "upstream":
                     if first_clip:  # the frames between the cut and the segment's first chunk: the chunk before's
                         frames = ((i, frame) for i, frame in frames if i >= first_clip * self._chunk_length)
@@ -601,6 +601,22 @@ class ClipReader:
         CLOCK.stop("rgb", started)
         return rgb
 
+    def _placed_alike(self, frames: Iterator[tuple[int, av.VideoFrame]]) -> Iterator[tuple[int, av.VideoFrame]]:
+        """``frames`` (index, frame) of a file opened without FFmpeg's probe, whose placement was decided by its MP4
+        sample entry's picture size (a probed opening's is the first frame's; the sizes are checked frame by frame
+        either way): the first one checked to be placed alike, else PruneMismatch (opened again with the probe).
+        An entry may give the coded size (1920x1088 for 1080 rows) and still be placed alike."""
+        first = next(frames, None)
+        if first is None:
+            return
+        frame = first[1]
+        placed = placement(self.preprocess, self.device, frame.height, frame.width, self.height, self.width)
+        if placed != self.placement:
+            size = f"{frame.width}x{frame.height}"
+            raise PruneMismatch(f"the first frame ({size}) is placed {placed}, not {self.placement}")
+        yield first
+        yield from frames
+
     def _i420_or_rgb(self, turns: Callable[[object], int] | None, rgb: Callable, frame) -> torch.Tensor:
         """A decoded frame as I420 [h * 3 / 2, w] uint8 where the device's conversion gives its RGB bytes (its
         format and matrix are the file's, ``_i420``, see :func:`titok_fast.decoders.frame_i420_matrix`, and it is
@@ -729,20 +745,6 @@ def first_frame_turns(path: str) -> int:
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: decoding failed ({exc})") from exc
     return 0 if frame is None else display_turns(path, frame)
-
-
-def _sized_as(frames: Iterator[tuple[int, av.VideoFrame]], width: int, height: int) -> Iterator[tuple[int, object]]:
-    """``frames`` (index, frame), the first checked to be ``width`` x ``height``: the size a file opened without
-    FFmpeg's probe was judged by (its placement, its size checked) is its MP4 sample entry's, which the stream's
-    own may contradict (PruneMismatch: opened again with the probe, whose size is the stream's)."""
-    first = next(frames, None)
-    if first is None:
-        return
-    if (first[1].width, first[1].height) != (width, height):
-        got = f"{first[1].width}x{first[1].height}"
-        raise PruneMismatch(f"the first frame is {got}, the container said {width}x{height}")
-    yield first
-    yield from frames
 
 
 def _iso_bmff(path: str) -> bool:
