@@ -140,8 +140,10 @@ def open_unprobed(path: str) -> tuple[av.container.InputContainer, bool]:
     """The media file at ``path``, opened to be decoded, and whether FFmpeg's probing decode was left out: for the
     ISO BMFF family (MP4, MOV; UNPROBED_DECODING) it opens as :func:`open_packets` does, no frame decoded (about
     5 CPU-ms a file at 456x256, a twentieth of reading a 10 s file); other files are opened as :func:`open_input`
-    does. What the probe finds out only by decoding, the stream's pixel format, is then known at its first frame;
-    whether such an opening decodes as a probed one does is :func:`decodes_unprobed`'s to say."""
+    does. What the probe finds out only by decoding (the stream's pixel format, picture size and YUV matrix; the
+    size until then is the MP4 sample entry's) is then known at its first frame, and the reader takes it from there
+    (``ClipReader._placed_alike``, :func:`i420_matrix`); whether such an opening decodes as a probed one does is
+    :func:`decodes_unprobed`'s to say."""
     container = av.open(path, options={"skip_frame": "all"}, **OPEN_ARGUMENTS)
     if container.format.name in UNPROBED_DECODING:
         return container, True
