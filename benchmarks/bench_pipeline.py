@@ -16,7 +16,12 @@ is encoded by ``encode_files`` (video files in, token files out) and the run rep
   first file's clips, repeated in turn up to ``--batch-size``, already preprocessed and on the device, after
   untimed warm-up calls); the batch it used is logged (``model_only_batch``);
 - the run's process CPU per clip, and how busy its thread was (the one that takes the clips, hands them to the
-  device and drives the model: CPU time over wall time; near 100%, it is what limits the run).
+  device and drives the model: CPU time over wall time; near 100%, it is what limits the run), and the share of
+  the wall time that thread waited for decoded clips (``feeder waits``: the model starved of input);
+- what the decoding workers waited for, each as a share of the workers' wall time (workers x wall): a file to
+  read, the run to take their clips, room for a source-size clip, a free shared-memory segment (``wait_*`` of the
+  stage clock; where the workers are not all busy, this says why). A worker process's wait after its last file
+  is not counted; a thread's is, until the stream closes.
 
 Before any source is timed, the engine encodes one batch of ``--batch-size`` clips of the same shape, so lazy CUDA
 and cuBLAS start-up, graph capture and Triton compilation fall outside every timing.
@@ -72,6 +77,7 @@ SOURCES = {  # name -> (width, height, fps)
     "256p8": (456, 256, 8),
 }
 STAGE_NAMES = ("decode", "rgb", "resize", "upload", "write")
+WAIT_NAMES = ("file", "taken", "room", "segment")  # stages.WAITS, at commits that count them
 # --codec -> (encoder, its options): each encoder's usual settings (default key frame spacing, B-frames or hidden
 # frames; x265's default open groups of pictures; VP9 and AV1 at a speed setting that keeps writing them short)
 CODECS = {
@@ -272,6 +278,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
             stages.CLOCK.enable()
         cpu, own, start = _cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
         driving = time.thread_time()  # this thread's: it drives the model (and takes the clips, hands them over)
+        feeder_waited = None  # seconds the model's feeder waited for clips (encode_files' Summary.waited)
         if args.input_only:
             device = _supported(settings.read_kwargs, {"device": model.device.type})
             workers = {"worker_kind": kind} if kind != "thread" else {}
@@ -293,6 +300,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
             if summary.failed:
                 raise RuntimeError(f"{path}: {summary.failed}")
             clips = summary.clips
+            feeder_waited = getattr(summary, "waited", None)  # (None at commits without it)
             # what decoded each file (NVDEC falls back to the CPU file by file, with a notice): a row asked for
             # NVDEC whose files were decoded on the CPU does not measure NVDEC
             made = [try_load_tokens(f) for f in sorted((Path(scratch) / "tokens").glob("*.safetensors"))]
@@ -314,6 +322,10 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         **({} if args.input_only else {"decoded_by": ",".join(used)}),
         **{f"{name}_cpu_s": spent[name] / clips for name in STAGE_NAMES if name in spent},
     }
+    if any(f"wait_{name}" in spent for name in WAIT_NAMES):
+        row["worker_waits"] = {name: spent.get(f"wait_{name}", 0.0) / (args.workers * wall) for name in WAIT_NAMES}
+    if feeder_waited is not None:
+        row["feeder_waits"] = feeder_waited / wall
     if spent:
         row["model_rest_cpu_s"] = (cpu - sum(spent.get(n, 0.0) for n in STAGE_NAMES)) / clips
     if not args.input_only:
@@ -394,15 +406,24 @@ COLUMNS = [  # key, header, format
     # the CPU time of the thread that takes the clips and drives the model, over the wall time: near 100%, that
     # thread is what limits the run (more decoding workers cannot help)
     ("run_thread_busy", "run's thread busy", "{:.0%}"),
+    ("feeder_waits", "feeder waits", "{:.0%}"),
+    # shares of the workers' wall time spent waiting: for a file / for the run to take clips / room / a segment
+    ("worker_waits", "worker waits (file/taken/room/segment)", "waits"),
 ]
 
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS]
+        cells = [_cell(row[key], fmt) if key in row else "-" for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value, fmt: str) -> str:
+    if fmt == "waits":  # {name: share}, in WAIT_NAMES' order
+        return "/".join(f"{100 * value.get(name, 0.0):.0f}" for name in WAIT_NAMES) + "%"
+    return fmt.format(value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

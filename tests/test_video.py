@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from titok_fast import decoders, video
+from titok_fast import decoders, stages, video
 from titok_fast.preprocess import I420Clip, i420_rgb
 from titok_fast.video import (
     VideoError,
@@ -2376,6 +2376,36 @@ def test_worker_processes_hand_over_i420_clips_as_threads_do(files):
         assert all(same_clip(x, y) for x, y in zip(a.clips, b.clips, strict=True))
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_decoding_workers_say_what_they_waited_for(files, kind):
+    """With the stage clock on, the workers' waits reach the run, by what they waited for (a worker process's with
+    its messages): a file to read, room for a source-size clip and, behind a consumer slower than decoding, the
+    run taking their clips (a process asks the run for room, which answers once it has queued the clip before: a
+    full queue shows there). Each is wall time, within the read's; off, nothing is counted."""
+    paths = [files["moving"], files["index24"], files["moving"]]
+    kwargs = dict(workers=1, prefetch=1, capacity=1, worker_kind=kind, frames=4, height=16, width=16,
+                  preprocess="device", upload="i420")  # fmt: skip
+    video.CLOCK.enable()
+    try:
+        started = time.perf_counter()
+        for _, feed in video.stream_videos(paths, **kwargs):
+            for _ in feed:
+                time.sleep(0.02)  # a consumer slower than decoding
+        wall = time.perf_counter() - started
+        spent = video.CLOCK.take()
+        video.CLOCK.enable(False)
+        list(video.stream_videos(paths[:1], **kwargs))
+        assert video.CLOCK.take() == {}
+    finally:
+        video.CLOCK.enable(False)
+    waits = {name: spent.get(f"wait_{name}") for name in stages.WAITS}
+    assert waits["file"] is not None and waits["room"] is not None, waits
+    assert all(0 <= seconds <= wall for seconds in waits.values() if seconds is not None), (waits, wall)
+    behind = waits["taken"] or 0.0 if kind == "thread" else (waits["taken"] or 0.0) + waits["room"]
+    assert behind > 0.02, waits  # (three files' clips, each taken 0.02 s after the one before)
+    assert spent["decode"] > 0  # (the stages as before)
+
+
 def same_clip(a, b) -> bool:
     """Whether two clips are the same bytes, of the same kind (tensors, or I420 clips with the same matrix)."""
     if isinstance(a, I420Clip) or isinstance(b, I420Clip):
@@ -3078,7 +3108,7 @@ PLAN_A_BROKEN_FILE = """
 import os, resource, types
 from fractions import Fraction
 import numpy as np
-from titok_fast import decoders, video
+from titok_fast import decoders, stages, video
 mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 room = mapped + (4 << 30)  # 4 GB more than what is mapped now (the table of every clip's would take 40 GB)
 resource.setrlimit(resource.RLIMIT_AS, (room, room))

@@ -113,6 +113,7 @@ class Summary:
     clips: int = 0
     seconds: float = 0.0
     limited_by: str = ""  # encode: what limited the run (see Limits.describe), "" if nothing was encoded
+    waited: float = 0.0  # encode: the seconds the model's feeder waited for decoded clips (Limits.waited)
     duplicates: int = 0  # results that came back more than once (retried work) and were dropped
     replaced: int = 0  # encode: token files made otherwise (another source, weights or settings) that were redone
 
@@ -530,6 +531,7 @@ def encode_files(
     summary.in_order_of(files)  # files end in any order: said in the inputs' order
     summary.seconds = time.perf_counter() - start
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
+    summary.waited = job.limits.waited
     return summary
 
 

@@ -3,15 +3,23 @@
 ``CLOCK`` sums the CPU time (``time.thread_time``, the calling thread's own) that each stage spends, from every
 thread that reports into it; worker processes send their sums back with their clips (``add_all``). It is off by
 default: then ``start()`` returns 0 and ``stop()`` returns at once, so the instrumented code pays two calls.
+
+It also sums the wall time the decoding workers spend waiting, by what they wait for (:data:`WAITS`, counted as
+``"wait_<what>"`` by :meth:`StageClock.waiting`): what keeps a worker from decoding when the cores are not all busy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 STAGES = ("decode", "rgb", "resize", "upload", "write")
+# what a decoding worker waits for: a file to read; the run to take its clips (a thread: room in its file's queue; a
+# process: a credit); room for a source-size clip (HeldBytes; a process waits for the run's answer, which comes once
+# the run has queued the clip before, so a full queue shows there); a free shared-memory segment (a process's)
+WAITS = ("file", "taken", "room", "segment")
 
 
 class StageClock:
@@ -48,6 +56,18 @@ class StageClock:
         with self._lock:
             spent, self._spent = self._spent, {}
         return spent
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """Count the wall time (``time.perf_counter``) the block takes as a wait for ``what``, one of WAITS."""
+        if not self.enabled:
+            yield
+            return
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_all({f"wait_{what}": time.perf_counter() - started})
 
     def timed(self, items: Iterable, stage: str) -> Iterator:
         """``items``, with the time spent producing each one counted for ``stage``."""

@@ -291,7 +291,8 @@ class ClipReader:
             if not chunk and self.held is not None and image.dtype == torch.uint8:  # a source-size clip begins
                 nv12 = self._nv12 is not None and image.ndim == 2  # an NVDEC surface, made RGB by _clip
                 nbytes = self._nv12[0] * image.shape[1] * 3 if nv12 else image.nbytes
-                self._reservation = self.held.reserve(frames * nbytes, self.stop, self.nothing_queued)
+                with CLOCK.waiting("room"):  # (a worker process's: its wait for the run's answer)
+                    self._reservation = self.held.reserve(frames * nbytes, self.stop, self.nothing_queued)
             chunk.append(image)
             if len(chunk) == frames:
                 yield self._clip(chunk)
@@ -864,8 +865,9 @@ class ClipFeed:
         try:
             for clip in self.reader:
                 reservation, self.reader.handed = self.reader.handed, None
-                if not self._put_clip(clip, reservation):
-                    return
+                with CLOCK.waiting("taken"):  # (for room in the queue)
+                    if not self._put_clip(clip, reservation):
+                        return
             self._put(("end", None))
         except VideoError as exc:
             self._put(("error", exc))
@@ -1498,7 +1500,11 @@ def _decode_feeds(tasks: _Tasks, abandoned: Sequence[threading.Thread]) -> None:
     """A worker thread: decode the feeds it takes until told to stop (None), or until it is found ``abandoned``
     (stuck in a file long enough to be replaced: the pool has another thread in its place)."""
     try:
-        while (feed := tasks.get()) is not None:
+        while True:
+            with CLOCK.waiting("file"):
+                feed = tasks.get()
+            if feed is None:
+                break
             feed._produce()
             if threading.current_thread() in abandoned:
                 return
@@ -1763,11 +1769,14 @@ def _serve_files(pipe, read_kwargs: dict, environ: dict[str, str], run: tuple[in
     segments = _Segments()
     try:
         run.send(("ready", _own_temp_dir(), {}))
+        idle = time.perf_counter()  # since the process last had a file to read
         while (task := run.recv()) is not None:
             if task[0] == "freed":
                 segments.give_back(task[2])
-            elif task[0] == "task" and _serve_file(run, *task[1:], read_kwargs, segments):
-                break
+            elif task[0] == "task":
+                if _serve_file(run, *task[1:], read_kwargs, segments, time.perf_counter() - idle):
+                    break
+                idle = time.perf_counter()
     except _RunGone:
         _exit_now()
 
@@ -2090,10 +2099,12 @@ def _serve_file(
     split_into: int,
     read_kwargs: dict,
     segments: _Segments,
+    waited: float,
 ) -> bool:
     """Read file ``number`` of this process, sending a clip only while it has a credit (see
     :class:`_DecoderProcess`), then the file's final message; True when the run said to stop meanwhile.
-    Source-size clips are stacked into ``segments``."""
+    Source-size clips are stacked into ``segments``. ``waited``: the seconds the process waited for the file
+    (counted, with its other waits, where the run times stages: ``timed``)."""
     credits, cancelled, stop, room = _DecoderProcess.CREDITS, False, False, False
 
     def take(message) -> None:
@@ -2114,13 +2125,15 @@ def _serve_file(
             take(run.recv())
 
     CLOCK.enable(timed)
+    CLOCK.add_all({"wait_file": waited})
     reader = ClipReader(path, segment=segment, **read_kwargs)
     reader.held = _RoomOfRun(ask_room)
     reader.split_into = split_into
     reader.on_split = lambda parts: run.send(("split", parts, CLOCK.take()))  # before the first clip
 
     def wait_for_segment() -> bool:
-        take(run.recv())
+        with CLOCK.waiting("segment"):
+            take(run.recv())
         return not cancelled
 
     reader.clip_out = lambda shape: segments.take(shape, wait_for_segment)
@@ -2128,8 +2141,9 @@ def _serve_file(
         for clip in reader:
             while run.poll():
                 take(run.recv())
-            while not credits and not cancelled:
-                take(run.recv())
+            with CLOCK.waiting("taken") if not credits else contextlib.nullcontext():
+                while not credits and not cancelled:
+                    take(run.recv())
             if cancelled:
                 run.send(("cancelled", None, CLOCK.take()))
                 return stop
