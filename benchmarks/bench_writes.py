@@ -5,7 +5,8 @@ manifest line as soon as the video's last clip is back. On a network file system
 a sync on the server per file; written on the run's thread it would leave the model waiting, so there the run
 hands them to threads (``pipeline.Writes``). This writes ``--files`` token files of ``--chunks`` chunks of 256
 tokens into ``--folder`` the way the run does, on the run's thread (``--threads 0``) or on threads, and prints
-files per second and the run's thread's wall time per file (handing over, or writing).
+files per second and the run's thread's wall and CPU time per file (handing over, or writing), for the
+``--config`` model's token files (default v1: what the run checks of the model it names is per parameter).
 
     python benchmarks/bench_writes.py --folder F --files 300 --threads 0
     python benchmarks/bench_writes.py --folder F --files 300              # as the run decides for F
@@ -26,9 +27,15 @@ from titok_fast.loading import random_tokenizer
 from titok_fast.manifest import Manifest
 from titok_fast.pipeline import ClipSettings, Summary, Writes, _threads_for, made_with, write_token_file
 
+try:  # what a token file says of the model, taken once a run; absent at commits before it (the model itself)
+    from titok_fast.pipeline import ModelFacts
+except ImportError:
+    ModelFacts = None
 
-def measure(folder: Path, files: int, chunks: int, threads: int) -> dict:
-    model = random_tokenizer("tiny", seed=0)
+
+def measure(folder: Path, files: int, chunks: int, threads: int, config: str = "v1") -> dict:
+    model = random_tokenizer(config, seed=0)
+    named = ModelFacts.of(model) if ModelFacts is not None else model
     settings = ClipSettings(grid=(20, 192, 192), tokens=256)
     made = made_with(model, "auto", settings)
     indices = [torch.randint(0, model.config.codebook_size, (256,), generator=torch.Generator().manual_seed(0))]
@@ -37,22 +44,24 @@ def measure(folder: Path, files: int, chunks: int, threads: int) -> dict:
 
         def write(number: int) -> None:
             out, source = folder / f"{number:07d}.safetensors", folder / f"{number:07d}.mp4"
-            error = write_token_file(model, settings, out, source, indices * chunks, [2.5 * c for c in range(chunks)],
+            error = write_token_file(named, settings, out, source, indices * chunks, [2.5 * c for c in range(chunks)],
                                      20, made)  # fmt: skip
             if error:
                 raise SystemExit(error)
             manifest.done(source, out, chunks)
 
         writes, held = Writes(threads), 0.0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         for number in range(files):
             handed = time.perf_counter()
             writes(functools.partial(write, number))
             held += time.perf_counter() - handed
+        cpu = time.thread_time() - cpu
         writes.close()
         seconds = time.perf_counter() - start
-    return {"folder": str(folder), "files": files, "chunks": chunks, "threads": threads,
-            "files_per_s": files / seconds, "held_ms_per_file": held / files * 1e3}  # fmt: skip
+    return {"folder": str(folder), "files": files, "chunks": chunks, "threads": threads, "config": config,
+            "files_per_s": files / seconds, "held_ms_per_file": held / files * 1e3,
+            "cpu_ms_per_file": cpu / files * 1e3}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,13 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--files", type=int, default=300)
     p.add_argument("--chunks", type=int, default=3, help="chunks per token file (default 3: a 7.5 s video)")
     p.add_argument("--threads", type=int, help="0: write on the run's thread (default: as a run decides)")
+    p.add_argument("--config", default="v1", help="the model preset whose token files are written (default v1)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     threads = _threads_for(folder) if args.threads is None else args.threads
-    row = measure(folder, args.files, args.chunks, threads)
+    row = measure(folder, args.files, args.chunks, threads, args.config)
     print(
-        f"{row['folder']}: {row['files']} token files of {row['chunks']} chunks, {row['threads']} writing threads: "
-        f"{row['files_per_s']:.0f} files/s; the run's thread held {row['held_ms_per_file']:.2f} ms per file"
+        f"{row['folder']}: {row['files']} {row['config']} token files of {row['chunks']} chunks, {row['threads']} "
+        f"writing threads: {row['files_per_s']:.0f} files/s; the run's thread held {row['held_ms_per_file']:.2f} ms "
+        f"per file, {row['cpu_ms_per_file']:.2f} CPU-ms"
     )
 
 

@@ -464,6 +464,21 @@ def test_token_files_name_the_weights_that_made_them_after_the_weights_change(so
     assert recorded == weights_digest(model.state_dict()) == model.weights_digest
 
 
+def test_a_run_takes_what_its_token_files_say_of_the_model_once(model):
+    """ModelFacts: the config, the weights' digest and their source, as the model names them when the run starts
+    (the model works its digest out anew at each ask); a model whose weights have no digest is refused (token
+    files must name their weights: encode_files names them first)."""
+    from titok_fast.pipeline import ModelFacts
+
+    facts = ModelFacts.of(model)
+    assert (facts.config, facts.weights_digest, facts.weights_source) == (
+        model.config, model.weights_digest, model.weights_source)  # fmt: skip
+    unnamed = random_tokenizer("tiny", seed=0)
+    unnamed.weights_digest = None
+    with pytest.raises(ValueError, match="no digest"):
+        ModelFacts.of(unnamed)
+
+
 def test_a_folder_of_token_files_of_two_weights_is_finished_by_one_run_of_each(model, sources, tmp_path):
     """Each run loads one model: a video another run decoded with the weights its token file records is complete,
     not a failure of this run (every rerun failed it again); --force still decodes it with this run's model."""

@@ -60,6 +60,7 @@ from .pipeline import (
     GIVE_UP_AFTER,
     ClipSettings,
     Every,
+    ModelFacts,
     Summary,
     Writes,
     _device_fault,
@@ -560,6 +561,7 @@ class _Assembly:
     def __init__(self, model: TiTok, mode: str, device: str, settings: ClipSettings, todo, manifest: Manifest, bar,
                  writes: Writes | None = None):  # fmt: skip
         self.model, self.settings, self.manifest, self.bar = model, settings, manifest, bar
+        self.facts = ModelFacts.of(model)  # what its token files say of the model, taken once
         self.writes = Writes(0) if writes is None else writes  # token files are written by these
         self.mode, self.device = mode, device
         self.todo = todo
@@ -618,7 +620,7 @@ class _Assembly:
         end, start_times = ends[0], [time for end in ends for time in end["start_times"]]
         made = made_with(self.model, self.mode, self.settings, device=self.device, decoded_by=end["decoder"],
                          preprocessed_on=end["placement"], source_stamp=end.get("source_stamp", ""))  # fmt: skip
-        write = functools.partial(write_token_file, self.model, self.settings, state.out, state.path, indices,
+        write = functools.partial(write_token_file, self.facts, self.settings, state.out, state.path, indices,
                                   start_times, ends[-1]["last_clip_frames"], made)  # fmt: skip
         workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
         self._close(state, _ENDED_WRITTEN)
