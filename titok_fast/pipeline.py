@@ -1282,9 +1282,9 @@ def _recorded(distinct: list):
 class ModelFacts:
     """What a token file says of the model that made it, taken once a run (:meth:`of`): its config, the digest of
     its weights and where they came from. The model works its digest out anew each time it is asked (it checks
-    that the weights are still those it names: 0.6 ms for V1, a third of writing a 10 s file's tokens on the run's
-    thread), so a run takes it once, as its resume decisions take it: its token files name the weights it started
-    with."""
+    that the weights are still those it names: 0.6 ms for V1 alone in a loop; asked for each token file, half of
+    the CPU that writing a 10 s video's cost the run's thread: benchmarks/RESULTS.md), so a run takes it once, as
+    its resume decisions take it: its token files name the weights it started with."""
 
     config: TiTokConfig
     weights_digest: str
