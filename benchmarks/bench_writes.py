@@ -12,6 +12,13 @@ files per second and the run's thread's wall and CPU time per file (handing over
     python benchmarks/bench_writes.py --folder F --files 300              # as the run decides for F
 
 ``slow_fs.py`` makes a stand-in for a network file system to point ``--folder`` at.
+
+``--run-work HELD,RELEASED`` stands in for the rest of the run's thread's work per file: HELD ms of Python (the
+GIL held), then RELEASED ms with the GIL released (as in the device's calls and waits), before each file is handed
+over; the run's thread's wall time per file then says how much writing adds to its pace (a writing thread needs the
+GIL for its own Python, and takes it while the run's thread has let it go).
+
+    python benchmarks/bench_writes.py --folder F --files 300 --threads 1 --run-work 4,4
 """
 
 from __future__ import annotations
@@ -33,7 +40,15 @@ except ImportError:
     ModelFacts = None
 
 
-def measure(folder: Path, files: int, chunks: int, threads: int, config: str = "v1") -> dict:
+def _python_for(seconds: float) -> None:
+    """Hold the GIL for ``seconds``: Python work (a loop that never blocks)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def measure(folder: Path, files: int, chunks: int, threads: int, config: str = "v1",
+            run_work: tuple[float, float] = (0.0, 0.0)) -> dict:  # fmt: skip
     model = random_tokenizer(config, seed=0)
     named = ModelFacts.of(model) if ModelFacts is not None else model
     settings = ClipSettings(grid=(20, 192, 192), tokens=256)
@@ -53,6 +68,9 @@ def measure(folder: Path, files: int, chunks: int, threads: int, config: str = "
         writes, held = Writes(threads), 0.0
         start, cpu = time.perf_counter(), time.thread_time()
         for number in range(files):
+            if run_work != (0.0, 0.0):  # (not counted as held: the run's own work)
+                _python_for(run_work[0] / 1e3)
+                time.sleep(run_work[1] / 1e3)
             handed = time.perf_counter()
             writes(functools.partial(write, number))
             held += time.perf_counter() - handed
@@ -61,7 +79,8 @@ def measure(folder: Path, files: int, chunks: int, threads: int, config: str = "
         seconds = time.perf_counter() - start
     return {"folder": str(folder), "files": files, "chunks": chunks, "threads": threads, "config": config,
             "files_per_s": files / seconds, "held_ms_per_file": held / files * 1e3,
-            "cpu_ms_per_file": cpu / files * 1e3}  # fmt: skip
+            "cpu_ms_per_file": cpu / files * 1e3, "run_work_ms": list(run_work),
+            "run_ms_per_file": seconds / files * 1e3}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,14 +90,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunks", type=int, default=3, help="chunks per token file (default 3: a 7.5 s video)")
     p.add_argument("--threads", type=int, help="0: write on the run's thread (default: as a run decides)")
     p.add_argument("--config", default="v1", help="the model preset whose token files are written (default v1)")
+    p.add_argument("--run-work", default="0,0", metavar="HELD,RELEASED",
+                   help="ms of the run's other work per file: the GIL held, then released (see above)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     threads = _threads_for(folder) if args.threads is None else args.threads
-    row = measure(folder, args.files, args.chunks, threads, args.config)
+    held, released = (float(v) for v in args.run_work.split(","))
+    row = measure(folder, args.files, args.chunks, threads, args.config, (held, released))
     print(
         f"{row['folder']}: {row['files']} {row['config']} token files of {row['chunks']} chunks, {row['threads']} "
         f"writing threads: {row['files_per_s']:.0f} files/s; the run's thread held {row['held_ms_per_file']:.2f} ms "
         f"per file, {row['cpu_ms_per_file']:.2f} CPU-ms"
+        + (f"; with its other work ({args.run_work} ms), {row['run_ms_per_file']:.2f} ms per file" if held or released
+           else "")
     )
 
 

@@ -1283,6 +1283,21 @@ def test_on_a_network_file_system_token_files_are_written_on_threads(model, sour
     assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-write")]
 
 
+def test_on_a_local_disk_one_thread_writes_the_token_files(model, sources, tmp_path, monkeypatch):
+    """Each write's two syncs are wall time the run's thread, which drives the model, would wait through: one
+    writing thread writes every token file and its manifest line, and is gone when the run ends."""
+    names = ("short", "long", "black")
+    monkeypatch.setattr(pipeline, "network_file_system", lambda path: None)
+    writes = _writes_recorded(monkeypatch)
+    summary = encode_files(model, Engine(model, max_clips=3), [(sources[n], n) for n in names], tmp_path, SETTINGS,
+                           workers=1)  # fmt: skip
+    assert sorted(summary.done) == sorted(str(sources[n]) for n in names) and not summary.failed
+    assert sorted(name for name, _ in writes) == sorted(f"{n}.safetensors" for n in names)
+    assert {thread for _, thread in writes} == {"titok-fast-write_0"}, writes
+    assert _latest(tmp_path) == dict.fromkeys(names, "done")
+    assert not [t for t in threading.enumerate() if t.name.startswith("titok-fast-write")]
+
+
 def test_a_manifest_line_a_full_disk_cuts_is_taken_back(tmp_path, monkeypatch):
     """A write that fills the disk midway through a line: the run stops, and the manifest ends with whole lines
     (the part written is taken back, as nothing came after it)."""

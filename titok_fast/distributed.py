@@ -66,7 +66,6 @@ from .pipeline import (
     _device_fault,
     _device_fault_in,
     _progress,
-    _threads_for,
     check_inputs_apart,
     encode_resiliently,
     made_with,
@@ -74,6 +73,7 @@ from .pipeline import (
     stop_reason,
     take_shard,
     write_recorded,
+    write_threads_for,
     write_token_file,
 )
 from .tokens import most_chunks, too_many_chunks
@@ -730,7 +730,7 @@ def encode_dataset(
     summary = Summary()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
         todo = plan_outputs(model, mode, files, outdir, settings, manifest, overwrite=overwrite, device=device)
-        writes = Writes(_threads_for(outdir))  # the driver writes every token file: on a network FS, in threads
+        writes = Writes(write_threads_for(outdir))  # the driver writes every token file, on threads
         try:
             if todo:
                 load_model = model_loader(model) if load_model is None else load_model

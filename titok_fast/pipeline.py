@@ -499,7 +499,7 @@ def encode_files(
         todo = plan_outputs(model, engine.mode, files, outdir, settings, manifest, overwrite=overwrite)
         if worker_kind == "auto":  # (by the first file to read)
             worker_kind = auto_worker_kind(workers, settings.decoder, [p for p, _ in todo[:1]])
-        writes = Writes(_threads_for(outdir))
+        writes = Writes(write_threads_for(outdir))
         job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), start, writes)
         job.limits.workers, job.limits.worker_kind = workers, worker_kind
         on_cuda = model.device.type == "cuda"  # clips that may hold source-size frames are held fewer at a time
@@ -625,9 +625,10 @@ FETCH_CHUNK_BYTES = 4 << 20  # token files read ahead per chunk; the rest of a c
 
 
 class Writes:
-    """Token files written (each with its manifest line) as their last clip comes back: by the run's thread, or
-    where the output folder is on a network file system by ``threads`` threads (each file's write there is many
-    round trips and a sync on the server, tens of milliseconds, which would leave the model waiting).
+    """Token files written (each with its manifest line) as their last clip comes back, by ``threads`` threads
+    (:func:`write_threads_for`: many where the output folder is on a network file system, where each file's write
+    is many round trips and a sync on the server, tens of milliseconds, which would leave the model waiting; one
+    on a local disk, whose syncs would too), or by the run's thread (``threads`` 0).
 
     At most 2 x ``threads`` writes are under way or waiting: handing over one more first waits for the oldest. A
     write that raises (a full disk: the run stops) is raised on the run's thread when it is the oldest at a
@@ -708,6 +709,19 @@ def _ahead(work: Callable[[Sequence], list], items: Sequence, threads: int) -> I
 def _threads_for(*paths: str | os.PathLike) -> int:
     """Threads to look at files ahead with: FETCH_THREADS where one of ``paths`` lies on a network file system."""
     return FETCH_THREADS if any(network_file_system(path) for path in paths) else 0
+
+
+def write_threads_for(outdir: str | os.PathLike) -> int:
+    """Threads to write token files into ``outdir`` with (:class:`Writes`): FETCH_THREADS on a network file
+    system, LOCAL_WRITE_THREADS elsewhere."""
+    return _threads_for(outdir) or LOCAL_WRITE_THREADS
+
+
+# On a local disk one thread writes the token files: each write's two syncs (the file's, then its folder's, for the
+# rename) are wall time the run's thread, which drives the model, would otherwise wait through (1.5-3 ms a file on
+# an AMD EPYC's disk), and a write's own Python (1 CPU-ms a V1 file) takes the GIL while the run's thread has let it
+# go (benchmarks/RESULTS.md, "writing token files")
+LOCAL_WRITE_THREADS = 1
 
 
 def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
