@@ -268,7 +268,7 @@ def test_a_decode_worker_that_keeps_dying_is_retried_then_reported(faulty_run):
     assert len(list(out.glob("decode-exit-*"))) == 2  # tried once and retried once, then given up
     assert [os.path.basename(p) for p, _ in summary.failed] == ["odd.mkv"]
     reason = summary.failed[0][1]
-    assert "decoding did not finish" in reason and "tried 2 times" in reason and "\n" not in reason
+    assert "decoding did not finish: its decode task failed for good (tried 2 times)" in reason and "\n" not in reason
     assert manifest(out / "tokens")["odd.mkv"] == {
         "source": str(faulty_run["files"][1][0]), "tokens": "odd.safetensors", "clips": 0, "status": "failed",
         "reason": reason,
@@ -295,7 +295,7 @@ def test_past_max_decode_tasks_a_crashing_file_fails_alone(runs, videos, cluster
     )
     assert sorted(summary.done) == sorted(str(p) for p, _ in files if p.name != "odd.mkv")
     assert [os.path.basename(p) for p, _ in summary.failed] == ["odd.mkv"]
-    assert "decoding did not finish" in summary.failed[0][1]
+    assert "its decode task failed for good" in summary.failed[0][1]
     good = token_bytes(runs["good"])
     assert token_bytes(tmp_path / "tokens") == {k: good[k] for k in ("one.safetensors", "two.safetensors")}
     assert len(read_manifest(tmp_path / "tokens" / MANIFEST_NAME)) == 3  # one line per input
@@ -331,6 +331,74 @@ def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(vi
     assert not list((tmp_path / "tokens").glob("*.safetensors"))
     assert "titok-fast-results" not in [t.name for t in threading.enumerate()]
     assert cpus_free_again(ray) == 2
+
+
+def test_files_whose_rows_an_encode_actor_took_with_it_are_read_again(videos, cluster, tmp_path):
+    """Two encode actors without restarts; one dies for good on its second batch, the other lives on. The rows it
+    held are lost with it (a file's end row among them): those files' decode tasks ran to their end (the ledger
+    says so), so they are read again, alone, and every file gets its token file; before, they failed as if their
+    decoding had."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(6):
+        shutil.copy(videos["good"] / "one.mp4", folder / f"v{i}.mp4")
+    with failing_after(240, "the job did not end"):
+        summary = encode_dataset(
+            LOAD(), collect_inputs([folder]), tmp_path / "tokens", SETTINGS, device="cpu", batch_size=2, actors=2,
+            cpus_per_actor=0.5, actor_restarts=0, _test_hooks={"actor_exit_once": str(tmp_path / "died")},
+        )  # fmt: skip
+    assert (tmp_path / "died").exists()  # (an actor died)
+    assert not summary.failed and len(summary.done) == 6, summary.failed
+    rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
+    assert {r["status"] for r in rows} == {"done"} and len(rows) == 6
+    one = load_tokens(next((tmp_path / "tokens").glob("v0.safetensors"))).all_indices()
+    for i in range(1, 6):
+        again = load_tokens(tmp_path / "tokens" / f"v{i}.safetensors").all_indices()
+        assert len(again) == len(one) and all(torch.equal(a, b) for a, b in zip(again, one, strict=True))
+
+
+def test_a_pass_whose_encode_actors_stay_away_says_so_once_and_waits(monkeypatch, capsys):
+    """An encode actor restarting for long, or not answering (Ray waits for room to start it again, as after its
+    node was lost): no result comes, and the job said nothing. At two checks in a row that find one away, it says
+    so in one line, once, and goes on waiting; the rows that come after are taken as ever."""
+    monkeypatch.setattr(distributed, "WATCH_SECONDS", 0.05)
+
+    def late_rows():
+        time.sleep(0.6)  # (12 checks' worth)
+        yield {"file": 0}
+
+    class Stub:  # the ray module, as far as a pass's end asks it
+        def kill(self, actor):
+            pass
+
+    run = distributed._Run(Stub(), late_rows(), ledger=None, actors=2, actor_restarts=8)
+    monkeypatch.setattr(run, "census", lambda: {"alive": 1, "dead": 0, "away": 1})
+    with run:
+        assert list(run.rows()) == [{"file": 0}]
+    err = capsys.readouterr().err
+    assert err.count("1 of 2 encode actor(s) restarting or not answering") == 1, err
+    assert err.count("\n") == 1 and "the job waits for them" in err
+
+
+def test_the_fault_ledger_lives_on_the_drivers_node_and_outlives_a_crash(cluster):
+    """Every encode actor asks the ledger at each batch: one gone for good failed every batch after it. It is
+    started again when its process dies, and answers."""
+    import ray
+
+    ledger = distributed._ledger(ray)
+    try:
+        ray.get(ledger.add.remote([(0, 1)], "boom"))
+        node = ray.get(ledger.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+        assert node == ray.get_runtime_context().get_node_id()
+        pid = ray.get(ledger.__ray_call__.remote(lambda self: os.getpid()))
+        ray.kill(ledger, no_restart=False)  # as its process dying would
+        deadline = time.monotonic() + 60
+        while ray.get(ledger.__ray_call__.remote(lambda self: os.getpid()), timeout=60) == pid:  # (the kill lands)
+            assert time.monotonic() < deadline, "the ledger was not started again"
+            time.sleep(0.1)
+        assert ray.get(ledger.faults.remote([(0, 1)]), timeout=60) == {}  # (its records start again)
+    finally:
+        ray.kill(ledger)
 
 
 @pytest.mark.parametrize("fault", ["every-clip", "unloadable"])
@@ -719,11 +787,14 @@ def tokens_of(out) -> list[torch.Tensor]:
 class _Rows:
     """A pass as :func:`_collect` sees it (:class:`distributed._Run`), of ``rows``, from a pool of ``actors``."""
 
-    def __init__(self, rows, actors: int = 1):
-        self._rows, self.actors = rows, actors
+    def __init__(self, rows, actors: int = 1, shared: bool = False, decoded: set[int] = frozenset()):
+        self._rows, self.actors, self.shared, self._decoded = rows, actors, shared, decoded
 
     def rows(self):
         yield from self._rows
+
+    def decoded(self, files):
+        return set(files) & set(self._decoded)
 
     def reader_seconds(self):
         return 0.0, 0.0
@@ -808,7 +879,7 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
     assert summary.done == [str(p) for p in paths[:2]] and summary.duplicates == 1 + len(of[1])
     failed = dict(summary.failed)
     assert "decoding failed" in failed[str(paths[2])]
-    assert failed[str(paths[3])].startswith("decoding did not finish: its Ray task failed for good")
+    assert failed[str(paths[3])].startswith("decoding did not finish: its decode task failed for good (tried 3")
     stored = load_tokens(todo[0][1]).all_indices()
     sent = [torch.frombuffer(bytearray(r["data"]), dtype=torch.int32) for r in of[0][:-1]]
     assert len(stored) == len(sent) == 6 and all(torch.equal(a.int(), b) for a, b in zip(stored, sent, strict=True))
@@ -994,7 +1065,7 @@ def test_a_file_whose_shared_decode_task_failed_is_read_again_from_the_start(tmp
                              manifest, _progress(1, "file"))  # fmt: skip
         for row in encoded(first):
             assembly.take(row)
-        _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8, settle_decoding=False)
+        _collect(_Rows([], shared=True), assembly, decode_retries=2, actor_restarts=8, again=True)
         lost = assembly.unsettled_numbers()
         assert lost == [0]
         assembly.forget(lost)  # as the job does before its pass of lost files

@@ -24,6 +24,7 @@ Inputs and outputs must be on a filesystem every node sees (the same POSIX paths
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import functools
@@ -117,7 +118,18 @@ def clip_bytes(settings: ClipSettings, dtype: torch.dtype) -> int:
     return 3 * math.prod(settings.grid) * torch.empty((), dtype=dtype).element_size()
 
 
-def decode_rows(
+def decode_rows(row: dict[str, Any], *, ledger=None, **kwargs) -> Iterator[dict[str, Any]]:
+    """:func:`file_rows` (its keyword arguments ``kwargs``); once it has given every row, the task tells the job's
+    ``ledger`` (a :class:`FaultLedger` actor's handle), where the driver finds which files' rows an encode actor
+    that died for good took with it."""
+    yield from file_rows(row, **kwargs)
+    if ledger is not None:
+        import ray
+
+        ray.get(ledger.decoded.remote(int(row["file"]), int(row.get("part", 0)), int(row.get("parts", 1))))
+
+
+def file_rows(
     row: dict[str, Any],
     *,
     settings: ClipSettings,
@@ -206,11 +218,29 @@ def _unpacked(data: bytes) -> Segment:
 
 class FaultLedger:
     """Device faults per clip key, shared by the encode actors (a Ray actor in a job; a plain object without Ray);
-    in a job also the encode actors themselves, which enlist once their model is loaded."""
+    in a job also the encode actors themselves, which enlist once their model is loaded, and the decode tasks that
+    ran to their end (:func:`decode_rows`): a file whose rows did not all come back although its decode tasks did,
+    lost them with an encode actor that died for good, and is read again."""
 
     def __init__(self) -> None:
         self._faults: dict[tuple[int, int], tuple[int, str]] = {}
         self._encoders: dict[str, Any] = {}
+        self._ran = array.array("H")  # per file number: a bit for each part whose decode task ran to its end
+        self._parts = array.array("H")  # per file number: the bits of all its parts (0: none ran yet)
+
+    def decoded(self, file: int, part: int, parts: int) -> None:
+        """Part ``part`` of ``parts`` of file ``file`` ran to its end (its rows all given to Ray Data)."""
+        if file >= len(self._ran):  # (2 bytes a file each, grown as numbers come)
+            more = max(file + 1, 2 * len(self._ran)) - len(self._ran)
+            self._ran.extend([0] * more)
+            self._parts.extend([0] * more)
+        self._ran[file] |= 1 << part
+        self._parts[file] = (1 << parts) - 1
+
+    def decoded_of(self, files: Sequence[int]) -> list[int]:
+        """Those of ``files`` whose every part's decode task ran to its end."""
+        n = len(self._ran)
+        return [f for f in files if f < n and self._parts[f] and self._ran[f] == self._parts[f]]
 
     def enlist(self, actor_id: str, actor) -> None:
         self._encoders[actor_id] = actor  # a restarted actor keeps its id
@@ -777,10 +807,11 @@ def _run_job(ray_address, load_model, model, settings, todo, manifest, writes, *
         assembly = _Assembly(model, mode, device, settings, todo, manifest, _progress(len(todo), "file"), writes)
         with assembly.bar:
             with job() as run:
-                _collect(run, assembly, decode_retries, actor_restarts, settle_decoding=not run.shared)
+                _collect(run, assembly, decode_retries, actor_restarts, again=True)
             lost = assembly.unsettled_numbers()
-            if lost:  # decode tasks of several files that failed for good: each file is tried alone now, from the
-                assembly.forget(lost)  # start (planned anew: it may be cut otherwise, or read whole)
+            if lost:  # files whose rows an encode actor that died for good took with it, or whose decode task of
+                # several files failed for good: each is tried alone now, from the start (planned anew: it may be cut
+                assembly.forget(lost)  # otherwise, or read whole)
                 with job(numbers=lost) as run:
                     _collect(run, assembly, decode_retries, actor_restarts)
             again = assembly.reopen_again()
@@ -868,10 +899,13 @@ def model_loader(model: TiTok) -> Callable[..., TiTok]:
     )
 
 
-def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int, settle_decoding: bool = True) -> None:
-    """Take every row; then settle the files whose rows never all came back (their tasks failed for good), but
-    with ``settle_decoding`` False leave those whose decoding did not finish unsettled (to be tried again). The
-    job stops, its unsettled files not encoded, when every encode actor has died for good while rows are due."""
+def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int, again: bool = False) -> None:
+    """Take every row; then settle the files whose rows never all came back: their decode task failed for good, or
+    an encode actor died for good with their rows (their decode tasks ran to their end: the ledger's record). With
+    ``again`` (a pass of their own follows, each file read alone from the start), leave unsettled those an encode
+    actor lost and, where decode tasks held several files (one's failure failed the others), those whose decoding
+    did not finish. The job stops, its unsettled files not encoded, when every encode actor has died for good
+    while rows are due."""
     stopped = None
     job.limits.pass_started(run.actors, run.reader_seconds)
     try:
@@ -888,16 +922,21 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
         stopped = stop_reason(e)
         raise
     finally:
+        left = [] if stopped else job.unsettled_numbers()  # (few: a job that stops may leave millions, not asked)
+        ran = run.decoded(left) if left else set()
         for state in job.unsettled():
             if stopped:
                 job.manifest.not_encoded(state.path, state.out, stopped)
-            elif state.decoded or settle_decoding:
-                side = "encoding" if state.decoded else "decoding"
-                job._fail(state, (
-                    f"{side} did not finish: its Ray task failed for good (decode tasks are tried "
-                    f"{decode_retries + 1} times, encode actors restarted up to {actor_restarts} times); "
-                    "see the Ray worker logs"
-                ))  # fmt: skip
+                continue
+            lost = state.decoded or state.number in ran  # (its end rows came back, or its decode tasks ended)
+            if again and (lost or (run.shared and not state.decoded)):
+                continue  # read again, alone
+            if lost:
+                why = (f"encoding did not finish: an encode actor died for good with its rows (each restarted up to "
+                       f"{actor_restarts} times)")  # fmt: skip
+            else:
+                why = f"decoding did not finish: its decode task failed for good (tried {decode_retries + 1} times)"
+            job._fail(state, f"{why}; see the Ray worker logs")
 
 
 def _one_line(error: BaseException) -> str:
@@ -954,11 +993,12 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
     if parts > 1:
         plans = _plans(ray, paths, settings, parts, cpus_per_decode, stall_seconds, hooks.get("plan_exit_on", ""))
     items = [row for n, path in paths.items() for row in part_rows(n, path, *plans.get(n, ([], "")))]
+    ledger = _ledger(ray)
     decode = functools.partial(
         decode_rows, settings=settings, dtype=model.dtype, threads=max(1, round(cpus_per_decode)),
         stall_seconds=stall_seconds, exit_on=hooks.get("decode_exit_on", ""), exit_log=hooks.get("decode_exit_log", ""),
+        ledger=ledger,
     )  # fmt: skip
-    ledger = ray.remote(num_cpus=0)(FaultLedger).remote()
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these retry limits yet
         warnings.simplefilter("ignore", RayDeprecationWarning)
         blocks = len(items) if retry else min(len(items), MAX_DECODE_TASKS)
@@ -978,6 +1018,17 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             max_task_retries=actor_restarts,
         )  # fmt: skip
     return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS)
+
+
+def _ledger(ray):
+    """The pass's :class:`FaultLedger` actor, on the driver's node where it can be (a node lost with the driver's
+    ends the job anyway), started again if its process dies (its records of faults lost: a clip may then fault the
+    device more often before it fails), its calls retried meanwhile: every encode actor asks it at each batch, and a
+    ledger gone for good failed every batch after it, each file blamed on its decoding."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)(FaultLedger).remote()
 
 
 def _plans(ray, paths: dict[int, str], settings: ClipSettings, parts: int, cpus: float, stall_seconds: float | None,
@@ -1043,17 +1094,25 @@ class _Run:
         self.reader = threading.Thread(target=self._read, args=(queued,), name="titok-fast-results", daemon=True)
         self.reading = True
         self.reader.start()
-        seen = 0  # checks in a row that found every encode actor dead
+        seen, away = 0, 0  # checks in a row that found every encode actor dead; that found one away
         while True:
             try:
                 item = queued.get(timeout=WATCH_SECONDS)
             except queue.Empty:
-                lost = self.encoders_lost()
+                census = self.census()
+                lost = self.encoders_lost(census)
                 seen = seen + 1 if lost else 0
                 if seen == 2:  # twice: not the moment Ray Data releases the actors of a pass that is ending
                     raise RuntimeError(lost) from None
+                away = away + 1 if census["away"] else 0
+                if away == 2:  # (said once an episode: an actor away at two checks in a row, no row meanwhile)
+                    notice(
+                        f"no result for {2 * WATCH_SECONDS:.0f} s: {census['away']} of {self.actors} encode actor(s) "
+                        "restarting or not answering (Ray may be waiting for room on the cluster to start them "
+                        "again, as after a node was lost); the job waits for them"
+                    )  # fmt: skip
                 continue
-            seen = 0
+            seen, away = 0, 0
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -1121,30 +1180,45 @@ class _Run:
             return 0.0, 0.0
         return self.waited, (time.perf_counter() if self.read_to is None else self.read_to) - self.read_from
 
-    def encoders_lost(self) -> str:
-        """Why no clip can be encoded any more, or "": every actor of the pool has enlisted and died for good (one
-        not enlisted yet, alive, restarting or not answering within PING_SECONDS: "")."""
+    def census(self) -> dict[str, int]:
+        """The encode actors that have enlisted, by state: "alive" (answered within PING_SECONDS), "dead" (died for
+        good) and "away" (restarting, or not answering: Ray may be waiting for room to start one again)."""
         from ray.exceptions import ActorDiedError
 
+        counts = {"alive": 0, "dead": 0, "away": 0}
         actors = self.ray.get(self.ledger.encoders.remote())
-        if len(actors) < self.actors:  # one may still be starting (loading its model, waiting for a GPU)
-            return ""
         pings = [actor.__ray_ready__.remote() for actor in actors]
-        done, _ = self.ray.wait(pings, num_returns=len(pings), timeout=PING_SECONDS)
-        if len(done) < len(pings):
-            return ""
+        done, _ = self.ray.wait(pings, num_returns=len(pings), timeout=PING_SECONDS) if pings else ([], [])
+        counts["away"] = len(pings) - len(done)
         for ping in done:
             try:
                 self.ray.get(ping)
-                return ""
+                counts["alive"] += 1
             except ActorDiedError:
-                continue
+                counts["dead"] += 1
             except Exception:  # unavailable for now (restarting): not known to be dead
-                return ""
+                counts["away"] += 1
+        return counts
+
+    def decoded(self, files: Sequence[int]) -> set[int]:
+        """Those of ``files`` whose decode tasks all ran to their end (the ledger's record; none where it cannot
+        say: started again, it lost its records)."""
+        try:
+            return set(self.ray.get(self.ledger.decoded_of.remote(list(files))))
+        except Exception:
+            return set()
+
+    def encoders_lost(self, census: dict[str, int] | None = None) -> str:
+        """Why no clip can be encoded any more, or "": every actor of the pool has enlisted and died for good (one
+        not enlisted yet, alive, restarting or not answering within PING_SECONDS: "")."""
+        census = self.census() if census is None else census
+        if census["dead"] < self.actors:  # one may still be starting (loading its model, waiting for a GPU)
+            return ""
         return (
-            f"every encode actor died for good ({len(actors)}, each restarted up to {self.actor_restarts} times): no "
-            "clip can be encoded; see the Ray worker logs"
+            f"every encode actor died for good ({census['dead']}, each restarted up to {self.actor_restarts} times): "
+            "no clip can be encoded; see the Ray worker logs"
         )
+
 
 
 def settings_on_ray(settings: ClipSettings, device: str) -> ClipSettings:
