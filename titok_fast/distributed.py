@@ -1220,7 +1220,6 @@ class _Run:
         )
 
 
-
 def settings_on_ray(settings: ClipSettings, device: str) -> ClipSettings:
     """``settings`` as a Ray job applies them, and records them in its token files: its decode tasks resize every
     frame on the CPU, so for CUDA actors preprocessing "auto" is "cpu". (On one machine, "auto" on CUDA resizes
