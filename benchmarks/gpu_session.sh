@@ -43,9 +43,11 @@
 #                                            # and decode at b1 and b32 (auto), and FP8 decode at b32
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
-# since the targets run of 2026-12-04 the model's kernels are the same, `auto` runs small batches (encode and decode)
-# as graphs of their own layouts, not padded ones, and the input pipeline has changed (decoding processes on small
-# sources, NVDEC's RGB kernel, I420 uploads). So, each a call of its own:
+# since the H100 run of 2026-12-05 the model's kernels are the same; the input pipeline has changed (H.264 in MP4
+# decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing token files, the
+# weights' digest taken once a run), five gpu tests were corrected and not yet run, and the pipeline rows now say
+# what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores busy). So, each a
+# call of its own:
 #   1. `gpu-tests pipeline-short` (505 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
 #   2. `targets-model` if 6 minutes are left (`targets-model profile` if 8 are), else `profile` and what is left of
