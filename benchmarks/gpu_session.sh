@@ -45,7 +45,7 @@
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
 # since the H100 run of 2026-12-05 the model's kernels are the same; the input pipeline has changed (H.264 in MP4
 # decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing token files, the
-# weights' digest taken once a run), five gpu tests were corrected and not yet run, and the pipeline rows now say
+# weights' digest taken once a run), the gpu tests corrected or added since have not run, and the pipeline rows say
 # what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores busy). So, each a
 # call of its own:
 #   1. `gpu-tests pipeline-short` (505 s at most: the device-side preprocessing and NVDEC checks, then every
