@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from titok_fast import pipeline
 from titok_fast.loading import random_tokenizer
 from titok_fast.manifest import Manifest
-from titok_fast.pipeline import ClipSettings, Summary, Writes, _threads_for, made_with, write_token_file
+from titok_fast.pipeline import ClipSettings, Summary, Writes, made_with, write_token_file
 
 try:  # what a token file says of the model, taken once a run; absent at commits before it (the model itself)
     from titok_fast.pipeline import ModelFacts
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="ms of the run's other work per file: the GIL held, then released (see above)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
-    threads = _threads_for(folder) if args.threads is None else args.threads
+    # as the run decides (at a commit before write_threads_for: the run's thread on a local disk)
+    threads_for = getattr(pipeline, "write_threads_for", pipeline._threads_for)
+    threads = threads_for(folder) if args.threads is None else args.threads
     held, released = (float(v) for v in args.run_work.split(","))
     row = measure(folder, args.files, args.chunks, threads, args.config, (held, released))
     print(

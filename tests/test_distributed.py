@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -331,6 +332,97 @@ def test_a_job_whose_encode_actors_all_died_for_good_stops_instead_of_waiting(vi
     assert not list((tmp_path / "tokens").glob("*.safetensors"))
     assert "titok-fast-results" not in [t.name for t in threading.enumerate()]
     assert cpus_free_again(ray) == 2
+
+
+def test_the_ledger_knows_which_files_decode_tasks_ran_to_their_end_however_many_parts():
+    """Whole files a byte each; a file split into parts (any number: ``encode_dataset(parts=...)`` takes more than
+    the default's 16) once every part has."""
+    ledger = FaultLedger()
+    ledger.decoded(5, 0, 1)
+    for part in range(40):
+        if part != 3:
+            ledger.decoded(2, part, 40)
+    assert ledger.decoded_of([0, 2, 5, 9, 10**6]) == [5]
+    ledger.decoded(2, 3, 40)
+    ledger.decoded(2, 3, 40)  # (a task run again)
+    assert ledger.decoded_of([0, 2, 5, 9]) == [2, 5]
+
+
+def test_a_job_whose_ledger_is_started_again_ends_with_every_input_accounted_for(videos, cluster, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """The ledger's process dies once the only encode actor has enlisted, and is started again with an empty list;
+    the actor then dies for good on its second batch. Each actor enlists again at each batch and the driver keeps
+    those it was told of, so the job does not wait for ever: it ends, every input done (read again in a pass of its
+    own) or listed as not encoded with the reason."""
+    import ray
+
+    monkeypatch.setattr(distributed, "WATCH_SECONDS", 1.0)
+    monkeypatch.setattr(distributed, "PING_SECONDS", 2.0)
+    real, killers = distributed._ledger, []
+
+    def killed_once_enlisted(ray_module):  # (the first pass's ledger; a second pass's lives)
+        ledger = real(ray_module)
+
+        def kill():
+            with contextlib.suppress(Exception):
+                while not ray.get(ledger.encoders.remote()):
+                    time.sleep(0.05)
+                ray.kill(ledger, no_restart=False)  # as its process dying would
+
+        if not killers:
+            killers.append(threading.Thread(target=kill, daemon=True))
+            killers[0].start()
+        return ledger
+
+    monkeypatch.setattr(distributed, "_ledger", killed_once_enlisted)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copy(videos["good"] / "one.mp4", folder / f"v{i}.mp4")
+    with failing_after(180, "the job did not end"):
+        with contextlib.suppress(RuntimeError):  # ("every encode actor died for good": stopped, not waiting)
+            encode_dataset(
+                LOAD(), collect_inputs([folder]), tmp_path / "tokens", SETTINGS, device="cpu", batch_size=2,
+                actors=1, actor_restarts=0, _test_hooks={"actor_exit_once": str(tmp_path / "died")},
+            )  # fmt: skip
+    killers[0].join(30)
+    for thread in threading.enumerate():  # a stopped pass's executor ends in the background: not under ray.shutdown
+        if thread.name.startswith("StreamingExecutor-"):
+            thread.join(30)
+    assert not killers[0].is_alive() and (tmp_path / "died").exists()
+    rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
+    assert sorted(Path(r["source"]).name for r in rows) == [f"v{i}.mp4" for i in range(4)]
+    assert all(r["status"] == "done" or "every encode actor died for good" in r["reason"] for r in rows), rows
+
+
+def test_the_driver_keeps_the_encode_actors_a_ledger_started_again_forgot():
+    """An actor enlists again when it asks the ledger for faults; one dead for good never asks again, so the
+    driver's census still counts the actors the ledger named before it was started again (with an empty list)."""
+    from ray.exceptions import ActorDiedError
+
+    ledger = FaultLedger()
+    assert ledger.faults([(0, 0)], ("a1", "handle")) == {} and ledger.encoders() == {"a1": "handle"}
+
+    class Dead:  # the handle of an actor dead for good
+        __ray_ready__ = types.SimpleNamespace(remote=lambda: "ping")
+
+    class Ray:  # the ray module, as a census asks it
+        def __init__(self, named):
+            self.named = iter(named)
+
+        def get(self, ref, timeout=None):
+            if ref == "ping":
+                raise ActorDiedError()
+            return next(self.named)  # (the ledger's list)
+
+        def wait(self, refs, num_returns, timeout):
+            return refs, []
+
+    remote = types.SimpleNamespace(encoders=types.SimpleNamespace(remote=lambda: "list"))
+    run = distributed._Run(Ray([{"a1": Dead()}, {}, {}]), iter(()), remote, actors=1, actor_restarts=0)
+    assert run.census() == {"alive": 0, "dead": 1, "away": 0}
+    assert run.census() == {"alive": 0, "dead": 1, "away": 0}  # the ledger, started again, names none
+    assert run.encoders_lost().startswith("every encode actor died for good (1, each restarted up to 0 times)")
 
 
 def test_files_whose_rows_an_encode_actor_took_with_it_are_read_again(videos, cluster, tmp_path):

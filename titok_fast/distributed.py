@@ -24,7 +24,6 @@ Inputs and outputs must be on a filesystem every node sees (the same POSIX paths
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import functools
@@ -225,31 +224,49 @@ class FaultLedger:
     def __init__(self) -> None:
         self._faults: dict[tuple[int, int], tuple[int, str]] = {}
         self._encoders: dict[str, Any] = {}
-        self._ran = array.array("H")  # per file number: a bit for each part whose decode task ran to its end
-        self._parts = array.array("H")  # per file number: the bits of all its parts (0: none ran yet)
+        self._whole = bytearray()  # per file number read whole (one part): 1 once its decode task ran to its end
+        self._split: dict[int, tuple[int, set[int]]] = {}  # a file read in parts: (parts, those that ran to their end)
+        self._born = uuid.uuid4().hex  # this start of the ledger's (a ledger started again has lost its records)
+
+    def born(self) -> str:
+        """Which start of the ledger this is: another once its process died and it was started again."""
+        return self._born
 
     def decoded(self, file: int, part: int, parts: int) -> None:
         """Part ``part`` of ``parts`` of file ``file`` ran to its end (its rows all given to Ray Data)."""
-        if file >= len(self._ran):  # (2 bytes a file each, grown as numbers come)
-            more = max(file + 1, 2 * len(self._ran)) - len(self._ran)
-            self._ran.extend([0] * more)
-            self._parts.extend([0] * more)
-        self._ran[file] |= 1 << part
-        self._parts[file] = (1 << parts) - 1
+        if parts > 1:  # (split files: few, each a set of its parts)
+            self._split.setdefault(file, (parts, set()))[1].add(part)
+            return
+        if file >= len(self._whole):  # (a byte a file, grown as numbers come)
+            self._whole.extend(bytes(max(file + 1, 2 * len(self._whole)) - len(self._whole)))
+        self._whole[file] = 1
 
     def decoded_of(self, files: Sequence[int]) -> list[int]:
         """Those of ``files`` whose every part's decode task ran to its end."""
-        n = len(self._ran)
-        return [f for f in files if f < n and self._parts[f] and self._ran[f] == self._parts[f]]
+        n = len(self._whole)
+
+        def ran(f: int) -> bool:
+            if f in self._split:
+                parts, done = self._split[f]
+                return len(done) == parts
+            return f < n and self._whole[f] == 1
+
+        return [f for f in files if ran(f)]
 
     def enlist(self, actor_id: str, actor) -> None:
         self._encoders[actor_id] = actor  # a restarted actor keeps its id
 
-    def encoders(self) -> list:
-        return list(self._encoders.values())
+    def encoders(self) -> dict[str, Any]:
+        """The actors enlisted, by id."""
+        return dict(self._encoders)
 
-    def faults(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, str]]:
-        """``{key: (faults, last error)}`` for the keys that faulted the device before."""
+    def faults(
+        self, keys: Sequence[tuple[int, int]], enlisting: tuple[str, Any] | None = None
+    ) -> dict[tuple[int, int], tuple[int, str]]:
+        """``{key: (faults, last error)}`` for the keys that faulted the device before. ``enlisting``: the asking
+        actor's (id, handle), enlisted again (a ledger started again has lost its list)."""
+        if enlisting is not None:
+            self.enlist(*enlisting)
         return {k: self._faults[k] for k in keys if k in self._faults}
 
     def add(self, keys: Sequence[tuple[int, int]], error: str) -> None:
@@ -398,15 +415,16 @@ class _Unexplained(Exception):
 
 
 class _RemoteLedger:
-    """A :class:`FaultLedger` Ray actor behind the plain ledger's methods."""
+    """A :class:`FaultLedger` Ray actor behind the plain ledger's methods; ``me``: the asking encode actor's (id,
+    handle), enlisted again at each ask (a ledger started again has lost its list)."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, me: tuple[str, Any] | None = None):
+        self.handle, self.me = handle, me
 
     def faults(self, keys):
         import ray
 
-        return ray.get(self.handle.faults.remote(keys))
+        return ray.get(self.handle.faults.remote(keys, self.me))
 
     def add(self, keys, error: str) -> None:
         import ray
@@ -429,15 +447,16 @@ class _RayClipEncoder(ClipEncoder):
 
         self.exit_once, self.exit_always, self.batches = exit_once, exit_always, 0
         self.unloaded, self.name = "", worker_name()  # why the model could not be loaded here
+        context = ray.get_runtime_context()
+        me = (context.get_actor_id(), context.current_actor)
         try:
-            super().__init__(*args, ledger=_RemoteLedger(ledger_handle), **kwargs)
+            super().__init__(*args, ledger=_RemoteLedger(ledger_handle, me), **kwargs)
         except Exception as e:
             if _device_fault(e):  # (a fresh process may do better)
                 raise
             self.unloaded = f"{type(e).__name__}: {e} (the encode worker {self.name} could not load the model)"
             return
-        context = ray.get_runtime_context()
-        ray.get(ledger_handle.enlist.remote(context.get_actor_id(), context.current_actor))
+        ray.get(ledger_handle.enlist.remote(*me))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         if self.unloaded:
@@ -1017,7 +1036,8 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=actor_restarts,
             max_task_retries=actor_restarts,
         )  # fmt: skip
-    return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS)
+    return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS,
+                born=ray.get(ledger.born.remote()))  # fmt: skip
 
 
 def _ledger(ray):
@@ -1063,10 +1083,16 @@ class _Run:
     that it ends before Ray does: Ray Data would start a new cluster from it), at once on Ctrl-C, and the pass's
     ledger is killed."""
 
-    def __init__(self, ray, rows, ledger, actors: int, actor_restarts: int, shared: bool = False):
+    def __init__(self, ray, rows, ledger, actors: int, actor_restarts: int, shared: bool = False,
+                 born: str | None = None):  # fmt: skip
         self.ray, self.results, self.ledger, self.actor_restarts = ray, rows, ledger, actor_restarts
+        self.born = born  # which start of the ledger the pass began with (FaultLedger.born)
         self.shared = shared  # whether decode tasks hold several rows
         self.actors = actors  # the pool's size
+        # the encode actors the ledger has named, by id: kept here too, as a ledger started again has lost its list
+        # (each actor enlists again at its next batch, but one dead for good never does)
+        self.enlisted: dict[str, Any] = {}
+        self.asked = time.monotonic()  # when the ledger was last asked for them
         self.stop, self.lock, self.reading, self.reader = threading.Event(), threading.Lock(), False, None
         self.waited = 0.0  # seconds the reader waited for room for its rows (the driver was behind)
         self.read_from, self.read_to = None, None  # when it read its first row and its last (time.perf_counter)
@@ -1113,6 +1139,8 @@ class _Run:
                     )  # fmt: skip
                 continue
             seen, away = 0, 0
+            if time.monotonic() - self.asked >= WATCH_SECONDS:  # (while rows come: the checks are for when none do)
+                self._note_encoders()
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -1186,7 +1214,8 @@ class _Run:
         from ray.exceptions import ActorDiedError
 
         counts = {"alive": 0, "dead": 0, "away": 0}
-        actors = self.ray.get(self.ledger.encoders.remote())
+        self.enlisted.update(self.ray.get(self.ledger.encoders.remote()))
+        actors = list(self.enlisted.values())
         pings = [actor.__ray_ready__.remote() for actor in actors]
         done, _ = self.ray.wait(pings, num_returns=len(pings), timeout=PING_SECONDS) if pings else ([], [])
         counts["away"] = len(pings) - len(done)
@@ -1200,13 +1229,23 @@ class _Run:
                 counts["away"] += 1
         return counts
 
+    def _note_encoders(self) -> None:
+        """Keep the encode actors the ledger names now (it is given PING_SECONDS: one starting again is not waited
+        for)."""
+        self.asked = time.monotonic()
+        with contextlib.suppress(Exception):
+            self.enlisted.update(self.ray.get(self.ledger.encoders.remote(), timeout=PING_SECONDS))
+
     def decoded(self, files: Sequence[int]) -> set[int]:
-        """Those of ``files`` whose decode tasks all ran to their end (the ledger's record; none where it cannot
-        say: started again, it lost its records)."""
+        """Those of ``files`` whose decode tasks all ran to their end (the ledger's record); all of them where the
+        ledger was started again during the pass (``born`` is not its start now: it lost its records), or cannot
+        be asked: each is then read again rather than failed for what may have been an encode actor's loss."""
         try:
+            if self.born is not None and self.ray.get(self.ledger.born.remote()) != self.born:
+                return set(files)
             return set(self.ray.get(self.ledger.decoded_of.remote(list(files))))
         except Exception:
-            return set()
+            return set(files)
 
     def encoders_lost(self, census: dict[str, int] | None = None) -> str:
         """Why no clip can be encoded any more, or "": every actor of the pool has enlisted and died for good (one
