@@ -77,7 +77,7 @@ SOURCES = {  # name -> (width, height, fps)
     "256p8": (456, 256, 8),
 }
 STAGE_NAMES = ("decode", "rgb", "resize", "upload", "write")
-WAIT_NAMES = ("file", "taken", "room", "segment")  # stages.WAITS, at commits that count them
+WAIT_NAMES = getattr(stages, "WAITS", ())  # what decoding workers wait for (none at commits that do not count it)
 # --codec -> (encoder, its options): each encoder's usual settings (default key frame spacing, B-frames or hidden
 # frames; x265's default open groups of pictures; VP9 and AV1 at a speed setting that keeps writing them short)
 CODECS = {

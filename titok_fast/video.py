@@ -2141,7 +2141,7 @@ def _serve_file(
         for clip in reader:
             while run.poll():
                 take(run.recv())
-            with CLOCK.waiting("taken") if not credits else contextlib.nullcontext():
+            with CLOCK.waiting("taken"):
                 while not credits and not cancelled:
                     take(run.recv())
             if cancelled:
