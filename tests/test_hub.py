@@ -391,6 +391,25 @@ def test_a_blob_that_is_no_checkpoint_is_refused_before_its_bytes_are_hashed(hub
     assert hashed == [True]  # (by its name alone: not read)
 
 
+@pytest.mark.parametrize("damage", ["central directory", "local header"])
+def test_a_blob_whose_archive_is_damaged_is_refused_in_one_line_naming_it(hub, tmp_path, monkeypatch, damage):
+    """A zip whose signatures are damaged broke zipfile's parser before the blob's bytes were hashed, outside the
+    guard that names the file: a bare BadZipFile stopped `--checkpoint hf://...`, and a `decode` whose first token
+    file named such a pinned Hub file, instead of trying the next file's weights."""
+    from titok_fast import hub as hub_module
+    from titok_fast.loading import CheckpointError
+
+    data = (hub / "model.ckpt").read_bytes()
+    at = data.rfind(b"PK\x01\x02") if damage == "central directory" else data.find(b"PK\x03\x04")
+    blob = tmp_path / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir()
+    blob.write_bytes(data[:at] + b"XX" + data[at + 2 :])
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    monkeypatch.setattr(hub_module, "download", lambda ref, quick=False: (blob, HubRef(REPO, COMMIT)))
+    with pytest.raises(CheckpointError, match=f"^{blob}: cannot be read \\(BadZipFile: Bad magic number"):
+        load_tokenizer(REPO, config="tiny")
+
+
 def test_a_blob_replaced_while_it_is_converted_is_not_cached(hub, tmp_path, monkeypatch):
     """The bytes hashed must be those converted: a blob swapped for other weights once its bytes were hashed (the
     hash then agrees with its name) is refused, nothing cached."""

@@ -893,8 +893,9 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
     claimed = hub.file_sha256(src)
     target = hub.cache_dir() / "converted" / f"{claimed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
     if not _converted_from(target, claimed):
-        with hub.open_regular(src) as file:  # its archive's directory first (a few KB), before all its bytes are
-            _Archive(Path(src), file)  # hashed: a file that is no checkpoint (gigabytes, say) is refused unread
+        with hub.open_regular(src) as file, _reading(Path(src)):  # its archive's directory first (a few KB), before
+            _Archive(Path(src), file)  # all its bytes are hashed: a file that is no checkpoint (gigabytes, say) is
+            # refused unread, in one line naming it
         before = _identity(src)
         actual = hub.file_sha256(src, trust_blob_name=False)
         if actual != claimed:
