@@ -384,6 +384,23 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     assert sorted(p.name for p in again.iterdir()) == [".long.mp4.notes.tmp", f".other.mp4.{unique}.tmp", "long.mp4"]
 
 
+def test_a_video_in_the_output_folder_whose_record_nests_deeply_is_decoded_over(model, sources, tmp_path):
+    """An mp4 already in the output folder whose comment begins as decode's record and then nests deeply (anybody's
+    dataset may ship its videos so) made json's parser raise RecursionError, caught nowhere: its token file failed
+    with a line naming neither the mp4 nor what was wrong, --overwrite or not, and 32 such files stopped the run.
+    A record that cannot be parsed is none: the video is decoded again over it."""
+    tokens, out = tmp_path / "tokens", tmp_path / "mp4"
+    encode(model, [sources["short"]], tokens)
+    out.mkdir()
+    with VideoWriter(out / "short.mp4", 8.0, comment=pipeline.DECODE_RECORD + "[" * 100_000) as writer:
+        writer.write(torch.zeros(3, 4, 32, 32))
+    token_file = tokens / "short.safetensors"
+    summary = decode_files(Engine(model), [token_file], out)
+    assert summary.done == [str(token_file)] and not summary.failed
+    assert video_comment(out / "short.mp4").startswith(pipeline.DECODE_RECORD + "{")
+    assert decode_files(Engine(model), [token_file], out).skipped == [str(token_file)]
+
+
 @pytest.mark.parametrize("given_as", ["its token file", "the manifest", "a temporary", "a token file set aside"])
 def test_an_input_that_is_a_file_the_run_writes_is_refused_up_front(model, sources, tmp_path, given_as):
     """A video given as x.safetensors with -o its folder was replaced by its own tokens, one given as

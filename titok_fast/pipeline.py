@@ -1715,10 +1715,11 @@ def playback_rate(token_file: TokenFile) -> float:
 
 
 def _record_of(text: str) -> dict | None:
-    """A video's decode record (its comment tag, beginning DECODE_RECORD) as a dict; None where it is not one."""
+    """A video's decode record (its comment tag, beginning DECODE_RECORD) as a dict; None where it is not one (a
+    video already in the output folder may be anybody's: its tag is read, never trusted)."""
     try:
         found = json.loads(text[len(DECODE_RECORD) :])
-    except ValueError:
+    except (ValueError, RecursionError):  # (deep nesting: json's parser recurses)
         return None
     return found if isinstance(found, dict) else None
 
