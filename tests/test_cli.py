@@ -664,6 +664,65 @@ def test_decode_rebuilds_random_weights_only_within_limits(folder, tmp_path, cap
     assert code == 2 and f"fsq_levels [1000, 1000, 1000, 1000, 1000] exceed {MAX_LEVEL}" in err
 
 
+def test_decode_builds_no_random_model_larger_than_the_largest_preset_for_a_token_file(folder, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A 1 KB token file naming random weights of the largest model the size limits allow (557M parameters) had
+    decode build it, GBs, before any digest was compared; and a failure to build it (no memory) stopped the run
+    instead of failing that file alone. Now it is refused unbuilt, and the next file's weights are tried."""
+    from titok_fast import loading
+    from titok_fast.tokens import save_tokens
+
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    token_file = load_tokens(tmp_path / "moving.safetensors")
+    config = json.loads(json.dumps(token_file.model_config))
+    config["tokenizer"]["model"].update(encoder_size="large", decoder_size="large")
+    big = tmp_path / "big" / "0big.safetensors"
+    big.parent.mkdir()
+    save_tokens(big, dataclasses.replace(token_file, model_config=config))
+    built, random_tokenizer = [], loading.random_tokenizer
+    monkeypatch.setattr(loading, "random_tokenizer", lambda config, **kw: built.append(config) or
+                        random_tokenizer(config, **kw))  # fmt: skip
+    code, _, err = run("decode", big, "-o", tmp_path / "v", capsys=capsys)
+    assert code == 2 and not built and len(err.splitlines()) == 1
+    assert re.search(r"random weights \(seed 0\) of a model of [\d,]+ parameters, more than the largest preset's "
+                     r"269,577,733: pass --random-weights 0 with its --config$", err)  # fmt: skip
+
+    def no_memory(config, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    first = dataclasses.replace(token_file, weights_digest="random-seed1-" + token_file.weights_digest[-16:])
+    save_tokens(tmp_path / "0first.safetensors", first)
+    monkeypatch.setattr(loading, "random_tokenizer", lambda config, seed, **kw: (no_memory if seed == 1 else
+                        random_tokenizer)(config, seed=seed, **kw))  # fmt: skip
+    files = [tmp_path / "0first.safetensors", tmp_path / "moving.safetensors"]
+    code, stdout, _ = run("decode", *files, "-o", tmp_path / "w", capsys=capsys)
+    assert code == 1 and "decoded 1 file(s)" in stdout
+    assert f"FAILED {files[0]} was made by weights random-seed1" in stdout
+
+
+def test_decode_takes_the_model_most_token_files_name_and_checks_a_random_digest(folder, tmp_path, capsys):
+    """The first token file in order chose the model for all: a stranger's file sorting first, with the genuine
+    digest and another config of the same weight shapes (or a made-up random-weights digest, never checked), had
+    every genuine file fail. Now the weights and config most files name are tried first, and random weights must
+    give the digest recorded."""
+    from titok_fast.tokens import save_tokens
+
+    run("encode", folder / "moving.mp4", "-o", tmp_path / "t", *GRID, *RANDOM, capsys=capsys)
+    genuine = load_tokens(tmp_path / "t" / "moving.safetensors")
+    for name in ("a", "b"):
+        shutil.copy(tmp_path / "t" / "moving.safetensors", tmp_path / "t" / f"{name}.safetensors")
+    config = json.loads(json.dumps(genuine.model_config))
+    levels = config["tokenizer"]["model"]["fsq_levels"]
+    config["tokenizer"]["model"]["fsq_levels"] = levels[1:] + levels[:1]  # other codes, the same weights
+    save_tokens(tmp_path / "t" / "0other.safetensors", dataclasses.replace(genuine, model_config=config))
+    code, stdout, _ = run("decode", tmp_path / "t", "-o", tmp_path / "v", capsys=capsys)
+    assert code == 1 and "decoded 3 file(s)" in stdout and "made by another model config" in stdout, stdout
+    made_up = dataclasses.replace(genuine, weights_digest="random-seed7-0000000000000000")
+    save_tokens(tmp_path / "made-up.safetensors", made_up)
+    code, _, err = run("decode", tmp_path / "made-up.safetensors", "-o", tmp_path / "w", capsys=capsys)
+    assert code == 2 and "the token files name random weights random-seed7-0000000000000000, but seed 7 gives " in err
+
+
 def test_changed_clip_settings_re_encode_instead_of_skipping(folder, tmp_path, capsys):
     run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
     code, stdout, _ = run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)

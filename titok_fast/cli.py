@@ -42,6 +42,7 @@ from .files import (
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
 MAX_FILES_WITHOUT_NEW_WEIGHTS = 64  # ... and it reads this many more files for other weights after the last new ones
+MAX_FILES_FOR_WEIGHTS = 1024  # ... and this many files in all (each naming other weights: all of them held)
 
 
 def _grid(text: str) -> tuple[int, int, int]:
@@ -163,10 +164,11 @@ def _device_dtype(args: argparse.Namespace):
 
 
 def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
-    """The model named by --checkpoint / --random-weights, else by the first of ``token_metas`` (token files) whose
-    weights can be had, else the default weights (``$TITOK_FAST_CHECKPOINT`` or the V1 release from the Hub). A
-    token file never makes us open a local path: only random weights (rebuilt from the recorded seed) or Hub
-    weights (checked against the digest)."""
+    """The model named by --checkpoint / --random-weights, else by ``token_metas`` (token files, the weights named
+    by most of them first: see :func:`_naming_a_model`), the first whose weights can be had, else the default
+    weights (``$TITOK_FAST_CHECKPOINT`` or the V1 release from the Hub). A token file never makes us open a local
+    path: only random weights (rebuilt from the recorded seed, up to the largest preset's size) or Hub weights,
+    each checked against the digest recorded."""
     from .hub import default_checkpoint, parse_hub_ref
     from .loading import load_tokenizer, random_tokenizer
 
@@ -203,8 +205,8 @@ def _model_of_some_tokens(token_metas, device, dtype):
     for token_meta in token_metas:
         try:
             return _model_of_tokens(token_meta, device, dtype)
-        except (ValueError, OSError) as e:  # refused, or not to be had (a Hub file gone): the next file's, if any
-            problems.append(e)
+        except Exception as e:  # refused, not to be had (a Hub file gone), or not built (no memory for it): a
+            problems.append(e)  # stranger's file fails alone, and the next file's weights are tried, if any
         if len(problems) == MAX_WEIGHTS_TRIED:
             break
     others = f" (nor those of {len(problems) - 1} other token files)" if len(problems) > 1 else ""
@@ -220,8 +222,19 @@ def _model_of_tokens(token_meta, device, dtype):
 
     seed = random_seed(token_meta.weights_digest)
     if seed is not None:
+        if (size := _random_model_size(token_meta.model_config)) > (most := _largest_preset_size()):
+            raise ValueError(  # (1 KB of a stranger's token file would have us build GBs of weights)
+                f"the token files name random weights (seed {seed}) of a model of {size:,} parameters, more than "
+                f"the largest preset's {most:,}: pass --random-weights {seed} with its --config"
+            )
+        model = random_tokenizer(token_meta.model_config, seed=seed, device=device, dtype=dtype)
+        if model.weights_digest != token_meta.weights_digest:  # (a digest of that form is no proof of anything)
+            raise ValueError(
+                f"the token files name random weights {token_meta.weights_digest}, but seed {seed} gives "
+                f"{model.weights_digest} with their config: pass --checkpoint, or --random-weights with its --config"
+            )
         print(f"using RANDOM weights (seed {seed}), as the token files record", file=sys.stderr)
-        return random_tokenizer(token_meta.model_config, seed=seed, device=device, dtype=dtype)
+        return model
     source = token_meta.weights_source
     if source.startswith(HUB_SCHEME) and not is_pinned(source):
         raise ValueError(
@@ -247,6 +260,26 @@ def _model_of_tokens(token_meta, device, dtype):
         raise ValueError(f"{named}; ${CHECKPOINT_ENV} ({mine}) has weights {model.weights_digest}: pass --checkpoint")
     print(f"weights: ${CHECKPOINT_ENV} ({mine}), as the token files record", file=sys.stderr)
     return model
+
+
+def _random_model_size(config) -> int:
+    """The parameters of a model of ``config`` (counted on the meta device: nothing allocated)."""
+    import torch
+
+    from .config import TiTokConfig
+    from .loading import check_config
+    from .model import TiTok
+
+    config = TiTokConfig.from_any(config)
+    check_config(config)  # (before any table is sized from it)
+    with torch.device("meta"):
+        return sum(p.numel() for p in TiTok(config).parameters())
+
+
+def _largest_preset_size() -> int:
+    from .config import PRESETS
+
+    return max(_random_model_size(config) for config in PRESETS.values())
 
 
 def _engine(args: argparse.Namespace, model):
@@ -375,19 +408,20 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return _finish(summary, "decoded", files)
 
 
-def _naming_a_model(files):
+def _naming_a_model(files) -> list:
     """The readable token files among ``files`` whose model config is one a model may be built from, one per
-    weights and config, read as they are asked for (the first usually names the model of all), until
-    MAX_FILES_WITHOUT_NEW_WEIGHTS files in a row name none other; at the end, if none did, a ValueError saying
-    so, with the first reason."""
+    weights and config, those named by more of the files read first (ties: in the order read), so that a stranger's
+    file among a dataset's does not choose the model the others are decoded with. Files are read until
+    MAX_FILES_WITHOUT_NEW_WEIGHTS in a row name none other (a dataset's files usually all name the same), at most
+    MAX_FILES_FOR_WEIGHTS; if none names a model, a ValueError saying so, with the first reason."""
     from .pipeline import _one_line
     from .tokens import TokenFileError, load_tokens
 
-    unusable, seen = "", set()  # the first file read whose model could not be built (decode_files fails them alone)
-    since_new = 0  # files read since the last new weights and config: a dataset's files usually all name the same
-    for path, _ in files:
-        if seen and since_new == MAX_FILES_WITHOUT_NEW_WEIGHTS:
-            return
+    unusable, named = "", {}  # the first file read whose model could not be built (decode_files fails them alone)
+    since_new = 0  # files read since the last new weights and config
+    for read, (path, _) in enumerate(files):
+        if named and since_new == MAX_FILES_WITHOUT_NEW_WEIGHTS or read == MAX_FILES_FOR_WEIGHTS:
+            break
         since_new += 1
         try:
             token_file = load_tokens(path)
@@ -397,14 +431,16 @@ def _naming_a_model(files):
         problem = _model_config_problem(token_file)
         if not problem:
             key = (token_file.weights_digest, token_file.weights_source, repr(token_file.model_config))
-            if key not in seen:
-                seen.add(key)
+            if key in named:
+                named[key][0] += 1
+            else:
+                named[key] = [1, token_file]
                 since_new = 0
-                yield token_file
         unusable = unusable or (f" ({path}: {problem})" if problem else "")
-    if not seen:
+    if not named:
         raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint (or "
                          "--random-weights SEED for files made with random weights)")  # fmt: skip
+    return [token_file for _, token_file in sorted(named.values(), key=lambda entry: -entry[0])]  # (a stable sort)
 
 
 def _model_config_problem(token_file) -> str:
