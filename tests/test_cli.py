@@ -615,6 +615,11 @@ def test_decode_takes_lists_and_shards(folder, tmp_path, capsys):
         assert code == 0 and f"shard {k}/2: " in err
     assert shards[1] == made and 0 < len(shards[0]) < len(made)  # each shard added its own files, none twice
     assert [n for _, n in select_shard([(None, n) for n in made], 0, 2)] == shards[0]
+    empty = next(k for k in range(64) if not select_shard([(None, "moving")], k, 64))
+    code, stdout, err = run("decode", tokens / "moving.safetensors", "-o", tmp_path / "e", "--shard", f"{empty}/64",
+                            capsys=capsys)  # fmt: skip
+    assert code == 0 and f"shard {empty}/64: 0 of 1 inputs" in err and "decoded 0 file(s)" in stdout  # (no model
+    # to look for: a job of a shard given no file is not failed)
 
 
 def test_decode_never_opens_a_checkpoint_a_token_file_names(folder, tmp_path, capsys, monkeypatch):

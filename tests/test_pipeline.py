@@ -513,6 +513,27 @@ def test_a_folder_of_token_files_of_two_weights_is_finished_by_one_run_of_each(m
     assert decode_files(Engine(other), pairs, out, force=True).done == [str(first)]
 
 
+def test_a_folder_of_token_files_of_one_weights_and_two_fsq_configs_is_finished_by_one_run_of_each(model, sources,
+                                                                                                   tmp_path):
+    """The same weights with other FSQ levels (which have no weights) are another model: a video the run of its own
+    config decoded was failed again by every run of the other config, the folder never finished."""
+    config = model.config.to_dict()
+    config["tokenizer"]["model"]["fsq_levels"] = list(reversed(model.config.fsq_levels))
+    other = random_tokenizer(config, seed=0)
+    assert other.weights_digest == model.weights_digest
+    first, second = tmp_path / "a" / "short.safetensors", tmp_path / "b" / "short.safetensors"
+    encode(model, [sources["short"]], first.parent)
+    encode(other, [sources["short"]], second.parent)
+    pairs, out = [(first, "a"), (second, "b")], tmp_path / "decoded"
+    summary = decode_files(Engine(model), pairs, out)
+    assert (summary.done, [p for p, _ in summary.failed]) == ([str(first)], [str(second)])
+    summary = decode_files(Engine(other), pairs, out)
+    assert (summary.done, summary.skipped, summary.failed) == ([str(second)], [str(first)], [])
+    summary = decode_files(Engine(model), pairs, out)
+    assert (summary.done, summary.skipped, summary.failed) == ([], [str(first), str(second)], [])
+    assert decode_files(Engine(other), pairs, out, force=True).done == [str(first)]
+
+
 def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, sources, tmp_path):
     """A token file named .mp4 (renamed by hand), decoded into its own folder, would be its own output: it fails
     alone, even with --overwrite, and is left as it was. An mp4 at an output name that cannot be read but begins
@@ -926,8 +947,8 @@ def test_the_same_weights_with_other_fsq_levels_are_another_model(model, sources
     )
     summary = decode_files(Engine(other), [out], tmp_path / "mp4")
     assert summary.failed == [(str(out), f"{out} was made by another model config than the loaded one (fsq_levels "
-                               f"{list(model.config.fsq_levels)}, now {levels}); pass the right --config, or --force "
-                               "to decode anyway")]  # fmt: skip
+                               f"{list(model.config.fsq_levels)}, now {levels}); decode it with its --config beside "
+                               "--checkpoint or --random-weights, or --force to decode anyway")]  # fmt: skip
     assert decode_files(Engine(other), [out], tmp_path / "mp4", force=True).done
     assert run(other).done and load_tokens(out).model_config == config  # redone
     assert run(other).skipped

@@ -390,7 +390,7 @@ def _encode_on_ray(args: argparse.Namespace, files):
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .pipeline import Inputs, collect_token_files, decode_files, take_shard
+    from .pipeline import Inputs, Summary, collect_token_files, decode_files, take_shard
 
     files = collect_token_files(args.tokens)
     if not files:
@@ -399,6 +399,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     _check_output_folder("-o", args.output)
     token_metas = None
     if not (args.checkpoint or args.random_weights is not None):  # the token files name the model
+        if not files:  # a shard given none (a small dataset over many jobs): nothing to decode, no model to find
+            return _finish(Summary(), "decoded", files)
         token_metas = _naming_a_model(files)
     model = _model(args, token_metas=token_metas)
     summary = decode_files(

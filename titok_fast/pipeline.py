@@ -1556,8 +1556,8 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
     differ = config_difference(token_file.model_config, model.config)
     if differ:
         raise ValueError(
-            f"{path} was made by another model config than the loaded one ({differ}); pass the right --config, "
-            "or --force to decode anyway"
+            f"{path} was made by another model config than the loaded one ({differ}); decode it with its --config "
+            "beside --checkpoint or --random-weights, or --force to decode anyway"
         )
 
 
@@ -1695,11 +1695,18 @@ def decode_files(
 def _decoded_by_own_weights(then: dict | None, now: dict, token_file: TokenFile) -> bool:
     """Whether the video whose record is ``then`` (:func:`_record_of`) was decoded from the token file as it is now,
     the same way (the source beside it or not), by the weights that made it, where this run's (``now``) are others:
-    complete, although this run would have decoded it otherwise (it could not without --force)."""
-    if then is None:
+    complete, although this run would have decoded it otherwise (it could not without --force). The same weights
+    with another config (FSQ levels have no weights) count as others where that config is the token file's."""
+    if then is None or then.get("weights") != token_file.weights_digest:
         return False
     same = all(then.get(key) == now[key] for key in ("tokens", "beside_source"))
-    return same and then.get("weights") == token_file.weights_digest != now["weights"]
+    if then["weights"] != now["weights"]:
+        return same
+    try:  # (a stranger's config, which no model may have, has decoded nothing)
+        own = config_digest(TiTokConfig.from_any(token_file.model_config))
+    except (ValueError, TypeError, KeyError):
+        return False
+    return same and then.get("config") == own != now["config"]
 
 
 def playback_rate(token_file: TokenFile) -> float:
@@ -1768,12 +1775,16 @@ def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.Path
     (whatever source it names), decodes again one that records otherwise (its token file was made again since, or
     it is decoded another way), and keeps one decoded from the tokens of another source video (unless
     --overwrite)."""
-    config = hashlib.sha256(json.dumps(engine.model.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    made = {"weights": engine.model.weights_digest, "config": config,
+    made = {"weights": engine.model.weights_digest, "config": config_digest(engine.model.config),
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
     if engine.model.precision != "default":  # (FP8 decoding: other pixels, 36 dB from float32's against bf16's 50)
         made["precision"] = engine.model.precision
     return lambda path: {**made, "tokens": source_stamp(path)}
+
+
+def config_digest(config: TiTokConfig) -> str:
+    """What a decoded video records of the model config that decoded it."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _one_line(error: BaseException) -> str:
