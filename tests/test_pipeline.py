@@ -1023,6 +1023,27 @@ def test_a_decoded_video_keeps_to_its_sources_time(model, tmp_path):
         times = [float(frame.pts * frame.time_base) for frame in container.decode(video=0)]
     first = [times[k * SETTINGS.grid[0]] - times[0] for k in range(len(starts))]
     assert first == pytest.approx(starts, abs=1e-3)
+    assert token_file.chunk_seconds == pytest.approx(14 * 1001 / 30000)
+
+
+@pytest.mark.parametrize("workers", [(1, "thread"), (2, "process")])
+def test_a_decoded_video_of_one_chunk_is_played_at_the_rate_its_chunk_spans(model, tmp_path, workers):
+    """With one chunk there are no start times to tell its rate: a short clip (one chunk) was written at the
+    sampling rate, 7% slow here, where two chunks of the same source kept to its time. The token file records the
+    time a chunk spans; a file without it (made before) is still written at the sampling rate."""
+    source = make_video(tmp_path / "short.mp4", frames=14, height=32, width=32, fps=30000 / 1001)
+    count, kind = workers
+    encode_files(model, Engine(model), [(source, "short")], tmp_path / "tok", SETTINGS, workers=count,
+                 worker_kind=kind)  # fmt: skip
+    token_file = load_tokens(tmp_path / "tok" / "short.safetensors")
+    assert token_file.start_times.numel() == 1 and token_file.chunk_seconds == pytest.approx(14 * 1001 / 30000)
+    assert pipeline.playback_rate(token_file) == pytest.approx(4 * 30000 / (14 * 1001))
+    assert decode_files(Engine(model), [tmp_path / "tok" / "short.safetensors"], tmp_path / "mp4").done
+    with av.open(str(tmp_path / "mp4" / "short.mp4")) as container:
+        assert float(container.streams.video[0].average_rate) == pytest.approx(8.5629, abs=1e-3)
+    before = dataclasses.replace(token_file, chunk_seconds=None)
+    pipeline.save_tokens(tmp_path / "before.safetensors", before)
+    assert pipeline.playback_rate(load_tokens(tmp_path / "before.safetensors")) == SETTINGS.fps
 
 
 def test_decoding_takes_each_chunks_indices_as_it_goes(model, sources, tmp_path):

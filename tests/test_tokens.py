@@ -37,6 +37,7 @@ def make_token_file(counts=(7, 1, 12)) -> TokenFile:
         tail="pad",
         last_chunk_frames=5,
         codebook_size=CODEBOOK,
+        chunk_seconds=2.0,
     )
 
 
@@ -67,6 +68,7 @@ def test_round_trip_is_exact(tmp_path):
         "last_chunk_frames",
         "sampling",
         "weights_source",
+        "chunk_seconds",
     ):
         assert getattr(loaded, name) == getattr(original, name), name
     assert loaded.codebook_size == CODEBOOK
@@ -89,6 +91,7 @@ def test_round_trip_is_exact(tmp_path):
         "tail": "pad",
         "last_chunk_frames": 5,
         "sampling": "upstream",
+        "chunk_seconds": 2.0,
     }
 
 
@@ -142,6 +145,11 @@ def test_from_chunks_keeps_each_chunk():
         ({"grid": (16, 16.5, 16)}, r"chunk 0's grid must be three integers \(T, H, W\); got \(16, 16.5, 16\)"),
         ({"grid": (16, 1 << 40, 16)}, r"chunk 0's grid must be three integers"),
         ({"grid": (16, 16)}, r"chunk 0's grid must be three integers"),
+        ({"chunk_seconds": 0.0}, r"chunk_seconds must be finite and > 0; got 0.0"),
+        ({"chunk_seconds": -2}, r"chunk_seconds must be finite and > 0; got -2"),
+        ({"chunk_seconds": float("nan")}, r"chunk_seconds must be finite and > 0; got nan"),
+        ({"chunk_seconds": float("inf")}, r"chunk_seconds must be finite and > 0; got inf"),
+        ({"chunk_seconds": "2.5"}, r"field 'chunk_seconds' must be int or float"),
     ],
     ids=[
         "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
@@ -149,7 +157,8 @@ def test_from_chunks_keeps_each_chunk():
         "frames-zero",
         "sampling", "times-nan", "times-negative", "times-decreasing", "index-float", "index-list", "grid-float",
         "grid-huge",
-        "grid-short",
+        "grid-short", "chunk-seconds-zero", "chunk-seconds-negative", "chunk-seconds-nan", "chunk-seconds-inf",
+        "chunk-seconds-text",
     ],
 )  # fmt: skip
 def test_invalid_token_file_is_refused(change, message):
@@ -442,6 +451,7 @@ def test_a_committed_file_of_format_version_1_still_loads():
     assert token_file.weights_digest == "random-seed0-e7b49227e2251f36" and token_file.weights_source == ""
     assert (token_file.tail, token_file.last_chunk_frames, token_file.sampling) == ("pad", 2, "upstream")
     assert token_file.model_config["tokenizer"]["model"]["encoder_size"] == "tiny_thin"
+    assert token_file.chunk_seconds is None  # (recorded since: files without it load)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -1153,7 +1153,8 @@ class _EncodeJob:
         made = made_with(self.model, self.mode, self.settings, decoded_by=reader.decoded_by,
                          preprocessed_on=reader.placement, source_stamp=reader.source_stamp)  # fmt: skip
         write = functools.partial(write_token_file, self.facts, self.settings, state.out, reader.path, indices,
-                                  reader.start_times(), reader.last_clip_frames, made)  # fmt: skip
+                                  reader.start_times(), reader.last_clip_frames, made,
+                                  reader.chunk_seconds)  # fmt: skip
         self._end(state)
         self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write))
 
@@ -1320,13 +1321,15 @@ def write_token_file(
     start_times: list[float],
     last_chunk_frames: int,
     made: dict[str, str],
+    chunk_seconds: float | None = None,
 ) -> str | None:
     """Write one video's token file atomically (``save_tokens``) from its clips' indices (each [tokens]), the
     model that made them (its :class:`ModelFacts`) and how (:func:`made_with`); returns None, or the one-line
     reason it could not be written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames, made))
+        save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames, made,
+                                     chunk_seconds))  # fmt: skip
     except OSError as e:
         if e.errno in NO_ROOM:  # no other token file could be written there either: the run stops
             raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
@@ -1370,6 +1373,7 @@ def _token_file(
     start_times: list[float],
     last_chunk_frames: int,
     made: dict[str, str],
+    chunk_seconds: float | None = None,
 ) -> TokenFile:
     return TokenFile.from_chunks(
         indices,
@@ -1386,6 +1390,7 @@ def _token_file(
         weights_source=model.weights_source,
         sampling=settings.sampling,
         made_with=made,
+        chunk_seconds=chunk_seconds,
     )
 
 
@@ -1714,10 +1719,16 @@ def playback_rate(token_file: TokenFile) -> float:
     lasts as long as the part of the source its chunks cover. Upstream's sampling takes int(T x source fps / fps)
     source frames a chunk: 74 of a 29.97 fps source for 20 frames at 8 fps, 2.469 s, not 2.5, and a video written
     at 8 fps drifted 1.2% from its source (43 s an hour). The sampling rate where the chunks' start times say
-    nothing (one chunk; times that would give a rate past the bounds)."""
+    nothing (one chunk) and the file records no chunk's span (made before it did), or where the rate would be past
+    the bounds."""
     starts, chunks = token_file.start_times, token_file.start_times.numel()
     span = float(starts[-1] - starts[0]) if chunks > 1 else 0.0
-    rate = token_file.frames_per_chunk * (chunks - 1) / span if span > 0 else token_file.fps
+    if span > 0:
+        rate = token_file.frames_per_chunk * (chunks - 1) / span
+    elif token_file.chunk_seconds is not None:  # one chunk: the time it spans
+        rate = token_file.frames_per_chunk / token_file.chunk_seconds
+    else:
+        rate = token_file.fps
     return rate if MIN_WRITE_FPS <= rate <= MAX_FPS else token_file.fps
 
 

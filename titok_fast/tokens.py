@@ -9,7 +9,8 @@ Tensors:
 Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, "weights_digest": str,
 "fps": number in (0, MAX_FPS], "source": str, "chunking": {"frames_per_chunk": int, "tail": str,
 "last_chunk_frames": int, "sampling": str}, "codebook_size": int, "weights_source": str}, and optionally
-"made_with": {str: str} (see MADE_WITH_KEY) and "digest": "sha256:<hex>" (see DIGEST_KEY).
+"made_with": {str: str} (see MADE_WITH_KEY), "digest": "sha256:<hex>" (see DIGEST_KEY) and, in "chunking",
+"chunk_seconds": number > 0 (the source time a chunk spans).
 weights_source is a local path (recorded, never opened on behalf of the file) or "hf://owner/name@<commit>:<file>"
 for Hub weights. Readers ignore fields they do not know, so new optional fields keep the format version and older
 files keep loading.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import operator
 import os
 import reprlib
@@ -69,6 +71,9 @@ FIELDS = {  # metadata field -> accepted types, as stored in JSON and held by To
     "weights_source": (str,),
 }
 CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frames": (int,), "sampling": (str,)}
+# Optional in "chunking" (files without it load with None): the source time one chunk's frames span, which is what a
+# decoded video of one chunk is played at (a video's chunks' start times say it where there are two or more).
+CHUNK_SECONDS_KEY = "chunk_seconds"
 
 # How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
 # Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
@@ -124,6 +129,8 @@ class TokenFile:
         weights, "" if unknown or random
     made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; rotation when not
         the default; time_sampling with sampling "time"; nvdec_rgb with decoder "nvdec"); {} if unknown
+    chunk_seconds: the source time one chunk spans (finite, > 0: upstream's sampling takes int(T x source fps /
+        fps) source frames a chunk), None if unknown
     """
 
     indices: torch.Tensor
@@ -141,6 +148,7 @@ class TokenFile:
     weights_source: str = ""
     sampling: str = "upstream"
     made_with: dict[str, str] = field(default_factory=dict)
+    chunk_seconds: float | None = None
 
     def __post_init__(self) -> None:
         _check_token_file(self)
@@ -163,6 +171,7 @@ class TokenFile:
         weights_source: str = "",
         sampling: str = "upstream",
         made_with: dict[str, str] | None = None,
+        chunk_seconds: float | None = None,
     ) -> TokenFile:
         """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times.
 
@@ -191,6 +200,7 @@ class TokenFile:
             weights_source=weights_source,
             sampling=sampling,
             made_with=dict(made_with or {}),
+            chunk_seconds=chunk_seconds,
         )
 
     @cached_property
@@ -216,6 +226,8 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
         **{name: getattr(token_file, name) for name in FIELDS},
         "chunking": {name: getattr(token_file, name) for name in CHUNKING_FIELDS},
     }
+    if token_file.chunk_seconds is not None:
+        metadata["chunking"][CHUNK_SECONDS_KEY] = token_file.chunk_seconds
     if token_file.made_with:
         metadata[MADE_WITH_KEY] = token_file.made_with
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
@@ -265,6 +277,7 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
             **{name: metadata[name] for name in FIELDS},
             **{name: metadata["chunking"][name] for name in CHUNKING_FIELDS},
             made_with=metadata.get(MADE_WITH_KEY, {}),
+            chunk_seconds=metadata["chunking"].get(CHUNK_SECONDS_KEY),
         )
         stored = memoryview(data)[8 + header_bytes :]  # each tensor's bytes as the file holds them
         parts = ((name, entries[name]["shape"], stored[slice(*entries[name]["data_offsets"])]) for name in TENSORS)
@@ -489,6 +502,10 @@ def _check_token_file(tf: TokenFile) -> None:
         )
     if tf.sampling not in SAMPLINGS:
         raise TokenFileError(f"sampling must be one of {SAMPLINGS}; got {reprlib.repr(tf.sampling)}")
+    if tf.chunk_seconds is not None:
+        _check_type(CHUNK_SECONDS_KEY, tf.chunk_seconds, (int, float))
+        if not 0 < tf.chunk_seconds < math.inf:  # also refuses NaN
+            raise TokenFileError(f"{CHUNK_SECONDS_KEY} must be finite and > 0; got {reprlib.repr(tf.chunk_seconds)}")
     times = tf.start_times
     if not bool(times.isfinite().all()) or float(times.min()) < 0 or bool((times.diff() < 0).any()):
         raise TokenFileError(f"start_times must be finite, >= 0 and non-decreasing; got {_short(times)}")

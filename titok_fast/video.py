@@ -669,6 +669,14 @@ class ClipReader:
         """The number in the file of the first clip this reader gives (its segment's first; 0: the file's)."""
         return segment.first if (segment := self._segment()) is not None else 0
 
+    @property
+    def chunk_seconds(self) -> float | None:
+        """The source time one clip spans (upstream's sampling: its int(T x source fps / fps) source frames); None
+        before the source's rate is known."""
+        if self.sampling != "upstream":
+            return self.frames / self.fps
+        return self._chunk_length / self.source_fps if self._chunk_length and self.source_fps > 0 else None
+
     def start_times(self) -> list[float]:
         """Start of each clip read so far, seconds after the first video frame (a segment's clips from its first)."""
         first = self.first_clip
