@@ -1001,7 +1001,8 @@ def test_a_token_file_sampled_slower_than_an_mp4_is_written_decodes_at_the_slowe
 
     encode(model, [sources["short"]], tmp_path)
     slow = tmp_path / "slow.safetensors"
-    pipeline.save_tokens(slow, dataclasses.replace(load_tokens(tmp_path / "short.safetensors"), fps=1e-9))
+    made = load_tokens(tmp_path / "short.safetensors")
+    pipeline.save_tokens(slow, dataclasses.replace(made, fps=1e-9, chunk_seconds=SETTINGS.grid[0] / 1e-9))
     assert decode_files(Engine(model), [slow], tmp_path / "mp4").done == [str(slow)]
     with av.open(str(tmp_path / "mp4" / "slow.mp4")) as container:
         stream = container.streams.video[0]
