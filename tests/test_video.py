@@ -2541,6 +2541,25 @@ def test_auto_takes_processes_only_for_many_workers_on_small_frames(files, tmp_p
     assert f"frames of at most {video.PROCESS_FRAME_PIXELS:,} pixels" in help_text
 
 
+def test_auto_decides_without_a_first_file_whose_read_hangs_and_an_interrupt_reaches_the_run(tmp_path):
+    """With 8 workers or more "auto" opens the first file to see its frame size, on the run's thread, before any
+    stall timeout: a first file whose read hung (a stuck network file system) hung the run for good, and a Ctrl-C
+    or SIGTERM meanwhile was taken by FFmpeg's open and became an error of the file (a frame size of None), the run
+    going on as if never stopped."""
+    hanging = videos.make_hanging(tmp_path)
+    try:
+        started = time.monotonic()
+        assert video.frame_pixels(hanging, seconds=0.5) is None  # (unknown: the workers' count decides)
+        assert time.monotonic() - started < 30
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            video.frame_pixels(hanging, seconds=60)
+        timer.join()
+    finally:
+        videos.release_hanging(tmp_path)
+
+
 def _script(
     tmp_path: Path, body: str, temp: Path | None = None, top: str = "", guard: bool = True, **popen
 ) -> subprocess.Popen:

@@ -1173,26 +1173,42 @@ def worker_kind_for(workers: int, decoder: str = "cpu", frame_pixels: int | None
     return "thread" if frame_pixels is not None and frame_pixels > PROCESS_FRAME_PIXELS else "process"
 
 
+PROBE_SECONDS = 10.0  # "auto" waits this long for the first file's frame size, then decides without it
+
+
 def auto_worker_kind(workers: int, decoder: str, paths: Iterable[str | os.PathLike[str]]) -> str:
     """:func:`worker_kind_for` for reading ``paths``, with the frame size of the first of them (where ``paths``
-    is a sequence and the number of workers makes it matter)."""
+    is a sequence and the number of workers makes it matter; see :func:`frame_pixels`)."""
     kind = worker_kind_for(workers, decoder)  # (threads whatever the size: no file is opened to ask)
     if kind == "thread" or not isinstance(paths, Sequence) or not paths:
         return kind
     return worker_kind_for(workers, decoder, frame_pixels(paths[0]))
 
 
-def frame_pixels(path: str | os.PathLike[str]) -> int | None:
+def frame_pixels(path: str | os.PathLike[str], seconds: float = PROBE_SECONDS) -> int | None:
     """Width x height of the video of ``path`` as its header says; None where there is none to tell (not a
-    regular file, no video stream, a file FFmpeg cannot open)."""
-    try:
-        container, _ = _open(os.fspath(path))
-        with container:
-            stream = video_stream(container)
-            context = stream.codec_context if stream is not None else None
-            return context.width * context.height if context is not None and context.width else None
-    except (VideoError, av.FFmpegError, OSError, ValueError):
-        return None
+    regular file, no video stream, a file FFmpeg cannot open) or its header has not been read in ``seconds``.
+
+    Read on a thread of its own (a daemon, left behind if the read hangs), which the caller waits for: a hung
+    read (a stuck network file system) does not hang the run before it starts, and an interrupt (Ctrl-C, a
+    scheduler's SIGTERM) reaches the caller instead of being taken by FFmpeg's open, which its callback ends
+    and PyAV raises as an error of the file."""
+    found: list[int | None] = []
+
+    def read() -> None:
+        try:
+            container, _ = _open(os.fspath(path))
+            with container:
+                stream = video_stream(container)
+                context = stream.codec_context if stream is not None else None
+                found.append(context.width * context.height if context is not None and context.width else None)
+        except (VideoError, av.FFmpegError, OSError, ValueError):
+            found.append(None)
+
+    reader = threading.Thread(target=read, name="titok-frame-size", daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return found[0] if found else None
 
 
 def default_workers() -> int:
