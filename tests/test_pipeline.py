@@ -401,6 +401,22 @@ def test_a_video_in_the_output_folder_whose_record_nests_deeply_is_decoded_over(
     assert decode_files(Engine(model), [token_file], out).skipped == [str(token_file)]
 
 
+def test_an_output_folder_that_is_a_link_leading_nowhere_fails_its_inputs_before_they_are_read(model, sources,
+                                                                                               tmp_path):
+    """An output sub-folder linked to a disk not mounted looked like a folder with nothing in it: its inputs were
+    decoded and encoded in full, then failed with "File exists", at every rerun."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(tmp_path / "not-mounted" / "sub")
+    files = [(sources["short"], "sub/short"), (sources["odd"], "odd")]
+    summary = encode_files(model, Engine(model), files, out, SETTINGS, workers=1)
+    clips = load_tokens(out / "odd.safetensors").token_counts.numel()
+    assert summary.done == [str(sources["odd"])] and summary.clips == clips  # (the other not read: no clip of it)
+    sub = out / "sub"
+    assert summary.failed == [(str(sources["short"]), f"cannot write {sub / 'short.safetensors'}: {sub} is a link "
+                               f"that leads nowhere ({tmp_path / 'not-mounted' / 'sub'})")]  # fmt: skip
+
+
 @pytest.mark.parametrize("given_as", ["its token file", "the manifest", "a temporary", "a token file set aside"])
 def test_an_input_that_is_a_file_the_run_writes_is_refused_up_front(model, sources, tmp_path, given_as):
     """A video given as x.safetensors with -o its folder was replaced by its own tokens, one given as

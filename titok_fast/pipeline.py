@@ -562,6 +562,7 @@ def plan_outputs(
     if not overwrite:
         manifest.read_settled()
     outputs = [(path, outdir / f"{name}.safetensors") for path, name in files]
+    folders: dict[Path, str] = {}  # output folder -> why nothing can be written there ("" if nothing is known)
     fetched = _ahead(_fetch_chunk, outputs, _threads_for(outdir, outputs[0][0]) if outputs else 0)
     try:
         for (path, out), found in zip(outputs, fetched, strict=True):
@@ -580,6 +581,10 @@ def plan_outputs(
                     raise
                 with interrupts_held():
                     manifest.failed(path, out, f"cannot check its token file {out}: {e.strerror or e}")
+                continue
+            if found.absent and (problem := _unwritable_folder(out.parent, outdir, folders)):
+                with interrupts_held():  # (before its video is read and encoded for nothing)
+                    manifest.failed(path, out, f"cannot write {out}: {problem}")
                 continue
             with interrupts_held():  # an input is listed as skipped or is to do, never both nor neither
                 if why == NOT_A_TOKEN_FILE and (refused := _not_a_token_file(out, overwrite)):  # (a user's file is
@@ -610,6 +615,21 @@ def plan_outputs(
         fetched.close()
         manifest.forget_settled()
     return todo
+
+
+def _unwritable_folder(folder: Path, outdir: Path, known: dict[Path, str]) -> str:
+    """Why no token file can be written in ``folder`` (under ``outdir``): one of its folders from ``outdir`` down
+    is a link that leads nowhere (a disk not mounted), which making the folders would fail on with a bare "File
+    exists"; "" where nothing is known against it. Looked at once per folder (``known``)."""
+    if folder not in known:
+        known[folder] = ""
+        if not os.path.isdir(folder):
+            for part in [*reversed(folder.relative_to(outdir).parents), folder.relative_to(outdir)]:
+                link = outdir / part
+                if os.path.islink(link) and not os.path.exists(link):
+                    known[folder] = f"{link} is a link that leads nowhere ({os.readlink(link)})"
+                    break
+    return known[folder]
 
 
 # A resume reads every token file of the job (plan_outputs), and a list file's entries are looked at one by one
