@@ -2328,6 +2328,26 @@ def test_a_failure_names_its_file_once_whatever_its_name_holds():
     assert pipeline._naming("d/x.mp4", "stalled") == "d/x.mp4: stalled"
 
 
+def test_the_time_spent_checking_outputs_is_said_and_left_out_of_clips_per_second(model, sources, tmp_path,
+                                                                                monkeypatch):
+    """A resumed job checks every token file first (minutes for a million), silently: that time then counted as
+    encoding time, in clips/s and in the share of the time the model waited, so a decode-bound run was reported
+    model-bound. Here checking "takes" 100 s of a clock moved on by hand."""
+    ahead, perf_counter, plan_outputs = [0.0], time.perf_counter, pipeline.plan_outputs
+
+    def slow_plan(*args, **kwargs):
+        ahead[0] += 100.0
+        return plan_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + ahead[0])
+    monkeypatch.setattr(pipeline, "plan_outputs", slow_plan)
+    summary = encode(model, [sources["short"]], tmp_path, workers=1)
+    assert summary.checking >= 100 and summary.seconds < 100
+    assert re.search(r"clip\(s\) in [\d.]+ s \([\d.]+ clips/s\) after 10\d\.\d s checking outputs; ", summary.report(
+        "encoded"))  # fmt: skip
+    assert "checking outputs" not in dataclasses.replace(summary, checking=1.0).report("encoded")
+
+
 def test_progress_in_a_log_is_a_line_a_minute(model, sources, tmp_path, monkeypatch, capsys):
     """Where stderr is not a terminal (a batch job's log) the bar drew nothing: a job of hours showed nothing until
     its summary. There a line is written every LOG_SECONDS (here: at every update), with what limits the run; a run
@@ -2341,5 +2361,8 @@ def test_progress_in_a_log_is_a_line_a_minute(model, sources, tmp_path, monkeypa
     assert lines and all("\r" not in line for line in lines)
     assert re.fullmatch(r"3/3 files done in 00:0\d, about 00:00 left, [\d.]+ clips/s, (model|decode)-bound \(waits "
                         r"\d+%, 1 decoding thread\).*", lines[-1])  # fmt: skip
+    encode(model, files, tmp_path / "logged", workers=1)  # a resume: its outputs checked (minutes for a million)
+    checking = [line for line in capsys.readouterr().err.splitlines() if line.startswith("checking outputs: ")]
+    assert checking and re.fullmatch(r"checking outputs: 3/3 files done in 00:0\d, about 00:00 left", checking[-1])
     assert decode_files(Engine(model), [tmp_path / "logged" / "short.safetensors"], tmp_path / "mp4").done
     assert "1/1 files done in" in capsys.readouterr().err

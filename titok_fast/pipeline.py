@@ -116,6 +116,7 @@ class Summary:
     waited: float = 0.0  # encode: the seconds the model's feeder waited for decoded clips (Limits.waited)
     duplicates: int = 0  # results that came back more than once (retried work) and were dropped
     replaced: int = 0  # encode: token files made otherwise (another source, weights or settings) that were redone
+    checking: float = 0.0  # encode: the seconds spent checking outputs before encoding (not in ``seconds``)
 
     def in_order_of(self, files: Sequence[tuple[Path, str]]) -> None:
         """Sort ``done`` and ``failed`` into the order of ``files`` (what is not among them first)."""
@@ -126,7 +127,9 @@ class Summary:
     def report(self, verb: str) -> str:
         lines = [
             f"{verb} {len(self.done)} file(s), {self.clips} clip(s) in {self.seconds:.1f} s "
-            f"({self.clips / max(self.seconds, 1e-9):.2f} clips/s); "
+            f"({self.clips / max(self.seconds, 1e-9):.2f} clips/s)"
+            + (f" after {self.checking:.1f} s checking outputs" if self.checking >= CHECKING_SHOWN_AFTER else "")
+            + "; "
             + (f"skipped {len(self.skipped)} already complete; " if verb != "evaluated" else "")  # (eval skips none)
             + f"{len(self.failed)} failed"
             + (f"; {self.replaced} token file(s) made otherwise replaced (see the manifest)" if self.replaced else "")
@@ -437,13 +440,17 @@ class _LogLines(tqdm):
         return True
 
 
-def _progress(total: int | None = None, unit: str = "file", iterable: Iterable | None = None) -> tqdm:
-    """The progress of a command over ``total`` items (or ``iterable``'s): a bar on a terminal, else a line a
-    minute (:class:`_LogLines`)."""
+def _progress(total: int | None = None, unit: str = "file", iterable: Iterable | None = None, doing: str = "",
+              delay: float = 0.0) -> tqdm:  # fmt: skip
+    """The progress of a command over ``total`` items (or ``iterable``'s), ``doing`` what (a stage before the work,
+    as "checking outputs"): a bar on a terminal (shown once ``delay`` seconds have passed), else a line a minute
+    (:class:`_LogLines`)."""
     if sys.stderr.isatty():
-        return tqdm(iterable, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        return tqdm(iterable, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, desc=doing or None,
+                    delay=delay)  # fmt: skip
     return _LogLines(iterable, total=total, unit=unit, file=sys.stderr, leave=False, mininterval=0,  # (its own)
-                     bar_format="{n_fmt}/{total_fmt} {unit}s done in {elapsed}, about {remaining} left{postfix}")
+                     desc=doing, bar_format=f"{'{desc}: ' if doing else ''}{{n_fmt}}/{{total_fmt}} {{unit}}s done in "
+                     "{elapsed}, about {remaining} left{postfix}")  # fmt: skip
 
 
 def decoder_here(settings: ClipSettings) -> ClipSettings:
@@ -499,8 +506,10 @@ def encode_files(
         todo = plan_outputs(model, engine.mode, files, outdir, settings, manifest, overwrite=overwrite)
         if worker_kind == "auto":  # (by the first file to read)
             worker_kind = auto_worker_kind(workers, settings.decoder, [p for p, _ in todo[:1]])
+        encoding = time.perf_counter()  # (clips/s and what limits the run: from here, not from checking outputs)
+        summary.checking = encoding - start
         writes = Writes(write_threads_for(outdir))
-        job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), start, writes)
+        job = _EncodeJob(model, engine.mode, settings, manifest, _progress(len(todo), "file"), encoding, writes)
         job.limits.workers, job.limits.worker_kind = workers, worker_kind
         on_cuda = model.device.type == "cuda"  # clips that may hold source-size frames are held fewer at a time
         source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
@@ -529,7 +538,7 @@ def encode_files(
                     if str(path) not in settled:
                         manifest.not_encoded(path, out, stopped)
     summary.in_order_of(files)  # files end in any order: said in the inputs' order
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = time.perf_counter() - encoding
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
     summary.waited = job.limits.waited
     return summary
@@ -564,8 +573,11 @@ def plan_outputs(
     outputs = [(path, outdir / f"{name}.safetensors") for path, name in files]
     folders: dict[Path, str] = {}  # output folder -> why nothing can be written there ("" if nothing is known)
     fetched = _ahead(_fetch_chunk, outputs, _threads_for(outdir, outputs[0][0]) if outputs else 0)
+    bar = _progress(len(outputs), "file", doing="checking outputs", delay=CHECKING_SHOWN_AFTER)  # (a resumed
+    # large job's: minutes of nothing else)
     try:
         for (path, out), found in zip(outputs, fetched, strict=True):
+            bar.update(1)
             try:
                 # which file it is, taken before it is read (not looked at where nothing is there)
                 entry = found.entry if found.data is not None else None if found.absent else file_entry(out)
@@ -613,8 +625,12 @@ def plan_outputs(
         raise
     finally:
         fetched.close()
+        bar.close()
         manifest.forget_settled()
     return todo
+
+
+CHECKING_SHOWN_AFTER = 2.0  # seconds: checking the outputs of a run that takes less shows no bar
 
 
 def _unwritable_folder(folder: Path, outdir: Path, known: dict[Path, str]) -> str:
