@@ -26,7 +26,11 @@ is encoded by ``encode_files`` (video files in, token files out) and the run rep
 Before any source is timed, the engine encodes one batch of ``--batch-size`` clips of the same shape, so lazy CUDA
 and cuBLAS start-up, graph capture and Triton compilation fall outside every timing.
 
-``--input-only`` measures the reading side alone (decoding, sampling and preprocessing, no model).
+``--input-only`` measures the reading side alone (decoding, sampling and preprocessing, no model). ``--stand-in
+RATE`` runs the whole path with the model's engine replaced by a stand-in that takes a batch's clips, sleeps as long
+as a model of RATE clips/s would run them (the GIL free, as a GPU's work leaves it) and gives tokens of zeros: what
+the input pipeline gives a model of that speed, whatever the machine's own model does; its model-only clips/s is
+RATE, declared, not measured.
 As a script it prints a table (``python benchmarks/bench_pipeline.py --help``); ``titok-fast bench`` runs the
 small pytest cases below. With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line.
 """
@@ -178,7 +182,8 @@ def _upload(upload: str | None):
         return contextlib.nullcontext()
     read_kwargs = ClipSettings.read_kwargs
     return unittest.mock.patch.object(ClipSettings, "read_kwargs",
-                                      lambda self, device="cpu": {**read_kwargs(self, device), "upload": upload})
+                                      lambda self, *args, **kwargs: {**read_kwargs(self, *args, **kwargs),
+                                                                     "upload": upload})  # fmt: skip
 
 
 def _supported(function, options: dict) -> dict:
@@ -232,6 +237,33 @@ def warm_up_yuv_kernels(device, height: int, width: int, dtype: torch.dtype) -> 
     black = torch.tensor([16, 16, 16, 16, 128, 128], dtype=torch.uint8).view(1, 3, 2)  # Y rows, then U, V
     DevicePreprocessor(device, height, width, dtype)(I420Clip(black, "bt601"))
     nv12_rgb.nv12_rgb(black[0].to(device), 2)
+
+
+class StandIn:
+    """An engine's ``encode_stream`` without the model: batches of up to ``batch`` clips (fewer where the stream
+    says it is idle, as the engine runs what it holds), each a sleep of ``clips / rate`` seconds, then each clip's
+    tokens as zeros. Clips preprocessed on the device are left to their stream (a GPU's queued work goes on)."""
+
+    def __init__(self, engine: Engine, rate: float, batch: int):
+        self.mode, self.model, self.rate, self.batch = engine.mode, engine.model, rate, batch
+
+    def encode_stream(self, items, *, host: bool = False):
+        from titok_fast.engine import IDLE
+
+        held = []
+        for item in items:
+            if item is not IDLE:
+                held.append(item)
+            if held and (item is IDLE or len(held) == self.batch):
+                yield from self._run(held)
+                held = []
+        yield from self._run(held)
+
+    def _run(self, held):
+        if held:
+            time.sleep(len(held) / self.rate)
+        for key, _, tokens in held:
+            yield key, (None, torch.zeros(tokens, dtype=torch.int64))
 
 
 def model_batch(path: Path, settings: ClipSettings, batch: int, model) -> list[torch.Tensor]:
@@ -328,7 +360,10 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         row["feeder_waits"] = feeder_waited / wall
     if spent:
         row["model_rest_cpu_s"] = (cpu - sum(spent.get(n, 0.0) for n in STAGE_NAMES)) / clips
-    if not args.input_only:
+    if args.stand_in:
+        row["model_only_clips_per_s"], row["model_only_batch"] = args.stand_in, args.batch_size  # (declared)
+        row["stand_in"] = True
+    elif not args.input_only:
         row["model_only_clips_per_s"], row["model_only_batch"] = model_only(engine, model, path, settings,
                                                                              args.batch_size)  # fmt: skip
         row["model_busy"] = clips / row["model_only_clips_per_s"] / wall
@@ -453,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how CPU-decoded frames go to placement device (default: the run's: i420 on CUDA where it "
                         "gives the same bytes, else rgb)")
     p.add_argument("--input-only", action="store_true", help="the reading side alone: no model")
+    p.add_argument("--stand-in", type=float, default=None, metavar="RATE",
+                   help="end to end with a stand-in for the model that runs RATE clips/s (a sleep per batch)")
     p.add_argument("--sources-only", action="store_true", help="make the source videos (if missing), nothing else")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the log")
     p.add_argument("--log", default=os.environ.get("TITOK_BENCH_LOG"), help="append each row here as JSON")
@@ -475,7 +512,13 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(env), file=sys.stderr)
     model = random_tokenizer(args.config, seed=0, device=args.device, dtype=dtype)
     engine = Engine(model, mode=args.mode, max_clips=args.batch_size)
-    if not args.input_only:
+    if args.stand_in and args.input_only:
+        raise SystemExit("--stand-in and --input-only: choose one")
+    if args.stand_in:
+        engine = StandIn(engine, args.stand_in, args.batch_size)
+        if model.device.type == "cuda":
+            warm_up_yuv_kernels(model.device, *args.grid[1:], model.dtype)
+    elif not args.input_only:
         warm_up(engine, model, args.grid, args.tokens, args.batch_size)
     rows = []
     for name, (path, mbit) in made.items():
