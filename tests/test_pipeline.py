@@ -243,11 +243,14 @@ def test_encode_resiliently_retries_alone_and_goes_on(model, monkeypatch):
 
 
 def test_a_long_video_is_never_held_whole(model, tmp_path, monkeypatch):
-    """Clips prepared for the model and not yet encoded never exceed the engine's two batches (the reader holds at
-    most ``read_ahead`` more, decoded): 5 of the video's 20 clips here."""
+    """Clips prepared for the model and not yet encoded never exceed the engine's two batches, the clip that
+    closed the second, ``read_ahead`` more queued and the one its worker holds: 7 of the video's 20 clips here.
+    (The decoding worker prepares them: scaled in the model's dtype where they are read.)"""
+    from titok_fast import video
+
     path = make_video(tmp_path / "ten_seconds.mp4", frames=240, height=32, width=32, fps=24)  # 20 clips
     alive, peak = [0], [0]
-    real_normalize = pipeline.normalize_pixels
+    real_normalize = video.normalize_pixels
 
     def tracking(clip, dtype):
         out = real_normalize(clip, dtype)
@@ -256,10 +259,11 @@ def test_a_long_video_is_never_held_whole(model, tmp_path, monkeypatch):
         weakref.finalize(out, lambda: alive.__setitem__(0, alive[0] - 1))
         return out
 
-    monkeypatch.setattr(pipeline, "normalize_pixels", tracking)
-    summary = encode(model, [path], tmp_path / "out", workers=1, read_ahead=1, max_clips=2)
+    monkeypatch.setattr(video, "normalize_pixels", tracking)
+    summary = encode(model, [path], tmp_path / "out", workers=1, worker_kind="thread", read_ahead=1, max_clips=2)
     assert summary.done == [str(path)] and summary.clips == 20
-    assert peak[0] <= 2 * 2 + 1  # a batch running, the next staged, and the clip that closed it
+    assert 0 < peak[0] <= 2 * 2 + 1 + 1 + 1  # a batch running, the next staged, the clip that closed it, one queued
+    # and one being read
 
 
 def test_eval_streams_in_groups_and_skips_a_file_failing_midway(model, sources):
@@ -738,17 +742,26 @@ def test_encode_resiliently_gives_up_on_a_fault_no_clip_explains(model, monkeypa
     assert errors == blamed
 
 
+def breaks_at_clip(monkeypatch, count: int) -> None:
+    """The run's source of clips (the files' interleaver, on the run's thread) raises "cannot allocate memory" as
+    it gives its ``count``-th clip: no file's fault."""
+    from titok_fast import video
+
+    real, clips = video.FeedInterleaver._next_ready, []
+
+    def flaky(self):
+        event = real(self)
+        if event is not None and event[1] == "clip":
+            clips.append(1)
+            if len(clips) == count:
+                raise RuntimeError("cannot allocate memory")
+        return event
+
+    monkeypatch.setattr(video.FeedInterleaver, "_next_ready", flaky)
+
+
 def test_encode_files_stops_loudly_when_the_clip_source_breaks(model, sources, tmp_path, monkeypatch):
-    real = pipeline.normalize_pixels
-    calls = []
-
-    def flaky(clip, dtype):
-        calls.append(1)
-        if len(calls) == 6:  # the first file's clip is back by then
-            raise RuntimeError("cannot allocate memory")
-        return real(clip, dtype)
-
-    monkeypatch.setattr(pipeline, "normalize_pixels", flaky)
+    breaks_at_clip(monkeypatch, 6)  # the first file's clip is back by then
     with pytest.raises(RuntimeError, match="cannot allocate memory"):
         encode(model, [sources["short"], sources["odd"], sources["long"]], tmp_path, max_clips=1)
     assert (tmp_path / "short.safetensors").exists()  # what was finished before stays
@@ -1814,15 +1827,7 @@ def test_a_run_that_stops_lists_exactly_the_files_it_did_not_settle(model, sourc
     """The files done or failed before the run stopped keep their lines; every other one is "not-encoded", once."""
     from titok_fast.manifest import MANIFEST_NAME, read_manifest
 
-    real, calls = pipeline.normalize_pixels, []
-
-    def stops(clip, dtype):
-        calls.append(1)
-        if len(calls) == 12:  # short (1 clip), broken (fails after 1) and odd (5) are settled by then
-            raise RuntimeError("cannot allocate memory")
-        return real(clip, dtype)
-
-    monkeypatch.setattr(pipeline, "normalize_pixels", stops)
+    breaks_at_clip(monkeypatch, 12)  # short (1 clip), broken (fails after 1) and odd (5) are settled by then
     files = [sources["short"], sources["broken"], sources["odd"], sources["long"], sources["black"]]
     with pytest.raises(RuntimeError, match="cannot allocate memory"):
         encode(model, files, tmp_path, workers=1, max_clips=1)

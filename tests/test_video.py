@@ -156,6 +156,20 @@ def test_raw_clips_scale_as_upstream(files):
     assert torch.equal(normalize_pixels(raw, torch.bfloat16), (raw.bfloat16() / 255) * 2 - 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_clips_scaled_where_they_are_read_are_those_the_model_would_scale(files, dtype):
+    """The encode pipeline has its decoding workers scale the clips they resize, in the model's dtype (the thread
+    driving the model scaled 8.8 MB of float32 per 20x192x192 clip before): the same values as scaling raw clips."""
+    kwargs = dict(frames=4, height=32, width=32, fps=8, tail="pad")
+    raw = list(video.ClipReader(files["moving"], raw=True, **kwargs))
+    scaled = list(video.ClipReader(files["moving"], dtype=dtype, **kwargs))
+    assert len(scaled) == len(raw) > 1
+    for s, r in zip(scaled, raw, strict=True):
+        assert s.dtype == dtype and torch.equal(s, normalize_pixels(r, dtype))
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype; got torch.uint8"):
+        video.ClipReader(files["moving"], dtype=torch.uint8, **kwargs)
+
+
 def test_variable_frame_rate_uses_timestamps(files):
     times = videos.vfr_times(16)
     result = read_clips(files["vfr"], frames=1, height=16, width=16, fps=8, sampling="time")

@@ -177,13 +177,16 @@ class ClipSettings:
     prune: bool = True
     rotation: str = "stored"
 
-    def read_kwargs(self, device: str = "cpu") -> dict:
+    def read_kwargs(self, device: str = "cpu", dtype: torch.dtype | None = None) -> dict:
         """Arguments of ``ClipReader`` / ``stream_videos`` for these settings and a model on ``device`` ("cpu",
-        "cuda"): raw pixels, scaled in the model's dtype; frames preprocessed where ``preprocess`` places them, and
-        on CUDA handed over as I420 where that gives the same bytes (``ClipReader``'s ``upload``)."""
+        "cuda"): frames preprocessed where ``preprocess`` places them, and on CUDA handed over as I420 where that
+        gives the same bytes (``ClipReader``'s ``upload``); clips resized where they are read come scaled in the
+        model's ``dtype`` (by the decoding worker, in parallel: not on the thread that drives the model, which
+        scaled 8.8 MB of float32 a 20x192x192 clip), or as raw pixels without it."""
         t, h, w = self.grid
+        scaled = {"raw": True} if dtype is None else {"raw": False, "dtype": dtype}
         return dict(
-            frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, raw=True,
+            frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, **scaled,
             decoder=self.decoder, preprocess=self.preprocess, device=device, prune=self.prune, rotation=self.rotation,
             upload="i420" if device == "cuda" else "rgb",
         )  # fmt: skip
@@ -517,7 +520,7 @@ def encode_files(
             [p for p, _ in todo], workers=workers, idle_seconds=IDLE_SECONDS, worker_kind=worker_kind,
             stall_seconds=stall_seconds,
             capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
-            **settings.read_kwargs(model.device.type),
+            **settings.read_kwargs(model.device.type, model.dtype),
         )  # fmt: skip
         stopped = "not encoded"
         try:
@@ -1107,7 +1110,7 @@ class _EncodeJob:
     def clips(self, files_read: FeedInterleaver, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file, taken
         from whichever file (or part of a file split across workers) has one ready."""
-        dtype, tokens = self.model.dtype, self.settings.tokens
+        tokens = self.settings.tokens
         most = most_chunks(tokens)
         for number, kind, value in self.limits.waiting(files_read):
             if kind == "idle":  # no clip ready for a while (slow or stuck files): the engine runs what it holds
@@ -1136,8 +1139,7 @@ class _EncodeJob:
                     if clip is None:  # the file failed
                         files_read.drop(number)
                         continue
-                else:  # resized already, by the decoding worker
-                    clip = normalize_pixels(clip, dtype)
+                # else resized and scaled in the model's dtype already, by the decoding worker
                 yield (number, place), clip, tokens
                 state.taken += 1
 

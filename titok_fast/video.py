@@ -153,10 +153,11 @@ class ClipReader:
     """One video's clips, decoded lazily: iterating yields each clip [3, frames, height, width] float32 as soon as its
     frames are decoded, so a long video never has to fit in memory.
 
-    Clips hold `frames` frames sampled at `fps`, with values in [-1, 1], or with ``raw=True`` the resized pixel
-    values (0..255 scale, unclamped) for ``normalize_pixels`` to scale in the model's dtype exactly as upstream
-    does. ``sampling``: "upstream" (the notebook's frame indices) or "time" (presentation times; for variable frame
-    rate), see the module header. tail="drop" drops a last chunk shorter than `frames` (a video shorter than one
+    Clips hold `frames` frames sampled at `fps`, with values in [-1, 1] scaled in ``dtype`` (float32 by default;
+    the model's, as ``normalize_pixels`` scales them, exactly as upstream does, casting first), or with ``raw=True``
+    the resized pixel values (0..255 scale, unclamped) for ``normalize_pixels`` to scale later. ``sampling``:
+    "upstream" (the notebook's frame indices) or "time" (presentation times; for variable frame rate), see the
+    module header. tail="drop" drops a last chunk shorter than `frames` (a video shorter than one
     chunk is a VideoError); tail="pad" keeps it, repeating its last frame. `threads` decoder threads use frame
     threading. The arguments are checked here; the file is opened when iteration starts.
 
@@ -210,6 +211,7 @@ class ClipReader:
         rotation: str = "stored",
         segment: Segment | None = None,
         upload: str = "rgb",
+        dtype: torch.dtype = torch.float32,
     ):
         sizes = {"frames": frames, "height": height, "width": width, "threads": threads}
         wrong = next((k for k, v in sizes.items() if not isinstance(v, numbers.Integral) or isinstance(v, bool)), None)
@@ -235,6 +237,9 @@ class ClipReader:
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}; got {upload!r}")
         self.upload = upload
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
+        self.dtype = dtype
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
         self.rotation, self.segment = rotation, segment
@@ -657,7 +662,12 @@ class ClipReader:
             return self._holding(I420Clip(clip, self._i420) if clip.ndim == 3 else clip)
         self.drop_reservation()  # a small clip now
         clip = stack_here(images, dim=1)
-        return clip if self.raw else normalize_pixels(clip, torch.float32)
+        if self.raw:
+            return clip
+        started = CLOCK.start()
+        clip = normalize_pixels(clip, self.dtype)  # (here: where it was decoded, beside the model's thread)
+        CLOCK.stop("resize", started)
+        return clip
 
     def _holding(self, clip: torch.Tensor | I420Clip) -> torch.Tensor | I420Clip:
         """``clip``, whose reserved bytes are now ``handed``: its feed gives them back when the consumer takes it."""
