@@ -37,7 +37,7 @@
 #                                            # after on 720p30 and 256p8, and NVDEC), then the table of
 #                                            # targets met or missed (benchmarks/targets.py)
 #   bash benchmarks/gpu_session.sh targets-model   # its model rows alone (305 s), judged
-#   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (265 s), judged
+#   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (295 s), judged
 #   bash benchmarks/gpu_session.sh profile   # where a batch's time goes (benchmarks/profile_model.py, 180 s at
 #                                            # most): device ms by kind of kernel and the GPU's idle time, encode
 #                                            # and decode at b1 and b32 (auto), and FP8 decode at b32
@@ -46,9 +46,10 @@
 # since the H100 run of 2026-12-05 the model's kernels are the same; the input pipeline has changed (H.264 in MP4
 # decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing token files, the
 # weights' digest taken once a run), the gpu tests corrected or added since have not run, and the pipeline rows say
-# what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores busy). So, each a
+# what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores busy), beside a row
+# of 256p8 with a stand-in for the model at its measured speed (what driving the model costs the input). So, each a
 # call of its own:
-#   1. `gpu-tests pipeline-short` (505 s at most: the device-side preprocessing and NVDEC checks, then every
+#   1. `gpu-tests pipeline-short` (535 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
 #   2. `targets-model` if 6 minutes are left (`targets-model profile` if 8 are), else `profile` and what is left of
 #      `pipeline-sweeps`.
@@ -184,7 +185,7 @@ judge() {  # the targets met or missed, of what this call measured ("not measure
 }
 
 pipeline() {  # $1: "" (every before / after row: 490 s by the timeouts below), "short" (the rows of the targets:
-    # 265 s; no 256p8 "before", no rows with threads) or "sweeps" (NVDEC against threads, decoding workers 1..16,
+    # 295 s; no 256p8 "before", no rows with threads) or "sweeps" (NVDEC against threads, decoding workers 1..16,
     # one long video: 485 s); every row is appended to pipeline.jsonl as soon as it is measured
     local log="$out/pipeline.jsonl" videos="$scratch/pipeline-videos" mode=${1:-}
     local run=("$python" benchmarks/bench_pipeline.py --config v1 --dtype bf16 --batch-size 32 --seconds 10
@@ -228,6 +229,12 @@ PROBE
         # on the GPU by the placement rule)
         limited "after 720p30" 40 "${run[@]}" --sources 720p30 --files 32 --label after --workers "$(nproc)"
         limited "after 256p8" 40 "${run[@]}" --sources 256p8 --files 256 --label after --workers "$(nproc)"
+        # the same with a stand-in for the model at the model-only rate that row measured (a sleep per batch): what
+        # the input pipeline gives a model of that speed, less what driving the real one costs the run's thread
+        local rate
+        rate=$("$python" -c "import json, sys; rows = [json.loads(l) for l in open(sys.argv[1])]; print(next((r['model_only_clips_per_s'] for r in reversed(rows) if r.get('source') == 'after 256p8' and 'model_only_clips_per_s' in r), 750))" "$log" 2>/dev/null || echo 750)
+        limited "stand-in 256p8" 30 "${run[@]}" --sources 256p8 --files 256 --label stand-in --workers "$(nproc)" \
+            --stand-in "$rate"
         limited nvdec 35 "${run[@]}" --sources 720p30 --files 32 --label nvdec --decoder nvdec --workers "$(nproc)"
         # 256p8 through NVDEC: whether the hardware decoder carries small sources to the model's speed, where CPU
         # decoding cannot (0.03-0.05 CPU-s a clip: 16 cores feed some 300-500 clips/s at best); as many files as
