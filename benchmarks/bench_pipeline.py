@@ -498,6 +498,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.stand_in and args.input_only:
+        raise SystemExit("--stand-in and --input-only: choose one")
     names = [s.strip() for s in args.sources.split(",") if s.strip()]
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
@@ -512,8 +514,6 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(env), file=sys.stderr)
     model = random_tokenizer(args.config, seed=0, device=args.device, dtype=dtype)
     engine = Engine(model, mode=args.mode, max_clips=args.batch_size)
-    if args.stand_in and args.input_only:
-        raise SystemExit("--stand-in and --input-only: choose one")
     if args.stand_in:
         engine = StandIn(engine, args.stand_in, args.batch_size)
         if model.device.type == "cuda":

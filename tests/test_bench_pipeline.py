@@ -1,0 +1,33 @@
+"""benchmarks/bench_pipeline.py's stand-in for the model: it takes the clips as the engine does and gives tokens."""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_pipeline import StandIn, main  # noqa: E402
+
+from titok_fast.engine import IDLE, Engine
+from titok_fast.loading import random_tokenizer
+
+
+def test_the_stand_in_runs_batches_as_the_engine_takes_them(monkeypatch):
+    """Batches of at most ``batch`` clips, one cut short where the stream is idle (the engine runs what it holds),
+    each a sleep of its clips at the rate; every clip's tokens come back, zeros of its count, in order."""
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    stand_in = StandIn(Engine(random_tokenizer("tiny", seed=0)), rate=100.0, batch=3)
+    items = [(k, None, 8) for k in range(5)]
+    results = list(stand_in.encode_stream([*items[:2], IDLE, IDLE, *items[2:]], host=True))
+    assert [key for key, _ in results] == list(range(5))
+    assert all(torch.equal(indices, torch.zeros(8, dtype=torch.int64)) for _, (_, indices) in results)
+    assert slept == pytest.approx([0.02, 0.03])  # 2 clips (idle), then 3 (full)
+
+
+def test_the_stand_in_and_the_reading_side_alone_are_one_or_the_other(tmp_path):
+    with pytest.raises(SystemExit, match="--stand-in and --input-only: choose one"):
+        main(["--videos", str(tmp_path), "--sources", "256p8", "--seconds", "1", "--input-only", "--stand-in", "50",
+              "--device", "cpu"])  # fmt: skip
