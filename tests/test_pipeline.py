@@ -516,31 +516,18 @@ def test_a_run_takes_what_its_token_files_say_of_the_model_once(model):
         ModelFacts.of(unnamed)
 
 
-def test_a_folder_of_token_files_of_two_weights_is_finished_by_one_run_of_each(model, sources, tmp_path):
-    """Each run loads one model: a video another run decoded with the weights its token file records is complete,
-    not a failure of this run (every rerun failed it again); --force still decodes it with this run's model."""
-    other = random_tokenizer("tiny", seed=1)
-    first, second = tmp_path / "a" / "short.safetensors", tmp_path / "b" / "short.safetensors"
-    encode(model, [sources["short"]], first.parent)
-    encode(other, [sources["short"]], second.parent)
-    pairs, out = [(first, "a"), (second, "b")], tmp_path / "decoded"
-    summary = decode_files(Engine(model), pairs, out)
-    assert (summary.done, [p for p, _ in summary.failed]) == ([str(first)], [str(second)])
-    summary = decode_files(Engine(other), pairs, out)
-    assert (summary.done, summary.skipped, summary.failed) == ([str(second)], [str(first)], [])
-    summary = decode_files(Engine(model), pairs, out)
-    assert (summary.done, summary.skipped, summary.failed) == ([], [str(first), str(second)], [])
-    assert decode_files(Engine(other), pairs, out, force=True).done == [str(first)]
-
-
-def test_a_folder_of_token_files_of_one_weights_and_two_fsq_configs_is_finished_by_one_run_of_each(model, sources,
-                                                                                                   tmp_path):
-    """The same weights with other FSQ levels (which have no weights) are another model: a video the run of its own
-    config decoded was failed again by every run of the other config, the folder never finished."""
-    config = model.config.to_dict()
-    config["tokenizer"]["model"]["fsq_levels"] = list(reversed(model.config.fsq_levels))
-    other = random_tokenizer(config, seed=0)
-    assert other.weights_digest == model.weights_digest
+@pytest.mark.parametrize("other_model", ["other weights", "other fsq levels"])
+def test_a_folder_of_token_files_of_two_models_is_finished_by_one_run_of_each(model, sources, tmp_path, other_model):
+    """Each run loads one model: a video another run decoded with the model its token file records is complete,
+    not a failure of this run (every rerun failed it again); --force still decodes it with this run's model. The
+    same weights with other FSQ levels (which have no weights: the same digest) are another model too."""
+    if other_model == "other weights":
+        other = random_tokenizer("tiny", seed=1)
+    else:
+        config = model.config.to_dict()
+        config["tokenizer"]["model"]["fsq_levels"] = list(reversed(model.config.fsq_levels))
+        other = random_tokenizer(config, seed=0)
+        assert other.weights_digest == model.weights_digest
     first, second = tmp_path / "a" / "short.safetensors", tmp_path / "b" / "short.safetensors"
     encode(model, [sources["short"]], first.parent)
     encode(other, [sources["short"]], second.parent)
