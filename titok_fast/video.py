@@ -150,7 +150,7 @@ class Segment:
 
 
 class ClipReader:
-    """One video's clips, decoded lazily: iterating yields each clip [3, frames, height, width] float32 as soon as its
+    """One video's clips, decoded lazily: iterating yields each clip [3, frames, height, width] as soon as its
     frames are decoded, so a long video never has to fit in memory.
 
     Clips hold `frames` frames sampled at `fps`, with values in [-1, 1] scaled in ``dtype`` (float32 by default;
@@ -169,8 +169,9 @@ class ClipReader:
     NVDEC's frames) the clips are the sampled frames at source size, [frames, h, w, 3] uint8 RGB, for
     :class:`titok_fast.preprocess.DevicePreprocessor`, except a clip whose frames differ in size (the source's
     resolution changes within it): its frames are resized one by one where they were decoded, as placement "cpu"
-    does, and it comes as that placement's clips do (float32); ``placement`` and ``decoded_by`` say what this file
-    got. ``upload="i420"`` (what a run on CUDA asks for): the CPU decoder's clips of such frames come as
+    does, and it comes as that placement's clips do (scaled in ``dtype``, or raw float32); ``placement`` and
+    ``decoded_by`` say what this file got.
+    ``upload="i420"`` (what a run on CUDA asks for): the CPU decoder's clips of such frames come as
     :class:`titok_fast.preprocess.I420Clip` instead, their YUV planes (half the bytes), where the device's
     conversion gives the RGB bytes of this machine's libswscale (:func:`titok_fast.decoders.i420_matrix`); a clip
     with a frame that would not (a stream that changes midway, a frame turned by ``rotation``) comes as RGB.
