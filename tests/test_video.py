@@ -2427,12 +2427,14 @@ def same_clip(a, b) -> bool:
     return torch.equal(a, b)
 
 
-@pytest.mark.parametrize("upload", ["rgb", "i420"])
+@pytest.mark.parametrize("upload", ["rgb", "i420", "scaled in bf16"])
 def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, capfd, upload):
     """Where shared memory is too small for a clip (a container's /dev/shm is 64 MB unless raised), the worker
     process sends it through its pipe instead: the same clips as threads give, no file failed, one notice a run,
-    no shared memory name left. (Here the workers are started under a file size limit below a clip's size, which
-    fails their shared memory as a full /dev/shm does: the server they are forked from is started under it.)"""
+    no shared memory name left. Clips scaled in bf16 by the worker (encode's, for a bf16 model) too: NumPy, which
+    the pipe's clips went through, has no bfloat16, and every file failed. (Here the workers are started under a
+    file size limit below a clip's size, which fails their shared memory as a full /dev/shm does: the server they
+    are forked from is started under it.)"""
     import resource
     from multiprocessing import forkserver
 
@@ -2441,6 +2443,8 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
     if upload == "i420":  # source-size clips, in segments of shared memory reused: those of 48x64 and 32x32 frames
         # as I420 (18,432 and 6,144 bytes, the limit below at 16,384 bytes), the odd-sized file's as RGB
         kwargs |= dict(preprocess="device", upload="i420")
+    if upload == "scaled in bf16":  # 98,304 bytes a clip
+        kwargs |= dict(dtype=torch.bfloat16)
     threads = list(iter_videos(paths, workers=2, **kwargs))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
@@ -2464,6 +2468,8 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
         assert all(same_clip(x, y) for x, y in zip(a.clips, b.clips, strict=True))
     assert [type(r.clips[0]).__name__ for _, r in processes] == (
         ["I420Clip", "I420Clip", "Tensor"] if upload == "i420" else ["Tensor"] * 3)
+    assert {getattr(r.clips[0], "frames", r.clips[0]).dtype for _, r in processes} == (
+        {torch.bfloat16} if upload == "scaled in bf16" else {torch.uint8} if upload == "i420" else {torch.float32})
     err = capfd.readouterr().err
     assert err.count("found no room in shared memory") == 1 and "--worker-kind thread" in err, err
     assert not [n for n in os.listdir(video.SHARED_MEMORY) if n.startswith(tuple(workers))]

@@ -1728,8 +1728,9 @@ class _DecoderProcess:
                     value, kind = _with_frames(clip, _copied(shared, feed.reader.pin_memory)), "clip"
                     self._send(("freed", number, kept))
                 if kind == "piped":  # a clip that found no room in shared memory
-                    value, why = value
-                    value, kind = _with_frames(value, torch.from_numpy(_frames_of(value))), "clip"
+                    value, why, bf16 = value
+                    frames = torch.from_numpy(_frames_of(value))
+                    value, kind = _with_frames(value, frames.view(torch.bfloat16) if bf16 else frames), "clip"
                     if self.piped.acquire(blocking=False):  # said once a run, whichever process's clip comes first
                         notice(f"clips found no room in shared memory ({why}); worker processes send them through "
                                f"their pipes instead (slower): give {SHARED_MEMORY} more room (a container's "
@@ -2198,8 +2199,10 @@ def _serve_file(
                 _forget_workers({os.getpid()}, unmark=False)  # the name torch made for it, and nothing else
                 if kept is not None:  # (not sent: the run will not give it back)
                     segments.give_back(kept)
-                run.send(("piped", (_with_frames(clip, _frames_of(clip).numpy()), f"{type(exc).__name__}: {exc}"),
-                                    spent))  # fmt: skip
+                frames, why = _frames_of(clip), f"{type(exc).__name__}: {exc}"
+                bf16 = frames.dtype == torch.bfloat16  # (NumPy has no bfloat16: its bits go, as int16)
+                array = (frames.view(torch.int16) if bf16 else frames).numpy()
+                run.send(("piped", (_with_frames(clip, array), why, bf16), spent))
             credits -= 1
         run.send(("end", {name: getattr(reader, name) for name in _READER_STATE}, CLOCK.take()))
     except VideoError as exc:
