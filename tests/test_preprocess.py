@@ -181,8 +181,8 @@ def test_encode_files_takes_i420_clips(files, tmp_path, monkeypatch):
         kinds.append(type(frames).__name__)
         return preprocess(self, frames)
 
-    monkeypatch.setattr(ClipSettings, "read_kwargs", lambda self, device="cpu": {**read_kwargs(self, device),
-                                                                                 "upload": "i420"})  # fmt: skip
+    monkeypatch.setattr(ClipSettings, "read_kwargs", lambda self, *args, **kw: {**read_kwargs(self, *args, **kw),
+                                                                                "upload": "i420"})  # fmt: skip
     monkeypatch.setattr(DevicePreprocessor, "__call__", seen)
     made = encoded_both_ways(model, engine, [files["wide"], files["tall"]], tmp_path, grid=(4, 64, 64), tokens=64,
                              fps=24)  # fmt: skip
