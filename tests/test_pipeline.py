@@ -412,13 +412,18 @@ def test_an_output_folder_that_is_a_link_leading_nowhere_fails_its_inputs_before
     out = tmp_path / "out"
     out.mkdir()
     (out / "sub").symlink_to(tmp_path / "not-mounted" / "sub")
-    files = [(sources["short"], "sub/short"), (sources["odd"], "odd")]
+    elsewhere = tmp_path / "elsewhere" / "new" / "long"  # (Python's API takes a name outside the output folder)
+    files = [(sources["short"], "sub/short"), (sources["odd"], "odd"), (sources["black"], "sub/deeper/black"),
+             (sources["long"], str(elsewhere))]  # fmt: skip
     summary = encode_files(model, Engine(model), files, out, SETTINGS, workers=1)
-    clips = load_tokens(out / "odd.safetensors").token_counts.numel()
-    assert summary.done == [str(sources["odd"])] and summary.clips == clips  # (the other not read: no clip of it)
-    sub = out / "sub"
-    assert summary.failed == [(str(sources["short"]), f"cannot write {sub / 'short.safetensors'}: {sub} is a link "
-                               f"that leads nowhere ({tmp_path / 'not-mounted' / 'sub'})")]  # fmt: skip
+    clips = sum(load_tokens(p).token_counts.numel() for p in (out / "odd.safetensors", f"{elsewhere}.safetensors"))
+    assert summary.done == [str(sources["odd"]), str(sources["long"])] and summary.clips == clips  # (the others
+    # not read: no clip of them)
+    sub, gone = out / "sub", tmp_path / "not-mounted" / "sub"
+    nowhere = f"{sub} is a link that leads nowhere ({gone})"
+    deeper = sub / "deeper" / "black.safetensors"
+    assert summary.failed == [(str(sources["short"]), f"cannot write {sub / 'short.safetensors'}: {nowhere}"),
+                              (str(sources["black"]), f"cannot write {deeper}: {nowhere}")]
 
 
 @pytest.mark.parametrize("given_as", ["its token file", "the manifest", "a temporary", "a token file set aside"])

@@ -575,7 +575,8 @@ def plan_outputs(
         manifest.read_settled()
     outputs = [(path, outdir / f"{name}.safetensors") for path, name in files]
     folders: dict[Path, str] = {}  # output folder -> why nothing can be written there ("" if nothing is known)
-    fetched = _ahead(_fetch_chunk, outputs, _threads_for(outdir, outputs[0][0]) if outputs else 0)
+    fetched = _ahead(functools.partial(_fetch_chunk, folders=folders), outputs,
+                     _threads_for(outdir, outputs[0][0]) if outputs else 0)  # fmt: skip
     bar = _progress(len(outputs), "file", doing="checking outputs", delay=CHECKING_SHOWN_AFTER)  # (a resumed
     # large job's: minutes of nothing else)
     try:
@@ -597,9 +598,9 @@ def plan_outputs(
                 with interrupts_held():
                     manifest.failed(path, out, f"cannot check its token file {out}: {e.strerror or e}")
                 continue
-            if found.absent and (problem := _unwritable_folder(out.parent, outdir, folders)):
+            if found.unwritable:
                 with interrupts_held():  # (before its video is read and encoded for nothing)
-                    manifest.failed(path, out, f"cannot write {out}: {problem}")
+                    manifest.failed(path, out, f"cannot write {out}: {found.unwritable}")
                 continue
             with interrupts_held():  # an input is listed as skipped or is to do, never both nor neither
                 if why == NOT_A_TOKEN_FILE and (refused := _not_a_token_file(out, overwrite)):  # (a user's file is
@@ -636,19 +637,27 @@ def plan_outputs(
 CHECKING_SHOWN_AFTER = 2.0  # seconds: checking the outputs of a run that takes less shows no bar
 
 
-def _unwritable_folder(folder: Path, outdir: Path, known: dict[Path, str]) -> str:
-    """Why no token file can be written in ``folder`` (under ``outdir``): one of its folders from ``outdir`` down
-    is a link that leads nowhere (a disk not mounted), which making the folders would fail on with a bare "File
-    exists"; "" where nothing is known against it. Looked at once per folder (``known``)."""
-    if folder not in known:
-        known[folder] = ""
-        if not os.path.isdir(folder):
-            for part in [*reversed(folder.relative_to(outdir).parents), folder.relative_to(outdir)]:
-                link = outdir / part
-                if os.path.islink(link) and not os.path.exists(link):
-                    known[folder] = f"{link} is a link that leads nowhere ({os.readlink(link)})"
-                    break
-    return known[folder]
+def _unwritable_folder(folder: Path, known: dict[Path, str]) -> str:
+    """Why no token file can be written in ``folder``: it, or the folder above it that is to be made with it, is a
+    link that leads nowhere (a disk not mounted), which making the folders would fail on with a bare "File exists";
+    "" where nothing is known against it. Each path is looked at once (``known``: shared by the threads reading
+    ahead, which may look at one twice): a folder that is there costs one look, one to be made two, and one of a
+    run's last looks none."""
+    chain, path = [], folder
+    while path not in known:
+        if os.path.isdir(path):  # (where its links lead)
+            known[path] = ""
+        elif os.path.islink(path):
+            known[path] = "" if os.path.exists(path) else f"{path} is a link that leads nowhere ({os.readlink(path)})"
+        elif path.parent != path:
+            chain.append(path)  # to be made: as the folder above it is
+            path = path.parent
+            continue
+        else:
+            known[path] = ""
+    for below in chain:
+        known[below] = known[path]
+    return known[path]
 
 
 # A resume reads every token file of the job (plan_outputs), and a list file's entries are looked at one by one
@@ -713,10 +722,12 @@ class Writes:
 
 @dataclass
 class _Fetched:
-    """What reading ahead found of one token file: ``absent`` (nothing under its name), else its bytes (None: to
-    be read and looked at when the run comes to it) and its source's stamp (None: not looked at)."""
+    """What reading ahead found of one token file: ``absent`` (nothing under its name; ``unwritable``: why none can
+    be written there, or ""), else its bytes (None: to be read and looked at when the run comes to it) and its
+    source's stamp (None: not looked at)."""
 
     absent: bool = False
+    unwritable: str = ""
     data: bytes | None = None
     source_stamp: str | None = None
     entry: tuple[int, int, int, int] | None = None  # which file ``data`` was read from (taken before reading it)
@@ -763,9 +774,10 @@ def write_threads_for(outdir: str | os.PathLike) -> int:
 LOCAL_WRITE_THREADS = 1
 
 
-def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
+def _fetch_chunk(chunk: Sequence[tuple[Path, Path]], folders: dict[Path, str]) -> list[_Fetched]:
     """What reading ``chunk``'s token files finds (:class:`_Fetched`): an error (or a chunk's FETCH_CHUNK_BYTES
-    spent) leaves a file to the run's thread, which reads it again and says what is wrong."""
+    spent) leaves a file to the run's thread, which reads it again and says what is wrong. ``folders``: what is
+    known of output folders (:func:`_unwritable_folder`), shared by the threads reading ahead."""
     found, budget = [], FETCH_CHUNK_BYTES
     for source, out in chunk:
         try:
@@ -773,7 +785,11 @@ def _fetch_chunk(chunk: Sequence[tuple[Path, Path]]) -> list[_Fetched]:
             size = (os.stat(out) if stat.S_ISLNK(st.st_mode) else st).st_size
             data = read_token_bytes(out) if size <= budget else None
         except FileNotFoundError:
-            found.append(_Fetched(absent=True))
+            try:
+                unwritable = _unwritable_folder(out.parent, folders)
+            except OSError:  # (said when the run writes there, if it cannot)
+                unwritable = ""
+            found.append(_Fetched(absent=True, unwritable=unwritable))
             continue
         except (OSError, TokenFileError):
             data = None
