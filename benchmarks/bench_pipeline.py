@@ -241,29 +241,38 @@ def warm_up_yuv_kernels(device, height: int, width: int, dtype: torch.dtype) -> 
 
 class StandIn:
     """An engine's ``encode_stream`` without the model: batches of up to ``batch`` clips (fewer where the stream
-    says it is idle, as the engine runs what it holds), each a sleep of ``clips / rate`` seconds, then each clip's
-    tokens as zeros. Clips preprocessed on the device are left to their stream (a GPU's queued work goes on)."""
+    says it is idle, as the engine runs what it holds), each run by a thread of its own as a sleep of ``clips /
+    rate`` seconds, then each clip's tokens as zeros. As the engine on a GPU queues a batch while the one before
+    runs, the run's thread goes on taking clips meanwhile: it waits only with two batches in flight. Clips
+    preprocessed on the device are left to their stream (a GPU's queued work goes on)."""
 
     def __init__(self, engine: Engine, rate: float, batch: int):
         self.mode, self.model, self.rate, self.batch = engine.mode, engine.model, rate, batch
 
     def encode_stream(self, items, *, host: bool = False):
+        import collections
+        import concurrent.futures
+
         from titok_fast.engine import IDLE
 
-        held = []
-        for item in items:
-            if item is not IDLE:
-                held.append(item)
-            if held and (item is IDLE or len(held) == self.batch):
-                yield from self._run(held)
-                held = []
-        yield from self._run(held)
+        held, running = [], collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stand-in") as model:
+            for item in items:
+                if item is not IDLE:
+                    held.append(item)
+                if held and (item is IDLE or len(held) == self.batch):
+                    running.append(model.submit(self._run, held))
+                    held = []
+                while running and (len(running) > 1 or running[0].done()):  # (two in flight: the first's end)
+                    yield from running.popleft().result()
+            if held:
+                running.append(model.submit(self._run, held))
+            while running:
+                yield from running.popleft().result()
 
     def _run(self, held):
-        if held:
-            time.sleep(len(held) / self.rate)
-        for key, _, tokens in held:
-            yield key, (None, torch.zeros(tokens, dtype=torch.int64))
+        time.sleep(len(held) / self.rate)
+        return [(key, (None, torch.zeros(tokens, dtype=torch.int64))) for key, _, tokens in held]
 
 
 def model_batch(path: Path, settings: ClipSettings, batch: int, model) -> list[torch.Tensor]:
@@ -312,7 +321,8 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         driving = time.thread_time()  # this thread's: it drives the model (and takes the clips, hands them over)
         feeder_waited = None  # seconds the model's feeder waited for clips (encode_files' Summary.waited)
         if args.input_only:
-            device = _supported(settings.read_kwargs, {"device": model.device.type})
+            # (clips resized in the workers come scaled in the model's dtype, as encode_files reads them)
+            device = _supported(settings.read_kwargs, {"device": model.device.type, "dtype": model.dtype})
             workers = {"worker_kind": kind} if kind != "thread" else {}
             if _interleaved_videos is not None:  # as encode_files takes the files' clips
                 files_read = _interleaved_videos(copies, workers=args.workers, **workers,

@@ -1,6 +1,7 @@
 """benchmarks/bench_pipeline.py's stand-in for the model: it takes the clips as the engine does and gives tokens."""
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,23 @@ def test_the_stand_in_runs_batches_as_the_engine_takes_them(monkeypatch):
     assert [key for key, _ in results] == list(range(5))
     assert all(torch.equal(indices, torch.zeros(8, dtype=torch.int64)) for _, (_, indices) in results)
     assert slept == pytest.approx([0.02, 0.03])  # 2 clips (idle), then 3 (full)
+
+
+def test_the_run_goes_on_taking_clips_while_the_stand_in_runs_a_batch(monkeypatch):
+    """As the engine on a GPU queues the next batch while one runs, the stand-in's batch runs on a thread of its own:
+    slept on the run's thread, taking clips and the model's time added up instead of overlapping."""
+    taken_meanwhile, next_taken = [], threading.Event()
+    monkeypatch.setattr(time, "sleep", lambda seconds: taken_meanwhile.append(next_taken.wait(10)))
+
+    def items():
+        for k in range(4):
+            if k == 3:  # the first of the second batch: taken while the first batch runs
+                next_taken.set()
+            yield k, None, 8
+
+    stand_in = StandIn(Engine(random_tokenizer("tiny", seed=0)), rate=100.0, batch=3)
+    assert [key for key, _ in stand_in.encode_stream(items())] == [0, 1, 2, 3]
+    assert taken_meanwhile[0] is True
 
 
 def test_the_stand_in_and_the_reading_side_alone_are_one_or_the_other(tmp_path):
