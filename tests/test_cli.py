@@ -789,6 +789,10 @@ def test_decode_looks_for_usable_weights_in_a_bounded_number_of_token_files(fold
     with pytest.raises(ValueError, match=r"not trusted to name local files: pass --checkpoint$"):
         cli._model_of_some_tokens(cli._naming_a_model(files), "cpu", torch.float32)
     assert len(reads) == 1 + cli.MAX_FILES_WITHOUT_NEW_WEIGHTS
+    (tmp_path / "damaged.safetensors").write_bytes(b"garbage")  # until a file names a model, every file is read
+    files = [(tmp_path / "damaged.safetensors", f"d{i}") for i in range(cli.MAX_FILES_FOR_WEIGHTS + 10)]
+    named = cli._naming_a_model([*files, (tmp_path / "moving.safetensors", "moving")])
+    assert [n.weights_digest for n in named] == [load_tokens(tmp_path / "moving.safetensors").weights_digest]
 
 
 def test_debug_flag_after_the_command_shows_the_traceback(tmp_path):

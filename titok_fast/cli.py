@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from . import __version__
 from .files import (
@@ -410,20 +411,29 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return _finish(summary, "decoded", files)
 
 
-def _naming_a_model(files) -> list:
+class _Naming(NamedTuple):
+    """What a token file says of the model that made it."""
+
+    weights_digest: str
+    weights_source: str
+    model_config: dict
+
+
+def _naming_a_model(files) -> list[_Naming]:
     """The readable token files among ``files`` whose model config is one a model may be built from, one per
     weights and config, those named by more of the files read first (ties: in the order read), so that a stranger's
     file among a dataset's does not choose the model the others are decoded with. Files are read until
     MAX_FILES_WITHOUT_NEW_WEIGHTS in a row name none other (a dataset's files usually all name the same), at most
-    MAX_FILES_FOR_WEIGHTS; if none names a model, a ValueError saying so, with the first reason."""
+    MAX_FILES_FOR_WEIGHTS once one has (every file until then); if none names a model, a ValueError saying so, with
+    the first reason."""
     from .pipeline import _one_line
     from .tokens import TokenFileError, load_tokens
 
     unusable, named = "", {}  # the first file read whose model could not be built (decode_files fails them alone)
     since_new = 0  # files read since the last new weights and config
     for read, (path, _) in enumerate(files):
-        if named and since_new == MAX_FILES_WITHOUT_NEW_WEIGHTS or read == MAX_FILES_FOR_WEIGHTS:
-            break
+        if named and (since_new == MAX_FILES_WITHOUT_NEW_WEIGHTS or read >= MAX_FILES_FOR_WEIGHTS):  # (until one
+            break  # names a model, every file is read)
         since_new += 1
         try:
             token_file = load_tokens(path)
@@ -435,8 +445,8 @@ def _naming_a_model(files) -> list:
             key = (token_file.weights_digest, token_file.weights_source, repr(token_file.model_config))
             if key in named:
                 named[key][0] += 1
-            else:
-                named[key] = [1, token_file]
+            else:  # (what names the model, not the file's tokens: a token file may be 256 MB)
+                named[key] = [1, _Naming(token_file.weights_digest, token_file.weights_source, token_file.model_config)]
                 since_new = 0
         unusable = unusable or (f" ({path}: {problem})" if problem else "")
     if not named:

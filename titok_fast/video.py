@@ -9,8 +9,9 @@ Reading reproduces the upstream notebook (DESIGN.md section 8) exactly, so the s
   round stamps to milliseconds), which is right for variable frame rate, then cut into chunks of T frames.
 Each sampled frame is resized in float32, as torchvision's Resize(max(H, W), bicubic, antialias) does on the
 float tensor upstream builds (short side to max(H, W), long side truncated, no clamping), center-cropped as
-torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in the model's dtype when
-``normalize_pixels`` is given raw clips (``raw=True``), which is what the encoder pipeline does.
+torchvision's CenterCrop, then scaled as upstream: (pixels / 255) * 2 - 1, in the model's dtype (``dtype``: the
+encode pipeline's decoding workers scale so), or later by ``normalize_pixels`` given raw clips (``raw=True``: eval
+and the Ray decode tasks).
 
 Decoding streams: only the latest decoded frame is held at source resolution, sampled frames at (H, W). The CPU
 decoder skips the H.264 frames the sampling does not need and no other frame refers to (``prune``; exact, see
