@@ -348,6 +348,14 @@ def test_the_ledger_knows_which_files_decode_tasks_ran_to_their_end_however_many
     assert ledger.decoded_of([0, 2, 5, 9]) == [2, 5]
 
 
+def join_executors(seconds: float = 30) -> None:
+    """Wait for Ray Data's executor threads left running: a stopped pass's executor ends in the background, not under
+    ray.shutdown, and may meanwhile ask Ray to start again (its automatic init)."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("StreamingExecutor-"):
+            thread.join(seconds)
+
+
 def test_a_job_whose_ledger_is_started_again_ends_with_every_input_accounted_for(videos, cluster, tmp_path,
                                                                                    monkeypatch):  # fmt: skip
     """The ledger's process dies once the only encode actor has enlisted, and is started again with an empty list;
@@ -386,9 +394,7 @@ def test_a_job_whose_ledger_is_started_again_ends_with_every_input_accounted_for
                 actors=1, actor_restarts=0, _test_hooks={"actor_exit_once": str(tmp_path / "died")},
             )  # fmt: skip
     killers[0].join(30)
-    for thread in threading.enumerate():  # a stopped pass's executor ends in the background: not under ray.shutdown
-        if thread.name.startswith("StreamingExecutor-"):
-            thread.join(30)
+    join_executors()
     assert not killers[0].is_alive() and (tmp_path / "died").exists()
     rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
     assert sorted(Path(r["source"]).name for r in rows) == [f"v{i}.mp4" for i in range(4)]
@@ -669,8 +675,11 @@ def test_an_interrupt_while_a_local_cluster_starts_waits_for_the_start_and_stops
     from titok_fast.cli import _interrupts_handled
 
     started, shutdowns = [], []
+    join_executors()  # (one left by a test before would call the init below, from its thread: not this job's)
 
     def init(**kwargs):
+        if threading.current_thread() is not threading.main_thread():  # still: a stray executor's automatic start
+            raise RuntimeError("not this job's start of Ray")
         for signum in signums:
             os.kill(os.getpid(), signum)  # the command's handler runs here, inside ray.init
         started.append(kwargs["address"])  # (not reached when the handler raises at once)
