@@ -43,7 +43,7 @@ from .files import (
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
 MAX_FILES_WITHOUT_NEW_WEIGHTS = 64  # ... and it reads this many more files for other weights after the last new ones
-MAX_FILES_FOR_WEIGHTS = 1024  # ... and this many files in all (each naming other weights: all of them held)
+MAX_FILES_FOR_WEIGHTS = 1024  # ... and this many files in all once one has named a model
 
 
 def _grid(text: str) -> tuple[int, int, int]:
@@ -452,7 +452,7 @@ def _naming_a_model(files) -> list[_Naming]:
     if not named:
         raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint (or "
                          "--random-weights SEED for files made with random weights)")  # fmt: skip
-    return [token_file for _, token_file in sorted(named.values(), key=lambda entry: -entry[0])]  # (a stable sort)
+    return [naming for _, naming in sorted(named.values(), key=lambda entry: -entry[0])]  # (a stable sort)
 
 
 def _model_config_problem(token_file) -> str:
