@@ -277,7 +277,9 @@ def _random_model_size(config) -> int:
         return sum(p.numel() for p in TiTok(config).parameters())
 
 
+@functools.cache
 def _largest_preset_size() -> int:
+    """(Worked out once a process: each token file whose random weights are tried asks.)"""
     from .config import PRESETS
 
     return max(_random_model_size(config) for config in PRESETS.values())
