@@ -238,7 +238,13 @@ def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
             r"video 0 holds index 4375; .*\[0, 4375\)",
         ),
         ((torch.tensor([-1]),), [(4, 8, 8)], None, ValueError, "holds index -1"),
-        ((torch.tensor([0.0]),), [(4, 8, 8)], None, TypeError, "indices of video 0 has dtype torch.float32"),
+        ((torch.tensor([0.0]),), [(4, 8, 8)], None, TypeError,
+         r"video 0 has dtype torch.float32; .*\(call .long\(\) on it\)$"),
+        (torch.tensor([[0, 1], [2, 3]]), [(4, 8, 8)] * 2, None, None, None),  # [videos, n]: a row a video
+        (torch.tensor([[0, 1], [2, 3]]), [(4, 8, 8)] * 2, [2, 2], None, None),
+        (torch.tensor([[0, 1], [2, 3]]), [(4, 8, 8)] * 2, [1, 3], ValueError, "do not match the index lengths"),
+        (torch.zeros(1, 2, 2, dtype=torch.long), [(4, 8, 8)], None, ValueError,
+         r"shape \[1, 2, 2\]; expected one packed"),
         (torch.tensor([0, 1]), [(4, 8, 8)], None, ValueError, "no token_counts"),
         (torch.tensor([0, 1]), [(4, 8, 8)], [3], ValueError, "2 entries but token_counts sum to 3"),
         ((torch.tensor([0]), torch.tensor([1])), [(4, 8, 8)], None, ValueError, "got 1 grids for 2 videos"),
@@ -269,6 +275,20 @@ def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, m
         return
     with pytest.raises(error, match=message):
         model.decode_indices(indices, grids, counts)
+
+
+def test_a_videos_by_tokens_tensor_decodes_as_its_rows(tiny):
+    """A generative model's samples come as one [videos, n] tensor: each row is a video's indices, as the tuple of
+    the rows gives (the model and the engine alike)."""
+    from titok_fast.engine import Engine
+
+    model, _ = tiny
+    sampled = torch.randint(0, model.quantize.codebook_size, (3, 6), generator=torch.Generator().manual_seed(2))
+    grids = [(4, 16, 16)] * 3
+    want = model.decode_indices(tuple(sampled), grids)
+    for runner in (model, Engine(model, mode="eager")):
+        assert all(map(torch.equal, runner.decode_indices(sampled, grids), want))
+        assert all(map(torch.equal, runner.decode_indices(sampled.int(), [6] * 3, grids), want))  # decode's order
 
 
 @pytest.mark.parametrize(
@@ -346,6 +366,37 @@ def test_a_model_built_under_inference_mode_gives_what_one_built_outside_gives(p
         assert torch.equal(inferred.decode_indices(got["indices"], shapes)[0], pixels)
         engine = Engine(inferred, mode="static", budgets=(256,))
         assert torch.equal(engine.encode(videos, counts)[1]["indices"][0], want["indices"][0])
+
+@pytest.mark.parametrize("mode", [None, "eager", "static"])
+def test_an_enclosing_autocast_changes_nothing(mode):
+    """Inside ``torch.autocast`` (a generative model's training step) the model computes in its own dtype: every
+    entry point gives what it gives outside, bit for bit, and the decoder table built there is the float32 one
+    (a later call outside still runs). Before, an fp32 model's encode failed there with a dtype error deep in
+    torch, and a decode there left the table in bf16, breaking every decode after it."""
+    from titok_fast.engine import Engine
+
+    shapes, counts = [(8, 16, 16), (4, 24, 8)], [6, 5]
+    videos = random_videos(shapes)
+    model = make_model("tiny", "torch", seed=4)
+    runner = model if mode is None else Engine(model, mode=mode, budgets=(256,))
+    codes, want = runner.encode(videos, counts)
+    pixels = runner.decode_indices(want["indices"], shapes)
+    z = model.encoder(videos, counts)
+    decoded = model.decode(codes, counts, shapes)
+    model.weights_changed()  # (the table is built again, under autocast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_codes, got = runner.encode(videos, counts)
+        got_pixels = runner.decode_indices(got["indices"], shapes)
+        if mode is None:
+            assert torch.equal(model.encoder(videos, counts), z)
+            assert all(map(torch.equal, model.decode(codes, counts, shapes), decoded))
+            assert all(map(torch.equal, model(videos, counts)[0], decoded))
+    assert got_codes.dtype == torch.float32 and torch.equal(got_codes, codes)
+    assert all(map(torch.equal, got["indices"], want["indices"]))
+    assert all(map(torch.equal, got_pixels, pixels))
+    assert all(map(torch.equal, runner.decode_indices(want["indices"], shapes), pixels))
+    assert model.decoder_table()[0].dtype == torch.float32
+
 
 
 def test_encoder_submodule_as_upstream(tiny):

@@ -257,7 +257,7 @@ def check_indices(indices: torch.Tensor, codebook_size: int, what: str) -> None:
         raise TypeError(f"{what} is a {type(indices).__name__}; expected an integer torch.Tensor")
     if indices.dtype not in INDEX_DTYPES:
         raise TypeError(
-            f"{what} has dtype {indices.dtype}; expected one of {[str(d) for d in INDEX_DTYPES]} (e.g. {what}.long())"
+            f"{what} has dtype {indices.dtype}; expected one of {[str(d) for d in INDEX_DTYPES]} (call .long() on it)"
         )
     _check_dense(indices, what)
     check_not_meta(indices, what)

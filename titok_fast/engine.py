@@ -744,7 +744,7 @@ class Engine:
             if stage == "encode":
                 model.fsq_constants()  # filled now, not while tracing (a cache filled by the trace fails its guard)
             # each runner gets a code object of its own: torch.compile keys its cache, and its recompile limit, by
-            # code object, and every no_grad-decorated method shares one (past 8 graphs it would run uncompiled)
+            # code object, and every method model.inference decorates shares one (past 8 graphs it would run uncompiled)
             own = _with_own_code(fn, f"titok_fast_{stage}_{budget}")
             compiled = torch.compile(own, backend=_counting_inductor, dynamic=False, fullgraph=True)
 

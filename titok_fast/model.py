@@ -11,10 +11,13 @@ Work the output does not need is skipped, exactly: the last encoder layer comput
 latent rows, the last decoder layer only for patch rows, and the decoder input ``ln_pre(proj_in(code))`` is a
 table over the codebook.
 
-Inference only: every entry point runs without autograd, and an input that requires grad is refused.
+Inference only: every entry point runs without autograd, and an input that requires grad is refused. Every entry
+point also switches off an enclosing ``torch.autocast`` (:func:`inference`): the model computes in its own dtype.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -39,6 +42,27 @@ from .layers import DecoderParams, EncoderParams, Layers
 from .packing import Packing, PackingCache, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
 from .quantizer import FSQ, grid_indices
+
+
+def inference(method):
+    """A method of the model (of an object with a ``device``) run under ``torch.no_grad``, and with any
+    ``torch.autocast`` around it switched off, on the CPU and on the model's device: the model computes in its own
+    dtype (``model.to(torch.bfloat16)`` for bf16), with the same tokens and outputs inside and outside an autocast
+    region (a generative model's training step, say). Under autocast its Linears would run in the autocast dtype
+    on weights of another, which its fused paths do not take (an fp32 model's buffers met bf16 values), and a
+    table built there would be kept in that dtype for later calls."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.no_grad():
+            device = self.device.type
+            device = device if torch.amp.is_autocast_available(device) else "cpu"  # (the meta device has none)
+            if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled(device):
+                with torch.autocast("cpu", enabled=False), torch.autocast(device, enabled=False):
+                    return method(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def upstream_argument_order(grids, token_counts):
@@ -159,7 +183,7 @@ class Encoder(EncoderParams):
     def device(self) -> torch.device:
         return self.proj_in.weight.device
 
-    @torch.no_grad()
+    @inference
     def forward(self, x: list[torch.Tensor], token_counts: list[int]) -> torch.Tensor:
         """x (upstream's name): videos, a list of [3, T, H, W]; token_counts: one int >= 1 per video -> z [sum n, D]."""
         patches, pack = self.prepare(x, token_counts)
@@ -187,7 +211,7 @@ class Encoder(EncoderParams):
         """Latent rows [N, W] -> ln_post, proj_out, FSQ -> (codes [N, D] model dtype, indices int32 [N])."""
         return backend.encoder_head(x, self.ln_post, self.proj_out, self.runtime.fsq.constants(self.device))
 
-    @torch.no_grad()
+    @inference
     def encode_packed(
         self, patches: torch.Tensor, pack: Packing, cache: PackingCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +219,7 @@ class Encoder(EncoderParams):
         RoPE tables come from (default the model's own)."""
         return self.quantized(self.latents(patches, pack, cache), self.runtime.runner(self.device))
 
-    @torch.no_grad()
+    @inference
     def encode_static(self, patch_rows: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """patch_rows [rows, 768] (any values on latent and padding rows: never read into a clip) ->
         (codes [rows, D], indices int32 [rows]); only latent rows are meaningful. Padding rows start as zeros, so
@@ -224,7 +248,7 @@ class Decoder(DecoderParams):
     def device(self) -> torch.device:
         return self.proj_in.weight.device
 
-    @torch.no_grad()
+    @inference
     def forward(self, x: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
         """x (upstream's name): codes [sum n, D] -> list of [3, T, H, W]. Codes on the FSQ grid take the table path
         (the same numbers); others are projected as they are."""
@@ -245,16 +269,15 @@ class Decoder(DecoderParams):
         grids = [patch_grid(s, self.config.patch_size) for s in shapes]
         return self.runtime.packings.packing(counts, grids, self.device)
 
+    @inference
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ln_pre(proj_in(code)) for every code [K, W], ln_pre(mask_token) [W])``, rebuilt when weights change."""
         params = (self.proj_in.weight, self.proj_in.bias, self.ln_pre.weight, self.ln_pre.bias, self.mask_token)
         key = tuple(fp8.tensor_key(p) for p in params)
         if self._table is None or self._table[0] != key:
-            with torch.no_grad():
-                codes = self.runtime.fsq.indices_to_codes(torch.arange(self.runtime.fsq.codebook_size,
-                                                                       device=self.device))  # fmt: skip
-                table = self.ln_pre(self.proj_in(codes.to(self.proj_in.weight.dtype)))
-                mask_row = self.ln_pre(self.mask_token)[0]
+            codes = self.runtime.fsq.indices_to_codes(torch.arange(self.runtime.fsq.codebook_size, device=self.device))
+            table = self.ln_pre(self.proj_in(codes.to(self.proj_in.weight.dtype)))
+            mask_row = self.ln_pre(self.mask_token)[0]
             self._table = (key, table, mask_row)
         return self._table[1], self._table[2]
 
@@ -270,7 +293,7 @@ class Decoder(DecoderParams):
             for (s, e), shape in zip(pack.patch_bounds, shapes, strict=True)
         ]
 
-    @torch.no_grad()
+    @inference
     def decode_packed(
         self, indices: torch.Tensor, pack: Packing, cache: PackingCache | None = None, table: tuple | None = None
     ) -> torch.Tensor:
@@ -283,7 +306,7 @@ class Decoder(DecoderParams):
         x = self.runtime.runner(self.device).decoder_input(indices, table, mask_row, pack)
         return self.rows(x, pack, cache)
 
-    @torch.no_grad()
+    @inference
     def decode_static(
         self, indices: torch.Tensor, batch: StaticBatch, table: torch.Tensor, mask_row: torch.Tensor
     ) -> torch.Tensor:
@@ -445,7 +468,7 @@ class TiTok(nn.Module):
         return self.encoder.proj_in.weight.device
 
     # ----------------------------------------------------------------------------------------------- public API
-    @torch.no_grad()
+    @inference
     def encode(self, x: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
         """x (upstream's name): videos, a list of [3, T, H, W] in [-1, 1]; token_counts: one int >= 1 per video.
 
@@ -455,13 +478,13 @@ class TiTok(nn.Module):
         codes, indices = self.encode_packed(patches, pack)
         return codes, {"indices": tuple(i.clone() for i in indices.split(list(pack.token_counts)))}
 
-    @torch.no_grad()
+    @inference
     def decode(self, x: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
         """x (upstream's name): codes [sum n, D]; grids: pixel shapes (T, H, W) per video. Returns [3, T, H, W]
         each, not clamped."""
         return self.decoder(x, token_counts, grids)
 
-    @torch.no_grad()
+    @inference
     def decode_indices(self, indices, grids: list, token_counts: list[int] | None = None) -> list[torch.Tensor]:
         """Upstream's ``decode_indices(indices, grids)``. indices: the tuple/list that ``encode`` returns (one int
         tensor [n_i] per video), or one packed tensor [sum n] with ``token_counts``; grids: pixel shapes (T, H, W).
@@ -474,6 +497,7 @@ class TiTok(nn.Module):
         pack = self.decoder.packing(counts, shapes)
         return self.videos_from_rows(self.decode_packed(packed.to(self.device), pack), pack, shapes)
 
+    @inference
     def forward(self, x: list[torch.Tensor], token_counts: list[int]) -> tuple[list[torch.Tensor], dict]:
         """Encode then decode the videos ``x``: ``(reconstructions, {"indices": ...})``."""
         codes, result = self.encode(x, token_counts)
@@ -483,9 +507,15 @@ class TiTok(nn.Module):
     # ------------------------------------------------------------------------ packed API (used by the engine)
     def pack_indices(self, indices, token_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Checked indices -> (packed [sum n] on their own device, token counts). ``indices``: a tuple/list of
-        per-video integer tensors, or one packed tensor with ``token_counts``."""
+        per-video integer tensors, one packed tensor with ``token_counts``, or one [videos, n] tensor (a sampler's
+        output: each row a video's n indices)."""
         k = self.config.codebook_size
+        if isinstance(indices, torch.Tensor) and indices.dim() == 2:
+            indices = tuple(indices)
         if isinstance(indices, torch.Tensor):
+            if indices.dim() != 1:
+                raise ValueError(f"indices has shape {list(indices.shape)}; expected one packed [sum n] tensor (with "
+                                 "token_counts=), one [videos, n] tensor or a tuple of [n_i] tensors")  # fmt: skip
             if token_counts is None:
                 raise ValueError(
                     "decode_indices got one packed tensor of indices but no token_counts; pass token_counts= "
