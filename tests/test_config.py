@@ -168,3 +168,30 @@ def test_a_yaml_config_has_no_merge_keys(tmp_path):
     equals = tmp_path / "equals.yaml"
     equals.write_text(yaml.safe_dump(TINY_YAML) + "extra: {=: 1}\n")
     assert TiTokConfig.from_any(str(equals)) == TiTokConfig.from_any(TINY_YAML)
+
+
+def test_a_yaml_config_resolves_interpolations_of_other_fields_as_omegaconf_does(tmp_path):
+    """Upstream reads its YAML with OmegaConf, which resolves ``${a.b}`` and ``${.b}`` links: a YAML path gives
+    the config OmegaConf's object gives. A resolver (``${oc.env:...}``), text around a link, a link to nothing and
+    a loop of links are each one line, and nothing is read from the environment."""
+    model = dict(TINY_YAML["tokenizer"]["model"], decoder_size="${.encoder_size}", fsq_levels="${shared.levels}",
+                 patch_size=[4, "${training.sampling.depth}", 8])  # fmt: skip
+    sampling = dict(TINY_YAML["training"]["sampling"], depth=8, max_grid="${..grid}")
+    config = {"tokenizer": {"model": model}, "training": {"sampling": sampling, "grid": [12, 160, 160]},
+              "shared": {"levels": "${shared.real}", "real": [7, 5, 5, 5, 5]}}  # fmt: skip
+    path = tmp_path / "linked.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert TiTokConfig.from_any(str(path)) == TiTokConfig.from_any(OmegaConf.load(path)) == PRESETS["tiny"]
+    for value, message in [
+        ("${oc.env:HOME}", r"decoder_size holds '\$\{oc.env:HOME\}': only a field's interpolation"),
+        ("tiny_${.x}", r"decoder_size holds 'tiny_\$\{.x\}'"),
+        ("${.nothing}", r"missing field \(interpolated by tokenizer.model.decoder_size\) tokenizer.model.nothing"),
+        ("${....x}", r"decoder_size: the interpolation \$\{....x\} goes above the config's top"),
+        ("${shared.a}", r"decoder_size: more than 16 interpolations in a row"),
+    ]:
+        looped = {**config, "shared": {**config["shared"], "a": "${shared.b}", "b": "${shared.a}"}}
+        looped["tokenizer"] = {"model": {**model, "decoder_size": value}}
+        path.write_text(yaml.safe_dump(looped))
+        with pytest.raises(ValueError, match=message) as raised:
+            TiTokConfig.from_any(str(path))
+        assert "\n" not in str(raised.value)

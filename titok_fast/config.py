@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import reprlib
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -164,8 +165,10 @@ class TiTokConfig:
             )
         model = _get(config, "tokenizer.model")
         sampling = _get(config, "training.sampling")
-        values = {k: _get(model, k, "tokenizer.model.") for k in MODEL_FIELDS}
-        values.update({k: _get(sampling, k, "training.sampling.") for k in SAMPLING_FIELDS})
+        values = {k: _interpolated(config, "tokenizer.model", k, _get(model, k, "tokenizer.model."))
+                  for k in MODEL_FIELDS}  # fmt: skip
+        values.update({k: _interpolated(config, "training.sampling", k, _get(sampling, k, "training.sampling."))
+                       for k in SAMPLING_FIELDS})  # fmt: skip
         for key in ("encoder_size", "decoder_size"):
             if not isinstance(values[key], str):
                 got = _brief(values[key])
@@ -213,6 +216,39 @@ def _check_int_seq(name: str, value: Any, length: int | None) -> None:
         raise ValueError(f"config field {name} must have {length} entries, got {len(value)}: {_brief(value)}")
     if length is None and not value:
         raise ValueError(f"config field {name} must not be empty")
+
+
+_INTERPOLATION = re.compile(r"\$\{(\.*)([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\}")
+MAX_INTERPOLATIONS = 16  # links followed from one value: a loop of them is an error, not a hang
+
+
+def _interpolated(config: dict, parent: str, key: str, value: Any, in_list: bool = False) -> Any:
+    """The field ``parent.key``'s ``value`` with OmegaConf's node interpolations resolved, as upstream's
+    ``OmegaConf.load`` resolves them when the field is read: a value (or a list item) that is exactly
+    ``${a.b.c}`` (from the top) or ``${.c}`` / ``${..b.c}`` (from the field's own node, a dot more per level up;
+    not in a list item) is the value there. Anything else with ``${`` (a resolver such as ``${oc.env:...}``, text
+    around a link) is refused in one line: nothing is looked up in the environment."""
+    name = f"{parent}.{key}".lstrip(".")
+    if isinstance(value, list) and not in_list:
+        return [_interpolated(config, parent, key, v, in_list=True) for v in value]
+    for _ in range(MAX_INTERPOLATIONS):
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        link = _INTERPOLATION.fullmatch(value)
+        if link is None or (link.group(1) and in_list):
+            raise ValueError(f"config field {name} holds {_brief(value)}: only a field's interpolation of another "
+                             "field, ${a.b} or ${.b}, is resolved here")  # fmt: skip
+        dots, target = link.groups()
+        if dots:
+            node = parent.split(".") if parent else []
+            if len(dots) - 1 > len(node):
+                raise ValueError(f"config field {name}: the interpolation {value} goes above the config's top")
+            target = ".".join([*node[: len(node) - (len(dots) - 1)], target])
+        parent, _, key = target.rpartition(".")
+        value = _get(config, target, f"(interpolated by {name}) ")
+        if isinstance(value, list) and not in_list:
+            return _interpolated(config, parent, key, value)
+    raise ValueError(f"config field {name}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
 
 
 def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:
