@@ -908,12 +908,24 @@ def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it
     records nothing new: its files resume as before."""
     timed = dataclasses.replace(SETTINGS, sampling="time")
     old, redone_because = a_recorded_rule_is_kept_apart(model, sources["short"], tmp_path, timed, "time_sampling",
-                                                        "ms-rounding")  # fmt: skip
+                                                        "ms-stamps")  # fmt: skip
     exact = {**old.made_with, "time_sampling": "exact"}
-    assert redone_because(exact) == "made another way (time_sampling exact, now ms-rounding)"
+    assert redone_because(exact) == "made another way (time_sampling exact, now ms-stamps)"
     with pytest.raises(ValueError, match="made by an earlier rule of sampling 'time': its source cannot be re-read"):
         next(pipeline.source_chunks(load_tokens(tmp_path / "short.safetensors")))  # it would show other frames
     assert len(list(pipeline.source_chunks(old))) == len(old.grids)  # made with the rule: re-read as encoded
+    # the rule before (a finer clock's whole-millisecond stamps had half a tick of slack, not half a millisecond)
+    # picks the same frames where the output frames fall on whole milliseconds: kept at 8 fps, redone at 12
+    assert redone_because({**old.made_with, "time_sampling": "ms-rounding"}) == ""
+    assert len(list(pipeline.source_chunks(load_tokens(tmp_path / "short.safetensors")))) == len(old.grids)
+    at_12 = dataclasses.replace(timed, fps=12.0)
+    made_at_12 = dataclasses.replace(old, fps=12.0, made_with={**old.made_with, "time_sampling": "ms-rounding"})
+    pipeline.save_tokens(tmp_path / "short.safetensors", made_at_12)
+    wanted = pipeline._wanted(model, old.made_with["mode"], at_12)
+    assert pipeline._redo_because(tmp_path / "short.safetensors", sources["short"], wanted) == (
+        "made another way (time_sampling ms-rounding, now ms-stamps)")  # fmt: skip
+    with pytest.raises(ValueError, match="made by an earlier rule of sampling 'time'"):
+        next(pipeline.source_chunks(made_at_12))
 
 
 def test_nvdec_files_record_their_rgb_conversion_and_files_made_before_it_are_redone(model, sources, tmp_path,

@@ -180,15 +180,36 @@ def test_variable_frame_rate_uses_timestamps(files):
     assert len(found) - len(expected) <= 1
 
 
-@pytest.mark.parametrize(("source_fps", "fps"), [(24, 12), (30, 15), (30, 10)])
+@pytest.mark.parametrize(("source_fps", "fps"), [(24, 12), (30, 15), (30, 10), (24, 24)])
 @pytest.mark.parametrize("prune", [True, False], ids=["pruned", "every-frame"])
 def test_time_sampling_takes_millisecond_stamps_half_a_millisecond_late_as_on_time(tmp_path, source_fps, fps, prune):
     """Matroska stamps whole milliseconds: frame 2 of 30 fps, exactly on the instant 1/15 s (66.67 ms), is stamped
-    67 ms, after it. It is still the frame shown there, as in an MP4 of the same frames."""
-    for suffix in (".mkv", ".mp4"):
-        path = videos.make_video(tmp_path / f"index{suffix}", source_fps, 32, 32, fps=source_fps, pattern="index")
+    67 ms, after it. It is still the frame shown there, as in an MP4 of the same frames, and as in an MP4 remuxed
+    from the Matroska file (``ffmpeg -c copy``: its clock is finer, 1/16000 s, its stamps still Matroska's; at 12
+    fps such a file's picks were 0, 2, 3, 6, 8, 9, ...)."""
+    mkv = videos.make_video(tmp_path / "index.mkv", source_fps, 32, 32, fps=source_fps, pattern="index",
+                            x264="bframes=0")  # (Matroska gives B-frames' packets no DTS, which remux passes over)
+    remuxed = videos.remux(tmp_path / "remuxed.mp4", mkv)
+    with av.open(str(remuxed)) as container:
+        time_base = container.streams.video[0].time_base
+        stamps = [frame.pts * time_base for frame in container.decode(video=0)]
+    assert len(stamps) == source_fps and time_base < Fraction(1, 1000)  # (what it tests: a finer clock, and
+    assert all((t * 1000).denominator == 1 for t in stamps)  # stamps on whole milliseconds)
+    made = videos.make_video(tmp_path / "index.mp4", source_fps, 32, 32, fps=source_fps, pattern="index")
+    for path in (mkv, made, remuxed):
         result = read_clips(str(path), frames=1, height=16, width=16, fps=fps, sampling="time", prune=prune)
-        assert sampled_indices(result) == [k * source_fps // fps for k in range(fps)], suffix
+        assert sampled_indices(result) == [k * source_fps // fps for k in range(fps)], path.name
+
+
+def test_a_slide_show_too_slow_for_upstreams_chunks_is_told_to_sample_by_time(tmp_path):
+    """At 0.5 fps upstream's chunks of 4 frames at 8 fps hold no source frame: one line that says so and names
+    the sampling that reads such a file, which does (one frame every 2 s, each shown 16 times)."""
+    path = videos.make_video(tmp_path / "slides.mp4", 6, 32, 32, fps=0.5, pattern="index")
+    with pytest.raises(VideoError, match=r"slides.mp4: 0.5 fps .* too low to sample 4 frames at 8 fps by frame "
+                                         r"count .*read with --sampling time \(sampling='time' in Python\)$"):
+        read_clips(str(path), frames=4, height=16, width=16, fps=8)
+    result = read_clips(str(path), frames=4, height=16, width=16, fps=8, sampling="time")
+    assert sampled_indices(result) == [i for i in range(6) for _ in range(16)]
 
 
 @pytest.mark.parametrize("fps", [10, 50])

@@ -79,6 +79,7 @@ from .video import (
     interleaved_videos,
     normalize_pixels,
     psnr,
+    same_time_sampling,
     side_by_side,
     source_stamp,
     ssim,
@@ -1272,6 +1273,8 @@ def _redo_reason(
     keys = [k for k in RESUME_KEYS if k in recorded or k in asked]
     was = {k: recorded.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
     now = {k: asked.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
+    if "time_sampling" in now and same_time_sampling(was.get("time_sampling"), done.fps):
+        was["time_sampling"] = now["time_sampling"]  # (an earlier rule that picks the same frames at this fps)
     grids = [g if g == "..." else "x".join(map(str, g)) for g in _distinct(done.grids)]
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(_distinct(done.token_counts)),
                grid=_recorded(grids))  # fmt: skip
@@ -1552,7 +1555,8 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     if not wanted:
         raise ValueError("the token file holds no chunks: no source chunk to show beside them")
     t, h, w = token_file.grids[0].tolist()
-    if token_file.sampling == "time" and token_file.made_with.get("time_sampling") != TIME_SAMPLING:
+    if token_file.sampling == "time" and not same_time_sampling(token_file.made_with.get("time_sampling"),
+                                                                token_file.fps):  # fmt: skip
         raise ValueError(
             "the token file was made by an earlier rule of sampling 'time': its source cannot be re-read as it was "
             "(decode it without the source, or encode it again)"

@@ -469,7 +469,9 @@ class ClipReader:
         self._chunk_length = chunk_length(self.frames, source_fps, self.fps)
         if self._chunk_length < 1:
             raise VideoError(f"{path}: {source_fps:g} fps (its container's average frame rate: a broken timestamp?) "
-                             f"is too low to sample {self.frames} frames at {self.fps:g} fps")  # fmt: skip
+                             f"is too low to sample {self.frames} frames at {self.fps:g} fps by frame count "
+                             "(upstream's chunks would hold no frame); a slide show is read with --sampling time "
+                             "(sampling='time' in Python)")  # fmt: skip
 
     def _needs(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
         """needed[i]: whether the sampling uses frame i of a video whose frames have timestamps ``order``."""
@@ -2894,8 +2896,9 @@ def _resample(
     if held is not None:
         # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
         # its own time (as if the next frame came twice the slack after it)
-        end = max(held_ticks + (held.duration or 0), held_ticks + 2 * slack)
-        if (count := _due(end, rate, slack) - emitted) > most:
+        within = _slack(held_ticks, slack)
+        end = max(held_ticks + (held.duration or 0), held_ticks + 2 * within)
+        if (count := _due_within(end, rate, within) - emitted) > most:
             _too_long(path, held_ticks * held.time_base, count, fps, "last ")
         yield from _repeat(held, count, image)
 
@@ -2969,23 +2972,54 @@ def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "")
 # earlier rule. (Not changed when stamps given in decode order came to be put in presentation order,
 # _presentation_stamps, nor when a lone frame stamped ahead came to be skipped, _resample: each changed the picks of
 # a few broken or unusual files alone, and a new rule would have redone every time-sampled file; the README says to
-# re-encode those with --overwrite.)
-TIME_SAMPLING = "ms-rounding"
+# re-encode those with --overwrite.) "ms-stamps": a whole-millisecond stamp on a clock finer than a millisecond
+# gets half a millisecond of slack too (an MP4 remuxed from Matroska keeps Matroska's rounded stamps); files of
+# the rule before, "ms-rounding", are kept where the output frames fall on whole milliseconds (--fps 8, the
+# default: 1000 / fps a whole number), for which both rules pick the same frames (same_time_sampling).
+TIME_SAMPLING = "ms-stamps"
+_EARLIER_TIME_SAMPLING = "ms-rounding"
 STAMP_ROUNDING = Fraction(1, 2000)  # seconds: Matroska and FLV stamp whole milliseconds, off by up to half of one
 
 
-def _clock(fps: float, time_base: Fraction) -> tuple[Fraction, Fraction]:
-    """(output frames per tick, slack in ticks) of a stream with this time base, for :func:`_due`: the slack is
-    half a millisecond, or half a tick on a clock finer than a millisecond (a stamp is off by at most that)."""
-    return Fraction(fps) * time_base, min(Fraction(1, 2), STAMP_ROUNDING / time_base)
+def same_time_sampling(recorded: object, fps: float) -> bool:
+    """Whether sampling "time" by the rule a token file ``recorded`` (its ``time_sampling``), at ``fps``, picks
+    the frames the current rule picks: the current rule, or the one before at an fps whose output frames all fall
+    on whole milliseconds (whole-millisecond stamps, the only ones the rules treat otherwise, then lie a whole
+    millisecond or more after an output frame's instant, or on it: no slack of half a millisecond or less moves
+    them)."""
+    if recorded == TIME_SAMPLING:
+        return True
+    on_ms = isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0 and (1000 / Fraction(fps)).denominator == 1
+    return recorded == _EARLIER_TIME_SAMPLING and on_ms
 
 
-def _due(ticks: int | Fraction, rate: Fraction, slack: Fraction) -> int:
+def _clock(fps: float, time_base: Fraction) -> tuple[Fraction, tuple[Fraction, Fraction]]:
+    """(output frames per tick, slack) of a stream with this time base, for :func:`_due`: the slack is half a
+    millisecond, or half a tick on a clock finer than a millisecond (a stamp is off by at most that), with the
+    ticks of a millisecond (a whole-millisecond stamp on such a clock may be rounded too: :func:`_due`)."""
+    ms = Fraction(1, 1000) / time_base
+    return Fraction(fps) * time_base, (min(Fraction(1, 2), ms / 2), ms)
+
+
+def _due(ticks: int | Fraction, rate: Fraction, slack: tuple[Fraction, Fraction]) -> int:
     """The first output frame that a frame ``ticks`` time-base units after the first one shows (``rate``, ``slack``:
     :func:`_clock`). Output frame k, due at k / fps, shows the last frame stamped at or before that instant, a
-    frame stamped up to ``slack`` after it included: Matroska and FLV stamp whole milliseconds, so a frame exactly
+    frame stamped up to the slack after it included: Matroska and FLV stamp whole milliseconds, so a frame exactly
     on an instant (24 fps sampled at 12 fps) is often stamped up to half a millisecond after it. A clock coarser
-    than a millisecond (AVI's 1/25 s) stamps frames exactly and keeps the half-millisecond slack."""
+    than a millisecond (AVI's 1/25 s) stamps frames exactly and keeps the half-millisecond slack. A finer clock
+    gets half a tick, except for a stamp on a whole millisecond (after the first frame), which may have been
+    rounded to it (an MP4 or TS remuxed from Matroska: its stamps are Matroska's, on a clock of 1/16000 s, say)
+    and gets half a millisecond."""
+    return _due_within(ticks, rate, _slack(ticks, slack))
+
+
+def _slack(ticks: int | Fraction, slack: tuple[Fraction, Fraction]) -> Fraction:
+    """The slack, in ticks, of a frame stamped ``ticks`` after the first (:func:`_due`)."""
+    tick_slack, ms = slack
+    return ms / 2 if tick_slack < ms / 2 and (ticks / ms).denominator == 1 else tick_slack
+
+
+def _due_within(ticks: int | Fraction, rate: Fraction, slack: Fraction) -> int:
     return max(0, math.ceil((ticks - slack) * rate))
 
 
