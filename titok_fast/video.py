@@ -2894,11 +2894,15 @@ def _resample(
             "cannot place the frames after it; encode it with --sampling upstream"
         )
     if held is not None:
-        # the last frame shows until its end, or, when its duration is unknown, at an instant within the slack of
-        # its own time (as if the next frame came twice the slack after it)
+        # the last frame shows until its end (as if the next frame were stamped there), or, when its duration is
+        # unknown (or shorter than twice its slack), at an instant within the slack of its own time (as if the next
+        # frame came twice that slack after it)
         within = _slack(held_ticks, slack)
-        end = max(held_ticks + (held.duration or 0), held_ticks + 2 * within)
-        if (count := _due_within(end, rate, within) - emitted) > most:
+        if (held.duration or 0) > 2 * within:
+            stop = _due(held_ticks + held.duration, rate, slack)
+        else:
+            stop = _due_within(held_ticks + 2 * within, rate, within)
+        if (count := stop - emitted) > most:
             _too_long(path, held_ticks * held.time_base, count, fps, "last ")
         yield from _repeat(held, count, image)
 
