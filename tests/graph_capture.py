@@ -166,8 +166,11 @@ class FakeCUDAGraph:
     def replay(self):
         if not self.captured:
             raise RuntimeError("replay of a graph that was never captured")
-        with torch.inference_mode():  # a graph replays device work only: no autograd, whatever mode the tensors
-            self._rerun()  # it writes were made in and whatever mode the caller is in
+        # a graph replays device work only, as captured: no autograd, whatever mode the tensors it writes were made
+        # in and whatever mode the caller is in, and no autocast, whatever the caller's (the ops re-run here would
+        # otherwise be dispatched through it again)
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+            self._rerun()
         FakeCUDAGraph.replays += 1
 
     def _rerun(self):

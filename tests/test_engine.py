@@ -471,6 +471,24 @@ def test_cuda_engine_equals_model(mode, monkeypatch):
         assert engine.compiles <= 4
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", ["cudagraph", "layout"])
+def test_autocast_around_an_engine_that_captures_graphs_changes_nothing(mode, device, monkeypatch):
+    """A generative model's training step runs under autocast: the engine's batches, and the graphs captured
+    there, compute in the model's dtype, and their tokens and pixels are those outside it, bit for bit (on a CPU
+    through the graph stand-ins, on a GPU with real graphs)."""
+    model = make_model("tiny").to(device)
+    videos = [v.to(device) for v in random_videos(SHAPES)]
+    engine = engine_for(model, mode, monkeypatch, budgets=(256, 512), max_clips=3)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        codes, got = engine.encode(videos, COUNTS)  # (graphs captured here, under autocast)
+        recon = engine.decode_indices(got["indices"], SHAPES)
+    want_codes, want = engine.encode(videos, COUNTS)
+    assert codes.dtype == torch.float32 and torch.equal(codes, want_codes)
+    assert all(map(torch.equal, got["indices"], want["indices"]))
+    assert all(map(torch.equal, recon, engine.decode_indices(want["indices"], SHAPES)))
+
+
 class _Graph:
     """A captured graph's stand-in: records when it is reset, and what _LIVE_GRAPHS said of its stream then."""
 
