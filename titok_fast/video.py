@@ -2982,7 +2982,6 @@ def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "")
 # default: 1000 / fps a whole number), for which both rules pick the same frames (same_time_sampling).
 TIME_SAMPLING = "ms-stamps"
 _EARLIER_TIME_SAMPLING = "ms-rounding"
-STAMP_ROUNDING = Fraction(1, 2000)  # seconds: Matroska and FLV stamp whole milliseconds, off by up to half of one
 
 
 def same_time_sampling(recorded: object, fps: float) -> bool:
@@ -3001,7 +3000,7 @@ def _clock(fps: float, time_base: Fraction) -> tuple[Fraction, tuple[Fraction, F
     """(output frames per tick, slack) of a stream with this time base, for :func:`_due`: the slack is half a
     millisecond, or half a tick on a clock finer than a millisecond (a stamp is off by at most that), with the
     ticks of a millisecond (a whole-millisecond stamp on such a clock may be rounded too: :func:`_due`)."""
-    ms = Fraction(1, 1000) / time_base
+    ms = Fraction(1, 1000) / time_base  # (Matroska and FLV stamp whole milliseconds, off by up to half of one)
     return Fraction(fps) * time_base, (min(Fraction(1, 2), ms / 2), ms)
 
 
