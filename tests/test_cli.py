@@ -101,6 +101,24 @@ def test_tokens_match_the_model_directly(folder, tmp_path, capsys):
     assert all(torch.equal(a.long(), b) for a, b in zip(out["indices"], stored, strict=True))
 
 
+def test_auto_workers_read_the_first_inputs_header_once_and_the_run_decodes_as_decided(folder, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """With 8 workers ``auto`` reads the first input's header to choose threads or processes: once a run (before,
+    the CLI and encode_files each read it), and encode_files reads with the kind the CLI chose (and started a
+    process server for)."""
+    from titok_fast import pipeline, video
+
+    probed, kinds, started = [], [], []
+    monkeypatch.setattr(video, "frame_pixels", lambda path, seconds=10.0: probed.append(path) or 8000 * 8000)
+    monkeypatch.setattr(video, "start_process_server", lambda: started.append(True))
+    encode_files = pipeline.encode_files
+    monkeypatch.setattr(pipeline, "encode_files", lambda *a, **kw: kinds.append(kw["worker_kind"]) or encode_files(
+        *a, **kw))  # fmt: skip
+    code, _, _ = run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, "--workers", "8", capsys=capsys)
+    assert code == 0 and (tmp_path / "moving.safetensors").is_file()
+    assert list(map(str, probed)) == [str(folder / "moving.mp4")] and kinds == ["thread"] and not started  # (a large frame: threads)
+
+
 def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
     run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
     tokens = tmp_path / "moving.safetensors"

@@ -344,7 +344,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.decoder == "nvdec" and args.worker_kind == "process":
         raise ValueError("--decoder nvdec leaves frames on the GPU, which worker processes cannot hand over: use "
                          "--worker-kind thread")  # fmt: skip
-    if _reads_in_processes(args, files):
+    worker_kind = _worker_kind(args, files)
+    if worker_kind == "process":
         from .video import start_process_server
 
         start_process_server()  # its imports overlap the model's loading
@@ -352,20 +353,21 @@ def cmd_encode(args: argparse.Namespace) -> int:
     engine = _engine(args, model)
     summary = encode_files(
         model, engine, files, args.output, _settings(args, model, engine=engine),
-        workers=args.workers, worker_kind=args.worker_kind or "auto", read_ahead=args.batch_size,
+        workers=args.workers, worker_kind=worker_kind, read_ahead=args.batch_size,
         overwrite=args.overwrite,
         stall_seconds=args.stall_timeout, shard=args.shard,
     )  # fmt: skip
     return _finish(summary, "encoded", files)
 
 
-def _reads_in_processes(args: argparse.Namespace, files) -> bool:
-    """Whether encode's decoding workers are processes (as encode_files decides "auto", by the first file)."""
+def _worker_kind(args: argparse.Namespace, files) -> str:
+    """encode's decoding workers, "thread" or "process": --worker-kind, or for "auto" what encode_files would
+    decide by the first input's frame size, decided here once (its header read once a run), before the model
+    loads (a process server is started then)."""
     from .video import auto_worker_kind, default_workers
 
     kind = args.worker_kind or "auto"
-    return (kind if kind != "auto" else auto_worker_kind(args.workers or default_workers(), args.decoder,
-                                                         [files[0][0]])) == "process"  # fmt: skip
+    return kind if kind != "auto" else auto_worker_kind(args.workers or default_workers(), args.decoder, [files[0][0]])
 
 
 def _encode_on_ray(args: argparse.Namespace, files):
