@@ -116,7 +116,8 @@ def test_auto_workers_read_the_first_inputs_header_once_and_the_run_decodes_as_d
         *a, **kw))  # fmt: skip
     code, _, _ = run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, "--workers", "8", capsys=capsys)
     assert code == 0 and (tmp_path / "moving.safetensors").is_file()
-    assert list(map(str, probed)) == [str(folder / "moving.mp4")] and kinds == ["thread"] and not started  # (a large frame: threads)
+    assert list(map(str, probed)) == [str(folder / "moving.mp4")]
+    assert kinds == ["thread"] and not started  # (a large frame: threads)
 
 
 def test_decode_refuses_tokens_from_other_weights(folder, tmp_path, capsys):
