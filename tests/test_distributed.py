@@ -499,13 +499,15 @@ def test_the_fault_ledger_lives_on_the_drivers_node_and_outlives_a_crash(cluster
         ray.kill(ledger)
 
 
-@pytest.mark.parametrize("fault", ["every-clip", "unloadable"])
+@pytest.mark.parametrize("fault", ["every-clip", "unloadable", "other-kind"])
 def test_a_job_whose_encode_worker_cannot_encode_stops_as_one_machine_does(videos, cluster, tmp_path, fault):
     """An encode actor on which every clip fails alone (kernels it cannot build, say) reaches GIVE_UP_AFTER files
     in a row across its batches of 4: the job stops with that error in one line, as a run on one machine does,
     instead of failing every file (Ray Data would only drop a batch that raised: a job tolerates failed blocks).
     One that cannot load the model (a checkpoint its node cannot read) stops the job at its first batch, where Ray
-    would restart it over and over (each time with a traceback)."""
+    would restart it over and over (each time with a traceback). So does an error of a kind no clip is retried
+    for (Triton's OutOfResources, an Exception only): it was dropped with its block, and every file failed as if
+    an actor had died for good."""
     folder = tmp_path / "videos"
     folder.mkdir()
     for i in range(40):  # files of 1 clip (a file's failures count once)
@@ -523,15 +525,29 @@ def test_a_job_whose_encode_worker_cannot_encode_stops_as_one_machine_does(video
     def unloadable(device="cpu"):
         raise FileNotFoundError(2, "No such file or directory", "/driver-only/v1.safetensors")
 
+    def out_of_resources(device="cpu"):
+        model = LOAD(device=device)
+
+        class OutOfResources(Exception):  # as Triton's (an Exception, not a RuntimeError; local: carried by value)
+            pass
+
+        def no_room(module, args):
+            raise OutOfResources("out of resource: shared memory, Required: 232448, Hardware limit: 232448")
+
+        model.encoder.proj_in.register_forward_pre_hook(no_room)
+        return model
+
     said = {
         "every-clip": r"RuntimeError: giving up after 32 clip\(s\) in a row failed alone: Failed to find C compiler",
         "unloadable": r"FileNotFoundError: \[Errno 2\] No such file or directory: '/driver-only/v1.safetensors' "
                       r"\(the encode worker \S+ could not load the model\)",
+        "other-kind": r"OutOfResources: out of resource: shared memory, Required: 232448, Hardware limit: 232448",
     }[fault]  # fmt: skip
+    load = {"every-clip": broken, "unloadable": unloadable, "other-kind": out_of_resources}[fault]
     stopped = pytest.raises(RuntimeError, match=f"^the Ray job stopped: {said}$")
     with failing_after(240, "the job did not stop"), stopped:
         encode_dataset(LOAD(), collect_inputs([folder]), tmp_path / "tokens", SETTINGS, device="cpu", batch_size=4,
-                       load_model=broken if fault == "every-clip" else unloadable)  # fmt: skip
+                       load_model=load)  # fmt: skip
     rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
     assert len(rows) == 40 and not list((tmp_path / "tokens").glob("*.safet*"))
     statuses = {r["status"] for r in rows}

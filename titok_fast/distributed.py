@@ -375,7 +375,8 @@ class ClipEncoder:
                 self.failed_in_a_row = 0
             # to the host here: a device fault shows at the first sync after it, which must be this one
             results = {key: indices.to("cpu", torch.int32).contiguous() for key, (_, indices) in results.items()}
-        except (ValueError, TypeError, RuntimeError) as e:
+        except Exception as e:  # (any kind: Triton's OutOfResources is an Exception only, which Ray Data would drop
+            # with its block, to fail every file of it as encoded by no actor)
             if not _device_fault_in(e):
                 # no clip could be blamed: the clips that failed alone before it are reported, as on one machine
                 reported = [self._failed(clips[k], reason) for k, reason in failed.items()]
@@ -404,6 +405,10 @@ class ClipEncoder:
 def _columns(rows: list[dict]) -> dict[str, list]:
     """``rows`` as a batch: a list per column of COLUMNS."""
     return {c: [r[c] for r in rows] for c in COLUMNS}
+
+
+class _Stopped(RuntimeError):
+    """An encode worker's ``stop`` row: its ``info`` (the worker's error, ``Name: message``) stops the job."""
 
 
 class _Unexplained(Exception):
@@ -623,7 +628,7 @@ class _Assembly:
     def take(self, row: dict) -> None:
         number, kind, clip = int(row["file"]), row["kind"], int(row["clip"])
         if kind == "stop":  # an encode worker's fault no clip explains (ClipEncoder): as on one machine, it stops
-            raise RuntimeError(row["info"])  # the job (its files not yet ended are listed as not encoded)
+            raise _Stopped(row["info"])  # the job (its files not yet ended are listed as not encoded)
         if self.limits.row(row):
             return
         if self.ended[number]:
@@ -939,8 +944,9 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
         job.limits.pass_ended()
         job.bar.set_postfix_str(job.limits.describe(), refresh=False)
     except Exception as e:
-        stopped = f"not encoded: the job stopped ({_one_line(e)})"
-        raise RuntimeError(f"the Ray job stopped: {_one_line(e)}") from e
+        said = str(e) if isinstance(e, _Stopped) else _one_line(e)
+        stopped = f"not encoded: the job stopped ({said})"
+        raise RuntimeError(f"the Ray job stopped: {said}") from e
     except BaseException as e:
         stopped = stop_reason(e)
         raise
