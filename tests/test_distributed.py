@@ -1476,3 +1476,48 @@ def test_encoder_on_the_gpu_gives_the_engine_tokens(videos, dtype):
     expected = [indices for _, (_, indices) in engine.encode_stream(items)]
     tokens = tokens_of(out)
     assert len(tokens) == 11 and all(torch.equal(a, b.cpu().int()) for a, b in zip(tokens, expected, strict=True))
+
+
+@pytest.mark.parametrize("server", ["silent", "closes", "tls", "http2", "ray"])
+def test_a_ray_address_is_refused_unless_what_answers_there_speaks_grpc(server, monkeypatch, request):
+    """A Ray cluster's GCS answers HTTP/2's preface with a SETTINGS frame at once. A listener that says nothing (a
+    port forward with nothing behind it), one that closes at once, or a TLS server was left to Ray, which retried
+    it for minutes: each is now refused in one line, without Ray."""
+    import socket
+
+    ray = pytest.importorskip("ray")
+    if server == "ray":
+        address = request.getfixturevalue("cluster")["address"]
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)  # (else the address is not asked)
+        distributed.check_ray_address(address)  # (a real cluster's GCS)
+        return
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # (the module's cluster: the address is then not asked)
+    monkeypatch.setattr(distributed, "PROBE_SECONDS", 0.5)
+    answers = {"silent": None, "closes": b"", "tls": b"\x15\x03\x03\x00\x02\x02\x46",
+               "http2": b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"}  # fmt: skip
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            if answers[server] is not None:
+                connection.sendall(answers[server])
+            if server != "closes":
+                done.wait(10)
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    said = {"silent": r"nothing answered there in 0.5 s, or the connection was closed \(a port forward with nothing",
+            "closes": r"nothing answered there in 0.5 s, or the connection was closed",
+            "tls": r"something other than a Ray cluster answers there \(another protocol: 15 03 03 00 02 02 46, TLS"}
+    try:
+        if server == "http2":
+            distributed.check_ray_address(address)  # (a gRPC server: left to Ray)
+        else:
+            with pytest.raises(ValueError, match=rf"^--ray {address}: {said[server]}.*; the cluster's is the one "
+                                                 r"`ray start --head` prints, 6379 unless --port said otherwise$"):
+                distributed.check_ray_address(address)
+    finally:
+        done.set()
+        listener.close()

@@ -1312,46 +1312,54 @@ def check_ray_address(address: str) -> None:
         raise ValueError(f"--ray {address}: port {port} is not a TCP port (0 to 65535)")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS) as connection:
-            text = _text_answer(connection)
+            answer = _answer(connection)
     except OSError as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ValueError(
             f"--ray {address}: no Ray cluster answers there ({reason}); start one with `ray start --head` and pass "
             "the address it prints, or pass --ray local"
         ) from None
-    if text:
-        raise ValueError(
-            f"--ray {address}: something other than a Ray cluster answers there ({text!r}: a web server, say; the "
-            "dashboard's port is 8265, the cluster's is the one `ray start --head` prints, 6379 unless --port said "
-            "otherwise)"
-        )
+    if answer[3:4] == HTTP2_SETTINGS and answer[5:9] == bytes(4):  # a gRPC server's first frame: Ray's GCS
+        return
+    cluster_port = "the cluster's is the one `ray start --head` prints, 6379 unless --port said otherwise"
+    if _text(answer) and (lines := _text(answer).strip().splitlines()):
+        said = f"something other than a Ray cluster answers there ({lines[0]!r}: a web server, say; the dashboard's "
+        raise ValueError(f"--ray {address}: {said}port is 8265, {cluster_port})")
+    if not answer:
+        said = (f"nothing answered there in {PROBE_SECONDS:g} s, or the connection was closed (a port forward with "
+                "nothing behind it, say)")  # fmt: skip
+    else:
+        said = f"something other than a Ray cluster answers there (another protocol: {answer[:8].hex(' ')}, TLS, say)"
+    raise ValueError(f"--ray {address}: {said}; {cluster_port}")
 
 
 # HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4): a Ray cluster's GCS (gRPC) answers
-# with binary frames; a server of a text protocol (HTTP/1.x: the dashboard, a proxy) with text, an error page
+# with a SETTINGS frame of its own (type 4, stream 0), at once; a server of a text protocol (HTTP/1.x: the dashboard,
+# a proxy) with text, an error page; anything else (a TLS server's alert, silence, a connection closed at once) is no
+# cluster either, which Ray would retry for minutes
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-PROBE_SECONDS, PROBE_BYTES = 3.0, 40
+HTTP2_SETTINGS = b"\x04"  # a frame header's type byte (its fourth)
+PROBE_SECONDS, PROBE_BYTES = 5.0, 40
 
 
-def _text_answer(connection: socket.socket) -> str:
-    """The first line of what the server on ``connection`` answers HTTP/2's preface with, where that is text (no
-    Ray cluster's answer); "" for anything else (binary frames, silence, a closed connection, a TLS alert), which
-    is left to Ray."""
-    def text(data: bytes) -> str | None:
-        return data.decode() if all(32 <= b < 127 or b in b"\r\n\t" for b in data) else None
+def _text(data: bytes) -> str | None:
+    return data.decode() if data and all(32 <= b < 127 or b in b"\r\n\t" for b in data) else None
 
+
+def _answer(connection: socket.socket) -> bytes:
+    """What the server on ``connection`` answers HTTP/2's preface with, within PROBE_SECONDS: its first frame's
+    header (9 bytes), or a line of text, or the bytes it sent before it closed or fell silent (none: nothing)."""
     answer = b""
     try:
         connection.settimeout(PROBE_SECONDS)
         connection.sendall(HTTP2_PREFACE)
         while len(answer) < PROBE_BYTES and (more := connection.recv(PROBE_BYTES - len(answer))):
             answer += more
-            if text(answer) is None or b"\n" in answer:  # decided: read no more (a cluster's GCS answers at once)
+            if len(answer) >= 9 and _text(answer) is None or b"\n" in answer:  # decided: read no more
                 break
     except OSError:  # (silence, or a reset after some bytes: judged on those)
         pass
-    lines = (text(answer) or "").strip().splitlines()
-    return lines[0] if lines else ""
+    return answer
 
 
 class _ray_session:
