@@ -426,9 +426,59 @@ def test_the_driver_keeps_the_encode_actors_a_ledger_started_again_forgot():
 
     remote = types.SimpleNamespace(encoders=types.SimpleNamespace(remote=lambda: "list"))
     run = distributed._Run(Ray([{"a1": Dead()}, {}, {}]), iter(()), remote, actors=1, actor_restarts=0)
-    assert run.census() == {"alive": 0, "dead": 1, "away": 0}
-    assert run.census() == {"alive": 0, "dead": 1, "away": 0}  # the ledger, started again, names none
+    assert run.census() == {"alive": 0, "busy": 0, "dead": 1, "away": 0}
+    assert run.census() == {"alive": 0, "busy": 0, "dead": 1, "away": 0}  # the ledger, started again, names none
     assert run.encoders_lost().startswith("every encode actor died for good (1, each restarted up to 0 times)")
+
+
+def test_an_encode_actor_busy_on_a_long_batch_is_counted_busy_not_away(cluster):
+    """An actor on a batch does not answer a ping (its calls run one at a time): a census took it for one
+    restarting or lost, and a healthy job said "restarting or not answering (Ray may be waiting for room...)" at
+    every batch over a minute (V1 on CPU actors, a first batch that compiles). Ray's own records say it is alive:
+    it is counted busy; killed for good, dead."""
+    import ray
+
+    @ray.remote(max_restarts=0)
+    class Encoder:
+        def work(self, seconds):
+            time.sleep(seconds)
+
+    actor = Encoder.remote()
+    ray.get(actor.__ray_ready__.remote())
+    actor.work.remote(30)
+    remote = types.SimpleNamespace(encoders=types.SimpleNamespace(remote=lambda: ray.put({"a1": actor})))
+    run = distributed._Run(ray, iter(()), remote, actors=1, actor_restarts=0)
+    try:
+        assert run.census() == {"alive": 0, "busy": 1, "dead": 0, "away": 0}
+    finally:
+        ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while distributed._recorded_state(actor) != "DEAD":
+        assert time.monotonic() < deadline, "the killed actor is not recorded dead"
+        time.sleep(0.1)
+    assert run.census() == {"alive": 0, "busy": 0, "dead": 1, "away": 0}
+
+
+def test_a_pass_whose_encode_actors_are_busy_for_long_says_so_once_and_waits(monkeypatch, capsys):
+    """Alive and busy (a long batch), no result at two checks in a row: one line that says so, not that they may be
+    lost; the rows that come after are taken as ever."""
+    monkeypatch.setattr(distributed, "WATCH_SECONDS", 0.05)
+
+    def late_rows():
+        time.sleep(0.6)
+        yield {"file": 0}
+
+    class Stub:
+        def kill(self, actor):
+            pass
+
+    run = distributed._Run(Stub(), late_rows(), ledger=None, actors=2, actor_restarts=8)
+    monkeypatch.setattr(run, "census", lambda: {"alive": 1, "busy": 1, "dead": 0, "away": 0})
+    with run:
+        assert list(run.rows()) == [{"file": 0}]
+    err = capsys.readouterr().err
+    assert err.count("1 of 2 encode actor(s) alive and busy on a batch all that time") == 1, err
+    assert err.count("\n") == 1 and "restarting" not in err
 
 
 def test_files_whose_rows_an_encode_actor_took_with_it_are_read_again(videos, cluster, tmp_path):

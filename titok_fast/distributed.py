@@ -407,6 +407,17 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {c: [r[c] for r in rows] for c in COLUMNS}
 
 
+def _recorded_state(actor) -> str | None:
+    """The actor's state in Ray's own records (its GCS: "ALIVE", "RESTARTING", "DEAD", ...; asked without the
+    dashboard), or None where they cannot be asked (another version of Ray)."""
+    try:
+        from ray._private import state
+
+        return state.actors(actor_id=actor._actor_id.hex()).get("State")
+    except Exception:
+        return None
+
+
 class _Stopped(RuntimeError):
     """An encode worker's ``stop`` row: its ``info`` (the worker's error, ``Name: message``) stops the job."""
 
@@ -1130,7 +1141,7 @@ class _Run:
         self.reader = threading.Thread(target=self._read, args=(queued,), name="titok-fast-results", daemon=True)
         self.reading = True
         self.reader.start()
-        seen, away = 0, 0  # checks in a row that found every encode actor dead; that found one away
+        seen, away, busy = 0, 0, 0  # checks in a row that found every encode actor dead; one away; one busy
         while True:
             try:
                 item = queued.get(timeout=WATCH_SECONDS)
@@ -1141,14 +1152,21 @@ class _Run:
                 if seen == 2:  # twice: not the moment Ray Data releases the actors of a pass that is ending
                     raise RuntimeError(lost) from None
                 away = away + 1 if census["away"] else 0
+                busy = busy + 1 if census.get("busy") and not census["away"] else 0
                 if away == 2:  # (said once an episode: an actor away at two checks in a row, no row meanwhile)
                     notice(
                         f"no result for {2 * WATCH_SECONDS:.0f} s: {census['away']} of {self.actors} encode actor(s) "
                         "restarting or not answering (Ray may be waiting for room on the cluster to start them "
                         "again, as after a node was lost); the job waits for them"
                     )  # fmt: skip
+                if busy == 2:  # (alive, as Ray's own records say, and on a batch: a long one, or a device that hangs)
+                    notice(
+                        f"no result for {2 * WATCH_SECONDS:.0f} s: {census['busy']} of {self.actors} encode actor(s) "
+                        "alive and busy on a batch all that time (a first batch that compiles, a slow CPU actor; a "
+                        "device that hangs looks the same); the job waits for them"
+                    )  # fmt: skip
                 continue
-            seen, away = 0, 0
+            seen, away, busy = 0, 0, 0
             if time.monotonic() - self.asked >= WATCH_SECONDS:  # (while rows come: the checks are for when none do)
                 self._note_encoders()
             if item is _END:
@@ -1219,17 +1237,21 @@ class _Run:
         return self.waited, (time.perf_counter() if self.read_to is None else self.read_to) - self.read_from
 
     def census(self) -> dict[str, int]:
-        """The encode actors that have enlisted, by state: "alive" (answered within PING_SECONDS), "dead" (died for
+        """The encode actors that have enlisted, by state: "alive" (answered within PING_SECONDS), "busy" (did not
+        answer, as an actor on a batch does not, while Ray's records of actors say it is alive), "dead" (died for
         good) and "away" (restarting, or not answering: Ray may be waiting for room to start one again)."""
         from ray.exceptions import ActorDiedError
 
-        counts = {"alive": 0, "dead": 0, "away": 0}
+        counts = {"alive": 0, "busy": 0, "dead": 0, "away": 0}
         self.enlisted.update(self.ray.get(self.ledger.encoders.remote()))
         actors = list(self.enlisted.values())
         pings = [actor.__ray_ready__.remote() for actor in actors]
         done, _ = self.ray.wait(pings, num_returns=len(pings), timeout=PING_SECONDS) if pings else ([], [])
-        counts["away"] = len(pings) - len(done)
-        for ping in done:
+        answered = set(done)
+        for actor, ping in zip(actors, pings, strict=True):
+            if ping not in answered:
+                counts["busy" if _recorded_state(actor) == "ALIVE" else "away"] += 1
+                continue
             try:
                 self.ray.get(ping)
                 counts["alive"] += 1
