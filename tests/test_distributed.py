@@ -1571,3 +1571,19 @@ def test_a_ray_address_is_refused_unless_what_answers_there_speaks_grpc(server, 
     finally:
         done.set()
         listener.close()
+
+
+def test_an_input_through_a_link_and_dotdot_is_read_on_ray_as_on_one_machine(videos, cluster, tmp_path):
+    """``link/../x.mp4`` (link leading to real/sub) is real/x.mp4 for the kernel: the Ray job read x.mp4 beside link
+    instead (its path made absolute by its text, for the decode tasks), and wrote other tokens than one machine."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "real" / "sub", tmp_path / "link")
+    shutil.copy(videos["good"] / "long.mp4", tmp_path / "real" / "x.mp4")  # 6 clips
+    shutil.copy(videos["good"] / "one.mp4", tmp_path / "x.mp4")  # 1 clip
+    files = [(f"{tmp_path}/link/../x.mp4", "x")]
+    model = LOAD()
+    encode_files(model, Engine(model), files, tmp_path / "single", SETTINGS)
+    with failing_after(120, "the job did not end"):
+        summary = encode_dataset(LOAD(), files, tmp_path / "ray", SETTINGS, device="cpu")
+    assert summary.clips == 6 and not summary.failed
+    assert (tmp_path / "ray" / "x.safetensors").read_bytes() == (tmp_path / "single" / "x.safetensors").read_bytes()

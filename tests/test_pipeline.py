@@ -2375,3 +2375,23 @@ def test_progress_in_a_log_is_a_line_a_minute(model, sources, tmp_path, monkeypa
     assert checking and re.fullmatch(r"checking outputs: 3/3 files done in 00:0\d, about 00:00 left", checking[-1])
     assert decode_files(Engine(model), [tmp_path / "logged" / "short.safetensors"], tmp_path / "mp4").done
     assert "1/1 files done in" in capsys.readouterr().err
+
+
+def test_an_input_through_a_link_and_dotdot_is_the_file_the_system_reads(model, sources, tmp_path):
+    """``link/../x.mp4`` with link leading to real/sub is real/x.mp4, as the shell and the kernel take it, not
+    x.mp4 beside link (os.path.abspath drops ``link/..`` by its text): the token file and the manifest name the file
+    whose clips it holds, and a resume finds it complete."""
+    from titok_fast.manifest import MANIFEST_NAME, read_manifest
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "real" / "sub", tmp_path / "link")
+    shutil.copy(sources["long"], tmp_path / "real" / "x.mp4")  # 6 clips
+    shutil.copy(sources["short"], tmp_path / "x.mp4")  # 1 clip: what the text would name
+    given = f"{tmp_path}/link/../x.mp4"
+    engine, out = Engine(model), tmp_path / "tokens"
+    summary = encode_files(model, engine, [(given, "x")], out, SETTINGS, workers=1)
+    made = load_tokens(out / "x.safetensors")
+    assert summary.clips == 6 and len(made.grids) == 6 and made.source == str(tmp_path / "real" / "x.mp4")
+    assert [r["source"] for r in read_manifest(out / MANIFEST_NAME)] == [made.source]
+    assert encode_files(model, engine, [(given, "x")], out, SETTINGS, workers=1).skipped == [given]
+    assert len(read_manifest(out / MANIFEST_NAME)) == 1  # (its latest line says so already)

@@ -31,6 +31,7 @@ from .files import (
     MAX_SEED,
     STALL_SECONDS,
     Terminated,
+    absolute,
     escaped,
     file_head,
     forget_interrupts,
@@ -511,7 +512,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "failed": [{"source": source, "reason": reason} for source, reason in summary.failed],
         }, indent=2, allow_nan=False).encode()  # fmt: skip
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            os.makedirs(os.path.dirname(absolute(args.json)), exist_ok=True)
             write_atomically(args.json, report)
         except OSError as e:  # its folder gone meanwhile, a full disk: named as asked for, not by its temporary
             raise ValueError(f"--json {args.json}: cannot be written ({e.strerror or e})") from None
@@ -579,7 +580,7 @@ def _check_file_to_write(option: str, path: str, what: str) -> None:
     if mode is not None and not _is_kind(path, what):
         raise ValueError(f"{option} {path}: is there already and is not a {what} file; it would be replaced: "
                          "remove it or choose another path")  # fmt: skip
-    _check_output_folder(f"{option} {path}: its folder", os.path.dirname(os.path.abspath(path)))
+    _check_output_folder(f"{option} {path}: its folder", os.path.dirname(absolute(path)))
 
 
 FILE_KINDS = {  # how the files a command writes begin: what an existing file must look like to be replaced

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
-from .files import STALL_SECONDS, interrupts_held, notice, sigterm_came
+from .files import STALL_SECONDS, absolute, interrupts_held, notice, sigterm_came
 from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .pipeline import (
@@ -792,7 +792,7 @@ def encode_dataset(
     outdir = Path(outdir)
     start = time.perf_counter()
     # absolute: the decode tasks run in the folder the cluster was started in, or on other machines
-    files = [(Path(os.path.abspath(path)), name) for path, name in take_shard(files, shard)]
+    files = [(Path(absolute(path)), name) for path, name in take_shard(files, shard)]
     check_inputs_apart(files, outdir, shard)
     summary = Summary()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:

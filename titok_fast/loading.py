@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from . import hub
 from .checks import MAX_GRID, MAX_TOKENS, is_integer
 from .config import TiTokConfig
-from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile, kind_of, notice
+from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile, absolute, kind_of, notice
 from .layers import perturb_norms
 from .model import TiTok
 from .tokens import MAX_CODEBOOK_SIZE
@@ -971,7 +971,7 @@ def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "weights_digest": weights_digest(state)}
     meta.update(extra)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(absolute(path)), exist_ok=True)
     with AtomicFile(path) as target:  # its temporary made as every file is (0o666 less the umask): its mode is
         mode = os.stat(target.temporary).st_mode & 0o777  # kept, as save_file writes a file of its own, ours only
         save_file(state, target.temporary, metadata={METADATA_KEY: json.dumps(meta)})

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import MAX_NAME_BYTES, file_entry, same_entry
+from .files import MAX_NAME_BYTES, absolute, file_entry, same_entry
 
 if TYPE_CHECKING:
     from .pipeline import Summary
@@ -123,7 +123,7 @@ class Manifest:
         with self.lock:
             self.summary.skipped.append(str(source))
             self.read_settled()
-            if self._settled.get(hash(os.path.abspath(source)), ("", None))[1] != hash(os.path.abspath(tokens)):
+            if self._settled.get(hash(absolute(source)), ("", None))[1] != hash(absolute(tokens)):
                 self._line(source, tokens, "skipped")
 
     def read_settled(self) -> None:
@@ -156,7 +156,7 @@ class Manifest:
         with self.lock:
             _, other_source, _ = self._outdated.get(str(tokens), (None, None, None))
             if other_source is not None:
-                reason = f"its token file is made anew for {os.path.abspath(source)}, which has the same output name"
+                reason = f"its token file is made anew for {absolute(source)}, which has the same output name"
                 self._line(other_source, tokens, "not-encoded", reason=reason)
 
     def failed(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str, **extra: Any) -> None:
@@ -169,7 +169,7 @@ class Manifest:
             self._line(source, tokens, "failed", reason=reason, **extra)
             if other_source is not None:  # its latest line must no longer say its tokens are there
                 displaced = (
-                    f"{os.path.abspath(source)}, which has the same output name, failed to replace them; {aside}"
+                    f"{absolute(source)}, which has the same output name, failed to replace them; {aside}"
                 )
                 self._line(other_source, tokens, "not-encoded", reason=displaced)
 
@@ -184,7 +184,7 @@ class Manifest:
     def _line(self, source, tokens, status: str, clips: int = 0, reason: str = "", **extra: Any) -> None:
         if self._fd is None:
             return
-        line = {"source": os.path.abspath(source), "tokens": os.path.abspath(tokens), "clips": clips,
+        line = {"source": absolute(source), "tokens": absolute(tokens), "clips": clips,
                 "status": status, "reason": reason}  # fmt: skip
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
         data = (json.dumps({**line, **extra, "time": now}) + "\n").encode()

@@ -39,6 +39,7 @@ from .files import (
     ABANDONED_UNLOCKED_SECONDS,
     METADATA_KEY,
     STALL_SECONDS,
+    absolute,
     entry_of,
     escaped,
     file_entry,
@@ -243,7 +244,7 @@ def _one_per_output(
     names: dict[str, str] = {}  # a path, absolute -> its output name
     kept, clashes, first_clashes = [], 0, []
     for path, name in pairs:
-        spelled = os.path.abspath(path)
+        spelled = absolute(path)
         if spelled in names:
             if names[spelled] != name:
                 notice(f"{path}: reached again (as {name}); {verb} once, as {names[spelled]}")
@@ -616,7 +617,7 @@ def plan_outputs(
                         other = done.source if done is not None and _other_source(done.source, path) else None
                         if other is not None:  # unless it is an input of this job with a token file of its own
                             if inputs is None:
-                                inputs = {os.path.abspath(p): outdir / f"{n}.safetensors" for p, n in files}
+                                inputs = {absolute(p): outdir / f"{n}.safetensors" for p, n in files}
                             if inputs.get(other, out) != out:
                                 other = None
                         manifest.outdated(path, out, why, other, entry)
@@ -1316,7 +1317,7 @@ TOKEN_FILE_HEADER = ('{"__metadata__":{"' + METADATA_KEY + '":"{\\"version\\": '
 def _other_source(recorded: str, source: str | os.PathLike) -> bool:
     """Whether the source a token file records is not ``source``: another path, unless it leads to the same file
     (through a link to it or to a folder above it, as a cluster's /home may lead to its /gpfs)."""
-    if recorded == os.path.abspath(source):
+    if recorded == absolute(source):
         return False
     try:
         return not (os.path.isabs(recorded) and os.path.samefile(recorded, source))
@@ -1439,7 +1440,7 @@ def _token_file(
         model_config=model.config.to_dict(),
         weights_digest=model.weights_digest,
         fps=settings.fps,
-        source=os.path.abspath(source),
+        source=absolute(source),
         frames_per_chunk=settings.grid[0],
         tail=settings.tail,
         last_chunk_frames=last_chunk_frames,
@@ -1737,7 +1738,7 @@ def decode_files(
                 if unforeseen_in_a_row >= GIVE_UP_AFTER:
                     raise RuntimeError(f"giving up after {unforeseen_in_a_row} token files in a row failed alone: "
                                        f"{_one_line(e)}") from e  # fmt: skip
-            writing = isinstance(e, OSError) and e.filename == os.path.abspath(out)  # (said as encode says it)
+            writing = isinstance(e, OSError) and e.filename == absolute(out)  # (said as encode says it)
             summary.failed.append((str(path), f"cannot write {out}: {e.strerror or e}" if writing else _one_line(e)))
             continue
         unforeseen_in_a_row = 0

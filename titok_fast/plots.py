@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .files import AtomicFile
+from .files import AtomicFile, absolute
 
 PLOT_EXTRA = "pip install 'titok-fast[plot]'"
 
@@ -45,6 +45,6 @@ def rate_distortion_figure(series: dict[str, dict[int, dict[str, float]]], title
 
 def save_figure(figure: Any, path: str | os.PathLike[str]) -> None:
     """Write `figure` as a PNG to `path` (its folder made if need be), atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(absolute(path)), exist_ok=True)
     with AtomicFile(path) as target:
         figure.savefig(target.temporary, format="png", dpi=120)
