@@ -2395,3 +2395,9 @@ def test_an_input_through_a_link_and_dotdot_is_the_file_the_system_reads(model, 
     assert [r["source"] for r in read_manifest(out / MANIFEST_NAME)] == [made.source]
     assert encode_files(model, engine, [(given, "x")], out, SETTINGS, workers=1).skipped == [given]
     assert len(read_manifest(out / MANIFEST_NAME)) == 1  # (its latest line says so already)
+    # a token file from a stranger may record any source: one with a NUL and a ".." is named as written, and its
+    # input is redone (before, resolving it stopped the run with "embedded null byte")
+    pipeline.save_tokens(out / "x.safetensors", dataclasses.replace(made, source="/data/a\x00b/../x.mp4"))
+    summary = encode_files(model, engine, [(given, "x")], out, SETTINGS, workers=1)
+    assert summary.done == [given] and not summary.failed
+    assert pipeline.absolute("/data/a\x00b/../x.mp4") == "/data/x.mp4"
