@@ -367,20 +367,29 @@ def test_a_model_built_under_inference_mode_gives_what_one_built_outside_gives(p
         engine = Engine(inferred, mode="static", budgets=(256,))
         assert torch.equal(engine.encode(videos, counts)[1]["indices"][0], want["indices"][0])
 
-@pytest.mark.parametrize("mode", [None, "eager", "static"])
-def test_an_enclosing_autocast_changes_nothing(mode):
+@pytest.mark.parametrize("mode", [None, "eager", "static", "compile"])
+def test_an_enclosing_autocast_changes_nothing(mode, monkeypatch):
     """Inside ``torch.autocast`` (a generative model's training step) the model computes in its own dtype: every
     entry point gives what it gives outside, bit for bit, and the decoder table built there is the float32 one
     (a later call outside still runs). Before, an fp32 model's encode failed there with a dtype error deep in
-    torch, and a decode there left the table in bf16, breaking every decode after it."""
+    torch, and a decode there left the table in bf16, breaking every decode after it. Compiled graphs are not
+    compiled again for it (the autocast state is among their guards); here compiled by Dynamo with an eager
+    backend, whose guards are Inductor's."""
+    from titok_fast import engine as engine_module
     from titok_fast.engine import Engine
 
+    def eager_backend(graph, example_inputs):  # (counted as the engine's own backend counts)
+        engine_module._GRAPHS_COMPILED.count = engine_module._compiled_here() + 1
+        return graph.forward
+
+    monkeypatch.setattr(engine_module, "_counting_inductor", eager_backend)
     shapes, counts = [(8, 16, 16), (4, 24, 8)], [6, 5]
     videos = random_videos(shapes)
     model = make_model("tiny", "torch", seed=4)
     runner = model if mode is None else Engine(model, mode=mode, budgets=(256,))
     codes, want = runner.encode(videos, counts)
     pixels = runner.decode_indices(want["indices"], shapes)
+    compiled = getattr(runner, "compiles", 0)
     z = model.encoder(videos, counts)
     decoded = model.decode(codes, counts, shapes)
     model.weights_changed()  # (the table is built again, under autocast)
@@ -396,6 +405,7 @@ def test_an_enclosing_autocast_changes_nothing(mode):
     assert all(map(torch.equal, got_pixels, pixels))
     assert all(map(torch.equal, runner.decode_indices(want["indices"], shapes), pixels))
     assert model.decoder_table()[0].dtype == torch.float32
+    assert getattr(runner, "compiles", 0) == compiled == (2 if mode == "compile" else 0)
 
 
 

@@ -49,7 +49,7 @@ import torch
 
 from . import fp8
 from .checks import PendingValueCheck, check_clip_indices, check_grids, check_token_counts, check_videos
-from .model import TiTok, upstream_argument_order
+from .model import TiTok, own_dtype, upstream_argument_order
 from .packing import Packing, PackingCache, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
 
@@ -750,7 +750,8 @@ class Engine:
 
             def run():
                 before = _compiled_here()
-                out = compiled(*args)
+                with own_dtype(model.device):  # (the autocast state is part of the graph's guards: a call under
+                    out = compiled(*args)  # autocast would compile every graph again, though it computes the same)
                 self.compiles += _compiled_here() - before
                 return out
 

@@ -17,7 +17,9 @@ point also switches off an enclosing ``torch.autocast`` (:func:`inference`): the
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -54,15 +56,21 @@ def inference(method):
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        with torch.no_grad():
-            device = self.device.type
-            device = device if torch.amp.is_autocast_available(device) else "cpu"  # (the meta device has none)
-            if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled(device):
-                with torch.autocast("cpu", enabled=False), torch.autocast(device, enabled=False):
-                    return method(self, *args, **kwargs)
+        with torch.no_grad(), own_dtype(self.device):
             return method(self, *args, **kwargs)
 
     return run
+
+
+@contextlib.contextmanager
+def own_dtype(device: torch.device) -> Iterator[None]:
+    """Any ``torch.autocast`` around this switched off, on the CPU and on ``device`` (see :func:`inference`)."""
+    kind = device.type if torch.amp.is_autocast_available(device.type) else "cpu"  # (the meta device has none)
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled(kind):
+        with torch.autocast("cpu", enabled=False), torch.autocast(kind, enabled=False):
+            yield
+    else:
+        yield
 
 
 def upstream_argument_order(grids, token_counts):
@@ -487,7 +495,8 @@ class TiTok(nn.Module):
     @inference
     def decode_indices(self, indices, grids: list, token_counts: list[int] | None = None) -> list[torch.Tensor]:
         """Upstream's ``decode_indices(indices, grids)``. indices: the tuple/list that ``encode`` returns (one int
-        tensor [n_i] per video), or one packed tensor [sum n] with ``token_counts``; grids: pixel shapes (T, H, W).
+        tensor [n_i] per video), one packed tensor [sum n] with ``token_counts``, or one [videos, n] tensor (a row
+        a video); grids: pixel shapes (T, H, W).
 
         As a convenience, ``decode_indices(packed, token_counts, grids)`` (the order of ``decode``) is recognised
         too (see :func:`upstream_argument_order`)."""
