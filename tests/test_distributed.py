@@ -1528,11 +1528,12 @@ def test_encoder_on_the_gpu_gives_the_engine_tokens(videos, dtype):
     assert len(tokens) == 11 and all(torch.equal(a, b.cpu().int()) for a, b in zip(tokens, expected, strict=True))
 
 
-@pytest.mark.parametrize("server", ["silent", "closes", "tls", "http2", "ray"])
+@pytest.mark.parametrize("server", ["silent", "closes", "tls", "http2", "ray", "tls-cluster"])
 def test_a_ray_address_is_refused_unless_what_answers_there_speaks_grpc(server, monkeypatch, request):
     """A Ray cluster's GCS answers HTTP/2's preface with a SETTINGS frame at once. A listener that says nothing (a
     port forward with nothing behind it), one that closes at once, or a TLS server was left to Ray, which retried
-    it for minutes: each is now refused in one line, without Ray."""
+    it for minutes: each is now refused in one line, without Ray. Where Ray speaks TLS (RAY_USE_TLS=1), a
+    cluster's GCS is such a server: what answers the preface in the clear other than with text is left to Ray."""
     import socket
 
     ray = pytest.importorskip("ray")
@@ -1543,7 +1544,10 @@ def test_a_ray_address_is_refused_unless_what_answers_there_speaks_grpc(server, 
         return
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # (the module's cluster: the address is then not asked)
     monkeypatch.setattr(distributed, "PROBE_SECONDS", 0.5)
+    if server == "tls-cluster":
+        monkeypatch.setenv("RAY_USE_TLS", "1")
     answers = {"silent": None, "closes": b"", "tls": b"\x15\x03\x03\x00\x02\x02\x46",
+               "tls-cluster": b"\x15\x03\x03\x00\x02\x02\x46",
                "http2": b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"}  # fmt: skip
     listener = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
@@ -1562,7 +1566,7 @@ def test_a_ray_address_is_refused_unless_what_answers_there_speaks_grpc(server, 
             "closes": r"nothing answered there in 0.5 s, or the connection was closed",
             "tls": r"something other than a Ray cluster answers there \(another protocol: 15 03 03 00 02 02 46, TLS"}
     try:
-        if server == "http2":
+        if server in ("http2", "tls-cluster"):
             distributed.check_ray_address(address)  # (a gRPC server: left to Ray)
         else:
             with pytest.raises(ValueError, match=rf"^--ray {address}: {said[server]}.*; the cluster's is the one "

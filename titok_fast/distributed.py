@@ -1343,6 +1343,8 @@ def check_ray_address(address: str) -> None:
         ) from None
     if answer[3:4] == HTTP2_SETTINGS and answer[5:9] == bytes(4):  # a gRPC server's first frame: Ray's GCS
         return
+    if _ray_uses_tls() and not _text(answer):  # (a cluster's TLS server drops a preface sent in the clear, or
+        return  # answers it with an alert: left to Ray, which speaks TLS to it)
     cluster_port = "the cluster's is the one `ray start --head` prints, 6379 unless --port said otherwise"
     if _text(answer) and (lines := _text(answer).strip().splitlines()):
         said = f"something other than a Ray cluster answers there ({lines[0]!r}: a web server, say; the dashboard's "
@@ -1362,6 +1364,11 @@ def check_ray_address(address: str) -> None:
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 HTTP2_SETTINGS = b"\x04"  # a frame header's type byte (its fourth)
 PROBE_SECONDS, PROBE_BYTES = 5.0, 40
+
+
+def _ray_uses_tls() -> bool:
+    """Whether Ray speaks TLS to its clusters (RAY_USE_TLS, as Ray reads it)."""
+    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true")
 
 
 def _text(data: bytes) -> str | None:
