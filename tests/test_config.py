@@ -182,6 +182,13 @@ def test_a_yaml_config_resolves_interpolations_of_other_fields_as_omegaconf_does
     path = tmp_path / "linked.yaml"
     path.write_text(yaml.safe_dump(config))
     assert TiTokConfig.from_any(str(path)) == TiTokConfig.from_any(OmegaConf.load(path)) == PRESETS["tiny"]
+    # a list item's link to a field whose own link is relative (to that field's node); a node that is a link
+    shared = {**config["shared"], "depth": "${.eight}", "eight": 8, "model": dict(model, patch_size=[4, 8, 8])}
+    for linked in ({**config, "tokenizer": {"model": dict(model, patch_size=[4, "${shared.depth}", 8])},
+                    "shared": shared},
+                   {**config, "tokenizer": {"model": "${shared.model}"}, "shared": shared}):  # fmt: skip
+        path.write_text(yaml.safe_dump(linked))
+        assert TiTokConfig.from_any(str(path)) == TiTokConfig.from_any(OmegaConf.load(path)) == PRESETS["tiny"]
     for value, message in [
         ("${oc.env:HOME}", r"decoder_size holds '\$\{oc.env:HOME\}': only a field's interpolation"),
         ("tiny_${.x}", r"decoder_size holds 'tiny_\$\{.x\}'"),

@@ -163,11 +163,10 @@ class TiTokConfig:
             raise TypeError(
                 f"config must be a preset name, a YAML path, an OmegaConf config or a dict, got {type(config).__name__}"
             )
-        model = _get(config, "tokenizer.model")
-        sampling = _get(config, "training.sampling")
-        values = {k: _interpolated(config, "tokenizer.model", k, _get(model, k, "tokenizer.model."))
-                  for k in MODEL_FIELDS}  # fmt: skip
-        values.update({k: _interpolated(config, "training.sampling", k, _get(sampling, k, "training.sampling."))
+        model, at_model = _node(config, "tokenizer.model")
+        sampling, at_sampling = _node(config, "training.sampling")
+        values = {k: _interpolated(config, at_model, k, _get(model, k, "tokenizer.model.")) for k in MODEL_FIELDS}
+        values.update({k: _interpolated(config, at_sampling, k, _get(sampling, k, "training.sampling."))
                        for k in SAMPLING_FIELDS})  # fmt: skip
         for key in ("encoder_size", "decoder_size"):
             if not isinstance(values[key], str):
@@ -238,17 +237,38 @@ def _interpolated(config: dict, parent: str, key: str, value: Any, in_list: bool
         if link is None or (link.group(1) and in_list):
             raise ValueError(f"config field {name} holds {_brief(value)}: only a field's interpolation of another "
                              "field, ${a.b} or ${.b}, is resolved here")  # fmt: skip
-        dots, target = link.groups()
-        if dots:
-            node = parent.split(".") if parent else []
-            if len(dots) - 1 > len(node):
-                raise ValueError(f"config field {name}: the interpolation {value} goes above the config's top")
-            target = ".".join([*node[: len(node) - (len(dots) - 1)], target])
+        target = _target(link, parent, f"config field {name}")
         parent, _, key = target.rpartition(".")
         value = _get(config, target, f"(interpolated by {name}) ")
-        if isinstance(value, list) and not in_list:
+        in_list = False  # (the value linked to is a field's own: its links are the field's)
+        if isinstance(value, list):
             return _interpolated(config, parent, key, value)
     raise ValueError(f"config field {name}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
+
+
+def _target(link: re.Match, parent: str, what: str) -> str:
+    """Where the link ``link`` (an _INTERPOLATION match) in a field of the node ``parent`` leads, from the top."""
+    dots, target = link.groups()
+    if not dots:
+        return target
+    up = parent.split(".") if parent else []
+    if len(dots) - 1 > len(up):
+        raise ValueError(f"{what}: the interpolation {link.group(0)} goes above the config's top")
+    return ".".join([*up[: len(up) - (len(dots) - 1)], target])
+
+
+def _node(config: dict, dotted: str) -> tuple[Any, str]:
+    """The node at ``dotted`` and where it is: where its links lead (``tokenizer: {model: ${presets.v1}}``), the
+    place its own fields' relative links are taken from, as OmegaConf takes them."""
+    node, parent, key = _get(config, dotted), *dotted.rpartition(".")[::2]
+    for _ in range(MAX_INTERPOLATIONS):
+        link = _INTERPOLATION.fullmatch(node) if isinstance(node, str) else None
+        if link is None:
+            return node, f"{parent}.{key}".lstrip(".")
+        target = _target(link, parent, f"config node {dotted}")
+        parent, _, key = target.rpartition(".")
+        node = _get(config, target, f"(interpolated by {dotted}) ")
+    raise ValueError(f"config node {dotted}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
 
 
 def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:
