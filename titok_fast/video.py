@@ -2996,15 +2996,16 @@ def same_time_sampling(recorded: object, fps: float) -> bool:
     return recorded == _EARLIER_TIME_SAMPLING and on_ms
 
 
-def _clock(fps: float, time_base: Fraction) -> tuple[Fraction, tuple[Fraction, Fraction]]:
+def _clock(fps: float, time_base: Fraction) -> tuple[Fraction, tuple]:
     """(output frames per tick, slack) of a stream with this time base, for :func:`_due`: the slack is half a
     millisecond, or half a tick on a clock finer than a millisecond (a stamp is off by at most that), with the
     ticks of a millisecond (a whole-millisecond stamp on such a clock may be rounded too: :func:`_due`)."""
     ms = Fraction(1, 1000) / time_base  # (Matroska and FLV stamp whole milliseconds, off by up to half of one)
-    return Fraction(fps) * time_base, (min(Fraction(1, 2), ms / 2), ms)
+    tick_slack = min(Fraction(1, 2), ms / 2)
+    return Fraction(fps) * time_base, (tick_slack, ms / 2 if tick_slack < ms / 2 else None, ms)
 
 
-def _due(ticks: int | Fraction, rate: Fraction, slack: tuple[Fraction, Fraction]) -> int:
+def _due(ticks: int | Fraction, rate: Fraction, slack: tuple) -> int:
     """The first output frame that a frame ``ticks`` time-base units after the first one shows (``rate``, ``slack``:
     :func:`_clock`). Output frame k, due at k / fps, shows the last frame stamped at or before that instant, a
     frame stamped up to the slack after it included: Matroska and FLV stamp whole milliseconds, so a frame exactly
@@ -3016,10 +3017,15 @@ def _due(ticks: int | Fraction, rate: Fraction, slack: tuple[Fraction, Fraction]
     return _due_within(ticks, rate, _slack(ticks, slack))
 
 
-def _slack(ticks: int | Fraction, slack: tuple[Fraction, Fraction]) -> Fraction:
-    """The slack, in ticks, of a frame stamped ``ticks`` after the first (:func:`_due`)."""
-    tick_slack, ms = slack
-    return ms / 2 if tick_slack < ms / 2 and (ticks / ms).denominator == 1 else tick_slack
+def _slack(ticks: int | Fraction, slack: tuple) -> Fraction:
+    """The slack, in ticks, of a frame stamped ``ticks`` after the first (:func:`_due`; ``slack``: :func:`_clock`'s,
+    half a tick, half a millisecond where that is more, and the ticks of a millisecond)."""
+    tick_slack, half_ms, ms = slack
+    if half_ms is None:  # (a clock of a millisecond or coarser: half a millisecond for every stamp)
+        return tick_slack
+    if isinstance(ticks, int) and ms.denominator == 1:  # (integers: a stamp each frame, on a clock of whole ticks)
+        return half_ms if ticks % ms.numerator == 0 else tick_slack
+    return half_ms if (ticks / ms).denominator == 1 else tick_slack
 
 
 def _due_within(ticks: int | Fraction, rate: Fraction, slack: Fraction) -> int:
