@@ -182,11 +182,15 @@ def test_a_yaml_config_resolves_interpolations_of_other_fields_as_omegaconf_does
     path = tmp_path / "linked.yaml"
     path.write_text(yaml.safe_dump(config))
     assert TiTokConfig.from_any(str(path)) == TiTokConfig.from_any(OmegaConf.load(path)) == PRESETS["tiny"]
-    # a list item's link to a field whose own link is relative (to that field's node); a node that is a link
+    # a list item's link to a field whose own link is relative (to that field's node); a node that is a link; a
+    # link on the way to a node (tokenizer: ${t}), and to a field (${q.model.depth}, q: ${shared})
     shared = {**config["shared"], "depth": "${.eight}", "eight": 8, "model": dict(model, patch_size=[4, 8, 8])}
     for linked in ({**config, "tokenizer": {"model": dict(model, patch_size=[4, "${shared.depth}", 8])},
                     "shared": shared},
-                   {**config, "tokenizer": {"model": "${shared.model}"}, "shared": shared}):  # fmt: skip
+                   {**config, "tokenizer": {"model": "${shared.model}"}, "shared": shared},
+                   {**config, "tokenizer": "${t}", "t": {"model": "${shared.model}"}, "shared": shared},
+                   {**config, "tokenizer": {"model": dict(model, patch_size=[4, "${q.depth}", 8])}, "q": "${shared}",
+                    "shared": shared}):  # fmt: skip
         path.write_text(yaml.safe_dump(linked))
         assert TiTokConfig.from_any(str(path)) == TiTokConfig.from_any(OmegaConf.load(path)) == PRESETS["tiny"]
     for value, message in [
@@ -194,7 +198,7 @@ def test_a_yaml_config_resolves_interpolations_of_other_fields_as_omegaconf_does
         ("tiny_${.x}", r"decoder_size holds 'tiny_\$\{.x\}'"),
         ("${.nothing}", r"missing field \(interpolated by tokenizer.model.decoder_size\) tokenizer.model.nothing"),
         ("${....x}", r"decoder_size: the interpolation \$\{....x\} goes above the config's top"),
-        ("${shared.a}", r"decoder_size: more than 16 interpolations in a row"),
+        ("${shared.a}", r"by tokenizer.model.decoder_size\) shared.\w: more than 16 interpolations in a row"),
     ]:
         looped = {**config, "shared": {**config["shared"], "a": "${shared.b}", "b": "${shared.a}"}}
         looped["tokenizer"] = {"model": {**model, "decoder_size": value}}

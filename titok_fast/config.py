@@ -225,25 +225,21 @@ def _interpolated(config: dict, parent: str, key: str, value: Any, in_list: bool
     """The field ``parent.key``'s ``value`` with OmegaConf's node interpolations resolved, as upstream's
     ``OmegaConf.load`` resolves them when the field is read: a value (or a list item) that is exactly
     ``${a.b.c}`` (from the top) or ``${.c}`` / ``${..b.c}`` (from the field's own node, a dot more per level up;
-    not in a list item) is the value there. Anything else with ``${`` (a resolver such as ``${oc.env:...}``, text
-    around a link) is refused in one line: nothing is looked up in the environment."""
+    not in a list item) is the value there, links on the way followed. Anything else with ``${`` (a resolver such
+    as ``${oc.env:...}``, text around a link) is refused in one line: nothing is looked up in the environment."""
     name = f"{parent}.{key}".lstrip(".")
     if isinstance(value, list) and not in_list:
         return [_interpolated(config, parent, key, v, in_list=True) for v in value]
-    for _ in range(MAX_INTERPOLATIONS):
-        if not isinstance(value, str) or "${" not in value:
-            return value
+    if isinstance(value, str) and "${" in value:
         link = _INTERPOLATION.fullmatch(value)
         if link is None or (link.group(1) and in_list):
             raise ValueError(f"config field {name} holds {_brief(value)}: only a field's interpolation of another "
                              "field, ${a.b} or ${.b}, is resolved here")  # fmt: skip
-        target = _target(link, parent, f"config field {name}")
-        parent, _, key = target.rpartition(".")
-        value = _get(config, target, f"(interpolated by {name}) ")
-        in_list = False  # (the value linked to is a field's own: its links are the field's)
-        if isinstance(value, list):
+        value, at = _node(config, _target(link, parent, f"config field {name}"), f"(interpolated by {name}) ")
+        parent, _, key = at.rpartition(".")
+        if isinstance(value, (list, str)):  # (its own links: a field's, from where it is)
             return _interpolated(config, parent, key, value)
-    raise ValueError(f"config field {name}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
+    return value
 
 
 def _target(link: re.Match, parent: str, what: str) -> str:
@@ -257,18 +253,34 @@ def _target(link: re.Match, parent: str, what: str) -> str:
     return ".".join([*up[: len(up) - (len(dots) - 1)], target])
 
 
-def _node(config: dict, dotted: str) -> tuple[Any, str]:
-    """The node at ``dotted`` and where it is: where its links lead (``tokenizer: {model: ${presets.v1}}``), the
-    place its own fields' relative links are taken from, as OmegaConf takes them."""
-    node, parent, key = _get(config, dotted), *dotted.rpartition(".")[::2]
-    for _ in range(MAX_INTERPOLATIONS):
-        link = _INTERPOLATION.fullmatch(node) if isinstance(node, str) else None
-        if link is None:
-            return node, f"{parent}.{key}".lstrip(".")
-        target = _target(link, parent, f"config node {dotted}")
-        parent, _, key = target.rpartition(".")
-        node = _get(config, target, f"(interpolated by {dotted}) ")
-    raise ValueError(f"config node {dotted}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
+def _node(config: dict, dotted: str, prefix: str = "", hops: list[int] | None = None) -> tuple[Any, str]:
+    """The node at ``dotted`` and where it is: a node on the way, or the node itself, that is a link
+    (``tokenizer: {model: ${presets.v1}}``) is followed, as OmegaConf follows it; where it leads is where its own
+    fields' relative links are taken from. At most MAX_INTERPOLATIONS links are followed in all (a loop)."""
+    hops = [0] if hops is None else hops
+    node, at = config, []
+    for part in dotted.split("."):
+        node, at = _followed(config, node, at, prefix, dotted, hops)
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"config is missing field {prefix}{dotted}")
+        node, at = node[part], [*at, part]
+    node, at = _followed(config, node, at, prefix, dotted, hops)
+    return node, ".".join(at)
+
+
+def _followed(
+    config: dict, node: Any, at: list[str], prefix: str, dotted: str, hops: list[int]
+) -> tuple[Any, list[str]]:
+    """``node`` (at the path ``at``, on the way to ``dotted``), or where it leads if it is a link (and so on), and
+    that place."""
+    while isinstance(node, str) and (link := _INTERPOLATION.fullmatch(node)) is not None:
+        hops[0] += 1
+        what = f"config field {prefix}{dotted}"
+        if hops[0] > MAX_INTERPOLATIONS:
+            raise ValueError(f"{what}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
+        node, place = _node(config, _target(link, ".".join(at[:-1]), what), prefix, hops)
+        at = place.split(".")
+    return node, at
 
 
 def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:

@@ -1368,7 +1368,7 @@ PROBE_SECONDS, PROBE_BYTES = 5.0, 40
 
 def _ray_uses_tls() -> bool:
     """Whether Ray speaks TLS to its clusters (RAY_USE_TLS, as Ray reads it)."""
-    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true")
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def _text(data: bytes) -> str | None:

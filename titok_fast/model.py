@@ -66,8 +66,10 @@ def inference(method):
 def own_dtype(device: torch.device) -> Iterator[None]:
     """Any ``torch.autocast`` around this switched off, on the CPU and on ``device`` (see :func:`inference`)."""
     kind = device.type if torch.amp.is_autocast_available(device.type) else "cpu"  # (the meta device has none)
-    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled(kind):
-        with torch.autocast("cpu", enabled=False), torch.autocast(kind, enabled=False):
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled(kind) or not torch.is_autocast_cache_enabled():
+        # (the cache setting too, which autocast(enabled=False) would keep: compiled graphs are guarded on it)
+        with torch.autocast("cpu", enabled=False, cache_enabled=True), \
+                torch.autocast(kind, enabled=False, cache_enabled=True):  # fmt: skip
             yield
     else:
         yield
