@@ -199,8 +199,10 @@ def test_a_yaml_config_resolves_interpolations_of_other_fields_as_omegaconf_does
         ("${.nothing}", r"missing field \(interpolated by tokenizer.model.decoder_size\) tokenizer.model.nothing"),
         ("${....x}", r"decoder_size: the interpolation \$\{....x\} goes above the config's top"),
         ("${shared.a}", r"by tokenizer.model.decoder_size\) shared.\w: more than 16 interpolations in a row"),
+        ("${shared.c}", r"config field shared.c: more than 16 interpolations in a row"),  # (a list of itself)
     ]:
-        looped = {**config, "shared": {**config["shared"], "a": "${shared.b}", "b": "${shared.a}"}}
+        loops = {"a": "${shared.b}", "b": "${shared.a}", "c": ["${shared.c}"]}
+        looped = {**config, "shared": {**config["shared"], **loops}}
         looped["tokenizer"] = {"model": {**model, "decoder_size": value}}
         path.write_text(yaml.safe_dump(looped))
         with pytest.raises(ValueError, match=message) as raised:

@@ -221,15 +221,17 @@ _INTERPOLATION = re.compile(r"\$\{(\.*)([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\}
 MAX_INTERPOLATIONS = 16  # links followed from one value: a loop of them is an error, not a hang
 
 
-def _interpolated(config: dict, parent: str, key: str, value: Any, in_list: bool = False) -> Any:
+def _interpolated(config: dict, parent: str, key: str, value: Any, in_list: bool = False, depth: int = 0) -> Any:
     """The field ``parent.key``'s ``value`` with OmegaConf's node interpolations resolved, as upstream's
     ``OmegaConf.load`` resolves them when the field is read: a value (or a list item) that is exactly
     ``${a.b.c}`` (from the top) or ``${.c}`` / ``${..b.c}`` (from the field's own node, a dot more per level up;
     not in a list item) is the value there, links on the way followed. Anything else with ``${`` (a resolver such
     as ``${oc.env:...}``, text around a link) is refused in one line: nothing is looked up in the environment."""
     name = f"{parent}.{key}".lstrip(".")
+    if depth > MAX_INTERPOLATIONS:  # (lists whose items link to lists: a loop)
+        raise ValueError(f"config field {name}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
     if isinstance(value, list) and not in_list:
-        return [_interpolated(config, parent, key, v, in_list=True) for v in value]
+        return [_interpolated(config, parent, key, v, True, depth + 1) for v in value]
     if isinstance(value, str) and "${" in value:
         link = _INTERPOLATION.fullmatch(value)
         if link is None or (link.group(1) and in_list):
@@ -238,7 +240,7 @@ def _interpolated(config: dict, parent: str, key: str, value: Any, in_list: bool
         value, at = _node(config, _target(link, parent, f"config field {name}"), f"(interpolated by {name}) ")
         parent, _, key = at.rpartition(".")
         if isinstance(value, (list, str)):  # (its own links: a field's, from where it is)
-            return _interpolated(config, parent, key, value)
+            return _interpolated(config, parent, key, value, depth=depth + 1)
     return value
 
 
