@@ -163,10 +163,12 @@ class TiTokConfig:
             raise TypeError(
                 f"config must be a preset name, a YAML path, an OmegaConf config or a dict, got {type(config).__name__}"
             )
-        model, at_model = _node(config, "tokenizer.model")
-        sampling, at_sampling = _node(config, "training.sampling")
-        values = {k: _interpolated(config, at_model, k, _get(model, k, "tokenizer.model.")) for k in MODEL_FIELDS}
-        values.update({k: _interpolated(config, at_sampling, k, _get(sampling, k, "training.sampling."))
+        links = [0]  # followed so far, for the whole config (a stranger's file may hold one: bounded work)
+        model, at_model = _node(config, "tokenizer.model", links=links)
+        sampling, at_sampling = _node(config, "training.sampling", links=links)
+        values = {k: _interpolated(config, at_model, k, _get(model, k, "tokenizer.model."), links=links)
+                  for k in MODEL_FIELDS}  # fmt: skip
+        values.update({k: _interpolated(config, at_sampling, k, _get(sampling, k, "training.sampling."), links=links)
                        for k in SAMPLING_FIELDS})  # fmt: skip
         for key in ("encoder_size", "decoder_size"):
             if not isinstance(values[key], str):
@@ -218,29 +220,32 @@ def _check_int_seq(name: str, value: Any, length: int | None) -> None:
 
 
 _INTERPOLATION = re.compile(r"\$\{(\.*)([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\}")
-MAX_INTERPOLATIONS = 16  # links followed from one value: a loop of them is an error, not a hang
+MAX_INTERPOLATIONS = 64  # links followed in a whole config: a loop of them, or lists of links to lists of links
+# (work that grows as a power of their length), is an error, not a hang
 
 
-def _interpolated(config: dict, parent: str, key: str, value: Any, in_list: bool = False, depth: int = 0) -> Any:
+def _interpolated(
+    config: dict, parent: str, key: str, value: Any, in_list: bool = False, links: list[int] | None = None
+) -> Any:
     """The field ``parent.key``'s ``value`` with OmegaConf's node interpolations resolved, as upstream's
     ``OmegaConf.load`` resolves them when the field is read: a value (or a list item) that is exactly
     ``${a.b.c}`` (from the top) or ``${.c}`` / ``${..b.c}`` (from the field's own node, a dot more per level up;
     not in a list item) is the value there, links on the way followed. Anything else with ``${`` (a resolver such
-    as ``${oc.env:...}``, text around a link) is refused in one line: nothing is looked up in the environment."""
-    name = f"{parent}.{key}".lstrip(".")
-    if depth > MAX_INTERPOLATIONS:  # (lists whose items link to lists: a loop)
-        raise ValueError(f"config field {name}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
+    as ``${oc.env:...}``, text around a link) is refused in one line: nothing is looked up in the environment.
+    ``links``: the count of links followed, shared by a config's fields (at most MAX_INTERPOLATIONS)."""
+    name, links = f"{parent}.{key}".lstrip("."), [0] if links is None else links
     if isinstance(value, list) and not in_list:
-        return [_interpolated(config, parent, key, v, True, depth + 1) for v in value]
+        return [_interpolated(config, parent, key, v, True, links) for v in value]
     if isinstance(value, str) and "${" in value:
         link = _INTERPOLATION.fullmatch(value)
         if link is None or (link.group(1) and in_list):
             raise ValueError(f"config field {name} holds {_brief(value)}: only a field's interpolation of another "
                              "field, ${a.b} or ${.b}, is resolved here")  # fmt: skip
-        value, at = _node(config, _target(link, parent, f"config field {name}"), f"(interpolated by {name}) ")
+        value, at = _node(config, _target(link, parent, f"config field {name}"), f"(interpolated by {name}) ",
+                          links, followed=1)  # fmt: skip
         parent, _, key = at.rpartition(".")
         if isinstance(value, (list, str)):  # (its own links: a field's, from where it is)
-            return _interpolated(config, parent, key, value, depth=depth + 1)
+            return _interpolated(config, parent, key, value, links=links)
     return value
 
 
@@ -255,34 +260,29 @@ def _target(link: re.Match, parent: str, what: str) -> str:
     return ".".join([*up[: len(up) - (len(dots) - 1)], target])
 
 
-def _node(config: dict, dotted: str, prefix: str = "", hops: list[int] | None = None) -> tuple[Any, str]:
+def _node(
+    config: dict, dotted: str, prefix: str = "", links: list[int] | None = None, followed: int = 0
+) -> tuple[Any, str]:
     """The node at ``dotted`` and where it is: a node on the way, or the node itself, that is a link
     (``tokenizer: {model: ${presets.v1}}``) is followed, as OmegaConf follows it; where it leads is where its own
-    fields' relative links are taken from. At most MAX_INTERPOLATIONS links are followed in all (a loop)."""
-    hops = [0] if hops is None else hops
+    fields' relative links are taken from. ``links``, ``followed`` (links taken to get here): counted against
+    MAX_INTERPOLATIONS."""
+    links = [0] if links is None else links
+    links[0] += followed
+    what = f"config field {prefix}{dotted}"
+    if links[0] > MAX_INTERPOLATIONS:
+        raise ValueError(f"{what}: more than {MAX_INTERPOLATIONS} interpolations (a loop?)")
     node, at = config, []
-    for part in dotted.split("."):
-        node, at = _followed(config, node, at, prefix, dotted, hops)
+    for part in [*dotted.split("."), ""]:
+        while isinstance(node, str) and (link := _INTERPOLATION.fullmatch(node)) is not None:
+            node, place = _node(config, _target(link, ".".join(at[:-1]), what), prefix, links, followed=1)
+            at = place.split(".")
+        if not part:
+            return node, ".".join(at)
         if not isinstance(node, dict) or part not in node:
             raise ValueError(f"config is missing field {prefix}{dotted}")
         node, at = node[part], [*at, part]
-    node, at = _followed(config, node, at, prefix, dotted, hops)
-    return node, ".".join(at)
-
-
-def _followed(
-    config: dict, node: Any, at: list[str], prefix: str, dotted: str, hops: list[int]
-) -> tuple[Any, list[str]]:
-    """``node`` (at the path ``at``, on the way to ``dotted``), or where it leads if it is a link (and so on), and
-    that place."""
-    while isinstance(node, str) and (link := _INTERPOLATION.fullmatch(node)) is not None:
-        hops[0] += 1
-        what = f"config field {prefix}{dotted}"
-        if hops[0] > MAX_INTERPOLATIONS:
-            raise ValueError(f"{what}: more than {MAX_INTERPOLATIONS} interpolations in a row (a loop?)")
-        node, place = _node(config, _target(link, ".".join(at[:-1]), what), prefix, hops)
-        at = place.split(".")
-    return node, at
+    raise AssertionError("the loop returns at its last part")
 
 
 def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:
