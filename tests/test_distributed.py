@@ -520,7 +520,7 @@ def test_a_pass_whose_encode_actors_stay_away_says_so_once_and_waits(monkeypatch
             pass
 
     run = distributed._Run(Stub(), late_rows(), ledger=None, actors=2, actor_restarts=8)
-    monkeypatch.setattr(run, "census", lambda: {"alive": 1, "dead": 0, "away": 1})
+    monkeypatch.setattr(run, "census", lambda: {"alive": 1, "busy": 0, "dead": 0, "away": 1})
     with run:
         assert list(run.rows()) == [{"file": 0}]
     err = capsys.readouterr().err

@@ -272,17 +272,21 @@ def _node(
     what = f"config field {prefix}{dotted}"
     if links[0] > MAX_INTERPOLATIONS:
         raise ValueError(f"{what}: more than {MAX_INTERPOLATIONS} interpolations (a loop?)")
-    node, at = config, []
-    for part in [*dotted.split("."), ""]:
+
+    def where_it_leads(node: Any, at: list[str]) -> tuple[Any, list[str]]:
         while isinstance(node, str) and (link := _INTERPOLATION.fullmatch(node)) is not None:
             node, place = _node(config, _target(link, ".".join(at[:-1]), what), prefix, links, followed=1)
             at = place.split(".")
-        if not part:
-            return node, ".".join(at)
+        return node, at
+
+    node, at = config, []
+    for part in dotted.split("."):
+        node, at = where_it_leads(node, at)
         if not isinstance(node, dict) or part not in node:
             raise ValueError(f"config is missing field {prefix}{dotted}")
         node, at = node[part], [*at, part]
-    raise AssertionError("the loop returns at its last part")
+    node, at = where_it_leads(node, at)
+    return node, ".".join(at)
 
 
 def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:

@@ -1152,7 +1152,7 @@ class _Run:
                 if seen == 2:  # twice: not the moment Ray Data releases the actors of a pass that is ending
                     raise RuntimeError(lost) from None
                 away = away + 1 if census["away"] else 0
-                busy = busy + 1 if census.get("busy") and not census["away"] else 0
+                busy = busy + 1 if census["busy"] and not census["away"] else 0
                 if away == 2:  # (said once an episode: an actor away at two checks in a row, no row meanwhile)
                     notice(
                         f"no result for {2 * WATCH_SECONDS:.0f} s: {census['away']} of {self.actors} encode actor(s) "

@@ -67,13 +67,14 @@ def absolute(path: str | os.PathLike[str]) -> str:
     through a link keeps its name)."""
     path = os.fsdecode(os.fspath(path))
     parts = path.split(os.sep)
-    if ".." not in parts or "\x00" in path:  # (no file has a NUL in its name: a stranger's token file's source may)
+    if ".." not in parts:
         return os.path.abspath(path)
     last = len(parts) - 1 - parts[::-1].index("..")
     head = os.sep.join(parts[: last + 1]) or os.sep
     try:
         return os.path.abspath(os.path.join(os.path.realpath(head), *parts[last + 1 :]))
-    except (OSError, ValueError):  # (a path the system cannot look at: as written)
+    except (OSError, ValueError):  # (a path the system cannot look at, as one with a NUL a stranger's token file
+        # may record: as written)
         return os.path.abspath(path)
 
 
