@@ -1,6 +1,7 @@
 """``model.quantize``: upstream's FSQ interface, against the oracle's FSQ and the FSQ definition."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -55,6 +56,26 @@ def test_codebook_and_index_conversions(fsq):
     expected = torch.tensor(list(itertools.product(*(range(n) for n in reversed(LEVELS)))))  # first dim fastest
     assert torch.equal(levels, expected.flip(1))
     assert torch.equal(fsq.indices_to_codes(torch.tensor([[0, 1], [2, 3]])), book[torch.tensor([[0, 1], [2, 3]])])
+
+
+@pytest.mark.parametrize("levels", [LEVELS, (7, 7, 7, 5, 5), (8, 6, 5, 4, 2), (25, 25, 25)])
+def test_codes_to_indices_in_every_dtype(levels):
+    """A bf16 or fp16 model's codes (its grid values, rounded to its dtype) give its indices back; float32 codes
+    give what upstream's arithmetic gives (in the codes' dtype, truncated), which a half dtype gets wrong."""
+    fsq = FSQ(levels)
+    everything = torch.arange(fsq.codebook_size)
+    book = fsq.implicit_codebook
+    basis = torch.tensor([math.prod(levels[:d]) for d in range(len(levels))])
+    half = torch.tensor(levels) // 2
+    assert torch.equal(((book * half + half) * basis).sum(-1).int(), everything.int())  # upstream's, in float32
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(fsq.codes_to_indices(book.to(dtype)), everything.int()), dtype
+        assert torch.equal(fsq.codes_to_indices(book.to(dtype).float()), everything.int()), dtype
+    if fsq.codebook_size > 256:  # what upstream's arithmetic did to bf16 codes
+        assert not torch.equal(((book.bfloat16() * half + half) * basis).sum(-1).int(), everything.int())
+    z = torch.randn(3000, len(levels), generator=torch.Generator().manual_seed(2)) * 3
+    codes, out = fsq(z.bfloat16())  # a bf16 model's codes and indices
+    assert codes.dtype == torch.bfloat16 and torch.equal(fsq.codes_to_indices(codes), out["indices"])
 
 
 def test_grid_indices_only_for_codes_on_the_grid(fsq):

@@ -98,9 +98,13 @@ class FSQ(nn.Module):
         return torch.round(self.bound(z)) / self.constants(z.device).half_width
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [..., D] on the grid -> int32 indices [...]."""
+        """codes [..., D] on the grid, any float dtype -> int32 indices [...]. Each dimension's level is rounded
+        in float32, then summed in integers: upstream's arithmetic (in the codes' own dtype, truncated) gives the
+        same indices for float32 codes, and wrong ones for a bf16 or fp16 model's codes (bf16 holds integers
+        exactly only up to 256: index 257 came back as 256)."""
         c = self.constants(codes.device)
-        return ((codes * c.half_width + c.half_width) * c.basis).sum(dim=-1).to(torch.int32)
+        level = torch.round(codes.float() * c.half_width) + c.half_width
+        return (level.long() * c.basis).sum(dim=-1).to(torch.int32)
 
     def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [...] -> the level of each dimension [..., D], in ``[0, L_d)`` (integer dtype of the input,
