@@ -58,13 +58,13 @@ class FsqConstants:
 def fsq_quantize_ref(z: torch.Tensor, consts: FsqConstants) -> tuple[torch.Tensor, torch.Tensor]:
     """z: [N, D] any float dtype -> (codes float32 [N, D] in [-1, 1], indices int32 [N]).
 
-    Runs in float32: bound with tanh, round half to even, then an exact integer index.
+    Runs in float32: bound with tanh, round half to even, then an exact integer index; -1 for a row holding NaN.
     """
     bounded = torch.tanh(z.float() + consts.shift) * consts.half_l - consts.offset
     q = torch.round(bounded)
     codes = q / consts.half_width
     indices = ((q.to(torch.int32) + consts.half_width) * consts.basis).sum(-1, dtype=torch.int32)
-    return codes, indices
+    return codes, torch.where(q.isnan().any(-1), -1, indices)
 
 
 def fsq_indices_to_codes_ref(indices: torch.Tensor, consts: FsqConstants) -> torch.Tensor:
@@ -124,6 +124,7 @@ def _fsq_encoder_head_kernel(
     b_xn = _layer_norm_rows(b_x, m_w, ln_w_ptr, ln_b_ptr, o_w, width, eps, x_ptr.dtype.element_ty)
 
     index = tl.zeros([ROWS], dtype=tl.int32)
+    nan = tl.zeros([ROWS], dtype=tl.int1)  # a row holding NaN gets index -1 (a GPU's conversion makes NaN 0)
     for d in tl.static_range(DIM):
         b_pw = tl.load(proj_w_ptr + d * stride_w + o_w, mask=m_w, other=0.0).to(tl.float32)
         z = tl.sum(b_xn * b_pw[None, :], 1) + tl.load(proj_b_ptr + d).to(tl.float32)
@@ -134,7 +135,8 @@ def _fsq_encoder_head_kernel(
         code = tl.div_rn(level, half_width.to(tl.float32))  # exactly torch's q / half_width
         tl.store(codes_ptr + o_r * DIM + d, code.to(codes_ptr.dtype.element_ty), mask=m_r)
         index += (level.to(tl.int32) + half_width) * tl.load(basis_ptr + d)
-    tl.store(indices_ptr + o_r, index, mask=m_r)
+        nan = nan | (z != z)
+    tl.store(indices_ptr + o_r, tl.where(nan, -1, index), mask=m_r)
 
 
 @triton.jit

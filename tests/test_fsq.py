@@ -88,6 +88,24 @@ def test_encoder_head_shapes(num_rows, width):
     codes, indices = fsq_encoder_head(*params, consts)
     ref_codes, ref_indices = fsq_encoder_head_ref(*params, consts)
     assert torch.equal(indices, ref_indices) and torch.equal(codes, ref_codes)
+    assert bool((indices >= 0).all())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (the interpreter's NumPy, on NaN)
+def test_encoder_head_gives_rows_of_nan_index_minus_one():
+    """A row that overflowed (NaN or inf in it: NaN once normed) has no code: index -1 on every device, where the
+    conversion of NaN to an integer would give INT_MIN on a CPU and 0 on a GPU; the other rows are unchanged."""
+    levels = [7, 7, 7, 5, 5]
+    consts = FsqConstants.of(levels, DEVICE)
+    params = _head_params(37, 77, levels, torch.float32)
+    clean = fsq_encoder_head(*params, consts)[1]
+    params[0][3, 5], params[0][10, 0], params[0][36, 76] = torch.nan, torch.inf, -torch.inf
+    codes, indices = fsq_encoder_head(*params, consts)
+    ref_codes, ref_indices = fsq_encoder_head_ref(*params, consts)
+    bad = torch.zeros(37, dtype=torch.bool, device=DEVICE)
+    bad[[3, 10, 36]] = True
+    assert torch.equal(indices, ref_indices) and indices[bad].tolist() == [-1, -1, -1]
+    assert torch.equal(indices[~bad], clean[~bad]) and bool(codes[bad].isnan().all())
 
 
 @triton.jit

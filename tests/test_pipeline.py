@@ -2120,6 +2120,30 @@ def test_an_error_preprocessing_on_the_device_fails_that_file_alone(model, sourc
         encode_files(model, engine, files, tmp_path / "all", on_device, workers=1)
 
 
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_a_clip_whose_latents_are_nan_fails_its_file_alone(model, sources, tmp_path, monkeypatch, mode):
+    """An overflow (here: the black video's patches made NaN as they enter the encoder) gives NaN latents, which
+    have no tokens: that file fails in one line, and the others, batched with it, get the tokens they get alone
+    (the fixed-shape path attends over a dense mask, where a zero weight times a NaN value would be NaN)."""
+    def overflow(module, args, out):
+        return torch.where((args[0] <= -0.99).all(-1, keepdim=True), torch.nan, out)
+
+    handle = model.encoder.proj_in.register_forward_hook(overflow)
+    try:
+        files = [sources["long"], sources["black"], sources["short"]]
+        summary = encode(model, files, tmp_path, mode=mode, monkeypatch=monkeypatch)
+    finally:
+        handle.remove()
+    assert summary.done == [str(sources["long"]), str(sources["short"])]
+    assert summary.failed == [(str(sources["black"]), "chunk 0 (at 0.00 s) gave the model NaN latents, which have no "
+                               "tokens: its activations overflowed (float16 overflows where bfloat16 and float32 do "
+                               "not) or its weights hold NaN")]  # fmt: skip
+    assert not (tmp_path / "black.safetensors").exists()
+    for name in ("long", "short"):
+        stored = load_tokens(tmp_path / f"{name}.safetensors").all_indices()
+        assert all(torch.equal(a.long(), b) for a, b in zip(stored, direct_indices(model, sources[name]), strict=True))
+
+
 def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_path, monkeypatch):
     """Two runs at once (one per GPU, disjoint inputs) and a later one: every line of each stays whole, and
     read_manifest reads them all, or each input's latest."""

@@ -29,6 +29,19 @@ def test_call_matches_oracle_and_keeps_dtype(fsq):
     assert torch.equal(out16["indices"], fsq_quantize(z.bfloat16(), LEVELS)[1])
 
 
+def test_a_latent_holding_nan_has_index_minus_one(fsq):
+    """NaN (an overflow) has no code: index -1, on every device (a GPU's float-to-int conversion would make it a
+    valid-looking index); an infinite latent is bounded by tanh, as upstream bounds it, and keeps its code."""
+    z = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    z[1, 2], z[4, 0], z[5, 4] = torch.nan, torch.inf, -torch.inf
+    codes, out = fsq(z)
+    ref_codes, ref_indices = fsq_quantize(z, LEVELS)
+    assert out["indices"][1] == -1 and bool(codes[1, 2].isnan())
+    keep = torch.tensor([0, 2, 3, 4, 5])
+    assert torch.equal(out["indices"][keep], ref_indices[keep]) and bool((out["indices"][keep] >= 0).all())
+    assert torch.equal(codes[keep], ref_codes[keep])
+
+
 def test_bound_is_the_value_before_rounding(fsq):
     z = torch.randn(500, 5, generator=torch.Generator().manual_seed(1)) * 4
     bounded = fsq.bound(z)

@@ -132,10 +132,17 @@ class TorchBackend(Backend):
         q, k, v = split_heads(attn, qkv)
         q, k = rotate_pairs(attn.q_norm(q), cos, sin), rotate_pairs(attn.k_norm(k), cos, sin)
         seg = batch.segment_ids()
+        mask = seg[:, None] == seg[None, :]
         work = attention_dtype(q)
+        # A row's NaN or inf key or value would reach every clip: a dense mask's zero weight times a NaN value is
+        # NaN, which a varlen kernel never computes. Such rows are made 0, and their own clip's rows NaN (as a
+        # varlen kernel leaves a clip attending to NaN), so the others get what they get alone.
+        finite = torch.isfinite(k).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
+        k, v = (torch.where(finite[:, None, None], t, 0) for t in (k, v))
         q, k, v = (t[None].transpose(1, 2).to(work) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg[:, None] == seg[None, :], enable_gqa=True)
-        return out[0].transpose(0, 1).flatten(1).to(qkv.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+        out = torch.where((mask & ~finite).any(1)[:, None, None], torch.nan, out)
+        return out.flatten(1).to(qkv.dtype)
 
     def encoder_head(
         self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants

@@ -57,6 +57,7 @@ from .loading import random_seed, weights_digest
 from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, is_manifest_name, manifest_name
 from .model import TiTok
 from .preprocess import DevicePreprocessor, I420Clip
+from .quantizer import NAN_INDEX
 from .stages import CLOCK, each_timed
 from .tokens import (
     TokenFile,
@@ -1384,6 +1385,10 @@ def write_token_file(
     """Write one video's token file atomically (``save_tokens``) from its clips' indices (each [tokens]), the
     model that made them (its :class:`ModelFacts`) and how (:func:`made_with`); returns None, or the one-line
     reason it could not be written."""
+    nan = next((k for k, idx in enumerate(indices) if bool((idx == NAN_INDEX).any())), None)
+    if nan is not None:
+        return (f"chunk {nan} (at {start_times[nan]:.2f} s) gave the model NaN latents, which have no tokens: its "
+                "activations overflowed (float16 overflows where bfloat16 and float32 do not) or its weights hold NaN")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames, made,

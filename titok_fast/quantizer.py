@@ -18,17 +18,21 @@ from titok_fast.checks import check_no_grad
 from titok_fast.kernels.fsq import FsqConstants
 
 EPS = 1e-3  # the bound's margin: half_l = (L - 1) * (1 + EPS) / 2
+# The index of a latent that holds NaN (an overflow, NaN weights): its codes are NaN, and a float-to-int conversion
+# would make it INT_MIN on a CPU and a valid-looking index on a GPU (whose conversion makes NaN 0). An infinite
+# latent is bounded by tanh, as upstream bounds it, and gets a code.
+NAN_INDEX = -1
 
 
 def fsq_quantize(z: torch.Tensor, consts: FsqConstants) -> tuple[torch.Tensor, torch.Tensor]:
     """z [..., D] any float dtype -> (codes float32 [..., D] on the grid in [-1, 1], indices int32 [...]).
 
     In float32: tanh bound, round half to even, divide by the half width; the index is the exact integer
-    ``sum_d level_d * basis_d``."""
+    ``sum_d level_d * basis_d``, and -1 for a latent that holds NaN (:data:`NAN_INDEX`)."""
     bounded = torch.tanh(z.float() + consts.shift) * consts.half_l - consts.offset
     q = torch.round(bounded)
     indices = ((q.to(torch.int32) + consts.half_width) * consts.basis).sum(-1, dtype=torch.int32)
-    return q / consts.half_width, indices
+    return q / consts.half_width, torch.where(q.isnan().any(-1), NAN_INDEX, indices)
 
 
 def grid_indices(codes: torch.Tensor, consts: FsqConstants) -> torch.Tensor | None:
