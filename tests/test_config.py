@@ -201,6 +201,8 @@ def test_a_yaml_config_resolves_interpolations_of_other_fields_as_omegaconf_does
         ("${shared.a}", r"by tokenizer.model.decoder_size\) shared.\w: more than 64 interpolations \(a loop\?\)$"),
         ("${shared.c}", r"by shared.c\) shared.c: more than 64 interpolations"),  # (a list of itself)
         ("${shared.l0}", r"by shared.l\d+\) shared.l\d+: more than 64 interpolations"),  # (10**8 links: bounded)
+        ("${" + ".a" * 400_000 + "}", r"decoder_size\) tokenizer\.model\.[a.]{81}\.\.\.$"),  # (a link of 800 KB,
+        ("${" + "a." * 400_000 + "a}", r"decoder_size\) [a.]{97}\.\.\.$"),  # said in 100 characters)
     ]:
         loops = {"a": "${shared.b}", "b": "${shared.a}", "c": ["${shared.c}"],
                  **{f"l{i}": [f"${{shared.l{i + 1}}}"] * 10 for i in range(8)}, "l8": 1}  # fmt: skip

@@ -198,6 +198,12 @@ def _brief(value: Any) -> str:
     return _BRIEF.repr(value)[:100]
 
 
+def _cut(text: str, limit: int = 100) -> str:
+    """A field's name or a link, as a message says it: at most ``limit`` characters (a stranger's config may
+    link to a path of a MiB)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _namespace(tree: dict[str, Any]) -> SimpleNamespace:
     return SimpleNamespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in tree.items()})
 
@@ -239,10 +245,10 @@ def _interpolated(
     if isinstance(value, str) and "${" in value:
         link = _INTERPOLATION.fullmatch(value)
         if link is None or (link.group(1) and in_list):
-            raise ValueError(f"config field {name} holds {_brief(value)}: only a field's interpolation of another "
-                             "field, ${a.b} or ${.b}, is resolved here")  # fmt: skip
-        value, at = _node(config, _target(link, parent, f"config field {name}"), f"(interpolated by {name}) ",
-                          links, followed=1)  # fmt: skip
+            raise ValueError(f"config field {_cut(name)} holds {_brief(value)}: only a field's interpolation of "
+                             "another field, ${a.b} or ${.b}, is resolved here")  # fmt: skip
+        what = f"config field {_cut(name)}"
+        value, at = _node(config, _target(link, parent, what), f"(interpolated by {_cut(name)}) ", links, followed=1)
         parent, _, key = at.rpartition(".")
         if isinstance(value, (list, str)):  # (its own links: a field's, from where it is)
             return _interpolated(config, parent, key, value, links=links)
@@ -256,7 +262,7 @@ def _target(link: re.Match, parent: str, what: str) -> str:
         return target
     up = parent.split(".") if parent else []
     if len(dots) - 1 > len(up):
-        raise ValueError(f"{what}: the interpolation {link.group(0)} goes above the config's top")
+        raise ValueError(f"{what}: the interpolation {_cut(link.group(0))} goes above the config's top")
     return ".".join([*up[: len(up) - (len(dots) - 1)], target])
 
 
@@ -269,7 +275,7 @@ def _node(
     MAX_INTERPOLATIONS."""
     links = [0] if links is None else links
     links[0] += followed
-    what = f"config field {prefix}{dotted}"
+    what = f"config field {prefix}{_cut(dotted)}"
     if links[0] > MAX_INTERPOLATIONS:
         raise ValueError(f"{what}: more than {MAX_INTERPOLATIONS} interpolations (a loop?)")
 
@@ -283,7 +289,7 @@ def _node(
     for part in dotted.split("."):
         node, at = where_it_leads(node, at)
         if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"config is missing field {prefix}{dotted}")
+            raise ValueError(f"config is missing field {prefix}{_cut(dotted)}")
         node, at = node[part], [*at, part]
     node, at = where_it_leads(node, at)
     return node, ".".join(at)
@@ -293,7 +299,7 @@ def _get(mapping: Any, dotted: str, prefix: str = "") -> Any:
     node = mapping
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"config is missing field {prefix}{dotted}")
+            raise ValueError(f"config is missing field {prefix}{_cut(dotted)}")
         node = node[part]
     return node
 
