@@ -814,6 +814,36 @@ def test_decode_looks_for_usable_weights_in_a_bounded_number_of_token_files(fold
     assert [n.weights_digest for n in named] == [load_tokens(tmp_path / "moving.safetensors").weights_digest]
 
 
+def test_decode_lets_go_of_each_model_it_tried_before_it_tries_the_next(folder, tmp_path, capsys, monkeypatch):
+    """Token files naming random weights their seed does not make (a stranger's): each model built to check them
+    is freed before the next is built, not held by the error kept from it."""
+    import gc
+    import weakref
+
+    from titok_fast import cli, loading
+    from titok_fast.tokens import save_tokens
+
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    made = load_tokens(tmp_path / "moving.safetensors")
+    for seed in range(4):
+        save_tokens(tmp_path / f"wrong{seed}.safetensors",
+                    dataclasses.replace(made, weights_digest=f"random-seed{seed}-0123456789abcdef"))  # fmt: skip
+    built, real, alive = [], loading.random_tokenizer, []
+    monkeypatch.setattr(loading, "random_tokenizer", lambda *a, **k: built.append(weakref.ref(m := real(*a, **k))) or m)
+
+    def counting(*args):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in built))
+        return real_of_tokens(*args)
+
+    real_of_tokens = cli._model_of_tokens
+    monkeypatch.setattr(cli, "_model_of_tokens", counting)
+    files = [(tmp_path / f"wrong{seed}.safetensors", f"w{seed}") for seed in range(4)]
+    with pytest.raises(ValueError, match=r"\(nor those of 3 other token files\)$"):
+        cli._model_of_some_tokens(cli._naming_a_model(files), "cpu", torch.float32)
+    assert len(built) == 4 and alive == [0, 0, 0, 0]
+
+
 def test_debug_flag_after_the_command_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         main(["encode", str(tmp_path / "missing.mp4"), "-o", str(tmp_path), "--debug"])

@@ -208,7 +208,9 @@ def _model_of_some_tokens(token_metas, device, dtype):
         try:
             return _model_of_tokens(token_meta, device, dtype)
         except Exception as e:  # refused, not to be had (a Hub file gone), or not built (no memory for it): a
-            problems.append(e)  # stranger's file fails alone, and the next file's weights are tried, if any
+            # stranger's file fails alone, and the next file's weights are tried, if any. Its message alone is kept:
+            # the error's traceback holds the model just built (8 tries of V1 held 8.9 GB at once)
+            problems.append(str(e) or type(e).__name__)
         if len(problems) == MAX_WEIGHTS_TRIED:
             break
     others = f" (nor those of {len(problems) - 1} other token files)" if len(problems) > 1 else ""
