@@ -814,6 +814,22 @@ def test_decode_looks_for_usable_weights_in_a_bounded_number_of_token_files(fold
     assert [n.weights_digest for n in named] == [load_tokens(tmp_path / "moving.safetensors").weights_digest]
 
 
+def test_decode_keys_the_weights_search_on_the_config_as_read(folder, tmp_path, capsys):
+    """Fields a model config does not have (a stranger's file may hold a MB of them, each file other ones) neither
+    make a model of their own nor are kept while the files are decoded."""
+    from titok_fast import cli
+    from titok_fast.tokens import save_tokens
+
+    run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
+    made = load_tokens(tmp_path / "moving.safetensors")
+    for i in range(3):
+        junk = dataclasses.replace(made, model_config={**made.model_config, f"junk{i}": [[]] * 1000})
+        save_tokens(tmp_path / f"junk{i}.safetensors", junk)
+    files = [(tmp_path / f"junk{i}.safetensors", f"j{i}") for i in range(3)]
+    named = cli._naming_a_model([*files, (tmp_path / "moving.safetensors", "moving")])
+    assert len(named) == 1 and named[0].model_config == made.model_config and "junk" not in repr(named)
+
+
 def test_decode_lets_go_of_each_model_it_tried_before_it_tries_the_next(folder, tmp_path, capsys, monkeypatch):
     """Token files naming random weights their seed does not make (a stranger's): each model built to check them
     is freed before the next is built, not held by the error kept from it."""

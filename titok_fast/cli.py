@@ -447,13 +447,13 @@ def _naming_a_model(files) -> list[_Naming]:
         except (TokenFileError, OSError) as e:  # (its message names the file)
             unusable = unusable or f" ({_one_line(e)})"
             continue
-        problem = _model_config_problem(token_file)
-        if not problem:
-            key = (token_file.weights_digest, token_file.weights_source, repr(token_file.model_config))
+        config, problem = _model_config_of(token_file)
+        if not problem:  # (the config as read: fields it does not know, which a stranger's file may hold a MB of,
+            key = (token_file.weights_digest, token_file.weights_source, repr(config))  # are left out)
             if key in named:
                 named[key][0] += 1
             else:  # (what names the model, not the file's tokens: a token file may be 256 MB)
-                named[key] = [1, _Naming(token_file.weights_digest, token_file.weights_source, token_file.model_config)]
+                named[key] = [1, _Naming(token_file.weights_digest, token_file.weights_source, config)]
                 since_new = 0
         unusable = unusable or (f" ({path}: {problem})" if problem else "")
     if not named:
@@ -462,17 +462,18 @@ def _naming_a_model(files) -> list[_Naming]:
     return [naming for _, naming in sorted(named.values(), key=lambda entry: -entry[0])]  # (a stable sort)
 
 
-def _model_config_problem(token_file) -> str:
-    """Why the model config ``token_file`` records is not one a model may be built from (outside the limits any
-    model is held to); "" if it is."""
+def _model_config_of(token_file) -> tuple[dict | None, str]:
+    """The model config ``token_file`` records, as read (``TiTokConfig.to_dict``), and "", or None and why it is
+    not one a model may be built from (outside the limits any model is held to)."""
     from .config import TiTokConfig
     from .loading import check_config
 
     try:
-        check_config(TiTokConfig.from_any(token_file.model_config))
+        config = TiTokConfig.from_any(token_file.model_config)
+        check_config(config)
     except (ValueError, TypeError, KeyError) as e:
-        return str(e) or type(e).__name__
-    return ""
+        return None, str(e) or type(e).__name__
+    return config.to_dict(), ""
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
