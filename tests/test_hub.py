@@ -2,6 +2,7 @@
 
 Commands run as subprocesses: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when it is imported."""
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -10,8 +11,10 @@ import sys
 
 import pytest
 import torch
+import yaml
 from test_loading import lightning_checkpoint
 
+from titok_fast import PRESETS
 from titok_fast.cli import main
 from titok_fast.hub import DEFAULT_FILE, V1_REPO, HubRef, parse_hub_ref
 from titok_fast.loading import load_tokenizer
@@ -111,6 +114,14 @@ def test_encode_by_id_converts_once_and_gives_the_tokens_of_the_local_file(hub, 
     again = cli(env, "encode", hub / "clip.mp4", "-o", tmp_path / "again", *by_id)
     assert again.returncode == 0 and "converting" not in again.stderr  # the cached conversion is loaded
     assert sorted((tmp_path / "converted").rglob("*")) == converted and len(converted) == 2  # folder + one file
+    levels = tmp_path / "levels.yaml"  # the same weights with other FSQ levels: converted once all the same
+    levels.write_text(yaml.safe_dump(dataclasses.replace(PRESETS["tiny"], fsq_levels=(8, 5, 5, 5, 5)).to_dict()))
+    other = cli(env, "encode", hub / "clip.mp4", "-o", tmp_path / "levels", "--checkpoint", REPO, "--config", levels,
+                *GRID)  # fmt: skip
+    assert other.returncode == 0 and "converting" not in other.stderr, other.stderr
+    assert sorted((tmp_path / "converted").rglob("*")) == converted
+    assert load_tokens(tmp_path / "levels" / "clip.safetensors").model_config["tokenizer"]["model"]["fsq_levels"] == [
+        8, 5, 5, 5, 5]  # fmt: skip
     assert main(["encode", str(hub / "clip.mp4"), "-o", str(tmp_path / "by-path"), "--checkpoint",
                  str(hub / "model.ckpt"), "--config", "tiny", *GRID]) == 0  # fmt: skip
     token_file = load_tokens(tmp_path / "by-id" / "clip.safetensors")
@@ -326,6 +337,28 @@ def test_hub_weights_whose_cache_gives_no_commit_are_refused(hub, tmp_path):
               "--config", "tiny", *GRID)  # fmt: skip
     assert run.returncode == 2 and not (tmp_path / "t").exists(), run.stderr
     assert "in a snapshot folder 'notacommit' that is not a commit (40 hex digits)" in run.stderr
+
+
+@pytest.mark.parametrize("place, kind", [("hub/models--someone--tiny-titok/refs/main", "sparse"), ("token", "fifo"),
+                                         ("stored_tokens", "sparse")])  # fmt: skip
+def test_a_small_file_the_hub_library_reads_whole_is_refused_unless_it_is_small(hub, tmp_path, place, kind):
+    """huggingface_hub reads the cache's ref of a branch, the token file and the stored tokens whole, unchecked: a
+    sparse refs/main of 3 GB took all of a 24 GB machine's memory, a token file that is a FIFO hung the run. Such a
+    file is refused in one line before the library is called, nothing written."""
+    hub_cache(tmp_path / "hf", REPO, {DEFAULT_FILE: hub / "model.ckpt"})
+    path = tmp_path / "hf" / place
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        with open(path, "wb") as f:
+            f.truncate(64 << 20)
+    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(hub / "clip.mp4"), "-o", str(tmp_path / "t"),
+           "--checkpoint", REPO, "--config", "tiny", *GRID]  # fmt: skip
+    run = subprocess.run(cmd, env=environment(tmp_path), capture_output=True, text=True, timeout=120)
+    what = {"sparse": "a file of 67,108,864 bytes", "fifo": "a FIFO"}[kind]
+    assert run.returncode == 2 and not (tmp_path / "t").exists() and not (tmp_path / "converted").exists()
+    assert f"{path} is {what}" in run.stderr and "expected a regular file of at most" in run.stderr, run.stderr
 
 
 def test_a_cached_file_that_leads_out_of_its_repositorys_folder_is_refused(hub, tmp_path):

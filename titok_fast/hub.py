@@ -122,6 +122,7 @@ def download(ref: HubRef, *, quick: bool = False) -> tuple[Path, HubRef]:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    _check_small_files_read(ref)
     timeout = QUICK_TIMEOUT_S if quick else constants.DEFAULT_ETAG_TIMEOUT
     # huggingface_hub retries an unreachable Hub for half a minute before using its cache: ask once, briefly
     cached_only = not constants.HF_HUB_OFFLINE and not _reachable(constants.ENDPOINT, timeout)
@@ -156,6 +157,37 @@ def download(ref: HubRef, *, quick: bool = False) -> tuple[Path, HubRef]:
             f"{repository}: not loaded (the cache is damaged or was made elsewhere); download the file again"
         )
     return local, HubRef(ref.repo_id, snapshot, ref.filename)
+
+
+# The small files huggingface_hub reads whole, unchecked, to fetch a Hub file: the ref naming a branch's commit in
+# the cache, the token of the logged-in user and its stored tokens. A sparse refs/main of 3 GB took all of a 24 GB
+# machine's memory; a token file that is a FIFO hung the run. A ref holds 40 hex digits; a token, a few dozen bytes.
+REF_BYTES, TOKEN_BYTES = 1 << 10, 1 << 20
+
+
+def _check_small_files_read(ref: HubRef) -> None:
+    """Refuse, in one line naming it, a file huggingface_hub would read whole for ``ref`` (see REF_BYTES) where it
+    is not a regular file of at most that many bytes (a link is judged by what it leads to; a missing file is
+    fine)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    files = [(Path(constants.HF_TOKEN_PATH), "token file", TOKEN_BYTES),
+             (Path(constants.HF_STORED_TOKENS_PATH), "stored tokens file", TOKEN_BYTES)]  # fmt: skip
+    if not _COMMIT.fullmatch(ref.revision or ""):
+        folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+        files.append((folder / "refs" / (ref.revision or "main"), "cache's ref", REF_BYTES))
+    for path, what, most in files:
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise ValueError(f"the Hugging Face {what} {path} cannot be looked at ({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size > most:
+            kind = kind_of(st.st_mode) if not stat.S_ISREG(st.st_mode) else f"a file of {st.st_size:,} bytes"
+            raise ValueError(f"the Hugging Face {what} {path} is {kind}, where its links lead; expected a regular "
+                             f"file of at most {most:,} bytes: move it away")  # fmt: skip
 
 
 def _reachable(endpoint: str, timeout: float) -> bool:

@@ -882,16 +882,17 @@ def _from_hub(ref: hub.HubRef, config: object | None, use_ema: bool, quick: bool
 def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True) -> Path:
     """The ``.safetensors`` conversion of the upstream checkpoint `src` in titok-fast's cache, made on first use.
 
-    Keyed by the sha256 of `src`'s bytes, the config and the EMA choice; written atomically, so processes converting
+    Keyed by the sha256 of `src`'s bytes and the EMA choice, not by the config (the weights are the checkpoint's
+    whatever config they are loaded with, which is given at every load: token files naming one Hub file with eight
+    configs had it converted eight times, a GB each for V1); written atomically, so processes converting
     at once each rename a complete file and later runs read it without unpickling anything. A conversion already
     cached is found by the name of `src`'s Hugging Face blob (its sha256, unread); one written here is keyed by the
     bytes actually read, so a blob named by another file's sha256 (whoever can write to the Hugging Face cache can
     put any weights under the genuine file's name) is refused instead of poisoning that key for good. The file
     hashed must be the file converted: one replaced or rewritten meanwhile (its inode, size, modification or change
     time differ) is refused before anything is written."""
-    key = json.dumps([config.to_dict(), use_ema], sort_keys=True)
     claimed = hub.file_sha256(src)
-    target = hub.cache_dir() / "converted" / f"{claimed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    target = hub.cache_dir() / "converted" / f"{claimed}-{'ema' if use_ema else 'raw'}.safetensors"
     if not _converted_from(target, claimed):
         with hub.open_regular(src) as file, _reading(Path(src)):  # its archive's directory first (a few KB), before
             _Archive(Path(src), file)  # all its bytes are hashed: a file that is no checkpoint (gigabytes, say) is
