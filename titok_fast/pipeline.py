@@ -454,8 +454,10 @@ def _progress(total: int | None = None, unit: str = "file", iterable: Iterable |
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, desc=doing or None,
                     delay=delay)  # fmt: skip
+    # the rate since the start (smoothing 0): files end in bursts (a batch's clips come back together), and a moving
+    # average of the gaps within and between bursts said "about 1:10:33 left", then "01:39", for 7 minutes left
     return _LogLines(iterable, total=total, unit=unit, file=sys.stderr, leave=False, mininterval=0,  # (its own)
-                     desc=doing, bar_format=f"{'{desc}: ' if doing else ''}{{n_fmt}}/{{total_fmt}} {{unit}}s done in "
+                     smoothing=0, desc=doing, bar_format=f"{'{desc}: ' if doing else ''}{{n_fmt}}/{{total_fmt}} {{unit}}s done in "
                      "{elapsed}, about {remaining} left{postfix}")  # fmt: skip
 
 
