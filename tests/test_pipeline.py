@@ -836,6 +836,10 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
         return encode_files(model, engine, files, tmp_path, settings, workers=1)
 
     assert run().done and run().skipped  # made the same way: kept
+    for mode, preprocess in (("eager", "auto"), ("auto", "cpu"), ("eager", "cpu")):  # what "auto" runs on a CPU
+        wanted = pipeline._wanted(model, mode, dataclasses.replace(SETTINGS, preprocess=preprocess))
+        assert pipeline._redo_because(out, sources["short"], wanted) == ""
+    assert pipeline._as_run({"device": "cuda", "mode": "auto", "preprocess": "auto"})["mode"] == "auto"  # (picks)
     assert run(preprocess="device").done  # another placement asked for: redone, and says so
     assert load_tokens(out).made_with["preprocess"] == "device"
     assert run(preprocess="device").skipped

@@ -457,8 +457,8 @@ def _progress(total: int | None = None, unit: str = "file", iterable: Iterable |
     # the rate since the start (smoothing 0): files end in bursts (a batch's clips come back together), and a moving
     # average of the gaps within and between bursts said "about 1:10:33 left", then "01:39", for 7 minutes left
     return _LogLines(iterable, total=total, unit=unit, file=sys.stderr, leave=False, mininterval=0,  # (its own)
-                     smoothing=0, desc=doing, bar_format=f"{'{desc}: ' if doing else ''}{{n_fmt}}/{{total_fmt}} {{unit}}s done in "
-                     "{elapsed}, about {remaining} left{postfix}")  # fmt: skip
+                     smoothing=0, desc=doing, bar_format=f"{'{desc}: ' if doing else ''}{{n_fmt}}/{{total_fmt}} "
+                     "{unit}s done in {elapsed}, about {remaining} left{postfix}")  # fmt: skip
 
 
 def decoder_here(settings: ClipSettings) -> ClipSettings:
@@ -1283,8 +1283,20 @@ def _redo_reason(
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(_distinct(done.token_counts)),
                grid=_recorded(grids))  # fmt: skip
     now.update(wanted["clips"])
-    differ = [f"{k} {_brief(str(was[k]), 200)}, now {now[k]}" for k in was if was[k] != now[k]]
+    ran, runs = _as_run(was), _as_run(now)
+    differ = [f"{k} {_brief(str(was[k]), 200)}, now {now[k]}" for k in was if ran[k] != runs[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
+
+
+def _as_run(made: dict[str, Any]) -> dict[str, Any]:
+    """``made`` (how a file was or is to be made) with "auto" as it runs on a model that is not on CUDA: mode
+    "eager" and preprocess "cpu" (``engine.auto_mode``, ``preprocess.placement``), so that naming those with
+    ``--mode`` or ``--preprocess`` does not redo a CPU dataset's files made by the defaults (a million files for
+    nothing)."""
+    if made.get("device") in ("cuda", None):
+        return made
+    auto = {"mode": "eager", "preprocess": "cpu"}
+    return {k: auto[k] if v == "auto" and k in auto else v for k, v in made.items()}
 
 
 NOT_A_TOKEN_FILE = "not a token file"  # what is at a token file's name is another kind of file: kept (plan_outputs)
