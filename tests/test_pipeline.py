@@ -1445,6 +1445,40 @@ def test_a_full_disk_met_by_a_writing_thread_stops_the_run_with_every_input_list
     assert {n for n in names if (tmp_path / f"{n}.safetensors").exists()} == {n for n in names if rows[n] == "done"}
 
 
+def test_a_disk_too_full_for_the_manifest_too_stops_with_the_token_files_error(model, sources, tmp_path, monkeypatch,
+                                                                               capsys):  # fmt: skip
+    """The disk fills up at a token file, and the manifest cannot take the list of inputs not encoded either: the
+    run stops with the token file's error, not the manifest's (which named no token file), and says the list is
+    short."""
+    import errno
+
+    from titok_fast import manifest as manifest_module
+
+    names = ("short", "long", "black")
+    real_save, real_write, full = pipeline.save_tokens, manifest_module.os.write, []
+
+    def save(path, token_file):
+        if Path(path).name == "long.safetensors":
+            full.append(path)
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(path, token_file)
+
+    def write(fd, data):
+        if full and b'"not-encoded"' in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(pipeline, "save_tokens", save)
+    monkeypatch.setattr(manifest_module.os, "write", write)
+    with pytest.raises(OSError, match=r"long\.safetensors \(No space left on device\): the run stops$"):
+        encode_files(model, Engine(model, max_clips=3), [(sources[n], n) for n in names], tmp_path, SETTINGS,
+                     workers=1)  # fmt: skip
+    assert re.search(r"cannot write the manifest .*: No space left on device; the inputs left are not all listed "
+                     "there as not encoded", capsys.readouterr().err)  # fmt: skip
+    assert _latest(tmp_path).get("short") == "done" and (tmp_path / "short.safetensors").exists()
+
+
 def test_an_interrupted_run_writes_and_lists_what_it_handed_to_the_writing_threads(model, sources, tmp_path,
                                                                                    monkeypatch):  # fmt: skip
     """Ctrl-C while a token file is being written on a thread (a server slow to answer): the run waits for it and

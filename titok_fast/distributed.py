@@ -815,9 +815,7 @@ def encode_dataset(
                 with contextlib.suppress(Exception):  # (the run stops for e already)
                     writes.close()  # what was handed over is written, and said, before the rest is listed
                 settled = {*summary.done, *(path for path, _ in summary.failed)}
-                for path, out in todo:
-                    if str(path) not in settled:
-                        manifest.not_encoded(path, out, stopped)
+                manifest.list_not_encoded(((path, out) for path, out in todo if str(path) not in settled), stopped)
             raise
     summary.in_order_of(files)  # files end in any order: said in the inputs' order, as on one machine
     summary.seconds = time.perf_counter() - encoding
@@ -964,10 +962,9 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     finally:
         left = [] if stopped else job.unsettled_numbers()  # (few: a job that stops may leave millions, not asked)
         ran = run.decoded(left) if left else set()
-        for state in job.unsettled():
-            if stopped:
-                job.manifest.not_encoded(state.path, state.out, stopped)
-                continue
+        if stopped:  # (the job stops for an error: a manifest that cannot take the list does not hide it)
+            job.manifest.list_not_encoded(((state.path, state.out) for state in job.unsettled()), stopped)
+        for state in [] if stopped else job.unsettled():
             lost = state.decoded or state.number in ran  # (its end rows came back, or its decode tasks ended)
             if again and (lost or (run.shared and not state.decoded)):
                 continue  # read again, alone

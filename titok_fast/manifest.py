@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import MAX_NAME_BYTES, absolute, file_entry, same_entry
+from .files import MAX_NAME_BYTES, absolute, file_entry, notice, same_entry
 
 if TYPE_CHECKING:
     from .pipeline import Summary
@@ -180,6 +180,20 @@ class Manifest:
             self._outdated.pop(str(tokens), None)
             self.summary.failed.append((str(source), reason))
             self._line(source, tokens, "not-encoded", reason=reason)
+
+    def list_not_encoded(
+        self, inputs: Iterable[tuple[str | os.PathLike, str | os.PathLike]], reason: str, stopping: bool = True
+    ) -> None:
+        """:meth:`not_encoded` for each ``(source, tokens)`` of ``inputs``. While the job stops for an error
+        (``stopping``), a manifest that cannot take the lines (a full disk, often what stopped the job) ends the
+        list with a notice, so that the error the job stops with is the one that stopped it, not this one."""
+        try:
+            for source, tokens in inputs:
+                self.not_encoded(source, tokens, reason)
+        except OSError as e:
+            if not stopping:
+                raise
+            notice(f"{e}; the inputs left are not all listed there as not encoded")
 
     def _line(self, source, tokens, status: str, clips: int = 0, reason: str = "", **extra: Any) -> None:
         if self._fd is None:

@@ -527,7 +527,7 @@ def encode_files(
             capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
             **settings.read_kwargs(model.device.type, model.dtype),
         )  # fmt: skip
-        stopped = "not encoded"
+        stopped, stopping = "not encoded", False
         try:
             with contextlib.closing(files_read), job.bar:
                 items = job.clips(files_read, dict(todo))
@@ -535,16 +535,15 @@ def encode_files(
                     job.add(key, indices)
                 writes.close()
         except BaseException as e:
-            stopped = stop_reason(e)
+            stopped, stopping = stop_reason(e), True
             with contextlib.suppress(Exception):  # (the run stops for e already)
                 writes.close()  # what was handed over is written, and said, before the rest is listed
             raise
         finally:
             settled = {*summary.done, *(path for path, _ in summary.failed)}  # a set: a lookup per file to do
             with interrupts_held():  # a second Ctrl-C (or SIGTERM after one) waits for the list to be complete
-                for path, out in todo:
-                    if str(path) not in settled:
-                        manifest.not_encoded(path, out, stopped)
+                left = ((path, out) for path, out in todo if str(path) not in settled)
+                manifest.list_not_encoded(left, stopped, stopping)
     summary.in_order_of(files)  # files end in any order: said in the inputs' order
     summary.seconds = time.perf_counter() - encoding
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
@@ -627,10 +626,8 @@ def plan_outputs(
             _remove_temporaries(temporaries, out)  # beside a complete one too (a killed --overwrite run's)
         _remove_other_temporaries(temporaries)
     except BaseException as e:
-        stopped = stop_reason(e, " while checking outputs")
         with interrupts_held():  # a second interrupt waits for the list to be complete
-            for path, out in todo:
-                manifest.not_encoded(path, out, stopped)
+            manifest.list_not_encoded(todo, stop_reason(e, " while checking outputs"))
         raise
     finally:
         fetched.close()
