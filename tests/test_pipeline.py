@@ -75,6 +75,8 @@ def test_files_spanning_batches_get_the_tokens_of_their_own_clips(model, sources
     assert summary.done == [str(p) for p in files] and not summary.failed and summary.clips == 12
     assert summary.limited_by.split(" (")[0] in ("decode-bound", "model-bound")
     assert f"\n  {summary.limited_by}" in summary.report("encoded")
+    many = encode(model, files, tmp_path / "many", workers=64, worker_kind="thread", max_clips=4)  # 3 files: 3 start
+    assert re.search(r", [123] decoding threads?\)", many.limited_by), many.limited_by
     for path in files:
         stored = load_tokens(tmp_path / f"{path.stem}.safetensors")
         expected = direct_indices(model, path)

@@ -523,7 +523,7 @@ def encode_files(
         source_size = settings.decoder == "nvdec" or settings.preprocess == "device" or on_cuda
         files_read = interleaved_videos(
             [p for p, _ in todo], workers=workers, idle_seconds=IDLE_SECONDS, worker_kind=worker_kind,
-            stall_seconds=stall_seconds,
+            stall_seconds=stall_seconds, on_start=job.limits.started,
             capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
             **settings.read_kwargs(model.device.type, model.dtype),
         )  # fmt: skip
@@ -1069,6 +1069,7 @@ class Limits:
         self.start, self.decoder, self.device_type = start, decoder, device_type
         self.due = Every(every, start)  # whether the description is due to be shown again
         self.workers, self.worker_kind = 1, "thread"
+        self.running = 0  # decoding workers started so far (they start as files come: see started)
         self.clips = 0
         self.waited = 0.0  # seconds spent waiting for the next clip (or file) from the decoders
 
@@ -1080,13 +1081,19 @@ class Limits:
 
         return each_timed(items, time.perf_counter, count)
 
+    def started(self, workers: int) -> None:
+        """``workers`` decoding workers have started (of ``self.workers`` at most: a run of few files starts
+        fewer)."""
+        self.running = max(self.running, workers)
+
     def describe(self) -> str:
         """E.g. "12.3 clips/s, decode-bound (waits 71%, 4 decoding threads): try --workers 16 or --decoder nvdec"."""
         wall = max(time.perf_counter() - self.start, 1e-9)
         share = min(self.waited / wall, 1.0)
         text = f"{self.clips / wall:.2f} clips/s, "
-        kind = self.worker_kind if self.workers == 1 else PLURALS[self.worker_kind]
-        said = f"waits {share:.0%}, {self.workers} decoding {kind}"  # (what --worker-kind auto chose, too)
+        running = min(self.running or self.workers, self.workers)
+        kind = self.worker_kind if running == 1 else PLURALS[self.worker_kind]
+        said = f"waits {share:.0%}, {running} decoding {kind}"  # (what --worker-kind auto chose, too)
         if share <= 0.5:
             return text + f"model-bound ({said})"
         if self.workers < default_workers():

@@ -1332,6 +1332,7 @@ def stream_videos(
     stall_seconds: float | None = None,
     close_each: bool = True,
     held: HeldBytes | None = None,
+    on_start: Callable[[int], None] | None = None,
     **read_kwargs,
 ) -> Iterator[tuple[str | os.PathLike[str], ClipFeed]]:
     """Read many videos with `workers` threads or processes (``worker_kind``; "auto": :func:`worker_kind_for`),
@@ -1356,7 +1357,8 @@ def stream_videos(
     failures (a crash included) are the failing file's VideoError alone, and a crashed worker is replaced.
     With ``stall_seconds``, a file that gives no clip for that long fails alone (see :class:`ClipFeed`) and the
     worker stuck in it is replaced: a process is killed and started again, a thread is left to its fate (a daemon)
-    and another one started.
+    and another one started. Workers start as files come, each where a file waits and none is free, up to
+    ``workers``; ``on_start`` is told how many have started, each time one does.
     """
     if workers < 1 or prefetch < 1 or capacity < 1:
         raise ValueError(f"workers, prefetch and capacity must be >= 1; got {workers}, {prefetch} and {capacity}")
@@ -1371,31 +1373,45 @@ def stream_videos(
     pending: deque[tuple[str | os.PathLike[str], ClipFeed]] = deque()
     current: ClipFeed | None = None
     # daemon threads: a stream abandoned without being closed must not keep the process from exiting
-    tasks = _Tasks()
     threads_decode = worker_kind == "thread"
     held = held or HeldBytes(source_size_bytes())
     abandoned: list[threading.Thread] = []
+    threads: list[threading.Thread] = []
     stopping = threading.Event()  # set once the stream closes: workers give up their file, none is started again
-    if threads_decode:
-        threads = [threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True) for _ in range(workers)]
-    else:
+    if not threads_decode:
         _allow_open_files()
         remove_orphaned_shared_memory()  # what an earlier run's killed workers left
         piped = threading.Lock()  # taken, for good, by the run's notice that clips come through the pipes
-        decoders = [_DecoderProcess(read_kwargs, stall_seconds, stopping, held, piped) for _ in range(workers)]
-        threads = [threading.Thread(target=d.serve, args=(tasks,), daemon=True) for d in decoders]
-    for thread in threads:
-        thread.start()
+    pool = threading.Lock()
+
+    def grow() -> None:
+        """A feed waits and no worker is free: one more starts, up to ``workers`` (they start as files come, so a
+        run of 8 short files with --workers 200 starts 8, where it started 200 processes: 38 s for 1000)."""
+        with pool:
+            if len(threads) >= workers or stopping.is_set():
+                return
+            if threads_decode:
+                thread = threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True)
+            else:
+                decoder = _DecoderProcess(read_kwargs, stall_seconds, stopping, held, piped)
+                thread = threading.Thread(target=decoder.serve, args=(tasks,), daemon=True)
+            threads.append(thread)
+            thread.start()
+            if on_start is not None:
+                on_start(len(threads))
+
+    tasks = _Tasks(grow)
     feed_stall = stall_seconds if threads_decode else None  # a process is timed where it is served
 
     def replace(worker: threading.Thread | None) -> None:
         """A feed waited ``stall_seconds`` for ``worker`` (stuck, maybe for good: if its read ever comes back, it
         takes no more files), or for any thread to come (None): another thread joins the pool."""
-        if worker in threads:
-            threads.remove(worker)
-            abandoned.append(worker)
-        threads.append(threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True))
-        threads[-1].start()
+        with pool:
+            if worker in threads:
+                threads.remove(worker)
+                abandoned.append(worker)
+            threads.append(threading.Thread(target=_decode_feeds, args=(tasks, abandoned), daemon=True))
+            threads[-1].start()
 
     given: list[ClipFeed] = []  # with close_each=False: the feeds handed out, closed when the stream closes
     try:
@@ -1427,7 +1443,8 @@ def stream_videos(
                 given.append(current)
             yield path, current
     finally:
-        stopping.set()
+        with pool:  # (no worker starts after this)
+            stopping.set()
         for feed in [current, *given, *(f for _, f in pending)]:
             if feed is not None:
                 feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
@@ -1518,16 +1535,29 @@ class _Tasks:
     """The feeds waiting for a worker: the stream's files in order, each file's segments (see :class:`Segment`)
     before the files after it, so that a file's parts are decoded together; None (stop) before all of them."""
 
-    def __init__(self):
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+    def __init__(self, grow: Callable[[], None] | None = None):
+        self._heap: list[tuple[tuple[int, int], int, ClipFeed | None]] = []
         self._count = itertools.count()  # ties in order of coming
+        self._ready = threading.Condition()
+        self._idle = 0  # workers waiting in get (counted with the heap, under one lock: no feed is left unseen)
+        self._grow = grow  # called where a feed is put and no worker is waiting for it (the pool may start one)
 
     def put(self, feed: ClipFeed | None, place: tuple[int, int] = (-1, 0)) -> None:
         """``place``: (the file's number in the stream, its part: 0 the file's feed, k its follower k)."""
-        self._queue.put((place, next(self._count), feed))
+        with self._ready:
+            heapq.heappush(self._heap, (place, next(self._count), feed))
+            self._ready.notify()
+            wanted = feed is not None and self._grow is not None and len(self._heap) > self._idle
+        if wanted:
+            self._grow()
 
     def get(self) -> ClipFeed | None:
-        return self._queue.get()[2]
+        with self._ready:
+            self._idle += 1
+            while not self._heap:
+                self._ready.wait()
+            self._idle -= 1
+            return heapq.heappop(self._heap)[2]
 
 
 def _submit(tasks: _Tasks, number: int, follower: ClipFeed, part: int) -> None:
