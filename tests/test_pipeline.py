@@ -2103,6 +2103,12 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     assert collect_inputs([tmp_path / "self.txt"]) == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "c"), odd]
     notice = f"titok-fast: {tmp_path / 'self.txt'}: a list that names itself, directly or through another; not read"
     assert capsys.readouterr().err.splitlines() == [f"{notice} again"] * 2
+    (tmp_path / "w").mkdir()  # names beginning with '#' or a space: listed after ./ (the spaces around a path go)
+    for name in ("#hash.mp4", " lead.mp4"):
+        (tmp_path / "w" / name).write_bytes(b"x")
+    (tmp_path / "w" / "odd.txt").write_text("#hash.mp4\n ./#hash.mp4 \n./ lead.mp4\n")
+    assert collect_inputs([tmp_path / "w" / "odd.txt"]) == [(tmp_path / "w" / n, n[:-4]) for n in ("#hash.mp4",
+                                                                                                 " lead.mp4")]
 
     (v / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")  # a video of the dataset gone: an input, to fail alone
     (v / "loop.mp4").symlink_to(v / "loop.mp4")
