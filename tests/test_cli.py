@@ -860,6 +860,22 @@ def test_decode_lets_go_of_each_model_it_tried_before_it_tries_the_next(folder, 
     assert len(built) == 4 and alive == [0, 0, 0, 0]
 
 
+def test_encode_names_the_files_of_a_list_by_their_path_below_it_if_asked(folder, tmp_path, capsys):
+    """A list of a dataset whose folders repeat file names: refused by stem (the default), saying what to pass;
+    with --list-names relative each is named by its path below the list's folder."""
+    for part in ("a", "b"):
+        (tmp_path / "ds" / part).mkdir(parents=True)
+        shutil.copy(folder / "moving.mp4", tmp_path / "ds" / part / "x.mp4")
+    (tmp_path / "ds" / "list.txt").write_text("a/x.mp4\nb/x.mp4\n")
+    code, _, err = run("encode", tmp_path / "ds" / "list.txt", "-o", tmp_path / "t", *GRID, *RANDOM, capsys=capsys)
+    assert code == 2 and "would both write x.safetensors" in err and "--list-names relative" in err
+    code, out, err = run("encode", tmp_path / "ds" / "list.txt", "-o", tmp_path / "t", "--list-names", "relative",
+                         *GRID, *RANDOM, capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    a, b = (load_tokens(tmp_path / "t" / p / "x.safetensors") for p in ("a", "b"))
+    assert torch.equal(a.indices, b.indices) and a.source != b.source
+
+
 def test_debug_flag_after_the_command_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         main(["encode", str(tmp_path / "missing.mp4"), "-o", str(tmp_path), "--debug"])

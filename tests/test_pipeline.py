@@ -2109,6 +2109,19 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     (tmp_path / "w" / "odd.txt").write_text("#hash.mp4\n ./#hash.mp4 \n./ lead.mp4\n")
     assert collect_inputs([tmp_path / "w" / "odd.txt"]) == [(tmp_path / "w" / n, n[:-4]) for n in ("#hash.mp4",
                                                                                                  " lead.mp4")]
+    ds = tmp_path / "ds"  # a list of a dataset whose folders repeat file names
+    for name in ("a/0001.mp4", "b/0001.mp4", "b/c/0002.mkv"):
+        (ds / name).parent.mkdir(parents=True, exist_ok=True)
+        (ds / name).write_bytes(b"x")
+    (ds / "all.txt").write_text("a/0001.mp4\n./b/0001.mp4\nb/c/../c/0002.mkv\n")
+    with pytest.raises(InputError, match=r"would both write 0001\.safetensors; rename one \(or name the files of a "
+                                         r"list by their path below its folder: --list-names relative\)$"):  # fmt: skip
+        collect_inputs([ds / "all.txt"])
+    assert [name for _, name in collect_inputs([ds / "all.txt"], list_names="relative")] == ["a/0001", "b/0001",
+                                                                                            "b/c/0002"]  # fmt: skip
+    (ds / "out.txt").write_text(f"a/0001.mp4\n{tmp_path / 'w' / '#hash.mp4'}\n")
+    with pytest.raises(InputError, match=r"names '.*#hash\.mp4', outside the list's folder: --list-names relative"):
+        collect_inputs([ds / "out.txt"], list_names="relative")
 
     (v / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")  # a video of the dataset gone: an input, to fail alone
     (v / "loop.mp4").symlink_to(v / "loop.mp4")

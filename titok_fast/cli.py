@@ -338,7 +338,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     given = [f"--{k.replace('_', '-')}" for k in RAY_DEFAULTS if getattr(args, k, None) is not None]
     if given and not args.ray:
         raise ValueError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --ray")
-    files = collect_inputs(args.inputs)
+    files = collect_inputs(args.inputs, list_names=args.list_names)
     if not files:
         raise ValueError(f"no video files found in {args.inputs}")
     _check_output_folder("-o", args.output)
@@ -907,6 +907,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard", type=_shard, metavar="K/N", help="encode only shard K of N (0 <= K < N) of the inputs, chosen by "
         "a hash of each output name: N runs given the same inputs, one per GPU or machine, split them without overlap",
+    )  # fmt: skip
+    p.add_argument(
+        "--list-names", choices=("stem", "relative"), default="stem", help="how a file named in a .txt list is named: "
+        "its stem (a/0001.mp4 -> 0001.safetensors), or its path below the list's folder (-> a/0001.safetensors, "
+        "as a folder input keeps its structure; a file outside that folder is refused) (default stem)",
     )  # fmt: skip
     _add_model_args(p, decodes=False)
     _add_clip_args(p)

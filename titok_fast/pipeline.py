@@ -204,8 +204,11 @@ class Inputs(list):
         self.unlisted = unlisted
 
 
+LIST_NAMES = ("stem", "relative")  # how a file named in a list is named: its stem, or its path below the list's folder
+
+
 def collect_inputs(
-    inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors", outputs: bool = True
+    inputs: Sequence[str | os.PathLike], suffix: str = ".safetensors", outputs: bool = True, list_names: str = "stem"
 ) -> Inputs:
     """Expand files, folders (recursively, following links to folders) and list files into ``(file, output name)``
     pairs.
@@ -221,10 +224,21 @@ def collect_inputs(
     read once (with a notice). With ``outputs`` False (inputs that write nothing, as eval's), two files of one
     output name are both kept. An output that would lie in a folder named as another output, or as the output
     folder's manifest, is an error too, naming both. A sub-folder that cannot be listed is left out with a notice,
-    and said in the result's ``unlisted``."""
+    and said in the result's ``unlisted``. A file named in a list is named by its stem, or with ``list_names``
+    "relative" by its path below the list's folder (one outside it is an error): a list of a dataset whose
+    folders repeat file names (``a/0001.mp4``, ``b/0001.mp4``) keeps them apart, as a folder input does."""
+    if list_names not in LIST_NAMES:
+        raise ValueError(f"list_names must be one of {LIST_NAMES}; got {list_names!r}")
     unlisted: list[tuple[str, str]] = []
-    pairs = _expand(inputs, (), unlisted)
-    return Inputs(_one_per_output(pairs, "inputs", suffix, "encoded", outputs, is_manifest_name), unlisted)
+    pairs = _expand(inputs, (), unlisted, list_names=list_names)
+    try:
+        return Inputs(_one_per_output(pairs, "inputs", suffix, "encoded", outputs, is_manifest_name), unlisted)
+    except InputError as e:
+        listed = any(Path(i).suffix.lower() in LIST_EXTENSIONS and Path(i).is_file() for i in inputs)
+        if not listed or list_names != "stem" or "would both write" not in str(e):
+            raise
+        raise InputError(f"{e} (or name the files of a list by their path below its folder: --list-names "
+                         "relative)") from None  # fmt: skip
 
 
 def _one_per_output(
@@ -289,10 +303,11 @@ def _check_folders(
 
 
 def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unlisted: list[tuple[str, str]],
-            extensions: frozenset[str] | set[str] = VIDEO_EXTENSIONS) -> list[tuple[Path, str]]:  # fmt: skip
+            extensions: frozenset[str] | set[str] = VIDEO_EXTENSIONS, list_names: str = "stem",
+            ) -> list[tuple[Path, str]]:  # fmt: skip
     """``collect_inputs``' pairs, every reach of a file included; ``lists``: the list files being read (real
     paths), which a list must not name again; sub-folders that cannot be listed go to ``unlisted``; in folders, the
-    files of ``extensions`` are the inputs."""
+    files of ``extensions`` are the inputs; ``list_names``: see ``collect_inputs``."""
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = _input_path(item)
@@ -306,7 +321,10 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
             entries = _listed(path)
             threads = _threads_for(path, entries[0]) if entries else 0
             for entry, listed in zip(entries, _ahead(_lists_more, entries, threads), strict=True):
-                found += _expand([entry], (*lists, real), unlisted, extensions) if listed else [(entry, entry.stem)]
+                if listed:
+                    found += _expand([entry], (*lists, real), unlisted, extensions, list_names)
+                else:
+                    found.append((entry, entry.stem if list_names == "stem" else _below(entry, path)))
         elif path.is_file():
             found.append((path, path.stem))
         elif path.exists():  # a device, a named pipe, a socket
@@ -314,6 +332,16 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
         else:
             raise InputError(f"input {str(item)!r} does not exist")
     return found
+
+
+def _below(entry: Path, listing: Path) -> str:
+    """The output name of ``entry``, named in the list ``listing``, by its path below the list's folder (as
+    written: links are not followed), its suffix dropped."""
+    below = os.path.relpath(entry, listing.parent)
+    if below == ".." or below.startswith(("../", "/")):
+        raise InputError(f"list {str(listing)!r} names {str(entry)!r}, outside the list's folder: --list-names "
+                         "relative names a file by its path below it (put the list at the dataset's top)")  # fmt: skip
+    return str(Path(below).with_suffix(""))
 
 
 def _lists_more(entries: Sequence[Path]) -> list[bool]:
