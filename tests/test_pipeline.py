@@ -2122,6 +2122,13 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     (ds / "out.txt").write_text(f"a/0001.mp4\n{tmp_path / 'w' / '#hash.mp4'}\n")
     with pytest.raises(InputError, match=r"names '.*#hash\.mp4', outside the list's folder: --list-names relative"):
         collect_inputs([ds / "out.txt"], list_names="relative")
+    (ds / "link").symlink_to(tmp_path / "w")  # link/../x is the x beside the link's target: outside the folder
+    (ds / "dotdot.txt").write_text("a/0001.mp4\nlink/../w/#hash.mp4\n")
+    with pytest.raises(InputError, match=r"names '.*link/\.\./w/#hash\.mp4', outside the list's folder"):
+        collect_inputs([ds / "dotdot.txt"], list_names="relative")
+    (ds / "folders.txt").write_text("a\nb\n")  # a clash the option does not help with: not offered
+    with pytest.raises(InputError, match=r"would both write 0001\.safetensors; rename one$"):
+        collect_inputs([ds / "folders.txt"])
 
     (v / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")  # a video of the dataset gone: an input, to fail alone
     (v / "loop.mp4").symlink_to(v / "loop.mp4")

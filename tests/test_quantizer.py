@@ -40,6 +40,7 @@ def test_a_latent_holding_nan_has_index_minus_one(fsq):
     keep = torch.tensor([0, 2, 3, 4, 5])
     assert torch.equal(out["indices"][keep], ref_indices[keep]) and bool((out["indices"][keep] >= 0).all())
     assert torch.equal(codes[keep], ref_codes[keep])
+    assert torch.equal(fsq.codes_to_indices(codes), out["indices"])  # (NaN converted to an integer wraps to anything)
 
 
 def test_bound_is_the_value_before_rounding(fsq):

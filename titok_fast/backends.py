@@ -141,7 +141,8 @@ class TorchBackend(Backend):
         k, v = (torch.where(finite[:, None, None], t, 0) for t in (k, v))
         q, k, v = (t[None].transpose(1, 2).to(work) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
-        out = torch.where((mask & ~finite).any(1)[:, None, None], torch.nan, out)
+        bad = torch.zeros(batch.cu_seqlens.numel(), dtype=torch.int32, device=seg.device)  # (segments: ids < it)
+        out = torch.where((bad.index_add_(0, seg, (~finite).int()) > 0)[seg][:, None, None], torch.nan, out)
         return out.flatten(1).to(qkv.dtype)
 
     def encoder_head(

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -234,11 +235,23 @@ def collect_inputs(
     try:
         return Inputs(_one_per_output(pairs, "inputs", suffix, "encoded", outputs, is_manifest_name), unlisted)
     except InputError as e:
-        listed = any(Path(i).suffix.lower() in LIST_EXTENSIONS and Path(i).is_file() for i in inputs)
-        if not listed or list_names != "stem" or "would both write" not in str(e):
+        if list_names != "stem" or "would both write" not in str(e) or not _relative_helps(inputs, suffix):
             raise
         raise InputError(f"{e} (or name the files of a list by their path below its folder: --list-names "
                          "relative)") from None  # fmt: skip
+
+
+def _relative_helps(inputs: Sequence[str | os.PathLike], suffix: str) -> bool:
+    """Whether ``inputs``, whose files clash by name, clash no more with ``list_names`` "relative" (looked at
+    again, only where they clash: a list's entries are read twice)."""
+    if not any(Path(i).suffix.lower() in LIST_EXTENSIONS for i in inputs):
+        return False
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # (its notices were said the first time)
+            _one_per_output(_expand(inputs, (), [], list_names="relative"), "inputs", suffix, "encoded", True)
+    except InputError:
+        return False
+    return True
 
 
 def _one_per_output(
@@ -336,8 +349,12 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
 
 def _below(entry: Path, listing: Path) -> str:
     """The output name of ``entry``, named in the list ``listing``, by its path below the list's folder (as
-    written: links are not followed), its suffix dropped."""
+    written; where it holds ``..``, as the system reads it: ``link/../x.mp4`` is the ``x.mp4`` beside the link's
+    target), its suffix dropped."""
     below = os.path.relpath(entry, listing.parent)
+    if ".." in entry.parts:
+        real = os.path.join(os.path.realpath(entry.parent), entry.name)
+        below = os.path.relpath(real, os.path.realpath(listing.parent))
     if below == ".." or below.startswith(("../", "/")):
         raise InputError(f"list {str(listing)!r} names {str(entry)!r}, outside the list's folder: --list-names "
                          "relative names a file by its path below it (put the list at the dataset's top)")  # fmt: skip

@@ -105,10 +105,11 @@ class FSQ(nn.Module):
         """codes [..., D] on the grid, any float dtype -> int32 indices [...]. Each dimension's level is rounded
         in float32, then summed in integers: upstream's arithmetic (in the codes' own dtype, truncated) gives the
         same indices for float32 codes, and wrong ones for a bf16 or fp16 model's codes (bf16 holds integers
-        exactly only up to 256: index 257 came back as 256)."""
+        exactly only up to 256: index 257 came back as 256). A code holding NaN gives -1, as in ``forward``."""
         c = self.constants(codes.device)
         level = torch.round(codes.float() * c.half_width) + c.half_width
-        return (level.long() * c.basis).sum(dim=-1).to(torch.int32)
+        indices = (level.long() * c.basis).sum(dim=-1).to(torch.int32)  # (NaN wraps to anything: -1 below)
+        return torch.where(level.isnan().any(-1), NAN_INDEX, indices)
 
     def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [...] -> the level of each dimension [..., D], in ``[0, L_d)`` (integer dtype of the input,
