@@ -49,7 +49,7 @@ def test_targets_are_met_missed_or_not_measured(tmp_path):
     assert rows["encode b1 >= 3.0x upstream-packed"] == ("2.90x", "**missed**")
     assert rows["auto >= 1.3x eager, encode b1"] == ("1.45x", "**met**")
     assert rows["auto >= 1.0x eager, encode b32"] == ("not measured", "-")  # no eager row at b32
-    assert rows["encode b32, 256 tokens >= 850 clips/s"] == ("860.00 clips/s", "**met**")
+    assert rows["encode b32, 256 tokens >= 850 clips/s (H200)"] == ("860.00 clips/s", "**met**")
     assert rows["fp8 >= 1.3x bf16 (auto), decode b32"] == ("1.33x", "**met**")
     assert "fp8 >= 1.3x bf16 (auto), encode b32" not in rows  # FP8 runs in the decoder only
     assert rows["fp8 tokens within 1 point of the bf16 floor"] == ("96.00% vs 97.50% (-1.50 points)", "**missed**")
@@ -74,9 +74,13 @@ def test_ratios_never_mix_runs(tmp_path):
                                     _clips("decode", 32, "fp8", 1000.0)])  # fmt: skip
     rows = _rows(report(tmp_path))
     assert rows["encode b32 >= 2.5x upstream-packed"] == ("2.33x", "**missed**")
-    assert rows["encode b32, 256 tokens >= 850 clips/s"] == ("700.00 clips/s", "**missed**")
+    assert rows["encode b32, 256 tokens >= 850 clips/s (H200)"] == ("700.00 clips/s", "**missed**")
     assert rows["auto >= 1.0x eager, encode b32"] == ("0.97x", "**missed**")
     assert rows["fp8 >= 1.3x bf16 (auto), decode b32"] == ("1.11x", "**missed**")  # against fp8.jsonl's own auto
+    for card, verdict in (("NVIDIA H100 80GB HBM3", "not judged (an H200 target; measured on NVIDIA H100 80GB HBM3)"),
+                          ("NVIDIA H200", "**missed**")):  # fmt: skip
+        _write(tmp_path / "encode.jsonl", [_clips("encode", 32, "auto", 700.0, device=card)])
+        assert _rows(report(tmp_path))["encode b32, 256 tokens >= 850 clips/s (H200)"] == ("700.00 clips/s", verdict)
 
 
 def test_auto_below_eager_on_eagers_own_path_within_the_rounds_spread_is_met(tmp_path):
