@@ -1016,6 +1016,40 @@ def test_demo_reads_with_the_workers_it_is_given(tmp_path, monkeypatch, capsys, 
     assert given == [2 if options else 1]
 
 
+def test_the_demo_keeps_a_users_files_at_its_output_names(tmp_path, monkeypatch, capsys):
+    """A user's video, notes or mp4 under a name the demo writes (sample.mp4, tokens/sample.safetensors,
+    recon/sample.mp4) is kept, the demo refused in one line; the demo's own folder, and an earlier version's (its
+    sample unmarked), are run again."""
+    import hashlib
+
+    from titok_fast import hub
+    from titok_fast.video import write_video
+
+    def offline(ref, quick=False):
+        raise hub.WeightsUnavailable(f"weights {ref} are not to be had in this test")
+
+    monkeypatch.setattr(hub, "download", offline)
+    demo = ["--config", "tiny", "--device", "cpu", "--grid", "4x32x32", "--tokens", "8"]
+    code, out, err = run("demo", "-o", tmp_path / "d", *demo, capsys=capsys)
+    assert code == 0, err
+    code, out, err = run("demo", "-o", tmp_path / "d", *demo, capsys=capsys)  # its own folder: run again
+    assert code == 0 and "PSNR" in out, err
+    write_video(tmp_path / "d" / "sample.mp4", torch.zeros(3, 8, 32, 32), fps=8)  # an earlier version's sample
+    code, _, err = run("demo", "-o", tmp_path / "d", *demo, capsys=capsys)
+    assert code == 0, err
+    for name in ("sample.mp4", "tokens/sample.safetensors", "recon/sample.mp4"):
+        folder = tmp_path / name.replace("/", "_")
+        (folder / name).parent.mkdir(parents=True)
+        if name.endswith(".safetensors"):
+            (folder / name).write_bytes(b"my notes")
+        else:
+            write_video(folder / name, torch.zeros(3, 8, 32, 32), fps=8)
+        before = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        code, _, err = run("demo", "-o", folder, *demo, capsys=capsys)
+        assert code == 2 and f"{folder / name} is there and the demo did not write it: kept" in err, err
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == before
+
+
 NVDEC_MISSING = ("titok-fast: --decoder nvdec: NVDEC cannot decode here (no CUDA device); every file is decoded on "
                  "the CPU, and its token file says so")
 

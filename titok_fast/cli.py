@@ -701,6 +701,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     sample, token_path = out / "sample.mp4", out / "tokens" / "sample.safetensors"
+    if (theirs := _not_the_demos(out)) is not None:
+        raise ValueError(f"{theirs} is there and the demo did not write it: kept; choose another output folder (the "
+                         "demo writes sample.mp4, tokens/sample.safetensors and recon/sample.mp4 in it)")  # fmt: skip
     try:  # only the default weights fall back; named ones that fail are an error
         args.random_weights, model = None, _model(args, quick=args.checkpoint is None)
     except WeightsUnavailable as e:
@@ -714,7 +717,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engine = _engine(args, model)
     settings = _settings(args, model)
     out.mkdir(parents=True, exist_ok=True)  # once every option is known to work: a refused demo writes nothing
-    write_video(sample, _moving_pattern(frames=24, height=192, width=256), fps=8)
+    write_video(sample, _moving_pattern(frames=24, height=192, width=256), fps=8, comment=DEMO_SAMPLE)
     start = time.perf_counter()
     enc = encode_files(model, engine, collect_inputs([sample]), out / "tokens", settings, workers=args.workers,
                        overwrite=True)  # fmt: skip
@@ -734,6 +737,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"encode + decode: {enc.clips} clip(s) of {'x'.join(map(str, settings.grid))}, {settings.tokens} tokens, "
           f"{seconds:.2f} s on {model.device} ({torch.get_num_threads()} threads)")  # fmt: skip
     return 0
+
+
+DEMO_SAMPLE = "titok-fast demo sample"  # the comment tag of the sample video the demo writes
+
+
+def _not_the_demos(out: Path) -> Path | None:
+    """The first of the demo's outputs in ``out`` (sample.mp4, tokens/sample.safetensors, recon/sample.mp4) that is
+    there and was not written by the demo (which replaces them): a user's video or file of that name. An earlier
+    version's demo folder (its token file made from its sample.mp4) is the demo's; None if all are."""
+    from .files import absolute
+    from .pipeline import DECODE_RECORD
+    from .tokens import try_load_tokens
+    from .video import video_comment
+
+    sample, tokens, recon = out / "sample.mp4", out / "tokens" / "sample.safetensors", out / "recon" / "sample.mp4"
+    made = try_load_tokens(tokens) if os.path.lexists(tokens) else None
+    if made is not None and made.source == absolute(sample):  # (what an earlier demo wrote, its sample unmarked)
+        return None
+    if os.path.lexists(tokens):
+        return tokens
+    if os.path.lexists(sample) and video_comment(sample) != DEMO_SAMPLE:
+        return sample
+    if os.path.lexists(recon):  # (decode's record of it names the source video beside it)
+        record = video_comment(recon) or ""
+        try:
+            source = json.loads(record.removeprefix(DECODE_RECORD)).get("source")
+        except (ValueError, AttributeError):
+            source = None
+        if not record.startswith(DECODE_RECORD) or source != absolute(sample):
+            return recon
+    return None
 
 
 def _moving_pattern(frames: int, height: int, width: int):

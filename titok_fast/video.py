@@ -2409,9 +2409,12 @@ class VideoWriter:
             self.abort()
 
 
-def write_video(path: str | os.PathLike[str], frames: torch.Tensor, fps: float, *, crf: int = 18) -> None:
-    """Write frames [3, T, H, W] in [-1, 1] (clamped) as an H.264 mp4, atomically (see :class:`VideoWriter`)."""
-    with VideoWriter(path, fps, crf=crf) as writer:
+def write_video(
+    path: str | os.PathLike[str], frames: torch.Tensor, fps: float, *, crf: int = 18, comment: str = ""
+) -> None:
+    """Write frames [3, T, H, W] in [-1, 1] (clamped) as an H.264 mp4, atomically (see :class:`VideoWriter`),
+    with ``comment`` as its comment tag."""
+    with VideoWriter(path, fps, crf=crf, comment=comment) as writer:
         writer.write(frames)
 
 
