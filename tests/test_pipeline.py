@@ -596,8 +596,9 @@ def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, 
 def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_otherwise(model, sources, tmp_path,
                                                                                        capsys):  # fmt: skip
     """Token files written beside their sources, decoded into that folder, would name their own sources: never
-    replaced, even with --overwrite; nor, in a copy of that folder, a video of the size its source had. An mp4
-    that records no decode (an earlier version's, or not decode's) is kept, and said, unless --overwrite. A video
+    replaced, even with --overwrite; nor, in a copy of that folder, a video of the size its source had: with or
+    without --overwrite, that file fails, saying so. An mp4 that records no decode (an earlier version's, or not
+    decode's) is kept, and said, unless --overwrite. A video
     decode
     wrote is skipped when it records what it would write now, and decoded again when its token file was made again
     or it is decoded another way (the source beside it). A source changed since is not shown."""
@@ -607,20 +608,20 @@ def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_oth
     shutil.copy(sources["short"], source)
     encode(model, [source], folder)
     tokens, before, engine = folder / "short.safetensors", source.read_bytes(), Engine(model)
-    kept = decode_files(engine, [tokens], folder)  # (it records no decode: kept, not counted as complete)
-    assert (kept.skipped, kept.done, kept.failed) == ([], [], [])
-    summary = decode_files(engine, [tokens], folder, overwrite=True)
-    assert summary.failed == [(str(tokens), f"{source} is the source video of {tokens}: decoding there would replace "
-                                            "it; choose another output folder")]  # fmt: skip
+    for overwrite in (False, True):  # (never said "kept": a rerun with --overwrite could not decode it either)
+        summary = decode_files(engine, [tokens], folder, overwrite=overwrite)
+        assert summary.failed == [(str(tokens), f"{source} is the source video of {tokens}: decoding there would "
+                                                "replace it; choose another output folder")]  # fmt: skip
     assert source.read_bytes() == before
     copied = tmp_path / "copied"  # the folder copied (a new time, or kept: cp -a, rsync): its tokens name the first
     copied.mkdir()
     for f in (source, tokens):
         shutil.copy(f, copied)
-    summary = decode_files(engine, [copied / tokens.name], copied, overwrite=True)
-    assert summary.failed == [(str(copied / tokens.name), f"{copied / source.name} has the size of the source video "
-                               f"{copied / tokens.name} was made from (a copy of it): decoding there would replace "
-                               "it; choose another output folder")]  # fmt: skip
+    for overwrite in (False, True):
+        summary = decode_files(engine, [copied / tokens.name], copied, overwrite=overwrite)
+        assert summary.failed == [(str(copied / tokens.name), f"{copied / source.name} has the size of the source "
+                                   f"video {copied / tokens.name} was made from (a copy of it): decoding there would "
+                                   "replace it; choose another output folder")]  # fmt: skip
     assert (copied / source.name).read_bytes() == before
     out = tmp_path / "decoded"
     out.mkdir()

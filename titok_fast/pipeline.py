@@ -1763,7 +1763,8 @@ def decode_files(
             if exists and not damaged and not overwrite and (not ours or _same_decode(then, now)):
                 if ours:
                     summary.skipped.append(str(path))
-                else:
+                else:  # (its source video, or a copy of it, is no earlier output: that file fails, saying so)
+                    _not_its_source(out, path, load_tokens(path), there_now)
                     unrecorded += 1
                     first_unrecorded += [out] if unrecorded <= 3 else []
                 continue
@@ -1775,13 +1776,8 @@ def decode_files(
                 raise ValueError(f"{out} was decoded from the tokens of another video ({other}): kept; --overwrite "
                                  "replaces it, or choose another output folder")  # fmt: skip
             record = DECODE_RECORD + json.dumps({**now, "source": token_file.source}, sort_keys=True)
-            if exists and os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
-                raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose "
-                                 "another output folder")  # fmt: skip
-            size = str(token_file.made_with.get("source_stamp", "")).partition(":")[0]
-            if exists and not ours and size == str(there_now.st_size):  # a dataset copied or moved with its tokens
-                raise ValueError(f"{out} has the size of the source video {path} was made from (a copy of it): "
-                                 "decoding there would replace it; choose another output folder")  # fmt: skip
+            if exists:
+                _not_its_source(out, path, token_file, there_now, ours)
             if not force:
                 check_same_model(engine.model, token_file, path)
             if not token_file.token_counts.numel():
@@ -1901,6 +1897,19 @@ def _damaged_mp4(path: Path) -> bool:
 
 
 DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_records)
+
+
+def _not_its_source(out: Path, path, token_file: TokenFile, there: os.stat_result, ours: bool = False) -> None:
+    """Refuse to decode the token file ``path`` over ``out`` (``there``: its stat) where ``out`` is the token
+    file's source video, or (not a video decode wrote: ``ours`` False) one of its size, a copy of it (a dataset
+    copied or moved with its tokens): a ValueError that fails that file alone."""
+    if os.path.isfile(token_file.source) and os.path.samefile(out, token_file.source):
+        raise ValueError(f"{out} is the source video of {path}: decoding there would replace it; choose another "
+                         "output folder")  # fmt: skip
+    size = str(token_file.made_with.get("source_stamp", "")).partition(":")[0]
+    if not ours and size == str(there.st_size):
+        raise ValueError(f"{out} has the size of the source video {path} was made from (a copy of it): decoding "
+                         "there would replace it; choose another output folder")  # fmt: skip
 
 
 def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.PathLike], dict[str, Any]]:
