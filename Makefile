@@ -28,7 +28,7 @@ gpu-session:
 wheels:
 	pip download av==19.0.2 omegaconf==2.4.0 einops==0.8.2 pynvvideocodec==2.2.4 --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
-	pip download pytest-xdist==3.8.0 execnet==2.1.2 --no-deps -d .wheels  # (pytest is there already)
+	pip download pytest-xdist==3.8.0 execnet==2.1.2 pytest-timeout==2.4.0 --no-deps -d .wheels  # (pytest is there already)
 	@total=$$(( $$(du -sb .wheels | cut -f1) + $$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb | tail -1 | cut -f1) )); \
 		echo "working tree + .wheels: $$((total / 1048576)) MiB of 64"; [ $$total -le 67108864 ]
 

@@ -55,7 +55,7 @@
 #      `pipeline-sweeps`.
 #
 # Its exit status is 0 whatever the parts gave (each part says how it ended, "[name: N s]" and any cut-off): read
-# what it printed, or the results.
+# what it printed, or the results (2: an unknown part, or a checkout or PyAV that cannot be installed).
 # Results: <part>.txt (what was printed), <part>.json (pytest-benchmark), <part>.jsonl (end-to-end cases, one line
 # each as soon as measured, so a part cut short keeps what it measured), environment.txt (card, driver, versions,
 # commit: $COMMIT where the checkout has no .git), in ./gpu-results; or, with $OUT set, packed into
@@ -148,7 +148,9 @@ part() {
                    | tee "$out/tests.txt" ;;
         # (-v: a test cut off by the limit is named; tests of a file that cannot be collected, as without omegaconf,
         # are left out, not the rest; --timeout where pytest-timeout is installed: one hung test, not the part)
-        gpu-tests) local per_test=() && "$python" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
+        gpu-tests) local per_test=() && "$python" -m pip install --quiet --no-index --find-links .wheels \
+                       pytest-timeout 2>/dev/null; "$python" -c "import pytest_timeout" 2>/dev/null \
+                       && per_test=(--timeout=90)
                    limited gpu-tests 240 "$python" -m pytest -v -rs -m gpu tests -p no:cacheprovider \
                        --continue-on-collection-errors "${per_test[@]}" 2>&1 | tee "$out/gpu-tests.txt"
                    pack ;;

@@ -1017,11 +1017,10 @@ def test_demo_reads_with_the_workers_it_is_given(tmp_path, monkeypatch, capsys, 
 
 
 def test_the_demo_keeps_a_users_files_at_its_output_names(tmp_path, monkeypatch, capsys):
-    """A user's video, notes or mp4 under a name the demo writes (sample.mp4, tokens/sample.safetensors,
-    recon/sample.mp4) is kept, the demo refused in one line; the demo's own folder, and an earlier version's (its
-    sample unmarked), are run again."""
-    import hashlib
-
+    """A user's video, notes, FIFO or file under a name the demo writes (sample.mp4, tokens/sample.safetensors,
+    recon/sample.mp4, the folder recon), also in a folder the demo wrote before, is kept, the demo refused in one
+    line; the demo's own folder (also through a link, or moved), and an earlier version's (its sample unmarked, the
+    file its token file was made from), are run again."""
     from titok_fast import hub
     from titok_fast.video import write_video
 
@@ -1034,20 +1033,32 @@ def test_the_demo_keeps_a_users_files_at_its_output_names(tmp_path, monkeypatch,
     assert code == 0, err
     code, out, err = run("demo", "-o", tmp_path / "d", *demo, capsys=capsys)  # its own folder: run again
     assert code == 0 and "PSNR" in out, err
-    write_video(tmp_path / "d" / "sample.mp4", torch.zeros(3, 8, 32, 32), fps=8)  # an earlier version's sample
-    code, _, err = run("demo", "-o", tmp_path / "d", *demo, capsys=capsys)
-    assert code == 0, err
-    for name in ("sample.mp4", "tokens/sample.safetensors", "recon/sample.mp4"):
-        folder = tmp_path / name.replace("/", "_")
-        (folder / name).parent.mkdir(parents=True)
-        if name.endswith(".safetensors"):
+    (tmp_path / "link").symlink_to(tmp_path / "d")  # its folder through a link, or moved
+    assert run("demo", "-o", tmp_path / "link", *demo, capsys=capsys)[0] == 0
+    (tmp_path / "d").rename(tmp_path / "moved")
+    assert run("demo", "-o", tmp_path / "moved", *demo, capsys=capsys)[0] == 0
+    old = tmp_path / "old"  # an earlier version's folder: its sample unmarked, the file its token file was made from
+    shutil.copytree(tmp_path / "moved", old)
+    write_video(old / "sample.mp4", torch.zeros(3, 8, 32, 32), fps=8)
+    assert run("encode", old / "sample.mp4", "-o", old / "tokens", *GRID, *RANDOM, capsys=capsys)[0] == 0
+    assert run("demo", "-o", old, *demo, capsys=capsys)[0] == 0
+    for name, kind in (("sample.mp4", "video"), ("tokens/sample.safetensors", "notes"), ("recon/sample.mp4", "video"),
+                       ("sample.mp4", "fifo"), ("recon", "notes")):  # fmt: skip
+        folder = tmp_path / f"{kind}-{name.replace('/', '_')}"
+        for there in ("sample.mp4", "tokens/sample.safetensors", "recon/sample.mp4"):  # a demo's folder first
+            (folder / there).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "moved" / there, folder / there)
+        (folder / name).unlink() if (folder / name).is_file() else shutil.rmtree(folder / name)
+        if kind == "fifo":
+            os.mkfifo(folder / name)
+        elif kind == "notes":
             (folder / name).write_bytes(b"my notes")
         else:
             write_video(folder / name, torch.zeros(3, 8, 32, 32), fps=8)
-        before = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        before = (folder / name).read_bytes() if kind != "fifo" else b""
         code, _, err = run("demo", "-o", folder, *demo, capsys=capsys)
-        assert code == 2 and f"{folder / name} is there and the demo did not write it: kept" in err, err
-        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == before
+        assert code == 2 and f"{folder / name} is there and not known to be the demo's: kept" in err, err
+        assert kind == "fifo" or (folder / name).read_bytes() == before
 
 
 NVDEC_MISSING = ("titok-fast: --decoder nvdec: NVDEC cannot decode here (no CUDA device); every file is decoded on "

@@ -646,6 +646,11 @@ def test_decode_never_replaces_a_source_or_another_video_and_redoes_one_made_oth
     assert decode_files(engine, [tokens], out, with_source=True, overwrite=True).failed == [(str(tokens), (
         f"the source {str(source)!r} the token file names is not the file its tokens were made from (its size and "
         "modification time differ, or it is not there)"))]  # fmt: skip
+    again = out / "short.safetensors"  # a video decode wrote, encoded in turn, decoded over itself: never, and said
+    encode(model, [out / "short.mp4"], out)  # so (not "--overwrite replaces it", which would fail the same)
+    assert decode_files(engine, [again], out).failed == [(str(again), f"{out / 'short.mp4'} is the source video of "
+                                                          f"{again}: decoding there would replace it; choose another "
+                                                          "output folder")]  # fmt: skip
 
 
 def test_decode_keeps_a_video_decoded_from_the_tokens_of_another_source(model, sources, tmp_path):

@@ -702,8 +702,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     sample, token_path = out / "sample.mp4", out / "tokens" / "sample.safetensors"
     if (theirs := _not_the_demos(out)) is not None:
-        raise ValueError(f"{theirs} is there and the demo did not write it: kept; choose another output folder (the "
-                         "demo writes sample.mp4, tokens/sample.safetensors and recon/sample.mp4 in it)")  # fmt: skip
+        raise ValueError(f"{theirs} is there and not known to be the demo's: kept; choose another output folder "
+                         "(the demo writes sample.mp4, tokens/sample.safetensors and recon/sample.mp4)")  # fmt: skip
     try:  # only the default weights fall back; named ones that fail are an error
         args.random_weights, model = None, _model(args, quick=args.checkpoint is None)
     except WeightsUnavailable as e:
@@ -743,29 +743,35 @@ DEMO_SAMPLE = "titok-fast demo sample"  # the comment tag of the sample video th
 
 
 def _not_the_demos(out: Path) -> Path | None:
-    """The first of the demo's outputs in ``out`` (sample.mp4, tokens/sample.safetensors, recon/sample.mp4) that is
-    there and was not written by the demo (which replaces them): a user's video or file of that name. An earlier
-    version's demo folder (its token file made from its sample.mp4) is the demo's; None if all are."""
-    from .files import absolute
+    """The first of the demo's outputs in ``out`` (sample.mp4, tokens/sample.safetensors, recon/sample.mp4, and the
+    folders tokens and recon) that is there and not known to be the demo's, which replaces them: a user's video or
+    file of that name, or anything but a regular file (a FIFO would hang the demo); None if all are. A token file
+    and a decoded video are the demo's where made from a sample.mp4 (the folder may have been moved or reached
+    through a link); the sample, where marked by the demo, or (an earlier version's, unmarked) where it is the file
+    the token file there was made from (its size and modification time)."""
     from .pipeline import DECODE_RECORD
     from .tokens import try_load_tokens
-    from .video import video_comment
+    from .video import source_stamp, video_comment
 
     sample, tokens, recon = out / "sample.mp4", out / "tokens" / "sample.safetensors", out / "recon" / "sample.mp4"
+    for path, kind in ((out / "tokens", os.path.isdir), (out / "recon", os.path.isdir), (sample, os.path.isfile),
+                       (tokens, os.path.isfile), (recon, os.path.isfile)):  # fmt: skip
+        if os.path.lexists(path) and not kind(path):
+            return path
     made = try_load_tokens(tokens) if os.path.lexists(tokens) else None
-    if made is not None and made.source == absolute(sample):  # (what an earlier demo wrote, its sample unmarked)
-        return None
-    if os.path.lexists(tokens):
+    if os.path.lexists(tokens) and (made is None or os.path.basename(made.source) != "sample.mp4"):
         return tokens
-    if os.path.lexists(sample) and video_comment(sample) != DEMO_SAMPLE:
+    if os.path.lexists(sample) and video_comment(sample) != DEMO_SAMPLE and (
+        made is None or made.made_with.get("source_stamp") != source_stamp(sample)
+    ):
         return sample
     if os.path.lexists(recon):  # (decode's record of it names the source video beside it)
         record = video_comment(recon) or ""
         try:
-            source = json.loads(record.removeprefix(DECODE_RECORD)).get("source")
+            source = str(json.loads(record.removeprefix(DECODE_RECORD)).get("source", ""))
         except (ValueError, AttributeError):
-            source = None
-        if not record.startswith(DECODE_RECORD) or source != absolute(sample):
+            source = ""
+        if not record.startswith(DECODE_RECORD) or os.path.basename(source) != "sample.mp4":
             return recon
     return None
 

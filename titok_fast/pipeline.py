@@ -1769,6 +1769,8 @@ def decode_files(
                     first_unrecorded += [out] if unrecorded <= 3 else []
                 continue
             token_file = load_tokens(path)
+            if exists:  # (first: --overwrite, which the messages below suggest, would not decode over these)
+                _not_its_source(out, path, token_file, there_now, ours)
             if exists and ours and not overwrite and not force and _decoded_by_own_weights(then, now, token_file):
                 summary.skipped.append(str(path))  # (a folder of token files of several weights: one run each)
                 continue
@@ -1776,8 +1778,6 @@ def decode_files(
                 raise ValueError(f"{out} was decoded from the tokens of another video ({other}): kept; --overwrite "
                                  "replaces it, or choose another output folder")  # fmt: skip
             record = DECODE_RECORD + json.dumps({**now, "source": token_file.source}, sort_keys=True)
-            if exists:
-                _not_its_source(out, path, token_file, there_now, ours)
             if not force:
                 check_same_model(engine.model, token_file, path)
             if not token_file.token_counts.numel():
