@@ -132,6 +132,9 @@ print(*[m for m in ('av', 'omegaconf') if not u.find_spec(m)])")
     { [ "$1" != tests ] && [ "$1" != all ]; } || "$python" -c "import xdist" 2>/dev/null \
         || "$python" -m pip install --quiet --no-index --find-links .wheels pytest-xdist 2>/dev/null \
         || echo "pytest-xdist is not installed: the tests part runs on one core" >&2  # optional too
+    [[ "$1" != *tests ]] || "$python" -c "import pytest_timeout" 2>/dev/null \
+        || "$python" -m pip install --quiet --no-index --find-links .wheels pytest-timeout 2>/dev/null \
+        || echo "pytest-timeout is not installed: a gpu test that hangs takes the part's whole limit" >&2  # optional
 }
 
 bench() {  # bench NAME PYTEST-K-EXPRESSION [SECONDS]: cut off after SECONDS (default 540, so that with the
@@ -148,9 +151,7 @@ part() {
                    | tee "$out/tests.txt" ;;
         # (-v: a test cut off by the limit is named; tests of a file that cannot be collected, as without omegaconf,
         # are left out, not the rest; --timeout where pytest-timeout is installed: one hung test, not the part)
-        gpu-tests) local per_test=() && "$python" -m pip install --quiet --no-index --find-links .wheels \
-                       pytest-timeout 2>/dev/null; "$python" -c "import pytest_timeout" 2>/dev/null \
-                       && per_test=(--timeout=90)
+        gpu-tests) local per_test=() && "$python" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
                    limited gpu-tests 240 "$python" -m pytest -v -rs -m gpu tests -p no:cacheprovider \
                        --continue-on-collection-errors "${per_test[@]}" 2>&1 | tee "$out/gpu-tests.txt"
                    pack ;;

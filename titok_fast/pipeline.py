@@ -352,9 +352,8 @@ def _below(entry: Path, listing: Path) -> str:
     written; where it holds ``..``, as the system reads it: ``link/../x.mp4`` is the ``x.mp4`` beside the link's
     target), its suffix dropped."""
     below = os.path.relpath(entry, listing.parent)
-    if ".." in entry.parts:
-        real = os.path.join(os.path.realpath(entry.parent), entry.name)
-        below = os.path.relpath(real, os.path.realpath(listing.parent))
+    if ".." in entry.parts:  # (files.absolute: the path up to its last .. resolved, as the file is read)
+        below = os.path.relpath(absolute(entry), os.path.realpath(listing.parent))
     if below == ".." or below.startswith(("../", "/")):
         raise InputError(f"list {str(listing)!r} names {str(entry)!r}, outside the list's folder: --list-names "
                          "relative names a file by its path below it (put the list at the dataset's top)")  # fmt: skip
