@@ -120,7 +120,8 @@ def _fsq_encoder_head_kernel(
     o_w = tl.arange(0, BLOCK_W)
     m_w = o_w < width
     m_x = m_r[:, None] & m_w[None, :]
-    b_x = tl.load(x_ptr + o_r.to(tl.int64)[:, None] * stride_x + o_w[None, :], mask=m_x, other=0.0).to(tl.float32)
+    row = o_r.to(tl.int64)  # (row * DIM, like row * stride_x, passes 2**31 from 429M rows of 5 levels)
+    b_x = tl.load(x_ptr + row[:, None] * stride_x + o_w[None, :], mask=m_x, other=0.0).to(tl.float32)
     b_xn = _layer_norm_rows(b_x, m_w, ln_w_ptr, ln_b_ptr, o_w, width, eps, x_ptr.dtype.element_ty)
 
     index = tl.zeros([ROWS], dtype=tl.int32)
@@ -133,7 +134,7 @@ def _fsq_encoder_head_kernel(
         level = _round_half_even(bounded)
         half_width = tl.load(half_width_ptr + d)
         code = tl.div_rn(level, half_width.to(tl.float32))  # exactly torch's q / half_width
-        tl.store(codes_ptr + o_r * DIM + d, code.to(codes_ptr.dtype.element_ty), mask=m_r)
+        tl.store(codes_ptr + row * DIM + d, code.to(codes_ptr.dtype.element_ty), mask=m_r)
         index += (level.to(tl.int32) + half_width) * tl.load(basis_ptr + d)
         nan = nan | (z != z)
     tl.store(indices_ptr + o_r, tl.where(nan, -1, index), mask=m_r)

@@ -6,7 +6,7 @@ Metrics: ``"l2"`` squared Euclidean distance ``|x|^2 + |c|^2 - 2 x.c`` (clamped 
 ``1 - x.c / (|x| |c|)`` (norms clamped at 1e-12). Ties go to the lowest code index, within and across tiles.
 
 Limits: bf16/fp16/fp32 (x and codebook of one dtype; fp32 dots run as "tf32x3", ~fp32 accurate on tensor
-cores, and exactly under the interpreter); 1 <= D <= 256; K < 2**31 (tested to 2**18).
+cores, and exactly under the interpreter); 1 <= D <= 256; K <= MAX_CODES (tested to 2**18).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ._triton import tl, triton
 METRICS = ("l2", "cosine")
 NEAREST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_CODE_DIM = 256
+MAX_CODES = 2**31 - 64  # the kernel's int32 code counter steps past K by up to 64 (BLOCK_K) before it stops
 NORM_EPS = 1e-12
 
 
@@ -115,9 +116,10 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") ->
     if codebook.device != x.device:
         raise ValueError(f"codebook is on {codebook.device}, x on {x.device}")
     (num_rows, dim), num_codes = x.shape, codebook.shape[0]
-    if codebook.shape[1] != dim or not 1 <= dim <= MAX_CODE_DIM or num_codes < 1:
+    if codebook.shape[1] != dim or not 1 <= dim <= MAX_CODE_DIM or not 1 <= num_codes <= MAX_CODES:
         raise ValueError(
-            f"x is {list(x.shape)}, codebook {list(codebook.shape)}: need the same D in 1..{MAX_CODE_DIM}, K >= 1"
+            f"x is {list(x.shape)}, codebook {list(codebook.shape)}: need the same D in 1..{MAX_CODE_DIM}, "
+            f"K in 1..{MAX_CODES}"
         )
     indices = torch.empty(num_rows, dtype=torch.int64, device=x.device)
     distances = torch.empty(num_rows, dtype=torch.float32, device=x.device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from titok_fast.kernels.fsq import FsqConstants, fsq_encoder_head, fsq_indices_to_codes_ref, fsq_quantize_ref
-from titok_fast.kernels.nearest_code import NORM_EPS, nearest_code, nearest_code_ref
+from titok_fast.kernels.nearest_code import MAX_CODES, NORM_EPS, nearest_code, nearest_code_ref
 
 from triton_mode import triton_mode
 
@@ -132,6 +132,9 @@ def test_bad_arguments():
         nearest_code(x, codebook.half())
     with pytest.raises(ValueError, match="same D"):
         nearest_code(torch.randn(4, 300, device=DEVICE), torch.randn(10, 300, device=DEVICE))
+    # the kernel's int32 code counter would wrap past 2**31 - 1: refused before a launch (a view, nothing held)
+    with pytest.raises(ValueError, match=f"K in 1..{MAX_CODES}"):
+        nearest_code(x, codebook[:1].expand(MAX_CODES + 1, 8))
 
 
 @pytest.mark.gpu
