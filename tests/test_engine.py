@@ -72,6 +72,13 @@ def test_plan_keeps_every_clip_once_in_order_within_budget():
         plan_batches([10, 2000], budgets=(1024,), max_clips=4)
 
 
+def test_max_clips_is_at_most_the_largest_budgets_rows(model):
+    """A batch holds at most one clip per row: a larger max_clips (``--batch-size 10**9``) would size the
+    fixed-shape modes' sequence buffers and attention grids by it, and change no batch."""
+    assert Engine(model, mode="eager", budgets=(256, 512), max_clips=10**9).max_clips == 512
+    assert Engine(model, mode="eager", budgets=(256, 512), max_clips=5).max_clips == 5
+
+
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_engine_equals_model_clip_by_clip(model, expected, mode, request):
     videos, codes, indices, recon = expected

@@ -265,7 +265,9 @@ class Engine:
         self.model, self.mode = model, mode
         self._requested_budgets = tuple(sorted(set(budgets)))
         self.budgets = self._usable_budgets(stacklevel=3)
-        self.max_clips = max_clips
+        # a clip takes at least one row of a batch, so no batch holds more clips than the largest budget has rows
+        # (a larger max_clips would only size the fixed-shape modes' sequence buffers and attention grids by it)
+        self.max_clips = min(max_clips, self.budgets[-1])
         self.compiles = 0  # graphs compiled by torch.compile (mode "compile") or captured ("cudagraph", "auto")
         self.modes_run: collections.Counter = collections.Counter()  # batches run, by the mode each ran in
         self._planned_mode = ""  # the mode of the batch running now (_plan), counted once it has run
