@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titok_fast import decoders, video
+from titok_fast import decoders, preprocess, video
 from titok_fast.decoders import DecoderUnavailable
 from titok_fast.kernels.nv12_rgb import nv12_planes, nv12_surface
 from titok_fast.kernels.nv12_rgb import yuv420_to_rgb_ref as yuv420_to_rgb
 from titok_fast.preprocess import (
     MAX_DEVICE_ASPECT,
+    MAX_DEVICE_CLIP_BYTES,
     MAX_DEVICE_PIXELS,
     DevicePreprocessor,
     I420Clip,
@@ -24,6 +25,7 @@ from titok_fast.preprocess import (
     i420_rgb,
     normalize_pixels,
     placement,
+    resize_crop,
     resized_size,
 )
 from titok_fast.video import ClipReader, read_clips
@@ -294,6 +296,9 @@ def test_placement_rule_limits_and_bad_name():
     assert placement("auto", "cuda", 900, 7200, 1018, 1018) == "device"  # resized to 1018 x 8144 before the crop
     assert placement("auto", "cuda", 900, 7200, 1019, 1019) == "cpu"  # 1019 x 8152: over MAX_DEVICE_PIXELS
     assert resized_size((900, 7200), 1019, 1019) == (1019, 8152) and 1019 * 8152 > MAX_DEVICE_PIXELS >= 1018 * 8144
+    most = MAX_DEVICE_CLIP_BYTES // (1080 * 1920 * 3)  # frames of 1080p a clip may have (172)
+    assert placement("auto", "cuda", 1080, 1920, 192, 192, most) == "device"
+    assert placement("auto", "cuda", 1080, 1920, 192, 192, most + 1) == "cpu"  # the clip's bytes at source size
     with pytest.raises(ValueError, match="preprocess must be one of"):
         placement("gpu", "cuda", 1, 1, 1, 1)
 
@@ -305,6 +310,30 @@ def test_the_reader_places_by_the_rule(tmp_path, size, device, expected):
     clips = list(reader)
     assert reader.placement == expected and len(clips) == 1
     assert clips[0].dtype == (torch.uint8 if expected == "device" else torch.float32)
+
+
+def test_the_reader_places_a_long_clip_of_large_frames_on_the_cpu(tmp_path, monkeypatch):
+    """A clip whose frames at source size would exceed MAX_DEVICE_CLIP_BYTES is resized on the CPU, a frame at a
+    time (with the real limit: 173 frames of 1080p); a shorter clip of the same file is resized on the device."""
+    path = videos.make_video(tmp_path / "v.mp4", 8, 48, 64, fps=8)
+    monkeypatch.setattr(preprocess, "MAX_DEVICE_CLIP_BYTES", 4 * 48 * 64 * 3)
+    for frames, expected in ((4, "device"), (8, "cpu")):
+        reader = ClipReader(path, frames=frames, height=32, width=32, fps=8, preprocess="auto", device="cuda", raw=True)
+        clips = list(reader)
+        assert reader.placement == expected
+        assert clips[0].dtype == (torch.uint8 if expected == "device" else torch.float32)
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 3])
+def test_a_clip_resized_in_chunks_is_the_clip_resized_at_once(monkeypatch, chunk_frames):
+    """clip_pixels makes its float32 copy of a long clip RESIZE_CHUNK_BYTES at a time: the same values."""
+    frames = torch.randint(0, 256, (7, 37, 53, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    at_once = clip_pixels(frames, 24, 16)
+    calls = []
+    monkeypatch.setattr(preprocess, "RESIZE_CHUNK_BYTES", chunk_frames * 37 * 53 * 3 * 4)
+    monkeypatch.setattr(preprocess, "resize_crop", lambda p, h, w: calls.append(len(p)) or resize_crop(p, h, w))
+    assert torch.equal(clip_pixels(frames, 24, 16), at_once)
+    assert calls == [chunk_frames] * (7 // chunk_frames) + [7 % chunk_frames] * (7 % chunk_frames > 0)
 
 
 planes = decoders.yuv420p_planes

@@ -28,15 +28,24 @@ UPLOADS = ("rgb", "i420")
 MAX_DEVICE_PIXELS = 3840 * 2160  # larger frames, at source size or resized, are resized on the CPU: a clip of
 # them would be GBs on the device, where the CPU holds one frame at a time
 MAX_DEVICE_ASPECT = 8  # sources whose long side is more than this many times their short side: resized on the CPU
+# clips whose frames at source size, uint8 RGB, are larger (a long clip of HD frames: 4096 frames of 1080p are 25 GB)
+# are resized on the CPU, a frame at a time: the device would hold them whole, and pinned host memory too
+MAX_DEVICE_CLIP_BYTES = 1 << 30
+# the float32 copy that a resize on the device makes of a clip's frames is made this many bytes at a time at most
+# (20 frames of 1080p in one go, 5 of 2160p), so a long clip does not need four times its uint8 bytes on the device
+RESIZE_CHUNK_BYTES = 512 << 20
 
 
-def placement(requested: str, device_type: str, source_height: int, source_width: int, height: int, width: int) -> str:
-    """Where a file's frames are preprocessed, for clips of (height, width): ``"cpu"`` or ``"device"``.
+def placement(
+    requested: str, device_type: str, source_height: int, source_width: int, height: int, width: int, frames: int = 1
+) -> str:
+    """Where a file's frames are preprocessed, for clips of ``frames`` x (height, width): ``"cpu"`` or ``"device"``.
 
     ``requested`` "cpu" or "device" is obeyed. "auto": "device" when the model runs on CUDA and the source is
     ordinary: a source frame has at most MAX_DEVICE_PIXELS pixels, its long side is at most MAX_DEVICE_ASPECT
-    times its short side, and resized (short side to max(height, width), before the crop) it has at most
-    MAX_DEVICE_PIXELS pixels too (uploading uint8 RGB costs the bus far less than the CPU resize costs the host,
+    times its short side, resized (short side to max(height, width), before the crop) it has at most
+    MAX_DEVICE_PIXELS pixels too, and a clip's frames at source size (uint8 RGB) take at most
+    MAX_DEVICE_CLIP_BYTES (uploading uint8 RGB costs the bus far less than the CPU resize costs the host,
     see benchmarks/RESULTS.md). Else "cpu": on a CPU model, resizing in the decoding workers keeps it parallel to
     the model instead of on the thread that drives the model; a degenerate source (a strip of a few rows, whose
     resize is far larger than the source and than the clip) is resized a frame at a time instead of a clip at a
@@ -53,6 +62,7 @@ def placement(requested: str, device_type: str, source_height: int, source_width
         source_height * source_width <= MAX_DEVICE_PIXELS
         and max(source_height, source_width) <= MAX_DEVICE_ASPECT * min(source_height, source_width)
         and resized[0] * resized[1] <= MAX_DEVICE_PIXELS
+        and frames * source_height * source_width * 3 <= MAX_DEVICE_CLIP_BYTES
     )
     return "device" if ordinary else "cpu"
 
@@ -79,12 +89,22 @@ def clip_pixels(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise ValueError(f"frames must be [T, h, w, 3] uint8; got {frames.dtype} {list(frames.shape)}")
     started = CLOCK.start()
-    # planar float32 in one pass: the interpolation's planar kernel, as the per-frame path always had (the
-    # channels-last one gives the same values but was slower on the CPU, and so was stacking its outputs)
-    pixels = frames.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    pixels = resize_crop(pixels, height, width).transpose(0, 1)
+    step = max(1, RESIZE_CHUNK_BYTES // max(1, frames[0].numel() * 4))  # frames per float32 copy
+    if len(frames) <= step:
+        pixels = resize_crop(_planar_float(frames), height, width).transpose(0, 1)
+    else:  # (each frame is resized alone: chunks give the values of one call)
+        pixels = torch.empty((3, len(frames), height, width), dtype=torch.float32, device=frames.device)
+        for t in range(0, len(frames), step):
+            pixels[:, t : t + step] = resize_crop(_planar_float(frames[t : t + step]), height, width).transpose(0, 1)
     CLOCK.stop("resize", started)
     return pixels
+
+
+def _planar_float(frames: torch.Tensor) -> torch.Tensor:
+    """[T, h, w, 3] uint8 -> [T, 3, h, w] float32 in one pass: the interpolation's planar kernel, as the per-frame
+    path always had (the channels-last one gives the same values but was slower on the CPU, and so was stacking
+    its outputs)."""
+    return frames.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
 
 
 class I420Clip(NamedTuple):

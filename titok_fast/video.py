@@ -407,7 +407,8 @@ class ClipReader:
                 self.decoded_by, self.pruned = self.decoded_by or source.decoder, source.pruned
                 self.source_fps = source.source_fps
                 if not self.placement:  # decided once per file: a CPU retry after NVDEC keeps NVDEC's
-                    on = placement(self.preprocess, self.device, context.height, context.width, self.height, self.width)
+                    on = placement(self.preprocess, self.device, context.height, context.width, self.height,
+                                   self.width, self.frames)  # fmt: skip
                     self.placement = "device" if source.decoder == "nvdec" else on
                 rgb = functools.partial(_sized_rgb, path, (self.height, self.width), source.rgb)
                 nvdec_turns = 0
@@ -620,7 +621,9 @@ class ClipReader:
         if first is None:
             return
         frame = first[1]
-        placed = placement(self.preprocess, self.device, frame.height, frame.width, self.height, self.width)
+        placed = placement(
+            self.preprocess, self.device, frame.height, frame.width, self.height, self.width, self.frames
+        )
         if placed != self.placement:
             size = f"{frame.width}x{frame.height}"
             raise PruneMismatch(f"the first frame ({size}) is placed {placed}, not {self.placement}")
