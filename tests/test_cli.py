@@ -523,6 +523,33 @@ def test_a_sigterm_that_ray_hands_back_as_a_plain_interrupt_still_says_terminate
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
 
 
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                  (signal.SIGINT, 130, "interrupted")])  # fmt: skip
+def test_a_signal_while_torch_is_imported_stops_the_command_once_it_is_in(
+    monkeypatch, capsys, tmp_path, sig, code, said
+):
+    """torch's C code imports numpy and drops what a signal handler raises in it: a SIGTERM or Ctrl-C in the first
+    second of a run was lost (the run went on), or left numpy half made and every file failed. The command's first
+    imports (HELD_IMPORTS) now hold the signal until they are in; then the command stops before it runs. A module
+    standing for torch sends the signal and drops what is raised, as torch's C code does."""
+    (tmp_path / "stands_for_torch.py").write_text(
+        "import os, signal, time\n"
+        f"os.kill(os.getpid(), {int(sig)})\n"
+        "try:\n    time.sleep(5)\nexcept BaseException:\n    pass\n"
+        "IN = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "stands_for_torch", raising=False)
+    monkeypatch.setattr("titok_fast.cli.HELD_IMPORTS", ("stands_for_torch",))
+    ran = []
+    parser = build_parser()
+    monkeypatch.setattr("titok_fast.cli.build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(command="x", run=ran.append))
+    assert main([]) == code
+    assert capsys.readouterr().err == f"titok-fast: {said}\n"
+    assert sys.modules["stands_for_torch"].IN and not ran  # imported whole; the command did not run
+
+
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_a_stop_does_not_wait_for_a_decoder_stuck_in_a_read(kind, tmp_path):
     """A scheduler's SIGTERM (to the main process only, as Kubernetes sends it) while a worker is stuck in a read

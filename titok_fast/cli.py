@@ -36,12 +36,17 @@ from .files import (
     file_head,
     forget_interrupts,
     interrupt,
+    interrupts_held,
     kind_of,
     notice,
     write_atomically,
 )
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# imported by a command before it runs, with Ctrl-C and SIGTERM held until they are in: torch's C code imports
+# numpy and drops what a signal handler raises there, so a signal in the first second of a run was lost, or left
+# numpy half made (every file then failed "cannot be read")
+HELD_IMPORTS = ("torch",)
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
 MAX_FILES_WITHOUT_NEW_WEIGHTS = 64  # ... and it reads this many more files for other weights after the last new ones
 MAX_FILES_FOR_WEIGHTS = 1024  # ... and this many files in all once one has named a model
@@ -1102,6 +1107,9 @@ def _run(args: argparse.Namespace) -> int:
             if not getattr(args, "debug", False):  # a warning as one line, as every other message (--debug: where
                 # it comes from)
                 warnings.showwarning = _one_line_warning
+            with interrupts_held():
+                for name in HELD_IMPORTS:
+                    importlib.import_module(name)
             return args.run(args)
     except KeyboardInterrupt as e:
         # an interrupt raised while the main thread waits in Ray (ray.get, ray.wait) comes out of it as a plain
