@@ -136,7 +136,8 @@ class Summary:
             + "; "
             + (f"skipped {len(self.skipped)} already complete; " if verb != "evaluated" else "")  # (eval skips none)
             + f"{len(self.failed)} failed"
-            + (f"; {self.replaced} token file(s) made otherwise replaced (see the manifest)" if self.replaced else "")
+            + (f"; {self.replaced} token file(s) made otherwise or unreadable replaced (see the manifest)"
+               if self.replaced else "")  # fmt: skip
             + (f"; {self.duplicates} duplicate result(s) of retried work dropped" if self.duplicates else "")
         ]
         lines += [f"  {self.limited_by}"] if self.limited_by else []
