@@ -891,8 +891,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", "thread", "process"),
         default=None,  # (auto; None: not given, which --ray needs)
         help="decode in threads, or in worker processes (frames come back through shared memory), which go on "
-        "scaling with cores where threads stop; auto: processes from 8 workers on for sources (as the first file "
-        "to read) with frames of at most 307,200 pixels (640x480), threads otherwise and with --decoder nvdec "
+        "scaling with cores where threads stop; auto: processes from 8 workers on for sources (as the first input, "
+        "done or not) with frames of at most 307,200 pixels (640x480), threads otherwise and with --decoder nvdec "
         "(default auto)",
     )
     p.add_argument(
@@ -908,8 +908,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", "cpu", "device"),
         default="auto",
         help="where frames are resized, cropped and scaled: in the decoding workers (cpu), or per clip on the "
-        "model's device (device); auto: device on CUDA for sources of at most 3840x2160 pixels (and not of extreme "
-        "aspect ratios), else cpu (default auto)",
+        "model's device (device); auto: device on CUDA for sources of at most 3840x2160 pixels (resized too; not of "
+        "extreme aspect ratios) whose clip at source size is at most 1 GiB of RGB, else cpu (default auto)",
     )
 
 
