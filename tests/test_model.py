@@ -81,6 +81,18 @@ def test_decode_off_grid_codes_projects_them(tiny):
     assert rel_l2(out[0], ref.decode(codes, [10], [(4, 16, 8)])[0]) <= 1e-4
 
 
+def test_a_half_models_grid_codes_decode_as_their_indices_on_a_float32_model(tiny):
+    """Codes a bf16 or fp16 model gives (its grid values rounded to its dtype: 1/3 is not float32's 1/3) are on the
+    grid as compared in their own dtype: a float32 model decodes them as their indices, not projected."""
+    model, _ = tiny
+    indices = torch.randint(0, model.quantize.codebook_size, (8,), generator=torch.Generator().manual_seed(5))
+    codes = model.quantize.indices_to_codes(indices)
+    expected = model.decode_indices(indices[None], [(4, 16, 16)])[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert not torch.equal(codes.to(dtype).float(), codes)  # (else the case proves nothing)
+        assert torch.equal(model.decode(codes.to(dtype), [8], [(4, 16, 16)])[0], expected), dtype
+
+
 @pytest.mark.parametrize("oracle", [True, False])
 def test_bfloat16_runs_and_stays_near_float32(tiny, oracle):
     model, _ = tiny

@@ -890,6 +890,29 @@ def test_a_resume_redoes_a_token_file_damaged_since_it_was_written(model, source
     assert run().skipped
 
 
+def test_a_resume_redoes_files_made_with_another_tail_token_count_or_sampling(model, tmp_path):
+    """Each clip setting a token file records is part of the resume key: a file made with ``--tail drop`` is redone
+    under ``pad`` (its last partial clip was never encoded), and so for another token count or sampling."""
+    from titok_fast.manifest import read_manifest
+
+    source = make_video(tmp_path / "v.mp4", frames=14, height=32, width=32, fps=24)  # 12 frames a clip: 1 and a bit
+    engine, out = Engine(model, max_clips=3), tmp_path / "out"
+    made = out / "v.safetensors"
+
+    def run(settings, chunks: int, replaced: str):
+        summary = encode_files(model, engine, [(source, "v")], out, settings, workers=1)
+        assert summary.done and len(load_tokens(made).grids) == chunks
+        assert read_manifest(out, latest=True)[0].get("replaced") == replaced
+        assert encode_files(model, engine, [(source, "v")], out, settings, workers=1).skipped  # and made as asked
+
+    drop = dataclasses.replace(SETTINGS, tail="drop")
+    run(drop, 1, None)
+    run(SETTINGS, 2, "made another way (tail drop, now pad)")
+    run(dataclasses.replace(SETTINGS, tokens=16), 2, "made another way (tokens 8, now 16)")
+    run(dataclasses.replace(SETTINGS, tokens=16, sampling="time"), 2,
+        "made another way (time_sampling unrecorded, now ms-stamps; sampling upstream, now time)")  # fmt: skip
+
+
 def a_recorded_rule_is_kept_apart(model, source: str, folder: Path, settings, key: str, value: str):
     """Files made with ``settings`` record ``made_with[key] == value`` and resume; files made with SETTINGS record
     no ``key``; a file without it (as the code before the rule wrote it) is redone. Returns that file as made, and

@@ -29,6 +29,28 @@ def test_call_matches_oracle_and_keeps_dtype(fsq):
     assert torch.equal(out16["indices"], fsq_quantize(z.bfloat16(), LEVELS)[1])
 
 
+def test_latents_on_a_tie_round_half_to_even_as_the_oracle(fsq):
+    """Latents whose bounded value is exactly a half level (found by scanning float32 neighbours of the tie) round
+    half to even, as upstream's torch.round: random latents never land there."""
+    consts = fsq.constants("cpu")
+    ties = []
+    for d, levels in enumerate(LEVELS):
+        for h in torch.arange(-levels / 2, levels / 2, 1.0):  # every half level (tanh reaches those within the bound)
+            if not abs(h + consts.offset[d]) < consts.half_l[d]:
+                continue
+            z0 = torch.atanh((h + consts.offset[d]) / consts.half_l[d]) - consts.shift[d]
+            z = torch.full((401, 5), 0.3)
+            z[:, d] = z0.float() + torch.arange(-200, 201) * torch.finfo(torch.float32).eps * max(1.0, abs(z0.item()))
+            ties += [row for row in z[fsq.bound(z)[:, d] == h]]
+    z = torch.stack(ties)
+    assert len(z) >= 10 and bool(((fsq.bound(z) % 1) == 0.5).any(1).all())
+    bounded = fsq.bound(z)
+    assert not torch.equal(torch.round(bounded), torch.floor(bounded + 0.5))  # (ties that round half up would miss)
+    codes, out = fsq(z)
+    ref_codes, ref_indices = fsq_quantize(z, LEVELS)
+    assert torch.equal(out["indices"], ref_indices) and torch.equal(codes, ref_codes)
+
+
 def test_a_latent_holding_nan_has_index_minus_one(fsq):
     """NaN (an overflow) has no code: index -1, on every device (a GPU's float-to-int conversion would make it a
     valid-looking index); an infinite latent is bounded by tanh, as upstream bounds it, and keeps its code."""
@@ -97,6 +119,9 @@ def test_grid_indices_only_for_codes_on_the_grid(fsq):
     consts = fsq.constants("cpu")
     assert torch.equal(grid_indices(book, consts), torch.arange(len(book), dtype=torch.int32))
     assert grid_indices(book + 1e-3, consts) is None
+    past_top = book[-1:].clone()
+    past_top[0, 0] += 1 / (LEVELS[0] // 2)  # one level past the top of its dimension: a code off the grid
+    assert grid_indices(past_top, consts) is None and grid_indices(-past_top, consts) is None
 
 
 def test_model_quantize_adds_no_state_and_follows_the_model(fsq):

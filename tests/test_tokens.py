@@ -194,6 +194,9 @@ def test_errors_about_a_long_file_show_a_few_of_its_values(tmp_path):
     write_raw(path, tensors, metadata)
     with pytest.raises(TokenFileError, match=r"offsets disagree with token_counts at chunk 4: 2 against 1$"):
         load_tokens(path)
+    for indices in (token_file.indices[:-1], torch.cat([token_file.indices, token_file.indices[:1]])):  # one short,
+        with pytest.raises(TokenFileError, match=rf"token_counts sum to 100000, indices has {len(indices)}$"):  # over
+            save_tokens(path, dataclasses.replace(token_file, indices=indices))
 
 
 def test_the_highest_fps_is_accepted(tmp_path):
