@@ -545,7 +545,11 @@ def test_a_signal_while_torch_is_imported_stops_the_command_once_it_is_in(
     parser = build_parser()
     monkeypatch.setattr("titok_fast.cli.build_parser", lambda: parser)
     monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(command="x", run=ran.append))
-    assert main([]) == code
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal: not ignored)
+    try:
+        assert main([]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err == f"titok-fast: {said}\n"
     assert sys.modules["stands_for_torch"].IN and not ran  # imported whole; the command did not run
 
