@@ -314,21 +314,26 @@ def test_the_reader_places_by_the_rule(tmp_path, size, device, expected):
 
 def test_the_reader_places_a_long_clip_of_large_frames_on_the_cpu(tmp_path, monkeypatch):
     """A clip whose frames at source size would exceed MAX_DEVICE_CLIP_BYTES is resized on the CPU, a frame at a
-    time (with the real limit: 173 frames of 1080p); a shorter clip of the same file is resized on the device."""
+    time (with the real limit: 173 frames of 1080p); a shorter clip of the same file is resized on the device. The
+    first frame's placement (an MP4 opened without FFmpeg's probe) is the same: the file is not opened again."""
     path = videos.make_video(tmp_path / "v.mp4", 8, 48, 64, fps=8)
     monkeypatch.setattr(preprocess, "MAX_DEVICE_CLIP_BYTES", 4 * 48 * 64 * 3)
     for frames, expected in ((4, "device"), (8, "cpu")):
         reader = ClipReader(path, frames=frames, height=32, width=32, fps=8, preprocess="auto", device="cuda", raw=True)
         clips = list(reader)
-        assert reader.placement == expected
+        assert reader.placement == expected and reader._unprobed
         assert clips[0].dtype == (torch.uint8 if expected == "device" else torch.float32)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])])  # fmt: skip
 @pytest.mark.parametrize("chunk_frames", [1, 3])
-def test_a_clip_resized_in_chunks_is_the_clip_resized_at_once(monkeypatch, chunk_frames):
+def test_a_clip_resized_in_chunks_is_the_clip_resized_at_once(monkeypatch, chunk_frames, device):
     """clip_pixels makes its float32 copy of a long clip RESIZE_CHUNK_BYTES at a time: the same values."""
     frames = torch.randint(0, 256, (7, 37, 53, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    frames = frames.to(device)
     at_once = clip_pixels(frames, 24, 16)
+    assert clip_pixels(frames[:0], 24, 16).shape == (3, 0, 24, 16)
     calls = []
     monkeypatch.setattr(preprocess, "RESIZE_CHUNK_BYTES", chunk_frames * 37 * 53 * 3 * 4)
     monkeypatch.setattr(preprocess, "resize_crop", lambda p, h, w: calls.append(len(p)) or resize_crop(p, h, w))

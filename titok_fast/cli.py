@@ -43,9 +43,9 @@ from .files import (
 )
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# imported by a command before it runs, with Ctrl-C and SIGTERM held until they are in: torch's C code imports
-# numpy and drops what a signal handler raises there, so a signal in the first second of a run was lost, or left
-# numpy half made (every file then failed "cannot be read")
+# imported by a command (but bench) before it runs, with Ctrl-C and SIGTERM held until they are in: torch's C code
+# imports numpy and drops what a signal handler raises there, so a signal in the first second of a run was lost, or
+# left numpy half made (every file then failed "cannot be read")
 HELD_IMPORTS = ("torch",)
 MAX_WEIGHTS_TRIED = 8  # decode: the weights of this many token files are tried before it gives up
 MAX_FILES_WITHOUT_NEW_WEIGHTS = 64  # ... and it reads this many more files for other weights after the last new ones
@@ -1009,7 +1009,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) and print the results table")
     p.add_argument("--json", default="benchmark-results.json", help="where to keep the raw results")
     p.add_argument("-k", dest="select", help="only benchmarks matching this pytest expression, e.g. gpu or cpu")
-    p.set_defaults(run=cmd_bench)
+    p.set_defaults(run=cmd_bench, held_imports=())  # (pytest runs in a process of its own)
 
     p = sub.add_parser(
         "demo",
@@ -1108,7 +1108,7 @@ def _run(args: argparse.Namespace) -> int:
                 # it comes from)
                 warnings.showwarning = _one_line_warning
             with interrupts_held():
-                for name in HELD_IMPORTS:
+                for name in getattr(args, "held_imports", HELD_IMPORTS):
                     importlib.import_module(name)
             return args.run(args)
     except KeyboardInterrupt as e:

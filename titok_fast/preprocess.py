@@ -32,7 +32,7 @@ MAX_DEVICE_ASPECT = 8  # sources whose long side is more than this many times th
 # are resized on the CPU, a frame at a time: the device would hold them whole, and pinned host memory too
 MAX_DEVICE_CLIP_BYTES = 1 << 30
 # the float32 copy that a resize on the device makes of a clip's frames is made this many bytes at a time at most
-# (20 frames of 1080p in one go, 5 of 2160p), so a long clip does not need four times its uint8 bytes on the device
+# (21 frames of 1080p in one go, 5 of 2160p), so a long clip does not need four times its uint8 bytes on the device
 RESIZE_CHUNK_BYTES = 512 << 20
 
 
@@ -85,11 +85,12 @@ def resize_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def clip_pixels(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """A clip's frames [T, h, w, 3] uint8 RGB (any device) -> raw pixels [3, T, height, width] float32, 0..255
-    scale, computed where ``frames`` are, all T frames in one call."""
+    scale, computed where ``frames`` are: all T frames in one call, or RESIZE_CHUNK_BYTES of float32 frames a call
+    (each frame is resized alone, so the values are the same)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise ValueError(f"frames must be [T, h, w, 3] uint8; got {frames.dtype} {list(frames.shape)}")
     started = CLOCK.start()
-    step = max(1, RESIZE_CHUNK_BYTES // max(1, frames[0].numel() * 4))  # frames per float32 copy
+    step = max(1, RESIZE_CHUNK_BYTES // max(1, frames[0].numel() * 4)) if len(frames) else 1  # frames a call
     if len(frames) <= step:
         pixels = resize_crop(_planar_float(frames), height, width).transpose(0, 1)
     else:  # (each frame is resized alone: chunks give the values of one call)
