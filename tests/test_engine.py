@@ -1061,7 +1061,7 @@ def test_layout_graphs_replay_the_eager_path_bit_for_bit_up_to_a_cap(model, expe
         assert torch.equal(codes, want_codes)
         assert all(torch.equal(g, w) for g, w in zip(got["indices"], want["indices"], strict=True))
         out = engine.decode_indices(list(want["indices"]), shapes)
-        rounds.append((got["indices"], out, eager.decode_indices(list(want["indices"]), shapes)))
+        rounds.append((got["indices"], want["indices"], out, eager.decode_indices(list(want["indices"]), shapes)))
         ran.append(dict(engine.modes_run - before))
     assert ran == [
         {"cudagraph": 4, "eager": 4},  # first batches: encode padded, decode eager
@@ -1070,8 +1070,9 @@ def test_layout_graphs_replay_the_eager_path_bit_for_bit_up_to_a_cap(model, expe
     ]
     assert sorted(stage for stage, _, _ in engine._layouts) == ["decode", "decode", "encode", "encode"]
     assert engine.compiles == 2 + 4  # the padded ones (budgets 64 and 256), then the layouts, in round 2 only
-    for _, out, want in rounds:  # (what a round got is its own: later rounds' replays wrote elsewhere)
-        assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
+    for got, want, out, want_out in rounds:  # what a round got is its own: later replays wrote in their own memory
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert all(torch.equal(o, w) for o, w in zip(out, want_out, strict=True))
     assert not torch.equal(rounds[1][0][0], indices[order[0]])  # the later rounds' contents were new
 
 

@@ -2,6 +2,7 @@
 parameters and state_dict stay as they are; FP8 runs in the decoder only, so tokens are the default precision's."""
 
 import contextlib
+import copy
 import threading
 
 import pytest
@@ -262,7 +263,7 @@ def test_fixed_shape_runners_use_the_fp8_weights_and_follow_new_ones(mode, monke
     model.precision = "fp8"
     videos = random_videos(SHAPES)
     engine = engine_for(model, mode, monkeypatch, budgets=(256,), max_clips=4)
-    rounds = []
+    rounds, built = [], []
     for _ in range(2):
         fresh = engine_for(model, "eager" if mode == "layout" else "static", monkeypatch, budgets=(256,), max_clips=4)
         _, want = fresh.encode(videos, COUNTS)
@@ -271,18 +272,20 @@ def test_fixed_shape_runners_use_the_fp8_weights_and_follow_new_ones(mode, monke
         recon = engine.decode_indices(want["indices"], SHAPES)
         want_recon = fresh.decode_indices(want["indices"], SHAPES)
         assert all(torch.equal(r, w) for r, w in zip(recon, want_recon, strict=True))
-        model.precision = "default"
-        plain = engine_for(model, "static", monkeypatch, budgets=(256,), max_clips=4).decode_indices(
+        plain_model = copy.deepcopy(model)  # (setting this model's precision would make its runners anew)
+        plain_model.precision = "default"
+        plain = engine_for(plain_model, "static", monkeypatch, budgets=(256,), max_clips=4).decode_indices(
             want["indices"], SHAPES
         )
-        model.precision = "fp8"
         assert all(0 < rel_l2(r, p) < 0.1 for r, p in zip(recon, plain, strict=True))
         rounds.append(torch.cat([r.flatten() for r in recon]))
+        built.append((dict(engine._runners), dict(engine._layouts)))
         with torch.no_grad():  # the second round runs the graphs built in the first on new weights
             for layers in (model.encoder.model_layers, model.decoder.model_layers):
                 layers.attn_layer[0].to_qkv.weight.mul_(-1.5)
                 layers.ffd_layer[1][4].weight.add_(0.05)
     assert rel_l2(rounds[0], rounds[1]) > 0.05  # the new weights change the pixels
+    assert built[0] == built[1] and built[0] != ({}, {})  # ... through the first round's runners and graphs
 
 
 @pytest.mark.gpu
