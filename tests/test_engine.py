@@ -23,7 +23,7 @@ from titok_fast.engine import (
     plan_batches,
 )
 from titok_fast.kernels.mrope_attention import mrope_tables
-from titok_fast.packing import PackingCache
+from titok_fast.packing import PackingCache, make_packing, pair_positions
 
 from graph_capture import CaptureError, FakeCUDAGraph, emulated_cuda_graphs, engine_for
 from helpers import in_threads, make_model, random_videos, rel_l2
@@ -883,7 +883,6 @@ def test_past_its_layouts_auto_pads_a_graph_batch_to_a_small_budget_only():
 
 def test_pair_positions_match_the_pair_axis_index():
     from titok_fast.kernels.mrope_attention import pair_axis
-    from titok_fast.packing import pair_positions
 
     positions = torch.randint(0, 1000, (37, 3), dtype=torch.int32)
     assert torch.equal(pair_positions(positions), positions[:, pair_axis()].long())
@@ -993,6 +992,23 @@ def test_the_rope_table_cache_gives_each_caller_a_table_as_long_as_it_asked_for(
     cache._tables = Interleaved()
     cos, sin = cache.tables(300, "cpu")
     assert cos.shape[0] == sin.shape[0] == 512
+    grown = PackingCache()
+    assert grown.tables(10, "cpu")[0].shape[0] == 256 and grown.tables(300, "cpu")[0].shape[0] == 512  # (grown)
+
+
+@pytest.mark.parametrize(("counts", "grids"), [
+    ((200,), ((1, 1, 57),)), ((5, 128), ((2, 4, 4), (1, 8, 128))), ((1,), ((3, 2, 2),)),
+])  # fmt: skip
+def test_a_packings_rope_rows_are_its_positions_rows_of_the_table(counts, grids):
+    """max_position is one past the largest position (at a power of two here: 256 needs a table of 512 rows), and
+    each packed row's cos/sin are the table's rows of its positions (an index past the table would read others)."""
+    pack = make_packing(counts, grids, "cpu")
+    assert pack.max_position == int(pack.positions.max()) + 1
+    cache = PackingCache()
+    cos, sin = cache.row_rotations(pack, "cpu")
+    table_cos, table_sin = mrope_tables(pack.max_position, "cpu")
+    index = pair_positions(pack.positions)
+    assert torch.equal(cos, table_cos.gather(0, index)) and torch.equal(sin, table_sin.gather(0, index))
 
 
 def test_engine_uses_the_models_public_api_only():

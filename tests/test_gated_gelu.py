@@ -49,7 +49,7 @@ def test_fp8_rows_held_as_one_to_four_tiles_give_the_references_codes(inner, til
     in any tile, the last tile partly filled; the default configuration and the benchmarks' other."""
     cfg = gated_gelu_config(inner, fp8=True, values_per_thread=per_thread)
     assert cfg["TILES"] == tiles and cfg["TILES"] * cfg["TILE"] >= inner > (cfg["TILES"] - 1) * cfg["TILE"]
-    x = rows(2 * cfg["ROWS"] + 1, inner, torch.bfloat16, seed=inner)
+    x = rows(max(2 * cfg["ROWS"] + 1, tiles), inner, torch.bfloat16, seed=inner)  # (a row at least a tile)
     for k in range(x.shape[0]):  # each row's peak in another tile
         x[k, k % tiles * cfg["TILE"]] = x[k, inner + k % tiles * cfg["TILE"]] = 9.0
     with triton_mode(interpret=True):

@@ -33,9 +33,13 @@ def _triton_backend():
         yield
 
 
-def _batch(lengths=None, num_q_heads=8, num_kv_heads=2, dtype=torch.float32, *, pad_rows=0, videos=None):
+def _batch(
+    lengths=None, num_q_heads=8, num_kv_heads=2, dtype=torch.float32, *, pad_rows=0, videos=None, pad=float("nan"),
+    spread=2.0,
+):
     """Packed qkv [R, ...] of sequences with the given lengths (random positions), or of videos
-    ``[(n, (gt, gh, gw)), ...]`` (real M-RoPE positions); ``pad_rows`` NaN rows past the real ones."""
+    ``[(n, (gt, gh, gw)), ...]`` (real M-RoPE positions), values of standard deviation ``spread`` around 0.5;
+    ``pad_rows`` rows of ``pad`` past the real ones."""
     if videos is not None:
         positions = packed_positions([n for n, _ in videos], [g for _, g in videos])
         lengths = [n + gt * gh * gw for n, (gt, gh, gw) in videos]
@@ -43,8 +47,8 @@ def _batch(lengths=None, num_q_heads=8, num_kv_heads=2, dtype=torch.float32, *, 
         positions = torch.randint(0, 300, (sum(lengths), 3), dtype=torch.int32)
     positions = torch.cat([positions, torch.zeros(pad_rows, 3, dtype=torch.int32)])
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    qkv = torch.randn(positions.shape[0], (num_q_heads + 2 * num_kv_heads) * 64) * 2 + 0.5
-    qkv[cu_seqlens[-1] :] = float("nan")
+    qkv = torch.randn(positions.shape[0], (num_q_heads + 2 * num_kv_heads) * 64) * spread + 0.5
+    qkv[cu_seqlens[-1] :] = pad
     cos, sin = mrope_tables(int(positions.max()) + 1)
     norm = [torch.randn(64) * 0.3 + 1, torch.randn(64) * 0.2, torch.randn(64) * 0.3 + 1, torch.randn(64) * 0.2]
     to = {"device": DEVICE}
@@ -90,6 +94,13 @@ def test_matches_ref(case, num_q_heads, num_kv_heads, dtype, atol, rtol):
     _assert_close(out, mrope_attention_ref(**args), atol, rtol)
     for name, tensor in before.items():
         torch.testing.assert_close(args[name], tensor, equal_nan=True, atol=0, rtol=0, msg=f"{name} was modified")
+
+
+def test_rows_of_little_variance_keep_the_norms_eps():
+    """q/k rows whose variance is near the LayerNorm's eps (a spread of 0.003): the eps counts, as in the
+    reference (the other tests' rows have a variance of about 4, where it does not show)."""
+    args = _batch(lengths=[9, 40], spread=0.003)
+    _assert_close(mrope_attention(**args), mrope_attention_ref(**args), 2e-5, 1e-5)
 
 
 def _distinct_tiles() -> list[str]:
@@ -196,7 +207,7 @@ FOLD_Q = next(name for name, b in ATTENTION_BLOCKS.items() if b.fold_q)
 def test_inplace(alias_out, dtype, atol, rtol, blocks):
     """inplace=True rotates q/k inside qkv (v untouched); the output may then even overwrite qkv's q columns. Also
     with q normalised by the attention kernel as it loads it (the prologue then rotates k only)."""
-    args = _batch([5, 217, 30], 12, 4, dtype, pad_rows=3)
+    args = _batch([5, 217, 30], 12, 4, dtype, pad_rows=3, pad=7.0)  # (finite: a write there would show)
     expected = mrope_attention_ref(**args)
     qkv = args["qkv"]
     v_before, pad_before = qkv[:, 16 * 64 :].clone(), qkv[252:].clone()
