@@ -66,6 +66,7 @@ def test_plan_keeps_every_clip_once_in_order_within_budget():
     for a, b in zip(batches, batches[1:], strict=False):  # greedy: the next clip did not fit (or the batch was full)
         assert sum(rows[i] for i in a) + rows[b[0]] > 1024 or len(a) == 7
     assert pick_budget(600, (512, 1024, 2048)) == 1024
+    assert pick_budget(512, (512, 1024, 2048)) == 512 and pick_budget(2048, (512, 1024, 2048)) == 2048  # filled
     with pytest.raises(
         ValueError, match=r"clip 1 needs 2000 packed rows \(tokens \+ patches\); the largest budget is 1024"
     ):

@@ -56,6 +56,14 @@ def test_rows_of_tiny_values_keep_codes_and_scale_consistent():
     assert torch.equal(got_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(got_scale, scale)
 
 
+def spaced_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's values as a view whose rows are 40 values apart more than their width (the kernels take any row
+    stride), the values between them large enough to change a row's peak if they were read."""
+    wide = torch.full((x.shape[0], x.shape[1] + 40), 3e4, dtype=x.dtype, device=x.device)
+    wide[:, : x.shape[1]] = x
+    return wide[:, : x.shape[1]]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k", [64, 1376, 2752])
 def test_quantize_kernel_gives_the_bits_of_the_reference(dtype, k):
@@ -71,7 +79,7 @@ def test_quantize_kernel_gives_the_bits_of_the_reference(dtype, k):
     x[2] *= 400 / x[2].abs().max()
     x[2, :6] = torch.tensor([448.0, 1.0625, 1.1875, 9.5, 424.0, -11.0])  # scale 1: ties round to even codes
     x[-1, 7] = float("nan")  # left out of the row's peak by both (the GPU's max leaves NaN out)
-    x = x.to(device, dtype)
+    x = spaced_rows(x.to(device, dtype))
     with triton_mode(interpret=device == "cpu"):
         q, scale = quantize_rows_fp8(x)
     want_q, want_scale = quantize_rows_fp8_ref(x.cpu())
@@ -93,6 +101,7 @@ def test_layer_norm_kernel_quantises_the_modules_rows(dtype, k):
     x = (torch.randn(rows, k, generator=g) * 3 + 1) * torch.logspace(-3, 3, rows)[:, None]
     weight, bias = 1 + 0.3 * torch.randn(k, generator=g), 0.3 * torch.randn(k, generator=g)
     x, weight, bias = (t.to(device, dtype) for t in (x, weight, bias))
+    x = spaced_rows(x)
     with triton_mode(interpret=device == "cpu"):
         q, scale = layer_norm_rows_fp8(x, weight, bias)
     want_q, want_scale = layer_norm_rows_fp8_ref(x.cpu(), weight.cpu(), bias.cpu())

@@ -167,13 +167,20 @@ def test_decoder_input_matches_ref(token_counts, seq_lens, index_dtype, dtype):
     torch.testing.assert_close(allocated, expected[:-11], atol=0, rtol=0)
 
 
-def test_decoder_input_takes_strided_indices():
-    """A strided view of indices (every other element of a larger tensor) gathers the codes it shows."""
+def test_decoder_input_takes_strided_indices_table_and_output():
+    """A strided view of indices (every other element of a larger tensor) gathers the codes it shows; a table and
+    an output whose rows are further apart than their width are read and written where their rows are."""
     args, out = _decoder_batch([3, 1, 17], [9, 2, 217], 64, torch.float32, torch.int64)
     strided = torch.stack([args["indices"], torch.zeros_like(args["indices"])], 1).flatten()[::2]
     assert not strided.is_contiguous()
     expected = fsq_decoder_input_ref(**args, out=out.clone())
     torch.testing.assert_close(fsq_decoder_input(**{**args, "indices": strided}, out=out), expected, atol=0, rtol=0)
+    table = torch.full((args["table"].shape[0], 100), 7.0, device=DEVICE)  # (7: no row's value)
+    table[:, :64] = args["table"]
+    wide_out = torch.full((out.shape[0], 90), 5.0, device=DEVICE)
+    got = fsq_decoder_input(**{**args, "table": table[:, :64]}, out=wide_out[:, :64])
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert bool((wide_out[:, 64:] == 5.0).all())
 
 
 def test_decoder_input_of_part_of_a_pack_leaves_the_rows_before_it():
