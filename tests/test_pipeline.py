@@ -244,6 +244,21 @@ def test_encode_resiliently_retries_alone_and_goes_on(model, monkeypatch):
     assert all(torch.equal(results[k][1], i) for k, i in zip(sorted(results), out["indices"], strict=True))
 
 
+def test_scattered_failures_are_not_failures_in_a_row(model, monkeypatch):
+    """A clip that fails alone stops the run only after ``give_up_after`` such clips in a row: bad clips with good
+    ones between them (a dataset's scattered damaged files) never add up to that."""
+    poison_black_clips(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    videos = [torch.rand(3, 4, 32, 32, generator=g) * 2 - 1 for _ in range(12)]
+    for i in (1, 4, 7, 10):
+        videos[i] = torch.full((3, 4, 32, 32), -1.0)
+    errors = []
+    engine = Engine(model, budgets=(128,), max_clips=1)
+    items = ((f"clip{i}", v, 8) for i, v in enumerate(videos))
+    results = dict(encode_resiliently(engine, items, lambda key, e: errors.append(key), give_up_after=3))
+    assert errors == ["clip1", "clip4", "clip7", "clip10"] and len(results) == 8
+
+
 def test_a_long_video_is_never_held_whole(model, tmp_path, monkeypatch):
     """Clips prepared for the model and not yet encoded never exceed the engine's two batches, the clip that
     closed the second, ``read_ahead`` more queued and the one its worker holds: 7 of the video's 20 clips here.
@@ -1676,6 +1691,18 @@ def test_a_file_set_aside_is_known_by_its_size_and_time_where_inode_numbers_chan
     assert manifest._set_aside(tokens, "made another way", judged).endswith("it is kept")
 
 
+def test_a_third_file_set_aside_replaces_neither_earlier_one(tmp_path):
+    """Token files set aside before are never replaced: the next goes to the first free number."""
+    from titok_fast import manifest
+
+    tokens = tmp_path / "a.safetensors"
+    for k in range(3):
+        tokens.write_bytes(b"made another way %d" % k)
+        assert manifest._set_aside(tokens, "made another way").endswith(
+            "was moved to a.safetensors.outdated" + (f".{k + 1}" if k else ""))  # fmt: skip
+    assert sorted(p.read_bytes() for p in tmp_path.iterdir()) == [b"made another way %d" % k for k in range(3)]
+
+
 def test_a_token_file_with_a_name_too_long_for_the_suffix_is_set_aside_and_put_back(model, tmp_path):
     """A name of 252 bytes has no room for ".outdated": it is set aside under a digest of its name instead (the
     rename failed, and the token file made the old way stayed among those made the new way)."""
@@ -2541,3 +2568,5 @@ def test_an_input_through_a_link_and_dotdot_is_the_file_the_system_reads(model, 
     summary = encode_files(model, engine, [(given, "x")], out, SETTINGS, workers=1)
     assert summary.done == [given] and not summary.failed
     assert pipeline.absolute("/data/a\x00b/../x.mp4") == "/data/x.mp4"
+    (tmp_path / "a").mkdir()  # two ".."s, a link between them: each where the path before it leads
+    assert pipeline.absolute(f"{tmp_path}/a/../link/../x.mp4") == str(tmp_path / "real" / "x.mp4")

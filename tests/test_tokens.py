@@ -1,7 +1,10 @@
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import random
+import unittest.mock
 
 import pytest
 import torch
@@ -223,6 +226,56 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_tokens(path, make_token_file())
     assert os.listdir(tmp_path) == ["a.safetensors"]  # no temporary left behind, old file intact
     assert load_tokens(path).token_counts.tolist() == [3]
+
+
+def test_a_write_failing_midway_leaves_the_file_there_and_syncs_in_order(tmp_path, monkeypatch):
+    """An error while a token file is written (a full disk) leaves the complete one under its name, and no
+    temporary; a write that succeeds syncs the temporary, renames it, then syncs the folder (so that a file the
+    manifest calls done is whole after a power cut)."""
+    from titok_fast.files import write_atomically
+
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"x" * 4000)
+    with pytest.raises(OSError, match="disk full"), write_atomically_failing(tmp_path):
+        write_atomically(path, b"y" * 4000)
+    assert os.listdir(tmp_path) == ["a.safetensors"] and path.read_bytes() == b"x" * 4000
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))) or
+                        fsync(fd))  # fmt: skip
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", b)) or replace(a, b))
+    write_atomically(path, b"z")
+    assert calls == [("fsync", False), ("replace", str(path)), ("fsync", True)] and path.read_bytes() == b"z"
+
+
+@contextlib.contextmanager
+def write_atomically_failing(folder):
+    """Writes into ``folder``'s temporaries fail after 100 bytes with ENOSPC's message."""
+    real_open = open
+
+    class Failing(io.FileIO):
+        def write(self, data):
+            super().write(data[:100])
+            raise OSError("disk full")
+
+    def opening(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).startswith(str(folder)) and str(file).endswith(".tmp"):
+            return Failing(file, "w")
+        return real_open(file, mode, *args, **kwargs)
+
+    with unittest.mock.patch("builtins.open", opening):
+        yield
+
+
+def test_start_times_of_a_long_video_load_as_saved():
+    """Start times are float64 throughout: an hour of 29.97 fps chunks keeps its last start to the bit (float32
+    would move it by about 1e-4 s)."""
+    times = [k * 74 * 1001 / 30000 for k in range(1460)]
+    token_file = TokenFile.from_chunks(
+        [torch.tensor([1])] * 1460, [(20, 16, 16)] * 1460, times, model_config={}, weights_digest="", fps=8.0,
+        source="x", frames_per_chunk=20, tail="drop", last_chunk_frames=20, codebook_size=CODEBOOK,
+    )  # fmt: skip
+    assert token_file.start_times.dtype == torch.float64 and token_file.start_times.tolist() == times
 
 
 def truncate(keep):
