@@ -1606,6 +1606,11 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert summary.skipped == [str(short)] and summary.done == [str(long)]  # put back, not encoded again
     assert (out / "short.safetensors").read_bytes() == old_short and not (out / "short.safetensors.outdated").exists()
     assert (out / "short.safetensors.outdated.2").read_bytes() == other_short
+    assert run(after).failed and (out / "short.safetensors.outdated").read_bytes() == old_short  # aside again
+    make_video(tmp_path / "v" / "new.mp4", frames=20, height=32, width=32, fps=8)  # 2.5 s: 5 chunks
+    os.replace(tmp_path / "v" / "new.mp4", short)  # the source changed since: its old tokens are not put back
+    summary = run(before)
+    assert summary.done == [str(short), str(long)] and len(load_tokens(out / "short.safetensors").grids) == 5
 
 
 def test_a_file_that_cannot_be_written_is_named_in_its_failure_not_its_temporary(model, sources, tmp_path, monkeypatch):
