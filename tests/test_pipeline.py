@@ -400,9 +400,11 @@ def test_decode_writes_chunk_by_chunk_and_only_complete_files(model, sources, tm
     (again / f".long.mp4.{unique}.tmp").write_bytes(b"left by a killed run")
     (again / f".other.mp4.{unique}.tmp").write_bytes(b"another file's: kept")
     (again / ".long.mp4.notes.tmp").write_bytes(b"a user's file, named alike but for the id: kept")
+    (again / ".long.mp4.beef.tmp").write_bytes(b"a user's file with a short hex part: kept")
     summary = decode_files(engine, [paths[0], str(paths[0])], again)  # the same file twice: decoded once
     assert summary.done == [str(paths[0])] and not summary.skipped
-    assert sorted(p.name for p in again.iterdir()) == [".long.mp4.notes.tmp", f".other.mp4.{unique}.tmp", "long.mp4"]
+    assert sorted(p.name for p in again.iterdir()) == [
+        ".long.mp4.beef.tmp", ".long.mp4.notes.tmp", f".other.mp4.{unique}.tmp", "long.mp4"]  # fmt: skip
 
 
 def test_a_video_in_the_output_folder_whose_record_nests_deeply_is_decoded_over(model, sources, tmp_path):
@@ -561,6 +563,8 @@ def test_a_folder_of_token_files_of_two_models_is_finished_by_one_run_of_each(mo
     summary = decode_files(Engine(model), pairs, out)
     assert (summary.done, summary.skipped, summary.failed) == ([], [str(first), str(second)], [])
     assert decode_files(Engine(other), pairs, out, force=True).done == [str(first)]
+    summary = decode_files(Engine(model), pairs, out)  # first's video is the other model's now: decoded again
+    assert (summary.done, summary.skipped, summary.failed) == ([str(first)], [str(second)], [])
 
 
 def test_decode_never_replaces_its_token_file_and_redoes_a_damaged_video(model, sources, tmp_path):
