@@ -1073,7 +1073,7 @@ def test_the_demo_keeps_a_users_files_at_its_output_names(tmp_path, monkeypatch,
     assert run("encode", old / "sample.mp4", "-o", old / "tokens", *GRID, *RANDOM, capsys=capsys)[0] == 0
     assert run("demo", "-o", old, *demo, capsys=capsys)[0] == 0
     for name, kind in (("sample.mp4", "video"), ("tokens/sample.safetensors", "notes"), ("recon/sample.mp4", "video"),
-                       ("sample.mp4", "fifo"), ("recon", "notes")):  # fmt: skip
+                       ("sample.mp4", "fifo"), ("recon", "notes"), ("recon/sample.mp4", "nested")):  # fmt: skip
         folder = tmp_path / f"{kind}-{name.replace('/', '_')}"
         for there in ("sample.mp4", "tokens/sample.safetensors", "recon/sample.mp4"):  # a demo's folder first
             (folder / there).parent.mkdir(parents=True, exist_ok=True)
@@ -1083,8 +1083,11 @@ def test_the_demo_keeps_a_users_files_at_its_output_names(tmp_path, monkeypatch,
             os.mkfifo(folder / name)
         elif kind == "notes":
             (folder / name).write_bytes(b"my notes")
-        else:
-            write_video(folder / name, torch.zeros(3, 8, 32, 32), fps=8)
+        else:  # ("nested": a record as decode's begins, nested past json's recursion limit)
+            from titok_fast.pipeline import DECODE_RECORD
+
+            comment = DECODE_RECORD + "[" * 100_000 if kind == "nested" else ""
+            write_video(folder / name, torch.zeros(3, 8, 32, 32), fps=8, comment=comment)
         before = (folder / name).read_bytes() if kind != "fifo" else b""
         code, _, err = run("demo", "-o", folder, *demo, capsys=capsys)
         assert code == 2 and f"{folder / name} is there and not known to be the demo's: kept" in err, err

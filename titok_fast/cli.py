@@ -754,7 +754,7 @@ def _not_the_demos(out: Path) -> Path | None:
     and a decoded video are the demo's where made from a sample.mp4 (the folder may have been moved or reached
     through a link); the sample, where marked by the demo, or (an earlier version's, unmarked) where it is the file
     the token file there was made from (its size and modification time)."""
-    from .pipeline import DECODE_RECORD
+    from .pipeline import DECODE_RECORD, _decoded_from, _record_of
     from .tokens import try_load_tokens
     from .video import source_stamp, video_comment
 
@@ -772,11 +772,8 @@ def _not_the_demos(out: Path) -> Path | None:
         return sample
     if os.path.lexists(recon):  # (decode's record of it names the source video beside it)
         record = video_comment(recon) or ""
-        try:
-            source = str(json.loads(record.removeprefix(DECODE_RECORD)).get("source", ""))
-        except (ValueError, AttributeError):
-            source = ""
-        if not record.startswith(DECODE_RECORD) or os.path.basename(source) != "sample.mp4":
+        source = _decoded_from(_record_of(record)) if record.startswith(DECODE_RECORD) else None
+        if os.path.basename(source or "") != "sample.mp4":
             return recon
     return None
 
