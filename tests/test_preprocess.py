@@ -341,6 +341,29 @@ def test_a_clip_resized_in_chunks_is_the_clip_resized_at_once(monkeypatch, chunk
     assert calls == [chunk_frames] * (7 // chunk_frames) + [7 % chunk_frames] * (7 % chunk_frames > 0)
 
 
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])])  # fmt: skip
+@pytest.mark.parametrize("i420", [False, True])
+def test_a_long_clip_goes_to_the_device_a_chunk_at_a_time_with_the_values_of_one_go(monkeypatch, device, i420):
+    """DevicePreprocessor uploads, converts (I420) and resizes a long clip RESIZE_CHUNK_BYTES of float32 frames at a
+    time, so the device never holds the clip's frames at source size whole: the same model input as in one go."""
+    g = torch.Generator().manual_seed(0)
+    if i420:  # any bytes are YUV: 7 frames of 38x54
+        clip = I420Clip(torch.randint(0, 256, (7, 38 * 3 // 2, 54), dtype=torch.uint8, generator=g), "bt709")
+    else:
+        clip = torch.randint(0, 256, (7, 38, 54, 3), dtype=torch.uint8, generator=g)
+    on_device = DevicePreprocessor(device, 24, 16, torch.float32)
+    at_once = on_device(clip)
+    assert at_once.shape == (3, 7, 24, 16) and at_once.device.type == device
+    seen = []
+    monkeypatch.setattr(preprocess, "RESIZE_CHUNK_BYTES", 3 * 38 * 54 * 3 * 4)  # 3 frames a chunk
+    monkeypatch.setattr(preprocess, "clip_pixels", lambda f, h, w: seen.append((len(f), f.device.type)) or
+                        clip_pixels(f, h, w))  # fmt: skip
+    assert torch.equal(on_device(clip), at_once)
+    assert seen == [(3, device), (3, device), (1, device)]
+
+
 planes = decoders.yuv420p_planes
 
 

@@ -144,9 +144,11 @@ class DevicePreprocessor:
 
     On CUDA the frames go up from pinned memory on a side stream, are converted to RGB (I420) and resized there, and
     the caller's stream waits for that work on the device (not on the host), so the upload and resize of one clip
-    overlap the model running the clips before it. Returns [3, T, height, width] in ``dtype`` on ``device``. Frames
-    in pinned memory are read after this returns (the copy is asynchronous): they must not be changed before the
-    clip's work is done (the pipeline gives each clip memory of its own).
+    overlap the model running the clips before it. A long clip goes up RESIZE_CHUNK_BYTES of float32 frames at a
+    time (the device holds its output and a chunk of its frames, not all of them at source size). Returns [3, T,
+    height, width] in ``dtype`` on ``device``. Frames in pinned memory are read after this returns (the copy is
+    asynchronous): they must not be changed before the clip's work is done (the pipeline gives each clip memory of
+    its own).
     """
 
     def __init__(self, device: torch.device | str, height: int, width: int, dtype: torch.dtype):
@@ -154,30 +156,51 @@ class DevicePreprocessor:
         self._stream = None
 
     def __call__(self, frames: torch.Tensor | I420Clip) -> torch.Tensor:
+        i420 = frames if isinstance(frames, I420Clip) else None
+        frames = i420.frames if i420 is not None else frames
+        matrix = i420.matrix if i420 is not None else None
         if self.device.type != "cuda":
-            if isinstance(frames, I420Clip):
-                frames = i420_rgb(frames)
-            return normalize_pixels(clip_pixels(frames.to(self.device), self.height, self.width), self.dtype)
+            return normalize_pixels(self._pixels(frames, matrix, lambda piece: piece.to(self.device)), self.dtype)
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         caller = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            started = CLOCK.start()
-            i420 = frames if isinstance(frames, I420Clip) else None
-            frames = i420.frames if i420 is not None else frames
-            if frames.device.type == "cpu":
-                frames = frames if frames.is_pinned() else frames.pin_memory()
-                frames = frames.to(self.device, non_blocking=True)
-            else:  # decoded on the GPU (NVDEC) by work queued before this call, on the caller's stream or on the
-                # default stream of the decoding thread, which made them: read here after both, and their memory
-                # kept from another use until this stream is done with it, whichever stream frees it
+            if frames.device.type != "cpu":  # decoded on the GPU (NVDEC) by work queued before this call, on the
+                # caller's stream or on the default stream of the decoding thread, which made them: read here after
+                # both, and their memory kept from another use until this stream is done with it, whichever frees it
                 self._stream.wait_stream(caller)
                 self._stream.wait_stream(torch.cuda.default_stream(self.device))
                 frames.record_stream(self._stream)
-            CLOCK.stop("upload", started)
-            if i420 is not None:
-                frames = i420_rgb(I420Clip(frames, i420.matrix))
-            clip = normalize_pixels(clip_pixels(frames, self.height, self.width), self.dtype)
+            clip = normalize_pixels(self._pixels(frames, matrix, self._upload), self.dtype)
         caller.wait_stream(self._stream)
         clip.record_stream(caller)
         return clip
+
+    def _upload(self, frames: torch.Tensor) -> torch.Tensor:
+        """Host frames -> this CUDA device, from pinned memory, on the current (side) stream."""
+        if frames.device.type != "cpu":
+            return frames
+        started = CLOCK.start()
+        frames = frames if frames.is_pinned() else frames.pin_memory()
+        frames = frames.to(self.device, non_blocking=True)
+        CLOCK.stop("upload", started)
+        return frames
+
+    def _pixels(self, frames: torch.Tensor, matrix: str | None, upload) -> torch.Tensor:
+        """A clip's uint8 frames (RGB, or I420 in ``matrix``) -> [3, T, height, width] float32 on the device, uploaded,
+        converted and resized RESIZE_CHUNK_BYTES of float32 frames at a time (as clip_pixels resizes), so a long clip
+        needs on the device its output and a chunk, not all its frames at source size (each frame is converted and
+        resized alone: the values are those of one call)."""
+        rgb_bytes = frames[0].numel() * (2 if matrix is not None else 1) if len(frames) else 0  # an RGB frame's
+        step = max(1, RESIZE_CHUNK_BYTES // max(1, rgb_bytes * 4))
+
+        def piece(part: torch.Tensor) -> torch.Tensor:
+            part = upload(part)
+            return clip_pixels(part if matrix is None else i420_rgb(I420Clip(part, matrix)), self.height, self.width)
+
+        if len(frames) <= step:
+            return piece(frames)
+        pixels = torch.empty((3, len(frames), self.height, self.width), dtype=torch.float32, device=self.device)
+        for t in range(0, len(frames), step):
+            pixels[:, t : t + step] = piece(frames[t : t + step])
+        return pixels
