@@ -194,9 +194,13 @@ class DevicePreprocessor:
         rgb_bytes = frames[0].numel() * (2 if matrix is not None else 1) if len(frames) else 0  # an RGB frame's
         step = max(1, RESIZE_CHUNK_BYTES // max(1, rgb_bytes * 4))
 
+        rgb_first = matrix is not None and self.device.type != "cuda"  # (off CUDA made RGB where the frames are)
+
         def piece(part: torch.Tensor) -> torch.Tensor:
-            part = upload(part)
-            return clip_pixels(part if matrix is None else i420_rgb(I420Clip(part, matrix)), self.height, self.width)
+            part = upload(i420_rgb(I420Clip(part, matrix)) if rgb_first else part)
+            if matrix is not None and not rgb_first:
+                part = i420_rgb(I420Clip(part, matrix))
+            return clip_pixels(part, self.height, self.width)
 
         if len(frames) <= step:
             return piece(frames)
