@@ -249,6 +249,13 @@ def resolve_backend(choice: str, device: torch.device | str) -> Backend:
     return TRITON if check_backend(choice) == "triton" else TORCH
 
 
+@torch.compiler.assume_constant_result
+def _triton_interprets() -> bool:
+    """Whether Triton runs its kernels in its interpreter: a constant to torch.compile (the Dynamo of torch 2.11
+    recurses on triton.knobs' descriptors, which read their object's ``__dict__``)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
 def check_runs(backend: Backend, device: torch.device) -> None:
     """Refuse, in one line, a call that would fail deep inside or give tensors without values: weights on ``meta``
     (shapes only), or the Triton kernels with weights off CUDA where Triton does not interpret them."""
@@ -257,7 +264,7 @@ def check_runs(backend: Backend, device: torch.device) -> None:
             "the model's weights are on the meta device (shapes only); give them values first: "
             "load_state_dict(state, assign=True), or to_empty(device=...) and then load_state_dict(state)"
         )
-    if backend is TRITON and device.type != "cuda" and not triton.knobs.runtime.interpret:
+    if backend is TRITON and device.type != "cuda" and not _triton_interprets():
         raise ValueError(
             f"backend 'triton' runs on CUDA, or on a CPU in the Triton interpreter (TRITON_INTERPRET=1 before "
             f"Triton is imported); the weights are on {device}: use backend 'auto' or 'torch'"

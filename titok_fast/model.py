@@ -62,10 +62,17 @@ def inference(method):
     return run
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether autocast runs on ``device_type``: a constant to torch.compile (the Dynamo of torch 2.11, the GPU
+    machines' version, cannot trace torch._C._is_autocast_available; 2.13's folds it)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 @contextlib.contextmanager
 def own_dtype(device: torch.device) -> Iterator[None]:
     """Any ``torch.autocast`` around this switched off, on the CPU and on ``device`` (see :func:`inference`)."""
-    kind = device.type if torch.amp.is_autocast_available(device.type) else "cpu"  # (the meta device has none)
+    kind = device.type if _autocast_available(device.type) else "cpu"  # (the meta device has none)
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled(kind) or not torch.is_autocast_cache_enabled():
         # (the cache setting too, which autocast(enabled=False) would keep: compiled graphs are guarded on it)
         with torch.autocast("cpu", enabled=False, cache_enabled=True), \
