@@ -1,5 +1,5 @@
 # Shortcuts; the README's two commands are what CI runs.
-.PHONY: install test lint bench bench-gpu gpu-session wheels upstream demo
+.PHONY: install test lint bench bench-gpu gpu-session wheels upstream demo gpu-versions
 
 install:
 	pip install torch==2.13.0 -e ".[test]"
@@ -43,3 +43,15 @@ upstream:
 
 demo:
 	titok-fast demo
+
+# The suite on this CPU under the GPU machine's versions (Python 3.12, torch 2.11, Triton 3.6, PyAV 19), in a venv of
+# its own (.venv-gpu-versions, ignored): a version difference shows here, not in a GPU visit's few minutes (torch
+# 2.11's Dynamo refused two calls that 2.13's takes; see benchmarks/RESULTS.md). NumPy below 2.4: Triton 3.6's
+# interpreter cannot run the kernel tests with a later one. PYTHON312: a Python 3.12 to make the venv with.
+PYTHON312 ?= python3.12
+GPU_VERSIONS = torch==2.11.0 triton==3.6.0 av==19.0.2 "numpy<2.4"
+gpu-versions:
+	[ -x .venv-gpu-versions/bin/python ] || $(PYTHON312) -m venv .venv-gpu-versions
+	printf '%s\n' $(GPU_VERSIONS) > .venv-gpu-versions/constraints.txt
+	.venv-gpu-versions/bin/pip install -q -c .venv-gpu-versions/constraints.txt $(GPU_VERSIONS) -e ".[test]"
+	.venv-gpu-versions/bin/python -m pytest -q -n 2 --dist loadfile
