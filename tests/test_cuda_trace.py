@@ -1,0 +1,56 @@
+"""What torch.compile traces of the model on CUDA, checked without a GPU: the fixed-shape encode and decode
+(the engine's ``compile`` mode, ``fullgraph=True``) traced by Dynamo on fake CUDA tensors, through the Triton
+backend's ops as a GPU runs them. A call Dynamo cannot trace in a branch taken on CUDA only would otherwise show
+first on a GPU; run under the GPU machine's torch version (``make gpu-versions``), this is where a version
+difference shows (torch 2.11's Dynamo refused the autocast check that 2.13's folds). Fake CUDA tensors need a
+CUDA build of torch (it runs on a CPU): with the CPU build this file skips."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from titok_fast import fp8
+from titok_fast.backends import TRITON
+from titok_fast.model import TiTok
+from titok_fast.packing import StaticBatch
+
+pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a CUDA build of torch (fake CUDA "
+                                "tensors; no GPU needed): make gpu-versions")  # fmt: skip
+
+
+def fake_cuda_model(config: str, dtype: torch.dtype, precision: str, fake: FakeTensorMode) -> TiTok:
+    """A model with fake weights on CUDA (shapes and dtypes only): built on meta, given fake CUDA storage."""
+    with torch.device("meta"):
+        model = TiTok(config, precision=precision).to(dtype)
+    with fake:
+        return model.to_empty(device="cuda")
+
+
+def static_batch(model: TiTok, budget: int, clips: int) -> StaticBatch:
+    cos, sin = model.rope_tables(budget)
+    return StaticBatch(cu_seqlens=torch.zeros(clips + 1, dtype=torch.int32, device="cuda"),
+                       positions=torch.zeros(budget, 3, dtype=torch.int32, device="cuda"),
+                       is_latent=torch.zeros(budget, dtype=torch.bool, device="cuda"), cos=cos, sin=sin)  # fmt: skip
+
+
+@pytest.mark.parametrize(("config", "dtype", "precision"), [
+    ("tiny", torch.float32, "default"), ("tiny", torch.bfloat16, "default"), ("v1", torch.bfloat16, "default"),
+    ("v1", torch.bfloat16, "fp8"),
+])  # fmt: skip
+def test_the_fixed_shape_model_traces_whole_on_cuda(config, dtype, precision):
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    model = fake_cuda_model(config, dtype, precision, fake)
+    with fake:
+        assert model.device.type == "cuda" and model.encoder.runtime.runner(model.device) is TRITON
+        budget = 4096
+        batch = static_batch(model, budget, clips=8)
+        model.fsq_constants()  # (filled before tracing, as the engine does, and the FP8 weights made)
+        fp8.refresh(model)
+        patches = torch.zeros(budget, model.config.patch_dim, dtype=dtype, device="cuda")
+        encode = torch.compile(model.encode_static, backend="eager", fullgraph=True)
+        codes, indices = encode(patches, batch)
+        assert codes.shape == (budget, len(model.config.fsq_levels)) and indices.shape == (budget,)
+        table, mask_row = model.decoder_table()
+        decode = torch.compile(model.decode_static, backend="eager", fullgraph=True)
+        rows = decode(torch.zeros(budget, dtype=torch.int32, device="cuda"), batch, table, mask_row)
+        assert rows.shape == (budget, model.config.patch_dim) and rows.device.type == "cuda"
