@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh gpu-tests # the gpu-marked tests alone (240 s at most): device preprocessing's
 #                                            # tokens against the CPU path's, NVDEC's planes against PyAV's, the
 #                                            # NV12 and I420 kernels, the engine's CUDA graphs and streams, FP8
-#                                            # in graphs, pinned hand-over
+#                                            # in graphs, pinned hand-over; and the compile mode's graphs traced
+#                                            # on fake CUDA tensors under this machine's torch (cuda_build)
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
@@ -152,7 +153,7 @@ part() {
         # (-v: a test cut off by the limit is named; tests of a file that cannot be collected, as without omegaconf,
         # are left out, not the rest; --timeout where pytest-timeout is installed: one hung test, not the part)
         gpu-tests) local per_test=() && "$python" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
-                   limited gpu-tests 240 "$python" -m pytest -v -rs -m gpu tests -p no:cacheprovider \
+                   limited gpu-tests 240 "$python" -m pytest -v -rs -m "gpu or cuda_build" tests -p no:cacheprovider \
                        --continue-on-collection-errors "${per_test[@]}" 2>&1 | tee "$out/gpu-tests.txt"
                    pack ;;
         kernels) bench kernels "bench_kernels" ;;

@@ -14,8 +14,8 @@ from titok_fast.backends import TRITON
 from titok_fast.model import TiTok
 from titok_fast.packing import StaticBatch
 
-pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a CUDA build of torch (fake CUDA "
-                                "tensors; no GPU needed): make gpu-versions")  # fmt: skip
+pytestmark = [pytest.mark.cuda_build, pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a CUDA "
+              "build of torch (fake CUDA tensors; no GPU needed): make gpu-versions")]  # fmt: skip
 
 
 def fake_cuda_model(config: str, dtype: torch.dtype, precision: str, fake: FakeTensorMode) -> TiTok:
