@@ -54,3 +54,28 @@ def test_the_fixed_shape_model_traces_whole_on_cuda(config, dtype, precision):
         decode = torch.compile(model.decode_static, backend="eager", fullgraph=True)
         rows = decode(torch.zeros(budget, dtype=torch.int32, device="cuda"), batch, table, mask_row)
         assert rows.shape == (budget, model.config.patch_dim) and rows.device.type == "cuda"
+
+
+@pytest.mark.parametrize(("config", "precision"), [("tiny", "default"), ("v1", "default"), ("v1", "fp8")])
+def test_the_packed_path_runs_on_cuda(config, precision):
+    """The packed encode and decode (``eager`` mode, and what ``auto``'s layout graphs capture) run their CUDA
+    branches, through the Triton backend's ops, on fake CUDA tensors: every op gets arguments it takes, and the
+    shapes come out right."""
+    from titok_fast.packing import PackingCache
+    from titok_fast.patches import patch_grid
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    model = fake_cuda_model(config, torch.bfloat16, precision, fake)
+    with fake:
+        fp8.refresh(model)
+        cache, counts, grids = PackingCache(), [16, 32, 1], [(8, 64, 96), (4, 48, 48), (8, 64, 96)]
+        patches_of = [patch_grid(g, model.config.patch_size) for g in grids]
+        pack = cache.packing(counts, patches_of, model.device)
+        patch_rows = sum(t * h * w for t, h, w in patches_of)
+        patches = torch.zeros(patch_rows, model.config.patch_dim, dtype=torch.bfloat16, device="cuda")
+        codes, indices = model.encode_packed(patches, pack, cache)
+        assert codes.shape == (sum(counts), len(model.config.fsq_levels)) and indices.shape == (sum(counts),)
+        rows = model.decode_packed(indices, pack, cache, model.decoder_table())
+        assert rows.shape == (patch_rows, model.config.patch_dim)
+        videos = model.videos_from_rows(rows, pack, grids)
+        assert [tuple(v.shape) for v in videos] == [(3, *g) for g in grids] and videos[0].device.type == "cuda"
