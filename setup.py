@@ -36,8 +36,8 @@ setup(
         "huggingface_hub>=0.34",  # the default weights come from the Hub; 0.34: the `hf` command our messages name
     ],
     extras_require={
-        # xdist: the suite on every core; pytest 9: faulthandler_exit_on_timeout (pyproject.toml)
-        "test": ["pyyaml", "ruff==0.17.6", "pytest>=9.0", "pytest-xdist>=3.5", *PLOT, *RAY, *BENCH],
+        # xdist: the suite on every core; pytest-timeout: a test that hangs fails (pyproject.toml)
+        "test": ["pyyaml", "ruff==0.17.6", "pytest-xdist>=3.5", "pytest-timeout>=2.3", *PLOT, *RAY, *BENCH],
         "plot": PLOT,
         "ray": RAY,
         "bench": BENCH,
