@@ -356,12 +356,24 @@ def test_a_long_clip_goes_to_the_device_a_chunk_at_a_time_with_the_values_of_one
     on_device = DevicePreprocessor(device, 24, 16, torch.float32)
     at_once = on_device(clip)
     assert at_once.shape == (3, 7, 24, 16) and at_once.device.type == device
-    seen = []
+    seen = collections.defaultdict(list)  # frames a call, and where they were, of each step
+
+    def spy(name, real):
+        def step(*args):
+            part = args[-1] if name == "_upload" else args[0]
+            part = part.frames if isinstance(part, I420Clip) else part
+            seen[name].append((len(part), part.device.type))
+            return real(*args)
+
+        return step
+
     monkeypatch.setattr(preprocess, "RESIZE_CHUNK_BYTES", 3 * 38 * 54 * 3 * 4)  # 3 frames a chunk
-    monkeypatch.setattr(preprocess, "clip_pixels", lambda f, h, w: seen.append((len(f), f.device.type)) or
-                        clip_pixels(f, h, w))  # fmt: skip
+    for name, owner in (("clip_pixels", preprocess), ("i420_rgb", preprocess), ("_upload", DevicePreprocessor)):
+        monkeypatch.setattr(owner, name, spy(name, getattr(owner, name)))
     assert torch.equal(on_device(clip), at_once)
-    assert seen == [(3, device), (3, device), (1, device)]
+    chunks = [(3, device), (3, device), (1, device)]  # (off CUDA an I420 chunk is made RGB before it is moved)
+    assert seen["_upload"] == [(3, "cpu"), (3, "cpu"), (1, "cpu")] and seen["clip_pixels"] == chunks
+    assert seen["i420_rgb"] == (chunks if i420 else [])
 
 
 planes = decoders.yuv420p_planes

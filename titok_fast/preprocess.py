@@ -145,7 +145,8 @@ class DevicePreprocessor:
     On CUDA the frames go up from pinned memory on a side stream, are converted to RGB (I420) and resized there, and
     the caller's stream waits for that work on the device (not on the host), so the upload and resize of one clip
     overlap the model running the clips before it. A long clip goes up RESIZE_CHUNK_BYTES of float32 frames at a
-    time (the device holds its output and a chunk of its frames, not all of them at source size). Returns [3, T,
+    time (the device holds its output and a chunk of its host frames, not all of them at source size; frames
+    decoded on the GPU, NVDEC's, are there whole already). Returns [3, T,
     height, width] in ``dtype`` on ``device``. Frames in pinned memory are read after this returns (the copy is
     asynchronous): they must not be changed before the clip's work is done (the pipeline gives each clip memory of
     its own).
@@ -160,7 +161,7 @@ class DevicePreprocessor:
         frames = i420.frames if i420 is not None else frames
         matrix = i420.matrix if i420 is not None else None
         if self.device.type != "cuda":
-            return normalize_pixels(self._pixels(frames, matrix, lambda piece: piece.to(self.device)), self.dtype)
+            return normalize_pixels(self._pixels(frames, matrix), self.dtype)
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         caller = torch.cuda.current_stream(self.device)
@@ -171,13 +172,15 @@ class DevicePreprocessor:
                 self._stream.wait_stream(caller)
                 self._stream.wait_stream(torch.cuda.default_stream(self.device))
                 frames.record_stream(self._stream)
-            clip = normalize_pixels(self._pixels(frames, matrix, self._upload), self.dtype)
+            clip = normalize_pixels(self._pixels(frames, matrix), self.dtype)
         caller.wait_stream(self._stream)
         clip.record_stream(caller)
         return clip
 
     def _upload(self, frames: torch.Tensor) -> torch.Tensor:
-        """Host frames -> this CUDA device, from pinned memory, on the current (side) stream."""
+        """Frames -> this device: on CUDA from pinned memory, on the current (side) stream."""
+        if self.device.type != "cuda":
+            return frames.to(self.device)
         if frames.device.type != "cpu":
             return frames
         started = CLOCK.start()
@@ -186,7 +189,7 @@ class DevicePreprocessor:
         CLOCK.stop("upload", started)
         return frames
 
-    def _pixels(self, frames: torch.Tensor, matrix: str | None, upload) -> torch.Tensor:
+    def _pixels(self, frames: torch.Tensor, matrix: str | None) -> torch.Tensor:
         """A clip's uint8 frames (RGB, or I420 in ``matrix``) -> [3, T, height, width] float32 on the device, uploaded,
         converted and resized RESIZE_CHUNK_BYTES of float32 frames at a time (as clip_pixels resizes), so a long clip
         needs on the device its output and a chunk, not all its frames at source size (each frame is converted and
@@ -197,7 +200,7 @@ class DevicePreprocessor:
         rgb_first = matrix is not None and self.device.type != "cuda"  # (off CUDA made RGB where the frames are)
 
         def piece(part: torch.Tensor) -> torch.Tensor:
-            part = upload(i420_rgb(I420Clip(part, matrix)) if rgb_first else part)
+            part = self._upload(i420_rgb(I420Clip(part, matrix)) if rgb_first else part)
             if matrix is not None and not rgb_first:
                 part = i420_rgb(I420Clip(part, matrix))
             return clip_pixels(part, self.height, self.width)
