@@ -1,9 +1,9 @@
-"""What torch.compile traces of the model on CUDA, checked without a GPU: the fixed-shape encode and decode
-(the engine's ``compile`` mode, ``fullgraph=True``) traced by Dynamo on fake CUDA tensors, through the Triton
-backend's ops as a GPU runs them. A call Dynamo cannot trace in a branch taken on CUDA only would otherwise show
-first on a GPU; run under the GPU machine's torch version (``make gpu-versions``), this is where a version
-difference shows (torch 2.11's Dynamo refused the autocast check that 2.13's folds). Fake CUDA tensors need a
-CUDA build of torch (it runs on a CPU): with the CPU build this file skips."""
+"""What torch.compile traces of the model on CUDA, checked without a GPU: the fixed-shape encode and decode (the
+engine's ``compile`` mode: ``fullgraph=True``, ``dynamic=False``) traced by Dynamo on fake CUDA tensors, through the
+Triton backend's ops as a GPU runs them. A call Dynamo cannot trace in a branch taken on CUDA only would otherwise
+show first on a GPU; run under the GPU machine's torch version (``make gpu-versions``), this is where a version
+difference shows (torch 2.11's Dynamo refused the autocast check that 2.13's folds). Fake CUDA tensors need a CUDA
+build of torch (it runs on a CPU): with the CPU build this file skips."""
 
 import pytest
 import torch
@@ -16,6 +16,15 @@ from titok_fast.packing import StaticBatch
 
 pytestmark = [pytest.mark.cuda_build, pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a CUDA "
               "build of torch (fake CUDA tensors; no GPU needed): make gpu-versions")]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test traces anew, as an engine's runners do (a code object each): not on what an earlier test's shapes
+    made Dynamo guess was dynamic."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def fake_cuda_model(config: str, dtype: torch.dtype, precision: str, fake: FakeTensorMode) -> TiTok:
@@ -47,11 +56,11 @@ def test_the_fixed_shape_model_traces_whole_on_cuda(config, dtype, precision):
         model.fsq_constants()  # (filled before tracing, as the engine does, and the FP8 weights made)
         fp8.refresh(model)
         patches = torch.zeros(budget, model.config.patch_dim, dtype=dtype, device="cuda")
-        encode = torch.compile(model.encode_static, backend="eager", fullgraph=True)
+        encode = torch.compile(model.encode_static, backend="eager", dynamic=False, fullgraph=True)
         codes, indices = encode(patches, batch)
         assert codes.shape == (budget, len(model.config.fsq_levels)) and indices.shape == (budget,)
         table, mask_row = model.decoder_table()
-        decode = torch.compile(model.decode_static, backend="eager", fullgraph=True)
+        decode = torch.compile(model.decode_static, backend="eager", dynamic=False, fullgraph=True)
         rows = decode(torch.zeros(budget, dtype=torch.int32, device="cuda"), batch, table, mask_row)
         assert rows.shape == (budget, model.config.patch_dim) and rows.device.type == "cuda"
 
