@@ -251,8 +251,10 @@ def resolve_backend(choice: str, device: torch.device | str) -> Backend:
 
 @torch.compiler.assume_constant_result
 def _triton_interprets() -> bool:
-    """Whether Triton runs its kernels in its interpreter: a constant to torch.compile (the Dynamo of torch 2.11
-    recurses on triton.knobs' descriptors, which read their object's ``__dict__``)."""
+    """Whether Triton runs its kernels in its interpreter: read once per traced graph, an unguarded constant to
+    torch.compile (the Dynamo of torch 2.11 recurses on triton.knobs' descriptors, which read their object's
+    ``__dict__``): a graph traced in the interpreter and called with it switched off later is not refused in one
+    line (it fails in Triton instead)."""
     return bool(triton.knobs.runtime.interpret)
 
 
