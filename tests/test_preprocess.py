@@ -341,7 +341,6 @@ def test_a_clip_resized_in_chunks_is_the_clip_resized_at_once(monkeypatch, chunk
     assert calls == [chunk_frames] * (7 // chunk_frames) + [7 % chunk_frames] * (7 % chunk_frames > 0)
 
 
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])])  # fmt: skip
 @pytest.mark.parametrize("i420", [False, True])

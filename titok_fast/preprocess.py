@@ -14,6 +14,7 @@ there, byte for byte as libswscale converts them on the CPU (``kernels/nv12_rgb.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -90,14 +91,24 @@ def clip_pixels(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise ValueError(f"frames must be [T, h, w, 3] uint8; got {frames.dtype} {list(frames.shape)}")
     started = CLOCK.start()
-    step = max(1, RESIZE_CHUNK_BYTES // max(1, frames[0].numel() * 4)) if len(frames) else 1  # frames a call
-    if len(frames) <= step:
-        pixels = resize_crop(_planar_float(frames), height, width).transpose(0, 1)
-    else:  # (each frame is resized alone: chunks give the values of one call)
-        pixels = torch.empty((3, len(frames), height, width), dtype=torch.float32, device=frames.device)
-        for t in range(0, len(frames), step):
-            pixels[:, t : t + step] = resize_crop(_planar_float(frames[t : t + step]), height, width).transpose(0, 1)
+    pixels = _in_chunks(frames, frames[0].numel() if len(frames) else 0, (height, width), frames.device,
+                        lambda part: resize_crop(_planar_float(part), height, width).transpose(0, 1))  # fmt: skip
     CLOCK.stop("resize", started)
+    return pixels
+
+
+def _in_chunks(
+    frames: torch.Tensor, rgb_bytes: int, size: tuple[int, int], device: torch.device, piece: Callable
+) -> torch.Tensor:
+    """``piece(frames[t : t + k])`` -> [3, k, *size] float32 on ``device``, over chunks of RESIZE_CHUNK_BYTES of
+    float32 frames (``rgb_bytes``: one frame's bytes as uint8 RGB), put together as [3, T, *size]; one call where
+    the clip fits in one chunk. Each frame is converted and resized alone, so chunks give the values of one call."""
+    step = max(1, RESIZE_CHUNK_BYTES // max(1, rgb_bytes * 4))  # frames a call
+    if len(frames) <= step:
+        return piece(frames)
+    pixels = torch.empty((3, len(frames), *size), dtype=torch.float32, device=device)
+    for t in range(0, len(frames), step):
+        pixels[:, t : t + step] = piece(frames[t : t + step])
     return pixels
 
 
@@ -146,10 +157,9 @@ class DevicePreprocessor:
     the caller's stream waits for that work on the device (not on the host), so the upload and resize of one clip
     overlap the model running the clips before it. A long clip goes up RESIZE_CHUNK_BYTES of float32 frames at a
     time (the device holds its output and a chunk of its host frames, not all of them at source size; frames
-    decoded on the GPU, NVDEC's, are there whole already). Returns [3, T,
-    height, width] in ``dtype`` on ``device``. Frames in pinned memory are read after this returns (the copy is
-    asynchronous): they must not be changed before the clip's work is done (the pipeline gives each clip memory of
-    its own).
+    decoded on the GPU, NVDEC's, are there whole already). Returns [3, T, height, width] in ``dtype`` on
+    ``device``. Frames in pinned memory are read after this returns (the copy is asynchronous): they must not be
+    changed before the clip's work is done (the pipeline gives each clip memory of its own).
     """
 
     def __init__(self, device: torch.device | str, height: int, width: int, dtype: torch.dtype):
@@ -195,8 +205,6 @@ class DevicePreprocessor:
         needs on the device its output and a chunk, not all its frames at source size (each frame is converted and
         resized alone: the values are those of one call)."""
         rgb_bytes = frames[0].numel() * (2 if matrix is not None else 1) if len(frames) else 0  # an RGB frame's
-        step = max(1, RESIZE_CHUNK_BYTES // max(1, rgb_bytes * 4))
-
         rgb_first = matrix is not None and self.device.type != "cuda"  # (off CUDA made RGB where the frames are)
 
         def piece(part: torch.Tensor) -> torch.Tensor:
@@ -205,9 +213,4 @@ class DevicePreprocessor:
                 part = i420_rgb(I420Clip(part, matrix))
             return clip_pixels(part, self.height, self.width)
 
-        if len(frames) <= step:
-            return piece(frames)
-        pixels = torch.empty((3, len(frames), self.height, self.width), dtype=torch.float32, device=self.device)
-        for t in range(0, len(frames), step):
-            pixels[:, t : t + step] = piece(frames[t : t + step])
-        return pixels
+        return _in_chunks(frames, rgb_bytes, (self.height, self.width), self.device, piece)
