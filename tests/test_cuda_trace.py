@@ -11,8 +11,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from titok_fast import fp8
 from titok_fast.backends import TRITON
+from titok_fast.engine import Engine
 from titok_fast.model import TiTok
-from titok_fast.packing import StaticBatch
 
 pytestmark = [pytest.mark.cuda_build, pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a CUDA "
               "build of torch (fake CUDA tensors; no GPU needed): make gpu-versions")]  # fmt: skip
@@ -35,13 +35,6 @@ def fake_cuda_model(config: str, dtype: torch.dtype, precision: str, fake: FakeT
         return model.to_empty(device="cuda")
 
 
-def static_batch(model: TiTok, budget: int, clips: int) -> StaticBatch:
-    cos, sin = model.rope_tables(budget)
-    return StaticBatch(cu_seqlens=torch.zeros(clips + 1, dtype=torch.int32, device="cuda"),
-                       positions=torch.zeros(budget, 3, dtype=torch.int32, device="cuda"),
-                       is_latent=torch.zeros(budget, dtype=torch.bool, device="cuda"), cos=cos, sin=sin)  # fmt: skip
-
-
 @pytest.mark.parametrize(("config", "dtype", "precision"), [
     ("tiny", torch.float32, "default"), ("tiny", torch.bfloat16, "default"), ("v1", torch.bfloat16, "default"),
     ("v1", torch.bfloat16, "fp8"),
@@ -51,17 +44,16 @@ def test_the_fixed_shape_model_traces_whole_on_cuda(config, dtype, precision):
     model = fake_cuda_model(config, dtype, precision, fake)
     with fake:
         assert model.device.type == "cuda" and model.encoder.runtime.runner(model.device) is TRITON
-        budget = 4096
-        batch = static_batch(model, budget, clips=8)
+        budget, engine = 4096, Engine(model, mode="compile", max_clips=8)  # (the engine's own buffers)
         model.fsq_constants()  # (filled before tracing, as the engine does, and the FP8 weights made)
         fp8.refresh(model)
-        patches = torch.zeros(budget, model.config.patch_dim, dtype=dtype, device="cuda")
+        encoding = engine._static_buffers("encode", budget)
         encode = torch.compile(model.encode_static, backend="eager", dynamic=False, fullgraph=True)
-        codes, indices = encode(patches, batch)
+        codes, indices = encode(encoding.inputs, encoding.batch)
         assert codes.shape == (budget, len(model.config.fsq_levels)) and indices.shape == (budget,)
-        table, mask_row = model.decoder_table()
+        decoding = engine._static_buffers("decode", budget)
         decode = torch.compile(model.decode_static, backend="eager", dynamic=False, fullgraph=True)
-        rows = decode(torch.zeros(budget, dtype=torch.int32, device="cuda"), batch, table, mask_row)
+        rows = decode(decoding.inputs, decoding.batch, *engine._decoder_table())
         assert rows.shape == (budget, model.config.patch_dim) and rows.device.type == "cuda"
 
 
