@@ -272,6 +272,38 @@ def test_a_warning_is_one_line_as_every_other_message(folder, tmp_path, capsys):
     assert "UserWarning" not in err and len(err.strip().splitlines()) == 3, err  # (and the random weights line)
 
 
+def test_bf16_on_a_cpu_without_bf16_matrix_instructions_is_said_to_be_slow(folder, tmp_path, capsys, monkeypatch):
+    """bf16 on an x86-64 CPU without AVX512-BF16 or AMX falls back to slow matrix products: the run says so in
+    one line, and goes on. A CPU with one of them, float32 or float16, another architecture, a torch that cannot
+    tell, or a Ray cluster (whose CPUs are other machines'): nothing is said."""
+    from titok_fast import cli
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    for name in cli.BF16_INSTRUCTIONS.values():
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    encode = ["encode", folder / "moving.mp4", *GRID, *RANDOM, "--dtype", "bf16"]
+    code, _, err = run(*encode, "-o", tmp_path / "a", capsys=capsys)
+    said = [line for line in err.splitlines() if "matrix instructions" in line]
+    assert code == 0 and len(said) == 1 and said[0].startswith("titok-fast: --dtype bf16 on this CPU"), err
+    assert (tmp_path / "a" / "moving.safetensors").exists()
+    assert all(cli.slow_dtype_on_this_cpu(other) is None for other in ("fp32", "fp16", None))
+    for name in cli.BF16_INSTRUCTIONS.values():  # either is enough
+        with monkeypatch.context() as m:
+            m.setattr(torch.cpu, name, lambda: True)
+            assert cli.slow_dtype_on_this_cpu("bf16") is None
+    with monkeypatch.context() as m:
+        m.delattr(torch.cpu, "_is_amx_tile_supported")
+        assert cli.slow_dtype_on_this_cpu("bf16") is None  # (a torch without the checks does not tell)
+    with monkeypatch.context() as m:
+        m.setattr("platform.machine", lambda: "aarch64")
+        assert cli.slow_dtype_on_this_cpu("bf16") is None
+    assert cli.slow_dtype_on_this_cpu("bf16") is not None
+    for ray, notices in ((None, 1), ("auto", 0)):  # (the driver's copy of the model, on a cluster)
+        cli._model(argparse.Namespace(device="cpu", dtype="bf16", ray=ray, checkpoint=None, random_weights=0,
+                                      config="tiny"))  # fmt: skip
+        assert capsys.readouterr().err.count("matrix instructions") == notices, ray
+
+
 @pytest.mark.filterwarnings("ignore:the torch backend's fixed-shape path attends with a dense")
 def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, tmp_path, capsys):
     """Options that no clip or cluster could use: one line naming the option, exit 2, nothing written."""

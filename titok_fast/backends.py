@@ -80,9 +80,12 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attention_dtype(q: torch.Tensor) -> torch.dtype:
-    """Half precision on the CPU attends in float32, like the oracle: the CPU kernel's bf16 path cost 0.2 points
-    of bf16 index parity in our runs (benchmarks/bf16_parity.py)."""
-    return torch.float32 if q.device.type == "cpu" else q.dtype
+    """The dtype attention runs in: q's, except on the CPU, where float16 and float64 attend in float32 (the CPU's
+    float16 kernel is no faster than float32's, and float64 models are float32-accurate by design). bfloat16
+    attends in bfloat16 on the CPU too: its kernel there ran 2.8x as fast as float32's on a V1 encoder sequence
+    (Intel Xeon with AMX; 1.8x with AMX and AVX-512 masked off), V1 encoded 1.7x as fast, and its tokens stay
+    within the bf16 noise floor (benchmarks/bf16_parity.py; RESULTS.md)."""
+    return q.dtype if q.device.type != "cpu" or q.dtype == torch.bfloat16 else torch.float32
 
 
 def split_heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -170,6 +170,31 @@ def _device_dtype(args: argparse.Namespace):
     return device, getattr(torch, DTYPES[dtype])
 
 
+# x86-64 CPUs' bf16 matrix instructions, by torch's names for the checks (``torch.cpu``): without either, bf16
+# matrix products fall back to slow code. Measured on V1 (RESULTS.md): bf16 2.7x as fast as float32 on an Intel
+# Xeon with AMX, files in and token files out, and 4x slower with AMX and AVX-512 masked off (as on a CPU of AVX2
+# alone); level with float32 with AVX512-BF16 alone (a call of the model). (float16 is slow without AVX512-FP16,
+# which torch has no check for, and level with float32 with it: not said.)
+BF16_INSTRUCTIONS = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+
+
+def slow_dtype_on_this_cpu(dtype: str) -> str | None:
+    """A one-line notice when ``dtype`` (a --dtype name) will run slower than float32 on this machine's CPU: bf16
+    on an x86-64 CPU without bf16 matrix instructions. None otherwise, and where torch cannot say (another
+    architecture, such as an ARM CPU with bf16 instructions, or a torch without these checks)."""
+    import platform
+
+    import torch
+
+    if dtype != "bf16" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    checks = [getattr(torch.cpu, name, None) for name in BF16_INSTRUCTIONS.values()]
+    if None in checks or any(check() for check in checks):
+        return None
+    return (f"--dtype bf16 on this CPU, which has no bf16 matrix instructions ({' or '.join(BF16_INSTRUCTIONS)}): "
+            f"expect it to run slower than fp32, the CPU default")  # fmt: skip
+
+
 def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
     """The model named by --checkpoint / --random-weights, else by ``token_metas`` (token files, the weights named
     by most of them first: see :func:`_naming_a_model`), the first whose weights can be had, else the default
@@ -180,6 +205,8 @@ def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
     from .loading import load_tokenizer, random_tokenizer
 
     device, dtype = _device_dtype(args)
+    if device == "cpu" and not getattr(args, "ray", None) and (slow := slow_dtype_on_this_cpu(args.dtype)):
+        notice(slow)  # (on a cluster the model runs on other machines' CPUs: this one's do not tell)
     precision = getattr(args, "precision", "default")  # (encode has none: FP8 runs in the decoder only)
     if precision == "fp8":
         from .fp8 import check_fp8_runs
