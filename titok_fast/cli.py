@@ -178,7 +178,7 @@ def _device_dtype(args: argparse.Namespace):
 BF16_INSTRUCTIONS = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
 
 
-def slow_dtype_on_this_cpu(dtype: str) -> str | None:
+def slow_dtype_on_this_cpu(dtype: str | None) -> str | None:
     """A one-line notice when ``dtype`` (a --dtype name) will run slower than float32 on this machine's CPU: bf16
     on an x86-64 CPU without bf16 matrix instructions. None otherwise, and where torch cannot say (another
     architecture, such as an ARM CPU with bf16 instructions, or a torch without these checks)."""
