@@ -303,6 +303,30 @@ def test_bf16_on_a_cpu_without_bf16_matrix_instructions_is_said_to_be_slow(folde
                                       config="tiny"))  # fmt: skip
         assert capsys.readouterr().err.count("matrix instructions") == notices, ray
 
+    # a cluster started here (--ray local) encodes on this machine's CPUs: said once (the driver's copy is silent)
+    from titok_fast import distributed
+
+    def started(*args, **kwargs):
+        raise ValueError("the cluster would start here")
+
+    monkeypatch.setattr(distributed, "encode_dataset", started)
+    for ray, notices in (("local", 1), ("auto", 0)):
+        code, _, err = run(*encode, "--ray", ray, "-o", tmp_path / "r", capsys=capsys)
+        assert code == 2 and "the cluster would start here" in err and err.count("matrix instructions") == notices
+
+    # a refusal stays the only line; the demo, whose default weights cannot be had here, says it once
+    code, _, err = run(*encode, "--checkpoint", tmp_path / "w.safetensors", "-o", tmp_path / "b", capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "each name the weights" in err, err
+    from titok_fast import hub
+
+    def offline(ref, quick=False):
+        raise hub.WeightsUnavailable(f"weights {ref} are not to be had in this test")
+
+    monkeypatch.setattr(hub, "download", offline)
+    code, _, err = run("demo", "-o", tmp_path / "demo", "--config", "tiny", "--device", "cpu", "--grid", "4x32x32",
+                       "--tokens", "8", "--dtype", "bf16", capsys=capsys)  # fmt: skip
+    assert code == 0 and err.count("matrix instructions") == 1, err
+
 
 @pytest.mark.filterwarnings("ignore:the torch backend's fixed-shape path attends with a dense")
 def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, tmp_path, capsys):

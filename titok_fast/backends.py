@@ -83,8 +83,9 @@ def attention_dtype(q: torch.Tensor) -> torch.dtype:
     """The dtype attention runs in: q's, except on the CPU, where float16 and float64 attend in float32 (the CPU's
     float16 kernel is no faster than float32's, and float64 models are float32-accurate by design). bfloat16
     attends in bfloat16 on the CPU too: its kernel there ran 2.8x as fast as float32's on a V1 encoder sequence
-    (Intel Xeon with AMX; 1.8x with AMX and AVX-512 masked off), V1 encoded 1.7x as fast, and its tokens stay
-    within the bf16 noise floor (benchmarks/bf16_parity.py; RESULTS.md)."""
+    (Intel Xeon with AMX; 1.8x with AMX and AVX-512 masked off), a bf16 V1 encoded 1.8x as fast as with float32
+    attention (files in, token files out), and its tokens stay within the bf16 noise floor
+    (benchmarks/bf16_parity.py; RESULTS.md)."""
     return q.dtype if q.device.type != "cpu" or q.dtype == torch.bfloat16 else torch.float32
 
 

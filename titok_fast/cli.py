@@ -205,8 +205,6 @@ def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
     from .loading import load_tokenizer, random_tokenizer
 
     device, dtype = _device_dtype(args)
-    if device == "cpu" and not getattr(args, "ray", None) and (slow := slow_dtype_on_this_cpu(args.dtype)):
-        notice(slow)  # (on a cluster the model runs on other machines' CPUs: this one's do not tell)
     precision = getattr(args, "precision", "default")  # (encode has none: FP8 runs in the decoder only)
     if precision == "fp8":
         from .fp8 import check_fp8_runs
@@ -229,6 +227,8 @@ def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
             print(f"weights: {checkpoint} (Hugging Face Hub)", file=sys.stderr)
         model = load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype, quick=quick)
     model.precision = precision
+    if device == "cpu" and not getattr(args, "ray", None) and (slow := slow_dtype_on_this_cpu(args.dtype)):
+        notice(slow)  # (once the model is had: a refusal stays the only line; on Ray: _encode_on_ray)
     return model
 
 
@@ -417,6 +417,8 @@ def _encode_on_ray(args: argparse.Namespace, files):
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     args = argparse.Namespace(**{**vars(args), **{k: v for k, v in RAY_DEFAULTS.items() if getattr(args, k) is None}})
     model = _model(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": dtype}))
+    if device == "cpu" and args.ray == "local" and (slow := slow_dtype_on_this_cpu(args.dtype)):
+        notice(slow)  # (a cluster started here encodes on this machine's CPUs; another cluster's CPUs are not known)
     # CPU actors' engines have its budgets (cudagraph on CPU actors: encode_dataset says why it is refused)
     engine = _engine(args, model) if device == "cpu" and args.mode != "cudagraph" else None
     return encode_dataset(
