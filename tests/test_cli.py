@@ -1108,7 +1108,7 @@ def test_the_demo_keeps_a_users_files_at_its_output_names(tmp_path, monkeypatch,
     line; the demo's own folder (also through a link, or moved), and an earlier version's (its sample unmarked, the
     file its token file was made from), are run again."""
     from titok_fast import hub
-    from titok_fast.video import write_video
+    from titok_fast.writing import write_video
 
     def offline(ref, quick=False):
         raise hub.WeightsUnavailable(f"weights {ref} are not to be had in this test")

@@ -44,7 +44,8 @@ from titok_fast.loading import random_tokenizer
 from titok_fast.manifest import MANIFEST_NAME, Manifest, read_manifest
 from titok_fast.pipeline import ClipSettings, Summary, _progress, collect_inputs, encode_files, made_with
 from titok_fast.tokens import load_tokens
-from titok_fast.video import normalize_pixels, write_video
+from titok_fast.video import normalize_pixels
+from titok_fast.writing import write_video
 
 from videos import make_empty, make_hanging, make_scrambled, make_video, release_hanging
 

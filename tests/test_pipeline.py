@@ -25,9 +25,11 @@ from safetensors import safe_open
 from titok_fast import Engine, __version__, pipeline
 from titok_fast.files import write_atomically
 from titok_fast.loading import random_tokenizer
+from titok_fast.metrics import psnr, ssim
 from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode_resiliently, evaluate
 from titok_fast.tokens import load_tokens
-from titok_fast.video import VideoWriter, psnr, read_clips, ssim, video_comment, write_video
+from titok_fast.video import read_clips, video_comment
+from titok_fast.writing import VideoWriter, write_video
 
 from graph_capture import FakeCUDAGraph, engine_for
 from videos import make_hanging, make_scrambled, make_video, release_hanging
@@ -1084,7 +1086,7 @@ def test_decode_checks_every_chunks_grid_before_it_decodes_or_reads_the_source(m
 def test_a_token_file_sampled_slower_than_an_mp4_is_written_decodes_at_the_slowest_rate(model, sources, tmp_path):
     """``encode --fps 1e-9`` is allowed (fps in (0, 1000]), so decode writes such a file's frames at
     MIN_WRITE_FPS, the slowest rate an mp4 takes, rather than failing it."""
-    from titok_fast.video import MIN_WRITE_FPS
+    from titok_fast.writing import MIN_WRITE_FPS
 
     encode(model, [sources["short"]], tmp_path)
     slow = tmp_path / "slow.safetensors"

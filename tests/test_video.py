@@ -23,18 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from titok_fast import decoders, stages, video
+from titok_fast import containers, decoders, stages, video, writing
+from titok_fast.metrics import psnr, ssim
 from titok_fast.preprocess import I420Clip, i420_rgb
-from titok_fast.video import (
-    VideoError,
-    iter_videos,
-    normalize_pixels,
-    psnr,
-    read_clips,
-    side_by_side,
-    ssim,
-    write_video,
-)
+from titok_fast.video import VideoError, iter_videos, normalize_pixels, read_clips
+from titok_fast.writing import side_by_side, write_video
 
 import videos
 
@@ -1352,7 +1345,9 @@ def test_a_cut_off_download_fails_instead_of_giving_the_clips_before_the_cut(fil
     ],
     ids=["mp4", "mp4-index-first", "mp4-fragmented", "mov"],
 )
-@pytest.mark.parametrize("window", [video.BOX_WINDOW, 64], ids=["boxes-read-whole", "boxes-read-a-header-at-a-time"])
+@pytest.mark.parametrize(
+    "window", [containers.BOX_WINDOW, 64], ids=["boxes-read-whole", "boxes-read-a-header-at-a-time"]
+)
 def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_before_libav_opens_it(
     files, tmp_path, monkeypatch, container, options, box, window
 ):
@@ -1363,7 +1358,7 @@ def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_b
     data = bytearray(videos.remux(tmp_path / f"whole.{container}", files["moving"], options).read_bytes())
     count = data.index(box) + (12 if box == b"stsz" else 8)  # after the version, flags (and the sample size)
     assert int.from_bytes(data[count : count + 4], "big") == 24
-    monkeypatch.setattr(video, "BOX_WINDOW", window)  # (64: a "moov" or "moof" larger is not read whole)
+    monkeypatch.setattr(containers, "BOX_WINDOW", window)  # (64: a "moov" or "moof" larger is not read whole)
     opened = []
     monkeypatch.setattr(video, "open_input", lambda *args: opened.append(args) or decoders.open_input(*args))
     for samples in (len(data), len(data) + 1):
@@ -1384,7 +1379,9 @@ def test_an_mp4_whose_index_declares_more_samples_than_it_has_bytes_is_refused_b
             opened.clear()
 
 
-@pytest.mark.parametrize("window", [video.BOX_WINDOW, 64], ids=["boxes-read-whole", "boxes-read-a-header-at-a-time"])
+@pytest.mark.parametrize(
+    "window", [containers.BOX_WINDOW, 64], ids=["boxes-read-whole", "boxes-read-a-header-at-a-time"]
+)
 def test_audio_that_libav_indexes_by_chunk_is_not_counted_by_the_sample_check(tmp_path, monkeypatch, window):
     """Old QuickTime files store PCM (and IMA4) audio as one "sample" per audio sample, a count that may pass the
     file's bytes (IMA4: 64 in 34 bytes); libav indexes such a track by chunk (one time-to-sample entry of duration
@@ -1400,18 +1397,19 @@ def test_audio_that_libav_indexes_by_chunk_is_not_counted_by_the_sample_check(tm
         samples.sample_rate, samples.pts = 8000, 0
         container.mux(sound.encode(samples))
         container.mux([*picture.encode(), *sound.encode()])
-    monkeypatch.setattr(video, "BOX_WINDOW", window)
+    monkeypatch.setattr(containers, "BOX_WINDOW", window)
     data = bytearray(path.read_bytes())
     audio = data.index(b"stsz\x00\x00\x00\x00\x00\x00\x00\x02") + 12  # the audio track's: 2 bytes a sample
     assert int.from_bytes(data[audio : audio + 4], "big") == 8000
     data[audio : audio + 4] = (10 * len(data)).to_bytes(4, "big")
     path.write_bytes(data)
-    assert video._cut_short(str(path), len(data)) is None
+    assert containers.cut_short(str(path), len(data)) is None
     stts = data.index(b"stts\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x1f\x40")  # one entry: 8000 of duration 1
     data[stts + 16 : stts + 20] = (2).to_bytes(4, "big")
     path.write_bytes(data)
-    with pytest.raises(video.TooManySamples, match=f"^its index declares {10 * len(data) + 24:,} samples in a file of"):
-        video._cut_short(str(path), len(data))
+    declared = f"^its index declares {10 * len(data) + 24:,} samples in a file of"
+    with pytest.raises(containers.TooManySamples, match=declared):
+        containers.cut_short(str(path), len(data))
 
 
 @pytest.mark.parametrize("index", [b"moov", b"moof"])
@@ -1424,14 +1422,14 @@ def test_a_sample_count_behind_many_tiny_boxes_is_refused_before_libav_opens_it(
     count = (100_000_000).to_bytes(4, "big")
     table = _box(b"trak", _box(b"mdia", _box(b"minf", _box(b"stbl", _box(b"stsz", bytes(8) + count)))))
     boxes = {b"moov": _box(b"moov", table), b"moof": _box(b"moof", _box(b"traf", _box(b"trun", bytes(4) + count)))}
-    data = _box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * video.MAX_BOXES_WALKED + boxes[index]
+    data = _box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * containers.MAX_BOXES_WALKED + boxes[index]
     data += _box(b"mdat", bytes(media)) if media else b""
     path = tmp_path / "padded.mp4"
     path.write_bytes(data)
     monkeypatch.setattr(video, "open_input", lambda *args: pytest.fail("libav opened the file"))
     found = (
-        rf"its {len(data):,} bytes hold more than {video.MAX_BOXES_WALKED:,} top-level boxes, under "
-        rf"{video.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
+        rf"its {len(data):,} bytes hold more than {containers.MAX_BOXES_WALKED:,} top-level boxes, under "
+        rf"{containers.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
     )
     if media:
         found = rf"its index declares 100,000,000 samples in a file of {len(data):,} bytes \(each sample"
@@ -1482,9 +1480,9 @@ def test_the_cut_short_check_sees_a_cut_between_a_fragmented_mp4s_media_boxes(tm
     }[where]
     path = tmp_path / "cut.mp4"
     path.write_bytes(data)
-    assert video._cut_short(str(path), len(data)) is None  # the whole file
+    assert containers.cut_short(str(path), len(data)) is None  # the whole file
     path.write_bytes(data[:keep])
-    found = video._cut_short(str(path), keep)
+    found = containers.cut_short(str(path), keep)
     assert found is None if cut is None else found.startswith(cut), found
 
 
@@ -1503,7 +1501,7 @@ def test_a_fragmented_mp4_cut_between_fragments_fails_where_its_segment_index_sa
     for keep in (fragments[12], fragments[-1]):
         _fails_as_cut_short(cut, data[:keep], "its 'sidx' segment index", indexed)
     cut.write_bytes(data[: indexed + 8])  # inside the random-access box: no video lost
-    assert video._cut_short(str(cut), indexed + 8) is None
+    assert containers.cut_short(str(cut), indexed + 8) is None
 
 
 def _sidx(version: int, first_offset: int, entries: list[tuple[int, int]], large: bool = False) -> bytes:
@@ -1536,16 +1534,16 @@ def test_the_cut_short_check_adds_up_a_segment_index(tmp_path, layout):
         ends = [len(data) - 2 * len(fragment), len(data) - len(fragment)]
     path = tmp_path / "indexed.mp4"
     path.write_bytes(data + _box(b"mfra", bytes(40)))
-    assert video._cut_short(str(path), len(data) + 48) is None  # the whole file
+    assert containers.cut_short(str(path), len(data) + 48) is None  # the whole file
     for keep in ends:
         path.write_bytes(data[:keep])
-        assert video._cut_short(str(path), keep) == (
+        assert containers.cut_short(str(path), keep) == (
             f"its 'sidx' segment index runs to byte {len(data):,} but the file ends at byte {keep:,}"
         )
     if not ends:  # a cut between two fragments of per-fragment indexes
         keep = len(data) - len(fragment) - len(_sidx(0, 0, [(0, 1)]))
         path.write_bytes(data[:keep])
-        assert video._cut_short(str(path), keep) is None
+        assert containers.cut_short(str(path), keep) is None
 
 
 def test_segment_indexes_are_read_within_a_budget_per_file(tmp_path, monkeypatch):
@@ -1558,10 +1556,10 @@ def test_segment_indexes_are_read_within_a_budget_per_file(tmp_path, monkeypatch
     path.write_bytes(data)
     reads, pread = [], os.pread
     monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
-    assert video._cut_short(str(path), len(data)).startswith("its 'sidx' segment index runs to byte")
-    monkeypatch.setattr(video, "SIDX_BUDGET", len(small) + len(large) - 1)
+    assert containers.cut_short(str(path), len(data)).startswith("its 'sidx' segment index runs to byte")
+    monkeypatch.setattr(containers, "SIDX_BUDGET", len(small) + len(large) - 1)
     reads.clear()
-    assert video._cut_short(str(path), len(data)) is None  # the second index is past the budget: not read
+    assert containers.cut_short(str(path), len(data)) is None  # the second index is past the budget: not read
     assert len(small) in reads and len(large) not in reads
 
 
@@ -1590,10 +1588,10 @@ def test_the_cut_short_check_walks_an_opendml_avis_riff_chunks(tmp_path):
         (first[:50], f"its RIFF 'AVI ' chunk runs to byte {len(first) - 1:,}"),
     ]:
         path.write_bytes(data)
-        found = video._cut_short(str(path), len(data))
+        found = containers.cut_short(str(path), len(data))
         assert found == (None if cut is None else f"{cut} but the file ends at byte {len(data):,}")
     (tmp_path / "sound.wav").write_bytes(riff(b"WAVE", bytes(100))[:60])  # a RIFF file of another kind
-    assert video._cut_short(str(tmp_path / "sound.wav"), 60) is None
+    assert containers.cut_short(str(tmp_path / "sound.wav"), 60) is None
 
 
 def test_an_avi_written_to_a_pipe_is_read_whole(tmp_path):
@@ -1611,21 +1609,22 @@ def test_the_cut_short_check_reads_few_times_and_refuses_a_strangers_endless_box
     reads, pread = [], os.pread
     monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(at) or pread(fd, n, at))
     path = tmp_path / "boxes.mp4"
-    boxes = _box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * (2 * video.MAX_BOXES_WALKED)
+    boxes = _box(b"ftyp", b"isom" + bytes(4)) + _box(b"free") * (2 * containers.MAX_BOXES_WALKED)
     path.write_bytes(boxes + (1000).to_bytes(4, "big") + b"mdat")  # a media box cut short, after them
-    with pytest.raises(video.TooManyBoxes, match=(
-        rf"^its {len(boxes) + 8:,} bytes hold more than {video.MAX_BOXES_WALKED:,} top-level boxes, under "
-        rf"{video.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
+    with pytest.raises(containers.TooManyBoxes, match=(
+        rf"^its {len(boxes) + 8:,} bytes hold more than {containers.MAX_BOXES_WALKED:,} top-level boxes, under "
+        rf"{containers.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
     )):  # fmt: skip
-        video._cut_short(str(path), path.stat().st_size)
-    assert len(reads) <= video.MAX_BOXES_WALKED * 8 // (video.BOX_WINDOW - 16) + 2
-    size = video.ISO_BOX_BYTES * (2 * video.MAX_BOXES_WALKED + 2)  # as many boxes as it allows, the media box too
+        containers.cut_short(str(path), path.stat().st_size)
+    assert len(reads) <= containers.MAX_BOXES_WALKED * 8 // (containers.BOX_WINDOW - 16) + 2
+    # as many boxes as it allows, the media box too
+    size = containers.ISO_BOX_BYTES * (2 * containers.MAX_BOXES_WALKED + 2)
     path.write_bytes(boxes + (size - len(boxes) + 1000).to_bytes(4, "big") + b"mdat" + bytes(size - len(boxes) - 8))
     reads.clear()
-    assert video._cut_short(str(path), size) == (
+    assert containers.cut_short(str(path), size) == (
         f"its 'mdat' box runs to byte {size + 1000:,} but the file ends at byte {size:,}"
     )
-    assert len(reads) <= 2 * video.MAX_BOXES_WALKED * 8 // (video.BOX_WINDOW - 16) + 2
+    assert len(reads) <= 2 * containers.MAX_BOXES_WALKED * 8 // (containers.BOX_WINDOW - 16) + 2
 
 
 @pytest.mark.parametrize("media", [0, 8 << 20], ids=["more-boxes-than-its-size-allows", "a-size-that-allows-them"])
@@ -1649,17 +1648,17 @@ def test_a_moov_of_endless_tiny_children_is_walked_a_window_at_a_time_and_refuse
     size = path.stat().st_size
     if media:
         found = f"^its index declares 100,000,000 samples in a file of {size:,} bytes"
-        with pytest.raises(video.TooManySamples, match=found):
-            video._cut_short(str(path), size)
+        with pytest.raises(containers.TooManySamples, match=found):
+            containers.cut_short(str(path), size)
     else:
-        most = max(video.MAX_BOXES_WALKED, size // video.ISO_BOX_BYTES)
+        most = max(containers.MAX_BOXES_WALKED, size // containers.ISO_BOX_BYTES)
         assert children > most
-        with pytest.raises(video.TooManyBoxes, match=(
+        with pytest.raises(containers.TooManyBoxes, match=(
             rf"^its {size:,} bytes hold more than {most:,} boxes in 'moov' and 'moof', under "
-            rf"{video.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
+            rf"{containers.ISO_BOX_BYTES} bytes a box \(no muxer writes boxes that small: a damaged or crafted file\)$"
         )):  # fmt: skip
-            video._cut_short(str(path), size)
-    assert len(reads) <= len(data) // (video.BOX_WINDOW - 16) + 4
+            containers.cut_short(str(path), size)
+    assert len(reads) <= len(data) // (containers.BOX_WINDOW - 16) + 4
 
 
 def test_the_walk_past_large_fragments_reads_a_few_kb_a_fragment_and_stops_after_max_boxes_walked_reads(
@@ -1679,11 +1678,11 @@ def test_the_walk_past_large_fragments_reads_a_few_kb_a_fragment_and_stops_after
     reads, pread = [], os.pread
     monkeypatch.setattr(video.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
     cut = f"its 'mdat' box runs to byte {size - 8 + 1000:,} but the file ends at byte {size:,}"
-    assert video._cut_short(str(path), size) == cut
-    assert len(reads) == 301 and max(reads[1:]) == video.BOX_HOP_WINDOW
-    monkeypatch.setattr(video, "MAX_BOXES_WALKED", 100)
+    assert containers.cut_short(str(path), size) == cut
+    assert len(reads) == 301 and max(reads[1:]) == containers.BOX_HOP_WINDOW
+    monkeypatch.setattr(containers, "MAX_BOXES_WALKED", 100)
     reads.clear()
-    assert video._cut_short(str(path), size) is None and len(reads) == 100
+    assert containers.cut_short(str(path), size) is None and len(reads) == 100
 
 
 def test_a_fragmented_mp4_of_more_boxes_than_max_boxes_walked_is_walked_to_its_end_and_read(tmp_path):
@@ -1708,12 +1707,12 @@ def test_a_fragmented_mp4_of_more_boxes_than_max_boxes_walked_is_walked_to_its_e
     while at < len(data):
         kinds.append(data[at + 4 : at + 8])
         at += int.from_bytes(data[at : at + 4], "big")
-    assert len(kinds) > video.MAX_BOXES_WALKED and len(data) < len(kinds) * 2 * video.ISO_BOX_BYTES
+    assert len(kinds) > containers.MAX_BOXES_WALKED and len(data) < len(kinds) * 2 * containers.ISO_BOX_BYTES
     assert kinds.count(b"moof") == kinds.count(b"sidx") == kinds.count(b"prft") == 16_400
     last = data.rindex(b"mdat") - 4
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: last + 12])
-    assert video._cut_short(str(cut), last + 12) == (
+    assert containers.cut_short(str(cut), last + 12) == (
         f"its 'mdat' box runs to byte {last + int.from_bytes(data[last : last + 4], 'big'):,} but the file ends at "
         f"byte {last + 12:,}"
     )
@@ -1740,12 +1739,12 @@ def test_a_live_matroska_recording_is_judged_by_its_clusters(files, tmp_path):
     clips = read_clips(live, frames=4, height=16, width=16).clips  # the whole file: read as before
     assert len(clips) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(clips, expected, strict=True))
     data = live.read_bytes()
-    at = data.index(video.SEGMENT_ID) + 4
+    at = data.index(containers.SEGMENT_ID) + 4
     assert data[at : at + 8] == b"\x01" + b"\xff" * 7  # "unknown"
     clusters, at = [], at + 8
     with open(live, "rb") as f:
-        while (element := video._ebml_element(f, at)) is not None:
-            if element[0] == video.CLUSTER_ID:
+        while (element := containers._ebml_element(f, at)) is not None:
+            if element[0] == containers.CLUSTER_ID:
                 clusters.append((at, at + element[1] + element[2]))
             at += element[1] + element[2]
     assert at == len(data) and len(clusters) >= 3
@@ -1757,7 +1756,7 @@ def test_a_live_matroska_recording_is_judged_by_its_clusters(files, tmp_path):
     assert len(clips) == 1 and torch.equal(clips[0], expected[0])
     cues = b"\x1c\x53\xbb\x6b" + b"\x40\x64" + bytes(10)  # an index of 100 bytes, 10 there: no video lost
     cut.write_bytes(data + cues)
-    assert video._cut_short(str(cut), len(data + cues)) is None
+    assert containers.cut_short(str(cut), len(data + cues)) is None
 
 
 def test_a_device_or_named_pipe_is_not_a_video_file(tmp_path):
@@ -2269,7 +2268,7 @@ def test_write_video_round_trip(tmp_path):
     assert os.listdir(tmp_path) == ["out.mp4"]
     with av.open(str(path)) as container:  # it says how its pixels were converted: BT.601 in limited range
         context = container.streams.video[0].codec_context
-        assert (context.colorspace, context.color_range) == (video.WRITTEN_COLORSPACE, 1)
+        assert (context.colorspace, context.color_range) == (writing.WRITTEN_COLORSPACE, 1)
 
 
 WRITE_PATTERN = """
@@ -2278,7 +2277,7 @@ if {one_core}:
     os.sched_setaffinity(0, {{0}})
 sys.path.insert(0, {tests!r})
 import numpy as np, torch, videos
-from titok_fast.video import write_video
+from titok_fast.writing import write_video
 images = [videos.pattern_frame("moving", i, 192, 192) for i in range(16)]
 write_video({path!r}, torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2).float() / 127.5 - 1, fps=8)
 """
@@ -3192,7 +3191,7 @@ PLAN_A_BROKEN_FILE = """
 import os, resource, types
 from fractions import Fraction
 import numpy as np
-from titok_fast import decoders, stages, video
+from titok_fast import containers, decoders, stages, video, writing
 mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 room = mapped + (4 << 30)  # 4 GB more than what is mapped now (the table of every clip's would take 40 GB)
 resource.setrlimit(resource.RLIMIT_AS, (room, room))

@@ -565,7 +565,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _check_ssim_grid(what: str, grid) -> None:
-    from .video import SSIM_MIN_SIDE
+    from .metrics import SSIM_MIN_SIDE
 
     if min(grid[1:]) < SSIM_MIN_SIDE:
         raise ValueError(f"{what}: eval's SSIM needs frames of at least {SSIM_MIN_SIDE} x {SSIM_MIN_SIDE}")
@@ -731,7 +731,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .hub import WeightsUnavailable, default_checkpoint
     from .pipeline import collect_inputs, decode_files, encode_files
-    from .video import write_video
+    from .writing import write_video
 
     out = Path(args.output)
     sample, token_path = out / "sample.mp4", out / "tokens" / "sample.safetensors"

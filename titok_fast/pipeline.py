@@ -56,6 +56,7 @@ from .files import (
 )
 from .loading import random_seed, weights_digest
 from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, is_manifest_name, manifest_name
+from .metrics import psnr, ssim
 from .model import TiTok
 from .preprocess import DevicePreprocessor, I420Clip
 from .quantizer import NAN_INDEX
@@ -72,22 +73,18 @@ from .tokens import (
 )
 from .video import (
     MAX_FPS,
-    MIN_WRITE_FPS,
     TIME_SAMPLING,
     ClipReader,
     FeedInterleaver,
-    VideoWriter,
     auto_worker_kind,
     default_workers,
     interleaved_videos,
     normalize_pixels,
-    psnr,
     same_time_sampling,
-    side_by_side,
     source_stamp,
-    ssim,
     video_comment,
 )
+from .writing import MIN_WRITE_FPS, VideoWriter, side_by_side
 
 # what a folder's files must end in (any case) to be inputs; a file named on the command line or in a list is read
 # whatever its name
