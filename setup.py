@@ -24,7 +24,7 @@ setup(
     # the kernels live in the top-level folder kernels/ and install inside the package: a top-level `kernels`
     # module would clash with the PyPI package of that name
     package_dir={"titok_fast.kernels": "kernels"},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # PyAV 18.1 (below) needs 3.11; 3.10 reached its end of life in October 2026
     install_requires=[
         "torch>=2.11",  # the oldest tested: the GPU machine's (RESULTS.md); 2.13 on the CPU
         "triton>=3.6; platform_system == 'Linux'",  # tensor descriptors (3.4+); 3.6 the oldest tested, 3.9 too

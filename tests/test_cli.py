@@ -667,7 +667,7 @@ def test_resuming_a_finished_job_adds_no_manifest_lines_and_one_settled_otherwis
     for _ in range(2):
         code, stdout, _ = run(*command, capsys=capsys)
         assert code == 0 and "skipped 2 already complete" in stdout and manifest.read_text() == lines
-    a, now = str(videos.resolve() / "a.mp4"), lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
+    a, now = str(videos.resolve() / "a.mp4"), lambda: datetime.datetime.now(datetime.UTC).isoformat()
     with open(manifest, "a") as file:  # as if a job since had stopped before a's token file, then another wrote it
         file.write(json.dumps({"source": a, "tokens": str(out.resolve() / "a.safetensors"), "clips": 0,
                                "status": "not-encoded", "reason": "stopped", "time": now()}) + "\n")

@@ -1599,7 +1599,7 @@ def test_a_failed_redo_moves_the_outdated_token_file_aside(model, tmp_path):
     assert (out / "short.safetensors.outdated").read_bytes() == old_short
     assert load_tokens(out / "long.safetensors").grids.tolist() == [[12, 32, 32]]  # 20 frames at 4 fps
     line = {r["source"]: r for r in read_manifest(out / MANIFEST_NAME, latest=True)}[str(short)]
-    assert datetime.datetime.fromisoformat(line.pop("time")).tzinfo == datetime.timezone.utc
+    assert datetime.datetime.fromisoformat(line.pop("time")).tzinfo == datetime.UTC
     assert line == {
         "source": str(short), "tokens": str(out / "short.safetensors"), "clips": 0, "status": "failed",
         "reason": reason,

@@ -2848,29 +2848,17 @@ def test_processes_forked_from_the_process_server_have_the_runs_environment(tmp_
     assert after == before and json.loads(result.read_text()) == before and before["PYTHONSAFEPATH"] is None
 
 
-def test_processes_are_spawned_where_a_server_would_import_another_titok_fast(tmp_path, monkeypatch):
-    """Python 3.10 has no PYTHONSAFEPATH: a ``python -c`` process started in a folder holding a ``titok_fast``
-    imports it. There (the version check stood in for), no server is started and decoding processes are spawned,
-    importing with the run's path; a folder holding this ``titok_fast``, or none, or one without ``__init__.py``
-    (a namespace package, which this one outranks) changes nothing."""
+def test_the_process_server_is_started_without_the_runs_main_module(tmp_path, monkeypatch):
+    """multiprocessing's server preloads "__main__" by default, and Python 3.14's would run the run's script in it:
+    the server is started without it, also from a folder holding another ``titok_fast``."""
     from multiprocessing import forkserver
 
-    monkeypatch.setattr(video, "_SAFE_PATH", False)
-    (tmp_path / "other" / "titok_fast").mkdir(parents=True)
-    (tmp_path / "other" / "titok_fast" / "__init__.py").write_text("")
-    (tmp_path / "namespace" / "titok_fast").mkdir(parents=True)
-    ours = Path(video.__file__).parents[1]
-    for folder, shadowed in [(tmp_path / "other", True), (tmp_path / "namespace", False), (ours, False),
-                             (tmp_path, False)]:  # fmt: skip
-        monkeypatch.chdir(folder)
-        assert video._shadowed_here() == shadowed, folder
-        if shadowed:
-            assert video._process_context()._name == "spawn" and video.start_process_server() is None
-    monkeypatch.setattr(video, "_SAFE_PATH", True)
-    monkeypatch.chdir(tmp_path / "other")
-    assert not video._shadowed_here()
+    (tmp_path / "titok_fast").mkdir()
+    (tmp_path / "titok_fast" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
     video.start_process_server()
-    assert "__main__" not in forkserver._forkserver._preload_modules  # (Python 3.14's server would run the script)
+    assert video._process_context()._name == "forkserver"
+    assert "__main__" not in forkserver._forkserver._preload_modules
 
 
 def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_ended_run(tmp_path):

@@ -200,7 +200,7 @@ class Manifest:
             return
         line = {"source": absolute(source), "tokens": absolute(tokens), "clips": clips,
                 "status": status, "reason": reason}  # fmt: skip
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
         data = (json.dumps({**line, **extra, "time": now}) + "\n").encode()
         written = 0
         try:

@@ -1848,7 +1848,7 @@ def _process_context():
     a server other code started runs, without them (each process then imports them itself: 2.5 CPU-s)."""
     import torch.multiprocessing as mp  # (its pickling of shared-memory tensors)
 
-    return mp.get_context("forkserver" if _own_server() and not _shadowed_here() else "spawn")
+    return mp.get_context("forkserver" if _own_server() else "spawn")
 
 
 _STARTING = threading.local()  # .ours: this thread is starting a decoding process (:func:`_main_left_out`)
@@ -1913,14 +1913,14 @@ def start_process_server() -> str | None:
     first file (loading the model). Started with SIGINT blocked, which the processes forked from it keep, and
     without the run's main module; it removes this run's multiprocessing folder if the run is killed
     (``titok_fast._server``). Returns the folder of the socket through which the server is asked for a process,
-    where it has one: the run's multiprocessing folder. Nothing where a server other code started runs, or where
-    it would import another ``titok_fast`` (:func:`_shadowed_here`): processes are spawned instead
-    (:func:`_process_context`). One thread at a time: the environment is changed while the server starts."""
+    where it has one: the run's multiprocessing folder. Nothing where a server other code started runs:
+    processes are spawned instead (:func:`_process_context`). One thread at a time: the environment is changed
+    while the server starts."""
     global _SERVER_OWNER
     from multiprocessing import forkserver
 
     with _SERVER_LOCK:
-        if not _own_server() or _shadowed_here():
+        if not _own_server():
             return None
         server = forkserver._forkserver
         if server._forkserver_pid is None or _ended(server._forkserver_pid):
@@ -1945,8 +1945,8 @@ def _our_import_path():
     -c`` process, whose path begins with the current folder (multiprocessing hands it this process's path but does
     not apply it, CPython 3.10 to 3.13): a run started in a folder holding another ``titok_fast`` (a checkout of
     another version) had its decoding processes import that one. The server is started with PYTHONSAFEPATH (the
-    current folder kept off its path; Python 3.10 has none: :func:`_shadowed_here`) and, where this
-    ``titok_fast`` is not in a site-packages folder (a checkout), the folder it is in first on PYTHONPATH. Not
+    current folder kept off its path) and, where this ``titok_fast`` is not in a site-packages folder (a
+    checkout), the folder it is in first on PYTHONPATH. Not
     this process's whole path: a folder on PYTHONPATH is searched while Python starts, and the folder of a script
     (on this process's path only once it had started) may hold files named as modules Python imports then. The
     server puts both variables back as they were here (SERVER_ENVIRONMENT, read by ``titok_fast._server``), so
@@ -1982,26 +1982,6 @@ def _environment() -> dict[str, str]:
     changes it then)."""
     with _SERVER_LOCK:
         return dict(os.environ)
-
-
-_SAFE_PATH = sys.version_info >= (3, 11)  # PYTHONSAFEPATH exists
-
-
-def _shadowed_here() -> bool:
-    """Whether a process server started now would import another ``titok_fast`` than this one: on Python 3.10,
-    which has no PYTHONSAFEPATH to keep the current folder off a ``python -c`` process's path, where that folder
-    holds a ``titok_fast`` package or module other than this one. Decoding processes are spawned then (they
-    import with this process's path), and start slower (2.5 CPU-s each)."""
-    if _SAFE_PATH:
-        return False
-    with contextlib.suppress(OSError):
-        here = os.getcwd()
-        ours = os.path.dirname(os.path.abspath(__file__))
-        package = os.path.join(here, "titok_fast")
-        if os.path.isfile(os.path.join(package, "__init__.py")) and not os.path.samefile(package, ours):
-            return True
-        return os.path.isfile(os.path.join(here, "titok_fast.py"))
-    return False
 
 
 def _site_folders() -> list[str]:
