@@ -343,14 +343,15 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
                 raise RuntimeError(f"{path}: {summary.failed}")
             clips = summary.clips
             feeder_waited = getattr(summary, "waited", None)  # (None at commits without it)
-            # what decoded each file (NVDEC falls back to the CPU file by file, with a notice): a row asked for
-            # NVDEC whose files were decoded on the CPU does not measure NVDEC
-            made = [try_load_tokens(f) for f in sorted((Path(scratch) / "tokens").glob("*.safetensors"))]
-            used = sorted({(t.made_with.get("decoded_by", "") if t else "") or "unknown" for t in made})
         wall, driving = time.perf_counter() - start, time.thread_time() - driving
         for child in multiprocessing.active_children():  # RUSAGE_CHILDREN counts only the children waited for:
             child.join(timeout=30)  # a worker process still ending (its run waits 5 s at most) would be left out
         cpu, own = _cpu_seconds() - cpu, _own_cpu_seconds() - own
+        if not args.input_only:  # (outside the times and CPU counts above: the run does not read its files back)
+            # what decoded each file (NVDEC falls back to the CPU file by file, with a notice): a row asked for
+            # NVDEC whose files were decoded on the CPU does not measure NVDEC
+            made = [try_load_tokens(f) for f in sorted((Path(scratch) / "tokens").glob("*.safetensors"))]
+            used = sorted({(t.made_with.get("decoded_by", "") if t else "") or "unknown" for t in made})
     spent = stages.CLOCK.take() if stages is not None else {}
     row = {
         "clips": clips,
