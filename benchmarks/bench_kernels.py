@@ -70,7 +70,8 @@ def _log_case(request):
     log, benchmark = os.environ.get("TITOK_BENCH_LOG"), request.node.funcargs.get("benchmark")
     if log and benchmark is not None and benchmark.extra_info:
         with open(log, "a") as f:
-            f.write(json.dumps({"case": benchmark.group, "run": RUN, **benchmark.extra_info}) + "\n")
+            session = {"session": s} if (s := os.environ.get("TITOK_BENCH_SESSION")) else {}  # (gpu_session.sh's)
+            f.write(json.dumps({"case": benchmark.group, "run": RUN, **session, **benchmark.extra_info}) + "\n")
 
 # (latent tokens, patch grid): sequence lengths 3904, 3136, 1792, 1152
 VIDEOS = [(1024, (5, 24, 24)), (256, (5, 24, 24)), (512, (5, 16, 16)), (128, (4, 16, 16))]

@@ -209,7 +209,9 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
     log = os.environ.get("TITOK_BENCH_LOG")
     if log:  # one line per case as soon as it is measured: a run cut short keeps what it measured
         with open(log, "a") as f:
-            f.write(json.dumps({"case": benchmark.group, "run": RUN, "mean_s": mean, **benchmark.extra_info}) + "\n")
+            session = {"session": s} if (s := os.environ.get("TITOK_BENCH_SESSION")) else {}  # (gpu_session.sh's)
+            f.write(json.dumps({"case": benchmark.group, "run": RUN, **session, "mean_s": mean, **benchmark.extra_info})
+                    + "\n")
 
 
 CPU_CASES = {

@@ -431,9 +431,12 @@ def _lscpu() -> list[str]:
 
 
 def _log(record: dict, path: str | None) -> None:
+    """``record`` appended to the log at ``path`` as a JSON line, with the session of ``gpu_session.sh`` that runs
+    it (``$TITOK_BENCH_SESSION``: targets.py judges a log's latest session alone)."""
     if path:
+        session = {"session": s} if (s := os.environ.get("TITOK_BENCH_SESSION")) else {}
         with open(path, "a") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps({**record, **session}) + "\n")
 
 
 COLUMNS = [  # key, header, format

@@ -296,6 +296,9 @@ sweeps() {  # pipeline's "sweeps" (its $run, $videos and $out)
 }
 
 export PYTHONUNBUFFERED=1  # a part cut off by its time limit still leaves what it printed
+# every row this invocation logs names it: targets.py judges a log on its latest session alone (gpu-results/ without
+# $OUT keeps the rows of earlier sessions, maybe of another card)
+export TITOK_BENCH_SESSION="${TITOK_BENCH_SESSION:-$(date -u +%Y%m%dT%H%M%SZ)-$$}"
 for name in "${@:-all}"; do  # one part, or several in a row (e.g. targets gpu-tests), into the same results
     prepare "$name"
     part "$name"

@@ -49,3 +49,19 @@ def test_the_stand_in_and_the_reading_side_alone_are_one_or_the_other(tmp_path):
     with pytest.raises(SystemExit, match="--stand-in and --input-only: choose one"):
         main(["--videos", str(tmp_path), "--sources", "256p8", "--seconds", "1", "--input-only", "--stand-in", "50",
               "--device", "cpu"])  # fmt: skip
+
+
+def test_logged_rows_name_the_session_that_ran_them(tmp_path, monkeypatch):
+    """gpu_session.sh sets $TITOK_BENCH_SESSION for every row it logs (targets.py judges a log's latest session
+    alone); a row logged by hand has none."""
+    import json
+
+    from bench_pipeline import _log
+
+    log = tmp_path / "pipeline.jsonl"
+    monkeypatch.delenv("TITOK_BENCH_SESSION", raising=False)
+    _log({"source": "by hand"}, str(log))
+    monkeypatch.setenv("TITOK_BENCH_SESSION", "20261206T190000Z-42")
+    _log({"source": "after 256p8"}, str(log))
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"source": "by hand"}, {"source": "after 256p8", "session": "20261206T190000Z-42"}]
