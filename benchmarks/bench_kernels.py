@@ -47,6 +47,7 @@ from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_
 from titok_fast.kernels.gated_gelu import gated_gelu
 from titok_fast.kernels.mrope_attention import (
     ATTENTION_BLOCKS,
+    NORM_CONFIG,
     mrope_attention,
     mrope_tables,
     packed_positions,
@@ -181,7 +182,8 @@ def test_attention_blocks(benchmark, side, blocks):
     args = (inputs["qkv"], *inputs["norms"], inputs["cu"], inputs["positions"], inputs["cos"], inputs["sin"])
     mean = _timed(benchmark, lambda: mrope_attention(*args, hq, hkv, blocks=blocks))
     _extra_info(benchmark, f"titok[{blocks}]")
-    benchmark.extra_info.update(tflops_per_s=flops / mean / 1e12, heads=f"{hq}/{hkv}", rows=int(inputs["cu"][-1]))
+    benchmark.extra_info.update(tflops_per_s=flops / mean / 1e12, heads=f"{hq}/{hkv}", rows=int(inputs["cu"][-1]),
+                                baseline=blocks == next(iter(ATTENTION_BLOCKS)))  # (the default: the table's ratios)
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4, 8])
@@ -199,7 +201,8 @@ def test_prologue_heads(benchmark, side, heads):
     mean = _timed(benchmark, lambda: qk_norm_rope(*args, heads_per_program=heads))
     _extra_info(benchmark, f"titok_prologue[{heads} heads]")
     moved = 2 * qk.numel() * qk.element_size()  # the q/k columns read, then written
-    benchmark.extra_info.update(gb_per_s=moved / mean / 1e9, heads=f"{hq}/{hkv}", rows=int(cu[-1]))
+    benchmark.extra_info.update(gb_per_s=moved / mean / 1e9, heads=f"{hq}/{hkv}", rows=int(cu[-1]),
+                                baseline=heads == NORM_CONFIG["HEADS"])  # (the default: the table's ratios)
 
 
 @pytest.mark.parametrize("provider", ["titok", "torch"])

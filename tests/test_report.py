@@ -54,13 +54,26 @@ def test_ratios_divide_rates_by_upstream_packed_never_times(tmp_path):
     assert "| titok | 0.100 | 0.090 | 0.110 | 600.0 | 2.00x |" in text
 
 
-def test_a_group_without_a_named_baseline_divides_by_its_first_row(tmp_path):
-    """A sweep of block shapes (bench_kernels.py::test_attention_blocks) lists the default first."""
-    rows = [("titok[m128n64w8s3]", 300.0), ("titok[m128n128w8s2]", 330.0), ("titok[m64n64w4s3]", 240.0)]
-    data = {"benchmarks": [{"group": "blocks", "extra_info": {"provider": p, "tflops_per_s": t}} for p, t in rows]}
+def test_a_sweep_divides_by_the_row_its_benchmark_marks_as_the_default_and_says_which(tmp_path):
+    """A sweep (bench_kernels.py: block shapes, prologue heads per program) marks its default ``baseline``, wherever
+    it comes in the group; the ratio column names the row it divides by."""
+    rows = [("titok_prologue[1 heads]", 1000.0, False), ("titok_prologue[4 heads]", 2000.0, True),
+            ("titok_prologue[8 heads]", 1800.0, False)]  # fmt: skip
+    data = {"benchmarks": [{"group": "heads", "extra_info": {"provider": p, "gb_per_s": g, "baseline": b}}
+                           for p, g, b in rows]}  # fmt: skip
     text = rendered(tmp_path, data)
-    assert "| titok[m128n64w8s3] | 300.0 | 1.00x |" in text and "| titok[m128n128w8s2] | 330.0 | 1.10x |" in text
-    assert "| titok[m64n64w4s3] | 240.0 | 0.80x |" in text
+    assert "| provider | GB/s | vs titok_prologue[4 heads] |" in text
+    assert "| titok_prologue[1 heads] | 1000 | 0.50x |" in text and "| titok_prologue[4 heads] | 2000 | 1.00x |" in text
+    assert "| titok_prologue[8 heads] | 1800 | 0.90x |" in text
+
+
+def test_a_group_without_a_baseline_has_no_ratio_column(tmp_path):
+    """Rows of different work (the pipeline's sources, the compile parts' eager and compile rows) are not divided
+    by whichever came first."""
+    rows = [("720p30 encode", 4.0), ("256p8 encode", 12.0), ("256p8 input only", 30.0)]
+    data = {"benchmarks": [{"group": "pipeline", "extra_info": {"provider": p, "clips_per_s": c}} for p, c in rows]}
+    text = rendered(tmp_path, data)
+    assert "| provider | clips/s |" in text and "| 256p8 encode | 12.00 |" in text and "x |" not in text
 
 
 def test_end_to_end_rows_show_the_spread_of_their_timed_rounds(tmp_path):
@@ -77,7 +90,7 @@ def test_end_to_end_rows_show_the_spread_of_their_timed_rounds(tmp_path):
         ]
     }
     text = rendered(tmp_path, data)
-    assert "| provider | clips/s | ms min-max (sd) | vs baseline |" in text
+    assert "| provider | clips/s | ms min-max (sd) | vs upstream-packed |" in text
     assert "| upstream-packed | 100.00 | 315.20-330.90 (6.25) | 1.00x |" in text
     assert "| auto | 250.00 | 126.00-129.50 (1.50) | 2.50x |" in text
     assert "| older | 50.00 |  | 0.50x |" in text

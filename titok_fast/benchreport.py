@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-# what "vs baseline" divides by, the first one present: upstream's packed path, else older tables' baselines, else
-# the group's first row (a sweep of one kernel's block shapes: its first row is the default)
+# what the ratio column divides by, the first one present: upstream's packed path, else older tables' baselines,
+# else the row its benchmark marks ``baseline`` (a sweep's default configuration); the column names it. A group with
+# none of them (rows of different sources, the compile parts' eager-only rows) has no ratio column.
 BASELINES = ("upstream-packed", "reference", "fa2_alone", "torch_flash", "torch")
 COLUMNS = [  # header, key, format (given the value and, by name, the row's other fields)
     ("ms", "ms", "{:.3f}"),
@@ -46,14 +47,16 @@ def table(path: str) -> str:
         used = [c for c in COLUMNS if any(c[1] in i for i in info)]
         speed = next((k for k in ("clips_per_s", "tflops_per_s", "gb_per_s") if k in info[0]), None)  # higher: faster
         by_provider = {i.get("provider"): i for i in info}
-        baseline = next((by_provider[p] for p in BASELINES if p in by_provider), info[0])
-        base = baseline.get(speed)
+        baseline = next((by_provider[p] for p in BASELINES if p in by_provider),
+                        next((i for i in info if i.get("baseline") is True), None))  # fmt: skip
+        base = baseline.get(speed) if baseline is not None else None
         lines += [f"\n**{group}** ({info[0].get('device', '?')}, torch {info[0].get('torch', '?')})", ""]
-        lines.append("| provider | " + " | ".join(c[0] for c in used) + " | vs baseline |")
-        lines.append("|---" * (len(used) + 2) + "|")
+        versus = [f"vs {baseline.get('provider', '?')}"] if base else []
+        lines.append("| " + " | ".join(["provider", *(c[0] for c in used), *versus]) + " |")
+        lines.append("|---" * (len(used) + 1 + len(versus)) + "|")
         for i in info:
             cells = [fmt.format(i[key], **i) if key in i else "" for _, key, fmt in used]
-            ratio = f"{i[speed] / base:.2f}x" if base and speed in i else ""
-            lines.append(f"| {i.get('provider', '?')} | " + " | ".join(cells) + f" | {ratio} |")
+            cells += [f"{i[speed] / base:.2f}x" if speed in i else ""] if base else []
+            lines.append("| " + " | ".join([i.get("provider", "?"), *cells]) + " |")
     return "\n".join(lines)
 
