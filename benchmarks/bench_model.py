@@ -153,11 +153,33 @@ def clips(shapes: list, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
     return [(torch.rand((3, *s), generator=g) * 2 - 1).to(device=device, dtype=dtype) for s in shapes]
 
 
+def _storages(modules) -> dict[int, int]:
+    """The distinct storages of the modules' parameters and buffers: their address -> bytes."""
+    found = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            storage = tensor.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def _module_of(runner) -> torch.nn.Module:
+    """The model a runner computes with (an Engine's, upstream's module, or the runner itself)."""
+    return runner.model if isinstance(runner, Engine) else getattr(runner, "module", runner)
+
+
 def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds):
     if device == "cuda":  # drop what earlier cases left behind, so peak memory is this case's
         gc.collect()
         torch.cuda.empty_cache()
+        cached = _storages(_MODELS.values())  # weights kept for other cases: counted only where this runner uses them
+        allocated = torch.cuda.memory_allocated()
     runner = model_for(config, provider, device, dtype)
+    if device == "cuda":  # this case's memory: what it allocates, and the cached weights it runs on; not weights
+        # cached now for other providers (upstream-packed builds a copy of its own from the shared model)
+        own = _storages([_module_of(runner)])
+        allocated -= sum(n for p, n in own.items() if p in cached)
+        allocated += sum(n for p, n in _storages(_MODELS.values()).items() if p not in cached and p not in own)
     videos = clips(shapes, device, dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if stage == "encode":
@@ -204,7 +226,7 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
         benchmark.extra_info.update(mode=runner.mode, graphs=runner.compiles, ran=ran)
     if device == "cuda":
         benchmark.extra_info.update(
-            peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, mfu=flops / mean / H100_DENSE_BF16
+            peak_mem_gib=(torch.cuda.max_memory_allocated() - allocated) / 2**30, mfu=flops / mean / H100_DENSE_BF16
         )
     log = os.environ.get("TITOK_BENCH_LOG")
     if log:  # one line per case as soon as it is measured: a run cut short keeps what it measured
