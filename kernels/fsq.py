@@ -9,7 +9,7 @@ Two fused kernels:
   (``table`` = precomputed ``ln_pre(proj_in(code))`` of every code) followed by the normalised mask token for
   each patch row, written straight into the packed [R, W] buffer.
 
-Limits: bf16/fp16/fp32; W <= 8192 (the encoder head holds a whole row in registers); 1 <= D <= 8 levels;
+Limits: bf16/fp16/fp32; W <= 8192 (the encoder head holds a whole row in registers); 1 <= D <= 15 levels (MAX_LEVELS);
 ``cu_seqlens`` / ``cu_tokens`` are never read on the host.
 
 Host-side helpers (importable without a GPU): ``FsqConstants`` and the plain-PyTorch references.
