@@ -6,6 +6,7 @@ import gc
 import random
 import threading
 import types
+import weakref
 
 import pytest
 import torch
@@ -484,17 +485,19 @@ def test_cuda_engine_equals_model(mode, monkeypatch):
 def test_autocast_around_an_engine_that_captures_graphs_changes_nothing(mode, device, monkeypatch):
     """A generative model's training step runs under autocast: the engine's batches, and the graphs captured
     there, compute in the model's dtype, and their tokens and pixels are those outside it, bit for bit (on a CPU
-    through the graph stand-ins, on a GPU with real graphs)."""
+    through the graph stand-ins, on a GPU with real graphs). The comparison is another engine's, whose graphs were
+    captured outside autocast: the same engine's replays would repeat whatever its capture under autocast did."""
     model = make_model("tiny").to(device)
     videos = [v.to(device) for v in random_videos(SHAPES)]
     engine = engine_for(model, mode, monkeypatch, budgets=(256, 512), max_clips=3)
     with torch.autocast(device, dtype=torch.bfloat16):
         codes, got = engine.encode(videos, COUNTS)  # (graphs captured here, under autocast)
         recon = engine.decode_indices(got["indices"], SHAPES)
-    want_codes, want = engine.encode(videos, COUNTS)
+    fresh = engine_for(model, mode, monkeypatch, budgets=(256, 512), max_clips=3)
+    want_codes, want = fresh.encode(videos, COUNTS)
     assert codes.dtype == torch.float32 and torch.equal(codes, want_codes)
     assert all(map(torch.equal, got["indices"], want["indices"]))
-    assert all(map(torch.equal, recon, engine.decode_indices(want["indices"], SHAPES)))
+    assert all(map(torch.equal, recon, fresh.decode_indices(want["indices"], SHAPES)))
 
 
 class _Graph:
@@ -634,9 +637,18 @@ def test_gpu_an_engine_dropped_leaves_another_engines_graphs_exact(monkeypatch):
     second.encode(videos, counts)
     second.decode_indices(want["indices"], shapes)
     assert second._capture_stream.cuda_stream != taken
+    gone, stream = weakref.ref(first), first._capture_stream
     del first
     gc.collect()
-    litter = [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(16)]  # the freed memory, refilled
+    with engine_module._LIVE_LOCK:  # its graphs reset and uncounted (else nothing below was freed)
+        assert gone() is None and (stream.device.index, taken) not in engine_module._live_graphs()
+    # the freed memory refilled: the caching allocator hands a freed block only to an allocation on its own stream,
+    # and a graph's pool only to captures into that pool, so the cache is emptied and the NaNs are allocated on
+    # the first engine's stream
+    torch.cuda.empty_cache()
+    with torch.cuda.stream(stream):
+        litter = [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(16)]
+    torch.cuda.synchronize()
     got_codes, got = second.encode(videos, counts)
     got_pixels = second.decode_indices(want["indices"], shapes)
     del litter

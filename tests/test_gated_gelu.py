@@ -102,14 +102,17 @@ def test_launcher_refuses_what_the_kernel_would_read_wrong(x, fp8, said):
 def test_gpu_kernel_gives_pytorchs_values(inner):
     """Compiled: the module's bf16 values, but for Triton's libdevice erff, which on an H100 (torch 2.11+cu130)
     differed from the erff of PyTorch's CUDA build on 13% of float32 inputs: 0.5% of outputs were the next bf16
-    value (this test held them byte for byte and failed there). At most one ulp and 1% of values; in FP8 the codes
-    and scales of quantising the kernel's own bf16 values."""
+    value (this test held them byte for byte and failed there). Held as the CPU's erf is held against the module
+    (:func:`test_reference_is_the_module_but_for_the_cpus_erf`): one bf16 step of gelu(g), carried through the
+    product's rounding (up to two steps of a * gelu), and the tail where 1 + erf cancels, within 2^-7 of |a * g| +
+    |y|; at most 1% of values differ. In FP8 the codes and scales of quantising the kernel's own bf16 values."""
     from titok_fast.kernels.fp8_quant import quantize_rows_fp8
 
     x = rows(4099, inner, torch.bfloat16, seed=1).cuda()
     want, got = GatedGelu()(x), gated_gelu(x)
-    ulps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()  # (same signs: one ulp apart)
-    assert int(ulps.max()) <= 1 and (got != want).float().mean().item() <= 0.01
+    a, g = x.float().chunk(2, dim=-1)
+    assert ((got.float() - want.float()).abs() <= 2**-7 * ((a * g).abs() + want.float().abs())).all()
+    assert (got != want).float().mean().item() <= 0.01
     q, scale = gated_gelu(x, fp8=True)
     want_q, want_scale = quantize_rows_fp8(got)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)

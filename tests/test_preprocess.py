@@ -1,5 +1,4 @@
 import collections
-import importlib.util
 import itertools
 import re
 import sys
@@ -827,25 +826,24 @@ def test_gpu_kept_nvdec_decoders_give_pyavs_planes_file_after_file(files, lookal
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_nvdec_clips_are_the_cpu_decoders(files, monkeypatch):
+@pytest.mark.parametrize("case", [None, 9, "real"], ids=["fake", "fake-failing-at-frame-9", "real"])
+def test_gpu_nvdec_clips_are_the_cpu_decoders(files, monkeypatch, case):
     """On a GPU the reader's NVDEC clips (surfaces converted a clip at a time by the kernel) are the CPU decoder's
-    clips, byte for byte: from NVDEC itself where PyNvVideoCodec is installed, and from surfaces on the GPU made of
-    PyAV's planes, a clip that NVDEC began and the CPU finished included (its frames from both, stacked on the
-    GPU)."""
+    clips, byte for byte: from NVDEC itself where PyNvVideoCodec is installed (else that case skips, saying so), and
+    from surfaces on the GPU made of PyAV's planes, a clip that NVDEC began and the CPU finished included (its
+    frames from both, stacked on the GPU; the fake decoder fails at frame 9, in clip 2)."""
     kwargs = dict(frames=4, height=64, width=64, fps=24, preprocess="device", device="cuda")
     cpu = read_clips(files["wide"], **kwargs).clips
-    cases = [None, 9]  # the fake decoder failing: never, at frame 9 (clip 2 mixed)
-    if importlib.util.find_spec("PyNvVideoCodec") is not None:
-        cases.append("real")
-    for case in cases:
-        if case != "real":
-            fake_nvdec(monkeypatch, fail_at=case, device="cuda")
-        reader = ClipReader(files["wide"], decoder="nvdec", **kwargs)
-        clips = list(reader)
-        monkeypatch.undo()
-        assert reader.decoded_by == ("nvdec,cpu" if case == 9 else "nvdec") and len(clips) == len(cpu) >= 3, case
-        for k, (a, b) in enumerate(zip(clips, cpu, strict=True)):  # (after NVDEC failed, clips the CPU decoded
-            assert a.is_cuda == (case != 9 or k <= 2) and torch.equal(a.cpu(), b), (case, k)  # alone are the CPU's)
+    if case == "real":
+        pytest.importorskip("PyNvVideoCodec")
+    else:
+        fake_nvdec(monkeypatch, fail_at=case, device="cuda")
+    reader = ClipReader(files["wide"], decoder="nvdec", **kwargs)
+    clips = list(reader)
+    monkeypatch.undo()
+    assert reader.decoded_by == ("nvdec,cpu" if case == 9 else "nvdec") and len(clips) == len(cpu) >= 3
+    for k, (a, b) in enumerate(zip(clips, cpu, strict=True)):  # (after NVDEC failed, clips the CPU decoded alone
+        assert a.is_cuda == (case != 9 or k <= 2) and torch.equal(a.cpu(), b), k  # are the CPU's)
 
 
 @pytest.mark.gpu
