@@ -12,6 +12,8 @@ Attention: TFLOP/s (4 * rows_q * rows_k * Hq * 64 per sequence) at V1 shapes (en
   written, no TFLOP/s); ``test_prologue_heads`` times it with 1, 2, 4 (the default) and 8 heads per program;
 - ``torch_flash``: q/k LayerNorm + M-RoPE in PyTorch (fp32 math), then PyTorch's varlen flash attention (GQA);
 - ``upstream``: as upstream: norms in bf16, rotation in complex128, then the same flash attention;
+  ``upstream_prologue``: those norms and rotations alone (the H100 timed ``upstream`` at 15.9 ms a decoder call
+  against 1.1 ms an encoder call, for twice the work: this says whether the prologue is where the time goes);
 - anchors, attention alone on already normalised and rotated q/k (``anchors.py``; what does not change between
   calls, such as bounds, expanded K/V and masks, is prepared before timing): ``fa2_alone`` (FlashAttention-2
   varlen), ``cudnn_alone`` (cuDNN through SDPA, per sequence), ``flex_alone`` (FlexAttention with a document mask,
@@ -129,7 +131,8 @@ def _torch_norm_rope(x, cos, sin, positions, upstream: bool):
     return torch.stack((even * c - odd * s, even * s + odd * c), -1).flatten(-2).bfloat16()
 
 
-PROVIDERS = ["titok", "titok_prologue", "torch_flash", "upstream", *(f"{a}_alone" for a in ANCHORS)]
+PROVIDERS = ["titok", "titok_prologue", "torch_flash", "upstream", "upstream_prologue",
+             *(f"{a}_alone" for a in ANCHORS)]  # fmt: skip
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -139,10 +142,12 @@ def test_attention(benchmark, side, provider):
     hq, hkv = SIDES[side]
     inputs, flops = _attention_inputs(hq, hkv)
     qkv, cu, max_len = inputs["qkv"], inputs["cu"], inputs["max_len"]
-    if provider == "titok_prologue":
+    if provider in ("titok_prologue", "upstream_prologue"):
         qk = torch.empty(qkv.shape[0], (hq + hkv) * 64, dtype=qkv.dtype, device=qkv.device)
         args = (qkv, qk, *inputs["norms"], cu, inputs["positions"], inputs["cos"], inputs["sin"], hq, hkv)
-        mean = _timed(benchmark, lambda: qk_norm_rope(*args))
+        heads, tables = qkv.unflatten(1, (hq + 2 * hkv, 64)), (inputs["cos"], inputs["sin"], inputs["positions"], True)
+        mean = _timed(benchmark, lambda: qk_norm_rope(*args) if provider == "titok_prologue" else
+                      (_torch_norm_rope(heads[:, :hq], *tables), _torch_norm_rope(heads[:, hq : hq + hkv], *tables)))
         _extra_info(benchmark, provider)
         moved = 2 * qk.numel() * qk.element_size()  # the q/k columns read, then written
         benchmark.extra_info.update(gb_per_s=moved / mean / 1e9, heads=f"{hq}/{hkv}", rows=int(cu[-1]))
