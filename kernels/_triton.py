@@ -4,6 +4,16 @@ backend, and a kernel launched says in one line that it needs Triton."""
 
 from __future__ import annotations
 
+import threading
+
+# Held by every launch of a kernel of ours (the model's, through titok_fast.ops; the YUV conversions of decoding
+# threads): Triton's compile and kernel cache are not thread-safe, so a launch that compiles (the first of a
+# configuration, per device) must not race another, and its interpreter keeps a launch's grid and its patched
+# triton.language in module globals (two threads calling a model on the triton backend in the interpreter raised
+# "y >= grid_dim[1]" or gave other indices). A launch on a GPU holds it for microseconds; reentrant, for a launcher
+# that launches another.
+LAUNCH_LOCK = threading.RLock()
+
 try:
     import triton
     import triton.language as tl
@@ -42,4 +52,4 @@ except ImportError as e:  # the stand-ins below
     triton, tl = _Triton("triton"), _Language("triton.language")
     libdevice, TensorDescriptor = tl.extra.libdevice, _Absent("triton.tools.tensor_descriptor.TensorDescriptor")
 
-__all__ = ["MISSING", "TensorDescriptor", "libdevice", "tl", "triton"]
+__all__ = ["LAUNCH_LOCK", "MISSING", "TensorDescriptor", "libdevice", "tl", "triton"]

@@ -1,5 +1,8 @@
 """The whole model with backend="triton" against the oracle; on a CPU the kernels run in the Triton interpreter."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 
@@ -155,6 +158,33 @@ def test_every_kernel_launches_on_the_gpu_of_its_tensors(models, monkeypatch):
     assert encoded == 2 * depth + 1  # each layer's attention and gated GELU, then the FSQ head
     assert len(guarded) == encoded + 1 + 2 * depth  # the decoder's input rows, then each layer's two
     assert set(guarded) == {torch.device(DEVICE) if DEVICE == "cpu" else model.device}
-    fake = type("Tensor", (), {"device": torch.device("cuda", 1)})()
-    monkeypatch.setattr(torch.cuda, "device", lambda device: ("current", device))
-    assert guard(fake) == ("current", torch.device("cuda", 1))
+    fake, current = type("Tensor", (), {"device": torch.device("cuda", 1)})(), []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(current.append(device)))
+    with guard(fake):
+        assert current == [torch.device("cuda", 1)]
+
+
+def test_threads_calling_the_model_at_once_get_its_tokens(models):
+    """The model may be called from several threads at once: every kernel launch holds one lock (Triton's compile
+    and cache are not thread-safe, and its interpreter keeps a launch's grid in module globals: without the lock,
+    two threads here raised "y >= grid_dim[1]" or got other indices)."""
+    model, _ = models
+    videos = [v.to(DEVICE) for v in random_videos(SHAPES[:2])]
+    want = model.encode(videos, COUNTS[:2])[1]["indices"]
+    barrier, got, failed = threading.Barrier(2), [], []
+
+    def call():
+        barrier.wait()
+        for _ in range(2):
+            try:
+                got.append(model.encode(videos, COUNTS[:2])[1]["indices"])
+            except Exception as e:  # (said below, with the others)
+                failed.append(repr(e))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failed and len(got) == 4
+    assert all(torch.equal(a, b) for indices in got for a, b in zip(indices, want, strict=True))

@@ -4,19 +4,24 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
+from titok_fast.kernels._triton import LAUNCH_LOCK
 from titok_fast.kernels.fp8_quant import layer_norm_rows_fp8, quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
 from titok_fast.kernels.gated_gelu import gated_gelu
 from titok_fast.kernels.mrope_attention import HEAD_DIM, mrope_attention
 
 
-def on_device_of(t: torch.Tensor):
-    """Make ``t``'s GPU the current one while a kernel launches: Triton launches on the current GPU and its stream,
-    and a model on cuda:1 may be called from a thread whose current GPU is 0 (a no-op elsewhere)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+@contextlib.contextmanager
+def on_device_of(t: torch.Tensor) -> Iterator[None]:
+    """A kernel's launch: ``t``'s GPU made the current one (Triton launches on the current GPU and its stream, and a
+    model on cuda:1 may be called from a thread whose current GPU is 0), and the launch lock held (threads calling
+    the model at once: ``kernels._triton.LAUNCH_LOCK``)."""
+    with LAUNCH_LOCK, torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext():
+        yield
 
 
 @torch.library.custom_op("titok_fast::mrope_attention", mutates_args=("qkv",))
