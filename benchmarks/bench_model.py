@@ -170,6 +170,8 @@ def _module_of(runner) -> torch.nn.Module:
 
 def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds):
     if device == "cuda":  # drop what earlier cases left behind, so peak memory is this case's
+        for model in _MODELS.values():  # (what is derived from the weights, the decoder's table and FP8 copies,
+            model.weights_changed()  # kept as attributes: rebuilt by the case that uses it, inside its count)
         gc.collect()
         torch.cuda.empty_cache()
         cached = _storages(_MODELS.values())  # weights kept for other cases: counted only where this runner uses them

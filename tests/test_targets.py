@@ -244,3 +244,34 @@ def test_fp8_in_the_decoder_alone_meets_the_token_aim_trivially_and_reports_its_
         "96.20% vs 96.15% (+0.05 points)", "met, trivially: FP8 is in the decoder only, its tokens are the bf16 path's")
     assert rows["fp8 decoded pixels against the float32 oracle's (no goal stated)"] == (
         "36.2 dB PSNR vs bf16's 49.5 dB", "reported")
+
+
+def test_only_the_rows_at_the_end_of_a_log_of_the_last_rows_session_are_judged(tmp_path):
+    """Rows without a session (a benchmark run by hand, or written before sessions were logged) count as one session
+    only while they follow one another: an old session-less row before another session is not this one's, and the
+    table names every card it judged."""
+    _write(tmp_path / "pipeline.jsonl", [
+        {"source": "before 720p30", "cpu_s_per_clip": 0.90, "clips_per_s": 5.0, "gpu": "H200"},  # old, no session
+        {"source": "after 720p30", "cpu_s_per_clip": 0.40, "clips_per_s": 40.0, "session": "s2", "gpu": "H100"},
+        {"source": "after 720p30", "cpu_s_per_clip": 0.30, "clips_per_s": 50.0, "gpu": "H100"},  # by hand
+    ])  # fmt: skip
+    text = report(tmp_path)
+    assert _rows(text)["720p30: CPU-s per clip <= 0.6x before"] == ("not measured", "-")
+    assert "- pipeline: 1 row of session unnamed (H100)" in text.splitlines()
+    _write(tmp_path / "pipeline.jsonl", [
+        {"source": "before 720p30", "cpu_s_per_clip": 0.90, "clips_per_s": 5.0, "gpu": "H200"},
+        {"source": "after 720p30", "cpu_s_per_clip": 0.30, "clips_per_s": 50.0, "gpu": "H100"},
+    ])  # fmt: skip
+    text = report(tmp_path)  # (both session-less and together: judged together, and both cards said)
+    assert "- pipeline: 2 rows of session unnamed (H100/H200)" in text.splitlines()
+
+
+def test_fp8_tokens_below_the_floor_by_the_bf16_path_itself_are_a_miss(tmp_path):
+    (tmp_path / "parity.txt").write_text(
+        "| v1 | reference | bf16 | 96.15% of 1920 tokens equal the fp32 oracle |\n"
+        "| v1 | triton | bf16 | 93.00% of 1920 tokens equal the fp32 oracle |\n"
+        "| v1 | triton+fp8 | bf16 | 93.00% of 1920 tokens equal the fp32 oracle |\n"
+    )
+    assert _rows(report(tmp_path))["fp8 tokens within 1 point of the bf16 floor"] == (
+        "93.00% vs 96.15% (-3.15 points)",
+        "**missed** (by the bf16 path itself): FP8 is in the decoder only, its tokens are the bf16 path's")
