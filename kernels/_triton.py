@@ -10,8 +10,8 @@ import threading
 # threads): Triton's compile and kernel cache are not thread-safe, so a launch that compiles (the first of a
 # configuration, per device) must not race another, and its interpreter keeps a launch's grid and its patched
 # triton.language in module globals (two threads calling a model on the triton backend in the interpreter raised
-# "y >= grid_dim[1]" or gave other indices). A launch on a GPU holds it for microseconds; reentrant, for a launcher
-# that launches another.
+# "y >= grid_dim[1]" or gave other indices). A launch on a GPU holds it for microseconds, but for a compile (or a
+# load from Triton's cache) at a configuration's first launch; reentrant, for a launcher that launches another.
 LAUNCH_LOCK = threading.RLock()
 
 try:
