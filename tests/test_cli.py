@@ -286,6 +286,7 @@ def test_bf16_on_a_cpu_without_bf16_matrix_instructions_is_said_to_be_slow(folde
     said = [line for line in err.splitlines() if "matrix instructions" in line]
     assert code == 0 and len(said) == 1 and said[0].startswith("titok-fast: --dtype bf16 on this CPU"), err
     assert (tmp_path / "a" / "moving.safetensors").exists()
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx2", "avx512_fp16"})
     assert all(cli.slow_dtype_on_this_cpu(other) is None for other in ("fp32", "fp16", None))
     for name in cli.BF16_INSTRUCTIONS.values():  # either is enough
         with monkeypatch.context() as m:
@@ -326,6 +327,31 @@ def test_bf16_on_a_cpu_without_bf16_matrix_instructions_is_said_to_be_slow(folde
     code, _, err = run("demo", "-o", tmp_path / "demo", "--config", "tiny", "--device", "cpu", "--grid", "4x32x32",
                        "--tokens", "8", "--dtype", "bf16", capsys=capsys)  # fmt: skip
     assert code == 0 and err.count("matrix instructions") == 1, err
+
+
+def test_fp16_on_a_cpu_without_fp16_matrix_instructions_is_said_to_be_slow(folder, tmp_path, capsys, monkeypatch):
+    """float16 on an x86-64 CPU without AVX512-FP16 (or AMX-FP16) is as slow as bf16 without its instructions;
+    torch cannot tell, Linux's CPU flags can. Either flag silences it, and so does a machine without the flags to
+    read, or another architecture."""
+    from titok_fast import cli
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    code, _, err = run("encode", folder / "moving.mp4", *GRID, *RANDOM, "--dtype", "fp16", "-o", tmp_path / "a",
+                       capsys=capsys)  # fmt: skip
+    said = [line for line in err.splitlines() if "matrix instructions" in line]
+    assert code == 0 and said == ["titok-fast: --dtype fp16 on this CPU, which has no fp16 matrix instructions "
+                                  "(AVX512-FP16 or AMX-FP16): expect it to run slower than fp32, the CPU default"], err
+    assert (tmp_path / "a" / "moving.safetensors").exists()
+    for flag in cli.FP16_FLAGS.values():
+        monkeypatch.setattr(cli, "cpu_flags", lambda flag=flag: {"avx2", flag})
+        assert cli.slow_dtype_on_this_cpu("fp16") is None
+    monkeypatch.setattr(cli, "cpu_flags", lambda: None)
+    assert cli.slow_dtype_on_this_cpu("fp16") is None
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx2"})
+    assert cli.slow_dtype_on_this_cpu("fp16") is not None
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert cli.slow_dtype_on_this_cpu("fp16") is None
 
 
 @pytest.mark.filterwarnings("ignore:the torch backend's fixed-shape path attends with a dense")

@@ -173,26 +173,47 @@ def _device_dtype(args: argparse.Namespace):
 # x86-64 CPUs' bf16 matrix instructions, by torch's names for the checks (``torch.cpu``): without either, bf16
 # matrix products fall back to slow code. Measured on V1 (RESULTS.md): bf16 2.7x as fast as float32 on an Intel
 # Xeon with AMX, files in and token files out, and 4x slower with AMX and AVX-512 masked off (as on a CPU of AVX2
-# alone); level with float32 with AVX512-BF16 alone (a call of the model). (float16 is slow without AVX512-FP16,
-# which torch has no check for, and level with float32 with it: not said.)
+# alone); level with float32 with AVX512-BF16 alone (a call of the model). float16 is as slow (0.10 clips/s against
+# 0.41) without AVX512-FP16, and level with float32 with it; torch has no check for it, so Linux's CPU flags say.
 BF16_INSTRUCTIONS = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+FP16_FLAGS = {"AVX512-FP16": "avx512_fp16", "AMX-FP16": "amx_fp16"}  # (/proc/cpuinfo's names)
+
+
+def cpu_flags() -> set[str] | None:
+    """The first CPU's flags in Linux's ``/proc/cpuinfo`` (x86), or None where there are none to read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
 
 
 def slow_dtype_on_this_cpu(dtype: str | None) -> str | None:
     """A one-line notice when ``dtype`` (a --dtype name) will run slower than float32 on this machine's CPU: bf16
-    on an x86-64 CPU without bf16 matrix instructions. None otherwise, and where torch cannot say (another
-    architecture, such as an ARM CPU with bf16 instructions, or a torch without these checks)."""
+    on an x86-64 CPU without bf16 matrix instructions, fp16 on one without fp16 ones. None otherwise, and where
+    it cannot be told (another architecture, such as an ARM CPU with bf16 instructions; a torch without the bf16
+    checks; no /proc/cpuinfo for fp16)."""
     import platform
 
     import torch
 
-    if dtype != "bf16" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if dtype not in ("bf16", "fp16") or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    checks = [getattr(torch.cpu, name, None) for name in BF16_INSTRUCTIONS.values()]
-    if None in checks or any(check() for check in checks):
-        return None
-    return (f"--dtype bf16 on this CPU, which has no bf16 matrix instructions ({' or '.join(BF16_INSTRUCTIONS)}): "
-            f"expect it to run slower than fp32, the CPU default")  # fmt: skip
+    if dtype == "bf16":
+        checks = [getattr(torch.cpu, name, None) for name in BF16_INSTRUCTIONS.values()]
+        if None in checks or any(check() for check in checks):
+            return None
+        names = BF16_INSTRUCTIONS
+    else:
+        flags = cpu_flags()
+        if flags is None or flags & set(FP16_FLAGS.values()):
+            return None
+        names = FP16_FLAGS
+    return (f"--dtype {dtype} on this CPU, which has no {dtype} matrix instructions ({' or '.join(names)}): expect "
+            f"it to run slower than fp32, the CPU default")  # fmt: skip
 
 
 def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
