@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 # Held by every launch of a kernel of ours (the model's, through titok_fast.ops; the YUV conversions of decoding
 # threads): Triton's compile and kernel cache are not thread-safe, so a launch that compiles (the first of a
 # configuration, per device) must not race another, and its interpreter keeps a launch's grid and its patched
@@ -13,6 +15,39 @@ import threading
 # "y >= grid_dim[1]" or gave other indices). A launch on a GPU holds it for microseconds, but for a compile (or a
 # load from Triton's cache) at a configuration's first launch; reentrant, for a launcher that launches another.
 LAUNCH_LOCK = threading.RLock()
+
+
+class Launch:
+    """A context for one kernel launch: LAUNCH_LOCK held and, on CUDA, ``device`` made the current GPU (Triton
+    launches on the current GPU and its stream, and a model on cuda:1 may be called from a thread whose current GPU
+    is 0). A class, not a generator: it is entered at every launch (0.9 us on a 2-core CPU, against 2.0 us as a
+    ``contextlib.contextmanager``)."""
+
+    __slots__ = ("_device",)
+
+    def __init__(self, device: torch.device):
+        self._device = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self) -> None:
+        LAUNCH_LOCK.acquire()
+        try:
+            if self._device is not None:
+                self._device.__enter__()
+        except BaseException:
+            LAUNCH_LOCK.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._device is not None:
+                self._device.__exit__(*exc)
+        finally:
+            LAUNCH_LOCK.release()
+
+
+def launching(t: torch.Tensor) -> Launch:
+    """The context of a kernel launch on ``t``'s device (:class:`Launch`)."""
+    return Launch(t.device)
 
 try:
     import triton
@@ -52,4 +87,4 @@ except ImportError as e:  # the stand-ins below
     triton, tl = _Triton("triton"), _Language("triton.language")
     libdevice, TensorDescriptor = tl.extra.libdevice, _Absent("triton.tools.tensor_descriptor.TensorDescriptor")
 
-__all__ = ["LAUNCH_LOCK", "MISSING", "TensorDescriptor", "libdevice", "tl", "triton"]
+__all__ = ["LAUNCH_LOCK", "MISSING", "Launch", "TensorDescriptor", "launching", "libdevice", "tl", "triton"]

@@ -21,11 +21,9 @@ on a GPU uploads instead of RGB (half the bytes) and converts there, a clip in o
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ._triton import LAUNCH_LOCK, tl, triton
+from ._triton import launching, tl, triton
 
 # libswscale's tables for the two matrices: (Cr -> R, Cb -> B, Cb -> G, Cr -> G) in 16.16 fixed point, the chroma
 # gain of limited range (255 / 224) included; G's are subtracted
@@ -171,7 +169,7 @@ def nv12_rgb(nv12: torch.Tensor, height: int, matrix: str = "bt601") -> torch.Te
         raise ValueError(f"a clip of 1..65535 NV12 surfaces; got {frames}")
     out = torch.empty((frames, height, width, 3), dtype=torch.uint8, device=nv12.device)
     grid = (height, triton.cdiv(width, BLOCK_W), frames)
-    with LAUNCH_LOCK, torch.cuda.device(nv12.device) if nv12.is_cuda else contextlib.nullcontext():  # (its GPU's)
+    with launching(nv12):  # (its GPU's)
         _nv12_rgb_kernel[grid](clip, out, height, width, luma_rows, clip.stride(1), clip.stride(0), *coefs,
                                Y_OFFSET=Y_OFFSET, C_OFFSET=C_OFFSET, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)  # fmt: skip
     return out if nv12.dim() == 3 else out[0]
@@ -199,7 +197,7 @@ def i420_rgb(i420: torch.Tensor, matrix: str = "bt601") -> torch.Tensor:
     frames, height, width = i420.shape[0], i420.shape[1] * 2 // 3, i420.shape[2]
     out = torch.empty((frames, height, width, 3), dtype=torch.uint8, device=i420.device)
     grid = (height, triton.cdiv(width, BLOCK_W), frames)
-    with LAUNCH_LOCK, torch.cuda.device(i420.device) if i420.is_cuda else contextlib.nullcontext():
+    with launching(i420):
         _i420_rgb_kernel[grid](i420, out, height, width, *coefs, Y_OFFSET=Y_OFFSET, C_OFFSET=C_OFFSET,
                                BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)  # fmt: skip
     return out

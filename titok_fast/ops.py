@@ -5,44 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from titok_fast.kernels._triton import LAUNCH_LOCK
+from titok_fast.kernels._triton import launching as on_device_of  # (each op's launch: lock and GPU)
 from titok_fast.kernels.fp8_quant import layer_norm_rows_fp8, quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
 from titok_fast.kernels.gated_gelu import gated_gelu
 from titok_fast.kernels.mrope_attention import HEAD_DIM, mrope_attention
-
-
-class _Launch:
-    """A context for one kernel launch: the launch lock held (threads calling the model at once:
-    ``kernels._triton.LAUNCH_LOCK``) and, on CUDA, ``device`` made the current GPU. A class, not a generator: it is
-    entered at every launch (0.9 us on a 2-core CPU, against 2.0 us as a ``contextlib.contextmanager``)."""
-
-    __slots__ = ("_device",)
-
-    def __init__(self, device: torch.device):
-        self._device = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        LAUNCH_LOCK.acquire()
-        try:
-            if self._device is not None:
-                self._device.__enter__()
-        except BaseException:
-            LAUNCH_LOCK.release()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self._device is not None:
-                self._device.__exit__(*exc)
-        finally:
-            LAUNCH_LOCK.release()
-
-
-def on_device_of(t: torch.Tensor) -> _Launch:
-    """A kernel's launch: ``t``'s GPU made the current one (Triton launches on the current GPU and its stream, and a
-    model on cuda:1 may be called from a thread whose current GPU is 0), and the launch lock held."""
-    return _Launch(t.device)
 
 
 @torch.library.custom_op("titok_fast::mrope_attention", mutates_args=("qkv",))
