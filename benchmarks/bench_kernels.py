@@ -34,7 +34,6 @@ synchronised call and are not the figures to report.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ import pytest
 import torch
 import triton
 
+from titok_fast.benchreport import append_row
 from titok_fast.kernels.fp8_quant import quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head, fsq_quantize_ref
 from titok_fast.kernels.gated_gelu import gated_gelu
@@ -72,9 +72,7 @@ def _log_case(request):
     yield
     log, benchmark = os.environ.get("TITOK_BENCH_LOG"), request.node.funcargs.get("benchmark")
     if log and benchmark is not None and benchmark.extra_info:
-        with open(log, "a") as f:
-            session = {"session": s} if (s := os.environ.get("TITOK_BENCH_SESSION")) else {}  # (gpu_session.sh's)
-            f.write(json.dumps({"case": benchmark.group, "run": RUN, **session, **benchmark.extra_info}) + "\n")
+        append_row(log, {"case": benchmark.group, "run": RUN, **benchmark.extra_info})
 
 # (latent tokens, patch grid): sequence lengths 3904, 3136, 1792, 1152
 VIDEOS = [(1024, (5, 24, 24)), (256, (5, 24, 24)), (512, (5, 16, 16)), (128, (4, 16, 16))]

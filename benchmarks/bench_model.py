@@ -24,7 +24,6 @@ With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import platform
@@ -35,6 +34,7 @@ import pytest
 import torch
 
 from titok_fast import engine as engine_module
+from titok_fast.benchreport import append_row
 from titok_fast.config import TiTokConfig
 from titok_fast.engine import Engine, auto_mode, padded_mode, plan_batches
 from titok_fast.loading import random_tokenizer
@@ -232,10 +232,7 @@ def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, 
         )
     log = os.environ.get("TITOK_BENCH_LOG")
     if log:  # one line per case as soon as it is measured: a run cut short keeps what it measured
-        with open(log, "a") as f:
-            session = {"session": s} if (s := os.environ.get("TITOK_BENCH_SESSION")) else {}  # (gpu_session.sh's)
-            f.write(json.dumps({"case": benchmark.group, "run": RUN, **session, "mean_s": mean, **benchmark.extra_info})
-                    + "\n")
+        append_row(log, {"case": benchmark.group, "run": RUN, "mean_s": mean, **benchmark.extra_info})
 
 
 CPU_CASES = {

@@ -431,8 +431,8 @@ def _lscpu() -> list[str]:
 
 
 def _log(record: dict, path: str | None) -> None:
-    """``record`` appended to the log at ``path`` as a JSON line, with the session of ``gpu_session.sh`` that runs
-    it (``$TITOK_BENCH_SESSION``: targets.py judges a log's latest session alone)."""
+    """``record`` appended to the log at ``path``, as ``titok_fast.benchreport.append_row`` does (written out here:
+    this script also measures commits from before it, as the guarded imports above do)."""
     if path:
         session = {"session": s} if (s := os.environ.get("TITOK_BENCH_SESSION")) else {}
         with open(path, "a") as log:

@@ -58,8 +58,8 @@ def provenance(name: str, rows: list[dict]) -> str:
     """Where a log's judged rows came from: their session, card and commit (those the rows say)."""
     if not rows:
         return f"{name}: no rows"
-    cards = sorted({str(next(r[k] for k in ("gpu", "device") if r.get(k))) for r in rows if r.get("gpu") or
-                    r.get("device")}) or ["card not logged"]  # fmt: skip
+    cards = sorted({str(r.get("gpu") or r["device"]) for r in rows if r.get("gpu") or r.get("device")})
+    cards = cards or ["card not logged"]
     commits = sorted({str(r["commit"]) for r in rows if r.get("commit")})
     session = rows[-1].get("session") or "unnamed"
     return (f"{name}: {len(rows)} row{'' if len(rows) == 1 else 's'} of session {session} ({'/'.join(cards)}"

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from titok_fast.benchreport import table
+from titok_fast.benchreport import append_row, table
 
 
 def rendered(tmp_path, data: dict) -> str:
@@ -122,3 +122,15 @@ def test_bench_prints_only_the_results_its_own_run_wrote(tmp_path, monkeypatch, 
     monkeypatch.setattr(cli.subprocess, "call", writes)
     assert cli.main(["bench", "--json", str(path)]) == 0
     assert "TODAY" in capsys.readouterr().out
+
+
+def test_logged_rows_name_the_session_that_ran_them(tmp_path, monkeypatch):
+    """The kernel and model benchmarks append each case as a line; gpu_session.sh's $TITOK_BENCH_SESSION is in
+    every line it ran (targets.py judges a log's latest session alone), and a case run by hand has none."""
+    log = tmp_path / "kernels.jsonl"
+    monkeypatch.delenv("TITOK_BENCH_SESSION", raising=False)
+    append_row(log, {"case": "by hand"})
+    monkeypatch.setenv("TITOK_BENCH_SESSION", "20261206T190000Z-42")
+    append_row(log, {"case": "attention", "run": "r"})
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"case": "by hand"}, {"case": "attention", "run": "r", "session": "20261206T190000Z-42"}]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 
 # what the ratio column divides by, the first one present: upstream's packed path, else older tables' baselines,
@@ -60,3 +61,11 @@ def table(path: str) -> str:
             lines.append("| " + " | ".join([i.get("provider", "?"), *cells]) + " |")
     return "\n".join(lines)
 
+
+def append_row(path: str | os.PathLike, record: dict) -> None:
+    """``record`` appended to the benchmark log at ``path`` as a JSON line, as soon as it is measured (a run cut
+    short keeps what it measured), with the ``gpu_session.sh`` session that runs it (``$TITOK_BENCH_SESSION``:
+    benchmarks/targets.py judges a log's latest session alone)."""
+    session = {"session": s} if (s := os.environ.get("TITOK_BENCH_SESSION")) else {}
+    with open(path, "a") as log:
+        log.write(json.dumps({**record, **session}) + "\n")

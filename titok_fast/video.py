@@ -1946,11 +1946,11 @@ def _our_import_path():
     not apply it, CPython 3.10 to 3.13): a run started in a folder holding another ``titok_fast`` (a checkout of
     another version) had its decoding processes import that one. The server is started with PYTHONSAFEPATH (the
     current folder kept off its path) and, where this ``titok_fast`` is not in a site-packages folder (a
-    checkout), the folder it is in first on PYTHONPATH. Not
-    this process's whole path: a folder on PYTHONPATH is searched while Python starts, and the folder of a script
-    (on this process's path only once it had started) may hold files named as modules Python imports then. The
-    server puts both variables back as they were here (SERVER_ENVIRONMENT, read by ``titok_fast._server``), so
-    that the processes forked from it, and theirs, do not have them."""
+    checkout), the folder it is in first on PYTHONPATH. Not this process's whole path: a folder on PYTHONPATH is
+    searched while Python starts, and the folder of a script (on this process's path only once it had started) may
+    hold files named as modules Python imports then. The server puts both variables back as they were here
+    (SERVER_ENVIRONMENT, read by ``titok_fast._server``), so that the processes forked from it, and theirs, do not
+    have them."""
     saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ[SERVER_ENVIRONMENT] = json.dumps(saved)
