@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
+#   bash benchmarks/gpu_session.sh attention # the attention rows of kernels alone (150 s at most): the anchors
+#                                            # and every ATTENTION_BLOCKS shape, the pipelined ones included
 #   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph /
 #                                            # auto, and upstream itself with TITOK_UPSTREAM=<checkout of
 #                                            # old-variableComp> (`make upstream` makes one in .upstream/ to carry)
@@ -44,15 +46,17 @@
 #                                            # and decode at b1 and b32 (auto), and FP8 decode at b32
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
-# since the H100 run of 2026-12-05 the model's kernels are the same; the input pipeline has changed (H.264 in MP4
-# decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing token files, the
-# weights' digest taken once a run), the gpu tests corrected or added since have not run, and the pipeline rows say
-# what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores busy), beside a row
-# of 256p8 with a stand-in for the model at its measured speed (what driving the model costs the input). So, each a
-# call of its own:
+# since the H100 run of 2026-12-05 the model's default kernels are the same, and the attention has three new
+# candidate block shapes (`-pipe`: the next key block's QK^T in flight during the softmax); the input pipeline has
+# changed (H.264 in MP4 decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing
+# token files, the weights' digest taken once a run), the gpu tests corrected or added since have not run, and the
+# pipeline rows say what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores
+# busy), beside a row of 256p8 with a stand-in for the model at its measured speed (what driving the model costs the
+# input). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (565 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
-#   2. `targets-model` if 6 minutes are left (`targets-model profile` if 8 are), else `profile` and what is left of
+#   2. `attention` (150 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN), then
+#      `targets-model` if 6 minutes are left (`targets-model profile` if 8 are), else `profile` and what is left of
 #      `pipeline-sweeps`.
 #
 # Its exit status is 0 whatever the parts gave (each part says how it ended, "[name: N s]" and any cut-off): read
@@ -162,6 +166,7 @@ part() {
                        2>&1 | tee -a "$out/gpu-tests.txt"
                    pack ;;
         kernels) bench kernels "bench_kernels" ;;
+        attention) bench attention "bench_kernels and attention" 150 ;;  # the anchors and every block shape
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and decode and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
@@ -188,8 +193,9 @@ part() {
                 --batches 32 --out "$out/profile-fp8" 2>&1 | tee "$out/profile-fp8.txt"
             pack ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
-        *) echo "unknown part '$1': tests, gpu-tests, kernels, encode, decode, encode-compile, decode-compile, fp8, parity," \
-                "pipeline, pipeline-short, pipeline-sweeps, all, targets, targets-model, profile" >&2
+        *) echo "unknown part '$1': tests, gpu-tests, kernels, attention, encode, decode, encode-compile," \
+                "decode-compile, fp8, parity, pipeline, pipeline-short, pipeline-sweeps, all, targets, targets-model," \
+                "profile" >&2
            exit 2 ;;
     esac
 }

@@ -158,17 +158,11 @@ def _qk_norm_rope_kernel(
 
 
 @triton.jit
-def _attend_kv_block(
-    b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, row0, col, start, kv_len, qk_scale,
+def _kv_block_scores(
+    b_q, k_src, stride_k, row0, col, start, kv_len,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
-    """One online-softmax step over keys [start, start + BLOCK_N) of the sequence (MASKED: the ragged tail).
-
-    b_q: [BLOCK_M, 64]; acc: fp32 [BLOCK_M, 64]; m_i, l_i: fp32 [BLOCK_M] running max (base 2) and sum;
-    k_src/v_src: pointers to column 0 of the head in the sequence's first row, or (TMA) tensor descriptors of
-    all rows and KV heads, the head's tile at [row0 + key, col]. A TMA tile past the sequence holds other rows
-    (another sequence's, or padding that may be NaN): their scores are masked and their V rows zeroed.
-    """
+    """Scores of keys [start, start + BLOCK_N) (unscaled): the first half of :func:`_attend_kv_block`."""
     o_n = start + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 64)
     m_n = o_n < kv_len
@@ -182,6 +176,19 @@ def _attend_kv_block(
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
     if MASKED:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
+def _softmax_values(
+    b_s, acc, m_i, l_i, v_src, stride_v, row0, col, start, kv_len, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+):
+    """The online-softmax step of keys [start, start + BLOCK_N) given their scores: the second half."""
+    o_n = start + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, 64)
+    m_n = o_n < kv_len
+    o_n = o_n.to(tl.int64)
     # the scale is folded into the exponent: one FMA per score (s * scale - m) before the exp2, no separate multiply
     m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
     b_p = tl.exp2(b_s * qk_scale - m_new[:, None])
@@ -198,6 +205,23 @@ def _attend_kv_block(
         b_v = tl.load(v_src + o_n[:, None] * stride_v + o_d[None, :])
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_kv_block(
+    b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, row0, col, start, kv_len, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+):
+    """One online-softmax step over keys [start, start + BLOCK_N) of the sequence (MASKED: the ragged tail).
+
+    b_q: [BLOCK_M, 64]; acc: fp32 [BLOCK_M, 64]; m_i, l_i: fp32 [BLOCK_M] running max (base 2) and sum;
+    k_src/v_src: pointers to column 0 of the head in the sequence's first row, or (TMA) tensor descriptors of
+    all rows and KV heads, the head's tile at [row0 + key, col]. A TMA tile past the sequence holds other rows
+    (another sequence's, or padding that may be NaN): their scores are masked and their V rows zeroed.
+    """
+    b_s = _kv_block_scores(b_q, k_src, stride_k, row0, col, start, kv_len, BLOCK_N, MASKED, PRECISION, TMA)
+    return _softmax_values(b_s, acc, m_i, l_i, v_src, stride_v, row0, col, start, kv_len, qk_scale, BLOCK_N,
+                           MASKED, PRECISION, TMA)  # fmt: skip
 
 
 @triton.jit
@@ -220,6 +244,8 @@ def _attention_kernel(
     TMA: tl.constexpr,  # K/V tiles through tensor descriptors (the Hopper TMA unit) instead of pointers
     NORM_Q: tl.constexpr,  # q_ptr holds raw q: LayerNorm + M-RoPE it here, as the prologue would (the prologue
     # then does the k heads only, and q is read once instead of read, written and read again)
+    PIPELINE: tl.constexpr,  # the next key block's QK^T asked of the tensor cores before this block's softmax,
+    # which then runs while they work (FlashAttention-3's overlap within a warpgroup); the same arithmetic
 ):
     ROWS: tl.constexpr = BLOCK_M // GROUP
     # Program p of KV head kvh handles query block j of sequence i, where sequence i owns the program ids
@@ -263,11 +289,24 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     kv_full = (kv_len // BLOCK_N) * BLOCK_N
-    for start in range(0, kv_full, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_block(
-            b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, kv_begin, kvh * 64, start, kv_len, qk_scale,
-            BLOCK_N, False, PRECISION, TMA,
-        )
+    if PIPELINE:  # full blocks: block j + 1's scores are asked for, then block j's softmax and values are done
+        if kv_full > 0:
+            b_s = _kv_block_scores(b_q, k_src, stride_k, kv_begin, kvh * 64, 0, kv_len, BLOCK_N, False, PRECISION,
+                                   TMA)  # fmt: skip
+            for start in range(0, kv_full - BLOCK_N, BLOCK_N):
+                b_s_next = _kv_block_scores(b_q, k_src, stride_k, kv_begin, kvh * 64, start + BLOCK_N, kv_len,
+                                            BLOCK_N, False, PRECISION, TMA)  # fmt: skip
+                acc, m_i, l_i = _softmax_values(b_s, acc, m_i, l_i, v_src, stride_v, kv_begin, kvh * 64, start,
+                                                kv_len, qk_scale, BLOCK_N, False, PRECISION, TMA)  # fmt: skip
+                b_s = b_s_next
+            acc, m_i, l_i = _softmax_values(b_s, acc, m_i, l_i, v_src, stride_v, kv_begin, kvh * 64,
+                                            kv_full - BLOCK_N, kv_len, qk_scale, BLOCK_N, False, PRECISION, TMA)
+    else:
+        for start in range(0, kv_full, BLOCK_N):
+            acc, m_i, l_i = _attend_kv_block(
+                b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, kv_begin, kvh * 64, start, kv_len, qk_scale,
+                BLOCK_N, False, PRECISION, TMA,
+            )
     if kv_full < kv_len:
         acc, m_i, l_i = _attend_kv_block(
             b_q, acc, m_i, l_i, k_src, v_src, stride_k, stride_v, kv_begin, kvh * 64, kv_full, kv_len, qk_scale,
@@ -303,6 +342,7 @@ class Blocks(NamedTuple):
     num_stages: int
     tma: bool = False  # K/V through tensor descriptors (TMA), host-side; needs 16-byte aligned rows
     fold_q: bool = False  # q's LayerNorm + M-RoPE in the attention kernel, as it loads q (the prologue: k only)
+    pipeline: bool = False  # the next key block's QK^T in flight during this block's softmax (PIPELINE)
 
 
 # 16-bit configurations for a GPU run to compare (``benchmarks/bench_kernels.py::test_attention_blocks``); each
@@ -323,6 +363,15 @@ ATTENTION_BLOCKS = {
     # (q: 80% of its traffic for V1's 16/4 heads), but the fold's registers cost occupancy (3.6: 146 for both)
     "m128n64w8s3-foldq": Blocks(128, 64, 8, 3, fold_q=True),  # 134: one CTA per SM
     "m64n64w4s3-foldq": Blocks(64, 64, 4, 3, fold_q=True),  # 146: three CTAs of 4 warps per SM
+    # The next key block's QK^T issued before this block's softmax: the SASS interleaves the softmax's exp2s with
+    # that wgmma, before its wait (tests/test_sm90_compile.py checks), where the others wait for it first and
+    # overlap only another warpgroup's or CTA's work. One more fp32 score tile a thread costs occupancy
+    # (3.6 / 3.9: 155 / 164 registers for m128n64 w8 s3, so one CTA per SM; capped at 128 it spills and ptxas
+    # moves the exp2s back after the wait).
+    "m128n64w8s3-pipe": Blocks(128, 64, 8, 3, pipeline=True),  # 164: one CTA per SM
+    "m128n64w8s2-pipe": Blocks(128, 64, 8, 2, pipeline=True),  # 162
+    "m64n64w4s3-pipe": Blocks(64, 64, 4, 3, pipeline=True),  # 164: three CTAs of 4 warps per SM
+    "m128n64w8s3-tma-pipe": Blocks(128, 64, 8, 3, tma=True, pipeline=True),  # 153
 }
 # Not offered: tl.range(warp_specialize=True) on the key loop compiles to the same SASS for sm_90 under
 # Triton 3.6 and 3.9 (no producer/consumer split, no setmaxnreg), with or without TMA.
@@ -346,14 +395,14 @@ def attention_config(dtype: torch.dtype, blocks: str | None = None) -> dict:
             raise ValueError("ATTENTION_BLOCKS are 16-bit block shapes; fp32 has one configuration")
         return dict(
             BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PRECISION="tf32x3", enable_fp_fusion=True, TMA=False,
-            NORM_Q=False,
+            NORM_Q=False, PIPELINE=False,
         )  # fmt: skip
     if blocks is not None and blocks not in ATTENTION_BLOCKS:
         raise ValueError(f"blocks must be one of {list(ATTENTION_BLOCKS)}; got {blocks!r}")
     b = ATTENTION_BLOCKS[blocks or next(iter(ATTENTION_BLOCKS))]
     return dict(
         BLOCK_M=b.block_m, BLOCK_N=b.block_n, num_warps=b.num_warps, num_stages=b.num_stages, PRECISION="tf32",
-        enable_fp_fusion=True, TMA=b.tma, NORM_Q=b.fold_q,
+        enable_fp_fusion=True, TMA=b.tma, NORM_Q=b.fold_q, PIPELINE=b.pipeline,
     )  # fmt: skip
 
 

@@ -104,12 +104,12 @@ def test_rows_of_little_variance_keep_the_norms_eps():
 
 
 def _distinct_tiles() -> list[str]:
-    """One ATTENTION_BLOCKS name per (BLOCK_M, BLOCK_N, TMA, fold_q) other than the default's: warps and stages
-    change nothing the interpreter computes (every one is compiled for sm_90 by test_sm90_compile.py)."""
+    """One ATTENTION_BLOCKS name per (BLOCK_M, BLOCK_N, TMA, fold_q, pipeline) other than the default's: warps and
+    stages change nothing the interpreter computes (every one is compiled for sm_90 by test_sm90_compile.py)."""
     seen, names = set(), []
     for name, b in ATTENTION_BLOCKS.items():
-        if (b.block_m, b.block_n, b.tma, b.fold_q) not in seen:
-            seen.add((b.block_m, b.block_n, b.tma, b.fold_q))
+        if (b.block_m, b.block_n, b.tma, b.fold_q, b.pipeline) not in seen:
+            seen.add((b.block_m, b.block_n, b.tma, b.fold_q, b.pipeline))
             names.append(name)
     return names[1:]  # the first is the default's
 
@@ -129,6 +129,24 @@ def test_every_block_shape_matches_ref(blocks):
     _assert_close(
         mrope_attention(**args, **query, blocks=blocks), mrope_attention_ref(**args, **query), 4e-3, 4e-3
     )
+
+
+PIPELINED = [name for name, b in ATTENTION_BLOCKS.items() if b.pipeline]
+
+
+@pytest.mark.parametrize("blocks", PIPELINED)
+def test_pipelined_blocks_are_the_same_arithmetic(blocks):
+    """Asking for the next key block's scores before this block's softmax changes when the work is issued, not
+    what is computed: bit for bit the output of the same tiles without it, for sequences of no full key block,
+    of exactly one and two, and of several with a ragged tail (bf16, NaN padding after the last)."""
+    b = ATTENTION_BLOCKS[blocks]
+    plain = next(name for name, p in ATTENTION_BLOCKS.items()
+                 if (p.block_m, p.block_n, p.tma, p.fold_q, p.pipeline) == (b.block_m, b.block_n, b.tma, b.fold_q,
+                                                                            False))  # fmt: skip
+    n = b.block_n
+    args = _batch([n - 1, n, 2 * n, 3 * n + 5, 1], 8, 2, torch.bfloat16, pad_rows=3)
+    rows = sum([n - 1, n, 2 * n, 3 * n + 5, 1])
+    assert torch.equal(mrope_attention(**args, blocks=blocks)[:rows], mrope_attention(**args, blocks=plain)[:rows])
 
 
 def test_block_shapes_are_checked():
