@@ -76,6 +76,9 @@ def _log_case(request):
 
 # (latent tokens, patch grid): sequence lengths 3904, 3136, 1792, 1152
 VIDEOS = [(1024, (5, 24, 24)), (256, (5, 24, 24)), (512, (5, 16, 16)), (128, (4, 16, 16))]
+# the block sweep also times one clip of the targets (20x192x192, 256 tokens: 3136 rows), an encode at batch 1:
+# a grid of a few hundred programs, where the tiles' count against the SMs' slots matters as much as their speed
+MIXES = {"v1-mix": VIDEOS, "one-clip": [(256, (5, 24, 24))]}
 SIDES = {"encoder": (16, 4), "decoder": (32, 8)}
 
 
@@ -103,10 +106,10 @@ def _timed(benchmark, fn) -> float:
     return median / 1e3
 
 
-def _attention_inputs(num_q_heads: int, num_kv_heads: int):
+def _attention_inputs(num_q_heads: int, num_kv_heads: int, videos=VIDEOS):
     device, dtype = "cuda", torch.bfloat16
-    lengths = [n + gt * gh * gw for n, (gt, gh, gw) in VIDEOS]
-    positions = packed_positions([n for n, _ in VIDEOS], [g for _, g in VIDEOS], device)
+    lengths = [n + gt * gh * gw for n, (gt, gh, gw) in videos]
+    positions = packed_positions([n for n, _ in videos], [g for _, g in videos], device)
     cos, sin = mrope_tables(int(positions.max()) + 1, device)
     qkv = torch.randn(sum(lengths), (num_q_heads + 2 * num_kv_heads) * 64, device=device, dtype=dtype)
     norms = [torch.ones(64, device=device, dtype=dtype), torch.zeros(64, device=device, dtype=dtype)] * 2
@@ -176,12 +179,14 @@ def test_attention(benchmark, side, provider):
 
 @pytest.mark.parametrize("blocks", list(ATTENTION_BLOCKS))
 @pytest.mark.parametrize("side", list(SIDES))
-def test_attention_blocks(benchmark, side, blocks):
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_attention_blocks(benchmark, mix, side, blocks):
     """The fused attention with each candidate block shape (``ATTENTION_BLOCKS``; the first is the default), on
-    the same inputs as ``test_attention``: the measurement that picks the default."""
-    benchmark.group = f"kernel-attention-blocks-{side}-{SIDES[side][0]}q{SIDES[side][1]}kv"
+    the same inputs as ``test_attention`` (``v1-mix``) and on one clip (``one-clip``): the measurement that picks
+    the default, and says whether one clip wants another."""
+    benchmark.group = f"kernel-attention-blocks-{mix}-{side}-{SIDES[side][0]}q{SIDES[side][1]}kv"
     hq, hkv = SIDES[side]
-    inputs, flops = _attention_inputs(hq, hkv)
+    inputs, flops = _attention_inputs(hq, hkv, MIXES[mix])
     args = (inputs["qkv"], *inputs["norms"], inputs["cu"], inputs["positions"], inputs["cos"], inputs["sin"])
     mean = _timed(benchmark, lambda: mrope_attention(*args, hq, hkv, blocks=blocks))
     _extra_info(benchmark, f"titok[{blocks}]")

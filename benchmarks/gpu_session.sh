@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
-#   bash benchmarks/gpu_session.sh attention # the attention rows of kernels alone (150 s at most): the anchors
-#                                            # and every ATTENTION_BLOCKS shape, the pipelined ones included
+#   bash benchmarks/gpu_session.sh attention # the attention rows of kernels alone (200 s at most): the anchors
+#                                            # and every ATTENTION_BLOCKS shape (the pipelined ones too), on
+#                                            # the V1 mix and on one clip (an encode at batch 1)
 #   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph /
 #                                            # auto, and upstream itself with TITOK_UPSTREAM=<checkout of
 #                                            # old-variableComp> (`make upstream` makes one in .upstream/ to carry)
@@ -55,7 +56,7 @@
 # input). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (565 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
-#   2. `attention` (150 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN), then
+#   2. `attention` (200 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN), then
 #      `targets-model` if 6 minutes are left (`targets-model profile` if 8 are), else `profile` and what is left of
 #      `pipeline-sweeps`.
 #
@@ -166,7 +167,7 @@ part() {
                        2>&1 | tee -a "$out/gpu-tests.txt"
                    pack ;;
         kernels) bench kernels "bench_kernels" ;;
-        attention) bench attention "bench_kernels and attention" 150 ;;  # the anchors and every block shape
+        attention) bench attention "bench_kernels and attention" 200 ;;  # the anchors and every block shape
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8" ;;
         fp8) bench fp8 "test_gpu and decode and b32 and (auto or fp8)" ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
