@@ -76,8 +76,9 @@ def _log_case(request):
 
 # (latent tokens, patch grid): sequence lengths 3904, 3136, 1792, 1152
 VIDEOS = [(1024, (5, 24, 24)), (256, (5, 24, 24)), (512, (5, 16, 16)), (128, (4, 16, 16))]
-# the block sweep also times one clip of the targets (20x192x192, 256 tokens: 3136 rows), an encode at batch 1:
-# a grid of a few hundred programs, where the tiles' count against the SMs' slots matters as much as their speed
+# the block sweep also times one clip of the targets (20x192x192, 256 tokens: 3136 rows), a batch of one (encode
+# or decode): a grid of a few hundred programs, where the tiles' count against the SMs' slots matters as much as
+# their speed
 MIXES = {"v1-mix": VIDEOS, "one-clip": [(256, (5, 24, 24))]}
 SIDES = {"encoder": (16, 4), "decoder": (32, 8)}
 
@@ -182,8 +183,8 @@ def test_attention(benchmark, side, provider):
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_attention_blocks(benchmark, mix, side, blocks):
     """The fused attention with each candidate block shape (``ATTENTION_BLOCKS``; the first is the default), on
-    the same inputs as ``test_attention`` (``v1-mix``) and on one clip (``one-clip``): the measurement that picks
-    the default, and says whether one clip wants another."""
+    the same inputs as ``test_attention`` (``v1-mix``) and on one clip (``one-clip``, a batch of one): the
+    measurement that picks the default, and says whether a batch of one wants another."""
     benchmark.group = f"kernel-attention-blocks-{mix}-{side}-{SIDES[side][0]}q{SIDES[side][1]}kv"
     hq, hkv = SIDES[side]
     inputs, flops = _attention_inputs(hq, hkv, MIXES[mix])

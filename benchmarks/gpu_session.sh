@@ -47,7 +47,7 @@
 #                                            # and decode at b1 and b32 (auto), and FP8 decode at b32
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
-# since the H100 run of 2026-12-05 the model's default kernels are the same, and the attention has three new
+# since the H100 run of 2026-12-05 the model's default kernels are the same, and the attention has four new
 # candidate block shapes (`-pipe`: the next key block's QK^T in flight during the softmax); the input pipeline has
 # changed (H.264 in MP4 decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing
 # token files, the weights' digest taken once a run), the gpu tests corrected or added since have not run, and the
@@ -56,9 +56,9 @@
 # input). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (565 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
-#   2. `attention` (200 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN), then
-#      `targets-model` if 6 minutes are left (`targets-model profile` if 8 are), else `profile` and what is left of
-#      `pipeline-sweeps`.
+#   2. `attention` (200 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN), then, in
+#      what is left, `targets-model` (305 s at most) or `profile` (180 s). The limits are ceilings: on the H100 on
+#      2026-12-05 call 1's parts took 146 s together and `targets-model profile` 116 s.
 #
 # Its exit status is 0 whatever the parts gave (each part says how it ended, "[name: N s]" and any cut-off): read
 # what it printed, or the results (2: an unknown part, or a checkout or PyAV that cannot be installed).
