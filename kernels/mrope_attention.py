@@ -372,6 +372,10 @@ ATTENTION_BLOCKS = {
     "m128n64w8s2-pipe": Blocks(128, 64, 8, 2, pipeline=True),  # 162
     "m64n64w4s3-pipe": Blocks(64, 64, 4, 3, pipeline=True),  # 164: three CTAs of 4 warps per SM
     "m128n64w8s3-tma-pipe": Blocks(128, 64, 8, 3, tma=True, pipeline=True),  # 153
+    # 32 keys a step: half the score registers, so the pipelined loop keeps two CTAs per SM (3.6: 127) with every
+    # exp2 of a step issued during the next QK^T; twice the steps (the rescale of acc each 32 keys, not 64)
+    "m128n32w8s3": Blocks(128, 32, 8, 3),  # 82: three CTAs per SM
+    "m128n32w8s3-pipe": Blocks(128, 32, 8, 3, pipeline=True),  # 124: two CTAs per SM
 }
 # Not offered: tl.range(warp_specialize=True) on the key loop compiles to the same SASS for sm_90 under
 # Triton 3.6 and 3.9 (no producer/consumer split, no setmaxnreg), with or without TMA.
