@@ -13,7 +13,7 @@
 #                                            # from do_bench with quantiles
 #   bash benchmarks/gpu_session.sh attention # the attention rows of kernels alone (200 s at most): the anchors
 #                                            # and every ATTENTION_BLOCKS shape (the pipelined ones too), on
-#                                            # the V1 mix and on one clip (an encode at batch 1)
+#                                            # the V1 mix and on one clip (a batch of one)
 #   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph /
 #                                            # auto, and upstream itself with TITOK_UPSTREAM=<checkout of
 #                                            # old-variableComp> (`make upstream` makes one in .upstream/ to carry)
@@ -47,8 +47,8 @@
 #                                            # and decode at b1 and b32 (auto), and FP8 decode at b32
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
-# since the H100 run of 2026-12-05 the model's default kernels are the same, and the attention has six new
-# candidate block shapes (five `-pipe`: the next key block's QK^T in flight during the softmax); the input pipeline has
+# since the H100 run of 2026-12-05 the model's default kernels are the same, and the attention has six new candidate
+# block shapes (five `-pipe`: the next key block's QK^T in flight during the softmax); the input pipeline has
 # changed (H.264 in MP4 decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing
 # token files, the weights' digest taken once a run), the gpu tests corrected or added since have not run, and the
 # pipeline rows say what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores
