@@ -758,7 +758,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sample, token_path = out / "sample.mp4", out / "tokens" / "sample.safetensors"
     if (theirs := _not_the_demos(out)) is not None:
         raise ValueError(f"{theirs} is there and not known to be the demo's: kept; choose another output folder "
-                         "(the demo writes sample.mp4, tokens/sample.safetensors and recon/sample.mp4)")  # fmt: skip
+                         "(the demo writes sample.mp4, tokens/sample.safetensors and recon/sample.mp4, and appends to "
+                         "tokens/manifest.jsonl)")  # fmt: skip
     try:  # only the default weights fall back; named ones that fail are an error
         args.random_weights, model = None, _model(args, quick=args.checkpoint is None)
     except WeightsUnavailable as e:
