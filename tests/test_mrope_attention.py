@@ -144,8 +144,9 @@ def test_pipelined_blocks_are_the_same_arithmetic(blocks):
                  if (p.block_m, p.block_n, p.tma, p.fold_q, p.pipeline) == (b.block_m, b.block_n, b.tma, b.fold_q,
                                                                             False))  # fmt: skip
     n = b.block_n
-    args = _batch([n - 1, n, 2 * n, 3 * n + 5, 1], 8, 2, torch.bfloat16, pad_rows=3)
-    rows = sum([n - 1, n, 2 * n, 3 * n + 5, 1])
+    lengths = [n - 1, n, 2 * n, 3 * n + 5, 1]
+    args = _batch(lengths, 8, 2, torch.bfloat16, pad_rows=3)
+    rows = sum(lengths)
     assert torch.equal(mrope_attention(**args, blocks=blocks)[:rows], mrope_attention(**args, blocks=plain)[:rows])
 
 
