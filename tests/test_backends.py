@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from titok_fast import TiTok
@@ -66,3 +67,61 @@ def test_a_call_that_cannot_run_on_its_weights_is_refused_in_one_line(monkeypatc
     with pytest.raises(TypeError, match="model is a str; expected a TiTok"):
         Engine("tiny")
 
+
+def test_triton_backend_adds_the_residual_in_the_gemm_of_a_16_bit_model():
+    """``add_linear`` in bf16: one addmm, the sum rounded once, so nearer the exact sum than ``x + linear(h)``
+    (which rounds the product first); x written over only where the caller says it owns it and autograd is off.
+    fp32, a bias or autocast: the plain expression, bit for bit. The bound of 99% leaves room for the float32
+    accumulation order of the CPU's kernel, which may tip a value rounded to bf16."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128, bias=False).bfloat16()
+    x, h = torch.randn(200, 128).bfloat16(), torch.randn(200, 256).bfloat16()
+    exact = (x.double() + h.double() @ linear.weight.double().t()).bfloat16()
+    kept = x.clone()
+    got = TRITON.add_linear(x, linear, h, own_x=False)
+    assert torch.equal(x, kept) and got.data_ptr() != x.data_ptr()
+    assert (got == exact).float().mean() >= 0.99 > 0.9 > (x + linear(h) == exact).float().mean()
+    mine = x.clone()
+    with torch.no_grad():  # (as the model runs)
+        assert TRITON.add_linear(mine, linear, h, own_x=True).data_ptr() == mine.data_ptr()
+    assert torch.equal(mine, got)
+    mine = x.clone()
+    assert TRITON.add_linear(mine, linear, h, own_x=True).data_ptr() != mine.data_ptr() and torch.equal(x, mine)
+    assert torch.equal(TORCH.add_linear(x, linear, h, own_x=True), x + linear(h)) and torch.equal(x, kept)
+    biased = nn.Linear(256, 128).bfloat16()
+    assert torch.equal(TRITON.add_linear(x, biased, h, own_x=True), x + biased(h)) and torch.equal(x, kept)
+    x32, h32, linear32 = x.float(), h.float(), linear.float()
+    assert torch.equal(TRITON.add_linear(x32, linear32, h32, own_x=True), x32 + linear32(h32))
+    assert torch.equal(x32, kept.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(TRITON.add_linear(x32, linear32, h32, own_x=True), x32 + linear32(h32))
+
+
+@pytest.mark.parametrize("queries", ["all", "latent"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_layers_never_write_over_their_input(layers, queries):
+    """The residual adds run in place once the stream is the layers' own: never on the rows they were given (the
+    last layer's query rows may be a view of them), in the packed and the fixed-shape paths."""
+    from titok_fast.config import StackSize
+    from titok_fast.layers import Layers, perturb_norms
+    from titok_fast.model import run_layers, run_layers_static
+    from titok_fast.packing import PackingCache, StaticBatch
+
+    from triton_mode import triton_mode
+
+    torch.manual_seed(0)
+    size = StackSize("small", layers, 2, 1, 2.0)
+    stack = Layers(size).bfloat16()
+    perturb_norms(stack)
+    cache = PackingCache()
+    pack = cache.packing([3, 2], [(2, 2, 2), (1, 1, 1)], torch.device("cpu"))
+    x = torch.randn(pack.rows, size.width).bfloat16()
+    kept = x.clone()
+    with triton_mode(interpret=True), torch.no_grad():  # (as the model runs them)
+        out = run_layers(stack, x, pack, queries, TRITON, cache)
+        assert torch.equal(x, kept) and out.shape == (pack.num_tokens if queries == "latent" else pack.rows, 128)
+        if queries == "all":
+            cos, sin = cache.tables(pack.max_position, x.device)
+            rows = torch.zeros(pack.rows, dtype=torch.bool)
+            batch = StaticBatch(pack.cu_seqlens, pack.positions, rows, cos, sin)
+            assert torch.equal(run_layers_static(stack, x, batch, TRITON), out) and torch.equal(x, kept)

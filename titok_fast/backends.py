@@ -1,13 +1,13 @@
 """The model's compute backends: one small interface, a PyTorch implementation and a Triton one.
 
-The forward code (``model.py``) calls a :class:`Backend` for the six operations that differ between them; it has
-no backend branches of its own. Which one runs is resolved per call from the device of the weights
+The forward code (``model.py``) calls a :class:`Backend` for the operations that differ between them; it has no
+backend branches of its own. Which one runs is resolved per call from the device of the weights
 (:func:`resolve_backend`), so a model built on the CPU or ``meta`` and moved to CUDA takes the Triton path.
 
 - :class:`TorchBackend`: q/k norm + M-RoPE on all rows at once, SDPA per sequence; FSQ in PyTorch. The CPU path.
 - :class:`TritonBackend`: the fused kernels of ``titok_fast.kernels`` as custom ops (``ops.py``), the FFN's gated
-  GELU included, and what feeds an FP8 Linear made as its codes in the pass that makes it. CUDA, or the Triton
-  interpreter on a CPU.
+  GELU included, and what feeds an FP8 Linear made as its codes in the pass that makes it; in a 16-bit model the
+  residual is added by the GEMM before it. CUDA, or the Triton interpreter on a CPU.
 """
 
 from __future__ import annotations
@@ -54,6 +54,15 @@ class Backend:
         """One layer's FFN (``ffd_layer.{i}``: LayerNorm, Linear W -> 2I, GatedGelu, Dropout, Linear I -> W) of rows
         [rows, W], before the residual: ``ffn(x)``."""
         return ffn(x)
+
+    def add_linear(self, x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor, own_x: bool) -> torch.Tensor:
+        """The residual stream after a bias-free projection: ``x + linear(h)``, rows [rows, W]. ``own_x``: x is an
+        intermediate of the caller's own, which the result may be written over."""
+        return x + linear(h)
+
+    def add_feed_forward(self, ffn: torch.nn.Sequential, x: torch.Tensor, own_x: bool) -> torch.Tensor:
+        """A layer's second residual: ``x + feed_forward(ffn, x)`` (``own_x`` as for :meth:`add_linear`)."""
+        return x + self.feed_forward(ffn, x)
 
     def encoder_head(
         self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
@@ -202,6 +211,26 @@ class TritonBackend(Backend):
             return down.of_codes(*gated_gelu_fp8_op(h), h.dtype)
         return down(gated_gelu_op(h))
 
+    def add_linear(self, x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor, own_x: bool) -> torch.Tensor:
+        """In a 16-bit model, one GEMM that adds the residual in its epilogue (``addmm``, beta = 1): no separate pass
+        over the rows that reads two tensors and writes a third, and the sum rounded once, where ``x + linear(h)``
+        rounds the product first (so the result is nearer the exact sum; an fp32 model keeps the plain path's
+        values, bit for bit). In place where x is the caller's own (a new output would be a copy of x first)."""
+        if not _adds_in_gemm(x, linear, h):
+            return x + linear(h)
+        weight = linear.weight.t()
+        return x.addmm_(h, weight) if own_x and not torch.is_grad_enabled() else torch.addmm(x, h, weight)
+
+    def add_feed_forward(self, ffn: torch.nn.Sequential, x: torch.Tensor, own_x: bool) -> torch.Tensor:
+        """:meth:`feed_forward` with its second Linear adding the residual (:meth:`add_linear`)."""
+        from .fp8 import Fp8Linear
+        from .ops import gated_gelu_op
+
+        ln, up, _, _, down = ffn
+        if isinstance(down, Fp8Linear):
+            return x + self.feed_forward(ffn, x)
+        return self.add_linear(x, down, gated_gelu_op(_normed_linear(ln, up, x)), own_x)
+
     def encoder_head(
         self, x: torch.Tensor, ln: torch.nn.LayerNorm, proj: torch.nn.Linear, consts: FsqConstants
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +244,19 @@ class TritonBackend(Backend):
         from .ops import fsq_decoder_input_op
 
         return fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
+
+
+def _adds_in_gemm(x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor) -> bool:
+    """Whether ``x + linear(h)`` can be one ``addmm``: a plain bias-free Linear, everything in one 16-bit dtype, no
+    autocast (which would run the addmm in its own dtype)."""
+    return (
+        type(linear) is torch.nn.Linear
+        and linear.bias is None
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype == h.dtype == linear.weight.dtype
+        and x.dim() == h.dim() == 2
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
 def _normed_linear(ln: torch.nn.LayerNorm, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

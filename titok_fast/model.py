@@ -167,19 +167,20 @@ def run_layers(
     n = len(layers.attn_layer)
     for i, (attn, ffn) in enumerate(zip(layers.attn_layer, layers.ffd_layer, strict=True)):
         last = i == n - 1
-        out = attn.out_proj(backend.attention(attn, backend.qkv(attn, x), pack, queries if last else "all", cache))
+        out = backend.attention(attn, backend.qkv(attn, x), pack, queries if last else "all", cache)
         if last and queries != "all":
             x = x[pack.latent_rows if queries == "latent" else pack.patch_rows]
-        x = x + out
-        x = x + backend.feed_forward(ffn, x)
+        # x is the caller's until the first residual has made a new one (the rows above may be a view of it)
+        x = backend.add_linear(x, attn.out_proj, out, own_x=i > 0)
+        x = backend.add_feed_forward(ffn, x, own_x=True)
     return x
 
 
 def run_layers_static(layers: Layers, x: torch.Tensor, batch: StaticBatch, backend: Backend) -> torch.Tensor:
     """x [rows, W] through every layer, every row a query, shapes independent of the batch contents."""
-    for attn, ffn in zip(layers.attn_layer, layers.ffd_layer, strict=True):
-        x = x + attn.out_proj(backend.attention_static(attn, backend.qkv(attn, x), batch))
-        x = x + backend.feed_forward(ffn, x)
+    for i, (attn, ffn) in enumerate(zip(layers.attn_layer, layers.ffd_layer, strict=True)):
+        x = backend.add_linear(x, attn.out_proj, backend.attention_static(attn, backend.qkv(attn, x), batch), i > 0)
+        x = backend.add_feed_forward(ffn, x, own_x=True)
     return x
 
 
