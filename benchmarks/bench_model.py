@@ -8,7 +8,9 @@ kept as a label for the older tables).
   tokens); titok-fast providers ``torch`` (the lean model) and ``engine`` (eager engine).
 - GPU (skipped without CUDA): V1 in bf16 at 20x192x192 with 256 and 1024 tokens, batches 1, 8, 32, and a mixed
   batch (144-192p, 8-20 frames, 128-1024 tokens); titok-fast providers ``eager``, ``compile``, ``cudagraph``,
-  ``auto`` (the engine's modes, triton backend) and ``fp8`` (``auto`` with the decoder layers' Linears in FP8).
+  ``auto`` (the engine's modes, triton backend), ``fp8`` (``auto`` with the decoder layers' Linears in FP8) and
+  ``auto-unfused`` (``auto`` with each residual added by a kernel of its own after its GEMM, as before 071e2a1: what
+  adding it in the GEMM's epilogue gains, measured in the same run).
 
 TFLOP/s and MFU count the FLOPs each provider executes (:func:`executed_flops`; the row's ``flops_counted`` says
 which): upstream's paths and the oracle every row through every layer (model FLOPs); the packed path (the lean
@@ -23,17 +25,21 @@ With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import math
 import os
 import platform
 import random
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from titok_fast import engine as engine_module
+from titok_fast.backends import TRITON, Backend
 from titok_fast.benchreport import append_row
 from titok_fast.config import TiTokConfig
 from titok_fast.engine import Engine, auto_mode, padded_mode, plan_batches
@@ -126,6 +132,8 @@ def model_for(config: str, provider: str, device: str, dtype: torch.dtype):
     if key not in _MODELS:
         _MODELS[key] = random_tokenizer(config, seed=0, device=device, dtype=dtype)
     model = _MODELS[key]
+    if provider == "auto-unfused":  # (the same engine; run_case adds the residuals apart)
+        provider = "auto"
     if provider == "fp8":
         if (*key, "fp8") not in _MODELS:
             _MODELS[(*key, "fp8")] = random_tokenizer(config, seed=0, device=device, dtype=dtype, precision="fp8")
@@ -168,7 +176,26 @@ def _module_of(runner) -> torch.nn.Module:
     return runner.model if isinstance(runner, Engine) else getattr(runner, "module", runner)
 
 
+@contextlib.contextmanager
+def residuals_apart(apart: bool) -> Iterator[None]:
+    """With ``apart``, the triton backend adds each residual after its GEMM, in a kernel of its own (the plain
+    ``x + linear(h)`` of the base backend), as it did before it added them in the GEMM's epilogue."""
+    if not apart:
+        yield
+        return
+    TRITON.add_linear = functools.partial(Backend.add_linear, TRITON)
+    try:
+        yield
+    finally:
+        del TRITON.add_linear
+
+
 def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds):
+    with residuals_apart(provider == "auto-unfused"):
+        _run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds)
+
+
+def _run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds):
     if device == "cuda":  # drop what earlier cases left behind, so peak memory is this case's
         for model in _MODELS.values():  # (what is derived from the weights, the decoder's table and FP8 copies,
             model.weights_changed()  # kept as attributes: rebuilt by the case that uses it, inside its count)
@@ -264,7 +291,9 @@ GPU_CASES = {
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("provider", ["upstream-packed", "upstream", "eager", "compile", "cudagraph", "auto", "fp8"])
+@pytest.mark.parametrize(
+    "provider", ["upstream-packed", "upstream", "eager", "compile", "cudagraph", "auto", "fp8", "auto-unfused"]
+)
 @pytest.mark.parametrize("case", list(GPU_CASES))
 @pytest.mark.parametrize("stage", ["encode", "decode"])
 def test_gpu(benchmark, stage, case, provider):

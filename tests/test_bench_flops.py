@@ -89,3 +89,20 @@ def test_auto_counts_each_batch_by_the_mode_it_picks():
     for stage, padded in (("encode", "cudagraph"), ("decode", "eager")):
         modes = bench_model.engine_modes(many, "auto", cuda, DEFAULT_BUDGETS, 1, stage, layouts, passes=2)
         assert [m for _, m in modes] == ["layout"] * bench_model.engine_module.LAYOUT_GRAPHS + [padded] * 2
+
+
+def test_the_unfused_provider_adds_the_residuals_apart():
+    """``auto-unfused`` (the same run's "before" of the residual adds in the GEMM): inside ``residuals_apart`` the
+    triton backend adds after the GEMM, ``x + linear(h)``; after it, in the GEMM's epilogue again."""
+    from titok_fast.backends import TRITON
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False).bfloat16()
+    x, h = torch.randn(100, 32).bfloat16(), torch.randn(100, 64).bfloat16()
+    plain, fused = x + linear(h), torch.addmm(x, h, linear.weight.t())
+    assert not torch.equal(plain, fused)
+    with bench_model.residuals_apart(True):
+        assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), plain)
+    with bench_model.residuals_apart(False):
+        assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), fused)
+    assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), fused)
