@@ -21,9 +21,10 @@ import torch
 
 from ._common import _layer_norm_rows
 from ._triton import tl, triton
+from .layer_norm import check_rows
+from .layer_norm import layer_norm_config as quantize_rows_config  # (the whole row in one block)
 
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
-MAX_ROW = 16384  # values a row at most: each row is reduced whole, in one block
 _FP8_MAX = tl.constexpr(FP8_MAX)  # the same, for the kernel
 # the least peak a row is scaled by: 448 / 2^-119 = 1.75 * 2^127 is float32's, where 448 / a smaller peak would
 # overflow. A row of smaller values (all below 1.5e-36) keeps scale and codes consistent (x ~= x_q * scale), its
@@ -101,22 +102,9 @@ def _layer_norm_rows_kernel(
     _quantize_block(b_y, q_ptr, scale_ptr, o_r, m_r, o_k, mask, stride_q)
 
 
-def quantize_rows_config(k: int) -> dict:
-    """Block shape for rows of ``k`` values: the whole row in one block, about 4096 values per program."""
-    block_k = triton.next_power_of_2(k)
-    return dict(BLOCK_K=block_k, ROWS=max(1, 4096 // block_k), num_warps=4 if block_k <= 1024 else 8)
-
-
-def _check_rows(x: torch.Tensor) -> None:
-    if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x must be [M, K] bf16/fp16/fp32 with a contiguous last dim; got {x.dtype} {list(x.shape)}")
-    if x.shape[1] > MAX_ROW:
-        raise ValueError(f"rows of at most {MAX_ROW} values are quantised in one block; got {x.shape[1]}")
-
-
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (last dim contiguous, K <= MAX_ROW) -> (x_q float8_e4m3fn [M, K], scale float32 [M, 1])."""
-    _check_rows(x)
+    check_rows(x)
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -133,14 +121,8 @@ def layer_norm_rows_fp8(
     """``quantize_rows_fp8`` of ``x``'s rows LayerNormed (float32 statistics, the result rounded to x's dtype, as
     the module rounds it) in one pass: the normalised rows never go to memory in 16 bits. x [M, K] as
     :func:`quantize_rows_fp8` takes it; weight, bias [K]."""
-    _check_rows(x)
+    check_rows(x, weight, bias)
     m, k = x.shape
-    if weight.shape != (k,) or bias.shape != (k,):
-        raise ValueError(f"LayerNorm weight and bias of [{k}] values; got {list(weight.shape)}, {list(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):  # (the kernel reads them as contiguous, on x's device)
-        if t.stride(-1) != 1 or t.device != x.device:
-            raise ValueError(f"LayerNorm {name} must be contiguous and on {x.device}; got stride {t.stride()} on "
-                             f"{t.device}")  # fmt: skip
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:

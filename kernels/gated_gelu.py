@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton
-from .fp8_quant import MAX_ROW, _row_scales, _store_codes, quantize_rows_fp8_ref
+from .fp8_quant import _row_scales, _store_codes, quantize_rows_fp8_ref
+from .layer_norm import MAX_ROW
 
 SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2), float32 in the kernel as in PyTorch's (M_SQRT1_2 as its opmath type)
 _SQRT1_2 = tl.constexpr(SQRT1_2)

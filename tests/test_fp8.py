@@ -22,7 +22,7 @@ from titok_fast.kernels.fp8_quant import (
 from titok_fast.model import TiTok
 
 from graph_capture import engine_for
-from helpers import make_model, random_videos, rel_l2
+from helpers import make_model, random_videos, rel_l2, spaced_rows
 from triton_mode import triton_mode
 
 
@@ -54,14 +54,6 @@ def test_rows_of_tiny_values_keep_codes_and_scale_consistent():
     with triton_mode(interpret=True):
         got_q, got_scale = quantize_rows_fp8(x)
     assert torch.equal(got_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(got_scale, scale)
-
-
-def spaced_rows(x: torch.Tensor) -> torch.Tensor:
-    """x's values as a view whose rows are 40 values apart more than their width (the kernels take any row
-    stride), the values between them large enough to change a row's peak if they were read."""
-    wide = torch.full((x.shape[0], x.shape[1] + 40), 3e4, dtype=x.dtype, device=x.device)
-    wide[:, : x.shape[1]] = x
-    return wide[:, : x.shape[1]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -120,15 +120,16 @@ def test_gpu_kernel_gives_pytorchs_values(inner):
 
 @pytest.mark.parametrize("precision", ["default", "fp8"])
 def test_triton_backends_ffn_runs_the_kernels_and_hands_fp8_codes_on(precision, monkeypatch):
-    """The triton backend's FFN and q/k/v projection are the modules' with the kernels: the gated GELU's, and into
-    an FP8 Linear (precision fp8: every Linear of a decoder layer) the codes and row scales of the kernel that makes
-    its input (the gated GELU's, a LayerNorm's), which are what that Linear would make of the 16-bit rows itself
-    (tests/test_fp8.py): no activation is quantised a second time."""
+    """The triton backend's FFN and q/k/v projection are the modules' with the kernels: the LayerNorm's and the
+    gated GELU's, and into an FP8 Linear (precision fp8: every Linear of a decoder layer) the codes and row scales
+    of the kernel that makes its input (the gated GELU's, a LayerNorm's), which are what that Linear would make of
+    the 16-bit rows itself (tests/test_fp8.py): no activation is quantised a second time."""
     from titok_fast import fp8
     from titok_fast.backends import TORCH, TRITON
     from titok_fast.config import SIZES, StackSize
     from titok_fast.fp8 import Fp8Linear
     from titok_fast.kernels.fp8_quant import layer_norm_rows_fp8
+    from titok_fast.kernels.layer_norm import layer_norm
     from titok_fast.layers import Attention, feed_forward, perturb_norms
 
     torch.manual_seed(0)
@@ -148,7 +149,7 @@ def test_triton_backends_ffn_runs_the_kernels_and_hands_fp8_codes_on(precision, 
         def normed(ln, linear):
             if precision == "fp8":
                 return linear.of_codes(*layer_norm_rows_fp8(x, ln.weight, ln.bias, ln.eps), x.dtype)
-            return linear(ln(x))
+            return linear(layer_norm(x, ln.weight, ln.bias, ln.eps))
 
         h, want_qkv = normed(ffn[0], ffn[1]), normed(attn.pre_ln, attn.to_qkv)
     assert torch.equal(got, ffn[4](gated_gelu_ref(h))) and torch.equal(qkv, want_qkv)

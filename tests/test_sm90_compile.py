@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 import titok_fast.kernels.fp8_quant as fp8_quant
 import titok_fast.kernels.fsq as fsq
 import titok_fast.kernels.gated_gelu as gated_gelu
+import titok_fast.kernels.layer_norm as layer_norm
 import titok_fast.kernels.mrope_attention as mrope
 import titok_fast.kernels.nearest_code as nearest
 import titok_fast.kernels.nv12_rgb as nv12_rgb
@@ -91,6 +92,11 @@ def _layer_norm_fp8(dtype, k):
     return "_layer_norm_rows_kernel", fp8_quant, fp8_quant.quantize_rows_config(k), ptrs, _sixteens(K=k)
 
 
+def _layer_norm(dtype, k):
+    ptrs = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "y_ptr"], TYPE[dtype])
+    return "_layer_norm_kernel", layer_norm, layer_norm.layer_norm_config(k), ptrs, _sixteens(K=k)
+
+
 def _nv12_rgb():
     config = dict(BLOCK_W=nv12_rgb.BLOCK_W, Y_OFFSET=nv12_rgb.Y_OFFSET, C_OFFSET=nv12_rgb.C_OFFSET,
                   num_warps=nv12_rgb.NUM_WARPS)  # fmt: skip
@@ -126,6 +132,9 @@ CASES = {
     "quantize-fp32-K1376": _quantize(torch.float32, 1376),
     "quantize-layer_norm-bf16-K2048": _layer_norm_fp8(torch.bfloat16, 2048),  # V1's decoder: its norms into FP8
     "quantize-layer_norm-fp32-K1024": _layer_norm_fp8(torch.float32, 1024),
+    "layer_norm-bf16-K1024": _layer_norm(torch.bfloat16, 1024),  # V1's encoder and decoder norms
+    "layer_norm-bf16-K2048": _layer_norm(torch.bfloat16, 2048),
+    "layer_norm-fp32-K1024": _layer_norm(torch.float32, 1024),
     # V1's FFN: the encoder's 1376 inner values a row, the decoder's 2752 (its FP8 Linears read them as codes)
     "gated_gelu-bf16-I1376": _gated_gelu(torch.bfloat16, 1376, False),
     "gated_gelu-bf16-I2752": _gated_gelu(torch.bfloat16, 2752, False),

@@ -155,8 +155,8 @@ def test_every_kernel_launches_on_the_gpu_of_its_tensors(models, monkeypatch):
     encoded = len(guarded)
     model.decode_indices(out["indices"], SHAPES[:1])
     depth = len(model.encoder.model_layers.attn_layer)
-    assert encoded == 2 * depth + 1  # each layer's attention and gated GELU, then the FSQ head
-    assert len(guarded) == encoded + 1 + 2 * depth  # the decoder's input rows, then each layer's two
+    assert encoded == 4 * depth + 1  # each layer's two LayerNorms, attention and gated GELU, then the FSQ head
+    assert len(guarded) == encoded + 1 + 4 * depth  # the decoder's input rows, then each layer's four
     assert set(guarded) == {torch.device(DEVICE) if DEVICE == "cpu" else model.device}
     fake, current = type("Tensor", (), {"device": torch.device("cuda", 1)})(), []
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(current.append(device)))

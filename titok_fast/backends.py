@@ -260,13 +260,38 @@ def _adds_in_gemm(x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor) -> 
 
 
 def _normed_linear(ln: torch.nn.LayerNorm, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(ln(x))``; an FP8 ``linear`` takes the norm's rows as codes made in the norm's own pass."""
+    """``linear(ln(x))``, the norm a kernel that reads each row once (``kernels/layer_norm.py``) where it takes the
+    rows; an FP8 ``linear`` takes the norm's rows as codes made in the norm's own pass."""
     from .fp8 import Fp8Linear
-    from .ops import layer_norm_rows_fp8_op
+    from .ops import layer_norm_op, layer_norm_rows_fp8_op
 
     if isinstance(linear, Fp8Linear):
         return linear.of_codes(*layer_norm_rows_fp8_op(x, ln.weight, ln.bias, ln.eps), x.dtype)
+    if _norm_in_kernel(ln, x):
+        return linear(layer_norm_op(x, ln.weight, ln.bias, ln.eps))
     return linear(ln(x))
+
+
+def _norm_in_kernel(ln: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
+    """Whether the LayerNorm kernel takes ``ln(x)``: rows [M, K] of at most MAX_ROW contiguous values in a float
+    dtype of its own, the norm over the last dim with an affine of x's dtype (as a model in one dtype has), no
+    autocast."""
+    from titok_fast.kernels.layer_norm import MAX_ROW
+
+    w, b = ln.weight, ln.bias
+    return (
+        x.dim() == 2
+        and x.stride(1) == 1
+        and x.shape[1] <= MAX_ROW
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and tuple(ln.normalized_shape) == (x.shape[1],)
+        and w is not None
+        and b is not None
+        and w.dtype == b.dtype == x.dtype
+        and w.is_contiguous()
+        and b.is_contiguous()
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
 TORCH = TorchBackend()

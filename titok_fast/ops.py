@@ -9,6 +9,7 @@ from titok_fast.kernels._triton import launching as on_device_of  # (each op's l
 from titok_fast.kernels.fp8_quant import layer_norm_rows_fp8, quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head
 from titok_fast.kernels.gated_gelu import gated_gelu
+from titok_fast.kernels.layer_norm import layer_norm
 from titok_fast.kernels.mrope_attention import HEAD_DIM, mrope_attention
 
 
@@ -111,6 +112,17 @@ def layer_norm_rows_fp8_op(
 @layer_norm_rows_fp8_op.register_fake
 def _(x, weight, bias, eps):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("titok_fast::layer_norm", mutates_args=())
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    with on_device_of(x):
+        return layer_norm(x, weight, bias, eps)
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("titok_fast::gated_gelu", mutates_args=())
