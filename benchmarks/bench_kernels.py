@@ -22,6 +22,8 @@ FSQ: GB/s of the fused encoder head and decoder-input gather against unfused PyT
 Gated GELU (the FFN's ``a * gelu(g)``, V1 batch 32: the encoder's 1376 values a row, the decoder's 2752, and the
 decoder's into its FP8 Linears as codes and scales): GB/s of the input read and the output written, the kernel
 against PyTorch's module (and ``quantize_rows_fp8`` after it for FP8).
+LayerNorm (the layers' pre-attention and pre-FFN norms, V1 batch 32: 1024 values a row in the encoder, 2048 in the
+decoder): GB/s of the rows read and written, the kernel (``titok``) against PyTorch's module (``torch``).
 NV12 -> RGB (``--decoder nvdec``'s conversion of a frame): GB/s and the host CPU time of a call (``host us/call``:
 what a decoding thread spends launching it, much of it holding the GIL), the kernel against PyTorch (``torch``).
 
@@ -47,6 +49,7 @@ from titok_fast.benchreport import append_row
 from titok_fast.kernels.fp8_quant import quantize_rows_fp8
 from titok_fast.kernels.fsq import FsqConstants, fsq_decoder_input, fsq_encoder_head, fsq_quantize_ref
 from titok_fast.kernels.gated_gelu import gated_gelu
+from titok_fast.kernels.layer_norm import layer_norm
 from titok_fast.kernels.mrope_attention import (
     ATTENTION_BLOCKS,
     NORM_CONFIG,
@@ -312,3 +315,23 @@ def test_gated_gelu(benchmark, provider, case):
     _extra_info(benchmark, provider)
     written = x.shape[0] * (inner * (1 if fp8 else 2) + (4 if fp8 else 0))
     benchmark.extra_info.update(gb_per_s=(x.numel() * 2 + written) / mean / 1e9)
+
+
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+@pytest.mark.parametrize("provider", ["titok", "torch"])
+def test_layer_norm(benchmark, provider, side):
+    """A layer's LayerNorm of a V1 batch of 32 clips (3136 rows each), bf16 with a perturbed affine: the kernel
+    against PyTorch's module."""
+    benchmark.group = f"kernel-layer-norm-{side}"
+    width = 1024 if side == "encoder" else 2048
+    x = torch.randn(32 * 3136, width, device="cuda", dtype=torch.bfloat16)
+    module = torch.nn.LayerNorm(width, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        module.weight.normal_(1, 0.3)
+        module.bias.normal_(0, 0.3)
+    if provider == "titok":
+        mean = _timed(benchmark, lambda: layer_norm(x, module.weight, module.bias, module.eps))
+    else:
+        mean = _timed(benchmark, lambda: module(x))
+    _extra_info(benchmark, provider)
+    benchmark.extra_info.update(gb_per_s=x.numel() * 2 * 2 / mean / 1e9)

@@ -9,8 +9,9 @@ kept as a label for the older tables).
 - GPU (skipped without CUDA): V1 in bf16 at 20x192x192 with 256 and 1024 tokens, batches 1, 8, 32, and a mixed
   batch (144-192p, 8-20 frames, 128-1024 tokens); titok-fast providers ``eager``, ``compile``, ``cudagraph``,
   ``auto`` (the engine's modes, triton backend), ``fp8`` (``auto`` with the decoder layers' Linears in FP8) and
-  ``auto-unfused`` (``auto`` with each residual added by a kernel of its own after its GEMM, as before 071e2a1: what
-  adding it in the GEMM's epilogue gains, measured in the same run).
+  ``auto-unfused`` (``auto`` with the layers' LayerNorms in PyTorch and each residual added by a kernel of its own
+  after its GEMM, as before 071e2a1: what the LayerNorm kernel and the residual in the GEMM's epilogue gain,
+  measured in the same run).
 
 TFLOP/s and MFU count the FLOPs each provider executes (:func:`executed_flops`; the row's ``flops_counted`` says
 which): upstream's paths and the oracle every row through every layer (model FLOPs); the packed path (the lean
@@ -38,6 +39,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from titok_fast import backends
 from titok_fast import engine as engine_module
 from titok_fast.backends import TRITON, Backend
 from titok_fast.benchreport import append_row
@@ -132,7 +134,7 @@ def model_for(config: str, provider: str, device: str, dtype: torch.dtype):
     if key not in _MODELS:
         _MODELS[key] = random_tokenizer(config, seed=0, device=device, dtype=dtype)
     model = _MODELS[key]
-    if provider == "auto-unfused":  # (the same engine; run_case adds the residuals apart)
+    if provider == "auto-unfused":  # (the same engine; run_case undoes the fusions around it)
         provider = "auto"
     if provider == "fp8":
         if (*key, "fp8") not in _MODELS:
@@ -177,21 +179,23 @@ def _module_of(runner) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def residuals_apart(apart: bool) -> Iterator[None]:
-    """With ``apart``, the triton backend adds each residual after its GEMM, in a kernel of its own (the plain
-    ``x + linear(h)`` of the base backend), as it did before it added them in the GEMM's epilogue."""
+def unfused(apart: bool) -> Iterator[None]:
+    """With ``apart``, the triton backend runs the layers' LayerNorms as PyTorch's module and adds each residual
+    after its GEMM, in a kernel of its own (the base backend's ``x + linear(h)``), as it did before both fusions."""
     if not apart:
         yield
         return
     TRITON.add_linear = functools.partial(Backend.add_linear, TRITON)
+    norm_in_kernel, backends._norm_in_kernel = backends._norm_in_kernel, lambda ln, x: False
     try:
         yield
     finally:
         del TRITON.add_linear
+        backends._norm_in_kernel = norm_in_kernel
 
 
 def run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds):
-    with residuals_apart(provider == "auto-unfused"):
+    with unfused(provider == "auto-unfused"):
         _run_case(benchmark, stage, config, provider, shapes, counts, device, dtype, rounds)
 
 

@@ -41,8 +41,9 @@
 #                                            # after on 720p30 and 256p8, and NVDEC), then the table of
 #                                            # targets met or missed (benchmarks/targets.py)
 #   bash benchmarks/gpu_session.sh targets-model   # its model rows alone (305 s), judged
-#   bash benchmarks/gpu_session.sh residual  # encode and decode at b32 (256 tokens): auto beside auto-unfused, whose
-#                                            # residual adds are kernels of their own after the GEMM (60 s at most)
+#   bash benchmarks/gpu_session.sh fusions   # encode and decode at b32 (256 tokens): auto beside auto-unfused (the
+#                                            # LayerNorms in PyTorch, each residual added by a kernel of its own
+#                                            # after its GEMM), and the LayerNorm kernel against PyTorch's (90 s)
 #   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (295 s), judged
 #   bash benchmarks/gpu_session.sh profile   # where a batch's time goes (benchmarks/profile_model.py, 180 s at
 #                                            # most): device ms by kind of kernel and the GPU's idle time, encode
@@ -50,8 +51,9 @@
 #
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
 # since the H100 run of 2026-12-05 the model's default kernels are the same, the attention has six new candidate
-# block shapes (five `-pipe`: the next key block's QK^T in flight during the softmax), a 16-bit model adds its
-# residuals in the GEMMs' epilogues (`residual` measures it against the adds apart); the input pipeline has
+# block shapes (five `-pipe`: the next key block's QK^T in flight during the softmax), the layers' LayerNorms are a
+# kernel of one pass and a 16-bit model adds its residuals in the GEMMs' epilogues (`fusions` measures both against
+# the before); the input pipeline has
 # changed (H.264 in MP4 decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing
 # token files, the weights' digest taken once a run), the gpu tests corrected or added since have not run, and the
 # pipeline rows say what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores
@@ -59,9 +61,9 @@
 # input). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (565 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
-#   2. `attention residual` (260 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
-#      residual adds in the GEMM against apart), then, in what is left, `targets-model` (305 s at most) or
-#      `profile` (180 s). The limits are ceilings: on the H100 on
+#   2. `attention fusions` (290 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
+#      LayerNorm kernel and the residual adds in the GEMM against the before), then, in what is left,
+#      `targets-model` (305 s at most) or `profile` (180 s). The limits are ceilings: on the H100 on
 #      2026-12-05 call 1's parts took 146 s together and `targets-model profile` 116 s.
 #
 # Its exit status is 0 whatever the parts gave (each part says how it ended, "[name: N s]" and any cut-off): read
@@ -174,7 +176,8 @@ part() {
         attention) bench attention "bench_kernels and attention" 200 ;;  # the anchors and every block shape
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8 and not unfused" ;;
         fp8) bench fp8 "test_gpu and decode and b32 and (auto or fp8) and not unfused" ;;
-        residual) bench residual "test_gpu and n256 and b32 and not mixed and auto" 60 ;;  # auto, auto-unfused
+        fusions) bench fusions "test_gpu and n256 and b32 and not mixed and auto" 60  # auto, auto-unfused
+                 bench fusions-kernels "bench_kernels and layer_norm" 30 ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
         parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
                     --backends triton --seeds 8 --fp8 --decode 2>&1 | tee "$out/parity.txt" ;;
@@ -200,7 +203,7 @@ part() {
             pack ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
         *) echo "unknown part '$1': tests, gpu-tests, kernels, attention, encode, decode, encode-compile," \
-                "decode-compile, fp8, residual, parity, pipeline, pipeline-short, pipeline-sweeps, all, targets," \
+                "decode-compile, fp8, fusions, parity, pipeline, pipeline-short, pipeline-sweeps, all, targets," \
                 "targets-model, profile" >&2
            exit 2 ;;
     esac

@@ -91,18 +91,19 @@ def test_auto_counts_each_batch_by_the_mode_it_picks():
         assert [m for _, m in modes] == ["layout"] * bench_model.engine_module.LAYOUT_GRAPHS + [padded] * 2
 
 
-def test_the_unfused_provider_adds_the_residuals_apart():
-    """``auto-unfused`` (the same run's "before" of the residual adds in the GEMM): inside ``residuals_apart`` the
-    triton backend adds after the GEMM, ``x + linear(h)``; after it, in the GEMM's epilogue again."""
+def test_the_unfused_provider_undoes_the_layer_norm_kernel_and_the_residual_in_the_gemm():
+    """``auto-unfused`` (the same run's "before" of both fusions): inside ``unfused`` the triton backend adds after
+    the GEMM, ``x + linear(h)``, and normalises with PyTorch's module; after it, as before it."""
+    from titok_fast import backends
     from titok_fast.backends import TRITON
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 32, bias=False).bfloat16()
+    linear, ln = torch.nn.Linear(64, 32, bias=False).bfloat16(), torch.nn.LayerNorm(64).bfloat16()
     x, h = torch.randn(100, 32).bfloat16(), torch.randn(100, 64).bfloat16()
     plain, fused = x + linear(h), torch.addmm(x, h, linear.weight.t())
-    assert not torch.equal(plain, fused)
-    with bench_model.residuals_apart(True):
-        assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), plain)
-    with bench_model.residuals_apart(False):
-        assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), fused)
-    assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), fused)
+    assert not torch.equal(plain, fused) and backends._norm_in_kernel(ln, h)
+    for apart in (True, False):
+        with bench_model.unfused(apart):
+            assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), plain if apart else fused)
+            assert backends._norm_in_kernel(ln, h) is not apart
+    assert torch.equal(TRITON.add_linear(x, linear, h, own_x=False), fused) and backends._norm_in_kernel(ln, h)
