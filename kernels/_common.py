@@ -32,9 +32,10 @@ def _layer_norm_rows(b_x, m_w, w_ptr, b_ptr, o_w, width, eps, DTYPE: tl.constexp
     affine at ``w_ptr``/``b_ptr`` (columns ``o_w``): float32 statistics by correctly rounded division and square
     root (the GPU's default approximate ones differ from torch's), the result rounded to DTYPE as the module
     rounds it, returned in float32 (0 in masked columns)."""
-    mean = tl.div_rn(tl.sum(b_x, 1), width.to(tl.float32))
+    n = tl.cast(width, tl.float32)  # (a width of 1 comes as a constant: the launcher specialises it)
+    mean = tl.div_rn(tl.sum(b_x, 1), n)
     b_xc = tl.where(m_w[None, :], b_x - mean[:, None], 0.0)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(b_xc * b_xc, 1), width.to(tl.float32)) + eps))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(b_xc * b_xc, 1), n) + eps))
     b_w = tl.load(w_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
     b_b = tl.load(b_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
     return (b_xc * rstd[:, None] * b_w[None, :] + b_b[None, :]).to(DTYPE).to(tl.float32)

@@ -90,11 +90,31 @@ def test_triton_backend_adds_the_residual_in_the_gemm_of_a_16_bit_model():
     assert torch.equal(TORCH.add_linear(x, linear, h, own_x=True), x + linear(h)) and torch.equal(x, kept)
     biased = nn.Linear(256, 128).bfloat16()
     assert torch.equal(TRITON.add_linear(x, biased, h, own_x=True), x + biased(h)) and torch.equal(x, kept)
-    x32, h32, linear32 = x.float(), h.float(), linear.float()
+    x32, h32, linear32 = x.float(), h.float(), nn.Linear(256, 128, bias=False)  # (module.float() is in place)
+    linear32.weight.data = linear.weight.float()
     assert torch.equal(TRITON.add_linear(x32, linear32, h32, own_x=True), x32 + linear32(h32))
     assert torch.equal(x32, kept.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(TRITON.add_linear(x32, linear32, h32, own_x=True), x32 + linear32(h32))
+    seen = []  # a forward hook (activations captured, say) is honoured: the Linear is called
+    linear.register_forward_hook(lambda module, args, out: seen.append(out))
+    assert torch.equal(TRITON.add_linear(x, linear, h, own_x=True), x + linear(h)) and len(seen) == 2
+
+
+def test_triton_backend_norms_in_its_kernel_only_a_plain_norm_of_its_rows():
+    """The LayerNorm kernel takes a norm of the rows' width, dtype and device with no hooks; anything else is the
+    module's call."""
+    from titok_fast.backends import _norm_in_kernel
+
+    ln, x = nn.LayerNorm(64).bfloat16(), torch.randn(10, 64).bfloat16()
+    assert _norm_in_kernel(ln, x)
+    assert not _norm_in_kernel(ln, x.float()) and not _norm_in_kernel(ln, x[:, :32])
+    assert not _norm_in_kernel(ln, x.t().contiguous().t()) and not _norm_in_kernel(ln, x[None])
+    assert not _norm_in_kernel(nn.LayerNorm(64, elementwise_affine=False).bfloat16(), x)
+    with torch.device("meta"):
+        assert not _norm_in_kernel(ln, torch.empty(10, 64, dtype=torch.bfloat16))
+    ln.register_forward_pre_hook(lambda module, args: None)
+    assert not _norm_in_kernel(ln, x)
 
 
 @pytest.mark.parametrize("queries", ["all", "latent"])

@@ -97,6 +97,12 @@ def _layer_norm(dtype, k):
     return "_layer_norm_kernel", layer_norm, layer_norm.layer_norm_config(k), ptrs, _sixteens(K=k)
 
 
+def _one_value(spec):
+    """A row kernel's case for rows of one value, K passed as the constant 1, as the launcher specialises it."""
+    name, module, config, ptrs, _ = spec
+    return name, module, dict(config, K=1), ptrs
+
+
 def _nv12_rgb():
     config = dict(BLOCK_W=nv12_rgb.BLOCK_W, Y_OFFSET=nv12_rgb.Y_OFFSET, C_OFFSET=nv12_rgb.C_OFFSET,
                   num_warps=nv12_rgb.NUM_WARPS)  # fmt: skip
@@ -135,6 +141,10 @@ CASES = {
     "layer_norm-bf16-K1024": _layer_norm(torch.bfloat16, 1024),  # V1's encoder and decoder norms
     "layer_norm-bf16-K2048": _layer_norm(torch.bfloat16, 2048),
     "layer_norm-fp32-K1024": _layer_norm(torch.float32, 1024),
+    # rows of one value: the launcher passes an integer argument of 1 as a constant, which the kernels must take
+    # (compiled only: a program holds 4096 such rows, each with its divisions)
+    "layer_norm-bf16-K1": _one_value(_layer_norm(torch.bfloat16, 1)),
+    "layer_norm_fp8-bf16-K1": _one_value(_layer_norm_fp8(torch.bfloat16, 1)),
     # V1's FFN: the encoder's 1376 inner values a row, the decoder's 2752 (its FP8 Linears read them as codes)
     "gated_gelu-bf16-I1376": _gated_gelu(torch.bfloat16, 1376, False),
     "gated_gelu-bf16-I2752": _gated_gelu(torch.bfloat16, 2752, False),

@@ -246,11 +246,22 @@ class TritonBackend(Backend):
         return fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
 
 
+def _plain(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` is its arithmetic alone, which a fused path may do in its place: no forward hooks
+    of its own, and parameters that are plain tensors (not a subclass that computes otherwise)."""
+    return (
+        not module._forward_hooks
+        and not module._forward_pre_hooks
+        and all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in module.parameters(recurse=False))
+    )
+
+
 def _adds_in_gemm(x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor) -> bool:
-    """Whether ``x + linear(h)`` can be one ``addmm``: a plain bias-free Linear, everything in one 16-bit dtype, no
-    autocast (which would run the addmm in its own dtype)."""
+    """Whether ``x + linear(h)`` can be one ``addmm``: a plain (:func:`_plain`) bias-free Linear, everything in one
+    16-bit dtype, no autocast (which would run the addmm in its own dtype)."""
     return (
         type(linear) is torch.nn.Linear
+        and _plain(linear)
         and linear.bias is None
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.dtype == h.dtype == linear.weight.dtype
@@ -273,14 +284,15 @@ def _normed_linear(ln: torch.nn.LayerNorm, linear: torch.nn.Linear, x: torch.Ten
 
 
 def _norm_in_kernel(ln: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
-    """Whether the LayerNorm kernel takes ``ln(x)``: rows [M, K] of at most MAX_ROW contiguous values in a float
-    dtype of its own, the norm over the last dim with an affine of x's dtype (as a model in one dtype has), no
+    """Whether the LayerNorm kernel takes ``ln(x)``: a plain norm (:func:`_plain`) over the last dim with an affine
+    of x's dtype and device (as a model in one dtype has), rows [M, K] of at most MAX_ROW contiguous values, no
     autocast."""
     from titok_fast.kernels.layer_norm import MAX_ROW
 
     w, b = ln.weight, ln.bias
     return (
-        x.dim() == 2
+        _plain(ln)
+        and x.dim() == 2
         and x.stride(1) == 1
         and x.shape[1] <= MAX_ROW
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -288,6 +300,7 @@ def _norm_in_kernel(ln: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
         and w is not None
         and b is not None
         and w.dtype == b.dtype == x.dtype
+        and w.device == b.device == x.device
         and w.is_contiguous()
         and b.is_contiguous()
         and not torch.is_autocast_enabled(x.device.type)

@@ -170,7 +170,7 @@ def run_layers(
         out = backend.attention(attn, backend.qkv(attn, x), pack, queries if last else "all", cache)
         if last and queries != "all":
             x = x[pack.latent_rows if queries == "latent" else pack.patch_rows]
-        # x is the caller's until the first residual has made a new one (the rows above may be a view of it)
+        # x is the caller's until the first residual has made a new one: only then may a residual add in place
         x = backend.add_linear(x, attn.out_proj, out, own_x=i > 0)
         x = backend.add_feed_forward(ffn, x, own_x=True)
     return x
