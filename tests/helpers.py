@@ -71,3 +71,13 @@ def spaced_rows(x: torch.Tensor) -> torch.Tensor:
     wide = torch.full((x.shape[0], x.shape[1] + 40), 3e4, dtype=x.dtype, device=x.device)
     wide[:, : x.shape[1]] = x
     return wide[:, : x.shape[1]]
+
+
+def norm_rows(k: int, rows: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, weight, bias) for the LayerNorm kernels' tests: ``rows`` rows of ``k`` values whose scales spread over
+    six decades, with offsets, as a view of rows a stride apart (:func:`spaced_rows`), and a perturbed affine."""
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(rows, k, generator=g) * 3 + 1) * torch.logspace(-3, 3, rows)[:, None]
+    weight, bias = 1 + 0.3 * torch.randn(k, generator=g), 0.3 * torch.randn(k, generator=g)
+    x, weight, bias = (t.to(device, dtype) for t in (x, weight, bias))
+    return spaced_rows(x), weight, bias

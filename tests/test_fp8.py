@@ -22,7 +22,7 @@ from titok_fast.kernels.fp8_quant import (
 from titok_fast.model import TiTok
 
 from graph_capture import engine_for
-from helpers import make_model, random_videos, rel_l2, spaced_rows
+from helpers import make_model, norm_rows, random_videos, rel_l2, spaced_rows
 from triton_mode import triton_mode
 
 
@@ -88,12 +88,8 @@ def test_layer_norm_kernel_quantises_the_modules_rows(dtype, k):
     by one step of x's dtype (float32: a few ulps): then a code by one e4m3 step at most, a scale as its row
     peak."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(k)
     rows = 2 * quantize_rows_config(k)["ROWS"] + 97
-    x = (torch.randn(rows, k, generator=g) * 3 + 1) * torch.logspace(-3, 3, rows)[:, None]
-    weight, bias = 1 + 0.3 * torch.randn(k, generator=g), 0.3 * torch.randn(k, generator=g)
-    x, weight, bias = (t.to(device, dtype) for t in (x, weight, bias))
-    x = spaced_rows(x)
+    x, weight, bias = norm_rows(k, rows, dtype, device)
     with triton_mode(interpret=device == "cpu"):
         q, scale = layer_norm_rows_fp8(x, weight, bias)
     want_q, want_scale = layer_norm_rows_fp8_ref(x.cpu(), weight.cpu(), bias.cpu())

@@ -5,7 +5,7 @@ import torch
 
 from titok_fast.kernels.layer_norm import MAX_ROW, layer_norm, layer_norm_config, layer_norm_ref
 
-from helpers import spaced_rows
+from helpers import norm_rows
 from triton_mode import triton_mode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,12 +21,7 @@ def test_kernel_is_the_modules_norm(dtype, k):
     does (its float32 statistics summed in another order: float32's own noise, some 100 units in the last place of
     a row of large offset); in bf16 and fp16 each value is the module's, or where the two float32 statistics round
     apart and tip the rounding, one unit in the last place away, for few values."""
-    g = torch.Generator().manual_seed(k)
-    rows = 2 * layer_norm_config(k)["ROWS"] + 97
-    x = (torch.randn(rows, k, generator=g) * 3 + 1) * torch.logspace(-3, 3, rows)[:, None]
-    weight, bias = 1 + 0.3 * torch.randn(k, generator=g), 0.3 * torch.randn(k, generator=g)
-    x, weight, bias = (t.to(DEVICE, dtype) for t in (x, weight, bias))
-    x = spaced_rows(x)
+    x, weight, bias = norm_rows(k, 2 * layer_norm_config(k)["ROWS"] + 97, dtype, DEVICE)
     with triton_mode(interpret=DEVICE == "cpu"):
         y = layer_norm(x, weight, bias)
     want = layer_norm_ref(x, weight, bias)
