@@ -343,6 +343,7 @@ class Blocks(NamedTuple):
     tma: bool = False  # K/V through tensor descriptors (TMA), host-side; needs 16-byte aligned rows
     fold_q: bool = False  # q's LayerNorm + M-RoPE in the attention kernel, as it loads q (the prologue: k only)
     pipeline: bool = False  # the next key block's QK^T in flight during this block's softmax (PIPELINE)
+    maxnreg: int | None = None  # registers a thread at most (ptxas), for the CTAs per SM it buys
 
 
 # 16-bit configurations for a GPU run to compare (``benchmarks/bench_kernels.py::test_attention_blocks``); each
@@ -374,8 +375,12 @@ ATTENTION_BLOCKS = {
     "m128n64w8s3-tma-pipe": Blocks(128, 64, 8, 3, tma=True, pipeline=True),  # 153
     # 32 keys a step: half the score registers, so the pipelined loop keeps two CTAs per SM (3.6: 127) with every
     # exp2 of a step issued during the next QK^T; twice the steps (the rescale of acc each 32 keys, not 64)
-    "m128n32w8s3": Blocks(128, 32, 8, 3),  # 82: three CTAs per SM
+    "m128n32w8s3": Blocks(128, 32, 8, 3),  # 82 (registers are given in eights: 88): two CTAs per SM
     "m128n32w8s3-pipe": Blocks(128, 32, 8, 3, pipeline=True),  # 124: two CTAs per SM
+    # At most 80 registers (3.6: 79), no spills: three CTAs of 8 warps per SM (40 KiB shared memory each), 396 on
+    # an H100's 132 SMs, where one clip's encoder attention (3136 rows: 99 row blocks x 4 KV heads) is 396
+    # programs: one wave, where the default's two CTAs per SM (264) take one and a half
+    "m128n32w8s3-r80": Blocks(128, 32, 8, 3, maxnreg=80),  # 77
 }
 # Not offered: tl.range(warp_specialize=True) on the key loop compiles to the same SASS for sm_90 under
 # Triton 3.6 and 3.9 (no producer/consumer split, no setmaxnreg), with or without TMA.
@@ -404,9 +409,10 @@ def attention_config(dtype: torch.dtype, blocks: str | None = None) -> dict:
     if blocks is not None and blocks not in ATTENTION_BLOCKS:
         raise ValueError(f"blocks must be one of {list(ATTENTION_BLOCKS)}; got {blocks!r}")
     b = ATTENTION_BLOCKS[blocks or next(iter(ATTENTION_BLOCKS))]
+    cap = {} if b.maxnreg is None else {"maxnreg": b.maxnreg}
     return dict(
         BLOCK_M=b.block_m, BLOCK_N=b.block_n, num_warps=b.num_warps, num_stages=b.num_stages, PRECISION="tf32",
-        enable_fp_fusion=True, TMA=b.tma, NORM_Q=b.fold_q, PIPELINE=b.pipeline,
+        enable_fp_fusion=True, TMA=b.tma, NORM_Q=b.fold_q, PIPELINE=b.pipeline, **cap,
     )  # fmt: skip
 
 

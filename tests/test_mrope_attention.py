@@ -104,8 +104,9 @@ def test_rows_of_little_variance_keep_the_norms_eps():
 
 
 def _distinct_tiles() -> list[str]:
-    """One ATTENTION_BLOCKS name per (BLOCK_M, BLOCK_N, TMA, fold_q, pipeline) other than the default's: warps and
-    stages change nothing the interpreter computes (every one is compiled for sm_90 by test_sm90_compile.py)."""
+    """One ATTENTION_BLOCKS name per (BLOCK_M, BLOCK_N, TMA, fold_q, pipeline) other than the default's: warps,
+    stages and register caps change nothing the interpreter computes (every one is compiled for sm_90 by
+    test_sm90_compile.py)."""
     seen, names = set(), []
     for name, b in ATTENTION_BLOCKS.items():
         if (b.block_m, b.block_n, b.tma, b.fold_q, b.pipeline) not in seen:

@@ -29,7 +29,7 @@ import titok_fast.kernels.nv12_rgb as nv12_rgb
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-LAUNCH_OPTIONS = {"num_warps", "num_stages", "enable_fp_fusion"}
+LAUNCH_OPTIONS = {"num_warps", "num_stages", "enable_fp_fusion", "maxnreg"}
 TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FLOAT_ARGS = {"eps", "qk_scale"}
 
@@ -229,6 +229,12 @@ def test_compiles_for_sm90_without_spills(case, compiled):
     cubin = folder / "kernel.cubin"
     usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     assert re.search(r"STACK:0 ", usage) and re.search(r"LOCAL:0 ", usage), usage
+    if case.startswith("attention-bf16-group4"):  # the CTAs an SM holds, as the block shapes' comments say
+        config = CASES[case][2]
+        registers = int(re.search(r"REG:(\d+)", usage).group(1))
+        assert registers <= config.get("maxnreg", 255)
+        ctas = _ctas_per_sm(registers, config["num_warps"], meta["shared"])
+        assert ctas == {"attention-bf16-group4": 2, "attention-bf16-group4-m128n32w8s3-r80": 3}.get(case, ctas)
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     assert not re.search(r"\b(LDL|STL)\b", sass)
     if len(CASES[case]) > 4 and CASES[case][4]:  # a row kernel at V1's widths: memory bound, 16-byte accesses
@@ -251,6 +257,13 @@ def test_compiles_for_sm90_without_spills(case, compiled):
         # (Triton 3.9's ptxas puts m64n64 w4's exp2s before that wgmma, so there it only overlaps the PV wgmma;
         # 3.6's, the GPU machine's, interleaves them as for 8 warps.)
         assert _exp2s_during_scores(sass) >= 16
+
+
+def _ctas_per_sm(registers: int, warps: int, shared: int) -> int:
+    """CTAs of a kernel an H100 SM holds at once: 64K registers, given a warp in units of 256 (a thread's count
+    rounded up to eight), 228 KiB of shared memory with 1 KiB kept per CTA, 64 warps."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_registers, 228 * 1024 // (shared + 1024), 64 // warps)
 
 
 def _exp2s_during_scores(sass: str) -> int:
