@@ -52,10 +52,10 @@
 # With 15 minutes of device time (a machine's start included), what has changed since the last GPU run goes first:
 # since the H100 run of 2026-12-05 the default attention kernel is the same, with seven new candidate block shapes
 # (five `-pipe`: the next key block's QK^T in flight during the softmax; `m128n32w8s3-r80`: three CTAs per SM, one
-# clip's encoder grid in one wave); the layers' LayerNorms are a kernel of one
-# pass and a 16-bit model adds its residuals in the GEMMs' epilogues (`fusions` measures both against the before);
-# the input pipeline has changed (H.264 in MP4 decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing
-# token files, the weights' digest taken once a run), the gpu tests corrected or added since have not run, and the
+# clip's encoder grid in one wave); the layers' LayerNorms are a kernel of one pass and a 16-bit model adds its
+# residuals in the GEMMs' epilogues (`fusions` measures both against the before); the input pipeline has changed
+# (H.264 in MP4 decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing token
+# files, the weights' digest taken once a run), the gpu tests corrected or added since have not run, and the
 # pipeline rows say what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores
 # busy), beside a row of 256p8 with a stand-in for the model at its measured speed (what driving the model costs the
 # input). So, each a call of its own:
