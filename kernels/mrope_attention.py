@@ -356,7 +356,7 @@ ATTENTION_BLOCKS = {
     "m128n128w8s2": Blocks(128, 128, 8, 2),  # 189: one CTA per SM, half the softmax steps
     "m128n128w8s3": Blocks(128, 128, 8, 3),  # 173
     "m256n64w8s3": Blocks(256, 64, 8, 3),  # 222: each K/V tile serves 64 rows x 4 heads
-    "m64n64w4s3": Blocks(64, 64, 4, 3),  # 120: small tiles, many CTAs (short sequences)
+    "m64n64w4s3": Blocks(64, 64, 4, 3),  # 120: small tiles, four CTAs of 4 warps per SM (short sequences)
     "m128n64w4s3": Blocks(128, 64, 4, 3),  # 215: one warpgroup per CTA
     "m128n64w8s3-tma": Blocks(128, 64, 8, 3, tma=True),  # 114: K/V tiles by the TMA unit, no address math
     "m128n128w8s2-tma": Blocks(128, 128, 8, 2, tma=True),  # 159
@@ -378,8 +378,10 @@ ATTENTION_BLOCKS = {
     "m128n32w8s3": Blocks(128, 32, 8, 3),  # 82 (registers are given in eights: 88): two CTAs per SM
     "m128n32w8s3-pipe": Blocks(128, 32, 8, 3, pipeline=True),  # 124: two CTAs per SM
     # At most 80 registers (3.6: 79), no spills: three CTAs of 8 warps per SM (40 KiB shared memory each), 396 on
-    # an H100's 132 SMs, where one clip's encoder attention (3136 rows: 99 row blocks x 4 KV heads) is 396
-    # programs: one wave, where the default's two CTAs per SM (264) take one and a half
+    # an H100 SXM's 132 SMs, where one clip's encoder attention (3136 rows: 98 row blocks and a spare program per
+    # sequence, x 4 KV heads) is 396 programs: one wave, where the default's two CTAs per SM (264) take one and a
+    # half. The price: ptxas serialises its wgmmas for want of registers (warning C7512), each k-step waited for
+    # alone where the others issue a dot's steps together
     "m128n32w8s3-r80": Blocks(128, 32, 8, 3, maxnreg=80),  # 77
 }
 # Not offered: tl.range(warp_specialize=True) on the key loop compiles to the same SASS for sm_90 under

@@ -102,8 +102,8 @@ def test_triton_backend_adds_the_residual_in_the_gemm_of_a_16_bit_model():
 
 
 def test_triton_backend_norms_in_its_kernel_only_a_plain_norm_of_its_rows():
-    """The LayerNorm kernel takes a norm of the rows' width, dtype and device with no hooks; anything else is the
-    module's call."""
+    """The LayerNorm kernel takes a LayerNorm of the rows' width, dtype and device with no hooks (its own or global
+    ones); anything else, a subclass included, is the module's call."""
     from titok_fast.backends import _norm_in_kernel
 
     ln, x = nn.LayerNorm(64).bfloat16(), torch.randn(10, 64).bfloat16()
@@ -113,6 +113,17 @@ def test_triton_backend_norms_in_its_kernel_only_a_plain_norm_of_its_rows():
     assert not _norm_in_kernel(nn.LayerNorm(64, elementwise_affine=False).bfloat16(), x)
     with torch.device("meta"):
         assert not _norm_in_kernel(ln, torch.empty(10, 64, dtype=torch.bfloat16))
+    class Scaled(nn.LayerNorm):  # a norm of its own making
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert not _norm_in_kernel(Scaled(64).bfloat16(), x)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert not _norm_in_kernel(ln, x)
+    finally:
+        handle.remove()
+    assert _norm_in_kernel(ln, x)
     ln.register_forward_pre_hook(lambda module, args: None)
     assert not _norm_in_kernel(ln, x)
 

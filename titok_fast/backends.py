@@ -248,10 +248,14 @@ class TritonBackend(Backend):
 
 def _plain(module: torch.nn.Module) -> bool:
     """Whether calling ``module`` is its arithmetic alone, which a fused path may do in its place: no forward hooks
-    of its own, and parameters that are plain tensors (not a subclass that computes otherwise)."""
+    (its own, or global ones), and parameters that are plain tensors (not a subclass that computes otherwise)."""
+    from torch.nn.modules import module as modules
+
     return (
         not module._forward_hooks
         and not module._forward_pre_hooks
+        and not modules._global_forward_hooks
+        and not modules._global_forward_pre_hooks
         and all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in module.parameters(recurse=False))
     )
 
@@ -284,14 +288,15 @@ def _normed_linear(ln: torch.nn.LayerNorm, linear: torch.nn.Linear, x: torch.Ten
 
 
 def _norm_in_kernel(ln: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
-    """Whether the LayerNorm kernel takes ``ln(x)``: a plain norm (:func:`_plain`) over the last dim with an affine
+    """Whether the LayerNorm kernel takes ``ln(x)``: a plain LayerNorm (:func:`_plain`) over the last dim with an affine
     of x's dtype and device (as a model in one dtype has), rows [M, K] of at most MAX_ROW contiguous values, no
     autocast."""
     from titok_fast.kernels.layer_norm import MAX_ROW
 
     w, b = ln.weight, ln.bias
     return (
-        _plain(ln)
+        type(ln) is torch.nn.LayerNorm
+        and _plain(ln)
         and x.dim() == 2
         and x.stride(1) == 1
         and x.shape[1] <= MAX_ROW
