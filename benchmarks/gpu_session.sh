@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh kernels   # kernel benchmarks (attention TFLOP/s vs FlashAttention-2 alone, cuDNN,
 #                                            # FlexAttention; every ATTENTION_BLOCKS shape; FSQ), per-call times
 #                                            # from do_bench with quantiles
-#   bash benchmarks/gpu_session.sh attention # the attention rows of kernels alone (200 s at most): the anchors
+#   bash benchmarks/gpu_session.sh attention # the attention rows of kernels alone (240 s at most): the anchors
 #                                            # and every ATTENTION_BLOCKS shape (the pipelined ones too), on
 #                                            # the V1 mix and on one clip (a batch of one)
 #   bash benchmarks/gpu_session.sh encode    # end-to-end encode: upstream-packed (the baseline) / eager / cudagraph /
@@ -61,7 +61,7 @@
 # input). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (565 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
-#   2. `attention fusions` (290 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
+#   2. `attention fusions` (330 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
 #      LayerNorm kernel and the residual adds in the GEMM against the before), then, in what is left,
 #      `targets-model` (305 s at most) or `profile` (180 s). The limits are ceilings: on the H100 on
 #      2026-12-05 call 1's parts took 146 s together and `targets-model profile` 116 s.
@@ -173,7 +173,7 @@ part() {
                        2>&1 | tee -a "$out/gpu-tests.txt"
                    pack ;;
         kernels) bench kernels "bench_kernels" ;;
-        attention) bench attention "bench_kernels and attention" 200 ;;  # the anchors and every block shape
+        attention) bench attention "bench_kernels and attention" 240 ;;  # anchors, every block shape; one clip last
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8 and not unfused" ;;
         fp8) bench fp8 "test_gpu and decode and b32 and (auto or fp8) and not unfused" ;;
         fusions) bench fusions "test_gpu and n256 and b32 and not mixed and auto" 60  # auto, auto-unfused
