@@ -44,23 +44,29 @@ def layer_norm_config(k: int) -> dict:
     return dict(BLOCK_K=block_k, ROWS=max(1, 4096 // block_k), num_warps=4 if block_k <= 1024 else 8)
 
 
-def check_rows(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
-    """Refuse, in one line, rows the row kernels cannot read: x not [M, K] bf16/fp16/fp32 with a contiguous last
+def rows_problem(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> str | None:
+    """What the row kernels cannot read, in one line, or None: x not [M, K] bf16/fp16/fp32 with a contiguous last
     dim, rows past MAX_ROW values, and a LayerNorm affine (when given) not of K contiguous values on x's device
     (the kernels read it as contiguous: a strided one was read wrong)."""
     if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x must be [M, K] bf16/fp16/fp32 with a contiguous last dim; got {x.dtype} {list(x.shape)}")
+        return f"x must be [M, K] bf16/fp16/fp32 with a contiguous last dim; got {x.dtype} {list(x.shape)}"
     if x.shape[1] > MAX_ROW:
-        raise ValueError(f"rows of at most {MAX_ROW} values are read in one block; got {x.shape[1]}")
+        return f"rows of at most {MAX_ROW} values are read in one block; got {x.shape[1]}"
     if weight is None and bias is None:
-        return
+        return None
     k = x.shape[1]
     if weight.shape != (k,) or bias.shape != (k,):
-        raise ValueError(f"LayerNorm weight and bias of [{k}] values; got {list(weight.shape)}, {list(bias.shape)}")
+        return f"LayerNorm weight and bias of [{k}] values; got {list(weight.shape)}, {list(bias.shape)}"
     for name, t in (("weight", weight), ("bias", bias)):
         if t.stride(-1) != 1 or t.device != x.device:
-            raise ValueError(f"LayerNorm {name} must be contiguous and on {x.device}; got stride {t.stride()} on "
-                             f"{t.device}")  # fmt: skip
+            return f"LayerNorm {name} must be contiguous and on {x.device}; got stride {t.stride()} on {t.device}"
+    return None
+
+
+def check_rows(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    """Refuse, in one line, rows the row kernels cannot read (:func:`rows_problem`)."""
+    if (problem := rows_problem(x, weight, bias)) is not None:
+        raise ValueError(problem)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -251,12 +251,9 @@ def _plain(module: torch.nn.Module) -> bool:
     (its own, or global ones), and parameters that are plain tensors (not a subclass that computes otherwise)."""
     from torch.nn.modules import module as modules
 
-    return (
-        not module._forward_hooks
-        and not module._forward_pre_hooks
-        and not modules._global_forward_hooks
-        and not modules._global_forward_pre_hooks
-        and all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in module.parameters(recurse=False))
+    hooked = module._forward_hooks or module._forward_pre_hooks
+    return not (hooked or modules._global_forward_hooks or modules._global_forward_pre_hooks) and all(
+        type(p) in (torch.Tensor, torch.nn.Parameter) for p in module._parameters.values() if p is not None
     )
 
 
@@ -288,26 +285,19 @@ def _normed_linear(ln: torch.nn.LayerNorm, linear: torch.nn.Linear, x: torch.Ten
 
 
 def _norm_in_kernel(ln: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
-    """Whether the LayerNorm kernel takes ``ln(x)``: a plain LayerNorm (:func:`_plain`) over the last dim with an affine
-    of x's dtype and device (as a model in one dtype has), rows [M, K] of at most MAX_ROW contiguous values, no
-    autocast."""
-    from titok_fast.kernels.layer_norm import MAX_ROW
+    """Whether the LayerNorm kernel takes ``ln(x)``: a plain LayerNorm (:func:`_plain`) with an affine of x's dtype
+    (as a model in one dtype has), rows and affine the kernel reads (``kernels.layer_norm.rows_problem``: the norm
+    over the rows' width, on their device), no autocast."""
+    from titok_fast.kernels.layer_norm import rows_problem
 
     w, b = ln.weight, ln.bias
     return (
         type(ln) is torch.nn.LayerNorm
-        and _plain(ln)
-        and x.dim() == 2
-        and x.stride(1) == 1
-        and x.shape[1] <= MAX_ROW
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and tuple(ln.normalized_shape) == (x.shape[1],)
         and w is not None
         and b is not None
-        and w.dtype == b.dtype == x.dtype
-        and w.device == b.device == x.device
-        and w.is_contiguous()
-        and b.is_contiguous()
+        and x.dtype == w.dtype == b.dtype
+        and _plain(ln)
+        and rows_problem(x, w, b) is None
         and not torch.is_autocast_enabled(x.device.type)
     )
 
