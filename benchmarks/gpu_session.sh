@@ -41,9 +41,10 @@
 #                                            # after on 720p30 and 256p8, and NVDEC), then the table of
 #                                            # targets met or missed (benchmarks/targets.py)
 #   bash benchmarks/gpu_session.sh targets-model   # its model rows alone (305 s), judged
-#   bash benchmarks/gpu_session.sh fusions   # encode and decode at b32 (256 tokens): auto beside auto-unfused (the
-#                                            # LayerNorms in PyTorch, each residual added by a kernel of its own
-#                                            # after its GEMM), and the LayerNorm kernel against PyTorch's (90 s)
+#   bash benchmarks/gpu_session.sh fusions   # encode and decode at b1 and b32 (256 tokens): auto beside
+#                                            # auto-unfused (the LayerNorms in PyTorch, each residual added by a
+#                                            # kernel of its own after its GEMM), and the LayerNorm kernel against
+#                                            # PyTorch's (105 s)
 #   bash benchmarks/gpu_session.sh pipeline-short  # its input pipeline rows alone (295 s), judged
 #   bash benchmarks/gpu_session.sh profile   # where a batch's time goes (benchmarks/profile_model.py, 180 s at
 #                                            # most): device ms by kind of kernel and the GPU's idle time, encode
@@ -61,7 +62,7 @@
 # input). So, each a call of its own:
 #   1. `gpu-tests pipeline-short` (565 s at most: the device-side preprocessing and NVDEC checks, then every
 #      pipeline target);
-#   2. `attention fusions` (330 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
+#   2. `attention fusions` (345 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
 #      LayerNorm kernel and the residual adds in the GEMM against the before), then, in what is left,
 #      `targets-model` (305 s at most) or `profile` (180 s). The limits are ceilings: on the H100 on
 #      2026-12-05 call 1's parts took 146 s together and `targets-model profile` 116 s.
@@ -176,7 +177,7 @@ part() {
         attention) bench attention "bench_kernels and attention" 240 ;;  # anchors, every block shape; one clip last
         encode | decode) bench "$1" "test_gpu and $1 and not compile and not fp8 and not unfused" ;;
         fp8) bench fp8 "test_gpu and decode and b32 and (auto or fp8) and not unfused" ;;
-        fusions) bench fusions "test_gpu and n256 and b32 and not mixed and auto" 60  # auto, auto-unfused
+        fusions) bench fusions "test_gpu and n256 and (b1 or b32) and not mixed and auto" 75  # auto, auto-unfused
                  bench fusions-kernels "bench_kernels and layer_norm" 30 ;;
         encode-compile | decode-compile) bench "$1" "test_gpu and ${1%-compile} and (compile or eager)" ;;
         parity) timeout 540 "$python" benchmarks/bf16_parity.py --config v1 --device cuda --oracle-device cuda \
