@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -1068,42 +1069,67 @@ def test_a_sub_folder_that_cannot_be_listed_is_said_and_fails_the_run(folder, tm
     assert f"{source / 'locked'}: cannot be listed (Permission denied); left out" in stderr
 
 
+def benchmark_json(cmd: list[str]) -> Path:
+    """Where the bench command has pytest-benchmark write its results."""
+    (path,) = [Path(a.split("=", 1)[1]) for a in cmd if a.startswith("--benchmark-json=")]
+    return path
+
+
 def test_bench_prints_the_table_of_its_results(tmp_path, monkeypatch, capsys):
-    """``bench`` runs the suite, then prints the results file as a table (the report module, imported)."""
-    results = tmp_path / "r.json"
+    """``bench`` runs the suite, then prints the results file as a table (the report module, imported); an
+    earlier results file is replaced."""
+    results = tmp_path / "new" / "r.json"
     record = {"group": "cpu-encode", "extra_info": {"provider": "torch", "device": "cpu", "clips_per_s": 3.0}}
 
     def fake_pytest(cmd):
-        assert f"--benchmark-json={results}" in cmd and cmd[-2:] == ["-k", "cpu"]
-        results.write_text(json.dumps({"benchmarks": [record]}))
+        assert benchmark_json(cmd).parent == results.parent and cmd[-2:] == ["-k", "cpu"]
+        benchmark_json(cmd).write_text(json.dumps({"benchmarks": [record]}))
         return 0
 
     monkeypatch.setattr(subprocess, "call", fake_pytest)
     code, out, _ = run("bench", "--json", results, "-k", "cpu", capsys=capsys)
     assert code == 0 and "| torch | 3.00 | 1.00x |" in out
-
+    record["extra_info"]["clips_per_s"] = 4.0
+    code, out, _ = run("bench", "--json", results, "-k", "cpu", capsys=capsys)
+    assert code == 0 and "| torch | 4.00 | 1.00x |" in out and os.listdir(results.parent) == ["r.json"]
 
 
 @pytest.mark.parametrize("earlier", [False, True], ids=["no-earlier-file", "earlier-file"])
-def test_bench_that_ran_no_benchmark_says_so_and_leaves_no_empty_results(tmp_path, monkeypatch, capsys, earlier):
+def test_bench_that_ran_no_benchmark_says_so_and_leaves_an_earlier_file_as_it_was(tmp_path, monkeypatch, capsys,
+                                                                                  earlier):  # fmt: skip
     """Every selected benchmark skipped (``-k gpu`` on a CPU): pytest-benchmark leaves an empty results file, which
-    is removed, and the run says that no benchmark ran (not that the file is not JSON)."""
+    is removed; an earlier run's results stay as they were, and the run says that no benchmark ran (not that the
+    file is not JSON)."""
     results = tmp_path / "r.json"
     if earlier:
-        results.write_text("{}")
+        results.write_text('{"benchmarks": []}')
 
     def fake_pytest(cmd):
-        results.write_text("")  # (truncated as pytest-benchmark does, an earlier run's file too)
+        benchmark_json(cmd).write_text("")  # (truncated as pytest-benchmark does)
         return 0
 
     monkeypatch.setattr(subprocess, "call", fake_pytest)
     code, out, err = run("bench", "--json", results, "-k", "gpu", capsys=capsys)
-    assert code == 0 and out == "" and not results.exists()
+    left = ["r.json"] if earlier else []
+    assert code == 0 and out == "" and os.listdir(tmp_path) == left
     assert err.splitlines()[-1].startswith("titok-fast: no benchmark ran: each one selected was skipped")
+    assert ("is an earlier run's: this run wrote no results" in err) == earlier
     monkeypatch.setattr(subprocess, "call", lambda cmd: fake_pytest(cmd) + 1)  # every benchmark errored, say
     code, out, err = run("bench", "--json", results, "-k", "gpu", capsys=capsys)
-    assert code == 1 and not results.exists() and "skipped" not in err  # (pytest's output says what went wrong)
+    assert code == 1 and os.listdir(tmp_path) == left and "skipped" not in err  # (pytest's output says why)
+    if earlier:
+        assert results.read_text() == '{"benchmarks": []}'
 
+
+def test_bench_refuses_to_write_its_results_over_a_file_of_another_kind(tmp_path, monkeypatch, capsys):
+    """``--json`` naming a video (or any file that is not JSON) is refused before the suite runs, as ``eval``'s."""
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    monkeypatch.setattr(subprocess, "call", lambda cmd: pytest.fail("the suite ran"))
+    code, _, err = run("bench", "--json", video, capsys=capsys)
+    assert code == 2 and video.read_bytes() == b"\x00\x00\x00\x18ftypmp42"
+    assert err.strip().endswith(f"--json {video}: is there already and is not a JSON file; it would be replaced: "
+                                "remove it or choose another path")  # fmt: skip
 
 
 @pytest.mark.parametrize("options", [[], ["--workers", "2"]], ids=["default", "given"])

@@ -710,37 +710,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if any(importlib.util.find_spec(name) is None for name in ("pytest", "pytest_benchmark")):
         raise ValueError("the benchmark suite needs pytest and pytest-benchmark: pip install -e '.[bench]'")
+    _check_file_to_write("--json", args.json, "JSON")  # an input named there by mistake is refused, not replaced
     results = Path(args.json)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    # pytest-benchmark truncates its file first and leaves it empty when no benchmark ran: it writes beside the
+    # results, which it replaces only once it has written some (an earlier run's file is kept otherwise)
+    partial = results.with_name(f".{results.name}.{os.getpid()}.partial")
     files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py", "bench_pipeline.py", "bench_resume.py")]
-    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={results}"]
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={partial}"]
     cmd += ["-k", args.select] if args.select else []
     print("+", " ".join(cmd), file=sys.stderr)
-    before = _stamp(results)
-    code = subprocess.call(cmd)
-    written = results.exists() and _stamp(results) != before  # by this run (not an earlier run's file)
-    empty = written and results.stat().st_size == 0  # what pytest-benchmark leaves when no benchmark ran
-    if empty:
-        results.unlink()
-    elif written:
+    try:
+        code = subprocess.call(cmd)
+        written = partial.is_file() and partial.stat().st_size > 0
+        if written:
+            os.replace(partial, results)
+    finally:
+        partial.unlink(missing_ok=True)
+    if written:
         from .benchreport import table
 
         print(table(str(results)))
-    elif before is not None:
+    elif results.exists():
         print(f"{results} is an earlier run's: this run wrote no results", file=sys.stderr)
     if code == 5:  # pytest's "no tests collected"
         notice(f"no benchmark matches -k {args.select!r}" if args.select else "no benchmark was collected")
-    elif empty and code == 0:  # (with errors or failures, pytest's own output says what went wrong)
+    elif not written and code == 0:  # (with errors or failures, pytest's own output says what went wrong)
         notice("no benchmark ran: each one selected was skipped on this machine (pytest -rs says why; the gpu ones "
                "need CUDA)")  # fmt: skip
     return code
-
-
-def _stamp(path: Path) -> tuple | None:
-    """What tells that a file was written since: its time, size and inode (None: no such file)."""
-    with contextlib.suppress(OSError):
-        stat = path.stat()
-        return stat.st_mtime_ns, stat.st_size, stat.st_ino
-    return None
 
 
 DEMO_REAL = ((16, 192, 192), 256)  # grid and tokens inside what V1 was trained on (144-192 px, 8-20 frames)
