@@ -973,9 +973,10 @@ def test_decode_lets_go_of_each_model_it_tried_before_it_tries_the_next(folder, 
     assert len(built) == 4 and alive == [0, 0, 0, 0]
 
 
-def test_encode_names_the_files_of_a_list_by_their_path_below_it_if_asked(folder, tmp_path, capsys):
+def test_encode_and_decode_name_the_files_of_a_list_by_their_path_below_it_if_asked(folder, tmp_path, capsys):
     """A list of a dataset whose folders repeat file names: refused by stem (the default), saying what to pass;
-    with --list-names relative each is named by its path below the list's folder."""
+    with --list-names relative each is named by its path below the list's folder. Decode reads a list of the
+    token files so too."""
     for part in ("a", "b"):
         (tmp_path / "ds" / part).mkdir(parents=True)
         shutil.copy(folder / "moving.mp4", tmp_path / "ds" / part / "x.mp4")
@@ -987,6 +988,14 @@ def test_encode_names_the_files_of_a_list_by_their_path_below_it_if_asked(folder
     assert code == 0, err
     a, b = (load_tokens(tmp_path / "t" / p / "x.safetensors") for p in ("a", "b"))
     assert torch.equal(a.indices, b.indices) and a.source != b.source
+    (tmp_path / "t" / "list.txt").write_text("a/x.safetensors\nb/x.safetensors\n")  # decode reads lists so too
+    code, _, err = run("decode", tmp_path / "t" / "list.txt", "-o", tmp_path / "r", capsys=capsys)
+    assert code == 2 and "would both write x.mp4" in err and "--list-names relative" in err
+    code, out, err = run("decode", tmp_path / "t" / "list.txt", "-o", tmp_path / "r", "--list-names", "relative",
+                         capsys=capsys)  # fmt: skip
+    assert code == 0 and "decoded 2 file(s)" in out, err
+    assert sorted(p.relative_to(tmp_path / "r").as_posix() for p in (tmp_path / "r").rglob("*.mp4")) == ["a/x.mp4",
+                                                                                                        "b/x.mp4"]
 
 
 def test_debug_flag_after_the_command_shows_the_traceback(tmp_path):

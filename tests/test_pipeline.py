@@ -2203,9 +2203,22 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     (ds / "dotdot.txt").write_text("a/0001.mp4\nlink/../w/#hash.mp4\n")
     with pytest.raises(InputError, match=r"names '.*link/\.\./w/#hash\.mp4', outside the list's folder"):
         collect_inputs([ds / "dotdot.txt"], list_names="relative")
-    (ds / "folders.txt").write_text("a\nb\n")  # a clash the option does not help with: not offered
-    with pytest.raises(InputError, match=r"would both write 0001\.safetensors; rename one$"):
+    (ds / "folders.txt").write_text("a\nb\n")  # folders named in a list: each keeps its structure below itself...
+    with pytest.raises(InputError, match=r"would both write 0001\.safetensors; rename one \(or name the files of a "
+                                         r"list by their path below its folder: --list-names relative\)$"):  # fmt: skip
         collect_inputs([ds / "folders.txt"])
+    relative = [(ds / n, n[:-4]) for n in ("a/0001.mp4", "b/0001.mp4", "b/c/0002.mkv")]  # ...or below the list's
+    assert collect_inputs([ds / "folders.txt"], list_names="relative") == relative
+    for name in ("a", "b"):  # lists named in a list: their files below the folder of the list given
+        (ds / name / "list.txt").write_text("".join(f"{p.relative_to(ds / name)}\n" for p, _ in relative
+                                                    if p.is_relative_to(ds / name)))  # fmt: skip
+    (ds / "lists.txt").write_text("a/list.txt\nb/list.txt\n")
+    assert collect_inputs([ds / "lists.txt"], list_names="relative") == relative
+    assert [n for _, n in collect_inputs([ds / "b" / "list.txt"], list_names="relative")] == ["0001", "c/0002"]
+    (ds / "b" / "list.txt").write_text(f"0001.mp4\n{tmp_path / 'w'}\n")  # a folder outside the given list's
+    with pytest.raises(InputError, match=rf"^list '{ds / 'lists.txt'}' names '{tmp_path / 'w'}/ lead\.mp4' \(through "
+                                         rf"'{tmp_path / 'w'}'\), outside the list's folder"):  # fmt: skip
+        collect_inputs([ds / "lists.txt"], list_names="relative")
 
     (v / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")  # a video of the dataset gone: an input, to fail alone
     (v / "loop.mp4").symlink_to(v / "loop.mp4")

@@ -455,7 +455,7 @@ def _encode_on_ray(args: argparse.Namespace, files):
 def cmd_decode(args: argparse.Namespace) -> int:
     from .pipeline import Inputs, Summary, collect_token_files, decode_files, take_shard
 
-    files = collect_token_files(args.tokens)
+    files = collect_token_files(args.tokens, list_names=args.list_names)
     if not files:
         raise ValueError(f"no token files found in {args.tokens}")
     files = Inputs(take_shard(files, args.shard), files.unlisted)
@@ -979,6 +979,15 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_list_names_arg(p: argparse.ArgumentParser, given: str, written: str) -> None:
+    p.add_argument(
+        "--list-names", choices=("stem", "relative"), default="stem",
+        help=f"how a file named in a .txt list is named: its stem (a/0001.{given} -> 0001.{written}), or its path "
+        f"below the folder of the list given (-> a/0001.{written}, as a folder input keeps its structure; so are the "
+        "files of folders and lists that list names; a file outside that folder is refused) (default stem)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="titok-fast",
@@ -999,11 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", type=_shard, metavar="K/N", help="encode only shard K of N (0 <= K < N) of the inputs, chosen by "
         "a hash of each output name: N runs given the same inputs, one per GPU or machine, split them without overlap",
     )  # fmt: skip
-    p.add_argument(
-        "--list-names", choices=("stem", "relative"), default="stem", help="how a file named in a .txt list is named: "
-        "its stem (a/0001.mp4 -> 0001.safetensors), or its path below the list's folder (-> a/0001.safetensors, "
-        "as a folder input keeps its structure; a file outside that folder is refused) (default stem)",
-    )  # fmt: skip
+    _add_list_names_arg(p, "mp4", "safetensors")
     _add_model_args(p, decodes=False)
     _add_clip_args(p)
     _add_input_args(p)
@@ -1020,6 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, metavar="K/N", help="decode only shard K of N (0 <= K < N) of the token "
                    "files, chosen by a hash of each output name, as encode's --shard")  # fmt: skip
     p.add_argument("--side-by-side", action="store_true", help="put the source video left of the reconstruction")
+    _add_list_names_arg(p, "safetensors", "mp4")
     p.add_argument(
         "--force", action="store_true", help="decode even if the token file came from other weights or model config"
     )

@@ -224,29 +224,40 @@ def collect_inputs(
     output name are both kept. An output that would lie in a folder named as another output, or as the output
     folder's manifest, is an error too, naming both. A sub-folder that cannot be listed is left out with a notice,
     and said in the result's ``unlisted``. A file named in a list is named by its stem, or with ``list_names``
-    "relative" by its path below the list's folder (one outside it is an error): a list of a dataset whose
-    folders repeat file names (``a/0001.mp4``, ``b/0001.mp4``) keeps them apart, as a folder input does."""
+    "relative" by its path below the list's folder (one outside it is an error), as are then the files of the
+    folders and lists it names, below the folder of the list given: a list of a dataset whose folders repeat file
+    names (``a/0001.mp4``, ``b/0001.mp4``) keeps them apart, as a folder input does."""
+    return _collect(inputs, VIDEO_EXTENSIONS, list_names, ("inputs", suffix, "encoded", outputs, is_manifest_name))
+
+
+def _collect(
+    inputs: Sequence[str | os.PathLike], extensions: frozenset[str] | set[str], list_names: str, outputs: tuple
+) -> Inputs:
+    """``inputs`` expanded (files of ``extensions`` in folders) and checked one per output (``outputs``: the
+    arguments of ``_one_per_output`` after the pairs); where a list's files named by their stems clash and
+    ``list_names`` "relative" would tell them apart, the error says so."""
     if list_names not in LIST_NAMES:
         raise ValueError(f"list_names must be one of {LIST_NAMES}; got {list_names!r}")
     unlisted: list[tuple[str, str]] = []
-    pairs = _expand(inputs, (), unlisted, list_names=list_names)
+    pairs = _expand(inputs, (), unlisted, extensions, list_names)
     try:
-        return Inputs(_one_per_output(pairs, "inputs", suffix, "encoded", outputs, is_manifest_name), unlisted)
+        return Inputs(_one_per_output(pairs, *outputs), unlisted)
     except InputError as e:
-        if list_names != "stem" or "would both write" not in str(e) or not _relative_helps(inputs, suffix):
+        if list_names != "stem" or "would both write" not in str(e) or not _relative_helps(inputs, extensions,
+                                                                                           outputs):  # fmt: skip
             raise
         raise InputError(f"{e} (or name the files of a list by their path below its folder: --list-names "
                          "relative)") from None  # fmt: skip
 
 
-def _relative_helps(inputs: Sequence[str | os.PathLike], suffix: str) -> bool:
+def _relative_helps(inputs: Sequence[str | os.PathLike], extensions: frozenset[str] | set[str], outputs: tuple) -> bool:
     """Whether ``inputs``, whose files clash by name, clash no more with ``list_names`` "relative" (looked at
     again, only where they clash: a list's entries are read twice)."""
     if not any(Path(i).suffix.lower() in LIST_EXTENSIONS for i in inputs):
         return False
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # (its notices were said the first time)
-            _one_per_output(_expand(inputs, (), [], list_names="relative"), "inputs", suffix, "encoded", True)
+            _one_per_output(_expand(inputs, (), [], extensions, "relative"), *outputs)
     except InputError:
         return False
     return True
@@ -315,15 +326,21 @@ def _check_folders(
 
 def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unlisted: list[tuple[str, str]],
             extensions: frozenset[str] | set[str] = VIDEO_EXTENSIONS, list_names: str = "stem",
-            ) -> list[tuple[Path, str]]:  # fmt: skip
+            top: Path | None = None) -> list[tuple[Path, str]]:  # fmt: skip
     """``collect_inputs``' pairs, every reach of a file included; ``lists``: the list files being read (real
     paths), which a list must not name again; sub-folders that cannot be listed go to ``unlisted``; in folders, the
-    files of ``extensions`` are the inputs; ``list_names``: see ``collect_inputs``."""
+    files of ``extensions`` are the inputs; ``list_names``: see ``collect_inputs``; ``top``: the list given as an
+    input that ``inputs`` were named in (directly or through other lists), whose folder ``list_names`` "relative"
+    names them from."""
     found: list[tuple[Path, str]] = []
+    relative = list_names == "relative" and top is not None
     for item in inputs:
         path = _input_path(item)
         if path.is_dir():
-            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in _files_below(path, extensions, unlisted)]
+            found += [
+                (p, _below(p, top, path) if relative else str(p.relative_to(path).with_suffix("")))
+                for p in _files_below(path, extensions, unlisted)
+            ]  # fmt: skip
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             real = os.path.realpath(path)
             if real in lists:
@@ -333,9 +350,11 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
             threads = _threads_for(path, entries[0]) if entries else 0
             for entry, listed in zip(entries, _ahead(_lists_more, entries, threads), strict=True):
                 if listed:
-                    found += _expand([entry], (*lists, real), unlisted, extensions, list_names)
+                    found += _expand([entry], (*lists, real), unlisted, extensions, list_names, top or path)
+                elif list_names == "stem":
+                    found.append((entry, entry.stem))
                 else:
-                    found.append((entry, entry.stem if list_names == "stem" else _below(entry, path)))
+                    found.append((entry, _below(entry, top or path, path)))
         elif path.is_file():
             found.append((path, path.stem))
         elif path.exists():  # a device, a named pipe, a socket
@@ -345,15 +364,17 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
     return found
 
 
-def _below(entry: Path, listing: Path) -> str:
-    """The output name of ``entry``, named in the list ``listing``, by its path below the list's folder (as
-    written; where it holds ``..``, as the system reads it: ``link/../x.mp4`` is the ``x.mp4`` beside the link's
-    target), its suffix dropped."""
-    below = os.path.relpath(entry, listing.parent)
+def _below(entry: Path, top: Path, through: Path) -> str:
+    """The output name of ``entry``, reached from the list ``top`` (given as an input) through ``through`` (that
+    list, another list it names or a folder), by its path below ``top``'s folder (as written; where it holds
+    ``..``, as the system reads it: ``link/../x.mp4`` is the ``x.mp4`` beside the link's target), its suffix
+    dropped."""
+    below = os.path.relpath(entry, top.parent)
     if ".." in entry.parts:  # (files.absolute: the path up to its last .. resolved, as the file is read)
-        below = os.path.relpath(absolute(entry), os.path.realpath(listing.parent))
+        below = os.path.relpath(absolute(entry), os.path.realpath(top.parent))
     if below == ".." or below.startswith(("../", "/")):
-        raise InputError(f"list {str(listing)!r} names {str(entry)!r}, outside the list's folder: --list-names "
+        via = "" if through == top else f" (through {str(through)!r})"
+        raise InputError(f"list {str(top)!r} names {str(entry)!r}{via}, outside the list's folder: --list-names "
                          "relative names a file by its path below it (put the list at the dataset's top)")  # fmt: skip
     return str(Path(below).with_suffix(""))
 
@@ -1701,16 +1722,14 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
     return "; ".join(f"{k} {_plain(a)}, now {_plain(b)}" for k, a, b in differ if a != b)
 
 
-def collect_token_files(inputs: Sequence[str | os.PathLike]) -> Inputs:
+def collect_token_files(inputs: Sequence[str | os.PathLike], list_names: str = "stem") -> Inputs:
     """Token files given as files, folders (every ``*.safetensors`` below, the folder structure kept in the
-    names, as encode wrote them) or list files (``.txt``, ...: as for :func:`collect_inputs`), as ``(token file,
-    output name)`` pairs; a file given is taken as a token file, to fail alone if it is not one. A path given that
-    does not exist is an error (it was typed), as are two token files for one mp4 name (before any model is
-    loaded); a file reached twice is decoded once; sub-folders that cannot be listed are in the result's
-    ``unlisted``."""
-    unlisted: list[tuple[str, str]] = []
-    found = _expand(inputs, (), unlisted, TOKEN_EXTENSIONS)
-    return Inputs(_one_per_output(found, "token files", ".mp4", "decoded"), unlisted)
+    names, as encode wrote them) or list files (``.txt``, ...: as for :func:`collect_inputs`, ``list_names``
+    included), as ``(token file, output name)`` pairs; a file given is taken as a token file, to fail alone if it
+    is not one. A path given that does not exist is an error (it was typed), as are two token files for one mp4
+    name (before any model is loaded); a file reached twice is decoded once; sub-folders that cannot be listed are
+    in the result's ``unlisted``."""
+    return _collect(inputs, TOKEN_EXTENSIONS, list_names, ("token files", ".mp4", "decoded"))
 
 
 def decode_files(
