@@ -540,6 +540,22 @@ def encode_until_the_first_file(tmp_path, *options, inputs=(), files=1, env=None
     return proc, out, cmd
 
 
+def test_a_run_whose_output_nobody_reads_ends_as_its_work_did(folder, tmp_path):
+    """``titok-fast encode ... | head -1``: the summary finds the pipe closed. The run still ends with its work's
+    status (0 here: every file encoded), not with "Broken pipe" and status 2."""
+    cmd = [sys.executable, "-m", "titok_fast.cli", "encode", str(folder / "moving.mp4"), "-o", str(tmp_path / "t"),
+           *GRID, *RANDOM]  # fmt: skip
+    reading, writing = os.pipe()
+    os.close(reading)  # (nobody reads: the first write fails with EPIPE)
+    try:
+        done = subprocess.run(cmd, stdout=writing, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(writing)
+    assert done.returncode == 0 and "Broken pipe" not in done.stderr, done.stderr
+    load_tokens(tmp_path / "t" / "moving.safetensors")  # (complete)
+    assert [r["status"] for r in read_manifest(tmp_path / "t" / MANIFEST_NAME)] == ["done"]
+
+
 def test_killed_run_resumes(tmp_path):
     proc, out, cmd = encode_until_the_first_file(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -1130,8 +1130,52 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
-    with _debug_env(getattr(args, "debug", False)):
+    with _debug_env(getattr(args, "debug", False)), _output_dropped_once_unread():
         return _run(args)
+
+
+class _UnreadOutput:
+    """``sys.stdout`` for a command: once what reads it has gone (``| head`` closed the pipe), the rest is dropped,
+    so that the command ends as its work did (its files and manifest are written) rather than with an error."""
+
+    def __init__(self, stream):
+        self._stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        self._quietly(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._quietly(self._stream.flush)
+
+    def _quietly(self, call, *args) -> None:
+        if self.gone:
+            return
+        try:
+            call(*args)
+        except BrokenPipeError:
+            self.gone = True
+            with contextlib.suppress(OSError, ValueError):  # (Python's flush at exit writes there too)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _output_dropped_once_unread():
+    stream = sys.stdout
+    if stream is None:
+        yield
+        return
+    sys.stdout = _UnreadOutput(stream)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, _UnreadOutput):
+            sys.stdout = stream
 
 
 @contextlib.contextmanager
