@@ -100,6 +100,19 @@ def test_a_safetensors_file_named_otherwise_is_read_as_one(tiny, tmp_path):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny.state_dict().items()), name
 
 
+def test_a_token_file_given_as_weights_is_called_one(tmp_path):
+    """A token file (also a .safetensors) passed as --checkpoint: said in one line, not as 194 missing tensors."""
+    from test_tokens import make_token_file
+
+    from titok_fast.tokens import save_tokens
+
+    save_tokens(tmp_path / "clip.safetensors", make_token_file())
+    with pytest.raises(CheckpointError, match=r"clip\.safetensors: is a token file \(written by encode\), not model "
+                                              r"weights; expected a \.ckpt \(\.pt, \.pth\) or a \.safetensors of "
+                                              r"weights$"):  # fmt: skip
+        load_tokenizer(tmp_path / "clip.safetensors")
+
+
 def test_missing_and_misshaped_tensors_are_named(tiny, tmp_path):
     state = dict(tiny.state_dict())
     del state["decoder.ln_pre.bias"]

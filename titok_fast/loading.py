@@ -46,6 +46,7 @@ from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile, absolute,
 from .layers import perturb_norms
 from .model import TiTok
 from .tokens import MAX_CODEBOOK_SIZE
+from .tokens import TENSORS as TOKEN_TENSORS
 
 # Sane limits on what a config may ask for (V1 uses patch (4, 8, 8), levels (7, 7, 7, 5, 5), grid (20, 192, 192)
 # and 128-1024 tokens): beyond them a file is refused before any table or buffer of that size exists.
@@ -759,6 +760,11 @@ def load_state(
     if _is_safetensors(path):
         with _reading(path):
             meta = read_safetensors_metadata(path)
+            if "chunking" in meta and "model_config" in meta:  # (what every token file's metadata holds)
+                with safe_open(str(path), framework="pt") as f:
+                    if set(f.keys()) == set(TOKEN_TENSORS):
+                        raise CheckpointError(f"{path}: is a token file (written by encode), not model weights; "
+                                              "expected a .ckpt (.pt, .pth) or a .safetensors of weights")  # fmt: skip
             cfg = given if given is not None else _file_config(meta, path)
             check_config(cfg, str(path))
             with safe_open(str(path), framework="pt") as f:
