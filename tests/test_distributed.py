@@ -349,12 +349,15 @@ def test_the_ledger_knows_which_files_decode_tasks_ran_to_their_end_however_many
     assert ledger.decoded_of([0, 2, 5, 9]) == [2, 5]
 
 
-def join_executors(seconds: float = 30) -> None:
-    """Wait for Ray Data's executor threads left running: a stopped pass's executor ends in the background, not under
-    ray.shutdown, and may meanwhile ask Ray to start again (its automatic init)."""
+def join_executors(seconds: float = 30) -> list[str]:
+    """Wait (``seconds`` in all at most) for Ray Data's executor threads left running: a stopped pass's executor
+    ends in the background, not under ray.shutdown, and may meanwhile ask Ray to start again (its automatic init).
+    The names of those still running."""
+    deadline = time.monotonic() + seconds
     for thread in threading.enumerate():
         if thread.name.startswith("StreamingExecutor-"):
-            thread.join(seconds)
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor-") and t.is_alive()]
 
 
 def test_a_job_whose_ledger_is_started_again_ends_with_every_input_accounted_for(videos, cluster, tmp_path,
@@ -362,7 +365,7 @@ def test_a_job_whose_ledger_is_started_again_ends_with_every_input_accounted_for
     """The ledger's process dies once the only encode actor has enlisted, and is started again with an empty list;
     the actor then dies for good on its second batch. Each actor enlists again at each batch and the driver keeps
     those it was told of, so the job does not wait for ever: it ends, every input done (read again in a pass of its
-    own) or listed as not encoded with the reason."""
+    own) or listed as not encoded with the reason, and Ray Data's execution of the pass it left ends too."""
     import ray
 
     monkeypatch.setattr(distributed, "WATCH_SECONDS", 1.0)
@@ -395,7 +398,9 @@ def test_a_job_whose_ledger_is_started_again_ends_with_every_input_accounted_for
                 actors=1, actor_restarts=0, _test_hooks={"actor_exit_once": str(tmp_path / "died")},
             )  # fmt: skip
     killers[0].join(30)
-    join_executors()
+    # the pass left while its reader waited in Ray Data for a row no actor would make: its execution is ended
+    # (it went on, holding its actors, until the process ended)
+    assert join_executors(15) == []
     assert not killers[0].is_alive() and (tmp_path / "died").exists()
     rows = read_manifest(tmp_path / "tokens" / MANIFEST_NAME)
     assert sorted(Path(r["source"]).name for r in rows) == [f"v{i}.mp4" for i in range(4)]
@@ -620,6 +625,40 @@ def test_leaving_a_pass_stops_a_reader_stuck_in_ray_data(interrupted, monkeypatc
             raise KeyboardInterrupt if interrupted else RuntimeError("the driver failed")
     assert cleaned == [True] and killed == ["ledger"]
     assert not run.reading and not run.reader.is_alive()
+
+
+def test_leaving_a_pass_ends_ray_datas_execution_where_its_reader_waits_without_a_timeout(monkeypatch):
+    """Ray Data's reader can wait on a queue with no timeout (its prefetch thread's), where an exception raised in
+    the thread does not land: only the end of the execution wakes it. Leaving a pass stuck so ends the execution,
+    and the reader with it."""
+    from titok_fast import distributed
+
+    woken = threading.Event()
+
+    class Execution:  # Ray Data's executor
+        def shutdown(self, force):
+            woken.set()
+
+    def waiting():
+        yield {"file": 0}
+        woken.wait()  # (no timeout)
+        yield {"file": 1}
+
+    class Ray:
+        def kill(self, actor):
+            pass
+
+    monkeypatch.setattr(distributed, "STOP_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(distributed, "STOP_SECONDS", 5.0)
+    run = distributed._Run(Ray(), waiting(), "ledger", actors=1, actor_restarts=0, executors=[Execution()])
+    try:
+        with failing_after(60, "leaving the pass waited"), pytest.raises(RuntimeError):
+            with run:
+                assert next(run.rows()) == {"file": 0}
+                raise RuntimeError("every encode actor died for good")
+        assert woken.is_set() and not run.reader.is_alive() and not run.reading
+    finally:
+        woken.set()  # (a reader left waiting, on a failure)
 
 
 def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path):

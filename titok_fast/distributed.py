@@ -44,7 +44,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1054,8 +1054,30 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=actor_restarts,
             max_task_retries=actor_restarts,
         )  # fmt: skip
-    return _Run(ray, results.iter_rows(), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS,
-                born=ray.get(ledger.born.remote()))  # fmt: skip
+    executors: list = []
+    return _Run(ray, _rows_of(results, executors), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS,
+                born=ray.get(ledger.born.remote()), executors=executors)  # fmt: skip
+
+
+def _rows_of(dataset, executors: list) -> Iterable[dict]:
+    """``dataset.iter_rows()``, whose Ray Data execution, once started, is added to ``executors``: a reader waiting
+    inside Ray Data for a row that never comes (every encode actor dead) waits on a queue without a timeout, where
+    an exception raised in its thread does not land, and the execution goes on (holding its actors) until the
+    process ends. Shutting the execution down ends the wait. Where Ray Data does not start its execution as Ray
+    2.60-2.63 do, nothing is added (leaving a pass then stops what it can, as before)."""
+    iterator = dataset.iterator()
+    start = getattr(iterator, "_to_ref_bundle_iterator", None)
+    if start is None:
+        return dataset.iter_rows()
+
+    def started(*args, **kwargs):
+        begun = start(*args, **kwargs)
+        parts = begun if isinstance(begun, tuple) else ()
+        executors.extend(x for x in parts if type(x).__name__ == "StreamingExecutor" and hasattr(x, "shutdown"))
+        return begun
+
+    iterator._to_ref_bundle_iterator = started
+    return iterator.iter_rows()
 
 
 def _ledger(ray):
@@ -1102,8 +1124,9 @@ class _Run:
     ledger is killed."""
 
     def __init__(self, ray, rows, ledger, actors: int, actor_restarts: int, shared: bool = False,
-                 born: str | None = None):  # fmt: skip
+                 born: str | None = None, executors: list | None = None):  # fmt: skip
         self.ray, self.results, self.ledger, self.actor_restarts = ray, rows, ledger, actor_restarts
+        self.executors = [] if executors is None else executors  # Ray Data's execution of the rows, once started
         self.born = born  # which start of the ledger the pass began with (FaultLedger.born)
         self.shared = shared  # whether decode tasks hold several rows
         self.actors = actors  # the pool's size
@@ -1126,8 +1149,13 @@ class _Run:
                     self.reader.join(timeout=STOP_GRACE_SECONDS)
             finally:  # even when a second Ctrl-C cuts that wait short
                 with self.lock:
-                    if self.reading:  # still in Ray Data, which may never answer
+                    stuck = self.reading
+                    if stuck:  # still in Ray Data, which may never answer
                         _raise_in(self.reader, _Stop)
+                if stuck:  # where it waits without a timeout, only the execution's end wakes it
+                    for executor in self.executors:
+                        with contextlib.suppress(Exception):
+                            executor.shutdown(force=True)
             if self.reader is not None:
                 self.reader.join(timeout=STOP_SECONDS)
         finally:
