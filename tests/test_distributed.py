@@ -667,7 +667,10 @@ def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path)
     with pytest.raises(ValueError, match=r"fps must be in \(0, 1000\]; got 0.0"):
         encode_dataset(LOAD(), files, tmp_path, bad, ray_address="no-cluster-is-started", device="cpu")
     with pytest.raises(ValueError, match="mode 'cudagraph' needs CUDA devices; the encode actors run on cpu"):
-        encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="none", device="cpu", mode="cudagraph")
+        encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="local", device="cpu", mode="cudagraph")
+    off_patch = ClipSettings(grid=(4, 32, 36), tokens=8)  # (every clip would fail alone, in its actor)
+    with pytest.raises(ValueError, match=r"^grid of the clip settings is \[4, 32, 36\]; W must be a positive mult"):
+        encode_dataset(LOAD(), files, tmp_path, off_patch, ray_address="no-cluster-is-started", device="cpu")
     assert not (tmp_path / MANIFEST_NAME).exists()  # nothing was started
 
 

@@ -71,6 +71,28 @@ def encode(model, files, outdir, mode="eager", monkeypatch=None, **kwargs):
     return encode_files(model, engine, [(p, p.stem) for p in files], outdir, SETTINGS, **kwargs)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(grid=(4, 32, 36)), r"^grid of the clip settings is \[4, 32, 36\]; W must be a positive multiple of 8"),
+    (dict(tokens=16.0), r"^token count of the clip settings is 16\.0; expected an integer >= 1$"),
+    (dict(tokens=0), r"^token count of the clip settings is 0; expected an integer in \[1, "),
+    (dict(grid=(4, 128, 128)), r"^grid \[4, 128, 128\] with 8 tokens: a clip would need 264 packed rows \(tokens \+ "
+                             r"patches\); the engine takes at most 256 per clip$"),
+], ids=["grid", "float-tokens", "no-tokens", "rows"])  # fmt: skip
+def test_settings_no_clip_could_run_with_are_refused_before_any_file_is_opened(model, sources, tmp_path, change,
+                                                                               message):  # fmt: skip
+    """From Python as from the command line: one error up front, not each file failing alone (32 in a row stop
+    the run) with a manifest line apiece."""
+    engine = engine_for(model, "eager", None, budgets=(128, 256), max_clips=3)
+    settings = dataclasses.replace(SETTINGS, **change)
+    files = [(sources["short"], "short")]
+    error = TypeError if change.get("tokens") == 16.0 else ValueError
+    with pytest.raises(error, match=message):
+        encode_files(model, engine, files, tmp_path / "t", settings, workers=1)
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(error, match=message):
+        evaluate(engine, files, dataclasses.replace(settings, tokens=8), [settings.tokens], workers=1)
+
+
 def test_files_spanning_batches_get_the_tokens_of_their_own_clips(model, sources, tmp_path):
     files = [sources["long"], sources["short"], sources["odd"]]
     summary = encode(model, files, tmp_path, workers=2, read_ahead=1, max_clips=4)  # batches mix files

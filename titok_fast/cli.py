@@ -11,7 +11,6 @@ import contextlib
 import functools
 import importlib.util
 import json
-import math
 import os
 import re
 import signal
@@ -352,8 +351,7 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None, engine
     of the engines the Ray actors build, when None) bound a clip's packed rows."""
     from .checks import check_grids
     from .engine import DEFAULT_BUDGETS
-    from .patches import patch_grid
-    from .pipeline import ClipSettings
+    from .pipeline import ClipSettings, clip_rows_problem
 
     tokens = args.tokens if tokens is None else tokens
     grid = args.grid or model.config.max_grid
@@ -361,13 +359,9 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None, engine
         check_grids([grid], 1, model.config.patch_size)
     except ValueError as e:
         raise ValueError(f"--grid {'x'.join(map(str, grid))}: {str(e).split('; ', 1)[-1]}") from None
-    rows = tokens + math.prod(patch_grid(grid, model.config.patch_size))
-    largest = max(DEFAULT_BUDGETS if engine is None else engine.budgets)
-    if rows > largest:
-        raise ValueError(
-            f"--grid {'x'.join(map(str, grid))} --tokens {tokens}: a clip would need {rows} packed rows (tokens + "
-            f"patches); the engine takes at most {largest} per clip"
-        )
+    budgets = DEFAULT_BUDGETS if engine is None else engine.budgets
+    if problem := clip_rows_problem(grid, tokens, model.config.patch_size, budgets):
+        raise ValueError(f"--grid {'x'.join(map(str, grid))} --tokens {tokens}: {problem}")
     return ClipSettings(
         grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling,
         decoder=getattr(args, "decoder", "cpu"), preprocess=getattr(args, "preprocess", "auto"),

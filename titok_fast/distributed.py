@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import Engine
+from .engine import DEFAULT_BUDGETS, Engine
 from .files import STALL_SECONDS, absolute, interrupts_held, notice, sigterm_came
 from .manifest import Manifest, manifest_name
 from .model import TiTok
@@ -66,6 +66,7 @@ from .pipeline import (
     _device_fault,
     _device_fault_in,
     _progress,
+    check_clip_settings,
     check_inputs_apart,
     encode_resiliently,
     made_with,
@@ -785,6 +786,7 @@ def encode_dataset(
     check_reading_on_ray(settings.decoder, settings.preprocess)
     settings = settings_on_ray(settings, device)
     ClipReader("", **settings.read_kwargs())  # bad clip settings are one error here, not every file's in its task
+    check_clip_settings(settings, model, DEFAULT_BUDGETS)  # (the actors' engines': Engine's default budgets)
     check_ray_address(ray_address)
     if mode == "cudagraph" and not str(device).startswith("cuda"):  # each actor's Engine would refuse it, alone
         raise ValueError(f"mode 'cudagraph' needs CUDA devices; the encode actors run on {device}")

@@ -17,6 +17,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 import stat
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .backends import resolve_backend
-from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids
+from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids, check_token_counts
 from .config import MODEL_FIELDS, TiTokConfig, _plain
 from .decoders import NVDEC_RGB, nvdec_unavailable
 from .engine import IDLE, Engine
@@ -58,6 +59,7 @@ from .loading import random_seed, weights_digest
 from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, is_manifest_name, manifest_name
 from .metrics import psnr, ssim
 from .model import TiTok
+from .patches import patch_grid
 from .preprocess import DevicePreprocessor, I420Clip
 from .quantizer import NAN_INDEX
 from .stages import CLOCK, each_timed
@@ -192,6 +194,28 @@ class ClipSettings:
             decoder=self.decoder, preprocess=self.preprocess, device=device, prune=self.prune, rotation=self.rotation,
             upload="i420" if device == "cuda" else "rgb",
         )  # fmt: skip
+
+
+def check_clip_settings(settings: ClipSettings, model: TiTok, budgets: Sequence[int], token_counts=None) -> None:
+    """Refuse, before any file is opened, settings with which no clip could run (each would fail alone): a grid
+    that is not a multiple of ``model``'s patch, a token count that is not an integer in range (``token_counts``:
+    those a run takes instead of ``settings.tokens``), or a clip of more packed rows than the largest of
+    ``budgets`` (an engine's) holds."""
+    named = "the clip settings".format
+    (grid,) = check_grids([settings.grid], 1, model.config.patch_size, named)
+    counts = [settings.tokens] if token_counts is None else list(token_counts)
+    for tokens in check_token_counts(counts, None, name=named):
+        if problem := clip_rows_problem(grid, tokens, model.config.patch_size, budgets):
+            raise ValueError(f"grid {list(grid)} with {tokens} tokens: {problem}")
+
+
+def clip_rows_problem(grid: Sequence[int], tokens: int, patch: Sequence[int], budgets: Sequence[int]) -> str | None:
+    """What is wrong with a clip of ``grid`` and ``tokens`` for an engine of ``budgets`` (None: nothing)."""
+    rows = tokens + math.prod(patch_grid(tuple(grid), tuple(patch)))
+    largest = max(budgets)
+    if rows > largest:
+        return f"a clip would need {rows} packed rows (tokens + patches); the engine takes at most {largest} per clip"
+    return None
 
 
 class Inputs(list):
@@ -566,6 +590,7 @@ def encode_files(
     ``stall_seconds`` (None: wait for ever; its stuck worker is replaced). The progress bar shows clips/s and
     whether decoding or the model limits the run.
     """
+    check_clip_settings(settings, model, engine.budgets)
     workers = workers or default_workers()
     outdir = Path(outdir)
     files = take_shard(files, shard)
@@ -1978,6 +2003,7 @@ def evaluate(
     is reported and none of its clips count.
     ``per_file``, if given, receives each complete file's own sums: {path: {n: {"psnr": sum, "ssim": sum,
     "clips": clips}}}."""
+    check_clip_settings(settings, engine.model, engine.budgets, token_counts)
     workers = workers or default_workers()
     token_counts = list(dict.fromkeys(token_counts))  # a count given twice is measured once (not summed twice)
     summary = Summary()
