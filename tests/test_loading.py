@@ -90,6 +90,10 @@ def test_a_bad_dtype_or_device_is_one_line_before_any_file_is_read(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"^device 'cuda': CUDA is not available here \(no GPU, or a CPU build"):
             load_tokenizer(missing, device="cuda")
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):  # another kind of device, not built in or not here
+        with pytest.raises(ValueError, match=r"^device 'xpu': not available in this torch build or on this machine "
+                                             r"\([^\n]+\)$"):  # fmt: skip
+            load_tokenizer(missing, device="xpu")
 
 
 def test_a_safetensors_file_named_otherwise_is_read_as_one(tiny, tmp_path):

@@ -834,6 +834,13 @@ def _checked_target(device: torch.device | str, dtype: torch.dtype) -> torch.dev
         raise ValueError(f"device {device!r}: CUDA is not available here (no GPU, or a CPU build of torch)")
     if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if target.type not in ("cpu", "cuda", "meta"):  # (mps, xpu, ...: what this torch build and machine support)
+        try:
+            torch.empty(0, device=target)
+        except Exception as e:  # (torch says it as it will: RuntimeError, AssertionError, a module not found)
+            said = " ".join(str(e).split()).split(". ")[0][:160]
+            raise ValueError(f"device {device!r}: not available in this torch build or on this machine ({said})"
+                             ) from None  # fmt: skip
     return target
 
 
