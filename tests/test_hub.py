@@ -74,6 +74,7 @@ def hub(tmp_path_factory):
         ("hf://owner/name@refs/pr/3:x.safetensors", HubRef("owner/name", "refs/pr/3", "x.safetensors")),
         (V1_REPO, HubRef(V1_REPO)),
         ("checkpoints/model.ckpt", None),  # looks like owner/name but ends like a weights file: a local path
+        ("checkpoints/Model.SAFETENSORS", None),  # (the suffix in any case)
         ("model.ckpt", None),
         ("/abs/owner/name", None),
         ("owner/name:../../etc/passwd", None),
@@ -100,8 +101,21 @@ def test_an_existing_local_path_wins_and_hf_scheme_is_strict(tmp_path, monkeypat
 
 
 def test_an_unknown_repository_needs_a_config():
-    with pytest.raises(ValueError, match="someone/unknown is not a known release .* --config"):
+    with pytest.raises(ValueError, match=r"someone/unknown is not a known release .* --config \(someone/unknown is no "
+                                         r"local file either\)$"):  # fmt: skip
         load_tokenizer("someone/unknown")
+
+
+def test_a_local_path_typed_without_its_suffix_is_named_in_the_hub_error(tmp_path, monkeypatch):
+    """``models/tiny`` reads as a Hub id; where ``models/tiny.safetensors`` is there, the error says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^models/tiny is not a known release .* \(models/tiny is no local file "
+                                         r"either; did you mean models/tiny\.safetensors\?\)$"):  # fmt: skip
+        load_tokenizer("models/tiny")
+    with pytest.raises(ValueError, match=r"is not a known release .*--config$"):  # hf://: a Hub id, as meant
+        load_tokenizer("hf://models/tiny")
 
 
 def test_encode_by_id_converts_once_and_gives_the_tokens_of_the_local_file(hub, tmp_path, capsys):

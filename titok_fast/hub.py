@@ -66,7 +66,7 @@ def parse_hub_ref(text: str | os.PathLike[str]) -> HubRef | None:
     explicit = text.startswith(HUB_SCHEME)
     head, _, filename = text.removeprefix(HUB_SCHEME).partition(":")
     repo_id, _, revision = head.partition("@")
-    if not explicit and (os.path.exists(text) or repo_id.endswith(_LOCAL_SUFFIXES)):
+    if not explicit and (os.path.exists(text) or repo_id.lower().endswith(_LOCAL_SUFFIXES)):
         return None
     valid = (
         _REPO.fullmatch(repo_id)
@@ -85,9 +85,19 @@ def why_not_a_reference(text: str) -> str:
     about the local path it is then taken for."""
     head = text.partition(":")[0]
     repo_id, at, revision = head.partition("@")
-    if at and _REPO.fullmatch(repo_id) and not _valid_revision(revision) and not text.endswith(_LOCAL_SUFFIXES):
+    if at and _REPO.fullmatch(repo_id) and not _valid_revision(revision) and not text.lower().endswith(_LOCAL_SUFFIXES):
         return f" (nor a Hub id: its revision {revision!r} is not a git ref name, no part of which starts with a dot)"
     return ""
+
+
+def local_look_alike(text: str) -> str:
+    """For ``text``, taken as a Hub id (``owner/name``, no ``hf://``): that it names no local file either, and the
+    local weights file it may have meant (its name with a weights suffix), as words to add to an error ("" for an
+    explicit ``hf://`` reference)."""
+    if text.startswith(HUB_SCHEME):
+        return ""
+    near = [text + suffix for suffix in _LOCAL_SUFFIXES if os.path.isfile(text + suffix)]
+    return f" ({text} is no local file either{f'; did you mean {near[0]}?' if near else ''})"
 
 
 def _valid_revision(revision: str) -> bool:

@@ -865,7 +865,12 @@ def load_tokenizer(
     device = _checked_target(device, dtype)
     ref = hub.parse_hub_ref(path)
     if ref is not None:
-        path, config, source = _from_hub(ref, config, use_ema, quick)
+        try:
+            path, config, source = _from_hub(ref, config, use_ema, quick)
+        except ValueError as e:  # (WeightsUnavailable too): a local path mistyped reads as a Hub id
+            if not (alike := hub.local_look_alike(str(path))):
+                raise
+            raise type(e)(f"{e}{alike}") from None
     else:
         source = str(Path(path).resolve())
     cfg, tensors, digest, ema = load_state(path, config, use_ema)
