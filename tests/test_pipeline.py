@@ -93,6 +93,22 @@ def test_settings_no_clip_could_run_with_are_refused_before_any_file_is_opened(m
         evaluate(engine, files, dataclasses.replace(settings, tokens=8), [settings.tokens], workers=1)
 
 
+def test_paths_given_alone_are_named_by_their_stems_and_a_clash_is_refused(model, sources, tmp_path):
+    """encode_files takes paths as decode_files does (each named by its stem); two of one name are an error naming
+    both, not two videos written into one token file."""
+    engine = engine_for(model, "eager", None, budgets=(128, 256), max_clips=3)
+    summary = encode_files(model, engine, [sources["short"], str(sources["odd"])], tmp_path / "a", SETTINGS, workers=1)
+    assert not summary.failed and sorted(p.name for p in (tmp_path / "a").glob("*.safetensors")) == [
+        "odd.safetensors", "short.safetensors"]  # fmt: skip
+    same = tmp_path / "other" / "short.mkv"
+    same.parent.mkdir()
+    shutil.copy(sources["odd"], same)
+    with pytest.raises(pipeline.InputError, match=r"would both write short\.safetensors"):
+        encode_files(model, engine, [sources["short"], same], tmp_path / "b", SETTINGS, workers=1)
+    table, _ = evaluate(engine, [sources["short"], same], SETTINGS, [SETTINGS.tokens], workers=1)  # (writes nothing)
+    assert table[SETTINGS.tokens]["clips"] == 1 + 5
+
+
 def test_files_spanning_batches_get_the_tokens_of_their_own_clips(model, sources, tmp_path):
     files = [sources["long"], sources["short"], sources["odd"]]
     summary = encode(model, files, tmp_path, workers=2, read_ahead=1, max_clips=4)  # batches mix files

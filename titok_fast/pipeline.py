@@ -196,6 +196,16 @@ class ClipSettings:
         )  # fmt: skip
 
 
+def input_pairs(files: Sequence, outputs: bool = True) -> Sequence[tuple[Path, str]]:
+    """``files`` as ``(path, output name)`` pairs (:func:`collect_inputs`' result is that already): a path given alone
+    is named by its stem, and where any is, two paths of one output name are an error naming both (with
+    ``outputs`` False, inputs that write nothing, both are kept)."""
+    if all(isinstance(f, tuple) for f in files):
+        return files
+    pairs = [(Path(f[0]), f[1]) if isinstance(f, tuple) else (Path(f), Path(f).stem) for f in files]
+    return _one_per_output(pairs, "inputs", ".safetensors", "encoded", outputs, is_manifest_name)
+
+
 def check_clip_settings(settings: ClipSettings, model: TiTok, budgets: Sequence[int], token_counts=None) -> None:
     """Refuse, before any file is opened, settings with which no clip could run (each would fail alone): a grid
     that is not a multiple of ``model``'s patch, a token count that is not an integer in range (``token_counts``:
@@ -564,7 +574,7 @@ def decoder_here(settings: ClipSettings) -> ClipSettings:
 def encode_files(
     model: TiTok,
     engine: Engine,
-    files: Sequence[tuple[Path, str]],
+    files: Sequence[tuple[Path, str] | str | os.PathLike],
     outdir: str | os.PathLike,
     settings: ClipSettings,
     *,
@@ -576,7 +586,7 @@ def encode_files(
     shard: tuple[int, int] | None = None,
 ) -> Summary:
     """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``.
-    With ``shard`` ``(index, count)``, only the inputs of that shard (:func:`select_shard`), listed in a manifest
+    ``files``: :func:`collect_inputs`' pairs, or paths (each named by its stem). With ``shard`` ``(index, count)``, only the inputs of that shard (:func:`select_shard`), listed in a manifest
     of the shard's own (:func:`~titok_fast.manifest.manifest_name`).
 
     Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``, by default one per
@@ -593,7 +603,7 @@ def encode_files(
     check_clip_settings(settings, model, engine.budgets)
     workers = workers or default_workers()
     outdir = Path(outdir)
-    files = take_shard(files, shard)
+    files = take_shard(input_pairs(files), shard)
     check_inputs_apart(files, outdir, shard)
     settings = decoder_here(settings)
     summary = Summary()
@@ -1986,7 +1996,7 @@ def _one_line(error: BaseException) -> str:
 
 def evaluate(
     engine: Engine,
-    files: Sequence[tuple[Path, str]],
+    files: Sequence[tuple[Path, str] | str | os.PathLike],
     settings: ClipSettings,
     token_counts: Sequence[int],
     *,
@@ -2004,6 +2014,7 @@ def evaluate(
     ``per_file``, if given, receives each complete file's own sums: {path: {n: {"psnr": sum, "ssim": sum,
     "clips": clips}}}."""
     check_clip_settings(settings, engine.model, engine.budgets, token_counts)
+    files = input_pairs(files, outputs=False)
     workers = workers or default_workers()
     token_counts = list(dict.fromkeys(token_counts))  # a count given twice is measured once (not summed twice)
     summary = Summary()
