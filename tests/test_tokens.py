@@ -153,6 +153,9 @@ def test_from_chunks_keeps_each_chunk():
         ({"chunk_seconds": float("nan")}, r"chunk_seconds must be finite and > 0; got nan"),
         ({"chunk_seconds": float("inf")}, r"chunk_seconds must be finite and > 0; got inf"),
         ({"chunk_seconds": "2.5"}, r"field 'chunk_seconds' must be int or float"),
+        ({"model_config": {"levels": torch.ones(2)}}, r"^model_config must hold only JSON values \(finite numbers\); "
+                                                      r"Object of type Tensor is not JSON serializable$"),
+        ({"model_config": {"scale": float("nan")}}, r"^model_config must hold only JSON values \(finite numbers\)"),
     ],
     ids=[
         "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
@@ -161,7 +164,7 @@ def test_from_chunks_keeps_each_chunk():
         "sampling", "times-nan", "times-negative", "times-decreasing", "index-float", "index-list", "grid-float",
         "grid-huge",
         "grid-short", "chunk-seconds-zero", "chunk-seconds-negative", "chunk-seconds-nan", "chunk-seconds-inf",
-        "chunk-seconds-text",
+        "chunk-seconds-text", "config-tensor", "config-nan",
     ],
 )  # fmt: skip
 def test_invalid_token_file_is_refused(change, message):

@@ -465,6 +465,10 @@ def _check_token_file(tf: TokenFile) -> None:
     for name in ("indices", "token_counts", "grids", "start_times"):
         _check_tensor(name, getattr(tf, name))
     _check_made_with(tf.made_with)
+    try:  # (written as JSON, read back as JSON: standard JSON, so NaN and infinities are not)
+        json.dumps(tf.model_config, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise TokenFileError(f"model_config must hold only JSON values (finite numbers); {str(e)[:200]}") from None
     chunks = tf.token_counts.numel()
     if chunks < 1:
         raise TokenFileError("a token file holds at least one chunk; got 0")
