@@ -867,8 +867,9 @@ def load_tokenizer(
     if ref is not None:
         try:
             path, config, source = _from_hub(ref, config, use_ema, quick)
-        except ValueError as e:  # (WeightsUnavailable too): a local path mistyped reads as a Hub id
-            if not (alike := hub.local_look_alike(str(path))):
+        except ValueError as e:  # (WeightsUnavailable too): a local path mistyped reads as a Hub id (a release's
+            # id is meant as one)
+            if ref.repo_id in hub.KNOWN_CONFIGS or not (alike := hub.local_look_alike(str(path))):
                 raise
             raise type(e)(f"{e}{alike}") from None
     else:

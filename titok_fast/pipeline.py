@@ -586,8 +586,9 @@ def encode_files(
     shard: tuple[int, int] | None = None,
 ) -> Summary:
     """Encode every video into ``outdir/<name>.safetensors``; finished outputs are skipped unless ``overwrite``.
-    ``files``: :func:`collect_inputs`' pairs, or paths (each named by its stem). With ``shard`` ``(index, count)``, only the inputs of that shard (:func:`select_shard`), listed in a manifest
-    of the shard's own (:func:`~titok_fast.manifest.manifest_name`).
+    ``files``: :func:`collect_inputs`' pairs, or paths (each named by its stem). With ``shard`` ``(index, count)``,
+    only the inputs of that shard (:func:`select_shard`), listed in a manifest of the shard's own
+    (:func:`~titok_fast.manifest.manifest_name`).
 
     Clips stream from the video decoders (``workers`` threads or processes, ``worker_kind``, by default one per
     core, and "auto": :func:`~titok_fast.video.worker_kind_for` by the first file's frame size; taken from whichever
