@@ -668,6 +668,8 @@ def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path)
         encode_dataset(LOAD(), files, tmp_path, bad, ray_address="no-cluster-is-started", device="cpu")
     with pytest.raises(ValueError, match="mode 'cudagraph' needs CUDA devices; the encode actors run on cpu"):
         encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="local", device="cpu", mode="cudagraph")
+    with pytest.raises(ValueError, match=r"^decode_retries must be at most 1000; got 100000000000000000000$"):
+        encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="local", device="cpu", decode_retries=10**20)
     off_patch = ClipSettings(grid=(4, 32, 36), tokens=8)  # (every clip would fail alone, in its actor)
     with pytest.raises(ValueError, match=r"^grid of the clip settings is \[4, 32, 36\]; W must be a positive mult"):
         encode_dataset(LOAD(), files, tmp_path, off_patch, ray_address="no-cluster-is-started", device="cpu")

@@ -27,6 +27,7 @@ from typing import NamedTuple
 from . import __version__
 from .files import (
     DEBUG_ENV,
+    MAX_RAY_RETRIES,
     MAX_SEED,
     STALL_SECONDS,
     Terminated,
@@ -110,7 +111,7 @@ def _int_between(least: int, most: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-_positive, _non_negative = _int_between(1), _int_between(0)
+_positive = _int_between(1)
 MAX_WORKERS = 1024  # decoding threads or processes: more than any machine's cores
 
 
@@ -965,10 +966,11 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--ray-cpus-per-actor", type=_positive_float, help="CPUs per encode actor (default 1)")
     ray.add_argument("--ray-cpus-per-decode", type=_positive_float, help="CPUs per decode task (default 1)")
     ray.add_argument(
-        "--ray-retries", type=_non_negative, help="times a decode task whose worker died is retried (default 2)"
+        "--ray-retries", type=_int_between(0, MAX_RAY_RETRIES),
+        help="times a decode task whose worker died is retried (default 2)",
     )
     ray.add_argument(
-        "--ray-actor-restarts", type=_non_negative,
+        "--ray-actor-restarts", type=_int_between(0, MAX_RAY_RETRIES),
         help="times an encode actor is restarted after its process died, e.g. on a device fault (default 8)",
     )  # fmt: skip
 

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .engine import DEFAULT_BUDGETS, Engine
-from .files import STALL_SECONDS, absolute, interrupts_held, notice, sigterm_came
+from .files import MAX_RAY_RETRIES, STALL_SECONDS, absolute, interrupts_held, notice, sigterm_came
 from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .pipeline import (
@@ -783,6 +783,9 @@ def encode_dataset(
     for name, value in given.items():
         if not isinstance(value, int) or value < least[name]:
             raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
+    for name in ("decode_retries", "actor_restarts"):  # (Ray's own counts overflow far past it, once started)
+        if given[name] > MAX_RAY_RETRIES:
+            raise ValueError(f"{name} must be at most {MAX_RAY_RETRIES}; got {given[name]}")
     check_reading_on_ray(settings.decoder, settings.preprocess)
     settings = settings_on_ray(settings, device)
     ClipReader("", **settings.read_kwargs())  # bad clip settings are one error here, not every file's in its task

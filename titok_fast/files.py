@@ -28,6 +28,7 @@ MAX_SEED = 10**18 - 1  # of random weights: token files record the seed in at mo
 # A video whose decoder gives no clip for this long has stalled (a read that hangs on a network file system, a file
 # the decoder cannot get through): it fails alone and its worker is replaced. No sound clip takes minutes to decode.
 STALL_SECONDS = 300.0
+MAX_RAY_RETRIES = 1000  # a decode task's retries, an encode actor's restarts: past any real need, within Ray's ints
 
 
 def escaped(text: str) -> str:
