@@ -796,6 +796,32 @@ def test_an_interrupt_while_a_local_cluster_starts_waits_for_the_start_and_stops
     assert {r["reason"] for r in rows} == {f"not encoded: the run was interrupted ({by})"}
 
 
+def test_a_ctrl_c_again_while_the_jobs_cluster_shuts_down_waits_for_the_shutdown(monkeypatch):
+    """Ctrl-C pressed again and again: one that comes while the cluster the job started shuts down waits for the
+    shutdown's end (cut short, it left Ray's agents running), then stops the command as the first did."""
+    ray = pytest.importorskip("ray")
+    from titok_fast.cli import _interrupts_handled
+
+    up, steps = [], []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(up))
+    monkeypatch.setattr(ray, "init", lambda **kwargs: up.append(kwargs["address"]))
+
+    def shutdown():
+        os.kill(os.getpid(), signal.SIGINT)  # (the command's handler runs here)
+        steps.append("shut down")
+        up.clear()
+
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal: not ignored)
+    try:
+        with pytest.raises(KeyboardInterrupt), _interrupts_handled():
+            with distributed._ray_session("local"):
+                raise KeyboardInterrupt  # the first Ctrl-C, during the job
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert up == [] and steps == ["shut down"]
+
+
 def test_ray_auto_without_a_cluster_is_one_line_naming_our_options(videos, tmp_path, monkeypatch):
     """Ray's own text for "auto" with no cluster names its flags (--address, RAY_ADDRESS), not the command's."""
     ray = pytest.importorskip("ray")

@@ -1487,8 +1487,11 @@ class _ray_session:
             if self.connected:
                 import ray
 
-                _let_ray_data_threads_end()
-                ray.shutdown()
+                # the command's Ctrl-C or SIGTERM again meanwhile waits for the end: a shutdown cut short left a
+                # local cluster's agents running, and Ray's own at exit was cut short in turn (a traceback, status 1)
+                with interrupts_held():
+                    _let_ray_data_threads_end()
+                    ray.shutdown()
         finally:  # (once Ray Data's threads of the job are done: their last words stay quiet)
             if self.data_log_level is not None:  # the caller's Ray Data work after the job is logged as before it
                 logging.getLogger("ray.data").setLevel(self.data_log_level)
