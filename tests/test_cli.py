@@ -1180,6 +1180,28 @@ def test_demo_reads_with_the_workers_it_is_given(tmp_path, monkeypatch, capsys, 
     assert given == [2 if options else 1]
 
 
+def test_the_demo_runs_again_without_setting_its_own_token_file_aside_and_fits_its_sample_to_the_clip(
+    tmp_path, monkeypatch, capsys
+):
+    """The demo writes its sample anew each run: its last token file is not one "made otherwise" to replace or,
+    on a failure, to set aside as .outdated (one more each run). Its sample is long enough for a clip of the grid's
+    frames at the --fps given; an --fps above the sample's own is refused before anything is written."""
+    from titok_fast import hub
+
+    def offline(ref, quick=False):
+        raise hub.WeightsUnavailable(f"weights {ref} are not to be had in this test")
+
+    monkeypatch.setattr(hub, "download", offline)
+    demo = ["-o", tmp_path / "d", "--config", "tiny", "--device", "cpu"]
+    code, _, err = run("demo", *demo, "--fps", "100", capsys=capsys)
+    assert code == 2 and err.endswith("--fps 100: the demo's sample video has 8 frames a second; sample it at 8 or "
+                                      "fewer\n") and not (tmp_path / "d").exists()  # fmt: skip
+    for options in ([], [], ["--grid", "32x64x96", "--tokens", "64"], ["--fps", "1"]):  # (sample: 3 s, 4 s, 8 s)
+        code, out, err = run("demo", *demo, *options, capsys=capsys)
+        assert code == 0 and "0 failed" in out and "replaced" not in out, out + err
+        assert sorted(os.listdir(tmp_path / "d" / "tokens")) == ["manifest.jsonl", "sample.safetensors"]
+
+
 def test_the_demo_keeps_a_users_files_at_its_output_names(tmp_path, monkeypatch, capsys):
     """A user's video, notes, FIFO or file under a name the demo writes (sample.mp4, tokens/sample.safetensors,
     recon/sample.mp4, the folder recon), also in a folder the demo wrote before, is kept, the demo refused in one

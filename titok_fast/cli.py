@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -763,10 +764,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model = _model(args)
     grid, tokens = DEMO_RANDOM if args.random_weights is not None else DEMO_REAL
     args.grid, args.tokens = args.grid or grid, args.tokens or tokens
+    if args.fps > DEMO_FPS:  # (its frames sampled faster than it has them: every clip would fail)
+        raise ValueError(f"--fps {args.fps:g}: the demo's sample video has {DEMO_FPS} frames a second; sample it at "
+                         f"{DEMO_FPS} or fewer")  # fmt: skip
     engine = _engine(args, model)
     settings = _settings(args, model)
     out.mkdir(parents=True, exist_ok=True)  # once every option is known to work: a refused demo writes nothing
-    write_video(sample, _moving_pattern(frames=24, height=192, width=256), fps=8, comment=DEMO_SAMPLE)
+    # (the sample is made anew: the demo's token file of the last one, if there, is no file of this one to set aside)
+    token_path.unlink(missing_ok=True)
+    seconds = max(3.0, settings.grid[0] / settings.fps)  # (at least one clip, whatever the grid's frames and fps)
+    frames = math.ceil(seconds * DEMO_FPS)
+    write_video(sample, _moving_pattern(frames=frames, height=192, width=256), fps=DEMO_FPS, comment=DEMO_SAMPLE)
     start = time.perf_counter()
     enc = encode_files(model, engine, collect_inputs([sample]), out / "tokens", settings, workers=args.workers,
                        overwrite=True)  # fmt: skip
@@ -789,6 +797,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 DEMO_SAMPLE = "titok-fast demo sample"  # the comment tag of the sample video the demo writes
+DEMO_FPS = 8  # its frame rate, as upstream's training videos'
 
 
 def _not_the_demos(out: Path) -> Path | None:
