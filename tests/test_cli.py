@@ -427,6 +427,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--ray-actor-restarts", "9" * 20], f"argument --ray-actor-restarts: {'9' * 20} must be in [0, 1000]"),
         (["--fps", "0"], "argument --fps: 0 must be in (0, 1000]"),
         (["--fps", "nan"], "argument --fps: nan must be in (0, 1000]"),
+        (["--fps", "1e-320"], "argument --fps: 1e-320 must be at least 0.0001 (a clip of frames this far apart could "
+         "not be decoded to a video)"),
         (["--random-weights", "-5"], "argument --random-weights: -5 must be in [0, 999999999999999999]"),
         (["--random-weights", "1" + "0" * 18], "argument --random-weights: 1000000000000000000 must be in [0, "),
         (["--workers", "100000"], "argument --workers: 100000 must be in [1, 1024]"),

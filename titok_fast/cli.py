@@ -71,7 +71,10 @@ def _counts(text: str) -> list[int]:
 
 
 def _fps(text: str) -> float:
+    """A sampling rate: in (0, MAX_FPS], and not below the slowest rate a video is written at (decode writes the clips
+    at it; far below, a clip's seconds overflow)."""
     from .video import MAX_FPS
+    from .writing import MIN_WRITE_FPS
 
     try:
         value = float(text)
@@ -79,6 +82,9 @@ def _fps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value <= MAX_FPS:  # also NaN
         raise argparse.ArgumentTypeError(f"{text} must be in (0, {MAX_FPS:g}]")
+    if value < MIN_WRITE_FPS:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {MIN_WRITE_FPS:g} (a clip of frames this far "
+                                         "apart could not be decoded to a video)")  # fmt: skip
     return value
 
 
