@@ -535,15 +535,18 @@ def test_a_file_that_is_not_a_token_file_at_an_outputs_name_is_kept(model, sourc
     assert (out / "short.safetensors").read_bytes() == before
     assert encode(model, [sources["short"]], out, overwrite=True).done == [str(sources["short"])]
     whole = (out / "short.safetensors").read_bytes()
-    for cut in (len(whole) // 2, 20, 5, 0):  # ours, cut short (into its header, its length, to nothing): made again
+    for cut in (len(whole) // 2, 20, 0):  # ours, cut short (into its header, to nothing): made again
         (out / "short.safetensors").write_bytes(whole[:cut])
         summary = encode(model, [sources["short"]], out)
         assert summary.done == [str(sources["short"])] and (out / "short.safetensors").read_bytes() == whole
-    (out / "short.safetensors").write_text("todo\n")  # a note shorter than a header's length: no token file's start
-    failed = encode(model, [sources["short"]], out).failed
-    assert failed[0][1].endswith("is there and is not a token file: it is kept; move it away, or --overwrite "
-                                 "replaces it")
-    assert (out / "short.safetensors").read_text() == "todo\n"
+    # shorter than a header's length: a note ("todo", "hi"), or ours cut into its length: nothing tells them apart,
+    # so each is kept (ours is redone with --overwrite)
+    for short in (b"todo\n", b"hi\n", whole[:5]):
+        (out / "short.safetensors").write_bytes(short)
+        failed = encode(model, [sources["short"]], out).failed
+        assert failed[0][1].endswith("is there and is not a token file: it is kept; move it away, or --overwrite "
+                                     "replaces it")
+        assert (out / "short.safetensors").read_bytes() == short
     (out / "short.safetensors").unlink()
     os.mkfifo(out / "short.safetensors")
     summary = encode(model, [sources["short"]], out, overwrite=True)

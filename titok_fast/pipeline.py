@@ -1425,6 +1425,8 @@ def _token_file_kind(path: Path) -> bool:
     start = file_head(path, 8 + len(TOKEN_FILE_HEADER))
     if start is None or any(start[3:8]):  # its header's length, at most MAX_HEADER_BYTES: high bytes zero
         return False  # (a user's short note at that name, "todo!", was taken for a token file cut short)
+    if 0 < len(start) < 8:  # part of a header's length, which nothing tells from a user's "hi\n": kept (a token file
+        return False  # is written whole under its name; one cut short to nothing is empty, and replaced)
     head = start[8:]  # (a weights file's metadata begins with its format_version); a file cut short, even to nothing:
     return head == TOKEN_FILE_HEADER or len(start) < 8 + len(TOKEN_FILE_HEADER) and TOKEN_FILE_HEADER.startswith(head)
 
