@@ -248,6 +248,7 @@ class StandIn:
 
     def __init__(self, engine: Engine, rate: float, batch: int):
         self.mode, self.model, self.rate, self.batch = engine.mode, engine.model, rate, batch
+        self.budgets = engine.budgets  # (what the run checks its clips against, as the engine's)
 
     def encode_stream(self, items, *, host: bool = False):
         import collections
@@ -377,6 +378,7 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
     elif not args.input_only:
         row["model_only_clips_per_s"], row["model_only_batch"] = model_only(engine, model, path, settings,
                                                                              args.batch_size)  # fmt: skip
+    if not args.input_only:  # (the stand-in's: its sleeps, clips / rate, over the wall time)
         row["model_busy"] = clips / row["model_only_clips_per_s"] / wall
     return row
 

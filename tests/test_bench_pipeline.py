@@ -45,6 +45,18 @@ def test_the_run_goes_on_taking_clips_while_the_stand_in_runs_a_batch(monkeypatc
     assert taken_meanwhile[0] is True
 
 
+def test_a_stand_in_row_runs_the_whole_path(tmp_path, capsys):
+    """--stand-in through the run itself (encode_files), files in and token files out: one row of the table."""
+    main(["--videos", str(tmp_path / "videos"), "--sources", "256p8", "--seconds", "2", "--files", "2", "--grid", "4",
+          "32", "32", "--tokens", "8", "--batch-size", "4", "--device", "cpu", "--workers", "1", "--stand-in",
+          "50"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "256p8" in line]
+    assert len(rows) == 1 and "| 50.00 |" in rows[0], rows
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    busy = cells[cells.index("50.00") - 1]  # (the model-busy column: the stand-in's sleeps over the wall time)
+    assert busy.endswith("%") and 0 < float(busy[:-1]) <= 100, rows
+
+
 def test_the_stand_in_and_the_reading_side_alone_are_one_or_the_other(tmp_path):
     with pytest.raises(SystemExit, match="--stand-in and --input-only: choose one"):
         main(["--videos", str(tmp_path), "--sources", "256p8", "--seconds", "1", "--input-only", "--stand-in", "50",
