@@ -410,7 +410,8 @@ def _worker_kind(args: argparse.Namespace, path: Path) -> str:
 def environment(args: argparse.Namespace) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in _lscpu() if line.startswith("Model name")), "")
     try:  # a GPU machine may have no git (and the copy no .git): $COMMIT says which commit then
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()  # (this checkout's, not the cwd's)
     except OSError:
         commit = ""
     return {

@@ -45,7 +45,9 @@ def make_files(folder: Path, files: int, chunks: int, tokens: int):
     model = random_tokenizer("tiny", seed=0)
     settings = ClipSettings(grid=GRID, tokens=tokens)
     made = made_with(model, "auto", settings)
-    videos, out = folder / "videos", folder / "tokens"
+    # a folder of token files for each kind (one run's are not another's: a run with other --chunks or --tokens
+    # measured the files of the first, under its own numbers)
+    videos, out = folder / "videos", folder / f"tokens-{chunks}-chunks-{tokens}-tokens"
     videos.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
     inputs = []
