@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "titok-fast-bench-resume"))
     p.add_argument("--log", default=os.environ.get("TITOK_BENCH_LOG"), help="append each line here as JSON")
     args = p.parse_args(argv)
+    for name in ("files", "chunks", "tokens", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1; got {getattr(args, name)}")
     for row in measure(Path(args.folder), args.files, args.chunks, args.tokens, args.repeats):
         print(format_row(row))
         if args.log:
