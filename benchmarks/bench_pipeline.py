@@ -502,8 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder", default="cpu", choices=("cpu", "nvdec"))
     p.add_argument("--no-prune", action="store_true", help="decode every frame, also those no clip uses")
     p.add_argument("--upload", choices=("rgb", "i420"), default=None,
-                   help="how CPU-decoded frames go to placement device (default: the run's: i420 on CUDA where it "
-                        "gives the same bytes, else rgb)")
+                   help="how CPU-decoded frames go to the model's device with placement 'device' (default: the "
+                        "run's: i420 on CUDA where it gives the same bytes, else rgb)")
     p.add_argument("--input-only", action="store_true", help="the reading side alone: no model")
     p.add_argument("--stand-in", type=float, default=None, metavar="RATE",
                    help="end to end with a stand-in for the model that runs RATE clips/s (a sleep per batch)")
