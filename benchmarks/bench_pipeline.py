@@ -521,6 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise SystemExit(f"unknown sources {unknown}; expected some of {list(SOURCES)}")
+    short = [n for n in names if int(args.seconds * SOURCES[n][2]) < 1]
+    if short:  # (no frame would be written: a source of nothing)
+        raise SystemExit(f"--seconds {args.seconds:g} gives {short[0]} no frame at {SOURCES[short[0]][2]} fps; "
+                         "give at least one frame's time")  # fmt: skip
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     ]

@@ -63,6 +63,12 @@ def test_the_stand_in_and_the_reading_side_alone_are_one_or_the_other(tmp_path):
               "--device", "cpu"])  # fmt: skip
 
 
+def test_sources_too_short_for_a_frame_are_refused_before_any_is_written(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--seconds 0.1 gives 256p8 no frame at 8 fps; give at least one frame's"):
+        main(["--videos", str(tmp_path / "v"), "--sources", "256p8", "--seconds", "0.1", "--input-only"])
+    assert not (tmp_path / "v").exists()
+
+
 def test_logged_rows_name_the_session_that_ran_them(tmp_path, monkeypatch):
     """gpu_session.sh sets $TITOK_BENCH_SESSION for every row it logs (targets.py judges a log's latest session
     alone); a row logged by hand has none."""
