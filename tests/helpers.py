@@ -4,6 +4,7 @@ at once."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import torch
 
@@ -81,3 +82,9 @@ def norm_rows(k: int, rows: int, dtype: torch.dtype, device: str) -> tuple[torch
     weight, bias = 1 + 0.3 * torch.randn(k, generator=g), 0.3 * torch.randn(k, generator=g)
     x, weight, bias = (t.to(device, dtype) for t in (x, weight, bias))
     return spaced_rows(x), weight, bias
+
+
+def benchmark_json(cmd: list[str]) -> Path:
+    """Where a ``titok-fast bench`` command line has pytest-benchmark write its results."""
+    (path,) = [Path(a.split("=", 1)[1]) for a in cmd if a.startswith("--benchmark-json=")]
+    return path

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import av
 import numpy as np
@@ -26,6 +25,7 @@ from titok_fast.manifest import MANIFEST_NAME, read_manifest
 from titok_fast.pipeline import select_shard
 from titok_fast.tokens import load_tokens, save_tokens
 
+from helpers import benchmark_json
 from videos import (
     make_hanging,
     make_lossless,
@@ -1095,12 +1095,6 @@ def test_a_sub_folder_that_cannot_be_listed_is_said_and_fails_the_run(folder, tm
     left_out = f"  LEFT OUT {source / 'locked'}: cannot be listed (Permission denied); the files in it were not {verb}"
     assert stdout.splitlines()[-1] == left_out
     assert f"{source / 'locked'}: cannot be listed (Permission denied); left out" in stderr
-
-
-def benchmark_json(cmd: list[str]) -> Path:
-    """Where the bench command has pytest-benchmark write its results."""
-    (path,) = [Path(a.split("=", 1)[1]) for a in cmd if a.startswith("--benchmark-json=")]
-    return path
 
 
 def test_bench_prints_the_table_of_its_results(tmp_path, monkeypatch, capsys):

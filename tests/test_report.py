@@ -2,11 +2,12 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from titok_fast.benchreport import append_row, table
+
+from helpers import benchmark_json
 
 
 def rendered(tmp_path, data: dict) -> str:
@@ -116,9 +117,9 @@ def test_bench_prints_only_the_results_its_own_run_wrote(tmp_path, monkeypatch, 
     assert "LAST-WEEK" not in out and f"{path} is an earlier run's: this run wrote no results" in err
     assert err.endswith("titok-fast: no benchmark matches -k 'nothing'\n")
 
-    def writes(cmd):  # (where the command has pytest-benchmark write)
-        (written,) = [a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json=")]
-        Path(written).write_text(json.dumps({"benchmarks": [{"group": "TODAY", "extra_info": {"provider": "x"}}]}))
+    def writes(cmd):
+        today = {"group": "TODAY", "extra_info": {"provider": "x"}}
+        benchmark_json(cmd).write_text(json.dumps({"benchmarks": [today]}))
         return 0
 
     monkeypatch.setattr(cli.subprocess, "call", writes)
