@@ -211,7 +211,9 @@ def check_clip_settings(settings: ClipSettings, model: TiTok, budgets: Sequence[
     that is not a multiple of ``model``'s patch, a token count that is not an integer in range (``token_counts``:
     those a run takes instead of ``settings.tokens``), or a clip of more packed rows than the largest of
     ``budgets`` (an engine's) holds."""
-    named = "the clip settings".format
+    def named(i: int) -> str:  # (one clip's settings: no video number to name)
+        return "the clip settings"
+
     (grid,) = check_grids([settings.grid], 1, model.config.patch_size, named)
     counts = [settings.tokens] if token_counts is None else list(token_counts)
     for tokens in check_token_counts(counts, None, name=named):
