@@ -199,6 +199,7 @@ def test_a_float16_model_refuses_values_its_patch_embedding_would_overflow(tiny)
     [
         ([], [], ValueError, "empty batch"),
         (_v(3, 4, 8, 8), [1], TypeError, "wrap a single video in a list"),
+        (_v(1, 1, 3, 4, 8, 8), [1], TypeError, r"or one \[videos, 3, T, H, W\] tensor, got one tensor of shape \[1, 1"),
         ([_v(3, 4, 8, 8), _v(4, 8, 8)], [1, 1], ValueError, r"video 1 has shape \[4, 8, 8\]"),
         ([_v(1, 4, 8, 8)], [1], ValueError, "video 0 has shape .*3 channels"),
         ([_v(3, 4, 8, 8), _v(3, 10, 64, 64)], [1, 1], ValueError, "video 1 .* T must be a positive multiple of 4"),
@@ -445,6 +446,124 @@ def test_decoder_submodule_as_upstream(tiny):
         assert isinstance(out, list) and [tuple(v.shape) for v in out] == [(3, *s) for s in MIXED]
         for a, b in zip(out, ref.decode(x, MIXED_TOKENS, MIXED), strict=True):
             assert rel_l2(a, b) <= 1e-5
+
+
+class _LoRA(torch.nn.Linear):
+    """A Linear with a low-rank update of its own (as fine-tuning adds): what it computes is not its weight's alone."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__(base.in_features, base.out_features)
+        self.load_state_dict(base.state_dict())
+        self.lora_a = torch.nn.Parameter(torch.zeros(rank, base.in_features))
+        self.lora_b = torch.nn.Parameter(torch.randn(base.out_features, rank))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a.t() @ self.lora_b.t()
+
+
+class _Wrapped(torch.nn.Module):
+    """A module around another, with no ``weight`` of its own."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) * 1.25
+
+
+def _set_both(model, ref, path: str, make) -> None:
+    """Replace the submodule at ``path`` in both models by ``make(the module there)``, with the same values."""
+    *parents, leaf = path.split(".")
+    made = []
+    for m in (model, ref):
+        parent = m.get_submodule(".".join(parents))
+        torch.manual_seed(5)
+        made.append(make(getattr(parent, leaf)))
+        setattr(parent, leaf, made[-1])
+
+
+def test_a_decoder_input_module_of_its_own_decodes_as_upstream():
+    """A subclass at ``decoder.proj_in`` (a LoRA Linear), changed in place after a first decode, and a hook added to
+    ``ln_pre`` later: each decode is what the oracle gives, which calls the modules as upstream does (the code table
+    stands only for the plain modules). A hook on ``ln_pre`` sees upstream's packed sequence."""
+    model = make_model("tiny", "torch", seed=4)
+    ref = make_reference(model)
+    _set_both(model, ref, "decoder.proj_in", _LoRA)
+    indices = torch.randint(0, model.quantize.codebook_size, (sum(MIXED_TOKENS),))
+    codes = model.quantize.indices_to_codes(indices)
+
+    def check():
+        want = ref.decode(codes, MIXED_TOKENS, MIXED)
+        for got in (model.decode(codes, MIXED_TOKENS, MIXED), model.decode_indices(indices, MIXED, MIXED_TOKENS)):
+            assert all(rel_l2(a, b) <= 1e-5 for a, b in zip(got, want, strict=True))
+
+    check()
+    with torch.no_grad():  # (zeros before: the update did nothing yet)
+        for m in (model, ref):
+            m.decoder.proj_in.lora_a.add_(0.5)
+    check()
+    seen = []
+    for m in (model, ref):
+        m.decoder.ln_pre.register_forward_hook(lambda module, args, out: out * 2.0)
+    model.decoder.ln_pre.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    check()
+    rows = sum(MIXED_TOKENS) + sum(t * h * w for t, h, w in MIXED) // 256  # (tiny's patch: 4x8x8)
+    assert seen[-1] == (rows, model.decoder.width)
+
+
+@pytest.mark.parametrize("path", ["encoder.proj_in", "decoder.proj_in", "decoder.ln_pre"])
+def test_a_wrapped_input_module_runs_as_upstream(path):
+    """A module without a ``weight`` of its own at ``proj_in`` or ``ln_pre``: encode and decode call it, as the
+    oracle does."""
+    model = make_model("tiny", "torch", seed=4)
+    ref = make_reference(model)
+    _set_both(model, ref, path, _Wrapped)
+    videos = random_videos(MIXED)
+    codes, out = model.encode(videos, MIXED_TOKENS)
+    ref_codes, ref_out = ref.encode(videos, MIXED_TOKENS)
+    assert agreement(out["indices"], ref_out["indices"]) >= 0.999
+    want = ref.decode(ref_codes, MIXED_TOKENS, MIXED)
+    assert all(rel_l2(a, b) <= 1e-5 for a, b in zip(model.decode(ref_codes, MIXED_TOKENS, MIXED), want, strict=True))
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+
+
+def test_hooks_on_the_encoder_quantizer_and_decoder_fire_as_upstreams_do():
+    """Upstream's ``encode`` calls ``encoder`` then ``quantize``, ``decode`` and ``decode_indices`` call
+    ``decoder``: hooks on them fire there, and what they return is what comes out."""
+    model = make_model("tiny", "torch", seed=4)
+    videos = random_videos(MIXED)
+    plain_codes, plain_out = model.encode(videos, MIXED_TOKENS)
+    fired = []
+    handles = [
+        model.encoder.register_forward_pre_hook(lambda m, args: fired.append("encoder-pre")),
+        model.encoder.register_forward_hook(lambda m, args, out: fired.append("encoder")),
+        model.quantize.register_forward_hook(lambda m, args, out: fired.append("quantize")),
+        model.decoder.register_forward_hook(lambda m, args, out: fired.append("decoder")),
+    ]
+    codes, out = model.encode(videos, MIXED_TOKENS)
+    assert fired == ["encoder-pre", "encoder", "quantize"]
+    assert torch.equal(codes, plain_codes) and all(map(torch.equal, out["indices"], plain_out["indices"]))
+    assert all(i.dtype == torch.int32 for i in out["indices"])
+    fired.clear()
+    model.decode_indices(out["indices"], MIXED)
+    model(videos, MIXED_TOKENS)
+    assert fired == ["decoder", "encoder-pre", "encoder", "quantize", "decoder"]
+    for h in handles:
+        h.remove()
+    model.encoder.register_forward_pre_hook(lambda m, args: ([v * 0 for v in args[0]], args[1]))
+    assert torch.equal(model.encode(videos, MIXED_TOKENS)[0], model.encode([v * 0 for v in videos], MIXED_TOKENS)[0])
+
+
+def test_a_batch_tensor_encodes_as_its_list_of_videos(tiny):
+    """One [videos, 3, T, H, W] tensor is a batch, as upstream iterates it."""
+    model, _ = tiny
+    batch = torch.stack(random_videos([(8, 32, 48)] * 3))
+    codes, out = model.encode(batch, [4, 5, 6])
+    want_codes, want = model.encode(list(batch), [4, 5, 6])
+    assert torch.equal(codes, want_codes) and all(map(torch.equal, out["indices"], want["indices"]))
+    recon, _ = model(batch, [4, 5, 6])
+    assert [tuple(v.shape) for v in recon] == [(3, 8, 32, 48)] * 3
 
 
 def test_inputs_that_require_grad_are_refused(tiny):

@@ -246,23 +246,24 @@ class TritonBackend(Backend):
         return fsq_decoder_input_op(indices, table, mask_row, pack.cu_seqlens, pack.cu_tokens, pack.rows)
 
 
-def _plain(module: torch.nn.Module) -> bool:
+def plain_module(module: torch.nn.Module) -> bool:
     """Whether calling ``module`` is its arithmetic alone, which a fused path may do in its place: no forward hooks
-    (its own, or global ones), and parameters that are plain tensors (not a subclass that computes otherwise)."""
+    (its own, or global ones), no ``forward`` of the instance's own, and parameters that are plain tensors (not a
+    subclass that computes otherwise)."""
     from torch.nn.modules import module as modules
 
-    hooked = module._forward_hooks or module._forward_pre_hooks
+    hooked = module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
     return not (hooked or modules._global_forward_hooks or modules._global_forward_pre_hooks) and all(
         type(p) in (torch.Tensor, torch.nn.Parameter) for p in module._parameters.values() if p is not None
     )
 
 
 def _adds_in_gemm(x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor) -> bool:
-    """Whether ``x + linear(h)`` can be one ``addmm``: a plain (:func:`_plain`) bias-free Linear, everything in one
-    16-bit dtype, no autocast (which would run the addmm in its own dtype)."""
+    """Whether ``x + linear(h)`` can be one ``addmm``: a plain (:func:`plain_module`) bias-free Linear, everything in
+    one 16-bit dtype, no autocast (which would run the addmm in its own dtype)."""
     return (
         type(linear) is torch.nn.Linear
-        and _plain(linear)
+        and plain_module(linear)
         and linear.bias is None
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.dtype == h.dtype == linear.weight.dtype
@@ -285,9 +286,9 @@ def _normed_linear(ln: torch.nn.LayerNorm, linear: torch.nn.Linear, x: torch.Ten
 
 
 def _norm_in_kernel(ln: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
-    """Whether the LayerNorm kernel takes ``ln(x)``: a plain LayerNorm (:func:`_plain`) with an affine of x's dtype
-    (as a model in one dtype has), rows and affine the kernel reads (``kernels.layer_norm.rows_problem``: the norm
-    over the rows' width, on their device), no autocast."""
+    """Whether the LayerNorm kernel takes ``ln(x)``: a plain LayerNorm (:func:`plain_module`) with an affine of x's
+    dtype (as a model in one dtype has), rows and affine the kernel reads (``kernels.layer_norm.rows_problem``: the
+    norm over the rows' width, on their device), no autocast."""
     from titok_fast.kernels.layer_norm import rows_problem
 
     w, b = ln.weight, ln.bias
@@ -296,7 +297,7 @@ def _norm_in_kernel(ln: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
         and w is not None
         and b is not None
         and x.dtype == w.dtype == b.dtype
-        and _plain(ln)
+        and plain_module(ln)
         and rows_problem(x, w, b) is None
         and not torch.is_autocast_enabled(x.device.type)
     )

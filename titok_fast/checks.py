@@ -132,15 +132,17 @@ def check_videos(
     dtype: torch.dtype | None = None,
     values: bool = True,
 ) -> list[tuple[int, int, int]]:
-    """Validate a batch of videos [3, T, H, W]; return their pixel shapes (T, H, W). ``name(i)`` names video i in
-    the errors. ``dtype``: the model's, which the values must fit (1e300 in float64 is finite, but infinite once cast
-    to float32, and FSQ has no code for what then comes out). ``values=False`` leaves the values unchecked (a
-    :class:`PendingValueCheck` of each video then checks them)."""
+    """Validate a batch of videos [3, T, H, W] (a list, or one [videos, 3, T, H, W] tensor, as upstream takes);
+    return their pixel shapes (T, H, W). ``name(i)`` names video i in the errors. ``dtype``: the model's, which the
+    values must fit (1e300 in float64 is finite, but infinite once cast to float32, and FSQ has no code for what then
+    comes out). ``values=False`` leaves the values unchecked (a :class:`PendingValueCheck` of each video then checks
+    them)."""
+    if isinstance(videos, torch.Tensor) and videos.dim() == 5:  # a batch of videos of one shape, as upstream takes
+        videos = list(videos)
     if isinstance(videos, torch.Tensor):
-        raise TypeError(
-            f"videos must be a list of [3, T, H, W] tensors, got one tensor of shape {list(videos.shape)}; "
-            "wrap a single video in a list"
-        )
+        hint = "; wrap a single video in a list" if videos.dim() == 4 else ""
+        raise TypeError(f"videos must be a list of [3, T, H, W] tensors or one [videos, 3, T, H, W] tensor, got one "
+                        f"tensor of shape {list(videos.shape)}{hint}")  # fmt: skip
     if not isinstance(videos, Sequence):
         raise TypeError(f"videos must be a list of [3, T, H, W] tensors, got {type(videos).__name__}")
     if len(videos) == 0:

@@ -27,7 +27,7 @@ from torch import nn
 from titok_fast.kernels.fsq import FsqConstants
 
 from . import fp8
-from .backends import Backend, check_backend, check_runs, resolve_backend, scatter_rows
+from .backends import Backend, check_backend, check_runs, plain_module, resolve_backend
 from .checks import (
     check_clip_indices,
     check_codes,
@@ -184,6 +184,13 @@ def run_layers_static(layers: Layers, x: torch.Tensor, batch: StaticBatch, backe
     return x
 
 
+def input_weight(module: nn.Module, default: torch.Tensor) -> torch.Tensor:
+    """``module.weight``, or for a module without one (a wrapper around the Linear) its first parameter, else
+    ``default``: what gives the dtype and device that the module's input is cast to."""
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else next(module.parameters(), default)
+
+
 class Encoder(EncoderParams):
     """Upstream's encoder: ``encoder(videos, token_counts)`` -> packed latents ``z`` [sum n, D] (``ln_post`` and
     ``proj_out`` applied, not quantised), in the model dtype."""
@@ -199,7 +206,7 @@ class Encoder(EncoderParams):
 
     @property
     def device(self) -> torch.device:
-        return self.proj_in.weight.device
+        return input_weight(self.proj_in, self.mask_token).device
 
     @inference
     def forward(self, x: list[torch.Tensor], token_counts: list[int]) -> torch.Tensor:
@@ -209,7 +216,7 @@ class Encoder(EncoderParams):
 
     def prepare(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, Packing]:
         """Checked videos -> (patch rows [sum G, 768] in the weights' dtype and device, their packing)."""
-        weight = self.proj_in.weight
+        weight = input_weight(self.proj_in, self.mask_token)
         shapes = check_videos(videos, self.config.patch_size, dtype=weight.dtype)
         counts = check_token_counts(token_counts, len(videos))
         patches = torch.cat([patchify(v.to(device=weight.device, dtype=weight.dtype), self.config.patch_size)
@@ -264,7 +271,11 @@ class Decoder(DecoderParams):
 
     @property
     def device(self) -> torch.device:
-        return self.proj_in.weight.device
+        return self.input_weight().device
+
+    def input_weight(self) -> torch.Tensor:
+        """The weight whose dtype and device the codes are cast to (:func:`input_weight` of ``proj_in``)."""
+        return input_weight(self.proj_in, self.mask_token)
 
     @inference
     def forward(self, x: torch.Tensor, token_counts: list[int], grids: list) -> list[torch.Tensor]:
@@ -273,28 +284,52 @@ class Decoder(DecoderParams):
         codes = x
         counts = check_token_counts(token_counts, None)
         shapes = check_grids(grids, len(counts), self.config.patch_size)
-        check_codes(codes, len(self.config.fsq_levels), sum(counts), self.proj_in.weight.dtype)
-        self.runtime.runner(self.device)  # refused in one line before anything reads values (meta weights)
-        codes = codes.to(device=self.device)
+        weight = self.input_weight()
+        check_codes(codes, len(self.config.fsq_levels), sum(counts), weight.dtype)
+        self.runtime.runner(weight.device)  # refused in one line before anything reads values (meta weights)
+        codes = codes.to(device=weight.device)
         pack = self.packing(counts, shapes)
-        indices = grid_indices(codes, self.runtime.fsq.constants(self.device))
+        indices = grid_indices(codes, self.runtime.fsq.constants(weight.device)) if self.table_stands_in() else None
         if indices is not None:
             return self.videos(self.decode_packed(indices, pack), pack, shapes)
-        x = scatter_rows(pack, self.ln_pre(self.proj_in(codes.to(self.proj_in.weight.dtype))), self.table()[1])
-        return self.videos(self.rows(x, pack), pack, shapes)
+        return self.videos(self.rows(self.sequence(codes.to(weight.dtype), pack), pack), pack, shapes)
 
     def packing(self, counts: list[int], shapes: list[tuple[int, int, int]]) -> Packing:
         grids = [patch_grid(s, self.config.patch_size) for s in shapes]
         return self.runtime.packings.packing(counts, grids, self.device)
 
+    def table_stands_in(self) -> bool:
+        """Whether the code table may stand for ``ln_pre(proj_in(codes))``: both are the plain modules
+        (:func:`plain_module`; exactly ``nn.Linear`` and ``nn.LayerNorm``, whose output rows follow from their
+        weights and input rows alone). Otherwise (a subclass, such as a LoRA Linear, a wrapper, a parametrization,
+        hooks) the decoder runs upstream's ``ln_pre`` over ``proj_in(codes)`` and the mask rows (:meth:`sequence`)."""
+        return (
+            type(self.proj_in) is nn.Linear
+            and type(self.ln_pre) is nn.LayerNorm
+            and plain_module(self.proj_in)
+            and plain_module(self.ln_pre)
+        )
+
+    def sequence(self, codes: torch.Tensor, pack: Packing) -> torch.Tensor:
+        """Upstream's decoder input: each sequence ``[proj_in(its codes) ; mask_token for each patch row]``, packed,
+        then ``ln_pre`` on every row -> [rows, W]."""
+        projected = self.proj_in(codes)
+        x = projected.new_empty(pack.rows, projected.shape[-1])
+        x[pack.latent_rows] = projected
+        x[pack.patch_rows] = self.mask_token.to(x.dtype).expand(len(pack.patch_rows), -1)
+        return self.ln_pre(x)
+
     @inference
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ln_pre(proj_in(code)) for every code [K, W], ln_pre(mask_token) [W])``, rebuilt when weights change."""
-        params = (self.proj_in.weight, self.proj_in.bias, self.ln_pre.weight, self.ln_pre.bias, self.mask_token)
-        key = tuple(fp8.tensor_key(p) for p in params)
-        if self._table is None or self._table[0] != key:
+        """``(ln_pre(proj_in(code)) for every code [K, W], ln_pre(mask_token) [W])``, rebuilt when weights change
+        (made anew at every call where the table does not stand for the modules: :meth:`table_stands_in`)."""
+        key = None
+        if self.table_stands_in():
+            params = (self.proj_in.weight, self.proj_in.bias, self.ln_pre.weight, self.ln_pre.bias, self.mask_token)
+            key = tuple(None if p is None else fp8.tensor_key(p) for p in params)
+        if key is None or self._table is None or self._table[0] != key:
             codes = self.runtime.fsq.indices_to_codes(torch.arange(self.runtime.fsq.codebook_size, device=self.device))
-            table = self.ln_pre(self.proj_in(codes.to(self.proj_in.weight.dtype)))
+            table = self.ln_pre(self.proj_in(codes.to(self.input_weight().dtype)))
             mask_row = self.ln_pre(self.mask_token)[0]
             self._table = (key, table, mask_row)
         return self._table[1], self._table[2]
@@ -318,6 +353,9 @@ class Decoder(DecoderParams):
         """indices [sum n] (any integer dtype, any stride) -> output patch rows [sum G, 768] (model dtype).
         ``cache``: where the RoPE tables come from (default the model's own); ``table``: the pair :meth:`table`
         gives, or a copy of it (default the model's own)."""
+        if table is None and not self.table_stands_in():
+            codes = self.runtime.fsq.indices_to_codes(indices.long()).to(self.input_weight().dtype)
+            return self.rows(self.sequence(codes, pack), pack, cache)
         if indices.dtype not in (torch.int32, torch.int64):
             indices = indices.long()  # token files store int16; the gather kernel reads int32/int64 (any stride)
         table, mask_row = table or self.table()
@@ -479,19 +517,25 @@ class TiTok(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.encoder.proj_in.weight.dtype
+        return input_weight(self.encoder.proj_in, self.encoder.mask_token).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.encoder.proj_in.weight.device
+        return input_weight(self.encoder.proj_in, self.encoder.mask_token).device
 
     # ----------------------------------------------------------------------------------------------- public API
     @inference
     def encode(self, x: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, dict]:
         """x (upstream's name): videos, a list of [3, T, H, W] in [-1, 1]; token_counts: one int >= 1 per video.
 
-        Returns ``(codes [sum n, D] model dtype, {"indices": tuple of int32 [n_i]})``.
+        Returns ``(codes [sum n, D] model dtype, {"indices": tuple of int32 [n_i]})``. With forward hooks on
+        ``encoder`` or ``quantize`` (or global ones), as upstream: ``quantize(encoder(x, token_counts))``, each
+        module called, its hooks with it; otherwise the same numbers, with the encoder's head fused.
         """
+        if not (plain_module(self.encoder) and plain_module(self.quantize)):
+            codes, result = self.quantize(self.encoder(x, token_counts))
+            counts = [int(n) for n in token_counts]
+            return codes, {**result, "indices": tuple(i.clone() for i in result["indices"].split(counts))}
         patches, pack = self.encoder.prepare(x, token_counts)
         codes, indices = self.encode_packed(patches, pack)
         return codes, {"indices": tuple(i.clone() for i in indices.split(list(pack.token_counts)))}
@@ -513,6 +557,9 @@ class TiTok(nn.Module):
         grids, token_counts = upstream_argument_order(grids, token_counts)
         packed, counts = self.pack_indices(indices, token_counts)
         shapes = check_grids(grids, len(counts), self.config.patch_size)
+        if not plain_module(self.decoder):  # hooks on the decoder: upstream's codes, then the module called
+            codes = self.quantize.indices_to_codes(packed.long()).to(self.decoder.input_weight().dtype)
+            return self.decoder(codes, counts, shapes)
         pack = self.decoder.packing(counts, shapes)
         return self.videos_from_rows(self.decode_packed(packed.to(self.device), pack), pack, shapes)
 
