@@ -912,6 +912,12 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     code, stdout, _ = run("decode", tmp_path / "0evil.safetensors", files[1], "-o", tmp_path / "e", capsys=capsys)
     assert code == 1 and "decoded 1 file(s)" in stdout, stdout
     assert f"FAILED {tmp_path / '0evil.safetensors'} was made by weights 0123456789abcdef" in stdout
+    save_tokens(tmp_path / "0long.safetensors", dataclasses.replace(evil, weights_digest="d" * 900_000))
+    code, stdout, _ = run("decode", tmp_path / "0long.safetensors", files[1], "-o", tmp_path / "l", capsys=capsys)
+    assert code == 1 and f"0long.safetensors was made by weights {'d' * 61}..., the loaded model is " in stdout
+    assert max(map(len, stdout.splitlines())) < 400  # (a stranger's MiB of metadata is not one line of output)
+    code, _, err = run("decode", tmp_path / "0long.safetensors", "-o", tmp_path / "l", capsys=capsys)
+    assert code == 2 and f"name weights {'d' * 61}... from '/etc/passwd'; token files are not trusted" in err
     code, _, err = run("decode", tmp_path / "0evil.safetensors", "-o", tmp_path / "f", capsys=capsys)
     assert code == 2 and "token files are not trusted to name local files: pass --checkpoint" in err
     (tmp_path / "x").mkdir()

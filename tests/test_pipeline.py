@@ -1251,13 +1251,15 @@ def test_side_by_side_opens_only_the_file_a_token_file_was_made_from(model, sour
     which it would show, nor a device or a FIFO, which could block or never end); each such file fails alone."""
     import os
 
+    from titok_fast.files import brief
     from titok_fast.tokens import save_tokens
 
     encode(model, [sources["short"], sources["long"]], tmp_path / "tok")
     good = load_tokens(tmp_path / "tok" / "short.safetensors")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    named = {"fifo": str(fifo), "other": str(sources["odd"]), "gone": str(tmp_path / "gone.mp4")}
+    named = {"fifo": str(fifo), "other": str(sources["odd"]), "gone": str(tmp_path / "gone.mp4"),
+             "nul": f"{tmp_path}/a\0b.mp4", "huge": "s" * 900_000}  # fmt: skip
     paths = []
     for name, source in named.items():
         paths.append(tmp_path / "tok" / f"{name}.safetensors")
@@ -1268,12 +1270,12 @@ def test_side_by_side_opens_only_the_file_a_token_file_was_made_from(model, sour
     save_tokens(paths[-1], dataclasses.replace(good, made_with=unstamped))
     paths.append(tmp_path / "tok" / "long.safetensors")
     summary = decode_files(Engine(model), paths, tmp_path / "out", with_source=True)
-    assert summary.failed == [(str(paths[k]), f"the source {source!r} the token file names is not the file its tokens "
-                               "were made from (its size and modification time differ, or it is not there)")
-                              for k, source in enumerate(named.values())] + [(str(paths[3]), (
+    assert summary.failed == [(str(paths[k]), f"the source {brief(source)!r} the token file names is not the file "
+                               "its tokens were made from (its size and modification time differ, or it is not there)")
+                              for k, source in enumerate(named.values())] + [(str(paths[5]), (
         "the token file records no size and modification time of its source (made by an earlier version): encode it "
         "again to show its source beside it"))]  # fmt: skip
-    assert summary.done == [str(paths[4])] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.mp4"]
+    assert summary.done == [str(paths[6])] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.mp4"]
 
 
 def test_resume_redoes_a_token_file_made_from_another_source_and_says_so(model, tmp_path):
@@ -2188,6 +2190,36 @@ def test_a_folder_gives_its_video_files_by_extension_in_any_case(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert [n for _, n in collect_inputs([tmp_path])] == list("abcdefgh")
     assert collect_inputs([tmp_path / "x"]) == [(tmp_path / "x", "x")]  # named: read whatever its name
+
+
+def test_lists_that_name_one_another_again_and_again_are_read_once_and_bounded(tmp_path, monkeypatch):
+    """A stranger's lists of a few kilobytes naming one another a thousand times each would name a billion files:
+    each list and folder is read once under the list given, the files named are bounded (MAX_REACHED) and so is
+    the nesting (MAX_LIST_DEPTH), each in one line naming the list."""
+    from titok_fast import pipeline
+    from titok_fast.pipeline import InputError, collect_inputs
+
+    for name in ("x.mp4", "d/y.mp4", "d/z.mp4"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "l0.txt").write_text("l1.txt\n" * 30)
+    (tmp_path / "l1.txt").write_text("l2.txt\nd\n" * 30)
+    (tmp_path / "l2.txt").write_text("x.mp4\n" * 30)
+    read = []
+    listed = pipeline._listed
+    monkeypatch.setattr(pipeline, "_listed", lambda path: read.append(path.name) or listed(path))
+    found = collect_inputs([tmp_path / "l0.txt"])
+    assert found == [(tmp_path / "x.mp4", "x"), (tmp_path / "d" / "y.mp4", "y"), (tmp_path / "d" / "z.mp4", "z")]
+    assert read == ["l0.txt", "l1.txt", "l2.txt"]
+    monkeypatch.setattr(pipeline, "MAX_REACHED", 31)  # l2.txt names 30, the folder 2 more
+    with pytest.raises(InputError, match=rf"^the inputs name more than 31 files \(passed in '{tmp_path / 'd'}', "):
+        collect_inputs([tmp_path / "l0.txt"])
+    chain = [tmp_path / f"c{i}.txt" for i in range(pipeline.MAX_LIST_DEPTH + 1)]
+    for here, below in zip(chain, [*chain[1:], tmp_path / "x.mp4"], strict=True):
+        here.write_text(f"{below}\n")
+    assert collect_inputs([chain[1]]) == [(tmp_path / "x.mp4", "x")]  # (MAX_LIST_DEPTH lists)
+    with pytest.raises(InputError, match=rf"^list '{chain[-1]}' is nested more than 64 lists deep \(a list"):
+        collect_inputs([chain[0]])
 
 
 def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_path, capsys):

@@ -33,6 +33,7 @@ from .files import (
     STALL_SECONDS,
     Terminated,
     absolute,
+    brief,
     escaped,
     file_head,
     forget_interrupts,
@@ -294,7 +295,7 @@ def _model_of_tokens(token_meta, device, dtype):
         model = random_tokenizer(token_meta.model_config, seed=seed, device=device, dtype=dtype)
         if model.weights_digest != token_meta.weights_digest:  # (a digest of that form is no proof of anything)
             raise ValueError(
-                f"the token files name random weights {token_meta.weights_digest}, but seed {seed} gives "
+                f"the token files name random weights {brief(token_meta.weights_digest, 64)}, but seed {seed} gives "
                 f"{model.weights_digest} with their config: pass --checkpoint, or --random-weights with its --config"
             )
         print(f"using RANDOM weights (seed {seed}), as the token files record", file=sys.stderr)
@@ -302,7 +303,7 @@ def _model_of_tokens(token_meta, device, dtype):
     source = token_meta.weights_source
     if source.startswith(HUB_SCHEME) and not is_pinned(source):
         raise ValueError(
-            f"the token files name weights {source!r}, not a Hub file pinned to a commit "
+            f"the token files name weights {brief(source)!r}, not a Hub file pinned to a commit "
             f"({HUB_SCHEME}owner/name@<commit>:<file>, as titok-fast records them): pass --checkpoint"
         )
     if source.startswith(HUB_SCHEME):
@@ -310,10 +311,11 @@ def _model_of_tokens(token_meta, device, dtype):
         if model.weights_digest != token_meta.weights_digest:
             raise ValueError(
                 f"{source} now has weights {model.weights_digest}, the token files were made by "
-                f"{token_meta.weights_digest}: pass --checkpoint with the weights that made them"
+                f"{brief(token_meta.weights_digest, 64)}: pass --checkpoint with the weights that made them"
             )
         return model
-    named = f"the token files name weights {token_meta.weights_digest} from {source or 'an unknown file'!r}"
+    digest = brief(token_meta.weights_digest, 64)
+    named = f"the token files name weights {digest} from {brief(source) or 'an unknown file'!r}"
     if not (mine := os.environ.get(CHECKPOINT_ENV)):
         raise ValueError(f"{named}; token files are not trusted to name local files: pass --checkpoint")
     try:

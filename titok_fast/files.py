@@ -60,6 +60,11 @@ def kind_of(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "a special file")
 
 
+def brief(text: str, limit: int = 1024) -> str:
+    """``text`` for a message, cut to ``limit`` characters: what a token file records may be a MiB long."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def absolute(path: str | os.PathLike[str]) -> str:
     """``path`` made absolute as the system reads it: ``os.path.abspath``, except that a ``..`` is taken where the
     path before it leads (through links), as the kernel takes it, not by dropping the name before it: ``link/..``

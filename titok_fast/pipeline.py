@@ -42,6 +42,7 @@ from .files import (
     METADATA_KEY,
     STALL_SECONDS,
     absolute,
+    brief,
     entry_of,
     escaped,
     file_entry,
@@ -275,7 +276,7 @@ def _collect(
     if list_names not in LIST_NAMES:
         raise ValueError(f"list_names must be one of {LIST_NAMES}; got {list_names!r}")
     unlisted: list[tuple[str, str]] = []
-    pairs = _expand(inputs, (), unlisted, extensions, list_names)
+    pairs = _expand(inputs, (), unlisted, extensions, list_names, reach=_Reach())
     try:
         return Inputs(_one_per_output(pairs, *outputs), unlisted)
     except InputError as e:
@@ -293,7 +294,7 @@ def _relative_helps(inputs: Sequence[str | os.PathLike], extensions: frozenset[s
         return False
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # (its notices were said the first time)
-            _one_per_output(_expand(inputs, (), [], extensions, "relative"), *outputs)
+            _one_per_output(_expand(inputs, (), [], extensions, "relative", reach=_Reach()), *outputs)
     except InputError:
         return False
     return True
@@ -360,39 +361,77 @@ def _check_folders(
                              "the output folder's own file; rename its folder")  # fmt: skip
 
 
+MAX_REACHED = 10_000_000  # files the inputs of one run may name, each time a list or folder names one
+MAX_LIST_DEPTH = 64  # lists naming lists: how deep
+
+
+class _Reach:
+    """What :func:`_expand` has done so far in one expansion: the lists and folders it read (each is read once: a
+    second reach, by the same spelling under the same list given, would add the same pairs again), and how many
+    files they named. A stranger's lists of a few kilobytes that name one another a thousand times each would
+    otherwise name a billion files."""
+
+    def __init__(self):
+        self.read: set[tuple[str, Path | None]] = set()
+        self.count = 0
+
+    def first(self, path: Path, top: Path | None) -> bool:
+        """Whether ``path`` (a list or folder) is reached here for the first time under ``top``."""
+        key = (absolute(path), top)
+        if key in self.read:
+            return False
+        self.read.add(key)
+        return True
+
+    def add(self, found: list, pairs: list, where: Path) -> None:
+        """``pairs`` added to ``found``, within :data:`MAX_REACHED`."""
+        self.count += len(pairs)
+        if self.count > MAX_REACHED:
+            raise InputError(f"the inputs name more than {MAX_REACHED:,} files (passed in {str(where)!r}, counting "
+                             "each time a list or folder names one); split them into several runs")  # fmt: skip
+        found += pairs
+
+
 def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unlisted: list[tuple[str, str]],
             extensions: frozenset[str] | set[str] = VIDEO_EXTENSIONS, list_names: str = "stem",
-            top: Path | None = None) -> list[tuple[Path, str]]:  # fmt: skip
-    """``collect_inputs``' pairs, every reach of a file included; ``lists``: the list files being read (real
-    paths), which a list must not name again; sub-folders that cannot be listed go to ``unlisted``; in folders, the
-    files of ``extensions`` are the inputs; ``list_names``: see ``collect_inputs``; ``top``: the list given as an
-    input that ``inputs`` were named in (directly or through other lists), whose folder ``list_names`` "relative"
-    names them from."""
+            top: Path | None = None, *, reach: _Reach) -> list[tuple[Path, str]]:  # fmt: skip
+    """``collect_inputs``' pairs, every reach of a file included but a list or folder read once; ``lists``: the
+    list files being read (real paths), which a list must not name again; sub-folders that cannot be listed go to
+    ``unlisted``; in folders, the files of ``extensions`` are the inputs; ``list_names``: see ``collect_inputs``;
+    ``top``: the list given as an input that ``inputs`` were named in (directly or through other lists), whose
+    folder ``list_names`` "relative" names them from; ``reach``: the expansion's bounds (:class:`_Reach`)."""
     found: list[tuple[Path, str]] = []
     relative = list_names == "relative" and top is not None
     for item in inputs:
         path = _input_path(item)
         if path.is_dir():
-            found += [
-                (p, _below(p, top, path) if relative else str(p.relative_to(path).with_suffix("")))
-                for p in _files_below(path, extensions, unlisted)
-            ]  # fmt: skip
+            if reach.first(path, top):
+                reach.add(found, [
+                    (p, _below(p, top, path) if relative else str(p.relative_to(path).with_suffix("")))
+                    for p in _files_below(path, extensions, unlisted)
+                ], path)  # fmt: skip
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             real = os.path.realpath(path)
             if real in lists:
                 notice(f"{path}: a list that names itself, directly or through another; not read again")
                 continue
+            if len(lists) >= MAX_LIST_DEPTH:
+                raise InputError(f"list {str(path)!r} is nested more than {MAX_LIST_DEPTH} lists deep (a list that "
+                                 f"names a list that names ...); expected at most {MAX_LIST_DEPTH}")  # fmt: skip
+            if not reach.first(path, top):
+                continue
             entries = _listed(path)
             threads = _threads_for(path, entries[0]) if entries else 0
             for entry, listed in zip(entries, _ahead(_lists_more, entries, threads), strict=True):
                 if listed:
-                    found += _expand([entry], (*lists, real), unlisted, extensions, list_names, top or path)
+                    found += _expand([entry], (*lists, real), unlisted, extensions, list_names, top or path,
+                                     reach=reach)  # fmt: skip
                 elif list_names == "stem":
-                    found.append((entry, entry.stem))
+                    reach.add(found, [(entry, entry.stem)], path)
                 else:
-                    found.append((entry, _below(entry, top or path, path)))
+                    reach.add(found, [(entry, _below(entry, top or path, path))], path)
         elif path.is_file():
-            found.append((path, path.stem))
+            reach.add(found, [(path, path.stem)], path)
         elif path.exists():  # a device, a named pipe, a socket
             raise InputError(f"input {str(item)!r} is not a regular file or a folder")
         else:
@@ -1362,13 +1401,13 @@ def _redo_reason(
             return None  # (a link that leads nowhere: replaced by the token file, as nothing there would be)
         return "not readable as a complete token file" if _token_file_kind(out) else NOT_A_TOKEN_FILE
     if _other_source(done.source, source):  # first: whatever else differs, it is another video's
-        return f"made from another source ({_brief(done.source)!r})"
+        return f"made from another source ({brief(done.source)!r})"
     recorded = done.made_with.get("source_stamp")  # (files made before it was recorded are kept; one whose source
     now = source_stamp(source) if stamp is None else stamp  # is gone is kept if made as wanted: the source fails)
     if recorded and now and recorded != now:
-        return f"its source changed since it was made (size:mtime_ns {_brief(recorded, 64)}, now {now})"
+        return f"its source changed since it was made (size:mtime_ns {brief(recorded, 64)}, now {now})"
     if done.weights_digest != wanted["weights"]:
-        return f"made by other weights ({_brief(done.weights_digest)})"
+        return f"made by other weights ({brief(done.weights_digest)})"
     seen = wanted["configs"]  # recorded config -> how it differs: a dataset's files record one or a few
     key = repr(done.model_config)
     differ = seen.get(key)
@@ -1389,7 +1428,7 @@ def _redo_reason(
                grid=_recorded(grids))  # fmt: skip
     now.update(wanted["clips"])
     ran, runs = _as_run(was), _as_run(now)
-    differ = [f"{k} {_brief(str(was[k]), 200)}, now {now[k]}" for k in was if ran[k] != runs[k]]
+    differ = [f"{k} {brief(str(was[k]), 200)}, now {now[k]}" for k in was if ran[k] != runs[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
 
 
@@ -1448,11 +1487,6 @@ def _other_source(recorded: str, source: str | os.PathLike) -> bool:
 
 
 MAX_CONFIGS_KEPT, MAX_CONFIG_KEY = 64, 4096  # _redo_because keeps how this many recorded configs compare, if short
-
-
-def _brief(text: str, limit: int = 1024) -> str:
-    """``text`` for a message, cut to ``limit`` characters: what a token file records may be a MiB long."""
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _distinct(values: torch.Tensor, most: int = 8) -> list:
@@ -1695,8 +1729,8 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
         raise ValueError("the token file records no size and modification time of its source (made by an earlier "
                          "version): encode it again to show its source beside it")  # fmt: skip
     if recorded != source_stamp(token_file.source) or not os.path.isfile(token_file.source):
-        raise ValueError(f"the source {token_file.source!r} the token file names is not the file its tokens were made "
-                         "from (its size and modification time differ, or it is not there)")  # fmt: skip
+        raise ValueError(f"the source {brief(token_file.source)!r} the token file names is not the file its tokens "
+                         "were made from (its size and modification time differ, or it is not there)")  # fmt: skip
     reader = ClipReader(
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
         sampling=token_file.sampling, rotation=token_file.made_with.get("rotation", UNRECORDED_DEFAULTS["rotation"]),
@@ -1709,7 +1743,8 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
                 return
     finally:
         clips.close()
-    raise ValueError(f"source {token_file.source} now gives {reader.clips_read} chunks; the token file has {wanted}")
+    raise ValueError(f"source {brief(token_file.source)} now gives {reader.clips_read} chunks; the token file has "
+                     f"{wanted}")  # fmt: skip
 
 
 PSNR_CAP_DB = 100.0  # a clip's PSNR in eval and decode's scores: an exact clip (inf) would make any mean inf
@@ -1740,8 +1775,8 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
             right = f"--random-weights {seed} with the right --config: it was made by those random weights with " \
                     "another config"  # fmt: skip
         raise ValueError(
-            f"{path} was made by weights {token_file.weights_digest}, the loaded model is {model.weights_digest}; "
-            f"pass {right}, or --force to decode anyway"
+            f"{path} was made by weights {brief(token_file.weights_digest, 64)}, the loaded model is "
+            f"{model.weights_digest}; pass {right}, or --force to decode anyway"
         )
     differ = config_difference(token_file.model_config, model.config)
     if differ:
@@ -1757,7 +1792,7 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
     try:
         made_by = TiTokConfig.from_any(recorded)
     except (ValueError, TypeError, KeyError) as e:
-        return f"its model config cannot be read: {_brief(_one_line(e))}"
+        return f"its model config cannot be read: {brief(_one_line(e))}"
     differ = [(k, getattr(made_by, k), getattr(config, k)) for k in MODEL_FIELDS]
     return "; ".join(f"{k} {_plain(a)}, now {_plain(b)}" for k, a, b in differ if a != b)
 

@@ -2341,7 +2341,7 @@ def source_stamp(path: str | os.PathLike[str]) -> str:
     that a resume notices a source replaced or grown since (a download finished, a file re-exported)."""
     try:
         return _stamp(os.stat(path))
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: a path with a NUL, as a stranger's token file may name)
         return ""
 
 
