@@ -96,13 +96,19 @@ def test_sampling_picks_last_frame_at_or_before(files, name, source_fps, fps):
     assert sampled_indices(result) == [k * source_fps // fps for k in range(samples)]
 
 
+
+def test_a_chunk_is_upstreams_product_of_frames_and_the_rate_ratio():
+    """``int(T * (source_fps / fps))``, the ratio taken first as upstream's notebook does: 44 frames at 11 of 30 fps
+    are 119 source frames (120 with the product taken first)."""
+    assert video.chunk_length(44, 30.0, 11.0) == int(44 * (30.0 / 11.0)) == 119 != int(44 * 30.0 / 11.0)
+
 @pytest.mark.parametrize(
     ("name", "source_fps", "fps", "frames"),
     [("index30", 30, 8, 4), ("index24", 24, 6, 3), ("index24", 24, 8, 5), ("index5", 5, 8, 2)],
     ids=["30-to-8-T4", "24-to-6-T3", "24-to-8-T5", "5-to-8-T2-repeats"],
 )
 def test_upstream_sampling_picks_the_notebooks_frames(files, name, source_fps, fps, frames):
-    """As the upstream notebook: chunks of int(T * source_fps / fps) source frames, linspace picks inside."""
+    """As the upstream notebook: chunks of int(T * (source_fps / fps)) source frames, linspace picks inside."""
     result = read_clips(files[name], frames=frames, height=16, width=16, fps=fps)
     source_frames = {"index24": 48, "index30": 30, "index5": 5}[name]
     length = int(frames * (source_fps / fps))
@@ -591,6 +597,22 @@ def test_pruned_decoding_gives_the_clips_of_decoding_every_frame(long_moving, th
     assert (pruned.clips_read, pruned.last_clip_frames, pruned.start_times()) == (
         every.clips_read, every.last_clip_frames, every.start_times()
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_damage_the_decoder_conceals_is_concealed_as_decoding_every_frame_does(tmp_path, threads):
+    """A damaged slice header that FFmpeg conceals without an error (it paints the frame from the last one decoded,
+    which a skipped frame changes: every clip differed): the pruned reader decodes the file again in full and gives
+    its clips."""
+    source = videos.make_video(tmp_path / "source.mp4", 96, 32, 48, fps=24, pattern="jumping")
+    damaged = str(videos.make_concealed(tmp_path / "damaged.mp4", source))
+    kwargs = dict(frames=6, height=32, width=32, threads=threads)
+    every, pruned = video.ClipReader(damaged, prune=False, **kwargs), video.ClipReader(damaged, **kwargs)
+    a, b = list(every), list(pruned)
+    assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not pruned.pruned
+    clean = video.ClipReader(str(source), **kwargs)
+    assert not all(torch.equal(x, y) for x, y in zip(a, clean, strict=True)) and clean.pruned  # (damage shows)
 
 
 def test_pruned_decoding_of_variable_frame_rate(files):

@@ -47,9 +47,13 @@ def pattern_frame(pattern: str, i: int, height: int, width: int) -> np.ndarray:
         luma = 128 + 80 * np.sin(2 * np.pi * (x + y + 3 * i) / 16)
         tints = [30 * np.cos(2 * np.pi * x / width + shift) for shift in (0, 2, 4)]  # slow: 4:2:0 keeps them
         return np.stack([luma + tint for tint in tints], axis=-1).round().astype(np.uint8)
+    if pattern == "jumping":  # a red that jumps from frame to frame over ramps that move: no frame is like another
+        y, x = np.mgrid[:height, :width]
+        return np.stack([np.full((height, width), i * 37 % 256), (x * 4 + i) % 256, (y * 4 + 2 * i) % 256],
+                        axis=-1).astype(np.uint8)  # fmt: skip
     if pattern == "noise":  # every value, frame i's own
         return np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    raise ValueError(f"unknown pattern {pattern!r}; expected 'index', 'gradient', 'moving' or 'noise'")
+    raise ValueError(f"unknown pattern {pattern!r}; expected 'index', 'gradient', 'moving', 'jumping' or 'noise'")
 
 
 def vfr_times(frames: int) -> list[Fraction]:
@@ -220,6 +224,43 @@ def remux(
         data = data.replace(placeholder, tags[key].encode(tag_encoding))
     Path(path).write_bytes(data)
     return Path(path)
+
+
+def make_concealed(path: str | Path, source: str | Path) -> Path:
+    """``source`` (H.264 in MP4) with one byte of a reference frame's slice header flipped where FFmpeg conceals the
+    damage without an error (it paints that frame from the last one decoded); with ``err_detect=explode`` it is an
+    error. The first such frame after the first."""
+    with av.open(str(source)) as src:
+        packets = [bytes(p) for p in src.demux(src.streams.video[0]) if p.dts is not None]
+    for k, data in enumerate(packets):
+        if k == 0 or not (data[4] >> 5) & 3 or len(data) <= 20:  # (nal_ref_idc 0: not a reference frame)
+            continue
+        with av.open(str(source)) as src, av.open(str(path), "w") as out:
+            stream = out.add_stream_from_template(src.streams.video[0])
+            for n, packet in enumerate(p for p in src.demux(src.streams.video[0]) if p.dts is not None):
+                if n == k:
+                    damaged = bytearray(data)
+                    damaged[9] ^= 0xFF
+                    copy = av.Packet(bytes(damaged))
+                    copy.pts, copy.dts, copy.time_base, copy.is_keyframe = (packet.pts, packet.dts,
+                                                                            packet.time_base, packet.is_keyframe)
+                    packet = copy
+                packet.stream = stream
+                out.mux(packet)
+        if _decodes(path, {}) and not _decodes(path, {"err_detect": "explode"}):
+            return Path(path)
+    raise AssertionError(f"no frame of {source} whose damage FFmpeg conceals")
+
+
+def _decodes(path: str | Path, options: dict[str, str]) -> bool:
+    with av.open(str(path)) as container:
+        container.streams.video[0].codec_context.options = options
+        try:
+            for _ in container.decode(video=0):
+                pass
+        except av.FFmpegError:
+            return False
+    return True
 
 
 def make_edit_listed(path: str | Path, source: str | Path, hidden: int = 10) -> Path:

@@ -394,6 +394,9 @@ def pruned_frames(
     marked = np.flatnonzero(needed)
     last = int(marked[-1]) if len(marked) else -1
     context, previous = stream.codec_context, start - 1
+    if skip:  # damage that the decoder would conceal stops it instead: concealment paints from the last picture
+        # decoded, which a skipped frame changes (a damaged slice header: clips 0-1 differed by up to 255)
+        context.options = {**context.options, "err_detect": "explode"}
     packets = _from_cut(container, stream, order, start) if start else container.demux(stream)
 
     def index_of(pts: int | None) -> int:
@@ -405,7 +408,7 @@ def pruned_frames(
     for packet in packets:
         if packet.size and skip:  # (the empty packet at the end flushes the decoder)
             context.skip_frame = "DEFAULT" if needed[index_of(packet.pts)] else "NONREF"
-        for frame in packet.decode():
+        for frame in _decoded(packet, skip):
             index = index_of(frame.pts)
             if index < start:  # a leading picture of the cut (HEVC's RADL): the part before the cut's frame
                 continue
@@ -417,6 +420,17 @@ def pruned_frames(
                 return
     if previous < last:
         raise PruneMismatch(f"the stream ended at frame {previous}, before needed frame {last}")
+
+
+def _decoded(packet: av.Packet, skip: bool) -> list[av.VideoFrame]:
+    """The frames that decoding ``packet`` gives; where frames are skipped, damage the decoder finds is a
+    PruneMismatch (decoding every frame conceals it, as decoding everything does, or fails the file)."""
+    try:
+        return packet.decode()
+    except av.FFmpegError as e:
+        if skip:
+            raise PruneMismatch(f"the decoder found damage ({e})") from e
+        raise
 
 
 def _from_cut(container: av.container.InputContainer, stream, order: np.ndarray, cut: int) -> Iterator[av.Packet]:

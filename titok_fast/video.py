@@ -2,7 +2,7 @@
 :mod:`titok_fast.metrics`).
 
 Reading reproduces the upstream notebook (DESIGN.md section 8) exactly, so the same tokens come out:
-- sampling="upstream" (default): a chunk is int(T * source_fps / fps) consecutive source frames (source_fps:
+- sampling="upstream" (default): a chunk is int(T * (source_fps / fps)) consecutive source frames (source_fps:
   the container's average rate), and its T frames are the source frames numpy.linspace(first, last, T, int)
   picks; whole chunks only, like upstream (tail="pad" keeps the last partial chunk, padded).
 - sampling="time": the stream is resampled by presentation time instead (output frame k is the last source
