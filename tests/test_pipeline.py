@@ -2222,6 +2222,22 @@ def test_lists_that_name_one_another_again_and_again_are_read_once_and_bounded(t
         collect_inputs([chain[0]])
 
 
+def test_only_a_file_systems_own_lost_and_found_is_passed_over(tmp_path, monkeypatch):
+    """``lost+found`` at the root of a mounted file system is fsck's, not listed; a dataset's folder of that name
+    elsewhere is listed as any other (its videos were dropped without a word)."""
+    from titok_fast.pipeline import collect_inputs
+
+    for name in ("a.mp4", "lost+found/rescued.mp4"):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(b"x")
+    data = tmp_path / "data"
+    rescued = (data / "lost+found" / "rescued.mp4", "lost+found/rescued")
+    assert collect_inputs([data]) == [(data / "a.mp4", "a"), rescued]
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(data) or ismount(path))
+    assert collect_inputs([data]) == [(data / "a.mp4", "a")]
+
+
 def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_path, capsys):
     """A file reached through a folder and its sub-folder, a link (under the same name), or a path with '..' is
     encoded once, under the first name, but a link under another name is an input of its own; a list naming itself

@@ -1072,7 +1072,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) and print the results table")
-    p.add_argument("--json", default="benchmark-results.json", help="where to keep the raw results")
+    p.add_argument("--json", default="benchmark-results.json",
+                   help="where to keep the raw results (default benchmark-results.json)")  # fmt: skip
     p.add_argument("-k", dest="select", help="only benchmarks matching this pytest expression, e.g. gpu or cpu")
     p.set_defaults(run=cmd_bench, held_imports=())  # (pytest runs in a process of its own)
 

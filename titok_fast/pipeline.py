@@ -519,14 +519,14 @@ def take_shard(files: Sequence[tuple[Path, str]], shard: tuple[int, int] | None)
 
 
 TOKEN_EXTENSIONS = frozenset({".safetensors"})
-FSCK_FOLDER = "lost+found"  # a file system's own folder at its root, never a dataset's: not listed
+FSCK_FOLDER = "lost+found"  # a file system's own folder at its root (a mount point), never a dataset's: not listed
 
 
 def _files_below(folder: Path, extensions: frozenset[str] | set[str], unlisted: list[tuple[str, str]]) -> list[Path]:
     """The files under ``folder`` whose names end (in any case) in one of ``extensions``, sorted. Links to folders
     are followed (a dataset is often assembled from links), each folder once: a link to a folder already listed (a
     cycle, or a second way in) is passed over with a notice, as is a sub-folder that cannot be listed (also put in
-    ``unlisted``, with the reason); a sub-folder ``lost+found`` is not listed. A link with
+    ``unlisted``, with the reason); a file system's own ``lost+found``, at its root, is not listed. A link with
     such a name that leads nowhere (or cannot be followed) is one of them: reading it fails it alone, counted with
     the run's failures."""
     files, seen, stack = [], {}, [folder]  # seen: (device, inode) -> the path the folder was listed by
@@ -549,8 +549,8 @@ def _files_below(folder: Path, extensions: frozenset[str] | set[str], unlisted: 
             path = Path(entry.path)
             try:
                 if entry.is_dir():  # False, like is_file, for a link that leads nowhere
-                    if entry.name != FSCK_FOLDER:  # (root's alone: counted unlisted, it failed every run)
-                        stack.append(path)
+                    if entry.name != FSCK_FOLDER or not os.path.ismount(current):  # (a file system's own, at
+                        stack.append(path)  # its root, is root's alone: counted unlisted, it failed every run)
                 elif entry.is_file() and path.suffix.lower() in extensions:
                     files.append(path)
                 elif entry.is_symlink() and path.suffix.lower() in extensions and not path.exists():
