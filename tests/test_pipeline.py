@@ -1278,6 +1278,57 @@ def test_side_by_side_opens_only_the_file_a_token_file_was_made_from(model, sour
     assert summary.done == [str(paths[6])] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.mp4"]
 
 
+def test_a_token_file_another_job_puts_there_meanwhile_is_said_displaced(model, tmp_path, monkeypatch):
+    """Two jobs at once on one output folder, their videos of the same output names: a token file the other job
+    writes after this one looked (planned) and before it writes its own is replaced, and that other source's
+    latest line says so (both sources' latest lines said "done" for one file)."""
+    from titok_fast.manifest import Manifest, read_manifest
+    from titok_fast.pipeline import Summary
+
+    for batch in ("a", "b"):
+        (tmp_path / batch).mkdir()
+    first = make_video(tmp_path / "a" / "clip.mp4", frames=12, height=32, width=32, fps=8)
+    second = make_video(tmp_path / "b" / "clip.mp4", frames=24, height=48, width=64, fps=8)
+    engine, out = Engine(model, max_clips=3), tmp_path / "tokens"
+    encode_files(model, engine, [(first, "clip")], tmp_path / "other", SETTINGS, workers=1)
+    plan = pipeline.plan_outputs
+
+    def meanwhile(*args, **kwargs):  # the other job finishes its file right after this one looked
+        todo = plan(*args, **kwargs)
+        shutil.copy(tmp_path / "other" / "clip.safetensors", out / "clip.safetensors")
+        with Manifest(out / "manifest.jsonl", Summary()) as other:
+            other.done(first, out / "clip.safetensors", 2)
+        return todo
+
+    monkeypatch.setattr(pipeline, "plan_outputs", meanwhile)
+    summary = encode_files(model, engine, [(second, "clip")], out, SETTINGS, workers=1)
+    assert summary.done == [str(second)] and load_tokens(out / "clip.safetensors").source == str(second.resolve())
+    latest = {r["source"]: r for r in read_manifest(out, latest=True)}
+    assert latest[str(first.resolve())]["status"] == "not-encoded" and latest[str(second.resolve())]["status"] == "done"
+    assert latest[str(first.resolve())]["reason"] == (
+        f"its token file is made anew for {second.resolve()}, which has the same output name"
+    )
+
+
+def test_a_job_whose_output_folder_is_deleted_stops(model, sources, tmp_path, monkeypatch):
+    """The output folder removed while the job runs (a job thought dead, cleaned up): its manifest lines went to
+    the removed file, its token files to a folder made anew without them, and it ended "0 failed". It stops, as on
+    a full disk, and writes nothing more."""
+    from titok_fast.manifest import Manifest
+
+    out, done = tmp_path / "tokens", Manifest.done
+
+    def then_deleted(self, source, tokens, clips, **extra):
+        done(self, source, tokens, clips, **extra)
+        shutil.rmtree(out)
+
+    monkeypatch.setattr(Manifest, "done", then_deleted)
+    files = [(sources[name], name) for name in ("short", "long", "odd")]
+    with pytest.raises(OSError, match=rf"^the manifest {out / 'manifest.jsonl'} was removed while the job ran "):
+        encode_files(model, Engine(model), files, out, SETTINGS, workers=1)
+    assert not out.exists()
+
+
 def test_resume_redoes_a_token_file_made_from_another_source_and_says_so(model, tmp_path):
     """Two videos with the same output name, encoded into one folder by two runs: the second is not "complete"
     because a token file of its name exists; it replaces it, and the summary and manifest say so."""

@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,8 @@ class Manifest:
         # token file -> how it was made otherwise, the other source it was made from (if so), and which file it was
         # (files.file_entry, where it could be looked at), until its input settles
         self._outdated: dict[str, tuple[str, str | None, tuple[int, int, int, int] | None]] = {}
+        # token file to write -> the file its name held when the job planned it (None: nothing), until it is written
+        self._planned: dict[str, tuple[int, int, int, int] | None] = {}
         self._settled: dict[int, tuple[str, int | None]] | None = None  # see skipped()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,13 +150,31 @@ class Manifest:
                 extra = {"replaced": why, **extra}
             self._line(source, tokens, "done", clips=clips, **extra)  # (another source it displaced: displacing)
 
-    def displacing(self, source: str | os.PathLike, tokens: str | os.PathLike) -> None:
+    def planned(self, tokens: str | os.PathLike, entry: tuple[int, int, int, int] | None) -> None:
+        """``tokens`` is to be written; its name held ``entry`` (:func:`~titok_fast.files.file_entry`; None:
+        nothing) when the job looked (see :meth:`displacing`)."""
+        with self.lock:
+            self._planned[str(tokens)] = entry
+
+    def displacing(
+        self,
+        source: str | os.PathLike,
+        tokens: str | os.PathLike,
+        other_of: Callable[[str | os.PathLike], str | None] = lambda tokens: None,
+    ) -> None:
         """Before the token file ``tokens`` is written for ``source``: where it holds the tokens of another source
         (of the same output name), that source's latest line says they are no longer there, before they are gone
         (a SIGKILL between the file's rename and a line after it left a manifest whose latest lines gave both
-        sources that token file). Called before every token file is written (write_recorded)."""
+        sources that token file). Called before every token file is written (write_recorded). A file put there
+        since the job planned it (:meth:`planned`: another job writing into the folder at the same time) is the
+        one that goes: ``other_of(tokens)`` says which other source it holds, if any."""
         with self.lock:
+            self._check_there()  # (before the token file's folder is made again)
             _, other_source, _ = self._outdated.get(str(tokens), (None, None, None))
+            if str(tokens) in self._planned:
+                seen, now = self._planned.pop(str(tokens)), file_entry(tokens)
+                if now is not None and (seen is None or not same_entry(now, seen)):
+                    other_source = other_of(tokens)
             if other_source is not None:
                 reason = f"its token file is made anew for {absolute(source)}, which has the same output name"
                 self._line(other_source, tokens, "not-encoded", reason=reason)
@@ -195,9 +215,18 @@ class Manifest:
                 raise
             notice(f"{e}; the inputs left are not all listed there as not encoded")
 
+    def _check_there(self) -> None:
+        """An OSError (the job stops, as on a full disk) where the manifest was removed since it was opened (its
+        output folder deleted): the lines would go to a file no one can read, and the token files to a folder made
+        anew without them."""
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            raise OSError(f"the manifest {self.path} was removed while the job ran (its folder deleted?); run the job "
+                          "again to go on")  # fmt: skip
+
     def _line(self, source, tokens, status: str, clips: int = 0, reason: str = "", **extra: Any) -> None:
         if self._fd is None:
             return
+        self._check_there()
         line = {"source": absolute(source), "tokens": absolute(tokens), "clips": clips,
                 "status": status, "reason": reason}  # fmt: skip
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")

@@ -56,7 +56,7 @@ from .files import (
     show_traceback,
     temporary_stem,
 )
-from .loading import random_seed, weights_digest
+from .loading import random_seed, read_safetensors_metadata, weights_digest
 from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, is_manifest_name, manifest_name
 from .metrics import psnr, ssim
 from .model import TiTok
@@ -755,6 +755,7 @@ def plan_outputs(
                     manifest.skipped(path, out)
                 else:
                     todo.append((path, out))
+                    manifest.planned(out, entry)
                     if why:  # a token file of another video of this output name: its source is displaced
                         other = done.source if done is not None and _other_source(done.source, path) else None
                         if other is not None:  # unless it is an input of this job with a token file of its own
@@ -1475,6 +1476,16 @@ def _token_file_kind(path: Path) -> bool:
 TOKEN_FILE_HEADER = ('{"__metadata__":{"' + METADATA_KEY + '":"{\\"version\\": ').encode()  # how save_tokens begins
 
 
+def _recorded_other(tokens: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """The source the token file ``tokens`` records, where it is another than ``source`` (None: ``source``, or
+    not a token file that says)."""
+    try:
+        recorded = read_safetensors_metadata(tokens).get("source")
+    except Exception:  # (anything there: a user's file, one cut short)
+        return None
+    return recorded if isinstance(recorded, str) and _other_source(recorded, source) else None
+
+
 def _other_source(recorded: str, source: str | os.PathLike) -> bool:
     """Whether the source a token file records is not ``source``: another path, unless it leads to the same file
     (through a link to it or to a folder above it, as a cluster's /home may lead to its /gpfs)."""
@@ -1574,7 +1585,7 @@ def write_recorded(
     the line of each outcome."""
     started = CLOCK.start()
     with interrupts_held():
-        manifest.displacing(path, out)
+        manifest.displacing(path, out, functools.partial(_recorded_other, source=path))
         error = write()
         CLOCK.stop("write", started)
         if error:
