@@ -382,6 +382,9 @@ def test_engine_rejects_bad_settings_and_clips(model):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match=f"max_clips must be an integer >= 1, got {bad}"):
             Engine(model, max_clips=bad)
+    numpy = pytest.importorskip("numpy")  # (NumPy integers are integers)
+    taken = Engine(model, max_clips=numpy.int64(3), budgets=numpy.array([4096, 8192]))
+    assert (taken.max_clips, taken.budgets) == (3, (4096, 8192)) and type(taken.max_clips) is int
     with pytest.warns(UserWarning, match="budgets above 16384 rows are dropped"):
         assert Engine(model, mode="static").budgets == (4096, 8192, 16384)
 
@@ -917,6 +920,14 @@ def test_compile_mode_compiles_every_runner_of_many_engines(expected, monkeypatc
             out = engine.decode_indices([indices[i] for i in clips], [SHAPES[i] for i in clips])
             assert all(rel_l2(out[p], recon[i]) <= 1e-5 for p, i in enumerate(clips))
         assert engine.compiles == 4  # (encode, decode) x (128, 512): once each, none again
+    assert not any(name.startswith("__compiled_fn") for name in vars(engine_module))  # (kept by the runners)
+    gc.disable()  # a dropped engine is freed at once, with its buffers: no cycle waits for the cyclic collector
+    try:
+        dropped = weakref.ref(engine)
+        del engine
+        assert dropped() is None
+    finally:
+        gc.enable()
 
 
 def _meeting(seconds: float = 1.0):

@@ -35,6 +35,7 @@ One capture at a time runs in the process (:data:`_CAPTURE_LOCK`).
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import math
@@ -48,7 +49,14 @@ from dataclasses import dataclass
 import torch
 
 from . import fp8
-from .checks import PendingValueCheck, check_clip_indices, check_grids, check_token_counts, check_videos
+from .checks import (
+    PendingValueCheck,
+    check_clip_indices,
+    check_grids,
+    check_token_counts,
+    check_videos,
+    is_integer,
+)
 from .model import TiTok, own_dtype, upstream_argument_order
 from .packing import Packing, PackingCache, StaticBatch
 from .patches import patch_grid, patchify, unpatchify
@@ -197,9 +205,9 @@ def _budgets(budgets: object) -> tuple[int, ...]:
     if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Iterable):
         raise TypeError(f"budgets must be a sequence of integers >= 2 (packed rows), got {budgets!r}")
     values = tuple(budgets)
-    if not values or any(not isinstance(b, int) or isinstance(b, bool) or b < 2 for b in values):
+    if not values or any(not is_integer(b) or b < 2 for b in values):
         raise ValueError(f"budgets must be integers >= 2 (packed rows), got {list(values)}")
-    return values
+    return tuple(int(b) for b in values)  # (NumPy integers, as a NumPy array's, taken as ints)
 
 
 def _item(kind: str, item: object, fields: str) -> tuple:
@@ -260,8 +268,9 @@ class Engine:
         if mode == "cudagraph" and model.device.type != "cuda":
             raise ValueError(f"mode 'cudagraph' needs the model on a CUDA device, it is on {model.device}")
         budgets = _budgets(budgets)
-        if not isinstance(max_clips, int) or isinstance(max_clips, bool) or max_clips < 1:
+        if not is_integer(max_clips) or max_clips < 1:
             raise ValueError(f"max_clips must be an integer >= 1, got {max_clips!r}")
+        max_clips = int(max_clips)
         self.model, self.mode = model, mode
         self._requested_budgets = tuple(sorted(set(budgets)))
         self.budgets = self._usable_budgets(stacklevel=3)
@@ -749,12 +758,15 @@ class Engine:
             # code object, and every method model.inference decorates shares one (past 8 graphs it would run uncompiled)
             own = _with_own_code(fn, f"titok_fast_{stage}_{budget}")
             compiled = torch.compile(own, backend=_counting_inductor, dynamic=False, fullgraph=True)
+            engine = weakref.ref(self)  # (not self: the engine holds run, and a cycle would keep its buffers until
+            # the cyclic collector runs)
 
             def run():
                 before = _compiled_here()
                 with own_dtype(model.device):  # (the autocast state is part of the graph's guards: a call under
                     out = compiled(*args)  # autocast would compile every graph again, though it computes the same)
-                self.compiles += _compiled_here() - before
+                if (me := engine()) is not None:
+                    me.compiles += _compiled_here() - before
                 return out
 
             return run
@@ -903,10 +915,12 @@ def _compiled_here() -> int:
 
 
 def _with_own_code(fn: Callable, name: str) -> Callable:
-    """A function that calls ``fn``, with a new code object named ``name``."""
+    """A function that calls ``fn``, with a new code object named ``name`` and globals of its own: torch.compile
+    keeps each graph it makes for a function (``__compiled_fn_*``) in that function's globals, which would be
+    this module's, kept for ever: freed here with the function (the runner, its engine)."""
 
     def call(*args):
         return fn(*args)
 
     code = call.__code__.replace(co_name=name)
-    return types.FunctionType(code, call.__globals__, name, None, call.__closure__)
+    return types.FunctionType(code, {"__builtins__": builtins}, name, None, call.__closure__)
