@@ -2284,9 +2284,14 @@ def test_only_a_file_systems_own_lost_and_found_is_passed_over(tmp_path, monkeyp
     data = tmp_path / "data"
     rescued = (data / "lost+found" / "rescued.mp4", "lost+found/rescued")
     assert collect_inputs([data]) == [(data / "a.mp4", "a"), rescued]
-    ismount = os.path.ismount
+    ismount = os.path.ismount  # (False for a link, even to a mount point)
     monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(data) or ismount(path))
     assert collect_inputs([data]) == [(data / "a.mp4", "a")]
+    (tmp_path / "link").symlink_to(data)  # a disk reached through a link, as an input or inside a dataset
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "disk").symlink_to(data)
+    assert collect_inputs([tmp_path / "link"]) == [(tmp_path / "link" / "a.mp4", "a")]
+    assert collect_inputs([tmp_path / "ds"]) == [(tmp_path / "ds" / "disk" / "a.mp4", "disk/a")]
 
 
 def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_path, capsys):

@@ -603,14 +603,15 @@ def test_pruned_decoding_gives_the_clips_of_decoding_every_frame(long_moving, th
 def test_damage_the_decoder_conceals_is_concealed_as_decoding_every_frame_does(tmp_path, threads):
     """A damaged slice header that FFmpeg conceals without an error (it paints the frame from the last one decoded,
     which a skipped frame changes: every clip differed): the pruned reader decodes the file again in full and gives
-    its clips."""
+    its clips. (With frame threads FFmpeg's concealment varies from one decoding to the next, full or not: there
+    the reader is held to falling back only.)"""
     source = videos.make_video(tmp_path / "source.mp4", 96, 32, 48, fps=24, pattern="jumping")
     damaged = str(videos.make_concealed(tmp_path / "damaged.mp4", source))
     kwargs = dict(frames=6, height=32, width=32, threads=threads)
     every, pruned = video.ClipReader(damaged, prune=False, **kwargs), video.ClipReader(damaged, **kwargs)
     a, b = list(every), list(pruned)
-    assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not pruned.pruned
+    assert len(a) == len(b) == 5 and not pruned.pruned
+    assert threads > 1 or all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     clean = video.ClipReader(str(source), **kwargs)
     assert not all(torch.equal(x, y) for x, y in zip(a, clean, strict=True)) and clean.pruned  # (damage shows)
 

@@ -549,8 +549,9 @@ def _files_below(folder: Path, extensions: frozenset[str] | set[str], unlisted: 
             path = Path(entry.path)
             try:
                 if entry.is_dir():  # False, like is_file, for a link that leads nowhere
-                    if entry.name != FSCK_FOLDER or not os.path.ismount(current):  # (a file system's own, at
-                        stack.append(path)  # its root, is root's alone: counted unlisted, it failed every run)
+                    if entry.name != FSCK_FOLDER or not os.path.ismount(os.path.realpath(current)):  # (a file
+                        stack.append(path)  # system's own, at its root (also through a link to it), is root's
+                        # alone: counted unlisted, it failed every run)
                 elif entry.is_file() and path.suffix.lower() in extensions:
                     files.append(path)
                 elif entry.is_symlink() and path.suffix.lower() in extensions and not path.exists():
