@@ -45,8 +45,20 @@ class Launch:
             LAUNCH_LOCK.release()
 
 
-def launching(t: torch.Tensor) -> Launch:
-    """The context of a kernel launch on ``t``'s device (:class:`Launch`)."""
+# Whether the Triton interpreter computes bfloat16 and float8 as a GPU does. Its own does not (Triton 3.6 to 3.9:
+# tl.dot multiplies bf16 values' bits as integers, float32 -> bf16 and -> float8 casts truncate): a bf16 model on
+# the triton backend gave every token otherwise. True only while a harness makes it faithful (tests/triton_mode.py).
+FAITHFUL_INTERPRETER = False
+
+
+def launching(t: torch.Tensor, fp8: bool = False) -> Launch:
+    """The context of a kernel launch on ``t``'s device (:class:`Launch`); ``fp8``: the kernel makes float8 codes.
+    Off CUDA (the Triton interpreter), bfloat16 ``t`` or float8 output is refused unless FAITHFUL_INTERPRETER."""
+    if t.device.type != "cuda" and (fp8 or t.dtype == torch.bfloat16) and not FAITHFUL_INTERPRETER:
+        what = "float8 codes" if fp8 else "bfloat16"
+        raise ValueError(f"the Triton interpreter computes {what} otherwise than a GPU (bf16 dots on raw bits, "
+                         "casts truncated): off a GPU the triton backend runs float32 or float16; use backend "
+                         "'torch' for bfloat16 or fp8 on a CPU")  # fmt: skip
     return Launch(t.device)
 
 try:
@@ -87,4 +99,7 @@ except ImportError as e:  # the stand-ins below
     triton, tl = _Triton("triton"), _Language("triton.language")
     libdevice, TensorDescriptor = tl.extra.libdevice, _Absent("triton.tools.tensor_descriptor.TensorDescriptor")
 
-__all__ = ["LAUNCH_LOCK", "MISSING", "Launch", "TensorDescriptor", "launching", "libdevice", "tl", "triton"]
+__all__ = [
+    "FAITHFUL_INTERPRETER", "LAUNCH_LOCK", "MISSING", "Launch", "TensorDescriptor", "launching", "libdevice", "tl",
+    "triton",
+]  # fmt: skip

@@ -6,7 +6,9 @@ Metrics: ``"l2"`` squared Euclidean distance ``|x|^2 + |c|^2 - 2 x.c`` (clamped 
 ``1 - x.c / (|x| |c|)`` (norms clamped at 1e-12). Ties go to the lowest code index, within and across tiles.
 
 Limits: bf16/fp16/fp32 (x and codebook of one dtype; fp32 dots run as "tf32x3", ~fp32 accurate on tensor
-cores, and exactly under the interpreter); 1 <= D <= 256; K <= MAX_CODES (tested to 2**18).
+cores, and exactly under the interpreter); 1 <= D <= 256; K <= MAX_CODES (tested to 2**18). Norms and dot
+products are float32: rows and codes of norm between about 1e-18 and 1e18 (squares within float32's range);
+beyond, the scores overflow to inf/NaN or underflow to 0 and the argmin is arbitrary (a learned codebook is O(1)).
 """
 
 from __future__ import annotations

@@ -85,6 +85,26 @@ def test_bf16_not_below_oracle_noise_floor():
         assert r.dtype == torch.bfloat16 and rel_l2(r.float().cpu(), t) <= 1.2 * rel_l2(f.float(), t)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the Triton interpreter's own bf16 and fp8, off a GPU")
+def test_bf16_and_fp8_are_refused_in_the_interpreters_own_arithmetic(monkeypatch):
+    """The interpreter multiplies bf16 values' raw bits as integers and truncates casts: a bf16 model on the
+    triton backend gave every token otherwise, silently. Outside a harness that makes it faithful (triton_mode),
+    such a launch is refused in one line; float32 and float16 run."""
+    from titok_fast.kernels import _triton
+
+    monkeypatch.setattr(_triton, "FAITHFUL_INTERPRETER", False)  # (the interpreter as Triton ships it)
+    videos, counts = random_videos([(4, 8, 8)]), [4]
+    model = make_model("tiny", "triton")
+    half = make_model("tiny", "triton").half()
+    assert len(half.encode([v.half() for v in videos], counts)[1]["indices"][0]) == 4
+    with pytest.raises(ValueError, match=r"^the Triton interpreter computes bfloat16 otherwise than a GPU .* use "
+                                         r"backend 'torch' for bfloat16 or fp8 on a CPU$"):  # fmt: skip
+        model.to(torch.bfloat16).encode([v.bfloat16() for v in videos], counts)
+    with pytest.raises(ValueError, match=r"^the Triton interpreter computes float8 codes otherwise than a GPU"):
+        half.precision = "fp8"
+        half.decode_indices(half.encode([v.half() for v in videos], counts)[1]["indices"], [(4, 8, 8)])
+
+
 def test_bf16_cudagraph_engine_gives_the_models_tokens(monkeypatch):
     """The production configuration (bf16, triton kernels, CUDA graphs) against ``model.encode`` / ``decode``.
 

@@ -92,7 +92,7 @@ def _(indices, table, mask_row, cu_seqlens, cu_tokens, num_rows):
 
 @torch.library.custom_op("titok_fast::quantize_rows_fp8", mutates_args=())
 def quantize_rows_fp8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with on_device_of(x):
+    with on_device_of(x, fp8=True):
         return quantize_rows_fp8(x)
 
 
@@ -105,7 +105,7 @@ def _(x):
 def layer_norm_rows_fp8_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with on_device_of(x):
+    with on_device_of(x, fp8=True):
         return layer_norm_rows_fp8(x, weight, bias, eps)
 
 
@@ -138,7 +138,7 @@ def _(x):
 
 @torch.library.custom_op("titok_fast::gated_gelu_fp8", mutates_args=())
 def gated_gelu_fp8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with on_device_of(x):
+    with on_device_of(x, fp8=True):
         return gated_gelu(x, fp8=True)
 
 
