@@ -55,6 +55,8 @@ def rows_problem(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torc
     if weight is None and bias is None:
         return None
     k = x.shape[1]
+    if weight is None or bias is None:  # (the kernels read both)
+        return f"LayerNorm weight and bias of [{k}] values, both; got {'bias' if weight is None else 'weight'} alone"
     if weight.shape != (k,) or bias.shape != (k,):
         return f"LayerNorm weight and bias of [{k}] values; got {list(weight.shape)}, {list(bias.shape)}"
     for name, t in (("weight", weight), ("bias", bias)):

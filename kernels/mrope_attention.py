@@ -453,6 +453,9 @@ def _check_attention_args(
     if num_seqs < 0 or cu_seqlens.dim() != 1:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [B + 1]")
     _check_vector("cu_seqlens", cu_seqlens, num_seqs + 1, torch.int32, device)
+    for name, t in (("positions", positions), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} is a {type(t).__name__}; expected a torch.Tensor")
     if (
         positions.shape != (qkv.shape[0], 3) or positions.dtype != torch.int32 or positions.device != device
         or not positions.is_contiguous()

@@ -41,6 +41,8 @@ def test_kernel_takes_no_rows_and_refuses_what_it_cannot_read():
         assert layer_norm(x[:0], torch.ones(8), torch.zeros(8)).shape == (0, 8)
         with pytest.raises(ValueError, match=r"weight and bias of \[8\] values"):
             layer_norm(x, torch.ones(7), torch.zeros(7))
+        with pytest.raises(ValueError, match=r"^LayerNorm weight and bias of \[8\] values, both; got bias alone$"):
+            layer_norm(x, None, torch.zeros(8))
         with pytest.raises(ValueError, match="x must be"):
             layer_norm(x.t(), torch.ones(4), torch.zeros(4))
         with pytest.raises(ValueError, match="LayerNorm weight must be contiguous"):

@@ -250,6 +250,8 @@ def test_bad_arguments():
         mrope_attention(**{**args, "cu_seqlens": args["cu_seqlens"].long()})
     with pytest.raises(ValueError, match="positions"):
         mrope_attention(**{**args, "positions": args["positions"][:-1]})
+    with pytest.raises(TypeError, match="^positions is a list; expected a torch.Tensor$"):
+        mrope_attention(**{**args, "positions": args["positions"].tolist()})
     with pytest.raises(ValueError, match="go together"):
         mrope_attention(**args, q_starts=args["cu_seqlens"][:-1])
     with pytest.raises(ValueError, match=r"cos is \[\d+, 32\] and sin \[2, 32\]; expected tables of the same shape"):
