@@ -160,7 +160,7 @@ class Manifest:
         self,
         source: str | os.PathLike,
         tokens: str | os.PathLike,
-        other_of: Callable[[str | os.PathLike], str | None] = lambda tokens: None,
+        other_of: Callable[[str | os.PathLike], str | None],
     ) -> None:
         """Before the token file ``tokens`` is written for ``source``: where it holds the tokens of another source
         (of the same output name), that source's latest line says they are no longer there, before they are gone

@@ -206,7 +206,11 @@ class Encoder(EncoderParams):
 
     @property
     def device(self) -> torch.device:
-        return input_weight(self.proj_in, self.mask_token).device
+        return self.input_weight().device
+
+    def input_weight(self) -> torch.Tensor:
+        """The weight whose dtype and device the patches are cast to (:func:`input_weight` of ``proj_in``)."""
+        return input_weight(self.proj_in, self.mask_token)
 
     @inference
     def forward(self, x: list[torch.Tensor], token_counts: list[int]) -> torch.Tensor:
@@ -216,7 +220,7 @@ class Encoder(EncoderParams):
 
     def prepare(self, videos: list[torch.Tensor], token_counts: list[int]) -> tuple[torch.Tensor, Packing]:
         """Checked videos -> (patch rows [sum G, 768] in the weights' dtype and device, their packing)."""
-        weight = input_weight(self.proj_in, self.mask_token)
+        weight = self.input_weight()
         shapes = check_videos(videos, self.config.patch_size, dtype=weight.dtype)
         counts = check_token_counts(token_counts, len(videos))
         patches = torch.cat([patchify(v.to(device=weight.device, dtype=weight.dtype), self.config.patch_size)
@@ -517,11 +521,11 @@ class TiTok(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return input_weight(self.encoder.proj_in, self.encoder.mask_token).dtype
+        return self.encoder.input_weight().dtype
 
     @property
     def device(self) -> torch.device:
-        return input_weight(self.encoder.proj_in, self.encoder.mask_token).device
+        return self.encoder.input_weight().device
 
     # ----------------------------------------------------------------------------------------------- public API
     @inference
