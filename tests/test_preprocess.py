@@ -263,6 +263,8 @@ def test_device_placement_gives_the_cpu_placements_tokens_for_a_source_whose_siz
 def test_clip_pixels_rejects_what_is_not_uint8_frames():
     with pytest.raises(ValueError, match=r"\[T, h, w, 3\] uint8"):
         clip_pixels(torch.zeros(2, 3, 8, 8), 4, 4)
+    with pytest.raises(ValueError, match=r"\[T, h, w, 3\] uint8; got torch.float32"):  # frames of 0..1 floats
+        clip_pixels(torch.zeros(2, 8, 8, 3), 4, 4)  # (would scale as 0..255: every pixel near -1)
 
 
 @pytest.mark.parametrize(("requested", "device", "size", "clip", "expected"), [

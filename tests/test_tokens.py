@@ -126,8 +126,10 @@ def test_from_chunks_keeps_each_chunk():
         ({"codebook_size": 40000}, "to fit int16"),
         ({"chunk": torch.tensor([CODEBOOK])}, r"indices must lie in \[0, 8575\)"),
         ({"chunk": torch.tensor([-1])}, r"indices must lie in \[0, 8575\)"),
+        ({"chunk": torch.tensor([65536 + 5])}, r"indices must lie in \[0, 8575\)"),  # 5 once narrowed to int16
         ({"tail": "wrap"}, "tail must be one of"),
         ({"last_chunk_frames": 17}, "last_chunk_frames must be in"),
+        ({"last_chunk_frames": 0}, "last_chunk_frames must be in"),  # (a last chunk of no frames: its tokens lost)
         ({"fps": "8"}, "field 'fps' must be int or float"),
         ({"grid": (0, 16, 16)}, "grids must be positive"),
         ({"fps": 0.0}, r"fps must be in \(0, 1000\]; got 0.0"),
@@ -158,7 +160,8 @@ def test_from_chunks_keeps_each_chunk():
         ({"model_config": {"scale": float("nan")}}, r"^model_config must hold only JSON values \(finite numbers\)"),
     ],
     ids=[
-        "codebook-too-big", "index-too-big", "index-negative", "tail", "last-chunk-frames", "fps-type", "grid",
+        "codebook-too-big", "index-too-big", "index-negative", "index-wraps-in-int16", "tail", "last-chunk-frames",
+        "last-chunk-frames-zero", "fps-type", "grid",
         "fps-zero", "fps-inf", "fps-nan", "fps-huge", "fps-400-digits", "no-chunks", "grid-frames", "frames-huge",
         "frames-zero",
         "sampling", "times-nan", "times-negative", "times-decreasing", "index-float", "index-list", "grid-float",

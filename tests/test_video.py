@@ -434,6 +434,23 @@ def test_odd_source_size(files, height, width):
     assert [c.shape for c in result.clips] == [(3, 2, height, width)]
 
 
+@pytest.mark.parametrize("late", [1, 4, video.STAMP_REORDER])
+def test_presentation_stamps_put_a_stamp_given_up_to_the_reorder_window_late_in_place(late):
+    """Stamps in decode order (an AVI's): a reference frame's stamp comes after the B-frames shown before it. One
+    ``late`` places late (4 B-frames between references, up to STAMP_REORDER) is put back in order."""
+    frames = [types.SimpleNamespace(pts=pts) for pts in [0, *range(2, late + 2), 1, late + 2]]
+    assert [frame.pts for _, frame in video._presentation_stamps("x", enumerate(frames))] == list(range(late + 3))
+
+
+def test_the_largest_source_size_is_exact():
+    """MAX_SOURCE_SIDE squared pixels are read; one more row or column is refused."""
+    side = video.MAX_SOURCE_SIDE
+    video._check_frame_size("x", side, side, (32, 32))
+    for width, height in ((side + 1, side), (side, side + 1), (2 * side, side)):
+        with pytest.raises(VideoError, match=rf"x: frames of {width}x{height} pixels; at most {side}x{side}"):
+            video._check_frame_size("x", width, height, (32, 32))
+
+
 @pytest.mark.parametrize("rotation", ["stored", "display"])
 def test_frames_beyond_the_largest_source_size_fail_their_file(files, tmp_path, monkeypatch, rotation):
     """A file that declares, or grows midway to, frames beyond MAX_SOURCE_SIDE squared (scaled down here) fails
