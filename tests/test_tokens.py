@@ -325,6 +325,12 @@ TAMPERINGS = {
     "truncated-header": (truncate(lambda n: 20), r"cut short: 20 bytes, where its header says \d+$"),
     "truncated-data": (truncate(lambda n: n - 4), r"cut short: (\d+) bytes, where its header says (?!\1$)\d+$"),
     "garbage": (lambda p: p.write_bytes(b"\x00\x01garbage" * 10), "not a readable safetensors file"),
+    "empty": (lambda p: p.write_bytes(b""), r"not a readable safetensors file \(empty, where a token file begins"),
+    "seven-bytes": (truncate(lambda n: 7), r"not a readable safetensors file \(7 bytes, where a token file begins"),
+    "bytes-past-its-end": (
+        lambda p: p.write_bytes(p.read_bytes() + bytes(10)),
+        r": (\d+) bytes, where its header says (?!\1)\d+: bytes past its end \(overwritten in place",
+    ),
     "missing-tensor": (rewrite(lambda t: t.pop("offsets")), r"missing tensors \['offsets'\]"),
     "wrong-dtype": (
         rewrite(lambda t: t.update(indices=t["indices"].int())),

@@ -261,9 +261,16 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         entries = json.loads(data[8 : 8 + header_bytes])  # a header load has checked
         header = entries.get("__metadata__") or {}
     except Exception as exc:  # a stranger's file may break the parser in ways no check here foresees
+        if len(data) < 8:  # (a copy or download that never got its bytes)
+            size = "empty" if not data else f"{len(data)} bytes"
+            raise TokenFileError(f"{path}: not a readable safetensors file ({size}, where a token file begins with "
+                                 "the 8-byte length of its header: cut short?)") from exc  # fmt: skip
         declared = _declared_size(data)
         if declared is not None and declared > len(data):
             raise TokenFileError(f"{path}: cut short: {len(data)} bytes, where its header says {declared}") from exc
+        if declared is not None and declared < len(data):  # (overwritten in place by a shorter file, not truncated)
+            raise TokenFileError(f"{path}: {len(data)} bytes, where its header says {declared}: bytes past its end "
+                                 "(overwritten in place by a shorter file?)") from exc  # fmt: skip
         raise _unreadable(path, exc) from exc
     try:
         metadata = _parse_metadata(header)
