@@ -1102,6 +1102,7 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
     failed = dict(summary.failed)
     assert "decoding failed" in failed[str(paths[2])]
     assert failed[str(paths[3])].startswith("decoding did not finish: its decode task failed for good (tried 3")
+    assert load_tokens(todo[0][1]).source_fps == 24  # (the decode stage's end row carries it)
     stored = load_tokens(todo[0][1]).all_indices()
     sent = [torch.frombuffer(bytearray(r["data"]), dtype=torch.int32) for r in of[0][:-1]]
     assert len(stored) == len(sent) == 6 and all(torch.equal(a.int(), b) for a, b in zip(stored, sent, strict=True))

@@ -32,7 +32,7 @@ from titok_fast.video import read_clips, video_comment
 from titok_fast.writing import VideoWriter, write_video
 
 from graph_capture import FakeCUDAGraph, engine_for
-from videos import make_hanging, make_scrambled, make_video, release_hanging
+from videos import level_to_index, make_hanging, make_scrambled, make_video, release_hanging
 
 SETTINGS = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad")
 
@@ -1155,6 +1155,43 @@ def test_a_decoded_video_keeps_to_its_sources_time(model, tmp_path):
     first = [times[k * SETTINGS.grid[0]] - times[0] for k in range(len(starts))]
     assert first == pytest.approx(starts, abs=1e-3)
     assert token_file.chunk_seconds == pytest.approx(14 * 1001 / 30000)
+
+
+@pytest.mark.parametrize("workers", [(1, "thread"), (2, "process")])
+def test_a_token_file_says_which_source_frames_each_chunk_is(model, tmp_path, workers):
+    """A trainer lines tokens up with the source (captions, audio, frames taken again): the file records the
+    source's rate, and source_frames() gives each chunk's picks, here those of frames that show their own number.
+    13 source frames a chunk (4 at 7 fps from 24), the last chunk padded after 3 real frames."""
+    source = make_video(tmp_path / "index.mp4", frames=48, height=32, width=32, fps=24, pattern="index")
+    settings = ClipSettings(grid=(4, 32, 32), tokens=8, fps=7.0, tail="pad")
+    count, kind = workers
+    encode_files(model, Engine(model), [(source, "index")], tmp_path / "tok", settings, workers=count,
+                 worker_kind=kind)  # fmt: skip
+    token_file = load_tokens(tmp_path / "tok" / "index.safetensors")
+    assert token_file.source_fps == 24 and token_file.last_chunk_frames == 3
+    picks = token_file.source_frames()
+    assert picks.tolist() == [[0, 4, 8, 12], [13, 17, 21, 25], [26, 30, 34, 38], [39, 43, 47, 51]]
+    read = read_clips(str(source), frames=4, height=32, width=32, fps=7.0, tail="pad")
+    shown = [level_to_index((frame.mean().item() + 1) * 127.5) for clip in read.clips for frame in clip.unbind(1)]
+    assert shown == picks.flatten().tolist()[:15] + [47]  # (the padded frame repeats the last real one)
+    timed = dataclasses.replace(token_file, sampling="time")
+    with pytest.raises(ValueError, match="picks frames by their times"):
+        timed.source_frames()
+
+
+def test_the_readmes_example_of_reading_token_files_runs_as_written(model, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("Reading the token files that `encode` wrote")[1].split("```python\n", 1)[1].split("```")[0]
+    source = make_video(tmp_path / "clip.mp4", frames=30, height=32, width=32, fps=24)  # 10 frames: 3 chunks, padded
+    engine = Engine(model)
+    encode_files(model, engine, [(source, "clip")], tmp_path / "tokens", SETTINGS)
+    monkeypatch.chdir(tmp_path)
+    names = {"model": model, "engine": engine}
+    exec(compile(block, "README.md", "exec"), names)
+    assert len(names["videos"]) == len(names["chunks"]) == len(names["frames"]) == 3
+    assert [v.shape[1] for v in names["videos"]] == [4, 4, 2] and names["tf"].last_chunk_frames == 2
+    with pytest.raises(ValueError, match="clip was made by weights"):  # (another model's weights)
+        pipeline.check_same_model(random_tokenizer("tiny", seed=1), names["tf"], "clip")
 
 
 @pytest.mark.parametrize("workers", [(1, "thread"), (2, "process")])

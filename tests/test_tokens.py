@@ -41,6 +41,7 @@ def make_token_file(counts=(7, 1, 12)) -> TokenFile:
         last_chunk_frames=5,
         codebook_size=CODEBOOK,
         chunk_seconds=2.0,
+        source_fps=30000 / 1001,
     )
 
 
@@ -72,6 +73,7 @@ def test_round_trip_is_exact(tmp_path):
         "sampling",
         "weights_source",
         "chunk_seconds",
+        "source_fps",
     ):
         assert getattr(loaded, name) == getattr(original, name), name
     assert loaded.codebook_size == CODEBOOK
@@ -95,6 +97,7 @@ def test_round_trip_is_exact(tmp_path):
         "last_chunk_frames": 5,
         "sampling": "upstream",
         "chunk_seconds": 2.0,
+        "source_fps": 30000 / 1001,
     }
 
 
@@ -155,6 +158,9 @@ def test_from_chunks_keeps_each_chunk():
         ({"chunk_seconds": float("nan")}, r"chunk_seconds must be finite and > 0; got nan"),
         ({"chunk_seconds": float("inf")}, r"chunk_seconds must be finite and > 0; got inf"),
         ({"chunk_seconds": "2.5"}, r"field 'chunk_seconds' must be int or float"),
+        ({"source_fps": 0.0}, r"source_fps must be finite and > 0; got 0.0"),
+        ({"source_fps": float("inf")}, r"source_fps must be finite and > 0; got inf"),
+        ({"source_fps": "30"}, r"field 'source_fps' must be int or float"),
         ({"model_config": {"levels": torch.ones(2)}}, r"^model_config must hold only JSON values \(finite numbers\); "
                                                       r"Object of type Tensor is not JSON serializable$"),
         ({"model_config": {"scale": float("nan")}}, r"^model_config must hold only JSON values \(finite numbers\)"),
@@ -167,7 +173,7 @@ def test_from_chunks_keeps_each_chunk():
         "sampling", "times-nan", "times-negative", "times-decreasing", "index-float", "index-list", "grid-float",
         "grid-huge",
         "grid-short", "chunk-seconds-zero", "chunk-seconds-negative", "chunk-seconds-nan", "chunk-seconds-inf",
-        "chunk-seconds-text", "config-tensor", "config-nan",
+        "chunk-seconds-text", "source-fps-zero", "source-fps-inf", "source-fps-text", "config-tensor", "config-nan",
     ],
 )  # fmt: skip
 def test_invalid_token_file_is_refused(change, message):
@@ -519,7 +525,9 @@ def test_a_committed_file_of_format_version_1_still_loads():
     assert token_file.weights_digest == "random-seed0-e7b49227e2251f36" and token_file.weights_source == ""
     assert (token_file.tail, token_file.last_chunk_frames, token_file.sampling) == ("pad", 2, "upstream")
     assert token_file.model_config["tokenizer"]["model"]["encoder_size"] == "tiny_thin"
-    assert token_file.chunk_seconds is None  # (recorded since: files without it load)
+    assert token_file.chunk_seconds is None and token_file.source_fps is None  # (recorded since: files without them
+    with pytest.raises(ValueError, match="does not record its source's frame rate"):  # load)
+        token_file.source_frames()
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

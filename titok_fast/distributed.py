@@ -142,8 +142,8 @@ def file_rows(
     """The decode stage (a Ray Data ``flat_map`` function): one file row ``{"file": number, "path": str}``, or one
     of its :func:`part_rows` (one segment of it) -> a ``clip`` row per clip as it is decoded (``clip``: its number
     in the file; ``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an ``end`` row (``info``: JSON of
-    its clips, first clip, start_times, chunk_seconds, last_clip_frames, part, parts, the source stamp it read and
-    the one its segment was planned on) or, when it cannot be read, an ``error`` row with the one-line reason,
+    its clips, first clip, start_times, chunk_seconds, source_fps, last_clip_frames, part, parts, the source stamp it
+    read and the one its segment was planned on) or, when it cannot be read, an ``error`` row with the one-line reason,
     also when no clip comes for ``stall_seconds`` (the file is decoded in a thread of its own then, see
     :func:`~titok_fast.video.watched_clips`). ``exit_on`` (tests only): the worker process dies on paths
     containing it, leaving a file in the folder ``exit_log`` each time."""
@@ -176,7 +176,8 @@ def file_rows(
         yield _row(number, count, "error", info=unforeseen(path, e), decoded_by=me)
         return
     end = {"clips": count, "first": reader.first_clip, "start_times": reader.start_times(),
-           "chunk_seconds": reader.chunk_seconds, "last_clip_frames": reader.last_clip_frames,
+           "chunk_seconds": reader.chunk_seconds, "source_fps": reader.source_fps or None,
+           "last_clip_frames": reader.last_clip_frames,
            "decoder": reader.decoded_by, "placement": reader.placement, "source_stamp": reader.source_stamp,
            "part": part, "parts": parts, "planned": planned}  # fmt: skip
     yield _row(number, reader.first_clip + count, "end", info=json.dumps(end), decoded_by=me)
@@ -689,7 +690,7 @@ class _Assembly:
                          preprocessed_on=end["placement"], source_stamp=end.get("source_stamp", ""))  # fmt: skip
         write = functools.partial(write_token_file, self.facts, self.settings, state.out, state.path, indices,
                                   start_times, ends[-1]["last_clip_frames"], made,
-                                  end.get("chunk_seconds"))  # fmt: skip
+                                  end.get("chunk_seconds"), end.get("source_fps"))  # fmt: skip
         workers = {"decoded_by": state.decoded_by, "encoded_by": sorted(state.encoded_by)}
         self._close(state, _ENDED_WRITTEN)
         self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write,

@@ -1359,7 +1359,7 @@ class _EncodeJob:
                          preprocessed_on=reader.placement, source_stamp=reader.source_stamp)  # fmt: skip
         write = functools.partial(write_token_file, self.facts, self.settings, state.out, reader.path, indices,
                                   reader.start_times(), reader.last_clip_frames, made,
-                                  reader.chunk_seconds)  # fmt: skip
+                                  reader.chunk_seconds, reader.source_fps or None)  # fmt: skip
         self._end(state)
         self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write))
 
@@ -1548,6 +1548,7 @@ def write_token_file(
     last_chunk_frames: int,
     made: dict[str, str],
     chunk_seconds: float | None = None,
+    source_fps: float | None = None,
 ) -> str | None:
     """Write one video's token file atomically (``save_tokens``) from its clips' indices (each [tokens]), the
     model that made them (its :class:`ModelFacts`) and how (:func:`made_with`); returns None, or the one-line
@@ -1559,7 +1560,7 @@ def write_token_file(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_tokens(out, _token_file(model, settings, source, indices, start_times, last_chunk_frames, made,
-                                     chunk_seconds))  # fmt: skip
+                                     chunk_seconds, source_fps))  # fmt: skip
     except OSError as e:
         if e.errno in NO_ROOM:  # no other token file could be written there either: the run stops
             raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
@@ -1604,6 +1605,7 @@ def _token_file(
     last_chunk_frames: int,
     made: dict[str, str],
     chunk_seconds: float | None = None,
+    source_fps: float | None = None,
 ) -> TokenFile:
     return TokenFile.from_chunks(
         indices,
@@ -1621,6 +1623,7 @@ def _token_file(
         sampling=settings.sampling,
         made_with=made,
         chunk_seconds=chunk_seconds,
+        source_fps=source_fps,
     )
 
 

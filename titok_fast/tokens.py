@@ -10,7 +10,8 @@ Metadata: the key "titok_fast" holds JSON {"version": 1, "model_config": {...}, 
 "fps": number in (0, MAX_FPS], "source": str, "chunking": {"frames_per_chunk": int, "tail": str,
 "last_chunk_frames": int, "sampling": str}, "codebook_size": int, "weights_source": str}, and optionally
 "made_with": {str: str} (see MADE_WITH_KEY), "digest": "sha256:<hex>" (see DIGEST_KEY) and, in "chunking",
-"chunk_seconds": number > 0 (the source time a chunk spans).
+"chunk_seconds": number > 0 (the source time a chunk spans) and "source_fps": number > 0 (the source's average
+frame rate, which upstream's sampling divides into chunks).
 weights_source is a local path (recorded, never opened on behalf of the file) or "hf://owner/name@<commit>:<file>"
 for Hub weights. Readers ignore fields they do not know, so new optional fields keep the format version and older
 files keep loading.
@@ -38,12 +39,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
-from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES
+from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES, chunk_length, chunk_picks
 
 MAX_CODEBOOK_SIZE = 1 << 15  # int16 holds indices up to 32767
 MAX_INT32 = (1 << 31) - 1
@@ -74,6 +76,9 @@ CHUNKING_FIELDS = {"frames_per_chunk": (int,), "tail": (str,), "last_chunk_frame
 # Optional in "chunking" (files without it load with None): the source time one chunk's frames span, which is what a
 # decoded video of one chunk is played at (a video's chunks' start times say it where there are two or more).
 CHUNK_SECONDS_KEY = "chunk_seconds"
+# Optional in "chunking" too (files without it load with None): the source's average frame rate as the reader took it,
+# from which a chunk's source frames follow with sampling "upstream" (TokenFile.source_frames).
+SOURCE_FPS_KEY = "source_fps"
 
 # How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
 # Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
@@ -131,6 +136,7 @@ class TokenFile:
         the default; time_sampling with sampling "time"; nvdec_rgb with decoder "nvdec"); {} if unknown
     chunk_seconds: the source time one chunk spans (finite, > 0: upstream's sampling takes int(T x source fps /
         fps) source frames a chunk), None if unknown
+    source_fps: the source's average frame rate, as the reader took it (finite, > 0), None if unknown
     """
 
     indices: torch.Tensor
@@ -149,6 +155,7 @@ class TokenFile:
     sampling: str = "upstream"
     made_with: dict[str, str] = field(default_factory=dict)
     chunk_seconds: float | None = None
+    source_fps: float | None = None
 
     def __post_init__(self) -> None:
         _check_token_file(self)
@@ -172,6 +179,7 @@ class TokenFile:
         sampling: str = "upstream",
         made_with: dict[str, str] | None = None,
         chunk_seconds: float | None = None,
+        source_fps: float | None = None,
     ) -> TokenFile:
         """Build from per-chunk indices (each [n_i], any integer dtype), grids (T, H, W) and start times.
 
@@ -201,6 +209,7 @@ class TokenFile:
             sampling=sampling,
             made_with=dict(made_with or {}),
             chunk_seconds=chunk_seconds,
+            source_fps=source_fps,
         )
 
     @cached_property
@@ -218,6 +227,27 @@ class TokenFile:
         """Indices of every chunk: list of [token_counts[i]] int64."""
         return list(self.indices.long().split(self.token_counts.tolist()))
 
+    def source_frames(self) -> torch.Tensor:
+        """[chunks, frames_per_chunk] int64: the source frames each chunk's frames are, numbered from the video's
+        first decoded frame (0), with sampling "upstream": chunk c spans source frames [c * L, (c + 1) * L), L =
+        int(frames_per_chunk * (source_fps / fps)), and picks numpy.linspace(c * L, c * L + L - 1,
+        frames_per_chunk, dtype=int). In a padded last chunk only the first last_chunk_frames picks are frames the
+        video has (the rest repeat the last of them). ValueError where the file does not say: sampling "time" (a
+        chunk's frames are those shown at start_times[c] + k / fps), or no source_fps (written before it was
+        recorded)."""
+        if self.sampling != "upstream":
+            raise ValueError(f"sampling {self.sampling!r} picks frames by their times, not by their numbers: chunk c's "
+                             "frame k is the one shown at start_times[c] + k / fps")  # fmt: skip
+        if self.source_fps is None:
+            raise ValueError("this file does not record its source's frame rate (written before it was recorded)")
+        span = self.frames_per_chunk * (self.source_fps / self.fps)
+        if not 1 <= span < 2**53:  # (as a reader refuses such a rate)
+            raise ValueError(f"its {self.frames_per_chunk} frames at {self.fps:g} fps from {self.source_fps:g} fps "
+                             f"make chunks of {span:.3g} source frames")  # fmt: skip
+        length = chunk_length(self.frames_per_chunk, self.source_fps, self.fps)
+        chunks = np.arange(self.token_counts.numel())
+        return torch.from_numpy(chunk_picks(chunks, self.frames_per_chunk, length).astype(np.int64))
+
 
 def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
     """Write a token file atomically: a temporary file in the same folder, fsync, then rename over `path`."""
@@ -228,6 +258,8 @@ def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
     }
     if token_file.chunk_seconds is not None:
         metadata["chunking"][CHUNK_SECONDS_KEY] = token_file.chunk_seconds
+    if token_file.source_fps is not None:
+        metadata["chunking"][SOURCE_FPS_KEY] = token_file.source_fps
     if token_file.made_with:
         metadata[MADE_WITH_KEY] = token_file.made_with
     tensors = {name: getattr(token_file, name).contiguous() for name in TENSORS}
@@ -285,6 +317,7 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
             **{name: metadata["chunking"][name] for name in CHUNKING_FIELDS},
             made_with=metadata.get(MADE_WITH_KEY, {}),
             chunk_seconds=metadata["chunking"].get(CHUNK_SECONDS_KEY),
+            source_fps=metadata["chunking"].get(SOURCE_FPS_KEY),
         )
         stored = memoryview(data)[8 + header_bytes :]  # each tensor's bytes as the file holds them
         parts = ((name, entries[name]["shape"], stored[slice(*entries[name]["data_offsets"])]) for name in TENSORS)
@@ -513,10 +546,12 @@ def _check_token_file(tf: TokenFile) -> None:
         )
     if tf.sampling not in SAMPLINGS:
         raise TokenFileError(f"sampling must be one of {SAMPLINGS}; got {reprlib.repr(tf.sampling)}")
-    if tf.chunk_seconds is not None:
-        _check_type(CHUNK_SECONDS_KEY, tf.chunk_seconds, (int, float))
-        if not 0 < tf.chunk_seconds < math.inf:  # also refuses NaN
-            raise TokenFileError(f"{CHUNK_SECONDS_KEY} must be finite and > 0; got {reprlib.repr(tf.chunk_seconds)}")
+    for name in (CHUNK_SECONDS_KEY, SOURCE_FPS_KEY):
+        value = getattr(tf, name)
+        if value is not None:
+            _check_type(name, value, (int, float))
+            if not 0 < value < math.inf:  # also refuses NaN
+                raise TokenFileError(f"{name} must be finite and > 0; got {reprlib.repr(value)}")
     times = tf.start_times
     if not bool(times.isfinite().all()) or float(times.min()) < 0 or bool((times.diff() < 0).any()):
         raise TokenFileError(f"start_times must be finite, >= 0 and non-decreasing; got {_short(times)}")
