@@ -2528,7 +2528,7 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
     hostile.write_text("[" * 100_000 + "\n" + '{"n": ' + "9" * 5000 + "}\n" + "x" * (3 * manifest_module.MAX_LINE)
                        + "\n" + lines[-1] + "\n" + "y" * (manifest_module.MAX_LINE + 5))  # fmt: skip
     assert [r["source"] for r in read_manifest(hostile)] == ["/v/next.mp4"]
-    assert len(manifest_module._settled(hostile.parent)) == 1
+    assert len(manifest_module._settled(hostile.parent)[0]) == 1
     monkeypatch.setattr(manifest_module, "MAX_LINE", len(lines[-1]))  # a line of its length, line end included, is
     assert read_manifest(hostile) == []  # longer: never held whole, passed over
     with open(path, "a") as file:
@@ -2587,6 +2587,41 @@ def test_a_folders_manifests_read_together_in_the_order_written_with_absolute_pa
     latest = read_manifest(tmp_path, latest=True)
     assert [(r["source"], r["status"]) for r in latest] == [(a, "done"), (b, "not-encoded")]
     assert [r["status"] for r in read_manifest(tmp_path / manifest_name((0, 2)))] == ["failed", "not-encoded"]
+
+
+def test_a_job_stopped_again_says_not_encoded_once_per_input(tmp_path, monkeypatch):
+    """A job over a million inputs stopped (preempted) again and again listed each input it never came to every
+    time, a line apiece: 30 s and 265 MB of manifest a stop. An input whose latest line, as the job read it when
+    it planned, says "not-encoded" for the same token file gets no other; the lines go LINES_AT_ONCE a write,
+    whole; the summary counts every input left."""
+    from titok_fast import manifest as manifest_module
+    from titok_fast.manifest import Manifest, read_manifest
+
+    path = tmp_path / "manifest.jsonl"
+    inputs = [(f"/v/{n}.mp4", tmp_path / f"{n}.safetensors") for n in range(1200)]
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(manifest_module.os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    with Manifest(path, pipeline.Summary()) as first:
+        first.read_settled()
+        first.forget_settled()
+        first.list_not_encoded(inputs, "not encoded: the run was interrupted (SIGTERM)")
+    assert len(writes) == 3 and len(read_manifest(path)) == 1200  # (512 + 512 + 176 lines)
+    summary = pipeline.Summary()
+    with Manifest(path, summary) as second:
+        second.read_settled()
+        second.forget_settled()
+        second.done(*inputs[0], 1)
+        left = [*inputs[1:], ("/v/5.mp4", tmp_path / "other.safetensors"), ("/v/new.mp4", tmp_path / "new.safetensors")]
+        second.list_not_encoded(left, "not encoded: the run was interrupted (SIGTERM)")
+    assert len(summary.failed) == 1201 and summary.done == ["/v/0.mp4"]
+    rows = read_manifest(path)
+    assert [(r["source"], r["status"]) for r in rows[1200:]] == [
+        ("/v/0.mp4", "done"), ("/v/5.mp4", "not-encoded"), ("/v/new.mp4", "not-encoded"),
+    ]  # fmt: skip
+    with Manifest(path, pipeline.Summary()) as overwriting:  # (one that read nothing lists them all)
+        overwriting.list_not_encoded(inputs[1:3], "stopped")
+    assert len(read_manifest(path)) == 1205
 
 
 def test_shards_partition_the_inputs_by_output_name_whatever_their_order():
