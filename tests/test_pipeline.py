@@ -2347,6 +2347,14 @@ def test_a_file_reached_twice_is_one_input_and_lists_are_read_once_as_bytes(tmp_
     assert found == [(v / "a.mp4", "a"), (v / "sub" / "c.mp4", "sub/c")]
     notice = f"titok-fast: {v / 'sub' / 'c.mp4'}: reached again (as c); encoded once, as sub/c\n"
     assert capsys.readouterr().err == notice
+    for n in range(5):
+        (v / "sub" / f"m{n}.mp4").write_bytes(b"x")
+    assert len(collect_inputs([v, v / "sub"])) == 7  # 6 reached again as sub/...: 3 said, then a count
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 4 and said[-1] == ("titok-fast: ... and 3 more input(s) reached again under another name; "
+                                           "each encoded once, as first named")  # fmt: skip
+    for n in range(5):
+        (v / "sub" / f"m{n}.mp4").unlink()
     (v / "split").mkdir()
     (v / "split" / "c.mp4").symlink_to(v / "sub" / "c.mp4")  # a split made of links: a token file of its own
     split = collect_inputs([v])

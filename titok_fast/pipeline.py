@@ -300,6 +300,9 @@ def _relative_helps(inputs: Sequence[str | os.PathLike], extensions: frozenset[s
     return True
 
 
+RENAMED_SAID = 3  # inputs reached again under another name, each said in a line of its own; the rest counted
+
+
 def _one_per_output(
     pairs: Iterable[tuple[Any, str]],
     what: str,
@@ -316,12 +319,14 @@ def _one_per_output(
     output folder's own (``own_file``: its name at the top, as the manifest), would be is an InputError too."""
     owners: dict[str, Any] = {}  # output name -> its file
     names: dict[str, str] = {}  # a path, absolute -> its output name
-    kept, clashes, first_clashes = [], 0, []
+    kept, clashes, first_clashes, renamed = [], 0, [], 0
     for path, name in pairs:
         spelled = absolute(path)
         if spelled in names:
             if names[spelled] != name:
-                notice(f"{path}: reached again (as {name}); {verb} once, as {names[spelled]}")
+                renamed += 1
+                if renamed <= RENAMED_SAID:
+                    notice(f"{path}: reached again (as {name}); {verb} once, as {names[spelled]}")
             continue
         if name in owners:
             if os.path.realpath(owners[name]) == os.path.realpath(path):  # one file, through a link, one name
@@ -335,6 +340,9 @@ def _one_per_output(
         names[spelled] = name
         owners.setdefault(name, path)
         kept.append((path, name))
+    if renamed > RENAMED_SAID:  # (a folder given with its sub-folder, of a million files: a line, not a million)
+        notice(f"... and {renamed - RENAMED_SAID:,} more input(s) reached again under another name; each {verb} once, "
+               "as first named")  # fmt: skip
     if clashes:  # all of them at once: a dataset of many such pairs is not found out one run at a time
         more = f" (and {clashes - 1} more such pair(s), the next: {first_clashes[1]})" if clashes > 1 else ""
         raise InputError(f"{first_clashes[0]}; rename one{more}")
