@@ -1265,6 +1265,11 @@ def test_progress_says_what_limits_the_run(monkeypatch):
     limits.workers = 1
     assert limits.describe() == "5.00 clips/s, decode-bound (waits 90%, 1 decoding process): try --workers 16"
     assert list(limits.waiting(iter([1, 2]))) == [1, 2]
+    on_cpu = pipeline.Limits(start=0.0, decoder="cpu", device_type="cpu")  # (decoding shares the model's cores)
+    on_cpu.workers, on_cpu.waited = 16, 9.0
+    assert on_cpu.describe() == "0.00 clips/s, no clip encoded yet (waits 90%, 16 decoding threads)"
+    on_cpu.clips = 50
+    assert on_cpu.describe() == "5.00 clips/s, decode-bound (waits 90%, 16 decoding threads)"
 
 
 def test_each_item_is_timed_with_its_clock_the_final_call_too():

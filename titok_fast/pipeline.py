@@ -1244,10 +1244,14 @@ class Limits:
         running = min(self.running or self.workers, self.workers)
         kind = self.worker_kind if running == 1 else PLURALS[self.worker_kind]
         said = f"waits {share:.0%}, {running} decoding {kind}"  # (what --worker-kind auto chose, too)
+        if not self.clips:  # (every file so far failed, or none has given a clip yet: nothing bounds the model)
+            return text + f"no clip encoded yet ({said})"
         if share <= 0.5:
             return text + f"model-bound ({said})"
         if self.workers < default_workers():
             hints = [f"--workers {default_workers()}"]
+        elif self.device_type == "cpu":  # (decoding and the model share the cores: processes bring none, and
+            hints = []  # cost more CPU a clip than threads)
         else:
             hints = ["--worker-kind process"] if self.worker_kind == "thread" else []
         hints += ["--decoder nvdec"] if self.decoder == "cpu" and self.device_type == "cuda" else []
