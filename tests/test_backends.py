@@ -1,12 +1,15 @@
 """Backend resolution: per device at call time, one implementation per name."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from titok_fast import TiTok
-from titok_fast.backends import TORCH, TRITON, check_backend, resolve_backend
+from titok_fast.backends import TORCH, TRITON, check_backend, constant_to_compile, resolve_backend
 
 
 def test_auto_resolves_by_device_at_call_time():
@@ -156,3 +159,20 @@ def test_the_layers_never_write_over_their_input(layers, queries):
             rows = torch.zeros(pack.rows, dtype=torch.bool)
             batch = StaticBatch(pack.cu_seqlens, pack.positions, rows, cos, sin)
             assert torch.equal(run_layers_static(stack, x, batch, TRITON), out) and torch.equal(x, kept)
+
+
+def test_the_compile_constant_mark_is_torchs_and_no_run_imports_dynamo_before_it_compiles():
+    """constant_to_compile marks a function as torch.compiler.assume_constant_result does, without importing
+    torch._dynamo, which took 2 s of every run's start (a CPU-s of a 10-clip encode) and only torch.compile needs."""
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    assert constant_to_compile(ours) is ours and torch.compiler.assume_constant_result(theirs) is theirs
+    assert vars(ours) == vars(theirs) == {"_dynamo_marked_constant": True}
+    imported = "import sys, titok_fast.cli, titok_fast.pipeline, titok_fast.engine; print('torch._dynamo' in " \
+               "sys.modules)"  # fmt: skip
+    said = subprocess.run([sys.executable, "-c", imported], capture_output=True, text=True, check=True).stdout
+    assert said == "False\n"

@@ -329,7 +329,15 @@ def resolve_backend(choice: str, device: torch.device | str) -> Backend:
     return TRITON if check_backend(choice) == "triton" else TORCH
 
 
-@torch.compiler.assume_constant_result
+def constant_to_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (2 s of every run's start,
+    needed only by torch.compile): the decorator marks ``fn`` as this does, and returns it (a test checks that the
+    mark is the same as torch's)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_to_compile
 def _triton_interprets() -> bool:
     """Whether Triton runs its kernels in its interpreter: read once per traced graph, an unguarded constant to
     torch.compile (the Dynamo of torch 2.11 recurses on triton.knobs' descriptors, which read their object's

@@ -27,7 +27,7 @@ from torch import nn
 from titok_fast.kernels.fsq import FsqConstants
 
 from . import fp8
-from .backends import Backend, check_backend, check_runs, plain_module, resolve_backend
+from .backends import Backend, check_backend, check_runs, constant_to_compile, plain_module, resolve_backend
 from .checks import (
     check_clip_indices,
     check_codes,
@@ -62,7 +62,7 @@ def inference(method):
     return run
 
 
-@torch.compiler.assume_constant_result
+@constant_to_compile
 def _autocast_available(device_type: str) -> bool:
     """Whether autocast runs on ``device_type``: a constant to torch.compile (the Dynamo of torch 2.11, the GPU
     machines' version, cannot trace torch._C._is_autocast_available; 2.13's folds it)."""
