@@ -682,6 +682,7 @@ def encode_files(
                 items = job.clips(files_read, dict(todo))
                 for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed, host=True):
                     job.add(key, indices)
+                job.show()
                 writes.close()
         except BaseException as e:
             stopped, stopping = stop_reason(e), True
@@ -1285,6 +1286,8 @@ class _EncodeJob:
         self.facts = ModelFacts.of(model)  # (once: see there)
         self.preprocess_failed_in_a_row = 0
         self.limits = Limits(start, settings.decoder, model.device.type)
+        self.show_due = False  # whether what limits the run is due to be shown
+        self.unshown = 0  # files ended since the bar last moved
 
     def clips(self, files_read: FeedInterleaver, outputs: dict) -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file, taken
@@ -1292,6 +1295,9 @@ class _EncodeJob:
         tokens = self.settings.tokens
         most = most_chunks(tokens)
         for number, kind, value in self.limits.waiting(files_read):
+            if self.show_due or self.unshown:  # (a batch's results have all been added by the time the engine takes
+                self.show()  # another clip: a line shown as they were added counted part of the batch, a whole
+                # batch behind on a CPU, where a V1 batch takes minutes)
             if kind == "idle":  # no clip ready for a while (slow or stuck files): the engine runs what it holds
                 yield IDLE
                 continue
@@ -1344,11 +1350,20 @@ class _EncodeJob:
         self.preprocess_failed_in_a_row = 0
         return clip
 
+    def show(self) -> None:
+        """The bar moved by the files ended since it last moved, with what limits the run."""
+        self.show_due, ended, self.unshown = False, self.unshown, 0
+        self.bar.set_postfix_str(self.limits.describe(), refresh=False)
+        if ended:
+            self.bar.update(ended)
+        else:
+            self.bar.refresh()
+
     def add(self, key: tuple[int, int], indices: torch.Tensor) -> None:
         state = self.files.get(key[0])  # None: its file has ended (failed) already
         self.limits.clips += 1
-        if self.limits.due():
-            self.bar.set_postfix_str(self.limits.describe())
+        if self.limits.due():  # (shown once the batch's other clips are counted too: see clips)
+            self.show_due = True
         if state is not None:
             state.indices[key[1]] = indices  # on the host already (encode_resiliently's host=True)
             self._write_if_complete(state)
@@ -1379,8 +1394,7 @@ class _EncodeJob:
         state.ended = True
         state.indices = {}
         del self.files[state.number]  # nothing of an ended file is kept: a run of a million files holds no more
-        self.bar.update(1)
-        self.bar.set_postfix_str(self.limits.describe(), refresh=False)
+        self.unshown += 1  # (the bar moves with the batch's other clips and files: see clips)
 
 
 def _wanted(model: TiTok, mode: str, settings: ClipSettings, device: str | None = None) -> dict[str, Any]:
