@@ -10,7 +10,10 @@ is encoded by ``encode_files`` (video files in, token files out) and the run rep
   frames decoded, which pruning makes fewer), end to end;
 - CPU-seconds per clip by stage: decode, RGB conversion, resize/crop/scale, host-to-device, token-file write
   (each from the stage clock, ``titok_fast.stages``, which threads and worker processes report into), and "model +
-  rest": the process's whole CPU time (worker processes included) less the stages above;
+  rest": the process's whole CPU time (worker processes included) less the stages above. A stage's time is its
+  thread's own: where a stage runs torch on the CPU (the resize, with ``--preprocess cpu``), torch's intra-op helper
+  threads share its work and their CPU time falls into "model + rest" (on 2 cores, about half the resize's:
+  ``OMP_NUM_THREADS=1`` keeps it in its stage);
 - model busy: the fraction of the wall time the model needs for these clips at its own pace (clips / model-only
   clips/s / wall time), and model-only clips/s measured in the same run (same commit, mode and batch size: the
   first file's clips, repeated in turn up to ``--batch-size``, already preprocessed and on the device, after
