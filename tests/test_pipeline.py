@@ -2602,6 +2602,24 @@ def test_a_folders_manifests_read_together_in_the_order_written_with_absolute_pa
     assert [r["status"] for r in read_manifest(tmp_path / manifest_name((0, 2)))] == ["failed", "not-encoded"]
 
 
+def test_inputs_complete_under_other_names_are_said_once_when_encoded_again(model, sources, tmp_path, capsys):
+    """A folder's job names its files by their paths under it, a list's by their stems: resumed over a list of the
+    files a folder's run encoded, a job encoded them all again under new names without a word."""
+    files = [sources["short"], sources["odd"]]
+    engine = Engine(model)
+    assert encode_files(model, engine, [(p, f"d/{p.stem}") for p in files], tmp_path, SETTINGS).done
+    capsys.readouterr()
+    again = encode_files(model, engine, [(p, p.stem) for p in files], tmp_path, SETTINGS)
+    assert len(again.done) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if "encoded as other token files" in line]
+    assert said == [f"titok-fast: 2 input(s) this folder's manifest says were encoded as other token files (such as "
+                    f"{files[0]}) are encoded again under the names given now: a list names a file by its stem, a "
+                    "folder by its path under it; give the inputs as before to keep those token files"]  # fmt: skip
+    assert encode_files(model, engine, [(p, f"d/{p.stem}") for p in files], tmp_path, SETTINGS).skipped
+    assert "encoded as other token files" not in capsys.readouterr().err  # (the latest lines name the new files,
+    # but those are complete too: nothing is encoded)
+
+
 def test_a_job_stopped_again_says_not_encoded_once_per_input(tmp_path, monkeypatch):
     """A job over a million inputs stopped (preempted) again and again listed each input it never came to every
     time, a line apiece: 30 s and 265 MB of manifest a stop. An input whose latest line, as the job read it when

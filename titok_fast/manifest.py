@@ -129,6 +129,14 @@ class Manifest:
             if self._settled.get(hash(absolute(source)), ("", None))[1] != hash(absolute(tokens)):
                 self._line(source, tokens, "skipped")
 
+    def done_as_other(self, source: str | os.PathLike, tokens: str | os.PathLike) -> bool:
+        """Whether the folder's manifests, as :meth:`read_settled` read them, say ``source`` is complete as another
+        token file than ``tokens``: its inputs named otherwise since (a list names a file by its stem, a folder by
+        its path under it)."""
+        with self.lock:
+            done = (self._settled or {}).get(hash(absolute(source)), ("", None))[1]
+            return done is not None and done != hash(absolute(tokens))
+
     def read_settled(self) -> None:
         """Read which inputs the folder's manifests already say are complete, once (seconds for a million lines;
         :meth:`skipped` does it if need be): a job about to check its outputs does it first, where an interrupt

@@ -723,6 +723,7 @@ def plan_outputs(
     if model.weights_digest is None:  # token files must name their weights
         model.weights_digest = weights_digest(model.state_dict())
     todo, wanted = [], _wanted(model, mode, settings, device)
+    renamed: list | None = None  # inputs complete under another output name, and the first of them
     temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporaries and files set aside
     inputs: dict[str, Path] | None = None  # this job's inputs (absolute) -> token files, made when first needed
     if not overwrite:
@@ -766,6 +767,9 @@ def plan_outputs(
                 else:
                     todo.append((path, out))
                     manifest.planned(out, entry)
+                    if why is None and manifest.done_as_other(path, out):  # (nothing there: named otherwise now)
+                        renamed = renamed or [0, path]
+                        renamed[0] += 1
                     if why:  # a token file of another video of this output name: its source is displaced
                         other = done.source if done is not None and _other_source(done.source, path) else None
                         if other is not None:  # unless it is an input of this job with a token file of its own
@@ -776,6 +780,10 @@ def plan_outputs(
                         manifest.outdated(path, out, why, other, entry)
             _remove_temporaries(temporaries, out)  # beside a complete one too (a killed --overwrite run's)
         _remove_other_temporaries(temporaries)
+        if renamed:  # (a job resumed over a list of the files a folder's run encoded: all of them again)
+            notice(f"{renamed[0]} input(s) this folder's manifest says were encoded as other token files (such as "
+                   f"{renamed[1]}) are encoded again under the names given now: a list names a file by its stem, a "
+                   "folder by its path under it; give the inputs as before to keep those token files")  # fmt: skip
     except BaseException as e:
         with interrupts_held():  # a second interrupt waits for the list to be complete
             manifest.list_not_encoded(todo, stop_reason(e, " while checking outputs"))
