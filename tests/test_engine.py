@@ -1194,3 +1194,17 @@ def test_padding_rows_hold_nan_and_never_reach_a_clip(model, expected, monkeypat
     inputs = engine._buffers[("encode", 512)].inputs
     rows = sum(n + s[0] // 4 * s[1] // 8 * s[2] // 8 for n, s in zip(COUNTS[:3], SHAPES[:3], strict=True))
     assert bool(inputs[rows:].isnan().all())  # the NaN really was there
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_a_clip_filling_the_largest_budget_exactly_is_encoded_and_decoded(mode):
+    """A batch that fills the largest budget exactly is what greedy packing makes: such a clip is run, in every mode."""
+    model = make_model("tiny")
+    video = random_videos([(4, 16, 16)])  # tiny: 4x8x8 patches -> 1*2*2 = 4 patch rows, + 5 tokens = 9 rows
+    _, want = model.encode(video, [5])
+    engine = Engine(model, mode=mode, budgets=(9,), max_clips=2)
+    _, got = engine.encode(video, [5])
+    assert torch.equal(got["indices"][0], want["indices"][0])
+    assert torch.allclose(engine.decode_indices(list(got["indices"]), [(4, 16, 16)])[0],
+                          model.decode_indices(want["indices"], [(4, 16, 16)])[0], atol=1e-4)
+    assert list(pack_greedily([10, 4], lambda r: r, largest=10, max_clips=5)) == [[10], [4]]

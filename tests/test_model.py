@@ -795,3 +795,23 @@ def test_a_nested_video_is_refused_before_its_values_are_looked_at():
         nested = torch.nested.nested_tensor([torch.zeros(4, 8, 8)] * 3)
     with pytest.raises(TypeError, match="video 0 has layout nested; expected a dense tensor"):
         TiTok("tiny").encode([nested], [3])
+
+
+def test_the_decoder_table_follows_the_mask_token():
+    """The code table holds ln_pre(mask_token) too: an edit of the mask token alone is decoded with."""
+    model = make_model("tiny", seed=3)
+    idx = (torch.arange(6) * 7,)
+    before = model.decode_indices(idx, [(4, 16, 16)])[0]
+    with torch.no_grad():
+        model.decoder.mask_token.add_(0.5)
+    _, mask_row = model.decoder_table()
+    assert torch.allclose(mask_row, model.decoder.ln_pre(model.decoder.mask_token)[0])
+    assert not torch.allclose(model.decode_indices(idx, [(4, 16, 16)])[0], before)
+
+
+def test_a_hook_on_the_decoders_ln_pre_alone_is_called_by_decode():
+    model = make_model("tiny", seed=3)
+    idx = (torch.arange(6) * 7,)
+    plain = model.decode_indices(idx, [(4, 16, 16)])[0]  # (the code table is built)
+    model.decoder.ln_pre.register_forward_hook(lambda module, args, out: out * 2.0)
+    assert not torch.allclose(model.decode_indices(idx, [(4, 16, 16)])[0], plain)

@@ -2867,3 +2867,75 @@ def test_an_input_through_a_link_and_dotdot_is_the_file_the_system_reads(model, 
     assert pipeline.absolute("/data/a\x00b/../x.mp4") == "/data/x.mp4"
     (tmp_path / "a").mkdir()  # two ".."s, a link between them: each where the path before it leads
     assert pipeline.absolute(f"{tmp_path}/a/../link/../x.mp4") == str(tmp_path / "real" / "x.mp4")
+
+
+def _manifest_with(tmp_path, rows):
+    from titok_fast.manifest import MANIFEST_NAME, Manifest
+
+
+    path = tmp_path / MANIFEST_NAME
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, Manifest(path, pipeline.Summary())
+
+
+def test_a_resume_adds_no_line_for_an_input_whose_latest_line_is_skipped(tmp_path):
+    src, tok = str(tmp_path / "a.mp4"), str(tmp_path / "a.safetensors")
+    row = {"source": src, "tokens": tok, "clips": 0, "status": "skipped", "reason": "", "time": "2026-01-01T00:00:00"}
+    path, manifest = _manifest_with(tmp_path, [row])
+    with manifest:
+        manifest.skipped(src, tok)
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_untimed_lines_settle_by_the_latest_not_the_first(tmp_path):
+    src, tok = str(tmp_path / "a.mp4"), str(tmp_path / "a.safetensors")
+    done = {"source": src, "tokens": tok, "clips": 1, "status": "done", "reason": ""}  # (older versions: no time)
+    gone = {**done, "clips": 0, "status": "not-encoded", "reason": "its token file is made anew for another"}
+    path, manifest = _manifest_with(tmp_path, [done, gone])
+    with manifest:
+        manifest.skipped(src, tok)  # complete again: its latest line must say so
+    assert json.loads(path.read_text().splitlines()[-1])["status"] == "skipped"
+
+
+def test_an_untimed_done_line_settles_its_input(tmp_path):
+    src, tok = str(tmp_path / "a.mp4"), str(tmp_path / "a.safetensors")
+    done = {"source": src, "tokens": tok, "clips": 1, "status": "done", "reason": ""}  # (older versions: no time)
+    path, manifest = _manifest_with(tmp_path, [done])
+    with manifest:
+        manifest.skipped(src, tok)
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_decoded_chunks_are_clamped_and_the_padded_tail_trimmed(tmp_path):
+    """decoded_chunks clamps (decode's side-by-side PSNR scores what it gives, as eval does) and trims the padding."""
+    from titok_fast.pipeline import decoded_chunks
+
+    model = random_tokenizer("tiny", seed=0)
+    with torch.no_grad():
+        model.decoder.proj_out.bias.add_(3.0)  # outputs far beyond [-1, 1]
+    src = make_video(tmp_path / "v.mp4", frames=18, height=32, width=32, fps=24)  # 6 frames at 8 fps: 4 + 2 padded
+    settings = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad")
+    engine = Engine(model, mode="eager", budgets=(256,), max_clips=3)
+    assert encode_files(model, engine, [(src, "v")], tmp_path / "tok", settings, workers=1).done
+    token_file = load_tokens(tmp_path / "tok" / "v.safetensors")
+    assert token_file.last_chunk_frames == 2
+    chunks = list(decoded_chunks(engine, token_file))
+    assert [c.shape[1] for c in chunks] == [4, 2]
+    assert all(float(c.abs().max()) <= 1.0 for c in chunks)
+
+
+def test_clips_preprocessed_on_the_device_are_read_ahead_fewer_at_a_time(tmp_path, monkeypatch):
+    model = random_tokenizer("tiny", seed=0)
+    src = make_video(tmp_path / "v.mp4", frames=12, height=32, width=32, fps=24)
+    real, seen = pipeline.interleaved_videos, {}
+
+    def spy(*args, **kwargs):
+        seen[kwargs["preprocess"]] = kwargs["capacity"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "interleaved_videos", spy)
+    engine = Engine(model, mode="eager", budgets=(256,), max_clips=3)
+    for where in ("cpu", "device"):
+        settings = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad", preprocess=where)
+        assert encode_files(model, engine, [(src, "v")], tmp_path / where, settings, workers=1, read_ahead=8).done
+    assert seen == {"cpu": 8, "device": pipeline.SOURCE_SIZE_READ_AHEAD}

@@ -143,3 +143,14 @@ def test_levels_making_more_codes_than_int32_indices_hold_are_refused():
     for levels in ([8, 0], [8, 1]):
         with pytest.raises(ValueError, match=r"fsq_levels \[8, [01]\]: expected levels >= 2"):
             FSQ(levels)
+
+
+def test_bound_with_another_eps_is_upstreams():
+    levels = torch.tensor([8, 5, 5, 5])
+    fsq = FSQ(levels.tolist())
+    z = torch.randn(64, 4)
+    eps = 1e-2
+    half_l = (levels - 1) * (1 + eps) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    shift = (offset / half_l).atanh()
+    assert torch.allclose(fsq.bound(z, eps=eps), (z + shift).tanh() * half_l - offset, atol=1e-6)
