@@ -2653,6 +2653,23 @@ def test_a_job_stopped_again_says_not_encoded_once_per_input(tmp_path, monkeypat
     with Manifest(path, pipeline.Summary()) as overwriting:  # (one that read nothing lists them all)
         overwriting.list_not_encoded(inputs[1:3], "stopped")
     assert len(read_manifest(path)) == 1205
+    full = tmp_path / "full.jsonl"
+    room = [1000]  # bytes the disk has left: the lines that fit whole are kept, the one cut short taken back
+
+    def short_write(fd, data):
+        if not room[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = real_write(fd, data[: room[0]])
+        room[0] -= written
+        return written
+
+    monkeypatch.setattr(manifest_module.os, "write", short_write)
+    with Manifest(full, pipeline.Summary()) as on_a_full_disk:
+        on_a_full_disk.list_not_encoded(inputs, "stopped")  # (notice: not all listed; the job stops for its error)
+    kept = full.read_bytes()
+    lines = kept.splitlines()
+    assert kept.endswith(b"\n") and len(read_manifest(full)) == len(lines) >= 3
+    assert 1000 - len(kept) <= len(lines[-1]) + 2  # (no room for another whole line)
 
 
 def test_shards_partition_the_inputs_by_output_name_whatever_their_order():
@@ -2799,7 +2816,9 @@ def test_progress_in_a_log_is_a_line_a_minute(model, sources, tmp_path, monkeypa
     assert re.fullmatch(r"3/3 files done in 00:0\d, about 00:00 left, [\d.]+ clips/s, (model|decode)-bound \(waits "
                         r"\d+%, 1 decoding thread\).*", lines[-1])  # fmt: skip
     encode(model, files, tmp_path / "logged", workers=1)  # a resume: its outputs checked (minutes for a million)
-    checking = [line for line in capsys.readouterr().err.splitlines() if line.startswith("checking outputs: ")]
+    err = capsys.readouterr().err
+    assert "clips/s" not in err  # (nothing left to encode: no rate, no decoder, nothing said to limit it)
+    checking = [line for line in err.splitlines() if line.startswith("checking outputs: ")]
     assert checking and re.fullmatch(r"checking outputs: 3/3 files done in 00:0\d, about 00:00 left", checking[-1])
     assert decode_files(Engine(model), [tmp_path / "logged" / "short.safetensors"], tmp_path / "mp4").done
     assert "1/1 files done in" in capsys.readouterr().err

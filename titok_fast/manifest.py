@@ -261,15 +261,16 @@ class Manifest:
         return (json.dumps({**line, **extra, "time": now}) + "\n").encode()
 
     def _append(self, data: bytes) -> None:
-        """Append whole lines in one write (after whatever another job appended), or none of them."""
+        """Append whole lines in one write (after whatever another job appended); on a full disk, those that fitted
+        whole."""
         with self.lock:
             self._check_there()
             written = 0
             try:
                 while written < len(data):
                     written += os.write(self._fd, data[written:])
-            except OSError as e:  # a full disk: the run stops, and says where
-                self._take_back(data[:written])
+            except OSError as e:  # a full disk: the run stops, and says where (the whole lines written are kept)
+                self._take_back(data[data.rfind(b"\n", 0, written) + 1 : written])
                 raise OSError(f"cannot write the manifest {self.path}: {e.strerror or e}") from None
 
     def _take_back(self, part: bytes) -> None:

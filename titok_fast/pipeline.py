@@ -682,7 +682,8 @@ def encode_files(
                 items = job.clips(files_read, dict(todo))
                 for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed, host=True):
                     job.add(key, indices)
-                job.show()
+                if job.unshown or job.limits.clips:  # (a run with nothing left to do started no decoder)
+                    job.show()
                 writes.close()
         except BaseException as e:
             stopped, stopping = stop_reason(e), True
