@@ -214,7 +214,7 @@ class Manifest:
     def list_not_encoded(
         self, inputs: Iterable[tuple[str | os.PathLike, str | os.PathLike]], reason: str, stopping: bool = True
     ) -> None:
-        """:meth:`not_encoded` for each ``(source, tokens)`` of ``inputs``, the lines written LINES_AT_ONCE bytes at a
+        """:meth:`not_encoded` for each ``(source, tokens)`` of ``inputs``, the lines written LINES_AT_ONCE to a
         time; an input whose latest line said so already when the job planned (:meth:`read_settled`: a job
         stopped again before it came to it) gets no other (a million inputs left took 30 s and 265 MB of manifest
         at every stop). While the job stops for an error (``stopping``), a manifest that cannot take the lines (a
