@@ -215,7 +215,7 @@ class Manifest:
         self, inputs: Iterable[tuple[str | os.PathLike, str | os.PathLike]], reason: str, stopping: bool = True
     ) -> None:
         """:meth:`not_encoded` for each ``(source, tokens)`` of ``inputs``, the lines written LINES_AT_ONCE to a
-        time; an input whose latest line said so already when the job planned (:meth:`read_settled`: a job
+        write; an input whose latest line said so already when the job planned (:meth:`read_settled`: a job
         stopped again before it came to it) gets no other (a million inputs left took 30 s and 265 MB of manifest
         at every stop). While the job stops for an error (``stopping``), a manifest that cannot take the lines (a
         full disk, often what stopped the job) ends the list with a notice, so that the error the job stops with
