@@ -481,3 +481,19 @@ def test_a_blob_replaced_while_it_is_converted_is_not_cached(hub, tmp_path, monk
     with pytest.raises(ValueError, match=f"^{blob}: changed while it was hashed and converted; nothing was cached"):
         load_tokenizer(REPO, config="tiny")
     assert not list((tmp_path / "converted").rglob("*.safetensors"))
+
+
+def test_ema_and_raw_conversions_of_one_checkpoint_are_cached_apart(tmp_path, monkeypatch):
+    """A Hub load with the default EMA weights, then one with use_ema=False, each get their own conversion."""
+    from titok_fast import hub, loading
+
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+    src = tmp_path / "model.ckpt"
+    model = make_model("tiny")
+    lightning_checkpoint(src, model)  # ema_model.* = model.* + 1
+    ema = loading.converted(src, model.config, use_ema=True)
+    raw = loading.converted(src, model.config, use_ema=False)
+    assert ema != raw
+    _, raw_state, _, _ = loading.load_state(raw)
+    key = next(iter(raw_state))
+    assert torch.equal(raw_state[key], model.state_dict()[key])  # the raw weights, not the EMA ones cached first

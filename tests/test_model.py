@@ -815,3 +815,13 @@ def test_a_hook_on_the_decoders_ln_pre_alone_is_called_by_decode():
     plain = model.decode_indices(idx, [(4, 16, 16)])[0]  # (the code table is built)
     model.decoder.ln_pre.register_forward_hook(lambda module, args, out: out * 2.0)
     assert not torch.allclose(model.decode_indices(idx, [(4, 16, 16)])[0], plain)
+
+
+def test_limits_are_inclusive_and_a_zero_size_is_refused():
+    from titok_fast import checks
+
+    assert checks.check_token_counts([checks.MAX_TOKENS], 1) == [checks.MAX_TOKENS]
+    assert checks.check_grids([(checks.MAX_GRID[0], 8, 8)], 1, (4, 8, 8)) == [(checks.MAX_GRID[0], 8, 8)]
+    for grid in [(0, 8, 8), (4, 0, 8), (4, 8, 0)]:
+        with pytest.raises(ValueError, match="must be a positive multiple"):
+            checks.check_grids([grid], 1, (4, 8, 8))

@@ -2958,3 +2958,11 @@ def test_clips_preprocessed_on_the_device_are_read_ahead_fewer_at_a_time(tmp_pat
         settings = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad", preprocess=where)
         assert encode_files(model, engine, [(src, "v")], tmp_path / where, settings, workers=1, read_ahead=8).done
     assert seen == {"cpu": 8, "device": pipeline.SOURCE_SIZE_READ_AHEAD}
+
+
+def test_brief_cuts_long_text_to_its_limit():
+    from titok_fast import files
+
+    assert files.brief("x" * 10, 10) == "x" * 10
+    assert files.brief("x" * 11, 10) == "x" * 7 + "..."
+    assert len(files.brief("y" * 5000)) == 1024

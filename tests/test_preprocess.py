@@ -950,3 +950,21 @@ def test_nvdec_knows_a_codec_by_its_format_not_its_decoder(tmp_path):
 def test_nvdec_without_cuda_is_unavailable(files):
     with av.open(files["wide"]) as container, pytest.raises(DecoderUnavailable, match="no CUDA device"):
         next(decoders.nvdec_frames(files["wide"], container.streams.video[0]))
+
+
+def test_nvdec_rejecting_a_file_on_its_first_frame_with_any_error_decodes_on_the_cpu(tmp_path):
+    """The fall-back is to any error NVDEC raises before its first frame (an unsupported profile), not only to its
+    absence."""
+    from titok_fast import decoders
+
+    path = str(videos.make_video(tmp_path / "a.mp4", frames=8, height=32, width=32))
+
+    def rejecting(path, stream):
+        raise RuntimeError("CUVID: unsupported")
+        yield  # (a generator)
+
+    said = []
+    with decoders.open_input(path) as container:
+        with decoders.open_frames(path, container, "nvdec", nvdec=rejecting, notice=said.append) as source:
+            assert source.decoder == "cpu" and len(list(source.frames)) == 8
+    assert said and "decoding on the CPU: CUVID: unsupported" in said[0]

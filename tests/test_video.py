@@ -3548,3 +3548,12 @@ def test_a_worker_process_stuck_in_a_read_gives_its_room_back_when_its_file_is_c
             assert held.bytes == 0  # (file b waits for the stopped process)
         finally:
             os.kill(process.pid, signal.SIGCONT)
+
+
+def test_video_writer_counts_frames(tmp_path):
+    from titok_fast import writing
+
+    with writing.VideoWriter(tmp_path / "v.mp4", 24) as writer:
+        writer.write(torch.zeros(3, 3, 16, 16))
+        writer.write(torch.zeros(3, 2, 16, 16))
+        assert writer.frames == 5
