@@ -1153,15 +1153,15 @@ def test_on_ray_a_video_of_more_clips_than_a_token_file_holds_fails_at_the_first
 KEYINT = "keyint=24:min-keyint=24:scenecut=0"  # an IDR picture every 24 frames: a file that can be split
 
 
-def _assembled(model, path: Path, out: Path, *passes) -> tuple[Summary, list[list[int]]]:
+def _assembled(model, path: Path, out: Path, *passes, settings=SETTINGS) -> tuple[Summary, list[list[int]]]:
     """The decode rows of the one file ``path`` (clips encoded here) of each pass of a job, through the driver's
     side of it; and the files left to be read again after each pass."""
     summary, again = Summary(), []
     with Manifest(out / MANIFEST_NAME, summary) as manifest:
-        assembly = _Assembly(model, "auto", "cpu", SETTINGS, [(path, out / "long.safetensors")], manifest,
+        assembly = _Assembly(model, "auto", "cpu", settings, [(path, out / "long.safetensors")], manifest,
                              _progress(1, "file"))  # fmt: skip
         for rows in passes:
-            encoded = ClipEncoder(LOAD, SETTINGS, batch_size=4)({c: [r[c] for r in rows] for c in rows[0]})
+            encoded = ClipEncoder(LOAD, settings, batch_size=4)({c: [r[c] for r in rows] for c in rows[0]})
             for values in zip(*encoded.values(), strict=True):
                 assembly.take(dict(zip(encoded, values, strict=True)))
             _collect(_Rows([]), assembly, decode_retries=2, actor_restarts=8)
@@ -1202,6 +1202,24 @@ def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_
     split, again = _assembled(model, path, tmp_path / "split", rows)
     one, _ = _assembled(model, path, tmp_path / "one", whole)
     assert split.done == one.done == [str(path)] and split.duplicates == 1 and again == [[]]
+    assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
+
+
+def test_a_split_file_whose_last_clip_is_padded_records_the_last_parts_real_frames(tmp_path, monkeypatch):
+    """With --tail pad a file's last clip holds fewer real frames (2 of 4 here): split across decode tasks, the
+    token file takes that count from the last part, as one task reading it all records it."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    settings = dataclasses.replace(SETTINGS, tail="pad")
+    path = make_video(tmp_path / "long.mp4", frames=150, height=40, width=48, fps=24, x264=KEYINT)  # 50 frames
+    whole = list(decode_rows({"file": 0, "path": str(path)}, settings=settings, dtype=torch.float32))
+    segments, stamp = plan_segments(str(path), settings, 8)
+    rows = [r for row in part_rows(0, str(path), segments, stamp)
+            for r in decode_rows(row, settings=settings, dtype=torch.float32)]  # fmt: skip
+    model = LOAD()
+    split, _ = _assembled(model, path, tmp_path / "split", rows, settings=settings)
+    one, _ = _assembled(model, path, tmp_path / "one", whole, settings=settings)
+    assert split.done == one.done == [str(path)] and len(segments) > 1
+    assert load_tokens(tmp_path / "split" / "long.safetensors").last_chunk_frames == 2
     assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
 
 
