@@ -258,8 +258,9 @@ def test_tampered_archive_is_a_clear_error(tiny, tmp_path):
         load_tokenizer(tmp_path / "cut.ckpt", config="tiny")
 
 
-def test_compiled_model_prefix_is_stripped(tiny, tmp_path):
-    state = {f"model._orig_mod.{k}": v for k, v in tiny.state_dict().items()}
+@pytest.mark.parametrize("wrapper", ["_orig_mod.", "module.", "module._orig_mod."])  # torch.compile, DataParallel
+def test_compiled_model_prefix_is_stripped(tiny, tmp_path, wrapper):
+    state = {f"model.{wrapper}{k}": v for k, v in tiny.state_dict().items()}
     torch.save({"state_dict": state}, tmp_path / "compiled.ckpt")
     model = load_tokenizer(tmp_path / "compiled.ckpt", config="tiny")
     assert torch.equal(model.encoder.proj_in.weight, tiny.encoder.proj_in.weight)
