@@ -497,3 +497,17 @@ def test_ema_and_raw_conversions_of_one_checkpoint_are_cached_apart(tmp_path, mo
     _, raw_state, _, _ = loading.load_state(raw)
     key = next(iter(raw_state))
     assert torch.equal(raw_state[key], model.state_dict()[key])  # the raw weights, not the EMA ones cached first
+
+
+def test_the_cache_of_converted_weights_is_where_the_environment_says(tmp_path, monkeypatch):
+    from titok_fast import hub
+
+    monkeypatch.delenv(hub.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.cache_dir() == tmp_path / "xdg" / "titok-fast"
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "own"))
+    assert hub.cache_dir() == tmp_path / "own"
+    monkeypatch.delenv(hub.CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hub.cache_dir() == tmp_path / "home" / ".cache" / "titok-fast"
