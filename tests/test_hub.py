@@ -511,3 +511,18 @@ def test_the_cache_of_converted_weights_is_where_the_environment_says(tmp_path, 
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert hub.cache_dir() == tmp_path / "home" / ".cache" / "titok-fast"
+
+
+def test_a_cache_entry_converted_from_another_checkpoint_is_converted_again(tmp_path, monkeypatch):
+    """A conversion is used only if its metadata names the checkpoint's own sha256: another checkpoint's copied
+    under its name (stale, or planted) is converted over."""
+    from titok_fast import hub, loading
+
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+    a, b = make_model("tiny", seed=0), make_model("tiny", seed=1)
+    lightning_checkpoint(tmp_path / "a.ckpt", a)
+    lightning_checkpoint(tmp_path / "b.ckpt", b)
+    for_a, for_b = loading.converted(tmp_path / "a.ckpt", a.config), loading.converted(tmp_path / "b.ckpt", b.config)
+    shutil.copyfile(for_b, for_a)
+    assert loading.converted(tmp_path / "a.ckpt", a.config) == for_a
+    assert loading.read_safetensors_metadata(for_a)["source_sha256"] == hub.file_sha256(tmp_path / "a.ckpt")
