@@ -1265,6 +1265,11 @@ def test_a_split_file_whose_parts_disagree_is_read_again_whole(tmp_path, monkeyp
     assert again == [[0], []] and why in capsys.readouterr().err
     assert summary.done == [str(path)] and not summary.failed and summary.duplicates == 0
     assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
+    two = split_rows(path, 2)  # (the fewest parts a split file has)
+    changed = {**two[0][-1], "info": json.dumps({**json.loads(two[0][-1]["info"]), field: value})}
+    summary, again = _assembled(model, path, tmp_path / "two", [*two[0][:-1], changed, *two[1]], whole)
+    assert again == [[0], []] and summary.done == [str(path)] and not summary.failed
+    assert token_bytes(tmp_path / "two") == token_bytes(tmp_path / "one")
     changed = {**whole[-1], "info": json.dumps({**json.loads(whole[-1]["info"]), "clips": 0})}  # (no clip came)
     failed, again = _assembled(model, path, tmp_path / "whole", [changed])
     assert again == [[]] and "no clip came" in dict(failed.failed)[str(path)]
