@@ -176,7 +176,7 @@ def file_rows(
         yield _row(number, count, "error", info=unforeseen(path, e), decoded_by=me)
         return
     end = {"clips": count, "first": reader.first_clip, "start_times": reader.start_times(),
-           "chunk_seconds": reader.chunk_seconds, "source_fps": reader.source_fps or None,
+           "chunk_seconds": reader.chunk_seconds, "source_fps": reader.source_fps,
            "last_clip_frames": reader.last_clip_frames,
            "decoder": reader.decoded_by, "placement": reader.placement, "source_stamp": reader.source_stamp,
            "part": part, "parts": parts, "planned": planned}  # fmt: skip

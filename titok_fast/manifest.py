@@ -126,7 +126,7 @@ class Manifest:
         with self.lock:
             self.summary.skipped.append(str(source))
             self.read_settled()
-            if self._settled.get(hash(absolute(source)), ("", None))[1] != hash(absolute(tokens)):
+            if self._complete_as(source) != hash(absolute(tokens)):
                 self._line(source, tokens, "skipped")
 
     def done_as_other(self, source: str | os.PathLike, tokens: str | os.PathLike) -> bool:
@@ -134,8 +134,13 @@ class Manifest:
         token file than ``tokens``: its inputs named otherwise since (a list names a file by its stem, a folder by
         its path under it)."""
         with self.lock:
-            done = (self._settled or {}).get(hash(absolute(source)), ("", None))[1]
+            done = self._complete_as(source)
             return done is not None and done != hash(absolute(tokens))
+
+    def _complete_as(self, source: str | os.PathLike) -> int | None:
+        """The ``hash`` of the token file the folder's manifests, as :meth:`read_settled` read them, say ``source``
+        is complete as; None if they do not (or were not read)."""
+        return (self._settled or {}).get(hash(absolute(source)), ("", None))[1]
 
     def read_settled(self) -> None:
         """Read which inputs the folder's manifests already say are complete, once (seconds for a million lines;
@@ -207,9 +212,14 @@ class Manifest:
         """An input the job never settled (it stopped first); counted as failed in the summary. A token file made
         otherwise stays where it is: the job was stopped, not the input found at fault, and resuming redoes it."""
         with self.lock:
+            self._left(source, tokens, reason)
+            self._line(source, tokens, "not-encoded", reason=reason)
+
+    def _left(self, source: str | os.PathLike, tokens: str | os.PathLike, reason: str) -> None:
+        """``source`` left unsettled, for ``reason``: failed in the summary, its token file no longer to set aside."""
+        with self.lock:
             self._outdated.pop(str(tokens), None)
             self.summary.failed.append((str(source), reason))
-            self._line(source, tokens, "not-encoded", reason=reason)
 
     def list_not_encoded(
         self, inputs: Iterable[tuple[str | os.PathLike, str | os.PathLike]], reason: str, stopping: bool = True
@@ -223,9 +233,7 @@ class Manifest:
         lines: list[bytes] = []
         try:
             for source, tokens in inputs:
-                with self.lock:
-                    self._outdated.pop(str(tokens), None)
-                    self.summary.failed.append((str(source), reason))
+                self._left(source, tokens, reason)
                 if self._fd is None:
                     continue
                 source, tokens = absolute(source), absolute(tokens)

@@ -1395,7 +1395,7 @@ class _EncodeJob:
                          preprocessed_on=reader.placement, source_stamp=reader.source_stamp)  # fmt: skip
         write = functools.partial(write_token_file, self.facts, self.settings, state.out, reader.path, indices,
                                   reader.start_times(), reader.last_clip_frames, made,
-                                  reader.chunk_seconds, reader.source_fps or None)  # fmt: skip
+                                  reader.chunk_seconds, reader.source_fps)  # fmt: skip
         self._end(state)
         self.writes(functools.partial(write_recorded, self.manifest, state.path, state.out, len(indices), write))
 
@@ -1658,7 +1658,7 @@ def _token_file(
         sampling=settings.sampling,
         made_with=made,
         chunk_seconds=chunk_seconds,
-        source_fps=source_fps,
+        source_fps=source_fps or None,  # (0.0: the container reports no rate)
     )
 
 
