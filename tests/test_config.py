@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 from omegaconf import OmegaConf
@@ -52,19 +54,25 @@ def test_from_any_reads_every_form(source, tmp_path):
     [
         (lambda d: d["tokenizer"]["model"].pop("fsq_levels"), "tokenizer.model.fsq_levels"),
         (lambda d: d["training"].pop("sampling"), "training.sampling"),
-        (lambda d: d["tokenizer"]["model"].update(encoder_size="huge"), "huge"),
+        (lambda d: d["tokenizer"]["model"].update(encoder_size="huge"), "encoder_size: unknown model size 'huge'"),
         (lambda d: d["tokenizer"]["model"].update(patch_size=[4, 8]), "patch_size"),
         (lambda d: d["tokenizer"]["model"].update(fsq_levels=[7, 1]), "fsq_levels"),
         (lambda d: d["training"]["sampling"].update(max_grid="big"), "max_grid"),
     ],
 )
-def test_from_any_names_the_bad_field(mutate, message):
+def test_from_any_names_the_bad_field(mutate, message, tmp_path):
+    """And the file, for a YAML file (upstream's own small.yaml lacks a field, said without its name before)."""
     import copy
+
+    import yaml
 
     d = copy.deepcopy(TINY_YAML)
     mutate(d)
     with pytest.raises(ValueError, match=message):
         TiTokConfig.from_any(d)
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(ValueError, match=f"^config file {re.escape(repr(str(tmp_path / 'mine.yaml')))}: .*{message}"):
+        TiTokConfig.from_any(str(tmp_path / "mine.yaml"))
 
 
 def test_from_any_rejects_unknown_preset_and_types():

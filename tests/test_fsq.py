@@ -27,6 +27,7 @@ LEVELS = [
     pytest.param([7, 5, 5, 5, 5], id="7-5-5-5-5"),
     pytest.param([2, 3], id="2-3"),
     pytest.param([3] * 7 + [2] * 2, id="3x7-2x2"),  # more levels than the kernel took before (8; a config: 15)
+    pytest.param([32, 32, 32], id="32-32-32"),  # levels past 25 where upstream's indices are exact: a config may have
 ]
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),

@@ -386,8 +386,9 @@ def test_a_config_string_in_metadata_is_never_opened(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("tokenizer.model.fsq_levels", [1000] * 5, r"fsq_levels \[1000, 1000, 1000, 1000, 1000\] exceed 25"),
-        ("tokenizer.model.fsq_levels", [26, 2, 2, 2, 2], r"fsq_levels \[26, 2, 2, 2, 2\] exceed 25"),
+        ("tokenizer.model.fsq_levels", [1000] * 5, r"fsq_levels \[1000, 1000, 1000, 1000, 1000\]: .* \[1000\]"),
+        ("tokenizer.model.fsq_levels", [26, 2, 2, 2, 2], r"fsq_levels \[26, 2, 2, 2, 2\]: .* \[26\] inexactly"),
+        ("tokenizer.model.fsq_levels", [4096] * 5, r"fsq_levels \[4096, 4096, 4096, 4096, 4096\] make \d+ codes"),
         ("tokenizer.model.fsq_levels", [25, 25, 25, 2, 2], "make 62500 codes; at most 32768"),
         # counted before any level is looked at: checking 1.6M levels once took minutes (a product per message);
         # the metadata's length bounds them at about 350 thousand
@@ -470,27 +471,27 @@ def test_a_patch_volume_of_billions_of_weights_is_refused():
     assert MAX_PATCH_VOLUME >= 16 * 4 * 8 * 8  # room beyond V1's patches
 
 
-def _exact_fsq_index_arithmetic(level: int) -> bool:
-    """Upstream's float32 index step ((q / h) * h + h, h = level // 2) gives q + h exactly for every q of `level`."""
-    half = torch.tensor(level // 2, dtype=torch.float32)
-    q = torch.arange(-(level // 2), level // 2 + 1, dtype=torch.float32)
-    return torch.equal((q / half) * half + half, q + half)
-
-
-def test_fsq_levels_are_bounded_where_upstreams_float32_indices_are_exact():
-    """MAX_LEVEL is the largest level up to which upstream's own float32 index arithmetic is exact for every code
-    (the products with the basis and their sum are then exact integers below 2**24): beyond it the oracle's tokens
-    are off by one for some codes, and no fast path could give upstream's tokens."""
-    from titok_fast.loading import MAX_LEVEL
+def test_fsq_levels_are_taken_where_upstreams_float32_indices_are_exact():
+    """A level is taken where upstream's own float32 index arithmetic ((q / h) * h + h, times the basis, summed) is
+    exact for every code: every level up to 25, and larger ones such as 32. Elsewhere (26 first) the oracle's
+    tokens are off by one for some codes, and no fast path could give upstream's tokens: refused in one line."""
+    from titok_fast.config import TiTokConfig
+    from titok_fast.loading import check_config, exact_fsq_level
     from titok_fast.reference import _fsq_tables, fsq_quantize
 
-    assert all(_exact_fsq_index_arithmetic(level) for level in range(2, MAX_LEVEL + 1))
-    assert not _exact_fsq_index_arithmetic(MAX_LEVEL + 1)  # the bound is tight
+    taken = [level for level in range(2, 70) if exact_fsq_level(level)]
+    assert taken == [*range(2, 26), *range(28, 38), 40, 41, 48, 49, 56, 57, *range(60, 70)]
     z = torch.linspace(-6, 6, 20001)[:, None]
-    for level, agrees in ((MAX_LEVEL, True), (MAX_LEVEL + 1, False)):  # the oracle itself, against exact indices
+    for level in (25, 26, 27, 32, 38, 64):  # the oracle itself, against exact indices
         half_l, offset, shift, half_width = _fsq_tables((level,), "cpu")[:4]
         exact = (torch.round((z + shift).tanh() * half_l - offset) + half_width).to(torch.int32)[:, 0]
-        assert torch.equal(fsq_quantize(z, (level,))[1], exact) == agrees, level
+        assert torch.equal(fsq_quantize(z, (level,))[1], exact) == exact_fsq_level(level), level
+    check_config(TiTokConfig(fsq_levels=(32, 32, 32)))  # 32768 codes: the most a token file holds
+    with pytest.raises(CheckpointError, match=r"^m.ckpt: fsq_levels \[26, 5\]: upstream computes the indices of "
+                                              r"level\(s\) \[26\] inexactly"):  # fmt: skip
+        check_config(TiTokConfig(fsq_levels=(26, 5)), "m.ckpt")
+    with pytest.raises(CheckpointError, match=r"make 65536 codes; at most 32768 \(token files store indices as int16"):
+        check_config(TiTokConfig(fsq_levels=(64, 32, 32)))
 
 
 # Crafted pickles and archives: each builds a file torch.save never writes, in a few bytes where possible.
@@ -971,3 +972,30 @@ def test_random_weights_take_only_seeds_a_token_file_can_record_and_leave_the_ca
     random_tokenizer("tiny", seed=5)
     assert torch.equal(torch.rand(3), expected)
     assert random_tokenizer("tiny", seed=7).weights_digest == "random-seed7-9341808e1c685b29"  # the weights of before
+
+
+def test_weights_that_record_no_config_are_read_as_v1_and_said_to_be(tiny, tmp_path, capsys):
+    """An upstream checkpoint records no config: it is read as v1, and that is said (once a file): weights shaped as
+    v1's but trained with other FSQ levels would otherwise load and give other tokens without a word. A config
+    given, or one the file stores, says nothing; a config given that differs from the one stored is said."""
+    from titok_fast.config import TiTokConfig
+
+    lightning_checkpoint(tmp_path / "m.ckpt", tiny)
+    _weights_with_metadata(tiny, tmp_path / "bare.safetensors", {})
+    for name in ("m.ckpt", "bare.safetensors"):
+        for _ in range(2):
+            with pytest.raises(CheckpointError, match="missing tensor|unexpected|shape"):  # (tiny's shapes, not v1's)
+                load_tokenizer(tmp_path / name)
+        err = capsys.readouterr().err
+        assert err.count("records no model config, so it is read as v1") == 1 and name in err, err
+        load_tokenizer(tmp_path / name, config="tiny")
+        assert capsys.readouterr().err == ""
+    save_safetensors(tiny, tmp_path / "tiny.safetensors")
+    load_tokenizer(tmp_path / "tiny.safetensors")
+    load_tokenizer(tmp_path / "tiny.safetensors", config="tiny")
+    assert capsys.readouterr().err == ""
+    other = TiTokConfig(**{**tiny.config.__dict__, "fsq_levels": (8, 8, 6, 5, 5), "name": "custom"})
+    model = load_tokenizer(tmp_path / "tiny.safetensors", config=other)
+    assert model.config.fsq_levels == (8, 8, 6, 5, 5)  # the one given is used
+    assert "the config given differs from the one it stores in fsq_levels [8, 8, 6, 5, 5] (stored [7, 5, 5, 5, 5])" \
+        in capsys.readouterr().err

@@ -94,7 +94,7 @@ def test_codebook_and_index_conversions(fsq):
     assert torch.equal(fsq.indices_to_codes(torch.tensor([[0, 1], [2, 3]])), book[torch.tensor([[0, 1], [2, 3]])])
 
 
-@pytest.mark.parametrize("levels", [LEVELS, (7, 7, 7, 5, 5), (8, 6, 5, 4, 2), (25, 25, 25)])
+@pytest.mark.parametrize("levels", [LEVELS, (7, 7, 7, 5, 5), (8, 6, 5, 4, 2), (25, 25, 25), (32, 32, 32)])
 def test_codes_to_indices_in_every_dtype(levels):
     """A bf16 or fp16 model's codes (its grid values, rounded to its dtype) give its indices back; float32 codes
     give what upstream's arithmetic gives (in the codes' dtype, truncated), which a half dtype gets wrong."""

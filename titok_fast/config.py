@@ -105,7 +105,10 @@ class TiTokConfig:
         if any(level < 2 for level in self.fsq_levels):
             raise ValueError(f"fsq_levels: every level must be >= 2, got {list(self.fsq_levels)}")
         for key in ("encoder_size", "decoder_size"):
-            StackSize.named(getattr(self, key))
+            try:
+                StackSize.named(getattr(self, key))
+            except ValueError as e:
+                raise ValueError(f"config field {key}: {e}") from None
 
     @property
     def encoder(self) -> StackSize:
@@ -154,7 +157,11 @@ class TiTokConfig:
                 raise ValueError(
                     f"config {str(config)!r} is neither a preset {sorted(PRESETS)} nor an existing YAML file"
                 )
-            return cls.from_any(_read_yaml(config))
+            data = _read_yaml(config)  # (its errors name the file)
+            try:
+                return cls.from_any(data)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"config file {str(config)!r}: {e}") from None
         if type(config).__module__.startswith("omegaconf"):
             from omegaconf import OmegaConf
 

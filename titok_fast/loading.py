@@ -19,6 +19,7 @@ goes wrong while reading a file is a one-line CheckpointError naming it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -54,11 +55,6 @@ MAX_PATCH = 64  # per axis
 # Voxels per patch (16x V1's 4 * 8 * 8): proj_in and proj_out have 3 * volume * width weights each, so without a
 # bound on the product a patch within MAX_PATCH per axis, e.g. (64, 64, 64), asks for billions of parameters.
 MAX_PATCH_VOLUME = 4096
-# Per FSQ level (the product is bounded by MAX_CODEBOOK_SIZE: token files store int16). Upstream computes indices in
-# float32 as ((q / (L // 2)) * (L // 2) + L // 2) * basis: exact for every q of every level up to 25, but from 26 on
-# (q / h) * h != q for some q (levels 26, 27, 38, 39, ...), so upstream's own tokens are off by one there and no
-# exact fast path could reproduce them.
-MAX_LEVEL = 25
 # A checkpoint's data.pkl holds only tensor records (their bytes are stored beside it), optimiser-state records and
 # hyper-parameters: about 180 KiB and 54 thousand opcodes for V1 with EMA and Adam states, about 1 MiB and 320
 # thousand for a model with ten times as many tensors. Beyond these bounds a pickle is refused before it is
@@ -68,6 +64,7 @@ MAX_PICKLE_BYTES = 32 << 20
 MAX_PICKLE_OPCODES = 2_000_000
 MAX_PICKLE_CLASSES = 1024  # distinct classes a pickle may name (a Lightning checkpoint names a few dozen)
 MAX_TENSOR_DIMS = 64  # per tensor record
+
 # Entries of a checkpoint's zip archive: one per storage (a few thousand for V1 with EMA and optimiser states).
 # Python's zipfile keeps every entry of the central directory in memory, about ten times its size on disk.
 MAX_ARCHIVE_ENTRIES = 100_000
@@ -657,10 +654,26 @@ def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"{path}: tensor {wrong} holds NaN or infinite values; expected finite weights")
 
 
+@functools.lru_cache(maxsize=256)
+def exact_fsq_level(level: int) -> bool:
+    """Whether titok-fast takes FSQ level ``level``: upstream computes indices in float32, as ((q / h) * h + h) *
+    basis summed over the levels (h = level // 2, q a code, -h .. level - h - 1), so its tokens are exact integers
+    whatever the basis when that first factor is q + h exactly for every q. It is for every level up to 25; from 26
+    on it is not for some levels (26, 27, 38, 39, 42-47, 50-55, ...), whose upstream indices can be off by one, which
+    no exact fast path gives. Levels past MAX_CODEBOOK_SIZE (token files store int16) are not looked at."""
+    if not 2 <= level <= MAX_CODEBOOK_SIZE:
+        return False
+    half = torch.tensor(level // 2, dtype=torch.float32)
+    q = torch.arange(-(level // 2), level - level // 2, dtype=torch.float32)
+    return torch.equal(q / half * half + half, q + half)
+
+
 def check_config(config: TiTokConfig, where: str = "config") -> None:
-    """Refuse a config whose sizes exceed the module's limits (MAX_PATCH, MAX_PATCH_VOLUME, MAX_LEVEL,
+    """Refuse a config whose sizes exceed the module's limits (MAX_PATCH, MAX_PATCH_VOLUME, exact_fsq_level,
     MAX_CODEBOOK_SIZE, MAX_GRID, MAX_TOKENS) before any model, table or buffer is built from it; `where` names it in
     the error."""
+    inexact = sorted({v for v in config.fsq_levels if v <= MAX_CODEBOOK_SIZE and not exact_fsq_level(v)})  # (larger:
+    # refused by the codebook's size)
     problems = [
         (any(p > MAX_PATCH for p in config.patch_size), f"patch_size {list(config.patch_size)} exceeds {MAX_PATCH}"),
         (
@@ -668,11 +681,16 @@ def check_config(config: TiTokConfig, where: str = "config") -> None:
             f"patch_size {list(config.patch_size)} makes patches of {math.prod(config.patch_size)} voxels; at most "
             f"{MAX_PATCH_VOLUME}",
         ),
-        (any(v > MAX_LEVEL for v in config.fsq_levels), f"fsq_levels {list(config.fsq_levels)} exceed {MAX_LEVEL}"),
+        (
+            bool(inexact),
+            f"fsq_levels {list(config.fsq_levels)}: upstream computes the indices of level(s) {inexact} inexactly "
+            "(in float32), so titok-fast cannot give its tokens; every level from 2 to 25 is taken, and a larger one "
+            "where upstream's indices are exact",
+        ),
         (
             math.prod(config.fsq_levels) > MAX_CODEBOOK_SIZE,
             f"fsq_levels {list(config.fsq_levels)} make {math.prod(config.fsq_levels)} codes; at most "
-            f"{MAX_CODEBOOK_SIZE}",
+            f"{MAX_CODEBOOK_SIZE} (token files store indices as int16)",
         ),
         (
             any(g > m for g, m in zip(config.max_grid, MAX_GRID, strict=True)),
@@ -731,7 +749,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict:
 def _file_config(meta: dict, path: Path) -> TiTokConfig:
     """The config a file's metadata holds: a JSON object only (a string would be taken as a path to open)."""
     if "config" not in meta:
-        return TiTokConfig.from_any("v1")
+        return _taken_as_v1(path)
     if not isinstance(meta["config"], dict):
         raise CheckpointError(
             f"{path}: metadata config must be a JSON object; got {type(meta['config']).__name__} {meta['config']!r:.80}"
@@ -740,6 +758,40 @@ def _file_config(meta: dict, path: Path) -> TiTokConfig:
         return TiTokConfig.from_any(meta["config"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: metadata config is invalid ({e})") from None
+
+
+_SAID: set[tuple[str, str]] = set()  # (file, notice) said in this process
+
+
+def _say_once(path: Path, message: str) -> None:
+    """A notice about a weights file, once a process (a run may load its weights more than once)."""
+    key = (str(path.absolute()), message)
+    if key not in _SAID:
+        _SAID.add(key)
+        notice(message)
+
+
+def _taken_as_v1(path: Path) -> TiTokConfig:
+    """The config of weights that record none (an upstream checkpoint never does): v1's, said once. Weights shaped
+    as v1's but trained with other FSQ levels would otherwise load and give other tokens without a word."""
+    _say_once(path, f"{path} records no model config, so it is read as v1, the released model's: give --config "
+                    "(config=) with its training YAML if it is a model of your own, or --config v1 to say it is "
+                    "V1")  # fmt: skip
+    return TiTokConfig.from_any("v1")
+
+
+def _differing(given: TiTokConfig, stored: TiTokConfig) -> str:
+    """The fields in which two configs differ, with both values ("fsq_levels [8, 8, 6, 5, 5] (stored [7, 7, 7, 5,
+    5])")."""
+    fields = [name for name in ("patch_size", "fsq_levels", "encoder_size", "decoder_size", "max_grid",
+                                "num_token_range") if getattr(given, name) != getattr(stored, name)]  # fmt: skip
+    return ", ".join(
+        f"{name} {_plain(getattr(given, name))} (stored {_plain(getattr(stored, name))})" for name in fields
+    )
+
+
+def _plain(value: object) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def load_state(
@@ -766,6 +818,9 @@ def load_state(
                         raise CheckpointError(f"{path}: is a token file (written by encode), not model weights; "
                                               "expected a .ckpt (.pt, .pth) or a .safetensors of weights")  # fmt: skip
             cfg = given if given is not None else _file_config(meta, path)
+            if given is not None and "config" in meta and given != (stored := _file_config(meta, path)):
+                _say_once(path, f"{path}: the config given differs from the one it stores in "
+                                f"{_differing(given, stored)}; the one given is used")  # fmt: skip
             check_config(cfg, str(path))
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())
@@ -779,7 +834,7 @@ def load_state(
             raise CheckpointError(f"{path}: metadata digest {meta['weights_digest']!r:.80} disagrees with its tensors")
         ema = meta.get("ema")
         return cfg, tensors, digest, ema if isinstance(ema, bool) else None
-    cfg = given if given is not None else TiTokConfig.from_any("v1")
+    cfg = given if given is not None else _taken_as_v1(path)
     check_config(cfg, str(path))
     with _reading(path), hub.open_regular(path) as file:  # a FIFO swapped in after the check above: refused
         archive = _Archive(path, file)
