@@ -2783,6 +2783,47 @@ def test_a_worker_stuck_in_a_read_ends_when_the_run_is_killed_and_so_does_its_se
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_library_call_leaves_no_process_server_behind_for_other_codes_processes(files, tmp_path):
+    """encode_files with worker processes started multiprocessing's fork server with SIGINT blocked and this
+    package preloaded, and left it running: every process the caller forked afterwards (a DataLoader's workers with
+    forkserver, Python 3.14's default start method on Linux) ignored Ctrl-C and had the server's preloads
+    imported. The call's server is stopped at its end and multiprocessing's preloads put back; one started before
+    the call (as the command starts it, early) is left running."""
+    top = textwrap.dedent("""
+        def report(queue):
+            with open("/proc/self/status") as f:
+                blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+            queue.put((bool(blocked & 1 << (signal.SIGINT - 1)), "titok_fast._server" in sys.modules))
+    """)
+    run = _script(tmp_path, f"""
+        from multiprocessing import forkserver
+        from titok_fast import Engine, TiTok
+        from titok_fast.pipeline import ClipSettings, encode_files
+        model = TiTok("tiny").eval()
+        for started_before in (False, True):
+            if started_before:  # (the server the first round's process came from is other code's: gone first)
+                forkserver._forkserver._stop()
+                video.start_process_server()
+            summary = encode_files(model, Engine(model, mode="eager"), [{files["index24"]!r}],
+                                   {str(tmp_path / "out")!r}, ClipSettings(grid=(4, 32, 32), tokens=16), workers=2,
+                                   worker_kind="process", overwrite=True)
+            print(len(summary.done), forkserver._forkserver._forkserver_pid is not None,
+                  forkserver._forkserver._preload_modules, flush=True)
+            context = multiprocessing.get_context("forkserver")
+            queue = context.SimpleQueue()
+            process = context.Process(target=report, args=(queue,))
+            process.start()
+            print(*queue.get(), flush=True)
+            process.join()
+    """, top=top)  # fmt: skip
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert out.splitlines() == [
+        "1 False ['__main__']", "False False",  # the call's own: stopped, the defaults back
+        "1 True ['titok_fast._server']", "True True",  # the command's, started before: kept
+    ], out
+
+
 @pytest.mark.parametrize("when", ["while-the-server-starts", "once-it-has-started"])
 def test_a_run_killed_before_its_first_worker_leaves_no_folder_and_its_server_ends(tmp_path, when):
     """The process server starts before the run's first file (while the model loads): a run killed then has no

@@ -1893,6 +1893,7 @@ def _without_main(prepared: Callable[[str], dict]) -> Callable[[str], dict]:
 
 
 _SERVER_OWNER: int | None = None  # the process that started the fork server (:func:`start_process_server`)
+_PRELOAD_BEFORE: list[str] | None = None  # multiprocessing's server preloads before this module's were set
 
 
 def _own_server() -> bool:
@@ -1916,7 +1917,7 @@ def start_process_server() -> str | None:
     where it has one: the run's multiprocessing folder. Nothing where a server other code started runs:
     processes are spawned instead (:func:`_process_context`). One thread at a time: the environment is changed
     while the server starts."""
-    global _SERVER_OWNER
+    global _SERVER_OWNER, _PRELOAD_BEFORE
     from multiprocessing import forkserver
 
     with _SERVER_LOCK:
@@ -1924,6 +1925,8 @@ def start_process_server() -> str | None:
             return None
         server = forkserver._forkserver
         if server._forkserver_pid is None or _ended(server._forkserver_pid):
+            if _SERVER_OWNER != os.getpid():  # (not a restart of this process's own: what it had set is kept)
+                _PRELOAD_BEFORE = list(server._preload_modules or [])
             # (titok_fast._server first: it reads its parent's pid before the others' imports; it imports this
             # module. Not "__main__", the default: a server given the run's script runs it, as Python 3.14's does)
             unwanted = ("titok_fast._server", "__main__")
@@ -1937,6 +1940,57 @@ def start_process_server() -> str | None:
             server.ensure_running()  # (as multiprocessing starts it, if it died since the look above)
     address = server._forkserver_address
     return os.path.dirname(address) if isinstance(address, str) and not address.startswith("\0") else None
+
+
+def own_process_server() -> bool:
+    """Whether this process has started a process server (:func:`start_process_server`) that may still run."""
+    from multiprocessing import forkserver
+
+    with _SERVER_LOCK:
+        return _SERVER_OWNER == os.getpid() and forkserver._forkserver._forkserver_pid is not None
+
+
+def stop_process_server() -> None:
+    """Stop the process server this process started, if it did, and put back multiprocessing's preloads: the
+    processes other code forks afterwards come from a server of their own, not from one started with SIGINT blocked
+    and this module imported (on Python 3.14, forkserver is the default start method on Linux). Its decoding
+    processes, which end when it does, should have ended. Not waited for: the server ends once every copy of its
+    "alive" pipe is closed, and a process other code forked from it holds one; it is reaped when it ends."""
+    global _SERVER_OWNER
+    from multiprocessing import forkserver
+
+    with _SERVER_LOCK:
+        server = forkserver._forkserver
+        if _SERVER_OWNER != os.getpid():
+            return
+        pid, address = server._forkserver_pid, server._forkserver_address
+        _close_alive_pipe(server)
+        server._forkserver_pid = server._forkserver_address = None
+        server._preload_modules = _PRELOAD_BEFORE if _PRELOAD_BEFORE is not None else server._preload_modules
+        _SERVER_OWNER = None
+    if isinstance(address, str) and not address.startswith("\0"):  # (a path: its socket, as multiprocessing's own
+        with contextlib.suppress(OSError):  # stop removes it)
+            os.unlink(address)
+    if pid is not None:
+        threading.Thread(target=_reap, args=(pid,), name="titok-fast server reaper", daemon=True).start()
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):  # (reaped by other code already)
+        os.waitpid(pid, 0)
+
+
+@contextlib.contextmanager
+def process_server_stopped_after():
+    """Within: a process server started here (by a call that decodes in worker processes) is stopped at the end
+    (:func:`stop_process_server`), so that a library call leaves none behind; one this process had started before
+    (the command starts its own early, to overlap its imports with the model's loading) is left running."""
+    running = own_process_server()
+    try:
+        yield
+    finally:
+        if not running:
+            stop_process_server()
 
 
 @contextlib.contextmanager
