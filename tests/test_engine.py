@@ -1208,3 +1208,21 @@ def test_a_clip_filling_the_largest_budget_exactly_is_encoded_and_decoded(mode):
     assert torch.allclose(engine.decode_indices(list(got["indices"]), [(4, 16, 16)])[0],
                           model.decode_indices(want["indices"], [(4, 16, 16)])[0], atol=1e-4)
     assert list(pack_greedily([10, 4], lambda r: r, largest=10, max_clips=5)) == [[10], [4]]
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_an_engine_is_copied_and_pickled_as_a_fresh_engine_of_the_same_settings(model, expected, mode):
+    """A Dataset holding an engine, sent to spawned (or forkserver) DataLoader workers, failed: its lock could not
+    be pickled, nor deep-copied. A copy or pickle is a fresh engine of the same model, mode, budgets and max_clips
+    (its buffers and graphs made again where it runs), and gives the same clips."""
+    import copy
+    import pickle
+
+    videos, _, indices, recon = expected
+    engine = Engine(model, mode=mode, budgets=(512, 1024), max_clips=3)
+    engine.encode(videos[:2], COUNTS[:2])  # (buffers and runners made: not carried)
+    for other in (copy.deepcopy(engine), pickle.loads(pickle.dumps(engine))):
+        assert (other.mode, other.budgets, other.max_clips, other.compiles) == (mode, (512, 1024), 3, 0)
+        assert other.model is not model and not other._buffers and not other._runners
+        assert all(map(torch.equal, other.encode(videos, COUNTS)[1]["indices"], indices))
+        assert all(rel_l2(a, b) < 1e-5 for a, b in zip(other.decode_indices(indices, SHAPES), recon, strict=True))

@@ -183,6 +183,23 @@ def test_threads_quantising_a_layer_at_once_share_one_fp8_weight(monkeypatch):
     assert all(a is b for a, b in zip(got[0], layer._fp8_weight[1:], strict=True))
 
 
+def test_an_fp8_model_that_has_run_is_pickled_without_its_fp8_weights():
+    """Pickling an FP8 model that had decoded failed (torch's plain pickling of float8 tensors does: Ray's
+    cloudpickle, spawned DataLoader workers): its FP8 weights, derived from the weights, are left out and made
+    again at the copy's first use; it decodes the same pixels."""
+    import copy
+    import pickle
+
+    model = make_model("tiny")
+    set_precision(model, "fp8")
+    indices = [torch.randint(0, model.config.codebook_size, (16,), generator=torch.Generator().manual_seed(0))]
+    pixels = model.decode_indices(indices, [(4, 32, 32)])[0]
+    assert model._fp8_linears[0]._fp8_weight is not None
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert all(linear._fp8_weight is None for linear in other._fp8_linears)
+        assert torch.equal(other.decode_indices(indices, [(4, 32, 32)])[0], pixels)
+
+
 def test_fp8_linear_error_is_fp8_quantisation_noise():
     torch.manual_seed(0)
     linear = nn.Linear(1024, 512, bias=False)

@@ -296,6 +296,16 @@ class Engine:
         self._table_source: torch.Tensor | None = None
         self._built_for = self._model_state()  # what the buffers, runners and table above were built for
 
+    def __getstate__(self) -> dict:
+        """What a copy or a pickle keeps (a Dataset holding an engine, sent to spawned DataLoader workers): the
+        model, mode, budgets and max_clips. Its buffers, graphs, compiled functions, streams and lock are rebuilt
+        as a fresh engine's are, where it runs; its counts start again."""
+        return {"model": self.model, "mode": self.mode, "budgets": self._requested_budgets,
+                "max_clips": self.max_clips}  # fmt: skip
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
     def _usable_budgets(self, stacklevel: int) -> tuple[int, ...]:
         """The budgets asked for, less those the torch backend's fixed-shape path cannot take."""
         budgets = self._requested_budgets

@@ -93,6 +93,13 @@ class Fp8Linear(nn.Linear):
 
     _fp8_weight: tuple | None = None  # (weight key, w_q, scale)
 
+    def __getstate__(self) -> dict:
+        """Without the FP8 weight, derived from the weight and made again at the first use: a copy or pickle of a
+        model that had run (torch's plain pickling of float8 tensors fails: Ray's and spawned workers' too)."""
+        state = dict(super().__getstate__())
+        state.pop("_fp8_weight", None)
+        return state
+
     @classmethod
     def of(cls, linear: nn.Linear) -> Fp8Linear:
         """An FP8 view of ``linear``: its parameters themselves, shared."""

@@ -268,6 +268,13 @@ class Decoder(DecoderParams):
         self.config, self.runtime = config, runtime
         self._table: tuple | None = None
 
+    def __getstate__(self) -> dict:
+        """Without the code table, derived from the weights and made again at the first use: a copy, pickle or
+        torch.save of a model that had decoded carried it (V1: 68 MB more)."""
+        state = dict(super().__getstate__())
+        state["_table"] = None
+        return state
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self.runtime.note_dtypes(self, "decoder")
