@@ -31,6 +31,17 @@ def test_no_top_level_kernels_module(tmp_path):
     assert Path(found["fsq"]).resolve() == ROOT / "kernels" / "fsq.py"
 
 
+def test_the_checkout_itself_imports_its_kernels(tmp_path):
+    """A checkout's own ``titok_fast`` folder, imported as such (a script or ``python -m`` run in the checkout with
+    a wheel installed, ``PYTHONPATH=.``), has no ``kernels`` folder: every model import failed, "No module named
+    'titok_fast.kernels'". Here with no installed package to fall back on (no site folders: ``-S``)."""
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import importlib.util, titok_fast.kernels as k; "
+             "print(k.__file__, importlib.util.find_spec('titok_fast.kernels.fsq').origin)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "kernels" / "fsq.py")]
+
+
 IMPORT_NAMES = {"av": "av", "numpy": "numpy", "pyyaml": "yaml", "safetensors": "safetensors", "torch": "torch",
                 "tqdm": "tqdm", "triton": "triton", "huggingface_hub": "huggingface_hub"}  # fmt: skip
 

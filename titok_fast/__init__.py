@@ -7,6 +7,9 @@ import reaches the command's own handling (one line) instead of printing a trace
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,6 +23,29 @@ __version__ = "0.1.0"
 
 _HOMES = {"PRESETS": "config", "TiTokConfig": "config", "Engine": "engine", "load_tokenizer": "loading",
           "TiTok": "model"}  # fmt: skip
+
+
+def _kernels_of_the_checkout() -> None:
+    """The kernels are the top-level folder ``kernels/`` of a source checkout, installed as ``titok_fast.kernels``
+    (setup.py's package_dir). Where this package is imported from the checkout itself (a script or ``python -m``
+    run there, ``PYTHONPATH=.``, with a wheel installed or none), that folder is made ``titok_fast.kernels``:
+    otherwise every model import failed, "No module named 'titok_fast.kernels'". An installed package holds its
+    own ``kernels`` folder, and nothing is done."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    folder = os.path.join(root, "kernels")
+    marks = (os.path.join(folder, "__init__.py"), os.path.join(folder, "fsq.py"), os.path.join(root, "setup.py"))
+    if os.path.isdir(os.path.join(here, "kernels")) or not all(map(os.path.isfile, marks)):
+        return
+    spec = importlib.util.spec_from_file_location(
+        f"{__name__}.kernels", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_of_the_checkout()
 
 
 def __getattr__(name: str) -> Any:
