@@ -13,6 +13,10 @@ RAY = ["ray[data]>=2.60,<2.64"]  # 2.64 drops the retry arguments the Ray path p
 # titok-fast bench runs the benchmarks under pytest; einops and omegaconf: upstream's own code needs them, for the
 # benchmarks' `upstream` provider
 BENCH = ["pytest", "pytest-benchmark", "einops", "omegaconf"]
+# The Triton kernels: torch's CUDA builds for Linux bring the Triton they were built with, so it is no requirement of
+# its own (a CPU-only install, which runs the torch backend, would download about 1 GB of it for nothing). The extra
+# is for a torch without it that should run the kernels, or the Triton interpreter (the tests).
+GPU = ["triton>=3.6; platform_system == 'Linux'"]  # tensor descriptors (3.4+); 3.6 the oldest tested, 3.9 too
 
 setup(
     name="titok-fast",
@@ -27,7 +31,6 @@ setup(
     python_requires=">=3.11",  # PyAV 18.1 (below) needs 3.11; 3.10 reached its end of life in October 2026
     install_requires=[
         "torch>=2.11",  # the oldest tested: the GPU machine's (RESULTS.md); 2.13 on the CPU
-        "triton>=3.6; platform_system == 'Linux'",  # tensor descriptors (3.4+); 3.6 the oldest tested, 3.9 too
         "safetensors",
         "av>=18.1",  # VideoReformatter.reformat(threads=...); VideoCodecContext.field_order; Disposition an IntFlag
         "numpy",
@@ -37,7 +40,8 @@ setup(
     ],
     extras_require={
         # xdist: the suite on every core; pytest-timeout: a test that hangs fails (pyproject.toml)
-        "test": ["pyyaml", "ruff==0.17.6", "pytest-xdist>=3.5", "pytest-timeout>=2.3", *PLOT, *RAY, *BENCH],
+        "test": ["pyyaml", "ruff==0.17.6", "pytest-xdist>=3.5", "pytest-timeout>=2.3", *GPU, *PLOT, *RAY, *BENCH],
+        "gpu": GPU,
         "plot": PLOT,
         "ray": RAY,
         "bench": BENCH,

@@ -69,7 +69,8 @@ try:
 
     MISSING = ""
 except ImportError as e:  # the stand-ins below
-    MISSING = f"Triton cannot be imported here ({e}); the PyTorch backend runs without it"
+    MISSING = (f"Triton cannot be imported here ({e}; torch's CUDA builds for Linux bring it, and pip install "
+               "'titok-fast[gpu]' adds it); the PyTorch backend runs without it")  # fmt: skip
 
     class _Absent:
         """Any name of an absent Triton module: using it raises."""

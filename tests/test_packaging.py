@@ -54,7 +54,7 @@ def test_every_dependency_is_used():
 
     dist = importlib.metadata.distribution("titok-fast")
     names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in dist.requires or [] if "extra ==" not in r]
-    assert set(dist.metadata.get_all("Provides-Extra") or []) == {"test", "plot", "ray", "bench"}
+    assert set(dist.metadata.get_all("Provides-Extra") or []) == {"test", "gpu", "plot", "ray", "bench"}
     sources = "\n".join(p.read_text() for d in ("titok_fast", "kernels") for p in (ROOT / d).glob("*.py"))
     for name in names:
         module = IMPORT_NAMES[name]  # a new requirement needs its import name here

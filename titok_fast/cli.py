@@ -1154,6 +1154,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if sys.platform == "win32":  # (its file locks and resource limits are POSIX modules' that Windows lacks)
+        parser.error("titok-fast runs on Linux and other POSIX systems, not on Windows: run it under WSL")
     if args.command is None:
         args = parser.parse_args(["demo", *(["--debug"] if args.debug else [])])
     with _debug_env(getattr(args, "debug", False)), _output_dropped_once_unread():
