@@ -64,7 +64,6 @@ MAX_PICKLE_BYTES = 32 << 20
 MAX_PICKLE_OPCODES = 2_000_000
 MAX_PICKLE_CLASSES = 1024  # distinct classes a pickle may name (a Lightning checkpoint names a few dozen)
 MAX_TENSOR_DIMS = 64  # per tensor record
-
 # Entries of a checkpoint's zip archive: one per storage (a few thousand for V1 with EMA and optimiser states).
 # Python's zipfile keeps every entry of the central directory in memory, about ten times its size on disk.
 MAX_ARCHIVE_ENTRIES = 100_000
