@@ -220,3 +220,15 @@ def test_a_yaml_config_resolves_interpolations_of_other_fields_as_omegaconf_does
         with pytest.raises(ValueError, match=message) as raised:
             TiTokConfig.from_any(str(path))
         assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("patch_size", (0, 8, 8)), ("max_grid", (0, 192, 192)), ("num_token_range", (0, 1024)),
+     ("fsq_levels", (True, 5)), ("patch_size", (4, 8, 2**31))],
+)  # fmt: skip
+def test_config_integers_are_positive_ints_below_2_31(field, value):
+    """A zero patch size passed here and failed later on a bare ZeroDivisionError (a stranger's metadata); True is
+    no level (it would count as 1)."""
+    with pytest.raises(ValueError, match=f"config field {field} must be a list of positive integers below 2\\*\\*31"):
+        TiTokConfig(**{field: value})

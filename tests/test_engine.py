@@ -1226,3 +1226,17 @@ def test_an_engine_is_copied_and_pickled_as_a_fresh_engine_of_the_same_settings(
         assert other.model is not model and not other._buffers and not other._runners
         assert all(map(torch.equal, other.encode(videos, COUNTS)[1]["indices"], indices))
         assert all(rel_l2(a, b) < 1e-5 for a, b in zip(other.decode_indices(indices, SHAPES), recon, strict=True))
+
+
+def test_the_packing_cache_keeps_devices_apart_and_holds_at_most_its_capacity():
+    """A packing is made for a device: asked for on another (a model moved to the GPU), it is made there, not the
+    first one's tensors handed back. Past its capacity the least recently used goes, or a long job of many clip
+    counts would keep a packing (and its rows' RoPE tables, MBs for V1) of each for ever."""
+    cache = PackingCache(capacity=2)
+    cpu = cache.packing([4], [(1, 2, 2)], "cpu")
+    meta = cache.packing([4], [(1, 2, 2)], "meta")
+    assert meta is not cpu and meta.cu_seqlens.device.type == "meta" and cpu.cu_seqlens.device.type == "cpu"
+    assert cache.packing([4], [(1, 2, 2)], "cpu") is cpu  # (now the most recent: the meta one goes next)
+    cache.packing([5], [(1, 2, 2)], "cpu")
+    assert len(cache._packings) == 2 and cache.packing([4], [(1, 2, 2)], "cpu") is cpu
+    assert cache.packing([4], [(1, 2, 2)], "meta") is not meta  # (made again)

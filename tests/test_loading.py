@@ -999,3 +999,7 @@ def test_weights_that_record_no_config_are_read_as_v1_and_said_to_be(tiny, tmp_p
     assert model.config.fsq_levels == (8, 8, 6, 5, 5)  # the one given is used
     assert "the config given differs from the one it stores in fsq_levels [8, 8, 6, 5, 5] (stored [7, 5, 5, 5, 5])" \
         in capsys.readouterr().err
+    grid = TiTokConfig(**{**tiny.config.__dict__, "max_grid": (8, 64, 64), "name": "custom"})
+    load_tokenizer(tmp_path / "tiny.safetensors", config=grid)
+    assert "differs from the one it stores in max_grid [8, 64, 64] (stored [12, 160, 160]); the one given is used" \
+        in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """The lean model against the oracle, its API and its input checks."""
 
+import re
+
 import pytest
 import torch
 
@@ -824,6 +826,9 @@ def test_limits_are_inclusive_and_a_zero_size_is_refused():
     from titok_fast import checks
 
     assert checks.check_token_counts([checks.MAX_TOKENS], 1) == [checks.MAX_TOKENS]
+    for count in (True, torch.tensor(True), 1.0):  # (True is no count, though Python's bool is an int)
+        with pytest.raises(TypeError, match=re.escape(f"token count of video 0 is {count!r}; expected an integer")):
+            checks.check_token_counts([count], 1)
     assert checks.check_grids([(checks.MAX_GRID[0], 8, 8)], 1, (4, 8, 8)) == [(checks.MAX_GRID[0], 8, 8)]
     for grid in [(0, 8, 8), (4, 0, 8), (4, 8, 0)]:
         with pytest.raises(ValueError, match="must be a positive multiple"):

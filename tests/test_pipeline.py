@@ -1285,6 +1285,15 @@ def test_each_item_is_timed_with_its_clock_the_final_call_too():
     assert list(clock.timed(iter([1, 2]), "decode")) == [1, 2]
     clock.stop("rgb", clock.start())
     assert set(clock.take()) == {"decode", "rgb"} and clock.take() == {}
+    thread_time = iter([10.0, 10.25, 20.0, 20.5])  # (the thread's CPU clock: a stage's is the time between)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(time, "thread_time", lambda: next(thread_time))
+        clock.stop("rgb", clock.start())
+        clock.stop("rgb", clock.start())
+    assert clock.take() == {"rgb": 0.75}
+    clock.add_all({"decode": 1.0})
+    clock.enable()  # (counting starts again from zero)
+    assert clock.take() == {}
 
 
 def test_side_by_side_opens_only_the_file_a_token_file_was_made_from(model, sources, tmp_path):

@@ -2311,6 +2311,25 @@ def test_write_video_round_trip(tmp_path):
         assert (context.colorspace, context.color_range) == (writing.WRITTEN_COLORSPACE, 1)
 
 
+def test_written_levels_are_rounded_and_a_video_keeps_its_frame_size(tmp_path):
+    """A value becomes the nearest of the 256 levels, not the one below (a flat gray frame comes back exactly:
+    truncating made every reconstruction half a level darker, within any PSNR bound); a chunk of another frame
+    size, a chunk of no frames and a video of none are refused in one line each."""
+    for level in (100.4, 100.6, 200.7):
+        write_video(tmp_path / "flat.mp4", torch.full((3, 2, 32, 48), level / 127.5 - 1), fps=8)
+        decoded, _ = videos.read_frames(tmp_path / "flat.mp4")
+        assert (decoded == round(level)).all(), (level, decoded.min(), decoded.max())
+    with writing.VideoWriter(tmp_path / "sizes.mp4", 8) as writer:
+        writer.write(torch.zeros(3, 1, 32, 32))
+        with pytest.raises(ValueError, match="frames are 16x16; this video's are 32x32"):
+            writer.write(torch.zeros(3, 1, 16, 16))
+        with pytest.raises(ValueError, match=r"with T >= 1; got shape \[3, 0, 32, 32\]"):
+            writer.write(torch.zeros(3, 0, 32, 32))
+    with pytest.raises(ValueError, match="no frames were written"):
+        writing.VideoWriter(tmp_path / "none.mp4", 8).close()
+    assert not (tmp_path / "none.mp4").exists()
+
+
 WRITE_PATTERN = """
 import os, sys
 if {one_core}:
