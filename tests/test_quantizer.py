@@ -118,6 +118,9 @@ def test_grid_indices_only_for_codes_on_the_grid(fsq):
     book = fsq.implicit_codebook
     consts = fsq.constants("cpu")
     assert torch.equal(grid_indices(book, consts), torch.arange(len(book), dtype=torch.int32))
+    for dtype in (torch.bfloat16, torch.float16):  # a half model's codes: grid values rounded to its dtype (1/3 is
+        # not 1/3 there), on the grid when compared in that dtype
+        assert torch.equal(grid_indices(book.to(dtype), consts), torch.arange(len(book), dtype=torch.int32))
     assert grid_indices(book + 1e-3, consts) is None
     past_top = book[-1:].clone()
     past_top[0, 0] += 1 / (LEVELS[0] // 2)  # one level past the top of its dimension: a code off the grid
