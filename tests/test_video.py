@@ -2806,8 +2806,12 @@ def test_a_library_call_leaves_no_process_server_behind_for_other_codes_processe
     """encode_files with worker processes started multiprocessing's fork server with SIGINT blocked and this
     package preloaded, and left it running: every process the caller forked afterwards (a DataLoader's workers with
     forkserver, Python 3.14's default start method on Linux) ignored Ctrl-C and had the server's preloads
-    imported. The call's server is stopped at its end and multiprocessing's preloads put back; one started before
-    the call (as the command starts it, early) is left running."""
+    imported. The server is stopped when the last stream of worker processes ends, and multiprocessing's preloads
+    put back: after encode_files, after stream_videos, and after two encode_files in threads where the second
+    outlives the first (its stuck worker replaced after it: the first call's stop left the second's new server
+    behind). One started before (as the command starts it, early) is left running."""
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "hangs.mp4").write_text("ffconcat version 1.0\nfile 'pipe.mp4'\n")  # (a read that never returns)
     top = textwrap.dedent("""
         def report(queue):
             with open("/proc/self/status") as f:
@@ -2815,31 +2819,51 @@ def test_a_library_call_leaves_no_process_server_behind_for_other_codes_processe
             queue.put((bool(blocked & 1 << (signal.SIGINT - 1)), "titok_fast._server" in sys.modules))
     """)
     run = _script(tmp_path, f"""
+        import threading
         from multiprocessing import forkserver
         from titok_fast import Engine, TiTok
         from titok_fast.pipeline import ClipSettings, encode_files
         model = TiTok("tiny").eval()
-        for started_before in (False, True):
-            if started_before:  # (the server the first round's process came from is other code's: gone first)
-                forkserver._forkserver._stop()
+
+        def encode(paths, out, stall=None, workers=2):
+            return encode_files(model, Engine(model, mode="eager"), paths, {str(tmp_path)!r} + out,
+                                ClipSettings(grid=(4, 32, 32), tokens=16), workers=workers, worker_kind="process",
+                                overwrite=True, stall_seconds=stall)
+
+        def in_threads():
+            first = threading.Thread(target=encode, args=([{files["index24"]!r}], "/a"))
+            first.start()
+            while forkserver._forkserver._forkserver_pid is None:  # (the second comes once the server runs)
+                time.sleep(0.01)
+            second = threading.Thread(target=encode, args=([{str(tmp_path / "hangs.mp4")!r}, {files["index24"]!r}],
+                                                           "/b", 3, 1))  # (its one worker stuck, then replaced)
+            second.start()
+            first.join()
+            second.join()
+
+        def stream():
+            for _, feed in video.stream_videos([{files["index24"]!r}], workers=2, prefetch=2, worker_kind="process",
+                                               frames=4, height=32, width=32, fps=8):
+                list(feed)
+
+        for name, call in [("encode", lambda: encode([{files["index24"]!r}], "/c")), ("stream", stream),
+                           ("threads", in_threads), ("started before", lambda: encode([{files["index24"]!r}], "/d"))]:
+            if name == "started before":
                 video.start_process_server()
-            summary = encode_files(model, Engine(model, mode="eager"), [{files["index24"]!r}],
-                                   {str(tmp_path / "out")!r}, ClipSettings(grid=(4, 32, 32), tokens=16), workers=2,
-                                   worker_kind="process", overwrite=True)
-            print(len(summary.done), forkserver._forkserver._forkserver_pid is not None,
-                  forkserver._forkserver._preload_modules, flush=True)
+            call()
             context = multiprocessing.get_context("forkserver")
             queue = context.SimpleQueue()
             process = context.Process(target=report, args=(queue,))
             process.start()
-            print(*queue.get(), flush=True)
+            print(name, forkserver._forkserver._preload_modules, *queue.get(), flush=True)
             process.join()
+            forkserver._forkserver._stop()  # (the server that process came from is other code's: gone)
     """, top=top)  # fmt: skip
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 0, out
-    assert out.splitlines() == [
-        "1 False ['__main__']", "False False",  # the call's own: stopped, the defaults back
-        "1 True ['titok_fast._server']", "True True",  # the command's, started before: kept
+    assert out.splitlines() == [  # (the preloads as the process was started: before it started its own server)
+        "encode ['__main__'] False False", "stream ['__main__'] False False", "threads ['__main__'] False False",
+        "started before ['titok_fast._server'] True True",  # the command's: kept
     ], out
 
 
@@ -3021,16 +3045,21 @@ def test_worker_processes_start_in_a_process_forked_from_a_run_and_beside_anothe
     if case == "forked-from-a-run":
         body = f"""
             from multiprocessing import forkserver
+            video.start_process_server()  # (kept running, as the command's: a stream's own ends with it)
             print({read}, flush=True)
             ours = forkserver._forkserver._forkserver_pid
 
             def read_in_child():
+                video.start_process_server()
                 print({read}, forkserver._forkserver._forkserver_pid not in (None, ours), flush=True)
 
             child = multiprocessing.get_context("fork").Process(target=read_in_child)
             child.start()
             child.join()
             print(child.exitcode, flush=True)
+            from titok_fast._server import RUN_END_SECONDS
+            time.sleep(RUN_END_SECONDS + 0.5)  # (by then the child's server has ended: it removed the run's folder)
+            print(os.path.isdir(multiprocessing.util.get_temp_dir()), {read}, flush=True)
         """
     else:
         body = f"""
@@ -3050,7 +3079,9 @@ def test_worker_processes_start_in_a_process_forked_from_a_run_and_beside_anothe
     out, _ = run.communicate(timeout=120)
     assert run.returncode == 0
     if case == "forked-from-a-run":
-        assert out.split("\n")[:3] == ["['ClipSet']", "['ClipSet'] True", "0"]  # (True: from a server of its own)
+        # (True: from a server of its own, which made a folder of its own too: the run's, copied by the fork, was
+        # removed with it when the child ended, and the run's next stream failed)
+        assert out.split("\n")[:4] == ["['ClipSet']", "['ClipSet'] True", "0", "True ['ClipSet']"]
     else:
         assert out.strip() == str(len(read_clips(path, frames=1, height=8, width=8, fps=24).clips))
 

@@ -83,7 +83,6 @@ from .video import (
     default_workers,
     interleaved_videos,
     normalize_pixels,
-    process_server_stopped_after,
     same_time_sampling,
     source_stamp,
     video_comment,
@@ -679,7 +678,7 @@ def encode_files(
         )  # fmt: skip
         stopped, stopping = "not encoded", False
         try:
-            with process_server_stopped_after(), contextlib.closing(files_read), job.bar:
+            with contextlib.closing(files_read), job.bar:
                 items = job.clips(files_read, dict(todo))
                 for key, (_, indices) in encode_resiliently(engine, items, job.clip_failed, host=True):
                     job.add(key, indices)

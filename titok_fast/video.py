@@ -1406,6 +1406,8 @@ def stream_videos(
             threads[-1].start()
 
     given: list[ClipFeed] = []  # with close_each=False: the feeds handed out, closed when the stream closes
+    server = contextlib.nullcontext() if threads_decode else process_server_stopped_after()  # (a library call's
+    server.__enter__()  # own server ends with its stream)
     try:
         while True:
             if current is not None and close_each:
@@ -1435,19 +1437,23 @@ def stream_videos(
                 given.append(current)
             yield path, current
     finally:
-        with pool:  # (no worker starts after this)
-            stopping.set()
-        for feed in [current, *given, *(f for _, f in pending)]:
-            if feed is not None:
-                feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
-        for _ in [*threads, *abandoned]:  # an abandoned thread back in time to wait for a file stops too
-            tasks.put(None)
-        if not sys.is_finalizing():  # a stream dropped at exit: its daemon threads die with the process
-            # each ends its clip; one still in a file after SHUTDOWN_SECONDS is taken as stuck (a hung read): it is
-            # a daemon, and an interrupted run must not wait the stall limit for it (a scheduler kills it first)
-            deadline = time.monotonic() + min(stall_seconds or SHUTDOWN_SECONDS, SHUTDOWN_SECONDS)
-            for thread in threads:
-                thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            with pool:  # (no worker starts after this)
+                stopping.set()
+            for feed in [current, *given, *(f for _, f in pending)]:
+                if feed is not None:
+                    feed.close()  # workers blocked on a full queue give up, feeds not started are skipped
+            for _ in [*threads, *abandoned]:  # an abandoned thread back in time to wait for a file stops too
+                tasks.put(None)
+            if not sys.is_finalizing():  # a stream dropped at exit: its daemon threads die with the process
+                # each ends its clip; one still in a file after SHUTDOWN_SECONDS is taken as stuck (a hung read):
+                # it is a daemon, and an interrupted run must not wait the stall limit for it (a scheduler kills it
+                # first)
+                deadline = time.monotonic() + min(stall_seconds or SHUTDOWN_SECONDS, SHUTDOWN_SECONDS)
+                for thread in threads:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            server.__exit__(None, None, None)
 
 
 def _allow_open_files() -> None:
@@ -1932,6 +1938,8 @@ def start_process_server() -> str | None:
             unwanted = ("titok_fast._server", "__main__")
             others = [name for name in server._preload_modules or [] if name not in unwanted]
             server.set_forkserver_preload(["titok_fast._server", *others])
+            if _inherited_temp_dir():  # (a process forked from a run: the server would remove the run's at its end)
+                multiprocessing.current_process()._config.pop("tempdir", None)
             _socket_folder()  # (the server's socket is made there)
             with _sigint_blocked(), _our_import_path(), _main_left_out():
                 server.ensure_running()
@@ -1963,10 +1971,11 @@ def stop_process_server() -> None:
         server = forkserver._forkserver
         if _SERVER_OWNER != os.getpid():
             return
-        pid, address = server._forkserver_pid, server._forkserver_address
-        _close_alive_pipe(server)
-        server._forkserver_pid = server._forkserver_address = None
-        server._preload_modules = _PRELOAD_BEFORE if _PRELOAD_BEFORE is not None else server._preload_modules
+        with server._lock:  # (multiprocessing's, which its own start and stop take)
+            pid, address = server._forkserver_pid, server._forkserver_address
+            _close_alive_pipe(server)
+            server._forkserver_pid = server._forkserver_address = None
+            server._preload_modules = _PRELOAD_BEFORE if _PRELOAD_BEFORE is not None else server._preload_modules
         _SERVER_OWNER = None
     if isinstance(address, str) and not address.startswith("\0"):  # (a path: its socket, as multiprocessing's own
         with contextlib.suppress(OSError):  # stop removes it)
@@ -1980,17 +1989,30 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
+_CALLS = 0  # streams of worker processes within process_server_stopped_after now
+_STOP_AT_END = False  # whether the first of them found no server of this process's running
+_CALLS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def process_server_stopped_after():
-    """Within: a process server started here (by a call that decodes in worker processes) is stopped at the end
-    (:func:`stop_process_server`), so that a library call leaves none behind; one this process had started before
-    (the command starts its own early, to overlap its imports with the model's loading) is left running."""
-    running = own_process_server()
+    """Within (a stream of worker processes: :func:`stream_videos`): a process server started while any such
+    stream runs is stopped when the last one ends (:func:`stop_process_server`), so that a library call leaves
+    none behind; one this process had started before (the command starts its own early, to overlap its imports
+    with the model's loading) is left running. Streams in several threads at once: counted, the server stopped
+    with the last (a stream's worker replaced late may start it again)."""
+    global _CALLS, _STOP_AT_END
+    with _CALLS_LOCK:
+        if _CALLS == 0:
+            _STOP_AT_END = not own_process_server()
+        _CALLS += 1
     try:
         yield
     finally:
-        if not running:
-            stop_process_server()
+        with _CALLS_LOCK:
+            _CALLS -= 1
+            if _CALLS == 0 and _STOP_AT_END:
+                stop_process_server()
 
 
 @contextlib.contextmanager
@@ -2123,6 +2145,18 @@ def _own_temp_dir() -> str:
     was given the run's own folder if the run had one, which must stay."""
     multiprocessing.current_process()._config.pop("tempdir", None)
     return _socket_folder()
+
+
+def _inherited_temp_dir() -> bool:
+    """Whether this process's multiprocessing folder is another process's, copied by a fork (a DataLoader's worker
+    forked from a run): a folder this process made has a finalizer of this process that removes it at exit."""
+    from multiprocessing import util
+
+    folder = multiprocessing.current_process()._config.get("tempdir")
+    if folder is None:
+        return False
+    mine = (f for f in list(util._finalizer_registry.values()) if getattr(f, "_pid", None) == os.getpid())
+    return not any(folder in (getattr(f, "_args", None) or ()) for f in mine)
 
 
 def _socket_folder() -> str:
