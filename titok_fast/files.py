@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -21,6 +20,11 @@ import threading
 import time
 import traceback
 import uuid
+
+try:
+    import fcntl
+except ImportError:  # Windows: the command refuses it in one line (cli.main), after this module's import
+    fcntl = None
 
 METADATA_KEY = "titok_fast"  # the safetensors metadata key holding our JSON, in token files and weights files
 FORMAT_VERSION = 1  # of that JSON; readers accept files of this version, whatever extra fields they carry
