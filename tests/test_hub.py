@@ -526,3 +526,20 @@ def test_a_cache_entry_converted_from_another_checkpoint_is_converted_again(tmp_
     shutil.copyfile(for_b, for_a)
     assert loading.converted(tmp_path / "a.ckpt", a.config) == for_a
     assert loading.read_safetensors_metadata(for_a)["source_sha256"] == hub.file_sha256(tmp_path / "a.ckpt")
+
+
+def test_a_cached_conversion_is_loaded_with_the_config_given_without_a_word(tmp_path, monkeypatch, capsys):
+    """A conversion in the cache is keyed by its checkpoint alone and stores the config of the load that made it:
+    a later load with another config (a Hub id's preset, where the first load gave --config) said "the config
+    given differs from the one it stores" at every run, of a file the user never made."""
+    from titok_fast import hub, loading
+    from titok_fast.config import TiTokConfig
+
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+    model = make_model("tiny")
+    lightning_checkpoint(tmp_path / "m.ckpt", model)
+    other = TiTokConfig(**{**model.config.__dict__, "fsq_levels": (8, 5, 5, 5, 5), "name": "custom"})
+    cached = loading.converted(tmp_path / "m.ckpt", other)  # (the first load's config, stored)
+    capsys.readouterr()
+    assert loading.load_state(cached, model.config)[0] == model.config
+    assert capsys.readouterr().err == ""

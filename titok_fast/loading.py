@@ -817,7 +817,10 @@ def load_state(
                         raise CheckpointError(f"{path}: is a token file (written by encode), not model weights; "
                                               "expected a .ckpt (.pt, .pth) or a .safetensors of weights")  # fmt: skip
             cfg = given if given is not None else _file_config(meta, path)
-            if given is not None and "config" in meta and given != (stored := _file_config(meta, path)):
+            # (not a conversion in the cache, which records source_sha256: keyed by its checkpoint alone, it stores
+            # the config of the first load that made it, not one of the weights')
+            if (given is not None and "config" in meta and "source_sha256" not in meta
+                    and given != (stored := _file_config(meta, path))):  # fmt: skip
                 _say_once(path, f"{path}: the config given differs from the one it stores in "
                                 f"{_differing(given, stored)}; the one given is used")  # fmt: skip
             check_config(cfg, str(path))
