@@ -82,6 +82,7 @@ cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 # with $OUT set, results are written to a scratch folder and packed into $OUT after every step (a run stopped from
 # outside keeps what was packed)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's titok_fast, for `python benchmarks/x.py` too
 if [ -n "${OUT:-}" ]; then out=$(mktemp -d "${TMPDIR:-/tmp}/titok-gpu-results.XXXXXX"); else out=gpu-results; fi
 scratch="${TMPDIR:-/tmp}/titok-gpu-videos"
 mkdir -p "$out" "$scratch"
@@ -106,6 +107,7 @@ limited() {  # limited NAME SECONDS COMMAND...: COMMAND cut off after SECONDS (k
     local status=$?
     cut_off "$status" "$name" "$seconds"
     echo "[$name: $((SECONDS - start)) s]"
+    pack  # what the step measured reaches $OUT now, not only at the end of its part (a call cut off keeps it)
     return $status
 }
 
@@ -117,8 +119,10 @@ prepare() {
         "$python" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], '| torch', \
 torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
     } > "$out/environment.txt" 2>&1
-    # the kernels/ folder installs as titok_fast.kernels: install the checkout itself (editable, offline)
-    if ! "$python" -c "import titok_fast.kernels" 2>/dev/null \
+    # the kernels/ folder installs as titok_fast.kernels: install the checkout itself (editable, offline), unless
+    # installed (looked at from outside the checkout: from within, its own titok_fast imports, but a script run as
+    # `python benchmarks/x.py` has benchmarks/ on its path, not the checkout; PYTHONPATH above covers those too)
+    if ! (cd / && env -u PYTHONPATH "$python" -c "import titok_fast.kernels") 2>/dev/null \
         && ! "$python" -m pip install --quiet --no-deps --no-index --no-build-isolation -e .; then
         echo "cannot install this checkout (pip install --no-deps --no-build-isolation -e .)" >&2
         exit 2
