@@ -65,9 +65,9 @@
 #   2. `attention fusions` (345 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
 #      LayerNorm kernel and the residual adds in the GEMM against the before), then, in what is left,
 #      `targets-model` (305 s at most) or `profile` (180 s). The limits are ceilings: on the H100 on
-#      2026-12-05 call 1's parts took 146 s together and `targets-model profile` 116 s. The two ceilings add up to more than
-#    15 minutes: call 2 fits only as call 1 ran (look at its time first); a machine is kept 30 s after a call, so
-#    the next call goes out at once (a fresh start costs 1-2 minutes).
+#      2026-12-05 call 1's parts took 146 s together and `targets-model profile` 116 s. The two ceilings add up
+#      to more than 15 minutes: call 2 fits only as call 1 ran (look at its time first); a machine is kept 30 s
+#      after a call, so the next call goes out at once (a fresh start costs 1-2 minutes).
 #
 # Its exit status is 0 whatever the parts gave (each part says how it ended, "[name: N s]" and any cut-off): read
 # what it printed, or the results (2: an unknown part, or a checkout or PyAV that cannot be installed).
