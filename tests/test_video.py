@@ -2807,9 +2807,10 @@ def test_a_library_call_leaves_no_process_server_behind_for_other_codes_processe
     package preloaded, and left it running: every process the caller forked afterwards (a DataLoader's workers with
     forkserver, Python 3.14's default start method on Linux) ignored Ctrl-C and had the server's preloads
     imported. The server is stopped when the last stream of worker processes ends, and multiprocessing's preloads
-    put back: after encode_files, after stream_videos, and after two encode_files in threads where the second
+    put back: after encode_files, after stream_videos, after two encode_files in threads where the second
     outlives the first (its stuck worker replaced after it: the first call's stop left the second's new server
-    behind). One started before (as the command starts it, early) is left running."""
+    behind), and in a process forked while a stream ran (it counts its own streams). One started before (as the
+    command starts it, early) is left running."""
     os.mkfifo(tmp_path / "pipe.mp4")
     (tmp_path / "hangs.mp4").write_text("ffconcat version 1.0\nfile 'pipe.mp4'\n")  # (a read that never returns)
     top = textwrap.dedent("""
@@ -2846,8 +2847,19 @@ def test_a_library_call_leaves_no_process_server_behind_for_other_codes_processe
                                                frames=4, height=32, width=32, fps=8):
                 list(feed)
 
+        def forked_while_streaming():  # (a DataLoader's worker forked while the run streams: its own stream's
+            running = video.stream_videos([{files["index24"]!r}], workers=1, prefetch=1,  # server ends with it)
+                                          worker_kind="process", frames=4, height=32, width=32, fps=8)
+            next(running)
+            child = multiprocessing.get_context("fork").Process(
+                target=lambda: stream() or print("child", forkserver._forkserver._forkserver_pid, flush=True))
+            child.start()
+            child.join()
+            running.close()
+
         for name, call in [("encode", lambda: encode([{files["index24"]!r}], "/c")), ("stream", stream),
-                           ("threads", in_threads), ("started before", lambda: encode([{files["index24"]!r}], "/d"))]:
+                           ("threads", in_threads), ("fork", forked_while_streaming),
+                           ("started before", lambda: encode([{files["index24"]!r}], "/d"))]:
             if name == "started before":
                 video.start_process_server()
             call()
@@ -2863,6 +2875,7 @@ def test_a_library_call_leaves_no_process_server_behind_for_other_codes_processe
     assert run.returncode == 0, out
     assert out.splitlines() == [  # (the preloads as the process was started: before it started its own server)
         "encode ['__main__'] False False", "stream ['__main__'] False False", "threads ['__main__'] False False",
+        "child None", "fork ['__main__'] False False",
         "started before ['titok_fast._server'] True True",  # the command's: kept
     ], out
 

@@ -1994,6 +1994,15 @@ _STOP_AT_END = False  # whether the first of them found no server of this proces
 _CALLS_LOCK = threading.Lock()
 
 
+def _no_calls_in_a_fork() -> None:
+    """A forked process (a DataLoader's worker forked while a stream ran) has none of its parent's streams."""
+    global _CALLS, _CALLS_LOCK
+    _CALLS, _CALLS_LOCK = 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_no_calls_in_a_fork)
+
+
 @contextlib.contextmanager
 def process_server_stopped_after():
     """Within (a stream of worker processes: :func:`stream_videos`): a process server started while any such
