@@ -1980,8 +1980,9 @@ def stop_process_server() -> None:
     if isinstance(address, str) and not address.startswith("\0"):  # (a path: its socket, as multiprocessing's own
         with contextlib.suppress(OSError):  # stop removes it)
             os.unlink(address)
-    if pid is not None:
-        threading.Thread(target=_reap, args=(pid,), name="titok-fast server reaper", daemon=True).start()
+    if pid is not None and not sys.is_finalizing():  # (at exit no thread starts, and none is needed)
+        with contextlib.suppress(RuntimeError):  # ("can't create new thread at interpreter shutdown")
+            threading.Thread(target=_reap, args=(pid,), name="titok-fast server reaper", daemon=True).start()
 
 
 def _reap(pid: int) -> None:
