@@ -2880,6 +2880,25 @@ def test_a_library_call_leaves_no_process_server_behind_for_other_codes_processe
     ], out
 
 
+def test_a_script_that_leaves_a_stream_of_worker_processes_open_exits(files, tmp_path):
+    """A stream left open at exit (a script's loop that raised, or stopped early) is closed while Python shuts down:
+    its server's stop then waited for ever, in 2 of 5 runs, on a lock a frozen daemon thread held, or on a thread
+    that could not start. At exit nothing is stopped: the server ends with the process."""
+    paths = [files[name] for name in ("index24", "moving", "index30", "moving")] * 2
+    for ending in ("raise RuntimeError('a bug in the loop')", "print(len(list(feed)))"):
+        run = _script(tmp_path, f"""
+            stream = video.stream_videos({[str(p) for p in paths]!r}, workers=4, prefetch=4, worker_kind="process",
+                                         frames=4, height=32, width=32, fps=8)
+            path, feed = next(stream)
+            {ending}
+        """, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            run.communicate(timeout=60)
+        finally:
+            run.kill()
+        assert run.returncode == (1 if ending.startswith("raise") else 0), ending
+
+
 @pytest.mark.parametrize("when", ["while-the-server-starts", "once-it-has-started"])
 def test_a_run_killed_before_its_first_worker_leaves_no_folder_and_its_server_ends(tmp_path, when):
     """The process server starts before the run's first file (while the model loads): a run killed then has no

@@ -1992,13 +1992,13 @@ def _reap(pid: int) -> None:
 
 _CALLS = 0  # streams of worker processes within process_server_stopped_after now
 _STOP_AT_END = False  # whether the first of them found no server of this process's running
-_CALLS_LOCK = threading.Lock()
+_CALLS_LOCK = threading.RLock()  # (a stream the garbage collector closes within it, in the same thread)
 
 
 def _no_calls_in_a_fork() -> None:
     """A forked process (a DataLoader's worker forked while a stream ran) has none of its parent's streams."""
     global _CALLS, _CALLS_LOCK
-    _CALLS, _CALLS_LOCK = 0, threading.Lock()
+    _CALLS, _CALLS_LOCK = 0, threading.RLock()
 
 
 os.register_at_fork(after_in_child=_no_calls_in_a_fork)
@@ -2019,10 +2019,12 @@ def process_server_stopped_after():
     try:
         yield
     finally:
-        with _CALLS_LOCK:
-            _CALLS -= 1
-            if _CALLS == 0 and _STOP_AT_END:
-                stop_process_server()
+        if not sys.is_finalizing():  # (a stream dropped at exit: a daemon thread frozen there may hold the locks
+            # for good; the server ends by itself when this process's end closes its pipe)
+            with _CALLS_LOCK:
+                _CALLS -= 1
+                if _CALLS == 0 and _STOP_AT_END:
+                    stop_process_server()
 
 
 @contextlib.contextmanager
