@@ -6,7 +6,7 @@ import math
 import os
 import re
 import reprlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any
 
@@ -136,6 +136,15 @@ class TiTokConfig:
     def training(self) -> SimpleNamespace:
         """Upstream's ``config.training.sampling.*`` (the fields read), as attributes."""
         return _namespace(self.to_dict()["training"])
+
+    def differences(self, other: TiTokConfig, label: str = "other") -> str:
+        """The fields (those compared: not ``name``) in which this config differs from ``other``, each with both
+        values: "fsq_levels [8, 8, 6, 5, 5] (<label> [7, 7, 7, 5, 5])"; "" if none."""
+        return ", ".join(
+            f"{f.name} {_plain(getattr(self, f.name))} ({label} {_plain(getattr(other, f.name))})"
+            for f in fields(self)
+            if f.compare and getattr(self, f.name) != getattr(other, f.name)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The upstream nested layout, readable back by :meth:`from_any`."""

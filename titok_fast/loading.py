@@ -779,20 +779,6 @@ def _taken_as_v1(path: Path) -> TiTokConfig:
     return TiTokConfig.from_any("v1")
 
 
-def _differing(given: TiTokConfig, stored: TiTokConfig) -> str:
-    """The fields in which two configs differ, with both values ("fsq_levels [8, 8, 6, 5, 5] (stored [7, 7, 7, 5,
-    5])")."""
-    fields = [name for name in ("patch_size", "fsq_levels", "encoder_size", "decoder_size", "max_grid",
-                                "num_token_range") if getattr(given, name) != getattr(stored, name)]  # fmt: skip
-    return ", ".join(
-        f"{name} {_plain(getattr(given, name))} (stored {_plain(getattr(stored, name))})" for name in fields
-    )
-
-
-def _plain(value: object) -> str:
-    return str(list(value)) if isinstance(value, tuple) else str(value)
-
-
 def load_state(
     path: str | os.PathLike, config: object | None = None, use_ema: bool = True
 ) -> tuple[TiTokConfig, dict[str, torch.Tensor], str, bool | None]:
@@ -822,7 +808,7 @@ def load_state(
             if (given is not None and "config" in meta and "source_sha256" not in meta
                     and given != (stored := _file_config(meta, path))):  # fmt: skip
                 _say_once(path, f"{path}: the config given differs from the one it stores in "
-                                f"{_differing(given, stored)}; the one given is used")  # fmt: skip
+                                f"{given.differences(stored, 'stored')}; the one given is used")  # fmt: skip
             check_config(cfg, str(path))
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())
