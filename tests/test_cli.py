@@ -541,6 +541,30 @@ def test_help_and_argument_errors_come_without_importing_torch():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_no_option_value_check_imports_torch(tmp_path):
+    """argparse checks option values before the command's signal handlers are in: a check that imported torch (as
+    --fps's once did, through the video module) left SIGTERM unhandled and Ctrl-C a traceback for the seconds of
+    that import. Every option's check of every command, on valid and invalid values, imports no torch."""
+    script = """if True:
+        import argparse, sys
+        import titok_fast.cli
+        checked = 0
+        for command, sub in titok_fast.cli.build_parser()._subparsers._group_actions[0].choices.items():
+            for action in sub._actions:
+                if callable(action.type):
+                    for text in ("8", "0.5", "1/2", "cpu", "cuda", "20x192x192", "128,256", "out", "", "x"):
+                        try:
+                            action.type(text)
+                        except (argparse.ArgumentTypeError, ValueError, TypeError):
+                            pass
+                    checked += 1
+                    assert "torch" not in sys.modules, f"{command} {action.option_strings}: torch imported"
+        assert checked >= 20, checked
+    """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 # the command as a terminal's foreground job runs it, Ctrl-C included: a test run started in the background (by a
 # shell without job control, or nohup) ignores SIGINT, which its children would inherit, and the command then
 # leaves Ctrl-C alone (not for it)

@@ -28,8 +28,10 @@ from typing import NamedTuple
 from . import __version__
 from .files import (
     DEBUG_ENV,
+    MAX_FPS,
     MAX_RAY_RETRIES,
     MAX_SEED,
+    MIN_WRITE_FPS,
     STALL_SECONDS,
     Terminated,
     absolute,
@@ -74,9 +76,6 @@ def _counts(text: str) -> list[int]:
 def _fps(text: str) -> float:
     """A sampling rate: in (0, MAX_FPS], and not below the slowest rate a video is written at (decode writes the clips
     at it; far below, a clip's seconds overflow)."""
-    from .video import MAX_FPS
-    from .writing import MIN_WRITE_FPS
-
     try:
         value = float(text)
     except ValueError:

@@ -33,6 +33,9 @@ MAX_SEED = 10**18 - 1  # of random weights: token files record the seed in at mo
 # the decoder cannot get through): it fails alone and its worker is replaced. No sound clip takes minutes to decode.
 STALL_SECONDS = 300.0
 MAX_RAY_RETRIES = 1000  # a decode task's retries, an encode actor's restarts: past any real need, within Ray's ints
+# here, not in video or writing (which import torch), as the command line checks --fps before its signal handlers
+MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
+MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
 
 
 def escaped(text: str) -> str:

@@ -78,7 +78,7 @@ from .decoders import (
     tag,
     video_stream,
 )
-from .files import STALL_SECONDS, notice, show_traceback
+from .files import MAX_FPS, STALL_SECONDS, notice, show_traceback
 from .preprocess import UPLOADS, I420Clip, clip_pixels, i420_rgb, normalize_pixels, placement, resized_size
 from .stages import CLOCK
 
@@ -86,7 +86,6 @@ T = TypeVar("T")
 TAIL_POLICIES = ("drop", "pad")
 SAMPLINGS = ("upstream", "time")
 ROTATIONS = ("stored", "display")  # frames as stored (upstream), or turned as the container says to show them
-MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 # the largest source frame read, and the largest frame resized (short side to the clip's larger side, before the
 # crop), in pixels of a square of this side (8192 x 8192, beyond 8K): a 16384 x 16384 frame would take some 4 GB
 # per decoding worker once converted and resized (RGB, float32); a file that declares or grows to more fails alone

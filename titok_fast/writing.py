@@ -11,10 +11,9 @@ import av
 import torch
 import torch.nn.functional as F
 
-from .files import AtomicFile
+from .files import MIN_WRITE_FPS, AtomicFile
 from .video import check_fps
 
-MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
 WRITTEN_COLORSPACE = 6  # AVCOL_SPC_SMPTE170M: the BT.601 matrix (color_range 1: AVCOL_RANGE_MPEG, limited)
 
 
