@@ -492,6 +492,11 @@ def test_fsq_levels_are_taken_where_upstreams_float32_indices_are_exact():
         check_config(TiTokConfig(fsq_levels=(26, 5)), "m.ckpt")
     with pytest.raises(CheckpointError, match=r"make 65536 codes; at most 32768 \(token files store indices as int16"):
         check_config(TiTokConfig(fsq_levels=(64, 32, 32)))
+    from titok_fast import TiTok  # a model built from a config refuses what loading refuses, before any weight
+
+    for levels, said in (((26, 5), r"level\(s\) \[26\] inexactly"), ((8,) * 6, "make 262144 codes")):
+        with pytest.raises(CheckpointError, match=r"^config: fsq_levels .*" + said):
+            TiTok(TiTokConfig(fsq_levels=levels, encoder_size="tiny_thin", decoder_size="tiny_thin"))
 
 
 # Crafted pickles and archives: each builds a file torch.save never writes, in a few bytes where possible.

@@ -414,6 +414,9 @@ class TiTok(nn.Module):
         self._generation = 0  # see generation
         self._parameter_slots: tuple[int, list] = (-1, [])  # (_registrations, (module's parameters, name) pairs)
         self.config = TiTokConfig.from_any(config)
+        from .loading import check_config  # (here: loading imports this module)
+
+        check_config(self.config)  # what loading refuses (inexact FSQ levels, codebooks past int16, ...) refused here
         self.quantize = FSQ(self.config.fsq_levels)
         self._runtime = Runtime(backend, self.quantize)
         self.encoder = Encoder(self.config, self._runtime)
