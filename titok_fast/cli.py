@@ -912,7 +912,9 @@ def _add_model_args(
 
 
 def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
-    p.add_argument("--grid", type=_grid, default=None, help="clip size TxHxW, e.g. 20x192x192 (default: config)")
+    p.add_argument(
+        "--grid", type=_grid, default=None, help="clip size TxHxW (default: the config's max_grid, 20x192x192 for v1)"
+    )
     if tokens:
         p.add_argument("--tokens", type=_positive, default=256, help="latent tokens per clip (default 256)")
     p.add_argument("--fps", type=_fps, default=8.0, help="frames per second sampled from the video (default 8)")
