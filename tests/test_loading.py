@@ -1,6 +1,7 @@
 """Loading weights: Lightning checkpoints without running their code, safetensors with the config inside."""
 
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -21,7 +22,7 @@ class RunsACommand:
         self.marker = marker
 
     def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)  # (a temporary folder may hold a space)
 
 
 def lightning_checkpoint(path, model, marker=None, ema=True, extra=None):
@@ -976,7 +977,9 @@ def test_random_weights_take_only_seeds_a_token_file_can_record_and_leave_the_ca
     torch.manual_seed(123)
     random_tokenizer("tiny", seed=5)
     assert torch.equal(torch.rand(3), expected)
-    assert random_tokenizer("tiny", seed=7).weights_digest == "random-seed7-9341808e1c685b29"  # the weights of before
+    # the weights of before, on x86 CPUs with AVX2 or AVX-512 (what torch's float32 random fills give there; torch's
+    # scalar kernels, ATEN_CPU_CAPABILITY=default, draw others, which decode refuses by their digest)
+    assert random_tokenizer("tiny", seed=7).weights_digest == "random-seed7-9341808e1c685b29"
 
 
 def test_weights_that_record_no_config_are_read_as_v1_and_said_to_be(tiny, tmp_path, capsys):
