@@ -28,7 +28,7 @@ from titok_fast.loading import random_tokenizer
 from titok_fast.metrics import psnr, ssim
 from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode_resiliently, evaluate
 from titok_fast.tokens import load_tokens
-from titok_fast.video import read_clips, video_comment
+from titok_fast.video import READER, read_clips, video_comment
 from titok_fast.writing import VideoWriter, write_video
 
 from graph_capture import FakeCUDAGraph, engine_for
@@ -890,6 +890,7 @@ def test_preprocessing_on_the_device_gives_the_same_tokens_and_says_so(model, so
         assert (a.made_with["preprocessed_on"], b.made_with["preprocessed_on"]) == ("cpu", "device")
         assert b.made_with.pop("source_stamp")  # the source's size and mtime, as it was opened
         assert b.made_with.pop("made_by") == f"titok-fast {__version__}"
+        assert b.made_with.pop("reader") == READER  # the reader's latest fix, for the record
         assert b.made_with == {
             "decoder": "cpu", "decoded_by": "cpu", "preprocess": "device", "preprocessed_on": "device",
             "device": "cpu", "dtype": "float32", "backend": "torch", "mode": "auto",
@@ -927,6 +928,30 @@ def test_resume_redoes_files_made_another_way_and_loads_files_without_provenance
     assert "made_with" not in header and header["version"] == 1
     assert load_tokens(out).made_with == {} and torch.equal(load_tokens(out).indices, old.indices)
     assert run(preprocess="device").done  # loads, but cannot say how it was made: redone, never mixed
+
+
+def test_a_resume_says_how_many_kept_token_files_an_earlier_reader_made(model, sources, tmp_path, capsys):
+    """A reader's fix (damage concealed otherwise, a file cut short failed, a chunk's picks) gives some files other
+    clips; it is not part of the resume key, which would redo every file of every dataset. A resume keeps the files
+    an earlier reader made (or that record none) and says how many, once, with what redoes them; files this
+    reader made, or a later one, say nothing."""
+    files = [(sources["short"], "short"), (sources["odd"], "odd")]
+    settings = ClipSettings(grid=(4, 32, 32), tokens=8, fps=8.0, tail="pad")
+
+    def run():
+        return encode_files(model, Engine(model, max_clips=3), files, tmp_path, settings, workers=1)
+
+    assert len(run().done) == 2
+    assert len(run().skipped) == 2 and "reader" not in capsys.readouterr().err
+    before = {name: load_tokens(tmp_path / f"{name}.safetensors") for _, name in files}
+    for readers, said in (((None, "2026-12-02"), 2), ((READER, "2999-01-01"), 0), ((None, "9999"), 1)):
+        for (name, old), reader in zip(before.items(), readers, strict=True):
+            made = {k: v for k, v in old.made_with.items() if k != "reader"} | ({"reader": reader} if reader else {})
+            pipeline.save_tokens(tmp_path / f"{name}.safetensors", dataclasses.replace(old, made_with=made))
+        summary, err = run(), capsys.readouterr().err
+        assert len(summary.skipped) == 2 and not summary.done  # kept
+        assert (f"{said} token file(s) kept (such as " in err) == (said > 0) and err.count("reader") == (said > 0)
+        assert not said or f"earlier than this version's ({READER})" in err and "--overwrite redoes them" in err
 
 
 def test_a_resume_redoes_a_token_file_damaged_since_it_was_written(model, sources, tmp_path):

@@ -76,6 +76,7 @@ from .tokens import (
 )
 from .video import (
     MAX_FPS,
+    READER,
     TIME_SAMPLING,
     ClipReader,
     FeedInterleaver,
@@ -725,6 +726,7 @@ def plan_outputs(
         model.weights_digest = weights_digest(model.state_dict())
     todo, wanted = [], _wanted(model, mode, settings, device)
     renamed: list | None = None  # inputs complete under another output name, and the first of them
+    earlier: list | None = None  # token files kept that an earlier reader made, and the first of them
     temporaries: dict[Path, dict[str, list[str]]] = {}  # output folder -> its temporaries and files set aside
     inputs: dict[str, Path] | None = None  # this job's inputs (absolute) -> token files, made when first needed
     if not overwrite:
@@ -765,6 +767,9 @@ def plan_outputs(
                 gone = why == "" and (stamp if stamp is not None else source_stamp(path)) == ""
                 if why == "" and not overwrite and not gone:  # (a source gone fails alone, its token file kept)
                     manifest.skipped(path, out)
+                    if done is not None and _earlier_reader(done):
+                        earlier = earlier or [0, out]
+                        earlier[0] += 1
                 else:
                     todo.append((path, out))
                     manifest.planned(out, entry)
@@ -785,6 +790,10 @@ def plan_outputs(
             notice(f"{renamed[0]} input(s) this folder's manifest says were encoded as other token files (such as "
                    f"{renamed[1]}) are encoded again under the names given now: a list names a file by its stem, a "
                    "folder by its path under it; give the inputs as before to keep those token files")  # fmt: skip
+        if earlier:
+            notice(f"{earlier[0]} token file(s) kept (such as {earlier[1]}) were made by a reader earlier than this "
+                   f"version's ({READER}), whose fixes since give other clips for some damaged, cut-short or "
+                   "resampled files (README, Clips): --overwrite redoes them")  # fmt: skip
     except BaseException as e:
         with interrupts_held():  # a second interrupt waits for the list to be complete
             manifest.list_not_encoded(todo, stop_reason(e, " while checking outputs"))
@@ -794,6 +803,13 @@ def plan_outputs(
         bar.close()
         manifest.forget_settled()
     return todo
+
+
+def _earlier_reader(done: TokenFile) -> bool:
+    """Whether ``done`` was made by a reader earlier than this version's (video.READER; files made before readers
+    were recorded included), so that a fix since may give its source other clips."""
+    reader = done.made_with.get("reader")
+    return not isinstance(reader, str) or reader < READER  # (days as YYYY-MM-DD: their order is the strings')
 
 
 CHECKING_SHOWN_AFTER = 2.0  # seconds: checking the outputs of a run that takes less shows no bar
@@ -1708,6 +1724,7 @@ def made_with(
         made.update(decoded_by=decoded_by, preprocessed_on=preprocessed_on)
     if source_stamp:
         made["source_stamp"] = source_stamp
+    made["reader"] = READER  # not compared on resume: a resume says how many files an earlier reader made
     made["made_by"] = f"titok-fast {__version__}"  # for the record: not compared on resume
     return made
 

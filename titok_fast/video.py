@@ -2663,6 +2663,15 @@ def _too_long(path: str, at: Fraction, frames: int, fps: float, which: str = "")
 TIME_SAMPLING = "ms-stamps"
 _EARLIER_TIME_SAMPLING = "ms-rounding"
 
+# The day of the latest change to how files become clips that gives some files other clips (a reader that erred on
+# them): token files record it (``made_with["reader"]``). 2026-12-07: damage the H.264 decoder conceals is concealed
+# in pruned decoding as full decoding conceals it; 2026-12-05: each chunk's picks are numpy.linspace of that chunk,
+# as upstream's; 2026-12-02: a file shorter than its container declares fails as cut short. Not part of the resume
+# key (each change touched a few damaged or unusual files, and a new key would redo every file of every dataset):
+# a resume says how many of the token files it keeps an earlier reader made, and --overwrite redoes them. Changed
+# with any such change.
+READER = "2026-12-07"
+
 
 def same_time_sampling(recorded: object, fps: float) -> bool:
     """Whether sampling "time" by the rule a token file ``recorded`` (its ``time_sampling``), at ``fps``, picks
