@@ -662,8 +662,8 @@ def exact_fsq_level(level: int) -> bool:
     no exact fast path gives. Levels past MAX_CODEBOOK_SIZE (token files store int16) are not looked at."""
     if not 2 <= level <= MAX_CODEBOOK_SIZE:
         return False
-    half = torch.tensor(level // 2, dtype=torch.float32)
-    q = torch.arange(-(level // 2), level - level // 2, dtype=torch.float32)
+    half = torch.tensor(level // 2, dtype=torch.float32, device="cpu")  # (whatever device is the default: a model
+    q = torch.arange(-(level // 2), level - level // 2, dtype=torch.float32, device="cpu")  # built on meta checks it)
     return torch.equal(q / half * half + half, q + half)
 
 
