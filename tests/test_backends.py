@@ -176,3 +176,32 @@ def test_the_compile_constant_mark_is_torchs_and_no_run_imports_dynamo_before_it
                "sys.modules)"  # fmt: skip
     said = subprocess.run([sys.executable, "-c", imported], capture_output=True, text=True, check=True).stdout
     assert said == "False\n"
+
+
+@pytest.mark.parametrize("where", ["key", "value"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_key_or_value_in_one_clip_of_a_fixed_shape_batch_stays_in_that_clip(where, bad):
+    """The fixed-shape path attends over the whole batch under a mask, where a masked weight (0, or -inf before
+    the softmax) meets another clip's NaN or inf as NaN: one clip's bad values made every clip of its batch NaN,
+    which the packed path's per-clip kernels never do. The other clips get what they get without them, to the
+    bit; the bad clip is NaN all over, as a varlen kernel leaves it."""
+    from titok_fast.config import StackSize
+    from titok_fast.layers import Layers, perturb_norms
+    from titok_fast.packing import PackingCache, StaticBatch
+
+    torch.manual_seed(0)
+    stack = Layers(StackSize("small", 1, 2, 1, 2.0))
+    perturb_norms(stack)
+    attn = stack.attn_layer[0]
+    cache = PackingCache()
+    pack = cache.packing([3, 2, 2], [(2, 2, 2), (1, 2, 2), (1, 1, 1)], torch.device("cpu"))
+    cos, sin = cache.tables(pack.max_position, "cpu")
+    batch = StaticBatch(pack.cu_seqlens, pack.positions, torch.zeros(pack.rows, dtype=torch.bool), cos, sin)
+    qkv = torch.randn(pack.rows, 4 * 64)  # 2 query heads, then 1 key head and 1 value head of 64
+    with torch.no_grad():
+        clean = TORCH.attention_static(attn, qkv, batch)
+        (s0, e0), (s1, e1), (s2, e2) = pack.seq_bounds
+        qkv[s1 + 1, (2 if where == "key" else 3) * 64 + 5] = bad  # one value of a row of clip 1
+        got = TORCH.attention_static(attn, qkv, batch)
+    assert torch.equal(got[s0:e0], clean[s0:e0]) and torch.equal(got[s2:e2], clean[s2:e2])
+    assert got[s1:e1].isnan().all() and not clean.isnan().any()

@@ -258,6 +258,25 @@ def test_fp8_runs_natively_only_on_a_cuda_gpu_with_fp8_and_bf16():
         check_fp8_runs("cpu", torch.bfloat16)
 
 
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0)], ids=lambda c: f"{c[0]}.{c[1]}")
+def test_fp8_runs_natively_from_compute_capability_8_9_and_in_bf16_only(monkeypatch, capability):
+    """FP8 GEMMs are native from Ada (8.9) on; an A100 (8.0) or an RTX 30 (8.6) only emulates them, slower than the
+    default precision, and the FP8 kernels take bf16 activations only. The GPU's capability is as CUDA reports it
+    (here made up: no GPU is needed to ask)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    if capability < (8, 9):
+        with pytest.raises(ValueError, match=rf"^precision fp8 needs a CUDA GPU of compute capability 8\.9 or newer; "
+                                             rf"cuda:1 has {capability[0]}\.{capability[1]}$"):  # fmt: skip
+            check_fp8_runs("cuda:1", torch.bfloat16)
+    else:
+        check_fp8_runs("cuda:1", torch.bfloat16)
+        for dtype in (torch.float16, torch.float32):
+            with pytest.raises(ValueError, match=rf"^precision fp8 runs with bf16 activations .* model is {dtype}$"):
+                check_fp8_runs("cuda:1", dtype)
+    assert asked and all(device == torch.device("cuda", 1) for device in asked)  # the model's GPU, not another
+
+
 SHAPES = [(4, 16, 16), (8, 32, 24), (4, 8, 8)]
 COUNTS = [5, 16, 3]
 

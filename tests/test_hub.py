@@ -30,7 +30,8 @@ GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8", "--device", "cpu"]
 
 def hub_cache(home, repo_id: str, files: dict) -> None:
     """The standard cache layout under `home`: hub/models--owner--name/{refs/main, blobs/<sha256>,
-    snapshots/<commit>/<file> -> ../../blobs/<sha256>}, as `hf download` leaves it."""
+    snapshots/<commit>/<file> -> ../../blobs/<sha256>}, as `hf download` leaves it (a file in a sub-folder of the
+    repository, "sub/model.ckpt", in that sub-folder of the snapshot, linked to the blob from there)."""
     repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
@@ -40,7 +41,23 @@ def hub_cache(home, repo_id: str, files: dict) -> None:
         data = source.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        os.symlink(os.path.relpath(blob, repo / "snapshots" / COMMIT), repo / "snapshots" / COMMIT / name)
+        link = repo / "snapshots" / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+
+
+@pytest.fixture
+def hub_library(tmp_path, monkeypatch):
+    """huggingface_hub, in this process, offline with its cache, token and stored tokens under tmp_path / "hf" (where
+    hub_cache(tmp_path / "hf", ...) builds a cache): it reads its settings as it is imported, and download() asks
+    its constants at every call."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    for name, value in [("HF_HUB_CACHE", home / "hub"), ("HF_TOKEN_PATH", home / "token"),
+                        ("HF_STORED_TOKENS_PATH", home / "stored_tokens"), ("HF_HUB_OFFLINE", True)]:  # fmt: skip
+        monkeypatch.setattr(constants, name, str(value) if isinstance(value, os.PathLike) else value)
+    return home
 
 
 def environment(tmp_path, **extra) -> dict:
@@ -78,6 +95,7 @@ def hub(tmp_path_factory):
         ("model.ckpt", None),
         ("/abs/owner/name", None),
         ("owner/name:../../etc/passwd", None),
+        ("owner/name:/etc/passwd", None),  # a file of the repository is named from its root, never an absolute path
         ("owner/name@../../../../tmp/secret", None),  # huggingface_hub would read refs/<revision> from its cache
         ("owner/name@refs/../x", None),
         ("owner/name@.hidden", None),
@@ -98,6 +116,20 @@ def test_an_existing_local_path_wins_and_hf_scheme_is_strict(tmp_path, monkeypat
         parse_hub_ref("hf://owner/name:../x")
     with pytest.raises(ValueError, match="not a Hub reference"):
         parse_hub_ref("hf://owner/name@../../../../tmp/secret:model.ckpt")
+    with pytest.raises(ValueError, match="not a Hub reference"):
+        parse_hub_ref("hf://owner/name:/etc/passwd")
+
+
+def test_only_a_whole_commit_pins_a_hub_reference():
+    """decode fetches the Hub file a stranger's token file names only when it is pinned to a commit: 40 hex digits
+    and nothing more, since a longer name (a branch that starts with a commit's digits) moves."""
+    from titok_fast.hub import is_pinned
+
+    assert is_pinned(f"hf://{REPO}@{COMMIT}:model.ckpt") and is_pinned(f"hf://{REPO}@{COMMIT}:sub/w.safetensors")
+    for text in (f"hf://{REPO}@{COMMIT}xyz:model.ckpt", f"hf://{REPO}@{COMMIT}0:model.ckpt",
+                 f"hf://{REPO}@{COMMIT[:-1]}:model.ckpt", f"hf://{REPO}@main:model.ckpt", f"hf://{REPO}:model.ckpt",
+                 f"{REPO}@{COMMIT}:model.ckpt"):  # fmt: skip
+        assert not is_pinned(text), text
 
 
 def test_an_unknown_repository_needs_a_config():
@@ -259,6 +291,80 @@ def test_a_hub_safetensors_brings_its_own_config(tmp_path, monkeypatch):
     assert not (tmp_path / "converted").exists()
 
 
+def test_weights_in_a_sub_folder_of_a_hub_repository_resolve_pinned_to_their_commit(tmp_path, hub_library):
+    """``owner/name:sub/model.ckpt``: the snapshot's file is a folder deeper, and the commit is the name of the
+    folder above the file's path in the repository, not of the file's own folder ("sub", no commit: refused as a
+    damaged cache)."""
+    from titok_fast.hub import download
+
+    (tmp_path / "w.ckpt").write_bytes(b"weights")
+    hub_cache(hub_library, REPO, {"sub/model.ckpt": tmp_path / "w.ckpt", "a/b/c.ckpt": tmp_path / "w.ckpt"})
+    snapshot = hub_library / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    for name in ("sub/model.ckpt", "a/b/c.ckpt"):
+        local, pinned = download(parse_hub_ref(f"{REPO}:{name}"))
+        assert local == snapshot / name and local.read_bytes() == b"weights"
+        assert pinned == HubRef(REPO, COMMIT, name) and str(pinned) == f"hf://{REPO}@{COMMIT}:{name}"
+
+
+@pytest.mark.parametrize("error, status", [("RepositoryNotFoundError", 404), ("HfHubHTTPError", 404),
+                                           ("HfHubHTTPError", 403)])  # fmt: skip
+def test_a_hub_that_refuses_a_file_is_a_one_line_error_naming_the_weights(hub_library, monkeypatch, error, status):
+    """A repository that is not there (a typo), private (403) or any other HTTP error of the Hub ended the run with
+    the library's traceback and its several lines: one line now, naming the weights and the Hub's first line."""
+    import types
+
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from titok_fast.hub import download
+
+    first = f"{status} Client Error. (Request ID: Root=1-abc)"
+
+    def refused(*args, **kwargs):  # (huggingface_hub's function, as download() imports it at each call)
+        response = types.SimpleNamespace(status_code=status, headers={}, request=None)  # (what the error reads)
+        raise getattr(errors, error)(f"{first}\n\nRepository Not Found for url: https://huggingface.co/x",
+                                     response=response)  # fmt: skip
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refused)
+    with pytest.raises(ValueError) as raised:
+        download(parse_hub_ref("someone/typo@v2:sub/w.ckpt"))
+    assert str(raised.value) == f"weights hf://someone/typo@v2:sub/w.ckpt cannot be fetched from the Hub: {first}"
+
+
+def test_a_hub_is_reachable_when_it_answers_whatever_it_answers(monkeypatch):
+    """The Hub is asked once, briefly, whether it is there before huggingface_hub is (which retries an unreachable
+    Hub for half a minute): an answer with an error status (a HEAD the endpoint does not allow, 405) is an answer,
+    and the library then fetches as usual; a port nobody listens on is no answer, and the cache is used."""
+    import http.server
+    import socket
+    import threading
+
+    from titok_fast.hub import _reachable
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(405)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # (a proxy would answer for a closed port)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert _reachable(f"http://127.0.0.1:{server.server_port}", 10.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert not _reachable(f"http://127.0.0.1:{port}", 10.0)
+
+
 def test_a_cached_hub_file_is_keyed_by_its_blob_name_other_files_by_their_bytes(hub, tmp_path):
     from titok_fast.hub import file_sha256
 
@@ -312,6 +418,23 @@ def test_a_cached_file_that_is_not_a_regular_file_is_refused_before_it_is_read(t
         with pytest.raises(ValueError, match=rf"^{link} is not a regular file \(it is {what}, where its links lead\)"):
             converted(link, TiTokConfig.from_any("tiny"))
     assert not (tmp_path / "converted").exists()
+
+
+def test_a_file_swapped_for_a_fifo_after_its_check_is_refused_as_opened(tmp_path, monkeypatch, within_seconds):
+    """A file is checked before it is opened and again on what was opened: a FIFO put in its place between the two
+    (here: a path whose look says "regular file") is refused in one line once opened, not read from (which would
+    wait for a writer for ever)."""
+    from titok_fast.hub import open_regular
+
+    regular, fifo = tmp_path / "w.ckpt", tmp_path / "swapped.ckpt"
+    regular.write_bytes(b"weights")
+    os.mkfifo(fifo)
+    stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: stat(regular if str(path) == str(fifo) else path, *a, **k))
+    with pytest.raises(ValueError, match=rf"^{fifo} is not a regular file \(it is a FIFO, where its links lead\)"):
+        open_regular(fifo).close()
+    with open_regular(regular) as f:
+        assert f.read() == b"weights"
 
 
 def test_a_cache_entry_is_used_only_as_the_conversion_of_the_checkpoint_it_records(hub, tmp_path, monkeypatch):
@@ -373,6 +496,21 @@ def test_a_small_file_the_hub_library_reads_whole_is_refused_unless_it_is_small(
     what = {"sparse": "a file of 67,108,864 bytes", "fifo": "a FIFO"}[kind]
     assert run.returncode == 2 and not (tmp_path / "t").exists() and not (tmp_path / "converted").exists()
     assert f"{path} is {what}" in run.stderr and "expected a regular file of at most" in run.stderr, run.stderr
+
+
+def test_the_ref_of_a_branch_named_is_checked_as_the_default_branchs(tmp_path, hub_library):
+    """``owner/name@dev`` has huggingface_hub read refs/dev whole, as it reads refs/main for the default branch: a
+    sparse one of 64 MiB is refused in one line before the library is called, as refs/main is."""
+    from titok_fast.hub import download
+
+    (tmp_path / "w.ckpt").write_bytes(b"weights")
+    hub_cache(hub_library, REPO, {DEFAULT_FILE: tmp_path / "w.ckpt"})
+    ref = hub_library / "hub" / f"models--{REPO.replace('/', '--')}" / "refs" / "dev"
+    with open(ref, "wb") as f:
+        f.truncate(64 << 20)
+    with pytest.raises(ValueError, match=rf"^the Hugging Face cache's ref {ref} is a file of 67,108,864 bytes, where"):
+        download(parse_hub_ref(f"{REPO}@dev"))
+    assert download(parse_hub_ref(REPO))[1] == HubRef(REPO, COMMIT)  # (refs/main, small, is read)
 
 
 def test_a_cached_file_that_leads_out_of_its_repositorys_folder_is_refused(hub, tmp_path):

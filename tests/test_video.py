@@ -683,6 +683,36 @@ def test_pruned_frames_notice_a_needed_frame_that_does_not_come_out(long_moving)
         list(decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed))
 
 
+def test_pruned_frames_notice_a_needed_frame_past_the_streams_end(long_moving):
+    """An index with a last packet whose frame never comes out (a stream cut short after it was indexed): the frames
+    before it all come out in order, so only the end of the stream can tell that the needed last frame is missing;
+    it is a mismatch (the reader then decodes every frame), not a clip quietly a frame short."""
+    from titok_fast import decoders
+
+    real = decoders.stream_index(long_moving).order
+    order = np.append(real, real[-1] + 1)
+    needed = np.zeros(len(order), dtype=bool)
+    needed[[3, len(real) - 1, len(real)]] = True
+    with av.open(long_moving) as container, pytest.raises(
+        decoders.PruneMismatch, match=f"^the stream ended at frame {len(real) - 1}, before needed frame {len(real)}$"
+    ):
+        list(decoders.pruned_frames(container, container.streams.video[0], order, lambda: needed))
+
+
+def test_interlaced_frames_get_no_i420_matrix(tmp_path):
+    """libswscale converts each field of an interlaced picture apart, which the GPU's I420 conversion does not: such
+    a frame goes up as RGB converted here (its stream may say nothing of it: each frame is checked), where the same
+    pictures encoded progressive go up as I420."""
+    from titok_fast.decoders import frame_i420_matrix
+
+    for name, x264, matrix in (("progressive", "", "bt601"), ("interlaced", "interlaced=1:tff=1", None)):
+        path = videos.make_video(tmp_path / f"{name}.mp4", 4, 48, 64, fps=8, x264=x264)
+        with av.open(str(path)) as container:
+            frames = list(container.decode(video=0))
+        assert len(frames) == 4 and all(frame.interlaced_frame == (matrix is None) for frame in frames)
+        assert [frame_i420_matrix(frame) for frame in frames] == [matrix] * 4
+
+
 def test_a_segment_decoding_every_frame_notices_a_packet_that_gave_no_frame(gops):
     """Decoding from the start numbers frames by their count, a segment from a cut by its packets' index: where a
     packet gives no frame the two disagree from there on, so decoding every frame from the cut, a frame missing
