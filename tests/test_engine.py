@@ -574,6 +574,7 @@ def test_a_graph_that_failed_to_instantiate_goes_with_the_engines_others(monkeyp
     model = make_model("tiny")
     engine = engine_for(model, "layout", monkeypatch, budgets=(128,), max_clips=4)
     engine.encode(videos[:2], COUNTS[:2])  # one graph
+    gc.collect()  # (earlier tests' engines, left in cycles, reset their graphs now, not into `resets`)
     resets, end = [], FakeCUDAGraph.capture_end
     monkeypatch.setattr(FakeCUDAGraph, "reset", lambda self: resets.append(self))
 

@@ -7,9 +7,11 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -2604,14 +2606,24 @@ def test_clips_that_find_no_room_in_shared_memory_come_through_the_pipe(files, c
     assert not [n for n in os.listdir(video.SHARED_MEMORY) if n.startswith(tuple(workers))]
 
 
+@pytest.fixture
+def short_tmp():
+    """A folder of /tmp short enough for a worker's sockets (video.SOCKET_PATH_MAX) whatever $TMPDIR is: under a
+    longer tmp_path (a CI's $TMPDIR) the worker's multiprocessing folder is made in /tmp instead, not there."""
+    folder = Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_worker_processes_are_forked_from_a_server_that_has_imported_torch_and_keep_the_runs_environment(
-    files, tmp_path, monkeypatch
+    files, short_tmp, monkeypatch
 ):
     """A spawned worker imported torch itself (2.5 CPU-s each, 40 for 16 workers); forked from a server that has
     imported it, it starts ready. It has the run's environment when it was started, not the server's: its
     multiprocessing folder is made in the run's $TMPDIR of then."""
     from multiprocessing import forkserver
 
+    tmp_path = short_tmp
     video.start_process_server()  # (under the $TMPDIR of before)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
@@ -3047,22 +3059,24 @@ def test_the_process_server_is_started_without_the_runs_main_module(tmp_path, mo
     assert "__main__" not in forkserver._forkserver._preload_modules
 
 
-def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_ended_run(tmp_path):
+def test_the_process_server_finds_its_socket_and_removes_only_a_folder_of_its_ended_run(short_tmp):
     """``titok_fast._server``'s parts: the folder of the process's listening Unix socket (none where it has none);
     a folder removed only from the server itself, only if the run has ended, and only a multiprocessing one."""
     from titok_fast import _server
+
+    tmp_path = short_tmp  # (a socket's path holds 107 bytes at most)
 
     found = _script(tmp_path, f"""
         import socket
         from titok_fast import _server
         with socket.socket(socket.AF_UNIX) as sock:
-            print(_server.listening_folder(), end=" ")
+            print(_server.listening_folder())
             sock.bind({str(tmp_path / "listener")!r})
-            print(_server.listening_folder(), end=" ")  # (not listening yet)
+            print(_server.listening_folder())  # (not listening yet)
             sock.listen()
             print(_server.listening_folder(), flush=True)
     """).communicate(timeout=60)[0]  # fmt: skip
-    assert found.split() == ["None", "None", str(tmp_path)]
+    assert found.splitlines() == ["None", "None", str(tmp_path)]  # (a $TMPDIR may hold spaces)
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     folders = {name: tmp_path / name for name in ("pymp-a", "pymp-b", "pymp-c", "other")}
@@ -3204,9 +3218,10 @@ def _running(pid: int) -> bool:
     return not video._ended(pid)
 
 
-def test_a_worker_process_that_dies_fails_its_file_only(files, tmp_path, monkeypatch):
+def test_a_worker_process_that_dies_fails_its_file_only(files, short_tmp, monkeypatch):
     """... and the run removes the dead one's multiprocessing folder, its own (a worker process is given the
     run's folder if the run has one, which must stay: removing it lost every later clip of that worker)."""
+    tmp_path = short_tmp
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' (given the run's environment: they read it anew)
     own = multiprocessing.util.get_temp_dir()  # the run has a folder of its own
     before = set(multiprocessing.active_children())  # (one an earlier test's stream is still ending)
