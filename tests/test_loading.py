@@ -979,7 +979,8 @@ def test_random_weights_take_only_seeds_a_token_file_can_record_and_leave_the_ca
     assert torch.equal(torch.rand(3), expected)
     # the weights of before, on x86 CPUs with AVX2 or AVX-512 (what torch's float32 random fills give there; torch's
     # scalar kernels, ATEN_CPU_CAPABILITY=default, draw others, which decode refuses by their digest)
-    assert random_tokenizer("tiny", seed=7).weights_digest == "random-seed7-9341808e1c685b29"
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert random_tokenizer("tiny", seed=7).weights_digest == "random-seed7-9341808e1c685b29"
 
 
 def test_weights_that_record_no_config_are_read_as_v1_and_said_to_be(tiny, tmp_path, capsys):

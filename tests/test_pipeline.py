@@ -942,7 +942,8 @@ def test_a_resume_says_how_many_kept_token_files_an_earlier_reader_made(model, s
         return encode_files(model, Engine(model, max_clips=3), files, tmp_path, settings, workers=1)
 
     assert len(run().done) == 2
-    assert len(run().skipped) == 2 and "reader" not in capsys.readouterr().err
+    notice = "made by a reader earlier than this version's"
+    assert len(run().skipped) == 2 and notice not in capsys.readouterr().err
     before = {name: load_tokens(tmp_path / f"{name}.safetensors") for _, name in files}
     for readers, said in (((None, "2026-12-02"), 2), ((READER, "2999-01-01"), 0), ((None, "9999"), 1)):
         for (name, old), reader in zip(before.items(), readers, strict=True):
@@ -950,8 +951,13 @@ def test_a_resume_says_how_many_kept_token_files_an_earlier_reader_made(model, s
             pipeline.save_tokens(tmp_path / f"{name}.safetensors", dataclasses.replace(old, made_with=made))
         summary, err = run(), capsys.readouterr().err
         assert len(summary.skipped) == 2 and not summary.done  # kept
-        assert (f"{said} token file(s) kept (such as " in err) == (said > 0) and err.count("reader") == (said > 0)
-        assert not said or f"earlier than this version's ({READER})" in err and "--overwrite redoes them" in err
+        assert (f"{said} token file(s) kept (such as " in err) == (said > 0) and err.count(notice) == (said > 0)
+        assert not said or f"({READER}), whose fixes since" in err and "--overwrite redoes the files it is given" in err
+    # a file set aside (its input failed a redo) and put back as made as wanted is a file kept, and counted
+    (tmp_path / "short.safetensors").rename(tmp_path / "short.safetensors.outdated")
+    summary, err = run(), capsys.readouterr().err
+    assert len(summary.skipped) == 2 and "put back from short.safetensors.outdated" in err
+    assert "1 token file(s) kept (such as " in err and err.count(notice) == 1
 
 
 def test_a_resume_redoes_a_token_file_damaged_since_it_was_written(model, sources, tmp_path):

@@ -748,8 +748,8 @@ def plan_outputs(
                 if stamp is None and done is not None:
                     stamp = source_stamp(path)
                 why = None if found.absent else _redo_reason(done, out, path, wanted, stamp)
-                if why is None and not overwrite and _restore_aside(temporaries, out, path, wanted):
-                    why = ""
+                if why is None and not overwrite and (restored := _restore_aside(temporaries, out, path, wanted)):
+                    why, done = "", restored
             except OSError as e:
                 if e.errno not in THIS_PATH_ONLY:  # a file system gone (EIO, ESTALE): no input's fault, the run stops
                     raise
@@ -793,7 +793,8 @@ def plan_outputs(
         if earlier:
             notice(f"{earlier[0]} token file(s) kept (such as {earlier[1]}) were made by a reader earlier than this "
                    f"version's ({READER}), whose fixes since give other clips for some damaged, cut-short or "
-                   "resampled files (README, Clips): --overwrite redoes them")  # fmt: skip
+                   "resampled files (README, Clips); --overwrite redoes the files it is given, these among "
+                   "them")  # fmt: skip
     except BaseException as e:
         with interrupts_held():  # a second interrupt waits for the list to be complete
             manifest.list_not_encoded(todo, stop_reason(e, " while checking outputs"))
@@ -1105,18 +1106,21 @@ def _aside_of(name: str) -> tuple[str, int] | None:
     return None if found is None else (found.group(1), int(found.group(2) or 1))
 
 
-def _restore_aside(listed: dict[Path, dict[str, list[str]]], out: Path, source: Path, wanted: dict[str, Any]) -> bool:
+def _restore_aside(
+    listed: dict[Path, dict[str, list[str]]], out: Path, source: Path, wanted: dict[str, Any]
+) -> TokenFile | None:
     """Put back under its name the first token file of ``out`` set aside (its input failed a redo, as one made
     otherwise) that was made as ``wanted`` from ``source`` after all (the settings of the failed run were a slip):
-    whether one was."""
+    the one put back, if any."""
     for name in _folder_files(listed, out.parent).pop("/" + aside_stem(out.name), ()):
         aside = out.parent / name
         if aside.is_symlink():  # (a link would be put back as a link: only a file the run set aside)
             continue
-        if _redo_reason(try_load_tokens(aside), aside, source, wanted) == "" and _put_back(aside, out):
+        kept = try_load_tokens(aside)
+        if _redo_reason(kept, aside, source, wanted) == "" and _put_back(aside, out):
             notice(f"{out}: put back from {name}, made as this run makes it")
-            return True
-    return False
+            return kept
+    return None
 
 
 def _put_back(aside: Path, out: Path) -> bool:

@@ -86,7 +86,8 @@ SOURCE_FPS_KEY = "source_fps"
 # earlier version made with an FP8 encoder, which resumes redo). Resumed runs compare what was asked for
 # (pipeline.RESUME_KEYS), so files made different ways never mix: the same request on the same device gives the same
 # placement for a source, and a decoder the machine lacks is recorded as the one used (pipeline.decoder_here); not
-# decoded_by and preprocessed_on (what a file got, for the record), source_stamp (checked against the source) nor
+# decoded_by and preprocessed_on (what a file got, for the record), source_stamp (checked against the source),
+# reader (the day of the reader's latest fix, video.READER: a resume counts the files an earlier reader made) nor
 # made_by (titok-fast's version, for the record).
 MADE_WITH_KEY = "made_with"
 # A digest of everything else the file holds: every tensor (name, shape and bytes, in TENSORS' order) and the other
@@ -133,7 +134,8 @@ class TokenFile:
     weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
         weights, "" if unknown or random
     made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; rotation when not
-        the default; time_sampling with sampling "time"; nvdec_rgb with decoder "nvdec"); {} if unknown
+        the default; time_sampling with sampling "time"; nvdec_rgb with decoder "nvdec"; reader, source_stamp,
+        made_by); {} if unknown
     chunk_seconds: the source time one chunk spans (finite, > 0: upstream's sampling takes int(T x source fps /
         fps) source frames a chunk), None if unknown
     source_fps: the source's average frame rate, as the reader took it (finite, > 0), None if unknown
