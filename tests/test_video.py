@@ -2941,6 +2941,29 @@ def test_a_script_that_leaves_a_stream_of_worker_processes_open_exits(files, tmp
         assert run.returncode == (1 if ending.startswith("raise") else 0), ending
 
 
+def test_a_stream_left_open_at_exit_leaves_no_folder_of_its_workers(files, tmp_path, short_tmp):
+    """At exit multiprocessing ends a stream's worker processes with a SIGTERM, which leaves a busy worker no time to
+    remove its multiprocessing folder (its sockets): one was left in $TMPDIR by every such script. The run removes
+    the folder of each worker that has ended, once multiprocessing has ended them all."""
+    long = videos.make_video(tmp_path / "long.mp4", 480, 64, 64, fps=24, pattern="moving")
+    paths = [str(files["index24"]), str(long), str(long)]
+    for ending in ("raise RuntimeError('a bug in the loop')", "print(next(iter(feed)).shape)"):
+        run = _script(tmp_path, f"""
+            stream = video.stream_videos({paths!r}, workers=1, prefetch=2, worker_kind="process", frames=4,
+                                         height=32, width=32, fps=8)
+            path, feed = next(stream)
+            list(feed)  # the worker is ready and has served a file
+            path, feed = next(stream)  # it reads the long one
+            {ending}
+        """, short_tmp, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            run.communicate(timeout=60)
+        finally:
+            run.kill()
+        assert run.returncode == (1 if ending.startswith("raise") else 0), ending
+        assert not os.listdir(short_tmp), (ending, os.listdir(short_tmp))
+
+
 @pytest.mark.parametrize("when", ["while-the-server-starts", "once-it-has-started"])
 def test_a_run_killed_before_its_first_worker_leaves_no_folder_and_its_server_ends(tmp_path, when):
     """The process server starts before the run's first file (while the model loads): a run killed then has no

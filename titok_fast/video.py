@@ -1735,6 +1735,9 @@ class _DecoderProcess:
                 CLOCK.add_all(spent)
                 if kind == "ready":
                     self.ready, self.temp_dir = True, value
+                    self._left_at_exit = multiprocessing.util.Finalize(
+                        None, _remove_folder_of_ended, args=(self.process.pid, value), exitpriority=-50
+                    )  # (a stream left open at exit: multiprocessing ends the worker with a SIGTERM, then this runs)
                     continue
                 if kind == "split":
                     feed.split(value)
@@ -1803,6 +1806,7 @@ class _DecoderProcess:
         self.pipe.close()
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self._left_at_exit.cancel()
 
     def _restart(self) -> None:
         self._kill()
@@ -2149,6 +2153,14 @@ def _still_mapped(mapped: dict, number: int, segment) -> dict:
         return tuple(v.shape) if isinstance(v, torch.Tensor) else v
 
     return {k: v for k, v in mapped.items() if shape(v) == shape(segment)} | {number: segment}
+
+
+def _remove_folder_of_ended(pid: int, folder: str) -> None:
+    """At exit (a multiprocessing finalizer, run after multiprocessing has ended the daemon processes): remove the
+    multiprocessing folder of worker ``pid`` if it has ended. A stream left open at exit stops nothing (that could
+    hang), and its workers, ended by multiprocessing's SIGTERM, cannot remove their own."""
+    if _ended(pid):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _own_temp_dir() -> str:
