@@ -1392,6 +1392,39 @@ def test_a_token_file_another_job_puts_there_meanwhile_is_said_displaced(model, 
     )
 
 
+def test_a_token_file_another_job_puts_over_one_this_job_judged_outdated_is_said_displaced(model, tmp_path,
+                                                                                           monkeypatch):  # fmt: skip
+    """As above, where this job planned to redo a token file of its own source made otherwise: the other job's file,
+    renamed over it after this job looked (a new file, not the one judged), is the one replaced, and its source's
+    latest line says so (it said "done" for a token file no longer there)."""
+    from titok_fast.manifest import Manifest, read_manifest
+    from titok_fast.pipeline import Summary
+
+    for batch in ("a", "b"):
+        (tmp_path / batch).mkdir()
+    first = make_video(tmp_path / "a" / "clip.mp4", frames=12, height=32, width=32, fps=8)
+    second = make_video(tmp_path / "b" / "clip.mp4", frames=24, height=48, width=64, fps=8)
+    engine, out = Engine(model, max_clips=3), tmp_path / "tokens"
+    encode_files(model, engine, [(first, "clip")], tmp_path / "other", SETTINGS, workers=1)
+    slower = dataclasses.replace(SETTINGS, fps=4.0)  # this source's file, made otherwise: to redo, judged now
+    assert encode_files(model, engine, [(second, "clip")], out, slower, workers=1).done
+    plan = pipeline.plan_outputs
+
+    def meanwhile(*args, **kwargs):  # the other job renames its file into place right after this one looked
+        todo = plan(*args, **kwargs)
+        shutil.copy(tmp_path / "other" / "clip.safetensors", out / "clip.safetensors.new")
+        os.replace(out / "clip.safetensors.new", out / "clip.safetensors")
+        with Manifest(out / "manifest.jsonl", Summary()) as other:
+            other.done(first, out / "clip.safetensors", 2)
+        return todo
+
+    monkeypatch.setattr(pipeline, "plan_outputs", meanwhile)
+    summary = encode_files(model, engine, [(second, "clip")], out, SETTINGS, workers=1)
+    assert summary.done == [str(second)] and load_tokens(out / "clip.safetensors").source == str(second.resolve())
+    latest = {r["source"]: r for r in read_manifest(out, latest=True)}
+    assert latest[str(first.resolve())]["status"] == "not-encoded" and latest[str(second.resolve())]["status"] == "done"
+
+
 def test_a_job_whose_output_folder_is_deleted_stops(model, sources, tmp_path, monkeypatch):
     """The output folder removed while the job runs (a job thought dead, cleaned up): its manifest lines went to
     the removed file, its token files to a folder made anew without them, and it ended "0 failed". It stops, as on
@@ -2074,6 +2107,46 @@ def test_a_temporary_another_process_locked_first_is_given_up_for_a_new_one(tmp_
     assert (tmp_path / "b.safetensors").read_bytes() == b"written"
 
 
+def test_a_temporary_removed_before_it_was_locked_is_made_again_and_held(tmp_path, monkeypatch):
+    """A cleanup that removes a new temporary between its creation and its lock: the writer would hold a lock on
+    a file no longer there and write, unlocked, to a file of that name made anew, which the next cleanup removes
+    while it is written. It makes one under a new name and holds the lock on the file its name holds."""
+    from titok_fast import files
+
+    real, calls = files.fcntl.flock, []
+
+    def removed_first(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            os.unlink(os.readlink(f"/proc/self/fd/{fd}"))  # (a cleanup came first)
+        return real(fd, operation)
+
+    monkeypatch.setattr(files.fcntl, "flock", removed_first)
+    target = files.AtomicFile(tmp_path / "a.safetensors")
+    target.create()
+    try:
+        assert len(calls) == 2 and os.stat(target.temporary).st_ino == os.fstat(target._lock).st_ino
+    finally:
+        target.discard()
+
+
+def test_where_locks_are_not_kept_only_an_old_temporary_is_taken_as_abandoned(tmp_path, monkeypatch):
+    """On a file system without locks (NFS mounted without them), a temporary cannot be told in use by its lock:
+    one changed within ABANDONED_UNLOCKED_SECONDS (another machine's run writing it) is kept, an older one goes."""
+    from titok_fast import files
+    from titok_fast.files import ABANDONED_UNLOCKED_SECONDS, remove_abandoned
+
+    monkeypatch.setattr(files.fcntl, "flock", lambda fd, operation: (_ for _ in ()).throw(OSError(errno.ENOLCK, "")))
+    fresh, old = tmp_path / f".a.safetensors.{'0' * 32}.tmp", tmp_path / f".b.safetensors.{'1' * 32}.tmp"
+    fresh.write_bytes(b"being written")
+    old.write_bytes(b"left by a killed run")
+    then = time.time() - ABANDONED_UNLOCKED_SECONDS - 60
+    os.utime(old, (then, then))
+    remove_abandoned(fresh)
+    remove_abandoned(old)
+    assert fresh.exists() and not old.exists()
+
+
 def test_on_a_network_file_system_a_resume_removes_only_old_temporaries_of_its_outputs(model, tmp_path, monkeypatch):
     """Locks may not be seen across machines there (NFS mounted without them, or with local_lock=flock): a
     temporary of one of this job's outputs goes only once unchanged for an hour, as those of other outputs did
@@ -2660,6 +2733,20 @@ def test_inputs_complete_under_other_names_are_said_once_when_encoded_again(mode
     # but those are complete too: nothing is encoded)
 
 
+def test_an_input_whose_token_file_was_removed_is_not_said_complete_under_another_name(model, sources, tmp_path,
+                                                                                        capsys):  # fmt: skip
+    """Encoded again under the same name because its token file is gone, an input is not one the manifest says
+    was encoded as another token file: that notice (give the inputs as before) would send the user looking for
+    a renaming that never was."""
+    files = [(sources["short"], "short")]
+    engine = Engine(model)
+    assert encode_files(model, engine, files, tmp_path, SETTINGS).done
+    (tmp_path / "short.safetensors").unlink()
+    capsys.readouterr()
+    assert encode_files(model, engine, files, tmp_path, SETTINGS).done
+    assert "encoded as other token files" not in capsys.readouterr().err
+
+
 def test_a_job_stopped_again_says_not_encoded_once_per_input(tmp_path, monkeypatch):
     """A job over a million inputs stopped (preempted) again and again listed each input it never came to every
     time, a line apiece: 30 s and 265 MB of manifest a stop. An input whose latest line, as the job read it when
@@ -2963,6 +3050,24 @@ def test_an_untimed_done_line_settles_its_input(tmp_path):
     with manifest:
         manifest.skipped(src, tok)
     assert len(path.read_text().splitlines()) == 1
+
+
+def test_an_input_done_since_it_was_said_not_encoded_is_said_so_again_when_left(tmp_path):
+    """Said not encoded by a stopped job, then done by the next, then to redo (its token file removed or made
+    otherwise) by a job stopped before it: its latest line must say not-encoded again, not stay "done" (the
+    earlier not-encoded line is not its latest)."""
+    from titok_fast.manifest import read_manifest
+
+    src, tok = str(tmp_path / "a.mp4"), str(tmp_path / "a.safetensors")
+    left = {"source": src, "tokens": tok, "clips": 0, "status": "not-encoded", "reason": "stopped",
+            "time": "2026-01-01T00:00:00"}  # fmt: skip
+    done = {**left, "clips": 1, "status": "done", "reason": "", "time": "2026-01-02T00:00:00"}
+    path, manifest = _manifest_with(tmp_path, [left, done])
+    with manifest:
+        manifest.read_settled()
+        manifest.forget_settled()
+        manifest.list_not_encoded([(src, tok)], "not encoded: the run was interrupted (SIGTERM)")
+    assert [r["status"] for r in read_manifest(path, latest=True)] == ["not-encoded"]
 
 
 def test_decoded_chunks_are_clamped_and_the_padded_tail_trimmed(tmp_path):
