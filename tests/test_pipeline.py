@@ -2078,6 +2078,35 @@ def test_a_resume_leaves_a_temporary_another_run_is_writing_and_removes_a_killed
     assert (tmp_path / "a.safetensors").read_bytes() == b"complete"
 
 
+def test_a_file_written_alone_removes_what_a_killed_writer_of_it_left(tmp_path):
+    """A report, a figure or converted weights are written alone, in a folder no run cleans up: a writer killed
+    midway (an eval --json on a slow disk) left its temporary there for good. Written with ``tidy`` (as those
+    are), a file removes the temporaries of its own name that no live writer holds; another file's, and one a
+    writer holds now, stay."""
+    import subprocess
+    import sys
+
+    from titok_fast.files import AtomicFile
+
+    script = "import sys; from titok_fast.files import AtomicFile; print(AtomicFile(sys.argv[1]).__enter__().temporary)"
+
+    def killed(name):  # the temporary of a writer that died while writing it (its lock gone with it)
+        return subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+
+    left, other = killed("eval.json"), killed("other.json")
+    write_atomically(tmp_path / "eval.json", b"{}")  # (the token files' way: their run cleans their folder)
+    assert os.path.exists(left)
+    writing = AtomicFile(tmp_path / "eval.json").__enter__()  # a live writer of the same file
+    lookalike = tmp_path / ".eval.json.not-a-temporary.tmp"
+    lookalike.write_bytes(b"a user's")
+    write_atomically(tmp_path / "eval.json", b"{1}", tidy=True)
+    assert (tmp_path / "eval.json").read_bytes() == b"{1}"
+    assert not os.path.exists(left) and os.path.exists(other) and os.path.exists(writing.temporary)
+    assert lookalike.read_bytes() == b"a user's"
+    writing.discard()
+
+
 def test_a_temporary_another_process_locked_first_is_given_up_for_a_new_one(tmp_path, monkeypatch):
     """Another run's clean-up may open and lock a new temporary between its creation and its writer's lock (it
     then removes it): the writer held no lock but took it for its own, and its commit failed. It now starts again

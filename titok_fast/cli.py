@@ -585,7 +585,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         }, indent=2, allow_nan=False).encode()  # fmt: skip
         try:
             os.makedirs(os.path.dirname(absolute(args.json)), exist_ok=True)
-            write_atomically(args.json, report)
+            write_atomically(args.json, report, tidy=True)  # (what a killed run left of it goes)
         except OSError as e:  # its folder gone meanwhile, a full disk: named as asked for, not by its temporary
             raise ValueError(f"--json {args.json}: cannot be written ({e.strerror or e})") from None
         print(f"wrote {args.json}")

@@ -138,19 +138,24 @@ class AtomicFile:
     ``discard()`` removes it and leaves `path` as it was. As a context manager: commit on a normal exit, else
     discard."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], tidy: bool = False):
         self.path = absolute(path)
         folder, name = os.path.split(self.path)
         self._stem = os.path.join(folder, f".{temporary_stem(name)}")
         self.temporary = f"{self._stem}.{uuid.uuid4().hex}.tmp"
         self._lock: int | None = None  # the temporary, created now and locked until it is committed or discarded
+        self._tidy = tidy
 
     def create(self) -> None:
         """Create the temporary and hold a lock on it (``flock``), so that another process cleaning up what a
         killed run left (:func:`remove_abandoned`) leaves it alone while it is written. Writers then open it by
-        name for writing (truncating it)."""
+        name for writing (truncating it). With ``tidy``, the temporaries that killed writers of this path left are
+        removed first (for a file written alone, a report, a figure, converted weights, whose folder no run
+        cleans up: a token file's run cleans its folder once for all its files)."""
         if self._lock is not None:
             return
+        if self._tidy:
+            self._remove_left()
         while True:
             try:
                 fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -173,6 +178,19 @@ class AtomicFile:
                 pass
             os.close(fd)
             self.temporary = f"{self._stem}.{uuid.uuid4().hex}.tmp"
+
+    def _remove_left(self) -> None:
+        """Remove the temporaries of this path that no writer holds (locked), or where locks are not kept across
+        machines, that have not changed for ABANDONED_UNLOCKED_SECONDS."""
+        folder, stem = os.path.split(self._stem)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        left = [n for n in names if n.startswith(stem + ".") and re.fullmatch(r"[0-9a-f]{32}\.tmp", n[len(stem) + 1 :])]
+        unchanged_for = ABANDONED_UNLOCKED_SECONDS if left and network_file_system(folder) else 0.0
+        for name in left:
+            remove_abandoned(os.path.join(folder, name), unchanged_for=unchanged_for)
 
     def commit(self) -> None:
         try:
@@ -205,9 +223,9 @@ class AtomicFile:
             self.discard()
 
 
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` through an :class:`AtomicFile`."""
-    with AtomicFile(path) as target, open(target.temporary, "wb") as file:
+def write_atomically(path: str | os.PathLike[str], data: bytes, tidy: bool = False) -> None:
+    """Write `data` to `path` through an :class:`AtomicFile` (``tidy``: see there)."""
+    with AtomicFile(path, tidy) as target, open(target.temporary, "wb") as file:
         file.write(data)
 
 

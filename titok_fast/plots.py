@@ -46,5 +46,5 @@ def rate_distortion_figure(series: dict[str, dict[int, dict[str, float]]], title
 def save_figure(figure: Any, path: str | os.PathLike[str]) -> None:
     """Write `figure` as a PNG to `path` (its folder made if need be), atomically."""
     os.makedirs(os.path.dirname(absolute(path)), exist_ok=True)
-    with AtomicFile(path) as target:
+    with AtomicFile(path, tidy=True) as target:  # (what a killed run left of it goes)
         figure.savefig(target.temporary, format="png", dpi=120)
