@@ -2717,6 +2717,27 @@ def test_a_folders_latest_lines_read_as_they_go_are_those_of_all_its_lines_in_or
     assert read_manifest(tmp_path, latest=True) == list({row["source"]: row for row in rows}.values())
 
 
+def test_a_manifests_own_lines_keep_the_order_they_were_written_in_whatever_the_clocks(tmp_path):
+    """A shard requeued on another machine appends to the manifest its first run wrote on a machine whose clock ran
+    minutes ahead: the lines of one file are in the order they were written, which sorting by time undid (an input
+    done since read as not encoded, and every resume listed it again). The files are merged by time: the file whose
+    next line is earliest goes first."""
+    from titok_fast.manifest import _settled, manifest_name, read_manifest
+
+    def line(source, status, time):
+        return json.dumps({"source": source, "tokens": source + ".safetensors", "status": status, "time": time}) + "\n"
+
+    (tmp_path / manifest_name((0, 2))).write_text(line("/v/a", "not-encoded", "10:05") + line("/v/a", "done", "10:00"))
+    (tmp_path / manifest_name((1, 2))).write_text(line("/v/b", "done", "10:01"))
+    (tmp_path / manifest_name()).write_text(line("/v/b", "failed", "10:03"))  # after b's done: its outcome
+    said = [(r["source"], r["status"]) for r in read_manifest(tmp_path)]
+    assert said == [("/v/b", "done"), ("/v/b", "failed"), ("/v/a", "not-encoded"), ("/v/a", "done")]
+    latest = [(r["source"], r["status"]) for r in read_manifest(tmp_path, latest=True)]
+    assert latest == [("/v/b", "failed"), ("/v/a", "done")]
+    kept, left = _settled(tmp_path)
+    assert kept[hash("/v/a")][1] == hash("/v/a.safetensors") and kept[hash("/v/b")][1] is None and not left
+
+
 def test_a_folders_manifests_read_together_in_the_order_written_with_absolute_paths(tmp_path, monkeypatch):
     """Shards keep manifests of their own; read_manifest(folder) merges them (and the unsharded one) by each line's
     time, so an input's latest line is its outcome whichever run wrote it. Paths are recorded absolute, so runs

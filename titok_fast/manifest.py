@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import errno
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -327,7 +328,9 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
     """The manifest's lines as dicts, in the order written (every job's, oldest first); with ``latest``, only each
     source's last line (its outcome), in the order of each source's first line. ``path`` may be an output folder:
     then its manifest and every shard's (``manifest-K-of-N.jsonl``) are read together, in the order of their
-    ``time`` (lines without one, written by older versions, first, in file order). Blank lines are passed over,
+    ``time``, each file's in the order written (a file is appended to by one job at a time, on one machine: its
+    order is the truth where another machine's clock ran ahead), the files' interleaved by time, the earliest
+    next line first (lines without one, written by older versions, first). Blank lines are passed over,
     and so are lines that are not JSON: a line cut short (a full disk, a write killed midway) is ended there by the
     next job (see :class:`Manifest`), and its input's outcome is in a later line or unknown (and lines longer than
     MAX_LINE, or nested deeper than JSON can be read, which no job writes). A JSON line that is
@@ -337,11 +340,7 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
         rows = _rows(Path(path))
         return list({row.get("source"): row for row in rows}.values()) if latest else list(rows)
     files = _manifests(Path(path))
-    if latest:
-        return _latest(files)
-    rows = [row for file in files for row in _rows(file)]
-    rows.sort(key=_time)  # stable: file order where times are missing or equal
-    return rows
+    return _latest(files) if latest else list(_merged(files))
 
 
 def _manifests(folder: Path) -> list[Path]:
@@ -355,19 +354,19 @@ def _time(row: dict[str, Any]) -> str:
     return str(row.get("time", ""))
 
 
+def _merged(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """The lines of ``files`` in :func:`read_manifest`'s order of a folder, read as they go: each file's in the
+    order written, the files' merged by time (the file whose next line is earliest first; ties by file order)."""
+    return heapq.merge(*(_rows(file) for file in files), key=_time)
+
+
 def _latest(files: Iterable[Path]) -> list[dict[str, Any]]:
-    """Each source's latest line of ``files`` in :func:`read_manifest`'s order of a folder (by time, stable), in the
-    order of their first lines, read as they go: a later line replaces an earlier one unless its time is earlier."""
-    kept: dict[Any, tuple[tuple[str, int], dict[str, Any]]] = {}  # source -> (place of its first line, latest)
-    for place, row in enumerate(row for file in files for row in _rows(file)):
-        source, time = row.get("source"), _time(row)
-        old = kept.get(source)
-        if old is None:
-            kept[source] = ((time, place), row)
-        else:
-            first, latest = old
-            kept[source] = (min(first, (time, place)), row if time >= _time(latest) else latest)
-    return [row for _, row in sorted(kept.values(), key=lambda item: item[0])]
+    """Each source's latest line of ``files`` in :func:`read_manifest`'s order of a folder, in the order of their
+    first lines, read as they go."""
+    kept: dict[Any, list[dict[str, Any]]] = {}  # source -> its latest line (a dict keeps the first lines' order)
+    for row in _merged(files):
+        kept[row.get("source")] = row
+    return list(kept.values())
 
 
 def _settled(folder: Path) -> tuple[dict[int, tuple[str, int | None]], set[int]]:
@@ -379,15 +378,14 @@ def _settled(folder: Path) -> tuple[dict[int, tuple[str, int | None]], set[int]]
     kept: dict[int, tuple[str, int | None]] = {}  # source's hash -> (time of its latest line, token file's hash)
     left: dict[int, int] = {}  # source's hash -> the pair of its latest line, where that says "not-encoded"
     try:
-        for row in (row for file in _manifests(folder) for row in _rows(file)):
+        for row in _merged(_manifests(folder)):
             source, time = hash(name := str(row.get("source"))), _time(row)
-            if time >= kept.get(source, ("", None))[0]:
-                status, tokens = row.get("status"), str(row.get("tokens"))
-                kept[source] = (time, hash(tokens) if status in ("done", "skipped") else None)
-                if status == "not-encoded":
-                    left[source] = _pair(name, tokens)
-                else:
-                    left.pop(source, None)
+            status, tokens = row.get("status"), str(row.get("tokens"))
+            kept[source] = (time, hash(tokens) if status in ("done", "skipped") else None)
+            if status == "not-encoded":
+                left[source] = _pair(name, tokens)
+            else:
+                left.pop(source, None)
     except (OSError, ValueError, UnicodeError):
         return {}, set()
     return kept, set(left.values())
