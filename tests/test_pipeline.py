@@ -2738,6 +2738,40 @@ def test_a_manifests_own_lines_keep_the_order_they_were_written_in_whatever_the_
     assert kept[hash("/v/a")][1] == hash("/v/a.safetensors") and kept[hash("/v/b")][1] is None and not left
 
 
+def test_a_folder_of_more_shard_manifests_than_open_files_allowed_is_read_whole(tmp_path):
+    """A folder's manifests are merged, read at once: one descriptor held per shard's failed past the process's
+    open-file limit (a job of 1,100 shards under the usual 1,024), and a resume then knew nothing of what was done.
+    Past OPEN_AT_ONCE files, each is read a batch of lines at a time, closed in between: the same lines, in the
+    same order, whatever the batch."""
+    import subprocess
+    import sys
+
+    from titok_fast import manifest
+
+    shards = 200
+    for k in range(shards):
+        rows = [{"source": f"/in/{k}.mp4", "status": status, "tokens": f"/out/{k}.safetensors",
+                 "time": f"2026-01-01T00:{k % 60:02d}:{i:02d}"} for i, status in enumerate(["failed", "done"] * 70)]
+        lines = [json.dumps(row) for row in rows]
+        lines[3] = lines[3][:20]  # a line cut short, and a blank one: passed over
+        (tmp_path / manifest.manifest_name((k, shards))).write_text("\n".join(lines) + "\n\n")  # fmt: skip
+    one = tmp_path / manifest.manifest_name((7, shards))
+    assert [*manifest._rows(one, 3)] == [*manifest._rows(one, 64)] == [*manifest._rows(one)]
+    script = f"""if True:
+        import resource
+        from pathlib import Path
+        from titok_fast import manifest
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        folder = Path({str(tmp_path)!r})
+        rows = manifest.read_manifest(folder)
+        latest = manifest.read_manifest(folder, latest=True)
+        kept, left = manifest._settled(folder)
+        print(len(rows), len(latest), {{row["status"] for row in latest}}, len(kept))
+    """
+    said = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert said.stdout.split("\n")[0] == f"{shards * 139} {shards} {{'done'}} {shards}", said.stderr[-2000:]
+
+
 def test_a_folders_manifests_read_together_in_the_order_written_with_absolute_paths(tmp_path, monkeypatch):
     """Shards keep manifests of their own; read_manifest(folder) merges them (and the unsharded one) by each line's
     time, so an input's latest line is its outcome whichever run wrote it. Paths are recorded absolute, so runs

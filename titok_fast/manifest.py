@@ -27,6 +27,7 @@ import datetime
 import errno
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import re
@@ -330,7 +331,9 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
     then its manifest and every shard's (``manifest-K-of-N.jsonl``) are read together, in the order of their
     ``time``, each file's in the order written (a file is appended to by one job at a time, on one machine: its
     order is the truth where another machine's clock ran ahead), the files' interleaved by time, the earliest
-    next line first (lines without one, written by older versions, first). Blank lines are passed over,
+    next line first (a line without one, written by older versions, counts as earliest: it goes as soon as its file
+    comes to it). Blank
+    lines are passed over,
     and so are lines that are not JSON: a line cut short (a full disk, a write killed midway) is ended there by the
     next job (see :class:`Manifest`), and its input's outcome is in a later line or unknown (and lines longer than
     MAX_LINE, or nested deeper than JSON can be read, which no job writes). A JSON line that is
@@ -356,8 +359,14 @@ def _time(row: dict[str, Any]) -> str:
 
 def _merged(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
     """The lines of ``files`` in :func:`read_manifest`'s order of a folder, read as they go: each file's in the
-    order written, the files' merged by time (the file whose next line is earliest first; ties by file order)."""
-    return heapq.merge(*(_rows(file) for file in files), key=_time)
+    order written, the files' merged by time (the file whose next line is earliest first; ties by file order).
+    The first OPEN_AT_ONCE files are held open; any further ones are read BATCH_LINES lines at a time."""
+    read = (_rows(file, None if i < OPEN_AT_ONCE else BATCH_LINES) for i, file in enumerate(files))
+    return heapq.merge(*read, key=_time)
+
+
+OPEN_AT_ONCE = 64  # manifest files held open while a folder's are merged (a shard's each)
+BATCH_LINES = 64  # lines read at a time from each further one (a few hundred bytes each)
 
 
 def _latest(files: Iterable[Path]) -> list[dict[str, Any]]:
@@ -411,19 +420,42 @@ def _lines(file) -> Iterator[str]:
         yield line
 
 
-def _rows(path: Path) -> Iterator[dict[str, Any]]:
+def _rows(path: Path, batch: int | None = None) -> Iterator[dict[str, Any]]:
+    """The manifest lines of ``path`` as dicts, read as they go; with ``batch``, that many lines at a time, the
+    file closed in between (a folder's files are merged, read at once: a job of thousands of shards must not hold
+    a descriptor for each, past the process's limit)."""
     if path.exists() and not path.is_file():  # a pipe would be waited on for ever
         raise ValueError(f"{path}: the manifest is not a regular file (a pipe, device or folder)")
-    with open(path, encoding="utf-8", errors="replace", newline="") as lines:
-        for number, text in enumerate(_lines(lines), start=1):
-            if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
-                continue
-            try:
-                row = json.loads(text)
-            except (ValueError, RecursionError):  # a line cut short (or too long, or nested too deep to be ours)
-                continue
-            if not isinstance(row, dict) or row.get("status") not in STATUSES:
-                raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
-            if not isinstance(row.get("source"), str):  # (read_manifest keeps each source's last line by it)
-                raise ValueError(f"{path} line {number}: expected its source as a string")
-            yield row
+    if batch is None:
+        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
+            for number, text in enumerate(_lines(lines), start=1):
+                if (row := _row(path, number, text)) is not None:
+                    yield row
+        return
+    number, at = 0, 0
+    while True:
+        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
+            lines.seek(at)
+            texts = list(itertools.islice(_lines(lines), batch))
+            at = lines.tell()
+        for text in texts:
+            number += 1
+            if (row := _row(path, number, text)) is not None:
+                yield row
+        if len(texts) < batch:
+            return
+
+
+def _row(path: Path, number: int, text: str) -> dict[str, Any] | None:
+    """Line ``number`` of the manifest ``path`` as a dict, or None for a blank line or one that is not JSON."""
+    if not text.strip():  # two jobs that opened the manifest at once both ended a cut line (see Manifest)
+        return None
+    try:
+        row = json.loads(text)
+    except (ValueError, RecursionError):  # a line cut short (or too long, or nested too deep to be ours)
+        return None
+    if not isinstance(row, dict) or row.get("status") not in STATUSES:
+        raise ValueError(f"{path} line {number}: expected an object with status in {STATUSES}")
+    if not isinstance(row.get("source"), str):  # (read_manifest keeps each source's last line by it)
+        raise ValueError(f"{path} line {number}: expected its source as a string")
+    return row
