@@ -1360,10 +1360,13 @@ def test_side_by_side_opens_only_the_file_a_token_file_was_made_from(model, sour
     assert summary.done == [str(paths[6])] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.mp4"]
 
 
-def test_a_token_file_another_job_puts_there_meanwhile_is_said_displaced(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("there", ["nothing", "an-outdated-file"])
+def test_a_token_file_another_job_puts_there_meanwhile_is_said_displaced(model, tmp_path, monkeypatch, there):
     """Two jobs at once on one output folder, their videos of the same output names: a token file the other job
     writes after this one looked (planned) and before it writes its own is replaced, and that other source's
-    latest line says so (both sources' latest lines said "done" for one file)."""
+    latest line says so (both sources' latest lines said "done" for one file). Also where this job had judged a
+    token file of its own source made otherwise there, to redo: the other job's, renamed over it (a new file, not
+    the one judged), is the one replaced."""
     from titok_fast.manifest import Manifest, read_manifest
     from titok_fast.pipeline import Summary
 
@@ -1373,45 +1376,14 @@ def test_a_token_file_another_job_puts_there_meanwhile_is_said_displaced(model, 
     second = make_video(tmp_path / "b" / "clip.mp4", frames=24, height=48, width=64, fps=8)
     engine, out = Engine(model, max_clips=3), tmp_path / "tokens"
     encode_files(model, engine, [(first, "clip")], tmp_path / "other", SETTINGS, workers=1)
-    plan = pipeline.plan_outputs
-
-    def meanwhile(*args, **kwargs):  # the other job finishes its file right after this one looked
-        todo = plan(*args, **kwargs)
-        shutil.copy(tmp_path / "other" / "clip.safetensors", out / "clip.safetensors")
-        with Manifest(out / "manifest.jsonl", Summary()) as other:
-            other.done(first, out / "clip.safetensors", 2)
-        return todo
-
-    monkeypatch.setattr(pipeline, "plan_outputs", meanwhile)
-    summary = encode_files(model, engine, [(second, "clip")], out, SETTINGS, workers=1)
-    assert summary.done == [str(second)] and load_tokens(out / "clip.safetensors").source == str(second.resolve())
-    latest = {r["source"]: r for r in read_manifest(out, latest=True)}
-    assert latest[str(first.resolve())]["status"] == "not-encoded" and latest[str(second.resolve())]["status"] == "done"
-    assert latest[str(first.resolve())]["reason"] == (
-        f"its token file is made anew for {second.resolve()}, which has the same output name"
-    )
-
-
-def test_a_token_file_another_job_puts_over_one_this_job_judged_outdated_is_said_displaced(model, tmp_path,
-                                                                                           monkeypatch):  # fmt: skip
-    """As above, where this job planned to redo a token file of its own source made otherwise: the other job's file,
-    renamed over it after this job looked (a new file, not the one judged), is the one replaced, and its source's
-    latest line says so (it said "done" for a token file no longer there)."""
-    from titok_fast.manifest import Manifest, read_manifest
-    from titok_fast.pipeline import Summary
-
-    for batch in ("a", "b"):
-        (tmp_path / batch).mkdir()
-    first = make_video(tmp_path / "a" / "clip.mp4", frames=12, height=32, width=32, fps=8)
-    second = make_video(tmp_path / "b" / "clip.mp4", frames=24, height=48, width=64, fps=8)
-    engine, out = Engine(model, max_clips=3), tmp_path / "tokens"
-    encode_files(model, engine, [(first, "clip")], tmp_path / "other", SETTINGS, workers=1)
-    slower = dataclasses.replace(SETTINGS, fps=4.0)  # this source's file, made otherwise: to redo, judged now
-    assert encode_files(model, engine, [(second, "clip")], out, slower, workers=1).done
+    if there == "an-outdated-file":  # this source's file, made otherwise: to redo, judged as the job plans
+        assert encode_files(model, engine, [(second, "clip")], out, dataclasses.replace(SETTINGS, fps=4.0),
+                            workers=1).done  # fmt: skip
     plan = pipeline.plan_outputs
 
     def meanwhile(*args, **kwargs):  # the other job renames its file into place right after this one looked
         todo = plan(*args, **kwargs)
+        out.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "other" / "clip.safetensors", out / "clip.safetensors.new")
         os.replace(out / "clip.safetensors.new", out / "clip.safetensors")
         with Manifest(out / "manifest.jsonl", Summary()) as other:
@@ -1423,6 +1395,9 @@ def test_a_token_file_another_job_puts_over_one_this_job_judged_outdated_is_said
     assert summary.done == [str(second)] and load_tokens(out / "clip.safetensors").source == str(second.resolve())
     latest = {r["source"]: r for r in read_manifest(out, latest=True)}
     assert latest[str(first.resolve())]["status"] == "not-encoded" and latest[str(second.resolve())]["status"] == "done"
+    assert there != "nothing" or latest[str(first.resolve())]["reason"] == (
+        f"its token file is made anew for {second.resolve()}, which has the same output name"
+    )
 
 
 def test_a_job_whose_output_folder_is_deleted_stops(model, sources, tmp_path, monkeypatch):
