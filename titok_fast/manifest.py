@@ -332,13 +332,11 @@ def read_manifest(path: str | os.PathLike, *, latest: bool = False) -> list[dict
     ``time``, each file's in the order written (a file is appended to by one job at a time, on one machine: its
     order is the truth where another machine's clock ran ahead), the files' interleaved by time, the earliest
     next line first (a line without one, written by older versions, counts as earliest: it goes as soon as its file
-    comes to it). Blank
-    lines are passed over,
-    and so are lines that are not JSON: a line cut short (a full disk, a write killed midway) is ended there by the
-    next job (see :class:`Manifest`), and its input's outcome is in a later line or unknown (and lines longer than
-    MAX_LINE, or nested deeper than JSON can be read, which no job writes). A JSON line that is
-    not an object with a known status is a ValueError. With ``latest`` the files are read as they go: what is held
-    is one line per source, not every line a resumed job repeated."""
+    comes to it). Blank lines are passed over, and so are lines that are not JSON: a line cut short (a full disk, a
+    write killed midway) is ended there by the next job (see :class:`Manifest`), and its input's outcome is in a
+    later line or unknown (and lines longer than MAX_LINE, or nested deeper than JSON can be read, which no job
+    writes). A JSON line that is not an object with a known status is a ValueError. With ``latest`` the files are
+    read as they go: what is held is one line per source, not every line a resumed job repeated."""
     if not Path(path).is_dir():
         rows = _rows(Path(path))
         return list({row.get("source"): row for row in rows}.values()) if latest else list(rows)
@@ -372,7 +370,7 @@ BATCH_LINES = 64  # lines read at a time from each further one (a few hundred by
 def _latest(files: Iterable[Path]) -> list[dict[str, Any]]:
     """Each source's latest line of ``files`` in :func:`read_manifest`'s order of a folder, in the order of their
     first lines, read as they go."""
-    kept: dict[Any, list[dict[str, Any]]] = {}  # source -> its latest line (a dict keeps the first lines' order)
+    kept: dict[Any, dict[str, Any]] = {}  # source -> its latest line (a dict keeps the first lines' order)
     for row in _merged(files):
         kept[row.get("source")] = row
     return list(kept.values())
