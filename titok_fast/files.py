@@ -150,8 +150,9 @@ class AtomicFile:
         """Create the temporary and hold a lock on it (``flock``), so that another process cleaning up what a
         killed run left (:func:`remove_abandoned`) leaves it alone while it is written. Writers then open it by
         name for writing (truncating it). With ``tidy``, the temporaries that killed writers of this path left are
-        removed first (for a file written alone, a report, a figure, converted weights, whose folder no run
-        cleans up: a token file's run cleans its folder once for all its files)."""
+        removed first (for a file written alone, a report, a figure, whose folder no run cleans up: a token file's
+        run cleans its folder once for all its files). Only for a file whose writers write the temporary itself
+        (its lock is on that file): one a library replaces with a file of its own is unlocked while written."""
         if self._lock is not None:
             return
         if self._tidy:

@@ -1035,8 +1035,9 @@ def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> 
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "weights_digest": weights_digest(state)}
     meta.update(extra)
     os.makedirs(os.path.dirname(absolute(path)), exist_ok=True)
-    with AtomicFile(path, tidy=True) as target:  # its temporary made as every file is (0o666 less the umask): its
-        mode = os.stat(target.temporary).st_mode & 0o777  # mode is kept, as save_file writes a file of its own
+    with AtomicFile(path) as target:  # its temporary made as every file is (0o666 less the umask): its mode is
+        mode = os.stat(target.temporary).st_mode & 0o777  # kept, as save_file writes a file of its own (unlocked:
+        # so no tidy here, which would take another process's conversion under way for a killed one's)
         save_file(state, target.temporary, metadata={METADATA_KEY: json.dumps(meta)})
         os.chmod(target.temporary, mode)  # weights on a shared file system are read by other users' jobs too
 
