@@ -2155,6 +2155,7 @@ def test_on_a_network_file_system_a_resume_removes_only_old_temporaries_of_its_o
     """Locks may not be seen across machines there (NFS mounted without them, or with local_lock=flock): a
     temporary of one of this job's outputs goes only once unchanged for an hour, as those of other outputs did
     (another machine may be writing it now)."""
+    from titok_fast import files as files_module
     from titok_fast.files import ABANDONED_UNLOCKED_SECONDS
     from titok_fast.manifest import Manifest
 
@@ -2163,11 +2164,11 @@ def test_on_a_network_file_system_a_resume_removes_only_old_temporaries_of_its_o
         path.write_bytes(b"left")
     then = time.time() - ABANDONED_UNLOCKED_SECONDS - 60
     os.utime(old, (then, then))
-    monkeypatch.setattr(pipeline, "network_file_system", lambda path: "nfs4")
+    monkeypatch.setattr(files_module, "network_file_system", lambda path: "nfs4")
     files = [(tmp_path / f"{n}.mp4", n) for n in ("a", "b")]
     pipeline.plan_outputs(model, "eager", files, tmp_path, SETTINGS, Manifest(None, pipeline.Summary()))
     assert new.exists() and not old.exists()
-    monkeypatch.setattr(pipeline, "network_file_system", lambda path: None)  # a local disk: the lock tells
+    monkeypatch.setattr(files_module, "network_file_system", lambda path: None)  # a local disk: the lock tells
     pipeline.plan_outputs(model, "eager", files, tmp_path, SETTINGS, Manifest(None, pipeline.Summary()))
     assert not new.exists()
 

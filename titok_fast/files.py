@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterable
 
 try:
     import fcntl
@@ -133,6 +134,13 @@ def temporary_stem(name: str) -> str:
     return "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:40]
 
 
+def temporary_target(name: str) -> str | None:
+    """What the temporary file ``name`` (``.<stem>.<32 hex>.tmp``, see :class:`AtomicFile`) was to become (its
+    ``temporary_stem``), or None for any other name (a user's ``.x.mp4.notes.tmp``)."""
+    found = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", name, re.DOTALL)
+    return None if found is None else found.group(1)
+
+
 class AtomicFile:
     """A temporary path (`temporary`) next to `path`: ``commit()`` moves what was written there onto `path` durably,
     ``discard()`` removes it and leaves `path` as it was. As a context manager: commit on a normal exit, else
@@ -181,17 +189,14 @@ class AtomicFile:
             self.temporary = f"{self._stem}.{uuid.uuid4().hex}.tmp"
 
     def _remove_left(self) -> None:
-        """Remove the temporaries of this path that no writer holds (locked), or where locks are not kept across
-        machines, that have not changed for ABANDONED_UNLOCKED_SECONDS."""
-        folder, stem = os.path.split(self._stem)
+        """Remove the temporaries of this path that killed writers left (:func:`remove_left`)."""
+        folder, name = os.path.split(self.path)
         try:
             names = os.listdir(folder)
         except OSError:
             return
-        left = [n for n in names if n.startswith(stem + ".") and re.fullmatch(r"[0-9a-f]{32}\.tmp", n[len(stem) + 1 :])]
-        unchanged_for = ABANDONED_UNLOCKED_SECONDS if left and network_file_system(folder) else 0.0
-        for name in left:
-            remove_abandoned(os.path.join(folder, name), unchanged_for=unchanged_for)
+        stem = temporary_stem(name)
+        remove_left(folder, [n for n in names if temporary_target(n) == stem])
 
     def commit(self) -> None:
         try:
@@ -303,6 +308,16 @@ NETWORK_FILE_SYSTEMS = {
 }  # fmt: skip
 LOCAL_FUSE = {"fuse-overlayfs", "squashfuse", "squashfuse_ll", "lxcfs", "portal", "bindfs", "mergerfs"}  # fuse.<these>
 MOUNTS = "/proc/self/mountinfo"
+
+
+def remove_left(folder: str | os.PathLike[str], names: Iterable[str]) -> None:
+    """Remove the temporaries ``names`` in ``folder`` that killed writers left: not one another run is writing
+    now (it is locked); on a network file system, where locks may not be seen across machines (mounted without
+    them, or local_lock=flock), only one also unchanged for ABANDONED_UNLOCKED_SECONDS."""
+    names = list(names)
+    unchanged_for = ABANDONED_UNLOCKED_SECONDS if names and network_file_system(folder) else 0.0
+    for name in names:
+        remove_abandoned(os.path.join(folder, name), unchanged_for=unchanged_for)
 
 
 def network_file_system(path: str | os.PathLike[str], mounts: str = MOUNTS) -> str | None:

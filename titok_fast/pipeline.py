@@ -53,8 +53,10 @@ from .files import (
     network_file_system,
     notice,
     remove_abandoned,
+    remove_left,
     show_traceback,
     temporary_stem,
+    temporary_target,
 )
 from .loading import random_seed, read_safetensors_metadata, weights_digest
 from .manifest import OUTDATED_SUFFIX, Manifest, aside_stem, is_manifest_name, manifest_name
@@ -1015,12 +1017,7 @@ def _look_at(path: Path) -> os.stat_result | None:
 def _remove_temporaries(listed: dict[Path, dict[str, list[str]]], out: Path) -> None:
     """Remove what a killed run left to become ``out`` (its temporary files); ``listed`` keeps each folder's
     temporaries, listed once (a listing per file would be quadratic in a resume)."""
-    stale = _folder_files(listed, out.parent).pop(temporary_stem(out.name), ())
-    # not one another run is writing now: it is locked; on a network file system, where locks may not be seen
-    # across machines (mounted without them, or local_lock=flock), it is also old
-    unchanged_for = ABANDONED_UNLOCKED_SECONDS if stale and network_file_system(out.parent) else 0.0
-    for name in stale:
-        remove_abandoned(out.parent / name, unchanged_for=unchanged_for)
+    remove_left(out.parent, _folder_files(listed, out.parent).pop(temporary_stem(out.name), ()))
 
 
 def _remove_other_temporaries(listed: dict[Path, dict[str, list[str]]]) -> None:
@@ -1052,7 +1049,7 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
     try:
         with os.scandir(folder) as entries:  # names one at a time: a folder may hold a million token files
             for entry in entries:
-                if (target := _temporary_target(entry.name)) is not None:
+                if (target := temporary_target(entry.name)) is not None:
                     found.setdefault(target, []).append(entry.name)
                 elif (aside := _aside_of(entry.name)) is not None:
                     found.setdefault("/" + aside[0], []).append(entry.name)  # ("/": in no file's name)
@@ -1064,13 +1061,6 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
     return found
 
 
-def _temporary_target(name: str) -> str | None:
-    """What the temporary file ``name`` (``.<stem>.<32 hex>.tmp``, see ``files.AtomicFile``) was to become (its
-    ``temporary_stem``), or None for any other name (a user's ``.x.mp4.notes.tmp``)."""
-    found = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", name, re.DOTALL)
-    return None if found is None else found.group(1)
-
-
 def check_inputs_apart(files: Sequence[tuple[Path, str]], outdir: Path, shard: tuple[int, int] | None = None) -> None:
     """Refuse up front an input that is a file the run writes, appends to, moves or removes: its own token file,
     the run's manifest, or a temporary or set-aside token file in an output folder (a video given under such a
@@ -1078,7 +1068,7 @@ def check_inputs_apart(files: Sequence[tuple[Path, str]], outdir: Path, shard: t
     manifest, folders = outdir / manifest_name(shard), None
     for path, name in files:
         base = os.path.basename(path)
-        temporary = _temporary_target(base) is not None or _aside_of(base) is not None
+        temporary = temporary_target(base) is not None or _aside_of(base) is not None
         if not (temporary or base.endswith((".safetensors", ".jsonl"))):
             continue
         try:
