@@ -2711,7 +2711,7 @@ def test_a_manifests_own_lines_keep_the_order_they_were_written_in_whatever_the_
     latest = [(r["source"], r["status"]) for r in read_manifest(tmp_path, latest=True)]
     assert latest == [("/v/b", "failed"), ("/v/a", "done")]
     kept, left = _settled(tmp_path)
-    assert kept[hash("/v/a")][1] == hash("/v/a.safetensors") and kept[hash("/v/b")][1] is None and not left
+    assert kept[hash("/v/a")] == hash("/v/a.safetensors") and kept[hash("/v/b")] is None and not left
 
 
 def test_a_folder_of_more_shard_manifests_than_open_files_allowed_is_read_whole(tmp_path):

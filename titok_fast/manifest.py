@@ -86,7 +86,7 @@ class Manifest:
         self._outdated: dict[str, tuple[str, str | None, tuple[int, int, int, int] | None]] = {}
         # token file to write -> the file its name held when the job planned it (None: nothing), until it is written
         self._planned: dict[str, tuple[int, int, int, int] | None] = {}
-        self._settled: dict[int, tuple[str, int | None]] | None = None  # see skipped()
+        self._settled: dict[int, int | None] | None = None  # see skipped()
         self._listed: set[int] = set()  # see list_not_encoded(): inputs said not encoded already, as read at planning
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ class Manifest:
     def _complete_as(self, source: str | os.PathLike) -> int | None:
         """The ``hash`` of the token file the folder's manifests, as :meth:`read_settled` read them, say ``source``
         is complete as; None if they do not (or were not read)."""
-        return (self._settled or {}).get(hash(absolute(source)), ("", None))[1]
+        return (self._settled or {}).get(hash(absolute(source)))
 
     def read_settled(self) -> None:
         """Read which inputs the folder's manifests already say are complete, once (seconds for a million lines;
@@ -153,7 +153,7 @@ class Manifest:
             self._listed |= listed
 
     def forget_settled(self) -> None:
-        """Let go of what :meth:`read_settled` read (a few hundred bytes per source), once the job has checked
+        """Let go of what :meth:`read_settled` read (about 120 bytes per source), once the job has checked
         its outputs; a later :meth:`skipped` reads it again."""
         self._settled = None
 
@@ -376,19 +376,19 @@ def _latest(files: Iterable[Path]) -> list[dict[str, Any]]:
     return list(kept.values())
 
 
-def _settled(folder: Path) -> tuple[dict[int, tuple[str, int | None]], set[int]]:
+def _settled(folder: Path) -> tuple[dict[int, int | None], set[int]]:
     """For each source of the folder's manifests (by ``hash``: this process's own, never stored), the ``hash`` of
     the token file its latest line (as :func:`read_manifest` orders a folder's lines) says is complete, or None:
-    what a resumed job need not say again. Held: two ints and a time per source (about 300 bytes). Beside it, the
+    what a resumed job need not say again. Held: two ints per source (about 120 bytes). Beside it, the
     (source, token file) pairs (:func:`_pair`) whose latest line says "not-encoded". A manifest that cannot be read
     says nothing: the job then lists every input it skips or leaves, as it always did."""
-    kept: dict[int, tuple[str, int | None]] = {}  # source's hash -> (time of its latest line, token file's hash)
+    kept: dict[int, int | None] = {}  # source's hash -> the hash of the token file its latest line says complete
     left: dict[int, int] = {}  # source's hash -> the pair of its latest line, where that says "not-encoded"
     try:
         for row in _merged(_manifests(folder)):
-            source, time = hash(name := str(row.get("source"))), _time(row)
+            source = hash(name := str(row.get("source")))
             status, tokens = row.get("status"), str(row.get("tokens"))
-            kept[source] = (time, hash(tokens) if status in ("done", "skipped") else None)
+            kept[source] = hash(tokens) if status in ("done", "skipped") else None
             if status == "not-encoded":
                 left[source] = _pair(name, tokens)
             else:
