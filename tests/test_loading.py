@@ -1,5 +1,6 @@
 """Loading weights: Lightning checkpoints without running their code, safetensors with the config inside."""
 
+import json
 import os
 import shlex
 import stat
@@ -10,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from titok_fast.files import METADATA_KEY
 from titok_fast.loading import CheckpointError, convert, load_tokenizer, read_safetensors_metadata, save_safetensors
 
 from helpers import make_model, rel_l2
@@ -441,15 +443,60 @@ def test_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
     save_safetensors(tiny, tmp_path / "w.safetensors")
     before = (tmp_path / "w.safetensors").read_bytes()
 
-    def fail(*args, **kwargs):
+    def fail(file, *args, **kwargs):
+        file.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr("titok_fast.loading.save_file", fail)
+    monkeypatch.setattr("titok_fast.loading.write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         save_safetensors(tiny, tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     assert safetensors.torch.load_file(tmp_path / "w.safetensors")
+
+
+def test_weights_are_written_as_safetensors_writes_them(tmp_path):
+    """The weights are written a tensor at a time into their own locked temporary, in the bytes
+    ``safetensors.torch.save_file`` writes for the same tensors and metadata: every dtype it names, a scalar, an
+    empty tensor, metadata that is not ASCII, and none."""
+    import safetensors.torch
+
+    from titok_fast.loading import SAFETENSORS_DTYPES, write_safetensors
+
+    tensors = {f"{name}{i}": torch.arange(6).reshape(3, 2).to(dtype)
+               for i, dtype in enumerate(SAFETENSORS_DTYPES) for name in "ba"}  # fmt: skip
+    tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "odd": torch.ones(3, dtype=torch.int8)}
+    for metadata in ({METADATA_KEY: json.dumps({"source": "vidéo \u2028 \"x\"\n"}, ensure_ascii=False)}, {}):
+        safetensors.torch.save_file(tensors, str(tmp_path / "theirs"), metadata=metadata or None)
+        with open(tmp_path / "ours", "wb") as file:
+            write_safetensors(file, tensors, metadata)
+        assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+        loaded = safetensors.torch.load_file(tmp_path / "ours")
+        assert loaded.keys() == tensors.keys()
+        assert all(loaded[k].dtype == t.dtype and torch.equal(loaded[k].view(torch.uint8), t.view(torch.uint8))
+                   for k, t in tensors.items() if t.dim())  # fmt: skip
+
+
+def test_a_conversion_removes_what_a_killed_conversion_left(tiny, tmp_path):
+    """A ``convert`` or Hub conversion killed midway left a temporary of a model's size beside its output for good.
+    The next write of the same file removes it, and leaves one another process is writing now (locked)."""
+    import signal
+
+    from titok_fast.files import AtomicFile
+    from titok_fast.loading import weights_digest
+
+    script = ("import os, sys; from titok_fast.files import AtomicFile; t = AtomicFile(sys.argv[1]).__enter__()"
+              "; open(t.temporary, 'wb').write(b'half'); print(t.temporary, flush=True); os.kill(os.getpid(), 9)")
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w.safetensors")], capture_output=True,
+                            text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    left = killed.stdout.strip()
+    assert os.path.exists(left)
+    writing = AtomicFile(tmp_path / "w.safetensors").__enter__()  # another process's conversion under way
+    save_safetensors(tiny, tmp_path / "w.safetensors")
+    assert not os.path.exists(left) and os.path.exists(writing.temporary)
+    assert load_tokenizer(tmp_path / "w.safetensors").weights_digest == weights_digest(tiny.state_dict())
+    writing.discard()
 
 
 def test_a_patch_volume_of_billions_of_weights_is_refused():

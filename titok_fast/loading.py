@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import hub
 from .checks import MAX_GRID, MAX_TOKENS, is_integer
@@ -1030,16 +1029,47 @@ def random_seed(digest: str | None) -> int | None:
 
 
 def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> None:
-    """Write the model's weights with its config (and ``extra`` fields) as metadata, atomically."""
+    """Write the model's weights with its config (and ``extra`` fields) as metadata, atomically. Written into its
+    locked temporary (:func:`write_safetensors`), so a write removes the temporaries that killed writes of the same
+    file left (a killed ``convert``, a conversion into the Hub cache: a V1 model's worth each) and leaves alone one
+    another process is writing now."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "weights_digest": weights_digest(state)}
     meta.update(extra)
     os.makedirs(os.path.dirname(absolute(path)), exist_ok=True)
-    with AtomicFile(path) as target:  # its temporary made as every file is (0o666 less the umask): its mode is
-        mode = os.stat(target.temporary).st_mode & 0o777  # kept, as save_file writes a file of its own (unlocked:
-        # so no tidy here, which would take another process's conversion under way for a killed one's)
-        save_file(state, target.temporary, metadata={METADATA_KEY: json.dumps(meta)})
-        os.chmod(target.temporary, mode)  # weights on a shared file system are read by other users' jobs too
+    with AtomicFile(path, tidy=True) as target, open(target.temporary, "wb") as file:  # (truncated: its lock kept)
+        write_safetensors(file, state, {METADATA_KEY: json.dumps(meta)})
+
+
+SAFETENSORS_DTYPES = {  # in the order safetensors writes them (its dtypes' order, reversed)
+    torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
+    torch.float16: "F16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(file: io.BufferedIOBase, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``tensors`` (contiguous, on the CPU) and ``metadata`` written to the open ``file`` in safetensors' format:
+    the bytes ``safetensors.torch.save_file`` writes (its order: by dtype, then by name; its header padded with
+    spaces to 8 bytes), a tensor at a time. ``save_file`` writes a file of its own (a new one at the
+    name, unlocked), which another process's clean-up cannot tell from a killed write's."""
+    if sys.byteorder != "little":  # (the format's byte order)
+        raise RuntimeError("writing safetensors needs a little-endian machine")
+    rank = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+    order = sorted(tensors, key=lambda name: (rank[tensors[name].dtype], name))
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}  # fmt: skip
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    file.write(len(text).to_bytes(8, "little") + text)
+    for name in order:
+        file.write(tensors[name].reshape(-1).view(torch.uint8).numpy().data)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, config: object | None = None, use_ema: bool = True) -> str:
