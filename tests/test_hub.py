@@ -463,6 +463,29 @@ def test_a_cache_entry_is_used_only_as_the_conversion_of_the_checkpoint_it_recor
         converted(hub / "model.ckpt", tiny)
 
 
+def test_a_conversion_removes_the_entries_earlier_versions_keyed_by_config(hub, tmp_path, monkeypatch):
+    """Before 2026-12-06 a conversion's name held a hash of the config too (a V1 model's worth per config): the
+    checkpoint's conversion now removes those entries of it, and leaves other checkpoints', and what is no file."""
+    from titok_fast.config import TiTokConfig
+    from titok_fast.hub import file_sha256
+    from titok_fast.loading import converted
+
+    monkeypatch.setenv("TITOK_FAST_CACHE", str(tmp_path / "converted"))
+    folder = tmp_path / "converted" / "converted"
+    folder.mkdir(parents=True)
+    sha = file_sha256(hub / "model.ckpt")
+    old = [folder / f"{sha}-{key}.safetensors" for key in ("0123456789ab", "ba9876543210")]
+    kept = [folder / f"{'0' * 64}-0123456789ab.safetensors", folder / f"{sha}-0123456789abc.safetensors",
+            folder / f"{sha}-notes.safetensors"]  # fmt: skip
+    for path in old + kept:
+        path.write_bytes(b"an old conversion")
+    (folder / f"{sha}-00000000000f.safetensors").mkdir()
+    entry = converted(hub / "model.ckpt", TiTokConfig.from_any("tiny"))
+    assert entry.parent == folder
+    assert not any(p.exists() for p in old) and all(p.exists() for p in kept)
+    assert (folder / f"{sha}-00000000000f.safetensors").is_dir()
+
+
 def test_hub_weights_whose_cache_gives_no_commit_are_refused(hub, tmp_path):
     """A damaged cache whose ref names no commit (refs/main holding "notacommit", and a snapshot folder of that
     name) was loaded and recorded unpinned, and decode then refused the token files it had just made."""

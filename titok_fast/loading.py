@@ -971,7 +971,20 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
         if _identity(src) != before:
             raise CheckpointError(f"{src}: changed while it was hashed and converted; nothing was cached, try again")
         save_safetensors(model, target, source=os.path.basename(str(src)), **_ema_taken(model), source_sha256=actual)
+        _remove_config_keyed(target.parent, claimed)
     return target
+
+
+def _remove_config_keyed(folder: Path, sha256: str) -> None:
+    """Remove the conversions of the checkpoint ``sha256`` that versions before 2026-12-06 keyed by its config as
+    well (``<sha256>-<12 hex digits>.safetensors``: a V1 model's worth each, never read again). Only regular files
+    of that name: anything else there is left."""
+    pattern = re.compile(rf"{sha256}-[0-9a-f]{{12}}\.safetensors")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _converted_from(target: Path, sha256: str) -> bool:
