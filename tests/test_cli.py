@@ -195,6 +195,25 @@ def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
                                    "rotation": "stored", "dtype": "float32", "precision": "default"}  # fmt: skip
 
 
+def test_eval_says_which_report_a_full_disk_kept_it_from_writing(folder, tmp_path, capsys, monkeypatch):
+    """The figure, written after the JSON report, on a disk that filled up meanwhile: one line naming it, as
+    --json's, not a bare errno line naming nothing."""
+    import errno
+
+    from titok_fast import plots
+
+    def full(figure, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "save_figure", full)
+    report, figure = tmp_path / "eval.json", tmp_path / "eval.png"
+    code, _, err = run("eval", folder / "moving.mp4", "--tokens", "4", "--grid", "4x32x32", *RANDOM, "--json", report,
+                       "--plot", figure, capsys=capsys)  # fmt: skip
+    assert code == 2 and err.endswith(f"\ntitok-fast: error: --plot {figure}: cannot be written (No space left on "
+                                      "device)\n"), err  # fmt: skip
+    assert json.loads(report.read_text())["results"]
+
+
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     code, _, err = run("encode", tmp_path / "missing.mp4", "-o", tmp_path, *RANDOM, capsys=capsys)
     assert code == 2 and "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -1522,6 +1541,15 @@ def test_a_manifest_that_is_a_pipe_is_refused_and_a_full_disk_stops_the_run(tmp_
     assert code == 2 and "a.safetensors (No space left on device): the run stops" in err, err
     rows = read_manifest(tmp_path / "o" / MANIFEST_NAME)
     assert [r["status"] for r in rows] == ["not-encoded"] * 3
+    monkeypatch.undo()  # a run that stops says, before its error, what it did and where the rest is listed
+    assert run("encode", videos / "a.mp4", "-o", tmp_path / "o", *GRID, *RANDOM, capsys=capsys)[0] == 0
+    monkeypatch.setattr(pipeline, "save_tokens", full)
+    code, _, err = run("encode", videos, "-o", tmp_path / "o", *GRID, *RANDOM, "--workers", "1", capsys=capsys)
+    assert code == 2 and err.endswith(
+        f"titok-fast: the run stopped: 0 file(s) encoded, 0 failed, 2 not encoded (listed in "
+        f"{tmp_path / 'o' / MANIFEST_NAME}) and 1 complete already; the same command goes on from there\n"
+        f"titok-fast: error: cannot write {tmp_path / 'o' / 'b.safetensors'} (No space left on device): the run "
+        "stops\n"), err  # fmt: skip
 
 
 def test_decode_redoes_what_is_at_an_output_name_unless_it_is_a_written_file(folder, tmp_path, capsys):

@@ -4,6 +4,7 @@ without Ray (and on a GPU where there is one)."""
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -1072,7 +1073,7 @@ def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_we
                                    "driver): its CPU or its token file writes")  # 35 s of 90; 38 s of 40
 
 
-def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(videos, tmp_path):
+def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(videos, tmp_path, monkeypatch):
     """The driver's side of a job, without Ray: rows in any order and some twice (retried work) -> the token
     files, duplicates counted, a file whose rows never came failed; and nothing kept of an ended file (about
     500 bytes each: half a gigabyte per million files when every file's state was made up front)."""
@@ -1119,6 +1120,17 @@ def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(vi
             _collect(_Rows(interrupted()), assembly, decode_retries=2, actor_restarts=8)
     assert list(assembly.open) == [0] and [p for p, _ in summary.failed] == [str(p) for p in paths]
     assert {reason for _, reason in summary.failed} == {"not encoded: the run was interrupted (Ctrl-C)"}
+
+    def full(path, token_file):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("titok_fast.pipeline.save_tokens", full)  # the run stops as one machine's does, in its words
+    summary = Summary()
+    with Manifest(tmp_path / "full" / MANIFEST_NAME, summary) as manifest:
+        assembly = _Assembly(model, "auto", "cpu", SETTINGS, todo[:1], manifest, _progress(1, "file"))
+        with pytest.raises(OSError, match=r"^the Ray job stopped: cannot write \S*long\.safetensors \(No space left on "
+                                          r"device\): the run stops$"):  # fmt: skip
+            _collect(_Rows(iter(of[0])), assembly, decode_retries=2, actor_restarts=8)
 
 
 def test_on_ray_a_video_of_more_clips_than_a_token_file_holds_fails_at_the_first_clip_past_them(tmp_path,

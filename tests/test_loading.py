@@ -1,5 +1,6 @@
 """Loading weights: Lightning checkpoints without running their code, safetensors with the config inside."""
 
+import errno
 import json
 import os
 import shlex
@@ -437,7 +438,7 @@ def test_a_digest_in_metadata_must_match_the_tensors(tiny, tmp_path):
 
 
 def test_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
-    """A failed write leaves the old file and no temporary one."""
+    """A failed write leaves the old file and no temporary one, and names the file."""
     import safetensors.torch
 
     save_safetensors(tiny, tmp_path / "w.safetensors")
@@ -445,11 +446,11 @@ def test_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
 
     def fail(file, *args, **kwargs):
         file.write(b"half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")  # (a write's error names no file)
 
     monkeypatch.setattr("titok_fast.loading.write_safetensors", fail)
-    with pytest.raises(OSError, match="disk full"):
-        save_safetensors(tiny, tmp_path / "w.safetensors")
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] No space left on device: '{tmp_path / 'w.safetensors'}'$"):
+        save_safetensors(tiny, tmp_path / "w.safetensors")  # (said of the file asked for)
     assert (tmp_path / "w.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     assert safetensors.torch.load_file(tmp_path / "w.safetensors")

@@ -1725,6 +1725,73 @@ def test_a_disk_too_full_for_the_manifest_too_stops_with_the_token_files_error(m
     assert _latest(tmp_path).get("short") == "done" and (tmp_path / "short.safetensors").exists()
 
 
+@pytest.mark.parametrize("threads", [0, 1])
+def test_token_files_that_cannot_be_written_stop_the_run_only_in_a_row(model, sources, tmp_path, monkeypatch,
+                                                                        threads):  # fmt: skip
+    """A write error other than a full disk's (a failing disk, permissions taken away) failed each file alone, so a
+    job of a million files decoded and encoded every one to fail it at its write. GIVE_UP_AFTER such files in a
+    row (here 3) now stop the run, said of the last one; a file written between them starts the count again, and a
+    file failed for what it holds (NaN latents) neither counts nor starts it again."""
+    import errno
+
+    names = ("short", "long", "black", "odd")
+    order = [(sources[n], n) for n in names]
+    monkeypatch.setattr(pipeline, "GIVE_UP_AFTER", 3)
+    monkeypatch.setattr(pipeline, "write_threads_for", lambda outdir: threads)
+    real, failing = pipeline.save_tokens, set()
+
+    def save(path, token_file):
+        if Path(path).stem in failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, token_file)
+
+    monkeypatch.setattr(pipeline, "save_tokens", save)
+    failing |= {"short", "long", "odd"}  # two, one written, then one: the run goes on
+    summary = encode_files(model, Engine(model, max_clips=3), order, tmp_path / "a", SETTINGS, workers=1)
+    assert summary.done == [str(sources["black"])]
+    assert [reason for _, reason in summary.failed] == [
+        f"cannot write {tmp_path / 'a' / n}.safetensors: Input/output error" for n in ("short", "long", "odd")]
+    failing |= {"black"}  # every write fails: the third stops the run, the fourth input is listed not encoded
+    with pytest.raises(OSError, match=r"black\.safetensors: Input/output error; 3 token files in a row could not be "
+                                      r"written: the run stops$"):  # fmt: skip
+        encode_files(model, Engine(model, max_clips=3), order, tmp_path / "b", SETTINGS, workers=1)
+    assert _latest(tmp_path / "b") == {"short": "failed", "long": "failed", "black": "failed", "odd": "not-encoded"}
+    writes = pipeline.Writes(threads)
+    for error in ("chunk 0 gave the model NaN latents", pipeline.CannotWrite("x"), pipeline.CannotWrite("y"),
+                  "chunk 1 gave the model NaN latents", None, pipeline.CannotWrite("z")):  # fmt: skip
+        writes(lambda error=error: error)
+    writes.close()
+    assert writes.unwritten_in_a_row == 1
+
+
+def test_decode_stops_after_videos_that_cannot_be_written_in_a_row(model, sources, tmp_path, monkeypatch):
+    """decode likewise: GIVE_UP_AFTER videos in a row that cannot be written (an I/O error syncing them, which
+    names no file) stop it, each said of the video, not of the token file it decodes."""
+    import errno
+
+    from titok_fast import files as files_module
+
+    encode(model, [sources[n] for n in ("short", "long", "black", "odd")], tmp_path / "t")
+    engine = Engine(model, max_clips=3)
+    tokens = sorted((tmp_path / "t").glob("*.safetensors"))
+    monkeypatch.setattr(pipeline, "GIVE_UP_AFTER", 3)
+    real = files_module.os.fsync
+
+    def failing(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(files_module.os, "fsync", failing)
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(tmp_path / 'r' / tokens[2].stem))}\.mp4: "
+                                      r"Input/output error; 3 videos in a row could not be written: the run stops$"):
+        decode_files(engine, tokens, tmp_path / "r")
+    summary = decode_files(engine, tokens[:2], tmp_path / "r2")  # (two: below the count)
+    assert [reason for _, reason in summary.failed] == [
+        f"cannot write {tmp_path / 'r2' / p.stem}.mp4: Input/output error" for p in tokens[:2]]
+    assert not list((tmp_path / "r").iterdir()) and not list((tmp_path / "r2").iterdir())
+
+
 def test_an_interrupted_run_writes_and_lists_what_it_handed_to_the_writing_threads(model, sources, tmp_path,
                                                                                    monkeypatch):  # fmt: skip
     """Ctrl-C while a token file is being written on a thread (a server slow to answer): the run waits for it and
@@ -2650,9 +2717,22 @@ def test_runs_sharing_an_output_folder_append_whole_lines_to_one_manifest(tmp_pa
         next_run.done("/v/next.mp4", tmp_path / "next.safetensors", 1)
     lines = path.read_text().splitlines()
     assert lines[-2] == '{"source": "/v/cut.mp4", "tok' and json.loads(lines[-1])["source"] == "/v/next.mp4"
+    before = path.read_bytes()
+    with open(path, "a") as file:
+        file.write('{"source": "/v/cut.mp4", "tok')  # cut short again, on a disk still full at the next start
+    from titok_fast import manifest as manifest_module
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left")
+
+    real = manifest_module.os.write
+    monkeypatch.setattr(manifest_module.os, "write", full)
+    with pytest.raises(OSError, match=rf"^cannot write the manifest {re.escape(str(path))}: No space left$"):
+        Manifest(path, pipeline.Summary()).__enter__()
+    monkeypatch.setattr(manifest_module.os, "write", real)
+    path.write_bytes(before)
     rows = read_manifest(path)  # the damage stays that line's: the others are all read
     assert len(rows) == 9 and rows[-1]["source"] == "/v/next.mp4" and "/v/cut.mp4" not in {r["source"] for r in rows}
-    from titok_fast import manifest as manifest_module
 
     hostile = tmp_path / "hostile" / "manifest.jsonl"  # lines no job writes: passed over as a cut line is
     hostile.parent.mkdir()

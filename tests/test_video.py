@@ -2362,6 +2362,26 @@ def test_written_levels_are_rounded_and_a_video_keeps_its_frame_size(tmp_path):
     assert not (tmp_path / "none.mp4").exists()
 
 
+
+def test_an_error_writing_a_video_is_said_of_the_video_not_its_temporary(tmp_path, monkeypatch):
+    """FFmpeg's errors name the temporary a video is written to, and a sync's no file: either is said of the video
+    asked for, with its errno (a full disk stops a decode by it); the temporary is gone."""
+    import errno
+
+    def refused(path, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(writing.av, "open", refused)
+    with pytest.raises(OSError) as raised:
+        write_video(tmp_path / "v.mp4", torch.zeros(3, 2, 32, 32), fps=8)
+    assert (raised.value.errno, raised.value.filename) == (errno.EIO, str(tmp_path / "v.mp4"))
+    monkeypatch.undo()
+    monkeypatch.setattr(writing.AtomicFile, "commit", lambda self: os.fsync(2**30))  # EBADF, naming no file
+    with pytest.raises(OSError) as raised:
+        write_video(tmp_path / "v.mp4", torch.zeros(3, 2, 32, 32), fps=8)
+    assert (raised.value.errno, raised.value.filename) == (errno.EBADF, str(tmp_path / "v.mp4"))
+    assert not list(tmp_path.iterdir())
+
 WRITE_PATTERN = """
 import os, sys
 if {one_core}:

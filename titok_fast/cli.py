@@ -594,7 +594,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         title = f"clips of {'x'.join(map(str, settings.grid))}, weights {model.weights_digest}"
         figure = rate_distortion_figure(_by_resolution(per_file, settings.rotation), title=title)
-        save_figure(figure, args.plot)
+        try:
+            save_figure(figure, args.plot)
+        except OSError as e:  # (as --json)
+            raise ValueError(f"--plot {args.plot}: cannot be written ({e.strerror or e})") from None
         print(f"wrote {args.plot}")
     return _finish(summary, "evaluated", inputs)
 

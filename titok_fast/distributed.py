@@ -961,6 +961,8 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     except Exception as e:
         said = str(e) if isinstance(e, _Stopped) else _one_line(e)
         stopped = f"not encoded: the job stopped ({said})"
+        if isinstance(e, OSError):  # (a token file that cannot be written: its line says what, as on one machine)
+            raise OSError(f"the Ray job stopped: {e}") from e
         raise RuntimeError(f"the Ray job stopped: {said}") from e
     except BaseException as e:
         stopped = stop_reason(e)

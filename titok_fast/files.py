@@ -199,17 +199,22 @@ class AtomicFile:
         remove_left(folder, [n for n in names if temporary_target(n) == stem])
 
     def commit(self) -> None:
+        """Sync the temporary, rename it onto ``path``, sync the folder. An error says ``path`` (a sync's names no
+        file, a rename's the temporary): the file asked for is what could not be written."""
         try:
-            with open(self.temporary, "rb") as written:
-                os.fsync(written.fileno())
-            os.replace(self.temporary, self.path)
-        finally:
-            self.discard()
-        descriptor = os.open(os.path.dirname(self.path), os.O_RDONLY)
-        try:
-            os.fsync(descriptor)  # make the rename itself durable
-        finally:
-            os.close(descriptor)
+            try:
+                with open(self.temporary, "rb") as written:
+                    os.fsync(written.fileno())
+                os.replace(self.temporary, self.path)
+            finally:
+                self.discard()
+            descriptor = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)  # make the rename itself durable
+            finally:
+                os.close(descriptor)
+        except OSError as e:
+            raise said_of(e, self.path) from None
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -231,8 +236,18 @@ class AtomicFile:
 
 def write_atomically(path: str | os.PathLike[str], data: bytes, tidy: bool = False) -> None:
     """Write `data` to `path` through an :class:`AtomicFile` (``tidy``: see there)."""
-    with AtomicFile(path, tidy) as target, open(target.temporary, "wb") as file:
-        file.write(data)
+    try:
+        with AtomicFile(path, tidy) as target, open(target.temporary, "wb") as file:
+            file.write(data)
+    except OSError as e:
+        raise said_of(e, path) from None
+
+
+def said_of(error: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``error``, met writing the file ``path`` (through its temporary), as an error of ``path`` itself: the file
+    asked for is what could not be written, where a write or sync names no file and a rename the temporary. One
+    with no errno is given back as it is."""
+    return error if error.errno is None else type(error)(error.errno, error.strerror, absolute(path))
 
 
 ABANDONED_UNLOCKED_SECONDS = 3600.0  # a temporary that cannot be locked is taken as abandoned once this old

@@ -106,7 +106,12 @@ class Manifest:
             os.set_blocking(self._fd, True)
             size = os.fstat(self._fd).st_size
             if size and os.pread(self._fd, 1, size - 1) != b"\n":  # a line cut short (a full disk): end it there
-                os.write(self._fd, b"\n")
+                try:
+                    os.write(self._fd, b"\n")
+                except OSError as e:
+                    os.close(self._fd)
+                    self._fd = None
+                    raise OSError(f"cannot write the manifest {self.path}: {e.strerror or e}") from None
 
     def outdated(
         self,

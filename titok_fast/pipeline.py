@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -679,7 +680,7 @@ def encode_files(
             capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
             **settings.read_kwargs(model.device.type, model.dtype),
         )  # fmt: skip
-        stopped, stopping = "not encoded", False
+        stopped, stopping, error = "not encoded", False, None
         try:
             with contextlib.closing(files_read), job.bar:
                 items = job.clips(files_read, dict(todo))
@@ -689,7 +690,7 @@ def encode_files(
                     job.show()
                 writes.close()
         except BaseException as e:
-            stopped, stopping = stop_reason(e), True
+            stopped, stopping, error = stop_reason(e), True, e
             with contextlib.suppress(Exception):  # (the run stops for e already)
                 writes.close()  # what was handed over is written, and said, before the rest is listed
             raise
@@ -698,6 +699,10 @@ def encode_files(
             with interrupts_held():  # a second Ctrl-C (or SIGTERM after one) waits for the list to be complete
                 left = ((path, out) for path, out in todo if str(path) not in settled)
                 manifest.list_not_encoded(left, stopped, stopping)
+            if isinstance(error, Exception):  # (an interrupt is said in one line: the command's)
+                notice(f"the run stopped: {len(summary.done):,} file(s) encoded, {len(settled) - len(summary.done):,} "
+                       f"failed, {len(todo) - len(settled):,} not encoded (listed in {manifest.path}) and "
+                       f"{len(summary.skipped):,} complete already; the same command goes on from there")  # fmt: skip
     summary.in_order_of(files)  # files end in any order: said in the inputs' order
     summary.seconds = time.perf_counter() - encoding
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
@@ -868,10 +873,13 @@ class Writes:
         self.pool = None if not threads else concurrent.futures.ThreadPoolExecutor(threads, "titok-fast-write")
         self.most = 2 * threads
         self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self.lock = threading.Lock()
+        self.unwritten_in_a_row = 0  # token files that could not be written (CannotWrite), with none written since
 
-    def __call__(self, write: Callable[[], None]) -> None:
+    def __call__(self, write: Callable[[], str | None]) -> None:
+        """Hand over ``write`` (:func:`write_recorded`, bound): it returns its file's reason for failing, or None."""
         if self.pool is None:
-            write()
+            self._counted(write)
             return
         while self.pending and (self.pending[0].done() or len(self.pending) >= self.most):
             oldest = self.pending[0]
@@ -880,7 +888,19 @@ class Writes:
             finally:
                 if oldest.done():
                     self.pending.popleft()
-        self.pending.append(self.pool.submit(write))
+        self.pending.append(self.pool.submit(self._counted, write))
+
+    def _counted(self, write: Callable[[], str | None]) -> None:
+        """Run ``write``; GIVE_UP_AFTER token files in a row that could not be written (an I/O error, permissions
+        taken away) say the fault is the output folder's, not each file's: the run stops (a full disk stops it at
+        the first, :func:`write_token_file`)."""
+        error = write()
+        if error is None or isinstance(error, CannotWrite):
+            with self.lock:
+                self.unwritten_in_a_row = self.unwritten_in_a_row + 1 if error else 0
+                if self.unwritten_in_a_row >= GIVE_UP_AFTER:
+                    raise OSError(f"{error}; {self.unwritten_in_a_row} token files in a row could not be written: "
+                                  "the run stops")  # fmt: skip
 
     def close(self) -> None:
         """Wait for every write handed over; raise the first error among them. Closing again does nothing."""
@@ -1609,13 +1629,18 @@ def write_token_file(
     except OSError as e:
         if e.errno in NO_ROOM:  # no other token file could be written there either: the run stops
             raise OSError(f"cannot write {out} ({e.strerror}): the run stops") from None
-        return f"cannot write {out}: {e.strerror or e}"
+        return CannotWrite(f"cannot write {out}: {e.strerror or e}")
     except TokenFileError as e:
         return f"cannot write {out}: {e}"
     return None
 
 
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a full quota, a read-only file system
+
+
+class CannotWrite(str):
+    """The reason a token file failed that is where it goes, not what it holds (an I/O error): :class:`Writes`
+    counts these in a row."""
 
 
 def write_recorded(
@@ -1626,10 +1651,10 @@ def write_recorded(
     write: Callable[[], str | None],
     done: dict[str, Any] | None = None,
     failed: dict[str, Any] | None = None,
-) -> None:
-    """One input's token file, by ``write`` (:func:`write_token_file` bound to it), and its manifest line, both or
-    neither (on the run's thread, or a writing thread of :class:`Writes`); ``done`` / ``failed``: more fields of
-    the line of each outcome."""
+) -> str | None:
+    """One input's token file, by ``write`` (:func:`write_token_file` bound to it), and its manifest line, with no
+    interrupt between them (on the run's thread, or a writing thread of :class:`Writes`); ``done`` / ``failed``:
+    more fields of the line of each outcome. Returns the reason it failed, or None."""
     started = CLOCK.start()
     with interrupts_held():
         manifest.displacing(path, out, functools.partial(_recorded_other, source=path))
@@ -1639,6 +1664,7 @@ def write_recorded(
             manifest.failed(path, out, error, **(failed or {}))
         else:
             manifest.done(path, out, clips, **(done or {}))
+    return error
 
 
 def _token_file(
@@ -1894,6 +1920,7 @@ def decode_files(
     unrecorded, first_unrecorded = 0, []  # mp4 files kept that record no decode (said once, at the end)
     record_of = decode_records(engine, with_source)
     unforeseen_in_a_row = 0  # failures no check foresaw, one after another: GIVE_UP_AFTER of them say it is no file's
+    unwritten_in_a_row = 0  # videos that could not be written (an I/O error), with none written since: likewise
     for path, name in _progress(unit="file", iterable=todo):
         out = outdir / f"{name}.mp4"
         file_scores: list[float] | None = None if scores is None else []
@@ -1956,8 +1983,12 @@ def decode_files(
                                        f"{_one_line(e)}") from e  # fmt: skip
             writing = isinstance(e, OSError) and e.filename == absolute(out)  # (said as encode says it)
             summary.failed.append((str(path), f"cannot write {out}: {e.strerror or e}" if writing else _one_line(e)))
+            unwritten_in_a_row += writing
+            if unwritten_in_a_row >= GIVE_UP_AFTER:  # (a failing disk, permissions taken away: as encode stops)
+                raise OSError(f"cannot write {out}: {e.strerror or e}; {unwritten_in_a_row} videos in a row could not "
+                              "be written: the run stops") from None  # fmt: skip
             continue
-        unforeseen_in_a_row = 0
+        unforeseen_in_a_row = unwritten_in_a_row = 0
         if scores is not None:
             scores.extend(file_scores)
         summary.done.append(str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 
 import av
@@ -42,6 +43,10 @@ class VideoWriter:
         self.frames = 0
 
     def write(self, frames: torch.Tensor) -> None:
+        with self._said_of_path():
+            self._write(frames)
+
+    def _write(self, frames: torch.Tensor) -> None:
         if frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] == 0:
             raise ValueError(f"frames must be [3, T, H, W] with T >= 1; got shape {list(frames.shape)}")
         height, width = frames.shape[-2:]
@@ -78,12 +83,24 @@ class VideoWriter:
         if self._container is None:
             raise ValueError(f"{self.path}: no frames were written")
         try:
-            self._container.mux(self._stream.encode())
-            self._container.close()
-            self._container = None
-            self._file.commit()
+            with self._said_of_path():
+                self._container.mux(self._stream.encode())
+                self._container.close()
+                self._container = None
+                self._file.commit()
         finally:
             self.abort()
+
+    @contextlib.contextmanager
+    def _said_of_path(self) -> Iterator[None]:
+        """An I/O error writing the video (FFmpeg's name the temporary, or no file) said of `path`, the file asked
+        for, with its errno (a full disk is told apart by it)."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename not in (None, self._file.temporary) or e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), self._file.path) from e
 
     def abort(self) -> None:
         """Drop what was written; `path` is left as it was."""
