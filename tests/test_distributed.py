@@ -33,6 +33,7 @@ from titok_fast.distributed import (
     _Assembly,
     _collect,
     _parts_per_file,
+    clip_bytes,
     decode_rows,
     encode_dataset,
     model_loader,
@@ -729,6 +730,45 @@ def test_room_on_a_cluster_is_counted_as_ray_counts_it(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_ray_job_that_stops_says_what_it_did_before_its_error(videos, tmp_path, monkeypatch, capsys):
+    """As on one machine: a job stopped by an error (here before any file ended) says first how many files it
+    encoded, failed and left not encoded, and where those are listed."""
+
+    def stopped(*args, **kwargs):
+        raise OSError("cannot write x.safetensors (No space left on device): the run stops")
+
+    monkeypatch.setattr(distributed, "_run_job", stopped)
+    files = collect_inputs([videos["good"]])
+    with pytest.raises(OSError, match="the run stops$"):
+        encode_dataset(LOAD(), files, tmp_path / "out", SETTINGS, device="cpu")
+    assert capsys.readouterr().err.endswith(
+        f"titok-fast: the run stopped: 0 file(s) encoded, 0 failed, {len(files)} not encoded (listed in "
+        f"{tmp_path / 'out' / MANIFEST_NAME}) and 0 complete already; the same command goes on from there\n")
+    assert {row["status"] for row in read_manifest(tmp_path / "out" / MANIFEST_NAME)} == {"not-encoded"}
+
+
+def test_an_object_store_small_for_the_batches_is_said_before_the_job(capsys):
+    """Batches of 8 clips of 3.7 MB for one actor on an 80 MB object store ran 5x slower than on 100 MB, and the
+    job's summary blamed the decode CPUs: an object store holding fewer than STORE_BATCHES batches per actor (the
+    live nodes' together) is said in one line before the job, which runs."""
+    from titok_fast import distributed
+
+    clip = clip_bytes(ClipSettings(grid=(12, 160, 160), tokens=128), torch.float32)
+    assert clip == 3_686_400
+    distributed._check_object_store([{"object_store_memory": 80e6}], 1, 8, clip)
+    assert capsys.readouterr().err == (
+        "titok-fast: the cluster's object store (76 MiB) holds fewer than 3 batches per encode actor (1 taking "
+        "batches of 8 clips, 28.1 MiB): clips will wait between the stages; a smaller --batch-size, or a cluster "
+        "with more object store memory (ray start --object-store-memory)\n"
+    )
+    distributed._check_object_store([{"object_store_memory": 50e6}, {"object_store_memory": 50e6}], 1, 8, clip)
+    distributed._check_object_store([{"object_store_memory": 2e9}], 16, 8, clip)  # 16 x 3 x 29.5 MB < 2 GB
+    distributed._check_object_store([{"CPU": 2.0}], 1, 8, clip)  # (not said: nothing known)
+    assert capsys.readouterr().err == ""
+    distributed._check_object_store([{"object_store_memory": 2e9}], 32, 8, clip)
+    assert "holds fewer than 3 batches per encode actor (32 taking" in capsys.readouterr().err
+
+
 def test_a_sigterm_while_ray_starts_is_the_commands_and_lists_every_input(videos, tmp_path, monkeypatch):
     """ray.init puts its own SIGTERM handler (sys.exit) in place while it starts: a SIGTERM then must still do what
     the command's handler does (here: raise Stopped), and leave every input listed as not encoded."""
@@ -1012,6 +1052,7 @@ class _Rows:
 
     def __init__(self, rows, actors: int = 1, shared: bool = False, decoded: set[int] = frozenset()):
         self._rows, self.actors, self.shared, self._decoded = rows, actors, shared, decoded
+        self.decode_cpus = 1.0
 
     def rows(self):
         yield from self._rows
@@ -1071,6 +1112,22 @@ def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_we
     limits.first -= 40.0
     assert limits.limited_by() == ("driver-bound (encode actors busy 39%, results waited 95% of the time for the "
                                    "driver): its CPU or its token file writes")  # 35 s of 90; 38 s of 40
+
+    limits = distributed.EncodersBusy(time.perf_counter())  # the decode tasks' end rows say their CPU seconds
+    limits.clips = 1
+    limits.pass_started(1, decode_cpus=2.0)  # the CPUs the actors leave them
+    limits.row(busy_row("a:1", 6.0))
+    limits.first -= 20.0
+    limits.decoded({"cpu": 30.0})
+    assert limits.limited_by() == ("decode-bound (encode actors busy 30%, decode tasks used 75% of their CPUs): more "
+                                   "CPUs for the decode tasks, or nodes")  # 6 s of 20; 30 s of 2 x 20
+    limits.pass_ended()
+    limits.pass_started(1, decode_cpus=2.0)
+    limits.row(busy_row("a:2", 0.0))
+    limits.first -= 80.0  # decoding waited too (a small object store): 30 CPU-seconds of 2 x 100
+    assert limits.limited_by() == ("held back by Ray Data (encode actors busy 6%, decode tasks used 15% of their "
+                                   "CPUs): clips waited between the stages, as when the object store is small for the "
+                                   "batches: a smaller --batch-size, or more object store memory")  # fmt: skip
 
 
 def test_the_driver_keeps_nothing_of_an_ended_file_and_counts_what_came_again(videos, tmp_path, monkeypatch):
@@ -1202,6 +1259,7 @@ def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_
     parts = [list(decode_rows(row, settings=SETTINGS, dtype=torch.float32)) for row in rows]
     assert len(indexed) == 1  # the tasks were given the file's frame order with their segments
     ends = [json.loads(rows[-1]["info"]) for rows in parts]
+    assert all(e["cpu"] > 0 for e in ends)  # (the CPU seconds each task spent: what says a job decode-bound)
     planned = [(2 * k, 2, 6, stamp) for k in range(6)]  # (first clip, clips, parts, the stamp planned on)
     assert [(e["first"], e["clips"], e["parts"], e["planned"]) for e in ends] == planned
     clips = {r["clip"]: r["data"] for rows in parts for r in rows if r["kind"] == "clip"}

@@ -1792,6 +1792,23 @@ def test_decode_stops_after_videos_that_cannot_be_written_in_a_row(model, source
     assert not list((tmp_path / "r").iterdir()) and not list((tmp_path / "r2").iterdir())
 
 
+def test_a_list_of_inputs_not_encoded_that_a_full_disk_cuts_short_is_said_once(tmp_path, monkeypatch, capsys):
+    """A Ray job that stops lists what is left twice (at its pass's end, then the job's): on a full disk the notice
+    that the list is short was said twice."""
+    from titok_fast import manifest as manifest_module
+    from titok_fast.manifest import Manifest
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with Manifest(tmp_path / "manifest.jsonl", pipeline.Summary()) as manifest:
+        monkeypatch.setattr(manifest_module.os, "write", full)
+        for _ in range(2):
+            manifest.list_not_encoded([("/v/a.mp4", tmp_path / "a.safetensors")], "not encoded: the run stopped")
+        monkeypatch.undo()
+    assert capsys.readouterr().err.count("; the inputs left are not all listed there as not encoded\n") == 1
+
+
 def test_an_interrupted_run_writes_and_lists_what_it_handed_to_the_writing_threads(model, sources, tmp_path,
                                                                                    monkeypatch):  # fmt: skip
     """Ctrl-C while a token file is being written on a thread (a server slow to answer): the run waits for it and

@@ -88,6 +88,7 @@ class Manifest:
         self._planned: dict[str, tuple[int, int, int, int] | None] = {}
         self._settled: dict[int, int | None] | None = None  # see skipped()
         self._listed: set[int] = set()  # see list_not_encoded(): inputs said not encoded already, as read at planning
+        self._unlisted = False  # whether a list of inputs not encoded could not all be written (said once)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:  # (a link could have the run append to a file elsewhere)
@@ -254,7 +255,9 @@ class Manifest:
         except OSError as e:
             if not stopping:
                 raise
-            notice(f"{e}; the inputs left are not all listed there as not encoded")
+            if not self._unlisted:  # (said once: a Ray job that stops lists what is left twice, its pass and the job)
+                notice(f"{e}; the inputs left are not all listed there as not encoded")
+            self._unlisted = True
 
     def _check_there(self) -> None:
         """An OSError (the job stops, as on a full disk) where the manifest was removed since it was opened (its

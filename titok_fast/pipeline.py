@@ -149,6 +149,14 @@ class Summary:
         return "\n".join(lines)
 
 
+def say_stopped(summary: Summary, settled: set[str], todo: int, manifest: Path) -> None:
+    """The line a run stopped by an error (not an interrupt) says before it: the files it encoded and failed
+    (``settled``: those and the failed), those of the ``todo`` it left not encoded, and where they are listed."""
+    notice(f"the run stopped: {len(summary.done):,} file(s) encoded, {len(settled) - len(summary.done):,} failed, "
+           f"{todo - len(settled):,} not encoded (listed in {manifest}) and {len(summary.skipped):,} complete "
+           "already; the same command goes on from there")  # fmt: skip
+
+
 def _named(error: BaseException) -> str:
     """``Type: message``, or ``Type`` alone for an error without one (an interrupt)."""
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
@@ -700,9 +708,7 @@ def encode_files(
                 left = ((path, out) for path, out in todo if str(path) not in settled)
                 manifest.list_not_encoded(left, stopped, stopping)
             if isinstance(error, Exception):  # (an interrupt is said in one line: the command's)
-                notice(f"the run stopped: {len(summary.done):,} file(s) encoded, {len(settled) - len(summary.done):,} "
-                       f"failed, {len(todo) - len(settled):,} not encoded (listed in {manifest.path}) and "
-                       f"{len(summary.skipped):,} complete already; the same command goes on from there")  # fmt: skip
+                say_stopped(summary, settled, len(todo), manifest.path)
     summary.in_order_of(files)  # files end in any order: said in the inputs' order
     summary.seconds = time.perf_counter() - encoding
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
