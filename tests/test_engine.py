@@ -307,6 +307,16 @@ def test_a_clip_with_bad_values_fails_after_every_clip_before_it(model, expected
             assert all(torch.equal(idx, indices[key]) for key, (_, idx) in out.items())
 
 
+def test_a_value_checked_late_is_held_to_a_float16_models_range(monkeypatch):
+    """Checked just before its batch runs (as on CUDA), a clip's values are held to a float16 model's range
+    (65.504), as when they are checked at once: beyond it the patch embedding overflows and the tokens are NaN."""
+    order_as_on_cuda(monkeypatch)
+    engine = Engine(make_model("tiny").to(torch.float16), budgets=(512,), max_clips=2)
+    bad = ("bad", torch.full((3, 4, 8, 8), 100.0, dtype=torch.float16), 1)
+    with pytest.raises(ValueError, match=r"^clip 'bad' holds 100; .*beyond 65.504 they are refused in torch.float16"):
+        list(engine.encode_stream([bad]))
+
+
 def test_host_copy_gives_each_result_back_unchanged_and_apart():
     from titok_fast.engine import _HostCopy
 

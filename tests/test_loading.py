@@ -325,6 +325,59 @@ def test_an_archive_folder_that_is_not_a_printable_name_is_refused_in_one_line(t
         load_tokenizer(path, config="tiny")
 
 
+def test_an_archive_folder_of_a_long_name_is_refused(tmp_path):
+    """Its records' names go into errors: a folder name of thousands of characters would fill them."""
+    import pickle
+    import zipfile
+
+    path = tmp_path / "n.ckpt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a" * 300 + "/data.pkl", pickle.dumps({}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"n.ckpt: its archive's folder 'a+ is not a printable name of up"):
+        load_tokenizer(path, config="tiny")
+
+
+def test_tensors_spanning_more_storage_than_the_model_needs_are_refused_unread(tiny, tmp_path):
+    """A record's offset comes from the file: model-shaped tensors 64 MiB into a deflated storage of zeros (a few
+    hundred KB on disk) would have the loader inflate and hold all of it. What the tensors span is bounded (twice the
+    model's bytes and 1 MiB) before any record is read."""
+    import zipfile
+
+    offset = 16 << 20  # elements: 64 MiB of float32, past twice the tiny model's 31 MB
+    numel = offset + max(v.numel() for v in tiny.state_dict().values())
+    storage = _Storage(("storage", torch.FloatStorage, "0", "cpu", numel))
+    path = _crafted_checkpoint(tmp_path / "far.ckpt", tiny, lambda s, st: _Record(storage, offset, s, st, False, None))
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data/0", bytes(numel * 4))
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match=rf"far.ckpt: its tensors span {numel * 4} bytes of storage; at most"):
+        load_tokenizer(path, config="tiny")
+
+
+def test_tensors_saved_as_views_of_larger_storages_load_holding_only_their_own_bytes(tiny, tmp_path):
+    """torch.save writes a view's whole storage: model tensors saved as slices of larger ones (a fused weight split,
+    say) load from the bytes they span, each into memory of its own (not a view keeping the rest of the record)."""
+    state = {}
+    for k, v in tiny.state_dict().items():
+        whole = torch.cat([torch.full((100,), float("nan")), v.flatten(), torch.full((100,), float("nan"))])
+        state[f"model.{k}"] = whole[100 : 100 + v.numel()].view(v.shape)
+    torch.save({"state_dict": state}, tmp_path / "views.ckpt")
+    loaded = load_tokenizer(tmp_path / "views.ckpt", config="tiny").state_dict()
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+        assert loaded[k].untyped_storage().nbytes() == v.numel() * v.element_size(), k
+
+
+def test_a_random_weights_digest_gives_only_a_seed_random_tokenizer_takes():
+    """The digest comes from a stranger's token file: a seed of more digits than MAX_SEED has is no seed (4301
+    digits made int() itself fail)."""
+    from titok_fast.loading import random_seed
+
+    assert random_seed("random-seed999999999999999999-0123456789abcdef") == 10**18 - 1
+    for digits in ("1" * 19, "9" * 5000):
+        assert random_seed(f"random-seed{digits}-0123456789abcdef") is None
+
+
 def test_safetensors_metadata_is_bounded_before_it_is_parsed(tiny, tmp_path):
     """A 90 MB metadata of 30 million empty objects took 2.5 GB to parse; nesting too deep or a number too long
     for an int raised RecursionError or ValueError without the file's name, from the public reader and from the
@@ -810,6 +863,11 @@ LONG = [1] * 100_000  # one list, memoised: each record refers to it in two byte
         (lambda s, st: _Record(FLOATS, 0.0, s, st, False, None), "must be integers"),
         (lambda s, st: _Record(FLOATS, 0, LONG, st, False, None), "sequences of one length, at most 64"),
         (lambda s, st: _Record(FLOATS, 0, s, st[:-1], False, None), "sequences of one length"),
+        (lambda s, st: _Record(FLOATS, 0, LONG, LONG, False, None), "sequences of one length, at most 64"),
+        (
+            lambda s, st: _Record(_Storage(("storage", torch.FloatStorage, "k" * 65, "cpu", 1)), 0, s, st),
+            r"unsupported storage reference \(a tuple\); expected .* with a short key",
+        ),
         (
             lambda s, st: _Record(_Storage(("storage", torch.FloatStorage, ["0"] * 1000, "cpu", 1)), 0, s, st),
             r"unsupported storage reference \(a tuple\)",

@@ -229,6 +229,12 @@ def test_a_float16_model_refuses_values_its_patch_embedding_would_overflow(tiny)
         # what decode refuses is not encoded: its tokens could never go back
         ([_v(3, 4, 8, 8200)], [1], ValueError, r"video 0 has shape \[3, 4, 8, 8200\]; W must be at most 8192"),
         ([torch.zeros(3, 1, 1, 1).expand(3, 20, 1088, 1920)], [1], ValueError, "T x H x W must be at most 33554432"),
+        # the error names the extreme at fault (here the lowest: the highest is 0)
+        ([torch.cat([_v(3, 2, 8, 8), _v(3, 2, 8, 8) - 1e30], 1)], [1], ValueError, r"video 0 holds -1e\+30; expected"),
+        ([torch.cat([_v(3, 2, 8, 8), _v(3, 2, 8, 8)], 1).double().index_fill_(1, torch.tensor([3]), -1e300)], [1],
+         ValueError, r"video 0 holds -1e\+300, beyond .* torch.float32"),
+        # a count that is a tensor of more than one value: no count, said as the others
+        ([_v(3, 4, 8, 8)], [torch.tensor([1, 2])], TypeError, r"token count of video 0 is tensor\(\[1, 2\]\); "),
     ],
 )
 def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
@@ -281,6 +287,8 @@ def test_encode_rejects_bad_input(tiny, videos, counts, error, message):
         # decode's order, told by the arguments' forms: grids as tensors too, a single count said as one
         (torch.tensor([0, 1]), [2], [torch.tensor([4, 8, 8])], None, None),
         (torch.tensor([0, 1]), 2, [(4, 8, 8)], TypeError, "token_counts must be a list with one integer per video"),
+        ((torch.tensor([[0, 1]]),), [(4, 8, 8)], None, ValueError, r"video 0 has shape \[1, 2\]; expected a 1-D"),
+        (torch.zeros(0, dtype=torch.long), [], [], ValueError, r"^empty batch: token_counts is empty$"),  # packed
     ],
 )
 def test_decode_indices_rejects_bad_input(tiny, indices, grids, counts, error, message):
@@ -833,3 +841,12 @@ def test_limits_are_inclusive_and_a_zero_size_is_refused():
     for grid in [(0, 8, 8), (4, 0, 8), (4, 8, 0)]:
         with pytest.raises(ValueError, match="must be a positive multiple"):
             checks.check_grids([grid], 1, (4, 8, 8))
+
+
+def test_the_voxel_limit_is_inclusive():
+    """T x H x W of exactly MAX_GRID_VOXELS is taken (as the other limits' bounds are), one patch more is not."""
+    most = (512, 256, 256)  # 2**25 voxels
+    assert checks.MAX_GRID_VOXELS == 512 * 256 * 256
+    assert checks.check_grids([most], 1, (4, 8, 8)) == [most]
+    with pytest.raises(ValueError, match=r"grid of video 0 is \[516, 256, 256\]; T x H x W must be at most 33554432"):
+        checks.check_grids([(516, 256, 256)], 1, (4, 8, 8))

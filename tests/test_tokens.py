@@ -649,3 +649,93 @@ def test_a_file_of_another_kind_is_refused_without_its_bytes_in_the_message(tmp_
     said = str(refused.value)
     assert "do not give the length of a header within the file" in said
     assert str(int.from_bytes(b"root:x:0", "little")) not in said
+
+
+def test_a_digest_an_earlier_version_wrote_still_matches(tmp_path):
+    """The digest's recipe is part of the format: files on disk carry the digest the version that wrote them worked
+    out, so a change to what it covers or how (field order, JSON spacing, the tensors' names and shapes) would make
+    every file written before look damaged, and a resume redo them all. This file's metadata and digest are as
+    save_tokens wrote them (the fixture above predates digests)."""
+    path = tmp_path / "a.safetensors"
+    tensors = {
+        "indices": torch.tensor([0, 5, 8574], dtype=torch.int16),
+        "token_counts": torch.tensor([2, 1], dtype=torch.int32),
+        "grids": torch.tensor([[4, 16, 16]] * 2, dtype=torch.int32),
+        "offsets": torch.tensor([0, 2, 3]),
+        "start_times": torch.tensor([0.0, 0.5], dtype=torch.float64),
+    }
+    metadata = {
+        "version": 1, "model_config": {"patch_size": [4, 8, 8], "fsq_levels": [7, 7, 7, 5, 5]},
+        "weights_digest": "random-seed0-e7b49227e2251f36", "fps": 8.0, "source": "/videos/clip.mp4",
+        "chunking": {"frames_per_chunk": 4, "tail": "pad", "last_chunk_frames": 2, "sampling": "upstream",
+                     "chunk_seconds": 0.5, "source_fps": 30.0},
+        "codebook_size": 8575, "weights_source": "", "made_with": {"decoder": "pyav"},
+        "digest": "sha256:2534e3c13b7ed21ad2c4d7f8bcfa6ffa6c4716ffdc15e1bf3c0f7f53240bab0f",
+    }  # fmt: skip
+    write_raw(path, tensors, metadata)
+    assert load_tokens(path).clip_indices(1).tolist() == [8574]
+
+
+def test_the_largest_codebook_int16_holds_round_trips(tmp_path):
+    """MAX_CODEBOOK_SIZE codes (fsq_levels of 2**15 codes, which check_config takes) fit int16: index 32767 is
+    written and read back."""
+    token_file = TokenFile.from_chunks(
+        [torch.tensor([0, tokens.MAX_CODEBOOK_SIZE - 1])], [(4, 16, 16)], [0.0], model_config={}, weights_digest="",
+        fps=8.0, source="x", frames_per_chunk=4, tail="drop", last_chunk_frames=4,
+        codebook_size=tokens.MAX_CODEBOOK_SIZE,
+    )  # fmt: skip
+    save_tokens(tmp_path / "a.safetensors", token_file)
+    assert load_tokens(tmp_path / "a.safetensors").clip_indices(0).tolist() == [0, tokens.MAX_CODEBOOK_SIZE - 1]
+
+
+def test_a_chunk_of_no_tokens_or_a_negative_chunk_number_is_refused():
+    """A clip has at least one token (decode refuses an empty one), and clip_indices(-1) is no chunk: it gave an
+    empty slice, as if the last chunk had no tokens."""
+    settings = dict(model_config={}, weights_digest="", fps=8.0, source="x", frames_per_chunk=4, tail="drop")
+    settings.update(last_chunk_frames=4, codebook_size=CODEBOOK)
+    with pytest.raises(TokenFileError, match=r"token_counts must be >= 1; chunk 1 has 0$"):
+        TokenFile.from_chunks([torch.tensor([1]), torch.tensor([], dtype=torch.long)], [(4, 16, 16)] * 2,
+                              [0.0, 0.5], **settings)  # fmt: skip
+    token_file = TokenFile.from_chunks(
+        [torch.tensor([1]), torch.tensor([2])], [(4, 16, 16)] * 2, [0.0, 0.5], **settings
+    )
+    with pytest.raises(IndexError, match="chunk -1 out of range for 2 chunks"):
+        token_file.clip_indices(-1)
+
+
+@pytest.mark.parametrize("field", ["fps", "chunk_seconds", "source_fps", "codebook_size"])
+def test_a_bool_is_no_number_of_a_token_file(field):
+    """JSON's true is Python's True, an int: a stranger's "fps": true would be 1 fps."""
+    settings = dict(model_config={}, weights_digest="", fps=8.0, source="x", frames_per_chunk=4, tail="drop")
+    settings.update(last_chunk_frames=4, codebook_size=CODEBOOK)
+    settings[field] = True
+    with pytest.raises(TokenFileError, match=rf"field '{field}' must be .*; got bool True"):
+        TokenFile.from_chunks([torch.tensor([0])], [(4, 16, 16)], [0.0], **settings)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's open files in /proc")
+def test_reading_token_files_leaves_no_file_open(tmp_path, monkeypatch):
+    """A resume reads every token file of its dataset (a million): each read closes what it opened, also when it
+    refuses the file (not a regular file, too large)."""
+    path = tmp_path / "a.safetensors"
+    save_tokens(path, make_token_file())
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    before = len(os.listdir("/proc/self/fd"))  # (a leak: 60 more after; another file closed meanwhile: fewer)
+    for _ in range(20):
+        load_tokens(path)
+        assert try_load_tokens(tmp_path / "pipe.safetensors") is None
+        with pytest.raises(TokenFileError, match="not a regular file"):
+            load_tokens(tmp_path / "pipe.safetensors")
+    monkeypatch.setattr(tokens, "MAX_FILE_BYTES", 100)
+    for _ in range(20):
+        assert try_load_tokens(path) is None
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.parametrize("source_fps", [0.25, 1e300])
+def test_source_frames_refuses_chunks_of_no_frame_or_past_exact_counting(source_fps):
+    """A stranger's file may pair any fps with any source_fps: 16 frames at 8 fps from 0.25 fps is half a source
+    frame a chunk (picks of -1 and 0 came out), from 1e300 fps more frames than a float counts exactly."""
+    token_file = dataclasses.replace(make_token_file(), source_fps=source_fps)
+    with pytest.raises(ValueError, match="make chunks of .* source frames"):
+        token_file.source_frames()
