@@ -1543,10 +1543,11 @@ def test_a_manifest_that_is_a_pipe_is_refused_and_a_full_disk_stops_the_run(tmp_
     assert [r["status"] for r in rows] == ["not-encoded"] * 3
     monkeypatch.undo()  # a run that stops says, before its error, what it did and where the rest is listed
     assert run("encode", videos / "a.mp4", "-o", tmp_path / "o", *GRID, *RANDOM, capsys=capsys)[0] == 0
+    (tmp_path / "o" / "c.safetensors").write_bytes(b"a user's file")  # its input fails while the run plans
     monkeypatch.setattr(pipeline, "save_tokens", full)
     code, _, err = run("encode", videos, "-o", tmp_path / "o", *GRID, *RANDOM, "--workers", "1", capsys=capsys)
     assert code == 2 and err.endswith(
-        f"titok-fast: the run stopped: 0 file(s) encoded, 0 failed, 2 not encoded (listed in "
+        f"titok-fast: the run stopped: 0 file(s) encoded, 1 failed, 1 not encoded (listed in "
         f"{tmp_path / 'o' / MANIFEST_NAME}) and 1 complete already; the same command goes on from there\n"
         f"titok-fast: error: cannot write {tmp_path / 'o' / 'b.safetensors'} (No space left on device): the run "
         "stops\n"), err  # fmt: skip

@@ -734,7 +734,8 @@ def test_a_ray_job_that_stops_says_what_it_did_before_its_error(videos, tmp_path
     """As on one machine: a job stopped by an error (here before any file ended) says first how many files it
     encoded, failed and left not encoded, and where those are listed."""
 
-    def stopped(*args, **kwargs):
+    def stopped(ray_address, load_model, model, settings, todo, manifest, *args, **kwargs):
+        manifest.list_not_encoded(todo[:1], "not encoded: the job stopped (x)")  # (as a pass that stops does)
         raise OSError("cannot write x.safetensors (No space left on device): the run stops")
 
     monkeypatch.setattr(distributed, "_run_job", stopped)
@@ -1052,7 +1053,6 @@ class _Rows:
 
     def __init__(self, rows, actors: int = 1, shared: bool = False, decoded: set[int] = frozenset()):
         self._rows, self.actors, self.shared, self._decoded = rows, actors, shared, decoded
-        self.decode_cpus = 1.0
 
     def rows(self):
         yield from self._rows
@@ -1113,20 +1113,19 @@ def test_the_driver_says_what_limited_the_job_from_how_busy_the_encode_actors_we
     assert limits.limited_by() == ("driver-bound (encode actors busy 39%, results waited 95% of the time for the "
                                    "driver): its CPU or its token file writes")  # 35 s of 90; 38 s of 40
 
-    limits = distributed.EncodersBusy(time.perf_counter())  # the decode tasks' end rows say their CPU seconds
+    limits = distributed.EncodersBusy(time.perf_counter())  # the decode tasks' end rows say their CPU and wall time
     limits.clips = 1
-    limits.pass_started(1, decode_cpus=2.0)  # the CPUs the actors leave them
-    limits.row(busy_row("a:1", 6.0))
-    limits.first -= 20.0
-    limits.decoded({"cpu": 30.0})
-    assert limits.limited_by() == ("decode-bound (encode actors busy 30%, decode tasks used 75% of their CPUs): more "
-                                   "CPUs for the decode tasks, or nodes")  # 6 s of 20; 30 s of 2 x 20
-    limits.pass_ended()
-    limits.pass_started(1, decode_cpus=2.0)
-    limits.row(busy_row("a:2", 0.0))
-    limits.first -= 80.0  # decoding waited too (a small object store): 30 CPU-seconds of 2 x 100
-    assert limits.limited_by() == ("held back by Ray Data (encode actors busy 6%, decode tasks used 15% of their "
-                                   "CPUs): clips waited between the stages, as when the object store is small for the "
+    limits.pass_started(1)
+    limits.row(busy_row("a:1", 1.0))
+    limits.first -= 100.0
+    limits.decoded({"cpu": 91.0, "wall": 100.0})  # a file decoded flat out
+    limits.decoded({"cpu": 1.0, "wall": 2.0})  # and one that was short
+    limits.decoded({"clips": 3})  # (an earlier version's end row: nothing)
+    assert limits.limited_by() == ("decode-bound (encode actors busy 1%, decode tasks computing 90% of their time): "
+                                   "more CPUs for the decode tasks, or nodes")  # 92 s of 102
+    limits.decoded({"cpu": 8.0, "wall": 298.0})  # a file whose clips waited (a small object store): 100 s of 400
+    assert limits.limited_by() == ("held back by Ray Data (encode actors busy 1%, decode tasks computing 25% of their "
+                                   "time): clips waited between the stages, as when the object store is small for the "
                                    "batches: a smaller --batch-size, or more object store memory")  # fmt: skip
 
 
@@ -1259,7 +1258,7 @@ def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_
     parts = [list(decode_rows(row, settings=SETTINGS, dtype=torch.float32)) for row in rows]
     assert len(indexed) == 1  # the tasks were given the file's frame order with their segments
     ends = [json.loads(rows[-1]["info"]) for rows in parts]
-    assert all(e["cpu"] > 0 for e in ends)  # (the CPU seconds each task spent: what says a job decode-bound)
+    assert all(e["cpu"] > 0 and e["wall"] > 0 for e in ends)  # (what says a job decode-bound or held back)
     planned = [(2 * k, 2, 6, stamp) for k in range(6)]  # (first clip, clips, parts, the stamp planned on)
     assert [(e["first"], e["clips"], e["parts"], e["planned"]) for e in ends] == planned
     clips = {r["clip"]: r["data"] for rows in parts for r in rows if r["kind"] == "clip"}

@@ -1,6 +1,7 @@
 """Loading weights: Lightning checkpoints without running their code, safetensors with the config inside."""
 
 import errno
+import io
 import json
 import os
 import shlex
@@ -529,6 +530,8 @@ def test_weights_are_written_as_safetensors_writes_them(tmp_path):
         assert loaded.keys() == tensors.keys()
         assert all(loaded[k].dtype == t.dtype and torch.equal(loaded[k].view(torch.uint8), t.view(torch.uint8))
                    for k, t in tensors.items() if t.dim())  # fmt: skip
+    with pytest.raises(ValueError, match=r"^tensor 'u' is torch.uint16: weights are written in torch.int64, "):
+        write_safetensors(io.BytesIO(), {"a": torch.ones(2), "u": torch.ones(2, dtype=torch.uint16)}, {})
 
 
 def test_a_conversion_removes_what_a_killed_conversion_left(tiny, tmp_path):

@@ -2166,6 +2166,24 @@ def test_a_file_written_alone_removes_what_a_killed_writer_of_it_left(tmp_path):
     writing.discard()
 
 
+def test_an_error_committing_a_file_is_said_of_the_file_not_its_temporary(tmp_path, monkeypatch):
+    """A sync's error names no file, a rename's the temporary: either is said of the file asked for (decode and
+    encode tell a write's failure by it), with its errno; the temporary is gone."""
+    from titok_fast import files
+    from titok_fast.files import AtomicFile
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "fsync", failing)
+    for write in (lambda: write_atomically(tmp_path / "a.json", b"{}"),
+                  lambda: AtomicFile(tmp_path / "a.json").__enter__().commit()):  # fmt: skip
+        with pytest.raises(OSError) as raised:
+            write()
+        assert (raised.value.errno, raised.value.filename) == (errno.EIO, str(tmp_path / "a.json"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_temporary_another_process_locked_first_is_given_up_for_a_new_one(tmp_path, monkeypatch):
     """Another run's clean-up may open and lock a new temporary between its creation and its writer's lock (it
     then removes it): the writer held no lock but took it for its own, and its commit failed. It now starts again

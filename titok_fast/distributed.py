@@ -95,7 +95,7 @@ WATCH_SECONDS = 30.0  # the driver looks at the encode actors when no result row
 PING_SECONDS = 10.0  # an encode actor that does not answer within this is taken as alive (busy or restarting)
 MODEL_BOUND = 0.8  # a job whose encode actors were busy this share of the time or more is limited by the model
 STORE_BATCHES = 3  # batches per encode actor an object store should hold (:func:`_check_object_store`)
-DECODE_BUSY = 0.5  # clips too slow for the actors while decode tasks used this share of their CPUs: decode-bound
+DECODE_BUSY = 0.5  # clips too slow for the actors while decode tasks computed this share of their time: decode-bound
 LIMIT_SECONDS = 10.0  # what limits a job is said once its passes have had rows back for this long in all
 QUEUED_ROWS = 1024  # result rows read ahead of the driver
 STOP_GRACE_SECONDS = 10.0  # how long a reader may take to close Ray Data's iterator itself when the driver stops
@@ -146,7 +146,7 @@ def file_rows(
     of its :func:`part_rows` (one segment of it) -> a ``clip`` row per clip as it is decoded (``clip``: its number
     in the file; ``data``: [3, T, H, W] raw pixels in ``dtype``, as bytes), then an ``end`` row (``info``: JSON of
     its clips, first clip, start_times, chunk_seconds, source_fps, last_clip_frames, part, parts, the source stamp it
-    read and the one its segment was planned on, and the CPU seconds its process spent on it) or, when it cannot be
+    read and the one its segment was planned on, and the CPU and wall seconds it took) or, when it cannot be
     read, an ``error`` row with the one-line reason, also when no clip comes for ``stall_seconds`` (the file is
     decoded in a thread of its own then, see :func:`~titok_fast.video.watched_clips`). ``exit_on`` (tests only):
     the worker process dies on paths containing it, leaving a file in the folder ``exit_log`` each time."""
@@ -156,7 +156,8 @@ def file_rows(
         if exit_log:
             Path(exit_log, f"decode-exit-{uuid.uuid4().hex}").touch()
         os._exit(1)
-    count, cpu = 0, time.process_time()  # (a worker process runs one task at a time: its CPU, decoding threads too)
+    count, cpu, wall = 0, time.process_time(), time.perf_counter()  # (a worker process runs one task at a time:
+    # its CPU, decoding threads too; between its rows the task waits for Ray Data to take them)
     try:
         segment = _unpacked(row["segment"]) if row.get("segment") else None
         reader = ClipReader(path, threads=threads, segment=segment, **settings.read_kwargs())
@@ -169,7 +170,7 @@ def file_rows(
             # the file changed since it was planned (cut short: its segment's clips are not all there): this part
             # ends, and the driver, finding that the parts disagree, has the file read again whole
             changed = {"clips": count, "first": segment.first, "source_stamp": now, "part": part, "parts": parts,
-                       "planned": planned, "cpu": time.process_time() - cpu}  # fmt: skip
+                       "planned": planned, **_spent(cpu, wall)}  # fmt: skip
             yield _row(number, segment.first + count, "end", info=json.dumps(changed), decoded_by=me)
             return
         yield _row(number, count, "error", info=str(e), decoded_by=me)
@@ -182,8 +183,14 @@ def file_rows(
            "chunk_seconds": reader.chunk_seconds, "source_fps": reader.source_fps,
            "last_clip_frames": reader.last_clip_frames,
            "decoder": reader.decoded_by, "placement": reader.placement, "source_stamp": reader.source_stamp,
-           "part": part, "parts": parts, "planned": planned, "cpu": time.process_time() - cpu}  # fmt: skip
+           "part": part, "parts": parts, "planned": planned, **_spent(cpu, wall)}  # fmt: skip
     yield _row(number, reader.first_clip + count, "end", info=json.dumps(end), decoded_by=me)
+
+
+def _spent(cpu: float, wall: float) -> dict[str, float]:
+    """A decode task's CPU seconds and wall seconds since ``cpu`` (time.process_time) and ``wall``
+    (time.perf_counter), as its end row says them."""
+    return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}
 
 
 def plan_segments(path: str, settings: ClipSettings, parts: int, exit_on: str = "") -> tuple[list[bytes], str]:
@@ -567,33 +574,30 @@ class EncodersBusy:
     Less: where the thread reading the rows from Ray Data waited for room in the driver's queue (QUEUED_ROWS) half
     its time or more (from its first row to its last), the driver held the pipeline back (Ray Data stops feeding
     actors whose results are not taken); else clips came too slowly for the actors: decode-bound (more CPUs for the
-    decode tasks, or nodes) where the decode tasks used DECODE_BUSY or more of the CPUs the actors leave them (the CPU
-    seconds their end rows say, against those CPUs times the pass's time), held back by Ray Data where they used
-    less (decoding waited too: Ray Data did not take their clips, as when its object store is small for the
-    batches). Said once the passes have had rows back for LIMIT_SECONDS: a shorter job is mostly its start and its
-    end."""
+    decode tasks, or nodes) where the decode tasks computed DECODE_BUSY of their time or more (the CPU seconds over
+    the wall seconds their end rows say), held back by Ray Data where less (they waited too: Ray Data did not take
+    their clips, as when its object store is small for the batches). Said once the passes have had rows back for
+    LIMIT_SECONDS: a shorter job is mostly its start and its end."""
 
     def __init__(self, start: float):
         self.start, self.due = start, Every(1.0, start)  # due: whether the bar is due to be shown again
         self.clips = 0  # encoded, as the driver took them
         # of the passes that ended: busy seconds, the pools' seconds, seconds with rows, the reader's seconds
-        # waiting for room and its seconds reading, the decode tasks' CPU seconds and the CPU seconds left to them
-        self.ended = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        self.ends = 0  # end rows taken, of every pass (before the first, the decode tasks' CPU is not known)
+        # waiting for room and its seconds reading
+        self.ended = (0.0, 0.0, 0.0, 0.0, 0.0)
+        self.decode_cpu = self.decode_wall = 0.0  # the decode tasks' CPU and wall seconds, as their end rows said
         self.pass_started(0)
 
-    def pass_started(self, actors: int, reader: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0),
-                     decode_cpus: float = 0.0) -> None:  # fmt: skip
+    def pass_started(self, actors: int, reader: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)) -> None:
         """Of the pass running: its pool's size, its first row's time (time.perf_counter), each actor's seconds on
-        batches (the latest said), its reader's seconds waiting and reading, the CPUs the actors leave the decode
-        tasks and the CPU seconds their end rows said."""
+        batches (the latest said), and its reader's seconds waiting and reading."""
         self.actors, self.first, self.busy, self.reader = actors, None, {}, reader
-        self.decode_cpus, self.decode_cpu = decode_cpus, 0.0
 
     def decoded(self, end: dict) -> None:
-        """Take an ``end`` row's info: the CPU seconds its decode task spent."""
-        self.ends += 1
+        """Take an ``end`` row's info: the CPU and wall seconds its decode task took (an earlier version's end rows
+        say neither)."""
         self.decode_cpu += max(float(end.get("cpu", 0.0)), 0.0)
+        self.decode_wall += max(float(end.get("wall", 0.0)), 0.0)
 
     def row(self, row: dict) -> bool:
         """Take a row: whether it was a ``busy`` row (nothing else to do with it)."""
@@ -608,10 +612,9 @@ class EncodersBusy:
 
     def totals(self) -> tuple[float, ...]:
         """Busy seconds, the pools' seconds, seconds with rows, the reader's seconds waiting for room and reading,
-        the decode tasks' CPU seconds and the CPU seconds left to them, of every pass so far."""
+        of every pass so far."""
         seconds = 0.0 if self.first is None else time.perf_counter() - self.first
-        running = (sum(self.busy.values()), self.actors * seconds, seconds, *self.reader(), self.decode_cpu,
-                   self.decode_cpus * seconds)  # fmt: skip
+        running = (sum(self.busy.values()), self.actors * seconds, seconds, *self.reader())
         return tuple(a + b for a, b in zip(self.ended, running, strict=True))
 
     def pass_ended(self) -> None:
@@ -621,7 +624,7 @@ class EncodersBusy:
     def describe(self) -> str:
         """E.g. "412.31 clips/s, decode-bound (encode actors busy 23%): more CPUs for the decode tasks, or nodes"."""
         text = f"{self.clips / max(time.perf_counter() - self.start, 1e-9):.2f} clips/s"
-        busy, pools, seconds, waited, reading, decode_cpu, decode_room = self.totals()
+        busy, pools, seconds, waited, reading = self.totals()
         if seconds < LIMIT_SECONDS or not pools:
             return text
         share = min(busy / pools, 1.0)
@@ -631,10 +634,10 @@ class EncodersBusy:
         if reading and waited / reading >= 0.5:
             held = f"results waited {min(waited / reading, 1.0):.0%} of the time for the driver"
             return f"{text}, driver-bound ({said}, {held}): its CPU or its token file writes"
-        if not self.ends or not decode_room:
+        if not self.decode_wall:  # (no decode task has ended yet)
             return f"{text}, decode-bound ({said}): more CPUs for the decode tasks, or nodes"
-        decoding = f"decode tasks used {min(decode_cpu / decode_room, 1.0):.0%} of their CPUs"
-        if decode_cpu / decode_room >= DECODE_BUSY:
+        decoding = f"decode tasks computing {min(self.decode_cpu / self.decode_wall, 1.0):.0%} of their time"
+        if self.decode_cpu / self.decode_wall >= DECODE_BUSY:
             return f"{text}, decode-bound ({said}, {decoding}): more CPUs for the decode tasks, or nodes"
         return (f"{text}, held back by Ray Data ({said}, {decoding}): clips waited between the stages, as when the "
                 "object store is small for the batches: a smaller --batch-size, or more object store memory")
@@ -845,8 +848,8 @@ def encode_dataset(
                     writes.close()  # what was handed over is written, and said, before the rest is listed
                 settled = {*summary.done, *(path for path, _ in summary.failed)}
                 manifest.list_not_encoded(((path, out) for path, out in todo if str(path) not in settled), stopped)
-            if isinstance(e, Exception):  # (an interrupt is said in one line: the command's)
-                say_stopped(summary, settled, len(todo), manifest.path)
+            if isinstance(e, Exception) and not isinstance(e, (ValueError, TypeError)):  # (an interrupt is said in
+                say_stopped(summary, manifest.path)  # one line, the command's; a setting refused, before any work)
             raise
     summary.in_order_of(files)  # files end in any order: said in the inputs' order, as on one machine
     summary.seconds = time.perf_counter() - encoding
@@ -990,7 +993,7 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     did not finish. The job stops, its unsettled files not encoded, when every encode actor has died for good
     while rows are due."""
     stopped = None
-    job.limits.pass_started(run.actors, run.reader_seconds, run.decode_cpus)
+    job.limits.pass_started(run.actors, run.reader_seconds)
     try:
         for row in run.rows():
             job.take(row)
@@ -1001,8 +1004,8 @@ def _collect(run: _Run, job: _Assembly, decode_retries: int, actor_restarts: int
     except Exception as e:
         said = str(e) if isinstance(e, _Stopped) else _one_line(e)
         stopped = f"not encoded: the job stopped ({said})"
-        if isinstance(e, OSError):  # (a token file that cannot be written: its line says what, as on one machine)
-            raise OSError(f"the Ray job stopped: {e}") from e
+        if type(e) is OSError:  # (a token file that cannot be written: its line says what, as on one machine; not Ray's
+            raise OSError(f"the Ray job stopped: {e}") from e  # errors that are OSErrors, whose text is a traceback)
         raise RuntimeError(f"the Ray job stopped: {said}") from e
     except BaseException as e:
         stopped = stop_reason(e)
@@ -1103,10 +1106,8 @@ def _dataset(ray, load_model, model: TiTok, settings: ClipSettings, todo, *, dev
             max_task_retries=actor_restarts,
         )  # fmt: skip
     executors: list = []
-    cpus = sum(node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive"))
     return _Run(ray, _rows_of(results, executors), ledger, actors, actor_restarts, shared=len(items) > MAX_DECODE_TASKS,
-                born=ray.get(ledger.born.remote()), executors=executors,
-                decode_cpus=max(cpus - actors * cpus_per_actor, 0.0))  # fmt: skip
+                born=ray.get(ledger.born.remote()), executors=executors)  # fmt: skip
 
 
 def _rows_of(dataset, executors: list) -> Iterable[dict]:
@@ -1174,13 +1175,12 @@ class _Run:
     ledger is killed."""
 
     def __init__(self, ray, rows, ledger, actors: int, actor_restarts: int, shared: bool = False,
-                 born: str | None = None, executors: list | None = None, decode_cpus: float = 0.0):  # fmt: skip
+                 born: str | None = None, executors: list | None = None):  # fmt: skip
         self.ray, self.results, self.ledger, self.actor_restarts = ray, rows, ledger, actor_restarts
         self.executors = [] if executors is None else executors  # Ray Data's execution of the rows, once started
         self.born = born  # which start of the ledger the pass began with (FaultLedger.born)
         self.shared = shared  # whether decode tasks hold several rows
         self.actors = actors  # the pool's size
-        self.decode_cpus = decode_cpus  # the cluster's CPUs less the encode actors': the decode tasks' (at most)
         # the encode actors the ledger has named, by id: kept here too, as a ledger started again has lost its list
         # (each actor enlists again at its next batch, but one dead for good never does)
         self.enlisted: dict[str, Any] = {}

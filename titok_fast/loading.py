@@ -1072,6 +1072,9 @@ def write_safetensors(file: io.BufferedIOBase, tensors: dict[str, torch.Tensor],
     if sys.byteorder != "little":  # (the format's byte order)
         raise RuntimeError("writing safetensors needs a little-endian machine")
     rank = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+    if other := next((name for name, tensor in tensors.items() if tensor.dtype not in rank), None):
+        raise ValueError(f"tensor {other!r} is {tensors[other].dtype}: weights are written in "
+                         f"{', '.join(map(str, SAFETENSORS_DTYPES))}")  # fmt: skip
     order = sorted(tensors, key=lambda name: (rank[tensors[name].dtype], name))
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0

@@ -228,6 +228,7 @@ class Manifest:
         with self.lock:
             self._outdated.pop(str(tokens), None)
             self.summary.failed.append((str(source), reason))
+            self.summary.not_encoded += 1
 
     def list_not_encoded(
         self, inputs: Iterable[tuple[str | os.PathLike, str | os.PathLike]], reason: str, stopping: bool = True
@@ -239,6 +240,7 @@ class Manifest:
         full disk, often what stopped the job) ends the list with a notice, so that the error the job stops with
         is the one that stopped it, not this one."""
         lines: list[bytes] = []
+        inputs = iter(inputs)
         try:
             for source, tokens in inputs:
                 self._left(source, tokens, reason)
@@ -258,6 +260,8 @@ class Manifest:
             if not self._unlisted:  # (said once: a Ray job that stops lists what is left twice, its pass and the job)
                 notice(f"{e}; the inputs left are not all listed there as not encoded")
             self._unlisted = True
+            for source, tokens in inputs:  # (in the summary all the same)
+                self._left(source, tokens, reason)
 
     def _check_there(self) -> None:
         """An OSError (the job stops, as on a full disk) where the manifest was removed since it was opened (its

@@ -125,6 +125,7 @@ class Summary:
     duplicates: int = 0  # results that came back more than once (retried work) and were dropped
     replaced: int = 0  # encode: token files made otherwise (another source, weights or settings) that were redone
     checking: float = 0.0  # encode: the seconds spent checking outputs before encoding (not in ``seconds``)
+    not_encoded: int = 0  # encode: of ``failed``, the inputs a run that stopped left not encoded
 
     def in_order_of(self, files: Sequence[tuple[Path, str]]) -> None:
         """Sort ``done`` and ``failed`` into the order of ``files`` (what is not among them first)."""
@@ -149,12 +150,13 @@ class Summary:
         return "\n".join(lines)
 
 
-def say_stopped(summary: Summary, settled: set[str], todo: int, manifest: Path) -> None:
-    """The line a run stopped by an error (not an interrupt) says before it: the files it encoded and failed
-    (``settled``: those and the failed), those of the ``todo`` it left not encoded, and where they are listed."""
-    notice(f"the run stopped: {len(summary.done):,} file(s) encoded, {len(settled) - len(summary.done):,} failed, "
-           f"{todo - len(settled):,} not encoded (listed in {manifest}) and {len(summary.skipped):,} complete "
-           "already; the same command goes on from there")  # fmt: skip
+def say_stopped(summary: Summary, manifest: Path) -> None:
+    """The line a run stopped by an error (not an interrupt) says before it, once every input it did not settle
+    is in ``summary`` as not encoded: the files it encoded, failed and left not encoded, and where those are
+    listed."""
+    notice(f"the run stopped: {len(summary.done):,} file(s) encoded, {len(summary.failed) - summary.not_encoded:,} "
+           f"failed, {summary.not_encoded:,} not encoded (listed in {manifest}) and {len(summary.skipped):,} "
+           "complete already; the same command goes on from there")  # fmt: skip
 
 
 def _named(error: BaseException) -> str:
@@ -708,7 +710,7 @@ def encode_files(
                 left = ((path, out) for path, out in todo if str(path) not in settled)
                 manifest.list_not_encoded(left, stopped, stopping)
             if isinstance(error, Exception):  # (an interrupt is said in one line: the command's)
-                say_stopped(summary, settled, len(todo), manifest.path)
+                say_stopped(summary, manifest.path)
     summary.in_order_of(files)  # files end in any order: said in the inputs' order
     summary.seconds = time.perf_counter() - encoding
     summary.limited_by = job.limits.describe().split(", ", 1)[1] if job.limits.clips else ""
