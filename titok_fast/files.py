@@ -20,7 +20,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 try:
     import fcntl
@@ -169,7 +170,7 @@ class AtomicFile:
             try:
                 fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except OSError as e:  # (a folder that cannot be written): said of the file asked for, not its temporary
-                raise type(e)(e.errno, e.strerror, self.path) from None
+                raise said_of(e, self.path) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 locked = True
@@ -236,9 +237,18 @@ class AtomicFile:
 
 def write_atomically(path: str | os.PathLike[str], data: bytes, tidy: bool = False) -> None:
     """Write `data` to `path` through an :class:`AtomicFile` (``tidy``: see there)."""
+    with open_atomically(path, tidy) as file:
+        file.write(data)
+
+
+@contextlib.contextmanager
+def open_atomically(path: str | os.PathLike[str], tidy: bool = False) -> Iterator[BinaryIO]:
+    """The temporary of an :class:`AtomicFile` of `path` (``tidy``: see there) opened for writing: what the block
+    writes replaces `path` when it ends, or is dropped if it raises. An I/O error is said of `path`
+    (:func:`said_of`)."""
     try:
-        with AtomicFile(path, tidy) as target, open(target.temporary, "wb") as file:
-            file.write(data)
+        with AtomicFile(path, tidy) as target, open(target.temporary, "wb") as file:  # (truncated: its lock kept)
+            yield file
     except OSError as e:
         raise said_of(e, path) from None
 

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from . import hub
 from .checks import MAX_GRID, MAX_TOKENS, is_integer
 from .config import TiTokConfig
-from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, AtomicFile, absolute, kind_of, notice, said_of
+from .files import FORMAT_VERSION, MAX_SEED, METADATA_KEY, absolute, kind_of, notice, open_atomically
 from .layers import perturb_norms
 from .model import TiTok
 from .tokens import MAX_CODEBOOK_SIZE
@@ -1050,11 +1050,8 @@ def save_safetensors(model: TiTok, path: str | os.PathLike, **extra: object) -> 
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "weights_digest": weights_digest(state)}
     meta.update(extra)
     os.makedirs(os.path.dirname(absolute(path)), exist_ok=True)
-    try:
-        with AtomicFile(path, tidy=True) as target, open(target.temporary, "wb") as file:  # (truncated: lock kept)
-            write_safetensors(file, state, {METADATA_KEY: json.dumps(meta)})
-    except OSError as e:  # (a full disk)
-        raise said_of(e, path) from None
+    with open_atomically(path, tidy=True) as file:
+        write_safetensors(file, state, {METADATA_KEY: json.dumps(meta)})
 
 
 SAFETENSORS_DTYPES = {  # in the order safetensors writes them (its dtypes' order, reversed)

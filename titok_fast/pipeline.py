@@ -690,7 +690,7 @@ def encode_files(
             capacity=min(read_ahead, SOURCE_SIZE_READ_AHEAD) if source_size else read_ahead,
             **settings.read_kwargs(model.device.type, model.dtype),
         )  # fmt: skip
-        stopped, stopping, error = "not encoded", False, None
+        stopped, error = "not encoded", None
         try:
             with contextlib.closing(files_read), job.bar:
                 items = job.clips(files_read, dict(todo))
@@ -700,7 +700,7 @@ def encode_files(
                     job.show()
                 writes.close()
         except BaseException as e:
-            stopped, stopping, error = stop_reason(e), True, e
+            stopped, error = stop_reason(e), e
             with contextlib.suppress(Exception):  # (the run stops for e already)
                 writes.close()  # what was handed over is written, and said, before the rest is listed
             raise
@@ -708,7 +708,7 @@ def encode_files(
             settled = {*summary.done, *(path for path, _ in summary.failed)}  # a set: a lookup per file to do
             with interrupts_held():  # a second Ctrl-C (or SIGTERM after one) waits for the list to be complete
                 left = ((path, out) for path, out in todo if str(path) not in settled)
-                manifest.list_not_encoded(left, stopped, stopping)
+                manifest.list_not_encoded(left, stopped, stopping=error is not None)
             if isinstance(error, Exception):  # (an interrupt is said in one line: the command's)
                 say_stopped(summary, manifest.path)
     summary.in_order_of(files)  # files end in any order: said in the inputs' order
