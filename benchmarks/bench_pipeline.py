@@ -33,7 +33,8 @@ and cuBLAS start-up, graph capture and Triton compilation fall outside every tim
 RATE`` runs the whole path with the model's engine replaced by a stand-in that takes a batch's clips, sleeps as long
 as a model of RATE clips/s would run them (the GIL free, as a GPU's work leaves it) and gives tokens of zeros: what
 the input pipeline gives a model of that speed, whatever the machine's own model does; its model-only clips/s is
-RATE, declared, not measured.
+RATE, declared, not measured. ``--tar`` reads the ``--files`` copies of each source as the members of one tar
+archive (a WebDataset shard), in place, instead of as files.
 As a script it prints a table (``python benchmarks/bench_pipeline.py --help``); ``titok-fast bench`` runs the
 small pytest cases below. With TITOK_BENCH_LOG set, each case is also appended to that file as a JSON line.
 """
@@ -51,6 +52,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import unittest.mock
@@ -316,6 +318,11 @@ def run_case(path: Path, args: argparse.Namespace, model, engine) -> dict:
         for i in range(args.files):
             copies.append(Path(scratch) / f"{path.stem}-{i}{path.suffix}")
             copies[-1].symlink_to(path.resolve())
+        if args.tar:  # the same videos as the members of one tar archive, read in place (made before the clocks)
+            with tarfile.open(Path(scratch) / "shard.tar", "w") as archive:
+                for copy in copies:
+                    archive.add(copy.resolve(), arcname=copy.name)
+            copies = [Path(scratch) / "shard.tar" / copy.name for copy in copies]
         kind = _worker_kind(args, path)
         if kind == "process":
             _ready_process_server()
@@ -508,6 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how CPU-decoded frames go to the model's device with placement 'device' (default: the "
                         "run's: i420 on CUDA where it gives the same bytes, else rgb)")
     p.add_argument("--input-only", action="store_true", help="the reading side alone: no model")
+    p.add_argument("--tar", action="store_true", help="read the files as the members of a tar archive (a "
+                   "WebDataset shard), in place")  # fmt: skip
     p.add_argument("--stand-in", type=float, default=None, metavar="RATE",
                    help="end to end with a stand-in for the model that runs RATE clips/s (a sleep per batch)")
     p.add_argument("--sources-only", action="store_true", help="make the source videos (if missing), nothing else")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -926,6 +927,22 @@ def test_shards_on_ray_and_on_one_machine_make_the_token_files_of_one_run(runs, 
         os.listdir(videos["good"])
     )
     assert {r["status"] for r in sources[0] + sources[1]} == {"done"} and WORKERS[0] in sources[0][0]
+
+
+def test_an_archives_videos_on_ray_give_the_tokens_of_the_files_unpacked(runs, videos, cluster, tmp_path):
+    """Ray's decode tasks read an archive's members in place, as one machine does: the tokens of the good files."""
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for path in sorted(videos["good"].iterdir()):
+            tar.add(path, arcname=path.name)
+    out = tmp_path / "out"
+    assert main(["encode", str(tmp_path / "shard.tar"), "-o", str(out), *GRID, *RANDOM, "--batch-size", "3",
+                 "--ray", cluster["address"]]) == 0  # fmt: skip
+    made = sorted(out.rglob("*.safetensors"))
+    assert [str(p.relative_to(out)) for p in made] == [f"shard/{n}.safetensors" for n in sorted(GOOD)]
+    for path in made:
+        found, unpacked = load_tokens(path), load_tokens(runs["good"] / path.name)
+        assert found.source == str(tmp_path / "shard.tar" / f"{path.stem}{Path(unpacked.source).suffix}")
+        assert all(map(torch.equal, found.all_indices(), unpacked.all_indices())), path.name
 
 
 def test_resume_redoes_exactly_what_is_missing_damaged_or_made_otherwise(runs, videos, cluster, tmp_path):

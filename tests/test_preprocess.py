@@ -2,6 +2,7 @@ import collections
 import itertools
 import re
 import sys
+import tarfile
 import types
 from fractions import Fraction
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from titok_fast import decoders, preprocess, video
+from titok_fast.archives import member_of
 from titok_fast.decoders import DecoderUnavailable
 from titok_fast.kernels.nv12_rgb import nv12_planes, nv12_surface
 from titok_fast.kernels.nv12_rgb import yuv420_to_rgb_ref as yuv420_to_rgb
@@ -509,6 +511,22 @@ def test_nvdec_path_gives_the_cpu_paths_clips(files, monkeypatch):
     assert len(clips) == len(cpu)
     for a, b in zip(clips, cpu, strict=True):
         assert torch.equal(a, b)
+
+
+def test_nvdec_reads_an_archives_member_as_the_span_of_the_archive_it_is(files, monkeypatch, tmp_path):
+    """NVDEC's demuxer (FFmpeg's) is handed the member's span of the archive, as libav is, and gives the CPU path's
+    clips of the file unpacked."""
+    archive = tmp_path / "shard.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(files["wide"], arcname="v/wide.mp4")
+    member = archive / "v" / "wide.mp4"
+    cpu = read_clips(files["wide"], frames=4, height=64, width=64, fps=24).clips
+    calls = fake_nvdec(monkeypatch).calls
+    reader = ClipReader(str(member), frames=4, height=64, width=64, fps=24, decoder="nvdec", device="cpu", raw=True)
+    clips = [normalize_pixels(clip_pixels(c, 64, 64) if c.dtype == torch.uint8 else c, torch.float32) for c in reader]
+    assert reader.decoded_by == "nvdec" and calls == [member_of(member).libav_url]
+    assert calls[0].startswith("subfile,,start,") and calls[0].endswith(f",,:file:{archive}")
+    assert len(clips) == len(cpu) and all(map(torch.equal, clips, cpu))
 
 
 def test_nvdec_frames_are_made_rgb_a_clip_at_a_time(files, monkeypatch):

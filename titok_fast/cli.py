@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import __version__
+from .archives import ARCHIVE_CUT
 from .files import (
     DEBUG_ENV,
     MAX_FPS,
@@ -395,7 +396,8 @@ def _finish(summary, verb: str, inputs=None) -> int:
     unlisted = getattr(inputs, "unlisted", [])
     print(summary.report(verb))
     for folder, reason in unlisted:
-        print(f"  LEFT OUT {escaped(folder)}: {reason}; the files in it were not {verb}")
+        which = "past the cut" if reason.startswith(ARCHIVE_CUT) else "in it"
+        print(f"  LEFT OUT {escaped(folder)}: {reason}; the files {which} were not {verb}")
     return 1 if summary.failed or unlisted else 0
 
 

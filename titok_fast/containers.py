@@ -4,19 +4,43 @@ up to the cut without a word (MP4/MOV, Matroska/WebM, AVI). Read before libav op
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Callable, Iterator
+
+from .archives import member_of
 
 
 def is_iso_bmff(path: str) -> bool:
     """Whether the regular file at ``path`` begins as an ISO BMFF file (MP4, MOV) does: one of ISO_FIRST_BOXES
     first (asked of a file :func:`titok_fast.video._opened` has looked at: a pipe's open would wait for a writer)."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            return f.read(8)[4:8] in ISO_FIRST_BOXES
+        with _bytes_of(path) as f:
+            return f.pread(8, 0)[4:8] in ISO_FIRST_BOXES
     except OSError:  # (opening it says what is wrong)
         return False
+
+
+class _Span:
+    """``pread(count, at)``: up to ``count`` bytes from byte ``at`` of a file (open as ``fd``), or of the span of it
+    from byte ``base`` to ``end`` (an archive's member), never past the span's end."""
+
+    def __init__(self, fd: int, base: int = 0, end: int | None = None):
+        self.fd, self.base, self.end = fd, base, end
+
+    def pread(self, count: int, at: int) -> bytes:
+        if self.end is not None:
+            count = max(0, min(count, self.end - self.base - at))
+        return os.pread(self.fd, count, self.base + at)
+
+
+@contextlib.contextmanager
+def _bytes_of(path: str) -> Iterator[_Span]:
+    """The bytes of the file at ``path``, or of the archive member it names (:mod:`titok_fast.archives`)."""
+    member = member_of(path)
+    with open(path if member is None else member.archive, "rb", buffering=0) as f:
+        yield _Span(f.fileno()) if member is None else _Span(f.fileno(), member.offset, member.offset + member.size)
 
 
 # A file shorter than its container says it is: an MP4 (ISO BMFF) whose media box, or a Matroska/WebM file whose
@@ -55,8 +79,8 @@ def cut_short(path: str, size: int) -> str | None:
     """What shows ``path`` (``size`` bytes) cut short, or None: a container of another kind, or one that does not
     say (an AVI whose size was never written, a Matroska cluster of unknown size), is left to libav."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(12)
+        with _bytes_of(path) as f:
+            head = f.pread(12, 0)
             if head[4:8] in ISO_FIRST_BOXES:
                 return _iso_cut_short(f, size)
             if head[:4] == EBML_ID:
@@ -80,7 +104,7 @@ def _iso_cut_short(f, size: int) -> str | None:
             if reads == MAX_BOXES_WALKED:
                 return None
             hopped = at > window_at + len(window)  # (past a box larger than the window: few headers nearby)
-            window, window_at = os.pread(f.fileno(), min(BOX_HOP_WINDOW if hopped else BOX_WINDOW, size - at), at), at
+            window, window_at = f.pread(min(BOX_HOP_WINDOW if hopped else BOX_WINDOW, size - at), at), at
             window_end, reads = at + len(window) - 16, reads + 1
             if len(window) < 8:  # the end, or a few bytes too few to tell a cut header from trailing ones
                 break
@@ -98,9 +122,9 @@ def _iso_cut_short(f, size: int) -> str | None:
                 return None
             return f"its '{kind.decode()}' box runs to byte {at + length:,} but the file ends at byte {size:,}"
         if kind == b"sidx" and length <= budget:  # past the budget, indexes are not read: no verdict from them
-            indexed, budget = max(indexed, _sidx_end(os.pread(f.fileno(), length, at), at, fields)), budget - length
+            indexed, budget = max(indexed, _sidx_end(f.pread(length, at), at, fields)), budget - length
         if kind in (b"moov", b"moof"):  # (its children from the window in hand, or a window read at them)
-            samples += _iso_samples(_Window(f.fileno(), window, window_at), at + fields, at + length, children)
+            samples += _iso_samples(_Window(f, window, window_at), at + fields, at + length, children)
             if samples > size:
                 raise TooManySamples(f"its index declares {samples:,} samples in a file of {size:,} bytes (each "
                                      "sample takes one byte at least: a damaged or crafted index)")  # fmt: skip
@@ -111,18 +135,18 @@ def _iso_cut_short(f, size: int) -> str | None:
 
 
 class _Window:
-    """``read(at, count)``: ``count`` bytes of the open file ``fd`` from byte ``at``, from the bytes in hand (``data``,
-    the file's from byte ``base``) where they hold them, else read from ``at`` on: BOX_WINDOW bytes where the walk
-    goes on past them (small boxes: many headers a read, not a system call each), BOX_HOP_WINDOW where it hopped
-    (past a large box, as a sample table: few headers nearby)."""
+    """``read(at, count)``: ``count`` bytes of ``span`` (an open file's) from byte ``at``, from the bytes in hand
+    (``data``, the span's from byte ``base``) where they hold them, else read from ``at`` on: BOX_WINDOW bytes where
+    the walk goes on past them (small boxes: many headers a read, not a system call each), BOX_HOP_WINDOW where it
+    hopped (past a large box, as a sample table: few headers nearby)."""
 
-    def __init__(self, fd: int, data: bytes = b"", base: int = 0):
-        self.fd, self.data, self.base = fd, data, base
+    def __init__(self, span: _Span, data: bytes = b"", base: int = 0):
+        self.span, self.data, self.base = span, data, base
 
     def __call__(self, at: int, count: int) -> bytes:
         if not self.base <= at <= at + count <= self.base + len(self.data):
             hopped = not self.base <= at <= self.base + len(self.data)
-            self.data, self.base = os.pread(self.fd, BOX_HOP_WINDOW if hopped else BOX_WINDOW, at), at
+            self.data, self.base = self.span.pread(BOX_HOP_WINDOW if hopped else BOX_WINDOW, at), at
         return self.data[at - self.base : at - self.base + count]
 
 
@@ -242,7 +266,7 @@ def _avi_cut_short(f, size: int) -> str | None:
     """The RIFF chunks of an AVI file, walked by their sizes (padded to even): "AVI ", then any "AVIX"."""
     at = 0
     for _ in range(MAX_BOXES_WALKED):
-        header = os.pread(f.fileno(), 12, at)
+        header = f.pread(12, at)
         if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] not in AVI_FORMS:  # the end, or other bytes
             return None
         length = int.from_bytes(header[4:8], "little")
@@ -285,7 +309,7 @@ def _matroska_cut_short(f, size: int) -> str | None:
 def _ebml_element(f, at: int) -> tuple[bytes, int, int] | None:
     """(ID, size, header length) of the EBML element at byte ``at`` of ``f``, its size -1 where it is "unknown" (all
     ones); None where no whole element header is there."""
-    data = os.pread(f.fileno(), 12, at)
+    data = f.pread(12, at)
     if not data or data[0] < 0x10:  # an ID is 1 to 4 bytes, its first byte saying how many
         return None
     id_length = 9 - data[0].bit_length()

@@ -33,7 +33,6 @@ import atexit
 import contextlib
 import functools
 import itertools
-import os
 import platform
 import threading
 from collections.abc import Callable, Iterator
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from .archives import is_file, libav_path
 from .files import notice
 from .stages import CLOCK
 
@@ -118,7 +118,7 @@ def open_input(path: str) -> av.container.InputContainer:
     undecodable bytes replaced, so that a tag in another encoding (Latin-1, as older files have) does not make
     the video unreadable (PyAV's default before version 19 is to fail the opening; version 19 has no such
     argument)."""
-    return av.open(path, **OPEN_ARGUMENTS)
+    return av.open(libav_path(path), **OPEN_ARGUMENTS)
 
 
 def open_packets(path: str) -> av.container.InputContainer:
@@ -129,7 +129,7 @@ def open_packets(path: str) -> av.container.InputContainer:
     decoder told to skip every frame decodes none. Other containers (MPEG-TS, FLV) may be given timestamps that
     FFmpeg works out from that guess: they are opened as :func:`open_input` does, so that their packets carry the
     timestamps the decoding pass sees."""
-    container = av.open(path, options={"skip_frame": "all"}, **OPEN_ARGUMENTS)
+    container = av.open(libav_path(path), options={"skip_frame": "all"}, **OPEN_ARGUMENTS)
     if container.format.name in UNPROBED_CONTAINERS:
         return container
     container.close()
@@ -144,7 +144,7 @@ def open_unprobed(path: str) -> tuple[av.container.InputContainer, bool]:
     size until then is the MP4 sample entry's) is then known at its first frame, and the reader takes it from there
     (``ClipReader._placed_alike``, :func:`i420_matrix`); whether such an opening decodes as a probed one does is
     :func:`decodes_unprobed`'s to say."""
-    container = av.open(path, options={"skip_frame": "all"}, **OPEN_ARGUMENTS)
+    container = av.open(libav_path(path), options={"skip_frame": "all"}, **OPEN_ARGUMENTS)
     if container.format.name in UNPROBED_DECODING:
         return container, True
     container.close()
@@ -259,7 +259,7 @@ def stream_index(path: str, split: bool = False) -> StreamIndex | None:
     after it shown before it (RASL pictures, which refer to frames before the IRAP picture, and which decoding
     from it leaves out; RADL pictures, which it decodes). Those frames belong to the part of the file before the
     cut, and decoding from the cut passes them over (:func:`pruned_frames`)."""
-    if not os.path.isfile(path):  # a FIFO or device could not be read twice
+    if not is_file(path):  # a FIFO or device could not be read twice
         return None
     stamps, fresh = array.array("q"), array.array("q")  # fresh: packets (in decoding order) that start afresh
     try:
@@ -554,7 +554,7 @@ def nvdec_frames(path: str, stream: av.video.stream.VideoStream, gpu: int = 0) -
         raise DecoderUnavailable(missing)
     import PyNvVideoCodec as nvc
     try:
-        demuxer = nvc.CreateDemuxer(filename=path)
+        demuxer = nvc.CreateDemuxer(filename=libav_path(path))  # (a member: if its demuxer cannot, the CPU reads it)
         key = (nvc, gpu, demuxer.GetNvCodecId(), context.width, context.height, context.pix_fmt,
                bytes(context.extradata or b""))  # fmt: skip
         decoder = _kept_decoder(key, path, codec)

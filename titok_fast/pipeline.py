@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import posixpath
 import re
 import stat
 import sys
@@ -33,6 +34,16 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .archives import (
+    ARCHIVE_CUT,
+    ARCHIVE_EXTENSIONS,
+    ArchiveError,
+    is_archive,
+    is_file,
+    list_archive,
+    member_of,
+    split_member,
+)
 from .backends import resolve_backend
 from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids, check_token_counts
 from .config import MODEL_FIELDS, TiTokConfig, _plain
@@ -424,14 +435,32 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
     folder ``list_names`` "relative" names them from; ``reach``: the expansion's bounds (:class:`_Reach`)."""
     found: list[tuple[Path, str]] = []
     relative = list_names == "relative" and top is not None
+    archives = not VIDEO_EXTENSIONS.isdisjoint(extensions)  # (videos are read from tar archives; token files are not)
     for item in inputs:
+        if archives and split_member(item) is not None:  # a video inside an archive, named by its path through it
+            member = Path(item)
+            if top is None:  # given on the command line: one that is not there stops the run, as a missing file does
+                try:
+                    member_of(member)
+                except OSError as e:
+                    raise InputError(f"input {str(item)!r}: {e}") from None
+            reach.add(found, [(member, _below(member, top, member) if relative else member.stem)], member)
+            continue
         path = _input_path(item)
         if path.is_dir():
             if reach.first(path, top):
-                reach.add(found, [
-                    (p, _below(p, top, path) if relative else str(p.relative_to(path).with_suffix("")))
-                    for p in _files_below(path, extensions, unlisted)
-                ], path)  # fmt: skip
+                pairs = []
+                for p in _files_below(path, extensions | (ARCHIVE_EXTENSIONS if archives else set()), unlisted):
+                    name = _below(p, top, path) if relative else str(p.relative_to(path).with_suffix(""))
+                    if archives and is_archive(p):
+                        pairs += _archive_pairs(p, name, extensions, unlisted)
+                    else:
+                        pairs.append((p, name))
+                reach.add(found, pairs, path)
+        elif archives and path.is_file() and is_archive(path):
+            if reach.first(path, top):
+                name = _below(path, top, path) if relative else path.stem
+                reach.add(found, _archive_pairs(path, name, extensions, unlisted, given=top is None), path)
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             real = os.path.realpath(path)
             if real in lists:
@@ -461,11 +490,40 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
     return found
 
 
+def _archive_pairs(archive: Path, name: str, extensions: frozenset[str] | set[str], unlisted: list[tuple[str, str]],
+                   given: bool = False) -> list[tuple[Path, str]]:  # fmt: skip
+    """The files of ``extensions`` in the tar archive ``archive``, as (their path through it, ``name``/their name in
+    it without its suffix) pairs: an archive stands for a folder of its name without the suffix. One that cannot be
+    listed (compressed, not an archive, unreadable) is an InputError where it was ``given`` on the command line,
+    else put in ``unlisted`` with the reason; one cut short (an unfinished write or copy) gives the files before
+    the cut, and is put in ``unlisted`` (a rerun reads the rest). Members that are not regular files, or are named
+    outside the archive, are left out with a notice."""
+    try:
+        listing = list_archive(os.fspath(archive))
+    except OSError as e:
+        reason = str(e) if isinstance(e, ArchiveError) else f"cannot be read ({e.strerror or e})"
+        if given:
+            raise InputError(f"input {str(archive)!r}: {reason}") from None
+        notice(f"{archive}: {reason}; left out")
+        unlisted.append((str(archive), reason))
+        return []
+    for member, why in listing.left_out:
+        if posixpath.splitext(member)[1].lower() in extensions:
+            notice(f"{archive}: {why}")
+    if listing.cut:
+        notice(f"{archive}: {ARCHIVE_CUT}: {listing.cut}; the files before the cut are read")
+        unlisted.append((str(archive), f"{ARCHIVE_CUT}: {listing.cut}"))
+    return [(archive / member, f"{name}/{posixpath.splitext(member)[0]}") for member in listing.members
+            if posixpath.splitext(member)[1].lower() in extensions]  # fmt: skip
+
+
 def _below(entry: Path, top: Path, through: Path) -> str:
     """The output name of ``entry``, reached from the list ``top`` (given as an input) through ``through`` (that
     list, another list it names or a folder), by its path below ``top``'s folder (as written; where it holds
     ``..``, as the system reads it: ``link/../x.mp4`` is the ``x.mp4`` beside the link's target), its suffix
-    dropped."""
+    dropped; an archive's member by its archive's such name (its folder), then its own."""
+    if (split := split_member(entry)) is not None:
+        return f"{_below(Path(split[0]), top, through)}/{posixpath.splitext(posixpath.normpath(split[1]))[0]}"
     below = os.path.relpath(entry, top.parent)
     if ".." in entry.parts:  # (files.absolute: the path up to its last .. resolved, as the file is read)
         below = os.path.relpath(absolute(entry), os.path.realpath(top.parent))
@@ -485,7 +543,8 @@ def _lists_more(entries: Sequence[Path]) -> list[bool]:
             mode = os.stat(entry).st_mode
         except OSError:
             mode = 0
-        kinds.append(stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and entry.suffix.lower() in LIST_EXTENSIONS))
+        kinds.append(stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and (entry.suffix.lower() in LIST_EXTENSIONS
+                                                                  or is_archive(entry))))  # fmt: skip
     return kinds
 
 
@@ -1823,7 +1882,7 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     if not recorded:
         raise ValueError("the token file records no size and modification time of its source (made by an earlier "
                          "version): encode it again to show its source beside it")  # fmt: skip
-    if recorded != source_stamp(token_file.source) or not os.path.isfile(token_file.source):
+    if recorded != source_stamp(token_file.source) or not is_file(token_file.source):  # (an archive's member too)
         raise ValueError(f"the source {brief(token_file.source)!r} the token file names is not the file its tokens "
                          "were made from (its size and modification time differ, or it is not there)")  # fmt: skip
     reader = ClipReader(

@@ -57,6 +57,7 @@ import av
 import numpy as np
 import torch
 
+from .archives import ArchiveError, member_of
 from .containers import TooManySamples, cut_short, is_iso_bmff
 from .decoders import (
     DECODERS,
@@ -2451,7 +2452,8 @@ def source_stamp(path: str | os.PathLike[str]) -> str:
     """``"<size>:<mtime_ns>"`` of the file at ``path`` ("" if it cannot be looked at): token files record it, so
     that a resume notices a source replaced or grown since (a download finished, a file re-exported)."""
     try:
-        return _stamp(os.stat(path))
+        member = member_of(path)
+        return _stamp(os.stat(path)) if member is None else member.stamp
     except (OSError, ValueError):  # (ValueError: a path with a NUL, as a stranger's token file may name)
         return ""
 
@@ -2474,6 +2476,19 @@ def _open_unprobed(path: str) -> tuple[tuple[av.container.InputContainer, bool],
 
 def _opened(path: str, opener: Callable[[str], T]) -> tuple[T, str]:
     try:
+        member = member_of(path)
+    except ArchiveError as e:  # (one it goes through that cannot be listed, or no such member in it)
+        raise VideoError(f"{path}: {e}") from None
+    except OSError as e:  # (its archive, gone or unreadable since it was found)
+        raise VideoError(f"{path}: cannot be looked at ({e.strerror or e})") from None
+    if member is not None:
+        if member.size == 0:
+            raise VideoError(f"{path}: file is empty")
+        if member.offset + member.size > member.archive_size:
+            raise VideoError(f"{path}: is cut short (an unfinished download or copy?): its archive ends at byte "
+                             f"{member.archive_size:,}, inside it")  # fmt: skip
+        return _checked_open(path, member.size, opener), member.stamp
+    try:
         st = os.stat(path)
     except FileNotFoundError:
         raise VideoError(f"{path}: no such file") from None
@@ -2485,14 +2500,19 @@ def _opened(path: str, opener: Callable[[str], T]) -> tuple[T, str]:
         raise VideoError(f"{path}: not a regular file (a device, pipe or socket), not a video file")
     if st.st_size == 0:
         raise VideoError(f"{path}: file is empty")
+    return _checked_open(path, st.st_size, opener), _stamp(st)
+
+
+def _checked_open(path: str, size: int, opener: Callable[[str], T]) -> T:
+    """``opener(path)`` for a non-empty file of ``size`` bytes, once it is known not to be cut short."""
     try:
-        cut = cut_short(path, st.st_size)
+        cut = cut_short(path, size)
     except TooManySamples as e:
         raise VideoError(f"{path}: {e}") from None
     if cut is not None:
         raise VideoError(f"{path}: is cut short (an unfinished download or copy?): {cut}")
     try:
-        return opener(path), _stamp(st)
+        return opener(path)
     except (av.FFmpegError, OSError) as exc:  # (FFmpeg's words, without its error number and the path again)
         raise VideoError(f"{path}: cannot open as a media file ({exc.strerror or exc})") from exc
 
