@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh tests     # the whole test suite: on a GPU the kernel tests run compiled
 #                                            # (fp32 / fp16 / bf16) and the gpu-marked tests run too
 #   bash benchmarks/gpu_session.sh gpu-tests # the gpu-marked tests alone (270 s at most): device preprocessing's
-#                                            # tokens against the CPU path's, NVDEC's planes against PyAV's, the
+#                                            # tokens against the CPU path's, NVDEC's planes against PyAV's (and a
+#                                            # tar archive's member read in place through NVDEC's demuxer), the
 #                                            # NV12 and I420 kernels, the engine's CUDA graphs and streams, FP8
 #                                            # in graphs, pinned hand-over; and the compile mode's graphs traced
 #                                            # on fake CUDA tensors under this machine's torch (cuda_build)
@@ -56,7 +57,8 @@
 # clip's encoder grid in one wave); the layers' LayerNorms are a kernel of one pass and a 16-bit model adds its
 # residuals in the GEMMs' epilogues (`fusions` measures both against the before); the input pipeline has changed
 # (H.264 in MP4 decoded without FFmpeg's probe, NVDEC decoders kept from file to file, one thread writing token
-# files, the weights' digest taken once a run), the gpu tests corrected or added since have not run, and the
+# files, the weights' digest taken once a run, tar archives read in place: whether NVDEC's demuxer opens a member's
+# span is a gpu test), the gpu tests corrected or added since have not run, and the
 # pipeline rows say what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores
 # busy), beside a row of 256p8 with a stand-in for the model at its measured speed (what driving the model costs the
 # input). So, each a call of its own:

@@ -868,6 +868,22 @@ def test_gpu_nvdec_clips_are_the_cpu_decoders(files, monkeypatch, case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_nvdec_reads_an_archives_member_in_place(files, tmp_path):
+    """PyNvVideoCodec's demuxer opens a member's span of its tar archive (FFmpeg's subfile protocol) and NVDEC gives
+    the clips of the file itself; where the demuxer cannot open such a span, this fails, naming what decoded it."""
+    pytest.importorskip("PyNvVideoCodec")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        tar.add(files["wide"], arcname="wide.mp4")
+    kwargs = dict(frames=4, height=64, width=64, fps=24, preprocess="device", device="cuda")
+    cpu = read_clips(files["wide"], **kwargs).clips
+    reader = ClipReader(str(tmp_path / "shard.tar" / "wide.mp4"), decoder="nvdec", **kwargs)
+    clips = list(reader)
+    assert reader.decoded_by == "nvdec" and len(clips) == len(cpu) >= 3
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(clips, cpu, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_device_preprocessing_gives_the_tokens_of_the_cpu_path(files, tmp_path):
     from titok_fast.engine import Engine
     from titok_fast.loading import random_tokenizer
