@@ -5,7 +5,9 @@ import gzip
 import io
 import json
 import os
+import random
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -267,8 +269,8 @@ def test_the_fast_listing_is_tarfiles_for_every_member_and_every_cut(form, long_
         monkeypatch.undo()
         assert fast == slow, case
         assert bool(fast.cut) == (case != "whole"), case
-    # pax and GNU headers, and bytes that are not a header: tarfile
-    assert fast_used == [not long_names and case not in ("junk", "bad checksum", "negative size") for case in cases]
+    # bytes that are not a header: tarfile
+    assert fast_used == [case not in ("junk", "bad checksum", "negative size") for case in cases]
     names = list_archive(str(tmp_path / "whole.tar")).members
     split = form == tarfile.USTAR_FORMAT or long_names
     assert list(names) == [
@@ -276,3 +278,187 @@ def test_the_fast_listing_is_tarfiles_for_every_member_and_every_cut(form, long_
         *(["z" * 120 + ".mp4", "vidéo.mp4"] if long_names else []), "last.mp4",
     ]  # fmt: skip
     assert names["a.mp4"][1] == 7 and whole[names["last.mp4"][0] : names["last.mp4"][0] + 700] == b"w" * 700
+
+
+def _header(name: bytes, size_field: bytes, kind: bytes = b"0") -> bytes:
+    header = bytearray(512)
+    header[: len(name)], header[124:136], header[156:157] = name, size_field, kind
+    header[100:108], header[136:148], header[257:265] = b"0000644\0", b"00000000000\0", b"ustar\x0000"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def test_crafted_sizes_and_names_end_the_listing_or_leave_a_member_out_never_the_run(unpacked, tmp_path, capsys):
+    video = (unpacked / "000004.mp4").read_bytes()
+    good = _header(b"ok.mp4", b"%011o\0" % len(video)) + video + b"\0" * (-len(video) % 512)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    base256 = bytes([0x80]) + (2**86).to_bytes(11, "big")  # a size past any offset
+    (shards / "huge.tar").write_bytes(good + _header(b"big.mp4", base256) + video + b"\0" * 1024)
+    (shards / "pax.tar").write_bytes(good + _header(b"././@PaxHeader", base256, b"x") + b"\0" * 1024)
+    with open(shards / "sparse.tar", "wb") as f:  # a pax header of 4 GiB (a sparse file): not read into memory
+        f.write(good + _header(b"././@PaxHeader", b"%011o\0" % (1 << 32), b"x"))
+        f.truncate(f.tell() + (1 << 32) + 1024)
+    with tarfile.open(shards / "nul.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in (("a.mp4", "a.mp4"), ("b.mp4", "a\0b.mp4")):  # a pax path may hold a NUL byte
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(video), {"path": path}
+            tar.addfile(info, io.BytesIO(video))
+    code, stdout, _ = run("encode", shards, "-o", tmp_path / "tokens", *GRID, *RANDOM, capsys=capsys)
+    assert "encoded 4 file(s)" in stdout and "Traceback" not in stdout, stdout  # each ok.mp4, and nul.tar's a.mp4
+    assert f"LEFT OUT {shards / 'huge.tar'}: cut short" in stdout and f"LEFT OUT {shards / 'pax.tar'}: cut" in stdout
+    assert member_of(shards / "sparse.tar" / "ok.mp4").size == len(video) and code == 1
+
+
+def test_a_name_written_again_as_a_link_is_the_link_and_a_resume_through_a_link_keeps_the_tokens(unpacked, tmp_path,
+                                                                                                 capsys):  # fmt: skip
+    archive = tmp_path / "real" / "s.tar"
+    archive.parent.mkdir()
+    pack(archive, {"x.mp4": unpacked / "000004.mp4", "y.mp4": unpacked / "000004.mp4"})
+    with tarfile.open(archive, "a") as tar:
+        link = tarfile.TarInfo("y.mp4")
+        link.type, link.linkname = tarfile.SYMTYPE, "x.mp4"
+        tar.addfile(link)
+    assert list(list_archive(str(archive)).members) == ["x.mp4", "x.json", "y.json"]  # as tar extracts it
+    (tmp_path / "link").symlink_to("real")
+    out = tmp_path / "tokens"
+    run("encode", tmp_path / "real", "-o", out, *GRID, *RANDOM, capsys=capsys)
+    code, stdout, _ = run("encode", tmp_path / "link", "-o", out, *GRID, *RANDOM, capsys=capsys)
+    assert code == 0 and "encoded 0 file(s)" in stdout and "skipped 1 already complete" in stdout, stdout
+
+
+def test_the_fast_listing_ends_where_tarfile_finds_a_number_field_that_is_not_one(tmp_path):
+    whole = odd_archive(tmp_path / "whole.tar", tarfile.USTAR_FORMAT, False).read_bytes()
+    at = whole.index(b"c/d.mp4")
+    data = bytearray(whole)
+    data[at + 136 : at + 148] = b"1234567890x\0"  # its mtime
+    data[at + 148 : at + 156] = b" " * 8
+    data[at + 148 : at + 156] = b"%06o\0 " % sum(data[at : at + 512])
+    (tmp_path / "odd.tar").write_bytes(data)
+    fast = list_archive(str(tmp_path / "odd.tar"))
+    archives._listed.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(archives, "_listed_fast", lambda *_: False)
+        assert list_archive(str(tmp_path / "odd.tar")) == fast and "bytes that are not a tar header" in fast.cut
+
+
+def fuzzed_archives(form: int, trials: int, seed: int):
+    """Archives of every member kind in format ``form`` (pax: a header before every member, as a WebDataset shard
+    written by Python's tarfile with float times has), each with a few bytes of its headers (names, sizes, types,
+    numbers, pax records) changed, most with their checksums made right again, some cut short."""
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=form) as tar:
+        for name, size in (("a.mp4", 0), ("d/", -1), ("b.mp4", 700), ("c/x.mp4", 512), ("l.mp4", -2),
+                           ("p" * 60 + "/" + "n" * 45 + ".mp4", 3), ("e.mp4", 1)):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.mtime = 1.5e9 + 0.25  # (a float: Python writes a pax header for it)
+            if size == -1:
+                info.type = tarfile.DIRTYPE
+            elif size == -2:
+                info.type, info.linkname = tarfile.SYMTYPE, "a.mp4"
+            else:
+                info.size = size
+            tar.addfile(info, io.BytesIO(b"v" * max(size, 0)))
+    base = buf.getvalue()
+    heads = [k for k in range(0, len(base), 512) if _checksum_holds_here(base[k : k + 512])]
+    fields = [(0, 100), (124, 136), (156, 157), (345, 500), (257, 265), (157, 257), (100, 108), (136, 148),
+              (329, 337), (512, 600)]  # (the last: the first bytes after a header, a pax header's records)  # fmt: skip
+    alphabet = b"0123456789 \0/.x-+_=\n\x80\xffLKSg7abc"
+    for _ in range(trials):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            head = rng.choice(heads)
+            start, end = rng.choice(fields)
+            at = rng.randrange(start, end)
+            for j in range(rng.randint(1, 4)):
+                if at + j < end and head + at + j < len(data):
+                    data[head + at + j] = rng.choice(alphabet)
+            if rng.random() < 0.9:
+                data[head + 148 : head + 156] = b" " * 8
+                data[head + 148 : head + 156] = b"%06o\0 " % sum(data[head : head + 512])
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(len(data))]
+        yield bytes(data)
+
+
+def _checksum_holds_here(header: bytes) -> bool:
+    try:
+        return len(header) == 512 and header.count(0) < 512 and archives._checksum_holds(header, archives._octal(
+            header[148:156]))  # fmt: skip
+    except ValueError:
+        return False
+
+
+def listed_both_ways(path: Path, monkeypatch) -> list:
+    """The archive at ``path`` listed by the fast listing (tarfile where it gives up) and by tarfile alone: each a
+    Listing, or the error it raised."""
+    found = []
+    for fast in (True, False):
+        archives._listed.cache_clear()
+        with monkeypatch.context() as patch:
+            if not fast:
+                patch.setattr(archives, "_listed_fast", lambda *_: False)
+            try:
+                found.append(list_archive(str(path)))
+            except OSError as e:
+                found.append(f"{type(e).__name__}: {e}")
+    archives._listed.cache_clear()
+    return found
+
+
+@pytest.mark.parametrize("form", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_damaged_headers_are_listed_as_tarfile_lists_them(form, tmp_path, monkeypatch):
+    path = tmp_path / "fuzzed.tar"
+    for k, data in enumerate(fuzzed_archives(form, 400, seed=form)):
+        path.write_bytes(data)
+        fast, slow = listed_both_ways(path, monkeypatch)
+        assert fast == slow, (k, data)
+
+
+def test_webdataset_shards_with_a_pax_header_before_every_member_are_listed_without_tarfile(unpacked, tmp_path):
+    """webdataset's TarWriter (video2dataset's) writes with Python's default pax format and float times: a pax header
+    before every member. The fast listing reads those headers, and their paths and sizes, itself."""
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w|") as tar:  # (as TarWriter opens it: a stream)
+        for key in range(3):
+            for ext, data in ((".mp4", (unpacked / "000004.mp4").read_bytes()), (".json", b"{}"), (".txt", b"a")):
+                info = tarfile.TarInfo(f"{key:09d}{ext}")
+                info.size, info.mtime, info.mode = len(data), 1.7e9 + 0.123, 0o444
+                tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("x" * 150 + "/é.mp4")  # a long, non-ASCII name: in the pax header's path
+        info.size, info.pax_headers = 4, {"size": "4", "comment": "any"}
+        tar.addfile(info, io.BytesIO(b"abcd"))
+    assert path.read_bytes()[156:157] == b"x"  # (a pax header first)
+    with open(path, "rb") as f:
+        listing = archives._Listing()
+        assert archives._listed_fast(f.fileno(), path.stat().st_size, listing)
+    names = list(listing.done().members)
+    assert names[:3] == ["000000000.mp4", "000000000.json", "000000000.txt"] and len(names) == 10
+    offset, size = listing.members["x" * 150 + "/é.mp4"]
+    assert size == 4 and path.read_bytes()[offset : offset + 4] == b"abcd"
+    assert listing.done() == listed_both_ways(path, pytest.MonkeyPatch())[1]
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("form", ["gnu", "posix", "oldgnu"])
+def test_gnu_tars_sparse_files_and_long_names_are_left_out_or_listed_as_tarfile_does(form, tmp_path, monkeypatch):
+    """GNU tar's own archives: sparse files (old GNU 'S' headers with extension blocks, or pax sparse maps) are left
+    out without their maps being read, and the members after them listed at the same bytes as tarfile finds them."""
+    folder = tmp_path / "in"
+    (folder / ("d" * 120)).mkdir(parents=True)
+    (folder / ("d" * 120) / ("long" * 30 + ".mp4")).write_bytes(b"x" * 1000)
+    with open(folder / "holes.mp4", "wb") as f:  # many holes: an old GNU header holds 4, then extension blocks
+        for k in range(40):
+            f.seek(k * 65536)
+            f.write(b"data")
+    (folder / "z.mp4").write_bytes(b"z" * 600)
+    path = tmp_path / "gnu.tar"
+    subprocess.run(["tar", f"--format={form}", "--sparse", "-cf", str(path), "-C", str(folder), "."], check=True)
+    fast, slow = listed_both_ways(path, monkeypatch)
+    assert fast == slow
+    assert sorted(fast.members) == ["d" * 120 + "/" + "long" * 30 + ".mp4", "z.mp4"]
+    assert [name for name, why in fast.left_out if "sparse" in why] == ["holes.mp4"]
+    with open(path, "rb") as f:
+        assert archives._listed_fast(f.fileno(), path.stat().st_size, archives._Listing())

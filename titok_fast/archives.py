@@ -144,9 +144,10 @@ def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> 
         if _listed_fast(f.fileno(), size, listing):
             return listing.done()
         f.seek(0)
+        bounded = _Bounded(f)
         try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.TarError as e:
+            tar = tarfile.open(fileobj=bounded, mode="r:")
+        except (tarfile.TarError, ValueError, OverflowError) as e:  # (a base-256 size past any offset)
             raise ArchiveError(f"not a tar archive ({e})") from None
         listing = _Listing()
         try:
@@ -160,11 +161,27 @@ def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> 
                                              "which cannot be read in place; left out"))  # fmt: skip
                 elif not info.isdir():
                     listing.add(info.name, info.isreg(), info.offset_data, info.size)
-        except tarfile.TarError as e:
+        except (tarfile.TarError, ValueError, OverflowError) as e:  # (a size in base-256 past any offset)
             listing.cut = _cut(size, tar.offset, str(e))
         else:
             listing.cut = _cut(size, tar.offset, os.pread(f.fileno(), BLOCK, tar.offset))
     return listing.done()
+
+
+class _Bounded:
+    """The archive's file as tarfile reads it, but a read of more than MAX_EXTENDED_HEADER bytes at once (a pax or
+    GNU long-name header's data: a crafted one may declare gigabytes, or more than any offset) is a ReadError."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, count: int = -1) -> bytes:
+        if count is None or count < 0 or count > MAX_EXTENDED_HEADER:
+            raise tarfile.ReadError(f"an extended header of {count:,} bytes (at most {MAX_EXTENDED_HEADER:,} read)")
+        return self.f.read(count)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 class _Listing:
@@ -178,10 +195,12 @@ class _Listing:
     def add(self, given: str, regular: bool, offset: int, size: int) -> None:
         """The member named ``given`` (not a folder), a regular file or not, its bytes ``size`` from ``offset``."""
         name = posixpath.normpath(given)
+        self.members.pop(name, None)  # (a name written again: the later one, as tar extracts it, in its place)
         if name.startswith(("/", "../")) or name in ("..", "."):
             self.left_out.append((name, f"member {given!r} is named outside the archive; left out"))
+        elif "\0" in name:  # (a pax path may hold one: no file can be named so)
+            self.left_out.append((name, f"member {given!r} is named with a NUL byte; left out"))
         elif regular:
-            self.members.pop(name, None)  # (a name written again: the later one, as tar extracts it, in its place)
             self.members[name] = (offset, size)
         else:
             self.left_out.append((name, f"member {given!r} is not a regular file (a link or device); left out"))
@@ -202,20 +221,27 @@ def _cut(size: int, end: int, after: bytes | str) -> str:
     return f"bytes that are not a tar header follow its members at byte {end:,}"
 
 
-# Header types the fast listing reads (as tarfile does); any other (pax or GNU long-name headers, old GNU sparse
-# files, vendor extensions) sends the archive to tarfile, which reads them all.
+# Header types the fast listing reads (as tarfile does): plain ones, pax extended headers (path, size, sparse files),
+# GNU long names and old GNU sparse files; any other (pax global headers, vendor extensions), an extended header
+# after another, or one that does not parse sends the archive to tarfile, which reads them all.
 REGULAR_TYPES, DIRECTORY_TYPE, OTHER_TYPES = (b"0", b"\0", b"7"), b"5", (b"1", b"2", b"3", b"4", b"6")
+EXTENDED_TYPES, GNU_SPARSE_TYPE = (b"x", b"L", b"K"), b"S"
+KNOWN_TYPES = frozenset((*REGULAR_TYPES, DIRECTORY_TYPE, *OTHER_TYPES, *EXTENDED_TYPES, GNU_SPARSE_TYPE))
 ENCODING = sys.getfilesystemencoding()
+NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode, uid, gid, mtime,
+# device numbers: fields the fast listing does not use, but that tarfile refuses a header for where not numbers
 LISTING_WINDOW = 1 << 16  # bytes read at a time while listing: the headers of small members (JSON, text) together
 LISTING_HOP_WINDOW = 1 << 12  # after a member larger than a window: its next headers, not 64 KB of the next video
+MAX_EXTENDED_HEADER = 1 << 20  # bytes a pax or GNU long-name header may hold (tarfile reads one whole into memory)
 
 
 def _listed_fast(fd: int, size: int, listing: _Listing) -> bool:
-    """The archive open as ``fd`` (``size`` bytes) listed into ``listing`` as tarfile lists it, from its plain ustar
-    and GNU headers without tarfile's objects (8 us a member against tarfile's 30, on a 2-core machine: a dataset's
-    million members are listed in every process that reads them); False where a header needs more than that, or
+    """The archive open as ``fd`` (``size`` bytes) listed into ``listing`` as tarfile lists it, from its headers
+    without tarfile's objects (about four times as fast: benchmarks/RESULTS.md; a dataset's million members are
+    listed in every process that reads them); False where a header is of a kind it does not read (KNOWN_TYPES), or
     bytes that are not a header follow (tarfile then lists it, and says how it ends)."""
-    at, window, window_at = 0, b"", 0
+    at, window, window_at, numbers_seen = 0, b"", 0, set()
+    extended: dict | None = None  # what an extended header says of the header after it
     while True:
         if not window_at <= at <= window_at + len(window) - BLOCK:  # (headers of small members: many a read)
             hopped = at > window_at + len(window)  # past a large member (a video): few headers nearby
@@ -225,29 +251,124 @@ def _listed_fast(fd: int, size: int, listing: _Listing) -> bool:
         if at == 0 and len(header) < BLOCK:
             return False
         if at > size or len(header) < BLOCK or header.count(0) == BLOCK:
+            if extended is not None:  # (an extended header with no header after it)
+                return False
             listing.cut = _cut(size, at, header)
             return True
         kind = header[156:157]
-        if kind not in REGULAR_TYPES and kind != DIRECTORY_TYPE and kind not in OTHER_TYPES or header[124] & 0x80:
+        if kind not in KNOWN_TYPES or header[124] & 0x80:
             return False
         try:
             checksum, length = _octal(header[148:156]), _octal(header[124:136])
+            for start, end in NUMBER_FIELDS:  # (tarfile reads them all: a header with one not a number ends its
+                field = header[start:end]  # list; most fields repeat one of a few values, read once)
+                if field not in numbers_seen and header[start] not in (0o200, 0o377):
+                    _octal(field)
+                    if len(numbers_seen) > 4096:  # (mtimes: one a second, or one a member)
+                        numbers_seen.clear()
+                    numbers_seen.add(field)
         except ValueError:
             return False
         if not _checksum_holds(header, checksum) or length < 0:  # (bytes that are not a header: tarfile says)
             return False
+        data = at + BLOCK
+        if kind in EXTENDED_TYPES:
+            if extended is not None or length > MAX_EXTENDED_HEADER:
+                return False
+            if data + _blocks(length) <= window_at + len(window):  # (in the window read: as a pax header usually is)
+                said = window[data - window_at : data - window_at + _blocks(length)]
+            else:
+                said = os.pread(fd, _blocks(length), data)  # (whole blocks, as tarfile reads them)
+            if len(said) < _blocks(length):
+                return False
+            extended = _pax(said.rstrip(b"\0")) if kind == b"x" else {"long": _text(said)} if kind == b"L" else {}
+            if extended is None:
+                return False
+            at = data + _blocks(length)
+            continue
         name, prefix = _text(header[0:100]), _text(header[345:500])
         directory = kind == DIRECTORY_TYPE or (kind == b"\0" and name.endswith("/"))
         name = name.rstrip("/") if directory else name
-        name = f"{prefix}/{name}" if prefix else name
-        data = at + BLOCK
-        at = data + (-(-length // BLOCK) * BLOCK if kind in REGULAR_TYPES else 0)
-        if not directory:
-            listing.add(name, kind in REGULAR_TYPES, data, length)
+        name = f"{prefix}/{name}" if prefix and kind != GNU_SPARSE_TYPE else name  # (there, other fields)
+        said, extended = extended or {}, None
+        if "long" in said:
+            name = said["long"].removesuffix("/") if directory else said["long"]
+        name = said.get("path", name)
+        if kind == GNU_SPARSE_TYPE:  # (its extension blocks, each saying whether another follows)
+            more = header[482]
+            if not _numbers(header, 386, 4) or not _numbers(header[483:495], 0, 0, 12):
+                return False
+            while more:
+                block = os.pread(fd, BLOCK, data)
+                if len(block) < BLOCK or not _numbers(block, 0, 21):
+                    return False
+                more, data = block[504], data + BLOCK
+        at = data + (_blocks(said.get("size", length)) if kind in REGULAR_TYPES or kind == GNU_SPARSE_TYPE else 0)
+        if said.get("sparse") or kind == GNU_SPARSE_TYPE:
+            listing.left_out.append((posixpath.normpath(name), f"member {name!r} is a sparse file, which cannot be "
+                                     "read in place; left out"))  # fmt: skip
+        elif not directory:
+            listing.add(name, kind in REGULAR_TYPES, data, said.get("size", length))
+
+
+def _numbers(data: bytes, at: int, pairs: int, single: int = 0) -> bool:
+    """Whether ``pairs`` sparse entries (two 12-byte numbers each) from byte ``at`` of ``data``, or a ``single``
+    number of that many bytes there, read as numbers (tarfile refuses the header otherwise)."""
+    fields = [data[at : at + single]] if single else [data[k : k + 12] for k in range(at, at + 24 * pairs, 12)]
+    try:
+        for field in fields:
+            if field[:1] not in (b"\x80", b"\xff"):
+                _octal(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _blocks(count: int) -> int:
+    """The bytes ``count`` bytes take in an archive: whole blocks."""
+    return -(-count // BLOCK) * BLOCK
+
+
+SPARSE_KEYS = (b"GNU.sparse.map", b"GNU.sparse.size")  # (or major 1, minor 0): GNU's sparse files in pax
+
+
+def _pax(said: bytes) -> dict | None:
+    """What a pax extended header says of the header after it, as tarfile reads it: its "path" (or a sparse file's
+    name), "size", and "sparse"; None where its records do not parse as "<length> <key>=<value>\n" to its end, or
+    say more than tarfile's reading of them is plain about (a charset, a sparse file with a size, two names)."""
+    records, at = {}, 0
+    while at < len(said):
+        space = said.find(b" ", at, at + 21)
+        digits = said[at:space] if space > 0 else b""
+        if not digits.isdigit() or int(digits) <= len(digits) + 1 or at + int(digits) > len(said):
+            return None
+        end = at + int(digits)
+        key, equals, value = said[space + 1 : end - 1].partition(b"=")
+        if said[end - 1 : end] != b"\n" or not equals or not key:
+            return None
+        records[key], at = value, end
+    version_one = records.get(b"GNU.sparse.major") == b"1" and records.get(b"GNU.sparse.minor") == b"0"
+    sparse = version_one or any(k in records for k in SPARSE_KEYS)
+    gnu = [k for k in records if k.startswith(b"GNU.sparse.")]
+    if b"hdrcharset" in records or (gnu and not sparse) or (sparse and b"size" in records):
+        return None
+    if b"path" in records and b"GNU.sparse.name" in records:
+        return None
+    found: dict = {"sparse": sparse}
+    if b"GNU.sparse.name" in records:
+        found["path"] = records[b"GNU.sparse.name"].decode("utf-8", "surrogateescape")
+    elif b"path" in records:
+        found["path"] = records[b"path"].decode("utf-8", "surrogateescape").rstrip("/")
+    if b"size" in records:
+        if not records[b"size"].isdigit():
+            return None
+        found["size"] = int(records[b"size"])
+    return found
 
 
 def _octal(field: bytes) -> int:
-    """A header's number field as tarfile reads it (octal, up to a NUL, spaces around)."""
+    """A header's number field as tarfile reads it (octal, up to a NUL, spaces around); a ValueError where it does
+    not read it as a number."""
     return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
 
 

@@ -1625,6 +1625,10 @@ def _other_source(recorded: str, source: str | os.PathLike) -> bool:
     if recorded == absolute(source):
         return False
     try:
+        if (ours := split_member(source)) is not None:  # an archive's member: the same member of the same archive
+            theirs = split_member(recorded) if os.path.isabs(recorded) else None
+            return not (theirs is not None and posixpath.normpath(theirs[1]) == posixpath.normpath(ours[1])
+                        and os.path.samefile(theirs[0], ours[0]))  # fmt: skip
         return not (os.path.isabs(recorded) and os.path.samefile(recorded, source))
     except (OSError, ValueError):  # (gone, or a path with a NUL byte from a stranger's file)
         return True
