@@ -462,3 +462,68 @@ def test_gnu_tars_sparse_files_and_long_names_are_left_out_or_listed_as_tarfile_
     assert [name for name, why in fast.left_out if "sparse" in why] == ["holes.mp4"]
     with open(path, "rb") as f:
         assert archives._listed_fast(f.fileno(), path.stat().st_size, archives._Listing())
+
+
+def _ustar(name: bytes, size: int | bytes = 0, kind: bytes = b"0", extra: dict | None = None) -> bytes:
+    """A ustar header with its checksum; ``extra``: bytes put at offsets of it first."""
+    header = bytearray(512)
+    header[: len(name)], header[156:157], header[257:265] = name, kind, b"ustar\x0000"
+    header[100:108], header[108:116], header[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
+    header[124:136] = size if isinstance(size, bytes) else b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    for at, value in (extra or {}).items():
+        header[at : at + len(value)] = value
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def _record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+def _pax_header(records: bytes) -> bytes:
+    return _ustar(b"././@PaxHeader", len(records), b"x") + _padded(records)
+
+
+def _file(name: bytes, data: bytes, kind: bytes = b"0") -> bytes:
+    return _ustar(name, len(data), kind) + _padded(data)
+
+
+OK, AFTER, END = _file(b"ok.mp4", b"x"), _file(b"after.mp4", b"y"), b"\0" * 1024
+VERSION_1 = _record(b"GNU.sparse.major", b"1") + _record(b"GNU.sparse.minor", b"0")
+CRAFTED = {
+    "a V7 folder with a size": OK + _file(b"d/", b"\0" * 512, b"\0") + AFTER + END,
+    "an old GNU sparse header whose extension block is missing": OK + _ustar(b"s.mp4", 0, b"S", {482: b"\1"}),
+    "400 pax headers in a row": OK + _pax_header(_record(b"comment", b"a")) * 400 + AFTER + END,
+    "an old GNU sparse header of a negative size": OK + _ustar(b"s.mp4", 0, b"S", {483: b"\xff" * 12}) + AFTER + END,
+    "an empty sparse map": OK + _pax_header(_record(b"GNU.sparse.map", b"")) + _file(b"s.mp4", b"y") + AFTER + END,
+    "a negative sparse size": OK + _pax_header(_record(b"GNU.sparse.size", b"-5")) + _file(b"s.mp4", b"y") + AFTER
+    + END,
+    "a sparse 1.0 map that is not numbers": OK + _pax_header(VERSION_1) + _file(b"s.mp4", b"garbage") + AFTER + END,
+    "a charset inside another record": OK + _pax_header(_record(b"comment", b"1 hdrcharset=\xff")) + AFTER + END,
+    "a path that is not UTF-8": OK + _pax_header(_record(b"path", b"\xc3\xa9\xff.mp4")) + AFTER + END,
+    "records that do not parse, at length": OK + _pax_header(b"3 a" * 48_000 + b"=\n") + AFTER + END,
+    "a long run of digits": OK + _pax_header(b"1" * 20_000) + AFTER + END,
+    "a long run of digits in a record": OK + _pax_header(_record(b"path", b"7" * 20_000 + b".mp4")) + AFTER + END,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_headers_are_listed_as_tarfile_lists_them_and_raise_nothing_else(case, tmp_path, monkeypatch):
+    """Headers a review crafted where the two listings differed, or where tarfile raised an IndexError or a
+    RecursionError past list_archive, or parsed for seconds and gigabytes (pax records that do not parse, long runs of
+    digits: quadratic in Python's tarfile before 3.13): the same listing both ways, or the same OSError."""
+    path = tmp_path / "crafted.tar"
+    path.write_bytes(CRAFTED[case])
+    fast, slow = listed_both_ways(path, monkeypatch)
+    assert fast == slow
+    assert isinstance(fast, str) or "ok.mp4" in fast.members  # (what comes before is listed)

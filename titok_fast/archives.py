@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import re
 import stat
 import sys
 import tarfile
@@ -149,6 +150,8 @@ def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> 
             tar = tarfile.open(fileobj=bounded, mode="r:")
         except (tarfile.TarError, ValueError, OverflowError) as e:  # (a base-256 size past any offset)
             raise ArchiveError(f"not a tar archive ({e})") from None
+        except (IndexError, RecursionError) as e:  # (an old GNU sparse header's extension block cut short; extended
+            raise ArchiveError(f"not a tar archive ({e})") from None  # headers chained past the recursion limit)
         listing = _Listing()
         try:
             while (info := tar.next()) is not None:
@@ -161,8 +164,8 @@ def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> 
                                              "which cannot be read in place; left out"))  # fmt: skip
                 elif not info.isdir():
                     listing.add(info.name, info.isreg(), info.offset_data, info.size)
-        except (tarfile.TarError, ValueError, OverflowError) as e:  # (a size in base-256 past any offset)
-            listing.cut = _cut(size, tar.offset, str(e))
+        except (tarfile.TarError, ValueError, OverflowError, IndexError, RecursionError) as e:  # (a size in base-256
+            listing.cut = _cut(size, tar.offset, str(e))  # past any offset; see above)
         else:
             listing.cut = _cut(size, tar.offset, os.pread(f.fileno(), BLOCK, tar.offset))
     return listing.done()
@@ -170,15 +173,23 @@ def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> 
 
 class _Bounded:
     """The archive's file as tarfile reads it, but a read of more than MAX_EXTENDED_HEADER bytes at once (a pax or
-    GNU long-name header's data: a crafted one may declare gigabytes, or more than any offset) is a ReadError."""
+    GNU long-name header's data: a crafted one may declare gigabytes, or more than any offset) is a ReadError, and
+    so is a pax header's data of more than a block whose records do not parse, or that holds a long run of digits
+    (Python's tarfile before 3.13 parses those in time, and for bad records memory, quadratic in their length)."""
 
     def __init__(self, f):
-        self.f = f
+        self.f, self.header = f, b""
 
     def read(self, count: int = -1) -> bytes:
         if count is None or count < 0 or count > MAX_EXTENDED_HEADER:
             raise tarfile.ReadError(f"an extended header of {count:,} bytes (at most {MAX_EXTENDED_HEADER:,} read)")
-        return self.f.read(count)
+        data = self.f.read(count)
+        if count == BLOCK:
+            self.header = data  # (a header, or the block after one: what a longer read is the data of)
+        elif self.header[156:157] in (b"x", b"g", b"X") and (_records(data.rstrip(b"\0")) is None or
+                                                            re.search(rb"[0-9]{64}", data)):  # fmt: skip
+            raise tarfile.ReadError("a pax header whose records do not parse")
+        return data
 
     def __getattr__(self, name):
         return getattr(self.f, name)
@@ -279,8 +290,8 @@ def _listed_fast(fd: int, size: int, listing: _Listing) -> bool:
                 said = window[data - window_at : data - window_at + _blocks(length)]
             else:
                 said = os.pread(fd, _blocks(length), data)  # (whole blocks, as tarfile reads them)
-            if len(said) < _blocks(length):
-                return False
+            if len(said) < _blocks(length) or (kind == b"x" and length > BLOCK and re.search(rb"[0-9]{64}", said)):
+                return False  # (a long run of digits: tarfile is given it, _Bounded refuses it)
             extended = _pax(said.rstrip(b"\0")) if kind == b"x" else {"long": _text(said)} if kind == b"L" else {}
             if extended is None:
                 return False
@@ -296,14 +307,17 @@ def _listed_fast(fd: int, size: int, listing: _Listing) -> bool:
         name = said.get("path", name)
         if kind == GNU_SPARSE_TYPE:  # (its extension blocks, each saying whether another follows)
             more = header[482]
-            if not _numbers(header, 386, 4) or not _numbers(header[483:495], 0, 0, 12):
-                return False
+            if not _numbers(header, 386, 4) or not _numbers(header[483:495], 0, 0, 12) or header[483] == 0o377:
+                return False  # (a negative size: tarfile's listing ends there)
             while more:
                 block = os.pread(fd, BLOCK, data)
                 if len(block) < BLOCK or not _numbers(block, 0, 21):
                     return False
                 more, data = block[504], data + BLOCK
-        at = data + (_blocks(said.get("size", length)) if kind in REGULAR_TYPES or kind == GNU_SPARSE_TYPE else 0)
+        if said.get("sparse") == "1.0" and not _sparse_map_parses(fd, data):
+            return False  # (tarfile reads the map of GNU's sparse format 1.0 after the header, and stops at one bad)
+        skips = (kind in REGULAR_TYPES and not directory) or kind == GNU_SPARSE_TYPE  # (a V7 folder skips nothing)
+        at = data + (_blocks(said.get("size", length)) if skips else 0)
         if said.get("sparse") or kind == GNU_SPARSE_TYPE:
             listing.left_out.append((posixpath.normpath(name), f"member {name!r} is a sparse file, which cannot be "
                                      "read in place; left out"))  # fmt: skip
@@ -332,10 +346,9 @@ def _blocks(count: int) -> int:
 SPARSE_KEYS = (b"GNU.sparse.map", b"GNU.sparse.size")  # (or major 1, minor 0): GNU's sparse files in pax
 
 
-def _pax(said: bytes) -> dict | None:
-    """What a pax extended header says of the header after it, as tarfile reads it: its "path" (or a sparse file's
-    name), "size", and "sparse"; None where its records do not parse as "<length> <key>=<value>\n" to its end, or
-    say more than tarfile's reading of them is plain about (a charset, a sparse file with a size, two names)."""
+def _records(said: bytes) -> dict[bytes, bytes] | None:
+    """A pax header's records (key -> value, the last of a key), None where they do not parse as
+    "<length> <key>=<value>\n" to its end."""
     records, at = {}, 0
     while at < len(said):
         space = said.find(b" ", at, at + 21)
@@ -347,23 +360,63 @@ def _pax(said: bytes) -> dict | None:
         if said[end - 1 : end] != b"\n" or not equals or not key:
             return None
         records[key], at = value, end
+    return records
+
+
+def _pax(said: bytes) -> dict | None:
+    """What a pax extended header says of the header after it, as tarfile reads it: its "path" (or a sparse file's
+    name), "size", and "sparse"; None where its records do not parse as "<length> <key>=<value>\n" to its end, or
+    say more than tarfile's reading of them is plain about (a charset, a sparse file with a size, two names)."""
+    records = _records(said)
+    if records is None:
+        return None
     version_one = records.get(b"GNU.sparse.major") == b"1" and records.get(b"GNU.sparse.minor") == b"0"
     sparse = version_one or any(k in records for k in SPARSE_KEYS)
     gnu = [k for k in records if k.startswith(b"GNU.sparse.")]
-    if b"hdrcharset" in records or (gnu and not sparse) or (sparse and b"size" in records):
+    if b"hdrcharset=" in said or (gnu and not sparse) or (sparse and b"size" in records):
+        return None  # (tarfile looks for a charset anywhere in the records, a value's text too)
+    numbers = [records.get(k) for k in (b"GNU.sparse.size", b"GNU.sparse.realsize") if k in records]
+    if b"GNU.sparse.map" in records:
+        numbers += records[b"GNU.sparse.map"].split(b",")
+    if not all(number.isdigit() for number in numbers):  # (tarfile's int() of them fails, or a size is negative)
         return None
     if b"path" in records and b"GNU.sparse.name" in records:
         return None
-    found: dict = {"sparse": sparse}
+    plain = b"GNU.sparse.map" not in records and b"GNU.sparse.size" not in records
+    found: dict = {"sparse": "1.0" if version_one and plain else sparse}
     if b"GNU.sparse.name" in records:
         found["path"] = records[b"GNU.sparse.name"].decode("utf-8", "surrogateescape")
     elif b"path" in records:
-        found["path"] = records[b"path"].decode("utf-8", "surrogateescape").rstrip("/")
+        try:  # (as tarfile decodes a pax path: UTF-8, else the file system's encoding)
+            found["path"] = records[b"path"].decode("utf-8").rstrip("/")
+        except UnicodeDecodeError:
+            found["path"] = records[b"path"].decode(ENCODING, "surrogateescape").rstrip("/")
     if b"size" in records:
         if not records[b"size"].isdigit():
             return None
         found["size"] = int(records[b"size"])
     return found
+
+
+def _sparse_map_parses(fd: int, at: int) -> bool | None:
+    """Whether the map of a sparse file in GNU's format 1.0 from byte ``at`` (a count, then two numbers an entry,
+    each ending with a newline) parses as tarfile reads it, a block at a time; None where it is longer than
+    MAX_EXTENDED_HEADER (then tarfile reads it)."""
+    buf, end = os.pread(fd, BLOCK, at), at + BLOCK
+    try:
+        fields, buf = buf.split(b"\n", 1)
+        count, fields = 0, int(fields)
+        while count < fields * 2:
+            if b"\n" not in buf:
+                if end - at >= MAX_EXTENDED_HEADER:
+                    return None
+                buf, end = buf + os.pread(fd, BLOCK, end), end + BLOCK
+            number, buf = buf.split(b"\n", 1)
+            int(number)
+            count += 1
+    except ValueError:
+        return False
+    return True
 
 
 def _octal(field: bytes) -> int:
