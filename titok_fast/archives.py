@@ -72,38 +72,43 @@ def is_archive(path: str | os.PathLike[str]) -> bool:
 def split_member(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     """(archive, member name) where ``path`` goes through a regular file named as an archive (the first such, from
     the left), else None. No system call for a path with no archive's name in it."""
+    found = _through_archive(path)
+    return None if found is None else found[:2]
+
+
+def _through_archive(path: str | os.PathLike[str]) -> tuple[str, str, os.stat_result] | None:
+    """:func:`split_member`'s (archive, member name), and the archive's ``os.stat`` that found it a regular file."""
     text = os.fsdecode(os.fspath(path))
     lowered, at = text.lower(), 0
     while (at := lowered.find(".tar/", at)) != -1:
         archive, name = text[: at + 4], text[at + 5 :]
         at += 1
         try:
-            if not stat.S_ISREG(os.stat(archive).st_mode):
-                continue
+            st = os.stat(archive)
         except (OSError, ValueError):
             continue
-        return archive, name
+        if stat.S_ISREG(st.st_mode):
+            return archive, name, st
     return None
 
 
 def member_of(path: str | os.PathLike[str]) -> Member | None:
     """The archive member ``path`` names, None where it names no archive's member (a plain file); raises
     ArchiveError where it goes through an archive that cannot be listed, or names no regular file in it."""
-    split = split_member(path)
-    if split is None:
+    found = _through_archive(path)
+    if found is None:
         return None
-    archive, name = split
-    archive = os.path.abspath(archive)
-    st = os.stat(archive)
+    archive, name, st = os.path.abspath(found[0]), found[1], found[2]
     try:
         listing = list_archive(archive, st)
     except ArchiveError as e:
         raise ArchiveError(f"{archive}: {e}") from None
-    found = listing.members.get(posixpath.normpath(name) if name else name)
-    if found is None:
-        why = dict(listing.left_out).get(posixpath.normpath(name)) if name else None
-        raise ArchiveError(f"{archive}: {why}" if why else f"no file {name!r} in the archive {archive}")
-    return Member(archive, posixpath.normpath(name), found[0], found[1], st.st_size, st.st_mtime_ns)
+    name = posixpath.normpath(name) if name else name
+    span = listing.members.get(name)
+    if span is None:
+        why = dict(listing.left_out).get(name) if name else None
+        raise ArchiveError(f"{archive}: {why}" if why else f"no file {found[1]!r} in the archive {archive}")
+    return Member(archive, name, span[0], span[1], st.st_size, st.st_mtime_ns)
 
 
 def is_file(path: str | os.PathLike[str]) -> bool:
@@ -160,8 +165,7 @@ def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> 
                     listing.cut = _cut(size, info.offset, str(info.size))
                     return listing.done()
                 if info.issparse():
-                    listing.left_out.append((posixpath.normpath(info.name), f"member {info.name!r} is a sparse file, "
-                                             "which cannot be read in place; left out"))  # fmt: skip
+                    listing.sparse(info.name)
                 elif not info.isdir():
                     listing.add(info.name, info.isreg(), info.offset_data, info.size)
         except (tarfile.TarError, ValueError, OverflowError, IndexError, RecursionError) as e:  # (a size in base-256
@@ -187,7 +191,7 @@ class _Bounded:
         if count == BLOCK:
             self.header = data  # (a header, or the block after one: what a longer read is the data of)
         elif self.header[156:157] in (b"x", b"g", b"X") and (_records(data.rstrip(b"\0")) is None or
-                                                            re.search(rb"[0-9]{64}", data)):  # fmt: skip
+                                                            LONG_DIGITS.search(data)):  # fmt: skip
             raise tarfile.ReadError("a pax header whose records do not parse")
         return data
 
@@ -215,6 +219,11 @@ class _Listing:
             self.members[name] = (offset, size)
         else:
             self.left_out.append((name, f"member {given!r} is not a regular file (a link or device); left out"))
+
+    def sparse(self, given: str) -> None:
+        """The member named ``given``, a sparse file: left out."""
+        self.left_out.append((posixpath.normpath(given), f"member {given!r} is a sparse file, which cannot be read in "
+                                                         "place; left out"))  # fmt: skip
 
     def done(self) -> Listing:
         return Listing(self.members, tuple(self.left_out), self.cut)
@@ -244,6 +253,8 @@ NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (33
 LISTING_WINDOW = 1 << 16  # bytes read at a time while listing: the headers of small members (JSON, text) together
 LISTING_HOP_WINDOW = 1 << 12  # after a member larger than a window: its next headers, not 64 KB of the next video
 MAX_EXTENDED_HEADER = 1 << 20  # bytes a pax or GNU long-name header may hold (tarfile reads one whole into memory)
+LONG_DIGITS = re.compile(rb"[0-9]{64}")  # in pax data over a block: Python's tarfile before 3.13 parses such a run in
+# time quadratic in its length, so the fast listing leaves it to tarfile, and _Bounded refuses it to tarfile
 
 
 def _listed_fast(fd: int, size: int, listing: _Listing) -> bool:
@@ -290,7 +301,7 @@ def _listed_fast(fd: int, size: int, listing: _Listing) -> bool:
                 said = window[data - window_at : data - window_at + _blocks(length)]
             else:
                 said = os.pread(fd, _blocks(length), data)  # (whole blocks, as tarfile reads them)
-            if len(said) < _blocks(length) or (kind == b"x" and length > BLOCK and re.search(rb"[0-9]{64}", said)):
+            if len(said) < _blocks(length) or (kind == b"x" and length > BLOCK and LONG_DIGITS.search(said)):
                 return False  # (a long run of digits: tarfile is given it, _Bounded refuses it)
             extended = _pax(said.rstrip(b"\0")) if kind == b"x" else {"long": _text(said)} if kind == b"L" else {}
             if extended is None:
@@ -319,8 +330,7 @@ def _listed_fast(fd: int, size: int, listing: _Listing) -> bool:
         skips = (kind in REGULAR_TYPES and not directory) or kind == GNU_SPARSE_TYPE  # (a V7 folder skips nothing)
         at = data + (_blocks(said.get("size", length)) if skips else 0)
         if said.get("sparse") or kind == GNU_SPARSE_TYPE:
-            listing.left_out.append((posixpath.normpath(name), f"member {name!r} is a sparse file, which cannot be "
-                                     "read in place; left out"))  # fmt: skip
+            listing.sparse(name)
         elif not directory:
             listing.add(name, kind in REGULAR_TYPES, data, said.get("size", length))
 

@@ -513,8 +513,12 @@ def _archive_pairs(archive: Path, name: str, extensions: frozenset[str] | set[st
     if listing.cut:
         notice(f"{archive}: {ARCHIVE_CUT}: {listing.cut}; the files before the cut are read")
         unlisted.append((str(archive), f"{ARCHIVE_CUT}: {listing.cut}"))
-    return [(archive / member, f"{name}/{posixpath.splitext(member)[0]}") for member in listing.members
-            if posixpath.splitext(member)[1].lower() in extensions]  # fmt: skip
+    pairs = []
+    for member in listing.members:
+        stem, suffix = posixpath.splitext(member)
+        if suffix.lower() in extensions:
+            pairs.append((archive / member, f"{name}/{stem}"))
+    return pairs
 
 
 def _below(entry: Path, top: Path, through: Path) -> str:
