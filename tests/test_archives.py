@@ -250,8 +250,7 @@ def test_the_fast_listing_is_tarfiles_for_every_member_and_every_cut(form, long_
     corrupt, negative = bytearray(whole), bytearray(whole)
     corrupt[last - 512 + 148 : last - 512 + 156] = b"0000000\0"  # the last header's checksum, wrong
     negative[last - 512 + 124 : last - 512 + 136] = b"-0000002000\0"  # its size: 2 blocks back
-    negative[last - 512 + 148 : last - 512 + 156] = b"        "
-    negative[last - 512 + 148 : last - 512 + 156] = b"%06o\0 " % sum(negative[last - 512 : last])
+    checksummed(negative, last - 512)
     cases = {"whole": whole, "inside": whole[: last + 100], "at a header": whole[: last - 512],
              "in a header": whole[: last - 300], "no end block": whole[: last + 1024], "junk": whole[: last + 1024] +
              b"j" * 1024, "bad checksum": bytes(corrupt), "negative size": bytes(negative)}  # fmt: skip
@@ -280,25 +279,23 @@ def test_the_fast_listing_is_tarfiles_for_every_member_and_every_cut(form, long_
     assert names["a.mp4"][1] == 7 and whole[names["last.mp4"][0] : names["last.mp4"][0] + 700] == b"w" * 700
 
 
-def _header(name: bytes, size_field: bytes, kind: bytes = b"0") -> bytes:
-    header = bytearray(512)
-    header[: len(name)], header[124:136], header[156:157] = name, size_field, kind
-    header[100:108], header[136:148], header[257:265] = b"0000644\0", b"00000000000\0", b"ustar\x0000"
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+def checksummed(data: bytearray, at: int = 0) -> bytearray:
+    """``data`` with the checksum of its header at byte ``at`` made right again (after a change to its fields)."""
+    data[at + 148 : at + 156] = b" " * 8
+    data[at + 148 : at + 156] = b"%06o\0 " % sum(data[at : at + 512])
+    return data
 
 
 def test_crafted_sizes_and_names_end_the_listing_or_leave_a_member_out_never_the_run(unpacked, tmp_path, capsys):
     video = (unpacked / "000004.mp4").read_bytes()
-    good = _header(b"ok.mp4", b"%011o\0" % len(video)) + video + b"\0" * (-len(video) % 512)
+    good = _file(b"ok.mp4", video)
     shards = tmp_path / "shards"
     shards.mkdir()
     base256 = bytes([0x80]) + (2**86).to_bytes(11, "big")  # a size past any offset
-    (shards / "huge.tar").write_bytes(good + _header(b"big.mp4", base256) + video + b"\0" * 1024)
-    (shards / "pax.tar").write_bytes(good + _header(b"././@PaxHeader", base256, b"x") + b"\0" * 1024)
+    (shards / "huge.tar").write_bytes(good + _ustar(b"big.mp4", base256) + video + b"\0" * 1024)
+    (shards / "pax.tar").write_bytes(good + _ustar(b"././@PaxHeader", base256, b"x") + b"\0" * 1024)
     with open(shards / "sparse.tar", "wb") as f:  # a pax header of 4 GiB (a sparse file): not read into memory
-        f.write(good + _header(b"././@PaxHeader", b"%011o\0" % (1 << 32), b"x"))
+        f.write(good + _ustar(b"././@PaxHeader", 1 << 32, b"x"))
         f.truncate(f.tell() + (1 << 32) + 1024)
     with tarfile.open(shards / "nul.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         for name, path in (("a.mp4", "a.mp4"), ("b.mp4", "a\0b.mp4")):  # a pax path may hold a NUL byte
@@ -333,8 +330,7 @@ def test_the_fast_listing_ends_where_tarfile_finds_a_number_field_that_is_not_on
     at = whole.index(b"c/d.mp4")
     data = bytearray(whole)
     data[at + 136 : at + 148] = b"1234567890x\0"  # its mtime
-    data[at + 148 : at + 156] = b" " * 8
-    data[at + 148 : at + 156] = b"%06o\0 " % sum(data[at : at + 512])
+    checksummed(data, at)
     (tmp_path / "odd.tar").write_bytes(data)
     fast = list_archive(str(tmp_path / "odd.tar"))
     archives._listed.cache_clear()
@@ -376,8 +372,7 @@ def fuzzed_archives(form: int, trials: int, seed: int):
                 if at + j < end and head + at + j < len(data):
                     data[head + at + j] = rng.choice(alphabet)
             if rng.random() < 0.9:
-                data[head + 148 : head + 156] = b" " * 8
-                data[head + 148 : head + 156] = b"%06o\0 " % sum(data[head : head + 512])
+                checksummed(data, head)
         if rng.random() < 0.2:
             data = data[: rng.randrange(len(data))]
         yield bytes(data)
@@ -473,9 +468,7 @@ def _ustar(name: bytes, size: int | bytes = 0, kind: bytes = b"0", extra: dict |
     header[136:148] = b"00000000000\0"
     for at, value in (extra or {}).items():
         header[at : at + len(value)] = value
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    return bytes(checksummed(header))
 
 
 def _padded(data: bytes) -> bytes:
