@@ -121,6 +121,20 @@ def is_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def read_member(member: Member) -> bytes:
+    """The bytes of ``member``, read from its span of its archive; ArchiveError where the archive ends before the
+    span does (cut short since it was listed)."""
+    fd = os.open(member.archive, os.O_RDONLY)
+    try:
+        data = os.pread(fd, member.size, member.offset)
+    finally:
+        os.close(fd)
+    if len(data) < member.size:
+        raise ArchiveError(f"{member.archive}: cut short: {member.name!r} ends at byte "
+                           f"{member.offset + member.size:,}, past the archive's end")  # fmt: skip
+    return data
+
+
 def libav_path(path: str) -> str:
     """What libav is to open for ``path``: the path itself, or the span of the archive member it names."""
     member = member_of(path)

@@ -30,9 +30,11 @@ from .archives import ARCHIVE_CUT
 from .files import (
     DEBUG_ENV,
     MAX_FPS,
+    MAX_PER_SHARD,
     MAX_RAY_RETRIES,
     MAX_SEED,
     MIN_WRITE_FPS,
+    PER_SHARD,
     STALL_SECONDS,
     Terminated,
     absolute,
@@ -96,6 +98,28 @@ def _folder(text: str) -> str:
     if os.path.lexists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
     return text
+
+
+def _per_shard(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PER_SHARD:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_PER_SHARD:,}; got {text!r}")
+    return value
+
+
+def _extensions(text: str) -> tuple[str, ...]:
+    """File extensions, comma-separated, without their dots: letters, digits, ``_``, ``-`` and inner dots."""
+    found = tuple(text.split(","))
+    for extension in found:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", extension, re.ASCII) or extension == "safetensors":
+            raise argparse.ArgumentTypeError(f"expected extensions without their dots, comma-separated (json,txt), "
+                                             f"other than safetensors; got {extension!r}")  # fmt: skip
+    if len(set(found)) < len(found):
+        raise argparse.ArgumentTypeError(f"an extension given twice in {text!r}")
+    return found
 
 
 def _non_empty(text: str) -> str:
@@ -489,6 +513,53 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return _finish(summary, "decoded", files)
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .pipeline import _progress, collect_token_files
+    from .shards import pack_tokens
+
+    files = collect_token_files(args.tokens, list_names=args.list_names)
+    if not files:
+        raise ValueError(f"no token files found in {args.tokens}")
+    _check_output_folder("-o", args.output)
+    _check_not_within(args.output, args.tokens)
+    accept = None
+    if not args.force:  # one model's tokens: those most of the files read first name (decode's rule)
+        naming = _naming_a_model(files, _recorded_config)[0]
+        accept = functools.partial(_made_by, naming)
+    with _progress(total=len(files), unit="file") as bar:
+        packed = pack_tokens(
+            files, args.output, per_shard=None if args.per_folder else args.per_shard, overwrite=args.overwrite,
+            accept=accept, beside=args.beside, progress=bar.update,
+        )  # fmt: skip
+    print(packed.report(args.output))
+    for folder, reason in files.unlisted:
+        which = "past the cut" if reason.startswith(ARCHIVE_CUT) else "in it"
+        print(f"  LEFT OUT {escaped(folder)}: {reason}; the files {which} were not packed")
+    return 1 if packed.failed or files.unlisted else 0
+
+
+def _check_not_within(output: str, inputs: list[str]) -> None:
+    """A ValueError where the output folder lies in a folder given as an input (what a rerun would read)."""
+    real = os.path.realpath(output)
+    for given in inputs:
+        if os.path.isdir(given) and os.path.commonpath([real, there := os.path.realpath(given)]) == there:
+            raise ValueError(f"-o {output} lies in the input folder {given}: a rerun would read the shards as "
+                             "inputs; choose an output folder outside it")  # fmt: skip
+
+
+def _recorded_config(token_file) -> tuple[dict, str]:
+    """The model config ``token_file`` records, as recorded (pack moves tokens: it builds no model)."""
+    return token_file.model_config, ""
+
+
+def _made_by(naming: _Naming, path: str, token_file) -> str:
+    """"" where ``token_file`` was made by the weights and model config ``naming`` says, else why it is refused."""
+    if token_file.weights_digest == naming.weights_digest and token_file.model_config == naming.model_config:
+        return ""
+    return (f"made by other weights or another model config ({token_file.weights_source}) than most of the token "
+            f"files ({naming.weights_source}): not packed with them (--force packs it)")  # fmt: skip
+
+
 class _Naming(NamedTuple):
     """What a token file says of the model that made it."""
 
@@ -497,13 +568,14 @@ class _Naming(NamedTuple):
     model_config: dict
 
 
-def _naming_a_model(files) -> list[_Naming]:
+def _naming_a_model(files, config_of=None) -> list[_Naming]:
     """The readable token files among ``files`` whose model config is one a model may be built from, one per
     weights and config, those named by more of the files read first (ties: in the order read), so that a stranger's
     file among a dataset's does not choose the model the others are decoded with. Files are read until
     MAX_FILES_WITHOUT_NEW_WEIGHTS in a row name none other (a dataset's files usually all name the same), at most
     MAX_FILES_FOR_WEIGHTS once one has (every file until then); if none names a model, a ValueError saying so, with
-    the first reason."""
+    the first reason. ``config_of``: a token file -> (its config, "") or (None, why not), default
+    :func:`_model_config_of`."""
     from .pipeline import _one_line
     from .tokens import TokenFileError, load_tokens
 
@@ -518,7 +590,7 @@ def _naming_a_model(files) -> list[_Naming]:
         except (TokenFileError, OSError) as e:  # (its message names the file)
             unusable = unusable or f" ({_one_line(e)})"
             continue
-        config, problem = _model_config_of(token_file)
+        config, problem = (config_of or _model_config_of)(token_file)
         if not problem:  # (the config as read: fields it does not know, which a stranger's file may hold a MB of,
             key = (token_file.weights_digest, token_file.weights_source, repr(config))  # are left out)
             if key in named:
@@ -735,7 +807,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # pytest-benchmark truncates its file first and leaves it empty when no benchmark ran: it writes beside the
     # results, which it replaces only once it has written some (an earlier run's file is kept otherwise)
     partial = results.with_name(f".{results.name}.{os.getpid()}.partial")
-    files = [str(suite / f) for f in ("bench_model.py", "bench_kernels.py", "bench_pipeline.py", "bench_resume.py")]
+    files = [str(suite / f"bench_{name}.py") for name in ("model", "kernels", "pipeline", "resume", "shards")]
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={partial}"]
     cmd += ["-k", args.select] if args.select else []
     print("+", " ".join(cmd), file=sys.stderr)
@@ -1064,6 +1136,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "mp4 files that record no decode (never a token file's own source video)")
     _add_model_args(p, recorded=True)
     p.set_defaults(run=cmd_decode)
+
+    p = sub.add_parser("pack", help="token files -> tar shards (WebDataset's layout) for training, resumable")
+    p.add_argument(
+        "tokens", nargs="+", metavar="TOKENS",
+        help="token files written by encode, folders of them (recursive), tar shards of them or .txt path lists",
+    )  # fmt: skip
+    p.add_argument("-o", "--output", type=_folder, required=True, help="output folder for the shards")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--per-shard", type=_per_shard, default=PER_SHARD, metavar="N",
+                       help="token files a shard, in the order of their names: 00000.tar, 00001.tar, ... "
+                       f"(default {PER_SHARD:,})")  # fmt: skip
+    group.add_argument("--per-folder", action="store_true", help="one shard for each folder of token files, named "
+                       "by it (tokens/00000/*.safetensors -> 00000.tar: the shards of the videos they were made from)")
+    p.add_argument("--with", dest="beside", type=_extensions, default=(), metavar="EXT[,EXT...]",
+                   help="also pack the files of these extensions beside each token file's source video, of its stem "
+                   "(--with json,txt: 000000001.json and .txt beside 000000001.mp4, in its folder or tar archive), "
+                   "under its key: its source must be the very file its tokens were made from")  # fmt: skip
+    _add_list_names_arg(p, "safetensors", "safetensors")
+    p.add_argument("--force", action="store_true", help="pack token files of any weights and model config (by "
+                   "default those of the model most of the files read first name, as decode takes)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="write again shards that are complete")
+    p.set_defaults(run=cmd_pack)
 
     p = sub.add_parser("eval", help="encode + decode, PSNR and SSIM per token count")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders or .txt path lists")

@@ -38,6 +38,8 @@ MAX_RAY_RETRIES = 1000  # a decode task's retries, an encode actor's restarts: p
 # here, not in video or writing (which import torch), as the command line checks --fps before its signal handlers
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
 MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
+PER_SHARD = 10_000  # token files a shard by default (shards.pack_tokens): video2dataset's videos a shard
+MAX_PER_SHARD = 10_000_000
 
 
 def escaped(text: str) -> str:
@@ -242,12 +244,13 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, tidy: bool = Fal
 
 
 @contextlib.contextmanager
-def open_atomically(path: str | os.PathLike[str], tidy: bool = False) -> Iterator[BinaryIO]:
-    """The temporary of an :class:`AtomicFile` of `path` (``tidy``: see there) opened for writing: what the block
-    writes replaces `path` when it ends, or is dropped if it raises. An I/O error is said of `path`
-    (:func:`said_of`)."""
+def open_atomically(path: str | os.PathLike[str], tidy: bool = False, buffering: int = -1) -> Iterator[BinaryIO]:
+    """The temporary of an :class:`AtomicFile` of `path` (``tidy``: see there) opened for writing (``buffering``:
+    as ``open``'s): what the block writes replaces `path` when it ends, or is dropped if it raises. An I/O error is
+    said of `path` (:func:`said_of`)."""
     try:
-        with AtomicFile(path, tidy) as target, open(target.temporary, "wb") as file:  # (truncated: its lock kept)
+        with AtomicFile(path, tidy) as target, open(target.temporary, "wb", buffering) as file:  # (truncated: its
+            # lock kept)
             yield file
     except OSError as e:
         raise said_of(e, path) from None

@@ -435,9 +435,8 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
     folder ``list_names`` "relative" names them from; ``reach``: the expansion's bounds (:class:`_Reach`)."""
     found: list[tuple[Path, str]] = []
     relative = list_names == "relative" and top is not None
-    archives = not VIDEO_EXTENSIONS.isdisjoint(extensions)  # (videos are read from tar archives; token files are not)
     for item in inputs:
-        if archives and split_member(item) is not None:  # a video inside an archive, named by its path through it
+        if split_member(item) is not None:  # a file inside an archive (a video, a token file), named by its path
             member = Path(item)
             if top is None:  # given on the command line: one that is not there stops the run, as a missing file does
                 try:
@@ -450,14 +449,14 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
         if path.is_dir():
             if reach.first(path, top):
                 pairs = []
-                for p in _files_below(path, extensions | (ARCHIVE_EXTENSIONS if archives else set()), unlisted):
+                for p in _files_below(path, extensions | ARCHIVE_EXTENSIONS, unlisted):
                     name = _below(p, top, path) if relative else str(p.relative_to(path).with_suffix(""))
-                    if archives and is_archive(p):
+                    if is_archive(p):
                         pairs += _archive_pairs(p, name, extensions, unlisted)
                     else:
                         pairs.append((p, name))
                 reach.add(found, pairs, path)
-        elif archives and path.is_file() and is_archive(path):
+        elif path.is_file() and is_archive(path):
             if reach.first(path, top):
                 name = _below(path, top, path) if relative else path.stem
                 reach.add(found, _archive_pairs(path, name, extensions, unlisted, given=top is None), path)
@@ -2005,7 +2004,8 @@ def decode_files(
                                  "remove it or choose another output folder")  # fmt: skip
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
             now, exists = record_of(path), there_now is not None and there_now.st_size > 0
-            if exists and os.path.samefile(out, path):  # a token file named .mp4, decoded into its own folder
+            if exists and split_member(path) is None and os.path.samefile(out, path):  # a token file named .mp4,
+                # decoded into its own folder (a member of an archive is none: the archive is named .tar)
                 raise ValueError(f"{out} is the token file itself: decoding there would replace it; choose another "
                                  "output folder")  # fmt: skip
             there = video_comment(out) if exists else None  # (None: no video there, or one that cannot be read)

@@ -44,6 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from .archives import is_file, member_of, read_member
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
 from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES, chunk_length, chunk_picks
 
@@ -351,7 +352,7 @@ def read_token_bytes(path: str | os.PathLike[str]) -> bytes:
     be read or is not a regular file of at most MAX_FILE_BYTES."""
     path = os.fspath(path)
     try:
-        return _read_at_most(path, MAX_FILE_BYTES)
+        return read_at_most(path, MAX_FILE_BYTES)
     except Exception as exc:
         raise _unreadable(path, exc) from exc
 
@@ -361,16 +362,21 @@ def _unreadable(path: str, exc: Exception) -> TokenFileError:
     return TokenFileError(f"{path}: not a readable safetensors file ({detail})")
 
 
-def _read_at_most(path: str, limit: int) -> bytes:
-    """The bytes of the regular file at ``path``, if at most ``limit``; a named pipe neither blocks the opening
-    (O_NONBLOCK) nor is read, nor is a device."""
+def read_at_most(path: str, limit: int, kind: str = "a token file") -> bytes:
+    """The bytes of the regular file at ``path``, if at most ``limit`` (else a ValueError saying ``kind`` holds at
+    most that); a named pipe neither blocks the opening (O_NONBLOCK) nor is read, nor is a device. A member of a tar
+    archive (``shards/00000.tar/clip.safetensors``) is read from its span of the archive."""
+    if (member := member_of(path)) is not None:  # (no system call for a path without ".tar/" in it)
+        if member.size > limit:
+            raise ValueError(f"{member.size} bytes; {kind} holds at most {limit}")
+        return read_member(member)
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
             raise ValueError("not a regular file")
         if status.st_size > limit:
-            raise ValueError(f"{status.st_size} bytes; a token file holds at most {limit}")
+            raise ValueError(f"{status.st_size} bytes; {kind} holds at most {limit}")
         with open(descriptor, "rb", closefd=False) as file:
             return file.read(status.st_size)
     finally:
@@ -379,7 +385,7 @@ def _read_at_most(path: str, limit: int) -> bytes:
 
 def try_load_tokens(path: str | os.PathLike[str]) -> TokenFile | None:
     """The token file at `path`, or None when there is no regular file there or it is not a valid token file."""
-    if not os.path.isfile(path):
+    if not is_file(path):
         return None
     try:
         return load_tokens(path)

@@ -1,0 +1,337 @@
+"""Token files packed into tar shards (`pack`), and read from them in place: the same bytes and token files, a
+rerun that keeps complete shards, failures that are one file's, and a folder that never mixes two runs' shards."""
+
+import dataclasses
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from test_tokens import make_token_file
+
+from titok_fast.archives import list_archive
+from titok_fast.cli import main
+from titok_fast.pipeline import collect_token_files
+from titok_fast.shards import pack_tokens, plan_shards, read_shard
+from titok_fast.tokens import TokenFileError, load_tokens, save_tokens
+
+from videos import make_truncated, make_video
+
+GRID = ["--grid", "4x32x32", "--tokens", "8", "--fps", "8"]
+RANDOM = ["--random-weights", "0", "--config", "tiny", "--device", "cpu"]
+
+
+def run(*args, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def token_folder(root: Path, names, **changes) -> Path:
+    """Token files of ``names`` (paths below ``root``, without the suffix), each of other tokens."""
+    for k, name in enumerate(names):
+        path = root / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tokens(path, dataclasses.replace(make_token_file(counts=(5 + k % 3, 9)), **changes))
+    return root
+
+
+def same(a, b) -> bool:
+    """Whether two TokenFiles hold the same tensors and fields."""
+    return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) if isinstance(getattr(a, f.name), torch.Tensor)
+               else getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a))  # fmt: skip
+
+
+def members(shard: Path) -> dict[str, bytes]:
+    with tarfile.open(shard) as tar:
+        return {info.name: tar.extractfile(info).read() for info in tar.getmembers()}
+
+
+def test_shards_hold_the_token_files_byte_for_byte_in_name_order(tmp_path, capsys):
+    names = ["b/2", "a/1", "a/3", "c", "b/10"]
+    tokens = token_folder(tmp_path / "tokens", names)
+    (tokens / "manifest.jsonl").write_text("{}\n")  # (not a token file: not packed)
+    code, out, err = run("pack", tokens, "-o", tmp_path / "shards", "--per-shard", "2", capsys=capsys)
+    assert code == 0, out + err
+    assert "packed 5 token file(s), 10 chunk(s), into 3 shard(s)" in out
+    shards = sorted((tmp_path / "shards").iterdir())
+    assert [s.name for s in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    held = [members(s) for s in shards]
+    assert [list(h) for h in held] == [["a/1.safetensors", "a/3.safetensors"],
+                                       ["b/10.safetensors", "b/2.safetensors"], ["c.safetensors"]]  # fmt: skip
+    for h in held:
+        for member, data in h.items():
+            assert data == (tokens / member).read_bytes()
+    with tarfile.open(shards[0]) as tar:  # the token file's time, a plain file's mode, nobody's owner
+        info = tar.getmember("a/1.safetensors")
+        assert info.mtime == int((tokens / "a/1.safetensors").stat().st_mtime) and info.mode == 0o644
+        assert (info.uid, info.gid, info.uname, info.gname) == (0, 0, "", "")
+    unpacked = tmp_path / "unpacked"  # GNU tar reads them
+    unpacked.mkdir()
+    for shard in shards:
+        subprocess.run(["tar", "-xf", shard, "-C", unpacked], check=True)
+    assert sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*.safetensors")) == sorted(
+        f"{n}.safetensors" for n in names
+    )
+
+
+def test_token_files_read_in_place_from_a_shard_equal_those_packed(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["x/1", "x/2", "y"])
+    assert run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)[0] == 0
+    shard = tmp_path / "shards" / "00000.tar"
+    read = {name: token_file for name, token_file, _ in read_shard(shard)}
+    assert list(read) == ["x/1", "x/2", "y"]
+    for name, token_file in read.items():
+        assert same(token_file, load_tokens(tokens / f"{name}.safetensors"))
+        assert same(load_tokens(f"{shard}/{name}.safetensors"), token_file)  # by its path through the shard
+    found = collect_token_files([tmp_path / "shards"])  # a shard in a folder stands for a folder of its name
+    assert [(str(p), n) for p, n in found] == [(f"{shard}/{m}.safetensors", f"00000/{m}") for m in read]
+    with pytest.raises(TokenFileError, match="no file 'z.safetensors' in the archive"):
+        load_tokens(f"{shard}/z.safetensors")
+
+
+def test_decode_reads_the_shards_of_its_token_files_in_place(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    for folder, count in (("s0", 2), ("s1", 1)):
+        (videos / folder).mkdir(parents=True)
+        for k in range(count):
+            make_video(videos / folder / f"{k}.mp4", frames=12, height=32, width=48, fps=8)
+    tokens = tmp_path / "tokens"
+    assert run("encode", videos, "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    code, out, err = run("pack", tokens, "-o", tmp_path / "shards", "--per-folder", capsys=capsys)
+    assert code == 0 and "into 2 shard(s)" in out, out + err
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["s0.tar", "s1.tar"]
+    assert list(members(tmp_path / "shards" / "s0.tar")) == ["0.safetensors", "1.safetensors"]
+    for source, out_folder in ((tokens, "from-files"), (tmp_path / "shards", "from-shards")):
+        code, out, err = run("decode", source, "-o", tmp_path / out_folder, "--side-by-side", capsys=capsys)
+        assert code == 0 and "decoded 3 file(s)" in out, out + err
+    for name in ("s0/0", "s0/1", "s1/0"):  # the same names, the same pixels
+        assert np.array_equal(frames(tmp_path / "from-files" / f"{name}.mp4"),
+                              frames(tmp_path / "from-shards" / f"{name}.mp4"))  # fmt: skip
+    code, out, _ = run("decode", tmp_path / "shards", "-o", tmp_path / "from-shards", "--side-by-side", capsys=capsys)
+    assert code == 0 and "decoded 0 file(s)" in out and "skipped 3 already complete" in out  # resumed
+
+
+def frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_a_rerun_keeps_complete_shards_and_writes_again_only_a_changed_one(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", [f"{k:02d}" for k in range(6)])
+    out_dir = tmp_path / "shards"
+    assert run("pack", tokens, "-o", out_dir, "--per-shard", "2", capsys=capsys)[0] == 0
+    before = {p.name: p.stat().st_ino for p in out_dir.iterdir()}
+    code, out, _ = run("pack", tokens, "-o", out_dir, "--per-shard", "2", capsys=capsys)
+    assert code == 0 and "into 0 shard(s)" in out and "kept 3 shard(s) already complete (6 token file(s))" in out
+    assert {p.name: p.stat().st_ino for p in out_dir.iterdir()} == before
+    save_tokens(tokens / "03.safetensors", make_token_file(counts=(4, 4)))  # made again, other tokens
+    code, out, _ = run("pack", tokens, "-o", out_dir, "--per-shard", "2", capsys=capsys)
+    assert code == 0 and "packed 2 token file(s)" in out and "kept 2 shard(s)" in out
+    after = {p.name: p.stat().st_ino for p in out_dir.iterdir()}
+    assert [name for name in before if after[name] != before[name]] == ["00001.tar"]
+    assert members(out_dir / "00001.tar")["03.safetensors"] == (tokens / "03.safetensors").read_bytes()
+    code, out, _ = run("pack", tokens, "-o", out_dir, "--per-shard", "2", "--overwrite", capsys=capsys)
+    assert code == 0 and "into 3 shard(s)" in out
+
+
+def test_a_token_file_that_is_not_valid_or_of_other_weights_fails_alone(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["1", "2", "3", "4"])
+    token_folder(tmp_path / "tokens", ["5"], weights_digest="sha256:ffff")  # another model's
+    data = bytearray((tokens / "2.safetensors").read_bytes())
+    data[-1] ^= 1  # a flipped bit in a token
+    (tokens / "2.safetensors").write_bytes(bytes(data))
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)
+    assert code == 1 and "packed 3 token file(s)" in out and "failed 2 token file(s), not packed" in out, out
+    assert f"FAILED {tokens}/2.safetensors: " in out and "digest" in out and out.count("2.safetensors") == 1
+    assert f"FAILED {tokens}/5.safetensors: " in out and "other weights or another model config" in out
+    assert list(members(tmp_path / "shards" / "00000.tar")) == ["1.safetensors", "3.safetensors", "4.safetensors"]
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)  # still failing: the shard is kept
+    assert code == 1 and "kept 1 shard(s) already complete (3 token file(s))" in out and "failed 2" in out
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "forced", "--force", capsys=capsys)
+    assert code == 1 and "packed 4 token file(s)" in out and "failed 1" in out
+
+
+def test_a_folder_holding_other_shards_or_its_inputs_is_refused(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["a/1", "a/2", "b/1"])
+    out_dir = tmp_path / "shards"
+    assert run("pack", tokens, "-o", out_dir, "--per-shard", "1", capsys=capsys)[0] == 0
+    code, _, err = run("pack", tokens, "-o", out_dir, "--per-shard", "2", capsys=capsys)  # another count
+    assert code == 2 and f"{out_dir}/00002.tar: a tar archive in the output folder that is not one of the shards" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]  # untouched
+    code, _, err = run("pack", tokens, "-o", tokens / "shards", capsys=capsys)
+    assert code == 2 and "lies in the input folder" in err and not (tokens / "shards").exists()
+    code, _, err = run("pack", out_dir / "00000.tar", "-o", out_dir, "--per-shard", "1", capsys=capsys)
+    assert code == 2 and "lies in the output folder" in err
+    code, _, err = run("pack", tokens / "a" / "1.safetensors", "-o", tmp_path / "f", "--per-folder", capsys=capsys)
+    assert code == 2 and "a token file in no folder below its input" in err
+
+
+def test_shards_of_shards_and_names_tar_must_escape(tmp_path):
+    names = ["é/ü", "x" * 150, "new\nline", "sp ace/#1"]
+    tokens = token_folder(tmp_path / "tokens", names)
+    files = collect_token_files([tokens])
+    packed = pack_tokens(files, tmp_path / "shards", per_shard=3)
+    assert not packed.failed and len(packed.written) == 2
+    for shard in packed.written:  # listed by titok-fast's own header parser as tarfile lists them
+        assert list(list_archive(shard).members) == list(members(Path(shard)))
+    again = collect_token_files([tmp_path / "shards"])
+    assert sorted(n.split("/", 1)[1] for _, n in again) == sorted(names)
+    repacked = pack_tokens(again, tmp_path / "repacked", per_shard=10)  # shards read in place, packed again
+    assert not repacked.failed and len(repacked.done) == 4
+    for name, token_file, _ in read_shard(tmp_path / "repacked" / "00000.tar"):
+        assert same(token_file, load_tokens(tokens / f"{name.split('/', 1)[1]}.safetensors"))
+
+
+def test_a_shard_cut_short_is_written_again_and_read_as_cut(tmp_path):
+    tokens = token_folder(tmp_path / "tokens", ["1", "2"])
+    files = collect_token_files([tokens])
+    pack_tokens(files, tmp_path / "shards")
+    shard = tmp_path / "shards" / "00000.tar"
+    make_truncated(tmp_path / "cut.tar", shard, keep=0.3)
+    with pytest.raises(OSError, match="cut short"):
+        list(read_shard(tmp_path / "cut.tar"))
+    os.replace(tmp_path / "cut.tar", shard)
+    assert list_archive(str(shard)).cut
+    packed = pack_tokens(files, tmp_path / "shards")
+    assert packed.written == [str(shard)] and len(packed.done) == 2 and not list_archive(str(shard)).cut
+
+
+def test_an_interrupted_pack_leaves_no_shard_under_its_name(tmp_path, monkeypatch):
+    tokens = token_folder(tmp_path / "tokens", ["1", "2", "3"])
+    files = collect_token_files([tokens])
+    from titok_fast import shards as module
+
+    real, calls = module.read_token_bytes, []
+
+    def interrupted(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(module, "read_token_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack_tokens(files, tmp_path / "shards")
+    assert os.listdir(tmp_path / "shards") == []  # neither the shard nor its temporary
+    monkeypatch.undo()
+    assert len(pack_tokens(files, tmp_path / "shards").done) == 3
+
+
+def test_plan_by_count_names_and_bounds():
+    files = [(f"/t/{k}.safetensors", f"{k:06d}") for k in range(23)]
+    plan = plan_shards(files, per_shard=10)
+    assert [s.name for s in plan] == ["00000", "00001", "00002"] and [len(s.files) for s in plan] == [10, 10, 3]
+    assert [s.name for s in plan_shards(files, per_shard=1)][-1] == "00022"
+    assert plan_shards([(f"/t/{k}", f"{k:07d}") for k in range(100_001)], per_shard=1)[-1].name == "100000"
+    with pytest.raises(ValueError, match="per_shard must be from 1"):
+        plan_shards(files, per_shard=0)
+
+
+def test_token_files_read_ahead_in_threads_pack_the_same_shards(tmp_path, monkeypatch):
+    from titok_fast import shards as module
+
+    tokens = token_folder(tmp_path / "tokens", [f"{k:03d}" for k in range(40)])
+    bad = tokens / "017.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-3])  # cut short: fails alone, whoever reads it
+    files = collect_token_files([tokens])
+    alone = pack_tokens(files, tmp_path / "alone", per_shard=16)
+    monkeypatch.setattr(module, "_threads_for", lambda *paths: 4)  # as on a network file system
+    monkeypatch.setattr(module, "FETCH_CHUNK_BYTES", 3000)  # a thread reads a few of its chunk's files, not all
+    ahead = pack_tokens(files, tmp_path / "ahead", per_shard=16)
+    assert ahead.failed == alone.failed and len(ahead.failed) == 1 and ahead.done == alone.done
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        assert (tmp_path / "ahead" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+    again = pack_tokens(files, tmp_path / "ahead", per_shard=16)
+    assert len(again.kept) == 3 and again.failed == alone.failed
+
+
+def test_with_packs_the_files_beside_each_source_under_its_key(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for k in range(3):
+        make_video(tmp_path / f"{k}.mp4", frames=12, height=32, width=48, fps=8)
+    with tarfile.open(videos / "00000.tar", "w") as tar:  # a video2dataset shard: a video, its record and caption
+        for k in range(2):
+            for extension, data in (("mp4", (tmp_path / f"{k}.mp4").read_bytes()), ("json", b'{"k": %d}' % k),
+                                    ("txt", b"a caption %d" % k)):  # fmt: skip
+                info = tarfile.TarInfo(f"00000000{k}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (videos / "loose").mkdir()  # a plain file with a caption beside it, and one without
+    for k, caption in ((1, b"loose caption"), (2, None)):
+        os.replace(tmp_path / f"{k}.mp4", videos / "loose" / f"v{k}.mp4")
+        if caption:
+            (videos / "loose" / f"v{k}.txt").write_bytes(caption)
+            (videos / "loose" / f"v{k}.json").write_bytes(b"{}")
+    tokens = tmp_path / "tokens"
+    assert run("encode", videos, "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", "--per-folder", "--with", "json,txt", capsys=capsys)
+    assert code == 1 and "packed 3 token file(s)" in out and "failed 1 token file(s)" in out, out
+    assert f"FAILED {tokens}/loose/v2.safetensors: {videos}/loose/v2.json, beside its source, cannot be packed" in out
+    held = members(tmp_path / "shards" / "00000.tar")
+    assert list(held) == [f"00000000{k}.{e}" for k in range(2) for e in ("safetensors", "json", "txt")]
+    assert held["000000001.txt"] == b"a caption 1" and held["000000000.json"] == b'{"k": 0}'
+    samples = [(name, beside) for name, _, beside in read_shard(tmp_path / "shards" / "00000.tar")]
+    assert samples == [(f"00000000{k}", {"json": b'{"k": %d}' % k, "txt": b"a caption %d" % k}) for k in range(2)]
+    assert list(members(tmp_path / "shards" / "loose.tar")) == ["v1.safetensors", "v1.json", "v1.txt"]
+    (videos / "loose" / "v2.json").write_bytes(b"{}")
+    (videos / "loose" / "v2.txt").write_bytes(b"late caption")
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", "--per-folder", "--with", "json,txt", capsys=capsys)
+    assert code == 0 and "packed 2 token file(s)" in out and "kept 1 shard(s) already complete" in out, out
+    os.utime(videos / "loose" / "v1.mp4", ns=(0, 0))  # the source is no longer the file the tokens were made from
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "again", "--per-folder", "--with", "txt", capsys=capsys)
+    assert code == 1 and "v1.mp4' is not the file its tokens were made from" in out, out
+
+
+def test_with_reads_nothing_a_strangers_token_file_names(tmp_path, capsys):
+    (tmp_path / "secret.txt").write_text("not for a shard")
+    (tmp_path / "secret.mp4").write_bytes(b"\0" * 100)
+    secret = str(tmp_path / "secret.mp4")
+    token_folder(tmp_path / "tokens", ["a"], source=secret)  # records no source stamp
+    token_folder(tmp_path / "tokens", ["b"], source=secret, made_with={"source_stamp": "100:1"})  # a wrong one
+    code, out, _ = run("pack", tmp_path / "tokens", "-o", tmp_path / "shards", "--with", "txt", capsys=capsys)
+    assert code == 1 and "a.safetensors: records no size and modification time of its source" in out, out
+    assert "b.safetensors: its source" in out and "is not the file its tokens were made from" in out
+    assert members(tmp_path / "shards" / "00000.tar") == {}
+    for given in ("safetensors", ".txt", "json,json", "a/b", ""):
+        with pytest.raises(SystemExit) as exited:
+            main(["pack", str(tmp_path / "tokens"), "-o", str(tmp_path / "x"), "--with", given])
+        assert exited.value.code == 2 and "argument --with: " in capsys.readouterr().err, given
+
+
+def test_the_readmes_example_of_reading_shards_runs_as_written(tmp_path, capsys, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("Reading shards that `pack` wrote:")[1].split("```python\n", 1)[1].split("```")[0]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(tmp_path / "v.mp4", frames=12, height=32, width=48, fps=8)
+    with tarfile.open(videos / "00000.tar", "w") as tar:
+        for extension, data in (("mp4", (tmp_path / "v.mp4").read_bytes()), ("txt", b"a caption")):
+            info = tarfile.TarInfo(f"000000001.{extension}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert run("encode", videos, "-o", tmp_path / "tokens", *GRID, *RANDOM, capsys=capsys)[0] == 0
+    command = ["pack", tmp_path / "tokens", "-o", tmp_path / "token-shards", "--per-folder", "--with", "txt"]
+    assert run(*command, capsys=capsys)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(block, "README.md", "exec"), names)
+    assert names["caption"] == "a caption" and names["name"] == "000000001"
+    assert same(names["tf"], load_tokens(tmp_path / "tokens" / "00000" / "000000001.safetensors"))
+
+
+def test_a_link_to_a_shard_in_the_output_folder_is_refused_as_an_input(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["1", "2"])
+    assert run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)[0] == 0
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "shards" / "00000.tar", tmp_path / "elsewhere" / "linked.tar")
+    before = (tmp_path / "shards" / "00000.tar").read_bytes()
+    code, _, err = run("pack", tmp_path / "elsewhere", "-o", tmp_path / "shards", "--overwrite", capsys=capsys)
+    assert code == 2 and "lies in the output folder" in err
+    assert (tmp_path / "shards" / "00000.tar").read_bytes() == before
