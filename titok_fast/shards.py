@@ -7,7 +7,9 @@ opening files; shards of 10,000 read as a few large sequential files. ``pack`` w
 to a temporary name, synced and renamed, so a shard under its name is complete; a rerun keeps a shard whose
 members are already the token files it would hold, byte for byte, and writes the others again. Every token file is
 validated before it is packed (:func:`titok_fast.tokens.load_tokens`), and all must be of one model (weights and
-config), as ``decode`` asks.
+config), as ``decode`` asks. The files beside a token file's source video of its stem (video2dataset's
+``000000001.json`` and ``.txt`` caption) may be packed beside it under its key, so that a shard holds what a model
+trains on.
 
 The shards are plain uncompressed tar archives (pax format where a name needs it), members in name order, their
 modification time the token file's: ``tar -x`` unpacks them, WebDataset reads them (its key is a member's name up
