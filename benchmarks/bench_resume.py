@@ -117,11 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("files", "chunks", "tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1; got {getattr(args, name)}")
-    for row in measure(Path(args.folder), args.files, args.chunks, args.tokens, args.repeats):
+    emit(measure(Path(args.folder), args.files, args.chunks, args.tokens, args.repeats), format_row, args.log)
+
+
+def emit(rows: list[dict], format_row, log: str | None) -> None:
+    """Print each row (as ``format_row`` writes it) and, where ``log`` names a file, append it there as JSON."""
+    for row in rows:
         print(format_row(row))
-        if args.log:
-            with open(args.log, "a") as log:
-                log.write(json.dumps(row) + "\n")
+        if log:
+            with open(log, "a") as file:
+                file.write(json.dumps(row) + "\n")
     sys.stdout.flush()
 
 

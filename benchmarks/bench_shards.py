@@ -22,11 +22,9 @@ runs the small pytest case below. With TITOK_BENCH_LOG set, each line is also ap
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 import unittest.mock
@@ -34,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_resume import make_files
+from bench_resume import emit, make_files
 
 from titok_fast import shards
 from titok_fast.shards import pack_tokens, plan_shards, read_shard
@@ -114,12 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     rows = measure(Path(args.folder), args.files, args.chunks, args.tokens, args.per_shard, args.repeats,
                    read_ahead=not args.no_read_ahead)  # fmt: skip
-    for row in rows:
-        print(format_row(row))
-        if args.log:
-            with open(args.log, "a") as log:
-                log.write(json.dumps(row) + "\n")
-    sys.stdout.flush()
+    emit(rows, format_row, args.log)
 
 
 # ------------------------------------------------------------------------------ pytest (titok-fast bench)
