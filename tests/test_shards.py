@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import av
@@ -17,8 +18,8 @@ from test_tokens import make_token_file
 from titok_fast.archives import list_archive
 from titok_fast.cli import main
 from titok_fast.pipeline import collect_token_files
-from titok_fast.shards import pack_tokens, plan_shards, read_shard
-from titok_fast.tokens import TokenFileError, load_tokens, save_tokens
+from titok_fast.shards import MAX_BESIDE_MEMBERS, pack_tokens, plan_shards, read_shard
+from titok_fast.tokens import TokenFileError, load_tokens, save_tokens, try_load_tokens
 
 from videos import make_truncated, make_video
 
@@ -149,7 +150,8 @@ def test_a_token_file_that_is_not_valid_or_of_other_weights_fails_alone(tmp_path
     code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)
     assert code == 1 and "packed 3 token file(s)" in out and "failed 2 token file(s), not packed" in out, out
     assert f"FAILED {tokens}/2.safetensors: " in out and "digest" in out and out.count("2.safetensors") == 1
-    assert f"FAILED {tokens}/5.safetensors: " in out and "other weights or another model config" in out
+    assert f"FAILED {tokens}/5.safetensors: made by other weights (sha256:ffff) than most of the token files " \
+           "(sha256:0123abcd): not packed with them (--force packs it)" in out
     assert list(members(tmp_path / "shards" / "00000.tar")) == ["1.safetensors", "3.safetensors", "4.safetensors"]
     code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)  # still failing: the shard is kept
     assert code == 1 and "kept 1 shard(s) already complete (3 token file(s))" in out and "failed 2" in out
@@ -168,8 +170,10 @@ def test_a_folder_holding_other_shards_or_its_inputs_is_refused(tmp_path, capsys
     assert code == 2 and "lies in the input folder" in err and not (tokens / "shards").exists()
     code, _, err = run("pack", out_dir / "00000.tar", "-o", out_dir, "--per-shard", "1", capsys=capsys)
     assert code == 2 and "lies in the output folder" in err
-    code, _, err = run("pack", tokens / "a" / "1.safetensors", "-o", tmp_path / "f", "--per-folder", capsys=capsys)
-    assert code == 2 and "a token file in no folder below its input" in err
+    top = token_folder(tmp_path / "top", ["t"]) / "t.safetensors"
+    code, out, _ = run("pack", tokens, top, "-o", tmp_path / "f", "--per-folder", capsys=capsys)
+    assert code == 1 and f"FAILED {top}: a token file in no folder below its input" in out, out
+    assert "packed 3 token file(s)" in out and sorted(os.listdir(tmp_path / "f")) == ["a.tar", "b.tar"]
 
 
 def test_shards_of_shards_and_names_tar_must_escape(tmp_path):
@@ -228,7 +232,8 @@ def test_plan_by_count_names_and_bounds():
     plan = plan_shards(files, per_shard=10)
     assert [s.name for s in plan] == ["00000", "00001", "00002"] and [len(s.files) for s in plan] == [10, 10, 3]
     assert [s.name for s in plan_shards(files, per_shard=1)][-1] == "00022"
-    assert plan_shards([(f"/t/{k}", f"{k:07d}") for k in range(100_001)], per_shard=1)[-1].name == "100000"
+    many = plan_shards([(f"/t/{k}", f"{k:07d}") for k in range(100_001)], per_shard=1)  # more never renames
+    assert (many[0].name, many[-2].name, many[-1].name) == ("00000", "99999", "100000")
     with pytest.raises(ValueError, match="per_shard must be from 1"):
         plan_shards(files, per_shard=0)
 
@@ -335,3 +340,178 @@ def test_a_link_to_a_shard_in_the_output_folder_is_refused_as_an_input(tmp_path,
     code, _, err = run("pack", tmp_path / "elsewhere", "-o", tmp_path / "shards", "--overwrite", capsys=capsys)
     assert code == 2 and "lies in the output folder" in err
     assert (tmp_path / "shards" / "00000.tar").read_bytes() == before
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_read_shard_groups_members_in_linear_time_and_bounds_what_it_reads_beside(tmp_path):
+    tokens = token_folder(tmp_path / "tokens", ["x", "y", "z"])
+    data = {n: (tokens / f"{n}.safetensors").read_bytes() for n in "xyz"}
+    shard = tmp_path / "crafted.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        add(tar, "x.json", b"{}")  # before its token file, as a writer in name order puts it
+        add(tar, "x.safetensors", data["x"])
+        add(tar, "x" + "." * 200_000, b"dots")  # a name of 200,000 dots: every prefix would be 20 GB
+        add(tar, "x.sub/y.txt", b"not x's")  # (a "/" after the dot: another folder's)
+        add(tar, "y.safetensors", data["y"])
+        for k in range(MAX_BESIDE_MEMBERS + 1):  # more members beside one token file than are read
+            add(tar, f"y.{k}", b"")
+        add(tar, "z.safetensors", data["z"])
+        add(tar, "z.txt", b"caption")
+    tracemalloc.start()
+    with pytest.raises(TokenFileError, match=f"y.safetensors: {MAX_BESIDE_MEMBERS + 1} members beside it"):
+        list(read_shard(shard))
+    read = [(name, beside) for name, _, beside in read_shard(shard, skip_invalid=True)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert read == [("x", {"json": b"{}", "." * 199_999: b"dots"}), ("z", {"txt": b"caption"})]
+    assert peak < 16 << 20, peak  # (the listing, and a few copies of the long name)
+
+
+def test_read_ahead_holds_at_most_its_budget_of_token_files_and_files_beside(tmp_path, monkeypatch):
+    from titok_fast import shards as module
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "v.mp4", frames=12, height=32, width=48, fps=8)
+    (videos / "v.big").write_bytes(b"\0" * 5000)
+    tokens = tmp_path / "tokens"
+    main(["encode", str(videos), "-o", str(tokens), *GRID, *RANDOM])
+    made = tokens / "v.safetensors"
+    for k in range(6):  # token files of ~1.5 KB
+        os.link(made, tokens / f"c{k}.safetensors")
+    chunk = [(str(tokens / f"c{k}.safetensors"), f"c{k}.safetensors") for k in range(6)]
+    monkeypatch.setattr(module, "FETCH_CHUNK_BYTES", 4000)
+    read = module._read_chunk(chunk, None, ())
+    assert [type(r).__name__ for r in read] == ["_Read"] * 2 + ["NoneType"] * 4  # (the third would pass 4000)
+    assert module._read_chunk(chunk[:1], None, ("big",)) == [None]  # its file beside is over the budget
+    assert isinstance(module._read(*chunk[0], None, ("big",)), module._Read)  # the consumer reads it whole
+
+
+def test_an_output_folder_in_a_folder_a_list_names_is_refused(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["a/1", "a/2"])
+    (tmp_path / "list.txt").write_text("tokens\n")
+    code, _, err = run("pack", tmp_path / "list.txt", "-o", tokens / "shards", capsys=capsys)
+    assert code == 2 and f"lies in the input folder {tokens}" in err and not (tokens / "shards").exists()
+
+
+def test_archives_beside_token_files_that_hold_none_are_passed_over(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["a/1", "a/2"])
+    make_video(tmp_path / "v.mp4", frames=12, height=32, width=48, fps=8)
+    with tarfile.open(tokens / "videos.tar", "w") as tar:  # a shard of videos, a backup: beside, not token files
+        add(tar, "v.mp4", (tmp_path / "v.mp4").read_bytes())
+    (tokens / "cut.tar").write_bytes((tokens / "videos.tar").read_bytes()[:2000])  # cut before any token file
+    (tokens / "gz.tar").write_bytes(b"\x1f\x8b" + b"\0" * 600)
+    (tokens / "notes.tar").write_text("not an archive")
+    code, out, err = run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)
+    assert code == 0 and "packed 2 token file(s)" in out and "LEFT OUT" not in out, out
+    assert "cut.tar: cut short" in err and "before any token file; passed over" in err and "gz.tar: a gzip" in err
+    pack_tokens(collect_token_files([tokens]), tmp_path / "cut-shards")  # a shard of token files cut short: its
+    whole = (tmp_path / "cut-shards" / "00000.tar").read_bytes()  # files past the cut are unknown
+    (tokens / "tokens.tar").write_bytes(whole[:2500])
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "shards2", capsys=capsys)
+    assert code == 1 and f"LEFT OUT {tokens}/tokens.tar: cut short" in out, out
+
+
+def test_what_is_under_a_shards_name_and_is_not_one_is_kept(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["1"])
+    for kind, make in (("a FIFO", os.mkfifo), ("a folder", os.mkdir)):
+        out_dir = tmp_path / kind.split()[1]
+        out_dir.mkdir()
+        make(out_dir / "00000.tar")
+        code, _, err = run("pack", tokens, "-o", out_dir, capsys=capsys)  # (a FIFO: never opened)
+        assert code == 2 and f"{out_dir}/00000.tar is {kind}, where a shard is to be written: kept" in err, err
+    out_dir = tmp_path / "user"
+    out_dir.mkdir()
+    (out_dir / "00000.tar").write_text("a user's notes")
+    code, _, err = run("pack", tokens, "-o", out_dir, capsys=capsys)
+    assert code == 2 and "00000.tar is no tar archive (not a shard pack wrote): kept; --overwrite" in err
+    assert (out_dir / "00000.tar").read_text() == "a user's notes"
+    assert run("pack", tokens, "-o", out_dir, "--overwrite", capsys=capsys)[0] == 0
+    assert list(members(out_dir / "00000.tar")) == ["1.safetensors"]
+
+
+def test_shards_that_cannot_be_written_fail_their_files_alone(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["a/1", "b" * 254 + "/2", "c/3"])  # b...b.tar: a name too long
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", "--per-folder", capsys=capsys)
+    assert code == 1 and "packed 2 token file(s)" in out and "cannot write its shard" in out, out
+    assert sorted(os.listdir(tmp_path / "shards")) == ["a.tar", "c.tar"]
+    clash = token_folder(tmp_path / "clash", ["x/1", "x.tar/y/2"])  # shard x.tar and a folder x.tar of shard y
+    code, _, err = run("pack", clash, "-o", tmp_path / "clash-shards", "--per-folder", capsys=capsys)
+    assert code == 2 and "shard x.tar/y would be written in a folder" in err
+    assert not (tmp_path / "clash-shards").exists()
+
+
+def test_a_killed_runs_temporaries_are_removed_where_its_shards_are_kept(tmp_path):
+    tokens = token_folder(tmp_path / "tokens", ["1", "2"])
+    files = collect_token_files([tokens])
+    pack_tokens(files, tmp_path / "shards")
+    left = tmp_path / "shards" / f".00000.tar.{'0' * 32}.tmp"  # a killed writer's (no lock held on it)
+    left.write_bytes(b"partial")
+    mine = tmp_path / "shards" / ".notes.txt.tmp"  # a user's, of another form
+    mine.write_bytes(b"kept")
+    assert pack_tokens(files, tmp_path / "shards").kept
+    assert not left.exists() and mine.exists()
+
+
+def test_pack_says_its_own_options_and_names(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.safetensors").write_bytes(b"junk")
+    code, _, err = run("pack", tmp_path / "junk", "-o", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "none of the token files can be read and name a model" in err
+    assert "--force packs them as they are" in err and "--checkpoint" not in err
+    one, two = token_folder(tmp_path / "one", ["a"]), token_folder(tmp_path / "two", ["a"])
+    code, _, err = run("pack", one, two, "-o", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "would both write a.safetensors" in err and ".mp4" not in err
+
+
+def test_a_shard_replaced_while_it_is_read_is_read_as_it_is_now(tmp_path, monkeypatch):
+    from titok_fast import archives
+    from titok_fast import tokens as module
+
+    tokens = token_folder(tmp_path / "tokens", ["1", "2", "3"])
+    files = collect_token_files([tokens])
+    pack_tokens(files, tmp_path / "old", per_shard=3)
+    pack_tokens(files[1:], tmp_path / "new", per_shard=3)  # the same names, other places
+    shard = tmp_path / "old" / "00000.tar"
+    real = module.member_of
+
+    def listed_then_replaced(path):
+        found = real(path)
+        if found is not None and (tmp_path / "new" / "00000.tar").exists():
+            os.replace(tmp_path / "new" / "00000.tar", shard)  # written again by rename, between list and read
+        return found
+
+    monkeypatch.setattr(module, "member_of", listed_then_replaced)
+    read = load_tokens(f"{shard}/2.safetensors")
+    assert same(read, load_tokens(tokens / "2.safetensors"))  # not the bytes at 2's old place (1's or 3's)
+    old_stat = os.stat(tmp_path / "old")  # a listing asked for an archive as it was stat'd, replaced since
+    with pytest.raises(archives.ArchiveChanged):
+        archives._listed(str(shard), old_stat.st_dev, old_stat.st_ino, 1, 1)
+
+
+def test_encode_takes_no_token_file_inside_an_archive_in_its_output_folder_as_complete(tmp_path, capsys):
+    videos = tmp_path / "videos" / "clips.tar"  # a folder named as an archive
+    videos.mkdir(parents=True)
+    make_video(videos / "v.mp4", frames=12, height=32, width=48, fps=8)
+    out = tmp_path / "out"
+    assert run("encode", tmp_path / "videos", "-o", out, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    os.replace(out / "clips.tar", tmp_path / "aside")
+    with tarfile.open(out / "clips.tar", "w") as tar:  # the same token file, now in an archive of that name
+        add(tar, "v.safetensors", (tmp_path / "aside" / "v.safetensors").read_bytes())
+    assert try_load_tokens(out / "clips.tar" / "v.safetensors") is None  # (no file encode could write)
+    assert load_tokens(out / "clips.tar" / "v.safetensors")  # (read in place all the same)
+    code, out_text, _ = run("encode", tmp_path / "videos", "-o", out, *GRID, *RANDOM, capsys=capsys)
+    assert code == 1 and "skipped 0 already complete; 1 failed" in out_text, out_text
+
+
+def test_a_shard_named_with_a_slash_after_it_is_the_shard(tmp_path):
+    tokens = token_folder(tmp_path / "tokens", ["1"])
+    pack_tokens(collect_token_files([tokens]), tmp_path / "shards")
+    shard = tmp_path / "shards" / "00000.tar"
+    assert collect_token_files([f"{shard}/"]) == collect_token_files([shard])
+    assert same(load_tokens(f"{shard}//1.safetensors"), load_tokens(tokens / "1.safetensors"))

@@ -19,6 +19,8 @@ import tarfile
 import threading
 from dataclasses import dataclass
 
+from .files import kind_of
+
 ARCHIVE_EXTENSIONS = frozenset({".tar"})
 COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 BLOCK = tarfile.BLOCKSIZE
@@ -41,6 +43,8 @@ class Member:
     size: int
     archive_size: int
     mtime_ns: int  # the archive's
+    device: int = 0  # the archive's file, as it was listed (read_member reads from that file only)
+    inode: int = 0
 
     @property
     def stamp(self) -> str:
@@ -103,12 +107,12 @@ def member_of(path: str | os.PathLike[str]) -> Member | None:
         listing = list_archive(archive, st)
     except ArchiveError as e:
         raise ArchiveError(f"{archive}: {e}") from None
-    name = posixpath.normpath(name) if name else name
+    name = posixpath.normpath(name.lstrip("/")) if name.strip("/") else ""  # (a.tar//x is a.tar/x)
     span = listing.members.get(name)
     if span is None:
         why = dict(listing.left_out).get(name) if name else None
         raise ArchiveError(f"{archive}: {why}" if why else f"no file {found[1]!r} in the archive {archive}")
-    return Member(archive, name, span[0], span[1], st.st_size, st.st_mtime_ns)
+    return Member(archive, name, span[0], span[1], st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 
 def is_file(path: str | os.PathLike[str]) -> bool:
@@ -121,11 +125,19 @@ def is_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+class ArchiveChanged(ArchiveError):
+    """An archive replaced or changed between its listing and a read of it (a shard written again by rename)."""
+
+
 def read_member(member: Member) -> bytes:
-    """The bytes of ``member``, read from its span of its archive; ArchiveError where the archive ends before the
-    span does (cut short since it was listed)."""
+    """The bytes of ``member``, read from its span of the very file it was listed from: ArchiveChanged where the
+    file at the archive's path is another now (a new listing says where the member is), ArchiveError where the
+    archive ends before the span does (cut short since it was listed)."""
     fd = os.open(member.archive, os.O_RDONLY)
     try:
+        st = os.fstat(fd)
+        if _identity(st) != (member.device, member.inode, member.archive_size, member.mtime_ns):
+            raise ArchiveChanged(f"{member.archive}: changed since it was listed")
         data = os.pread(fd, member.size, member.offset)
     finally:
         os.close(fd)
@@ -145,8 +157,23 @@ def list_archive(archive: str, st: os.stat_result | None = None) -> Listing:
     """The members of the tar archive at ``archive`` (its ``st`` if looked at already), listed from its headers;
     raises ArchiveError, its message what the file is instead (a compressed archive, not an archive), or an
     OSError where it cannot be read."""
-    st = os.stat(archive) if st is None else st
-    return _listed(os.path.abspath(archive), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    for _ in range(LISTING_TRIES):
+        st = os.stat(archive) if st is None else st
+        if not stat.S_ISREG(st.st_mode):  # (a FIFO would block its opening)
+            raise ArchiveError(f"{kind_of(st.st_mode)}, not a regular file")
+        try:
+            return _listed(os.path.abspath(archive), *_identity(st))
+        except ArchiveChanged:  # (replaced between its stat and its opening: listed again, as it is now)
+            st = None
+    raise ArchiveError(f"{archive}: changed each time it was listed ({LISTING_TRIES} times): being written?")
+
+
+LISTING_TRIES = 3
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """Which file, as it is: what a listing is kept under, and what a read of a member checks."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 _LISTING_LOCK = threading.Lock()
@@ -155,6 +182,8 @@ _LISTING_LOCK = threading.Lock()
 @functools.lru_cache(maxsize=8)  # (a run's files come archive by archive)
 def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> Listing:
     with _LISTING_LOCK, open(archive, "rb") as f:
+        if _identity(os.fstat(f.fileno())) != (device, inode, size, mtime_ns):  # (not cached: an exception)
+            raise ArchiveChanged(f"{archive}: changed since it was looked at")
         head = f.read(BLOCK)
         for magic, kind in COMPRESSED:
             if head.startswith(magic):

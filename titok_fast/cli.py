@@ -517,14 +517,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from .pipeline import _progress, collect_token_files
     from .shards import pack_tokens
 
-    files = collect_token_files(args.tokens, list_names=args.list_names)
+    files = collect_token_files(args.tokens, list_names=args.list_names, written=(".safetensors", "packed"))
     if not files:
         raise ValueError(f"no token files found in {args.tokens}")
     _check_output_folder("-o", args.output)
-    _check_not_within(args.output, args.tokens)
+    _check_not_within(args.output, files.folders)
     accept = None
     if not args.force:  # one model's tokens: those most of the files read first name (decode's rule)
-        naming = _naming_a_model(files, _recorded_config)[0]
+        naming = _naming_a_model(files, _recorded_config, "--force packs them as they are")[0]
         accept = functools.partial(_made_by, naming)
     with _progress(total=len(files), unit="file") as bar:
         packed = pack_tokens(
@@ -538,12 +538,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 1 if packed.failed or files.unlisted else 0
 
 
-def _check_not_within(output: str, inputs: list[str]) -> None:
-    """A ValueError where the output folder lies in a folder given as an input (what a rerun would read)."""
+def _check_not_within(output: str, folders) -> None:
+    """A ValueError where the output folder lies in one of ``folders``, the input folders (given, or named in
+    lists): a rerun would read the shards as inputs."""
     real = os.path.realpath(output)
-    for given in inputs:
-        if os.path.isdir(given) and os.path.commonpath([real, there := os.path.realpath(given)]) == there:
-            raise ValueError(f"-o {output} lies in the input folder {given}: a rerun would read the shards as "
+    for folder in folders:
+        if os.path.commonpath([real, there := os.path.realpath(folder)]) == there:
+            raise ValueError(f"-o {output} lies in the input folder {folder}: a rerun would read the shards as "
                              "inputs; choose an output folder outside it")  # fmt: skip
 
 
@@ -554,10 +555,19 @@ def _recorded_config(token_file) -> tuple[dict, str]:
 
 def _made_by(naming: _Naming, path: str, token_file) -> str:
     """"" where ``token_file`` was made by the weights and model config ``naming`` says, else why it is refused."""
-    if token_file.weights_digest == naming.weights_digest and token_file.model_config == naming.model_config:
-        return ""
-    return (f"made by other weights or another model config ({token_file.weights_source}) than most of the token "
-            f"files ({naming.weights_source}): not packed with them (--force packs it)")  # fmt: skip
+    if token_file.weights_digest != naming.weights_digest:
+        return (f"made by other weights ({_weights(token_file.weights_digest, token_file.weights_source)}) than most "
+                f"of the token files ({_weights(naming.weights_digest, naming.weights_source)}): not packed with "
+                "them (--force packs it)")  # fmt: skip
+    if token_file.model_config != naming.model_config:
+        return ("made by the same weights with another model config (FSQ levels, sizes) than most of the token "
+                "files: not packed with them (--force packs it)")  # fmt: skip
+    return ""
+
+
+def _weights(digest: str, source: str) -> str:
+    """Weights as a message names them: their digest, and where they came from where a file records it."""
+    return f"{brief(digest, 24)}{f', {brief(source, 200)}' if source else ''}"
 
 
 class _Naming(NamedTuple):
@@ -568,14 +578,14 @@ class _Naming(NamedTuple):
     model_config: dict
 
 
-def _naming_a_model(files, config_of=None) -> list[_Naming]:
+def _naming_a_model(files, config_of=None, otherwise: str = "") -> list[_Naming]:
     """The readable token files among ``files`` whose model config is one a model may be built from, one per
     weights and config, those named by more of the files read first (ties: in the order read), so that a stranger's
     file among a dataset's does not choose the model the others are decoded with. Files are read until
     MAX_FILES_WITHOUT_NEW_WEIGHTS in a row name none other (a dataset's files usually all name the same), at most
     MAX_FILES_FOR_WEIGHTS once one has (every file until then); if none names a model, a ValueError saying so, with
     the first reason. ``config_of``: a token file -> (its config, "") or (None, why not), default
-    :func:`_model_config_of`."""
+    :func:`_model_config_of`; ``otherwise``: what that error suggests (default: decode's options)."""
     from .pipeline import _one_line
     from .tokens import TokenFileError, load_tokens
 
@@ -600,8 +610,8 @@ def _naming_a_model(files, config_of=None) -> list[_Naming]:
                 since_new = 0
         unusable = unusable or (f" ({path}: {problem})" if problem else "")
     if not named:
-        raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint (or "
-                         "--random-weights SEED for files made with random weights)")  # fmt: skip
+        raise ValueError(f"none of the token files can be read and name a model{unusable}: " + (otherwise or "pass "
+                         "--checkpoint (or --random-weights SEED for files made with random weights)"))  # fmt: skip
     return [naming for _, naming in sorted(named.values(), key=lambda entry: -entry[0])]  # (a stable sort)
 
 

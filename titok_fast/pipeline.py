@@ -260,9 +260,11 @@ class Inputs(list):
     """``(file, output name)`` pairs, and ``unlisted``: ``(folder, reason)`` for each sub-folder of an input folder
     that could not be listed (its files, unknown, are left out: a command counts it as failed)."""
 
-    def __init__(self, pairs: Iterable[tuple[Path, str]], unlisted: list[tuple[str, str]]):
+    def __init__(self, pairs: Iterable[tuple[Path, str]], unlisted: list[tuple[str, str]],
+                 folders: Sequence[str] = ()):  # fmt: skip
         super().__init__(pairs)
         self.unlisted = unlisted
+        self.folders = folders  # the folders the inputs named (given, or in lists), absolute: their files were read
 
 
 LIST_NAMES = ("stem", "relative")  # how a file named in a list is named: its stem, or its path below the list's folder
@@ -301,9 +303,11 @@ def _collect(
     if list_names not in LIST_NAMES:
         raise ValueError(f"list_names must be one of {LIST_NAMES}; got {list_names!r}")
     unlisted: list[tuple[str, str]] = []
-    pairs = _expand(inputs, (), unlisted, extensions, list_names, reach=_Reach())
+    reach = _Reach()
+    pairs = _expand(inputs, (), unlisted, extensions, list_names, reach=reach)
     try:
-        return Inputs(_one_per_output(pairs, *outputs), unlisted)
+        folders = sorted({path for path, _ in reach.read if os.path.isdir(path)})
+        return Inputs(_one_per_output(pairs, *outputs), unlisted, folders)
     except InputError as e:
         if list_names != "stem" or "would both write" not in str(e) or not _relative_helps(inputs, extensions,
                                                                                            outputs):  # fmt: skip
@@ -384,8 +388,9 @@ def _check_folders(
     time, after the run has encoded the input."""
     for path, name in kept:
         parts = name.split("/")
-        for depth in range(1, len(parts)):
-            folder = "/".join(parts[:depth])
+        folder = ""
+        for part in parts[:-1]:  # (each folder above it, made as it goes: a name a million folders deep is read once)
+            folder = f"{folder}/{part}" if folder else part
             if folder in files:
                 raise InputError(f"{what} {files[folder]} and {path} clash: {path} would write {name}{suffix} in a "
                                  f"folder {folder}, which is {files[folder]}'s output file; rename one")  # fmt: skip
@@ -436,7 +441,9 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
     found: list[tuple[Path, str]] = []
     relative = list_names == "relative" and top is not None
     for item in inputs:
-        if split_member(item) is not None:  # a file inside an archive (a video, a token file), named by its path
+        if (split := split_member(item)) is not None and not split[1].strip("/"):  # an archive named with a "/"
+            item = split[0]  # after it: the archive itself
+        elif split is not None:  # a file inside an archive (a video, a token file), named by its path through it
             member = Path(item)
             if top is None:  # given on the command line: one that is not there stops the run, as a missing file does
                 try:
@@ -452,7 +459,7 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
                 for p in _files_below(path, extensions | ARCHIVE_EXTENSIONS, unlisted):
                     name = _below(p, top, path) if relative else str(p.relative_to(path).with_suffix(""))
                     if is_archive(p):
-                        pairs += _archive_pairs(p, name, extensions, unlisted)
+                        pairs += _archive_pairs(p, name, extensions, unlisted, found=True)
                     else:
                         pairs.append((p, name))
                 reach.add(found, pairs, path)
@@ -490,33 +497,38 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
 
 
 def _archive_pairs(archive: Path, name: str, extensions: frozenset[str] | set[str], unlisted: list[tuple[str, str]],
-                   given: bool = False) -> list[tuple[Path, str]]:  # fmt: skip
+                   given: bool = False, found: bool = False) -> list[tuple[Path, str]]:  # fmt: skip
     """The files of ``extensions`` in the tar archive ``archive``, as (their path through it, ``name``/their name in
     it without its suffix) pairs: an archive stands for a folder of its name without the suffix. One that cannot be
     listed (compressed, not an archive, unreadable) is an InputError where it was ``given`` on the command line,
     else put in ``unlisted`` with the reason; one cut short (an unfinished write or copy) gives the files before
     the cut, and is put in ``unlisted`` (a rerun reads the rest). Members that are not regular files, or are named
-    outside the archive, are left out with a notice."""
+    outside the archive, are left out with a notice. Token files: an archive ``found`` in a folder (beside token
+    files, a folder may hold archives of videos or backups) that cannot be listed, or is cut short before any token
+    file, is passed over with a notice, not put in ``unlisted``."""
+    lenient = found and VIDEO_EXTENSIONS.isdisjoint(extensions)
     try:
         listing = list_archive(os.fspath(archive))
     except OSError as e:
         reason = str(e) if isinstance(e, ArchiveError) else f"cannot be read ({e.strerror or e})"
         if given:
             raise InputError(f"input {str(archive)!r}: {reason}") from None
-        notice(f"{archive}: {reason}; left out")
-        unlisted.append((str(archive), reason))
+        notice(f"{archive}: {reason}; {'passed over' if lenient else 'left out'}")
+        unlisted += [] if lenient else [(str(archive), reason)]
         return []
     for member, why in listing.left_out:
         if posixpath.splitext(member)[1].lower() in extensions:
             notice(f"{archive}: {why}")
-    if listing.cut:
-        notice(f"{archive}: {ARCHIVE_CUT}: {listing.cut}; the files before the cut are read")
-        unlisted.append((str(archive), f"{ARCHIVE_CUT}: {listing.cut}"))
     pairs = []
     for member in listing.members:
         stem, suffix = posixpath.splitext(member)
         if suffix.lower() in extensions:
             pairs.append((archive / member, f"{name}/{stem}"))
+    if listing.cut and lenient and not pairs:
+        notice(f"{archive}: {ARCHIVE_CUT}: {listing.cut}, before any token file; passed over")
+    elif listing.cut:
+        notice(f"{archive}: {ARCHIVE_CUT}: {listing.cut}; the files before the cut are read")
+        unlisted.append((str(archive), f"{ARCHIVE_CUT}: {listing.cut}"))
     return pairs
 
 
@@ -1958,14 +1970,16 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
     return "; ".join(f"{k} {_plain(a)}, now {_plain(b)}" for k, a, b in differ if a != b)
 
 
-def collect_token_files(inputs: Sequence[str | os.PathLike], list_names: str = "stem") -> Inputs:
+def collect_token_files(inputs: Sequence[str | os.PathLike], list_names: str = "stem",
+                        written: tuple[str, str] = (".mp4", "decoded")) -> Inputs:  # fmt: skip
     """Token files given as files, folders (every ``*.safetensors`` below, the folder structure kept in the
     names, as encode wrote them) or list files (``.txt``, ...: as for :func:`collect_inputs`, ``list_names``
     included), as ``(token file, output name)`` pairs; a file given is taken as a token file, to fail alone if it
     is not one. A path given that does not exist is an error (it was typed), as are two token files for one mp4
     name (before any model is loaded); a file reached twice is decoded once; sub-folders that cannot be listed are
-    in the result's ``unlisted``."""
-    return _collect(inputs, TOKEN_EXTENSIONS, list_names, ("token files", ".mp4", "decoded"))
+    in the result's ``unlisted``. ``written``: what each token file's output name is given (its suffix) and what
+    is done with it, for the messages (decode's, by default)."""
+    return _collect(inputs, TOKEN_EXTENSIONS, list_names, ("token files", *written))
 
 
 def decode_files(

@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
 import posixpath
+import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,14 +34,27 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .archives import ArchiveError, is_archive, is_file, list_archive, member_of, split_member
-from .files import MAX_PER_SHARD, PER_SHARD, absolute, brief, escaped, open_atomically
-from .pipeline import FETCH_CHUNK_BYTES, _ahead, _naming, _one_line, _threads_for
+from .files import (
+    MAX_PER_SHARD,
+    PER_SHARD,
+    absolute,
+    brief,
+    escaped,
+    kind_of,
+    notice,
+    open_atomically,
+    remove_left,
+    temporary_target,
+)
+from .pipeline import FETCH_CHUNK_BYTES, NO_ROOM, _ahead, _naming, _one_line, _threads_for
 from .tokens import MAX_FILE_BYTES, TokenFile, TokenFileError, load_tokens, read_at_most, read_token_bytes
 from .video import source_stamp
 
 SUFFIX = ".safetensors"
 READ_BUFFER = 1 << 20  # bytes read_shard reads at a time
 MAX_BESIDE_BYTES = 1 << 26  # a file packed beside tokens (a caption, a JSON record: a few KB) is read whole
+MAX_BESIDE_MEMBERS = 64  # members read_shard gives beside one token file
+BESIDE_KIND = "a file beside a source, as pack --with reads it,"
 WRITE_BUFFER = 1 << 20  # bytes a shard is written a time (a network file system: a round trip each)
 PAX = tarfile.PAX_FORMAT  # (a ustar header where a name fits one, a pax header before it where not)
 
@@ -58,25 +73,31 @@ Files = Sequence[tuple[str | os.PathLike, str]]  # (token file, output name) pai
 
 def plan_shards(files: Files, per_shard: int | None = PER_SHARD) -> list[Shard]:
     """The shards that hold ``files`` ((token file, output name) pairs, as :func:`titok_fast.pipeline.
-    collect_token_files` gives them): sorted by name, ``per_shard`` a shard, named ``00000``, ``00001``, ... (five
-    digits, more where there are more shards), each member named by the file's output name; or, with ``per_shard``
-    None, one shard for each folder of names, named by that folder, each member by its name in it (``a/b/c`` ->
-    shard ``a/b``, member ``c.safetensors``), where a name in no folder is a ValueError."""
+    collect_token_files` gives them): sorted by name, ``per_shard`` a shard, named ``00000``, ``00001``, ... (at
+    least five digits: ``100000`` follows ``99999``, so more files never rename the shards before), each member named
+    by the file's output name; or, with ``per_shard`` None, one shard for each folder of names, named by that folder,
+    each member by its name in it (``a/b/c`` -> shard ``a/b``, member ``c.safetensors``); a name in no folder is then
+    in none (:func:`strays`)."""
     if per_shard is None:
         folders: dict[str, list[tuple[str, str]]] = {}
         for path, name in files:
             folder, _, base = name.rpartition("/")
-            if not folder:
-                raise ValueError(f"{path}: a token file in no folder below its input (named {name!r}), where each "
-                                 "folder's token files make a shard of its name: pack by count instead")  # fmt: skip
-            folders.setdefault(folder, []).append((os.fspath(path), base + SUFFIX))
+            if folder:
+                folders.setdefault(folder, []).append((os.fspath(path), base + SUFFIX))
         return [Shard(folder, tuple(sorted(items, key=_member_name))) for folder, items in sorted(folders.items())]
     if not 1 <= per_shard <= MAX_PER_SHARD:
         raise ValueError(f"per_shard must be from 1 to {MAX_PER_SHARD:,}; got {per_shard}")
     ordered = sorted(((os.fspath(path), name + SUFFIX) for path, name in files), key=_member_name)
     count = -(-len(ordered) // per_shard)
-    digits = max(5, len(str(count - 1)))
-    return [Shard(f"{k:0{digits}d}", tuple(ordered[k * per_shard : (k + 1) * per_shard])) for k in range(count)]
+    return [Shard(f"{k:05d}", tuple(ordered[k * per_shard : (k + 1) * per_shard])) for k in range(count)]
+
+
+def strays(files: Files) -> list[tuple[str, str]]:
+    """The token files of ``files`` in no folder below their input, which ``--per-folder`` packs into no shard, as
+    (path, reason) failures."""
+    return [(os.fspath(path), f"a token file in no folder below its input (named {name!r}): --per-folder packs "
+             "each folder's token files into a shard of its name (pack its folder's parent, or by count)")
+            for path, name in files if "/" not in name]  # fmt: skip
 
 
 def _member_name(pair: tuple[str, str]) -> str:
@@ -137,20 +158,28 @@ def pack_tokens(
     outdir = Path(absolute(outdir))
     shards = plan_shards(files, per_shard)
     _check_apart(files, outdir)
-    _check_no_others(outdir, {str(outdir / f"{shard.name}.tar") for shard in shards})
+    _check_outputs(outdir, shards, overwrite)
     threads = _threads_for(outdir, files[0][0]) if files else 0  # (a network file system: read ahead)
-    packed = Packed()
+    packed = Packed(failed=strays(files) if per_shard is None else [])
     for shard in shards:
         path = outdir / f"{shard.name}.tar"
         failed: list[tuple[str, str]] = []
-        if not overwrite and _complete(path, _token_files(shard, accept, beside, threads), failed):
-            packed.kept.append(str(path))
+        try:
+            if not overwrite and _complete(path, _token_files(shard, accept, beside, threads), failed):
+                packed.kept.append(str(path))
+                failing = {source for source, _ in failed}
+                packed.skipped += [source for source, _ in shard.files if source not in failing]
+            else:
+                failed, done = [], []
+                packed.clips += _write(path, _token_files(shard, accept, beside, threads), failed, done)
+                packed.written.append(str(path))
+                packed.done += done
+        except OSError as e:  # (its folder or file cannot be made: a name too long, no permission) that shard's
+            if e.errno in NO_ROOM:  # files fail alone; a full disk fails every shard after it: the run stops
+                raise OSError(e.errno, f"cannot write {path} ({e.strerror}): the run stops") from None
             failing = {source for source, _ in failed}
-            packed.skipped += [source for source, _ in shard.files if source not in failing]
-        else:
-            failed = []
-            packed.clips += _write(path, _token_files(shard, accept, beside, threads), failed, packed.done)
-            packed.written.append(str(path))
+            failed += [(source, f"cannot write its shard {path}: {e.strerror or e}") for source, _ in shard.files
+                       if source not in failing]  # fmt: skip
         packed.failed += failed
         if progress is not None:
             progress(len(shard.files))
@@ -167,27 +196,48 @@ class _Read(NamedTuple):
     mtime: int
 
 
-def _read(source: str, member: str, accept: Accept | None, beside: Sequence[str]) -> _Read | Exception:
+def _read(source: str, member: str, accept: Accept | None, beside: Sequence[str],
+          budget: float = math.inf) -> _Read | Exception | None:  # fmt: skip
     """The token file ``source``, to be the shard's ``member``, read and validated, with the files ``beside`` its
     source; or the TokenFileError (or OSError) naming it that says why it cannot be packed: it cannot be read, is
-    not a token file, ``accept`` refuses it or a file beside its source cannot be read."""
+    not a token file, ``accept`` refuses it or a file beside its source cannot be read; or None where they hold
+    more than ``budget`` bytes (read ahead: left to the consumer)."""
     try:
+        if budget < math.inf and _size(source) > budget:  # (a look more: only where a thread reads ahead)
+            return None
         data = read_token_bytes(source)
         token_file = load_tokens(source, data)
         if accept is not None and (why := accept(source, token_file)):
             raise TokenFileError(f"{source}: {why}")
-        members = ((member, data), *_beside_source(source, member, token_file, beside))
+        members = ((member, data), *_beside_source(source, member, token_file, beside, budget - len(data)))
         found = member_of(source)  # (the modification time of an archive's member: its archive's)
         mtime_ns = os.stat(source).st_mtime_ns if found is None else found.mtime_ns
+    except _OverBudget:
+        return None
     except (TokenFileError, OSError) as e:
         return e
     return _Read(members, token_file, mtime_ns // 1_000_000_000)
 
 
-def _beside_source(source: str, member: str, token_file: TokenFile, extensions: Sequence[str]) -> list:
+class _OverBudget(Exception):
+    """Files beside a source that a thread reading ahead leaves to the consumer: more bytes than it may hold."""
+
+
+def _size(path: str) -> int:
+    """The size of the file (or archive member) ``path``; 0 where it cannot be looked at (reading it says why)."""
+    try:
+        member = member_of(path)
+        return os.stat(path).st_size if member is None else member.size
+    except (OSError, ValueError):
+        return 0
+
+
+def _beside_source(source: str, member: str, token_file: TokenFile, extensions: Sequence[str],
+                   budget: float = math.inf) -> list:  # fmt: skip
     """(member name, bytes) of the files of ``extensions`` beside the token file's source video, of its stem;
     TokenFileError naming the token file ``source`` where its source is not the file its tokens were made from (a
-    stranger's token file cannot have another file read) or a file beside it cannot be read."""
+    stranger's token file cannot have another file read) or a file beside it cannot be read; _OverBudget where they
+    hold more than ``budget`` bytes."""
     if not extensions:
         return []
     video, recorded = token_file.source, token_file.made_with.get("source_stamp")
@@ -201,8 +251,11 @@ def _beside_source(source: str, member: str, token_file: TokenFile, extensions: 
     stem, key = posixpath.splitext(video)[0], member.removesuffix(SUFFIX)
     found = []
     for extension in extensions:
+        path = f"{stem}.{extension}"
+        if budget < math.inf and (budget := budget - min(_size(path), MAX_BESIDE_BYTES)) < 0:
+            raise _OverBudget
         try:
-            found.append((f"{key}.{extension}", read_at_most(f"{stem}.{extension}", MAX_BESIDE_BYTES, "a file")))
+            found.append((f"{key}.{extension}", read_at_most(path, MAX_BESIDE_BYTES, BESIDE_KIND)))
         except (OSError, ValueError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise TokenFileError(f"{source}: {brief(stem)}.{extension}, beside its source, cannot be packed "
@@ -211,12 +264,12 @@ def _beside_source(source: str, member: str, token_file: TokenFile, extensions: 
 
 
 def _read_chunk(chunk: Sequence[tuple[str, str]], accept: Accept | None, beside: Sequence[str]) -> list:
-    """:func:`_read` of each of ``chunk``'s token files, in a thread reading ahead: None for those past
-    FETCH_CHUNK_BYTES read (the consumer reads them when it comes to them)."""
+    """:func:`_read` of each of ``chunk``'s token files, in a thread reading ahead, at most FETCH_CHUNK_BYTES of
+    them: None for the others (the consumer reads them when it comes to them)."""
     found: list[_Read | Exception | None] = []
     budget = FETCH_CHUNK_BYTES
     for source, member in chunk:
-        found.append(_read(source, member, accept, beside) if budget > 0 else None)
+        found.append(_read(source, member, accept, beside, budget))
         budget -= sum(len(data) for _, data in found[-1].members) if isinstance(found[-1], _Read) else 0
     return found
 
@@ -294,40 +347,77 @@ def _check_apart(files: Files, outdir: Path) -> None:
                              "choose another output folder")  # fmt: skip
 
 
-def _check_no_others(outdir: Path, planned: set[str]) -> None:
-    """A ValueError where ``outdir`` holds a tar archive that is not one of the ``planned`` shards."""
-    others = []
+def _check_outputs(outdir: Path, shards: list[Shard], overwrite: bool) -> None:
+    """A ValueError where the planned ``shards`` cannot be written as planned: ``outdir`` holds a tar archive that
+    is not one of them (another run's, by another count: a reader of the folder would read both), something other
+    than a regular file under one's name (a folder, a FIFO), a file there that is no tar archive (a user's, kept
+    unless ``overwrite``), or one shard's name is a folder another needs (``x.tar`` and ``x.tar/y.tar``). The
+    temporaries killed runs left for shards there are removed (not one another run is writing)."""
+    planned = {str(outdir / f"{shard.name}.tar") for shard in shards}
+    others, temporaries = [], []
     for folder, _, names in os.walk(outdir):
         others += [os.path.join(folder, name) for name in names if is_archive(name)]
-    others = sorted(set(others) - planned)
-    if others:
+        temporaries += [(folder, name) for name in names if is_archive(temporary_target(name) or "")]
+    for folder, name in temporaries:
+        remove_left(folder, [name])
+    if others := sorted(set(others) - planned):
         more = f" and {len(others) - 1:,} more" if len(others) > 1 else ""
         raise ValueError(f"{others[0]}{more}: a tar archive in the output folder that is not one of the shards this "
                          "run writes (another run's, with another --per-shard or other token files?): a reader of "
                          "the folder would read both; remove it or choose another output folder")  # fmt: skip
+    for shard in shards:
+        folder = ""
+        for part in shard.name.split("/")[:-1]:
+            folder = f"{folder}/{part}" if folder else part
+            if str(outdir / folder) in planned:
+                raise ValueError(f"shard {shard.name} would be written in a folder {outdir / folder}, which is "
+                                 "another shard's file; rename one of their folders")  # fmt: skip
+        path = outdir / f"{shard.name}.tar"
+        try:
+            there = os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(there.st_mode):
+            raise ValueError(f"{path} is {kind_of(there.st_mode)}, where a shard is to be written: kept; remove it or "
+                             "choose another output folder")  # fmt: skip
+        if not overwrite and not _looks_like_tar(path):
+            raise ValueError(f"{path} is no tar archive (not a shard pack wrote): kept; --overwrite replaces it, or "
+                             "choose another output folder")  # fmt: skip
 
 
-def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, TokenFile, dict[str, bytes]]]:
+def _looks_like_tar(path: Path) -> bool:
+    """Whether the file ``path`` begins as a tar archive does (a header whose checksum holds, or the zero blocks of
+    an empty one)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(tarfile.BLOCKSIZE)
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:  # (an empty archive's first block is zeros)
+        return True
+    except (OSError, tarfile.HeaderError):
+        return False
+    return True
+
+
+def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterator[tuple[str, TokenFile, dict]]:
     """The token files in the shard (tar archive) at ``path``, in the order it holds them, as (member name without
     ``.safetensors``, its TokenFile, validated, and the members beside it: ``{extension: bytes}`` of the members
-    named as it is but for the extension, ``000000001.txt`` and ``000000001.json`` beside
-    ``000000001.safetensors``, as ``pack --with`` writes them). The shard is read front to back through one file
-    handle, READ_BUFFER bytes a read (on a network file system, a round trip per MiB, not four per token file).
-    ArchiveError where it is not an archive or is cut short, TokenFileError naming the member that is not a valid
-    token file."""
+    next to it named as it is but for the extension, ``000000001.json`` and ``000000001.txt`` beside
+    ``000000001.safetensors``, as ``pack --with`` writes them: before or after it, with no other token file between;
+    at most MAX_BESIDE_MEMBERS of them, MAX_BESIDE_BYTES together). The shard is read front to back through one
+    file handle, READ_BUFFER bytes a read (on a network file system, a round trip per MiB, not four per token file),
+    from the file it was listed from. ArchiveError where it is not an archive or is cut short; TokenFileError naming
+    the member that is not a valid token file, or, with ``skip_invalid``, a notice, and the shard read on. Members
+    the listing leaves out (links, devices) are said in a notice."""
     path = absolute(path)
-    listing = list_archive(path)
-    if listing.cut:
-        raise ArchiveError(f"{path}: cut short: {listing.cut}")
-    others: dict[str, list[tuple[str, str]]] = {}  # a name before one of its base name's dots -> (extension, member)
-    for member in listing.members:
-        if not member.endswith(SUFFIX):
-            folder, base = posixpath.split(member)
-            for at in (k for k, c in enumerate(base) if c == "."):
-                others.setdefault(posixpath.join(folder, base[:at]), []).append((base[at + 1 :], member))
     with open(path, "rb", buffering=READ_BUFFER) as archive:
+        listing = list_archive(path, os.fstat(archive.fileno()))  # (of this very file: see archives._listed)
+        if listing.cut:
+            raise ArchiveError(f"{path}: cut short: {listing.cut}")
+        for _, why in listing.left_out:
+            notice(f"{path}: {why}")
 
-        def read(member: str, limit: int = MAX_BESIDE_BYTES) -> bytes:
+        def read(member: str, limit: int) -> bytes:
             offset, size = listing.members[member]
             if size > limit:
                 raise TokenFileError(f"{path}/{member}: {size:,} bytes; read_shard reads at most {limit:,}")
@@ -336,9 +426,50 @@ def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, TokenFile, dict[s
                 raise ArchiveError(f"{path}: cut short: {member!r} ends past the archive's end")
             return data
 
-        for member in listing.members:
-            if not member.endswith(SUFFIX):
+        for name, token, beside in _samples(list(listing.members)):
+            try:
+                token_file = load_tokens(f"{path}/{token}", read(token, MAX_FILE_BYTES))
+                if len(beside) > MAX_BESIDE_MEMBERS:
+                    raise TokenFileError(f"{path}/{token}: {len(beside):,} members beside it; read_shard reads at "
+                                         f"most {MAX_BESIDE_MEMBERS}")  # fmt: skip
+                fields, budget = {}, MAX_BESIDE_BYTES
+                for extension, member in beside:
+                    fields[extension] = read(member, budget)
+                    budget -= len(fields[extension])
+            except TokenFileError as e:
+                if not skip_invalid:
+                    raise
+                notice(f"{e}; passed over")
                 continue
-            name = member.removesuffix(SUFFIX)
-            token_file = load_tokens(f"{path}/{member}", read(member, MAX_FILE_BYTES))
-            yield name, token_file, {extension: read(other) for extension, other in others.get(name, ())}
+            yield name, token_file, fields
+
+
+def _samples(members: list[str]) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
+    """(name, its token file's member, [(extension, member), ...] beside it) for each token file of ``members``
+    (in archive order): the members named ``name.<extension>`` (no ``/`` in the extension) next to it, before or
+    after, with no other token file between. Each member is looked at twice at most: time in proportion to the
+    names' length, whatever they are."""
+    before: list[str] = []  # members since the last token file's group, not in it
+    at = 0
+    while at < len(members):
+        member = members[at]
+        at += 1
+        if not member.endswith(SUFFIX):
+            before.append(member)
+            continue
+        name = member.removesuffix(SUFFIX)
+        beside = [(_extension(other, name), other) for other in before]
+        beside = [(extension, other) for extension, other in beside if extension]
+        while at < len(members) and not members[at].endswith(SUFFIX) and (extension := _extension(members[at], name)):
+            beside.append((extension, members[at]))
+            at += 1
+        before = []
+        yield name, member, beside
+
+
+def _extension(member: str, name: str) -> str:
+    """The extension of ``member`` where it is named ``name.<extension>`` (no ``/`` in it), else ""."""
+    if not member.startswith(name) or member[len(name) : len(name) + 1] != ".":
+        return ""
+    extension = member[len(name) + 1 :]
+    return "" if "/" in extension else extension

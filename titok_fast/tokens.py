@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .archives import is_file, member_of, read_member
+from .archives import LISTING_TRIES, ArchiveChanged, ArchiveError, member_of, read_member
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
 from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES, chunk_length, chunk_picks
 
@@ -366,10 +366,17 @@ def read_at_most(path: str, limit: int, kind: str = "a token file") -> bytes:
     """The bytes of the regular file at ``path``, if at most ``limit`` (else a ValueError saying ``kind`` holds at
     most that); a named pipe neither blocks the opening (O_NONBLOCK) nor is read, nor is a device. A member of a tar
     archive (``shards/00000.tar/clip.safetensors``) is read from its span of the archive."""
-    if (member := member_of(path)) is not None:  # (no system call for a path without ".tar/" in it)
+    for _ in range(LISTING_TRIES):
+        if (member := member_of(path)) is None:  # (no system call for a path without ".tar/" in it)
+            break
         if member.size > limit:
             raise ValueError(f"{member.size} bytes; {kind} holds at most {limit}")
-        return read_member(member)
+        try:
+            return read_member(member)
+        except ArchiveChanged:  # (written again since it was listed: where the member is now, listed again)
+            continue
+    else:
+        raise ArchiveError(f"{path}: its archive changed each time it was read ({LISTING_TRIES} times)")
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         status = os.fstat(descriptor)
@@ -385,7 +392,7 @@ def read_at_most(path: str, limit: int, kind: str = "a token file") -> bytes:
 
 def try_load_tokens(path: str | os.PathLike[str]) -> TokenFile | None:
     """The token file at `path`, or None when there is no regular file there or it is not a valid token file."""
-    if not is_file(path):
+    if not os.path.isfile(path):  # (a plain file: an archive's member is no output encode could write)
         return None
     try:
         return load_tokens(path)
