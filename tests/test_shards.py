@@ -515,3 +515,63 @@ def test_a_shard_named_with_a_slash_after_it_is_the_shard(tmp_path):
     shard = tmp_path / "shards" / "00000.tar"
     assert collect_token_files([f"{shard}/"]) == collect_token_files([shard])
     assert same(load_tokens(f"{shard}//1.safetensors"), load_tokens(tokens / "1.safetensors"))
+
+
+def test_read_shard_reads_the_file_it_listed_when_the_shard_is_written_again_between(tmp_path, monkeypatch):
+    from titok_fast import shards as module
+
+    tokens = token_folder(tmp_path / "tokens", ["a", "b"])
+    pack_tokens(collect_token_files([tokens]), tmp_path / "old")
+    pack_tokens(collect_token_files([tokens / "b.safetensors"]), tmp_path / "new")  # b alone, at a's place
+    shard, real = tmp_path / "old" / "00000.tar", module.list_archive
+
+    def replaced_first(path, *args, **kwargs):
+        if (tmp_path / "new" / "00000.tar").exists():
+            os.replace(tmp_path / "new" / "00000.tar", shard)  # written again by rename, after read_shard opened it
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "list_archive", replaced_first)
+    read = [(name, token_file) for name, token_file, _ in read_shard(shard)]
+    assert [name for name, _ in read] == ["b"] and same(read[0][1], load_tokens(tokens / "b.safetensors"))
+
+
+def test_a_member_of_an_archive_appended_to_while_it_is_read_is_read(tmp_path, monkeypatch):
+    from titok_fast import tokens as module
+
+    tokens = token_folder(tmp_path / "tokens", ["a"])
+    pack_tokens(collect_token_files([tokens]), tmp_path / "shards")
+    shard, real = tmp_path / "shards" / "00000.tar", module.member_of
+
+    def appended_after(path):  # a writer appending to it between every listing and every read
+        found = real(path)
+        with open(shard, "ab") as file:
+            file.write(b"\0" * 512)
+        return found
+
+    monkeypatch.setattr(module, "member_of", appended_after)
+    assert same(load_tokens(f"{shard}/a.safetensors"), load_tokens(tokens / "a.safetensors"))
+
+
+def test_read_shard_gives_a_member_between_two_token_files_to_the_name_it_is_of(tmp_path):
+    tokens = token_folder(tmp_path / "tokens", ["clip", "clip.v2", "a", "b"])
+    data = {n: (tokens / f"{n}.safetensors").read_bytes() for n in ("clip", "clip.v2", "a", "b")}
+    shard = tmp_path / "sorted.tar"
+    with tarfile.open(shard, "w") as tar:  # in name order, as tar --sort=name writes it
+        for name, what in (("clip.json", b"1"), ("clip.safetensors", data["clip"]), ("clip.v2.json", b"2"),
+                           ("clip.v2.safetensors", data["clip.v2"]), ("a.safetensors", data["a"]), ("x.txt", b"x"),
+                           ("a.json", b"3"), ("b.safetensors", data["b"])):  # fmt: skip
+            add(tar, name, what)
+    read = {name: beside for name, _, beside in read_shard(shard)}
+    assert read == {"clip": {"json": b"1"}, "clip.v2": {"json": b"2"}, "a": {"json": b"3"}, "b": {}}
+
+
+def test_a_shard_cut_short_within_its_first_block_is_written_again(tmp_path, capsys):
+    tokens = token_folder(tmp_path / "tokens", ["1"])
+    out_dir = tmp_path / "shards"
+    assert run("pack", tokens, "-o", out_dir, capsys=capsys)[0] == 0
+    whole = (out_dir / "00000.tar").read_bytes()
+    for keep in (0, 300):  # (a copy cut short: no user's file)
+        (out_dir / "00000.tar").write_bytes(whole[:keep])
+        code, out, err = run("pack", tokens, "-o", out_dir, capsys=capsys)
+        assert code == 0 and "into 1 shard(s)" in out, out + err
+        assert (out_dir / "00000.tar").read_bytes() == whole

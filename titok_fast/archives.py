@@ -131,13 +131,14 @@ class ArchiveChanged(ArchiveError):
 
 def read_member(member: Member) -> bytes:
     """The bytes of ``member``, read from its span of the very file it was listed from: ArchiveChanged where the
-    file at the archive's path is another now (a new listing says where the member is), ArchiveError where the
-    archive ends before the span does (cut short since it was listed)."""
+    file at the archive's path is another now (written again by rename, as pack writes a shard: a new listing says
+    where the member is), ArchiveError where the archive ends before the span does (cut short since it was listed).
+    The same file grown since (appended to, as a shard being written is) is read: what was listed is still there."""
     fd = os.open(member.archive, os.O_RDONLY)
     try:
         st = os.fstat(fd)
-        if _identity(st) != (member.device, member.inode, member.archive_size, member.mtime_ns):
-            raise ArchiveChanged(f"{member.archive}: changed since it was listed")
+        if (st.st_dev, st.st_ino) != (member.device, member.inode):
+            raise ArchiveChanged(f"{member.archive}: written again since it was listed")
         data = os.pread(fd, member.size, member.offset)
     finally:
         os.close(fd)
@@ -153,10 +154,12 @@ def libav_path(path: str) -> str:
     return path if member is None else member.libav_url
 
 
-def list_archive(archive: str, st: os.stat_result | None = None) -> Listing:
-    """The members of the tar archive at ``archive`` (its ``st`` if looked at already), listed from its headers;
-    raises ArchiveError, its message what the file is instead (a compressed archive, not an archive), or an
-    OSError where it cannot be read."""
+def list_archive(archive: str, st: os.stat_result | None = None, again: bool = True) -> Listing:
+    """The members of the tar archive at ``archive`` (its ``st`` if looked at already: then the listing is of that
+    very file), listed from its headers; raises ArchiveError, its message what the file is instead (a compressed
+    archive, not an archive), or an OSError where it cannot be read. Where the file at that path is another by the
+    time it is opened (written again by rename), it is looked at and listed again, or with ``again`` False,
+    ArchiveChanged is raised (a caller holding the file it was given ``st`` of opens it again)."""
     for _ in range(LISTING_TRIES):
         st = os.stat(archive) if st is None else st
         if not stat.S_ISREG(st.st_mode):  # (a FIFO would block its opening)
@@ -164,8 +167,10 @@ def list_archive(archive: str, st: os.stat_result | None = None) -> Listing:
         try:
             return _listed(os.path.abspath(archive), *_identity(st))
         except ArchiveChanged:  # (replaced between its stat and its opening: listed again, as it is now)
+            if not again:
+                raise
             st = None
-    raise ArchiveError(f"{archive}: changed each time it was listed ({LISTING_TRIES} times): being written?")
+    raise ArchiveError(f"written again each time it was listed ({LISTING_TRIES} times)")
 
 
 LISTING_TRIES = 3
@@ -182,8 +187,9 @@ _LISTING_LOCK = threading.Lock()
 @functools.lru_cache(maxsize=8)  # (a run's files come archive by archive)
 def _listed(archive: str, device: int, inode: int, size: int, mtime_ns: int) -> Listing:
     with _LISTING_LOCK, open(archive, "rb") as f:
-        if _identity(os.fstat(f.fileno())) != (device, inode, size, mtime_ns):  # (not cached: an exception)
-            raise ArchiveChanged(f"{archive}: changed since it was looked at")
+        opened = os.fstat(f.fileno())
+        if (opened.st_dev, opened.st_ino) != (device, inode):  # (not cached: an exception; a file appended to since
+            raise ArchiveChanged(f"{archive}: written again since it was looked at")  # is listed as it is now)
         head = f.read(BLOCK)
         for magic, kind in COMPRESSED:
             if head.startswith(magic):

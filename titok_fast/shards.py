@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .archives import ArchiveError, is_archive, is_file, list_archive, member_of, split_member
+from .archives import (
+    LISTING_TRIES,
+    ArchiveChanged,
+    ArchiveError,
+    is_archive,
+    is_file,
+    list_archive,
+    member_of,
+    split_member,
+)
 from .files import (
     MAX_PER_SHARD,
     PER_SHARD,
@@ -387,10 +396,12 @@ def _check_outputs(outdir: Path, shards: list[Shard], overwrite: bool) -> None:
 
 def _looks_like_tar(path: Path) -> bool:
     """Whether the file ``path`` begins as a tar archive does (a header whose checksum holds, or the zero blocks of
-    an empty one)."""
+    an empty one), or as a shard cut short within its first block may (empty, or its ustar magic there)."""
     try:
         with open(path, "rb") as file:
             head = file.read(tarfile.BLOCKSIZE)
+        if len(head) < tarfile.BLOCKSIZE:
+            return not head or head[257:262] == b"ustar"
         tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
     except tarfile.EOFHeaderError:  # (an empty archive's first block is zeros)
         return True
@@ -410,8 +421,18 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
     the member that is not a valid token file, or, with ``skip_invalid``, a notice, and the shard read on. Members
     the listing leaves out (links, devices) are said in a notice."""
     path = absolute(path)
-    with open(path, "rb", buffering=READ_BUFFER) as archive:
-        listing = list_archive(path, os.fstat(archive.fileno()))  # (of this very file: see archives._listed)
+    for _ in range(LISTING_TRIES):  # the listing of the very file read (written again by rename between the two:
+        archive = open(path, "rb", buffering=READ_BUFFER)  # opened and listed again)
+        try:
+            listing = list_archive(path, os.fstat(archive.fileno()), again=False)
+            break
+        except BaseException as e:
+            archive.close()
+            if not isinstance(e, ArchiveChanged):
+                raise
+    else:
+        raise ArchiveError(f"{path}: written again each time it was listed ({LISTING_TRIES} times)")
+    with archive:
         if listing.cut:
             raise ArchiveError(f"{path}: cut short: {listing.cut}")
         for _, why in listing.left_out:
@@ -447,24 +468,23 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
 def _samples(members: list[str]) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
     """(name, its token file's member, [(extension, member), ...] beside it) for each token file of ``members``
     (in archive order): the members named ``name.<extension>`` (no ``/`` in the extension) next to it, before or
-    after, with no other token file between. Each member is looked at twice at most: time in proportion to the
-    names' length, whatever they are."""
-    before: list[str] = []  # members since the last token file's group, not in it
-    at = 0
-    while at < len(members):
-        member = members[at]
-        at += 1
-        if not member.endswith(SUFFIX):
-            before.append(member)
-            continue
-        name = member.removesuffix(SUFFIX)
-        beside = [(_extension(other, name), other) for other in before]
-        beside = [(extension, other) for extension, other in beside if extension]
-        while at < len(members) and not members[at].endswith(SUFFIX) and (extension := _extension(members[at], name)):
-            beside.append((extension, members[at]))
-            at += 1
-        before = []
-        yield name, member, beside
+    after, with no other token file between; a member between two token files that both name goes to the longer
+    name (``clip.v2.json``: to ``clip.v2``, not ``clip``). Each member is looked at twice at most: time in
+    proportion to the names' length, whatever they are."""
+    tokens = [at for at, member in enumerate(members) if member.endswith(SUFFIX)]
+    names = [members[at].removesuffix(SUFFIX) for at in tokens]
+    beside: list[list[tuple[str, str]]] = [[] for _ in tokens]
+    for k in range(len(tokens) + 1):  # the members between token file k - 1 and token file k
+        start, end = tokens[k - 1] + 1 if k else 0, tokens[k] if k < len(tokens) else len(members)
+        for member in members[start:end]:
+            after = _extension(member, names[k - 1]) if k else ""  # (beside the token file before it)
+            before = _extension(member, names[k]) if k < len(tokens) else ""  # (beside the one after it)
+            if before and (not after or len(names[k]) > len(names[k - 1])):
+                beside[k].append((before, member))
+            elif after:
+                beside[k - 1].append((after, member))
+    for k, at in enumerate(tokens):
+        yield names[k], members[at], beside[k]
 
 
 def _extension(member: str, name: str) -> str:

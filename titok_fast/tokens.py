@@ -376,7 +376,7 @@ def read_at_most(path: str, limit: int, kind: str = "a token file") -> bytes:
         except ArchiveChanged:  # (written again since it was listed: where the member is now, listed again)
             continue
     else:
-        raise ArchiveError(f"{path}: its archive changed each time it was read ({LISTING_TRIES} times)")
+        raise ArchiveError(f"{path}: its archive was written again each time it was read ({LISTING_TRIES} times)")
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         status = os.fstat(descriptor)
