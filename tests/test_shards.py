@@ -575,3 +575,12 @@ def test_a_shard_cut_short_within_its_first_block_is_written_again(tmp_path, cap
         code, out, err = run("pack", tokens, "-o", out_dir, capsys=capsys)
         assert code == 0 and "into 1 shard(s)" in out, out + err
         assert (out_dir / "00000.tar").read_bytes() == whole
+
+
+def test_read_shard_refuses_what_is_no_shard_in_one_line_naming_it(tmp_path):
+    os.mkfifo(tmp_path / "fifo.tar")
+    (tmp_path / "notes.tar").write_text("not an archive")
+    with pytest.raises(OSError, match=f"^{tmp_path}/fifo.tar: a FIFO, not a regular file$"):  # (never waited on)
+        list(read_shard(tmp_path / "fifo.tar"))
+    with pytest.raises(OSError, match=f"^{tmp_path}/notes.tar: not a tar archive"):
+        list(read_shard(tmp_path / "notes.tar"))

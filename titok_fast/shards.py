@@ -37,6 +37,7 @@ from .archives import (
     LISTING_TRIES,
     ArchiveChanged,
     ArchiveError,
+    Listing,
     is_archive,
     is_file,
     list_archive,
@@ -299,13 +300,14 @@ def _complete(path: Path, read: Iterator, failed: list[tuple[str, str]]) -> bool
     :func:`_token_files`), in order and byte for byte (those that cannot go to ``failed``); False where there is
     none or it cannot be read."""
     try:
-        listing = list_archive(os.fspath(path))
-    except (OSError, ValueError):  # (none there, a folder, not an archive: written again over it)
+        archive, listing = _opened(path)
+    except (OSError, ValueError):  # (none there, not an archive: written again over it)
         return False
     if listing.cut or listing.left_out:
+        archive.close()
         return False
     names, at = list(listing.members), 0
-    with open(path, "rb") as archive, contextlib.closing(read):
+    with archive, contextlib.closing(read):
         for source, got in read:
             if isinstance(got, Exception):
                 failed.append((source, _one_line(got)))
@@ -421,17 +423,7 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
     the member that is not a valid token file, or, with ``skip_invalid``, a notice, and the shard read on. Members
     the listing leaves out (links, devices) are said in a notice."""
     path = absolute(path)
-    for _ in range(LISTING_TRIES):  # the listing of the very file read (written again by rename between the two:
-        archive = open(path, "rb", buffering=READ_BUFFER)  # opened and listed again)
-        try:
-            listing = list_archive(path, os.fstat(archive.fileno()), again=False)
-            break
-        except BaseException as e:
-            archive.close()
-            if not isinstance(e, ArchiveChanged):
-                raise
-    else:
-        raise ArchiveError(f"{path}: written again each time it was listed ({LISTING_TRIES} times)")
+    archive, listing = _opened(path, READ_BUFFER)
     with archive:
         if listing.cut:
             raise ArchiveError(f"{path}: cut short: {listing.cut}")
@@ -463,6 +455,22 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
                 notice(f"{e}; passed over")
                 continue
             yield name, token_file, fields
+
+
+def _opened(path: str | os.PathLike, buffering: int = -1) -> tuple[io.BufferedReader, Listing]:
+    """The archive at ``path`` opened, and the listing of that very file (written again by rename between the
+    opening and the listing, it is opened and listed again)."""
+    for _ in range(LISTING_TRIES):
+        archive = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=buffering)  # (a FIFO: not waited
+        try:  # on, and refused as no regular file)
+            return archive, list_archive(os.fspath(path), os.fstat(archive.fileno()), again=False)
+        except BaseException as e:
+            archive.close()
+            if isinstance(e, ArchiveError) and not isinstance(e, ArchiveChanged):  # (what the file is instead)
+                raise ArchiveError(f"{path}: {e}") from None
+            if not isinstance(e, ArchiveChanged):
+                raise
+    raise ArchiveError(f"{path}: written again each time it was listed ({LISTING_TRIES} times)")
 
 
 def _samples(members: list[str]) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
