@@ -419,10 +419,15 @@ def _finish(summary, verb: str, inputs=None) -> int:
     makes the exit status 1."""
     unlisted = getattr(inputs, "unlisted", [])
     print(summary.report(verb))
+    _say_left_out(unlisted, verb)
+    return 1 if summary.failed or unlisted else 0
+
+
+def _say_left_out(unlisted: list[tuple[str, str]], verb: str) -> None:
+    """The input sub-folders and archives that could not be listed (or not all: cut short), each on a line."""
     for folder, reason in unlisted:
         which = "past the cut" if reason.startswith(ARCHIVE_CUT) else "in it"
         print(f"  LEFT OUT {escaped(folder)}: {reason}; the files {which} were not {verb}")
-    return 1 if summary.failed or unlisted else 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -532,9 +537,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             accept=accept, beside=args.beside, progress=bar.update,
         )  # fmt: skip
     print(packed.report(args.output))
-    for folder, reason in files.unlisted:
-        which = "past the cut" if reason.startswith(ARCHIVE_CUT) else "in it"
-        print(f"  LEFT OUT {escaped(folder)}: {reason}; the files {which} were not packed")
+    _say_left_out(files.unlisted, "packed")
     return 1 if packed.failed or files.unlisted else 0
 
 
