@@ -1973,12 +1973,13 @@ def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
 def collect_token_files(inputs: Sequence[str | os.PathLike], list_names: str = "stem",
                         written: tuple[str, str] = (".mp4", "decoded")) -> Inputs:  # fmt: skip
     """Token files given as files, folders (every ``*.safetensors`` below, the folder structure kept in the
-    names, as encode wrote them) or list files (``.txt``, ...: as for :func:`collect_inputs`, ``list_names``
-    included), as ``(token file, output name)`` pairs; a file given is taken as a token file, to fail alone if it
-    is not one. A path given that does not exist is an error (it was typed), as are two token files for one mp4
-    name (before any model is loaded); a file reached twice is decoded once; sub-folders that cannot be listed are
-    in the result's ``unlisted``. ``written``: what each token file's output name is given (its suffix) and what
-    is done with it, for the messages (decode's, by default)."""
+    names, as encode wrote them), tar archives (shards: ``pack``'s; each stands for a folder of its name, given or
+    found in a folder, and its members are named by their paths through it) or list files (``.txt``, ...: as for
+    :func:`collect_inputs`, ``list_names`` included), as ``(token file, output name)`` pairs; a file given is
+    taken as a token file, to fail alone if it is not one. A path given that does not exist is an error (it was
+    typed), as are two token files for one output name (before any model is loaded); a file reached twice is
+    taken once; sub-folders that cannot be listed are in the result's ``unlisted``. ``written``: what each token
+    file's output name is given (its suffix) and what is done with it, for the messages (decode's, by default)."""
     return _collect(inputs, TOKEN_EXTENSIONS, list_names, ("token files", *written))
 
 
