@@ -584,3 +584,42 @@ def test_read_shard_refuses_what_is_no_shard_in_one_line_naming_it(tmp_path):
         list(read_shard(tmp_path / "fifo.tar"))
     with pytest.raises(OSError, match=f"^{tmp_path}/notes.tar: not a tar archive"):
         list(read_shard(tmp_path / "notes.tar"))
+
+
+def test_a_video_decoded_from_a_shard_is_kept_when_the_shard_is_written_again_around_it(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for k in range(3):
+        make_video(videos / f"{k}.mp4", frames=12, height=32, width=48, fps=8 + k)
+    tokens, shards, recon = tmp_path / "tokens", tmp_path / "shards", tmp_path / "recon"
+    assert run("encode", videos, "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    assert run("pack", tokens, "-o", shards, capsys=capsys)[0] == 0
+    assert "decoded 3 file(s)" in run("decode", shards, "-o", recon, capsys=capsys)[1]
+    before = {p.name: p.stat().st_mtime_ns for p in (recon / "00000").iterdir()}
+    assert run("pack", tokens, "-o", shards, "--overwrite", capsys=capsys)[0] == 0  # the same bytes, a new shard
+    code, out, _ = run("decode", shards, "-o", recon, capsys=capsys)
+    assert code == 0 and "decoded 0 file(s)" in out and "skipped 3 already complete" in out, out
+    (videos / "1.mp4").unlink()
+    make_video(videos / "1.mp4", frames=20, height=32, width=48, fps=8)  # one video made again: its tokens too
+    assert run("encode", videos, "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    assert "packed 3 token file(s)" in run("pack", tokens, "-o", shards, capsys=capsys)[1]
+    code, out, _ = run("decode", shards, "-o", recon, capsys=capsys)
+    assert code == 0 and "decoded 1 file(s)" in out and "skipped 2 already complete" in out, out
+    after = {p.name: p.stat().st_mtime_ns for p in (recon / "00000").iterdir()}
+    assert [name for name in before if after[name] != before[name]] == ["1.mp4"]
+
+
+def test_recorded_digest_reads_the_header_alone_and_nothing_else(tmp_path):
+    from titok_fast.tokens import recorded_digest
+
+    token_folder(tmp_path, ["a"])
+    data = (tmp_path / "a.safetensors").read_bytes()
+    assert recorded_digest(data) == read_raw_digest(tmp_path / "a.safetensors")
+    for junk in (b"", b"\xff" * 8, data[:40], (10**9).to_bytes(8, "little") + data[8:], b"{}" + data):
+        assert recorded_digest(junk) is None
+
+
+def read_raw_digest(path: Path) -> str:
+    from test_tokens import read_raw
+
+    return read_raw(path)[1]["digest"]

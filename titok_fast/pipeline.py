@@ -84,6 +84,7 @@ from .tokens import (
     load_tokens,
     most_chunks,
     read_token_bytes,
+    recorded_digest,
     save_tokens,
     too_many_chunks,
     try_load_tokens,
@@ -2199,7 +2200,22 @@ def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.Path
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
     if engine.model.precision != "default":  # (FP8 decoding: other pixels, 36 dB from float32's against bf16's 50)
         made["precision"] = engine.model.precision
-    return lambda path: {**made, "tokens": source_stamp(path)}
+    return lambda path: {**made, "tokens": _tokens_stamp(path)}
+
+
+def _tokens_stamp(path: str | os.PathLike) -> str:
+    """What a decoded video records of the token file it was decoded from: its size and modification time, or for
+    a token file in a shard its size and the digest it records (``<size>:sha256:<hex>``), so that a shard written
+    again (a member of it made again, ``pack --overwrite``) has its other members' videos kept: the shard's time
+    is every member's."""
+    if split_member(path) is None:
+        return source_stamp(path)
+    try:
+        data = read_token_bytes(path)
+    except TokenFileError:  # (said when it is read to be decoded)
+        return source_stamp(path)
+    digest = recorded_digest(data)
+    return f"{len(data)}:{digest}" if digest else source_stamp(path)
 
 
 def config_digest(config: TiTokConfig) -> str:

@@ -32,6 +32,7 @@ import json
 import math
 import operator
 import os
+import re
 import reprlib
 import stat
 from collections.abc import Iterable, Sequence
@@ -330,6 +331,21 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
         raise TokenFileError(f"{path}: {exc}") from None
     except (ArithmeticError, LookupError, TypeError, ValueError, RuntimeError) as exc:  # values no check foresaw
         raise TokenFileError(f"{path}: not a valid token file ({type(exc).__name__}: {exc})") from exc
+
+
+def recorded_digest(data: bytes) -> str | None:
+    """The digest the token file of bytes ``data`` records (``"sha256:<hex>"``), read from its header alone, or
+    None where it records none or its header cannot be read: what the file holds, unchecked (load_tokens checks
+    it)."""
+    try:
+        header_bytes = int.from_bytes(data[:8], "little")
+        if header_bytes > MAX_HEADER_BYTES or 8 + header_bytes > len(data):
+            return None
+        text = json.loads(data[8 : 8 + header_bytes])["__metadata__"][METADATA_KEY]
+        digest = json.loads(text).get(DIGEST_KEY) if len(text) <= MAX_METADATA_CHARS else None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+    return digest if isinstance(digest, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", digest) else None
 
 
 def _declared_size(data: bytes) -> int | None:
