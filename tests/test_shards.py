@@ -410,6 +410,7 @@ def test_archives_beside_token_files_that_hold_none_are_passed_over(tmp_path, ca
     code, out, err = run("pack", tokens, "-o", tmp_path / "shards", capsys=capsys)
     assert code == 0 and "packed 2 token file(s)" in out and "LEFT OUT" not in out, out
     assert "cut.tar: cut short" in err and "before any token file; passed over" in err and "gz.tar: a gzip" in err
+    assert "videos.tar: no token file in it; passed over" in err
     pack_tokens(collect_token_files([tokens]), tmp_path / "cut-shards")  # a shard of token files cut short: its
     whole = (tmp_path / "cut-shards" / "00000.tar").read_bytes()  # files past the cut are unknown
     (tokens / "tokens.tar").write_bytes(whole[:2500])
@@ -623,3 +624,31 @@ def read_raw_digest(path: Path) -> str:
     from test_tokens import read_raw
 
     return read_raw(path)[1]["digest"]
+
+
+def test_pack_packs_beside_a_token_file_no_more_than_read_shard_reads(tmp_path, monkeypatch, capsys):
+    from titok_fast import shards as module
+
+    monkeypatch.setattr(module, "MAX_BESIDE_BYTES", 100)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for k, sizes in enumerate(((40, 30), (60, 50))):  # together within the limit, then past it
+        make_video(videos / f"{k}.mp4", frames=12, height=32, width=48, fps=8)
+        for extension, size in zip(("json", "txt"), sizes, strict=True):
+            (videos / f"{k}.{extension}").write_bytes(b"x" * size)
+    assert run("encode", videos, "-o", tmp_path / "tokens", *GRID, *RANDOM, capsys=capsys)[0] == 0
+    code, out, _ = run("pack", tmp_path / "tokens", "-o", tmp_path / "shards", "--with", "json,txt", capsys=capsys)
+    assert code == 1 and "packed 1 token file(s)" in out, out
+    assert "1.safetensors: the files beside its source hold 110 bytes or more together; at most 100" in out
+    assert [name for name, _, _ in read_shard(tmp_path / "shards" / "00000.tar")] == ["0"]  # what pack wrote reads
+    monkeypatch.setattr(module, "MAX_BESIDE_BYTES", 60)
+    with pytest.raises(TokenFileError, match="0.safetensors: 2 members beside it, 70 bytes; read_shard reads at most"):
+        list(read_shard(tmp_path / "shards" / "00000.tar"))
+
+
+def test_read_shard_of_a_folder_says_so_and_keeps_no_descriptor(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(OSError, match=f"^{tmp_path}: a folder, not a regular file$"):
+            list(read_shard(tmp_path))
+    assert len(os.listdir("/proc/self/fd")) == before

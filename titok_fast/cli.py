@@ -1134,8 +1134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="token files -> mp4 reconstructions")
     p.add_argument(
         "tokens", nargs="+", metavar="TOKENS",
-        help="token files written by encode, folders of them (recursive; the folder structure is kept) or .txt path "
-        "lists",
+        help="token files written by encode, folders of them (recursive; the folder structure is kept), tar shards "
+        "of them (pack's: each a folder of its name) or .txt path lists",
     )  # fmt: skip
     p.add_argument("-o", "--output", type=_folder, required=True, help="output folder for mp4 files")
     p.add_argument("--shard", type=_shard, metavar="K/N", help="decode only shard K of N (0 <= K < N) of the token "
@@ -1169,7 +1169,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list_names_arg(p, "safetensors", "safetensors")
     p.add_argument("--force", action="store_true", help="pack token files of any weights and model config (by "
                    "default those of the model most of the files read first name, as decode takes)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="write again shards that are complete")
+    p.add_argument("--overwrite", action="store_true", help="write again shards that are complete, and replace a "
+                   "file under a shard's name that is no tar archive")  # fmt: skip
     p.set_defaults(run=cmd_pack)
 
     p = sub.add_parser("eval", help="encode + decode, PSNR and SSIM per token count")

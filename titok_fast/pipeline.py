@@ -505,8 +505,8 @@ def _archive_pairs(archive: Path, name: str, extensions: frozenset[str] | set[st
     else put in ``unlisted`` with the reason; one cut short (an unfinished write or copy) gives the files before
     the cut, and is put in ``unlisted`` (a rerun reads the rest). Members that are not regular files, or are named
     outside the archive, are left out with a notice. Token files: an archive ``found`` in a folder (beside token
-    files, a folder may hold archives of videos or backups) that cannot be listed, or is cut short before any token
-    file, is passed over with a notice, not put in ``unlisted``."""
+    files, a folder may hold archives of videos or backups) that cannot be listed, holds none or is cut short before
+    any, is passed over with a notice, not put in ``unlisted``."""
     lenient = found and VIDEO_EXTENSIONS.isdisjoint(extensions)
     try:
         listing = list_archive(os.fspath(archive))
@@ -527,6 +527,8 @@ def _archive_pairs(archive: Path, name: str, extensions: frozenset[str] | set[st
             pairs.append((archive / member, f"{name}/{stem}"))
     if listing.cut and lenient and not pairs:
         notice(f"{archive}: {ARCHIVE_CUT}: {listing.cut}, before any token file; passed over")
+    elif lenient and not pairs:  # (a shard of videos, a backup of other files)
+        notice(f"{archive}: no token file in it; passed over")
     elif listing.cut:
         notice(f"{archive}: {ARCHIVE_CUT}: {listing.cut}; the files before the cut are read")
         unlisted.append((str(archive), f"{ARCHIVE_CUT}: {listing.cut}"))

@@ -259,7 +259,7 @@ def _beside_source(source: str, member: str, token_file: TokenFile, extensions: 
                              "size and modification time differ, or it is not there): the files beside it cannot be "
                              "packed")  # fmt: skip
     stem, key = posixpath.splitext(video)[0], member.removesuffix(SUFFIX)
-    found = []
+    found, together = [], 0
     for extension in extensions:
         path = f"{stem}.{extension}"
         if budget < math.inf and (budget := budget - min(_size(path), MAX_BESIDE_BYTES)) < 0:
@@ -270,6 +270,9 @@ def _beside_source(source: str, member: str, token_file: TokenFile, extensions: 
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise TokenFileError(f"{source}: {brief(stem)}.{extension}, beside its source, cannot be packed "
                                  f"({reason})") from None  # fmt: skip
+        if (together := together + len(found[-1][1])) > MAX_BESIDE_BYTES:  # (what read_shard reads beside one)
+            raise TokenFileError(f"{source}: the files beside its source hold {together:,} bytes or more together; "
+                                 f"at most {MAX_BESIDE_BYTES:,} are packed beside a token file")  # fmt: skip
     return found
 
 
@@ -430,10 +433,8 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
         for _, why in listing.left_out:
             notice(f"{path}: {why}")
 
-        def read(member: str, limit: int) -> bytes:
+        def read(member: str) -> bytes:
             offset, size = listing.members[member]
-            if size > limit:
-                raise TokenFileError(f"{path}/{member}: {size:,} bytes; read_shard reads at most {limit:,}")
             archive.seek(offset)  # (within the buffer: no system call)
             if len(data := archive.read(size)) < size:
                 raise ArchiveError(f"{path}: cut short: {member!r} ends past the archive's end")
@@ -441,14 +442,16 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
 
         for name, token, beside in _samples(list(listing.members)):
             try:
-                token_file = load_tokens(f"{path}/{token}", read(token, MAX_FILE_BYTES))
-                if len(beside) > MAX_BESIDE_MEMBERS:
-                    raise TokenFileError(f"{path}/{token}: {len(beside):,} members beside it; read_shard reads at "
-                                         f"most {MAX_BESIDE_MEMBERS}")  # fmt: skip
-                fields, budget = {}, MAX_BESIDE_BYTES
-                for extension, member in beside:
-                    fields[extension] = read(member, budget)
-                    budget -= len(fields[extension])
+                if (size := listing.members[token][1]) > MAX_FILE_BYTES:
+                    raise TokenFileError(f"{path}/{token}: {size:,} bytes; a token file holds at most "
+                                         f"{MAX_FILE_BYTES:,}")  # fmt: skip
+                token_file = load_tokens(f"{path}/{token}", read(token))
+                together = sum(listing.members[member][1] for _, member in beside)
+                if len(beside) > MAX_BESIDE_MEMBERS or together > MAX_BESIDE_BYTES:
+                    raise TokenFileError(f"{path}/{token}: {len(beside):,} members beside it, {together:,} bytes; "
+                                         f"read_shard reads at most {MAX_BESIDE_MEMBERS} members, "
+                                         f"{MAX_BESIDE_BYTES:,} bytes beside a token file")  # fmt: skip
+                fields = {extension: read(member) for extension, member in beside}
             except TokenFileError as e:
                 if not skip_invalid:
                     raise
@@ -461,9 +464,16 @@ def _opened(path: str | os.PathLike, buffering: int = -1) -> tuple[io.BufferedRe
     """The archive at ``path`` opened, and the listing of that very file (written again by rename between the
     opening and the listing, it is opened and listed again)."""
     for _ in range(LISTING_TRIES):
-        archive = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=buffering)  # (a FIFO: not waited
-        try:  # on, and refused as no regular file)
-            return archive, list_archive(os.fspath(path), os.fstat(archive.fileno()), again=False)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO: not waited on, and refused as no regular file)
+        try:
+            if not stat.S_ISREG((st := os.fstat(fd)).st_mode):
+                raise ArchiveError(f"{kind_of(st.st_mode)}, not a regular file")
+            archive = open(fd, "rb", buffering=buffering)
+        except BaseException as e:
+            os.close(fd)
+            raise ArchiveError(f"{path}: {e}") if isinstance(e, ArchiveError) else e from None
+        try:
+            return archive, list_archive(os.fspath(path), st, again=False)
         except BaseException as e:
             archive.close()
             if isinstance(e, ArchiveError) and not isinstance(e, ArchiveChanged):  # (what the file is instead)
