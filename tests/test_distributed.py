@@ -1460,7 +1460,10 @@ def test_a_long_file_read_by_several_decode_tasks_on_ray_gets_the_token_file_of_
     summary = encode_dataset(model, [(path, "long")], tmp_path / "ray", SETTINGS, load_model=LOAD, device="cpu",
                              ray_address=cluster["address"], batch_size=8, parts=3)  # fmt: skip
     assert summary.done == [str(path)] and summary.duplicates == 0  # (each task read its own clips)
-    assert re.fullmatch(r"(model|decode)-bound \(encode actors busy \d+%\)(: .+)?", summary.limited_by)
+    # (a verdict is said; which one is the scheduler's: on the 2-CPU test cluster the 3 decode tasks share the CPUs
+    # with the actor, and where they got under half their wall time to compute, Ray Data is said to hold them back)
+    assert re.fullmatch(r"((model|decode)-bound|held back by Ray Data) \(encode actors busy \d+%[^)]*\)(: .+)?",
+                        summary.limited_by)  # fmt: skip
     assert token_bytes(tmp_path / "ray") == token_bytes(tmp_path / "one")
     assert read_manifest(tmp_path / "ray" / MANIFEST_NAME)[0]["clips"] == 50
     assert_nothing_spilled(cluster)
