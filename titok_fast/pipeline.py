@@ -307,8 +307,7 @@ def _collect(
     reach = _Reach()
     pairs = _expand(inputs, (), unlisted, extensions, list_names, reach=reach)
     try:
-        folders = sorted({path for path, _ in reach.read if os.path.isdir(path)})
-        return Inputs(_one_per_output(pairs, *outputs), unlisted, folders)
+        return Inputs(_one_per_output(pairs, *outputs), unlisted, sorted(set(reach.folders)))
     except InputError as e:
         if list_names != "stem" or "would both write" not in str(e) or not _relative_helps(inputs, extensions,
                                                                                            outputs):  # fmt: skip
@@ -412,14 +411,16 @@ class _Reach:
 
     def __init__(self):
         self.read: set[tuple[str, Path | None]] = set()
+        self.folders: list[str] = []  # the folders read, absolute
         self.count = 0
 
-    def first(self, path: Path, top: Path | None) -> bool:
-        """Whether ``path`` (a list or folder) is reached here for the first time under ``top``."""
+    def first(self, path: Path, top: Path | None, folder: bool = False) -> bool:
+        """Whether ``path`` (a list or folder: ``folder``) is reached here for the first time under ``top``."""
         key = (absolute(path), top)
         if key in self.read:
             return False
         self.read.add(key)
+        self.folders += [key[0]] if folder else []
         return True
 
     def add(self, found: list, pairs: list, where: Path) -> None:
@@ -455,7 +456,7 @@ def _expand(inputs: Iterable[str | os.PathLike], lists: tuple[str, ...], unliste
             continue
         path = _input_path(item)
         if path.is_dir():
-            if reach.first(path, top):
+            if reach.first(path, top, folder=True):
                 pairs = []
                 for p in _files_below(path, extensions | ARCHIVE_EXTENSIONS, unlisted):
                     name = _below(p, top, path) if relative else str(p.relative_to(path).with_suffix(""))
