@@ -472,14 +472,13 @@ def test_pack_says_its_own_options_and_names(tmp_path, capsys):
 
 def test_a_shard_replaced_while_it_is_read_is_read_as_it_is_now(tmp_path, monkeypatch):
     from titok_fast import archives
-    from titok_fast import tokens as module
 
     tokens = token_folder(tmp_path / "tokens", ["1", "2", "3"])
     files = collect_token_files([tokens])
     pack_tokens(files, tmp_path / "old", per_shard=3)
     pack_tokens(files[1:], tmp_path / "new", per_shard=3)  # the same names, other places
     shard = tmp_path / "old" / "00000.tar"
-    real = module.member_of
+    real = archives.member_of
 
     def listed_then_replaced(path):
         found = real(path)
@@ -487,7 +486,7 @@ def test_a_shard_replaced_while_it_is_read_is_read_as_it_is_now(tmp_path, monkey
             os.replace(tmp_path / "new" / "00000.tar", shard)  # written again by rename, between list and read
         return found
 
-    monkeypatch.setattr(module, "member_of", listed_then_replaced)
+    monkeypatch.setattr(archives, "member_of", listed_then_replaced)
     read = load_tokens(f"{shard}/2.safetensors")
     assert same(read, load_tokens(tokens / "2.safetensors"))  # not the bytes at 2's old place (1's or 3's)
     old_stat = os.stat(tmp_path / "old")  # a listing asked for an archive as it was stat'd, replaced since
@@ -519,7 +518,7 @@ def test_a_shard_named_with_a_slash_after_it_is_the_shard(tmp_path):
 
 
 def test_read_shard_reads_the_file_it_listed_when_the_shard_is_written_again_between(tmp_path, monkeypatch):
-    from titok_fast import shards as module
+    from titok_fast import archives as module
 
     tokens = token_folder(tmp_path / "tokens", ["a", "b"])
     pack_tokens(collect_token_files([tokens]), tmp_path / "old")
@@ -537,7 +536,7 @@ def test_read_shard_reads_the_file_it_listed_when_the_shard_is_written_again_bet
 
 
 def test_a_member_of_an_archive_appended_to_while_it_is_read_is_read(tmp_path, monkeypatch):
-    from titok_fast import tokens as module
+    from titok_fast import archives as module
 
     tokens = token_folder(tmp_path / "tokens", ["a"])
     pack_tokens(collect_token_files([tokens]), tmp_path / "shards")

@@ -10,6 +10,7 @@ listed once per process and archive (its size and modification time), from its h
 from __future__ import annotations
 
 import functools
+import io
 import os
 import posixpath
 import re
@@ -127,6 +128,46 @@ def is_file(path: str | os.PathLike[str]) -> bool:
 
 class ArchiveChanged(ArchiveError):
     """An archive replaced or changed between its listing and a read of it (a shard written again by rename)."""
+
+
+def member_bytes(path: str | os.PathLike[str], limit: int, kind: str) -> bytes | None:
+    """The bytes of the archive member ``path`` names (None where it names none: a plain file; no system call for
+    a path without ".tar/" in it), if at most ``limit`` (else a ValueError saying ``kind`` holds at most that); an
+    archive written again since it was listed is listed again, up to LISTING_TRIES times."""
+    for _ in range(LISTING_TRIES):
+        if (member := member_of(path)) is None:
+            return None
+        if member.size > limit:
+            raise ValueError(f"{member.size} bytes; {kind} holds at most {limit}")
+        try:
+            return read_member(member)
+        except ArchiveChanged:  # (written again since it was listed: where the member is now, listed again)
+            continue
+    raise ArchiveError(f"{path}: its archive was written again each time it was read ({LISTING_TRIES} times)")
+
+
+def open_listed(path: str | os.PathLike[str], buffering: int = -1) -> tuple[io.BufferedReader, Listing]:
+    """The archive at ``path`` opened, and the listing of that very file (written again by rename between the
+    opening and the listing, it is opened and listed again); ArchiveError naming it where it is no regular file
+    (a FIFO is not waited on) or no archive."""
+    for _ in range(LISTING_TRIES):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG((st := os.fstat(fd)).st_mode):
+                raise ArchiveError(f"{kind_of(st.st_mode)}, not a regular file")
+            archive = open(fd, "rb", buffering=buffering)
+        except BaseException as e:
+            os.close(fd)
+            raise ArchiveError(f"{path}: {e}") if isinstance(e, ArchiveError) else e from None
+        try:
+            return archive, list_archive(os.fspath(path), st, again=False)
+        except BaseException as e:
+            archive.close()
+            if isinstance(e, ArchiveError) and not isinstance(e, ArchiveChanged):  # (what the file is instead)
+                raise ArchiveError(f"{path}: {e}") from None
+            if not isinstance(e, ArchiveChanged):
+                raise
+    raise ArchiveError(f"{path}: written again each time it was listed ({LISTING_TRIES} times)")
 
 
 def read_member(member: Member) -> bytes:

@@ -45,6 +45,7 @@ from .files import (
     interrupt,
     interrupts_held,
     kind_of,
+    lies_in,
     notice,
     write_atomically,
 )
@@ -544,9 +545,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def _check_not_within(output: str, folders) -> None:
     """A ValueError where the output folder lies in one of ``folders``, the input folders (given, or named in
     lists): a rerun would read the shards as inputs."""
-    real = os.path.realpath(output)
     for folder in folders:
-        if os.path.commonpath([real, there := os.path.realpath(folder)]) == there:
+        if lies_in(output, folder):
             raise ValueError(f"-o {output} lies in the input folder {folder}: a rerun would read the shards as "
                              "inputs; choose an output folder outside it")  # fmt: skip
 

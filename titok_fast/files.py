@@ -71,6 +71,12 @@ def kind_of(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "a special file")
 
 
+def lies_in(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, as the system resolves both (links followed)."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
 def brief(text: str, limit: int = 1024) -> str:
     """``text`` for a message, cut to ``limit`` characters: what a token file records may be a MiB long."""
     return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -33,17 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .archives import (
-    LISTING_TRIES,
-    ArchiveChanged,
-    ArchiveError,
-    Listing,
-    is_archive,
-    is_file,
-    list_archive,
-    member_of,
-    split_member,
-)
+from .archives import ArchiveError, is_archive, is_file, member_of, open_listed, split_member
 from .files import (
     MAX_PER_SHARD,
     PER_SHARD,
@@ -51,6 +41,7 @@ from .files import (
     brief,
     escaped,
     kind_of,
+    lies_in,
     notice,
     open_atomically,
     remove_left,
@@ -175,13 +166,13 @@ def pack_tokens(
         path = outdir / f"{shard.name}.tar"
         failed: list[tuple[str, str]] = []
         try:
-            if not overwrite and _complete(path, _token_files(shard, accept, beside, threads), failed):
+            if not overwrite and _complete(path, _token_files(shard, accept, beside, threads, failed)):
                 packed.kept.append(str(path))
                 failing = {source for source, _ in failed}
                 packed.skipped += [source for source, _ in shard.files if source not in failing]
             else:
                 failed, done = [], []
-                packed.clips += _write(path, _token_files(shard, accept, beside, threads), failed, done)
+                packed.clips += _write(path, _token_files(shard, accept, beside, threads, failed), done)
                 packed.written.append(str(path))
                 packed.done += done
         except OSError as e:  # (its folder or file cannot be made: a name too long, no permission) that shard's
@@ -287,23 +278,27 @@ def _read_chunk(chunk: Sequence[tuple[str, str]], accept: Accept | None, beside:
     return found
 
 
-def _token_files(shard: Shard, accept: Accept | None, beside: Sequence[str], threads: int) -> Iterator:
-    """(token file, :func:`_read`'s result) for each of ``shard``'s files, in order, read ``threads`` at a time
-    ahead (0: each as it comes)."""
+def _token_files(shard: Shard, accept: Accept | None, beside: Sequence[str], threads: int,
+                 failed: list[tuple[str, str]]) -> Iterator[tuple[str, _Read]]:  # fmt: skip
+    """(token file, :func:`_read`'s result) for each of ``shard``'s files that can be packed, in order, read
+    ``threads`` at a time ahead (0: each as it comes); those that cannot go to ``failed``, with why."""
     fetched = _ahead(functools.partial(_read_chunk, accept=accept, beside=beside), shard.files, threads)
     try:
         for (source, member), read in zip(shard.files, fetched, strict=True):
-            yield source, _read(source, member, accept, beside) if read is None else read
+            got = _read(source, member, accept, beside) if read is None else read
+            if isinstance(got, Exception):
+                failed.append((source, _one_line(got)))
+            else:
+                yield source, got
     finally:
         fetched.close()
 
 
-def _complete(path: Path, read: Iterator, failed: list[tuple[str, str]]) -> bool:
-    """Whether the shard at ``path`` holds exactly the token files of a shard that can be packed now (``read``:
-    :func:`_token_files`), in order and byte for byte (those that cannot go to ``failed``); False where there is
-    none or it cannot be read."""
+def _complete(path: Path, read: Iterator[tuple[str, _Read]]) -> bool:
+    """Whether the shard at ``path`` holds exactly the token files ``read`` gives (:func:`_token_files`: those of a
+    shard that can be packed now), in order and byte for byte; False where there is none or it cannot be read."""
     try:
-        archive, listing = _opened(path)
+        archive, listing = open_listed(path)
     except (OSError, ValueError):  # (none there, not an archive: written again over it)
         return False
     if listing.cut or listing.left_out:
@@ -311,10 +306,7 @@ def _complete(path: Path, read: Iterator, failed: list[tuple[str, str]]) -> bool
         return False
     names, at = list(listing.members), 0
     with archive, contextlib.closing(read):
-        for source, got in read:
-            if isinstance(got, Exception):
-                failed.append((source, _one_line(got)))
-                continue
+        for _, got in read:
             for member, data in got.members:
                 if at >= len(names) or names[at] != member:
                     return False
@@ -325,17 +317,14 @@ def _complete(path: Path, read: Iterator, failed: list[tuple[str, str]]) -> bool
     return at == len(names)
 
 
-def _write(path: Path, read: Iterator, failed: list[tuple[str, str]], done: list[str]) -> int:
-    """Write the token files ``read`` gives (:func:`_token_files`) to the shard ``path`` (atomically), those that
-    fail to ``failed`` and those packed to ``done``; the number of chunks packed."""
+def _write(path: Path, read: Iterator[tuple[str, _Read]], done: list[str]) -> int:
+    """Write the token files ``read`` gives (:func:`_token_files`) to the shard ``path`` (atomically), those
+    packed to ``done``; the number of chunks packed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     chunks = 0
     with (open_atomically(path, tidy=True, buffering=WRITE_BUFFER) as file, contextlib.closing(read),
           tarfile.open(fileobj=file, mode="w", format=PAX) as tar):  # fmt: skip
         for source, got in read:
-            if isinstance(got, Exception):
-                failed.append((source, _one_line(got)))
-                continue
             for member, data in got.members:
                 info = tarfile.TarInfo(member)
                 info.size, info.mtime, info.mode = len(data), got.mtime, 0o644
@@ -349,13 +338,12 @@ def _check_apart(files: Files, outdir: Path) -> None:
     """A ValueError where a token file (or the archive holding it: itself, where its links lead) lies in
     ``outdir``, as the system resolves both: a shard written there would change an input. Each folder and archive is
     resolved once."""
-    real_out = os.path.realpath(outdir).rstrip(os.sep) + os.sep
     inside: dict[str, bool] = {}
     for path, _ in files:
         split = split_member(path)
         holder = os.path.dirname(absolute(path)) if split is None else absolute(split[0])
         if holder not in inside:
-            inside[holder] = (os.path.realpath(holder) + os.sep).startswith(real_out)
+            inside[holder] = lies_in(holder, outdir)
         if inside[holder]:
             raise ValueError(f"{path} lies in the output folder {outdir}: packing would write over its inputs; "
                              "choose another output folder")  # fmt: skip
@@ -426,7 +414,7 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
     the member that is not a valid token file, or, with ``skip_invalid``, a notice, and the shard read on. Members
     the listing leaves out (links, devices) are said in a notice."""
     path = absolute(path)
-    archive, listing = _opened(path, READ_BUFFER)
+    archive, listing = open_listed(path, READ_BUFFER)
     with archive:
         if listing.cut:
             raise ArchiveError(f"{path}: cut short: {listing.cut}")
@@ -458,29 +446,6 @@ def read_shard(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterat
                 notice(f"{e}; passed over")
                 continue
             yield name, token_file, fields
-
-
-def _opened(path: str | os.PathLike, buffering: int = -1) -> tuple[io.BufferedReader, Listing]:
-    """The archive at ``path`` opened, and the listing of that very file (written again by rename between the
-    opening and the listing, it is opened and listed again)."""
-    for _ in range(LISTING_TRIES):
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO: not waited on, and refused as no regular file)
-        try:
-            if not stat.S_ISREG((st := os.fstat(fd)).st_mode):
-                raise ArchiveError(f"{kind_of(st.st_mode)}, not a regular file")
-            archive = open(fd, "rb", buffering=buffering)
-        except BaseException as e:
-            os.close(fd)
-            raise ArchiveError(f"{path}: {e}") if isinstance(e, ArchiveError) else e from None
-        try:
-            return archive, list_archive(os.fspath(path), st, again=False)
-        except BaseException as e:
-            archive.close()
-            if isinstance(e, ArchiveError) and not isinstance(e, ArchiveChanged):  # (what the file is instead)
-                raise ArchiveError(f"{path}: {e}") from None
-            if not isinstance(e, ArchiveChanged):
-                raise
-    raise ArchiveError(f"{path}: written again each time it was listed ({LISTING_TRIES} times)")
 
 
 def _samples(members: list[str]) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:

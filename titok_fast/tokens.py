@@ -45,7 +45,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .archives import LISTING_TRIES, ArchiveChanged, ArchiveError, member_of, read_member
+from .archives import member_bytes
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
 from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES, chunk_length, chunk_picks
 
@@ -382,17 +382,8 @@ def read_at_most(path: str, limit: int, kind: str = "a token file") -> bytes:
     """The bytes of the regular file at ``path``, if at most ``limit`` (else a ValueError saying ``kind`` holds at
     most that); a named pipe neither blocks the opening (O_NONBLOCK) nor is read, nor is a device. A member of a tar
     archive (``shards/00000.tar/clip.safetensors``) is read from its span of the archive."""
-    for _ in range(LISTING_TRIES):
-        if (member := member_of(path)) is None:  # (no system call for a path without ".tar/" in it)
-            break
-        if member.size > limit:
-            raise ValueError(f"{member.size} bytes; {kind} holds at most {limit}")
-        try:
-            return read_member(member)
-        except ArchiveChanged:  # (written again since it was listed: where the member is now, listed again)
-            continue
-    else:
-        raise ArchiveError(f"{path}: its archive was written again each time it was read ({LISTING_TRIES} times)")
+    if (data := member_bytes(path, limit, kind)) is not None:
+        return data
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         status = os.fstat(descriptor)
