@@ -338,10 +338,7 @@ def recorded_digest(data: bytes) -> str | None:
     None where it records none or its header cannot be read: what the file holds, unchecked (load_tokens checks
     it)."""
     try:
-        header_bytes = int.from_bytes(data[:8], "little")
-        if header_bytes > MAX_HEADER_BYTES or 8 + header_bytes > len(data):
-            return None
-        text = json.loads(data[8 : 8 + header_bytes])["__metadata__"][METADATA_KEY]
+        text = _header(data)["__metadata__"][METADATA_KEY]  # (None: a TypeError)
         digest = json.loads(text).get(DIGEST_KEY) if len(text) <= MAX_METADATA_CHARS else None
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return None
@@ -351,16 +348,31 @@ def recorded_digest(data: bytes) -> str | None:
 def _declared_size(data: bytes) -> int | None:
     """The size a safetensors file's header says the file has (its length, the header, the tensors' bytes), or
     None where the header does not say (too short to hold its length, past MAX_HEADER_BYTES, not JSON)."""
-    if len(data) < 8 or (header_bytes := int.from_bytes(data[:8], "little")) > MAX_HEADER_BYTES:
+    if (header_bytes := _header_bytes(data)) is None:
         return None
     if 8 + header_bytes > len(data):
         return 8 + header_bytes
     try:
-        header = json.loads(data[8 : 8 + header_bytes])
-        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+        ends = [int(entry["data_offsets"][1]) for name, entry in _header(data).items() if name != "__metadata__"]
     except Exception:  # not a header of that form: said as it is
         return None
     return 8 + header_bytes + max(ends, default=0)
+
+
+def _header_bytes(data: bytes) -> int | None:
+    """The length of the header a safetensors file's first 8 bytes give, or None where they cannot be read or
+    give more than MAX_HEADER_BYTES."""
+    if len(data) < 8 or (header_bytes := int.from_bytes(data[:8], "little")) > MAX_HEADER_BYTES:
+        return None
+    return header_bytes
+
+
+def _header(data: bytes) -> Any:
+    """A safetensors file's header, parsed from its JSON, unchecked; None where it is not within ``data`` (or
+    longer than MAX_HEADER_BYTES). ValueError (or RecursionError) where it is not JSON."""
+    if (header_bytes := _header_bytes(data)) is None or 8 + header_bytes > len(data):
+        return None
+    return json.loads(data[8 : 8 + header_bytes])
 
 
 def read_token_bytes(path: str | os.PathLike[str]) -> bytes:
