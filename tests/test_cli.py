@@ -85,6 +85,28 @@ def test_windows_is_refused_in_one_line(tmp_path):
     assert ran.stderr.strip().endswith("not on Windows: run it under WSL"), ran.stderr
 
 
+def test_clips_per_video_encodes_the_first_clips_decodes_them_beside_their_source_and_resumes(folder, tmp_path,
+                                                                                              capsys):  # fmt: skip
+    """--clips-per-video 2: a video of 3 clips gives the first 2 (the tokens of a run without it), decoded beside its
+    source as 8 frames; a rerun with 3 redoes that one alone (one of 1 clip had all its clips), saying why."""
+    out, whole = tmp_path / "tokens", tmp_path / "whole"
+    files = [folder / "moving.mp4", folder / "single.mp4"]
+    code, _, _ = run("encode", *files, "-o", whole, *GRID, "--tail", "pad", *RANDOM, capsys=capsys)
+    code, stdout, _ = run("encode", *files, "-o", out, *GRID, "--tail", "pad", "--clips-per-video", "2", *RANDOM,
+                          capsys=capsys)  # fmt: skip
+    assert code == 0 and "encoded 2 file(s), 3 clip(s)" in stdout, stdout
+    moving, all_of_it = load_tokens(out / "moving.safetensors"), load_tokens(whole / "moving.safetensors")
+    assert moving.start_times.tolist() == [0.0, 0.5] and moving.made_with["clips_per_video"] == "2"
+    assert torch.equal(moving.indices, all_of_it.indices[: 2 * 8]) and all_of_it.token_counts.numel() == 3
+    code, _, _ = run("decode", out, "-o", tmp_path / "videos", "--side-by-side", capsys=capsys)
+    with av.open(str(tmp_path / "videos" / "moving.mp4")) as c:
+        assert code == 0 and len(list(c.decode(video=0))) == 8
+    code, stdout, _ = run("encode", *files, "-o", out, *GRID, "--tail", "pad", "--clips-per-video", "3", *RANDOM,
+                          capsys=capsys)  # fmt: skip
+    assert code == 0 and "encoded 1 file(s), 3 clip(s)" in stdout and "skipped 1 already complete" in stdout, stdout
+    assert "made another way (clips_per_video 2, now 3)" in (out / "manifest.jsonl").read_text()
+
+
 def test_encode_folder_reports_the_broken_file_and_encodes_the_rest(folder, tmp_path, capsys):
     out = tmp_path / "tokens"
     code, stdout, stderr = run("encode", folder, "-o", out, *GRID, "--tail", "pad", *RANDOM, capsys=capsys)
@@ -192,7 +214,8 @@ def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
     written = json.loads(report.read_text())
     assert code == 1 and [f["source"] for f in written["failed"]] == [str(tmp_path / "empty.mp4")]
     assert written["settings"] == {"grid": [4, 32, 32], "fps": 8.0, "tail": "drop", "sampling": "upstream",
-                                   "rotation": "stored", "dtype": "float32", "precision": "default"}  # fmt: skip
+                                   "rotation": "stored", "clips_per_video": None, "dtype": "float32",
+                                   "precision": "default"}  # fmt: skip
 
 
 def test_eval_says_which_report_a_full_disk_kept_it_from_writing(folder, tmp_path, capsys, monkeypatch):
@@ -476,6 +499,7 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--random-weights", "-5"], "argument --random-weights: -5 must be in [0, 999999999999999999]"),
         (["--random-weights", "1" + "0" * 18], "argument --random-weights: 1000000000000000000 must be in [0, "),
         (["--workers", "100000"], "argument --workers: 100000 must be in [1, 1024]"),
+        (["--clips-per-video", "0"], "argument --clips-per-video: 0 must be >= 1"),
         (["--ray", ""], "argument --ray: must not be empty"),
         (["-o", ""], "argument -o/--output: must not be empty"),
         (["-o", str(folder / "moving.mp4")], f"argument -o/--output: {folder / 'moving.mp4'} exists and is not a "

@@ -1291,6 +1291,29 @@ def test_a_files_decode_tasks_each_read_a_segment_and_the_driver_joins_them(tmp_
     assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
 
 
+def test_a_file_split_for_decode_tasks_with_clips_per_video_is_split_within_them(tmp_path, monkeypatch):
+    """With ``clips_per_video`` 7 a file of 12 clips is planned within its first 7 clips (3 segments of 2 or more),
+    and its tasks' rows make the token file of one task reading those 7: the first 7 clips of reading it all."""
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 2)
+    settings = dataclasses.replace(SETTINGS, clips_per_video=7)
+    path = make_video(tmp_path / "long.mp4", frames=150, height=40, width=48, fps=24, x264=KEYINT)  # 12 clips
+    every = list(decode_rows({"file": 0, "path": str(path)}, settings=SETTINGS, dtype=torch.float32))
+    whole = list(decode_rows({"file": 0, "path": str(path)}, settings=settings, dtype=torch.float32))
+    segments, stamp = plan_segments(str(path), settings, 8)
+    parts = [list(decode_rows(row, settings=settings, dtype=torch.float32)) for row in part_rows(0, str(path),
+                                                                                                 segments, stamp)]
+    ends = [json.loads(rows[-1]["info"]) for rows in parts]
+    assert [(e["first"], e["clips"], e["parts"]) for e in ends] == [(0, 2, 3), (2, 2, 3), (4, 3, 3)]
+    clips = {r["clip"]: r["data"] for rows in parts for r in rows if r["kind"] == "clip"}
+    assert [clips[n] for n in range(7)] == [r["data"] for r in whole if r["kind"] == "clip"] == [
+        r["data"] for r in every if r["kind"] == "clip"][:7] and len(clips) == 7  # fmt: skip
+    model = LOAD()
+    split, _ = _assembled(model, path, tmp_path / "split", [r for rows in parts for r in rows], settings=settings)
+    one, _ = _assembled(model, path, tmp_path / "one", whole, settings=settings)
+    assert split.done == one.done == [str(path)]
+    assert token_bytes(tmp_path / "split") == token_bytes(tmp_path / "one")
+
+
 def test_a_split_file_whose_last_clip_is_padded_records_the_last_parts_real_frames(tmp_path, monkeypatch):
     """With --tail pad a file's last clip holds fewer real frames (2 of 4 here): split across decode tasks, the
     token file takes that count from the last part, as one task reading it all records it."""

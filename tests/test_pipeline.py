@@ -878,6 +878,52 @@ def test_a_long_file_split_across_workers_gets_the_tokens_of_one_read(model, sou
     assert stored.start_times.tolist() == whole.start_times and stored.last_chunk_frames == whole.last_clip_frames < t
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_clips_per_video_encodes_the_first_clips_split_or_not_and_resumes_what_it_can_keep(model, sources, kind,
+                                                                                           tmp_path, monkeypatch):
+    """``clips_per_video`` K: each token file holds the tokens of its video's first K clips, those of a run
+    without it, read whole or split across threads (the parts sharing those K clips) or read by worker processes,
+    and records K. A resume keeps a file whose video had fewer clips than both the limit it was made with and the one
+    asked for now, and redoes one the limit cut (or would cut), saying why."""
+    from titok_fast import video
+
+    long = make_video(tmp_path / "split.mp4", frames=225, height=40, width=48, fps=24,
+                      x264="keyint=24:min-keyint=24:scenecut=0")  # 18 clips and a padded one; an IDR every second
+    monkeypatch.setattr(video, "SEGMENT_CLIPS", 4)
+    splits, split = [], video.ClipFeed.split
+    monkeypatch.setattr(video.ClipFeed, "split", lambda feed, parts: splits.append(parts) or split(feed, parts))
+    files = [(sources["short"], "short"), (long, "long")]  # 1 clip; 19
+    engine = Engine(model, max_clips=4)
+
+    def run(limit, **kwargs):
+        settings = dataclasses.replace(SETTINGS, clips_per_video=limit)
+        return encode_files(model, engine, files, tmp_path / "out", settings, workers=3, worker_kind=kind,
+                            read_ahead=1, **kwargs)  # fmt: skip
+
+    summary = run(10)
+    assert sorted(summary.done) == sorted(str(path) for path, _ in files) and summary.clips == 11
+    assert [[s.first for s in segments] for segments in splits] == ([[5]] if kind == "thread" else [])  # (10 clips:
+    # two parts of 4 or more; a worker process splits by its own SEGMENT_CLIPS, unpatched, 16)
+    stored = load_tokens(tmp_path / "out" / "long.safetensors")
+    expected = direct_indices(model, long)
+    assert len(expected) == 19 and len(stored.all_indices()) == 10
+    assert all(torch.equal(a.long(), b) for a, b in zip(stored.all_indices(), expected[:10], strict=False))
+    assert stored.last_chunk_frames == SETTINGS.grid[0] and stored.made_with["clips_per_video"] == "10"
+    short = load_tokens(tmp_path / "out" / "short.safetensors")
+    assert torch.equal(short.indices.long(), torch.cat(direct_indices(model, sources["short"])))
+    assert run(10).skipped and run(1).skipped == [str(sources["short"])]  # 1 clip < 10 and <= 1: kept
+    assert load_tokens(tmp_path / "out" / "long.safetensors").token_counts.numel() == 1  # (cut at 1: redone)
+    again = run(None)  # no limit: the short one (1 clip, made with limit 10 then kept) is kept; the long one redone
+    assert again.skipped == [str(sources["short"])] and again.done == [str(long)]
+    assert "clips_per_video" not in load_tokens(tmp_path / "out" / "long.safetensors").made_with
+    wanted = pipeline._wanted(model, engine.mode, dataclasses.replace(SETTINGS, clips_per_video=18))
+    assert pipeline._redo_because(tmp_path / "out" / "long.safetensors", long, wanted) == (
+        "made another way (clips_per_video all, now 18)"
+    )
+    wanted = pipeline._wanted(model, engine.mode, dataclasses.replace(SETTINGS, clips_per_video=19))
+    assert pipeline._redo_because(tmp_path / "out" / "long.safetensors", long, wanted) == ""  # (19 clips in all)
+
+
 def test_preprocessing_on_the_device_gives_the_same_tokens_and_says_so(model, sources, tmp_path):
     files = [(sources["long"], "long"), (sources["odd"], "odd")]
     engine = Engine(model, max_clips=3)

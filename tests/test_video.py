@@ -852,7 +852,7 @@ def _split(path: str, parts: int, monkeypatch, **kwargs) -> tuple[list[torch.Ten
     head, segments = video.ClipReader(path, **kwargs), []
     head.split_into, head.on_split = parts, segments.extend
     clips = list(head)
-    assert head.pruned == bool(segments and segments[0].prunable)  # (an index only to split by: decoded whole)
+    assert not segments or head.pruned == segments[0].prunable  # (an index only to split by: decoded whole)
     for segment in segments:
         reader = video.ClipReader(path, segment=segment, **kwargs)
         clips += list(reader)
@@ -872,6 +872,43 @@ def test_a_file_read_in_segments_gives_the_clips_of_one_read(gops, monkeypatch, 
     assert len(segments) == 2 and 0 < segments[0].cut < segments[1].cut and segments[1].clips is None
     assert seeks == [segment.cut for segment in segments]
     assert len(clips) == len(every) and all(torch.equal(a, b) for a, b in zip(clips, every, strict=True))
+
+
+@pytest.mark.parametrize(("sampling", "tail", "fps"), [
+    ("upstream", "pad", 5), ("time", "pad", 7), ("time", "drop", 24),
+])  # fmt: skip
+def test_clips_per_video_gives_the_first_clips_of_one_read_whole_or_split(gops, monkeypatch, sampling, tail, fps):
+    """``clips_per_video`` K gives the first K clips of reading the whole file, bit for bit (all of them where it
+    has no more, the padded tail included), with their start times; read split, the parts share those K clips
+    and give the same; the decoder stops within a clip of the last frame they use."""
+    kwargs = dict(frames=3, height=32, width=32, fps=fps, sampling=sampling, tail=tail)
+    whole = video.ClipReader(gops, prune=False, **kwargs)
+    every = list(whole)
+    real_open, decoded = video.open_frames, []
+
+    @contextlib.contextmanager
+    def counted(*args, **kw):
+        with real_open(*args, **kw) as source:
+            frames = source.frames
+            source.frames = (decoded.append(i) or (i, frame) for i, frame in frames)
+            yield source
+
+    monkeypatch.setattr(video, "open_frames", counted)
+    for k in (1, 7, len(every) - 1, len(every), len(every) + 3):
+        n = min(k, len(every))
+        decoded.clear()
+        reader = video.ClipReader(gops, clips_per_video=k, **kwargs)
+        clips = list(reader)
+        assert len(clips) == n and all(torch.equal(a, b) for a, b in zip(clips, every, strict=False)), k
+        assert reader.start_times() == whole.start_times()[:n]
+        assert reader.last_clip_frames == (whole.last_clip_frames if n == len(every) else 3)
+        if k < len(every) - 1:  # a second of frames (24) a clip at most: decoding stopped after them
+            assert max(decoded) < (k + 1) * 24, (k, max(decoded))
+        split, segments, _ = _split(gops, 3, monkeypatch, clips_per_video=k, **kwargs)
+        assert all(segment.first < k for segment in segments)
+        assert len(split) == n and all(torch.equal(a, b) for a, b in zip(split, every, strict=False)), k
+    with pytest.raises(ValueError, match=r"^clips_per_video must be None or an integer >= 1; got 0$"):
+        video.ClipReader(gops, clips_per_video=0, **kwargs)
 
 
 # a key frame every 24 frames from each encoder, with its B-frames (x265), hidden alternate reference frames (libvpx)

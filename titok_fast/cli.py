@@ -411,7 +411,7 @@ def _settings(args: argparse.Namespace, model, tokens: int | None = None, engine
     return ClipSettings(
         grid=grid, tokens=tokens, fps=args.fps, tail=args.tail, sampling=args.sampling,
         decoder=getattr(args, "decoder", "cpu"), preprocess=getattr(args, "preprocess", "auto"),
-        rotation=args.rotation,
+        rotation=args.rotation, clips_per_video=args.clips_per_video,
     )  # fmt: skip
 
 
@@ -667,6 +667,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "weights": model.weights_digest, "results": table,
             "settings": {"grid": list(settings.grid), "fps": settings.fps, "tail": settings.tail,
                          "sampling": settings.sampling, "rotation": settings.rotation,
+                         "clips_per_video": settings.clips_per_video,
                          "dtype": str(model.dtype).removeprefix("torch."), "precision": model.precision},
             "failed": [{"source": source, "reason": reason} for source, reason in summary.failed],
         }, indent=2, allow_nan=False).encode()  # fmt: skip
@@ -1014,6 +1015,11 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         default="drop",
         help="a last chunk shorter than T frames: drop it, or pad it by repeating its last frame (default drop)",
     )
+    p.add_argument(
+        "--clips-per-video", type=_positive, default=None, metavar="K",
+        help="at most the first K clips of each video (decoding stops after them; a resume keeps a file whose "
+        "video had fewer clips than both limits) (default: all)",
+    )  # fmt: skip
     p.add_argument(
         "--sampling",
         choices=("upstream", "time"),

@@ -195,8 +195,9 @@ def _naming(path: str, reason: str) -> str:
 class ClipSettings:
     """How videos become clips: pixel grid (T, H, W), latent tokens per clip, sampling fps, tail policy and
     frame sampling ("upstream" frame indices, or "time" for variable frame rate), frame orientation ("stored",
-    or "display": turned as the container says to show them). ``prune``: the CPU decoder skips
-    frames no clip uses where that is exact (``ClipReader``); False decodes every frame, to measure the gain."""
+    or "display": turned as the container says to show them), ``clips_per_video``: at most a video's first that
+    many clips (None: all). ``prune``: the CPU decoder skips frames no clip uses where that is exact
+    (``ClipReader``); False decodes every frame, to measure the gain."""
 
     grid: tuple[int, int, int]
     tokens: int
@@ -207,6 +208,7 @@ class ClipSettings:
     preprocess: str = "auto"
     prune: bool = True
     rotation: str = "stored"
+    clips_per_video: int | None = None
 
     def read_kwargs(self, device: str = "cpu", dtype: torch.dtype | None = None) -> dict:
         """Arguments of ``ClipReader`` / ``stream_videos`` for these settings and a model on ``device`` ("cpu",
@@ -219,7 +221,7 @@ class ClipSettings:
         return dict(
             frames=t, height=h, width=w, fps=self.fps, tail=self.tail, sampling=self.sampling, **scaled,
             decoder=self.decoder, preprocess=self.preprocess, device=device, prune=self.prune, rotation=self.rotation,
-            upload="i420" if device == "cuda" else "rgb",
+            upload="i420" if device == "cuda" else "rgb", clips_per_video=self.clips_per_video,
         )  # fmt: skip
 
 
@@ -1576,6 +1578,8 @@ def _redo_reason(
     now = {k: asked.get(k, UNRECORDED_DEFAULTS.get(k, "unrecorded")) for k in keys}
     if "time_sampling" in now and same_time_sampling(was.get("time_sampling"), done.fps):
         was["time_sampling"] = now["time_sampling"]  # (an earlier rule that picks the same frames at this fps)
+    if "clips_per_video" in now and same_clips(was["clips_per_video"], now["clips_per_video"], len(done.token_counts)):
+        was["clips_per_video"] = now["clips_per_video"]  # (a video of fewer clips than either limit: all of them)
     grids = [g if g == "..." else "x".join(map(str, g)) for g in _distinct(done.grids)]
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(_distinct(done.token_counts)),
                grid=_recorded(grids))  # fmt: skip
@@ -1583,6 +1587,19 @@ def _redo_reason(
     ran, runs = _as_run(was), _as_run(now)
     differ = [f"{k} {brief(str(was[k]), 200)}, now {now[k]}" for k in was if ran[k] != runs[k]]
     return f"made another way ({'; '.join(differ)})" if differ else ""
+
+
+def same_clips(was: str, now: str, clips: int) -> bool:
+    """Whether a token file of ``clips`` clips, made with ``clips_per_video`` ``was`` (as recorded: a number, or
+    "all"), holds what one made with ``now`` would: the same limit, or a video that ended before ``was`` (so it
+    has ``clips`` clips in all) whose clips ``now`` takes all of."""
+    if was == now:
+        return True
+    try:
+        limits = [math.inf if limit == "all" else int(limit) for limit in (was, now)]
+    except (TypeError, ValueError):  # (a stranger's file may record anything: made another way)
+        return False
+    return clips < limits[0] and clips <= limits[1]
 
 
 def _as_run(made: dict[str, Any]) -> dict[str, Any]:
@@ -1789,11 +1806,11 @@ def _token_file(
 
 
 RESUME_KEYS = ("decoder", "preprocess", "device", "dtype", "backend", "mode", "precision", "rotation", "time_sampling",
-               "nvdec_rgb")  # fmt: skip
+               "nvdec_rgb", "clips_per_video")  # fmt: skip
 # made_with leaves these out when default. "precision" is no longer written: FP8 runs in the decoder only
 # (titok_fast/fp8.py), so every model encodes in the default precision; files that an earlier titok-fast made with
 # an FP8 encoder say "fp8" and are redone.
-UNRECORDED_DEFAULTS = {"precision": "default", "rotation": "stored"}
+UNRECORDED_DEFAULTS = {"precision": "default", "rotation": "stored", "clips_per_video": "all"}
 
 
 def made_with(
@@ -1811,7 +1828,8 @@ def made_with(
     a file has been read, what it got (``decoded_by``, ``preprocessed_on``) and the source's ``source_stamp``
     (size and mtime as it was opened; a resume redoes a source changed since), and ``made_by``, titok-fast's
     version (not compared: a new version resumes an old one's files). ``rotation`` is there only when it is not
-    the default, so files made before it was recorded still resume (``precision`` never: see UNRECORDED_DEFAULTS);
+    the default, so files made before it was recorded still resume (``precision`` never: see UNRECORDED_DEFAULTS),
+    and so is ``clips_per_video``;
     ``time_sampling`` (how sampling "time" reads timestamps) only with that sampling, so files it made before the
     rule was recorded are redone (their picks may differ); ``nvdec_rgb`` (how NVDEC's frames become RGB) only with
     ``--decoder nvdec``, likewise."""
@@ -1826,6 +1844,8 @@ def made_with(
     }
     if settings.rotation != UNRECORDED_DEFAULTS["rotation"]:
         made["rotation"] = settings.rotation
+    if settings.clips_per_video is not None:
+        made["clips_per_video"] = str(settings.clips_per_video)
     if settings.sampling == "time":
         made["time_sampling"] = TIME_SAMPLING
     if settings.decoder == "nvdec":

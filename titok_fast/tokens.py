@@ -84,13 +84,13 @@ SOURCE_FPS_KEY = "source_fps"
 
 # How the tokens were made: an optional object {name: str} under "made_with" (files without it load with {}).
 # Written by the encode pipeline: decoder / decoded_by (asked for, used), preprocess / preprocessed_on (asked for,
-# used), device, dtype, backend, mode, and rotation, time_sampling and nvdec_rgb where they apply (precision in files an
-# earlier version made with an FP8 encoder, which resumes redo). Resumed runs compare what was asked for
-# (pipeline.RESUME_KEYS), so files made different ways never mix: the same request on the same device gives the same
-# placement for a source, and a decoder the machine lacks is recorded as the one used (pipeline.decoder_here); not
-# decoded_by and preprocessed_on (what a file got, for the record), source_stamp (checked against the source),
-# reader (the day of the reader's latest fix, video.READER: a resume counts the files an earlier reader made) nor
-# made_by (titok-fast's version, for the record).
+# used), device, dtype, backend, mode, and rotation, time_sampling, nvdec_rgb and clips_per_video where they apply
+# (precision in files an earlier version made with an FP8 encoder, which resumes redo). Resumed runs compare what
+# was asked for (pipeline.RESUME_KEYS), so files made different ways never mix: the same request on the same
+# device gives the same placement for a source, and a decoder the machine lacks is recorded as the one used
+# (pipeline.decoder_here); not decoded_by and preprocessed_on (what a file got, for the record), source_stamp
+# (checked against the source), reader (the day of the reader's latest fix, video.READER: a resume counts the files
+# an earlier reader made) nor made_by (titok-fast's version, for the record).
 MADE_WITH_KEY = "made_with"
 # A digest of everything else the file holds: every tensor (name, shape and bytes, in TENSORS' order) and the other
 # metadata fields (as canonical JSON), so that it does not depend on how either is laid out in the file. A damaged

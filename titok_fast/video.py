@@ -104,6 +104,16 @@ def check_fps(fps: float) -> None:
         raise ValueError(f"fps must be in (0, {MAX_FPS:g}]; got {fps}")
 
 
+def check_clips_per_video(clips: int | None) -> int | None:
+    """``clips`` (a ClipReader's ``clips_per_video``) as an int, or None; a ValueError unless it is None or an
+    integer from 1 up."""
+    if clips is None:
+        return None
+    if not isinstance(clips, numbers.Integral) or isinstance(clips, bool) or clips < 1:
+        raise ValueError(f"clips_per_video must be None or an integer >= 1; got {clips!r}")
+    return int(clips)
+
+
 class VideoError(ValueError):
     """A file that cannot be read as clips; the message names the file and what was wrong."""
 
@@ -183,6 +193,9 @@ class ClipReader:
     to ``on_split(segments)``; ``clips_read`` then counts its own. :meth:`plan` gives those segments alone (a Ray
     job plans a file once, and each of its decode tasks reads one segment).
 
+    ``clips_per_video``: read at most the file's first that many clips (None: all); decoding stops after the
+    last frame they use, and a file split among readers is split within them.
+
     ``rotation``: "stored" (default) takes frames as they are stored, as upstream's reader does; "display" turns
     each one as the container's display matrix says to show it (phone videos are stored sideways), in quarter
     turns before it is resized (:func:`display_turns`; NVDEC's frames, which carry no matrix, as the first frame
@@ -213,6 +226,7 @@ class ClipReader:
         segment: Segment | None = None,
         upload: str = "rgb",
         dtype: torch.dtype = torch.float32,
+        clips_per_video: int | None = None,
     ):
         sizes = {"frames": frames, "height": height, "width": width, "threads": threads}
         wrong = next((k for k, v in sizes.items() if not isinstance(v, numbers.Integral) or isinstance(v, bool)), None)
@@ -241,6 +255,7 @@ class ClipReader:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
         self.dtype = dtype
+        self.clips_per_video = check_clips_per_video(clips_per_video)
         self.tail, self.threads, self.sampling, self.raw = tail, threads, sampling, raw
         self.decoder, self.preprocess, self.device, self.prune = decoder, preprocess, device, prune
         self.rotation, self.segment = rotation, segment
@@ -443,8 +458,8 @@ class ClipReader:
                         frames = _presentation_stamps(path, frames)
                     to_the_end = segment is None or segment.clips is None
                     images = _resample(path, frames, self.fps, image, zero, first_clip * self.frames, to_the_end)
-                if segment is not None and segment.clips is not None:
-                    images = itertools.islice(images, segment.clips * self.frames)
+                if (end := self._end_clip()) is not None:
+                    images = itertools.islice(images, max(0, end - first_clip) * self.frames)
                 try:
                     yield from itertools.islice(images, skip, None)
                 except av.FFmpegError as exc:
@@ -511,20 +526,27 @@ class ClipReader:
         (all of it)."""
         return self.segment or self._own
 
+    def _end_clip(self) -> int | None:
+        """The number in the file of the clip after the last this reader may give (its segment's end, or
+        ``clips_per_video``, whichever comes first); None: to the file's end."""
+        segment = self._segment()
+        ends = [segment.first + segment.clips] if segment is not None and segment.clips is not None else []
+        ends += [self.clips_per_video] if self.clips_per_video is not None else []
+        return min(ends, default=None)
+
     def _segment_needs(self, order: np.ndarray, time_base: Fraction) -> np.ndarray:
-        """:meth:`_needs` within this reader's segment."""
-        needed, segment = self._needs(order, time_base), self._segment()
-        if segment is None:
+        """:meth:`_needs` within this reader's segment and ``clips_per_video``."""
+        needed, first, end = self._needs(order, time_base), self.first_clip, self._end_clip()  # (clips)
+        if not first and end is None:
             return needed
-        end = None if segment.clips is None else segment.first + segment.clips  # clips
         if self.sampling == "upstream":
-            needed[: segment.first * self._chunk_length] = False
+            needed[: first * self._chunk_length] = False
             if end is not None:
                 needed[end * self._chunk_length :] = False
             return needed
         due = self._dues(order, time_base)
         shown_until = np.append(due[1:], np.iinfo(np.int64).max)  # output frames [due, shown_until) show frame i
-        needed &= shown_until > segment.first * self.frames
+        needed &= shown_until > first * self.frames
         if end is not None:
             after = np.flatnonzero(due >= end * self.frames)
             needed &= due < end * self.frames
@@ -576,6 +598,8 @@ class ClipReader:
 
             def first(clip: int) -> int:  # the frame a clip shows first (asked of a few clips only: a broken stamp
                 return int(np.searchsorted(due, clip * self.frames, side="right")) - 1  # may make billions)
+        if self.clips_per_video is not None:  # (only those are read: the parts share them)
+            clips = min(clips, self.clips_per_video)
         parts = min(self.split_into, clips // SEGMENT_CLIPS)
         bounds: list[tuple[int, int]] = [(0, 0)]  # (first clip, cut) of each segment
         for k in range(1, parts):
