@@ -945,7 +945,7 @@ def test_decode_builds_no_random_model_larger_than_the_largest_preset_for_a_toke
     files = [tmp_path / "0first.safetensors", tmp_path / "moving.safetensors"]
     code, stdout, _ = run("decode", *files, "-o", tmp_path / "w", capsys=capsys)
     assert code == 1 and "decoded 1 file(s)" in stdout
-    assert f"FAILED {files[0]} was made by weights random-seed1" in stdout
+    assert f"FAILED {files[0]}: made by weights random-seed1" in stdout
 
 
 def test_decode_takes_the_model_most_token_files_name_and_checks_a_random_digest(folder, tmp_path, capsys):
@@ -987,9 +987,13 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     files = [tmp_path / "0broken.safetensors", tmp_path / "moving.safetensors"]
     code, stdout, _ = run("decode", *files, "-o", tmp_path / "v", capsys=capsys)
     assert code == 1 and "decoded 1 file(s)" in stdout and "FAILED" in stdout and "0broken" in stdout
-    code, _, err = run("decode", files[0], "-o", tmp_path / "v", capsys=capsys)  # no file names a model: the reason
-    assert code == 2 and err.startswith(f"titok-fast: error: none of the token files can be read and name a model "
+    code, _, err = run("decode", files[0], "-o", tmp_path / "v", capsys=capsys)  # no token file at all: the reason
+    assert code == 2 and err.startswith(f"titok-fast: error: none of the 1 file(s) given is a readable token file "
                                         f"({files[0]}: not a readable safetensors file (")  # fmt: skip
+    code, _, err = run("decode", folder / "moving.mp4", "-o", tmp_path / "v", capsys=capsys)  # a video: said
+    assert code == 2 and err == (f"titok-fast: error: none of the 1 file(s) given is a readable token file "
+                                 f"({folder / 'moving.mp4'}: a video file, not a token file: `titok-fast encode` "
+                                 "makes token files from videos)\n")  # fmt: skip
     code, _, err = run("decode", tmp_path / "typo.safetensors", files[1], "-o", tmp_path / "v", capsys=capsys)
     assert code == 2 and err == f"titok-fast: error: input {str(tmp_path / 'typo.safetensors')!r} does not exist\n"
     good = load_tokens(files[1])  # a readable file whose model config no model may have does not name the model
@@ -1003,10 +1007,10 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     save_tokens(tmp_path / "0evil.safetensors", evil)
     code, stdout, _ = run("decode", tmp_path / "0evil.safetensors", files[1], "-o", tmp_path / "e", capsys=capsys)
     assert code == 1 and "decoded 1 file(s)" in stdout, stdout
-    assert f"FAILED {tmp_path / '0evil.safetensors'} was made by weights 0123456789abcdef" in stdout
+    assert f"FAILED {tmp_path / '0evil.safetensors'}: made by weights 0123456789abcdef" in stdout
     save_tokens(tmp_path / "0long.safetensors", dataclasses.replace(evil, weights_digest="d" * 900_000))
     code, stdout, _ = run("decode", tmp_path / "0long.safetensors", files[1], "-o", tmp_path / "l", capsys=capsys)
-    assert code == 1 and f"0long.safetensors was made by weights {'d' * 61}..., the loaded model is " in stdout
+    assert code == 1 and f"0long.safetensors: made by weights {'d' * 61}..., the loaded model by " in stdout
     assert max(map(len, stdout.splitlines())) < 400  # (a stranger's MiB of metadata is not one line of output)
     code, _, err = run("decode", tmp_path / "0long.safetensors", "-o", tmp_path / "l", capsys=capsys)
     assert code == 2 and f"name weights {'d' * 61}... from '/etc/passwd'; token files are not trusted" in err

@@ -259,12 +259,14 @@ def test_token_files_read_ahead_in_threads_pack_the_same_shards(tmp_path, monkey
 def test_with_packs_the_files_beside_each_source_under_its_key(tmp_path, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()
-    for k in range(3):
+    for k in range(4):
         make_video(tmp_path / f"{k}.mp4", frames=12, height=32, width=48, fps=8)
     with tarfile.open(videos / "00000.tar", "w") as tar:  # a video2dataset shard: a video, its record and caption
-        for k in range(2):
+        for k in (0, 1, 3):  # (000000003: no caption)
             for extension, data in (("mp4", (tmp_path / f"{k}.mp4").read_bytes()), ("json", b'{"k": %d}' % k),
                                     ("txt", b"a caption %d" % k)):  # fmt: skip
+                if k == 3 and extension == "txt":
+                    continue
                 info = tarfile.TarInfo(f"00000000{k}.{extension}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -277,18 +279,28 @@ def test_with_packs_the_files_beside_each_source_under_its_key(tmp_path, capsys)
     tokens = tmp_path / "tokens"
     assert run("encode", videos, "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
     code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", "--per-folder", "--with", "json,txt", capsys=capsys)
-    assert code == 1 and "packed 3 token file(s)" in out and "failed 1 token file(s)" in out, out
-    assert f"FAILED {tokens}/loose/v2.safetensors: {videos}/loose/v2.json, beside its source, cannot be packed" in out
+    assert code == 0 and "packed 5 token file(s)" in out and "FAILED" not in out, out  # (what is missing: said)
+    assert "\n1 token file(s) in them without a .json (none beside their source)\n" in out
+    assert out.endswith("\n2 token file(s) in them without a .txt (none beside their source)\n"), out
     held = members(tmp_path / "shards" / "00000.tar")
-    assert list(held) == [f"00000000{k}.{e}" for k in range(2) for e in ("safetensors", "json", "txt")]
+    assert list(held) == [f"00000000{k}.{e}" for k in (0, 1) for e in ("safetensors", "json", "txt")] + [
+        "000000003.safetensors", "000000003.json"]  # fmt: skip
     assert held["000000001.txt"] == b"a caption 1" and held["000000000.json"] == b'{"k": 0}'
     samples = [(name, beside) for name, _, beside in read_shard(tmp_path / "shards" / "00000.tar")]
-    assert samples == [(f"00000000{k}", {"json": b'{"k": %d}' % k, "txt": b"a caption %d" % k}) for k in range(2)]
-    assert list(members(tmp_path / "shards" / "loose.tar")) == ["v1.safetensors", "v1.json", "v1.txt"]
+    assert samples == [(f"00000000{k}", {"json": b'{"k": %d}' % k, "txt": b"a caption %d" % k}) for k in (0, 1)] + [
+        ("000000003", {"json": b'{"k": 3}'})]  # fmt: skip
+    assert list(members(tmp_path / "shards" / "loose.tar")) == ["v1.safetensors", "v1.json", "v1.txt",
+                                                                 "v2.safetensors"]  # fmt: skip
     (videos / "loose" / "v2.json").write_bytes(b"{}")
     (videos / "loose" / "v2.txt").write_bytes(b"late caption")
     code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", "--per-folder", "--with", "json,txt", capsys=capsys)
     assert code == 0 and "packed 2 token file(s)" in out and "kept 1 shard(s) already complete" in out, out
+    assert out.endswith("\n1 token file(s) in them without a .txt (none beside their source)\n"), out
+    (videos / "loose" / "v2.txt").unlink()  # there, but not a file that can be packed: that token file fails alone
+    (videos / "loose" / "v2.txt").mkdir()
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "folder", "--per-folder", "--with", "txt", capsys=capsys)
+    assert code == 1 and f"FAILED {tokens}/loose/v2.safetensors: {videos}/loose/v2.txt, beside its source, cannot " \
+        "be packed" in out, out  # fmt: skip
     os.utime(videos / "loose" / "v1.mp4", ns=(0, 0))  # the source is no longer the file the tokens were made from
     code, out, _ = run("pack", tokens, "-o", tmp_path / "again", "--per-folder", "--with", "txt", capsys=capsys)
     assert code == 1 and "v1.mp4' is not the file its tokens were made from" in out, out
@@ -463,8 +475,7 @@ def test_pack_says_its_own_options_and_names(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.safetensors").write_bytes(b"junk")
     code, _, err = run("pack", tmp_path / "junk", "-o", tmp_path / "o", capsys=capsys)
-    assert code == 2 and "none of the token files can be read and name a model" in err
-    assert "--force packs them as they are" in err and "--checkpoint" not in err
+    assert code == 2 and "none of the 1 file(s) given is a readable token file" in err and "--checkpoint" not in err
     one, two = token_folder(tmp_path / "one", ["a"]), token_folder(tmp_path / "two", ["a"])
     code, _, err = run("pack", one, two, "-o", tmp_path / "o", capsys=capsys)
     assert code == 2 and "would both write a.safetensors" in err and ".mp4" not in err

@@ -34,6 +34,10 @@ class ArchiveError(OSError):
     OSError, as a file that cannot be read is)."""
 
 
+class NoSuchMember(ArchiveError):
+    """A member path that names nothing in its archive (as FileNotFoundError says of a plain path)."""
+
+
 @dataclass(frozen=True)
 class Member:
     """A regular file inside a tar archive: its bytes are ``size`` bytes of ``archive`` from byte ``offset``."""
@@ -112,7 +116,9 @@ def member_of(path: str | os.PathLike[str]) -> Member | None:
     span = listing.members.get(name)
     if span is None:
         why = dict(listing.left_out).get(name) if name else None
-        raise ArchiveError(f"{archive}: {why}" if why else f"no file {found[1]!r} in the archive {archive}")
+        if why:
+            raise ArchiveError(f"{archive}: {why}")
+        raise NoSuchMember(f"no file {found[1]!r} in the archive {archive}")
     return Member(archive, name, span[0], span[1], st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 

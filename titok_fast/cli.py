@@ -530,7 +530,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _check_not_within(args.output, files.folders)
     accept = None
     if not args.force:  # one model's tokens: those most of the files read first name (decode's rule)
-        naming = _naming_a_model(files, _recorded_config, "--force packs them as they are")[0]
+        naming = _naming_a_model(files, _recorded_config)[0]
         accept = functools.partial(_made_by, naming)
     with _progress(total=len(files), unit="file") as bar:
         packed = pack_tokens(
@@ -581,19 +581,20 @@ class _Naming(NamedTuple):
     model_config: dict
 
 
-def _naming_a_model(files, config_of=None, otherwise: str = "") -> list[_Naming]:
+def _naming_a_model(files, config_of=None) -> list[_Naming]:
     """The readable token files among ``files`` whose model config is one a model may be built from, one per
     weights and config, those named by more of the files read first (ties: in the order read), so that a stranger's
     file among a dataset's does not choose the model the others are decoded with. Files are read until
     MAX_FILES_WITHOUT_NEW_WEIGHTS in a row name none other (a dataset's files usually all name the same), at most
     MAX_FILES_FOR_WEIGHTS once one has (every file until then); if none names a model, a ValueError saying so, with
-    the first reason. ``config_of``: a token file -> (its config, "") or (None, why not), default
-    :func:`_model_config_of`; ``otherwise``: what that error suggests (default: decode's options)."""
-    from .pipeline import _one_line
+    the first reason (where none is a token file, that: a video given to decode is said to be one). ``config_of``: a
+    token file -> (its config, "") or (None, why not), default :func:`_model_config_of`."""
+    from .pipeline import VIDEO_EXTENSIONS, _one_line
     from .tokens import TokenFileError, load_tokens
 
     unusable, named = "", {}  # the first file read whose model could not be built (decode_files fails them alone)
     since_new = 0  # files read since the last new weights and config
+    loaded = False  # whether any file read is a token file
     for read, (path, _) in enumerate(files):
         if named and (since_new == MAX_FILES_WITHOUT_NEW_WEIGHTS or read >= MAX_FILES_FOR_WEIGHTS):  # (until one
             break  # names a model, every file is read)
@@ -601,8 +602,11 @@ def _naming_a_model(files, config_of=None, otherwise: str = "") -> list[_Naming]
         try:
             token_file = load_tokens(path)
         except (TokenFileError, OSError) as e:  # (its message names the file)
-            unusable = unusable or f" ({_one_line(e)})"
+            video = os.path.splitext(os.fspath(path))[1].lower() in VIDEO_EXTENSIONS
+            unusable = unusable or (f" ({path}: a video file, not a token file: `titok-fast encode` makes token files "
+                                    "from videos)" if video else f" ({_one_line(e)})")  # fmt: skip
             continue
+        loaded = True
         config, problem = (config_of or _model_config_of)(token_file)
         if not problem:  # (the config as read: fields it does not know, which a stranger's file may hold a MB of,
             key = (token_file.weights_digest, token_file.weights_source, repr(config))  # are left out)
@@ -612,9 +616,11 @@ def _naming_a_model(files, config_of=None, otherwise: str = "") -> list[_Naming]
                 named[key] = [1, _Naming(token_file.weights_digest, token_file.weights_source, config)]
                 since_new = 0
         unusable = unusable or (f" ({path}: {problem})" if problem else "")
+    if not loaded:
+        raise ValueError(f"none of the {len(files):,} file(s) given is a readable token file{unusable}")
     if not named:
-        raise ValueError(f"none of the token files can be read and name a model{unusable}: " + (otherwise or "pass "
-                         "--checkpoint (or --random-weights SEED for files made with random weights)"))  # fmt: skip
+        raise ValueError(f"none of the token files can be read and name a model{unusable}: pass --checkpoint (or "
+                         "--random-weights SEED for files made with random weights)")  # fmt: skip
     return [naming for _, naming in sorted(named.values(), key=lambda entry: -entry[0])]  # (a stable sort)
 
 
@@ -1171,7 +1177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="beside", type=_extensions, default=(), metavar="EXT[,EXT...]",
                    help="also pack the files of these extensions beside each token file's source video, of its stem "
                    "(--with json,txt: 000000001.json and .txt beside 000000001.mp4, in its folder or tar archive), "
-                   "under its key: its source must be the very file its tokens were made from")  # fmt: skip
+                   "under its key (one not there is left out, and counted): its source must be the very file its "
+                   "tokens were made from")  # fmt: skip
     _add_list_names_arg(p, "safetensors", "safetensors")
     p.add_argument("--force", action="store_true", help="pack token files of any weights and model config (by "
                    "default those of the model most of the files read first name, as decode takes)")  # fmt: skip

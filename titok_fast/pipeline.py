@@ -1971,14 +1971,15 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
         if seed is not None and seed == random_seed(model.weights_digest):  # (the digest covers the config too)
             right = f"--random-weights {seed} with the right --config: it was made by those random weights with " \
                     "another config"  # fmt: skip
+        loaded = f"by {model.weights_digest}" if model.weights_digest else "records none (random, from no seed)"
         raise ValueError(
-            f"{path} was made by weights {brief(token_file.weights_digest, 64)}, the loaded model is "
-            f"{model.weights_digest}; pass {right}, or --force to decode anyway"
+            f"{path}: made by weights {brief(token_file.weights_digest, 64)}, the loaded model {loaded}; pass "
+            f"{right}, or --force to decode anyway"
         )
     differ = config_difference(token_file.model_config, model.config)
     if differ:
         raise ValueError(
-            f"{path} was made by another model config than the loaded one ({differ}); decode it with its --config "
+            f"{path}: made by another model config than the loaded one ({differ}); decode it with its --config "
             "beside --checkpoint or --random-weights, or --force to decode anyway"
         )
 

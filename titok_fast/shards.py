@@ -19,6 +19,7 @@ to the first dot of its base name), and titok-fast reads them in place (``load_t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .archives import ArchiveError, is_archive, is_file, member_of, open_listed, split_member
+from .archives import ArchiveError, NoSuchMember, is_archive, is_file, member_of, open_listed, split_member
 from .files import (
     MAX_PER_SHARD,
     PER_SHARD,
@@ -116,6 +117,8 @@ class Packed:
     failed: list[tuple[str, str]] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    without: collections.Counter = field(default_factory=collections.Counter)  # extension -> token files packed
+    # (or kept) without a file of it beside their source, where there is none
     clips: int = 0
     seconds: float = 0.0
 
@@ -124,6 +127,8 @@ class Packed:
                  f"shard(s) in {outdir} in {self.seconds:.1f} s"]  # fmt: skip
         if self.kept:
             lines.append(f"kept {len(self.kept):,} shard(s) already complete ({len(self.skipped):,} token file(s))")
+        lines += [f"{count:,} token file(s) in them without a .{extension} (none beside their source)"
+                  for extension, count in sorted(self.without.items())]  # fmt: skip
         if self.failed:
             lines.append(f"failed {len(self.failed):,} token file(s), not packed:")
             lines += [f"  FAILED {escaped(_naming(path, reason))}" for path, reason in self.failed]
@@ -153,8 +158,9 @@ def pack_tokens(
     of its stem (``000000001.json`` beside ``000000001.mp4``, in its folder or archive), packed beside its tokens
     under its member's name (``000000001.json``) in that order: read only where the source is the very file the
     tokens were made from (the size and modification time the token file records), as ``decode --side-by-side``
-    reads it, each at most MAX_BESIDE_BYTES; a token file whose source or file beside it cannot be read so fails
-    alone. ``progress`` is called with the number of token files passed, as they are."""
+    reads it, each at most MAX_BESIDE_BYTES; one that is not there is left out (``Packed.without`` counts them),
+    and a token file whose source, or a file beside it that is there, cannot be read so fails alone.
+    ``progress`` is called with the number of token files passed, as they are."""
     start = time.perf_counter()
     outdir = Path(absolute(outdir))
     shards = plan_shards(files, per_shard)
@@ -165,16 +171,18 @@ def pack_tokens(
     for shard in shards:
         path = outdir / f"{shard.name}.tar"
         failed: list[tuple[str, str]] = []
+        without: collections.Counter = collections.Counter()
         try:
-            if not overwrite and _complete(path, _token_files(shard, accept, beside, threads, failed)):
+            if not overwrite and _complete(path, _token_files(shard, accept, beside, threads, failed, without)):
                 packed.kept.append(str(path))
                 failing = {source for source, _ in failed}
                 packed.skipped += [source for source, _ in shard.files if source not in failing]
             else:
-                failed, done = [], []
-                packed.clips += _write(path, _token_files(shard, accept, beside, threads, failed), done)
+                failed, done, without = [], [], collections.Counter()
+                packed.clips += _write(path, _token_files(shard, accept, beside, threads, failed, without), done)
                 packed.written.append(str(path))
                 packed.done += done
+            packed.without += without
         except OSError as e:  # (its folder or file cannot be made: a name too long, no permission) that shard's
             if e.errno in NO_ROOM:  # files fail alone; a full disk fails every shard after it: the run stops
                 raise OSError(e.errno, f"cannot write {path} ({e.strerror}): the run stops") from None
@@ -190,11 +198,13 @@ def pack_tokens(
 
 class _Read(NamedTuple):
     """A token file read for packing: its members ((name, bytes): the token file's, then the files beside its
-    source), what it holds and its modification time (whole seconds)."""
+    source), what it holds, its modification time (whole seconds) and the extensions asked for beside its source
+    that are not there."""
 
     members: tuple[tuple[str, bytes], ...]
     token_file: TokenFile
     mtime: int
+    missing: tuple[str, ...] = ()
 
 
 def _read(source: str, member: str, accept: Accept | None, beside: Sequence[str],
@@ -210,14 +220,15 @@ def _read(source: str, member: str, accept: Accept | None, beside: Sequence[str]
         token_file = load_tokens(source, data)
         if accept is not None and (why := accept(source, token_file)):
             raise TokenFileError(f"{source}: {why}")
-        members = ((member, data), *_beside_source(source, member, token_file, beside, budget - len(data)))
+        missing: list[str] = []
+        members = ((member, data), *_beside_source(source, member, token_file, beside, budget - len(data), missing))
         found = member_of(source)  # (the modification time of an archive's member: its archive's)
         mtime_ns = os.stat(source).st_mtime_ns if found is None else found.mtime_ns
     except _OverBudget:
         return None
     except (TokenFileError, OSError) as e:
         return e
-    return _Read(members, token_file, mtime_ns // 1_000_000_000)
+    return _Read(members, token_file, mtime_ns // 1_000_000_000, tuple(missing))
 
 
 class _OverBudget(Exception):
@@ -234,11 +245,12 @@ def _size(path: str) -> int:
 
 
 def _beside_source(source: str, member: str, token_file: TokenFile, extensions: Sequence[str],
-                   budget: float = math.inf) -> list:  # fmt: skip
-    """(member name, bytes) of the files of ``extensions`` beside the token file's source video, of its stem;
-    TokenFileError naming the token file ``source`` where its source is not the file its tokens were made from (a
-    stranger's token file cannot have another file read) or a file beside it cannot be read; _OverBudget where they
-    hold more than ``budget`` bytes."""
+                   budget: float = math.inf, missing: list[str] | None = None) -> list:  # fmt: skip
+    """(member name, bytes) of the files of ``extensions`` beside the token file's source video, of its stem, the
+    extensions of those not there appended to ``missing`` (a video with no caption: its tokens are packed without
+    one); TokenFileError naming the token file ``source`` where its source is not the file its tokens were made from
+    (a stranger's token file cannot have another file read) or a file beside it cannot be read; _OverBudget where
+    they hold more than ``budget`` bytes."""
     if not extensions:
         return []
     video, recorded = token_file.source, token_file.made_with.get("source_stamp")
@@ -257,6 +269,10 @@ def _beside_source(source: str, member: str, token_file: TokenFile, extensions: 
             raise _OverBudget
         try:
             found.append((f"{key}.{extension}", read_at_most(path, MAX_BESIDE_BYTES, BESIDE_KIND)))
+        except (FileNotFoundError, NoSuchMember):
+            if missing is not None:
+                missing.append(extension)
+            continue
         except (OSError, ValueError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise TokenFileError(f"{source}: {brief(stem)}.{extension}, beside its source, cannot be packed "
@@ -279,9 +295,11 @@ def _read_chunk(chunk: Sequence[tuple[str, str]], accept: Accept | None, beside:
 
 
 def _token_files(shard: Shard, accept: Accept | None, beside: Sequence[str], threads: int,
-                 failed: list[tuple[str, str]]) -> Iterator[tuple[str, _Read]]:  # fmt: skip
+                 failed: list[tuple[str, str]], without: collections.Counter,
+                 ) -> Iterator[tuple[str, _Read]]:  # fmt: skip
     """(token file, :func:`_read`'s result) for each of ``shard``'s files that can be packed, in order, read
-    ``threads`` at a time ahead (0: each as it comes); those that cannot go to ``failed``, with why."""
+    ``threads`` at a time ahead (0: each as it comes); those that cannot go to ``failed``, with why; the extensions
+    missing beside the sources of those given are counted in ``without``."""
     fetched = _ahead(functools.partial(_read_chunk, accept=accept, beside=beside), shard.files, threads)
     try:
         for (source, member), read in zip(shard.files, fetched, strict=True):
@@ -289,6 +307,7 @@ def _token_files(shard: Shard, accept: Accept | None, beside: Sequence[str], thr
             if isinstance(got, Exception):
                 failed.append((source, _one_line(got)))
             else:
+                without.update(got.missing)
                 yield source, got
     finally:
         fetched.close()

@@ -235,10 +235,10 @@ class TokenFile:
         """[chunks, frames_per_chunk] int64: the source frames each chunk's frames are, numbered from the video's
         first decoded frame (0), with sampling "upstream": chunk c spans source frames [c * L, (c + 1) * L), L =
         int(frames_per_chunk * (source_fps / fps)), and picks numpy.linspace(c * L, c * L + L - 1,
-        frames_per_chunk, dtype=int). In a padded last chunk only the first last_chunk_frames picks are frames the
-        video has (the rest repeat the last of them). ValueError where the file does not say: sampling "time" (a
-        chunk's frames are those shown at start_times[c] + k / fps), or no source_fps (written before it was
-        recorded)."""
+        frames_per_chunk, dtype=int); in a padded last chunk the picks past its first last_chunk_frames (past the
+        video's end) are the last of those, which the padding repeats. ValueError where the file does not say:
+        sampling "time" (a chunk's frames are those shown at start_times[c] + k / fps), or no source_fps (written
+        before it was recorded)."""
         if self.sampling != "upstream":
             raise ValueError(f"sampling {self.sampling!r} picks frames by their times, not by their numbers: chunk c's "
                              "frame k is the one shown at start_times[c] + k / fps")  # fmt: skip
@@ -250,7 +250,10 @@ class TokenFile:
                              f"make chunks of {span:.3g} source frames")  # fmt: skip
         length = chunk_length(self.frames_per_chunk, self.source_fps, self.fps)
         chunks = np.arange(self.token_counts.numel())
-        return torch.from_numpy(chunk_picks(chunks, self.frames_per_chunk, length).astype(np.int64))
+        picks = chunk_picks(chunks, self.frames_per_chunk, length).astype(np.int64)
+        if len(picks) and 0 < self.last_chunk_frames < self.frames_per_chunk:  # (the padding: the last real frame)
+            picks[-1, self.last_chunk_frames :] = picks[-1, self.last_chunk_frames - 1]
+        return torch.from_numpy(picks)
 
 
 def save_tokens(path: str | os.PathLike[str], token_file: TokenFile) -> None:
