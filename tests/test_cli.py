@@ -499,7 +499,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--random-weights", "-5"], "argument --random-weights: -5 must be in [0, 999999999999999999]"),
         (["--random-weights", "1" + "0" * 18], "argument --random-weights: 1000000000000000000 must be in [0, "),
         (["--workers", "100000"], "argument --workers: 100000 must be in [1, 1024]"),
-        (["--clips-per-video", "0"], "argument --clips-per-video: 0 must be >= 1"),
+        (["--clips-per-video", "0"], "argument --clips-per-video: 0 must be in [1, 2147483647]"),
+        (["--clips-per-video", str(2**63)], f"argument --clips-per-video: {2**63} must be in [1, 2147483647]"),
         (["--ray", ""], "argument --ray: must not be empty"),
         (["-o", ""], "argument -o/--output: must not be empty"),
         (["-o", str(folder / "moving.mp4")], f"argument -o/--output: {folder / 'moving.mp4'} exists and is not a "

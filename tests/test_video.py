@@ -907,8 +907,49 @@ def test_clips_per_video_gives_the_first_clips_of_one_read_whole_or_split(gops, 
         split, segments, _ = _split(gops, 3, monkeypatch, clips_per_video=k, **kwargs)
         assert all(segment.first < k for segment in segments)
         assert len(split) == n and all(torch.equal(a, b) for a, b in zip(split, every, strict=False)), k
-    with pytest.raises(ValueError, match=r"^clips_per_video must be None or an integer >= 1; got 0$"):
-        video.ClipReader(gops, clips_per_video=0, **kwargs)
+    for wrong in (0, 2**31):
+        with pytest.raises(ValueError, match=rf"^clips_per_video must be None or an integer in \[1, 2147483647\]; "
+                                             rf"got {wrong}$"):  # fmt: skip
+            video.ClipReader(gops, clips_per_video=wrong, **kwargs)
+    assert len(list(video.ClipReader(gops, clips_per_video=2**31 - 1, **kwargs))) == len(every)
+
+
+def test_a_few_clips_of_a_long_file_are_read_without_its_index_and_a_pause_after_them_is_said_of_no_frame(
+    tmp_path, capsys
+):
+    """Clips spanning less than a sixteenth of a video (as its container says) are decoded from its start, without
+    the index of the whole file (which reads every packet); more of them are read pruned, through it. Those ending
+    in a pause (sampling "time") stop at the frame after the pause, pruned: not the file's last frame, so no notice
+    says it is stamped far after the one before it; the clips are the first of a whole read either way."""
+    path = tmp_path / "paused.mp4"  # 10 s at 30 fps, a pause of 5 s, 5 s more: 20 s; no B-frames
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = {"x264-params": "keyint=30:min-keyint=30:scenecut=0", "preset": "ultrafast"}
+        stream.codec_context.time_base = Fraction(1, 90000)
+        for i, stamp in enumerate([3000 * k for k in range(300)] + [1350000 + 3000 * k for k in range(150)]):
+            frame = av.VideoFrame.from_ndarray(videos.pattern_frame("moving", i, 32, 32), "rgb24")
+            frame.pts, frame.time_base = stamp, Fraction(1, 90000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    kwargs = dict(frames=3, height=32, width=32, fps=8, sampling="time")
+    every = list(video.ClipReader(str(path), prune=False, **kwargs))
+    assert len(every) == 53 and capsys.readouterr().err == ""
+    indexed, stream_index = [], video.stream_index
+    video_index = lambda *args, **kw: indexed.append(args) or stream_index(*args, **kw)  # noqa: E731
+    for k, pruned in ((3, False), (28, True)):  # 1.1 s and 10.5 s of 20 s: below and above a sixteenth
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(video, "stream_index", video_index)
+            reader = video.ClipReader(str(path), clips_per_video=k, **kwargs)
+            clips = list(reader)
+        assert len(clips) == k and all(torch.equal(a, b) for a, b in zip(clips, every, strict=False))
+        assert reader.pruned == pruned and bool(indexed) == pruned and capsys.readouterr().err == "", k
+        indexed.clear()
+        with pytest.MonkeyPatch.context() as patch:  # (a Ray job's plan: the same rule)
+            patch.setattr(video, "stream_index", video_index)
+            video.ClipReader(str(path), clips_per_video=k, **kwargs).plan(4)
+        assert bool(indexed) == pruned
+        indexed.clear()
 
 
 # a key frame every 24 frames from each encoder, with its B-frames (x265), hidden alternate reference frames (libvpx)

@@ -29,6 +29,7 @@ from . import __version__
 from .archives import ARCHIVE_CUT
 from .files import (
     DEBUG_ENV,
+    MAX_CLIPS_PER_VIDEO,
     MAX_FPS,
     MAX_PER_SHARD,
     MAX_RAY_RETRIES,
@@ -1022,9 +1023,8 @@ def _add_clip_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
         help="a last chunk shorter than T frames: drop it, or pad it by repeating its last frame (default drop)",
     )
     p.add_argument(
-        "--clips-per-video", type=_positive, default=None, metavar="K",
-        help="at most the first K clips of each video (decoding stops after them; a resume keeps a file whose "
-        "video had fewer clips than both limits) (default: all)",
+        "--clips-per-video", type=_int_between(1, MAX_CLIPS_PER_VIDEO), default=None, metavar="K",
+        help="at most the first K clips of each video, decoding stopped after them (default: all)",
     )  # fmt: skip
     p.add_argument(
         "--sampling",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -40,6 +41,7 @@ MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files r
 MIN_WRITE_FPS = 1e-4  # the slowest rate a video is written at (libav refuses far slower ones; 0 meant 24 fps)
 PER_SHARD = 10_000  # token files a shard by default (shards.pack_tokens): video2dataset's videos a shard
 MAX_PER_SHARD = 10_000_000
+MAX_CLIPS_PER_VIDEO = 2**31 - 1  # --clips-per-video (more than a token file holds: as many as "all")
 
 
 def escaped(text: str) -> str:
@@ -364,18 +366,26 @@ def network_file_system(path: str | os.PathLike[str], mounts: str = MOUNTS) -> s
         return None
     path = os.path.realpath(path)
     found, depth = None, -1
-    for line in text.splitlines():
-        fields, _, rest = line.partition(" - ")
-        fields, rest = fields.split(), rest.split()
-        if len(fields) < 5 or not rest:
-            continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040: a space
+    for point, kind in _mount_points(text):
         if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= depth:
-            found, depth = rest[0], len(point)  # the deepest mount holding path; of those, the last mounted
+            found, depth = kind, len(point)  # the deepest mount holding path; of those, the last mounted
     if found is None:
         return None
     kind, _, program = found.partition(".")  # fuse.sshfs -> fuse, sshfs
     return found if kind in NETWORK_FILE_SYSTEMS and program not in LOCAL_FUSE else None
+
+
+@functools.lru_cache(maxsize=4)
+def _mount_points(text: str) -> tuple[tuple[str, str], ...]:
+    """(mount point, file system type) of each line of a mountinfo table, in its order: parsed once per table
+    (a run asks of every list it reads, and tables rarely change)."""
+    points = []
+    for line in text.splitlines():
+        fields, _, rest = line.partition(" - ")
+        fields, rest = fields.split(), rest.split()
+        if len(fields) >= 5 and rest:  # (\040 in a mount point: a space)
+            points.append((re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]), rest[0]))
+    return tuple(points)
 
 
 def interrupt_name(error: KeyboardInterrupt) -> str:

@@ -340,8 +340,8 @@ def _write(path: Path, read: Iterator[tuple[str, _Read]], done: list[str]) -> in
     """Write the token files ``read`` gives (:func:`_token_files`) to the shard ``path`` (atomically), those
     packed to ``done``; the number of chunks packed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    chunks = 0
-    with (open_atomically(path, tidy=True, buffering=WRITE_BUFFER) as file, contextlib.closing(read),
+    chunks = 0  # (not tidy: the temporaries killed runs left were swept once, by _check_outputs, not once a shard)
+    with (open_atomically(path, buffering=WRITE_BUFFER) as file, contextlib.closing(read),
           tarfile.open(fileobj=file, mode="w", format=PAX) as tar):  # fmt: skip
         for source, got in read:
             for member, data in got.members:

@@ -136,8 +136,8 @@ class TokenFile:
     weights_source: where the weights came from: a checkpoint path, "hf://owner/name@<commit>:<file>" for Hub
         weights, "" if unknown or random
     made_with: how the tokens were made (decoder, preprocessing, device, dtype, backend, mode; rotation when not
-        the default; time_sampling with sampling "time"; nvdec_rgb with decoder "nvdec"; reader, source_stamp,
-        made_by); {} if unknown
+        the default; time_sampling with sampling "time"; nvdec_rgb with decoder "nvdec"; clips_per_video when
+        given; reader, source_stamp, made_by); {} if unknown
     chunk_seconds: the source time one chunk spans (finite, > 0: upstream's sampling takes int(T x source fps /
         fps) source frames a chunk), None if unknown
     source_fps: the source's average frame rate, as the reader took it (finite, > 0), None if unknown

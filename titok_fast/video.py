@@ -73,13 +73,14 @@ from .decoders import (
     nv12_clip_rgb,
     open_frames,
     open_input,
+    open_tags,
     open_unprobed,
     release_kept_decoder,
     stream_index,
     tag,
     video_stream,
 )
-from .files import MAX_FPS, STALL_SECONDS, notice, show_traceback
+from .files import MAX_CLIPS_PER_VIDEO, MAX_FPS, STALL_SECONDS, notice, show_traceback
 from .preprocess import UPLOADS, I420Clip, clip_pixels, i420_rgb, normalize_pixels, placement, resized_size
 from .stages import CLOCK
 
@@ -96,6 +97,10 @@ MAX_SOURCE_SIDE = 8192
 # pictures, a clip's worth of decoding or so at 30 fps (x264 and x265 put a key frame at least every 250 frames):
 # a few percent of a segment's work
 SEGMENT_CLIPS = 16
+# clips_per_video's clips spanning less than this share of a video's duration are decoded from its start, without
+# the index of the whole file that pruning and splitting read (every packet: a file of an hour of 720p, about 1 GB,
+# read for a few clips): RESULTS.md, "the first clips of long videos"
+LIMITED_SHARE = 16
 
 
 def check_fps(fps: float) -> None:
@@ -106,11 +111,11 @@ def check_fps(fps: float) -> None:
 
 def check_clips_per_video(clips: int | None) -> int | None:
     """``clips`` (a ClipReader's ``clips_per_video``) as an int, or None; a ValueError unless it is None or an
-    integer from 1 up."""
+    integer in [1, MAX_CLIPS_PER_VIDEO]."""
     if clips is None:
         return None
-    if not isinstance(clips, numbers.Integral) or isinstance(clips, bool) or clips < 1:
-        raise ValueError(f"clips_per_video must be None or an integer >= 1; got {clips!r}")
+    if not isinstance(clips, numbers.Integral) or isinstance(clips, bool) or not 1 <= clips <= MAX_CLIPS_PER_VIDEO:
+        raise ValueError(f"clips_per_video must be None or an integer in [1, {MAX_CLIPS_PER_VIDEO}]; got {clips!r}")
     return int(clips)
 
 
@@ -383,6 +388,8 @@ class ClipReader:
                 raise VideoError(f"{path}: has no video stream{art}")
             if (context := stream.codec_context) is None:
                 raise VideoError(f"{path}: its video stream has a codec FFmpeg cannot decode (an unknown codec)")
+            if (prune or may_split) and self._segment() is None and self._limit_is_short(stream):  # (decoded from its
+                prune = may_split = False  # start to the limit's clips: no index of the whole file, no split)
             index, segment = None, self._segment()
             needs = self._segment_needs if prune else None
             if decoder == "cpu" and prune and segment is not None:  # the cut is known: no cuts needed
@@ -456,7 +463,8 @@ class ClipReader:
                     zero = int(segment.order[0]) if segment is not None else None  # the file's first frame's time
                     if container.format.name not in PRUNED_CONTAINERS:  # (stamps that may come in decode order)
                         frames = _presentation_stamps(path, frames)
-                    to_the_end = segment is None or segment.clips is None
+                    to_the_end = (segment is None or segment.clips is None) and not self._cut_before_the_end(index,
+                                                                                                         stream)
                     images = _resample(path, frames, self.fps, image, zero, first_clip * self.frames, to_the_end)
                 if (end := self._end_clip()) is not None:
                     images = itertools.islice(images, max(0, end - first_clip) * self.frames)
@@ -526,6 +534,27 @@ class ClipReader:
         (all of it)."""
         return self.segment or self._own
 
+    def _limit_is_short(self, stream: av.video.stream.VideoStream) -> bool:
+        """Whether ``clips_per_video``'s clips span less than 1 / LIMITED_SHARE of the video's duration (as its
+        container says; False where it does not say): then the file's index, which reads every packet of the file,
+        would cost more than pruning saves on those clips, and the file is decoded from its start to them."""
+        if self.clips_per_video is None:
+            return False
+        seconds = 0.0
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif stream.container.duration:
+            seconds = stream.container.duration / av.time_base
+        return self.clips_per_video * self.frames / self.fps * LIMITED_SHARE < seconds
+
+    def _cut_before_the_end(self, index: StreamIndex | None, stream: av.video.stream.VideoStream) -> bool:
+        """Whether ``clips_per_video`` ends the reading (sampling "time") before the file's last frame: a pruned
+        decoder then stops at the frame after its clips, which is not the file's last (False where not pruned: the
+        decoder reads on to the frame that ends the last one's showing)."""
+        if self.clips_per_video is None or index is None:
+            return False
+        return int(self._dues(index.order, stream.time_base)[-1]) // self.frames >= self.clips_per_video
+
     def _end_clip(self) -> int | None:
         """The number in the file of the clip after the last this reader may give (its segment's end, or
         ``clips_per_video``, whichever comes first); None: to the file's end."""
@@ -570,9 +599,9 @@ class ClipReader:
     def _split(self, stream: av.video.stream.VideoStream) -> tuple[StreamIndex | None, list[Segment]] | None:
         """How this reader splits the file whose video ``stream`` it has open, the one rule for :meth:`plan` and
         for a reader splitting the file as it reads it: None where it does not (only the CPU decoder, pruning
-        allowed, splits); else the file's index (None where its pruning cannot be trusted) and its segments ([]:
-        not split)."""
-        if self.decoder != "cpu" or not self.prune:
+        allowed, splits, nor a file whose clips_per_video are a small share of it: _limit_is_short); else the file's
+        index (None where its pruning cannot be trusted) and its segments ([]: not split)."""
+        if self.decoder != "cpu" or not self.prune or self._limit_is_short(stream):
             return None
         index = stream_index(self.path, split=True)
         return index, (self._plan(index, stream) if index is not None else [])
@@ -2466,7 +2495,7 @@ def video_comment(path: str | os.PathLike[str]) -> str | None:
     try:
         if cut_short(os.fspath(path), os.stat(path).st_size) is not None:  # (looked at before libav opens it)
             return None
-        with open_input(os.fspath(path)) as container:
+        with open_tags(os.fspath(path)) as container:
             return tag(container, "comment")
     except (av.FFmpegError, OSError, TooManySamples):
         return None
