@@ -11,6 +11,7 @@ asked the kernel for, cached or not) to read K clips each way, best of ``--round
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from titok_fast import video
@@ -28,7 +29,7 @@ def measure(path: str, clips: int, way: str, grid: tuple[int, int, int], fps: fl
     best = (float("inf"), 0)
     for _ in range(rounds):
         share = video.LIMITED_SHARE
-        video.LIMITED_SHARE = 0 if way == "index" else share  # (0: never short, so always through the index)
+        video.LIMITED_SHARE = math.inf if way == "index" else share  # (no limit is then short: the index)
         try:
             reader = video.ClipReader(path, frames=t, height=h, width=w, fps=fps, clips_per_video=clips,
                                       prune=way != "start")  # fmt: skip

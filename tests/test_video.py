@@ -917,7 +917,7 @@ def test_clips_per_video_gives_the_first_clips_of_one_read_whole_or_split(gops, 
 def test_a_few_clips_of_a_long_file_are_read_without_its_index_and_a_pause_after_them_is_said_of_no_frame(
     tmp_path, capsys
 ):
-    """Clips spanning less than a sixteenth of a video (as its container says) are decoded from its start, without
+    """Clips spanning less than a quarter of a video (as its container says) are decoded from its start, without
     the index of the whole file (which reads every packet); more of them are read pruned, through it. Those ending
     in a pause (sampling "time") stop at the frame after the pause, pruned: not the file's last frame, so no notice
     says it is stamped far after the one before it; the clips are the first of a whole read either way."""
@@ -937,7 +937,7 @@ def test_a_few_clips_of_a_long_file_are_read_without_its_index_and_a_pause_after
     assert len(every) == 53 and capsys.readouterr().err == ""
     indexed, stream_index = [], video.stream_index
     video_index = lambda *args, **kw: indexed.append(args) or stream_index(*args, **kw)  # noqa: E731
-    for k, pruned in ((3, False), (28, True)):  # 1.1 s and 10.5 s of 20 s: below and above a sixteenth
+    for k, pruned in ((3, False), (28, True)):  # 1.1 s and 10.5 s of 20 s: below and above a quarter
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(video, "stream_index", video_index)
             reader = video.ClipReader(str(path), clips_per_video=k, **kwargs)

@@ -97,10 +97,11 @@ MAX_SOURCE_SIDE = 8192
 # pictures, a clip's worth of decoding or so at 30 fps (x264 and x265 put a key frame at least every 250 frames):
 # a few percent of a segment's work
 SEGMENT_CLIPS = 16
-# clips_per_video's clips spanning less than this share of a video's duration are decoded from its start, without
-# the index of the whole file that pruning and splitting read (every packet: a file of an hour of 720p, about 1 GB,
-# read for a few clips): RESULTS.md, "the first clips of long videos"
-LIMITED_SHARE = 16
+# clips_per_video's clips spanning less than 1 / LIMITED_SHARE of a video's duration are decoded from its start,
+# without the index of the whole file that pruning and splitting read: the index reads every byte of the file (36 MB
+# for one clip of a minute of 720p, against 1.6 MB from the start), where pruning saves about a sixth of the
+# decoding of the clips read and nothing else (RESULTS.md, "the first clips of long videos")
+LIMITED_SHARE = 4
 
 
 def check_fps(fps: float) -> None:
@@ -536,7 +537,7 @@ class ClipReader:
 
     def _limit_is_short(self, stream: av.video.stream.VideoStream) -> bool:
         """Whether ``clips_per_video``'s clips span less than 1 / LIMITED_SHARE of the video's duration (as its
-        container says; False where it does not say): then the file's index, which reads every packet of the file,
+        container says; False where it does not say): then the file's index, which reads every byte of the file,
         would cost more than pruning saves on those clips, and the file is decoded from its start to them."""
         if self.clips_per_video is None:
             return False
