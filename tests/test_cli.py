@@ -995,6 +995,9 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
     assert code == 2 and err == (f"titok-fast: error: none of the 1 file(s) given is a readable token file "
                                  f"({folder / 'moving.mp4'}: a video file, not a token file: `titok-fast encode` "
                                  "makes token files from videos)\n")  # fmt: skip
+    code, stdout, _ = run("decode", folder / "moving.mp4", "-o", tmp_path / "v", *RANDOM, capsys=capsys)  # a model
+    assert code == 1 and f"FAILED {folder / 'moving.mp4'}: a video file, not a token file: `titok-fast encode` " \
+        "makes token files from videos" in stdout, stdout  # fmt: skip
     code, _, err = run("decode", tmp_path / "typo.safetensors", files[1], "-o", tmp_path / "v", capsys=capsys)
     assert code == 2 and err == f"titok-fast: error: input {str(tmp_path / 'typo.safetensors')!r} does not exist\n"
     good = load_tokens(files[1])  # a readable file whose model config no model may have does not name the model

@@ -590,8 +590,8 @@ def _naming_a_model(files, config_of=None) -> list[_Naming]:
     MAX_FILES_FOR_WEIGHTS once one has (every file until then); if none names a model, a ValueError saying so, with
     the first reason (where none is a token file, that: a video given to decode is said to be one). ``config_of``: a
     token file -> (its config, "") or (None, why not), default :func:`_model_config_of`."""
-    from .pipeline import VIDEO_EXTENSIONS, _one_line
-    from .tokens import TokenFileError, load_tokens
+    from .pipeline import _one_line, token_file_at
+    from .tokens import TokenFileError
 
     unusable, named = "", {}  # the first file read whose model could not be built (decode_files fails them alone)
     since_new = 0  # files read since the last new weights and config
@@ -601,11 +601,9 @@ def _naming_a_model(files, config_of=None) -> list[_Naming]:
             break  # names a model, every file is read)
         since_new += 1
         try:
-            token_file = load_tokens(path)
+            token_file = token_file_at(path)
         except (TokenFileError, OSError) as e:  # (its message names the file)
-            video = os.path.splitext(os.fspath(path))[1].lower() in VIDEO_EXTENSIONS
-            unusable = unusable or (f" ({path}: a video file, not a token file: `titok-fast encode` makes token files "
-                                    "from videos)" if video else f" ({_one_line(e)})")  # fmt: skip
+            unusable = unusable or f" ({_one_line(e)})"
             continue
         loaded = True
         config, problem = (config_of or _model_config_of)(token_file)

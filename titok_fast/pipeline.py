@@ -1579,7 +1579,7 @@ def _redo_reason(
     if "time_sampling" in now and same_time_sampling(was.get("time_sampling"), done.fps):
         was["time_sampling"] = now["time_sampling"]  # (an earlier rule that picks the same frames at this fps)
     if "clips_per_video" in now and same_clips(was["clips_per_video"], now["clips_per_video"], len(done.token_counts)):
-        was["clips_per_video"] = now["clips_per_video"]  # (a video of fewer clips than either limit: all of them)
+        was["clips_per_video"] = now["clips_per_video"]  # (a video that had fewer: all of them, as now)
     grids = [g if g == "..." else "x".join(map(str, g)) for g in _distinct(done.grids)]
     was.update(fps=done.fps, tail=done.tail, sampling=done.sampling, tokens=_recorded(_distinct(done.token_counts)),
                grid=_recorded(grids))  # fmt: skip
@@ -2058,11 +2058,11 @@ def decode_files(
                 if ours:
                     summary.skipped.append(str(path))
                 else:  # (its source video, or a copy of it, is no earlier output: that file fails, saying so)
-                    _not_its_source(out, path, load_tokens(path), there_now)
+                    _not_its_source(out, path, token_file_at(path), there_now)
                     unrecorded += 1
                     first_unrecorded += [out] if unrecorded <= 3 else []
                 continue
-            token_file = load_tokens(path)
+            token_file = token_file_at(path)
             if exists:  # (first: --overwrite, which the messages below suggest, would not decode over these)
                 _not_its_source(out, path, token_file, there_now, ours)
             if exists and ours and not overwrite and not force and _decoded_by_own_weights(then, now, token_file):
@@ -2192,6 +2192,19 @@ def _damaged_mp4(path: Path) -> bool:
     damaged since it was written (cut short, overwritten in part), not some other file of that name."""
     head = file_head(path, 8)
     return head is not None and head[4:8] == b"ftyp"
+
+
+def token_file_at(path: str | os.PathLike, data: bytes | None = None) -> TokenFile:
+    """:func:`load_tokens` of a token file given to decode or pack (``data``: its bytes, read already); one that
+    cannot be read and is named as a video is said to be one (a video given where token files go: ``encode`` makes
+    them)."""
+    try:
+        return load_tokens(path, data)
+    except TokenFileError:
+        if os.path.splitext(os.fspath(path))[1].lower() not in VIDEO_EXTENSIONS:
+            raise
+        raise TokenFileError(f"{path}: a video file, not a token file: `titok-fast encode` makes token files from "
+                             "videos") from None
 
 
 DECODE_RECORD = "titok-fast decode "  # the comment tag of the videos decode writes begins so (decode_records)

@@ -48,7 +48,7 @@ from .files import (
     remove_left,
     temporary_target,
 )
-from .pipeline import FETCH_CHUNK_BYTES, NO_ROOM, _ahead, _naming, _one_line, _threads_for
+from .pipeline import FETCH_CHUNK_BYTES, NO_ROOM, _ahead, _naming, _one_line, _threads_for, token_file_at
 from .tokens import MAX_FILE_BYTES, TokenFile, TokenFileError, load_tokens, read_at_most, read_token_bytes
 from .video import source_stamp
 
@@ -217,7 +217,7 @@ def _read(source: str, member: str, accept: Accept | None, beside: Sequence[str]
         if budget < math.inf and _size(source) > budget:  # (a look more: only where a thread reads ahead)
             return None
         data = read_token_bytes(source)
-        token_file = load_tokens(source, data)
+        token_file = token_file_at(source, data)
         if accept is not None and (why := accept(source, token_file)):
             raise TokenFileError(f"{source}: {why}")
         missing: list[str] = []
