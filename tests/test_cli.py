@@ -1033,15 +1033,15 @@ def test_decode_survives_an_unreadable_first_token_file(folder, tmp_path, capsys
 def test_decode_looks_for_usable_weights_in_a_bounded_number_of_token_files(folder, tmp_path, capsys, monkeypatch):
     """Token files that all name weights that cannot be had (a local file): decode says so after reading a few of
     them, not the whole dataset."""
-    from titok_fast import cli, tokens
+    from titok_fast import cli, pipeline
     from titok_fast.tokens import save_tokens
 
     run("encode", folder / "moving.mp4", "-o", tmp_path, *GRID, *RANDOM, capsys=capsys)
     local = dataclasses.replace(load_tokens(tmp_path / "moving.safetensors"), weights_digest="0123456789abcdef",
                                 weights_source="/weights/model.ckpt")  # fmt: skip
     save_tokens(tmp_path / "local.safetensors", local)
-    reads, real = [], tokens.load_tokens
-    monkeypatch.setattr(tokens, "load_tokens", lambda path: reads.append(path) or real(path))
+    reads, real = [], pipeline.load_tokens  # (what pipeline.token_file_at reads them with)
+    monkeypatch.setattr(pipeline, "load_tokens", lambda path, data=None: reads.append(path) or real(path, data))
     files = [(tmp_path / "local.safetensors", f"v{i}") for i in range(1000)]
     with pytest.raises(ValueError, match=r"not trusted to name local files: pass --checkpoint$"):
         cli._model_of_some_tokens(cli._naming_a_model(files), "cpu", torch.float32)

@@ -2378,7 +2378,7 @@ def test_decode_fails_only_the_token_file_that_breaks_it_whatever_the_error(mode
     object.__setattr__(empty, "grids", torch.zeros(0, 3, dtype=torch.int32))
     errors = {"overflow": OverflowError("cannot convert float infinity to integer"), "index": IndexError()}
 
-    def fake_load(path):
+    def fake_load(path, data=None):
         name = pipeline.Path(path).stem
         if name in errors:
             raise errors[name]
@@ -2411,7 +2411,7 @@ def test_decode_stops_on_a_fault_no_token_file_explains(model, sources, tmp_path
     real, fault = load_tokens(tmp_path / "tok" / "short.safetensors"), {"error": None}
     monkeypatch.setattr(pipeline, "GIVE_UP_AFTER", 3)
 
-    def fake_load(path):
+    def fake_load(path, data=None):
         name = pipeline.Path(path).stem
         if name.startswith("bad"):
             raise ValueError(f"{path}: not a token file")
