@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_tokens import make_token_file
 
+from titok_fast import archives
 from titok_fast.archives import list_archive
 from titok_fast.cli import main
 from titok_fast.pipeline import collect_token_files
@@ -96,7 +97,7 @@ def test_token_files_read_in_place_from_a_shard_equal_those_packed(tmp_path, cap
         load_tokens(f"{shard}/z.safetensors")
 
 
-def test_decode_reads_the_shards_of_its_token_files_in_place(tmp_path, capsys):
+def test_decode_reads_the_shards_of_its_token_files_in_place(tmp_path, capsys, monkeypatch):
     videos = tmp_path / "videos"
     for folder, count in (("s0", 2), ("s1", 1)):
         (videos / folder).mkdir(parents=True)
@@ -108,9 +109,13 @@ def test_decode_reads_the_shards_of_its_token_files_in_place(tmp_path, capsys):
     assert code == 0 and "into 2 shard(s)" in out, out + err
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["s0.tar", "s1.tar"]
     assert list(members(tmp_path / "shards" / "s0.tar")) == ["0.safetensors", "1.safetensors"]
+    reads, read_member = [], archives.read_member
+    monkeypatch.setattr(archives, "read_member", lambda member: reads.append(member.name) or read_member(member))
     for source, out_folder in ((tokens, "from-files"), (tmp_path / "shards", "from-shards")):
         code, out, err = run("decode", source, "-o", tmp_path / out_folder, "--side-by-side", capsys=capsys)
         assert code == 0 and "decoded 3 file(s)" in out, out + err
+    assert sorted(reads) == sorted(["0.safetensors", "1.safetensors", "0.safetensors"] * 2)  # each member once to
+    # name the model, once to decode it (its record's digest and its tokens from the same bytes)
     for name in ("s0/0", "s0/1", "s1/0"):  # the same names, the same pixels
         assert np.array_equal(frames(tmp_path / "from-files" / f"{name}.mp4"),
                               frames(tmp_path / "from-shards" / f"{name}.mp4"))  # fmt: skip

@@ -2043,7 +2043,8 @@ def decode_files(
                 raise ValueError(f"{out} is {kind_of(there_now.st_mode)} (where its links lead), not a video: kept; "
                                  "remove it or choose another output folder")  # fmt: skip
             _remove_temporaries(stale, out)  # beside a complete one too (a killed --overwrite run's)
-            now, exists = record_of(path), there_now is not None and there_now.st_size > 0
+            data = _member_bytes(path)  # (a shard's member: read once, for its record and to decode it)
+            now, exists = record_of(path, data), there_now is not None and there_now.st_size > 0
             if exists and split_member(path) is None and os.path.samefile(out, path):  # a token file named .mp4,
                 # decoded into its own folder (a member of an archive is none: the archive is named .tar)
                 raise ValueError(f"{out} is the token file itself: decoding there would replace it; choose another "
@@ -2058,11 +2059,11 @@ def decode_files(
                 if ours:
                     summary.skipped.append(str(path))
                 else:  # (its source video, or a copy of it, is no earlier output: that file fails, saying so)
-                    _not_its_source(out, path, token_file_at(path), there_now)
+                    _not_its_source(out, path, token_file_at(path, data), there_now)
                     unrecorded += 1
                     first_unrecorded += [out] if unrecorded <= 3 else []
                 continue
-            token_file = token_file_at(path)
+            token_file = token_file_at(path, data)
             if exists:  # (first: --overwrite, which the messages below suggest, would not decode over these)
                 _not_its_source(out, path, token_file, there_now, ours)
             if exists and ours and not overwrite and not force and _decoded_by_own_weights(then, now, token_file):
@@ -2223,8 +2224,9 @@ def _not_its_source(out: Path, path, token_file: TokenFile, there: os.stat_resul
                          "there would replace it; choose another output folder")  # fmt: skip
 
 
-def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.PathLike], dict[str, Any]]:
-    """What a video decoded from a token file (the function's argument) records in its comment tag (after
+def decode_records(engine: Engine, with_source: bool) -> Callable[..., dict[str, Any]]:
+    """What a video decoded from a token file (the function's arguments: its path, and for a shard's member its
+    bytes where they were read already) records in its comment tag (after
     DECODE_RECORD, as JSON): the token
     file's size and modification time, the weights, model config, dtype and precision (where not the default: the
     records of before stay valid) that decoded it, and whether its source is beside it (all but the first the same
@@ -2237,22 +2239,30 @@ def decode_records(engine: Engine, with_source: bool) -> Callable[[str | os.Path
             "dtype": str(engine.model.dtype).removeprefix("torch."), "beside_source": with_source}  # fmt: skip
     if engine.model.precision != "default":  # (FP8 decoding: other pixels, 36 dB from float32's against bf16's 50)
         made["precision"] = engine.model.precision
-    return lambda path: {**made, "tokens": _tokens_stamp(path)}
+    return lambda path, data=None: {**made, "tokens": _tokens_stamp(path, data)}
 
 
-def _tokens_stamp(path: str | os.PathLike) -> str:
+def _tokens_stamp(path: str | os.PathLike, data: bytes | None = None) -> str:
     """What a decoded video records of the token file it was decoded from: its size and modification time, or for
     a token file in a shard its size and the digest it records (``<size>:sha256:<hex>``), so that a shard written
     again (a member of it made again, ``pack --overwrite``) has its other members' videos kept: the shard's time
-    is every member's."""
+    is every member's. ``data``: a member's bytes, read already (:func:`_member_bytes`)."""
     if split_member(path) is None:
         return source_stamp(path)
-    try:
-        data = read_token_bytes(path)
-    except TokenFileError:  # (said when it is read to be decoded)
-        return source_stamp(path)
-    digest = recorded_digest(data)
+    data = _member_bytes(path) if data is None else data
+    digest = recorded_digest(data) if data is not None else None
     return f"{len(data)}:{digest}" if digest else source_stamp(path)
+
+
+def _member_bytes(path: str | os.PathLike) -> bytes | None:
+    """The bytes of the token file ``path`` where it is a shard's member (its record and its decoding read them
+    once); None for a plain file, or where it cannot be read (said when it is read to be decoded)."""
+    if split_member(path) is None:
+        return None
+    try:
+        return read_token_bytes(path)
+    except TokenFileError:
+        return None
 
 
 def config_digest(config: TiTokConfig) -> str:
