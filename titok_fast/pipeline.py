@@ -390,15 +390,22 @@ def _check_folders(
     time, after the run has encoded the input."""
     for path, name in kept:
         parts = name.split("/")
-        folder = ""
-        for part in parts[:-1]:  # (each folder above it, made as it goes: a name a million folders deep is read once)
-            folder = f"{folder}/{part}" if folder else part
+        for folder in folders_above(name):
             if folder in files:
                 raise InputError(f"{what} {files[folder]} and {path} clash: {path} would write {name}{suffix} in a "
                                  f"folder {folder}, which is {files[folder]}'s output file; rename one")  # fmt: skip
         if len(parts) > 1 and own_file(parts[0]):
             raise InputError(f"{what.rstrip('s')} {path} would write {name}{suffix} in a folder {parts[0]}, which is "
                              "the output folder's own file; rename its folder")  # fmt: skip
+
+
+def folders_above(name: str) -> Iterator[str]:
+    """The folders above the output name ``name`` (``a/b/c``: ``a``, ``a/b``), each made from the one before (a
+    name a million folders deep is read once, not once a folder)."""
+    folder = ""
+    for part in name.split("/")[:-1]:
+        folder = f"{folder}/{part}" if folder else part
+        yield folder
 
 
 MAX_REACHED = 10_000_000  # files the inputs of one run may name, each time a list or folder names one

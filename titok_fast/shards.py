@@ -48,7 +48,16 @@ from .files import (
     remove_left,
     temporary_target,
 )
-from .pipeline import FETCH_CHUNK_BYTES, NO_ROOM, _ahead, _naming, _one_line, _threads_for, token_file_at
+from .pipeline import (
+    FETCH_CHUNK_BYTES,
+    NO_ROOM,
+    _ahead,
+    _naming,
+    _one_line,
+    _threads_for,
+    folders_above,
+    token_file_at,
+)
 from .tokens import MAX_FILE_BYTES, TokenFile, TokenFileError, load_tokens, read_at_most, read_token_bytes
 from .video import source_stamp
 
@@ -387,9 +396,7 @@ def _check_outputs(outdir: Path, shards: list[Shard], overwrite: bool) -> None:
                          "run writes (another run's, with another --per-shard or other token files?): a reader of "
                          "the folder would read both; remove it or choose another output folder")  # fmt: skip
     for shard in shards:
-        folder = ""
-        for part in shard.name.split("/")[:-1]:
-            folder = f"{folder}/{part}" if folder else part
+        for folder in folders_above(shard.name):
             if str(outdir / folder) in planned:
                 raise ValueError(f"shard {shard.name} would be written in a folder {outdir / folder}, which is "
                                  "another shard's file; rename one of their folders")  # fmt: skip
