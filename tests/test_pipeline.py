@@ -159,7 +159,7 @@ def test_a_video_of_more_clips_than_a_token_file_holds_fails_alone_once_it_has_t
 
     most = 5
     monkeypatch.setattr(tokens, "MAX_FILE_BYTES", tokens.MAX_HEADER_BYTES + most * (2 * 8 + tokens.CHUNK_BYTES))
-    assert tokens.most_chunks(SETTINGS.tokens) == most
+    assert tokens.most_chunks(SETTINGS.tokens, SETTINGS.grid[0]) == most
     summary = encode(model, [sources["long"], sources["short"], sources["odd"]], tmp_path, workers=1, read_ahead=2)
     assert summary.done == [str(sources["short"]), str(sources["odd"])]
     assert summary.failed == [(str(sources["long"]), f"{sources['long']}: more than 5 clips of 8 tokens: its token "

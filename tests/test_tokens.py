@@ -13,6 +13,7 @@ from safetensors.torch import save, save_file
 
 from titok_fast import tokens
 from titok_fast.tokens import (
+    MAX_INT32,
     METADATA_KEY,
     TokenFile,
     TokenFileError,
@@ -164,6 +165,14 @@ def test_from_chunks_keeps_each_chunk():
         ({"model_config": {"levels": torch.ones(2)}}, r"^model_config must hold only JSON values \(finite numbers\); "
                                                       r"Object of type Tensor is not JSON serializable$"),
         ({"model_config": {"scale": float("nan")}}, r"^model_config must hold only JSON values \(finite numbers\)"),
+        ({"grid": (16, 8200, 16)}, r"^chunk 0 has grid \[16, 8200, 16\]; a clip is at most \[4096, 8192, 8192\] \(T, "
+                                   r"H, W\) and 33,554,432 pixels in all$"),
+        ({"grid": (16, 2048, 2048)}, r"^chunk 0 has grid \[16, 2048, 2048\]; a clip is at most"),
+        ({"grid": (MAX_INT32, 64, 64), "frames_per_chunk": MAX_INT32, "last_chunk_frames": 1},  # (source_frames: 16
+         r"^chunk 0 has grid \[2147483647, 64, 64\]; a clip is at most"),  # GiB for this one chunk)
+        ({"grid": (4096, 16, 16), "frames_per_chunk": 4096, "chunks": 4097},
+         r"^4,097 chunks of 4096 frames; a token file holds at most 262,144 chunks and 16,777,216 frames in all$"),
+        ({"chunks": (1 << 18) + 1}, r"^262,145 chunks of 16 frames; a token file holds at most 262,144 chunks"),
     ],
     ids=[
         "codebook-too-big", "index-too-big", "index-negative", "index-wraps-in-int16", "tail", "last-chunk-frames",
@@ -174,6 +183,7 @@ def test_from_chunks_keeps_each_chunk():
         "grid-huge",
         "grid-short", "chunk-seconds-zero", "chunk-seconds-negative", "chunk-seconds-nan", "chunk-seconds-inf",
         "chunk-seconds-text", "source-fps-zero", "source-fps-inf", "source-fps-text", "config-tensor", "config-nan",
+        "grid-past-max", "grid-voxels", "grid-frames-past-max", "too-many-frames", "too-many-chunks",
     ],
 )  # fmt: skip
 def test_invalid_token_file_is_refused(change, message):
@@ -632,7 +642,7 @@ def test_the_most_chunks_a_token_file_holds_is_said_as_it_is():
     """The README and the docstring give the largest video a token file of 256 tokens a clip holds."""
     from pathlib import Path
 
-    most = tokens.most_chunks(256)
+    most = tokens.most_chunks(256, 20)
     hours = most * 20 / 8 / 3600  # clips of 20 frames at 8 fps
     said = f"{most:,} of 256 tokens, {hours:.0f} hours of 20 frames at"
     readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())

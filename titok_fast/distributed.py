@@ -678,8 +678,9 @@ class _Assembly:
             if clip in state.indices:
                 self.manifest.summary.duplicates += 1
                 return
-            if clip >= most_chunks(self.settings.tokens):  # a token file of more would not load: nothing more held
-                self._fail(state, f"{state.path}: {too_many_chunks(self.settings.tokens)}")
+            shape = (self.settings.tokens, self.settings.grid[0])
+            if clip >= most_chunks(*shape):  # a token file of more would not load: nothing more held
+                self._fail(state, f"{state.path}: {too_many_chunks(*shape)}")
                 return
             state.indices[clip] = torch.frombuffer(bytearray(row["data"]), dtype=torch.int32)
             state.encoded_by.add(row["encoded_by"])

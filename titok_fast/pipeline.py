@@ -1427,7 +1427,7 @@ class _EncodeJob:
         """``((file number, clip number), clip in the model dtype, tokens)`` for every clip of every file, taken
         from whichever file (or part of a file split across workers) has one ready."""
         tokens = self.settings.tokens
-        most = most_chunks(tokens)
+        most = most_chunks(tokens, self.settings.grid[0])
         for number, kind, value in self.limits.waiting(files_read):
             if self.show_due or self.unshown:  # (a batch's results have all been added by the time the engine takes
                 self.show()  # another clip: a line shown as they were added counted part of the batch, a whole
@@ -1448,7 +1448,7 @@ class _EncodeJob:
                 state.clips = state.taken
                 self._write_if_complete(state)
             elif state.taken == most:  # a token file of more would not load: failed before more is held
-                self._fail(state, f"{state.path}: {too_many_chunks(tokens)}")
+                self._fail(state, f"{state.path}: {too_many_chunks(tokens, self.settings.grid[0])}")
                 files_read.drop(number)
             else:
                 place, clip = value  # (a file split across workers gives its parts' clips as they come)

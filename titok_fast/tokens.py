@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .archives import member_bytes
+from .checks import MAX_GRID, MAX_GRID_VOXELS
 from .files import FORMAT_VERSION, METADATA_KEY, write_atomically
 from .video import MAX_FPS, SAMPLINGS, TAIL_POLICIES, chunk_length, chunk_picks
 
@@ -58,6 +59,11 @@ MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred ch
 # parsed; a stranger's file may hold anything.
 MAX_FILE_BYTES = 1 << 28
 MAX_HEADER_BYTES = 4 * MAX_METADATA_CHARS
+# The most chunks a token file holds, and chunks x frames_per_chunk: all_indices() makes a tensor of each chunk (about
+# 650 bytes apiece: 170 MB for MAX_CHUNKS) and source_frames() an int64 of each frame (128 MiB for MAX_FILE_FRAMES).
+# Bounded by MAX_FILE_BYTES alone, a stranger's 250 MB file of 7.7M one-token chunks took 5.3 GB in all_indices().
+MAX_CHUNKS = 1 << 18
+MAX_FILE_FRAMES = 1 << 24
 TENSORS = {  # name -> (dtype, dimensions)
     "indices": (torch.int16, 1),
     "token_counts": (torch.int32, 1),
@@ -100,18 +106,27 @@ DIGEST_KEY = "digest"
 DIGEST_PREFIX = "sha256:"
 
 
-def most_chunks(tokens: int) -> int:
-    """The most chunks of ``tokens`` tokens a token file may hold: one of more could not be loaded (see
-    MAX_FILE_BYTES). 256 tokens: 485,737 chunks, 337 hours of 20 frames at 8 fps."""
+def most_chunks(tokens: int, frames: int) -> int:
+    """The most chunks of ``tokens`` tokens and ``frames`` frames a token file may hold: one of more could not be
+    loaded (MAX_FILE_BYTES, MAX_CHUNKS, MAX_FILE_FRAMES). 256 tokens: 262,144 chunks, 182 hours of 20 frames at 8
+    fps."""
+    return min(_most_by_size(tokens), MAX_CHUNKS, MAX_FILE_FRAMES // frames)
+
+
+def _most_by_size(tokens: int) -> int:
     return (MAX_FILE_BYTES - MAX_HEADER_BYTES) // (2 * tokens + CHUNK_BYTES)
 
 
-def too_many_chunks(tokens: int) -> str:
+def too_many_chunks(tokens: int, frames: int) -> str:
     """Why a video of more than :func:`most_chunks` clips fails (once it has that many: nothing more is held)."""
-    return (
-        f"more than {most_chunks(tokens):,} clips of {tokens} tokens: its token file would pass the {MAX_FILE_BYTES:,} "
-        "bytes a token file may have; cut the video into parts"
-    )
+    most = most_chunks(tokens, frames)
+    if most == _most_by_size(tokens):
+        return (
+            f"more than {most:,} clips of {tokens} tokens: its token file would pass the {MAX_FILE_BYTES:,} bytes a "
+            "token file may have; cut the video into parts"
+        )
+    return (f"more than {most:,} clips of {frames} frames: a token file holds at most {MAX_CHUNKS:,} clips and "
+            f"{MAX_FILE_FRAMES:,} frames; cut the video into parts")  # fmt: skip
 
 
 class TokenFileError(ValueError):
@@ -571,6 +586,15 @@ def _check_token_file(tf: TokenFile) -> None:
             f"chunk {chunk} has grid {tf.grids[chunk].tolist()}; every chunk's T must be frames_per_chunk = "
             f"{tf.frames_per_chunk}"
         )
+    grids = tf.grids.long()  # (clamped, the product of any three fits int64: one past a limit is flagged by it)
+    over = (grids > torch.tensor(MAX_GRID)).any(1) | (grids.clamp(max=max(MAX_GRID)).prod(1) > MAX_GRID_VOXELS)
+    if bool(over.any()):  # (no clip past them is encoded or decoded: checks.MAX_GRID)
+        chunk = _first(over)
+        raise TokenFileError(f"chunk {chunk} has grid {tf.grids[chunk].tolist()}; a clip is at most "
+                             f"{list(MAX_GRID)} (T, H, W) and {MAX_GRID_VOXELS:,} pixels in all")  # fmt: skip
+    if chunks > MAX_CHUNKS or chunks * tf.frames_per_chunk > MAX_FILE_FRAMES:
+        raise TokenFileError(f"{chunks:,} chunks of {tf.frames_per_chunk} frames; a token file holds at most "
+                             f"{MAX_CHUNKS:,} chunks and {MAX_FILE_FRAMES:,} frames in all")  # fmt: skip
     _check_indices(tf.indices, tf.codebook_size)
     if not 0 < tf.fps <= MAX_FPS:  # also refuses NaN and infinity
         raise TokenFileError(f"fps must be in (0, {MAX_FPS:g}]; got {reprlib.repr(tf.fps)}")
