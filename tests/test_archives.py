@@ -19,7 +19,7 @@ from titok_fast.archives import list_archive, member_of
 from titok_fast.cli import main
 from titok_fast.containers import _bytes_of, cut_short
 from titok_fast.manifest import MANIFEST_NAME, read_manifest
-from titok_fast.pipeline import InputError, collect_inputs
+from titok_fast.pipeline import InputError, collect_inputs, input_pairs
 from titok_fast.tokens import load_tokens
 from titok_fast.video import VideoError, read_clips, source_stamp
 
@@ -124,6 +124,16 @@ def test_archives_and_members_are_named_as_folders_and_files_wherever_they_are_n
     assert sorted(name for _, name in pairs) == ["shard/y", "x"]
     with pytest.raises(InputError, match=r"input '.*shard.tar/a/z.mp4': no file 'a/z.mp4' in the archive .*shard.tar"):
         collect_inputs([archive / "a" / "z.mp4"])  # not there: refused up front, as a missing file is
+    escape = tmp_path / "escape.txt"  # a member's path out of its archive: its output name led out of the output
+    escape.write_text("d/shard.tar/y.mp4\nd/shard.tar/../../../victim/x.mp4\n")  # folder (written, moved, removed)
+    assert named(escape) == ["x", "y"]  # (by its stem, it would fail alone: no such member)
+    with pytest.raises(InputError, match=r"^list '.*escape.txt' names '.*d/shard.tar/\.\./\.\./\.\./victim/x\.mp4', a "
+                                         r"path out of the archive '.*shard.tar'; expected the path of a file inside"):
+        named(escape, list_names="relative")
+    for name in ("../x", "a/../../x", "/abs/x"):  # whatever names a caller gives: never out of the output folder
+        with pytest.raises(InputError, match=r"^.*y.mp4: its output name '.*\.safetensors' leads out of the output "
+                                             r"folder; expected a path below it$"):  # fmt: skip
+            input_pairs([(archive / "y.mp4", name)])
     # the member's path reads as the file unpacked
     assert torch.equal(torch.stack(read_clips(archive / "y.mp4", frames=4, height=32, width=32, fps=8).clips),
                        torch.stack(read_clips(unpacked / "000004.mp4", frames=4, height=32, width=32, fps=8).clips))

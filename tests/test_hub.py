@@ -536,6 +536,34 @@ def test_the_ref_of_a_branch_named_is_checked_as_the_default_branchs(tmp_path, h
     assert download(parse_hub_ref(REPO))[1] == HubRef(REPO, COMMIT)  # (refs/main, small, is read)
 
 
+def test_a_ref_that_leads_out_of_its_repositorys_folder_is_not_read(tmp_path, hub_library, monkeypatch):
+    """A cache copied from elsewhere whose refs/main links to a small file outside it: huggingface_hub read that
+    file (any small file the user can read) as the commit to load. It is refused in one line, nothing read; a ref
+    linking to a file inside the repository's folder is read as before."""
+    import builtins
+
+    from titok_fast.hub import download
+
+    (tmp_path / "w.ckpt").write_bytes(b"weights")
+    hub_cache(hub_library, REPO, {DEFAULT_FILE: tmp_path / "w.ckpt"})
+    ref = hub_library / "hub" / f"models--{REPO.replace('/', '--')}" / "refs" / "main"
+    (tmp_path / "secret.txt").write_text(COMMIT)
+    ref.unlink()
+    ref.symlink_to(tmp_path / "secret.txt")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(os.fspath(f)) or real_open(f, *a, **k))
+    with pytest.raises(ValueError, match=rf"^the Hugging Face cache's ref {ref} leads to {tmp_path / 'secret.txt'}, "
+                                         r"outside the repository's folder .*: not read"):  # fmt: skip
+        download(parse_hub_ref(REPO))
+    assert not [f for f in opened if f in (str(ref), str(tmp_path / "secret.txt"))]
+    (ref.parent / "main-copy").write_text(COMMIT)  # a link within the folder: read
+    ref.unlink()
+    ref.symlink_to("main-copy")
+    assert download(parse_hub_ref(REPO))[1] == HubRef(REPO, COMMIT)
+    assert str(ref) in opened
+
+
 def test_a_cached_file_that_leads_out_of_its_repositorys_folder_is_refused(hub, tmp_path):
     """A snapshot's file links to a blob of its repository. One that leads elsewhere (a cache made or changed by
     someone else) was loaded, any file on the machine, and recorded as the Hub's weights at that commit."""

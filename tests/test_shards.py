@@ -327,6 +327,35 @@ def test_with_reads_nothing_a_strangers_token_file_names(tmp_path, capsys):
         assert exited.value.code == 2 and "argument --with: " in capsys.readouterr().err, given
 
 
+def test_a_strangers_token_file_naming_a_member_of_another_archive_has_it_read_by_neither_pack_nor_decode(
+    tmp_path, capsys, monkeypatch
+):
+    """A token file whose source is a member of an archive (``private.tar/clip.mp4``) had that archive opened and
+    its headers read by ``pack --with`` and ``decode --side-by-side`` before its recorded stamp was compared: any
+    tar file the user can read. Nothing is opened unless the archive's time is the one the file records."""
+    from titok_fast.pipeline import source_chunks
+
+    private = tmp_path / "private.tar"
+    with tarfile.open(private, "w") as tar:
+        info = tarfile.TarInfo("clip.mp4")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"data"))
+    source = f"{private}/clip.mp4"
+    token_folder(tmp_path / "tokens", ["a"], source=source, made_with={"source_stamp": "4:1"})
+    listed = []
+    real = archives.list_archive
+    monkeypatch.setattr(archives, "list_archive", lambda p, *a, **k: listed.append(str(p)) or real(p, *a, **k))
+    code, out, _ = run("pack", tmp_path / "tokens", "-o", tmp_path / "shards", "--with", "json", capsys=capsys)
+    assert code == 1 and "a.safetensors: its source" in out and "is not the file its tokens were made from" in out
+    with pytest.raises(ValueError, match="is not the file its tokens were made from"):
+        next(source_chunks(load_tokens(tmp_path / "tokens" / "a.safetensors")))
+    assert str(private) not in listed
+    stamp = f"4:{private.stat().st_mtime_ns}"  # the archive's time, as a token file made from it records: listed
+    token_folder(tmp_path / "tokens", ["a"], source=source, made_with={"source_stamp": stamp})
+    assert run("pack", tmp_path / "tokens", "-o", tmp_path / "shards", "--with", "json", capsys=capsys)[0] == 0
+    assert str(private) in listed
+
+
 def test_the_readmes_example_of_reading_shards_runs_as_written(tmp_path, capsys, monkeypatch):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("Reading shards that `pack` wrote:")[1].split("```python\n", 1)[1].split("```")[0]

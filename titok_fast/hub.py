@@ -178,7 +178,7 @@ REF_BYTES, TOKEN_BYTES = 1 << 10, 1 << 20
 def _check_small_files_read(ref: HubRef) -> None:
     """Refuse, in one line naming it, a file huggingface_hub would read whole for ``ref`` (see REF_BYTES) where it
     is not a regular file of at most that many bytes (a link is judged by what it leads to; a missing file is
-    fine)."""
+    fine), or is the cache's ref and leads out of its repository's folder."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
@@ -187,6 +187,10 @@ def _check_small_files_read(ref: HubRef) -> None:
     if not _COMMIT.fullmatch(ref.revision or ""):
         folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
         files.append((folder / "refs" / (ref.revision or "main"), "cache's ref", REF_BYTES))
+        real = os.path.realpath(files[-1][0])  # (a cache copied from elsewhere may link anywhere: not read there)
+        if os.path.lexists(files[-1][0]) and not Path(real).is_relative_to(os.path.realpath(folder)):
+            raise ValueError(f"the Hugging Face cache's ref {files[-1][0]} leads to {real}, outside the repository's "
+                             f"folder {folder}: not read (the cache is damaged or was made elsewhere)")  # fmt: skip
     for path, what, most in files:
         try:
             st = os.stat(path)

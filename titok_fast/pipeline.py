@@ -39,7 +39,6 @@ from .archives import (
     ARCHIVE_EXTENSIONS,
     ArchiveError,
     is_archive,
-    is_file,
     list_archive,
     member_of,
     split_member,
@@ -98,6 +97,7 @@ from .video import (
     auto_worker_kind,
     default_workers,
     interleaved_videos,
+    is_recorded_source,
     normalize_pixels,
     same_time_sampling,
     source_stamp,
@@ -230,6 +230,8 @@ def input_pairs(files: Sequence, outputs: bool = True) -> Sequence[tuple[Path, s
     is named by its stem, and where any is, two paths of one output name are an error naming both (with
     ``outputs`` False, inputs that write nothing, both are kept)."""
     if all(isinstance(f, tuple) for f in files):
+        for path, name in files:
+            _check_name(path, name, ".safetensors")
         return files
     pairs = [(Path(f[0]), f[1]) if isinstance(f, tuple) else (Path(f), Path(f).stem) for f in files]
     return _one_per_output(pairs, "inputs", ".safetensors", "encoded", outputs, is_manifest_name)
@@ -334,6 +336,14 @@ def _relative_helps(inputs: Sequence[str | os.PathLike], extensions: frozenset[s
 RENAMED_SAID = 3  # inputs reached again under another name, each said in a line of its own; the rest counted
 
 
+def _check_name(path: object, name: str, suffix: str) -> None:
+    """An InputError where the output name ``name`` of ``path`` leads out of the output folder (absolute, or
+    through a ``..``): whatever a list names or a caller gives, nothing is written, moved or removed elsewhere."""
+    if name.startswith("/") or (".." in name and ".." in name.split("/")):
+        raise InputError(f"{path}: its output name {name + suffix!r} leads out of the output folder; expected a path "
+                         "below it")  # fmt: skip
+
+
 def _one_per_output(
     pairs: Iterable[tuple[Any, str]],
     what: str,
@@ -347,11 +357,13 @@ def _one_per_output(
     names differ, and the same file reached through a link under the same name is dropped too; two files for one
     output are an InputError naming both (``what`` they are; with ``outputs`` False, both are kept); ``verb`` says
     what is done with each once. With ``outputs``, an output in a folder that another output, or a file of the
-    output folder's own (``own_file``: its name at the top, as the manifest), would be is an InputError too."""
+    output folder's own (``own_file``: its name at the top, as the manifest), would be is an InputError too, as is a
+    name that leads out of the output folder (absolute, or through a ``..``)."""
     owners: dict[str, Any] = {}  # output name -> its file
     names: dict[str, str] = {}  # a path, absolute -> its output name
     kept, clashes, first_clashes, renamed = [], 0, [], 0
     for path, name in pairs:
+        _check_name(path, name, suffix)
         spelled = absolute(path)
         if spelled in names:
             if names[spelled] != name:
@@ -550,13 +562,17 @@ def _below(entry: Path, top: Path, through: Path) -> str:
     list, another list it names or a folder), by its path below ``top``'s folder (as written; where it holds
     ``..``, as the system reads it: ``link/../x.mp4`` is the ``x.mp4`` beside the link's target), its suffix
     dropped; an archive's member by its archive's such name (its folder), then its own."""
+    via = "" if through == top else f" (through {str(through)!r})"
     if (split := split_member(entry)) is not None:
-        return f"{_below(Path(split[0]), top, through)}/{posixpath.splitext(posixpath.normpath(split[1]))[0]}"
+        member = posixpath.normpath(split[1].lstrip("/"))  # (as archives.member_of reads it)
+        if member == ".." or member.startswith("../"):  # (a member of no archive: one named so is left out)
+            raise InputError(f"list {str(top)!r} names {str(entry)!r}{via}, a path out of the archive {split[0]!r}; "
+                             "expected the path of a file inside it")  # fmt: skip
+        return f"{_below(Path(split[0]), top, through)}/{posixpath.splitext(member)[0]}"
     below = os.path.relpath(entry, top.parent)
     if ".." in entry.parts:  # (files.absolute: the path up to its last .. resolved, as the file is read)
         below = os.path.relpath(absolute(entry), os.path.realpath(top.parent))
     if below == ".." or below.startswith(("../", "/")):
-        via = "" if through == top else f" (through {str(through)!r})"
         raise InputError(f"list {str(top)!r} names {str(entry)!r}{via}, outside the list's folder: --list-names "
                          "relative names a file by its path below it (put the list at the dataset's top)")  # fmt: skip
     return str(Path(below).with_suffix(""))
@@ -1932,7 +1948,7 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     if not recorded:
         raise ValueError("the token file records no size and modification time of its source (made by an earlier "
                          "version): encode it again to show its source beside it")  # fmt: skip
-    if recorded != source_stamp(token_file.source) or not is_file(token_file.source):  # (an archive's member too)
+    if not is_recorded_source(token_file.source, recorded):
         raise ValueError(f"the source {brief(token_file.source)!r} the token file names is not the file its tokens "
                          "were made from (its size and modification time differ, or it is not there)")  # fmt: skip
     reader = ClipReader(

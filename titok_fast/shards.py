@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .archives import ArchiveError, NoSuchMember, is_archive, is_file, member_of, open_listed, split_member
+from .archives import ArchiveError, NoSuchMember, is_archive, member_of, open_listed, split_member
 from .files import (
     MAX_PER_SHARD,
     PER_SHARD,
@@ -59,7 +59,7 @@ from .pipeline import (
     token_file_at,
 )
 from .tokens import MAX_FILE_BYTES, TokenFile, TokenFileError, load_tokens, read_at_most, read_token_bytes
-from .video import source_stamp
+from .video import is_recorded_source
 
 SUFFIX = ".safetensors"
 READ_BUFFER = 1 << 20  # bytes read_shard reads at a time
@@ -266,7 +266,7 @@ def _beside_source(source: str, member: str, token_file: TokenFile, extensions: 
     if not recorded:
         raise TokenFileError(f"{source}: records no size and modification time of its source (made by an earlier "
                              "version): the files beside it cannot be known to be its source's")  # fmt: skip
-    if recorded != source_stamp(video) or not is_file(video):
+    if not is_recorded_source(video, recorded):
         raise TokenFileError(f"{source}: its source {brief(video)!r} is not the file its tokens were made from (its "
                              "size and modification time differ, or it is not there): the files beside it cannot be "
                              "packed")  # fmt: skip

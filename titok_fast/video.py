@@ -57,7 +57,7 @@ import av
 import numpy as np
 import torch
 
-from .archives import ArchiveError, member_of
+from .archives import ArchiveError, is_file, member_of, split_member
 from .containers import TooManySamples, cut_short, is_iso_bmff
 from .decoders import (
     DECODERS,
@@ -2510,6 +2510,23 @@ def source_stamp(path: str | os.PathLike[str]) -> str:
         return _stamp(os.stat(path)) if member is None else member.stamp
     except (OSError, ValueError):  # (ValueError: a path with a NUL, as a stranger's token file may name)
         return ""
+
+
+def is_recorded_source(path: str | os.PathLike[str], recorded: str | None) -> bool:
+    """Whether ``path`` is a file whose :func:`source_stamp` is ``recorded``, as a token file recorded it. A
+    stranger's token file may name any path: nothing is opened before its ``os.stat`` matches (an archive's member
+    is known by its archive's listing, read from the archive, so the archive's modification time must match first:
+    one of the wrong time is not listed)."""
+    if not recorded:
+        return False
+    try:
+        if (split := split_member(path)) is not None and recorded.rpartition(":")[2] != str(
+            os.stat(split[0]).st_mtime_ns
+        ):
+            return False
+    except (OSError, ValueError):
+        return False
+    return recorded == source_stamp(path) and is_file(path)
 
 
 def _stamp(st: os.stat_result) -> str:
