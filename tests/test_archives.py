@@ -134,6 +134,7 @@ def test_archives_and_members_are_named_as_folders_and_files_wherever_they_are_n
         with pytest.raises(InputError, match=r"^.*y.mp4: its output name '.*\.safetensors' leads out of the output "
                                              r"folder; expected a path below it$"):  # fmt: skip
             input_pairs([(archive / "y.mp4", name)])
+    assert input_pairs([(archive / "y.mp4", "a/..")]) == [(archive / "y.mp4", "a/..")]  # "a/...safetensors"
     # the member's path reads as the file unpacked
     assert torch.equal(torch.stack(read_clips(archive / "y.mp4", frames=4, height=32, width=32, fps=8).clips),
                        torch.stack(read_clips(unpacked / "000004.mp4", frames=4, height=32, width=32, fps=8).clips))

@@ -339,7 +339,8 @@ RENAMED_SAID = 3  # inputs reached again under another name, each said in a line
 def _check_name(path: object, name: str, suffix: str) -> None:
     """An InputError where the output name ``name`` of ``path`` leads out of the output folder (absolute, or
     through a ``..``): whatever a list names or a caller gives, nothing is written, moved or removed elsewhere."""
-    if name.startswith("/") or (".." in name and ".." in name.split("/")):
+    full = name + suffix  # (a file "...mp4" is named "..": its "...safetensors" is in the folder)
+    if full.startswith("/") or (".." in full and ".." in full.split("/")):
         raise InputError(f"{path}: its output name {name + suffix!r} leads out of the output folder; expected a path "
                          "below it")  # fmt: skip
 
