@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from titok_fast import Engine, TiTok, __version__, pipeline
+from titok_fast import Engine, TiTok, __version__, pipeline, video
 from titok_fast.files import write_atomically
 from titok_fast.loading import random_tokenizer
 from titok_fast.metrics import psnr, ssim
@@ -1100,6 +1100,32 @@ def test_time_sampled_files_record_their_timestamp_rule_and_files_made_before_it
         "made another way (time_sampling ms-rounding, now ms-stamps)")  # fmt: skip
     with pytest.raises(ValueError, match="made by an earlier rule of sampling 'time'"):
         next(pipeline.source_chunks(made_at_12))
+
+
+def test_the_source_of_a_file_whose_reader_picked_other_frames_is_not_shown_beside_it(model, tmp_path):
+    """Before 2026-12-05 (video.PICKS_FIXED) a chunk's picks were the first chunk's moved by c * L; for some T and L
+    they are other frames (36 frames of chunks of 86: the 22nd pick of chunk 1, 136 against 137), and a resume keeps
+    such files. decode --side-by-side showed the new rule's frames beside their tokens; it now refuses where the
+    rules differ for the file, and shows the source where they agree (T = 4 of 12 frames)."""
+    source = make_video(tmp_path / "v.mp4", frames=180, height=32, width=32, fps=24)
+    engine = Engine(model)
+    for grid, fps, differ in (((36, 32, 32), 10.0, True), ((4, 32, 32), 8.0, False)):
+        settings = dataclasses.replace(SETTINGS, grid=grid, fps=fps, tail="drop")
+        assert encode_files(model, engine, [(source, "v")], tmp_path / "t", settings, overwrite=True).done
+        made = load_tokens(tmp_path / "t" / "v.safetensors")
+        length = video.chunk_length(grid[0], made.source_fps, fps)
+        assert video.earlier_picks_differ(len(made.grids), grid[0], length) == differ
+        shown = len(list(pipeline.source_chunks(made)))
+        for reader in ("2026-12-04", None):  # (None: made before readers were recorded)
+            kept = {k: v for k, v in made.made_with.items() if k != "reader"}
+            older = dataclasses.replace(made, made_with={**kept, **({"reader": reader} if reader else {})})
+            if differ:
+                with pytest.raises(ValueError, match="made by a reader before 2026-12-05, which picked other frames"):
+                    next(pipeline.source_chunks(older))
+            else:
+                assert len(list(pipeline.source_chunks(older))) == shown == len(made.grids)
+        assert len(list(pipeline.source_chunks(dataclasses.replace(made, made_with={**made.made_with, "reader":
+                                                                                    video.PICKS_FIXED})))) == shown
 
 
 def test_nvdec_files_record_their_rgb_conversion_and_files_made_before_it_are_redone(model, sources, tmp_path,

@@ -90,12 +90,14 @@ from .tokens import (
 )
 from .video import (
     MAX_FPS,
+    PICKS_FIXED,
     READER,
     TIME_SAMPLING,
     ClipReader,
     FeedInterleaver,
     auto_worker_kind,
     default_workers,
+    earlier_picks_differ,
     interleaved_videos,
     is_recorded_source,
     normalize_pixels,
@@ -1956,9 +1958,15 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
         token_file.source, frames=t, height=h, width=w, fps=token_file.fps, tail=token_file.tail,
         sampling=token_file.sampling, rotation=token_file.made_with.get("rotation", UNRECORDED_DEFAULTS["rotation"]),
     )  # fmt: skip
+    made_by = token_file.made_with.get("reader")  # (files made before readers were recorded: earlier)
+    earlier_picks = token_file.sampling == "upstream" and not (isinstance(made_by, str) and made_by >= PICKS_FIXED)
     clips = iter(reader)
     try:
         for got, clip in enumerate(clips, start=1):
+            if got == 1 and earlier_picks and earlier_picks_differ(wanted, t, reader.chunk_length):
+                raise ValueError(f"the token file was made by a reader before {PICKS_FIXED}, which picked other frames "
+                                 "of this source for its chunks: its source cannot be re-read as it was (decode it "
+                                 "without the source, or encode it again)")  # fmt: skip
             yield clip[:, : token_file.last_chunk_frames] if got == wanted else clip
             if got == wanted:
                 return

@@ -740,6 +740,12 @@ class ClipReader:
         return segment.first if (segment := self._segment()) is not None else 0
 
     @property
+    def chunk_length(self) -> int:
+        """Source frames per chunk with upstream's sampling, int(T x source fps / fps); 0 before the source's rate is
+        known."""
+        return self._chunk_length
+
+    @property
     def chunk_seconds(self) -> float | None:
         """The source time one clip spans (upstream's sampling: its int(T x source fps / fps) source frames); None
         before the source's rate is known."""
@@ -2774,6 +2780,14 @@ _EARLIER_TIME_SAMPLING = "ms-rounding"
 # a resume says how many of the token files it keeps an earlier reader made, and --overwrite redoes them. Changed
 # with any such change.
 READER = "2026-12-07"
+PICKS_FIXED = "2026-12-05"  # the reader of each chunk's own linspace (files of an earlier one: earlier_picks_differ)
+
+
+def earlier_picks_differ(chunks: int, frames: int, chunk_length: int) -> bool:
+    """Whether a reader before PICKS_FIXED, which moved the first chunk's picks by c * L, picked other source frames
+    than :func:`chunk_picks` in any of the first ``chunks`` chunks of ``frames`` frames of ``chunk_length``."""
+    now = chunk_picks(np.arange(chunks), frames, chunk_length)
+    return not np.array_equal(now, now[:1] + np.arange(chunks)[:, None] * chunk_length)
 
 
 def same_time_sampling(recorded: object, fps: float) -> bool:
