@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -216,6 +217,24 @@ def test_eval_prints_a_table_and_writes_json(folder, tmp_path, capsys):
     assert written["settings"] == {"grid": [4, 32, 32], "fps": 8.0, "tail": "drop", "sampling": "upstream",
                                    "rotation": "stored", "clips_per_video": None, "dtype": "float32",
                                    "precision": "default"}  # fmt: skip
+    assert written["left_out"] == []
+    shard = tmp_path / "shards" / "cut.tar"  # an archive cut short: its files past the cut were not evaluated
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name in ("a.mp4", "b.mp4"):
+            tar.add(folder / "moving.mp4", arcname=name)
+    with tarfile.open(shard) as tar:
+        cut = tar.getmember("b.mp4").offset_data + 1000
+    shard.write_bytes(shard.read_bytes()[:cut])
+    code, stdout, err = run("eval", shard.parent, "--tokens", "4", "--grid", "4x32x32", *RANDOM, "--json", report,
+                          capsys=capsys)  # fmt: skip
+    written = json.loads(report.read_text())
+    assert code == 1 and f"LEFT OUT {shard}: cut short" in stdout, (stdout, err)
+    assert [f["source"] for f in written["failed"]] == [f"{shard}/b.mp4"]  # (the member the cut cuts)
+    assert [f["input"] for f in written["left_out"]] == [str(shard)] and "cut short" in written["left_out"][0]["reason"]
+    (tmp_path / "none").mkdir()  # no video: said before the weights load (a download, by default)
+    code, _, err = run("eval", tmp_path / "none", "--checkpoint", tmp_path / "missing.safetensors", capsys=capsys)
+    assert code == 2 and f"error: no video files found in {tmp_path / 'none'}" in err, err
 
 
 def test_eval_says_which_report_a_full_disk_kept_it_from_writing(folder, tmp_path, capsys, monkeypatch):
@@ -827,7 +846,7 @@ def test_decode_takes_folders_and_keeps_their_structure(folder, tmp_path, capsys
         "moving.mp4", "sub", "sub/moving.mp4"
     ]
     code, _, err = run("decode", tmp_path / "v", "-o", tmp_path / "w", capsys=capsys)
-    assert code == 2 and "no token files found in" in err
+    assert code == 2 and f"error: no token files found in {tmp_path / 'v'} (files ending in .safetensors, as " in err
     linked = tmp_path / "linked"  # a dataset of links to folders: followed, as encode follows them
     linked.mkdir()
     (linked / "sub").symlink_to(tokens / "sub")

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -432,6 +432,12 @@ def _say_left_out(unlisted: list[tuple[str, str]], verb: str) -> None:
         print(f"  LEFT OUT {escaped(folder)}: {reason}; the files {which} were not {verb}")
 
 
+def _none_found(what: str, inputs: Sequence[str]) -> str:
+    """The error of a run whose inputs hold no file of ``what``, naming them (the first three) on one line."""
+    more = f" and {len(inputs) - 3:,} more" if len(inputs) > 3 else ""
+    return f"no {what} found in {', '.join(escaped(str(i)) for i in inputs[:3])}{more}"
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, encode_files
 
@@ -440,7 +446,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --ray")
     files = collect_inputs(args.inputs, list_names=args.list_names)
     if not files:
-        raise ValueError(f"no video files found in {args.inputs}")
+        raise ValueError(_none_found("video files", args.inputs))
     _check_output_folder("-o", args.output)
     if args.ray:
         return _finish(_encode_on_ray(args, files), "encoded", files)
@@ -504,7 +510,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     files = collect_token_files(args.tokens, list_names=args.list_names)
     if not files:
-        raise ValueError(f"no token files found in {args.tokens}")
+        raise ValueError(f"{_none_found('token files', args.tokens)} (files ending in .safetensors, as `titok-fast "
+                         "encode` makes them from videos)")
     files = Inputs(take_shard(files, args.shard), files.unlisted)
     _check_output_folder("-o", args.output)
     token_metas = None
@@ -526,7 +533,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     files = collect_token_files(args.tokens, list_names=args.list_names, written=(".safetensors", "packed"))
     if not files:
-        raise ValueError(f"no token files found in {args.tokens}")
+        raise ValueError(f"{_none_found('token files', args.tokens)} (files ending in .safetensors, as `titok-fast "
+                         "encode` makes them from videos)")
     _check_output_folder("-o", args.output)
     _check_not_within(args.output, files.folders)
     accept = None
@@ -654,6 +662,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.grid:
         _check_ssim_grid(f"--grid {'x'.join(map(str, args.grid))}", args.grid)
     inputs = collect_inputs(args.inputs, outputs=False)  # a mistyped input is said before the weights load
+    if not inputs:  # (as is a folder of none: the weights may be a download)
+        raise ValueError(_none_found("video files", args.inputs))
     model = _model(args)
     engine = _engine(args, model)
     _settings(args, model, tokens=max(args.counts), engine=engine)  # checked before any work, at the most tokens
@@ -675,6 +685,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "clips_per_video": settings.clips_per_video,
                          "dtype": str(model.dtype).removeprefix("torch."), "precision": model.precision},
             "failed": [{"source": source, "reason": reason} for source, reason in summary.failed],
+            "left_out": [{"input": folder, "reason": reason} for folder, reason in inputs.unlisted],
         }, indent=2, allow_nan=False).encode()  # fmt: skip
         try:
             os.makedirs(os.path.dirname(absolute(args.json)), exist_ok=True)

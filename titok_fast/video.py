@@ -754,7 +754,9 @@ class ClipReader:
         return self._chunk_length / self.source_fps if self._chunk_length and self.source_fps > 0 else None
 
     def start_times(self) -> list[float]:
-        """Start of each clip read so far, seconds after the first video frame (a segment's clips from its first)."""
+        """Start of each clip read so far, seconds after the first video frame (a segment's clips from its first);
+        with upstream's sampling, which counts frames, its first frame's number over the average frame rate (its
+        time where the rate is constant)."""
         first = self.first_clip
         if self.sampling == "upstream":
             return [i * self._chunk_length / self.source_fps for i in range(first, first + self.clips_read)]
