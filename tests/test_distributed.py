@@ -667,7 +667,7 @@ def test_leaving_a_pass_ends_ray_datas_execution_where_its_reader_waits_without_
 def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path):
     files = collect_inputs([videos["good"]])
     bad = ClipSettings(grid=(4, 32, 32), tokens=8, fps=0.0)
-    with pytest.raises(ValueError, match=r"fps must be in \(0, 1000\]; got 0.0"):
+    with pytest.raises(ValueError, match=r"fps must be a number in \(0, 1000\]; got 0.0"):
         encode_dataset(LOAD(), files, tmp_path, bad, ray_address="no-cluster-is-started", device="cpu")
     with pytest.raises(ValueError, match="mode 'cudagraph' needs CUDA devices; the encode actors run on cpu"):
         encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="local", device="cpu", mode="cudagraph")

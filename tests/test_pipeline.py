@@ -1296,8 +1296,31 @@ def test_the_readmes_example_of_reading_token_files_runs_as_written(model, tmp_p
     assert [v.shape[1] for v in names["videos"]] == [4, 4, 2] and names["tf"].last_chunk_frames == 2
     with pytest.raises(ValueError, match="^clip: made by weights"):  # (another model's weights)
         pipeline.check_same_model(random_tokenizer("tiny", seed=1), names["tf"], "clip")
-    with pytest.raises(ValueError, match=r", the loaded model records none \(random, from no seed\); pass "):
-        pipeline.check_same_model(TiTok("tiny"), names["tf"], "clip")
+    with pytest.raises(ValueError, match=r"^clip: made by weights random-seed0-\w+, the loaded model by \w+; pass "):
+        pipeline.check_same_model(TiTok("tiny"), names["tf"], "clip")  # (other weights, with no digest of their own)
+    same = TiTok("tiny")  # the same weights loaded into a model: the file's (they had no digest, so were refused)
+    same.load_state_dict(model.state_dict())
+    assert same.weights_digest is None
+    pipeline.check_same_model(same, names["tf"], "clip")
+    assert same.weights_digest == model.weights_digest.split("-", 2)[2]  # (worked out once)
+
+
+def test_encode_files_refuses_before_any_work_an_engine_of_another_model_and_settings_no_reader_takes(model, sources,
+                                                                                                    tmp_path):
+    """An engine of another model wrote that model's tokens under the given model's digest and dtype, and a resume
+    with the right engine kept them; settings a reader refuses were found once the manifest named every input
+    not encoded (and said the same command would go on)."""
+    other = random_tokenizer("tiny", seed=1)
+    with pytest.raises(ValueError, match=r"^the engine runs another model than the one given"):
+        encode_files(model, Engine(other), [(sources["short"], "short")], tmp_path / "a", SETTINGS)
+    for change, said in (({"fps": "8"}, r"fps must be a number in \(0, 1000\]; got '8'"), ({"fps": 0}, "fps must be"),
+                         ({"tail": "Pad"}, "tail must be one of"), ({"sampling": "x"}, "sampling must be one of"),
+                         ({"clips_per_video": 0}, "clips_per_video must be"), ({"rotation": "up"}, "rotation must be"),
+                         ({"decoder": "gpu"}, "decoder must be one of")):  # fmt: skip
+        with pytest.raises(ValueError, match=said):
+            encode_files(model, Engine(model), [(sources["short"], "short")], tmp_path / "a",
+                         dataclasses.replace(SETTINGS, **change))  # fmt: skip
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("workers", [(1, "thread"), (2, "process")])

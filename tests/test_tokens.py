@@ -195,6 +195,21 @@ def test_invalid_token_file_is_refused(change, message):
         TokenFile.from_chunks([chunk] * len(times), [grid] * len(times), times, **{**settings, **change})
 
 
+def test_each_chunk_of_all_indices_holds_its_own_indices_and_bytes_load_from_any_buffer(tmp_path):
+    """all_indices() gave views of one tensor of the whole file's indices: a DataLoader worker returning one chunk
+    sent all of them. load_tokens(data=) took only bytes, and called a bytearray's valid file unreadable."""
+    token_file = make_token_file(counts=(7, 1, 12))
+    chunks = token_file.all_indices()
+    assert [c.untyped_storage().nbytes() for c in chunks] == [8 * 7, 8 * 1, 8 * 12]
+    assert torch.equal(torch.cat(chunks), token_file.indices.long())
+    save_tokens(tmp_path / "a.safetensors", token_file)
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    for data in (bytearray(raw), memoryview(raw)):
+        assert torch.equal(load_tokens("key", data=data).indices, token_file.indices)
+    with pytest.raises(TypeError, match="^key: data must be a token file's bytes; got str$"):
+        load_tokens("key", data="str")
+
+
 def test_errors_about_a_long_file_show_a_few_of_its_values(tmp_path):
     """A stranger's file may hold millions of chunks: an error names the chunk at fault, never lists them all."""
     token_file = TokenFile.from_chunks(

@@ -816,7 +816,6 @@ def encode_dataset(
             raise ValueError(f"{name} must be at most {MAX_RAY_RETRIES}; got {given[name]}")
     check_reading_on_ray(settings.decoder, settings.preprocess)
     settings = settings_on_ray(settings, device)
-    ClipReader("", **settings.read_kwargs())  # bad clip settings are one error here, not every file's in its task
     check_clip_settings(settings, model, DEFAULT_BUDGETS)  # (the actors' engines': Engine's default budgets)
     check_ray_address(ray_address)
     if mode == "cudagraph" and not str(device).startswith("cuda"):  # each actor's Engine would refuse it, alone

@@ -242,11 +242,12 @@ def input_pairs(files: Sequence, outputs: bool = True) -> Sequence[tuple[Path, s
 def check_clip_settings(settings: ClipSettings, model: TiTok, budgets: Sequence[int], token_counts=None) -> None:
     """Refuse, before any file is opened, settings with which no clip could run (each would fail alone): a grid
     that is not a multiple of ``model``'s patch, a token count that is not an integer in range (``token_counts``:
-    those a run takes instead of ``settings.tokens``), or a clip of more packed rows than the largest of
-    ``budgets`` (an engine's) holds."""
+    those a run takes instead of ``settings.tokens``), a clip of more packed rows than the largest of ``budgets``
+    (an engine's) holds, or a reading setting (fps, tail, sampling, ...) ``ClipReader`` refuses."""
     def named(i: int) -> str:  # (one clip's settings: no video number to name)
         return "the clip settings"
 
+    ClipReader("", **settings.read_kwargs(model.device.type))  # (opens nothing: its arguments are checked)
     (grid,) = check_grids([settings.grid], 1, model.config.patch_size, named)
     counts = [settings.tokens] if token_counts is None else list(token_counts)
     for tokens in check_token_counts(counts, None, name=named):
@@ -771,6 +772,8 @@ def encode_files(
     ``stall_seconds`` (None: wait for ever; its stuck worker is replaced). The progress bar shows clips/s and
     whether decoding or the model limits the run.
     """
+    if engine.model is not model:  # (the tokens are the engine's model's; the records, resume included, model's)
+        raise ValueError("the engine runs another model than the one given: encode_files(model, Engine(model), ...)")
     check_clip_settings(settings, model, engine.budgets)
     workers = workers or default_workers()
     outdir = Path(outdir)
@@ -1997,15 +2000,17 @@ def _beside_source(token_file: TokenFile, chunks: Iterator[torch.Tensor], scores
 def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLike) -> None:
     """A token file decodes only with the weights and the model config that made it (the FSQ levels have no
     weights: the same weights with other levels read other codes from the same indices)."""
-    if token_file.weights_digest != model.weights_digest:
+    if model.weights_digest is None:  # (weights loaded into a model, or made here: named as encode_files names them)
+        model.weights_digest = weights_digest(model.state_dict())
+    if _bare_digest(token_file.weights_digest) != _bare_digest(model.weights_digest):
         seed = random_seed(token_file.weights_digest)
         right = "the right --checkpoint" if seed is None else f"--random-weights {seed} (and its --config)"
         if seed is not None and seed == random_seed(model.weights_digest):  # (the digest covers the config too)
             right = f"--random-weights {seed} with the right --config: it was made by those random weights with " \
                     "another config"  # fmt: skip
-        loaded = f"by {model.weights_digest}" if model.weights_digest else "records none (random, from no seed)"
         raise ValueError(
-            f"{path}: made by weights {brief(token_file.weights_digest, 64)}, the loaded model {loaded}; pass "
+            f"{path}: made by weights {brief(token_file.weights_digest, 64)}, the loaded model by "
+            f"{model.weights_digest}; pass "
             f"{right}, or --force to decode anyway"
         )
     differ = config_difference(token_file.model_config, model.config)
@@ -2014,6 +2019,12 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
             f"{path}: made by another model config than the loaded one ({differ}); decode it with its --config "
             "beside --checkpoint or --random-weights, or --force to decode anyway"
         )
+
+
+def _bare_digest(digest: str) -> str:
+    """The digest of the weights alone: random weights' is ``random-seed<N>-<it>``, and the same weights loaded
+    into a model are named by it alone."""
+    return digest.split("-", 2)[2] if random_seed(digest) is not None else digest
 
 
 def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:

@@ -60,7 +60,7 @@ MAX_METADATA_CHARS = 1 << 20  # a token file's metadata JSON is a few hundred ch
 MAX_FILE_BYTES = 1 << 28
 MAX_HEADER_BYTES = 4 * MAX_METADATA_CHARS
 # The most chunks a token file holds, and chunks x frames_per_chunk: all_indices() makes a tensor of each chunk (about
-# 650 bytes apiece: 170 MB for MAX_CHUNKS) and source_frames() an int64 of each frame (128 MiB for MAX_FILE_FRAMES).
+# 1.1 KB apiece: 290 MB for MAX_CHUNKS) and source_frames() an int64 of each frame (128 MiB for MAX_FILE_FRAMES).
 # Bounded by MAX_FILE_BYTES alone, a stranger's 250 MB file of 7.7M one-token chunks took 5.3 GB in all_indices().
 MAX_CHUNKS = 1 << 18
 MAX_FILE_FRAMES = 1 << 24
@@ -243,8 +243,9 @@ class TokenFile:
         return self.indices[self.offsets[i] : self.offsets[i + 1]].long()
 
     def all_indices(self) -> list[torch.Tensor]:
-        """Indices of every chunk: list of [token_counts[i]] int64."""
-        return list(self.indices.long().split(self.token_counts.tolist()))
+        """Indices of every chunk: list of [token_counts[i]] int64, each a tensor of its own (not a view of one
+        tensor of the file's: a DataLoader worker returning a chunk sent the whole file's indices with it)."""
+        return [chunk.long() for chunk in self.indices.split(self.token_counts.tolist())]
 
     def source_frames(self) -> torch.Tensor:
         """[chunks, frames_per_chunk] int64: the source frames each chunk's frames are, numbered from the video's
@@ -305,6 +306,10 @@ def load_tokens(path: str | os.PathLike[str], data: bytes | None = None) -> Toke
     path = os.fspath(path)
     if data is None:
         data = read_token_bytes(path)
+    elif isinstance(data, (bytearray, memoryview)):  # (a buffer of them: a memory map, a framework's sample)
+        data = bytes(data)
+    elif not isinstance(data, bytes):
+        raise TypeError(f"{path}: data must be a token file's bytes; got {type(data).__name__}")
     try:
         header_bytes = int.from_bytes(data[:8], "little")
         if header_bytes > len(data) - 8:  # (not said: another kind of file's first 8 bytes, read as a number)

@@ -106,8 +106,8 @@ LIMITED_SHARE = 4
 
 def check_fps(fps: float) -> None:
     """A ValueError unless ``fps`` is a frame rate to sample or write at: in (0, MAX_FPS] (not NaN or infinite)."""
-    if not 0 < fps <= MAX_FPS:
-        raise ValueError(f"fps must be in (0, {MAX_FPS:g}]; got {fps}")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps <= MAX_FPS:
+        raise ValueError(f"fps must be a number in (0, {MAX_FPS:g}]; got {fps!r}")
 
 
 def check_clips_per_video(clips: int | None) -> int | None:
