@@ -27,7 +27,7 @@ from titok_fast.files import write_atomically
 from titok_fast.loading import random_tokenizer
 from titok_fast.metrics import psnr, ssim
 from titok_fast.pipeline import ClipSettings, decode_files, encode_files, encode_resiliently, evaluate
-from titok_fast.tokens import load_tokens
+from titok_fast.tokens import TokenFileError, load_tokens
 from titok_fast.video import READER, read_clips, video_comment
 from titok_fast.writing import VideoWriter, write_video
 
@@ -471,9 +471,9 @@ def test_an_output_folder_that_is_a_link_leading_nowhere_fails_its_inputs_before
     out = tmp_path / "out"
     out.mkdir()
     (out / "sub").symlink_to(tmp_path / "not-mounted" / "sub")
-    elsewhere = tmp_path / "elsewhere" / "new" / "long"  # (Python's API takes a name outside the output folder)
+    elsewhere = out / "new" / "deeper" / "long"  # (a folder not there yet: made)
     files = [(sources["short"], "sub/short"), (sources["odd"], "odd"), (sources["black"], "sub/deeper/black"),
-             (sources["long"], str(elsewhere))]  # fmt: skip
+             (sources["long"], "new/deeper/long")]  # fmt: skip
     summary = encode_files(model, Engine(model), files, out, SETTINGS, workers=1)
     clips = sum(load_tokens(p).token_counts.numel() for p in (out / "odd.safetensors", f"{elsewhere}.safetensors"))
     assert summary.done == [str(sources["odd"]), str(sources["long"])] and summary.clips == clips  # (the others
@@ -1199,11 +1199,12 @@ def test_decode_checks_every_chunks_grid_before_it_decodes_or_reads_the_source(m
     encode(model, [sources["long"]], tmp_path)
     good = load_tokens(tmp_path / "long.safetensors")
     engine = Engine(model, budgets=(1024,))
+    for grid in ((4, 12000, 12000), (4, 4096, 4096)):  # past what any model takes: no such token file is written
+        with pytest.raises(TokenFileError, match=rf"^chunk 0 has grid \[4, {grid[1]}, {grid[2]}\]; a clip is at most"):
+            pipeline.save_tokens(tmp_path / "x.safetensors", dataclasses.replace(good, grids=good.grids.clone().copy_(
+                torch.tensor(grid))))  # (nor loaded: tests/test_tokens.py)
     cases = {
-        "huge": ((4, 12000, 12000), r"chunk 0 of .*huge\.safetensors is \[4, 12000, 12000\]; H must be at most 8192"),
         "ragged": ((4, 30, 32), r"chunk 0 of .*ragged\.safetensors is \[4, 30, 32\]; H must be a positive multiple"),
-        "voxels": ((4, 4096, 4096), r"chunk 0 of .*voxels\.safetensors is \[4, 4096, 4096\]; T x H x W must be "
-                                       r"at most 33554432$"),  # (a config of large patches would give few rows)
         "rows": ((4, 256, 256), r"chunk 0 of .*rows\.safetensors \(grid \[4, 256, 256\], 8 tokens\) needs 1032 "
                                 r"packed rows \(tokens \+ patches\); the largest budget is 1024$"),
         "mixed": ((4, 64, 64), r"chunk 3 of .*mixed\.safetensors has grid \[4, 64, 64\], chunk 0 \[4, 32, 32\]: the "

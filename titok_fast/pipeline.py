@@ -2002,7 +2002,7 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
     weights: the same weights with other levels read other codes from the same indices)."""
     if model.weights_digest is None:  # (weights loaded into a model, or made here: named as encode_files names them)
         model.weights_digest = weights_digest(model.state_dict())
-    if _bare_digest(token_file.weights_digest) != _bare_digest(model.weights_digest):
+    if token_file.weights_digest != model.weights_digest and not _same_weights_loaded(token_file, model):
         seed = random_seed(token_file.weights_digest)
         right = "the right --checkpoint" if seed is None else f"--random-weights {seed} (and its --config)"
         if seed is not None and seed == random_seed(model.weights_digest):  # (the digest covers the config too)
@@ -2021,10 +2021,11 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
         )
 
 
-def _bare_digest(digest: str) -> str:
-    """The digest of the weights alone: random weights' is ``random-seed<N>-<it>``, and the same weights loaded
-    into a model are named by it alone."""
-    return digest.split("-", 2)[2] if random_seed(digest) is not None else digest
+def _same_weights_loaded(token_file: TokenFile, model: TiTok) -> bool:
+    """Whether the file names random weights (``random-seed<N>-<their digest>``) that ``model`` holds, loaded into
+    it (named by their digest alone, as ``encode_files`` names weights it works the digest of out)."""
+    recorded, held = token_file.weights_digest, model.weights_digest
+    return random_seed(recorded) is not None and random_seed(held) is None and recorded.endswith(f"-{held}")
 
 
 def config_difference(recorded: dict[str, Any], config: TiTokConfig) -> str:
