@@ -536,6 +536,22 @@ def test_the_ref_of_a_branch_named_is_checked_as_the_default_branchs(tmp_path, h
     assert download(parse_hub_ref(REPO))[1] == HubRef(REPO, COMMIT)  # (refs/main, small, is read)
 
 
+def test_a_hugging_face_home_that_is_a_file_is_said_in_one_line(tmp_path, hub_library, monkeypatch):
+    """HF_HOME naming a file: its token file's folder is no folder, which was taken for "no token file", and the
+    library then failed on it with a bare "[Errno 20] Not a directory"."""
+    from huggingface_hub import constants
+
+    from titok_fast.hub import download
+
+    (tmp_path / "w.ckpt").write_bytes(b"weights")
+    hub_cache(hub_library, REPO, {DEFAULT_FILE: tmp_path / "w.ckpt"})
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "afile" / "token"))
+    with pytest.raises(ValueError, match=rf"^the Hugging Face token file {tmp_path / 'afile' / 'token'} cannot be "
+                                         r"looked at \(Not a directory\)$"):  # fmt: skip
+        download(parse_hub_ref(REPO))
+
+
 def test_a_ref_that_leads_out_of_its_repositorys_folder_is_not_read(tmp_path, hub_library, monkeypatch):
     """A cache copied from elsewhere whose refs/main links to a small file outside it: huggingface_hub read that
     file (any small file the user can read) as the commit to load. It is refused in one line, nothing read; a ref
@@ -700,6 +716,38 @@ def test_the_cache_of_converted_weights_is_where_the_environment_says(tmp_path, 
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert hub.cache_dir() == tmp_path / "home" / ".cache" / "titok-fast"
+
+
+@pytest.mark.parametrize("cache", ["a file", "read-only"])
+def test_a_cache_that_cannot_be_used_reads_the_checkpoint_as_it_is(tmp_path, hub_library, monkeypatch, capsys, cache):
+    """$TITOK_FAST_CACHE naming a file, or a folder that cannot be written, stopped the run with a bare "[Errno 20]
+    Not a directory" though the checkpoint was there to read: it is read as it is (the same weights and digest),
+    with a notice saying why, once."""
+    from titok_fast import hub
+
+    model = make_model("tiny", seed=3)
+    lightning_checkpoint(tmp_path / "m.ckpt", model)
+    hub_cache(hub_library, REPO, {DEFAULT_FILE: tmp_path / "m.ckpt"})
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "usable"))
+    cached = load_tokenizer(REPO, config="tiny")
+    place = tmp_path / "cache"
+    if cache == "a file":
+        place.write_text("")
+    else:
+        place.mkdir()
+        monkeypatch.setattr("titok_fast.loading.save_safetensors", lambda *a, **k: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))  # (the tests run as root, who writes anywhere)
+    monkeypatch.setenv(hub.CACHE_ENV, str(place))
+    capsys.readouterr()
+    for _ in range(2):
+        loaded = load_tokenizer(REPO, config="tiny")
+        assert loaded.weights_digest == cached.weights_digest
+        pairs = zip(loaded.state_dict().values(), cached.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+    said = capsys.readouterr().err
+    why = "Not a directory" if cache == "a file" else "Permission denied"
+    assert said.count(f"titok-fast's cache of converted weights ({place}: $TITOK_FAST_CACHE, else "
+                      f"$XDG_CACHE_HOME/titok-fast) cannot be used: {why}; the checkpoint is read as it is") == 1, said
 
 
 def test_a_cache_entry_converted_from_another_checkpoint_is_converted_again(tmp_path, monkeypatch):

@@ -979,12 +979,14 @@ def _add_model_args(
     )
     p.add_argument(
         "--checkpoint",
+        type=_non_empty,
         help="upstream model.ckpt, converted .safetensors, or a Hub id owner/name[@revision][:file] "
         f"(default: {default})",
     )
     p.add_argument(
         "--config",
         default=None,
+        type=_non_empty,
         help="preset (v1, tiny) or upstream YAML; default: the config stored in a .safetensors, the preset of a known "
         "Hub id, v1 for a .ckpt, tiny for random weights",
     )
@@ -1199,10 +1201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders or .txt path lists")
     p.add_argument("--tokens", dest="counts", type=_counts, default="128,256,1024",  # (a string: parsed by type)
                    help="token counts to measure, comma-separated (default 128,256,1024)")
-    p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--json", type=_non_empty, help="also write the table as JSON here")
     p.add_argument(
         "--plot",
         metavar="FILE.png",
+        type=_non_empty,
         help="also draw PSNR and SSIM against tokens, a line per input resolution "
         "(needs the plot extra: pip install 'titok-fast[plot]')",
     )
@@ -1212,15 +1215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("convert", help="upstream Lightning .ckpt -> .safetensors with the config inside")
-    p.add_argument("checkpoint", help="upstream model.ckpt, or a Hub id owner/name[@revision][:file]")
-    p.add_argument("output", help="output .safetensors path")
-    p.add_argument("--config", default=None, help="preset name (v1, tiny) or upstream YAML path (default: the config "
-                   "a .safetensors stores, a known Hub id's preset, v1 for a local .ckpt; other Hub ids need it)")
+    p.add_argument("checkpoint", type=_non_empty, help="upstream model.ckpt, or a Hub id owner/name[@revision][:file]")
+    p.add_argument("output", type=_non_empty, help="output .safetensors path")
+    p.add_argument("--config", default=None, type=_non_empty,
+                   help="preset name (v1, tiny) or upstream YAML path (default: the config a .safetensors stores, "
+                   "a known Hub id's preset, v1 for a local .ckpt; other Hub ids need it)")  # fmt: skip
     p.add_argument("--no-ema", action="store_true", help="take the raw model weights, not the EMA weights")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) and print the results table")
-    p.add_argument("--json", default="benchmark-results.json",
+    p.add_argument("--json", default="benchmark-results.json", type=_non_empty,
                    help="where to keep the raw results (default benchmark-results.json)")  # fmt: skip
     p.add_argument("-k", dest="select", help="only benchmarks matching this pytest expression, e.g. gpu or cpu")
     p.set_defaults(run=cmd_bench, held_imports=())  # (pytest runs in a process of its own)

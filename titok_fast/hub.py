@@ -194,9 +194,9 @@ def _check_small_files_read(ref: HubRef) -> None:
     for path, what, most in files:
         try:
             st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             continue
-        except OSError as e:
+        except OSError as e:  # (a folder above it that is a file, $HF_HOME say: the library's own read fails too)
             raise ValueError(f"the Hugging Face {what} {path} cannot be looked at ({e.strerror or e})") from None
         if not stat.S_ISREG(st.st_mode) or st.st_size > most:
             kind = kind_of(st.st_mode) if not stat.S_ISREG(st.st_mode) else f"a file of {st.st_size:,} bytes"

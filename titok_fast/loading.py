@@ -937,7 +937,15 @@ def _from_hub(ref: hub.HubRef, config: object | None, use_ema: bool, quick: bool
     local, pinned = hub.download(ref, quick=quick)
     if local.suffix == ".safetensors":
         return local, config, str(pinned)
-    return converted(local, TiTokConfig.from_any(config), use_ema), config, str(pinned)
+    try:
+        return converted(local, TiTokConfig.from_any(config), use_ema), config, str(pinned)
+    except CacheUnusable as e:  # (the same weights, read from the checkpoint: the same digest)
+        _say_once(local, f"{e}; the checkpoint is read as it is, unpickled at every run")
+        return local, config, str(pinned)
+
+
+class CacheUnusable(OSError):
+    """titok-fast's cache of converted weights cannot be looked in or written (the message says where, and why)."""
 
 
 def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True) -> Path:
@@ -954,7 +962,9 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
     time differ) is refused before anything is written."""
     claimed = hub.file_sha256(src)
     target = hub.cache_dir() / "converted" / f"{claimed}-{'ema' if use_ema else 'raw'}.safetensors"
-    if not _converted_from(target, claimed):
+    with _using_cache(target):
+        cached = _converted_from(target, claimed)
+    if not cached:
         with hub.open_regular(src) as file, _reading(Path(src)):  # its archive's directory first (a few KB), before
             _Archive(Path(src), file)  # all its bytes are hashed: a file that is no checkpoint (gigabytes, say) is
             # refused unread, in one line naming it
@@ -965,14 +975,28 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
                 f"{src}: its bytes have sha256 {actual}, not the {claimed} its Hugging Face cache blob is named by; "
                 "delete that blob and download the file again"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
+        with _using_cache(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
         print(f"converting {src} into {target} (once)", file=sys.stderr)
         model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
         if _identity(src) != before:
             raise CheckpointError(f"{src}: changed while it was hashed and converted; nothing was cached, try again")
-        save_safetensors(model, target, source=os.path.basename(str(src)), **_ema_taken(model), source_sha256=actual)
+        with _using_cache(target):
+            save_safetensors(model, target, source=os.path.basename(str(src)), **_ema_taken(model),
+                             source_sha256=actual)  # fmt: skip
         _remove_config_keyed(target.parent, claimed)
     return target
+
+
+@contextlib.contextmanager
+def _using_cache(target: Path):
+    """A CacheUnusable, saying where and why, for an OSError of looking in or writing to the cache (a read-only or
+    full disk, a cache path that is a file)."""
+    try:
+        yield
+    except OSError as e:
+        raise CacheUnusable(f"titok-fast's cache of converted weights ({target.parent.parent}: ${hub.CACHE_ENV}, else "
+                            f"$XDG_CACHE_HOME/titok-fast) cannot be used: {e.strerror or e}") from None  # fmt: skip
 
 
 def _remove_config_keyed(folder: Path, sha256: str) -> None:

@@ -1135,7 +1135,9 @@ THIS_PATH_ONLY = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR, 
 
 def _input_path(item: str | os.PathLike) -> Path:
     """An input given on the command line, once looked at: a name too long or a folder that cannot be searched is
-    said as it is (not taken for a missing path)."""
+    said as it is (not taken for a missing path), and an empty one is refused (Path("") is the current folder)."""
+    if not os.fspath(item):
+        raise InputError("an input is empty (''): expected a path (the current folder is '.')")
     try:
         _look_at(Path(item))
     except OSError as e:
