@@ -498,7 +498,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         code, stdout, err = run("eval", folder / "moving.mp4", *RANDOM, *options, capsys=capsys)
         assert code == 2 and message in err and "Traceback" not in err and stdout == "", err
     for options, message in [
-        (["--shard", "2/2"], "argument --shard: '2/2' is not K/N with 0 <= K < N, e.g. 0/8 (shards count from 0)"),
+        (["--shard", "2/2"], "argument --shard: '2/2' is not K/N with 0 <= K < N <= 9999999, e.g. 0/8 (shards count "
+         "from 0)"),
         (["--shard", "1"], "argument --shard: '1' is not K/N with 0 <= K < N"),
         (["--device", "meta"], "argument --device: 'meta' is not a device titok-fast runs on: cpu or cuda"),
         (["--device", "cuda:02"], "argument --device: 'cuda:02': choose that GPU with CUDA_VISIBLE_DEVICES=2 and "
@@ -529,6 +530,53 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
             main(["encode", str(folder / "moving.mp4"), "-o", str(out), "--ray", "local", *options])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_empty_values_long_names_and_where_the_weights_came_from_are_said_in_one_line(folder, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """An empty input ('') searched the current folder (decode began on every token file below it); empty
+    --checkpoint/--config/--json/--plot were taken as not given; an over-long --json name failed once the work was
+    done; the demo made its sample in memory for any --fps (125 GB at 0.0001) and looked at -o after the weights;
+    a path with a newline broke a summary line; $TITOK_FAST_CHECKPOINT's garbage was not said to come from it; a
+    video given as --checkpoint was first said to record no config."""
+    import titok_fast.cli as cli
+    from titok_fast.loading import random_tokenizer
+
+    out = tmp_path / "out"
+    for command in (["encode", "", "-o", out, *RANDOM], ["decode", "", "-o", out], ["eval", "", *RANDOM]):
+        code, stdout, err = run(*command, capsys=capsys)
+        assert code == 2 and err == "titok-fast: error: an input is empty (''): expected a path (the current folder " \
+                                    "is '.')\n" and stdout == "", err  # fmt: skip
+    for command, option in ((["encode", "-o", out, "--checkpoint", ""], "--checkpoint"),
+                            (["encode", "-o", out, "--config", ""], "--config"), (["eval", "--json", ""], "--json"),
+                            (["eval", "--plot", ""], "--plot"), (["convert", "", "x.safetensors"], "checkpoint"),
+                            (["bench", "--json", ""], "--json")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([command[0], str(folder / "moving.mp4"), *map(str, command[1:])] if command[0] != "convert" and
+                 command[0] != "bench" else [*map(str, command)])  # fmt: skip
+        assert e.value.code == 2 and f"argument {option}: must not be empty" in capsys.readouterr().err
+    long = tmp_path / ("p" * 300 + ".json")
+    monkeypatch.setattr(cli, "_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    code, _, err = run("eval", folder / "moving.mp4", *RANDOM, "--json", long, capsys=capsys)
+    assert code == 2 and f"--json {long}: its name is 305 bytes; a file name has at most 255" in err, err
+    code, _, err = run("convert", folder / "moving.mp4", tmp_path / ("c" * 300 + ".safetensors"), capsys=capsys)
+    assert code == 2 and "its name is 312 bytes; a file name has at most 255" in err, err
+    (tmp_path / "afile").write_text("")
+    code, _, err = run("demo", "-o", tmp_path / "afile" / "demo", capsys=capsys)
+    assert code == 2 and f"-o {tmp_path / 'afile' / 'demo'}: cannot be made" in err, err
+    monkeypatch.setattr(cli, "_model", lambda *a, **k: random_tokenizer("tiny", seed=0))
+    code, _, err = run("demo", "-o", tmp_path / "demo", "--fps", "0.0001", "--grid", "4x32x32", "--tokens", "8",
+                       "--device", "cpu", capsys=capsys)  # fmt: skip
+    assert code == 2 and "--grid 4x32x32 at --fps 0.0001: a clip spans 40000 s, and the demo's sample video is at " \
+                         "most 60 s" in err, err  # fmt: skip
+    assert not (tmp_path / "demo").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("TITOK_FAST_CHECKPOINT", str(tmp_path / "garbage"))
+    code, _, err = run("encode", folder / "moving.mp4", "-o", out, capsys=capsys)
+    assert code == 2 and err.startswith(f"weights: {tmp_path / 'garbage'} ($TITOK_FAST_CHECKPOINT)\n"), err
+    code, _, err = run("encode", folder / "moving.mp4", "-o", out, "--checkpoint", folder / "moving.mp4",
+                       capsys=capsys)  # fmt: skip
+    assert code == 2 and "records no model config" not in err and len(err.splitlines()) == 1, err
 
 
 def test_ray_not_installed_is_said_before_the_weights_load(folder, tmp_path, capsys, monkeypatch):

@@ -80,6 +80,8 @@ def test_shards_hold_the_token_files_byte_for_byte_in_name_order(tmp_path, capsy
     assert sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*.safetensors")) == sorted(
         f"{n}.safetensors" for n in names
     )
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "a\nb", capsys=capsys)  # (the summary stays one line)
+    assert code == 0 and f"shard(s) in {tmp_path}/a\\nb in " in out and len(out.splitlines()) == 1, out
 
 
 def test_token_files_read_in_place_from_a_shard_equal_those_packed(tmp_path, capsys):

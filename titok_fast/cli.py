@@ -31,6 +31,7 @@ from .files import (
     DEBUG_ENV,
     MAX_CLIPS_PER_VIDEO,
     MAX_FPS,
+    MAX_NAME_BYTES,
     MAX_PER_SHARD,
     MAX_RAY_RETRIES,
     MAX_SEED,
@@ -48,6 +49,7 @@ from .files import (
     kind_of,
     lies_in,
     notice,
+    temporary_stem,
     write_atomically,
 )
 
@@ -168,7 +170,8 @@ def _shard(text: str) -> tuple[int, int]:
     """--shard K/N: 0 <= K < N, N at most 7 digits."""
     m = re.fullmatch(r"([0-9]{1,7})/([0-9]{1,7})", text.strip())
     if not m or not int(m[1]) < int(m[2]):
-        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N, e.g. 0/8 (shards count from 0)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N <= 9999999, e.g. 0/8 (shards count "
+                                         "from 0)")  # fmt: skip
     return int(m[1]), int(m[2])
 
 
@@ -256,7 +259,7 @@ def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
     weights (``$TITOK_FAST_CHECKPOINT`` or the V1 release from the Hub). A token file never makes us open a local
     path: only random weights (rebuilt from the recorded seed, up to the largest preset's size) or Hub weights,
     each checked against the digest recorded."""
-    from .hub import default_checkpoint, parse_hub_ref
+    from .hub import CHECKPOINT_ENV, default_checkpoint, parse_hub_ref
     from .loading import load_tokenizer, random_tokenizer
 
     device, dtype = _device_dtype(args)
@@ -277,9 +280,11 @@ def _model(args: argparse.Namespace, token_metas=None, quick: bool = False):
         print(f"using RANDOM weights (seed {seed}): tokens and reconstructions are not meaningful", file=sys.stderr)
         model = random_tokenizer(args.config or "tiny", seed=seed, device=device, dtype=dtype)
     else:
+        named = "" if checkpoint is not None or not os.environ.get(CHECKPOINT_ENV) else f"${CHECKPOINT_ENV}"
         checkpoint = checkpoint or default_checkpoint()
-        if parse_hub_ref(checkpoint) is not None:
-            print(f"weights: {checkpoint} (Hugging Face Hub)", file=sys.stderr)
+        where = ", ".join(w for w in ("Hugging Face Hub" if parse_hub_ref(checkpoint) is not None else "", named) if w)
+        if where:  # (an error about the weights then names what named them)
+            print(f"weights: {escaped(checkpoint)} ({where})", file=sys.stderr)
         model = load_tokenizer(checkpoint, config=args.config, device=device, dtype=dtype, quick=quick)
     model.precision = precision
     if device == "cpu" and not getattr(args, "ray", None) and (slow := slow_dtype_on_this_cpu(args.dtype)):
@@ -692,7 +697,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             write_atomically(args.json, report, tidy=True)  # (what a killed run left of it goes)
         except OSError as e:  # its folder gone meanwhile, a full disk: named as asked for, not by its temporary
             raise ValueError(f"--json {args.json}: cannot be written ({e.strerror or e})") from None
-        print(f"wrote {args.json}")
+        print(f"wrote {escaped(args.json)}")
     if args.plot:
         from .plots import rate_distortion_figure, save_figure
 
@@ -702,7 +707,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             save_figure(figure, args.plot)
         except OSError as e:  # (as --json)
             raise ValueError(f"--plot {args.plot}: cannot be written ({e.strerror or e})") from None
-        print(f"wrote {args.plot}")
+        print(f"wrote {escaped(args.plot)}")
     return _finish(summary, "evaluated", inputs)
 
 
@@ -759,6 +764,8 @@ def _check_file_to_write(option: str, path: str, what: str) -> None:
     if mode is not None and not _is_kind(path, what):
         raise ValueError(f"{option} {path}: is there already and is not a {what} file; it would be replaced: "
                          "remove it or choose another path")  # fmt: skip
+    if (length := len(os.fsencode(os.path.basename(path)))) > MAX_NAME_BYTES:  # (else said once the work is done)
+        raise ValueError(f"{option} {path}: its name is {length} bytes; a file name has at most {MAX_NAME_BYTES}")
     _check_output_folder(f"{option} {path}: its folder", os.path.dirname(absolute(path)))
 
 
@@ -818,7 +825,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # before a checkpoint of a gigabyte is read; leaves no folder behind
     _check_file_to_write("output", args.output, "safetensors")
     digest = convert(args.checkpoint, args.output, config=args.config, use_ema=not args.no_ema)
-    print(f"wrote {args.output} (weights digest {digest})")
+    print(f"wrote {escaped(args.output)} (weights digest {digest})")
     return 0
 
 
@@ -836,7 +843,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results.parent.mkdir(parents=True, exist_ok=True)
     # pytest-benchmark truncates its file first and leaves it empty when no benchmark ran: it writes beside the
     # results, which it replaces only once it has written some (an earlier run's file is kept otherwise)
-    partial = results.with_name(f".{results.name}.{os.getpid()}.partial")
+    partial = results.with_name(f".{temporary_stem(results.name)}.{os.getpid()}.partial")  # (a name of 255: too long)
     files = [str(suite / f"bench_{name}.py") for name in ("model", "kernels", "pipeline", "resume", "shards")]
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-q", f"--benchmark-json={partial}"]
     cmd += ["-k", args.select] if args.select else []
@@ -879,6 +886,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"{theirs} is there and not known to be the demo's: kept; choose another output folder "
                          "(the demo writes sample.mp4, tokens/sample.safetensors and recon/sample.mp4, and appends to "
                          "tokens/manifest.jsonl)")  # fmt: skip
+    _check_output_folder("-o", args.output)  # (before the weights load)
     try:  # only the default weights fall back; named ones that fail are an error
         args.random_weights, model = None, _model(args, quick=args.checkpoint is None)
     except WeightsUnavailable as e:
@@ -894,10 +902,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          f"{DEMO_FPS} or fewer")  # fmt: skip
     engine = _engine(args, model)
     settings = _settings(args, model)
+    seconds = max(3.0, settings.grid[0] / settings.fps)  # (at least one clip, whatever the grid's frames and fps)
+    if seconds > DEMO_MOST_SECONDS:  # (its frames are made in memory: --fps 0.0001 asked for 125 GB)
+        raise ValueError(f"--grid {'x'.join(map(str, settings.grid))} at --fps {settings.fps:g}: a clip spans "
+                         f"{seconds:g} s, and the demo's sample video is at most {DEMO_MOST_SECONDS} s: sample more "
+                         "frames a second or fewer frames a clip")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)  # once every option is known to work: a refused demo writes nothing
     # (the sample is made anew: the demo's token file of the last one, if there, is no file of this one to set aside)
     token_path.unlink(missing_ok=True)
-    seconds = max(3.0, settings.grid[0] / settings.fps)  # (at least one clip, whatever the grid's frames and fps)
     frames = math.ceil(seconds * DEMO_FPS)
     write_video(sample, _moving_pattern(frames=frames, height=192, width=256), fps=DEMO_FPS, comment=DEMO_SAMPLE)
     start = time.perf_counter()
@@ -923,6 +935,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 DEMO_SAMPLE = "titok-fast demo sample"  # the comment tag of the sample video the demo writes
 DEMO_FPS = 8  # its frame rate, as upstream's training videos'
+DEMO_MOST_SECONDS = 60  # its longest: 480 frames of 192x256, made in memory (71 MB)
 
 
 def _not_the_demos(out: Path) -> Path | None:

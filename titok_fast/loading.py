@@ -821,11 +821,13 @@ def load_state(
             raise CheckpointError(f"{path}: metadata digest {meta['weights_digest']!r:.80} disagrees with its tensors")
         ema = meta.get("ema")
         return cfg, tensors, digest, ema if isinstance(ema, bool) else None
-    cfg = given if given is not None else _taken_as_v1(path)
+    cfg = given if given is not None else TiTokConfig.from_any("v1")
     check_config(cfg, str(path))
     with _reading(path), hub.open_regular(path) as file:  # a FIFO swapped in after the check above: refused
         archive = _Archive(path, file)
         refs, prefix = _select_state(archive.root, path, use_ema)
+        if given is None:  # (said of a checkpoint: a file that is none, a video given by mistake, is refused alone)
+            _taken_as_v1(path)
         wrong = next((k for k, r in refs.items() if not isinstance(r, _TensorRef)), None)
         if wrong is not None:
             got = refs[wrong]

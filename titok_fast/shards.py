@@ -133,7 +133,7 @@ class Packed:
 
     def report(self, outdir: str | os.PathLike) -> str:
         lines = [f"packed {len(self.done):,} token file(s), {self.clips:,} chunk(s), into {len(self.written):,} "
-                 f"shard(s) in {outdir} in {self.seconds:.1f} s"]  # fmt: skip
+                 f"shard(s) in {escaped(os.fspath(outdir))} in {self.seconds:.1f} s"]  # fmt: skip
         if self.kept:
             lines.append(f"kept {len(self.kept):,} shard(s) already complete ({len(self.skipped):,} token file(s))")
         lines += [f"{count:,} token file(s) in them without a .{extension} (none beside their source)"
