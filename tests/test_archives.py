@@ -20,6 +20,7 @@ from titok_fast.cli import main
 from titok_fast.containers import _bytes_of, cut_short
 from titok_fast.manifest import MANIFEST_NAME, read_manifest
 from titok_fast.pipeline import InputError, collect_inputs, input_pairs
+from titok_fast.shards import pack_tokens
 from titok_fast.tokens import load_tokens
 from titok_fast.video import VideoError, read_clips, source_stamp
 
@@ -135,6 +136,9 @@ def test_archives_and_members_are_named_as_folders_and_files_wherever_they_are_n
                                              r"folder; expected a path below it$"):  # fmt: skip
             input_pairs([(archive / "y.mp4", name)])
     assert input_pairs([(archive / "y.mp4", "a/..")]) == [(archive / "y.mp4", "a/..")]  # "a/...safetensors"
+    with pytest.raises(InputError, match=r"leads out of the output folder"):  # (pack's, from the API)
+        pack_tokens([(archive / "y.safetensors", "../e/y")], tmp_path / "shards")
+    assert not (tmp_path / "e.tar").exists() and not (tmp_path / "shards").exists()
     # the member's path reads as the file unpacked
     assert torch.equal(torch.stack(read_clips(archive / "y.mp4", frames=4, height=32, width=32, fps=8).clips),
                        torch.stack(read_clips(unpacked / "000004.mp4", frames=4, height=32, width=32, fps=8).clips))

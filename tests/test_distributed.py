@@ -45,7 +45,7 @@ from titok_fast.distributed import (
 from titok_fast.engine import Engine
 from titok_fast.loading import random_tokenizer
 from titok_fast.manifest import MANIFEST_NAME, Manifest, read_manifest
-from titok_fast.pipeline import ClipSettings, Summary, _progress, collect_inputs, encode_files, made_with
+from titok_fast.pipeline import ClipSettings, InputError, Summary, _progress, collect_inputs, encode_files, made_with
 from titok_fast.tokens import load_tokens
 from titok_fast.video import normalize_pixels
 from titok_fast.writing import write_video
@@ -676,6 +676,8 @@ def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path)
     off_patch = ClipSettings(grid=(4, 32, 36), tokens=8)  # (every clip would fail alone, in its actor)
     with pytest.raises(ValueError, match=r"^grid of the clip settings is \[4, 32, 36\]; W must be a positive mult"):
         encode_dataset(LOAD(), files, tmp_path, off_patch, ray_address="no-cluster-is-started", device="cpu")
+    with pytest.raises(InputError, match=r"its output name '\.\./out\.safetensors' leads out of the output folder"):
+        encode_dataset(LOAD(), [(files[0][0], "../out")], tmp_path, SETTINGS, ray_address="local", device="cpu")
     assert not (tmp_path / MANIFEST_NAME).exists()  # nothing was started
 
 

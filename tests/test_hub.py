@@ -718,7 +718,7 @@ def test_the_cache_of_converted_weights_is_where_the_environment_says(tmp_path, 
     assert hub.cache_dir() == tmp_path / "home" / ".cache" / "titok-fast"
 
 
-@pytest.mark.parametrize("cache", ["a file", "read-only"])
+@pytest.mark.parametrize("cache", ["a file", "read-only", "full"])
 def test_a_cache_that_cannot_be_used_reads_the_checkpoint_as_it_is(tmp_path, hub_library, monkeypatch, capsys, cache):
     """$TITOK_FAST_CACHE naming a file, or a folder that cannot be written, stopped the run with a bare "[Errno 20]
     Not a directory" though the checkpoint was there to read: it is read as it is (the same weights and digest),
@@ -733,10 +733,14 @@ def test_a_cache_that_cannot_be_used_reads_the_checkpoint_as_it_is(tmp_path, hub
     place = tmp_path / "cache"
     if cache == "a file":
         place.write_text("")
-    else:
+    elif cache == "read-only":  # (found before the checkpoint is converted: the tests run as root, who writes
+        place.mkdir()  # anywhere)
+        monkeypatch.setattr("titok_fast.loading.tempfile.TemporaryFile", lambda *a, **k: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))
+    else:  # (found as the conversion is written)
         place.mkdir()
         monkeypatch.setattr("titok_fast.loading.save_safetensors", lambda *a, **k: (_ for _ in ()).throw(
-            PermissionError(13, "Permission denied")))  # (the tests run as root, who writes anywhere)
+            OSError(28, "No space left on device")))
     monkeypatch.setenv(hub.CACHE_ENV, str(place))
     capsys.readouterr()
     for _ in range(2):
@@ -745,7 +749,8 @@ def test_a_cache_that_cannot_be_used_reads_the_checkpoint_as_it_is(tmp_path, hub
         pairs = zip(loaded.state_dict().values(), cached.state_dict().values(), strict=True)
         assert all(torch.equal(a, b) for a, b in pairs)
     said = capsys.readouterr().err
-    why = "Not a directory" if cache == "a file" else "Permission denied"
+    why = {"a file": "Not a directory", "read-only": "Permission denied", "full": "No space left on device"}[cache]
+    assert ("converting" in said) == (cache == "full"), said  # (a conversion begun only where it could be kept)
     assert said.count(f"titok-fast's cache of converted weights ({place}: $TITOK_FAST_CACHE, else "
                       f"$XDG_CACHE_HOME/titok-fast) cannot be used: {why}; the checkpoint is read as it is") == 1, said
 

@@ -1126,6 +1126,16 @@ def test_the_source_of_a_file_whose_reader_picked_other_frames_is_not_shown_besi
                 assert len(list(pipeline.source_chunks(older))) == shown == len(made.grids)
         assert len(list(pipeline.source_chunks(dataclasses.replace(made, made_with={**made.made_with, "reader":
                                                                                     video.PICKS_FIXED})))) == shown
+    # a padded last chunk: only its real frames' picks count (126 frames: chunk 1 holds 17, and pick 21 differs)
+    assert video.earlier_picks_differ(2, 36, 86) and video.earlier_picks_differ(2, 36, 86, 22)
+    assert not video.earlier_picks_differ(2, 36, 86, 17) and not video.earlier_picks_differ(1, 36, 86)
+    short = make_video(tmp_path / "short.mp4", frames=126, height=32, width=32, fps=24)
+    settings = dataclasses.replace(SETTINGS, grid=(36, 32, 32), fps=10.0, tail="pad")
+    assert encode_files(model, engine, [(short, "short")], tmp_path / "t", settings).done
+    made = load_tokens(tmp_path / "t" / "short.safetensors")
+    assert made.last_chunk_frames == 17 and len(made.grids) == 2
+    older = dataclasses.replace(made, made_with={**made.made_with, "reader": "2026-12-04"})
+    assert len(list(pipeline.source_chunks(older))) == 2
 
 
 def test_nvdec_files_record_their_rgb_conversion_and_files_made_before_it_are_redone(model, sources, tmp_path,

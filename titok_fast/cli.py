@@ -860,7 +860,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(table(str(results)))
     elif results.exists():
-        print(f"{results} is an earlier run's: this run wrote no results", file=sys.stderr)
+        print(f"{escaped(str(results))} is an earlier run's: this run wrote no results", file=sys.stderr)
     if code == 5:  # pytest's "no tests collected"
         notice(f"no benchmark matches -k {args.select!r}" if args.select else "no benchmark was collected")
     elif not written and code == 0:  # (with errors or failures, pytest's own output says what went wrong)
@@ -924,8 +924,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _finish(dec, "decoded")
     print(enc.report("encoded"))
     print(dec.report("decoded"))
-    print(f"sample video:    {sample}\ntoken file:      {token_path}")
-    print(f"side by side:    {out / 'recon' / 'sample.mp4'} (source | reconstruction)")
+    print(f"sample video:    {escaped(str(sample))}\ntoken file:      {escaped(str(token_path))}")
+    print(f"side by side:    {escaped(str(out / 'recon' / 'sample.mp4'))} (source | reconstruction)")
     mean_psnr = sum(scores) / len(scores)
     print(f"PSNR:            {mean_psnr:.2f} dB over {len(scores)} clip(s) (weights {model.weights_digest})")
     print(f"encode + decode: {enc.clips} clip(s) of {'x'.join(map(str, settings.grid))}, {settings.tokens} tokens, "

@@ -30,6 +30,7 @@ import pickletools
 import re
 import stat
 import sys
+import tempfile
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -977,8 +978,10 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
                 f"{src}: its bytes have sha256 {actual}, not the {claimed} its Hugging Face cache blob is named by; "
                 "delete that blob and download the file again"
             )
-        with _using_cache(target):
+        with _using_cache(target):  # (a folder that cannot be written: said before the work of converting)
             target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=target.parent):
+                pass
         print(f"converting {src} into {target} (once)", file=sys.stderr)
         model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
         if _identity(src) != before:

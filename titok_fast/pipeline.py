@@ -1203,9 +1203,11 @@ def _temporaries(folder: Path) -> dict[str, list[str]]:
 def check_inputs_apart(files: Sequence[tuple[Path, str]], outdir: Path, shard: tuple[int, int] | None = None) -> None:
     """Refuse up front an input that is a file the run writes, appends to, moves or removes: its own token file,
     the run's manifest, or a temporary or set-aside token file in an output folder (a video given under such a
-    name was replaced by its tokens, appended to, or removed). Only inputs with such names are looked at."""
+    name was replaced by its tokens, appended to, or removed). Only inputs with such names are looked at. An output
+    name that leads out of the output folder is refused too."""
     manifest, folders = outdir / manifest_name(shard), None
     for path, name in files:
+        _check_name(path, name, ".safetensors")  # (a caller's pairs, given to encode_dataset as they are)
         base = os.path.basename(path)
         temporary = temporary_target(base) is not None or _aside_of(base) is not None
         if not (temporary or base.endswith((".safetensors", ".jsonl"))):
@@ -1968,7 +1970,8 @@ def source_chunks(token_file: TokenFile) -> Iterator[torch.Tensor]:
     clips = iter(reader)
     try:
         for got, clip in enumerate(clips, start=1):
-            if got == 1 and earlier_picks and earlier_picks_differ(wanted, t, reader.chunk_length):
+            if got == 1 and earlier_picks and earlier_picks_differ(wanted, t, reader.chunk_length,
+                                                                          token_file.last_chunk_frames):
                 raise ValueError(f"the token file was made by a reader before {PICKS_FIXED}, which picked other frames "
                                  "of this source for its chunks: its source cannot be re-read as it was (decode it "
                                  "without the source, or encode it again)")  # fmt: skip

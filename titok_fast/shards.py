@@ -52,6 +52,7 @@ from .pipeline import (
     FETCH_CHUNK_BYTES,
     NO_ROOM,
     _ahead,
+    _check_name,
     _naming,
     _one_line,
     _threads_for,
@@ -172,6 +173,8 @@ def pack_tokens(
     ``progress`` is called with the number of token files passed, as they are."""
     start = time.perf_counter()
     outdir = Path(absolute(outdir))
+    for path, name in files:  # (a caller's pairs: none leads out of the output folder)
+        _check_name(path, name, ".safetensors")
     shards = plan_shards(files, per_shard)
     _check_apart(files, outdir)
     _check_outputs(outdir, shards, overwrite)

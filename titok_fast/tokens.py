@@ -569,6 +569,8 @@ def _check_token_file(tf: TokenFile) -> None:
     chunks = tf.token_counts.numel()
     if chunks < 1:
         raise TokenFileError("a token file holds at least one chunk; got 0")
+    if chunks > MAX_CHUNKS:  # (before any check that works on every chunk)
+        raise TokenFileError(f"{chunks:,} chunks; a token file holds at most {MAX_CHUNKS:,}")
     if tf.grids.shape != (chunks, 3) or tf.start_times.shape != (chunks,):
         shapes = f"grids {list(tf.grids.shape)}, start_times {list(tf.start_times.shape)}"
         raise TokenFileError(
@@ -597,7 +599,7 @@ def _check_token_file(tf: TokenFile) -> None:
         chunk = _first(over)
         raise TokenFileError(f"chunk {chunk} has grid {tf.grids[chunk].tolist()}; a clip is at most "
                              f"{list(MAX_GRID)} (T, H, W) and {MAX_GRID_VOXELS:,} pixels in all")  # fmt: skip
-    if chunks > MAX_CHUNKS or chunks * tf.frames_per_chunk > MAX_FILE_FRAMES:
+    if chunks * tf.frames_per_chunk > MAX_FILE_FRAMES:
         raise TokenFileError(f"{chunks:,} chunks of {tf.frames_per_chunk} frames; a token file holds at most "
                              f"{MAX_CHUNKS:,} chunks and {MAX_FILE_FRAMES:,} frames in all")  # fmt: skip
     _check_indices(tf.indices, tf.codebook_size)

@@ -2785,11 +2785,14 @@ READER = "2026-12-07"
 PICKS_FIXED = "2026-12-05"  # the reader of each chunk's own linspace (files of an earlier one: earlier_picks_differ)
 
 
-def earlier_picks_differ(chunks: int, frames: int, chunk_length: int) -> bool:
+def earlier_picks_differ(chunks: int, frames: int, chunk_length: int, last_frames: int | None = None) -> bool:
     """Whether a reader before PICKS_FIXED, which moved the first chunk's picks by c * L, picked other source frames
-    than :func:`chunk_picks` in any of the first ``chunks`` chunks of ``frames`` frames of ``chunk_length``."""
+    than :func:`chunk_picks` in any of the first ``chunks`` chunks of ``frames`` frames of ``chunk_length``, the
+    last of them ``last_frames`` real frames (a padded chunk: its picks past the video's end were never read)."""
     now = chunk_picks(np.arange(chunks), frames, chunk_length)
-    return not np.array_equal(now, now[:1] + np.arange(chunks)[:, None] * chunk_length)
+    differ = now != now[:1] + np.arange(chunks)[:, None] * chunk_length
+    differ[-1, frames if last_frames is None else last_frames :] = False
+    return bool(differ.any())
 
 
 def same_time_sampling(recorded: object, fps: float) -> bool:
