@@ -968,6 +968,10 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
     with _using_cache(target):
         cached = _converted_from(target, claimed)
     if not cached:
+        with _using_cache(target):  # (a folder that cannot be written: said before the checkpoint is hashed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=target.parent):
+                pass
         with hub.open_regular(src) as file, _reading(Path(src)):  # its archive's directory first (a few KB), before
             _Archive(Path(src), file)  # all its bytes are hashed: a file that is no checkpoint (gigabytes, say) is
             # refused unread, in one line naming it
@@ -978,10 +982,6 @@ def converted(src: str | os.PathLike, config: TiTokConfig, use_ema: bool = True)
                 f"{src}: its bytes have sha256 {actual}, not the {claimed} its Hugging Face cache blob is named by; "
                 "delete that blob and download the file again"
             )
-        with _using_cache(target):  # (a folder that cannot be written: said before the work of converting)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=target.parent):
-                pass
         print(f"converting {src} into {target} (once)", file=sys.stderr)
         model = load_tokenizer(src, config=config, use_ema=use_ema, backend="torch")
         if _identity(src) != before:

@@ -344,7 +344,7 @@ def _check_name(path: object, name: str, suffix: str) -> None:
     through a ``..``): whatever a list names or a caller gives, nothing is written, moved or removed elsewhere."""
     full = name + suffix  # (a file "...mp4" is named "..": its "...safetensors" is in the folder)
     if full.startswith("/") or (".." in full and ".." in full.split("/")):
-        raise InputError(f"{path}: its output name {name + suffix!r} leads out of the output folder; expected a path "
+        raise InputError(f"{path}: its output name {full!r} leads out of the output folder; expected a path "
                          "below it")  # fmt: skip
 
 
@@ -2015,8 +2015,7 @@ def check_same_model(model: TiTok, token_file: TokenFile, path: str | os.PathLik
                     "another config"  # fmt: skip
         raise ValueError(
             f"{path}: made by weights {brief(token_file.weights_digest, 64)}, the loaded model by "
-            f"{model.weights_digest}; pass "
-            f"{right}, or --force to decode anyway"
+            f"{model.weights_digest}; pass {right}, or --force to decode anyway"
         )
     differ = config_difference(token_file.model_config, model.config)
     if differ:

@@ -2528,9 +2528,8 @@ def is_recorded_source(path: str | os.PathLike[str], recorded: str | None) -> bo
     if not recorded:
         return False
     try:
-        if (split := split_member(path)) is not None and recorded.rpartition(":")[2] != str(
-            os.stat(split[0]).st_mtime_ns
-        ):
+        split = split_member(path)
+        if split is not None and recorded.rpartition(":")[2] != str(os.stat(split[0]).st_mtime_ns):
             return False
     except (OSError, ValueError):
         return False
