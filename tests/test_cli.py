@@ -467,6 +467,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--ray", "local", "--worker-kind", "thread"], "--workers and --worker-kind apply without --ray: on a "
          "cluster, each decode task reads with --ray-cpus-per-decode CPUs"),
         (["--ray", "garbage"], "--ray garbage: expected local, auto, HOST:PORT or ray://HOST:PORT"),
+        (["--ray", "http://127.0.0.1:8265"], "--ray http://127.0.0.1:8265: an HTTP address (a dashboard's or a job "
+         "server's) is not a cluster's; expected local, auto, HOST:PORT or ray://HOST:PORT"),
     ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
@@ -509,6 +511,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
         (["--shard=-1/4"], "argument --shard: '-1/4' is not K/N"),
         (["--ray-gpus-per-actor", "0"], "argument --ray-gpus-per-actor: 0 must be a number > 0, not infinite"),
         (["--ray-cpus-per-decode", "nan"], "argument --ray-cpus-per-decode: nan must be a number > 0"),
+        (["--ray-cpus-per-decode", "1e-9"], "argument --ray-cpus-per-decode: 1e-9 must be at least 0.0001 (Ray's "
+         "finest share)"),  # (Ray refused it once its cluster was up, every input listed as not encoded)
         (["--ray-cpus-per-actor", "inf"], "argument --ray-cpus-per-actor: inf must be a number > 0, not infinite"),
         (["--ray-retries", "-1"], "argument --ray-retries: -1 must be in [0, 1000]"),
         (["--ray-actor-restarts", "9" * 20], f"argument --ray-actor-restarts: {'9' * 20} must be in [0, 1000]"),

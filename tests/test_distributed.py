@@ -671,6 +671,8 @@ def test_settings_no_task_could_use_are_refused_before_the_job(videos, tmp_path)
         encode_dataset(LOAD(), files, tmp_path, bad, ray_address="no-cluster-is-started", device="cpu")
     with pytest.raises(ValueError, match="mode 'cudagraph' needs CUDA devices; the encode actors run on cpu"):
         encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="local", device="cpu", mode="cudagraph")
+    with pytest.raises(ValueError, match=r"^cpus_per_decode must be a number >= 0.0001, not infinite; got 1e-05$"):
+        encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="local", device="cpu", cpus_per_decode=1e-5)
     with pytest.raises(ValueError, match=r"^decode_retries must be at most 1000; got 100000000000000000000$"):
         encode_dataset(LOAD(), files, tmp_path, SETTINGS, ray_address="local", device="cpu", decode_retries=10**20)
     off_patch = ClipSettings(grid=(4, 32, 36), tokens=8)  # (every clip would fail alone, in its actor)

@@ -37,6 +37,7 @@ from .files import (
     MAX_SEED,
     MIN_WRITE_FPS,
     PER_SHARD,
+    RAY_LEAST_RESOURCE,
     STALL_SECONDS,
     Terminated,
     absolute,
@@ -163,6 +164,14 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a number > 0, not infinite")
+    return value
+
+
+def _ray_resource(text: str) -> float:
+    """A count of CPUs or GPUs a Ray task or actor asks for: Ray takes none finer than RAY_LEAST_RESOURCE."""
+    value = _positive_float(text)
+    if value < RAY_LEAST_RESOURCE:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {RAY_LEAST_RESOURCE:g} (Ray's finest share)")
     return value
 
 
@@ -1118,9 +1127,9 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
         "runs on CPU workers, the model on --ray-actors actors (on GPUs unless --device cpu)",
     )  # fmt: skip
     ray.add_argument("--ray-actors", type=_positive, help="encode actors (default: one per --ray-gpus-per-actor GPUs)")
-    ray.add_argument("--ray-gpus-per-actor", type=_positive_float, help="GPUs per encode actor (default 1)")
-    ray.add_argument("--ray-cpus-per-actor", type=_positive_float, help="CPUs per encode actor (default 1)")
-    ray.add_argument("--ray-cpus-per-decode", type=_positive_float, help="CPUs per decode task (default 1)")
+    ray.add_argument("--ray-gpus-per-actor", type=_ray_resource, help="GPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-actor", type=_ray_resource, help="CPUs per encode actor (default 1)")
+    ray.add_argument("--ray-cpus-per-decode", type=_ray_resource, help="CPUs per decode task (default 1)")
     ray.add_argument(
         "--ray-retries", type=_int_between(0, MAX_RAY_RETRIES),
         help="times a decode task whose worker died is retried (default 2)",

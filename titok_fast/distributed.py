@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .engine import DEFAULT_BUDGETS, Engine
-from .files import MAX_RAY_RETRIES, STALL_SECONDS, absolute, interrupts_held, notice, sigterm_came
+from .files import MAX_RAY_RETRIES, RAY_LEAST_RESOURCE, STALL_SECONDS, absolute, interrupts_held, notice, sigterm_came
 from .manifest import Manifest, manifest_name
 from .model import TiTok
 from .pipeline import (
@@ -811,6 +811,10 @@ def encode_dataset(
     for name, value in given.items():
         if not isinstance(value, int) or value < least[name]:
             raise ValueError(f"{name} must be an integer >= {least[name]}; got {value!r}")
+    resources = {"gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor, "cpus_per_decode": cpus_per_decode}
+    for name, value in resources.items():  # (Ray refuses a finer one once its cluster is up, in its own words)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not RAY_LEAST_RESOURCE <= value < math.inf:
+            raise ValueError(f"{name} must be a number >= {RAY_LEAST_RESOURCE:g}, not infinite; got {value!r}")
     for name in ("decode_retries", "actor_restarts"):  # (Ray's own counts overflow far past it, once started)
         if given[name] > MAX_RAY_RETRIES:
             raise ValueError(f"{name} must be at most {MAX_RAY_RETRIES}; got {given[name]}")
@@ -1401,6 +1405,9 @@ def check_ray_address(address: str) -> None:
     ray = sys.modules.get("ray")  # (never imported: not initialized)
     if address in ("local", "auto") or (ray is not None and ray.is_initialized()):
         return
+    if address.lower().startswith(("http://", "https://")):  # (Ray's own error blames a RAY_ADDRESS, in lines)
+        raise ValueError(f"--ray {address}: an HTTP address (a dashboard's or a job server's) is not a cluster's; "
+                         "expected local, auto, HOST:PORT or ray://HOST:PORT (the address `ray start --head` prints)")
     host, colon, port = address.removeprefix("ray://").rpartition(":")
     if "://" in host or ("://" in address and not address.startswith("ray://")):
         return  # other schemes (a client module's) are Ray's to resolve

@@ -35,6 +35,7 @@ MAX_SEED = 10**18 - 1  # of random weights: token files record the seed in at mo
 # A video whose decoder gives no clip for this long has stalled (a read that hangs on a network file system, a file
 # the decoder cannot get through): it fails alone and its worker is replaced. No sound clip takes minutes to decode.
 STALL_SECONDS = 300.0
+RAY_LEAST_RESOURCE = 0.0001  # the finest share of a CPU or GPU Ray takes ("precision ... cannot go beyond 0.0001")
 MAX_RAY_RETRIES = 1000  # a decode task's retries, an encode actor's restarts: past any real need, within Ray's ints
 # here, not in video or writing (which import torch), as the command line checks --fps before its signal handlers
 MAX_FPS = 1000.0  # the highest sampling (and writing) frame rate: token files record it, readers check it
