@@ -468,7 +468,8 @@ def test_contradictory_or_unusable_options_are_refused_before_any_work(folder, t
          "cluster, each decode task reads with --ray-cpus-per-decode CPUs"),
         (["--ray", "garbage"], "--ray garbage: expected local, auto, HOST:PORT or ray://HOST:PORT"),
         (["--ray", "http://127.0.0.1:8265"], "--ray http://127.0.0.1:8265: an HTTP address (a dashboard's or a job "
-         "server's) is not a cluster's; expected local, auto, HOST:PORT or ray://HOST:PORT"),
+         "server's) is not a cluster's; expected local, auto, HOST:PORT or ray://HOST:PORT (the address `ray start "
+         "--head` prints)"),
     ]  # fmt: skip
     for options, message in cases:
         code, _, err = run("encode", folder / "moving.mp4", "-o", out, *RANDOM, *options, capsys=capsys)
