@@ -69,6 +69,7 @@ from .pipeline import (
     check_clip_settings,
     check_inputs_apart,
     encode_resiliently,
+    input_pairs,
     made_with,
     plan_outputs,
     say_stopped,
@@ -828,7 +829,7 @@ def encode_dataset(
     outdir = Path(outdir)
     start = time.perf_counter()
     # absolute: the decode tasks run in the folder the cluster was started in, or on other machines
-    files = [(Path(absolute(path)), name) for path, name in take_shard(files, shard)]
+    files = [(Path(absolute(path)), name) for path, name in take_shard(input_pairs(files), shard)]
     check_inputs_apart(files, outdir, shard)
     summary = Summary()
     with Manifest(outdir / manifest_name(shard), summary) as manifest:
