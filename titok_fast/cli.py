@@ -452,6 +452,9 @@ def _none_found(what: str, inputs: Sequence[str]) -> str:
     return f"no {what} found in {', '.join(escaped(str(i)) for i in inputs[:3])}{more}"
 
 
+TOKEN_FILES_ARE = " (files ending in .safetensors, as `titok-fast encode` makes them from videos)"
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, encode_files
 
@@ -524,8 +527,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     files = collect_token_files(args.tokens, list_names=args.list_names)
     if not files:
-        raise ValueError(f"{_none_found('token files', args.tokens)} (files ending in .safetensors, as `titok-fast "
-                         "encode` makes them from videos)")
+        raise ValueError(_none_found("token files", args.tokens) + TOKEN_FILES_ARE)
     files = Inputs(take_shard(files, args.shard), files.unlisted)
     _check_output_folder("-o", args.output)
     token_metas = None
@@ -547,8 +549,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     files = collect_token_files(args.tokens, list_names=args.list_names, written=(".safetensors", "packed"))
     if not files:
-        raise ValueError(f"{_none_found('token files', args.tokens)} (files ending in .safetensors, as `titok-fast "
-                         "encode` makes them from videos)")
+        raise ValueError(_none_found("token files", args.tokens) + TOKEN_FILES_ARE)
     _check_output_folder("-o", args.output)
     _check_not_within(args.output, files.folders)
     accept = None

@@ -186,10 +186,11 @@ def _check_small_files_read(ref: HubRef) -> None:
              (Path(constants.HF_STORED_TOKENS_PATH), "stored tokens file", TOKEN_BYTES)]  # fmt: skip
     if not _COMMIT.fullmatch(ref.revision or ""):
         folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
-        files.append((folder / "refs" / (ref.revision or "main"), "cache's ref", REF_BYTES))
-        real = os.path.realpath(files[-1][0])  # (a cache copied from elsewhere may link anywhere: not read there)
-        if os.path.lexists(files[-1][0]) and not Path(real).is_relative_to(os.path.realpath(folder)):
-            raise ValueError(f"the Hugging Face cache's ref {files[-1][0]} leads to {real}, outside the repository's "
+        ref_file = folder / "refs" / (ref.revision or "main")
+        files.append((ref_file, "cache's ref", REF_BYTES))
+        real = os.path.realpath(ref_file)  # (a cache copied from elsewhere may link anywhere: not read there)
+        if os.path.lexists(ref_file) and not Path(real).is_relative_to(os.path.realpath(folder)):
+            raise ValueError(f"the Hugging Face cache's ref {ref_file} leads to {real}, outside the repository's "
                              f"folder {folder}: not read (the cache is damaged or was made elsewhere)")  # fmt: skip
     for path, what, most in files:
         try:
