@@ -396,6 +396,30 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def test_a_video_named_with_leading_dots_is_named_as_a_file_is_in_an_archive_too(tmp_path, capsys):
+    """A member ``...mp4`` is a video named ``..``, as a plain file ``...mp4`` is (``Path.suffix``), and its caption
+    is ``...txt`` in either: ``posixpath.splitext``, which sees no suffix there, had the member's token file named
+    ``...mp4.safetensors`` and the captions of both looked for as ``...mp4.txt``."""
+    videos = tmp_path / "videos"
+    (videos / "loose").mkdir(parents=True)
+    make_video(videos / "loose" / "...mp4", frames=12, height=32, width=48, fps=8)
+    (videos / "loose" / "...txt").write_bytes(b"loose caption")
+    with tarfile.open(videos / "00000.tar", "w") as tar:
+        for name, data in (("...mp4", (videos / "loose" / "...mp4").read_bytes()), ("...txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tokens = tmp_path / "tokens"
+    assert run("encode", videos, "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
+    assert sorted(str(p.relative_to(tokens)) for p in tokens.rglob("*.safetensors")) == [
+        "00000/...safetensors", "loose/...safetensors"]  # fmt: skip
+    code, out, _ = run("pack", tokens, "-o", tmp_path / "shards", "--per-folder", "--with", "txt", capsys=capsys)
+    assert code == 0 and "packed 2 token file(s)" in out and "without" not in out, out
+    assert [(name, beside) for name, _, beside in read_shard(tmp_path / "shards" / "00000.tar")] == [
+        ("..", {"txt": b"a caption"})]  # fmt: skip
+    assert list(members(tmp_path / "shards" / "loose.tar"))[1:] == ["...txt"]
+
+
 def test_read_shard_groups_members_in_linear_time_and_bounds_what_it_reads_beside(tmp_path):
     tokens = token_folder(tmp_path / "tokens", ["x", "y", "z"])
     data = {n: (tokens / f"{n}.safetensors").read_bytes() for n in "xyz"}

@@ -19,6 +19,7 @@ import sys
 import tarfile
 import threading
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from .files import kind_of
 
@@ -76,6 +77,15 @@ class Listing:
 def is_archive(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is named as a tar archive (ARCHIVE_EXTENSIONS, in any case)."""
     return os.path.splitext(os.fspath(path))[1].lower() in ARCHIVE_EXTENSIONS
+
+
+def split_suffix(name: str) -> tuple[str, str]:
+    """``name`` (a member's path, or a path through an archive) less its suffix, and the suffix, split where a
+    plain file's name is (``Path.stem``, ``Path.suffix``): ``a/...mp4`` -> ``("a/..", ".mp4")``, as a file
+    ``...mp4`` is a video named ``..``, where ``posixpath.splitext`` keeps a name's leading dots in it and sees no
+    suffix."""
+    suffix = PurePosixPath(posixpath.basename(name)).suffix
+    return name[: len(name) - len(suffix)], suffix
 
 
 def split_member(path: str | os.PathLike[str]) -> tuple[str, str] | None:

@@ -42,6 +42,7 @@ from .archives import (
     list_archive,
     member_of,
     split_member,
+    split_suffix,
 )
 from .backends import resolve_backend
 from .checks import MAX_GRID, MAX_GRID_VOXELS, check_grids, check_token_counts
@@ -544,11 +545,11 @@ def _archive_pairs(archive: Path, name: str, extensions: frozenset[str] | set[st
         unlisted += [] if lenient else [(str(archive), reason)]
         return []
     for member, why in listing.left_out:
-        if posixpath.splitext(member)[1].lower() in extensions:
+        if split_suffix(member)[1].lower() in extensions:
             notice(f"{archive}: {why}")
     pairs = []
     for member in listing.members:
-        stem, suffix = posixpath.splitext(member)
+        stem, suffix = split_suffix(member)
         if suffix.lower() in extensions:
             pairs.append((archive / member, f"{name}/{stem}"))
     if listing.cut and lenient and not pairs:
@@ -572,7 +573,7 @@ def _below(entry: Path, top: Path, through: Path) -> str:
         if member == ".." or member.startswith("../"):  # (a member of no archive: one named so is left out)
             raise InputError(f"list {str(top)!r} names {str(entry)!r}{via}, a path out of the archive {split[0]!r}; "
                              "expected the path of a file inside it")  # fmt: skip
-        return f"{_below(Path(split[0]), top, through)}/{posixpath.splitext(member)[0]}"
+        return f"{_below(Path(split[0]), top, through)}/{split_suffix(member)[0]}"
     below = os.path.relpath(entry, top.parent)
     if ".." in entry.parts:  # (files.absolute: the path up to its last .. resolved, as the file is read)
         below = os.path.relpath(absolute(entry), os.path.realpath(top.parent))

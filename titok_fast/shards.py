@@ -25,7 +25,6 @@ import functools
 import io
 import math
 import os
-import posixpath
 import stat
 import tarfile
 import time
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .archives import ArchiveError, NoSuchMember, is_archive, member_of, open_listed, split_member
+from .archives import ArchiveError, NoSuchMember, is_archive, member_of, open_listed, split_member, split_suffix
 from .files import (
     MAX_PER_SHARD,
     PER_SHARD,
@@ -273,7 +272,7 @@ def _beside_source(source: str, member: str, token_file: TokenFile, extensions: 
         raise TokenFileError(f"{source}: its source {brief(video)!r} is not the file its tokens were made from (its "
                              "size and modification time differ, or it is not there): the files beside it cannot be "
                              "packed")  # fmt: skip
-    stem, key = posixpath.splitext(video)[0], member.removesuffix(SUFFIX)
+    stem, key = split_suffix(video)[0], member.removesuffix(SUFFIX)
     found, together = [], 0
     for extension in extensions:
         path = f"{stem}.{extension}"
