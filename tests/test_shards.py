@@ -18,7 +18,7 @@ from test_tokens import make_token_file
 from titok_fast import archives
 from titok_fast.archives import list_archive
 from titok_fast.cli import main
-from titok_fast.pipeline import collect_token_files
+from titok_fast.pipeline import collect_token_files, token_file_at
 from titok_fast.shards import MAX_BESIDE_MEMBERS, pack_tokens, plan_shards, read_shard
 from titok_fast.tokens import TokenFileError, load_tokens, save_tokens, try_load_tokens
 
@@ -418,6 +418,8 @@ def test_a_video_named_with_leading_dots_is_named_as_a_file_is_in_an_archive_too
     assert [(name, beside) for name, _, beside in read_shard(tmp_path / "shards" / "00000.tar")] == [
         ("..", {"txt": b"a caption"})]  # fmt: skip
     assert list(members(tmp_path / "shards" / "loose.tar"))[1:] == ["...txt"]
+    with pytest.raises(TokenFileError, match=r"\.\.\.mp4: a video file, not a token file"):  # (given to decode)
+        token_file_at(videos / "loose" / "...mp4")
 
 
 def test_read_shard_groups_members_in_linear_time_and_bounds_what_it_reads_beside(tmp_path):

@@ -2249,7 +2249,7 @@ def token_file_at(path: str | os.PathLike, data: bytes | None = None) -> TokenFi
     try:
         return load_tokens(path, data)
     except TokenFileError:
-        if os.path.splitext(os.fspath(path))[1].lower() not in VIDEO_EXTENSIONS:
+        if split_suffix(os.fspath(path))[1].lower() not in VIDEO_EXTENSIONS:
             raise
         raise TokenFileError(f"{path}: a video file, not a token file: `titok-fast encode` makes token files from "
                              "videos") from None
