@@ -62,8 +62,9 @@
 # pipeline rows say what the decoding workers and the model's feeder waited for (why 16 processes kept 11 cores
 # busy), beside a row of 256p8 with a stand-in for the model at its measured speed (what driving the model costs the
 # input). So, each a call of its own:
-#   1. `gpu-tests pipeline-short` (565 s at most: the device-side preprocessing and NVDEC checks, then every
-#      pipeline target);
+#   1. `gpu-tests pipeline-short` (565 s at most by its steps' limits, and some 20 s of installs: give the call
+#      600 s; what each step measured is packed as it ends): the device-side preprocessing and NVDEC checks, then
+#      every pipeline target;
 #   2. `attention fusions` (345 s at most: which block shape is fastest, beside FlashAttention-2 and cuDNN; the
 #      LayerNorm kernel and the residual adds in the GEMM against the before), then, in what is left,
 #      `targets-model` (305 s at most) or `profile` (180 s). The limits are ceilings: on the H100 on
@@ -83,6 +84,15 @@
 # without it).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+PARTS=" tests gpu-tests kernels attention encode decode encode-compile decode-compile fp8 fusions parity pipeline \
+pipeline-short pipeline-sweeps all targets targets-model profile "
+for name in "${@:-all}"; do  # every part named is checked before any runs: a misspelled later part would
+    # otherwise stop the call after the parts before it had used the machine's time
+    case "$name" in
+        -h | --help) sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) [[ "$PARTS" == *" $name "* ]] || { echo "unknown part '$name': one of$PARTS" >&2; exit 2; } ;;
+    esac
+done
 python="${PYTHON:-python3}"
 # with $OUT set, results are written to a scratch folder and packed into $OUT after every step (a run stopped from
 # outside keeps what was packed)
@@ -211,9 +221,7 @@ part() {
                 --batches 32 --out "$out/profile-fp8" 2>&1 | tee "$out/profile-fp8.txt"
             pack ;;
         all) for p in tests kernels encode decode encode-compile decode-compile fp8 parity; do part "$p"; done ;;
-        *) echo "unknown part '$1': tests, gpu-tests, kernels, attention, encode, decode, encode-compile," \
-                "decode-compile, fp8, fusions, parity, pipeline, pipeline-short, pipeline-sweeps, all, targets," \
-                "targets-model, profile" >&2
+        *) echo "unknown part '$1': one of$PARTS" >&2  # (refused before any part runs)
            exit 2 ;;
     esac
 }

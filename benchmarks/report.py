@@ -8,7 +8,7 @@ import sys
 from titok_fast.benchreport import table
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(f"usage: python {sys.argv[0]} RESULTS.json (pytest-benchmark's --benchmark-json file)")
     try:
         print(table(sys.argv[1]))

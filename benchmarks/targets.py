@@ -6,16 +6,17 @@ whose numbers are not in the folder (a part cut short, a provider skipped) says 
 estimated. The end-to-end ratios divide by ``upstream-packed`` (upstream's packed path, the baseline) and use the
 CLI's default mode ``auto``. Every ratio takes both its numbers from one run, in one log: encode targets from
 ``encode.jsonl``, decode targets from ``decode.jsonl``, fp8 from ``fp8.jsonl`` (against the bf16 ``auto`` row of
-that run), attention from ``kernels.jsonl``; where a log holds several runs (rows with a ``run`` field), the latest
-run that measured both. A log appended to by several sessions of ``gpu_session.sh`` (``gpu-results/`` without
-``$OUT``: rows with a ``session`` field) is judged on its latest session's rows alone, so that no target divides a
-number of this session by one of an earlier session, or of another card; the table says which session and card
-each log's rows came from. A number is shown with as many digits as it takes to tell it from its goal (2.996 is
-not shown as 3.00 beside a miss).
+that run), attention from ``kernels.jsonl`` (or, for a side it has no row of, ``attention.jsonl``: the part
+attention); where a log holds several runs (rows with a ``run`` field), the latest run that measured both. A log
+appended to by several sessions of ``gpu_session.sh`` (``gpu-results/`` without ``$OUT``: rows with a ``session``
+field) is judged on its latest session's rows alone, so that no target divides a number of this session by one of an
+earlier session, or of another card; the table says which session and card each log's rows came from. A number is
+shown with as many digits as it takes to tell it from its goal (2.996 is not shown as 3.00 beside a miss).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -127,9 +128,13 @@ def _same_path(rows: list[dict], case: str, ratio: float) -> tuple[str, str] | N
 def model_targets(logs: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
     """Targets of the fused attention and the end-to-end model (RESULTS.md, Targets), from the logs by name
     (``kernels``, ``encode``, ``decode``, ``fp8``): each target from its own log only."""
-    out, kernels = [], logs.get("kernels", [])
+    out = []
     for side in SIDES:
-        case = next((r["case"] for r in kernels if r.get("case", "").startswith(f"kernel-attention-{side}-")), "")
+        prefix = f"kernel-attention-{side}-"
+        # (from the part kernels' log, or targets-model's; where that has no row of this side, the part attention's)
+        kernels = next((log for log in (logs.get("kernels", []), logs.get("attention", []))
+                        if any(r.get("case", "").startswith(prefix) for r in log)), [])  # fmt: skip
+        case = next((r["case"] for r in kernels if r.get("case", "").startswith(prefix)), "")
         pair = _rates(kernels, case, ("titok", "fa2_alone"), "tflops_per_s")
         # (the run of the ratio; else the last run that measured the kernel: FlashAttention-2's row cut off)
         titok = pair[0] if pair[0] is not None else _rate(kernels, case, "titok", "tflops_per_s")
@@ -226,7 +231,7 @@ def pipeline_targets(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def report(folder: Path) -> str:
-    names = ("kernels", "encode", "decode", "fp8", "pipeline")
+    names = ("kernels", "attention", "encode", "decode", "fp8", "pipeline")
     logs = {name: latest_session(read_jsonl(folder, name)) for name in names}
     rows = model_targets(logs)
     parity = folder / "parity.txt"
@@ -237,5 +242,16 @@ def report(folder: Path) -> str:
     return "\n".join(lines + ["", "Judged from:"] + [f"- {provenance(name, r)}" for name, r in logs.items()])
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", default="gpu-results", help="what gpu_session.sh wrote (default "
+                        "gpu-results; with $OUT set, the folder its results.tar.gz unpacks to)")  # fmt: skip
+    folder = Path(parser.parse_args(argv).folder)
+    if not folder.is_dir():
+        parser.error(f"no folder {str(folder)!r}: name the folder of a GPU session's results")
+    print(report(folder))
+    return 0
+
+
 if __name__ == "__main__":
-    print(report(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-results")))
+    sys.exit(main())

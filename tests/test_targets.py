@@ -1,11 +1,15 @@
 """benchmarks/targets.py reads a GPU session's logs into the targets table: met, missed, or not measured."""
 
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from targets import report  # noqa: E402
+import pytest  # noqa: E402
+from targets import main, report  # noqa: E402
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -275,3 +279,47 @@ def test_fp8_tokens_below_the_floor_by_the_bf16_path_itself_are_a_miss(tmp_path)
     assert _rows(report(tmp_path))["fp8 tokens within 1 point of the bf16 floor"] == (
         "93.00% vs 96.15% (-3.15 points)",
         "**missed** (by the bf16 path itself): FP8 is in the decoder only, its tokens are the bf16 path's")
+
+
+def test_the_attention_part_alone_is_judged_and_a_missing_folder_is_refused(tmp_path, capsys):
+    """A call of the parts attention and profile (no kernels.jsonl) had its attention rows measured and called "not
+    measured"; kernels.jsonl, where it has a side's rows, is judged for that side. A folder that is not there was
+    judged as one that measured nothing (exit 0), and ``--help`` was taken for a folder."""
+
+    def rows(titok, fa2, side="encoder"):
+        case = f"kernel-attention-{side}-16q4kv"
+        return [{"case": case, "provider": "fa2_alone", "tflops_per_s": fa2},
+                {"case": case, "provider": "titok", "tflops_per_s": titok}]  # fmt: skip
+
+    _write(tmp_path / "attention.jsonl", rows(455.0, 350.0) + rows(300.0, 290.0, "decoder"))
+    judged = _rows(report(tmp_path))
+    assert judged["attention (encoder) >= 450 TFLOP/s"] == ("455.00 TFLOP/s", "**met**")
+    assert judged["attention (decoder) >= 1.3x FlashAttention-2 alone"] == ("1.03x", "**missed**")
+    _write(tmp_path / "kernels.jsonl", rows(400.0, 300.0))  # (the encoder's rows only)
+    judged = _rows(report(tmp_path))
+    assert judged["attention (encoder) >= 450 TFLOP/s"] == ("400.00 TFLOP/s", "**missed**")
+    assert judged["attention (decoder) >= 450 TFLOP/s"] == ("300.00 TFLOP/s", "**missed**")
+    for argv in (["--help"], [str(tmp_path / "none")]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == (0 if argv == ["--help"] else 2)
+    assert "no folder" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 0 and "| attention (encoder) >= 450 TFLOP/s | 400.00" in capsys.readouterr().out
+
+
+def test_gpu_session_refuses_an_unknown_part_before_any_part_runs(tmp_path):
+    """A misspelled part came to light only when the script reached it, after the parts before it had used the
+    machine's time (and ``--help`` ran the installs first); the parts it knows are the ones ``part`` runs."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path), "PYTHON": "false"}
+    ran = subprocess.run(["bash", str(script), "attention", "fusion"], env=env, capture_output=True, text=True)
+    assert ran.returncode == 2 and ran.stdout == "", ran
+    assert ran.stderr.startswith("unknown part 'fusion': one of tests gpu-tests kernels attention ")
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, nothing written
+    shown = subprocess.run(["bash", str(script), "--help"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("Everything that needs a GPU") and not shown.stderr
+    assert "bash benchmarks/gpu_session.sh targets-model" in shown.stdout and list(tmp_path.iterdir()) == []
+    text = script.read_text()
+    known = set(re.search(r'PARTS=" ([^"]*) "', text, re.S).group(1).replace("\\\n", "").split())
+    labels = re.findall(r"^        ([a-z0-9-]+(?: \| [a-z0-9-]+)*)\)", text, re.M)
+    assert known == {name for label in labels for name in label.split(" | ")} - {"-h", "--help"}
