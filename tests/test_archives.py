@@ -11,15 +11,17 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import av
 import pytest
 import torch
+from test_shards import token_folder
 
 from titok_fast import archives
-from titok_fast.archives import list_archive, member_of
+from titok_fast.archives import ArchiveError, list_archive, member_of, read_member
 from titok_fast.cli import main
 from titok_fast.containers import _bytes_of, cut_short
 from titok_fast.manifest import MANIFEST_NAME, read_manifest
-from titok_fast.pipeline import InputError, collect_inputs, input_pairs
+from titok_fast.pipeline import InputError, collect_inputs, collect_token_files, input_pairs
 from titok_fast.shards import pack_tokens
 from titok_fast.tokens import load_tokens
 from titok_fast.video import VideoError, read_clips, source_stamp
@@ -535,3 +537,85 @@ def test_crafted_headers_are_listed_as_tarfile_lists_them_and_raise_nothing_else
     fast, slow = listed_both_ways(path, monkeypatch)
     assert fast == slow
     assert isinstance(fast, str) or "ok.mp4" in fast.members  # (what comes before is listed)
+
+
+def test_libav_reads_a_members_span_and_not_a_byte_past_it(tmp_path):
+    """libav reads a member's span exactly: FFmpeg's subfile "end" is exclusive, and a byte past it (padding, or the
+    next header's first byte) would be read as the video's last."""
+    archive = pack(tmp_path / "a.tar", {"a.bin": b"A" * 1024, "b.bin": b"B" * 1000}, json_beside=False)
+    for name, data in (("a.bin", b"A" * 1024), ("b.bin", b"B" * 1000)):
+        member = member_of(f"{archive}/{name}")
+        with av.open(member.libav_url, format="data") as container:
+            assert b"".join(bytes(packet) for packet in container.demux()) == data
+
+
+def test_an_archive_named_in_capitals_is_an_archive(tmp_path):
+    """``00000.TAR`` is an archive (ARCHIVE_EXTENSIONS are in any case): its token files are found."""
+    assert archives.is_archive("x/00000.TAR") and archives.is_archive("x/00000.Tar")
+    tokens = token_folder(tmp_path / "tokens", ["1", "2"])
+    pack_tokens(collect_token_files([tokens]), tmp_path / "shards")
+    os.replace(tmp_path / "shards" / "00000.tar", tmp_path / "shards" / "00000.TAR")
+    assert [name for _, name in collect_token_files([tmp_path / "shards"])] == ["00000/1", "00000/2"]
+
+
+def test_a_member_cut_short_after_its_listing_is_said_cut_not_read_short(tmp_path):
+    """An archive truncated in place after it was listed (the same inode: a copy still under way, a truncating
+    writer) is said cut short, not read as the member's first bytes."""
+    archive = pack(tmp_path / "a.tar", {"caption.txt": b"x" * 1000}, json_beside=False)
+    member = member_of(f"{archive}/caption.txt")
+    os.truncate(archive, member.offset + 10)
+    with pytest.raises(ArchiveError, match="cut short"):
+        read_member(member)
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_member_named_dot_or_dot_dot_is_left_out(tmp_path, name):
+    """A crafted archive's regular file named ".." (or ".") is left out: ``x.tar/..`` names no member."""
+    archive = pack(tmp_path / "a.tar", {name: b"data", "ok.txt": b"ok"}, json_beside=False)
+    listing = list_archive(str(archive))
+    assert list(listing.members) == ["ok.txt"] and [n for n, _ in listing.left_out] == [name]
+
+
+def _set_size_field(block: bytearray, size: int) -> None:
+    block[124:136] = b"%011o\0" % size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+
+
+def test_a_pax_size_record_is_the_members_size_as_tarfile_reads_it(tmp_path):
+    """A pax "size" record (how a member past 8 GiB is sized in a pax archive: a WebDataset shard of long videos)
+    sizes the member over the ustar size field, in the fast listing as in tarfile."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big.bin")
+        info.size, info.pax_headers = 1000, {"size": "1000"}
+        tar.addfile(info, io.BytesIO(b"x" * 1000))
+        info = tarfile.TarInfo("after.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"after"))
+    data = bytearray(buffer.getvalue())
+    header = bytearray(data[1024:1536])  # (the pax header and its one block of records, then big.bin's header)
+    assert header[:7] == b"big.bin"
+    _set_size_field(header, 0)  # the ustar field says 0; the record says 1000
+    data[1024:1536] = header
+    (tmp_path / "a.tar").write_bytes(data)
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        expected = {i.name: (i.offset_data, i.size) for i in tar.getmembers()}
+    assert expected["big.bin"][1] == 1000
+    assert list_archive(str(tmp_path / "a.tar")).members == expected
+
+
+def test_a_member_of_an_archive_named_in_capitals_is_read_in_place(tmp_path):
+    """``X.TAR/clip.txt`` names a member (a token file's source, a path on a list), read in place."""
+    archive = pack(tmp_path / "X.TAR", {"clip.txt": b"caption"}, json_beside=False)
+    member = member_of(f"{archive}/clip.txt")
+    assert member is not None and read_member(member) == b"caption"
+
+
+def test_member_bytes_refuses_a_member_past_its_limit(tmp_path):
+    """member_bytes reads a member up to its limit (MAX_FILE_BYTES for a token file, MAX_BESIDE_BYTES for a caption)
+    and refuses one past it unread."""
+    archive = pack(tmp_path / "a.tar", {"m.txt": b"x" * 100}, json_beside=False)
+    assert archives.member_bytes(f"{archive}/m.txt", 100, "a test file") == b"x" * 100
+    with pytest.raises(ValueError, match="100 bytes; a test file holds at most 99"):
+        archives.member_bytes(f"{archive}/m.txt", 99, "a test file")

@@ -2,6 +2,7 @@
 rerun that keeps complete shards, failures that are one file's, and a folder that never mixes two runs' shards."""
 
 import dataclasses
+import errno
 import io
 import os
 import subprocess
@@ -15,9 +16,10 @@ import pytest
 import torch
 from test_tokens import make_token_file
 
-from titok_fast import archives
+from titok_fast import archives, shards
 from titok_fast.archives import list_archive
 from titok_fast.cli import main
+from titok_fast.files import MAX_PER_SHARD
 from titok_fast.pipeline import collect_token_files, token_file_at
 from titok_fast.shards import MAX_BESIDE_MEMBERS, pack_tokens, plan_shards, read_shard
 from titok_fast.tokens import TokenFileError, load_tokens, save_tokens, try_load_tokens
@@ -738,3 +740,115 @@ def test_read_shard_of_a_folder_says_so_and_keeps_no_descriptor(tmp_path):
         with pytest.raises(OSError, match=f"^{tmp_path}: a folder, not a regular file$"):
             list(read_shard(tmp_path))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_token_file_made_again_at_the_same_size_has_its_shard_written_again(tmp_path):
+    """A rerun keeps a shard only where its members are the token files' bytes: a token file made again with other
+    tokens of the same shape (the same size, other bytes) has its shard written again, not a stale one kept."""
+    tokens = token_folder(tmp_path / "tokens", ["1", "2"])
+    files = collect_token_files([tokens])
+    pack_tokens(files, tmp_path / "shards")
+    before = (tokens / "2.safetensors").read_bytes()
+    save_tokens(tokens / "2.safetensors", make_token_file(counts=(6, 9)))  # (token_folder's shape for k=1)
+    after = (tokens / "2.safetensors").read_bytes()
+    assert len(after) == len(before) and after != before  # (the premise: same size, other bytes)
+    packed = pack_tokens(files, tmp_path / "shards")
+    assert packed.written == [str(tmp_path / "shards" / "00000.tar")] and not packed.kept
+    assert members(tmp_path / "shards" / "00000.tar")["2.safetensors"] == after
+
+
+def test_a_token_file_renamed_has_its_shard_written_again_under_the_new_name(tmp_path):
+    """The same bytes under another name are not the same shard: it is written again under the new name."""
+    tokens = token_folder(tmp_path / "tokens", ["a"])
+    pack_tokens(collect_token_files([tokens]), tmp_path / "shards")
+    os.replace(tokens / "a.safetensors", tokens / "b.safetensors")
+    packed = pack_tokens(collect_token_files([tokens]), tmp_path / "shards")
+    assert not packed.kept and list(members(tmp_path / "shards" / "00000.tar")) == ["b.safetensors"]
+
+
+def test_a_shard_holding_more_than_the_token_files_it_would_hold_is_written_again(tmp_path):
+    """A token file gone from the inputs (or one that fails now) does not stay in a shard a rerun keeps."""
+    tokens = token_folder(tmp_path / "tokens", ["1", "2"])
+    pack_tokens(collect_token_files([tokens]), tmp_path / "shards")
+    (tokens / "2.safetensors").unlink()
+    packed = pack_tokens(collect_token_files([tokens]), tmp_path / "shards")
+    assert not packed.kept and list(members(tmp_path / "shards" / "00000.tar")) == ["1.safetensors"]
+
+
+def test_a_shard_with_a_link_added_is_written_again(tmp_path):
+    """A shard holding a member its listing leaves out (a link someone appended) is not complete: written again."""
+    tokens = token_folder(tmp_path / "tokens", ["1"])
+    files = collect_token_files([tokens])
+    pack_tokens(files, tmp_path / "shards")
+    shard = tmp_path / "shards" / "00000.tar"
+    with tarfile.open(shard, "a") as tar:
+        info = tarfile.TarInfo("evil.txt")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    packed = pack_tokens(files, tmp_path / "shards")
+    assert not packed.kept and list(members(shard)) == ["1.safetensors"]
+
+
+def test_members_are_in_name_order_not_path_order(tmp_path, capsys):
+    """Members go into shards in the order of their names, as the module says, not of their inputs' paths: two
+    inputs whose folders sort the other way round from their files' names."""
+    token_folder(tmp_path / "z_input", ["a"])
+    token_folder(tmp_path / "a_input", ["b"])
+    code, out, err = run("pack", tmp_path / "z_input", tmp_path / "a_input", "-o", tmp_path / "shards", capsys=capsys)
+    assert code == 0, out + err
+    assert list(members(tmp_path / "shards" / "00000.tar")) == ["a.safetensors", "b.safetensors"]
+
+
+def test_the_largest_per_shard_the_cli_takes_is_taken(tmp_path):
+    """--per-shard takes up to MAX_PER_SHARD, and plan_shards takes what the CLI takes (one past it refused)."""
+    assert [s.name for s in plan_shards([("/t/a.safetensors", "a")], per_shard=MAX_PER_SHARD)] == ["00000"]
+    with pytest.raises(ValueError):
+        plan_shards([("/t/a.safetensors", "a")], per_shard=MAX_PER_SHARD + 1)
+
+
+def test_a_full_disk_stops_the_run_instead_of_failing_every_shard(tmp_path, monkeypatch):
+    """A full disk stops the run at the first shard with one error, rather than failing every shard's token files
+    one by one (and exiting 1 as if they were bad)."""
+    tokens = token_folder(tmp_path / "tokens", ["1", "2", "3"])
+    calls = []
+
+    def full(path, read, done):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "_write", full)
+    with pytest.raises(OSError, match="the run stops"):
+        pack_tokens(collect_token_files([tokens]), tmp_path / "shards", per_shard=1)
+    assert len(calls) == 1  # stopped at the first shard
+
+
+def test_per_folder_members_are_in_name_order_whatever_order_they_are_given_in(tmp_path):
+    """With --per-folder, too, a caller's pairs (pack_tokens is public) given out of order are packed in name order."""
+    tokens = token_folder(tmp_path / "tokens", ["a/2", "a/1", "a/3"])
+    files = list(reversed(collect_token_files([tokens])))
+    pack_tokens(files, tmp_path / "shards", per_shard=None)
+    assert list(members(tmp_path / "shards" / "a.tar")) == ["1.safetensors", "2.safetensors", "3.safetensors"]
+
+
+def test_a_member_whose_name_only_begins_with_a_token_files_name_is_not_beside_it(tmp_path):
+    """Beside ``clip`` are the members ``clip.<extension>``: ``clip_meta.json`` (another key) is not, though its name
+    begins with ``clip``."""
+    tokens = token_folder(tmp_path / "tokens", ["clip"])
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        add(tar, "clip.safetensors", (tokens / "clip.safetensors").read_bytes())
+        add(tar, "clip.txt", b"mine")
+        add(tar, "clip_meta.json", b"not clip's")
+    assert [(name, beside) for name, _, beside in read_shard(shard)] == [("clip", {"txt": b"mine"})]
+
+
+def test_a_member_larger_than_a_token_file_may_be_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """read_shard refuses a member past MAX_FILE_BYTES by its listed size, before reading it into memory."""
+    tokens = token_folder(tmp_path / "tokens", ["a"])
+    data = (tokens / "a.safetensors").read_bytes()
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        add(tar, "a.safetensors", data)
+    monkeypatch.setattr(shards, "MAX_FILE_BYTES", len(data) - 1)
+    with pytest.raises(TokenFileError, match=f"{len(data):,} bytes; a token file holds at most {len(data) - 1:,}"):
+        list(read_shard(shard))
