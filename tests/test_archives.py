@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import pytest
 import torch
-from test_shards import token_folder
+from test_shards import add, token_folder
 
 from titok_fast import archives
 from titok_fast.archives import ArchiveError, list_archive, member_of, read_member
@@ -627,10 +627,8 @@ def test_pax_records_of_a_long_run_of_digits_are_refused_unparsed(tmp_path):
     listing and by tarfile's alike, before tarfile parses it; a long name of fewer digits in a row is listed."""
     for name, refused in (("1" * 600 + ".mp4", True), ("1234567890/" * 60 + "x.mp4", False)):
         with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-            for member, data in ((name, b"abc"), ("ok.txt", b"ok")):
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            add(tar, name, b"abc")
+            add(tar, "ok.txt", b"ok")
         if refused:
             with pytest.raises(ArchiveError, match=r"a pax header whose records do not parse"):
                 list_archive(str(tmp_path / "a.tar"))

@@ -407,10 +407,8 @@ def test_a_video_named_with_leading_dots_is_named_as_a_file_is_in_an_archive_too
     make_video(videos / "loose" / "...mp4", frames=12, height=32, width=48, fps=8)
     (videos / "loose" / "...txt").write_bytes(b"loose caption")
     with tarfile.open(videos / "00000.tar", "w") as tar:
-        for name, data in (("...mp4", (videos / "loose" / "...mp4").read_bytes()), ("...txt", b"a caption")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        add(tar, "...mp4", (videos / "loose" / "...mp4").read_bytes())
+        add(tar, "...txt", b"a caption")
     tokens = tmp_path / "tokens"
     assert run("encode", videos, "-o", tokens, *GRID, *RANDOM, capsys=capsys)[0] == 0
     assert sorted(str(p.relative_to(tokens)) for p in tokens.rglob("*.safetensors")) == [
